@@ -1,0 +1,25 @@
+//! `pcpp-comm`: the communication layer of the PCPP / DistriFusion
+//! patch-parallel diffusion engine.
+//!
+//! Every rank (GPU) denoises one spatial patch of the latent; layers exchange
+//! halos, group-norm statistics and attention keys / values asynchronously
+//! through a [`Transport`]. This crate defines that trait, the nonblocking
+//! [`Pending`] handle, per-[`CommKind`] traffic statistics, transport-agnostic
+//! [`collectives`], the in-process [`LocalTransport`], a [`conformance`] suite
+//! every back-end must pass and, behind the `mpi` feature, an MPI back-end.
+
+pub mod collectives;
+pub mod conformance;
+mod error;
+mod local;
+#[cfg(feature = "mpi")]
+mod mpi_transport;
+mod stats;
+mod transport;
+
+pub use error::CommError;
+pub use local::LocalTransport;
+#[cfg(feature = "mpi")]
+pub use mpi_transport::{MpiContext, MpiTransport};
+pub use stats::{CommKind, CommStats, KindStats, StatsCounter};
+pub use transport::{Pending, PendingOp, Transport, TransportOptions, RESERVED_TAG_BASE};

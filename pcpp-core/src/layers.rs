@@ -1,0 +1,227 @@
+//! The layer factory and the layer traits that model code builds through (PCPP §2: the layers
+//! whose computation couples rows: convolution halos §2.2, self-attention §2.3–2.4, group norm
+//! §2.6, and the output gather §1.4), plus their serial implementations.
+
+use std::sync::Arc;
+
+use pcpp_kernels::{Conv2dParams, KernelError, Tensor};
+
+/// Errors of the parallel core. Variants name the layer and, where relevant, the rank.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// A tensor op failed inside a layer.
+    #[error("layer `{layer}`: {source}")]
+    Kernel {
+        layer: String,
+        #[source]
+        source: KernelError,
+    },
+    /// Communication with another rank failed.
+    #[error("rank {rank}, layer `{layer}`: {msg}")]
+    Comm { rank: usize, layer: String, msg: String },
+    /// A configuration that cannot work (empty band, bad portion, ...).
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, CoreError>;
+
+/// Attaches the layer id to a kernel error.
+pub trait LayerContext<T> {
+    /// Names the layer in the error.
+    fn at(self, layer: &str) -> Result<T>;
+}
+
+impl<T> LayerContext<T> for std::result::Result<T, KernelError> {
+    fn at(self, layer: &str) -> Result<T> {
+        self.map_err(|source| CoreError::Kernel {
+            layer: layer.to_string(),
+            source,
+        })
+    }
+}
+
+/// What a layer needs to know about the current denoising step. Passed down explicitly; layers
+/// hold no per-step state of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepCtx {
+    /// Denoising step index, from 0.
+    pub step: usize,
+    /// Whether this step exchanges fresh context synchronously (warm-up, or `--sync-mode full`).
+    pub sync: bool,
+}
+
+impl StepCtx {
+    /// The context of a plain single-rank forward.
+    pub fn serial() -> StepCtx {
+        StepCtx { step: 0, sync: true }
+    }
+}
+
+/// A 2-D convolution on a band (or the whole image).
+pub trait Conv2dLayer: Send + Sync {
+    /// # Shapes
+    /// `[b, ci, rows, w]` → `[b, co, rows/stride, w/stride]`.
+    fn forward(&self, ctx: &StepCtx, x: &Tensor) -> Result<Tensor>;
+}
+
+/// Group normalisation, optionally followed by SiLU.
+pub trait GroupNormLayer: Send + Sync {
+    /// # Shapes
+    /// `[b, c, rows, w]` → same.
+    fn forward(&self, ctx: &StepCtx, x: &Tensor, silu_after: bool) -> Result<Tensor>;
+}
+
+/// Self-attention including its q/k/v and output projections.
+pub trait SelfAttentionLayer: Send + Sync {
+    /// # Shapes
+    /// `x: [b, rows·w, c]` (row-major tokens of the band), `spatial = (rows, w)` → `[b, rows·w, c]`.
+    fn forward(&self, ctx: &StepCtx, x: &Tensor, spatial: (usize, usize)) -> Result<Tensor>;
+}
+
+/// Turns band outputs back into the whole image (identity when serial).
+pub trait GatherLayer: Send + Sync {
+    /// # Shapes
+    /// `[b, c, rows, w]` → `[b, c, h, w]`.
+    fn forward(&self, ctx: &StepCtx, x: &Tensor) -> Result<Tensor>;
+}
+
+/// Projection weights of a self-attention layer (PyTorch `Linear` layout `[out, in]`).
+#[derive(Debug, Clone)]
+pub struct AttentionWeights {
+    pub to_q: Tensor,
+    pub to_k: Tensor,
+    pub to_v: Tensor,
+    pub q_bias: Option<Tensor>,
+    pub k_bias: Option<Tensor>,
+    pub v_bias: Option<Tensor>,
+    pub to_out: Tensor,
+    pub out_bias: Option<Tensor>,
+    /// Number of heads; the head size is the width divided by it.
+    pub heads: usize,
+}
+
+impl AttentionWeights {
+    /// q, k and v of `x` (tokens `[b, l, c]`).
+    pub fn qkv(&self, x: &Tensor) -> std::result::Result<(Tensor, Tensor, Tensor), KernelError> {
+        Ok((
+            x.linear(&self.to_q, self.q_bias.as_ref())?,
+            x.linear(&self.to_k, self.k_bias.as_ref())?,
+            x.linear(&self.to_v, self.v_bias.as_ref())?,
+        ))
+    }
+
+    /// Attention of `q` over `k, v`, then the output projection.
+    pub fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> std::result::Result<Tensor, KernelError> {
+        Tensor::attention(q, k, v, self.heads, false)?.linear(&self.to_out, self.out_bias.as_ref())
+    }
+}
+
+/// Builds the spatially coupled layers of a model. Model code calls only this; which parallel
+/// scheme runs is the factory's business.
+pub trait LayerFactory: Send + Sync {
+    /// A convolution with square kernel, `stride` and symmetric zero `padding`. `id` is the layer's
+    /// stable path (its weight prefix), used as the stale-cache key.
+    fn conv2d(&self, id: &str, weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Result<Arc<dyn Conv2dLayer>>;
+
+    /// The first convolution: its input is the whole image on every rank; it returns this rank's band.
+    fn input_conv2d(&self, id: &str, weight: Tensor, bias: Option<Tensor>, padding: usize) -> Result<Arc<dyn Conv2dLayer>>;
+
+    /// A group norm over `groups` groups with per-channel affine.
+    fn group_norm(&self, id: &str, groups: usize, eps: f64, gamma: Option<Tensor>, beta: Option<Tensor>) -> Result<Arc<dyn GroupNormLayer>>;
+
+    /// Self-attention over the image's tokens.
+    fn self_attention(&self, id: &str, weights: AttentionWeights) -> Result<Arc<dyn SelfAttentionLayer>>;
+
+    /// The gather of the model's output bands.
+    fn gather(&self, id: &str) -> Result<Arc<dyn GatherLayer>>;
+}
+
+/// Plain single-rank layers.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SerialFactory;
+
+struct SerialConv {
+    id: String,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    params: Conv2dParams,
+}
+
+impl Conv2dLayer for SerialConv {
+    fn forward(&self, _ctx: &StepCtx, x: &Tensor) -> Result<Tensor> {
+        x.conv2d(&self.weight, self.bias.as_ref(), self.params).at(&self.id)
+    }
+}
+
+struct SerialGroupNorm {
+    id: String,
+    groups: usize,
+    eps: f64,
+    gamma: Option<Tensor>,
+    beta: Option<Tensor>,
+}
+
+impl GroupNormLayer for SerialGroupNorm {
+    fn forward(&self, _ctx: &StepCtx, x: &Tensor, silu_after: bool) -> Result<Tensor> {
+        x.group_norm(self.groups, self.gamma.as_ref(), self.beta.as_ref(), self.eps, silu_after)
+            .at(&self.id)
+    }
+}
+
+struct SerialAttention {
+    id: String,
+    w: AttentionWeights,
+}
+
+impl SelfAttentionLayer for SerialAttention {
+    fn forward(&self, _ctx: &StepCtx, x: &Tensor, _spatial: (usize, usize)) -> Result<Tensor> {
+        let (q, k, v) = self.w.qkv(x).at(&self.id)?;
+        self.w.attend(&q, &k, &v).at(&self.id)
+    }
+}
+
+struct Identity;
+
+impl GatherLayer for Identity {
+    fn forward(&self, _ctx: &StepCtx, x: &Tensor) -> Result<Tensor> {
+        Ok(x.clone())
+    }
+}
+
+impl LayerFactory for SerialFactory {
+    fn conv2d(&self, id: &str, weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Result<Arc<dyn Conv2dLayer>> {
+        Ok(Arc::new(SerialConv {
+            id: id.to_string(),
+            weight,
+            bias,
+            params: Conv2dParams::new(stride, padding),
+        }))
+    }
+
+    fn input_conv2d(&self, id: &str, weight: Tensor, bias: Option<Tensor>, padding: usize) -> Result<Arc<dyn Conv2dLayer>> {
+        self.conv2d(id, weight, bias, 1, padding)
+    }
+
+    fn group_norm(&self, id: &str, groups: usize, eps: f64, gamma: Option<Tensor>, beta: Option<Tensor>) -> Result<Arc<dyn GroupNormLayer>> {
+        Ok(Arc::new(SerialGroupNorm {
+            id: id.to_string(),
+            groups,
+            eps,
+            gamma,
+            beta,
+        }))
+    }
+
+    fn self_attention(&self, id: &str, weights: AttentionWeights) -> Result<Arc<dyn SelfAttentionLayer>> {
+        Ok(Arc::new(SerialAttention {
+            id: id.to_string(),
+            w: weights,
+        }))
+    }
+
+    fn gather(&self, _id: &str) -> Result<Arc<dyn GatherLayer>> {
+        Ok(Arc::new(Identity))
+    }
+}

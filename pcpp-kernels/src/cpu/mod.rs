@@ -1,0 +1,388 @@
+//! The CPU twin: f32 kernels on plain slices. This is the numerical specification of every op; a
+//! GPU kernel is tested against the function of the same name here.
+//!
+//! GEMM goes through the `gemm` crate (blocked, SIMD, multi-threaded with rayon); convolution is
+//! im2col + GEMM; attention is blocked over query rows so the score matrix never exceeds a block.
+//! Reductions that decide numerics (group-norm statistics) accumulate in f64.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Work below this many multiply-adds runs on one thread (thread start-up costs more than it saves).
+const PAR_GEMM_FLOPS: usize = 1 << 18;
+/// Element-wise work below this many elements runs on one thread.
+const PAR_ELEMS: usize = 1 << 15;
+/// Query rows per attention block (bounds the score buffer to `BLOCK × keys`).
+const ATTN_BLOCK: usize = 256;
+
+/// `c = (accumulate ? c : 0) + a·b` for strided row/column-major operands.
+///
+/// Strides are in elements: `a[i][p] = a[i·a_rs + p·a_cs]`, etc.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    c_cs: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    c[i * c_rs + j * c_cs] = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    // Bounds: the largest index each operand is read or written at must be inside its slice.
+    assert!((m - 1) * a_rs + (k - 1) * a_cs < a.len(), "gemm: lhs too short");
+    assert!((k - 1) * b_rs + (n - 1) * b_cs < b.len(), "gemm: rhs too short");
+    assert!((m - 1) * c_rs + (n - 1) * c_cs < c.len(), "gemm: dst too short");
+    let par = if m * n * k >= PAR_GEMM_FLOPS && rayon::current_num_threads() > 1 {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the asserts above guarantee every element addressed by (m, n, k) and the strides lies
+    // inside the slices; `c` is exclusively borrowed and does not alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            c_cs as isize,
+            c_rs as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// `y[r, :] = x[r, :] · wᵀ + bias` with `x: [rows, k]`, `w: [n, k]` (PyTorch `Linear` layout).
+pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut y = match bias {
+        Some(b) => {
+            let mut y = Vec::with_capacity(rows * n);
+            for _ in 0..rows {
+                y.extend_from_slice(b);
+            }
+            y
+        }
+        None => vec![0.0; rows * n],
+    };
+    gemm(rows, n, k, x, k, 1, w, 1, k, &mut y, n, 1, bias.is_some());
+    y
+}
+
+/// 2-D convolution, NCHW, with explicit padding per side (halo convolutions pad 0 at band edges that
+/// receive neighbour rows instead).
+///
+/// # Shapes
+/// `x: [b, ci, h, w]`, `wt: [co, ci, kh, kw]` → `[b, co, ho, wo]`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d(
+    x: &[f32],
+    (b, ci, h, w): (usize, usize, usize, usize),
+    wt: &[f32],
+    (co, kh, kw): (usize, usize, usize),
+    bias: Option<&[f32]>,
+    stride: usize,
+    (pt, pb, pl, pr): (usize, usize, usize, usize),
+) -> (Vec<f32>, usize, usize) {
+    let ho = (h + pt + pb - kh) / stride + 1;
+    let wo = (w + pl + pr - kw) / stride + 1;
+    let hw_o = ho * wo;
+    let kk = ci * kh * kw;
+    let mut out = vec![0.0f32; b * co * hw_o];
+    let direct = kh == 1 && kw == 1 && stride == 1 && pt + pb + pl + pr == 0;
+    let mut cols = if direct { Vec::new() } else { vec![0.0f32; kk * hw_o] };
+    for bi in 0..b {
+        let xb = &x[bi * ci * h * w..(bi + 1) * ci * h * w];
+        let src: &[f32] = if direct {
+            xb
+        } else {
+            let fill = |(row, col): (usize, &mut [f32])| {
+                let c = row / (kh * kw);
+                let ky = (row / kw) % kh;
+                let kx = row % kw;
+                let xc = &xb[c * h * w..(c + 1) * h * w];
+                for oy in 0..ho {
+                    let iy = (oy * stride + ky) as isize - pt as isize;
+                    let dst = &mut col[oy * wo..(oy + 1) * wo];
+                    if iy < 0 || iy >= h as isize {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let xrow = &xc[iy as usize * w..(iy as usize + 1) * w];
+                    for (ox, d) in dst.iter_mut().enumerate() {
+                        let ix = (ox * stride + kx) as isize - pl as isize;
+                        *d = if ix < 0 || ix >= w as isize {
+                            0.0
+                        } else {
+                            xrow[ix as usize]
+                        };
+                    }
+                }
+            };
+            if kk * hw_o >= PAR_ELEMS {
+                cols.par_chunks_mut(hw_o).enumerate().for_each(fill);
+            } else {
+                cols.chunks_mut(hw_o).enumerate().for_each(fill);
+            }
+            &cols
+        };
+        let ob = &mut out[bi * co * hw_o..(bi + 1) * co * hw_o];
+        if let Some(bias) = bias {
+            for (o, &bv) in ob.chunks_mut(hw_o).zip(bias) {
+                o.fill(bv);
+            }
+        }
+        gemm(co, hw_o, kk, wt, kk, 1, src, hw_o, 1, ob, hw_o, 1, bias.is_some());
+    }
+    (out, ho, wo)
+}
+
+/// Per-(batch, group) sums `(Σx, Σx², count)` in f64 over `[b, c, s]` data (s = spatial size).
+pub fn group_sums(x: &[f32], b: usize, c: usize, s: usize, groups: usize) -> Vec<[f64; 3]> {
+    let cg = c / groups;
+    let run = |idx: usize| {
+        let (bi, g) = (idx / groups, idx % groups);
+        let start = (bi * c + g * cg) * s;
+        let seg = &x[start..start + cg * s];
+        let (mut s1, mut s2) = (0.0f64, 0.0f64);
+        for &v in seg {
+            let v = v as f64;
+            s1 += v;
+            s2 += v * v;
+        }
+        [s1, s2, (cg * s) as f64]
+    };
+    if b * c * s >= PAR_ELEMS {
+        (0..b * groups).into_par_iter().map(run).collect()
+    } else {
+        (0..b * groups).map(run).collect()
+    }
+}
+
+/// Applies group normalisation with given per-(batch, group) mean and variance, then the per-channel
+/// affine, and optionally SiLU.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_apply(
+    x: &[f32],
+    (b, c, s): (usize, usize, usize),
+    groups: usize,
+    mean_var: &[(f64, f64)],
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    eps: f64,
+    silu_after: bool,
+) -> Vec<f32> {
+    let cg = c / groups;
+    let mut out = vec![0.0f32; x.len()];
+    let run = |(idx, o): (usize, &mut [f32])| {
+        let (bi, ch) = (idx / c, idx % c);
+        let (mean, var) = mean_var[bi * groups + ch / cg];
+        let rstd = 1.0 / (var.max(0.0) + eps).sqrt();
+        let g = gamma.map_or(1.0, |g| g[ch] as f64);
+        let bt = beta.map_or(0.0, |b| b[ch] as f64);
+        let scale = (rstd * g) as f32;
+        let shift = (bt - mean * rstd * g) as f32;
+        let xi = &x[idx * s..(idx + 1) * s];
+        for (d, &v) in o.iter_mut().zip(xi) {
+            let y = v * scale + shift;
+            *d = if silu_after { silu(y) } else { y };
+        }
+    };
+    if x.len() >= PAR_ELEMS {
+        out.par_chunks_mut(s.max(1)).enumerate().for_each(run);
+    } else {
+        out.chunks_mut(s.max(1)).enumerate().for_each(run);
+    }
+    let _ = b;
+    out
+}
+
+/// Layer normalisation over the last axis of `[rows, d]`.
+pub fn layer_norm(x: &[f32], d: usize, gamma: Option<&[f32]>, beta: Option<&[f32]>, eps: f64) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    let run = |(r, o): (usize, &mut [f32])| {
+        let xr = &x[r * d..(r + 1) * d];
+        let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+        let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+        let rstd = 1.0 / (var + eps).sqrt();
+        for (i, (dst, &v)) in o.iter_mut().zip(xr).enumerate() {
+            let mut y = ((v as f64 - mean) * rstd) as f32;
+            if let Some(g) = gamma {
+                y *= g[i];
+            }
+            if let Some(b) = beta {
+                y += b[i];
+            }
+            *dst = y;
+        }
+    };
+    if x.len() >= PAR_ELEMS {
+        out.par_chunks_mut(d.max(1)).enumerate().for_each(run);
+    } else {
+        out.chunks_mut(d.max(1)).enumerate().for_each(run);
+    }
+    out
+}
+
+/// Multi-head scaled-dot-product attention.
+///
+/// # Shapes
+/// `q: [b, lq, heads·dh]`, `k, v: [b, lk, heads·dh]` → `[b, lq, heads·dh]`. With `causal`, query `i`
+/// sees keys `0..=i` (CLIP's text encoder).
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    b: usize,
+    lq: usize,
+    lk: usize,
+    heads: usize,
+    dh: usize,
+    causal: bool,
+) -> Vec<f32> {
+    let dm = heads * dh;
+    let scale = 1.0 / (dh as f32).sqrt();
+    let mut out = vec![0.0f32; b * lq * dm];
+    let blocks_per_head = lq.div_ceil(ATTN_BLOCK);
+    let jobs: Vec<(usize, usize, usize)> = (0..b)
+        .flat_map(|bi| (0..heads).flat_map(move |h| (0..blocks_per_head).map(move |blk| (bi, h, blk))))
+        .collect();
+    let run = |&(bi, h, blk): &(usize, usize, usize)| -> (usize, usize, usize, Vec<f32>) {
+        let r0 = blk * ATTN_BLOCK;
+        let rows = ATTN_BLOCK.min(lq - r0);
+        let qo = bi * lq * dm + r0 * dm + h * dh;
+        let ko = bi * lk * dm + h * dh;
+        let mut s = vec![0.0f32; rows * lk];
+        gemm(rows, lk, dh, &q[qo..], dm, 1, &k[ko..], 1, dm, &mut s, lk, 1, false);
+        for (i, row) in s.chunks_mut(lk).enumerate() {
+            let limit = if causal { (r0 + i + 1).min(lk) } else { lk };
+            let mut mx = f32::NEG_INFINITY;
+            for x in row[..limit].iter_mut() {
+                *x *= scale;
+                mx = mx.max(*x);
+            }
+            let mut sum = 0.0f32;
+            for x in row[..limit].iter_mut() {
+                *x = (*x - mx).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            for x in row[..limit].iter_mut() {
+                *x *= inv;
+            }
+            row[limit..].fill(0.0);
+        }
+        let mut o = vec![0.0f32; rows * dh];
+        gemm(rows, dh, lk, &s, lk, 1, &v[ko..], dm, 1, &mut o, dh, 1, false);
+        (bi, h, r0, o)
+    };
+    let results: Vec<_> = if b * heads * lq * lk * dh >= PAR_GEMM_FLOPS {
+        jobs.par_iter().map(run).collect()
+    } else {
+        jobs.iter().map(run).collect()
+    };
+    for (bi, h, r0, o) in results {
+        for (i, row) in o.chunks(dh).enumerate() {
+            let dst = bi * lq * dm + (r0 + i) * dm + h * dh;
+            out[dst..dst + dh].copy_from_slice(row);
+        }
+    }
+    out
+}
+
+/// SiLU, `x·σ(x)`.
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// Exact GELU, `x·Φ(x)` with the error function.
+#[inline]
+pub fn gelu(x: f32) -> f32 {
+    let x = x as f64;
+    (0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))) as f32
+}
+
+/// GELU with the tanh approximation.
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    let x = x as f64;
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    (0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())) as f32
+}
+
+/// CLIP's quick GELU, `x·σ(1.702x)`.
+#[inline]
+pub fn quick_gelu(x: f32) -> f32 {
+    x / (1.0 + (-1.702 * x).exp())
+}
+
+/// Maps `f` over `x`, in parallel for large inputs.
+pub fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    if x.len() >= PAR_ELEMS {
+        x.par_iter().map(|&v| f(v)).collect()
+    } else {
+        x.iter().map(|&v| f(v)).collect()
+    }
+}
+
+/// Zips `a` and `b` (same length) through `f`, in parallel for large inputs.
+pub fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    if a.len() >= PAR_ELEMS {
+        a.par_iter().zip(b.par_iter()).map(|(&x, &y)| f(x, y)).collect()
+    } else {
+        a.iter().zip(b.iter()).map(|(&x, &y)| f(x, y)).collect()
+    }
+}
+
+/// Nearest-neighbour ×2 up-sampling of `[n, h, w]` planes.
+pub fn upsample_nearest2x(x: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; n * 4 * h * w];
+    let run = |(p, o): (usize, &mut [f32])| {
+        let xp = &x[p * h * w..(p + 1) * h * w];
+        for y in 0..2 * h {
+            let src = &xp[(y / 2) * w..(y / 2 + 1) * w];
+            let dst = &mut o[y * 2 * w..(y + 1) * 2 * w];
+            for (xx, d) in dst.iter_mut().enumerate() {
+                *d = src[xx / 2];
+            }
+        }
+    };
+    if out.len() >= PAR_ELEMS {
+        out.par_chunks_mut(4 * h * w).enumerate().for_each(run);
+    } else {
+        out.chunks_mut(4 * h * w).enumerate().for_each(run);
+    }
+    out
+}

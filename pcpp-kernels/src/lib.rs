@@ -1,0 +1,24 @@
+//! pcpp-kernels: the inference tensor layer of pcpp.
+//!
+//! A small, immutable, contiguous [`Tensor`] (shape, [`DType`], storage on a [`Device`]) and every op
+//! that the diffusion models of this project need: GEMM/linear, conv2d, group/layer norm, softmax
+//! attention, activations, nearest up-sampling, element-wise arithmetic with broadcasting, concat and
+//! slicing along any axis, sinusoidal embeddings.
+//!
+//! Ops are methods on [`Tensor`] that dispatch on the storage's device. The CPU implementation in
+//! [`cpu`] computes in f32 (whatever the storage dtype) and is the specification of every op: a GPU
+//! back-end adds a storage variant and a twin for each op, and model code does not change.
+//! Patch parallelism (PCPP, arXiv 2412.02962 §3) needs row-band slicing, explicit padding per side
+//! for halo convolutions and split group-norm statistics; those entry points are here too.
+
+pub mod cpu;
+mod dtype;
+mod error;
+pub mod io;
+mod ops;
+mod tensor;
+
+pub use dtype::{DType, Device};
+pub use error::{KernelError, Result};
+pub use ops::{Activation, Conv2dParams, GroupStats};
+pub use tensor::Tensor;

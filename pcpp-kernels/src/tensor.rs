@@ -1,0 +1,253 @@
+//! The [`Tensor`] type: an immutable, contiguous, row-major array with a dtype and a device.
+//!
+//! Storage is reference-counted, so cloning a tensor is cheap and reshaping never copies. Every op
+//! returns a new tensor. Integer data read from files (token ids, timesteps) is held as f32, which is
+//! exact for the ranges involved (|x| < 2^24).
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use half::{bf16, f16};
+
+use crate::{DType, Device, KernelError, Result};
+
+/// Host storage in the tensor's dtype.
+#[derive(Debug, Clone)]
+pub enum CpuStorage {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+}
+
+impl CpuStorage {
+    fn len(&self) -> usize {
+        match self {
+            CpuStorage::F32(v) => v.len(),
+            CpuStorage::F16(v) => v.len(),
+            CpuStorage::BF16(v) => v.len(),
+        }
+    }
+
+    fn from_f32(data: Vec<f32>, dtype: DType) -> Self {
+        match dtype {
+            DType::F32 => CpuStorage::F32(data),
+            DType::F16 => CpuStorage::F16(data.iter().map(|&x| f16::from_f32(x)).collect()),
+            DType::BF16 => CpuStorage::BF16(data.iter().map(|&x| bf16::from_f32(x)).collect()),
+        }
+    }
+}
+
+/// Where the elements are. A GPU back-end adds a variant here.
+#[derive(Debug)]
+pub(crate) enum Storage {
+    Cpu(CpuStorage),
+}
+
+/// An inference tensor: shape, dtype and shared contiguous storage on a device.
+///
+/// # Shapes
+/// Row-major; image activations are `[B, C, H, W]`, token sequences `[B, L, C]`.
+#[derive(Debug, Clone)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    dtype: DType,
+    storage: Arc<Storage>,
+}
+
+impl Tensor {
+    /// A tensor from f32 data, stored as `dtype` on the CPU.
+    pub fn from_f32(shape: &[usize], data: Vec<f32>, dtype: DType) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(KernelError::invalid(
+                "from_f32",
+                format!("shape {shape:?} needs {n} elements, got {}", data.len()),
+            ));
+        }
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            dtype,
+            storage: Arc::new(Storage::Cpu(CpuStorage::from_f32(data, dtype))),
+        })
+    }
+
+    /// An f32 CPU tensor from a vector; panics never, errors on a size mismatch.
+    pub fn from_vec(shape: &[usize], data: Vec<f32>) -> Result<Tensor> {
+        Tensor::from_f32(shape, data, DType::F32)
+    }
+
+    /// Wraps existing host storage.
+    pub fn from_cpu_storage(shape: &[usize], storage: CpuStorage) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if n != storage.len() {
+            return Err(KernelError::invalid(
+                "from_cpu_storage",
+                format!("shape {shape:?} needs {n} elements, got {}", storage.len()),
+            ));
+        }
+        let dtype = match &storage {
+            CpuStorage::F32(_) => DType::F32,
+            CpuStorage::F16(_) => DType::F16,
+            CpuStorage::BF16(_) => DType::BF16,
+        };
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            dtype,
+            storage: Arc::new(Storage::Cpu(storage)),
+        })
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(shape: &[usize], dtype: DType) -> Tensor {
+        let n = shape.iter().product();
+        Tensor {
+            shape: shape.to_vec(),
+            dtype,
+            storage: Arc::new(Storage::Cpu(CpuStorage::from_f32(vec![0.0; n], dtype))),
+        }
+    }
+
+    /// A 0-d tensor holding `v`.
+    pub fn scalar(v: f32) -> Tensor {
+        Tensor {
+            shape: vec![],
+            dtype: DType::F32,
+            storage: Arc::new(Storage::Cpu(CpuStorage::F32(vec![v]))),
+        }
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Number of dimensions.
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    /// Size of dimension `d`, with a clear error if out of range.
+    pub fn dim(&self, d: usize) -> Result<usize> {
+        self.shape.get(d).copied().ok_or_else(|| {
+            KernelError::invalid(
+                "dim",
+                format!("axis {d} out of range for shape {:?}", self.shape),
+            )
+        })
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Storage dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Device holding the storage.
+    pub fn device(&self) -> Device {
+        match &*self.storage {
+            Storage::Cpu(_) => Device::Cpu,
+        }
+    }
+
+    /// Bytes the elements occupy in the storage dtype.
+    pub fn size_in_bytes(&self) -> usize {
+        self.numel() * self.dtype.size()
+    }
+
+    /// Host storage, if the tensor is on the CPU.
+    pub fn cpu_storage(&self) -> Result<&CpuStorage> {
+        match &*self.storage {
+            Storage::Cpu(s) => Ok(s),
+        }
+    }
+
+    /// The elements as f32 (borrowed when the storage is f32 on the CPU).
+    pub fn as_f32(&self) -> Result<Cow<'_, [f32]>> {
+        Ok(match self.cpu_storage()? {
+            CpuStorage::F32(v) => Cow::Borrowed(v.as_slice()),
+            CpuStorage::F16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
+            CpuStorage::BF16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
+        })
+    }
+
+    /// The elements as an owned f32 vector.
+    pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
+        Ok(self.as_f32()?.into_owned())
+    }
+
+    /// The single element of a tensor with one element.
+    pub fn to_scalar(&self) -> Result<f32> {
+        if self.numel() != 1 {
+            return Err(KernelError::invalid(
+                "to_scalar",
+                format!("tensor of shape {:?} is not a scalar", self.shape),
+            ));
+        }
+        Ok(self.as_f32()?[0])
+    }
+
+    /// Same elements, new dtype (rounding when narrowing).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        if dtype == self.dtype {
+            return Ok(self.clone());
+        }
+        let v = self.to_vec_f32()?;
+        Tensor::from_f32(&self.shape, v, dtype)
+    }
+
+    /// Same elements on another device.
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        if device == self.device() {
+            return Ok(self.clone());
+        }
+        Err(KernelError::Device {
+            device: device.to_string(),
+            msg: "this build has no CUDA back-end".into(),
+        })
+    }
+
+    /// Same storage, new shape (same number of elements). One dimension may be `usize::MAX` to infer it.
+    pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
+        let mut shape = shape.to_vec();
+        let known: usize = shape.iter().filter(|&&d| d != usize::MAX).product();
+        if let Some(pos) = shape.iter().position(|&d| d == usize::MAX) {
+            if known == 0 || self.numel() % known != 0 {
+                return Err(KernelError::shape("reshape", &self.shape, &shape));
+            }
+            shape[pos] = self.numel() / known;
+        }
+        if shape.iter().product::<usize>() != self.numel() {
+            return Err(KernelError::shape("reshape", &self.shape, &shape));
+        }
+        Ok(Tensor {
+            shape,
+            dtype: self.dtype,
+            storage: self.storage.clone(),
+        })
+    }
+
+    /// An f32 CPU result with this tensor's dtype (the common output path of the CPU twin).
+    pub(crate) fn like(&self, shape: &[usize], data: Vec<f32>) -> Result<Tensor> {
+        Tensor::from_f32(shape, data, self.dtype)
+    }
+
+    /// Largest absolute element (0 for an empty tensor).
+    pub fn max_abs(&self) -> Result<f32> {
+        Ok(self.as_f32()?.iter().fold(0.0f32, |m, &x| m.max(x.abs())))
+    }
+
+    /// Largest absolute element-wise difference to `other` (same shape required).
+    pub fn max_abs_diff(&self, other: &Tensor) -> Result<f32> {
+        if self.shape != other.shape {
+            return Err(KernelError::shape("max_abs_diff", &self.shape, &other.shape));
+        }
+        let (a, b) = (self.as_f32()?, other.as_f32()?);
+        Ok(a.iter()
+            .zip(b.iter())
+            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs())))
+    }
+}

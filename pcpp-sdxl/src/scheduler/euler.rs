@@ -1,0 +1,141 @@
+//! Euler discrete sampler, diffusers' `EulerDiscreteScheduler` with `s_churn = 0`.
+//!
+//! σ(t) = √((1 − ᾱₜ)/ᾱₜ) is computed in `float32` from ᾱ, interpolated linearly (numpy, `float64`)
+//! at the inference timesteps and stored as `float32`, with a final σ = 0 (or σ_min) appended.
+//! `scale_model_input` and `step` repeat diffusers' `float32` operations in the same order.
+
+use super::config::{FinalSigmas, PredictionType, TimestepSpacing};
+use super::{check_step, Scheduler, SchedulerConfig, SchedulerError};
+
+/// Euler discrete scheduler (deterministic; `s_churn = 0`).
+#[derive(Debug, Clone)]
+pub struct EulerDiscreteScheduler {
+    timesteps: Vec<f64>,
+    sigmas: Vec<f32>,
+    init_noise_sigma: f32,
+    prediction: PredictionType,
+}
+
+/// `np.interp(x, arange(len(fp)), fp)` in `float64`.
+fn interp_unit_grid(x: f64, fp: &[f32]) -> f64 {
+    let last = fp.len() - 1;
+    if x <= 0.0 {
+        return f64::from(fp[0]);
+    }
+    if x >= last as f64 {
+        return f64::from(fp[last]);
+    }
+    let j = x.floor() as usize;
+    let (y0, y1) = (f64::from(fp[j]), f64::from(fp[j + 1]));
+    (y1 - y0) * (x - j as f64) + y0
+}
+
+impl EulerDiscreteScheduler {
+    /// Sets the scheduler up for `num_steps` inference steps.
+    pub fn new(config: &SchedulerConfig, num_steps: usize) -> Result<Self, SchedulerError> {
+        config.validate()?;
+        for (key, on) in [
+            ("use_karras_sigmas", config.use_karras_sigmas),
+            ("use_exponential_sigmas", config.use_exponential_sigmas),
+            ("use_beta_sigmas", config.use_beta_sigmas),
+        ] {
+            if on {
+                return Err(config.unsupported(key, "true"));
+            }
+        }
+        if config.interpolation_type != "linear" {
+            return Err(config.unsupported("interpolation_type", &config.interpolation_type));
+        }
+        let spacing = config.spacing_or(TimestepSpacing::Linspace)?;
+        let prediction = config.prediction()?;
+        let final_sigmas = config.final_sigmas()?;
+        let alphas_cumprod = config.alphas_cumprod()?;
+        let train_sigmas: Vec<f32> = alphas_cumprod
+            .iter()
+            .map(|&a| ((1.0 - a) / a).sqrt())
+            .collect();
+        let timesteps_f32: Vec<f32> =
+            super::config::inference_timesteps(config, spacing, num_steps, true)?
+                .into_iter()
+                .map(|t| t as f32)
+                .collect();
+        let mut sigmas: Vec<f32> = timesteps_f32
+            .iter()
+            .map(|&t| interp_unit_grid(f64::from(t), &train_sigmas) as f32)
+            .collect();
+        sigmas.push(match final_sigmas {
+            FinalSigmas::Zero => 0.0,
+            FinalSigmas::SigmaMin => train_sigmas[0],
+        });
+        let timesteps =
+            if config.timestep_type == "continuous" && prediction == PredictionType::VPrediction {
+                sigmas[..num_steps]
+                    .iter()
+                    .map(|&s| f64::from(0.25 * s.ln()))
+                    .collect()
+            } else {
+                timesteps_f32.iter().map(|&t| f64::from(t)).collect()
+            };
+        let max_sigma = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let init_noise_sigma = match spacing {
+            TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
+            TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
+        };
+        Ok(Self {
+            timesteps,
+            sigmas,
+            init_noise_sigma,
+            prediction,
+        })
+    }
+
+    /// The σ of every step plus the final one (`num_steps + 1` values), as diffusers' `sigmas`.
+    pub fn sigmas(&self) -> &[f32] {
+        &self.sigmas
+    }
+}
+
+impl Scheduler for EulerDiscreteScheduler {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        f64::from(self.init_noise_sigma)
+    }
+
+    fn scale_model_input(&self, sample: &[f32], step: usize) -> Result<Vec<f32>, SchedulerError> {
+        check_step(step, self.num_steps(), sample, sample, "sample")?;
+        let sigma = self.sigmas[step];
+        let denom = (sigma * sigma + 1.0).sqrt();
+        Ok(sample.iter().map(|&x| x / denom).collect())
+    }
+
+    fn step(
+        &mut self,
+        model_output: &[f32],
+        step: usize,
+        sample: &[f32],
+        _noise: Option<&[f32]>,
+    ) -> Result<Vec<f32>, SchedulerError> {
+        check_step(step, self.num_steps(), sample, model_output, "model_output")?;
+        let sigma = self.sigmas[step];
+        let dt = self.sigmas[step + 1] - sigma;
+        let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
+        let c_skip_div = sigma * sigma + 1.0;
+        let prediction = self.prediction;
+        Ok(sample
+            .iter()
+            .zip(model_output)
+            .map(|(&x, &m)| {
+                let x0 = match prediction {
+                    PredictionType::Epsilon => x - sigma * m,
+                    PredictionType::VPrediction => m * c_out + x / c_skip_div,
+                    PredictionType::Sample => m,
+                };
+                let derivative = (x - x0) / sigma;
+                x + derivative * dt
+            })
+            .collect())
+    }
+}
