@@ -50,7 +50,13 @@ pub fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
 
 /// Asserts `rel_err(got, want) ≤ tol`, naming the tensor.
 pub fn assert_close(name: &str, got: &Tensor, want: &Tensor, tol: f32) {
-    assert_eq!(got.shape(), want.shape(), "{name}: shape {:?} vs reference {:?}", got.shape(), want.shape());
+    assert_eq!(
+        got.shape(),
+        want.shape(),
+        "{name}: shape {:?} vs reference {:?}",
+        got.shape(),
+        want.shape()
+    );
     let e = rel_err(got, want);
     assert!(e <= tol, "{name}: max|Δ|/max|ref| = {e:.3e} > {tol:.0e}");
 }

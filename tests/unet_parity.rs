@@ -14,9 +14,21 @@ fn load() -> UNet {
 fn unet_forward_matches_diffusers() {
     let unet = load();
     let r = refs("refs-tiny-sdxl/unet_forward.safetensors");
-    let cond = UNetCond::new(r["encoder_hidden_states"].clone(), Some(r["text_embeds"].clone()), Some(r["time_ids"].clone()));
+    let cond = UNetCond::new(
+        r["encoder_hidden_states"].clone(),
+        Some(r["text_embeds"].clone()),
+        Some(r["time_ids"].clone()),
+    );
     let taps = Taps::new();
-    let out = unet.forward(&StepCtx::serial(), &r["sample"], &r["timestep"], &cond, Some(&taps)).unwrap();
+    let out = unet
+        .forward(
+            &StepCtx::serial(),
+            &r["sample"],
+            &r["timestep"],
+            &cond,
+            Some(&taps),
+        )
+        .unwrap();
     assert_close("out", &out, &r["out"], TOL_MODULE);
 
     // Module outputs (embeddings, every ResNet and Transformer2D, every block) at the module
@@ -37,14 +49,34 @@ fn unet_forward_matches_diffusers() {
             modules += 1;
         }
     }
-    assert!(modules >= 30 && internals >= 40, "only {modules}/{internals} activations matched reference names");
+    assert!(
+        modules >= 30 && internals >= 40,
+        "only {modules}/{internals} activations matched reference names"
+    );
 }
 
 #[test]
 fn unet_scalar_timestep_matches_diffusers() {
     let unet = load();
     let r = refs("refs-tiny-sdxl/unet_forward.safetensors");
-    let cond = UNetCond::new(r["encoder_hidden_states"].clone(), Some(r["text_embeds"].clone()), Some(r["time_ids"].clone()));
-    let out = unet.forward(&StepCtx::serial(), &r["sample"], &r["timestep_scalar"], &cond, None).unwrap();
-    assert_close("out_timestep_scalar", &out, &r["out_timestep_scalar"], TOL_MODULE);
+    let cond = UNetCond::new(
+        r["encoder_hidden_states"].clone(),
+        Some(r["text_embeds"].clone()),
+        Some(r["time_ids"].clone()),
+    );
+    let out = unet
+        .forward(
+            &StepCtx::serial(),
+            &r["sample"],
+            &r["timestep_scalar"],
+            &cond,
+            None,
+        )
+        .unwrap();
+    assert_close(
+        "out_timestep_scalar",
+        &out,
+        &r["out_timestep_scalar"],
+        TOL_MODULE,
+    );
 }

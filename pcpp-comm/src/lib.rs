@@ -16,6 +16,8 @@ mod local;
 mod mpi_transport;
 mod stats;
 mod transport;
+#[cfg(feature = "ucx")]
+pub mod ucx;
 
 pub use error::CommError;
 pub use local::LocalTransport;

@@ -18,7 +18,11 @@ pub enum CoreError {
     },
     /// Communication with another rank failed.
     #[error("rank {rank}, layer `{layer}`: {msg}")]
-    Comm { rank: usize, layer: String, msg: String },
+    Comm {
+        rank: usize,
+        layer: String,
+        msg: String,
+    },
     /// A configuration that cannot work (empty band, bad portion, ...).
     #[error("{0}")]
     Config(String),
@@ -55,7 +59,10 @@ pub struct StepCtx {
 impl StepCtx {
     /// The context of a plain single-rank forward.
     pub fn serial() -> StepCtx {
-        StepCtx { step: 0, sync: true }
+        StepCtx {
+            step: 0,
+            sync: true,
+        }
     }
 }
 
@@ -113,7 +120,12 @@ impl AttentionWeights {
     }
 
     /// Attention of `q` over `k, v`, then the output projection.
-    pub fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> std::result::Result<Tensor, KernelError> {
+    pub fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> std::result::Result<Tensor, KernelError> {
         Tensor::attention(q, k, v, self.heads, false)?.linear(&self.to_out, self.out_bias.as_ref())
     }
 }
@@ -123,16 +135,40 @@ impl AttentionWeights {
 pub trait LayerFactory: Send + Sync {
     /// A convolution with square kernel, `stride` and symmetric zero `padding`. `id` is the layer's
     /// stable path (its weight prefix), used as the stale-cache key.
-    fn conv2d(&self, id: &str, weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Result<Arc<dyn Conv2dLayer>>;
+    fn conv2d(
+        &self,
+        id: &str,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Arc<dyn Conv2dLayer>>;
 
     /// The first convolution: its input is the whole image on every rank; it returns this rank's band.
-    fn input_conv2d(&self, id: &str, weight: Tensor, bias: Option<Tensor>, padding: usize) -> Result<Arc<dyn Conv2dLayer>>;
+    fn input_conv2d(
+        &self,
+        id: &str,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        padding: usize,
+    ) -> Result<Arc<dyn Conv2dLayer>>;
 
     /// A group norm over `groups` groups with per-channel affine.
-    fn group_norm(&self, id: &str, groups: usize, eps: f64, gamma: Option<Tensor>, beta: Option<Tensor>) -> Result<Arc<dyn GroupNormLayer>>;
+    fn group_norm(
+        &self,
+        id: &str,
+        groups: usize,
+        eps: f64,
+        gamma: Option<Tensor>,
+        beta: Option<Tensor>,
+    ) -> Result<Arc<dyn GroupNormLayer>>;
 
     /// Self-attention over the image's tokens.
-    fn self_attention(&self, id: &str, weights: AttentionWeights) -> Result<Arc<dyn SelfAttentionLayer>>;
+    fn self_attention(
+        &self,
+        id: &str,
+        weights: AttentionWeights,
+    ) -> Result<Arc<dyn SelfAttentionLayer>>;
 
     /// The gather of the model's output bands.
     fn gather(&self, id: &str) -> Result<Arc<dyn GatherLayer>>;
@@ -151,7 +187,8 @@ struct SerialConv {
 
 impl Conv2dLayer for SerialConv {
     fn forward(&self, _ctx: &StepCtx, x: &Tensor) -> Result<Tensor> {
-        x.conv2d(&self.weight, self.bias.as_ref(), self.params).at(&self.id)
+        x.conv2d(&self.weight, self.bias.as_ref(), self.params)
+            .at(&self.id)
     }
 }
 
@@ -165,8 +202,14 @@ struct SerialGroupNorm {
 
 impl GroupNormLayer for SerialGroupNorm {
     fn forward(&self, _ctx: &StepCtx, x: &Tensor, silu_after: bool) -> Result<Tensor> {
-        x.group_norm(self.groups, self.gamma.as_ref(), self.beta.as_ref(), self.eps, silu_after)
-            .at(&self.id)
+        x.group_norm(
+            self.groups,
+            self.gamma.as_ref(),
+            self.beta.as_ref(),
+            self.eps,
+            silu_after,
+        )
+        .at(&self.id)
     }
 }
 
@@ -191,7 +234,14 @@ impl GatherLayer for Identity {
 }
 
 impl LayerFactory for SerialFactory {
-    fn conv2d(&self, id: &str, weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Result<Arc<dyn Conv2dLayer>> {
+    fn conv2d(
+        &self,
+        id: &str,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Arc<dyn Conv2dLayer>> {
         Ok(Arc::new(SerialConv {
             id: id.to_string(),
             weight,
@@ -200,11 +250,24 @@ impl LayerFactory for SerialFactory {
         }))
     }
 
-    fn input_conv2d(&self, id: &str, weight: Tensor, bias: Option<Tensor>, padding: usize) -> Result<Arc<dyn Conv2dLayer>> {
+    fn input_conv2d(
+        &self,
+        id: &str,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        padding: usize,
+    ) -> Result<Arc<dyn Conv2dLayer>> {
         self.conv2d(id, weight, bias, 1, padding)
     }
 
-    fn group_norm(&self, id: &str, groups: usize, eps: f64, gamma: Option<Tensor>, beta: Option<Tensor>) -> Result<Arc<dyn GroupNormLayer>> {
+    fn group_norm(
+        &self,
+        id: &str,
+        groups: usize,
+        eps: f64,
+        gamma: Option<Tensor>,
+        beta: Option<Tensor>,
+    ) -> Result<Arc<dyn GroupNormLayer>> {
         Ok(Arc::new(SerialGroupNorm {
             id: id.to_string(),
             groups,
@@ -214,7 +277,11 @@ impl LayerFactory for SerialFactory {
         }))
     }
 
-    fn self_attention(&self, id: &str, weights: AttentionWeights) -> Result<Arc<dyn SelfAttentionLayer>> {
+    fn self_attention(
+        &self,
+        id: &str,
+        weights: AttentionWeights,
+    ) -> Result<Arc<dyn SelfAttentionLayer>> {
         Ok(Arc::new(SerialAttention {
             id: id.to_string(),
             w: weights,

@@ -8,9 +8,17 @@
 //! fresh in warm-up steps and one step stale afterwards. Everything else in a model is per-pixel or
 //! per-token and runs unchanged on a band.
 
+pub mod cache;
+pub mod geometry;
+pub mod grid;
 pub mod layers;
+pub mod schedule;
 
+pub use cache::{CacheCounters, StaleCache};
+pub use geometry::{window_part, BandPlan, HaloPlan};
+pub use grid::ProcessGrid;
 pub use layers::{
-    AttentionWeights, Conv2dLayer, CoreError, GatherLayer, GroupNormLayer, LayerFactory, SelfAttentionLayer, SerialFactory,
-    StepCtx,
+    AttentionWeights, Conv2dLayer, CoreError, GatherLayer, GroupNormLayer, LayerFactory,
+    SelfAttentionLayer, SerialFactory, StepCtx,
 };
+pub use schedule::{GnMode, ParallelConfig, ParallelMode};

@@ -82,6 +82,8 @@ impl FromStr for Device {
                 .map(Device::Cuda)
                 .map_err(|_| format!("bad device ordinal in `{s}`"));
         }
-        Err(format!("unknown device `{s}` (expected cpu, cuda or cuda:N)"))
+        Err(format!(
+            "unknown device `{s}` (expected cpu, cuda or cuda:N)"
+        ))
     }
 }

@@ -39,7 +39,8 @@ impl SafetensorsFile {
             path: path.clone(),
             source,
         })?;
-        SafeTensors::deserialize(&mmap).map_err(|e| file_err(&path, format!("not a valid safetensors file: {e}")))?;
+        SafeTensors::deserialize(&mmap)
+            .map_err(|e| file_err(&path, format!("not a valid safetensors file: {e}")))?;
         Ok(SafetensorsFile { path, mmap })
     }
 
@@ -55,7 +56,11 @@ impl SafetensorsFile {
 
     /// Names and shapes of all tensors, sorted by name.
     pub fn shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let mut v: Vec<_> = self.st().iter().map(|(n, t)| (n.to_string(), t.shape().to_vec())).collect();
+        let mut v: Vec<_> = self
+            .st()
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.shape().to_vec()))
+            .collect();
         v.sort();
         v
     }
@@ -86,9 +91,24 @@ impl SafetensorsFile {
             Dtype::F32 => CpuStorage::F32(bytemuck::pod_collect_to_vec::<u8, f32>(data)),
             Dtype::F16 => CpuStorage::F16(bytemuck::pod_collect_to_vec::<u8, f16>(data)),
             Dtype::BF16 => CpuStorage::BF16(bytemuck::pod_collect_to_vec::<u8, bf16>(data)),
-            Dtype::F64 => CpuStorage::F32(bytemuck::pod_collect_to_vec::<u8, f64>(data).iter().map(|&x| x as f32).collect()),
-            Dtype::I64 => CpuStorage::F32(bytemuck::pod_collect_to_vec::<u8, i64>(data).iter().map(|&x| x as f32).collect()),
-            Dtype::I32 => CpuStorage::F32(bytemuck::pod_collect_to_vec::<u8, i32>(data).iter().map(|&x| x as f32).collect()),
+            Dtype::F64 => CpuStorage::F32(
+                bytemuck::pod_collect_to_vec::<u8, f64>(data)
+                    .iter()
+                    .map(|&x| x as f32)
+                    .collect(),
+            ),
+            Dtype::I64 => CpuStorage::F32(
+                bytemuck::pod_collect_to_vec::<u8, i64>(data)
+                    .iter()
+                    .map(|&x| x as f32)
+                    .collect(),
+            ),
+            Dtype::I32 => CpuStorage::F32(
+                bytemuck::pod_collect_to_vec::<u8, i32>(data)
+                    .iter()
+                    .map(|&x| x as f32)
+                    .collect(),
+            ),
             Dtype::BOOL | Dtype::U8 => CpuStorage::F32(data.iter().map(|&x| x as f32).collect()),
             other => return Err(bad(format!("unsupported dtype {other:?}"))),
         };
@@ -111,7 +131,11 @@ pub fn load_all(path: impl AsRef<Path>) -> Result<HashMap<String, Tensor>> {
 
 /// Writes tensors (in their dtypes) to `path` atomically: a temporary file in the same folder is
 /// written, then renamed, so a failure never leaves a partial file.
-pub fn save(path: impl AsRef<Path>, tensors: &[(&str, &Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
+pub fn save(
+    path: impl AsRef<Path>,
+    tensors: &[(&str, &Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
     let path = path.as_ref();
     let mut bufs = Vec::new();
     for (name, t) in tensors {
@@ -130,14 +154,21 @@ pub fn save(path: impl AsRef<Path>, tensors: &[(&str, &Tensor)], metadata: Optio
                 .map_err(|e| file_err(path, format!("tensor `{n}`: {e}")))
         })
         .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, metadata).map_err(|e| file_err(path, e.to_string()))?;
+    let bytes =
+        safetensors::serialize(views, metadata).map_err(|e| file_err(path, e.to_string()))?;
     write_atomic(path, &bytes)
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let io = |source| KernelError::Io {
         path: path.to_path_buf(),

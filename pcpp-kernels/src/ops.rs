@@ -154,8 +154,16 @@ fn broadcast_shape(op: &'static str, a: &[usize], b: &[usize]) -> Result<Vec<usi
     let n = a.len().max(b.len());
     let mut out = vec![0; n];
     for i in 0..n {
-        let da = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
-        let db = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
+        let da = if i + a.len() >= n {
+            a[i + a.len() - n]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= n {
+            b[i + b.len() - n]
+        } else {
+            1
+        };
         out[i] = if da == db || db == 1 {
             da
         } else if da == 1 {
@@ -188,7 +196,12 @@ fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
 }
 
 impl Tensor {
-    fn binary(&self, other: &Tensor, op: &'static str, f: impl Fn(f32, f32) -> f32 + Sync) -> Result<Tensor> {
+    fn binary(
+        &self,
+        other: &Tensor,
+        op: &'static str,
+        f: impl Fn(f32, f32) -> f32 + Sync,
+    ) -> Result<Tensor> {
         let (a, b) = (self.as_f32()?, other.as_f32()?);
         if self.shape() == other.shape() {
             return self.like(self.shape(), cpu::zip_map(&a, &b, f));
@@ -267,7 +280,10 @@ impl Tensor {
     pub fn geglu(&self) -> Result<Tensor> {
         let d = *self.shape().last().unwrap_or(&0);
         if d % 2 != 0 {
-            return Err(KernelError::invalid("geglu", format!("last axis {d} is odd")));
+            return Err(KernelError::invalid(
+                "geglu",
+                format!("last axis {d} is odd"),
+            ));
         }
         let x = self.as_f32()?;
         let h = d / 2;
@@ -316,15 +332,37 @@ impl Tensor {
     /// `self: [..., m, k]`, `other: [..., k, n]` (same leading axes) → `[..., m, n]`.
     pub fn matmul(&self, other: &Tensor) -> Result<Tensor> {
         let (ra, rb) = (self.rank(), other.rank());
-        if ra < 2 || ra != rb || self.shape()[..ra - 2] != other.shape()[..rb - 2] || self.shape()[ra - 1] != other.shape()[rb - 2] {
+        if ra < 2
+            || ra != rb
+            || self.shape()[..ra - 2] != other.shape()[..rb - 2]
+            || self.shape()[ra - 1] != other.shape()[rb - 2]
+        {
             return Err(KernelError::shape("matmul", self.shape(), other.shape()));
         }
-        let (m, k, n) = (self.shape()[ra - 2], self.shape()[ra - 1], other.shape()[rb - 1]);
+        let (m, k, n) = (
+            self.shape()[ra - 2],
+            self.shape()[ra - 1],
+            other.shape()[rb - 1],
+        );
         let batch: usize = self.shape()[..ra - 2].iter().product();
         let (a, b) = (self.as_f32()?, other.as_f32()?);
         let mut out = vec![0.0f32; batch * m * n];
         for i in 0..batch {
-            cpu::gemm(m, n, k, &a[i * m * k..], k, 1, &b[i * k * n..], n, 1, &mut out[i * m * n..], n, 1, false);
+            cpu::gemm(
+                m,
+                n,
+                k,
+                &a[i * m * k..],
+                k,
+                1,
+                &b[i * k * n..],
+                n,
+                1,
+                &mut out[i * m * n..],
+                n,
+                1,
+                false,
+            );
         }
         let mut shape = self.shape().to_vec();
         shape[ra - 1] = n;
@@ -339,9 +377,15 @@ impl Tensor {
         if self.rank() != 4 || w.rank() != 4 || self.shape()[1] != w.shape()[1] {
             return Err(KernelError::shape("conv2d", self.shape(), w.shape()));
         }
-        let (b, ci, h, wd) = (self.shape()[0], self.shape()[1], self.shape()[2], self.shape()[3]);
+        let (b, ci, h, wd) = (
+            self.shape()[0],
+            self.shape()[1],
+            self.shape()[2],
+            self.shape()[3],
+        );
         let (co, kh, kw) = (w.shape()[0], w.shape()[2], w.shape()[3]);
-        if p.stride == 0 || h + p.pad_top + p.pad_bottom < kh || wd + p.pad_left + p.pad_right < kw {
+        if p.stride == 0 || h + p.pad_top + p.pad_bottom < kh || wd + p.pad_left + p.pad_right < kw
+        {
             return Err(KernelError::Shape {
                 op: "conv2d",
                 lhs: self.shape().to_vec(),
@@ -372,11 +416,17 @@ impl Tensor {
 
     fn nc_s(&self, op: &'static str, groups: usize) -> Result<(usize, usize, usize)> {
         if self.rank() < 2 {
-            return Err(KernelError::invalid(op, format!("needs [b, c, ...], got {:?}", self.shape())));
+            return Err(KernelError::invalid(
+                op,
+                format!("needs [b, c, ...], got {:?}", self.shape()),
+            ));
         }
         let (b, c) = (self.shape()[0], self.shape()[1]);
         if groups == 0 || c % groups != 0 {
-            return Err(KernelError::invalid(op, format!("{c} channels do not split into {groups} groups")));
+            return Err(KernelError::invalid(
+                op,
+                format!("{c} channels do not split into {groups} groups"),
+            ));
         }
         Ok((b, c, self.numel() / (b * c).max(1)))
     }
@@ -403,7 +453,10 @@ impl Tensor {
     ) -> Result<Tensor> {
         let (b, c, s) = self.nc_s("group_norm", stats.groups)?;
         if stats.batch != b {
-            return Err(KernelError::invalid("group_norm", format!("statistics for batch {} applied to batch {b}", stats.batch)));
+            return Err(KernelError::invalid(
+                "group_norm",
+                format!("statistics for batch {} applied to batch {b}", stats.batch),
+            ));
         }
         for (name, t) in [("weight", gamma), ("bias", beta)] {
             if let Some(t) = t {
@@ -439,13 +492,25 @@ impl Tensor {
     }
 
     /// `torch.nn.GroupNorm` (biased variance), optionally followed by SiLU.
-    pub fn group_norm(&self, groups: usize, gamma: Option<&Tensor>, beta: Option<&Tensor>, eps: f64, silu_after: bool) -> Result<Tensor> {
+    pub fn group_norm(
+        &self,
+        groups: usize,
+        gamma: Option<&Tensor>,
+        beta: Option<&Tensor>,
+        eps: f64,
+        silu_after: bool,
+    ) -> Result<Tensor> {
         let stats = self.group_stats(groups)?;
         self.group_norm_with_stats(&stats, gamma, beta, eps, silu_after)
     }
 
     /// Layer normalisation over the last axis.
-    pub fn layer_norm(&self, gamma: Option<&Tensor>, beta: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    pub fn layer_norm(
+        &self,
+        gamma: Option<&Tensor>,
+        beta: Option<&Tensor>,
+        eps: f64,
+    ) -> Result<Tensor> {
         let d = *self.shape().last().unwrap_or(&0);
         for t in [gamma, beta].into_iter().flatten() {
             if t.shape() != [d] {
@@ -468,26 +533,53 @@ impl Tensor {
     ///
     /// # Shapes
     /// `q: [b, lq, heads·dh]`, `k, v: [b, lk, heads·dh]` → `[b, lq, heads·dh]`.
-    pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
-        if q.rank() != 3 || k.rank() != 3 || k.shape() != v.shape() || q.shape()[0] != k.shape()[0] || q.shape()[2] != k.shape()[2] {
+    pub fn attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        causal: bool,
+    ) -> Result<Tensor> {
+        if q.rank() != 3
+            || k.rank() != 3
+            || k.shape() != v.shape()
+            || q.shape()[0] != k.shape()[0]
+            || q.shape()[2] != k.shape()[2]
+        {
             return Err(KernelError::shape("attention", q.shape(), k.shape()));
         }
         let (b, lq, dm) = (q.shape()[0], q.shape()[1], q.shape()[2]);
         let lk = k.shape()[1];
         if heads == 0 || dm % heads != 0 {
-            return Err(KernelError::invalid("attention", format!("width {dm} does not split into {heads} heads")));
+            return Err(KernelError::invalid(
+                "attention",
+                format!("width {dm} does not split into {heads} heads"),
+            ));
         }
         if lk == 0 {
             return Err(KernelError::invalid("attention", "no keys"));
         }
-        let y = cpu::attention(&q.as_f32()?, &k.as_f32()?, &v.as_f32()?, b, lq, lk, heads, dm / heads, causal);
+        let y = cpu::attention(
+            &q.as_f32()?,
+            &k.as_f32()?,
+            &v.as_f32()?,
+            b,
+            lq,
+            lk,
+            heads,
+            dm / heads,
+            causal,
+        );
         q.like(q.shape(), y)
     }
 
     /// Nearest-neighbour ×2 up-sampling of `[b, c, h, w]`.
     pub fn upsample_nearest2x(&self) -> Result<Tensor> {
         if self.rank() != 4 {
-            return Err(KernelError::invalid("upsample_nearest2x", format!("needs [b, c, h, w], got {:?}", self.shape())));
+            return Err(KernelError::invalid(
+                "upsample_nearest2x",
+                format!("needs [b, c, h, w], got {:?}", self.shape()),
+            ));
         }
         let s = self.shape();
         let y = cpu::upsample_nearest2x(&self.as_f32()?, s[0] * s[1], s[2], s[3]);
@@ -496,13 +588,21 @@ impl Tensor {
 
     /// Concatenation along `dim`.
     pub fn cat(ts: &[&Tensor], dim: usize) -> Result<Tensor> {
-        let first = ts.first().ok_or_else(|| KernelError::invalid("cat", "no tensors"))?;
+        let first = ts
+            .first()
+            .ok_or_else(|| KernelError::invalid("cat", "no tensors"))?;
         let rank = first.rank();
         if dim >= rank {
-            return Err(KernelError::invalid("cat", format!("axis {dim} out of range for {:?}", first.shape())));
+            return Err(KernelError::invalid(
+                "cat",
+                format!("axis {dim} out of range for {:?}", first.shape()),
+            ));
         }
         for t in ts {
-            if t.rank() != rank || t.shape()[..dim] != first.shape()[..dim] || t.shape()[dim + 1..] != first.shape()[dim + 1..] {
+            if t.rank() != rank
+                || t.shape()[..dim] != first.shape()[..dim]
+                || t.shape()[dim + 1..] != first.shape()[dim + 1..]
+            {
                 return Err(KernelError::shape("cat", first.shape(), t.shape()));
             }
         }
@@ -528,7 +628,11 @@ impl Tensor {
         if start + len > size {
             return Err(KernelError::invalid(
                 "narrow",
-                format!("range {start}..{} out of bounds for axis {dim} of {:?}", start + len, self.shape()),
+                format!(
+                    "range {start}..{} out of bounds for axis {dim} of {:?}",
+                    start + len,
+                    self.shape()
+                ),
             ));
         }
         let outer: usize = self.shape()[..dim].iter().product();
@@ -548,17 +652,29 @@ impl Tensor {
     pub fn chunk(&self, n: usize, dim: usize) -> Result<Vec<Tensor>> {
         let size = self.dim(dim)?;
         if n == 0 || size % n != 0 {
-            return Err(KernelError::invalid("chunk", format!("axis {dim} of size {size} does not split into {n}")));
+            return Err(KernelError::invalid(
+                "chunk",
+                format!("axis {dim} of size {size} does not split into {n}"),
+            ));
         }
-        (0..n).map(|i| self.narrow(dim, i * size / n, size / n)).collect()
+        (0..n)
+            .map(|i| self.narrow(dim, i * size / n, size / n))
+            .collect()
     }
 
     /// Reorders the axes (a copy): output axis `i` is input axis `perm[i]`.
     pub fn permute(&self, perm: &[usize]) -> Result<Tensor> {
         let rank = self.rank();
         let mut seen = vec![false; rank];
-        if perm.len() != rank || perm.iter().any(|&p| p >= rank || std::mem::replace(&mut seen[p], true)) {
-            return Err(KernelError::invalid("permute", format!("{perm:?} is not a permutation of {rank} axes")));
+        if perm.len() != rank
+            || perm
+                .iter()
+                .any(|&p| p >= rank || std::mem::replace(&mut seen[p], true))
+        {
+            return Err(KernelError::invalid(
+                "permute",
+                format!("{perm:?} is not a permutation of {rank} axes"),
+            ));
         }
         let in_strides = contiguous_strides(self.shape());
         let out_shape: Vec<usize> = perm.iter().map(|&p| self.shape()[p]).collect();
@@ -591,16 +707,23 @@ impl Tensor {
     /// `[b, c, h, w]` → `[b, h·w, c]` (image to token sequence).
     pub fn to_tokens(&self) -> Result<Tensor> {
         if self.rank() != 4 {
-            return Err(KernelError::invalid("to_tokens", format!("needs [b, c, h, w], got {:?}", self.shape())));
+            return Err(KernelError::invalid(
+                "to_tokens",
+                format!("needs [b, c, h, w], got {:?}", self.shape()),
+            ));
         }
         let s = self.shape();
-        self.reshape(&[s[0], s[1], s[2] * s[3]])?.permute(&[0, 2, 1])
+        self.reshape(&[s[0], s[1], s[2] * s[3]])?
+            .permute(&[0, 2, 1])
     }
 
     /// `[b, h·w, c]` → `[b, c, h, w]` (token sequence back to image).
     pub fn from_tokens(&self, h: usize, w: usize) -> Result<Tensor> {
         if self.rank() != 3 || self.shape()[1] != h * w {
-            return Err(KernelError::invalid("from_tokens", format!("{:?} is not [b, {h}·{w}, c]", self.shape())));
+            return Err(KernelError::invalid(
+                "from_tokens",
+                format!("{:?} is not [b, {h}·{w}, c]", self.shape()),
+            ));
         }
         let (b, c) = (self.shape()[0], self.shape()[2]);
         self.permute(&[0, 2, 1])?.reshape(&[b, c, h, w])
@@ -609,7 +732,10 @@ impl Tensor {
     /// Rows of `table: [n, d]` picked by `ids` (any shape, integral values) → `[ids.., d]`.
     pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
         if table.rank() != 2 {
-            return Err(KernelError::invalid("embedding", format!("table must be [n, d], got {:?}", table.shape())));
+            return Err(KernelError::invalid(
+                "embedding",
+                format!("table must be [n, d], got {:?}", table.shape()),
+            ));
         }
         let (n, d) = (table.shape()[0], table.shape()[1]);
         let t = table.as_f32()?;
@@ -617,7 +743,10 @@ impl Tensor {
         for &id in ids.as_f32()?.iter() {
             let i = id as usize;
             if id < 0.0 || i >= n {
-                return Err(KernelError::invalid("embedding", format!("id {id} outside the table of {n} rows")));
+                return Err(KernelError::invalid(
+                    "embedding",
+                    format!("id {id} outside the table of {n} rows"),
+                ));
             }
             out.extend_from_slice(&t[i * d..(i + 1) * d]);
         }
@@ -630,7 +759,12 @@ impl Tensor {
     ///
     /// # Shapes
     /// `self: [b]` (or 0-d) → `[b, dim]`.
-    pub fn timestep_embedding(&self, dim: usize, flip_sin_to_cos: bool, downscale_freq_shift: f32) -> Result<Tensor> {
+    pub fn timestep_embedding(
+        &self,
+        dim: usize,
+        flip_sin_to_cos: bool,
+        downscale_freq_shift: f32,
+    ) -> Result<Tensor> {
         let t = self.as_f32()?;
         let half = dim / 2;
         let max_period = 10000f32;

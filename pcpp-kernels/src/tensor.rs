@@ -243,11 +243,47 @@ impl Tensor {
     /// Largest absolute element-wise difference to `other` (same shape required).
     pub fn max_abs_diff(&self, other: &Tensor) -> Result<f32> {
         if self.shape != other.shape {
-            return Err(KernelError::shape("max_abs_diff", &self.shape, &other.shape));
+            return Err(KernelError::shape(
+                "max_abs_diff",
+                &self.shape,
+                &other.shape,
+            ));
         }
         let (a, b) = (self.as_f32()?, other.as_f32()?);
         Ok(a.iter()
             .zip(b.iter())
             .fold(0.0f32, |m, (x, y)| m.max((x - y).abs())))
+    }
+}
+
+impl Tensor {
+    /// The elements as little-endian bytes of the storage dtype (for transport).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        Ok(match self.cpu_storage()? {
+            CpuStorage::F32(v) => bytemuck::cast_slice(v).to_vec(),
+            CpuStorage::F16(v) => bytemuck::cast_slice(v).to_vec(),
+            CpuStorage::BF16(v) => bytemuck::cast_slice(v).to_vec(),
+        })
+    }
+
+    /// A CPU tensor from bytes written by [`Tensor::to_bytes`].
+    pub fn from_bytes(shape: &[usize], dtype: DType, bytes: &[u8]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if bytes.len() != n * dtype.size() {
+            return Err(KernelError::invalid(
+                "from_bytes",
+                format!(
+                    "shape {shape:?} of {dtype} needs {} bytes, got {}",
+                    n * dtype.size(),
+                    bytes.len()
+                ),
+            ));
+        }
+        let storage = match dtype {
+            DType::F32 => CpuStorage::F32(bytemuck::pod_collect_to_vec(bytes)),
+            DType::F16 => CpuStorage::F16(bytemuck::pod_collect_to_vec(bytes)),
+            DType::BF16 => CpuStorage::BF16(bytemuck::pod_collect_to_vec(bytes)),
+        };
+        Tensor::from_cpu_storage(shape, storage)
     }
 }

@@ -4,13 +4,17 @@
 //! through `pcpp-core`'s layer factory so that patch parallelism slots in), the VAE decoder, the
 //! schedulers and the text-to-image pipeline.
 
+pub mod clip;
 pub mod error;
 pub mod scheduler;
 pub mod tokenizer;
 pub mod unet;
 pub mod unet_config;
+pub mod vae;
 pub mod weights;
 
+pub use clip::{ClipOutput, ClipTextConfig, ClipTextModel};
 pub use error::{Result, SdxlError};
 pub use unet::{Taps, UNet, UNetCond};
 pub use unet_config::UNetConfig;
+pub use vae::{to_rgb8, to_unit_range, VaeConfig, VaeDecoder};

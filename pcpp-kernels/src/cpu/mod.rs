@@ -48,9 +48,18 @@ pub fn gemm(
         return;
     }
     // Bounds: the largest index each operand is read or written at must be inside its slice.
-    assert!((m - 1) * a_rs + (k - 1) * a_cs < a.len(), "gemm: lhs too short");
-    assert!((k - 1) * b_rs + (n - 1) * b_cs < b.len(), "gemm: rhs too short");
-    assert!((m - 1) * c_rs + (n - 1) * c_cs < c.len(), "gemm: dst too short");
+    assert!(
+        (m - 1) * a_rs + (k - 1) * a_cs < a.len(),
+        "gemm: lhs too short"
+    );
+    assert!(
+        (k - 1) * b_rs + (n - 1) * b_cs < b.len(),
+        "gemm: rhs too short"
+    );
+    assert!(
+        (m - 1) * c_rs + (n - 1) * c_cs < c.len(),
+        "gemm: dst too short"
+    );
     let par = if m * n * k >= PAR_GEMM_FLOPS && rayon::current_num_threads() > 1 {
         Parallelism::Rayon(0)
     } else {
@@ -84,7 +93,14 @@ pub fn gemm(
 }
 
 /// `y[r, :] = x[r, :] · wᵀ + bias` with `x: [rows, k]`, `w: [n, k]` (PyTorch `Linear` layout).
-pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, k: usize, n: usize) -> Vec<f32> {
+pub fn linear(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    rows: usize,
+    k: usize,
+    n: usize,
+) -> Vec<f32> {
     let mut y = match bias {
         Some(b) => {
             let mut y = Vec::with_capacity(rows * n);
@@ -120,7 +136,11 @@ pub fn conv2d(
     let kk = ci * kh * kw;
     let mut out = vec![0.0f32; b * co * hw_o];
     let direct = kh == 1 && kw == 1 && stride == 1 && pt + pb + pl + pr == 0;
-    let mut cols = if direct { Vec::new() } else { vec![0.0f32; kk * hw_o] };
+    let mut cols = if direct {
+        Vec::new()
+    } else {
+        vec![0.0f32; kk * hw_o]
+    };
     for bi in 0..b {
         let xb = &x[bi * ci * h * w..(bi + 1) * ci * h * w];
         let src: &[f32] = if direct {
@@ -162,7 +182,21 @@ pub fn conv2d(
                 o.fill(bv);
             }
         }
-        gemm(co, hw_o, kk, wt, kk, 1, src, hw_o, 1, ob, hw_o, 1, bias.is_some());
+        gemm(
+            co,
+            hw_o,
+            kk,
+            wt,
+            kk,
+            1,
+            src,
+            hw_o,
+            1,
+            ob,
+            hw_o,
+            1,
+            bias.is_some(),
+        );
     }
     (out, ho, wo)
 }
@@ -228,7 +262,13 @@ pub fn group_norm_apply(
 }
 
 /// Layer normalisation over the last axis of `[rows, d]`.
-pub fn layer_norm(x: &[f32], d: usize, gamma: Option<&[f32]>, beta: Option<&[f32]>, eps: f64) -> Vec<f32> {
+pub fn layer_norm(
+    x: &[f32],
+    d: usize,
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    eps: f64,
+) -> Vec<f32> {
     let mut out = vec![0.0f32; x.len()];
     let run = |(r, o): (usize, &mut [f32])| {
         let xr = &x[r * d..(r + 1) * d];
@@ -276,7 +316,9 @@ pub fn attention(
     let mut out = vec![0.0f32; b * lq * dm];
     let blocks_per_head = lq.div_ceil(ATTN_BLOCK);
     let jobs: Vec<(usize, usize, usize)> = (0..b)
-        .flat_map(|bi| (0..heads).flat_map(move |h| (0..blocks_per_head).map(move |blk| (bi, h, blk))))
+        .flat_map(|bi| {
+            (0..heads).flat_map(move |h| (0..blocks_per_head).map(move |blk| (bi, h, blk)))
+        })
         .collect();
     let run = |&(bi, h, blk): &(usize, usize, usize)| -> (usize, usize, usize, Vec<f32>) {
         let r0 = blk * ATTN_BLOCK;
@@ -284,7 +326,21 @@ pub fn attention(
         let qo = bi * lq * dm + r0 * dm + h * dh;
         let ko = bi * lk * dm + h * dh;
         let mut s = vec![0.0f32; rows * lk];
-        gemm(rows, lk, dh, &q[qo..], dm, 1, &k[ko..], 1, dm, &mut s, lk, 1, false);
+        gemm(
+            rows,
+            lk,
+            dh,
+            &q[qo..],
+            dm,
+            1,
+            &k[ko..],
+            1,
+            dm,
+            &mut s,
+            lk,
+            1,
+            false,
+        );
         for (i, row) in s.chunks_mut(lk).enumerate() {
             let limit = if causal { (r0 + i + 1).min(lk) } else { lk };
             let mut mx = f32::NEG_INFINITY;
@@ -304,7 +360,21 @@ pub fn attention(
             row[limit..].fill(0.0);
         }
         let mut o = vec![0.0f32; rows * dh];
-        gemm(rows, dh, lk, &s, lk, 1, &v[ko..], dm, 1, &mut o, dh, 1, false);
+        gemm(
+            rows,
+            dh,
+            lk,
+            &s,
+            lk,
+            1,
+            &v[ko..],
+            dm,
+            1,
+            &mut o,
+            dh,
+            1,
+            false,
+        );
         (bi, h, r0, o)
     };
     let results: Vec<_> = if b * heads * lq * lk * dh >= PAR_GEMM_FLOPS {
@@ -360,7 +430,10 @@ pub fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
 /// Zips `a` and `b` (same length) through `f`, in parallel for large inputs.
 pub fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
     if a.len() >= PAR_ELEMS {
-        a.par_iter().zip(b.par_iter()).map(|(&x, &y)| f(x, y)).collect()
+        a.par_iter()
+            .zip(b.par_iter())
+            .map(|(&x, &y)| f(x, y))
+            .collect()
     } else {
         a.iter().zip(b.iter()).map(|(&x, &y)| f(x, y)).collect()
     }

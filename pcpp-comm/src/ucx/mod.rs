@@ -1,0 +1,1 @@
+//! UCX back-end (feature `ucx`).
