@@ -292,3 +292,44 @@ impl LayerFactory for SerialFactory {
         Ok(Arc::new(Identity))
     }
 }
+
+/// How a denoising loop drives the parallel layers: which CFG branch this rank computes, the
+/// context of each step, and the start and end of a generation. The pipeline calls only this, so
+/// it runs unchanged serially or patch-parallel.
+pub trait StepDriver: Send + Sync {
+    /// `Some(g)` when the world is split into CFG groups and this rank computes only branch `g`
+    /// (0 = unconditional) of the CFG batch; the gather layer then returns both branches stacked
+    /// `[uncond; cond]`. `None` when this rank feeds the whole CFG batch to the model.
+    fn cfg_branch(&self) -> Option<usize>;
+
+    /// The context of denoising step `step` (from 0).
+    fn step_ctx(&self, step: usize) -> StepCtx;
+
+    /// Called before the first step of a generation (clears stale state).
+    fn begin_generation(&self) -> Result<()>;
+
+    /// Called after the last step (completes what is in flight).
+    fn end_generation(&self) -> Result<()>;
+}
+
+/// The driver of a plain single-rank run: every step synchronous, the whole CFG batch here.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SerialDriver;
+
+impl StepDriver for SerialDriver {
+    fn cfg_branch(&self) -> Option<usize> {
+        None
+    }
+
+    fn step_ctx(&self, step: usize) -> StepCtx {
+        StepCtx { step, sync: true }
+    }
+
+    fn begin_generation(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn end_generation(&self) -> Result<()> {
+        Ok(())
+    }
+}

@@ -19,6 +19,6 @@ pub use geometry::{window_part, BandPlan, HaloPlan};
 pub use grid::ProcessGrid;
 pub use layers::{
     AttentionWeights, Conv2dLayer, CoreError, GatherLayer, GroupNormLayer, LayerFactory,
-    SelfAttentionLayer, SerialFactory, StepCtx,
+    SelfAttentionLayer, SerialDriver, SerialFactory, StepCtx, StepDriver,
 };
 pub use schedule::{GnMode, ParallelConfig, ParallelMode};

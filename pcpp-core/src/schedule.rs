@@ -47,9 +47,11 @@ impl FromStr for ParallelMode {
             "naive-patch" | "naive_patch" => ParallelMode::NaivePatch,
             "distrifusion" => ParallelMode::DistriFusion,
             "pcpp" => ParallelMode::Pcpp,
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "unknown parallel mode `{s}` (expected pcpp, distrifusion, naive-patch or serial)"
-            )),
+            ))
+            }
         })
     }
 }
