@@ -1,1 +1,49 @@
-fn main() {}
+//! `pcpp-cli`: the command line of pcpp.
+//!
+//! Subcommands: `generate` (text to image, serial or patch-parallel), `unet` (one UNet forward from a
+//! safetensors file of inputs, a parity and debugging hook), `compare` (PSNR / SSIM of two images).
+//! This is the only crate that reads the environment and uses `anyhow`. User errors print one
+//! `error: ...` line (no backtrace) and exit with status 1; bad flags exit with clap's status 2.
+
+mod compare;
+mod generate;
+mod output;
+mod unet_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Partially Conditioned Patch Parallelism for diffusion models.
+#[derive(Debug, Parser)]
+#[command(name = "pcpp-cli", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate an image from a prompt with an SDXL pipeline folder.
+    Generate(Box<generate::GenerateArgs>),
+    /// Run one UNet forward pass on inputs read from a safetensors file.
+    Unet(unet_cmd::UnetArgs),
+    /// PSNR and SSIM of two images of the same size.
+    Compare(compare::CompareArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => generate::run(*a),
+        Command::Unet(a) => unet_cmd::run(a),
+        Command::Compare(a) => compare::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

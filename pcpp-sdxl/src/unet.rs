@@ -107,6 +107,7 @@ impl Fwd<'_> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn conv(
     f: &dyn LayerFactory,
     w: &Weights,
