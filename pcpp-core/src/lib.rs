@@ -12,6 +12,9 @@ pub mod cache;
 pub mod geometry;
 pub mod grid;
 pub mod layers;
+pub mod patch;
+pub mod plan;
+pub mod report;
 pub mod schedule;
 
 pub use cache::{CacheCounters, StaleCache};
@@ -21,4 +24,7 @@ pub use layers::{
     AttentionWeights, Conv2dLayer, CoreError, GatherLayer, GroupNormLayer, LayerFactory,
     SelfAttentionLayer, SerialDriver, SerialFactory, StepCtx, StepDriver,
 };
+pub use patch::PatchRuntime;
+pub use plan::{plan, Inventory, LayerKind, LayerSpec, Plan, PlanSetup, RankPlan};
+pub use report::{KindBytes, RunReport, StepReport, Traffic};
 pub use schedule::{GnMode, ParallelConfig, ParallelMode};
