@@ -21,7 +21,7 @@ pub use cache::{CacheCounters, StaleCache};
 pub use geometry::{window_part, BandPlan, HaloPlan};
 pub use grid::ProcessGrid;
 pub use layers::{
-    AttentionWeights, Conv2dLayer, CoreError, GatherLayer, GroupNormLayer, LayerFactory,
+    AttentionWeights, Conv2dLayer, CoreError, GatherLayer, GroupNormLayer, LayerFactory, Result,
     SelfAttentionLayer, SerialDriver, SerialFactory, StepCtx, StepDriver,
 };
 pub use patch::PatchRuntime;
