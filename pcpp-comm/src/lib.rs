@@ -20,7 +20,7 @@ mod transport;
 pub mod ucx;
 
 pub use error::CommError;
-pub use local::LocalTransport;
+pub use local::{LocalTransport, RankError};
 #[cfg(feature = "mpi")]
 pub use mpi_transport::{MpiContext, MpiTransport};
 pub use stats::{CommKind, CommStats, KindStats, StatsCounter};

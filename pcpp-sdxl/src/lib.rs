@@ -6,6 +6,7 @@
 
 pub mod clip;
 pub mod error;
+pub mod inventory;
 pub mod pipeline;
 pub mod scheduler;
 pub mod tokenizer;
@@ -16,6 +17,7 @@ pub mod weights;
 
 pub use clip::{ClipOutput, ClipTextConfig, ClipTextModel};
 pub use error::{Result, SdxlError};
+pub use inventory::unet_inventory;
 pub use pipeline::{
     denoise, DenoiseParams, MicroCond, ModelIndex, Pipeline, PromptEmbeds, TextEncoders,
 };
