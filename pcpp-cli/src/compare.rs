@@ -135,11 +135,13 @@ pub fn run(a: CompareArgs) -> Result<()> {
         } else {
             serde_json::json!("inf")
         };
-        println!("{}", serde_json::json!({ "psnr": psnr, "ssim": s }));
+        crate::output::print(&format!(
+            "{}\n",
+            serde_json::json!({ "psnr": psnr, "ssim": s })
+        ))
     } else {
-        println!("PSNR {p:.3} dB  SSIM {s:.5}");
+        crate::output::print(&format!("PSNR {p:.3} dB  SSIM {s:.5}\n"))
     }
-    Ok(())
 }
 
 #[cfg(test)]

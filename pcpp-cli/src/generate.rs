@@ -11,11 +11,17 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use pcpp_core::{ParallelMode, SerialDriver, SerialFactory};
+use std::sync::Arc;
+
+use pcpp_comm::{CommKind, LocalTransport, RankError, Transport, TransportOptions};
+use pcpp_core::{ParallelConfig, ParallelMode, PatchRuntime, RunReport};
 use pcpp_kernels::io::SafetensorsFile;
 use pcpp_kernels::{DType, Tensor};
 use pcpp_sdxl::scheduler::SchedulerKind;
-use pcpp_sdxl::{denoise, to_rgb8, DenoiseParams, MicroCond, ModelIndex, Pipeline};
+use pcpp_sdxl::{
+    denoise, to_rgb8, DenoiseParams, MicroCond, ModelIndex, Pipeline, PromptEmbeds, TextEncoders,
+    UNet, UNetConfig, VaeDecoder,
+};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
@@ -129,7 +135,7 @@ struct Plan {
     noise: Tensor,
 }
 
-fn parse_portions(s: &str) -> Result<Vec<f64>> {
+pub fn parse_portions(s: &str) -> Result<Vec<f64>> {
     let v = s
         .split(',')
         .map(|p| {
@@ -298,43 +304,203 @@ fn parameters_text(a: &GenerateArgs, p: &Plan) -> String {
     s
 }
 
-/// Runs the command.
-pub fn run(a: GenerateArgs) -> Result<()> {
-    let plan = validate(&a)?;
-    if a.ranks > 1 || a.transport != TransportArg::Local {
+/// The parallel configuration the flags ask for.
+fn parallel_config(a: &GenerateArgs, portions: &[f64]) -> ParallelConfig {
+    let mut cfg = match a.parallel {
+        ParallelMode::Pcpp => ParallelConfig::pcpp(portions[0]),
+        ParallelMode::DistriFusion => ParallelConfig::distrifusion(),
+        ParallelMode::NaivePatch => ParallelConfig::naive_patch(),
+        ParallelMode::Serial => ParallelConfig::serial(),
+    };
+    if a.parallel == ParallelMode::Pcpp {
+        cfg.portion = portions.to_vec();
+    }
+    if matches!(a.parallel, ParallelMode::Pcpp | ParallelMode::DistriFusion) {
+        cfg.warmup_steps = a.warmup_steps.unwrap_or(4).min(a.steps);
+    }
+    cfg
+}
+
+/// Tensors packed for a broadcast: per tensor its rank, dims and f32 data, little-endian.
+fn pack(ts: &[&Tensor]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for t in ts {
+        out.extend_from_slice(&(t.shape().len() as u64).to_le_bytes());
+        for &d in t.shape() {
+            out.extend_from_slice(&(d as u64).to_le_bytes());
+        }
+        for v in t.to_vec_f32()? {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    Ok(out)
+}
+
+fn unpack(mut b: &[u8], n: usize) -> Result<Vec<Tensor>> {
+    let mut take = |k: usize| -> Result<&[u8]> {
+        if b.len() < k {
+            bail!("internal: broadcast message too short");
+        }
+        let (h, t) = b.split_at(k);
+        b = t;
+        Ok(h)
+    };
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let rank = u64::from_le_bytes(take(8)?.try_into()?) as usize;
+        let mut shape = Vec::with_capacity(rank);
+        for _ in 0..rank {
+            shape.push(u64::from_le_bytes(take(8)?.try_into()?) as usize);
+        }
+        let numel: usize = shape.iter().product();
+        let data = take(numel * 4)?
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        out.push(Tensor::from_vec(&shape, data)?);
+    }
+    Ok(out)
+}
+
+/// What rank 0 brings back from a generation.
+struct RankResult {
+    latents: Tensor,
+    reports: Vec<RunReport>,
+}
+
+/// One rank's part of a generation over `world`: prompt encoding on rank 0 (broadcast), the
+/// patch-parallel denoising loop on every rank, results on rank 0.
+fn run_rank(
+    a: &GenerateArgs,
+    plan: &Plan,
+    pcfg: &ParallelConfig,
+    world: Arc<dyn Transport>,
+) -> Result<Option<RankResult>> {
+    let rank = world.rank();
+    let unet_dir = plan.model.join("unet");
+    let ucfg = UNetConfig::from_file(&unet_dir.join("config.json"))?;
+    let factor = ucfg.downsample_factor();
+    let (lh, lw) = (plan.noise.shape()[2], plan.noise.shape()[3]);
+    if lh % factor != 0 || lw % factor != 0 {
         bail!(
-            "--ranks {} --transport {:?}: only a single local rank is available in this build",
-            a.ranks,
-            a.transport
+            "--height {} --width {}: the latent ({lh}×{lw}) must be a multiple of {factor} in both directions for this UNet (image size a multiple of {})",
+            plan.height,
+            plan.width,
+            factor * plan.height / lh
         );
     }
-    let _ = &plan.portions;
-    let t0 = Instant::now();
-    let pipe = Pipeline::load(&plan.model, DType::F32, &SerialFactory)?;
     let params = DenoiseParams {
         steps: a.steps,
         guidance: a.guidance,
         scheduler: plan.scheduler,
         micro: MicroCond::for_size(plan.height, plan.width),
     };
-    let embeds = pipe
-        .text
-        .encode(&a.prompt, a.negative_prompt.as_deref(), params.cfg())?;
-    if embeds.truncated {
-        eprintln!("warning: the prompt is longer than 77 tokens and was truncated");
+    let cfg_split = params.cfg() && !a.no_cfg_split && world.size() >= 2;
+    let runtime = PatchRuntime::new(
+        world.clone(),
+        cfg_split,
+        pcfg.clone(),
+        lh,
+        lw,
+        factor.trailing_zeros() as usize,
+    )
+    .map_err(|e| anyhow::anyhow!("--ranks {}: {e}", world.size()))?;
+
+    // Text encoders run once, on rank 0; the embeddings and the initial noise are broadcast so
+    // every rank starts from bit-identical inputs (pcpp-algorithm.md §7.11, §7.14).
+    let mut msg = Vec::new();
+    if rank == 0 {
+        let text = TextEncoders::load(&plan.model, DType::F32)?;
+        let e = text.encode(&a.prompt, a.negative_prompt.as_deref(), params.cfg())?;
+        if e.truncated {
+            eprintln!("warning: the prompt is longer than 77 tokens and was truncated");
+        }
+        msg = pack(&[&e.prompt_embeds, &e.pooled, &plan.noise])?;
     }
-    let pb = progress_bar(a.steps);
+    world.broadcast(CommKind::Control, 0, &mut msg)?;
+    let mut ts = unpack(&msg, 3)?.into_iter();
+    let (Some(prompt_embeds), Some(pooled), Some(noise)) = (ts.next(), ts.next(), ts.next()) else {
+        bail!("internal: broadcast of the prompt embeddings");
+    };
+    let embeds = PromptEmbeds {
+        prompt_embeds,
+        pooled,
+        truncated: false,
+    };
+
+    let unet = UNet::load(&unet_dir, DType::F32, runtime.factory())?;
+    let sched = Pipeline::load_scheduler_config(&plan.model)?;
+    let pb = (rank == 0).then(|| progress_bar(a.steps));
     let latents = denoise(
-        &pipe.unet,
-        &SerialDriver,
-        &pipe.scheduler,
+        &unet,
+        runtime.driver(),
+        &sched,
         &params,
         &embeds,
-        &plan.noise,
-        &mut |i, _| pb.set_position(i as u64),
+        &noise,
+        &mut |i, _| {
+            if let Some(pb) = &pb {
+                pb.set_position(i as u64)
+            }
+        },
     )?;
-    pb.finish_and_clear();
-    finish(&a, &plan, &pipe, &latents)?;
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    let report = serde_json::to_vec(&runtime.report())?;
+    let all = world.all_gather(CommKind::Control, &report)?;
+    if rank != 0 {
+        return Ok(None);
+    }
+    let reports = all
+        .iter()
+        .map(|r| serde_json::from_slice(r))
+        .collect::<std::result::Result<Vec<RunReport>, _>>()?;
+    Ok(Some(RankResult { latents, reports }))
+}
+
+/// Runs the command.
+pub fn run(a: GenerateArgs) -> Result<()> {
+    let plan = validate(&a)?;
+    let pcfg = parallel_config(&a, &plan.portions);
+    pcfg.validate()?;
+    let t0 = Instant::now();
+    let result = match a.transport {
+        TransportArg::Local => {
+            let outs = LocalTransport::run(a.ranks, TransportOptions::default(), |t| run_rank(&a, &plan, &pcfg, t))
+                .map_err(|e| match e {
+                    RankError::Failed { rank, source } => anyhow::anyhow!("rank {rank}: {source:#}"),
+                    other => anyhow::anyhow!("{other}"),
+                })?;
+            outs.into_iter().flatten().next()
+        }
+        other => bail!("--transport {other:?}: this back-end is not built into this binary; use --transport local"),
+    };
+    let Some(res) = result else {
+        return Ok(());
+    };
+    let dt = t0.elapsed().as_secs_f64();
+    if let Some(p) = &a.report {
+        let total: f64 = res
+            .reports
+            .first()
+            .map(|r| r.steps.iter().map(|s| s.seconds).sum())
+            .unwrap_or(0.0);
+        let doc = serde_json::json!({
+            "model": plan.model.display().to_string(),
+            "height": plan.height,
+            "width": plan.width,
+            "steps": a.steps,
+            "transport": format!("{:?}", a.transport).to_lowercase(),
+            "ranks": a.ranks,
+            "denoise_seconds": total,
+            "wall_seconds": dt,
+            "per_rank": res.reports,
+        });
+        output::write_atomic(p, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+    }
+    let vae = VaeDecoder::load(&plan.model.join("vae"), DType::F32)?;
+    finish(&a, &plan, &vae, &res.latents)?;
     eprintln!(
         "wrote {} in {:.2} s",
         a.output.display(),
@@ -344,12 +510,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
 }
 
 /// Writes the latents (if asked), decodes and writes the PNG.
-fn finish(a: &GenerateArgs, plan: &Plan, pipe: &Pipeline, latents: &Tensor) -> Result<()> {
+fn finish(a: &GenerateArgs, plan: &Plan, vae: &VaeDecoder, latents: &Tensor) -> Result<()> {
     if let Some(p) = &a.save_latents {
         pcpp_kernels::io::save(p, &[("latents", latents)], None)
             .with_context(|| format!("--save-latents {}", p.display()))?;
     }
-    let img = pipe.decode(latents)?;
+    let img = vae.decode(&vae.unscale_latents(latents)?)?;
     let (h, w) = (img.shape()[2], img.shape()[3]);
     let rgb = to_rgb8(&img)?;
     output::write_png(

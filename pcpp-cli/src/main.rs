@@ -1,13 +1,14 @@
 //! `pcpp-cli`: the command line of pcpp.
 //!
 //! Subcommands: `generate` (text to image, serial or patch-parallel), `unet` (one UNet forward from a
-//! safetensors file of inputs, a parity and debugging hook), `compare` (PSNR / SSIM of two images).
+//! safetensors file of inputs, a parity and debugging hook), `compare` (PSNR / SSIM of two images), `plan` (bytes per step without weights).
 //! This is the only crate that reads the environment and uses `anyhow`. User errors print one
 //! `error: ...` line (no backtrace) and exit with status 1; bad flags exit with clap's status 2.
 
 mod compare;
 mod generate;
 mod output;
+mod plan_cmd;
 mod unet_cmd;
 
 use std::process::ExitCode;
@@ -30,6 +31,8 @@ enum Command {
     Unet(unet_cmd::UnetArgs),
     /// PSNR and SSIM of two images of the same size.
     Compare(compare::CompareArgs),
+    /// Bytes per step and stale-context memory of a parallel configuration, without weights.
+    Plan(plan_cmd::PlanArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate::run(*a),
         Command::Unet(a) => unet_cmd::run(a),
         Command::Compare(a) => compare::run(a),
+        Command::Plan(a) => plan_cmd::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
