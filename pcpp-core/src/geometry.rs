@@ -29,7 +29,7 @@ impl BandPlan {
         if n == 0 {
             return Err(CoreError::Config("no ranks to split the image over".into()));
         }
-        if height == 0 || width == 0 || !height.is_multiple_of(f) || !width.is_multiple_of(f) {
+        if height == 0 || width == 0 || height % f != 0 || width % f != 0 {
             return Err(CoreError::Config(format!(
                 "latent {height}×{width} must be a non-zero multiple of {f} in both directions"
             )));
