@@ -3,7 +3,7 @@
 //! connecting, checking that every rank runs the same job, and taking the
 //! whole job down on a fatal error.
 //!
-//! Patch parallelism (pcpp-algorithm.md §3) runs one rank per GPU; the CLI
+//! Patch parallelism (pcpp-algorithm.md §1, §3) runs one rank per GPU; the CLI
 //! calls, in order: [`LaunchEnv::from_env`], [`resolve`] (for
 //! [`TransportKind::Auto`]), [`connect`] for MPI / UCX (the in-process
 //! [`crate::LocalTransport`] is created directly), [`check_same_everywhere`]

@@ -1,7 +1,7 @@
 //! TCP rendezvous: the start-up all-gather of small blobs (UCX worker
 //! addresses) for process-based PCPP back-ends launched without MPI.
 //!
-//! Patch parallelism (pcpp-algorithm.md §3, one rank per GPU) needs every rank
+//! Patch parallelism (pcpp-algorithm.md §1 and §3, one rank per GPU) needs every rank
 //! to know how to reach every other rank before the first denoising step. When
 //! neither MPI nor NCCL's own bootstrap is available, rank 0 listens on a
 //! well-known `host:port` (`PCPP_UCX_ROOT`) and every other rank connects to it

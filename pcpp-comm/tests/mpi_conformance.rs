@@ -1,4 +1,5 @@
-//! Runs the [`pcpp_comm::conformance`] suite on [`MpiTransport`] under
+//! Runs the [`pcpp_comm::conformance`] suite (the communication contract of
+//! pcpp-algorithm.md §3) on [`MpiTransport`] under
 //! `mpirun -n 2, 3, 4` (with `--oversubscribe`, and `--allow-run-as-root` for
 //! Open MPI), plus start-up through [`launch::connect`], the same-arguments
 //! check, and the failure paths: `MPI_Abort` from [`launch::abort_job`] and

@@ -1,4 +1,5 @@
-//! Runs the [`pcpp_comm::conformance`] suite on [`pcpp_comm::UcxTransport`]
+//! Runs the [`pcpp_comm::conformance`] suite (the communication contract of
+//! pcpp-algorithm.md §3) on [`pcpp_comm::UcxTransport`]
 //! with 1 to 4 ranks as child processes over loopback (`UCX_TLS=tcp,self`,
 //! and shared memory), started through the TCP rendezvous
 //! (`PCPP_UCX_ROOT`, `PCPP_RANK`, `PCPP_WORLD_SIZE`) exactly as on a cluster

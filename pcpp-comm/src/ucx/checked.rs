@@ -5,7 +5,7 @@
 //! becomes a [`Status`] with UCX's own message. What remains `unsafe` here is
 //! what the caller must promise about buffer lifetimes while a request is in
 //! flight; [`super::UcxTransport`] (the safe layer carrying PCPP's halo, K/V
-//! and statistics traffic, pcpp-algorithm.md §3-§4) keeps that promise.
+//! and statistics traffic, pcpp-algorithm.md §2-§3) keeps that promise.
 //!
 //! None of these types is thread-safe on its own: the worker runs in
 //! `UCS_THREAD_MODE_SERIALIZED` and the safe layer serialises every call

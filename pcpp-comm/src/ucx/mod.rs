@@ -1,7 +1,7 @@
 //! [`UcxTransport`]: the PCPP back-end over UCX's UCP tag-matching API
 //! (feature `ucx`), for clusters with neither NCCL nor a usable MPI.
 //!
-//! Carries the per-step traffic of patch parallelism (pcpp-algorithm.md §3-§4:
+//! Carries the per-step traffic of patch parallelism (pcpp-algorithm.md §2-§3:
 //! halo rows, stale K/V windows, group-norm statistics, the final gather) as
 //! nonblocking tagged messages; the collectives (all-gather, deterministic
 //! all-reduce, broadcast, barrier) come from [`crate::collectives`], built once

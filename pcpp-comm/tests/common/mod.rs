@@ -1,5 +1,5 @@
 //! Shared helpers of the multi-process transport tests (MPI and UCX back-ends
-//! of PCPP's patch-parallel communication): launching ranks as child
+//! of PCPP's patch-parallel communication, pcpp-algorithm.md §3): launching ranks as child
 //! processes that re-enter this test binary, and collecting their output.
 
 #![allow(dead_code)]
