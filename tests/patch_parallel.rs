@@ -308,3 +308,34 @@ fn a_band_that_would_be_empty_is_an_error() {
     let msg = err.to_string();
     assert!(msg.contains("band would be empty"), "{msg}");
 }
+
+#[test]
+fn stale_pcpp_beats_naive_patch_and_full_portion_is_distrifusion() {
+    let (steps, n) = (4, 4);
+    let want = serial_latent(steps);
+    let run = |cfg: ParallelConfig| {
+        let cfg = ParallelConfig {
+            warmup_steps: 1,
+            ..cfg
+        };
+        run_ranks(n, false, &cfg, steps)
+            .expect("ranks")
+            .remove(0)
+            .latent
+    };
+    let pcpp = run(ParallelConfig::pcpp(0.3));
+    let naive = run(ParallelConfig::naive_patch());
+    let (e_pcpp, e_naive) = (
+        pcpp_tests::rel_err(&pcpp, &want),
+        pcpp_tests::rel_err(&naive, &want),
+    );
+    assert!(
+        e_pcpp * 5.0 < e_naive,
+        "pcpp error {e_pcpp:.3e} vs naive patch {e_naive:.3e}"
+    );
+    // `portion ≥ n − 1` reaches every band: DistriFusion exactly.
+    let full = run(ParallelConfig::pcpp((n - 1) as f64));
+    let df = run(ParallelConfig::distrifusion());
+    assert_eq!(full.max_abs_diff(&df).unwrap(), 0.0);
+    assert!(pcpp.max_abs_diff(&df).unwrap() > 0.0);
+}

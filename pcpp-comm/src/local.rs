@@ -511,3 +511,50 @@ impl Transport for LocalTransport {
         self.stats.reset();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_returns_results_in_rank_order() {
+        let out = LocalTransport::run(3, TransportOptions::default(), |t| {
+            Ok::<_, CommError>(t.rank() * 10)
+        })
+        .unwrap();
+        assert_eq!(out, vec![0, 10, 20]);
+    }
+
+    #[test]
+    fn run_reports_the_root_failure_not_the_aborts_it_causes() {
+        let err = LocalTransport::run(
+            3,
+            TransportOptions::with_timeout(Duration::from_secs(30)),
+            |t| {
+                if t.rank() == 1 {
+                    return Err("bad input on rank 1".to_string());
+                }
+                // The others wait for a message rank 1 never sends; the abort frees them.
+                t.exchange(CommKind::Other, 1, Vec::new(), vec![(1, 4)])
+                    .and_then(Pending::wait)
+                    .map_err(|e| e.to_string())?;
+                Ok(())
+            },
+        )
+        .unwrap_err();
+        assert_eq!(err.rank(), 1);
+        assert_eq!(err.to_string(), "rank 1: bad input on rank 1");
+    }
+
+    #[test]
+    fn run_turns_a_panic_into_an_error() {
+        let err = LocalTransport::run(2, TransportOptions::default(), |t| {
+            if t.rank() == 0 {
+                panic!("boom");
+            }
+            Ok::<_, String>(())
+        })
+        .unwrap_err();
+        assert!(matches!(err, RankError::Panicked { rank: 0, .. }), "{err}");
+    }
+}

@@ -1065,3 +1065,31 @@ impl LayerFactory for PatchRuntime {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn moments_merge_equals_the_whole() {
+        let x: Vec<f64> = (0..37)
+            .map(|i| 100.0 + ((i * 7) % 11) as f64 * 0.37)
+            .collect();
+        let sums = |v: &[f64]| {
+            [
+                v.iter().sum(),
+                v.iter().map(|a| a * a).sum(),
+                v.len() as f64,
+            ]
+        };
+        let whole = Moments::from_sums(&sums(&x));
+        let merged = Moments::from_sums(&sums(&x[..10]))
+            .merge(Moments::from_sums(&sums(&x[10..29])))
+            .merge(Moments::from_sums(&sums(&x[29..])));
+        assert!((whole.mean - merged.mean).abs() < 1e-12);
+        assert!((whole.var() - merged.var()).abs() < 1e-9 * whole.var());
+        let bytes = encode_moments(&[merged]);
+        let back = decode_moments("t", &bytes, merged.n, 1).unwrap()[0];
+        assert!((back.mean - merged.mean).abs() <= 1e-6 * merged.mean.abs());
+    }
+}
