@@ -13,7 +13,8 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::Arc;
 
-use pcpp_comm::{CommKind, LocalTransport, RankError, Transport, TransportOptions};
+use pcpp_comm::launch;
+use pcpp_comm::{CommKind, LocalTransport, RankError, Transport, TransportKind, TransportOptions};
 use pcpp_core::{ParallelConfig, ParallelMode, PatchRuntime, RunReport};
 use pcpp_kernels::io::SafetensorsFile;
 use pcpp_kernels::{DType, Tensor};
@@ -52,6 +53,18 @@ pub enum SchedulerArg {
     Euler,
     /// DDIM, η = 0.
     Ddim,
+}
+
+impl From<TransportArg> for TransportKind {
+    fn from(t: TransportArg) -> TransportKind {
+        match t {
+            TransportArg::Local => TransportKind::Local,
+            TransportArg::Mpi => TransportKind::Mpi,
+            TransportArg::Ucx => TransportKind::Ucx,
+            TransportArg::Nccl => TransportKind::Nccl,
+            TransportArg::Auto => TransportKind::Auto,
+        }
+    }
 }
 
 impl From<SchedulerArg> for SchedulerKind {
@@ -459,22 +472,72 @@ fn run_rank(
     Ok(Some(RankResult { latents, reports }))
 }
 
+/// The configs and weight-file sizes of a model folder, for the start-up check that every rank
+/// runs the same model.
+fn model_fingerprint(model: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    for sub in [
+        "model_index.json",
+        "unet/config.json",
+        "scheduler/scheduler_config.json",
+    ] {
+        out.extend(std::fs::read(model.join(sub)).unwrap_or_default());
+    }
+    if let Ok(entries) = std::fs::read_dir(model.join("unet")) {
+        let mut sizes: Vec<(String, u64)> = entries
+            .flatten()
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    e.metadata().map(|m| m.len()).unwrap_or(0),
+                )
+            })
+            .collect();
+        sizes.sort();
+        out.extend(format!("{sizes:?}").into_bytes());
+    }
+    out
+}
+
 /// Runs the command.
 pub fn run(a: GenerateArgs) -> Result<()> {
     let plan = validate(&a)?;
     let pcfg = parallel_config(&a, &plan.portions);
     pcfg.validate()?;
     let t0 = Instant::now();
-    let result = match a.transport {
-        TransportArg::Local => {
-            let outs = LocalTransport::run(a.ranks, TransportOptions::default(), |t| run_rank(&a, &plan, &pcfg, t))
-                .map_err(|e| match e {
-                    RankError::Failed { rank, source } => anyhow::anyhow!("rank {rank}: {source:#}"),
-                    other => anyhow::anyhow!("{other}"),
-                })?;
-            outs.into_iter().flatten().next()
+    let env = launch::LaunchEnv::from_env()?;
+    let kind = launch::resolve(a.transport.into(), &env);
+    let result = if kind == TransportKind::Local {
+        let outs = LocalTransport::run(a.ranks, TransportOptions::default(), |t| {
+            run_rank(&a, &plan, &pcfg, t)
+        })
+        .map_err(|e| match e {
+            RankError::Failed { rank, source } => anyhow::anyhow!("rank {rank}: {source:#}"),
+            other => anyhow::anyhow!("{other}"),
+        })?;
+        outs.into_iter().flatten().next()
+    } else {
+        let conn = launch::connect(kind, &env, &launch::ConnectOptions::default())?;
+        let world = conn.transport.clone();
+        if a.ranks != 1 && a.ranks != conn.world_size {
+            launch::abort_job(
+                world.as_ref(),
+                &format!(
+                    "--ranks {} disagrees with the {} processes the launcher started",
+                    a.ranks, conn.world_size
+                ),
+            );
         }
-        other => bail!("--transport {other:?}: this back-end is not built into this binary; use --transport local"),
+        launch::abort_on_panic(world.clone());
+        let hash =
+            launch::fingerprint(&[format!("{a:?}").as_bytes(), &model_fingerprint(&plan.model)]);
+        if let Err(e) = launch::check_same_everywhere(world.as_ref(), &hash) {
+            launch::abort_job(world.as_ref(), &e.to_string());
+        }
+        match run_rank(&a, &plan, &pcfg, world.clone()) {
+            Ok(r) => r,
+            Err(e) => launch::abort_job(world.as_ref(), &format!("{e:#}")),
+        }
     };
     let Some(res) = result else {
         return Ok(());
@@ -491,7 +554,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             "height": plan.height,
             "width": plan.width,
             "steps": a.steps,
-            "transport": format!("{:?}", a.transport).to_lowercase(),
+            "transport": kind.name(),
             "ranks": a.ranks,
             "denoise_seconds": total,
             "wall_seconds": dt,
