@@ -44,7 +44,9 @@ pub fn attention(
     }
     let scale = 1.0 / (dh as f32).sqrt();
     let small = dh <= SMALL_HEAD;
-    let parallel = b * heads * lq * lk * dh >= PAR_GEMM_FLOPS && rayon::current_num_threads() > 1;
+    // Scores cost about as much as a multiply-add per head component plus an `exp`.
+    let work = b * heads * lq * lk * (dh + 8);
+    let parallel = work >= PAR_GEMM_FLOPS && rayon::current_num_threads() > 1;
     // [b·heads, dh, lk]: plane (bi, h) holds row d = component d of every key (or value).
     let transpose = |x: &[f32]| -> Vec<f32> {
         let mut t = vec![0.0f32; b * heads * dh * lk];
@@ -66,6 +68,11 @@ pub fn attention(
     };
     let kt = transpose(k);
     let vt = if small { transpose(v) } else { Vec::new() };
+    if small {
+        // the two products of the direct kernel, as GEMMs would count them
+        profile::count_gemm(b * heads * lq, lk, dh);
+        profile::count_gemm(b * heads * lq, dh, lk);
+    }
 
     let run = |bi: usize, blk: usize, o: &mut [f32]| {
         let r0 = blk * BLOCK;
@@ -83,10 +90,10 @@ pub fn attention(
                     for (d, &qd) in qrow.iter().enumerate() {
                         vecmath::axpy(qd, &kp[d * lk..d * lk + limit], s);
                     }
-                    vecmath::softmax_in_place(s, scale);
+                    let inv = 1.0 / vecmath::exp_shifted_in_place(s, scale);
                     let orow = &mut o[i * dm + h * dh..][..dh];
                     for (d, od) in orow.iter_mut().enumerate() {
-                        *od = vecmath::dot(s, &vp[d * lk..d * lk + limit]);
+                        *od = vecmath::dot(s, &vp[d * lk..d * lk + limit]) * inv;
                     }
                 }
             }

@@ -199,6 +199,13 @@ pub fn conv2d(
                 let ky = (row / kw) % kh;
                 let kx = row % kw;
                 let xc = &xb[c * h * w..(c + 1) * h * w];
+                // Output columns whose input column `ox·stride + kx − pl` lies inside the image.
+                let ox_lo = pl.saturating_sub(kx).div_ceil(stride).min(wo);
+                let ox_hi = if w + pl > kx {
+                    ((w + pl - kx - 1) / stride + 1).clamp(ox_lo, wo)
+                } else {
+                    ox_lo
+                };
                 for oy in 0..ho {
                     let iy = (oy * stride + ky) as isize - pt as isize;
                     let dst = &mut col[oy * wo..(oy + 1) * wo];
@@ -207,13 +214,18 @@ pub fn conv2d(
                         continue;
                     }
                     let xrow = &xc[iy as usize * w..(iy as usize + 1) * w];
-                    for (ox, d) in dst.iter_mut().enumerate() {
-                        let ix = (ox * stride + kx) as isize - pl as isize;
-                        *d = if ix < 0 || ix >= w as isize {
-                            0.0
+                    dst[..ox_lo].fill(0.0);
+                    dst[ox_hi..].fill(0.0);
+                    if ox_hi > ox_lo {
+                        let ix0 = ox_lo * stride + kx - pl;
+                        let inner = &mut dst[ox_lo..ox_hi];
+                        if stride == 1 {
+                            inner.copy_from_slice(&xrow[ix0..ix0 + inner.len()]);
                         } else {
-                            xrow[ix as usize]
-                        };
+                            for (j, d) in inner.iter_mut().enumerate() {
+                                *d = xrow[ix0 + j * stride];
+                            }
+                        }
                     }
                 }
             };
@@ -416,4 +428,99 @@ pub fn upsample_nearest2x(x: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
         out.chunks_mut(4 * h * w).enumerate().for_each(run);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct-loop convolution in f64.
+    #[allow(clippy::too_many_arguments)]
+    fn naive_conv(
+        x: &[f32],
+        (b, ci, h, w): (usize, usize, usize, usize),
+        wt: &[f32],
+        (co, kh, kw): (usize, usize, usize),
+        bias: Option<&[f32]>,
+        stride: usize,
+        (pt, pb, pl, pr): (usize, usize, usize, usize),
+    ) -> Vec<f32> {
+        let ho = (h + pt + pb - kh) / stride + 1;
+        let wo = (w + pl + pr - kw) / stride + 1;
+        let mut out = Vec::with_capacity(b * co * ho * wo);
+        for bi in 0..b {
+            for o in 0..co {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let mut acc = bias.map_or(0.0, |bv| bv[o] as f64);
+                        for c in 0..ci {
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    let iy = (oy * stride + ky) as isize - pt as isize;
+                                    let ix = (ox * stride + kx) as isize - pl as isize;
+                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                        continue;
+                                    }
+                                    let xv = x[((bi * ci + c) * h + iy as usize) * w + ix as usize];
+                                    let wv = wt[((o * ci + c) * kh + ky) * kw + kx];
+                                    acc += xv as f64 * wv as f64;
+                                }
+                            }
+                        }
+                        out.push(acc as f32);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn conv2d_matches_direct_loops() {
+        // (b, ci, h, w, co, k, stride, pads): same padding, stride 2, 1×1, asymmetric halo padding,
+        // an image narrower than the kernel's reach.
+        let cases = [
+            (2, 3, 9, 7, 4, 3, 1, (1, 1, 1, 1)),
+            (1, 2, 8, 6, 3, 3, 2, (1, 1, 1, 1)),
+            (1, 2, 9, 7, 3, 3, 2, (0, 1, 0, 1)),
+            (2, 5, 4, 3, 2, 1, 1, (0, 0, 0, 0)),
+            (1, 2, 6, 5, 2, 3, 1, (0, 0, 1, 1)),
+            (1, 1, 5, 2, 2, 3, 1, (2, 2, 2, 2)),
+        ];
+        for &(b, ci, h, w, co, k, stride, pads) in &cases {
+            let x: Vec<f32> = (0..b * ci * h * w)
+                .map(|i| ((i * 37 % 19) as f32 - 9.0) / 9.0)
+                .collect();
+            let wt: Vec<f32> = (0..co * ci * k * k)
+                .map(|i| ((i * 11 % 7) as f32 - 3.0) / 5.0)
+                .collect();
+            let bias: Vec<f32> = (0..co).map(|i| i as f32 * 0.1).collect();
+            let (got, _, _) = conv2d(
+                &x,
+                (b, ci, h, w),
+                &wt,
+                (co, k, k),
+                Some(&bias),
+                stride,
+                pads,
+            );
+            let want = naive_conv(
+                &x,
+                (b, ci, h, w),
+                &wt,
+                (co, k, k),
+                Some(&bias),
+                stride,
+                pads,
+            );
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() < 1e-5,
+                    "case {:?}: {g} vs {w}",
+                    (b, ci, h, w, co, k, stride, pads)
+                );
+            }
+        }
+    }
 }

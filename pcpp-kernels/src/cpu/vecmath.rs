@@ -4,8 +4,8 @@
 //! numerics behind every UNet layer of PCPP §2; no parallelism of its own).
 //!
 //! Each slice function is compiled twice, for the baseline target and with AVX2 + FMA, and picks
-//! the variant at run time. The arithmetic is written without fused multiply-adds, so both variants
-//! give bit-identical results.
+//! the variant at run time. The AVX2 variant evaluates `exp`'s polynomial with fused multiply-adds,
+//! so the two differ in the last bit of some results (both within the stated accuracy).
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// ln 2 split in a part exact in few bits and the remainder (Cody–Waite reduction).
@@ -22,35 +22,53 @@ const EXP_MAX: f32 = 88.0;
 /// other terms of a softmax or `1 + e⁻ˣ`), above 88 it saturates at `e⁸⁸ ≈ 1.65·10³⁸`.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
+    exp_k::<false>(x)
+}
+
+/// `a·b + c`, fused when `FMA` (true only in code compiled for CPUs with FMA instructions).
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// [`exp`], with fused multiply-adds when `FMA`.
+#[inline(always)]
+fn exp_k<const FMA: bool>(x: f32) -> f32 {
     let x = x.clamp(EXP_MIN, EXP_MAX);
     // n = round(x / ln 2), r = x − n·ln 2 ∈ [−ln2/2, ln2/2]
     let t = x * LOG2E + ROUND_MAGIC;
     let n = t - ROUND_MAGIC;
     let r = x - n * LN2_HI - n * LN2_LO;
     let z = r * r;
-    let p = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 0.166_666_65)
-        * r
-        + 0.5;
-    let y = p * z + r + 1.0;
+    let p = madd::<FMA>(1.987_569_2e-4, r, 1.398_199_9e-3);
+    let p = madd::<FMA>(p, r, 8.333_452e-3);
+    let p = madd::<FMA>(p, r, 4.166_579_6e-2);
+    let p = madd::<FMA>(p, r, 0.166_666_65);
+    let p = madd::<FMA>(p, r, 0.5);
+    let y = madd::<FMA>(p, z, r) + 1.0;
     // 2ⁿ from the low mantissa bits of t, which hold n + 2²² (n ∈ [−126, 128]).
     let bits = (t.to_bits() as i32 - 0x4B40_0000 + 127) << 23;
     y * f32::from_bits(bits as u32)
 }
 
-/// Runs `$body` (a block using the named slices) through a copy compiled with AVX2 + FMA when the
-/// CPU has them, else through the baseline copy.
+/// Defines `pub fn $name` running `$body` through a copy compiled with AVX2 + FMA when the CPU has
+/// them, else through the baseline copy. The body sees the const generic `FMA` (true in the AVX2
+/// copy) and calls `exp_k::<FMA>`.
 macro_rules! dispatch {
     ($(#[$doc:meta])* fn $name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)? $body:block) => {
         $(#[$doc])*
         pub fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn imp($($arg: $ty),*) $(-> $ret)? $body
+            fn imp<const FMA: bool>($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
-                    imp($($arg),*)
+                    imp::<true>($($arg),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
@@ -59,14 +77,15 @@ macro_rules! dispatch {
                     return unsafe { avx2($($arg),*) };
                 }
             }
-            imp($($arg),*)
+            imp::<false>($($arg),*)
         }
     };
 }
 
 dispatch! {
-    /// `row ← softmax(scale·row)` for `scale > 0`, max-subtracted like PyTorch.
-    fn softmax_in_place(row: &mut [f32], scale: f32) {
+    /// `row ← exp(scale·row − max(scale·row))` for `scale > 0`; returns the sum of the new row
+    /// (the softmax is the row divided by it, which callers may apply to a smaller product).
+    fn exp_shifted_in_place(row: &mut [f32], scale: f32) -> f32 {
         // max(scale·x) = scale·max(x) exactly for scale > 0, so the scale is folded into exp's
         // argument; the lanes of `m` keep the loop free of a serial dependency.
         let mut m = [f32::NEG_INFINITY; 8];
@@ -85,20 +104,24 @@ dispatch! {
         let mut chunks = row.chunks_exact_mut(8);
         for c in &mut chunks {
             for (a, x) in acc.iter_mut().zip(c.iter_mut()) {
-                *x = exp(*x * scale - mx);
+                *x = exp_k::<FMA>(*x * scale - mx);
                 *a += *x;
             }
         }
         let mut sum = 0.0f32;
         for x in chunks.into_remainder() {
-            *x = exp(*x * scale - mx);
+            *x = exp_k::<FMA>(*x * scale - mx);
             sum += *x;
         }
-        sum += acc.iter().sum::<f32>();
-        let inv = 1.0 / sum;
-        for x in row.iter_mut() {
-            *x *= inv;
-        }
+        sum + acc.iter().sum::<f32>()
+    }
+}
+
+/// `row ← softmax(scale·row)` for `scale > 0`, max-subtracted like PyTorch.
+pub fn softmax_in_place(row: &mut [f32], scale: f32) {
+    let inv = 1.0 / exp_shifted_in_place(row, scale);
+    for x in row.iter_mut() {
+        *x *= inv;
     }
 }
 
@@ -136,7 +159,7 @@ dispatch! {
     /// `y ← x·σ(x) = x / (1 + e⁻ˣ)` over the common length.
     fn silu_into(x: &[f32], y: &mut [f32]) {
         for (d, &v) in y.iter_mut().zip(x) {
-            *d = v / (1.0 + exp(-v));
+            *d = v / (1.0 + exp_k::<FMA>(-v));
         }
     }
 }
@@ -151,8 +174,9 @@ mod tests {
         let mut x = -87.0f32;
         while x < 88.0 {
             let want = (x as f64).exp();
-            let got = exp(x) as f64;
-            worst = worst.max(((got - want) / want).abs());
+            for got in [exp(x) as f64, exp_k::<true>(x) as f64] {
+                worst = worst.max(((got - want) / want).abs());
+            }
             x += 0.001_37;
         }
         assert!(
