@@ -15,6 +15,7 @@ use std::sync::Mutex;
 
 use pcpp_kernels::io::SafetensorsFile;
 use pcpp_kernels::{DType, Tensor};
+use rayon::prelude::*;
 
 use crate::error::{Result, SdxlError};
 
@@ -81,12 +82,16 @@ impl RandomSource {
     }
 }
 
-/// SplitMix64: a small, well-mixed, reproducible generator (the stream depends only on the seed).
+/// The increment of SplitMix64's state per draw.
+const SPLITMIX_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// SplitMix64: a small, well-mixed, reproducible generator (the stream depends only on the seed;
+/// the state after `i` draws is `seed + i·γ`, so a stream can be entered anywhere).
 struct SplitMix64(u64);
 
 impl SplitMix64 {
     fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.0 = self.0.wrapping_add(SPLITMIX_GAMMA);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -109,9 +114,12 @@ fn name_hash(name: &str) -> u64 {
 /// Seeded random values for tensor `name` of `shape`, scaled like PyTorch's default initialisation
 /// so activations stay in a normal range through a deep model: weight matrices and kernels uniform in
 /// `±1/√fan_in`, 1-d `*.weight` (norm scales) `1 ± 0.1`, everything else (biases) `±0.1`.
+/// Element `i` is the `i`-th draw of the (seed, name) stream whatever the thread count, so large
+/// tensors are filled in parallel.
 fn random_values(seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
+    const CHUNK: usize = 1 << 16;
     let n: usize = shape.iter().product();
-    let mut rng = SplitMix64(seed ^ name_hash(name));
+    let base = seed ^ name_hash(name);
     let (scale, offset) = if shape.len() >= 2 {
         let fan_in: usize = shape[1..].iter().product();
         (1.0 / (fan_in.max(1) as f32).sqrt(), 0.0)
@@ -120,7 +128,20 @@ fn random_values(seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
     } else {
         (0.1, 0.0)
     };
-    (0..n).map(|_| offset + scale * rng.next_signed()).collect()
+    let mut v = vec![0.0f32; n];
+    let fill = |(c, chunk): (usize, &mut [f32])| {
+        let mut rng =
+            SplitMix64(base.wrapping_add(((c * CHUNK) as u64).wrapping_mul(SPLITMIX_GAMMA)));
+        for x in chunk {
+            *x = offset + scale * rng.next_signed();
+        }
+    };
+    if n > CHUNK {
+        v.par_chunks_mut(CHUNK).enumerate().for_each(fill);
+    } else {
+        v.chunks_mut(CHUNK).enumerate().for_each(fill);
+    }
+    v
 }
 
 /// A weight store for building one model component: a safetensors file, or seeded random tensors.
