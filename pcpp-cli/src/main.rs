@@ -1,10 +1,12 @@
 //! `pcpp-cli`: the command line of pcpp.
 //!
 //! Subcommands: `generate` (text to image, serial or patch-parallel), `unet` (one UNet forward from a
-//! safetensors file of inputs, a parity and debugging hook), `compare` (PSNR / SSIM of two images), `plan` (bytes per step without weights).
+//! safetensors file of inputs, a parity and debugging hook), `compare` (PSNR / SSIM of two images), `plan` (bytes per step without weights),
+//! `bench` (UNet forward timing).
 //! This is the only crate that reads the environment and uses `anyhow`. User errors print one
 //! `error: ...` line (no backtrace) and exit with status 1; bad flags exit with clap's status 2.
 
+mod bench;
 mod compare;
 mod generate;
 mod output;
@@ -33,6 +35,8 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Bytes per step and stale-context memory of a parallel configuration, without weights.
     Plan(plan_cmd::PlanArgs),
+    /// Time the UNet forward (CPU) for a model or a config with random weights.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +46,7 @@ fn main() -> ExitCode {
         Command::Unet(a) => unet_cmd::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Plan(a) => plan_cmd::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
