@@ -356,7 +356,9 @@ fn connect_mpi(_env: &LaunchEnv, opts: &ConnectOptions) -> Result<Connection, Co
 #[cfg(feature = "mpi")]
 fn mpi_library() -> String {
     let v = mpi::environment::library_version().unwrap_or_else(|_| "unknown MPI".into());
-    v.lines().next().unwrap_or("unknown MPI").trim().to_string()
+    let first = v.lines().next().unwrap_or("unknown MPI");
+    let short = first.split(',').next().unwrap_or(first);
+    short.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(not(feature = "mpi"))]
