@@ -14,8 +14,8 @@
 //!
 //! | what        | variables |
 //! |-------------|-----------|
-//! | rank        | `PCPP_RANK`, `SLURM_PROCID`, `OMPI_COMM_WORLD_RANK`, `PMI_RANK`, `PMIX_RANK` |
-//! | world size  | `PCPP_WORLD_SIZE`, `SLURM_NTASKS`, `OMPI_COMM_WORLD_SIZE`, `PMI_SIZE` |
+//! | rank        | `PCPP_RANK`, `OMPI_COMM_WORLD_RANK`, `PMI_RANK`, `PMIX_RANK`, `SLURM_PROCID` |
+//! | world size  | `PCPP_WORLD_SIZE`, `OMPI_COMM_WORLD_SIZE`, `PMI_SIZE`, `SLURM_NTASKS` |
 //! | local rank  | `PCPP_LOCAL_RANK`, `OMPI_COMM_WORLD_LOCAL_RANK`, `MPI_LOCALRANKID`, `SLURM_LOCALID` |
 //! | UCX root    | `PCPP_UCX_ROOT` (`host:port` rank 0 listens on) |
 //! | under MPI   | any of `OMPI_COMM_WORLD_SIZE`, `PMI_SIZE`, `PMIX_RANK`, `MPI_LOCALNRANKS` |
@@ -122,18 +122,20 @@ pub struct LaunchEnv {
     pub under_mpi: bool,
 }
 
+// MPI launchers' variables come before Slurm's: `mpirun` inside a Slurm batch
+// script passes the script's own SLURM_PROCID (0) to every rank.
 const RANK_VARS: [&str; 5] = [
     "PCPP_RANK",
-    "SLURM_PROCID",
     "OMPI_COMM_WORLD_RANK",
     "PMI_RANK",
     "PMIX_RANK",
+    "SLURM_PROCID",
 ];
 const SIZE_VARS: [&str; 4] = [
     "PCPP_WORLD_SIZE",
-    "SLURM_NTASKS",
     "OMPI_COMM_WORLD_SIZE",
     "PMI_SIZE",
+    "SLURM_NTASKS",
 ];
 const LOCAL_VARS: [&str; 4] = [
     "PCPP_LOCAL_RANK",
@@ -542,6 +544,16 @@ mod tests {
         .unwrap();
         assert!(env.under_mpi);
         assert_eq!(env.rank_and_size().unwrap(), (1, 4));
+        // mpirun inside a Slurm batch script: the script's SLURM_PROCID=0
+        // leaks into every rank and must not win.
+        let env = LaunchEnv::from_vars([
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "1"),
+            ("OMPI_COMM_WORLD_RANK", "2"),
+            ("OMPI_COMM_WORLD_SIZE", "4"),
+        ])
+        .unwrap();
+        assert_eq!(env.rank_and_size().unwrap(), (2, 4));
         let e = LaunchEnv::from_vars([("PCPP_RANK", "x")]).unwrap_err();
         assert!(e.to_string().contains("PCPP_RANK=\"x\""), "{e}");
         let e = LaunchEnv::from_vars([("PCPP_RANK", "4"), ("PCPP_WORLD_SIZE", "4")]).unwrap_err();
