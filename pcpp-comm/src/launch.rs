@@ -314,7 +314,9 @@ fn not_built(kind: TransportKind) -> CommError {
 /// error (create [`crate::LocalTransport`] instead), as is a back-end missing
 /// from the build. UCX exchanges worker addresses over MPI when
 /// [`LaunchEnv::under_mpi`] and the `mpi` feature is built, else through the
-/// TCP rendezvous at [`LaunchEnv::ucx_root`].
+/// TCP rendezvous at [`LaunchEnv::ucx_root`]; there the node-local rank is
+/// [`LaunchEnv::local_rank`] or, when unset, the rank's position among the
+/// ranks on the same host.
 pub fn connect(
     kind: TransportKind,
     env: &LaunchEnv,
@@ -406,7 +408,10 @@ fn connect_ucx(env: &LaunchEnv, opts: &ConnectOptions) -> Result<Connection, Com
         opts.transport.clone(),
         opts.rendezvous_timeout,
     )?;
-    let local_rank = env.local_rank.unwrap_or(0);
+    // Collective on every rank, whether or not the launcher set a local rank.
+    let by_host = node_local_rank(ucx.as_ref())?;
+    ucx.reset_stats();
+    let local_rank = env.local_rank.unwrap_or(by_host);
     Ok(Connection {
         description: format!(
             "ucx {} (bootstrap: rendezvous {root}), rank {rank}/{size}, local rank {local_rank}",
@@ -420,6 +425,20 @@ fn connect_ucx(env: &LaunchEnv, opts: &ConnectOptions) -> Result<Connection, Com
         #[cfg(feature = "mpi")]
         mpi: None,
     })
+}
+
+/// Collective: the number of lower ranks running on this host (the node-local
+/// rank when the launcher does not say), from an all-gather of host names.
+#[cfg(feature = "ucx")]
+fn node_local_rank(t: &dyn Transport) -> Result<usize, CommError> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_default();
+    let all = t
+        .all_gather(CommKind::Control, host.trim().as_bytes())
+        .map_err(|e| e.with_op("node-local rank"))?;
+    let me = t.rank();
+    Ok((0..me).filter(|&r| all[r] == all[me]).count())
 }
 
 #[cfg(not(feature = "ucx"))]
