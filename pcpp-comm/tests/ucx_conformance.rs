@@ -199,7 +199,8 @@ fn ucx_rank() {
             }
         }
         "abort" => {
-            t.barrier().unwrap();
+            // No barrier first: rank 1 may abort while the others are still
+            // in it, which is correct behaviour but not what is checked here.
             if rank == 1 {
                 t.abort("rank 1 failed on purpose");
             } else {
