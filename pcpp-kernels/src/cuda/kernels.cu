@@ -1,0 +1,390 @@
+// pcpp CUDA kernels, compiled at run time with NVRTC (no CUDA headers needed).
+// Element types: float (f32), f16_t and bf16_t (raw 16-bit storage, converted with PTX cvt).
+// Every kernel computes in f32 and is the GPU twin of the CPU function of the same role in
+// pcpp-kernels/src/cpu/mod.rs.
+
+struct f16_t { unsigned short x; };
+struct bf16_t { unsigned short x; };
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(f16_t v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.x));
+    return f;
+}
+__device__ __forceinline__ float to_f(bf16_t v) { return __uint_as_float(((unsigned)v.x) << 16); }
+
+template <typename T> __device__ __forceinline__ T from_f(float f);
+template <> __device__ __forceinline__ float from_f<float>(float f) { return f; }
+template <> __device__ __forceinline__ f16_t from_f<f16_t>(float f) {
+    f16_t r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.x) : "f"(f));
+    return r;
+}
+template <> __device__ __forceinline__ bf16_t from_f<bf16_t>(float f) {
+    bf16_t r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.x) : "f"(f));
+    return r;
+}
+
+__device__ __forceinline__ float silu_f(float x) { return x / (1.0f + expf(-x)); }
+__device__ __forceinline__ float gelu_f(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
+__device__ __forceinline__ float gelu_tanh_f(float x) {
+    return 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
+}
+__device__ __forceinline__ float quick_gelu_f(float x) { return x / (1.0f + expf(-1.702f * x)); }
+
+#define GRID_STRIDE(i, n) for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long)blockDim.x * gridDim.x)
+
+// ---- casts ----
+template <typename S, typename D>
+__device__ void cast_impl(const S* x, D* y, long n) {
+    GRID_STRIDE(i, n) y[i] = from_f<D>(to_f(x[i]));
+}
+
+// ---- unary: 0 affine(a, b), 1 clamp(a, b), 2 silu, 3 gelu, 4 gelu_tanh, 5 quick_gelu, 6 relu ----
+__device__ __forceinline__ float unary_op(float v, int op, float a, float b) {
+    switch (op) {
+    case 0: return v * a + b;
+    case 1: return fminf(fmaxf(v, a), b);
+    case 2: return silu_f(v);
+    case 3: return gelu_f(v);
+    case 4: return gelu_tanh_f(v);
+    case 5: return quick_gelu_f(v);
+    default: return fmaxf(v, 0.0f);
+    }
+}
+template <typename T>
+__device__ void unary_impl(const T* x, T* y, long n, int op, float a, float b) {
+    GRID_STRIDE(i, n) y[i] = from_f<T>(unary_op(to_f(x[i]), op, a, b));
+}
+
+// ---- binary with broadcasting: 0 add, 1 sub, 2 mul, 3 div ----
+struct Bcast {
+    int rank;
+    long shape[6];
+    long sa[6];
+    long sb[6];
+};
+__device__ __forceinline__ float binary_op(float a, float b, int op) {
+    switch (op) {
+    case 0: return a + b;
+    case 1: return a - b;
+    case 2: return a * b;
+    default: return a / b;
+    }
+}
+template <typename T>
+__device__ void binary_impl(const T* a, const T* b, T* y, long n, int op, Bcast bc) {
+    GRID_STRIDE(i, n) {
+        long rem = i, oa = 0, ob = 0;
+        for (int d = bc.rank - 1; d >= 0; --d) {
+            long c = rem % bc.shape[d];
+            rem /= bc.shape[d];
+            oa += c * bc.sa[d];
+            ob += c * bc.sb[d];
+        }
+        y[i] = from_f<T>(binary_op(to_f(a[oa]), to_f(b[ob]), op));
+    }
+}
+template <typename T>
+__device__ void binary_same_impl(const T* a, const T* b, T* y, long n, int op) {
+    GRID_STRIDE(i, n) y[i] = from_f<T>(binary_op(to_f(a[i]), to_f(b[i]), op));
+}
+
+// ---- GEGLU: rows of [h | gate] -> h * gelu(gate) ----
+template <typename T>
+__device__ void geglu_impl(const T* x, T* y, long rows, long h) {
+    GRID_STRIDE(i, rows * h) {
+        long r = i / h, j = i % h;
+        const T* row = x + r * 2 * h;
+        y[i] = from_f<T>(to_f(row[j]) * gelu_f(to_f(row[h + j])));
+    }
+}
+
+// ---- block reductions ----
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ float block_sum(float v, float* sh) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    float t = lane < nw ? sh[lane] : 0.0f;
+    return warp_sum(t);
+}
+__device__ float block_max(float v, float* sh) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    float t = lane < nw ? sh[lane] : -3.0e38f;
+    return warp_max(t);
+}
+
+// ---- group norm ----
+// sums[(b*groups+g)*2 + {0,1}] += (Σx, Σx²) over one chunk of the group's contiguous range.
+// grid: (chunks, b*groups). sums must be zeroed first.
+template <typename T>
+__device__ void gn_sums_impl(const T* x, double* sums, long group_len, long chunk) {
+    __shared__ float sh[32];
+    long bg = blockIdx.y;
+    long start = (long)blockIdx.x * chunk;
+    long end = min(start + chunk, group_len);
+    const T* base = x + bg * group_len;
+    float s = 0.0f, s2 = 0.0f;
+    for (long i = start + threadIdx.x; i < end; i += blockDim.x) {
+        float v = to_f(base[i]);
+        s += v;
+        s2 += v * v;
+    }
+    float ts = block_sum(s, sh);
+    float ts2 = block_sum(s2, sh);
+    if (threadIdx.x == 0) {
+        atomicAdd(&sums[bg * 2], (double)ts);
+        atomicAdd(&sums[bg * 2 + 1], (double)ts2);
+    }
+}
+// mean_rstd[bg*2] = mean, [bg*2+1] = 1/sqrt(var + eps), from sums over n elements.
+extern "C" __global__ void gn_finalize(const double* sums, float* mean_rstd, int count, double n, double eps) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < count) {
+        double m = sums[i * 2] / n;
+        double v = sums[i * 2 + 1] / n - m * m;
+        if (v < 0.0) v = 0.0;
+        mean_rstd[i * 2] = (float)m;
+        mean_rstd[i * 2 + 1] = (float)(1.0 / sqrt(v + eps));
+    }
+}
+// y = (x - mean) * rstd * gamma[c] + beta[c], optional SiLU. x: [b, c, s].
+template <typename T>
+__device__ void gn_apply_impl(const T* x, const float* mean_rstd, const T* gamma, const T* beta, T* y,
+                              long c, long s, long groups, int silu, long n) {
+    long cg = c / groups;
+    GRID_STRIDE(i, n) {
+        long ch = (i / s) % c;
+        long bi = i / (s * c);
+        long bg = bi * groups + ch / cg;
+        float v = (to_f(x[i]) - mean_rstd[bg * 2]) * mean_rstd[bg * 2 + 1];
+        if (gamma) v *= to_f(gamma[ch]);
+        if (beta) v += to_f(beta[ch]);
+        if (silu) v = silu_f(v);
+        y[i] = from_f<T>(v);
+    }
+}
+
+// ---- layer norm over the last axis: one block per row ----
+template <typename T>
+__device__ void layer_norm_impl(const T* x, const T* gamma, const T* beta, T* y, long d, float eps) {
+    __shared__ float sh[32];
+    const T* row = x + (long)blockIdx.x * d;
+    T* out = y + (long)blockIdx.x * d;
+    float s = 0.0f;
+    for (long j = threadIdx.x; j < d; j += blockDim.x) s += to_f(row[j]);
+    float mean = block_sum(s, sh) / (float)d;
+    float s2 = 0.0f;
+    for (long j = threadIdx.x; j < d; j += blockDim.x) {
+        float v = to_f(row[j]) - mean;
+        s2 += v * v;
+    }
+    float var = block_sum(s2, sh) / (float)d;
+    float rstd = rsqrtf(var + eps);
+    for (long j = threadIdx.x; j < d; j += blockDim.x) {
+        float v = (to_f(row[j]) - mean) * rstd;
+        if (gamma) v *= to_f(gamma[j]);
+        if (beta) v += to_f(beta[j]);
+        out[j] = from_f<T>(v);
+    }
+}
+
+// ---- row softmax of f32 scores (already scaled) into T probabilities; one block per row.
+// Causal: row r (query index r0 + r within the chunk) sees keys 0..=r0+r only.
+template <typename T>
+__device__ void softmax_impl(const float* s, T* p, long cols, int causal, long q0, long rows_per_head) {
+    __shared__ float sh[32];
+    long r = blockIdx.x;
+    const float* row = s + r * cols;
+    T* out = p + r * cols;
+    long lim = causal ? min(cols, q0 + (r % rows_per_head) + 1) : cols;
+    float m = -3.0e38f;
+    for (long j = threadIdx.x; j < lim; j += blockDim.x) m = fmaxf(m, row[j]);
+    m = block_max(m, sh);
+    float sum = 0.0f;
+    for (long j = threadIdx.x; j < lim; j += blockDim.x) sum += expf(row[j] - m);
+    sum = block_sum(sum, sh);
+    float inv = 1.0f / sum;
+    for (long j = threadIdx.x; j < cols; j += blockDim.x)
+        out[j] = from_f<T>(j < lim ? expf(row[j] - m) * inv : 0.0f);
+}
+
+// ---- nearest x2 up-sampling of [n, h, w] planes ----
+template <typename T>
+__device__ void upsample2x_impl(const T* x, T* y, long n, long h, long w) {
+    long w2 = 2 * w, h2 = 2 * h;
+    GRID_STRIDE(i, n * h2 * w2) {
+        long xo = i % w2, yo = (i / w2) % h2, p = i / (w2 * h2);
+        y[i] = x[(p * h + yo / 2) * w + xo / 2];
+    }
+}
+
+// ---- bias over channels of [b, c, s] ----
+template <typename T>
+__device__ void bias_nchw_impl(T* y, const T* bias, long c, long s, long n) {
+    GRID_STRIDE(i, n) {
+        long ch = (i / s) % c;
+        y[i] = from_f<T>(to_f(y[i]) + to_f(bias[ch]));
+    }
+}
+
+// ---- sinusoidal timestep embedding: t [b] -> [b, dim] ----
+template <typename T>
+__device__ void timestep_emb_impl(const T* t, T* y, long b, long dim, int flip, float shift) {
+    long half = dim / 2;
+    GRID_STRIDE(i, b * dim) {
+        long r = i / dim, j = i % dim;
+        float v = 0.0f;
+        if (j < 2 * half) {
+            long k = j < half ? j : j - half;
+            bool first = j < half;
+            float e = -logf(10000.0f) * (float)k;
+            float f = expf(e / ((float)half - shift));
+            float a = to_f(t[r]) * f;
+            bool use_cos = flip ? first : !first;
+            v = use_cos ? cosf(a) : sinf(a);
+        }
+        y[i] = from_f<T>(v);
+    }
+}
+
+// ---- deterministic uniform fill (random weights for benchmarks) ----
+__device__ __forceinline__ unsigned long long splitmix(unsigned long long z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+template <typename T>
+__device__ void fill_uniform_impl(T* y, long n, unsigned long long seed, float lo, float hi) {
+    GRID_STRIDE(i, n) {
+        unsigned long long r = splitmix(seed * 0x100000001B3ull + (unsigned long long)i);
+        float u = (float)(r >> 40) * (1.0f / 16777216.0f);
+        y[i] = from_f<T>(lo + (hi - lo) * u);
+    }
+}
+
+// ---- dtype-agnostic data movement on 16- or 32-bit words ----
+// rows of `cols` words: dst[r*dpitch + j] = src[r*spitch + j]
+template <typename W>
+__device__ void copy2d_impl(const W* src, W* dst, long rows, long cols, long spitch, long dpitch) {
+    GRID_STRIDE(i, rows * cols) {
+        long r = i / cols, j = i % cols;
+        dst[r * dpitch + j] = src[r * spitch + j];
+    }
+}
+struct Perm {
+    int rank;
+    long shape[6];   // output shape
+    long stride[6];  // source stride of each output axis
+};
+template <typename W>
+__device__ void permute_impl(const W* src, W* dst, long n, Perm p) {
+    GRID_STRIDE(i, n) {
+        long rem = i, off = 0;
+        for (int d = p.rank - 1; d >= 0; --d) {
+            off += (rem % p.shape[d]) * p.stride[d];
+            rem /= p.shape[d];
+        }
+        dst[i] = src[off];
+    }
+}
+// zero padding of [n, h, w] planes to [n, h+pt+pb, w+pl+pr]
+template <typename W>
+__device__ void pad2d_impl(const W* src, W* dst, long n, long h, long w, long pt, long pl, long ho, long wo) {
+    GRID_STRIDE(i, n * ho * wo) {
+        long xo = i % wo, yo = (i / wo) % ho, p = i / (wo * ho);
+        long yi = yo - pt, xi = xo - pl;
+        W v;
+        if (yi >= 0 && yi < h && xi >= 0 && xi < w) v = src[(p * h + yi) * w + xi];
+        else v = (W)0;
+        dst[i] = v;
+    }
+}
+// rows of a [rows, d] table picked by ids
+template <typename W>
+__device__ void gather_rows_impl(const unsigned* ids, const W* table, W* y, long n, long d) {
+    GRID_STRIDE(i, n * d) y[i] = table[(long)ids[i / d] * d + i % d];
+}
+
+// ---- extern "C" instances ----
+#define FOR_TYPES(M) M(f32, float) M(f16, f16_t) M(bf16, bf16_t)
+
+#define INST_CAST(SN, S, DN, D) \
+    extern "C" __global__ void cast_##SN##_##DN(const S* x, D* y, long n) { cast_impl<S, D>(x, y, n); }
+INST_CAST(f32, float, f16, f16_t)
+INST_CAST(f32, float, bf16, bf16_t)
+INST_CAST(f16, f16_t, f32, float)
+INST_CAST(bf16, bf16_t, f32, float)
+INST_CAST(f16, f16_t, bf16, bf16_t)
+INST_CAST(bf16, bf16_t, f16, f16_t)
+
+#define INST_TYPED(N, T)                                                                                     \
+    extern "C" __global__ void unary_##N(const T* x, T* y, long n, int op, float a, float b) {              \
+        unary_impl<T>(x, y, n, op, a, b);                                                                    \
+    }                                                                                                        \
+    extern "C" __global__ void binary_##N(const T* a, const T* b, T* y, long n, int op, Bcast bc) {         \
+        binary_impl<T>(a, b, y, n, op, bc);                                                                  \
+    }                                                                                                        \
+    extern "C" __global__ void binary_same_##N(const T* a, const T* b, T* y, long n, int op) {              \
+        binary_same_impl<T>(a, b, y, n, op);                                                                 \
+    }                                                                                                        \
+    extern "C" __global__ void geglu_##N(const T* x, T* y, long rows, long h) { geglu_impl<T>(x, y, rows, h); } \
+    extern "C" __global__ void gn_sums_##N(const T* x, double* sums, long group_len, long chunk) {          \
+        gn_sums_impl<T>(x, sums, group_len, chunk);                                                          \
+    }                                                                                                        \
+    extern "C" __global__ void gn_apply_##N(const T* x, const float* mr, const T* g, const T* bt, T* y,      \
+                                            long c, long s, long groups, int silu, long n) {                 \
+        gn_apply_impl<T>(x, mr, g, bt, y, c, s, groups, silu, n);                                            \
+    }                                                                                                        \
+    extern "C" __global__ void layer_norm_##N(const T* x, const T* g, const T* b, T* y, long d, float eps) { \
+        layer_norm_impl<T>(x, g, b, y, d, eps);                                                              \
+    }                                                                                                        \
+    extern "C" __global__ void softmax_##N(const float* s, T* p, long cols, int causal, long q0, long rph) { \
+        softmax_impl<T>(s, p, cols, causal, q0, rph);                                                        \
+    }                                                                                                        \
+    extern "C" __global__ void upsample2x_##N(const T* x, T* y, long n, long h, long w) {                   \
+        upsample2x_impl<T>(x, y, n, h, w);                                                                   \
+    }                                                                                                        \
+    extern "C" __global__ void bias_nchw_##N(T* y, const T* bias, long c, long s, long n) {                 \
+        bias_nchw_impl<T>(y, bias, c, s, n);                                                                 \
+    }                                                                                                        \
+    extern "C" __global__ void timestep_emb_##N(const T* t, T* y, long b, long dim, int flip, float shift) { \
+        timestep_emb_impl<T>(t, y, b, dim, flip, shift);                                                     \
+    }                                                                                                        \
+    extern "C" __global__ void fill_uniform_##N(T* y, long n, unsigned long long seed, float lo, float hi) { \
+        fill_uniform_impl<T>(y, n, seed, lo, hi);                                                            \
+    }
+FOR_TYPES(INST_TYPED)
+
+#define INST_WORD(N, W)                                                                                       \
+    extern "C" __global__ void copy2d_##N(const W* s, W* d, long rows, long cols, long sp, long dp) {        \
+        copy2d_impl<W>(s, d, rows, cols, sp, dp);                                                             \
+    }                                                                                                         \
+    extern "C" __global__ void permute_##N(const W* s, W* d, long n, Perm p) { permute_impl<W>(s, d, n, p); } \
+    extern "C" __global__ void pad2d_##N(const W* s, W* d, long n, long h, long w, long pt, long pl, long ho, \
+                                         long wo) {                                                           \
+        pad2d_impl<W>(s, d, n, h, w, pt, pl, ho, wo);                                                         \
+    }                                                                                                         \
+    extern "C" __global__ void gather_rows_##N(const unsigned* ids, const W* t, W* y, long n, long d) {      \
+        gather_rows_impl<W>(ids, t, y, n, d);                                                                 \
+    }
+INST_WORD(u16, unsigned short)
+INST_WORD(u32, unsigned int)
