@@ -3,13 +3,15 @@
 //! A [`Weights`] store hands out tensors by name with their expected shape, cast to the compute
 //! dtype, and remembers what was taken, so that after a model is built any tensor left over is an
 //! error ("extra tensor") just like a missing or mis-shaped one. Every error names the file.
+//! Tensors go straight to the store's [`Device`]. A store of random weights for a tensor manifest
+//! (name → shape) stands in for a checkpoint in benchmarks.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use pcpp_kernels::io::SafetensorsFile;
-use pcpp_kernels::{DType, Tensor};
+use pcpp_kernels::{DType, Device, Tensor};
 
 use crate::error::{Result, SdxlError};
 
@@ -37,10 +39,23 @@ pub fn find_weight_file(dir: &Path, stem: &str) -> Result<PathBuf> {
     })
 }
 
-/// A safetensors file opened for building one model component.
+/// Where the tensors of a [`Weights`] store come from.
+enum Source {
+    /// A memory-mapped safetensors file.
+    File(SafetensorsFile),
+    /// Random values for every name of a manifest (see [`Weights::random`]).
+    Random {
+        path: PathBuf,
+        shapes: BTreeMap<String, Vec<usize>>,
+        seed: u64,
+    },
+}
+
+/// A safetensors file (or a random stand-in) opened for building one model component.
 pub struct Weights {
-    file: SafetensorsFile,
+    source: Source,
     dtype: DType,
+    device: Device,
     used: Mutex<BTreeSet<String>>,
 }
 
@@ -55,15 +70,62 @@ impl Weights {
                 .to_string(),
         })?;
         Ok(Weights {
-            file,
+            source: Source::File(file),
             dtype,
+            device: Device::Cpu,
             used: Mutex::new(BTreeSet::new()),
         })
     }
 
-    /// The file's path.
+    /// Random weights for every tensor of a manifest `{"name": [shape...], ...}` (the
+    /// `tensor_manifest.json` beside a model config), generated on `device` from `seed`: matrices
+    /// and kernels uniform in ±1/√fan_in (PyTorch's default initialisation bound), norm scales 1,
+    /// biases and other vectors uniform in ±0.01. For benchmarks without a checkpoint.
+    pub fn random(manifest: &Path, dtype: DType, device: Device, seed: u64) -> Result<Weights> {
+        let shapes: BTreeMap<String, Vec<usize>> = read_json(manifest)?;
+        Ok(Weights {
+            source: Source::Random {
+                path: manifest.to_path_buf(),
+                shapes,
+                seed,
+            },
+            dtype,
+            device,
+            used: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    /// The same store, handing out tensors on `device` (loaded straight there, tensor by tensor).
+    pub fn on_device(mut self, device: Device) -> Weights {
+        self.device = device;
+        self
+    }
+
+    /// The device tensors are placed on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The file's path (the manifest's for random weights).
     pub fn path(&self) -> &Path {
-        self.file.path()
+        match &self.source {
+            Source::File(f) => f.path(),
+            Source::Random { path, .. } => path,
+        }
+    }
+
+    fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        match &self.source {
+            Source::File(f) => f.contains(name).then(|| Vec::new()),
+            Source::Random { shapes, .. } => shapes.get(name).cloned(),
+        }
+    }
+
+    fn all_names(&self) -> Vec<String> {
+        match &self.source {
+            Source::File(f) => f.shapes().into_iter().map(|(n, _)| n).collect(),
+            Source::Random { shapes, .. } => shapes.keys().cloned().collect(),
+        }
     }
 
     /// The compute dtype tensors are cast to.
@@ -81,18 +143,35 @@ impl Weights {
 
     /// Whether the file holds `name`.
     pub fn contains(&self, name: &str) -> bool {
-        self.file.contains(name)
+        self.shape_of(name).is_some()
     }
 
     /// Tensor `name`, which must have shape `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        if !self.file.contains(name) {
+        if !self.contains(name) {
             return Err(self.err(name, format!("missing (expected shape {shape:?})")));
         }
-        let t = self
-            .file
-            .load(name, Some(self.dtype))
-            .map_err(|e| self.err(name, e.to_string()))?;
+        let t = match &self.source {
+            Source::File(f) => f
+                .load(name, Some(self.dtype))
+                .and_then(|t| t.to_device(self.device)),
+            Source::Random { shapes, seed, .. } => {
+                let s = shapes.get(name).cloned().unwrap_or_default();
+                let idx = shapes.keys().position(|k| k == name).unwrap_or(0) as u64;
+                let bound = if s.len() >= 2 {
+                    1.0 / (s[1..].iter().product::<usize>().max(1) as f32).sqrt()
+                } else {
+                    0.01
+                };
+                let range = if s.len() == 1 && name.ends_with(".weight") {
+                    (1.0, 1.0)
+                } else {
+                    (-bound, bound)
+                };
+                Tensor::rand_uniform(&s, self.dtype, self.device, range, seed ^ (idx << 20))
+            }
+        }
+        .map_err(|e| self.err(name, e.to_string()))?;
         if t.shape() != shape {
             return Err(self.err(
                 name,
@@ -125,10 +204,8 @@ impl Weights {
     pub fn check_all_used(&self) -> Result<()> {
         let used = self.used.lock().map(|u| u.clone()).unwrap_or_default();
         let extra: Vec<String> = self
-            .file
-            .shapes()
+            .all_names()
             .into_iter()
-            .map(|(n, _)| n)
             .filter(|n| !used.contains(n))
             .collect();
         if extra.is_empty() {

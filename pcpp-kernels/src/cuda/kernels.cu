@@ -324,6 +324,151 @@ __device__ void gather_rows_impl(const unsigned* ids, const W* table, W* y, long
     GRID_STRIDE(i, n * d) y[i] = table[(long)ids[i / d] * d + i % d];
 }
 
+
+// ---- fused flash attention (FlashAttention-2 style) for head size 64, f16/bf16 ----
+// Tensor-core mma.sync m16n8k16 with f32 accumulation; the score matrix lives only in registers,
+// one 64-key tile at a time. q, o: [b, lq, heads*64]; k, v: [b, lk, heads*64].
+// grid (ceil(lq/64), heads, b), block 128 (4 warps x 16 query rows).
+#define NEG_INF (-__int_as_float(0x7f800000))
+template <int BF>
+__device__ __forceinline__ void mma16816(float* c, const unsigned* a, const unsigned* b) {
+    if (BF)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <int BF>
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    unsigned r;
+    if (BF) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    else asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+struct alignas(16) U4 { unsigned x, y, z, w; };
+template <int BF>
+__device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k, const unsigned short* v,
+                                unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) {
+    const int D = 64, BM = 64, BN = 64, LDS = 72;
+    __shared__ __align__(16) unsigned short Ks[64 * 72];
+    __shared__ __align__(16) unsigned short Vt[64 * 72];
+    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    int bi = blockIdx.z, h = blockIdx.y;
+    long dm = (long)heads * D;
+    int q0 = blockIdx.x * BM + warp * 16;
+    const unsigned short* qb = q + (long)bi * lq * dm + h * D;
+    const unsigned short* kg = k + (long)bi * lk * dm + h * D;
+    const unsigned short* vg = v + (long)bi * lk * dm + h * D;
+    unsigned short* ob = o + (long)bi * lq * dm + h * D;
+    int r0 = q0 + lane / 4, r1 = r0 + 8;
+    int c = 2 * (lane % 4);
+    unsigned qa[4][4];
+    for (int kk = 0; kk < 4; ++kk) {
+        int col = kk * 16 + c;
+        qa[kk][0] = r0 < lq ? *(const unsigned*)(qb + (long)r0 * dm + col) : 0u;
+        qa[kk][1] = r1 < lq ? *(const unsigned*)(qb + (long)r1 * dm + col) : 0u;
+        qa[kk][2] = r0 < lq ? *(const unsigned*)(qb + (long)r0 * dm + col + 8) : 0u;
+        qa[kk][3] = r1 < lq ? *(const unsigned*)(qb + (long)r1 * dm + col + 8) : 0u;
+    }
+    float acc[8][4];
+    for (int d = 0; d < 8; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.0f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.0f, l1 = 0.0f;
+    int kend = causal ? min(lk, (int)(blockIdx.x * BM + BM)) : lk;
+    for (int kb = 0; kb < kend; kb += BN) {
+        __syncthreads();
+        for (int i = tid; i < BN * 8; i += 128) {
+            int row = i >> 3, ch = (i & 7) * 8;
+            int key = kb + row;
+            U4 kv = {0u, 0u, 0u, 0u}, vv = {0u, 0u, 0u, 0u};
+            if (key < lk) {
+                kv = *(const U4*)(kg + (long)key * dm + ch);
+                vv = *(const U4*)(vg + (long)key * dm + ch);
+            }
+            *(U4*)(Ks + row * LDS + ch) = kv;
+            const unsigned short* vs = (const unsigned short*)&vv;
+            for (int j = 0; j < 8; ++j) Vt[(ch + j) * LDS + row] = vs[j];
+        }
+        __syncthreads();
+        float s[8][4];
+        for (int j = 0; j < 8; ++j) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+            for (int kk = 0; kk < 4; ++kk) {
+                const unsigned short* kp = Ks + (j * 8 + lane / 4) * LDS + kk * 16 + c;
+                unsigned bf[2] = {*(const unsigned*)kp, *(const unsigned*)(kp + 8)};
+                mma16816<BF>(s[j], qa[kk], bf);
+            }
+        }
+        float mx0 = NEG_INF, mx1 = NEG_INF;
+        for (int j = 0; j < 8; ++j) {
+            for (int e = 0; e < 4; ++e) {
+                int key = kb + j * 8 + c + (e & 1);
+                int row = e < 2 ? r0 : r1;
+                float val = s[j][e] * scale_log2;
+                if (key >= lk || (causal && key > row)) val = NEG_INF;
+                s[j][e] = val;
+                if (e < 2) mx0 = fmaxf(mx0, val);
+                else mx1 = fmaxf(mx1, val);
+            }
+        }
+        for (int off = 1; off < 4; off <<= 1) {
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+        }
+        float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        float sub0 = mn0 == NEG_INF ? 0.0f : mn0, sub1 = mn1 == NEG_INF ? 0.0f : mn1;
+        float al0 = exp2f(m0 - sub0), al1 = exp2f(m1 - sub1);
+        m0 = mn0;
+        m1 = mn1;
+        float ls0 = 0.0f, ls1 = 0.0f;
+        for (int j = 0; j < 8; ++j) {
+            s[j][0] = exp2f(s[j][0] - sub0);
+            s[j][1] = exp2f(s[j][1] - sub0);
+            s[j][2] = exp2f(s[j][2] - sub1);
+            s[j][3] = exp2f(s[j][3] - sub1);
+            ls0 += s[j][0] + s[j][1];
+            ls1 += s[j][2] + s[j][3];
+        }
+        l0 = l0 * al0 + ls0;
+        l1 = l1 * al1 + ls1;
+        for (int d = 0; d < 8; ++d) {
+            acc[d][0] *= al0;
+            acc[d][1] *= al0;
+            acc[d][2] *= al1;
+            acc[d][3] *= al1;
+        }
+        for (int t = 0; t < 4; ++t) {
+            unsigned pa[4] = {pack2<BF>(s[2 * t][0], s[2 * t][1]), pack2<BF>(s[2 * t][2], s[2 * t][3]),
+                              pack2<BF>(s[2 * t + 1][0], s[2 * t + 1][1]), pack2<BF>(s[2 * t + 1][2], s[2 * t + 1][3])};
+            for (int d = 0; d < 8; ++d) {
+                const unsigned short* vp = Vt + (d * 8 + lane / 4) * LDS + t * 16 + c;
+                unsigned bf[2] = {*(const unsigned*)vp, *(const unsigned*)(vp + 8)};
+                mma16816<BF>(acc[d], pa, bf);
+            }
+        }
+    }
+    for (int off = 1; off < 4; off <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+    }
+    float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+    for (int d = 0; d < 8; ++d) {
+        int col = d * 8 + c;
+        if (r0 < lq) *(unsigned*)(ob + (long)r0 * dm + col) = pack2<BF>(acc[d][0] * i0, acc[d][1] * i0);
+        if (r1 < lq) *(unsigned*)(ob + (long)r1 * dm + col) = pack2<BF>(acc[d][2] * i1, acc[d][3] * i1);
+    }
+}
+extern "C" __global__ void __launch_bounds__(128) flash_attn_f16(const unsigned short* q, const unsigned short* k,
+    const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) {
+    flash_attn_impl<0>(q, k, v, o, lq, lk, heads, scale_log2, causal);
+}
+extern "C" __global__ void __launch_bounds__(128) flash_attn_bf16(const unsigned short* q, const unsigned short* k,
+    const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) {
+    flash_attn_impl<1>(q, k, v, o, lq, lk, heads, scale_log2, causal);
+}
+
 // ---- extern "C" instances ----
 #define FOR_TYPES(M) M(f32, float) M(f16, f16_t) M(bf16, bf16_t)
 

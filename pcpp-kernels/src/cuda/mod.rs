@@ -47,6 +47,8 @@ pub fn kernel_names() -> Vec<String> {
         "cast_f16_bf16",
         "cast_bf16_f16",
         "gn_finalize",
+        "flash_attn_f16",
+        "flash_attn_bf16",
     ]
     .iter()
     .map(|s| s.to_string())

@@ -949,6 +949,36 @@ pub(crate) fn attention(
     if b * lq == 0 {
         return Ok(y);
     }
+    if dh == FLASH_HEAD_DIM && dt != DType::F32 {
+        let scale_log2 = std::f32::consts::LOG2_E / (dh as f32).sqrt();
+        let cfg = LaunchConfig {
+            grid_dim: (lq.div_ceil(64) as u32, heads as u32, b as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(gpu, format!("flash_attn_{}", tname(dt)), cfg;
+            ptr(q)?, ptr(&k)?, ptr(&v)?, ptr(&y)?, lq as i32, lk as i32, heads as i32, scale_log2,
+            causal as i32);
+        return Ok(y);
+    }
+    attention_chunked(&gpu, (q, &k, &v, &y), (b, lq, lk, heads), causal)?;
+    Ok(y)
+}
+
+/// Head size of the fused flash-attention kernel (f16/bf16); other sizes and f32 take the cuBLAS
+/// path.
+pub const FLASH_HEAD_DIM: usize = 64;
+
+/// The unfused path, also the reference the fused kernel is tested against.
+pub(crate) fn attention_chunked(
+    gpu: &Arc<Gpu>,
+    (q, k, v, y): (&Tensor, &Tensor, &Tensor, &Tensor),
+    (b, lq, lk, heads): (usize, usize, usize, usize),
+    causal: bool,
+) -> Result<()> {
+    let dt = q.dtype();
+    let dm = q.shape()[2];
+    let dh = dm / heads;
     let es = dt.size() as u64;
     let qc = (ATTN_SCORE_BYTES / (heads * lk * 4)).clamp(1, lq);
     // SAFETY: fully written by the score GEMM before the softmax reads it.
@@ -961,7 +991,7 @@ pub(crate) fn attention(
     };
     let pp = p.ptr();
     let scale = 1.0 / (dh as f32).sqrt();
-    let (qp, kp, vp, yp) = (ptr(q)?, ptr(&k)?, ptr(&v)?, ptr(&y)?);
+    let (qp, kp, vp, yp) = (ptr(q)?, ptr(k)?, ptr(v)?, ptr(y)?);
     for bi in 0..b {
         let mut q0 = 0;
         while q0 < lq {
@@ -971,7 +1001,7 @@ pub(crate) fn attention(
             let voff = vp + (bi * lk * dm) as u64 * es;
             let yoff = yp + ((bi * lq + q0) * dm) as u64 * es;
             gemm_batched(
-                &gpu,
+                gpu,
                 (true, false),
                 (lk, n, dh),
                 scale,
@@ -985,7 +1015,7 @@ pub(crate) fn attention(
             launch!(gpu, format!("softmax_{}", tname(dt)), cfg_rows(heads * n, 256);
                 sp, pp, lk as i64, causal as i32, q0 as i64, n as i64);
             gemm_batched(
-                &gpu,
+                gpu,
                 (false, false),
                 (dh, n, lk),
                 1.0,
@@ -999,7 +1029,7 @@ pub(crate) fn attention(
             q0 += n;
         }
     }
-    Ok(y)
+    Ok(())
 }
 
 pub(crate) fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
