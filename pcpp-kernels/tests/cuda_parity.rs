@@ -34,7 +34,10 @@ fn check(name: &str, d: DType, got: &Tensor, want: &Tensor) {
     let diff = got.max_abs_diff(want).unwrap();
     let scale = want.max_abs().unwrap().max(1.0);
     let g = got.to_vec_f32().unwrap();
-    assert!(g.iter().all(|x| x.is_finite()), "{name} {d}: non-finite output");
+    assert!(
+        g.iter().all(|x| x.is_finite()),
+        "{name} {d}: non-finite output"
+    );
     let e = diff / scale;
     println!("{name:<28} {d:<5} rel err {e:.2e}");
     assert!(e <= tol(d), "{name} {d}: rel err {e:e} > {}", tol(d));
@@ -48,7 +51,12 @@ fn device_round_trip_is_exact() {
         let back = gpu(&x).to_device(Device::Cpu).unwrap();
         assert_eq!(back.to_bytes().unwrap(), x.to_bytes().unwrap());
         for d2 in DTYPES {
-            check("to_dtype", d2, &gpu(&x).to_dtype(d2).unwrap(), &x.to_dtype(d2).unwrap());
+            check(
+                "to_dtype",
+                d2,
+                &gpu(&x).to_dtype(d2).unwrap(),
+                &x.to_dtype(d2).unwrap(),
+            );
         }
     }
 }
@@ -73,13 +81,38 @@ fn elementwise_ops_match_cpu() {
         let row = rnd(&[6], d, 4);
         let (ga, gb) = (gpu(&a), gpu(&b));
         check("add", d, &ga.add(&gb).unwrap(), &a.add(&b).unwrap());
-        check("sub bcast", d, &ga.sub(&gpu(&col)).unwrap(), &a.sub(&col).unwrap());
-        check("mul bcast", d, &ga.mul(&gpu(&row)).unwrap(), &a.mul(&row).unwrap());
+        check(
+            "sub bcast",
+            d,
+            &ga.sub(&gpu(&col)).unwrap(),
+            &a.sub(&col).unwrap(),
+        );
+        check(
+            "mul bcast",
+            d,
+            &ga.mul(&gpu(&row)).unwrap(),
+            &a.mul(&row).unwrap(),
+        );
         let bp = b.affine(0.5, 2.0).unwrap();
         check("div", d, &ga.div(&gpu(&bp)).unwrap(), &a.div(&bp).unwrap());
-        check("mixed-device add", d, &ga.add(&col).unwrap(), &a.add(&col).unwrap());
-        check("affine", d, &ga.affine(1.5, -0.25).unwrap(), &a.affine(1.5, -0.25).unwrap());
-        check("clamp", d, &ga.clamp(-0.3, 0.4).unwrap(), &a.clamp(-0.3, 0.4).unwrap());
+        check(
+            "mixed-device add",
+            d,
+            &ga.add(&col).unwrap(),
+            &a.add(&col).unwrap(),
+        );
+        check(
+            "affine",
+            d,
+            &ga.affine(1.5, -0.25).unwrap(),
+            &a.affine(1.5, -0.25).unwrap(),
+        );
+        check(
+            "clamp",
+            d,
+            &ga.clamp(-0.3, 0.4).unwrap(),
+            &a.clamp(-0.3, 0.4).unwrap(),
+        );
         for act in [
             Activation::Silu,
             Activation::Gelu,
@@ -87,7 +120,12 @@ fn elementwise_ops_match_cpu() {
             Activation::QuickGelu,
             Activation::Relu,
         ] {
-            check(&format!("act {act:?}"), d, &ga.act(act).unwrap(), &a.act(act).unwrap());
+            check(
+                &format!("act {act:?}"),
+                d,
+                &ga.act(act).unwrap(),
+                &a.act(act).unwrap(),
+            );
         }
         let x = rnd(&[3, 4, 10], d, 5);
         check("geglu", d, &gpu(&x).geglu().unwrap(), &x.geglu().unwrap());
@@ -101,11 +139,26 @@ fn gemm_ops_match_cpu() {
         let x = rnd(&[2, 77, 96], d, 1);
         let w = rnd(&[80, 96], d, 2);
         let bias = rnd(&[80], d, 3);
-        check("linear+bias", d, &gpu(&x).linear(&gpu(&w), Some(&gpu(&bias))).unwrap(), &x.linear(&w, Some(&bias)).unwrap());
-        check("linear", d, &gpu(&x).linear(&gpu(&w), None).unwrap(), &x.linear(&w, None).unwrap());
+        check(
+            "linear+bias",
+            d,
+            &gpu(&x).linear(&gpu(&w), Some(&gpu(&bias))).unwrap(),
+            &x.linear(&w, Some(&bias)).unwrap(),
+        );
+        check(
+            "linear",
+            d,
+            &gpu(&x).linear(&gpu(&w), None).unwrap(),
+            &x.linear(&w, None).unwrap(),
+        );
         let a = rnd(&[3, 17, 24], d, 4);
         let b = rnd(&[3, 24, 9], d, 5);
-        check("matmul", d, &gpu(&a).matmul(&gpu(&b)).unwrap(), &a.matmul(&b).unwrap());
+        check(
+            "matmul",
+            d,
+            &gpu(&a).matmul(&gpu(&b)).unwrap(),
+            &a.matmul(&b).unwrap(),
+        );
     }
     // A computed in another dtype than its weights (f32 activations, f16 weights).
     let x = rnd(&[4, 32], DType::F32, 6);
@@ -159,21 +212,27 @@ fn norms_match_cpu() {
             check(
                 &format!("group_norm silu={silu}"),
                 d,
-                &gx.group_norm(8, Some(&gpu(&g)), Some(&gpu(&b)), 1e-5, silu).unwrap(),
+                &gx.group_norm(8, Some(&gpu(&g)), Some(&gpu(&b)), 1e-5, silu)
+                    .unwrap(),
                 &x.group_norm(8, Some(&g), Some(&b), 1e-5, silu).unwrap(),
             );
         }
         let (sc, sg) = (x.group_stats(8).unwrap(), gx.group_stats(8).unwrap());
         for (c, g) in sc.sums.iter().zip(&sg.sums) {
             for i in 0..3 {
-                assert!((c[i] - g[i]).abs() <= 1e-3 * (1.0 + c[i].abs()), "group_stats {d}: {c:?} vs {g:?}");
+                assert!(
+                    (c[i] - g[i]).abs() <= 1e-3 * (1.0 + c[i].abs()),
+                    "group_stats {d}: {c:?} vs {g:?}"
+                );
             }
         }
         check(
             "group_norm_with_stats",
             d,
-            &gx.group_norm_with_stats(&sc, Some(&gpu(&g)), None, 1e-6, true).unwrap(),
-            &x.group_norm_with_stats(&sc, Some(&g), None, 1e-6, true).unwrap(),
+            &gx.group_norm_with_stats(&sc, Some(&gpu(&g)), None, 1e-6, true)
+                .unwrap(),
+            &x.group_norm_with_stats(&sc, Some(&g), None, 1e-6, true)
+                .unwrap(),
         );
         let t = rnd(&[2, 5, 48], d, 4).affine(2.0, 1.0).unwrap();
         let lg = rnd(&[48], d, 5);
@@ -181,7 +240,9 @@ fn norms_match_cpu() {
         check(
             "layer_norm",
             d,
-            &gpu(&t).layer_norm(Some(&gpu(&lg)), Some(&gpu(&lb)), 1e-5).unwrap(),
+            &gpu(&t)
+                .layer_norm(Some(&gpu(&lg)), Some(&gpu(&lb)), 1e-5)
+                .unwrap(),
             &t.layer_norm(Some(&lg), Some(&lb), 1e-5).unwrap(),
         );
     }
@@ -209,7 +270,12 @@ fn attention_matches_cpu() {
             let v = rnd(&[2, lk, heads * dh], d, 3);
             let got = Tensor::attention(&gpu(&q), &gpu(&k), &gpu(&v), heads, causal).unwrap();
             let want = Tensor::attention(&q, &k, &v, heads, causal).unwrap();
-            check(&format!("attention {lq}x{lk} h{heads}x{dh} c={causal}"), d, &got, &want);
+            check(
+                &format!("attention {lq}x{lk} h{heads}x{dh} c={causal}"),
+                d,
+                &got,
+                &want,
+            );
         }
     }
 }
@@ -221,18 +287,76 @@ fn layout_ops_match_cpu() {
         let x = rnd(&[2, 3, 4, 5], d, 1);
         let y = rnd(&[2, 2, 4, 5], d, 2);
         let (gx, gy) = (gpu(&x), gpu(&y));
-        check("upsample2x", d, &gx.upsample_nearest2x().unwrap(), &x.upsample_nearest2x().unwrap());
-        check("cat dim1", d, &Tensor::cat(&[&gx, &gy], 1).unwrap(), &Tensor::cat(&[&x, &y], 1).unwrap());
-        check("cat dim3", d, &Tensor::cat(&[&gx, &gx], 3).unwrap(), &Tensor::cat(&[&x, &x], 3).unwrap());
-        check("narrow dim2", d, &gx.narrow(2, 1, 2).unwrap(), &x.narrow(2, 1, 2).unwrap());
-        check("permute", d, &gx.permute(&[0, 2, 3, 1]).unwrap(), &x.permute(&[0, 2, 3, 1]).unwrap());
-        check("to_tokens", d, &gx.to_tokens().unwrap(), &x.to_tokens().unwrap());
+        check(
+            "upsample2x",
+            d,
+            &gx.upsample_nearest2x().unwrap(),
+            &x.upsample_nearest2x().unwrap(),
+        );
+        check(
+            "cat dim1",
+            d,
+            &Tensor::cat(&[&gx, &gy], 1).unwrap(),
+            &Tensor::cat(&[&x, &y], 1).unwrap(),
+        );
+        check(
+            "cat dim3",
+            d,
+            &Tensor::cat(&[&gx, &gx], 3).unwrap(),
+            &Tensor::cat(&[&x, &x], 3).unwrap(),
+        );
+        // Rows of whole 16-byte words take the vectorised copy.
+        let big = rnd(&[2, 16, 8, 8], d, 9);
+        let gb = gpu(&big);
+        check(
+            "cat aligned",
+            d,
+            &Tensor::cat(&[&gb, &gb], 1).unwrap(),
+            &Tensor::cat(&[&big, &big], 1).unwrap(),
+        );
+        check(
+            "narrow aligned",
+            d,
+            &gb.narrow(1, 8, 8).unwrap(),
+            &big.narrow(1, 8, 8).unwrap(),
+        );
+        check(
+            "narrow dim2",
+            d,
+            &gx.narrow(2, 1, 2).unwrap(),
+            &x.narrow(2, 1, 2).unwrap(),
+        );
+        check(
+            "permute",
+            d,
+            &gx.permute(&[0, 2, 3, 1]).unwrap(),
+            &x.permute(&[0, 2, 3, 1]).unwrap(),
+        );
+        check(
+            "to_tokens",
+            d,
+            &gx.to_tokens().unwrap(),
+            &x.to_tokens().unwrap(),
+        );
         let tok = x.to_tokens().unwrap();
-        check("from_tokens", d, &gpu(&tok).from_tokens(4, 5).unwrap(), &tok.from_tokens(4, 5).unwrap());
+        check(
+            "from_tokens",
+            d,
+            &gpu(&tok).from_tokens(4, 5).unwrap(),
+            &tok.from_tokens(4, 5).unwrap(),
+        );
         let table = rnd(&[10, 6], d, 3);
         let ids = Tensor::from_vec(&[2, 3], vec![0.0, 9.0, 3.0, 3.0, 1.0, 7.0]).unwrap();
-        check("embedding", d, &Tensor::embedding(&ids, &gpu(&table)).unwrap(), &Tensor::embedding(&ids, &table).unwrap());
-        let t = Tensor::from_vec(&[3], vec![0.0, 500.0, 999.0]).unwrap().to_dtype(d).unwrap();
+        check(
+            "embedding",
+            d,
+            &Tensor::embedding(&ids, &gpu(&table)).unwrap(),
+            &Tensor::embedding(&ids, &table).unwrap(),
+        );
+        let t = Tensor::from_vec(&[3], vec![0.0, 500.0, 999.0])
+            .unwrap()
+            .to_dtype(d)
+            .unwrap();
         for (flip, shift) in [(true, 0.0), (false, 1.0)] {
             check(
                 "timestep_embedding",

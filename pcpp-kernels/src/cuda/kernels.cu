@@ -328,7 +328,7 @@ __device__ void gather_rows_impl(const unsigned* ids, const W* table, W* y, long
 // ---- fused flash attention (FlashAttention-2 style) for head size 64, f16/bf16 ----
 // Tensor-core mma.sync m16n8k16 with f32 accumulation; the score matrix lives only in registers,
 // one 64-key tile at a time. q, o: [b, lq, heads*64]; k, v: [b, lk, heads*64].
-// grid (ceil(lq/64), heads, b), block 128 (4 warps x 16 query rows).
+// grid (ceil(lq/128), heads, b), block 256 (8 warps x 16 query rows).
 #define NEG_INF (-__int_as_float(0x7f800000))
 template <int BF>
 __device__ __forceinline__ void mma16816(float* c, const unsigned* a, const unsigned* b) {
@@ -349,12 +349,23 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
     return r;
 }
 struct alignas(16) U4 { unsigned x, y, z, w; };
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+// Four 8x8 b16 matrices, transposed, from shared memory (row addresses from lanes 8m..8m+7).
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
 template <int BF>
 __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k, const unsigned short* v,
                                 unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) {
-    const int D = 64, BM = 64, BN = 64, LDS = 72;
+    const int D = 64, BM = 128, BN = 64, LDS = 72, NT = 256;
     __shared__ __align__(16) unsigned short Ks[64 * 72];
-    __shared__ __align__(16) unsigned short Vt[64 * 72];
+    __shared__ __align__(16) unsigned short Vs[64 * 72];
     int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     int bi = blockIdx.z, h = blockIdx.y;
     long dm = (long)heads * D;
@@ -379,7 +390,7 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
     int kend = causal ? min(lk, (int)(blockIdx.x * BM + BM)) : lk;
     for (int kb = 0; kb < kend; kb += BN) {
         __syncthreads();
-        for (int i = tid; i < BN * 8; i += 128) {
+        for (int i = tid; i < BN * 8; i += NT) {
             int row = i >> 3, ch = (i & 7) * 8;
             int key = kb + row;
             U4 kv = {0u, 0u, 0u, 0u}, vv = {0u, 0u, 0u, 0u};
@@ -388,10 +399,10 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
                 vv = *(const U4*)(vg + (long)key * dm + ch);
             }
             *(U4*)(Ks + row * LDS + ch) = kv;
-            const unsigned short* vs = (const unsigned short*)&vv;
-            for (int j = 0; j < 8; ++j) Vt[(ch + j) * LDS + row] = vs[j];
+            *(U4*)(Vs + row * LDS + ch) = vv;
         }
         __syncthreads();
+        // Warps whose rows are all past the causal limit of this tile still join the barriers.
         float s[8][4];
         for (int j = 0; j < 8; ++j) {
             s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
@@ -402,12 +413,15 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
             }
         }
         float mx0 = NEG_INF, mx1 = NEG_INF;
+        bool edge = (kb + BN > lk) || causal;
         for (int j = 0; j < 8; ++j) {
             for (int e = 0; e < 4; ++e) {
-                int key = kb + j * 8 + c + (e & 1);
-                int row = e < 2 ? r0 : r1;
                 float val = s[j][e] * scale_log2;
-                if (key >= lk || (causal && key > row)) val = NEG_INF;
+                if (edge) {
+                    int key = kb + j * 8 + c + (e & 1);
+                    int row = e < 2 ? r0 : r1;
+                    if (key >= lk || (causal && key > row)) val = NEG_INF;
+                }
                 s[j][e] = val;
                 if (e < 2) mx0 = fmaxf(mx0, val);
                 else mx1 = fmaxf(mx1, val);
@@ -442,10 +456,11 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
         for (int t = 0; t < 4; ++t) {
             unsigned pa[4] = {pack2<BF>(s[2 * t][0], s[2 * t][1]), pack2<BF>(s[2 * t][2], s[2 * t][3]),
                               pack2<BF>(s[2 * t + 1][0], s[2 * t + 1][1]), pack2<BF>(s[2 * t + 1][2], s[2 * t + 1][3])};
-            for (int d = 0; d < 8; ++d) {
-                const unsigned short* vp = Vt + (d * 8 + lane / 4) * LDS + t * 16 + c;
-                unsigned bf[2] = {*(const unsigned*)vp, *(const unsigned*)(vp + 8)};
-                mma16816<BF>(acc[d], pa, bf);
+            for (int d = 0; d < 8; d += 2) {
+                unsigned bv[4];
+                ldmatrix_x4_trans(bv, Vs + (t * 16 + (lane & 15)) * LDS + (d + (lane >> 4)) * 8);
+                mma16816<BF>(acc[d], pa, bv);
+                mma16816<BF>(acc[d + 1], pa, bv + 2);
             }
         }
     }
@@ -460,13 +475,36 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
         if (r1 < lq) *(unsigned*)(ob + (long)r1 * dm + col) = pack2<BF>(acc[d][2] * i1, acc[d][3] * i1);
     }
 }
-extern "C" __global__ void __launch_bounds__(128) flash_attn_f16(const unsigned short* q, const unsigned short* k,
+extern "C" __global__ void __launch_bounds__(256) flash_attn_f16(const unsigned short* q, const unsigned short* k,
     const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) {
     flash_attn_impl<0>(q, k, v, o, lq, lk, heads, scale_log2, causal);
 }
-extern "C" __global__ void __launch_bounds__(128) flash_attn_bf16(const unsigned short* q, const unsigned short* k,
+extern "C" __global__ void __launch_bounds__(256) flash_attn_bf16(const unsigned short* q, const unsigned short* k,
     const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) {
     flash_attn_impl<1>(q, k, v, o, lq, lk, heads, scale_log2, causal);
+}
+
+
+// ---- batched 2-D transpose: src [n, rows, cols] -> dst [n, cols, rows]; block (32, 8) ----
+template <typename W>
+__device__ void transpose_impl(const W* src, W* dst, long rows, long cols) {
+    __shared__ W tile[32][33];
+    long n = blockIdx.z;
+    long r0 = (long)blockIdx.y * 32, c0 = (long)blockIdx.x * 32;
+    const W* s = src + n * rows * cols;
+    W* d = dst + n * rows * cols;
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        long r = r0 + i, c = c0 + threadIdx.x;
+        if (r < rows && c < cols) tile[i][threadIdx.x] = s[r * cols + c];
+    }
+    __syncthreads();
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        long c = c0 + i, r = r0 + threadIdx.x;
+        if (r < rows && c < cols) d[c * rows + r] = tile[threadIdx.x][i];
+    }
+}
+extern "C" __global__ void copy2d_u128(const U4* s, U4* d, long rows, long cols, long sp, long dp) {
+    copy2d_impl<U4>(s, d, rows, cols, sp, dp);
 }
 
 // ---- extern "C" instances ----
@@ -530,6 +568,9 @@ FOR_TYPES(INST_TYPED)
     }                                                                                                         \
     extern "C" __global__ void gather_rows_##N(const unsigned* ids, const W* t, W* y, long n, long d) {      \
         gather_rows_impl<W>(ids, t, y, n, d);                                                                 \
+    }                                                                                                         \
+    extern "C" __global__ void transpose_##N(const W* s, W* d, long rows, long cols) {                       \
+        transpose_impl<W>(s, d, rows, cols);                                                                  \
     }
 INST_WORD(u16, unsigned short)
 INST_WORD(u32, unsigned int)

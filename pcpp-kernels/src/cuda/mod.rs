@@ -49,6 +49,7 @@ pub fn kernel_names() -> Vec<String> {
         "gn_finalize",
         "flash_attn_f16",
         "flash_attn_bf16",
+        "copy2d_u128",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -72,7 +73,7 @@ pub fn kernel_names() -> Vec<String> {
         }
     }
     for w in ["u16", "u32"] {
-        for k in ["copy2d", "permute", "pad2d", "gather_rows"] {
+        for k in ["copy2d", "permute", "pad2d", "gather_rows", "transpose"] {
             v.push(format!("{k}_{w}"));
         }
     }

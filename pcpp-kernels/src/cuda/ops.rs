@@ -620,6 +620,9 @@ where
         w: &wd,
         y: &yd,
     };
+    let nx = key.x.iter().product::<i32>() as usize;
+    let nw = key.w.iter().product::<i32>() as usize;
+    let ny = ys.iter().product::<i32>() as usize;
     let cached = gpu
         .conv_algos
         .lock()
@@ -628,7 +631,69 @@ where
     let (algo, ws) = match cached {
         Some(v) => v,
         None => {
-            let algo = fwd.pick_algorithm().map_err(|x| de("pick algorithm", x))?;
+            let heuristic = fwd.pick_algorithm().map_err(|x| de("pick algorithm", x))?;
+            let capturing = gpu
+                .stream
+                .capture_status()
+                .map(|s| s != drv_sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+                .unwrap_or(true);
+            // Outside graph capture, time every algorithm once per shape and keep the fastest.
+            let algo = if capturing {
+                heuristic
+            } else {
+                let mut best = (heuristic, f64::INFINITY);
+                for cand in CONV_ALGOS {
+                    let Ok(ws) = fwd.get_workspace_size(cand) else {
+                        continue;
+                    };
+                    if ws > CONV_MAX_WORKSPACE {
+                        continue;
+                    }
+                    // SAFETY: scratch memory for cuDNN.
+                    let mut wsb = if ws > 0 {
+                        match unsafe { gpu.stream.alloc::<u8>(ws) } {
+                            Ok(b) => Some(b),
+                            Err(_) => continue,
+                        }
+                    } else {
+                        None
+                    };
+                    let mut times = Vec::new();
+                    for _ in 0..3 {
+                        let t0 = std::time::Instant::now();
+                        // SAFETY: as for the launch below.
+                        let ok = unsafe {
+                            let xv = x.buf.transmute::<T>(nx);
+                            let wv = w.buf.transmute::<T>(nw);
+                            let yv = y.buf.transmute_mut::<T>(ny);
+                            match (xv, wv, yv) {
+                                (Some(xv), Some(wv), Some(mut yv)) => fwd
+                                    .launch(
+                                        cand,
+                                        wsb.as_mut(),
+                                        (T::one(), T::zero()),
+                                        &xv,
+                                        &wv,
+                                        &mut yv,
+                                    )
+                                    .is_ok(),
+                                _ => false,
+                            }
+                        };
+                        if !ok || gpu.stream.synchronize().is_err() {
+                            times.clear();
+                            break;
+                        }
+                        times.push(t0.elapsed().as_secs_f64());
+                    }
+                    if let Some(t) = times.iter().skip(1).copied().reduce(f64::min) {
+                        if t < best.1 {
+                            best = (cand, t);
+                        }
+                    }
+                }
+                best.0
+            };
             let ws = fwd
                 .get_workspace_size(algo)
                 .map_err(|x| de("workspace size", x))?;
@@ -645,9 +710,6 @@ where
     } else {
         None
     };
-    let nx = key.x.iter().product::<i32>() as usize;
-    let nw = key.w.iter().product::<i32>() as usize;
-    let ny = ys.iter().product::<i32>() as usize;
     // SAFETY: the byte buffers hold at least nx/nw/ny elements of T (allocated from the same
     // shapes); the views live until the launch returns.
     unsafe {
@@ -668,6 +730,23 @@ where
     }
     Ok(())
 }
+
+/// Candidate cuDNN forward algorithms, timed once per shape (the FFT ones are left out: their
+/// half-precision error is larger than the others').
+const CONV_ALGOS: [dnn_sys::cudnnConvolutionFwdAlgo_t; 6] = {
+    use dnn_sys::cudnnConvolutionFwdAlgo_t as A;
+    [
+        A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+    ]
+};
+
+/// Largest cuDNN workspace an algorithm may ask for.
+const CONV_MAX_WORKSPACE: usize = 1 << 30;
 
 /// Minimal `one`/`zero` for the cuDNN scaling parameters.
 mod num_traits_one {
@@ -952,8 +1031,8 @@ pub(crate) fn attention(
     if dh == FLASH_HEAD_DIM && dt != DType::F32 {
         let scale_log2 = std::f32::consts::LOG2_E / (dh as f32).sqrt();
         let cfg = LaunchConfig {
-            grid_dim: (lq.div_ceil(64) as u32, heads as u32, b as u32),
-            block_dim: (128, 1, 1),
+            grid_dim: (lq.div_ceil(128) as u32, heads as u32, b as u32),
+            block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         launch!(gpu, format!("flash_attn_{}", tname(dt)), cfg;
@@ -1055,9 +1134,26 @@ fn copy2d(
     if rows * cols == 0 {
         return Ok(());
     }
+    let es = dt.size() as u64;
+    let (s0, d0) = (src + soff as u64 * es, dst + doff as u64 * es);
+    let aligned = [
+        s0,
+        d0,
+        (cols * dt.size()) as u64,
+        (spitch * dt.size()) as u64,
+        (dpitch * dt.size()) as u64,
+    ]
+    .iter()
+    .all(|v| v % 16 == 0);
+    if aligned {
+        // Whole rows of 16-byte words.
+        let f = 16 / dt.size();
+        launch!(gpu, "copy2d_u128", Gpu::cfg_elems(rows * cols / f);
+            s0, d0, rows as i64, (cols / f) as i64, (spitch / f) as i64, (dpitch / f) as i64);
+        return Ok(());
+    }
     // Move 16-bit words: an f32 element is two of them.
     let f = dt.size() / 2;
-    let es = dt.size() as u64;
     launch!(gpu, "copy2d_u16", Gpu::cfg_elems(rows * cols * f);
         src + soff as u64 * es, dst + doff as u64 * es, rows as i64, (cols * f) as i64,
         (spitch * f) as i64, (dpitch * f) as i64);
@@ -1134,6 +1230,24 @@ pub(crate) fn permute(x: &Tensor, out_shape: &[usize], src_strides: &[usize]) ->
     }
     let y = out(&gpu, out_shape, x.dtype())?;
     let n = y.numel();
+    if rank == 3 && n > 0 {
+        // [n, r, c] -> [n, c, r] (image <-> tokens): a tiled transpose.
+        let (c, r) = (out_shape[1], out_shape[2]);
+        if src_strides == [r * c, 1, c] {
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    c.div_ceil(32) as u32,
+                    r.div_ceil(32) as u32,
+                    out_shape[0] as u32,
+                ),
+                block_dim: (32, 8, 1),
+                shared_mem_bytes: 0,
+            };
+            launch!(gpu, format!("transpose_{}", word(x.dtype())), cfg;
+                ptr(x)?, ptr(&y)?, r as i64, c as i64);
+            return Ok(y);
+        }
+    }
     if n > 0 {
         launch!(gpu, format!("permute_{}", word(x.dtype())), Gpu::cfg_elems(n);
             ptr(x)?, ptr(&y)?, n as i64, p);
