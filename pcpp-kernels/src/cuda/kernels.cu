@@ -341,6 +341,11 @@ __device__ __forceinline__ void mma16816(float* c, const unsigned* a, const unsi
                      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 template <int BF>
 __device__ __forceinline__ unsigned pack2(float lo, float hi) {
     unsigned r;
@@ -354,6 +359,19 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
     return a;
 }
+// 16-byte global -> shared copy, asynchronous; `bytes` = 0 fills zeros (nothing is read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+    unsigned long long g;
+    asm("cvta.to.global.u64 %0, %1;" : "=l"(g) : "l"(src));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(g), "r"(bytes)
+                 : "memory");
+}
+// Four 8x8 b16 matrices from shared memory (row addresses from lanes 8m..8m+7).
+__device__ __forceinline__ void ldmatrix_x4(unsigned* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
 // Four 8x8 b16 matrices, transposed, from shared memory (row addresses from lanes 8m..8m+7).
 __device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
@@ -364,8 +382,9 @@ template <int BF>
 __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k, const unsigned short* v,
                                 unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) {
     const int D = 64, BM = 128, BN = 64, LDS = 72, NT = 256;
-    __shared__ __align__(16) unsigned short Ks[64 * 72];
-    __shared__ __align__(16) unsigned short Vs[64 * 72];
+    // Two stages of K and V tiles: the next tile streams in (cp.async) while this one is used.
+    __shared__ __align__(16) unsigned short Ksm[2][64 * 72];
+    __shared__ __align__(16) unsigned short Vsm[2][64 * 72];
     int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     int bi = blockIdx.z, h = blockIdx.y;
     long dm = (long)heads * D;
@@ -388,28 +407,39 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
     for (int d = 0; d < 8; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.0f;
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.0f, l1 = 0.0f;
     int kend = causal ? min(lk, (int)(blockIdx.x * BM + BM)) : lk;
-    for (int kb = 0; kb < kend; kb += BN) {
-        __syncthreads();
+    int ntiles = (kend + BN - 1) / BN;
+    auto load_tile = [&](int tile, int stage) {
         for (int i = tid; i < BN * 8; i += NT) {
             int row = i >> 3, ch = (i & 7) * 8;
-            int key = kb + row;
-            U4 kv = {0u, 0u, 0u, 0u}, vv = {0u, 0u, 0u, 0u};
-            if (key < lk) {
-                kv = *(const U4*)(kg + (long)key * dm + ch);
-                vv = *(const U4*)(vg + (long)key * dm + ch);
-            }
-            *(U4*)(Ks + row * LDS + ch) = kv;
-            *(U4*)(Vs + row * LDS + ch) = vv;
+            int key = tile * BN + row;
+            int ok = key < lk ? 16 : 0;
+            long src = (long)(key < lk ? key : 0) * dm + ch;
+            cp_async16(&Ksm[stage][row * LDS + ch], kg + src, ok);
+            cp_async16(&Vsm[stage][row * LDS + ch], vg + src, ok);
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+    if (ntiles > 0) load_tile(0, 0);
+    for (int tile = 0; tile < ntiles; ++tile) {
+        int kb = tile * BN;
+        const unsigned short* Ks = Ksm[tile & 1];
+        const unsigned short* Vs = Vsm[tile & 1];
+        if (tile + 1 < ntiles) {
+            load_tile(tile + 1, (tile + 1) & 1);
+            asm volatile("cp.async.wait_group 1;" ::: "memory");
+        } else {
+            asm volatile("cp.async.wait_group 0;" ::: "memory");
         }
         __syncthreads();
-        // Warps whose rows are all past the causal limit of this tile still join the barriers.
         float s[8][4];
         for (int j = 0; j < 8; ++j) {
             s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-            for (int kk = 0; kk < 4; ++kk) {
-                const unsigned short* kp = Ks + (j * 8 + lane / 4) * LDS + kk * 16 + c;
-                unsigned bf[2] = {*(const unsigned*)kp, *(const unsigned*)(kp + 8)};
-                mma16816<BF>(s[j], qa[kk], bf);
+            for (int kk = 0; kk < 4; kk += 2) {
+                // Keys j*8.., dims kk*16.. (matrices 0, 1) and (kk+1)*16.. (matrices 2, 3).
+                unsigned bk[4];
+                ldmatrix_x4(bk, Ks + (j * 8 + (lane & 7)) * LDS + kk * 16 + (lane >> 3) * 8);
+                mma16816<BF>(s[j], qa[kk], bk);
+                mma16816<BF>(s[j], qa[kk + 1], bk + 2);
             }
         }
         float mx0 = NEG_INF, mx1 = NEG_INF;
@@ -433,15 +463,15 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
         }
         float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
         float sub0 = mn0 == NEG_INF ? 0.0f : mn0, sub1 = mn1 == NEG_INF ? 0.0f : mn1;
-        float al0 = exp2f(m0 - sub0), al1 = exp2f(m1 - sub1);
+        float al0 = fast_exp2(m0 - sub0), al1 = fast_exp2(m1 - sub1);
         m0 = mn0;
         m1 = mn1;
         float ls0 = 0.0f, ls1 = 0.0f;
         for (int j = 0; j < 8; ++j) {
-            s[j][0] = exp2f(s[j][0] - sub0);
-            s[j][1] = exp2f(s[j][1] - sub0);
-            s[j][2] = exp2f(s[j][2] - sub1);
-            s[j][3] = exp2f(s[j][3] - sub1);
+            s[j][0] = fast_exp2(s[j][0] - sub0);
+            s[j][1] = fast_exp2(s[j][1] - sub0);
+            s[j][2] = fast_exp2(s[j][2] - sub1);
+            s[j][3] = fast_exp2(s[j][3] - sub1);
             ls0 += s[j][0] + s[j][1];
             ls1 += s[j][2] + s[j][3];
         }
@@ -463,6 +493,8 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
                 mma16816<BF>(acc[d + 1], pa, bv + 2);
             }
         }
+        // The next iteration's prefetch overwrites this stage.
+        __syncthreads();
     }
     for (int off = 1; off < 4; off <<= 1) {
         l0 += __shfl_xor_sync(0xffffffffu, l0, off);

@@ -631,69 +631,7 @@ where
     let (algo, ws) = match cached {
         Some(v) => v,
         None => {
-            let heuristic = fwd.pick_algorithm().map_err(|x| de("pick algorithm", x))?;
-            let capturing = gpu
-                .stream
-                .capture_status()
-                .map(|s| s != drv_sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
-                .unwrap_or(true);
-            // Outside graph capture, time every algorithm once per shape and keep the fastest.
-            let algo = if capturing {
-                heuristic
-            } else {
-                let mut best = (heuristic, f64::INFINITY);
-                for cand in CONV_ALGOS {
-                    let Ok(ws) = fwd.get_workspace_size(cand) else {
-                        continue;
-                    };
-                    if ws > CONV_MAX_WORKSPACE {
-                        continue;
-                    }
-                    // SAFETY: scratch memory for cuDNN.
-                    let mut wsb = if ws > 0 {
-                        match unsafe { gpu.stream.alloc::<u8>(ws) } {
-                            Ok(b) => Some(b),
-                            Err(_) => continue,
-                        }
-                    } else {
-                        None
-                    };
-                    let mut times = Vec::new();
-                    for _ in 0..3 {
-                        let t0 = std::time::Instant::now();
-                        // SAFETY: as for the launch below.
-                        let ok = unsafe {
-                            let xv = x.buf.transmute::<T>(nx);
-                            let wv = w.buf.transmute::<T>(nw);
-                            let yv = y.buf.transmute_mut::<T>(ny);
-                            match (xv, wv, yv) {
-                                (Some(xv), Some(wv), Some(mut yv)) => fwd
-                                    .launch(
-                                        cand,
-                                        wsb.as_mut(),
-                                        (T::one(), T::zero()),
-                                        &xv,
-                                        &wv,
-                                        &mut yv,
-                                    )
-                                    .is_ok(),
-                                _ => false,
-                            }
-                        };
-                        if !ok || gpu.stream.synchronize().is_err() {
-                            times.clear();
-                            break;
-                        }
-                        times.push(t0.elapsed().as_secs_f64());
-                    }
-                    if let Some(t) = times.iter().skip(1).copied().reduce(f64::min) {
-                        if t < best.1 {
-                            best = (cand, t);
-                        }
-                    }
-                }
-                best.0
-            };
+            let algo = fwd.pick_algorithm().map_err(|x| de("pick algorithm", x))?;
             let ws = fwd
                 .get_workspace_size(algo)
                 .map_err(|x| de("workspace size", x))?;
@@ -730,23 +668,6 @@ where
     }
     Ok(())
 }
-
-/// Candidate cuDNN forward algorithms, timed once per shape (the FFT ones are left out: their
-/// half-precision error is larger than the others').
-const CONV_ALGOS: [dnn_sys::cudnnConvolutionFwdAlgo_t; 6] = {
-    use dnn_sys::cudnnConvolutionFwdAlgo_t as A;
-    [
-        A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
-        A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
-        A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
-        A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
-        A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
-        A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
-    ]
-};
-
-/// Largest cuDNN workspace an algorithm may ask for.
-const CONV_MAX_WORKSPACE: usize = 1 << 30;
 
 /// Minimal `one`/`zero` for the cuDNN scaling parameters.
 mod num_traits_one {
