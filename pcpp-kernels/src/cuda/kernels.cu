@@ -328,7 +328,7 @@ __device__ void gather_rows_impl(const unsigned* ids, const W* table, W* y, long
 // ---- fused flash attention (FlashAttention-2 style) for head size 64, f16/bf16 ----
 // Tensor-core mma.sync m16n8k16 with f32 accumulation; the score matrix lives only in registers,
 // one 64-key tile at a time. q, o: [b, lq, heads*64]; k, v: [b, lk, heads*64].
-// grid (ceil(lq/128), heads, b), block 256 (8 warps x 16 query rows).
+// grid (ceil(lq/128), heads, b), block 128 (4 warps x 32 query rows).
 #define NEG_INF (-__int_as_float(0x7f800000))
 template <int BF>
 __device__ __forceinline__ void mma16816(float* c, const unsigned* a, const unsigned* b) {
@@ -381,31 +381,43 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const void* p) {
 template <int BF>
 __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k, const unsigned short* v,
                                 unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) {
-    const int D = 64, BM = 128, BN = 64, LDS = 72, NT = 256;
+    // 4 warps x 32 query rows (two m16 tiles per warp share every K/V fragment), 64-key tiles.
+    const int D = 64, BM = 128, BN = 64, LDS = 72, NT = 128;
     // Two stages of K and V tiles: the next tile streams in (cp.async) while this one is used.
     __shared__ __align__(16) unsigned short Ksm[2][64 * 72];
     __shared__ __align__(16) unsigned short Vsm[2][64 * 72];
     int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     int bi = blockIdx.z, h = blockIdx.y;
     long dm = (long)heads * D;
-    int q0 = blockIdx.x * BM + warp * 16;
+    int q0 = blockIdx.x * BM + warp * 32;
     const unsigned short* qb = q + (long)bi * lq * dm + h * D;
     const unsigned short* kg = k + (long)bi * lk * dm + h * D;
     const unsigned short* vg = v + (long)bi * lk * dm + h * D;
     unsigned short* ob = o + (long)bi * lq * dm + h * D;
-    int r0 = q0 + lane / 4, r1 = r0 + 8;
     int c = 2 * (lane % 4);
-    unsigned qa[4][4];
-    for (int kk = 0; kk < 4; ++kk) {
-        int col = kk * 16 + c;
-        qa[kk][0] = r0 < lq ? *(const unsigned*)(qb + (long)r0 * dm + col) : 0u;
-        qa[kk][1] = r1 < lq ? *(const unsigned*)(qb + (long)r1 * dm + col) : 0u;
-        qa[kk][2] = r0 < lq ? *(const unsigned*)(qb + (long)r0 * dm + col + 8) : 0u;
-        qa[kk][3] = r1 < lq ? *(const unsigned*)(qb + (long)r1 * dm + col + 8) : 0u;
+    int rr[2][2];
+    unsigned qa[2][4][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+        rr[mt][0] = q0 + mt * 16 + lane / 4;
+        rr[mt][1] = rr[mt][0] + 8;
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            int col = kk * 16 + c;
+            int r0 = rr[mt][0], r1 = rr[mt][1];
+            qa[mt][kk][0] = r0 < lq ? *(const unsigned*)(qb + (long)r0 * dm + col) : 0u;
+            qa[mt][kk][1] = r1 < lq ? *(const unsigned*)(qb + (long)r1 * dm + col) : 0u;
+            qa[mt][kk][2] = r0 < lq ? *(const unsigned*)(qb + (long)r0 * dm + col + 8) : 0u;
+            qa[mt][kk][3] = r1 < lq ? *(const unsigned*)(qb + (long)r1 * dm + col + 8) : 0u;
+        }
     }
-    float acc[8][4];
-    for (int d = 0; d < 8; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.0f;
-    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.0f, l1 = 0.0f;
+    float acc[2][8][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int d = 0; d < 8; ++d) acc[mt][d][0] = acc[mt][d][1] = acc[mt][d][2] = acc[mt][d][3] = 0.0f;
+    float mrow[2][2] = {{NEG_INF, NEG_INF}, {NEG_INF, NEG_INF}};
+    float lrow[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
     int kend = causal ? min(lk, (int)(blockIdx.x * BM + BM)) : lk;
     int ntiles = (kend + BN - 1) / BN;
     auto load_tile = [&](int tile, int stage) {
@@ -431,87 +443,119 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
             asm volatile("cp.async.wait_group 0;" ::: "memory");
         }
         __syncthreads();
-        float s[8][4];
+        float s[2][8][4];
+#pragma unroll
         for (int j = 0; j < 8; ++j) {
-            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.0f;
+#pragma unroll
             for (int kk = 0; kk < 4; kk += 2) {
                 // Keys j*8.., dims kk*16.. (matrices 0, 1) and (kk+1)*16.. (matrices 2, 3).
                 unsigned bk[4];
                 ldmatrix_x4(bk, Ks + (j * 8 + (lane & 7)) * LDS + kk * 16 + (lane >> 3) * 8);
-                mma16816<BF>(s[j], qa[kk], bk);
-                mma16816<BF>(s[j], qa[kk + 1], bk + 2);
-            }
-        }
-        float mx0 = NEG_INF, mx1 = NEG_INF;
-        bool edge = (kb + BN > lk) || causal;
-        for (int j = 0; j < 8; ++j) {
-            for (int e = 0; e < 4; ++e) {
-                float val = s[j][e] * scale_log2;
-                if (edge) {
-                    int key = kb + j * 8 + c + (e & 1);
-                    int row = e < 2 ? r0 : r1;
-                    if (key >= lk || (causal && key > row)) val = NEG_INF;
+#pragma unroll
+                for (int mt = 0; mt < 2; ++mt) {
+                    mma16816<BF>(s[mt][j], qa[mt][kk], bk);
+                    mma16816<BF>(s[mt][j], qa[mt][kk + 1], bk + 2);
                 }
-                s[j][e] = val;
-                if (e < 2) mx0 = fmaxf(mx0, val);
-                else mx1 = fmaxf(mx1, val);
             }
         }
-        for (int off = 1; off < 4; off <<= 1) {
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+        bool edge = (kb + BN > lk) || causal;
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+            float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float val = s[mt][j][e] * scale_log2;
+                    if (edge) {
+                        int key = kb + j * 8 + c + (e & 1);
+                        int row = rr[mt][e >> 1];
+                        if (key >= lk || (causal && key > row)) val = NEG_INF;
+                    }
+                    s[mt][j][e] = val;
+                    if (e < 2) mx0 = fmaxf(mx0, val);
+                    else mx1 = fmaxf(mx1, val);
+                }
+            }
+#pragma unroll
+            for (int off = 1; off < 4; off <<= 1) {
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+            }
+            float mn0 = fmaxf(mrow[mt][0], mx0), mn1 = fmaxf(mrow[mt][1], mx1);
+            float sub0 = mn0 == NEG_INF ? 0.0f : mn0, sub1 = mn1 == NEG_INF ? 0.0f : mn1;
+            float al0 = fast_exp2(mrow[mt][0] - sub0), al1 = fast_exp2(mrow[mt][1] - sub1);
+            mrow[mt][0] = mn0;
+            mrow[mt][1] = mn1;
+            float ls0 = 0.0f, ls1 = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                s[mt][j][0] = fast_exp2(s[mt][j][0] - sub0);
+                s[mt][j][1] = fast_exp2(s[mt][j][1] - sub0);
+                s[mt][j][2] = fast_exp2(s[mt][j][2] - sub1);
+                s[mt][j][3] = fast_exp2(s[mt][j][3] - sub1);
+                ls0 += s[mt][j][0] + s[mt][j][1];
+                ls1 += s[mt][j][2] + s[mt][j][3];
+            }
+            lrow[mt][0] = lrow[mt][0] * al0 + ls0;
+            lrow[mt][1] = lrow[mt][1] * al1 + ls1;
+#pragma unroll
+            for (int d = 0; d < 8; ++d) {
+                acc[mt][d][0] *= al0;
+                acc[mt][d][1] *= al0;
+                acc[mt][d][2] *= al1;
+                acc[mt][d][3] *= al1;
+            }
         }
-        float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-        float sub0 = mn0 == NEG_INF ? 0.0f : mn0, sub1 = mn1 == NEG_INF ? 0.0f : mn1;
-        float al0 = fast_exp2(m0 - sub0), al1 = fast_exp2(m1 - sub1);
-        m0 = mn0;
-        m1 = mn1;
-        float ls0 = 0.0f, ls1 = 0.0f;
-        for (int j = 0; j < 8; ++j) {
-            s[j][0] = fast_exp2(s[j][0] - sub0);
-            s[j][1] = fast_exp2(s[j][1] - sub0);
-            s[j][2] = fast_exp2(s[j][2] - sub1);
-            s[j][3] = fast_exp2(s[j][3] - sub1);
-            ls0 += s[j][0] + s[j][1];
-            ls1 += s[j][2] + s[j][3];
-        }
-        l0 = l0 * al0 + ls0;
-        l1 = l1 * al1 + ls1;
-        for (int d = 0; d < 8; ++d) {
-            acc[d][0] *= al0;
-            acc[d][1] *= al0;
-            acc[d][2] *= al1;
-            acc[d][3] *= al1;
-        }
+#pragma unroll
         for (int t = 0; t < 4; ++t) {
-            unsigned pa[4] = {pack2<BF>(s[2 * t][0], s[2 * t][1]), pack2<BF>(s[2 * t][2], s[2 * t][3]),
-                              pack2<BF>(s[2 * t + 1][0], s[2 * t + 1][1]), pack2<BF>(s[2 * t + 1][2], s[2 * t + 1][3])};
+            unsigned pa[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+                pa[mt][0] = pack2<BF>(s[mt][2 * t][0], s[mt][2 * t][1]);
+                pa[mt][1] = pack2<BF>(s[mt][2 * t][2], s[mt][2 * t][3]);
+                pa[mt][2] = pack2<BF>(s[mt][2 * t + 1][0], s[mt][2 * t + 1][1]);
+                pa[mt][3] = pack2<BF>(s[mt][2 * t + 1][2], s[mt][2 * t + 1][3]);
+            }
+#pragma unroll
             for (int d = 0; d < 8; d += 2) {
                 unsigned bv[4];
                 ldmatrix_x4_trans(bv, Vs + (t * 16 + (lane & 15)) * LDS + (d + (lane >> 4)) * 8);
-                mma16816<BF>(acc[d], pa, bv);
-                mma16816<BF>(acc[d + 1], pa, bv + 2);
+#pragma unroll
+                for (int mt = 0; mt < 2; ++mt) {
+                    mma16816<BF>(acc[mt][d], pa[mt], bv);
+                    mma16816<BF>(acc[mt][d + 1], pa[mt], bv + 2);
+                }
             }
         }
         // The next iteration's prefetch overwrites this stage.
         __syncthreads();
     }
-    for (int off = 1; off < 4; off <<= 1) {
-        l0 += __shfl_xor_sync(0xffffffffu, l0, off);
-        l1 += __shfl_xor_sync(0xffffffffu, l1, off);
-    }
-    float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
-    for (int d = 0; d < 8; ++d) {
-        int col = d * 8 + c;
-        if (r0 < lq) *(unsigned*)(ob + (long)r0 * dm + col) = pack2<BF>(acc[d][0] * i0, acc[d][1] * i0);
-        if (r1 < lq) *(unsigned*)(ob + (long)r1 * dm + col) = pack2<BF>(acc[d][2] * i1, acc[d][3] * i1);
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+        float l0 = lrow[mt][0], l1 = lrow[mt][1];
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+            l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+            l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+        }
+        float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+        int r0 = rr[mt][0], r1 = rr[mt][1];
+#pragma unroll
+        for (int d = 0; d < 8; ++d) {
+            int col = d * 8 + c;
+            if (r0 < lq) *(unsigned*)(ob + (long)r0 * dm + col) = pack2<BF>(acc[mt][d][0] * i0, acc[mt][d][1] * i0);
+            if (r1 < lq) *(unsigned*)(ob + (long)r1 * dm + col) = pack2<BF>(acc[mt][d][2] * i1, acc[mt][d][3] * i1);
+        }
     }
 }
-extern "C" __global__ void __launch_bounds__(256) flash_attn_f16(const unsigned short* q, const unsigned short* k,
+extern "C" __global__ void __launch_bounds__(128) flash_attn_f16(const unsigned short* q, const unsigned short* k,
     const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) {
     flash_attn_impl<0>(q, k, v, o, lq, lk, heads, scale_log2, causal);
 }
-extern "C" __global__ void __launch_bounds__(256) flash_attn_bf16(const unsigned short* q, const unsigned short* k,
+extern "C" __global__ void __launch_bounds__(128) flash_attn_bf16(const unsigned short* q, const unsigned short* k,
     const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) {
     flash_attn_impl<1>(q, k, v, o, lq, lk, heads, scale_log2, causal);
 }

@@ -953,7 +953,7 @@ pub(crate) fn attention(
         let scale_log2 = std::f32::consts::LOG2_E / (dh as f32).sqrt();
         let cfg = LaunchConfig {
             grid_dim: (lq.div_ceil(128) as u32, heads as u32, b as u32),
-            block_dim: (256, 1, 1),
+            block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
         launch!(gpu, format!("flash_attn_{}", tname(dt)), cfg;
