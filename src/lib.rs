@@ -1,6 +1,8 @@
 //! Shared helpers for the cross-crate integration tests in `tests/`: where the shipped test data
 //! and the embedded tiny model live, reference loading, and the project's tolerances in one place.
 
+pub mod dit;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 

@@ -1,1 +1,58 @@
-fn main() {}
+//! `pcpp-cli`: the command line of pcpp.
+//!
+//! Subcommands: `generate` (text to image, serial or patch-parallel), `unet` (one UNet forward from a
+//! safetensors file of inputs, a parity and debugging hook), `compare` (PSNR / SSIM of two images), `plan` (bytes per step without weights),
+//! `bench` (UNet forward timing).
+//! This is the only crate that reads the environment and uses `anyhow`. User errors print one
+//! `error: ...` line (no backtrace) and exit with status 1; bad flags exit with clap's status 2.
+
+mod bench;
+mod compare;
+mod generate;
+mod output;
+mod plan_cmd;
+mod unet_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Partially Conditioned Patch Parallelism for diffusion models.
+#[derive(Debug, Parser)]
+#[command(name = "pcpp-cli", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate an image from a prompt with an SDXL pipeline folder.
+    Generate(Box<generate::GenerateArgs>),
+    /// Run one UNet forward pass on inputs read from a safetensors file.
+    Unet(unet_cmd::UnetArgs),
+    /// PSNR and SSIM of two images of the same size.
+    Compare(compare::CompareArgs),
+    /// Bytes per step and stale-context memory of a parallel configuration, without weights.
+    Plan(plan_cmd::PlanArgs),
+    /// Time the UNet forward (CPU) for a model or a config with random weights.
+    Bench(bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => generate::run(*a),
+        Command::Unet(a) => unet_cmd::run(a),
+        Command::Compare(a) => compare::run(a),
+        Command::Plan(a) => plan_cmd::run(a),
+        Command::Bench(a) => bench::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -107,6 +107,29 @@ pub enum CommError {
         /// Back-end description of the failure.
         detail: String,
     },
+    /// Start-up failed: the launch environment, the rendezvous or the
+    /// back-end's initialisation (`rank` is this process's rank, or 0 when it
+    /// is not known yet).
+    #[error("{op} (rank {rank}): {detail}")]
+    Setup {
+        /// Start-up step that failed (e.g. `rendezvous`, `ucx init`).
+        op: &'static str,
+        /// This process's rank.
+        rank: usize,
+        /// What went wrong and how to fix it.
+        detail: String,
+    },
+    /// Ranks disagree on something that must be identical everywhere (e.g.
+    /// the hash of model, configuration and arguments checked at start).
+    #[error("{op}: ranks {ranks:?} differ from rank 0: {detail}")]
+    Mismatch {
+        /// Check that failed.
+        op: &'static str,
+        /// Ranks whose value differs from rank 0's.
+        ranks: Vec<usize>,
+        /// What was compared.
+        detail: String,
+    },
 }
 
 impl CommError {
@@ -119,7 +142,9 @@ impl CommError {
             | CommError::Truncated { op, .. }
             | CommError::InvalidRank { op, .. }
             | CommError::Protocol { op, .. }
-            | CommError::Backend { op, .. } => op,
+            | CommError::Backend { op, .. }
+            | CommError::Setup { op, .. }
+            | CommError::Mismatch { op, .. } => op,
         }
     }
 
@@ -133,6 +158,8 @@ impl CommError {
             | CommError::InvalidRank { peer, .. }
             | CommError::Protocol { peer, .. }
             | CommError::Backend { peer, .. } => *peer,
+            CommError::Setup { rank, .. } => *rank,
+            CommError::Mismatch { ranks, .. } => ranks.first().copied().unwrap_or(0),
         }
     }
 
@@ -146,6 +173,7 @@ impl CommError {
             | CommError::InvalidRank { tag, .. }
             | CommError::Protocol { tag, .. }
             | CommError::Backend { tag, .. } => *tag,
+            CommError::Setup { .. } | CommError::Mismatch { .. } => 0,
         }
     }
 
@@ -159,7 +187,9 @@ impl CommError {
             | CommError::Truncated { op, .. }
             | CommError::InvalidRank { op, .. }
             | CommError::Protocol { op, .. }
-            | CommError::Backend { op, .. } => *op = new_op,
+            | CommError::Backend { op, .. }
+            | CommError::Setup { op, .. }
+            | CommError::Mismatch { op, .. } => *op = new_op,
         }
         self
     }

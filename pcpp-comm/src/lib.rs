@@ -6,22 +6,29 @@
 //! through a [`Transport`]. This crate defines that trait, the nonblocking
 //! [`Pending`] handle, per-[`CommKind`] traffic statistics, transport-agnostic
 //! [`collectives`], the in-process [`LocalTransport`], a [`conformance`] suite
-//! every back-end must pass and, behind the `mpi` feature, an MPI back-end.
+//! every back-end must pass, behind the `mpi` and `ucx` features the MPI and
+//! UCX back-ends, the TCP [`rendezvous`] and the [`launch`] API the CLI
+//! starts process-based back-ends with.
 
 pub mod collectives;
 pub mod conformance;
 mod error;
+pub mod launch;
 mod local;
 #[cfg(feature = "mpi")]
 mod mpi_transport;
+pub mod rendezvous;
 mod stats;
 mod transport;
 #[cfg(feature = "ucx")]
 pub mod ucx;
 
 pub use error::CommError;
-pub use local::LocalTransport;
+pub use launch::TransportKind;
+pub use local::{LocalTransport, RankError};
 #[cfg(feature = "mpi")]
 pub use mpi_transport::{MpiContext, MpiTransport};
 pub use stats::{CommKind, CommStats, KindStats, StatsCounter};
 pub use transport::{Pending, PendingOp, Transport, TransportOptions, RESERVED_TAG_BASE};
+#[cfg(feature = "ucx")]
+pub use ucx::UcxTransport;

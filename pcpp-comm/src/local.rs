@@ -106,6 +106,88 @@ impl LocalTransport {
             .collect()
     }
 
+    /// Runs `f` on every rank of a fresh `n`-rank world, each in its own thread, and returns the
+    /// results in rank order.
+    ///
+    /// A rank that returns an error (or panics) aborts the world, so ranks blocked on it fail at
+    /// once instead of waiting for the timeout; the error returned is the one that happened
+    /// first, not the "aborted" errors it caused on the other ranks.
+    pub fn run<T, E, F>(n: usize, opts: TransportOptions, f: F) -> Result<Vec<T>, RankError<E>>
+    where
+        T: Send,
+        E: Send,
+        F: Fn(Arc<dyn Transport>) -> Result<T, E> + Sync,
+    {
+        let world = LocalTransport::create(n, opts);
+        let order = AtomicU64::new(0);
+        let f = &f;
+        let order = &order;
+        let outcomes: Vec<Result<T, (u64, RankError<E>)>> = std::thread::scope(|s| {
+            let handles: Vec<_> = world
+                .into_iter()
+                .enumerate()
+                .map(|(rank, t)| {
+                    s.spawn(move || {
+                        let fail = |t: &dyn Transport, e: RankError<E>| {
+                            let seq = order.fetch_add(1, Ordering::SeqCst);
+                            t.abort(&format!("rank {rank} failed"));
+                            Err((seq, e))
+                        };
+                        let res =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(t.clone())));
+                        match res {
+                            Ok(Ok(v)) => Ok(v),
+                            Ok(Err(e)) => fail(t.as_ref(), RankError::Failed { rank, source: e }),
+                            Err(p) => {
+                                let msg = p
+                                    .downcast_ref::<&str>()
+                                    .map(|s| s.to_string())
+                                    .or_else(|| p.downcast_ref::<String>().cloned())
+                                    .unwrap_or_else(|| "panic".into());
+                                fail(t.as_ref(), RankError::Panicked { rank, msg })
+                            }
+                        }
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .enumerate()
+                .map(|(rank, h)| {
+                    h.join().unwrap_or_else(|_| {
+                        Err((
+                            u64::MAX,
+                            RankError::Panicked {
+                                rank,
+                                msg: "thread could not be joined".into(),
+                            },
+                        ))
+                    })
+                })
+                .collect()
+        });
+        let mut values = Vec::with_capacity(n);
+        let mut first: Option<(u64, RankError<E>)> = None;
+        for o in outcomes {
+            match o {
+                Ok(v) => values.push(v),
+                Err((seq, e)) => {
+                    let earlier = match &first {
+                        Some((s, _)) => seq < *s,
+                        None => true,
+                    };
+                    if earlier {
+                        first = Some((seq, e));
+                    }
+                }
+            }
+        }
+        match first {
+            Some((_, e)) => Err(e),
+            None => Ok(values),
+        }
+    }
+
     fn world_rank(&self) -> usize {
         self.world_ranks[self.rank]
     }
@@ -123,6 +205,45 @@ impl LocalTransport {
         }
     }
 }
+
+/// The first failure of a [`LocalTransport::run`] world.
+#[derive(Debug)]
+pub enum RankError<E> {
+    /// Rank `rank` returned an error.
+    Failed {
+        /// World rank that failed.
+        rank: usize,
+        /// Its error.
+        source: E,
+    },
+    /// Rank `rank` panicked.
+    Panicked {
+        /// World rank that panicked.
+        rank: usize,
+        /// The panic message.
+        msg: String,
+    },
+}
+
+impl<E> RankError<E> {
+    /// The rank that failed.
+    pub fn rank(&self) -> usize {
+        match self {
+            RankError::Failed { rank, .. } | RankError::Panicked { rank, .. } => *rank,
+        }
+    }
+}
+
+impl<E: std::fmt::Display> std::fmt::Display for RankError<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RankError::Failed { rank, source } => write!(f, "rank {rank}: {source}"),
+            RankError::Panicked { rank, msg } => write!(f, "rank {rank} panicked: {msg}"),
+        }
+    }
+}
+
+impl<E: std::fmt::Debug + std::fmt::Display> std::error::Error for RankError<E> {}
 
 struct RecvSlot {
     peer: usize,
@@ -388,5 +509,52 @@ impl Transport for LocalTransport {
 
     fn reset_stats(&self) {
         self.stats.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_returns_results_in_rank_order() {
+        let out = LocalTransport::run(3, TransportOptions::default(), |t| {
+            Ok::<_, CommError>(t.rank() * 10)
+        })
+        .unwrap();
+        assert_eq!(out, vec![0, 10, 20]);
+    }
+
+    #[test]
+    fn run_reports_the_root_failure_not_the_aborts_it_causes() {
+        let err = LocalTransport::run(
+            3,
+            TransportOptions::with_timeout(Duration::from_secs(30)),
+            |t| {
+                if t.rank() == 1 {
+                    return Err("bad input on rank 1".to_string());
+                }
+                // The others wait for a message rank 1 never sends; the abort frees them.
+                t.exchange(CommKind::Other, 1, Vec::new(), vec![(1, 4)])
+                    .and_then(Pending::wait)
+                    .map_err(|e| e.to_string())?;
+                Ok(())
+            },
+        )
+        .unwrap_err();
+        assert_eq!(err.rank(), 1);
+        assert_eq!(err.to_string(), "rank 1: bad input on rank 1");
+    }
+
+    #[test]
+    fn run_turns_a_panic_into_an_error() {
+        let err = LocalTransport::run(2, TransportOptions::default(), |t| {
+            if t.rank() == 0 {
+                panic!("boom");
+            }
+            Ok::<_, String>(())
+        })
+        .unwrap_err();
+        assert!(matches!(err, RankError::Panicked { rank: 0, .. }), "{err}");
     }
 }

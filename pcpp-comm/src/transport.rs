@@ -7,7 +7,8 @@
 //! computing on the stale activations, and waits on the returned [`Pending`]
 //! only when the fresh data is needed — the asynchronous overlap DistriFusion
 //! relies on. Back-ends: [`crate::LocalTransport`] (threads, for tests and
-//! single-process runs) and, behind the `mpi` feature, `MpiTransport`.
+//! single-process runs) and, behind the `mpi` / `ucx` features, `MpiTransport`
+//! and `UcxTransport` (started through [`crate::launch`]).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,1 +1,241 @@
-//! placeholder
+//! Runs the [`pcpp_comm::conformance`] suite (the communication contract of
+//! pcpp-algorithm.md §3) on [`pcpp_comm::UcxTransport`]
+//! with 1 to 4 ranks as child processes over loopback (`UCX_TLS=tcp,self`,
+//! and shared memory), started through the TCP rendezvous
+//! (`PCPP_UCX_ROOT`, `PCPP_RANK`, `PCPP_WORLD_SIZE`) exactly as on a cluster
+//! without MPI; plus the failure paths PCPP relies on to never hang: abort,
+//! a dead peer, and ranks started with different arguments.
+//!
+//! Each test re-enters this binary once per rank, running the ignored test
+//! `ucx_rank` with the scenario in `PCPP_TEST_ROLE`.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{free_port, launch_lock, run_all, self_command, Finished, ROLE};
+use pcpp_comm::launch::{self, ConnectOptions, LaunchEnv, TransportKind};
+use pcpp_comm::{CommError, CommKind, TransportOptions};
+
+const HANG_LIMIT: Duration = Duration::from_secs(240);
+
+fn rank_commands(n: usize, role: &str, tls: &str) -> Vec<Command> {
+    let root = format!("127.0.0.1:{}", free_port());
+    (0..n)
+        .map(|r| {
+            let mut c = self_command("ucx_rank");
+            c.env(ROLE, role)
+                .env("PCPP_RANK", r.to_string())
+                .env("PCPP_WORLD_SIZE", n.to_string())
+                .env("PCPP_LOCAL_RANK", r.to_string())
+                .env("PCPP_UCX_ROOT", &root)
+                .env("UCX_TLS", tls)
+                .env("UCX_LOG_LEVEL", "error")
+                .env_remove("SLURM_PROCID")
+                .env_remove("OMPI_COMM_WORLD_SIZE")
+                .env_remove("PMI_SIZE")
+                .env_remove("PMIX_RANK");
+            c
+        })
+        .collect()
+}
+
+fn launch_ranks(n: usize, role: &str, tls: &str) -> Vec<Finished> {
+    let _g = launch_lock();
+    run_all(rank_commands(n, role, tls), HANG_LIMIT)
+}
+
+fn assert_all_passed(n: usize, role: &str, tls: &str) {
+    let out = launch_ranks(n, role, tls);
+    for (r, f) in out.iter().enumerate() {
+        assert!(
+            f.ok(),
+            "rank {r} of {n} ({role}, UCX_TLS={tls}) failed:\n{}",
+            f.all()
+        );
+        let marker = format!("rank {r}/{n}: {role} passed");
+        assert!(
+            f.stdout.contains(&marker),
+            "rank {r}: no {marker:?}:\n{}",
+            f.all()
+        );
+    }
+}
+
+#[test]
+fn conformance_n1_tcp() {
+    assert_all_passed(1, "conformance", "tcp,self");
+}
+
+#[test]
+fn conformance_n2_tcp() {
+    assert_all_passed(2, "conformance", "tcp,self");
+}
+
+#[test]
+fn conformance_n3_tcp() {
+    assert_all_passed(3, "conformance", "tcp,self");
+}
+
+#[test]
+fn conformance_n4_tcp() {
+    assert_all_passed(4, "conformance", "tcp,self");
+}
+
+#[test]
+fn conformance_n2_shared_memory() {
+    assert_all_passed(2, "conformance", "sm,self");
+}
+
+#[test]
+fn same_arguments_check_names_the_odd_rank() {
+    assert_all_passed(3, "mismatch", "tcp,self");
+}
+
+#[test]
+fn abort_reaches_every_rank() {
+    assert_all_passed(3, "abort", "tcp,self");
+}
+
+#[test]
+fn dead_peer_fails_the_wait_naming_it() {
+    let out = launch_ranks(2, "die", "tcp,self");
+    assert_eq!(
+        out[1].code,
+        Some(3),
+        "rank 1 should exit with 3:\n{}",
+        out[1].all()
+    );
+    assert!(out[0].ok(), "rank 0 failed:\n{}", out[0].all());
+    assert!(
+        out[0].stdout.contains("rank 0/2: die passed"),
+        "{}",
+        out[0].all()
+    );
+}
+
+#[test]
+fn missing_rank_fails_the_rendezvous() {
+    // Rank 1 of 3 never starts: ranks 0 and 2 must fail (not hang) and say so.
+    let _g = launch_lock();
+    let mut cmds = rank_commands(3, "rendezvous_timeout", "tcp,self");
+    cmds.remove(1);
+    let out = run_all(cmds, HANG_LIMIT);
+    assert!(out[0].ok(), "{}", out[0].all());
+    assert!(out[0].stdout.contains("ranks [1]"), "{}", out[0].all());
+    assert!(out[1].ok(), "{}", out[1].all());
+}
+
+fn options(timeout: Duration) -> ConnectOptions {
+    ConnectOptions {
+        transport: TransportOptions::with_timeout(timeout),
+        rendezvous_timeout: Duration::from_secs(60),
+    }
+}
+
+/// Rank entry point: runs the scenario named by `PCPP_TEST_ROLE`.
+#[test]
+#[ignore = "rank entry point, launched as a child process by the other tests"]
+fn ucx_rank() {
+    let role = std::env::var(ROLE).expect("PCPP_TEST_ROLE is set by the launching test");
+    let env = LaunchEnv::from_env().unwrap();
+    let (rank, n) = env.rank_and_size().unwrap();
+    if role == "rendezvous_timeout" {
+        let opts = ConnectOptions {
+            rendezvous_timeout: Duration::from_secs(3),
+            ..options(Duration::from_secs(60))
+        };
+        let err = launch::connect(TransportKind::Ucx, &env, &opts).unwrap_err();
+        println!("rank {rank}: {err}");
+        assert!(matches!(err, CommError::Setup { .. }), "{err:?}");
+        println!("rank {rank}/{n}: {role} passed");
+        return;
+    }
+    // Short enough that a dead peer the back-end failed to detect still ends
+    // the "die" scenario, long enough for 4 busy-polling ranks on 2 cores.
+    let timeout = if role == "die" { 20 } else { 120 };
+    let conn = launch::connect(
+        TransportKind::Auto,
+        &env,
+        &options(Duration::from_secs(timeout)),
+    )
+    .unwrap();
+    assert_eq!(conn.kind, TransportKind::Ucx);
+    assert_eq!(
+        (conn.rank, conn.world_size, conn.local_rank),
+        (rank, n, rank)
+    );
+    assert!(
+        conn.description.starts_with("ucx 1."),
+        "{}",
+        conn.description
+    );
+    let t = conn.transport.clone();
+    match role.as_str() {
+        "conformance" => {
+            if let Err(e) = pcpp_comm::conformance::run_all(t.as_ref()) {
+                t.abort(&e);
+                panic!("{e}");
+            }
+        }
+        "mismatch" => {
+            let same = launch::fingerprint(&[b"model", b"--steps 20"]);
+            launch::check_same_everywhere(t.as_ref(), &same).unwrap();
+            let args: &[u8] = if rank == 2 {
+                b"--steps 30"
+            } else {
+                b"--steps 20"
+            };
+            let err =
+                launch::check_same_everywhere(t.as_ref(), &launch::fingerprint(&[b"model", args]))
+                    .unwrap_err();
+            match &err {
+                CommError::Mismatch { ranks, .. } => assert_eq!(ranks, &vec![2]),
+                other => panic!("expected a mismatch, got {other:?}"),
+            }
+        }
+        "abort" => {
+            t.barrier().unwrap();
+            if rank == 1 {
+                t.abort("rank 1 failed on purpose");
+            } else {
+                // Wait for a message nobody sends: only the abort can end it.
+                let err = t
+                    .exchange(CommKind::Halo, 5, vec![], vec![(1, 16)])
+                    .unwrap()
+                    .wait()
+                    .unwrap_err();
+                match err {
+                    CommError::Aborted {
+                        by_rank, reason, ..
+                    } => {
+                        assert_eq!(by_rank, 1);
+                        assert_eq!(reason, "rank 1 failed on purpose");
+                    }
+                    other => panic!("expected an abort, got {other:?}"),
+                }
+                assert!(matches!(t.barrier(), Err(CommError::Aborted { .. })));
+            }
+        }
+        "die" => {
+            t.barrier().unwrap();
+            if rank == 1 {
+                std::process::exit(3);
+            }
+            let err = t
+                .exchange(CommKind::Halo, 6, vec![], vec![(1, 16)])
+                .unwrap()
+                .wait()
+                .unwrap_err();
+            println!("rank 0 saw: {err}");
+            assert_eq!(err.peer(), 1, "{err:?}");
+            match err {
+                CommError::Backend { .. } | CommError::Timeout { .. } => {}
+                other => panic!("unexpected error {other:?}"),
+            }
+        }
+        other => panic!("unknown role {other}"),
+    }
+    println!("rank {rank}/{n}: {role} passed");
+}

@@ -12,13 +12,19 @@ pub mod cache;
 pub mod geometry;
 pub mod grid;
 pub mod layers;
+pub mod patch;
+pub mod plan;
+pub mod report;
 pub mod schedule;
 
 pub use cache::{CacheCounters, StaleCache};
 pub use geometry::{window_part, BandPlan, HaloPlan};
 pub use grid::ProcessGrid;
 pub use layers::{
-    AttentionWeights, Conv2dLayer, CoreError, GatherLayer, GroupNormLayer, LayerFactory,
+    AttentionWeights, Conv2dLayer, CoreError, GatherLayer, GroupNormLayer, LayerFactory, Result,
     SelfAttentionLayer, SerialDriver, SerialFactory, StepCtx, StepDriver,
 };
+pub use patch::PatchRuntime;
+pub use plan::{plan, Inventory, LayerKind, LayerSpec, Plan, PlanSetup, RankPlan};
+pub use report::{KindBytes, RunReport, StepReport, Traffic};
 pub use schedule::{GnMode, ParallelConfig, ParallelMode};

@@ -8,16 +8,21 @@ use std::str::FromStr;
 use crate::layers::{CoreError, Result, StepCtx};
 
 /// The parallel scheme.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum ParallelMode {
     /// One rank computes the whole image with plain layers.
+    #[default]
+    #[serde(rename = "serial")]
     Serial,
     /// Each rank denoises its band alone: no communication between layers (zero padding at band
     /// edges, local statistics, attention over own tokens).
+    #[serde(rename = "naive-patch")]
     NaivePatch,
     /// DistriFusion: stale halos, statistics and the K/V of every other band.
+    #[serde(rename = "distrifusion")]
     DistriFusion,
     /// PCPP: as DistriFusion, but self-attention sees only `portion` of the neighbouring bands.
+    #[serde(rename = "pcpp")]
     Pcpp,
 }
 
@@ -57,13 +62,15 @@ impl FromStr for ParallelMode {
 }
 
 /// How group norm gets its statistics in stale steps (PCPP §2.6).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum GnMode {
     /// Blocking exchange at every step (exact).
     Sync,
     /// Other bands' statistics from the previous step plus own fresh ones.
     Stale,
     /// Previous step's total plus the change of own statistics (DistriFusion's default).
+    #[default]
     Corrected,
     /// Own band's statistics only.
     Separate,

@@ -76,7 +76,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     let t0 = Instant::now();
     let cfg = UNetConfig::from_file(&a.config.join("config.json"))?;
-    let w = Weights::random(&a.config.join("tensor_manifest.json"), a.dtype, dev, 0)?;
+    let w = Weights::random_from_manifest(&a.config.join("tensor_manifest.json"), a.dtype, 0)?
+        .on_device(dev);
     let unet = UNet::build(cfg, &w, &SerialFactory)?;
     g.synchronize()?;
     let (free0, total) = g.mem_info()?;

@@ -6,6 +6,8 @@
 
 pub mod clip;
 pub mod error;
+pub mod inventory;
+pub mod pipeline;
 pub mod scheduler;
 pub mod tokenizer;
 pub mod unet;
@@ -15,6 +17,10 @@ pub mod weights;
 
 pub use clip::{ClipOutput, ClipTextConfig, ClipTextModel};
 pub use error::{Result, SdxlError};
+pub use inventory::unet_inventory;
+pub use pipeline::{
+    denoise, DenoiseParams, MicroCond, ModelIndex, Pipeline, PromptEmbeds, TextEncoders,
+};
 pub use unet::{Taps, UNet, UNetCond};
 pub use unet_config::UNetConfig;
 pub use vae::{to_rgb8, to_unit_range, VaeConfig, VaeDecoder};

@@ -107,6 +107,7 @@ impl Fwd<'_> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn conv(
     f: &dyn LayerFactory,
     w: &Weights,
@@ -516,6 +517,26 @@ impl UNet {
         }
         let cfg = UNetConfig::from_file(&dir.join("config.json"))?;
         let weights = Weights::open(&find_weight_file(dir, "diffusion_pytorch_model")?, dtype)?;
+        UNet::build(cfg, &weights, factory)
+    }
+
+    /// A UNet with seeded random weights for the configuration `config` (a diffusers
+    /// `unet/config.json`), for benchmarks of models whose weights are not at hand. When a
+    /// `tensor_manifest.json` sits next to the config, the weights have exactly its names and
+    /// shapes (a mismatch with the model is an error); otherwise diffusers' default names.
+    pub fn random(
+        config: &Path,
+        dtype: DType,
+        factory: &dyn LayerFactory,
+        seed: u64,
+    ) -> Result<UNet> {
+        let cfg = UNetConfig::from_file(config)?;
+        let manifest = config.with_file_name("tensor_manifest.json");
+        let weights = if manifest.is_file() {
+            Weights::random_from_manifest(&manifest, dtype, seed)?
+        } else {
+            Weights::random_unet(config, dtype, seed)
+        };
         UNet::build(cfg, &weights, factory)
     }
 

@@ -3,8 +3,13 @@
 //! A [`Weights`] store hands out tensors by name with their expected shape, cast to the compute
 //! dtype, and remembers what was taken, so that after a model is built any tensor left over is an
 //! error ("extra tensor") just like a missing or mis-shaped one. Every error names the file.
-//! Tensors go straight to the store's [`Device`]. A store of random weights for a tensor manifest
-//! (name → shape) stands in for a checkpoint in benchmarks.
+//!
+//! For benchmarks of configurations whose weights are not at hand (e.g. full SDXL from its
+//! `config.json` alone), a store can instead generate seeded random tensors on demand
+//! ([`Weights::random_unet`], [`Weights::random_from_manifest`]): each tensor is created only when
+//! the model asks for it, so nothing bigger than the model itself is ever materialised.
+//!
+//! Tensors go straight to the store's [`Device`] ([`Weights::on_device`]), one at a time.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -12,6 +17,7 @@ use std::sync::Mutex;
 
 use pcpp_kernels::io::SafetensorsFile;
 use pcpp_kernels::{DType, Device, Tensor};
+use rayon::prelude::*;
 
 use crate::error::{Result, SdxlError};
 
@@ -39,19 +45,108 @@ pub fn find_weight_file(dir: &Path, stem: &str) -> Result<PathBuf> {
     })
 }
 
-/// Where the tensors of a [`Weights`] store come from.
+/// Tensor names and shapes of a model component (diffusers' `tensor_manifest.json` layout:
+/// `{"name": [d0, d1, ...], ...}`).
+pub type Manifest = BTreeMap<String, Vec<usize>>;
+
+/// Where a [`Weights`] store gets its tensors.
 enum Source {
-    /// A memory-mapped safetensors file.
+    /// A safetensors file.
     File(SafetensorsFile),
-    /// Random values for every name of a manifest (see [`Weights::random`]).
-    Random {
-        path: PathBuf,
-        shapes: BTreeMap<String, Vec<usize>>,
-        seed: u64,
-    },
+    /// Seeded random tensors, created on request.
+    Random(RandomSource),
 }
 
-/// A safetensors file (or a random stand-in) opened for building one model component.
+/// Which names a random store holds.
+enum Presence {
+    /// Exactly the names of a manifest, with their shapes.
+    Manifest(Manifest),
+    /// Every name a model asks for, except the ones diffusers' `UNet2DConditionModel` never has
+    /// (the q/k/v projection biases of its attention layers, built with `bias=False`).
+    UNetDefaults,
+}
+
+struct RandomSource {
+    /// The file that describes the component (config or manifest), for error messages.
+    origin: PathBuf,
+    seed: u64,
+    presence: Presence,
+}
+
+impl RandomSource {
+    fn contains(&self, name: &str) -> bool {
+        match &self.presence {
+            Presence::Manifest(m) => m.contains_key(name),
+            Presence::UNetDefaults => ![".to_q.bias", ".to_k.bias", ".to_v.bias"]
+                .iter()
+                .any(|s| name.ends_with(s)),
+        }
+    }
+}
+
+/// The increment of SplitMix64's state per draw.
+const SPLITMIX_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// SplitMix64: a small, well-mixed, reproducible generator (the stream depends only on the seed;
+/// the state after `i` draws is `seed + i·γ`, so a stream can be entered anywhere).
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(SPLITMIX_GAMMA);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[-1, 1)`.
+    fn next_signed(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+    }
+}
+
+/// FNV-1a of a tensor name, so each tensor's values depend on (seed, name) and not on load order.
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xCBF2_9CE4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3)
+    })
+}
+
+/// Seeded random values for tensor `name` of `shape`, scaled like PyTorch's default initialisation
+/// so activations stay in a normal range through a deep model: weight matrices and kernels uniform in
+/// `±1/√fan_in`, 1-d `*.weight` (norm scales) `1 ± 0.1`, everything else (biases) `±0.1`.
+/// Element `i` is the `i`-th draw of the (seed, name) stream whatever the thread count, so large
+/// tensors are filled in parallel.
+fn random_values(seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
+    const CHUNK: usize = 1 << 16;
+    let n: usize = shape.iter().product();
+    let base = seed ^ name_hash(name);
+    let (scale, offset) = if shape.len() >= 2 {
+        let fan_in: usize = shape[1..].iter().product();
+        (1.0 / (fan_in.max(1) as f32).sqrt(), 0.0)
+    } else if name.ends_with(".weight") {
+        (0.1, 1.0)
+    } else {
+        (0.1, 0.0)
+    };
+    let mut v = vec![0.0f32; n];
+    let fill = |(c, chunk): (usize, &mut [f32])| {
+        let mut rng =
+            SplitMix64(base.wrapping_add(((c * CHUNK) as u64).wrapping_mul(SPLITMIX_GAMMA)));
+        for x in chunk {
+            *x = offset + scale * rng.next_signed();
+        }
+    };
+    if n > CHUNK {
+        v.par_chunks_mut(CHUNK).enumerate().for_each(fill);
+    } else {
+        v.chunks_mut(CHUNK).enumerate().for_each(fill);
+    }
+    v
+}
+
+/// A weight store for building one model component: a safetensors file, or seeded random tensors.
 pub struct Weights {
     source: Source,
     dtype: DType,
@@ -77,25 +172,60 @@ impl Weights {
         })
     }
 
-    /// Random weights for every tensor of a manifest `{"name": [shape...], ...}` (the
-    /// `tensor_manifest.json` beside a model config), generated on `device` from `seed`: matrices
-    /// and kernels uniform in ±1/√fan_in (PyTorch's default initialisation bound), norm scales 1,
-    /// biases and other vectors uniform in ±0.01. For benchmarks without a checkpoint.
-    pub fn random(manifest: &Path, dtype: DType, device: Device, seed: u64) -> Result<Weights> {
-        let shapes: BTreeMap<String, Vec<usize>> = read_json(manifest)?;
-        Ok(Weights {
-            source: Source::Random {
-                path: manifest.to_path_buf(),
-                shapes,
+    /// Random weights for a diffusers `UNet2DConditionModel`: every tensor the model asks for, in
+    /// the shape it asks for, except the attention q/k/v biases that diffusers' UNet never has.
+    /// `config` (the UNet's `config.json`) is only named in error messages.
+    pub fn random_unet(config: &Path, dtype: DType, seed: u64) -> Weights {
+        Weights {
+            source: Source::Random(RandomSource {
+                origin: config.to_path_buf(),
                 seed,
-            },
+                presence: Presence::UNetDefaults,
+            }),
             dtype,
-            device,
+            device: Device::Cpu,
+            used: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// Random weights with exactly the names and shapes of a `tensor_manifest.json`
+    /// (`{"name": [shape...]}`): missing, extra or mis-shaped tensors are errors as with a file.
+    pub fn random_from_manifest(manifest: &Path, dtype: DType, seed: u64) -> Result<Weights> {
+        let m: Manifest = read_json(manifest)?;
+        Ok(Weights {
+            source: Source::Random(RandomSource {
+                origin: manifest.to_path_buf(),
+                seed,
+                presence: Presence::Manifest(m),
+            }),
+            dtype,
+            device: Device::Cpu,
             used: Mutex::new(BTreeSet::new()),
         })
     }
 
-    /// The same store, handing out tensors on `device` (loaded straight there, tensor by tensor).
+    /// The file's path (for a random store: the config or manifest it was made from).
+    pub fn path(&self) -> &Path {
+        match &self.source {
+            Source::File(f) => f.path(),
+            Source::Random(r) => &r.origin,
+        }
+    }
+
+    /// Whether the tensors are random rather than read from a file.
+    pub fn is_random(&self) -> bool {
+        matches!(self.source, Source::Random(_))
+    }
+
+    /// Names of the tensors taken so far (or marked ignored), sorted.
+    pub fn taken(&self) -> Vec<String> {
+        self.used
+            .lock()
+            .map(|u| u.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The same store, handing out every tensor on `device` (moved there as it is taken).
     pub fn on_device(mut self, device: Device) -> Weights {
         self.device = device;
         self
@@ -104,28 +234,6 @@ impl Weights {
     /// The device tensors are placed on.
     pub fn device(&self) -> Device {
         self.device
-    }
-
-    /// The file's path (the manifest's for random weights).
-    pub fn path(&self) -> &Path {
-        match &self.source {
-            Source::File(f) => f.path(),
-            Source::Random { path, .. } => path,
-        }
-    }
-
-    fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
-        match &self.source {
-            Source::File(f) => f.contains(name).then(|| Vec::new()),
-            Source::Random { shapes, .. } => shapes.get(name).cloned(),
-        }
-    }
-
-    fn all_names(&self) -> Vec<String> {
-        match &self.source {
-            Source::File(f) => f.shapes().into_iter().map(|(n, _)| n).collect(),
-            Source::Random { shapes, .. } => shapes.keys().cloned().collect(),
-        }
     }
 
     /// The compute dtype tensors are cast to.
@@ -143,7 +251,10 @@ impl Weights {
 
     /// Whether the file holds `name`.
     pub fn contains(&self, name: &str) -> bool {
-        self.shape_of(name).is_some()
+        match &self.source {
+            Source::File(f) => f.contains(name),
+            Source::Random(r) => r.contains(name),
+        }
     }
 
     /// Tensor `name`, which must have shape `shape`.
@@ -154,30 +265,25 @@ impl Weights {
         let t = match &self.source {
             Source::File(f) => f
                 .load(name, Some(self.dtype))
-                .and_then(|t| t.to_device(self.device)),
-            Source::Random { shapes, seed, .. } => {
-                let s = shapes.get(name).cloned().unwrap_or_default();
-                let idx = shapes.keys().position(|k| k == name).unwrap_or(0) as u64;
-                let bound = if s.len() >= 2 {
-                    1.0 / (s[1..].iter().product::<usize>().max(1) as f32).sqrt()
-                } else {
-                    0.01
+                .map_err(|e| self.err(name, e.to_string()))?,
+            Source::Random(r) => {
+                let shape = match &r.presence {
+                    Presence::Manifest(m) => m.get(name).map_or(shape, |s| s.as_slice()),
+                    Presence::UNetDefaults => shape,
                 };
-                let range = if s.len() == 1 && name.ends_with(".weight") {
-                    (1.0, 1.0)
-                } else {
-                    (-bound, bound)
-                };
-                Tensor::rand_uniform(&s, self.dtype, self.device, range, seed ^ (idx << 20))
+                Tensor::from_f32(shape, random_values(r.seed, name, shape), self.dtype)
+                    .map_err(|e| self.err(name, e.to_string()))?
             }
-        }
-        .map_err(|e| self.err(name, e.to_string()))?;
+        };
         if t.shape() != shape {
             return Err(self.err(
                 name,
                 format!("has shape {:?}, expected {shape:?}", t.shape()),
             ));
         }
+        let t = t
+            .to_device(self.device)
+            .map_err(|e| self.err(name, e.to_string()))?;
         if let Ok(mut u) = self.used.lock() {
             u.insert(name.to_string());
         }
@@ -203,11 +309,15 @@ impl Weights {
     /// Errors if the file holds tensors that the model did not take.
     pub fn check_all_used(&self) -> Result<()> {
         let used = self.used.lock().map(|u| u.clone()).unwrap_or_default();
-        let extra: Vec<String> = self
-            .all_names()
-            .into_iter()
-            .filter(|n| !used.contains(n))
-            .collect();
+        let names: Vec<String> = match &self.source {
+            Source::File(f) => f.shapes().into_iter().map(|(n, _)| n).collect(),
+            Source::Random(RandomSource {
+                presence: Presence::Manifest(m),
+                ..
+            }) => m.keys().cloned().collect(),
+            Source::Random(_) => Vec::new(),
+        };
+        let extra: Vec<String> = names.into_iter().filter(|n| !used.contains(n)).collect();
         if extra.is_empty() {
             return Ok(());
         }

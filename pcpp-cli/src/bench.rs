@@ -1,0 +1,278 @@
+//! `pcpp-cli bench`: times one UNet forward on the CPU (the serial model, no patch parallelism),
+//! for the CPU speed comparison with diffusers in `docs/benchmarks.md`.
+//!
+//! The model comes from a diffusers folder (`--model DIR`, default the tiny SDXL test model) or
+//! from a config alone with seeded random weights (`--config DIR/unet/config.json
+//! --random-weights`). Inputs are seeded random tensors of the requested shape (values do not change
+//! the work done). Each iteration is a complete forward, including the cross-attention K/V of the
+//! text conditioning, as one `UNet2DConditionModel.forward` call in diffusers.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use pcpp_core::{SerialFactory, StepCtx};
+use pcpp_kernels::cpu::profile;
+use pcpp_kernels::{DType, Tensor};
+use pcpp_sdxl::{UNet, UNetCond};
+
+/// Arguments of `pcpp-cli bench`.
+#[derive(Debug, Clone, Parser)]
+pub struct Args {
+    /// Diffusers pipeline folder whose `unet/` is timed (ignored with --config).
+    #[arg(long, default_value = "models/tiny-sdxl")]
+    pub model: PathBuf,
+    /// A UNet `config.json` to build instead of --model (needs --random-weights).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Seeded random weights (for --config; uses a `tensor_manifest.json` next to it if present).
+    #[arg(long)]
+    pub random_weights: bool,
+    /// Seed of the random weights and inputs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Latent height (rows of the UNet input).
+    #[arg(long, default_value_t = 32)]
+    pub height: usize,
+    /// Latent width (columns of the UNet input).
+    #[arg(long, default_value_t = 24)]
+    pub width: usize,
+    /// Batch size (2 = one classifier-free-guidance pair).
+    #[arg(long, default_value_t = 2)]
+    pub batch: usize,
+    /// Text tokens of the conditioning.
+    #[arg(long, default_value_t = 77)]
+    pub tokens: usize,
+    /// CPU threads (default: all available cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Untimed forwards before measuring.
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    /// Timed forwards.
+    #[arg(long, default_value_t = 50)]
+    pub iters: usize,
+    /// Print one JSON line instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Also print the time per kernel kind of one extra forward.
+    #[arg(long)]
+    pub profile: bool,
+}
+
+/// Seeded uniform values in `[-1, 1)` (SplitMix64).
+fn random_tensor(shape: &[usize], seed: u64) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut state = seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0x9E37_79B9_7F4A_7C15;
+    let data = (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect();
+    Ok(Tensor::from_vec(shape, data)?)
+}
+
+/// The inputs of one forward: sample, timesteps, and the conditioning tensors.
+struct Inputs {
+    sample: Tensor,
+    timesteps: Tensor,
+    encoder_hidden_states: Tensor,
+    text_embeds: Option<Tensor>,
+    time_ids: Option<Tensor>,
+}
+
+impl Inputs {
+    fn new(unet: &UNet, a: &Args) -> Result<Inputs> {
+        let cfg = unet.config();
+        let b = a.batch;
+        let cross = cfg.down.first().map_or(0, |s| s.cross_attention_dim);
+        let (text_embeds, time_ids) = match cfg.text_time {
+            Some(tt) => {
+                let n_ids = 6;
+                let te_dim = tt
+                    .projection_input_dim
+                    .checked_sub(n_ids * tt.time_embed_dim)
+                    .context("config: projection_class_embeddings_input_dim is smaller than 6·addition_time_embed_dim")?;
+                let ids: Vec<f32> = (0..b)
+                    .flat_map(|_| {
+                        let (h, w) = (8.0 * a.height as f32, 8.0 * a.width as f32);
+                        [h, w, 0.0, 0.0, h, w]
+                    })
+                    .collect();
+                (
+                    Some(random_tensor(&[b, te_dim], a.seed + 3)?),
+                    Some(Tensor::from_vec(&[b, n_ids], ids)?),
+                )
+            }
+            None => (None, None),
+        };
+        Ok(Inputs {
+            sample: random_tensor(&[b, cfg.in_channels, a.height, a.width], a.seed + 1)?,
+            timesteps: Tensor::from_vec(&[b], (0..b).map(|i| [999.0, 261.0][i % 2]).collect())?,
+            encoder_hidden_states: random_tensor(&[b, a.tokens, cross], a.seed + 2)?,
+            text_embeds,
+            time_ids,
+        })
+    }
+
+    /// Fresh conditioning (so each forward recomputes the cross-attention K/V, as diffusers does).
+    fn cond(&self) -> UNetCond {
+        UNetCond::new(
+            self.encoder_hidden_states.clone(),
+            self.text_embeds.clone(),
+            self.time_ids.clone(),
+        )
+    }
+}
+
+fn forward(unet: &UNet, ctx: &StepCtx, x: &Inputs) -> Result<Tensor> {
+    Ok(unet.forward(ctx, &x.sample, &x.timesteps, &x.cond(), None)?)
+}
+
+/// Runs the benchmark.
+pub fn run(a: Args) -> Result<()> {
+    if a.iters == 0 || a.batch == 0 {
+        bail!("--iters and --batch must be at least 1");
+    }
+    let threads = a.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    if threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("cannot start the CPU thread pool")?;
+    pool.install(|| run_in_pool(&a, threads))
+}
+
+fn run_in_pool(a: &Args, threads: usize) -> Result<()> {
+    let t0 = Instant::now();
+    let (unet, source) = match &a.config {
+        Some(cfg) => {
+            if !a.random_weights {
+                bail!(
+                    "--config {} needs --random-weights (weights come from --model otherwise)",
+                    cfg.display()
+                );
+            }
+            let unet = UNet::random(cfg, DType::F32, &SerialFactory, a.seed)
+                .with_context(|| format!("building a random-weight UNet from {}", cfg.display()))?;
+            (
+                unet,
+                format!("{} (random weights, seed {})", cfg.display(), a.seed),
+            )
+        }
+        None => {
+            if a.random_weights {
+                let cfg = a.model.join("unet/config.json");
+                let unet =
+                    UNet::random(&cfg, DType::F32, &SerialFactory, a.seed).with_context(|| {
+                        format!("building a random-weight UNet from {}", cfg.display())
+                    })?;
+                (
+                    unet,
+                    format!("{} (random weights, seed {})", cfg.display(), a.seed),
+                )
+            } else {
+                let dir = a.model.join("unet");
+                let unet = UNet::load(&dir, DType::F32, &SerialFactory)
+                    .with_context(|| format!("loading the UNet of {}", a.model.display()))?;
+                (unet, dir.display().to_string())
+            }
+        }
+    };
+    let load_s = t0.elapsed().as_secs_f64();
+    let inputs = Inputs::new(&unet, a)?;
+    let ctx = StepCtx::serial();
+
+    // FLOPs of one forward (the GEMMs: linear, convolution, attention).
+    profile::reset();
+    profile::enable(true);
+    let out = forward(&unet, &ctx, &inputs);
+    profile::enable(false);
+    let out = out?;
+    let flops = profile::gemm_flops();
+    let kernels = profile::snapshot();
+    if !out.to_vec_f32()?.iter().all(|v| v.is_finite()) {
+        bail!("the forward produced non-finite values");
+    }
+
+    for _ in 0..a.warmup {
+        forward(&unet, &ctx, &inputs)?;
+    }
+    let mut ms = Vec::with_capacity(a.iters);
+    for _ in 0..a.iters {
+        let t = Instant::now();
+        forward(&unet, &ctx, &inputs)?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    let median = if ms.len() % 2 == 1 {
+        ms[ms.len() / 2]
+    } else {
+        0.5 * (ms[ms.len() / 2 - 1] + ms[ms.len() / 2])
+    };
+    let min = ms[0];
+    let tflops = flops as f64 / (median * 1e-3) / 1e12;
+
+    if a.json {
+        let v = serde_json::json!({
+            "pcpp_cpu_unet_ms": (median * 1e3).round() / 1e3,
+            "min_ms": (min * 1e3).round() / 1e3,
+            "threads": threads,
+            "batch": a.batch,
+            "latent_hw": [a.height, a.width],
+            "tokens": a.tokens,
+            "warmup": a.warmup,
+            "iters": a.iters,
+            "gflop": flops as f64 / 1e9,
+            "tflops": tflops,
+            "model": source,
+        });
+        println!("{v}");
+    } else {
+        println!("UNet {source}");
+        println!(
+            "input [{}, {}, {}, {}], {} tokens, {threads} thread(s), loaded in {load_s:.2} s",
+            a.batch,
+            unet.config().in_channels,
+            a.height,
+            a.width,
+            a.tokens
+        );
+        println!(
+            "forward: median {median:.3} ms, min {min:.3} ms over {} iterations ({} warm-up); {:.3} GFLOP, {:.4} TFLOP/s",
+            a.iters,
+            a.warmup,
+            flops as f64 / 1e9,
+            tflops
+        );
+    }
+    if a.profile {
+        let total: f64 = kernels.iter().map(|k| k.seconds).sum();
+        eprintln!(
+            "kernel        calls      ms   GFLOP  (one profiled forward; {:.3} ms in kernels)",
+            total * 1e3
+        );
+        for k in kernels.iter().filter(|k| k.calls > 0) {
+            eprintln!(
+                "{:<12} {:>6} {:>7.3} {:>7.3}",
+                k.kernel.name(),
+                k.calls,
+                k.seconds * 1e3,
+                k.flops as f64 / 1e9
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,165 @@
+//! `pcpp-cli plan`: the bytes each rank moves per steady (and warm-up) step and its stale-context
+//! memory, for a model configuration and a parallel scheme, without loading weights (PCPP §3.3–3.4).
+//! A folder holding only the configs is enough (e.g. the real SDXL-base configs).
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use pcpp_core::{plan, ParallelConfig, ParallelMode, PlanSetup};
+use pcpp_kernels::DType;
+use pcpp_sdxl::{unet_inventory, UNetConfig};
+
+/// Arguments of `pcpp-cli plan`.
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// Model folder (pipeline, or configs only) holding `unet/config.json` (and `vae/config.json`).
+    #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+    model: Option<PathBuf>,
+    /// A UNet `config.json` (the VAE scale factor is then taken as 8).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Image height in pixels.
+    #[arg(long, default_value_t = 1024)]
+    height: usize,
+    /// Image width in pixels.
+    #[arg(long, default_value_t = 1024)]
+    width: usize,
+    /// Number of ranks.
+    #[arg(long, default_value_t = 8)]
+    ranks: usize,
+    /// Parallel scheme.
+    #[arg(long, default_value = "pcpp")]
+    parallel: ParallelMode,
+    /// PCPP portion: one value, or one per resolution level separated by commas.
+    #[arg(long, default_value = "0.3")]
+    portion: String,
+    /// Keep both CFG branches on every rank (model batch 2) instead of two rank groups.
+    #[arg(long)]
+    no_cfg_split: bool,
+    /// Without classifier-free guidance (model batch 1, one group).
+    #[arg(long)]
+    no_cfg: bool,
+    /// Element type of the exchanged activations (f16 on GPUs; the CPU twin uses f32).
+    #[arg(long, default_value = "f16")]
+    dtype: DType,
+    /// Print the plan as JSON (`bytes_per_step` is the total per rank per steady step).
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs the command.
+pub fn run(a: PlanArgs) -> Result<()> {
+    let (cfg_path, vae_scale) = match (&a.model, &a.config) {
+        (Some(m), _) => {
+            let vae = m.join("vae").join("config.json");
+            let scale = if vae.is_file() {
+                let text =
+                    std::fs::read_to_string(&vae).with_context(|| format!("{}", vae.display()))?;
+                let v: serde_json::Value = serde_json::from_str(&text)
+                    .with_context(|| format!("{}: not valid JSON", vae.display()))?;
+                let n = v["block_out_channels"]
+                    .as_array()
+                    .map(|a| a.len())
+                    .unwrap_or(4);
+                if n == 0 || n > 8 {
+                    bail!(
+                        "{}: `block_out_channels` must list 1 to 8 blocks",
+                        vae.display()
+                    );
+                }
+                1usize << (n - 1)
+            } else {
+                8
+            };
+            (m.join("unet").join("config.json"), scale)
+        }
+        (None, Some(c)) => (c.clone(), 8),
+        (None, None) => bail!("give --model DIR or --config FILE"),
+    };
+    let ucfg = UNetConfig::from_file(&cfg_path)?;
+    for (flag, v) in [("--height", a.height), ("--width", a.width)] {
+        if v == 0 || v % vae_scale != 0 {
+            bail!("{flag} {v}: must be a positive multiple of {vae_scale}");
+        }
+    }
+    if a.ranks == 0 {
+        bail!("--ranks must be at least 1");
+    }
+    let portions = crate::generate::parse_portions(&a.portion)?;
+    let mut cfg = match a.parallel {
+        ParallelMode::Pcpp => ParallelConfig::pcpp(portions[0]),
+        ParallelMode::DistriFusion => ParallelConfig::distrifusion(),
+        ParallelMode::NaivePatch => ParallelConfig::naive_patch(),
+        ParallelMode::Serial => ParallelConfig::serial(),
+    };
+    if a.parallel == ParallelMode::Pcpp {
+        cfg.portion = portions;
+    }
+    let cfg_on = !a.no_cfg;
+    let cfg_split = cfg_on && !a.no_cfg_split && a.ranks >= 2;
+    let setup = PlanSetup {
+        height: a.height / vae_scale,
+        width: a.width / vae_scale,
+        world_size: a.ranks,
+        cfg_split,
+        batch: if cfg_on && !cfg_split { 2 } else { 1 },
+        elem_size: a.dtype.size(),
+    };
+    let inv = unet_inventory(&ucfg);
+    let p = plan(&inv, &setup, &cfg).map_err(|e| anyhow::anyhow!("--ranks {}: {e}", a.ranks))?;
+    if a.json {
+        return crate::output::print(&format!("{}\n", serde_json::to_string_pretty(&p)?));
+    }
+    let mut out = String::new();
+    let mb = |b: f64| b / 1e6;
+    writeln!(
+        out,
+        "{} on {} ranks ({}), {}×{} image, latent {}×{}, activations in {}",
+        a.parallel,
+        a.ranks,
+        if cfg_split {
+            "CFG split into two groups".to_string()
+        } else if cfg_on {
+            "both CFG branches on every rank".to_string()
+        } else {
+            "no CFG".to_string()
+        },
+        a.height,
+        a.width,
+        setup.height,
+        setup.width,
+        a.dtype
+    )?;
+    writeln!(
+        out,
+        "received per rank per steady step: {:.3} MB (max {:.3} MB)",
+        mb(p.bytes_per_step),
+        mb(p.max_bytes_per_step as f64)
+    )?;
+    writeln!(
+        out,
+        "received per rank per warm-up step: {:.3} MB",
+        mb(p.bytes_per_warmup_step)
+    )?;
+    writeln!(out, "rank  group band rows  steady recv MB  halo  attention  group-norm  gather   stale cache MB")?;
+    for r in &p.ranks {
+        let s = &r.steady.recvd;
+        writeln!(
+            out,
+            "{:>4}  {:>5} {:>4} {:>4}  {:>14.3}  {:>5.2} {:>9.2}  {:>10.4}  {:>6.2}   {:>14.3}",
+            r.world_rank,
+            r.group,
+            r.patch,
+            r.rows,
+            mb(r.steady.recvd.total() as f64),
+            mb(s.halo as f64),
+            mb(s.attention as f64),
+            mb(s.group_norm as f64),
+            mb(s.gather as f64),
+            mb(r.cache_bytes as f64)
+        )?;
+    }
+    crate::output::print(&out)
+}

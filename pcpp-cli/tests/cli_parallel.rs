@@ -1,0 +1,176 @@
+//! Patch parallelism through the binary (`--transport local --ranks N`): with every step
+//! synchronous, N ranks give the serial latents; in stale steps PCPP stays closer to serial than
+//! naive patch splitting; the report's bytes are those of `plan`; and `plan` on the real SDXL
+//! configs shows PCPP moving ≤ 0.2× DistriFusion's bytes at 8 ranks, 1024².
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use pcpp_kernels::io::load_all;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pcpp-cli-par-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+fn run(args: &[&str]) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_pcpp-cli"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// Generates the Euler reference prompt from the stored noise; returns the latents file.
+fn generate(tag: &str, extra: &[&str]) -> PathBuf {
+    let noise = repo().join("tests/data/refs-tiny-sdxl/pipeline_euler.safetensors");
+    let lat = tmp(&format!("{tag}.safetensors"));
+    let png = tmp(&format!("{tag}.png"));
+    let mut args = vec![
+        "generate",
+        "--prompt",
+        "A painting of a squirrel eating a burger",
+        "--steps",
+        "6",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--init-noise",
+        noise.to_str().unwrap(),
+        "--save-latents",
+        lat.to_str().unwrap(),
+        "--output",
+        png.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    run(&args);
+    lat
+}
+
+fn latents(p: &Path) -> pcpp_kernels::Tensor {
+    load_all(p).unwrap().remove("latents").unwrap()
+}
+
+fn rel(a: &pcpp_kernels::Tensor, b: &pcpp_kernels::Tensor) -> f32 {
+    a.max_abs_diff(b).unwrap() / b.max_abs().unwrap()
+}
+
+#[test]
+fn synchronous_ranks_equal_serial_and_stale_pcpp_beats_naive() {
+    let serial = latents(&generate("serial", &[]));
+    for (r, split) in [("2", true), ("3", false), ("4", true)] {
+        let mut extra = vec!["--ranks", r, "--warmup-steps", "6"];
+        if !split {
+            extra.push("--no-cfg-split");
+        }
+        let got = latents(&generate(&format!("sync{r}"), &extra));
+        let e = rel(&got, &serial);
+        assert!(
+            e <= 1e-5,
+            "{r} ranks, all steps synchronous: rel err {e:.3e}"
+        );
+    }
+    let pcpp = rel(
+        &latents(&generate("pcpp4", &["--ranks", "4", "--warmup-steps", "2"])),
+        &serial,
+    );
+    let naive = rel(
+        &latents(&generate(
+            "naive4",
+            &["--ranks", "4", "--parallel", "naive-patch"],
+        )),
+        &serial,
+    );
+    assert!(pcpp > 0.0, "stale steps must differ from serial");
+    assert!(
+        pcpp < naive,
+        "pcpp {pcpp:.3e} should be closer to serial than naive patch {naive:.3e}"
+    );
+}
+
+#[test]
+fn report_bytes_match_plan() {
+    let report = tmp("report.json");
+    generate(
+        "report",
+        &[
+            "--ranks",
+            "4",
+            "--warmup-steps",
+            "2",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let plan: serde_json::Value = serde_json::from_str(&run(&[
+        "plan",
+        "--model",
+        repo().join("models/tiny-sdxl").to_str().unwrap(),
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--ranks",
+        "4",
+        "--dtype",
+        "f32",
+        "--json",
+    ]))
+    .unwrap();
+    let per_rank = r["per_rank"].as_array().unwrap();
+    assert_eq!(per_rank.len(), 4);
+    for (rank, rep) in per_rank.iter().enumerate() {
+        let steps = rep["steps"].as_array().unwrap();
+        assert_eq!(steps.len(), 6);
+        for s in steps {
+            let which = if s["sync"].as_bool().unwrap() {
+                "warmup"
+            } else {
+                "steady"
+            };
+            for kind in ["halo", "attention", "group_norm"] {
+                assert_eq!(
+                    s["traffic"]["recvd"][kind], plan["ranks"][rank][which]["recvd"][kind],
+                    "rank {rank} step {} {kind}",
+                    s["step"]
+                );
+            }
+        }
+        assert_eq!(rep["min_stale_age"], 1);
+        assert_eq!(rep["max_stale_age"], 1);
+    }
+}
+
+#[test]
+fn plan_pcpp_moves_a_fifth_of_distrifusion_on_sdxl() {
+    let cfgs = repo().join("models/sdxl-base-1.0-configs");
+    let bytes = |mode: &str| -> f64 {
+        let v: serde_json::Value = serde_json::from_str(&run(&[
+            "plan",
+            "--model",
+            cfgs.to_str().unwrap(),
+            "--ranks",
+            "8",
+            "--parallel",
+            mode,
+            "--json",
+        ]))
+        .unwrap();
+        v["bytes_per_step"].as_f64().unwrap()
+    };
+    let (p, d) = (bytes("pcpp"), bytes("distrifusion"));
+    assert!(p > 0.0 && p <= 0.2 * d, "pcpp {p} vs distrifusion {d}");
+}

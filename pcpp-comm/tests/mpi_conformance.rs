@@ -1,0 +1,283 @@
+//! Runs the [`pcpp_comm::conformance`] suite (the communication contract of
+//! pcpp-algorithm.md §3) on [`MpiTransport`] under
+//! `mpirun -n 2, 3, 4` (with `--oversubscribe`, and `--allow-run-as-root` for
+//! Open MPI), plus start-up through [`launch::connect`], the same-arguments
+//! check, and the failure paths: `MPI_Abort` from [`launch::abort_job`] and
+//! from a panic ends the whole job with a non-zero status and a
+//! `rank R: <message>` line instead of a hang. With the `ucx` feature too, UCX
+//! is also started under `mpirun` with worker addresses exchanged over MPI.
+//!
+//! Each test launches `mpirun` on this binary, which re-enters the ignored
+//! test `mpi_rank` with the scenario in `PCPP_TEST_ROLE`. Without `mpirun` on
+//! the `PATH` the tests print why and pass without running.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{launch_lock, run_all, self_command, Finished, ROLE};
+use pcpp_comm::launch::{self, ConnectOptions, LaunchEnv, TransportKind};
+use pcpp_comm::{CommError, CommKind, MpiTransport, Transport, TransportOptions};
+
+const HANG_LIMIT: Duration = Duration::from_secs(240);
+
+/// `mpirun` with the flags this MPI needs to run `n` ranks on a small
+/// machine, or `None` (after saying why) when there is no `mpirun`.
+fn mpirun(n: usize) -> Option<Command> {
+    let version = match Command::new("mpirun").arg("--version").output() {
+        Ok(o) => format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => {
+            eprintln!("SKIPPED: mpirun not found ({e}); install openmpi-bin or MPICH to run the MPI tests");
+            return None;
+        }
+    };
+    let mut c = Command::new("mpirun");
+    if version.contains("Open MPI") || version.contains("OpenRTE") {
+        c.args(["--allow-run-as-root", "--oversubscribe"]);
+    }
+    c.args(["-n", &n.to_string()]);
+    Some(c)
+}
+
+fn launch_job(n: usize, role: &str) -> Option<Finished> {
+    let mut c = mpirun(n)?;
+    let entry = self_command("mpi_rank");
+    c.arg(entry.get_program()).args(entry.get_args());
+    c.env(ROLE, role)
+        .env_remove("PCPP_RANK")
+        .env_remove("PCPP_WORLD_SIZE")
+        .env_remove("PCPP_UCX_ROOT")
+        .env("UCX_TLS", "tcp,self")
+        .env("UCX_LOG_LEVEL", "error");
+    let _g = launch_lock();
+    run_all(vec![c], HANG_LIMIT).pop()
+}
+
+fn assert_job_passed(n: usize, role: &str) {
+    let Some(out) = launch_job(n, role) else {
+        return;
+    };
+    assert!(out.ok(), "mpirun -n {n} ({role}) failed:\n{}", out.all());
+    for r in 0..n {
+        let marker = format!("rank {r}/{n}: {role} passed");
+        assert!(
+            out.stdout.contains(&marker),
+            "no {marker:?}:\n{}",
+            out.all()
+        );
+    }
+}
+
+#[test]
+fn conformance_n2() {
+    assert_job_passed(2, "conformance");
+}
+
+#[test]
+fn conformance_n3() {
+    assert_job_passed(3, "conformance");
+}
+
+#[test]
+fn conformance_n4() {
+    assert_job_passed(4, "conformance");
+}
+
+#[test]
+fn connect_and_same_arguments_check() {
+    assert_job_passed(3, "launch");
+}
+
+#[cfg(feature = "ucx")]
+#[test]
+fn ucx_bootstrapped_over_mpi() {
+    assert_job_passed(3, "ucx");
+}
+
+fn assert_job_aborted(role: &str) {
+    let Some(out) = launch_job(3, role) else {
+        return;
+    };
+    assert!(
+        out.code.is_some(),
+        "the job hung and was killed:\n{}",
+        out.all()
+    );
+    assert!(!out.ok(), "the job should fail:\n{}", out.all());
+    assert!(
+        out.stderr.contains("rank 1: "),
+        "no rank-prefixed message:\n{}",
+        out.all()
+    );
+    assert!(
+        out.stderr.contains("failed on purpose"),
+        "the reason is missing:\n{}",
+        out.all()
+    );
+    assert!(
+        !out.stdout.contains(&format!("{role} passed")),
+        "a rank got past the failure:\n{}",
+        out.all()
+    );
+}
+
+#[test]
+fn abort_job_ends_every_rank() {
+    assert_job_aborted("abort");
+}
+
+#[test]
+fn panic_ends_every_rank() {
+    assert_job_aborted("panic");
+}
+
+#[test]
+fn rank_killed_by_a_signal_ends_the_job() {
+    let Some(out) = launch_job(3, "killed") else {
+        return;
+    };
+    assert!(
+        out.code.is_some(),
+        "the job hung and was killed:\n{}",
+        out.all()
+    );
+    assert!(!out.ok(), "the job should fail:\n{}", out.all());
+    assert!(
+        !out.stdout.contains("killed passed"),
+        "a rank got past the failure:\n{}",
+        out.all()
+    );
+}
+
+/// A receive nobody sends to fails with a timeout naming the peer, and the
+/// world keeps working.
+fn timeout_check(world: &MpiTransport) -> Result<(), String> {
+    let short = world.with_options(TransportOptions::with_timeout(Duration::from_millis(300)));
+    if short.rank() == 0 {
+        let peer = 1 % short.size();
+        let res = short
+            .exchange(CommKind::Control, 99, Vec::new(), vec![(peer, 4)])
+            .map_err(|e| format!("post: {e}"))?
+            .wait();
+        match res {
+            Err(CommError::Timeout {
+                peer: p, tag: 99, ..
+            }) if p == peer => {}
+            other => return Err(format!("expected a timeout, got {other:?}")),
+        }
+    }
+    world.barrier().map_err(|e| format!("barrier: {e}"))
+}
+
+fn wait_forever_on(t: &dyn Transport, peer: usize) -> Result<Vec<Vec<u8>>, CommError> {
+    t.exchange(CommKind::Halo, 7, vec![], vec![(peer, 8)])?
+        .wait()
+}
+
+/// Rank entry point: runs the scenario named by `PCPP_TEST_ROLE`.
+#[test]
+#[ignore = "rank entry point, launched under mpirun by the other tests"]
+fn mpi_rank() {
+    let role = std::env::var(ROLE).expect("PCPP_TEST_ROLE is set by the launching test");
+    let env = LaunchEnv::from_env().unwrap();
+    assert!(env.under_mpi, "not started by an MPI launcher: {env:?}");
+    let (rank, n) = match role.as_str() {
+        "conformance" => {
+            let opts = TransportOptions::with_timeout(Duration::from_secs(120));
+            let (world, ctx) = MpiTransport::init_typed(opts).unwrap();
+            assert_eq!(Some(ctx.rank), env.rank);
+            assert_eq!(Some(ctx.size), env.world_size);
+            // The launcher's local rank agrees with the communicator's.
+            if let Some(l) = env.local_rank {
+                assert_eq!(l, ctx.local_rank);
+            }
+            let res = pcpp_comm::conformance::run_all(world.as_ref())
+                .and_then(|()| timeout_check(&world));
+            if let Err(e) = res {
+                launch::abort_job(world.as_ref(), &e);
+            }
+            (ctx.rank, ctx.size)
+        }
+        "launch" => {
+            let opts = ConnectOptions {
+                transport: TransportOptions::with_timeout(Duration::from_secs(120)),
+                ..ConnectOptions::default()
+            };
+            let conn = launch::connect(TransportKind::Auto, &env, &opts).unwrap();
+            assert_eq!(conn.kind, TransportKind::Mpi);
+            assert!(
+                conn.description.starts_with("mpi ("),
+                "{}",
+                conn.description
+            );
+            let t = conn.transport.clone();
+            let same = launch::fingerprint(&[b"model", b"--steps 20"]);
+            launch::check_same_everywhere(t.as_ref(), &same).unwrap();
+            let args: &[u8] = if conn.rank == 1 {
+                b"--steps 30"
+            } else {
+                b"--steps 20"
+            };
+            match launch::check_same_everywhere(t.as_ref(), &launch::fingerprint(&[b"model", args]))
+            {
+                Err(CommError::Mismatch { ranks, .. }) => assert_eq!(ranks, vec![1]),
+                other => panic!("expected a mismatch, got {other:?}"),
+            }
+            (conn.rank, conn.world_size)
+        }
+        "ucx" => ucx_role(&env),
+        "abort" | "panic" | "killed" => {
+            let conn =
+                launch::connect(TransportKind::Mpi, &env, &ConnectOptions::default()).unwrap();
+            let t = conn.transport.clone();
+            launch::abort_on_panic(t.clone());
+            t.barrier().unwrap();
+            if conn.rank == 1 {
+                if role == "killed" {
+                    // SIGABRT, without MPI_Abort: only the launcher can notice.
+                    std::process::abort();
+                }
+                if role == "abort" {
+                    launch::abort_job(t.as_ref(), "rank 1 failed on purpose");
+                }
+                panic!("rank 1 failed on purpose");
+            }
+            let started = Instant::now();
+            let res = wait_forever_on(t.as_ref(), 1);
+            panic!(
+                "rank {} returned from the wait after {:?}: {res:?}",
+                conn.rank,
+                started.elapsed()
+            );
+        }
+        other => panic!("unknown role {other}"),
+    };
+    println!("rank {rank}/{n}: {role} passed");
+}
+
+#[cfg(feature = "ucx")]
+fn ucx_role(env: &LaunchEnv) -> (usize, usize) {
+    let opts = ConnectOptions {
+        transport: TransportOptions::with_timeout(Duration::from_secs(120)),
+        ..ConnectOptions::default()
+    };
+    let conn = launch::connect(TransportKind::Ucx, env, &opts).unwrap();
+    assert!(
+        conn.description.contains("bootstrap: mpi"),
+        "{}",
+        conn.description
+    );
+    assert!(conn.mpi_context().is_some());
+    pcpp_comm::conformance::run_all(conn.transport.as_ref()).unwrap();
+    (conn.rank, conn.world_size)
+}
+
+#[cfg(not(feature = "ucx"))]
+fn ucx_role(_: &LaunchEnv) -> (usize, usize) {
+    panic!("role ucx needs the ucx feature");
+}

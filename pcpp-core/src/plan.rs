@@ -1,0 +1,360 @@
+//! Communication and memory plan without weights (PCPP §3.3–3.4, with the §7 fixes): from a
+//! model-independent inventory of the layers that couple rows, the latent geometry and a
+//! [`ParallelConfig`], the bytes every rank sends and receives per warm-up and per steady step, by
+//! layer kind, and its stale-context memory. The formulas are written out in `docs/parallelism.md`;
+//! the runtime's counters must equal them exactly (tested).
+
+use serde::{Deserialize, Serialize};
+
+use crate::geometry::{window_part, BandPlan, HaloPlan};
+use crate::grid::ProcessGrid;
+use crate::layers::{CoreError, Result};
+use crate::report::Traffic;
+use crate::schedule::{GnMode, ParallelConfig, ParallelMode};
+use pcpp_comm::CommKind;
+
+/// Bytes of one group-norm statistic on the wire: statistics always travel as f32.
+pub const GN_STAT_BYTES: usize = 4;
+
+/// Values per (batch, group) of the group-norm statistics message: mean and centred sum of squares.
+pub const GN_STATS_PER_GROUP: usize = 2;
+
+/// What a layer of the inventory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerKind {
+    /// The first convolution (whole latent in, own band out; no communication).
+    InputConv {
+        /// Square kernel size.
+        kernel: usize,
+        /// Zero padding.
+        padding: usize,
+    },
+    /// A convolution that needs rows of other bands (`kernel > 1`).
+    Conv {
+        /// Square kernel size.
+        kernel: usize,
+        /// Stride (1 or 2).
+        stride: usize,
+        /// Zero padding.
+        padding: usize,
+    },
+    /// Group normalisation.
+    GroupNorm {
+        /// Number of groups.
+        groups: usize,
+    },
+    /// Self-attention over the image tokens.
+    SelfAttention {
+        /// Number of heads.
+        heads: usize,
+    },
+    /// Gather of the output bands.
+    Gather,
+}
+
+/// One layer that couples rows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerSpec {
+    /// Stable path (the weight prefix), the stale-cache key.
+    pub id: String,
+    /// What it is.
+    pub kind: LayerKind,
+    /// Input channels (self-attention: the token width).
+    pub channels: usize,
+    /// Resolution level of its input (0 = the latent's; each level halves the rows).
+    pub level: usize,
+}
+
+/// Every layer of a model that couples rows, in construction order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inventory {
+    /// The model family, for display.
+    pub model: String,
+    /// Number of halvings between the latent and the coarsest level.
+    pub levels: usize,
+    /// The layers.
+    pub layers: Vec<LayerSpec>,
+}
+
+impl Inventory {
+    /// Ids of the layers that own a stale-cache slot (all but the input conv and the gather), in
+    /// the order a patch-parallel factory registers them.
+    pub fn slot_ids(&self) -> Vec<String> {
+        self.layers
+            .iter()
+            .filter(|l| {
+                matches!(
+                    l.kind,
+                    LayerKind::Conv { .. }
+                        | LayerKind::GroupNorm { .. }
+                        | LayerKind::SelfAttention { .. }
+                )
+            })
+            .map(|l| l.id.clone())
+            .collect()
+    }
+}
+
+/// The run a plan is made for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanSetup {
+    /// Latent height and width.
+    pub height: usize,
+    pub width: usize,
+    /// Number of ranks.
+    pub world_size: usize,
+    /// Whether the two CFG branches run on separate halves of the world.
+    pub cfg_split: bool,
+    /// Model batch on each rank (1 with CFG split, 2 without, times images per prompt).
+    pub batch: usize,
+    /// Bytes per exchanged activation element (2 for f16 on GPUs, 4 for the f32 CPU twin).
+    pub elem_size: usize,
+}
+
+/// The plan of one rank.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankPlan {
+    /// World rank, CFG group and band index.
+    pub world_rank: usize,
+    pub group: usize,
+    pub patch: usize,
+    /// Latent rows of this rank's band.
+    pub rows: usize,
+    /// Bytes per synchronous (warm-up) step.
+    pub warmup: Traffic,
+    /// Bytes per stale (steady) step.
+    pub steady: Traffic,
+    /// Stale context held between steps: what a steady step receives, double-buffered, plus own
+    /// group-norm statistics kept for the correction.
+    pub cache_bytes: u64,
+    /// The largest single band activation that enters a communicating layer.
+    pub largest_activation_bytes: u64,
+    /// The largest K/V that one self-attention layer attends over in a steady step.
+    pub largest_kv_window_bytes: u64,
+}
+
+/// The plan of a whole run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// The configuration planned for.
+    pub mode: ParallelMode,
+    pub portion: Vec<f64>,
+    pub gn_mode: GnMode,
+    pub warmup_steps: usize,
+    pub setup: Option<PlanSetup>,
+    /// Ranks sharing each CFG branch.
+    pub group_sizes: Vec<usize>,
+    /// Bytes received per rank per steady step, all kinds, averaged over ranks (the §3.4 figure).
+    pub bytes_per_step: f64,
+    /// The same for a warm-up step.
+    pub bytes_per_warmup_step: f64,
+    /// The most any rank receives in a steady step.
+    pub max_bytes_per_step: u64,
+    /// Per world rank.
+    pub ranks: Vec<RankPlan>,
+}
+
+/// Bytes of the message a group norm sends to each peer.
+pub fn gn_message_bytes(batch: usize, groups: usize) -> usize {
+    batch * groups * GN_STATS_PER_GROUP * GN_STAT_BYTES
+}
+
+/// Tokens of every band at `level` (rows × width).
+pub fn band_tokens(plan: &BandPlan, level: usize) -> Vec<usize> {
+    (0..plan.ranks())
+        .map(|j| plan.band(level, j).len() * plan.width_at(level))
+        .collect()
+}
+
+/// `(peer, tokens)` of the K/V this rank (`me`) sends in a steady step: its tokens inside each
+/// peer's window.
+pub fn kv_sends(tokens: &[usize], me: usize, portion: f64) -> Vec<(usize, std::ops::Range<usize>)> {
+    (0..tokens.len())
+        .filter(|&j| j != me)
+        .map(|j| (j, window_part(tokens, j, me, portion)))
+        .filter(|(_, r)| !r.is_empty())
+        .collect()
+}
+
+/// `(peer, tokens)` of the K/V this rank receives in a steady step: each peer's tokens inside its
+/// own window, top to bottom.
+pub fn kv_recvs(tokens: &[usize], me: usize, portion: f64) -> Vec<(usize, std::ops::Range<usize>)> {
+    (0..tokens.len())
+        .filter(|&j| j != me)
+        .map(|j| (j, window_part(tokens, me, j, portion)))
+        .filter(|(_, r)| !r.is_empty())
+        .collect()
+}
+
+/// Computes the plan. Errors when a band would be empty or the geometry does not fit.
+pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<Plan> {
+    cfg.validate()?;
+    let serial = setup.world_size <= 1 || cfg.mode == ParallelMode::Serial;
+    let cfg_split = setup.cfg_split && !serial;
+    let groups = if cfg_split { 2 } else { 1 };
+    let group_sizes = if serial {
+        vec![1]
+    } else {
+        ProcessGrid::group_sizes(setup.world_size, groups)
+    };
+    let plans = group_sizes
+        .iter()
+        .map(|&n| BandPlan::new(setup.height, setup.width, inv.levels, n))
+        .collect::<Result<Vec<_>>>()?;
+    let grids = (0..setup.world_size)
+        .map(|r| ProcessGrid::new(r, setup.world_size, cfg_split))
+        .collect::<Result<Vec<_>>>()?;
+    let (b, e) = (setup.batch as u64, setup.elem_size as u64);
+    let communicates = cfg.communicates() && !serial;
+    let mut ranks = Vec::with_capacity(setup.world_size);
+    for g in &grids {
+        let bp = &plans[if serial { 0 } else { g.group }];
+        let me = if serial { 0 } else { g.patch() };
+        let mut rp = RankPlan {
+            world_rank: g.world_rank,
+            group: g.group,
+            patch: me,
+            rows: bp.band(0, me).len(),
+            ..RankPlan::default()
+        };
+        for l in &inv.layers {
+            if l.level > inv.levels {
+                return Err(CoreError::Config(format!(
+                    "inventory layer `{}` is at level {} but the model has {} levels",
+                    l.id, l.level, inv.levels
+                )));
+            }
+            let wl = bp.width_at(l.level) as u64;
+            let c = l.channels as u64;
+            let rows_me = bp.band(l.level, me).len() as u64;
+            rp.largest_activation_bytes = rp.largest_activation_bytes.max(b * c * rows_me * wl * e);
+            let (mut warm, mut steady) = (Traffic::default(), Traffic::default());
+            match l.kind {
+                LayerKind::InputConv { .. } => {}
+                LayerKind::Conv {
+                    kernel,
+                    stride,
+                    padding,
+                } => {
+                    if communicates {
+                        let hp = HaloPlan::new(bp, l.level, me, kernel, stride, padding);
+                        let row = b * c * wl * e;
+                        let sent: u64 = hp.send.iter().map(|(_, r)| r.len() as u64 * row).sum();
+                        let recvd: u64 = hp
+                            .recv_above
+                            .iter()
+                            .chain(&hp.recv_below)
+                            .map(|&(_, n)| n as u64 * row)
+                            .sum();
+                        for t in [&mut warm, &mut steady] {
+                            t.sent.add(CommKind::Halo, sent);
+                            t.recvd.add(CommKind::Halo, recvd);
+                        }
+                        rp.cache_bytes += 2 * recvd;
+                    }
+                }
+                LayerKind::GroupNorm { groups } => {
+                    if communicates {
+                        let peers = (bp.ranks() - 1) as u64;
+                        let m = gn_message_bytes(setup.batch, groups) as u64;
+                        warm.sent.add(CommKind::GroupNorm, peers * m);
+                        warm.recvd.add(CommKind::GroupNorm, peers * m);
+                        if cfg.gn_mode != GnMode::Separate {
+                            steady.sent.add(CommKind::GroupNorm, peers * m);
+                            steady.recvd.add(CommKind::GroupNorm, peers * m);
+                        }
+                        if matches!(cfg.gn_mode, GnMode::Stale | GnMode::Corrected) {
+                            rp.cache_bytes += 2 * (peers * m + m);
+                        }
+                    }
+                }
+                LayerKind::SelfAttention { .. } => {
+                    let tokens = band_tokens(bp, l.level);
+                    let per_tok = b * 2 * c * e;
+                    let own = tokens[me] as u64 * per_tok;
+                    if communicates {
+                        let others: u64 = tokens
+                            .iter()
+                            .enumerate()
+                            .filter(|&(j, _)| j != me)
+                            .map(|(_, &t)| t as u64 * per_tok)
+                            .sum();
+                        warm.sent
+                            .add(CommKind::Attention, (bp.ranks() - 1) as u64 * own);
+                        warm.recvd.add(CommKind::Attention, others);
+                        let p = cfg.portion_at(l.level);
+                        let sent: u64 = kv_sends(&tokens, me, p)
+                            .iter()
+                            .map(|(_, r)| r.len() as u64 * per_tok)
+                            .sum();
+                        let recvd: u64 = kv_recvs(&tokens, me, p)
+                            .iter()
+                            .map(|(_, r)| r.len() as u64 * per_tok)
+                            .sum();
+                        steady.sent.add(CommKind::Attention, sent);
+                        steady.recvd.add(CommKind::Attention, recvd);
+                        rp.cache_bytes += 2 * recvd;
+                        rp.largest_kv_window_bytes = rp.largest_kv_window_bytes.max(own + recvd);
+                    } else {
+                        rp.largest_kv_window_bytes = rp.largest_kv_window_bytes.max(own);
+                    }
+                }
+                LayerKind::Gather => {
+                    if !serial {
+                        let rows_of = |r: usize| -> u64 {
+                            let gr = &grids[r];
+                            plans[gr.group].band(l.level, gr.patch()).len() as u64
+                        };
+                        let row = b * c * wl * e;
+                        let others = grids.len() as u64 - 1;
+                        let sent = others * rows_me * row;
+                        let recvd: u64 = (0..grids.len())
+                            .filter(|&r| r != g.world_rank)
+                            .map(|r| rows_of(r) * row)
+                            .sum();
+                        for t in [&mut warm, &mut steady] {
+                            t.sent.add(CommKind::Gather, sent);
+                            t.recvd.add(CommKind::Gather, recvd);
+                        }
+                    }
+                }
+            }
+            rp.warmup = rp.warmup.plus(&warm);
+            rp.steady = rp.steady.plus(&steady);
+        }
+        ranks.push(rp);
+    }
+    let n = ranks.len().max(1) as f64;
+    let mean = |f: &dyn Fn(&RankPlan) -> u64| ranks.iter().map(f).sum::<u64>() as f64 / n;
+    Ok(Plan {
+        mode: cfg.mode,
+        portion: cfg.portion.clone(),
+        gn_mode: cfg.gn_mode,
+        warmup_steps: cfg.warmup_steps,
+        setup: Some(*setup),
+        group_sizes,
+        bytes_per_step: mean(&|r| r.steady.recvd.total()),
+        bytes_per_warmup_step: mean(&|r| r.warmup.recvd.total()),
+        max_bytes_per_step: ranks
+            .iter()
+            .map(|r| r.steady.recvd.total())
+            .max()
+            .unwrap_or(0),
+        ranks,
+    })
+}
+
+/// Bytes per kind summed over `steps` steps of a generation with this plan for `rank`.
+pub fn generation_traffic(plan: &Plan, rank: usize, steps: usize) -> Traffic {
+    let rp = &plan.ranks[rank];
+    let sync = steps.min(plan.warmup_steps.max(1));
+    let mut t = Traffic::default();
+    for _ in 0..sync {
+        t = t.plus(&rp.warmup);
+    }
+    for _ in sync..steps {
+        t = t.plus(&rp.steady);
+    }
+    t
+}

@@ -1,0 +1,372 @@
+//! The SDXL text-to-image pipeline (diffusers' `StableDiffusionXLPipeline`): loading a diffusers
+//! pipeline folder, SDXL prompt encoding with both CLIP encoders, the classifier-free-guided
+//! denoising loop and the VAE decode.
+//!
+//! The denoising loop is written against [`StepDriver`] (PCPP §1.1, §1.4, §4): it asks the driver
+//! for each step's context (synchronous warm-up or stale), and with CFG split it feeds only this
+//! rank's branch to the UNet, whose gather layer returns both branches. Serially the driver is
+//! [`SerialDriver`](pcpp_core::SerialDriver) and the loop is exactly diffusers'.
+
+use std::path::{Path, PathBuf};
+
+use pcpp_core::StepDriver;
+use pcpp_kernels::{DType, Tensor};
+use serde::Deserialize;
+
+use crate::clip::ClipTextModel;
+use crate::error::{Result, SdxlError};
+use crate::scheduler::{self, Scheduler, SchedulerConfig, SchedulerKind};
+use crate::tokenizer::ClipTokenizer;
+use crate::unet::{UNet, UNetCond};
+use crate::vae::VaeDecoder;
+use crate::weights::read_json;
+
+/// The parts of `model_index.json` the pipeline uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelIndex {
+    /// Pipeline class; must be `StableDiffusionXLPipeline`.
+    #[serde(rename = "_class_name")]
+    pub class_name: String,
+    /// Zeros instead of an encoded empty negative prompt (SDXL base: true).
+    #[serde(default = "yes")]
+    pub force_zeros_for_empty_prompt: bool,
+    /// `[library, class]` of the scheduler.
+    #[serde(default)]
+    pub scheduler: Option<(Option<String>, Option<String>)>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl ModelIndex {
+    /// Reads and checks `DIR/model_index.json`.
+    pub fn load(dir: &Path) -> Result<ModelIndex> {
+        let path = dir.join("model_index.json");
+        if !dir.is_dir() {
+            return Err(SdxlError::Model {
+                path: dir.to_path_buf(),
+                msg: "model folder not found".into(),
+            });
+        }
+        if !path.is_file() {
+            return Err(SdxlError::Model {
+                path,
+                msg: "missing: not a diffusers pipeline folder (expected model_index.json, unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/)".into(),
+            });
+        }
+        let idx: ModelIndex = read_json(&path)?;
+        if idx.class_name != "StableDiffusionXLPipeline" {
+            return Err(SdxlError::config(
+                &path,
+                format!(
+                    "_class_name is `{}`, expected `StableDiffusionXLPipeline`",
+                    idx.class_name
+                ),
+            ));
+        }
+        Ok(idx)
+    }
+
+    /// The scheduler kind the folder names, if it is one we support.
+    pub fn default_scheduler(&self) -> Option<SchedulerKind> {
+        self.scheduler
+            .as_ref()
+            .and_then(|(_, c)| c.as_deref())
+            .and_then(SchedulerKind::from_class_name)
+    }
+}
+
+/// Prompt conditioning for the UNet, CFG batch order `[uncond, cond]` (or only `cond` without CFG).
+#[derive(Debug, Clone)]
+pub struct PromptEmbeds {
+    /// `[b, 77, te1_hidden + te2_hidden]`: penultimate hidden states of both encoders.
+    pub prompt_embeds: Tensor,
+    /// `[b, te2_projection]`: pooled, projected output of text encoder 2.
+    pub pooled: Tensor,
+    /// Whether the prompt or the negative prompt was cut to 77 tokens.
+    pub truncated: bool,
+}
+
+/// Both tokenizers and CLIP text encoders of an SDXL pipeline.
+pub struct TextEncoders {
+    tok1: ClipTokenizer,
+    tok2: ClipTokenizer,
+    te1: ClipTextModel,
+    te2: ClipTextModel,
+    force_zeros_for_empty_prompt: bool,
+}
+
+struct Encoded1 {
+    hidden: Tensor,
+    pooled: Tensor,
+    truncated: bool,
+}
+
+impl TextEncoders {
+    /// Loads `tokenizer/`, `tokenizer_2/`, `text_encoder/`, `text_encoder_2/` of a pipeline folder.
+    pub fn load(dir: &Path, dtype: DType) -> Result<TextEncoders> {
+        let idx = ModelIndex::load(dir)?;
+        let tok = |sub: &str| {
+            ClipTokenizer::from_dir(dir.join(sub)).map_err(|e| SdxlError::Model {
+                path: dir.join(sub),
+                msg: e.to_string(),
+            })
+        };
+        let te2 = ClipTextModel::load(&dir.join("text_encoder_2"), dtype)?;
+        if !te2.has_projection() {
+            return Err(SdxlError::Model {
+                path: dir.join("text_encoder_2"),
+                msg: "SDXL's second text encoder needs a `text_projection` (CLIPTextModelWithProjection)".into(),
+            });
+        }
+        Ok(TextEncoders {
+            tok1: tok("tokenizer")?,
+            tok2: tok("tokenizer_2")?,
+            te1: ClipTextModel::load(&dir.join("text_encoder"), dtype)?,
+            te2,
+            force_zeros_for_empty_prompt: idx.force_zeros_for_empty_prompt,
+        })
+    }
+
+    fn encode_one(&self, prompt: &str) -> Result<Encoded1> {
+        let mut hidden = Vec::new();
+        let mut pooled = None;
+        let mut truncated = false;
+        for (tok, te) in [(&self.tok1, &self.te1), (&self.tok2, &self.te2)] {
+            let enc = tok
+                .encode(prompt)
+                .map_err(|e| SdxlError::Input(format!("prompt: {e}")))?;
+            truncated |= enc.truncated;
+            let ids = Tensor::from_vec(
+                &[1, enc.ids.len()],
+                enc.ids.iter().map(|&i| i as f32).collect(),
+            )?;
+            let out = te.forward(&ids)?;
+            hidden.push(out.penultimate_hidden_state);
+            if let Some(p) = out.text_embeds {
+                pooled = Some(p);
+            }
+        }
+        let pooled =
+            pooled.ok_or_else(|| SdxlError::Input("text encoder 2 has no projection".into()))?;
+        Ok(Encoded1 {
+            hidden: Tensor::cat(&[&hidden[0], &hidden[1]], 2)?,
+            pooled,
+            truncated,
+        })
+    }
+
+    /// SDXL prompt encoding (diffusers' `encode_prompt`). With `cfg`, returns `[uncond, cond]`:
+    /// the negative prompt encoded like the prompt, or zeros when there is none (`None` or empty)
+    /// and the model asks for `force_zeros_for_empty_prompt`.
+    pub fn encode(&self, prompt: &str, negative: Option<&str>, cfg: bool) -> Result<PromptEmbeds> {
+        let pos = self.encode_one(prompt)?;
+        if !cfg {
+            return Ok(PromptEmbeds {
+                prompt_embeds: pos.hidden,
+                pooled: pos.pooled,
+                truncated: pos.truncated,
+            });
+        }
+        let negative = negative.filter(|n| !n.is_empty());
+        let neg = match negative {
+            None if self.force_zeros_for_empty_prompt => Encoded1 {
+                hidden: Tensor::zeros(pos.hidden.shape(), DType::F32),
+                pooled: Tensor::zeros(pos.pooled.shape(), DType::F32),
+                truncated: false,
+            },
+            other => self.encode_one(other.unwrap_or(""))?,
+        };
+        Ok(PromptEmbeds {
+            prompt_embeds: Tensor::cat(&[&neg.hidden, &pos.hidden], 0)?,
+            pooled: Tensor::cat(&[&neg.pooled, &pos.pooled], 0)?,
+            truncated: pos.truncated || neg.truncated,
+        })
+    }
+}
+
+/// SDXL's micro-conditioning (`add_time_ids`), in pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MicroCond {
+    /// `(height, width)` of the original image.
+    pub original_size: (usize, usize),
+    /// `(top, left)` crop coordinates.
+    pub crop_top_left: (usize, usize),
+    /// `(height, width)` of the target image.
+    pub target_size: (usize, usize),
+}
+
+impl MicroCond {
+    /// diffusers' defaults for an `height × width` image: original = target = size, no crop.
+    pub fn for_size(height: usize, width: usize) -> MicroCond {
+        MicroCond {
+            original_size: (height, width),
+            crop_top_left: (0, 0),
+            target_size: (height, width),
+        }
+    }
+
+    fn ids(&self) -> [f32; 6] {
+        [
+            self.original_size.0 as f32,
+            self.original_size.1 as f32,
+            self.crop_top_left.0 as f32,
+            self.crop_top_left.1 as f32,
+            self.target_size.0 as f32,
+            self.target_size.1 as f32,
+        ]
+    }
+}
+
+/// What the denoising loop needs besides the model.
+#[derive(Debug, Clone)]
+pub struct DenoiseParams {
+    /// Number of inference steps.
+    pub steps: usize,
+    /// Classifier-free guidance scale; CFG runs when it is > 1.
+    pub guidance: f32,
+    /// Which sampler.
+    pub scheduler: SchedulerKind,
+    /// SDXL micro-conditioning.
+    pub micro: MicroCond,
+}
+
+impl DenoiseParams {
+    /// Whether classifier-free guidance runs (diffusers: `guidance_scale > 1`).
+    pub fn cfg(&self) -> bool {
+        self.guidance > 1.0
+    }
+}
+
+/// Per-step progress: `(step just finished, total steps)`.
+pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
+
+/// The guided denoising loop: from unit Gaussian `noise` `[1, c, h, w]` to the final latents.
+///
+/// With `driver.cfg_branch() == Some(g)` only branch `g` is fed to the UNet (the UNet's gather
+/// returns `[uncond; cond]`); otherwise the whole CFG batch is.
+#[allow(clippy::too_many_arguments)]
+pub fn denoise(
+    unet: &UNet,
+    driver: &dyn StepDriver,
+    sched_cfg: &SchedulerConfig,
+    params: &DenoiseParams,
+    embeds: &PromptEmbeds,
+    noise: &Tensor,
+    progress: Progress<'_>,
+) -> Result<Tensor> {
+    let mut sched: Box<dyn Scheduler> = scheduler::build(params.scheduler, sched_cfg, params.steps)
+        .map_err(|e| SdxlError::Input(format!("scheduler: {e}")))?;
+    let shape = noise.shape().to_vec();
+    if shape.len() != 4 || shape[0] != 1 {
+        return Err(SdxlError::Input(format!(
+            "initial noise must be [1, channels, h, w], got {shape:?}"
+        )));
+    }
+    let cfg = params.cfg();
+    let want_b = if cfg { 2 } else { 1 };
+    if embeds.prompt_embeds.shape()[0] != want_b {
+        return Err(SdxlError::Input(format!(
+            "prompt embeddings have batch {}, expected {want_b}",
+            embeds.prompt_embeds.shape()[0]
+        )));
+    }
+    let branch = if cfg { driver.cfg_branch() } else { None };
+    let ids = params.micro.ids();
+    let (text, pooled) = match branch {
+        Some(g) => (
+            embeds.prompt_embeds.narrow(0, g, 1)?,
+            embeds.pooled.narrow(0, g, 1)?,
+        ),
+        None => (embeds.prompt_embeds.clone(), embeds.pooled.clone()),
+    };
+    let fed = text.shape()[0];
+    let time_ids = Tensor::from_vec(&[fed, 6], ids.repeat(fed))?;
+    let cond = UNetCond::new(text, Some(pooled), Some(time_ids));
+
+    let sigma0 = sched.init_noise_sigma() as f32;
+    let mut latents = noise
+        .to_vec_f32()?
+        .iter()
+        .map(|v| v * sigma0)
+        .collect::<Vec<_>>();
+    let timesteps = sched.timesteps().to_vec();
+    driver.begin_generation()?;
+    for (i, &t) in timesteps.iter().enumerate() {
+        let scaled = sched
+            .scale_model_input(&latents, i)
+            .map_err(|e| SdxlError::Input(format!("scheduler: {e}")))?;
+        let x = Tensor::from_vec(&shape, scaled)?;
+        let x_in = if cfg && branch.is_none() {
+            Tensor::cat(&[&x, &x], 0)?
+        } else {
+            x
+        };
+        let ts = Tensor::from_vec(&[x_in.shape()[0]], vec![t as f32; x_in.shape()[0]])?;
+        let out = unet.forward(&driver.step_ctx(i), &x_in, &ts, &cond, None)?;
+        let guided = if cfg {
+            let u = out.narrow(0, 0, 1)?;
+            let c = out.narrow(0, 1, 1)?;
+            u.add(&c.sub(&u)?.affine(params.guidance, 0.0)?)?
+        } else {
+            out
+        };
+        latents = sched
+            .step(&guided.to_vec_f32()?, i, &latents, None)
+            .map_err(|e| SdxlError::Input(format!("scheduler: {e}")))?;
+        progress(i + 1, timesteps.len());
+    }
+    driver.end_generation()?;
+    Ok(Tensor::from_vec(&shape, latents)?)
+}
+
+/// A loaded SDXL pipeline folder.
+pub struct Pipeline {
+    /// The folder.
+    pub dir: PathBuf,
+    /// `model_index.json`.
+    pub index: ModelIndex,
+    /// Both text encoders and tokenizers.
+    pub text: TextEncoders,
+    /// The UNet, built through the caller's layer factory.
+    pub unet: UNet,
+    /// The VAE decoder.
+    pub vae: VaeDecoder,
+    /// `scheduler/scheduler_config.json`.
+    pub scheduler: SchedulerConfig,
+}
+
+impl Pipeline {
+    /// Reads `scheduler/scheduler_config.json` of a pipeline folder.
+    pub fn load_scheduler_config(dir: &Path) -> Result<SchedulerConfig> {
+        let path = dir.join("scheduler").join("scheduler_config.json");
+        SchedulerConfig::from_file(&path).map_err(|e| SdxlError::Model {
+            path,
+            msg: e.to_string(),
+        })
+    }
+
+    /// Loads every component of a pipeline folder; the UNet is built through `factory`.
+    pub fn load(
+        dir: &Path,
+        dtype: DType,
+        factory: &dyn pcpp_core::LayerFactory,
+    ) -> Result<Pipeline> {
+        let index = ModelIndex::load(dir)?;
+        let scheduler = Self::load_scheduler_config(dir)?;
+        Ok(Pipeline {
+            dir: dir.to_path_buf(),
+            index,
+            text: TextEncoders::load(dir, dtype)?,
+            unet: UNet::load(&dir.join("unet"), dtype, factory)?,
+            vae: VaeDecoder::load(&dir.join("vae"), dtype)?,
+            scheduler,
+        })
+    }
+
+    /// Decodes final latents to images in `[-1, 1]`, `[b, 3, 8h, 8w]`.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.vae.decode(&self.vae.unscale_latents(latents)?)
+    }
+}

@@ -1,0 +1,341 @@
+//! Patch parallelism of the tiny SDXL UNet over N ranks as threads (PCPP §1–§4): synchronous
+//! steps reproduce the serial latents for 2, 3, 4 and 8 ranks with and without CFG split; stale
+//! steps read context exactly one step old; the bytes the runtime counts equal the plan's formula
+//! (`docs/parallelism.md`) and the transport's own counters; PCPP moves fewer bytes than
+//! DistriFusion; a band that would be empty is a clear error.
+
+use std::sync::Arc;
+
+use pcpp_comm::{CommKind, LocalTransport, Transport, TransportOptions};
+use pcpp_core::plan::{generation_traffic, plan, PlanSetup};
+use pcpp_core::{
+    GnMode, ParallelConfig, ParallelMode, PatchRuntime, RunReport, SerialDriver, SerialFactory,
+    StepDriver, Traffic,
+};
+use pcpp_kernels::{DType, Tensor};
+use pcpp_sdxl::{unet_inventory, UNet, UNetCond, UNetConfig};
+use pcpp_tests::{assert_close, tiny_model, TOL_RANKS};
+
+type BoxErr = Box<dyn std::error::Error + Send + Sync>;
+
+/// Latent rows and columns: 64 rows leave 32 at the coarse level, enough for 8 ranks, and split
+/// unevenly over 3.
+const H: usize = 64;
+const W: usize = 8;
+
+fn pattern(shape: &[usize], seed: f32, scale: f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v = (0..n)
+        .map(|i| ((i as f32 * 0.618_034 + seed).sin() * 43_758.547).fract() * scale)
+        .collect();
+    Tensor::from_vec(shape, v).expect("pattern")
+}
+
+/// Text conditioning of one CFG branch (0 = unconditional).
+fn branch_cond(branch: usize) -> (Tensor, Tensor, Tensor) {
+    let s = branch as f32 * 3.0 + 1.0;
+    (
+        pattern(&[1, 8, 64], s, 1.0),
+        pattern(&[1, 32], s + 0.5, 1.0),
+        Tensor::from_vec(&[1, 6], vec![64.0, 64.0, 0.0, 0.0, 64.0, 64.0]).expect("ids"),
+    )
+}
+
+fn cond_for(branches: &[usize]) -> UNetCond {
+    let parts: Vec<_> = branches.iter().map(|&b| branch_cond(b)).collect();
+    let cat = |f: &dyn Fn(&(Tensor, Tensor, Tensor)) -> &Tensor| {
+        let ts: Vec<&Tensor> = parts.iter().map(f).collect();
+        Tensor::cat(&ts, 0).expect("cat")
+    };
+    UNetCond::new(cat(&|p| &p.0), Some(cat(&|p| &p.1)), Some(cat(&|p| &p.2)))
+}
+
+/// A small denoising loop with CFG: `x ← x − 0.1·(u + 2·(c − u))`, every step through `driver`.
+fn denoise(unet: &UNet, driver: &dyn StepDriver, steps: usize) -> Result<Tensor, BoxErr> {
+    let branches: Vec<usize> = match driver.cfg_branch() {
+        Some(g) => vec![g],
+        None => vec![0, 1],
+    };
+    let cond = cond_for(&branches);
+    let mut x = pattern(&[1, 4, H, W], 0.25, 2.0);
+    driver.begin_generation()?;
+    for step in 0..steps {
+        let ctx = driver.step_ctx(step);
+        let input = if branches.len() == 2 {
+            Tensor::cat(&[&x, &x], 0)?
+        } else {
+            x.clone()
+        };
+        let t = Tensor::from_vec(&[1], vec![900.0 - 100.0 * step as f32])?;
+        let out = unet.forward(&ctx, &input, &t, &cond, None)?;
+        let u = out.narrow(0, 0, 1)?;
+        let c = out.narrow(0, 1, 1)?;
+        let eps = u.add(&c.sub(&u)?.affine(2.0, 0.0)?)?;
+        x = x.sub(&eps.affine(0.1, 0.0)?)?;
+    }
+    driver.end_generation()?;
+    Ok(x)
+}
+
+fn serial_latent(steps: usize) -> Tensor {
+    let unet = UNet::load(&tiny_model().join("unet"), DType::F32, &SerialFactory).expect("unet");
+    denoise(&unet, &SerialDriver, steps).expect("serial run")
+}
+
+struct RankOut {
+    latent: Tensor,
+    report: RunReport,
+    slots: Vec<String>,
+    /// The transports' own counters (group and world), per kind.
+    transport: Traffic,
+}
+
+fn run_ranks(
+    n: usize,
+    cfg_split: bool,
+    cfg: &ParallelConfig,
+    steps: usize,
+) -> Result<Vec<RankOut>, String> {
+    LocalTransport::run(n, TransportOptions::default(), |t: Arc<dyn Transport>| {
+        let rt = PatchRuntime::new(t, cfg_split, cfg.clone(), H, W, 1)?;
+        let unet = UNet::load(&tiny_model().join("unet"), DType::F32, rt.factory())?;
+        let latent = denoise(&unet, rt.driver(), steps)?;
+        let mut stats = rt.group_transport().stats();
+        if !Arc::ptr_eq(rt.group_transport(), rt.world_transport()) {
+            stats.merge(&rt.world_transport().stats());
+        }
+        let mut transport = Traffic::default();
+        for k in [
+            CommKind::Halo,
+            CommKind::GroupNorm,
+            CommKind::Attention,
+            CommKind::Gather,
+        ] {
+            let (s, r) = stats.bytes(k);
+            transport.sent.add(k, s);
+            transport.recvd.add(k, r);
+        }
+        Ok::<_, BoxErr>(RankOut {
+            latent,
+            report: rt.report(),
+            slots: rt.slot_ids(),
+            transport,
+        })
+    })
+    .map_err(|e| e.to_string())
+}
+
+fn all_sync(mut cfg: ParallelConfig, steps: usize) -> ParallelConfig {
+    cfg.warmup_steps = steps;
+    cfg
+}
+
+#[test]
+fn synchronous_steps_equal_serial_for_2_3_4_8_ranks() {
+    let steps = 2;
+    let want = serial_latent(steps);
+    for n in [2, 3, 4, 8] {
+        for split in [false, true] {
+            let cfg = all_sync(ParallelConfig::pcpp(0.3), steps);
+            let outs = run_ranks(n, split, &cfg, steps).expect("ranks");
+            for (r, o) in outs.iter().enumerate() {
+                assert_close(
+                    &format!("{n} ranks, cfg split {split}, rank {r}"),
+                    &o.latent,
+                    &want,
+                    TOL_RANKS,
+                );
+                assert_eq!(o.report.max_stale_age, 0, "no stale reads when all sync");
+            }
+        }
+    }
+}
+
+#[test]
+fn distrifusion_and_group_norm_modes_are_exact_when_synchronous() {
+    let steps = 2;
+    let want = serial_latent(steps);
+    for (name, cfg) in [
+        ("distrifusion", ParallelConfig::distrifusion()),
+        (
+            "pcpp stale gn",
+            ParallelConfig {
+                gn_mode: GnMode::Stale,
+                ..ParallelConfig::pcpp(0.0)
+            },
+        ),
+    ] {
+        let outs = run_ranks(3, false, &all_sync(cfg, steps), steps).expect("ranks");
+        assert_close(name, &outs[0].latent, &want, TOL_RANKS);
+    }
+}
+
+#[test]
+fn one_rank_and_serial_mode_are_plain_serial() {
+    let steps = 3;
+    let want = serial_latent(steps);
+    let one = run_ranks(1, true, &ParallelConfig::pcpp(0.3), steps).expect("1 rank");
+    assert_eq!(one[0].latent.max_abs_diff(&want).unwrap(), 0.0);
+    let serial = run_ranks(2, true, &ParallelConfig::serial(), steps).expect("serial mode");
+    for o in &serial {
+        assert_eq!(o.latent.max_abs_diff(&want).unwrap(), 0.0);
+        assert_eq!(o.report.total.sent.total(), 0);
+    }
+}
+
+#[test]
+fn stale_steps_read_context_exactly_one_step_old() {
+    let (steps, warmup) = (5, 2);
+    for (cfg, split) in [
+        (ParallelConfig::pcpp(0.3), false),
+        (ParallelConfig::distrifusion(), true),
+    ] {
+        let cfg = ParallelConfig {
+            warmup_steps: warmup,
+            ..cfg
+        };
+        let outs = run_ranks(4, split, &cfg, steps).expect("ranks");
+        let want = serial_latent(steps);
+        for o in &outs {
+            let rep = &o.report;
+            assert_eq!(rep.steps.len(), steps);
+            assert_eq!((rep.min_stale_age, rep.max_stale_age), (1, 1));
+            for s in &rep.steps {
+                let expect = if s.step < warmup { 0 } else { o.slots.len() };
+                assert_eq!(s.stale_reads as usize, expect, "step {}", s.step);
+                assert_eq!(s.sync, s.step < warmup);
+            }
+            // Stale context changes the result, but not wildly.
+            let e = pcpp_tests::rel_err(&o.latent, &want);
+            assert!(e > 0.0 && e < 0.5, "stale run error {e}");
+            assert_eq!(
+                o.latent.max_abs_diff(&outs[0].latent).unwrap(),
+                0.0,
+                "all ranks hold the same latent"
+            );
+        }
+    }
+}
+
+fn tiny_config() -> UNetConfig {
+    UNetConfig::from_file(&tiny_model().join("unet/config.json")).expect("config")
+}
+
+#[test]
+fn registered_slots_match_the_inventory() {
+    let inv = unet_inventory(&tiny_config());
+    let outs = run_ranks(2, false, &ParallelConfig::pcpp(0.3), 1).expect("ranks");
+    assert_eq!(outs[0].slots, inv.slot_ids());
+    assert!(inv.slot_ids().len() > 20);
+}
+
+#[test]
+fn measured_bytes_equal_the_plan_formula() {
+    let inv = unet_inventory(&tiny_config());
+    let (steps, warmup) = (3, 1);
+    let mut steady = Vec::new();
+    let pcpp = ParallelConfig::pcpp(0.3);
+    let df = ParallelConfig::distrifusion();
+    let all = vec![
+        pcpp.clone(),
+        ParallelConfig::pcpp(1.5),
+        df.clone(),
+        ParallelConfig::naive_patch(),
+        ParallelConfig {
+            gn_mode: GnMode::Separate,
+            ..ParallelConfig::pcpp(0.0)
+        },
+    ];
+    for (n, split, cfgs) in [(3, false, all), (5, true, vec![pcpp, df])] {
+        for base in cfgs {
+            let cfg = ParallelConfig {
+                warmup_steps: warmup,
+                ..base
+            };
+            let outs = run_ranks(n, split, &cfg, steps).expect("ranks");
+            let setup = PlanSetup {
+                height: H,
+                width: W,
+                world_size: n,
+                cfg_split: split,
+                batch: if split { 1 } else { 2 },
+                elem_size: 4,
+            };
+            let p = plan(&inv, &setup, &cfg).expect("plan");
+            for (r, o) in outs.iter().enumerate() {
+                let what = format!("{} n={n} split={split} rank {r}", cfg.mode);
+                for s in &o.report.steps {
+                    let want = if s.sync {
+                        p.ranks[r].warmup
+                    } else {
+                        p.ranks[r].steady
+                    };
+                    assert_eq!(s.traffic, want, "{what} step {}", s.step);
+                }
+                assert_eq!(
+                    o.report.total,
+                    generation_traffic(&p, r, steps),
+                    "{what} total"
+                );
+                assert_eq!(o.transport, o.report.total, "{what}: transport counters");
+            }
+            if n == 3 {
+                steady.push((cfg.mode, cfg.portion[0], p.bytes_per_step));
+            }
+        }
+    }
+    let bytes = |m: ParallelMode, portion: f64| {
+        steady
+            .iter()
+            .find(|s| s.0 == m && (s.1 == portion || m != ParallelMode::Pcpp))
+            .map(|s| s.2)
+            .expect("measured")
+    };
+    let (pcpp, df) = (
+        bytes(ParallelMode::Pcpp, 0.3),
+        bytes(ParallelMode::DistriFusion, 0.0),
+    );
+    assert!(pcpp < df, "pcpp {pcpp} ≥ distrifusion {df}");
+    assert!(bytes(ParallelMode::NaivePatch, 0.0) < pcpp);
+}
+
+#[test]
+fn a_band_that_would_be_empty_is_an_error() {
+    let err = LocalTransport::run(8, TransportOptions::default(), |t| {
+        PatchRuntime::new(t, false, ParallelConfig::pcpp(0.3), 8, 8, 1).map(|_| ())
+    })
+    .expect_err("8 ranks on 4 coarse rows");
+    let msg = err.to_string();
+    assert!(msg.contains("band would be empty"), "{msg}");
+}
+
+#[test]
+fn stale_pcpp_beats_naive_patch_and_full_portion_is_distrifusion() {
+    let (steps, n) = (4, 4);
+    let want = serial_latent(steps);
+    let run = |cfg: ParallelConfig| {
+        let cfg = ParallelConfig {
+            warmup_steps: 1,
+            ..cfg
+        };
+        run_ranks(n, false, &cfg, steps)
+            .expect("ranks")
+            .remove(0)
+            .latent
+    };
+    let pcpp = run(ParallelConfig::pcpp(0.3));
+    let naive = run(ParallelConfig::naive_patch());
+    let (e_pcpp, e_naive) = (
+        pcpp_tests::rel_err(&pcpp, &want),
+        pcpp_tests::rel_err(&naive, &want),
+    );
+    assert!(
+        e_pcpp * 5.0 < e_naive,
+        "pcpp error {e_pcpp:.3e} vs naive patch {e_naive:.3e}"
+    );
+    // `portion ≥ n − 1` reaches every band: DistriFusion exactly.
+    let full = run(ParallelConfig::pcpp((n - 1) as f64));
+    let df = run(ParallelConfig::distrifusion());
+    assert_eq!(full.max_abs_diff(&df).unwrap(), 0.0);
+    assert!(pcpp.max_abs_diff(&df).unwrap() > 0.0);
+}
