@@ -14,9 +14,12 @@ const GPU: Device = Device::Cuda(0);
 fn run(dtype: DType) -> f32 {
     let dir = tiny_model().join("unet");
     let cfg = UNetConfig::from_file(&dir.join("config.json")).unwrap();
-    let w = Weights::open(&find_weight_file(&dir, "diffusion_pytorch_model").unwrap(), dtype)
-        .unwrap()
-        .on_device(GPU);
+    let w = Weights::open(
+        &find_weight_file(&dir, "diffusion_pytorch_model").unwrap(),
+        dtype,
+    )
+    .unwrap()
+    .on_device(GPU);
     let unet = UNet::build(cfg, &w, &SerialFactory).unwrap();
     let r = refs("refs-tiny-sdxl/unet_forward.safetensors");
     let dev = |n: &str| r[n].to_dtype(dtype).unwrap().to_device(GPU).unwrap();
@@ -26,10 +29,22 @@ fn run(dtype: DType) -> f32 {
         Some(dev("time_ids")),
     );
     let out = unet
-        .forward(&StepCtx::serial(), &dev("sample"), &dev("timestep"), &cond, None)
+        .forward(
+            &StepCtx::serial(),
+            &dev("sample"),
+            &dev("timestep"),
+            &cond,
+            None,
+        )
         .unwrap();
     assert_eq!(out.device(), GPU, "UNet output left the GPU");
-    let e = rel_err(&out.to_device(Device::Cpu).unwrap().to_dtype(DType::F32).unwrap(), &r["out"]);
+    let e = rel_err(
+        &out.to_device(Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap(),
+        &r["out"],
+    );
     println!("tiny UNet on the GPU, {dtype}: rel err {e:.2e}");
     e
 }

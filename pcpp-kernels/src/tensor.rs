@@ -133,7 +133,7 @@ impl Tensor {
                 let n: usize = shape.iter().product();
                 let data = (0..n as u64)
                     .map(|i| {
-                        let r = splitmix64(seed.wrapping_mul(0x1_0000_0001_B3).wrapping_add(i));
+                        let r = splitmix64(seed.wrapping_mul(0x0100_0000_01B3).wrapping_add(i));
                         let u = (r >> 40) as f32 * (1.0 / 16_777_216.0);
                         lo + (hi - lo) * u
                     })

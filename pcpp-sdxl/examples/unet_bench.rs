@@ -103,7 +103,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             Some(
                 Tensor::from_vec(
                     &[b, 6],
-                    vec![1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0].repeat(b),
+                    [1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0].repeat(b),
                 )?
                 .to_dtype(a.dtype)?
                 .to_device(dev)?,
@@ -211,7 +211,7 @@ fn time_op(
 }
 
 fn op_bench(dt: DType, iters: usize) -> Result<(), Box<dyn std::error::Error>> {
-    use pcpp_kernels::{Activation, Conv2dParams};
+    use pcpp_kernels::Conv2dParams;
     let dev = Device::Cuda(0);
     let r = |shape: &[usize], seed| Tensor::rand_uniform(shape, dt, dev, (-1.0, 1.0), seed);
     let mut rows: Vec<(String, f64)> = Vec::new();
@@ -284,7 +284,6 @@ fn op_bench(dt: DType, iters: usize) -> Result<(), Box<dyn std::error::Error>> {
     for (name, ms) in rows {
         println!("op {name:<40} {ms:8.3} ms");
     }
-    let _ = Activation::Silu;
     Ok(())
 }
 

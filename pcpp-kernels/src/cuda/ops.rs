@@ -153,7 +153,7 @@ pub(crate) fn unary(t: &Tensor, op: Unary) -> Result<Tensor> {
     let y = out(&gpu, t.shape(), t.dtype())?;
     let n = t.numel();
     launch!(gpu, format!("unary_{}", tname(t.dtype())), Gpu::cfg_elems(n);
-        ptr(t)?, ptr(&y)?, n as i64, code as i32, a, b);
+        ptr(t)?, ptr(&y)?, n as i64, code, a, b);
     Ok(y)
 }
 
