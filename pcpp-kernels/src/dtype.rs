@@ -87,3 +87,51 @@ impl FromStr for Device {
         ))
     }
 }
+
+impl Device {
+    /// Opens the device (loads the CUDA libraries and compiles the kernels on first use) and
+    /// returns an error saying why it cannot be used — no CUDA driver, no such GPU, or a build
+    /// without the `cuda` feature. Call this at start-up before building a model on the device.
+    pub fn open(self) -> crate::Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => crate::cuda::gpu(i).map(|_| ()),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(crate::KernelError::Device {
+                device: self.to_string(),
+                msg: "this build has no CUDA back-end (rebuild with the `cuda` feature)".into(),
+            }),
+        }
+    }
+
+    /// Waits until all work queued on the device has finished (a no-op on the CPU, where ops
+    /// complete before they return). Timing a GPU step needs this.
+    pub fn synchronize(self) -> crate::Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => crate::cuda::gpu(i)?.synchronize(),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => self.open(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_device_opens_and_synchronises() {
+        assert!(Device::Cpu.open().is_ok());
+        assert!(Device::Cpu.synchronize().is_ok());
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_is_a_clear_error() {
+        let e = Device::Cuda(0).open().unwrap_err().to_string();
+        assert!(e.contains("cuda:0") && e.contains("`cuda` feature"), "{e}");
+    }
+}

@@ -12,6 +12,8 @@
 //! for halo convolutions and split group-norm statistics; those entry points are here too.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod dtype;
 mod error;
 pub mod io;

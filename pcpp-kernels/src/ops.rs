@@ -2,7 +2,19 @@
 //! kernel of the tensor's device (today the CPU twin in [`crate::cpu`]).
 
 use crate::cpu;
+#[cfg(feature = "cuda")]
+use crate::{cuda, Device};
 use crate::{KernelError, Result, Tensor};
+
+/// The CUDA device of the first operand that lives on one (operands on the CPU are then copied
+/// there, so model code may mix small host tensors with device weights).
+#[cfg(feature = "cuda")]
+fn cuda_of(ts: &[Option<&Tensor>]) -> Option<Device> {
+    ts.iter()
+        .flatten()
+        .map(|t| t.device())
+        .find(|d| *d != Device::Cpu)
+}
 
 /// Point-wise activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,8 +212,18 @@ impl Tensor {
         &self,
         other: &Tensor,
         op: &'static str,
+        code: i32,
         f: impl Fn(f32, f32) -> f32 + Sync,
     ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = cuda_of(&[Some(self), Some(other)]) {
+            let (a, b) = (self.to_device(d)?, other.to_device(d)?);
+            let out_shape = broadcast_shape(op, a.shape(), b.shape())?;
+            let sa = broadcast_strides(a.shape(), &out_shape);
+            let sb = broadcast_strides(b.shape(), &out_shape);
+            return cuda::binary(&a, &b, code, &out_shape, &sa, &sb);
+        }
+        let _ = code;
         let (a, b) = (self.as_f32()?, other.as_f32()?);
         if self.shape() == other.shape() {
             return self.like(self.shape(), cpu::zip_map(&a, &b, f));
@@ -240,38 +262,50 @@ impl Tensor {
 
     /// Element-wise sum with NumPy broadcasting.
     pub fn add(&self, other: &Tensor) -> Result<Tensor> {
-        self.binary(other, "add", |a, b| a + b)
+        self.binary(other, "add", 0, |a, b| a + b)
     }
 
     /// Element-wise difference with broadcasting.
     pub fn sub(&self, other: &Tensor) -> Result<Tensor> {
-        self.binary(other, "sub", |a, b| a - b)
+        self.binary(other, "sub", 1, |a, b| a - b)
     }
 
     /// Element-wise product with broadcasting.
     pub fn mul(&self, other: &Tensor) -> Result<Tensor> {
-        self.binary(other, "mul", |a, b| a * b)
+        self.binary(other, "mul", 2, |a, b| a * b)
     }
 
     /// Element-wise quotient with broadcasting.
     pub fn div(&self, other: &Tensor) -> Result<Tensor> {
-        self.binary(other, "div", |a, b| a / b)
+        self.binary(other, "div", 3, |a, b| a / b)
     }
 
     /// `self·mul + add` for scalars.
     pub fn affine(&self, mul: f32, add: f32) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.is_cuda() {
+            return cuda::unary(self, cuda::Unary::Affine(mul, add));
+        }
         let v = cpu::map(&self.as_f32()?, |x| x * mul + add);
         self.like(self.shape(), v)
     }
 
     /// Clamps every element into `[lo, hi]`.
     pub fn clamp(&self, lo: f32, hi: f32) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.is_cuda() {
+            return cuda::unary(self, cuda::Unary::Clamp(lo, hi));
+        }
         let v = cpu::map(&self.as_f32()?, |x| x.clamp(lo, hi));
         self.like(self.shape(), v)
     }
 
     /// Applies a point-wise activation.
     pub fn act(&self, act: Activation) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.is_cuda() {
+            return cuda::unary(self, cuda::Unary::Act(act));
+        }
         let v = cpu::map(&self.as_f32()?, |x| act.apply(x));
         self.like(self.shape(), v)
     }
@@ -284,6 +318,14 @@ impl Tensor {
                 "geglu",
                 format!("last axis {d} is odd"),
             ));
+        }
+        #[cfg(feature = "cuda")]
+        if self.is_cuda() {
+            let mut shape = self.shape().to_vec();
+            if let Some(last) = shape.last_mut() {
+                *last = d / 2;
+            }
+            return cuda::geglu(self, &shape);
         }
         let x = self.as_f32()?;
         let h = d / 2;
@@ -315,6 +357,16 @@ impl Tensor {
                 return Err(KernelError::shape("linear (bias)", w.shape(), b.shape()));
             }
         }
+        #[cfg(feature = "cuda")]
+        if let Some(d) = cuda_of(&[Some(self), Some(w), bias]) {
+            let mut shape = self.shape().to_vec();
+            *shape.last_mut().unwrap_or(&mut 0) = n;
+            let b = match bias {
+                Some(b) => Some(b.to_device(d)?),
+                None => None,
+            };
+            return cuda::linear(&self.to_device(d)?, &w.to_device(d)?, b.as_ref(), &shape);
+        }
         let rows = self.numel() / k.max(1);
         let b = match bias {
             Some(b) => Some(b.as_f32()?),
@@ -344,6 +396,10 @@ impl Tensor {
             self.shape()[ra - 1],
             other.shape()[rb - 1],
         );
+        #[cfg(feature = "cuda")]
+        if let Some(d) = cuda_of(&[Some(self), Some(other)]) {
+            return cuda::matmul(&self.to_device(d)?, &other.to_device(d)?, (m, k, n));
+        }
         let batch: usize = self.shape()[..ra - 2].iter().product();
         let (a, b) = (self.as_f32()?, other.as_f32()?);
         let mut out = vec![0.0f32; batch * m * n];
@@ -398,6 +454,14 @@ impl Tensor {
                 return Err(KernelError::shape("conv2d (bias)", w.shape(), bs.shape()));
             }
         }
+        #[cfg(feature = "cuda")]
+        if let Some(d) = cuda_of(&[Some(self), Some(w), bias]) {
+            let b = match bias {
+                Some(b) => Some(b.to_device(d)?),
+                None => None,
+            };
+            return cuda::conv2d(&self.to_device(d)?, &w.to_device(d)?, b.as_ref(), p);
+        }
         let bv = match bias {
             Some(b) => Some(b.as_f32()?),
             None => None,
@@ -434,6 +498,14 @@ impl Tensor {
     /// Sums for group normalisation of `[b, c, ...]` (see [`GroupStats`]).
     pub fn group_stats(&self, groups: usize) -> Result<GroupStats> {
         let (b, c, s) = self.nc_s("group_stats", groups)?;
+        #[cfg(feature = "cuda")]
+        if self.is_cuda() {
+            return Ok(GroupStats {
+                batch: b,
+                groups,
+                sums: cuda::group_sums(self, (b, c, s), groups)?,
+            });
+        }
         Ok(GroupStats {
             batch: b,
             groups,
@@ -470,6 +542,19 @@ impl Tensor {
                 }
             }
         }
+        #[cfg(feature = "cuda")]
+        if let Some(d) = cuda_of(&[Some(self), gamma, beta]) {
+            let g = gamma.map(|t| t.to_device(d)).transpose()?;
+            let bt = beta.map(|t| t.to_device(d)).transpose()?;
+            return cuda::group_norm_with_stats(
+                &self.to_device(d)?,
+                (b, c, s),
+                stats,
+                (g.as_ref(), bt.as_ref()),
+                eps,
+                silu_after,
+            );
+        }
         let g = match gamma {
             Some(t) => Some(t.as_f32()?),
             None => None,
@@ -500,6 +585,25 @@ impl Tensor {
         eps: f64,
         silu_after: bool,
     ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = cuda_of(&[Some(self), gamma, beta]) {
+            let (b, c, s) = self.nc_s("group_norm", groups)?;
+            for t in [gamma, beta].into_iter().flatten() {
+                if t.shape() != [c] {
+                    return Err(KernelError::shape("group_norm", self.shape(), t.shape()));
+                }
+            }
+            let g = gamma.map(|t| t.to_device(d)).transpose()?;
+            let bt = beta.map(|t| t.to_device(d)).transpose()?;
+            return cuda::group_norm(
+                &self.to_device(d)?,
+                (b, c, s),
+                groups,
+                (g.as_ref(), bt.as_ref()),
+                eps,
+                silu_after,
+            );
+        }
         let stats = self.group_stats(groups)?;
         self.group_norm_with_stats(&stats, gamma, beta, eps, silu_after)
     }
@@ -516,6 +620,12 @@ impl Tensor {
             if t.shape() != [d] {
                 return Err(KernelError::shape("layer_norm", self.shape(), t.shape()));
             }
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(dev) = cuda_of(&[Some(self), gamma, beta]) {
+            let g = gamma.map(|t| t.to_device(dev)).transpose()?;
+            let b = beta.map(|t| t.to_device(dev)).transpose()?;
+            return cuda::layer_norm(&self.to_device(dev)?, g.as_ref(), b.as_ref(), eps);
         }
         let g = match gamma {
             Some(t) => Some(t.as_f32()?),
@@ -559,6 +669,16 @@ impl Tensor {
         if lk == 0 {
             return Err(KernelError::invalid("attention", "no keys"));
         }
+        #[cfg(feature = "cuda")]
+        if let Some(d) = cuda_of(&[Some(q), Some(k), Some(v)]) {
+            return cuda::attention(
+                &q.to_device(d)?,
+                &k.to_device(d)?,
+                &v.to_device(d)?,
+                heads,
+                causal,
+            );
+        }
         let y = cpu::attention(
             &q.as_f32()?,
             &k.as_f32()?,
@@ -580,6 +700,10 @@ impl Tensor {
                 "upsample_nearest2x",
                 format!("needs [b, c, h, w], got {:?}", self.shape()),
             ));
+        }
+        #[cfg(feature = "cuda")]
+        if self.is_cuda() {
+            return cuda::upsample_nearest2x(self);
         }
         let s = self.shape();
         let y = cpu::upsample_nearest2x(&self.as_f32()?, s[0] * s[1], s[2], s[3]);
@@ -609,6 +733,14 @@ impl Tensor {
         let outer: usize = first.shape()[..dim].iter().product();
         let inner: usize = first.shape()[dim + 1..].iter().product();
         let total: usize = ts.iter().map(|t| t.shape()[dim]).sum();
+        #[cfg(feature = "cuda")]
+        if let Some(d) = cuda_of(&ts.iter().map(|t| Some(*t)).collect::<Vec<_>>()) {
+            let moved: Vec<Tensor> = ts.iter().map(|t| t.to_device(d)).collect::<Result<_>>()?;
+            let refs: Vec<&Tensor> = moved.iter().collect();
+            let mut shape = first.shape().to_vec();
+            shape[dim] = total;
+            return cuda::cat(&refs, dim, &shape);
+        }
         let datas: Vec<_> = ts.iter().map(|t| t.as_f32()).collect::<Result<_>>()?;
         let mut out = Vec::with_capacity(outer * total * inner);
         for o in 0..outer {
@@ -634,6 +766,10 @@ impl Tensor {
                     self.shape()
                 ),
             ));
+        }
+        #[cfg(feature = "cuda")]
+        if self.is_cuda() {
+            return cuda::narrow(self, dim, start, len);
         }
         let outer: usize = self.shape()[..dim].iter().product();
         let inner: usize = self.shape()[dim + 1..].iter().product();
@@ -679,6 +815,10 @@ impl Tensor {
         let in_strides = contiguous_strides(self.shape());
         let out_shape: Vec<usize> = perm.iter().map(|&p| self.shape()[p]).collect();
         let src_strides: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
+        #[cfg(feature = "cuda")]
+        if self.is_cuda() {
+            return cuda::permute(self, &out_shape, &src_strides);
+        }
         let x = self.as_f32()?;
         let n = self.numel();
         let mut out = Vec::with_capacity(n);
@@ -738,6 +878,20 @@ impl Tensor {
             ));
         }
         let (n, d) = (table.shape()[0], table.shape()[1]);
+        #[cfg(feature = "cuda")]
+        if table.is_cuda() {
+            let mut ids_u = Vec::with_capacity(ids.numel());
+            for &id in ids.as_f32()?.iter() {
+                if id < 0.0 || id as usize >= n {
+                    return Err(KernelError::invalid(
+                        "embedding",
+                        format!("id {id} outside the table of {n} rows"),
+                    ));
+                }
+                ids_u.push(id as u32);
+            }
+            return cuda::embedding(&ids_u, ids.shape(), table);
+        }
         let t = table.as_f32()?;
         let mut out = Vec::with_capacity(ids.numel() * d);
         for &id in ids.as_f32()?.iter() {
@@ -765,6 +919,10 @@ impl Tensor {
         flip_sin_to_cos: bool,
         downscale_freq_shift: f32,
     ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.is_cuda() {
+            return cuda::timestep_embedding(self, dim, flip_sin_to_cos, downscale_freq_shift);
+        }
         let t = self.as_f32()?;
         let half = dim / 2;
         let max_period = 10000f32;

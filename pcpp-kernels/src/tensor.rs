@@ -37,10 +37,21 @@ impl CpuStorage {
     }
 }
 
-/// Where the elements are. A GPU back-end adds a variant here.
+/// Where the elements are.
 #[derive(Debug)]
 pub(crate) enum Storage {
     Cpu(CpuStorage),
+    /// Device memory of the CUDA back-end.
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda::CudaStorage),
+}
+
+/// SplitMix64 finaliser (the generator of [`Tensor::rand_uniform`], mirrored in kernels.cu).
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// An inference tensor: shape, dtype and shared contiguous storage on a device.
@@ -107,6 +118,38 @@ impl Tensor {
         }
     }
 
+    /// Uniform values in `[lo, hi)` from a counter-based generator: element `i` depends only on
+    /// `(seed, i)`, so the CPU and the GPU produce the same numbers (random weights for
+    /// benchmarks, random inputs for parity tests). Generated where it is stored.
+    pub fn rand_uniform(
+        shape: &[usize],
+        dtype: DType,
+        device: Device,
+        (lo, hi): (f32, f32),
+        seed: u64,
+    ) -> Result<Tensor> {
+        match device {
+            Device::Cpu => {
+                let n: usize = shape.iter().product();
+                let data = (0..n as u64)
+                    .map(|i| {
+                        let r = splitmix64(seed.wrapping_mul(0x0100_0000_01B3).wrapping_add(i));
+                        let u = (r >> 40) as f32 * (1.0 / 16_777_216.0);
+                        lo + (hi - lo) * u
+                    })
+                    .collect();
+                Tensor::from_f32(shape, data, dtype)
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => crate::cuda::fill_uniform(i, shape, dtype, (lo, hi), seed),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(KernelError::Device {
+                device: device.to_string(),
+                msg: "this build has no CUDA back-end (rebuild with the `cuda` feature)".into(),
+            }),
+        }
+    }
+
     /// A 0-d tensor holding `v`.
     pub fn scalar(v: f32) -> Tensor {
         Tensor {
@@ -150,6 +193,32 @@ impl Tensor {
     pub fn device(&self) -> Device {
         match &*self.storage {
             Storage::Cpu(_) => Device::Cpu,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => s.device(),
+        }
+    }
+
+    /// Whether the storage is in GPU memory.
+    pub fn is_cuda(&self) -> bool {
+        self.device() != Device::Cpu
+    }
+
+    /// Device storage, if the tensor is on a CUDA device.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda_storage(&self) -> Option<&crate::cuda::CudaStorage> {
+        match &*self.storage {
+            Storage::Cuda(s) => Some(s),
+            Storage::Cpu(_) => None,
+        }
+    }
+
+    /// Wraps device storage holding `shape`'s elements of `dtype`.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn from_cuda(shape: &[usize], dtype: DType, s: crate::cuda::CudaStorage) -> Tensor {
+        Tensor {
+            shape: shape.to_vec(),
+            dtype,
+            storage: Arc::new(Storage::Cuda(s)),
         }
     }
 
@@ -162,11 +231,22 @@ impl Tensor {
     pub fn cpu_storage(&self) -> Result<&CpuStorage> {
         match &*self.storage {
             Storage::Cpu(s) => Ok(s),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => Err(KernelError::Device {
+                device: s.device().to_string(),
+                msg: "the tensor is in GPU memory; copy it with to_device(Device::Cpu) first"
+                    .into(),
+            }),
         }
     }
 
-    /// The elements as f32 (borrowed when the storage is f32 on the CPU).
+    /// The elements as f32 (borrowed when the storage is f32 on the CPU; a GPU tensor is copied
+    /// back to the host).
     pub fn as_f32(&self) -> Result<Cow<'_, [f32]>> {
+        #[cfg(feature = "cuda")]
+        if self.is_cuda() {
+            return Ok(Cow::Owned(crate::cuda::download(self)?.to_vec_f32()?));
+        }
         Ok(match self.cpu_storage()? {
             CpuStorage::F32(v) => Cow::Borrowed(v.as_slice()),
             CpuStorage::F16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
@@ -195,6 +275,10 @@ impl Tensor {
         if dtype == self.dtype {
             return Ok(self.clone());
         }
+        #[cfg(feature = "cuda")]
+        if self.is_cuda() {
+            return crate::cuda::cast(self, dtype);
+        }
         let v = self.to_vec_f32()?;
         Tensor::from_f32(&self.shape, v, dtype)
     }
@@ -204,9 +288,22 @@ impl Tensor {
         if device == self.device() {
             return Ok(self.clone());
         }
+        #[cfg(feature = "cuda")]
+        {
+            let host = if self.is_cuda() {
+                crate::cuda::download(self)?
+            } else {
+                self.clone()
+            };
+            match device {
+                Device::Cpu => Ok(host),
+                Device::Cuda(i) => crate::cuda::upload(&host, i),
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
         Err(KernelError::Device {
             device: device.to_string(),
-            msg: "this build has no CUDA back-end".into(),
+            msg: "this build has no CUDA back-end (rebuild with the `cuda` feature)".into(),
         })
     }
 
@@ -259,6 +356,10 @@ impl Tensor {
 impl Tensor {
     /// The elements as little-endian bytes of the storage dtype (for transport).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        #[cfg(feature = "cuda")]
+        if self.is_cuda() {
+            return crate::cuda::to_bytes(self);
+        }
         Ok(match self.cpu_storage()? {
             CpuStorage::F32(v) => bytemuck::cast_slice(v).to_vec(),
             CpuStorage::F16(v) => bytemuck::cast_slice(v).to_vec(),

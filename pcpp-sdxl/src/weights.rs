@@ -8,13 +8,15 @@
 //! `config.json` alone), a store can instead generate seeded random tensors on demand
 //! ([`Weights::random_unet`], [`Weights::random_from_manifest`]): each tensor is created only when
 //! the model asks for it, so nothing bigger than the model itself is ever materialised.
+//!
+//! Tensors go straight to the store's [`Device`] ([`Weights::on_device`]), one at a time.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use pcpp_kernels::io::SafetensorsFile;
-use pcpp_kernels::{DType, Tensor};
+use pcpp_kernels::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Result, SdxlError};
@@ -148,6 +150,7 @@ fn random_values(seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
 pub struct Weights {
     source: Source,
     dtype: DType,
+    device: Device,
     used: Mutex<BTreeSet<String>>,
 }
 
@@ -164,6 +167,7 @@ impl Weights {
         Ok(Weights {
             source: Source::File(file),
             dtype,
+            device: Device::Cpu,
             used: Mutex::new(BTreeSet::new()),
         })
     }
@@ -179,6 +183,7 @@ impl Weights {
                 presence: Presence::UNetDefaults,
             }),
             dtype,
+            device: Device::Cpu,
             used: Mutex::new(BTreeSet::new()),
         }
     }
@@ -194,6 +199,7 @@ impl Weights {
                 presence: Presence::Manifest(m),
             }),
             dtype,
+            device: Device::Cpu,
             used: Mutex::new(BTreeSet::new()),
         })
     }
@@ -217,6 +223,17 @@ impl Weights {
             .lock()
             .map(|u| u.iter().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// The same store, handing out every tensor on `device` (moved there as it is taken).
+    pub fn on_device(mut self, device: Device) -> Weights {
+        self.device = device;
+        self
+    }
+
+    /// The device tensors are placed on.
+    pub fn device(&self) -> Device {
+        self.device
     }
 
     /// The compute dtype tensors are cast to.
@@ -264,6 +281,9 @@ impl Weights {
                 format!("has shape {:?}, expected {shape:?}", t.shape()),
             ));
         }
+        let t = t
+            .to_device(self.device)
+            .map_err(|e| self.err(name, e.to_string()))?;
         if let Ok(mut u) = self.used.lock() {
             u.insert(name.to_string());
         }

@@ -1,0 +1,652 @@
+// pcpp CUDA kernels, compiled at run time with NVRTC (no CUDA headers needed).
+// Element types: float (f32), f16_t and bf16_t (raw 16-bit storage, converted with PTX cvt).
+// Every kernel computes in f32 and is the GPU twin of the CPU function of the same role in
+// pcpp-kernels/src/cpu/mod.rs.
+
+struct f16_t { unsigned short x; };
+struct bf16_t { unsigned short x; };
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(f16_t v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.x));
+    return f;
+}
+__device__ __forceinline__ float to_f(bf16_t v) { return __uint_as_float(((unsigned)v.x) << 16); }
+
+template <typename T> __device__ __forceinline__ T from_f(float f);
+template <> __device__ __forceinline__ float from_f<float>(float f) { return f; }
+template <> __device__ __forceinline__ f16_t from_f<f16_t>(float f) {
+    f16_t r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.x) : "f"(f));
+    return r;
+}
+template <> __device__ __forceinline__ bf16_t from_f<bf16_t>(float f) {
+    bf16_t r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.x) : "f"(f));
+    return r;
+}
+
+__device__ __forceinline__ float silu_f(float x) { return x / (1.0f + expf(-x)); }
+__device__ __forceinline__ float gelu_f(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
+__device__ __forceinline__ float gelu_tanh_f(float x) {
+    return 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
+}
+__device__ __forceinline__ float quick_gelu_f(float x) { return x / (1.0f + expf(-1.702f * x)); }
+
+#define GRID_STRIDE(i, n) for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long)blockDim.x * gridDim.x)
+
+// ---- casts ----
+template <typename S, typename D>
+__device__ void cast_impl(const S* x, D* y, long n) {
+    GRID_STRIDE(i, n) y[i] = from_f<D>(to_f(x[i]));
+}
+
+// ---- unary: 0 affine(a, b), 1 clamp(a, b), 2 silu, 3 gelu, 4 gelu_tanh, 5 quick_gelu, 6 relu ----
+__device__ __forceinline__ float unary_op(float v, int op, float a, float b) {
+    switch (op) {
+    case 0: return v * a + b;
+    case 1: return fminf(fmaxf(v, a), b);
+    case 2: return silu_f(v);
+    case 3: return gelu_f(v);
+    case 4: return gelu_tanh_f(v);
+    case 5: return quick_gelu_f(v);
+    default: return fmaxf(v, 0.0f);
+    }
+}
+template <typename T>
+__device__ void unary_impl(const T* x, T* y, long n, int op, float a, float b) {
+    GRID_STRIDE(i, n) y[i] = from_f<T>(unary_op(to_f(x[i]), op, a, b));
+}
+
+// ---- binary with broadcasting: 0 add, 1 sub, 2 mul, 3 div ----
+struct Bcast {
+    int rank;
+    long shape[6];
+    long sa[6];
+    long sb[6];
+};
+__device__ __forceinline__ float binary_op(float a, float b, int op) {
+    switch (op) {
+    case 0: return a + b;
+    case 1: return a - b;
+    case 2: return a * b;
+    default: return a / b;
+    }
+}
+template <typename T>
+__device__ void binary_impl(const T* a, const T* b, T* y, long n, int op, Bcast bc) {
+    GRID_STRIDE(i, n) {
+        long rem = i, oa = 0, ob = 0;
+        for (int d = bc.rank - 1; d >= 0; --d) {
+            long c = rem % bc.shape[d];
+            rem /= bc.shape[d];
+            oa += c * bc.sa[d];
+            ob += c * bc.sb[d];
+        }
+        y[i] = from_f<T>(binary_op(to_f(a[oa]), to_f(b[ob]), op));
+    }
+}
+template <typename T>
+__device__ void binary_same_impl(const T* a, const T* b, T* y, long n, int op) {
+    GRID_STRIDE(i, n) y[i] = from_f<T>(binary_op(to_f(a[i]), to_f(b[i]), op));
+}
+
+// ---- GEGLU: rows of [h | gate] -> h * gelu(gate) ----
+template <typename T>
+__device__ void geglu_impl(const T* x, T* y, long rows, long h) {
+    GRID_STRIDE(i, rows * h) {
+        long r = i / h, j = i % h;
+        const T* row = x + r * 2 * h;
+        y[i] = from_f<T>(to_f(row[j]) * gelu_f(to_f(row[h + j])));
+    }
+}
+
+// ---- block reductions ----
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ float block_sum(float v, float* sh) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    float t = lane < nw ? sh[lane] : 0.0f;
+    return warp_sum(t);
+}
+__device__ float block_max(float v, float* sh) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    float t = lane < nw ? sh[lane] : -3.0e38f;
+    return warp_max(t);
+}
+
+// ---- group norm ----
+// sums[(b*groups+g)*2 + {0,1}] += (Σx, Σx²) over one chunk of the group's contiguous range.
+// grid: (chunks, b*groups). sums must be zeroed first.
+template <typename T>
+__device__ void gn_sums_impl(const T* x, double* sums, long group_len, long chunk) {
+    __shared__ float sh[32];
+    long bg = blockIdx.y;
+    long start = (long)blockIdx.x * chunk;
+    long end = min(start + chunk, group_len);
+    const T* base = x + bg * group_len;
+    float s = 0.0f, s2 = 0.0f;
+    for (long i = start + threadIdx.x; i < end; i += blockDim.x) {
+        float v = to_f(base[i]);
+        s += v;
+        s2 += v * v;
+    }
+    float ts = block_sum(s, sh);
+    float ts2 = block_sum(s2, sh);
+    if (threadIdx.x == 0) {
+        atomicAdd(&sums[bg * 2], (double)ts);
+        atomicAdd(&sums[bg * 2 + 1], (double)ts2);
+    }
+}
+// mean_rstd[bg*2] = mean, [bg*2+1] = 1/sqrt(var + eps), from sums over n elements.
+extern "C" __global__ void gn_finalize(const double* sums, float* mean_rstd, int count, double n, double eps) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < count) {
+        double m = sums[i * 2] / n;
+        double v = sums[i * 2 + 1] / n - m * m;
+        if (v < 0.0) v = 0.0;
+        mean_rstd[i * 2] = (float)m;
+        mean_rstd[i * 2 + 1] = (float)(1.0 / sqrt(v + eps));
+    }
+}
+// y = (x - mean) * rstd * gamma[c] + beta[c], optional SiLU. x: [b, c, s].
+template <typename T>
+__device__ void gn_apply_impl(const T* x, const float* mean_rstd, const T* gamma, const T* beta, T* y,
+                              long c, long s, long groups, int silu, long n) {
+    long cg = c / groups;
+    GRID_STRIDE(i, n) {
+        long ch = (i / s) % c;
+        long bi = i / (s * c);
+        long bg = bi * groups + ch / cg;
+        float v = (to_f(x[i]) - mean_rstd[bg * 2]) * mean_rstd[bg * 2 + 1];
+        if (gamma) v *= to_f(gamma[ch]);
+        if (beta) v += to_f(beta[ch]);
+        if (silu) v = silu_f(v);
+        y[i] = from_f<T>(v);
+    }
+}
+
+// ---- layer norm over the last axis: one block per row ----
+template <typename T>
+__device__ void layer_norm_impl(const T* x, const T* gamma, const T* beta, T* y, long d, float eps) {
+    __shared__ float sh[32];
+    const T* row = x + (long)blockIdx.x * d;
+    T* out = y + (long)blockIdx.x * d;
+    float s = 0.0f;
+    for (long j = threadIdx.x; j < d; j += blockDim.x) s += to_f(row[j]);
+    float mean = block_sum(s, sh) / (float)d;
+    float s2 = 0.0f;
+    for (long j = threadIdx.x; j < d; j += blockDim.x) {
+        float v = to_f(row[j]) - mean;
+        s2 += v * v;
+    }
+    float var = block_sum(s2, sh) / (float)d;
+    float rstd = rsqrtf(var + eps);
+    for (long j = threadIdx.x; j < d; j += blockDim.x) {
+        float v = (to_f(row[j]) - mean) * rstd;
+        if (gamma) v *= to_f(gamma[j]);
+        if (beta) v += to_f(beta[j]);
+        out[j] = from_f<T>(v);
+    }
+}
+
+// ---- row softmax of f32 scores (already scaled) into T probabilities; one block per row.
+// Causal: row r (query index r0 + r within the chunk) sees keys 0..=r0+r only.
+template <typename T>
+__device__ void softmax_impl(const float* s, T* p, long cols, int causal, long q0, long rows_per_head) {
+    __shared__ float sh[32];
+    long r = blockIdx.x;
+    const float* row = s + r * cols;
+    T* out = p + r * cols;
+    long lim = causal ? min(cols, q0 + (r % rows_per_head) + 1) : cols;
+    float m = -3.0e38f;
+    for (long j = threadIdx.x; j < lim; j += blockDim.x) m = fmaxf(m, row[j]);
+    m = block_max(m, sh);
+    float sum = 0.0f;
+    for (long j = threadIdx.x; j < lim; j += blockDim.x) sum += expf(row[j] - m);
+    sum = block_sum(sum, sh);
+    float inv = 1.0f / sum;
+    for (long j = threadIdx.x; j < cols; j += blockDim.x)
+        out[j] = from_f<T>(j < lim ? expf(row[j] - m) * inv : 0.0f);
+}
+
+// ---- nearest x2 up-sampling of [n, h, w] planes ----
+template <typename T>
+__device__ void upsample2x_impl(const T* x, T* y, long n, long h, long w) {
+    long w2 = 2 * w, h2 = 2 * h;
+    GRID_STRIDE(i, n * h2 * w2) {
+        long xo = i % w2, yo = (i / w2) % h2, p = i / (w2 * h2);
+        y[i] = x[(p * h + yo / 2) * w + xo / 2];
+    }
+}
+
+// ---- bias over channels of [b, c, s] ----
+template <typename T>
+__device__ void bias_nchw_impl(T* y, const T* bias, long c, long s, long n) {
+    GRID_STRIDE(i, n) {
+        long ch = (i / s) % c;
+        y[i] = from_f<T>(to_f(y[i]) + to_f(bias[ch]));
+    }
+}
+
+// ---- sinusoidal timestep embedding: t [b] -> [b, dim] ----
+template <typename T>
+__device__ void timestep_emb_impl(const T* t, T* y, long b, long dim, int flip, float shift) {
+    long half = dim / 2;
+    GRID_STRIDE(i, b * dim) {
+        long r = i / dim, j = i % dim;
+        float v = 0.0f;
+        if (j < 2 * half) {
+            long k = j < half ? j : j - half;
+            bool first = j < half;
+            float e = -logf(10000.0f) * (float)k;
+            float f = expf(e / ((float)half - shift));
+            float a = to_f(t[r]) * f;
+            bool use_cos = flip ? first : !first;
+            v = use_cos ? cosf(a) : sinf(a);
+        }
+        y[i] = from_f<T>(v);
+    }
+}
+
+// ---- deterministic uniform fill (random weights for benchmarks) ----
+__device__ __forceinline__ unsigned long long splitmix(unsigned long long z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+template <typename T>
+__device__ void fill_uniform_impl(T* y, long n, unsigned long long seed, float lo, float hi) {
+    GRID_STRIDE(i, n) {
+        unsigned long long r = splitmix(seed * 0x100000001B3ull + (unsigned long long)i);
+        float u = (float)(r >> 40) * (1.0f / 16777216.0f);
+        y[i] = from_f<T>(lo + (hi - lo) * u);
+    }
+}
+
+// ---- dtype-agnostic data movement on 16- or 32-bit words ----
+// rows of `cols` words: dst[r*dpitch + j] = src[r*spitch + j]
+template <typename W>
+__device__ void copy2d_impl(const W* src, W* dst, long rows, long cols, long spitch, long dpitch) {
+    GRID_STRIDE(i, rows * cols) {
+        long r = i / cols, j = i % cols;
+        dst[r * dpitch + j] = src[r * spitch + j];
+    }
+}
+struct Perm {
+    int rank;
+    long shape[6];   // output shape
+    long stride[6];  // source stride of each output axis
+};
+template <typename W>
+__device__ void permute_impl(const W* src, W* dst, long n, Perm p) {
+    GRID_STRIDE(i, n) {
+        long rem = i, off = 0;
+        for (int d = p.rank - 1; d >= 0; --d) {
+            off += (rem % p.shape[d]) * p.stride[d];
+            rem /= p.shape[d];
+        }
+        dst[i] = src[off];
+    }
+}
+// zero padding of [n, h, w] planes to [n, h+pt+pb, w+pl+pr]
+template <typename W>
+__device__ void pad2d_impl(const W* src, W* dst, long n, long h, long w, long pt, long pl, long ho, long wo) {
+    GRID_STRIDE(i, n * ho * wo) {
+        long xo = i % wo, yo = (i / wo) % ho, p = i / (wo * ho);
+        long yi = yo - pt, xi = xo - pl;
+        W v;
+        if (yi >= 0 && yi < h && xi >= 0 && xi < w) v = src[(p * h + yi) * w + xi];
+        else v = (W)0;
+        dst[i] = v;
+    }
+}
+// rows of a [rows, d] table picked by ids
+template <typename W>
+__device__ void gather_rows_impl(const unsigned* ids, const W* table, W* y, long n, long d) {
+    GRID_STRIDE(i, n * d) y[i] = table[(long)ids[i / d] * d + i % d];
+}
+
+
+// ---- fused flash attention (FlashAttention-2 style) for head size 64, f16/bf16 ----
+// Tensor-core mma.sync m16n8k16 with f32 accumulation; the score matrix lives only in registers,
+// one 64-key tile at a time. q, o: [b, lq, heads*64]; k, v: [b, lk, heads*64].
+// grid (ceil(lq/128), heads, b), block 128 (4 warps x 32 query rows).
+#define NEG_INF (-__int_as_float(0x7f800000))
+template <int BF>
+__device__ __forceinline__ void mma16816(float* c, const unsigned* a, const unsigned* b) {
+    if (BF)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+template <int BF>
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    unsigned r;
+    if (BF) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    else asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+struct alignas(16) U4 { unsigned x, y, z, w; };
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+// 16-byte global -> shared copy, asynchronous; `bytes` = 0 fills zeros (nothing is read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+    unsigned long long g;
+    asm("cvta.to.global.u64 %0, %1;" : "=l"(g) : "l"(src));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(g), "r"(bytes)
+                 : "memory");
+}
+// Four 8x8 b16 matrices from shared memory (row addresses from lanes 8m..8m+7).
+__device__ __forceinline__ void ldmatrix_x4(unsigned* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+// Four 8x8 b16 matrices, transposed, from shared memory (row addresses from lanes 8m..8m+7).
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+template <int BF>
+__device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k, const unsigned short* v,
+                                unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) {
+    // 4 warps x 32 query rows (two m16 tiles per warp share every K/V fragment), 64-key tiles.
+    const int D = 64, BM = 128, BN = 64, LDS = 72, NT = 128;
+    // Two stages of K and V tiles: the next tile streams in (cp.async) while this one is used.
+    __shared__ __align__(16) unsigned short Ksm[2][64 * 72];
+    __shared__ __align__(16) unsigned short Vsm[2][64 * 72];
+    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    int bi = blockIdx.z, h = blockIdx.y;
+    long dm = (long)heads * D;
+    int q0 = blockIdx.x * BM + warp * 32;
+    const unsigned short* qb = q + (long)bi * lq * dm + h * D;
+    const unsigned short* kg = k + (long)bi * lk * dm + h * D;
+    const unsigned short* vg = v + (long)bi * lk * dm + h * D;
+    unsigned short* ob = o + (long)bi * lq * dm + h * D;
+    int c = 2 * (lane % 4);
+    int rr[2][2];
+    unsigned qa[2][4][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+        rr[mt][0] = q0 + mt * 16 + lane / 4;
+        rr[mt][1] = rr[mt][0] + 8;
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            int col = kk * 16 + c;
+            int r0 = rr[mt][0], r1 = rr[mt][1];
+            qa[mt][kk][0] = r0 < lq ? *(const unsigned*)(qb + (long)r0 * dm + col) : 0u;
+            qa[mt][kk][1] = r1 < lq ? *(const unsigned*)(qb + (long)r1 * dm + col) : 0u;
+            qa[mt][kk][2] = r0 < lq ? *(const unsigned*)(qb + (long)r0 * dm + col + 8) : 0u;
+            qa[mt][kk][3] = r1 < lq ? *(const unsigned*)(qb + (long)r1 * dm + col + 8) : 0u;
+        }
+    }
+    float acc[2][8][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int d = 0; d < 8; ++d) acc[mt][d][0] = acc[mt][d][1] = acc[mt][d][2] = acc[mt][d][3] = 0.0f;
+    float mrow[2][2] = {{NEG_INF, NEG_INF}, {NEG_INF, NEG_INF}};
+    float lrow[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+    int kend = causal ? min(lk, (int)(blockIdx.x * BM + BM)) : lk;
+    int ntiles = (kend + BN - 1) / BN;
+    auto load_tile = [&](int tile, int stage) {
+        for (int i = tid; i < BN * 8; i += NT) {
+            int row = i >> 3, ch = (i & 7) * 8;
+            int key = tile * BN + row;
+            int ok = key < lk ? 16 : 0;
+            long src = (long)(key < lk ? key : 0) * dm + ch;
+            cp_async16(&Ksm[stage][row * LDS + ch], kg + src, ok);
+            cp_async16(&Vsm[stage][row * LDS + ch], vg + src, ok);
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+    if (ntiles > 0) load_tile(0, 0);
+    for (int tile = 0; tile < ntiles; ++tile) {
+        int kb = tile * BN;
+        const unsigned short* Ks = Ksm[tile & 1];
+        const unsigned short* Vs = Vsm[tile & 1];
+        if (tile + 1 < ntiles) {
+            load_tile(tile + 1, (tile + 1) & 1);
+            asm volatile("cp.async.wait_group 1;" ::: "memory");
+        } else {
+            asm volatile("cp.async.wait_group 0;" ::: "memory");
+        }
+        __syncthreads();
+        float s[2][8][4];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < 4; kk += 2) {
+                // Keys j*8.., dims kk*16.. (matrices 0, 1) and (kk+1)*16.. (matrices 2, 3).
+                unsigned bk[4];
+                ldmatrix_x4(bk, Ks + (j * 8 + (lane & 7)) * LDS + kk * 16 + (lane >> 3) * 8);
+#pragma unroll
+                for (int mt = 0; mt < 2; ++mt) {
+                    mma16816<BF>(s[mt][j], qa[mt][kk], bk);
+                    mma16816<BF>(s[mt][j], qa[mt][kk + 1], bk + 2);
+                }
+            }
+        }
+        bool edge = (kb + BN > lk) || causal;
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+            float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float val = s[mt][j][e] * scale_log2;
+                    if (edge) {
+                        int key = kb + j * 8 + c + (e & 1);
+                        int row = rr[mt][e >> 1];
+                        if (key >= lk || (causal && key > row)) val = NEG_INF;
+                    }
+                    s[mt][j][e] = val;
+                    if (e < 2) mx0 = fmaxf(mx0, val);
+                    else mx1 = fmaxf(mx1, val);
+                }
+            }
+#pragma unroll
+            for (int off = 1; off < 4; off <<= 1) {
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+            }
+            float mn0 = fmaxf(mrow[mt][0], mx0), mn1 = fmaxf(mrow[mt][1], mx1);
+            float sub0 = mn0 == NEG_INF ? 0.0f : mn0, sub1 = mn1 == NEG_INF ? 0.0f : mn1;
+            float al0 = fast_exp2(mrow[mt][0] - sub0), al1 = fast_exp2(mrow[mt][1] - sub1);
+            mrow[mt][0] = mn0;
+            mrow[mt][1] = mn1;
+            float ls0 = 0.0f, ls1 = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                s[mt][j][0] = fast_exp2(s[mt][j][0] - sub0);
+                s[mt][j][1] = fast_exp2(s[mt][j][1] - sub0);
+                s[mt][j][2] = fast_exp2(s[mt][j][2] - sub1);
+                s[mt][j][3] = fast_exp2(s[mt][j][3] - sub1);
+                ls0 += s[mt][j][0] + s[mt][j][1];
+                ls1 += s[mt][j][2] + s[mt][j][3];
+            }
+            lrow[mt][0] = lrow[mt][0] * al0 + ls0;
+            lrow[mt][1] = lrow[mt][1] * al1 + ls1;
+#pragma unroll
+            for (int d = 0; d < 8; ++d) {
+                acc[mt][d][0] *= al0;
+                acc[mt][d][1] *= al0;
+                acc[mt][d][2] *= al1;
+                acc[mt][d][3] *= al1;
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+            unsigned pa[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+                pa[mt][0] = pack2<BF>(s[mt][2 * t][0], s[mt][2 * t][1]);
+                pa[mt][1] = pack2<BF>(s[mt][2 * t][2], s[mt][2 * t][3]);
+                pa[mt][2] = pack2<BF>(s[mt][2 * t + 1][0], s[mt][2 * t + 1][1]);
+                pa[mt][3] = pack2<BF>(s[mt][2 * t + 1][2], s[mt][2 * t + 1][3]);
+            }
+#pragma unroll
+            for (int d = 0; d < 8; d += 2) {
+                unsigned bv[4];
+                ldmatrix_x4_trans(bv, Vs + (t * 16 + (lane & 15)) * LDS + (d + (lane >> 4)) * 8);
+#pragma unroll
+                for (int mt = 0; mt < 2; ++mt) {
+                    mma16816<BF>(acc[mt][d], pa[mt], bv);
+                    mma16816<BF>(acc[mt][d + 1], pa[mt], bv + 2);
+                }
+            }
+        }
+        // The next iteration's prefetch overwrites this stage.
+        __syncthreads();
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+        float l0 = lrow[mt][0], l1 = lrow[mt][1];
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+            l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+            l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+        }
+        float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+        int r0 = rr[mt][0], r1 = rr[mt][1];
+#pragma unroll
+        for (int d = 0; d < 8; ++d) {
+            int col = d * 8 + c;
+            if (r0 < lq) *(unsigned*)(ob + (long)r0 * dm + col) = pack2<BF>(acc[mt][d][0] * i0, acc[mt][d][1] * i0);
+            if (r1 < lq) *(unsigned*)(ob + (long)r1 * dm + col) = pack2<BF>(acc[mt][d][2] * i1, acc[mt][d][3] * i1);
+        }
+    }
+}
+extern "C" __global__ void __launch_bounds__(128) flash_attn_f16(const unsigned short* q, const unsigned short* k,
+    const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) {
+    flash_attn_impl<0>(q, k, v, o, lq, lk, heads, scale_log2, causal);
+}
+extern "C" __global__ void __launch_bounds__(128) flash_attn_bf16(const unsigned short* q, const unsigned short* k,
+    const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) {
+    flash_attn_impl<1>(q, k, v, o, lq, lk, heads, scale_log2, causal);
+}
+
+
+// ---- batched 2-D transpose: src [n, rows, cols] -> dst [n, cols, rows]; block (32, 8) ----
+template <typename W>
+__device__ void transpose_impl(const W* src, W* dst, long rows, long cols) {
+    __shared__ W tile[32][33];
+    long n = blockIdx.z;
+    long r0 = (long)blockIdx.y * 32, c0 = (long)blockIdx.x * 32;
+    const W* s = src + n * rows * cols;
+    W* d = dst + n * rows * cols;
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        long r = r0 + i, c = c0 + threadIdx.x;
+        if (r < rows && c < cols) tile[i][threadIdx.x] = s[r * cols + c];
+    }
+    __syncthreads();
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        long c = c0 + i, r = r0 + threadIdx.x;
+        if (r < rows && c < cols) d[c * rows + r] = tile[threadIdx.x][i];
+    }
+}
+extern "C" __global__ void copy2d_u128(const U4* s, U4* d, long rows, long cols, long sp, long dp) {
+    copy2d_impl<U4>(s, d, rows, cols, sp, dp);
+}
+
+// ---- extern "C" instances ----
+#define FOR_TYPES(M) M(f32, float) M(f16, f16_t) M(bf16, bf16_t)
+
+#define INST_CAST(SN, S, DN, D) \
+    extern "C" __global__ void cast_##SN##_##DN(const S* x, D* y, long n) { cast_impl<S, D>(x, y, n); }
+INST_CAST(f32, float, f16, f16_t)
+INST_CAST(f32, float, bf16, bf16_t)
+INST_CAST(f16, f16_t, f32, float)
+INST_CAST(bf16, bf16_t, f32, float)
+INST_CAST(f16, f16_t, bf16, bf16_t)
+INST_CAST(bf16, bf16_t, f16, f16_t)
+
+#define INST_TYPED(N, T)                                                                                     \
+    extern "C" __global__ void unary_##N(const T* x, T* y, long n, int op, float a, float b) {              \
+        unary_impl<T>(x, y, n, op, a, b);                                                                    \
+    }                                                                                                        \
+    extern "C" __global__ void binary_##N(const T* a, const T* b, T* y, long n, int op, Bcast bc) {         \
+        binary_impl<T>(a, b, y, n, op, bc);                                                                  \
+    }                                                                                                        \
+    extern "C" __global__ void binary_same_##N(const T* a, const T* b, T* y, long n, int op) {              \
+        binary_same_impl<T>(a, b, y, n, op);                                                                 \
+    }                                                                                                        \
+    extern "C" __global__ void geglu_##N(const T* x, T* y, long rows, long h) { geglu_impl<T>(x, y, rows, h); } \
+    extern "C" __global__ void gn_sums_##N(const T* x, double* sums, long group_len, long chunk) {          \
+        gn_sums_impl<T>(x, sums, group_len, chunk);                                                          \
+    }                                                                                                        \
+    extern "C" __global__ void gn_apply_##N(const T* x, const float* mr, const T* g, const T* bt, T* y,      \
+                                            long c, long s, long groups, int silu, long n) {                 \
+        gn_apply_impl<T>(x, mr, g, bt, y, c, s, groups, silu, n);                                            \
+    }                                                                                                        \
+    extern "C" __global__ void layer_norm_##N(const T* x, const T* g, const T* b, T* y, long d, float eps) { \
+        layer_norm_impl<T>(x, g, b, y, d, eps);                                                              \
+    }                                                                                                        \
+    extern "C" __global__ void softmax_##N(const float* s, T* p, long cols, int causal, long q0, long rph) { \
+        softmax_impl<T>(s, p, cols, causal, q0, rph);                                                        \
+    }                                                                                                        \
+    extern "C" __global__ void upsample2x_##N(const T* x, T* y, long n, long h, long w) {                   \
+        upsample2x_impl<T>(x, y, n, h, w);                                                                   \
+    }                                                                                                        \
+    extern "C" __global__ void bias_nchw_##N(T* y, const T* bias, long c, long s, long n) {                 \
+        bias_nchw_impl<T>(y, bias, c, s, n);                                                                 \
+    }                                                                                                        \
+    extern "C" __global__ void timestep_emb_##N(const T* t, T* y, long b, long dim, int flip, float shift) { \
+        timestep_emb_impl<T>(t, y, b, dim, flip, shift);                                                     \
+    }                                                                                                        \
+    extern "C" __global__ void fill_uniform_##N(T* y, long n, unsigned long long seed, float lo, float hi) { \
+        fill_uniform_impl<T>(y, n, seed, lo, hi);                                                            \
+    }
+FOR_TYPES(INST_TYPED)
+
+#define INST_WORD(N, W)                                                                                       \
+    extern "C" __global__ void copy2d_##N(const W* s, W* d, long rows, long cols, long sp, long dp) {        \
+        copy2d_impl<W>(s, d, rows, cols, sp, dp);                                                             \
+    }                                                                                                         \
+    extern "C" __global__ void permute_##N(const W* s, W* d, long n, Perm p) { permute_impl<W>(s, d, n, p); } \
+    extern "C" __global__ void pad2d_##N(const W* s, W* d, long n, long h, long w, long pt, long pl, long ho, \
+                                         long wo) {                                                           \
+        pad2d_impl<W>(s, d, n, h, w, pt, pl, ho, wo);                                                         \
+    }                                                                                                         \
+    extern "C" __global__ void gather_rows_##N(const unsigned* ids, const W* t, W* y, long n, long d) {      \
+        gather_rows_impl<W>(ids, t, y, n, d);                                                                 \
+    }                                                                                                         \
+    extern "C" __global__ void transpose_##N(const W* s, W* d, long rows, long cols) {                       \
+        transpose_impl<W>(s, d, rows, cols);                                                                  \
+    }
+INST_WORD(u16, unsigned short)
+INST_WORD(u32, unsigned int)

@@ -1,0 +1,434 @@
+//! The CUDA back-end (feature `cuda`): device start-up, device storage and the kernel module.
+//!
+//! Every CUDA op is the twin of the CPU op of the same name (the specification) and is checked
+//! against it by the parity tests. GEMMs go through cuBLAS / cuBLASLt (f32 accumulation), convolutions
+//! through cuDNN, everything else through the CUDA C kernels of `kernels.cu`, compiled with NVRTC
+//! for the GPU's architecture on first use and cached per architecture for the process. Libraries
+//! are loaded dynamically: a build with this feature runs on machines without CUDA until a CUDA
+//! device is asked for, and then [`gpu`] answers with an error instead of a panic.
+//!
+//! All work of one device runs on one stream, in order; host reads synchronise that stream.
+
+mod ops;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::cudnn::Cudnn;
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+use crate::{DType, Device, KernelError, Result};
+
+pub(crate) use ops::*;
+pub use ops::{capture_graph, copy_into, CudaGraphStep};
+
+/// CUDA C source of every hand-written kernel (compiled at run time by NVRTC).
+pub const KERNEL_SOURCE: &str = include_str!("kernels.cu");
+
+/// Architectures the CI compile check covers (Ampere, Ada, Hopper).
+pub const CHECKED_ARCHS: &[&str] = &["sm_80", "sm_89", "sm_90"];
+
+fn cuda_err(device: usize, what: &str, e: impl std::fmt::Debug) -> KernelError {
+    KernelError::Device {
+        device: format!("cuda:{device}"),
+        msg: format!("{what}: {e:?}"),
+    }
+}
+
+/// The names of every `extern "C"` kernel in [`KERNEL_SOURCE`].
+pub fn kernel_names() -> Vec<String> {
+    let mut v: Vec<String> = [
+        "cast_f32_f16",
+        "cast_f32_bf16",
+        "cast_f16_f32",
+        "cast_bf16_f32",
+        "cast_f16_bf16",
+        "cast_bf16_f16",
+        "gn_finalize",
+        "flash_attn_f16",
+        "flash_attn_bf16",
+        "copy2d_u128",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for t in ["f32", "f16", "bf16"] {
+        for k in [
+            "unary",
+            "binary",
+            "binary_same",
+            "geglu",
+            "gn_sums",
+            "gn_apply",
+            "layer_norm",
+            "softmax",
+            "upsample2x",
+            "bias_nchw",
+            "timestep_emb",
+            "fill_uniform",
+        ] {
+            v.push(format!("{k}_{t}"));
+        }
+    }
+    for w in ["u16", "u32"] {
+        for k in ["copy2d", "permute", "pad2d", "gather_rows", "transpose"] {
+            v.push(format!("{k}_{w}"));
+        }
+    }
+    v
+}
+
+/// Compiles [`KERNEL_SOURCE`] to PTX for `arch` (e.g. `sm_90`) with NVRTC. Needs only libnvrtc, no
+/// driver and no GPU, so CI can check that every kernel compiles.
+pub fn compile_kernels(arch: &'static str) -> Result<Ptx> {
+    // SAFETY: only probes whether the shared library can be opened.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(KernelError::Device {
+            device: "cuda".into(),
+            msg: "NVRTC (libnvrtc.so) not found: install the CUDA toolkit or put libnvrtc on LD_LIBRARY_PATH".into(),
+        });
+    }
+    let opts = CompileOptions {
+        arch: Some(arch),
+        name: Some("pcpp_kernels.cu".into()),
+        options: vec!["--std=c++17".into()],
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(KERNEL_SOURCE, opts).map_err(|e| {
+        let msg = match &e {
+            cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+                log.to_string_lossy().into_owned()
+            }
+            other => format!("{other:?}"),
+        };
+        KernelError::Device {
+            device: "cuda".into(),
+            msg: format!("NVRTC failed to compile the kernels for {arch}:\n{msg}"),
+        }
+    })
+}
+
+/// PTX per architecture, compiled once per process.
+fn ptx_for(arch: &'static str) -> Result<Ptx> {
+    static CACHE: OnceLock<Mutex<HashMap<&'static str, String>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(src) = cache.lock().ok().and_then(|c| c.get(arch).cloned()) {
+        return Ok(Ptx::from_src(src));
+    }
+    let ptx = compile_kernels(arch)?;
+    if let Ok(mut c) = cache.lock() {
+        c.insert(arch, ptx.to_src());
+    }
+    Ok(ptx)
+}
+
+fn arch_name(major: i32, minor: i32) -> &'static str {
+    match (major, minor) {
+        (8, 0) => "sm_80",
+        (8, 6) => "sm_86",
+        (8, 7) => "sm_87",
+        (8, 9) => "sm_89",
+        (9, _) => "sm_90",
+        (10, _) => "sm_100",
+        (12, _) => "sm_120",
+        _ => "sm_80",
+    }
+}
+
+/// cuBLASLt handle and workspace.
+struct Lt {
+    handle: cudarc::cublaslt::sys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+}
+
+/// One CUDA device: context, stream, library handles and the loaded kernels.
+pub struct Gpu {
+    ordinal: usize,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    arch: &'static str,
+    funcs: HashMap<String, CudaFunction>,
+    blas: CudaBlas,
+    lt: Lt,
+    cudnn: Arc<Cudnn>,
+    /// Serialises library calls (cuDNN and cuBLASLt handles are not thread-safe).
+    lock: Mutex<()>,
+    conv_algos:
+        Mutex<HashMap<ops::ConvKey, (cudarc::cudnn::sys::cudnnConvolutionFwdAlgo_t, usize)>>,
+    lt_algos: Mutex<HashMap<ops::LtKey, cudarc::cublaslt::sys::cublasLtMatmulAlgo_t>>,
+}
+
+// SAFETY: every handle is used under `lock` or through the single stream in issue order; cudarc's
+// context binds itself to the calling thread before each driver call.
+unsafe impl Send for Gpu {}
+// SAFETY: as above; shared access never mutates library handles without holding `lock`.
+unsafe impl Sync for Gpu {}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        // SAFETY: the handle was created in `Gpu::open` and is destroyed once here.
+        let _ = unsafe { cudarc::cublaslt::result::destroy_handle(self.lt.handle) };
+    }
+}
+
+/// Checks that the CUDA libraries this back-end loads are present (cudarc panics otherwise).
+fn probe_libraries() -> std::result::Result<(), String> {
+    // SAFETY: each call only tries to open a shared library.
+    let checks: [(&str, bool); 5] = unsafe {
+        [
+            (
+                "no CUDA driver found (libcuda.so)",
+                cudarc::driver::sys::is_culib_present(),
+            ),
+            (
+                "NVRTC not found (libnvrtc.so)",
+                cudarc::nvrtc::sys::is_culib_present(),
+            ),
+            (
+                "cuBLAS not found (libcublas.so)",
+                cudarc::cublas::sys::is_culib_present(),
+            ),
+            (
+                "cuBLASLt not found (libcublasLt.so)",
+                cudarc::cublaslt::sys::is_culib_present(),
+            ),
+            (
+                "cuDNN not found (libcudnn.so)",
+                cudarc::cudnn::sys::is_culib_present(),
+            ),
+        ]
+    };
+    for (msg, ok) in checks {
+        if !ok {
+            return Err(msg.to_string());
+        }
+    }
+    Ok(())
+}
+
+/// Number of CUDA devices, or an error saying why there are none usable.
+pub fn device_count() -> Result<usize> {
+    probe_libraries().map_err(|msg| KernelError::Device {
+        device: "cuda".into(),
+        msg,
+    })?;
+    CudaContext::device_count()
+        .map(|n| n.max(0) as usize)
+        .map_err(|e| cuda_err(0, "cuDeviceGetCount", e))
+}
+
+/// The process-wide handle of CUDA device `ordinal`, opened on first use.
+pub fn gpu(ordinal: usize) -> Result<Arc<Gpu>> {
+    static GPUS: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
+    let map = GPUS.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut map = map.lock().map_err(|_| KernelError::Device {
+        device: format!("cuda:{ordinal}"),
+        msg: "device table poisoned by an earlier panic".into(),
+    })?;
+    if let Some(g) = map.get(&ordinal) {
+        return Ok(g.clone());
+    }
+    let g = Arc::new(Gpu::open(ordinal)?);
+    map.insert(ordinal, g.clone());
+    Ok(g)
+}
+
+impl Gpu {
+    fn open(ordinal: usize) -> Result<Gpu> {
+        let n = device_count()?;
+        if ordinal >= n {
+            return Err(KernelError::Device {
+                device: format!("cuda:{ordinal}"),
+                msg: format!("no such device ({n} CUDA device(s) visible)"),
+            });
+        }
+        let e = |what: &str, err: &dyn std::fmt::Debug| cuda_err(ordinal, what, err);
+        let ctx = CudaContext::new(ordinal).map_err(|x| e("creating the context", &x))?;
+        // SAFETY: this back-end issues all work on one stream, so cudarc's cross-stream event
+        // tracking is not needed.
+        unsafe { ctx.disable_event_tracking() };
+        // A created stream (not the legacy default stream) so that CUDA graphs can capture it.
+        let stream = ctx.new_stream().map_err(|x| e("creating the stream", &x))?;
+        // Keep freed memory in the stream-ordered pool instead of returning it at each sync.
+        // SAFETY: plain attribute setting on the device's default pool.
+        unsafe {
+            use cudarc::driver::sys;
+            let mut pool = std::mem::MaybeUninit::uninit();
+            if sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), ctx.cu_device())
+                == sys::CUresult::CUDA_SUCCESS
+            {
+                let mut thr: u64 = u64::MAX;
+                sys::cuMemPoolSetAttribute(
+                    pool.assume_init(),
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut thr as *mut u64 as *mut std::ffi::c_void,
+                );
+            }
+        }
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|x| e("compute capability", &x))?;
+        let arch = arch_name(major, minor);
+        let ptx = ptx_for(arch)?;
+        let module = ctx
+            .load_module(ptx)
+            .map_err(|x| e("loading the kernels", &x))?;
+        let mut funcs = HashMap::new();
+        for name in kernel_names() {
+            let f = module
+                .load_function(&name)
+                .map_err(|x| e(&format!("kernel {name}"), &x))?;
+            funcs.insert(name, f);
+        }
+        let blas = CudaBlas::new(stream.clone()).map_err(|x| e("cuBLAS", &x))?;
+        let lt_handle = cudarc::cublaslt::result::create_handle().map_err(|x| e("cuBLASLt", &x))?;
+        // SAFETY: uninitialised scratch memory for cuBLASLt.
+        let workspace =
+            unsafe { stream.alloc::<u8>(32 << 20) }.map_err(|x| e("cuBLASLt workspace", &x))?;
+        let cudnn = Cudnn::new(stream.clone()).map_err(|x| e("cuDNN", &x))?;
+        Ok(Gpu {
+            ordinal,
+            ctx,
+            stream,
+            arch,
+            funcs,
+            blas,
+            lt: Lt {
+                handle: lt_handle,
+                workspace,
+            },
+            cudnn,
+            lock: Mutex::new(()),
+            conv_algos: Mutex::new(HashMap::new()),
+            lt_algos: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// The architecture the kernels were compiled for (e.g. `sm_90`).
+    pub fn arch(&self) -> &'static str {
+        self.arch
+    }
+
+    /// The device name reported by the driver.
+    pub fn name(&self) -> String {
+        self.ctx.name().unwrap_or_else(|_| "unknown".into())
+    }
+
+    /// The stream all work of this device runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| self.err("synchronize", e))
+    }
+
+    /// `(free, total)` device memory in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.ctx
+            .mem_get_info()
+            .map_err(|e| self.err("cuMemGetInfo", e))
+    }
+
+    pub(crate) fn err(&self, what: &str, e: impl std::fmt::Debug) -> KernelError {
+        cuda_err(self.ordinal, what, e)
+    }
+
+    pub(crate) fn func(&self, name: &str) -> Result<&CudaFunction> {
+        self.funcs.get(name).ok_or_else(|| KernelError::Device {
+            device: format!("cuda:{}", self.ordinal),
+            msg: format!("kernel {name} is not in the module"),
+        })
+    }
+
+    /// Uninitialised device memory for `n` elements of `dtype`.
+    pub(crate) fn alloc(self: &Arc<Self>, dtype: DType, n: usize) -> Result<CudaStorage> {
+        let bytes = (n * dtype.size()).max(4);
+        // SAFETY: every caller writes all `n` elements before the storage is read.
+        let buf = unsafe { self.stream.alloc::<u8>(bytes) }
+            .map_err(|e| self.err(&format!("allocating {bytes} bytes"), e))?;
+        Ok(CudaStorage {
+            buf,
+            gpu: self.clone(),
+        })
+    }
+
+    /// Element-wise launch configuration (grid-stride loops).
+    pub(crate) fn cfg_elems(n: usize) -> LaunchConfig {
+        let blocks = n.div_ceil(256).clamp(1, 16384) as u32;
+        LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
+/// Device memory of one tensor (bytes; the tensor holds the dtype and shape).
+pub struct CudaStorage {
+    buf: CudaSlice<u8>,
+    gpu: Arc<Gpu>,
+}
+
+impl std::fmt::Debug for CudaStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CudaStorage(cuda:{}, {} bytes)",
+            self.gpu.ordinal,
+            self.buf.len()
+        )
+    }
+}
+
+impl CudaStorage {
+    /// The device holding the memory.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// The device.
+    pub fn device(&self) -> Device {
+        Device::Cuda(self.gpu.ordinal)
+    }
+
+    /// Raw device address (valid while `self` lives; all work is on the one stream).
+    pub(crate) fn ptr(&self) -> u64 {
+        let (p, _sync) = self.buf.device_ptr(&self.gpu.stream);
+        p
+    }
+
+    /// Copies host bytes to a new device buffer.
+    pub(crate) fn from_bytes(gpu: &Arc<Gpu>, bytes: &[u8]) -> Result<CudaStorage> {
+        let data: &[u8] = if bytes.is_empty() { &[0; 4] } else { bytes };
+        let buf = gpu
+            .stream
+            .clone_htod(data)
+            .map_err(|e| gpu.err("host-to-device copy", e))?;
+        Ok(CudaStorage {
+            buf,
+            gpu: gpu.clone(),
+        })
+    }
+
+    /// Copies the first `len` bytes back to the host (synchronises the stream).
+    pub(crate) fn to_bytes(&self, len: usize) -> Result<Vec<u8>> {
+        let mut v = self
+            .gpu
+            .stream
+            .clone_dtoh(&self.buf)
+            .map_err(|e| self.gpu.err("device-to-host copy", e))?;
+        v.truncate(len);
+        Ok(v)
+    }
+}
