@@ -191,6 +191,17 @@ fn user_errors_exit_nonzero_with_a_message_and_no_output() {
         !o.status.success() && err.contains("--prompt is empty"),
         "{err}"
     );
+    let bad = std::ffi::OsStr::from_bytes(b"\xff\xfe fox");
+    let o = Command::new(env!("CARGO_BIN_EXE_pcpp-cli"))
+        .args(["generate", "--output", s(&out), "--prompt"])
+        .arg(bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--prompt") && err.contains("UTF-8"),
+        "{err}"
+    );
     let o = cli(&[
         "generate",
         "--prompt",
