@@ -9,12 +9,17 @@
 # bootstrapped over MPI, and the failure paths (abort, panic, dead peer).
 #
 # Usage: scripts/ci-comm.sh            (from anywhere inside the repository)
-# Environment: SKIP_APT=1 skips the package installation.
+# Environment: SKIP_APT=1 skips the package installation; CI_COMM_MPICH=1 also
+# builds against MPICH (libmpich-dev, in a separate target directory, several
+# minutes more) and runs the MPI tests under its mpirun.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
 PACKAGES=(libopenmpi-dev openmpi-bin libucx-dev pkg-config libclang-dev clang)
+if [[ "${CI_COMM_MPICH:-0}" == 1 ]]; then
+    PACKAGES+=(libmpich-dev mpich)
+fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -47,4 +52,10 @@ cargo build -p pcpp-comm --features ucx
 
 # Unit tests, local conformance, MPI and UCX multi-process tests.
 cargo test -p pcpp-comm --features mpi,ucx
+if [[ "${CI_COMM_MPICH:-0}" == 1 ]]; then
+    echo "ci-comm: MPICH $(mpichversion 2>/dev/null | head -n 1)"
+    MPICC=mpicc.mpich PCPP_TEST_MPIRUN=mpirun.mpich \
+        CARGO_TARGET_DIR="${CI_COMM_MPICH_TARGET:-target/mpich}" \
+        cargo test -p pcpp-comm --features mpi --test mpi_conformance
+fi
 echo "ci-comm: ok"

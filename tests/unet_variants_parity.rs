@@ -16,7 +16,13 @@ fn check(dir: &str, refs_file: &str) {
         r.get("time_ids").cloned(),
     );
     let out = unet
-        .forward(&StepCtx::serial(), &r["sample"], &r["timestep"], &cond, None)
+        .forward(
+            &StepCtx::serial(),
+            &r["sample"],
+            &r["timestep"],
+            &cond,
+            None,
+        )
         .expect("forward");
     assert_close(refs_file, &out, &r["out"], TOL_MODULE);
 }

@@ -83,10 +83,10 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// The prompt.
-    #[arg(long)]
+    #[arg(long, value_parser = utf8_text())]
     pub prompt: String,
     /// Negative prompt (empty = none: zero conditioning, as SDXL).
-    #[arg(long)]
+    #[arg(long, value_parser = utf8_text())]
     pub negative_prompt: Option<String>,
     /// Denoising steps.
     #[arg(long, default_value_t = 30)]
@@ -133,9 +133,20 @@ pub struct GenerateArgs {
     /// Keep both CFG branches on every rank instead of splitting the ranks into two groups.
     #[arg(long)]
     pub no_cfg_split: bool,
+    /// Seconds any wait for another rank may take before the job fails (a lost peer becomes an
+    /// error instead of a hang).
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
     /// Write a JSON report (per-step time, bytes by layer kind, waits) to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
+}
+
+/// A text argument that may arrive as any bytes: non-UTF-8 input is an error naming the flag.
+fn utf8_text() -> impl clap::builder::TypedValueParser<Value = String> {
+    use clap::builder::TypedValueParser;
+    clap::builder::OsStringValueParser::new()
+        .try_map(|s| s.into_string().map_err(|_| "the text is not valid UTF-8"))
 }
 
 /// Validated settings of one generation.
@@ -227,6 +238,9 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
     }
     if a.ranks == 0 {
         bail!("--ranks must be at least 1");
+    }
+    if a.timeout == 0 {
+        bail!("--timeout must be at least 1 second");
     }
     let portions = parse_portions(&a.portion)?;
     let index = ModelIndex::load(&model)?;
@@ -472,6 +486,10 @@ fn run_rank(
     Ok(Some(RankResult { latents, reports }))
 }
 
+fn transport_options(a: &GenerateArgs) -> TransportOptions {
+    TransportOptions::with_timeout(std::time::Duration::from_secs(a.timeout))
+}
+
 /// The configs and weight-file sizes of a model folder, for the start-up check that every rank
 /// runs the same model.
 fn model_fingerprint(model: &Path) -> Vec<u8> {
@@ -508,7 +526,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let env = launch::LaunchEnv::from_env()?;
     let kind = launch::resolve(a.transport.into(), &env);
     let result = if kind == TransportKind::Local {
-        let outs = LocalTransport::run(a.ranks, TransportOptions::default(), |t| {
+        let outs = LocalTransport::run(a.ranks, transport_options(&a), |t| {
             run_rank(&a, &plan, &pcfg, t)
         })
         .map_err(|e| match e {
@@ -517,7 +535,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         })?;
         outs.into_iter().flatten().next()
     } else {
-        let conn = launch::connect(kind, &env, &launch::ConnectOptions::default())?;
+        let opts = launch::ConnectOptions {
+            transport: transport_options(&a),
+            ..launch::ConnectOptions::default()
+        };
+        let conn = launch::connect(kind, &env, &opts)?;
         let world = conn.transport.clone();
         if a.ranks != 1 && a.ranks != conn.world_size {
             launch::abort_job(

@@ -2,6 +2,7 @@
 //! pipeline, `unet` on a differently shaped UNet against diffusers, `compare`, and user errors
 //! (exit status ≠ 0, one message naming the flag or file, no panic, no output file).
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

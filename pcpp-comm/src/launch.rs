@@ -14,8 +14,8 @@
 //!
 //! | what        | variables |
 //! |-------------|-----------|
-//! | rank        | `PCPP_RANK`, `SLURM_PROCID`, `OMPI_COMM_WORLD_RANK`, `PMI_RANK`, `PMIX_RANK` |
-//! | world size  | `PCPP_WORLD_SIZE`, `SLURM_NTASKS`, `OMPI_COMM_WORLD_SIZE`, `PMI_SIZE` |
+//! | rank        | `PCPP_RANK`, `OMPI_COMM_WORLD_RANK`, `PMI_RANK`, `PMIX_RANK`, `SLURM_PROCID` |
+//! | world size  | `PCPP_WORLD_SIZE`, `OMPI_COMM_WORLD_SIZE`, `PMI_SIZE`, `SLURM_NTASKS` |
 //! | local rank  | `PCPP_LOCAL_RANK`, `OMPI_COMM_WORLD_LOCAL_RANK`, `MPI_LOCALRANKID`, `SLURM_LOCALID` |
 //! | UCX root    | `PCPP_UCX_ROOT` (`host:port` rank 0 listens on) |
 //! | under MPI   | any of `OMPI_COMM_WORLD_SIZE`, `PMI_SIZE`, `PMIX_RANK`, `MPI_LOCALNRANKS` |
@@ -122,18 +122,20 @@ pub struct LaunchEnv {
     pub under_mpi: bool,
 }
 
+// MPI launchers' variables come before Slurm's: `mpirun` inside a Slurm batch
+// script passes the script's own SLURM_PROCID (0) to every rank.
 const RANK_VARS: [&str; 5] = [
     "PCPP_RANK",
-    "SLURM_PROCID",
     "OMPI_COMM_WORLD_RANK",
     "PMI_RANK",
     "PMIX_RANK",
+    "SLURM_PROCID",
 ];
 const SIZE_VARS: [&str; 4] = [
     "PCPP_WORLD_SIZE",
-    "SLURM_NTASKS",
     "OMPI_COMM_WORLD_SIZE",
     "PMI_SIZE",
+    "SLURM_NTASKS",
 ];
 const LOCAL_VARS: [&str; 4] = [
     "PCPP_LOCAL_RANK",
@@ -312,7 +314,9 @@ fn not_built(kind: TransportKind) -> CommError {
 /// error (create [`crate::LocalTransport`] instead), as is a back-end missing
 /// from the build. UCX exchanges worker addresses over MPI when
 /// [`LaunchEnv::under_mpi`] and the `mpi` feature is built, else through the
-/// TCP rendezvous at [`LaunchEnv::ucx_root`].
+/// TCP rendezvous at [`LaunchEnv::ucx_root`]; there the node-local rank is
+/// [`LaunchEnv::local_rank`] or, when unset, the rank's position among the
+/// ranks on the same host.
 pub fn connect(
     kind: TransportKind,
     env: &LaunchEnv,
@@ -356,7 +360,9 @@ fn connect_mpi(_env: &LaunchEnv, opts: &ConnectOptions) -> Result<Connection, Co
 #[cfg(feature = "mpi")]
 fn mpi_library() -> String {
     let v = mpi::environment::library_version().unwrap_or_else(|_| "unknown MPI".into());
-    v.lines().next().unwrap_or("unknown MPI").trim().to_string()
+    let first = v.lines().next().unwrap_or("unknown MPI");
+    let short = first.split(',').next().unwrap_or(first);
+    short.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(not(feature = "mpi"))]
@@ -402,7 +408,10 @@ fn connect_ucx(env: &LaunchEnv, opts: &ConnectOptions) -> Result<Connection, Com
         opts.transport.clone(),
         opts.rendezvous_timeout,
     )?;
-    let local_rank = env.local_rank.unwrap_or(0);
+    // Collective on every rank, whether or not the launcher set a local rank.
+    let by_host = node_local_rank(ucx.as_ref())?;
+    ucx.reset_stats();
+    let local_rank = env.local_rank.unwrap_or(by_host);
     Ok(Connection {
         description: format!(
             "ucx {} (bootstrap: rendezvous {root}), rank {rank}/{size}, local rank {local_rank}",
@@ -416,6 +425,20 @@ fn connect_ucx(env: &LaunchEnv, opts: &ConnectOptions) -> Result<Connection, Com
         #[cfg(feature = "mpi")]
         mpi: None,
     })
+}
+
+/// Collective: the number of lower ranks running on this host (the node-local
+/// rank when the launcher does not say), from an all-gather of host names.
+#[cfg(feature = "ucx")]
+fn node_local_rank(t: &dyn Transport) -> Result<usize, CommError> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_default();
+    let all = t
+        .all_gather(CommKind::Control, host.trim().as_bytes())
+        .map_err(|e| e.with_op("node-local rank"))?;
+    let me = t.rank();
+    Ok((0..me).filter(|&r| all[r] == all[me]).count())
 }
 
 #[cfg(not(feature = "ucx"))]
@@ -540,6 +563,16 @@ mod tests {
         .unwrap();
         assert!(env.under_mpi);
         assert_eq!(env.rank_and_size().unwrap(), (1, 4));
+        // mpirun inside a Slurm batch script: the script's SLURM_PROCID=0
+        // leaks into every rank and must not win.
+        let env = LaunchEnv::from_vars([
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "1"),
+            ("OMPI_COMM_WORLD_RANK", "2"),
+            ("OMPI_COMM_WORLD_SIZE", "4"),
+        ])
+        .unwrap();
+        assert_eq!(env.rank_and_size().unwrap(), (2, 4));
         let e = LaunchEnv::from_vars([("PCPP_RANK", "x")]).unwrap_err();
         assert!(e.to_string().contains("PCPP_RANK=\"x\""), "{e}");
         let e = LaunchEnv::from_vars([("PCPP_RANK", "4"), ("PCPP_WORLD_SIZE", "4")]).unwrap_err();
