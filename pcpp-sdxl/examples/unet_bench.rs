@@ -204,18 +204,24 @@ fn image_bench(a: &Args, unet: &UNet) -> Result<(), Box<dyn std::error::Error>> 
     let dev = Device::Cuda(0);
     let g = gpu(0)?;
     let vae_dir = a.config.join("../vae");
-    let vae_w = Weights::random_from_manifest(&vae_dir.join("tensor_manifest.json"), DType::BF16, 1)?
-        .on_device(dev);
+    let vae_w =
+        Weights::random_from_manifest(&vae_dir.join("tensor_manifest.json"), DType::BF16, 1)?
+            .on_device(dev);
     let vae = VaeDecoder::build(VaeConfig::from_file(&vae_dir.join("config.json"))?, &vae_w)?;
     let r = |shape: &[usize], seed| Tensor::rand_uniform(shape, a.dtype, dev, (-1.0, 1.0), seed);
-    let t = Tensor::from_vec(&[2], vec![500.0; 2])?.to_dtype(a.dtype)?.to_device(dev)?;
+    let t = Tensor::from_vec(&[2], vec![500.0; 2])?
+        .to_dtype(a.dtype)?
+        .to_device(dev)?;
     let cond = UNetCond::new(
         r(&[2, 77, 2048], 2)?,
         Some(r(&[2, 1280], 3)?),
         Some(
-            Tensor::from_vec(&[2, 6], [1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0].repeat(2))?
-                .to_dtype(a.dtype)?
-                .to_device(dev)?,
+            Tensor::from_vec(
+                &[2, 6],
+                [1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0].repeat(2),
+            )?
+            .to_dtype(a.dtype)?
+            .to_device(dev)?,
         ),
     );
     let ctx = StepCtx::serial();
