@@ -1,5 +1,6 @@
-//! `pcpp-cli bench`: times one UNet forward on the CPU (the serial model, no patch parallelism),
-//! for the CPU speed comparison with diffusers in `docs/benchmarks.md`.
+//! `pcpp-cli bench`: times one UNet forward on the CPU (the serial model that PCPP §2 splits into
+//! patches; no paper section of its own), for the CPU comparison with diffusers in
+//! `docs/benchmarks.md`.
 //!
 //! The model comes from a diffusers folder (`--model DIR`, default the tiny SDXL test model) or
 //! from a config alone with seeded random weights (`--config DIR/unet/config.json
@@ -26,7 +27,8 @@ pub struct Args {
     /// A UNet `config.json` to build instead of --model (needs --random-weights).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Seeded random weights (for --config; uses a `tensor_manifest.json` next to it if present).
+    /// Seeded random weights built from the config (of --config, else of --model's `unet/`); a
+    /// `tensor_manifest.json` next to the config fixes the exact names and shapes.
     #[arg(long)]
     pub random_weights: bool,
     /// Seed of the random weights and inputs.
@@ -94,6 +96,7 @@ impl Inputs {
         let cross = cfg.down.first().map_or(0, |s| s.cross_attention_dim);
         let (text_embeds, time_ids) = match cfg.text_time {
             Some(tt) => {
+                // SDXL micro-conditioning: original size, crop offset, target size.
                 let n_ids = 6;
                 let te_dim = tt
                     .projection_input_dim
