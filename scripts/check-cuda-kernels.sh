@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compiles every CUDA kernel of pcpp-kernels with NVRTC, on a machine without a GPU or CUDA.
 # Installs NVRTC (and the CUDA 13.0 headers) from PyPI into .venv-nvrtc/ (ignored by git), points
-# the dynamic loader at libnvrtc and runs the ignored `nvrtc_compile` test of pcpp-kernels.
+# the dynamic loader at libnvrtc and runs pcpp-kernels' tests with the `cuda` feature, including
+# the ignored `nvrtc_compile` test (the GPU parity tests stay ignored).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv-nvrtc
@@ -18,4 +19,6 @@ if [ ! -f "$LIBDIR/libnvrtc.so.13" ]; then
     exit 1
 fi
 export LD_LIBRARY_PATH="$LIBDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# The CUDA build and its GPU-free tests (start-up probe), then the kernel compile check.
+cargo test -p pcpp-kernels --features cuda
 cargo test -p pcpp-kernels --features cuda --test nvrtc_compile -- --ignored

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use pcpp_kernels::{Activation, DType, Tensor};
+use pcpp_kernels::{Activation, DType, Device, Tensor};
 
 use crate::error::{Result, SdxlError};
 use crate::weights::{find_weight_file, read_json, Weights};
@@ -254,8 +254,13 @@ impl ClipTextModel {
     /// makes it the with-projection model. `position_ids` buffers are ignored; any other tensor
     /// the model does not use is an error.
     pub fn load(dir: &Path, dtype: DType) -> Result<ClipTextModel> {
+        Self::load_on(dir, dtype, Device::Cpu)
+    }
+
+    /// [`ClipTextModel::load`] with the weights loaded straight to `device`.
+    pub fn load_on(dir: &Path, dtype: DType, device: Device) -> Result<ClipTextModel> {
         let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
-        let weights = Weights::open(&find_weight_file(dir, "model")?, dtype)?;
+        let weights = Weights::open(&find_weight_file(dir, "model")?, dtype)?.on_device(device);
         let w = &weights;
         let root = if w.contains("text_model.embeddings.token_embedding.weight") {
             "text_model."

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use pcpp_core::StepDriver;
-use pcpp_kernels::{DType, Tensor};
+use pcpp_kernels::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::clip::ClipTextModel;
@@ -106,6 +106,11 @@ struct Encoded1 {
 impl TextEncoders {
     /// Loads `tokenizer/`, `tokenizer_2/`, `text_encoder/`, `text_encoder_2/` of a pipeline folder.
     pub fn load(dir: &Path, dtype: DType) -> Result<TextEncoders> {
+        Self::load_on(dir, dtype, Device::Cpu)
+    }
+
+    /// [`TextEncoders::load`] with the encoders' weights loaded straight to `device`.
+    pub fn load_on(dir: &Path, dtype: DType, device: Device) -> Result<TextEncoders> {
         let idx = ModelIndex::load(dir)?;
         let tok = |sub: &str| {
             ClipTokenizer::from_dir(dir.join(sub)).map_err(|e| SdxlError::Model {
@@ -113,7 +118,7 @@ impl TextEncoders {
                 msg: e.to_string(),
             })
         };
-        let te2 = ClipTextModel::load(&dir.join("text_encoder_2"), dtype)?;
+        let te2 = ClipTextModel::load_on(&dir.join("text_encoder_2"), dtype, device)?;
         if !te2.has_projection() {
             return Err(SdxlError::Model {
                 path: dir.join("text_encoder_2"),
@@ -123,7 +128,7 @@ impl TextEncoders {
         Ok(TextEncoders {
             tok1: tok("tokenizer")?,
             tok2: tok("tokenizer_2")?,
-            te1: ClipTextModel::load(&dir.join("text_encoder"), dtype)?,
+            te1: ClipTextModel::load_on(&dir.join("text_encoder"), dtype, device)?,
             te2,
             force_zeros_for_empty_prompt: idx.force_zeros_for_empty_prompt,
         })
@@ -353,14 +358,26 @@ impl Pipeline {
         dtype: DType,
         factory: &dyn pcpp_core::LayerFactory,
     ) -> Result<Pipeline> {
+        Self::load_on(dir, dtype, Device::Cpu, dtype, factory)
+    }
+
+    /// [`Pipeline::load`] with every model's weights loaded straight to `device`; the VAE in
+    /// `vae_dtype` (bf16 or f32 on the GPU: the SDXL VAE overflows in f16).
+    pub fn load_on(
+        dir: &Path,
+        dtype: DType,
+        device: Device,
+        vae_dtype: DType,
+        factory: &dyn pcpp_core::LayerFactory,
+    ) -> Result<Pipeline> {
         let index = ModelIndex::load(dir)?;
         let scheduler = Self::load_scheduler_config(dir)?;
         Ok(Pipeline {
             dir: dir.to_path_buf(),
             index,
-            text: TextEncoders::load(dir, dtype)?,
-            unet: UNet::load(&dir.join("unet"), dtype, factory)?,
-            vae: VaeDecoder::load(&dir.join("vae"), dtype)?,
+            text: TextEncoders::load_on(dir, dtype, device)?,
+            unet: UNet::load_on(&dir.join("unet"), dtype, device, factory)?,
+            vae: VaeDecoder::load_on(&dir.join("vae"), vae_dtype, device)?,
             scheduler,
         })
     }

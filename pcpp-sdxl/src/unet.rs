@@ -12,7 +12,7 @@ use pcpp_core::{
     AttentionWeights, Conv2dLayer, GatherLayer, GroupNormLayer, LayerFactory, SelfAttentionLayer,
     StepCtx,
 };
-use pcpp_kernels::{Activation, DType, Tensor};
+use pcpp_kernels::{Activation, DType, Device, Tensor};
 
 use crate::error::{Result, SdxlError};
 use crate::unet_config::{BlockKind, BlockSpec, UNetConfig};
@@ -509,6 +509,16 @@ pub struct UNet {
 impl UNet {
     /// Loads `dir/config.json` and the weights of a diffusers `unet/` folder.
     pub fn load(dir: &Path, dtype: DType, factory: &dyn LayerFactory) -> Result<UNet> {
+        Self::load_on(dir, dtype, Device::Cpu, factory)
+    }
+
+    /// [`UNet::load`] with the weights loaded straight to `device`.
+    pub fn load_on(
+        dir: &Path,
+        dtype: DType,
+        device: Device,
+        factory: &dyn LayerFactory,
+    ) -> Result<UNet> {
         if !dir.is_dir() {
             return Err(SdxlError::Model {
                 path: dir.to_path_buf(),
@@ -516,7 +526,8 @@ impl UNet {
             });
         }
         let cfg = UNetConfig::from_file(&dir.join("config.json"))?;
-        let weights = Weights::open(&find_weight_file(dir, "diffusion_pytorch_model")?, dtype)?;
+        let weights = Weights::open(&find_weight_file(dir, "diffusion_pytorch_model")?, dtype)?
+            .on_device(device);
         UNet::build(cfg, &weights, factory)
     }
 

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use pcpp_kernels::{Activation, Conv2dParams, DType, Tensor};
+use pcpp_kernels::{Activation, Conv2dParams, DType, Device, Tensor};
 
 use crate::error::{Result, SdxlError};
 use crate::weights::{find_weight_file, read_json, Weights};
@@ -338,9 +338,22 @@ impl VaeDecoder {
     /// Loads `dir/config.json` and the decoder side of
     /// `dir/diffusion_pytorch_model{,.fp16}.safetensors`, casting weights to `dtype`.
     pub fn load(dir: &Path, dtype: DType) -> Result<VaeDecoder> {
+        Self::load_on(dir, dtype, Device::Cpu)
+    }
+
+    /// [`VaeDecoder::load`] with the weights loaded straight to `device` (use bf16 or f32 on the
+    /// GPU: the SDXL VAE overflows in f16).
+    pub fn load_on(dir: &Path, dtype: DType, device: Device) -> Result<VaeDecoder> {
         let config = VaeConfig::from_file(&dir.join("config.json"))?;
-        let weights = Weights::open(&find_weight_file(dir, "diffusion_pytorch_model")?, dtype)?;
-        let w = &weights;
+        let weights = Weights::open(&find_weight_file(dir, "diffusion_pytorch_model")?, dtype)?
+            .on_device(device);
+        Self::build(config, &weights)
+    }
+
+    /// Builds the decoder from a config and a weight store holding at least its tensors (the
+    /// encoder's are ignored; any other unused tensor is an error).
+    pub fn build(config: VaeConfig, weights: &Weights) -> Result<VaeDecoder> {
+        let w = weights;
         let c = &config;
         let g = c.norm_num_groups;
         let lat = c.latent_channels;
@@ -392,14 +405,7 @@ impl VaeDecoder {
             conv_out: Conv::load(w, "decoder.conv_out", bottom, c.out_channels, 3)?,
             config,
         };
-        let file = weights.path().to_path_buf();
-        let names = pcpp_kernels::io::SafetensorsFile::open(&file)
-            .map_err(|e| SdxlError::Model {
-                path: file.clone(),
-                msg: e.to_string(),
-            })?
-            .shapes();
-        for (name, _) in names {
+        for name in weights.names() {
             if name.starts_with("encoder.") || name.starts_with("quant_conv.") {
                 weights.ignore(&name);
             }
@@ -456,9 +462,17 @@ impl VaeDecoder {
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         self.check_latents(latents)?;
         let act = self.act;
+        // On a GPU, decode in the weights' dtype (latents may come from an f16 UNet, and the SDXL
+        // VAE overflows in f16); the CPU twin computes in f32 whatever the storage.
+        let w = &self.conv_in.w;
+        let latents = if w.is_cuda() {
+            latents.to_dtype(w.dtype())?.to_device(w.device())?
+        } else {
+            latents.clone()
+        };
         let mut x = match &self.post_quant_conv {
-            Some(c) => c.forward(latents)?,
-            None => latents.clone(),
+            Some(c) => c.forward(&latents)?,
+            None => latents,
         };
         x = self.conv_in.forward(&x)?;
         x = self.mid_resnets[0].forward(&x, act)?;

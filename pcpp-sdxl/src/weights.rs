@@ -306,6 +306,19 @@ impl Weights {
         }
     }
 
+    /// Names of every tensor the store holds (none listed for a random UNet store, which holds
+    /// whatever the model asks for).
+    pub fn names(&self) -> Vec<String> {
+        match &self.source {
+            Source::File(f) => f.shapes().into_iter().map(|(n, _)| n).collect(),
+            Source::Random(RandomSource {
+                presence: Presence::Manifest(m),
+                ..
+            }) => m.keys().cloned().collect(),
+            Source::Random(_) => Vec::new(),
+        }
+    }
+
     /// Errors if the file holds tensors that the model did not take.
     pub fn check_all_used(&self) -> Result<()> {
         let used = self.used.lock().map(|u| u.clone()).unwrap_or_default();

@@ -325,6 +325,38 @@ __device__ void gather_rows_impl(const unsigned* ids, const W* table, W* y, long
 }
 
 
+
+// ---- per-plane kernels on [planes, s] data, grid (x, planes): no per-element index division ----
+// y = op(a, v[plane % vmod]) (op codes of `binary_op`): a [b, c, 1, 1]-shaped operand (vmod = b*c)
+// or a per-channel bias (vmod = c) against [b, c, h, w]. `y` may be `a`.
+template <typename T>
+__device__ void plane_binary_impl(const T* a, const T* v, T* y, long s, int op, long vmod) {
+    long p = blockIdx.y;
+    float w = to_f(v[p % vmod]);
+    const T* ap = a + p * s;
+    T* yp = y + p * s;
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < s; i += (long)blockDim.x * gridDim.x)
+        yp[i] = from_f<T>(binary_op(to_f(ap[i]), w, op));
+}
+// Group-norm apply with the plane's statistics and affine fetched once per block.
+template <typename T>
+__device__ void gn_apply_planes_impl(const T* x, const float* mean_rstd, const T* gamma, const T* beta, T* y,
+                                     int c, long s, int groups, int silu) {
+    long p = blockIdx.y;
+    int ch = (int)(p % c);
+    long bg = (p / c) * groups + ch / (c / groups);
+    float rstd = mean_rstd[bg * 2 + 1];
+    float scale = rstd * (gamma ? to_f(gamma[ch]) : 1.0f);
+    float shift = (beta ? to_f(beta[ch]) : 0.0f) - mean_rstd[bg * 2] * scale;
+    const T* xp = x + p * s;
+    T* yp = y + p * s;
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < s; i += (long)blockDim.x * gridDim.x) {
+        float v = to_f(xp[i]) * scale + shift;
+        if (silu) v = silu_f(v);
+        yp[i] = from_f<T>(v);
+    }
+}
+
 // ---- fused flash attention (FlashAttention-2 style) for head size 64, f16/bf16 ----
 // Tensor-core mma.sync m16n8k16 with f32 accumulation; the score matrix lives only in registers,
 // one 64-key tile at a time. q, o: [b, lq, heads*64]; k, v: [b, lk, heads*64].
@@ -612,6 +644,13 @@ INST_CAST(bf16, bf16_t, f16, f16_t)
     extern "C" __global__ void gn_apply_##N(const T* x, const float* mr, const T* g, const T* bt, T* y,      \
                                             long c, long s, long groups, int silu, long n) {                 \
         gn_apply_impl<T>(x, mr, g, bt, y, c, s, groups, silu, n);                                            \
+    }                                                                                                        \
+    extern "C" __global__ void plane_binary_##N(const T* a, const T* v, T* y, long s, int op, long vmod) {  \
+        plane_binary_impl<T>(a, v, y, s, op, vmod);                                                          \
+    }                                                                                                        \
+    extern "C" __global__ void gn_apply_planes_##N(const T* x, const float* mr, const T* g, const T* bt, T* y, \
+                                                   int c, long s, int groups, int silu) {                    \
+        gn_apply_planes_impl<T>(x, mr, g, bt, y, c, s, groups, silu);                                        \
     }                                                                                                        \
     extern "C" __global__ void layer_norm_##N(const T* x, const T* g, const T* b, T* y, long d, float eps) { \
         layer_norm_impl<T>(x, g, b, y, d, eps);                                                              \

@@ -62,6 +62,8 @@ pub fn kernel_names() -> Vec<String> {
             "geglu",
             "gn_sums",
             "gn_apply",
+            "gn_apply_planes",
+            "plane_binary",
             "layer_norm",
             "softmax",
             "upsample2x",

@@ -70,6 +70,18 @@ fn out(gpu: &Arc<Gpu>, shape: &[usize], dtype: DType) -> Result<Tensor> {
     Ok(Tensor::from_cuda(shape, dtype, gpu.alloc(dtype, n)?))
 }
 
+/// Grid of `planes` rows of blocks, each row covering a plane of `s` elements.
+fn cfg_planes(planes: usize, s: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (s.div_ceil(1024).clamp(1, 64) as u32, planes as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Largest grid y-extent.
+const MAX_GRID_Y: usize = 65535;
+
 fn cfg_rows(rows: usize, threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows.max(1) as u32, 1, 1),
@@ -203,6 +215,21 @@ pub(crate) fn binary(
         return Ok(y);
     }
     let rank = out_shape.len();
+    // `b` constant over trailing axes and full over the leading ones (a [b, c, 1, 1] operand):
+    // one value per plane of `a`.
+    if a.shape() == out_shape && sa.iter().zip(out_shape).all(|(s, d)| *s != 0 || *d == 1) {
+        let k = (0..=rank)
+            .rev()
+            .find(|&k| k == 0 || sb[k - 1] != 0)
+            .unwrap_or(0);
+        let planes: usize = out_shape[..k].iter().product();
+        let s: usize = out_shape[k..].iter().product();
+        if b.numel() == planes && (1..=MAX_GRID_Y).contains(&planes) && s > 1 {
+            launch!(gpu, format!("plane_binary_{t}"), cfg_planes(planes, s);
+                ptr(a)?, ptr(&b)?, ptr(&y)?, s as i64, op, planes as i64);
+            return Ok(y);
+        }
+    }
     if rank > 6 {
         return Err(KernelError::invalid(
             "broadcast (cuda)",
@@ -749,8 +776,13 @@ pub(crate) fn conv2d(
             bs.clone()
         };
         let n = y.numel();
-        launch!(gpu, format!("bias_nchw_{}", tname(dt)), Gpu::cfg_elems(n);
-            ptr(&y)?, ptr(&bs)?, co as i64, (ho * wo) as i64, n as i64);
+        if (1..=MAX_GRID_Y).contains(&(b * co)) {
+            launch!(gpu, format!("plane_binary_{}", tname(dt)), cfg_planes(b * co, ho * wo);
+                ptr(&y)?, ptr(&bs)?, ptr(&y)?, (ho * wo) as i64, 0i32, co as i64);
+        } else {
+            launch!(gpu, format!("bias_nchw_{}", tname(dt)), Gpu::cfg_elems(n);
+                ptr(&y)?, ptr(&bs)?, co as i64, (ho * wo) as i64, n as i64);
+        }
     }
     Ok(y)
 }
@@ -831,6 +863,12 @@ fn gn_apply(
     };
     let y = out(&gpu, x.shape(), dt)?;
     let n = x.numel();
+    let planes = n / s.max(1);
+    if (1..=MAX_GRID_Y).contains(&planes) {
+        launch!(gpu, format!("gn_apply_planes_{}", tname(dt)), cfg_planes(planes, s);
+            ptr(x)?, mean_rstd, gp, bp, ptr(&y)?, c as i32, s as i64, groups as i32, silu as i32);
+        return Ok(y);
+    }
     launch!(gpu, format!("gn_apply_{}", tname(dt)), Gpu::cfg_elems(n);
         ptr(x)?, mean_rstd, gp, bp, ptr(&y)?, c as i64, s as i64, groups as i64, silu as i32, n as i64);
     Ok(y)
