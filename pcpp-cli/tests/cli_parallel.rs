@@ -174,3 +174,23 @@ fn plan_pcpp_moves_a_fifth_of_distrifusion_on_sdxl() {
     let (p, d) = (bytes("pcpp"), bytes("distrifusion"));
     assert!(p > 0.0 && p <= 0.2 * d, "pcpp {p} vs distrifusion {d}");
 }
+
+#[test]
+fn distrifusion_report_records_unbounded_portion() {
+    let report = tmp("df-report.json");
+    generate(
+        "df",
+        &[
+            "--ranks",
+            "4",
+            "--parallel",
+            "distrifusion",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["per_rank"][0]["portion"][0], "inf");
+    assert_eq!(r["per_rank"][0]["mode"], "distrifusion");
+}

@@ -139,6 +139,7 @@ pub struct RankPlan {
 pub struct Plan {
     /// The configuration planned for.
     pub mode: ParallelMode,
+    #[serde(with = "crate::report::portions_serde")]
     pub portion: Vec<f64>,
     pub gn_mode: GnMode,
     pub warmup_steps: usize,

@@ -173,6 +173,7 @@ pub struct RunReport {
     /// Parallel scheme.
     pub mode: crate::ParallelMode,
     /// Partial-conditioning portion per level (PCPP).
+    #[serde(with = "portions_serde")]
     pub portion: Vec<f64>,
     /// Group-norm statistics mode.
     pub gn_mode: crate::GnMode,
@@ -185,4 +186,59 @@ pub struct RunReport {
     /// Smallest and largest age (in steps) of any stale read; both 1 when the schedule is right.
     pub min_stale_age: u64,
     pub max_stale_age: u64,
+}
+
+/// Serde for portion lists: DistriFusion's unbounded portion (`+∞`) is written as the string
+/// `"inf"` (JSON has no infinity) and read back from it.
+pub mod portions_serde {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Portion {
+        Finite(f64),
+        Text(String),
+    }
+
+    /// Writes finite values as numbers and `+∞` as `"inf"`.
+    pub fn serialize<S: Serializer>(v: &[f64], s: S) -> Result<S::Ok, S::Error> {
+        v.iter()
+            .map(|&p| {
+                if p.is_finite() {
+                    Portion::Finite(p)
+                } else {
+                    Portion::Text("inf".into())
+                }
+            })
+            .collect::<Vec<_>>()
+            .serialize(s)
+    }
+
+    /// Reads numbers and `"inf"`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+        Vec::<Portion>::deserialize(d)?
+            .into_iter()
+            .map(|p| match p {
+                Portion::Finite(x) => Ok(x),
+                Portion::Text(t) if t == "inf" => Ok(f64::INFINITY),
+                Portion::Text(t) => Err(serde::de::Error::custom(format!(
+                    "portion `{t}` is not a number or \"inf\""
+                ))),
+            })
+            .collect()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+        struct P(#[serde(with = "super")] Vec<f64>);
+
+        #[test]
+        fn infinite_portion_round_trips() {
+            let p = P(vec![0.3, f64::INFINITY]);
+            let j = serde_json::to_string(&p).unwrap();
+            assert_eq!(j, r#"[0.3,"inf"]"#);
+            assert_eq!(serde_json::from_str::<P>(&j).unwrap(), p);
+        }
+    }
 }
