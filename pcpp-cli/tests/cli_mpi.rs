@@ -2,20 +2,17 @@
 //! `--transport local --ranks N`; ranks started with different arguments refuse to start; an error
 //! on the ranks ends the job with exit status ≠ 0 and `rank R:` messages, without hanging.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use pcpp_kernels::io::load_all;
+use common::{latents, tmp};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pcpp-cli-mpi-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
+fn gen_args(tag: &str, extra: &[&str]) -> (Vec<String>, std::path::PathBuf) {
+    let mut e = vec!["--warmup-steps", "2"];
+    e.extend_from_slice(extra);
+    common::gen_args(tag, 5, &e)
 }
 
 fn mpirun_available() -> bool {
@@ -42,35 +39,6 @@ fn mpirun(np: &[(usize, Vec<String>)]) -> Output {
     c.output().unwrap()
 }
 
-fn gen_args(tag: &str, extra: &[&str]) -> (Vec<String>, PathBuf) {
-    let noise = repo().join("tests/data/refs-tiny-sdxl/pipeline_euler.safetensors");
-    let lat = tmp(&format!("{tag}.safetensors"));
-    let mut v: Vec<String> = [
-        "generate",
-        "--prompt",
-        "A painting of a squirrel eating a burger",
-        "--steps",
-        "5",
-        "--warmup-steps",
-        "2",
-        "--height",
-        "64",
-        "--width",
-        "64",
-        "--init-noise",
-        noise.to_str().unwrap(),
-        "--save-latents",
-        lat.to_str().unwrap(),
-        "--output",
-        tmp(&format!("{tag}.png")).to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.extend(extra.iter().map(|s| s.to_string()));
-    (v, lat)
-}
-
 #[test]
 fn mpi_generate_equals_local() {
     if !mpirun_available() {
@@ -85,14 +53,13 @@ fn mpi_generate_equals_local() {
             "mpirun -n {n}: {}",
             String::from_utf8_lossy(&o.stderr)
         );
-        let (largs, llat) = gen_args(&format!("local{n}"), &["--ranks", &n.to_string()]);
+        let (largs, llat) = gen_args(&format!("mpi-local{n}"), &["--ranks", &n.to_string()]);
         let o = Command::new(env!("CARGO_BIN_EXE_pcpp-cli"))
             .args(&largs)
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let a = load_all(&lat).unwrap().remove("latents").unwrap();
-        let b = load_all(&llat).unwrap().remove("latents").unwrap();
+        let (a, b) = (latents(&lat), latents(&llat));
         assert_eq!(
             a.max_abs_diff(&b).unwrap(),
             0.0,

@@ -3,20 +3,12 @@
 //! naive patch splitting; the report's bytes are those of `plan`; and `plan` on the real SDXL
 //! configs shows PCPP moving ≤ 0.2× DistriFusion's bytes at 8 ranks, 1024².
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::process::Command;
 
-use pcpp_kernels::io::load_all;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pcpp-cli-par-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
-}
+use common::{latents, rel, repo, tmp};
 
 fn run(args: &[&str]) -> String {
     let o = Command::new(env!("CARGO_BIN_EXE_pcpp-cli"))
@@ -31,39 +23,12 @@ fn run(args: &[&str]) -> String {
     String::from_utf8(o.stdout).unwrap()
 }
 
-/// Generates the Euler reference prompt from the stored noise; returns the latents file.
+/// Generates the Euler reference prompt from the stored noise (6 steps); returns the latents file.
 fn generate(tag: &str, extra: &[&str]) -> PathBuf {
-    let noise = repo().join("tests/data/refs-tiny-sdxl/pipeline_euler.safetensors");
-    let lat = tmp(&format!("{tag}.safetensors"));
-    let png = tmp(&format!("{tag}.png"));
-    let mut args = vec![
-        "generate",
-        "--prompt",
-        "A painting of a squirrel eating a burger",
-        "--steps",
-        "6",
-        "--height",
-        "64",
-        "--width",
-        "64",
-        "--init-noise",
-        noise.to_str().unwrap(),
-        "--save-latents",
-        lat.to_str().unwrap(),
-        "--output",
-        png.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
+    let (args, lat) = common::gen_args(tag, 6, extra);
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     run(&args);
     lat
-}
-
-fn latents(p: &Path) -> pcpp_kernels::Tensor {
-    load_all(p).unwrap().remove("latents").unwrap()
-}
-
-fn rel(a: &pcpp_kernels::Tensor, b: &pcpp_kernels::Tensor) -> f32 {
-    a.max_abs_diff(b).unwrap() / b.max_abs().unwrap()
 }
 
 #[test]
