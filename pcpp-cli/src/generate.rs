@@ -53,6 +53,15 @@ pub enum SchedulerArg {
     Euler,
     /// DDIM, η = 0.
     Ddim,
+    /// DPM-Solver++ 2M.
+    #[value(name = "dpmpp-2m")]
+    DpmPp2M,
+    /// DPM-Solver++ 2M with Karras sigmas.
+    #[value(name = "dpmpp-2m-karras")]
+    DpmPp2MKarras,
+    /// Euler ancestral (per-step noise derived from the initial noise).
+    #[value(name = "euler-a")]
+    EulerA,
 }
 
 impl From<TransportArg> for TransportKind {
@@ -72,6 +81,9 @@ impl From<SchedulerArg> for SchedulerKind {
         match s {
             SchedulerArg::Euler => SchedulerKind::Euler,
             SchedulerArg::Ddim => SchedulerKind::Ddim,
+            SchedulerArg::DpmPp2M => SchedulerKind::DpmPp2M,
+            SchedulerArg::DpmPp2MKarras => SchedulerKind::DpmPp2MKarras,
+            SchedulerArg::EulerA => SchedulerKind::EulerAncestral,
         }
     }
 }
@@ -296,10 +308,7 @@ fn parameters_text(a: &GenerateArgs, p: &Plan) -> String {
     if let Some(n) = a.negative_prompt.as_deref().filter(|n| !n.is_empty()) {
         s.push_str(&format!("\nNegative prompt: {n}"));
     }
-    let sampler = match p.scheduler {
-        SchedulerKind::Euler => "Euler",
-        SchedulerKind::Ddim => "DDIM",
-    };
+    let sampler = p.scheduler.label();
     let seed = match &a.init_noise {
         Some(f) => format!("init-noise {}", f.display()),
         None => a.seed.to_string(),

@@ -19,7 +19,8 @@ pub use clip::{ClipOutput, ClipTextConfig, ClipTextModel};
 pub use error::{Result, SdxlError};
 pub use inventory::unet_inventory;
 pub use pipeline::{
-    denoise, DenoiseParams, MicroCond, ModelIndex, Pipeline, PromptEmbeds, TextEncoders,
+    denoise, denoise_with, derived_step_noise, img2img_start_step, DenoiseParams, DenoiseStart,
+    MicroCond, ModelIndex, Pipeline, PromptEmbeds, StepNoise, TextEncoders,
 };
 pub use unet::{Taps, UNet, UNetCond};
 pub use unet_config::UNetConfig;
