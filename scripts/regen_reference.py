@@ -627,6 +627,67 @@ def ref_sampler_pipeline(pipe, model_dir, key, out_dir, meta):
                  "final_latents": stats(lat), "image_np": stats(res["image_np"])}
 
 
+SEED_IMG2IMG_IMAGE = 21
+IMG2IMG_RUNS = {
+    # image-to-image from the VAE encoder's mean (passed to diffusers as 4-channel latents, so its own
+    # latent_dist.sample() is bypassed); the generator's first randn is the noise added at the start step
+    "img2img_euler": dict(scheduler="euler", call=dict(prompt=PROMPTS[0], guidance_scale=5.0, seed=6, strength=0.6,
+                                                       num_inference_steps=5, original_size=(64, 48),
+                                                       crops_coords_top_left=(4, 8), target_size=(32, 48))),
+    "img2img_dpmpp_2m_karras": dict(scheduler="dpmpp_2m_karras",
+                                    call=dict(prompt=PROMPTS[1], negative_prompt="blurry, low quality",
+                                              guidance_scale=7.0, seed=7, strength=0.5, num_inference_steps=6)),
+}
+
+
+def ref_vae_encode_and_img2img(model_dir, out_dir, meta):
+    import PIL.Image
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    g = cpu_gen(SEED_IMG2IMG_IMAGE)
+    image_u8 = torch.randint(0, 256, (32, 48, 3), generator=g, dtype=torch.uint8)
+    # smooth it a little so the image is not pure noise (a gradient plus the random pixels)
+    ramp = torch.linspace(0, 128, 48).to(torch.uint8).view(1, 48, 1)
+    image_u8 = (image_u8 // 2 + ramp).to(torch.uint8)
+    pil = PIL.Image.fromarray(image_u8.numpy())
+    image = pipe.image_processor.preprocess(pil)
+    with torch.no_grad():
+        dist = pipe.vae.encode(image).latent_dist
+    mean = dist.mean
+    res = {"image_u8": image_u8, "image": image, "mean": mean, "logvar": dist.logvar}
+    save(res, os.path.join(out_dir, "vae_encode.safetensors"))
+    meta["vae_encode"] = {"image": "image_u8 [H,W,3] -> VaeImageProcessor.preprocess -> image [1,3,H,W]",
+                          "mean": stats(mean), "logvar": stats(dist.logvar)}
+    init_latents = mean * pipe.vae.config.scaling_factor
+    for key, run in IMG2IMG_RUNS.items():
+        if run["scheduler"] == "euler":
+            pipe.scheduler = EulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
+        else:
+            pipe.scheduler = make_sampler(model_dir, run["scheduler"])
+        call = dict(run["call"])
+        seed = call.pop("seed")
+        rec = {}
+
+        def unet_hook(_m, args, kwargs, out):
+            if "add_time_ids" not in rec:
+                rec["add_time_ids"] = kwargs["added_cond_kwargs"]["time_ids"].detach().clone()
+                rec["first_timestep"] = args[1].detach().clone().reshape(1).to(torch.float32)
+
+        h = pipe.unet.register_forward_hook(unet_hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                lat = pipe(**call, image=init_latents.clone(), generator=cpu_gen(seed), output_type="latent").images
+        finally:
+            h.remove()
+        noise = torch.randn(init_latents.shape, generator=cpu_gen(seed))
+        out = {"initial_noise": noise, "final_latents": lat, "timesteps": pipe.scheduler.timesteps.clone(), **rec}
+        save(out, os.path.join(out_dir, f"{key}.safetensors"))
+        meta[key] = {"call": run["call"], "scheduler": type(pipe.scheduler).__name__,
+                     "config_overrides": sampler_variants(model_dir).get(run["scheduler"], (None, {}))[1],
+                     "final_latents": stats(lat)}
+
+
 def make_sampler_refs(model_dir, out_dir):
     import diffusers.utils.torch_utils as tu
     from diffusers import StableDiffusionXLPipeline
@@ -648,6 +709,7 @@ def make_sampler_refs(model_dir, out_dir):
     pipe.set_progress_bar_config(disable=True)
     for key in SAMPLER_PIPELINES:
         ref_sampler_pipeline(pipe, model_dir, key, out_dir, meta)
+    ref_vae_encode_and_img2img(model_dir, out_dir, meta)
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1, ensure_ascii=False)
     log(f"wrote {out_dir}/meta.json")

@@ -13,6 +13,7 @@ pub mod tokenizer;
 pub mod unet;
 pub mod unet_config;
 pub mod vae;
+pub mod vae_encoder;
 pub mod weights;
 
 pub use clip::{ClipOutput, ClipTextConfig, ClipTextModel};
@@ -25,3 +26,4 @@ pub use pipeline::{
 pub use unet::{Taps, UNet, UNetCond};
 pub use unet_config::UNetConfig;
 pub use vae::{to_rgb8, to_unit_range, VaeConfig, VaeDecoder};
+pub use vae_encoder::{image_from_rgb8, VaeEncoder};

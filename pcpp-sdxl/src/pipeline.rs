@@ -509,6 +509,11 @@ impl Pipeline {
         })
     }
 
+    /// Loads the VAE encoder of the folder (for image-to-image; not loaded by [`Pipeline::load`]).
+    pub fn load_vae_encoder(&self, dtype: DType) -> Result<crate::vae_encoder::VaeEncoder> {
+        crate::vae_encoder::VaeEncoder::load(&self.dir.join("vae"), dtype)
+    }
+
     /// Decodes final latents to images in `[-1, 1]`, `[b, 3, 8h, 8w]`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         self.vae.decode(&self.vae.unscale_latents(latents)?)
