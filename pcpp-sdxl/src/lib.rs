@@ -4,6 +4,7 @@
 //! through `pcpp-core`'s layer factory so that patch parallelism slots in), the VAE decoder, the
 //! schedulers and the text-to-image pipeline.
 
+pub mod checkpoint;
 pub mod clip;
 pub mod error;
 pub mod inventory;
