@@ -92,7 +92,7 @@ impl From<SchedulerArg> for SchedulerKind {
 /// Arguments of `pcpp-cli generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Diffusers SDXL pipeline folder (default: the tiny random-weight model in the repository).
+    /// Diffusers SDXL pipeline folder, or an SDXL single-file checkpoint (.safetensors) (default: the tiny random-weight model in the repository).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// The prompt.
@@ -259,6 +259,7 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
         .model
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL));
+    let model = crate::convert::resolve_model(model)?;
     if !model.is_dir() {
         if a.model.is_none() {
             bail!(

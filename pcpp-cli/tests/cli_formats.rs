@@ -2,6 +2,7 @@
 //! --scheduler dpmpp-2m-karras` from stored noise against diffusers, `--init-image` with
 //! `--strength` and the micro-conditioning flags against diffusers' img2img pipeline, Euler
 //! ancestral reproducible from the seed and identical over 2 ranks (CFG split, no stale context),
+//! `convert` to a single file and back with `generate --model FILE` giving the identical image,
 //! and the new flags' user errors.
 
 use std::path::{Path, PathBuf};
@@ -220,4 +221,113 @@ fn img2img_user_errors_name_the_flag() {
         assert!(!err.contains("panicked"), "{extra:?} panicked: {err}");
         assert!(!out.exists(), "{extra:?} left an output file");
     }
+}
+
+fn latents_of(model: &str, name: &str) -> pcpp_kernels::Tensor {
+    let lat = tmp(name);
+    let o = cli(&[
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "a fox",
+        "--steps",
+        "2",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--save-latents",
+        s(&lat),
+        "--output",
+        s(&tmp(&format!("{name}.png"))),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    load_all(&lat).unwrap().remove("latents").unwrap()
+}
+
+#[test]
+fn convert_round_trip_and_single_file_model_give_the_identical_image() {
+    let tiny = repo().join("models/tiny-sdxl");
+    let file = tmp("tiny-single.safetensors");
+    let o = cli(&[
+        "convert",
+        "--model",
+        s(&tiny),
+        "--to",
+        "single-file",
+        "--output",
+        s(&file),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let back = tmp("tiny-back");
+    let o = cli(&[
+        "convert",
+        "--model",
+        s(&file),
+        "--to",
+        "diffusers",
+        "--output",
+        s(&back),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let a = latents_of(s(&tiny), "conv-a.safetensors");
+    let b = latents_of(s(&file), "conv-b.safetensors");
+    let c = latents_of(s(&back), "conv-c.safetensors");
+    assert_eq!(a.max_abs_diff(&b).unwrap(), 0.0, "--model FILE differs");
+    assert_eq!(a.max_abs_diff(&c).unwrap(), 0.0, "converted folder differs");
+    let (cache, done) = pcpp_sdxl::checkpoint::cache_dir_for(&file).unwrap();
+    assert!(done, "generate --model FILE unpacked into {}", cache.display());
+    std::fs::remove_dir_all(cache).unwrap();
+    // an existing output is refused
+    let o = cli(&[
+        "convert",
+        "--model",
+        s(&tiny),
+        "--to",
+        "single-file",
+        "--output",
+        s(&file),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already exists"));
+}
+
+#[test]
+fn unsupported_checkpoint_files_are_refused_by_name() {
+    let comp = data("unet-sd15/unet/diffusion_pytorch_model.safetensors");
+    let out = tmp("never2.png");
+    let o = cli(&[
+        "generate",
+        "--model",
+        s(&comp),
+        "--prompt",
+        "a fox",
+        "--output",
+        s(&out),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("--model") && err.contains("diffusers component file"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let junk = tmp("junk.safetensors");
+    std::fs::write(&junk, b"not a checkpoint at all").unwrap();
+    let o = cli(&[
+        "generate",
+        "--model",
+        s(&junk),
+        "--prompt",
+        "a fox",
+        "--output",
+        s(&out),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("junk.safetensors"),
+        "{err}"
+    );
+    assert!(!out.exists());
 }
