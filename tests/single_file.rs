@@ -196,3 +196,65 @@ fn unsupported_files_name_what_was_found() {
     let e = unpack_err(&cut);
     assert!(e.contains("not a safetensors file"), "{e}");
 }
+
+fn json(rel: &str) -> serde_json::Value {
+    let p = pcpp_tests::repo().join(rel);
+    serde_json::from_str(&std::fs::read_to_string(&p).expect("read")).expect("json")
+}
+
+#[test]
+fn sdxl_base_names_map_one_to_one() {
+    use pcpp_sdxl::checkpoint::{
+        unet_key_to_diffusers, unet_key_to_original, vae_key_to_diffusers, vae_key_to_original,
+    };
+    let cfg = json("models/sdxl-base-1.0-configs/unet/config.json");
+    let manifest = json("models/sdxl-base-1.0-configs/unet/tensor_manifest.json");
+    let keys: Vec<&String> = manifest.as_object().expect("manifest").keys().collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for k in &keys {
+        let o = unet_key_to_original(&cfg, k).unwrap_or_else(|| panic!("no name for {k}"));
+        assert_eq!(
+            unet_key_to_diffusers(&cfg, &o).as_deref(),
+            Some(k.as_str()),
+            "{o}"
+        );
+        assert!(seen.insert(o.clone()), "{o} twice");
+    }
+    // names of the SGM SDXL UNet (3 levels, 2 resnets each, attention in levels 1 and 2)
+    for o in [
+        "input_blocks.3.0.op.weight",
+        "input_blocks.7.0.skip_connection.weight",
+        "input_blocks.8.1.transformer_blocks.9.attn2.to_k.weight",
+        "middle_block.1.transformer_blocks.9.ff.net.2.weight",
+        "output_blocks.2.2.conv.weight",
+        "output_blocks.5.2.conv.weight",
+        "output_blocks.8.0.out_layers.3.weight",
+        "label_emb.0.0.weight",
+        "out.2.bias",
+    ] {
+        assert!(seen.contains(o), "SDXL name {o} not produced");
+    }
+    assert_eq!(seen.len(), keys.len());
+
+    let manifest = json("models/sdxl-base-1.0-configs/vae/tensor_manifest.json");
+    let mut seen = std::collections::BTreeSet::new();
+    for k in manifest.as_object().expect("manifest").keys() {
+        let o = vae_key_to_original(4, k).unwrap_or_else(|| panic!("no name for {k}"));
+        assert_eq!(
+            vae_key_to_diffusers(4, &o).as_deref(),
+            Some(k.as_str()),
+            "{o}"
+        );
+        assert!(seen.insert(o), "{k}: duplicate");
+    }
+    for o in [
+        "decoder.up.3.block.2.conv2.weight",
+        "decoder.up.1.upsample.conv.weight",
+        "encoder.down.2.block.0.nin_shortcut.weight",
+        "encoder.mid.attn_1.proj_out.weight",
+        "decoder.norm_out.bias",
+        "quant_conv.weight",
+    ] {
+        assert!(seen.contains(o), "SDXL VAE name {o} not produced");
+    }
+}

@@ -436,6 +436,30 @@ fn unet_to_diffusers(key: &str, l: &UnetLayout) -> Option<String> {
     }
 }
 
+/// The single-file name (without `model.diffusion_model.`) of diffusers UNet tensor `key`, for a
+/// UNet with `config` (`unet/config.json`); `None` if it has none.
+pub fn unet_key_to_original(config: &serde_json::Value, key: &str) -> Option<String> {
+    let l = UnetLayout::from_config(Path::new("unet/config.json"), config).ok()?;
+    unet_to_original(key, &l)
+}
+
+/// The diffusers name of single-file UNet tensor `key` (without `model.diffusion_model.`).
+pub fn unet_key_to_diffusers(config: &serde_json::Value, key: &str) -> Option<String> {
+    let l = UnetLayout::from_config(Path::new("unet/config.json"), config).ok()?;
+    unet_to_diffusers(key, &l)
+}
+
+/// The single-file name (without `first_stage_model.`) of diffusers VAE tensor `key` for a VAE of
+/// `n_blocks` resolution levels.
+pub fn vae_key_to_original(n_blocks: usize, key: &str) -> Option<String> {
+    vae_to_original(key, n_blocks).map(|(k, _)| k)
+}
+
+/// The diffusers name of single-file VAE tensor `key` (without `first_stage_model.`).
+pub fn vae_key_to_diffusers(n_blocks: usize, key: &str) -> Option<String> {
+    vae_to_diffusers(key, n_blocks).map(|(k, _)| k)
+}
+
 const VAE_ATTN: [(&str, &str); 5] = [
     ("group_norm.", "norm."),
     ("to_q.", "q."),
