@@ -20,7 +20,8 @@ Modes (all paths relative to the repository root, or absolute):
   # only some of the reference files
   python scripts/regen_reference.py --model models/tiny-sdxl --out /tmp/refs --only unet_forward,schedulers
 
-  # DPM-Solver++ 2M (plain and Karras) and Euler ancestral: tables, chained steps, tiny pipelines
+  # DPM-Solver++ 2M (plain and Karras) and Euler ancestral: tables, chained steps, tiny pipelines;
+  # the VAE encoder and image-to-image runs (every file of tests/data/samplers)
   python scripts/regen_reference.py --samplers --model models/tiny-sdxl --out tests/data/samplers
 """
 import argparse

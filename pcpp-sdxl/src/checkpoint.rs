@@ -1178,5 +1178,21 @@ mod tests {
             .collect();
         assert_eq!(vals, [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
         assert_eq!(r.rows(1, 1).data, r.data[12..]);
+        // 2-byte elements (f16 checkpoints): bit patterns move as whole elements
+        let h = Raw {
+            dtype: Dtype::F16,
+            shape: vec![3, 2],
+            data: (0..6u16).flat_map(|x| (x + 0x3c00).to_le_bytes()).collect(),
+        };
+        let t = h.transposed();
+        let vals: Vec<u16> = t
+            .data
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) - 0x3c00)
+            .collect();
+        assert_eq!(vals, [0, 2, 4, 1, 3, 5]);
+        let fused = Raw::concat_rows(&[&h.rows(2, 1), &h.rows(0, 1)]);
+        assert_eq!(fused.shape, [2, 2]);
+        assert_eq!(fused.data, [&h.data[8..12], &h.data[0..4]].concat());
     }
 }
