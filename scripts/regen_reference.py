@@ -19,6 +19,10 @@ Modes (all paths relative to the repository root, or absolute):
 
   # only some of the reference files
   python scripts/regen_reference.py --model models/tiny-sdxl --out /tmp/refs --only unet_forward,schedulers
+
+  # DPM-Solver++ 2M (plain and Karras) and Euler ancestral: tables, chained steps, tiny pipelines;
+  # the VAE encoder and image-to-image runs (every file of tests/data/samplers)
+  python scripts/regen_reference.py --samplers --model models/tiny-sdxl --out tests/data/samplers
 """
 import argparse
 import json
@@ -385,7 +389,10 @@ def ref_schedulers(model_dir, out_dir, meta):
             res[f"{name}.step{i}.prev_sample"] = sample
     # configs after the loop so the dict order matches the shipped meta.json
     for name, sch in schedulers_for(model_dir).items():
-        m[f"{name}.config"] = dict(sch.config)
+        cfg = {k: v for k, v in sch.config.items() if k != "_use_default_values"}  # a set: unordered
+        if cfg.get("lambda_min_clipped") == -float("inf"):
+            cfg["lambda_min_clipped"] = None  # JSON has no -Infinity; the Rust reader takes null as "no bound"
+        m[f"{name}.config"] = cfg
     save(res, os.path.join(out_dir, "schedulers.safetensors"))
     meta["schedulers"] = m
 
@@ -490,6 +497,225 @@ def ref_pipeline(pipe, model_dir, key, out_dir, meta):
     }
 
 
+# ----------------------------------------------------------------------------------------------------------
+# more samplers (DPM-Solver++ 2M, its Karras variant, Euler ancestral): tests/data/samplers
+# ----------------------------------------------------------------------------------------------------------
+
+SEED_SAMPLER_INPUTS = 11     # step_model_outputs, step_initial_sample, step_noise
+SAMPLER_STEP_COUNTS = (1, 2, 3, 4, 10, 25, 30, 50)
+SAMPLER_CHAIN_STEPS = 6
+
+
+def sampler_variants(model_dir):
+    """name -> (diffusers class, config overrides applied to the folder's (Euler) scheduler config)."""
+    from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+    return {
+        "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
+        "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+        "euler_a": (EulerAncestralDiscreteScheduler, {}),
+        # other configurations: spacing, prediction type, final sigma
+        "dpmpp_2m_linspace_v": (DPMSolverMultistepScheduler,
+                                {"timestep_spacing": "linspace", "steps_offset": 0,
+                                 "prediction_type": "v_prediction"}),
+        "dpmpp_2m_karras_sigma_min": (DPMSolverMultistepScheduler,
+                                      {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min",
+                                       "timestep_spacing": "trailing"}),
+        "euler_a_trailing_v": (EulerAncestralDiscreteScheduler,
+                               {"timestep_spacing": "trailing", "prediction_type": "v_prediction"}),
+    }
+
+
+def make_sampler(model_dir, name):
+    from diffusers import EulerDiscreteScheduler
+    base = EulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    cls, over = sampler_variants(model_dir)[name]
+    return cls.from_config(base.config, **over)
+
+
+def ref_sampler_tables(model_dir, out_dir, meta):
+    res, m = {}, {}
+    g = cpu_gen(SEED_SAMPLER_INPUTS)
+    n_chain = SAMPLER_CHAIN_STEPS
+    model_outputs = torch.randn(n_chain, 1, 4, 4, 4, generator=g)
+    init_sample = torch.randn(1, 4, 4, 4, generator=g)
+    step_noise = torch.randn(n_chain, 1, 4, 4, 4, generator=g)
+    res.update(step_model_outputs=model_outputs, step_initial_sample=init_sample, step_noise=step_noise)
+    for name in sampler_variants(model_dir):
+        sch = make_sampler(model_dir, name)
+        for n in SAMPLER_STEP_COUNTS:
+            sch.set_timesteps(n)
+            res[f"{name}.n{n}.timesteps"] = sch.timesteps.clone()
+            res[f"{name}.n{n}.sigmas"] = sch.sigmas.clone()
+            m[f"{name}.n{n}.init_noise_sigma"] = float(sch.init_noise_sigma)
+        sch.set_timesteps(n_chain)
+        sample = init_sample * sch.init_noise_sigma
+        for i, t in enumerate(sch.timesteps):
+            res[f"{name}.step{i}.scaled_input"] = sch.scale_model_input(sample, t)
+            if name.startswith("euler_a"):
+                # EulerAncestralDiscreteScheduler draws its noise with randn_tensor(shape, generator):
+                # a generator that yields exactly step_noise[i]
+                out = sch.step(model_outputs[i], t, sample, generator=_FixedNoise(step_noise[i]))
+            else:
+                out = sch.step(model_outputs[i], t, sample)
+            sample = out.prev_sample
+            res[f"{name}.step{i}.prev_sample"] = sample
+        # add_noise at every step index (image-to-image starts there), with step_noise[0]
+        for i, t in enumerate(sch.timesteps):
+            fresh = make_sampler(model_dir, name)
+            fresh.set_timesteps(n_chain)
+            fresh.set_begin_index(i)
+            res[f"{name}.add_noise{i}"] = fresh.add_noise(init_sample, step_noise[0], t.reshape(1))
+        cfg = {k: v for k, v in sch.config.items() if k != "_use_default_values"}  # a set: unordered
+        if cfg.get("lambda_min_clipped") == -float("inf"):
+            cfg["lambda_min_clipped"] = None  # JSON has no -Infinity; the Rust reader takes null as "no bound"
+        m[f"{name}.config"] = cfg
+    save(res, os.path.join(out_dir, "schedulers.safetensors"))
+    meta["schedulers"] = m
+
+
+class _FixedNoise:
+    """Stands in for a torch.Generator: diffusers' randn_tensor passes it to torch.randn, which we intercept."""
+
+    def __init__(self, noise):
+        self.noise = noise
+        self.device = torch.device("cpu")
+
+
+SAMPLER_PIPELINES = {
+    "pipeline_dpmpp_2m": dict(scheduler="dpmpp_2m", call=dict(prompt=PROMPTS[0], guidance_scale=5.0, seed=3,
+                                                              height=32, width=32, num_inference_steps=5)),
+    "pipeline_dpmpp_2m_karras": dict(scheduler="dpmpp_2m_karras",
+                                     call=dict(prompt=PROMPTS[1], negative_prompt="blurry, low quality",
+                                               guidance_scale=7.0, seed=4, height=32, width=48,
+                                               num_inference_steps=5)),
+    "pipeline_euler_a": dict(scheduler="euler_a", call=dict(prompt=PROMPTS[0], guidance_scale=5.0, seed=5,
+                                                            height=32, width=32, num_inference_steps=4)),
+}
+
+
+def ref_sampler_pipeline(pipe, model_dir, key, out_dir, meta):
+    run = SAMPLER_PIPELINES[key]
+    pipe.scheduler = make_sampler(model_dir, run["scheduler"])
+    call = dict(run["call"])
+    seed = call.pop("seed")
+    steps = call["num_inference_steps"]
+    height = call.get("height") or pipe.default_sample_size * pipe.vae_scale_factor
+    width = call.get("width") or pipe.default_sample_size * pipe.vae_scale_factor
+    shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    rec = {"_step": 0}
+
+    def on_step_end(_pipe, i, _t, cb_kwargs):
+        rec[f"step{i}.latents"] = cb_kwargs["latents"].detach().clone()
+        return cb_kwargs
+
+    with torch.no_grad():
+        lat = pipe(**call, generator=cpu_gen(seed), output_type="latent", callback_on_step_end=on_step_end).images
+        img = pipe(**call, generator=cpu_gen(seed), output_type="np").images
+    # the generator's stream: the initial noise, then (Euler ancestral) one noise tensor per step
+    g = cpu_gen(seed)
+    res = {"initial_noise": torch.randn(shape, generator=g)}
+    if run["scheduler"].startswith("euler_a"):
+        for i in range(steps):
+            res[f"step{i}.noise"] = torch.randn(shape, generator=g)
+    res["timesteps"] = pipe.scheduler.timesteps.clone()
+    res["sigmas"] = pipe.scheduler.sigmas.clone()
+    res.update({k: v for k, v in rec.items() if k != "_step"})
+    res["final_latents"] = lat
+    res["image_np"] = torch.from_numpy(np.ascontiguousarray(img)).to(torch.float32)
+    save(res, os.path.join(out_dir, f"{key}.safetensors"))
+    meta[key] = {"call": run["call"], "height": height, "width": width, "scheduler": type(pipe.scheduler).__name__,
+                 "config_overrides": sampler_variants(model_dir)[run["scheduler"]][1],
+                 "final_latents": stats(lat), "image_np": stats(res["image_np"])}
+
+
+SEED_IMG2IMG_IMAGE = 21
+IMG2IMG_RUNS = {
+    # image-to-image from the VAE encoder's mean (passed to diffusers as 4-channel latents, so its own
+    # latent_dist.sample() is bypassed); the generator's first randn is the noise added at the start step
+    "img2img_euler": dict(scheduler="euler", call=dict(prompt=PROMPTS[0], guidance_scale=5.0, seed=6, strength=0.6,
+                                                       num_inference_steps=5, original_size=(64, 48),
+                                                       crops_coords_top_left=(4, 8), target_size=(32, 48))),
+    "img2img_dpmpp_2m_karras": dict(scheduler="dpmpp_2m_karras",
+                                    call=dict(prompt=PROMPTS[1], negative_prompt="blurry, low quality",
+                                              guidance_scale=7.0, seed=7, strength=0.5, num_inference_steps=6)),
+}
+
+
+def ref_vae_encode_and_img2img(model_dir, out_dir, meta):
+    import PIL.Image
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    g = cpu_gen(SEED_IMG2IMG_IMAGE)
+    image_u8 = torch.randint(0, 256, (32, 48, 3), generator=g, dtype=torch.uint8)
+    # smooth it a little so the image is not pure noise (a gradient plus the random pixels)
+    ramp = torch.linspace(0, 128, 48).to(torch.uint8).view(1, 48, 1)
+    image_u8 = (image_u8 // 2 + ramp).to(torch.uint8)
+    pil = PIL.Image.fromarray(image_u8.numpy())
+    image = pipe.image_processor.preprocess(pil)
+    with torch.no_grad():
+        dist = pipe.vae.encode(image).latent_dist
+    mean = dist.mean
+    res = {"image_u8": image_u8, "image": image, "mean": mean, "logvar": dist.logvar}
+    save(res, os.path.join(out_dir, "vae_encode.safetensors"))
+    meta["vae_encode"] = {"image": "image_u8 [H,W,3] -> VaeImageProcessor.preprocess -> image [1,3,H,W]",
+                          "mean": stats(mean), "logvar": stats(dist.logvar)}
+    init_latents = mean * pipe.vae.config.scaling_factor
+    for key, run in IMG2IMG_RUNS.items():
+        if run["scheduler"] == "euler":
+            pipe.scheduler = EulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
+        else:
+            pipe.scheduler = make_sampler(model_dir, run["scheduler"])
+        call = dict(run["call"])
+        seed = call.pop("seed")
+        rec = {}
+
+        def unet_hook(_m, args, kwargs, out):
+            if "add_time_ids" not in rec:
+                rec["add_time_ids"] = kwargs["added_cond_kwargs"]["time_ids"].detach().clone()
+                rec["first_timestep"] = args[1].detach().clone().reshape(1).to(torch.float32)
+
+        h = pipe.unet.register_forward_hook(unet_hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                lat = pipe(**call, image=init_latents.clone(), generator=cpu_gen(seed), output_type="latent").images
+        finally:
+            h.remove()
+        noise = torch.randn(init_latents.shape, generator=cpu_gen(seed))
+        out = {"initial_noise": noise, "final_latents": lat, "timesteps": pipe.scheduler.timesteps.clone(), **rec}
+        save(out, os.path.join(out_dir, f"{key}.safetensors"))
+        meta[key] = {"call": run["call"], "scheduler": type(pipe.scheduler).__name__,
+                     "config_overrides": sampler_variants(model_dir).get(run["scheduler"], (None, {}))[1],
+                     "final_latents": stats(lat)}
+
+
+def make_sampler_refs(model_dir, out_dir):
+    import diffusers.utils.torch_utils as tu
+    from diffusers import StableDiffusionXLPipeline
+    # randn_tensor(shape, generator=_FixedNoise) returns the fixed tensor (used by the chained Euler-a steps)
+    orig_randn_tensor = tu.randn_tensor
+
+    def randn_tensor(shape, generator=None, **kw):
+        if isinstance(generator, _FixedNoise):
+            assert tuple(generator.noise.shape) == tuple(shape)
+            return generator.noise.clone()
+        return orig_randn_tensor(shape, generator=generator, **kw)
+
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as ea
+    ea.randn_tensor = randn_tensor
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"versions": versions(), "torch_threads": torch.get_num_threads(), "model": model_dir}
+    ref_sampler_tables(model_dir, out_dir, meta)
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    for key in SAMPLER_PIPELINES:
+        ref_sampler_pipeline(pipe, model_dir, key, out_dir, meta)
+    ref_vae_encode_and_img2img(model_dir, out_dir, meta)
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1, ensure_ascii=False)
+    log(f"wrote {out_dir}/meta.json")
+
+
 def make_refs(model_dir, out_dir, only):
     from diffusers import StableDiffusionXLPipeline
     os.makedirs(out_dir, exist_ok=True)
@@ -532,6 +758,8 @@ def main():
     ap.add_argument("--make-model", action="store_true", help="write the tiny random-weight pipeline to --out")
     ap.add_argument("--tokenizers-from", help="folder holding tokenizer/ and tokenizer_2/ to copy (--make-model)")
     ap.add_argument("--make-unet", choices=sorted(UNET_VARIANTS), help="write a standalone UNet variant to --out")
+    ap.add_argument("--samplers", action="store_true",
+                    help="write the DPM-Solver++ / Euler ancestral references for --model to --out")
     ap.add_argument("--only", help="comma-separated subset of: " + ",".join(REF_PARTS))
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2, as the shipped data)")
     args = ap.parse_args()
@@ -541,6 +769,10 @@ def main():
         if not args.tokenizers_from:
             ap.error("--make-model needs --tokenizers-from")
         make_model(args.out, args.tokenizers_from)
+    elif args.samplers:
+        if not args.model:
+            ap.error("--samplers needs --model")
+        make_sampler_refs(args.model, args.out)
     elif args.make_unet:
         os.makedirs(args.out, exist_ok=True)
         make_unet(args.make_unet, args.out)

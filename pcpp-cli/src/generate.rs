@@ -20,8 +20,9 @@ use pcpp_kernels::io::SafetensorsFile;
 use pcpp_kernels::{DType, Tensor};
 use pcpp_sdxl::scheduler::SchedulerKind;
 use pcpp_sdxl::{
-    denoise, to_rgb8, DenoiseParams, MicroCond, ModelIndex, Pipeline, PromptEmbeds, TextEncoders,
-    UNet, UNetConfig, VaeDecoder,
+    denoise_with, image_from_rgb8, img2img_start_step, to_rgb8, DenoiseParams, DenoiseStart,
+    MicroCond, ModelIndex, Pipeline, PromptEmbeds, StepNoise, TextEncoders, UNet, UNetConfig,
+    VaeDecoder, VaeEncoder,
 };
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
@@ -53,6 +54,15 @@ pub enum SchedulerArg {
     Euler,
     /// DDIM, η = 0.
     Ddim,
+    /// DPM-Solver++ 2M.
+    #[value(name = "dpmpp-2m")]
+    DpmPp2M,
+    /// DPM-Solver++ 2M with Karras sigmas.
+    #[value(name = "dpmpp-2m-karras")]
+    DpmPp2MKarras,
+    /// Euler ancestral (per-step noise derived from the initial noise).
+    #[value(name = "euler-a")]
+    EulerA,
 }
 
 impl From<TransportArg> for TransportKind {
@@ -72,6 +82,9 @@ impl From<SchedulerArg> for SchedulerKind {
         match s {
             SchedulerArg::Euler => SchedulerKind::Euler,
             SchedulerArg::Ddim => SchedulerKind::Ddim,
+            SchedulerArg::DpmPp2M => SchedulerKind::DpmPp2M,
+            SchedulerArg::DpmPp2MKarras => SchedulerKind::DpmPp2MKarras,
+            SchedulerArg::EulerA => SchedulerKind::EulerAncestral,
         }
     }
 }
@@ -79,7 +92,7 @@ impl From<SchedulerArg> for SchedulerKind {
 /// Arguments of `pcpp-cli generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Diffusers SDXL pipeline folder (default: the tiny random-weight model in the repository).
+    /// Diffusers SDXL pipeline folder, or an SDXL single-file checkpoint (.safetensors) (default: the tiny random-weight model in the repository).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// The prompt.
@@ -140,6 +153,44 @@ pub struct GenerateArgs {
     /// Write a JSON report (per-step time, bytes by layer kind, waits) to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Image-to-image: start from this PNG (encoded with the VAE encoder's mean); its size is the
+    /// output size.
+    #[arg(long)]
+    pub init_image: Option<PathBuf>,
+    /// Image-to-image strength in (0, 1]: the last ⌊steps·strength⌋ steps run (default 0.3).
+    #[arg(long)]
+    pub strength: Option<f32>,
+    /// SDXL micro-conditioning: original image size `H,W` (default: the output size).
+    #[arg(long)]
+    pub original_size: Option<String>,
+    /// SDXL micro-conditioning: crop coordinates `TOP,LEFT` (default: 0,0).
+    #[arg(long)]
+    pub crops_coords_top_left: Option<String>,
+    /// SDXL micro-conditioning: target image size `H,W` (default: the output size).
+    #[arg(long)]
+    pub target_size: Option<String>,
+}
+
+/// Parses `A,B` (two non-negative integers) for `flag`.
+fn parse_pair(flag: &str, s: &str) -> Result<(usize, usize)> {
+    let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+    let nums = parts
+        .iter()
+        .map(|p| p.parse::<usize>())
+        .collect::<std::result::Result<Vec<_>, _>>();
+    match (parts.len(), nums) {
+        (2, Ok(v)) => Ok((v[0], v[1])),
+        _ => bail!("{flag} {s}: expected two non-negative integers `A,B`"),
+    }
+}
+
+/// Reads `--init-image` as `[1, 3, H, W]` in `[-1, 1]` (diffusers' `VaeImageProcessor`).
+fn read_init_image(path: &Path) -> Result<Tensor> {
+    let img = image::open(path)
+        .with_context(|| format!("--init-image {}: cannot read image", path.display()))?
+        .to_rgb8();
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    Ok(image_from_rgb8(img.as_raw(), h, w)?)
 }
 
 /// A text argument that may arrive as any bytes: non-UTF-8 input is an error naming the flag.
@@ -157,6 +208,10 @@ struct Plan {
     scheduler: SchedulerKind,
     portions: Vec<f64>,
     noise: Tensor,
+    /// SDXL micro-conditioning.
+    micro: MicroCond,
+    /// Image-to-image: the init image `[1, 3, H, W]` in `[-1, 1]` and the strength.
+    init: Option<(Tensor, f32)>,
 }
 
 pub fn parse_portions(s: &str) -> Result<Vec<f64>> {
@@ -215,6 +270,7 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
         .model
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL));
+    let model = crate::convert::resolve_model(model)?;
     if !model.is_dir() {
         if a.model.is_none() {
             bail!(
@@ -245,8 +301,22 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
     let portions = parse_portions(&a.portion)?;
     let index = ModelIndex::load(&model)?;
     let (sample, channels, vae_scale) = model_geometry(&model)?;
-    let height = a.height.unwrap_or(sample * vae_scale);
-    let width = a.width.unwrap_or(sample * vae_scale);
+    let init_image = a.init_image.as_deref().map(read_init_image).transpose()?;
+    let (height, width) = match &init_image {
+        Some(img) => {
+            let (h, w) = (img.shape()[2], img.shape()[3]);
+            for (flag, given, own) in [("--height", a.height, h), ("--width", a.width, w)] {
+                if let Some(v) = given.filter(|&v| v != own) {
+                    bail!("{flag} {v} differs from the --init-image size {h}×{w} (the output has the init image's size)");
+                }
+            }
+            (h, w)
+        }
+        None => (
+            a.height.unwrap_or(sample * vae_scale),
+            a.width.unwrap_or(sample * vae_scale),
+        ),
+    };
     let multiple = vae_scale.max(8);
     for (flag, v) in [("--height", height), ("--width", width)] {
         if v == 0 || v % multiple != 0 {
@@ -266,6 +336,26 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
     }
     if let Some(p) = &a.report {
         output::check_writable(p, "--report")?;
+    }
+    let init = match init_image {
+        Some(img) => {
+            let strength = a.strength.unwrap_or(0.3);
+            img2img_start_step(a.steps, strength)
+                .map_err(|e| anyhow::anyhow!("--strength {strength} --steps {}: {e}", a.steps))?;
+            Some((img, strength))
+        }
+        None if a.strength.is_some() => bail!("--strength needs --init-image"),
+        None => None,
+    };
+    let mut micro = MicroCond::for_size(height, width);
+    if let Some(s) = &a.original_size {
+        micro.original_size = parse_pair("--original-size", s)?;
+    }
+    if let Some(s) = &a.crops_coords_top_left {
+        micro.crop_top_left = parse_pair("--crops-coords-top-left", s)?;
+    }
+    if let Some(s) = &a.target_size {
+        micro.target_size = parse_pair("--target-size", s)?;
     }
     let shape = [1, channels, height / vae_scale, width / vae_scale];
     let noise = match &a.init_noise {
@@ -292,6 +382,8 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
         scheduler,
         portions,
         noise,
+        micro,
+        init,
     })
 }
 
@@ -310,10 +402,7 @@ fn parameters_text(a: &GenerateArgs, p: &Plan) -> String {
     if let Some(n) = a.negative_prompt.as_deref().filter(|n| !n.is_empty()) {
         s.push_str(&format!("\nNegative prompt: {n}"));
     }
-    let sampler = match p.scheduler {
-        SchedulerKind::Euler => "Euler",
-        SchedulerKind::Ddim => "DDIM",
-    };
+    let sampler = p.scheduler.label();
     let seed = match &a.init_noise {
         Some(f) => format!("init-noise {}", f.display()),
         None => a.seed.to_string(),
@@ -328,6 +417,12 @@ fn parameters_text(a: &GenerateArgs, p: &Plan) -> String {
         a.parallel,
         a.ranks,
     ));
+    if let (Some(f), Some((_, strength))) = (&a.init_image, &p.init) {
+        s.push_str(&format!(
+            ", Init image: {}, Denoising strength: {strength}",
+            f.display()
+        ));
+    }
     s
 }
 
@@ -420,7 +515,7 @@ fn run_rank(
         steps: a.steps,
         guidance: a.guidance,
         scheduler: plan.scheduler,
-        micro: MicroCond::for_size(plan.height, plan.width),
+        micro: plan.micro,
     };
     let cfg_split = params.cfg() && !a.no_cfg_split && world.size() >= 2;
     let runtime = PatchRuntime::new(
@@ -442,12 +537,33 @@ fn run_rank(
         if e.truncated {
             eprintln!("warning: the prompt is longer than 77 tokens and was truncated");
         }
-        msg = pack(&[&e.prompt_embeds, &e.pooled, &plan.noise])?;
+        let mut parts = vec![&e.prompt_embeds, &e.pooled, &plan.noise];
+        // Image-to-image: rank 0 encodes the init image (VAE encoder mean, scaled latents).
+        let init_latents = match &plan.init {
+            Some((img, _)) => {
+                let enc = VaeEncoder::load(&plan.model.join("vae"), DType::F32)?;
+                Some(enc.scale_latents(&enc.encode_mean(img)?)?)
+            }
+            None => None,
+        };
+        if let Some(l) = &init_latents {
+            parts.push(l);
+        }
+        msg = pack(&parts)?;
     }
     world.broadcast(CommKind::Control, 0, &mut msg)?;
-    let mut ts = unpack(&msg, 3)?.into_iter();
+    let mut ts = unpack(&msg, 3 + usize::from(plan.init.is_some()))?.into_iter();
     let (Some(prompt_embeds), Some(pooled), Some(noise)) = (ts.next(), ts.next(), ts.next()) else {
         bail!("internal: broadcast of the prompt embeddings");
+    };
+    let init_latents = ts.next();
+    let start = match (&init_latents, &plan.init) {
+        (Some(latents), Some((_, strength))) => DenoiseStart::Image {
+            latents,
+            noise: &noise,
+            strength: *strength,
+        },
+        _ => DenoiseStart::Noise(&noise),
     };
     let embeds = PromptEmbeds {
         prompt_embeds,
@@ -457,14 +573,19 @@ fn run_rank(
 
     let unet = UNet::load(&unet_dir, DType::F32, runtime.factory())?;
     let sched = Pipeline::load_scheduler_config(&plan.model)?;
-    let pb = (rank == 0).then(|| progress_bar(a.steps));
-    let latents = denoise(
+    let run_steps = match &plan.init {
+        Some((_, strength)) => a.steps - img2img_start_step(a.steps, *strength)?,
+        None => a.steps,
+    };
+    let pb = (rank == 0).then(|| progress_bar(run_steps));
+    let latents = denoise_with(
         &unet,
         runtime.driver(),
         &sched,
         &params,
         &embeds,
-        &noise,
+        &start,
+        &StepNoise::Derived,
         &mut |i, _| {
             if let Some(pb) = &pb {
                 pb.set_position(i as u64)

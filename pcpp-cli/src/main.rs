@@ -2,12 +2,13 @@
 //!
 //! Subcommands: `generate` (text to image, serial or patch-parallel), `unet` (one UNet forward from a
 //! safetensors file of inputs, a parity and debugging hook), `compare` (PSNR / SSIM of two images), `plan` (bytes per step without weights),
-//! `bench` (UNet forward timing).
+//! `bench` (UNet forward timing), `convert` (diffusers folder ↔ single-file checkpoint).
 //! This is the only crate that reads the environment and uses `anyhow`. User errors print one
 //! `error: ...` line (no backtrace) and exit with status 1; bad flags exit with clap's status 2.
 
 mod bench;
 mod compare;
+mod convert;
 mod generate;
 mod output;
 mod plan_cmd;
@@ -37,6 +38,8 @@ enum Command {
     Plan(plan_cmd::PlanArgs),
     /// Time the UNet forward (CPU) for a model or a config with random weights.
     Bench(bench::Args),
+    /// Convert an SDXL pipeline between a diffusers folder and a single-file checkpoint.
+    Convert(convert::ConvertArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         Command::Compare(a) => compare::run(a),
         Command::Plan(a) => plan_cmd::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Convert(a) => convert::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

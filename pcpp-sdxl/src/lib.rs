@@ -4,6 +4,7 @@
 //! through `pcpp-core`'s layer factory so that patch parallelism slots in), the VAE decoder, the
 //! schedulers and the text-to-image pipeline.
 
+pub mod checkpoint;
 pub mod clip;
 pub mod error;
 pub mod inventory;
@@ -13,14 +14,17 @@ pub mod tokenizer;
 pub mod unet;
 pub mod unet_config;
 pub mod vae;
+pub mod vae_encoder;
 pub mod weights;
 
 pub use clip::{ClipOutput, ClipTextConfig, ClipTextModel};
 pub use error::{Result, SdxlError};
 pub use inventory::unet_inventory;
 pub use pipeline::{
-    denoise, DenoiseParams, MicroCond, ModelIndex, Pipeline, PromptEmbeds, TextEncoders,
+    denoise, denoise_with, derived_step_noise, img2img_start_step, DenoiseParams, DenoiseStart,
+    MicroCond, ModelIndex, Pipeline, PromptEmbeds, StepNoise, TextEncoders,
 };
 pub use unet::{Taps, UNet, UNetCond};
 pub use unet_config::UNetConfig;
 pub use vae::{to_rgb8, to_unit_range, VaeConfig, VaeDecoder};
+pub use vae_encoder::{image_from_rgb8, VaeEncoder};

@@ -183,14 +183,14 @@ impl VaeConfig {
     }
 }
 
-struct Conv {
-    w: Tensor,
-    b: Tensor,
+pub(crate) struct Conv {
+    pub(crate) w: Tensor,
+    pub(crate) b: Tensor,
     pad: usize,
 }
 
 impl Conv {
-    fn load(w: &Weights, p: &str, ci: usize, co: usize, k: usize) -> Result<Conv> {
+    pub(crate) fn load(w: &Weights, p: &str, ci: usize, co: usize, k: usize) -> Result<Conv> {
         Ok(Conv {
             w: w.get(&format!("{p}.weight"), &[co, ci, k, k])?,
             b: w.get(&format!("{p}.bias"), &[co])?,
@@ -198,19 +198,19 @@ impl Conv {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.conv2d(&self.w, Some(&self.b), Conv2dParams::new(1, self.pad))?)
     }
 }
 
-struct GroupNorm {
+pub(crate) struct GroupNorm {
     g: Tensor,
     b: Tensor,
     groups: usize,
 }
 
 impl GroupNorm {
-    fn load(w: &Weights, p: &str, c: usize, groups: usize) -> Result<GroupNorm> {
+    pub(crate) fn load(w: &Weights, p: &str, c: usize, groups: usize) -> Result<GroupNorm> {
         Ok(GroupNorm {
             g: w.get(&format!("{p}.weight"), &[c])?,
             b: w.get(&format!("{p}.bias"), &[c])?,
@@ -219,7 +219,7 @@ impl GroupNorm {
     }
 
     /// GroupNorm, then `act` if given (SiLU fused into the kernel).
-    fn forward(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
         let fuse = act == Some(Activation::Silu);
         let y = x.group_norm(self.groups, Some(&self.g), Some(&self.b), EPS, fuse)?;
         Ok(match act {
@@ -229,7 +229,7 @@ impl GroupNorm {
     }
 }
 
-struct Resnet {
+pub(crate) struct Resnet {
     norm1: GroupNorm,
     conv1: Conv,
     norm2: GroupNorm,
@@ -238,7 +238,13 @@ struct Resnet {
 }
 
 impl Resnet {
-    fn load(w: &Weights, p: &str, ci: usize, co: usize, groups: usize) -> Result<Resnet> {
+    pub(crate) fn load(
+        w: &Weights,
+        p: &str,
+        ci: usize,
+        co: usize,
+        groups: usize,
+    ) -> Result<Resnet> {
         Ok(Resnet {
             norm1: GroupNorm::load(w, &format!("{p}.norm1"), ci, groups)?,
             conv1: Conv::load(w, &format!("{p}.conv1"), ci, co, 3)?,
@@ -252,7 +258,7 @@ impl Resnet {
         })
     }
 
-    fn forward(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
         let h = self.conv1.forward(&self.norm1.forward(x, Some(act))?)?;
         let h = self.conv2.forward(&self.norm2.forward(&h, Some(act))?)?;
         let skip = match &self.shortcut {
@@ -282,7 +288,7 @@ impl Linear {
 }
 
 /// Mid-block attention: GroupNorm, one head over all h·w tokens, residual.
-struct Attention {
+pub(crate) struct Attention {
     norm: GroupNorm,
     q: Linear,
     k: Linear,
@@ -291,7 +297,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(w: &Weights, p: &str, c: usize, groups: usize) -> Result<Attention> {
+    pub(crate) fn load(w: &Weights, p: &str, c: usize, groups: usize) -> Result<Attention> {
         Ok(Attention {
             norm: GroupNorm::load(w, &format!("{p}.group_norm"), c, groups)?,
             q: Linear::load(w, &format!("{p}.to_q"), c)?,
@@ -301,7 +307,7 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (h, w) = (x.shape()[2], x.shape()[3]);
         let t = self.norm.forward(x, None)?.to_tokens()?;
         let (q, k, v) = (

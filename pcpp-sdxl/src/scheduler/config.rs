@@ -119,6 +119,34 @@ pub struct SchedulerConfig {
     /// Zero-terminal-SNR rescaling (not supported; true is an error).
     #[serde(default)]
     pub rescale_betas_zero_snr: bool,
+    /// DPM-Solver: `midpoint` or `heun` (the second-order update's form).
+    #[serde(default = "default_solver_type")]
+    pub solver_type: String,
+    /// DPM-Solver: first-order last step when there are fewer than 15 steps (default true).
+    #[serde(default = "default_true")]
+    pub lower_order_final: bool,
+    /// DPM-Solver: always a first-order last step.
+    #[serde(default)]
+    pub euler_at_final: bool,
+    /// DPM-Solver: lower bound of λ(t) = log(αₜ/σₜ) that limits the largest timestep; `null` (or
+    /// `-Infinity`, as diffusers writes it) is no bound.
+    #[serde(default)]
+    pub lambda_min_clipped: Option<f64>,
+    /// DPM-Solver: `learned` / `learned_range` variance outputs (not supported).
+    #[serde(default)]
+    pub variance_type: Option<String>,
+    /// DPM-Solver: λ-uniform sigmas (not supported; true is an error).
+    #[serde(default)]
+    pub use_lu_lambdas: bool,
+    /// DPM-Solver: flow-matching sigmas (not supported; true is an error).
+    #[serde(default)]
+    pub use_flow_sigmas: bool,
+    /// Karras σ schedule: smallest σ (default: the training schedule's).
+    #[serde(default)]
+    pub sigma_min: Option<f64>,
+    /// Karras σ schedule: largest σ (default: the training schedule's).
+    #[serde(default)]
+    pub sigma_max: Option<f64>,
     /// File the configuration was read from, for error messages.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -148,6 +176,12 @@ fn default_final_sigmas_type() -> String {
 fn default_timestep_type() -> String {
     "discrete".to_string()
 }
+fn default_solver_type() -> String {
+    "midpoint".to_string()
+}
+fn default_true() -> bool {
+    true
+}
 fn default_clip_sample_range() -> f64 {
     1.0
 }
@@ -169,8 +203,16 @@ impl SchedulerConfig {
             || "<scheduler config>".to_string(),
             |p| p.display().to_string(),
         );
-        let mut config: Self =
-            serde_json::from_str(text).map_err(|source| SchedulerError::Json { file, source })?;
+        // Python's json module writes an unbounded `lambda_min_clipped` as `-Infinity`, which is
+        // not JSON; read it as `null` (no bound).
+        let parsed = serde_json::from_str(text).or_else(|first| {
+            if text.contains("-Infinity") {
+                serde_json::from_str(&text.replace("-Infinity", "null")).map_err(|_| first)
+            } else {
+                Err(first)
+            }
+        });
+        let mut config: Self = parsed.map_err(|source| SchedulerError::Json { file, source })?;
         config.source = source.map(Path::to_path_buf);
         config.validate()?;
         Ok(config)
@@ -189,6 +231,9 @@ impl SchedulerConfig {
         }
         if !matches!(self.timestep_type.as_str(), "discrete" | "continuous") {
             return Err(self.invalid("timestep_type", &self.timestep_type));
+        }
+        if !matches!(self.solver_type.as_str(), "midpoint" | "heun") {
+            return Err(self.invalid("solver_type", &self.solver_type));
         }
         if self.num_train_timesteps < 2 {
             return Err(self.invalid("num_train_timesteps", &self.num_train_timesteps.to_string()));
@@ -347,6 +392,13 @@ fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
         .collect()
 }
 
+/// `np.linspace(0, stop, n)` in `float64`, ascending.
+pub(crate) fn np_linspace(stop: f64, n: usize) -> Vec<f64> {
+    let mut v = np_linspace_desc(stop, n);
+    v.reverse();
+    v
+}
+
 /// `np.linspace(0, stop, n)` in `float64`, reversed (largest first).
 fn np_linspace_desc(stop: f64, n: usize) -> Vec<f64> {
     if n == 1 {
@@ -361,7 +413,7 @@ fn np_linspace_desc(stop: f64, n: usize) -> Vec<f64> {
 
 /// `np.arange(t, 0, -t / n)` in `float64`, as numpy fills it; `None` if numpy would not return
 /// exactly `n` values (diffusers then yields a wrong number of timesteps).
-fn np_arange_trailing(t: usize, n: usize) -> Option<Vec<f64>> {
+pub(crate) fn np_arange_trailing(t: usize, n: usize) -> Option<Vec<f64>> {
     let start = t as f64;
     let step = -(t as f64 / n as f64);
     let len = ((0.0 - start) / step).ceil();

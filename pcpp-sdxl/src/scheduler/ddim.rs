@@ -105,4 +105,20 @@ impl Scheduler for DdimScheduler {
             })
             .collect())
     }
+
+    fn add_noise(
+        &self,
+        original: &[f32],
+        noise: &[f32],
+        step: usize,
+    ) -> Result<Vec<f32>, SchedulerError> {
+        check_step(step, self.num_steps(), original, noise, "noise")?;
+        let alpha = self.alphas[step].0;
+        let (sqrt_a, sqrt_b) = (alpha.sqrt(), (1.0 - alpha).sqrt());
+        Ok(original
+            .iter()
+            .zip(noise)
+            .map(|(&x, &n)| sqrt_a * x + sqrt_b * n)
+            .collect())
+    }
 }

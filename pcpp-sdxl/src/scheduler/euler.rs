@@ -138,4 +138,19 @@ impl Scheduler for EulerDiscreteScheduler {
             })
             .collect())
     }
+
+    fn add_noise(
+        &self,
+        original: &[f32],
+        noise: &[f32],
+        step: usize,
+    ) -> Result<Vec<f32>, SchedulerError> {
+        check_step(step, self.num_steps(), original, noise, "noise")?;
+        let sigma = self.sigmas[step];
+        Ok(original
+            .iter()
+            .zip(noise)
+            .map(|(&x, &n)| x + n * sigma)
+            .collect())
+    }
 }

@@ -13,18 +13,24 @@
 //!
 //! Each scheduler reproduces its diffusers 0.42 counterpart in diffusers' own precision
 //! (`float32` where diffusers uses torch `float32`, `float64` where it uses numpy), so results
-//! match the references bit for bit or within a few `f32` ulps. New samplers (DPM-Solver++ 2M,
-//! Euler ancestral) are added as a module, a [`SchedulerKind`] variant and a [`build`] arm.
+//! match the references bit for bit or within a few `f32` ulps. Samplers: Euler discrete, DDIM,
+//! DPM-Solver++ 2M (plain and Karras σ) and Euler ancestral (stochastic: it takes one unit
+//! Gaussian noise sample per step from the caller). Image-to-image starts the loop at a later step
+//! from [`Scheduler::add_noise`] of the encoded image.
 
 mod config;
 mod ddim;
+mod dpmpp;
 mod euler;
+mod euler_ancestral;
 
 use std::str::FromStr;
 
 pub use config::{BetaSchedule, FinalSigmas, PredictionType, SchedulerConfig, TimestepSpacing};
 pub use ddim::DdimScheduler;
+pub use dpmpp::DpmSolverPp2MScheduler;
 pub use euler::EulerDiscreteScheduler;
+pub use euler_ancestral::EulerAncestralScheduler;
 
 /// Errors from scheduler configuration, construction and stepping.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +74,9 @@ pub enum SchedulerError {
         value: String,
     },
     /// An unknown scheduler name was given to [`SchedulerKind::from_str`].
-    #[error("unknown scheduler {0:?} (expected one of: euler, ddim)")]
+    #[error(
+        "unknown scheduler {0:?} (expected one of: euler, ddim, dpmpp-2m, dpmpp-2m-karras, euler-a)"
+    )]
     UnknownKind(String),
     /// Zero inference steps were requested.
     #[error("the number of inference steps must be at least 1")]
@@ -130,6 +138,16 @@ pub trait Scheduler: Send {
         noise: Option<&[f32]>,
     ) -> Result<Vec<f32>, SchedulerError>;
 
+    /// Noises clean latents `original` to the noise level of step `step`, where an image-to-image
+    /// loop starts (diffusers' `add_noise` with the begin index set to `step`). `noise` is unit
+    /// Gaussian of the same length.
+    fn add_noise(
+        &self,
+        original: &[f32],
+        noise: &[f32],
+        step: usize,
+    ) -> Result<Vec<f32>, SchedulerError>;
+
     /// Whether [`Self::step`] needs fresh noise (ancestral / stochastic samplers).
     fn needs_noise(&self) -> bool {
         false
@@ -148,6 +166,12 @@ pub enum SchedulerKind {
     Euler,
     /// DDIM with η = 0 (`DDIMScheduler`).
     Ddim,
+    /// DPM-Solver++ 2M (`DPMSolverMultistepScheduler`, `dpmsolver++`, order 2).
+    DpmPp2M,
+    /// DPM-Solver++ 2M on the Karras σ schedule (`use_karras_sigmas = true`).
+    DpmPp2MKarras,
+    /// Euler ancestral (`EulerAncestralDiscreteScheduler`); needs noise at every step.
+    EulerAncestral,
 }
 
 impl SchedulerKind {
@@ -156,19 +180,61 @@ impl SchedulerKind {
         match name {
             "EulerDiscreteScheduler" => Some(Self::Euler),
             "DDIMScheduler" => Some(Self::Ddim),
+            "DPMSolverMultistepScheduler" => Some(Self::DpmPp2M),
+            "EulerAncestralDiscreteScheduler" => Some(Self::EulerAncestral),
             _ => None,
         }
+    }
+
+    /// The kind a folder's scheduler config names, taking `use_karras_sigmas` into account for
+    /// DPM-Solver (a folder saved with Karras DPM-Solver++ gets [`Self::DpmPp2MKarras`]).
+    pub fn from_config(config: &SchedulerConfig) -> Option<Self> {
+        match Self::from_class_name(config.class_name.as_deref()?)? {
+            Self::DpmPp2M if config.use_karras_sigmas => Some(Self::DpmPp2MKarras),
+            kind => Some(kind),
+        }
+    }
+
+    /// The command-line name (`euler`, `ddim`, `dpmpp-2m`, `dpmpp-2m-karras`, `euler-a`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Euler => "euler",
+            Self::Ddim => "ddim",
+            Self::DpmPp2M => "dpmpp-2m",
+            Self::DpmPp2MKarras => "dpmpp-2m-karras",
+            Self::EulerAncestral => "euler-a",
+        }
+    }
+
+    /// The sampler's usual display name (`Euler`, `DDIM`, `DPM++ 2M`, `DPM++ 2M Karras`,
+    /// `Euler a`), as written into image metadata.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Euler => "Euler",
+            Self::Ddim => "DDIM",
+            Self::DpmPp2M => "DPM++ 2M",
+            Self::DpmPp2MKarras => "DPM++ 2M Karras",
+            Self::EulerAncestral => "Euler a",
+        }
+    }
+
+    /// Whether the sampler draws fresh noise at every step.
+    pub fn is_stochastic(self) -> bool {
+        self == Self::EulerAncestral
     }
 }
 
 impl FromStr for SchedulerKind {
     type Err = SchedulerError;
 
-    /// Parses `euler` or `ddim` (case-insensitive).
+    /// Parses a command-line name (case-insensitive; `_` may stand for `-`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
+        match s.to_ascii_lowercase().replace('_', "-").as_str() {
             "euler" => Ok(Self::Euler),
             "ddim" => Ok(Self::Ddim),
+            "dpmpp-2m" => Ok(Self::DpmPp2M),
+            "dpmpp-2m-karras" => Ok(Self::DpmPp2MKarras),
+            "euler-a" | "euler-ancestral" => Ok(Self::EulerAncestral),
             _ => Err(SchedulerError::UnknownKind(s.to_string())),
         }
     }
@@ -183,6 +249,11 @@ pub fn build(
     Ok(match kind {
         SchedulerKind::Euler => Box::new(EulerDiscreteScheduler::new(config, num_steps)?),
         SchedulerKind::Ddim => Box::new(DdimScheduler::new(config, num_steps)?),
+        SchedulerKind::DpmPp2M => Box::new(DpmSolverPp2MScheduler::new(config, num_steps, false)?),
+        SchedulerKind::DpmPp2MKarras => {
+            Box::new(DpmSolverPp2MScheduler::new(config, num_steps, true)?)
+        }
+        SchedulerKind::EulerAncestral => Box::new(EulerAncestralScheduler::new(config, num_steps)?),
     })
 }
 
@@ -211,6 +282,54 @@ pub(crate) fn check_step(
 mod tests {
     use super::*;
 
+    const ALL: [SchedulerKind; 5] = [
+        SchedulerKind::Euler,
+        SchedulerKind::Ddim,
+        SchedulerKind::DpmPp2M,
+        SchedulerKind::DpmPp2MKarras,
+        SchedulerKind::EulerAncestral,
+    ];
+
+    #[test]
+    fn names_round_trip() {
+        for kind in ALL {
+            assert_eq!(kind.name().parse::<SchedulerKind>().ok(), Some(kind));
+        }
+        assert_eq!(
+            "euler_a".parse::<SchedulerKind>().ok(),
+            Some(SchedulerKind::EulerAncestral)
+        );
+    }
+
+    #[test]
+    fn euler_ancestral_needs_noise() {
+        let config = SchedulerConfig::from_json_str("{}", None).expect("default config");
+        let mut s = build(SchedulerKind::EulerAncestral, &config, 3).expect("build");
+        assert!(s.needs_noise());
+        assert!(matches!(
+            s.step(&[0.0; 4], 0, &[0.0; 4], None),
+            Err(SchedulerError::MissingNoise)
+        ));
+        assert!(s.step(&[0.0; 4], 0, &[0.0; 4], Some(&[0.0; 3])).is_err());
+        assert!(s.step(&[0.0; 4], 0, &[0.0; 4], Some(&[0.0; 4])).is_ok());
+    }
+
+    #[test]
+    fn dpm_config_with_infinity_parses() {
+        let config = SchedulerConfig::from_json_str(
+            r#"{"_class_name": "DPMSolverMultistepScheduler", "lambda_min_clipped": -Infinity,
+                "use_karras_sigmas": true}"#,
+            None,
+        )
+        .expect("parses");
+        assert_eq!(config.lambda_min_clipped, None);
+        assert_eq!(
+            SchedulerKind::from_config(&config),
+            Some(SchedulerKind::DpmPp2MKarras)
+        );
+        assert!(build(SchedulerKind::DpmPp2M, &config, 5).is_ok());
+    }
+
     #[test]
     fn kind_parses() {
         assert_eq!(
@@ -230,7 +349,7 @@ mod tests {
     #[test]
     fn build_rejects_zero_steps_and_bad_input() {
         let config = SchedulerConfig::from_json_str("{}", None).expect("default config");
-        for kind in [SchedulerKind::Euler, SchedulerKind::Ddim] {
+        for kind in ALL {
             assert!(matches!(
                 build(kind, &config, 0),
                 Err(SchedulerError::ZeroSteps)

@@ -1,0 +1,136 @@
+//! Euler ancestral sampler, diffusers' `EulerAncestralDiscreteScheduler`.
+//!
+//! Timesteps and σ are Euler discrete's (a `float32` grid, σ interpolated in `float64` from the
+//! training σ, final σ = 0). Each step goes down to σ_down = √(σ_to² − σ_up²) along the Euler
+//! direction and adds fresh unit Gaussian noise scaled by σ_up = √(σ_to²(σ_from² − σ_to²)/σ_from²),
+//! so the sampler needs one noise sample per step ([`Scheduler::needs_noise`]); where that noise
+//! comes from is the caller's choice (the pipeline derives it from the initial noise, see
+//! `StepNoise` in the pipeline module). Operations follow diffusers' `float32` order.
+
+use super::config::{PredictionType, TimestepSpacing};
+use super::dpmpp::interp_unit_grid;
+use super::{check_step, Scheduler, SchedulerConfig, SchedulerError};
+
+/// Euler ancestral scheduler (stochastic: `step` needs a noise sample).
+#[derive(Debug, Clone)]
+pub struct EulerAncestralScheduler {
+    timesteps: Vec<f64>,
+    sigmas: Vec<f32>,
+    init_noise_sigma: f32,
+    prediction: PredictionType,
+}
+
+impl EulerAncestralScheduler {
+    /// Sets the scheduler up for `num_steps` inference steps.
+    pub fn new(config: &SchedulerConfig, num_steps: usize) -> Result<Self, SchedulerError> {
+        config.validate()?;
+        let spacing = config.spacing_or(TimestepSpacing::Linspace)?;
+        let prediction = config.prediction()?;
+        if prediction == PredictionType::Sample {
+            // diffusers raises NotImplementedError for this combination
+            return Err(config.unsupported("prediction_type", &config.prediction_type));
+        }
+        let alphas_cumprod = config.alphas_cumprod()?;
+        let train_sigmas: Vec<f32> = alphas_cumprod
+            .iter()
+            .map(|&a| ((1.0 - a) / a).sqrt())
+            .collect();
+        let timesteps: Vec<f64> =
+            super::config::inference_timesteps(config, spacing, num_steps, true)?
+                .into_iter()
+                .map(|t| f64::from(t as f32))
+                .collect();
+        let mut sigmas: Vec<f32> = timesteps
+            .iter()
+            .map(|&t| interp_unit_grid(t, &train_sigmas) as f32)
+            .collect();
+        sigmas.push(0.0);
+        let max_sigma = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let init_noise_sigma = match spacing {
+            TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
+            TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
+        };
+        Ok(Self {
+            timesteps,
+            sigmas,
+            init_noise_sigma,
+            prediction,
+        })
+    }
+
+    /// The σ of every step plus the final 0 (`num_steps + 1` values), as diffusers' `sigmas`.
+    pub fn sigmas(&self) -> &[f32] {
+        &self.sigmas
+    }
+}
+
+impl Scheduler for EulerAncestralScheduler {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        f64::from(self.init_noise_sigma)
+    }
+
+    fn scale_model_input(&self, sample: &[f32], step: usize) -> Result<Vec<f32>, SchedulerError> {
+        check_step(step, self.num_steps(), sample, sample, "sample")?;
+        let sigma = self.sigmas[step];
+        let denom = (sigma * sigma + 1.0).sqrt();
+        Ok(sample.iter().map(|&x| x / denom).collect())
+    }
+
+    fn step(
+        &mut self,
+        model_output: &[f32],
+        step: usize,
+        sample: &[f32],
+        noise: Option<&[f32]>,
+    ) -> Result<Vec<f32>, SchedulerError> {
+        check_step(step, self.num_steps(), sample, model_output, "model_output")?;
+        let noise = noise.ok_or(SchedulerError::MissingNoise)?;
+        check_step(step, self.num_steps(), sample, noise, "noise")?;
+        let sigma = self.sigmas[step];
+        let sigma_to = self.sigmas[step + 1];
+        let (from2, to2) = (sigma * sigma, sigma_to * sigma_to);
+        let sigma_up = (to2 * (from2 - to2) / from2).sqrt();
+        let sigma_down = (to2 - sigma_up * sigma_up).sqrt();
+        let dt = sigma_down - sigma;
+        let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
+        let c_skip_div = sigma * sigma + 1.0;
+        let prediction = self.prediction;
+        Ok(sample
+            .iter()
+            .zip(model_output)
+            .zip(noise)
+            .map(|((&x, &m), &n)| {
+                let x0 = match prediction {
+                    PredictionType::VPrediction => m * c_out + x / c_skip_div,
+                    _ => x - sigma * m,
+                };
+                let derivative = (x - x0) / sigma;
+                let prev = x + derivative * dt;
+                prev + n * sigma_up
+            })
+            .collect())
+    }
+
+    fn needs_noise(&self) -> bool {
+        true
+    }
+
+    fn add_noise(
+        &self,
+        original: &[f32],
+        noise: &[f32],
+        step: usize,
+    ) -> Result<Vec<f32>, SchedulerError> {
+        check_step(step, self.num_steps(), original, noise, "noise")?;
+        let sigma = self.sigmas[step];
+        Ok(original
+            .iter()
+            .zip(noise)
+            .map(|(&x, &n)| x + n * sigma)
+            .collect())
+    }
+}
