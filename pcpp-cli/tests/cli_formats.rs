@@ -277,7 +277,11 @@ fn convert_round_trip_and_single_file_model_give_the_identical_image() {
     assert_eq!(a.max_abs_diff(&b).unwrap(), 0.0, "--model FILE differs");
     assert_eq!(a.max_abs_diff(&c).unwrap(), 0.0, "converted folder differs");
     let (cache, done) = pcpp_sdxl::checkpoint::cache_dir_for(&file).unwrap();
-    assert!(done, "generate --model FILE unpacked into {}", cache.display());
+    assert!(
+        done,
+        "generate --model FILE unpacked into {}",
+        cache.display()
+    );
     std::fs::remove_dir_all(cache).unwrap();
     // an existing output is refused
     let o = cli(&[
