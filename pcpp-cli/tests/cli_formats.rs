@@ -283,6 +283,7 @@ fn convert_round_trip_and_single_file_model_give_the_identical_image() {
         cache.display()
     );
     std::fs::remove_dir_all(cache).unwrap();
+    std::fs::remove_dir_all(&back).unwrap();
     // an existing output is refused
     let o = cli(&[
         "convert",
@@ -295,6 +296,7 @@ fn convert_round_trip_and_single_file_model_give_the_identical_image() {
     ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("already exists"));
+    std::fs::remove_file(&file).unwrap();
 }
 
 #[test]
