@@ -123,6 +123,8 @@ fn tiny_pipeline_round_trips_through_a_single_file() {
     }
     let (a, b) = (generate(&tiny_model()), generate(&dir));
     assert_eq!(a, b, "the unpacked pipeline gives a different image");
+    std::fs::remove_dir_all(&dir).expect("clean up");
+    std::fs::remove_file(&file).expect("clean up");
 }
 
 fn fake_file(name: &str, keys: &[&str]) -> PathBuf {
@@ -195,6 +197,9 @@ fn unsupported_files_name_what_was_found() {
     std::fs::write(&cut, &bytes[..5]).expect("write");
     let e = unpack_err(&cut);
     assert!(e.contains("not a safetensors file"), "{e}");
+    for f in [&full, &cut, &sd15, &lora, &unet_only] {
+        std::fs::remove_file(f).expect("clean up");
+    }
 }
 
 fn json(rel: &str) -> serde_json::Value {

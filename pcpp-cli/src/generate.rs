@@ -325,7 +325,11 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
     }
     let scheduler = match a.scheduler {
         Some(s) => s.into(),
-        None => index.default_scheduler().unwrap_or(SchedulerKind::Euler),
+        None => Pipeline::load_scheduler_config(&model)
+            .ok()
+            .and_then(|c| SchedulerKind::from_config(&c))
+            .or_else(|| index.default_scheduler())
+            .unwrap_or(SchedulerKind::Euler),
     };
     output::check_writable(&a.output, "--output")?;
     if a.output.extension().map(|e| e.to_ascii_lowercase()) != Some("png".into()) {

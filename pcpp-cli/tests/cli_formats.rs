@@ -277,8 +277,13 @@ fn convert_round_trip_and_single_file_model_give_the_identical_image() {
     assert_eq!(a.max_abs_diff(&b).unwrap(), 0.0, "--model FILE differs");
     assert_eq!(a.max_abs_diff(&c).unwrap(), 0.0, "converted folder differs");
     let (cache, done) = pcpp_sdxl::checkpoint::cache_dir_for(&file).unwrap();
-    assert!(done, "generate --model FILE unpacked into {}", cache.display());
+    assert!(
+        done,
+        "generate --model FILE unpacked into {}",
+        cache.display()
+    );
     std::fs::remove_dir_all(cache).unwrap();
+    std::fs::remove_dir_all(&back).unwrap();
     // an existing output is refused
     let o = cli(&[
         "convert",
@@ -291,6 +296,7 @@ fn convert_round_trip_and_single_file_model_give_the_identical_image() {
     ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("already exists"));
+    std::fs::remove_file(&file).unwrap();
 }
 
 #[test]
@@ -330,4 +336,41 @@ fn unsupported_checkpoint_files_are_refused_by_name() {
         "{err}"
     );
     assert!(!out.exists());
+}
+
+#[test]
+fn img2img_over_four_ranks_with_full_warmup_equals_one_rank() {
+    let init = init_png();
+    let run = |name: &str, ranks: &str| {
+        let lat = tmp(name);
+        let o = cli(&[
+            "generate",
+            "--prompt",
+            "a fox",
+            "--steps",
+            "6",
+            "--strength",
+            "0.5",
+            "--init-image",
+            s(&init),
+            "--scheduler",
+            "dpmpp-2m",
+            "--ranks",
+            ranks,
+            "--parallel",
+            "pcpp",
+            "--warmup-steps",
+            "3",
+            "--save-latents",
+            s(&lat),
+            "--output",
+            s(&tmp(&format!("{name}.png"))),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        load_all(&lat).unwrap().remove("latents").unwrap()
+    };
+    // 3 of the 6 steps run; the warm-up covers all of them, so no stale context is used
+    let (a, b) = (run("i2i-1.safetensors", "1"), run("i2i-4.safetensors", "4"));
+    let e = rel(&b, &a);
+    assert!(e <= 1e-5, "4 ranks vs 1: rel err {e:.3e}");
 }

@@ -924,7 +924,12 @@ pub fn unpack_single_file(file: &Path, dir: &Path) -> Result<()> {
     let mut te2_raw: BTreeMap<String, Raw> = BTreeMap::new();
     let mut unknown = Vec::new();
     for (k, v) in st.tensors() {
-        if k.ends_with("position_ids") || k.ends_with("logit_scale") {
+        // buffers and training state some checkpoints carry: not model weights
+        if k.ends_with("position_ids")
+            || k.ends_with("logit_scale")
+            || k.starts_with("denoiser.")
+            || k.starts_with("model_ema.")
+        {
             continue;
         }
         if let Some(r) = k.strip_prefix(UNET) {
