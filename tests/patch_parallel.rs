@@ -10,7 +10,7 @@ use pcpp_comm::{CommKind, LocalTransport, Transport, TransportOptions};
 use pcpp_core::plan::{generation_traffic, plan, PlanSetup};
 use pcpp_core::{
     GnMode, ParallelConfig, ParallelMode, PatchRuntime, RunReport, SerialDriver, SerialFactory,
-    StepDriver, Traffic,
+    StepDriver, SyncMode, Traffic,
 };
 use pcpp_kernels::{DType, Tensor};
 use pcpp_sdxl::{unet_inventory, UNet, UNetCond, UNetConfig};
@@ -245,6 +245,22 @@ fn measured_bytes_equal_the_plan_formula() {
             gn_mode: GnMode::Separate,
             ..ParallelConfig::pcpp(0.0)
         },
+        ParallelConfig {
+            gn_mode: GnMode::Sync,
+            ..ParallelConfig::pcpp(0.3)
+        },
+        ParallelConfig {
+            gn_mode: GnMode::Stale,
+            ..ParallelConfig::distrifusion()
+        },
+        ParallelConfig {
+            sync_mode: SyncMode::Full,
+            ..ParallelConfig::pcpp(0.3)
+        },
+        ParallelConfig {
+            sync_mode: SyncMode::None,
+            ..ParallelConfig::pcpp(0.3)
+        },
     ];
     for (n, split, cfgs) in [(3, false, all), (5, true, vec![pcpp, df])] {
         for base in cfgs {
@@ -338,4 +354,93 @@ fn stale_pcpp_beats_naive_patch_and_full_portion_is_distrifusion() {
     let df = run(ParallelConfig::distrifusion());
     assert_eq!(full.max_abs_diff(&df).unwrap(), 0.0);
     assert!(pcpp.max_abs_diff(&df).unwrap() > 0.0);
+}
+
+#[test]
+fn full_sync_mode_equals_serial_at_every_step() {
+    let steps = 3;
+    let want = serial_latent(steps);
+    for n in [2, 3, 4] {
+        for split in [false, true] {
+            let cfg = ParallelConfig {
+                sync_mode: SyncMode::Full,
+                warmup_steps: 1,
+                ..ParallelConfig::pcpp(0.3)
+            };
+            let outs = run_ranks(n, split, &cfg, steps).expect("ranks");
+            for (r, o) in outs.iter().enumerate() {
+                let what = format!("full sync, {n} ranks, cfg split {split}, rank {r}");
+                assert_close(&what, &o.latent, &want, TOL_RANKS);
+                assert!(o.report.steps.iter().all(|s| s.sync), "{what}");
+                assert_eq!(o.report.max_stale_age, 0, "{what}");
+                // Every step moves the warm-up volume.
+                let first = o.report.steps[0].traffic;
+                assert_eq!(first.recvd.attention > 0, o.report.group_size > 1, "{what}");
+                for s in &o.report.steps {
+                    assert_eq!(s.traffic, first, "{what} step {}", s.step);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn no_sync_mode_moves_only_the_gather_after_warmup() {
+    let (steps, warmup, n) = (5, 2, 4);
+    let want = serial_latent(steps);
+    let base = ParallelConfig {
+        warmup_steps: warmup,
+        ..ParallelConfig::pcpp(0.3)
+    };
+    let none = ParallelConfig {
+        sync_mode: SyncMode::None,
+        ..base.clone()
+    };
+    let outs = run_ranks(n, false, &none, steps).expect("ranks");
+    let asynch = run_ranks(n, false, &base, steps).expect("ranks");
+    let inv = unet_inventory(&tiny_config());
+    // Slots read in stale steps: halo convs and self-attentions (group norms go local).
+    let frozen = inv
+        .layers
+        .iter()
+        .filter(|l| {
+            matches!(
+                l.kind,
+                pcpp_core::LayerKind::Conv { .. } | pcpp_core::LayerKind::SelfAttention { .. }
+            )
+        })
+        .count();
+    for (r, o) in outs.iter().enumerate() {
+        let rep = &o.report;
+        for s in &rep.steps {
+            let t = &s.traffic;
+            if s.step < warmup {
+                assert!(s.sync);
+                assert!(t.recvd.halo > 0 && t.recvd.attention > 0 && t.recvd.group_norm > 0);
+                continue;
+            }
+            assert!(!s.sync, "rank {r} step {}", s.step);
+            for k in [&t.sent, &t.recvd] {
+                assert_eq!(
+                    (k.halo, k.group_norm, k.attention),
+                    (0, 0, 0),
+                    "rank {r} step {}: no exchange after warm-up",
+                    s.step
+                );
+                assert!(k.gather > 0, "the output is still gathered");
+            }
+            assert_eq!(s.stale_reads as usize, frozen, "rank {r} step {}", s.step);
+        }
+        // The frozen context is that of the last warm-up step.
+        assert_eq!(rep.min_stale_age, 1);
+        assert_eq!(rep.max_stale_age as usize, steps - warmup);
+        let e_none = pcpp_tests::rel_err(&o.latent, &want);
+        let e_async = pcpp_tests::rel_err(&asynch[r].latent, &want);
+        assert!(e_none > 0.0 && e_none < 0.5, "no-sync error {e_none}");
+        assert!(o.latent.max_abs_diff(&asynch[r].latent).unwrap() > 0.0);
+        assert!(
+            e_async < e_none,
+            "async {e_async:.3e} vs no sync {e_none:.3e}"
+        );
+    }
 }

@@ -133,6 +133,8 @@ pub struct GenerateArgs {
     /// Keep both CFG branches on every rank instead of splitting the ranks into two groups.
     #[arg(long)]
     pub no_cfg_split: bool,
+    #[command(flatten)]
+    pub modes: crate::mode_flags::ModeFlags,
     /// Write a JSON report (per-step time, bytes by layer kind, waits) to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -318,7 +320,7 @@ fn parameters_text(a: &GenerateArgs, p: &Plan) -> String {
 }
 
 /// The parallel configuration the flags ask for.
-fn parallel_config(a: &GenerateArgs, portions: &[f64]) -> ParallelConfig {
+fn parallel_config(a: &GenerateArgs, portions: &[f64]) -> Result<ParallelConfig> {
     let mut cfg = match a.parallel {
         ParallelMode::Pcpp => ParallelConfig::pcpp(portions[0]),
         ParallelMode::DistriFusion => ParallelConfig::distrifusion(),
@@ -331,7 +333,8 @@ fn parallel_config(a: &GenerateArgs, portions: &[f64]) -> ParallelConfig {
     if matches!(a.parallel, ParallelMode::Pcpp | ParallelMode::DistriFusion) {
         cfg.warmup_steps = a.warmup_steps.unwrap_or(4).min(a.steps);
     }
-    cfg
+    a.modes.apply(&mut cfg)?;
+    Ok(cfg)
 }
 
 /// Tensors packed for a broadcast: per tensor its rank, dims and f32 data, little-endian.
@@ -502,7 +505,7 @@ fn model_fingerprint(model: &Path) -> Vec<u8> {
 /// Runs the command.
 pub fn run(a: GenerateArgs) -> Result<()> {
     let plan = validate(&a)?;
-    let pcfg = parallel_config(&a, &plan.portions);
+    let pcfg = parallel_config(&a, &plan.portions)?;
     pcfg.validate()?;
     let t0 = Instant::now();
     let env = launch::LaunchEnv::from_env()?;

@@ -9,6 +9,7 @@
 mod bench;
 mod compare;
 mod generate;
+mod mode_flags;
 mod output;
 mod plan_cmd;
 mod unet_cmd;

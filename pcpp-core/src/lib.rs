@@ -27,4 +27,4 @@ pub use layers::{
 pub use patch::PatchRuntime;
 pub use plan::{plan, Inventory, LayerKind, LayerSpec, Plan, PlanSetup, RankPlan};
 pub use report::{KindBytes, RunReport, StepReport, Traffic};
-pub use schedule::{GnMode, ParallelConfig, ParallelMode};
+pub use schedule::{GnMode, ParallelConfig, ParallelMode, SplitScheme, SyncMode};

@@ -33,7 +33,7 @@ use crate::layers::{
 };
 use crate::plan::{band_tokens, kv_recvs, kv_sends, GN_STATS_PER_GROUP, GN_STAT_BYTES};
 use crate::report::{ByteCounters, RunReport, StepReport, Traffic};
-use crate::schedule::{GnMode, ParallelConfig, ParallelMode};
+use crate::schedule::{GnMode, ParallelConfig, ParallelMode, SyncMode};
 
 /// Tag of the output gather on the world transport.
 const GATHER_TAG: u32 = 0;
@@ -178,6 +178,12 @@ impl Shared {
         recvs: Vec<(usize, usize)>,
         local: Vec<u8>,
     ) -> Result<(Vec<Vec<u8>>, Vec<u8>)> {
+        if self.cfg.sync_mode == SyncMode::None {
+            // No exchange after the warm-up: the last warm-up step's context, frozen.
+            return self
+                .cache
+                .read_frozen(slot, self.cfg.last_warmup_step(), ctx.step);
+        }
         let pending = self.post(id, slot.kind, slot.index, sends, recvs, false)?;
         self.cache.publish(slot, ctx.step, || {
             Ok(Entry::InFlight {
@@ -401,6 +407,8 @@ impl PatchRuntime {
             portion: sh.cfg.portion.clone(),
             gn_mode: sh.cfg.gn_mode,
             warmup_steps: sh.cfg.warmup_steps,
+            sync_mode: sh.cfg.sync_mode,
+            split_scheme: sh.cfg.split_scheme,
             steps,
             total,
             min_stale_age: ages.0,
@@ -711,7 +719,7 @@ impl GroupNormLayer for PatchGroupNorm {
         let level = sh.level(id, rows, w)?;
         let g = self.groups;
         let local = x.group_stats(g).at(id)?;
-        let mode = sh.cfg.gn_mode;
+        let mode = sh.cfg.stale_gn_mode();
         let apply = |s: &GroupStats| {
             x.group_norm_with_stats(
                 s,

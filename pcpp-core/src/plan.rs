@@ -10,7 +10,7 @@ use crate::geometry::{window_part, BandPlan, HaloPlan};
 use crate::grid::ProcessGrid;
 use crate::layers::{CoreError, Result};
 use crate::report::Traffic;
-use crate::schedule::{GnMode, ParallelConfig, ParallelMode};
+use crate::schedule::{GnMode, ParallelConfig, ParallelMode, SplitScheme, SyncMode};
 use pcpp_comm::CommKind;
 
 /// Bytes of one group-norm statistic on the wire: statistics always travel as f32.
@@ -142,6 +142,10 @@ pub struct Plan {
     pub portion: Vec<f64>,
     pub gn_mode: GnMode,
     pub warmup_steps: usize,
+    #[serde(default)]
+    pub sync_mode: SyncMode,
+    #[serde(default)]
+    pub split_scheme: SplitScheme,
     pub setup: Option<PlanSetup>,
     /// Ranks sharing each CFG branch.
     pub group_sizes: Vec<usize>,
@@ -207,6 +211,10 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
         .collect::<Result<Vec<_>>>()?;
     let (b, e) = (setup.batch as u64, setup.elem_size as u64);
     let communicates = cfg.communicates() && !serial;
+    // What a steady step does: exchange stale context (async), everything synchronous (full), or
+    // nothing but the gather, reading the frozen warm-up context (none).
+    let sync_mode = cfg.sync_mode;
+    let stale_gn = cfg.stale_gn_mode();
     let mut ranks = Vec::with_capacity(setup.world_size);
     for g in &grids {
         let bp = &plans[if serial { 0 } else { g.group }];
@@ -247,11 +255,20 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
                             .chain(&hp.recv_below)
                             .map(|&(_, n)| n as u64 * row)
                             .sum();
-                        for t in [&mut warm, &mut steady] {
-                            t.sent.add(CommKind::Halo, sent);
-                            t.recvd.add(CommKind::Halo, recvd);
+                        warm.sent.add(CommKind::Halo, sent);
+                        warm.recvd.add(CommKind::Halo, recvd);
+                        match sync_mode {
+                            SyncMode::Async => {
+                                steady.sent.add(CommKind::Halo, sent);
+                                steady.recvd.add(CommKind::Halo, recvd);
+                                rp.cache_bytes += 2 * recvd;
+                            }
+                            SyncMode::Full => {
+                                steady.sent.add(CommKind::Halo, sent);
+                                steady.recvd.add(CommKind::Halo, recvd);
+                            }
+                            SyncMode::None => rp.cache_bytes += recvd,
                         }
-                        rp.cache_bytes += 2 * recvd;
                     }
                 }
                 LayerKind::GroupNorm { groups } => {
@@ -260,11 +277,11 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
                         let m = gn_message_bytes(setup.batch, groups) as u64;
                         warm.sent.add(CommKind::GroupNorm, peers * m);
                         warm.recvd.add(CommKind::GroupNorm, peers * m);
-                        if cfg.gn_mode != GnMode::Separate {
+                        if stale_gn != GnMode::Separate {
                             steady.sent.add(CommKind::GroupNorm, peers * m);
                             steady.recvd.add(CommKind::GroupNorm, peers * m);
                         }
-                        if matches!(cfg.gn_mode, GnMode::Stale | GnMode::Corrected) {
+                        if matches!(stale_gn, GnMode::Stale | GnMode::Corrected) {
                             rp.cache_bytes += 2 * (peers * m + m);
                         }
                     }
@@ -292,10 +309,28 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
                             .iter()
                             .map(|(_, r)| r.len() as u64 * per_tok)
                             .sum();
-                        steady.sent.add(CommKind::Attention, sent);
-                        steady.recvd.add(CommKind::Attention, recvd);
-                        rp.cache_bytes += 2 * recvd;
-                        rp.largest_kv_window_bytes = rp.largest_kv_window_bytes.max(own + recvd);
+                        match sync_mode {
+                            SyncMode::Async => {
+                                steady.sent.add(CommKind::Attention, sent);
+                                steady.recvd.add(CommKind::Attention, recvd);
+                                rp.cache_bytes += 2 * recvd;
+                                rp.largest_kv_window_bytes =
+                                    rp.largest_kv_window_bytes.max(own + recvd);
+                            }
+                            SyncMode::Full => {
+                                steady
+                                    .sent
+                                    .add(CommKind::Attention, (bp.ranks() - 1) as u64 * own);
+                                steady.recvd.add(CommKind::Attention, others);
+                                rp.largest_kv_window_bytes =
+                                    rp.largest_kv_window_bytes.max(own + others);
+                            }
+                            SyncMode::None => {
+                                rp.cache_bytes += recvd;
+                                rp.largest_kv_window_bytes =
+                                    rp.largest_kv_window_bytes.max(own + recvd);
+                            }
+                        }
                     } else {
                         rp.largest_kv_window_bytes = rp.largest_kv_window_bytes.max(own);
                     }
@@ -332,6 +367,8 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
         portion: cfg.portion.clone(),
         gn_mode: cfg.gn_mode,
         warmup_steps: cfg.warmup_steps,
+        sync_mode: cfg.sync_mode,
+        split_scheme: cfg.split_scheme,
         setup: Some(*setup),
         group_sizes,
         bytes_per_step: mean(&|r| r.steady.recvd.total()),
@@ -348,7 +385,11 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
 /// Bytes per kind summed over `steps` steps of a generation with this plan for `rank`.
 pub fn generation_traffic(plan: &Plan, rank: usize, steps: usize) -> Traffic {
     let rp = &plan.ranks[rank];
-    let sync = steps.min(plan.warmup_steps.max(1));
+    let sync = if plan.sync_mode == SyncMode::Full {
+        steps
+    } else {
+        steps.min(plan.warmup_steps.max(1))
+    };
     let mut t = Traffic::default();
     for _ in 0..sync {
         t = t.plus(&rp.warmup);

@@ -178,6 +178,12 @@ pub struct RunReport {
     pub gn_mode: crate::GnMode,
     /// Synchronous steps at the start.
     pub warmup_steps: usize,
+    /// What happens after the warm-up.
+    #[serde(default)]
+    pub sync_mode: crate::SyncMode,
+    /// How `naive-patch` cuts the image.
+    #[serde(default)]
+    pub split_scheme: crate::SplitScheme,
     /// Per step.
     pub steps: Vec<StepReport>,
     /// Sum over steps.
