@@ -94,7 +94,10 @@ fn latents(p: &Path) -> pcpp_kernels::Tensor {
 fn assert_report_is_plan(what: &str, r: &serde_json::Value, p: &serde_json::Value) {
     for (rank, rep) in r["per_rank"].as_array().unwrap().iter().enumerate() {
         for s in rep["steps"].as_array().unwrap() {
-            let which = if s["sync"].as_bool().unwrap() {
+            let odd = s["step"].as_u64().unwrap() % 2 == 1;
+            let which = if odd && !p["ranks"][rank]["odd_steps"].is_null() {
+                "odd_steps"
+            } else if s["sync"].as_bool().unwrap() {
                 "warmup"
             } else {
                 "steady"
@@ -159,6 +162,39 @@ fn every_gn_mode_moves_the_planned_bytes() {
         assert_report_is_plan(gn, &r, &p);
         assert_eq!(r["per_rank"][0]["gn_mode"], gn);
     }
+}
+
+#[test]
+fn naive_patch_split_schemes_differ_and_move_the_planned_bytes() {
+    let mut outs = Vec::new();
+    for scheme in ["rows", "cols", "alternate"] {
+        let flags = [
+            "--ranks",
+            "3",
+            "--no-cfg-split",
+            "--parallel",
+            "naive-patch",
+            "--split-scheme",
+            scheme,
+        ];
+        let (lat, r) = generate(&format!("split-{scheme}"), &flags);
+        let p = plan(&flags);
+        assert_report_is_plan(scheme, &r, &p);
+        assert_eq!(r["per_rank"][0]["split_scheme"], scheme);
+        outs.push(latents(&lat));
+    }
+    assert!(
+        outs[0].max_abs_diff(&outs[1]).unwrap() > 0.0,
+        "cols vs rows"
+    );
+    assert!(
+        outs[0].max_abs_diff(&outs[2]).unwrap() > 0.0,
+        "alternate vs rows"
+    );
+    assert!(
+        outs[1].max_abs_diff(&outs[2]).unwrap() > 0.0,
+        "alternate vs cols"
+    );
 }
 
 #[test]

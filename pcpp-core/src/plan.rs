@@ -132,6 +132,10 @@ pub struct RankPlan {
     pub largest_activation_bytes: u64,
     /// The largest K/V that one self-attention layer attends over in a steady step.
     pub largest_kv_window_bytes: u64,
+    /// Bytes of odd steps when they differ from the others (naive patch with the `alternate`
+    /// split scheme cuts columns on odd steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub odd_steps: Option<Traffic>,
 }
 
 /// The plan of a whole run.
@@ -209,6 +213,17 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
     let grids = (0..setup.world_size)
         .map(|r| ProcessGrid::new(r, setup.world_size, cfg_split))
         .collect::<Result<Vec<_>>>()?;
+    // Naive patch may cut columns: always (`cols`) or on odd steps (`alternate`).
+    let split = if !serial && cfg.mode == ParallelMode::NaivePatch {
+        cfg.split_scheme
+    } else {
+        SplitScheme::Rows
+    };
+    let cplans = if split == SplitScheme::Rows {
+        Vec::new()
+    } else {
+        crate::patch::column_plans(&group_sizes, setup.height, setup.width, inv.levels)?
+    };
     let (b, e) = (setup.batch as u64, setup.elem_size as u64);
     let communicates = cfg.communicates() && !serial;
     // What a steady step does: exchange stale context (async), everything synchronous (full), or
@@ -219,6 +234,7 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
     for g in &grids {
         let bp = &plans[if serial { 0 } else { g.group }];
         let me = if serial { 0 } else { g.patch() };
+        let mut odd_total = Traffic::default();
         let mut rp = RankPlan {
             world_rank: g.world_rank,
             group: g.group,
@@ -238,6 +254,7 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
             let rows_me = bp.band(l.level, me).len() as u64;
             rp.largest_activation_bytes = rp.largest_activation_bytes.max(b * c * rows_me * wl * e);
             let (mut warm, mut steady) = (Traffic::default(), Traffic::default());
+            let mut odd = None;
             match l.kind {
                 LayerKind::InputConv { .. } => {}
                 LayerKind::Conv {
@@ -337,26 +354,45 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
                 }
                 LayerKind::Gather => {
                     if !serial {
-                        let rows_of = |r: usize| -> u64 {
-                            let gr = &grids[r];
-                            plans[gr.group].band(l.level, gr.patch()).len() as u64
+                        // Bytes of the gather when bands are rows (or columns) of the image.
+                        let gather = |cols: bool| -> Traffic {
+                            let (plans, line) = if cols {
+                                (&cplans, b * c * bp.height_at(l.level) as u64 * e)
+                            } else {
+                                (&plans, b * c * wl * e)
+                            };
+                            let len_of = |r: usize| -> u64 {
+                                let gr = &grids[r];
+                                plans[gr.group].band(l.level, gr.patch()).len() as u64
+                            };
+                            let others = grids.len() as u64 - 1;
+                            let mut t = Traffic::default();
+                            t.sent
+                                .add(CommKind::Gather, others * len_of(g.world_rank) * line);
+                            t.recvd.add(
+                                CommKind::Gather,
+                                (0..grids.len())
+                                    .filter(|&r| r != g.world_rank)
+                                    .map(|r| len_of(r) * line)
+                                    .sum(),
+                            );
+                            t
                         };
-                        let row = b * c * wl * e;
-                        let others = grids.len() as u64 - 1;
-                        let sent = others * rows_me * row;
-                        let recvd: u64 = (0..grids.len())
-                            .filter(|&r| r != g.world_rank)
-                            .map(|r| rows_of(r) * row)
-                            .sum();
-                        for t in [&mut warm, &mut steady] {
-                            t.sent.add(CommKind::Gather, sent);
-                            t.recvd.add(CommKind::Gather, recvd);
+                        let first = gather(split == SplitScheme::Cols);
+                        warm = warm.plus(&first);
+                        steady = steady.plus(&first);
+                        if split == SplitScheme::Alternate {
+                            odd = Some(gather(true));
                         }
                     }
                 }
             }
+            odd_total = odd_total.plus(odd.as_ref().unwrap_or(&steady));
             rp.warmup = rp.warmup.plus(&warm);
             rp.steady = rp.steady.plus(&steady);
+        }
+        if split == SplitScheme::Alternate {
+            rp.odd_steps = Some(odd_total);
         }
         ranks.push(rp);
     }
@@ -382,20 +418,20 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
     })
 }
 
+/// Bytes per kind that `rank` moves at step `step` under this plan.
+pub fn step_traffic(plan: &Plan, rank: usize, step: usize) -> Traffic {
+    let rp = &plan.ranks[rank];
+    let sync = plan.sync_mode == SyncMode::Full || step < plan.warmup_steps.max(1);
+    match (&rp.odd_steps, step % 2 == 1) {
+        (Some(odd), true) => *odd,
+        _ if sync => rp.warmup,
+        _ => rp.steady,
+    }
+}
+
 /// Bytes per kind summed over `steps` steps of a generation with this plan for `rank`.
 pub fn generation_traffic(plan: &Plan, rank: usize, steps: usize) -> Traffic {
-    let rp = &plan.ranks[rank];
-    let sync = if plan.sync_mode == SyncMode::Full {
-        steps
-    } else {
-        steps.min(plan.warmup_steps.max(1))
-    };
-    let mut t = Traffic::default();
-    for _ in 0..sync {
-        t = t.plus(&rp.warmup);
-    }
-    for _ in sync..steps {
-        t = t.plus(&rp.steady);
-    }
-    t
+    (0..steps).fold(Traffic::default(), |t, s| {
+        t.plus(&step_traffic(plan, rank, s))
+    })
 }
