@@ -77,14 +77,14 @@ impl From<SchedulerArg> for SchedulerKind {
 }
 
 /// Arguments of `pcpp-cli generate`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct GenerateArgs {
     /// Diffusers SDXL pipeline folder (default: the tiny random-weight model in the repository).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// The prompt.
-    #[arg(long)]
-    pub prompt: String,
+    #[arg(long, required_unless_present = "prompts", conflicts_with = "prompts")]
+    pub prompt: Option<String>,
     /// Negative prompt (empty = none: zero conditioning, as SDXL).
     #[arg(long)]
     pub negative_prompt: Option<String>,
@@ -113,8 +113,10 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub save_latents: Option<PathBuf>,
     /// Output PNG.
-    #[arg(long)]
-    pub output: PathBuf,
+    #[arg(long, required_unless_present = "prompts", conflicts_with = "prompts")]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub batch: crate::batch::BatchFlags,
     /// How ranks talk to each other.
     #[arg(long, value_enum, default_value = "local")]
     pub transport: TransportArg,
@@ -215,7 +217,7 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
         }
         bail!("--model {}: folder not found", model.display());
     }
-    if a.prompt.trim().is_empty() {
+    if a.prompt().trim().is_empty() {
         bail!("--prompt is empty");
     }
     if a.steps == 0 {
@@ -245,9 +247,9 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
         Some(s) => s.into(),
         None => index.default_scheduler().unwrap_or(SchedulerKind::Euler),
     };
-    output::check_writable(&a.output, "--output")?;
-    if a.output.extension().map(|e| e.to_ascii_lowercase()) != Some("png".into()) {
-        bail!("--output {}: must end in .png", a.output.display());
+    output::check_writable(a.output(), "--output")?;
+    if a.output().extension().map(|e| e.to_ascii_lowercase()) != Some("png".into()) {
+        bail!("--output {}: must end in .png", a.output().display());
     }
     if let Some(p) = &a.save_latents {
         output::check_writable(p, "--save-latents")?;
@@ -294,7 +296,7 @@ fn progress_bar(steps: usize) -> ProgressBar {
 }
 
 fn parameters_text(a: &GenerateArgs, p: &Plan) -> String {
-    let mut s = a.prompt.clone();
+    let mut s = a.prompt().to_string();
     if let Some(n) = a.negative_prompt.as_deref().filter(|n| !n.is_empty()) {
         s.push_str(&format!("\nNegative prompt: {n}"));
     }
@@ -427,7 +429,7 @@ fn run_rank(
     let mut msg = Vec::new();
     if rank == 0 {
         let text = TextEncoders::load(&plan.model, DType::F32)?;
-        let e = text.encode(&a.prompt, a.negative_prompt.as_deref(), params.cfg())?;
+        let e = text.encode(a.prompt(), a.negative_prompt.as_deref(), params.cfg())?;
         if e.truncated {
             eprintln!("warning: the prompt is longer than 77 tokens and was truncated");
         }
@@ -504,6 +506,9 @@ fn model_fingerprint(model: &Path) -> Vec<u8> {
 
 /// Runs the command.
 pub fn run(a: GenerateArgs) -> Result<()> {
+    if a.batch.prompts.is_some() {
+        return crate::batch::run(a);
+    }
     let plan = validate(&a)?;
     let pcfg = parallel_config(&a, &plan.portions)?;
     pcfg.validate()?;
@@ -569,7 +574,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     finish(&a, &plan, &vae, &res.latents)?;
     eprintln!(
         "wrote {} in {:.2} s",
-        a.output.display(),
+        a.output().display(),
         t0.elapsed().as_secs_f64()
     );
     Ok(())
@@ -585,7 +590,7 @@ fn finish(a: &GenerateArgs, plan: &Plan, vae: &VaeDecoder, latents: &Tensor) -> 
     let (h, w) = (img.shape()[2], img.shape()[3]);
     let rgb = to_rgb8(&img)?;
     output::write_png(
-        &a.output,
+        a.output(),
         &rgb[0],
         w,
         h,
