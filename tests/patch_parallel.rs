@@ -124,6 +124,7 @@ fn run_ranks(
             CommKind::GroupNorm,
             CommKind::Attention,
             CommKind::Gather,
+            CommKind::Other,
         ] {
             let (s, r) = stats.bytes(k);
             transport.sent.add(k, s);
@@ -557,4 +558,49 @@ fn naive_patch_split_schemes_cut_rows_columns_or_alternate() {
     })
     .expect_err("5 column bands of 4 coarse columns");
     assert!(err.to_string().contains("band would be empty"), "{err}");
+}
+
+#[test]
+fn tensor_parallel_equals_serial_and_moves_the_planned_bytes() {
+    let steps = 2;
+    let want = serial_latent(steps);
+    let inv = unet_inventory(&tiny_config());
+    // 2 ranks without CFG split and 4 ranks with it: tensor parallelism over groups of 2 (the
+    // tiny model's first blocks have 2 channels, so a group of 4 cannot split them, below).
+    for (n, split) in [(2, false), (2, true), (4, true)] {
+        {
+            let cfg = ParallelConfig::tensor();
+            let outs = run_ranks(n, split, &cfg, steps).expect("ranks");
+            let setup = PlanSetup {
+                height: H,
+                width: W,
+                world_size: n,
+                cfg_split: split,
+                batch: if split { 1 } else { 2 },
+                elem_size: 4,
+            };
+            let p = plan(&inv, &setup, &cfg).expect("plan");
+            for (r, o) in outs.iter().enumerate() {
+                let what = format!("tensor, {n} ranks, cfg split {split}, rank {r}");
+                assert_close(&what, &o.latent, &want, TOL_RANKS);
+                assert!(o.slots.is_empty(), "{what}: no stale slots");
+                for s in &o.report.steps {
+                    assert_eq!(
+                        s.traffic,
+                        step_traffic(&p, r, s.step),
+                        "{what} step {}",
+                        s.step
+                    );
+                    let t = &s.traffic.sent;
+                    assert_eq!((t.halo, t.group_norm, t.attention), (0, 0, 0), "{what}");
+                    assert_eq!(t.all_reduce > 0, o.report.group_size > 1, "{what}");
+                }
+                assert_eq!(o.transport, o.report.total, "{what}: transport counters");
+            }
+        }
+    }
+    let Err(err) = run_ranks(4, false, &ParallelConfig::tensor(), 1) else {
+        panic!("a 4-way split of 2 channels must fail");
+    };
+    assert!(err.contains("needs at least 4 channels"), "{err}");
 }

@@ -123,7 +123,7 @@ pub struct GenerateArgs {
     /// Number of ranks (with `--transport local`).
     #[arg(long, default_value_t = 1)]
     pub ranks: usize,
-    /// Parallel scheme: pcpp, distrifusion, naive-patch or serial.
+    /// Parallel scheme: pcpp, distrifusion, naive-patch, tensor or serial.
     #[arg(long, default_value = "pcpp")]
     pub parallel: ParallelMode,
     /// PCPP portion: one value, or one per resolution level separated by commas.
@@ -327,6 +327,7 @@ fn parallel_config(a: &GenerateArgs, portions: &[f64]) -> Result<ParallelConfig>
         ParallelMode::Pcpp => ParallelConfig::pcpp(portions[0]),
         ParallelMode::DistriFusion => ParallelConfig::distrifusion(),
         ParallelMode::NaivePatch => ParallelConfig::naive_patch(),
+        ParallelMode::Tensor => ParallelConfig::tensor(),
         ParallelMode::Serial => ParallelConfig::serial(),
     };
     if a.parallel == ParallelMode::Pcpp {

@@ -94,6 +94,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
         ParallelMode::Pcpp => ParallelConfig::pcpp(portions[0]),
         ParallelMode::DistriFusion => ParallelConfig::distrifusion(),
         ParallelMode::NaivePatch => ParallelConfig::naive_patch(),
+        ParallelMode::Tensor => ParallelConfig::tensor(),
         ParallelMode::Serial => ParallelConfig::serial(),
     };
     if a.parallel == ParallelMode::Pcpp {

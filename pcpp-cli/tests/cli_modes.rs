@@ -198,6 +198,26 @@ fn naive_patch_split_schemes_differ_and_move_the_planned_bytes() {
 }
 
 #[test]
+fn tensor_parallel_equals_serial_and_moves_the_planned_bytes() {
+    let (serial, _) = generate("tp-serial", &[]);
+    let serial = latents(&serial);
+    for flags in [
+        &["--ranks", "2", "--no-cfg-split", "--parallel", "tensor"][..],
+        &["--ranks", "4", "--parallel", "tensor"][..],
+    ] {
+        let (lat, r) = generate(&format!("tp-{}", flags[1]), flags);
+        let e = latents(&lat).max_abs_diff(&serial).unwrap() / serial.max_abs().unwrap();
+        assert!(e <= 1e-5, "{flags:?}: rel err {e:.3e}");
+        let p = plan(flags);
+        assert_report_is_plan("tensor", &r, &p);
+        let ar = p["ranks"][0]["steady"]["recvd"]["all_reduce"]
+            .as_u64()
+            .unwrap();
+        assert!(ar > 0, "{flags:?}: plan has all-reduce bytes");
+    }
+}
+
+#[test]
 fn flags_that_do_not_apply_are_errors() {
     for (flags, needle) in [
         (

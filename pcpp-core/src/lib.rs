@@ -16,12 +16,14 @@ pub mod patch;
 pub mod plan;
 pub mod report;
 pub mod schedule;
+pub mod tensor;
 
 pub use cache::{CacheCounters, StaleCache};
 pub use geometry::{window_part, BandPlan, HaloPlan};
 pub use grid::ProcessGrid;
 pub use layers::{
-    AttentionWeights, Conv2dLayer, CoreError, GatherLayer, GroupNormLayer, LayerFactory, Result,
+    AttentionWeights, Conv2dLayer, ConvWeights, CoreError, FeedForwardLayer, FeedForwardWeights,
+    GatherLayer, GroupNormLayer, LayerFactory, ResnetCoreLayer, ResnetCoreWeights, Result,
     SelfAttentionLayer, SerialDriver, SerialFactory, StepCtx, StepDriver,
 };
 pub use patch::PatchRuntime;

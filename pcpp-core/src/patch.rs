@@ -14,6 +14,8 @@
 //!   all bands' fresh K/V (exact);
 //! - output gather: every rank gets every band, CFG branches stacked `[uncond; cond]` (§1.4).
 //!
+//! With [`ParallelMode::Tensor`] it builds the tensor-parallel layers of [`crate::tensor`] instead.
+//!
 //! Stale data of step `t` is posted right after it is produced and waited for only when the same
 //! layer needs it at step `t + 1` (§7.4), through the double-buffered [`StaleCache`] (§7.1).
 //! Bytes are counted per kind when an exchange is posted.
@@ -28,8 +30,10 @@ use crate::cache::{CacheCounters, Entry, Slot, StaleCache};
 use crate::geometry::{BandPlan, HaloPlan};
 use crate::grid::ProcessGrid;
 use crate::layers::{
-    AttentionWeights, Conv2dLayer, CoreError, GatherLayer, GroupNormLayer, LayerContext,
-    LayerFactory, Result, SelfAttentionLayer, SerialFactory, StepCtx, StepDriver,
+    composed_resnet_core, whole_feed_forward, AttentionWeights, Conv2dLayer, CoreError,
+    FeedForwardLayer, FeedForwardWeights, GatherLayer, GroupNormLayer, LayerContext, LayerFactory,
+    ResnetCoreLayer, ResnetCoreWeights, Result, SelfAttentionLayer, SerialFactory, StepCtx,
+    StepDriver,
 };
 use crate::plan::{band_tokens, kv_recvs, kv_sends, GN_STATS_PER_GROUP, GN_STAT_BYTES};
 use crate::report::{ByteCounters, RunReport, StepReport, Traffic};
@@ -54,11 +58,11 @@ struct ReportState {
 }
 
 /// State shared by the runtime and every layer it built.
-struct Shared {
+pub(crate) struct Shared {
     world: Arc<dyn Transport>,
-    group: Arc<dyn Transport>,
-    grid: ProcessGrid,
-    grids: Vec<ProcessGrid>,
+    pub(crate) group: Arc<dyn Transport>,
+    pub(crate) grid: ProcessGrid,
+    pub(crate) grids: Vec<ProcessGrid>,
     cfg: ParallelConfig,
     plans: Vec<BandPlan>,
     /// Column bands (a band plan of the transposed image), for naive patch cutting columns.
@@ -151,8 +155,13 @@ impl Shared {
             })
     }
 
+    /// Whether layers are tensor parallel.
+    fn tensor(&self) -> bool {
+        !self.serial && self.cfg.mode == ParallelMode::Tensor
+    }
+
     /// Posts an exchange on the group (or world) transport and counts its bytes.
-    fn post(
+    pub(crate) fn post(
         &self,
         id: &str,
         kind: CommKind,
@@ -172,7 +181,7 @@ impl Shared {
             .map_err(|e| self.comm_err(id, e))
     }
 
-    fn wait(&self, id: &str, p: Pending) -> Result<Vec<Vec<u8>>> {
+    pub(crate) fn wait(&self, id: &str, p: Pending) -> Result<Vec<Vec<u8>>> {
         p.wait().map_err(|e| self.comm_err(id, e))
     }
 
@@ -344,9 +353,11 @@ impl PatchRuntime {
         } else {
             ProcessGrid::group_sizes(size, grid.groups)
         };
+        // Tensor parallelism keeps the whole image on every rank: one band.
+        let tensor = cfg.mode == ParallelMode::Tensor;
         let plans = group_sizes
             .iter()
-            .map(|&n| BandPlan::new(height, width, levels, n))
+            .map(|&n| BandPlan::new(height, width, levels, if tensor { 1 } else { n }))
             .collect::<Result<Vec<_>>>()?;
         let cplans = if !serial
             && cfg.mode == ParallelMode::NaivePatch
@@ -1072,7 +1083,7 @@ impl LayerFactory for PatchRuntime {
         padding: usize,
     ) -> Result<Arc<dyn Conv2dLayer>> {
         let k = weight.shape().get(2).copied().unwrap_or(1);
-        if self.sh.serial || (k == 1 && padding == 0) {
+        if self.sh.serial || self.sh.tensor() || (k == 1 && padding == 0) {
             return Ok(Arc::new(LocalConv {
                 id: id.to_string(),
                 weight,
@@ -1103,7 +1114,7 @@ impl LayerFactory for PatchRuntime {
         bias: Option<Tensor>,
         padding: usize,
     ) -> Result<Arc<dyn Conv2dLayer>> {
-        if self.sh.serial {
+        if self.sh.serial || self.sh.tensor() {
             return SerialFactory.input_conv2d(id, weight, bias, padding);
         }
         Ok(Arc::new(InputConv {
@@ -1123,7 +1134,7 @@ impl LayerFactory for PatchRuntime {
         gamma: Option<Tensor>,
         beta: Option<Tensor>,
     ) -> Result<Arc<dyn GroupNormLayer>> {
-        if self.sh.serial {
+        if self.sh.serial || self.sh.tensor() {
             return SerialFactory.group_norm(id, groups, eps, gamma, beta);
         }
         let slot = if self.sh.communicates() {
@@ -1150,6 +1161,9 @@ impl LayerFactory for PatchRuntime {
         if self.sh.serial {
             return SerialFactory.self_attention(id, weights);
         }
+        if self.sh.tensor() {
+            return crate::tensor::attention(self.sh.clone(), id, weights);
+        }
         let slot = if self.sh.communicates() {
             Some(self.register(id, CommKind::Attention)?)
         } else {
@@ -1167,10 +1181,31 @@ impl LayerFactory for PatchRuntime {
         if self.sh.serial {
             return SerialFactory.gather(id);
         }
+        if self.sh.tensor() {
+            return Ok(crate::tensor::gather(self.sh.clone(), id));
+        }
         Ok(Arc::new(PatchGather {
             id: id.to_string(),
             sh: self.sh.clone(),
         }))
+    }
+
+    fn feed_forward(
+        &self,
+        id: &str,
+        weights: FeedForwardWeights,
+    ) -> Result<Arc<dyn FeedForwardLayer>> {
+        if self.sh.tensor() {
+            return crate::tensor::feed_forward(self.sh.clone(), id, weights);
+        }
+        Ok(whole_feed_forward(id, weights))
+    }
+
+    fn resnet_core(&self, id: &str, w: ResnetCoreWeights) -> Result<Arc<dyn ResnetCoreLayer>> {
+        if self.sh.tensor() {
+            return crate::tensor::resnet_core(self.sh.clone(), id, w);
+        }
+        composed_resnet_core(self, id, w)
     }
 }
 

@@ -51,6 +51,14 @@ pub enum LayerKind {
     },
     /// Gather of the output bands.
     Gather,
+    /// A feed-forward (per token; split by tensor parallelism). `channels` is the token width.
+    FeedForward,
+    /// The core of a ResNet block (conv1, norm2, conv2; split by tensor parallelism).
+    /// `channels` is its output channels.
+    ResnetCore {
+        /// Groups of its group norm.
+        groups: usize,
+    },
 }
 
 /// One layer that couples rows.
@@ -231,6 +239,14 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
     let sync_mode = cfg.sync_mode;
     let stale_gn = cfg.stale_gn_mode();
     let mut ranks = Vec::with_capacity(setup.world_size);
+    if cfg.mode == ParallelMode::Tensor && !serial {
+        return Ok(finish(
+            cfg,
+            setup,
+            group_sizes,
+            tensor_ranks(inv, setup, &grids)?,
+        ));
+    }
     for g in &grids {
         let bp = &plans[if serial { 0 } else { g.group }];
         let me = if serial { 0 } else { g.patch() };
@@ -256,7 +272,9 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
             let (mut warm, mut steady) = (Traffic::default(), Traffic::default());
             let mut odd = None;
             match l.kind {
-                LayerKind::InputConv { .. } => {}
+                LayerKind::InputConv { .. }
+                | LayerKind::FeedForward
+                | LayerKind::ResnetCore { .. } => {}
                 LayerKind::Conv {
                     kernel,
                     stride,
@@ -396,9 +414,18 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
         }
         ranks.push(rp);
     }
+    Ok(finish(cfg, setup, group_sizes, ranks))
+}
+
+fn finish(
+    cfg: &ParallelConfig,
+    setup: &PlanSetup,
+    group_sizes: Vec<usize>,
+    ranks: Vec<RankPlan>,
+) -> Plan {
     let n = ranks.len().max(1) as f64;
     let mean = |f: &dyn Fn(&RankPlan) -> u64| ranks.iter().map(f).sum::<u64>() as f64 / n;
-    Ok(Plan {
+    Plan {
         mode: cfg.mode,
         portion: cfg.portion.clone(),
         gn_mode: cfg.gn_mode,
@@ -415,7 +442,70 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
             .max()
             .unwrap_or(0),
         ranks,
-    })
+    }
+}
+
+/// Tensor parallelism: every step moves the same bytes. Each self-attention, feed-forward and
+/// ResNet core all-reduces its whole output (`b·tokens·C` or `b·C·H·W` values) over the group,
+/// and each ResNet core also its norm2 statistics (`2·b·G` f32 values);
+/// with CFG split, each group's first rank sends its output to every rank of the other group.
+fn tensor_ranks(
+    inv: &Inventory,
+    setup: &PlanSetup,
+    grids: &[ProcessGrid],
+) -> Result<Vec<RankPlan>> {
+    let (b, e) = (setup.batch as u64, setup.elem_size as u64);
+    let mut ranks = Vec::with_capacity(grids.len());
+    for g in grids {
+        let (n, me) = (g.group_size, g.patch());
+        let mut t = Traffic::default();
+        let mut largest = 0u64;
+        for l in &inv.layers {
+            if l.level > inv.levels {
+                return Err(CoreError::Config(format!(
+                    "inventory layer `{}` is at level {} but the model has {} levels",
+                    l.id, l.level, inv.levels
+                )));
+            }
+            let px = ((setup.height >> l.level) * (setup.width >> l.level)) as u64;
+            let m = b * l.channels as u64 * px;
+            largest = largest.max(m * e);
+            match l.kind {
+                LayerKind::SelfAttention { .. } | LayerKind::FeedForward => {
+                    let v = crate::tensor::all_reduce_elems(m as usize, n, me) as u64 * e;
+                    t.sent.add(CommKind::Other, v);
+                    t.recvd.add(CommKind::Other, v);
+                }
+                LayerKind::ResnetCore { groups } => {
+                    // The output, and the norm2 statistics (always f32).
+                    let stats = setup.batch * groups * 2;
+                    let v = crate::tensor::all_reduce_elems(m as usize, n, me) as u64 * e
+                        + crate::tensor::all_reduce_elems(stats, n, me) as u64 * 4;
+                    t.sent.add(CommKind::Other, v);
+                    t.recvd.add(CommKind::Other, v);
+                }
+                LayerKind::Gather if g.groups == 2 => {
+                    let other = grids.iter().filter(|o| o.group != g.group).count() as u64;
+                    if me == 0 {
+                        t.sent.add(CommKind::Gather, other * m * e);
+                    }
+                    t.recvd.add(CommKind::Gather, m * e);
+                }
+                _ => {}
+            }
+        }
+        ranks.push(RankPlan {
+            world_rank: g.world_rank,
+            group: g.group,
+            patch: me,
+            rows: setup.height,
+            warmup: t,
+            steady: t,
+            largest_activation_bytes: largest,
+            ..RankPlan::default()
+        });
+    }
+    Ok(ranks)
 }
 
 /// Bytes per kind that `rank` moves at step `step` under this plan.

@@ -24,6 +24,11 @@ pub enum ParallelMode {
     /// PCPP: as DistriFusion, but self-attention sees only `portion` of the neighbouring bands.
     #[serde(rename = "pcpp")]
     Pcpp,
+    /// Tensor parallelism (the baseline of §5 `parallelism = tensor`): every rank holds the whole
+    /// image; attention heads, feed-forward hidden units and ResNet channels are split over the
+    /// ranks of a group, with an all-reduce after each split block.
+    #[serde(rename = "tensor")]
+    Tensor,
 }
 
 impl ParallelMode {
@@ -34,6 +39,7 @@ impl ParallelMode {
             ParallelMode::NaivePatch => "naive-patch",
             ParallelMode::DistriFusion => "distrifusion",
             ParallelMode::Pcpp => "pcpp",
+            ParallelMode::Tensor => "tensor",
         }
     }
 }
@@ -52,9 +58,10 @@ impl FromStr for ParallelMode {
             "naive-patch" | "naive_patch" => ParallelMode::NaivePatch,
             "distrifusion" => ParallelMode::DistriFusion,
             "pcpp" => ParallelMode::Pcpp,
+            "tensor" => ParallelMode::Tensor,
             _ => {
                 return Err(format!(
-                "unknown parallel mode `{s}` (expected pcpp, distrifusion, naive-patch or serial)"
+                "unknown parallel mode `{s}` (expected pcpp, distrifusion, naive-patch, tensor or serial)"
             ))
             }
         })
@@ -270,6 +277,14 @@ impl ParallelConfig {
         }
     }
 
+    /// Tensor parallelism.
+    pub fn tensor() -> Self {
+        ParallelConfig {
+            mode: ParallelMode::Tensor,
+            ..ParallelConfig::naive_patch()
+        }
+    }
+
     /// Plain single-rank execution.
     pub fn serial() -> Self {
         ParallelConfig {
@@ -295,7 +310,7 @@ impl ParallelConfig {
     pub fn portion_at(&self, level: usize) -> f64 {
         match self.mode {
             ParallelMode::DistriFusion | ParallelMode::Serial => f64::INFINITY,
-            ParallelMode::NaivePatch => 0.0,
+            ParallelMode::NaivePatch | ParallelMode::Tensor => 0.0,
             ParallelMode::Pcpp => *self
                 .portion
                 .get(level)
