@@ -1,6 +1,8 @@
 //! `pcpp-cli compare A.png B.png`: PSNR and SSIM of two 8-bit images of the same size, the quality
 //! measures PCPP and DistriFusion report against single-GPU output (PCPP paper §5; one metric
-//! implementation for every scheme, see pcpp-algorithm.md §7.13).
+//! implementation for every scheme, see pcpp-algorithm.md §7.13). `pcpp-cli compare DIR_A DIR_B`
+//! compares every PNG of `DIR_A` with the same-named one of `DIR_B` and prints per-image figures
+//! and their means.
 //!
 //! PSNR uses data range 255 over all RGB samples. SSIM is Wang et al.'s, with an 11×11 Gaussian
 //! window (σ = 1.5), K1 = 0.01, K2 = 0.03, L = 255, computed per channel over the valid window
@@ -14,11 +16,12 @@ use clap::Args;
 /// Arguments of `pcpp-cli compare`.
 #[derive(Debug, Args)]
 pub struct CompareArgs {
-    /// First image.
+    /// First image, or a folder of PNGs.
     a: PathBuf,
-    /// Second image.
+    /// Second image, or a folder with PNGs of the same names.
     b: PathBuf,
-    /// Print a JSON object with keys `psnr` and `ssim`.
+    /// Print JSON: keys `psnr` and `ssim` for two images; for two folders `images` (name, psnr,
+    /// ssim), `mean_psnr`, `mean_ssim`, `count` and `missing` (names of DIR_A absent from DIR_B).
     #[arg(long)]
     json: bool,
 }
@@ -126,18 +129,111 @@ pub fn compare_images(a: &Path, b: &Path) -> Result<(f64, f64)> {
     Ok((psnr(&x, &y), ssim(&x, &y)))
 }
 
+fn psnr_json(p: f64) -> serde_json::Value {
+    if p.is_finite() {
+        serde_json::json!(p)
+    } else {
+        serde_json::json!("inf")
+    }
+}
+
+/// Per-image figures of two folders.
+pub struct FolderComparison {
+    /// `(file name, psnr, ssim)` of every PNG of the first folder that the second one also has,
+    /// sorted by name.
+    pub images: Vec<(String, f64, f64)>,
+    /// PNGs of the first folder that the second one lacks.
+    pub missing: Vec<String>,
+}
+
+impl FolderComparison {
+    /// Mean PSNR over images (infinite if any pair is identical) and mean SSIM.
+    pub fn means(&self) -> (f64, f64) {
+        let n = self.images.len().max(1) as f64;
+        (
+            self.images.iter().map(|i| i.1).sum::<f64>() / n,
+            self.images.iter().map(|i| i.2).sum::<f64>() / n,
+        )
+    }
+}
+
+/// Compares the same-named PNGs of two folders. Errors if they have none in common.
+pub fn compare_folders(a: &Path, b: &Path) -> Result<FolderComparison> {
+    let mut names: Vec<String> = std::fs::read_dir(a)
+        .with_context(|| format!("{}: cannot list", a.display()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.to_ascii_lowercase().ends_with(".png") && !n.starts_with('.'))
+        .collect();
+    names.sort();
+    let (mut images, mut missing) = (Vec::new(), Vec::new());
+    for n in names {
+        let other = b.join(&n);
+        if !other.is_file() {
+            missing.push(n);
+            continue;
+        }
+        let (p, s) = compare_images(&a.join(&n), &other)?;
+        images.push((n, p, s));
+    }
+    if images.is_empty() {
+        bail!(
+            "{} and {} have no PNG file names in common",
+            a.display(),
+            b.display()
+        );
+    }
+    Ok(FolderComparison { images, missing })
+}
+
+fn run_folders(a: &CompareArgs) -> Result<()> {
+    let c = compare_folders(&a.a, &a.b)?;
+    let (mp, ms) = c.means();
+    if a.json {
+        let images: Vec<_> = c
+            .images
+            .iter()
+            .map(|(n, p, s)| serde_json::json!({ "name": n, "psnr": psnr_json(*p), "ssim": s }))
+            .collect();
+        let doc = serde_json::json!({
+            "images": images,
+            "count": c.images.len(),
+            "mean_psnr": psnr_json(mp),
+            "mean_ssim": ms,
+            "missing": c.missing,
+        });
+        return crate::output::print(&format!("{}\n", serde_json::to_string_pretty(&doc)?));
+    }
+    let mut out = String::new();
+    for (n, p, s) in &c.images {
+        out.push_str(&format!("{n}  PSNR {p:.3} dB  SSIM {s:.5}\n"));
+    }
+    for n in &c.missing {
+        out.push_str(&format!("{n}  missing in {}\n", a.b.display()));
+    }
+    out.push_str(&format!(
+        "mean of {} images: PSNR {mp:.3} dB  SSIM {ms:.5}\n",
+        c.images.len()
+    ));
+    crate::output::print(&out)
+}
+
 /// Runs the command.
 pub fn run(a: CompareArgs) -> Result<()> {
+    match (a.a.is_dir(), a.b.is_dir()) {
+        (true, true) => return run_folders(&a),
+        (false, false) => {}
+        _ => bail!(
+            "{} and {}: give two images or two folders",
+            a.a.display(),
+            a.b.display()
+        ),
+    }
     let (p, s) = compare_images(&a.a, &a.b)?;
     if a.json {
-        let psnr = if p.is_finite() {
-            serde_json::json!(p)
-        } else {
-            serde_json::json!("inf")
-        };
         crate::output::print(&format!(
             "{}\n",
-            serde_json::json!({ "psnr": psnr, "ssim": s })
+            serde_json::json!({ "psnr": psnr_json(p), "ssim": s })
         ))
     } else {
         crate::output::print(&format!("PSNR {p:.3} dB  SSIM {s:.5}\n"))

@@ -90,14 +90,14 @@ impl From<SchedulerArg> for SchedulerKind {
 }
 
 /// Arguments of `pcpp-cli generate`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct GenerateArgs {
     /// Diffusers SDXL pipeline folder, or an SDXL single-file checkpoint (.safetensors) (default: the tiny random-weight model in the repository).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// The prompt.
-    #[arg(long, value_parser = utf8_text())]
-    pub prompt: String,
+    #[arg(long, value_parser = utf8_text(), required_unless_present = "prompts", conflicts_with = "prompts")]
+    pub prompt: Option<String>,
     /// Negative prompt (empty = none: zero conditioning, as SDXL).
     #[arg(long, value_parser = utf8_text())]
     pub negative_prompt: Option<String>,
@@ -126,15 +126,17 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub save_latents: Option<PathBuf>,
     /// Output PNG.
-    #[arg(long)]
-    pub output: PathBuf,
+    #[arg(long, required_unless_present = "prompts", conflicts_with = "prompts")]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub batch: crate::batch::BatchFlags,
     /// How ranks talk to each other.
     #[arg(long, value_enum, default_value = "local")]
     pub transport: TransportArg,
     /// Number of ranks (with `--transport local`).
     #[arg(long, default_value_t = 1)]
     pub ranks: usize,
-    /// Parallel scheme: pcpp, distrifusion, naive-patch or serial.
+    /// Parallel scheme: pcpp, distrifusion, naive-patch, tensor or serial.
     #[arg(long, default_value = "pcpp")]
     pub parallel: ParallelMode,
     /// PCPP portion: one value, or one per resolution level separated by commas.
@@ -150,6 +152,8 @@ pub struct GenerateArgs {
     /// error instead of a hang).
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
+    #[command(flatten)]
+    pub modes: crate::mode_flags::ModeFlags,
     /// Write a JSON report (per-step time, bytes by layer kind, waits) to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -280,7 +284,7 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
         }
         bail!("--model {}: folder not found", model.display());
     }
-    if a.prompt.trim().is_empty() {
+    if a.prompt().trim().is_empty() {
         bail!("--prompt is empty");
     }
     if a.steps == 0 {
@@ -331,9 +335,9 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
             .or_else(|| index.default_scheduler())
             .unwrap_or(SchedulerKind::Euler),
     };
-    output::check_writable(&a.output, "--output")?;
-    if a.output.extension().map(|e| e.to_ascii_lowercase()) != Some("png".into()) {
-        bail!("--output {}: must end in .png", a.output.display());
+    output::check_writable(a.output(), "--output")?;
+    if a.output().extension().map(|e| e.to_ascii_lowercase()) != Some("png".into()) {
+        bail!("--output {}: must end in .png", a.output().display());
     }
     if let Some(p) = &a.save_latents {
         output::check_writable(p, "--save-latents")?;
@@ -402,7 +406,7 @@ fn progress_bar(steps: usize) -> ProgressBar {
 }
 
 fn parameters_text(a: &GenerateArgs, p: &Plan) -> String {
-    let mut s = a.prompt.clone();
+    let mut s = a.prompt().to_string();
     if let Some(n) = a.negative_prompt.as_deref().filter(|n| !n.is_empty()) {
         s.push_str(&format!("\nNegative prompt: {n}"));
     }
@@ -431,11 +435,12 @@ fn parameters_text(a: &GenerateArgs, p: &Plan) -> String {
 }
 
 /// The parallel configuration the flags ask for.
-fn parallel_config(a: &GenerateArgs, portions: &[f64]) -> ParallelConfig {
+fn parallel_config(a: &GenerateArgs, portions: &[f64]) -> Result<ParallelConfig> {
     let mut cfg = match a.parallel {
         ParallelMode::Pcpp => ParallelConfig::pcpp(portions[0]),
         ParallelMode::DistriFusion => ParallelConfig::distrifusion(),
         ParallelMode::NaivePatch => ParallelConfig::naive_patch(),
+        ParallelMode::Tensor => ParallelConfig::tensor(),
         ParallelMode::Serial => ParallelConfig::serial(),
     };
     if a.parallel == ParallelMode::Pcpp {
@@ -444,7 +449,8 @@ fn parallel_config(a: &GenerateArgs, portions: &[f64]) -> ParallelConfig {
     if matches!(a.parallel, ParallelMode::Pcpp | ParallelMode::DistriFusion) {
         cfg.warmup_steps = a.warmup_steps.unwrap_or(4).min(a.steps);
     }
-    cfg
+    a.modes.apply(&mut cfg)?;
+    Ok(cfg)
 }
 
 /// Tensors packed for a broadcast: per tensor its rank, dims and f32 data, little-endian.
@@ -537,7 +543,7 @@ fn run_rank(
     let mut msg = Vec::new();
     if rank == 0 {
         let text = TextEncoders::load(&plan.model, DType::F32)?;
-        let e = text.encode(&a.prompt, a.negative_prompt.as_deref(), params.cfg())?;
+        let e = text.encode(a.prompt(), a.negative_prompt.as_deref(), params.cfg())?;
         if e.truncated {
             eprintln!("warning: the prompt is longer than 77 tokens and was truncated");
         }
@@ -644,8 +650,11 @@ fn model_fingerprint(model: &Path) -> Vec<u8> {
 
 /// Runs the command.
 pub fn run(a: GenerateArgs) -> Result<()> {
+    if a.batch.prompts.is_some() {
+        return crate::batch::run(a);
+    }
     let plan = validate(&a)?;
-    let pcfg = parallel_config(&a, &plan.portions);
+    let pcfg = parallel_config(&a, &plan.portions)?;
     pcfg.validate()?;
     let t0 = Instant::now();
     let env = launch::LaunchEnv::from_env()?;
@@ -713,7 +722,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     finish(&a, &plan, &vae, &res.latents)?;
     eprintln!(
         "wrote {} in {:.2} s",
-        a.output.display(),
+        a.output().display(),
         t0.elapsed().as_secs_f64()
     );
     Ok(())
@@ -729,7 +738,7 @@ fn finish(a: &GenerateArgs, plan: &Plan, vae: &VaeDecoder, latents: &Tensor) -> 
     let (h, w) = (img.shape()[2], img.shape()[3]);
     let rgb = to_rgb8(&img)?;
     output::write_png(
-        &a.output,
+        a.output(),
         &rgb[0],
         w,
         h,

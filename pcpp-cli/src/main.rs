@@ -6,10 +6,12 @@
 //! This is the only crate that reads the environment and uses `anyhow`. User errors print one
 //! `error: ...` line (no backtrace) and exit with status 1; bad flags exit with clap's status 2.
 
+mod batch;
 mod bench;
 mod compare;
 mod convert;
 mod generate;
+mod mode_flags;
 mod output;
 mod plan_cmd;
 mod unet_cmd;

@@ -35,6 +35,8 @@ pub struct PlanArgs {
     /// PCPP portion: one value, or one per resolution level separated by commas.
     #[arg(long, default_value = "0.3")]
     portion: String,
+    #[command(flatten)]
+    modes: crate::mode_flags::ModeFlags,
     /// Keep both CFG branches on every rank (model batch 2) instead of two rank groups.
     #[arg(long)]
     no_cfg_split: bool,
@@ -92,11 +94,13 @@ pub fn run(a: PlanArgs) -> Result<()> {
         ParallelMode::Pcpp => ParallelConfig::pcpp(portions[0]),
         ParallelMode::DistriFusion => ParallelConfig::distrifusion(),
         ParallelMode::NaivePatch => ParallelConfig::naive_patch(),
+        ParallelMode::Tensor => ParallelConfig::tensor(),
         ParallelMode::Serial => ParallelConfig::serial(),
     };
     if a.parallel == ParallelMode::Pcpp {
         cfg.portion = portions;
     }
+    a.modes.apply(&mut cfg)?;
     let cfg_on = !a.no_cfg;
     let cfg_split = cfg_on && !a.no_cfg_split && a.ranks >= 2;
     let setup = PlanSetup {

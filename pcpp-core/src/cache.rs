@@ -230,4 +230,35 @@ impl StaleCache {
         self.stats.max_age.fetch_max(age, Ordering::Relaxed);
         Ok((recvd, local))
     }
+
+    /// Reads, without consuming it, what `slot` stored at the last synchronous step `stamp` (the
+    /// frozen context of `SyncMode::None`), for a stale read at `step`. Errors if that entry is
+    /// missing.
+    pub fn read_frozen(
+        &self,
+        slot: &Slot,
+        stamp: usize,
+        step: usize,
+    ) -> Result<(Vec<Vec<u8>>, Vec<u8>)> {
+        let b = slot.bufs[stamp % 2]
+            .lock()
+            .map_err(|_| CoreError::Config(format!("slot `{}` poisoned", slot.id)))?;
+        match &*b {
+            Entry::Ready {
+                step: s,
+                recvd,
+                local,
+            } if *s == stamp && stamp < step => {
+                let age = (step - stamp) as u64;
+                self.stats.reads.fetch_add(1, Ordering::Relaxed);
+                self.stats.min_age.fetch_min(age, Ordering::Relaxed);
+                self.stats.max_age.fetch_max(age, Ordering::Relaxed);
+                Ok((recvd.clone(), local.clone()))
+            }
+            _ => Err(CoreError::Config(format!(
+                "layer `{}`: no context frozen at step {stamp} for step {step}",
+                slot.id
+            ))),
+        }
+    }
 }

@@ -1,6 +1,8 @@
 //! The layer factory and the layer traits that model code builds through (PCPP §2: the layers
 //! whose computation couples rows: convolution halos §2.2, self-attention §2.3–2.4, group norm
-//! §2.6, and the output gather §1.4), plus their serial implementations.
+//! §2.6, and the output gather §1.4; and, for the tensor-parallel baseline of §5 `parallelism`,
+//! the feed-forward and the ResNet core whose hidden units and channels it splits), plus their
+//! serial implementations.
 
 use std::sync::Arc;
 
@@ -130,6 +132,101 @@ impl AttentionWeights {
     }
 }
 
+/// A GEGLU feed-forward: `out(h ⊙ gelu(g))` with `[h | g] = proj(x)`.
+pub trait FeedForwardLayer: Send + Sync {
+    /// # Shapes
+    /// `[b, l, dim]` → `[b, l, dim]`.
+    fn forward(&self, ctx: &StepCtx, x: &Tensor) -> Result<Tensor>;
+}
+
+/// Weights of a GEGLU feed-forward (PyTorch `Linear` layout).
+#[derive(Debug, Clone)]
+pub struct FeedForwardWeights {
+    /// `[2·hidden, dim]`: the first `hidden` rows give the value, the last `hidden` the gate.
+    pub proj: Tensor,
+    /// `[2·hidden]`.
+    pub proj_bias: Option<Tensor>,
+    /// `[dim, hidden]`.
+    pub out: Tensor,
+    /// `[dim]`.
+    pub out_bias: Option<Tensor>,
+}
+
+/// The inner part of a ResNet block: `conv2(silu(norm2(conv1(h) + temb_proj(t))))`.
+pub trait ResnetCoreLayer: Send + Sync {
+    /// `h` is the block input after `norm1` and SiLU; `temb` the time embedding after SiLU.
+    /// Returns the residual branch (before the skip connection is added).
+    ///
+    /// # Shapes
+    /// `h: [b, ci, rows, w]`, `temb: [b, t]` → `[b, co, rows, w]`.
+    fn forward(&self, ctx: &StepCtx, h: &Tensor, temb: &Tensor) -> Result<Tensor>;
+}
+
+/// A convolution's id and weights (3×3, stride 1, padding 1 in a ResNet core).
+#[derive(Debug, Clone)]
+pub struct ConvWeights {
+    /// Stable path of the layer.
+    pub id: String,
+    /// `[co, ci, k, k]`.
+    pub weight: Tensor,
+    /// `[co]`.
+    pub bias: Option<Tensor>,
+}
+
+/// Weights of a ResNet core (see [`ResnetCoreLayer`]).
+#[derive(Debug, Clone)]
+pub struct ResnetCoreWeights {
+    /// First convolution, `ci → co`.
+    pub conv1: ConvWeights,
+    /// Time-embedding projection `[co, t]` and its bias `[co]`.
+    pub temb: Tensor,
+    pub temb_bias: Option<Tensor>,
+    /// Second group norm: id, groups, eps, affine `[co]`.
+    pub norm2_id: String,
+    pub groups: usize,
+    pub eps: f64,
+    pub norm2_gamma: Option<Tensor>,
+    pub norm2_beta: Option<Tensor>,
+    /// Second convolution, `co → co`.
+    pub conv2: ConvWeights,
+}
+
+struct ComposedFeedForward {
+    id: String,
+    w: FeedForwardWeights,
+}
+
+impl FeedForwardLayer for ComposedFeedForward {
+    fn forward(&self, _ctx: &StepCtx, x: &Tensor) -> Result<Tensor> {
+        let id = &self.id;
+        x.linear(&self.w.proj, self.w.proj_bias.as_ref())
+            .and_then(|h| h.geglu())
+            .and_then(|h| h.linear(&self.w.out, self.w.out_bias.as_ref()))
+            .at(id)
+    }
+}
+
+struct ComposedResnetCore {
+    id: String,
+    conv1: Arc<dyn Conv2dLayer>,
+    temb: Tensor,
+    temb_bias: Option<Tensor>,
+    norm2: Arc<dyn GroupNormLayer>,
+    conv2: Arc<dyn Conv2dLayer>,
+}
+
+impl ResnetCoreLayer for ComposedResnetCore {
+    fn forward(&self, ctx: &StepCtx, h: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let id = &self.id;
+        let h = self.conv1.forward(ctx, h)?;
+        let t = temb.linear(&self.temb, self.temb_bias.as_ref()).at(id)?;
+        let (b, c) = (t.shape()[0], t.shape()[1]);
+        let h = h.add(&t.reshape(&[b, c, 1, 1]).at(id)?).at(id)?;
+        let h = self.norm2.forward(ctx, &h, true)?;
+        self.conv2.forward(ctx, &h)
+    }
+}
+
 /// Builds the spatially coupled layers of a model. Model code calls only this; which parallel
 /// scheme runs is the factory's business.
 pub trait LayerFactory: Send + Sync {
@@ -172,6 +269,49 @@ pub trait LayerFactory: Send + Sync {
 
     /// The gather of the model's output bands.
     fn gather(&self, id: &str) -> Result<Arc<dyn GatherLayer>>;
+
+    /// A GEGLU feed-forward. The default runs it whole (it is per token, so a band is fine).
+    fn feed_forward(
+        &self,
+        id: &str,
+        weights: FeedForwardWeights,
+    ) -> Result<Arc<dyn FeedForwardLayer>> {
+        Ok(whole_feed_forward(id, weights))
+    }
+
+    /// The core of a ResNet block. The default builds its two convolutions and its group norm
+    /// through this factory (in the order conv1, norm2, conv2) and runs them in sequence.
+    fn resnet_core(&self, id: &str, w: ResnetCoreWeights) -> Result<Arc<dyn ResnetCoreLayer>> {
+        composed_resnet_core(self, id, w)
+    }
+}
+
+/// The feed-forward run whole on this rank (the default of [`LayerFactory::feed_forward`]).
+pub fn whole_feed_forward(id: &str, weights: FeedForwardWeights) -> Arc<dyn FeedForwardLayer> {
+    Arc::new(ComposedFeedForward {
+        id: id.to_string(),
+        w: weights,
+    })
+}
+
+/// A ResNet core whose convolutions and group norm are built through `f` (the default of
+/// [`LayerFactory::resnet_core`]).
+pub fn composed_resnet_core<F: LayerFactory + ?Sized>(
+    f: &F,
+    id: &str,
+    w: ResnetCoreWeights,
+) -> Result<Arc<dyn ResnetCoreLayer>> {
+    let conv1 = f.conv2d(&w.conv1.id, w.conv1.weight, w.conv1.bias, 1, 1)?;
+    let norm2 = f.group_norm(&w.norm2_id, w.groups, w.eps, w.norm2_gamma, w.norm2_beta)?;
+    let conv2 = f.conv2d(&w.conv2.id, w.conv2.weight, w.conv2.bias, 1, 1)?;
+    Ok(Arc::new(ComposedResnetCore {
+        id: id.to_string(),
+        conv1,
+        temb: w.temb,
+        temb_bias: w.temb_bias,
+        norm2,
+        conv2,
+    }))
 }
 
 /// Plain single-rank layers.

@@ -16,15 +16,17 @@ pub mod patch;
 pub mod plan;
 pub mod report;
 pub mod schedule;
+pub mod tensor;
 
 pub use cache::{CacheCounters, StaleCache};
 pub use geometry::{window_part, BandPlan, HaloPlan};
 pub use grid::ProcessGrid;
 pub use layers::{
-    AttentionWeights, Conv2dLayer, CoreError, GatherLayer, GroupNormLayer, LayerFactory, Result,
+    AttentionWeights, Conv2dLayer, ConvWeights, CoreError, FeedForwardLayer, FeedForwardWeights,
+    GatherLayer, GroupNormLayer, LayerFactory, ResnetCoreLayer, ResnetCoreWeights, Result,
     SelfAttentionLayer, SerialDriver, SerialFactory, StepCtx, StepDriver,
 };
 pub use patch::PatchRuntime;
 pub use plan::{plan, Inventory, LayerKind, LayerSpec, Plan, PlanSetup, RankPlan};
 pub use report::{KindBytes, RunReport, StepReport, Traffic};
-pub use schedule::{GnMode, ParallelConfig, ParallelMode};
+pub use schedule::{GnMode, ParallelConfig, ParallelMode, SplitScheme, SyncMode};

@@ -14,6 +14,8 @@
 //!   all bands' fresh K/V (exact);
 //! - output gather: every rank gets every band, CFG branches stacked `[uncond; cond]` (§1.4).
 //!
+//! With [`ParallelMode::Tensor`] it builds the tensor-parallel layers of [`crate::tensor`] instead.
+//!
 //! Stale data of step `t` is posted right after it is produced and waited for only when the same
 //! layer needs it at step `t + 1` (§7.4), through the double-buffered [`StaleCache`] (§7.1).
 //! Bytes are counted per kind when an exchange is posted.
@@ -28,12 +30,14 @@ use crate::cache::{CacheCounters, Entry, Slot, StaleCache};
 use crate::geometry::{BandPlan, HaloPlan};
 use crate::grid::ProcessGrid;
 use crate::layers::{
-    AttentionWeights, Conv2dLayer, CoreError, GatherLayer, GroupNormLayer, LayerContext,
-    LayerFactory, Result, SelfAttentionLayer, SerialFactory, StepCtx, StepDriver,
+    composed_resnet_core, whole_feed_forward, AttentionWeights, Conv2dLayer, CoreError,
+    FeedForwardLayer, FeedForwardWeights, GatherLayer, GroupNormLayer, LayerContext, LayerFactory,
+    ResnetCoreLayer, ResnetCoreWeights, Result, SelfAttentionLayer, SerialFactory, StepCtx,
+    StepDriver,
 };
 use crate::plan::{band_tokens, kv_recvs, kv_sends, GN_STATS_PER_GROUP, GN_STAT_BYTES};
 use crate::report::{ByteCounters, RunReport, StepReport, Traffic};
-use crate::schedule::{GnMode, ParallelConfig, ParallelMode};
+use crate::schedule::{GnMode, ParallelConfig, ParallelMode, SplitScheme, SyncMode};
 
 /// Tag of the output gather on the world transport.
 const GATHER_TAG: u32 = 0;
@@ -54,13 +58,15 @@ struct ReportState {
 }
 
 /// State shared by the runtime and every layer it built.
-struct Shared {
+pub(crate) struct Shared {
     world: Arc<dyn Transport>,
-    group: Arc<dyn Transport>,
-    grid: ProcessGrid,
-    grids: Vec<ProcessGrid>,
+    pub(crate) group: Arc<dyn Transport>,
+    pub(crate) grid: ProcessGrid,
+    pub(crate) grids: Vec<ProcessGrid>,
     cfg: ParallelConfig,
     plans: Vec<BandPlan>,
+    /// Column bands (a band plan of the transposed image), for naive patch cutting columns.
+    cplans: Vec<BandPlan>,
     serial: bool,
     cache: StaleCache,
     bytes: ByteCounters,
@@ -70,6 +76,42 @@ struct Shared {
 impl Shared {
     fn plan(&self) -> &BandPlan {
         &self.plans[if self.serial { 0 } else { self.grid.group }]
+    }
+
+    /// Whether step `ctx` cuts columns (naive patch with `cols` or `alternate`).
+    fn cols(&self, ctx: &StepCtx) -> bool {
+        !self.serial
+            && self.cfg.mode == ParallelMode::NaivePatch
+            && self.cfg.split_scheme.cols_at(ctx.step)
+    }
+
+    /// The column-band plan of this rank's group.
+    fn cplan(&self, id: &str) -> Result<&BandPlan> {
+        self.cplans.get(self.grid.group).ok_or_else(|| {
+            CoreError::Config(format!(
+                "layer `{id}`: no column bands (split scheme {})",
+                self.cfg.split_scheme
+            ))
+        })
+    }
+
+    /// The level of a `rows × cols` band in step `ctx`, rows or columns as the step cuts.
+    fn level_at(&self, ctx: &StepCtx, id: &str, rows: usize, cols: usize) -> Result<usize> {
+        if !self.cols(ctx) {
+            return self.level(id, rows, cols);
+        }
+        let plan = self.cplan(id)?;
+        plan.level_of(self.me(), cols)
+            .filter(|&l| plan.width_at(l) == rows)
+            .ok_or_else(|| {
+                CoreError::Config(format!(
+                    "layer `{id}`, rank {}: a band of {rows}×{cols} is not on this rank's column plan (latent {}×{} cut into {} column bands)",
+                    self.grid.world_rank,
+                    plan.width,
+                    plan.height,
+                    plan.ranks()
+                ))
+            })
     }
 
     fn me(&self) -> usize {
@@ -113,8 +155,13 @@ impl Shared {
             })
     }
 
+    /// Whether layers are tensor parallel.
+    fn tensor(&self) -> bool {
+        !self.serial && self.cfg.mode == ParallelMode::Tensor
+    }
+
     /// Posts an exchange on the group (or world) transport and counts its bytes.
-    fn post(
+    pub(crate) fn post(
         &self,
         id: &str,
         kind: CommKind,
@@ -134,7 +181,7 @@ impl Shared {
             .map_err(|e| self.comm_err(id, e))
     }
 
-    fn wait(&self, id: &str, p: Pending) -> Result<Vec<Vec<u8>>> {
+    pub(crate) fn wait(&self, id: &str, p: Pending) -> Result<Vec<Vec<u8>>> {
         p.wait().map_err(|e| self.comm_err(id, e))
     }
 
@@ -178,6 +225,12 @@ impl Shared {
         recvs: Vec<(usize, usize)>,
         local: Vec<u8>,
     ) -> Result<(Vec<Vec<u8>>, Vec<u8>)> {
+        if self.cfg.sync_mode == SyncMode::None {
+            // No exchange after the warm-up: the last warm-up step's context, frozen.
+            return self
+                .cache
+                .read_frozen(slot, self.cfg.last_warmup_step(), ctx.step);
+        }
         let pending = self.post(id, slot.kind, slot.index, sends, recvs, false)?;
         self.cache.publish(slot, ctx.step, || {
             Ok(Entry::InFlight {
@@ -235,6 +288,22 @@ impl Shared {
     }
 }
 
+/// Column bands for groups of `group_sizes` ranks: the band plans of the transposed latent.
+pub(crate) fn column_plans(
+    group_sizes: &[usize],
+    height: usize,
+    width: usize,
+    levels: usize,
+) -> Result<Vec<BandPlan>> {
+    group_sizes
+        .iter()
+        .map(|&n| {
+            BandPlan::new(width, height, levels, n)
+                .map_err(|e| CoreError::Config(format!("cutting columns (transposed latent): {e}")))
+        })
+        .collect()
+}
+
 fn dims4(id: &str, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
     match x.shape() {
         &[b, c, h, w] => Ok((b, c, h, w)),
@@ -284,10 +353,20 @@ impl PatchRuntime {
         } else {
             ProcessGrid::group_sizes(size, grid.groups)
         };
+        // Tensor parallelism keeps the whole image on every rank: one band.
+        let tensor = cfg.mode == ParallelMode::Tensor;
         let plans = group_sizes
             .iter()
-            .map(|&n| BandPlan::new(height, width, levels, n))
+            .map(|&n| BandPlan::new(height, width, levels, if tensor { 1 } else { n }))
             .collect::<Result<Vec<_>>>()?;
+        let cplans = if !serial
+            && cfg.mode == ParallelMode::NaivePatch
+            && cfg.split_scheme != SplitScheme::Rows
+        {
+            column_plans(&group_sizes, height, width, levels)?
+        } else {
+            Vec::new()
+        };
         let group = if serial {
             world.clone()
         } else {
@@ -318,6 +397,7 @@ impl PatchRuntime {
                 grids,
                 cfg,
                 plans,
+                cplans,
                 serial,
                 cache: StaleCache::new(),
                 bytes: ByteCounters::default(),
@@ -401,6 +481,8 @@ impl PatchRuntime {
             portion: sh.cfg.portion.clone(),
             gn_mode: sh.cfg.gn_mode,
             warmup_steps: sh.cfg.warmup_steps,
+            sync_mode: sh.cfg.sync_mode,
+            split_scheme: sh.cfg.split_scheme,
             steps,
             total,
             min_stale_age: ages.0,
@@ -470,7 +552,7 @@ struct InputConv {
 }
 
 impl Conv2dLayer for InputConv {
-    fn forward(&self, _ctx: &StepCtx, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, ctx: &StepCtx, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = dims4(&self.id, x)?;
         let plan = self.sh.plan();
         if h != plan.height || w != plan.width {
@@ -482,6 +564,14 @@ impl Conv2dLayer for InputConv {
         let band = plan.band(0, self.sh.me());
         let k = self.weight.shape()[2];
         let p = self.pad;
+        if self.sh.cols(ctx) {
+            // Naive patch cutting columns: the column band alone, zero-padded.
+            let cb = self.sh.cplan(&self.id)?.band(0, self.sh.me());
+            let xs = x.narrow(3, cb.start, cb.len()).at(&self.id)?;
+            return xs
+                .conv2d(&self.weight, self.bias.as_ref(), Conv2dParams::new(1, p))
+                .at(&self.id);
+        }
         if !self.sh.communicates() {
             // Naive patch parallelism: the band alone, zero-padded like a separate image.
             let xs = x.narrow(2, band.start, band.len()).at(&self.id)?;
@@ -521,8 +611,23 @@ impl Conv2dLayer for HaloConv {
         let id = &self.id;
         let sh = &self.sh;
         let (b, c, rows, w) = dims4(id, x)?;
-        let level = sh.level(id, rows, w)?;
         let k = self.weight.shape()[2];
+        if sh.cols(ctx) {
+            // Naive patch cutting columns: zero columns where other bands would be.
+            let level = sh.level_at(ctx, id, rows, w)?;
+            let hp = HaloPlan::new(sh.cplan(id)?, level, sh.me(), k, self.stride, self.pad);
+            let left: usize = hp.recv_above.iter().map(|r| r.1).sum();
+            let right: usize = hp.recv_below.iter().map(|r| r.1).sum();
+            let params = Conv2dParams {
+                stride: self.stride,
+                pad_top: self.pad,
+                pad_bottom: self.pad,
+                pad_left: hp.pad_top + left,
+                pad_right: hp.pad_bottom + right,
+            };
+            return x.conv2d(&self.weight, self.bias.as_ref(), params).at(id);
+        }
+        let level = sh.level(id, rows, w)?;
         let hp = HaloPlan::new(sh.plan(), level, sh.me(), k, self.stride, self.pad);
         let above: usize = hp.recv_above.iter().map(|r| r.1).sum();
         let below: usize = hp.recv_below.iter().map(|r| r.1).sum();
@@ -708,10 +813,10 @@ impl GroupNormLayer for PatchGroupNorm {
         let id = &self.id;
         let sh = &self.sh;
         let (b, c, rows, w) = dims4(id, x)?;
-        let level = sh.level(id, rows, w)?;
+        let level = sh.level_at(ctx, id, rows, w)?;
         let g = self.groups;
         let local = x.group_stats(g).at(id)?;
-        let mode = sh.cfg.gn_mode;
+        let mode = sh.cfg.stale_gn_mode();
         let apply = |s: &GroupStats| {
             x.group_norm_with_stats(
                 s,
@@ -820,7 +925,7 @@ impl SelfAttentionLayer for PatchAttention {
         let id = &self.id;
         let sh = &self.sh;
         let (rows, cols) = spatial;
-        let level = sh.level(id, rows, cols)?;
+        let level = sh.level_at(ctx, id, rows, cols)?;
         let (q, k, v) = self.w.qkv(x).at(id)?;
         let slot = match (&self.slot, sh.communicates()) {
             (Some(s), true) => s,
@@ -906,21 +1011,35 @@ struct PatchGather {
 }
 
 impl GatherLayer for PatchGather {
-    fn forward(&self, _ctx: &StepCtx, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, ctx: &StepCtx, x: &Tensor) -> Result<Tensor> {
         let id = &self.id;
         let sh = &self.sh;
         let (b, c, rows, w) = dims4(id, x)?;
-        let level = sh.level(id, rows, w)?;
+        let level = sh.level_at(ctx, id, rows, w)?;
         let me = sh.grid.world_rank;
-        let row = b * c * w * x.dtype().size();
-        let rows_of = |r: usize| {
+        // Bands are rows (or, for naive patch cutting columns, columns) of the image.
+        let cols = sh.cols(ctx);
+        let (axis, line) = if cols {
+            (3, b * c * rows * x.dtype().size())
+        } else {
+            (2, b * c * w * x.dtype().size())
+        };
+        let plans = if cols { &sh.cplans } else { &sh.plans };
+        let len_of = |r: usize| {
             let g = &sh.grids[r];
-            sh.plans[g.group].band(level, g.patch()).len()
+            plans[g.group].band(level, g.patch()).len()
+        };
+        let shape_of = |r: usize| {
+            if cols {
+                [b, c, rows, len_of(r)]
+            } else {
+                [b, c, len_of(r), w]
+            }
         };
         let others: Vec<usize> = (0..sh.grids.len()).filter(|&r| r != me).collect();
         let own = x.to_bytes().at(id)?;
         let sends = others.iter().map(|&r| (r, own.clone())).collect();
-        let recvs = others.iter().map(|&r| (r, rows_of(r) * row)).collect();
+        let recvs = others.iter().map(|&r| (r, len_of(r) * line)).collect();
         let got = sh.wait(
             id,
             sh.post(id, CommKind::Gather, GATHER_TAG, sends, recvs, true)?,
@@ -934,7 +1053,7 @@ impl GatherLayer for PatchGather {
                 let bytes = it.next().ok_or_else(|| {
                     CoreError::Config(format!("layer `{id}`: band of rank {r} missing"))
                 })?;
-                bands.push(tensor_from(id, &[b, c, rows_of(r), w], x, bytes)?);
+                bands.push(tensor_from(id, &shape_of(r), x, bytes)?);
             }
         }
         let mut images = Vec::with_capacity(sh.grid.groups);
@@ -943,7 +1062,7 @@ impl GatherLayer for PatchGather {
                 .filter(|&r| sh.grids[r].group == g)
                 .map(|r| &bands[r])
                 .collect();
-            images.push(Tensor::cat(&members, 2).at(id)?);
+            images.push(Tensor::cat(&members, axis).at(id)?);
         }
         if images.len() == 1 {
             Ok(images.remove(0))
@@ -964,7 +1083,7 @@ impl LayerFactory for PatchRuntime {
         padding: usize,
     ) -> Result<Arc<dyn Conv2dLayer>> {
         let k = weight.shape().get(2).copied().unwrap_or(1);
-        if self.sh.serial || (k == 1 && padding == 0) {
+        if self.sh.serial || self.sh.tensor() || (k == 1 && padding == 0) {
             return Ok(Arc::new(LocalConv {
                 id: id.to_string(),
                 weight,
@@ -995,7 +1114,7 @@ impl LayerFactory for PatchRuntime {
         bias: Option<Tensor>,
         padding: usize,
     ) -> Result<Arc<dyn Conv2dLayer>> {
-        if self.sh.serial {
+        if self.sh.serial || self.sh.tensor() {
             return SerialFactory.input_conv2d(id, weight, bias, padding);
         }
         Ok(Arc::new(InputConv {
@@ -1015,7 +1134,7 @@ impl LayerFactory for PatchRuntime {
         gamma: Option<Tensor>,
         beta: Option<Tensor>,
     ) -> Result<Arc<dyn GroupNormLayer>> {
-        if self.sh.serial {
+        if self.sh.serial || self.sh.tensor() {
             return SerialFactory.group_norm(id, groups, eps, gamma, beta);
         }
         let slot = if self.sh.communicates() {
@@ -1042,6 +1161,9 @@ impl LayerFactory for PatchRuntime {
         if self.sh.serial {
             return SerialFactory.self_attention(id, weights);
         }
+        if self.sh.tensor() {
+            return crate::tensor::attention(self.sh.clone(), id, weights);
+        }
         let slot = if self.sh.communicates() {
             Some(self.register(id, CommKind::Attention)?)
         } else {
@@ -1059,10 +1181,31 @@ impl LayerFactory for PatchRuntime {
         if self.sh.serial {
             return SerialFactory.gather(id);
         }
+        if self.sh.tensor() {
+            return Ok(crate::tensor::gather(self.sh.clone(), id));
+        }
         Ok(Arc::new(PatchGather {
             id: id.to_string(),
             sh: self.sh.clone(),
         }))
+    }
+
+    fn feed_forward(
+        &self,
+        id: &str,
+        weights: FeedForwardWeights,
+    ) -> Result<Arc<dyn FeedForwardLayer>> {
+        if self.sh.tensor() {
+            return crate::tensor::feed_forward(self.sh.clone(), id, weights);
+        }
+        Ok(whole_feed_forward(id, weights))
+    }
+
+    fn resnet_core(&self, id: &str, w: ResnetCoreWeights) -> Result<Arc<dyn ResnetCoreLayer>> {
+        if self.sh.tensor() {
+            return crate::tensor::resnet_core(self.sh.clone(), id, w);
+        }
+        composed_resnet_core(self, id, w)
     }
 }
 

@@ -10,7 +10,7 @@ use crate::geometry::{window_part, BandPlan, HaloPlan};
 use crate::grid::ProcessGrid;
 use crate::layers::{CoreError, Result};
 use crate::report::Traffic;
-use crate::schedule::{GnMode, ParallelConfig, ParallelMode};
+use crate::schedule::{GnMode, ParallelConfig, ParallelMode, SplitScheme, SyncMode};
 use pcpp_comm::CommKind;
 
 /// Bytes of one group-norm statistic on the wire: statistics always travel as f32.
@@ -51,6 +51,14 @@ pub enum LayerKind {
     },
     /// Gather of the output bands.
     Gather,
+    /// A feed-forward (per token; split by tensor parallelism). `channels` is the token width.
+    FeedForward,
+    /// The core of a ResNet block (conv1, norm2, conv2; split by tensor parallelism).
+    /// `channels` is its output channels.
+    ResnetCore {
+        /// Groups of its group norm.
+        groups: usize,
+    },
 }
 
 /// One layer that couples rows.
@@ -132,6 +140,10 @@ pub struct RankPlan {
     pub largest_activation_bytes: u64,
     /// The largest K/V that one self-attention layer attends over in a steady step.
     pub largest_kv_window_bytes: u64,
+    /// Bytes of odd steps when they differ from the others (naive patch with the `alternate`
+    /// split scheme cuts columns on odd steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub odd_steps: Option<Traffic>,
 }
 
 /// The plan of a whole run.
@@ -143,6 +155,10 @@ pub struct Plan {
     pub portion: Vec<f64>,
     pub gn_mode: GnMode,
     pub warmup_steps: usize,
+    #[serde(default)]
+    pub sync_mode: SyncMode,
+    #[serde(default)]
+    pub split_scheme: SplitScheme,
     pub setup: Option<PlanSetup>,
     /// Ranks sharing each CFG branch.
     pub group_sizes: Vec<usize>,
@@ -206,12 +222,36 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
     let grids = (0..setup.world_size)
         .map(|r| ProcessGrid::new(r, setup.world_size, cfg_split))
         .collect::<Result<Vec<_>>>()?;
+    // Naive patch may cut columns: always (`cols`) or on odd steps (`alternate`).
+    let split = if !serial && cfg.mode == ParallelMode::NaivePatch {
+        cfg.split_scheme
+    } else {
+        SplitScheme::Rows
+    };
+    let cplans = if split == SplitScheme::Rows {
+        Vec::new()
+    } else {
+        crate::patch::column_plans(&group_sizes, setup.height, setup.width, inv.levels)?
+    };
     let (b, e) = (setup.batch as u64, setup.elem_size as u64);
     let communicates = cfg.communicates() && !serial;
+    // What a steady step does: exchange stale context (async), everything synchronous (full), or
+    // nothing but the gather, reading the frozen warm-up context (none).
+    let sync_mode = cfg.sync_mode;
+    let stale_gn = cfg.stale_gn_mode();
     let mut ranks = Vec::with_capacity(setup.world_size);
+    if cfg.mode == ParallelMode::Tensor && !serial {
+        return Ok(finish(
+            cfg,
+            setup,
+            group_sizes,
+            tensor_ranks(inv, setup, &grids)?,
+        ));
+    }
     for g in &grids {
         let bp = &plans[if serial { 0 } else { g.group }];
         let me = if serial { 0 } else { g.patch() };
+        let mut odd_total = Traffic::default();
         let mut rp = RankPlan {
             world_rank: g.world_rank,
             group: g.group,
@@ -231,8 +271,11 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
             let rows_me = bp.band(l.level, me).len() as u64;
             rp.largest_activation_bytes = rp.largest_activation_bytes.max(b * c * rows_me * wl * e);
             let (mut warm, mut steady) = (Traffic::default(), Traffic::default());
+            let mut odd = None;
             match l.kind {
-                LayerKind::InputConv { .. } => {}
+                LayerKind::InputConv { .. }
+                | LayerKind::FeedForward
+                | LayerKind::ResnetCore { .. } => {}
                 LayerKind::Conv {
                     kernel,
                     stride,
@@ -248,11 +291,20 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
                             .chain(&hp.recv_below)
                             .map(|&(_, n)| n as u64 * row)
                             .sum();
-                        for t in [&mut warm, &mut steady] {
-                            t.sent.add(CommKind::Halo, sent);
-                            t.recvd.add(CommKind::Halo, recvd);
+                        warm.sent.add(CommKind::Halo, sent);
+                        warm.recvd.add(CommKind::Halo, recvd);
+                        match sync_mode {
+                            SyncMode::Async => {
+                                steady.sent.add(CommKind::Halo, sent);
+                                steady.recvd.add(CommKind::Halo, recvd);
+                                rp.cache_bytes += 2 * recvd;
+                            }
+                            SyncMode::Full => {
+                                steady.sent.add(CommKind::Halo, sent);
+                                steady.recvd.add(CommKind::Halo, recvd);
+                            }
+                            SyncMode::None => rp.cache_bytes += recvd,
                         }
-                        rp.cache_bytes += 2 * recvd;
                     }
                 }
                 LayerKind::GroupNorm { groups } => {
@@ -261,11 +313,11 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
                         let m = gn_message_bytes(setup.batch, groups) as u64;
                         warm.sent.add(CommKind::GroupNorm, peers * m);
                         warm.recvd.add(CommKind::GroupNorm, peers * m);
-                        if cfg.gn_mode != GnMode::Separate {
+                        if stale_gn != GnMode::Separate {
                             steady.sent.add(CommKind::GroupNorm, peers * m);
                             steady.recvd.add(CommKind::GroupNorm, peers * m);
                         }
-                        if matches!(cfg.gn_mode, GnMode::Stale | GnMode::Corrected) {
+                        if matches!(stale_gn, GnMode::Stale | GnMode::Corrected) {
                             rp.cache_bytes += 2 * (peers * m + m);
                         }
                     }
@@ -293,46 +345,94 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
                             .iter()
                             .map(|(_, r)| r.len() as u64 * per_tok)
                             .sum();
-                        steady.sent.add(CommKind::Attention, sent);
-                        steady.recvd.add(CommKind::Attention, recvd);
-                        rp.cache_bytes += 2 * recvd;
-                        rp.largest_kv_window_bytes = rp.largest_kv_window_bytes.max(own + recvd);
+                        match sync_mode {
+                            SyncMode::Async => {
+                                steady.sent.add(CommKind::Attention, sent);
+                                steady.recvd.add(CommKind::Attention, recvd);
+                                rp.cache_bytes += 2 * recvd;
+                                rp.largest_kv_window_bytes =
+                                    rp.largest_kv_window_bytes.max(own + recvd);
+                            }
+                            SyncMode::Full => {
+                                steady
+                                    .sent
+                                    .add(CommKind::Attention, (bp.ranks() - 1) as u64 * own);
+                                steady.recvd.add(CommKind::Attention, others);
+                                rp.largest_kv_window_bytes =
+                                    rp.largest_kv_window_bytes.max(own + others);
+                            }
+                            SyncMode::None => {
+                                rp.cache_bytes += recvd;
+                                rp.largest_kv_window_bytes =
+                                    rp.largest_kv_window_bytes.max(own + recvd);
+                            }
+                        }
                     } else {
                         rp.largest_kv_window_bytes = rp.largest_kv_window_bytes.max(own);
                     }
                 }
                 LayerKind::Gather => {
                     if !serial {
-                        let rows_of = |r: usize| -> u64 {
-                            let gr = &grids[r];
-                            plans[gr.group].band(l.level, gr.patch()).len() as u64
+                        // Bytes of the gather when bands are rows (or columns) of the image.
+                        let gather = |cols: bool| -> Traffic {
+                            let (plans, line) = if cols {
+                                (&cplans, b * c * bp.height_at(l.level) as u64 * e)
+                            } else {
+                                (&plans, b * c * wl * e)
+                            };
+                            let len_of = |r: usize| -> u64 {
+                                let gr = &grids[r];
+                                plans[gr.group].band(l.level, gr.patch()).len() as u64
+                            };
+                            let others = grids.len() as u64 - 1;
+                            let mut t = Traffic::default();
+                            t.sent
+                                .add(CommKind::Gather, others * len_of(g.world_rank) * line);
+                            t.recvd.add(
+                                CommKind::Gather,
+                                (0..grids.len())
+                                    .filter(|&r| r != g.world_rank)
+                                    .map(|r| len_of(r) * line)
+                                    .sum(),
+                            );
+                            t
                         };
-                        let row = b * c * wl * e;
-                        let others = grids.len() as u64 - 1;
-                        let sent = others * rows_me * row;
-                        let recvd: u64 = (0..grids.len())
-                            .filter(|&r| r != g.world_rank)
-                            .map(|r| rows_of(r) * row)
-                            .sum();
-                        for t in [&mut warm, &mut steady] {
-                            t.sent.add(CommKind::Gather, sent);
-                            t.recvd.add(CommKind::Gather, recvd);
+                        let first = gather(split == SplitScheme::Cols);
+                        warm = warm.plus(&first);
+                        steady = steady.plus(&first);
+                        if split == SplitScheme::Alternate {
+                            odd = Some(gather(true));
                         }
                     }
                 }
             }
+            odd_total = odd_total.plus(odd.as_ref().unwrap_or(&steady));
             rp.warmup = rp.warmup.plus(&warm);
             rp.steady = rp.steady.plus(&steady);
         }
+        if split == SplitScheme::Alternate {
+            rp.odd_steps = Some(odd_total);
+        }
         ranks.push(rp);
     }
+    Ok(finish(cfg, setup, group_sizes, ranks))
+}
+
+fn finish(
+    cfg: &ParallelConfig,
+    setup: &PlanSetup,
+    group_sizes: Vec<usize>,
+    ranks: Vec<RankPlan>,
+) -> Plan {
     let n = ranks.len().max(1) as f64;
     let mean = |f: &dyn Fn(&RankPlan) -> u64| ranks.iter().map(f).sum::<u64>() as f64 / n;
-    Ok(Plan {
+    Plan {
         mode: cfg.mode,
         portion: cfg.portion.clone(),
         gn_mode: cfg.gn_mode,
         warmup_steps: cfg.warmup_steps,
+        sync_mode: cfg.sync_mode,
+        split_scheme: cfg.split_scheme,
         setup: Some(*setup),
         group_sizes,
         bytes_per_step: mean(&|r| r.steady.recvd.total()),
@@ -343,19 +443,86 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
             .max()
             .unwrap_or(0),
         ranks,
-    })
+    }
+}
+
+/// Tensor parallelism: every step moves the same bytes. Each self-attention, feed-forward and
+/// ResNet core all-reduces its whole output (`b·tokens·C` or `b·C·H·W` values) over the group,
+/// and each ResNet core also its norm2 statistics (`2·b·G` f32 values);
+/// with CFG split, each group's first rank sends its output to every rank of the other group.
+fn tensor_ranks(
+    inv: &Inventory,
+    setup: &PlanSetup,
+    grids: &[ProcessGrid],
+) -> Result<Vec<RankPlan>> {
+    let (b, e) = (setup.batch as u64, setup.elem_size as u64);
+    let mut ranks = Vec::with_capacity(grids.len());
+    for g in grids {
+        let (n, me) = (g.group_size, g.patch());
+        let mut t = Traffic::default();
+        let mut largest = 0u64;
+        for l in &inv.layers {
+            if l.level > inv.levels {
+                return Err(CoreError::Config(format!(
+                    "inventory layer `{}` is at level {} but the model has {} levels",
+                    l.id, l.level, inv.levels
+                )));
+            }
+            let px = ((setup.height >> l.level) * (setup.width >> l.level)) as u64;
+            let m = b * l.channels as u64 * px;
+            largest = largest.max(m * e);
+            match l.kind {
+                LayerKind::SelfAttention { .. } | LayerKind::FeedForward => {
+                    let v = crate::tensor::all_reduce_elems(m as usize, n, me) as u64 * e;
+                    t.sent.add(CommKind::Other, v);
+                    t.recvd.add(CommKind::Other, v);
+                }
+                LayerKind::ResnetCore { groups } => {
+                    // The output, and the norm2 statistics (always f32).
+                    let stats = setup.batch * groups * 2;
+                    let v = crate::tensor::all_reduce_elems(m as usize, n, me) as u64 * e
+                        + crate::tensor::all_reduce_elems(stats, n, me) as u64 * 4;
+                    t.sent.add(CommKind::Other, v);
+                    t.recvd.add(CommKind::Other, v);
+                }
+                LayerKind::Gather if g.groups == 2 => {
+                    let other = grids.iter().filter(|o| o.group != g.group).count() as u64;
+                    if me == 0 {
+                        t.sent.add(CommKind::Gather, other * m * e);
+                    }
+                    t.recvd.add(CommKind::Gather, m * e);
+                }
+                _ => {}
+            }
+        }
+        ranks.push(RankPlan {
+            world_rank: g.world_rank,
+            group: g.group,
+            patch: me,
+            rows: setup.height,
+            warmup: t,
+            steady: t,
+            largest_activation_bytes: largest,
+            ..RankPlan::default()
+        });
+    }
+    Ok(ranks)
+}
+
+/// Bytes per kind that `rank` moves at step `step` under this plan.
+pub fn step_traffic(plan: &Plan, rank: usize, step: usize) -> Traffic {
+    let rp = &plan.ranks[rank];
+    let sync = plan.sync_mode == SyncMode::Full || step < plan.warmup_steps.max(1);
+    match (&rp.odd_steps, step % 2 == 1) {
+        (Some(odd), true) => *odd,
+        _ if sync => rp.warmup,
+        _ => rp.steady,
+    }
 }
 
 /// Bytes per kind summed over `steps` steps of a generation with this plan for `rank`.
 pub fn generation_traffic(plan: &Plan, rank: usize, steps: usize) -> Traffic {
-    let rp = &plan.ranks[rank];
-    let sync = steps.min(plan.warmup_steps.max(1));
-    let mut t = Traffic::default();
-    for _ in 0..sync {
-        t = t.plus(&rp.warmup);
-    }
-    for _ in sync..steps {
-        t = t.plus(&rp.steady);
-    }
-    t
+    (0..steps).fold(Traffic::default(), |t, s| {
+        t.plus(&step_traffic(plan, rank, s))
+    })
 }

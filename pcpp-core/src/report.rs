@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use pcpp_comm::CommKind;
 use serde::{Deserialize, Serialize};
 
-/// Bytes per layer kind (the four kinds a patch-parallel model communicates for).
+/// Bytes per layer kind (the four kinds a patch-parallel model communicates for, and the
+/// all-reduces of tensor parallelism).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KindBytes {
     /// Convolution halo rows.
@@ -18,12 +19,15 @@ pub struct KindBytes {
     pub attention: u64,
     /// Output gather.
     pub gather: u64,
+    /// All-reduces of tensor parallelism.
+    #[serde(default)]
+    pub all_reduce: u64,
 }
 
 impl KindBytes {
     /// Sum over kinds.
     pub fn total(&self) -> u64 {
-        self.halo + self.group_norm + self.attention + self.gather
+        self.halo + self.group_norm + self.attention + self.gather + self.all_reduce
     }
 
     /// The entry of `kind` (`None` for kinds a model layer never uses).
@@ -33,7 +37,8 @@ impl KindBytes {
             CommKind::GroupNorm => Some(&mut self.group_norm),
             CommKind::Attention => Some(&mut self.attention),
             CommKind::Gather => Some(&mut self.gather),
-            CommKind::Control | CommKind::Other => None,
+            CommKind::Other => Some(&mut self.all_reduce),
+            CommKind::Control => None,
         }
     }
 
@@ -44,7 +49,8 @@ impl KindBytes {
             CommKind::GroupNorm => self.group_norm,
             CommKind::Attention => self.attention,
             CommKind::Gather => self.gather,
-            CommKind::Control | CommKind::Other => 0,
+            CommKind::Other => self.all_reduce,
+            CommKind::Control => 0,
         }
     }
 
@@ -62,6 +68,7 @@ impl KindBytes {
             group_norm: self.group_norm - earlier.group_norm,
             attention: self.attention - earlier.attention,
             gather: self.gather - earlier.gather,
+            all_reduce: self.all_reduce - earlier.all_reduce,
         }
     }
 
@@ -72,6 +79,7 @@ impl KindBytes {
             group_norm: self.group_norm + o.group_norm,
             attention: self.attention + o.attention,
             gather: self.gather + o.gather,
+            all_reduce: self.all_reduce + o.all_reduce,
         }
     }
 }
@@ -99,8 +107,8 @@ impl Traffic {
 /// lengths of the posted receives), so the bytes of a step are counted in the step that moves them.
 #[derive(Debug, Default)]
 pub struct ByteCounters {
-    // Per kind (halo, group norm, attention, gather): sent, received.
-    c: [[AtomicU64; 2]; 4],
+    // Per kind (halo, group norm, attention, gather, all-reduce): sent, received.
+    c: [[AtomicU64; 2]; 5],
 }
 
 fn slot(kind: CommKind) -> Option<usize> {
@@ -109,7 +117,8 @@ fn slot(kind: CommKind) -> Option<usize> {
         CommKind::GroupNorm => Some(1),
         CommKind::Attention => Some(2),
         CommKind::Gather => Some(3),
-        CommKind::Control | CommKind::Other => None,
+        CommKind::Other => Some(4),
+        CommKind::Control => None,
     }
 }
 
@@ -130,6 +139,7 @@ impl ByteCounters {
             CommKind::GroupNorm,
             CommKind::Attention,
             CommKind::Gather,
+            CommKind::Other,
         ] {
             if let Some(i) = slot(kind) {
                 t.sent.add(kind, self.c[i][0].load(Ordering::Relaxed));
@@ -179,6 +189,12 @@ pub struct RunReport {
     pub gn_mode: crate::GnMode,
     /// Synchronous steps at the start.
     pub warmup_steps: usize,
+    /// What happens after the warm-up.
+    #[serde(default)]
+    pub sync_mode: crate::SyncMode,
+    /// How `naive-patch` cuts the image.
+    #[serde(default)]
+    pub split_scheme: crate::SplitScheme,
     /// Per step.
     pub steps: Vec<StepReport>,
     /// Sum over steps.

@@ -24,6 +24,11 @@ pub enum ParallelMode {
     /// PCPP: as DistriFusion, but self-attention sees only `portion` of the neighbouring bands.
     #[serde(rename = "pcpp")]
     Pcpp,
+    /// Tensor parallelism (the baseline of §5 `parallelism = tensor`): every rank holds the whole
+    /// image; attention heads, feed-forward hidden units and ResNet channels are split over the
+    /// ranks of a group, with an all-reduce after each split block.
+    #[serde(rename = "tensor")]
+    Tensor,
 }
 
 impl ParallelMode {
@@ -34,6 +39,7 @@ impl ParallelMode {
             ParallelMode::NaivePatch => "naive-patch",
             ParallelMode::DistriFusion => "distrifusion",
             ParallelMode::Pcpp => "pcpp",
+            ParallelMode::Tensor => "tensor",
         }
     }
 }
@@ -52,9 +58,10 @@ impl FromStr for ParallelMode {
             "naive-patch" | "naive_patch" => ParallelMode::NaivePatch,
             "distrifusion" => ParallelMode::DistriFusion,
             "pcpp" => ParallelMode::Pcpp,
+            "tensor" => ParallelMode::Tensor,
             _ => {
                 return Err(format!(
-                "unknown parallel mode `{s}` (expected pcpp, distrifusion, naive-patch or serial)"
+                "unknown parallel mode `{s}` (expected pcpp, distrifusion, naive-patch, tensor or serial)"
             ))
             }
         })
@@ -76,6 +83,24 @@ pub enum GnMode {
     Separate,
 }
 
+impl GnMode {
+    /// Command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            GnMode::Sync => "sync",
+            GnMode::Stale => "stale",
+            GnMode::Corrected => "corrected",
+            GnMode::Separate => "separate",
+        }
+    }
+}
+
+impl fmt::Display for GnMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl FromStr for GnMode {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
@@ -93,6 +118,109 @@ impl FromStr for GnMode {
     }
 }
 
+/// Whether layers exchange context after the warm-up (PCPP §2.1, `--sync_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// Synchronous warm-up, then one-step-stale context exchanged asynchronously (the default).
+    #[default]
+    Async,
+    /// Every layer synchronous at every step (`full_sync`): exact, no overlap.
+    Full,
+    /// No exchange after the warm-up (`no_sync`): halos and attention context stay frozen at the
+    /// last warm-up step, group norms use their own band's statistics. Only the output gather
+    /// still moves bytes.
+    None,
+}
+
+impl SyncMode {
+    /// Command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            SyncMode::Async => "async",
+            SyncMode::Full => "full",
+            SyncMode::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for SyncMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for SyncMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s {
+            "async" | "stale" => SyncMode::Async,
+            "full" | "full-sync" => SyncMode::Full,
+            "none" | "no-sync" => SyncMode::None,
+            _ => {
+                return Err(format!(
+                    "unknown sync mode `{s}` (expected async, full or none)"
+                ))
+            }
+        })
+    }
+}
+
+/// How `naive-patch` cuts the image (PCPP §5 `split_scheme`; patch parallelism always cuts rows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SplitScheme {
+    /// Horizontal bands of rows.
+    #[default]
+    Rows,
+    /// Vertical bands of columns.
+    Cols,
+    /// Rows on even steps, columns on odd steps.
+    Alternate,
+}
+
+impl SplitScheme {
+    /// Command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            SplitScheme::Rows => "rows",
+            SplitScheme::Cols => "cols",
+            SplitScheme::Alternate => "alternate",
+        }
+    }
+
+    /// Whether step `step` cuts columns.
+    pub fn cols_at(self, step: usize) -> bool {
+        match self {
+            SplitScheme::Rows => false,
+            SplitScheme::Cols => true,
+            SplitScheme::Alternate => step % 2 == 1,
+        }
+    }
+}
+
+impl fmt::Display for SplitScheme {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for SplitScheme {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s {
+            "rows" | "row" => SplitScheme::Rows,
+            "cols" | "col" | "columns" => SplitScheme::Cols,
+            "alternate" => SplitScheme::Alternate,
+            _ => {
+                return Err(format!(
+                    "unknown split scheme `{s}` (expected rows, cols or alternate)"
+                ))
+            }
+        })
+    }
+}
+
 /// Everything that selects a parallel scheme.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParallelConfig {
@@ -103,6 +231,10 @@ pub struct ParallelConfig {
     pub gn_mode: GnMode,
     /// Number of synchronous steps at the start (at least the first step is always synchronous).
     pub warmup_steps: usize,
+    /// What happens after the warm-up.
+    pub sync_mode: SyncMode,
+    /// How `naive-patch` cuts the image.
+    pub split_scheme: SplitScheme,
 }
 
 impl Default for ParallelConfig {
@@ -119,6 +251,8 @@ impl ParallelConfig {
             portion: vec![portion],
             gn_mode: GnMode::Corrected,
             warmup_steps: 4,
+            sync_mode: SyncMode::Async,
+            split_scheme: SplitScheme::Rows,
         }
     }
 
@@ -138,6 +272,16 @@ impl ParallelConfig {
             portion: vec![0.0],
             gn_mode: GnMode::Separate,
             warmup_steps: 0,
+            sync_mode: SyncMode::Async,
+            split_scheme: SplitScheme::Rows,
+        }
+    }
+
+    /// Tensor parallelism.
+    pub fn tensor() -> Self {
+        ParallelConfig {
+            mode: ParallelMode::Tensor,
+            ..ParallelConfig::naive_patch()
         }
     }
 
@@ -166,7 +310,7 @@ impl ParallelConfig {
     pub fn portion_at(&self, level: usize) -> f64 {
         match self.mode {
             ParallelMode::DistriFusion | ParallelMode::Serial => f64::INFINITY,
-            ParallelMode::NaivePatch => 0.0,
+            ParallelMode::NaivePatch | ParallelMode::Tensor => 0.0,
             ParallelMode::Pcpp => *self
                 .portion
                 .get(level)
@@ -177,7 +321,21 @@ impl ParallelConfig {
 
     /// Whether step `step` exchanges fresh context synchronously.
     pub fn is_sync(&self, step: usize) -> bool {
-        step < self.warmup_steps.max(1)
+        self.sync_mode == SyncMode::Full || step < self.warmup_steps.max(1)
+    }
+
+    /// The last synchronous step before stale steps begin (the context `SyncMode::None` freezes).
+    pub fn last_warmup_step(&self) -> usize {
+        self.warmup_steps.max(1) - 1
+    }
+
+    /// The group-norm mode in effect in stale steps: `SyncMode::None` makes it `Separate`.
+    pub fn stale_gn_mode(&self) -> GnMode {
+        match self.sync_mode {
+            SyncMode::None => GnMode::Separate,
+            SyncMode::Full => GnMode::Sync,
+            SyncMode::Async => self.gn_mode,
+        }
     }
 
     /// The layer context of step `step`.

@@ -46,6 +46,8 @@ impl Lister {
         self.conv3(format!("{p}.conv1"), ci, level, 1, 1);
         self.norm(format!("{p}.norm2"), co, level);
         self.conv3(format!("{p}.conv2"), co, level, 1, 1);
+        let groups = self.groups;
+        self.push(p.to_string(), LayerKind::ResnetCore { groups }, co, level);
     }
 
     fn transformer(&mut self, p: &str, c: usize, depth: usize, heads: usize, level: usize) {
@@ -54,6 +56,12 @@ impl Lister {
             self.push(
                 format!("{p}.transformer_blocks.{i}.attn1"),
                 LayerKind::SelfAttention { heads },
+                c,
+                level,
+            );
+            self.push(
+                format!("{p}.transformer_blocks.{i}.ff"),
+                LayerKind::FeedForward,
                 c,
                 level,
             );

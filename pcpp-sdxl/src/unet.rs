@@ -9,8 +9,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use pcpp_core::{
-    AttentionWeights, Conv2dLayer, GatherLayer, GroupNormLayer, LayerFactory, SelfAttentionLayer,
-    StepCtx,
+    AttentionWeights, Conv2dLayer, ConvWeights, FeedForwardLayer, FeedForwardWeights, GatherLayer,
+    GroupNormLayer, LayerFactory, ResnetCoreLayer, ResnetCoreWeights, SelfAttentionLayer, StepCtx,
 };
 use pcpp_kernels::{Activation, DType, Device, Tensor};
 
@@ -139,10 +139,8 @@ fn gnorm(
 struct ResnetBlock {
     name: String,
     norm1: Arc<dyn GroupNormLayer>,
-    conv1: Arc<dyn Conv2dLayer>,
-    time_emb_proj: Linear,
-    norm2: Arc<dyn GroupNormLayer>,
-    conv2: Arc<dyn Conv2dLayer>,
+    /// conv1, time-embedding projection, norm2, conv2 (split by a tensor-parallel factory).
+    core: Arc<dyn ResnetCoreLayer>,
     shortcut: Option<Arc<dyn Conv2dLayer>>,
 }
 
@@ -158,13 +156,34 @@ impl ResnetBlock {
         groups: usize,
         eps: f64,
     ) -> Result<Self> {
+        let cw = |n: &str, ci: usize| -> Result<ConvWeights> {
+            let id = format!("{p}.{n}");
+            Ok(ConvWeights {
+                weight: w.get(&format!("{id}.weight"), &[co, ci, 3, 3])?,
+                bias: w.get_opt(&format!("{id}.bias"), &[co])?,
+                id,
+            })
+        };
+        let norm1 = gnorm(f, w, &format!("{p}.norm1"), ci, groups, eps)?;
+        let temb_proj = Linear::load(w, &format!("{p}.time_emb_proj"), temb, co, true)?;
+        let core = f.resnet_core(
+            p,
+            ResnetCoreWeights {
+                conv1: cw("conv1", ci)?,
+                temb: temb_proj.w,
+                temb_bias: temb_proj.b,
+                norm2_id: format!("{p}.norm2"),
+                groups,
+                eps,
+                norm2_gamma: Some(w.get(&format!("{p}.norm2.weight"), &[co])?),
+                norm2_beta: Some(w.get(&format!("{p}.norm2.bias"), &[co])?),
+                conv2: cw("conv2", co)?,
+            },
+        )?;
         Ok(ResnetBlock {
             name: p.to_string(),
-            norm1: gnorm(f, w, &format!("{p}.norm1"), ci, groups, eps)?,
-            conv1: conv(f, w, &format!("{p}.conv1"), ci, co, 3, 1, 1)?,
-            time_emb_proj: Linear::load(w, &format!("{p}.time_emb_proj"), temb, co, true)?,
-            norm2: gnorm(f, w, &format!("{p}.norm2"), co, groups, eps)?,
-            conv2: conv(f, w, &format!("{p}.conv2"), co, co, 3, 1, 1)?,
+            norm1,
+            core,
             shortcut: if ci != co {
                 Some(conv(f, w, &format!("{p}.conv_shortcut"), ci, co, 1, 1, 0)?)
             } else {
@@ -176,12 +195,7 @@ impl ResnetBlock {
     /// `temb_act` is `silu(temb)`, shared by all blocks.
     fn forward(&self, fw: &Fwd, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
         let h = self.norm1.forward(fw.ctx, x, true)?;
-        let h = self.conv1.forward(fw.ctx, &h)?;
-        let t = self.time_emb_proj.forward(temb_act)?;
-        let (b, c) = (t.shape()[0], t.shape()[1]);
-        let h = h.add(&t.reshape(&[b, c, 1, 1])?)?;
-        let h = self.norm2.forward(fw.ctx, &h, true)?;
-        let h = self.conv2.forward(fw.ctx, &h)?;
+        let h = self.core.forward(fw.ctx, &h, temb_act)?;
         let skip = match &self.shortcut {
             Some(s) => s.forward(fw.ctx, x)?,
             None => x.clone(),
@@ -247,8 +261,7 @@ struct TransformerBlock {
     norm2: (Tensor, Tensor),
     attn2: CrossAttention,
     norm3: (Tensor, Tensor),
-    ff_in: Linear,
-    ff_out: Linear,
+    ff: Arc<dyn FeedForwardLayer>,
 }
 
 impl TransformerBlock {
@@ -295,8 +308,19 @@ impl TransformerBlock {
                 heads,
             },
             norm3: ln("norm3")?,
-            ff_in: Linear::load(w, &format!("{p}.ff.net.0.proj"), dim, inner * 2, true)?,
-            ff_out: Linear::load(w, &format!("{p}.ff.net.2"), inner, dim, true)?,
+            ff: {
+                let fin = Linear::load(w, &format!("{p}.ff.net.0.proj"), dim, inner * 2, true)?;
+                let fout = Linear::load(w, &format!("{p}.ff.net.2"), inner, dim, true)?;
+                f.feed_forward(
+                    &format!("{p}.ff"),
+                    FeedForwardWeights {
+                        proj: fin.w,
+                        proj_bias: fin.b,
+                        out: fout.w,
+                        out_bias: fout.b,
+                    },
+                )?
+            },
         })
     }
 
@@ -314,7 +338,7 @@ impl TransformerBlock {
         let h = x.layer_norm(Some(&self.norm2.0), Some(&self.norm2.1), 1e-5)?;
         let x = self.attn2.forward(fw, &h, cond)?.add(&x)?;
         let h = x.layer_norm(Some(&self.norm3.0), Some(&self.norm3.1), 1e-5)?;
-        let h = self.ff_out.forward(&self.ff_in.forward(&h)?.geglu()?)?;
+        let h = self.ff.forward(fw.ctx, &h)?;
         fw.tap(&format!("{}.ff", self.name), &h);
         let out = h.add(&x)?;
         fw.tap(&self.name, &out);
