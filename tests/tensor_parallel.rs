@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use pcpp_comm::{CommKind, LocalTransport, Transport, TransportOptions};
 use pcpp_core::plan::{plan, PlanSetup};
-use pcpp_core::{ParallelConfig, PatchRuntime, SerialFactory, StepDriver};
+use pcpp_core::{ParallelConfig, PatchRuntime, SerialFactory};
 use pcpp_kernels::{DType, Tensor};
 use pcpp_sdxl::{unet_inventory, UNet, UNetCond, UNetConfig};
 use pcpp_tests::{assert_close, data, TOL_RANKS};
