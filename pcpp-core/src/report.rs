@@ -182,7 +182,9 @@ pub struct RunReport {
     pub patch: usize,
     /// Parallel scheme.
     pub mode: crate::ParallelMode,
-    /// Partial-conditioning portion per level (PCPP).
+    /// Partial-conditioning portion per level (PCPP); DistriFusion's infinite portion is
+    /// written as `null` in JSON and read back as infinity.
+    #[serde(with = "portion_json")]
     pub portion: Vec<f64>,
     /// Group-norm statistics mode.
     pub gn_mode: crate::GnMode,
@@ -201,4 +203,36 @@ pub struct RunReport {
     /// Smallest and largest age (in steps) of any stale read; both 1 when the schedule is right.
     pub min_stale_age: u64,
     pub max_stale_age: u64,
+}
+
+/// JSON has no infinity: portions that are not finite travel as `null`.
+pub mod portion_json {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    /// Writes non-finite values as `null`.
+    pub fn serialize<S: Serializer>(v: &[f64], s: S) -> Result<S::Ok, S::Error> {
+        let o: Vec<Option<f64>> = v.iter().map(|x| x.is_finite().then_some(*x)).collect();
+        o.serialize(s)
+    }
+
+    /// Reads `null` as infinity.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+        let o: Vec<Option<f64>> = Vec::deserialize(d)?;
+        Ok(o.into_iter().map(|x| x.unwrap_or(f64::INFINITY)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn infinite_portion_survives_json() {
+        let r = RunReport {
+            portion: vec![f64::INFINITY, 0.3],
+            ..RunReport::default()
+        };
+        let back: RunReport = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back.portion, r.portion);
+    }
 }
