@@ -147,12 +147,12 @@ pub fn run(a: PlanArgs) -> Result<()> {
         "received per rank per warm-up step: {:.3} MB",
         mb(p.bytes_per_warmup_step)
     )?;
-    writeln!(out, "rank  group band rows  steady recv MB  halo  attention  group-norm  gather   stale cache MB")?;
+    writeln!(out, "rank  group band rows  steady recv MB  halo  attention  group-norm  gather  all-reduce   stale cache MB")?;
     for r in &p.ranks {
         let s = &r.steady.recvd;
         writeln!(
             out,
-            "{:>4}  {:>5} {:>4} {:>4}  {:>14.3}  {:>5.2} {:>9.2}  {:>10.4}  {:>6.2}   {:>14.3}",
+            "{:>4}  {:>5} {:>4} {:>4}  {:>14.3}  {:>5.2} {:>9.2}  {:>10.4}  {:>6.2}  {:>10.2}   {:>14.3}",
             r.world_rank,
             r.group,
             r.patch,
@@ -162,6 +162,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
             mb(s.attention as f64),
             mb(s.group_norm as f64),
             mb(s.gather as f64),
+            mb(s.all_reduce as f64),
             mb(r.cache_bytes as f64)
         )?;
     }

@@ -218,6 +218,22 @@ fn tensor_parallel_equals_serial_and_moves_the_planned_bytes() {
 }
 
 #[test]
+fn distrifusion_runs_over_ranks_and_reports_its_infinite_portion() {
+    let flags = [
+        "--ranks",
+        "2",
+        "--no-cfg-split",
+        "--parallel",
+        "distrifusion",
+    ];
+    let mut with_warmup = flags.to_vec();
+    with_warmup.extend_from_slice(&["--warmup-steps", "2"]);
+    let (_, r) = generate("df", &with_warmup);
+    assert_report_is_plan("distrifusion", &r, &plan(&flags));
+    assert_eq!(r["per_rank"][0]["portion"], serde_json::json!([null]));
+}
+
+#[test]
 fn flags_that_do_not_apply_are_errors() {
     for (flags, needle) in [
         (
