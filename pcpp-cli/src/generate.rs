@@ -17,8 +17,9 @@ use pcpp_comm::launch;
 use pcpp_comm::{CommKind, LocalTransport, RankError, Transport, TransportKind, TransportOptions};
 use pcpp_core::{ParallelConfig, ParallelMode, PatchRuntime, RunReport};
 use pcpp_kernels::io::SafetensorsFile;
-use pcpp_kernels::{DType, Tensor};
+use pcpp_kernels::{DType, Device, Tensor};
 use pcpp_sdxl::scheduler::SchedulerKind;
+use pcpp_sdxl::weights::{find_weight_file, Weights};
 use pcpp_sdxl::{
     denoise, to_rgb8, DenoiseParams, MicroCond, ModelIndex, Pipeline, PromptEmbeds, TextEncoders,
     UNet, UNetConfig, VaeDecoder,
@@ -44,6 +45,33 @@ pub enum TransportArg {
     Nccl,
     /// NCCL if available, else MPI under mpirun, else local.
     Auto,
+}
+
+/// Where the UNet runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    /// The CPU twin.
+    Cpu,
+    /// The GPU of this rank's node-local rank (`cuda:{local_rank}`; GPU 0 for local ranks).
+    Cuda,
+}
+
+impl DeviceArg {
+    /// The device of a rank whose GPU ordinal is `gpu`.
+    pub fn device(self, gpu: usize) -> Device {
+        match self {
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Cuda => Device::Cuda(gpu),
+        }
+    }
+
+    /// Errors if this build cannot run on the device.
+    pub fn check_built(self) -> Result<()> {
+        if self == DeviceArg::Cuda && !cfg!(feature = "cuda") {
+            bail!("--device cuda: this build has no CUDA back-end; rebuild pcpp-cli with `--features cuda`");
+        }
+        Ok(())
+    }
 }
 
 /// The scheduler flag.
@@ -140,6 +168,9 @@ pub struct GenerateArgs {
     /// Write a JSON report (per-step time, bytes by layer kind, waits) to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Where the UNet weights and activations live (text encoders and VAE stay on the CPU).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
 }
 
 /// A text argument that may arrive as any bytes: non-UTF-8 input is an error naming the flag.
@@ -242,6 +273,7 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
     if a.timeout == 0 {
         bail!("--timeout must be at least 1 second");
     }
+    a.device.check_built()?;
     let portions = parse_portions(&a.portion)?;
     let index = ModelIndex::load(&model)?;
     let (sample, channels, vae_scale) = model_geometry(&model)?;
@@ -402,8 +434,10 @@ fn run_rank(
     plan: &Plan,
     pcfg: &ParallelConfig,
     world: Arc<dyn Transport>,
+    gpu: usize,
 ) -> Result<Option<RankResult>> {
     let rank = world.rank();
+    let device = a.device.device(gpu);
     let unet_dir = plan.model.join("unet");
     let ucfg = UNetConfig::from_file(&unet_dir.join("config.json"))?;
     let factor = ucfg.downsample_factor();
@@ -450,12 +484,17 @@ fn run_rank(
         bail!("internal: broadcast of the prompt embeddings");
     };
     let embeds = PromptEmbeds {
-        prompt_embeds,
-        pooled,
+        prompt_embeds: prompt_embeds.to_device(device)?,
+        pooled: pooled.to_device(device)?,
         truncated: false,
     };
 
-    let unet = UNet::load(&unet_dir, DType::F32, runtime.factory())?;
+    let weights = Weights::open(
+        &find_weight_file(&unet_dir, "diffusion_pytorch_model")?,
+        DType::F32,
+    )?
+    .on_device(device);
+    let unet = UNet::build(ucfg, &weights, runtime.factory())?;
     let sched = Pipeline::load_scheduler_config(&plan.model)?;
     let pb = (rank == 0).then(|| progress_bar(a.steps));
     let latents = denoise(
@@ -527,7 +566,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let kind = launch::resolve(a.transport.into(), &env);
     let result = if kind == TransportKind::Local {
         let outs = LocalTransport::run(a.ranks, transport_options(&a), |t| {
-            run_rank(&a, &plan, &pcfg, t)
+            run_rank(&a, &plan, &pcfg, t, 0)
         })
         .map_err(|e| match e {
             RankError::Failed { rank, source } => anyhow::anyhow!("rank {rank}: {source:#}"),
@@ -556,7 +595,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         if let Err(e) = launch::check_same_everywhere(world.as_ref(), &hash) {
             launch::abort_job(world.as_ref(), &e.to_string());
         }
-        match run_rank(&a, &plan, &pcfg, world.clone()) {
+        match run_rank(&a, &plan, &pcfg, world.clone(), conn.local_rank) {
             Ok(r) => r,
             Err(e) => launch::abort_job(world.as_ref(), &format!("{e:#}")),
         }

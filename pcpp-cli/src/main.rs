@@ -2,7 +2,8 @@
 //!
 //! Subcommands: `generate` (text to image, serial or patch-parallel), `unet` (one UNet forward from a
 //! safetensors file of inputs, a parity and debugging hook), `compare` (PSNR / SSIM of two images), `plan` (bytes per step without weights),
-//! `bench` (UNet forward timing).
+//! `bench` (UNet forward timing), `patch-bench` (patch-parallel denoising loop timing with random
+//! weights).
 //! This is the only crate that reads the environment and uses `anyhow`. User errors print one
 //! `error: ...` line (no backtrace) and exit with status 1; bad flags exit with clap's status 2.
 
@@ -10,6 +11,7 @@ mod bench;
 mod compare;
 mod generate;
 mod output;
+mod patch_bench;
 mod plan_cmd;
 mod unet_cmd;
 
@@ -37,6 +39,9 @@ enum Command {
     Plan(plan_cmd::PlanArgs),
     /// Time the UNet forward (CPU) for a model or a config with random weights.
     Bench(bench::Args),
+    /// Time the patch-parallel denoising loop of a config with random weights (CPU or GPU, any
+    /// transport), per step, with bytes per step and the final latents.
+    PatchBench(Box<patch_bench::PatchBenchArgs>),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +52,7 @@ fn main() -> ExitCode {
         Command::Compare(a) => compare::run(a),
         Command::Plan(a) => plan_cmd::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::PatchBench(a) => patch_bench::run(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
