@@ -13,6 +13,8 @@
 #   GPUS       GPU counts for the parallel runs (default "2 4")
 #   MODES      parallel modes (default "pcpp distrifusion naive-patch")
 #   TRANSPORTS transports for the parallel runs (default "nccl mpi")
+#   MPI_MODES  modes run over MPI (default "pcpp"; NCCL runs every mode)
+#   RUN_TIMEOUT seconds one run may take before it is killed (default 600)
 #   STEPS      Euler steps per size, e.g. "1024:50 2048:50" (default 50 for every size)
 #   PORTION    PCPP portion (default 0.3)
 #   DTYPE      f16 (default) or f32
@@ -26,6 +28,8 @@ SIZES=${SIZES:-"1024 2048"}
 GPUS=${GPUS:-"2 4"}
 MODES=${MODES:-"pcpp distrifusion naive-patch"}
 TRANSPORTS=${TRANSPORTS:-"nccl mpi"}
+MPI_MODES=${MPI_MODES:-"pcpp"}
+RUN_TIMEOUT=${RUN_TIMEOUT:-600}
 STEPS=${STEPS:-}
 PORTION=${PORTION:-0.3}
 DTYPE=${DTYPE:-f16}
@@ -53,9 +57,10 @@ bench() { # name ranks transport mode size steps
         --report "$OUT/$name.json" --save-latents "$OUT/$name.safetensors")
     local start=$SECONDS
     if [[ $n == 1 ]]; then
-        "$BIN/pcpp-cli" "${args[@]}" --transport local --ranks 1 >"$OUT/$name.log" 2>&1
+        timeout "$RUN_TIMEOUT" "$BIN/pcpp-cli" "${args[@]}" --transport local --ranks 1 \
+            >"$OUT/$name.log" 2>&1
     else
-        mpirun --allow-run-as-root --oversubscribe -n "$n" -x NCCL_NVLS_ENABLE \
+        timeout "$RUN_TIMEOUT" mpirun --allow-run-as-root --oversubscribe -n "$n" -x NCCL_NVLS_ENABLE \
             "$BIN/pcpp-cli" "${args[@]}" --transport "$transport" >"$OUT/$name.log" 2>&1
     fi
     local rc=$?
@@ -68,7 +73,9 @@ for size in $SIZES; do
     bench "${size}_serial_local_1" 1 local serial "$size" "$steps"
     for n in $GPUS; do
         for transport in $TRANSPORTS; do
-            for mode in $MODES; do
+            modes=$MODES
+            [[ $transport == mpi ]] && modes=$MPI_MODES
+            for mode in $modes; do
                 bench "${size}_${mode}_${transport}_${n}" "$n" "$transport" "$mode" "$size" "$steps"
             done
         done

@@ -21,7 +21,15 @@ fn bench(name: &str, ranks: usize, extra: &[&str]) -> (Vec<f32>, serde_json::Val
     let lat = tmp(&format!("{name}.safetensors"));
     let rep = tmp(&format!("{name}.json"));
     let out = Command::new(env!("CARGO_BIN_EXE_pcpp-cli"))
-        .args(["patch-bench", "--device", "cpu", "--dtype", "f32", "--steps", "3"])
+        .args([
+            "patch-bench",
+            "--device",
+            "cpu",
+            "--dtype",
+            "f32",
+            "--steps",
+            "3",
+        ])
         .args(["--height", "256", "--width", "64", "--transport", "local"])
         .arg("--config")
         .arg(tiny())

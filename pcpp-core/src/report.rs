@@ -172,7 +172,9 @@ pub struct RunReport {
     pub patch: usize,
     /// Parallel scheme.
     pub mode: crate::ParallelMode,
-    /// Partial-conditioning portion per level (PCPP).
+    /// Partial-conditioning portion per level (PCPP); infinite (full context, DistriFusion) is
+    /// written as JSON `null` and read back as infinity.
+    #[serde(with = "portion_json")]
     pub portion: Vec<f64>,
     /// Group-norm statistics mode.
     pub gn_mode: crate::GnMode,
@@ -185,4 +187,36 @@ pub struct RunReport {
     /// Smallest and largest age (in steps) of any stale read; both 1 when the schedule is right.
     pub min_stale_age: u64,
     pub max_stale_age: u64,
+}
+
+/// JSON has no infinity: portions travel as numbers, or `null` for an infinite (full) window.
+mod portion_json {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[f64], s: S) -> Result<S::Ok, S::Error> {
+        let o: Vec<Option<f64>> = v.iter().map(|&x| x.is_finite().then_some(x)).collect();
+        o.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+        let o: Vec<Option<f64>> = Vec::deserialize(d)?;
+        Ok(o.into_iter().map(|x| x.unwrap_or(f64::INFINITY)).collect())
+    }
+}
+
+#[cfg(test)]
+mod portion_tests {
+    use super::*;
+
+    #[test]
+    fn infinite_portion_survives_json() {
+        let r = RunReport {
+            portion: vec![0.3, f64::INFINITY],
+            ..RunReport::default()
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(text.contains("\"portion\":[0.3,null]"), "{text}");
+        let back: RunReport = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.portion, r.portion);
+    }
 }
