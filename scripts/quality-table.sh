@@ -15,7 +15,7 @@ cargo build --release -q -p pcpp-cli
 BIN=target/release/pcpp-cli
 DIR=$(mktemp -d)
 PROMPT="A painting of a squirrel eating a burger"
-common=(generate --prompt "$PROMPT" --steps "$STEPS" --height "$SIZE" --width "$SIZE" --seed 1 --no-cfg-split)
+common=(generate --prompt "$PROMPT" --steps "$STEPS" --height "$SIZE" --width "$SIZE" --seed 1)
 $BIN "${common[@]}" --output "$DIR/serial.png"
 REST=$(awk '/^## The quality workflow/{p=1} p' docs/quality.md 2>/dev/null || true)
 {
@@ -25,10 +25,10 @@ REST=$(awk '/^## The quality workflow/{p=1} p' docs/quality.md 2>/dev/null || tr
   echo "\`models/tiny-sdxl\` (random weights: the images are noise-like, so these figures compare the"
   echo "schemes' deviation from the serial result, not picture quality), prompt \"$PROMPT\", seed 1,"
   echo "${SIZE}×${SIZE} pixels, $STEPS Euler steps, guidance 5, 4 synchronous warm-up steps (none for naive"
-  echo "patch), both CFG branches on every rank (\`--no-cfg-split\`, so N ranks = N bands), corrected asynchronous group norm, \`--transport local\`. PSNR (dB) and SSIM of"
+  echo "patch), CFG split (N ranks = two groups of N/2 bands: with 2 ranks each branch runs whole on one rank, hence identical to serial), corrected asynchronous group norm, \`--transport local\`. PSNR (dB) and SSIM of"
   echo "each image against the serial image, from \`pcpp-cli compare\`."
   echo
-  echo "| scheme | portion | 2 bands PSNR / SSIM | 4 bands PSNR / SSIM | 8 bands PSNR / SSIM |"
+  echo "| scheme | portion | 2 ranks PSNR / SSIM | 4 ranks PSNR / SSIM | 8 ranks PSNR / SSIM |"
   echo "|---|---|---|---|---|"
   for scheme in "pcpp 0" "pcpp 0.1" "pcpp 0.3" "pcpp 0.5" "pcpp 1" "distrifusion -" "naive-patch -"; do
     set -- $scheme

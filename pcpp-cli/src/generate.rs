@@ -17,8 +17,9 @@ use pcpp_comm::launch;
 use pcpp_comm::{CommKind, LocalTransport, RankError, Transport, TransportKind, TransportOptions};
 use pcpp_core::{ParallelConfig, ParallelMode, PatchRuntime, RunReport};
 use pcpp_kernels::io::SafetensorsFile;
-use pcpp_kernels::{DType, Tensor};
+use pcpp_kernels::{DType, Device, Tensor};
 use pcpp_sdxl::scheduler::SchedulerKind;
+use pcpp_sdxl::weights::{find_weight_file, Weights};
 use pcpp_sdxl::{
     denoise_with, image_from_rgb8, img2img_start_step, to_rgb8, DenoiseParams, DenoiseStart,
     MicroCond, ModelIndex, Pipeline, PromptEmbeds, StepNoise, TextEncoders, UNet, UNetConfig,
@@ -45,6 +46,33 @@ pub enum TransportArg {
     Nccl,
     /// NCCL if available, else MPI under mpirun, else local.
     Auto,
+}
+
+/// Where the UNet runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    /// The CPU twin.
+    Cpu,
+    /// The GPU of this rank's node-local rank (`cuda:{local_rank}`; GPU 0 for local ranks).
+    Cuda,
+}
+
+impl DeviceArg {
+    /// The device of a rank whose GPU ordinal is `gpu`.
+    pub fn device(self, gpu: usize) -> Device {
+        match self {
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Cuda => Device::Cuda(gpu),
+        }
+    }
+
+    /// Errors if this build cannot run on the device.
+    pub fn check_built(self) -> Result<()> {
+        if self == DeviceArg::Cuda && !cfg!(feature = "cuda") {
+            bail!("--device cuda: this build has no CUDA back-end; rebuild pcpp-cli with `--features cuda`");
+        }
+        Ok(())
+    }
 }
 
 /// The scheduler flag.
@@ -173,6 +201,9 @@ pub struct GenerateArgs {
     /// SDXL micro-conditioning: target image size `H,W` (default: the output size).
     #[arg(long)]
     pub target_size: Option<String>,
+    /// Where the UNet weights and activations live (text encoders and VAE stay on the CPU).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
 }
 
 /// Parses `A,B` (two non-negative integers) for `flag`.
@@ -302,6 +333,7 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
     if a.timeout == 0 {
         bail!("--timeout must be at least 1 second");
     }
+    a.device.check_built()?;
     let portions = parse_portions(&a.portion)?;
     let index = ModelIndex::load(&model)?;
     let (sample, channels, vae_scale) = model_geometry(&model)?;
@@ -507,8 +539,10 @@ fn run_rank(
     plan: &Plan,
     pcfg: &ParallelConfig,
     world: Arc<dyn Transport>,
+    gpu: usize,
 ) -> Result<Option<RankResult>> {
     let rank = world.rank();
+    let device = a.device.device(gpu);
     let unet_dir = plan.model.join("unet");
     let ucfg = UNetConfig::from_file(&unet_dir.join("config.json"))?;
     let factor = ucfg.downsample_factor();
@@ -576,12 +610,17 @@ fn run_rank(
         _ => DenoiseStart::Noise(&noise),
     };
     let embeds = PromptEmbeds {
-        prompt_embeds,
-        pooled,
+        prompt_embeds: prompt_embeds.to_device(device)?,
+        pooled: pooled.to_device(device)?,
         truncated: false,
     };
 
-    let unet = UNet::load(&unet_dir, DType::F32, runtime.factory())?;
+    let weights = Weights::open(
+        &find_weight_file(&unet_dir, "diffusion_pytorch_model")?,
+        DType::F32,
+    )?
+    .on_device(device);
+    let unet = UNet::build(ucfg, &weights, runtime.factory())?;
     let sched = Pipeline::load_scheduler_config(&plan.model)?;
     let run_steps = match &plan.init {
         Some((_, strength)) => a.steps - img2img_start_step(a.steps, *strength)?,
@@ -661,7 +700,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let kind = launch::resolve(a.transport.into(), &env);
     let result = if kind == TransportKind::Local {
         let outs = LocalTransport::run(a.ranks, transport_options(&a), |t| {
-            run_rank(&a, &plan, &pcfg, t)
+            run_rank(&a, &plan, &pcfg, t, 0)
         })
         .map_err(|e| match e {
             RankError::Failed { rank, source } => anyhow::anyhow!("rank {rank}: {source:#}"),
@@ -690,7 +729,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         if let Err(e) = launch::check_same_everywhere(world.as_ref(), &hash) {
             launch::abort_job(world.as_ref(), &e.to_string());
         }
-        match run_rank(&a, &plan, &pcfg, world.clone()) {
+        match run_rank(&a, &plan, &pcfg, world.clone(), conn.local_rank) {
             Ok(r) => r,
             Err(e) => launch::abort_job(world.as_ref(), &format!("{e:#}")),
         }

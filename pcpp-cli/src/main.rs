@@ -2,7 +2,8 @@
 //!
 //! Subcommands: `generate` (text to image, serial or patch-parallel), `unet` (one UNet forward from a
 //! safetensors file of inputs, a parity and debugging hook), `compare` (PSNR / SSIM of two images), `plan` (bytes per step without weights),
-//! `bench` (UNet forward timing), `convert` (diffusers folder ↔ single-file checkpoint).
+//! `bench` (UNet forward timing), `convert` (diffusers folder ↔ single-file checkpoint),
+//! `patch-bench` (patch-parallel denoising loop timing with random weights).
 //! This is the only crate that reads the environment and uses `anyhow`. User errors print one
 //! `error: ...` line (no backtrace) and exit with status 1; bad flags exit with clap's status 2.
 
@@ -13,6 +14,7 @@ mod convert;
 mod generate;
 mod mode_flags;
 mod output;
+mod patch_bench;
 mod plan_cmd;
 mod unet_cmd;
 
@@ -42,6 +44,9 @@ enum Command {
     Bench(bench::Args),
     /// Convert an SDXL pipeline between a diffusers folder and a single-file checkpoint.
     Convert(convert::ConvertArgs),
+    /// Time the patch-parallel denoising loop of a config with random weights (CPU or GPU, any
+    /// transport), per step, with bytes per step and the final latents.
+    PatchBench(Box<patch_bench::PatchBenchArgs>),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +58,7 @@ fn main() -> ExitCode {
         Command::Plan(a) => plan_cmd::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::PatchBench(a) => patch_bench::run(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

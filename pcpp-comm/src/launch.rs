@@ -70,7 +70,7 @@ impl TransportKind {
             TransportKind::Local | TransportKind::Auto => true,
             TransportKind::Mpi => cfg!(feature = "mpi"),
             TransportKind::Ucx => cfg!(feature = "ucx"),
-            TransportKind::Nccl => false,
+            TransportKind::Nccl => cfg!(feature = "nccl"),
         }
     }
 
@@ -226,7 +226,11 @@ pub fn under_mpirun() -> bool {
 /// (only [`TransportKind::Auto`] changes).
 pub fn resolve(kind: TransportKind, env: &LaunchEnv) -> TransportKind {
     match kind {
-        TransportKind::Auto if TransportKind::Nccl.is_built() => TransportKind::Nccl,
+        TransportKind::Auto
+            if TransportKind::Nccl.is_built() && (env.under_mpi || env.ucx_root.is_some()) =>
+        {
+            TransportKind::Nccl
+        }
         TransportKind::Auto if env.under_mpi && TransportKind::Mpi.is_built() => TransportKind::Mpi,
         TransportKind::Auto if env.ucx_root.is_some() && TransportKind::Ucx.is_built() => {
             TransportKind::Ucx
@@ -332,6 +336,7 @@ pub fn connect(
         }),
         TransportKind::Mpi => connect_mpi(env, opts),
         TransportKind::Ucx => connect_ucx(env, opts),
+        TransportKind::Nccl => connect_nccl(env, opts),
         other => Err(not_built(other)),
     }
 }
@@ -425,6 +430,71 @@ fn connect_ucx(env: &LaunchEnv, opts: &ConnectOptions) -> Result<Connection, Com
         #[cfg(feature = "mpi")]
         mpi: None,
     })
+}
+
+/// NCCL: the unique id travels over MPI under an MPI launcher (with the `mpi` feature), else
+/// through the TCP rendezvous at [`LaunchEnv::ucx_root`] (`PCPP_UCX_ROOT`, shared with UCX). The
+/// GPU is the node-local rank.
+#[cfg(feature = "nccl")]
+fn connect_nccl(env: &LaunchEnv, opts: &ConnectOptions) -> Result<Connection, CommError> {
+    use crate::NcclTransport;
+    #[cfg(feature = "mpi")]
+    if env.under_mpi {
+        let (world, ctx) = crate::MpiTransport::init_typed(opts.transport.clone())?;
+        let nccl =
+            NcclTransport::init_over(world.as_ref(), ctx.local_rank, opts.transport.clone())?;
+        drop(world);
+        return Ok(Connection {
+            description: format!(
+                "nccl {} (bootstrap: mpi), rank {}/{}, GPU {}",
+                NcclTransport::nccl_version(),
+                ctx.rank,
+                ctx.size,
+                ctx.local_rank
+            ),
+            transport: nccl,
+            kind: TransportKind::Nccl,
+            rank: ctx.rank,
+            world_size: ctx.size,
+            local_rank: ctx.local_rank,
+            mpi: Some(ctx),
+        });
+    }
+    let (rank, size) = env.rank_and_size()?;
+    let root = env.ucx_root.as_deref().ok_or_else(|| CommError::Setup {
+        op: "connect",
+        rank,
+        detail: "transport nccl without MPI needs PCPP_UCX_ROOT=host:port (where rank 0 listens) \
+                 and PCPP_LOCAL_RANK or a launcher's local rank (the GPU)"
+            .into(),
+    })?;
+    let local_rank = env.local_rank.unwrap_or(rank);
+    let nccl = NcclTransport::init_rendezvous(
+        root,
+        rank,
+        size,
+        local_rank,
+        opts.transport.clone(),
+        opts.rendezvous_timeout,
+    )?;
+    Ok(Connection {
+        description: format!(
+            "nccl {} (bootstrap: rendezvous {root}), rank {rank}/{size}, GPU {local_rank}",
+            NcclTransport::nccl_version()
+        ),
+        transport: nccl,
+        kind: TransportKind::Nccl,
+        rank,
+        world_size: size,
+        local_rank,
+        #[cfg(feature = "mpi")]
+        mpi: None,
+    })
+}
+
+#[cfg(not(feature = "nccl"))]
+fn connect_nccl(_: &LaunchEnv, _: &ConnectOptions) -> Result<Connection, CommError> {
+    Err(not_built(TransportKind::Nccl))
 }
 
 /// Collective: the number of lower ranks running on this host (the node-local
@@ -615,7 +685,11 @@ mod tests {
         let e = connect(TransportKind::Local, &env, &opts).unwrap_err();
         assert!(e.to_string().contains("LocalTransport"), "{e}");
         let e = connect(TransportKind::Nccl, &env, &opts).unwrap_err();
-        assert!(e.to_string().contains("--features nccl"), "{e}");
+        if cfg!(feature = "nccl") {
+            assert!(e.to_string().contains("PCPP_RANK"), "{e}");
+        } else {
+            assert!(e.to_string().contains("--features nccl"), "{e}");
+        }
         if !cfg!(feature = "ucx") {
             let e = connect(TransportKind::Ucx, &env, &opts).unwrap_err();
             assert!(e.to_string().contains("--features ucx"), "{e}");

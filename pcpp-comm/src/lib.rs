@@ -7,7 +7,7 @@
 //! [`Pending`] handle, per-[`CommKind`] traffic statistics, transport-agnostic
 //! [`collectives`], the in-process [`LocalTransport`], a [`conformance`] suite
 //! every back-end must pass, behind the `mpi` and `ucx` features the MPI and
-//! UCX back-ends, the TCP [`rendezvous`] and the [`launch`] API the CLI
+//! UCX back-ends, behind `nccl` the NCCL back-end (one GPU per rank), the TCP [`rendezvous`] and the [`launch`] API the CLI
 //! starts process-based back-ends with.
 
 pub mod collectives;
@@ -17,6 +17,8 @@ pub mod launch;
 mod local;
 #[cfg(feature = "mpi")]
 mod mpi_transport;
+#[cfg(feature = "nccl")]
+mod nccl_transport;
 pub mod rendezvous;
 mod stats;
 mod transport;
@@ -28,6 +30,8 @@ pub use launch::TransportKind;
 pub use local::{LocalTransport, RankError};
 #[cfg(feature = "mpi")]
 pub use mpi_transport::{MpiContext, MpiTransport};
+#[cfg(feature = "nccl")]
+pub use nccl_transport::NcclTransport;
 pub use stats::{CommKind, CommStats, KindStats, StatsCounter};
 pub use transport::{Pending, PendingOp, Transport, TransportOptions, RESERVED_TAG_BASE};
 #[cfg(feature = "ucx")]

@@ -19,6 +19,10 @@
 //! Stale data of step `t` is posted right after it is produced and waited for only when the same
 //! layer needs it at step `t + 1` (§7.4), through the double-buffered [`StaleCache`] (§7.1).
 //! Bytes are counted per kind when an exchange is posted.
+//!
+//! Activations may live on a GPU: what is sent is copied to host memory (`Tensor::to_bytes`), what
+//! arrives is turned back into tensors on the activation's device, so host-staged transports (MPI,
+//! UCX, local, NCCL through host buffers) carry GPU runs unchanged.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -313,8 +317,20 @@ fn dims4(id: &str, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
     }
 }
 
+/// A tensor of `shape` from received bytes, in `like`'s dtype and on `like`'s device: bytes that
+/// came through host memory go back to the GPU the activations live on (a no-op copy-free path on
+/// the CPU).
 fn tensor_from(id: &str, shape: &[usize], like: &Tensor, bytes: &[u8]) -> Result<Tensor> {
-    Tensor::from_bytes(shape, like.dtype(), bytes).at(id)
+    Tensor::from_bytes(shape, like.dtype(), bytes)
+        .and_then(|t| t.to_device(like.device()))
+        .at(id)
+}
+
+/// Zero rows (image-border padding) in `like`'s dtype, on `like`'s device.
+fn zeros_like(id: &str, shape: &[usize], like: &Tensor) -> Result<Tensor> {
+    Tensor::zeros(shape, like.dtype())
+        .to_device(like.device())
+        .at(id)
 }
 
 /// The patch-parallel runtime of one rank: the layer factory, the step driver, the stale cache and
@@ -678,7 +694,7 @@ impl Conv2dLayer for HaloConv {
         }
         let mut parts = Vec::with_capacity(got.len() + 3);
         if hp.pad_top > 0 {
-            parts.push(Tensor::zeros(&[b, c, hp.pad_top, w], x.dtype()));
+            parts.push(zeros_like(id, &[b, c, hp.pad_top, w], x)?);
         }
         let n_above = hp.recv_above.len();
         for (&(_, n), bytes) in recv_rows.iter().zip(&got).take(n_above) {
@@ -689,7 +705,7 @@ impl Conv2dLayer for HaloConv {
             parts.push(tensor_from(id, &[b, c, n, w], x, bytes)?);
         }
         if hp.pad_bottom > 0 {
-            parts.push(Tensor::zeros(&[b, c, hp.pad_bottom, w], x.dtype()));
+            parts.push(zeros_like(id, &[b, c, hp.pad_bottom, w], x)?);
         }
         let refs: Vec<&Tensor> = parts.iter().collect();
         let xin = Tensor::cat(&refs, 2).at(id)?;
@@ -965,7 +981,9 @@ impl SelfAttentionLayer for PatchAttention {
                     let i = peers.iter().position(|p| p == j).ok_or_else(|| {
                         CoreError::Config(format!("layer `{id}`: no K/V from band {j}"))
                     })?;
-                    let t = tensor_from(id, &[b, tokens[*j], 2 * c], x, &got[i])?;
+                    // Cut on the host: the kept window goes straight back into host memory.
+                    let t =
+                        Tensor::from_bytes(&[b, tokens[*j], 2 * c], x.dtype(), &got[i]).at(id)?;
                     out.push(t.narrow(1, r.start, r.len()).at(id)?.to_bytes().at(id)?);
                 }
                 Ok(Some((out, Vec::new())))

@@ -1,0 +1,378 @@
+//! `pcpp-cli patch-bench`: the patch-parallel denoising loop (PCPP §1–§4, §7.4) of a full-size UNet
+//! config with seeded random weights and random text conditioning, on every rank of a
+//! process-based (MPI, UCX, NCCL) or local world: per-step time with real communication, bytes
+//! per step, and the final latents for PSNR / SSIM against a one-rank run.
+//!
+//! Every rank builds the same weights, conditioning and initial noise from the seeds (no model
+//! files and no text encoders needed), runs `--steps` Euler steps with classifier-free guidance
+//! and, on rank 0, writes a JSON report (`--report`) and the latents (`--save-latents`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use pcpp_comm::launch;
+use pcpp_comm::{CommKind, LocalTransport, RankError, Transport, TransportKind, TransportOptions};
+use pcpp_core::{ParallelConfig, ParallelMode, PatchRuntime, RunReport, StepDriver};
+use pcpp_kernels::{DType, Tensor};
+use pcpp_sdxl::scheduler::{self, SchedulerConfig, SchedulerKind};
+use pcpp_sdxl::weights::Weights;
+use pcpp_sdxl::{MicroCond, UNet, UNetCond, UNetConfig};
+
+use crate::generate::{parse_portions, seeded_noise, DeviceArg, TransportArg};
+use crate::output;
+
+/// Arguments of `pcpp-cli patch-bench`.
+#[derive(Debug, Args)]
+pub struct PatchBenchArgs {
+    /// Diffusers pipeline config folder with `unet/config.json` (+ `tensor_manifest.json`) and
+    /// `scheduler/scheduler_config.json`.
+    #[arg(long, default_value = "models/sdxl-base-1.0-configs")]
+    pub config: PathBuf,
+    /// Image height in pixels (latent = height / 8).
+    #[arg(long, default_value_t = 1024)]
+    pub height: usize,
+    /// Image width in pixels (latent = width / 8).
+    #[arg(long, default_value_t = 1024)]
+    pub width: usize,
+    /// Euler steps.
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    /// Guidance scale (> 1: classifier-free guidance, batch of two branches).
+    #[arg(long, default_value_t = 5.0)]
+    pub guidance: f32,
+    /// Storage dtype of weights and activations.
+    #[arg(long, default_value = "f16")]
+    pub dtype: DType,
+    /// Where the UNet runs.
+    #[arg(long, value_enum, default_value = "cuda")]
+    pub device: DeviceArg,
+    /// How ranks talk to each other.
+    #[arg(long, value_enum, default_value = "local")]
+    pub transport: TransportArg,
+    /// Number of ranks (with `--transport local`).
+    #[arg(long, default_value_t = 1)]
+    pub ranks: usize,
+    /// Parallel scheme: pcpp, distrifusion, naive-patch or serial.
+    #[arg(long, default_value = "pcpp")]
+    pub parallel: ParallelMode,
+    /// PCPP portion: one value, or one per resolution level separated by commas.
+    #[arg(long, default_value = "0.3")]
+    pub portion: String,
+    /// Synchronous warm-up steps (default 4, at most --steps).
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// Keep both CFG branches on every rank.
+    #[arg(long)]
+    pub no_cfg_split: bool,
+    /// Seed of the weights, the conditioning and the initial noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Seconds any wait for another rank may take.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+    /// Write the final latents (f32, tensor `latents`) to this safetensors file.
+    #[arg(long)]
+    pub save_latents: Option<PathBuf>,
+    /// Write the JSON report (per-step times, bytes per step and rank) to this file.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+struct RankOut {
+    latents: Tensor,
+    reports: Vec<RunReport>,
+    build_seconds: f64,
+}
+
+fn parallel_config(a: &PatchBenchArgs) -> Result<ParallelConfig> {
+    let portions = parse_portions(&a.portion)?;
+    let mut cfg = match a.parallel {
+        ParallelMode::Pcpp => ParallelConfig::pcpp(portions[0]),
+        ParallelMode::DistriFusion => ParallelConfig::distrifusion(),
+        ParallelMode::NaivePatch => ParallelConfig::naive_patch(),
+        ParallelMode::Serial => ParallelConfig::serial(),
+        ParallelMode::Tensor => ParallelConfig::tensor(),
+    };
+    if a.parallel == ParallelMode::Pcpp {
+        cfg.portion = portions;
+    }
+    if matches!(a.parallel, ParallelMode::Pcpp | ParallelMode::DistriFusion) {
+        cfg.warmup_steps = a.warmup_steps.unwrap_or(4).min(a.steps);
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// One rank's run: weights, conditioning, the denoising loop; results on rank 0.
+fn run_rank(
+    a: &PatchBenchArgs,
+    pcfg: &ParallelConfig,
+    world: Arc<dyn Transport>,
+    gpu: usize,
+) -> Result<Option<RankOut>> {
+    let t0 = Instant::now();
+    let device = a.device.device(gpu);
+    let unet_dir = a.config.join("unet");
+    let ucfg = UNetConfig::from_file(&unet_dir.join("config.json"))?;
+    let factor = ucfg.downsample_factor();
+    let (lh, lw) = (a.height / 8, a.width / 8);
+    if a.height % 8 != 0 || a.width % 8 != 0 || lh % factor != 0 || lw % factor != 0 {
+        bail!(
+            "--height {} --width {}: must be multiples of {}",
+            a.height,
+            a.width,
+            8 * factor
+        );
+    }
+    let cfg_on = a.guidance > 1.0;
+    let cfg_split = cfg_on && !a.no_cfg_split && world.size() >= 2;
+    let runtime = PatchRuntime::new(
+        world.clone(),
+        cfg_split,
+        pcfg.clone(),
+        lh,
+        lw,
+        factor.trailing_zeros() as usize,
+    )
+    .map_err(|e| anyhow::anyhow!("--ranks {}: {e}", world.size()))?;
+    let manifest = unet_dir.join("tensor_manifest.json");
+    let weights = if manifest.is_file() {
+        Weights::random_from_manifest(&manifest, a.dtype, a.seed)?
+    } else {
+        Weights::random_unet(&unet_dir.join("config.json"), a.dtype, a.seed)
+    }
+    .on_device(device);
+    let unet = UNet::build(ucfg.clone(), &weights, runtime.factory())?;
+    let sched_path = a.config.join("scheduler").join("scheduler_config.json");
+    let sched_cfg = SchedulerConfig::from_file(&sched_path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", sched_path.display()))?;
+    let mut sched = scheduler::build(SchedulerKind::Euler, &sched_cfg, a.steps)
+        .map_err(|e| anyhow::anyhow!("scheduler: {e}"))?;
+
+    // Conditioning of both branches, identical on every rank (seeded, generated on the device).
+    let text_dim = ucfg
+        .down
+        .iter()
+        .map(|b| b.cross_attention_dim)
+        .chain(ucfg.mid.map(|m| m.2))
+        .max()
+        .unwrap_or(1);
+    let pooled_dim = ucfg
+        .text_time
+        .map(|tt| tt.projection_input_dim - 6 * tt.time_embed_dim)
+        .unwrap_or(0);
+    let nb = if cfg_on { 2 } else { 1 };
+    let rnd = |shape: &[usize], seed: u64| {
+        Tensor::rand_uniform(shape, a.dtype, device, (-1.0, 1.0), seed ^ a.seed)
+    };
+    let text_all = rnd(&[nb, 77, text_dim], 11)?;
+    let pooled_all = rnd(&[nb, pooled_dim.max(1)], 12)?;
+    let branch = if cfg_on { runtime.cfg_branch() } else { None };
+    let (text, pooled) = match branch {
+        Some(g) => (text_all.narrow(0, g, 1)?, pooled_all.narrow(0, g, 1)?),
+        None => (text_all, pooled_all),
+    };
+    let fed = text.shape()[0];
+    let m = MicroCond::for_size(a.height, a.width);
+    let ids = [
+        m.original_size.0,
+        m.original_size.1,
+        m.crop_top_left.0,
+        m.crop_top_left.1,
+        m.target_size.0,
+        m.target_size.1,
+    ]
+    .map(|v| v as f32);
+    let time_ids = Tensor::from_vec(&[fed, 6], ids.repeat(fed))?
+        .to_dtype(a.dtype)?
+        .to_device(device)?;
+    let cond = UNetCond::new(
+        text,
+        (pooled_dim > 0).then_some(pooled),
+        (pooled_dim > 0).then_some(time_ids),
+    );
+    let shape = [1, ucfg.in_channels, lh, lw];
+    let noise = seeded_noise(&shape, a.seed)?;
+    let build_seconds = t0.elapsed().as_secs_f64();
+
+    let sigma0 = sched.init_noise_sigma() as f32;
+    let mut latents: Vec<f32> = noise.to_vec_f32()?.iter().map(|v| v * sigma0).collect();
+    let timesteps = sched.timesteps().to_vec();
+    let driver = runtime.driver();
+    driver.begin_generation()?;
+    for (i, &t) in timesteps.iter().enumerate() {
+        let scaled = sched
+            .scale_model_input(&latents, i)
+            .map_err(|e| anyhow::anyhow!("scheduler: {e}"))?;
+        let x = Tensor::from_vec(&shape, scaled)?
+            .to_dtype(a.dtype)?
+            .to_device(device)?;
+        let x_in = if cfg_on && branch.is_none() {
+            Tensor::cat(&[&x, &x], 0)?
+        } else {
+            x
+        };
+        let b = x_in.shape()[0];
+        let ts = Tensor::from_vec(&[b], vec![t as f32; b])?
+            .to_dtype(a.dtype)?
+            .to_device(device)?;
+        let out = unet.forward(&driver.step_ctx(i), &x_in, &ts, &cond, None)?;
+        let guided = if cfg_on {
+            let u = out.narrow(0, 0, 1)?;
+            let c = out.narrow(0, 1, 1)?;
+            u.add(&c.sub(&u)?.affine(a.guidance, 0.0)?)?
+        } else {
+            out
+        };
+        latents = sched
+            .step(&guided.to_vec_f32()?, i, &latents, None)
+            .map_err(|e| anyhow::anyhow!("scheduler: {e}"))?;
+    }
+    driver.end_generation()?;
+    let report = serde_json::to_vec(&runtime.report())?;
+    let all = world.all_gather(CommKind::Control, &report)?;
+    if world.rank() != 0 {
+        return Ok(None);
+    }
+    let reports = all
+        .iter()
+        .map(|r| serde_json::from_slice(r))
+        .collect::<std::result::Result<Vec<RunReport>, _>>()?;
+    Ok(Some(RankOut {
+        latents: Tensor::from_vec(&shape, latents)?,
+        reports,
+        build_seconds,
+    }))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Runs the command.
+pub fn run(a: PatchBenchArgs) -> Result<()> {
+    a.device.check_built()?;
+    if a.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    if a.ranks == 0 {
+        bail!("--ranks must be at least 1");
+    }
+    if a.timeout == 0 {
+        bail!("--timeout must be at least 1 second");
+    }
+    if let Some(p) = &a.report {
+        output::check_writable(p, "--report")?;
+    }
+    if let Some(p) = &a.save_latents {
+        output::check_writable(p, "--save-latents")?;
+    }
+    let pcfg = parallel_config(&a)?;
+    let opts = TransportOptions::with_timeout(std::time::Duration::from_secs(a.timeout));
+    let t0 = Instant::now();
+    let env = launch::LaunchEnv::from_env()?;
+    let kind = launch::resolve(a.transport.into(), &env);
+    let (res, desc) = if kind == TransportKind::Local {
+        let outs = LocalTransport::run(a.ranks, opts, |t| run_rank(&a, &pcfg, t, 0)).map_err(
+            |e| match e {
+                RankError::Failed { rank, source } => anyhow::anyhow!("rank {rank}: {source:#}"),
+                other => anyhow::anyhow!("{other}"),
+            },
+        )?;
+        (
+            outs.into_iter().flatten().next(),
+            format!("local, {} ranks", a.ranks),
+        )
+    } else {
+        let copts = launch::ConnectOptions {
+            transport: opts,
+            ..launch::ConnectOptions::default()
+        };
+        let conn = launch::connect(kind, &env, &copts)?;
+        let world = conn.transport.clone();
+        launch::abort_on_panic(world.clone());
+        let hash = launch::fingerprint(&[format!("{a:?}").as_bytes()]);
+        if let Err(e) = launch::check_same_everywhere(world.as_ref(), &hash) {
+            launch::abort_job(world.as_ref(), &e.to_string());
+        }
+        match run_rank(&a, &pcfg, world.clone(), conn.local_rank) {
+            Ok(r) => (r, conn.description.clone()),
+            Err(e) => launch::abort_job(world.as_ref(), &format!("{e:#}")),
+        }
+    };
+    let Some(res) = res else {
+        return Ok(());
+    };
+    let wall = t0.elapsed().as_secs_f64();
+    let r0 = res.reports.first();
+    let steps: Vec<f64> = r0
+        .map(|r| r.steps.iter().map(|s| s.seconds).collect())
+        .unwrap_or_default();
+    // Steady state: the steps after the synchronous warm-up (all but the first for serial runs).
+    let skip = if pcfg.mode == ParallelMode::Serial || res.reports.len() == 1 {
+        1
+    } else {
+        pcfg.warmup_steps.max(1)
+    };
+    let steady = median(steps.iter().skip(skip).copied().collect());
+    let denoise: f64 = steps.iter().sum();
+    let bytes_per_rank: Vec<u64> = res.reports.iter().map(|r| r.total.sent.total()).collect();
+    let stale_sent: Vec<u64> = res
+        .reports
+        .iter()
+        .map(|r| {
+            r.steps
+                .iter()
+                .skip(skip)
+                .map(|s| s.traffic.sent.total())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    println!(
+        "patch-bench {}x{} {} steps {} {} ranks={} ({desc}): denoise {denoise:.2} s, steady step {:.2} ms, setup {:.1} s, bytes sent per rank {:?}, per stale step (max) {:?}",
+        a.width,
+        a.height,
+        a.steps,
+        a.parallel,
+        a.dtype,
+        res.reports.len(),
+        steady * 1e3,
+        res.build_seconds,
+        bytes_per_rank,
+        stale_sent
+    );
+    if let Some(p) = &a.save_latents {
+        pcpp_kernels::io::save(p, &[("latents", &res.latents)], None)
+            .with_context(|| format!("--save-latents {}", p.display()))?;
+    }
+    if let Some(p) = &a.report {
+        let doc = serde_json::json!({
+            "config": a.config.display().to_string(),
+            "height": a.height,
+            "width": a.width,
+            "steps": a.steps,
+            "dtype": a.dtype.to_string(),
+            "mode": a.parallel.to_string(),
+            "portion": a.portion,
+            "transport": desc,
+            "ranks": res.reports.len(),
+            "setup_seconds": res.build_seconds,
+            "denoise_seconds": denoise,
+            "steady_step_seconds": steady,
+            "wall_seconds": wall,
+            "step_seconds": steps,
+            "per_rank": res.reports,
+        });
+        output::write_atomic(p, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+    }
+    Ok(())
+}
