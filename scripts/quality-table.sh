@@ -4,7 +4,7 @@
 # random-weight model shipped in the repository (so the numbers show the schemes' relative
 # behaviour, not SDXL's image quality).
 #
-# The table replaces everything above the "## The quality workflow" section of docs/quality.md.
+# The table replaces everything above the "## Group-norm modes" section of docs/quality.md.
 #
 # Usage: scripts/quality-table.sh [STEPS] [SIZE]     (defaults 20 steps, 128×128 pixels)
 set -euo pipefail
@@ -17,7 +17,7 @@ DIR=$(mktemp -d)
 PROMPT="A painting of a squirrel eating a burger"
 common=(generate --prompt "$PROMPT" --steps "$STEPS" --height "$SIZE" --width "$SIZE" --seed 1)
 $BIN "${common[@]}" --output "$DIR/serial.png"
-REST=$(awk '/^## The quality workflow/{p=1} p' docs/quality.md 2>/dev/null || true)
+REST=$(awk '/^## Group-norm modes/{p=1} p' docs/quality.md 2>/dev/null || true)
 {
   echo "# Quality of the parallel schemes against serial output"
   echo
