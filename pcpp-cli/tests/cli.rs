@@ -2,41 +2,14 @@
 //! pipeline, `unet` on a differently shaped UNet against diffusers, `compare`, and user errors
 //! (exit status ≠ 0, one message naming the flag or file, no panic, no output file).
 
+mod common;
+
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use pcpp_kernels::io::load_all;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn data(rel: &str) -> PathBuf {
-    repo().join("tests/data").join(rel)
-}
-
-fn cli(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pcpp-cli"))
-        .args(args)
-        .output()
-        .expect("run pcpp-cli")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pcpp-cli-test-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("tmp dir");
-    d.join(name)
-}
-
-fn rel(a: &pcpp_kernels::Tensor, b: &pcpp_kernels::Tensor) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    a.max_abs_diff(b).unwrap() / b.max_abs().unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{cli, data, rel, s, tmp};
 
 #[test]
 fn generate_from_stored_noise_matches_diffusers() {

@@ -5,40 +5,13 @@
 //! `convert` to a single file and back with `generate --model FILE` giving the identical image,
 //! and the new flags' user errors.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use std::path::PathBuf;
 
 use pcpp_kernels::io::load_all;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn data(rel: &str) -> PathBuf {
-    repo().join("tests/data").join(rel)
-}
-
-fn cli(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pcpp-cli"))
-        .args(args)
-        .output()
-        .expect("run pcpp-cli")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pcpp-cli-formats-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("tmp dir");
-    d.join(name)
-}
-
-fn rel(a: &pcpp_kernels::Tensor, b: &pcpp_kernels::Tensor) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    a.max_abs_diff(b).unwrap() / b.max_abs().unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{cli, data, rel, repo, s, tmp};
 
 /// Writes the reference init image (`vae_encode.safetensors` `image_u8`) as a PNG.
 fn init_png() -> PathBuf {

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 /// The repository root.
 pub fn repo() -> PathBuf {
@@ -60,4 +61,22 @@ pub fn latents(p: &Path) -> pcpp_kernels::Tensor {
 pub fn rel(a: &pcpp_kernels::Tensor, b: &pcpp_kernels::Tensor) -> f32 {
     assert_eq!(a.shape(), b.shape());
     a.max_abs_diff(b).unwrap() / b.max_abs().unwrap()
+}
+
+/// A file of the shipped test data.
+pub fn data(rel: &str) -> PathBuf {
+    repo().join("tests/data").join(rel)
+}
+
+/// Runs the built binary.
+pub fn cli(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pcpp-cli"))
+        .args(args)
+        .output()
+        .expect("run pcpp-cli")
+}
+
+/// A path as `&str`.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
 }
