@@ -10,6 +10,7 @@
 //! multistep (midpoint or Heun) step otherwise, in diffusers' `float32` operation order.
 
 use super::config::{self, FinalSigmas, PredictionType, TimestepSpacing};
+use super::euler::interp_unit_grid;
 use super::{check_step, Scheduler, SchedulerConfig, SchedulerError};
 
 /// The second-order update's form (`solver_type`).
@@ -72,20 +73,6 @@ pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
     let (low, high) = (log_sigmas[low_idx], log_sigmas[high_idx]);
     let w = ((f64::from(low) - log_sigma) / f64::from(low - high)).clamp(0.0, 1.0);
     (1.0 - w) * low_idx as f64 + w * high_idx as f64
-}
-
-/// `np.interp(x, arange(len(fp)), fp)` in `float64`.
-pub(crate) fn interp_unit_grid(x: f64, fp: &[f32]) -> f64 {
-    let last = fp.len() - 1;
-    if x <= 0.0 {
-        return f64::from(fp[0]);
-    }
-    if x >= last as f64 {
-        return f64::from(fp[last]);
-    }
-    let j = x.floor() as usize;
-    let (y0, y1) = (f64::from(fp[j]), f64::from(fp[j + 1]));
-    (y1 - y0) * (x - j as f64) + y0
 }
 
 impl DpmSolverPp2MScheduler {

@@ -17,7 +17,7 @@ pub struct EulerDiscreteScheduler {
 }
 
 /// `np.interp(x, arange(len(fp)), fp)` in `float64`.
-fn interp_unit_grid(x: f64, fp: &[f32]) -> f64 {
+pub(super) fn interp_unit_grid(x: f64, fp: &[f32]) -> f64 {
     let last = fp.len() - 1;
     if x <= 0.0 {
         return f64::from(fp[0]);
@@ -28,6 +28,57 @@ fn interp_unit_grid(x: f64, fp: &[f32]) -> f64 {
     let j = x.floor() as usize;
     let (y0, y1) = (f64::from(fp[j]), f64::from(fp[j + 1]));
     (y1 - y0) * (x - j as f64) + y0
+}
+
+/// The σ schedule shared by the Euler samplers: the inference timesteps (as `float32`, like
+/// diffusers), σ at each of them interpolated on the training grid (without the final σ), and the
+/// training σs themselves.
+pub(super) struct SigmaSchedule {
+    pub timesteps: Vec<f32>,
+    pub sigmas: Vec<f32>,
+    pub train_sigmas: Vec<f32>,
+}
+
+/// Builds the [`SigmaSchedule`] of `config` for `num_steps` steps with `spacing`.
+pub(super) fn sigma_schedule(
+    config: &SchedulerConfig,
+    spacing: TimestepSpacing,
+    num_steps: usize,
+) -> Result<SigmaSchedule, SchedulerError> {
+    let train_sigmas: Vec<f32> = config
+        .alphas_cumprod()?
+        .iter()
+        .map(|&a| ((1.0 - a) / a).sqrt())
+        .collect();
+    let timesteps: Vec<f32> = super::config::inference_timesteps(config, spacing, num_steps, true)?
+        .into_iter()
+        .map(|t| t as f32)
+        .collect();
+    let sigmas = timesteps
+        .iter()
+        .map(|&t| interp_unit_grid(f64::from(t), &train_sigmas) as f32)
+        .collect();
+    Ok(SigmaSchedule {
+        timesteps,
+        sigmas,
+        train_sigmas,
+    })
+}
+
+/// diffusers' `init_noise_sigma` of the Euler samplers: the largest σ, or `√(σ² + 1)` of it with
+/// `leading` spacing.
+pub(super) fn init_noise_sigma(spacing: TimestepSpacing, sigmas: &[f32]) -> f32 {
+    let max_sigma = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    match spacing {
+        TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
+        TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
+    }
+}
+
+/// `scale_model_input` of the Euler samplers: the sample divided by `√(σ² + 1)`.
+pub(super) fn scale_by_sigma(sample: &[f32], sigma: f32) -> Vec<f32> {
+    let denom = (sigma * sigma + 1.0).sqrt();
+    sample.iter().map(|&x| x / denom).collect()
 }
 
 impl EulerDiscreteScheduler {
@@ -49,20 +100,11 @@ impl EulerDiscreteScheduler {
         let spacing = config.spacing_or(TimestepSpacing::Linspace)?;
         let prediction = config.prediction()?;
         let final_sigmas = config.final_sigmas()?;
-        let alphas_cumprod = config.alphas_cumprod()?;
-        let train_sigmas: Vec<f32> = alphas_cumprod
-            .iter()
-            .map(|&a| ((1.0 - a) / a).sqrt())
-            .collect();
-        let timesteps_f32: Vec<f32> =
-            super::config::inference_timesteps(config, spacing, num_steps, true)?
-                .into_iter()
-                .map(|t| t as f32)
-                .collect();
-        let mut sigmas: Vec<f32> = timesteps_f32
-            .iter()
-            .map(|&t| interp_unit_grid(f64::from(t), &train_sigmas) as f32)
-            .collect();
+        let SigmaSchedule {
+            timesteps: timesteps_f32,
+            mut sigmas,
+            train_sigmas,
+        } = sigma_schedule(config, spacing, num_steps)?;
         sigmas.push(match final_sigmas {
             FinalSigmas::Zero => 0.0,
             FinalSigmas::SigmaMin => train_sigmas[0],
@@ -76,11 +118,7 @@ impl EulerDiscreteScheduler {
             } else {
                 timesteps_f32.iter().map(|&t| f64::from(t)).collect()
             };
-        let max_sigma = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let init_noise_sigma = match spacing {
-            TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
-            TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
-        };
+        let init_noise_sigma = init_noise_sigma(spacing, &sigmas);
         Ok(Self {
             timesteps,
             sigmas,
@@ -106,9 +144,7 @@ impl Scheduler for EulerDiscreteScheduler {
 
     fn scale_model_input(&self, sample: &[f32], step: usize) -> Result<Vec<f32>, SchedulerError> {
         check_step(step, self.num_steps(), sample, sample, "sample")?;
-        let sigma = self.sigmas[step];
-        let denom = (sigma * sigma + 1.0).sqrt();
-        Ok(sample.iter().map(|&x| x / denom).collect())
+        Ok(scale_by_sigma(sample, self.sigmas[step]))
     }
 
     fn step(

@@ -8,7 +8,7 @@
 //! `StepNoise` in the pipeline module). Operations follow diffusers' `float32` order.
 
 use super::config::{PredictionType, TimestepSpacing};
-use super::dpmpp::interp_unit_grid;
+use super::euler::{init_noise_sigma, scale_by_sigma, sigma_schedule};
 use super::{check_step, Scheduler, SchedulerConfig, SchedulerError};
 
 /// Euler ancestral scheduler (stochastic: `step` needs a noise sample).
@@ -30,26 +30,11 @@ impl EulerAncestralScheduler {
             // diffusers raises NotImplementedError for this combination
             return Err(config.unsupported("prediction_type", &config.prediction_type));
         }
-        let alphas_cumprod = config.alphas_cumprod()?;
-        let train_sigmas: Vec<f32> = alphas_cumprod
-            .iter()
-            .map(|&a| ((1.0 - a) / a).sqrt())
-            .collect();
-        let timesteps: Vec<f64> =
-            super::config::inference_timesteps(config, spacing, num_steps, true)?
-                .into_iter()
-                .map(|t| f64::from(t as f32))
-                .collect();
-        let mut sigmas: Vec<f32> = timesteps
-            .iter()
-            .map(|&t| interp_unit_grid(t, &train_sigmas) as f32)
-            .collect();
+        let schedule = sigma_schedule(config, spacing, num_steps)?;
+        let timesteps: Vec<f64> = schedule.timesteps.iter().map(|&t| f64::from(t)).collect();
+        let mut sigmas = schedule.sigmas;
         sigmas.push(0.0);
-        let max_sigma = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let init_noise_sigma = match spacing {
-            TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
-            TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
-        };
+        let init_noise_sigma = init_noise_sigma(spacing, &sigmas);
         Ok(Self {
             timesteps,
             sigmas,
@@ -75,9 +60,7 @@ impl Scheduler for EulerAncestralScheduler {
 
     fn scale_model_input(&self, sample: &[f32], step: usize) -> Result<Vec<f32>, SchedulerError> {
         check_step(step, self.num_steps(), sample, sample, "sample")?;
-        let sigma = self.sigmas[step];
-        let denom = (sigma * sigma + 1.0).sqrt();
-        Ok(sample.iter().map(|&x| x / denom).collect())
+        Ok(scale_by_sigma(sample, self.sigmas[step]))
     }
 
     fn step(
