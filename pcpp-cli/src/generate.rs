@@ -468,19 +468,7 @@ fn parameters_text(a: &GenerateArgs, p: &Plan) -> String {
 
 /// The parallel configuration the flags ask for.
 fn parallel_config(a: &GenerateArgs, portions: &[f64]) -> Result<ParallelConfig> {
-    let mut cfg = match a.parallel {
-        ParallelMode::Pcpp => ParallelConfig::pcpp(portions[0]),
-        ParallelMode::DistriFusion => ParallelConfig::distrifusion(),
-        ParallelMode::NaivePatch => ParallelConfig::naive_patch(),
-        ParallelMode::Tensor => ParallelConfig::tensor(),
-        ParallelMode::Serial => ParallelConfig::serial(),
-    };
-    if a.parallel == ParallelMode::Pcpp {
-        cfg.portion = portions.to_vec();
-    }
-    if matches!(a.parallel, ParallelMode::Pcpp | ParallelMode::DistriFusion) {
-        cfg.warmup_steps = a.warmup_steps.unwrap_or(4).min(a.steps);
-    }
+    let mut cfg = ParallelConfig::preset(a.parallel, portions, a.warmup_steps, a.steps);
     a.modes.apply(&mut cfg)?;
     Ok(cfg)
 }

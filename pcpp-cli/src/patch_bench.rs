@@ -90,19 +90,7 @@ struct RankOut {
 
 fn parallel_config(a: &PatchBenchArgs) -> Result<ParallelConfig> {
     let portions = parse_portions(&a.portion)?;
-    let mut cfg = match a.parallel {
-        ParallelMode::Pcpp => ParallelConfig::pcpp(portions[0]),
-        ParallelMode::DistriFusion => ParallelConfig::distrifusion(),
-        ParallelMode::NaivePatch => ParallelConfig::naive_patch(),
-        ParallelMode::Serial => ParallelConfig::serial(),
-        ParallelMode::Tensor => ParallelConfig::tensor(),
-    };
-    if a.parallel == ParallelMode::Pcpp {
-        cfg.portion = portions;
-    }
-    if matches!(a.parallel, ParallelMode::Pcpp | ParallelMode::DistriFusion) {
-        cfg.warmup_steps = a.warmup_steps.unwrap_or(4).min(a.steps);
-    }
+    let cfg = ParallelConfig::preset(a.parallel, &portions, a.warmup_steps, a.steps);
     cfg.validate()?;
     Ok(cfg)
 }

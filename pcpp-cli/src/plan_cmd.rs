@@ -90,16 +90,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
         bail!("--ranks must be at least 1");
     }
     let portions = crate::generate::parse_portions(&a.portion)?;
-    let mut cfg = match a.parallel {
-        ParallelMode::Pcpp => ParallelConfig::pcpp(portions[0]),
-        ParallelMode::DistriFusion => ParallelConfig::distrifusion(),
-        ParallelMode::NaivePatch => ParallelConfig::naive_patch(),
-        ParallelMode::Tensor => ParallelConfig::tensor(),
-        ParallelMode::Serial => ParallelConfig::serial(),
-    };
-    if a.parallel == ParallelMode::Pcpp {
-        cfg.portion = portions;
-    }
+    let mut cfg = ParallelConfig::preset(a.parallel, &portions, None, usize::MAX);
     a.modes.apply(&mut cfg)?;
     let cfg_on = !a.no_cfg;
     let cfg_split = cfg_on && !a.no_cfg_split && a.ranks >= 2;

@@ -277,6 +277,31 @@ impl ParallelConfig {
         }
     }
 
+    /// The preset of `mode`, with `portions` (one per level, the last repeating) for PCPP and, for
+    /// the schemes that have warm-up steps (PCPP, DistriFusion), `warmup` of them (default 4),
+    /// capped at `steps`.
+    pub fn preset(
+        mode: ParallelMode,
+        portions: &[f64],
+        warmup: Option<usize>,
+        steps: usize,
+    ) -> Self {
+        let mut cfg = match mode {
+            ParallelMode::Pcpp => ParallelConfig {
+                portion: portions.to_vec(),
+                ..ParallelConfig::pcpp(0.0)
+            },
+            ParallelMode::DistriFusion => ParallelConfig::distrifusion(),
+            ParallelMode::NaivePatch => ParallelConfig::naive_patch(),
+            ParallelMode::Tensor => ParallelConfig::tensor(),
+            ParallelMode::Serial => ParallelConfig::serial(),
+        };
+        if matches!(mode, ParallelMode::Pcpp | ParallelMode::DistriFusion) {
+            cfg.warmup_steps = warmup.unwrap_or(cfg.warmup_steps).min(steps);
+        }
+        cfg
+    }
+
     /// Tensor parallelism.
     pub fn tensor() -> Self {
         ParallelConfig {
