@@ -545,20 +545,6 @@ impl StepDriver for PatchRuntime {
 // ---------------------------------------------------------------------------------------------
 // Layers.
 
-struct LocalConv {
-    id: String,
-    weight: Tensor,
-    bias: Option<Tensor>,
-    params: Conv2dParams,
-}
-
-impl Conv2dLayer for LocalConv {
-    fn forward(&self, _ctx: &StepCtx, x: &Tensor) -> Result<Tensor> {
-        x.conv2d(&self.weight, self.bias.as_ref(), self.params)
-            .at(&self.id)
-    }
-}
-
 struct InputConv {
     id: String,
     sh: Arc<Shared>,
@@ -1102,12 +1088,7 @@ impl LayerFactory for PatchRuntime {
     ) -> Result<Arc<dyn Conv2dLayer>> {
         let k = weight.shape().get(2).copied().unwrap_or(1);
         if self.sh.serial || self.sh.tensor() || (k == 1 && padding == 0) {
-            return Ok(Arc::new(LocalConv {
-                id: id.to_string(),
-                weight,
-                bias,
-                params: Conv2dParams::new(stride, padding),
-            }));
+            return SerialFactory.conv2d(id, weight, bias, stride, padding);
         }
         let slot = if self.sh.communicates() {
             Some(self.register(id, CommKind::Halo)?)
