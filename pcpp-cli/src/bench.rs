@@ -1,6 +1,7 @@
 //! `pcpp-cli bench`: times one UNet forward on the CPU (the serial model that PCPP §2 splits into
 //! patches; no paper section of its own), for the CPU comparison with diffusers in
-//! `docs/benchmarks.md`.
+//! `docs/benchmarks.md`. With `--parallel`, `--ranks` or `--device cuda` it times one rank's
+//! steady patch-parallel step instead ([`crate::band_bench`]).
 //!
 //! The model comes from a diffusers folder (`--model DIR`, default the tiny SDXL test model) or
 //! from a config alone with seeded random weights (`--config DIR/unet/config.json
@@ -13,10 +14,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use pcpp_core::{SerialFactory, StepCtx};
+use pcpp_core::{ParallelMode, SerialFactory, StepCtx};
 use pcpp_kernels::cpu::profile;
 use pcpp_kernels::{DType, Tensor};
 use pcpp_sdxl::{UNet, UNetCond};
+
+use crate::generate::DeviceArg;
 
 /// Arguments of `pcpp-cli bench`.
 #[derive(Debug, Clone, Parser)]
@@ -61,6 +64,35 @@ pub struct Args {
     /// Also print the mean time per kernel kind of the timed forwards (to stderr).
     #[arg(long)]
     pub profile: bool,
+    /// Where the UNet runs (`cuda`: GPU 0; needs a build with `--features cuda`).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// Storage dtype of weights and activations (default f32 on the CPU, f16 on a GPU).
+    #[arg(long)]
+    pub dtype: Option<DType>,
+    /// Patch-parallel scheme whose per-rank steady step is timed: pcpp, distrifusion,
+    /// naive-patch or serial (the whole image).
+    #[arg(long, default_value = "serial")]
+    pub parallel: ParallelMode,
+    /// Ranks the image is split over; each rank's step is timed alone on this device.
+    #[arg(long, default_value_t = 1)]
+    pub ranks: usize,
+    /// Time only this rank (default: every rank, one after another).
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// PCPP portion: one value, or one per resolution level separated by commas.
+    #[arg(long, default_value = "0.3")]
+    pub portion: String,
+    /// Synchronous warm-up steps before the steady steps (pcpp, distrifusion; default 1).
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// With --batch 2, keep both CFG branches on every rank instead of splitting the ranks
+    /// into two groups.
+    #[arg(long)]
+    pub no_cfg_split: bool,
+    /// On a GPU, time eager steps only (no CUDA-graph replay of the steady step).
+    #[arg(long)]
+    pub no_graph: bool,
 }
 
 /// Seeded uniform values in `[-1, 1)` (SplitMix64).
@@ -140,6 +172,11 @@ fn forward(unet: &UNet, ctx: &StepCtx, x: &Inputs) -> Result<Tensor> {
 
 /// Runs the benchmark.
 pub fn run(a: Args) -> Result<()> {
+    let per_rank =
+        a.device != DeviceArg::Cpu || a.ranks != 1 || a.parallel != ParallelMode::Serial;
+    if per_rank && a.device != DeviceArg::Cpu {
+        return crate::band_bench::run(&a);
+    }
     if a.iters == 0 || a.batch == 0 {
         bail!("--iters and --batch must be at least 1");
     }
@@ -155,6 +192,9 @@ pub fn run(a: Args) -> Result<()> {
         .num_threads(threads)
         .build()
         .context("cannot start the CPU thread pool")?;
+    if per_rank {
+        return pool.install(|| crate::band_bench::run(&a));
+    }
     pool.install(|| run_in_pool(&a, threads))
 }
 

@@ -7,6 +7,7 @@
 //! This is the only crate that reads the environment and uses `anyhow`. User errors print one
 //! `error: ...` line (no backtrace) and exit with status 1; bad flags exit with clap's status 2.
 
+mod band_bench;
 mod batch;
 mod bench;
 mod compare;
@@ -40,7 +41,8 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Bytes per step and stale-context memory of a parallel configuration, without weights.
     Plan(plan_cmd::PlanArgs),
-    /// Time the UNet forward (CPU) for a model or a config with random weights.
+    /// Time the UNet forward (CPU) for a model or a config with random weights, or one rank's
+    /// steady patch-parallel step (`--parallel`, `--ranks`; CPU or GPU).
     Bench(bench::Args),
     /// Convert an SDXL pipeline between a diffusers folder and a single-file checkpoint.
     Convert(convert::ConvertArgs),

@@ -17,7 +17,7 @@ use clap::Args;
 use pcpp_comm::launch;
 use pcpp_comm::{CommKind, LocalTransport, RankError, Transport, TransportKind, TransportOptions};
 use pcpp_core::{ParallelConfig, ParallelMode, PatchRuntime, RunReport, StepDriver};
-use pcpp_kernels::{DType, Tensor};
+use pcpp_kernels::{DType, Device, Tensor};
 use pcpp_sdxl::scheduler::{self, SchedulerConfig, SchedulerKind};
 use pcpp_sdxl::weights::Weights;
 use pcpp_sdxl::{MicroCond, UNet, UNetCond, UNetConfig};
@@ -77,6 +77,11 @@ pub struct PatchBenchArgs {
     /// Write the final latents (f32, tensor `latents`) to this safetensors file.
     #[arg(long)]
     pub save_latents: Option<PathBuf>,
+    /// On a GPU, capture the steady (stale) UNet step as one CUDA graph per step parity, after
+    /// two eager steady steps, and replay it (device-resident stale cache; NCCL work captured
+    /// on the communication stream).
+    #[arg(long)]
+    pub graph: bool,
     /// Write the JSON report (per-step times, bytes per step and rank) to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -191,6 +196,11 @@ fn run_rank(
     let mut latents: Vec<f32> = noise.to_vec_f32()?.iter().map(|v| v * sigma0).collect();
     let timesteps = sched.timesteps().to_vec();
     let driver = runtime.driver();
+    if a.graph && device == Device::Cpu {
+        bail!("--graph needs --device cuda");
+    }
+    let mut graphs = StepGraphs::default();
+    let mut steady_eager = 0;
     driver.begin_generation()?;
     for (i, &t) in timesteps.iter().enumerate() {
         let scaled = sched
@@ -208,7 +218,17 @@ fn run_rank(
         let ts = Tensor::from_vec(&[b], vec![t as f32; b])?
             .to_dtype(a.dtype)?
             .to_device(device)?;
-        let out = unet.forward(&driver.step_ctx(i), &x_in, &ts, &cond, None)?;
+        let ctx = driver.step_ctx(i);
+        let out = if a.graph && !ctx.sync && steady_eager >= 2 {
+            graphs.step(&unet, &runtime, &ctx, &x_in, &ts, &cond)?
+        } else {
+            let out = unet.forward(&ctx, &x_in, &ts, &cond, None)?;
+            driver.end_step(i)?;
+            if !ctx.sync {
+                steady_eager += 1;
+            }
+            out
+        };
         let guided = if cfg_on {
             let u = out.narrow(0, 0, 1)?;
             let c = out.narrow(0, 1, 1)?;
@@ -235,6 +255,90 @@ fn run_rank(
         reports,
         build_seconds,
     }))
+}
+
+/// The steady UNet step as CUDA graphs, one per step parity (the stale cache's buffer of step
+/// `t` is `t mod 2`), with the input and output buffers they read and write.
+#[derive(Default)]
+struct StepGraphs {
+    #[cfg(feature = "cuda")]
+    graphs: [Option<(usize, pcpp_kernels::cuda::CudaGraphStep)>; 2],
+    #[cfg(feature = "cuda")]
+    io: Option<(Tensor, Tensor, Tensor)>,
+}
+
+impl StepGraphs {
+    /// Step `ctx.step` from the graph of its parity, captured on first use.
+    #[cfg(feature = "cuda")]
+    fn step(
+        &mut self,
+        unet: &UNet,
+        runtime: &PatchRuntime,
+        ctx: &pcpp_core::StepCtx,
+        x: &Tensor,
+        ts: &Tensor,
+        cond: &UNetCond,
+    ) -> Result<Tensor> {
+        use pcpp_kernels::cuda::{capture_graph, copy_into};
+        use pcpp_kernels::KernelError;
+        let Device::Cuda(ordinal) = x.device() else {
+            bail!("--graph needs --device cuda");
+        };
+        if self.io.is_none() {
+            // The output shape: the gathered noise prediction has the input's shape, with both
+            // CFG branches when the ranks are split by branch.
+            let mut oshape = x.shape().to_vec();
+            if runtime.cfg_branch().is_some() {
+                oshape[0] *= 2;
+            }
+            self.io = Some((
+                Tensor::zeros_on(x.shape(), x.dtype(), x.device())?,
+                Tensor::zeros_on(ts.shape(), ts.dtype(), ts.device())?,
+                Tensor::zeros_on(&oshape, x.dtype(), x.device())?,
+            ));
+        }
+        let Some((xb, tb, ob)) = &self.io else {
+            bail!("graph buffers missing");
+        };
+        copy_into(x, xb)?;
+        copy_into(ts, tb)?;
+        let p = ctx.step % 2;
+        match &self.graphs[p] {
+            Some((captured, g)) => {
+                runtime.count_replay(*captured)?;
+                g.replay()?;
+            }
+            None => {
+                let fail = |op: &'static str, e: String| KernelError::Invalid { op, msg: e };
+                let g = capture_graph(ordinal, || {
+                    let o = unet
+                        .forward(ctx, xb, tb, cond, None)
+                        .map_err(|e| fail("UNet step under graph capture", e.to_string()))?;
+                    runtime
+                        .driver()
+                        .end_step(ctx.step)
+                        .map_err(|e| fail("end of step under graph capture", e.to_string()))?;
+                    copy_into(&o, ob)
+                })?;
+                g.replay()?;
+                self.graphs[p] = Some((ctx.step, g));
+            }
+        }
+        Ok(ob.clone())
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn step(
+        &mut self,
+        _unet: &UNet,
+        _runtime: &PatchRuntime,
+        _ctx: &pcpp_core::StepCtx,
+        _x: &Tensor,
+        _ts: &Tensor,
+        _cond: &UNetCond,
+    ) -> Result<Tensor> {
+        bail!("--graph needs a build with --features cuda")
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -71,3 +71,112 @@ fn bench_rejects_inconsistent_flags() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no/such/folder"));
 }
+
+/// One JSON value per line of stdout.
+fn json_lines(out: &std::process::Output) -> Vec<serde_json::Value> {
+    assert!(
+        out.status.success(),
+        "pcpp-cli bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+#[test]
+fn per_rank_bench_counts_the_bytes_of_a_real_run() {
+    // Every rank's steady step measured alone (nothing delivered) must post exactly what the
+    // same rank posts in a steady step of a real 4-rank run of the same image.
+    let ranks = json_lines(&bench(&[
+        "--parallel",
+        "pcpp",
+        "--ranks",
+        "4",
+        "--height",
+        "8",
+        "--width",
+        "8",
+    ]));
+    assert_eq!(ranks.len(), 4);
+    let dir = std::env::temp_dir().join(format!("pcpp-bench-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let report = dir.join("report.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_pcpp-cli"))
+        .current_dir(repo())
+        .args([
+            "generate",
+            "--prompt",
+            "a squirrel",
+            "--steps",
+            "3",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--ranks",
+            "4",
+            "--parallel",
+            "pcpp",
+            "--warmup-steps",
+            "1",
+            "--output",
+            dir.join("x.png").to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+        ])
+        .output()
+        .expect("run pcpp-cli generate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    for (rank, b) in ranks.iter().enumerate() {
+        assert_eq!(b["rank"], rank);
+        assert_eq!(b["group_size"], 2, "CFG split: two bands per branch");
+        assert!(b["steady_step_ms"].as_f64().unwrap() > 0.0);
+        let steps = r["per_rank"][rank]["steps"].as_array().unwrap();
+        let steady = steps
+            .iter()
+            .find(|s| !s["sync"].as_bool().unwrap())
+            .expect("a steady step");
+        assert_eq!(b["steady_traffic"], steady["traffic"], "rank {rank}");
+        assert!(b["steady_sent_bytes"].as_u64().unwrap() > 0);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Naive patch sends nothing but the output gather; the serial step sends nothing.
+    let naive = json_lines(&bench(&[
+        "--parallel",
+        "naive-patch",
+        "--ranks",
+        "2",
+        "--rank",
+        "1",
+        "--height",
+        "8",
+        "--width",
+        "8",
+    ]));
+    assert_eq!(naive.len(), 1);
+    let t = &naive[0]["steady_traffic"]["sent"];
+    assert_eq!(t["halo"], 0);
+    assert_eq!(t["attention"], 0);
+    assert!(t["gather"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn per_rank_bench_rejects_bad_ranks() {
+    let out = bench(&["--parallel", "pcpp", "--ranks", "4", "--rank", "4"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--rank 4"));
+    let out = bench(&["--device", "cuda", "--ranks", "2", "--parallel", "pcpp"]);
+    if !cfg!(feature = "cuda") {
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--features cuda"));
+    }
+}

@@ -9,25 +9,27 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pcpp_comm::{CommKind, Pending};
+use pcpp_comm::CommKind;
+use pcpp_kernels::{Device, Tensor};
 
+use crate::exchange::{Inflight, RecvSpec};
 use crate::layers::{CoreError, Result};
 
 /// Data a layer published at some step: what it received (or will receive) and its own part.
-pub enum Entry {
+pub(crate) enum Entry {
     /// Nothing published yet in this buffer.
     Empty,
     /// Exchange in flight.
     InFlight {
         step: usize,
-        pending: Pending,
-        local: Vec<u8>,
+        pending: Inflight,
+        local: Option<Tensor>,
     },
     /// Exchange complete.
     Ready {
         step: usize,
-        recvd: Vec<Vec<u8>>,
-        local: Vec<u8>,
+        recvd: Vec<Tensor>,
+        local: Option<Tensor>,
     },
 }
 
@@ -40,6 +42,36 @@ pub struct Slot {
     /// Kind of layer, for byte accounting.
     pub kind: CommKind,
     bufs: [Mutex<Entry>; 2],
+    /// Device buffers per parity that receives (and a kept local part) land in on the device
+    /// path: allocated once, reused every step, so a captured graph keeps reading fresh data.
+    persistent: [Mutex<Vec<Tensor>>; 2],
+}
+
+impl Slot {
+    /// The persistent buffers of parity `step mod 2` for `specs` on `device`, allocated (zeroed) on
+    /// first use or when the shapes change.
+    pub(crate) fn persistent(
+        &self,
+        step: usize,
+        specs: &[RecvSpec],
+        device: Device,
+    ) -> Result<Vec<Tensor>> {
+        let mut p = self.persistent[step % 2]
+            .lock()
+            .map_err(|_| CoreError::Config(format!("slot `{}` poisoned", self.id)))?;
+        let fits = p.len() == specs.len()
+            && p.iter().zip(specs).all(|(t, s)| {
+                t.shape() == s.shape.as_slice() && t.dtype() == s.dtype && t.device() == device
+            });
+        if !fits {
+            *p = specs
+                .iter()
+                .map(|s| Tensor::zeros_on(&s.shape, s.dtype, device))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| CoreError::Config(format!("layer `{}`: {e}", self.id)))?;
+        }
+        Ok(p.clone())
+    }
 }
 
 /// Counters of cache use, for the report and the staleness tests.
@@ -97,6 +129,7 @@ impl StaleCache {
             index: slots.len() as u32,
             kind,
             bufs: [Mutex::new(Entry::Empty), Mutex::new(Entry::Empty)],
+            persistent: [Mutex::new(Vec::new()), Mutex::new(Vec::new())],
         });
         slots.push(slot.clone());
         Ok(slot)
@@ -127,7 +160,7 @@ impl StaleCache {
                 );
                 if let Entry::InFlight { pending, .. } = old {
                     // Complete what is still in flight so that peers are not left waiting on us.
-                    let _ = pending.wait();
+                    let _ = pending.wait(CoreError::Config);
                 }
             }
         }
@@ -157,7 +190,7 @@ impl StaleCache {
     }
 
     /// Stores what `slot` published at `step` (into buffer `step mod 2`).
-    pub fn publish(
+    pub(crate) fn publish(
         &self,
         slot: &Slot,
         step: usize,
@@ -168,7 +201,7 @@ impl StaleCache {
             .lock()
             .map_err(|_| CoreError::Config(format!("slot `{}` poisoned", slot.id)))?;
         if let Entry::InFlight { pending, .. } = std::mem::replace(&mut *b, Entry::Empty) {
-            let _ = pending.wait();
+            let _ = pending.wait(CoreError::Config);
         }
         *b = e;
         Ok(())
@@ -176,12 +209,12 @@ impl StaleCache {
 
     /// Reads what `slot` published at step `step − 1`, waiting for it if still in flight. Errors if the
     /// entry is missing or from another step (a broken schedule).
-    pub fn read_previous(
+    pub(crate) fn read_previous(
         &self,
         slot: &Slot,
         step: usize,
         rank: usize,
-    ) -> Result<(Vec<Vec<u8>>, Vec<u8>)> {
+    ) -> Result<(Vec<Tensor>, Option<Tensor>)> {
         let prev = step.checked_sub(1).ok_or_else(|| {
             CoreError::Config(format!("layer `{}`: a stale read at step 0", slot.id))
         })?;
@@ -204,10 +237,10 @@ impl StaleCache {
             } => {
                 let t0 = Instant::now();
                 let done = pending.is_complete();
-                let recvd = pending.wait().map_err(|e| CoreError::Comm {
+                let recvd = pending.wait(|msg| CoreError::Comm {
                     rank,
                     layer: slot.id.clone(),
-                    msg: e.to_string(),
+                    msg,
                 })?;
                 if !done {
                     self.stats.waits.fetch_add(1, Ordering::Relaxed);
@@ -234,12 +267,12 @@ impl StaleCache {
     /// Reads, without consuming it, what `slot` stored at the last synchronous step `stamp` (the
     /// frozen context of `SyncMode::None`), for a stale read at `step`. Errors if that entry is
     /// missing.
-    pub fn read_frozen(
+    pub(crate) fn read_frozen(
         &self,
         slot: &Slot,
         stamp: usize,
         step: usize,
-    ) -> Result<(Vec<Vec<u8>>, Vec<u8>)> {
+    ) -> Result<(Vec<Tensor>, Option<Tensor>)> {
         let b = slot.bufs[stamp % 2]
             .lock()
             .map_err(|_| CoreError::Config(format!("slot `{}` poisoned", slot.id)))?;

@@ -450,6 +450,13 @@ pub trait StepDriver: Send + Sync {
 
     /// Called after the last step (completes what is in flight).
     fn end_generation(&self) -> Result<()>;
+
+    /// Called after the model's forward of step `step`, inside a CUDA graph that captures the
+    /// step: completes (orders before what follows) the communication the step started.
+    fn end_step(&self, step: usize) -> Result<()> {
+        let _ = step;
+        Ok(())
+    }
 }
 
 /// The driver of a plain single-rank run: every step synchronous, the whole CFG batch here.

@@ -9,6 +9,7 @@
 //! per-token and runs unchanged on a band.
 
 pub mod cache;
+mod exchange;
 pub mod geometry;
 pub mod grid;
 pub mod layers;

@@ -20,17 +20,22 @@
 //! layer needs it at step `t + 1` (§7.4), through the double-buffered [`StaleCache`] (§7.1).
 //! Bytes are counted per kind when an exchange is posted.
 //!
-//! Activations may live on a GPU: what is sent is copied to host memory (`Tensor::to_bytes`), what
-//! arrives is turned back into tensors on the activation's device, so host-staged transports (MPI,
-//! UCX, local, NCCL through host buffers) carry GPU runs unchanged.
+//! Activations may live on a GPU. Layers exchange tensors through [`crate::exchange`]: with a
+//! transport that moves device memory (NCCL) the data stays on the GPU, is sent from and received
+//! into device buffers on a communication stream, and stale receives land in persistent
+//! per-parity buffers of the slot, so a steady step can be captured as a CUDA graph; otherwise it
+//! is staged through host memory (MPI, UCX, local).
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+#[cfg(feature = "cuda")]
+use pcpp_comm::DeviceP2p;
 use pcpp_comm::{CommError, CommKind, Pending, Transport};
-use pcpp_kernels::{Conv2dParams, GroupStats, Tensor};
+use pcpp_kernels::{Conv2dParams, DType, Device, Tensor};
 
 use crate::cache::{CacheCounters, Entry, Slot, StaleCache};
+use crate::exchange::{post_host, Inflight, RecvSpec};
 use crate::geometry::{BandPlan, HaloPlan};
 use crate::grid::ProcessGrid;
 use crate::layers::{
@@ -39,7 +44,7 @@ use crate::layers::{
     ResnetCoreLayer, ResnetCoreWeights, Result, SelfAttentionLayer, SerialFactory, StepCtx,
     StepDriver,
 };
-use crate::plan::{band_tokens, kv_recvs, kv_sends, GN_STATS_PER_GROUP, GN_STAT_BYTES};
+use crate::plan::{band_tokens, kv_recvs, kv_sends};
 use crate::report::{ByteCounters, RunReport, StepReport, Traffic};
 use crate::schedule::{GnMode, ParallelConfig, ParallelMode, SplitScheme, SyncMode};
 
@@ -75,6 +80,12 @@ pub(crate) struct Shared {
     cache: StaleCache,
     bytes: ByteCounters,
     report: Mutex<ReportState>,
+    /// Communication-stream state of the device path.
+    #[cfg(feature = "cuda")]
+    comm: crate::exchange::device::CommState,
+    /// The GPU of the device path, once taken.
+    #[cfg(feature = "cuda")]
+    comm_gpu: Mutex<Option<usize>>,
 }
 
 impl Shared {
@@ -189,23 +200,137 @@ impl Shared {
         p.wait().map_err(|e| self.comm_err(id, e))
     }
 
-    /// Synchronous exchange; stores what arrived (and `local`) for a stale step that follows.
+    /// The device path for activations on `device` over the group (or world) transport: the
+    /// transport's device point-to-point and the GPU ordinal. `None` means the host path.
+    #[cfg(feature = "cuda")]
+    fn device_p2p(&self, device: Device, on_world: bool) -> Option<(&dyn DeviceP2p, usize)> {
+        let t = if on_world { &self.world } else { &self.group };
+        match device {
+            Device::Cuda(o) => t.device_p2p().map(|d| (d, o)),
+            Device::Cpu => None,
+        }
+    }
+
+    /// Joins the communication stream (device path): everything enqueued on it so far happens
+    /// before what the compute stream does next. A no-op on the host path.
+    pub(crate) fn join_comm(&self, id: &str) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(o) = self.comm_ordinal() {
+            return self.comm.join(o, |m| self.comm_msg(id, m));
+        }
+        let _ = id;
+        Ok(())
+    }
+
+    /// The GPU whose communication stream this rank uses, once the device path has been taken.
+    #[cfg(feature = "cuda")]
+    fn comm_ordinal(&self) -> Option<usize> {
+        self.comm_gpu.lock().ok().and_then(|g| *g)
+    }
+
+    fn comm_msg(&self, id: &str, msg: String) -> CoreError {
+        CoreError::Comm {
+            rank: self.grid.world_rank,
+            layer: id.to_string(),
+            msg,
+        }
+    }
+
+    /// Posts tensor sends and receives (of `recvs`' shapes and dtypes, on `device`) on the group
+    /// (or world) transport and counts their bytes. On the device path the receives land in
+    /// `into` when given (persistent buffers), else in new zeroed device tensors, and the work is
+    /// enqueued on the communication stream without joining it.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn post_tensors(
+        &self,
+        id: &str,
+        kind: CommKind,
+        tag: u32,
+        sends: Vec<(usize, Tensor)>,
+        recvs: Vec<RecvSpec>,
+        device: Device,
+        on_world: bool,
+        into: Option<Vec<Tensor>>,
+    ) -> Result<Inflight> {
+        let sent: usize = sends.iter().map(|s| s.1.size_in_bytes()).sum();
+        let recvd: usize = recvs.iter().map(RecvSpec::bytes).sum();
+        if sends.is_empty() && recvs.is_empty() {
+            return Ok(Inflight::Done(Vec::new()));
+        }
+        self.bytes.record(kind, sent as u64, recvd as u64);
+        let err = |m: String| self.comm_msg(id, m);
+        #[cfg(feature = "cuda")]
+        if let Some((dp, ordinal)) = self.device_p2p(device, on_world) {
+            let bufs = match into {
+                Some(b) => b,
+                None => recvs
+                    .iter()
+                    .map(|r| Tensor::zeros_on(&r.shape, r.dtype, device))
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .at(id)?,
+            };
+            if let Ok(mut g) = self.comm_gpu.lock() {
+                *g = Some(ordinal);
+            }
+            let pairs: Vec<(usize, Tensor)> = recvs
+                .iter()
+                .zip(&bufs)
+                .map(|(r, t)| (r.peer, t.clone()))
+                .collect();
+            self.comm.enqueue(dp, ordinal, kind, sends, &pairs, err)?;
+            return Ok(Inflight::Done(bufs));
+        }
+        let _ = into;
+        let t = if on_world { &self.world } else { &self.group };
+        post_host(t.as_ref(), kind, tag, &sends, recvs, device, err)
+    }
+
+    /// Posts an exchange and waits for it (device path: joins the communication stream).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn exchange_now(
+        &self,
+        id: &str,
+        kind: CommKind,
+        tag: u32,
+        sends: Vec<(usize, Tensor)>,
+        recvs: Vec<RecvSpec>,
+        device: Device,
+        on_world: bool,
+    ) -> Result<Vec<Tensor>> {
+        let p = self.post_tensors(id, kind, tag, sends, recvs, device, on_world, None)?;
+        self.join_comm(id)?;
+        p.wait(|m| self.comm_msg(id, m))
+    }
+
+    /// Whether tensors on `device` take the device path on the group transport.
+    fn on_device_path(&self, device: Device) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.device_p2p(device, false).is_some();
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = device;
+            false
+        }
+    }
+
+    /// Synchronous exchange; `keep` picks what a stale step that follows reads (received parts
+    /// and a local part), which is stored in the slot (on the device path copied into the slot's
+    /// persistent buffers, so that stale steps always read the same memory).
     #[allow(clippy::too_many_arguments)]
     fn sync_exchange(
         &self,
         id: &str,
         slot: &Slot,
         ctx: &StepCtx,
-        sends: Vec<(usize, Vec<u8>)>,
-        recvs: Vec<(usize, usize)>,
-        keep: impl FnOnce(&[Vec<u8>]) -> Result<Option<(Vec<Vec<u8>>, Vec<u8>)>>,
-    ) -> Result<Vec<Vec<u8>>> {
-        let got = self.wait(
-            id,
-            self.post(id, slot.kind, slot.index, sends, recvs, false)?,
-        )?;
+        sends: Vec<(usize, Tensor)>,
+        recvs: Vec<RecvSpec>,
+        device: Device,
+        keep: impl FnOnce(&[Tensor]) -> Result<Option<(Vec<Tensor>, Option<Tensor>)>>,
+    ) -> Result<Vec<Tensor>> {
+        let got = self.exchange_now(id, slot.kind, slot.index, sends, recvs, device, false)?;
         if self.next_is_stale(ctx.step) {
             if let Some((recvd, local)) = keep(&got)? {
+                let (recvd, local) = self.persist(id, slot, ctx.step, recvd, local, device)?;
                 self.cache.publish(slot, ctx.step, || {
                     Ok(Entry::Ready {
                         step: ctx.step,
@@ -218,24 +343,101 @@ impl Shared {
         Ok(got)
     }
 
+    /// On the device path, copies `recvd` and `local` into the slot's persistent buffers of
+    /// `step`'s parity and returns those; on the host path returns them as they are.
+    fn persist(
+        &self,
+        id: &str,
+        slot: &Slot,
+        step: usize,
+        recvd: Vec<Tensor>,
+        local: Option<Tensor>,
+        device: Device,
+    ) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+        if !self.on_device_path(device) {
+            return Ok((recvd, local));
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let specs: Vec<RecvSpec> = recvd
+                .iter()
+                .chain(&local)
+                .map(|t| RecvSpec {
+                    peer: 0,
+                    shape: t.shape().to_vec(),
+                    dtype: t.dtype(),
+                })
+                .collect();
+            let mut bufs = slot.persistent(step, &specs, device)?;
+            for (src, dst) in recvd.iter().chain(&local).zip(&bufs) {
+                pcpp_kernels::cuda::copy_into(src, dst).at(id)?;
+            }
+            let local = if local.is_some() { bufs.pop() } else { None };
+            Ok((bufs, local))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (id, slot, step);
+            Ok((recvd, local))
+        }
+    }
+
     /// Posts this step's exchange for the next step, then returns what the previous step posted
     /// (waiting for it if it is still in flight), and the local part stored with it.
+    #[allow(clippy::too_many_arguments)]
     fn stale_exchange(
         &self,
         id: &str,
         slot: &Slot,
         ctx: &StepCtx,
-        sends: Vec<(usize, Vec<u8>)>,
-        recvs: Vec<(usize, usize)>,
-        local: Vec<u8>,
-    ) -> Result<(Vec<Vec<u8>>, Vec<u8>)> {
+        sends: Vec<(usize, Tensor)>,
+        recvs: Vec<RecvSpec>,
+        local: Option<Tensor>,
+        device: Device,
+    ) -> Result<(Vec<Tensor>, Option<Tensor>)> {
         if self.cfg.sync_mode == SyncMode::None {
             // No exchange after the warm-up: the last warm-up step's context, frozen.
             return self
                 .cache
                 .read_frozen(slot, self.cfg.last_warmup_step(), ctx.step);
         }
-        let pending = self.post(id, slot.kind, slot.index, sends, recvs, false)?;
+        let (pending, local) = if self.on_device_path(device) {
+            // Receives land in the persistent buffers of this step's parity.
+            let mut specs = recvs.clone();
+            specs.extend(local.iter().map(|t| RecvSpec {
+                peer: 0,
+                shape: t.shape().to_vec(),
+                dtype: t.dtype(),
+            }));
+            let mut bufs = slot.persistent(ctx.step, &specs, device)?;
+            let kept = match &local {
+                Some(src) => {
+                    let dst = bufs.pop();
+                    #[cfg(feature = "cuda")]
+                    if let Some(d) = &dst {
+                        pcpp_kernels::cuda::copy_into(src, d).at(id)?;
+                    }
+                    #[cfg(not(feature = "cuda"))]
+                    let _ = src;
+                    dst
+                }
+                None => None,
+            };
+            let p = self.post_tensors(
+                id,
+                slot.kind,
+                slot.index,
+                sends,
+                recvs,
+                device,
+                false,
+                Some(bufs),
+            )?;
+            (p, kept)
+        } else {
+            let p = self.post_tensors(id, slot.kind, slot.index, sends, recvs, device, false, None)?;
+            (p, local)
+        };
         self.cache.publish(slot, ctx.step, || {
             Ok(Entry::InFlight {
                 step: ctx.step,
@@ -317,22 +519,6 @@ fn dims4(id: &str, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
     }
 }
 
-/// A tensor of `shape` from received bytes, in `like`'s dtype and on `like`'s device: bytes that
-/// came through host memory go back to the GPU the activations live on (a no-op copy-free path on
-/// the CPU).
-fn tensor_from(id: &str, shape: &[usize], like: &Tensor, bytes: &[u8]) -> Result<Tensor> {
-    Tensor::from_bytes(shape, like.dtype(), bytes)
-        .and_then(|t| t.to_device(like.device()))
-        .at(id)
-}
-
-/// Zero rows (image-border padding) in `like`'s dtype, on `like`'s device.
-fn zeros_like(id: &str, shape: &[usize], like: &Tensor) -> Result<Tensor> {
-    Tensor::zeros(shape, like.dtype())
-        .to_device(like.device())
-        .at(id)
-}
-
 /// The patch-parallel runtime of one rank: the layer factory, the step driver, the stale cache and
 /// the byte counters. Build one per rank (collectively: it splits the world into CFG groups), build
 /// the model through it (`&runtime` is a [`LayerFactory`]) and drive the denoising loop through it
@@ -350,6 +536,34 @@ impl PatchRuntime {
     /// Errors if a band would be empty or the configuration is invalid.
     pub fn new(
         world: Arc<dyn Transport>,
+        cfg_split: bool,
+        cfg: ParallelConfig,
+        height: usize,
+        width: usize,
+        levels: usize,
+    ) -> Result<PatchRuntime> {
+        Self::build(world, None, cfg_split, cfg, height, width, levels)
+    }
+
+    /// Like [`PatchRuntime::new`], with the transport of this rank's CFG group given instead of
+    /// split from `world` (for transports that cannot split, such as
+    /// [`pcpp_comm::SoloTransport`] when one rank's compute is measured alone). `group` must have
+    /// this rank's place in its group (checked).
+    pub fn with_group(
+        world: Arc<dyn Transport>,
+        group: Arc<dyn Transport>,
+        cfg_split: bool,
+        cfg: ParallelConfig,
+        height: usize,
+        width: usize,
+        levels: usize,
+    ) -> Result<PatchRuntime> {
+        Self::build(world, Some(group), cfg_split, cfg, height, width, levels)
+    }
+
+    fn build(
+        world: Arc<dyn Transport>,
+        given_group: Option<Arc<dyn Transport>>,
         cfg_split: bool,
         cfg: ParallelConfig,
         height: usize,
@@ -386,13 +600,16 @@ impl PatchRuntime {
         let group = if serial {
             world.clone()
         } else {
-            let g = world
-                .split(grid.group as u32, grid.patch() as u32)
-                .map_err(|e| CoreError::Comm {
-                    rank: grid.world_rank,
-                    layer: "process grid".into(),
-                    msg: e.to_string(),
-                })?;
+            let g = match given_group {
+                Some(g) => g,
+                None => world
+                    .split(grid.group as u32, grid.patch() as u32)
+                    .map_err(|e| CoreError::Comm {
+                        rank: grid.world_rank,
+                        layer: "process grid".into(),
+                        msg: e.to_string(),
+                    })?,
+            };
             if g.rank() != grid.patch() || g.size() != grid.group_size {
                 return Err(CoreError::Config(format!(
                     "rank {}: CFG group transport has rank {} of {}, expected {} of {}",
@@ -418,6 +635,10 @@ impl PatchRuntime {
                 cache: StaleCache::new(),
                 bytes: ByteCounters::default(),
                 report: Mutex::new(ReportState::default()),
+                #[cfg(feature = "cuda")]
+                comm: Default::default(),
+                #[cfg(feature = "cuda")]
+                comm_gpu: Mutex::new(None),
             }),
         })
     }
@@ -506,6 +727,38 @@ impl PatchRuntime {
         }
     }
 
+    /// Counts step `of_step`'s traffic again, for the step now open, which replays a CUDA graph
+    /// captured at `of_step` (a replay moves the same bytes but runs no host code that could
+    /// count them). Errors if `of_step` has no report.
+    pub fn count_replay(&self, of_step: usize) -> Result<()> {
+        let t = self
+            .sh
+            .report
+            .lock()
+            .ok()
+            .and_then(|r| {
+                r.steps
+                    .iter()
+                    .find(|s| s.step == of_step)
+                    .map(|s| s.traffic)
+            })
+            .ok_or_else(|| {
+                CoreError::Config(format!("no report of step {of_step} to count a replay of"))
+            })?;
+        for kind in [
+            CommKind::Halo,
+            CommKind::GroupNorm,
+            CommKind::Attention,
+            CommKind::Gather,
+            CommKind::Other,
+        ] {
+            self.sh
+                .bytes
+                .record(kind, t.sent.get(kind), t.recvd.get(kind));
+        }
+        Ok(())
+    }
+
     fn register(&self, id: &str, kind: CommKind) -> Result<Arc<Slot>> {
         self.sh.cache.register(id, kind)
     }
@@ -522,8 +775,16 @@ impl StepDriver for PatchRuntime {
         } else {
             self.sh.cfg.ctx(step)
         };
+        // Whatever the previous step left on the communication stream is ordered before this
+        // step (normally the output gather joined it already). A failure here is a broken
+        // device context, which the step's first operation reports.
+        let _ = self.sh.join_comm("step start");
         self.sh.open_step(ctx);
         ctx
+    }
+
+    fn end_step(&self, _step: usize) -> Result<()> {
+        self.sh.join_comm("step end")
     }
 
     fn begin_generation(&self) -> Result<()> {
@@ -535,6 +796,7 @@ impl StepDriver for PatchRuntime {
     }
 
     fn end_generation(&self) -> Result<()> {
+        self.sh.join_comm("end of generation")?;
         if let Ok(mut r) = self.sh.report.lock() {
             self.sh.close_step(&mut r);
         }
@@ -647,14 +909,10 @@ impl Conv2dLayer for HaloConv {
                 return x.conv2d(&self.weight, self.bias.as_ref(), params).at(id);
             }
         };
-        let row = b * c * w * x.dtype().size();
         let sends = hp
             .send
             .iter()
-            .map(|(p, r)| {
-                let part = x.narrow(2, r.start, r.len()).at(id)?;
-                Ok((*p, part.to_bytes().at(id)?))
-            })
+            .map(|(p, r)| Ok((*p, x.narrow(2, r.start, r.len()).at(id)?)))
             .collect::<Result<Vec<_>>>()?;
         let recv_rows: Vec<(usize, usize)> = hp
             .recv_above
@@ -662,13 +920,21 @@ impl Conv2dLayer for HaloConv {
             .chain(&hp.recv_below)
             .copied()
             .collect();
-        let recvs = recv_rows.iter().map(|&(p, n)| (p, n * row)).collect();
+        let recvs = recv_rows
+            .iter()
+            .map(|&(p, n)| RecvSpec {
+                peer: p,
+                shape: vec![b, c, n, w],
+                dtype: x.dtype(),
+            })
+            .collect();
+        let dev = x.device();
         let got = if ctx.sync {
-            sh.sync_exchange(id, slot, ctx, sends, recvs, |g| {
-                Ok(Some((g.to_vec(), Vec::new())))
+            sh.sync_exchange(id, slot, ctx, sends, recvs, dev, |g| {
+                Ok(Some((g.to_vec(), None)))
             })?
         } else {
-            sh.stale_exchange(id, slot, ctx, sends, recvs, Vec::new())?
+            sh.stale_exchange(id, slot, ctx, sends, recvs, None, dev)?
                 .0
         };
         if got.len() != recv_rows.len() {
@@ -678,125 +944,24 @@ impl Conv2dLayer for HaloConv {
                 recv_rows.len()
             )));
         }
-        let mut parts = Vec::with_capacity(got.len() + 3);
-        if hp.pad_top > 0 {
-            parts.push(zeros_like(id, &[b, c, hp.pad_top, w], x)?);
-        }
+        // Image-border rows are the convolution's own zero padding.
         let n_above = hp.recv_above.len();
-        for (&(_, n), bytes) in recv_rows.iter().zip(&got).take(n_above) {
-            parts.push(tensor_from(id, &[b, c, n, w], x, bytes)?);
-        }
-        parts.push(x.clone());
-        for (&(_, n), bytes) in recv_rows.iter().zip(&got).skip(n_above) {
-            parts.push(tensor_from(id, &[b, c, n, w], x, bytes)?);
-        }
-        if hp.pad_bottom > 0 {
-            parts.push(zeros_like(id, &[b, c, hp.pad_bottom, w], x)?);
-        }
-        let refs: Vec<&Tensor> = parts.iter().collect();
-        let xin = Tensor::cat(&refs, 2).at(id)?;
+        let mut parts: Vec<&Tensor> = got.iter().take(n_above).collect();
+        parts.push(x);
+        parts.extend(got.iter().skip(n_above));
+        let xin = if parts.len() == 1 {
+            x.clone()
+        } else {
+            Tensor::cat(&parts, 2).at(id)?
+        };
         let params = Conv2dParams {
             stride: self.stride,
-            pad_top: 0,
-            pad_bottom: 0,
+            pad_top: hp.pad_top,
+            pad_bottom: hp.pad_bottom,
             pad_left: self.pad,
             pad_right: self.pad,
         };
         xin.conv2d(&self.weight, self.bias.as_ref(), params).at(id)
-    }
-}
-
-/// Count, mean and centred sum of squares of one (batch, group).
-#[derive(Debug, Clone, Copy, Default)]
-struct Moments {
-    n: f64,
-    mean: f64,
-    m2: f64,
-}
-
-impl Moments {
-    fn from_sums(s: &[f64; 3]) -> Moments {
-        let n = s[2];
-        let mean = if n > 0.0 { s[0] / n } else { 0.0 };
-        Moments {
-            n,
-            mean,
-            m2: (s[1] - s[0] * mean).max(0.0),
-        }
-    }
-
-    /// Chan et al.'s pairwise merge (no cancellation).
-    fn merge(self, o: Moments) -> Moments {
-        let n = self.n + o.n;
-        if n == 0.0 {
-            return self;
-        }
-        let d = o.mean - self.mean;
-        Moments {
-            n,
-            mean: self.mean + d * o.n / n,
-            m2: self.m2 + o.m2 + d * d * self.n * o.n / n,
-        }
-    }
-
-    /// The f32 round trip of the wire format.
-    fn rounded(self) -> Moments {
-        Moments {
-            n: self.n,
-            mean: self.mean as f32 as f64,
-            m2: self.m2 as f32 as f64,
-        }
-    }
-
-    fn var(&self) -> f64 {
-        if self.n > 0.0 {
-            self.m2 / self.n
-        } else {
-            0.0
-        }
-    }
-
-    /// `E[x²]`.
-    fn ex2(&self) -> f64 {
-        self.var() + self.mean * self.mean
-    }
-}
-
-fn encode_moments(m: &[Moments]) -> Vec<u8> {
-    m.iter()
-        .flat_map(|m| [m.mean as f32, m.m2 as f32])
-        .flat_map(f32::to_le_bytes)
-        .collect()
-}
-
-fn decode_moments(id: &str, bytes: &[u8], n: f64, count: usize) -> Result<Vec<Moments>> {
-    let per = GN_STATS_PER_GROUP * GN_STAT_BYTES;
-    if bytes.len() != count * per {
-        return Err(CoreError::Config(format!(
-            "layer `{id}`: group-norm statistics of {} bytes, expected {}",
-            bytes.len(),
-            count * per
-        )));
-    }
-    Ok(bytes
-        .chunks_exact(per)
-        .map(|c| Moments {
-            n,
-            mean: f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64,
-            m2: f32::from_le_bytes([c[4], c[5], c[6], c[7]]) as f64,
-        })
-        .collect())
-}
-
-/// Statistics that make `group_norm_with_stats` use exactly `mean` and `var` per (batch, group).
-fn stats_from(batch: usize, groups: usize, mv: &[(f64, f64)]) -> GroupStats {
-    GroupStats {
-        batch,
-        groups,
-        sums: mv
-            .iter()
-            .map(|&(mean, var)| [mean, var + mean * mean, 1.0])
-            .collect(),
     }
 }
 
@@ -814,14 +979,57 @@ impl GroupNormLayer for PatchGroupNorm {
     fn forward(&self, ctx: &StepCtx, x: &Tensor, silu_after: bool) -> Result<Tensor> {
         let id = &self.id;
         let sh = &self.sh;
-        let (b, c, rows, w) = dims4(id, x)?;
+        let (_, c, rows, w) = dims4(id, x)?;
         let level = sh.level_at(ctx, id, rows, w)?;
         let g = self.groups;
-        let local = x.group_stats(g).at(id)?;
         let mode = sh.cfg.stale_gn_mode();
-        let apply = |s: &GroupStats| {
-            x.group_norm_with_stats(
-                s,
+        let slot = match (&self.slot, sh.communicates()) {
+            (Some(s), true) if ctx.sync || mode != GnMode::Separate => s,
+            _ => {
+                return x
+                    .group_norm(g, self.gamma.as_ref(), self.beta.as_ref(), self.eps, silu_after)
+                    .at(id)
+            }
+        };
+        let plan = sh.plan();
+        let me = sh.me();
+        // Mean and centred sum of squares per (batch, group), f32 on the wire, merged with each
+        // band's element count (uneven bands are exact).
+        let own = x.group_moments(g).at(id)?;
+        let counts: Vec<f64> = (0..plan.ranks())
+            .map(|j| ((c / g.max(1)) * plan.band(level, j).len() * plan.width_at(level)) as f64)
+            .collect();
+        let peers = sh.peers();
+        let sends = peers.iter().map(|&p| (p, own.clone())).collect();
+        let recvs = peers
+            .iter()
+            .map(|&p| RecvSpec {
+                peer: p,
+                shape: own.shape().to_vec(),
+                dtype: DType::F32,
+            })
+            .collect();
+        let dev = x.device();
+        // All bands' moments in rank order, `mine` at this rank's place.
+        let table = |others: &[Tensor], mine: &Tensor| -> Result<Tensor> {
+            if others.len() != peers.len() {
+                return Err(CoreError::Config(format!(
+                    "layer `{id}`: statistics of {} peers, expected {}",
+                    others.len(),
+                    peers.len()
+                )));
+            }
+            let mut rows: Vec<&Tensor> = others.iter().collect();
+            rows.insert(me, mine);
+            let t = Tensor::cat(&rows, 0).at(id)?;
+            t.reshape(&[rows.len(), own.shape()[0], 2]).at(id)
+        };
+        let apply = |bands: &Tensor, corrected: Option<(usize, &Tensor)>| {
+            x.group_norm_merged(
+                g,
+                bands,
+                &counts,
+                corrected,
                 self.gamma.as_ref(),
                 self.beta.as_ref(),
                 self.eps,
@@ -829,89 +1037,29 @@ impl GroupNormLayer for PatchGroupNorm {
             )
             .at(id)
         };
-        let slot = match (&self.slot, sh.communicates()) {
-            (Some(s), true) if ctx.sync || mode != GnMode::Separate => s,
-            _ => return apply(&local),
-        };
-        let plan = sh.plan();
-        let me = sh.me();
-        let count =
-            |j: usize| ((c / g.max(1)) * plan.band(level, j).len() * plan.width_at(level)) as f64;
-        let own: Vec<Moments> = local.sums.iter().map(Moments::from_sums).collect();
-        let payload = encode_moments(&own);
-        let peers = sh.peers();
-        let sends = peers.iter().map(|&p| (p, payload.clone())).collect();
-        let recvs = peers.iter().map(|&p| (p, payload.len())).collect();
-        let decode_peers = |got: &[Vec<u8>]| -> Result<Vec<(usize, Vec<Moments>)>> {
-            if got.len() != peers.len() {
-                return Err(CoreError::Config(format!(
-                    "layer `{id}`: statistics of {} peers, expected {}",
-                    got.len(),
-                    peers.len()
-                )));
-            }
-            peers
-                .iter()
-                .zip(got)
-                .map(|(&j, bytes)| Ok((j, decode_moments(id, bytes, count(j), own.len())?)))
-                .collect()
-        };
-        let mv: Vec<(f64, f64)> = if ctx.sync || mode == GnMode::Sync {
-            let keep_local = payload.clone();
-            let got = sh.sync_exchange(id, slot, ctx, sends, recvs, |got| {
+        if ctx.sync || mode == GnMode::Sync {
+            let keep_local = own.clone();
+            let got = sh.sync_exchange(id, slot, ctx, sends, recvs, dev, |got| {
                 Ok(matches!(mode, GnMode::Stale | GnMode::Corrected)
-                    .then(|| (got.to_vec(), keep_local)))
+                    .then(|| (got.to_vec(), Some(keep_local))))
             })?;
-            let others = decode_peers(&got)?;
-            // Merge all bands in rank order (own statistics rounded as the peers see them), so
-            // every rank gets the same numbers.
-            (0..own.len())
-                .map(|i| {
-                    let mut acc = Moments::default();
-                    let mut it = others.iter().peekable();
-                    for j in 0..plan.ranks() {
-                        let m = if j == me {
-                            own[i].rounded()
-                        } else {
-                            match it.next() {
-                                Some((_, ms)) => ms[i],
-                                None => Moments::default(),
-                            }
-                        };
-                        acc = acc.merge(m);
-                    }
-                    (acc.mean, acc.var())
-                })
-                .collect()
-        } else {
-            let (prev, own_prev) =
-                sh.stale_exchange(id, slot, ctx, sends, recvs, payload.clone())?;
-            let others = decode_peers(&prev)?;
-            match mode {
-                GnMode::Stale => (0..own.len())
-                    .map(|i| {
-                        let acc = others.iter().fold(own[i], |a, (_, ms)| a.merge(ms[i]));
-                        (acc.mean, acc.var())
-                    })
-                    .collect(),
-                _ => {
-                    // Corrected: the previous step's global moments plus the change of own
-                    // moments (PCPP §2.6), with the local variance where the estimate is negative.
-                    let own_prev = decode_moments(id, &own_prev, count(me), own.len())?;
-                    (0..own.len())
-                        .map(|i| {
-                            let total =
-                                others.iter().fold(own_prev[i], |a, (_, ms)| a.merge(ms[i]));
-                            let m1 = total.mean + (own[i].mean - own_prev[i].mean);
-                            let m2 = total.ex2() + (own[i].ex2() - own_prev[i].ex2());
-                            let var = m2 - m1 * m1;
-                            (m1, if var < 0.0 { own[i].var() } else { var })
-                        })
-                        .collect()
-                }
+            // Every rank merges the same f32 moments in rank order: identical statistics.
+            return apply(&table(&got, &own)?, None);
+        }
+        let (prev, own_prev) =
+            sh.stale_exchange(id, slot, ctx, sends, recvs, Some(own.clone()), dev)?;
+        match mode {
+            GnMode::Corrected => {
+                // The previous step's global moments plus the change of own moments (PCPP §2.6).
+                let own_prev = own_prev.ok_or_else(|| {
+                    CoreError::Config(format!(
+                        "layer `{id}`: no own statistics kept from the previous step"
+                    ))
+                })?;
+                apply(&table(&prev, &own_prev)?, Some((me, &own)))
             }
-        };
-        apply(&stats_from(b, g, &mv))
+            _ => apply(&table(&prev, &own)?, None),
+        }
     }
 }
 
@@ -950,44 +1098,40 @@ impl SelfAttentionLayer for PatchAttention {
             )));
         }
         let kv = Tensor::cat(&[&k, &v], 2).at(id)?;
-        let per_tok = b * 2 * c * x.dtype().size();
         let portion = sh.cfg.portion_at(level);
+        let dev = x.device();
+        let spec = |peer: usize, n: usize| RecvSpec {
+            peer,
+            shape: vec![b, n, 2 * c],
+            dtype: x.dtype(),
+        };
         // Other bands' K/V, top to bottom, with the band they come from.
         let mut others: Vec<(usize, Tensor)> = Vec::new();
         if ctx.sync {
             // Exact: every band's fresh K/V.
-            let bytes = kv.to_bytes().at(id)?;
             let peers = sh.peers();
-            let sends = peers.iter().map(|&p| (p, bytes.clone())).collect();
-            let recvs = peers.iter().map(|&p| (p, tokens[p] * per_tok)).collect();
+            let sends = peers.iter().map(|&p| (p, kv.clone())).collect();
+            let recvs = peers.iter().map(|&p| spec(p, tokens[p])).collect();
             let keep = kv_recvs(&tokens, me, portion);
-            let got = sh.sync_exchange(id, slot, ctx, sends, recvs, |got| {
+            let got = sh.sync_exchange(id, slot, ctx, sends, recvs, dev, |got| {
                 let mut out = Vec::with_capacity(keep.len());
                 for (j, r) in &keep {
                     let i = peers.iter().position(|p| p == j).ok_or_else(|| {
                         CoreError::Config(format!("layer `{id}`: no K/V from band {j}"))
                     })?;
-                    // Cut on the host: the kept window goes straight back into host memory.
-                    let t =
-                        Tensor::from_bytes(&[b, tokens[*j], 2 * c], x.dtype(), &got[i]).at(id)?;
-                    out.push(t.narrow(1, r.start, r.len()).at(id)?.to_bytes().at(id)?);
+                    out.push(got[i].narrow(1, r.start, r.len()).at(id)?);
                 }
-                Ok(Some((out, Vec::new())))
+                Ok(Some((out, None)))
             })?;
-            for (&j, bytes) in peers.iter().zip(&got) {
-                others.push((j, tensor_from(id, &[b, tokens[j], 2 * c], x, bytes)?));
-            }
+            others.extend(peers.iter().copied().zip(got));
         } else {
             let sends = kv_sends(&tokens, me, portion)
                 .into_iter()
-                .map(|(j, r)| {
-                    let part = kv.narrow(1, r.start, r.len()).at(id)?;
-                    Ok((j, part.to_bytes().at(id)?))
-                })
+                .map(|(j, r)| Ok((j, kv.narrow(1, r.start, r.len()).at(id)?)))
                 .collect::<Result<Vec<_>>>()?;
             let want = kv_recvs(&tokens, me, portion);
-            let recvs = want.iter().map(|(j, r)| (*j, r.len() * per_tok)).collect();
-            let (got, _) = sh.stale_exchange(id, slot, ctx, sends, recvs, Vec::new())?;
+            let recvs = want.iter().map(|(j, r)| spec(*j, r.len())).collect();
+            let (got, _) = sh.stale_exchange(id, slot, ctx, sends, recvs, None, dev)?;
             if got.len() != want.len() {
                 return Err(CoreError::Config(format!(
                     "layer `{id}`: {} K/V parts stored, {} expected",
@@ -995,9 +1139,7 @@ impl SelfAttentionLayer for PatchAttention {
                     want.len()
                 )));
             }
-            for ((j, r), bytes) in want.iter().zip(&got) {
-                others.push((*j, tensor_from(id, &[b, r.len(), 2 * c], x, bytes)?));
-            }
+            others.extend(want.iter().map(|(j, _)| *j).zip(got));
         }
         let mut parts: Vec<&Tensor> = others.iter().filter(|o| o.0 < me).map(|o| &o.1).collect();
         parts.push(&kv);
@@ -1023,11 +1165,7 @@ impl GatherLayer for PatchGather {
         let me = sh.grid.world_rank;
         // Bands are rows (or, for naive patch cutting columns, columns) of the image.
         let cols = sh.cols(ctx);
-        let (axis, line) = if cols {
-            (3, b * c * rows * x.dtype().size())
-        } else {
-            (2, b * c * w * x.dtype().size())
-        };
+        let axis = if cols { 3 } else { 2 };
         let plans = if cols { &sh.cplans } else { &sh.plans };
         let len_of = |r: usize| {
             let g = &sh.grids[r];
@@ -1035,31 +1173,47 @@ impl GatherLayer for PatchGather {
         };
         let shape_of = |r: usize| {
             if cols {
-                [b, c, rows, len_of(r)]
+                vec![b, c, rows, len_of(r)]
             } else {
-                [b, c, len_of(r), w]
+                vec![b, c, len_of(r), w]
             }
         };
         let others: Vec<usize> = (0..sh.grids.len()).filter(|&r| r != me).collect();
-        let own = x.to_bytes().at(id)?;
-        let sends = others.iter().map(|&r| (r, own.clone())).collect();
-        let recvs = others.iter().map(|&r| (r, len_of(r) * line)).collect();
-        let got = sh.wait(
+        let sends = others.iter().map(|&r| (r, x.clone())).collect();
+        let recvs = others
+            .iter()
+            .map(|&r| RecvSpec {
+                peer: r,
+                shape: shape_of(r),
+                dtype: x.dtype(),
+            })
+            .collect();
+        let got = sh.exchange_now(
             id,
-            sh.post(id, CommKind::Gather, GATHER_TAG, sends, recvs, true)?,
+            CommKind::Gather,
+            GATHER_TAG,
+            sends,
+            recvs,
+            x.device(),
+            true,
         )?;
-        let mut bands: Vec<Tensor> = Vec::with_capacity(sh.grids.len());
-        let mut it = got.iter();
-        for r in 0..sh.grids.len() {
-            if r == me {
-                bands.push(x.clone());
-            } else {
-                let bytes = it.next().ok_or_else(|| {
-                    CoreError::Config(format!("layer `{id}`: band of rank {r} missing"))
-                })?;
-                bands.push(tensor_from(id, &shape_of(r), x, bytes)?);
-            }
+        if got.len() != others.len() {
+            return Err(CoreError::Config(format!(
+                "layer `{id}`: {} bands received, {} expected",
+                got.len(),
+                others.len()
+            )));
         }
+        let mut it = got.into_iter();
+        let bands: Vec<Tensor> = (0..sh.grids.len())
+            .map(|r| {
+                if r == me {
+                    x.clone()
+                } else {
+                    it.next().unwrap_or_else(|| x.clone())
+                }
+            })
+            .collect();
         let mut images = Vec::with_capacity(sh.grid.groups);
         for g in 0..sh.grid.groups {
             let members: Vec<&Tensor> = (0..sh.grids.len())
@@ -1205,33 +1359,5 @@ impl LayerFactory for PatchRuntime {
             return crate::tensor::resnet_core(self.sh.clone(), id, w);
         }
         composed_resnet_core(self, id, w)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn moments_merge_equals_the_whole() {
-        let x: Vec<f64> = (0..37)
-            .map(|i| 100.0 + ((i * 7) % 11) as f64 * 0.37)
-            .collect();
-        let sums = |v: &[f64]| {
-            [
-                v.iter().sum(),
-                v.iter().map(|a| a * a).sum(),
-                v.len() as f64,
-            ]
-        };
-        let whole = Moments::from_sums(&sums(&x));
-        let merged = Moments::from_sums(&sums(&x[..10]))
-            .merge(Moments::from_sums(&sums(&x[10..29])))
-            .merge(Moments::from_sums(&sums(&x[29..])));
-        assert!((whole.mean - merged.mean).abs() < 1e-12);
-        assert!((whole.var() - merged.var()).abs() < 1e-9 * whole.var());
-        let bytes = encode_moments(&[merged]);
-        let back = decode_moments("t", &bytes, merged.n, 1).unwrap()[0];
-        assert!((back.mean - merged.mean).abs() <= 1e-6 * merged.mean.abs());
     }
 }

@@ -445,7 +445,9 @@ pub fn denoise_with(
             x
         };
         let ts = Tensor::from_vec(&[x_in.shape()[0]], vec![t as f32; x_in.shape()[0]])?;
-        let out = unet.forward(&driver.step_ctx(i - first), &x_in, &ts, &cond, None)?;
+        let ctx = driver.step_ctx(i - first);
+        let out = unet.forward(&ctx, &x_in, &ts, &cond, None)?;
+        driver.end_step(ctx.step)?;
         let guided = if cfg {
             let u = out.narrow(0, 0, 1)?;
             let c = out.narrow(0, 1, 1)?;

@@ -1,0 +1,399 @@
+//! `pcpp-cli bench --parallel MODE --ranks N`: the steady denoising step of one rank of patch
+//! parallelism (PCPP §1–§4; the per-rank measurement of §7.4's communication/computation
+//! overlap), measured alone on one device.
+//!
+//! Rank `r` of `N` is built with [`SoloTransport`]s: the same layers, bands, windows and byte
+//! accounting as in a real run, but its messages are not delivered (receives read zeros), so the
+//! time is this rank's computation — including packing what it sends and merging what it
+//! receives — without any wait for other ranks. On a GPU the steady (stale) step is also captured
+//! as a CUDA graph per step parity, the way a device-resident run replays it. Bytes per step come
+//! from the runtime's report of the same step, so the time and the traffic belong together; the
+//! modelled multi-GPU speed-up of `docs/benchmarks.md` combines them.
+//!
+//! With `--ranks 1` (or `--parallel serial`) it times the serial UNet step of the whole image:
+//! the baseline of the patch efficiency `T_full / (N · T_patch)`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use pcpp_comm::{SoloTransport, Transport, TransportOptions};
+use pcpp_core::{
+    ParallelConfig, ParallelMode, PatchRuntime, ProcessGrid, StepDriver, Traffic,
+};
+use pcpp_kernels::{DType, Device, Tensor};
+use pcpp_sdxl::weights::Weights;
+use pcpp_sdxl::{UNet, UNetCond, UNetConfig};
+
+use crate::bench::Args;
+use crate::generate::parse_portions;
+
+/// What one rank measured.
+struct RankResult {
+    rank: usize,
+    group_size: usize,
+    fed_batch: usize,
+    rows: usize,
+    sync_ms: f64,
+    eager_ms: f64,
+    graph_ms: Option<f64>,
+    traffic: Traffic,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+fn sync_device(device: Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(o) = device {
+        pcpp_kernels::cuda::gpu(o)?.synchronize()?;
+    }
+    let _ = device;
+    Ok(())
+}
+
+/// Runs the per-rank step benchmark.
+pub fn run(a: &Args) -> Result<()> {
+    a.device.check_built()?;
+    let device = a.device.device(0);
+    let dtype = a.dtype.unwrap_or(match device {
+        Device::Cpu => DType::F32,
+        Device::Cuda(_) => DType::F16,
+    });
+    if a.ranks == 0 {
+        bail!("--ranks must be at least 1");
+    }
+    if let Some(r) = a.rank {
+        if r >= a.ranks {
+            bail!("--rank {r}: must be below --ranks {}", a.ranks);
+        }
+    }
+    if a.iters == 0 || a.batch == 0 {
+        bail!("--iters and --batch must be at least 1");
+    }
+    let config = match (&a.config, a.random_weights) {
+        (Some(c), true) => c.clone(),
+        (None, true) => a.model.join("unet/config.json"),
+        (Some(c), false) => bail!(
+            "--config {} needs --random-weights (weights come from --model otherwise)",
+            c.display()
+        ),
+        (None, false) => a.model.join("unet/config.json"),
+    };
+    let ucfg = UNetConfig::from_file(&config)
+        .with_context(|| format!("reading {}", config.display()))?;
+    let factor = ucfg.downsample_factor();
+    if a.height % factor != 0 || a.width % factor != 0 {
+        bail!(
+            "--height {} --width {}: latent sizes must be multiples of {factor}",
+            a.height,
+            a.width
+        );
+    }
+    let mode = if a.ranks == 1 {
+        ParallelMode::Serial
+    } else {
+        a.parallel
+    };
+    if mode == ParallelMode::Tensor {
+        bail!("--parallel tensor: the per-rank step bench covers patch modes (pcpp, distrifusion, naive-patch, serial)");
+    }
+    let portions = parse_portions(&a.portion)?;
+    // Sync warm-up steps, then the untimed and the timed steady steps.
+    let warm = match mode {
+        ParallelMode::Pcpp | ParallelMode::DistriFusion => a.warmup_steps.unwrap_or(1).max(1),
+        _ => 0,
+    };
+    let graph_on = !a.no_graph && matches!(device, Device::Cuda(_));
+    let steps = warm + 2 * (3 + a.warmup + a.iters);
+    let pcfg = ParallelConfig::preset(mode, &portions, Some(warm), steps);
+    pcfg.validate()?;
+    let cfg_split = a.batch == 2 && !a.no_cfg_split && a.ranks >= 2;
+    let ranks: Vec<usize> = match a.rank {
+        Some(r) => vec![r],
+        None => (0..a.ranks).collect(),
+    };
+    let manifest = config.with_file_name("tensor_manifest.json");
+    let weights = if a.random_weights || a.config.is_some() {
+        if manifest.is_file() {
+            Weights::random_from_manifest(&manifest, dtype, a.seed)?
+        } else {
+            Weights::random_unet(&config, dtype, a.seed)
+        }
+    } else {
+        let dir = a.model.join("unet");
+        pcpp_sdxl::weights::find_weight_file(&dir, "diffusion_pytorch_model")
+            .and_then(|f| Weights::open(&f, dtype))
+            .with_context(|| format!("loading the UNet of {}", a.model.display()))?
+    }
+    .on_device(device);
+
+    let mut results = Vec::new();
+    for &r in &ranks {
+        results.push(run_rank(
+            a, &ucfg, &weights, &pcfg, mode, r, cfg_split, warm, graph_on, device, dtype,
+        )?);
+    }
+    for res in &results {
+        let sent = res.traffic.sent.total();
+        let recvd = res.traffic.recvd.total();
+        if a.json {
+            let v = serde_json::json!({
+                "mode": mode.to_string(),
+                "ranks": a.ranks,
+                "rank": res.rank,
+                "group_size": res.group_size,
+                "cfg_split": cfg_split,
+                "portion": a.portion,
+                "latent_hw": [a.height, a.width],
+                "band_rows": res.rows,
+                "batch_fed": res.fed_batch,
+                "dtype": dtype.to_string(),
+                "device": device.to_string(),
+                "sync_step_ms": res.sync_ms,
+                "steady_step_ms": res.eager_ms,
+                "steady_step_graph_ms": res.graph_ms,
+                "iters": a.iters,
+                "steady_sent_bytes": sent,
+                "steady_recvd_bytes": recvd,
+                "steady_traffic": res.traffic,
+            });
+            println!("{v}");
+        } else {
+            println!(
+                "{mode} rank {}/{} ({} rows of {}, batch {}, {dtype} on {device}): steady step {:.3} ms eager{}, sync step {:.3} ms; steady step sends {sent} B, receives {recvd} B",
+                res.rank,
+                a.ranks,
+                res.rows,
+                a.height,
+                res.fed_batch,
+                res.eager_ms,
+                res.graph_ms.map(|g| format!(", {g:.3} ms graph")).unwrap_or_default(),
+                res.sync_ms,
+            );
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_rank(
+    a: &Args,
+    ucfg: &UNetConfig,
+    weights: &Weights,
+    pcfg: &ParallelConfig,
+    mode: ParallelMode,
+    rank: usize,
+    cfg_split: bool,
+    warm: usize,
+    graph_on: bool,
+    device: Device,
+    dtype: DType,
+) -> Result<RankResult> {
+    let opts = TransportOptions::default();
+    let ordinal = match device {
+        Device::Cuda(o) => o,
+        Device::Cpu => 0,
+    };
+    let world: Arc<dyn Transport> = SoloTransport::new(rank, a.ranks, opts.clone())?
+        .with_device(ordinal);
+    let levels = ucfg.downsample_factor().trailing_zeros() as usize;
+    let runtime = if a.ranks == 1 || mode == ParallelMode::Serial {
+        PatchRuntime::new(world, cfg_split, pcfg.clone(), a.height, a.width, levels)?
+    } else {
+        let grid = ProcessGrid::new(rank, a.ranks, cfg_split)?;
+        let group: Arc<dyn Transport> =
+            SoloTransport::new(grid.patch(), grid.group_size, opts)?.with_device(ordinal);
+        PatchRuntime::with_group(
+            world,
+            group,
+            cfg_split,
+            pcfg.clone(),
+            a.height,
+            a.width,
+            levels,
+        )?
+    };
+    let unet = UNet::build(ucfg.clone(), weights, runtime.factory())?;
+    let fed = if runtime.cfg_branch().is_some() {
+        a.batch / 2
+    } else {
+        a.batch
+    };
+    let rows = runtime.band_plan().band(0, runtime.grid().patch()).len();
+    let rows = if runtime.is_serial() { a.height } else { rows };
+    let rnd = |shape: &[usize], seed: u64| {
+        Tensor::rand_uniform(shape, dtype, device, (-1.0, 1.0), seed ^ a.seed)
+    };
+    let cross = ucfg
+        .down
+        .iter()
+        .map(|b| b.cross_attention_dim)
+        .chain(ucfg.mid.map(|m| m.2))
+        .max()
+        .unwrap_or(1);
+    let sample = rnd(&[fed, ucfg.in_channels, a.height, a.width], 1)?;
+    let ts = Tensor::from_vec(&[fed], vec![500.0; fed])?
+        .to_dtype(dtype)?
+        .to_device(device)?;
+    let text = rnd(&[fed, a.tokens, cross], 2)?;
+    let cond = match ucfg.text_time {
+        Some(tt) => {
+            let te = tt
+                .projection_input_dim
+                .checked_sub(6 * tt.time_embed_dim)
+                .context("config: projection_class_embeddings_input_dim is smaller than 6·addition_time_embed_dim")?;
+            let (h, w) = (8.0 * a.height as f32, 8.0 * a.width as f32);
+            let ids = Tensor::from_vec(&[fed, 6], [h, w, 0.0, 0.0, h, w].repeat(fed))?
+                .to_dtype(dtype)?
+                .to_device(device)?;
+            UNetCond::new(text, Some(rnd(&[fed, te.max(1)], 3)?), Some(ids))
+        }
+        None => UNetCond::new(text, None, None),
+    };
+
+    let driver = runtime.driver();
+    driver.begin_generation()?;
+    let eager_step = |step: usize| -> Result<f64> {
+        sync_device(device)?;
+        let t = Instant::now();
+        let ctx = driver.step_ctx(step);
+        let out = unet.forward(&ctx, &sample, &ts, &cond, None)?;
+        driver.end_step(step)?;
+        drop(out);
+        sync_device(device)?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    // Synchronous warm-up steps (pcpp, distrifusion).
+    let mut sync_ms = Vec::new();
+    for step in 0..warm {
+        sync_ms.push(eager_step(step)?);
+    }
+    // Steady steps: two to fill both parities of the stale cache, `--warmup` untimed, `--iters`
+    // timed. The traffic is that of the first steady step.
+    let mut eager_ms = Vec::new();
+    let mut traffic = None;
+    let mut step = warm;
+    for k in 0..2 + a.warmup + a.iters {
+        let ms = eager_step(step)?;
+        if traffic.is_none() {
+            traffic = runtime.report().steps.last().map(|s| s.traffic);
+        }
+        if k >= 2 + a.warmup {
+            eager_ms.push(ms);
+        }
+        step += 1;
+    }
+    let graph_ms = if graph_on {
+        Some(graph_steps(
+            &unet, &runtime, &sample, &ts, &cond, device, step, a,
+        )?)
+    } else {
+        None
+    };
+    driver.end_generation()?;
+    let traffic = traffic.unwrap_or_default();
+    Ok(RankResult {
+        rank,
+        group_size: if runtime.is_serial() {
+            1
+        } else {
+            runtime.grid().group_size
+        },
+        fed_batch: fed,
+        rows,
+        sync_ms: median(sync_ms),
+        eager_ms: median(eager_ms),
+        graph_ms,
+        traffic,
+    })
+}
+
+/// Captures the steady step once per step parity (after both parities ran eagerly, so every
+/// persistent buffer exists) and times `a.iters` replays.
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn graph_steps(
+    unet: &UNet,
+    runtime: &PatchRuntime,
+    sample: &Tensor,
+    ts: &Tensor,
+    cond: &UNetCond,
+    device: Device,
+    first: usize,
+    a: &Args,
+) -> Result<f64> {
+    use pcpp_kernels::cuda::{capture_graph, copy_into};
+    use pcpp_kernels::KernelError;
+    let Device::Cuda(ordinal) = device else {
+        bail!("CUDA graphs need --device cuda");
+    };
+    let driver = runtime.driver();
+    let ctx0 = driver.step_ctx(first);
+    let out0 = unet.forward(&ctx0, sample, ts, cond, None)?;
+    driver.end_step(first)?;
+    let out = Tensor::zeros_on(out0.shape(), out0.dtype(), device)?;
+    drop(out0);
+    let mut graphs = Vec::new();
+    for p in 0..2 {
+        let step = first + 1 + p;
+        let ctx = driver.step_ctx(step);
+        if ctx.sync && !runtime.is_serial() {
+            bail!("step {step} is synchronous: the graph bench needs steady steps");
+        }
+        let fail = |e: pcpp_core::CoreError| KernelError::Invalid {
+            op: "graph capture",
+            msg: e.to_string(),
+        };
+        let g = capture_graph(ordinal, || {
+            let o = unet.forward(&ctx, sample, ts, cond, None).map_err(|e| {
+                KernelError::Invalid {
+                    op: "graph capture",
+                    msg: e.to_string(),
+                }
+            })?;
+            driver.end_step(step).map_err(fail)?;
+            copy_into(&o, &out)
+        })?;
+        graphs.push(g);
+    }
+    let mut ms = Vec::new();
+    for i in 0..a.warmup + a.iters {
+        sync_device(device)?;
+        let t = Instant::now();
+        graphs[i % 2].replay()?;
+        sync_device(device)?;
+        if i >= a.warmup {
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    if !out.to_vec_f32()?.iter().all(|v| v.is_finite()) {
+        bail!("the replayed step produced non-finite values");
+    }
+    Ok(median(ms))
+}
+
+#[cfg(not(feature = "cuda"))]
+#[allow(clippy::too_many_arguments)]
+fn graph_steps(
+    _unet: &UNet,
+    _runtime: &PatchRuntime,
+    _sample: &Tensor,
+    _ts: &Tensor,
+    _cond: &UNetCond,
+    _device: Device,
+    _first: usize,
+    _a: &Args,
+) -> Result<f64> {
+    bail!("CUDA graphs need a build with --features cuda")
+}
