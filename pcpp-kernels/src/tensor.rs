@@ -118,6 +118,23 @@ impl Tensor {
         }
     }
 
+    /// A tensor of zeros created directly on `device`: on a GPU the memory is cleared on the
+    /// device's stream (no host upload, so it can be captured into a CUDA graph); on the CPU the
+    /// same as [`Tensor::zeros`].
+    pub fn zeros_on(shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
+        match device {
+            Device::Cpu => Ok(Tensor::zeros(shape, dtype)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => crate::cuda::zeros(i, shape, dtype),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(KernelError::Device {
+                device: device.to_string(),
+                msg: "zeros_on: this build has no CUDA back-end (rebuild with the `cuda` feature)"
+                    .into(),
+            }),
+        }
+    }
+
     /// Uniform values in `[lo, hi)` from a counter-based generator: element `i` depends only on
     /// `(seed, i)`, so the CPU and the GPU produce the same numbers (random weights for
     /// benchmarks, random inputs for parity tests). Generated where it is stored.
@@ -209,6 +226,26 @@ impl Tensor {
         match &*self.storage {
             Storage::Cuda(s) => Some(s),
             Storage::Cpu(_) => None,
+        }
+    }
+
+    /// The raw device address of a CUDA tensor's storage (e.g. a buffer for NCCL), an error for a
+    /// CPU tensor.
+    ///
+    /// The address is valid while this tensor (or a clone or reshape of it) lives. All compute work
+    /// of the device runs on its compute stream, where the memory is also freed when the last
+    /// handle drops: work on other streams that uses the address (the comm stream of
+    /// [`crate::cuda::Gpu`]) must be joined back to the compute stream
+    /// ([`crate::cuda::Gpu::join_comm`]) before the tensor is dropped, and must be ordered after
+    /// the compute work that writes it ([`crate::cuda::Gpu::fork_to_comm`]).
+    #[cfg(feature = "cuda")]
+    pub fn cuda_ptr(&self) -> Result<u64> {
+        match &*self.storage {
+            Storage::Cuda(s) => Ok(s.ptr()),
+            Storage::Cpu(_) => Err(KernelError::invalid(
+                "cuda_ptr",
+                "the tensor is in host memory; move it with to_device(Device::Cuda(i)) first",
+            )),
         }
     }
 

@@ -374,3 +374,329 @@ fn missing_gpu_is_an_error_not_a_panic() {
     let err = Tensor::scalar(1.0).to_device(Device::Cuda(99)).unwrap_err();
     assert!(err.to_string().contains("cuda:99"), "{err}");
 }
+
+/// Moments of the row bands of `x: [b, c, h, w]` (cut along dim 2 at `rows`), stacked as
+/// `[p, b·groups, 2]` on `x`'s device, and each band's element count per (batch, group).
+fn band_moments(x: &Tensor, groups: usize, rows: &[usize]) -> (Tensor, Vec<f64>) {
+    let (c, w) = (x.shape()[1], x.shape()[3]);
+    let mut start = 0;
+    let mut ms = Vec::new();
+    let mut counts = Vec::new();
+    for &r in rows {
+        let m = x
+            .narrow(2, start, r)
+            .unwrap()
+            .group_moments(groups)
+            .unwrap();
+        start += r;
+        let bg = m.shape()[0];
+        ms.push(m.reshape(&[1, bg, 2]).unwrap());
+        counts.push((c / groups * r * w) as f64);
+    }
+    let refs: Vec<&Tensor> = ms.iter().collect();
+    (Tensor::cat(&refs, 0).unwrap(), counts)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn group_moments_match_cpu() {
+    for d in DTYPES {
+        // The second shape has groups longer than one gn_sums chunk (8192 elements).
+        for (shape, groups) in [(vec![2, 32, 9, 7], 8), (vec![1, 8, 64, 80], 2)] {
+            let x = rnd(&shape, d, 1).affine(3.0, 0.5).unwrap();
+            let want = x.group_moments(groups).unwrap();
+            let got = gpu(&x).group_moments(groups).unwrap();
+            assert_eq!(got.device(), GPU, "group_moments: result not on the GPU");
+            assert_eq!(got.dtype(), DType::F32);
+            assert_eq!(got.shape(), want.shape());
+            let (g, w) = (got.to_vec_f32().unwrap(), want.to_vec_f32().unwrap());
+            for (i, (gv, wv)) in g.iter().zip(&w).enumerate() {
+                assert!(
+                    (gv - wv).abs() <= 1e-4 * (1.0 + wv.abs()),
+                    "group_moments {d} {shape:?} [{i}]: {gv} vs {wv}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn group_norm_merged_matches_cpu() {
+    for d in DTYPES {
+        let x = rnd(&[2, 32, 9, 7], d, 1).affine(3.0, 0.5).unwrap();
+        let x_new = rnd(&[2, 32, 9, 7], d, 7).affine(2.0, 0.25).unwrap();
+        let g = rnd(&[32], d, 2);
+        let b = rnd(&[32], d, 3);
+        let gx = gpu(&x);
+        let rows = [3, 1, 5];
+        // The same band moments on both sides (computed on the GPU, copied to the host).
+        let (gbands, counts) = band_moments(&gx, 8, &rows);
+        let bands = gbands.to_device(Device::Cpu).unwrap();
+        // Rank 1's current moments (of another input) for the corrected rule.
+        let gfresh = gpu(&x_new)
+            .narrow(2, 3, 1)
+            .unwrap()
+            .group_moments(8)
+            .unwrap();
+        let fresh = gfresh.to_device(Device::Cpu).unwrap();
+        for silu in [false, true] {
+            check(
+                &format!("group_norm_merged silu={silu}"),
+                d,
+                &gx.group_norm_merged(
+                    8,
+                    &gbands,
+                    &counts,
+                    None,
+                    Some(&gpu(&g)),
+                    Some(&gpu(&b)),
+                    1e-5,
+                    silu,
+                )
+                .unwrap(),
+                &x.group_norm_merged(8, &bands, &counts, None, Some(&g), Some(&b), 1e-5, silu)
+                    .unwrap(),
+            );
+            check(
+                &format!("group_norm_merged corrected silu={silu}"),
+                d,
+                &gx.group_norm_merged(
+                    8,
+                    &gbands,
+                    &counts,
+                    Some((1, &gfresh)),
+                    Some(&gpu(&g)),
+                    None,
+                    1e-5,
+                    silu,
+                )
+                .unwrap(),
+                &x.group_norm_merged(
+                    8,
+                    &bands,
+                    &counts,
+                    Some((1, &fresh)),
+                    Some(&g),
+                    None,
+                    1e-5,
+                    silu,
+                )
+                .unwrap(),
+            );
+        }
+        // Merged band moments reproduce the whole-tensor group norm on the GPU too.
+        check(
+            "group_norm_merged vs group_norm",
+            d,
+            &gx.group_norm_merged(8, &gbands, &counts, None, None, None, 1e-5, false)
+                .unwrap(),
+            &x.group_norm(8, None, None, 1e-5, false).unwrap(),
+        );
+        // The corrected rule's negative-variance fallback (one group, bands set by hand: stale
+        // total mean 0, var 1; corrected mean 2, E[x²] 1.5 < 4, so fresh's variance 0.5 is used).
+        let xs = rnd(&[1, 4, 3], d, 9);
+        let hb = Tensor::from_vec(&[2, 1, 2], vec![1.0, 0.0, -1.0, 0.0]).unwrap();
+        let hf = Tensor::from_vec(&[1, 2], vec![1.0, 2.0]).unwrap();
+        let hc = [4.0, 4.0];
+        check(
+            "group_norm_merged fallback",
+            d,
+            &gpu(&xs)
+                .group_norm_merged(
+                    1,
+                    &gpu(&hb),
+                    &hc,
+                    Some((1, &gpu(&hf))),
+                    None,
+                    None,
+                    1e-5,
+                    false,
+                )
+                .unwrap(),
+            &xs.group_norm_merged(1, &hb, &hc, Some((1, &hf)), None, None, 1e-5, false)
+                .unwrap(),
+        );
+    }
+    // Bands on another device than the input are an error, not a silent copy.
+    let x = rnd(&[1, 4, 2, 2], DType::F32, 1);
+    let bands = x.group_moments(2).unwrap().reshape(&[1, 2, 2]).unwrap();
+    let e = gpu(&x)
+        .group_norm_merged(2, &bands, &[8.0], None, None, None, 1e-5, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("group_norm_merged") && e.contains("cpu"), "{e}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn zeros_on_matches_cpu() {
+    for d in DTYPES {
+        // Fill the memory pool with non-zeros first, so that reused memory must be cleared.
+        drop(Tensor::rand_uniform(&[4096], d, GPU, (1.0, 2.0), 3).unwrap());
+        for shape in [vec![4096], vec![3, 5, 7], vec![0]] {
+            let z = Tensor::zeros_on(&shape, d, GPU).unwrap();
+            assert_eq!(z.device(), GPU);
+            assert_eq!(z.dtype(), d);
+            assert_eq!(z.shape(), &shape[..]);
+            let n: usize = shape.iter().product();
+            assert_eq!(
+                z.to_bytes().unwrap(),
+                vec![0u8; n * d.size()],
+                "zeros_on {d} {shape:?}"
+            );
+        }
+    }
+}
+
+/// `cuMemcpyDtoDAsync` of all of `src` into `dst` on the comm stream of `g` (as NCCL would use
+/// the raw pointers and stream).
+fn copy_on_comm(
+    g: &pcpp_kernels::cuda::Gpu,
+    src: &Tensor,
+    dst: &Tensor,
+) -> pcpp_kernels::Result<()> {
+    assert_eq!(src.size_in_bytes(), dst.size_in_bytes());
+    let err = |e: cudarc::driver::DriverError| pcpp_kernels::KernelError::Device {
+        device: "cuda:0".into(),
+        msg: format!("cuMemcpyDtoDAsync: {e:?}"),
+    };
+    g.comm_stream().context().bind_to_thread().map_err(err)?;
+    // SAFETY: both addresses are live device allocations of `size_in_bytes` bytes; the stream is
+    // the device's comm stream.
+    unsafe {
+        cudarc::driver::result::memcpy_dtod_async(
+            dst.cuda_ptr()?,
+            src.cuda_ptr()?,
+            src.size_in_bytes(),
+            g.comm_stream_raw() as cudarc::driver::sys::CUstream,
+        )
+    }
+    .map_err(err)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn comm_stream_fork_join_orders_work() {
+    let g = pcpp_kernels::cuda::gpu(0).unwrap();
+    assert_ne!(
+        g.comm_stream_raw(),
+        g.stream().cu_stream() as *mut std::ffi::c_void
+    );
+    assert_eq!(
+        g.comm_stream_raw(),
+        g.comm_stream().cu_stream() as *mut std::ffi::c_void
+    );
+    assert!(Tensor::scalar(1.0).cuda_ptr().is_err());
+    // Large enough that a copy racing the producing kernel or the consuming one would be seen.
+    let n = 1 << 24;
+    let x = Tensor::rand_uniform(&[n], DType::F32, GPU, (-1.0, 1.0), 5).unwrap();
+    for round in 0..3 {
+        let y = x.affine(2.0, round as f32).unwrap();
+        let dst = Tensor::zeros_on(&[n], DType::F32, GPU).unwrap();
+        g.fork_to_comm().unwrap();
+        copy_on_comm(&g, &y, &dst).unwrap();
+        g.join_comm().unwrap();
+        let z = dst.affine(1.0, 0.0).unwrap();
+        assert_eq!(
+            z.to_vec_f32().unwrap(),
+            y.to_vec_f32().unwrap(),
+            "round {round}: the comm-stream copy was not ordered between compute work"
+        );
+    }
+    g.synchronize().unwrap();
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn capture_graph_records_forked_comm_work() {
+    let g = pcpp_kernels::cuda::gpu(0).unwrap();
+    let n = 1 << 20;
+    let src = Tensor::zeros_on(&[n], DType::F32, GPU).unwrap();
+    let mid = Tensor::zeros_on(&[n], DType::F32, GPU).unwrap();
+    let dst = Tensor::zeros_on(&[n], DType::F32, GPU).unwrap();
+    let out = Tensor::zeros_on(&[n], DType::F32, GPU).unwrap();
+    // compute: mid = 2·src + 1 → comm: dst = mid → compute: out = dst + 3.
+    let step = pcpp_kernels::cuda::capture_graph(0, || {
+        let t = src.affine(2.0, 1.0)?;
+        pcpp_kernels::cuda::copy_into(&t, &mid)?;
+        g.fork_to_comm()?;
+        copy_on_comm(&g, &mid, &dst)?;
+        g.join_comm()?;
+        let u = dst.affine(1.0, 3.0)?;
+        pcpp_kernels::cuda::copy_into(&u, &out)
+    })
+    .unwrap();
+    // Capturing ran nothing.
+    assert!(dst.to_vec_f32().unwrap().iter().all(|&v| v == 0.0));
+    for seed in [11, 12] {
+        let fresh = Tensor::rand_uniform(&[n], DType::F32, GPU, (-1.0, 1.0), seed).unwrap();
+        pcpp_kernels::cuda::copy_into(&fresh, &src).unwrap();
+        step.replay().unwrap();
+        let want_mid = fresh.affine(2.0, 1.0).unwrap();
+        let want_out = want_mid.affine(1.0, 3.0).unwrap();
+        assert_eq!(
+            dst.to_bytes().unwrap(),
+            want_mid.to_bytes().unwrap(),
+            "seed {seed}: dst"
+        );
+        assert_eq!(
+            out.to_bytes().unwrap(),
+            want_out.to_bytes().unwrap(),
+            "seed {seed}: out"
+        );
+    }
+    // Comm work left unjoined in the closure is joined back by capture_graph.
+    let step = pcpp_kernels::cuda::capture_graph(0, || {
+        g.fork_to_comm()?;
+        copy_on_comm(&g, &src, &dst)
+    })
+    .unwrap();
+    step.replay().unwrap();
+    g.synchronize().unwrap();
+    assert_eq!(dst.to_bytes().unwrap(), src.to_bytes().unwrap());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn patch_parallel_group_norm_captures_into_a_graph() {
+    // group_moments + group_norm_merged (corrected) inside a capture: no host round trip.
+    let x = Tensor::rand_uniform(&[2, 32, 8, 6], DType::F16, GPU, (-1.0, 1.0), 3).unwrap();
+    let (bands, counts) = band_moments(&x, 8, &[3, 5]);
+    let y = Tensor::zeros_on(&[2, 32, 8, 6], DType::F16, GPU).unwrap();
+    let step = pcpp_kernels::cuda::capture_graph(0, || {
+        let fresh = x.narrow(2, 3, 5)?.group_moments(8)?;
+        let r = x.group_norm_merged(
+            8,
+            &bands,
+            &counts,
+            Some((1, &fresh)),
+            None,
+            None,
+            1e-5,
+            true,
+        )?;
+        pcpp_kernels::cuda::copy_into(&r, &y)
+    })
+    .unwrap();
+    step.replay().unwrap();
+    let fresh = x.narrow(2, 3, 5).unwrap().group_moments(8).unwrap();
+    let want = x
+        .group_norm_merged(
+            8,
+            &bands,
+            &counts,
+            Some((1, &fresh)),
+            None,
+            None,
+            1e-5,
+            true,
+        )
+        .unwrap();
+    check(
+        "captured group_norm_merged",
+        DType::F16,
+        &y,
+        &want.to_device(Device::Cpu).unwrap(),
+    );
+}

@@ -285,6 +285,117 @@ pub fn group_sums(x: &[f32], b: usize, c: usize, s: usize, groups: usize) -> Vec
     }
 }
 
+/// Element count, mean and centred sum of squares `m2 = Σ(x − mean)²` of a set of values (one
+/// band of one (batch, group), or several merged), in f64.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Moments {
+    /// Number of elements.
+    pub n: f64,
+    /// Mean (0 when `n` is 0).
+    pub mean: f64,
+    /// Centred sum of squares.
+    pub m2: f64,
+}
+
+impl Moments {
+    /// The moments of no elements, the start of a merge.
+    pub const EMPTY: Moments = Moments {
+        n: 0.0,
+        mean: 0.0,
+        m2: 0.0,
+    };
+
+    /// Moments of the union of two disjoint sets (Chan, Golub & LeVeque's pairwise update):
+    /// `n = na + nb`, `d = mb − ma`, `mean = ma + d·nb/n`, `m2 = m2a + m2b + d²·na·nb/n`; `self`
+    /// unchanged when `n` is 0.
+    pub fn merge(self, other: Moments) -> Moments {
+        let n = self.n + other.n;
+        if n == 0.0 {
+            return self;
+        }
+        let d = other.mean - self.mean;
+        Moments {
+            n,
+            mean: self.mean + d * other.n / n,
+            m2: self.m2 + other.m2 + d * d * self.n * other.n / n,
+        }
+    }
+
+    /// Biased variance `m2/n` (0 when `n` is 0).
+    pub fn var(self) -> f64 {
+        if self.n > 0.0 {
+            self.m2 / self.n
+        } else {
+            0.0
+        }
+    }
+
+    /// `E[x²] = var + mean²`.
+    pub fn ex2(self) -> f64 {
+        self.var() + self.mean * self.mean
+    }
+}
+
+/// `[mean, m2]` per (batch, group) from the sums of [`group_sums`], rounded to f32:
+/// `mean = Σx/n`, `m2 = max(Σx² − Σx·mean, 0)` (both 0 for an empty group).
+pub fn group_moments(sums: &[[f64; 3]]) -> Vec<f32> {
+    sums.iter()
+        .flat_map(|&[s, s2, n]| {
+            if n > 0.0 {
+                let mean = s / n;
+                [mean as f32, (s2 - s * mean).max(0.0) as f32]
+            } else {
+                [0.0, 0.0]
+            }
+        })
+        .collect()
+}
+
+/// Per-(batch, group) mean and variance merged from per-band moments (patch-parallel group norm,
+/// PCPP §2.6).
+///
+/// `bands` is `[p, rows, 2]` (band `j`'s `(mean, m2)` per (batch, group) row, band `j` holding
+/// `counts[j]` elements per row). The bands are folded in order `0..p` into [`Moments::EMPTY`] with
+/// [`Moments::merge`]; the result is `(mean, m2/n)`.
+///
+/// With `corrected = Some((own, fresh))` (`fresh: [rows, 2]`), band `own` holds this rank's previous
+/// moments and `fresh` its current ones (both of `counts[own]` elements), and the stale total is
+/// corrected by this rank's change: `mean = total.mean + (fresh.mean − prev.mean)`,
+/// `var = E[x²]_total + (E[x²]_fresh − E[x²]_prev) − mean²`, or `fresh.var()` where that is
+/// negative.
+pub fn merge_group_moments(
+    bands: &[f32],
+    counts: &[f64],
+    rows: usize,
+    corrected: Option<(usize, &[f32])>,
+) -> Vec<(f64, f64)> {
+    let band = |j: usize, i: usize| Moments {
+        n: counts[j],
+        mean: bands[(j * rows + i) * 2] as f64,
+        m2: bands[(j * rows + i) * 2 + 1] as f64,
+    };
+    (0..rows)
+        .map(|i| {
+            let total = (0..counts.len()).fold(Moments::EMPTY, |t, j| t.merge(band(j, i)));
+            match corrected {
+                None => (total.mean, total.var()),
+                Some((own, fresh)) => {
+                    let prev = band(own, i);
+                    let cur = Moments {
+                        n: counts[own],
+                        mean: fresh[i * 2] as f64,
+                        m2: fresh[i * 2 + 1] as f64,
+                    };
+                    let mean = total.mean + (cur.mean - prev.mean);
+                    let e2 = total.ex2() + (cur.ex2() - prev.ex2());
+                    let var = e2 - mean * mean;
+                    (mean, if var < 0.0 { cur.var() } else { var })
+                }
+            }
+        })
+        .collect()
+}
+
 /// Applies group normalisation with given per-(batch, group) mean and variance, then the per-channel
 /// affine, and optionally SiLU.
 #[allow(clippy::too_many_arguments)]

@@ -165,6 +165,64 @@ extern "C" __global__ void gn_finalize(const double* sums, float* mean_rstd, int
         mean_rstd[i * 2 + 1] = (float)(1.0 / sqrt(v + eps));
     }
 }
+// moments[bg*2] = mean, [bg*2+1] = m2 = sum of (x - mean)^2, from sums over n elements (both 0 when
+// n is 0): the twin of cpu::group_moments (m2 = max(s2 - s*mean, 0), product not fused).
+extern "C" __global__ void gn_moments(const double* sums, float* moments, int count, double n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < count) {
+        double mean = 0.0, m2 = 0.0;
+        if (n > 0.0) {
+            mean = sums[i * 2] / n;
+            m2 = sums[i * 2 + 1] - __dmul_rn(sums[i * 2], mean);
+            if (m2 < 0.0) m2 = 0.0;
+        }
+        moments[i * 2] = (float)mean;
+        moments[i * 2 + 1] = (float)m2;
+    }
+}
+// ---- merged group-norm statistics from per-band moments (twin of cpu::merge_group_moments) ----
+// Element counts of up to 64 bands, passed by value.
+struct GnCounts { double n[64]; };
+struct Moments { double n, mean, m2; };
+// Chan et al.'s pairwise merge, in the CPU twin's operation order.
+__device__ __forceinline__ Moments mom_merge(Moments a, Moments b) {
+    double n = a.n + b.n;
+    if (n == 0.0) return a;
+    double d = b.mean - a.mean;
+    Moments r;
+    r.n = n;
+    r.mean = a.mean + __dmul_rn(d, b.n) / n;
+    r.m2 = a.m2 + b.m2 + __dmul_rn(__dmul_rn(__dmul_rn(d, d), a.n), b.n) / n;
+    return r;
+}
+__device__ __forceinline__ double mom_var(Moments m) { return m.n > 0.0 ? m.m2 / m.n : 0.0; }
+__device__ __forceinline__ double mom_ex2(Moments m) { return mom_var(m) + __dmul_rn(m.mean, m.mean); }
+// bands: [p, count, 2] (mean, m2); fresh: [count, 2] when own >= 0 (corrected stale statistics: band
+// `own` holds this rank's previous moments). Writes mean_rstd[i*2] = mean, [i*2+1] = 1/sqrt(var + eps).
+extern "C" __global__ void gn_merge(const float* bands, const float* fresh, float* mean_rstd, int p, int count,
+                                    GnCounts counts, int own, double eps) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= count) return;
+    Moments t = {0.0, 0.0, 0.0};
+    for (int j = 0; j < p; ++j) {
+        const float* r = bands + ((long)j * count + i) * 2;
+        Moments m = {counts.n[j], (double)r[0], (double)r[1]};
+        t = mom_merge(t, m);
+    }
+    double mean = t.mean, var = mom_var(t);
+    if (own >= 0) {
+        const float* r = bands + ((long)own * count + i) * 2;
+        Moments prev = {counts.n[own], (double)r[0], (double)r[1]};
+        Moments cur = {counts.n[own], (double)fresh[i * 2], (double)fresh[i * 2 + 1]};
+        mean = t.mean + (cur.mean - prev.mean);
+        double e2 = mom_ex2(t) + (mom_ex2(cur) - mom_ex2(prev));
+        var = e2 - __dmul_rn(mean, mean);
+        if (var < 0.0) var = mom_var(cur);
+    }
+    if (var < 0.0) var = 0.0;
+    mean_rstd[i * 2] = (float)mean;
+    mean_rstd[i * 2 + 1] = (float)(1.0 / sqrt(var + eps));
+}
 // y = (x - mean) * rstd * gamma[c] + beta[c], optional SiLU. x: [b, c, s].
 template <typename T>
 __device__ void gn_apply_impl(const T* x, const float* mean_rstd, const T* gamma, const T* beta, T* y,

@@ -7,7 +7,10 @@
 //! are loaded dynamically: a build with this feature runs on machines without CUDA until a CUDA
 //! device is asked for, and then [`gpu`] answers with an error instead of a panic.
 //!
-//! All work of one device runs on one stream, in order; host reads synchronise that stream.
+//! All compute work of one device runs on one stream, in order; host reads synchronise that
+//! stream. A second stream per device, the comm stream ([`Gpu::comm_stream`]), carries
+//! communication (NCCL) so that it can overlap compute; [`Gpu::fork_to_comm`] and
+//! [`Gpu::join_comm`] order the two streams, also inside a captured CUDA graph.
 
 mod ops;
 
@@ -16,7 +19,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::cudnn::Cudnn;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
+use cudarc::driver::{
+    sys as drv_sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr,
+    LaunchConfig,
+};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use crate::{DType, Device, KernelError, Result};
@@ -47,6 +53,8 @@ pub fn kernel_names() -> Vec<String> {
         "cast_f16_bf16",
         "cast_bf16_f16",
         "gn_finalize",
+        "gn_moments",
+        "gn_merge",
         "flash_attn_f16",
         "flash_attn_bf16",
         "copy2d_u128",
@@ -145,11 +153,19 @@ struct Lt {
     workspace: CudaSlice<u8>,
 }
 
-/// One CUDA device: context, stream, library handles and the loaded kernels.
+/// One CUDA device: context, compute and comm streams, library handles and the loaded kernels.
 pub struct Gpu {
     ordinal: usize,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// The communication stream (NCCL), ordered against `stream` by the events below.
+    comm: Arc<CudaStream>,
+    /// Recorded on the compute stream and waited on by the comm stream ([`Gpu::fork_to_comm`]).
+    fork_event: CudaEvent,
+    /// Recorded on the comm stream and waited on by the compute stream ([`Gpu::join_comm`]).
+    join_event: CudaEvent,
+    /// Keeps each record + wait pair of the fork/join events together across threads.
+    event_lock: Mutex<()>,
     arch: &'static str,
     funcs: HashMap<String, CudaFunction>,
     blas: CudaBlas,
@@ -237,6 +253,17 @@ pub fn gpu(ordinal: usize) -> Result<Arc<Gpu>> {
     Ok(g)
 }
 
+/// The process-wide handle of a CUDA device (as [`gpu`]); an error for the CPU.
+pub fn gpu_of_device(device: Device) -> Result<Arc<Gpu>> {
+    match device {
+        Device::Cuda(i) => gpu(i),
+        Device::Cpu => Err(KernelError::invalid(
+            "gpu_of_device",
+            "the CPU is not a CUDA device",
+        )),
+    }
+}
+
 impl Gpu {
     fn open(ordinal: usize) -> Result<Gpu> {
         let n = device_count()?;
@@ -248,15 +275,26 @@ impl Gpu {
         }
         let e = |what: &str, err: &dyn std::fmt::Debug| cuda_err(ordinal, what, err);
         let ctx = CudaContext::new(ordinal).map_err(|x| e("creating the context", &x))?;
-        // SAFETY: this back-end issues all work on one stream, so cudarc's cross-stream event
-        // tracking is not needed.
+        // SAFETY: this back-end issues all compute work on one stream, and orders the comm stream
+        // against it explicitly (fork_to_comm / join_comm), so cudarc's cross-stream event tracking
+        // is not needed.
         unsafe { ctx.disable_event_tracking() };
-        // A created stream (not the legacy default stream) so that CUDA graphs can capture it.
+        // Created streams (not the legacy default stream) so that CUDA graphs can capture them.
         let stream = ctx.new_stream().map_err(|x| e("creating the stream", &x))?;
+        let comm = ctx
+            .new_stream()
+            .map_err(|x| e("creating the comm stream", &x))?;
+        let no_timing = Some(drv_sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
+        let fork_event = ctx
+            .new_event(no_timing)
+            .map_err(|x| e("creating the fork event", &x))?;
+        let join_event = ctx
+            .new_event(no_timing)
+            .map_err(|x| e("creating the join event", &x))?;
         // Keep freed memory in the stream-ordered pool instead of returning it at each sync.
         // SAFETY: plain attribute setting on the device's default pool.
         unsafe {
-            use cudarc::driver::sys;
+            use drv_sys as sys;
             let mut pool = std::mem::MaybeUninit::uninit();
             if sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), ctx.cu_device())
                 == sys::CUresult::CUDA_SUCCESS
@@ -294,6 +332,10 @@ impl Gpu {
             ordinal,
             ctx,
             stream,
+            comm,
+            fork_event,
+            join_event,
+            event_lock: Mutex::new(()),
             arch,
             funcs,
             blas,
@@ -323,16 +365,70 @@ impl Gpu {
         self.ctx.name().unwrap_or_else(|_| "unknown".into())
     }
 
-    /// The stream all work of this device runs on.
+    /// The stream all compute work of this device runs on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
 
-    /// Waits for all queued work.
+    /// The communication stream of this device (for NCCL), created with the compute stream.
+    /// Nothing of this crate runs on it; order work on it with [`Gpu::fork_to_comm`] and
+    /// [`Gpu::join_comm`].
+    pub fn comm_stream(&self) -> &Arc<CudaStream> {
+        &self.comm
+    }
+
+    /// The raw `CUstream` of [`Gpu::comm_stream`] (what NCCL calls take as `cudaStream_t`); valid
+    /// while this `Gpu` lives (the process-wide handle of [`gpu`] lives as long as the process).
+    pub fn comm_stream_raw(&self) -> *mut std::ffi::c_void {
+        self.comm.cu_stream() as *mut std::ffi::c_void
+    }
+
+    /// Makes everything enqueued so far on the compute stream happen before whatever is enqueued
+    /// next on the comm stream (records an event on the compute stream, the comm stream waits on
+    /// it). Legal while the compute stream is being captured into a CUDA graph: the comm stream
+    /// then joins the capture (the classic fork pattern), and must be joined back with
+    /// [`Gpu::join_comm`] before the capture ends.
+    ///
+    /// One event serves every fork: `cuStreamWaitEvent` waits for the work captured by the event's
+    /// most recent record at the time of the wait, so recording it again later does not affect a
+    /// wait already enqueued; record and wait are issued together under a lock.
+    pub fn fork_to_comm(&self) -> Result<()> {
+        self.order(&self.fork_event, (&self.stream, &self.comm), "fork_to_comm")
+    }
+
+    /// Makes everything enqueued so far on the comm stream happen before whatever is enqueued next
+    /// on the compute stream (the reverse of [`Gpu::fork_to_comm`], with its own event). Inside a
+    /// CUDA-graph capture this joins the comm stream's captured work back into the graph.
+    pub fn join_comm(&self) -> Result<()> {
+        self.order(&self.join_event, (&self.comm, &self.stream), "join_comm")
+    }
+
+    /// Records `event` on `from` and makes `to` wait on it.
+    fn order(
+        &self,
+        event: &CudaEvent,
+        (from, to): (&CudaStream, &CudaStream),
+        op: &str,
+    ) -> Result<()> {
+        let _g = self
+            .event_lock
+            .lock()
+            .map_err(|_| self.err(op, "event lock poisoned"))?;
+        event
+            .record(from)
+            .map_err(|e| self.err(&format!("{op}: cuEventRecord"), e))?;
+        to.wait(event)
+            .map_err(|e| self.err(&format!("{op}: cuStreamWaitEvent"), e))
+    }
+
+    /// Waits for all queued work, on the compute and the comm stream.
     pub fn synchronize(&self) -> Result<()> {
         self.stream
             .synchronize()
-            .map_err(|e| self.err("synchronize", e))
+            .map_err(|e| self.err("synchronize", e))?;
+        self.comm
+            .synchronize()
+            .map_err(|e| self.err("synchronize (comm stream)", e))
     }
 
     /// `(free, total)` device memory in bytes.
@@ -363,6 +459,16 @@ impl Gpu {
             buf,
             gpu: self.clone(),
         })
+    }
+
+    /// Zero-filled device memory for `n` elements of `dtype`, cleared on the compute stream
+    /// (`cuMemsetD8Async`, no host upload).
+    pub(crate) fn alloc_zeroed(self: &Arc<Self>, dtype: DType, n: usize) -> Result<CudaStorage> {
+        let mut s = self.alloc(dtype, n)?;
+        self.stream
+            .memset_zeros(&mut s.buf)
+            .map_err(|e| self.err("cuMemsetD8Async", e))?;
+        Ok(s)
     }
 
     /// Element-wise launch configuration (grid-stride loops).

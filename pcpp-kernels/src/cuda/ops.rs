@@ -899,6 +899,77 @@ pub(crate) fn group_norm(
     gn_apply(x, mp, (c, s, groups), gamma, beta, silu)
 }
 
+/// Per-(batch, group) `(mean, m2)` as F32 `[b·groups, 2]`: [`gn_sums`] and the `gn_moments`
+/// finalize kernel, all on the device.
+pub(crate) fn group_moments(
+    x: &Tensor,
+    dims: (usize, usize, usize),
+    groups: usize,
+) -> Result<Tensor> {
+    let gpu = gpu_of(x)?;
+    let (b, c, s) = dims;
+    let bg = b * groups;
+    let y = out(&gpu, &[bg, 2], DType::F32)?;
+    if bg == 0 {
+        return Ok(y);
+    }
+    let sums = gn_sums(x, dims, groups)?;
+    let (sp, _s) = cudarc::driver::DevicePtr::device_ptr(&sums, &gpu.stream);
+    let n = ((c / groups) * s) as f64;
+    launch!(gpu, "gn_moments", Gpu::cfg_elems(bg); sp, ptr(&y)?, bg as i32, n);
+    Ok(y)
+}
+
+/// Element counts of the bands of [`group_norm_merged`], passed to the kernel by value (not
+/// uploaded, so that the launch can be captured into a CUDA graph).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GnCounts {
+    n: [f64; crate::ops::MAX_GN_BANDS],
+}
+// SAFETY: plain-old-data with the layout of `struct GnCounts` in kernels.cu.
+unsafe impl DeviceRepr for GnCounts {}
+
+/// Group norm with statistics merged on the device from per-band moments (the CPU twin is
+/// [`crate::cpu::merge_group_moments`]); the caller checked shapes, dtypes, devices and `own`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn group_norm_merged(
+    x: &Tensor,
+    (b, c, s): (usize, usize, usize),
+    groups: usize,
+    (bands, counts): (&Tensor, &[f64]),
+    corrected: Option<(usize, &Tensor)>,
+    (gamma, beta): (Option<&Tensor>, Option<&Tensor>),
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let gpu = gpu_of(x)?;
+    let bg = b * groups;
+    let mut cn = GnCounts {
+        n: [0.0; crate::ops::MAX_GN_BANDS],
+    };
+    cn.n[..counts.len()].copy_from_slice(counts);
+    let (own, fp) = match corrected {
+        Some((own, fresh)) => (own as i32, ptr(fresh)?),
+        None => (-1, 0),
+    };
+    // SAFETY: every element is written by gn_merge before gn_apply reads it.
+    let mr = unsafe { gpu.stream.alloc::<f32>(2 * bg.max(1)) }.map_err(|e| gpu.err("alloc", e))?;
+    let (mp, _s) = cudarc::driver::DevicePtr::device_ptr(&mr, &gpu.stream);
+    if bg > 0 {
+        launch!(gpu, "gn_merge", Gpu::cfg_elems(bg);
+            ptr(bands)?, fp, mp, counts.len() as i32, bg as i32, cn, own, eps);
+    }
+    gn_apply(x, mp, (c, s, groups), gamma, beta, silu)
+}
+
+/// A zero-filled tensor on device `ordinal` (cleared on the device's stream).
+pub(crate) fn zeros(ordinal: usize, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    let gpu = super::gpu(ordinal)?;
+    let n: usize = shape.iter().product();
+    Ok(Tensor::from_cuda(shape, dtype, gpu.alloc_zeroed(dtype, n)?))
+}
+
 /// Group norm with statistics given by the caller (e.g. gathered over all bands).
 pub(crate) fn group_norm_with_stats(
     x: &Tensor,
@@ -1282,6 +1353,13 @@ impl CudaGraphStep {
 /// Captures everything `f` enqueues on device `ordinal` into a CUDA graph. `f` must not read
 /// device data back to the host nor upload host data; temporaries it creates must be dropped
 /// inside it (their memory is then owned by the graph).
+///
+/// Work on the comm stream is captured too when `f` orders it with the compute stream: after
+/// [`Gpu::fork_to_comm`] the comm stream takes part in the capture, what `f` then enqueues on it
+/// (e.g. NCCL calls on [`Gpu::comm_stream_raw`]) becomes graph nodes that depend on the compute
+/// work before the fork, and [`Gpu::join_comm`] makes the compute work after it depend on them.
+/// A replay runs both branches with the same ordering. Comm work still unjoined when `f` returns
+/// is joined back here (the capture could not end otherwise), so the graph always ends after it.
 pub fn capture_graph(ordinal: usize, f: impl FnOnce() -> Result<()>) -> Result<CudaGraphStep> {
     let gpu = super::gpu(ordinal)?;
     gpu.synchronize()?;
@@ -1289,10 +1367,22 @@ pub fn capture_graph(ordinal: usize, f: impl FnOnce() -> Result<()>) -> Result<C
         .begin_capture(drv_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
         .map_err(|e| gpu.err("cuStreamBeginCapture", e))?;
     let r = f();
+    // The comm stream is part of the capture once `f` forked to it; a join (again, if `f` joined
+    // already: a redundant edge) lets the capture end.
+    let comm_in_capture = matches!(
+        gpu.comm.capture_status(),
+        Ok(drv_sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE)
+    );
+    let joined = if comm_in_capture {
+        gpu.join_comm()
+    } else {
+        Ok(())
+    };
     let g = gpu.stream.end_capture(
         drv_sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
     );
     r?;
+    joined?;
     let graph = g
         .map_err(|e| gpu.err("cuStreamEndCapture", e))?
         .ok_or_else(|| gpu.err("cuStreamEndCapture", "empty graph"))?;
