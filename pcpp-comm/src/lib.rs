@@ -5,10 +5,17 @@
 //! halos, group-norm statistics and attention keys / values asynchronously
 //! through a [`Transport`]. This crate defines that trait, the nonblocking
 //! [`Pending`] handle, per-[`CommKind`] traffic statistics, transport-agnostic
-//! [`collectives`], the in-process [`LocalTransport`], a [`conformance`] suite
-//! every back-end must pass, behind the `mpi` and `ucx` features the MPI and
-//! UCX back-ends, behind `nccl` the NCCL back-end (one GPU per rank), the TCP [`rendezvous`] and the [`launch`] API the CLI
-//! starts process-based back-ends with.
+//! [`collectives`], the in-process [`LocalTransport`], the [`SoloTransport`]
+//! (one rank of a world whose other ranks do not exist, to measure one rank's
+//! work), a [`conformance`] suite every back-end must pass, behind the `mpi`
+//! and `ucx` features the MPI and UCX back-ends, behind `nccl` the NCCL
+//! back-end (one GPU per rank), the TCP [`rendezvous`] and the [`launch`] API
+//! the CLI starts process-based back-ends with.
+//!
+//! Back-ends that move GPU buffers themselves (NCCL, and the solo back-end,
+//! which only counts) also offer [`DeviceP2p`] through
+//! [`Transport::device_p2p`]: point-to-point on device memory enqueued on a
+//! CUDA stream, without host staging.
 
 pub mod collectives;
 pub mod conformance;
@@ -20,6 +27,7 @@ mod mpi_transport;
 #[cfg(feature = "nccl")]
 mod nccl_transport;
 pub mod rendezvous;
+mod solo;
 mod stats;
 mod transport;
 #[cfg(feature = "ucx")]
@@ -32,7 +40,10 @@ pub use local::{LocalTransport, RankError};
 pub use mpi_transport::{MpiContext, MpiTransport};
 #[cfg(feature = "nccl")]
 pub use nccl_transport::NcclTransport;
+pub use solo::SoloTransport;
 pub use stats::{CommKind, CommStats, KindStats, StatsCounter};
-pub use transport::{Pending, PendingOp, Transport, TransportOptions, RESERVED_TAG_BASE};
+pub use transport::{
+    DeviceMsg, DeviceP2p, Pending, PendingOp, Transport, TransportOptions, RESERVED_TAG_BASE,
+};
 #[cfg(feature = "ucx")]
 pub use ucx::UcxTransport;

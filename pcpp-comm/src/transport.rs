@@ -7,15 +7,21 @@
 //! computing on the stale activations, and waits on the returned [`Pending`]
 //! only when the fresh data is needed — the asynchronous overlap DistriFusion
 //! relies on. Back-ends: [`crate::LocalTransport`] (threads, for tests and
-//! single-process runs) and, behind the `mpi` / `ucx` features, `MpiTransport`
-//! and `UcxTransport` (started through [`crate::launch`]).
+//! single-process runs), [`crate::SoloTransport`] (one rank of a world whose
+//! other ranks do not exist, for measuring one rank's computation) and, behind
+//! the `mpi` / `ucx` / `nccl` features, `MpiTransport`, `UcxTransport` and
+//! `NcclTransport` (started through [`crate::launch`]).
+//!
+//! [`Transport::exchange`] moves host memory. Back-ends that can move device
+//! (GPU) buffers themselves, without staging them through the host, also offer
+//! [`DeviceP2p`] through [`Transport::device_p2p`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::collectives;
 use crate::error::CommError;
-use crate::stats::{CommKind, CommStats};
+use crate::stats::{CommKind, CommStats, StatsCounter};
 
 /// Tags at or above this value are reserved for the collectives in
 /// [`crate::collectives`]; layers must use smaller tags (e.g. their index).
@@ -136,6 +142,107 @@ impl Pending {
     }
 }
 
+/// One message in device memory: the peer rank (in this transport), the device address and the
+/// length in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMsg {
+    /// The rank (in the transport the message is posted on) to send to or receive from.
+    pub peer: usize,
+    /// Device address of the first byte (a `CUdeviceptr` of the transport's device).
+    pub ptr: u64,
+    /// Length of the message in bytes.
+    pub len: usize,
+}
+
+/// Point-to-point on GPU memory, for back-ends that move device buffers themselves (NCCL).
+///
+/// Obtained from [`Transport::device_p2p`]; the ranks are those of that transport.
+pub trait DeviceP2p: Send + Sync {
+    /// The CUDA device ordinal this communicator runs on.
+    fn device_ordinal(&self) -> usize;
+
+    /// Enqueues every send and receive as one group on `stream` (a raw `CUstream` of that
+    /// device) and returns without waiting; completion is ordered on `stream`: work enqueued on
+    /// `stream` afterwards sees the received bytes, and the send buffers may be reused by such
+    /// work. Synchronise on `stream` (or an event recorded on it) before reading the receive
+    /// buffers from the host or from another stream.
+    ///
+    /// Messages between a pair of ranks match in posting order (sends of one rank to a peer
+    /// with that peer's receives from it, across calls and within one call); there are no tags,
+    /// so every rank must post its messages to a given peer in the same order as that peer
+    /// posts the matching receives, with the same lengths (a length mismatch is not detected).
+    /// A send only completes together with its matching receive, so post each exchange
+    /// symmetrically in one call on every rank involved. A message to this rank itself is
+    /// allowed; it must be received (from this rank) in the same call.
+    /// Zero-length messages are not posted (they need no partner), but are counted as messages.
+    /// Every message is counted in [`Transport::stats`] under `kind`: sends as sent, receives
+    /// as received, at enqueue time.
+    ///
+    /// Nothing is enqueued and nothing counted when an argument is invalid (a peer outside
+    /// `0..size`, a null pointer with a non-zero length): the error is
+    /// [`CommError::InvalidRank`] or [`CommError::Protocol`] naming the peer. The call does not
+    /// synchronise with or query `stream`, so it may be issued while `stream` is being
+    /// captured into a CUDA graph (where the back-end supports capture, NCCL >= 2.9).
+    ///
+    /// # Safety
+    ///
+    /// Every pointer addresses `len` bytes of device memory of this device, valid, and not
+    /// touched by other work (receive buffers neither read nor written, send buffers not
+    /// written), until the enqueued work has completed on `stream`; `stream` is a valid
+    /// `CUstream` of this device.
+    unsafe fn enqueue(
+        &self,
+        kind: CommKind,
+        sends: &[DeviceMsg],
+        recvs: &[DeviceMsg],
+        stream: *mut std::ffi::c_void,
+    ) -> Result<(), CommError>;
+}
+
+/// Validates the messages of a [`DeviceP2p::enqueue`] on a transport of `size` ranks: every
+/// peer in `0..size`, and no null pointer with a non-zero length.
+pub(crate) fn check_device_msgs(
+    op: &'static str,
+    size: usize,
+    sends: &[DeviceMsg],
+    recvs: &[DeviceMsg],
+) -> Result<(), CommError> {
+    for m in sends.iter().chain(recvs) {
+        if m.peer >= size {
+            return Err(CommError::InvalidRank {
+                op,
+                peer: m.peer,
+                tag: 0,
+                size,
+            });
+        }
+        if m.len > 0 && m.ptr == 0 {
+            return Err(CommError::Protocol {
+                op,
+                peer: m.peer,
+                tag: 0,
+                detail: format!("null device pointer for a message of {} bytes", m.len),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Counts the messages of a [`DeviceP2p::enqueue`] under `kind`, zero-length ones included.
+pub(crate) fn count_device_msgs(
+    stats: &StatsCounter,
+    kind: CommKind,
+    sends: &[DeviceMsg],
+    recvs: &[DeviceMsg],
+) {
+    for m in sends {
+        stats.record_send(kind, m.len);
+    }
+    for m in recvs {
+        stats.record_recv(kind, m.len);
+    }
+}
+
 /// A group of ranks that can talk to each other. Object safe; shared as
 /// `Arc<dyn Transport>`.
 ///
@@ -212,4 +319,11 @@ pub trait Transport: Send + Sync {
 
     /// Sets this transport's counters back to zero.
     fn reset_stats(&self);
+
+    /// Point-to-point on device memory: `Some` for back-ends that can move device memory
+    /// without host staging (NCCL), `None` (the default) for the others, whose data must go
+    /// through [`Transport::exchange`].
+    fn device_p2p(&self) -> Option<&dyn DeviceP2p> {
+        None
+    }
 }
