@@ -3,49 +3,78 @@
 //!
 //! The communicator is bootstrapped from a unique id that rank 0 creates and sends to the others
 //! over another transport (MPI under `mpirun`, see [`NcclTransport::init_over`]) or through the TCP
-//! rendezvous of [`crate::rendezvous`] ([`NcclTransport::init_rendezvous`]).
+//! rendezvous of [`crate::rendezvous`] ([`NcclTransport::init_rendezvous`]). It is driven through
+//! cudarc's raw `result` API (the handle is owned here), so that any stream can be used.
 //!
-//! Data path: host buffers are staged through device buffers on this rank's GPU (`Vec<u8>` →
-//! device → NCCL → device → `Vec<u8>`), so the trait's host-memory interface is kept and the
-//! patch-parallel core works unchanged. Each [`Transport::exchange`] is one NCCL group of
-//! point-to-point sends and receives, completed before the call returns (the returned
-//! [`Pending`] is already complete): correct, but without the overlap of communication and
-//! computation that a device-resident path would give.
+//! Two data paths:
+//!
+//! - Device data goes through [`DeviceP2p`] ([`Transport::device_p2p`] is `Some`, also for
+//!   communicators made by [`Transport::split`]): [`DeviceP2p::enqueue`] posts the caller's
+//!   device buffers as one NCCL group of `ncclSend` / `ncclRecv` (bytes, `ncclUint8`) on the
+//!   caller's stream and returns at once, with no host staging and no synchronisation, so
+//!   communication overlaps computation and the call may be captured into a CUDA graph
+//!   (NCCL >= 2.9).
+//! - Host data keeps the host-staged [`Transport::exchange`]: `Vec<u8>` → device buffers on this
+//!   rank's GPU → the same NCCL group on the transport's own stream → `Vec<u8>`, completed before
+//!   the call returns (the returned [`Pending`] is already complete). Correct for host data, but
+//!   without overlap.
 //!
 //! Matching: NCCL has no tags. Messages between two ranks match in posting order, which is what
 //! the patch-parallel layers produce (every rank runs the layers in the same order, and every
 //! exchange is symmetric). Different tags posted in different orders on two ranks would
 //! mismatch, and a receive whose length differs from the matching send is undefined in NCCL
-//! rather than a [`CommError::LengthMismatch`]. Zero-length messages are not sent at all.
+//! rather than a [`CommError::LengthMismatch`]. Zero-length messages are not sent at all (but
+//! are counted as messages in [`Transport::stats`]). A message to this rank itself is allowed
+//! (NCCL copies it) and must be received in the same group.
 //!
 //! Collectives: all-gather (lengths gathered first, then one padded NCCL all-gather), all-reduce
 //! as an all-gather summed on the host in rank order (bit-identical on every rank, as the trait
 //! requires), broadcast (length, then data), barrier (a one-byte all-reduce), split (a new
 //! communicator per colour from ids all-gathered on the parent).
+//!
+//! Every use of the communicator (a group of point-to-point calls, a collective) holds a mutex,
+//! so calls from several threads are serialised; NCCL groups are per thread, so a group is
+//! started and ended under one lock.
 
+use std::ffi::{c_int, c_void};
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
-use cudarc::nccl::safe::{Comm, Id, ReduceOp};
-use cudarc::nccl::{group_end, group_start};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::nccl::{result, sys};
 
 use crate::error::CommError;
 use crate::stats::{CommKind, CommStats, StatsCounter};
-use crate::transport::{Pending, Transport, TransportOptions};
+use crate::transport::{
+    check_device_msgs, count_device_msgs, DeviceMsg, DeviceP2p, Pending, Transport,
+    TransportOptions,
+};
 
-/// An NCCL communicator that may move between threads.
-struct SharedComm(Comm);
+/// Bytes: every message is a run of `ncclUint8`.
+const BYTES: sys::ncclDataType_t = sys::ncclDataType_t::ncclUint8;
+
+/// An owned NCCL communicator handle that may move between threads.
+struct RawComm(sys::ncclComm_t);
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls on it do not run
 // concurrently; every use goes through the `Mutex` in `NcclTransport::comm`, which serialises them.
-unsafe impl Send for SharedComm {}
+unsafe impl Send for RawComm {}
 // SAFETY: as above, shared references only reach the communicator through the `Mutex`.
-unsafe impl Sync for SharedComm {}
+unsafe impl Sync for RawComm {}
+
+impl Drop for RawComm {
+    fn drop(&mut self) {
+        // SAFETY: the handle was initialised by a successful `ncclCommInitRank` and is released
+        // only here, once. Abort (like cudarc's own `Comm`) does not wait for peers that may be
+        // gone; a failure cannot be reported from `drop` and leaves nothing to clean up.
+        let _ = unsafe { result::comm_abort(self.0) };
+    }
+}
 
 /// The NCCL back-end of one rank: a communicator on GPU `ordinal` and its stream.
 pub struct NcclTransport {
-    comm: Mutex<SharedComm>,
+    comm: Mutex<RawComm>,
     stream: Arc<CudaStream>,
     ordinal: usize,
     rank: usize,
@@ -73,11 +102,15 @@ fn setup(rank: usize, detail: impl std::fmt::Display) -> CommError {
     }
 }
 
-fn id_bytes(id: &Id) -> Vec<u8> {
-    id.internal().iter().map(|&c| c as u8).collect()
+fn new_id(op: &'static str, rank: usize) -> Result<sys::ncclUniqueId, CommError> {
+    result::get_uniqueid().map_err(|e| backend(op, rank, format!("ncclGetUniqueId: {e:?}")))
 }
 
-fn id_from(rank: usize, b: &[u8]) -> Result<Id, CommError> {
+fn id_bytes(id: &sys::ncclUniqueId) -> Vec<u8> {
+    id.internal.iter().map(|&c| c as u8).collect()
+}
+
+fn id_from(rank: usize, b: &[u8]) -> Result<sys::ncclUniqueId, CommError> {
     if b.len() != 128 {
         return Err(setup(
             rank,
@@ -88,14 +121,19 @@ fn id_from(rank: usize, b: &[u8]) -> Result<Id, CommError> {
     for (d, &s) in internal.iter_mut().zip(b) {
         *d = s as std::ffi::c_char;
     }
-    Ok(Id::uninit(internal))
+    Ok(sys::ncclUniqueId { internal })
+}
+
+/// The NCCL form of a peer rank (every rank is below the communicator size, an `i32`).
+fn peer_int(op: &'static str, peer: usize) -> Result<c_int, CommError> {
+    c_int::try_from(peer).map_err(|_| backend(op, peer, "rank does not fit in an NCCL int"))
 }
 
 impl NcclTransport {
     /// Creates the communicator of `rank` of `size` on GPU `ordinal` from the unique id `id`
     /// (collective: every rank calls it with the same id).
     fn from_id(
-        id: Id,
+        id: sys::ncclUniqueId,
         ordinal: usize,
         rank: usize,
         size: usize,
@@ -112,14 +150,27 @@ impl NcclTransport {
                     .map_err(|e| setup(rank, format!("GPU {ordinal}: stream: {e}")))?
             }
         };
-        let comm = Comm::from_rank(stream.clone(), rank, size, id).map_err(|e| {
+        // ncclCommInitRank joins on the calling thread's current device.
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| setup(rank, format!("GPU {ordinal}: bind context: {e}")))?;
+        let nranks = c_int::try_from(size)
+            .map_err(|_| setup(rank, format!("{size} ranks do not fit in an NCCL int")))?;
+        let me = c_int::try_from(rank)
+            .map_err(|_| setup(rank, format!("rank {rank} does not fit in an NCCL int")))?;
+        let mut handle = MaybeUninit::<sys::ncclComm_t>::uninit();
+        // SAFETY: `handle` is a valid place for the communicator handle NCCL writes.
+        unsafe { result::comm_init_rank(handle.as_mut_ptr(), nranks, id, me) }.map_err(|e| {
             setup(
                 rank,
                 format!("ncclCommInitRank (rank {rank} of {size}, GPU {ordinal}): {e:?}"),
             )
         })?;
+        // SAFETY: the successful `ncclCommInitRank` above initialised the handle.
+        let comm = RawComm(unsafe { handle.assume_init() });
         Ok(Arc::new(NcclTransport {
-            comm: Mutex::new(SharedComm(comm)),
+            comm: Mutex::new(comm),
             stream,
             ordinal,
             rank,
@@ -139,7 +190,10 @@ impl NcclTransport {
     ) -> Result<Arc<NcclTransport>, CommError> {
         let (rank, size) = (bootstrap.rank(), bootstrap.size());
         let mut blob = if rank == 0 {
-            id_bytes(&Id::new().map_err(|e| setup(rank, format!("ncclGetUniqueId: {e:?}")))?)
+            id_bytes(
+                &result::get_uniqueid()
+                    .map_err(|e| setup(rank, format!("ncclGetUniqueId: {e:?}")))?,
+            )
         } else {
             Vec::new()
         };
@@ -161,7 +215,10 @@ impl NcclTransport {
         timeout: Duration,
     ) -> Result<Arc<NcclTransport>, CommError> {
         let blob = if rank == 0 {
-            id_bytes(&Id::new().map_err(|e| setup(rank, format!("ncclGetUniqueId: {e:?}")))?)
+            id_bytes(
+                &result::get_uniqueid()
+                    .map_err(|e| setup(rank, format!("ncclGetUniqueId: {e:?}")))?,
+            )
         } else {
             Vec::new()
         };
@@ -177,16 +234,21 @@ impl NcclTransport {
 
     /// The NCCL version of the loaded library, e.g. `2.28.3`.
     pub fn nccl_version() -> String {
-        match cudarc::nccl::result::get_nccl_version() {
+        match result::get_nccl_version() {
             Ok(v) => format!("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100),
             Err(e) => format!("unknown ({e:?})"),
         }
     }
 
-    fn lock(&self) -> Result<MutexGuard<'_, SharedComm>, CommError> {
+    fn lock(&self) -> Result<MutexGuard<'_, RawComm>, CommError> {
         self.comm
             .lock()
             .map_err(|_| backend("nccl", self.rank, "communicator lock poisoned"))
+    }
+
+    /// The transport's own stream in NCCL's type.
+    fn own_stream(&self) -> sys::cudaStream_t {
+        self.stream.cu_stream() as sys::cudaStream_t
     }
 
     /// Waits for the stream's work, failing with [`CommError::Timeout`] after the transport's
@@ -247,6 +309,65 @@ impl NcclTransport {
         Ok(())
     }
 
+    /// Posts the non-empty messages of `sends` and `recvs` (peers already validated) as one NCCL
+    /// group on `stream`, under the communicator lock. Neither waits for nor queries `stream`.
+    ///
+    /// # Safety
+    ///
+    /// As [`DeviceP2p::enqueue`]: the pointers address `len` bytes of this device's memory,
+    /// valid and otherwise untouched until the work completes on `stream`, a stream of this
+    /// device.
+    unsafe fn post_group(
+        &self,
+        op: &'static str,
+        sends: &[DeviceMsg],
+        recvs: &[DeviceMsg],
+        stream: sys::cudaStream_t,
+    ) -> Result<(), CommError> {
+        let sends: Vec<(c_int, &DeviceMsg)> = sends
+            .iter()
+            .filter(|m| m.len > 0)
+            .map(|m| Ok((peer_int(op, m.peer)?, m)))
+            .collect::<Result<_, CommError>>()?;
+        let recvs: Vec<(c_int, &DeviceMsg)> = recvs
+            .iter()
+            .filter(|m| m.len > 0)
+            .map(|m| Ok((peer_int(op, m.peer)?, m)))
+            .collect::<Result<_, CommError>>()?;
+        if sends.is_empty() && recvs.is_empty() {
+            return Ok(());
+        }
+        let comm = self.lock()?;
+        result::group_start()
+            .map_err(|e| backend(op, self.rank, format!("ncclGroupStart: {e:?}")))?;
+        let mut failed = None;
+        for (peer, m) in &sends {
+            // SAFETY: the caller guarantees `m.ptr` addresses `m.len` readable bytes of this
+            // device until the group completes on `stream`; `comm.0` is a live communicator.
+            let r = unsafe {
+                result::send(m.ptr as *const c_void, m.len, BYTES, *peer, comm.0, stream)
+            };
+            if let Err(e) = r {
+                failed.get_or_insert((m.peer, format!("ncclSend of {} bytes: {e:?}", m.len)));
+            }
+        }
+        for (peer, m) in &recvs {
+            // SAFETY: as above, `m.ptr` addresses `m.len` writable bytes nothing else touches.
+            let r =
+                unsafe { result::recv(m.ptr as *mut c_void, m.len, BYTES, *peer, comm.0, stream) };
+            if let Err(e) = r {
+                failed.get_or_insert((m.peer, format!("ncclRecv of {} bytes: {e:?}", m.len)));
+            }
+        }
+        // The group is always closed, also after a failed call, so the thread leaves group mode.
+        let end = result::group_end();
+        if let Some((peer, msg)) = failed {
+            return Err(backend(op, peer, msg));
+        }
+        end.map_err(|e| backend(op, self.rank, format!("ncclGroupEnd: {e:?}")))?;
+        Ok(())
+    }
+
     /// Equal-length NCCL all-gather of `data` (every rank passes the same length).
     fn all_gather_equal(&self, op: &'static str, data: &[u8]) -> Result<Vec<u8>, CommError> {
         let n = data.len();
@@ -257,12 +378,45 @@ impl NcclTransport {
         let mut dst = self.alloc(op, n * self.size)?;
         {
             let comm = self.lock()?;
-            comm.0
-                .all_gather(&src, &mut dst)
-                .map_err(|e| backend(op, self.rank, format!("ncclAllGather: {e:?}")))?;
+            let (s, _s_sync) = src.device_ptr(&self.stream);
+            let (d, _d_sync) = dst.device_ptr_mut(&self.stream);
+            // SAFETY: `src` holds `n` bytes and `dst` `n * size` bytes of this device, both
+            // allocated on the transport's stream and kept alive until `finish` below.
+            unsafe {
+                result::all_gather(
+                    s as *const c_void,
+                    d as *mut c_void,
+                    n,
+                    BYTES,
+                    comm.0,
+                    self.own_stream(),
+                )
+            }
+            .map_err(|e| backend(op, self.rank, format!("ncclAllGather: {e:?}")))?;
         }
         self.finish(op)?;
         self.download(op, &dst)
+    }
+}
+
+impl DeviceP2p for NcclTransport {
+    fn device_ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    unsafe fn enqueue(
+        &self,
+        kind: CommKind,
+        sends: &[DeviceMsg],
+        recvs: &[DeviceMsg],
+        stream: *mut c_void,
+    ) -> Result<(), CommError> {
+        const OP: &str = "enqueue";
+        check_device_msgs(OP, self.size, sends, recvs)?;
+        // SAFETY: the caller upholds `DeviceP2p::enqueue`'s contract, which is `post_group`'s.
+        unsafe { self.post_group(OP, sends, recvs, stream as sys::cudaStream_t) }?;
+        count_device_msgs(&self.stats, kind, sends, recvs);
+        Ok(())
     }
 }
 
@@ -282,8 +436,7 @@ impl Transport for NcclTransport {
     fn split(&self, color: u32, key: u32) -> Result<Arc<dyn Transport>, CommError> {
         let op = "split";
         // Every rank offers a fresh id; each group uses the id of its first member.
-        let id =
-            Id::new().map_err(|e| backend(op, self.rank, format!("ncclGetUniqueId: {e:?}")))?;
+        let id = new_id(op, self.rank)?;
         let mut mine = Vec::with_capacity(136);
         mine.extend_from_slice(&color.to_le_bytes());
         mine.extend_from_slice(&key.to_le_bytes());
@@ -351,24 +504,28 @@ impl Transport for NcclTransport {
             .map(|&(p, n)| Ok((p, self.alloc(op, n)?)))
             .collect::<Result<Vec<_>, CommError>>()?;
         {
-            let comm = self.lock()?;
-            group_start().map_err(|e| backend(op, self.rank, format!("ncclGroupStart: {e:?}")))?;
-            let mut failed = None;
+            let mut syncs = Vec::with_capacity(send_bufs.len() + recv_bufs.len());
+            let mut send_msgs = Vec::with_capacity(send_bufs.len());
             for (p, buf) in &send_bufs {
-                if let Err(e) = comm.0.send(buf, *p as i32) {
-                    failed.get_or_insert((*p, format!("ncclSend: {e:?}")));
-                }
+                let (ptr, sync) = buf.device_ptr(&self.stream);
+                syncs.push(sync);
+                send_msgs.push(DeviceMsg {
+                    peer: *p,
+                    ptr,
+                    len: buf.len(),
+                });
             }
+            let mut recv_msgs = Vec::with_capacity(recv_bufs.len());
             for (p, buf) in recv_bufs.iter_mut() {
-                if let Err(e) = comm.0.recv(buf, *p as i32) {
-                    failed.get_or_insert((*p, format!("ncclRecv: {e:?}")));
-                }
+                let len = buf.len();
+                let (ptr, sync) = buf.device_ptr_mut(&self.stream);
+                syncs.push(sync);
+                recv_msgs.push(DeviceMsg { peer: *p, ptr, len });
             }
-            let end = group_end();
-            if let Some((p, msg)) = failed {
-                return Err(backend(op, p, msg));
-            }
-            end.map_err(|e| backend(op, self.rank, format!("ncclGroupEnd: {e:?}")))?;
+            // SAFETY: the buffers were allocated on this device for exactly these lengths, are
+            // used by nothing else and live until after `finish` below; the stream is the
+            // transport's own.
+            unsafe { self.post_group(op, &send_msgs, &recv_msgs, self.own_stream()) }?;
         }
         self.finish(op)?;
         for (_, d) in &sends {
@@ -379,12 +536,12 @@ impl Transport for NcclTransport {
         for &(_, n) in &recvs {
             if n == 0 {
                 out.push(Vec::new());
-                continue;
+            } else {
+                let (_, buf) = it
+                    .next()
+                    .ok_or_else(|| backend(op, self.rank, "receive buffer missing"))?;
+                out.push(self.download(op, buf)?);
             }
-            let (_, buf) = it
-                .next()
-                .ok_or_else(|| backend(op, self.rank, "receive buffer missing"))?;
-            out.push(self.download(op, buf)?);
             self.stats.record_recv(kind, n);
         }
         Ok(Pending::ready(Ok(out)))
@@ -452,6 +609,7 @@ impl Transport for NcclTransport {
     fn broadcast(&self, kind: CommKind, root: usize, data: &mut Vec<u8>) -> Result<(), CommError> {
         let op = "broadcast";
         self.check_peer(op, root)?;
+        let root_int = peer_int(op, root)?;
         let mut len = (data.len() as u64).to_le_bytes().to_vec();
         let run = |buf: &mut Vec<u8>| -> Result<(), CommError> {
             if buf.is_empty() {
@@ -460,9 +618,21 @@ impl Transport for NcclTransport {
             let mut d = self.upload(op, buf)?;
             {
                 let comm = self.lock()?;
-                comm.0
-                    .broadcast_in_place(&mut d, root as i32)
-                    .map_err(|e| backend(op, root, format!("ncclBroadcast: {e:?}")))?;
+                let (p, _sync) = d.device_ptr_mut(&self.stream);
+                // SAFETY: `d` holds `buf.len()` bytes of this device, allocated on the
+                // transport's stream and kept alive until `finish` below.
+                unsafe {
+                    result::broadcast(
+                        p as *const c_void,
+                        p as *mut c_void,
+                        buf.len(),
+                        BYTES,
+                        root_int,
+                        comm.0,
+                        self.own_stream(),
+                    )
+                }
+                .map_err(|e| backend(op, root, format!("ncclBroadcast: {e:?}")))?;
             }
             self.finish(op)?;
             *buf = self.download(op, &d)?;
@@ -490,9 +660,21 @@ impl Transport for NcclTransport {
         let mut d = self.upload(op, &[1])?;
         {
             let comm = self.lock()?;
-            comm.0
-                .all_reduce_in_place(&mut d, &ReduceOp::Max)
-                .map_err(|e| backend(op, self.rank, format!("ncclAllReduce: {e:?}")))?;
+            let (p, _sync) = d.device_ptr_mut(&self.stream);
+            // SAFETY: `d` holds one byte of this device, allocated on the transport's stream
+            // and kept alive until `finish` below.
+            unsafe {
+                result::all_reduce(
+                    p as *const c_void,
+                    p as *mut c_void,
+                    1,
+                    BYTES,
+                    sys::ncclRedOp_t::ncclMax,
+                    comm.0,
+                    self.own_stream(),
+                )
+            }
+            .map_err(|e| backend(op, self.rank, format!("ncclAllReduce: {e:?}")))?;
         }
         self.finish(op)
     }
@@ -516,5 +698,9 @@ impl Transport for NcclTransport {
 
     fn reset_stats(&self) {
         self.stats.reset()
+    }
+
+    fn device_p2p(&self) -> Option<&dyn DeviceP2p> {
+        Some(self)
     }
 }
