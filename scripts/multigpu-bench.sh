@@ -18,6 +18,7 @@
 #   STEPS      Euler steps per size, e.g. "1024:50 2048:50" (default 50 for every size)
 #   PORTION    PCPP portion (default 0.3)
 #   DTYPE      f16 (default) or f32
+#   GRAPH      1: replay the steady step as a CUDA graph (patch-bench --graph), every run
 #   PYTHON     python3 with numpy, safetensors and scikit-image, for PSNR / SSIM (default python3)
 # Writes OUT_DIR/<size>_<mode>_<transport>_<n>.json / .safetensors / .log and OUT_DIR/summary.md.
 set -uo pipefail
@@ -33,6 +34,7 @@ RUN_TIMEOUT=${RUN_TIMEOUT:-600}
 STEPS=${STEPS:-}
 PORTION=${PORTION:-0.3}
 DTYPE=${DTYPE:-f16}
+GRAPH=${GRAPH:-0}
 PYTHON=${PYTHON:-python3}
 CONFIG=${CONFIG:-models/sdxl-base-1.0-configs}
 # NVLink multicast stays off (it can take shared GPUs out of service).
@@ -55,6 +57,7 @@ bench() { # name ranks transport mode size steps
     local args=(patch-bench --config "$CONFIG" --height "$size" --width "$size" --steps "$steps"
         --dtype "$DTYPE" --device cuda --parallel "$mode" --portion "$PORTION"
         --report "$OUT/$name.json" --save-latents "$OUT/$name.safetensors")
+    [[ $GRAPH == 1 ]] && args+=(--graph)
     local start=$SECONDS
     if [[ $n == 1 ]]; then
         timeout "$RUN_TIMEOUT" "$BIN/pcpp-cli" "${args[@]}" --transport local --ranks 1 \

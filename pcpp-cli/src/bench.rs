@@ -172,8 +172,7 @@ fn forward(unet: &UNet, ctx: &StepCtx, x: &Inputs) -> Result<Tensor> {
 
 /// Runs the benchmark.
 pub fn run(a: Args) -> Result<()> {
-    let per_rank =
-        a.device != DeviceArg::Cpu || a.ranks != 1 || a.parallel != ParallelMode::Serial;
+    let per_rank = a.device != DeviceArg::Cpu || a.ranks != 1 || a.parallel != ParallelMode::Serial;
     if per_rank && a.device != DeviceArg::Cpu {
         return crate::band_bench::run(&a);
     }

@@ -219,12 +219,14 @@ fn run_rank(
             .to_dtype(a.dtype)?
             .to_device(device)?;
         let ctx = driver.step_ctx(i);
-        let out = if a.graph && !ctx.sync && steady_eager >= 2 {
+        // Steady steps (every step of a serial run) replay a graph after two eager ones.
+        let steady = !ctx.sync || runtime.is_serial();
+        let out = if a.graph && steady && steady_eager >= 2 {
             graphs.step(&unet, &runtime, &ctx, &x_in, &ts, &cond)?
         } else {
             let out = unet.forward(&ctx, &x_in, &ts, &cond, None)?;
             driver.end_step(i)?;
-            if !ctx.sync {
+            if steady {
                 steady_eager += 1;
             }
             out

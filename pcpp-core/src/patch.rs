@@ -435,7 +435,8 @@ impl Shared {
             )?;
             (p, kept)
         } else {
-            let p = self.post_tensors(id, slot.kind, slot.index, sends, recvs, device, false, None)?;
+            let p =
+                self.post_tensors(id, slot.kind, slot.index, sends, recvs, device, false, None)?;
             (p, local)
         };
         self.cache.publish(slot, ctx.step, || {
@@ -934,8 +935,7 @@ impl Conv2dLayer for HaloConv {
                 Ok(Some((g.to_vec(), None)))
             })?
         } else {
-            sh.stale_exchange(id, slot, ctx, sends, recvs, None, dev)?
-                .0
+            sh.stale_exchange(id, slot, ctx, sends, recvs, None, dev)?.0
         };
         if got.len() != recv_rows.len() {
             return Err(CoreError::Config(format!(
@@ -987,7 +987,13 @@ impl GroupNormLayer for PatchGroupNorm {
             (Some(s), true) if ctx.sync || mode != GnMode::Separate => s,
             _ => {
                 return x
-                    .group_norm(g, self.gamma.as_ref(), self.beta.as_ref(), self.eps, silu_after)
+                    .group_norm(
+                        g,
+                        self.gamma.as_ref(),
+                        self.beta.as_ref(),
+                        self.eps,
+                        silu_after,
+                    )
                     .at(id)
             }
         };

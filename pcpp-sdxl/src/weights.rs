@@ -152,6 +152,8 @@ pub struct Weights {
     dtype: DType,
     device: Device,
     used: Mutex<BTreeSet<String>>,
+    /// Tensors handed out so far, when the store keeps them ([`Weights::keep_taken`]).
+    kept: Option<Mutex<std::collections::HashMap<String, Tensor>>>,
 }
 
 impl Weights {
@@ -169,6 +171,7 @@ impl Weights {
             dtype,
             device: Device::Cpu,
             used: Mutex::new(BTreeSet::new()),
+            kept: None,
         })
     }
 
@@ -185,6 +188,7 @@ impl Weights {
             dtype,
             device: Device::Cpu,
             used: Mutex::new(BTreeSet::new()),
+            kept: None,
         }
     }
 
@@ -201,6 +205,7 @@ impl Weights {
             dtype,
             device: Device::Cpu,
             used: Mutex::new(BTreeSet::new()),
+            kept: None,
         })
     }
 
@@ -223,6 +228,14 @@ impl Weights {
             .lock()
             .map(|u| u.iter().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// The same store, keeping every tensor it hands out, so that building the same model again
+    /// (e.g. once per simulated rank) shares the tensors instead of reading or generating them
+    /// again.
+    pub fn keep_taken(mut self) -> Weights {
+        self.kept = Some(Mutex::new(std::collections::HashMap::new()));
+        self
     }
 
     /// The same store, handing out every tensor on `device` (moved there as it is taken).
@@ -262,6 +275,15 @@ impl Weights {
         if !self.contains(name) {
             return Err(self.err(name, format!("missing (expected shape {shape:?})")));
         }
+        if let Some(t) = self
+            .kept
+            .as_ref()
+            .and_then(|k| k.lock().ok())
+            .and_then(|k| k.get(name).cloned())
+            .filter(|t| t.shape() == shape)
+        {
+            return Ok(t);
+        }
         let t = match &self.source {
             Source::File(f) => f
                 .load(name, Some(self.dtype))
@@ -286,6 +308,9 @@ impl Weights {
             .map_err(|e| self.err(name, e.to_string()))?;
         if let Ok(mut u) = self.used.lock() {
             u.insert(name.to_string());
+        }
+        if let Some(mut k) = self.kept.as_ref().and_then(|k| k.lock().ok()) {
+            k.insert(name.to_string(), t.clone());
         }
         Ok(t)
     }
