@@ -20,7 +20,8 @@
 #   ITERS      timed steps per measurement (default 10)
 #   LINK_GBPS  link bandwidth per direction for the model (default 450, NVLink 4 on H100)
 #   PYTHON     python3 for the model table (default python3)
-# Writes OUT_DIR/bench.jsonl (one JSON line per measured rank) and OUT_DIR/model.md.
+# Writes OUT_DIR/bench.jsonl (one JSON line per measured rank), OUT_DIR/bench.log (errors) and
+# OUT_DIR/model.md.
 set -uo pipefail
 
 OUT=${1:-band-bench-out}
@@ -35,19 +36,22 @@ PYTHON=${PYTHON:-python3}
 CONFIG=${CONFIG:-models/sdxl-base-1.0-configs/unet/config.json}
 mkdir -p "$OUT"
 : >"$OUT/bench.jsonl"
+: >"$OUT/bench.log"
 
 run() { # label, then bench flags
     local label=$1
     shift
-    local start=$SECONDS
+    local start=$SECONDS tmp
+    tmp=$(mktemp)
     if "$BIN/pcpp-cli" bench --device cuda --config "$CONFIG" --random-weights --batch 2 \
-        --iters "$ITERS" --warmup 3 --portion "$PORTION" --json "$@" >"$OUT/$label.jsonl" 2>"$OUT/$label.log"; then
-        cat "$OUT/$label.jsonl" >>"$OUT/bench.jsonl"
-        echo "$label: $(($SECONDS - start)) s"
+        --iters "$ITERS" --warmup 3 --portion "$PORTION" --json "$@" >"$tmp" 2>>"$OUT/bench.log"; then
+        cat "$tmp" >>"$OUT/bench.jsonl"
+        echo "$label: $((SECONDS - start)) s"
     else
         echo "$label: FAILED"
-        tail -5 "$OUT/$label.log"
+        tail -3 "$OUT/bench.log"
     fi
+    rm -f "$tmp"
 }
 
 for size in $SIZES; do

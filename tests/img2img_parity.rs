@@ -74,6 +74,7 @@ fn run(name: &str, kind: SchedulerKind) {
         guidance: call["guidance_scale"].as_f64().expect("guidance") as f32,
         scheduler: kind,
         micro,
+        cuda_graphs: false,
     };
     let embeds = pipe
         .text

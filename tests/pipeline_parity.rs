@@ -48,6 +48,7 @@ fn run(name: &str, kind: SchedulerKind) {
         guidance,
         scheduler: kind,
         micro: MicroCond::for_size(h, w),
+        cuda_graphs: false,
     };
     let mut seen = 0;
     let latents = denoise(
@@ -102,6 +103,7 @@ fn guidance_one_runs_without_cfg() {
         guidance: 1.0,
         scheduler: SchedulerKind::Euler,
         micro: MicroCond::for_size(64, 64),
+        cuda_graphs: false,
     };
     let noise = Tensor::from_vec(
         &[1, 4, 8, 8],

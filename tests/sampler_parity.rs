@@ -168,6 +168,7 @@ fn run_pipeline(name: &str, kind: SchedulerKind) {
         guidance,
         scheduler: kind,
         micro: MicroCond::for_size(h, w),
+        cuda_graphs: false,
     };
     let step_noise = if kind.is_stochastic() {
         StepNoise::Given(

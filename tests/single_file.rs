@@ -31,6 +31,7 @@ fn generate(dir: &Path) -> Vec<f32> {
         guidance: 5.0,
         scheduler: SchedulerKind::Euler,
         micro: MicroCond::for_size(64, 64),
+        cuda_graphs: false,
     };
     let lat = denoise(
         &pipe.unet,

@@ -204,6 +204,10 @@ pub struct GenerateArgs {
     /// Where the UNet weights and activations live (text encoders and VAE stay on the CPU).
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
+    /// With --device cuda, run every step eagerly instead of replaying the steady steps as CUDA
+    /// graphs (one per step parity, captured after two eager steady steps).
+    #[arg(long)]
+    pub no_cuda_graphs: bool,
 }
 
 /// Parses `A,B` (two non-negative integers) for `flag`.
@@ -377,6 +381,9 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
     if let Some(p) = &a.report {
         output::check_writable(p, "--report")?;
     }
+    if a.no_cuda_graphs && a.device != DeviceArg::Cuda {
+        bail!("--no-cuda-graphs needs --device cuda (CUDA graphs are a GPU feature)");
+    }
     let init = match init_image {
         Some(img) => {
             let strength = a.strength.unwrap_or(0.3);
@@ -548,6 +555,7 @@ fn run_rank(
         guidance: a.guidance,
         scheduler: plan.scheduler,
         micro: plan.micro,
+        cuda_graphs: !a.no_cuda_graphs,
     };
     let cfg_split = params.cfg() && !a.no_cfg_split && world.size() >= 2;
     let runtime = PatchRuntime::new(

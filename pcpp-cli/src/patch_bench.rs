@@ -20,7 +20,7 @@ use pcpp_core::{ParallelConfig, ParallelMode, PatchRuntime, RunReport, StepDrive
 use pcpp_kernels::{DType, Device, Tensor};
 use pcpp_sdxl::scheduler::{self, SchedulerConfig, SchedulerKind};
 use pcpp_sdxl::weights::Weights;
-use pcpp_sdxl::{MicroCond, UNet, UNetCond, UNetConfig};
+use pcpp_sdxl::{MicroCond, StepGraphs, UNet, UNetCond, UNetConfig};
 
 use crate::generate::{parse_portions, seeded_noise, DeviceArg, TransportArg};
 use crate::output;
@@ -220,9 +220,9 @@ fn run_rank(
             .to_device(device)?;
         let ctx = driver.step_ctx(i);
         // Steady steps (every step of a serial run) replay a graph after two eager ones.
-        let steady = !ctx.sync || runtime.is_serial();
+        let steady = runtime.repeats(&ctx);
         let out = if a.graph && steady && steady_eager >= 2 {
-            graphs.step(&unet, &runtime, &ctx, &x_in, &ts, &cond)?
+            graphs.step(&unet, runtime.driver(), &ctx, &x_in, &ts, &cond)?
         } else {
             let out = unet.forward(&ctx, &x_in, &ts, &cond, None)?;
             driver.end_step(i)?;
@@ -257,90 +257,6 @@ fn run_rank(
         reports,
         build_seconds,
     }))
-}
-
-/// The steady UNet step as CUDA graphs, one per step parity (the stale cache's buffer of step
-/// `t` is `t mod 2`), with the input and output buffers they read and write.
-#[derive(Default)]
-struct StepGraphs {
-    #[cfg(feature = "cuda")]
-    graphs: [Option<(usize, pcpp_kernels::cuda::CudaGraphStep)>; 2],
-    #[cfg(feature = "cuda")]
-    io: Option<(Tensor, Tensor, Tensor)>,
-}
-
-impl StepGraphs {
-    /// Step `ctx.step` from the graph of its parity, captured on first use.
-    #[cfg(feature = "cuda")]
-    fn step(
-        &mut self,
-        unet: &UNet,
-        runtime: &PatchRuntime,
-        ctx: &pcpp_core::StepCtx,
-        x: &Tensor,
-        ts: &Tensor,
-        cond: &UNetCond,
-    ) -> Result<Tensor> {
-        use pcpp_kernels::cuda::{capture_graph, copy_into};
-        use pcpp_kernels::KernelError;
-        let Device::Cuda(ordinal) = x.device() else {
-            bail!("--graph needs --device cuda");
-        };
-        if self.io.is_none() {
-            // The output shape: the gathered noise prediction has the input's shape, with both
-            // CFG branches when the ranks are split by branch.
-            let mut oshape = x.shape().to_vec();
-            if runtime.cfg_branch().is_some() {
-                oshape[0] *= 2;
-            }
-            self.io = Some((
-                Tensor::zeros_on(x.shape(), x.dtype(), x.device())?,
-                Tensor::zeros_on(ts.shape(), ts.dtype(), ts.device())?,
-                Tensor::zeros_on(&oshape, x.dtype(), x.device())?,
-            ));
-        }
-        let Some((xb, tb, ob)) = &self.io else {
-            bail!("graph buffers missing");
-        };
-        copy_into(x, xb)?;
-        copy_into(ts, tb)?;
-        let p = ctx.step % 2;
-        match &self.graphs[p] {
-            Some((captured, g)) => {
-                runtime.count_replay(*captured)?;
-                g.replay()?;
-            }
-            None => {
-                let fail = |op: &'static str, e: String| KernelError::Invalid { op, msg: e };
-                let g = capture_graph(ordinal, || {
-                    let o = unet
-                        .forward(ctx, xb, tb, cond, None)
-                        .map_err(|e| fail("UNet step under graph capture", e.to_string()))?;
-                    runtime
-                        .driver()
-                        .end_step(ctx.step)
-                        .map_err(|e| fail("end of step under graph capture", e.to_string()))?;
-                    copy_into(&o, ob)
-                })?;
-                g.replay()?;
-                self.graphs[p] = Some((ctx.step, g));
-            }
-        }
-        Ok(ob.clone())
-    }
-
-    #[cfg(not(feature = "cuda"))]
-    fn step(
-        &mut self,
-        _unet: &UNet,
-        _runtime: &PatchRuntime,
-        _ctx: &pcpp_core::StepCtx,
-        _x: &Tensor,
-        _ts: &Tensor,
-        _cond: &UNetCond,
-    ) -> Result<Tensor> {
-        bail!("--graph needs a build with --features cuda")
-    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

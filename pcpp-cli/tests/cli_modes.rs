@@ -259,3 +259,22 @@ fn flags_that_do_not_apply_are_errors() {
         assert!(err.contains(needle), "{flags:?}: {err}");
     }
 }
+
+#[test]
+fn cuda_graph_flag_needs_a_gpu() {
+    let png = tmp("no-graphs.png");
+    let o = cli(&[
+        "generate",
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--no-cuda-graphs",
+        "--output",
+        png.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--no-cuda-graphs"), "{err}");
+    assert!(!png.exists(), "no output file on a user error");
+}

@@ -457,6 +457,22 @@ pub trait StepDriver: Send + Sync {
         let _ = step;
         Ok(())
     }
+
+    /// Whether step `ctx` does the same work as every other such step of the same parity, so
+    /// that a CUDA graph captured at one of them replays the others (steady steps; every step of
+    /// a serial run). Conservative default: no.
+    fn repeats(&self, ctx: &StepCtx) -> bool {
+        let _ = ctx;
+        false
+    }
+
+    /// Called for a step (opened with [`StepDriver::step_ctx`]) that replays a CUDA graph captured
+    /// at step `captured` instead of running the model: the driver accounts for what the replay
+    /// does without running host code (e.g. the bytes it moves).
+    fn replayed(&self, captured: usize) -> Result<()> {
+        let _ = captured;
+        Ok(())
+    }
 }
 
 /// The driver of a plain single-rank run: every step synchronous, the whole CFG batch here.
@@ -466,6 +482,10 @@ pub struct SerialDriver;
 impl StepDriver for SerialDriver {
     fn cfg_branch(&self) -> Option<usize> {
         None
+    }
+
+    fn repeats(&self, _ctx: &StepCtx) -> bool {
+        true
     }
 
     fn step_ctx(&self, step: usize) -> StepCtx {

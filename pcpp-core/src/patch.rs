@@ -728,38 +728,6 @@ impl PatchRuntime {
         }
     }
 
-    /// Counts step `of_step`'s traffic again, for the step now open, which replays a CUDA graph
-    /// captured at `of_step` (a replay moves the same bytes but runs no host code that could
-    /// count them). Errors if `of_step` has no report.
-    pub fn count_replay(&self, of_step: usize) -> Result<()> {
-        let t = self
-            .sh
-            .report
-            .lock()
-            .ok()
-            .and_then(|r| {
-                r.steps
-                    .iter()
-                    .find(|s| s.step == of_step)
-                    .map(|s| s.traffic)
-            })
-            .ok_or_else(|| {
-                CoreError::Config(format!("no report of step {of_step} to count a replay of"))
-            })?;
-        for kind in [
-            CommKind::Halo,
-            CommKind::GroupNorm,
-            CommKind::Attention,
-            CommKind::Gather,
-            CommKind::Other,
-        ] {
-            self.sh
-                .bytes
-                .record(kind, t.sent.get(kind), t.recvd.get(kind));
-        }
-        Ok(())
-    }
-
     fn register(&self, id: &str, kind: CommKind) -> Result<Arc<Slot>> {
         self.sh.cache.register(id, kind)
     }
@@ -786,6 +754,43 @@ impl StepDriver for PatchRuntime {
 
     fn end_step(&self, _step: usize) -> Result<()> {
         self.sh.join_comm("step end")
+    }
+
+    fn repeats(&self, ctx: &StepCtx) -> bool {
+        self.sh.serial || !ctx.sync
+    }
+
+    /// Counts step `captured`'s traffic again for the step now open, which replays the CUDA graph
+    /// captured at `captured` (a replay moves the same bytes but runs no host code that could
+    /// count them). Errors if `captured` has no report.
+    fn replayed(&self, captured: usize) -> Result<()> {
+        let of_step = captured;
+        let t = self
+            .sh
+            .report
+            .lock()
+            .ok()
+            .and_then(|r| {
+                r.steps
+                    .iter()
+                    .find(|s| s.step == of_step)
+                    .map(|s| s.traffic)
+            })
+            .ok_or_else(|| {
+                CoreError::Config(format!("no report of step {of_step} to count a replay of"))
+            })?;
+        for kind in [
+            CommKind::Halo,
+            CommKind::GroupNorm,
+            CommKind::Attention,
+            CommKind::Gather,
+            CommKind::Other,
+        ] {
+            self.sh
+                .bytes
+                .record(kind, t.sent.get(kind), t.recvd.get(kind));
+        }
+        Ok(())
     }
 
     fn begin_generation(&self) -> Result<()> {

@@ -7,6 +7,7 @@
 pub mod checkpoint;
 pub mod clip;
 pub mod error;
+pub mod graph;
 pub mod inventory;
 pub mod pipeline;
 pub mod scheduler;
@@ -19,6 +20,7 @@ pub mod weights;
 
 pub use clip::{ClipOutput, ClipTextConfig, ClipTextModel};
 pub use error::{Result, SdxlError};
+pub use graph::StepGraphs;
 pub use inventory::unet_inventory;
 pub use pipeline::{
     denoise, denoise_with, derived_step_noise, img2img_start_step, DenoiseParams, DenoiseStart,

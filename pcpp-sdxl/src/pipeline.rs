@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use crate::clip::ClipTextModel;
 use crate::error::{Result, SdxlError};
+use crate::graph::StepGraphs;
 use crate::scheduler::{self, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::{UNet, UNetCond};
@@ -235,6 +236,9 @@ pub struct DenoiseParams {
     pub scheduler: SchedulerKind,
     /// SDXL micro-conditioning.
     pub micro: MicroCond,
+    /// On a GPU, replay steady steps as CUDA graphs (one per step parity, captured after two
+    /// eager steady steps; [`crate::StepGraphs`]). Ignored on the CPU.
+    pub cuda_graphs: bool,
 }
 
 impl DenoiseParams {
@@ -396,6 +400,16 @@ pub fn denoise_with(
     let fed = text.shape()[0];
     let time_ids = Tensor::from_vec(&[fed, 6], ids.repeat(fed))?;
     let cond = UNetCond::new(text, Some(pooled), Some(time_ids));
+    // Graph replays read device buffers only: the conditioning moves to the GPU once.
+    let device = unet.device();
+    let graphs_on = params.cuda_graphs && device != Device::Cpu;
+    let cond = if graphs_on {
+        cond.to_device(device)?
+    } else {
+        cond
+    };
+    let mut graphs = StepGraphs::new();
+    let mut steady_eager = 0;
 
     let noise_v = noise.to_vec_f32()?;
     let (first, mut latents) = match start {
@@ -446,8 +460,22 @@ pub fn denoise_with(
         };
         let ts = Tensor::from_vec(&[x_in.shape()[0]], vec![t as f32; x_in.shape()[0]])?;
         let ctx = driver.step_ctx(i - first);
-        let out = unet.forward(&ctx, &x_in, &ts, &cond, None)?;
-        driver.end_step(ctx.step)?;
+        // Steps that repeat (steady steps; every step of a serial run) replay graphs after two
+        // eager ones.
+        let steady = driver.repeats(&ctx);
+        // The step's inputs go to the UNet's device first, eager or replayed alike (so the
+        // timestep embedding is computed in the same place either way).
+        let (x_in, ts) = (x_in.to_device(device)?, ts.to_device(device)?);
+        let out = if graphs_on && steady && steady_eager >= 2 {
+            graphs.step(unet, driver, &ctx, &x_in, &ts, &cond)?
+        } else {
+            let out = unet.forward(&ctx, &x_in, &ts, &cond, None)?;
+            driver.end_step(ctx.step)?;
+            if steady {
+                steady_eager += 1;
+            }
+            out
+        };
         let guided = if cfg {
             let u = out.narrow(0, 0, 1)?;
             let c = out.narrow(0, 1, 1)?;

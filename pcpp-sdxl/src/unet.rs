@@ -69,6 +69,21 @@ impl UNetCond {
             cross_kv: Mutex::new(HashMap::new()),
         }
     }
+
+    /// The same conditioning with every tensor on `device`.
+    pub fn to_device(&self, device: Device) -> Result<UNetCond> {
+        Ok(UNetCond::new(
+            self.encoder_hidden_states.to_device(device)?,
+            self.text_embeds
+                .as_ref()
+                .map(|t| t.to_device(device))
+                .transpose()?,
+            self.time_ids
+                .as_ref()
+                .map(|t| t.to_device(device))
+                .transpose()?,
+        ))
+    }
 }
 
 struct Linear {
@@ -531,6 +546,11 @@ pub struct UNet {
 }
 
 impl UNet {
+    /// The device the weights live on (where the step runs).
+    pub fn device(&self) -> Device {
+        self.time_1.w.device()
+    }
+
     /// Loads `dir/config.json` and the weights of a diffusers `unet/` folder.
     pub fn load(dir: &Path, dtype: DType, factory: &dyn LayerFactory) -> Result<UNet> {
         Self::load_on(dir, dtype, Device::Cpu, factory)

@@ -169,6 +169,8 @@ pub struct Gpu {
     arch: &'static str,
     funcs: HashMap<String, CudaFunction>,
     blas: CudaBlas,
+    /// cuBLAS's workspace (set on `blas`; kept alive here).
+    _blas_workspace: CudaSlice<u8>,
     lt: Lt,
     cudnn: Arc<Cudnn>,
     /// Serialises library calls (cuDNN and cuBLASLt handles are not thread-safe).
@@ -323,6 +325,26 @@ impl Gpu {
             funcs.insert(name, f);
         }
         let blas = CudaBlas::new(stream.clone()).map_err(|x| e("cuBLAS", &x))?;
+        // A workspace of cuBLAS's own: without one, cuBLAS picks other (workspace-free) kernels
+        // while a CUDA graph is being captured, and a replayed step would round differently from
+        // an eager one.
+        // SAFETY: scratch memory that only cuBLAS uses, kept alive in `Gpu` with the handle.
+        let blas_workspace =
+            unsafe { stream.alloc::<u8>(32 << 20) }.map_err(|x| e("cuBLAS workspace", &x))?;
+        {
+            let (ptr, _sync) = blas_workspace.device_ptr(&stream);
+            // SAFETY: the handle is live and the workspace outlives it (both owned by `Gpu`).
+            let status = unsafe {
+                cudarc::cublas::sys::cublasSetWorkspace_v2(
+                    *blas.handle(),
+                    ptr as *mut std::ffi::c_void,
+                    32 << 20,
+                )
+            };
+            if status != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(e("cublasSetWorkspace", &status));
+            }
+        }
         let lt_handle = cudarc::cublaslt::result::create_handle().map_err(|x| e("cuBLASLt", &x))?;
         // SAFETY: uninitialised scratch memory for cuBLASLt.
         let workspace =
@@ -339,6 +361,7 @@ impl Gpu {
             arch,
             funcs,
             blas,
+            _blas_workspace: blas_workspace,
             lt: Lt {
                 handle: lt_handle,
                 workspace,

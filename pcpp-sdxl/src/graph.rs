@@ -1,0 +1,121 @@
+//! CUDA graphs of the denoising step (PCPP §7.1): the steady UNet step captured once per step
+//! parity and replayed.
+//!
+//! The patch-parallel runtime keeps every stale buffer a step reads or writes in persistent
+//! per-parity device memory, so a step captured at parity `p` stays valid for every later step of
+//! parity `p` (this is the fix of the reference code's graphs, whose receive buffers were allocated
+//! during capture and froze the neighbours' context). Inputs are copied into fixed device buffers
+//! before each replay and the output is read from a fixed buffer; the step's communication is
+//! captured on the communication stream and joined by [`StepDriver::end_step`] inside the capture.
+
+use pcpp_core::{StepCtx, StepDriver};
+use pcpp_kernels::Tensor;
+
+use crate::unet::{UNet, UNetCond};
+use crate::{Result, SdxlError};
+
+/// The steady step as CUDA graphs, one per step parity (the stale cache's buffer of step `t` is
+/// `t mod 2`), with the input and output buffers they read and write.
+#[derive(Default)]
+pub struct StepGraphs {
+    #[cfg(feature = "cuda")]
+    graphs: [Option<(usize, pcpp_kernels::cuda::CudaGraphStep)>; 2],
+    #[cfg(feature = "cuda")]
+    io: Option<(Tensor, Tensor, Tensor)>,
+}
+
+impl StepGraphs {
+    /// No graphs yet.
+    pub fn new() -> StepGraphs {
+        StepGraphs::default()
+    }
+
+    /// The UNet output of step `ctx.step` (opened with `driver.step_ctx`), from the graph of its
+    /// parity, which is captured on first use. `x` and `ts` (on the UNet's GPU) are copied into
+    /// the graph's input buffers; `cond` must already be on that GPU (a capture cannot upload host
+    /// data). The returned tensor is the graph's output buffer: read it before the next step.
+    ///
+    /// Call it only for steps whose schedule repeats (steady steps, after two of them ran eagerly
+    /// so that the runtime's persistent buffers of both parities exist).
+    pub fn step(
+        &mut self,
+        unet: &UNet,
+        driver: &dyn StepDriver,
+        ctx: &StepCtx,
+        x: &Tensor,
+        ts: &Tensor,
+        cond: &UNetCond,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        {
+            self.cuda_step(unet, driver, ctx, x, ts, cond)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (unet, driver, ctx, x, ts, cond);
+            Err(SdxlError::Input(
+                "CUDA graphs need a build with the `cuda` feature".into(),
+            ))
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_step(
+        &mut self,
+        unet: &UNet,
+        driver: &dyn StepDriver,
+        ctx: &StepCtx,
+        x: &Tensor,
+        ts: &Tensor,
+        cond: &UNetCond,
+    ) -> Result<Tensor> {
+        use pcpp_kernels::cuda::{capture_graph, copy_into};
+        use pcpp_kernels::{Device, KernelError};
+        let Device::Cuda(ordinal) = x.device() else {
+            return Err(SdxlError::Input(format!(
+                "CUDA graphs need the step's input on a GPU, it is on {}",
+                x.device()
+            )));
+        };
+        if self.io.is_none() {
+            // The gathered noise prediction has the input's shape, with both CFG branches when
+            // the ranks are split by branch.
+            let mut oshape = x.shape().to_vec();
+            if driver.cfg_branch().is_some() {
+                oshape[0] *= 2;
+            }
+            self.io = Some((
+                Tensor::zeros_on(x.shape(), x.dtype(), x.device())?,
+                Tensor::zeros_on(ts.shape(), ts.dtype(), ts.device())?,
+                Tensor::zeros_on(&oshape, x.dtype(), x.device())?,
+            ));
+        }
+        let Some((xb, tb, ob)) = &self.io else {
+            return Err(SdxlError::Input("graph buffers missing".into()));
+        };
+        copy_into(x, xb)?;
+        copy_into(ts, tb)?;
+        let p = ctx.step % 2;
+        match &self.graphs[p] {
+            Some((captured, g)) => {
+                driver.replayed(*captured)?;
+                g.replay()?;
+            }
+            None => {
+                let fail = |op: &'static str, e: String| KernelError::Invalid { op, msg: e };
+                let g = capture_graph(ordinal, || {
+                    let o = unet
+                        .forward(ctx, xb, tb, cond, None)
+                        .map_err(|e| fail("UNet step under graph capture", e.to_string()))?;
+                    driver
+                        .end_step(ctx.step)
+                        .map_err(|e| fail("end of step under graph capture", e.to_string()))?;
+                    copy_into(&o, ob)
+                })?;
+                g.replay()?;
+                self.graphs[p] = Some((ctx.step, g));
+            }
+        }
+        Ok(ob.clone())
+    }
+}
