@@ -231,6 +231,7 @@ fn run_rank(
             }
             out
         };
+        driver.step_done(i)?;
         let guided = if cfg_on {
             let u = out.narrow(0, 0, 1)?;
             let c = out.narrow(0, 1, 1)?;

@@ -689,7 +689,14 @@ impl Transport for NcclTransport {
                 .copied()
                 .unwrap_or(self.rank)
         );
-        std::process::exit(1);
+        // `_exit`, not `exit`: the exit handlers tear down CUDA and NCCL, which waits for
+        // communication kernels that may never finish when a peer is gone (seen on H100s: a
+        // process stuck in `exit` after the error above).
+        extern "C" {
+            fn _exit(status: std::ffi::c_int) -> !;
+        }
+        // SAFETY: `_exit` ends the process at once; nothing of this process runs afterwards.
+        unsafe { _exit(1) }
     }
 
     fn stats(&self) -> CommStats {

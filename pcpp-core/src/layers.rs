@@ -458,6 +458,14 @@ pub trait StepDriver: Send + Sync {
         Ok(())
     }
 
+    /// Called after each step's model work was issued (eager or replayed), outside any graph
+    /// capture: waits until the step's device work is done, turning communication that never
+    /// completes (a lost peer) into an error after the transport's timeout instead of a hang.
+    fn step_done(&self, step: usize) -> Result<()> {
+        let _ = step;
+        Ok(())
+    }
+
     /// Whether step `ctx` does the same work as every other such step of the same parity, so
     /// that a CUDA graph captured at one of them replays the others (steady steps; every step of
     /// a serial run). Conservative default: no.

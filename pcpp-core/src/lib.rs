@@ -18,6 +18,7 @@ pub mod plan;
 pub mod report;
 pub mod schedule;
 pub mod tensor;
+mod watchdog;
 
 pub use cache::{CacheCounters, StaleCache};
 pub use geometry::{window_part, BandPlan, HaloPlan};

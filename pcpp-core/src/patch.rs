@@ -529,6 +529,8 @@ fn dims4(id: &str, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
 /// [`crate::SerialDriver`].
 pub struct PatchRuntime {
     sh: Arc<Shared>,
+    /// Aborts the job when a generation on the device path stops making progress.
+    watchdog: Mutex<Option<crate::watchdog::Watchdog>>,
 }
 
 impl PatchRuntime {
@@ -624,6 +626,7 @@ impl PatchRuntime {
             g
         };
         Ok(PatchRuntime {
+            watchdog: Mutex::new(None),
             sh: Arc::new(Shared {
                 world,
                 group,
@@ -728,6 +731,14 @@ impl PatchRuntime {
         }
     }
 
+    fn beat(&self) {
+        if let Ok(g) = self.watchdog.lock() {
+            if let Some(w) = g.as_ref() {
+                w.beat();
+            }
+        }
+    }
+
     fn register(&self, id: &str, kind: CommKind) -> Result<Arc<Slot>> {
         self.sh.cache.register(id, kind)
     }
@@ -748,6 +759,7 @@ impl StepDriver for PatchRuntime {
         // step (normally the output gather joined it already). A failure here is a broken
         // device context, which the step's first operation reports.
         let _ = self.sh.join_comm("step start");
+        self.beat();
         self.sh.open_step(ctx);
         ctx
     }
@@ -758,6 +770,27 @@ impl StepDriver for PatchRuntime {
 
     fn repeats(&self, ctx: &StepCtx) -> bool {
         self.sh.serial || !ctx.sync
+    }
+
+    fn step_done(&self, step: usize) -> Result<()> {
+        self.beat();
+        #[cfg(feature = "cuda")]
+        if let Some(o) = self.sh.comm_ordinal() {
+            let timeout = self.sh.world.options().timeout;
+            let done = pcpp_kernels::cuda::gpu(o)
+                .and_then(|g| g.wait_idle(timeout))
+                .map_err(|e| self.sh.comm_msg("step end", e.to_string()))?;
+            if !done {
+                return Err(self.sh.comm_msg(
+                    &format!("step {step}"),
+                    format!(
+                        "the step's GPU work (with its NCCL communication) did not finish within {timeout:?}; is a peer gone?"
+                    ),
+                ));
+            }
+        }
+        let _ = step;
+        Ok(())
     }
 
     /// Counts step `captured`'s traffic again for the step now open, which replays the CUDA graph
@@ -798,10 +831,30 @@ impl StepDriver for PatchRuntime {
         if let Ok(mut r) = self.sh.report.lock() {
             *r = ReportState::default();
         }
+        // Device-path transports move data the host never waits for: watch for progress.
+        let device = self.sh.world.device_p2p().is_some() || self.sh.group.device_p2p().is_some();
+        if device && !self.sh.serial {
+            let world = self.sh.world.clone();
+            let rank = self.sh.grid.world_rank;
+            let timeout = world.options().timeout;
+            let w = crate::watchdog::Watchdog::start(timeout, move |idle| {
+                world.abort(&format!(
+                    "rank {rank}: no denoising progress for {:.1} s (--timeout {} s): the GPU communication of a step did not complete; is a peer gone?",
+                    idle.as_secs_f64(),
+                    timeout.as_secs()
+                ));
+            });
+            if let Ok(mut g) = self.watchdog.lock() {
+                *g = Some(w);
+            }
+        }
         Ok(())
     }
 
     fn end_generation(&self) -> Result<()> {
+        if let Ok(mut g) = self.watchdog.lock() {
+            g.take();
+        }
         self.sh.join_comm("end of generation")?;
         if let Ok(mut r) = self.sh.report.lock() {
             self.sh.close_step(&mut r);

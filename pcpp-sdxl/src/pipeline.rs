@@ -476,6 +476,7 @@ pub fn denoise_with(
             }
             out
         };
+        driver.step_done(ctx.step)?;
         let guided = if cfg {
             let u = out.narrow(0, 0, 1)?;
             let c = out.narrow(0, 1, 1)?;

@@ -454,6 +454,25 @@ impl Gpu {
             .map_err(|e| self.err("synchronize (comm stream)", e))
     }
 
+    /// Waits until everything enqueued so far on both streams has run, polling instead of
+    /// blocking in the driver, for at most `timeout`. `Ok(false)` when it timed out (work that
+    /// never finishes, e.g. a communication kernel whose peer is gone).
+    pub fn wait_idle(&self, timeout: std::time::Duration) -> Result<bool> {
+        let start = std::time::Instant::now();
+        for (s, name) in [(&self.stream, "compute"), (&self.comm, "comm")] {
+            let ev = s
+                .record_event(None)
+                .map_err(|e| self.err(&format!("wait_idle: event on the {name} stream"), e))?;
+            while !ev.is_complete() {
+                if start.elapsed() > timeout {
+                    return Ok(false);
+                }
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            }
+        }
+        Ok(true)
+    }
+
     /// `(free, total)` device memory in bytes.
     pub fn mem_info(&self) -> Result<(usize, usize)> {
         self.ctx
