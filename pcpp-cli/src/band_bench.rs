@@ -240,13 +240,7 @@ fn run_rank(
     let rnd = |shape: &[usize], seed: u64| {
         Tensor::rand_uniform(shape, dtype, device, (-1.0, 1.0), seed ^ a.seed)
     };
-    let cross = ucfg
-        .down
-        .iter()
-        .map(|b| b.cross_attention_dim)
-        .chain(ucfg.mid.map(|m| m.2))
-        .max()
-        .unwrap_or(1);
+    let cross = ucfg.text_dim();
     let sample = rnd(&[fed, ucfg.in_channels, a.height, a.width], 1)?;
     let ts = Tensor::from_vec(&[fed], vec![500.0; fed])?
         .to_dtype(dtype)?

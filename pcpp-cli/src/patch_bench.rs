@@ -147,13 +147,7 @@ fn run_rank(
         .map_err(|e| anyhow::anyhow!("scheduler: {e}"))?;
 
     // Conditioning of both branches, identical on every rank (seeded, generated on the device).
-    let text_dim = ucfg
-        .down
-        .iter()
-        .map(|b| b.cross_attention_dim)
-        .chain(ucfg.mid.map(|m| m.2))
-        .max()
-        .unwrap_or(1);
+    let text_dim = ucfg.text_dim();
     let pooled_dim = ucfg
         .text_time
         .map(|tt| tt.projection_input_dim - 6 * tt.time_embed_dim)

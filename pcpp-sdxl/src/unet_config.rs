@@ -501,4 +501,15 @@ impl UNetConfig {
     pub fn downsample_factor(&self) -> usize {
         1 << self.down.iter().filter(|b| b.resample).count()
     }
+
+    /// Width of the text conditioning the cross-attentions read (the widest of the blocks; 1 for
+    /// a UNet without cross-attention).
+    pub fn text_dim(&self) -> usize {
+        self.down
+            .iter()
+            .map(|b| b.cross_attention_dim)
+            .chain(self.mid.map(|m| m.2))
+            .max()
+            .unwrap_or(1)
+    }
 }
