@@ -466,9 +466,9 @@ pub trait StepDriver: Send + Sync {
         Ok(())
     }
 
-    /// Whether step `ctx` does the same work as every other such step of the same parity, so
-    /// that a CUDA graph captured at one of them replays the others (steady steps; every step of
-    /// a serial run). Conservative default: no.
+    /// Whether step `ctx` does the same work as every other such step of the same parity, with
+    /// no host round trip, so that a CUDA graph captured at one of them replays the others (steady
+    /// steps of a device-resident run; every step of a serial run). Conservative default: no.
     fn repeats(&self, ctx: &StepCtx) -> bool {
         let _ = ctx;
         false

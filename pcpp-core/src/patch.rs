@@ -769,7 +769,12 @@ impl StepDriver for PatchRuntime {
     }
 
     fn repeats(&self, ctx: &StepCtx) -> bool {
-        self.sh.serial || !ctx.sync
+        // Host-staged exchanges (MPI, UCX, local, tensor parallelism's all-reduces) read device
+        // data back to the host inside the step, which a graph cannot capture.
+        let device_path = self.sh.world.device_p2p().is_some()
+            && self.sh.group.device_p2p().is_some()
+            && self.sh.cfg.mode != ParallelMode::Tensor;
+        self.sh.serial || (!ctx.sync && device_path)
     }
 
     fn step_done(&self, step: usize) -> Result<()> {
@@ -1423,5 +1428,51 @@ impl LayerFactory for PatchRuntime {
             return crate::tensor::resnet_core(self.sh.clone(), id, w);
         }
         composed_resnet_core(self, id, w)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pcpp_comm::{LocalTransport, SoloTransport, TransportOptions};
+
+    fn runtime(
+        world: Arc<dyn Transport>,
+        group: Arc<dyn Transport>,
+        mode: ParallelMode,
+    ) -> PatchRuntime {
+        let cfg = ParallelConfig::preset(mode, &[0.3], Some(2), 10);
+        PatchRuntime::with_group(world, group, false, cfg, 16, 16, 2).expect("runtime")
+    }
+
+    #[test]
+    fn only_device_resident_steady_steps_repeat_for_graphs() {
+        let opts = TransportOptions::default;
+        let solo = |r, n| -> Arc<dyn Transport> { SoloTransport::new(r, n, opts()).unwrap() };
+        let stale = StepCtx {
+            step: 5,
+            sync: false,
+        };
+        let sync = StepCtx {
+            step: 0,
+            sync: true,
+        };
+        // A device-memory transport: steady steps repeat, warm-up steps do not.
+        let rt = runtime(solo(1, 2), solo(1, 2), ParallelMode::Pcpp);
+        assert!(rt.repeats(&stale));
+        assert!(!rt.repeats(&sync));
+        // Tensor parallelism all-reduces through host memory: never.
+        let rt = runtime(solo(1, 2), solo(1, 2), ParallelMode::Tensor);
+        assert!(!rt.repeats(&stale));
+        // Serial: every step.
+        let rt = PatchRuntime::new(solo(0, 1), false, ParallelConfig::serial(), 16, 16, 2).unwrap();
+        assert!(rt.repeats(&sync) && rt.repeats(&stale));
+        // A host-staged transport (threads): never, the exchanges read device data back.
+        let out = LocalTransport::run(2, opts(), |t| {
+            let rt = runtime(t.clone(), t, ParallelMode::Pcpp);
+            Ok::<_, CoreError>(rt.repeats(&stale))
+        })
+        .unwrap();
+        assert_eq!(out, vec![false, false]);
     }
 }
