@@ -193,6 +193,15 @@ fn run_rank(
     if a.graph && device == Device::Cpu {
         bail!("--graph needs --device cuda");
     }
+    if a.graph
+        && !runtime.is_serial()
+        && !runtime.repeats(&pcpp_core::StepCtx {
+            step: 0,
+            sync: false,
+        })
+    {
+        bail!("--graph: CUDA graphs need exchanges that stay on the GPU (--transport nccl, not --parallel tensor) or one rank");
+    }
     let mut graphs = StepGraphs::default();
     let mut steady_eager = 0;
     driver.begin_generation()?;
