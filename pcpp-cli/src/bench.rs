@@ -176,6 +176,9 @@ pub fn run(a: Args) -> Result<()> {
     if per_rank && a.device != DeviceArg::Cpu {
         return crate::band_bench::run(&a);
     }
+    if !per_rank && a.dtype.is_some_and(|d| d != DType::F32) {
+        bail!("--dtype: the CPU UNet bench runs in f32; other dtypes apply with --parallel, --ranks or --device cuda");
+    }
     if a.iters == 0 || a.batch == 0 {
         bail!("--iters and --batch must be at least 1");
     }

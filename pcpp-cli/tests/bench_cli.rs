@@ -67,6 +67,10 @@ fn bench_rejects_inconsistent_flags() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("multiples"));
 
+    let out = bench(&["--dtype", "f16"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--dtype"));
+
     let out = bench(&["--model", "no/such/folder"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no/such/folder"));
