@@ -175,8 +175,13 @@ pub fn run(a: &Args) -> Result<()> {
             });
             println!("{v}");
         } else {
+            let sync = if res.sync_ms.is_nan() {
+                String::new()
+            } else {
+                format!(", sync step {:.3} ms", res.sync_ms)
+            };
             println!(
-                "{mode} rank {}/{} ({} rows of {}, batch {}, {dtype} on {device}): steady step {:.3} ms eager{}, sync step {:.3} ms; steady step sends {sent} B, receives {recvd} B",
+                "{mode} rank {}/{} ({} rows of {}, batch {}, {dtype} on {device}): steady step {:.3} ms eager{}{sync}; steady step sends {sent} B, receives {recvd} B",
                 res.rank,
                 a.ranks,
                 res.rows,
@@ -184,7 +189,6 @@ pub fn run(a: &Args) -> Result<()> {
                 res.fed_batch,
                 res.eager_ms,
                 res.graph_ms.map(|g| format!(", {g:.3} ms graph")).unwrap_or_default(),
-                res.sync_ms,
             );
         }
     }
