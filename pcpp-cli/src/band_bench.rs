@@ -21,7 +21,7 @@ use pcpp_comm::{SoloTransport, Transport, TransportOptions};
 use pcpp_core::{ParallelConfig, ParallelMode, PatchRuntime, ProcessGrid, StepDriver, Traffic};
 use pcpp_kernels::{DType, Device, Tensor};
 use pcpp_sdxl::weights::Weights;
-use pcpp_sdxl::{UNet, UNetCond, UNetConfig};
+use pcpp_sdxl::{StepGraphs, UNet, UNetCond, UNetConfig};
 
 use crate::bench::Args;
 use crate::generate::parse_portions;
@@ -305,13 +305,13 @@ fn run_rank(
         let (ms, outs) = graph_steps(&unet, &runtime, &sample, &ts, &cond, device, step, a)?;
         // Inputs and (solo) received data are the same every step. When that makes the eager
         // steps stationary (the last two agree exactly), the replay of graph `p` (step parity
-        // `step + 1 + p`) must reproduce them. Corrected stale group norm carries each step's
+        // `step + p`) must reproduce them. Corrected stale group norm carries each step's
         // own statistics into the next, so with the solo transport's zero context the steps of
         // some configurations keep changing, and there is nothing fixed to compare with.
         let stationary = last.len() == 2 && last[0] == last[1];
         graph_check = stationary;
         for (p, o) in outs.iter().enumerate().filter(|_| stationary) {
-            let eager = &last[1 - p];
+            let eager = &last[p];
             let scale = eager.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
             let diff = o
                 .iter()
@@ -354,9 +354,11 @@ fn run_rank(
     })
 }
 
-/// Captures the steady step once per step parity (after both parities ran eagerly, so every
-/// persistent buffer exists) and times `a.iters` replays.
-#[cfg(feature = "cuda")]
+/// Steady steps replayed from CUDA graphs, one per step parity, captured by [`StepGraphs`] at
+/// steps `first` and `first + 1` (both parities ran eagerly before, so every persistent buffer
+/// exists): the outputs of those two steps, and the median time of `a.iters` further steps after
+/// `a.warmup` untimed ones. A timed step is what a denoising loop does for a replayed step: open
+/// the step, copy the inputs into the graph's buffers, replay.
 #[allow(clippy::too_many_arguments)]
 fn graph_steps(
     unet: &UNet,
@@ -368,73 +370,36 @@ fn graph_steps(
     first: usize,
     a: &Args,
 ) -> Result<(f64, Vec<Vec<f32>>)> {
-    use pcpp_kernels::cuda::{capture_graph, copy_into};
-    use pcpp_kernels::KernelError;
-    let Device::Cuda(ordinal) = device else {
-        bail!("CUDA graphs need --device cuda");
-    };
     let driver = runtime.driver();
-    let ctx0 = driver.step_ctx(first);
-    let out0 = unet.forward(&ctx0, sample, ts, cond, None)?;
-    driver.end_step(first)?;
-    let out = Tensor::zeros_on(out0.shape(), out0.dtype(), device)?;
-    drop(out0);
-    let mut graphs = Vec::new();
-    for p in 0..2 {
-        let step = first + 1 + p;
-        let ctx = driver.step_ctx(step);
-        if ctx.sync && !runtime.is_serial() {
-            bail!("step {step} is synchronous: the graph bench needs steady steps");
-        }
-        let fail = |e: pcpp_core::CoreError| KernelError::Invalid {
-            op: "graph capture",
-            msg: e.to_string(),
-        };
-        let g = capture_graph(ordinal, || {
-            let o =
-                unet.forward(&ctx, sample, ts, cond, None)
-                    .map_err(|e| KernelError::Invalid {
-                        op: "graph capture",
-                        msg: e.to_string(),
-                    })?;
-            driver.end_step(step).map_err(fail)?;
-            copy_into(&o, &out)
-        })?;
-        graphs.push(g);
-    }
-    // The first replay of each parity's graph, for the check against the eager steps.
+    let mut graphs = StepGraphs::new(true);
     let mut outs = Vec::new();
-    for g in &graphs {
-        g.replay()?;
-        outs.push(out.to_vec_f32()?);
+    for step in first..first + 2 {
+        let ctx = driver.step_ctx(step);
+        if !driver.repeats(&ctx) {
+            bail!("step {step} does not repeat (synchronous, or exchanges through host memory): nothing to replay");
+        }
+        outs.push(
+            graphs
+                .step(unet, driver, &ctx, sample, ts, cond)?
+                .to_vec_f32()?,
+        );
     }
     let mut ms = Vec::new();
+    let mut out = None;
     for i in 0..a.warmup + a.iters {
         sync_device(device)?;
         let t = Instant::now();
-        graphs[i % 2].replay()?;
+        let ctx = driver.step_ctx(first + 2 + i);
+        out = Some(graphs.step(unet, driver, &ctx, sample, ts, cond)?);
         sync_device(device)?;
         if i >= a.warmup {
             ms.push(t.elapsed().as_secs_f64() * 1e3);
         }
     }
-    if !out.to_vec_f32()?.iter().all(|v| v.is_finite()) {
-        bail!("the replayed step produced non-finite values");
+    if let Some(o) = out {
+        if !o.to_vec_f32()?.iter().all(|v| v.is_finite()) {
+            bail!("the replayed step produced non-finite values");
+        }
     }
     Ok((median(ms), outs))
-}
-
-#[cfg(not(feature = "cuda"))]
-#[allow(clippy::too_many_arguments)]
-fn graph_steps(
-    _unet: &UNet,
-    _runtime: &PatchRuntime,
-    _sample: &Tensor,
-    _ts: &Tensor,
-    _cond: &UNetCond,
-    _device: Device,
-    _first: usize,
-    _a: &Args,
-) -> Result<(f64, Vec<Vec<f32>>)> {
-    bail!("CUDA graphs need a build with --features cuda")
 }

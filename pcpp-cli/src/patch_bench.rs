@@ -202,8 +202,7 @@ fn run_rank(
     {
         bail!("--graph: CUDA graphs need exchanges that stay on the GPU (--transport nccl, not --parallel tensor) or one rank");
     }
-    let mut graphs = StepGraphs::default();
-    let mut steady_eager = 0;
+    let mut graphs = StepGraphs::new(a.graph);
     driver.begin_generation()?;
     for (i, &t) in timesteps.iter().enumerate() {
         let scaled = sched
@@ -222,19 +221,7 @@ fn run_rank(
             .to_dtype(a.dtype)?
             .to_device(device)?;
         let ctx = driver.step_ctx(i);
-        // Steady steps (every step of a serial run) replay a graph after two eager ones.
-        let steady = runtime.repeats(&ctx);
-        let out = if a.graph && steady && steady_eager >= 2 {
-            graphs.step(&unet, runtime.driver(), &ctx, &x_in, &ts, &cond)?
-        } else {
-            let out = unet.forward(&ctx, &x_in, &ts, &cond, None)?;
-            driver.end_step(i)?;
-            if steady {
-                steady_eager += 1;
-            }
-            out
-        };
-        driver.step_done(i)?;
+        let out = graphs.run(&unet, driver, &ctx, &x_in, &ts, &cond)?;
         let guided = if cfg_on {
             let u = out.narrow(0, 0, 1)?;
             let c = out.narrow(0, 1, 1)?;

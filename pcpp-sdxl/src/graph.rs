@@ -15,9 +15,12 @@ use crate::unet::{UNet, UNetCond};
 use crate::{Result, SdxlError};
 
 /// The steady step as CUDA graphs, one per step parity (the stale cache's buffer of step `t` is
-/// `t mod 2`), with the input and output buffers they read and write.
+/// `t mod 2`), with the input and output buffers they read and write, and the count of eager
+/// steady steps that must run before the first capture.
 #[derive(Default)]
 pub struct StepGraphs {
+    enabled: bool,
+    steady_eager: usize,
     #[cfg(feature = "cuda")]
     graphs: [Option<(usize, pcpp_kernels::cuda::CudaGraphStep)>; 2],
     #[cfg(feature = "cuda")]
@@ -25,9 +28,41 @@ pub struct StepGraphs {
 }
 
 impl StepGraphs {
-    /// No graphs yet.
-    pub fn new() -> StepGraphs {
-        StepGraphs::default()
+    /// Graphs replace eager steps only when `enabled` (a run on a GPU that asked for them).
+    pub fn new(enabled: bool) -> StepGraphs {
+        StepGraphs {
+            enabled,
+            ..StepGraphs::default()
+        }
+    }
+
+    /// One denoising step of the loop, opened with `driver.step_ctx`: eager (the model forward,
+    /// then [`StepDriver::end_step`]) until two steps that [`StepDriver::repeats`] have run, then
+    /// replayed from the graph of the step's parity (so the runtime's persistent buffers of both
+    /// parities exist before any capture). Ends with [`StepDriver::step_done`], outside any
+    /// capture.
+    pub fn run(
+        &mut self,
+        unet: &UNet,
+        driver: &dyn StepDriver,
+        ctx: &StepCtx,
+        x: &Tensor,
+        ts: &Tensor,
+        cond: &UNetCond,
+    ) -> Result<Tensor> {
+        let repeats = driver.repeats(ctx);
+        let out = if self.enabled && repeats && self.steady_eager >= 2 {
+            self.step(unet, driver, ctx, x, ts, cond)?
+        } else {
+            let out = unet.forward(ctx, x, ts, cond, None)?;
+            driver.end_step(ctx.step)?;
+            if repeats {
+                self.steady_eager += 1;
+            }
+            out
+        };
+        driver.step_done(ctx.step)?;
+        Ok(out)
     }
 
     /// The UNet output of step `ctx.step` (opened with `driver.step_ctx`), from the graph of its
@@ -36,7 +71,8 @@ impl StepGraphs {
     /// data). The returned tensor is the graph's output buffer: read it before the next step.
     ///
     /// Call it only for steps whose schedule repeats (steady steps, after two of them ran eagerly
-    /// so that the runtime's persistent buffers of both parities exist).
+    /// so that the runtime's persistent buffers of both parities exist); [`StepGraphs::run`]
+    /// decides that for a denoising loop.
     pub fn step(
         &mut self,
         unet: &UNet,
@@ -46,10 +82,6 @@ impl StepGraphs {
         ts: &Tensor,
         cond: &UNetCond,
     ) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        {
-            self.cuda_step(unet, driver, ctx, x, ts, cond)
-        }
         #[cfg(not(feature = "cuda"))]
         {
             let _ = (unet, driver, ctx, x, ts, cond);
@@ -57,65 +89,56 @@ impl StepGraphs {
                 "CUDA graphs need a build with the `cuda` feature".into(),
             ))
         }
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_step(
-        &mut self,
-        unet: &UNet,
-        driver: &dyn StepDriver,
-        ctx: &StepCtx,
-        x: &Tensor,
-        ts: &Tensor,
-        cond: &UNetCond,
-    ) -> Result<Tensor> {
-        use pcpp_kernels::cuda::{capture_graph, copy_into};
-        use pcpp_kernels::{Device, KernelError};
-        let Device::Cuda(ordinal) = x.device() else {
-            return Err(SdxlError::Input(format!(
-                "CUDA graphs need the step's input on a GPU, it is on {}",
-                x.device()
-            )));
-        };
-        if self.io.is_none() {
-            // The gathered noise prediction has the input's shape, with both CFG branches when
-            // the ranks are split by branch.
-            let mut oshape = x.shape().to_vec();
-            if driver.cfg_branch().is_some() {
-                oshape[0] *= 2;
+        #[cfg(feature = "cuda")]
+        {
+            use pcpp_kernels::cuda::{capture_graph, copy_into};
+            use pcpp_kernels::{Device, KernelError};
+            let Device::Cuda(ordinal) = x.device() else {
+                return Err(SdxlError::Input(format!(
+                    "CUDA graphs need the step's input on a GPU, it is on {}",
+                    x.device()
+                )));
+            };
+            if self.io.is_none() {
+                // The gathered noise prediction has the input's shape, with both CFG branches when
+                // the ranks are split by branch.
+                let mut oshape = x.shape().to_vec();
+                if driver.cfg_branch().is_some() {
+                    oshape[0] *= 2;
+                }
+                self.io = Some((
+                    Tensor::zeros_on(x.shape(), x.dtype(), x.device())?,
+                    Tensor::zeros_on(ts.shape(), ts.dtype(), ts.device())?,
+                    Tensor::zeros_on(&oshape, x.dtype(), x.device())?,
+                ));
             }
-            self.io = Some((
-                Tensor::zeros_on(x.shape(), x.dtype(), x.device())?,
-                Tensor::zeros_on(ts.shape(), ts.dtype(), ts.device())?,
-                Tensor::zeros_on(&oshape, x.dtype(), x.device())?,
-            ));
+            let Some((xb, tb, ob)) = &self.io else {
+                return Err(SdxlError::Input("graph buffers missing".into()));
+            };
+            copy_into(x, xb)?;
+            copy_into(ts, tb)?;
+            let p = ctx.step % 2;
+            match &self.graphs[p] {
+                Some((captured, g)) => {
+                    driver.replayed(*captured)?;
+                    g.replay()?;
+                }
+                None => {
+                    let fail = |op: &'static str, e: String| KernelError::Invalid { op, msg: e };
+                    let g = capture_graph(ordinal, || {
+                        let o = unet
+                            .forward(ctx, xb, tb, cond, None)
+                            .map_err(|e| fail("UNet step under graph capture", e.to_string()))?;
+                        driver
+                            .end_step(ctx.step)
+                            .map_err(|e| fail("end of step under graph capture", e.to_string()))?;
+                        copy_into(&o, ob)
+                    })?;
+                    g.replay()?;
+                    self.graphs[p] = Some((ctx.step, g));
+                }
+            }
+            Ok(ob.clone())
         }
-        let Some((xb, tb, ob)) = &self.io else {
-            return Err(SdxlError::Input("graph buffers missing".into()));
-        };
-        copy_into(x, xb)?;
-        copy_into(ts, tb)?;
-        let p = ctx.step % 2;
-        match &self.graphs[p] {
-            Some((captured, g)) => {
-                driver.replayed(*captured)?;
-                g.replay()?;
-            }
-            None => {
-                let fail = |op: &'static str, e: String| KernelError::Invalid { op, msg: e };
-                let g = capture_graph(ordinal, || {
-                    let o = unet
-                        .forward(ctx, xb, tb, cond, None)
-                        .map_err(|e| fail("UNet step under graph capture", e.to_string()))?;
-                    driver
-                        .end_step(ctx.step)
-                        .map_err(|e| fail("end of step under graph capture", e.to_string()))?;
-                    copy_into(&o, ob)
-                })?;
-                g.replay()?;
-                self.graphs[p] = Some((ctx.step, g));
-            }
-        }
-        Ok(ob.clone())
     }
 }

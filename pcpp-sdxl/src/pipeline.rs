@@ -408,8 +408,7 @@ pub fn denoise_with(
     } else {
         cond
     };
-    let mut graphs = StepGraphs::new();
-    let mut steady_eager = 0;
+    let mut graphs = StepGraphs::new(graphs_on);
 
     let noise_v = noise.to_vec_f32()?;
     let (first, mut latents) = match start {
@@ -459,24 +458,11 @@ pub fn denoise_with(
             x
         };
         let ts = Tensor::from_vec(&[x_in.shape()[0]], vec![t as f32; x_in.shape()[0]])?;
-        let ctx = driver.step_ctx(i - first);
-        // Steps that repeat (steady steps; every step of a serial run) replay graphs after two
-        // eager ones.
-        let steady = driver.repeats(&ctx);
         // The step's inputs go to the UNet's device first, eager or replayed alike (so the
         // timestep embedding is computed in the same place either way).
         let (x_in, ts) = (x_in.to_device(device)?, ts.to_device(device)?);
-        let out = if graphs_on && steady && steady_eager >= 2 {
-            graphs.step(unet, driver, &ctx, &x_in, &ts, &cond)?
-        } else {
-            let out = unet.forward(&ctx, &x_in, &ts, &cond, None)?;
-            driver.end_step(ctx.step)?;
-            if steady {
-                steady_eager += 1;
-            }
-            out
-        };
-        driver.step_done(ctx.step)?;
+        let ctx = driver.step_ctx(i - first);
+        let out = graphs.run(unet, driver, &ctx, &x_in, &ts, &cond)?;
         let guided = if cfg {
             let u = out.narrow(0, 0, 1)?;
             let c = out.narrow(0, 1, 1)?;
