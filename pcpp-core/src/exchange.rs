@@ -31,6 +31,15 @@ pub(crate) struct RecvSpec {
 }
 
 impl RecvSpec {
+    /// A receive of `t`'s shape and dtype from `peer`.
+    pub fn of(peer: usize, t: &Tensor) -> RecvSpec {
+        RecvSpec {
+            peer,
+            shape: t.shape().to_vec(),
+            dtype: t.dtype(),
+        }
+    }
+
     pub fn bytes(&self) -> usize {
         self.shape.iter().product::<usize>() * self.dtype.size()
     }

@@ -32,7 +32,7 @@ use std::time::Instant;
 #[cfg(feature = "cuda")]
 use pcpp_comm::DeviceP2p;
 use pcpp_comm::{CommError, CommKind, Pending, Transport};
-use pcpp_kernels::{Conv2dParams, DType, Device, Tensor};
+use pcpp_kernels::{Conv2dParams, Device, Tensor};
 
 use crate::cache::{CacheCounters, Entry, Slot, StaleCache};
 use crate::exchange::{post_host, Inflight, RecvSpec};
@@ -85,7 +85,7 @@ pub(crate) struct Shared {
     comm: crate::exchange::device::CommState,
     /// The GPU of the device path, once taken.
     #[cfg(feature = "cuda")]
-    comm_gpu: Mutex<Option<usize>>,
+    comm_gpu: std::sync::OnceLock<usize>,
 }
 
 impl Shared {
@@ -225,7 +225,7 @@ impl Shared {
     /// The GPU whose communication stream this rank uses, once the device path has been taken.
     #[cfg(feature = "cuda")]
     fn comm_ordinal(&self) -> Option<usize> {
-        self.comm_gpu.lock().ok().and_then(|g| *g)
+        self.comm_gpu.get().copied()
     }
 
     fn comm_msg(&self, id: &str, msg: String) -> CoreError {
@@ -269,9 +269,8 @@ impl Shared {
                     .collect::<std::result::Result<Vec<_>, _>>()
                     .at(id)?,
             };
-            if let Ok(mut g) = self.comm_gpu.lock() {
-                *g = Some(ordinal);
-            }
+            // The first exchange fixes the GPU (all of a rank's activations live on one).
+            let _ = self.comm_gpu.set(ordinal);
             let pairs: Vec<(usize, Tensor)> = recvs
                 .iter()
                 .zip(&bufs)
@@ -357,29 +356,38 @@ impl Shared {
         if !self.on_device_path(device) {
             return Ok((recvd, local));
         }
-        #[cfg(feature = "cuda")]
-        {
-            let specs: Vec<RecvSpec> = recvd
-                .iter()
-                .chain(&local)
-                .map(|t| RecvSpec {
-                    peer: 0,
-                    shape: t.shape().to_vec(),
-                    dtype: t.dtype(),
-                })
-                .collect();
-            let mut bufs = slot.persistent(step, &specs, device)?;
-            for (src, dst) in recvd.iter().chain(&local).zip(&bufs) {
-                pcpp_kernels::cuda::copy_into(src, dst).at(id)?;
+        let specs = recvd.iter().map(|t| RecvSpec::of(0, t)).collect();
+        let (bufs, local) = self.slot_buffers(id, slot, step, specs, local.as_ref(), device)?;
+        for (src, dst) in recvd.iter().zip(&bufs) {
+            device_copy(id, src, dst)?;
+        }
+        Ok((bufs, local))
+    }
+
+    /// The slot's persistent device buffers of `step`'s parity: one per receive of `specs`, and,
+    /// when `local` is given, one more holding a copy of it.
+    fn slot_buffers(
+        &self,
+        id: &str,
+        slot: &Slot,
+        step: usize,
+        mut specs: Vec<RecvSpec>,
+        local: Option<&Tensor>,
+        device: Device,
+    ) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+        specs.extend(local.map(|t| RecvSpec::of(0, t)));
+        let mut bufs = slot.persistent(step, &specs, device)?;
+        let kept = match local {
+            Some(src) => {
+                let dst = bufs.pop();
+                if let Some(d) = &dst {
+                    device_copy(id, src, d)?;
+                }
+                dst
             }
-            let local = if local.is_some() { bufs.pop() } else { None };
-            Ok((bufs, local))
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = (id, slot, step);
-            Ok((recvd, local))
-        }
+            None => None,
+        };
+        Ok((bufs, kept))
     }
 
     /// Posts this step's exchange for the next step, then returns what the previous step posted
@@ -403,26 +411,8 @@ impl Shared {
         }
         let (pending, local) = if self.on_device_path(device) {
             // Receives land in the persistent buffers of this step's parity.
-            let mut specs = recvs.clone();
-            specs.extend(local.iter().map(|t| RecvSpec {
-                peer: 0,
-                shape: t.shape().to_vec(),
-                dtype: t.dtype(),
-            }));
-            let mut bufs = slot.persistent(ctx.step, &specs, device)?;
-            let kept = match &local {
-                Some(src) => {
-                    let dst = bufs.pop();
-                    #[cfg(feature = "cuda")]
-                    if let Some(d) = &dst {
-                        pcpp_kernels::cuda::copy_into(src, d).at(id)?;
-                    }
-                    #[cfg(not(feature = "cuda"))]
-                    let _ = src;
-                    dst
-                }
-                None => None,
-            };
+            let (bufs, kept) =
+                self.slot_buffers(id, slot, ctx.step, recvs.clone(), local.as_ref(), device)?;
             let p = self.post_tensors(
                 id,
                 slot.kind,
@@ -509,6 +499,20 @@ pub(crate) fn column_plans(
                 .map_err(|e| CoreError::Config(format!("cutting columns (transposed latent): {e}")))
         })
         .collect()
+}
+
+/// Copies `src` into `dst` (same shape, dtype and GPU): the device path's stores into persistent
+/// buffers. Never reached without the `cuda` feature (there is no device path then).
+fn device_copy(id: &str, src: &Tensor, dst: &Tensor) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    return pcpp_kernels::cuda::copy_into(src, dst).at(id);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (src, dst);
+        Err(CoreError::Config(format!(
+            "layer `{id}`: device copies need the `cuda` feature"
+        )))
+    }
 }
 
 fn dims4(id: &str, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
@@ -642,7 +646,7 @@ impl PatchRuntime {
                 #[cfg(feature = "cuda")]
                 comm: Default::default(),
                 #[cfg(feature = "cuda")]
-                comm_gpu: Mutex::new(None),
+                comm_gpu: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -739,8 +743,13 @@ impl PatchRuntime {
         }
     }
 
-    fn register(&self, id: &str, kind: CommKind) -> Result<Arc<Slot>> {
-        self.sh.cache.register(id, kind)
+    /// The stale-cache slot of layer `id` when the scheme communicates (none for naive patch).
+    fn slot_for(&self, id: &str, kind: CommKind) -> Result<Option<Arc<Slot>>> {
+        if self.sh.communicates() {
+            self.sh.cache.register(id, kind).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 }
 
@@ -1070,14 +1079,7 @@ impl GroupNormLayer for PatchGroupNorm {
             .collect();
         let peers = sh.peers();
         let sends = peers.iter().map(|&p| (p, own.clone())).collect();
-        let recvs = peers
-            .iter()
-            .map(|&p| RecvSpec {
-                peer: p,
-                shape: own.shape().to_vec(),
-                dtype: DType::F32,
-            })
-            .collect();
+        let recvs = peers.iter().map(|&p| RecvSpec::of(p, &own)).collect();
         let dev = x.device();
         // All bands' moments in rank order, `mine` at this rank's place.
         let table = |others: &[Tensor], mine: &Tensor| -> Result<Tensor> {
@@ -1313,11 +1315,7 @@ impl LayerFactory for PatchRuntime {
         if self.sh.serial || self.sh.tensor() || (k == 1 && padding == 0) {
             return SerialFactory.conv2d(id, weight, bias, stride, padding);
         }
-        let slot = if self.sh.communicates() {
-            Some(self.register(id, CommKind::Halo)?)
-        } else {
-            None
-        };
+        let slot = self.slot_for(id, CommKind::Halo)?;
         Ok(Arc::new(HaloConv {
             id: id.to_string(),
             sh: self.sh.clone(),
@@ -1359,11 +1357,7 @@ impl LayerFactory for PatchRuntime {
         if self.sh.serial || self.sh.tensor() {
             return SerialFactory.group_norm(id, groups, eps, gamma, beta);
         }
-        let slot = if self.sh.communicates() {
-            Some(self.register(id, CommKind::GroupNorm)?)
-        } else {
-            None
-        };
+        let slot = self.slot_for(id, CommKind::GroupNorm)?;
         Ok(Arc::new(PatchGroupNorm {
             id: id.to_string(),
             sh: self.sh.clone(),
@@ -1386,11 +1380,7 @@ impl LayerFactory for PatchRuntime {
         if self.sh.tensor() {
             return crate::tensor::attention(self.sh.clone(), id, weights);
         }
-        let slot = if self.sh.communicates() {
-            Some(self.register(id, CommKind::Attention)?)
-        } else {
-            None
-        };
+        let slot = self.slot_for(id, CommKind::Attention)?;
         Ok(Arc::new(PatchAttention {
             id: id.to_string(),
             sh: self.sh.clone(),
