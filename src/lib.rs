@@ -62,3 +62,32 @@ pub fn assert_close(name: &str, got: &Tensor, want: &Tensor, tol: f32) {
     let e = rel_err(got, want);
     assert!(e <= tol, "{name}: max|Δ|/max|ref| = {e:.3e} > {tol:.0e}");
 }
+
+/// The arguments of a diffusers pipeline call recorded in the reference data (`meta.json`:
+/// `call` holds the call's keyword arguments, `height` / `width` the image size).
+#[derive(Debug, Clone)]
+pub struct RefCall {
+    pub prompt: String,
+    pub negative: Option<String>,
+    pub guidance: f32,
+    pub steps: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl RefCall {
+    /// Reads the call of one `meta.json` entry; panics (a broken test fixture) on a missing key.
+    pub fn from_meta(m: &serde_json::Value) -> RefCall {
+        let call = &m["call"];
+        let int =
+            |v: &serde_json::Value, k: &str| v.as_u64().unwrap_or_else(|| panic!("{k}")) as usize;
+        RefCall {
+            prompt: call["prompt"].as_str().expect("prompt").to_string(),
+            negative: call["negative_prompt"].as_str().map(str::to_string),
+            guidance: call["guidance_scale"].as_f64().expect("guidance_scale") as f32,
+            steps: int(&call["num_inference_steps"], "num_inference_steps"),
+            height: int(&m["height"], "height"),
+            width: int(&m["width"], "width"),
+        }
+    }
+}

@@ -8,7 +8,7 @@ use pcpp_core::{SerialDriver, SerialFactory};
 use pcpp_kernels::{DType, Device};
 use pcpp_sdxl::scheduler::SchedulerKind;
 use pcpp_sdxl::{denoise, to_unit_range, DenoiseParams, MicroCond, Pipeline};
-use pcpp_tests::{data, refs, rel_err, tiny_model, TOL_PIPELINE};
+use pcpp_tests::{data, refs, rel_err, tiny_model, RefCall, TOL_PIPELINE};
 
 const GPU: Device = Device::Cuda(0);
 
@@ -17,16 +17,9 @@ const GPU: Device = Device::Cuda(0);
 fn euler_pipeline_on_gpu_matches_diffusers() {
     let text = std::fs::read_to_string(data("refs-tiny-sdxl/meta.json")).expect("meta.json");
     let meta: serde_json::Value = serde_json::from_str(&text).expect("meta.json parses");
-    let m = &meta["pipeline_euler"];
-    let call = &m["call"];
-    let prompt = call["prompt"].as_str().expect("prompt");
-    let negative = call["negative_prompt"].as_str();
-    let guidance = call["guidance_scale"].as_f64().expect("guidance") as f32;
-    let steps = call["num_inference_steps"].as_u64().expect("steps") as usize;
-    let (h, w) = (
-        m["height"].as_u64().expect("height") as usize,
-        m["width"].as_u64().expect("width") as usize,
-    );
+    let c = RefCall::from_meta(&meta["pipeline_euler"]);
+    let (prompt, negative) = (c.prompt.as_str(), c.negative.as_deref());
+    let (guidance, steps, h, w) = (c.guidance, c.steps, c.height, c.width);
     let r = refs("refs-tiny-sdxl/pipeline_euler.safetensors");
     let pipe = Pipeline::load_on(&tiny_model(), DType::F32, GPU, DType::F32, &SerialFactory)
         .expect("load pipeline on the GPU");

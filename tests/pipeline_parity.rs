@@ -7,7 +7,9 @@ use pcpp_core::{SerialDriver, SerialFactory};
 use pcpp_kernels::{DType, Tensor};
 use pcpp_sdxl::scheduler::SchedulerKind;
 use pcpp_sdxl::{denoise, to_unit_range, DenoiseParams, MicroCond, Pipeline};
-use pcpp_tests::{assert_close, data, refs, rel_err, tiny_model, TOL_MODULE, TOL_PIPELINE};
+use pcpp_tests::{
+    assert_close, data, refs, rel_err, tiny_model, RefCall, TOL_MODULE, TOL_PIPELINE,
+};
 
 fn meta(name: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(data("refs-tiny-sdxl/meta.json")).expect("meta.json");
@@ -16,16 +18,9 @@ fn meta(name: &str) -> serde_json::Value {
 }
 
 fn run(name: &str, kind: SchedulerKind) {
-    let m = meta(name);
-    let call = &m["call"];
-    let prompt = call["prompt"].as_str().expect("prompt");
-    let negative = call["negative_prompt"].as_str();
-    let guidance = call["guidance_scale"].as_f64().expect("guidance") as f32;
-    let steps = call["num_inference_steps"].as_u64().expect("steps") as usize;
-    let (h, w) = (
-        m["height"].as_u64().expect("height") as usize,
-        m["width"].as_u64().expect("width") as usize,
-    );
+    let c = RefCall::from_meta(&meta(name));
+    let (prompt, negative) = (c.prompt.as_str(), c.negative.as_deref());
+    let (guidance, steps, h, w) = (c.guidance, c.steps, c.height, c.width);
     let r = refs(&format!("refs-tiny-sdxl/{name}.safetensors"));
     let pipe = Pipeline::load(&tiny_model(), DType::F32, &SerialFactory).expect("load pipeline");
 

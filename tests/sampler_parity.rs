@@ -12,7 +12,7 @@ use pcpp_sdxl::scheduler::{build, Scheduler, SchedulerConfig, SchedulerKind};
 use pcpp_sdxl::{
     denoise_with, to_unit_range, DenoiseParams, DenoiseStart, MicroCond, Pipeline, StepNoise,
 };
-use pcpp_tests::{assert_close, data, refs, rel_err, tiny_model, TOL_PIPELINE};
+use pcpp_tests::{assert_close, data, refs, rel_err, tiny_model, RefCall, TOL_PIPELINE};
 
 /// Allowed max|Δ| relative to max|ref| for scheduler arithmetic.
 const TOL: f32 = 1e-6;
@@ -149,17 +149,9 @@ fn chained_steps_and_add_noise_match() {
 }
 
 fn run_pipeline(name: &str, kind: SchedulerKind) {
-    let meta = meta();
-    let m = &meta[name];
-    let call = &m["call"];
-    let prompt = call["prompt"].as_str().expect("prompt");
-    let negative = call["negative_prompt"].as_str();
-    let guidance = call["guidance_scale"].as_f64().expect("guidance") as f32;
-    let steps = call["num_inference_steps"].as_u64().expect("steps") as usize;
-    let (h, w) = (
-        m["height"].as_u64().expect("height") as usize,
-        m["width"].as_u64().expect("width") as usize,
-    );
+    let c = RefCall::from_meta(&meta()[name]);
+    let (prompt, negative) = (c.prompt.as_str(), c.negative.as_deref());
+    let (guidance, steps, h, w) = (c.guidance, c.steps, c.height, c.width);
     let r = refs(&format!("samplers/{name}.safetensors"));
     let pipe = Pipeline::load(&tiny_model(), DType::F32, &SerialFactory).expect("load pipeline");
     let embeds = pipe.text.encode(prompt, negative, true).expect("encode");
