@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use pcpp_kernels::io::load_all;
 
@@ -27,12 +27,40 @@ fn init_png() -> PathBuf {
     p
 }
 
+/// Runs `generate` with `args` from the stored noise of `refs`, checks its final latents against
+/// diffusers' (relative error ≤ 1e-4) and returns the written image.
+fn generate_matching(refs: &Path, tag: &str, args: &[&str]) -> PathBuf {
+    let (out, lat) = (
+        tmp(&format!("{tag}.png")),
+        tmp(&format!("{tag}.safetensors")),
+    );
+    let mut all = vec!["generate"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&[
+        "--init-noise",
+        s(refs),
+        "--save-latents",
+        s(&lat),
+        "--output",
+        s(&out),
+    ]);
+    let o = cli(&all);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e = rel(
+        &load_all(&lat).unwrap()["latents"],
+        &load_all(refs).unwrap()["final_latents"],
+    );
+    assert!(e <= 1e-4, "{tag}: latents rel err {e:.3e}");
+    out
+}
+
 #[test]
 fn dpmpp_2m_karras_from_stored_noise_matches_diffusers() {
     let refs = data("samplers/pipeline_dpmpp_2m_karras.safetensors");
-    let (out, lat) = (tmp("karras.png"), tmp("karras.safetensors"));
-    let o = cli(&[
-        "generate",
+    let out = generate_matching(
+        &refs,
+        "karras",
+        &[
         "--prompt",
         "a photo of an astronaut riding a horse on mars, 4k, highly detailed, trending on artstation, 8K UHD!!",
         "--negative-prompt",
@@ -47,19 +75,8 @@ fn dpmpp_2m_karras_from_stored_noise_matches_diffusers() {
         "48",
         "--scheduler",
         "dpmpp-2m-karras",
-        "--init-noise",
-        s(&refs),
-        "--save-latents",
-        s(&lat),
-        "--output",
-        s(&out),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let e = rel(
-        &load_all(&lat).unwrap()["latents"],
-        &load_all(&refs).unwrap()["final_latents"],
+        ],
     );
-    assert!(e <= 1e-4, "latents rel err {e:.3e}");
     let text = String::from_utf8_lossy(&std::fs::read(&out).unwrap()).into_owned();
     assert!(
         text.contains("Sampler: DPM++ 2M Karras"),
@@ -71,40 +88,30 @@ fn dpmpp_2m_karras_from_stored_noise_matches_diffusers() {
 fn img2img_with_micro_conditioning_matches_diffusers() {
     let refs = data("samplers/img2img_euler.safetensors");
     let init = init_png();
-    let (out, lat) = (tmp("img2img.png"), tmp("img2img.safetensors"));
-    let o = cli(&[
-        "generate",
-        "--prompt",
-        "A painting of a squirrel eating a burger",
-        "--guidance",
-        "5",
-        "--steps",
-        "5",
-        "--scheduler",
-        "euler",
-        "--init-image",
-        s(&init),
-        "--strength",
-        "0.6",
-        "--original-size",
-        "64,48",
-        "--crops-coords-top-left",
-        "4,8",
-        "--target-size",
-        "32,48",
-        "--init-noise",
-        s(&refs),
-        "--save-latents",
-        s(&lat),
-        "--output",
-        s(&out),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let e = rel(
-        &load_all(&lat).unwrap()["latents"],
-        &load_all(&refs).unwrap()["final_latents"],
+    let out = generate_matching(
+        &refs,
+        "img2img",
+        &[
+            "--prompt",
+            "A painting of a squirrel eating a burger",
+            "--guidance",
+            "5",
+            "--steps",
+            "5",
+            "--scheduler",
+            "euler",
+            "--init-image",
+            s(&init),
+            "--strength",
+            "0.6",
+            "--original-size",
+            "64,48",
+            "--crops-coords-top-left",
+            "4,8",
+            "--target-size",
+            "32,48",
+        ],
     );
-    assert!(e <= 1e-4, "latents rel err {e:.3e}");
     let img = image::open(&out).unwrap().to_rgb8();
     assert_eq!((img.width(), img.height()), (48, 32));
 }
