@@ -65,15 +65,6 @@ impl Scheduler for DdimScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &[f32], step: usize) -> Result<Vec<f32>, SchedulerError> {
-        check_step(step, self.num_steps(), sample, sample, "sample")?;
-        Ok(sample.to_vec())
-    }
-
     fn step(
         &mut self,
         model_output: &[f32],

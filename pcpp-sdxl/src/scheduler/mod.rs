@@ -121,11 +121,18 @@ pub trait Scheduler: Send {
     /// `f64`; Euler's are `float32` values in diffusers).
     fn timesteps(&self) -> &[f64];
 
-    /// Factor that turns unit Gaussian noise into the initial latents.
-    fn init_noise_sigma(&self) -> f64;
+    /// Factor that turns unit Gaussian noise into the initial latents (1 unless the schedule
+    /// works in σ units, like Euler).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
 
-    /// The UNet input for step `step` (Euler divides by √(σ² + 1); DDIM copies).
-    fn scale_model_input(&self, sample: &[f32], step: usize) -> Result<Vec<f32>, SchedulerError>;
+    /// The UNet input for step `step`: the sample itself unless the schedule scales it (Euler
+    /// divides by √(σ² + 1)).
+    fn scale_model_input(&self, sample: &[f32], step: usize) -> Result<Vec<f32>, SchedulerError> {
+        check_step(step, self.num_steps(), sample, sample, "sample")?;
+        Ok(sample.to_vec())
+    }
 
     /// Advances `sample` by step `step` given the (guided) model output; returns the new sample.
     /// `noise` is a unit Gaussian sample of the same length, required when
