@@ -23,7 +23,7 @@ use pcpp_kernels::{DType, Device, Tensor};
 use pcpp_sdxl::weights::Weights;
 use pcpp_sdxl::{StepGraphs, UNet, UNetCond, UNetConfig};
 
-use crate::bench::Args;
+use crate::bench::{median, Args};
 use crate::generate::parse_portions;
 
 /// What one rank measured.
@@ -40,19 +40,6 @@ struct RankResult {
     /// Whether the replay was compared with the eager step (only when those are stationary).
     graph_check: bool,
     traffic: Traffic,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        0.5 * (v[n / 2 - 1] + v[n / 2])
-    }
 }
 
 fn sync_device(device: Device) -> Result<()> {

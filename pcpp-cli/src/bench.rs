@@ -170,6 +170,20 @@ fn forward(unet: &UNet, ctx: &StepCtx, x: &Inputs) -> Result<Tensor> {
     Ok(unet.forward(ctx, &x.sample, &x.timesteps, &x.cond(), None)?)
 }
 
+/// The median of `v` (the mean of the two middle values for an even count; NaN when empty).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
 /// Runs the benchmark.
 pub fn run(a: Args) -> Result<()> {
     let per_rank = a.device != DeviceArg::Cpu || a.ranks != 1 || a.parallel != ParallelMode::Serial;
@@ -266,13 +280,8 @@ fn run_in_pool(a: &Args, threads: usize) -> Result<()> {
     }
     profile::enable(false);
     let kernels = profile::snapshot();
-    ms.sort_by(f64::total_cmp);
-    let median = if ms.len() % 2 == 1 {
-        ms[ms.len() / 2]
-    } else {
-        0.5 * (ms[ms.len() / 2 - 1] + ms[ms.len() / 2])
-    };
-    let min = ms[0];
+    let min = ms.iter().copied().fold(f64::INFINITY, f64::min);
+    let median = median(ms.clone());
     let tflops = flops as f64 / (median * 1e-3) / 1e12;
 
     if a.json {

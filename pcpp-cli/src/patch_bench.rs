@@ -22,6 +22,7 @@ use pcpp_sdxl::scheduler::{self, SchedulerConfig, SchedulerKind};
 use pcpp_sdxl::weights::Weights;
 use pcpp_sdxl::{MicroCond, StepGraphs, UNet, UNetCond, UNetConfig};
 
+use crate::bench::median;
 use crate::generate::{parse_portions, seeded_noise, DeviceArg, TransportArg};
 use crate::output;
 
@@ -248,14 +249,6 @@ fn run_rank(
         reports,
         build_seconds,
     }))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// Runs the command.
