@@ -112,13 +112,8 @@ pub fn run(a: &Args) -> Result<()> {
         Some(r) => vec![r],
         None => (0..a.ranks).collect(),
     };
-    let manifest = config.with_file_name("tensor_manifest.json");
     let weights = if a.random_weights || a.config.is_some() {
-        if manifest.is_file() {
-            Weights::random_from_manifest(&manifest, dtype, a.seed)?
-        } else {
-            Weights::random_unet(&config, dtype, a.seed)
-        }
+        Weights::random_for_unet_config(&config, dtype, a.seed)?
     } else {
         let dir = a.model.join("unet");
         pcpp_sdxl::weights::find_weight_file(&dir, "diffusion_pytorch_model")

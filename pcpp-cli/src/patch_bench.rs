@@ -133,13 +133,8 @@ fn run_rank(
         factor.trailing_zeros() as usize,
     )
     .map_err(|e| anyhow::anyhow!("--ranks {}: {e}", world.size()))?;
-    let manifest = unet_dir.join("tensor_manifest.json");
-    let weights = if manifest.is_file() {
-        Weights::random_from_manifest(&manifest, a.dtype, a.seed)?
-    } else {
-        Weights::random_unet(&unet_dir.join("config.json"), a.dtype, a.seed)
-    }
-    .on_device(device);
+    let weights = Weights::random_for_unet_config(&unet_dir.join("config.json"), a.dtype, a.seed)?
+        .on_device(device);
     let unet = UNet::build(ucfg.clone(), &weights, runtime.factory())?;
     let sched_path = a.config.join("scheduler").join("scheduler_config.json");
     let sched_cfg = SchedulerConfig::from_file(&sched_path)

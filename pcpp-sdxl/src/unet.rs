@@ -586,12 +586,7 @@ impl UNet {
         seed: u64,
     ) -> Result<UNet> {
         let cfg = UNetConfig::from_file(config)?;
-        let manifest = config.with_file_name("tensor_manifest.json");
-        let weights = if manifest.is_file() {
-            Weights::random_from_manifest(&manifest, dtype, seed)?
-        } else {
-            Weights::random_unet(config, dtype, seed)
-        };
+        let weights = Weights::random_for_unet_config(config, dtype, seed)?;
         UNet::build(cfg, &weights, factory)
     }
 

@@ -209,6 +209,18 @@ impl Weights {
         })
     }
 
+    /// Random weights for the UNet of `config` (its `config.json`): exactly the names and shapes of
+    /// the `tensor_manifest.json` next to it when there is one, else every tensor the model asks
+    /// for ([`Weights::random_unet`]).
+    pub fn random_for_unet_config(config: &Path, dtype: DType, seed: u64) -> Result<Weights> {
+        let manifest = config.with_file_name("tensor_manifest.json");
+        if manifest.is_file() {
+            Weights::random_from_manifest(&manifest, dtype, seed)
+        } else {
+            Ok(Weights::random_unet(config, dtype, seed))
+        }
+    }
+
     /// The file's path (for a random store: the config or manifest it was made from).
     pub fn path(&self) -> &Path {
         match &self.source {
