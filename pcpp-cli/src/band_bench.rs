@@ -223,29 +223,25 @@ fn run_rank(
     };
     let rows = runtime.band_plan().band(0, runtime.grid().patch()).len();
     let rows = if runtime.is_serial() { a.height } else { rows };
-    let rnd = |shape: &[usize], seed: u64| {
-        Tensor::rand_uniform(shape, dtype, device, (-1.0, 1.0), seed ^ a.seed)
-    };
-    let cross = ucfg.text_dim();
-    let sample = rnd(&[fed, ucfg.in_channels, a.height, a.width], 1)?;
+    let sample = Tensor::rand_uniform(
+        &[fed, ucfg.in_channels, a.height, a.width],
+        dtype,
+        device,
+        (-1.0, 1.0),
+        1 ^ a.seed,
+    )?;
     let ts = Tensor::from_vec(&[fed], vec![500.0; fed])?
         .to_dtype(dtype)?
         .to_device(device)?;
-    let text = rnd(&[fed, a.tokens, cross], 2)?;
-    let cond = match ucfg.text_time {
-        Some(tt) => {
-            let te = tt
-                .projection_input_dim
-                .checked_sub(6 * tt.time_embed_dim)
-                .context("config: projection_class_embeddings_input_dim is smaller than 6·addition_time_embed_dim")?;
-            let (h, w) = (8.0 * a.height as f32, 8.0 * a.width as f32);
-            let ids = Tensor::from_vec(&[fed, 6], [h, w, 0.0, 0.0, h, w].repeat(fed))?
-                .to_dtype(dtype)?
-                .to_device(device)?;
-            UNetCond::new(text, Some(rnd(&[fed, te.max(1)], 3)?), Some(ids))
-        }
-        None => UNetCond::new(text, None, None),
-    };
+    let cond = UNetCond::random(
+        ucfg,
+        fed,
+        a.tokens,
+        (8 * a.height, 8 * a.width),
+        dtype,
+        device,
+        a.seed,
+    )?;
 
     let driver = runtime.driver();
     driver.begin_generation()?;

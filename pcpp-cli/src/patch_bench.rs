@@ -20,7 +20,7 @@ use pcpp_core::{ParallelConfig, ParallelMode, PatchRuntime, RunReport, StepDrive
 use pcpp_kernels::{DType, Device, Tensor};
 use pcpp_sdxl::scheduler::{self, SchedulerConfig, SchedulerKind};
 use pcpp_sdxl::weights::Weights;
-use pcpp_sdxl::{MicroCond, StepGraphs, UNet, UNetCond, UNetConfig};
+use pcpp_sdxl::{StepGraphs, UNet, UNetCond, UNetConfig};
 
 use crate::bench::median;
 use crate::generate::{parse_portions, seeded_noise, DeviceArg, TransportArg};
@@ -143,41 +143,13 @@ fn run_rank(
         .map_err(|e| anyhow::anyhow!("scheduler: {e}"))?;
 
     // Conditioning of both branches, identical on every rank (seeded, generated on the device).
-    let text_dim = ucfg.text_dim();
-    let pooled_dim = ucfg
-        .text_time
-        .map(|tt| tt.projection_input_dim - 6 * tt.time_embed_dim)
-        .unwrap_or(0);
     let nb = if cfg_on { 2 } else { 1 };
-    let rnd = |shape: &[usize], seed: u64| {
-        Tensor::rand_uniform(shape, a.dtype, device, (-1.0, 1.0), seed ^ a.seed)
-    };
-    let text_all = rnd(&[nb, 77, text_dim], 11)?;
-    let pooled_all = rnd(&[nb, pooled_dim.max(1)], 12)?;
+    let all = UNetCond::random(&ucfg, nb, 77, (a.height, a.width), a.dtype, device, a.seed)?;
     let branch = if cfg_on { runtime.cfg_branch() } else { None };
-    let (text, pooled) = match branch {
-        Some(g) => (text_all.narrow(0, g, 1)?, pooled_all.narrow(0, g, 1)?),
-        None => (text_all, pooled_all),
+    let cond = match branch {
+        Some(g) => all.batch_slice(g, 1)?,
+        None => all,
     };
-    let fed = text.shape()[0];
-    let m = MicroCond::for_size(a.height, a.width);
-    let ids = [
-        m.original_size.0,
-        m.original_size.1,
-        m.crop_top_left.0,
-        m.crop_top_left.1,
-        m.target_size.0,
-        m.target_size.1,
-    ]
-    .map(|v| v as f32);
-    let time_ids = Tensor::from_vec(&[fed, 6], ids.repeat(fed))?
-        .to_dtype(a.dtype)?
-        .to_device(device)?;
-    let cond = UNetCond::new(
-        text,
-        (pooled_dim > 0).then_some(pooled),
-        (pooled_dim > 0).then_some(time_ids),
-    );
     let shape = [1, ucfg.in_channels, lh, lw];
     let noise = seeded_noise(&shape, a.seed)?;
     let build_seconds = t0.elapsed().as_secs_f64();

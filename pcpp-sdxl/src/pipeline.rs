@@ -213,7 +213,8 @@ impl MicroCond {
         }
     }
 
-    fn ids(&self) -> [f32; 6] {
+    /// The six `add_time_ids` values: original size, crop offset, target size.
+    pub fn ids(&self) -> [f32; 6] {
         [
             self.original_size.0 as f32,
             self.original_size.1 as f32,

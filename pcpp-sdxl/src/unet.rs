@@ -70,6 +70,56 @@ impl UNetCond {
         }
     }
 
+    /// Seeded uniform random conditioning in `cfg`'s shapes, for benchmarks without text encoders:
+    /// `batch` rows of `tokens` text tokens, the pooled embedding and the micro-conditioning of a
+    /// `height × width`-pixel image (SDXL models), in `dtype` on `device`.
+    pub fn random(
+        cfg: &UNetConfig,
+        batch: usize,
+        tokens: usize,
+        (height, width): (usize, usize),
+        dtype: DType,
+        device: Device,
+        seed: u64,
+    ) -> Result<UNetCond> {
+        let rnd = |shape: &[usize], s: u64| {
+            Tensor::rand_uniform(shape, dtype, device, (-1.0, 1.0), s ^ seed)
+        };
+        let text = rnd(&[batch, tokens, cfg.text_dim()], 11)?;
+        let Some(tt) = cfg.text_time else {
+            return Ok(UNetCond::new(text, None, None));
+        };
+        let pooled_dim = tt
+            .projection_input_dim
+            .checked_sub(6 * tt.time_embed_dim)
+            .filter(|&d| d > 0)
+            .ok_or_else(|| {
+                SdxlError::Input(format!(
+                    "UNet config: projection_class_embeddings_input_dim {} leaves no pooled text embedding beside 6 × addition_time_embed_dim {}",
+                    tt.projection_input_dim, tt.time_embed_dim
+                ))
+            })?;
+        let ids = crate::pipeline::MicroCond::for_size(height, width).ids();
+        let time_ids = Tensor::from_vec(&[batch, 6], ids.repeat(batch))?
+            .to_dtype(dtype)?
+            .to_device(device)?;
+        Ok(UNetCond::new(
+            text,
+            Some(rnd(&[batch, pooled_dim], 12)?),
+            Some(time_ids),
+        ))
+    }
+
+    /// Rows `start..start + len` of the batch of every tensor.
+    pub fn batch_slice(&self, start: usize, len: usize) -> Result<UNetCond> {
+        let cut = |t: &Tensor| t.narrow(0, start, len);
+        Ok(UNetCond::new(
+            cut(&self.encoder_hidden_states)?,
+            self.text_embeds.as_ref().map(cut).transpose()?,
+            self.time_ids.as_ref().map(cut).transpose()?,
+        ))
+    }
+
     /// The same conditioning with every tensor on `device`.
     pub fn to_device(&self, device: Device) -> Result<UNetCond> {
         Ok(UNetCond::new(
