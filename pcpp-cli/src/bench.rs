@@ -116,52 +116,36 @@ fn random_tensor(shape: &[usize], seed: u64) -> Result<Tensor> {
 struct Inputs {
     sample: Tensor,
     timesteps: Tensor,
-    encoder_hidden_states: Tensor,
-    text_embeds: Option<Tensor>,
-    time_ids: Option<Tensor>,
+    cond: UNetCond,
 }
 
 impl Inputs {
     fn new(unet: &UNet, a: &Args) -> Result<Inputs> {
         let cfg = unet.config();
         let b = a.batch;
-        let cross = cfg.down.first().map_or(0, |s| s.cross_attention_dim);
-        let (text_embeds, time_ids) = match cfg.text_time {
-            Some(tt) => {
-                // SDXL micro-conditioning: original size, crop offset, target size.
-                let n_ids = 6;
-                let te_dim = tt
-                    .projection_input_dim
-                    .checked_sub(n_ids * tt.time_embed_dim)
-                    .context("config: projection_class_embeddings_input_dim is smaller than 6·addition_time_embed_dim")?;
-                let ids: Vec<f32> = (0..b)
-                    .flat_map(|_| {
-                        let (h, w) = (8.0 * a.height as f32, 8.0 * a.width as f32);
-                        [h, w, 0.0, 0.0, h, w]
-                    })
-                    .collect();
-                (
-                    Some(random_tensor(&[b, te_dim], a.seed + 3)?),
-                    Some(Tensor::from_vec(&[b, n_ids], ids)?),
-                )
-            }
-            None => (None, None),
-        };
+        let cond = UNetCond::random(
+            cfg,
+            b,
+            a.tokens,
+            (8 * a.height, 8 * a.width),
+            DType::F32,
+            pcpp_kernels::Device::Cpu,
+            a.seed,
+        )?;
         Ok(Inputs {
             sample: random_tensor(&[b, cfg.in_channels, a.height, a.width], a.seed + 1)?,
             timesteps: Tensor::from_vec(&[b], (0..b).map(|i| [999.0, 261.0][i % 2]).collect())?,
-            encoder_hidden_states: random_tensor(&[b, a.tokens, cross], a.seed + 2)?,
-            text_embeds,
-            time_ids,
+            cond,
         })
     }
 
     /// Fresh conditioning (so each forward recomputes the cross-attention K/V, as diffusers does).
     fn cond(&self) -> UNetCond {
+        let c = &self.cond;
         UNetCond::new(
-            self.encoder_hidden_states.clone(),
-            self.text_embeds.clone(),
-            self.time_ids.clone(),
+            c.encoder_hidden_states.clone(),
+            c.text_embeds.clone(),
+            c.time_ids.clone(),
         )
     }
 }
