@@ -100,7 +100,8 @@ fn run(name: &str, kind: SchedulerKind) {
         &StepNoise::Derived,
         &mut |i, _| ran = i,
     )
-    .expect("denoise");
+    .expect("denoise")
+    .latents;
     let first = pcpp_sdxl::img2img_start_step(steps, strength).expect("start");
     assert_eq!(ran, steps - first, "{name}: steps run");
     let sched = pcpp_sdxl::scheduler::build(kind, &pipe.scheduler, steps).expect("sched");

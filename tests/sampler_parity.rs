@@ -181,7 +181,8 @@ fn run_pipeline(name: &str, kind: SchedulerKind) {
         &step_noise,
         &mut |_, _| {},
     )
-    .expect("denoise");
+    .expect("denoise")
+    .latents;
     println!(
         "{name}: final latents rel err {:.3e}",
         rel_err(&latents, &r["final_latents"])

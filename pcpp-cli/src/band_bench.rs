@@ -43,12 +43,7 @@ struct RankResult {
 }
 
 fn sync_device(device: Device) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(o) = device {
-        pcpp_kernels::cuda::gpu(o)?.synchronize()?;
-    }
-    let _ = device;
-    Ok(())
+    Ok(pcpp_kernels::synchronize(device)?)
 }
 
 /// Runs the per-rank step benchmark.

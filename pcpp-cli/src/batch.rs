@@ -2,15 +2,15 @@
 //! (PCPP paper §5: images of one prompt list under two schemes, compared with `pcpp-cli compare
 //! DIR_A DIR_B`). One prompt a line; line `i` (from 0) is written to `DIR/{i:05}.png` with seed
 //! `--seed + i`, so every scheme draws the same noise for the same line. Images already in the
-//! folder are skipped, so an interrupted run resumes where it stopped.
+//! folder are skipped, so an interrupted run resumes where it stopped. The models are loaded once
+//! for the whole list (`generate` makes every job with one loaded pipeline per rank).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use pcpp_comm::{launch, TransportKind};
 
-use crate::generate::GenerateArgs;
+use crate::generate::{seeded_noise, GenerateArgs, Job};
 
 /// `--prompts` and `--output-dir`.
 #[derive(Debug, Clone, Default, Args)]
@@ -56,8 +56,9 @@ pub fn prompt_lines(text: &str) -> Vec<(usize, String)> {
         .collect()
 }
 
-/// Runs `generate` once per prompt line.
-pub fn run(a: GenerateArgs) -> Result<()> {
+/// The jobs of `--prompts` (lines whose image is not in `--output-dir` yet, noise of shape
+/// `shape` from seed `--seed + index`) and the number of lines skipped because their image exists.
+pub fn jobs(a: &GenerateArgs, shape: &[usize]) -> Result<(Vec<Job>, usize)> {
     let (Some(file), Some(dir)) = (a.batch.prompts.clone(), a.batch.output_dir.clone()) else {
         bail!("--prompts and --output-dir go together");
     };
@@ -70,10 +71,6 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             bail!("{flag} names one file and cannot be used with --prompts");
         }
     }
-    let env = launch::LaunchEnv::from_env()?;
-    if launch::resolve(a.transport.into(), &env) != TransportKind::Local {
-        bail!("--prompts runs with --transport local (ranks as threads) only");
-    }
     let text = std::fs::read_to_string(&file)
         .with_context(|| format!("--prompts {}: cannot read", file.display()))?;
     let lines = prompt_lines(&text);
@@ -82,27 +79,25 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("--output-dir {}: cannot create", dir.display()))?;
-    let (mut done, mut skipped) = (0, 0);
-    for (i, prompt) in &lines {
-        let out = dir.join(image_name(*i));
-        if out.is_file() {
+    crate::output::check_writable(&dir.join(image_name(0)), "--output-dir")?;
+    let mut jobs = Vec::new();
+    let mut skipped = 0;
+    for (i, prompt) in lines {
+        let output = dir.join(image_name(i));
+        if output.is_file() {
             skipped += 1;
             continue;
         }
-        let mut one = a.clone();
-        one.batch = BatchFlags::default();
-        one.prompt = Some(prompt.clone());
-        one.output = Some(out);
-        one.seed = line_seed(a.seed, *i);
-        crate::generate::run(one)
-            .with_context(|| format!("--prompts {} line {}", file.display(), i + 1))?;
-        done += 1;
+        let seed = line_seed(a.seed, i);
+        jobs.push(Job {
+            prompt,
+            noise: seeded_noise(shape, seed)?,
+            output,
+            seed: seed.to_string(),
+            line: Some(i + 1),
+        });
     }
-    eprintln!(
-        "{done} images written, {skipped} already present, in {}",
-        dir.display()
-    );
-    Ok(())
+    Ok((jobs, skipped))
 }
 
 #[cfg(test)]

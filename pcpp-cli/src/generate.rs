@@ -2,8 +2,9 @@
 //! (PCPP §1: the latent is cut into row bands, one per rank of a CFG group).
 //!
 //! Everything the user passes is validated before any model work: sizes, steps, portions, the
-//! output paths (writable folder), the initial noise file's shape. The image and the optional
-//! latents are written atomically.
+//! output paths (writable folder), the initial noise file's shape. Each rank then loads its models
+//! once ([`pcpp_sdxl::Generator`]) and makes every requested image with them; rank 0 writes the
+//! image and the optional latents atomically and prints the times of loading and of each image.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -19,11 +20,9 @@ use pcpp_core::{ParallelConfig, ParallelMode, PatchRuntime, RunReport};
 use pcpp_kernels::io::SafetensorsFile;
 use pcpp_kernels::{DType, Device, Tensor};
 use pcpp_sdxl::scheduler::SchedulerKind;
-use pcpp_sdxl::weights::{find_weight_file, Weights};
 use pcpp_sdxl::{
-    denoise_with, image_from_rgb8, img2img_start_step, to_rgb8, DenoiseParams, DenoiseStart,
-    MicroCond, ModelIndex, Pipeline, PromptEmbeds, StepNoise, TextEncoders, UNet, UNetConfig,
-    VaeDecoder, VaeEncoder,
+    image_from_rgb8, img2img_start_step, to_rgb8, DenoiseParams, GeneratedImage, Generator,
+    ImageJob, LoadOptions, MicroCond, ModelGeometry, ModelIndex, Pipeline,
 };
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
@@ -201,9 +200,17 @@ pub struct GenerateArgs {
     /// SDXL micro-conditioning: target image size `H,W` (default: the output size).
     #[arg(long)]
     pub target_size: Option<String>,
-    /// Where the UNet weights and activations live (text encoders and VAE stay on the CPU).
+    /// Where every model runs: the text encoders, the UNet and the VAE (rank 0 encodes and
+    /// decodes; every rank denoises).
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
+    /// Compute dtype of the UNet and the text encoders (default: f16 on a GPU, f32 on the CPU).
+    /// A VAE whose config says `force_upcast` (SDXL's) decodes in f32 under f16, as diffusers does.
+    #[arg(long)]
+    pub dtype: Option<DType>,
+    /// Print the load, encode, denoise and decode times of each image and the peak GPU memory.
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
     /// With --device cuda, run every step eagerly instead of replaying the steady steps as CUDA
     /// graphs (one per step parity, captured after two eager steady steps).
     #[arg(long)]
@@ -223,13 +230,40 @@ fn parse_pair(flag: &str, s: &str) -> Result<(usize, usize)> {
     }
 }
 
-/// Reads `--init-image` as `[1, 3, H, W]` in `[-1, 1]` (diffusers' `VaeImageProcessor`).
-fn read_init_image(path: &Path) -> Result<Tensor> {
+/// Reads `--init-image` as `[1, 3, H, W]` in `[-1, 1]`, resized the way diffusers'
+/// `VaeImageProcessor` does it: each side rounded down to a multiple of the VAE's scale factor
+/// (Lanczos). Where that size is still not a multiple of what the UNet needs, it is rounded down
+/// further, with a note.
+fn read_init_image(path: &Path, geo: &ModelGeometry) -> Result<Tensor> {
     let img = image::open(path)
         .with_context(|| format!("--init-image {}: cannot read image", path.display()))?
         .to_rgb8();
     let (w, h) = (img.width() as usize, img.height() as usize);
-    Ok(image_from_rgb8(img.as_raw(), h, w)?)
+    let (f, m) = (geo.vae_scale_factor, geo.pixel_multiple().max(8));
+    let (mut th, mut tw) = (h - h % f, w - w % f);
+    if th % m != 0 || tw % m != 0 {
+        (th, tw) = (th - th % m, tw - tw % m);
+        if th > 0 && tw > 0 {
+            eprintln!("note: --init-image {}: {w}×{h} resized to {tw}×{th} (this model needs sides that are multiples of {m})", path.display());
+        }
+    }
+    if th == 0 || tw == 0 {
+        bail!(
+            "--init-image {}: {w}×{h} is smaller than the model's {m}×{m}-pixel minimum",
+            path.display()
+        );
+    }
+    let img = if (th, tw) == (h, w) {
+        img
+    } else {
+        image::imageops::resize(
+            &img,
+            tw as u32,
+            th as u32,
+            image::imageops::FilterType::Lanczos3,
+        )
+    };
+    Ok(image_from_rgb8(img.as_raw(), th, tw)?)
 }
 
 /// A text argument that may arrive as any bytes: non-UTF-8 input is an error naming the flag.
@@ -239,18 +273,36 @@ fn utf8_text() -> impl clap::builder::TypedValueParser<Value = String> {
         .try_map(|s| s.into_string().map_err(|_| "the text is not valid UTF-8"))
 }
 
-/// Validated settings of one generation.
+/// One image to make: its prompt, initial noise and output file.
+pub struct Job {
+    /// The prompt.
+    pub prompt: String,
+    /// Unit Gaussian noise `[1, c, h, w]`.
+    pub noise: Tensor,
+    /// The PNG to write.
+    pub output: PathBuf,
+    /// What made the noise (a seed or the `--init-noise` file), for the image's metadata.
+    pub seed: String,
+    /// `--prompts`: the 1-based line, for error messages.
+    pub line: Option<usize>,
+}
+
+/// Validated settings of a `generate` run.
 struct Plan {
     model: PathBuf,
+    geometry: ModelGeometry,
     height: usize,
     width: usize,
     scheduler: SchedulerKind,
     portions: Vec<f64>,
-    noise: Tensor,
     /// SDXL micro-conditioning.
     micro: MicroCond,
     /// Image-to-image: the init image `[1, 3, H, W]` in `[-1, 1]` and the strength.
     init: Option<(Tensor, f32)>,
+    dtype: DType,
+    jobs: Vec<Job>,
+    /// `--prompts`: lines whose image already exists.
+    skipped: usize,
 }
 
 pub fn parse_portions(s: &str) -> Result<Vec<f64>> {
@@ -270,38 +322,28 @@ pub fn parse_portions(s: &str) -> Result<Vec<f64>> {
     Ok(v)
 }
 
-fn read_json_value(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
-}
-
-/// `(sample_size, in_channels, vae_scale_factor)` from the UNet and VAE configs, as diffusers
-/// derives its default size (`sample_size · 2^(len(vae.block_out_channels) − 1)`).
-fn model_geometry(model: &Path) -> Result<(usize, usize, usize)> {
-    let unet = read_json_value(&model.join("unet").join("config.json"))?;
-    let vae_path = model.join("vae").join("config.json");
-    let vae = read_json_value(&vae_path)?;
-    let blocks = vae["block_out_channels"]
-        .as_array()
-        .map(|a| a.len())
-        .unwrap_or(0);
-    if blocks == 0 || blocks > 8 {
-        bail!(
-            "{}: `block_out_channels` must list 1 to 8 blocks",
-            vae_path.display()
-        );
-    }
-    let size = unet["sample_size"].as_u64().unwrap_or(128) as usize;
-    let ch = unet["in_channels"].as_u64().unwrap_or(4) as usize;
-    Ok((size, ch, 1 << (blocks - 1)))
-}
-
 /// Unit Gaussian noise from `seed` (ChaCha8 + the standard normal of `rand_distr`).
 pub fn seeded_noise(shape: &[usize], seed: u64) -> Result<Tensor> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let n: usize = shape.iter().product();
     let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
     Ok(Tensor::from_vec(shape, v)?)
+}
+
+/// Reads `initial_noise` of `--init-noise` and checks its shape.
+fn read_noise(p: &Path, shape: &[usize], (height, width): (usize, usize)) -> Result<Tensor> {
+    let f = SafetensorsFile::open(p).with_context(|| "--init-noise".to_string())?;
+    let t = f
+        .load("initial_noise", Some(DType::F32))
+        .with_context(|| "--init-noise".to_string())?;
+    if t.shape() != shape {
+        bail!(
+            "--init-noise {}: tensor `initial_noise` has shape {:?}, expected {shape:?} for {height}×{width}",
+            p.display(),
+            t.shape()
+        );
+    }
+    Ok(t)
 }
 
 fn validate(a: &GenerateArgs) -> Result<Plan> {
@@ -319,7 +361,7 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
         }
         bail!("--model {}: folder not found", model.display());
     }
-    if a.prompt().trim().is_empty() {
+    if a.batch.prompts.is_none() && a.prompt().trim().is_empty() {
         bail!("--prompt is empty");
     }
     if a.steps == 0 {
@@ -338,10 +380,21 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
         bail!("--timeout must be at least 1 second");
     }
     a.device.check_built()?;
+    let dtype = a.dtype.unwrap_or(match a.device {
+        DeviceArg::Cpu => DType::F32,
+        DeviceArg::Cuda => DType::F16,
+    });
+    if a.device == DeviceArg::Cpu && dtype != DType::F32 {
+        bail!("--dtype {dtype}: the CPU computes in f32; use --dtype f32 or --device cuda");
+    }
     let portions = parse_portions(&a.portion)?;
     let index = ModelIndex::load(&model)?;
-    let (sample, channels, vae_scale) = model_geometry(&model)?;
-    let init_image = a.init_image.as_deref().map(read_init_image).transpose()?;
+    let geometry = ModelGeometry::load(&model)?;
+    let init_image = a
+        .init_image
+        .as_deref()
+        .map(|p| read_init_image(p, &geometry))
+        .transpose()?;
     let (height, width) = match &init_image {
         Some(img) => {
             let (h, w) = (img.shape()[2], img.shape()[3]);
@@ -353,14 +406,16 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
             (h, w)
         }
         None => (
-            a.height.unwrap_or(sample * vae_scale),
-            a.width.unwrap_or(sample * vae_scale),
+            a.height.unwrap_or(geometry.default_size()),
+            a.width.unwrap_or(geometry.default_size()),
         ),
     };
-    let multiple = vae_scale.max(8);
+    // diffusers asks for multiples of 8; the UNet's down-sampling may ask for more.
+    let multiple = geometry.pixel_multiple().max(8);
     for (flag, v) in [("--height", height), ("--width", width)] {
         if v == 0 || v % multiple != 0 {
-            bail!("{flag} {v}: must be a positive multiple of {multiple}");
+            bail!("{flag} {v}: must be a positive multiple of {multiple} for this model (its VAE scales by {} and its UNet halves the latent {} times)",
+                geometry.vae_scale_factor, geometry.latent_multiple.trailing_zeros());
         }
     }
     let scheduler = match a.scheduler {
@@ -371,10 +426,6 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
             .or_else(|| index.default_scheduler())
             .unwrap_or(SchedulerKind::Euler),
     };
-    output::check_writable(a.output(), "--output")?;
-    if a.output().extension().map(|e| e.to_ascii_lowercase()) != Some("png".into()) {
-        bail!("--output {}: must end in .png", a.output().display());
-    }
     if let Some(p) = &a.save_latents {
         output::check_writable(p, "--save-latents")?;
     }
@@ -404,33 +455,43 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
     if let Some(s) = &a.target_size {
         micro.target_size = parse_pair("--target-size", s)?;
     }
-    let shape = [1, channels, height / vae_scale, width / vae_scale];
-    let noise = match &a.init_noise {
-        Some(p) => {
-            let f = SafetensorsFile::open(p).with_context(|| "--init-noise".to_string())?;
-            let t = f
-                .load("initial_noise", Some(DType::F32))
-                .with_context(|| "--init-noise".to_string())?;
-            if t.shape() != shape {
-                bail!(
-                    "--init-noise {}: tensor `initial_noise` has shape {:?}, expected {shape:?} for {height}×{width}",
-                    p.display(),
-                    t.shape()
-                );
+    let shape = geometry.latent_shape(height, width);
+    let (jobs, skipped) = match &a.batch.prompts {
+        Some(_) => crate::batch::jobs(a, &shape)?,
+        None => {
+            output::check_writable(a.output(), "--output")?;
+            if a.output().extension().map(|e| e.to_ascii_lowercase()) != Some("png".into()) {
+                bail!("--output {}: must end in .png", a.output().display());
             }
-            t
+            let (noise, seed) = match &a.init_noise {
+                Some(p) => (
+                    read_noise(p, &shape, (height, width))?,
+                    format!("init-noise {}", p.display()),
+                ),
+                None => (seeded_noise(&shape, a.seed)?, a.seed.to_string()),
+            };
+            let job = Job {
+                prompt: a.prompt().to_string(),
+                noise,
+                output: a.output().to_path_buf(),
+                seed,
+                line: None,
+            };
+            (vec![job], 0)
         }
-        None => seeded_noise(&shape, a.seed)?,
     };
     Ok(Plan {
         model,
+        geometry,
         height,
         width,
         scheduler,
         portions,
-        noise,
         micro,
         init,
+        dtype,
+        jobs,
+        skipped,
     })
 }
 
@@ -444,25 +505,23 @@ fn progress_bar(steps: usize) -> ProgressBar {
     pb
 }
 
-fn parameters_text(a: &GenerateArgs, p: &Plan) -> String {
-    let mut s = a.prompt().to_string();
+fn parameters_text(a: &GenerateArgs, p: &Plan, job: &Job) -> String {
+    let mut s = job.prompt.clone();
     if let Some(n) = a.negative_prompt.as_deref().filter(|n| !n.is_empty()) {
         s.push_str(&format!("\nNegative prompt: {n}"));
     }
-    let sampler = p.scheduler.label();
-    let seed = match &a.init_noise {
-        Some(f) => format!("init-noise {}", f.display()),
-        None => a.seed.to_string(),
-    };
     s.push_str(&format!(
-        "\nSteps: {}, Sampler: {sampler}, CFG scale: {}, Seed: {seed}, Size: {}x{}, Model: {}, Parallel: {}, Ranks: {}",
+        "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}, Parallel: {}, Ranks: {}, Dtype: {}",
         a.steps,
+        p.scheduler.label(),
         a.guidance,
+        job.seed,
         p.width,
         p.height,
         p.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         a.parallel,
         a.ranks,
+        p.dtype,
     ));
     if let (Some(f), Some((_, strength))) = (&a.init_image, &p.init) {
         s.push_str(&format!(
@@ -478,178 +537,6 @@ fn parallel_config(a: &GenerateArgs, portions: &[f64]) -> Result<ParallelConfig>
     let mut cfg = ParallelConfig::preset(a.parallel, portions, a.warmup_steps, a.steps);
     a.modes.apply(&mut cfg)?;
     Ok(cfg)
-}
-
-/// Tensors packed for a broadcast: per tensor its rank, dims and f32 data, little-endian.
-fn pack(ts: &[&Tensor]) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    for t in ts {
-        out.extend_from_slice(&(t.shape().len() as u64).to_le_bytes());
-        for &d in t.shape() {
-            out.extend_from_slice(&(d as u64).to_le_bytes());
-        }
-        for v in t.to_vec_f32()? {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-    }
-    Ok(out)
-}
-
-fn unpack(mut b: &[u8], n: usize) -> Result<Vec<Tensor>> {
-    let mut take = |k: usize| -> Result<&[u8]> {
-        if b.len() < k {
-            bail!("internal: broadcast message too short");
-        }
-        let (h, t) = b.split_at(k);
-        b = t;
-        Ok(h)
-    };
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let rank = u64::from_le_bytes(take(8)?.try_into()?) as usize;
-        let mut shape = Vec::with_capacity(rank);
-        for _ in 0..rank {
-            shape.push(u64::from_le_bytes(take(8)?.try_into()?) as usize);
-        }
-        let numel: usize = shape.iter().product();
-        let data = take(numel * 4)?
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        out.push(Tensor::from_vec(&shape, data)?);
-    }
-    Ok(out)
-}
-
-/// What rank 0 brings back from a generation.
-struct RankResult {
-    latents: Tensor,
-    reports: Vec<RunReport>,
-}
-
-/// One rank's part of a generation over `world`: prompt encoding on rank 0 (broadcast), the
-/// patch-parallel denoising loop on every rank, results on rank 0.
-fn run_rank(
-    a: &GenerateArgs,
-    plan: &Plan,
-    pcfg: &ParallelConfig,
-    world: Arc<dyn Transport>,
-    gpu: usize,
-) -> Result<Option<RankResult>> {
-    let rank = world.rank();
-    let device = a.device.device(gpu);
-    let unet_dir = plan.model.join("unet");
-    let ucfg = UNetConfig::from_file(&unet_dir.join("config.json"))?;
-    let factor = ucfg.downsample_factor();
-    let (lh, lw) = (plan.noise.shape()[2], plan.noise.shape()[3]);
-    if lh % factor != 0 || lw % factor != 0 {
-        bail!(
-            "--height {} --width {}: the latent ({lh}×{lw}) must be a multiple of {factor} in both directions for this UNet (image size a multiple of {})",
-            plan.height,
-            plan.width,
-            factor * plan.height / lh
-        );
-    }
-    let params = DenoiseParams {
-        steps: a.steps,
-        guidance: a.guidance,
-        scheduler: plan.scheduler,
-        micro: plan.micro,
-        cuda_graphs: !a.no_cuda_graphs,
-    };
-    let cfg_split = params.cfg() && !a.no_cfg_split && world.size() >= 2;
-    let runtime = PatchRuntime::new(
-        world.clone(),
-        cfg_split,
-        pcfg.clone(),
-        lh,
-        lw,
-        factor.trailing_zeros() as usize,
-    )
-    .map_err(|e| anyhow::anyhow!("--ranks {}: {e}", world.size()))?;
-
-    // Text encoders run once, on rank 0; the embeddings and the initial noise are broadcast so
-    // every rank starts from bit-identical inputs (pcpp-algorithm.md §7.11, §7.14).
-    let mut msg = Vec::new();
-    if rank == 0 {
-        let text = TextEncoders::load(&plan.model, DType::F32)?;
-        let e = text.encode(a.prompt(), a.negative_prompt.as_deref(), params.cfg())?;
-        if e.truncated {
-            eprintln!("warning: the prompt is longer than 77 tokens and was truncated");
-        }
-        let mut parts = vec![&e.prompt_embeds, &e.pooled, &plan.noise];
-        // Image-to-image: rank 0 encodes the init image (VAE encoder mean, scaled latents).
-        let init_latents = match &plan.init {
-            Some((img, _)) => {
-                let enc = VaeEncoder::load(&plan.model.join("vae"), DType::F32)?;
-                Some(enc.scale_latents(&enc.encode_mean(img)?)?)
-            }
-            None => None,
-        };
-        if let Some(l) = &init_latents {
-            parts.push(l);
-        }
-        msg = pack(&parts)?;
-    }
-    world.broadcast(CommKind::Control, 0, &mut msg)?;
-    let mut ts = unpack(&msg, 3 + usize::from(plan.init.is_some()))?.into_iter();
-    let (Some(prompt_embeds), Some(pooled), Some(noise)) = (ts.next(), ts.next(), ts.next()) else {
-        bail!("internal: broadcast of the prompt embeddings");
-    };
-    let init_latents = ts.next();
-    let start = match (&init_latents, &plan.init) {
-        (Some(latents), Some((_, strength))) => DenoiseStart::Image {
-            latents,
-            noise: &noise,
-            strength: *strength,
-        },
-        _ => DenoiseStart::Noise(&noise),
-    };
-    let embeds = PromptEmbeds {
-        prompt_embeds: prompt_embeds.to_device(device)?,
-        pooled: pooled.to_device(device)?,
-        truncated: false,
-    };
-
-    let weights = Weights::open(
-        &find_weight_file(&unet_dir, "diffusion_pytorch_model")?,
-        DType::F32,
-    )?
-    .on_device(device);
-    let unet = UNet::build(ucfg, &weights, runtime.factory())?;
-    let sched = Pipeline::load_scheduler_config(&plan.model)?;
-    let run_steps = match &plan.init {
-        Some((_, strength)) => a.steps - img2img_start_step(a.steps, *strength)?,
-        None => a.steps,
-    };
-    let pb = (rank == 0).then(|| progress_bar(run_steps));
-    let latents = denoise_with(
-        &unet,
-        runtime.driver(),
-        &sched,
-        &params,
-        &embeds,
-        &start,
-        &StepNoise::Derived,
-        &mut |i, _| {
-            if let Some(pb) = &pb {
-                pb.set_position(i as u64)
-            }
-        },
-    )?;
-    if let Some(pb) = pb {
-        pb.finish_and_clear();
-    }
-    let report = serde_json::to_vec(&runtime.report())?;
-    let all = world.all_gather(CommKind::Control, &report)?;
-    if rank != 0 {
-        return Ok(None);
-    }
-    let reports = all
-        .iter()
-        .map(|r| serde_json::from_slice(r))
-        .collect::<std::result::Result<Vec<RunReport>, _>>()?;
-    Ok(Some(RankResult { latents, reports }))
 }
 
 fn transport_options(a: &GenerateArgs) -> TransportOptions {
@@ -683,100 +570,224 @@ fn model_fingerprint(model: &Path) -> Vec<u8> {
     out
 }
 
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
 /// Runs the command.
 pub fn run(a: GenerateArgs) -> Result<()> {
-    if a.batch.prompts.is_some() {
-        return crate::batch::run(a);
-    }
     let plan = validate(&a)?;
+    if plan.jobs.is_empty() {
+        if let Some(dir) = &a.batch.output_dir {
+            eprintln!(
+                "0 images written, {} already present, in {}",
+                plan.skipped,
+                dir.display()
+            );
+        }
+        return Ok(());
+    }
     let pcfg = parallel_config(&a, &plan.portions)?;
     pcfg.validate()?;
-    let t0 = Instant::now();
     let env = launch::LaunchEnv::from_env()?;
     let kind = launch::resolve(a.transport.into(), &env);
-    let result = if kind == TransportKind::Local {
-        let outs = LocalTransport::run(a.ranks, transport_options(&a), |t| {
-            run_rank(&a, &plan, &pcfg, t, 0)
+    if kind == TransportKind::Local {
+        LocalTransport::run(a.ranks, transport_options(&a), |t| {
+            run_rank(&a, &plan, &pcfg, t, 0, kind)
         })
         .map_err(|e| match e {
             RankError::Failed { rank, source } => anyhow::anyhow!("rank {rank}: {source:#}"),
             other => anyhow::anyhow!("{other}"),
         })?;
-        outs.into_iter().flatten().next()
-    } else {
-        let opts = launch::ConnectOptions {
-            transport: transport_options(&a),
-            ..launch::ConnectOptions::default()
-        };
-        let conn = launch::connect(kind, &env, &opts)?;
-        let world = conn.transport.clone();
-        if a.ranks != 1 && a.ranks != conn.world_size {
-            launch::abort_job(
-                world.as_ref(),
-                &format!(
-                    "--ranks {} disagrees with the {} processes the launcher started",
-                    a.ranks, conn.world_size
-                ),
-            );
-        }
-        launch::abort_on_panic(world.clone());
-        let hash =
-            launch::fingerprint(&[format!("{a:?}").as_bytes(), &model_fingerprint(&plan.model)]);
-        if let Err(e) = launch::check_same_everywhere(world.as_ref(), &hash) {
-            launch::abort_job(world.as_ref(), &e.to_string());
-        }
-        match run_rank(&a, &plan, &pcfg, world.clone(), conn.local_rank) {
-            Ok(r) => r,
-            Err(e) => launch::abort_job(world.as_ref(), &format!("{e:#}")),
-        }
-    };
-    let Some(res) = result else {
         return Ok(());
-    };
-    let dt = t0.elapsed().as_secs_f64();
-    if let Some(p) = &a.report {
-        let total: f64 = res
-            .reports
-            .first()
-            .map(|r| r.steps.iter().map(|s| s.seconds).sum())
-            .unwrap_or(0.0);
-        let doc = serde_json::json!({
-            "model": plan.model.display().to_string(),
-            "height": plan.height,
-            "width": plan.width,
-            "steps": a.steps,
-            "transport": kind.name(),
-            "ranks": a.ranks,
-            "denoise_seconds": total,
-            "wall_seconds": dt,
-            "per_rank": res.reports,
-        });
-        output::write_atomic(p, serde_json::to_string_pretty(&doc)?.as_bytes())?;
     }
-    let vae = VaeDecoder::load(&plan.model.join("vae"), DType::F32)?;
-    finish(&a, &plan, &vae, &res.latents)?;
-    eprintln!(
-        "wrote {} in {:.2} s",
-        a.output().display(),
-        t0.elapsed().as_secs_f64()
-    );
+    let opts = launch::ConnectOptions {
+        transport: transport_options(&a),
+        ..launch::ConnectOptions::default()
+    };
+    let conn = launch::connect(kind, &env, &opts)?;
+    let world = conn.transport.clone();
+    if a.ranks != 1 && a.ranks != conn.world_size {
+        launch::abort_job(
+            world.as_ref(),
+            &format!(
+                "--ranks {} disagrees with the {} processes the launcher started",
+                a.ranks, conn.world_size
+            ),
+        );
+    }
+    launch::abort_on_panic(world.clone());
+    let hash = launch::fingerprint(&[format!("{a:?}").as_bytes(), &model_fingerprint(&plan.model)]);
+    if let Err(e) = launch::check_same_everywhere(world.as_ref(), &hash) {
+        launch::abort_job(world.as_ref(), &e.to_string());
+    }
+    if let Err(e) = run_rank(&a, &plan, &pcfg, world.clone(), conn.local_rank, kind) {
+        launch::abort_job(world.as_ref(), &format!("{e:#}"));
+    }
     Ok(())
 }
 
-/// Writes the latents (if asked), decodes and writes the PNG.
-fn finish(a: &GenerateArgs, plan: &Plan, vae: &VaeDecoder, latents: &Tensor) -> Result<()> {
+/// One rank's part of a run over `world`: the models loaded once, then every job (rank 0 encodes,
+/// every rank denoises its band, rank 0 decodes and writes the files).
+fn run_rank(
+    a: &GenerateArgs,
+    plan: &Plan,
+    pcfg: &ParallelConfig,
+    world: Arc<dyn Transport>,
+    gpu: usize,
+    kind: TransportKind,
+) -> Result<()> {
+    let t_load = Instant::now();
+    let rank = world.rank();
+    let device = a.device.device(gpu);
+    let params = DenoiseParams {
+        steps: a.steps,
+        guidance: a.guidance,
+        scheduler: plan.scheduler,
+        micro: plan.micro,
+        cuda_graphs: !a.no_cuda_graphs,
+    };
+    let cfg_split = params.cfg() && !a.no_cfg_split && world.size() >= 2;
+    let lat = plan.geometry.latent_shape(plan.height, plan.width);
+    let runtime = PatchRuntime::new(
+        world.clone(),
+        cfg_split,
+        pcfg.clone(),
+        lat[2],
+        lat[3],
+        plan.geometry.latent_multiple.trailing_zeros() as usize,
+    )
+    .map_err(|e| anyhow::anyhow!("--ranks {}: {e}", world.size()))?;
+    pcpp_kernels::reset_memory_high_water(device)?;
+    let opts = LoadOptions {
+        dtype: plan.dtype,
+        device,
+        encoders_and_decoder: rank == 0,
+        vae_encoder: plan.init.is_some(),
+    };
+    let gen = Generator::load(&plan.model, &opts, runtime.factory())?;
+    pcpp_kernels::synchronize(device)?;
+    let load_seconds = t_load.elapsed().as_secs_f64();
+    if rank == 0 {
+        eprintln!(
+            "loaded {} ({} on {device}) in {load_seconds:.2} s",
+            plan.model.display(),
+            plan.dtype
+        );
+    }
+    let run_steps = match &plan.init {
+        Some((_, strength)) => a.steps - img2img_start_step(a.steps, *strength)?,
+        None => a.steps,
+    };
+    for job in &plan.jobs {
+        let t0 = Instant::now();
+        let pb = (rank == 0).then(|| progress_bar(run_steps));
+        let image = ImageJob {
+            prompt: &job.prompt,
+            negative: a.negative_prompt.as_deref(),
+            params: &params,
+            noise: &job.noise,
+            init: plan.init.as_ref().map(|(img, s)| (img, *s)),
+        };
+        let res = gen.generate(world.as_ref(), runtime.driver(), &image, &mut |i, _| {
+            if let Some(pb) = &pb {
+                pb.set_position(i as u64)
+            }
+        });
+        if let Some(pb) = pb {
+            pb.finish_and_clear();
+        }
+        let res = match (res, &a.batch.prompts, job.line) {
+            (Err(e), Some(f), Some(line)) => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("--prompts {} line {line}", f.display()))
+                )
+            }
+            (r, _, _) => r?,
+        };
+        let report = serde_json::to_vec(&runtime.report())?;
+        let all = world.all_gather(CommKind::Control, &report)?;
+        let Some(img) = res else {
+            continue;
+        };
+        let reports = all
+            .iter()
+            .map(|r| serde_json::from_slice(r))
+            .collect::<std::result::Result<Vec<RunReport>, _>>()?;
+        if img.truncated {
+            eprintln!("warning: the prompt is longer than 77 tokens and was truncated");
+        }
+        write_outputs(a, plan, job, &img)?;
+        let image_seconds = t0.elapsed().as_secs_f64();
+        let peak = pcpp_kernels::memory_high_water(device)?;
+        if let Some(p) = &a.report {
+            let doc = serde_json::json!({
+                "model": plan.model.display().to_string(),
+                "height": plan.height,
+                "width": plan.width,
+                "steps": a.steps,
+                "dtype": plan.dtype.to_string(),
+                "device": device.to_string(),
+                "transport": kind.name(),
+                "ranks": world.size(),
+                "load_seconds": load_seconds,
+                "image_seconds": image_seconds,
+                "encode_seconds": img.seconds.encode,
+                "denoise_seconds": img.seconds.denoise,
+                "decode_seconds": img.seconds.decode,
+                "step_seconds": img.step_seconds,
+                "peak_gpu_allocated_bytes": peak.map(|p| p.0),
+                "peak_gpu_reserved_bytes": peak.map(|p| p.1),
+                "per_rank": reports,
+            });
+            output::write_atomic(p, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+        }
+        eprintln!("wrote {} in {image_seconds:.2} s", job.output.display());
+        if a.verbose {
+            let s = img.seconds;
+            let mut line = format!(
+                "  encode {:.3} s, denoise {:.3} s ({} steps), decode {:.3} s",
+                s.encode,
+                s.denoise,
+                img.step_seconds.len(),
+                s.decode
+            );
+            if let Some((alloc, reserved)) = peak {
+                line.push_str(&format!(
+                    "; peak GPU memory {:.2} GiB allocated, {:.2} GiB reserved",
+                    gib(alloc),
+                    gib(reserved)
+                ));
+            }
+            eprintln!("{line}");
+        }
+    }
+    if rank == 0 {
+        if let (Some(dir), true) = (&a.batch.output_dir, a.batch.prompts.is_some()) {
+            eprintln!(
+                "{} images written, {} already present, in {}",
+                plan.jobs.len(),
+                plan.skipped,
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Writes the latents (if asked) and the PNG of one image.
+fn write_outputs(a: &GenerateArgs, plan: &Plan, job: &Job, img: &GeneratedImage) -> Result<()> {
     if let Some(p) = &a.save_latents {
-        pcpp_kernels::io::save(p, &[("latents", latents)], None)
+        pcpp_kernels::io::save(p, &[("latents", &img.latents)], None)
             .with_context(|| format!("--save-latents {}", p.display()))?;
     }
-    let img = vae.decode(&vae.unscale_latents(latents)?)?;
-    let (h, w) = (img.shape()[2], img.shape()[3]);
-    let rgb = to_rgb8(&img)?;
+    let (h, w) = (img.image.shape()[2], img.image.shape()[3]);
+    let rgb = to_rgb8(&img.image)?;
     output::write_png(
-        a.output(),
+        &job.output,
         &rgb[0],
         w,
         h,
-        &[("parameters", parameters_text(a, plan))],
+        &[("parameters", parameters_text(a, plan, job))],
     )
 }

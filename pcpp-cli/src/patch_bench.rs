@@ -5,6 +5,7 @@
 //!
 //! Every rank builds the same weights, conditioning and initial noise from the seeds (no model
 //! files and no text encoders needed), runs `--steps` Euler steps with classifier-free guidance
+//! through the pipeline's denoising loop (`pcpp_sdxl::denoise_with`, the loop `generate` runs)
 //! and, on rank 0, writes a JSON report (`--report`) and the latents (`--save-latents`).
 
 use std::path::PathBuf;
@@ -16,11 +17,14 @@ use clap::Args;
 
 use pcpp_comm::launch;
 use pcpp_comm::{CommKind, LocalTransport, RankError, Transport, TransportKind, TransportOptions};
-use pcpp_core::{ParallelConfig, ParallelMode, PatchRuntime, RunReport, StepDriver};
+use pcpp_core::{ParallelConfig, ParallelMode, PatchRuntime, RunReport};
 use pcpp_kernels::{DType, Device, Tensor};
-use pcpp_sdxl::scheduler::{self, SchedulerConfig, SchedulerKind};
+use pcpp_sdxl::scheduler::{SchedulerConfig, SchedulerKind};
 use pcpp_sdxl::weights::Weights;
-use pcpp_sdxl::{StepGraphs, UNet, UNetCond, UNetConfig};
+use pcpp_sdxl::{
+    denoise_with, DenoiseParams, DenoiseStart, MicroCond, PromptEmbeds, StepNoise, UNet, UNetCond,
+    UNetConfig,
+};
 
 use crate::bench::median;
 use crate::generate::{parse_portions, seeded_noise, DeviceArg, TransportArg};
@@ -139,69 +143,51 @@ fn run_rank(
     let sched_path = a.config.join("scheduler").join("scheduler_config.json");
     let sched_cfg = SchedulerConfig::from_file(&sched_path)
         .map_err(|e| anyhow::anyhow!("{}: {e}", sched_path.display()))?;
-    let mut sched = scheduler::build(SchedulerKind::Euler, &sched_cfg, a.steps)
-        .map_err(|e| anyhow::anyhow!("scheduler: {e}"))?;
 
     // Conditioning of both branches, identical on every rank (seeded, generated on the device).
     let nb = if cfg_on { 2 } else { 1 };
     let all = UNetCond::random(&ucfg, nb, 77, (a.height, a.width), a.dtype, device, a.seed)?;
-    let branch = if cfg_on { runtime.cfg_branch() } else { None };
-    let cond = match branch {
-        Some(g) => all.batch_slice(g, 1)?,
-        None => all,
+    let embeds = PromptEmbeds {
+        prompt_embeds: all.encoder_hidden_states.clone(),
+        pooled: all
+            .text_embeds
+            .clone()
+            .unwrap_or_else(|| Tensor::zeros(&[nb, 0], a.dtype)),
+        truncated: false,
     };
     let shape = [1, ucfg.in_channels, lh, lw];
     let noise = seeded_noise(&shape, a.seed)?;
     let build_seconds = t0.elapsed().as_secs_f64();
-
-    let sigma0 = sched.init_noise_sigma() as f32;
-    let mut latents: Vec<f32> = noise.to_vec_f32()?.iter().map(|v| v * sigma0).collect();
-    let timesteps = sched.timesteps().to_vec();
-    let driver = runtime.driver();
     if a.graph && device == Device::Cpu {
         bail!("--graph needs --device cuda");
     }
     if a.graph
         && !runtime.is_serial()
-        && !runtime.repeats(&pcpp_core::StepCtx {
+        && !runtime.driver().repeats(&pcpp_core::StepCtx {
             step: 0,
             sync: false,
         })
     {
         bail!("--graph: CUDA graphs need exchanges that stay on the GPU (--transport nccl, not --parallel tensor) or one rank");
     }
-    let mut graphs = StepGraphs::new(a.graph);
-    driver.begin_generation()?;
-    for (i, &t) in timesteps.iter().enumerate() {
-        let scaled = sched
-            .scale_model_input(&latents, i)
-            .map_err(|e| anyhow::anyhow!("scheduler: {e}"))?;
-        let x = Tensor::from_vec(&shape, scaled)?
-            .to_dtype(a.dtype)?
-            .to_device(device)?;
-        let x_in = if cfg_on && branch.is_none() {
-            Tensor::cat(&[&x, &x], 0)?
-        } else {
-            x
-        };
-        let b = x_in.shape()[0];
-        let ts = Tensor::from_vec(&[b], vec![t as f32; b])?
-            .to_dtype(a.dtype)?
-            .to_device(device)?;
-        let ctx = driver.step_ctx(i);
-        let out = graphs.run(&unet, driver, &ctx, &x_in, &ts, &cond)?;
-        let guided = if cfg_on {
-            let u = out.narrow(0, 0, 1)?;
-            let c = out.narrow(0, 1, 1)?;
-            u.add(&c.sub(&u)?.affine(a.guidance, 0.0)?)?
-        } else {
-            out
-        };
-        latents = sched
-            .step(&guided.to_vec_f32()?, i, &latents, None)
-            .map_err(|e| anyhow::anyhow!("scheduler: {e}"))?;
-    }
-    driver.end_generation()?;
+    let params = DenoiseParams {
+        steps: a.steps,
+        guidance: a.guidance,
+        scheduler: SchedulerKind::Euler,
+        micro: MicroCond::for_size(a.height, a.width),
+        cuda_graphs: a.graph,
+    };
+    let latents = denoise_with(
+        &unet,
+        runtime.driver(),
+        &sched_cfg,
+        &params,
+        &embeds,
+        &DenoiseStart::Noise(&noise),
+        &StepNoise::Derived,
+        &mut |_, _| {},
+    )?
+    .latents;
     let report = serde_json::to_vec(&runtime.report())?;
     let all = world.all_gather(CommKind::Control, &report)?;
     if world.rank() != 0 {
@@ -212,7 +198,7 @@ fn run_rank(
         .map(|r| serde_json::from_slice(r))
         .collect::<std::result::Result<Vec<RunReport>, _>>()?;
     Ok(Some(RankOut {
-        latents: Tensor::from_vec(&shape, latents)?,
+        latents: latents.to_device(Device::Cpu)?,
         reports,
         build_seconds,
     }))

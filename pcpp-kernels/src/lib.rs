@@ -16,11 +16,48 @@ pub mod cpu;
 pub mod cuda;
 mod dtype;
 mod error;
+mod finite;
 pub mod io;
 mod ops;
 mod tensor;
 
 pub use dtype::{DType, Device};
 pub use error::{KernelError, Result};
+pub use finite::FLAG_CLEAR;
 pub use ops::{Activation, Conv2dParams, GroupStats};
 pub use tensor::Tensor;
+
+/// Peak memory of a device since the last [`reset_memory_high_water`]: `(allocated, reserved)`
+/// bytes of the GPU's memory pool (PyTorch's `max_memory_allocated` / `max_memory_reserved`), or
+/// `None` for the CPU.
+pub fn memory_high_water(device: Device) -> Result<Option<(u64, u64)>> {
+    match device {
+        Device::Cpu => Ok(None),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => cuda::gpu(i)?.pool_high_water().map(Some),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Ok(None),
+    }
+}
+
+/// Restarts the high-water marks of [`memory_high_water`] (nothing on the CPU).
+pub fn reset_memory_high_water(device: Device) -> Result<()> {
+    match device {
+        Device::Cpu => Ok(()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => cuda::gpu(i)?.reset_pool_high_water(),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Ok(()),
+    }
+}
+
+/// Waits until everything queued on the device has run (nothing on the CPU).
+pub fn synchronize(device: Device) -> Result<()> {
+    match device {
+        Device::Cpu => Ok(()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => cuda::gpu(i)?.synchronize(),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Ok(()),
+    }
+}

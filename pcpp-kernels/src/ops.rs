@@ -9,14 +9,24 @@ use crate::{DType, KernelError, Result, Tensor};
 /// Most bands [`Tensor::group_norm_merged`] merges (the CUDA kernel takes the counts by value).
 pub(crate) const MAX_GN_BANDS: usize = 64;
 
-/// The CUDA device of the first operand that lives on one (operands on the CPU are then copied
-/// there, so model code may mix small host tensors with device weights).
+/// Whether the operands of `op` live on a GPU; an error naming `op` and both devices when two
+/// operands live on different devices (an op never copies an operand to another device behind the
+/// caller's back).
 #[cfg(feature = "cuda")]
-fn cuda_of(ts: &[Option<&Tensor>]) -> Option<Device> {
-    ts.iter()
-        .flatten()
-        .map(|t| t.device())
-        .find(|d| *d != Device::Cpu)
+fn on_gpu(op: &'static str, ts: &[Option<&Tensor>]) -> Result<bool> {
+    let mut devices = ts.iter().flatten().map(|t| t.device());
+    let Some(first) = devices.next() else {
+        return Ok(false);
+    };
+    if let Some(other) = devices.find(|d| *d != first) {
+        return Err(KernelError::Device {
+            device: format!("{first} and {other}"),
+            msg: format!(
+                "{op}: operands live on different devices ({first} and {other}); move them to one device first"
+            ),
+        });
+    }
+    Ok(first != Device::Cpu)
 }
 
 /// Point-wise activations.
@@ -219,12 +229,12 @@ impl Tensor {
         f: impl Fn(f32, f32) -> f32 + Sync,
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if let Some(d) = cuda_of(&[Some(self), Some(other)]) {
-            let (a, b) = (self.to_device(d)?, other.to_device(d)?);
+        if on_gpu(op, &[Some(self), Some(other)])? {
+            let (a, b) = (self, other);
             let out_shape = broadcast_shape(op, a.shape(), b.shape())?;
             let sa = broadcast_strides(a.shape(), &out_shape);
             let sb = broadcast_strides(b.shape(), &out_shape);
-            return cuda::binary(&a, &b, code, &out_shape, &sa, &sb);
+            return cuda::binary(a, b, code, &out_shape, &sa, &sb);
         }
         let _ = code;
         let (a, b) = (self.as_f32()?, other.as_f32()?);
@@ -361,14 +371,10 @@ impl Tensor {
             }
         }
         #[cfg(feature = "cuda")]
-        if let Some(d) = cuda_of(&[Some(self), Some(w), bias]) {
+        if on_gpu("linear", &[Some(self), Some(w), bias])? {
             let mut shape = self.shape().to_vec();
             *shape.last_mut().unwrap_or(&mut 0) = n;
-            let b = match bias {
-                Some(b) => Some(b.to_device(d)?),
-                None => None,
-            };
-            return cuda::linear(&self.to_device(d)?, &w.to_device(d)?, b.as_ref(), &shape);
+            return cuda::linear(self, w, bias, &shape);
         }
         let rows = self.numel() / k.max(1);
         let b = match bias {
@@ -400,8 +406,8 @@ impl Tensor {
             other.shape()[rb - 1],
         );
         #[cfg(feature = "cuda")]
-        if let Some(d) = cuda_of(&[Some(self), Some(other)]) {
-            return cuda::matmul(&self.to_device(d)?, &other.to_device(d)?, (m, k, n));
+        if on_gpu("matmul", &[Some(self), Some(other)])? {
+            return cuda::matmul(self, other, (m, k, n));
         }
         let batch: usize = self.shape()[..ra - 2].iter().product();
         let (a, b) = (self.as_f32()?, other.as_f32()?);
@@ -458,12 +464,8 @@ impl Tensor {
             }
         }
         #[cfg(feature = "cuda")]
-        if let Some(d) = cuda_of(&[Some(self), Some(w), bias]) {
-            let b = match bias {
-                Some(b) => Some(b.to_device(d)?),
-                None => None,
-            };
-            return cuda::conv2d(&self.to_device(d)?, &w.to_device(d)?, b.as_ref(), p);
+        if on_gpu("conv2d", &[Some(self), Some(w), bias])? {
+            return cuda::conv2d(self, w, bias, p);
         }
         let bv = match bias {
             Some(b) => Some(b.as_f32()?),
@@ -535,14 +537,12 @@ impl Tensor {
         }
         self.check_group_norm_affine("group_norm", c, gamma, beta)?;
         #[cfg(feature = "cuda")]
-        if let Some(d) = cuda_of(&[Some(self), gamma, beta]) {
-            let g = gamma.map(|t| t.to_device(d)).transpose()?;
-            let bt = beta.map(|t| t.to_device(d)).transpose()?;
+        if on_gpu("group_norm", &[Some(self), gamma, beta])? {
             return cuda::group_norm_with_stats(
-                &self.to_device(d)?,
+                self,
                 (b, c, s),
                 stats,
-                (g.as_ref(), bt.as_ref()),
+                (gamma, beta),
                 eps,
                 silu_after,
             );
@@ -730,17 +730,14 @@ impl Tensor {
         }
         self.check_group_norm_affine(OP, c, gamma, beta)?;
         #[cfg(feature = "cuda")]
-        if self.is_cuda() {
-            let d = self.device();
-            let g = gamma.map(|t| t.to_device(d)).transpose()?;
-            let bt = beta.map(|t| t.to_device(d)).transpose()?;
+        if on_gpu(OP, &[Some(self), gamma, beta])? {
             return cuda::group_norm_merged(
                 self,
                 (b, c, s),
                 groups,
                 (bands, counts),
                 corrected,
-                (g.as_ref(), bt.as_ref()),
+                (gamma, beta),
                 eps,
                 silu_after,
             );
@@ -768,23 +765,14 @@ impl Tensor {
         silu_after: bool,
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if let Some(d) = cuda_of(&[Some(self), gamma, beta]) {
+        if on_gpu("group_norm", &[Some(self), gamma, beta])? {
             let (b, c, s) = self.nc_s("group_norm", groups)?;
             for t in [gamma, beta].into_iter().flatten() {
                 if t.shape() != [c] {
                     return Err(KernelError::shape("group_norm", self.shape(), t.shape()));
                 }
             }
-            let g = gamma.map(|t| t.to_device(d)).transpose()?;
-            let bt = beta.map(|t| t.to_device(d)).transpose()?;
-            return cuda::group_norm(
-                &self.to_device(d)?,
-                (b, c, s),
-                groups,
-                (g.as_ref(), bt.as_ref()),
-                eps,
-                silu_after,
-            );
+            return cuda::group_norm(self, (b, c, s), groups, (gamma, beta), eps, silu_after);
         }
         let stats = self.group_stats(groups)?;
         self.group_norm_with_stats(&stats, gamma, beta, eps, silu_after)
@@ -804,10 +792,8 @@ impl Tensor {
             }
         }
         #[cfg(feature = "cuda")]
-        if let Some(dev) = cuda_of(&[Some(self), gamma, beta]) {
-            let g = gamma.map(|t| t.to_device(dev)).transpose()?;
-            let b = beta.map(|t| t.to_device(dev)).transpose()?;
-            return cuda::layer_norm(&self.to_device(dev)?, g.as_ref(), b.as_ref(), eps);
+        if on_gpu("layer_norm", &[Some(self), gamma, beta])? {
+            return cuda::layer_norm(self, gamma, beta, eps);
         }
         let g = match gamma {
             Some(t) => Some(t.as_f32()?),
@@ -852,14 +838,8 @@ impl Tensor {
             return Err(KernelError::invalid("attention", "no keys"));
         }
         #[cfg(feature = "cuda")]
-        if let Some(d) = cuda_of(&[Some(q), Some(k), Some(v)]) {
-            return cuda::attention(
-                &q.to_device(d)?,
-                &k.to_device(d)?,
-                &v.to_device(d)?,
-                heads,
-                causal,
-            );
+        if on_gpu("attention", &[Some(q), Some(k), Some(v)])? {
+            return cuda::attention(q, k, v, heads, causal);
         }
         let y = cpu::attention(
             &q.as_f32()?,
@@ -916,12 +896,10 @@ impl Tensor {
         let inner: usize = first.shape()[dim + 1..].iter().product();
         let total: usize = ts.iter().map(|t| t.shape()[dim]).sum();
         #[cfg(feature = "cuda")]
-        if let Some(d) = cuda_of(&ts.iter().map(|t| Some(*t)).collect::<Vec<_>>()) {
-            let moved: Vec<Tensor> = ts.iter().map(|t| t.to_device(d)).collect::<Result<_>>()?;
-            let refs: Vec<&Tensor> = moved.iter().collect();
+        if on_gpu("cat", &ts.iter().map(|t| Some(*t)).collect::<Vec<_>>())? {
             let mut shape = first.shape().to_vec();
             shape[dim] = total;
-            return cuda::cat(&refs, dim, &shape);
+            return cuda::cat(ts, dim, &shape);
         }
         let datas: Vec<_> = ts.iter().map(|t| t.as_f32()).collect::<Result<_>>()?;
         let mut out = Vec::with_capacity(outer * total * inner);

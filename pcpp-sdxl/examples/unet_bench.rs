@@ -21,7 +21,6 @@ struct Args {
     graph: bool,
     json: bool,
     ops: bool,
-    image_steps: usize,
 }
 
 fn parse() -> Result<Args, String> {
@@ -33,7 +32,6 @@ fn parse() -> Result<Args, String> {
         graph: true,
         json: false,
         ops: false,
-        image_steps: 0,
     };
     let (mut b, mut h, mut w) = (1usize, 128usize, 128usize);
     let mut it = std::env::args().skip(1);
@@ -56,9 +54,9 @@ fn parse() -> Result<Args, String> {
             "--json" => a.json = true,
             // Times single ops at the shapes of an SDXL step at 1024², b = 2, then exits.
             "--ops" => a.ops = true,
-            // Times a whole 1024² image: N guided steps of the b = 2 UNet (a CUDA graph), Euler-style
-            // latent updates and the VAE decode (bf16, random weights), then exits.
-            "--image" => a.image_steps = num(it.next(), "--image")?,
+            "--image" => {
+                return Err("--image is gone: a whole image is timed by `pcpp-cli generate` (the pipeline's one denoising loop); see docs/benchmarks.md".into())
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -85,9 +83,6 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .on_device(dev);
     let unet = UNet::build(cfg, &w, &SerialFactory)?;
     g.synchronize()?;
-    if a.image_steps > 0 {
-        return image_bench(&a, &unet);
-    }
     let (free0, total) = g.mem_info()?;
     eprintln!(
         "{} ({}), random {} weights built in {:.1} s, {:.2} GiB in use",
@@ -193,84 +188,6 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     if a.json {
         println!("[{}]", results.join(","));
-    }
-    Ok(())
-}
-
-/// One 1024² image: `steps` classifier-free-guided steps (UNet at b = 2 replayed from a CUDA
-/// graph, guidance and an Euler-style update as tensor ops) and the VAE decode in bf16.
-fn image_bench(a: &Args, unet: &UNet) -> Result<(), Box<dyn std::error::Error>> {
-    use pcpp_sdxl::{VaeConfig, VaeDecoder};
-    let dev = Device::Cuda(0);
-    let g = gpu(0)?;
-    let vae_dir = a.config.join("../vae");
-    let vae_w =
-        Weights::random_from_manifest(&vae_dir.join("tensor_manifest.json"), DType::BF16, 1)?
-            .on_device(dev);
-    let vae = VaeDecoder::build(VaeConfig::from_file(&vae_dir.join("config.json"))?, &vae_w)?;
-    let r = |shape: &[usize], seed| Tensor::rand_uniform(shape, a.dtype, dev, (-1.0, 1.0), seed);
-    let t = Tensor::from_vec(&[2], vec![500.0; 2])?
-        .to_dtype(a.dtype)?
-        .to_device(dev)?;
-    let cond = UNetCond::new(
-        r(&[2, 77, 2048], 2)?,
-        Some(r(&[2, 1280], 3)?),
-        Some(
-            Tensor::from_vec(
-                &[2, 6],
-                [1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0].repeat(2),
-            )?
-            .to_dtype(a.dtype)?
-            .to_device(dev)?,
-        ),
-    );
-    let ctx = StepCtx::serial();
-    let xin = r(&[2, 4, 128, 128], 4)?;
-    let out = r(&[2, 4, 128, 128], 5)?;
-    let step = || {
-        unet.forward(&ctx, &xin, &t, &cond, None)
-            .map_err(|e| pcpp_kernels::KernelError::Invalid {
-                op: "unet step",
-                msg: e.to_string(),
-            })
-    };
-    for _ in 0..3 {
-        step()?;
-    }
-    let graph = capture_graph(0, || copy_into(&step()?, &out))?;
-    let run = |use_graph: bool| -> Result<(f64, Tensor), Box<dyn std::error::Error>> {
-        g.synchronize()?;
-        let s = Instant::now();
-        let mut lat = r(&[1, 4, 128, 128], 6)?;
-        for _ in 0..a.image_steps {
-            copy_into(&Tensor::cat(&[&lat, &lat], 0)?, &xin)?;
-            let eps = if use_graph {
-                graph.replay()?;
-                out.clone()
-            } else {
-                step()?
-            };
-            let (u, c) = (eps.narrow(0, 0, 1)?, eps.narrow(0, 1, 1)?);
-            let guided = u.add(&c.sub(&u)?.affine(5.0, 0.0)?)?;
-            lat = lat.add(&guided.affine(-0.02, 0.0)?)?;
-        }
-        let img = vae.decode(&vae.unscale_latents(&lat)?)?;
-        let img = pcpp_sdxl::to_unit_range(&img)?;
-        g.synchronize()?;
-        Ok((s.elapsed().as_secs_f64(), img))
-    };
-    run(true)?;
-    for use_graph in [true, false] {
-        let (secs, img) = run(use_graph)?;
-        let (free, total) = g.mem_info()?;
-        println!(
-            "image 1024x1024, {} steps (b2, {}), VAE bf16: {secs:.3} s, image {:?}, finite {}, {:.2} GiB in use",
-            a.image_steps,
-            if use_graph { "CUDA graph" } else { "eager" },
-            img.shape(),
-            img.to_vec_f32()?.iter().all(|x| x.is_finite()),
-            (total - free) as f64 / (1u64 << 30) as f64
-        );
     }
     Ok(())
 }

@@ -33,6 +33,16 @@ pub enum SdxlError {
     /// A parallel layer failed.
     #[error(transparent)]
     Core(#[from] CoreError),
+    /// A stage produced NaN or infinite values (fp16 overflow, broken weights).
+    #[error("non-finite values (NaN or infinity) in {stage}{at}{hint}")]
+    NonFinite {
+        /// What held them (`the prompt embeddings`, `the latents`, `the decoded image`).
+        stage: String,
+        /// Where, e.g. ` after denoising step 3 of 50` (may be empty).
+        at: String,
+        /// What to try, starting with `; ` (may be empty).
+        hint: String,
+    },
 }
 
 impl SdxlError {

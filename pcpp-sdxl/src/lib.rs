@@ -6,7 +6,9 @@
 
 pub mod checkpoint;
 pub mod clip;
+pub mod denoise;
 pub mod error;
+pub mod generation;
 pub mod graph;
 pub mod inventory;
 pub mod pipeline;
@@ -17,15 +19,20 @@ pub mod unet_config;
 pub mod vae;
 pub mod vae_encoder;
 pub mod weights;
+pub mod wire;
 
 pub use clip::{ClipOutput, ClipTextConfig, ClipTextModel};
+pub use denoise::{
+    denoise, denoise_with, derived_step_noise, img2img_start_step, overflow_hint, DenoiseParams,
+    DenoiseStart, Denoised, StepNoise,
+};
 pub use error::{Result, SdxlError};
+pub use generation::{
+    vae_dtype, GeneratedImage, Generator, ImageJob, LoadOptions, ModelGeometry, StageSeconds,
+};
 pub use graph::StepGraphs;
 pub use inventory::unet_inventory;
-pub use pipeline::{
-    denoise, denoise_with, derived_step_noise, img2img_start_step, DenoiseParams, DenoiseStart,
-    MicroCond, ModelIndex, Pipeline, PromptEmbeds, StepNoise, TextEncoders,
-};
+pub use pipeline::{MicroCond, ModelIndex, Pipeline, PromptEmbeds, TextEncoders};
 pub use unet::{Taps, UNet, UNetCond};
 pub use unet_config::UNetConfig;
 pub use vae::{to_rgb8, to_unit_range, VaeConfig, VaeDecoder};

@@ -601,6 +601,11 @@ impl UNet {
         self.time_1.w.device()
     }
 
+    /// The dtype of the weights (the compute and activation dtype of a step).
+    pub fn dtype(&self) -> DType {
+        self.time_1.w.dtype()
+    }
+
     /// Loads `dir/config.json` and the weights of a diffusers `unet/` folder.
     pub fn load(dir: &Path, dtype: DType, factory: &dyn LayerFactory) -> Result<UNet> {
         Self::load_on(dir, dtype, Device::Cpu, factory)
@@ -819,7 +824,8 @@ impl UNet {
         let fw = Fwd { ctx, taps };
         let b = sample.shape()[0];
         let t = if timesteps.numel() == 1 && b > 1 {
-            Tensor::from_vec(&[b], vec![timesteps.to_scalar()?; b])?
+            let one = timesteps.reshape(&[1])?;
+            Tensor::cat(&vec![&one; b], 0)?
         } else {
             timesteps.reshape(&[timesteps.numel()])?
         };
@@ -830,7 +836,10 @@ impl UNet {
             )));
         }
         let c0 = self.cfg.block_out_channels[0];
-        let t_emb = t.timestep_embedding(c0, self.cfg.flip_sin_to_cos, self.cfg.freq_shift)?;
+        // As diffusers: the sinusoidal embedding of the (f32) timesteps, cast to the model's dtype.
+        let t_emb = t
+            .timestep_embedding(c0, self.cfg.flip_sin_to_cos, self.cfg.freq_shift)?
+            .to_dtype(self.dtype())?;
         fw.tap("time_proj", &t_emb);
         let mut emb = self
             .time_2

@@ -13,6 +13,9 @@ use crate::weights::read_json;
 /// The raw JSON config (fields this engine reads; others are ignored unless they change the model).
 #[derive(Debug, Clone, Deserialize)]
 pub struct UNetConfigJson {
+    /// The native latent size (diffusers' default image size is this times the VAE's factor).
+    #[serde(default)]
+    pub sample_size: Option<usize>,
     #[serde(default = "d_in")]
     pub in_channels: usize,
     #[serde(default = "d_in")]
@@ -169,6 +172,8 @@ pub struct TextTime {
 /// The resolved configuration of a UNet.
 #[derive(Debug, Clone)]
 pub struct UNetConfig {
+    /// The native latent size (`sample_size`, 128 when the config has none).
+    pub sample_size: usize,
     pub in_channels: usize,
     pub out_channels: usize,
     pub block_out_channels: Vec<usize>,
@@ -477,6 +482,7 @@ impl UNetConfig {
             Some(other) => return Err(err(format!("`addition_embed_type` `{other}` is not supported"))),
         };
         Ok(UNetConfig {
+            sample_size: c.sample_size.unwrap_or(128),
             in_channels: c.in_channels,
             out_channels: c.out_channels,
             block_out_channels: c.block_out_channels.clone(),

@@ -178,6 +178,11 @@ impl VaeConfig {
     }
 
     /// The activation function.
+    /// The image-to-latent scale factor, `2^(len(block_out_channels) − 1)` (8 for SDXL).
+    pub fn scale_factor(&self) -> usize {
+        1 << self.block_out_channels.len().saturating_sub(1)
+    }
+
     pub fn activation(&self) -> Activation {
         Activation::from_config_name(&self.act_fn).unwrap_or(Activation::Silu)
     }
@@ -425,6 +430,11 @@ impl VaeDecoder {
         &self.config
     }
 
+    /// The dtype of the weights (what a decode computes in on a GPU).
+    pub fn dtype(&self) -> DType {
+        self.conv_in.w.dtype()
+    }
+
     /// Undoes the pipeline's latent scaling: `l / scaling_factor (+ shift_factor)`, or with
     /// per-channel statistics `l·std / scaling_factor + mean` (as diffusers' pipelines do).
     ///
@@ -438,7 +448,8 @@ impl VaeDecoder {
             (Some(m), Some(s)) => {
                 let n = c.latent_channels;
                 let col = |v: &[f64]| {
-                    Tensor::from_vec(&[1, n, 1, 1], v.iter().map(|&x| x as f32).collect())
+                    Tensor::from_vec(&[1, n, 1, 1], v.iter().map(|&x| x as f32).collect())?
+                        .to_device(latents.device())
                 };
                 Ok(latents
                     .mul(&col(s)?)?

@@ -14,7 +14,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use pcpp_kernels::{Activation, Conv2dParams, DType, Tensor};
+use pcpp_kernels::{Activation, Conv2dParams, DType, Device, Tensor};
 
 use crate::error::{Result, SdxlError};
 use crate::vae::{Attention, Conv, GroupNorm, Resnet, VaeConfig};
@@ -62,6 +62,11 @@ impl VaeEncoder {
     /// `dir/diffusion_pytorch_model{,.fp16}.safetensors`, casting weights to `dtype`. A file
     /// without encoder weights (a decoder-only VAE) is an error naming the missing tensor.
     pub fn load(dir: &Path, dtype: DType) -> Result<VaeEncoder> {
+        Self::load_on(dir, dtype, Device::Cpu)
+    }
+
+    /// [`VaeEncoder::load`] with the weights loaded straight to `device`.
+    pub fn load_on(dir: &Path, dtype: DType, device: Device) -> Result<VaeEncoder> {
         let cfg_path = dir.join("config.json");
         let config = VaeConfig::from_file(&cfg_path)?;
         let keys: EncoderKeys = read_json(&cfg_path)?;
@@ -80,7 +85,8 @@ impl VaeEncoder {
         if keys.in_channels == 0 {
             return Err(SdxlError::config(&cfg_path, "`in_channels` is 0"));
         }
-        let weights = Weights::open(&find_weight_file(dir, "diffusion_pytorch_model")?, dtype)?;
+        let weights = Weights::open(&find_weight_file(dir, "diffusion_pytorch_model")?, dtype)?
+            .on_device(device);
         let w = &weights;
         let c = &config;
         let g = c.norm_num_groups;
@@ -150,6 +156,11 @@ impl VaeEncoder {
         &self.config
     }
 
+    /// The dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.conv_in.w.dtype()
+    }
+
     /// The latent distribution's mean (unscaled) of images in `[-1, 1]`.
     ///
     /// # Shapes
@@ -216,7 +227,8 @@ impl VaeEncoder {
             (Some(m), Some(s)) => {
                 let n = c.latent_channels;
                 let col = |v: &[f64], f: &dyn Fn(f64) -> f32| {
-                    Tensor::from_vec(&[1, n, 1, 1], v.iter().map(|&x| f(x)).collect())
+                    Tensor::from_vec(&[1, n, 1, 1], v.iter().map(|&x| f(x)).collect())?
+                        .to_device(latents.device())
                 };
                 Ok(latents
                     .sub(&col(m, &|x| x as f32)?)?

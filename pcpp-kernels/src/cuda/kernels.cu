@@ -673,6 +673,16 @@ extern "C" __global__ void copy2d_u128(const U4* s, U4* d, long rows, long cols,
     copy2d_impl<U4>(s, d, rows, cols, sp, dp);
 }
 
+// ---- non-finite watch: flag = min(flag, code) when any element is NaN or ±inf ----
+// The flag is one non-negative f32; for non-negative floats the int order of the bit patterns is
+// the float order, so an integer atomicMin keeps the smallest code.
+template <typename T>
+__device__ void nonfinite_mark_impl(const T* x, long n, int* flag, float code) {
+    bool bad = false;
+    GRID_STRIDE(i, n) bad |= !isfinite(to_f(x[i]));
+    if (bad) atomicMin(flag, __float_as_int(code));
+}
+
 // ---- extern "C" instances ----
 #define FOR_TYPES(M) M(f32, float) M(f16, f16_t) M(bf16, bf16_t)
 
@@ -727,6 +737,9 @@ INST_CAST(bf16, bf16_t, f16, f16_t)
     }                                                                                                        \
     extern "C" __global__ void fill_uniform_##N(T* y, long n, unsigned long long seed, float lo, float hi) { \
         fill_uniform_impl<T>(y, n, seed, lo, hi);                                                            \
+    }                                                                                                        \
+    extern "C" __global__ void nonfinite_mark_##N(const T* x, long n, int* flag, float code) {              \
+        nonfinite_mark_impl<T>(x, n, flag, code);                                                            \
     }
 FOR_TYPES(INST_TYPED)
 

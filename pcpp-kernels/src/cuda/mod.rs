@@ -78,6 +78,7 @@ pub fn kernel_names() -> Vec<String> {
             "bias_nchw",
             "timestep_emb",
             "fill_uniform",
+            "nonfinite_mark",
         ] {
             v.push(format!("{k}_{t}"));
         }
@@ -127,11 +128,65 @@ fn ptx_for(arch: &'static str) -> Result<Ptx> {
     if let Some(src) = cache.lock().ok().and_then(|c| c.get(arch).cloned()) {
         return Ok(Ptx::from_src(src));
     }
+    let disk = disk_cache_path(arch);
+    if let Some(src) = disk.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+        if let Ok(mut c) = cache.lock() {
+            c.insert(arch, src.clone());
+        }
+        return Ok(Ptx::from_src(src));
+    }
     let ptx = compile_kernels(arch)?;
+    let src = ptx.to_src();
+    if let Some(p) = disk {
+        // A cache that cannot be written only costs the next start-up a compile.
+        let _ = p
+            .parent()
+            .map(std::fs::create_dir_all)
+            .and_then(|_| write_new(&p, src.as_bytes()).ok());
+    }
     if let Ok(mut c) = cache.lock() {
-        c.insert(arch, ptx.to_src());
+        c.insert(arch, src);
     }
     Ok(ptx)
+}
+
+/// Where the PTX of [`KERNEL_SOURCE`] for `arch` is cached between runs:
+/// `$PCPP_CACHE_DIR`, else `$XDG_CACHE_HOME/pcpp`, else `~/.cache/pcpp`, in a file named by a hash
+/// of the source, the architecture and the NVRTC version (so an edited kernel or another NVRTC
+/// never reads a stale file). `PCPP_CACHE_DIR=` (empty) turns the cache off.
+fn disk_cache_path(arch: &str) -> Option<std::path::PathBuf> {
+    let dir = match std::env::var_os("PCPP_CACHE_DIR") {
+        Some(d) if d.is_empty() => return None,
+        Some(d) => std::path::PathBuf::from(d),
+        None => match std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+            Some(d) => std::path::PathBuf::from(d).join("pcpp"),
+            None => std::path::PathBuf::from(std::env::var_os("HOME")?).join(".cache/pcpp"),
+        },
+    };
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two out-parameters; only called after `compile_kernels`' library probe succeeded or
+    // before a compile that performs it (a missing library leaves the version at 0.0).
+    if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        let _ = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    }
+    let version = (major, minor);
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in KERNEL_SOURCE
+        .bytes()
+        .chain(arch.bytes())
+        .chain(format!("{version:?}").into_bytes())
+    {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    Some(dir.join(format!("kernels-{arch}-{h:016x}.ptx")))
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so a reader never sees a
+/// partial file.
+fn write_new(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
 }
 
 fn arch_name(major: i32, minor: i32) -> &'static str {
@@ -471,6 +526,66 @@ impl Gpu {
             }
         }
         Ok(true)
+    }
+
+    /// High-water marks of the device's stream-ordered memory pool, where every tensor, workspace
+    /// and graph buffer of this back-end is allocated: `(used, reserved)` bytes, the counterparts
+    /// of PyTorch's `max_memory_allocated` and `max_memory_reserved`.
+    pub fn pool_high_water(&self) -> Result<(u64, u64)> {
+        use drv_sys as sys;
+        let pool = self.default_pool()?;
+        let get = |attr| {
+            let mut v: u64 = 0;
+            // SAFETY: `pool` is the device's default pool; the attribute is a u64.
+            let r = unsafe {
+                sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut std::ffi::c_void)
+            };
+            if r == sys::CUresult::CUDA_SUCCESS {
+                Ok(v)
+            } else {
+                Err(self.err("cuMemPoolGetAttribute", r))
+            }
+        };
+        Ok((
+            get(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+            get(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
+        ))
+    }
+
+    /// Restarts both high-water marks of [`Gpu::pool_high_water`] at the current use.
+    pub fn reset_pool_high_water(&self) -> Result<()> {
+        use drv_sys as sys;
+        let pool = self.default_pool()?;
+        for attr in [
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+        ] {
+            let mut zero: u64 = 0;
+            // SAFETY: setting a high-water mark to 0 resets it (driver API contract).
+            let r = unsafe {
+                sys::cuMemPoolSetAttribute(
+                    pool,
+                    attr,
+                    &mut zero as *mut u64 as *mut std::ffi::c_void,
+                )
+            };
+            if r != sys::CUresult::CUDA_SUCCESS {
+                return Err(self.err("cuMemPoolSetAttribute", r));
+            }
+        }
+        Ok(())
+    }
+
+    fn default_pool(&self) -> Result<drv_sys::CUmemoryPool> {
+        let mut pool = std::mem::MaybeUninit::uninit();
+        // SAFETY: queries the default pool of this context's device.
+        let r =
+            unsafe { drv_sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), self.ctx.cu_device()) };
+        if r != drv_sys::CUresult::CUDA_SUCCESS {
+            return Err(self.err("cuDeviceGetDefaultMemPool", r));
+        }
+        // SAFETY: initialised by the successful call above.
+        Ok(unsafe { pool.assume_init() })
     }
 
     /// `(free, total)` device memory in bytes.

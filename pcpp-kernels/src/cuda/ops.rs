@@ -1388,3 +1388,23 @@ pub fn capture_graph(ordinal: usize, f: impl FnOnce() -> Result<()>) -> Result<C
         .ok_or_else(|| gpu.err("cuStreamEndCapture", "empty graph"))?;
     Ok(CudaGraphStep { graph, gpu })
 }
+
+/// `min(prev, code)` when `x` holds a NaN or ±inf, else `prev` (a one-element f32 flag; see
+/// [`crate::Tensor::nonfinite_flag`]). Two launches, no host wait.
+pub(crate) fn nonfinite_flag(x: &Tensor, prev: &Tensor, code: f32) -> Result<Tensor> {
+    let gpu = gpu_of(x)?;
+    let y = out(&gpu, &[1], DType::F32)?;
+    copy_into(prev, &y)?;
+    let n = x.numel();
+    if n > 0 {
+        let blocks = n.div_ceil(256).clamp(1, 1024) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(gpu, format!("nonfinite_mark_{}", tname(x.dtype())), cfg;
+            ptr(x)?, n as i64, ptr(&y)?, code);
+    }
+    Ok(y)
+}

@@ -5,7 +5,9 @@
 //! diffusers' `float32` operations in the same order.
 
 use super::config::{PredictionType, TimestepSpacing};
-use super::{check_step, Scheduler, SchedulerConfig, SchedulerError};
+use pcpp_kernels::Tensor;
+
+use super::{check_shapes, lin, Scheduler, SchedulerConfig, SchedulerError};
 
 /// DDIM scheduler (deterministic, η = 0).
 #[derive(Debug, Clone)]
@@ -65,51 +67,50 @@ impl Scheduler for DdimScheduler {
         &self.timesteps
     }
 
-    fn step(
+    fn advance(
         &mut self,
-        model_output: &[f32],
+        model_output: &Tensor,
         step: usize,
-        sample: &[f32],
-        _noise: Option<&[f32]>,
-    ) -> Result<Vec<f32>, SchedulerError> {
-        check_step(step, self.num_steps(), sample, model_output, "model_output")?;
+        sample: &Tensor,
+        _noise: Option<&Tensor>,
+    ) -> Result<Tensor, SchedulerError> {
+        check_shapes(step, self.num_steps(), sample, model_output, "model_output")?;
         let (alpha_t, alpha_prev) = self.alphas[step];
         let beta_t = 1.0 - alpha_t;
         let (sqrt_a, sqrt_b) = (alpha_t.sqrt(), beta_t.sqrt());
         let sqrt_a_prev = alpha_prev.sqrt();
         let dir_coef = (1.0 - alpha_prev - 0.0f32).sqrt();
-        let prediction = self.prediction;
-        let clip = self.clip_range;
-        Ok(sample
-            .iter()
-            .zip(model_output)
-            .map(|(&x, &m)| {
-                let (x0, eps) = match prediction {
-                    PredictionType::Epsilon => ((x - sqrt_b * m) / sqrt_a, m),
-                    PredictionType::Sample => (m, (x - sqrt_a * m) / sqrt_b),
-                    PredictionType::VPrediction => {
-                        (sqrt_a * x - sqrt_b * m, sqrt_a * m + sqrt_b * x)
-                    }
-                };
-                let x0 = clip.map_or(x0, |r| x0.clamp(-r, r));
-                sqrt_a_prev * x0 + dir_coef * eps
-            })
-            .collect())
+        let (x, m) = (sample, model_output);
+        let (x0, eps) = match self.prediction {
+            PredictionType::Epsilon => (
+                lin(&[(x, 1.0), (m, -sqrt_b)])?.affine(1.0 / sqrt_a, 0.0)?,
+                lin(&[(m, 1.0)])?,
+            ),
+            PredictionType::Sample => (
+                lin(&[(m, 1.0)])?,
+                lin(&[(x, 1.0), (m, -sqrt_a)])?.affine(1.0 / sqrt_b, 0.0)?,
+            ),
+            PredictionType::VPrediction => (
+                lin(&[(x, sqrt_a), (m, -sqrt_b)])?,
+                lin(&[(m, sqrt_a), (x, sqrt_b)])?,
+            ),
+        };
+        let x0 = match self.clip_range {
+            Some(r) => x0.clamp(-r, r)?,
+            None => x0,
+        };
+        lin(&[(&x0, sqrt_a_prev), (&eps, dir_coef)])
     }
 
-    fn add_noise(
+    fn noised(
         &self,
-        original: &[f32],
-        noise: &[f32],
+        original: &Tensor,
+        noise: &Tensor,
         step: usize,
-    ) -> Result<Vec<f32>, SchedulerError> {
-        check_step(step, self.num_steps(), original, noise, "noise")?;
+    ) -> Result<Tensor, SchedulerError> {
+        check_shapes(step, self.num_steps(), original, noise, "noise")?;
         let alpha = self.alphas[step].0;
         let (sqrt_a, sqrt_b) = (alpha.sqrt(), (1.0 - alpha).sqrt());
-        Ok(original
-            .iter()
-            .zip(noise)
-            .map(|(&x, &n)| sqrt_a * x + sqrt_b * n)
-            .collect())
+        lin(&[(original, sqrt_a), (noise, sqrt_b)])
     }
 }

@@ -11,7 +11,9 @@
 
 use super::config::{self, FinalSigmas, PredictionType, TimestepSpacing};
 use super::euler::interp_unit_grid;
-use super::{check_step, Scheduler, SchedulerConfig, SchedulerError};
+use pcpp_kernels::Tensor;
+
+use super::{check_shapes, lin, Scheduler, SchedulerConfig, SchedulerError};
 
 /// The second-order update's form (`solver_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,7 +32,7 @@ pub struct DpmSolverPp2MScheduler {
     /// Whether the last step is first-order (`lower_order_final` / `euler_at_final` / σ_last = 0).
     first_order_last: bool,
     /// x₀ prediction of the previous step, if any.
-    previous: Option<Vec<f32>>,
+    previous: Option<Tensor>,
 }
 
 /// σ → (αₜ, σₜ) = (1/√(σ² + 1), σ·αₜ), in `float32` as diffusers' `_sigma_to_alpha_sigma_t`.
@@ -221,20 +223,19 @@ impl DpmSolverPp2MScheduler {
     }
 
     /// The data prediction x₀ from the model output (diffusers' `convert_model_output`).
-    fn data_prediction(&self, model_output: &[f32], step: usize, sample: &[f32]) -> Vec<f32> {
+    fn data_prediction(
+        &self,
+        model_output: &Tensor,
+        step: usize,
+        sample: &Tensor,
+    ) -> Result<Tensor, SchedulerError> {
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step]);
         match self.prediction {
-            PredictionType::Epsilon => sample
-                .iter()
-                .zip(model_output)
-                .map(|(&x, &m)| (x - sigma_t * m) / alpha_t)
-                .collect(),
-            PredictionType::Sample => model_output.to_vec(),
-            PredictionType::VPrediction => sample
-                .iter()
-                .zip(model_output)
-                .map(|(&x, &m)| alpha_t * x - sigma_t * m)
-                .collect(),
+            PredictionType::Epsilon => {
+                Ok(lin(&[(sample, 1.0), (model_output, -sigma_t)])?.affine(1.0 / alpha_t, 0.0)?)
+            }
+            PredictionType::Sample => lin(&[(model_output, 1.0)]),
+            PredictionType::VPrediction => lin(&[(sample, alpha_t), (model_output, -sigma_t)]),
         }
     }
 }
@@ -244,15 +245,15 @@ impl Scheduler for DpmSolverPp2MScheduler {
         &self.timesteps
     }
 
-    fn step(
+    fn advance(
         &mut self,
-        model_output: &[f32],
+        model_output: &Tensor,
         step: usize,
-        sample: &[f32],
-        _noise: Option<&[f32]>,
-    ) -> Result<Vec<f32>, SchedulerError> {
-        check_step(step, self.num_steps(), sample, model_output, "model_output")?;
-        let x0 = self.data_prediction(model_output, step, sample);
+        sample: &Tensor,
+        _noise: Option<&Tensor>,
+    ) -> Result<Tensor, SchedulerError> {
+        check_shapes(step, self.num_steps(), sample, model_output, "model_output")?;
+        let x0 = self.data_prediction(model_output, step, sample)?;
         let last = step + 1 == self.num_steps();
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step + 1]);
         let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[step]);
@@ -262,44 +263,22 @@ impl Scheduler for DpmSolverPp2MScheduler {
         let ratio = sigma_t / sigma_s0;
         let b = alpha_t * ((-h).exp() - 1.0);
         let out = match self.previous.as_ref().filter(|p| {
-            // a second-order step needs the previous prediction of the same length
-            !(last && self.first_order_last) && p.len() == x0.len() && step > 0
+            // a second-order step needs the previous prediction of the same shape
+            !(last && self.first_order_last) && p.shape() == x0.shape() && step > 0
         }) {
-            None => sample
-                .iter()
-                .zip(&x0)
-                .map(|(&x, &d0)| ratio * x - b * d0)
-                .collect(),
+            None => lin(&[(sample, ratio), (&x0, -b)])?,
             Some(m1) => {
                 let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[step - 1]);
                 let lambda_s1 = lambda(alpha_s1, sigma_s1);
                 let h_0 = lambda_s0 - lambda_s1;
                 let r0 = h_0 / h;
                 let inv_r0 = 1.0 / r0;
+                let d1 = lin(&[(&x0, 1.0), (m1, -1.0)])?.affine(inv_r0, 0.0)?;
                 match self.solver {
-                    SolverType::Midpoint => {
-                        let c = 0.5 * b;
-                        sample
-                            .iter()
-                            .zip(&x0)
-                            .zip(m1)
-                            .map(|((&x, &d0), &m1)| {
-                                let d1 = inv_r0 * (d0 - m1);
-                                ratio * x - b * d0 - c * d1
-                            })
-                            .collect()
-                    }
+                    SolverType::Midpoint => lin(&[(sample, ratio), (&x0, -b), (&d1, -(0.5 * b))])?,
                     SolverType::Heun => {
                         let c = alpha_t * (((-h).exp() - 1.0) / h + 1.0);
-                        sample
-                            .iter()
-                            .zip(&x0)
-                            .zip(m1)
-                            .map(|((&x, &d0), &m1)| {
-                                let d1 = inv_r0 * (d0 - m1);
-                                ratio * x - b * d0 + c * d1
-                            })
-                            .collect()
+                        lin(&[(sample, ratio), (&x0, -b), (&d1, c)])?
                     }
                 }
             }
@@ -308,18 +287,14 @@ impl Scheduler for DpmSolverPp2MScheduler {
         Ok(out)
     }
 
-    fn add_noise(
+    fn noised(
         &self,
-        original: &[f32],
-        noise: &[f32],
+        original: &Tensor,
+        noise: &Tensor,
         step: usize,
-    ) -> Result<Vec<f32>, SchedulerError> {
-        check_step(step, self.num_steps(), original, noise, "noise")?;
+    ) -> Result<Tensor, SchedulerError> {
+        check_shapes(step, self.num_steps(), original, noise, "noise")?;
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step]);
-        Ok(original
-            .iter()
-            .zip(noise)
-            .map(|(&x, &n)| alpha_t * x + sigma_t * n)
-            .collect())
+        lin(&[(original, alpha_t), (noise, sigma_t)])
     }
 }

@@ -5,7 +5,9 @@
 //! `scale_model_input` and `step` repeat diffusers' `float32` operations in the same order.
 
 use super::config::{FinalSigmas, PredictionType, TimestepSpacing};
-use super::{check_step, Scheduler, SchedulerConfig, SchedulerError};
+use pcpp_kernels::Tensor;
+
+use super::{check_shapes, lin, Scheduler, SchedulerConfig, SchedulerError};
 
 /// Euler discrete scheduler (deterministic; `s_churn = 0`).
 #[derive(Debug, Clone)]
@@ -76,9 +78,31 @@ pub(super) fn init_noise_sigma(spacing: TimestepSpacing, sigmas: &[f32]) -> f32 
 }
 
 /// `scale_model_input` of the Euler samplers: the sample divided by `√(σ² + 1)`.
-pub(super) fn scale_by_sigma(sample: &[f32], sigma: f32) -> Vec<f32> {
+pub(super) fn scale_by_sigma(sample: &Tensor, sigma: f32) -> Result<Tensor, SchedulerError> {
     let denom = (sigma * sigma + 1.0).sqrt();
-    sample.iter().map(|&x| x / denom).collect()
+    lin(&[(sample, 1.0 / denom)])
+}
+
+/// The Euler samplers' data prediction x₀ at σ from the sample `x` and the model output `m`.
+pub(super) fn euler_x0(
+    prediction: PredictionType,
+    sigma: f32,
+    x: &Tensor,
+    m: &Tensor,
+) -> Result<Tensor, SchedulerError> {
+    match prediction {
+        PredictionType::Epsilon => lin(&[(x, 1.0), (m, -sigma)]),
+        PredictionType::VPrediction => {
+            let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
+            lin(&[(m, c_out), (x, 1.0 / (sigma * sigma + 1.0))])
+        }
+        PredictionType::Sample => lin(&[(m, 1.0)]),
+    }
+}
+
+/// The Euler derivative `(x − x₀)/σ`.
+pub(super) fn derivative(x: &Tensor, x0: &Tensor, sigma: f32) -> Result<Tensor, SchedulerError> {
+    Ok(lin(&[(x, 1.0), (x0, -1.0)])?.affine(1.0 / sigma, 0.0)?)
 }
 
 impl EulerDiscreteScheduler {
@@ -142,51 +166,33 @@ impl Scheduler for EulerDiscreteScheduler {
         f64::from(self.init_noise_sigma)
     }
 
-    fn scale_model_input(&self, sample: &[f32], step: usize) -> Result<Vec<f32>, SchedulerError> {
-        check_step(step, self.num_steps(), sample, sample, "sample")?;
-        Ok(scale_by_sigma(sample, self.sigmas[step]))
+    fn model_input(&self, sample: &Tensor, step: usize) -> Result<Tensor, SchedulerError> {
+        check_shapes(step, self.num_steps(), sample, sample, "sample")?;
+        scale_by_sigma(sample, self.sigmas[step])
     }
 
-    fn step(
+    fn advance(
         &mut self,
-        model_output: &[f32],
+        model_output: &Tensor,
         step: usize,
-        sample: &[f32],
-        _noise: Option<&[f32]>,
-    ) -> Result<Vec<f32>, SchedulerError> {
-        check_step(step, self.num_steps(), sample, model_output, "model_output")?;
+        sample: &Tensor,
+        _noise: Option<&Tensor>,
+    ) -> Result<Tensor, SchedulerError> {
+        check_shapes(step, self.num_steps(), sample, model_output, "model_output")?;
         let sigma = self.sigmas[step];
         let dt = self.sigmas[step + 1] - sigma;
-        let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
-        let c_skip_div = sigma * sigma + 1.0;
-        let prediction = self.prediction;
-        Ok(sample
-            .iter()
-            .zip(model_output)
-            .map(|(&x, &m)| {
-                let x0 = match prediction {
-                    PredictionType::Epsilon => x - sigma * m,
-                    PredictionType::VPrediction => m * c_out + x / c_skip_div,
-                    PredictionType::Sample => m,
-                };
-                let derivative = (x - x0) / sigma;
-                x + derivative * dt
-            })
-            .collect())
+        let x0 = euler_x0(self.prediction, sigma, sample, model_output)?;
+        let d = derivative(sample, &x0, sigma)?;
+        lin(&[(sample, 1.0), (&d, dt)])
     }
 
-    fn add_noise(
+    fn noised(
         &self,
-        original: &[f32],
-        noise: &[f32],
+        original: &Tensor,
+        noise: &Tensor,
         step: usize,
-    ) -> Result<Vec<f32>, SchedulerError> {
-        check_step(step, self.num_steps(), original, noise, "noise")?;
-        let sigma = self.sigmas[step];
-        Ok(original
-            .iter()
-            .zip(noise)
-            .map(|(&x, &n)| x + n * sigma)
-            .collect())
+    ) -> Result<Tensor, SchedulerError> {
+        check_shapes(step, self.num_steps(), original, noise, "noise")?;
+        lin(&[(original, 1.0), (noise, self.sigmas[step])])
     }
 }

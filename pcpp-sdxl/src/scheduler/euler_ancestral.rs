@@ -8,8 +8,10 @@
 //! `StepNoise` in the pipeline module). Operations follow diffusers' `float32` order.
 
 use super::config::{PredictionType, TimestepSpacing};
-use super::euler::{init_noise_sigma, scale_by_sigma, sigma_schedule};
-use super::{check_step, Scheduler, SchedulerConfig, SchedulerError};
+use pcpp_kernels::Tensor;
+
+use super::euler::{derivative, euler_x0, init_noise_sigma, scale_by_sigma, sigma_schedule};
+use super::{check_shapes, lin, Scheduler, SchedulerConfig, SchedulerError};
 
 /// Euler ancestral scheduler (stochastic: `step` needs a noise sample).
 #[derive(Debug, Clone)]
@@ -58,62 +60,44 @@ impl Scheduler for EulerAncestralScheduler {
         f64::from(self.init_noise_sigma)
     }
 
-    fn scale_model_input(&self, sample: &[f32], step: usize) -> Result<Vec<f32>, SchedulerError> {
-        check_step(step, self.num_steps(), sample, sample, "sample")?;
-        Ok(scale_by_sigma(sample, self.sigmas[step]))
+    fn model_input(&self, sample: &Tensor, step: usize) -> Result<Tensor, SchedulerError> {
+        check_shapes(step, self.num_steps(), sample, sample, "sample")?;
+        scale_by_sigma(sample, self.sigmas[step])
     }
 
-    fn step(
+    fn advance(
         &mut self,
-        model_output: &[f32],
+        model_output: &Tensor,
         step: usize,
-        sample: &[f32],
-        noise: Option<&[f32]>,
-    ) -> Result<Vec<f32>, SchedulerError> {
-        check_step(step, self.num_steps(), sample, model_output, "model_output")?;
+        sample: &Tensor,
+        noise: Option<&Tensor>,
+    ) -> Result<Tensor, SchedulerError> {
+        check_shapes(step, self.num_steps(), sample, model_output, "model_output")?;
         let noise = noise.ok_or(SchedulerError::MissingNoise)?;
-        check_step(step, self.num_steps(), sample, noise, "noise")?;
+        check_shapes(step, self.num_steps(), sample, noise, "noise")?;
         let sigma = self.sigmas[step];
         let sigma_to = self.sigmas[step + 1];
         let (from2, to2) = (sigma * sigma, sigma_to * sigma_to);
         let sigma_up = (to2 * (from2 - to2) / from2).sqrt();
         let sigma_down = (to2 - sigma_up * sigma_up).sqrt();
         let dt = sigma_down - sigma;
-        let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
-        let c_skip_div = sigma * sigma + 1.0;
-        let prediction = self.prediction;
-        Ok(sample
-            .iter()
-            .zip(model_output)
-            .zip(noise)
-            .map(|((&x, &m), &n)| {
-                let x0 = match prediction {
-                    PredictionType::VPrediction => m * c_out + x / c_skip_div,
-                    _ => x - sigma * m,
-                };
-                let derivative = (x - x0) / sigma;
-                let prev = x + derivative * dt;
-                prev + n * sigma_up
-            })
-            .collect())
+        // diffusers has no sample prediction here (refused at construction).
+        let x0 = euler_x0(self.prediction, sigma, sample, model_output)?;
+        let d = derivative(sample, &x0, sigma)?;
+        lin(&[(sample, 1.0), (&d, dt), (noise, sigma_up)])
     }
 
     fn needs_noise(&self) -> bool {
         true
     }
 
-    fn add_noise(
+    fn noised(
         &self,
-        original: &[f32],
-        noise: &[f32],
+        original: &Tensor,
+        noise: &Tensor,
         step: usize,
-    ) -> Result<Vec<f32>, SchedulerError> {
-        check_step(step, self.num_steps(), original, noise, "noise")?;
-        let sigma = self.sigmas[step];
-        Ok(original
-            .iter()
-            .zip(noise)
-            .map(|(&x, &n)| x + n * sigma)
-            .collect())
+    ) -> Result<Tensor, SchedulerError> {
+        check_shapes(step, self.num_steps(), original, noise, "noise")?;
+        lin(&[(original, 1.0), (noise, self.sigmas[step])])
     }
 }

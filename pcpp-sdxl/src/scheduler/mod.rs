@@ -1,19 +1,22 @@
 //! Diffusion schedulers: the denoising loop's bookkeeping between UNet calls.
 //!
-//! A [`Scheduler`] is built for a fixed number of inference steps and works on flat `f32` slices,
-//! so it is independent of the tensor type and of the latent layout. The pipeline does:
+//! A [`Scheduler`] is built for a fixed number of inference steps. Its updates are element-wise
+//! linear combinations of tensors of the latent's shape, computed with tensor ops in `f32` on the
+//! tensors' device, so on a GPU the latents never leave it (no host round trip per step). The
+//! pipeline does:
 //!
 //! ```text
 //! latents = noise * init_noise_sigma()
 //! for i in 0..timesteps().len():
-//!     model_in = scale_model_input(latents, i)
+//!     model_in = model_input(latents, i)
 //!     model_out = unet(model_in, timesteps()[i])        // plus classifier-free guidance
-//!     latents = step(model_out, i, latents, noise_for_step_if(needs_noise()))
+//!     latents = advance(model_out, i, latents, noise_for_step_if(needs_noise()))
 //! ```
 //!
-//! Each scheduler reproduces its diffusers 0.42 counterpart in diffusers' own precision
-//! (`float32` where diffusers uses torch `float32`, `float64` where it uses numpy), so results
-//! match the references bit for bit or within a few `f32` ulps. Samplers: Euler discrete, DDIM,
+//! The slice methods ([`Scheduler::scale_model_input`], [`Scheduler::step`],
+//! [`Scheduler::add_noise`]) run the same code on flat host `f32` data. Each scheduler reproduces
+//! its diffusers 0.42 counterpart: schedules in diffusers' own precision (`float32` where diffusers
+//! uses torch `float32`, `float64` where it uses numpy), updates in `float32` within a few ulps. Samplers: Euler discrete, DDIM,
 //! DPM-Solver++ 2M (plain and Karras σ) and Euler ancestral (stochastic: it takes one unit
 //! Gaussian noise sample per step from the caller). Image-to-image starts the loop at a later step
 //! from [`Scheduler::add_noise`] of the encoded image.
@@ -24,7 +27,13 @@ mod dpmpp;
 mod euler;
 mod euler_ancestral;
 
+mod lincomb;
+
 use std::str::FromStr;
+
+use pcpp_kernels::{KernelError, Tensor};
+
+pub(crate) use lincomb::lin;
 
 pub use config::{BetaSchedule, FinalSigmas, PredictionType, SchedulerConfig, TimestepSpacing};
 pub use ddim::DdimScheduler;
@@ -110,12 +119,16 @@ pub enum SchedulerError {
     /// A stochastic scheduler's `step` was called without noise.
     #[error("this scheduler needs a noise sample for every step")]
     MissingNoise,
+    /// A tensor op of an update failed (e.g. operands on different devices).
+    #[error("{0}")]
+    Tensor(#[from] KernelError),
 }
 
 /// One diffusion sampler, set up for a fixed number of inference steps.
 ///
 /// Steps are indexed `0..timesteps().len()` and must be taken in order (multistep samplers keep
-/// state between calls). All slices are flat views of the same latent tensor layout.
+/// state between calls). Tensors passed to one call have the same shape and device; results are
+/// `f32` on that device.
 pub trait Scheduler: Send {
     /// The timestep passed to the UNet at each step (integers for discrete schedules, stored as
     /// `f64`; Euler's are `float32` values in diffusers).
@@ -129,33 +142,33 @@ pub trait Scheduler: Send {
 
     /// The UNet input for step `step`: the sample itself unless the schedule scales it (Euler
     /// divides by √(σ² + 1)).
-    fn scale_model_input(&self, sample: &[f32], step: usize) -> Result<Vec<f32>, SchedulerError> {
-        check_step(step, self.num_steps(), sample, sample, "sample")?;
-        Ok(sample.to_vec())
+    fn model_input(&self, sample: &Tensor, step: usize) -> Result<Tensor, SchedulerError> {
+        check_shapes(step, self.num_steps(), sample, sample, "sample")?;
+        Ok(sample.to_dtype(pcpp_kernels::DType::F32)?)
     }
 
     /// Advances `sample` by step `step` given the (guided) model output; returns the new sample.
-    /// `noise` is a unit Gaussian sample of the same length, required when
-    /// [`Self::needs_noise`] is true and ignored otherwise.
-    fn step(
+    /// `noise` is a unit Gaussian sample of the same shape, required when [`Self::needs_noise`]
+    /// is true and ignored otherwise.
+    fn advance(
         &mut self,
-        model_output: &[f32],
+        model_output: &Tensor,
         step: usize,
-        sample: &[f32],
-        noise: Option<&[f32]>,
-    ) -> Result<Vec<f32>, SchedulerError>;
+        sample: &Tensor,
+        noise: Option<&Tensor>,
+    ) -> Result<Tensor, SchedulerError>;
 
     /// Noises clean latents `original` to the noise level of step `step`, where an image-to-image
     /// loop starts (diffusers' `add_noise` with the begin index set to `step`). `noise` is unit
-    /// Gaussian of the same length.
-    fn add_noise(
+    /// Gaussian of the same shape.
+    fn noised(
         &self,
-        original: &[f32],
-        noise: &[f32],
+        original: &Tensor,
+        noise: &Tensor,
         step: usize,
-    ) -> Result<Vec<f32>, SchedulerError>;
+    ) -> Result<Tensor, SchedulerError>;
 
-    /// Whether [`Self::step`] needs fresh noise (ancestral / stochastic samplers).
+    /// Whether [`Self::advance`] needs fresh noise (ancestral / stochastic samplers).
     fn needs_noise(&self) -> bool {
         false
     }
@@ -164,6 +177,48 @@ pub trait Scheduler: Send {
     fn num_steps(&self) -> usize {
         self.timesteps().len()
     }
+
+    /// [`Self::model_input`] on flat host data.
+    fn scale_model_input(&self, sample: &[f32], step: usize) -> Result<Vec<f32>, SchedulerError> {
+        check_step(step, self.num_steps(), sample, sample, "sample")?;
+        Ok(self.model_input(&flat(sample)?, step)?.to_vec_f32()?)
+    }
+
+    /// [`Self::advance`] on flat host data.
+    fn step(
+        &mut self,
+        model_output: &[f32],
+        step: usize,
+        sample: &[f32],
+        noise: Option<&[f32]>,
+    ) -> Result<Vec<f32>, SchedulerError> {
+        check_step(step, self.num_steps(), sample, model_output, "model_output")?;
+        if let Some(n) = noise {
+            check_step(step, self.num_steps(), sample, n, "noise")?;
+        }
+        let noise = noise.map(flat).transpose()?;
+        Ok(self
+            .advance(&flat(model_output)?, step, &flat(sample)?, noise.as_ref())?
+            .to_vec_f32()?)
+    }
+
+    /// [`Self::noised`] on flat host data.
+    fn add_noise(
+        &self,
+        original: &[f32],
+        noise: &[f32],
+        step: usize,
+    ) -> Result<Vec<f32>, SchedulerError> {
+        check_step(step, self.num_steps(), original, noise, "noise")?;
+        Ok(self
+            .noised(&flat(original)?, &flat(noise)?, step)?
+            .to_vec_f32()?)
+    }
+}
+
+/// A 1-d host tensor of `v`.
+fn flat(v: &[f32]) -> Result<Tensor, SchedulerError> {
+    Ok(Tensor::from_vec(&[v.len()], v.to_vec())?)
 }
 
 /// The schedulers that can be built.
@@ -280,6 +335,27 @@ pub(crate) fn check_step(
             what,
             actual: other.len(),
             expected: sample.len(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks a step index and that `other` has the shape of `sample`.
+pub(crate) fn check_shapes(
+    step: usize,
+    num_steps: usize,
+    sample: &Tensor,
+    other: &Tensor,
+    what: &'static str,
+) -> Result<(), SchedulerError> {
+    if step >= num_steps {
+        return Err(SchedulerError::StepOutOfRange { step, num_steps });
+    }
+    if other.shape() != sample.shape() {
+        return Err(SchedulerError::LengthMismatch {
+            what,
+            actual: other.numel(),
+            expected: sample.numel(),
         });
     }
     Ok(())
