@@ -235,3 +235,62 @@ fn broken_models_fail_cleanly() {
         assert!(!out.exists(), "{name}: left an output file");
     }
 }
+
+/// Sets the first element of f32 tensor `name` of a safetensors file to NaN.
+fn poison(path: &Path, name: &str) {
+    let mut b = fs::read(path).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let h: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
+    assert_eq!(h[name]["dtype"], "F32", "{name}");
+    let at = 8 + n + h[name]["data_offsets"][0].as_u64().unwrap() as usize;
+    b[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    fs::write(path, b).unwrap();
+}
+
+#[test]
+fn non_finite_weights_are_caught_at_their_stage_with_no_output() {
+    let cases: [(&str, &str, &str, &[&str]); 3] = [
+        (
+            "text_encoder",
+            "text_encoder/model.safetensors",
+            "embeddings.position_embedding.weight",
+            &["non-finite", "prompt embeddings"],
+        ),
+        (
+            "unet",
+            UNET_W,
+            "conv_in.weight",
+            &["non-finite", "the latents", "after denoising step 1 of 3"],
+        ),
+        (
+            "vae",
+            "vae/diffusion_pytorch_model.safetensors",
+            "decoder.conv_out.bias",
+            &["non-finite", "decoded image"],
+        ),
+    ];
+    let dir = std::env::temp_dir().join(format!("pcpp-nan-out-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let (out, lat) = (dir.join("nan.png"), dir.join("nan.safetensors"));
+    for (component, file, tensor, needles) in cases {
+        let m = model_with(&format!("nan-{component}"), component);
+        poison(&m.join(file), tensor);
+        let o = Command::new(env!("CARGO_BIN_EXE_pcpp-cli"))
+            .args(["generate", "--model", m.to_str().unwrap()])
+            .args(["--prompt", "a fox", "--steps", "3"])
+            .arg("--output")
+            .arg(&out)
+            .arg("--save-latents")
+            .arg(&lat)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{component}: succeeded: {err}");
+        assert!(!err.contains("panicked"), "{component}: panicked: {err}");
+        for n in needles {
+            assert!(err.contains(n), "{component}: message lacks `{n}`: {err}");
+        }
+        assert!(!out.exists(), "{component}: wrote an image");
+        assert!(!lat.exists(), "{component}: wrote latents");
+    }
+}

@@ -354,3 +354,35 @@ fn img2img_over_four_ranks_with_full_warmup_equals_one_rank() {
     let e = rel(&b, &a);
     assert!(e <= 1e-5, "4 ranks vs 1: rel err {e:.3e}");
 }
+
+#[test]
+fn an_init_image_off_the_size_grid_is_resized_like_diffusers() {
+    // 70×53 pixels: diffusers' VaeImageProcessor rounds each side down to a multiple of 8
+    // (Lanczos resize), giving a 64×48 output.
+    let src = image::open(init_png()).unwrap().to_rgb8();
+    let odd = image::imageops::resize(&src, 70, 53, image::imageops::FilterType::Triangle);
+    let init = tmp("odd-init.png");
+    odd.save(&init).unwrap();
+    let out = tmp("odd-out.png");
+    let o = cli(&[
+        "generate",
+        "--prompt",
+        "a fox",
+        "--steps",
+        "4",
+        "--init-image",
+        s(&init),
+        "--strength",
+        "0.5",
+        "--output",
+        s(&out),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let img = image::open(&out).unwrap();
+    assert_eq!((img.width(), img.height()), (64, 48), "{err}");
+    assert!(
+        !err.contains("--height"),
+        "names a flag the user never gave: {err}"
+    );
+}

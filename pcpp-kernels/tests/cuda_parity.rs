@@ -700,3 +700,46 @@ fn patch_parallel_group_norm_captures_into_a_graph() {
         &want.to_device(Device::Cpu).unwrap(),
     );
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn nonfinite_flag_matches_the_cpu_and_keeps_the_smallest_code() {
+    for d in DTYPES {
+        let mut v = vec![0.5f32; 100_003];
+        let clean = Tensor::from_vec(&[100_003], v.clone())
+            .unwrap()
+            .to_dtype(d)
+            .unwrap();
+        v[77_777] = f32::INFINITY;
+        let bad = Tensor::from_vec(&[100_003], v)
+            .unwrap()
+            .to_dtype(d)
+            .unwrap();
+        let f = Tensor::finite_flag(GPU).unwrap();
+        let f = gpu(&clean).nonfinite_flag(&f, 0.0).unwrap();
+        assert_eq!(f.flag_code().unwrap(), None, "{d}: clean tensor flagged");
+        let f = gpu(&bad).nonfinite_flag(&f, 12.0).unwrap();
+        let f = gpu(&bad).nonfinite_flag(&f, 30.0).unwrap();
+        assert_eq!(f.device(), GPU);
+        assert_eq!(f.flag_code().unwrap(), Some(12.0), "{d}");
+        let c = bad
+            .nonfinite_flag(&Tensor::finite_flag(Device::Cpu).unwrap(), 12.0)
+            .unwrap();
+        assert_eq!(c.flag_code().unwrap(), Some(12.0), "{d}: CPU twin");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn an_op_with_operands_on_two_devices_is_an_error_naming_both() {
+    let a = rnd(&[4, 8], DType::F32, 1);
+    let w = rnd(&[3, 8], DType::F32, 2);
+    for (name, r) in [
+        ("add", gpu(&a).add(&a).map(|_| ())),
+        ("linear", a.linear(&gpu(&w), None).map(|_| ())),
+        ("cat", Tensor::cat(&[&gpu(&a), &a], 0).map(|_| ())),
+    ] {
+        let e = r.expect_err(name).to_string();
+        assert!(e.contains("cuda:0") && e.contains("cpu"), "{name}: {e}");
+    }
+}
