@@ -28,6 +28,7 @@ ap.add_argument("--out", required=True)
 ap.add_argument("--case", action="append", default=[])
 ap.add_argument("--ranks", type=int, default=0)
 ap.add_argument("--prompt", default="a photo of an astronaut riding a horse on mars")
+ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for every pcpp-cli generate")
 a = ap.parse_args()
 cases = [tuple(int(x) for x in c.split(":")) for c in (a.case or ["1024:50"])]
 os.makedirs(a.out, exist_ok=True)
@@ -68,10 +69,11 @@ for size, steps in cases:
         sys.stderr.write(d.stdout + d.stderr)
         raise SystemExit("diffusers anchor failed")
     diff = json.loads(open(f"{a.out}/diffusers_{tag}.json").read())
-    base = [a.bin, "generate", "--device", "cuda", "--model", a.model, "--prompt", a.prompt, "--steps", str(steps),
-            "--guidance", "5", "--scheduler", "euler", "--height", str(size), "--width", str(size)]
+    base = [a.bin, "generate", "--device", "cuda", "--model", a.model, "--steps", str(steps),
+            "--guidance", "5", "--scheduler", "euler", "--height", str(size), "--width", str(size)] + a.extra
+    one = base + ["--prompt", a.prompt]
     png, lat, rep = f"{a.out}/pcpp_{tag}.png", f"{a.out}/pcpp_latents_{tag}.safetensors", f"{a.out}/pcpp_{tag}.json"
-    wall, err = run(base + ["--init-noise", f"{a.out}/noise_{tag}.safetensors", "--output", png, "--save-latents", lat,
+    wall, err = run(one + ["--init-noise", f"{a.out}/noise_{tag}.safetensors", "--output", png, "--save-latents", lat,
                             "--report", rep, "-v"], f"{a.out}/pcpp_{tag}.log")
     report = json.loads(open(rep).read())
     prompts = f"{a.out}/prompts.txt"
@@ -96,11 +98,18 @@ for size, steps in cases:
     c["ratio_image"] = warm / diff["image_s"]
     c["ratio_process"] = wall / (diff["load_s"] + diff["image_s"])
     c["ratio_peak"] = c["pcpp_peak_GiB"] / diff["peak_GiB"]
+    if len(summary["cases"]) == 0:
+        # The same image with the VAE in bf16 instead of diffusers' f32 upcast: speed and parity.
+        png_b, rep_b = f"{a.out}/pcpp_{tag}_vae_bf16.png", f"{a.out}/pcpp_{tag}_vae_bf16.json"
+        run(one + ["--init-noise", f"{a.out}/noise_{tag}.safetensors", "--output", png_b, "--vae-dtype", "bf16",
+                   "--report", rep_b], f"{a.out}/pcpp_{tag}_vae_bf16.log")
+        rb = json.loads(open(rep_b).read())
+        c["vae_bf16"] = {"decode_s": rb["decode_seconds"], "image_psnr_db": image_psnr(png_b, f"{a.out}/diffusers_{tag}.png")}
     summary["cases"].append(c)
     print(json.dumps(c), flush=True)
     if a.ranks > 1 and "ranks" not in summary:
         png_r = f"{a.out}/pcpp_{tag}_ranks{a.ranks}.png"
-        wall_r, err_r = run(base + ["--init-noise", f"{a.out}/noise_{tag}.safetensors", "--output", png_r,
+        wall_r, err_r = run(one + ["--init-noise", f"{a.out}/noise_{tag}.safetensors", "--output", png_r,
                                     "--transport", "local", "--ranks", str(a.ranks),
                                     "--report", f"{a.out}/pcpp_{tag}_ranks.json", "-v"], f"{a.out}/pcpp_ranks.log")
         rr = json.loads(open(f"{a.out}/pcpp_{tag}_ranks.json").read())

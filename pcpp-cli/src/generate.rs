@@ -208,6 +208,10 @@ pub struct GenerateArgs {
     /// A VAE whose config says `force_upcast` (SDXL's) decodes in f32 under f16, as diffusers does.
     #[arg(long)]
     pub dtype: Option<DType>,
+    /// The VAE's dtype (default: f32 where the VAE's config says `force_upcast` and --dtype is
+    /// f16, else --dtype).
+    #[arg(long)]
+    pub vae_dtype: Option<DType>,
     /// Print the load, encode, denoise and decode times of each image and the peak GPU memory.
     #[arg(long, short = 'v')]
     pub verbose: bool,
@@ -386,6 +390,12 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
     });
     if a.device == DeviceArg::Cpu && dtype != DType::F32 {
         bail!("--dtype {dtype}: the CPU computes in f32; use --dtype f32 or --device cuda");
+    }
+    if let Some(v) = a
+        .vae_dtype
+        .filter(|&v| a.device == DeviceArg::Cpu && v != DType::F32)
+    {
+        bail!("--vae-dtype {v}: the CPU computes in f32; use --vae-dtype f32 or --device cuda");
     }
     let portions = parse_portions(&a.portion)?;
     let index = ModelIndex::load(&model)?;
@@ -664,6 +674,7 @@ fn run_rank(
         device,
         encoders_and_decoder: rank == 0,
         vae_encoder: plan.init.is_some(),
+        vae_dtype: a.vae_dtype,
     };
     let gen = Generator::load(&plan.model, &opts, runtime.factory())?;
     pcpp_kernels::synchronize(device)?;

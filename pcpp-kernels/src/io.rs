@@ -7,6 +7,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
+use safetensors::tensor::Metadata;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::tensor::CpuStorage;
@@ -19,10 +20,14 @@ fn file_err(path: &Path, msg: impl Into<String>) -> KernelError {
     }
 }
 
-/// A memory-mapped safetensors file.
+/// A memory-mapped safetensors file whose header is parsed once, at open.
 pub struct SafetensorsFile {
     path: PathBuf,
     mmap: memmap2::Mmap,
+    /// The parsed header (names, dtypes, shapes, offsets).
+    meta: Metadata,
+    /// Where the data section starts (8 + header length).
+    data_start: usize,
 }
 
 impl SafetensorsFile {
@@ -41,7 +46,14 @@ impl SafetensorsFile {
         })?;
         SafeTensors::deserialize(&mmap)
             .map_err(|e| file_err(&path, format!("not a valid safetensors file: {e}")))?;
-        Ok(SafetensorsFile { path, mmap })
+        let (header, meta) = SafeTensors::read_metadata(&mmap)
+            .map_err(|e| file_err(&path, format!("not a valid safetensors file: {e}")))?;
+        Ok(SafetensorsFile {
+            path,
+            mmap,
+            meta,
+            data_start: 8 + header,
+        })
     }
 
     /// The file's path.
@@ -49,17 +61,13 @@ impl SafetensorsFile {
         &self.path
     }
 
-    fn st(&self) -> SafeTensors<'_> {
-        // Validated in `open`.
-        SafeTensors::deserialize(&self.mmap).expect("validated at open")
-    }
-
     /// Names and shapes of all tensors, sorted by name.
     pub fn shapes(&self) -> Vec<(String, Vec<usize>)> {
         let mut v: Vec<_> = self
-            .st()
-            .iter()
-            .map(|(n, t)| (n.to_string(), t.shape().to_vec()))
+            .meta
+            .tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.shape.clone()))
             .collect();
         v.sort();
         v
@@ -67,27 +75,27 @@ impl SafetensorsFile {
 
     /// Whether a tensor of this name exists.
     pub fn contains(&self, name: &str) -> bool {
-        self.st().tensor(name).is_ok()
+        self.meta.info(name).is_some()
     }
 
     /// The file's `__metadata__` map.
     pub fn metadata(&self) -> HashMap<String, String> {
-        SafeTensors::read_metadata(&self.mmap)
-            .ok()
-            .and_then(|(_, m)| m.metadata().clone())
-            .unwrap_or_default()
+        self.meta.metadata().clone().unwrap_or_default()
     }
 
     /// Loads tensor `name`, cast to `dtype` if given (floating data keeps its dtype otherwise).
+    /// The bytes are read straight from the mapping (validated at open), one copy into the
+    /// tensor's storage.
     pub fn load(&self, name: &str, dtype: Option<DType>) -> Result<Tensor> {
-        let st = self.st();
-        let view = st
-            .tensor(name)
-            .map_err(|_| file_err(&self.path, format!("tensor `{name}` is missing")))?;
-        let shape = view.shape().to_vec();
-        let data = view.data();
+        let info = self
+            .meta
+            .info(name)
+            .ok_or_else(|| file_err(&self.path, format!("tensor `{name}` is missing")))?;
+        let shape = info.shape.clone();
+        let (a, b) = info.data_offsets;
+        let data = &self.mmap[self.data_start + a..self.data_start + b];
         let bad = |msg: String| file_err(&self.path, format!("tensor `{name}`: {msg}"));
-        let storage = match view.dtype() {
+        let storage = match info.dtype {
             Dtype::F32 => CpuStorage::F32(bytemuck::pod_collect_to_vec::<u8, f32>(data)),
             Dtype::F16 => CpuStorage::F16(bytemuck::pod_collect_to_vec::<u8, f16>(data)),
             Dtype::BF16 => CpuStorage::BF16(bytemuck::pod_collect_to_vec::<u8, bf16>(data)),
@@ -117,6 +125,37 @@ impl SafetensorsFile {
             Some(d) => t.to_dtype(d),
             None => Ok(t),
         }
+    }
+}
+
+impl SafetensorsFile {
+    /// Tensor `name` on `device`, cast to `dtype` if given. On a GPU, floating data already in the
+    /// wanted dtype is copied from the mapped file straight to the device (no host copy);
+    /// anything else is converted on the host first.
+    pub fn load_on(
+        &self,
+        name: &str,
+        dtype: Option<DType>,
+        device: crate::Device,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let crate::Device::Cuda(ordinal) = device {
+            if let Some(info) = self.meta.info(name) {
+                let stored = match info.dtype {
+                    Dtype::F32 => Some(DType::F32),
+                    Dtype::F16 => Some(DType::F16),
+                    Dtype::BF16 => Some(DType::BF16),
+                    _ => None,
+                };
+                if let Some(d) = stored.filter(|&d| dtype.map_or(true, |w| w == d)) {
+                    let (a, b) = info.data_offsets;
+                    let bytes = &self.mmap[self.data_start + a..self.data_start + b];
+                    return crate::cuda::upload_bytes(&info.shape, d, bytes, ordinal)
+                        .map_err(|e| file_err(&self.path, format!("tensor `{name}`: {e}")));
+                }
+            }
+        }
+        self.load(name, dtype)?.to_device(device)
     }
 }
 

@@ -61,3 +61,21 @@ pub fn synchronize(device: Device) -> Result<()> {
         Device::Cuda(_) => Ok(()),
     }
 }
+
+/// Lets f32 convolutions on `device` use TF32 tensor cores, as PyTorch does by default (nothing on
+/// the CPU). See [`cuda::Gpu::set_conv_tf32`].
+pub fn set_conv_tf32(device: Device, on: bool) -> Result<()> {
+    match device {
+        Device::Cpu => Ok(()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => {
+            cuda::gpu(i)?.set_conv_tf32(on);
+            Ok(())
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => {
+            let _ = on;
+            Ok(())
+        }
+    }
+}

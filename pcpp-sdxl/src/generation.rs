@@ -86,17 +86,25 @@ pub struct LoadOptions {
     pub encoders_and_decoder: bool,
     /// Also load the VAE encoder (image-to-image, rank 0).
     pub vae_encoder: bool,
+    /// The VAE's dtype (`None`: [`vae_dtype`] of the config and `dtype`).
+    pub vae_dtype: Option<DType>,
 }
 
 /// The dtype the VAE runs in for a run in `dtype`: a VAE whose config says `force_upcast` (SDXL's
 /// overflows in f16) decodes in f32, as diffusers' SDXL pipelines do when they upcast it;
-/// otherwise the run's dtype.
+/// otherwise the run's dtype. An upcast VAE on a GPU lets its f32 convolutions use TF32 tensor
+/// cores, as PyTorch (and so diffusers) does by default.
 pub fn vae_dtype(config: &VaeConfig, dtype: DType) -> DType {
     if config.force_upcast && dtype == DType::F16 {
         DType::F32
     } else {
         dtype
     }
+}
+
+/// The result of a loading thread; a panic becomes an error naming what was loading.
+fn joined<T>(r: std::thread::Result<Result<Option<T>>>, what: &str) -> Result<Option<T>> {
+    r.map_err(|_| SdxlError::Input(format!("internal: loading the {what} panicked")))?
 }
 
 /// One rank's loaded pipeline.
@@ -168,22 +176,44 @@ impl Generator {
         let index = ModelIndex::load(dir)?;
         let scheduler = Pipeline::load_scheduler_config(dir)?;
         let vae_dir = dir.join("vae");
-        let vae_dt = vae_dtype(
-            &VaeConfig::from_file(&vae_dir.join("config.json"))?,
-            opts.dtype,
-        );
-        let text = opts
-            .encoders_and_decoder
-            .then(|| TextEncoders::load_on(dir, opts.dtype, opts.device))
-            .transpose()?;
-        let unet = UNet::load_on(&dir.join("unet"), opts.dtype, opts.device, factory)?;
-        let vae = opts
-            .encoders_and_decoder
-            .then(|| VaeDecoder::load_on(&vae_dir, vae_dt, opts.device))
-            .transpose()?;
-        let vae_encoder = (opts.encoders_and_decoder && opts.vae_encoder)
-            .then(|| VaeEncoder::load_on(&vae_dir, vae_dt, opts.device))
-            .transpose()?;
+        let vae_dt = match opts.vae_dtype {
+            Some(d) => d,
+            None => vae_dtype(
+                &VaeConfig::from_file(&vae_dir.join("config.json"))?,
+                opts.dtype,
+            ),
+        };
+        if vae_dt == DType::F32 && opts.dtype != DType::F32 {
+            pcpp_kernels::set_conv_tf32(opts.device, true)?;
+        }
+        let rank0 = opts.encoders_and_decoder;
+        // The components load side by side: host reads and conversions overlap, uploads share
+        // the device's stream.
+        let (text, unet, vae, vae_encoder) = std::thread::scope(|s| {
+            let text = s.spawn(|| {
+                rank0
+                    .then(|| TextEncoders::load_on(dir, opts.dtype, opts.device))
+                    .transpose()
+            });
+            let vae = s.spawn(|| {
+                rank0
+                    .then(|| VaeDecoder::load_on(&vae_dir, vae_dt, opts.device))
+                    .transpose()
+            });
+            let enc = s.spawn(|| {
+                (rank0 && opts.vae_encoder)
+                    .then(|| VaeEncoder::load_on(&vae_dir, vae_dt, opts.device))
+                    .transpose()
+            });
+            let unet = UNet::load_on(&dir.join("unet"), opts.dtype, opts.device, factory);
+            (
+                joined(text.join(), "text encoders"),
+                unet,
+                joined(vae.join(), "VAE decoder"),
+                joined(enc.join(), "VAE encoder"),
+            )
+        });
+        let (text, unet, vae, vae_encoder) = (text?, unet?, vae?, vae_encoder?);
         Ok(Generator {
             dir: dir.to_path_buf(),
             index,

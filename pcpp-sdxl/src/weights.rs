@@ -298,7 +298,7 @@ impl Weights {
         }
         let t = match &self.source {
             Source::File(f) => f
-                .load(name, Some(self.dtype))
+                .load_on(name, Some(self.dtype), self.device)
                 .map_err(|e| self.err(name, e.to_string()))?,
             Source::Random(r) => {
                 let shape = match &r.presence {

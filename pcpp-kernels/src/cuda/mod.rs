@@ -184,7 +184,10 @@ fn disk_cache_path(arch: &str) -> Option<std::path::PathBuf> {
 /// Writes `bytes` to `path` through a temporary file and a rename, so a reader never sees a
 /// partial file.
 fn write_new(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // One temporary file per call: threads of one process may write the cache at the same time.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
 }
@@ -233,6 +236,8 @@ pub struct Gpu {
     conv_algos:
         Mutex<HashMap<ops::ConvKey, (cudarc::cudnn::sys::cudnnConvolutionFwdAlgo_t, usize)>>,
     lt_algos: Mutex<HashMap<ops::LtKey, cudarc::cublaslt::sys::cublasLtMatmulAlgo_t>>,
+    /// Whether f32 convolutions may use TF32 tensor cores ([`Gpu::set_conv_tf32`]).
+    conv_tf32: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: every handle is used under `lock` or through the single stream in issue order; cudarc's
@@ -425,6 +430,7 @@ impl Gpu {
             lock: Mutex::new(()),
             conv_algos: Mutex::new(HashMap::new()),
             lt_algos: Mutex::new(HashMap::new()),
+            conv_tf32: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -586,6 +592,19 @@ impl Gpu {
         }
         // SAFETY: initialised by the successful call above.
         Ok(unsafe { pool.assume_init() })
+    }
+
+    /// Lets f32 convolutions use TF32 tensor cores (10-bit mantissa products, f32 accumulation),
+    /// as PyTorch does by default (`torch.backends.cudnn.allow_tf32`). Off unless asked for: the
+    /// f32 parity tests need full f32 products.
+    pub fn set_conv_tf32(&self, on: bool) {
+        self.conv_tf32
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether [`Gpu::set_conv_tf32`] is on.
+    pub fn conv_tf32(&self) -> bool {
+        self.conv_tf32.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// `(free, total)` device memory in bytes.

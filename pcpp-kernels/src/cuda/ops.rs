@@ -90,14 +90,30 @@ fn cfg_rows(rows: usize, threads: u32) -> LaunchConfig {
     }
 }
 
-/// Host tensor → device `ordinal`, keeping the dtype.
+/// Host tensor → device `ordinal`, keeping the dtype (copied straight from the host storage).
 pub(crate) fn upload(t: &Tensor, ordinal: usize) -> Result<Tensor> {
+    use crate::tensor::CpuStorage;
+    let bytes: &[u8] = match t.cpu_storage()? {
+        CpuStorage::F32(v) => bytemuck::cast_slice(v),
+        CpuStorage::F16(v) => bytemuck::cast_slice(v),
+        CpuStorage::BF16(v) => bytemuck::cast_slice(v),
+    };
+    upload_bytes(t.shape(), t.dtype(), bytes, ordinal)
+}
+
+/// Little-endian element bytes of `dtype` (e.g. a slice of a memory-mapped file) → a device
+/// tensor on `ordinal`, with no host copy in between.
+pub(crate) fn upload_bytes(
+    shape: &[usize],
+    dtype: DType,
+    bytes: &[u8],
+    ordinal: usize,
+) -> Result<Tensor> {
     let gpu = super::gpu(ordinal)?;
-    let bytes = t.to_bytes()?;
     Ok(Tensor::from_cuda(
-        t.shape(),
-        t.dtype(),
-        CudaStorage::from_bytes(&gpu, &bytes)?,
+        shape,
+        dtype,
+        CudaStorage::from_bytes(&gpu, bytes)?,
     ))
 }
 
@@ -572,6 +588,8 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, (m, k, n): (usize, usize, usize)) -
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct ConvKey {
     dtype: DType,
+    /// f32 convolutions may use TF32 ([`super::Gpu::set_conv_tf32`]).
+    tf32: bool,
     x: [i32; 4],
     w: [i32; 4],
     pad: [i32; 2],
@@ -635,10 +653,11 @@ where
             dnn_sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
         )
         .map_err(|x| de("conv descriptor", x))?;
-    let math = if key.dtype == DType::F32 {
-        dnn_sys::cudnnMathType_t::CUDNN_FMA_MATH
-    } else {
-        dnn_sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+    let math = match (key.dtype, key.tf32) {
+        (DType::F32, false) => dnn_sys::cudnnMathType_t::CUDNN_FMA_MATH,
+        // Lets cuDNN use TF32 tensor cores for f32 data (PyTorch's default for convolutions).
+        (DType::F32, true) => dnn_sys::cudnnMathType_t::CUDNN_DEFAULT_MATH,
+        _ => dnn_sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
     };
     cd.set_math_type(math).map_err(|x| de("math type", x))?;
     let fwd = cudarc::cudnn::ConvForward {
@@ -761,6 +780,7 @@ pub(crate) fn conv2d(
     let mut ys = gpu.alloc(dt, b * co * ho * wo)?;
     let key = ConvKey {
         dtype: dt,
+        tf32: dt == DType::F32 && gpu.conv_tf32(),
         x: [b as i32, ci as i32, hi as i32, wi as i32],
         w: [co as i32, ci as i32, kh as i32, kw as i32],
         pad: [ph as i32, pw as i32],
