@@ -203,3 +203,61 @@ fn more_ranks_than_latent_rows_is_an_error() {
     assert!(err.to_string().contains("band would be empty"), "{err}");
     assert!(decode_plan(&cfg, 4, 4, 8, 1, 4).is_err());
 }
+
+#[test]
+fn sdxl_decode_plan_matches_the_closed_form() {
+    // SDXL's VAE (channels 128, 256, 512, 512; 3 ResNets per decoder block; 32 groups) at 1024²
+    // (latent 128²) over 8 ranks, bf16 activations, one image.
+    let path = pcpp_tests::repo().join("models/sdxl-base-1.0-configs/vae/config.json");
+    let cfg = VaeConfig::from_file(&path).expect("config");
+    let (n, e) = (8u64, 2u64);
+    let plan = decode_plan(&cfg, 128, 128, n as usize, 1, e as usize).expect("plan");
+    let inv = decoder_inventory(&cfg);
+    let count = |f: &dyn Fn(&pcpp_core::LayerKind) -> bool| {
+        inv.layers.iter().filter(|l| f(&l.kind)).count()
+    };
+    assert_eq!(
+        count(&|k| matches!(k, pcpp_core::LayerKind::Conv { .. })),
+        33
+    );
+    assert_eq!(
+        count(&|k| matches!(k, pcpp_core::LayerKind::GroupNorm { .. })),
+        30
+    );
+    assert_eq!(
+        count(&|k| matches!(k, pcpp_core::LayerKind::SelfAttention { .. })),
+        1
+    );
+    // Σ C_in·W over the 3×3 convolutions, level by level (W = 128, 256, 512, 1024):
+    // conv_in, mid ResNets and up block 0 at the latent's width; each up-sampler conv one level
+    // finer; conv_out at the image's.
+    let c_w: u64 = (4 + 4 * 512 + 6 * 512) * 128
+        + (512 + 6 * 512) * 256
+        + (512 + 512 + 5 * 256) * 512
+        + (256 + 256 + 5 * 128 + 128) * 1024;
+    assert_eq!(c_w, 4_063_744);
+    let tokens = 128 * 128 / n;
+    for r in &plan.ranks {
+        let (i, t) = (r.world_rank, &r.warmup);
+        let what = format!("rank {i}");
+        // One halo row from each neighbour per convolution, sent symmetrically.
+        let neighbours = 2 - u64::from(i == 0) - u64::from(i == 7);
+        assert_eq!(t.recvd.halo, neighbours * c_w * e, "{what}");
+        assert_eq!(t.sent.halo, t.recvd.halo, "{what}");
+        // Mean and centred sum of squares per group, f32, to and from every other rank.
+        assert_eq!(t.recvd.group_norm, 30 * (n - 1) * 32 * 2 * 4, "{what}");
+        assert_eq!(t.sent.group_norm, t.recvd.group_norm, "{what}");
+        // Every other band's K and V (512 channels each).
+        assert_eq!(t.recvd.attention, (n - 1) * tokens * 2 * 512 * e, "{what}");
+        assert_eq!(t.sent.attention, (n - 1) * tokens * 2 * 512 * e, "{what}");
+        // The RGB bands (128 image rows each) to rank 0.
+        let band = 128 * 1024 * 3 * e;
+        let (sent, recvd) = if i == 0 {
+            (0, (n - 1) * band)
+        } else {
+            (band, 0)
+        };
+        assert_eq!((t.sent.gather, t.recvd.gather), (sent, recvd), "{what}");
+        assert_eq!(r.warmup, r.steady, "{what}: one pass");
+    }
+}
