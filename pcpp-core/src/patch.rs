@@ -129,7 +129,7 @@ impl Shared {
             })
     }
 
-    pub(crate) fn me(&self) -> usize {
+    fn me(&self) -> usize {
         if self.serial {
             0
         } else {
