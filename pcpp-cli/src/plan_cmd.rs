@@ -103,7 +103,24 @@ pub fn run(a: PlanArgs) -> Result<()> {
         elem_size: a.dtype.size(),
     };
     let inv = unet_inventory(&ucfg);
-    let p = plan(&inv, &setup, &cfg).map_err(|e| anyhow::anyhow!("--ranks {}: {e}", a.ranks))?;
+    let mut p =
+        plan(&inv, &setup, &cfg).map_err(|e| anyhow::anyhow!("--ranks {}: {e}", a.ranks))?;
+    // The VAE decode that follows: one synchronous pass over all ranks, one image.
+    if let Some(vae) = a.model.as_ref().map(|m| m.join("vae").join("config.json")) {
+        if vae.is_file() {
+            let vc = pcpp_sdxl::VaeConfig::from_file(&vae)?;
+            let d = pcpp_sdxl::vae_parallel::decode_plan(
+                &vc,
+                setup.height,
+                setup.width,
+                a.ranks,
+                1,
+                a.dtype.size(),
+            )
+            .map_err(|e| anyhow::anyhow!("VAE decode on --ranks {}: {e}", a.ranks))?;
+            p.decode = Some(Box::new(d));
+        }
+    }
     if a.json {
         return crate::output::print(&format!("{}\n", serde_json::to_string_pretty(&p)?));
     }
@@ -156,6 +173,33 @@ pub fn run(a: PlanArgs) -> Result<()> {
             mb(s.all_reduce as f64),
             mb(r.cache_bytes as f64)
         )?;
+    }
+    if let Some(d) = &p.decode {
+        writeln!(
+            out,
+            "VAE decode (one synchronous pass, every rank one band, image gathered to rank 0): received per rank {:.3} MB (max {:.3} MB)",
+            mb(d.bytes_per_warmup_step),
+            mb(d.ranks.iter().map(|r| r.warmup.recvd.total()).max().unwrap_or(0) as f64)
+        )?;
+        writeln!(
+            out,
+            "rank  image rows  recv MB  halo  attention  group-norm  gather  sent MB"
+        )?;
+        for r in &d.ranks {
+            let s = &r.warmup.recvd;
+            writeln!(
+                out,
+                "{:>4}  {:>10}  {:>7.3}  {:>5.2} {:>9.2}  {:>10.4}  {:>6.2}  {:>7.3}",
+                r.world_rank,
+                r.rows,
+                mb(s.total() as f64),
+                mb(s.halo as f64),
+                mb(s.attention as f64),
+                mb(s.group_norm as f64),
+                mb(s.gather as f64),
+                mb(r.warmup.sent.total() as f64)
+            )?;
+        }
     }
     crate::output::print(&out)
 }

@@ -16,6 +16,7 @@ pub mod layers;
 pub mod patch;
 pub mod plan;
 pub mod report;
+mod root_gather;
 pub mod schedule;
 pub mod tensor;
 mod watchdog;

@@ -49,7 +49,7 @@ use crate::report::{ByteCounters, RunReport, StepReport, Traffic};
 use crate::schedule::{GnMode, ParallelConfig, ParallelMode, SplitScheme, SyncMode};
 
 /// Tag of the output gather on the world transport.
-const GATHER_TAG: u32 = 0;
+pub(crate) const GATHER_TAG: u32 = 0;
 
 struct OpenStep {
     step: usize,
@@ -68,15 +68,15 @@ struct ReportState {
 
 /// State shared by the runtime and every layer it built.
 pub(crate) struct Shared {
-    world: Arc<dyn Transport>,
+    pub(crate) world: Arc<dyn Transport>,
     pub(crate) group: Arc<dyn Transport>,
     pub(crate) grid: ProcessGrid,
     pub(crate) grids: Vec<ProcessGrid>,
-    cfg: ParallelConfig,
-    plans: Vec<BandPlan>,
+    pub(crate) cfg: ParallelConfig,
+    pub(crate) plans: Vec<BandPlan>,
     /// Column bands (a band plan of the transposed image), for naive patch cutting columns.
     cplans: Vec<BandPlan>,
-    serial: bool,
+    pub(crate) serial: bool,
     cache: StaleCache,
     bytes: ByteCounters,
     report: Mutex<ReportState>,
@@ -154,7 +154,7 @@ impl Shared {
     }
 
     /// The level at which this rank's band has `rows` rows and the image `cols` columns.
-    fn level(&self, id: &str, rows: usize, cols: usize) -> Result<usize> {
+    pub(crate) fn level(&self, id: &str, rows: usize, cols: usize) -> Result<usize> {
         let plan = self.plan();
         plan.level_of(self.me(), rows)
             .filter(|&l| plan.width_at(l) == cols)
@@ -532,7 +532,7 @@ fn dims4(id: &str, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
 /// With one rank, or [`ParallelMode::Serial`], it behaves exactly like [`SerialFactory`] and
 /// [`crate::SerialDriver`].
 pub struct PatchRuntime {
-    sh: Arc<Shared>,
+    pub(crate) sh: Arc<Shared>,
     /// Aborts the job when a generation on the device path stops making progress.
     watchdog: Mutex<Option<crate::watchdog::Watchdog>>,
 }
@@ -550,6 +550,27 @@ impl PatchRuntime {
         levels: usize,
     ) -> Result<PatchRuntime> {
         Self::build(world, None, cfg_split, cfg, height, width, levels)
+    }
+
+    /// The runtime of a model that runs once per image (one pass, no denoising steps) over the
+    /// whole `world`: one band per rank (no CFG groups; uneven bands allowed), every exchange
+    /// synchronous with full context ([`ParallelConfig::one_pass`]), so the model's output equals
+    /// its serial output up to float rounding. `height × width` is its finest grid, which it
+    /// halves `levels` times (bands are cut at the coarsest level). Collective over `world`.
+    pub fn one_pass(
+        world: Arc<dyn Transport>,
+        height: usize,
+        width: usize,
+        levels: usize,
+    ) -> Result<PatchRuntime> {
+        Self::new(
+            world,
+            false,
+            ParallelConfig::one_pass(),
+            height,
+            width,
+            levels,
+        )
     }
 
     /// Like [`PatchRuntime::new`], with the transport of this rank's CFG group given instead of
@@ -732,6 +753,7 @@ impl PatchRuntime {
             total,
             min_stale_age: ages.0,
             max_stale_age: ages.1,
+            decode: None,
         }
     }
 

@@ -51,6 +51,11 @@ pub enum LayerKind {
     },
     /// Gather of the output bands.
     Gather,
+    /// Gather of the output bands to one world rank only (the others receive nothing).
+    GatherTo {
+        /// The world rank that receives the image.
+        root: usize,
+    },
     /// A feed-forward (per token; split by tensor parallelism). `channels` is the token width.
     FeedForward,
     /// The core of a ResNet block (conv1, norm2, conv2; split by tensor parallelism).
@@ -170,6 +175,10 @@ pub struct Plan {
     pub max_bytes_per_step: u64,
     /// Per world rank.
     pub ranks: Vec<RankPlan>,
+    /// The plan of a one-pass decode that follows the generation (see [`plan_one_pass`]), when
+    /// the caller adds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode: Option<Box<Plan>>,
 }
 
 /// Bytes of the message a group norm sends to each peer.
@@ -371,6 +380,34 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
                         rp.largest_kv_window_bytes = rp.largest_kv_window_bytes.max(own);
                     }
                 }
+                LayerKind::GatherTo { root } => {
+                    if root >= grids.len() {
+                        return Err(CoreError::Config(format!(
+                            "inventory layer `{}` gathers to rank {root} of a world of {}",
+                            l.id,
+                            grids.len()
+                        )));
+                    }
+                    if !serial {
+                        let line = b * c * wl * e;
+                        let rows_of = |r: usize| -> u64 {
+                            let gr = &grids[r];
+                            plans[gr.group].band(l.level, gr.patch()).len() as u64
+                        };
+                        let mut t = Traffic::default();
+                        if g.world_rank == root {
+                            let others: u64 = (0..grids.len())
+                                .filter(|&r| r != root)
+                                .map(|r| rows_of(r) * line)
+                                .sum();
+                            t.recvd.add(CommKind::Gather, others);
+                        } else {
+                            t.sent.add(CommKind::Gather, rows_of(g.world_rank) * line);
+                        }
+                        warm = warm.plus(&t);
+                        steady = steady.plus(&t);
+                    }
+                }
                 LayerKind::Gather => {
                     if !serial {
                         // Bytes of the gather when bands are rows (or columns) of the image.
@@ -443,7 +480,21 @@ fn finish(
             .max()
             .unwrap_or(0),
         ranks,
+        decode: None,
     }
+}
+
+/// The plan of a model that runs once per image over the whole world
+/// ([`crate::PatchRuntime::one_pass`], [`ParallelConfig::one_pass`]): one band per rank, every
+/// exchange synchronous with full context. `setup.height × setup.width` is the inventory's
+/// level-0 (finest) grid and `setup.cfg_split` is ignored (the world is one group). The pass is
+/// one synchronous step: each rank's bytes are its `warmup` traffic (equal to `steady`).
+pub fn plan_one_pass(inv: &Inventory, setup: &PlanSetup) -> Result<Plan> {
+    let setup = PlanSetup {
+        cfg_split: false,
+        ..*setup
+    };
+    plan(inv, &setup, &ParallelConfig::one_pass())
 }
 
 /// Tensor parallelism: every step moves the same bytes. Each self-attention, feed-forward and

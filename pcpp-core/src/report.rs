@@ -202,6 +202,10 @@ pub struct RunReport {
     /// Smallest and largest age (in steps) of any stale read; both 1 when the schedule is right.
     pub min_stale_age: u64,
     pub max_stale_age: u64,
+    /// Bytes of the decode that followed the generation (one synchronous pass over the whole
+    /// world, e.g. a patch-parallel VAE decode), per kind, when the caller adds them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode: Option<Traffic>,
 }
 
 /// Serde for portion lists: DistriFusion's unbounded portion (`+∞`) is written as the string

@@ -302,6 +302,19 @@ impl ParallelConfig {
         cfg
     }
 
+    /// Every layer exchanges fresh, full context synchronously at every step (DistriFusion's
+    /// context with [`SyncMode::Full`] and synchronous group norm): each layer's output equals the
+    /// serial one up to float rounding. For a model that runs once per image, where there is no
+    /// previous step to take stale context from.
+    pub fn one_pass() -> Self {
+        ParallelConfig {
+            gn_mode: GnMode::Sync,
+            warmup_steps: 1,
+            sync_mode: SyncMode::Full,
+            ..ParallelConfig::distrifusion()
+        }
+    }
+
     /// Tensor parallelism.
     pub fn tensor() -> Self {
         ParallelConfig {

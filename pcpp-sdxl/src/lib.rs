@@ -1,7 +1,7 @@
 //! pcpp-sdxl: Stable Diffusion XL on the pcpp engine.
 //!
 //! Diffusers-layout configs and weights, the two CLIP tokenizers and text encoders, the UNet (built
-//! through `pcpp-core`'s layer factory so that patch parallelism slots in), the VAE decoder, the
+//! through `pcpp-core`'s layer factory so that patch parallelism slots in), the VAE decoder (also built through the factory, for a decode cut into bands), the
 //! schedulers and the text-to-image pipeline.
 
 pub mod checkpoint;
@@ -18,6 +18,7 @@ pub mod unet;
 pub mod unet_config;
 pub mod vae;
 pub mod vae_encoder;
+pub mod vae_parallel;
 pub mod weights;
 pub mod wire;
 
@@ -37,3 +38,4 @@ pub use unet::{Taps, UNet, UNetCond};
 pub use unet_config::UNetConfig;
 pub use vae::{to_rgb8, to_unit_range, VaeConfig, VaeDecoder};
 pub use vae_encoder::{image_from_rgb8, VaeEncoder};
+pub use vae_parallel::{decode_bands, decode_runtime, decode_to_root, gather_image};

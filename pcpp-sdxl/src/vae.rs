@@ -6,12 +6,21 @@
 //! `layers_per_block + 1` ResNets each, nearest ×2 + 3×3 conv except the last) → GroupNorm → act →
 //! `conv_out`. Every GroupNorm in the decoder uses eps 1e-6; there is no time embedding. Encoder
 //! tensors (`encoder.*`, `quant_conv.*`) are accepted but not loaded.
+//!
+//! The convolutions, group norms and the attention are built through a `pcpp-core`
+//! [`LayerFactory`], as in the UNet: [`SerialFactory`] gives the plain serial decoder, the
+//! one-pass runtime of [`crate::vae_parallel`] a decoder of which each rank runs one band of rows.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::Deserialize;
 
-use pcpp_kernels::{Activation, Conv2dParams, DType, Device, Tensor};
+use pcpp_core::{
+    AttentionWeights, Conv2dLayer, GroupNormLayer, LayerFactory, SelfAttentionLayer, SerialFactory,
+    StepCtx,
+};
+use pcpp_kernels::{Activation, DType, Device, Tensor};
 
 use crate::error::{Result, SdxlError};
 use crate::weights::{find_weight_file, read_json, Weights};
@@ -186,47 +195,69 @@ impl VaeConfig {
     pub fn activation(&self) -> Activation {
         Activation::from_config_name(&self.act_fn).unwrap_or(Activation::Silu)
     }
+
+    /// Number of ×2 up-samplings of the decoder (one fewer than the blocks): the image is
+    /// `2^levels` times the latent in both directions.
+    pub fn levels(&self) -> usize {
+        self.block_out_channels.len().saturating_sub(1)
+    }
 }
 
 pub(crate) struct Conv {
-    pub(crate) w: Tensor,
-    pub(crate) b: Tensor,
-    pad: usize,
+    layer: Arc<dyn Conv2dLayer>,
 }
 
 impl Conv {
-    pub(crate) fn load(w: &Weights, p: &str, ci: usize, co: usize, k: usize) -> Result<Conv> {
+    /// A `k×k` convolution (stride 1, padding `k/2`) built through `f`; `p` is its weight prefix
+    /// and layer id.
+    pub(crate) fn load(
+        f: &dyn LayerFactory,
+        w: &Weights,
+        p: &str,
+        ci: usize,
+        co: usize,
+        k: usize,
+    ) -> Result<Conv> {
+        let weight = w.get(&format!("{p}.weight"), &[co, ci, k, k])?;
+        let bias = w.get(&format!("{p}.bias"), &[co])?;
         Ok(Conv {
-            w: w.get(&format!("{p}.weight"), &[co, ci, k, k])?,
-            b: w.get(&format!("{p}.bias"), &[co])?,
-            pad: k / 2,
+            layer: f.conv2d(p, weight, Some(bias), 1, k / 2)?,
         })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.conv2d(&self.w, Some(&self.b), Conv2dParams::new(1, self.pad))?)
+    pub(crate) fn forward(&self, ctx: &StepCtx, x: &Tensor) -> Result<Tensor> {
+        Ok(self.layer.forward(ctx, x)?)
     }
 }
 
 pub(crate) struct GroupNorm {
-    g: Tensor,
-    b: Tensor,
-    groups: usize,
+    layer: Arc<dyn GroupNormLayer>,
 }
 
 impl GroupNorm {
-    pub(crate) fn load(w: &Weights, p: &str, c: usize, groups: usize) -> Result<GroupNorm> {
+    pub(crate) fn load(
+        f: &dyn LayerFactory,
+        w: &Weights,
+        p: &str,
+        c: usize,
+        groups: usize,
+    ) -> Result<GroupNorm> {
+        let g = w.get(&format!("{p}.weight"), &[c])?;
+        let b = w.get(&format!("{p}.bias"), &[c])?;
         Ok(GroupNorm {
-            g: w.get(&format!("{p}.weight"), &[c])?,
-            b: w.get(&format!("{p}.bias"), &[c])?,
-            groups,
+            layer: f.group_norm(p, groups, EPS, Some(g), Some(b))?,
         })
     }
 
     /// GroupNorm, then `act` if given (SiLU fused into the kernel).
-    pub(crate) fn forward(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
+    pub(crate) fn forward(
+        &self,
+        ctx: &StepCtx,
+        x: &Tensor,
+        act: Option<Activation>,
+    ) -> Result<Tensor> {
         let fuse = act == Some(Activation::Silu);
-        let y = x.group_norm(self.groups, Some(&self.g), Some(&self.b), EPS, fuse)?;
+        let y = self.layer.forward(ctx, x, fuse)?;
         Ok(match act {
             Some(a) if !fuse => y.act(a)?,
             _ => y,
@@ -244,6 +275,7 @@ pub(crate) struct Resnet {
 
 impl Resnet {
     pub(crate) fn load(
+        f: &dyn LayerFactory,
         w: &Weights,
         p: &str,
         ci: usize,
@@ -251,78 +283,78 @@ impl Resnet {
         groups: usize,
     ) -> Result<Resnet> {
         Ok(Resnet {
-            norm1: GroupNorm::load(w, &format!("{p}.norm1"), ci, groups)?,
-            conv1: Conv::load(w, &format!("{p}.conv1"), ci, co, 3)?,
-            norm2: GroupNorm::load(w, &format!("{p}.norm2"), co, groups)?,
-            conv2: Conv::load(w, &format!("{p}.conv2"), co, co, 3)?,
+            norm1: GroupNorm::load(f, w, &format!("{p}.norm1"), ci, groups)?,
+            conv1: Conv::load(f, w, &format!("{p}.conv1"), ci, co, 3)?,
+            norm2: GroupNorm::load(f, w, &format!("{p}.norm2"), co, groups)?,
+            conv2: Conv::load(f, w, &format!("{p}.conv2"), co, co, 3)?,
             shortcut: if ci != co {
-                Some(Conv::load(w, &format!("{p}.conv_shortcut"), ci, co, 1)?)
+                Some(Conv::load(f, w, &format!("{p}.conv_shortcut"), ci, co, 1)?)
             } else {
                 None
             },
         })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x, Some(act))?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h, Some(act))?)?;
+    pub(crate) fn forward(&self, ctx: &StepCtx, x: &Tensor, act: Activation) -> Result<Tensor> {
+        let h = self.norm1.forward(ctx, x, Some(act))?;
+        let h = self.conv1.forward(ctx, &h)?;
+        let h = self.norm2.forward(ctx, &h, Some(act))?;
+        let h = self.conv2.forward(ctx, &h)?;
         let skip = match &self.shortcut {
-            Some(s) => s.forward(x)?,
+            Some(s) => s.forward(ctx, x)?,
             None => x.clone(),
         };
         Ok(skip.add(&h)?)
     }
 }
 
-struct Linear {
-    w: Tensor,
-    b: Tensor,
-}
-
-impl Linear {
-    fn load(w: &Weights, p: &str, c: usize) -> Result<Linear> {
-        Ok(Linear {
-            w: w.get(&format!("{p}.weight"), &[c, c])?,
-            b: w.get(&format!("{p}.bias"), &[c])?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.linear(&self.w, Some(&self.b))?)
-    }
-}
-
-/// Mid-block attention: GroupNorm, one head over all h·w tokens, residual.
+/// Mid-block attention: GroupNorm, one head over all h·w tokens (q/k/v and output projections
+/// with biases), residual.
 pub(crate) struct Attention {
     norm: GroupNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
+    attn: Arc<dyn SelfAttentionLayer>,
 }
 
 impl Attention {
-    pub(crate) fn load(w: &Weights, p: &str, c: usize, groups: usize) -> Result<Attention> {
+    pub(crate) fn load(
+        f: &dyn LayerFactory,
+        w: &Weights,
+        p: &str,
+        c: usize,
+        groups: usize,
+    ) -> Result<Attention> {
+        let norm = GroupNorm::load(f, w, &format!("{p}.group_norm"), c, groups)?;
+        let lin = |n: &str| -> Result<(Tensor, Tensor)> {
+            Ok((
+                w.get(&format!("{p}.{n}.weight"), &[c, c])?,
+                w.get(&format!("{p}.{n}.bias"), &[c])?,
+            ))
+        };
+        let (to_q, q_bias) = lin("to_q")?;
+        let (to_k, k_bias) = lin("to_k")?;
+        let (to_v, v_bias) = lin("to_v")?;
+        let (to_out, out_bias) = lin("to_out.0")?;
+        let weights = AttentionWeights {
+            to_q,
+            to_k,
+            to_v,
+            q_bias: Some(q_bias),
+            k_bias: Some(k_bias),
+            v_bias: Some(v_bias),
+            to_out,
+            out_bias: Some(out_bias),
+            heads: 1,
+        };
         Ok(Attention {
-            norm: GroupNorm::load(w, &format!("{p}.group_norm"), c, groups)?,
-            q: Linear::load(w, &format!("{p}.to_q"), c)?,
-            k: Linear::load(w, &format!("{p}.to_k"), c)?,
-            v: Linear::load(w, &format!("{p}.to_v"), c)?,
-            out: Linear::load(w, &format!("{p}.to_out.0"), c)?,
+            norm,
+            attn: f.self_attention(p, weights)?,
         })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, ctx: &StepCtx, x: &Tensor) -> Result<Tensor> {
         let (h, w) = (x.shape()[2], x.shape()[3]);
-        let t = self.norm.forward(x, None)?.to_tokens()?;
-        let (q, k, v) = (
-            self.q.forward(&t)?,
-            self.k.forward(&t)?,
-            self.v.forward(&t)?,
-        );
-        let a = self
-            .out
-            .forward(&Tensor::attention(&q, &k, &v, 1, false)?)?;
+        let t = self.norm.forward(ctx, x, None)?.to_tokens()?;
+        let a = self.attn.forward(ctx, &t, (h, w))?;
         Ok(a.from_tokens(h, w)?.add(x)?)
     }
 }
@@ -332,10 +364,16 @@ struct UpBlock {
     upsampler: Option<Conv>,
 }
 
-/// The VAE decoder of an `AutoencoderKL`.
+/// The VAE decoder of an `AutoencoderKL`, built through a [`LayerFactory`] like the UNet: with
+/// [`SerialFactory`] it decodes whole latents ([`VaeDecoder::decode`]); with the one-pass runtime
+/// of [`crate::vae_parallel::decode_runtime`] each rank decodes its band of latent rows
+/// ([`crate::vae_parallel::decode_bands`]).
 pub struct VaeDecoder {
     config: VaeConfig,
     act: Activation,
+    /// Element type and device of the weights (the decode runs in them on a GPU).
+    dtype: DType,
+    device: Device,
     post_quant_conv: Option<Conv>,
     conv_in: Conv,
     mid_resnets: [Resnet; 2],
@@ -355,15 +393,27 @@ impl VaeDecoder {
     /// [`VaeDecoder::load`] with the weights loaded straight to `device` (use bf16 or f32 on the
     /// GPU: the SDXL VAE overflows in f16).
     pub fn load_on(dir: &Path, dtype: DType, device: Device) -> Result<VaeDecoder> {
+        Self::load_with(dir, dtype, device, &SerialFactory)
+    }
+
+    /// [`VaeDecoder::load_on`] with the spatially coupled layers built through `factory` (e.g.
+    /// the runtime of [`crate::vae_parallel::decode_runtime`] for a patch-parallel decode).
+    pub fn load_with(
+        dir: &Path,
+        dtype: DType,
+        device: Device,
+        factory: &dyn LayerFactory,
+    ) -> Result<VaeDecoder> {
         let config = VaeConfig::from_file(&dir.join("config.json"))?;
         let weights = Weights::open(&find_weight_file(dir, "diffusion_pytorch_model")?, dtype)?
             .on_device(device);
-        Self::build(config, &weights)
+        Self::build(config, &weights, factory)
     }
 
     /// Builds the decoder from a config and a weight store holding at least its tensors (the
-    /// encoder's are ignored; any other unused tensor is an error).
-    pub fn build(config: VaeConfig, weights: &Weights) -> Result<VaeDecoder> {
+    /// encoder's are ignored; any other unused tensor is an error), its convolutions, group norms
+    /// and attention through `f`, in the order the decode runs them.
+    pub fn build(config: VaeConfig, weights: &Weights, f: &dyn LayerFactory) -> Result<VaeDecoder> {
         let w = weights;
         let c = &config;
         let g = c.norm_num_groups;
@@ -372,20 +422,25 @@ impl VaeDecoder {
         let top = rev[0];
 
         let post_quant_conv = if c.use_post_quant_conv {
-            Some(Conv::load(w, "post_quant_conv", lat, lat, 1)?)
+            Some(Conv::load(f, w, "post_quant_conv", lat, lat, 1)?)
         } else {
             None
         };
+        let conv_in = Conv::load(f, w, "decoder.conv_in", lat, top, 3)?;
         let mid = "decoder.mid_block";
-        let mid_resnets = [
-            Resnet::load(w, &format!("{mid}.resnets.0"), top, top, g)?,
-            Resnet::load(w, &format!("{mid}.resnets.1"), top, top, g)?,
-        ];
+        let resnet0 = Resnet::load(f, w, &format!("{mid}.resnets.0"), top, top, g)?;
         let mid_attention = if c.mid_block_add_attention {
-            Some(Attention::load(w, &format!("{mid}.attentions.0"), top, g)?)
+            Some(Attention::load(
+                f,
+                w,
+                &format!("{mid}.attentions.0"),
+                top,
+                g,
+            )?)
         } else {
             None
         };
+        let resnet1 = Resnet::load(f, w, &format!("{mid}.resnets.1"), top, top, g)?;
         let mut up_blocks = Vec::with_capacity(rev.len());
         let mut prev = top;
         for (i, &co) in rev.iter().enumerate() {
@@ -393,11 +448,18 @@ impl VaeDecoder {
             let resnets = (0..=c.layers_per_block)
                 .map(|j| {
                     let ci = if j == 0 { prev } else { co };
-                    Resnet::load(w, &format!("{p}.resnets.{j}"), ci, co, g)
+                    Resnet::load(f, w, &format!("{p}.resnets.{j}"), ci, co, g)
                 })
                 .collect::<Result<_>>()?;
             let upsampler = if i + 1 < rev.len() {
-                Some(Conv::load(w, &format!("{p}.upsamplers.0.conv"), co, co, 3)?)
+                Some(Conv::load(
+                    f,
+                    w,
+                    &format!("{p}.upsamplers.0.conv"),
+                    co,
+                    co,
+                    3,
+                )?)
             } else {
                 None
             };
@@ -405,15 +467,19 @@ impl VaeDecoder {
             prev = co;
         }
         let bottom = c.block_out_channels[0];
+        let norm_out = GroupNorm::load(f, w, "decoder.conv_norm_out", bottom, g)?;
+        let conv_out = Conv::load(f, w, "decoder.conv_out", bottom, c.out_channels, 3)?;
         let decoder = VaeDecoder {
             act: c.activation(),
+            dtype: weights.dtype(),
+            device: weights.device(),
             post_quant_conv,
-            conv_in: Conv::load(w, "decoder.conv_in", lat, top, 3)?,
-            mid_resnets,
+            conv_in,
+            mid_resnets: [resnet0, resnet1],
             mid_attention,
             up_blocks,
-            norm_out: GroupNorm::load(w, "decoder.conv_norm_out", bottom, g)?,
-            conv_out: Conv::load(w, "decoder.conv_out", bottom, c.out_channels, 3)?,
+            norm_out,
+            conv_out,
             config,
         };
         for name in weights.names() {
@@ -432,11 +498,18 @@ impl VaeDecoder {
 
     /// The dtype of the weights (what a decode computes in on a GPU).
     pub fn dtype(&self) -> DType {
-        self.conv_in.w.dtype()
+        self.dtype
+    }
+
+    /// Number of ×2 up-samplings between the latent and the image (the image is `2^levels`
+    /// times the latent in both directions).
+    pub fn levels(&self) -> usize {
+        self.config.levels()
     }
 
     /// Undoes the pipeline's latent scaling: `l / scaling_factor (+ shift_factor)`, or with
     /// per-channel statistics `l·std / scaling_factor + mean` (as diffusers' pipelines do).
+    /// Per pixel, so it applies to a band of latent rows as well.
     ///
     /// # Shapes
     /// `latents: [b, latent_channels, h, w]`.
@@ -460,7 +533,7 @@ impl VaeDecoder {
         }
     }
 
-    fn check_latents(&self, latents: &Tensor) -> Result<()> {
+    pub(crate) fn check_latents(&self, latents: &Tensor) -> Result<()> {
         match latents.shape() {
             &[b, c, h, w] if b > 0 && c == self.config.latent_channels && h > 0 && w > 0 => Ok(()),
             s => Err(SdxlError::Input(format!(
@@ -471,42 +544,48 @@ impl VaeDecoder {
     }
 
     /// Decodes latents that are already unscaled (see [`VaeDecoder::unscale_latents`]) into
-    /// images in roughly `[-1, 1]`.
+    /// images in roughly `[-1, 1]`, on a decoder built through [`SerialFactory`] (a decoder built
+    /// through a parallel runtime decodes bands: [`crate::vae_parallel::decode_bands`]).
     ///
     /// # Shapes
     /// `latents: [b, latent_channels, h, w]` → `[b, out_channels, h·2^(n−1), w·2^(n−1)]` with `n`
     /// the number of blocks.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         self.check_latents(latents)?;
+        self.forward(&StepCtx::serial(), latents)
+    }
+
+    /// The decoder's layers on `latents` (whole, or this rank's band of rows), in context `ctx`.
+    pub(crate) fn forward(&self, ctx: &StepCtx, latents: &Tensor) -> Result<Tensor> {
         let act = self.act;
         // On a GPU, decode in the weights' dtype (latents may come from an f16 UNet, and the SDXL
         // VAE overflows in f16); the CPU twin computes in f32 whatever the storage.
-        let w = &self.conv_in.w;
-        let latents = if w.is_cuda() {
-            latents.to_dtype(w.dtype())?.to_device(w.device())?
+        let latents = if matches!(self.device, Device::Cuda(_)) {
+            latents.to_dtype(self.dtype)?.to_device(self.device)?
         } else {
             latents.clone()
         };
         let mut x = match &self.post_quant_conv {
-            Some(c) => c.forward(&latents)?,
+            Some(c) => c.forward(ctx, &latents)?,
             None => latents,
         };
-        x = self.conv_in.forward(&x)?;
-        x = self.mid_resnets[0].forward(&x, act)?;
+        x = self.conv_in.forward(ctx, &x)?;
+        x = self.mid_resnets[0].forward(ctx, &x, act)?;
         if let Some(a) = &self.mid_attention {
-            x = a.forward(&x)?;
+            x = a.forward(ctx, &x)?;
         }
-        x = self.mid_resnets[1].forward(&x, act)?;
+        x = self.mid_resnets[1].forward(ctx, &x, act)?;
         for block in &self.up_blocks {
             for r in &block.resnets {
-                x = r.forward(&x, act)?;
+                x = r.forward(ctx, &x, act)?;
             }
             if let Some(up) = &block.upsampler {
-                x = up.forward(&x.upsample_nearest2x()?)?;
+                // Nearest ×2 is row-local: a band of rows becomes the band of twice the rows.
+                x = up.forward(ctx, &x.upsample_nearest2x()?)?;
             }
         }
-        let x = self.norm_out.forward(&x, Some(act))?;
-        self.conv_out.forward(&x)
+        let x = self.norm_out.forward(ctx, &x, Some(act))?;
+        self.conv_out.forward(ctx, &x)
     }
 }
 

@@ -14,6 +14,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use pcpp_core::{SerialFactory, StepCtx};
 use pcpp_kernels::{Activation, Conv2dParams, DType, Device, Tensor};
 
 use crate::error::{Result, SdxlError};
@@ -38,9 +39,15 @@ fn yes() -> bool {
     true
 }
 
+/// The weights of a down-sampling convolution (3×3, stride 2, padded asymmetrically).
+struct Downsampler {
+    w: Tensor,
+    b: Tensor,
+}
+
 struct DownBlock {
     resnets: Vec<Resnet>,
-    downsampler: Option<Conv>,
+    downsampler: Option<Downsampler>,
 }
 
 /// The VAE encoder of an `AutoencoderKL`.
@@ -48,6 +55,8 @@ pub struct VaeEncoder {
     config: VaeConfig,
     in_channels: usize,
     act: Activation,
+    /// Element type of the weights.
+    dtype: DType,
     conv_in: Conv,
     down_blocks: Vec<DownBlock>,
     mid_resnets: [Resnet; 2],
@@ -88,6 +97,7 @@ impl VaeEncoder {
         let weights = Weights::open(&find_weight_file(dir, "diffusion_pytorch_model")?, dtype)?
             .on_device(device);
         let w = &weights;
+        let f = &SerialFactory;
         let c = &config;
         let g = c.norm_num_groups;
         let lat = c.latent_channels;
@@ -101,17 +111,15 @@ impl VaeEncoder {
             let resnets = (0..c.layers_per_block)
                 .map(|j| {
                     let ci = if j == 0 { prev } else { co };
-                    Resnet::load(w, &format!("{p}.resnets.{j}"), ci, co, g)
+                    Resnet::load(f, w, &format!("{p}.resnets.{j}"), ci, co, g)
                 })
                 .collect::<Result<_>>()?;
             let downsampler = if i + 1 < chans.len() {
-                Some(Conv::load(
-                    w,
-                    &format!("{p}.downsamplers.0.conv"),
-                    co,
-                    co,
-                    3,
-                )?)
+                let d = format!("{p}.downsamplers.0.conv");
+                Some(Downsampler {
+                    w: w.get(&format!("{d}.weight"), &[co, co, 3, 3])?,
+                    b: w.get(&format!("{d}.bias"), &[co])?,
+                })
             } else {
                 None
             };
@@ -123,28 +131,35 @@ impl VaeEncoder {
         }
         let mid = "encoder.mid_block";
         let mid_resnets = [
-            Resnet::load(w, &format!("{mid}.resnets.0"), top, top, g)?,
-            Resnet::load(w, &format!("{mid}.resnets.1"), top, top, g)?,
+            Resnet::load(f, w, &format!("{mid}.resnets.0"), top, top, g)?,
+            Resnet::load(f, w, &format!("{mid}.resnets.1"), top, top, g)?,
         ];
         let mid_attention = if c.mid_block_add_attention {
-            Some(Attention::load(w, &format!("{mid}.attentions.0"), top, g)?)
+            Some(Attention::load(
+                f,
+                w,
+                &format!("{mid}.attentions.0"),
+                top,
+                g,
+            )?)
         } else {
             None
         };
         let quant_conv = if keys.use_quant_conv {
-            Some(Conv::load(w, "quant_conv", 2 * lat, 2 * lat, 1)?)
+            Some(Conv::load(f, w, "quant_conv", 2 * lat, 2 * lat, 1)?)
         } else {
             None
         };
         let encoder = VaeEncoder {
             act: c.activation(),
+            dtype: weights.dtype(),
             in_channels: keys.in_channels,
-            conv_in: Conv::load(w, "encoder.conv_in", keys.in_channels, chans[0], 3)?,
+            conv_in: Conv::load(f, w, "encoder.conv_in", keys.in_channels, chans[0], 3)?,
             down_blocks,
             mid_resnets,
             mid_attention,
-            norm_out: GroupNorm::load(w, "encoder.conv_norm_out", top, g)?,
-            conv_out: Conv::load(w, "encoder.conv_out", top, 2 * lat, 3)?,
+            norm_out: GroupNorm::load(f, w, "encoder.conv_norm_out", top, g)?,
+            conv_out: Conv::load(f, w, "encoder.conv_out", top, 2 * lat, 3)?,
             quant_conv,
             config,
         };
@@ -158,7 +173,7 @@ impl VaeEncoder {
 
     /// The dtype of the weights.
     pub fn dtype(&self) -> DType {
-        self.conv_in.w.dtype()
+        self.dtype
     }
 
     /// The latent distribution's mean (unscaled) of images in `[-1, 1]`.
@@ -184,10 +199,11 @@ impl VaeEncoder {
             }
         }
         let act = self.act;
-        let mut x = self.conv_in.forward(image)?;
+        let ctx = &StepCtx::serial();
+        let mut x = self.conv_in.forward(ctx, image)?;
         for block in &self.down_blocks {
             for r in &block.resnets {
-                x = r.forward(&x, act)?;
+                x = r.forward(ctx, &x, act)?;
             }
             if let Some(d) = &block.downsampler {
                 let p = Conv2dParams {
@@ -200,15 +216,15 @@ impl VaeEncoder {
                 x = x.conv2d(&d.w, Some(&d.b), p)?;
             }
         }
-        x = self.mid_resnets[0].forward(&x, act)?;
+        x = self.mid_resnets[0].forward(ctx, &x, act)?;
         if let Some(a) = &self.mid_attention {
-            x = a.forward(&x)?;
+            x = a.forward(ctx, &x)?;
         }
-        x = self.mid_resnets[1].forward(&x, act)?;
-        let x = self.norm_out.forward(&x, Some(act))?;
-        let mut moments = self.conv_out.forward(&x)?;
+        x = self.mid_resnets[1].forward(ctx, &x, act)?;
+        let x = self.norm_out.forward(ctx, &x, Some(act))?;
+        let mut moments = self.conv_out.forward(ctx, &x)?;
         if let Some(q) = &self.quant_conv {
-            moments = q.forward(&moments)?;
+            moments = q.forward(ctx, &moments)?;
         }
         Ok(moments.narrow(1, 0, self.config.latent_channels)?)
     }

@@ -64,6 +64,8 @@ enum Presence {
     /// Every name a model asks for, except the ones diffusers' `UNet2DConditionModel` never has
     /// (the q/k/v projection biases of its attention layers, built with `bias=False`).
     UNetDefaults,
+    /// Every name a model asks for.
+    Every,
 }
 
 struct RandomSource {
@@ -80,6 +82,7 @@ impl RandomSource {
             Presence::UNetDefaults => ![".to_q.bias", ".to_k.bias", ".to_v.bias"]
                 .iter()
                 .any(|s| name.ends_with(s)),
+            Presence::Every => true,
         }
     }
 }
@@ -184,6 +187,22 @@ impl Weights {
                 origin: config.to_path_buf(),
                 seed,
                 presence: Presence::UNetDefaults,
+            }),
+            dtype,
+            device: Device::Cpu,
+            used: Mutex::new(BTreeSet::new()),
+            kept: None,
+        }
+    }
+
+    /// Random weights with every tensor a model asks for, in the shape it asks for (e.g. a VAE
+    /// of a made-up configuration). `origin` (its config) is only named in error messages.
+    pub fn random_every(origin: &Path, dtype: DType, seed: u64) -> Weights {
+        Weights {
+            source: Source::Random(RandomSource {
+                origin: origin.to_path_buf(),
+                seed,
+                presence: Presence::Every,
             }),
             dtype,
             device: Device::Cpu,
@@ -303,7 +322,7 @@ impl Weights {
             Source::Random(r) => {
                 let shape = match &r.presence {
                     Presence::Manifest(m) => m.get(name).map_or(shape, |s| s.as_slice()),
-                    Presence::UNetDefaults => shape,
+                    Presence::UNetDefaults | Presence::Every => shape,
                 };
                 Tensor::from_f32(shape, random_values(r.seed, name, shape), self.dtype)
                     .map_err(|e| self.err(name, e.to_string()))?
