@@ -212,6 +212,10 @@ pub struct GenerateArgs {
     /// f16, else --dtype).
     #[arg(long)]
     pub vae_dtype: Option<DType>,
+    /// With several ranks, decode the image on rank 0 alone instead of every rank decoding its
+    /// band (the parallel decode is exact: the same image).
+    #[arg(long)]
+    pub serial_decode: bool,
     /// Print the load, encode, denoise and decode times of each image and the peak GPU memory.
     #[arg(long, short = 'v')]
     pub verbose: bool,
@@ -669,14 +673,22 @@ fn run_rank(
     )
     .map_err(|e| anyhow::anyhow!("--ranks {}: {e}", world.size()))?;
     pcpp_kernels::reset_memory_high_water(device)?;
+    // Several ranks decode their bands of the image together (the result equals the serial
+    // decode), unless asked to decode on rank 0 alone.
+    let parallel_decode = world.size() > 1 && !a.serial_decode;
     let opts = LoadOptions {
         dtype: plan.dtype,
         device,
-        encoders_and_decoder: rank == 0,
+        encoders: rank == 0,
+        decoder: rank == 0 && !parallel_decode,
         vae_encoder: plan.init.is_some(),
         vae_dtype: a.vae_dtype,
     };
-    let gen = Generator::load(&plan.model, &opts, runtime.factory())?;
+    let mut gen = Generator::load(&plan.model, &opts, runtime.factory())?;
+    if parallel_decode {
+        gen.decode_in_parallel(world.clone(), lat[2], lat[3])
+            .map_err(|e| anyhow::anyhow!("parallel VAE decode over {} ranks: {e}", world.size()))?;
+    }
     pcpp_kernels::synchronize(device)?;
     let load_seconds = t_load.elapsed().as_secs_f64();
     if rank == 0 {
@@ -716,7 +728,9 @@ fn run_rank(
             }
             (r, _, _) => r?,
         };
-        let report = serde_json::to_vec(&runtime.report())?;
+        let mut own = runtime.report();
+        own.decode = gen.decode_traffic();
+        let report = serde_json::to_vec(&own)?;
         let all = world.all_gather(CommKind::Control, &report)?;
         let Some(img) = res else {
             continue;

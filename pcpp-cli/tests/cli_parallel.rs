@@ -159,3 +159,63 @@ fn distrifusion_report_records_unbounded_portion() {
     assert_eq!(r["per_rank"][0]["portion"][0], "inf");
     assert_eq!(r["per_rank"][0]["mode"], "distrifusion");
 }
+
+/// Every rank decodes its band of the image (the default with several ranks): the PNG equals the
+/// one decoded on rank 0 alone, and each rank's decode bytes are those `plan` gives for the decode.
+#[test]
+fn parallel_decode_through_generate_equals_the_serial_decode_and_the_plan() {
+    let serial_png = tmp("sdec-serial.png");
+    let (args, _) = common::gen_args("sdec-serial", 2, &["--ranks", "3", "--serial-decode"]);
+    run(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let want = image::open(&serial_png).unwrap().to_rgb8();
+    for ranks in ["2", "3", "4"] {
+        let (png, report) = (
+            tmp(&format!("pdec{ranks}.png")),
+            tmp(&format!("pdec{ranks}.json")),
+        );
+        let (mut args, _) = common::gen_args(&format!("pdec{ranks}"), 2, &["--ranks", ranks]);
+        args.extend(["--report".into(), report.to_str().unwrap().into()]);
+        run(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        let got = image::open(&png).unwrap().to_rgb8();
+        let worst = got
+            .as_raw()
+            .iter()
+            .zip(want.as_raw())
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        if ranks == "3" {
+            // Same denoising (3 ranks either way): only the decode differs.
+            assert!(worst <= 1, "{ranks} ranks: PNG differs by {worst} levels");
+        }
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        let plan: serde_json::Value = serde_json::from_str(&run(&[
+            "plan",
+            "--model",
+            repo().join("models/tiny-sdxl").to_str().unwrap(),
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--ranks",
+            ranks,
+            "--dtype",
+            "f32",
+            "--json",
+        ]))
+        .unwrap();
+        for (rank, rep) in r["per_rank"].as_array().unwrap().iter().enumerate() {
+            let want = &plan["decode"]["ranks"][rank]["warmup"];
+            for dir in ["sent", "recvd"] {
+                for kind in ["halo", "attention", "group_norm", "gather"] {
+                    assert_eq!(
+                        rep["decode"][dir][kind], want[dir][kind],
+                        "{ranks} ranks, rank {rank}, decode {dir} {kind}"
+                    );
+                }
+            }
+            assert!(rep["decode"]["recvd"]["halo"].as_u64().unwrap() > 0);
+        }
+    }
+}

@@ -11,8 +11,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use std::sync::Arc;
+
 use pcpp_comm::{CommKind, Transport};
-use pcpp_core::{LayerFactory, StepDriver};
+use pcpp_core::{LayerFactory, PatchRuntime, StepDriver};
 use pcpp_kernels::{DType, Device, Tensor};
 
 use crate::denoise::{
@@ -25,6 +27,7 @@ use crate::unet::UNet;
 use crate::unet_config::UNetConfig;
 use crate::vae::{VaeConfig, VaeDecoder};
 use crate::vae_encoder::VaeEncoder;
+use crate::vae_parallel::{decode_runtime, decode_to_root};
 use crate::wire;
 
 /// Sizes of a pipeline folder read from its UNet and VAE configs, without weights.
@@ -82,8 +85,11 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Where every model lives.
     pub device: Device,
-    /// Load the text encoders and the VAE decoder (rank 0; other ranks only denoise).
-    pub encoders_and_decoder: bool,
+    /// Load the text encoders (rank 0; other ranks receive the embeddings).
+    pub encoders: bool,
+    /// Load the serial VAE decoder (rank 0 of a run that decodes on one rank; a parallel decode
+    /// loads its decoder with [`Generator::decode_in_parallel`] instead).
+    pub decoder: bool,
     /// Also load the VAE encoder (image-to-image, rank 0).
     pub vae_encoder: bool,
     /// The VAE's dtype (`None`: [`vae_dtype`] of the config and `dtype`).
@@ -125,6 +131,12 @@ pub struct Generator {
     pub scheduler: SchedulerConfig,
     /// The dtype the UNet and text encoders compute in.
     pub dtype: DType,
+    /// The VAE's dtype.
+    pub vae_dtype: DType,
+    /// Where the models live.
+    pub device: Device,
+    /// The runtime of a patch-parallel decode over every rank ([`Generator::decode_in_parallel`]).
+    pub decode_runtime: Option<PatchRuntime>,
 }
 
 /// One image to make.
@@ -186,22 +198,22 @@ impl Generator {
         if vae_dt == DType::F32 && opts.dtype != DType::F32 {
             pcpp_kernels::set_conv_tf32(opts.device, true)?;
         }
-        let rank0 = opts.encoders_and_decoder;
+        let (encoders, decoder) = (opts.encoders, opts.decoder);
         // The components load side by side: host reads and conversions overlap, uploads share
         // the device's stream.
         let (text, unet, vae, vae_encoder) = std::thread::scope(|s| {
             let text = s.spawn(|| {
-                rank0
+                encoders
                     .then(|| TextEncoders::load_on(dir, opts.dtype, opts.device))
                     .transpose()
             });
             let vae = s.spawn(|| {
-                rank0
+                decoder
                     .then(|| VaeDecoder::load_on(&vae_dir, vae_dt, opts.device))
                     .transpose()
             });
             let enc = s.spawn(|| {
-                (rank0 && opts.vae_encoder)
+                (encoders && opts.vae_encoder)
                     .then(|| VaeEncoder::load_on(&vae_dir, vae_dt, opts.device))
                     .transpose()
             });
@@ -223,7 +235,38 @@ impl Generator {
             vae_encoder,
             scheduler,
             dtype: opts.dtype,
+            vae_dtype: vae_dt,
+            device: opts.device,
+            decode_runtime: None,
         })
+    }
+
+    /// Makes every rank of `world` decode its band of the final latents (issue-free exact
+    /// decode: every exchange synchronous, see [`crate::vae_parallel`]) and rank 0 gather the
+    /// image: each rank loads the VAE decoder through the decode runtime of `latent_h × latent_w`
+    /// latents. Collective over `world`.
+    pub fn decode_in_parallel(
+        &mut self,
+        world: Arc<dyn Transport>,
+        latent_h: usize,
+        latent_w: usize,
+    ) -> Result<()> {
+        let vae_dir = self.dir.join("vae");
+        let config = VaeConfig::from_file(&vae_dir.join("config.json"))?;
+        let rt = decode_runtime(world, &config, latent_h, latent_w)?;
+        self.vae = Some(VaeDecoder::load_with(
+            &vae_dir,
+            self.vae_dtype,
+            self.device,
+            rt.factory(),
+        )?);
+        self.decode_runtime = Some(rt);
+        Ok(())
+    }
+
+    /// The bytes of the last parallel decode by kind (`None` for a decode on one rank).
+    pub fn decode_traffic(&self) -> Option<pcpp_core::Traffic> {
+        self.decode_runtime.as_ref().map(|rt| rt.report().total)
     }
 
     /// One image on every rank of `world` (all ranks call this together, with the same job
@@ -273,21 +316,27 @@ impl Generator {
             progress,
         )?;
         let denoise = t1.elapsed().as_secs_f64();
-        if !rank0 {
-            return Ok(None);
-        }
         let t2 = Instant::now();
-        let vae = self
-            .vae
-            .as_ref()
-            .ok_or_else(|| SdxlError::Input("internal: rank 0 has no VAE decoder loaded".into()))?;
-        let image = vae.decode(&vae.unscale_latents(&out.latents)?)?;
+        let decoded = match (&self.decode_runtime, &self.vae) {
+            (Some(rt), Some(vae)) => decode_to_root(vae, rt, &vae.unscale_latents(&out.latents)?)?,
+            (None, Some(vae)) if rank0 => Some(vae.decode(&vae.unscale_latents(&out.latents)?)?),
+            (_, None) if rank0 => {
+                return Err(SdxlError::Input(
+                    "internal: rank 0 has no VAE decoder loaded".into(),
+                ))
+            }
+            _ => None,
+        };
+        let (Some(image), true) = (decoded, rank0) else {
+            return Ok(None);
+        };
+        let vae_dt = self.vae_dtype;
         let flag = image.nonfinite_flag(&Tensor::finite_flag(image.device())?, 0.0)?;
         if flag.flag_code()?.is_some() {
             return Err(SdxlError::NonFinite {
                 stage: "the decoded image".into(),
-                at: format!(" (VAE decode in {})", vae.dtype()),
-                hint: overflow_hint(vae.dtype()),
+                at: format!(" (VAE decode in {vae_dt})"),
+                hint: overflow_hint(vae_dt),
             });
         }
         let image = image.to_device(Device::Cpu)?.to_dtype(DType::F32)?;
