@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use pcpp_core::{plan, ParallelConfig, ParallelMode, PlanSetup};
 use pcpp_kernels::DType;
@@ -56,22 +56,9 @@ pub fn run(a: PlanArgs) -> Result<()> {
     let (cfg_path, vae_scale) = match (&a.model, &a.config) {
         (Some(m), _) => {
             let vae = m.join("vae").join("config.json");
+            // A folder with only the UNet config (e.g. a config-only download) has SDXL's factor.
             let scale = if vae.is_file() {
-                let text =
-                    std::fs::read_to_string(&vae).with_context(|| format!("{}", vae.display()))?;
-                let v: serde_json::Value = serde_json::from_str(&text)
-                    .with_context(|| format!("{}: not valid JSON", vae.display()))?;
-                let n = v["block_out_channels"]
-                    .as_array()
-                    .map(|a| a.len())
-                    .unwrap_or(4);
-                if n == 0 || n > 8 {
-                    bail!(
-                        "{}: `block_out_channels` must list 1 to 8 blocks",
-                        vae.display()
-                    );
-                }
-                1usize << (n - 1)
+                pcpp_sdxl::VaeConfig::from_file(&vae)?.scale_factor()
             } else {
                 8
             };
