@@ -741,3 +741,25 @@ fn an_op_with_operands_on_two_devices_is_an_error_naming_both() {
         assert!(e.contains("cuda:0") && e.contains("cpu"), "{name}: {e}");
     }
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn convolutions_too_large_for_cudnn_run_in_bands_with_the_same_result() {
+    use pcpp_kernels::cuda::conv2d_in_bands;
+    let x = gpu(&rnd(&[2, 8, 37, 21], DType::F32, 5));
+    let w = gpu(&rnd(&[6, 8, 3, 3], DType::F32, 6));
+    let bias = gpu(&rnd(&[6], DType::F32, 7));
+    for (stride, pad) in [(1, 1), (2, 1), (1, 0)] {
+        let p = Conv2dParams::new(stride, pad);
+        let whole = x.conv2d(&w, Some(&bias), p).unwrap();
+        // A limit of a few rows forces many bands, the first and last padded on one side only.
+        let banded = conv2d_in_bands(&x, &w, Some(&bias), p, 4 * 2 * 8 * 21 * 4).unwrap();
+        assert_eq!(banded.shape(), whole.shape(), "stride {stride} pad {pad}");
+        let d = banded
+            .to_device(Device::Cpu)
+            .unwrap()
+            .max_abs_diff(&whole.to_device(Device::Cpu).unwrap())
+            .unwrap();
+        assert!(d <= 1e-5, "stride {stride} pad {pad}: max|Δ| {d:e}");
+    }
+}

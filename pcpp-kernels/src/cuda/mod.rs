@@ -28,7 +28,7 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 use crate::{DType, Device, KernelError, Result};
 
 pub(crate) use ops::*;
-pub use ops::{capture_graph, copy_into, CudaGraphStep};
+pub use ops::{capture_graph, conv2d_in_bands, copy_into, CudaGraphStep};
 
 /// CUDA C source of every hand-written kernel (compiled at run time by NVRTC).
 pub const KERNEL_SOURCE: &str = include_str!("kernels.cu");

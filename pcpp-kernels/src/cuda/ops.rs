@@ -748,12 +748,59 @@ mod num_traits_one {
 }
 
 /// 2-D convolution, NCHW, through cuDNN (asymmetric padding by an explicit zero-padded copy).
+/// Largest tensor, in bytes, that cuDNN's convolution descriptors accept.
+const CUDNN_MAX_BYTES: usize = (1 << 31) - 1;
+
+/// A convolution; where the input or the output is larger than cuDNN takes
+/// ([`CUDNN_MAX_BYTES`]), it runs in bands of output rows, each from the input rows it reads
+/// (the band's edge rows padded only where the image is), and the bands are concatenated.
 pub(crate) fn conv2d(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
     p: Conv2dParams,
 ) -> Result<Tensor> {
+    conv2d_in_bands(x, w, bias, p, CUDNN_MAX_BYTES)
+}
+
+/// [`crate::Tensor::conv2d`] of device tensors, in bands of output rows wherever the input or the
+/// output is larger than `max_bytes` (each band's input and output stay under half of it, at most
+/// 1 GiB). Public so that the banding can be tested at small sizes.
+pub fn conv2d_in_bands(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    p: Conv2dParams,
+    max_bytes: usize,
+) -> Result<Tensor> {
+    let es = x.dtype().size();
+    let (b, ci, h, wd) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+    let (co, kh, kw) = (w.shape()[0], w.shape()[2], w.shape()[3]);
+    let ho = (h + p.pad_top + p.pad_bottom - kh) / p.stride + 1;
+    let wo = (wd + p.pad_left + p.pad_right - kw) / p.stride + 1;
+    let (in_row, out_row) = (b * ci * wd * es, b * co * wo * es);
+    if (in_row * h).max(out_row * ho) <= max_bytes {
+        return conv2d_whole(x, w, bias, p);
+    }
+    let per_out_row = (in_row * p.stride).max(out_row).max(1);
+    let rows = ((max_bytes / 2).min(1 << 30) / per_out_row).max(1);
+    let mut bands = Vec::with_capacity(ho.div_ceil(rows));
+    for o0 in (0..ho).step_by(rows) {
+        let o1 = (o0 + rows).min(ho);
+        let top = (o0 * p.stride) as isize - p.pad_top as isize;
+        let bottom = ((o1 - 1) * p.stride + kh) as isize - p.pad_top as isize;
+        let (i0, i1) = (top.max(0) as usize, bottom.min(h as isize) as usize);
+        let band = Conv2dParams {
+            pad_top: (i0 as isize - top) as usize,
+            pad_bottom: (bottom - i1 as isize) as usize,
+            ..p
+        };
+        bands.push(conv2d_whole(&x.narrow(2, i0, i1 - i0)?, w, bias, band)?);
+    }
+    Tensor::cat(&bands.iter().collect::<Vec<_>>(), 2)
+}
+
+fn conv2d_whole(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) -> Result<Tensor> {
     let gpu = gpu_of(x)?;
     let dt = x.dtype();
     let w = if w.dtype() != dt {
