@@ -2,13 +2,14 @@
 //!
 //! Diffusers-layout configs and weights, the two CLIP tokenizers and text encoders, the UNet (built
 //! through `pcpp-core`'s layer factory so that patch parallelism slots in), the VAE decoder, the
-//! schedulers and the text-to-image pipeline.
+//! schedulers, the text-to-image pipeline and LoRA adapters.
 
 pub mod checkpoint;
 pub mod clip;
 pub mod error;
 pub mod graph;
 pub mod inventory;
+pub mod lora;
 pub mod pipeline;
 pub mod scheduler;
 pub mod tokenizer;
@@ -22,6 +23,7 @@ pub use clip::{ClipOutput, ClipTextConfig, ClipTextModel};
 pub use error::{Result, SdxlError};
 pub use graph::StepGraphs;
 pub use inventory::unet_inventory;
+pub use lora::{ComponentLora, LoraComponent, LoraSet, LoraSpec};
 pub use pipeline::{
     denoise, denoise_with, derived_step_noise, img2img_start_step, DenoiseParams, DenoiseStart,
     MicroCond, ModelIndex, Pipeline, PromptEmbeds, StepNoise, TextEncoders,
