@@ -552,10 +552,13 @@ fn read_file(spec: &LoraSpec) -> Result<LoraFile> {
             }
             None => match &target {
                 Target::Dotted(m) => {
-                    if !alphas.contains_key(&component) {
-                        alphas.insert(component, PeftAlpha::read(&path, &meta, component)?);
-                    }
-                    alphas[&component].alpha(m, rank)
+                    let a = match alphas.entry(component) {
+                        std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::btree_map::Entry::Vacant(e) => {
+                            e.insert(PeftAlpha::read(&path, &meta, component)?)
+                        }
+                    };
+                    a.alpha(m, rank)
                 }
                 Target::Flat(_) => (rank as f32, false),
             },
