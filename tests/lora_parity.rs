@@ -476,7 +476,7 @@ fn lora_flag_values() {
         ":0.5",
         "",
     ] {
-        let e = LoraSpec::parse(bad).err().expect(bad).to_string();
+        let e = LoraSpec::parse(bad).expect_err(bad).to_string();
         assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
     }
 }
