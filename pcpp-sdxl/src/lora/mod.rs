@@ -365,8 +365,18 @@ fn classify(name: &str) -> std::result::Result<Classified, String> {
             (m, Part::Up)
         } else if let Some(m) = rest.strip_suffix(".alpha") {
             (m, Part::Alpha)
+        } else if rest.contains("lora.down.")
+            || rest.contains("lora.up.")
+            || rest.contains("lora_linear_layer.")
+        {
+            return Err("the old diffusers LoRA format (`lora.down` / `lora.up` / `lora_linear_layer`) is not supported; convert the file with diffusers (`load_lora_weights`, then `save_lora_weights`)".to_string());
         } else {
-            return Err(unsupported(rest.rsplit('.').next().unwrap_or(rest)));
+            let tail = rest.rsplitn(3, '.').take(2).collect::<Vec<_>>();
+            return Err(unsupported(&format!(
+                "{}.{}",
+                tail.last().unwrap_or(&""),
+                tail[0]
+            )));
         };
         let module = if c.is_text() {
             raw.strip_prefix("text_model.").unwrap_or(raw)

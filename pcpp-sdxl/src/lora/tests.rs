@@ -167,9 +167,8 @@ fn spec_parsing() {
 }
 
 /// A base store with a linear `[3, 5]` and a conv `[3, 2, 3, 3]` weight, and a bias.
-fn base_file(dtype: DType) -> PathBuf {
-    let tag = format!("base-{dtype:?}");
-    let path = tmp(&tag);
+fn base_file(dtype: DType, test: &str) -> PathBuf {
+    let path = tmp(&format!("base-{test}"));
     let lin = values(&[3, 5], 1).to_dtype(dtype).unwrap();
     let conv = values(&[3, 2, 3, 3], 2).to_dtype(dtype).unwrap();
     let bias = values(&[3], 3).to_dtype(dtype).unwrap();
@@ -215,7 +214,7 @@ fn merged_by_hand(w: &Tensor, up: &Tensor, down: &Tensor, factor: f32) -> Vec<f3
 
 #[test]
 fn linear_and_conv_adapters_merge_as_up_times_down() {
-    let base = base_file(DType::F32);
+    let base = base_file(DType::F32, "merge");
     let (ld, lu) = (values(&[2, 5], 4), values(&[3, 2], 5));
     let (cd, cu) = (values(&[2, 2, 3, 3], 6), values(&[3, 2, 1, 1], 7));
     let lora = write(
@@ -272,7 +271,7 @@ fn linear_and_conv_adapters_merge_as_up_times_down() {
 
 #[test]
 fn half_precision_stores_merge_in_f32_and_round_once() {
-    let base = base_file(DType::F16);
+    let base = base_file(DType::F16, "f16");
     let (ld, lu) = (values(&[1, 5], 8), values(&[3, 1], 9));
     let lora = write(
         "merge-f16",
@@ -312,7 +311,7 @@ fn half_precision_stores_merge_in_f32_and_round_once() {
 
 #[test]
 fn kept_stores_merge_once() {
-    let base = base_file(DType::F32);
+    let base = base_file(DType::F32, "kept");
     let lora = write(
         "kept",
         &[
@@ -379,7 +378,7 @@ fn broken_pairs_are_errors_naming_key_and_file() {
 
 #[test]
 fn conv_kernel_mismatch_is_a_shape_error() {
-    let base = base_file(DType::F32);
+    let base = base_file(DType::F32, "kernel");
     let lora = write(
         "kernel",
         &[
@@ -405,7 +404,7 @@ fn conv_kernel_mismatch_is_a_shape_error() {
 
 #[test]
 fn sgm_names_need_the_unet_layout() {
-    let base = base_file(DType::F32);
+    let base = base_file(DType::F32, "sgm");
     let lora = write(
         "sgm",
         &[
