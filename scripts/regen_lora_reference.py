@@ -208,6 +208,8 @@ def make_peft(pipe, out_dir):
             targets = {t.rsplit(".", 1)[-1] for t in targets}
         cfg = LoraConfig(r=rank, lora_alpha=alpha, alpha_pattern=dict(pattern), target_modules=sorted(targets))
         metadata[comp] = cfg.to_dict()
+        # LoraConfig holds target_modules as a set: sorted, so that the file is reproducible
+        metadata[comp]["target_modules"] = sorted(targets)
     StableDiffusionXLPipeline.save_lora_weights(
         out_dir, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"],
         text_encoder_2_lora_layers=layers["text_encoder_2"], unet_lora_adapter_metadata=metadata["unet"],
