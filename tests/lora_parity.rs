@@ -10,6 +10,7 @@
 //! not depend on how the pipeline loader wires LoRA in.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use pcpp_core::{SerialDriver, SerialFactory};
 use pcpp_kernels::{DType, Tensor};
@@ -57,19 +58,28 @@ fn unet(set: &LoraSet) -> pcpp_sdxl::Result<UNet> {
     UNet::build(cfg, &w, &SerialFactory)
 }
 
+/// Both tokenizers, read once for all tests.
+fn tokenizers() -> &'static (ClipTokenizer, ClipTokenizer) {
+    static TOK: OnceLock<(ClipTokenizer, ClipTokenizer)> = OnceLock::new();
+    TOK.get_or_init(|| {
+        let tok = |s: &str| ClipTokenizer::from_dir(tiny_model().join(s)).expect("tokenizer");
+        (tok("tokenizer"), tok("tokenizer_2"))
+    })
+}
+
 struct Text {
-    tok1: ClipTokenizer,
-    tok2: ClipTokenizer,
+    tok1: &'static ClipTokenizer,
+    tok2: &'static ClipTokenizer,
     te1: ClipTextModel,
     te2: ClipTextModel,
 }
 
 impl Text {
     fn load(set: &LoraSet) -> Text {
-        let tok = |s: &str| ClipTokenizer::from_dir(tiny_model().join(s)).expect("tokenizer");
+        let (tok1, tok2) = tokenizers();
         Text {
-            tok1: tok("tokenizer"),
-            tok2: tok("tokenizer_2"),
+            tok1,
+            tok2,
             te1: text_encoder("text_encoder", set, LoraComponent::TextEncoder).expect("te1"),
             te2: text_encoder("text_encoder_2", set, LoraComponent::TextEncoder2).expect("te2"),
         }
@@ -79,7 +89,7 @@ impl Text {
     fn encode_one(&self, prompt: &str) -> (Tensor, Tensor) {
         let mut hidden = Vec::new();
         let mut pooled = None;
-        for (tok, te) in [(&self.tok1, &self.te1), (&self.tok2, &self.te2)] {
+        for (tok, te) in [(self.tok1, &self.te1), (self.tok2, &self.te2)] {
             let ids = tok.encode(prompt).expect("tokenize").ids;
             let ids = Tensor::from_vec(&[1, ids.len()], ids.iter().map(|&i| i as f32).collect())
                 .expect("ids");
