@@ -22,7 +22,7 @@ use pcpp_kernels::{DType, Device, Tensor};
 use pcpp_sdxl::scheduler::SchedulerKind;
 use pcpp_sdxl::{
     image_from_rgb8, img2img_start_step, to_rgb8, DenoiseParams, GeneratedImage, Generator,
-    ImageJob, LoadOptions, MicroCond, ModelGeometry, ModelIndex, Pipeline,
+    ImageJob, LoadOptions, LoraSet, LoraSpec, MicroCond, ModelGeometry, ModelIndex, Pipeline,
 };
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
@@ -212,6 +212,11 @@ pub struct GenerateArgs {
     /// f16, else --dtype).
     #[arg(long)]
     pub vae_dtype: Option<DType>,
+    /// A LoRA adapter `FILE[:SCALE]` (kohya/A1111 or diffusers/PEFT safetensors; scale 1 by
+    /// default), merged into the UNet's and the text encoders' weights once, at load; repeat the
+    /// flag for several.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]")]
+    pub loras: Vec<String>,
     /// With several ranks, decode the image on rank 0 alone instead of every rank decoding its
     /// band (the parallel decode is exact: the same image).
     #[arg(long)]
@@ -311,6 +316,8 @@ struct Plan {
     jobs: Vec<Job>,
     /// `--prompts`: lines whose image already exists.
     skipped: usize,
+    /// The `--lora` adapters, read once.
+    lora: Option<LoraSet>,
 }
 
 pub fn parse_portions(s: &str) -> Result<Vec<f64>> {
@@ -402,6 +409,16 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
         bail!("--vae-dtype {v}: the CPU computes in f32; use --vae-dtype f32 or --device cuda");
     }
     let portions = parse_portions(&a.portion)?;
+    let lora = if a.loras.is_empty() {
+        None
+    } else {
+        let specs = a
+            .loras
+            .iter()
+            .map(|s| LoraSpec::parse(s).map_err(|e| anyhow::anyhow!("--lora {s}: {e}")))
+            .collect::<Result<Vec<_>>>()?;
+        Some(LoraSet::load(&specs)?)
+    };
     let index = ModelIndex::load(&model)?;
     let geometry = ModelGeometry::load(&model)?;
     let init_image = a
@@ -506,6 +523,7 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
         dtype,
         jobs,
         skipped,
+        lora,
     })
 }
 
@@ -537,6 +555,9 @@ fn parameters_text(a: &GenerateArgs, p: &Plan, job: &Job) -> String {
         a.ranks,
         p.dtype,
     ));
+    for l in &a.loras {
+        s.push_str(&format!(", Lora: {l}"));
+    }
     if let (Some(f), Some((_, strength))) = (&a.init_image, &p.init) {
         s.push_str(&format!(
             ", Init image: {}, Denoising strength: {strength}",
@@ -631,7 +652,16 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         );
     }
     launch::abort_on_panic(world.clone());
-    let hash = launch::fingerprint(&[format!("{a:?}").as_bytes(), &model_fingerprint(&plan.model)]);
+    let adapters = plan
+        .lora
+        .as_ref()
+        .map(LoraSet::fingerprint)
+        .unwrap_or_default();
+    let hash = launch::fingerprint(&[
+        format!("{a:?}").as_bytes(),
+        &model_fingerprint(&plan.model),
+        &adapters,
+    ]);
     if let Err(e) = launch::check_same_everywhere(world.as_ref(), &hash) {
         launch::abort_job(world.as_ref(), &e.to_string());
     }
@@ -683,6 +713,7 @@ fn run_rank(
         decoder: rank == 0 && !parallel_decode,
         vae_encoder: plan.init.is_some(),
         vae_dtype: a.vae_dtype,
+        lora: plan.lora.as_ref(),
     };
     let mut gen = Generator::load(&plan.model, &opts, runtime.factory())?;
     if parallel_decode {

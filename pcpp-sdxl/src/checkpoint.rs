@@ -443,6 +443,21 @@ pub fn unet_key_to_original(config: &serde_json::Value, key: &str) -> Option<Str
     unet_to_original(key, &l)
 }
 
+/// The single-file name (without `model.diffusion_model.`) of diffusers UNet tensor `key`, for a
+/// UNet with `layers_per_block` resnets per down block whose up blocks have cross-attention where
+/// `up_attn` says so; `None` if it has none.
+pub fn unet_key_to_original_for(
+    layers_per_block: usize,
+    up_attn: &[bool],
+    key: &str,
+) -> Option<String> {
+    let l = UnetLayout {
+        layers: layers_per_block,
+        up_attn: up_attn.to_vec(),
+    };
+    unet_to_original(key, &l)
+}
+
 /// The diffusers name of single-file UNet tensor `key` (without `model.diffusion_model.`).
 pub fn unet_key_to_diffusers(config: &serde_json::Value, key: &str) -> Option<String> {
     let l = UnetLayout::from_config(Path::new("unet/config.json"), config).ok()?;

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use pcpp_kernels::{Activation, DType, Device, Tensor};
 
 use crate::error::{Result, SdxlError};
+use crate::lora::ComponentLora;
 use crate::weights::{find_weight_file, read_json, Weights};
 
 /// The fields of transformers' `CLIPTextConfig` (`config.json`) this engine reads; defaults are
@@ -259,9 +260,29 @@ impl ClipTextModel {
 
     /// [`ClipTextModel::load`] with the weights loaded straight to `device`.
     pub fn load_on(dir: &Path, dtype: DType, device: Device) -> Result<ClipTextModel> {
+        let none = ComponentLora::empty(crate::lora::LoraComponent::TextEncoder);
+        Self::load_with_lora(dir, dtype, device, none)
+    }
+
+    /// [`ClipTextModel::load_on`] with LoRA adapters merged into the weights as they load (an
+    /// error names any adapter that matches no module, or does not fit its module).
+    pub fn load_with_lora(
+        dir: &Path,
+        dtype: DType,
+        device: Device,
+        lora: ComponentLora,
+    ) -> Result<ClipTextModel> {
         let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
-        let weights = Weights::open(&find_weight_file(dir, "model")?, dtype)?.on_device(device);
-        let w = &weights;
+        let weights = Weights::open(&find_weight_file(dir, "model")?, dtype)?
+            .on_device(device)
+            .with_lora(lora);
+        Self::build(config, &weights)
+    }
+
+    /// Builds the model of `config` from an opened weight store (every tensor must be used, and
+    /// every LoRA adapter of the store must find its module).
+    pub fn build(config: ClipTextConfig, weights: &Weights) -> Result<ClipTextModel> {
+        let w = weights;
         let root = if w.contains("text_model.embeddings.token_embedding.weight") {
             "text_model."
         } else {

@@ -21,6 +21,7 @@ use crate::denoise::{
     denoise_with, overflow_hint, DenoiseParams, DenoiseStart, Progress, StepNoise,
 };
 use crate::error::{Result, SdxlError};
+use crate::lora::{ComponentLora, LoraComponent, LoraSet};
 use crate::pipeline::{ModelIndex, Pipeline, PromptEmbeds, TextEncoders};
 use crate::scheduler::SchedulerConfig;
 use crate::unet::UNet;
@@ -79,8 +80,8 @@ impl ModelGeometry {
 }
 
 /// How a rank loads the pipeline.
-#[derive(Debug, Clone, Copy)]
-pub struct LoadOptions {
+#[derive(Clone, Copy)]
+pub struct LoadOptions<'a> {
     /// Compute dtype of the UNet and the text encoders.
     pub dtype: DType,
     /// Where every model lives.
@@ -94,6 +95,8 @@ pub struct LoadOptions {
     pub vae_encoder: bool,
     /// The VAE's dtype (`None`: [`vae_dtype`] of the config and `dtype`).
     pub vae_dtype: Option<DType>,
+    /// LoRA adapters merged into the UNet's and the text encoders' weights as they load.
+    pub lora: Option<&'a LoraSet>,
 }
 
 /// The dtype the VAE runs in for a run in `dtype`: a VAE whose config says `force_upcast` (SDXL's
@@ -184,7 +187,11 @@ pub struct StageSeconds {
 impl Generator {
     /// Loads the folder's scheduler config, the UNet (through `factory`) and, as `opts` asks, the
     /// text encoders and the VAE, each straight to `opts.device`.
-    pub fn load(dir: &Path, opts: &LoadOptions, factory: &dyn LayerFactory) -> Result<Generator> {
+    pub fn load(
+        dir: &Path,
+        opts: &LoadOptions<'_>,
+        factory: &dyn LayerFactory,
+    ) -> Result<Generator> {
         let index = ModelIndex::load(dir)?;
         let scheduler = Pipeline::load_scheduler_config(dir)?;
         let vae_dir = dir.join("vae");
@@ -204,7 +211,7 @@ impl Generator {
         let (text, unet, vae, vae_encoder) = std::thread::scope(|s| {
             let text = s.spawn(|| {
                 encoders
-                    .then(|| TextEncoders::load_on(dir, opts.dtype, opts.device))
+                    .then(|| TextEncoders::load_with_lora(dir, opts.dtype, opts.device, opts.lora))
                     .transpose()
             });
             let vae = s.spawn(|| {
@@ -217,7 +224,13 @@ impl Generator {
                     .then(|| VaeEncoder::load_on(&vae_dir, vae_dt, opts.device))
                     .transpose()
             });
-            let unet = UNet::load_on(&dir.join("unet"), opts.dtype, opts.device, factory);
+            let lora = opts
+                .lora
+                .map_or(ComponentLora::empty(LoraComponent::Unet), |l| {
+                    l.for_component(LoraComponent::Unet)
+                });
+            let unet =
+                UNet::load_with_lora(&dir.join("unet"), opts.dtype, opts.device, factory, lora);
             (
                 joined(text.join(), "text encoders"),
                 unet,

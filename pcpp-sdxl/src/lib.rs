@@ -1,8 +1,9 @@
 //! pcpp-sdxl: Stable Diffusion XL on the pcpp engine.
 //!
 //! Diffusers-layout configs and weights, the two CLIP tokenizers and text encoders, the UNet (built
-//! through `pcpp-core`'s layer factory so that patch parallelism slots in), the VAE decoder (also built through the factory, for a decode cut into bands), the
-//! schedulers and the text-to-image pipeline.
+//! through `pcpp-core`'s layer factory so that patch parallelism slots in), the VAE decoder (also
+//! built through the factory, for a decode cut into bands), the schedulers, the text-to-image
+//! pipeline and LoRA adapters.
 
 pub mod checkpoint;
 pub mod clip;
@@ -11,6 +12,7 @@ pub mod error;
 pub mod generation;
 pub mod graph;
 pub mod inventory;
+pub mod lora;
 pub mod pipeline;
 pub mod scheduler;
 pub mod tokenizer;
@@ -33,6 +35,7 @@ pub use generation::{
 };
 pub use graph::StepGraphs;
 pub use inventory::unet_inventory;
+pub use lora::{ComponentLora, LoraComponent, LoraSet, LoraSpec};
 pub use pipeline::{MicroCond, ModelIndex, Pipeline, PromptEmbeds, TextEncoders};
 pub use unet::{Taps, UNet, UNetCond};
 pub use unet_config::UNetConfig;

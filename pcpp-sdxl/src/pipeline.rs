@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::clip::ClipTextModel;
 use crate::error::{Result, SdxlError};
+use crate::lora::{ComponentLora, LoraComponent, LoraSet};
 use crate::scheduler::{SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::UNet;
@@ -117,6 +118,18 @@ impl TextEncoders {
 
     /// [`TextEncoders::load`] with the encoders' weights loaded straight to `device`.
     pub fn load_on(dir: &Path, dtype: DType, device: Device) -> Result<TextEncoders> {
+        Self::load_with_lora(dir, dtype, device, None)
+    }
+
+    /// [`TextEncoders::load_on`] with the text-encoder adapters of `lora` merged into both
+    /// encoders' weights as they load.
+    pub fn load_with_lora(
+        dir: &Path,
+        dtype: DType,
+        device: Device,
+        lora: Option<&LoraSet>,
+    ) -> Result<TextEncoders> {
+        let part = |c| lora.map_or(ComponentLora::empty(c), |l| l.for_component(c));
         let idx = ModelIndex::load(dir)?;
         let tok = |sub: &str| {
             ClipTokenizer::from_dir(dir.join(sub)).map_err(|e| SdxlError::Model {
@@ -124,7 +137,12 @@ impl TextEncoders {
                 msg: e.to_string(),
             })
         };
-        let te2 = ClipTextModel::load_on(&dir.join("text_encoder_2"), dtype, device)?;
+        let te2 = ClipTextModel::load_with_lora(
+            &dir.join("text_encoder_2"),
+            dtype,
+            device,
+            part(LoraComponent::TextEncoder2),
+        )?;
         if !te2.has_projection() {
             return Err(SdxlError::Model {
                 path: dir.join("text_encoder_2"),
@@ -134,7 +152,12 @@ impl TextEncoders {
         Ok(TextEncoders {
             tok1: tok("tokenizer")?,
             tok2: tok("tokenizer_2")?,
-            te1: ClipTextModel::load_on(&dir.join("text_encoder"), dtype, device)?,
+            te1: ClipTextModel::load_with_lora(
+                &dir.join("text_encoder"),
+                dtype,
+                device,
+                part(LoraComponent::TextEncoder),
+            )?,
             te2,
             force_zeros_for_empty_prompt: idx.force_zeros_for_empty_prompt,
         })

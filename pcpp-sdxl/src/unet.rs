@@ -15,6 +15,7 @@ use pcpp_core::{
 use pcpp_kernels::{Activation, DType, Device, Tensor};
 
 use crate::error::{Result, SdxlError};
+use crate::lora::ComponentLora;
 use crate::unet_config::{BlockKind, BlockSpec, UNetConfig};
 use crate::weights::{find_weight_file, Weights};
 
@@ -618,6 +619,19 @@ impl UNet {
         device: Device,
         factory: &dyn LayerFactory,
     ) -> Result<UNet> {
+        let none = ComponentLora::empty(crate::lora::LoraComponent::Unet);
+        Self::load_with_lora(dir, dtype, device, factory, none)
+    }
+
+    /// [`UNet::load_on`] with LoRA adapters merged into the weights as they load (an error names
+    /// any adapter that matches no module, or does not fit its module).
+    pub fn load_with_lora(
+        dir: &Path,
+        dtype: DType,
+        device: Device,
+        factory: &dyn LayerFactory,
+        lora: ComponentLora,
+    ) -> Result<UNet> {
         if !dir.is_dir() {
             return Err(SdxlError::Model {
                 path: dir.to_path_buf(),
@@ -626,7 +640,8 @@ impl UNet {
         }
         let cfg = UNetConfig::from_file(&dir.join("config.json"))?;
         let weights = Weights::open(&find_weight_file(dir, "diffusion_pytorch_model")?, dtype)?
-            .on_device(device);
+            .on_device(device)
+            .with_lora(lora);
         UNet::build(cfg, &weights, factory)
     }
 
@@ -647,6 +662,7 @@ impl UNet {
 
     /// Builds from a resolved config and an opened weight file (all tensors must be used).
     pub fn build(cfg: UNetConfig, w: &Weights, f: &dyn LayerFactory) -> Result<UNet> {
+        w.set_lora_unet_config(&cfg);
         let c0 = cfg.block_out_channels[0];
         let ted = cfg.time_embed_dim;
         let k_in = cfg.conv_in_kernel;

@@ -10,6 +10,9 @@
 //! the model asks for it, so nothing bigger than the model itself is ever materialised.
 //!
 //! Tensors go straight to the store's [`Device`] ([`Weights::on_device`]), one at a time.
+//!
+//! LoRA adapters ([`Weights::with_lora`]) are merged into the tensors they target as the model
+//! takes them (see [`crate::lora`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -20,6 +23,8 @@ use pcpp_kernels::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Result, SdxlError};
+use crate::lora::{ComponentLora, LoraMerge};
+use crate::unet_config::UNetConfig;
 
 /// Picks the weight file of a component folder: the full-precision file if present, else the
 /// `.fp16` variant (cast on load). Sharded checkpoints are not supported.
@@ -157,9 +162,23 @@ pub struct Weights {
     used: Mutex<BTreeSet<String>>,
     /// Tensors handed out so far, when the store keeps them ([`Weights::keep_taken`]).
     kept: Option<Mutex<std::collections::HashMap<String, Tensor>>>,
+    /// LoRA adapters merged into the tensors they target ([`Weights::with_lora`]).
+    lora: Option<LoraMerge>,
 }
 
 impl Weights {
+    /// A store over `source` handing out `dtype` tensors on the CPU.
+    fn from_source(source: Source, dtype: DType) -> Weights {
+        Weights {
+            source,
+            dtype,
+            device: Device::Cpu,
+            used: Mutex::new(BTreeSet::new()),
+            kept: None,
+            lora: None,
+        }
+    }
+
     /// Opens `path`; tensors will be cast to `dtype`.
     pub fn open(path: &Path, dtype: DType) -> Result<Weights> {
         let file = SafetensorsFile::open(path).map_err(|e| SdxlError::Model {
@@ -169,63 +188,48 @@ impl Weights {
                 .trim_start_matches(&format!("{}: ", path.display()))
                 .to_string(),
         })?;
-        Ok(Weights {
-            source: Source::File(file),
-            dtype,
-            device: Device::Cpu,
-            used: Mutex::new(BTreeSet::new()),
-            kept: None,
-        })
+        Ok(Weights::from_source(Source::File(file), dtype))
     }
 
     /// Random weights for a diffusers `UNet2DConditionModel`: every tensor the model asks for, in
     /// the shape it asks for, except the attention q/k/v biases that diffusers' UNet never has.
     /// `config` (the UNet's `config.json`) is only named in error messages.
     pub fn random_unet(config: &Path, dtype: DType, seed: u64) -> Weights {
-        Weights {
-            source: Source::Random(RandomSource {
+        Weights::from_source(
+            Source::Random(RandomSource {
                 origin: config.to_path_buf(),
                 seed,
                 presence: Presence::UNetDefaults,
             }),
             dtype,
-            device: Device::Cpu,
-            used: Mutex::new(BTreeSet::new()),
-            kept: None,
-        }
+        )
     }
 
     /// Random weights with every tensor a model asks for, in the shape it asks for (e.g. a VAE
     /// of a made-up configuration). `origin` (its config) is only named in error messages.
     pub fn random_every(origin: &Path, dtype: DType, seed: u64) -> Weights {
-        Weights {
-            source: Source::Random(RandomSource {
+        Weights::from_source(
+            Source::Random(RandomSource {
                 origin: origin.to_path_buf(),
                 seed,
                 presence: Presence::Every,
             }),
             dtype,
-            device: Device::Cpu,
-            used: Mutex::new(BTreeSet::new()),
-            kept: None,
-        }
+        )
     }
 
     /// Random weights with exactly the names and shapes of a `tensor_manifest.json`
     /// (`{"name": [shape...]}`): missing, extra or mis-shaped tensors are errors as with a file.
     pub fn random_from_manifest(manifest: &Path, dtype: DType, seed: u64) -> Result<Weights> {
         let m: Manifest = read_json(manifest)?;
-        Ok(Weights {
-            source: Source::Random(RandomSource {
+        Ok(Weights::from_source(
+            Source::Random(RandomSource {
                 origin: manifest.to_path_buf(),
                 seed,
                 presence: Presence::Manifest(m),
             }),
             dtype,
-            device: Device::Cpu,
-            used: Mutex::new(BTreeSet::new()),
-            kept: None,
-        })
+        ))
     }
 
     /// Random weights for the UNet of `config` (its `config.json`): exactly the names and shapes of
@@ -275,6 +279,29 @@ impl Weights {
         self
     }
 
+    /// The same store, merging `lora`'s adapters into the tensors they target as the model takes
+    /// them: `W + Σ scale · (α / r) · up @ down`, computed once in f32 on the store's device and
+    /// then cast to its dtype. [`Weights::check_all_used`] (or [`Weights::check_lora_consumed`])
+    /// then fails on adapters that matched no tensor.
+    pub fn with_lora(mut self, lora: ComponentLora) -> Weights {
+        self.lora = LoraMerge::new(lora);
+        self
+    }
+
+    /// Tells the LoRA adapters the UNet configuration, so that kohya keys with the original (SGM)
+    /// block names find their modules. [`crate::UNet::build`] calls it.
+    pub fn set_lora_unet_config(&self, cfg: &UNetConfig) {
+        if let Some(l) = &self.lora {
+            l.set_unet_config(cfg);
+        }
+    }
+
+    /// Errors if a LoRA adapter of [`Weights::with_lora`] matched no tensor the model took (the
+    /// error names the adapter's key and file).
+    pub fn check_lora_consumed(&self) -> Result<()> {
+        self.lora.as_ref().map_or(Ok(()), LoraMerge::check_consumed)
+    }
+
     /// The device tensors are placed on.
     pub fn device(&self) -> Device {
         self.device
@@ -315,16 +342,27 @@ impl Weights {
         {
             return Ok(t);
         }
+        let hits = self
+            .lora
+            .as_ref()
+            .map(|l| l.adapters_for(name))
+            .unwrap_or_default();
+        // a tensor that gets adapters is merged in f32, then cast once
+        let dtype = if hits.is_empty() {
+            self.dtype
+        } else {
+            DType::F32
+        };
         let t = match &self.source {
             Source::File(f) => f
-                .load_on(name, Some(self.dtype), self.device)
+                .load_on(name, Some(dtype), self.device)
                 .map_err(|e| self.err(name, e.to_string()))?,
             Source::Random(r) => {
                 let shape = match &r.presence {
                     Presence::Manifest(m) => m.get(name).map_or(shape, |s| s.as_slice()),
                     Presence::UNetDefaults | Presence::Every => shape,
                 };
-                Tensor::from_f32(shape, random_values(r.seed, name, shape), self.dtype)
+                Tensor::from_f32(shape, random_values(r.seed, name, shape), dtype)
                     .map_err(|e| self.err(name, e.to_string()))?
             }
         };
@@ -334,9 +372,15 @@ impl Weights {
                 format!("has shape {:?}, expected {shape:?}", t.shape()),
             ));
         }
-        let t = t
+        let mut t = t
             .to_device(self.device)
             .map_err(|e| self.err(name, e.to_string()))?;
+        if let (Some(l), false) = (&self.lora, hits.is_empty()) {
+            t = l
+                .merge(name, t, &hits, self.device)?
+                .to_dtype(self.dtype)
+                .map_err(|e| self.err(name, e.to_string()))?;
+        }
         if let Ok(mut u) = self.used.lock() {
             u.insert(name.to_string());
         }
@@ -375,7 +419,8 @@ impl Weights {
         }
     }
 
-    /// Errors if the file holds tensors that the model did not take.
+    /// Errors if the file holds tensors that the model did not take, or if a LoRA adapter matched
+    /// no tensor ([`Weights::check_lora_consumed`]).
     pub fn check_all_used(&self) -> Result<()> {
         let used = self.used.lock().map(|u| u.clone()).unwrap_or_default();
         let names: Vec<String> = match &self.source {
@@ -388,7 +433,7 @@ impl Weights {
         };
         let extra: Vec<String> = names.into_iter().filter(|n| !used.contains(n)).collect();
         if extra.is_empty() {
-            return Ok(());
+            return self.check_lora_consumed();
         }
         let shown: Vec<_> = extra.iter().take(5).cloned().collect();
         Err(self.err(
