@@ -18,6 +18,15 @@ grep -E "test result|FAILED" "$OUT/tests.txt"
 "$BIN/pcpp-cli" generate --device cuda --dtype f32 --prompt "a fox" --steps 4 --output "$WORK/tiny.png" -v
 timeout 480 python3 bench/generate_vs_diffusers.py --bin "$BIN/pcpp-cli" --model "$WORK/sdxl" \
     --out "$WORK" --case 1024:50 --case 2048:10 --ranks 2 | tail -1 >"$OUT/summary.json"
+# The cost of a LoRA per step: three 1024² images with a random rank-16 adapter on every attention
+# and feed-forward layer (compare the denoise times with pcpp_warm_1024x1024.log).
+python3 bench/random_sdxl_lora.py "$WORK/sdxl" "$WORK/lora.safetensors"
+printf 'a photo of an astronaut riding a horse on mars\n%.0s' 1 2 3 >"$WORK/prompts3.txt"
+rm -rf "$WORK/lora_out"
+"$BIN/pcpp-cli" generate --device cuda --model "$WORK/sdxl" --prompts "$WORK/prompts3.txt" \
+    --output-dir "$WORK/lora_out" --steps 50 --lora "$WORK/lora.safetensors:0.8" -v \
+    >"$WORK/pcpp_lora_1024.log" 2>&1
+cat "$WORK/pcpp_lora_1024.log"
 # 4096² on one GPU (pcpp only; diffusers' f32 decode at this size takes about 40 s).
 timeout 240 "$BIN/pcpp-cli" generate --device cuda --model "$WORK/sdxl" --prompt "a city at night" \
     --height 4096 --width 4096 --steps 3 --output "$WORK/pcpp_4096.png" --report "$WORK/pcpp_4096.json" -v \
