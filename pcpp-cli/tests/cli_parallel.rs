@@ -31,6 +31,26 @@ fn generate(tag: &str, extra: &[&str]) -> PathBuf {
     lat
 }
 
+/// `plan --json` of the tiny model at 64×64 over `ranks` ranks, in f32.
+fn plan_json(ranks: &str) -> serde_json::Value {
+    let model = repo().join("models/tiny-sdxl");
+    let args = [
+        "plan",
+        "--model",
+        model.to_str().unwrap(),
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--ranks",
+        ranks,
+        "--dtype",
+        "f32",
+        "--json",
+    ];
+    serde_json::from_str(&run(&args)).unwrap()
+}
+
 #[test]
 fn synchronous_ranks_equal_serial_and_stale_pcpp_beats_naive() {
     let serial = latents(&generate("serial", &[]));
@@ -80,21 +100,7 @@ fn report_bytes_match_plan() {
     );
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    let plan: serde_json::Value = serde_json::from_str(&run(&[
-        "plan",
-        "--model",
-        repo().join("models/tiny-sdxl").to_str().unwrap(),
-        "--height",
-        "64",
-        "--width",
-        "64",
-        "--ranks",
-        "4",
-        "--dtype",
-        "f32",
-        "--json",
-    ]))
-    .unwrap();
+    let plan: serde_json::Value = plan_json("4");
     let per_rank = r["per_rank"].as_array().unwrap();
     assert_eq!(per_rank.len(), 4);
     for (rank, rep) in per_rank.iter().enumerate() {
@@ -190,21 +196,7 @@ fn parallel_decode_through_generate_equals_the_serial_decode_and_the_plan() {
         }
         let r: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-        let plan: serde_json::Value = serde_json::from_str(&run(&[
-            "plan",
-            "--model",
-            repo().join("models/tiny-sdxl").to_str().unwrap(),
-            "--height",
-            "64",
-            "--width",
-            "64",
-            "--ranks",
-            ranks,
-            "--dtype",
-            "f32",
-            "--json",
-        ]))
-        .unwrap();
+        let plan: serde_json::Value = plan_json(ranks);
         for (rank, rep) in r["per_rank"].as_array().unwrap().iter().enumerate() {
             let want = &plan["decode"]["ranks"][rank]["warmup"];
             for dir in ["sent", "recvd"] {
