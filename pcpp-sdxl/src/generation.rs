@@ -116,6 +116,15 @@ fn joined<T>(r: std::thread::Result<Result<Option<T>>>, what: &str) -> Result<Op
     r.map_err(|_| SdxlError::Input(format!("internal: loading the {what} panicked")))?
 }
 
+/// `e` with the stage it happened in (e.g. a GPU out-of-memory error, which names the bytes asked
+/// for, then also names the stage); non-finite errors already name theirs.
+fn at_stage(stage: &str, e: SdxlError) -> SdxlError {
+    match e {
+        SdxlError::NonFinite { .. } => e,
+        other => SdxlError::Input(format!("{stage}: {other}")),
+    }
+}
+
 /// One rank's loaded pipeline.
 pub struct Generator {
     /// The folder.
@@ -295,7 +304,9 @@ impl Generator {
         let rank0 = world.rank() == 0;
         let t0 = Instant::now();
         let (embeds, noise, init_latents, truncated) = if rank0 {
-            let (e, l) = self.encode(job)?;
+            let (e, l) = self
+                .encode(job)
+                .map_err(|e| at_stage("prompt encoding", e))?;
             let truncated = e.truncated;
             (e, job.noise.clone(), l, truncated)
         } else {
@@ -327,12 +338,17 @@ impl Generator {
             &start,
             &StepNoise::Derived,
             progress,
-        )?;
+        )
+        .map_err(|e| at_stage("denoising", e))?;
         let denoise = t1.elapsed().as_secs_f64();
         let t2 = Instant::now();
         let decoded = match (&self.decode_runtime, &self.vae) {
-            (Some(rt), Some(vae)) => decode_to_root(vae, rt, &vae.unscale_latents(&out.latents)?)?,
-            (None, Some(vae)) if rank0 => Some(vae.decode(&vae.unscale_latents(&out.latents)?)?),
+            (Some(rt), Some(vae)) => decode_to_root(vae, rt, &vae.unscale_latents(&out.latents)?)
+                .map_err(|e| at_stage("VAE decode", e))?,
+            (None, Some(vae)) if rank0 => Some(
+                vae.decode(&vae.unscale_latents(&out.latents)?)
+                    .map_err(|e| at_stage("VAE decode", e))?,
+            ),
             (_, None) if rank0 => {
                 return Err(SdxlError::Input(
                     "internal: rank 0 has no VAE decoder loaded".into(),
