@@ -761,6 +761,7 @@ fn run_rank(
         };
         let mut own = runtime.report();
         own.decode = gen.decode_traffic();
+        own.decode_seconds = gen.decode_seconds();
         let report = serde_json::to_vec(&own)?;
         let all = world.all_gather(CommKind::Control, &report)?;
         let Some(img) = res else {

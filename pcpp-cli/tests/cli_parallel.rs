@@ -208,6 +208,7 @@ fn parallel_decode_through_generate_equals_the_serial_decode_and_the_plan() {
                 }
             }
             assert!(rep["decode"]["recvd"]["halo"].as_u64().unwrap() > 0);
+            assert!(rep["decode_seconds"].as_f64().unwrap() > 0.0, "rank {rank}");
         }
     }
 }

@@ -754,6 +754,7 @@ impl PatchRuntime {
             min_stale_age: ages.0,
             max_stale_age: ages.1,
             decode: None,
+            decode_seconds: None,
         }
     }
 

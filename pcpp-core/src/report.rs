@@ -206,6 +206,10 @@ pub struct RunReport {
     /// world, e.g. a patch-parallel VAE decode), per kind, when the caller adds them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decode: Option<Traffic>,
+    /// Seconds this rank spent in that decode (its band, the exchanges and the gather), when the
+    /// caller adds them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_seconds: Option<f64>,
 }
 
 /// Serde for portion lists: DistriFusion's unbounded portion (`+∞`) is written as the string

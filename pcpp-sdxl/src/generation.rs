@@ -149,6 +149,9 @@ pub struct Generator {
     pub device: Device,
     /// The runtime of a patch-parallel decode over every rank ([`Generator::decode_in_parallel`]).
     pub decode_runtime: Option<PatchRuntime>,
+    /// Seconds of this rank's part of the last decode (`None` before the first, or on a rank that
+    /// does not decode).
+    last_decode_seconds: std::sync::Mutex<Option<f64>>,
 }
 
 /// One image to make.
@@ -260,6 +263,7 @@ impl Generator {
             vae_dtype: vae_dt,
             device: opts.device,
             decode_runtime: None,
+            last_decode_seconds: std::sync::Mutex::new(None),
         })
     }
 
@@ -289,6 +293,11 @@ impl Generator {
     /// The bytes of the last parallel decode by kind (`None` for a decode on one rank).
     pub fn decode_traffic(&self) -> Option<pcpp_core::Traffic> {
         self.decode_runtime.as_ref().map(|rt| rt.report().total)
+    }
+
+    /// Seconds of this rank's part of the last decode (`None` on a rank that did not decode).
+    pub fn decode_seconds(&self) -> Option<f64> {
+        self.last_decode_seconds.lock().ok().and_then(|s| *s)
     }
 
     /// One image on every rank of `world` (all ranks call this together, with the same job
@@ -356,6 +365,13 @@ impl Generator {
             }
             _ => None,
         };
+        if self.vae.is_some() {
+            // This rank's part, with its device work done (the image is on rank 0 only).
+            pcpp_kernels::synchronize(self.device)?;
+            if let Ok(mut s) = self.last_decode_seconds.lock() {
+                *s = Some(t2.elapsed().as_secs_f64());
+            }
+        }
         let (Some(image), true) = (decoded, rank0) else {
             return Ok(None);
         };
