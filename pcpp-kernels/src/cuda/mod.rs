@@ -121,10 +121,23 @@ pub fn compile_kernels(arch: &'static str) -> Result<Ptx> {
     })
 }
 
-/// PTX per architecture, compiled once per process.
-fn ptx_for(arch: &'static str) -> Result<Ptx> {
+/// The in-process PTX per architecture.
+fn ptx_cache() -> &'static Mutex<HashMap<&'static str, String>> {
     static CACHE: OnceLock<Mutex<HashMap<&'static str, String>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Drops the cached PTX of `arch` (in the process and on disk); whether there was a disk file.
+fn forget_cached_ptx(arch: &'static str) -> bool {
+    if let Ok(mut c) = ptx_cache().lock() {
+        c.remove(arch);
+    }
+    disk_cache_path(arch).is_some_and(|p| std::fs::remove_file(p).is_ok())
+}
+
+/// PTX per architecture, compiled once per process (and cached on disk between runs).
+fn ptx_for(arch: &'static str) -> Result<Ptx> {
+    let cache = ptx_cache();
     if let Some(src) = cache.lock().ok().and_then(|c| c.get(arch).cloned()) {
         return Ok(Ptx::from_src(src));
     }
@@ -373,10 +386,14 @@ impl Gpu {
             .compute_capability()
             .map_err(|x| e("compute capability", &x))?;
         let arch = arch_name(major, minor);
-        let ptx = ptx_for(arch)?;
-        let module = ctx
-            .load_module(ptx)
-            .map_err(|x| e("loading the kernels", &x))?;
+        let module = match ctx.load_module(ptx_for(arch)?) {
+            Ok(m) => m,
+            // A cached PTX the driver refuses (e.g. written by a newer NVRTC): compile afresh.
+            Err(_) if forget_cached_ptx(arch) => ctx
+                .load_module(ptx_for(arch)?)
+                .map_err(|x| e("loading the kernels", &x))?,
+            Err(x) => return Err(e("loading the kernels", &x)),
+        };
         let mut funcs = HashMap::new();
         for name in kernel_names() {
             let f = module
