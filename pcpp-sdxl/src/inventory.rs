@@ -8,13 +8,14 @@ use pcpp_core::plan::{Inventory, LayerKind, LayerSpec};
 
 use crate::unet_config::{BlockKind, BlockSpec, UNetConfig};
 
-struct Lister {
-    layers: Vec<LayerSpec>,
-    groups: usize,
+/// An inventory being listed, layer by layer (shared with the VAE decoder's inventory).
+pub(crate) struct Lister {
+    pub(crate) layers: Vec<LayerSpec>,
+    pub(crate) groups: usize,
 }
 
 impl Lister {
-    fn push(&mut self, id: String, kind: LayerKind, channels: usize, level: usize) {
+    pub(crate) fn push(&mut self, id: String, kind: LayerKind, channels: usize, level: usize) {
         self.layers.push(LayerSpec {
             id,
             kind,
@@ -23,7 +24,14 @@ impl Lister {
         });
     }
 
-    fn conv3(&mut self, id: String, channels: usize, level: usize, stride: usize, pad: usize) {
+    pub(crate) fn conv3(
+        &mut self,
+        id: String,
+        channels: usize,
+        level: usize,
+        stride: usize,
+        pad: usize,
+    ) {
         self.push(
             id,
             LayerKind::Conv {
@@ -36,7 +44,7 @@ impl Lister {
         );
     }
 
-    fn norm(&mut self, id: String, channels: usize, level: usize) {
+    pub(crate) fn norm(&mut self, id: String, channels: usize, level: usize) {
         let groups = self.groups;
         self.push(id, LayerKind::GroupNorm { groups }, channels, level);
     }

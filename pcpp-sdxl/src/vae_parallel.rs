@@ -22,11 +22,12 @@
 use std::sync::Arc;
 
 use pcpp_comm::Transport;
-use pcpp_core::plan::{plan_one_pass, Inventory, LayerKind, LayerSpec, Plan, PlanSetup};
+use pcpp_core::plan::{plan_one_pass, Inventory, LayerKind, Plan, PlanSetup};
 use pcpp_core::PatchRuntime;
 use pcpp_kernels::Tensor;
 
 use crate::error::{Result, SdxlError};
+use crate::inventory::Lister;
 use crate::vae::{VaeConfig, VaeDecoder};
 
 /// The world rank that receives the decoded image.
@@ -167,41 +168,13 @@ fn one_pass(
     Ok(out)
 }
 
-/// The inventory being listed.
-struct Lister {
-    layers: Vec<LayerSpec>,
-    groups: usize,
-}
-
 impl Lister {
-    fn push(&mut self, id: String, kind: LayerKind, channels: usize, level: usize) {
-        self.layers.push(LayerSpec {
-            id,
-            kind,
-            channels,
-            level,
-        });
-    }
-
-    fn conv3(&mut self, id: String, channels: usize, level: usize) {
-        let kind = LayerKind::Conv {
-            kernel: 3,
-            stride: 1,
-            padding: 1,
-        };
-        self.push(id, kind, channels, level);
-    }
-
-    fn norm(&mut self, id: String, channels: usize, level: usize) {
-        let groups = self.groups;
-        self.push(id, LayerKind::GroupNorm { groups }, channels, level);
-    }
-
-    fn resnet(&mut self, p: &str, ci: usize, co: usize, level: usize) {
+    /// A VAE ResNet: two group norms and two 3×3 convolutions (no time embedding).
+    fn vae_resnet(&mut self, p: &str, ci: usize, co: usize, level: usize) {
         self.norm(format!("{p}.norm1"), ci, level);
-        self.conv3(format!("{p}.conv1"), ci, level);
+        self.conv3(format!("{p}.conv1"), ci, level, 1, 1);
         self.norm(format!("{p}.norm2"), co, level);
-        self.conv3(format!("{p}.conv2"), co, level);
+        self.conv3(format!("{p}.conv2"), co, level, 1, 1);
     }
 }
 
@@ -217,32 +190,38 @@ pub fn decoder_inventory(config: &VaeConfig) -> Inventory {
     };
     let rev: Vec<usize> = config.block_out_channels.iter().rev().copied().collect();
     let top = rev[0];
-    l.conv3("decoder.conv_in".into(), config.latent_channels, levels);
+    l.conv3(
+        "decoder.conv_in".into(),
+        config.latent_channels,
+        levels,
+        1,
+        1,
+    );
     let mid = "decoder.mid_block";
-    l.resnet(&format!("{mid}.resnets.0"), top, top, levels);
+    l.vae_resnet(&format!("{mid}.resnets.0"), top, top, levels);
     if config.mid_block_add_attention {
         let a = format!("{mid}.attentions.0");
         l.norm(format!("{a}.group_norm"), top, levels);
         l.push(a, LayerKind::SelfAttention { heads: 1 }, top, levels);
     }
-    l.resnet(&format!("{mid}.resnets.1"), top, top, levels);
+    l.vae_resnet(&format!("{mid}.resnets.1"), top, top, levels);
     let mut prev = top;
     for (i, &co) in rev.iter().enumerate() {
         let level = levels - i.min(levels);
         let p = format!("decoder.up_blocks.{i}");
         for j in 0..=config.layers_per_block {
             let ci = if j == 0 { prev } else { co };
-            l.resnet(&format!("{p}.resnets.{j}"), ci, co, level);
+            l.vae_resnet(&format!("{p}.resnets.{j}"), ci, co, level);
         }
         if i + 1 < rev.len() {
             // Nearest ×2 first: the convolution runs one level finer.
-            l.conv3(format!("{p}.upsamplers.0.conv"), co, level - 1);
+            l.conv3(format!("{p}.upsamplers.0.conv"), co, level - 1, 1, 1);
         }
         prev = co;
     }
     let bottom = config.block_out_channels[0];
     l.norm("decoder.conv_norm_out".into(), bottom, 0);
-    l.conv3("decoder.conv_out".into(), bottom, 0);
+    l.conv3("decoder.conv_out".into(), bottom, 0, 1, 1);
     l.push(
         "image".into(),
         LayerKind::GatherTo { root: IMAGE_ROOT },
