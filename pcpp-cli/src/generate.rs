@@ -18,7 +18,7 @@ use pcpp_comm::launch;
 use pcpp_comm::{CommKind, LocalTransport, RankError, Transport, TransportKind, TransportOptions};
 use pcpp_core::{ParallelConfig, ParallelMode, PatchRuntime, RunReport};
 use pcpp_kernels::io::SafetensorsFile;
-use pcpp_kernels::{DType, Device, Tensor};
+use pcpp_kernels::{DType, Tensor};
 use pcpp_sdxl::scheduler::SchedulerKind;
 use pcpp_sdxl::{
     image_from_rgb8, img2img_start_step, to_rgb8, DenoiseParams, GeneratedImage, Generator,
@@ -27,94 +27,11 @@ use pcpp_sdxl::{
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
+pub use crate::args::{DeviceArg, SchedulerArg, TransportArg};
 use crate::output;
 
 /// The tiny random-weight SDXL pipeline shipped in the repository, the default `--model`.
 pub const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tiny-sdxl");
-
-/// Which transport connects the ranks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum TransportArg {
-    /// Ranks as threads of this process.
-    Local,
-    /// MPI (launch with `mpirun -n N`).
-    Mpi,
-    /// UCX.
-    Ucx,
-    /// NCCL (GPUs).
-    Nccl,
-    /// NCCL if available, else MPI under mpirun, else local.
-    Auto,
-}
-
-/// Where the UNet runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DeviceArg {
-    /// The CPU twin.
-    Cpu,
-    /// The GPU of this rank's node-local rank (`cuda:{local_rank}`; GPU 0 for local ranks).
-    Cuda,
-}
-
-impl DeviceArg {
-    /// The device of a rank whose GPU ordinal is `gpu`.
-    pub fn device(self, gpu: usize) -> Device {
-        match self {
-            DeviceArg::Cpu => Device::Cpu,
-            DeviceArg::Cuda => Device::Cuda(gpu),
-        }
-    }
-
-    /// Errors if this build cannot run on the device.
-    pub fn check_built(self) -> Result<()> {
-        if self == DeviceArg::Cuda && !cfg!(feature = "cuda") {
-            bail!("--device cuda: this build has no CUDA back-end; rebuild pcpp-cli with `--features cuda`");
-        }
-        Ok(())
-    }
-}
-
-/// The scheduler flag.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum SchedulerArg {
-    /// Euler discrete (SDXL's default).
-    Euler,
-    /// DDIM, η = 0.
-    Ddim,
-    /// DPM-Solver++ 2M.
-    #[value(name = "dpmpp-2m")]
-    DpmPp2M,
-    /// DPM-Solver++ 2M with Karras sigmas.
-    #[value(name = "dpmpp-2m-karras")]
-    DpmPp2MKarras,
-    /// Euler ancestral (per-step noise derived from the initial noise).
-    #[value(name = "euler-a")]
-    EulerA,
-}
-
-impl From<TransportArg> for TransportKind {
-    fn from(t: TransportArg) -> TransportKind {
-        match t {
-            TransportArg::Local => TransportKind::Local,
-            TransportArg::Mpi => TransportKind::Mpi,
-            TransportArg::Ucx => TransportKind::Ucx,
-            TransportArg::Nccl => TransportKind::Nccl,
-            TransportArg::Auto => TransportKind::Auto,
-        }
-    }
-}
-
-impl From<SchedulerArg> for SchedulerKind {
-    fn from(s: SchedulerArg) -> SchedulerKind {
-        match s {
-            SchedulerArg::Euler => SchedulerKind::Euler,
-            SchedulerArg::Ddim => SchedulerKind::Ddim,
-            SchedulerArg::DpmPp2M => SchedulerKind::DpmPp2M,
-            SchedulerArg::DpmPp2MKarras => SchedulerKind::DpmPp2MKarras,
-            SchedulerArg::EulerA => SchedulerKind::EulerAncestral,
-        }
-    }
-}
 
 /// Arguments of `pcpp-cli generate`.
 #[derive(Debug, Clone, Args)]

@@ -7,6 +7,7 @@
 //! This is the only crate that reads the environment and uses `anyhow`. User errors print one
 //! `error: ...` line (no backtrace) and exit with status 1; bad flags exit with clap's status 2.
 
+mod args;
 mod band_bench;
 mod batch;
 mod bench;

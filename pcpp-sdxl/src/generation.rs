@@ -267,9 +267,8 @@ impl Generator {
         })
     }
 
-    /// Makes every rank of `world` decode its band of the final latents (issue-free exact
-    /// decode: every exchange synchronous, see [`crate::vae_parallel`]) and rank 0 gather the
-    /// image: each rank loads the VAE decoder through the decode runtime of `latent_h × latent_w`
+    /// Makes every rank of `world` decode its band of the final latents (an exact decode: every
+    /// exchange synchronous, see [`crate::vae_parallel`]) and rank 0 gather the image: each rank loads the VAE decoder through the decode runtime of `latent_h × latent_w`
     /// latents. Collective over `world`.
     pub fn decode_in_parallel(
         &mut self,
