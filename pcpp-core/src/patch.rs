@@ -1291,37 +1291,54 @@ impl GatherLayer for PatchGather {
             x.device(),
             true,
         )?;
-        if got.len() != others.len() {
-            return Err(CoreError::Config(format!(
-                "layer `{id}`: {} bands received, {} expected",
-                got.len(),
-                others.len()
-            )));
-        }
-        let mut it = got.into_iter();
-        let bands: Vec<Tensor> = (0..sh.grids.len())
-            .map(|r| {
-                if r == me {
-                    x.clone()
-                } else {
-                    it.next().unwrap_or_else(|| x.clone())
-                }
-            })
-            .collect();
-        let mut images = Vec::with_capacity(sh.grid.groups);
-        for g in 0..sh.grid.groups {
-            let members: Vec<&Tensor> = (0..sh.grids.len())
+        stitch_bands(sh, id, me, x, got, axis)
+    }
+}
+
+/// The whole image from every rank's band: `own` (this rank's, world rank `me`) and `got` (the
+/// others', in world-rank order), joined along `axis` within each CFG group, the groups' images
+/// along the batch. The one stitching of the output gather and of the gather to one rank.
+pub(crate) fn stitch_bands(
+    sh: &Shared,
+    id: &str,
+    me: usize,
+    own: &Tensor,
+    got: Vec<Tensor>,
+    axis: usize,
+) -> Result<Tensor> {
+    let n = sh.grids.len();
+    if got.len() + 1 != n {
+        return Err(CoreError::Config(format!(
+            "layer `{id}`: {} bands received, {} expected",
+            got.len(),
+            n - 1
+        )));
+    }
+    let mut it = got.into_iter();
+    let bands: Vec<Tensor> = (0..n)
+        .map(|r| {
+            if r == me {
+                Some(own.clone())
+            } else {
+                it.next()
+            }
+        })
+        .collect::<Option<_>>()
+        .ok_or_else(|| CoreError::Config(format!("layer `{id}`: a band is missing")))?;
+    let mut images = (0..sh.grid.groups)
+        .map(|g| {
+            let members: Vec<&Tensor> = (0..n)
                 .filter(|&r| sh.grids[r].group == g)
                 .map(|r| &bands[r])
                 .collect();
-            images.push(Tensor::cat(&members, axis).at(id)?);
-        }
-        if images.len() == 1 {
-            Ok(images.remove(0))
-        } else {
-            let refs: Vec<&Tensor> = images.iter().collect();
-            Tensor::cat(&refs, 0).at(id)
-        }
+            Tensor::cat(&members, axis).at(id)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if images.len() == 1 {
+        Ok(images.remove(0))
+    } else {
+        let refs: Vec<&Tensor> = images.iter().collect();
+        Tensor::cat(&refs, 0).at(id)
     }
 }
 

@@ -9,8 +9,8 @@ use pcpp_comm::CommKind;
 use pcpp_kernels::Tensor;
 
 use crate::exchange::RecvSpec;
-use crate::layers::{CoreError, LayerContext, Result};
-use crate::patch::{PatchRuntime, GATHER_TAG};
+use crate::layers::{CoreError, Result};
+use crate::patch::{stitch_bands, PatchRuntime, GATHER_TAG};
 use crate::schedule::{ParallelMode, SplitScheme};
 
 /// Layer id of the gather in errors.
@@ -86,34 +86,6 @@ impl PatchRuntime {
         if me != root {
             return Ok(None);
         }
-        if got.len() != others.len() {
-            return Err(CoreError::Config(format!(
-                "{ID}: {} bands received, {} expected",
-                got.len(),
-                others.len()
-            )));
-        }
-        let mut got = got.into_iter();
-        let bands: Vec<Tensor> = (0..n)
-            .map(|r| {
-                if r == root {
-                    Some(x.clone())
-                } else {
-                    got.next()
-                }
-            })
-            .collect::<Option<_>>()
-            .ok_or_else(|| CoreError::Config(format!("{ID}: a band is missing")))?;
-        let images = (0..sh.grid.groups)
-            .map(|g| {
-                let members: Vec<&Tensor> = (0..n)
-                    .filter(|&r| sh.grids[r].group == g)
-                    .map(|r| &bands[r])
-                    .collect();
-                Tensor::cat(&members, 2).at(ID)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let refs: Vec<&Tensor> = images.iter().collect();
-        Tensor::cat(&refs, 0).at(ID).map(Some)
+        stitch_bands(sh, ID, me, x, got, 2).map(Some)
     }
 }
