@@ -280,6 +280,8 @@ pub fn denoise_with(
         let ctx = driver.step_ctx(i - first);
         let out = graphs.run(unet, driver, &ctx, &x_in, &ts, &cond)?;
         let guided = if cfg {
+            // One cast of both branches (the combine is in f32), not one per use.
+            let out = out.to_dtype(pcpp_kernels::DType::F32)?;
             let u = out.narrow(0, 0, 1)?;
             let c = out.narrow(0, 1, 1)?;
             let diff = lin(&[(&c, 1.0), (&u, -1.0)]).map_err(sched_err)?;
