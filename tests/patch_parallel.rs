@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use pcpp_comm::{CommKind, LocalTransport, Transport, TransportOptions};
+use pcpp_comm::{LocalTransport, Transport, TransportOptions};
 use pcpp_core::plan::{generation_traffic, plan, step_traffic, PlanSetup};
 use pcpp_core::{
     BandPlan, GnMode, ParallelConfig, ParallelMode, PatchRuntime, RunReport, SerialDriver,
@@ -114,22 +114,7 @@ fn run_ranks(
         let rt = PatchRuntime::new(t, cfg_split, cfg.clone(), H, W, 1)?;
         let unet = UNet::load(&tiny_model().join("unet"), DType::F32, rt.factory())?;
         let latent = denoise(&unet, rt.driver(), steps)?;
-        let mut stats = rt.group_transport().stats();
-        if !Arc::ptr_eq(rt.group_transport(), rt.world_transport()) {
-            stats.merge(&rt.world_transport().stats());
-        }
-        let mut transport = Traffic::default();
-        for k in [
-            CommKind::Halo,
-            CommKind::GroupNorm,
-            CommKind::Attention,
-            CommKind::Gather,
-            CommKind::Other,
-        ] {
-            let (s, r) = stats.bytes(k);
-            transport.sent.add(k, s);
-            transport.recvd.add(k, r);
-        }
+        let transport = rt.transport_traffic();
         Ok::<_, BoxErr>(RankOut {
             latent,
             report: rt.report(),

@@ -7,8 +7,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use pcpp_comm::{CommKind, LocalTransport, Transport, TransportOptions};
-use pcpp_core::{PatchRuntime, RunReport, SerialFactory, Traffic};
+use pcpp_comm::{LocalTransport, Transport, TransportOptions};
+use pcpp_core::{RunReport, SerialFactory, Traffic};
 use pcpp_kernels::{DType, Device, Tensor};
 use pcpp_sdxl::vae_parallel::{decode_plan, decoder_inventory, latent_band};
 use pcpp_sdxl::weights::Weights;
@@ -79,26 +79,6 @@ struct RankOut {
     transport: Traffic,
 }
 
-fn transport_traffic(rt: &PatchRuntime) -> Traffic {
-    let mut stats = rt.group_transport().stats();
-    if !Arc::ptr_eq(rt.group_transport(), rt.world_transport()) {
-        stats.merge(&rt.world_transport().stats());
-    }
-    let mut t = Traffic::default();
-    for k in [
-        CommKind::Halo,
-        CommKind::GroupNorm,
-        CommKind::Attention,
-        CommKind::Gather,
-        CommKind::Other,
-    ] {
-        let (s, r) = stats.bytes(k);
-        t.sent.add(k, s);
-        t.recvd.add(k, r);
-    }
-    t
-}
-
 /// On `n` ranks: the decode to rank 0 (its report and transport counters), then each rank's band
 /// alone.
 fn run_ranks(model: Model, n: usize, latents: &Tensor) -> Vec<RankOut> {
@@ -108,7 +88,7 @@ fn run_ranks(model: Model, n: usize, latents: &Tensor) -> Vec<RankOut> {
         let vae = model.build(rt.factory())?;
         let image = decode_to_root(&vae, &rt, latents)?;
         let report = rt.report();
-        let transport = transport_traffic(&rt);
+        let transport = rt.transport_traffic();
         let band = decode_bands(&vae, &rt, &latent_band(&rt, latents)?)?;
         Ok::<_, BoxErr>(RankOut {
             image,

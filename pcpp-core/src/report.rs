@@ -266,3 +266,27 @@ pub mod portions_serde {
         }
     }
 }
+
+impl crate::PatchRuntime {
+    /// The bytes the transports themselves counted (the group's and, when it is another one, the
+    /// world's), per kind: what a report's own counts are checked against.
+    pub fn transport_traffic(&self) -> Traffic {
+        let mut stats = self.group_transport().stats();
+        if !std::sync::Arc::ptr_eq(self.group_transport(), self.world_transport()) {
+            stats.merge(&self.world_transport().stats());
+        }
+        let mut t = Traffic::default();
+        for k in [
+            CommKind::Halo,
+            CommKind::GroupNorm,
+            CommKind::Attention,
+            CommKind::Gather,
+            CommKind::Other,
+        ] {
+            let (s, r) = stats.bytes(k);
+            t.sent.add(k, s);
+            t.recvd.add(k, r);
+        }
+        t
+    }
+}
