@@ -3,7 +3,8 @@
 //! Subcommands: `generate` (text to image, serial or patch-parallel), `unet` (one UNet forward from a
 //! safetensors file of inputs, a parity and debugging hook), `compare` (PSNR / SSIM of two images), `plan` (bytes per step without weights),
 //! `bench` (UNet forward timing), `convert` (diffusers folder ↔ single-file checkpoint),
-//! `patch-bench` (patch-parallel denoising loop timing with random weights).
+//! `patch-bench` (patch-parallel denoising loop timing with random weights), `decode-bench` (one
+//! rank's part of the patch-parallel VAE decode).
 //! This is the only crate that reads the environment and uses `anyhow`. User errors print one
 //! `error: ...` line (no backtrace) and exit with status 1; bad flags exit with clap's status 2.
 
@@ -13,6 +14,7 @@ mod batch;
 mod bench;
 mod compare;
 mod convert;
+mod decode_bench;
 mod generate;
 mod mode_flags;
 mod output;
@@ -50,6 +52,9 @@ enum Command {
     /// Time the patch-parallel denoising loop of a config with random weights (CPU or GPU, any
     /// transport), per step, with bytes per step and the final latents.
     PatchBench(Box<patch_bench::PatchBenchArgs>),
+    /// Time one rank's part of the patch-parallel VAE decode (CPU or GPU), alone on this device,
+    /// with its peak memory and bytes.
+    DecodeBench(decode_bench::DecodeBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +67,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Convert(a) => convert::run(a),
         Command::PatchBench(a) => patch_bench::run(*a),
+        Command::DecodeBench(a) => decode_bench::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
