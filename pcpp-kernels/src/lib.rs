@@ -62,6 +62,15 @@ pub fn synchronize(device: Device) -> Result<()> {
     }
 }
 
+/// Adds the GPU time of every op recorded while [`cpu::profile`] counting was on (CUDA events
+/// around each op's launches, see `cuda::profile`) to the counters of its kind, waiting for those
+/// ops first. Nothing to do without CUDA.
+pub fn flush_gpu_profile() -> Result<()> {
+    #[cfg(feature = "cuda")]
+    cuda::profile::flush()?;
+    Ok(())
+}
+
 /// Lets f32 convolutions on `device` use TF32 tensor cores, as PyTorch does by default (nothing on
 /// the CPU). See [`cuda::Gpu::set_conv_tf32`].
 pub fn set_conv_tf32(device: Device, on: bool) -> Result<()> {

@@ -13,6 +13,7 @@
 //! [`Gpu::join_comm`] order the two streams, also inside a captured CUDA graph.
 
 mod ops;
+pub mod profile;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
