@@ -301,6 +301,12 @@ impl Connection {
     }
 }
 
+/// The device data path of `t` for the connection's description: `host` when it has none.
+#[cfg(any(feature = "mpi", feature = "ucx"))]
+fn device_path(t: &dyn Transport) -> &'static str {
+    t.device_p2p().map_or("host", |d| d.data_path())
+}
+
 fn not_built(kind: TransportKind) -> CommError {
     CommError::Setup {
         op: "connect",
@@ -347,11 +353,12 @@ fn connect_mpi(_env: &LaunchEnv, opts: &ConnectOptions) -> Result<Connection, Co
     let transport: Arc<dyn Transport> = world;
     Ok(Connection {
         description: format!(
-            "mpi ({}), rank {}/{}, local rank {}",
+            "mpi ({}), rank {}/{}, local rank {}, device exchanges {}",
             mpi_library(),
             ctx.rank,
             ctx.size,
-            ctx.local_rank
+            ctx.local_rank,
+            device_path(transport.as_ref())
         ),
         transport,
         kind: TransportKind::Mpi,
@@ -385,11 +392,12 @@ fn connect_ucx(env: &LaunchEnv, opts: &ConnectOptions) -> Result<Connection, Com
         drop(world);
         return Ok(Connection {
             description: format!(
-                "ucx {} (bootstrap: mpi), rank {}/{}, local rank {}",
+                "ucx {} (bootstrap: mpi), rank {}/{}, local rank {}, device exchanges {}",
                 UcxTransport::ucx_version(),
                 ctx.rank,
                 ctx.size,
-                ctx.local_rank
+                ctx.local_rank,
+                device_path(ucx.as_ref())
             ),
             transport: ucx,
             kind: TransportKind::Ucx,
@@ -419,8 +427,9 @@ fn connect_ucx(env: &LaunchEnv, opts: &ConnectOptions) -> Result<Connection, Com
     let local_rank = env.local_rank.unwrap_or(by_host);
     Ok(Connection {
         description: format!(
-            "ucx {} (bootstrap: rendezvous {root}), rank {rank}/{size}, local rank {local_rank}",
-            UcxTransport::ucx_version()
+            "ucx {} (bootstrap: rendezvous {root}), rank {rank}/{size}, local rank {local_rank}, device exchanges {}",
+            UcxTransport::ucx_version(),
+            device_path(ucx.as_ref())
         ),
         transport: ucx,
         kind: TransportKind::Ucx,

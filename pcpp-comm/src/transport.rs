@@ -182,6 +182,12 @@ pub trait DeviceP2p: Send + Sync {
     /// The CUDA device ordinal this communicator runs on.
     fn device_ordinal(&self) -> usize;
 
+    /// How the data moves, for logs: `native` (NCCL, the solo back-end), or the path of the MPI /
+    /// UCX engine, `cuda-aware` or `staged`.
+    fn data_path(&self) -> &'static str {
+        "native"
+    }
+
     /// Enqueues every send and receive as one group on `stream` (a raw `CUstream` of that
     /// device) and returns without waiting; completion is ordered on `stream`: work enqueued on
     /// `stream` afterwards sees the received bytes, and the send buffers may be reused by such

@@ -43,6 +43,10 @@ unsafe fn in_context<T>(
 }
 
 impl StreamOps for CudaStreams {
+    fn device_memory(&self) -> bool {
+        true
+    }
+
     unsafe fn launch_host_fn(
         &self,
         s: *mut c_void,

@@ -241,7 +241,7 @@ impl<W: Wire> DeviceEngine<W> {
             return Ok(());
         }
         let (wire, q, ops) = (self.wire.clone(), self.queue.clone(), self.ops.clone());
-        let device = self.path == DevicePath::CudaAware;
+        let device = self.path == DevicePath::CudaAware && self.ops.device_memory();
         let timeout = self.timeout;
         let h = std::thread::Builder::new()
             .name(format!(

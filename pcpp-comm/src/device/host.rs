@@ -102,6 +102,10 @@ unsafe fn stream<'a>(stream: *mut c_void) -> Result<&'a HostStream, String> {
 }
 
 impl StreamOps for HostStreams {
+    fn device_memory(&self) -> bool {
+        false
+    }
+
     unsafe fn launch_host_fn(
         &self,
         s: *mut c_void,

@@ -156,6 +156,10 @@ pub type HostFn = unsafe extern "C" fn(*mut c_void);
 /// The stream operations the engine needs; implemented for CUDA streams and for
 /// [`host::HostStream`]s. Every method taking a `stream` requires a live stream of this kind.
 pub trait StreamOps: Send + Sync {
+    /// Whether the addresses handed to the exchanges are CUDA device memory (what a CUDA-aware
+    /// library is told), rather than host memory standing in for it.
+    fn device_memory(&self) -> bool;
+
     /// Enqueues `f(data)` on `stream`; it runs after everything enqueued before it, and what is
     /// enqueued after it starts only once it has returned.
     ///

@@ -236,6 +236,10 @@ impl DeviceP2p for UcxTransport {
         self.device.as_ref().map_or(0, |d| d.ordinal())
     }
 
+    fn data_path(&self) -> &'static str {
+        self.device.as_ref().map_or("host", |d| d.path().name())
+    }
+
     unsafe fn enqueue(
         &self,
         kind: CommKind,
