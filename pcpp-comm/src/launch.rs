@@ -301,6 +301,15 @@ impl Connection {
     }
 }
 
+/// Options of an MPI world that only bootstraps another back-end: no device exchanges of its own.
+#[cfg(feature = "mpi")]
+#[allow(dead_code)]
+fn bootstrap_options(opts: &ConnectOptions) -> TransportOptions {
+    let mut o = opts.transport.clone();
+    o.device_comm = crate::DeviceComm::Host;
+    o
+}
+
 /// The device data path of `t` for the connection's description: `host` when it has none.
 #[cfg(any(feature = "mpi", feature = "ucx"))]
 fn device_path(t: &dyn Transport) -> &'static str {
@@ -387,7 +396,7 @@ fn connect_ucx(env: &LaunchEnv, opts: &ConnectOptions) -> Result<Connection, Com
     use crate::ucx::UcxTransport;
     #[cfg(feature = "mpi")]
     if env.under_mpi {
-        let (world, ctx) = crate::MpiTransport::init_typed(opts.transport.clone())?;
+        let (world, ctx) = crate::MpiTransport::init_typed(bootstrap_options(opts))?;
         let ucx = UcxTransport::init_over(world.as_ref(), opts.transport.clone())?;
         drop(world);
         return Ok(Connection {
@@ -449,7 +458,7 @@ fn connect_nccl(env: &LaunchEnv, opts: &ConnectOptions) -> Result<Connection, Co
     use crate::NcclTransport;
     #[cfg(feature = "mpi")]
     if env.under_mpi {
-        let (world, ctx) = crate::MpiTransport::init_typed(opts.transport.clone())?;
+        let (world, ctx) = crate::MpiTransport::init_typed(bootstrap_options(opts))?;
         let nccl =
             NcclTransport::init_over(world.as_ref(), ctx.local_rank, opts.transport.clone())?;
         drop(world);

@@ -103,9 +103,10 @@ fn assert_device_ranks(n: usize, role: &str, path: &str) {
         );
     }
     let line = format!("pcpp-comm: ucx device exchanges: {path}");
-    assert!(
+    assert_eq!(
         out[0].stderr.contains(&line),
-        "no {line:?}:\n{}",
+        path != "host",
+        "start-up line {line:?} (printed for every path but host):\n{}",
         out[0].all()
     );
 }
@@ -257,6 +258,16 @@ fn ucx_rank() {
         }
         "device-host" => {
             assert!(t.device_p2p().is_none());
+            assert!(
+                conn.description.ends_with("device exchanges host"),
+                "{}",
+                conn.description
+            );
+            assert!(
+                conn.description.ends_with("device exchanges host"),
+                "{}",
+                conn.description
+            );
             pcpp_comm::conformance::run_all(t.as_ref()).unwrap();
         }
         "mismatch" => {

@@ -242,3 +242,35 @@ pub(crate) fn stream_ops(streams: DeviceStreams) -> Option<Arc<dyn StreamOps>> {
         DeviceStreams::Cuda => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_spellings_round_trip_and_bad_ones_are_named() {
+        for c in [
+            DeviceComm::Auto,
+            DeviceComm::CudaAware,
+            DeviceComm::Staged,
+            DeviceComm::Host,
+        ] {
+            assert_eq!(c.name().parse::<DeviceComm>(), Ok(c));
+        }
+        assert_eq!(" Staged ".parse::<DeviceComm>(), Ok(DeviceComm::Staged));
+        let e = "nvlink".parse::<DeviceComm>().unwrap_err();
+        assert!(e.contains("\"nvlink\"") && e.contains("cuda-aware"), "{e}");
+    }
+
+    #[test]
+    fn auto_follows_the_library_and_forcing_overrides_it() {
+        assert_eq!(DeviceComm::Auto.resolve(true), Some(DevicePath::CudaAware));
+        assert_eq!(DeviceComm::Auto.resolve(false), Some(DevicePath::Staged));
+        assert_eq!(DeviceComm::Staged.resolve(true), Some(DevicePath::Staged));
+        assert_eq!(
+            DeviceComm::CudaAware.resolve(false),
+            Some(DevicePath::CudaAware)
+        );
+        assert_eq!(DeviceComm::Host.resolve(true), None);
+    }
+}

@@ -191,9 +191,6 @@ pub(crate) fn engine_for(
 ) -> Result<Option<Arc<DeviceEngine<MpiWire>>>, CommError> {
     let (cuda, how) = mpi_cuda_support();
     let Some(path) = opts.device_comm.resolve(cuda) else {
-        if log && rank == 0 {
-            eprintln!("pcpp-comm: mpi device exchanges: host (--device-comm host; {how})");
-        }
         return Ok(None);
     };
     let Some(ops) = crate::device::stream_ops(opts.device_streams) else {

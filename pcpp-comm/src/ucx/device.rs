@@ -182,12 +182,7 @@ pub(super) fn engine_for(
     } else {
         "UCX does not list the CUDA memory type (no cuda_copy / cuda_ipc transports)"
     };
-    let Some(path) = opts.device_comm.resolve(cuda) else {
-        if log && rank == 0 {
-            eprintln!("pcpp-comm: ucx device exchanges: host (--device-comm host; {how})");
-        }
-        return None;
-    };
+    let path = opts.device_comm.resolve(cuda)?;
     let ops = crate::device::stream_ops(opts.device_streams)?;
     if log && rank == 0 {
         let warn = if path == DevicePath::CudaAware
