@@ -34,13 +34,13 @@
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(any(feature = "mpi", feature = "ucx"))]
 pub(crate) mod engine;
 pub mod host;
 
 use std::ffi::c_void;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
 
 /// Which data path device exchanges over MPI or UCX take (`--device-comm`, `PCPP_DEVICE_COMM`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -233,11 +233,12 @@ pub trait StreamOps: Send + Sync {
 
 /// The stream operations for `streams`, or `None` when this build has none (CUDA streams without
 /// the `cuda` feature).
-pub(crate) fn stream_ops(streams: DeviceStreams) -> Option<Arc<dyn StreamOps>> {
+#[cfg(any(feature = "mpi", feature = "ucx"))]
+pub(crate) fn stream_ops(streams: DeviceStreams) -> Option<std::sync::Arc<dyn StreamOps>> {
     match streams {
-        DeviceStreams::Host => Some(Arc::new(host::HostStreams)),
+        DeviceStreams::Host => Some(std::sync::Arc::new(host::HostStreams)),
         #[cfg(feature = "cuda")]
-        DeviceStreams::Cuda => Some(Arc::new(cuda::CudaStreams)),
+        DeviceStreams::Cuda => Some(std::sync::Arc::new(cuda::CudaStreams)),
         #[cfg(not(feature = "cuda"))]
         DeviceStreams::Cuda => None,
     }
