@@ -17,7 +17,7 @@ Model of one steady step (PCPP §7.4, as scripts/model-speedup.py):
 Every rank is assumed to have its own link of the given bandwidth (one NIC per GPU).
 
 Usage: scripts/link-model.py --cli BIN/pcpp-cli [--bench docs/data-band-bench.jsonl]
-       [--ranks 8] [--gbps 450,50] [--sizes 1024,1536,...]
+       [--ranks 8] [--gbps 450,50,12.5] [--sizes 1024,1536,...]
 """
 import argparse
 import json
@@ -73,7 +73,7 @@ def main():
     ap.add_argument("--bench", default="docs/data-band-bench.jsonl")
     ap.add_argument("--config", default="models/sdxl-base-1.0-configs/unet/config.json")
     ap.add_argument("--ranks", type=int, default=8)
-    ap.add_argument("--gbps", default="450,50")
+    ap.add_argument("--gbps", default="450,50,12.5")
     ap.add_argument("--portion", default="0.3")
     ap.add_argument("--sizes", default="1024,1536,2048,2560,3072,3584,3840,4096")
     a = ap.parse_args()
@@ -90,7 +90,7 @@ def main():
         rule += "---|---|---|"
     print(head)
     print(rule)
-    first_hidden = {}
+    exposed = defaultdict(list)
     for size in sizes:
         for mode in ("pcpp", "distrifusion"):
             f = comp_model(best, mode)
@@ -103,16 +103,16 @@ def main():
             for bw in bws:
                 ts, tg = stale / (bw * 1e6), gather / (bw * 1e6)
                 hidden = ts <= tc
-                if hidden:
-                    first_hidden.setdefault((mode, bw), size)
+                if not hidden:
+                    exposed[(mode, bw)].append(f"{size}²")
                 row += f" {ts:.1f} | {max(tc, ts) + tg:.1f} | {'yes' if hidden else 'no'} |"
             print(row)
     print()
     for bw in bws:
         for mode in ("pcpp", "distrifusion"):
-            s = first_hidden.get((mode, bw))
-            where = f"from {s}²" if s else f"at none of the sizes up to {sizes[-1]}²"
-            print(f"- {mode} at {bw:g} GB/s: stale traffic hidden {where}")
+            e = exposed.get((mode, bw))
+            what = f"exposed at {', '.join(e)}" if e else "hidden at every size"
+            print(f"- {mode} at {bw:g} GB/s: stale traffic {what}")
 
 
 if __name__ == "__main__":
