@@ -141,6 +141,10 @@ impl TestDevice for CudaDevice {
     }
     fn upload(&self, ptr: u64, data: &[u8]) -> Result<(), String> {
         self.synchronize()?;
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| format!("bind context: {e}"))?;
         // SAFETY: `ptr` is one of this device's allocations with at least `data.len()` bytes;
         // the stream is idle and the copy is synchronous.
         let r =
@@ -151,6 +155,10 @@ impl TestDevice for CudaDevice {
     }
     fn download(&self, ptr: u64, len: usize) -> Result<Vec<u8>, String> {
         self.synchronize()?;
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| format!("bind context: {e}"))?;
         let mut out = vec![0u8; len];
         // SAFETY: as `upload`, the other way.
         let r = unsafe { cudarc::driver::sys::cuMemcpyDtoH_v2(out.as_mut_ptr().cast(), ptr, len) };

@@ -444,3 +444,152 @@ fn comm_loop<W: Wire>(wire: &W, q: &Queue, ops: &dyn StreamOps, device: bool, ti
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::HostFn;
+    use std::collections::VecDeque;
+
+    /// One rank talking to itself: a send is copied into the next receive posted.
+    #[derive(Default)]
+    struct Loopback {
+        sent: Mutex<VecDeque<(u64, usize)>>,
+    }
+
+    impl Wire for Loopback {
+        type Req = ();
+        unsafe fn post(
+            &self,
+            sends: &[WireMsg],
+            recvs: &[WireMsg],
+            _device: bool,
+            _reqs: &mut Vec<()>,
+        ) -> Result<(), CommError> {
+            let mut q = lock(&self.sent);
+            q.extend(sends.iter().map(|m| (m.ptr, m.len)));
+            for r in recvs {
+                let (p, n) = q.pop_front().expect("a send for every receive");
+                assert_eq!(n, r.len);
+                // SAFETY: both are live test buffers of `n` bytes.
+                unsafe { std::ptr::copy_nonoverlapping(p as *const u8, r.ptr as *mut u8, n) };
+            }
+            Ok(())
+        }
+        fn test(&self, _reqs: &mut Vec<()>) -> Result<bool, CommError> {
+            Ok(true)
+        }
+    }
+
+    type Node = Box<dyn Fn() + Send>;
+
+    /// Streams that are always being captured: the work is recorded as graph nodes, and
+    /// `replay` runs them in order, as a CUDA graph launch would.
+    #[derive(Default)]
+    struct Graph {
+        nodes: Mutex<Vec<Node>>,
+    }
+
+    impl Graph {
+        fn replay(&self) {
+            for n in lock(&self.nodes).iter() {
+                n();
+            }
+        }
+    }
+
+    impl StreamOps for Graph {
+        fn device_memory(&self) -> bool {
+            false
+        }
+        unsafe fn launch_host_fn(
+            &self,
+            _s: *mut c_void,
+            f: HostFn,
+            data: *mut c_void,
+        ) -> Result<(), String> {
+            let d = data as usize;
+            // SAFETY: the record behind `data` is kept for good by a captured exchange.
+            lock(&self.nodes).push(Box::new(move || unsafe { f(d as *mut c_void) }));
+            Ok(())
+        }
+        unsafe fn copy_dtoh(
+            &self,
+            _s: *mut c_void,
+            dst: *mut u8,
+            src: u64,
+            len: usize,
+        ) -> Result<(), String> {
+            let d = dst as usize;
+            // SAFETY: test buffers outlive the replays.
+            lock(&self.nodes).push(Box::new(move || unsafe {
+                std::ptr::copy_nonoverlapping(src as *const u8, d as *mut u8, len)
+            }));
+            Ok(())
+        }
+        unsafe fn copy_htod(
+            &self,
+            s: *mut c_void,
+            dst: u64,
+            src: *const u8,
+            len: usize,
+        ) -> Result<(), String> {
+            // SAFETY: the same copy the other way.
+            unsafe { self.copy_dtoh(s, dst as *mut u8, src as u64, len) }
+        }
+        unsafe fn alloc_pinned(&self, _s: *mut c_void, len: usize) -> Result<*mut u8, String> {
+            Ok(Box::into_raw(vec![0u8; len].into_boxed_slice()).cast::<u8>())
+        }
+        unsafe fn free_pinned(&self, ptr: *mut u8, len: usize) {
+            // SAFETY: made by `alloc_pinned` with `len`.
+            drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) });
+        }
+        unsafe fn is_capturing(&self, _s: *mut c_void) -> Result<bool, String> {
+            Ok(true)
+        }
+        unsafe fn context_of(&self, _s: *mut c_void) -> Result<(usize, usize), String> {
+            Ok((0, 0))
+        }
+        unsafe fn bind_context(&self, _ctx: usize) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    /// A captured exchange runs nothing at capture time and moves the buffers' current contents
+    /// at every replay, on both paths.
+    #[test]
+    fn captured_exchanges_move_fresh_data_at_every_replay() {
+        for path in [DevicePath::Staged, DevicePath::CudaAware] {
+            let graph = Arc::new(Graph::default());
+            let eng = DeviceEngine::new(
+                Loopback::default(),
+                path,
+                graph.clone(),
+                Duration::from_secs(10),
+                0,
+                "test".into(),
+            );
+            let len = 1000;
+            let mut send = vec![0u8; len];
+            let mut recv = vec![0u8; len];
+            let msg = |ptr: u64| DeviceMsg { peer: 0, ptr, len };
+            let (sp, rp) = (send.as_mut_ptr() as u64, recv.as_mut_ptr() as u64);
+            // SAFETY: both buffers live until the end of the test; the "stream" is never used.
+            unsafe { eng.enqueue(&[msg(sp)], &[msg(rp)], std::ptr::null_mut()) }.unwrap();
+            assert!(recv.iter().all(|&b| b == 0), "{path}: capture moved data");
+            for k in 1..=3u8 {
+                // SAFETY: nothing else touches the buffer between replays.
+                unsafe { std::ptr::write_bytes(sp as *mut u8, k, len) };
+                graph.replay();
+                // SAFETY: the replay has completed (host functions block until the exchange is done).
+                let got = unsafe { std::slice::from_raw_parts(rp as *const u8, len) };
+                assert!(
+                    got.iter().all(|&b| b == k),
+                    "{path}: replay {k} moved stale data"
+                );
+            }
+            drop(eng);
+            drop((send, recv));
+        }
+    }
+}
