@@ -5,7 +5,7 @@
 //!
 //! - **host**: tensors are copied to host bytes, sent through [`Transport::exchange`] and turned
 //!   back into tensors on the activations' device when waited for. Every back-end supports it
-//!   (local threads, MPI, UCX, NCCL through its host-staged exchange), and it is the only path for
+//!   (local threads, MPI, UCX, NCCL through their host exchanges), and it is the only path for
 //!   CPU activations;
 //! - **device** (feature `cuda`, CUDA activations and a transport with
 //!   [`Transport::device_p2p`]: NCCL, and MPI / UCX unless `--device-comm host`, whose exchanges
