@@ -17,6 +17,8 @@
 #   SIZES       sizes of the exchange bench (default "1024 2048")
 #   STEP_SIZES  sizes of the step-time runs (default "1024"; each run loads a full-size UNet per
 #               rank, so 2048 roughly doubles this script's time)
+#   STEP_RUNS   transport:path pairs of the step-time runs (default "mpi:host mpi:staged
+#               ucx:staged ucx:cuda-aware"; each loads a full-size UNet per rank)
 #   EXCHANGES   exchanges per step in the exchange bench (default 150)
 #   STEPS       patch-bench steps (default 10, 2 of them synchronous warm-up)
 #   UCX_WHEEL   CUDA-enabled UCX libraries (default .whl/ucx)
@@ -30,6 +32,7 @@ OUT=${2:?usage: $0 BIN_DIR OUT_DIR}
 SIZES=${SIZES:-"1024 2048"}
 STEP_SIZES=${STEP_SIZES:-1024}
 EXCHANGES=${EXCHANGES:-150}
+STEP_RUNS=${STEP_RUNS:-"mpi:host mpi:staged ucx:staged ucx:cuda-aware"}
 STEPS=${STEPS:-10}
 UCX_WHEEL=${UCX_WHEEL:-.whl/ucx}
 CONFIG=models/sdxl-base-1.0-configs
@@ -96,22 +99,19 @@ for size in $STEP_SIZES; do
     for r in 0 1 2 3; do
         [[ -s $L/${name}_$r.json ]] && echo "{\"size\": $size, \"transport\": \"solo\", \"path\": \"-\", \"rank\": $r, \"bench\": $(cat "$L/${name}_$r.json")}" >>"$OUT/steps.jsonl"
     done
-    for t in mpi ucx; do
-        paths=$MPI_PATHS
-        [[ $t == ucx ]] && paths=$UCX_PATHS
-        for path in $paths; do
-            name="step_${size}_${t}_$path"
-            graph=()
-            [[ $path != host ]] && graph=(--graph)
-            if launch "$t" "$BIN/pcpp-cli" patch-bench --config "$CONFIG" --height "$size" --width "$size" \
-                --steps "$STEPS" --warmup-steps 2 --device cuda --parallel pcpp --transport "$t" \
-                --device-comm "$path" "${graph[@]}" --report "$L/$name.json" >"$L/$name.log" 2>&1; then
-                echo "{\"size\": $size, \"transport\": \"$t\", \"path\": \"$path\", \"report\": \"$L/$name.json\"}" >>"$OUT/steps.jsonl"
-                echo "$name: $(grep -h '^patch-bench' "$L/$name.log" | sed 's/.*steady step/steady step/; s/, setup.*//')"
-            else
-                echo "$name: FAILED ($(tail -1 "$L/$name.log"))"
-            fi
-        done
+    for run in $STEP_RUNS; do
+        t=${run%%:*} path=${run##*:}
+        name="step_${size}_${t}_$path"
+        graph=()
+        [[ $path != host ]] && graph=(--graph)
+        if launch "$t" "$BIN/pcpp-cli" patch-bench --config "$CONFIG" --height "$size" --width "$size" \
+            --steps "$STEPS" --warmup-steps 2 --device cuda --parallel pcpp --transport "$t" \
+            --device-comm "$path" "${graph[@]}" --report "$L/$name.json" >"$L/$name.log" 2>&1; then
+            echo "{\"size\": $size, \"transport\": \"$t\", \"path\": \"$path\", \"report\": \"$L/$name.json\"}" >>"$OUT/steps.jsonl"
+            echo "$name: $(grep -h '^patch-bench' "$L/$name.log" | sed 's/.*steady step/steady step/; s/, setup.*//')"
+        else
+            echo "$name: FAILED ($(tail -1 "$L/$name.log"))"
+        fi
     done
 done
 
