@@ -592,4 +592,66 @@ mod tests {
             drop((send, recv));
         }
     }
+
+    /// A peer that never answers.
+    struct Silent;
+
+    impl Wire for Silent {
+        type Req = ();
+        unsafe fn post(
+            &self,
+            _sends: &[WireMsg],
+            _recvs: &[WireMsg],
+            _device: bool,
+            reqs: &mut Vec<()>,
+        ) -> Result<(), CommError> {
+            reqs.push(());
+            Ok(())
+        }
+        fn test(&self, reqs: &mut Vec<()>) -> Result<bool, CommError> {
+            Ok(reqs.is_empty())
+        }
+    }
+
+    /// An exchange that does not complete within the timeout fails: the stream stays blocked
+    /// (the runtime's step timeout reports it), later exchanges are refused naming the failure,
+    /// and dropping the engine releases the stream.
+    #[test]
+    fn a_lost_peer_fails_later_exchanges_and_shutdown_releases_the_stream() {
+        let stream = crate::device::host::HostStream::new();
+        let eng = DeviceEngine::new(
+            Silent,
+            DevicePath::Staged,
+            Arc::new(crate::device::host::HostStreams),
+            Duration::from_millis(200),
+            0,
+            "test rank 0".into(),
+        );
+        let mut buf = vec![0u8; 64];
+        let m = DeviceMsg {
+            peer: 0,
+            ptr: buf.as_mut_ptr() as u64,
+            len: 64,
+        };
+        // SAFETY: `buf` outlives the stream's work (the stream is synchronised below).
+        unsafe { eng.enqueue(&[], &[m], stream.raw()) }.unwrap();
+        let t0 = Instant::now();
+        let err = loop {
+            // SAFETY: as above.
+            match unsafe { eng.enqueue(&[], &[m], stream.raw()) } {
+                Err(e) => break e,
+                Ok(()) => {
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(20),
+                        "no failure reported"
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        assert!(err.to_string().contains("not complete after"), "{err}");
+        drop(eng);
+        stream.synchronize().unwrap();
+        drop(buf);
+    }
 }
