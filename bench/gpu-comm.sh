@@ -35,6 +35,7 @@ start=$SECONDS
 status=0
 
 # 1. The machine.
+chmod +x "$UCX_WHEEL/ucx_info" 2>/dev/null
 {
     nvidia-smi -L 2>&1 | head -4
     echo "--- Open MPI: $(mpirun --version 2>&1 | head -1)"
