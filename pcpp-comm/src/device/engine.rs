@@ -4,7 +4,7 @@
 //! thread and returns when it has completed; the staged path surrounds it with asynchronous
 //! copies through pinned buffers. See [`super`] for the design.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
@@ -171,8 +171,21 @@ unsafe extern "C" fn run_op(data: *mut c_void) {
     }
 }
 
-/// Pinned staging buffers by (receive?, device address, length).
-type Pinned = HashMap<(bool, u64, usize), usize>;
+/// Pinned staging buffers of the staged path, by position in an exchange: the `i`-th non-empty
+/// send (receive) of every exchange stages through `sends[i]` (`recvs[i]`), `(address, length)`.
+///
+/// One set serves every exchange of the engine because the exchanges of a stream run one after
+/// the other: an exchange's send copies start only after the previous exchange's host function
+/// and receive copies have finished. A position grows to the largest message seen there; the
+/// buffer it replaces is kept (in `retired`) because a captured CUDA graph may still copy through
+/// it. A steady step's exchanges thus find their buffers already sized by the eager steps that
+/// run before a graph captures one, so a capture allocates nothing.
+#[derive(Default)]
+struct Pinned {
+    sends: Vec<(usize, usize)>,
+    recvs: Vec<(usize, usize)>,
+    retired: Vec<(usize, usize)>,
+}
 
 /// The device point-to-point engine of one communicator.
 pub(crate) struct DeviceEngine<W: Wire> {
@@ -209,7 +222,7 @@ impl<W: Wire> DeviceEngine<W> {
                 label,
             }),
             thread: Mutex::new(None),
-            pinned: Mutex::new(HashMap::new()),
+            pinned: Mutex::new(Pinned::default()),
             ordinal: AtomicUsize::new(0),
             timeout,
             rank,
@@ -254,24 +267,37 @@ impl<W: Wire> DeviceEngine<W> {
         Ok(())
     }
 
-    /// The pinned buffer of (`recv`, `ptr`, `len`), allocated on first use.
+    /// The pinned buffer of the `i`-th send (or receive, `recv`) of an exchange, holding at least
+    /// `m.len` bytes; allocated or grown on demand.
     ///
     /// # Safety
     /// `stream` is a live stream of the engine's kind.
     unsafe fn pinned(
         &self,
         recv: bool,
+        i: usize,
         m: &DeviceMsg,
         stream: *mut c_void,
     ) -> Result<u64, CommError> {
-        let mut p = lock(&self.pinned);
-        if let Some(&b) = p.get(&(recv, m.ptr, m.len)) {
-            return Ok(b as u64);
+        let mut guard = lock(&self.pinned);
+        let p = &mut *guard;
+        let slots = if recv { &mut p.recvs } else { &mut p.sends };
+        if let Some(&(b, len)) = slots.get(i) {
+            if len >= m.len {
+                return Ok(b as u64);
+            }
         }
+        // Rounded up to 64 KiB, so that slowly growing messages do not reallocate every time.
+        let len = m.len.div_ceil(1 << 16) << 16;
         // SAFETY: live stream (the caller's promise).
-        let b = unsafe { self.ops.alloc_pinned(stream, m.len) }
-            .map_err(|e| self.err(m.peer, format!("pinned staging buffer: {e}")))?;
-        p.insert((recv, m.ptr, m.len), b as usize);
+        let b = unsafe { self.ops.alloc_pinned(stream, len) }
+            .map_err(|e| self.err(m.peer, format!("pinned staging buffer of {len} bytes: {e}")))?;
+        if i < slots.len() {
+            let old = std::mem::replace(&mut slots[i], (b as usize, len));
+            p.retired.push(old);
+        } else {
+            slots.push((b as usize, len));
+        }
         Ok(b as u64)
     }
 
@@ -305,9 +331,9 @@ impl<W: Wire> DeviceEngine<W> {
         let capturing = unsafe { self.ops.is_capturing(stream) }.map_err(e)?;
         let staged = self.path == DevicePath::Staged;
         let mut wsends = Vec::with_capacity(sends.len());
-        for m in &sends {
+        for (i, m) in sends.iter().enumerate() {
             let ptr = if staged {
-                let b = unsafe { self.pinned(false, m, stream) }?;
+                let b = unsafe { self.pinned(false, i, m, stream) }?;
                 unsafe { self.ops.copy_dtoh(stream, b as *mut u8, m.ptr, m.len) }.map_err(e)?;
                 b
             } else {
@@ -320,9 +346,9 @@ impl<W: Wire> DeviceEngine<W> {
             });
         }
         let mut wrecvs = Vec::with_capacity(recvs.len());
-        for m in &recvs {
+        for (i, m) in recvs.iter().enumerate() {
             let ptr = if staged {
-                unsafe { self.pinned(true, m, stream) }?
+                unsafe { self.pinned(true, i, m, stream) }?
             } else {
                 m.ptr
             };
@@ -366,7 +392,8 @@ impl<W: Wire> Drop for DeviceEngine<W> {
         if let Some(t) = lock(&self.thread).take() {
             let _ = t.join();
         }
-        for ((_, _, len), b) in lock(&self.pinned).drain() {
+        let p = std::mem::take(&mut *lock(&self.pinned));
+        for (b, len) in p.sends.into_iter().chain(p.recvs).chain(p.retired) {
             // SAFETY: allocated by `alloc_pinned` with `len`; the transport is going away, so
             // no exchange of it runs any more.
             unsafe { self.ops.free_pinned(b as *mut u8, len) };

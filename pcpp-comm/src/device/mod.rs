@@ -23,9 +23,10 @@
 //! - **staged** ([`DevicePath::Staged`]): every send is first copied into a pinned host buffer
 //!   (`cuMemcpyDtoHAsync` on the same stream, before the host function), the library moves host
 //!   memory, and every receive is copied from its pinned buffer into the device buffer after the
-//!   host function. Pinned buffers are allocated once per device buffer and direction (the
-//!   runtime's persistent per-slot, per-parity buffers map to fixed pinned buffers, which a CUDA
-//!   graph needs) and reused for the life of the transport.
+//!   host function. Pinned buffers are allocated once per position in an exchange (the `i`-th
+//!   send or receive), grown to the largest message seen there and reused for the life of the
+//!   transport: a stream's exchanges run one after the other, so one set serves them all, and a
+//!   CUDA graph captured after eager steps of the same traffic finds its buffers allocated.
 //!
 //! [`StreamOps`] abstracts the stream operations: [`cuda::CudaStreams`] (feature `cuda`) on real
 //! CUDA streams, [`host::HostStreams`] on [`host::HostStream`]s, worker threads that run their
