@@ -96,6 +96,12 @@ pub struct GenerateArgs {
     /// error instead of a hang).
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
+    /// How exchanges over MPI / UCX move GPU data: auto (CUDA-aware when the library moves device
+    /// memory, else staged), cuda-aware, staged (pinned host buffers, copies on the communication
+    /// stream) or host (pageable copies the compute stream waits for; no CUDA graphs). Default:
+    /// $PCPP_DEVICE_COMM, else auto.
+    #[arg(long)]
+    pub device_comm: Option<pcpp_comm::DeviceComm>,
     #[command(flatten)]
     pub modes: crate::mode_flags::ModeFlags,
     /// Write a JSON report (per-step time, bytes by layer kind, waits) to this file.
@@ -491,8 +497,8 @@ fn parallel_config(a: &GenerateArgs, portions: &[f64]) -> Result<ParallelConfig>
     Ok(cfg)
 }
 
-fn transport_options(a: &GenerateArgs) -> TransportOptions {
-    TransportOptions::with_timeout(std::time::Duration::from_secs(a.timeout))
+fn transport_options(a: &GenerateArgs) -> Result<TransportOptions> {
+    crate::args::transport_options(a.timeout, a.device_comm, a.device)
 }
 
 /// The configs and weight-file sizes of a model folder, for the start-up check that every rank
@@ -544,7 +550,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let env = launch::LaunchEnv::from_env()?;
     let kind = launch::resolve(a.transport.into(), &env);
     if kind == TransportKind::Local {
-        LocalTransport::run(a.ranks, transport_options(&a), |t| {
+        LocalTransport::run(a.ranks, transport_options(&a)?, |t| {
             run_rank(&a, &plan, &pcfg, t, 0, kind)
         })
         .map_err(|e| match e {
@@ -554,7 +560,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         return Ok(());
     }
     let opts = launch::ConnectOptions {
-        transport: transport_options(&a),
+        transport: transport_options(&a)?,
         ..launch::ConnectOptions::default()
     };
     let conn = launch::connect(kind, &env, &opts)?;
@@ -582,7 +588,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if let Err(e) = launch::check_same_everywhere(world.as_ref(), &hash) {
         launch::abort_job(world.as_ref(), &e.to_string());
     }
-    if let Err(e) = run_rank(&a, &plan, &pcfg, world.clone(), conn.local_rank, kind) {
+    let gpu = match crate::args::gpu_of_local_rank(a.device, conn.local_rank) {
+        Ok(g) => g,
+        Err(e) => launch::abort_job(world.as_ref(), &format!("{e:#}")),
+    };
+    if let Err(e) = run_rank(&a, &plan, &pcfg, world.clone(), gpu, kind) {
         launch::abort_job(world.as_ref(), &format!("{e:#}"));
     }
     Ok(())
