@@ -41,8 +41,7 @@ fn transformer_matches(variant: &str) {
     assert_eq!(txt, text_ids(7));
     let mut ids = txt;
     ids.extend(img);
-    let rope =
-        RopeTables::new(&ids, &tr.config().axes_dims_rope, DType::F32, Device::Cpu).expect("rope");
+    let rope = RopeTables::new(&ids, &tr.config().axes_dims_rope, Device::Cpu).expect("rope");
     let cond = FluxCond {
         txt: &r["encoder_hidden_states"],
         pooled: &r["pooled_projections"],
@@ -65,8 +64,7 @@ fn transformer_matches(variant: &str) {
         };
         let e = tr
             .forward(&r["hidden_states"], &no_guidance, &rope, &FullAttention)
-            .err()
-            .expect("a guidance model without guidance must fail")
+            .expect_err("a guidance model without guidance must fail")
             .to_string();
         assert!(e.contains("guidance"), "{e}");
     }
@@ -86,8 +84,8 @@ fn transformer_schnell_matches_diffusers() {
 fn rope_band_with_row_offset_matches_the_whole_grid() {
     // rows 2..4 of a 5×3 grid: the band's tables equal the whole grid's rows 2..4
     let axes = [4, 6, 6];
-    let whole = RopeTables::new(&image_ids(5, 3, 0), &axes, DType::F32, Device::Cpu).unwrap();
-    let band = RopeTables::new(&image_ids(2, 3, 2), &axes, DType::F32, Device::Cpu).unwrap();
+    let whole = RopeTables::new(&image_ids(5, 3, 0), &axes, Device::Cpu).unwrap();
+    let band = RopeTables::new(&image_ids(2, 3, 2), &axes, Device::Cpu).unwrap();
     let x: Vec<f32> = (0..15 * 32)
         .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
         .collect();
@@ -256,8 +254,7 @@ fn bad_configs_name_the_key() {
     )
     .unwrap();
     let e = FluxTransformerConfig::from_file(&p)
-        .err()
-        .expect("bad rope axes accepted")
+        .expect_err("bad rope axes accepted")
         .to_string();
     assert!(
         e.contains("axes_dims_rope") && e.contains("config.json"),
@@ -273,8 +270,7 @@ fn bad_configs_name_the_key() {
     )
     .unwrap();
     let e = FlowMatchConfig::from_file(&p)
-        .err()
-        .expect("karras accepted")
+        .expect_err("karras accepted")
         .to_string();
     assert!(e.contains("use_karras_sigmas"), "{e}");
 }

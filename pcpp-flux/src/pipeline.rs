@@ -202,7 +202,7 @@ impl FluxPipeline {
         let (hp, wp) = (h / 2, w / 2);
         let mut ids = text_ids(t);
         ids.extend(image_ids(hp, wp, 0));
-        let rope = RopeTables::new(&ids, &self.transformer.config().axes_dims_rope, dt, dev)?;
+        let rope = RopeTables::new(&ids, &self.transformer.config().axes_dims_rope, dev)?;
         let schedule = FlowMatchSchedule::new(&self.scheduler, steps, hp * wp)?;
         let txt = prompt.t5.to_dtype(dt)?.to_device(dev)?;
         let pooled = prompt.pooled.to_dtype(dt)?.to_device(dev)?;

@@ -40,8 +40,9 @@ pub struct RopeTables {
 
 impl RopeTables {
     /// The tables for tokens at `ids`, for heads of `sum(axes_dim)` dimensions, computed in f64
-    /// as diffusers does and stored as `dtype` on `device`.
-    pub fn new(ids: &[[f32; 3]], axes_dim: &[usize], dtype: DType, device: Device) -> Result<Self> {
+    /// as diffusers does and kept in f32 on `device` (the rotation runs in f32 whatever the
+    /// activations' dtype, as diffusers' `apply_rotary_emb`).
+    pub fn new(ids: &[[f32; 3]], axes_dim: &[usize], device: Device) -> Result<Self> {
         if axes_dim.len() != 3 || axes_dim.iter().any(|d| d % 2 != 0 || *d == 0) {
             return Err(FluxError::Input(format!(
                 "RoPE axes {axes_dim:?} must be three non-zero even sizes"
@@ -63,8 +64,8 @@ impl RopeTables {
         }
         let shape = [ids.len(), 1, half, 1];
         Ok(RopeTables {
-            cos: Tensor::from_f32(&shape, cos, dtype)?.to_device(device)?,
-            sin: Tensor::from_f32(&shape, sin, dtype)?.to_device(device)?,
+            cos: Tensor::from_vec(&shape, cos)?.to_device(device)?,
+            sin: Tensor::from_vec(&shape, sin)?.to_device(device)?,
             len: ids.len(),
             half,
         })
@@ -80,7 +81,8 @@ impl RopeTables {
         self.len == 0
     }
 
-    /// Rotates `x: [b, L, heads·dh]` (pairs of adjacent dimensions are rotated together).
+    /// Rotates `x: [b, L, heads·dh]` (pairs of adjacent dimensions are rotated together), in f32;
+    /// the result has `x`'s dtype.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let (b, l, w) = match x.shape() {
             &[b, l, w] if l == self.len && w % (2 * self.half) == 0 => (b, l, w),
@@ -93,10 +95,15 @@ impl RopeTables {
             }
         };
         let heads = w / (2 * self.half);
-        let x = x.reshape(&[b, l, heads, self.half, 2])?;
+        let dtype = x.dtype();
+        let x = x
+            .to_dtype(DType::F32)?
+            .reshape(&[b, l, heads, self.half, 2])?;
         let (re, im) = (x.narrow(4, 0, 1)?, x.narrow(4, 1, 1)?);
         let out_re = re.mul(&self.cos)?.sub(&im.mul(&self.sin)?)?;
         let out_im = im.mul(&self.cos)?.add(&re.mul(&self.sin)?)?;
-        Ok(Tensor::cat(&[&out_re, &out_im], 4)?.reshape(&[b, l, w])?)
+        Ok(Tensor::cat(&[&out_re, &out_im], 4)?
+            .reshape(&[b, l, w])?
+            .to_dtype(dtype)?)
     }
 }

@@ -137,9 +137,9 @@ impl T5Encoder {
                 c.vocab_size
             )));
         }
-        let dev = self.embed.device();
         let bias = self.position_bias(s)?;
-        let mut x = Tensor::embedding(&ids.to_device(dev)?, &self.embed)?;
+        // the ids stay on the host: the embedding gathers rows of the device table by them
+        let mut x = Tensor::embedding(&ids, &self.embed)?;
         for blk in &self.blocks {
             let h = blk.ln_attn.forward(&x)?;
             let (q, k, v) = (blk.q.forward(&h)?, blk.k.forward(&h)?, blk.v.forward(&h)?);

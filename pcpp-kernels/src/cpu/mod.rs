@@ -593,6 +593,19 @@ pub fn upsample_nearest2x(x: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rms_norm_and_softmax_rows() {
+        // rows [3, 4] and [0, 0]: rms 3.5355 and 0
+        let y = rms_norm(&[3.0, 4.0, 0.0, 0.0], 2, Some(&[1.0, 2.0]), 0.0);
+        let r = (12.5f32).sqrt();
+        assert!((y[0] - 3.0 / r).abs() < 1e-6 && (y[1] - 8.0 / r).abs() < 1e-6);
+        let z = rms_norm(&[0.0, 0.0], 2, None, 1e-6);
+        assert_eq!(z, [0.0, 0.0]);
+        let p = softmax_rows(&[0.0, 0.0, 1000.0, 0.0], 2);
+        assert!((p[0] - 0.5).abs() < 1e-7 && (p[1] - 0.5).abs() < 1e-7);
+        assert!((p[2] - 1.0).abs() < 1e-7 && p[3] == 0.0);
+    }
+
     use super::*;
 
     /// Direct-loop convolution in f64.
