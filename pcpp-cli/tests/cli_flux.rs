@@ -39,36 +39,25 @@ fn run_ref(key: &str, extra: &[&str]) -> (std::process::Output, PathBuf, pcpp_ke
         tmp(&format!("{key}-lat.safetensors")),
         tmp(&format!("{key}.png")),
     );
-    let (h, w, steps, msl) = (
-        run["height"].to_string(),
-        run["width"].to_string(),
-        run["steps"].to_string(),
-        run["max_sequence_length"].to_string(),
-    );
-    let mut args = vec![
-        "generate",
-        "--model",
-        s(&model(run["variant"].as_str().unwrap()))
-            .to_string()
-            .leak(),
-        "--prompt",
-        run["prompt"].as_str().unwrap().to_string().leak(),
-        "--height",
-        h.leak(),
-        "--width",
-        w.leak(),
-        "--steps",
-        steps.leak(),
-        "--max-sequence-length",
-        msl.leak(),
-        "--init-noise",
-        s(&noise).to_string().leak(),
-        "--save-latents",
-        s(&lat).to_string().leak(),
-        "--output",
-        s(&png).to_string().leak(),
-    ];
-    args.extend_from_slice(extra);
+    let model = model(run["variant"].as_str().unwrap());
+    let mut args: Vec<String> = vec!["generate".into(), "--model".into(), s(&model).into()];
+    for (flag, value) in [
+        ("--prompt", run["prompt"].as_str().unwrap().to_string()),
+        ("--height", run["height"].to_string()),
+        ("--width", run["width"].to_string()),
+        ("--steps", run["steps"].to_string()),
+        (
+            "--max-sequence-length",
+            run["max_sequence_length"].to_string(),
+        ),
+        ("--init-noise", s(&noise).into()),
+        ("--save-latents", s(&lat).into()),
+        ("--output", s(&png).into()),
+    ] {
+        args.extend([flag.to_string(), value]);
+    }
+    args.extend(extra.iter().map(|x| x.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let o = cli(&args);
     (o, lat, r["latents"].clone())
 }

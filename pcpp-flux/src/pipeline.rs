@@ -5,7 +5,8 @@
 //!
 //! Latents outside this module are unpacked, `[1, C, h, w]` with `C` the VAE's latent channels and
 //! `h, w` the image size over the VAE's scale factor (both even): the initial noise as the caller
-//! gives it and the final latents before the VAE's scale/shift.
+//! gives it and the final latents before the VAE's scale/shift. Between steps the latents are kept
+//! in f32 (diffusers rounds them to the model dtype after each step; identical in f32).
 
 use std::path::{Path, PathBuf};
 
@@ -89,14 +90,29 @@ impl FluxPipeline {
             path: dir.join(sub),
             msg: e.to_string(),
         };
+        // the components load in parallel threads (the transformer and T5 are the bulk)
+        let joined =
+            |what: &str| FluxError::Input(format!("internal: loading the {what} panicked"));
+        let (transformer, t5, clip, vae) = std::thread::scope(|s| {
+            let tr = s.spawn(|| FluxTransformer::load_on(&dir.join("transformer"), dtype, device));
+            let t5 = s.spawn(|| T5Encoder::load_on(&dir.join("text_encoder_2"), dtype, device));
+            let clip = s.spawn(|| ClipTextModel::load_on(&dir.join("text_encoder"), dtype, device));
+            let vae = VaeDecoder::load_on(&dir.join("vae"), vae_dtype, device);
+            (
+                tr.join().map_err(|_| joined("transformer")),
+                t5.join().map_err(|_| joined("T5 encoder")),
+                clip.join().map_err(|_| joined("CLIP text encoder")),
+                vae,
+            )
+        });
         Ok(FluxPipeline {
             clip_tokenizer: ClipTokenizer::from_dir(dir.join("tokenizer"))
                 .map_err(|e| tok_err("tokenizer", e))?,
-            clip: ClipTextModel::load_on(&dir.join("text_encoder"), dtype, device)?,
+            clip: clip??,
             t5_tokenizer: T5Tokenizer::from_dir(&dir.join("tokenizer_2"))?,
-            t5: T5Encoder::load_on(&dir.join("text_encoder_2"), dtype, device)?,
-            transformer: FluxTransformer::load_on(&dir.join("transformer"), dtype, device)?,
-            vae: VaeDecoder::load_on(&dir.join("vae"), vae_dtype, device)?,
+            t5: t5??,
+            transformer: transformer??,
+            vae: vae?,
             scheduler: FlowMatchConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?,
             dir: dir.to_path_buf(),
         })
