@@ -274,3 +274,25 @@ fn bad_configs_name_the_key() {
         .to_string();
     assert!(e.contains("use_karras_sigmas"), "{e}");
 }
+
+#[test]
+fn random_transformer_from_a_config_runs() {
+    let cfg = model("dev").join("transformer/config.json");
+    let tr = FluxTransformer::random(&cfg, DType::F32, Device::Cpu, 3).expect("random");
+    let r = refs("refs-tiny-flux/transformer_dev.safetensors");
+    let mut ids = text_ids(7);
+    ids.extend(image_ids(3, 5, 0));
+    let rope = RopeTables::new(&ids, &tr.config().axes_dims_rope, Device::Cpu).unwrap();
+    let cond = FluxCond {
+        txt: &r["encoder_hidden_states"],
+        pooled: &r["pooled_projections"],
+        timestep: 0.5,
+        guidance: Some(3.5),
+    };
+    let out = tr
+        .forward(&r["hidden_states"], &cond, &rope, &FullAttention)
+        .expect("forward");
+    assert_eq!(out.shape(), r["out"].shape());
+    let v = out.to_vec_f32().unwrap();
+    assert!(v.iter().all(|x| x.is_finite()) && out.max_abs().unwrap() > 0.0);
+}

@@ -80,6 +80,20 @@ impl FluxTransformer {
         Ok(m)
     }
 
+    /// A transformer of the configuration in `config` (a `transformer/config.json`) with seeded
+    /// random weights, made tensor by tensor straight to `device`: for timing models whose weights
+    /// are not at hand (e.g. full-size FLUX.1-dev from its config alone).
+    pub fn random(
+        config: &Path,
+        dtype: DType,
+        device: Device,
+        seed: u64,
+    ) -> Result<FluxTransformer> {
+        let cfg = FluxTransformerConfig::from_file(config)?;
+        let w = Weights::random_every(config, dtype, seed).on_device(device);
+        FluxTransformer::build(cfg, &w)
+    }
+
     /// Builds the model from `w` (tensor names as diffusers writes them).
     pub fn build(config: FluxTransformerConfig, w: &Weights) -> Result<FluxTransformer> {
         let c = &config;
