@@ -296,3 +296,44 @@ fn random_transformer_from_a_config_runs() {
     let v = out.to_vec_f32().unwrap();
     assert!(v.iter().all(|x| x.is_finite()) && out.max_abs().unwrap() > 0.0);
 }
+
+#[test]
+fn missing_or_extra_tensors_are_named() {
+    let src = model("schnell").join("transformer");
+    let f =
+        pcpp_kernels::io::SafetensorsFile::open(src.join("diffusion_pytorch_model.safetensors"))
+            .unwrap();
+    let all: Vec<(String, Tensor)> = f
+        .shapes()
+        .into_iter()
+        .map(|(n, _)| (n.clone(), f.load(&n, None).unwrap()))
+        .collect();
+    let dir = std::env::temp_dir().join(format!("pcpp-flux-missing-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let gone = "single_transformer_blocks.1.attn.norm_k.weight";
+    let extra = Tensor::from_vec(&[2], vec![1.0, 2.0]).unwrap();
+    for (tag, want) in [
+        ("missing", gone),
+        ("extra", "time_text_embed.guidance_embedder.linear_1.weight"),
+    ] {
+        let mut kept: Vec<(&str, &Tensor)> = all
+            .iter()
+            .filter(|(n, _)| tag != "missing" || n != gone)
+            .map(|(n, t)| (n.as_str(), t))
+            .collect();
+        if tag == "extra" {
+            kept.push((want, &extra));
+        }
+        pcpp_kernels::io::save(dir.join("diffusion_pytorch_model.safetensors"), &kept, None)
+            .unwrap();
+        let e = FluxTransformer::load_on(&dir, DType::F32, Device::Cpu)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains(want) && e.contains("diffusion_pytorch_model.safetensors"),
+            "{tag}: {e}"
+        );
+    }
+}
