@@ -48,9 +48,10 @@ pub struct GenerateArgs {
     /// Denoising steps.
     #[arg(long, default_value_t = 30)]
     pub steps: usize,
-    /// Classifier-free guidance scale (≤ 1 disables CFG).
-    #[arg(long, default_value_t = 5.0)]
-    pub guidance: f32,
+    /// Classifier-free guidance scale (≤ 1 disables CFG; default 5). Flux: the embedded guidance
+    /// scale (default 3.5; ignored by models without guidance embedding).
+    #[arg(long)]
+    pub guidance: Option<f32>,
     /// Image height in pixels, a multiple of 8 (default: the model's native size).
     #[arg(long)]
     pub height: Option<usize>,
@@ -74,6 +75,8 @@ pub struct GenerateArgs {
     pub output: Option<PathBuf>,
     #[command(flatten)]
     pub batch: crate::batch::BatchFlags,
+    #[command(flatten)]
+    pub flux: crate::flux_generate::FluxFlags,
     /// How ranks talk to each other.
     #[arg(long, value_enum, default_value = "local")]
     pub transport: TransportArg,
@@ -305,8 +308,9 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
     if a.steps == 0 {
         bail!("--steps must be at least 1");
     }
-    if !a.guidance.is_finite() || a.guidance < 0.0 {
-        bail!("--guidance {}: must be a finite number ≥ 0", a.guidance);
+    let guidance = a.cfg_scale();
+    if !guidance.is_finite() || guidance < 0.0 {
+        bail!("--guidance {guidance}: must be a finite number ≥ 0");
     }
     if let Some(w) = a.warmup_steps.filter(|&w| w > a.steps) {
         bail!("--warmup-steps {w} is larger than --steps {}", a.steps);
@@ -469,7 +473,7 @@ fn parameters_text(a: &GenerateArgs, p: &Plan, job: &Job) -> String {
         "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}, Parallel: {}, Ranks: {}, Dtype: {}",
         a.steps,
         p.scheduler.label(),
-        a.guidance,
+        a.cfg_scale(),
         job.seed,
         p.width,
         p.height,
@@ -534,6 +538,10 @@ fn gib(bytes: u64) -> f64 {
 
 /// Runs the command.
 pub fn run(a: GenerateArgs) -> Result<()> {
+    if crate::flux_generate::is_flux(&a) {
+        return crate::flux_generate::run(&a);
+    }
+    crate::flux_generate::reject_for_sdxl(&a)?;
     let plan = validate(&a)?;
     if plan.jobs.is_empty() {
         if let Some(dir) = &a.batch.output_dir {
@@ -613,7 +621,7 @@ fn run_rank(
     let device = a.device.device(gpu);
     let params = DenoiseParams {
         steps: a.steps,
-        guidance: a.guidance,
+        guidance: a.cfg_scale(),
         scheduler: plan.scheduler,
         micro: plan.micro,
         cuda_graphs: !a.no_cuda_graphs,

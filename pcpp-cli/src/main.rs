@@ -15,6 +15,7 @@ mod bench;
 mod compare;
 mod convert;
 mod decode_bench;
+mod flux_generate;
 mod generate;
 mod mode_flags;
 mod output;
@@ -36,7 +37,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Generate an image from a prompt with an SDXL pipeline folder.
+    /// Generate an image from a prompt with an SDXL or Flux.1 pipeline folder.
     Generate(Box<generate::GenerateArgs>),
     /// Run one UNet forward pass on inputs read from a safetensors file.
     Unet(unet_cmd::UnetArgs),

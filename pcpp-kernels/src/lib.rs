@@ -19,6 +19,7 @@ mod error;
 mod finite;
 pub mod io;
 mod ops;
+pub mod shards;
 mod tensor;
 
 pub use dtype::{DType, Device};

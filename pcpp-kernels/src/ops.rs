@@ -823,6 +823,41 @@ impl Tensor {
         self.like(self.shape(), y)
     }
 
+    /// RMS normalisation over the last axis: `x / √(mean(x²) + eps) · gamma` (PyTorch `RMSNorm`,
+    /// T5's layer norm), statistics in f32 or better.
+    pub fn rms_norm(&self, gamma: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+        let d = *self.shape().last().unwrap_or(&0);
+        if let Some(g) = gamma {
+            if g.shape() != [d] {
+                return Err(KernelError::shape("rms_norm", self.shape(), g.shape()));
+            }
+        }
+        #[cfg(feature = "cuda")]
+        if on_gpu("rms_norm", &[Some(self), gamma])? {
+            return cuda::rms_norm(self, gamma, eps);
+        }
+        let g = match gamma {
+            Some(t) => Some(t.as_f32()?),
+            None => None,
+        };
+        let y = cpu::rms_norm(&self.as_f32()?, d, g.as_deref(), eps);
+        self.like(self.shape(), y)
+    }
+
+    /// Softmax over the last axis (computed in f32, stored in the tensor's dtype).
+    pub fn softmax(&self) -> Result<Tensor> {
+        let d = *self.shape().last().unwrap_or(&0);
+        if d == 0 {
+            return Err(KernelError::invalid("softmax", "empty last axis"));
+        }
+        #[cfg(feature = "cuda")]
+        if self.is_cuda() {
+            return cuda::softmax_rows(self);
+        }
+        let y = cpu::softmax_rows(&self.as_f32()?, d);
+        self.like(self.shape(), y)
+    }
+
     /// Multi-head softmax attention with scale `1/√dh`, for any number of keys.
     ///
     /// # Shapes

@@ -243,6 +243,18 @@ fn norms_match_cpu() {
                 .unwrap(),
             &t.layer_norm(Some(&lg), Some(&lb), 1e-5).unwrap(),
         );
+        check(
+            "rms_norm",
+            d,
+            &gpu(&t).rms_norm(Some(&gpu(&lg)), 1e-6).unwrap(),
+            &t.rms_norm(Some(&lg), 1e-6).unwrap(),
+        );
+        check(
+            "softmax",
+            d,
+            &gpu(&t).softmax().unwrap(),
+            &t.softmax().unwrap(),
+        );
     }
 }
 

@@ -74,6 +74,7 @@ pub fn kernel_names() -> Vec<String> {
             "gn_apply_planes",
             "plane_binary",
             "layer_norm",
+            "rms_norm",
             "softmax",
             "upsample2x",
             "bias_nchw",
