@@ -1,7 +1,10 @@
-//! A second model through the patch-parallel core: the DiT-style transformer of `src/dit.rs`
-//! (random weights) over N ranks as threads. Synchronous steps equal serial for 2, 3 and 4 ranks;
-//! stale steps read context one step old; the bytes equal the plan built from its inventory; the
-//! registered slots are the inventory's.
+//! A second model through the patch-parallel core: the Flux-style DiT of `src/dit.rs` (random
+//! weights; patchify stride 2, model-side q/k/v with QK-norm and a RoPE at each token's absolute
+//! position, always-local text tokens in a joint attention) over N ranks as threads. Synchronous
+//! steps equal serial for 2, 3 and 4 ranks (uneven bands of the 14-row token grid; a RoPE that
+//! ignored the band offset would fail this); stale steps read image context one step old; the
+//! bytes equal the plan built from its inventory (text K/V never travel); the registered slots
+//! are the inventory's.
 
 use std::sync::Arc;
 
@@ -14,17 +17,21 @@ use pcpp_tests::{assert_close, TOL_RANKS};
 
 type BoxErr = Box<dyn std::error::Error + Send + Sync>;
 
-const H: usize = 24;
+/// Latent size; the token grid (the bands' unit) is `H/2 × W/2`.
+const H: usize = 28;
 const W: usize = 8;
+const P: usize = 2;
+const TXT: usize = 5;
 const SEED: u64 = 7;
 
 fn denoise(model: &Dit, driver: &dyn StepDriver, steps: usize) -> Result<Tensor, BoxErr> {
     let mut x = WeightRng::new(99).tensor(&[1, 4, H, W], 1.0);
+    let txt = WeightRng::new(5).tensor(&[1, TXT, DitConfig::default().dim], 1.0);
     driver.begin_generation()?;
     for step in 0..steps {
         let ctx = driver.step_ctx(step);
         let t = Tensor::from_vec(&[1], vec![800.0 - 150.0 * step as f32])?;
-        let eps = model.forward(&ctx, &x, &t)?;
+        let eps = model.forward(&ctx, &x, &t, &txt)?;
         x = x.sub(&eps.affine(0.1, 0.0)?)?;
     }
     driver.end_generation()?;
@@ -38,7 +45,7 @@ fn serial(steps: usize) -> Tensor {
 
 fn ranks(n: usize, cfg: &ParallelConfig, steps: usize) -> Vec<(Tensor, RunReport, Vec<String>)> {
     LocalTransport::run(n, TransportOptions::default(), |t: Arc<dyn Transport>| {
-        let rt = PatchRuntime::new(t, false, cfg.clone(), H, W, 0)?;
+        let rt = PatchRuntime::new(t, false, cfg.clone(), H / P, W / P, 0)?;
         let m = Dit::random(DitConfig::default(), SEED, rt.factory())?;
         let x = denoise(&m, rt.driver(), steps)?;
         Ok::<_, BoxErr>((x, rt.report(), rt.slot_ids()))
@@ -77,8 +84,8 @@ fn dit_stale_steps_and_bytes_follow_the_plan() {
         ..ParallelConfig::pcpp(0.5)
     };
     let setup = PlanSetup {
-        height: H,
-        width: W,
+        height: H / P,
+        width: W / P,
         world_size: n,
         cfg_split: false,
         batch: 1,

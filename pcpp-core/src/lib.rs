@@ -19,17 +19,20 @@ pub mod report;
 mod root_gather;
 pub mod schedule;
 pub mod tensor;
+pub mod topology;
 mod watchdog;
 
 pub use cache::{CacheCounters, StaleCache};
 pub use geometry::{window_part, BandPlan, HaloPlan};
 pub use grid::ProcessGrid;
 pub use layers::{
-    AttentionWeights, Conv2dLayer, ConvWeights, CoreError, FeedForwardLayer, FeedForwardWeights,
-    GatherLayer, GroupNormLayer, LayerFactory, ResnetCoreLayer, ResnetCoreWeights, Result,
-    SelfAttentionLayer, SerialDriver, SerialFactory, StepCtx, StepDriver,
+    AttentionWeights, BandLocator, BandRect, ChannelSplit, Conv2dLayer, CoreError,
+    FeedForwardLayer, FeedForwardWeights, GatherLayer, GroupNormLayer, LayerFactory,
+    ProjectedAttentionLayer, Result, SelfAttentionLayer, SerialDriver, SerialFactory, StepCtx,
+    StepDriver,
 };
 pub use patch::PatchRuntime;
 pub use plan::{plan, Inventory, LayerKind, LayerSpec, Plan, PlanSetup, RankPlan};
 pub use report::{KindBytes, RunReport, StepReport, Traffic};
 pub use schedule::{GnMode, ParallelConfig, ParallelMode, SplitScheme, SyncMode};
+pub use topology::Topology;

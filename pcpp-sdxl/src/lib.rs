@@ -18,6 +18,7 @@ pub mod scheduler;
 pub mod tokenizer;
 pub mod unet;
 pub mod unet_config;
+mod unet_resnet;
 pub mod vae;
 pub mod vae_encoder;
 pub mod vae_parallel;
