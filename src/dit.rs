@@ -17,9 +17,10 @@ use std::sync::Arc;
 use pcpp_core::layers::LayerContext;
 use pcpp_core::plan::{Inventory, LayerKind, LayerSpec};
 use pcpp_core::{
-    BandLocator, Conv2dLayer, GatherLayer, LayerFactory, ProjectedAttentionLayer, Result, StepCtx,
+    BandLocator, Conv2dLayer, DenoiseModel, GatherLayer, LayerFactory, ProjectedAttentionLayer,
+    Result, StepCtx,
 };
-use pcpp_kernels::{Activation, Tensor};
+use pcpp_kernels::{Activation, DType, Device, Tensor};
 
 /// Sizes of the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -363,5 +364,30 @@ impl Dit {
             .and_then(|t| t.permute(&[0, 1, 4, 2, 5, 3]))
             .and_then(|t| t.reshape(&[whole.shape()[0], ch, gh * p, gw * p]))
             .at("unpatchify")
+    }
+}
+
+/// The DiT as the core denoising loop's model (CPU, `f32`); its conditioning is the text tokens
+/// `[b, l_txt, dim]` of the batch it is fed.
+impl DenoiseModel for Dit {
+    type Cond = Tensor;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+
+    fn dtype(&self) -> DType {
+        DType::F32
+    }
+
+    fn forward(
+        &self,
+        ctx: &StepCtx,
+        x: &Tensor,
+        t: &Tensor,
+        txt: &Tensor,
+    ) -> std::result::Result<Tensor, Self::Error> {
+        Ok(Dit::forward(self, ctx, x, t, txt)?)
     }
 }

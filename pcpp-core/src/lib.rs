@@ -9,8 +9,10 @@
 //! per-token and runs unchanged on a band.
 
 pub mod cache;
+pub mod denoise;
 mod exchange;
 pub mod geometry;
+pub mod graph;
 pub mod grid;
 pub mod layers;
 pub mod patch;
@@ -23,7 +25,9 @@ pub mod topology;
 mod watchdog;
 
 pub use cache::{CacheCounters, StaleCache};
+pub use denoise::{denoise_loop, DenoiseModel, LoopOptions, LoopOutput, Sampler};
 pub use geometry::{window_part, BandPlan, HaloPlan};
+pub use graph::StepGraphs;
 pub use grid::ProcessGrid;
 pub use layers::{
     AttentionWeights, BandLocator, BandRect, ChannelSplit, Conv2dLayer, CoreError,

@@ -10,7 +10,6 @@ pub mod clip;
 pub mod denoise;
 pub mod error;
 pub mod generation;
-pub mod graph;
 pub mod inventory;
 pub mod lora;
 pub mod pipeline;
@@ -34,9 +33,9 @@ pub use error::{Result, SdxlError};
 pub use generation::{
     vae_dtype, GeneratedImage, Generator, ImageJob, LoadOptions, ModelGeometry, StageSeconds,
 };
-pub use graph::StepGraphs;
 pub use inventory::unet_inventory;
 pub use lora::{ComponentLora, LoraComponent, LoraSet, LoraSpec};
+pub use pcpp_core::StepGraphs;
 pub use pipeline::{MicroCond, ModelIndex, Pipeline, PromptEmbeds, TextEncoders};
 pub use unet::{Taps, UNet, UNetCond};
 pub use unet_config::UNetConfig;
