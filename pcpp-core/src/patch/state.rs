@@ -11,7 +11,7 @@ use crate::cache::{Entry, Slot};
 use crate::exchange::RecvSpec;
 #[cfg(feature = "cuda")]
 use crate::layers::LayerContext;
-use crate::layers::{CoreError, Result, StepCtx};
+use crate::layers::{Result, StepCtx};
 use crate::schedule::SyncMode;
 
 impl Shared {
@@ -152,7 +152,7 @@ fn device_copy(id: &str, src: &Tensor, dst: &Tensor) -> Result<()> {
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (src, dst);
-        Err(CoreError::Config(format!(
+        Err(crate::layers::CoreError::Config(format!(
             "layer `{id}`: device copies need the `cuda` feature"
         )))
     }
