@@ -1,12 +1,14 @@
 //! pcpp-core: Partially Conditioned Patch Parallelism (PCPP, arXiv 2412.02962) and DistriFusion
 //! (arXiv 2402.19481), independent of any model.
 //!
-//! Model code builds its spatially coupled layers (3×3 convolutions, group norms, self-attention,
-//! the input convolution and the output gather) through a [`LayerFactory`]. The serial factory
-//! returns plain layers; the patch-parallel factory returns layers that work on one horizontal band
-//! of rows per rank and exchange halos, statistics and attention context with their neighbours,
-//! fresh in warm-up steps and one step stale afterwards. Everything else in a model is per-pixel or
-//! per-token and runs unchanged on a band.
+//! Model code builds its spatially coupled layers (3×3 convolutions, group norms, self-attention
+//! with its own projections or over q/k/v the model projected, the strided input layer and the
+//! output gather) through a [`LayerFactory`]. The serial factory returns plain layers; the
+//! patch-parallel factory returns layers that work on one horizontal band of rows per rank and
+//! exchange halos, statistics and attention context with their neighbours, fresh in warm-up steps
+//! and one step stale afterwards. Everything else in a model is per-pixel or per-token and runs
+//! unchanged on a band. The denoising loop of every model ([`denoise_loop`]) drives the layers
+//! through a [`StepDriver`].
 
 pub mod cache;
 pub mod denoise;

@@ -63,3 +63,85 @@ impl Conv2dLayer for InputConv {
         xs.conv2d(&self.weight, self.bias.as_ref(), params).at(id)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use pcpp_comm::{LocalTransport, Transport, TransportOptions};
+    use pcpp_kernels::{Conv2dParams, Tensor};
+
+    use crate::{ParallelConfig, PatchRuntime, StepCtx};
+
+    fn pattern(shape: &[usize], seed: f32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v = (0..n)
+            .map(|i| ((i as f32 * 0.618_034 + seed).sin() * 43_758.547).fract() - 0.5)
+            .collect();
+        Tensor::from_vec(shape, v).unwrap()
+    }
+
+    /// Every rank's band of a strided input layer, stitched in rank order, against the serial
+    /// output: `(kernel, stride, padding)` on a 20 × 6 input.
+    fn bands_equal_serial(cfg: &ParallelConfig, k: usize, s: usize, p: usize) {
+        let x = pattern(&[1, 3, 20, 6], 0.3);
+        let (w, b) = (pattern(&[4, 3, k, k], 1.7), pattern(&[4], 2.9));
+        let want = x.conv2d(&w, Some(&b), Conv2dParams::new(s, p)).unwrap();
+        let (gh, gw) = (want.shape()[2], want.shape()[3]);
+        for n in [2, 3, 4] {
+            let bands = LocalTransport::run(
+                n,
+                TransportOptions::default(),
+                |t: std::sync::Arc<dyn Transport>| {
+                    let rt = PatchRuntime::new(t, false, cfg.clone(), gh, gw, 0)?;
+                    let layer =
+                        rt.factory()
+                            .input_conv2d("in", w.clone(), Some(b.clone()), s, p)?;
+                    layer.forward(&StepCtx::serial(), &x)
+                },
+            )
+            .unwrap();
+            let refs: Vec<&Tensor> = bands.iter().collect();
+            let got = Tensor::cat(&refs, 2).unwrap();
+            let e = got.max_abs_diff(&want).unwrap();
+            assert!(
+                e <= 1e-6,
+                "{} n={n} k={k} s={s} p={p}: max|Δ| {e}",
+                cfg.mode
+            );
+        }
+    }
+
+    #[test]
+    fn strided_input_layer_bands_equal_the_serial_output() {
+        // A general strided convolution reads input rows across band borders (PCPP reads them
+        // from the whole input it holds); a patchify (kernel = stride, no padding) reads none,
+        // so even naive patch parallelism is exact.
+        bands_equal_serial(&ParallelConfig::pcpp(0.3), 3, 2, 1);
+        bands_equal_serial(&ParallelConfig::pcpp(0.3), 3, 1, 1);
+        bands_equal_serial(&ParallelConfig::pcpp(0.3), 2, 2, 0);
+        bands_equal_serial(&ParallelConfig::naive_patch(), 2, 2, 0);
+    }
+
+    #[test]
+    fn an_input_that_does_not_give_the_planned_grid_is_an_error() {
+        let out = LocalTransport::run(
+            2,
+            TransportOptions::default(),
+            |t: std::sync::Arc<dyn Transport>| {
+                let rt = PatchRuntime::new(t, false, ParallelConfig::pcpp(0.3), 10, 3, 0)?;
+                let layer = rt.factory().input_conv2d(
+                    "in",
+                    pattern(&[4, 3, 2, 2], 1.0),
+                    Some(pattern(&[4], 2.0)),
+                    2,
+                    0,
+                )?;
+                // 22 rows patchify to 11, not the planned 10.
+                layer
+                    .forward(&StepCtx::serial(), &pattern(&[1, 3, 22, 6], 0.1))
+                    .map(|_| ())
+            },
+        );
+        let msg = out.unwrap_err().to_string();
+        assert!(msg.contains("stride 2") && msg.contains("10×3"), "{msg}");
+    }
+}
