@@ -25,6 +25,7 @@ use crate::topology::Topology;
 /// Tag of the output gather on the world transport.
 pub(crate) const GATHER_TAG: u32 = 0;
 
+/// The step being measured: its start, and the counters when it started.
 pub(crate) struct OpenStep {
     step: usize,
     sync: bool,
@@ -33,6 +34,7 @@ pub(crate) struct OpenStep {
     cache: CacheCounters,
 }
 
+/// The per-step reports of the current generation.
 #[derive(Default)]
 pub(crate) struct ReportState {
     open: Option<OpenStep>,
