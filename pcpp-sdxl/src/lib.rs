@@ -10,7 +10,6 @@ pub mod clip;
 pub mod denoise;
 pub mod error;
 pub mod generation;
-pub mod graph;
 pub mod inventory;
 pub mod lora;
 pub mod pipeline;
@@ -18,6 +17,7 @@ pub mod scheduler;
 pub mod tokenizer;
 pub mod unet;
 pub mod unet_config;
+mod unet_resnet;
 pub mod vae;
 pub mod vae_encoder;
 pub mod vae_parallel;
@@ -33,9 +33,9 @@ pub use error::{Result, SdxlError};
 pub use generation::{
     vae_dtype, GeneratedImage, Generator, ImageJob, LoadOptions, ModelGeometry, StageSeconds,
 };
-pub use graph::StepGraphs;
 pub use inventory::unet_inventory;
 pub use lora::{ComponentLora, LoraComponent, LoraSet, LoraSpec};
+pub use pcpp_core::StepGraphs;
 pub use pipeline::{MicroCond, ModelIndex, Pipeline, PromptEmbeds, TextEncoders};
 pub use unet::{Taps, UNet, UNetCond};
 pub use unet_config::UNetConfig;

@@ -9,14 +9,15 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use pcpp_core::{
-    AttentionWeights, Conv2dLayer, ConvWeights, FeedForwardLayer, FeedForwardWeights, GatherLayer,
-    GroupNormLayer, LayerFactory, ResnetCoreLayer, ResnetCoreWeights, SelfAttentionLayer, StepCtx,
+    AttentionWeights, Conv2dLayer, FeedForwardLayer, FeedForwardWeights, GatherLayer,
+    GroupNormLayer, LayerFactory, SelfAttentionLayer, StepCtx,
 };
 use pcpp_kernels::{Activation, DType, Device, Tensor};
 
 use crate::error::{Result, SdxlError};
 use crate::lora::ComponentLora;
 use crate::unet_config::{BlockKind, BlockSpec, UNetConfig};
+use crate::unet_resnet::ResnetBlock;
 use crate::weights::{find_weight_file, Weights};
 
 /// Records intermediate activations by module path (for parity tests and debugging).
@@ -137,13 +138,19 @@ impl UNetCond {
     }
 }
 
-struct Linear {
-    w: Tensor,
-    b: Option<Tensor>,
+pub(crate) struct Linear {
+    pub(crate) w: Tensor,
+    pub(crate) b: Option<Tensor>,
 }
 
 impl Linear {
-    fn load(w: &Weights, prefix: &str, inp: usize, out: usize, bias: bool) -> Result<Linear> {
+    pub(crate) fn load(
+        w: &Weights,
+        prefix: &str,
+        inp: usize,
+        out: usize,
+        bias: bool,
+    ) -> Result<Linear> {
         Ok(Linear {
             w: w.get(&format!("{prefix}.weight"), &[out, inp])?,
             b: if bias {
@@ -154,19 +161,19 @@ impl Linear {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.linear(&self.w, self.b.as_ref())?)
     }
 }
 
 /// Everything a module's forward needs besides its input.
-struct Fwd<'a> {
-    ctx: &'a StepCtx,
+pub(crate) struct Fwd<'a> {
+    pub(crate) ctx: &'a StepCtx,
     taps: Option<&'a Taps>,
 }
 
 impl Fwd<'_> {
-    fn tap(&self, name: &str, t: &Tensor) {
+    pub(crate) fn tap(&self, name: &str, t: &Tensor) {
         if let Some(taps) = self.taps {
             taps.record(name, t);
         }
@@ -174,7 +181,7 @@ impl Fwd<'_> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn conv(
+pub(crate) fn conv(
     f: &dyn LayerFactory,
     w: &Weights,
     p: &str,
@@ -189,7 +196,7 @@ fn conv(
     Ok(f.conv2d(p, weight, bias, stride, pad)?)
 }
 
-fn gnorm(
+pub(crate) fn gnorm(
     f: &dyn LayerFactory,
     w: &Weights,
     p: &str,
@@ -200,76 +207,6 @@ fn gnorm(
     let g = w.get(&format!("{p}.weight"), &[c])?;
     let b = w.get(&format!("{p}.bias"), &[c])?;
     Ok(f.group_norm(p, groups, eps, Some(g), Some(b))?)
-}
-
-struct ResnetBlock {
-    name: String,
-    norm1: Arc<dyn GroupNormLayer>,
-    /// conv1, time-embedding projection, norm2, conv2 (split by a tensor-parallel factory).
-    core: Arc<dyn ResnetCoreLayer>,
-    shortcut: Option<Arc<dyn Conv2dLayer>>,
-}
-
-impl ResnetBlock {
-    #[allow(clippy::too_many_arguments)]
-    fn load(
-        f: &dyn LayerFactory,
-        w: &Weights,
-        p: &str,
-        ci: usize,
-        co: usize,
-        temb: usize,
-        groups: usize,
-        eps: f64,
-    ) -> Result<Self> {
-        let cw = |n: &str, ci: usize| -> Result<ConvWeights> {
-            let id = format!("{p}.{n}");
-            Ok(ConvWeights {
-                weight: w.get(&format!("{id}.weight"), &[co, ci, 3, 3])?,
-                bias: w.get_opt(&format!("{id}.bias"), &[co])?,
-                id,
-            })
-        };
-        let norm1 = gnorm(f, w, &format!("{p}.norm1"), ci, groups, eps)?;
-        let temb_proj = Linear::load(w, &format!("{p}.time_emb_proj"), temb, co, true)?;
-        let core = f.resnet_core(
-            p,
-            ResnetCoreWeights {
-                conv1: cw("conv1", ci)?,
-                temb: temb_proj.w,
-                temb_bias: temb_proj.b,
-                norm2_id: format!("{p}.norm2"),
-                groups,
-                eps,
-                norm2_gamma: Some(w.get(&format!("{p}.norm2.weight"), &[co])?),
-                norm2_beta: Some(w.get(&format!("{p}.norm2.bias"), &[co])?),
-                conv2: cw("conv2", co)?,
-            },
-        )?;
-        Ok(ResnetBlock {
-            name: p.to_string(),
-            norm1,
-            core,
-            shortcut: if ci != co {
-                Some(conv(f, w, &format!("{p}.conv_shortcut"), ci, co, 1, 1, 0)?)
-            } else {
-                None
-            },
-        })
-    }
-
-    /// `temb_act` is `silu(temb)`, shared by all blocks.
-    fn forward(&self, fw: &Fwd, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
-        let h = self.norm1.forward(fw.ctx, x, true)?;
-        let h = self.core.forward(fw.ctx, &h, temb_act)?;
-        let skip = match &self.shortcut {
-            Some(s) => s.forward(fw.ctx, x)?,
-            None => x.clone(),
-        };
-        let out = skip.add(&h)?;
-        fw.tap(&self.name, &out);
-        Ok(out)
-    }
 }
 
 struct CrossAttention {
@@ -670,6 +607,7 @@ impl UNet {
             "conv_in",
             w.get("conv_in.weight", &[c0, cfg.in_channels, k_in, k_in])?,
             w.get_opt("conv_in.bias", &[c0])?,
+            1,
             (k_in - 1) / 2,
         )?;
         let (add_1, add_2) = match cfg.text_time {

@@ -1,5 +1,5 @@
-//! CUDA graphs of the denoising step (PCPP §7.1): the steady UNet step captured once per step
-//! parity and replayed.
+//! CUDA graphs of the denoising step (PCPP §7.1): the steady model step (any [`DenoiseModel`])
+//! captured once per step parity and replayed.
 //!
 //! The patch-parallel runtime keeps every stale buffer a step reads or writes in persistent
 //! per-parity device memory, so a step captured at parity `p` stays valid for every later step of
@@ -8,11 +8,10 @@
 //! before each replay and the output is read from a fixed buffer; the step's communication is
 //! captured on the communication stream and joined by [`StepDriver::end_step`] inside the capture.
 
-use pcpp_core::{StepCtx, StepDriver};
 use pcpp_kernels::Tensor;
 
-use crate::unet::{UNet, UNetCond};
-use crate::{Result, SdxlError};
+use crate::denoise::DenoiseModel;
+use crate::layers::{CoreError, StepCtx, StepDriver};
 
 /// The steady step as CUDA graphs, one per step parity (the stale cache's buffer of step `t` is
 /// `t mod 2`), with the input and output buffers they read and write, and the count of eager
@@ -41,20 +40,20 @@ impl StepGraphs {
     /// replayed from the graph of the step's parity (so the runtime's persistent buffers of both
     /// parities exist before any capture). Ends with [`StepDriver::step_done`], outside any
     /// capture.
-    pub fn run(
+    pub fn run<M: DenoiseModel>(
         &mut self,
-        unet: &UNet,
+        model: &M,
         driver: &dyn StepDriver,
         ctx: &StepCtx,
         x: &Tensor,
         ts: &Tensor,
-        cond: &UNetCond,
-    ) -> Result<Tensor> {
+        cond: &M::Cond,
+    ) -> Result<Tensor, M::Error> {
         let repeats = driver.repeats(ctx);
         let out = if self.enabled && repeats && self.steady_eager >= 2 {
-            self.step(unet, driver, ctx, x, ts, cond)?
+            self.step(model, driver, ctx, x, ts, cond)?
         } else {
-            let out = unet.forward(ctx, x, ts, cond, None)?;
+            let out = model.forward(ctx, x, ts, cond)?;
             driver.end_step(ctx.step)?;
             if repeats {
                 self.steady_eager += 1;
@@ -65,39 +64,38 @@ impl StepGraphs {
         Ok(out)
     }
 
-    /// The UNet output of step `ctx.step` (opened with `driver.step_ctx`), from the graph of its
-    /// parity, which is captured on first use. `x` and `ts` (on the UNet's GPU) are copied into
+    /// The model output of step `ctx.step` (opened with `driver.step_ctx`), from the graph of its
+    /// parity, which is captured on first use. `x` and `ts` (on the model's GPU) are copied into
     /// the graph's input buffers; `cond` must already be on that GPU (a capture cannot upload host
     /// data). The returned tensor is the graph's output buffer: read it before the next step.
     ///
     /// Call it only for steps whose schedule repeats (steady steps, after two of them ran eagerly
     /// so that the runtime's persistent buffers of both parities exist); [`StepGraphs::run`]
     /// decides that for a denoising loop.
-    pub fn step(
+    pub fn step<M: DenoiseModel>(
         &mut self,
-        unet: &UNet,
+        model: &M,
         driver: &dyn StepDriver,
         ctx: &StepCtx,
         x: &Tensor,
         ts: &Tensor,
-        cond: &UNetCond,
-    ) -> Result<Tensor> {
+        cond: &M::Cond,
+    ) -> Result<Tensor, M::Error> {
         #[cfg(not(feature = "cuda"))]
         {
-            let _ = (unet, driver, ctx, x, ts, cond);
-            Err(SdxlError::Input(
-                "CUDA graphs need a build with the `cuda` feature".into(),
-            ))
+            let _ = (model, driver, ctx, x, ts, cond);
+            Err(CoreError::Config("CUDA graphs need a build with the `cuda` feature".into()).into())
         }
         #[cfg(feature = "cuda")]
         {
             use pcpp_kernels::cuda::{capture_graph, copy_into};
             use pcpp_kernels::{Device, KernelError};
             let Device::Cuda(ordinal) = x.device() else {
-                return Err(SdxlError::Input(format!(
+                return Err(CoreError::Config(format!(
                     "CUDA graphs need the step's input on a GPU, it is on {}",
                     x.device()
-                )));
+                ))
+                .into());
             };
             if self.io.is_none() {
                 // The gathered noise prediction has the input's shape, with both CFG branches when
@@ -113,7 +111,7 @@ impl StepGraphs {
                 ));
             }
             let Some((xb, tb, ob)) = &self.io else {
-                return Err(SdxlError::Input("graph buffers missing".into()));
+                return Err(CoreError::Config("graph buffers missing".into()).into());
             };
             copy_into(x, xb)?;
             copy_into(ts, tb)?;
@@ -126,9 +124,9 @@ impl StepGraphs {
                 None => {
                     let fail = |op: &'static str, e: String| KernelError::Invalid { op, msg: e };
                     let g = capture_graph(ordinal, || {
-                        let o = unet
-                            .forward(ctx, xb, tb, cond, None)
-                            .map_err(|e| fail("UNet step under graph capture", e.to_string()))?;
+                        let o = model
+                            .forward(ctx, xb, tb, cond)
+                            .map_err(|e| fail("model step under graph capture", e.to_string()))?;
                         driver
                             .end_step(ctx.step)
                             .map_err(|e| fail("end of step under graph capture", e.to_string()))?;
