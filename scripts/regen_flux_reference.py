@@ -154,9 +154,11 @@ def make_models(models_dir, clip_from):
         if variant == "dev":  # the transformer as diffusers shards a large model
             shutil.rmtree(os.path.join(out, "transformer"))
             transformer.save_pretrained(os.path.join(out, "transformer"), max_shard_size="300KB")
-        # the CLIP tokenizer exactly as in the source folder
-        shutil.rmtree(os.path.join(out, "tokenizer"))
-        shutil.copytree(os.path.join(clip_from, "tokenizer"), os.path.join(out, "tokenizer"))
+        # CLIP-L and its tokenizer are the source folder's, unchanged: link to them (relative
+        # links, so the repository stores them once and a checkout carries them once)
+        for comp in ("tokenizer", "text_encoder"):
+            shutil.rmtree(os.path.join(out, comp))
+            os.symlink(os.path.relpath(os.path.join(clip_from, comp), out), os.path.join(out, comp))
         counts = {n: sum(p.numel() for p in m.parameters())
                   for n, m in (("transformer", transformer), ("text_encoder_2", t5), ("vae", vae))}
         with open(os.path.join(out, "fixture_info.json"), "w") as f:
