@@ -5,9 +5,8 @@
 //! default (needs a GPU): `cargo test --release --features cuda --test cuda_flux_parity -- --ignored --nocapture`.
 #![cfg(feature = "cuda")]
 
-use pcpp_flux::{
-    image_ids, text_ids, FluxCond, FluxPipeline, FluxTransformer, FullAttention, RopeTables,
-};
+use pcpp_core::{SerialDriver, SerialFactory};
+use pcpp_flux::{FluxCond, FluxPipeline, FluxTransformer};
 use pcpp_kernels::{DType, Device, Tensor};
 use pcpp_tests::{refs, rel_err, repo, TOL_PIPELINE};
 
@@ -22,21 +21,23 @@ fn host(t: &Tensor) -> Tensor {
 
 fn transformer(dtype: DType) -> f32 {
     let dir = repo().join("models/tiny-flux-dev/transformer");
-    let tr = FluxTransformer::load_on(&dir, dtype, GPU).unwrap();
+    let tr = FluxTransformer::load_on(&dir, dtype, GPU, &SerialFactory).unwrap();
     let r = refs("refs-tiny-flux/transformer_dev.safetensors");
     let dev = |n: &str| r[n].to_dtype(dtype).unwrap().to_device(GPU).unwrap();
-    let mut ids = text_ids(7);
-    ids.extend(image_ids(3, 5, 0));
-    let rope = RopeTables::new(&ids, &tr.config().axes_dims_rope, GPU).unwrap();
-    let (txt, pooled) = (dev("encoder_hidden_states"), dev("pooled_projections"));
-    let cond = FluxCond {
-        txt: &txt,
-        pooled: &pooled,
-        timestep: 0.625,
-        guidance: Some(3.5),
-    };
+    let cond = FluxCond::new(
+        &r["encoder_hidden_states"],
+        &r["pooled_projections"],
+        Some(3.5),
+        dtype,
+        GPU,
+    )
+    .unwrap();
+    let t = Tensor::from_vec(&[1], vec![0.625])
+        .unwrap()
+        .to_device(GPU)
+        .unwrap();
     let out = tr
-        .forward(&dev("hidden_states"), &cond, &rope, &FullAttention)
+        .forward_packed(&dev("hidden_states"), (3, 5), &t, &cond)
         .unwrap();
     assert_eq!(out.device(), GPU, "the transformer output left the GPU");
     let e = rel_err(&host(&out), &r["out"]);
@@ -68,10 +69,12 @@ fn pipeline(dtype: DType) -> (f32, f32) {
             &r["init_noise"],
             3,
             Some(4.0),
-            &FullAttention,
+            &SerialDriver,
+            true,
             &mut |_, _| {},
         )
-        .unwrap();
+        .unwrap()
+        .latents;
     let img = pipe.decode(&lat).unwrap();
     assert_eq!(img.device(), GPU, "the VAE ran off the GPU");
     let (el, ei) = (
@@ -99,7 +102,7 @@ fn tiny_flux_pipeline_on_gpu_matches_diffusers() {
 fn full_size_flux_dev_transformer_step_on_gpu() {
     let cfg = repo().join("pcpp-flux/configs/flux1-dev/transformer/config.json");
     let t0 = std::time::Instant::now();
-    let tr = FluxTransformer::random(&cfg, DType::BF16, GPU, 7).unwrap();
+    let tr = FluxTransformer::random(&cfg, DType::BF16, GPU, 7, &SerialFactory).unwrap();
     println!(
         "random FLUX.1-dev transformer built in {:.1} s",
         t0.elapsed().as_secs_f64()
@@ -109,28 +112,25 @@ fn full_size_flux_dev_transformer_step_on_gpu() {
     let rnd = |shape: &[usize], seed: u64| {
         Tensor::rand_uniform(shape, DType::BF16, GPU, (-1.0, 1.0), seed).unwrap()
     };
-    let img = rnd(&[1, hp * wp, c.in_channels], 1);
+    let img = rnd(&[1, c.in_channels / 4, 2 * hp, 2 * wp], 1);
     let txt = rnd(&[1, t, c.joint_attention_dim], 2);
     let pooled = rnd(&[1, c.pooled_projection_dim], 3);
-    let mut ids = text_ids(t);
-    ids.extend(image_ids(hp, wp, 0));
-    let rope = RopeTables::new(&ids, &c.axes_dims_rope, GPU).unwrap();
-    let cond = FluxCond {
-        txt: &txt,
-        pooled: &pooled,
-        timestep: 0.5,
-        guidance: Some(3.5),
-    };
-    let mut out = tr.forward(&img, &cond, &rope, &FullAttention).unwrap();
+    let cond = FluxCond::new(&txt, &pooled, Some(3.5), DType::BF16, GPU).unwrap();
+    let ts = Tensor::from_vec(&[1], vec![0.5])
+        .unwrap()
+        .to_device(GPU)
+        .unwrap();
+    let ctx = pcpp_core::StepCtx::serial();
+    let mut out = tr.forward(&ctx, &img, &ts, &cond).unwrap();
     pcpp_kernels::synchronize(GPU).unwrap();
     let t1 = std::time::Instant::now();
     for _ in 0..3 {
-        out = tr.forward(&img, &cond, &rope, &FullAttention).unwrap();
+        out = tr.forward(&ctx, &img, &ts, &cond).unwrap();
     }
     pcpp_kernels::synchronize(GPU).unwrap();
     let per_step = t1.elapsed().as_secs_f64() / 3.0;
     println!("FLUX.1-dev transformer, 1024², 512 text tokens, bf16: {per_step:.3} s per step");
-    assert_eq!(out.shape(), [1, hp * wp, c.out_channels()]);
+    assert_eq!(out.shape(), [1, c.out_channels() / 4, 2 * hp, 2 * wp]);
     let v = host(&out).to_vec_f32().unwrap();
     assert!(v.iter().all(|x| x.is_finite()), "non-finite output");
 }

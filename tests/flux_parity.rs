@@ -7,9 +7,10 @@
 
 use std::path::PathBuf;
 
+use pcpp_core::{SerialDriver, SerialFactory};
 use pcpp_flux::{
     image_ids, text_ids, FlowMatchConfig, FlowMatchSchedule, FluxCond, FluxPipeline,
-    FluxTransformer, FluxTransformerConfig, FullAttention, RopeTables, T5Config,
+    FluxTransformer, FluxTransformerConfig, RopeTables, T5Config,
 };
 use pcpp_kernels::{DType, Device, Tensor};
 use pcpp_tests::{assert_close, refs, repo, TOL_MODULE, TOL_PIPELINE};
@@ -33,23 +34,25 @@ fn ids_of(t: &Tensor) -> Vec<[f32; 3]> {
 
 fn transformer_matches(variant: &str) {
     let dir = model(variant).join("transformer");
-    let tr = FluxTransformer::load_on(&dir, DType::F32, Device::Cpu).expect("load transformer");
+    let tr = FluxTransformer::load_on(&dir, DType::F32, Device::Cpu, &SerialFactory)
+        .expect("load transformer");
     let r = refs(&format!("refs-tiny-flux/transformer_{variant}.safetensors"));
-    // positions exactly as FluxPipeline builds them
+    // positions exactly as FluxPipeline builds them (the transformer builds the same tables)
     let (img, txt) = (ids_of(&r["img_ids"]), ids_of(&r["txt_ids"]));
     assert_eq!(img, image_ids(3, 5, 0));
     assert_eq!(txt, text_ids(7));
-    let mut ids = txt;
-    ids.extend(img);
-    let rope = RopeTables::new(&ids, &tr.config().axes_dims_rope, Device::Cpu).expect("rope");
-    let cond = FluxCond {
-        txt: &r["encoder_hidden_states"],
-        pooled: &r["pooled_projections"],
-        timestep: r["timestep"].to_vec_f32().unwrap()[0],
-        guidance: r.get("guidance").map(|g| g.to_vec_f32().unwrap()[0]),
-    };
+    let guidance = r.get("guidance").map(|g| g.to_vec_f32().unwrap()[0]);
+    let cond = FluxCond::new(
+        &r["encoder_hidden_states"],
+        &r["pooled_projections"],
+        guidance,
+        DType::F32,
+        Device::Cpu,
+    )
+    .expect("cond");
+    let t = &r["timestep"];
     let out = tr
-        .forward(&r["hidden_states"], &cond, &rope, &FullAttention)
+        .forward_packed(&r["hidden_states"], (3, 5), t, &cond)
         .expect("forward");
     assert_close(
         &format!("transformer {variant}"),
@@ -63,7 +66,7 @@ fn transformer_matches(variant: &str) {
             ..cond
         };
         let e = tr
-            .forward(&r["hidden_states"], &no_guidance, &rope, &FullAttention)
+            .forward_packed(&r["hidden_states"], (3, 5), t, &no_guidance)
             .expect_err("a guidance model without guidance must fail")
             .to_string();
         assert!(e.contains("guidance"), "{e}");
@@ -192,10 +195,12 @@ fn pipelines_match_diffusers() {
                 &r["init_noise"],
                 run["steps"].as_u64().unwrap() as usize,
                 guidance,
-                &FullAttention,
+                &SerialDriver,
+                false,
                 &mut |i, _| seen = i,
             )
-            .expect("denoise");
+            .expect("denoise")
+            .latents;
         assert_eq!(seen, run["steps"].as_u64().unwrap() as usize);
         assert_close(&format!("{key} latents"), &lat, &r["latents"], TOL_PIPELINE);
         let img = pipe.decode(&lat).expect("decode");
@@ -278,19 +283,20 @@ fn bad_configs_name_the_key() {
 #[test]
 fn random_transformer_from_a_config_runs() {
     let cfg = model("dev").join("transformer/config.json");
-    let tr = FluxTransformer::random(&cfg, DType::F32, Device::Cpu, 3).expect("random");
+    let tr =
+        FluxTransformer::random(&cfg, DType::F32, Device::Cpu, 3, &SerialFactory).expect("random");
     let r = refs("refs-tiny-flux/transformer_dev.safetensors");
-    let mut ids = text_ids(7);
-    ids.extend(image_ids(3, 5, 0));
-    let rope = RopeTables::new(&ids, &tr.config().axes_dims_rope, Device::Cpu).unwrap();
-    let cond = FluxCond {
-        txt: &r["encoder_hidden_states"],
-        pooled: &r["pooled_projections"],
-        timestep: 0.5,
-        guidance: Some(3.5),
-    };
+    let cond = FluxCond::new(
+        &r["encoder_hidden_states"],
+        &r["pooled_projections"],
+        Some(3.5),
+        DType::F32,
+        Device::Cpu,
+    )
+    .unwrap();
+    let t = Tensor::from_vec(&[1], vec![0.5]).unwrap();
     let out = tr
-        .forward(&r["hidden_states"], &cond, &rope, &FullAttention)
+        .forward_packed(&r["hidden_states"], (3, 5), &t, &cond)
         .expect("forward");
     assert_eq!(out.shape(), r["out"].shape());
     let v = out.to_vec_f32().unwrap();
@@ -327,7 +333,7 @@ fn missing_or_extra_tensors_are_named() {
         }
         pcpp_kernels::io::save(dir.join("diffusion_pytorch_model.safetensors"), &kept, None)
             .unwrap();
-        let e = FluxTransformer::load_on(&dir, DType::F32, Device::Cpu)
+        let e = FluxTransformer::load_on(&dir, DType::F32, Device::Cpu, &SerialFactory)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();

@@ -1,25 +1,33 @@
 //! `pcpp-cli generate` for a Flux.1 pipeline folder (`model_index.json` names `FluxPipeline`):
-//! flag checks, the initial noise, one serial run of [`pcpp_flux::FluxPipeline`] and the outputs.
+//! flag checks, the initial noise, a run of [`pcpp_flux::FluxPipeline`] serial or patch-parallel
+//! over `--ranks` (image-row bands of the packed token grid; text tokens on every rank; `--parallel
+//! pcpp|distrifusion|naive-patch`, `--portion`, `--warmup-steps`, `--sync-mode` and the transports
+//! as for SDXL) and the outputs. Rank 0 encodes the prompt and broadcasts it with the initial
+//! noise; every rank denoises its band and gets the whole prediction each step; rank 0 decodes
+//! with the VAE (Flux's decode is not split across ranks) and writes the files.
 //!
 //! Flux differs from SDXL in what the shared flags mean: `--guidance` is the guidance scale the
 //! transformer embeds (FLUX.1-dev; default 3.5), not classifier-free guidance, and is ignored with
 //! a note by models without guidance embedding (FLUX.1-schnell); `--init-noise` and
 //! `--save-latents` hold unpacked latents `[1, C, H/f, W/f]` (C the VAE's latent channels, f its
 //! scale factor; the final latents before the VAE's scale and shift). Flags that have no Flux
-//! meaning yet are errors that say so. One rank only for now.
+//! meaning yet are errors that say so.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use pcpp_flux::{FluxPipeline, FullAttention, PipelineKind, MAX_SEQUENCE_LENGTH};
+use pcpp_comm::{launch, CommKind, LocalTransport, RankError, Transport, TransportKind};
+use pcpp_core::{ParallelConfig, ParallelMode, PatchRuntime, RunReport};
+use pcpp_flux::{FluxParts, FluxPipeline, FluxPrompt, PipelineKind, MAX_SEQUENCE_LENGTH};
 use pcpp_kernels::io::SafetensorsFile;
 use pcpp_kernels::{DType, Device, Tensor};
-use pcpp_sdxl::{to_rgb8, vae_dtype, VaeConfig};
+use pcpp_sdxl::{to_rgb8, vae_dtype, wire, VaeConfig};
 
 use crate::args::DeviceArg;
-use crate::generate::{seeded_noise, GenerateArgs};
+use crate::generate::{parse_portions, seeded_noise, GenerateArgs};
 use crate::output;
 
 /// FluxPipeline's default embedded guidance scale.
@@ -81,16 +89,20 @@ fn reject_unsupported(a: &GenerateArgs) -> Result<()> {
     given(a.strength.is_some(), "--strength", later)?;
     given(!a.loras.is_empty(), "--lora", later)?;
     given(a.batch.prompts.is_some(), "--prompts", later)?;
-    given(a.report.is_some(), "--report", later)?;
     given(
-        a.ranks != 1,
-        "--ranks",
-        "Flux runs on one rank for now (patch parallelism for Flux is not yet wired)",
+        a.modes.gn_mode.is_some(),
+        "--gn-mode",
+        "Flux's transformer has no group norms",
     )?;
     given(
-        a.modes.gn_mode.is_some() || a.modes.sync_mode.is_some() || a.modes.split_scheme.is_some(),
-        "--gn-mode/--sync-mode/--split-scheme",
-        "parallel options; Flux runs on one rank for now",
+        a.no_cfg_split,
+        "--no-cfg-split",
+        "Flux uses embedded guidance, there are no CFG branches to split",
+    )?;
+    given(
+        a.parallel == ParallelMode::Tensor,
+        "--parallel tensor",
+        "Flux runs serial or patch-parallel (pcpp, distrifusion, naive-patch)",
     )?;
     Ok(())
 }
@@ -104,8 +116,8 @@ struct FluxPlan {
     max_len: usize,
     dtype: DType,
     vae_dtype: DType,
-    device: Device,
     noise_shape: [usize; 4],
+    parallel: ParallelConfig,
 }
 
 fn plan(a: &GenerateArgs) -> Result<FluxPlan> {
@@ -117,6 +129,19 @@ fn plan(a: &GenerateArgs) -> Result<FluxPlan> {
     if a.steps == 0 {
         bail!("--steps must be at least 1");
     }
+    if a.ranks == 0 {
+        bail!("--ranks must be at least 1");
+    }
+    if a.timeout == 0 {
+        bail!("--timeout must be at least 1 second");
+    }
+    if let Some(w) = a.warmup_steps.filter(|&w| w > a.steps) {
+        bail!("--warmup-steps {w} is larger than --steps {}", a.steps);
+    }
+    let portions = parse_portions(&a.portion)?;
+    let mut parallel = ParallelConfig::preset(a.parallel, &portions, a.warmup_steps, a.steps);
+    a.modes.apply(&mut parallel)?;
+    parallel.validate()?;
     let max_len = a.flux.max_sequence_length.unwrap_or(MAX_SEQUENCE_LENGTH);
     if max_len == 0 || max_len > MAX_SEQUENCE_LENGTH {
         bail!("--max-sequence-length {max_len}: must be in 1..={MAX_SEQUENCE_LENGTH}");
@@ -152,8 +177,10 @@ fn plan(a: &GenerateArgs) -> Result<FluxPlan> {
         }
         None
     };
-    if let Some(p) = &a.save_latents {
-        output::check_writable(p, "--save-latents")?;
+    for (p, flag) in [(&a.save_latents, "--save-latents"), (&a.report, "--report")] {
+        if let Some(p) = p {
+            output::check_writable(p, flag)?;
+        }
     }
     output::check_writable(a.output(), "--output")?;
     Ok(FluxPlan {
@@ -164,11 +191,8 @@ fn plan(a: &GenerateArgs) -> Result<FluxPlan> {
         max_len,
         dtype,
         vae_dtype: a.vae_dtype.unwrap_or(vae_dtype(&vae_cfg, dtype)),
-        device: match a.device {
-            DeviceArg::Cpu => Device::Cpu,
-            DeviceArg::Cuda => Device::Cuda(0),
-        },
         noise_shape: [1, vae_cfg.latent_channels, height / f, width / f],
+        parallel,
     })
 }
 
@@ -188,45 +212,187 @@ fn read_noise(p: &Path, shape: &[usize]) -> Result<Tensor> {
     Ok(t)
 }
 
-/// `generate` for a Flux folder.
+/// The configs and weight-file sizes of a Flux folder, for the start-up check that every rank
+/// of a launched job runs the same model.
+fn model_fingerprint(model: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    for sub in [
+        "model_index.json",
+        "transformer/config.json",
+        "scheduler/scheduler_config.json",
+    ] {
+        out.extend(std::fs::read(model.join(sub)).unwrap_or_default());
+    }
+    if let Ok(entries) = std::fs::read_dir(model.join("transformer")) {
+        let mut sizes: Vec<(String, u64)> = entries
+            .flatten()
+            .map(|e| {
+                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                (e.file_name().to_string_lossy().into_owned(), len)
+            })
+            .collect();
+        sizes.sort();
+        out.extend(format!("{sizes:?}").into_bytes());
+    }
+    out
+}
+
+/// `generate` for a Flux folder: ranks as threads (`--transport local`) or as launched
+/// processes (the other transports), as for SDXL.
 pub fn run(a: &GenerateArgs) -> Result<()> {
     let p = plan(a)?;
-    let (noise, seed) = match &a.init_noise {
-        Some(f) => (
-            read_noise(f, &p.noise_shape)?,
-            format!("file {}", f.display()),
-        ),
-        None => (seeded_noise(&p.noise_shape, a.seed)?, a.seed.to_string()),
+    let opts = crate::args::transport_options(a.timeout, a.device_comm, a.device)?;
+    let env = launch::LaunchEnv::from_env()?;
+    let kind = launch::resolve(a.transport.into(), &env);
+    if kind == TransportKind::Local {
+        LocalTransport::run(a.ranks, opts, |t| run_rank(a, &p, t, 0, kind)).map_err(
+            |e| match e {
+                RankError::Failed { rank, source } => anyhow::anyhow!("rank {rank}: {source:#}"),
+                other => anyhow::anyhow!("{other}"),
+            },
+        )?;
+        return Ok(());
+    }
+    let copts = launch::ConnectOptions {
+        transport: opts,
+        ..launch::ConnectOptions::default()
     };
-    let t0 = Instant::now();
-    let pipe = FluxPipeline::load(&p.model, p.dtype, p.vae_dtype, p.device)
-        .with_context(|| format!("loading {}", p.model.display()))?;
-    let t_load = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    let prompt = pipe
-        .encode_prompt(a.prompt(), p.max_len)
-        .context("prompt encoding")?;
-    if prompt.truncated {
-        eprintln!(
-            "note: the prompt was cut to fit the tokenizers (77 CLIP tokens, {} T5 tokens)",
-            p.max_len
+    let conn = launch::connect(kind, &env, &copts)?;
+    let world = conn.transport.clone();
+    if a.ranks != 1 && a.ranks != conn.world_size {
+        launch::abort_job(
+            world.as_ref(),
+            &format!(
+                "--ranks {} disagrees with the {} processes the launcher started",
+                a.ranks, conn.world_size
+            ),
         );
     }
+    launch::abort_on_panic(world.clone());
+    let hash = launch::fingerprint(&[
+        format!("{a:?}").as_bytes(),
+        &model_fingerprint(&p.model),
+    ]);
+    if let Err(e) = launch::check_same_everywhere(world.as_ref(), &hash) {
+        launch::abort_job(world.as_ref(), &e.to_string());
+    }
+    let gpu = match crate::args::gpu_of_local_rank(a.device, conn.local_rank) {
+        Ok(g) => g,
+        Err(e) => launch::abort_job(world.as_ref(), &format!("{e:#}")),
+    };
+    if let Err(e) = run_rank(a, &p, world.clone(), gpu, kind) {
+        launch::abort_job(world.as_ref(), &format!("{e:#}"));
+    }
+    Ok(())
+}
+
+/// Rank 0's prompt encoding and initial noise on every rank, bit for bit.
+fn broadcast_inputs(
+    world: &dyn Transport,
+    mine: Option<(FluxPrompt, Tensor)>,
+) -> Result<(FluxPrompt, Tensor)> {
+    let mut msg = Vec::new();
+    if let Some((pr, noise)) = &mine {
+        msg = wire::pack(&[&pr.t5, &pr.pooled, noise])?;
+    }
+    world
+        .broadcast(CommKind::Control, 0, &mut msg)
+        .map_err(|e| anyhow::anyhow!("broadcast of the prompt embeddings: {e}"))?;
+    if let Some(m) = mine {
+        return Ok(m);
+    }
+    let mut ts = wire::unpack(&msg, 3)?.into_iter();
+    match (ts.next(), ts.next(), ts.next()) {
+        (Some(t5), Some(pooled), Some(noise)) => Ok((
+            FluxPrompt {
+                t5,
+                pooled,
+                truncated: false,
+            },
+            noise,
+        )),
+        _ => bail!("internal: broadcast of the prompt embeddings"),
+    }
+}
+
+/// One rank's part of a run over `world`: the transformer through this rank's patch-parallel
+/// runtime (rank 0 also loads the text encoders and the VAE), the denoising of its band, and on
+/// rank 0 the decode and the files.
+fn run_rank(
+    a: &GenerateArgs,
+    p: &FluxPlan,
+    world: Arc<dyn Transport>,
+    gpu: usize,
+    kind: TransportKind,
+) -> Result<()> {
+    let rank = world.rank();
+    let device = a.device.device(gpu);
+    let (lh, lw) = (p.noise_shape[2], p.noise_shape[3]);
+    // bands are cut on the packed token grid (the transformer's level 0)
+    let runtime = PatchRuntime::new(world.clone(), false, p.parallel.clone(), lh / 2, lw / 2, 0)
+        .map_err(|e| anyhow::anyhow!("--ranks {}: {e}", world.size()))?;
+    let t0 = Instant::now();
+    let parts = FluxParts {
+        encoders: rank == 0,
+        decoder: rank == 0,
+    };
+    let pipe = FluxPipeline::load_parts(
+        &p.model,
+        p.dtype,
+        p.vae_dtype,
+        device,
+        runtime.factory(),
+        parts,
+    )
+    .with_context(|| format!("loading {}", p.model.display()))?;
+    let t_load = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let (mine, seed) = if rank == 0 {
+        let (noise, seed) = match &a.init_noise {
+            Some(f) => (
+                read_noise(f, &p.noise_shape)?,
+                format!("file {}", f.display()),
+            ),
+            None => (seeded_noise(&p.noise_shape, a.seed)?, a.seed.to_string()),
+        };
+        let prompt = pipe
+            .encode_prompt(a.prompt(), p.max_len)
+            .context("prompt encoding")?;
+        if prompt.truncated {
+            eprintln!(
+                "note: the prompt was cut to fit the tokenizers (77 CLIP tokens, {} T5 tokens)",
+                p.max_len
+            );
+        }
+        (Some((prompt, noise)), seed)
+    } else {
+        (None, String::new())
+    };
+    let (prompt, noise) = broadcast_inputs(world.as_ref(), mine)?;
     let mut on_step = |i: usize, n: usize| {
-        if a.verbose {
+        if a.verbose && rank == 0 {
             eprintln!("step {i}/{n}");
         }
     };
-    let latents = pipe
+    let out = pipe
         .denoise(
             &prompt,
             &noise,
             a.steps,
             p.guidance,
-            &FullAttention,
+            runtime.driver(),
+            !a.no_cuda_graphs,
             &mut on_step,
         )
         .context("denoising")?;
+    if let Some(s) = out.nonfinite_at {
+        eprintln!("warning: the latents held a NaN or an infinity from step {s} on");
+    }
+    let all = world.all_gather(CommKind::Control, &serde_json::to_vec(&runtime.report())?)?;
+    if rank != 0 {
+        return Ok(());
+    }
+    let latents = out.latents;
     let image = pipe.decode(&latents).context("VAE decode")?;
     let t_gen = t1.elapsed().as_secs_f64();
     if let Some(sp) = &a.save_latents {
@@ -234,16 +400,39 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
         pcpp_kernels::io::save(sp, &[("latents", &l)], None)
             .with_context(|| format!("--save-latents {}", sp.display()))?;
     }
+    if let Some(rp) = &a.report {
+        let reports = all
+            .iter()
+            .map(|r| serde_json::from_slice(r))
+            .collect::<std::result::Result<Vec<RunReport>, _>>()?;
+        let doc = serde_json::json!({
+            "model": p.model.display().to_string(),
+            "height": p.height,
+            "width": p.width,
+            "steps": a.steps,
+            "dtype": p.dtype.to_string(),
+            "device": device.to_string(),
+            "transport": kind.name(),
+            "ranks": world.size(),
+            "parallel": p.parallel.mode.to_string(),
+            "load_seconds": t_load,
+            "step_seconds": out.step_seconds,
+            "per_rank": reports,
+        });
+        output::write_atomic(rp, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+    }
     let rgb = to_rgb8(&image.to_device(Device::Cpu)?)?;
     let params = format!(
-        "{}\nSteps: {}, Guidance: {}, Seed: {seed}, Size: {}x{}, Model: {}, Max sequence length: {}",
+        "{}\nSteps: {}, Guidance: {}, Seed: {seed}, Size: {}x{}, Model: {}, Max sequence length: {}, Ranks: {}, Parallel: {}",
         a.prompt(),
         a.steps,
         p.guidance.map_or("none".into(), |g| g.to_string()),
         p.width,
         p.height,
         p.model.display(),
-        p.max_len
+        p.max_len,
+        world.size(),
+        p.parallel.mode,
     );
     output::write_png(
         a.output(),
@@ -253,11 +442,12 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
         &[("parameters", params)],
     )?;
     eprintln!(
-        "wrote {} ({}×{}, {} steps): load {t_load:.1} s, generate {t_gen:.1} s",
+        "wrote {} ({}×{}, {} steps, {} rank(s)): load {t_load:.1} s, generate {t_gen:.1} s",
         a.output().display(),
         p.width,
         p.height,
-        a.steps
+        a.steps,
+        world.size()
     );
     Ok(())
 }

@@ -7,9 +7,16 @@
 //!   (`AdaLayerNormZeroSingle`), attention and MLP in parallel from the same normed input,
 //!   concatenated into `proj_out`.
 //!
-//! Both hand the attention itself to a [`JointAttention`] (q, k, v already projected, normed and
-//! rotated), so a parallel runtime can replace it.
+//! Both build their attention through the core's [`LayerFactory`]
+//! ([`ProjectedAttentionLayer`], one per block, ids `transformer_blocks.{i}.attn` and
+//! `single_transformer_blocks.{i}.attn`): q, k and v are projected, QK-normed and RoPE-rotated
+//! here, and the layer attends over `[text; image]`, the image tokens being this rank's band
+//! (their K/V exchanged with the other bands as the parallel mode says) and the text tokens whole
+//! and fresh on every rank. The serial factory's layer is plain attention over the whole sequence.
 
+use std::sync::Arc;
+
+use pcpp_core::{LayerFactory, ProjectedAttentionLayer, StepCtx};
 use pcpp_kernels::{Activation, Tensor};
 use pcpp_sdxl::weights::Weights;
 
@@ -17,35 +24,14 @@ use crate::error::Result;
 use crate::nn::{Linear, RmsNorm};
 use crate::rope::RopeTables;
 
-/// The attention step of a block: `softmax(q·kᵀ/√dh)·v` over the joint sequence, text tokens
-/// first. `q, k, v: [b, T + N, heads·dh]` are projected, QK-normed and RoPE-rotated; the result
-/// has the same shape. `layer` numbers the attention layers of a forward pass (double blocks first,
-/// then single blocks), so that an implementation can keep state per layer.
-pub trait JointAttention: Sync {
-    fn attend(
-        &self,
-        layer: usize,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        heads: usize,
-    ) -> Result<Tensor>;
-}
-
-/// Attention over the whole sequence on one device (the serial reference).
-pub struct FullAttention;
-
-impl JointAttention for FullAttention {
-    fn attend(
-        &self,
-        _layer: usize,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        heads: usize,
-    ) -> Result<Tensor> {
-        Ok(Tensor::attention(q, k, v, heads, false)?)
-    }
+/// The RoPE tables of one forward pass: the text tokens' and the band's image tokens'.
+pub struct JointRope<'a> {
+    /// The `T` text tokens.
+    pub txt: &'a RopeTables,
+    /// The band's image tokens, row-major.
+    pub img: &'a RopeTables,
+    /// The band's `(rows, cols)` on the packed token grid.
+    pub spatial: (usize, usize),
 }
 
 /// Eps of the parameter-free LayerNorms of the blocks.
@@ -124,6 +110,7 @@ impl FeedForward {
 
 /// A double-stream block.
 pub struct DoubleBlock {
+    attn: Arc<dyn ProjectedAttentionLayer>,
     norm1: Linear,
     norm1_context: Linear,
     img: Qkv,
@@ -132,16 +119,22 @@ pub struct DoubleBlock {
     to_add_out: Linear,
     ff: FeedForward,
     ff_context: FeedForward,
-    heads: usize,
     dh: usize,
 }
 
 impl DoubleBlock {
-    /// Loads `transformer_blocks.{i}` of width `heads · dh`.
-    pub fn load(w: &Weights, p: &str, heads: usize, dh: usize) -> Result<DoubleBlock> {
+    /// Loads `transformer_blocks.{i}` of width `heads · dh`, its attention built by `f`.
+    pub fn load(
+        w: &Weights,
+        p: &str,
+        heads: usize,
+        dh: usize,
+        f: &dyn LayerFactory,
+    ) -> Result<DoubleBlock> {
         let d = heads * dh;
         let a = format!("{p}.attn");
         Ok(DoubleBlock {
+            attn: f.projected_attention(&a, heads)?,
             norm1: Linear::load(w, &format!("{p}.norm1.linear"), d, 6 * d, true)?,
             norm1_context: Linear::load(w, &format!("{p}.norm1_context.linear"), d, 6 * d, true)?,
             img: Qkv::load(w, &a, ["to_q", "to_k", "to_v", "norm_q", "norm_k"], d, dh)?,
@@ -162,21 +155,19 @@ impl DoubleBlock {
             to_add_out: Linear::load(w, &format!("{a}.to_add_out"), d, d, true)?,
             ff: FeedForward::load(w, &format!("{p}.ff"), d)?,
             ff_context: FeedForward::load(w, &format!("{p}.ff_context"), d)?,
-            heads,
             dh,
         })
     }
 
-    /// One block: `img: [b, N, d]`, `txt: [b, T, d]`, `silu_temb: [b, d]` (SiLU already applied),
-    /// `rope` over the `T + N` joint tokens. Returns the new `(txt, img)`.
+    /// One block: `img: [b, N, d]` (the band's image tokens), `txt: [b, T, d]`, `silu_temb:
+    /// [b, d]` (SiLU already applied). Returns the new `(txt, img)`.
     pub fn forward(
         &self,
-        layer: usize,
+        ctx: &StepCtx,
         img: &Tensor,
         txt: &Tensor,
         silu_temb: &Tensor,
-        rope: &RopeTables,
-        attention: &dyn JointAttention,
+        rope: &JointRope,
     ) -> Result<(Tensor, Tensor)> {
         let m = self.norm1.forward(silu_temb)?.chunk(6, 1)?;
         let c = self.norm1_context.forward(silu_temb)?.chunk(6, 1)?;
@@ -185,10 +176,11 @@ impl DoubleBlock {
         let nc = modulate(txt, &c[0], &c[1])?;
         let (q, k, v) = self.img.forward(&nx, self.dh)?;
         let (cq, ck, cv) = self.txt.forward(&nc, self.dh)?;
-        let q = rope.apply(&Tensor::cat(&[&cq, &q], 1)?)?;
-        let k = rope.apply(&Tensor::cat(&[&ck, &k], 1)?)?;
-        let v = Tensor::cat(&[&cv, &v], 1)?;
-        let a = attention.attend(layer, &q, &k, &v, self.heads)?;
+        let (q, k) = (rope.img.apply(&q)?, rope.img.apply(&k)?);
+        let (cq, ck) = (rope.txt.apply(&cq)?, rope.txt.apply(&ck)?);
+        let a = self
+            .attn
+            .forward(ctx, &q, &k, &v, Some((&cq, &ck, &cv)), rope.spatial)?;
         let t = txt.shape()[1];
         let n = img.shape()[1];
         let (ca, ia) = (a.narrow(1, 0, t)?, a.narrow(1, t, n)?);
@@ -206,19 +198,27 @@ impl DoubleBlock {
 
 /// A single-stream block.
 pub struct SingleBlock {
+    attn: Arc<dyn ProjectedAttentionLayer>,
     norm: Linear,
     qkv: Qkv,
     proj_mlp: Linear,
     proj_out: Linear,
-    heads: usize,
     dh: usize,
 }
 
 impl SingleBlock {
-    /// Loads `single_transformer_blocks.{i}` of width `heads · dh` (MLP ratio 4).
-    pub fn load(w: &Weights, p: &str, heads: usize, dh: usize) -> Result<SingleBlock> {
+    /// Loads `single_transformer_blocks.{i}` of width `heads · dh` (MLP ratio 4), its attention
+    /// built by `f`.
+    pub fn load(
+        w: &Weights,
+        p: &str,
+        heads: usize,
+        dh: usize,
+        f: &dyn LayerFactory,
+    ) -> Result<SingleBlock> {
         let d = heads * dh;
         Ok(SingleBlock {
+            attn: f.projected_attention(&format!("{p}.attn"), heads)?,
             norm: Linear::load(w, &format!("{p}.norm.linear"), d, 3 * d, true)?,
             qkv: Qkv::load(
                 w,
@@ -229,26 +229,38 @@ impl SingleBlock {
             )?,
             proj_mlp: Linear::load(w, &format!("{p}.proj_mlp"), d, 4 * d, true)?,
             proj_out: Linear::load(w, &format!("{p}.proj_out"), 5 * d, d, true)?,
-            heads,
             dh,
         })
     }
 
-    /// One block over the joint tokens `x: [b, T + N, d]`.
+    /// One block over the joint tokens `x: [b, T + N, d]` (`T` text tokens, then the band's
+    /// image tokens).
     pub fn forward(
         &self,
-        layer: usize,
+        ctx: &StepCtx,
         x: &Tensor,
         silu_temb: &Tensor,
-        rope: &RopeTables,
-        attention: &dyn JointAttention,
+        rope: &JointRope,
     ) -> Result<Tensor> {
         // (shift, scale, gate)
         let m = self.norm.forward(silu_temb)?.chunk(3, 1)?;
         let nx = modulate(x, &m[0], &m[1])?;
         let mlp = self.proj_mlp.forward(&nx)?.act(Activation::GeluTanh)?;
         let (q, k, v) = self.qkv.forward(&nx, self.dh)?;
-        let a = attention.attend(layer, &rope.apply(&q)?, &rope.apply(&k)?, &v, self.heads)?;
+        let (t, n) = (rope.txt.len(), rope.img.len());
+        let split = |x: &Tensor, r: bool| -> Result<(Tensor, Tensor)> {
+            let (xt, xi) = (x.narrow(1, 0, t)?, x.narrow(1, t, n)?);
+            if r {
+                Ok((rope.txt.apply(&xt)?, rope.img.apply(&xi)?))
+            } else {
+                Ok((xt, xi))
+            }
+        };
+        let ((qt, qi), (kt, ki), (vt, vi)) =
+            (split(&q, true)?, split(&k, true)?, split(&v, false)?);
+        let a = self
+            .attn
+            .forward(ctx, &qi, &ki, &vi, Some((&qt, &kt, &vt)), rope.spatial)?;
         let h = self.proj_out.forward(&Tensor::cat(&[&a, &mlp], 2)?)?;
         gated_add(x, &m[2], &h)
     }

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use pcpp_core::CoreError;
 use pcpp_kernels::KernelError;
 use pcpp_sdxl::SdxlError;
 
@@ -26,6 +27,9 @@ pub enum FluxError {
     /// A tensor op failed.
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    /// A layer of the patch-parallel core (or its communication) failed.
+    #[error(transparent)]
+    Core(#[from] CoreError),
     /// A shared component (weights, CLIP, VAE) failed.
     #[error(transparent)]
     Sdxl(#[from] SdxlError),

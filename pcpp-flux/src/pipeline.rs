@@ -1,23 +1,23 @@
 //! diffusers' `FluxPipeline` (text to image, one image, no true CFG): CLIP-L pooled output and
-//! T5 hidden states of the prompt, 2×2 packing of the latents into tokens, image/text positions,
-//! the flow-matching Euler loop over the transformer, unpacking, the VAE's scale and shift, and the
-//! VAE decode.
+//! T5 hidden states of the prompt, the flow-matching Euler loop over the transformer (the core's
+//! [`denoise_loop`], serial or patch-parallel through the factory and driver of a runtime), the
+//! VAE's scale and shift, and the VAE decode. `_pack_latents` / `_unpack_latents` are here for
+//! callers with packed tokens; the transformer packs inside its input layer.
 //!
-//! Latents outside this module are unpacked, `[1, C, h, w]` with `C` the VAE's latent channels and
-//! `h, w` the image size over the VAE's scale factor (both even): the initial noise as the caller
-//! gives it and the final latents before the VAE's scale/shift. Between steps the latents are kept
-//! in f32 (diffusers rounds them to the model dtype after each step; identical in f32).
+//! Latents are unpacked, `[1, C, h, w]` with `C` the VAE's latent channels and `h, w` the image
+//! size over the VAE's scale factor (both even): the initial noise as the caller gives it and the
+//! final latents before the VAE's scale/shift. Between steps the latents are kept in f32
+//! (diffusers rounds them to the model dtype after each step; identical in f32).
 
 use std::path::{Path, PathBuf};
 
+use pcpp_core::{denoise_loop, LayerFactory, LoopOptions, LoopOutput, SerialFactory, StepDriver};
 use pcpp_kernels::{DType, Device, Tensor};
 use pcpp_sdxl::tokenizer::ClipTokenizer;
-use pcpp_sdxl::{ClipTextModel, VaeDecoder};
+use pcpp_sdxl::{ClipTextModel, VaeConfig, VaeDecoder};
 
-use crate::blocks::JointAttention;
 use crate::config::{FlowMatchConfig, PipelineKind};
 use crate::error::{FluxError, Result};
-use crate::rope::{image_ids, text_ids, RopeTables};
 use crate::scheduler::FlowMatchSchedule;
 use crate::t5::T5Encoder;
 use crate::t5_tokenizer::T5Tokenizer;
@@ -63,22 +63,66 @@ pub struct FluxPrompt {
     pub truncated: bool,
 }
 
-/// A loaded Flux.1 pipeline folder.
-pub struct FluxPipeline {
-    dir: PathBuf,
+/// Which components of a pipeline folder a rank loads besides the transformer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FluxParts {
+    /// The tokenizers and text encoders (the rank that encodes the prompt).
+    pub encoders: bool,
+    /// The VAE decoder (the rank that decodes).
+    pub decoder: bool,
+}
+
+impl FluxParts {
+    /// Every component.
+    pub const ALL: FluxParts = FluxParts {
+        encoders: true,
+        decoder: true,
+    };
+}
+
+/// The text side of a pipeline: both tokenizers and encoders.
+struct Encoders {
     clip_tokenizer: ClipTokenizer,
     clip: ClipTextModel,
     t5_tokenizer: T5Tokenizer,
     t5: T5Encoder,
+}
+
+/// A loaded Flux.1 pipeline folder.
+pub struct FluxPipeline {
+    dir: PathBuf,
+    encoders: Option<Encoders>,
     transformer: FluxTransformer,
-    vae: VaeDecoder,
+    vae: Option<VaeDecoder>,
+    vae_config: VaeConfig,
     scheduler: FlowMatchConfig,
 }
 
 impl FluxPipeline {
-    /// Loads every component of `dir` (a diffusers FluxPipeline folder) in `dtype` on `device`;
-    /// the VAE in `vae_dtype`.
+    /// Loads every component of `dir` (a diffusers FluxPipeline folder) in `dtype` on `device`
+    /// for one device; the VAE in `vae_dtype`.
     pub fn load(dir: &Path, dtype: DType, vae_dtype: DType, device: Device) -> Result<Self> {
+        Self::load_parts(
+            dir,
+            dtype,
+            vae_dtype,
+            device,
+            &SerialFactory,
+            FluxParts::ALL,
+        )
+    }
+
+    /// Loads the transformer of `dir`, its spatially coupled layers built by `f` (a
+    /// patch-parallel runtime's factory, or [`SerialFactory`]), and the other components `parts`
+    /// asks for.
+    pub fn load_parts(
+        dir: &Path,
+        dtype: DType,
+        vae_dtype: DType,
+        device: Device,
+        f: &dyn LayerFactory,
+        parts: FluxParts,
+    ) -> Result<Self> {
         let kind = PipelineKind::of_folder(dir)?;
         if !kind.is_flux() {
             return Err(FluxError::Model {
@@ -94,25 +138,39 @@ impl FluxPipeline {
         let joined =
             |what: &str| FluxError::Input(format!("internal: loading the {what} panicked"));
         let (transformer, t5, clip, vae) = std::thread::scope(|s| {
-            let tr = s.spawn(|| FluxTransformer::load_on(&dir.join("transformer"), dtype, device));
-            let t5 = s.spawn(|| T5Encoder::load_on(&dir.join("text_encoder_2"), dtype, device));
-            let clip = s.spawn(|| ClipTextModel::load_on(&dir.join("text_encoder"), dtype, device));
-            let vae = VaeDecoder::load_on(&dir.join("vae"), vae_dtype, device);
+            let tr =
+                s.spawn(|| FluxTransformer::load_on(&dir.join("transformer"), dtype, device, f));
+            let t5 = parts.encoders.then(|| {
+                s.spawn(|| T5Encoder::load_on(&dir.join("text_encoder_2"), dtype, device))
+            });
+            let clip = parts.encoders.then(|| {
+                s.spawn(|| ClipTextModel::load_on(&dir.join("text_encoder"), dtype, device))
+            });
+            let vae = parts
+                .decoder
+                .then(|| VaeDecoder::load_on(&dir.join("vae"), vae_dtype, device));
             (
                 tr.join().map_err(|_| joined("transformer")),
-                t5.join().map_err(|_| joined("T5 encoder")),
-                clip.join().map_err(|_| joined("CLIP text encoder")),
+                t5.map(|h| h.join().map_err(|_| joined("T5 encoder"))),
+                clip.map(|h| h.join().map_err(|_| joined("CLIP text encoder"))),
                 vae,
             )
         });
+        let encoders = match (t5, clip) {
+            (Some(t5), Some(clip)) => Some(Encoders {
+                clip_tokenizer: ClipTokenizer::from_dir(dir.join("tokenizer"))
+                    .map_err(|e| tok_err("tokenizer", e))?,
+                clip: clip??,
+                t5_tokenizer: T5Tokenizer::from_dir(&dir.join("tokenizer_2"))?,
+                t5: t5??,
+            }),
+            _ => None,
+        };
         Ok(FluxPipeline {
-            clip_tokenizer: ClipTokenizer::from_dir(dir.join("tokenizer"))
-                .map_err(|e| tok_err("tokenizer", e))?,
-            clip: clip??,
-            t5_tokenizer: T5Tokenizer::from_dir(&dir.join("tokenizer_2"))?,
-            t5: t5??,
+            encoders,
             transformer: transformer??,
-            vae: vae?,
+            vae: vae.transpose()?,
+            vae_config: VaeConfig::from_file(&dir.join("vae/config.json"))?,
             scheduler: FlowMatchConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?,
             dir: dir.to_path_buf(),
         })
@@ -128,9 +186,11 @@ impl FluxPipeline {
         &self.transformer
     }
 
-    /// The VAE decoder.
-    pub fn vae(&self) -> &VaeDecoder {
-        &self.vae
+    /// The VAE decoder (an error unless it was loaded).
+    pub fn vae(&self) -> Result<&VaeDecoder> {
+        self.vae.as_ref().ok_or_else(|| {
+            FluxError::Input("this rank did not load the VAE decoder of the pipeline".into())
+        })
     }
 
     /// The scheduler config.
@@ -145,7 +205,7 @@ impl FluxPipeline {
 
     /// Channels and spatial divisor of the unpacked latents: (VAE latent channels, VAE scale factor).
     pub fn latent_geometry(&self) -> (usize, usize) {
-        let c = self.vae.config();
+        let c = &self.vae_config;
         (c.latent_channels, c.scale_factor())
     }
 
@@ -165,7 +225,10 @@ impl FluxPipeline {
     /// Encodes a prompt: CLIP pooled output (77 tokens) and T5 states (`max_sequence_length`
     /// tokens, padded, no attention mask), as FluxPipeline's `encode_prompt`.
     pub fn encode_prompt(&self, prompt: &str, max_sequence_length: usize) -> Result<FluxPrompt> {
-        let clip = self
+        let enc = self.encoders.as_ref().ok_or_else(|| {
+            FluxError::Input("this rank did not load the text encoders of the pipeline".into())
+        })?;
+        let clip = enc
             .clip_tokenizer
             .encode(prompt)
             .map_err(|e| FluxError::Tokenizer {
@@ -174,9 +237,9 @@ impl FluxPipeline {
             })?;
         let ids =
             |v: &[u32]| Tensor::from_vec(&[1, v.len()], v.iter().map(|&x| x as f32).collect());
-        let pooled = self.clip.forward(&ids(&clip.ids)?)?.pooled;
-        let t5 = self.t5_tokenizer.encode(prompt, max_sequence_length)?;
-        let states = self.t5.forward(&ids(&t5.ids)?)?;
+        let pooled = enc.clip.forward(&ids(&clip.ids)?)?.pooled;
+        let t5 = enc.t5_tokenizer.encode(prompt, max_sequence_length)?;
+        let states = enc.t5.forward(&ids(&t5.ids)?)?;
         Ok(FluxPrompt {
             t5: states,
             pooled,
@@ -184,19 +247,23 @@ impl FluxPipeline {
         })
     }
 
-    /// Denoises `noise: [1, C, h, w]` (unpacked) in `steps` steps and returns the final latents
-    /// `[1, C, h, w]` (f32, before the VAE's scale/shift). `guidance` is the embedded guidance
-    /// scale (required by, and only used with, models that embed it). `on_step(i, steps)` is called
-    /// after every step.
+    /// Denoises `noise: [1, C, h, w]` (unpacked) in `steps` steps through the core loop driven
+    /// by `driver` (the [`pcpp_core::SerialDriver`], or the runtime whose factory built the
+    /// transformer) and returns its output, the final latents `[1, C, h, w]` (f32, before the
+    /// VAE's scale/shift). `guidance` is the embedded guidance scale (required by, and only used
+    /// with, models that embed it). With `cuda_graphs`, steady steps on a GPU are replayed as
+    /// CUDA graphs. `on_step(i, steps)` is called after every step.
+    #[allow(clippy::too_many_arguments)]
     pub fn denoise(
         &self,
         prompt: &FluxPrompt,
         noise: &Tensor,
         steps: usize,
         guidance: Option<f32>,
-        attention: &dyn JointAttention,
+        driver: &dyn StepDriver,
+        cuda_graphs: bool,
         on_step: &mut dyn FnMut(usize, usize),
-    ) -> Result<Tensor> {
+    ) -> Result<LoopOutput> {
         let (c, _) = self.latent_geometry();
         let (h, w) = match noise.shape() {
             &[1, ch, h, w] if ch == c && h % 2 == 0 && w % 2 == 0 && h > 0 && w > 0 => (h, w),
@@ -214,36 +281,35 @@ impl FluxPipeline {
             None
         };
         let (dt, dev) = (self.transformer.dtype(), self.transformer.device());
-        let t = prompt.t5.shape()[1];
-        let (hp, wp) = (h / 2, w / 2);
-        let mut ids = text_ids(t);
-        ids.extend(image_ids(hp, wp, 0));
-        let rope = RopeTables::new(&ids, &self.transformer.config().axes_dims_rope, dev)?;
-        let schedule = FlowMatchSchedule::new(&self.scheduler, steps, hp * wp)?;
-        let txt = prompt.t5.to_dtype(dt)?.to_device(dev)?;
-        let pooled = prompt.pooled.to_dtype(dt)?.to_device(dev)?;
-        let mut latents = pack_latents(&noise.to_dtype(DType::F32)?.to_device(dev)?)?;
-        for (i, &ts) in schedule.timesteps.iter().enumerate() {
-            let cond = FluxCond {
-                txt: &txt,
-                pooled: &pooled,
-                timestep: ts / 1000.0,
-                guidance,
-            };
-            let v = self
-                .transformer
-                .forward(&latents.to_dtype(dt)?, &cond, &rope, attention)?;
-            latents = schedule.step(i, &v, &latents)?;
-            on_step(i + 1, schedule.steps());
-        }
-        unpack_latents(&latents, h, w)
+        let mut schedule = FlowMatchSchedule::new(&self.scheduler, steps, (h / 2) * (w / 2))?;
+        let cond = FluxCond::new(&prompt.t5, &prompt.pooled, guidance, dt, dev)?;
+        let latents = noise.to_dtype(DType::F32)?.to_device(dev)?;
+        let opts = LoopOptions {
+            first: 0,
+            guidance: None,
+            cuda_graphs,
+        };
+        denoise_loop(
+            &self.transformer,
+            &cond,
+            driver,
+            &mut schedule,
+            latents,
+            &opts,
+            &mut |_| {
+                Err(FluxError::Input(
+                    "internal: the flow-matching scheduler takes no noise".into(),
+                ))
+            },
+            on_step,
+        )
     }
 
     /// Decodes final latents `[1, C, h, w]` (before scale/shift) to an image `[1, 3, H, W]` in
     /// `[-1, 1]` (not clamped).
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let vae_dt = self.vae.dtype();
-        let z = self.vae.unscale_latents(&latents.to_dtype(vae_dt)?)?;
-        Ok(self.vae.decode(&z)?)
+        let vae = self.vae()?;
+        let z = vae.unscale_latents(&latents.to_dtype(vae.dtype())?)?;
+        Ok(vae.decode(&z)?)
     }
 }

@@ -5,7 +5,8 @@
 //! and column `c` `(0, r, c)` (FluxPipeline's `txt_ids` / `_prepare_latent_image_ids`). Head
 //! dimensions are split among the axes (`axes_dims_rope`, e.g. 16 + 56 + 56); pair `(2i, 2i+1)`
 //! of an axis of size `n` is rotated by `pos · θ^(−2i/n)`. Positions are an explicit input, built
-//! from `(row, col)`, so a band of image rows can be given its true rows with a row offset.
+//! from `(row, col)`, so a band of image rows gets its true rows from the band's offset (the
+//! patch-parallel core's band locator, PCPP §2.3 for DiTs) and a column band its true columns.
 
 use pcpp_kernels::{DType, Device, Tensor};
 
@@ -22,8 +23,14 @@ pub fn text_ids(n: usize) -> Vec<[f32; 3]> {
 /// Coordinates of the packed image tokens of rows `row_offset..row_offset + rows` of a grid
 /// `cols` wide, in row-major order.
 pub fn image_ids(rows: usize, cols: usize, row_offset: usize) -> Vec<[f32; 3]> {
-    (row_offset..row_offset + rows)
-        .flat_map(|r| (0..cols).map(move |c| [0.0, r as f32, c as f32]))
+    band_ids((row_offset, 0), (rows, cols))
+}
+
+/// Coordinates of the packed image tokens of a `rows × cols` band whose first token sits at
+/// packed row `top` and column `left`, in row-major order.
+pub fn band_ids((top, left): (usize, usize), (rows, cols): (usize, usize)) -> Vec<[f32; 3]> {
+    (top..top + rows)
+        .flat_map(|r| (left..left + cols).map(move |c| [0.0, r as f32, c as f32]))
         .collect()
 }
 

@@ -3,7 +3,9 @@
 //! token count through `calculate_shift`) or by the fixed `shift`, timesteps `sigma · 1000`, a
 //! final sigma of 0, and Euler steps `x += (σ_next − σ) · v`. The arithmetic follows the
 //! original's dtypes (NumPy f64 linspace, f32 shift) so that the tables agree to the last bit or so.
+//! It is the core denoising loop's [`Sampler`] for Flux.
 
+use pcpp_core::Sampler;
 use pcpp_kernels::Tensor;
 
 use crate::config::FlowMatchConfig;
@@ -44,6 +46,8 @@ pub struct FlowMatchSchedule {
     pub timesteps: Vec<f32>,
     /// The shift used (`None` without dynamic shifting).
     pub mu: Option<f64>,
+    /// The timesteps as FluxPipeline passes them to the transformer (`t / 1000` in f32).
+    model_timesteps: Vec<f64>,
 }
 
 impl FlowMatchSchedule {
@@ -81,12 +85,14 @@ impl FlowMatchSchedule {
             )
         };
         let n = c.num_train_timesteps as f32;
-        let timesteps = sigmas.iter().map(|&s| s * n).collect();
+        let timesteps: Vec<f32> = sigmas.iter().map(|&s| s * n).collect();
+        let model_timesteps = timesteps.iter().map(|&t| (t / 1000.0) as f64).collect();
         sigmas.push(0.0);
         Ok(FlowMatchSchedule {
             sigmas,
             timesteps,
             mu,
+            model_timesteps,
         })
     }
 
@@ -100,5 +106,29 @@ impl FlowMatchSchedule {
         let dt = self.sigmas[i + 1] - self.sigmas[i];
         let v = velocity.to_dtype(pcpp_kernels::DType::F32)?;
         Ok(sample.add(&v.affine(dt, 0.0)?)?)
+    }
+}
+
+/// The flow-matching Euler scheduler in the core loop: the model input is the sample itself and
+/// the model's timestep FluxPipeline's `t / 1000`.
+impl Sampler for FlowMatchSchedule {
+    type Error = FluxError;
+
+    fn timesteps(&self) -> &[f64] {
+        &self.model_timesteps
+    }
+
+    fn model_input(&self, sample: &Tensor, _step: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
+
+    fn advance(
+        &mut self,
+        prediction: &Tensor,
+        step: usize,
+        sample: &Tensor,
+        _noise: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.step(step, prediction, sample)
     }
 }
