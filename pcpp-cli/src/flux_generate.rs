@@ -269,10 +269,7 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
         );
     }
     launch::abort_on_panic(world.clone());
-    let hash = launch::fingerprint(&[
-        format!("{a:?}").as_bytes(),
-        &model_fingerprint(&p.model),
-    ]);
+    let hash = launch::fingerprint(&[format!("{a:?}").as_bytes(), &model_fingerprint(&p.model)]);
     if let Err(e) = launch::check_same_everywhere(world.as_ref(), &hash) {
         launch::abort_job(world.as_ref(), &e.to_string());
     }

@@ -1,6 +1,8 @@
 //! `pcpp-cli plan`: the bytes each rank moves per steady (and warm-up) step and its stale-context
 //! memory, for a model configuration and a parallel scheme, without loading weights (PCPP §3.3–3.4).
-//! A folder holding only the configs is enough (e.g. the real SDXL-base configs).
+//! A folder holding only the configs is enough (e.g. the real SDXL-base configs). The model family
+//! comes from `model_index.json`: a Flux pipeline folder is planned from its transformer's config
+//! (no CFG; bands of the packed token grid, latent / 2; its VAE decodes on rank 0 alone).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -53,6 +55,9 @@ pub struct PlanArgs {
 
 /// Runs the command.
 pub fn run(a: PlanArgs) -> Result<()> {
+    if let Some(m) = a.model.as_ref().filter(|m| is_flux_folder(m)) {
+        return run_flux(&a, m);
+    }
     let (cfg_path, vae_scale) = match (&a.model, &a.config) {
         (Some(m), _) => {
             let vae = m.join("vae").join("config.json");
@@ -188,5 +193,85 @@ pub fn run(a: PlanArgs) -> Result<()> {
             )?;
         }
     }
+    crate::output::print(&out)
+}
+
+/// Whether `m` is a Flux pipeline folder (its `model_index.json` names `FluxPipeline`).
+fn is_flux_folder(m: &std::path::Path) -> bool {
+    m.join("model_index.json").is_file()
+        && pcpp_flux::PipelineKind::of_folder(m).is_ok_and(|k| k.is_flux())
+}
+
+/// `plan` for a Flux folder.
+fn run_flux(a: &PlanArgs, m: &std::path::Path) -> Result<()> {
+    let tcfg = pcpp_flux::FluxTransformerConfig::from_file(&m.join("transformer/config.json"))?;
+    let vae = m.join("vae").join("config.json");
+    let scale = if vae.is_file() {
+        pcpp_sdxl::VaeConfig::from_file(&vae)?.scale_factor()
+    } else {
+        8
+    };
+    for (flag, v) in [("--height", a.height), ("--width", a.width)] {
+        if v == 0 || v % (2 * scale) != 0 {
+            bail!(
+                "{flag} {v}: must be a positive multiple of {} for this Flux model",
+                2 * scale
+            );
+        }
+    }
+    if a.ranks == 0 {
+        bail!("--ranks must be at least 1");
+    }
+    if a.parallel == ParallelMode::Tensor {
+        bail!("--parallel tensor: Flux runs serial or patch-parallel (pcpp, distrifusion, naive-patch)");
+    }
+    let portions = crate::generate::parse_portions(&a.portion)?;
+    let mut cfg = ParallelConfig::preset(a.parallel, &portions, None, usize::MAX);
+    a.modes.apply(&mut cfg)?;
+    let setup = PlanSetup {
+        height: a.height / scale / 2,
+        width: a.width / scale / 2,
+        world_size: a.ranks,
+        cfg_split: false,
+        batch: 1,
+        elem_size: a.dtype.size(),
+    };
+    let inv = pcpp_flux::flux_inventory(&tcfg);
+    let p = plan(&inv, &setup, &cfg).map_err(|e| anyhow::anyhow!("--ranks {}: {e}", a.ranks))?;
+    if a.json {
+        return crate::output::print(&format!("{}\n", serde_json::to_string_pretty(&p)?));
+    }
+    let mb = |b: f64| b / 1e6;
+    let mut out = String::new();
+    writeln!(
+        out,
+        "Flux {} on {} ranks (no CFG), {}×{} image, packed token grid {}×{}, activations in {}",
+        a.parallel, a.ranks, a.height, a.width, setup.height, setup.width, a.dtype
+    )?;
+    writeln!(
+        out,
+        "received per rank per steady step: {:.3} MB (max {:.3} MB); per warm-up step: {:.3} MB",
+        mb(p.bytes_per_step),
+        mb(p.max_bytes_per_step as f64),
+        mb(p.bytes_per_warmup_step)
+    )?;
+    writeln!(
+        out,
+        "rank  token rows  steady recv MB  attention  gather   stale cache MB"
+    )?;
+    for r in &p.ranks {
+        let s = &r.steady.recvd;
+        writeln!(
+            out,
+            "{:>4}  {:>10}  {:>14.3}  {:>9.3}  {:>6.3}   {:>14.3}",
+            r.world_rank,
+            r.rows,
+            mb(s.total() as f64),
+            mb(s.attention as f64),
+            mb(s.gather as f64),
+            mb(r.cache_bytes as f64)
+        )?;
+    }
+    writeln!(out, "the VAE decodes on rank 0 alone (no decode traffic)")?;
     crate::output::print(&out)
 }
