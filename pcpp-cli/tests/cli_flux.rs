@@ -103,7 +103,11 @@ fn flags_that_do_not_apply_are_errors() {
     ];
     for (extra, needle) in [
         (vec!["--negative-prompt", "dog"], "--negative-prompt"),
-        (vec!["--ranks", "2"], "--ranks"),
+        (vec!["--gn-mode", "sync"], "--gn-mode"),
+        (
+            vec!["--ranks", "2", "--parallel", "tensor"],
+            "--parallel tensor",
+        ),
         (vec!["--scheduler", "ddim"], "--scheduler"),
         (vec!["--height", "30"], "multiples of 4"),
         (

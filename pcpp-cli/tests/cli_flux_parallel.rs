@@ -1,0 +1,181 @@
+//! `pcpp-cli generate` on the tiny Flux.1 pipelines over several ranks (`--transport local`):
+//! synchronous runs (`--sync-mode full`, or a warm-up covering every step) over 2, 3 and 4 ranks
+//! give the serial run's latents ≤ 1e-5 (a 7-row packed token grid: uneven bands), a 3-rank run
+//! matches diffusers' stored latents, and the stale modes' `--report` bytes of every rank and step
+//! equal `pcpp-cli plan --json` on the same folder.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{cli, data, latents, rel, repo, s, tmp};
+use pcpp_kernels::io::{load_all, save};
+
+fn model(v: &str) -> PathBuf {
+    repo().join(format!("models/tiny-flux-{v}"))
+}
+
+/// Runs `generate` on `variant` at 28 × 12 (seed 3, 3 steps) with `extra` flags; returns the
+/// saved latents' path.
+fn run(variant: &str, tag: &str, extra: &[&str]) -> PathBuf {
+    let (lat, png) = (
+        tmp(&format!("{tag}.safetensors")),
+        tmp(&format!("{tag}.png")),
+    );
+    let m = model(variant);
+    let mut a = vec![
+        "generate",
+        "--model",
+        s(&m),
+        "--prompt",
+        "a red cube on a table",
+        "--height",
+        "28",
+        "--width",
+        "12",
+        "--steps",
+        "3",
+        "--seed",
+        "3",
+        "--max-sequence-length",
+        "16",
+        "--save-latents",
+        s(&lat),
+        "--output",
+        s(&png),
+    ];
+    a.extend_from_slice(extra);
+    let o = cli(&a);
+    assert!(
+        o.status.success(),
+        "{tag}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    lat
+}
+
+#[test]
+fn flux_synchronous_ranks_equal_serial() {
+    for variant in ["dev", "schnell"] {
+        let want = latents(&run(variant, &format!("{variant}-serial"), &[]));
+        for n in ["2", "3", "4"] {
+            for (how, flags) in [
+                ("full", vec!["--sync-mode", "full", "--warmup-steps", "1"]),
+                ("warmup", vec!["--warmup-steps", "3"]),
+            ] {
+                let tag = format!("{variant}-{n}-{how}");
+                let mut extra = vec!["--ranks", n];
+                extra.extend(flags.iter().copied());
+                let got = latents(&run(variant, &tag, &extra));
+                let e = rel(&got, &want);
+                assert!(e <= 1e-5, "{tag}: {e:.3e}");
+            }
+        }
+        // the stale steps differ from serial
+        let got = latents(&run(
+            variant,
+            &format!("{variant}-stale"),
+            &["--ranks", "3"],
+        ));
+        assert!(rel(&got, &want) > 0.0, "{variant}: stale run equals serial");
+    }
+}
+
+#[test]
+fn flux_three_ranks_match_diffusers() {
+    let key = "dev_wide";
+    let r = load_all(data(&format!("refs-tiny-flux/pipeline_{key}.safetensors"))).unwrap();
+    let noise = tmp("par-noise.safetensors");
+    save(&noise, &[("initial_noise", &r["init_noise"])], None).unwrap();
+    let (lat, png) = (tmp("par-dev-wide.safetensors"), tmp("par-dev-wide.png"));
+    let o = cli(&[
+        "generate",
+        "--model",
+        s(&model("dev")),
+        "--prompt",
+        "a photo of an astronaut riding a horse on mars, 4k, highly detailed!!",
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--steps",
+        "3",
+        "--guidance",
+        "4",
+        "--init-noise",
+        s(&noise),
+        "--save-latents",
+        s(&lat),
+        "--output",
+        s(&png),
+        "--ranks",
+        "3",
+        "--sync-mode",
+        "full",
+        "--warmup-steps",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e = rel(&latents(&lat), &r["latents"]);
+    assert!(e <= 1e-4, "latents against diffusers: {e:.3e}");
+}
+
+#[test]
+fn flux_stale_bytes_equal_plan() {
+    for (mode, extra) in [
+        ("pcpp", vec!["--portion", "0.5"]),
+        ("distrifusion", vec![]),
+        ("naive-patch", vec![]),
+    ] {
+        let report = tmp(&format!("report-{mode}.json"));
+        let mut flags = vec![
+            "--ranks",
+            "3",
+            "--parallel",
+            mode,
+            "--warmup-steps",
+            "1",
+            "--report",
+            s(&report),
+        ];
+        flags.extend(extra.iter().copied());
+        run("dev", &format!("bytes-{mode}"), &flags);
+        let rep: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        let m = model("dev");
+        let mut pa = vec![
+            "plan",
+            "--model",
+            s(&m),
+            "--height",
+            "28",
+            "--width",
+            "12",
+            "--ranks",
+            "3",
+            "--parallel",
+            mode,
+            "--dtype",
+            "f32",
+            "--json",
+        ];
+        pa.extend(extra.iter().copied());
+        let o = cli(&pa);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let ranks = rep["per_rank"].as_array().unwrap();
+        assert_eq!(ranks.len(), 3);
+        for (r, rank) in ranks.iter().enumerate() {
+            let steps = rank["steps"].as_array().unwrap();
+            assert_eq!(steps.len(), 3, "{mode} rank {r}");
+            for st in steps {
+                let want = if st["sync"].as_bool().unwrap() {
+                    &plan["ranks"][r]["warmup"]
+                } else {
+                    &plan["ranks"][r]["steady"]
+                };
+                assert_eq!(&st["traffic"], want, "{mode} rank {r} step {}", st["step"]);
+            }
+        }
+    }
+}
