@@ -31,16 +31,11 @@ pub fn flux_inventory(c: &FluxTransformerConfig) -> Inventory {
         heads: c.num_attention_heads,
     };
     let d = c.inner_dim();
+    layers.extend((0..c.num_layers).map(|i| spec(format!("transformer_blocks.{i}.attn"), attn, d)));
     layers.extend(
-        (0..c.num_layers).map(|i| spec(format!("transformer_blocks.{i}.attn"), attn.clone(), d)),
+        (0..c.num_single_layers)
+            .map(|i| spec(format!("single_transformer_blocks.{i}.attn"), attn, d)),
     );
-    layers.extend((0..c.num_single_layers).map(|i| {
-        spec(
-            format!("single_transformer_blocks.{i}.attn"),
-            attn.clone(),
-            d,
-        )
-    }));
     layers.push(spec("proj_out".into(), LayerKind::Gather, c.out_channels()));
     Inventory {
         model: "flux-transformer".into(),
