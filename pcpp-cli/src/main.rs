@@ -4,7 +4,8 @@
 //! safetensors file of inputs, a parity and debugging hook), `compare` (PSNR / SSIM of two images), `plan` (bytes per step without weights),
 //! `bench` (UNet forward timing), `convert` (diffusers folder ↔ single-file checkpoint),
 //! `patch-bench` (patch-parallel denoising loop timing with random weights), `decode-bench` (one
-//! rank's part of the patch-parallel VAE decode).
+//! rank's part of the patch-parallel VAE decode), `flux-bench` (one Flux transformer step, serial or
+//! one rank's, with random weights).
 //! This is the only crate that reads the environment and uses `anyhow`. User errors print one
 //! `error: ...` line (no backtrace) and exit with status 1; bad flags exit with clap's status 2.
 
@@ -15,6 +16,7 @@ mod bench;
 mod compare;
 mod convert;
 mod decode_bench;
+mod flux_bench;
 mod flux_generate;
 mod generate;
 mod mode_flags;
@@ -56,6 +58,9 @@ enum Command {
     /// Time one rank's part of the patch-parallel VAE decode (CPU or GPU), alone on this device,
     /// with its peak memory and bytes.
     DecodeBench(decode_bench::DecodeBenchArgs),
+    /// Time one Flux transformer step (serial, or one rank's steady patch-parallel step) of a
+    /// config with random weights, eager and as a CUDA-graph replay, with its bytes.
+    FluxBench(Box<flux_bench::FluxBenchArgs>),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +74,7 @@ fn main() -> ExitCode {
         Command::Convert(a) => convert::run(a),
         Command::PatchBench(a) => patch_bench::run(*a),
         Command::DecodeBench(a) => decode_bench::run(a),
+        Command::FluxBench(a) => flux_bench::run(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
