@@ -179,3 +179,95 @@ fn flux_stale_bytes_equal_plan() {
         }
     }
 }
+
+/// `flux-bench` on the tiny config: the serial step, and one rank's steady step whose bytes are
+/// the plan's for that rank.
+#[test]
+fn flux_bench_rank_bytes_equal_plan() {
+    let cfg = model("dev").join("transformer/config.json");
+    let common = [
+        "flux-bench",
+        "--config",
+        s(&cfg),
+        "--height",
+        "64",
+        "--width",
+        "32",
+        "--vae-scale",
+        "2",
+        "--tokens",
+        "8",
+        "--warmup",
+        "1",
+        "--iters",
+        "1",
+    ];
+    let o = cli(&common);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["mode"], "serial");
+    assert_eq!(v["steady_sent_bytes"], 0);
+    let mut a = common.to_vec();
+    a.extend(["--ranks", "3", "--rank", "1", "--portion", "0.5"]);
+    let o = cli(&a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let o = cli(&[
+        "plan",
+        "--model",
+        s(&model("dev")),
+        "--height",
+        "64",
+        "--width",
+        "32",
+        "--ranks",
+        "3",
+        "--portion",
+        "0.5",
+        "--dtype",
+        "f32",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["steady_traffic"], plan["ranks"][1]["steady"]);
+    assert_eq!(v["band_rows"], plan["ranks"][1]["rows"]);
+    let o = cli(&[&common[..], &["--ranks", "2", "--rank", "2"]].concat());
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--rank 2"));
+}
+
+/// On a GPU (f32, CUDA graphs on by default): 2 and 3 ranks as threads on GPU 0 with every step
+/// synchronous equal the serial GPU run within 1e-4 (cuBLAS may sum a band's products in another
+/// order than the whole image's). `cargo test -p pcpp-cli --features cuda --test
+/// cli_flux_parallel -- --ignored`.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn flux_ranks_on_gpu_equal_serial() {
+    let gpu = ["--device", "cuda", "--dtype", "f32"];
+    let want = latents(&run("dev", "gpu-serial", &gpu));
+    for n in ["2", "3"] {
+        let mut extra = gpu.to_vec();
+        extra.extend(["--ranks", n, "--sync-mode", "full", "--warmup-steps", "1"]);
+        let got = latents(&run("dev", &format!("gpu-{n}"), &extra));
+        let e = rel(&got, &want);
+        assert!(e <= 1e-4, "{n} ranks on the GPU: {e:.3e}");
+    }
+    // stale steps replayed from CUDA graphs run and stay close
+    let got = latents(&run(
+        "dev",
+        "gpu-stale",
+        &[
+            "--device",
+            "cuda",
+            "--dtype",
+            "f32",
+            "--ranks",
+            "3",
+            "--warmup-steps",
+            "1",
+        ],
+    ));
+    let e = rel(&got, &want);
+    assert!(e > 0.0 && e < 0.5, "stale on the GPU: {e:.3e}");
+}
