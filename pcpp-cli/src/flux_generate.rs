@@ -3,8 +3,9 @@
 //! over `--ranks` (image-row bands of the packed token grid; text tokens on every rank; `--parallel
 //! pcpp|distrifusion|naive-patch`, `--portion`, `--warmup-steps`, `--sync-mode` and the transports
 //! as for SDXL) and the outputs. Rank 0 encodes the prompt and broadcasts it with the initial
-//! noise; every rank denoises its band and gets the whole prediction each step; rank 0 decodes
-//! with the VAE (Flux's decode is not split across ranks) and writes the files.
+//! noise; every rank denoises its band and gets the whole prediction each step; the 16-channel
+//! VAE decodes with pcpp-sdxl's patch-parallel decode (every rank a band of latent rows, exact;
+//! `--serial-decode`: rank 0 alone), and rank 0 writes the files.
 //!
 //! Flux differs from SDXL in what the shared flags mean: `--guidance` is the guidance scale the
 //! transformer embeds (FLUX.1-dev; default 3.5), not classifier-free guidance, and is ignored with
@@ -24,7 +25,7 @@ use pcpp_core::{ParallelConfig, ParallelMode, PatchRuntime, RunReport};
 use pcpp_flux::{FluxParts, FluxPipeline, FluxPrompt, PipelineKind, MAX_SEQUENCE_LENGTH};
 use pcpp_kernels::io::SafetensorsFile;
 use pcpp_kernels::{DType, Device, Tensor};
-use pcpp_sdxl::{to_rgb8, vae_dtype, wire, VaeConfig};
+use pcpp_sdxl::{to_rgb8, vae_dtype, vae_parallel, wire, VaeConfig, VaeDecoder};
 
 use crate::args::DeviceArg;
 use crate::generate::{parse_portions, seeded_noise, GenerateArgs};
@@ -328,10 +329,21 @@ fn run_rank(
     // bands are cut on the packed token grid (the transformer's level 0)
     let runtime = PatchRuntime::new(world.clone(), false, p.parallel.clone(), lh / 2, lw / 2, 0)
         .map_err(|e| anyhow::anyhow!("--ranks {}: {e}", world.size()))?;
+    // several ranks decode their bands of the image together (exact), unless asked otherwise
+    let decode_rt = if world.size() > 1 && !a.serial_decode {
+        let vc = VaeConfig::from_file(&p.model.join("vae/config.json"))?;
+        Some(
+            vae_parallel::decode_runtime(world.clone(), &vc, lh, lw).map_err(|e| {
+                anyhow::anyhow!("parallel VAE decode over {} ranks: {e}", world.size())
+            })?,
+        )
+    } else {
+        None
+    };
     let t0 = Instant::now();
     let parts = FluxParts {
         encoders: rank == 0,
-        decoder: rank == 0,
+        decoder: rank == 0 && decode_rt.is_none(),
     };
     let pipe = FluxPipeline::load_parts(
         &p.model,
@@ -342,6 +354,15 @@ fn run_rank(
         parts,
     )
     .with_context(|| format!("loading {}", p.model.display()))?;
+    let band_vae = match &decode_rt {
+        Some(rt) => Some(VaeDecoder::load_with(
+            &p.model.join("vae"),
+            p.vae_dtype,
+            device,
+            rt.factory(),
+        )?),
+        None => None,
+    };
     let t_load = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let (mine, seed) = if rank == 0 {
@@ -385,12 +406,21 @@ fn run_rank(
     if let Some(s) = out.nonfinite_at {
         eprintln!("warning: the latents held a NaN or an infinity from step {s} on");
     }
-    let all = world.all_gather(CommKind::Control, &serde_json::to_vec(&runtime.report())?)?;
-    if rank != 0 {
-        return Ok(());
-    }
     let latents = out.latents;
-    let image = pipe.decode(&latents).context("VAE decode")?;
+    let image = match (&decode_rt, &band_vae) {
+        (Some(rt), Some(vae)) => {
+            let z = vae.unscale_latents(&latents.to_dtype(vae.dtype())?)?;
+            vae_parallel::decode_to_root(vae, rt, &z).context("parallel VAE decode")?
+        }
+        _ if rank == 0 => Some(pipe.decode(&latents).context("VAE decode")?),
+        _ => None,
+    };
+    let mut own = runtime.report();
+    own.decode = decode_rt.as_ref().map(|rt| rt.report().total);
+    let all = world.all_gather(CommKind::Control, &serde_json::to_vec(&own)?)?;
+    let Some(image) = image else {
+        return Ok(());
+    };
     let t_gen = t1.elapsed().as_secs_f64();
     if let Some(sp) = &a.save_latents {
         let l = latents.to_device(Device::Cpu)?;

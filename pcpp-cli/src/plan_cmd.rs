@@ -2,7 +2,7 @@
 //! memory, for a model configuration and a parallel scheme, without loading weights (PCPP §3.3–3.4).
 //! A folder holding only the configs is enough (e.g. the real SDXL-base configs). The model family
 //! comes from `model_index.json`: a Flux pipeline folder is planned from its transformer's config
-//! (no CFG; bands of the packed token grid, latent / 2; its VAE decodes on rank 0 alone).
+//! (no CFG; bands of the packed token grid, latent / 2), followed by the same parallel VAE decode.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -237,7 +237,16 @@ fn run_flux(a: &PlanArgs, m: &std::path::Path) -> Result<()> {
         elem_size: a.dtype.size(),
     };
     let inv = pcpp_flux::flux_inventory(&tcfg);
-    let p = plan(&inv, &setup, &cfg).map_err(|e| anyhow::anyhow!("--ranks {}: {e}", a.ranks))?;
+    let mut p =
+        plan(&inv, &setup, &cfg).map_err(|e| anyhow::anyhow!("--ranks {}: {e}", a.ranks))?;
+    // The VAE decode that follows (`generate` without --serial-decode): one synchronous pass.
+    if vae.is_file() && a.ranks > 1 {
+        let vc = pcpp_sdxl::VaeConfig::from_file(&vae)?;
+        let (lh, lw) = (a.height / scale, a.width / scale);
+        let d = pcpp_sdxl::vae_parallel::decode_plan(&vc, lh, lw, a.ranks, 1, a.dtype.size())
+            .map_err(|e| anyhow::anyhow!("VAE decode on --ranks {}: {e}", a.ranks))?;
+        p.decode = Some(Box::new(d));
+    }
     if a.json {
         return crate::output::print(&format!("{}\n", serde_json::to_string_pretty(&p)?));
     }
@@ -272,6 +281,13 @@ fn run_flux(a: &PlanArgs, m: &std::path::Path) -> Result<()> {
             mb(r.cache_bytes as f64)
         )?;
     }
-    writeln!(out, "the VAE decodes on rank 0 alone (no decode traffic)")?;
+    if let Some(d) = &p.decode {
+        writeln!(
+            out,
+            "VAE decode (one synchronous pass, every rank one band, image gathered to rank 0): received per rank {:.3} MB (max {:.3} MB)",
+            mb(d.bytes_per_warmup_step),
+            mb(d.ranks.iter().map(|r| r.warmup.recvd.total()).max().unwrap_or(0) as f64)
+        )?;
+    }
     crate::output::print(&out)
 }

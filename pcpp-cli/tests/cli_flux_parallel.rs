@@ -2,7 +2,8 @@
 //! synchronous runs (`--sync-mode full`, or a warm-up covering every step) over 2, 3 and 4 ranks
 //! give the serial run's latents ≤ 1e-5 (a 7-row packed token grid: uneven bands), a 3-rank run
 //! matches diffusers' stored latents, and the stale modes' `--report` bytes of every rank and step
-//! equal `pcpp-cli plan --json` on the same folder.
+//! equal `pcpp-cli plan --json` on the same folder; the parallel VAE decode equals rank 0's alone
+//! and moves the plan's decode bytes; `flux-bench` reports a rank's planned bytes.
 
 mod common;
 
@@ -270,4 +271,50 @@ fn flux_ranks_on_gpu_equal_serial() {
     ));
     let e = rel(&got, &want);
     assert!(e > 0.0 && e < 0.5, "stale on the GPU: {e:.3e}");
+}
+
+/// The 16-channel VAE decodes in parallel (pcpp-sdxl's decode, unchanged): the image equals the
+/// one rank 0 decodes alone (`--serial-decode`), and every rank's decode bytes equal the plan's.
+#[test]
+fn flux_parallel_decode_equals_serial_decode() {
+    let report = tmp("decode-report.json");
+    run(
+        "dev",
+        "decode-par",
+        &["--ranks", "3", "--report", s(&report)],
+    );
+    run("dev", "decode-ser", &["--ranks", "3", "--serial-decode"]);
+    let a = image::open(tmp("decode-par.png")).unwrap().to_rgb8();
+    let b = image::open(tmp("decode-ser.png")).unwrap().to_rgb8();
+    let d = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap();
+    assert!(d <= 1, "parallel and serial decodes differ by {d} levels");
+    let rep: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let o = cli(&[
+        "plan",
+        "--model",
+        s(&model("dev")),
+        "--height",
+        "28",
+        "--width",
+        "12",
+        "--ranks",
+        "3",
+        "--dtype",
+        "f32",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for r in 0..3 {
+        let got = &rep["per_rank"][r]["decode"];
+        assert!(got["recvd"]["halo"].as_u64().unwrap() > 0, "rank {r}");
+        assert_eq!(got, &plan["decode"]["ranks"][r]["warmup"], "rank {r}");
+    }
 }
