@@ -250,6 +250,46 @@ pub trait LayerFactory: Send + Sync {
         padding: usize,
     ) -> Result<Arc<dyn Conv2dLayer>>;
 
+    /// [`LayerFactory::conv2d`] for an input `2^up` times finer than the model's latent grid in
+    /// both directions, e.g. a ControlNet's conditioning image and the first maps of its
+    /// conditioning embedding (pixel resolution, `up = 3`): a rank's band of such an input is its
+    /// latent band's rows times `2^up`, and halos are exchanged as at the latent. `up = 0` is
+    /// `conv2d`; the default refuses finer inputs.
+    fn fine_conv2d(
+        &self,
+        id: &str,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        stride: usize,
+        padding: usize,
+        up: usize,
+    ) -> Result<Arc<dyn Conv2dLayer>> {
+        if up == 0 {
+            return self.conv2d(id, weight, bias, stride, padding);
+        }
+        Err(CoreError::Config(format!(
+            "layer `{id}`: this layer factory has no layers for inputs finer than the latent"
+        )))
+    }
+
+    /// [`LayerFactory::input_conv2d`] (whole input on every rank, this rank's band out, stride 1)
+    /// for an input `2^up` times finer than the latent grid; see [`LayerFactory::fine_conv2d`].
+    fn fine_input_conv2d(
+        &self,
+        id: &str,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        padding: usize,
+        up: usize,
+    ) -> Result<Arc<dyn Conv2dLayer>> {
+        if up == 0 {
+            return self.input_conv2d(id, weight, bias, padding);
+        }
+        Err(CoreError::Config(format!(
+            "layer `{id}`: this layer factory has no layers for inputs finer than the latent"
+        )))
+    }
+
     /// A group norm over `groups` groups with per-channel affine.
     fn group_norm(
         &self,
@@ -396,6 +436,29 @@ impl LayerFactory for SerialFactory {
         weight: Tensor,
         bias: Option<Tensor>,
         padding: usize,
+    ) -> Result<Arc<dyn Conv2dLayer>> {
+        self.conv2d(id, weight, bias, 1, padding)
+    }
+
+    fn fine_conv2d(
+        &self,
+        id: &str,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        stride: usize,
+        padding: usize,
+        _up: usize,
+    ) -> Result<Arc<dyn Conv2dLayer>> {
+        self.conv2d(id, weight, bias, stride, padding)
+    }
+
+    fn fine_input_conv2d(
+        &self,
+        id: &str,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        padding: usize,
+        _up: usize,
     ) -> Result<Arc<dyn Conv2dLayer>> {
         self.conv2d(id, weight, bias, 1, padding)
     }

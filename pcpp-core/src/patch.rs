@@ -26,6 +26,7 @@
 //! per-parity buffers of the slot, so a steady step can be captured as a CUDA graph; otherwise it
 //! is staged through host memory (MPI, UCX, local).
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -100,6 +101,36 @@ impl Shared {
             && self.cfg.split_scheme.cols_at(ctx.step)
     }
 
+    /// The band plan of this rank's group for a grid `2^up` times finer than the latent: the same
+    /// bands, every row count times `2^up` (bands are cut at the coarsest level, which the finer
+    /// plan shares).
+    fn plan_up(&self, up: usize) -> Result<Cow<'_, BandPlan>> {
+        let p = self.plan();
+        if up == 0 {
+            return Ok(Cow::Borrowed(p));
+        }
+        Ok(Cow::Owned(BandPlan::new(
+            p.height << up,
+            p.width << up,
+            p.levels + up,
+            p.ranks(),
+        )?))
+    }
+
+    /// [`Shared::cplan`] for a grid `2^up` times finer than the latent.
+    fn cplan_up(&self, id: &str, up: usize) -> Result<Cow<'_, BandPlan>> {
+        let p = self.cplan(id)?;
+        if up == 0 {
+            return Ok(Cow::Borrowed(p));
+        }
+        Ok(Cow::Owned(BandPlan::new(
+            p.height << up,
+            p.width << up,
+            p.levels + up,
+            p.ranks(),
+        )?))
+    }
+
     /// The column-band plan of this rank's group.
     fn cplan(&self, id: &str) -> Result<&BandPlan> {
         self.cplans.get(self.grid.group).ok_or_else(|| {
@@ -110,12 +141,20 @@ impl Shared {
         })
     }
 
-    /// The level of a `rows × cols` band in step `ctx`, rows or columns as the step cuts.
-    fn level_at(&self, ctx: &StepCtx, id: &str, rows: usize, cols: usize) -> Result<usize> {
+    /// The level of a `rows × cols` band in step `ctx`, rows or columns as the step cuts, on the
+    /// grid `2^up` times finer than the latent.
+    fn level_at(
+        &self,
+        ctx: &StepCtx,
+        id: &str,
+        rows: usize,
+        cols: usize,
+        up: usize,
+    ) -> Result<usize> {
         if !self.cols(ctx) {
-            return self.level(id, rows, cols);
+            return self.level_in(&*self.plan_up(up)?, id, rows, cols);
         }
-        let plan = self.cplan(id)?;
+        let plan = self.cplan_up(id, up)?;
         plan.level_of(self.me(), cols)
             .filter(|&l| plan.width_at(l) == rows)
             .ok_or_else(|| {
@@ -155,7 +194,11 @@ impl Shared {
 
     /// The level at which this rank's band has `rows` rows and the image `cols` columns.
     pub(crate) fn level(&self, id: &str, rows: usize, cols: usize) -> Result<usize> {
-        let plan = self.plan();
+        self.level_in(self.plan(), id, rows, cols)
+    }
+
+    /// The level at which this rank's band of `plan` has `rows` rows and the image `cols` columns.
+    fn level_in(&self, plan: &BandPlan, id: &str, rows: usize, cols: usize) -> Result<usize> {
         plan.level_of(self.me(), rows)
             .filter(|&l| plan.width_at(l) == cols)
             .ok_or_else(|| {
@@ -909,15 +952,22 @@ struct InputConv {
     weight: Tensor,
     bias: Option<Tensor>,
     pad: usize,
+    /// The input is `2^up` times finer than the latent.
+    up: usize,
 }
 
 impl Conv2dLayer for InputConv {
     fn forward(&self, ctx: &StepCtx, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = dims4(&self.id, x)?;
-        let plan = self.sh.plan();
+        let plan = self.sh.plan_up(self.up)?;
         if h != plan.height || w != plan.width {
+            let what = if self.up == 0 {
+                "latent".to_string()
+            } else {
+                format!("input ({}× the latent)", 1 << self.up)
+            };
             return Err(CoreError::Config(format!(
-                "layer `{}`: latent is {h}×{w} but the patch-parallel runtime was built for {}×{}",
+                "layer `{}`: {what} is {h}×{w} but the patch-parallel runtime was built for {}×{}",
                 self.id, plan.height, plan.width
             )));
         }
@@ -926,7 +976,7 @@ impl Conv2dLayer for InputConv {
         let p = self.pad;
         if self.sh.cols(ctx) {
             // Naive patch cutting columns: the column band alone, zero-padded.
-            let cb = self.sh.cplan(&self.id)?.band(0, self.sh.me());
+            let cb = self.sh.cplan_up(&self.id, self.up)?.band(0, self.sh.me());
             let xs = x.narrow(3, cb.start, cb.len()).at(&self.id)?;
             return xs
                 .conv2d(&self.weight, self.bias.as_ref(), Conv2dParams::new(1, p))
@@ -964,6 +1014,8 @@ struct HaloConv {
     stride: usize,
     pad: usize,
     slot: Option<Arc<Slot>>,
+    /// The input is `2^up` times finer than the latent.
+    up: usize,
 }
 
 impl Conv2dLayer for HaloConv {
@@ -974,8 +1026,9 @@ impl Conv2dLayer for HaloConv {
         let k = self.weight.shape()[2];
         if sh.cols(ctx) {
             // Naive patch cutting columns: zero columns where other bands would be.
-            let level = sh.level_at(ctx, id, rows, w)?;
-            let hp = HaloPlan::new(sh.cplan(id)?, level, sh.me(), k, self.stride, self.pad);
+            let level = sh.level_at(ctx, id, rows, w, self.up)?;
+            let cplan = sh.cplan_up(id, self.up)?;
+            let hp = HaloPlan::new(&cplan, level, sh.me(), k, self.stride, self.pad);
             let left: usize = hp.recv_above.iter().map(|r| r.1).sum();
             let right: usize = hp.recv_below.iter().map(|r| r.1).sum();
             let params = Conv2dParams {
@@ -987,8 +1040,9 @@ impl Conv2dLayer for HaloConv {
             };
             return x.conv2d(&self.weight, self.bias.as_ref(), params).at(id);
         }
-        let level = sh.level(id, rows, w)?;
-        let hp = HaloPlan::new(sh.plan(), level, sh.me(), k, self.stride, self.pad);
+        let plan = sh.plan_up(self.up)?;
+        let level = sh.level_in(&plan, id, rows, w)?;
+        let hp = HaloPlan::new(&plan, level, sh.me(), k, self.stride, self.pad);
         let above: usize = hp.recv_above.iter().map(|r| r.1).sum();
         let below: usize = hp.recv_below.iter().map(|r| r.1).sum();
         let slot = match (&self.slot, sh.communicates()) {
@@ -1075,7 +1129,7 @@ impl GroupNormLayer for PatchGroupNorm {
         let id = &self.id;
         let sh = &self.sh;
         let (_, c, rows, w) = dims4(id, x)?;
-        let level = sh.level_at(ctx, id, rows, w)?;
+        let level = sh.level_at(ctx, id, rows, w, 0)?;
         let g = self.groups;
         let mode = sh.cfg.stale_gn_mode();
         let slot = match (&self.slot, sh.communicates()) {
@@ -1169,7 +1223,7 @@ impl SelfAttentionLayer for PatchAttention {
         let id = &self.id;
         let sh = &self.sh;
         let (rows, cols) = spatial;
-        let level = sh.level_at(ctx, id, rows, cols)?;
+        let level = sh.level_at(ctx, id, rows, cols, 0)?;
         let (q, k, v) = self.w.qkv(x).at(id)?;
         let slot = match (&self.slot, sh.communicates()) {
             (Some(s), true) => s,
@@ -1255,7 +1309,7 @@ impl GatherLayer for PatchGather {
         let id = &self.id;
         let sh = &self.sh;
         let (b, c, rows, w) = dims4(id, x)?;
-        let level = sh.level_at(ctx, id, rows, w)?;
+        let level = sh.level_at(ctx, id, rows, w, 0)?;
         let me = sh.grid.world_rank;
         // Bands are rows (or, for naive patch cutting columns, columns) of the image.
         let cols = sh.cols(ctx);
@@ -1351,6 +1405,18 @@ impl LayerFactory for PatchRuntime {
         stride: usize,
         padding: usize,
     ) -> Result<Arc<dyn Conv2dLayer>> {
+        self.fine_conv2d(id, weight, bias, stride, padding, 0)
+    }
+
+    fn fine_conv2d(
+        &self,
+        id: &str,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        stride: usize,
+        padding: usize,
+        up: usize,
+    ) -> Result<Arc<dyn Conv2dLayer>> {
         let k = weight.shape().get(2).copied().unwrap_or(1);
         if self.sh.serial || self.sh.tensor() || (k == 1 && padding == 0) {
             return SerialFactory.conv2d(id, weight, bias, stride, padding);
@@ -1364,6 +1430,7 @@ impl LayerFactory for PatchRuntime {
             stride,
             pad: padding,
             slot,
+            up,
         }))
     }
 
@@ -1374,6 +1441,17 @@ impl LayerFactory for PatchRuntime {
         bias: Option<Tensor>,
         padding: usize,
     ) -> Result<Arc<dyn Conv2dLayer>> {
+        self.fine_input_conv2d(id, weight, bias, padding, 0)
+    }
+
+    fn fine_input_conv2d(
+        &self,
+        id: &str,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        padding: usize,
+        up: usize,
+    ) -> Result<Arc<dyn Conv2dLayer>> {
         if self.sh.serial || self.sh.tensor() {
             return SerialFactory.input_conv2d(id, weight, bias, padding);
         }
@@ -1383,6 +1461,7 @@ impl LayerFactory for PatchRuntime {
             weight,
             bias,
             pad: padding,
+            up,
         }))
     }
 
