@@ -12,6 +12,7 @@
 use pcpp_core::StepDriver;
 use pcpp_kernels::{Device, Tensor};
 
+use crate::controlnet::Control;
 use crate::error::{Result, SdxlError};
 use crate::graph::StepGraphs;
 use crate::pipeline::{MicroCond, PromptEmbeds};
@@ -134,6 +135,7 @@ pub fn denoise(
     let start = DenoiseStart::Noise(noise);
     denoise_with(
         unet,
+        None,
         driver,
         sched_cfg,
         params,
@@ -158,9 +160,15 @@ pub fn denoise(
 /// With `driver.cfg_branch() == Some(g)` only branch `g` is fed to the UNet (its gather returns
 /// `[uncond; cond]`); otherwise the whole CFG batch is. `embeds` may live anywhere: they are moved
 /// to the UNet's device and dtype once. Progress counts the steps that run.
+///
+/// With `control`, each step first runs the ControlNets whose window reaches it (on the same
+/// input, conditioning and step context as the UNet; see [`crate::controlnet`]) and adds their
+/// summed residuals to the UNet's skip connections. Steps with ControlNets replay CUDA graphs
+/// too: one per distinct set of nets and scales ([`StepGraphs::run_with`]).
 #[allow(clippy::too_many_arguments)]
 pub fn denoise_with(
     unet: &UNet,
+    control: Option<&Control<'_>>,
     driver: &dyn StepDriver,
     sched_cfg: &SchedulerConfig,
     params: &DenoiseParams,
@@ -261,6 +269,10 @@ pub fn denoise_with(
     }
     let timesteps = sched.timesteps().to_vec();
     let total = timesteps.len() - first;
+    let control = control
+        .filter(|c| !c.units.is_empty())
+        .map(|c| c.prepare(unet, &cond, (shape[2], shape[3]), total))
+        .transpose()?;
     let mut flag = Tensor::finite_flag(device)?;
     let mut step_seconds = Vec::with_capacity(total);
     driver.begin_generation()?;
@@ -278,7 +290,8 @@ pub fn denoise_with(
         let b = x_in.shape()[0];
         let ts = Tensor::from_vec(&[b], vec![t as f32; b])?.to_device(device)?;
         let ctx = driver.step_ctx(i - first);
-        let out = graphs.run(unet, driver, &ctx, &x_in, &ts, &cond)?;
+        let cstep = control.as_ref().and_then(|c| c.step(i - first));
+        let out = graphs.run_with(unet, cstep.as_ref(), driver, &ctx, &x_in, &ts, &cond)?;
         let guided = if cfg {
             // One cast of both branches (the combine is in f32), not one per use.
             let out = out.to_dtype(pcpp_kernels::DType::F32)?;

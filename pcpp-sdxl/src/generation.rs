@@ -17,6 +17,7 @@ use pcpp_comm::{CommKind, Transport};
 use pcpp_core::{LayerFactory, PatchRuntime, StepDriver};
 use pcpp_kernels::{DType, Device, Tensor};
 
+use crate::controlnet::{Control, ControlInput, ControlNet, ControlUnit};
 use crate::denoise::{
     denoise_with, overflow_hint, DenoiseParams, DenoiseStart, Progress, StepNoise,
 };
@@ -97,6 +98,9 @@ pub struct LoadOptions<'a> {
     pub vae_dtype: Option<DType>,
     /// LoRA adapters merged into the UNet's and the text encoders' weights as they load.
     pub lora: Option<&'a LoraSet>,
+    /// ControlNet folders (diffusers `ControlNetModel`), loaded in `dtype` on `device` through
+    /// the UNet's factory; each must fit the UNet. Several act together (their residuals sum).
+    pub controlnets: &'a [PathBuf],
 }
 
 /// The dtype the VAE runs in for a run in `dtype`: a VAE whose config says `force_upcast` (SDXL's
@@ -139,6 +143,8 @@ pub struct Generator {
     pub vae: Option<VaeDecoder>,
     /// The VAE encoder (rank 0, image-to-image).
     pub vae_encoder: Option<VaeEncoder>,
+    /// The ControlNets, in the order of [`LoadOptions::controlnets`].
+    pub controlnets: Vec<ControlNet>,
     /// `scheduler/scheduler_config.json`.
     pub scheduler: SchedulerConfig,
     /// The dtype the UNet and text encoders compute in.
@@ -167,6 +173,8 @@ pub struct ImageJob<'a> {
     pub noise: &'a Tensor,
     /// Image-to-image: the init image `[1, 3, H, W]` in `[-1, 1]` and the strength.
     pub init: Option<(&'a Tensor, f32)>,
+    /// One control image and guidance per loaded ControlNet (none: the ControlNets are not used).
+    pub control: &'a [ControlInput],
 }
 
 /// What rank 0 gets back from [`Generator::generate`].
@@ -251,6 +259,16 @@ impl Generator {
             )
         });
         let (text, unet, vae, vae_encoder) = (text?, unet?, vae?, vae_encoder?);
+        let controlnets = opts
+            .controlnets
+            .iter()
+            .enumerate()
+            .map(|(k, d)| {
+                let net = ControlNet::load(d, opts.dtype, opts.device, factory, k)?;
+                net.check_fits(&unet)?;
+                Ok(net)
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Generator {
             dir: dir.to_path_buf(),
             index,
@@ -258,6 +276,7 @@ impl Generator {
             unet,
             vae,
             vae_encoder,
+            controlnets,
             scheduler,
             dtype: opts.dtype,
             vae_dtype: vae_dt,
@@ -337,8 +356,28 @@ impl Generator {
             },
             _ => DenoiseStart::Noise(&noise),
         };
+        if !job.control.is_empty() && job.control.len() != self.controlnets.len() {
+            return Err(SdxlError::Input(format!(
+                "{} control images for {} ControlNets",
+                job.control.len(),
+                self.controlnets.len()
+            )));
+        }
+        let control = Control {
+            units: self
+                .controlnets
+                .iter()
+                .zip(job.control)
+                .map(|(net, c)| ControlUnit {
+                    net,
+                    image: &c.image,
+                    guidance: c.guidance,
+                })
+                .collect(),
+        };
         let out = denoise_with(
             &self.unet,
+            Some(&control),
             driver,
             &self.scheduler,
             job.params,

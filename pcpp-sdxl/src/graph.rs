@@ -1,5 +1,5 @@
-//! CUDA graphs of the denoising step (PCPP §7.1): the steady UNet step captured once per step
-//! parity and replayed.
+//! CUDA graphs of the denoising step (PCPP §7.1): the steady UNet step (with its ControlNets, if
+//! any) captured once per step parity and kind and replayed.
 //!
 //! The patch-parallel runtime keeps every stale buffer a step reads or writes in persistent
 //! per-parity device memory, so a step captured at parity `p` stays valid for every later step of
@@ -11,18 +11,32 @@
 use pcpp_core::{StepCtx, StepDriver};
 use pcpp_kernels::Tensor;
 
+use crate::controlnet::{unet_step, ControlStep};
 use crate::unet::{UNet, UNetCond};
 use crate::{Result, SdxlError};
 
-/// The steady step as CUDA graphs, one per step parity (the stale cache's buffer of step `t` is
-/// `t mod 2`), with the input and output buffers they read and write, and the count of eager
-/// steady steps that must run before the first capture.
+/// What distinguishes one kind of step from another: the ControlNets that run and their scales
+/// (empty: the UNet alone).
+type Key = Vec<(usize, u32)>;
+
+/// The graphs of one kind of step, with the count of its eager steady steps.
 #[derive(Default)]
-pub struct StepGraphs {
-    enabled: bool,
+struct Variant {
+    key: Key,
     steady_eager: usize,
     #[cfg(feature = "cuda")]
     graphs: [Option<(usize, pcpp_kernels::cuda::CudaGraphStep)>; 2],
+}
+
+/// The steady step as CUDA graphs, one per step parity (the stale cache's buffer of step `t` is
+/// `t mod 2`) and per kind of step (a step with ControlNets captures them with the UNet; each
+/// distinct set of nets and effective scales is its own kind, so a control window that opens or
+/// closes mid-run switches graphs, and two eager steady steps of the new kind run before its
+/// capture), with the input and output buffers they read and write.
+#[derive(Default)]
+pub struct StepGraphs {
+    enabled: bool,
+    variants: Vec<Variant>,
     #[cfg(feature = "cuda")]
     io: Option<(Tensor, Tensor, Tensor)>,
 }
@@ -36,11 +50,20 @@ impl StepGraphs {
         }
     }
 
-    /// One denoising step of the loop, opened with `driver.step_ctx`: eager (the model forward,
-    /// then [`StepDriver::end_step`]) until two steps that [`StepDriver::repeats`] have run, then
-    /// replayed from the graph of the step's parity (so the runtime's persistent buffers of both
-    /// parities exist before any capture). Ends with [`StepDriver::step_done`], outside any
-    /// capture.
+    fn variant(&mut self, key: Key) -> usize {
+        match self.variants.iter().position(|v| v.key == key) {
+            Some(i) => i,
+            None => {
+                self.variants.push(Variant {
+                    key,
+                    ..Variant::default()
+                });
+                self.variants.len() - 1
+            }
+        }
+    }
+
+    /// One denoising step of the loop without ControlNets: [`StepGraphs::run_with`].
     pub fn run(
         &mut self,
         unet: &UNet,
@@ -50,14 +73,34 @@ impl StepGraphs {
         ts: &Tensor,
         cond: &UNetCond,
     ) -> Result<Tensor> {
+        self.run_with(unet, None, driver, ctx, x, ts, cond)
+    }
+
+    /// One denoising step of the loop, opened with `driver.step_ctx`: the ControlNets of
+    /// `control` (if any) and the UNet, eager (then [`StepDriver::end_step`]) until two steps of
+    /// this kind that [`StepDriver::repeats`] have run, then replayed from the graph of the
+    /// step's kind and parity (so the runtime's persistent buffers of both parities exist before
+    /// any capture). Ends with [`StepDriver::step_done`], outside any capture.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_with(
+        &mut self,
+        unet: &UNet,
+        control: Option<&ControlStep<'_>>,
+        driver: &dyn StepDriver,
+        ctx: &StepCtx,
+        x: &Tensor,
+        ts: &Tensor,
+        cond: &UNetCond,
+    ) -> Result<Tensor> {
+        let v = self.variant(control.map(ControlStep::key).unwrap_or_default());
         let repeats = driver.repeats(ctx);
-        let out = if self.enabled && repeats && self.steady_eager >= 2 {
-            self.step(unet, driver, ctx, x, ts, cond)?
+        let out = if self.enabled && repeats && self.variants[v].steady_eager >= 2 {
+            self.replay(v, unet, control, driver, ctx, x, ts, cond)?
         } else {
-            let out = unet.forward(ctx, x, ts, cond, None)?;
+            let out = unet_step(unet, control, ctx, x, ts, cond)?;
             driver.end_step(ctx.step)?;
             if repeats {
-                self.steady_eager += 1;
+                self.variants[v].steady_eager += 1;
             }
             out
         };
@@ -82,9 +125,26 @@ impl StepGraphs {
         ts: &Tensor,
         cond: &UNetCond,
     ) -> Result<Tensor> {
+        let v = self.variant(Key::new());
+        self.replay(v, unet, None, driver, ctx, x, ts, cond)
+    }
+
+    /// [`StepGraphs::step`] for the step kind `v` (with `control`'s nets captured before the UNet).
+    #[allow(clippy::too_many_arguments)]
+    fn replay(
+        &mut self,
+        v: usize,
+        unet: &UNet,
+        control: Option<&ControlStep<'_>>,
+        driver: &dyn StepDriver,
+        ctx: &StepCtx,
+        x: &Tensor,
+        ts: &Tensor,
+        cond: &UNetCond,
+    ) -> Result<Tensor> {
         #[cfg(not(feature = "cuda"))]
         {
-            let _ = (unet, driver, ctx, x, ts, cond);
+            let _ = (v, unet, control, driver, ctx, x, ts, cond);
             Err(SdxlError::Input(
                 "CUDA graphs need a build with the `cuda` feature".into(),
             ))
@@ -118,7 +178,7 @@ impl StepGraphs {
             copy_into(x, xb)?;
             copy_into(ts, tb)?;
             let p = ctx.step % 2;
-            match &self.graphs[p] {
+            match &self.variants[v].graphs[p] {
                 Some((captured, g)) => {
                     driver.replayed(*captured)?;
                     g.replay()?;
@@ -126,8 +186,7 @@ impl StepGraphs {
                 None => {
                     let fail = |op: &'static str, e: String| KernelError::Invalid { op, msg: e };
                     let g = capture_graph(ordinal, || {
-                        let o = unet
-                            .forward(ctx, xb, tb, cond, None)
+                        let o = unet_step(unet, control, ctx, xb, tb, cond)
                             .map_err(|e| fail("UNet step under graph capture", e.to_string()))?;
                         driver
                             .end_step(ctx.step)
@@ -135,7 +194,7 @@ impl StepGraphs {
                         copy_into(&o, ob)
                     })?;
                     g.replay()?;
-                    self.graphs[p] = Some((ctx.step, g));
+                    self.variants[v].graphs[p] = Some((ctx.step, g));
                 }
             }
             Ok(ob.clone())

@@ -3,10 +3,11 @@
 //! Diffusers-layout configs and weights, the two CLIP tokenizers and text encoders, the UNet (built
 //! through `pcpp-core`'s layer factory so that patch parallelism slots in), the VAE decoder (also
 //! built through the factory, for a decode cut into bands), the schedulers, the text-to-image
-//! pipeline and LoRA adapters.
+//! pipeline, LoRA adapters and ControlNets.
 
 pub mod checkpoint;
 pub mod clip;
+pub mod controlnet;
 pub mod denoise;
 pub mod error;
 pub mod generation;
@@ -26,6 +27,10 @@ pub mod weights;
 pub mod wire;
 
 pub use clip::{ClipOutput, ClipTextConfig, ClipTextModel};
+pub use controlnet::{
+    control_image_from_rgb8, Control, ControlGuidance, ControlInput, ControlNet, ControlNetConfig,
+    ControlUnit,
+};
 pub use denoise::{
     denoise, denoise_with, derived_step_noise, img2img_start_step, overflow_hint, DenoiseParams,
     DenoiseStart, Denoised, StepNoise,
