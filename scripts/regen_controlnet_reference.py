@@ -3,14 +3,19 @@
 
 On the tiny SDXL pipeline (--model), writes to --out:
 
-  controlnet/                 ControlNetModel.from_unet(unet) (torch.manual_seed(SEED_NET) before building it),
-                              with every zero convolution (controlnet_down_blocks.*, controlnet_mid_block,
+  controlnet/                 ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+                              (torch.manual_seed(SEED_NET) before building it): its conditioning embedding
+                              halves the control image once, as the tiny VAE does (scale factor 2; SDXL's
+                              embedding and VAE both scale by 8), so that the pipeline's latents and control
+                              image fit; every zero convolution (controlnet_down_blocks.*, controlnet_mid_block,
                               controlnet_cond_embedding.conv_out) given random non-zero weights and biases;
                               saved with save_pretrained (config.json + diffusion_pytorch_model.safetensors)
   controlnet_b/               a second one (SEED_NET_B), for a MultiControlNet run
+  controlnet_px8/             one with SDXL's default embedding (16, 32, 96, 256): the control image at 8x the
+                              latent, as in SDXL (SEED_NET_PX8), for the single-forward reference
   control.png                 64x64 RGB control image (smooth random pattern, SEED_IMAGE), the output size
   control_tall.png            64 high x 48 wide, for the non-square run
-  refs.safetensors            initial_noise [1,4,8,8], initial_noise_tall [1,4,8,6], base.final_latents (no
+  refs.safetensors            initial_noise [1,4,32,32], initial_noise_tall [1,4,32,24], base.final_latents (no
                               ControlNet), and StableDiffusionXLControlNetPipeline final latents (output_type
                               "latent", from the stored noise) for
                                 full.final_latents       scale 1.0, control start 0 / end 1
@@ -19,7 +24,7 @@ On the tiny SDXL pipeline (--model), writes to --out:
                                 tall.final_latents       scale 1.0, 64 high x 48 wide (control_tall.png)
                                 multi.final_latents      [controlnet, controlnet_b], scales [0.8, 0.5],
                                                          starts [0, 0], ends [1, 0.5]
-                              and one ControlNet forward (fwd.*): sample [2,4,8,8], timestep [2],
+                              and one forward of controlnet_px8 (fwd.*): sample [2,4,8,8], timestep [2],
                               encoder_hidden_states [2,77,64], text_embeds [2,32], time_ids [2,6],
                               controlnet_cond [2,3,64,64] (control.png as the pipeline prepares it),
                               conditioning_scale FWD_SCALE -> fwd.down.{k} (k = 0..), fwd.mid,
@@ -49,6 +54,8 @@ SEED_NOISE = 8
 SEED_NOISE_TALL = 9
 SEED_NET = 41
 SEED_NET_B = 42
+SEED_NET_PX8 = 46
+TINY_EMBEDDING = (16, 32)
 SEED_ZERO_CONVS = 43
 SEED_IMAGE = 44
 SEED_FWD = 45
@@ -67,10 +74,10 @@ def zero_conv_names(net):
     return names + ["controlnet_mid_block", "controlnet_cond_embedding.conv_out"]
 
 
-def make_controlnet(unet, seed, out_dir):
+def make_controlnet(unet, seed, out_dir, embedding=TINY_EMBEDDING):
     from diffusers import ControlNetModel
     torch.manual_seed(seed)
-    net = ControlNetModel.from_unet(unet)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embedding)
     g = cpu_gen(SEED_ZERO_CONVS + seed)
     with torch.no_grad():
         for name in zero_conv_names(net):
@@ -150,22 +157,27 @@ def main():
     unet = UNet2DConditionModel.from_pretrained(os.path.join(args.model, "unet"), torch_dtype=torch.float32)
     net = make_controlnet(unet, SEED_NET, os.path.join(args.out, "controlnet"))
     net_b = make_controlnet(unet, SEED_NET_B, os.path.join(args.out, "controlnet_b"))
+    net_px8 = make_controlnet(unet, SEED_NET_PX8, os.path.join(args.out, "controlnet_px8"),
+                              embedding=(16, 32, 96, 256))
     image = make_image(os.path.join(args.out, "control.png"), CALL["height"], CALL["width"], SEED_IMAGE)
     tall = make_image(os.path.join(args.out, "control_tall.png"), TALL["height"], TALL["width"], SEED_IMAGE + 1)
 
-    lat = lambda hw, seed: torch.randn((1, 4, hw[0] // 8, hw[1] // 8), generator=cpu_gen(seed))  # noqa: E731
-    noise = lat((CALL["height"], CALL["width"]), SEED_NOISE)
-    noise_tall = lat((TALL["height"], TALL["width"]), SEED_NOISE_TALL)
     base_pipe = StableDiffusionXLPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
     base_pipe.set_progress_bar_config(disable=True)
+    f = base_pipe.vae_scale_factor
+    lat = lambda hw, seed: torch.randn((1, 4, hw[0] // f, hw[1] // f), generator=cpu_gen(seed))  # noqa: E731
+    noise = lat((CALL["height"], CALL["width"]), SEED_NOISE)
+    noise_tall = lat((TALL["height"], TALL["width"]), SEED_NOISE_TALL)
     with torch.no_grad():
         base = base_pipe(**CALL, latents=noise.clone(), output_type="latent").images
     res = {"initial_noise": noise, "initial_noise_tall": noise_tall, "base.final_latents": base}
     meta = {"versions": versions(), "torch_threads": torch.get_num_threads(), "model": args.model, "call": CALL,
             "tall": TALL, "runs": {}, "seeds": {"noise": SEED_NOISE, "noise_tall": SEED_NOISE_TALL,
-                                                "net": SEED_NET, "net_b": SEED_NET_B, "image": SEED_IMAGE,
+                                                "net": SEED_NET, "net_b": SEED_NET_B, "net_px8": SEED_NET_PX8,
+                                                "image": SEED_IMAGE,
                                                 "fwd": SEED_FWD},
-            "zero_conv_gain": ZERO_CONV_GAIN, "fwd_scale": FWD_SCALE,
+            "zero_conv_gain": ZERO_CONV_GAIN, "fwd_scale": FWD_SCALE, "vae_scale_factor": f,
+            "embedding": {"controlnet": TINY_EMBEDDING, "controlnet_px8": [16, 32, 96, 256]},
             "zero_convs": zero_conv_names(net)}
 
     pipe = pipeline(args.model, net)
@@ -186,7 +198,7 @@ def main():
     res["multi.final_latents"] = out
     meta["runs"]["multi"] = dict(multi_kw, final_latents=stats(out),
                                  vs_full=((out - res["full.final_latents"]).abs().max() / base.abs().max()).item())
-    res.update(forward_refs(pipe, net, image))
+    res.update(forward_refs(pipe, net_px8, image))
     save(res, os.path.join(args.out, "refs.safetensors"))
     with open(os.path.join(args.out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1, ensure_ascii=False)

@@ -1,8 +1,10 @@
 //! ControlNet parity against diffusers 0.42.1 on the tiny model (`tests/data/controlnet`, written by
 //! scripts/regen_controlnet_reference.py):
-//! - one `ControlNetModel` forward (all residuals, scale 0.7) and the control image preparation;
+//! - one `ControlNetModel` forward with SDXL's conditioning embedding (control image at 8× the
+//!   latent; all residuals, scale 0.7) and the control image preparation, serially and on 2 and 4
+//!   ranks (each rank's residual bands equal the serial rows);
 //! - `StableDiffusionXLControlNetPipeline` final latents through `Generator::load` +
-//!   `Generator::generate` (scale 1.0 full range; scale 0.6 with window 0.2–0.8; 64×48; two nets
+//!   `Generator::generate` with nets whose embedding scales by 2 like the tiny VAE (scale 1.0 full range; scale 0.6 with window 0.2–0.8; 64×48; two nets
 //!   with their own scales and windows) within 1e-4 of max|ref|;
 //! - N ranks with every step synchronous equal one rank (≤ 1e-5) for N = 2 (CFG split, with a
 //!   LoRA) and N = 4, and the conditioning embedding's convolutions are patch-parallel layers;
@@ -19,7 +21,7 @@ use pcpp_kernels::{DType, Device, Tensor};
 use pcpp_sdxl::scheduler::SchedulerKind;
 use pcpp_sdxl::{
     control_image_from_rgb8, ControlGuidance, ControlInput, ControlNet, DenoiseParams, Generator,
-    ImageJob, LoadOptions, LoraSet, LoraSpec, MicroCond, UNet, UNetCond,
+    ImageJob, LoadOptions, LoraSet, LoraSpec, MicroCond, ModelGeometry, UNet, UNetCond,
 };
 use pcpp_tests::{
     assert_close, data, refs, rel_err, tiny_model, TOL_CHAIN, TOL_PIPELINE, TOL_RANKS,
@@ -54,7 +56,7 @@ fn control_image(name: &str) -> Tensor {
 fn one_forward_matches_diffusers_residuals() {
     let r = refs("controlnet/refs.safetensors");
     let net = ControlNet::load(
-        &net_dir("controlnet"),
+        &net_dir("controlnet_px8"),
         DType::F32,
         Device::Cpu,
         &SerialFactory,
@@ -107,6 +109,55 @@ fn one_forward_matches_diffusers_residuals() {
         assert_close(&key, d, &r[&key], TOL_CHAIN);
     }
     assert_close("fwd.mid", &out.mid, &r["fwd.mid"], TOL_CHAIN);
+}
+
+/// The px8 net's forward (SDXL's conditioning embedding: the image at 8× the latent) on `n` ranks
+/// with every exchange synchronous: each rank's residual bands equal the serial residuals' rows.
+#[test]
+fn one_forward_on_bands_equals_serial() {
+    let r = refs("controlnet/refs.safetensors");
+    let cond = || {
+        UNetCond::new(
+            r["fwd.encoder_hidden_states"].clone(),
+            Some(r["fwd.text_embeds"].clone()),
+            Some(r["fwd.time_ids"].clone()),
+        )
+    };
+    let fwd = |f: &dyn pcpp_core::LayerFactory| {
+        let net = ControlNet::load(&net_dir("controlnet_px8"), DType::F32, Device::Cpu, f, 0)?;
+        net.forward(
+            &StepCtx::serial(),
+            &r["fwd.sample"],
+            &r["fwd.timestep"],
+            &cond(),
+            &r["fwd.controlnet_cond"],
+            0.7,
+            None,
+        )
+    };
+    let serial = fwd(&SerialFactory).expect("serial forward");
+    for n in [2, 4] {
+        let bands = LocalTransport::run(n, TransportOptions::default(), |t: Arc<dyn Transport>| {
+            let rank = t.rank();
+            let rt = PatchRuntime::one_pass(t, 8, 8, 1)?;
+            let out = fwd(rt.factory())?;
+            Ok::<_, BoxErr>((rank, rt.band_plan().clone(), out))
+        })
+        .expect("ranks");
+        for (rank, plan, out) in bands {
+            let all = serial.down.iter().chain([&serial.mid]);
+            for (k, (got, want)) in out.down.iter().chain([&out.mid]).zip(all).enumerate() {
+                let level = (8 / want.shape()[2]).trailing_zeros() as usize;
+                let band = plan.band(level, rank);
+                let want = want.narrow(2, band.start, band.len()).expect("band");
+                let e = rel_err(got, &want);
+                assert!(
+                    e <= TOL_RANKS,
+                    "{n} ranks, rank {rank}, residual {k}: {e:.3e}"
+                );
+            }
+        }
+    }
 }
 
 /// What one run needs besides the ranks.
@@ -171,13 +222,15 @@ fn generate(
         c
     });
     let outs = LocalTransport::run(n, TransportOptions::default(), |t: Arc<dyn Transport>| {
+        let geo = ModelGeometry::load(&tiny_model())?;
+        let f = geo.vae_scale_factor;
         let rt = PatchRuntime::new(
             t.clone(),
             cfg_split,
             pcfg.clone(),
-            run.size.0 / 8,
-            run.size.1 / 8,
-            1,
+            run.size.0 / f,
+            run.size.1 / f,
+            geo.latent_multiple.trailing_zeros() as usize,
         )?;
         let opts = LoadOptions {
             dtype: DType::F32,
@@ -274,7 +327,7 @@ fn synchronous_ranks_equal_one_rank() {
     // from the UNet's); its first convolution cuts the band from the whole image.
     for id in [
         "controlnet.0.controlnet_cond_embedding.blocks.0",
-        "controlnet.0.controlnet_cond_embedding.blocks.5",
+        "controlnet.0.controlnet_cond_embedding.blocks.1",
         "controlnet.0.controlnet_cond_embedding.conv_out",
         "controlnet.0.down_blocks.0.resnets.0.conv1",
         "down_blocks.0.resnets.0.conv1",
@@ -416,6 +469,22 @@ fn bad_input_gets_clear_errors() {
     let e = generate(&wrong, 1, false, None).expect_err("wrong size");
     assert!(
         e.contains("control image") && e.contains("[1, 3, 64, 64]"),
+        "{e}"
+    );
+    // A net whose embedding scales by 8 on a model whose VAE scales by 2.
+    let px8 = Run {
+        nets: vec![net_dir("controlnet_px8")],
+        ..run(
+            &[guidance(1.0, 0.0, 1.0)],
+            &["controlnet"],
+            "control.png",
+            "initial_noise",
+            (64, 64),
+        )
+    };
+    let e = generate(&px8, 1, false, None).expect_err("px8 on the tiny model");
+    assert!(
+        e.contains("controlnet_px8") && e.contains("by 8, the VAE by 2"),
         "{e}"
     );
     wrong.nets.clear();

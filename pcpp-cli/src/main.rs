@@ -12,6 +12,7 @@ mod band_bench;
 mod batch;
 mod bench;
 mod compare;
+mod control_flags;
 mod convert;
 mod generate;
 mod mode_flags;

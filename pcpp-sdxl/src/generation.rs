@@ -215,13 +215,8 @@ impl Generator {
         let index = ModelIndex::load(dir)?;
         let scheduler = Pipeline::load_scheduler_config(dir)?;
         let vae_dir = dir.join("vae");
-        let vae_dt = match opts.vae_dtype {
-            Some(d) => d,
-            None => vae_dtype(
-                &VaeConfig::from_file(&vae_dir.join("config.json"))?,
-                opts.dtype,
-            ),
-        };
+        let vae_config = VaeConfig::from_file(&vae_dir.join("config.json"))?;
+        let vae_dt = opts.vae_dtype.unwrap_or(vae_dtype(&vae_config, opts.dtype));
         if vae_dt == DType::F32 && opts.dtype != DType::F32 {
             pcpp_kernels::set_conv_tf32(opts.device, true)?;
         }
@@ -266,6 +261,13 @@ impl Generator {
             .map(|(k, d)| {
                 let net = ControlNet::load(d, opts.dtype, opts.device, factory, k)?;
                 net.check_fits(&unet)?;
+                let (cf, vf) = (1usize << net.config().up(), vae_config.scale_factor());
+                if cf != vf {
+                    return Err(SdxlError::config(
+                        d.join("config.json"),
+                        format!("the conditioning embedding (`conditioning_embedding_out_channels`) scales the control image down by {cf}, the VAE by {vf}: this ControlNet was not made for this model"),
+                    ));
+                }
                 Ok(net)
             })
             .collect::<Result<Vec<_>>>()?;
