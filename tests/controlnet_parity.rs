@@ -9,6 +9,7 @@
 //! - N ranks with every step synchronous equal one rank (≤ 1e-5) for N = 2 (CFG split, with a
 //!   LoRA) and N = 4, and the conditioning embedding's convolutions are patch-parallel layers;
 //! - a stale (PCPP) run whose ControlNet window opens after the warm-up;
+//! - diffusers' fp16 variant file loads;
 //! - clear errors: missing folder, missing tensor, a net that does not fit the UNet, wrong
 //!   `conditioning_channels`, a control image of the wrong size, images without nets.
 
@@ -157,6 +158,45 @@ fn one_forward_on_bands_equals_serial() {
                 );
             }
         }
+    }
+}
+
+/// diffusers' fp16 variant file (`diffusion_pytorch_model.fp16.safetensors`, no f32 file) loads,
+/// cast to f32: the residuals stay within fp16 rounding of diffusers' f32 ones.
+#[test]
+fn fp16_variant_file_loads() {
+    let r = refs("controlnet/refs.safetensors");
+    let dir = copy_dir(&net_dir("controlnet_px8"), "fp16");
+    let f32_file = dir.join("diffusion_pytorch_model.safetensors");
+    let all = pcpp_kernels::io::load_all(&f32_file).expect("load");
+    let half: Vec<(String, Tensor)> = all
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_dtype(DType::F16).expect("f16")))
+        .collect();
+    let named: Vec<(&str, &Tensor)> = half.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    pcpp_kernels::io::save(dir.join("diffusion_pytorch_model.fp16.safetensors"), &named, None)
+        .expect("save fp16");
+    std::fs::remove_file(&f32_file).expect("remove f32 file");
+    let net = ControlNet::load(&dir, DType::F32, Device::Cpu, &SerialFactory, 0).expect("fp16 variant");
+    let cond = UNetCond::new(
+        r["fwd.encoder_hidden_states"].clone(),
+        Some(r["fwd.text_embeds"].clone()),
+        Some(r["fwd.time_ids"].clone()),
+    );
+    let out = net
+        .forward(
+            &StepCtx::serial(),
+            &r["fwd.sample"],
+            &r["fwd.timestep"],
+            &cond,
+            &r["fwd.controlnet_cond"],
+            0.7,
+            None,
+        )
+        .expect("forward");
+    for (k, d) in out.down.iter().enumerate() {
+        let e = rel_err(d, &r[&format!("fwd.down.{k}")]);
+        assert!(e <= 5e-3 && e > 0.0, "down.{k}: rel err {e:.3e}");
     }
 }
 
