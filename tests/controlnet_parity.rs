@@ -8,7 +8,8 @@
 //!   with their own scales and windows) within 1e-4 of max|ref|;
 //! - N ranks with every step synchronous equal one rank (≤ 1e-5) for N = 2 (CFG split, with a
 //!   LoRA) and N = 4, and the conditioning embedding's convolutions are patch-parallel layers;
-//! - a stale (PCPP) run whose ControlNet window opens after the warm-up;
+//! - a stale (PCPP) run whose ControlNet window opens after the warm-up; tensor parallelism (equal
+//!   to one rank), naive patch (rows; alternating rows and columns) and DistriFusion;
 //! - diffusers' fp16 variant file loads;
 //! - clear errors: missing folder, missing tensor, a net that does not fit the UNet, wrong
 //!   `conditioning_channels`, a control image of the wrong size, images without nets.
@@ -174,10 +175,15 @@ fn fp16_variant_file_loads() {
         .map(|(k, v)| (k.clone(), v.to_dtype(DType::F16).expect("f16")))
         .collect();
     let named: Vec<(&str, &Tensor)> = half.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    pcpp_kernels::io::save(dir.join("diffusion_pytorch_model.fp16.safetensors"), &named, None)
-        .expect("save fp16");
+    pcpp_kernels::io::save(
+        dir.join("diffusion_pytorch_model.fp16.safetensors"),
+        &named,
+        None,
+    )
+    .expect("save fp16");
     std::fs::remove_file(&f32_file).expect("remove f32 file");
-    let net = ControlNet::load(&dir, DType::F32, Device::Cpu, &SerialFactory, 0).expect("fp16 variant");
+    let net =
+        ControlNet::load(&dir, DType::F32, Device::Cpu, &SerialFactory, 0).expect("fp16 variant");
     let cond = UNetCond::new(
         r["fwd.encoder_hidden_states"].clone(),
         Some(r["fwd.text_embeds"].clone()),
@@ -428,6 +434,36 @@ fn stale_steps_with_a_window_that_opens_late() {
     let e = rel_err(&stale, &serial);
     println!("stale 2 ranks vs serial: {e:.3e}");
     assert!(e.is_finite() && e > 0.0 && e < 0.5, "{e}");
+}
+
+/// The other schemes run with a ControlNet: tensor parallelism equals one rank; naive patch (rows,
+/// and columns on odd steps) and DistriFusion run and stay near it.
+#[test]
+fn other_schemes_run_with_a_controlnet() {
+    let window = run(
+        &[guidance(0.6, 0.2, 0.8)],
+        &["controlnet"],
+        "control.png",
+        "initial_noise",
+        (64, 64),
+    );
+    let (serial, _) = generate(&window, 1, false, None).expect("serial");
+    let (tensor, _) = generate(&window, 2, false, Some(ParallelConfig::tensor())).expect("tensor");
+    check("tensor parallel, 2 ranks vs 1", &tensor, &serial, TOL_RANKS);
+    let alternate = ParallelConfig {
+        split_scheme: pcpp_core::SplitScheme::Alternate,
+        ..ParallelConfig::naive_patch()
+    };
+    for (name, cfg) in [
+        ("naive patch", ParallelConfig::naive_patch()),
+        ("naive patch, alternate", alternate),
+        ("distrifusion", ParallelConfig::distrifusion()),
+    ] {
+        let (got, _) = generate(&window, 4, false, Some(cfg)).expect(name);
+        let e = rel_err(&got, &serial);
+        println!("{name}, 4 ranks vs 1: {e:.3e}");
+        assert!(e.is_finite() && e < 0.5, "{name}: {e}");
+    }
 }
 
 fn copy_dir(from: &Path, tag: &str) -> PathBuf {
