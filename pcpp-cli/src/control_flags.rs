@@ -18,9 +18,8 @@ pub struct ControlFlags {
     /// repeat the flag for several (their residuals sum).
     #[arg(long = "controlnet", value_name = "DIR")]
     pub controlnets: Vec<PathBuf>,
-    /// The control image (PNG or another format the `image` crate reads), converted to RGB and
-    /// resized to the output size (Lanczos) if it differs; one for every --controlnet, or one per
-    /// --controlnet in order.
+    /// The control image (PNG), converted to RGB and resized to the output size (Lanczos) if it
+    /// differs; one for every --controlnet, or one per --controlnet in order.
     #[arg(long = "control-image", value_name = "PNG")]
     pub images: Vec<PathBuf>,
     /// ControlNet conditioning scale (default 1.0): one for all nets or one per net.
