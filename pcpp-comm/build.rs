@@ -39,6 +39,7 @@ mod ucx {
         "ucp_request_cancel",
         "ucp_request_free",
         "ucs_status_string",
+        "ucp_context_query",
     ];
 
     const TYPES: &[&str] = &[
@@ -58,6 +59,9 @@ mod ucx {
         "ucp_op_attr_t",
         "ucp_request_param_t",
         "ucp_tag_recv_info_t",
+        "ucp_context_attr_t",
+        "ucp_context_attr_field",
+        "ucs_memory_type_t",
     ];
 
     pub fn generate() {

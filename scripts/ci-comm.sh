@@ -50,7 +50,11 @@ echo "ci-comm: $(mpirun --version 2>&1 | head -n 1); UCX $(pkg-config --modversi
 cargo build -p pcpp-comm --features mpi
 cargo build -p pcpp-comm --features ucx
 
-# Unit tests, local conformance, MPI and UCX multi-process tests.
+# The GPU example of the MPI / UCX device exchanges compiles without a GPU (CUDA loads at run time).
+cargo build -p pcpp-comm --features mpi,ucx,cuda --example device_comm
+
+# Unit tests, local conformance, MPI and UCX multi-process tests (with the device-memory cases on
+# host streams, staged and CUDA-aware paths forced).
 cargo test -p pcpp-comm --features mpi,ucx
 if [[ "${CI_COMM_MPICH:-0}" == 1 ]]; then
     echo "ci-comm: MPICH $(mpichversion 2>/dev/null | head -n 1)"

@@ -1,48 +1,50 @@
-//! A small DiT-style diffusion transformer built through `pcpp-core`'s [`LayerFactory`] — the second
-//! model family through the patch-parallel core (PCPP §2: the same halo convolution, group norm,
-//! windowed stale self-attention and output gather as the SDXL UNet), with no model-specific code
-//! in the core. See `docs/porting.md`.
+//! A small Flux-style diffusion transformer (DiT) built through `pcpp-core`'s [`LayerFactory`]:
+//! the test model of the core's DiT API, with no model-specific code in the core (see
+//! `docs/porting.md`). Random weights from a seeded generator.
 //!
-//! The model: a 3×3 convolutional stem turns the latent into one token per latent pixel (the
-//! tokens of a band are its rows, row-major); each block adds a convolutional position encoding
-//! (a 3×3 conv, as in CPVT, so no absolute position table needs the band's offset), then adaLN
-//! self-attention and an adaLN GELU MLP modulated by the timestep; a group norm and a 3×3 conv
-//! map back to latent channels, and the gather returns the whole latent. Weights are random
-//! (a seeded generator), for tests.
+//! The model: the input layer patchifies the latent (`kernel = stride = patch`, a band of `2r`
+//! latent rows becomes `r` token rows, so bands are planned on the token grid); extra "text"
+//! tokens, given per call and held whole on every rank, run beside the image tokens. Each block
+//! modulates both streams from the timestep (adaLN), projects q/k/v per stream, normalises q and
+//! k (QK-norm), rotates the image tokens' q and k by their absolute row and column (a RoPE that
+//! reads the band's offset from the factory's [`BandLocator`]), and attends jointly through the
+//! factory's projected attention (image K/V exchanged between bands, text K/V always local); then
+//! a GELU MLP per stream. A final adaLN and linear give `patch² · channels` values per token,
+//! which the gather collects on the token grid and the model unpatchifies to the latent.
 
 use std::sync::Arc;
 
 use pcpp_core::layers::LayerContext;
 use pcpp_core::plan::{Inventory, LayerKind, LayerSpec};
 use pcpp_core::{
-    AttentionWeights, Conv2dLayer, GatherLayer, GroupNormLayer, LayerFactory, Result,
-    SelfAttentionLayer, StepCtx,
+    BandLocator, Conv2dLayer, DenoiseModel, GatherLayer, LayerFactory, ProjectedAttentionLayer,
+    Result, StepCtx,
 };
-use pcpp_kernels::{Activation, Tensor};
+use pcpp_kernels::{Activation, DType, Device, Tensor};
 
 /// Sizes of the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DitConfig {
     /// Latent channels in and out.
     pub channels: usize,
-    /// Token width.
+    /// Patch size of the input layer (its kernel and stride).
+    pub patch: usize,
+    /// Token width (a multiple of 4: RoPE rotates halves, split between rows and columns).
     pub dim: usize,
     /// Attention heads.
     pub heads: usize,
     /// Transformer blocks.
     pub depth: usize,
-    /// Groups of the output group norm.
-    pub groups: usize,
 }
 
 impl Default for DitConfig {
     fn default() -> Self {
         DitConfig {
             channels: 4,
+            patch: 2,
             dim: 32,
             heads: 4,
-            depth: 3,
-            groups: 8,
+            depth: 2,
         }
     }
 }
@@ -95,152 +97,206 @@ impl Linear {
     }
 }
 
-struct Block {
-    name: String,
-    pos: Arc<dyn Conv2dLayer>,
+/// One stream's weights in a block (image or text).
+struct Stream {
     ada: Linear,
-    attn: Arc<dyn SelfAttentionLayer>,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
     mlp_in: Linear,
     mlp_out: Linear,
+}
+
+impl Stream {
+    fn random(rng: &mut WeightRng, d: usize) -> Stream {
+        Stream {
+            ada: Linear::random(rng, d, 6 * d),
+            q: Linear::random(rng, d, d),
+            k: Linear::random(rng, d, d),
+            v: Linear::random(rng, d, d),
+            out: Linear::random(rng, d, d),
+            mlp_in: Linear::random(rng, d, 4 * d),
+            mlp_out: Linear::random(rng, 4 * d, d),
+        }
+    }
+
+    /// The six modulation vectors `[b, 1, d]` of this stream from the time embedding.
+    fn modulation(&self, id: &str, temb: &Tensor, d: usize) -> Result<Vec<Tensor>> {
+        let b = temb.shape()[0];
+        self.ada
+            .forward(id, temb)?
+            .chunk(6, 1)
+            .at(id)?
+            .into_iter()
+            .map(|c| c.reshape(&[b, 1, d]))
+            .collect::<std::result::Result<_, _>>()
+            .at(id)
+    }
+
+    /// Normalised, QK-normed q, k and v of the modulated tokens `x`.
+    fn qkv(&self, id: &str, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let qn = |t: Tensor| t.layer_norm(None, None, 1e-6).at(id);
+        Ok((
+            qn(self.q.forward(id, x)?)?,
+            qn(self.k.forward(id, x)?)?,
+            self.v.forward(id, x)?,
+        ))
+    }
+
+    /// `x + gate·out(attn)`, then `x + gate·mlp(modulate(x))`.
+    fn finish(&self, id: &str, x: &Tensor, attn: &Tensor, m: &[Tensor]) -> Result<Tensor> {
+        let x = x
+            .add(&self.out.forward(id, attn)?.mul(&m[2]).at(id)?)
+            .at(id)?;
+        let f = modulate(id, &x, &m[3], &m[4])?;
+        let f = self.mlp_in.forward(id, &f)?.act(Activation::Gelu).at(id)?;
+        x.add(&self.mlp_out.forward(id, &f)?.mul(&m[5]).at(id)?)
+            .at(id)
+    }
+}
+
+fn modulate(id: &str, x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    x.layer_norm(None, None, 1e-6)
+        .and_then(|n| n.add(&n.mul(scale)?))
+        .and_then(|n| n.add(shift))
+        .at(id)
+}
+
+struct Block {
+    name: String,
+    img: Stream,
+    txt: Stream,
+    attn: Arc<dyn ProjectedAttentionLayer>,
 }
 
 /// The model, built through some factory.
 pub struct Dit {
     cfg: DitConfig,
-    stem: Arc<dyn Conv2dLayer>,
+    patchify: Arc<dyn Conv2dLayer>,
+    locator: Arc<dyn BandLocator>,
     time_1: Linear,
     time_2: Linear,
     blocks: Vec<Block>,
-    norm_out: Arc<dyn GroupNormLayer>,
-    conv_out: Arc<dyn Conv2dLayer>,
+    final_ada: Linear,
+    final_out: Linear,
     gather: Arc<dyn GatherLayer>,
 }
 
-fn conv3(
-    f: &dyn LayerFactory,
-    rng: &mut WeightRng,
-    id: &str,
-    ci: usize,
-    co: usize,
-) -> Result<Arc<dyn Conv2dLayer>> {
-    let s = 1.0 / ((ci * 9) as f32).sqrt();
-    f.conv2d(
-        id,
-        rng.tensor(&[co, ci, 3, 3], s),
-        Some(rng.tensor(&[co], s)),
-        1,
-        1,
-    )
+/// RoPE's `cos` and `sin` `[b, rows·cols, d]` for the image tokens of a band whose first row is
+/// `top` and first column `left`: channel pair `(i, i + d/2)` turns by `pos · 100^(−j/(d/4))`,
+/// `pos` the token's absolute row for `i < d/4` (`j = i`) and its column otherwise
+/// (`j = i − d/4`).
+fn rope_tables(
+    b: usize,
+    (top, left): (usize, usize),
+    (rows, cols): (usize, usize),
+    d: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let (half, quarter) = (d / 2, d / 4);
+    let mut cos = Vec::with_capacity(b * rows * cols * d);
+    let mut sin = Vec::with_capacity(b * rows * cols * d);
+    for _ in 0..b {
+        for r in 0..rows {
+            for c in 0..cols {
+                let angle = |i: usize| {
+                    let (pos, j) = if i < quarter {
+                        ((top + r) as f64, i)
+                    } else {
+                        ((left + c) as f64, i - quarter)
+                    };
+                    pos * 100f64.powf(-(j as f64) / quarter as f64)
+                };
+                for i in 0..d {
+                    let a = angle(i % half);
+                    cos.push(a.cos() as f32);
+                    sin.push(a.sin() as f32);
+                }
+            }
+        }
+    }
+    (cos, sin)
+}
+
+/// `x·cos + rotate_half(x)·sin` with `rotate_half([x1, x2]) = [−x2, x1]`.
+fn rope(id: &str, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.shape()[2];
+    let x1 = x.narrow(2, 0, d / 2).at(id)?;
+    let x2 = x.narrow(2, d / 2, d / 2).at(id)?;
+    let rot = Tensor::cat(&[&x2.affine(-1.0, 0.0).at(id)?, &x1], 2).at(id)?;
+    x.mul(cos).and_then(|a| a.add(&rot.mul(sin)?)).at(id)
 }
 
 impl Dit {
     /// A model with random weights from `seed`, built through `f`.
     pub fn random(cfg: DitConfig, seed: u64, f: &dyn LayerFactory) -> Result<Dit> {
         let mut rng = WeightRng::new(seed);
-        let (c, d) = (cfg.channels, cfg.dim);
-        let s = 1.0 / ((c * 9) as f32).sqrt();
-        let stem = f.input_conv2d(
-            "stem",
-            rng.tensor(&[d, c, 3, 3], s),
+        let (c, d, p) = (cfg.channels, cfg.dim, cfg.patch);
+        let s = 1.0 / ((c * p * p) as f32).sqrt();
+        let patchify = f.input_conv2d(
+            "x_embedder",
+            rng.tensor(&[d, c, p, p], s),
             Some(rng.tensor(&[d], s)),
-            1,
+            p,
+            0,
         )?;
+        let locator = f.band_locator("rope")?;
         let time_1 = Linear::random(&mut rng, d, d);
         let time_2 = Linear::random(&mut rng, d, d);
         let mut blocks = Vec::with_capacity(cfg.depth);
         for i in 0..cfg.depth {
             let name = format!("blocks.{i}");
-            let pos = conv3(f, &mut rng, &format!("{name}.pos"), d, d)?;
-            let ada = Linear::random(&mut rng, d, 6 * d);
-            let a = 1.0 / (d as f32).sqrt();
-            let aw = AttentionWeights {
-                to_q: rng.tensor(&[d, d], a),
-                to_k: rng.tensor(&[d, d], a),
-                to_v: rng.tensor(&[d, d], a),
-                q_bias: None,
-                k_bias: None,
-                v_bias: None,
-                to_out: rng.tensor(&[d, d], a),
-                out_bias: Some(rng.tensor(&[d], a)),
-                heads: cfg.heads,
-            };
-            let attn = f.self_attention(&format!("{name}.attn"), aw)?;
             blocks.push(Block {
-                pos,
-                ada,
-                attn,
-                mlp_in: Linear::random(&mut rng, d, 4 * d),
-                mlp_out: Linear::random(&mut rng, 4 * d, d),
+                img: Stream::random(&mut rng, d),
+                txt: Stream::random(&mut rng, d),
+                attn: f.projected_attention(&format!("{name}.attn"), cfg.heads)?,
                 name,
             });
         }
-        let norm_out = f.group_norm(
-            "norm_out",
-            cfg.groups,
-            1e-6,
-            Some(rng.tensor(&[d], 1.0)),
-            Some(rng.tensor(&[d], 0.1)),
-        )?;
-        let conv_out = conv3(f, &mut rng, "conv_out", d, c)?;
+        let final_ada = Linear::random(&mut rng, d, 2 * d);
+        let final_out = Linear::random(&mut rng, d, p * p * c);
         let gather = f.gather("out")?;
         Ok(Dit {
             cfg,
-            stem,
+            patchify,
+            locator,
             time_1,
             time_2,
             blocks,
-            norm_out,
-            conv_out,
+            final_ada,
+            final_out,
             gather,
         })
     }
 
-    /// The layers that couple rows, from the config alone, in construction order.
+    /// The layers that couple rows, from the config alone, in construction order. Its level 0
+    /// is the token grid (latent size / patch).
     pub fn inventory(cfg: &DitConfig) -> Inventory {
+        let p = cfg.patch;
         let mut layers = vec![LayerSpec {
-            id: "stem".into(),
+            id: "x_embedder".into(),
             kind: LayerKind::InputConv {
-                kernel: 3,
-                padding: 1,
+                kernel: p,
+                stride: p,
+                padding: 0,
             },
             channels: cfg.channels,
             level: 0,
         }];
-        let conv = LayerKind::Conv {
-            kernel: 3,
-            stride: 1,
-            padding: 1,
-        };
         for i in 0..cfg.depth {
             layers.push(LayerSpec {
-                id: format!("blocks.{i}.pos"),
-                kind: conv,
-                channels: cfg.dim,
-                level: 0,
-            });
-            layers.push(LayerSpec {
                 id: format!("blocks.{i}.attn"),
-                kind: LayerKind::SelfAttention { heads: cfg.heads },
+                kind: LayerKind::ProjectedAttention { heads: cfg.heads },
                 channels: cfg.dim,
                 level: 0,
             });
         }
-        for (id, kind, channels) in [
-            (
-                "norm_out",
-                LayerKind::GroupNorm { groups: cfg.groups },
-                cfg.dim,
-            ),
-            ("conv_out", conv, cfg.dim),
-            ("out", LayerKind::Gather, cfg.channels),
-        ] {
-            layers.push(LayerSpec {
-                id: id.into(),
-                kind,
-                channels,
-                level: 0,
-            });
-        }
+        layers.push(LayerSpec {
+            id: "out".into(),
+            kind: LayerKind::Gather,
+            channels: p * p * cfg.channels,
+            level: 0,
+        });
         Inventory {
             model: "dit".into(),
             levels: 0,
@@ -248,12 +304,13 @@ impl Dit {
         }
     }
 
-    /// The predicted noise for `x` at timesteps `t`.
+    /// The prediction for `x` at timesteps `t` with text tokens `txt`.
     ///
     /// # Shapes
-    /// `x: [b, channels, h, w]` (the whole latent on every rank), `t: [b]` → `[b, channels, h, w]`.
-    pub fn forward(&self, ctx: &StepCtx, x: &Tensor, t: &Tensor) -> Result<Tensor> {
-        let d = self.cfg.dim;
+    /// `x: [b, channels, h, w]` (the whole latent on every rank; `h` and `w` multiples of the
+    /// patch), `t: [b]`, `txt: [b, l_txt, dim]` (whole on every rank) → `[b, channels, h, w]`.
+    pub fn forward(&self, ctx: &StepCtx, x: &Tensor, t: &Tensor, txt: &Tensor) -> Result<Tensor> {
+        let (d, p, ch) = (self.cfg.dim, self.cfg.patch, self.cfg.channels);
         let b = x.shape()[0];
         let temb = t.timestep_embedding(d, true, 0.0).at("time_proj")?;
         let temb = self
@@ -268,37 +325,69 @@ impl Dit {
             )?
             .act(Activation::Silu)
             .at("time_2")?;
-        let mut h = self.stem.forward(ctx, x)?;
+        let h = self.patchify.forward(ctx, x)?;
+        let (rows, cols) = (h.shape()[2], h.shape()[3]);
+        let band = self.locator.locate(ctx, (rows, cols))?;
+        let (cos, sin) = rope_tables(b, (band.top, band.left), (rows, cols), d);
+        let shape = [b, rows * cols, d];
+        let cos = Tensor::from_vec(&shape, cos).at("rope")?;
+        let sin = Tensor::from_vec(&shape, sin).at("rope")?;
+        let n_txt = txt.shape()[1];
+        let mut img = h.to_tokens().at("x_embedder")?;
+        let mut txt = txt.clone();
         for blk in &self.blocks {
             let id = blk.name.as_str();
-            let (rows, cols) = (h.shape()[2], h.shape()[3]);
-            h = h.add(&blk.pos.forward(ctx, &h)?).at(id)?;
-            let mut tok = h.to_tokens().at(id)?;
-            let m = blk.ada.forward(id, &temb)?;
-            let m: Vec<Tensor> = m
-                .chunk(6, 1)
-                .at(id)?
-                .into_iter()
-                .map(|c| c.reshape(&[b, 1, d]))
-                .collect::<std::result::Result<_, _>>()
-                .at(id)?;
-            let modulate = |x: &Tensor, shift: &Tensor, scale: &Tensor| -> Result<Tensor> {
-                x.layer_norm(None, None, 1e-6)
-                    .and_then(|n| n.add(&n.mul(scale)?))
-                    .and_then(|n| n.add(shift))
-                    .at(id)
-            };
-            let a = modulate(&tok, &m[0], &m[1])?;
-            let a = blk.attn.forward(ctx, &a, (rows, cols))?;
-            tok = tok.add(&a.mul(&m[2]).at(id)?).at(id)?;
-            let f = modulate(&tok, &m[3], &m[4])?;
-            let f = blk.mlp_in.forward(id, &f)?.act(Activation::Gelu).at(id)?;
-            let f = blk.mlp_out.forward(id, &f)?;
-            tok = tok.add(&f.mul(&m[5]).at(id)?).at(id)?;
-            h = tok.from_tokens(rows, cols).at(id)?;
+            let mi = blk.img.modulation(id, &temb, d)?;
+            let mt = blk.txt.modulation(id, &temb, d)?;
+            let (qi, ki, vi) = blk.img.qkv(id, &modulate(id, &img, &mi[0], &mi[1])?)?;
+            let (qi, ki) = (rope(id, &qi, &cos, &sin)?, rope(id, &ki, &cos, &sin)?);
+            let (qt, kt, vt) = blk.txt.qkv(id, &modulate(id, &txt, &mt[0], &mt[1])?)?;
+            let a = blk
+                .attn
+                .forward(ctx, &qi, &ki, &vi, Some((&qt, &kt, &vt)), (rows, cols))?;
+            let at = a.narrow(1, 0, n_txt).at(id)?;
+            let ai = a.narrow(1, n_txt, rows * cols).at(id)?;
+            img = blk.img.finish(id, &img, &ai, &mi)?;
+            txt = blk.txt.finish(id, &txt, &at, &mt)?;
         }
-        let h = self.norm_out.forward(ctx, &h, true)?;
-        let h = self.conv_out.forward(ctx, &h)?;
-        self.gather.forward(ctx, &h)
+        let m = self.final_ada.forward("final", &temb)?;
+        let shift = m.narrow(1, 0, d).and_then(|t| t.reshape(&[b, 1, d]));
+        let scale = m.narrow(1, d, d).and_then(|t| t.reshape(&[b, 1, d]));
+        let img = modulate("final", &img, &shift.at("final")?, &scale.at("final")?)?;
+        let out = self.final_out.forward("final", &img)?;
+        let out = out.from_tokens(rows, cols).at("final")?;
+        let whole = self.gather.forward(ctx, &out)?;
+        // Unpatchify: channel (c, py, px) of token (r, q) is latent pixel (r·p + py, q·p + px).
+        let (gh, gw) = (whole.shape()[2], whole.shape()[3]);
+        whole
+            .reshape(&[whole.shape()[0], ch, p, p, gh, gw])
+            .and_then(|t| t.permute(&[0, 1, 4, 2, 5, 3]))
+            .and_then(|t| t.reshape(&[whole.shape()[0], ch, gh * p, gw * p]))
+            .at("unpatchify")
+    }
+}
+
+/// The DiT as the core denoising loop's model (CPU, `f32`); its conditioning is the text tokens
+/// `[b, l_txt, dim]` of the batch it is fed.
+impl DenoiseModel for Dit {
+    type Cond = Tensor;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+
+    fn dtype(&self) -> DType {
+        DType::F32
+    }
+
+    fn forward(
+        &self,
+        ctx: &StepCtx,
+        x: &Tensor,
+        t: &Tensor,
+        txt: &Tensor,
+    ) -> std::result::Result<Tensor, Self::Error> {
+        Ok(Dit::forward(self, ctx, x, t, txt)?)
     }
 }

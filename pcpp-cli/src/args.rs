@@ -1,8 +1,11 @@
 //! The value flags shared by `generate`, `bench` and `patch-bench`: which transport connects the
-//! ranks, where the models run, which sampler.
+//! ranks and how device exchanges over MPI / UCX move GPU data, where the models run, which
+//! sampler.
+
+use std::time::Duration;
 
 use anyhow::{bail, Result};
-use pcpp_comm::TransportKind;
+use pcpp_comm::{DeviceComm, DeviceStreams, TransportKind, TransportOptions};
 use pcpp_kernels::Device;
 use pcpp_sdxl::scheduler::SchedulerKind;
 
@@ -87,5 +90,66 @@ impl From<SchedulerArg> for SchedulerKind {
             SchedulerArg::DpmPp2MKarras => SchedulerKind::DpmPp2MKarras,
             SchedulerArg::EulerA => SchedulerKind::EulerAncestral,
         }
+    }
+}
+
+/// The transport options of a run: the `--timeout` in seconds and the device exchange path of
+/// MPI / UCX from `--device-comm`, else `PCPP_DEVICE_COMM`, else `auto`. CPU runs take the host
+/// path (there is no device memory to exchange).
+pub fn transport_options(
+    timeout: u64,
+    device_comm: Option<DeviceComm>,
+    device: DeviceArg,
+) -> Result<TransportOptions> {
+    let comm = match device_comm {
+        Some(c) => c,
+        None => DeviceComm::from_env().map_err(|e| anyhow::anyhow!("{e}"))?,
+    };
+    let comm = if device == DeviceArg::Cpu {
+        DeviceComm::Host
+    } else {
+        comm
+    };
+    Ok(TransportOptions::with_timeout(Duration::from_secs(timeout))
+        .with_device(comm, DeviceStreams::Cuda))
+}
+
+/// The GPU ordinal of a rank whose node-local rank is `local`: its own GPU while there are enough,
+/// else the GPUs are shared round robin (several ranks on one GPU work over MPI, UCX and local
+/// transports; NCCL refuses it). 0 for the CPU.
+pub fn gpu_of_local_rank(device: DeviceArg, local: usize) -> Result<usize> {
+    if device == DeviceArg::Cpu || local == 0 {
+        return Ok(0);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let n = pcpp_kernels::cuda::device_count()?;
+        if n == 0 {
+            bail!("--device cuda: no CUDA device is visible");
+        }
+        if local >= n {
+            eprintln!(
+                "note: node-local rank {local} shares GPU {} ({n} GPU(s) visible)",
+                local % n
+            );
+        }
+        Ok(local % n)
+    }
+    #[cfg(not(feature = "cuda"))]
+    Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_runs_take_the_host_path_and_the_flag_wins() {
+        let o = transport_options(7, Some(DeviceComm::Staged), DeviceArg::Cpu).unwrap();
+        assert_eq!(o.device_comm, DeviceComm::Host);
+        assert_eq!(o.timeout, Duration::from_secs(7));
+        let o = transport_options(7, Some(DeviceComm::Staged), DeviceArg::Cuda).unwrap();
+        assert_eq!(o.device_comm, DeviceComm::Staged);
+        assert_eq!(o.device_streams, DeviceStreams::Cuda);
     }
 }

@@ -19,6 +19,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use pcpp_comm::{SoloTransport, Transport, TransportOptions};
 use pcpp_core::{ParallelConfig, ParallelMode, PatchRuntime, ProcessGrid, StepDriver, Traffic};
+use pcpp_kernels::cpu::profile;
 use pcpp_kernels::{DType, Device, Tensor};
 use pcpp_sdxl::weights::Weights;
 use pcpp_sdxl::{StepGraphs, UNet, UNetCond, UNetConfig};
@@ -261,8 +262,11 @@ fn run_rank(
     let mut last = Vec::new();
     let mut graph_diff = 0f32;
     let mut graph_check = false;
+    profile::reset();
     for k in 0..2 + a.warmup + a.iters {
+        profile::enable(a.profile && k >= 2 + a.warmup);
         let (ms, out) = eager_step(step)?;
+        profile::enable(false);
         if graph_on {
             last.push(out.to_vec_f32()?);
             if last.len() > 2 {
@@ -273,6 +277,11 @@ fn run_rank(
             eager_ms.push(ms);
         }
         step += 1;
+    }
+    if a.profile {
+        pcpp_kernels::flush_gpu_profile()?;
+        eprintln!("rank {rank}/{}: steady eager steps by op kind", a.ranks);
+        crate::bench::print_profile(&profile::snapshot(), a.iters, median(eager_ms.clone()));
     }
     let graph_ms = if graph_on {
         let (ms, outs) = graph_steps(&unet, &runtime, &sample, &ts, &cond, device, step, a)?;

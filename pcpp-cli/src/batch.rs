@@ -31,6 +31,11 @@ impl GenerateArgs {
         self.prompt.as_deref().unwrap_or("")
     }
 
+    /// SDXL's classifier-free guidance scale: `--guidance`, 5 by default.
+    pub fn cfg_scale(&self) -> f32 {
+        self.guidance.unwrap_or(5.0)
+    }
+
     /// The output PNG (empty when --output-dir is given).
     pub fn output(&self) -> &Path {
         self.output.as_deref().unwrap_or(Path::new(""))

@@ -61,7 +61,8 @@ pub struct Args {
     /// Print one JSON line instead of text.
     #[arg(long)]
     pub json: bool,
-    /// Also print the mean time per kernel kind of the timed forwards (to stderr).
+    /// Also print the mean time per kernel kind of the timed forwards (to stderr; on a GPU, the GPU
+    /// time of each op kind of the timed eager steps).
     #[arg(long)]
     pub profile: bool,
     /// Where the UNet runs (`cuda`: GPU 0; needs a build with `--features cuda`).
@@ -302,22 +303,27 @@ fn run_in_pool(a: &Args, threads: usize) -> Result<()> {
         );
     }
     if a.profile {
-        let n = a.iters as f64;
-        let total: f64 = kernels.iter().map(|k| k.seconds).sum::<f64>() / n;
-        eprintln!(
-            "kernel        calls      ms   GFLOP  (per forward, mean of the timed ones; {:.3} ms in kernels, {:.3} ms mean forward)",
-            total * 1e3,
-            ms.iter().sum::<f64>() / n
-        );
-        for k in kernels.iter().filter(|k| k.calls > 0) {
-            eprintln!(
-                "{:<12} {:>6} {:>7.3} {:>7.3}",
-                k.kernel.name(),
-                k.calls as f64 / n,
-                k.seconds * 1e3 / n,
-                k.flops as f64 / 1e9 / n
-            );
-        }
+        print_profile(&kernels, a.iters, ms.iter().sum::<f64>() / a.iters as f64);
     }
     Ok(())
+}
+
+/// Prints the per-kind counters of `iters` timed forwards (to stderr), per forward: calls,
+/// milliseconds and GEMM GFLOP (GPU ops: GPU time between events around each op).
+pub(crate) fn print_profile(kernels: &[profile::KernelStats], iters: usize, mean_ms: f64) {
+    let n = iters.max(1) as f64;
+    let total: f64 = kernels.iter().map(|k| k.seconds).sum::<f64>() / n;
+    eprintln!(
+        "kernel        calls      ms   GFLOP  (per forward, mean of the timed ones; {:.3} ms in kernels, {mean_ms:.3} ms mean forward)",
+        total * 1e3,
+    );
+    for k in kernels.iter().filter(|k| k.calls > 0) {
+        eprintln!(
+            "{:<12} {:>6} {:>7.3} {:>7.3}",
+            k.kernel.name(),
+            k.calls as f64 / n,
+            k.seconds * 1e3 / n,
+            k.flops as f64 / 1e9 / n
+        );
+    }
 }

@@ -82,6 +82,15 @@ fn read_image(path: &Path, height: usize, width: usize) -> Result<pcpp_kernels::
 }
 
 impl ControlFlags {
+    /// Whether any ControlNet flag is given.
+    pub fn any(&self) -> bool {
+        !(self.controlnets.is_empty()
+            && self.images.is_empty()
+            && self.scales.is_empty()
+            && self.starts.is_empty()
+            && self.ends.is_empty())
+    }
+
     /// Checks the flags and reads the control images for an output of `height × width`;
     /// `None` without `--controlnet`.
     pub fn validate(

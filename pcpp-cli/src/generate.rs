@@ -48,9 +48,10 @@ pub struct GenerateArgs {
     /// Denoising steps.
     #[arg(long, default_value_t = 30)]
     pub steps: usize,
-    /// Classifier-free guidance scale (≤ 1 disables CFG).
-    #[arg(long, default_value_t = 5.0)]
-    pub guidance: f32,
+    /// Classifier-free guidance scale (≤ 1 disables CFG; default 5). Flux: the embedded guidance
+    /// scale (default 3.5; ignored by models without guidance embedding).
+    #[arg(long)]
+    pub guidance: Option<f32>,
     /// Image height in pixels, a multiple of 8 (default: the model's native size).
     #[arg(long)]
     pub height: Option<usize>,
@@ -74,6 +75,8 @@ pub struct GenerateArgs {
     pub output: Option<PathBuf>,
     #[command(flatten)]
     pub batch: crate::batch::BatchFlags,
+    #[command(flatten)]
+    pub flux: crate::flux_generate::FluxFlags,
     /// How ranks talk to each other.
     #[arg(long, value_enum, default_value = "local")]
     pub transport: TransportArg,
@@ -96,6 +99,12 @@ pub struct GenerateArgs {
     /// error instead of a hang).
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
+    /// How exchanges over MPI / UCX move GPU data: auto (CUDA-aware when the library moves device
+    /// memory, else staged), cuda-aware, staged (pinned host buffers, copies on the communication
+    /// stream) or host (pageable copies the compute stream waits for; no CUDA graphs). Default:
+    /// $PCPP_DEVICE_COMM, else auto.
+    #[arg(long)]
+    pub device_comm: Option<pcpp_comm::DeviceComm>,
     #[command(flatten)]
     pub modes: crate::mode_flags::ModeFlags,
     /// Write a JSON report (per-step time, bytes by layer kind, waits) to this file.
@@ -303,8 +312,9 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
     if a.steps == 0 {
         bail!("--steps must be at least 1");
     }
-    if !a.guidance.is_finite() || a.guidance < 0.0 {
-        bail!("--guidance {}: must be a finite number ≥ 0", a.guidance);
+    let guidance = a.cfg_scale();
+    if !guidance.is_finite() || guidance < 0.0 {
+        bail!("--guidance {guidance}: must be a finite number ≥ 0");
     }
     if let Some(w) = a.warmup_steps.filter(|&w| w > a.steps) {
         bail!("--warmup-steps {w} is larger than --steps {}", a.steps);
@@ -469,7 +479,7 @@ fn parameters_text(a: &GenerateArgs, p: &Plan, job: &Job) -> String {
         "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}, Parallel: {}, Ranks: {}, Dtype: {}",
         a.steps,
         p.scheduler.label(),
-        a.guidance,
+        a.cfg_scale(),
         job.seed,
         p.width,
         p.height,
@@ -498,8 +508,8 @@ fn parallel_config(a: &GenerateArgs, portions: &[f64]) -> Result<ParallelConfig>
     Ok(cfg)
 }
 
-fn transport_options(a: &GenerateArgs) -> TransportOptions {
-    TransportOptions::with_timeout(std::time::Duration::from_secs(a.timeout))
+fn transport_options(a: &GenerateArgs) -> Result<TransportOptions> {
+    crate::args::transport_options(a.timeout, a.device_comm, a.device)
 }
 
 /// The configs and weight-file sizes of a model folder, for the start-up check that every rank
@@ -535,6 +545,10 @@ fn gib(bytes: u64) -> f64 {
 
 /// Runs the command.
 pub fn run(a: GenerateArgs) -> Result<()> {
+    if crate::flux_generate::is_flux(&a) {
+        return crate::flux_generate::run(&a);
+    }
+    crate::flux_generate::reject_for_sdxl(&a)?;
     let plan = validate(&a)?;
     if plan.jobs.is_empty() {
         if let Some(dir) = &a.batch.output_dir {
@@ -551,7 +565,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let env = launch::LaunchEnv::from_env()?;
     let kind = launch::resolve(a.transport.into(), &env);
     if kind == TransportKind::Local {
-        LocalTransport::run(a.ranks, transport_options(&a), |t| {
+        LocalTransport::run(a.ranks, transport_options(&a)?, |t| {
             run_rank(&a, &plan, &pcfg, t, 0, kind)
         })
         .map_err(|e| match e {
@@ -561,7 +575,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         return Ok(());
     }
     let opts = launch::ConnectOptions {
-        transport: transport_options(&a),
+        transport: transport_options(&a)?,
         ..launch::ConnectOptions::default()
     };
     let conn = launch::connect(kind, &env, &opts)?;
@@ -590,7 +604,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if let Err(e) = launch::check_same_everywhere(world.as_ref(), &hash) {
         launch::abort_job(world.as_ref(), &e.to_string());
     }
-    if let Err(e) = run_rank(&a, &plan, &pcfg, world.clone(), conn.local_rank, kind) {
+    let gpu = match crate::args::gpu_of_local_rank(a.device, conn.local_rank) {
+        Ok(g) => g,
+        Err(e) => launch::abort_job(world.as_ref(), &format!("{e:#}")),
+    };
+    if let Err(e) = run_rank(&a, &plan, &pcfg, world.clone(), gpu, kind) {
         launch::abort_job(world.as_ref(), &format!("{e:#}"));
     }
     Ok(())
@@ -611,7 +629,7 @@ fn run_rank(
     let device = a.device.device(gpu);
     let params = DenoiseParams {
         steps: a.steps,
-        guidance: a.guidance,
+        guidance: a.cfg_scale(),
         scheduler: plan.scheduler,
         micro: plan.micro,
         cuda_graphs: !a.no_cuda_graphs,

@@ -3,7 +3,8 @@
 //! Subcommands: `generate` (text to image, serial or patch-parallel), `unet` (one UNet forward from a
 //! safetensors file of inputs, a parity and debugging hook), `compare` (PSNR / SSIM of two images), `plan` (bytes per step without weights),
 //! `bench` (UNet forward timing), `convert` (diffusers folder ↔ single-file checkpoint),
-//! `patch-bench` (patch-parallel denoising loop timing with random weights).
+//! `patch-bench` (patch-parallel denoising loop timing with random weights), `decode-bench` (one
+//! rank's part of the patch-parallel VAE decode).
 //! This is the only crate that reads the environment and uses `anyhow`. User errors print one
 //! `error: ...` line (no backtrace) and exit with status 1; bad flags exit with clap's status 2.
 
@@ -14,6 +15,8 @@ mod bench;
 mod compare;
 mod control_flags;
 mod convert;
+mod decode_bench;
+mod flux_generate;
 mod generate;
 mod mode_flags;
 mod output;
@@ -35,7 +38,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Generate an image from a prompt with an SDXL pipeline folder.
+    /// Generate an image from a prompt with an SDXL or Flux.1 pipeline folder.
     Generate(Box<generate::GenerateArgs>),
     /// Run one UNet forward pass on inputs read from a safetensors file.
     Unet(unet_cmd::UnetArgs),
@@ -51,6 +54,9 @@ enum Command {
     /// Time the patch-parallel denoising loop of a config with random weights (CPU or GPU, any
     /// transport), per step, with bytes per step and the final latents.
     PatchBench(Box<patch_bench::PatchBenchArgs>),
+    /// Time one rank's part of the patch-parallel VAE decode (CPU or GPU), alone on this device,
+    /// with its peak memory and bytes.
+    DecodeBench(decode_bench::DecodeBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +69,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Convert(a) => convert::run(a),
         Command::PatchBench(a) => patch_bench::run(*a),
+        Command::DecodeBench(a) => decode_bench::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use pcpp_comm::launch;
-use pcpp_comm::{CommKind, LocalTransport, RankError, Transport, TransportKind, TransportOptions};
+use pcpp_comm::{CommKind, LocalTransport, RankError, Transport, TransportKind};
 use pcpp_core::{ParallelConfig, ParallelMode, PatchRuntime, RunReport};
 use pcpp_kernels::{DType, Device, Tensor};
 use pcpp_sdxl::scheduler::{SchedulerConfig, SchedulerKind};
@@ -79,6 +79,10 @@ pub struct PatchBenchArgs {
     /// Seconds any wait for another rank may take.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    /// How exchanges over MPI / UCX move GPU data: auto, cuda-aware, staged or host (see
+    /// `generate --help`). Default: $PCPP_DEVICE_COMM, else auto.
+    #[arg(long)]
+    pub device_comm: Option<pcpp_comm::DeviceComm>,
     /// Write the final latents (f32, tensor `latents`) to this safetensors file.
     #[arg(long)]
     pub save_latents: Option<PathBuf>,
@@ -168,7 +172,7 @@ fn run_rank(
             sync: false,
         })
     {
-        bail!("--graph: CUDA graphs need exchanges that stay on the GPU (--transport nccl, not --parallel tensor) or one rank");
+        bail!("--graph: CUDA graphs need exchanges that stay on the GPU (--transport nccl, or mpi / ucx without --device-comm host; not --parallel tensor) or one rank");
     }
     let params = DenoiseParams {
         steps: a.steps,
@@ -224,7 +228,7 @@ pub fn run(a: PatchBenchArgs) -> Result<()> {
         output::check_writable(p, "--save-latents")?;
     }
     let pcfg = parallel_config(&a)?;
-    let opts = TransportOptions::with_timeout(std::time::Duration::from_secs(a.timeout));
+    let opts = crate::args::transport_options(a.timeout, a.device_comm, a.device)?;
     let t0 = Instant::now();
     let env = launch::LaunchEnv::from_env()?;
     let kind = launch::resolve(a.transport.into(), &env);
@@ -251,7 +255,11 @@ pub fn run(a: PatchBenchArgs) -> Result<()> {
         if let Err(e) = launch::check_same_everywhere(world.as_ref(), &hash) {
             launch::abort_job(world.as_ref(), &e.to_string());
         }
-        match run_rank(&a, &pcfg, world.clone(), conn.local_rank) {
+        let gpu = match crate::args::gpu_of_local_rank(a.device, conn.local_rank) {
+            Ok(g) => g,
+            Err(e) => launch::abort_job(world.as_ref(), &format!("{e:#}")),
+        };
+        match run_rank(&a, &pcfg, world.clone(), gpu) {
             Ok(r) => (r, conn.description.clone()),
             Err(e) => launch::abort_job(world.as_ref(), &format!("{e:#}")),
         }

@@ -8,7 +8,8 @@
 //! classifier-free-guidance branch) and exact byte accounting.
 //!
 //! [`run_all`] is collective: call it on every rank of the transport at the
-//! same time. [`run_local`] runs it on a fresh [`LocalTransport`] world.
+//! same time. [`run_device`] (module [`device`]) adds the device-memory cases
+//! of [`crate::DeviceP2p`], on a GPU or on the CPU twin of its streams. [`run_local`] runs it on a fresh [`LocalTransport`] world.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,6 +19,11 @@ use crate::error::CommError;
 use crate::stats::{CommKind, KindStats};
 use crate::transport::{Transport, TransportOptions};
 use crate::LocalTransport;
+
+pub mod device;
+#[cfg(feature = "cuda")]
+pub use device::CudaDevice;
+pub use device::{run_device, HostDevice, TestDevice};
 
 type Check = Result<(), String>;
 type NamedCheck = (&'static str, fn(&dyn Transport) -> Check);

@@ -301,6 +301,21 @@ impl Connection {
     }
 }
 
+/// Options of an MPI world that only bootstraps another back-end: no device exchanges of its own.
+#[cfg(feature = "mpi")]
+#[allow(dead_code)]
+fn bootstrap_options(opts: &ConnectOptions) -> TransportOptions {
+    let mut o = opts.transport.clone();
+    o.device_comm = crate::DeviceComm::Host;
+    o
+}
+
+/// The device data path of `t` for the connection's description: `host` when it has none.
+#[cfg(any(feature = "mpi", feature = "ucx"))]
+fn device_path(t: &dyn Transport) -> &'static str {
+    t.device_p2p().map_or("host", |d| d.data_path())
+}
+
 fn not_built(kind: TransportKind) -> CommError {
     CommError::Setup {
         op: "connect",
@@ -347,11 +362,12 @@ fn connect_mpi(_env: &LaunchEnv, opts: &ConnectOptions) -> Result<Connection, Co
     let transport: Arc<dyn Transport> = world;
     Ok(Connection {
         description: format!(
-            "mpi ({}), rank {}/{}, local rank {}",
+            "mpi ({}), rank {}/{}, local rank {}, device exchanges {}",
             mpi_library(),
             ctx.rank,
             ctx.size,
-            ctx.local_rank
+            ctx.local_rank,
+            device_path(transport.as_ref())
         ),
         transport,
         kind: TransportKind::Mpi,
@@ -380,16 +396,17 @@ fn connect_ucx(env: &LaunchEnv, opts: &ConnectOptions) -> Result<Connection, Com
     use crate::ucx::UcxTransport;
     #[cfg(feature = "mpi")]
     if env.under_mpi {
-        let (world, ctx) = crate::MpiTransport::init_typed(opts.transport.clone())?;
+        let (world, ctx) = crate::MpiTransport::init_typed(bootstrap_options(opts))?;
         let ucx = UcxTransport::init_over(world.as_ref(), opts.transport.clone())?;
         drop(world);
         return Ok(Connection {
             description: format!(
-                "ucx {} (bootstrap: mpi), rank {}/{}, local rank {}",
+                "ucx {} (bootstrap: mpi), rank {}/{}, local rank {}, device exchanges {}",
                 UcxTransport::ucx_version(),
                 ctx.rank,
                 ctx.size,
-                ctx.local_rank
+                ctx.local_rank,
+                device_path(ucx.as_ref())
             ),
             transport: ucx,
             kind: TransportKind::Ucx,
@@ -419,8 +436,9 @@ fn connect_ucx(env: &LaunchEnv, opts: &ConnectOptions) -> Result<Connection, Com
     let local_rank = env.local_rank.unwrap_or(by_host);
     Ok(Connection {
         description: format!(
-            "ucx {} (bootstrap: rendezvous {root}), rank {rank}/{size}, local rank {local_rank}",
-            UcxTransport::ucx_version()
+            "ucx {} (bootstrap: rendezvous {root}), rank {rank}/{size}, local rank {local_rank}, device exchanges {}",
+            UcxTransport::ucx_version(),
+            device_path(ucx.as_ref())
         ),
         transport: ucx,
         kind: TransportKind::Ucx,
@@ -440,7 +458,7 @@ fn connect_nccl(env: &LaunchEnv, opts: &ConnectOptions) -> Result<Connection, Co
     use crate::NcclTransport;
     #[cfg(feature = "mpi")]
     if env.under_mpi {
-        let (world, ctx) = crate::MpiTransport::init_typed(opts.transport.clone())?;
+        let (world, ctx) = crate::MpiTransport::init_typed(bootstrap_options(opts))?;
         let nccl =
             NcclTransport::init_over(world.as_ref(), ctx.local_rank, opts.transport.clone())?;
         drop(world);

@@ -12,13 +12,15 @@
 //! back-end (one GPU per rank), the TCP [`rendezvous`] and the [`launch`] API
 //! the CLI starts process-based back-ends with.
 //!
-//! Back-ends that move GPU buffers themselves (NCCL, and the solo back-end,
+//! Back-ends that move GPU buffers (NCCL; MPI and UCX through the [`device`]
+//! engine, CUDA-aware or staged through pinned buffers; the solo back-end,
 //! which only counts) also offer [`DeviceP2p`] through
 //! [`Transport::device_p2p`]: point-to-point on device memory enqueued on a
-//! CUDA stream, without host staging.
+//! CUDA stream, which the compute stream never waits for on the host.
 
 pub mod collectives;
 pub mod conformance;
+pub mod device;
 mod error;
 pub mod launch;
 mod local;
@@ -33,11 +35,12 @@ mod transport;
 #[cfg(feature = "ucx")]
 pub mod ucx;
 
+pub use device::{DeviceComm, DevicePath, DeviceStreams};
 pub use error::CommError;
 pub use launch::TransportKind;
 pub use local::{LocalTransport, RankError};
 #[cfg(feature = "mpi")]
-pub use mpi_transport::{MpiContext, MpiTransport};
+pub use mpi_transport::{mpi_cuda_support, MpiContext, MpiTransport};
 #[cfg(feature = "nccl")]
 pub use nccl_transport::NcclTransport;
 pub use solo::SoloTransport;

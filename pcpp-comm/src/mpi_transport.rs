@@ -28,6 +28,9 @@
 //! * [`Transport::split`] first runs a polled `MPI_Ibarrier` (so a lost peer
 //!   times out) and then the blocking `MPI_Comm_split` — the call rsmpi's
 //!   `split_by_color_with_key` makes — on the raw communicator.
+//! * Device memory ([`crate::DeviceP2p`]) goes through the engine of [`crate::device`] on a
+//!   duplicate of the communicator (module `device`): CUDA-aware when `MPIX_Query_cuda_support`
+//!   says so, else staged through pinned buffers; chosen when the world is created.
 //! * Statistics count the logical payload exactly as the point-to-point
 //!   collectives of [`crate::collectives`] would move it (length headers
 //!   included), so reports are comparable across back-ends. Barriers count
@@ -44,7 +47,13 @@ use mpi::Threading;
 
 use crate::error::CommError;
 use crate::stats::{CommKind, CommStats, StatsCounter};
-use crate::transport::{Pending, PendingOp, Transport, TransportOptions, RESERVED_TAG_BASE};
+use crate::transport::{
+    DeviceP2p, Pending, PendingOp, Transport, TransportOptions, RESERVED_TAG_BASE,
+};
+
+mod device;
+pub use device::mpi_cuda_support;
+use device::{engine_for, MpiWire};
 
 static MPI_LOCK: Mutex<()> = Mutex::new(());
 
@@ -186,6 +195,8 @@ pub struct MpiTransport {
     tag_ub: u32,
     opts: TransportOptions,
     stats: Arc<StatsCounter>,
+    /// Device exchanges (`None`: host path only).
+    device: Option<Arc<crate::device::engine::DeviceEngine<MpiWire>>>,
 }
 
 impl std::fmt::Debug for MpiTransport {
@@ -265,6 +276,8 @@ impl MpiTransport {
         );
         drop(shared);
         let tag_ub = query_tag_ub(world_raw);
+        drop(_g);
+        let device = engine_for(world_raw, rank, &opts, true)?;
         let transport = MpiTransport {
             comm: Arc::new(Comm {
                 raw: world_raw,
@@ -276,6 +289,7 @@ impl MpiTransport {
             tag_ub,
             opts,
             stats: Arc::new(StatsCounter::new()),
+            device,
         };
         let ctx = MpiContext {
             _universe: universe,
@@ -299,6 +313,7 @@ impl MpiTransport {
             tag_ub: self.tag_ub,
             opts,
             stats: Arc::new(StatsCounter::new()),
+            device: self.device.clone(),
         })
     }
 
@@ -659,6 +674,12 @@ impl Transport for MpiTransport {
             0,
         )?;
         let (rank, size) = comm_rank_size(newcomm).map_err(|e| e.with_op(OP))?;
+        drop(_g);
+        let device = if self.device.is_some() {
+            engine_for(newcomm, rank, &self.opts, false)?
+        } else {
+            None
+        };
         Ok(Arc::new(MpiTransport {
             comm: Arc::new(Comm {
                 raw: newcomm,
@@ -670,6 +691,7 @@ impl Transport for MpiTransport {
             tag_ub: self.tag_ub,
             opts: self.opts.clone(),
             stats: Arc::new(StatsCounter::new()),
+            device,
         }))
     }
 
@@ -972,5 +994,9 @@ impl Transport for MpiTransport {
 
     fn reset_stats(&self) {
         self.stats.reset();
+    }
+
+    fn device_p2p(&self) -> Option<&dyn DeviceP2p> {
+        self.device.as_ref().map(|_| self as &dyn DeviceP2p)
     }
 }

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::collectives;
+use crate::device::{DeviceComm, DeviceStreams};
 use crate::error::CommError;
 use crate::stats::{CommKind, CommStats, StatsCounter};
 
@@ -33,12 +34,29 @@ pub struct TransportOptions {
     /// How long any single blocking wait may take before it fails with
     /// [`CommError::Timeout`]; turns a lost peer into an error instead of a hang.
     pub timeout: Duration,
+    /// Data path of device exchanges over MPI and UCX ([`DeviceComm::Auto`]: CUDA-aware when the
+    /// library moves device memory, else staged through pinned buffers). Read when the world is
+    /// created (and inherited by splits).
+    pub device_comm: DeviceComm,
+    /// What the streams of device exchanges over MPI and UCX are: CUDA streams, or the
+    /// [`crate::device::host::HostStream`]s of the CPU twin.
+    pub device_streams: DeviceStreams,
 }
 
 impl TransportOptions {
     /// Default options with a different timeout.
     pub fn with_timeout(timeout: Duration) -> Self {
-        Self { timeout }
+        Self {
+            timeout,
+            ..Self::default()
+        }
+    }
+
+    /// These options with another device exchange path and kind of stream.
+    pub fn with_device(mut self, comm: DeviceComm, streams: DeviceStreams) -> Self {
+        self.device_comm = comm;
+        self.device_streams = streams;
+        self
     }
 }
 
@@ -46,6 +64,8 @@ impl Default for TransportOptions {
     fn default() -> Self {
         Self {
             timeout: Duration::from_secs(120),
+            device_comm: DeviceComm::Auto,
+            device_streams: DeviceStreams::Cuda,
         }
     }
 }
@@ -154,12 +174,19 @@ pub struct DeviceMsg {
     pub len: usize,
 }
 
-/// Point-to-point on GPU memory, for back-ends that move device buffers themselves (NCCL).
+/// Point-to-point on GPU memory: NCCL natively; MPI and UCX through the engine of
+/// [`crate::device`] (CUDA-aware or staged through pinned buffers, see there).
 ///
 /// Obtained from [`Transport::device_p2p`]; the ranks are those of that transport.
 pub trait DeviceP2p: Send + Sync {
     /// The CUDA device ordinal this communicator runs on.
     fn device_ordinal(&self) -> usize;
+
+    /// How the data moves, for logs: `native` (NCCL, the solo back-end), or the path of the MPI /
+    /// UCX engine, `cuda-aware` or `staged`.
+    fn data_path(&self) -> &'static str {
+        "native"
+    }
 
     /// Enqueues every send and receive as one group on `stream` (a raw `CUstream` of that
     /// device) and returns without waiting; completion is ordered on `stream`: work enqueued on
@@ -182,7 +209,8 @@ pub trait DeviceP2p: Send + Sync {
     /// `0..size`, a null pointer with a non-zero length): the error is
     /// [`CommError::InvalidRank`] or [`CommError::Protocol`] naming the peer. The call does not
     /// synchronise with or query `stream`, so it may be issued while `stream` is being
-    /// captured into a CUDA graph (where the back-end supports capture, NCCL >= 2.9).
+    /// captured into a CUDA graph (where the back-end supports capture: NCCL >= 2.9, and MPI and
+    /// UCX, whose exchanges become host functions of the stream).
     ///
     /// # Safety
     ///
@@ -320,9 +348,10 @@ pub trait Transport: Send + Sync {
     /// Sets this transport's counters back to zero.
     fn reset_stats(&self);
 
-    /// Point-to-point on device memory: `Some` for back-ends that can move device memory
-    /// without host staging (NCCL), `None` (the default) for the others, whose data must go
-    /// through [`Transport::exchange`].
+    /// Point-to-point on device memory: `Some` for back-ends that move device memory without
+    /// host round trips on the compute stream (NCCL; MPI and UCX unless their device path is
+    /// [`DeviceComm::Host`]), `None` (the default) for the others, whose data must go through
+    /// [`Transport::exchange`].
     fn device_p2p(&self) -> Option<&dyn DeviceP2p> {
         None
     }

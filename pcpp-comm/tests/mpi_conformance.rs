@@ -94,6 +94,51 @@ fn conformance_n4() {
     assert_job_passed(4, "conformance");
 }
 
+/// The device-memory cases on the CPU twin of the device streams, with the path forced (or
+/// chosen), and rank 0's start-up line naming it.
+fn assert_device_job(n: usize, role: &str, path: &str) {
+    let Some(out) = launch_job(n, role) else {
+        return;
+    };
+    assert!(out.ok(), "mpirun -n {n} ({role}) failed:\n{}", out.all());
+    for r in 0..n {
+        let marker = format!("rank {r}/{n}: {role} passed");
+        assert!(
+            out.stdout.contains(&marker),
+            "no {marker:?}:\n{}",
+            out.all()
+        );
+    }
+    let line = format!("pcpp-comm: mpi device exchanges: {path}");
+    assert!(out.stderr.contains(&line), "no {line:?}:\n{}", out.all());
+}
+
+#[test]
+fn device_staged_n2() {
+    assert_device_job(2, "device-staged", "staged");
+}
+
+#[test]
+fn device_staged_n4() {
+    assert_device_job(4, "device-staged", "staged");
+}
+
+#[test]
+fn device_cuda_aware_n2() {
+    assert_device_job(2, "device-cuda-aware", "cuda-aware");
+}
+
+#[test]
+fn device_cuda_aware_n4() {
+    assert_device_job(4, "device-cuda-aware", "cuda-aware");
+}
+
+#[test]
+fn device_auto_follows_the_mpi_cuda_query_n3() {
+    // The rank checks the path against `mpi_cuda_support`; the line names either path.
+    assert_device_job(3, "device-auto", "");
+}
+
 #[test]
 fn connect_and_same_arguments_check() {
     assert_job_passed(3, "launch");
@@ -237,6 +282,7 @@ fn mpi_rank() {
             (conn.rank, conn.world_size)
         }
         "ucx" => ucx_role(&env),
+        "device-staged" | "device-cuda-aware" | "device-auto" => device_role(&role),
         "abort" | "panic" | "killed" => {
             let conn =
                 launch::connect(TransportKind::Mpi, &env, &ConnectOptions::default()).unwrap();
@@ -264,6 +310,34 @@ fn mpi_rank() {
         other => panic!("unknown role {other}"),
     };
     println!("rank {rank}/{n}: {role} passed");
+}
+
+/// The device cases on host streams with the path of `role`, plus the host suite afterwards (the
+/// device traffic must leave the host traffic untouched).
+fn device_role(role: &str) -> (usize, usize) {
+    use pcpp_comm::{DeviceComm, DevicePath, DeviceStreams};
+    let forced = match role {
+        "device-staged" => DeviceComm::Staged,
+        "device-cuda-aware" => DeviceComm::CudaAware,
+        _ => DeviceComm::Auto,
+    };
+    let opts = TransportOptions::with_timeout(Duration::from_secs(120))
+        .with_device(forced, DeviceStreams::Host);
+    let (world, ctx) = MpiTransport::init_typed(opts).unwrap();
+    let want = match forced {
+        DeviceComm::Staged => DevicePath::Staged,
+        DeviceComm::CudaAware => DevicePath::CudaAware,
+        _ if pcpp_comm::mpi_cuda_support().0 => DevicePath::CudaAware,
+        _ => DevicePath::Staged,
+    };
+    assert_eq!(world.device_path(), Some(want));
+    let dev = pcpp_comm::conformance::HostDevice::new();
+    let res = pcpp_comm::conformance::run_device(world.as_ref(), &dev)
+        .and_then(|()| pcpp_comm::conformance::run_all(world.as_ref()));
+    if let Err(e) = res {
+        launch::abort_job(world.as_ref(), &e);
+    }
+    (ctx.rank, ctx.size)
 }
 
 #[cfg(feature = "ucx")]

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use common::{free_port, launch_lock, run_all, self_command, Finished, ROLE};
 use pcpp_comm::launch::{self, ConnectOptions, LaunchEnv, TransportKind};
-use pcpp_comm::{CommError, CommKind, TransportOptions};
+use pcpp_comm::{CommError, CommKind, DeviceComm, DeviceStreams, TransportOptions};
 
 const HANG_LIMIT: Duration = Duration::from_secs(240);
 
@@ -89,6 +89,53 @@ fn conformance_n2_shared_memory() {
     assert_all_passed(2, "conformance", "sm,self");
 }
 
+/// The device-memory cases on the CPU twin of the device streams with the path forced; rank 0
+/// names it at start-up.
+fn assert_device_ranks(n: usize, role: &str, path: &str) {
+    let out = launch_ranks(n, role, "tcp,self");
+    for (r, f) in out.iter().enumerate() {
+        assert!(f.ok(), "rank {r} of {n} ({role}) failed:\n{}", f.all());
+        let marker = format!("rank {r}/{n}: {role} passed");
+        assert!(
+            f.stdout.contains(&marker),
+            "rank {r}: no {marker:?}:\n{}",
+            f.all()
+        );
+    }
+    let line = format!("pcpp-comm: ucx device exchanges: {path}");
+    assert_eq!(
+        out[0].stderr.contains(&line),
+        path != "host",
+        "start-up line {line:?} (printed for every path but host):\n{}",
+        out[0].all()
+    );
+}
+
+#[test]
+fn device_staged_n2() {
+    assert_device_ranks(2, "device-staged", "staged");
+}
+
+#[test]
+fn device_staged_n4() {
+    assert_device_ranks(4, "device-staged", "staged");
+}
+
+#[test]
+fn device_cuda_aware_n2() {
+    assert_device_ranks(2, "device-cuda-aware", "cuda-aware");
+}
+
+#[test]
+fn device_cuda_aware_n4() {
+    assert_device_ranks(4, "device-cuda-aware", "cuda-aware");
+}
+
+#[test]
+fn device_host_path_offers_no_device_p2p() {
+    assert_device_ranks(2, "device-host", "host");
+}
+
 #[test]
 fn same_arguments_check_names_the_odd_rank() {
     assert_all_passed(3, "mismatch", "tcp,self");
@@ -156,12 +203,17 @@ fn ucx_rank() {
     // Short enough that a dead peer the back-end failed to detect still ends
     // the "die" scenario, long enough for 4 busy-polling ranks on 2 cores.
     let timeout = if role == "die" { 20 } else { 120 };
-    let conn = launch::connect(
-        TransportKind::Auto,
-        &env,
-        &options(Duration::from_secs(timeout)),
-    )
-    .unwrap();
+    let mut opts = options(Duration::from_secs(timeout));
+    let forced = match role.as_str() {
+        "device-staged" => Some(DeviceComm::Staged),
+        "device-cuda-aware" => Some(DeviceComm::CudaAware),
+        "device-host" => Some(DeviceComm::Host),
+        _ => None,
+    };
+    if let Some(f) = forced {
+        opts.transport = opts.transport.with_device(f, DeviceStreams::Host);
+    }
+    let conn = launch::connect(TransportKind::Auto, &env, &opts).unwrap();
     assert_eq!(conn.kind, TransportKind::Ucx);
     // No launcher variable gives the local rank: it is derived from the host
     // names, and every rank runs on this host.
@@ -181,6 +233,42 @@ fn ucx_rank() {
                 t.abort(&e);
                 panic!("{e}");
             }
+        }
+        "device-staged" | "device-cuda-aware" => {
+            let want = if role == "device-staged" {
+                "staged"
+            } else {
+                "cuda-aware"
+            };
+            let p = t.device_p2p().expect("device point-to-point");
+            assert_eq!(p.data_path(), want);
+            assert!(
+                conn.description
+                    .ends_with(&format!("device exchanges {want}")),
+                "{}",
+                conn.description
+            );
+            let dev = pcpp_comm::conformance::HostDevice::new();
+            let res = pcpp_comm::conformance::run_device(t.as_ref(), &dev)
+                .and_then(|()| pcpp_comm::conformance::run_all(t.as_ref()));
+            if let Err(e) = res {
+                t.abort(&e);
+                panic!("{e}");
+            }
+        }
+        "device-host" => {
+            assert!(t.device_p2p().is_none());
+            assert!(
+                conn.description.ends_with("device exchanges host"),
+                "{}",
+                conn.description
+            );
+            assert!(
+                conn.description.ends_with("device exchanges host"),
+                "{}",
+                conn.description
+            );
+            pcpp_comm::conformance::run_all(t.as_ref()).unwrap();
         }
         "mismatch" => {
             let same = launch::fingerprint(&[b"model", b"--steps 20"]);

@@ -5,12 +5,16 @@
 //!
 //! - **host**: tensors are copied to host bytes, sent through [`Transport::exchange`] and turned
 //!   back into tensors on the activations' device when waited for. Every back-end supports it
-//!   (local threads, MPI, UCX, NCCL through its host-staged exchange), and it is the only path for
+//!   (local threads, MPI, UCX, NCCL through their host exchanges), and it is the only path for
 //!   CPU activations;
 //! - **device** (feature `cuda`, CUDA activations and a transport with
-//!   [`Transport::device_p2p`], i.e. NCCL): sends read the activations' device memory and receives
+//!   [`Transport::device_p2p`]: NCCL, and MPI / UCX unless `--device-comm host`, whose exchanges
+//!   become host functions of the communication stream, CUDA-aware or staged through pinned
+//!   buffers, see `pcpp_comm::device`): sends read the activations' device memory and receives
 //!   land in device buffers, enqueued on the GPU's communication stream after an event fork from
-//!   the compute stream. Nothing blocks the host and nothing is staged through host memory. A
+//!   the compute stream. Nothing blocks the host, and the compute stream never waits for host
+//!   staging (NCCL and CUDA-aware MPI / UCX stage nothing; the staged path copies through pinned
+//!   buffers on the communication stream). A
 //!   synchronous exchange joins the communication stream back at once; a stale one is joined at
 //!   the next synchronous exchange (at the latest the output gather that ends every step), so it
 //!   overlaps the rest of the step. Tensors that a send reads are held until that join, because

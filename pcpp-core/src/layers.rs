@@ -1,9 +1,10 @@
 //! The layer factory and the layer traits that model code builds through (PCPP §2: the layers
 //! whose computation couples rows: convolution halos §2.2, self-attention §2.3–2.4, group norm
 //! §2.6, and the output gather §1.4; and, for the tensor-parallel baseline of §5 `parallelism`,
-//! the feed-forward and the ResNet core whose hidden units and channels it splits), plus their
-//! serial implementations.
+//! the feed-forward whose hidden units it splits and the channel split of a block's middle
+//! channels), plus their serial implementations.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use pcpp_kernels::{Conv2dParams, KernelError, Tensor};
@@ -89,6 +90,69 @@ pub trait SelfAttentionLayer: Send + Sync {
     fn forward(&self, ctx: &StepCtx, x: &Tensor, spatial: (usize, usize)) -> Result<Tensor>;
 }
 
+/// Attention over tokens the model projected itself (a DiT's joint attention, whose q/k/v the
+/// model normalises and rotates before attending): the band's image tokens plus optional extra
+/// tokens that every rank holds whole and computes fresh (text). Patch parallelism exchanges the
+/// image tokens' K/V exactly like [`SelfAttentionLayer`] (PCPP §2.3–2.4: all of it in synchronous
+/// steps, the stale window within `portion` in stale ones, none for naive patch); the extra
+/// tokens' K/V never travel.
+pub trait ProjectedAttentionLayer: Send + Sync {
+    /// Scaled dot-product attention of `[extra; image]` queries over `[extra; image window]` keys
+    /// and values, heads merged, without an output projection.
+    ///
+    /// # Shapes
+    /// `q, k, v: [b, rows·w, c]` (the band's image tokens, row-major), each of `extra`:
+    /// `[b, l_e, c]`, `spatial = (rows, w)` → `[b, l_e + rows·w, c]` (extra tokens first).
+    fn forward(
+        &self,
+        ctx: &StepCtx,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        extra: Option<(&Tensor, &Tensor, &Tensor)>,
+        spatial: (usize, usize),
+    ) -> Result<Tensor>;
+}
+
+/// Where a band sits in its level's grid, for position encodings that need absolute positions
+/// (a DiT's RoPE): the band covers rows `top..top + rows` and columns `left..left + cols` of a
+/// `height × width` grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BandRect {
+    /// First row and column of the band.
+    pub top: usize,
+    pub left: usize,
+    /// The band's size.
+    pub rows: usize,
+    pub cols: usize,
+    /// The whole grid's size at the band's level.
+    pub height: usize,
+    pub width: usize,
+}
+
+/// Finds where this rank's band sits (see [`BandRect`]).
+pub trait BandLocator: Send + Sync {
+    /// The place of this rank's `rows × cols` band in step `ctx` (naive patch parallelism may cut
+    /// columns on some steps). Errors if no band of that size is on this rank's plan.
+    fn locate(&self, ctx: &StepCtx, spatial: (usize, usize)) -> Result<BandRect>;
+}
+
+/// The locator of a rank that holds the whole image.
+struct WholeImage;
+
+impl BandLocator for WholeImage {
+    fn locate(&self, _ctx: &StepCtx, (rows, cols): (usize, usize)) -> Result<BandRect> {
+        Ok(BandRect {
+            top: 0,
+            left: 0,
+            rows,
+            cols,
+            height: rows,
+            width: cols,
+        })
+    }
+}
+
 /// Turns band outputs back into the whole image (identity when serial).
 pub trait GatherLayer: Send + Sync {
     /// # Shapes
@@ -152,43 +216,31 @@ pub struct FeedForwardWeights {
     pub out_bias: Option<Tensor>,
 }
 
-/// The inner part of a ResNet block: `conv2(silu(norm2(conv1(h) + temb_proj(t))))`.
-pub trait ResnetCoreLayer: Send + Sync {
-    /// `h` is the block input after `norm1` and SiLU; `temb` the time embedding after SiLU.
-    /// Returns the residual branch (before the skip connection is added).
-    ///
-    /// # Shapes
-    /// `h: [b, ci, rows, w]`, `temb: [b, t]` → `[b, co, rows, w]`.
-    fn forward(&self, ctx: &StepCtx, h: &Tensor, temb: &Tensor) -> Result<Tensor>;
-}
+/// A block whose middle channels tensor parallelism splits over the ranks of a CFG group
+/// (Megatron-style: the first layer's output channels and the last layer's input channels; the
+/// baseline of PCPP §5): this rank's share of the channels, a group norm of the share whose
+/// statistics span every rank's channels, and the sum of the ranks' partial outputs. The model
+/// slices its weights to [`ChannelSplit::share`] and builds the block's other layers through the
+/// factory as usual.
+pub trait ChannelSplit: Send + Sync {
+    /// This rank's middle channels.
+    fn share(&self) -> Range<usize>;
 
-/// A convolution's id and weights (3×3, stride 1, padding 1 in a ResNet core).
-#[derive(Debug, Clone)]
-pub struct ConvWeights {
-    /// Stable path of the layer.
-    pub id: String,
-    /// `[co, ci, k, k]`.
-    pub weight: Tensor,
-    /// `[co]`.
-    pub bias: Option<Tensor>,
-}
+    /// Whether this rank adds the last layer's bias (exactly one rank of the group does).
+    fn adds_bias(&self) -> bool;
 
-/// Weights of a ResNet core (see [`ResnetCoreLayer`]).
-#[derive(Debug, Clone)]
-pub struct ResnetCoreWeights {
-    /// First convolution, `ci → co`.
-    pub conv1: ConvWeights,
-    /// Time-embedding projection `[co, t]` and its bias `[co]`.
-    pub temb: Tensor,
-    pub temb_bias: Option<Tensor>,
-    /// Second group norm: id, groups, eps, affine `[co]`.
-    pub norm2_id: String,
-    pub groups: usize,
-    pub eps: f64,
-    pub norm2_gamma: Option<Tensor>,
-    pub norm2_beta: Option<Tensor>,
-    /// Second convolution, `co → co`.
-    pub conv2: ConvWeights,
+    /// A group norm of this rank's share of the channels (the block's `groups` groups), affine
+    /// parameters already sliced to the share.
+    fn group_norm(
+        &self,
+        id: &str,
+        eps: f64,
+        gamma: Option<Tensor>,
+        beta: Option<Tensor>,
+    ) -> Result<Arc<dyn GroupNormLayer>>;
+
+    /// The block's output: the sum over the group's ranks of `partial`.
+    fn reduce(&self, ctx: &StepCtx, partial: &Tensor) -> Result<Tensor>;
 }
 
 struct ComposedFeedForward {
@@ -206,27 +258,6 @@ impl FeedForwardLayer for ComposedFeedForward {
     }
 }
 
-struct ComposedResnetCore {
-    id: String,
-    conv1: Arc<dyn Conv2dLayer>,
-    temb: Tensor,
-    temb_bias: Option<Tensor>,
-    norm2: Arc<dyn GroupNormLayer>,
-    conv2: Arc<dyn Conv2dLayer>,
-}
-
-impl ResnetCoreLayer for ComposedResnetCore {
-    fn forward(&self, ctx: &StepCtx, h: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let id = &self.id;
-        let h = self.conv1.forward(ctx, h)?;
-        let t = temb.linear(&self.temb, self.temb_bias.as_ref()).at(id)?;
-        let (b, c) = (t.shape()[0], t.shape()[1]);
-        let h = h.add(&t.reshape(&[b, c, 1, 1]).at(id)?).at(id)?;
-        let h = self.norm2.forward(ctx, &h, true)?;
-        self.conv2.forward(ctx, &h)
-    }
-}
-
 /// Builds the spatially coupled layers of a model. Model code calls only this; which parallel
 /// scheme runs is the factory's business.
 pub trait LayerFactory: Send + Sync {
@@ -241,20 +272,24 @@ pub trait LayerFactory: Send + Sync {
         padding: usize,
     ) -> Result<Arc<dyn Conv2dLayer>>;
 
-    /// The first convolution: its input is the whole image on every rank; it returns this rank's band.
+    /// The input layer, a convolution with square kernel, `stride` and `padding`: its input is the
+    /// whole image on every rank; it returns this rank's band of its output grid, which is the
+    /// model's level-0 grid that bands are planned in (a DiT's patch embedding is the input layer
+    /// with `kernel = stride = p` and no padding).
     fn input_conv2d(
         &self,
         id: &str,
         weight: Tensor,
         bias: Option<Tensor>,
+        stride: usize,
         padding: usize,
     ) -> Result<Arc<dyn Conv2dLayer>>;
 
-    /// [`LayerFactory::conv2d`] for an input `2^up` times finer than the model's latent grid in
+    /// [`LayerFactory::conv2d`] for an input `2^up` times finer than the model's level-0 grid in
     /// both directions, e.g. a ControlNet's conditioning image and the first maps of its
-    /// conditioning embedding (pixel resolution, `up = 3`): a rank's band of such an input is its
-    /// latent band's rows times `2^up`, and halos are exchanged as at the latent. `up = 0` is
-    /// `conv2d`; the default refuses finer inputs.
+    /// conditioning embedding (pixel resolution, `up = 3` for an SDXL latent): a rank's band of
+    /// such an input is its level-0 band's rows times `2^up`, and halos are exchanged as at
+    /// level 0. `up = 0` is `conv2d`; the default refuses finer inputs.
     fn fine_conv2d(
         &self,
         id: &str,
@@ -268,25 +303,28 @@ pub trait LayerFactory: Send + Sync {
             return self.conv2d(id, weight, bias, stride, padding);
         }
         Err(CoreError::Config(format!(
-            "layer `{id}`: this layer factory has no layers for inputs finer than the latent"
+            "layer `{id}`: this layer factory has no layers for inputs finer than the model's grid"
         )))
     }
 
-    /// [`LayerFactory::input_conv2d`] (whole input on every rank, this rank's band out, stride 1)
-    /// for an input `2^up` times finer than the latent grid; see [`LayerFactory::fine_conv2d`].
+    /// [`LayerFactory::input_conv2d`] (whole input on every rank, this rank's band out) whose
+    /// output grid is `2^up` times finer than the level-0 grid; see
+    /// [`LayerFactory::fine_conv2d`]. `up = 0` is `input_conv2d`; the default refuses finer
+    /// outputs.
     fn fine_input_conv2d(
         &self,
         id: &str,
         weight: Tensor,
         bias: Option<Tensor>,
+        stride: usize,
         padding: usize,
         up: usize,
     ) -> Result<Arc<dyn Conv2dLayer>> {
         if up == 0 {
-            return self.input_conv2d(id, weight, bias, padding);
+            return self.input_conv2d(id, weight, bias, stride, padding);
         }
         Err(CoreError::Config(format!(
-            "layer `{id}`: this layer factory has no layers for inputs finer than the latent"
+            "layer `{id}`: this layer factory has no layers for inputs finer than the model's grid"
         )))
     }
 
@@ -307,6 +345,20 @@ pub trait LayerFactory: Send + Sync {
         weights: AttentionWeights,
     ) -> Result<Arc<dyn SelfAttentionLayer>>;
 
+    /// Attention over q/k/v the model projected (see [`ProjectedAttentionLayer`]).
+    fn projected_attention(
+        &self,
+        id: &str,
+        heads: usize,
+    ) -> Result<Arc<dyn ProjectedAttentionLayer>>;
+
+    /// Where this rank's band sits, for absolute position encodings. `id` names the asking layer
+    /// in errors. The default holds the whole image.
+    fn band_locator(&self, id: &str) -> Result<Arc<dyn BandLocator>> {
+        let _ = id;
+        Ok(Arc::new(WholeImage))
+    }
+
     /// The gather of the model's output bands.
     fn gather(&self, id: &str) -> Result<Arc<dyn GatherLayer>>;
 
@@ -319,10 +371,17 @@ pub trait LayerFactory: Send + Sync {
         Ok(whole_feed_forward(id, weights))
     }
 
-    /// The core of a ResNet block. The default builds its two convolutions and its group norm
-    /// through this factory (in the order conv1, norm2, conv2) and runs them in sequence.
-    fn resnet_core(&self, id: &str, w: ResnetCoreWeights) -> Result<Arc<dyn ResnetCoreLayer>> {
-        composed_resnet_core(self, id, w)
+    /// The channel split of a block with `channels` middle channels in `groups` group-norm
+    /// groups (see [`ChannelSplit`]), or `None` when this factory does not split channels (every
+    /// mode but tensor parallelism): the model then builds the block whole.
+    fn channel_split(
+        &self,
+        id: &str,
+        channels: usize,
+        groups: usize,
+    ) -> Result<Option<Arc<dyn ChannelSplit>>> {
+        let _ = (id, channels, groups);
+        Ok(None)
     }
 }
 
@@ -332,26 +391,6 @@ pub fn whole_feed_forward(id: &str, weights: FeedForwardWeights) -> Arc<dyn Feed
         id: id.to_string(),
         w: weights,
     })
-}
-
-/// A ResNet core whose convolutions and group norm are built through `f` (the default of
-/// [`LayerFactory::resnet_core`]).
-pub fn composed_resnet_core<F: LayerFactory + ?Sized>(
-    f: &F,
-    id: &str,
-    w: ResnetCoreWeights,
-) -> Result<Arc<dyn ResnetCoreLayer>> {
-    let conv1 = f.conv2d(&w.conv1.id, w.conv1.weight, w.conv1.bias, 1, 1)?;
-    let norm2 = f.group_norm(&w.norm2_id, w.groups, w.eps, w.norm2_gamma, w.norm2_beta)?;
-    let conv2 = f.conv2d(&w.conv2.id, w.conv2.weight, w.conv2.bias, 1, 1)?;
-    Ok(Arc::new(ComposedResnetCore {
-        id: id.to_string(),
-        conv1,
-        temb: w.temb,
-        temb_bias: w.temb_bias,
-        norm2,
-        conv2,
-    }))
 }
 
 /// Plain single-rank layers.
@@ -405,6 +444,57 @@ impl SelfAttentionLayer for SerialAttention {
     }
 }
 
+struct SerialProjectedAttention {
+    id: String,
+    heads: usize,
+}
+
+impl ProjectedAttentionLayer for SerialProjectedAttention {
+    fn forward(
+        &self,
+        _ctx: &StepCtx,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        extra: Option<(&Tensor, &Tensor, &Tensor)>,
+        _spatial: (usize, usize),
+    ) -> Result<Tensor> {
+        joint_attend(&self.id, self.heads, q, k, v, extra)
+    }
+}
+
+/// Projected attention computed whole on this rank (serial, and tensor parallelism, which keeps
+/// the whole image on every rank and does not split it).
+pub(crate) fn whole_projected_attention(
+    id: &str,
+    heads: usize,
+) -> Arc<dyn ProjectedAttentionLayer> {
+    Arc::new(SerialProjectedAttention {
+        id: id.to_string(),
+        heads,
+    })
+}
+
+/// Attention of `[extra q; q]` over `[extra k; k]`, `[extra v; v]` (token axis 1).
+pub(crate) fn joint_attend(
+    id: &str,
+    heads: usize,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    extra: Option<(&Tensor, &Tensor, &Tensor)>,
+) -> Result<Tensor> {
+    match extra {
+        None => Tensor::attention(q, k, v, heads, false).at(id),
+        Some((qe, ke, ve)) => {
+            let q = Tensor::cat(&[qe, q], 1).at(id)?;
+            let k = Tensor::cat(&[ke, k], 1).at(id)?;
+            let v = Tensor::cat(&[ve, v], 1).at(id)?;
+            Tensor::attention(&q, &k, &v, heads, false).at(id)
+        }
+    }
+}
+
 struct Identity;
 
 impl GatherLayer for Identity {
@@ -435,9 +525,10 @@ impl LayerFactory for SerialFactory {
         id: &str,
         weight: Tensor,
         bias: Option<Tensor>,
+        stride: usize,
         padding: usize,
     ) -> Result<Arc<dyn Conv2dLayer>> {
-        self.conv2d(id, weight, bias, 1, padding)
+        self.conv2d(id, weight, bias, stride, padding)
     }
 
     fn fine_conv2d(
@@ -457,10 +548,11 @@ impl LayerFactory for SerialFactory {
         id: &str,
         weight: Tensor,
         bias: Option<Tensor>,
+        stride: usize,
         padding: usize,
         _up: usize,
     ) -> Result<Arc<dyn Conv2dLayer>> {
-        self.conv2d(id, weight, bias, 1, padding)
+        self.conv2d(id, weight, bias, stride, padding)
     }
 
     fn group_norm(
@@ -489,6 +581,14 @@ impl LayerFactory for SerialFactory {
             id: id.to_string(),
             w: weights,
         }))
+    }
+
+    fn projected_attention(
+        &self,
+        id: &str,
+        heads: usize,
+    ) -> Result<Arc<dyn ProjectedAttentionLayer>> {
+        Ok(whole_projected_attention(id, heads))
     }
 
     fn gather(&self, _id: &str) -> Result<Arc<dyn GatherLayer>> {

@@ -11,6 +11,7 @@ use crate::grid::ProcessGrid;
 use crate::layers::{CoreError, Result};
 use crate::report::Traffic;
 use crate::schedule::{GnMode, ParallelConfig, ParallelMode, SplitScheme, SyncMode};
+use crate::topology::Topology;
 use pcpp_comm::CommKind;
 
 /// Bytes of one group-norm statistic on the wire: statistics always travel as f32.
@@ -23,10 +24,13 @@ pub const GN_STATS_PER_GROUP: usize = 2;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LayerKind {
-    /// The first convolution (whole latent in, own band out; no communication).
+    /// The input layer (whole latent in, own band of the level-0 grid out; no communication).
     InputConv {
         /// Square kernel size.
         kernel: usize,
+        /// Stride (a DiT's patch size; 1 for a UNet).
+        #[serde(default = "one")]
+        stride: usize,
         /// Zero padding.
         padding: usize,
     },
@@ -49,6 +53,13 @@ pub enum LayerKind {
         /// Number of heads.
         heads: usize,
     },
+    /// Attention over q/k/v the model projected ([`crate::ProjectedAttentionLayer`]): the
+    /// image tokens' K/V travel like self-attention's; extra (text) tokens never do. Tensor
+    /// parallelism runs it whole. `channels` is the token width.
+    ProjectedAttention {
+        /// Number of heads.
+        heads: usize,
+    },
     /// Gather of the output bands.
     Gather,
     /// Gather of the output bands to one world rank only (the others receive nothing).
@@ -58,12 +69,18 @@ pub enum LayerKind {
     },
     /// A feed-forward (per token; split by tensor parallelism). `channels` is the token width.
     FeedForward,
-    /// The core of a ResNet block (conv1, norm2, conv2; split by tensor parallelism).
-    /// `channels` is its output channels.
-    ResnetCore {
+    /// A block whose middle channels tensor parallelism splits ([`crate::ChannelSplit`]; in
+    /// SDXL the core of a ResNet block: conv1, norm2, conv2). Its layers are listed on their own
+    /// as well; this entry carries only tensor parallelism's all-reduces. `channels` is its
+    /// output channels.
+    ChannelSplit {
         /// Groups of its group norm.
         groups: usize,
     },
+}
+
+fn one() -> usize {
+    1
 }
 
 /// One layer that couples rows.
@@ -102,6 +119,7 @@ impl Inventory {
                     LayerKind::Conv { .. }
                         | LayerKind::GroupNorm { .. }
                         | LayerKind::SelfAttention { .. }
+                        | LayerKind::ProjectedAttention { .. }
                 )
             })
             .map(|l| l.id.clone())
@@ -216,32 +234,18 @@ pub fn kv_recvs(tokens: &[usize], me: usize, portion: f64) -> Vec<(usize, std::o
 /// Computes the plan. Errors when a band would be empty or the geometry does not fit.
 pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<Plan> {
     cfg.validate()?;
-    let serial = setup.world_size <= 1 || cfg.mode == ParallelMode::Serial;
-    let cfg_split = setup.cfg_split && !serial;
-    let groups = if cfg_split { 2 } else { 1 };
-    let group_sizes = if serial {
-        vec![1]
-    } else {
-        ProcessGrid::group_sizes(setup.world_size, groups)
-    };
-    let plans = group_sizes
-        .iter()
-        .map(|&n| BandPlan::new(setup.height, setup.width, inv.levels, n))
-        .collect::<Result<Vec<_>>>()?;
-    let grids = (0..setup.world_size)
-        .map(|r| ProcessGrid::new(r, setup.world_size, cfg_split))
-        .collect::<Result<Vec<_>>>()?;
-    // Naive patch may cut columns: always (`cols`) or on odd steps (`alternate`).
-    let split = if !serial && cfg.mode == ParallelMode::NaivePatch {
-        cfg.split_scheme
-    } else {
-        SplitScheme::Rows
-    };
-    let cplans = if split == SplitScheme::Rows {
-        Vec::new()
-    } else {
-        crate::patch::column_plans(&group_sizes, setup.height, setup.width, inv.levels)?
-    };
+    let topo = Topology::new(
+        setup.world_size,
+        setup.cfg_split,
+        cfg,
+        setup.height,
+        setup.width,
+        inv.levels,
+    )?;
+    let serial = topo.serial;
+    let (group_sizes, plans, grids) = (topo.group_sizes.clone(), &topo.plans, &topo.grids);
+    let split = topo.split;
+    let cplans = &topo.cplans;
     let (b, e) = (setup.batch as u64, setup.elem_size as u64);
     let communicates = cfg.communicates() && !serial;
     // What a steady step does: exchange stale context (async), everything synchronous (full), or
@@ -254,10 +258,10 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
             cfg,
             setup,
             group_sizes,
-            tensor_ranks(inv, setup, &grids)?,
+            tensor_ranks(inv, setup, grids)?,
         ));
     }
-    for g in &grids {
+    for g in grids {
         let bp = &plans[if serial { 0 } else { g.group }];
         let me = if serial { 0 } else { g.patch() };
         let mut odd_total = Traffic::default();
@@ -284,7 +288,7 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
             match l.kind {
                 LayerKind::InputConv { .. }
                 | LayerKind::FeedForward
-                | LayerKind::ResnetCore { .. } => {}
+                | LayerKind::ChannelSplit { .. } => {}
                 LayerKind::Conv {
                     kernel,
                     stride,
@@ -331,7 +335,7 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
                         }
                     }
                 }
-                LayerKind::SelfAttention { .. } => {
+                LayerKind::SelfAttention { .. } | LayerKind::ProjectedAttention { .. } => {
                     let tokens = band_tokens(bp, l.level);
                     let per_tok = b * 2 * c * e;
                     let own = tokens[me] as u64 * per_tok;
@@ -413,9 +417,9 @@ pub fn plan(inv: &Inventory, setup: &PlanSetup, cfg: &ParallelConfig) -> Result<
                         // Bytes of the gather when bands are rows (or columns) of the image.
                         let gather = |cols: bool| -> Traffic {
                             let (plans, line) = if cols {
-                                (&cplans, b * c * bp.height_at(l.level) as u64 * e)
+                                (cplans, b * c * bp.height_at(l.level) as u64 * e)
                             } else {
-                                (&plans, b * c * wl * e)
+                                (plans, b * c * wl * e)
                             };
                             let len_of = |r: usize| -> u64 {
                                 let gr = &grids[r];
@@ -498,8 +502,8 @@ pub fn plan_one_pass(inv: &Inventory, setup: &PlanSetup) -> Result<Plan> {
 }
 
 /// Tensor parallelism: every step moves the same bytes. Each self-attention, feed-forward and
-/// ResNet core all-reduces its whole output (`b·tokens·C` or `b·C·H·W` values) over the group,
-/// and each ResNet core also its norm2 statistics (`2·b·G` f32 values);
+/// channel-split block all-reduces its whole output (`b·tokens·C` or `b·C·H·W` values) over the
+/// group, and each channel-split block also its group-norm statistics (`2·b·G` f32 values);
 /// with CFG split, each group's first rank sends its output to every rank of the other group.
 fn tensor_ranks(
     inv: &Inventory,
@@ -528,7 +532,7 @@ fn tensor_ranks(
                     t.sent.add(CommKind::Other, v);
                     t.recvd.add(CommKind::Other, v);
                 }
-                LayerKind::ResnetCore { groups } => {
+                LayerKind::ChannelSplit { groups } => {
                     // The output, and the norm2 statistics (always f32).
                     let stats = setup.batch * groups * 2;
                     let v = crate::tensor::all_reduce_elems(m as usize, n, me) as u64 * e

@@ -2,13 +2,15 @@
 //! models with the same module names (a UNet and a ControlNet copied from it) get their own
 //! stale-cache slots on one runtime (PCPP §7.1: one slot per layer).
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use pcpp_kernels::Tensor;
 
 use crate::layers::{
-    AttentionWeights, Conv2dLayer, FeedForwardLayer, FeedForwardWeights, GatherLayer,
-    GroupNormLayer, LayerFactory, ResnetCoreLayer, ResnetCoreWeights, Result, SelfAttentionLayer,
+    AttentionWeights, BandLocator, ChannelSplit, Conv2dLayer, FeedForwardLayer, FeedForwardWeights,
+    GatherLayer, GroupNormLayer, LayerFactory, ProjectedAttentionLayer, Result, SelfAttentionLayer,
+    StepCtx,
 };
 
 /// Builds through `inner`, naming every layer `{prefix}{id}`.
@@ -49,9 +51,11 @@ impl LayerFactory for PrefixedFactory<'_> {
         id: &str,
         weight: Tensor,
         bias: Option<Tensor>,
+        stride: usize,
         padding: usize,
     ) -> Result<Arc<dyn Conv2dLayer>> {
-        self.inner.input_conv2d(&self.id(id), weight, bias, padding)
+        self.inner
+            .input_conv2d(&self.id(id), weight, bias, stride, padding)
     }
 
     fn fine_conv2d(
@@ -72,11 +76,12 @@ impl LayerFactory for PrefixedFactory<'_> {
         id: &str,
         weight: Tensor,
         bias: Option<Tensor>,
+        stride: usize,
         padding: usize,
         up: usize,
     ) -> Result<Arc<dyn Conv2dLayer>> {
         self.inner
-            .fine_input_conv2d(&self.id(id), weight, bias, padding, up)
+            .fine_input_conv2d(&self.id(id), weight, bias, stride, padding, up)
     }
 
     fn group_norm(
@@ -99,6 +104,18 @@ impl LayerFactory for PrefixedFactory<'_> {
         self.inner.self_attention(&self.id(id), weights)
     }
 
+    fn projected_attention(
+        &self,
+        id: &str,
+        heads: usize,
+    ) -> Result<Arc<dyn ProjectedAttentionLayer>> {
+        self.inner.projected_attention(&self.id(id), heads)
+    }
+
+    fn band_locator(&self, id: &str) -> Result<Arc<dyn BandLocator>> {
+        self.inner.band_locator(&self.id(id))
+    }
+
     fn gather(&self, id: &str) -> Result<Arc<dyn GatherLayer>> {
         self.inner.gather(&self.id(id))
     }
@@ -111,11 +128,50 @@ impl LayerFactory for PrefixedFactory<'_> {
         self.inner.feed_forward(&self.id(id), weights)
     }
 
-    fn resnet_core(&self, id: &str, mut w: ResnetCoreWeights) -> Result<Arc<dyn ResnetCoreLayer>> {
-        w.conv1.id = self.id(&w.conv1.id);
-        w.conv2.id = self.id(&w.conv2.id);
-        w.norm2_id = self.id(&w.norm2_id);
-        self.inner.resnet_core(&self.id(id), w)
+    fn channel_split(
+        &self,
+        id: &str,
+        channels: usize,
+        groups: usize,
+    ) -> Result<Option<Arc<dyn ChannelSplit>>> {
+        let inner = self.inner.channel_split(&self.id(id), channels, groups)?;
+        Ok(inner.map(|inner| {
+            Arc::new(PrefixedSplit {
+                inner,
+                prefix: self.prefix.clone(),
+            }) as Arc<dyn ChannelSplit>
+        }))
+    }
+}
+
+/// A [`ChannelSplit`] whose group norms are named with the factory's prefix.
+struct PrefixedSplit {
+    inner: Arc<dyn ChannelSplit>,
+    prefix: String,
+}
+
+impl ChannelSplit for PrefixedSplit {
+    fn share(&self) -> Range<usize> {
+        self.inner.share()
+    }
+
+    fn adds_bias(&self) -> bool {
+        self.inner.adds_bias()
+    }
+
+    fn group_norm(
+        &self,
+        id: &str,
+        eps: f64,
+        gamma: Option<Tensor>,
+        beta: Option<Tensor>,
+    ) -> Result<Arc<dyn GroupNormLayer>> {
+        self.inner
+            .group_norm(&format!("{}{id}", self.prefix), eps, gamma, beta)
+    }
+
+    fn reduce(&self, ctx: &StepCtx, partial: &Tensor) -> Result<Tensor> {
+        self.inner.reduce(ctx, partial)
     }
 }
 

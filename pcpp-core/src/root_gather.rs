@@ -28,14 +28,14 @@ impl PatchRuntime {
     /// `[b·groups, c, h, w]` on `root`.
     pub fn gather_to(&self, root: usize, x: &Tensor) -> Result<Option<Tensor>> {
         let sh = &self.sh;
-        let n = sh.grids.len();
+        let n = sh.topo.grids.len();
         let me = sh.grid.world_rank;
         if root >= n {
             return Err(CoreError::Config(format!(
                 "{ID}: root rank {root} is outside a world of {n}"
             )));
         }
-        let whole = sh.serial || sh.cfg.mode == ParallelMode::Tensor;
+        let whole = sh.topo.serial || sh.cfg.mode == ParallelMode::Tensor;
         if whole && sh.grid.groups == 1 {
             return Ok((me == root).then(|| x.clone()));
         }
@@ -57,8 +57,8 @@ impl PatchRuntime {
         };
         let level = sh.level(ID, rows, w)?;
         let rows_of = |r: usize| {
-            let g = &sh.grids[r];
-            sh.plans[g.group].band(level, g.patch()).len()
+            let g = &sh.topo.grids[r];
+            sh.topo.plans[g.group].band(level, g.patch()).len()
         };
         let others: Vec<usize> = (0..n).filter(|&r| r != root).collect();
         let (sends, recvs) = if me == root {

@@ -1,9 +1,10 @@
 //! Tensor parallelism, the baseline of PCPP §5 (`parallelism = tensor`): every rank of a group
-//! holds the whole image; self-attention heads, GEGLU feed-forward hidden units and the channels
-//! between the two convolutions of a ResNet block are split over the group's ranks, each rank
-//! computes a partial output, and an all-reduce sums them after each split block. The ResNet
-//! block's middle group norm all-reduces its statistics (2 values per batch and group, f32). Everything else (input conv, norms outside the ResNet core,
-//! projections, cross-attention, samplers) runs whole on every rank.
+//! holds the whole image; self-attention heads, GEGLU feed-forward hidden units and the middle
+//! channels of a [`ChannelSplit`] block (in SDXL, between the two convolutions of a ResNet block)
+//! are split over the group's ranks, each rank computes a partial output, and an all-reduce sums
+//! them after each split block. The split block's group norm all-reduces its statistics (2 values
+//! per batch and group, f32). Everything else (input conv, other norms, projections,
+//! cross-attention, samplers) runs whole on every rank.
 //!
 //! The all-reduce is a reduce-scatter followed by an all-gather over point-to-point exchanges:
 //! rank `j` sums chunk `j` of every rank's partial result in rank order, so every rank gets
@@ -14,11 +15,11 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use pcpp_comm::CommKind;
-use pcpp_kernels::{Conv2dParams, Tensor};
+use pcpp_kernels::Tensor;
 
 use crate::layers::{
-    AttentionWeights, CoreError, FeedForwardLayer, FeedForwardWeights, GatherLayer, LayerContext,
-    ResnetCoreLayer, ResnetCoreWeights, Result, SelfAttentionLayer, StepCtx,
+    AttentionWeights, ChannelSplit, CoreError, FeedForwardLayer, FeedForwardWeights, GatherLayer,
+    GroupNormLayer, LayerContext, Result, SelfAttentionLayer, StepCtx,
 };
 use crate::patch::Shared;
 
@@ -226,21 +227,67 @@ pub(crate) fn feed_forward(
     }))
 }
 
-struct TpResnetCore {
+/// Tensor parallelism's split of a block's middle channels (see [`ChannelSplit`]): this rank's
+/// share of the channels, a group norm whose statistics are all-reduced, and the all-reduce of
+/// the partial outputs.
+struct TpSplit {
     id: String,
     sh: Arc<Shared>,
-    w: ResnetCoreWeights,
-    /// This rank's middle channels and the channels per group of the whole layer.
+    /// This rank's middle channels, the channels per group and the groups of the whole block.
     ch: Range<usize>,
     per_group: usize,
     total_groups: usize,
 }
 
-impl TpResnetCore {
-    /// Group norm + SiLU of this rank's channels `h` with statistics over all ranks' channels:
-    /// per (batch, group) sums and sums of squares of the own channels, all-reduced.
-    fn norm2(&self, h: &Tensor) -> Result<Tensor> {
-        let (id, w) = (&self.w.norm2_id, &self.w);
+impl ChannelSplit for TpSplit {
+    fn share(&self) -> Range<usize> {
+        self.ch.clone()
+    }
+
+    fn adds_bias(&self) -> bool {
+        self.sh.group.rank() == 0
+    }
+
+    fn group_norm(
+        &self,
+        id: &str,
+        eps: f64,
+        gamma: Option<Tensor>,
+        beta: Option<Tensor>,
+    ) -> Result<Arc<dyn GroupNormLayer>> {
+        Ok(Arc::new(TpGroupNorm {
+            id: id.to_string(),
+            sh: self.sh.clone(),
+            ch: self.ch.clone(),
+            per_group: self.per_group,
+            total_groups: self.total_groups,
+            eps,
+            gamma,
+            beta,
+        }))
+    }
+
+    fn reduce(&self, _ctx: &StepCtx, partial: &Tensor) -> Result<Tensor> {
+        all_reduce(&self.sh, &self.id, partial)
+    }
+}
+
+/// Group norm of this rank's share of the channels with statistics over all ranks' channels.
+struct TpGroupNorm {
+    id: String,
+    sh: Arc<Shared>,
+    ch: Range<usize>,
+    per_group: usize,
+    total_groups: usize,
+    eps: f64,
+    gamma: Option<Tensor>,
+    beta: Option<Tensor>,
+}
+
+impl GroupNormLayer for TpGroupNorm {
+    /// Per (batch, group) sums and sums of squares of the own channels, all-reduced.
+    fn forward(&self, _ctx: &StepCtx, h: &Tensor, silu_after: bool) -> Result<Tensor> {
+        let id = &self.id;
         let shape = h.shape().to_vec();
         let (b, c, px) = (shape[0], shape[1], shape[2] * shape[3]);
         let g = self.total_groups;
@@ -261,14 +308,14 @@ impl TpResnetCore {
         let stats = Tensor::from_vec(&[b * g * 2], sums).at(id)?;
         let stats = all_reduce(&self.sh, id, &stats)?.to_vec_f32().at(id)?;
         let count = (self.per_group * px) as f64;
-        let gamma = w
-            .norm2_gamma
+        let gamma = self
+            .gamma
             .as_ref()
             .map(|t| t.to_vec_f32())
             .transpose()
             .at(id)?;
-        let beta = w
-            .norm2_beta
+        let beta = self
+            .beta
             .as_ref()
             .map(|t| t.to_vec_f32())
             .transpose()
@@ -279,14 +326,18 @@ impl TpResnetCore {
                 let gi = (self.ch.start + ci) / self.per_group;
                 let mean = stats[(bi * g + gi) * 2] as f64 / count;
                 let var = (stats[(bi * g + gi) * 2 + 1] as f64 / count - mean * mean).max(0.0);
-                let inv = 1.0 / (var + w.eps).sqrt();
+                let inv = 1.0 / (var + self.eps).sqrt();
                 let (ga, be) = (
                     gamma.as_ref().map_or(1.0, |v| v[ci] as f64),
                     beta.as_ref().map_or(0.0, |v| v[ci] as f64),
                 );
                 for &v in &data[(bi * c + ci) * px..(bi * c + ci + 1) * px] {
                     let y = ((v as f64 - mean) * inv * ga + be) as f32;
-                    out.push(y / (1.0 + (-y).exp()));
+                    out.push(if silu_after {
+                        y / (1.0 + (-y).exp())
+                    } else {
+                        y
+                    });
                 }
             }
         }
@@ -294,78 +345,28 @@ impl TpResnetCore {
     }
 }
 
-impl ResnetCoreLayer for TpResnetCore {
-    fn forward(&self, _ctx: &StepCtx, h: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let (id, w) = (&self.id, &self.w);
-        let h = h
-            .conv2d(
-                &w.conv1.weight,
-                w.conv1.bias.as_ref(),
-                Conv2dParams::new(1, 1),
-            )
-            .at(&w.conv1.id)?;
-        let t = temb.linear(&w.temb, w.temb_bias.as_ref()).at(id)?;
-        let (b, c) = (t.shape()[0], t.shape()[1]);
-        let h = h.add(&t.reshape(&[b, c, 1, 1]).at(id)?).at(id)?;
-        let h = self.norm2(&h)?;
-        let part = h
-            .conv2d(
-                &w.conv2.weight,
-                w.conv2.bias.as_ref(),
-                Conv2dParams::new(1, 1),
-            )
-            .at(&w.conv2.id)?;
-        all_reduce(&self.sh, id, &part)
-    }
-}
-
-/// A ResNet core with this rank's share of the middle channels: conv1 output channels, time
-/// projection and norm2 affine split, conv2 input channels split (bias on rank 0). The norm2
-/// statistics (2 values per batch and group) are all-reduced before normalising.
-pub(crate) fn resnet_core(
+/// The split of `channels` middle channels in `groups` groups over the group's ranks.
+pub(crate) fn channel_split(
     sh: Arc<Shared>,
     id: &str,
-    w: ResnetCoreWeights,
-) -> Result<Arc<dyn ResnetCoreLayer>> {
+    channels: usize,
+    groups: usize,
+) -> Result<Arc<dyn ChannelSplit>> {
     let (n, me) = (sh.group.size(), sh.group.rank());
-    let co = w.conv1.weight.shape()[0];
-    if co < n {
-        return Err(too_few(id, "channels", co, n));
+    if channels < n {
+        return Err(too_few(id, "channels", channels, n));
     }
-    if w.groups == 0 || co % w.groups != 0 {
+    if groups == 0 || channels % groups != 0 {
         return Err(CoreError::Config(format!(
-            "layer `{id}`: {co} channels do not split into {} groups",
-            w.groups
+            "layer `{id}`: {channels} channels do not split into {groups} groups"
         )));
     }
-    let ch = share(co, n, me);
-    let opt = |b: &Option<Tensor>| b.as_ref().map(|b| rows(id, b, &ch)).transpose();
-    let local = ResnetCoreWeights {
-        conv1: crate::layers::ConvWeights {
-            id: w.conv1.id.clone(),
-            weight: rows(id, &w.conv1.weight, &ch)?,
-            bias: opt(&w.conv1.bias)?,
-        },
-        temb: rows(id, &w.temb, &ch)?,
-        temb_bias: opt(&w.temb_bias)?,
-        norm2_id: w.norm2_id.clone(),
-        groups: w.groups,
-        eps: w.eps,
-        norm2_gamma: opt(&w.norm2_gamma)?,
-        norm2_beta: opt(&w.norm2_beta)?,
-        conv2: crate::layers::ConvWeights {
-            id: w.conv2.id.clone(),
-            weight: cols(id, &w.conv2.weight, &ch)?,
-            bias: if me == 0 { w.conv2.bias } else { None },
-        },
-    };
-    Ok(Arc::new(TpResnetCore {
+    Ok(Arc::new(TpSplit {
         id: id.to_string(),
         sh,
-        per_group: co / w.groups,
-        total_groups: w.groups,
-        ch,
-        w: local,
+        ch: share(channels, n, me),
+        per_group: channels / groups,
+        total_groups: groups,
     }))
 }
 
@@ -383,8 +384,8 @@ impl GatherLayer for TpGather {
         // Each group's first rank sends its branch to every rank of the other group.
         let g = sh.grid.group;
         let other = 1 - g;
-        let members: Vec<usize> = (0..sh.grids.len())
-            .filter(|&r| sh.grids[r].group == other)
+        let members: Vec<usize> = (0..sh.topo.grids.len())
+            .filter(|&r| sh.topo.grids[r].group == other)
             .collect();
         let leader = members[0];
         let own = x.to_bytes().at(id)?;

@@ -19,6 +19,7 @@ mod error;
 mod finite;
 pub mod io;
 mod ops;
+pub mod shards;
 mod tensor;
 
 pub use dtype::{DType, Device};
@@ -60,6 +61,15 @@ pub fn synchronize(device: Device) -> Result<()> {
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => Ok(()),
     }
+}
+
+/// Adds the GPU time of every op recorded while [`cpu::profile`] counting was on (CUDA events
+/// around each op's launches, see `cuda::profile`) to the counters of its kind, waiting for those
+/// ops first. Nothing to do without CUDA.
+pub fn flush_gpu_profile() -> Result<()> {
+    #[cfg(feature = "cuda")]
+    cuda::profile::flush()?;
+    Ok(())
 }
 
 /// Lets f32 convolutions on `device` use TF32 tensor cores, as PyTorch does by default (nothing on

@@ -3,6 +3,8 @@
 
 use crate::cpu;
 #[cfg(feature = "cuda")]
+use crate::cpu::profile;
+#[cfg(feature = "cuda")]
 use crate::{cuda, Device};
 use crate::{DType, KernelError, Result, Tensor};
 
@@ -234,6 +236,7 @@ impl Tensor {
             let out_shape = broadcast_shape(op, a.shape(), b.shape())?;
             let sa = broadcast_strides(a.shape(), &out_shape);
             let sb = broadcast_strides(b.shape(), &out_shape);
+            let _timed = cuda::profile::scope(profile::Kernel::Elementwise, a.device());
             return cuda::binary(a, b, code, &out_shape, &sa, &sb);
         }
         let _ = code;
@@ -297,6 +300,7 @@ impl Tensor {
     pub fn affine(&self, mul: f32, add: f32) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if self.is_cuda() {
+            let _timed = cuda::profile::scope(profile::Kernel::Elementwise, self.device());
             return cuda::unary(self, cuda::Unary::Affine(mul, add));
         }
         let v = cpu::map(&self.as_f32()?, |x| x * mul + add);
@@ -307,6 +311,7 @@ impl Tensor {
     pub fn clamp(&self, lo: f32, hi: f32) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if self.is_cuda() {
+            let _timed = cuda::profile::scope(profile::Kernel::Elementwise, self.device());
             return cuda::unary(self, cuda::Unary::Clamp(lo, hi));
         }
         let v = cpu::map(&self.as_f32()?, |x| x.clamp(lo, hi));
@@ -317,6 +322,7 @@ impl Tensor {
     pub fn act(&self, act: Activation) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if self.is_cuda() {
+            let _timed = cuda::profile::scope(profile::Kernel::Elementwise, self.device());
             return cuda::unary(self, cuda::Unary::Act(act));
         }
         let v = cpu::map(&self.as_f32()?, |x| act.apply(x));
@@ -338,6 +344,7 @@ impl Tensor {
             if let Some(last) = shape.last_mut() {
                 *last = d / 2;
             }
+            let _timed = cuda::profile::scope(profile::Kernel::Elementwise, self.device());
             return cuda::geglu(self, &shape);
         }
         let x = self.as_f32()?;
@@ -374,6 +381,7 @@ impl Tensor {
         if on_gpu("linear", &[Some(self), Some(w), bias])? {
             let mut shape = self.shape().to_vec();
             *shape.last_mut().unwrap_or(&mut 0) = n;
+            let _timed = cuda::profile::scope(profile::Kernel::Linear, self.device());
             return cuda::linear(self, w, bias, &shape);
         }
         let rows = self.numel() / k.max(1);
@@ -407,6 +415,7 @@ impl Tensor {
         );
         #[cfg(feature = "cuda")]
         if on_gpu("matmul", &[Some(self), Some(other)])? {
+            let _timed = cuda::profile::scope(profile::Kernel::Gemm, self.device());
             return cuda::matmul(self, other, (m, k, n));
         }
         let batch: usize = self.shape()[..ra - 2].iter().product();
@@ -465,6 +474,7 @@ impl Tensor {
         }
         #[cfg(feature = "cuda")]
         if on_gpu("conv2d", &[Some(self), Some(w), bias])? {
+            let _timed = cuda::profile::scope(profile::Kernel::Conv2d, self.device());
             return cuda::conv2d(self, w, bias, p);
         }
         let bv = match bias {
@@ -505,6 +515,7 @@ impl Tensor {
         let (b, c, s) = self.nc_s("group_stats", groups)?;
         #[cfg(feature = "cuda")]
         if self.is_cuda() {
+            let _timed = cuda::profile::scope(profile::Kernel::GroupNorm, self.device());
             return Ok(GroupStats {
                 batch: b,
                 groups,
@@ -538,6 +549,7 @@ impl Tensor {
         self.check_group_norm_affine("group_norm", c, gamma, beta)?;
         #[cfg(feature = "cuda")]
         if on_gpu("group_norm", &[Some(self), gamma, beta])? {
+            let _timed = cuda::profile::scope(profile::Kernel::GroupNorm, self.device());
             return cuda::group_norm_with_stats(
                 self,
                 (b, c, s),
@@ -627,6 +639,7 @@ impl Tensor {
         let (b, c, s) = self.nc_s("group_moments", groups)?;
         #[cfg(feature = "cuda")]
         if self.is_cuda() {
+            let _timed = cuda::profile::scope(profile::Kernel::GroupNorm, self.device());
             return cuda::group_moments(self, (b, c, s), groups);
         }
         let sums = cpu::group_sums(&self.as_f32()?, b, c, s, groups);
@@ -731,6 +744,7 @@ impl Tensor {
         self.check_group_norm_affine(OP, c, gamma, beta)?;
         #[cfg(feature = "cuda")]
         if on_gpu(OP, &[Some(self), gamma, beta])? {
+            let _timed = cuda::profile::scope(profile::Kernel::GroupNorm, self.device());
             return cuda::group_norm_merged(
                 self,
                 (b, c, s),
@@ -772,6 +786,7 @@ impl Tensor {
                     return Err(KernelError::shape("group_norm", self.shape(), t.shape()));
                 }
             }
+            let _timed = cuda::profile::scope(profile::Kernel::GroupNorm, self.device());
             return cuda::group_norm(self, (b, c, s), groups, (gamma, beta), eps, silu_after);
         }
         let stats = self.group_stats(groups)?;
@@ -793,6 +808,7 @@ impl Tensor {
         }
         #[cfg(feature = "cuda")]
         if on_gpu("layer_norm", &[Some(self), gamma, beta])? {
+            let _timed = cuda::profile::scope(profile::Kernel::LayerNorm, self.device());
             return cuda::layer_norm(self, gamma, beta, eps);
         }
         let g = match gamma {
@@ -804,6 +820,41 @@ impl Tensor {
             None => None,
         };
         let y = cpu::layer_norm(&self.as_f32()?, d, g.as_deref(), b.as_deref(), eps);
+        self.like(self.shape(), y)
+    }
+
+    /// RMS normalisation over the last axis: `x / √(mean(x²) + eps) · gamma` (PyTorch `RMSNorm`,
+    /// T5's layer norm), statistics in f32 or better.
+    pub fn rms_norm(&self, gamma: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+        let d = *self.shape().last().unwrap_or(&0);
+        if let Some(g) = gamma {
+            if g.shape() != [d] {
+                return Err(KernelError::shape("rms_norm", self.shape(), g.shape()));
+            }
+        }
+        #[cfg(feature = "cuda")]
+        if on_gpu("rms_norm", &[Some(self), gamma])? {
+            return cuda::rms_norm(self, gamma, eps);
+        }
+        let g = match gamma {
+            Some(t) => Some(t.as_f32()?),
+            None => None,
+        };
+        let y = cpu::rms_norm(&self.as_f32()?, d, g.as_deref(), eps);
+        self.like(self.shape(), y)
+    }
+
+    /// Softmax over the last axis (computed in f32, stored in the tensor's dtype).
+    pub fn softmax(&self) -> Result<Tensor> {
+        let d = *self.shape().last().unwrap_or(&0);
+        if d == 0 {
+            return Err(KernelError::invalid("softmax", "empty last axis"));
+        }
+        #[cfg(feature = "cuda")]
+        if self.is_cuda() {
+            return cuda::softmax_rows(self);
+        }
+        let y = cpu::softmax_rows(&self.as_f32()?, d);
         self.like(self.shape(), y)
     }
 
@@ -839,6 +890,7 @@ impl Tensor {
         }
         #[cfg(feature = "cuda")]
         if on_gpu("attention", &[Some(q), Some(k), Some(v)])? {
+            let _timed = cuda::profile::scope(profile::Kernel::Attention, q.device());
             return cuda::attention(q, k, v, heads, causal);
         }
         let y = cpu::attention(
@@ -865,6 +917,7 @@ impl Tensor {
         }
         #[cfg(feature = "cuda")]
         if self.is_cuda() {
+            let _timed = cuda::profile::scope(profile::Kernel::Upsample, self.device());
             return cuda::upsample_nearest2x(self);
         }
         let s = self.shape();
@@ -899,6 +952,7 @@ impl Tensor {
         if on_gpu("cat", &ts.iter().map(|t| Some(*t)).collect::<Vec<_>>())? {
             let mut shape = first.shape().to_vec();
             shape[dim] = total;
+            let _timed = cuda::profile::scope(profile::Kernel::Copy, ts[0].device());
             return cuda::cat(ts, dim, &shape);
         }
         let datas: Vec<_> = ts.iter().map(|t| t.as_f32()).collect::<Result<_>>()?;
@@ -929,6 +983,7 @@ impl Tensor {
         }
         #[cfg(feature = "cuda")]
         if self.is_cuda() {
+            let _timed = cuda::profile::scope(profile::Kernel::Copy, self.device());
             return cuda::narrow(self, dim, start, len);
         }
         let outer: usize = self.shape()[..dim].iter().product();
@@ -977,6 +1032,7 @@ impl Tensor {
         let src_strides: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
         #[cfg(feature = "cuda")]
         if self.is_cuda() {
+            let _timed = cuda::profile::scope(profile::Kernel::Copy, self.device());
             return cuda::permute(self, &out_shape, &src_strides);
         }
         let x = self.as_f32()?;
@@ -1050,6 +1106,7 @@ impl Tensor {
                 }
                 ids_u.push(id as u32);
             }
+            let _timed = cuda::profile::scope(profile::Kernel::Elementwise, table.device());
             return cuda::embedding(&ids_u, ids.shape(), table);
         }
         let t = table.as_f32()?;
@@ -1081,6 +1138,7 @@ impl Tensor {
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if self.is_cuda() {
+            let _timed = cuda::profile::scope(profile::Kernel::Elementwise, self.device());
             return cuda::timestep_embedding(self, dim, flip_sin_to_cos, downscale_freq_shift);
         }
         let t = self.as_f32()?;

@@ -314,6 +314,8 @@ impl Tensor {
         }
         #[cfg(feature = "cuda")]
         if self.is_cuda() {
+            let _timed =
+                crate::cuda::profile::scope(crate::cpu::profile::Kernel::Copy, self.device());
             return crate::cuda::cast(self, dtype);
         }
         let v = self.to_vec_f32()?;

@@ -243,6 +243,18 @@ fn norms_match_cpu() {
                 .unwrap(),
             &t.layer_norm(Some(&lg), Some(&lb), 1e-5).unwrap(),
         );
+        check(
+            "rms_norm",
+            d,
+            &gpu(&t).rms_norm(Some(&gpu(&lg)), 1e-6).unwrap(),
+            &t.rms_norm(Some(&lg), 1e-6).unwrap(),
+        );
+        check(
+            "softmax",
+            d,
+            &gpu(&t).softmax().unwrap(),
+            &t.softmax().unwrap(),
+        );
     }
 }
 
@@ -762,4 +774,33 @@ fn convolutions_too_large_for_cudnn_run_in_bands_with_the_same_result() {
             .unwrap();
         assert!(d <= 1e-5, "stride {stride} pad {pad}: max|Δ| {d:e}");
     }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_profile_times_each_op_kind_and_only_while_on() {
+    use pcpp_kernels::cpu::profile::{self, Kernel};
+    let x = gpu(&rnd(&[1, 64, 64, 64], DType::F16, 1));
+    let w = gpu(&rnd(&[64, 64, 3, 3], DType::F16, 2));
+    let p = Conv2dParams::new(1, 1);
+    x.conv2d(&w, None, p).unwrap();
+    profile::reset();
+    profile::enable(true);
+    for _ in 0..3 {
+        x.conv2d(&w, None, p).unwrap();
+    }
+    x.act(Activation::Silu).unwrap();
+    profile::enable(false);
+    x.conv2d(&w, None, p).unwrap();
+    pcpp_kernels::flush_gpu_profile().unwrap();
+    let stats = profile::snapshot();
+    let of = |k: Kernel| stats.iter().find(|s| s.kernel == k).copied().unwrap();
+    assert_eq!(
+        of(Kernel::Conv2d).calls,
+        3,
+        "only the convolutions run while on"
+    );
+    assert!(of(Kernel::Conv2d).seconds > 0.0);
+    assert_eq!(of(Kernel::Elementwise).calls, 1);
+    assert_eq!(of(Kernel::Attention).calls, 0);
 }

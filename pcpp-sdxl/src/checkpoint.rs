@@ -721,6 +721,12 @@ impl safetensors::View for &Raw {
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>> {
+    if pcpp_kernels::shards::is_index(path) {
+        return Err(model_err(
+            path,
+            "sharded weights cannot be written to a single-file checkpoint (only loaded)",
+        ));
+    }
     read_header(path)?;
     std::fs::read(path).map_err(|e| model_err(path, e.to_string()))
 }

@@ -1,6 +1,10 @@
-//! The denoising loop (diffusers' `StableDiffusionXLPipeline.__call__` between prompt encoding and
-//! decoding), the only one in the project: `generate` runs it, and so does every benchmark that
-//! times a whole image.
+//! SDXL's side of the denoising loop (diffusers' `StableDiffusionXLPipeline.__call__` between
+//! prompt encoding and decoding): `generate` runs it, and so does every benchmark that times a
+//! whole image. The loop itself is the core's model-independent [`denoise_loop`]; here the UNet
+//! is its [`DenoiseModel`], a [`Scheduler`] its [`Sampler`], and SDXL's inputs (prompt embeddings
+//! and micro-conditioning, text-to-image noise or an image-to-image start, the per-step noise of
+//! ancestral sampling) are checked and prepared. With ControlNets the model is the UNet with its
+//! nets (`StableDiffusionXLControlNetPipeline`), one model to the loop and to its CUDA graphs.
 //!
 //! The loop is written against [`StepDriver`] (PCPP §1.1, §1.4, §4): it asks the driver for each
 //! step's context (synchronous warm-up or stale), and with CFG split it feeds only this rank's
@@ -9,14 +13,13 @@
 //! latents, the scheduler and the guidance stay on the device (PCPP §7.1: steady steps replay as
 //! CUDA graphs).
 
-use pcpp_core::StepDriver;
-use pcpp_kernels::{Device, Tensor};
+use pcpp_core::{denoise_loop, DenoiseModel, LoopOptions, Sampler, StepCtx, StepDriver};
+use pcpp_kernels::{DType, Device, Tensor};
 
-use crate::controlnet::Control;
+use crate::controlnet::{Control, ControlledUNet};
 use crate::error::{Result, SdxlError};
-use crate::graph::StepGraphs;
 use crate::pipeline::{MicroCond, PromptEmbeds};
-use crate::scheduler::{self, lin, Scheduler, SchedulerConfig, SchedulerKind};
+use crate::scheduler::{self, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::unet::{UNet, UNetCond};
 
 /// What the denoising loop needs besides the model.
@@ -31,7 +34,7 @@ pub struct DenoiseParams {
     /// SDXL micro-conditioning.
     pub micro: MicroCond,
     /// On a GPU, replay steady steps as CUDA graphs (one per step parity, captured after two
-    /// eager steady steps; [`crate::StepGraphs`]). Ignored on the CPU.
+    /// eager steady steps; [`pcpp_core::StepGraphs`]). Ignored on the CPU.
     pub cuda_graphs: bool,
 }
 
@@ -147,15 +150,68 @@ pub fn denoise(
     .map(|d| d.latents)
 }
 
-/// The one denoising loop of the project: classifier-free guided UNet steps from `start` to the
-/// final latents, for `generate` and for every benchmark that times a whole image.
+/// The UNet as the loop's model: one forward of the (CFG) batch.
+impl DenoiseModel for UNet {
+    type Cond = UNetCond;
+    type Error = SdxlError;
+
+    fn device(&self) -> Device {
+        UNet::device(self)
+    }
+
+    fn dtype(&self) -> DType {
+        UNet::dtype(self)
+    }
+
+    fn forward(&self, ctx: &StepCtx, x: &Tensor, t: &Tensor, cond: &UNetCond) -> Result<Tensor> {
+        UNet::forward(self, ctx, x, t, cond, None)
+    }
+}
+
+/// A [`Scheduler`] as the loop's [`Sampler`]; its errors name the scheduler.
+struct SchedulerSampler<'a>(&'a mut dyn Scheduler);
+
+fn sched_err(e: scheduler::SchedulerError) -> SdxlError {
+    SdxlError::Input(format!("scheduler: {e}"))
+}
+
+impl Sampler for SchedulerSampler<'_> {
+    type Error = SdxlError;
+
+    fn timesteps(&self) -> &[f64] {
+        self.0.timesteps()
+    }
+
+    fn model_input(&self, sample: &Tensor, step: usize) -> Result<Tensor> {
+        self.0.model_input(sample, step).map_err(sched_err)
+    }
+
+    fn advance(
+        &mut self,
+        prediction: &Tensor,
+        step: usize,
+        sample: &Tensor,
+        noise: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.0
+            .advance(prediction, step, sample, noise)
+            .map_err(sched_err)
+    }
+
+    fn needs_noise(&self) -> bool {
+        self.0.needs_noise()
+    }
+}
+
+/// The one denoising loop of the project for SDXL: classifier-free guided UNet steps from
+/// `start` to the final latents, for `generate` and for every benchmark that times a whole image.
 ///
 /// Everything stays on the UNet's device: the scheduler updates ([`Scheduler::advance`]), the
 /// guidance combine and the latents (`f32`). Per step the host uploads only the timestep (and, for
 /// ancestral sampling, the step's noise); nothing is read back until the end. Steady steps replay
-/// CUDA graphs when `params.cuda_graphs` and the driver allow it ([`StepGraphs`]). Non-finite
-/// latents are caught by a device-side flag that is read once, after the last step: the error names
-/// the first step whose latents held a NaN or an infinity.
+/// CUDA graphs when `params.cuda_graphs` and the driver allow it ([`pcpp_core::StepGraphs`]).
+/// Non-finite latents are caught by a device-side flag that is read once, after the last step:
+/// the error names the first step whose latents held a NaN or an infinity.
 ///
 /// With `driver.cfg_branch() == Some(g)` only branch `g` is fed to the UNet (its gather returns
 /// `[uncond; cond]`); otherwise the whole CFG batch is. `embeds` may live anywhere: they are moved
@@ -164,7 +220,7 @@ pub fn denoise(
 /// With `control`, each step first runs the ControlNets whose window reaches it (on the same
 /// input, conditioning and step context as the UNet; see [`crate::controlnet`]) and adds their
 /// summed residuals to the UNet's skip connections. Steps with ControlNets replay CUDA graphs
-/// too: one per distinct set of nets and scales ([`StepGraphs::run_with`]).
+/// too: one per distinct set of nets and scales ([`DenoiseModel::graph_key`]).
 #[allow(clippy::too_many_arguments)]
 pub fn denoise_with(
     unet: &UNet,
@@ -179,7 +235,6 @@ pub fn denoise_with(
 ) -> Result<Denoised> {
     let mut sched: Box<dyn Scheduler> = scheduler::build(params.scheduler, sched_cfg, params.steps)
         .map_err(|e| SdxlError::Input(format!("scheduler: {e}")))?;
-    let sched_err = |e: scheduler::SchedulerError| SdxlError::Input(format!("scheduler: {e}"));
     let noise = match start {
         DenoiseStart::Noise(n) => *n,
         DenoiseStart::Image { noise, latents, .. } => {
@@ -225,13 +280,9 @@ pub fn denoise_with(
         Some(on_unet(&pooled)?),
         Some(on_unet(&time_ids)?),
     );
-    let mut graphs = StepGraphs::new(params.cuda_graphs && device != Device::Cpu);
-
-    let f32_on = |t: &Tensor| -> Result<Tensor> {
-        Ok(t.to_device(device)?.to_dtype(pcpp_kernels::DType::F32)?)
-    };
+    let f32_on = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?.to_dtype(DType::F32)?) };
     let noise_dev = f32_on(noise)?;
-    let (first, mut latents) = match start {
+    let (first, latents) = match start {
         DenoiseStart::Noise(_) => (0, noise_dev.affine(sched.init_noise_sigma() as f32, 0.0)?),
         DenoiseStart::Image {
             latents, strength, ..
@@ -267,74 +318,61 @@ pub fn denoise_with(
             }
         }
     }
-    let timesteps = sched.timesteps().to_vec();
-    let total = timesteps.len() - first;
+    let mut step_noise_at = |i: usize| -> Result<Tensor> {
+        match step_noise {
+            StepNoise::Derived => Ok(Tensor::from_vec(
+                &shape,
+                derived_step_noise(&noise_host, i, noise_host.len()),
+            )?
+            .to_device(device)?),
+            StepNoise::Given(v) => f32_on(&v[i]),
+        }
+    };
+    let opts = LoopOptions {
+        first,
+        guidance: cfg.then_some(params.guidance),
+        cuda_graphs: params.cuda_graphs,
+    };
+    let mut sampler = SchedulerSampler(sched.as_mut());
     let control = control
         .filter(|c| !c.units.is_empty())
-        .map(|c| c.prepare(unet, &cond, (shape[2], shape[3]), total))
+        .map(|c| {
+            let steps = sampler.timesteps().len().saturating_sub(first);
+            c.prepare(unet, &cond, (shape[2], shape[3]), steps)
+        })
         .transpose()?;
-    let mut flag = Tensor::finite_flag(device)?;
-    let mut step_seconds = Vec::with_capacity(total);
-    driver.begin_generation()?;
-    for (i, &t) in timesteps.iter().enumerate().skip(first) {
-        let t0 = std::time::Instant::now();
-        let x = sched
-            .model_input(&latents, i)
-            .map_err(sched_err)?
-            .to_dtype(dtype)?;
-        let x_in = if cfg && branch.is_none() {
-            Tensor::cat(&[&x, &x], 0)?
-        } else {
-            x
-        };
-        let b = x_in.shape()[0];
-        let ts = Tensor::from_vec(&[b], vec![t as f32; b])?.to_device(device)?;
-        let ctx = driver.step_ctx(i - first);
-        let cstep = control.as_ref().and_then(|c| c.step(i - first));
-        let out = graphs.run_with(unet, cstep.as_ref(), driver, &ctx, &x_in, &ts, &cond)?;
-        let guided = if cfg {
-            // One cast of both branches (the combine is in f32), not one per use.
-            let out = out.to_dtype(pcpp_kernels::DType::F32)?;
-            let u = out.narrow(0, 0, 1)?;
-            let c = out.narrow(0, 1, 1)?;
-            let diff = lin(&[(&c, 1.0), (&u, -1.0)]).map_err(sched_err)?;
-            lin(&[(&u, 1.0), (&diff, params.guidance)]).map_err(sched_err)?
-        } else {
-            out
-        };
-        let fresh = if sched.needs_noise() {
-            Some(match step_noise {
-                StepNoise::Derived => {
-                    Tensor::from_vec(&shape, derived_step_noise(&noise_host, i, noise_host.len()))?
-                        .to_device(device)?
-                }
-                StepNoise::Given(v) => f32_on(&v[i])?,
-            })
-        } else {
-            None
-        };
-        latents = sched
-            .advance(&guided, i, &latents, fresh.as_ref())
-            .map_err(sched_err)?;
-        flag = latents.nonfinite_flag(&flag, i as f32)?;
-        step_seconds.push(t0.elapsed().as_secs_f64());
-        progress(i + 1 - first, total);
-    }
-    driver.end_generation()?;
-    if let Some(step) = flag.flag_code()? {
+    let out = match control {
+        Some(control) => denoise_loop(
+            &ControlledUNet { unet, control },
+            &cond,
+            driver,
+            &mut sampler,
+            latents,
+            &opts,
+            &mut step_noise_at,
+            progress,
+        )?,
+        None => denoise_loop(
+            unet,
+            &cond,
+            driver,
+            &mut sampler,
+            latents,
+            &opts,
+            &mut step_noise_at,
+            progress,
+        )?,
+    };
+    if let Some(step) = out.nonfinite_at {
         return Err(SdxlError::NonFinite {
             stage: "the latents".into(),
-            at: format!(
-                " after denoising step {} of {}",
-                step as usize + 1,
-                params.steps
-            ),
+            at: format!(" after denoising step {} of {}", step + 1, params.steps),
             hint: overflow_hint(dtype),
         });
     }
     Ok(Denoised {
-        latents,
-        step_seconds,
+        latents: out.latents,
+        step_seconds: out.step_seconds,
     })
 }
 

@@ -55,7 +55,7 @@ impl Lister {
         self.norm(format!("{p}.norm2"), co, level);
         self.conv3(format!("{p}.conv2"), co, level, 1, 1);
         let groups = self.groups;
-        self.push(p.to_string(), LayerKind::ResnetCore { groups }, co, level);
+        self.push(p.to_string(), LayerKind::ChannelSplit { groups }, co, level);
     }
 
     fn transformer(&mut self, p: &str, c: usize, depth: usize, heads: usize, level: usize) {
@@ -142,6 +142,7 @@ pub fn unet_inventory(cfg: &UNetConfig) -> Inventory {
         "conv_in".into(),
         LayerKind::InputConv {
             kernel: cfg.conv_in_kernel,
+            stride: 1,
             padding: (cfg.conv_in_kernel - 1) / 2,
         },
         cfg.in_channels,

@@ -11,7 +11,6 @@ pub mod controlnet;
 pub mod denoise;
 pub mod error;
 pub mod generation;
-pub mod graph;
 pub mod inventory;
 pub mod lora;
 pub mod pipeline;
@@ -20,6 +19,7 @@ pub mod tokenizer;
 pub mod unet;
 mod unet_blocks;
 pub mod unet_config;
+mod unet_resnet;
 pub mod vae;
 pub mod vae_encoder;
 pub mod vae_parallel;
@@ -39,9 +39,9 @@ pub use error::{Result, SdxlError};
 pub use generation::{
     vae_dtype, GeneratedImage, Generator, ImageJob, LoadOptions, ModelGeometry, StageSeconds,
 };
-pub use graph::StepGraphs;
 pub use inventory::unet_inventory;
 pub use lora::{ComponentLora, LoraComponent, LoraSet, LoraSpec};
+pub use pcpp_core::StepGraphs;
 pub use pipeline::{MicroCond, ModelIndex, Pipeline, PromptEmbeds, TextEncoders};
 pub use unet::{ControlResiduals, Taps, UNet, UNetCond};
 pub use unet_config::UNetConfig;

@@ -1,6 +1,6 @@
 //! The building blocks of `UNet2DConditionModel`'s down, mid and up paths (diffusers'
-//! `ResnetBlock2D`, `Transformer2DModel` with `BasicTransformerBlock`, `CrossAttnDownBlock2D` /
-//! `DownBlock2D` / their up twins) and the shared encoder half (time and added embeddings,
+//! `Transformer2DModel` with `BasicTransformerBlock`, `CrossAttnDownBlock2D` / `DownBlock2D` /
+//! their up twins, over the `ResnetBlock2D` of [`crate::unet_resnet`]) and the shared encoder half (time and added embeddings,
 //! `conv_in`, down blocks, mid block), built through a [`LayerFactory`] so that they run serially or
 //! patch-parallel (PCPP §2). The UNet and the ControlNet (whose encoder is a copy of the UNet's)
 //! both build from here.
@@ -8,14 +8,15 @@
 use std::sync::Arc;
 
 use pcpp_core::{
-    AttentionWeights, Conv2dLayer, ConvWeights, FeedForwardLayer, FeedForwardWeights,
-    GroupNormLayer, LayerFactory, ResnetCoreLayer, ResnetCoreWeights, SelfAttentionLayer, StepCtx,
+    AttentionWeights, Conv2dLayer, FeedForwardLayer, FeedForwardWeights, GroupNormLayer,
+    LayerFactory, SelfAttentionLayer, StepCtx,
 };
 use pcpp_kernels::{Activation, Tensor};
 
 use crate::error::{Result, SdxlError};
 use crate::unet::{Taps, UNetCond};
 use crate::unet_config::{BlockKind, BlockSpec, UNetConfig};
+use crate::unet_resnet::ResnetBlock;
 use crate::weights::Weights;
 
 pub(crate) struct Linear {
@@ -87,76 +88,6 @@ pub(crate) fn gnorm(
     let g = w.get(&format!("{p}.weight"), &[c])?;
     let b = w.get(&format!("{p}.bias"), &[c])?;
     Ok(f.group_norm(p, groups, eps, Some(g), Some(b))?)
-}
-
-pub(crate) struct ResnetBlock {
-    name: String,
-    norm1: Arc<dyn GroupNormLayer>,
-    /// conv1, time-embedding projection, norm2, conv2 (split by a tensor-parallel factory).
-    core: Arc<dyn ResnetCoreLayer>,
-    shortcut: Option<Arc<dyn Conv2dLayer>>,
-}
-
-impl ResnetBlock {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn load(
-        f: &dyn LayerFactory,
-        w: &Weights,
-        p: &str,
-        ci: usize,
-        co: usize,
-        temb: usize,
-        groups: usize,
-        eps: f64,
-    ) -> Result<Self> {
-        let cw = |n: &str, ci: usize| -> Result<ConvWeights> {
-            let id = format!("{p}.{n}");
-            Ok(ConvWeights {
-                weight: w.get(&format!("{id}.weight"), &[co, ci, 3, 3])?,
-                bias: w.get_opt(&format!("{id}.bias"), &[co])?,
-                id,
-            })
-        };
-        let norm1 = gnorm(f, w, &format!("{p}.norm1"), ci, groups, eps)?;
-        let temb_proj = Linear::load(w, &format!("{p}.time_emb_proj"), temb, co, true)?;
-        let core = f.resnet_core(
-            p,
-            ResnetCoreWeights {
-                conv1: cw("conv1", ci)?,
-                temb: temb_proj.w,
-                temb_bias: temb_proj.b,
-                norm2_id: format!("{p}.norm2"),
-                groups,
-                eps,
-                norm2_gamma: Some(w.get(&format!("{p}.norm2.weight"), &[co])?),
-                norm2_beta: Some(w.get(&format!("{p}.norm2.bias"), &[co])?),
-                conv2: cw("conv2", co)?,
-            },
-        )?;
-        Ok(ResnetBlock {
-            name: p.to_string(),
-            norm1,
-            core,
-            shortcut: if ci != co {
-                Some(conv(f, w, &format!("{p}.conv_shortcut"), ci, co, 1, 1, 0)?)
-            } else {
-                None
-            },
-        })
-    }
-
-    /// `temb_act` is `silu(temb)`, shared by all blocks.
-    pub(crate) fn forward(&self, fw: &Fwd, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
-        let h = self.norm1.forward(fw.ctx, x, true)?;
-        let h = self.core.forward(fw.ctx, &h, temb_act)?;
-        let skip = match &self.shortcut {
-            Some(s) => s.forward(fw.ctx, x)?,
-            None => x.clone(),
-        };
-        let out = skip.add(&h)?;
-        fw.tap(&self.name, &out);
-        Ok(out)
-    }
 }
 
 pub(crate) struct CrossAttention {
@@ -488,6 +419,7 @@ impl Encoder {
             "conv_in",
             w.get("conv_in.weight", &[c0, cfg.in_channels, k_in, k_in])?,
             w.get_opt("conv_in.bias", &[c0])?,
+            1,
             (k_in - 1) / 2,
         )?;
         let add = match cfg.text_time {

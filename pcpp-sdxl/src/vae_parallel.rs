@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use pcpp_comm::Transport;
 use pcpp_core::plan::{plan_one_pass, Inventory, LayerKind, Plan, PlanSetup};
-use pcpp_core::PatchRuntime;
+use pcpp_core::{ParallelConfig, PatchRuntime};
 use pcpp_kernels::Tensor;
 
 use crate::error::{Result, SdxlError};
@@ -46,6 +46,28 @@ pub fn decode_runtime(
     let l = config.levels();
     Ok(PatchRuntime::one_pass(
         world,
+        latent_h << l,
+        latent_w << l,
+        l,
+    )?)
+}
+
+/// [`decode_runtime`] with the transport of the decode's group given instead of split from
+/// `world` (the decode has one group: the whole world), for transports that cannot split, such
+/// as [`pcpp_comm::SoloTransport`] when one rank's decode is measured alone.
+pub fn decode_runtime_with_group(
+    world: Arc<dyn Transport>,
+    group: Arc<dyn Transport>,
+    config: &VaeConfig,
+    latent_h: usize,
+    latent_w: usize,
+) -> Result<PatchRuntime> {
+    let l = config.levels();
+    Ok(PatchRuntime::with_group(
+        world,
+        group,
+        false,
+        ParallelConfig::one_pass(),
         latent_h << l,
         latent_w << l,
         l,

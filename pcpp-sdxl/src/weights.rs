@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use pcpp_kernels::io::SafetensorsFile;
+use pcpp_kernels::shards::WeightFiles;
 use pcpp_kernels::{DType, Device, Tensor};
 use rayon::prelude::*;
 
@@ -27,26 +27,14 @@ use crate::lora::{ComponentLora, LoraMerge};
 use crate::unet_config::UNetConfig;
 
 /// Picks the weight file of a component folder: the full-precision file if present, else the
-/// `.fp16` variant (cast on load). Sharded checkpoints are not supported.
+/// `.fp16` variant (cast on load), else a shard index (`<stem>.safetensors.index.json`, see
+/// [`pcpp_kernels::shards`]), which [`Weights::open`] opens with all its shards.
 pub fn find_weight_file(dir: &Path, stem: &str) -> Result<PathBuf> {
-    for name in [
-        format!("{stem}.safetensors"),
-        format!("{stem}.fp16.safetensors"),
-    ] {
-        let p = dir.join(&name);
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    if dir.join(format!("{stem}.safetensors.index.json")).is_file() {
-        return Err(SdxlError::Model {
-            path: dir.to_path_buf(),
-            msg: format!("sharded weights ({stem}.safetensors.index.json) are not supported; merge the shards into one file"),
-        });
-    }
-    Err(SdxlError::Model {
+    pcpp_kernels::shards::find_weights(dir, stem).ok_or_else(|| SdxlError::Model {
         path: dir.to_path_buf(),
-        msg: format!("no weight file: expected {stem}.safetensors or {stem}.fp16.safetensors"),
+        msg: format!(
+            "no weight file: expected {stem}.safetensors, {stem}.fp16.safetensors or {stem}.safetensors.index.json (shards)"
+        ),
     })
 }
 
@@ -56,8 +44,8 @@ pub type Manifest = BTreeMap<String, Vec<usize>>;
 
 /// Where a [`Weights`] store gets its tensors.
 enum Source {
-    /// A safetensors file.
-    File(SafetensorsFile),
+    /// A safetensors file, or the shards of an index.
+    File(WeightFiles),
     /// Seeded random tensors, created on request.
     Random(RandomSource),
 }
@@ -154,7 +142,8 @@ fn random_values(seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
     v
 }
 
-/// A weight store for building one model component: a safetensors file, or seeded random tensors.
+/// A weight store for building one model component: a safetensors file (or a set of shards), or
+/// seeded random tensors.
 pub struct Weights {
     source: Source,
     dtype: DType,
@@ -179,9 +168,10 @@ impl Weights {
         }
     }
 
-    /// Opens `path`; tensors will be cast to `dtype`.
+    /// Opens `path` (a safetensors file, or a shard index `*.safetensors.index.json` with its
+    /// shards); tensors will be cast to `dtype`.
     pub fn open(path: &Path, dtype: DType) -> Result<Weights> {
-        let file = SafetensorsFile::open(path).map_err(|e| SdxlError::Model {
+        let file = WeightFiles::open(path).map_err(|e| SdxlError::Model {
             path: path.to_path_buf(),
             msg: e
                 .to_string()

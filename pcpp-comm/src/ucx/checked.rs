@@ -141,6 +141,18 @@ impl Context {
         check(rc)?;
         Ok(Arc::new(Context { raw }))
     }
+
+    /// Whether the transports UCX loaded move CUDA device memory (`UCS_MEMORY_TYPE_CUDA` among
+    /// the context's memory types: the `cuda_copy` / `cuda_ipc` modules of a CUDA-enabled build).
+    pub fn supports_cuda(&self) -> bool {
+        let mut attr = ffi::ucp_context_attr_t {
+            field_mask: u64::from(ffi::UCP_ATTR_FIELD_MEMORY_TYPES),
+            ..Default::default()
+        };
+        // SAFETY: live context; `attr` is a valid in/out struct.
+        let rc = unsafe { ffi::ucp_context_query(self.raw, &mut attr) };
+        rc == ffi::UCS_OK && attr.memory_types & (1u64 << ffi::UCS_MEMORY_TYPE_CUDA) != 0
+    }
 }
 
 impl Drop for Context {
@@ -212,9 +224,31 @@ impl Worker {
         len: usize,
         tag: u64,
     ) -> Result<Posted, Status> {
-        let param = ffi::ucp_request_param_t::default();
+        // SAFETY: the caller's promise, host memory.
+        unsafe { self.tag_send_mem(ep, buf, len, tag, false) }
+    }
+
+    /// [`Worker::tag_send`] of host memory or, with `cuda`, of CUDA device memory (told to UCX
+    /// as `UCS_MEMORY_TYPE_CUDA`, which spares it the pointer lookup).
+    ///
+    /// # Safety
+    /// As [`Worker::tag_send`]; with `cuda`, `buf` is device memory of the calling thread's
+    /// current CUDA context.
+    pub unsafe fn tag_send_mem(
+        &self,
+        ep: &Endpoint,
+        buf: *const u8,
+        len: usize,
+        tag: u64,
+        cuda: bool,
+    ) -> Result<Posted, Status> {
+        let mut param = ffi::ucp_request_param_t::default();
+        if cuda {
+            param.op_attr_mask |= ffi::UCP_OP_ATTR_FIELD_MEMORY_TYPE;
+            param.memory_type = ffi::UCS_MEMORY_TYPE_CUDA;
+        }
         // SAFETY: valid endpoint; buffer validity is the caller's promise;
-        // default params select contiguous bytes and no callback.
+        // the params select contiguous bytes and no callback.
         decode_ptr(unsafe { ffi::ucp_tag_send_nbx(ep.raw, buf.cast(), len, tag, &param) })
     }
 
@@ -232,12 +266,34 @@ impl Worker {
         mask: u64,
         info: *mut ffi::ucp_tag_recv_info_t,
     ) -> Result<Posted, Status> {
+        // SAFETY: the caller's promise, host memory.
+        unsafe { self.tag_recv_mem(buf, len, tag, mask, info, false) }
+    }
+
+    /// [`Worker::tag_recv`] into host memory or, with `cuda`, into CUDA device memory.
+    ///
+    /// # Safety
+    /// As [`Worker::tag_recv`]; with `cuda`, `buf` is device memory of the calling thread's
+    /// current CUDA context.
+    pub unsafe fn tag_recv_mem(
+        &self,
+        buf: *mut u8,
+        len: usize,
+        tag: u64,
+        mask: u64,
+        info: *mut ffi::ucp_tag_recv_info_t,
+        cuda: bool,
+    ) -> Result<Posted, Status> {
         // Immediate completion is denied: UCX 1.13 does not fill `info` on
         // that path, so the length is read from the request instead.
         let mut param = ffi::ucp_request_param_t {
             op_attr_mask: ffi::UCP_OP_ATTR_FIELD_RECV_INFO | ffi::UCP_OP_ATTR_FLAG_NO_IMM_CMPL,
             ..Default::default()
         };
+        if cuda {
+            param.op_attr_mask |= ffi::UCP_OP_ATTR_FIELD_MEMORY_TYPE;
+            param.memory_type = ffi::UCS_MEMORY_TYPE_CUDA;
+        }
         param.recv_info.tag_info = info;
         // SAFETY: valid worker; buffer and info validity is the caller's
         // promise.

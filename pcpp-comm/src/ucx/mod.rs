@@ -28,11 +28,15 @@
 //!   them.
 //! * [`Transport::abort`] sends an abort notice to every rank; their blocked
 //!   and future operations fail with [`CommError::Aborted`].
+//! * Device memory ([`crate::DeviceP2p`]) goes through the engine of [`crate::device`] (module
+//!   `device`): CUDA-aware when the UCX context lists the CUDA memory type, else staged through
+//!   pinned buffers; chosen when the world is created.
 //! * Start-up ([`UcxTransport::init_with`]) exchanges worker addresses through
 //!   any all-gather: an MPI world under `mpirun`, or the TCP
 //!   [`crate::rendezvous`] ([`UcxTransport::init_rendezvous`]).
 
 pub mod checked;
+mod device;
 pub mod ffi;
 
 use std::os::raw::c_void;
@@ -44,7 +48,7 @@ use self::checked::{Context, Endpoint, ErrMode, Posted, Request, Status, Worker}
 use crate::collectives::layout_from_entries;
 use crate::error::CommError;
 use crate::stats::{CommKind, CommStats, StatsCounter};
-use crate::transport::{Pending, PendingOp, Transport, TransportOptions};
+use crate::transport::{DeviceP2p, Pending, PendingOp, Transport, TransportOptions};
 
 /// Context id of abort notices.
 const ABORT_CTX: u64 = 0xFFFF;
@@ -106,6 +110,8 @@ struct World {
     next_ctx: AtomicU32,
     world_rank: usize,
     err_mode: ErrMode,
+    /// Whether the UCX context moves CUDA memory.
+    cuda_memory: bool,
 }
 
 impl World {
@@ -266,6 +272,8 @@ pub struct UcxTransport {
     rank: usize,
     opts: TransportOptions,
     stats: Arc<StatsCounter>,
+    /// Device exchanges (`None`: host path only).
+    device: Option<Arc<crate::device::engine::DeviceEngine<device::UcxWire>>>,
 }
 
 impl std::fmt::Debug for UcxTransport {
@@ -313,6 +321,7 @@ impl UcxTransport {
             )
         };
         let ctx = Context::new(size).map_err(|s| ucx_err("ucp_init", s))?;
+        let cuda_memory = ctx.supports_cuda();
         let worker = Worker::new(&ctx).map_err(|s| ucx_err("ucp_worker_create", s))?;
         let address = worker
             .address()
@@ -396,14 +405,18 @@ impl UcxTransport {
             next_ctx: AtomicU32::new(1),
             world_rank: rank,
             err_mode,
+            cuda_memory,
         });
+        let members: Vec<usize> = (0..size).collect();
+        let device = device::engine_for(&world, 0, rank, &members, &opts, true);
         let t = Arc::new(UcxTransport {
             world,
             ctx: 0,
-            members: (0..size).collect(),
+            members,
             rank,
             opts,
             stats: Arc::new(StatsCounter::new()),
+            device,
         });
         t.barrier().map_err(|e| {
             setup(
@@ -750,13 +763,25 @@ impl Transport for UcxTransport {
         }
         self.world.next_ctx.fetch_max(ctx + 1, Ordering::SeqCst);
         let layout = layout_from_entries(&entries, self.rank);
+        let members: Vec<usize> = layout.members.iter().map(|&r| self.members[r]).collect();
+        let device = self.device.as_ref().and_then(|_| {
+            device::engine_for(
+                &self.world,
+                ctx as u16,
+                layout.new_rank,
+                &members,
+                &self.opts,
+                false,
+            )
+        });
         Ok(Arc::new(UcxTransport {
             world: self.world.clone(),
             ctx: ctx as u16,
-            members: layout.members.iter().map(|&r| self.members[r]).collect(),
+            members,
             rank: layout.new_rank,
             opts: self.opts.clone(),
             stats: Arc::new(StatsCounter::new()),
+            device,
         }))
     }
 
@@ -947,6 +972,10 @@ impl Transport for UcxTransport {
 
     fn reset_stats(&self) {
         self.stats.reset();
+    }
+
+    fn device_p2p(&self) -> Option<&dyn DeviceP2p> {
+        self.device.as_ref().map(|_| self as &dyn DeviceP2p)
     }
 }
 

@@ -469,6 +469,48 @@ pub fn layer_norm(
     out
 }
 
+/// RMS normalisation of rows of `d`: `x / √(mean(x²) + eps) · gamma` (PyTorch `RMSNorm`, T5's
+/// `T5LayerNorm`).
+pub fn rms_norm(x: &[f32], d: usize, gamma: Option<&[f32]>, eps: f64) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    let run = |(r, o): (usize, &mut [f32])| {
+        let xr = &x[r * d..(r + 1) * d];
+        let ms = xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / d as f64;
+        let rstd = (1.0 / (ms + eps).sqrt()) as f32;
+        for (i, (dst, &v)) in o.iter_mut().zip(xr).enumerate() {
+            *dst = v * rstd * gamma.map_or(1.0, |g| g[i]);
+        }
+    };
+    if x.len() >= PAR_ELEMS {
+        out.par_chunks_mut(d.max(1)).enumerate().for_each(run);
+    } else {
+        out.chunks_mut(d.max(1)).enumerate().for_each(run);
+    }
+    out
+}
+
+/// Softmax of rows of `d` (max-subtracted, f64 sums).
+pub fn softmax_rows(x: &[f32], d: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    let run = |(r, o): (usize, &mut [f32])| {
+        let xr = &x[r * d..(r + 1) * d];
+        let m = xr.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let mut sum = 0.0f64;
+        for (dst, &v) in o.iter_mut().zip(xr) {
+            *dst = (v - m).exp();
+            sum += *dst as f64;
+        }
+        let inv = (1.0 / sum) as f32;
+        o.iter_mut().for_each(|v| *v *= inv);
+    };
+    if x.len() >= PAR_ELEMS {
+        out.par_chunks_mut(d.max(1)).enumerate().for_each(run);
+    } else {
+        out.chunks_mut(d.max(1)).enumerate().for_each(run);
+    }
+    out
+}
+
 /// SiLU, `x·σ(x)`.
 #[inline]
 pub fn silu(x: f32) -> f32 {
@@ -551,6 +593,19 @@ pub fn upsample_nearest2x(x: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rms_norm_and_softmax_rows() {
+        // rows [3, 4] and [0, 0]: rms 3.5355 and 0
+        let y = rms_norm(&[3.0, 4.0, 0.0, 0.0], 2, Some(&[1.0, 2.0]), 0.0);
+        let r = (12.5f32).sqrt();
+        assert!((y[0] - 3.0 / r).abs() < 1e-6 && (y[1] - 8.0 / r).abs() < 1e-6);
+        let z = rms_norm(&[0.0, 0.0], 2, None, 1e-6);
+        assert_eq!(z, [0.0, 0.0]);
+        let p = softmax_rows(&[0.0, 0.0, 1000.0, 0.0], 2);
+        assert!((p[0] - 0.5).abs() < 1e-7 && (p[1] - 0.5).abs() < 1e-7);
+        assert!((p[2] - 1.0).abs() < 1e-7 && p[3] == 0.0);
+    }
+
     use super::*;
 
     /// Direct-loop convolution in f64.

@@ -26,11 +26,13 @@ pub enum Kernel {
     Elementwise,
     /// Nearest up-sampling.
     Upsample,
+    /// Copies that move or convert data: concatenation, narrowing, permutation, dtype casts (GPU).
+    Copy,
 }
 
 impl Kernel {
     /// Every kind, in report order.
-    pub const ALL: [Kernel; 8] = [
+    pub const ALL: [Kernel; 9] = [
         Kernel::Gemm,
         Kernel::Linear,
         Kernel::Conv2d,
@@ -39,6 +41,7 @@ impl Kernel {
         Kernel::Attention,
         Kernel::Elementwise,
         Kernel::Upsample,
+        Kernel::Copy,
     ];
 
     /// Short lower-case name for reports.
@@ -52,6 +55,7 @@ impl Kernel {
             Kernel::Attention => "attention",
             Kernel::Elementwise => "elementwise",
             Kernel::Upsample => "upsample",
+            Kernel::Copy => "copy",
         }
     }
 
@@ -138,6 +142,15 @@ pub(crate) fn count_gemm(m: usize, n: usize, k: usize) {
     if enabled() {
         GEMM_FLOPS.fetch_add(2 * (m * n * k) as u64, Ordering::Relaxed);
     }
+}
+
+/// Adds one call of `kernel` taking `nanos` (measured elsewhere, e.g. GPU time between two
+/// events).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn add(kernel: Kernel, nanos: u64) {
+    let c = &COUNTERS[kernel.index()];
+    c.calls.fetch_add(1, Ordering::Relaxed);
+    c.nanos.fetch_add(nanos, Ordering::Relaxed);
 }
 
 /// Times a kernel call from creation to drop (when enabled); GEMM work done meanwhile is

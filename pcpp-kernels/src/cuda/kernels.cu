@@ -264,6 +264,25 @@ __device__ void layer_norm_impl(const T* x, const T* gamma, const T* beta, T* y,
     }
 }
 
+// ---- RMS norm over the last axis (one block per row): x / sqrt(mean(x^2) + eps) * gamma ----
+template <typename T>
+__device__ void rms_norm_impl(const T* x, const T* gamma, T* y, long d, float eps) {
+    __shared__ float sh[32];
+    const T* row = x + (long)blockIdx.x * d;
+    T* out = y + (long)blockIdx.x * d;
+    float s2 = 0.0f;
+    for (long j = threadIdx.x; j < d; j += blockDim.x) {
+        float v = to_f(row[j]);
+        s2 += v * v;
+    }
+    float rstd = rsqrtf(block_sum(s2, sh) / (float)d + eps);
+    for (long j = threadIdx.x; j < d; j += blockDim.x) {
+        float v = to_f(row[j]) * rstd;
+        if (gamma) v *= to_f(gamma[j]);
+        out[j] = from_f<T>(v);
+    }
+}
+
 // ---- row softmax of f32 scores (already scaled) into T probabilities; one block per row.
 // Causal: row r (query index r0 + r within the chunk) sees keys 0..=r0+r only.
 template <typename T>
@@ -722,6 +741,9 @@ INST_CAST(bf16, bf16_t, f16, f16_t)
     }                                                                                                        \
     extern "C" __global__ void layer_norm_##N(const T* x, const T* g, const T* b, T* y, long d, float eps) { \
         layer_norm_impl<T>(x, g, b, y, d, eps);                                                              \
+    }                                                                                                        \
+    extern "C" __global__ void rms_norm_##N(const T* x, const T* g, T* y, long d, float eps) {               \
+        rms_norm_impl<T>(x, g, y, d, eps);                                                                   \
     }                                                                                                        \
     extern "C" __global__ void softmax_##N(const float* s, T* p, long cols, int causal, long q0, long rph) { \
         softmax_impl<T>(s, p, cols, causal, q0, rph);                                                        \

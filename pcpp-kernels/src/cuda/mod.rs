@@ -13,6 +13,7 @@
 //! [`Gpu::join_comm`] order the two streams, also inside a captured CUDA graph.
 
 mod ops;
+pub mod profile;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -73,6 +74,7 @@ pub fn kernel_names() -> Vec<String> {
             "gn_apply_planes",
             "plane_binary",
             "layer_norm",
+            "rms_norm",
             "softmax",
             "upsample2x",
             "bias_nchw",

@@ -1094,6 +1094,48 @@ pub(crate) fn layer_norm(
     Ok(y)
 }
 
+pub(crate) fn rms_norm(x: &Tensor, gamma: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let gpu = gpu_of(x)?;
+    let dt = x.dtype();
+    let d = *x.shape().last().unwrap_or(&1);
+    let rows = x.numel() / d.max(1);
+    let g = match gamma {
+        Some(t) if t.dtype() != dt => Some(cast(t, dt)?),
+        Some(t) => Some(t.clone()),
+        None => None,
+    };
+    let gp = match &g {
+        Some(t) => ptr(t)?,
+        None => 0,
+    };
+    let y = out(&gpu, x.shape(), dt)?;
+    if rows > 0 {
+        launch!(gpu, format!("rms_norm_{}", tname(dt)), cfg_rows(rows, 256);
+            ptr(x)?, gp, ptr(&y)?, d as i64, eps as f32);
+    }
+    Ok(y)
+}
+
+/// Softmax over the last axis: the rows are read as f32 (cast first when stored narrower) and
+/// written in the tensor's dtype by the attention softmax kernel.
+pub(crate) fn softmax_rows(x: &Tensor) -> Result<Tensor> {
+    let gpu = gpu_of(x)?;
+    let dt = x.dtype();
+    let d = *x.shape().last().unwrap_or(&1);
+    let rows = x.numel() / d.max(1);
+    let s = if dt == DType::F32 {
+        x.clone()
+    } else {
+        cast(x, DType::F32)?
+    };
+    let y = out(&gpu, x.shape(), dt)?;
+    if rows > 0 {
+        launch!(gpu, format!("softmax_{}", tname(dt)), cfg_rows(rows, 256);
+            ptr(&s)?, ptr(&y)?, d as i64, 0i32, 0i64, 1i64);
+    }
+    Ok(y)
+}
+
 /// Scores of at most this many bytes are materialised at once (per query chunk).
 const ATTN_SCORE_BYTES: usize = 256 << 20;
 

@@ -32,9 +32,9 @@ use crate::unet_blocks::{Encoder, Fwd};
 use crate::unet_config::{UNetConfig, UNetConfigJson};
 use crate::weights::{find_weight_file, read_json, Weights};
 
+pub(crate) use step::ControlledUNet;
 pub use step::{
-    control_image_from_rgb8, unet_step, Control, ControlGuidance, ControlInput, ControlStep,
-    ControlUnit,
+    control_image_from_rgb8, Control, ControlGuidance, ControlInput, ControlStep, ControlUnit,
 };
 
 /// A ControlNet's `config.json`, resolved.
@@ -158,7 +158,7 @@ impl CondEmbedding {
         };
         let name = format!("{p}.conv_in");
         let (wt, b) = get(&name, ch[0], cfg.conditioning_channels)?;
-        let mut convs = vec![f.fine_input_conv2d(&name, wt, b, 1, up)?];
+        let mut convs = vec![f.fine_input_conv2d(&name, wt, b, 1, 1, up)?];
         for i in 0..ch.len() - 1 {
             for (k, stride, co) in [(2 * i, 1, ch[i]), (2 * i + 1, 2, ch[i + 1])] {
                 let name = format!("{p}.blocks.{k}");

@@ -9,7 +9,7 @@
 //! opens, as diffusers runs it, which also keeps its stale context (PCPP §7.1) one step old when
 //! the window opens — and not after it.
 
-use pcpp_core::StepCtx;
+use pcpp_core::{DenoiseModel, StepCtx};
 use pcpp_kernels::{DType, Device, Tensor};
 
 use super::ControlNet;
@@ -200,9 +200,13 @@ pub struct ControlStep<'a> {
 
 impl ControlStep<'_> {
     /// What distinguishes this step's control work from another's (which nets run, at which
-    /// scales): steps with equal keys can replay one CUDA graph.
-    pub fn key(&self) -> Vec<(usize, u32)> {
-        self.nets.iter().map(|n| (n.0, n.4.to_bits())).collect()
+    /// scales; one `index << 32 | scale bits` per net): steps with equal keys can replay one
+    /// CUDA graph.
+    pub fn key(&self) -> Vec<u64> {
+        self.nets
+            .iter()
+            .map(|n| (n.0 as u64) << 32 | u64::from(n.4.to_bits()))
+            .collect()
     }
 
     /// The summed residuals of the nets for the UNet input `x` at timesteps `ts`.
@@ -219,15 +223,42 @@ impl ControlStep<'_> {
     }
 }
 
-/// One UNet step with the residuals of `control`'s nets (run first) added, or a plain UNet step.
-pub fn unet_step(
-    unet: &UNet,
-    control: Option<&ControlStep<'_>>,
-    ctx: &StepCtx,
-    x: &Tensor,
-    ts: &Tensor,
-    cond: &UNetCond,
-) -> Result<Tensor> {
-    let res = control.map(|c| c.residuals(ctx, x, ts)).transpose()?;
-    unet.forward_with(ctx, x, ts, cond, res.as_ref(), None)
+/// The UNet with a generation's ControlNets, as the core's denoising loop drives it
+/// ([`DenoiseModel`]): at loop step `ctx.step` the nets whose window reaches it run first (on the
+/// same input, conditioning and step context) and the UNet adds their summed residuals to its
+/// skip connections. A step's [`DenoiseModel::graph_key`] is its nets and scales, so each
+/// distinct set is captured as its own CUDA graph (with the UNet) and a window that opens or
+/// closes mid-run switches graphs.
+pub(crate) struct ControlledUNet<'a> {
+    pub(crate) unet: &'a UNet,
+    pub(crate) control: PreparedControl<'a>,
+}
+
+impl DenoiseModel for ControlledUNet<'_> {
+    type Cond = UNetCond;
+    type Error = SdxlError;
+
+    fn device(&self) -> Device {
+        self.unet.device()
+    }
+
+    fn dtype(&self) -> DType {
+        self.unet.dtype()
+    }
+
+    fn forward(&self, ctx: &StepCtx, x: &Tensor, t: &Tensor, cond: &UNetCond) -> Result<Tensor> {
+        let res = self
+            .control
+            .step(ctx.step)
+            .map(|c| c.residuals(ctx, x, t))
+            .transpose()?;
+        self.unet.forward_with(ctx, x, t, cond, res.as_ref(), None)
+    }
+
+    fn graph_key(&self, ctx: &StepCtx) -> Vec<u64> {
+        self.control
+            .step(ctx.step)
+            .map(|c| c.key())
+            .unwrap_or_default()
+    }
 }

@@ -1,5 +1,5 @@
-//! CUDA graphs of the denoising step (PCPP §7.1): the steady UNet step (with its ControlNets, if
-//! any) captured once per step parity and kind and replayed.
+//! CUDA graphs of the denoising step (PCPP §7.1): the steady model step (any [`DenoiseModel`])
+//! captured once per step parity and kind of step ([`DenoiseModel::graph_key`]) and replayed.
 //!
 //! The patch-parallel runtime keeps every stale buffer a step reads or writes in persistent
 //! per-parity device memory, so a step captured at parity `p` stays valid for every later step of
@@ -8,35 +8,28 @@
 //! before each replay and the output is read from a fixed buffer; the step's communication is
 //! captured on the communication stream and joined by [`StepDriver::end_step`] inside the capture.
 
-use pcpp_core::{StepCtx, StepDriver};
 use pcpp_kernels::Tensor;
 
-use crate::controlnet::{unet_step, ControlStep};
-use crate::unet::{UNet, UNetCond};
-use crate::{Result, SdxlError};
-
-/// What distinguishes one kind of step from another: the ControlNets that run and their scales
-/// (empty: the UNet alone).
-type Key = Vec<(usize, u32)>;
+use crate::denoise::DenoiseModel;
+use crate::layers::{CoreError, StepCtx, StepDriver};
 
 /// The graphs of one kind of step, with the count of its eager steady steps.
 #[derive(Default)]
-struct Variant {
-    key: Key,
+struct Kind {
+    key: Vec<u64>,
     steady_eager: usize,
     #[cfg(feature = "cuda")]
     graphs: [Option<(usize, pcpp_kernels::cuda::CudaGraphStep)>; 2],
 }
 
 /// The steady step as CUDA graphs, one per step parity (the stale cache's buffer of step `t` is
-/// `t mod 2`) and per kind of step (a step with ControlNets captures them with the UNet; each
-/// distinct set of nets and effective scales is its own kind, so a control window that opens or
-/// closes mid-run switches graphs, and two eager steady steps of the new kind run before its
-/// capture), with the input and output buffers they read and write.
+/// `t mod 2`) and per kind of step (steps whose [`DenoiseModel::graph_key`]s differ run different
+/// device work: a kind that appears mid-run runs two eager steady steps before its capture), with
+/// the input and output buffers they read and write.
 #[derive(Default)]
 pub struct StepGraphs {
     enabled: bool,
-    variants: Vec<Variant>,
+    kinds: Vec<Kind>,
     #[cfg(feature = "cuda")]
     io: Option<(Tensor, Tensor, Tensor)>,
 }
@@ -50,57 +43,43 @@ impl StepGraphs {
         }
     }
 
-    fn variant(&mut self, key: Key) -> usize {
-        match self.variants.iter().position(|v| v.key == key) {
+    /// The index of the kind of step with `key`, added on first use.
+    fn kind(&mut self, key: Vec<u64>) -> usize {
+        match self.kinds.iter().position(|k| k.key == key) {
             Some(i) => i,
             None => {
-                self.variants.push(Variant {
+                self.kinds.push(Kind {
                     key,
-                    ..Variant::default()
+                    ..Kind::default()
                 });
-                self.variants.len() - 1
+                self.kinds.len() - 1
             }
         }
     }
 
-    /// One denoising step of the loop without ControlNets: [`StepGraphs::run_with`].
-    pub fn run(
+    /// One denoising step of the loop, opened with `driver.step_ctx`: eager (the model forward,
+    /// then [`StepDriver::end_step`]) until two steps of its kind that [`StepDriver::repeats`]
+    /// have run, then replayed from the graph of the step's kind and parity (so the runtime's
+    /// persistent buffers of both parities exist before any capture). Ends with
+    /// [`StepDriver::step_done`], outside any capture.
+    pub fn run<M: DenoiseModel>(
         &mut self,
-        unet: &UNet,
+        model: &M,
         driver: &dyn StepDriver,
         ctx: &StepCtx,
         x: &Tensor,
         ts: &Tensor,
-        cond: &UNetCond,
-    ) -> Result<Tensor> {
-        self.run_with(unet, None, driver, ctx, x, ts, cond)
-    }
-
-    /// One denoising step of the loop, opened with `driver.step_ctx`: the ControlNets of
-    /// `control` (if any) and the UNet, eager (then [`StepDriver::end_step`]) until two steps of
-    /// this kind that [`StepDriver::repeats`] have run, then replayed from the graph of the
-    /// step's kind and parity (so the runtime's persistent buffers of both parities exist before
-    /// any capture). Ends with [`StepDriver::step_done`], outside any capture.
-    #[allow(clippy::too_many_arguments)]
-    pub fn run_with(
-        &mut self,
-        unet: &UNet,
-        control: Option<&ControlStep<'_>>,
-        driver: &dyn StepDriver,
-        ctx: &StepCtx,
-        x: &Tensor,
-        ts: &Tensor,
-        cond: &UNetCond,
-    ) -> Result<Tensor> {
-        let v = self.variant(control.map(ControlStep::key).unwrap_or_default());
+        cond: &M::Cond,
+    ) -> Result<Tensor, M::Error> {
+        let kind = self.kind(model.graph_key(ctx));
         let repeats = driver.repeats(ctx);
-        let out = if self.enabled && repeats && self.variants[v].steady_eager >= 2 {
-            self.replay(v, unet, control, driver, ctx, x, ts, cond)?
+        let out = if self.enabled && repeats && self.kinds[kind].steady_eager >= 2 {
+            self.replay(kind, model, driver, ctx, x, ts, cond)?
         } else {
-            let out = unet_step(unet, control, ctx, x, ts, cond)?;
+            let out = model.forward(ctx, x, ts, cond)?;
             driver.end_step(ctx.step)?;
             if repeats {
-                self.variants[v].steady_eager += 1;
+                self.kinds[kind].steady_eager += 1;
             }
             out
         };
@@ -108,56 +87,54 @@ impl StepGraphs {
         Ok(out)
     }
 
-    /// The UNet output of step `ctx.step` (opened with `driver.step_ctx`), from the graph of its
-    /// parity, which is captured on first use. `x` and `ts` (on the UNet's GPU) are copied into
+    /// The model output of step `ctx.step` (opened with `driver.step_ctx`), from the graph of its
+    /// kind and parity, which is captured on first use. `x` and `ts` (on the model's GPU) are copied into
     /// the graph's input buffers; `cond` must already be on that GPU (a capture cannot upload host
     /// data). The returned tensor is the graph's output buffer: read it before the next step.
     ///
     /// Call it only for steps whose schedule repeats (steady steps, after two of them ran eagerly
     /// so that the runtime's persistent buffers of both parities exist); [`StepGraphs::run`]
     /// decides that for a denoising loop.
-    pub fn step(
+    pub fn step<M: DenoiseModel>(
         &mut self,
-        unet: &UNet,
+        model: &M,
         driver: &dyn StepDriver,
         ctx: &StepCtx,
         x: &Tensor,
         ts: &Tensor,
-        cond: &UNetCond,
-    ) -> Result<Tensor> {
-        let v = self.variant(Key::new());
-        self.replay(v, unet, None, driver, ctx, x, ts, cond)
+        cond: &M::Cond,
+    ) -> Result<Tensor, M::Error> {
+        let kind = self.kind(model.graph_key(ctx));
+        self.replay(kind, model, driver, ctx, x, ts, cond)
     }
 
-    /// [`StepGraphs::step`] for the step kind `v` (with `control`'s nets captured before the UNet).
+    /// [`StepGraphs::step`] from the graphs of kind `kind`.
     #[allow(clippy::too_many_arguments)]
-    fn replay(
+    fn replay<M: DenoiseModel>(
         &mut self,
-        v: usize,
-        unet: &UNet,
-        control: Option<&ControlStep<'_>>,
+        kind: usize,
+        model: &M,
         driver: &dyn StepDriver,
         ctx: &StepCtx,
         x: &Tensor,
         ts: &Tensor,
-        cond: &UNetCond,
-    ) -> Result<Tensor> {
+        cond: &M::Cond,
+    ) -> Result<Tensor, M::Error> {
         #[cfg(not(feature = "cuda"))]
         {
-            let _ = (v, unet, control, driver, ctx, x, ts, cond);
-            Err(SdxlError::Input(
-                "CUDA graphs need a build with the `cuda` feature".into(),
-            ))
+            let _ = (kind, model, driver, ctx, x, ts, cond);
+            Err(CoreError::Config("CUDA graphs need a build with the `cuda` feature".into()).into())
         }
         #[cfg(feature = "cuda")]
         {
             use pcpp_kernels::cuda::{capture_graph, copy_into};
             use pcpp_kernels::{Device, KernelError};
             let Device::Cuda(ordinal) = x.device() else {
-                return Err(SdxlError::Input(format!(
+                return Err(CoreError::Config(format!(
                     "CUDA graphs need the step's input on a GPU, it is on {}",
                     x.device()
-                )));
+                ))
+                .into());
             };
             if self.io.is_none() {
                 // The gathered noise prediction has the input's shape, with both CFG branches when
@@ -173,12 +150,12 @@ impl StepGraphs {
                 ));
             }
             let Some((xb, tb, ob)) = &self.io else {
-                return Err(SdxlError::Input("graph buffers missing".into()));
+                return Err(CoreError::Config("graph buffers missing".into()).into());
             };
             copy_into(x, xb)?;
             copy_into(ts, tb)?;
             let p = ctx.step % 2;
-            match &self.variants[v].graphs[p] {
+            match &self.kinds[kind].graphs[p] {
                 Some((captured, g)) => {
                     driver.replayed(*captured)?;
                     g.replay()?;
@@ -186,15 +163,16 @@ impl StepGraphs {
                 None => {
                     let fail = |op: &'static str, e: String| KernelError::Invalid { op, msg: e };
                     let g = capture_graph(ordinal, || {
-                        let o = unet_step(unet, control, ctx, xb, tb, cond)
-                            .map_err(|e| fail("UNet step under graph capture", e.to_string()))?;
+                        let o = model
+                            .forward(ctx, xb, tb, cond)
+                            .map_err(|e| fail("model step under graph capture", e.to_string()))?;
                         driver
                             .end_step(ctx.step)
                             .map_err(|e| fail("end of step under graph capture", e.to_string()))?;
                         copy_into(&o, ob)
                     })?;
                     g.replay()?;
-                    self.variants[v].graphs[p] = Some((ctx.step, g));
+                    self.kinds[kind].graphs[p] = Some((ctx.step, g));
                 }
             }
             Ok(ob.clone())

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Bitwise check of the MPI / UCX device exchanges (issue #21): `pcpp-cli generate --device cuda`
+# on 4 ranks sharing one GPU, over `--transport mpi` and `--transport ucx` with each device
+# exchange path (auto, staged, cuda-aware where the library moves device memory, host), must give
+# latents bitwise equal to the local transport (4 ranks as threads of one process, host path) on
+# the same GPU. CUDA graphs replay the steady steps of the device-path runs; one run per transport
+# also goes without them, so a mismatch can be told apart.
+#
+# Usage: bench/device-comm-bitwise.sh BIN_DIR OUT_DIR
+#   BIN_DIR  holds pcpp-cli built with --features cuda,mpi,ucx,nccl
+# Environment:
+#   MODEL  model folder (default models/tiny-sdxl, the repository's random-weight SDXL)
+#   SIZE   image size in pixels (default 256)
+#   STEPS  denoising steps (default 8: 2 synchronous warm-up steps, 2 eager steady steps, 4
+#          replayed from CUDA graphs)
+#   UCX_WHEEL  folder with the CUDA-enabled UCX libraries (default .whl/ucx)
+# Writes OUT_DIR/bitwise/<name>.{safetensors,log} and OUT_DIR/bitwise.txt (one PASS / FAIL line
+# per run); exits non-zero when a run fails or differs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+BIN=${1:?usage: $0 BIN_DIR OUT_DIR}
+OUT=${2:?usage: $0 BIN_DIR OUT_DIR}
+MODEL=${MODEL:-models/tiny-sdxl}
+SIZE=${SIZE:-256}
+STEPS=${STEPS:-8}
+UCX_WHEEL=${UCX_WHEEL:-.whl/ucx}
+D="$OUT/bitwise"
+mkdir -p "$D"
+: >"$OUT/bitwise.txt"
+
+GEN=(generate --model "$MODEL" --prompt "A painting of a squirrel eating a burger" --steps "$STEPS"
+    --warmup-steps 2 --height "$SIZE" --width "$SIZE" --seed 7 --device cuda --timeout 120)
+MPIRUN=(mpirun --allow-run-as-root --oversubscribe -n 4)
+# UCX runs load the CUDA-enabled UCX; Open MPI (only their bootstrap) then keeps off UCX.
+UCX_ENV=(-x "LD_LIBRARY_PATH=$PWD/$UCX_WHEEL:${LD_LIBRARY_PATH:-}" -x "UCX_MODULE_DIR=$PWD/$UCX_WHEEL/ucx"
+    --mca pml ob1 --mca osc ^ucx --mca btl self,vader,tcp)
+
+status=0
+run() { # name, then the command
+    local name=$1
+    shift
+    local start=$SECONDS
+    if timeout 300 "$@" --save-latents "$D/$name.safetensors" --output "$D/$name.png" >"$D/$name.log" 2>&1; then
+        echo "$name: ran in $((SECONDS - start)) s; $(grep -h 'device exchanges' "$D/$name.log" | head -1)"
+    else
+        echo "FAIL $name: exit status $? ($(tail -1 "$D/$name.log"))" | tee -a "$OUT/bitwise.txt"
+        status=1
+    fi
+}
+
+run local "$BIN/pcpp-cli" "${GEN[@]}" --transport local --ranks 4
+for comm in auto staged host; do
+    run "mpi_$comm" "${MPIRUN[@]}" "$BIN/pcpp-cli" "${GEN[@]}" --transport mpi --device-comm "$comm"
+done
+run mpi_auto_nographs "${MPIRUN[@]}" "$BIN/pcpp-cli" "${GEN[@]}" --transport mpi --no-cuda-graphs
+for comm in auto staged cuda-aware host; do
+    run "ucx_$comm" "${MPIRUN[@]}" "${UCX_ENV[@]}" "$BIN/pcpp-cli" "${GEN[@]}" --transport ucx --device-comm "$comm"
+done
+run ucx_auto_nographs "${MPIRUN[@]}" "${UCX_ENV[@]}" "$BIN/pcpp-cli" "${GEN[@]}" --transport ucx --no-cuda-graphs
+
+# Compare the raw bytes of tensor `latents` (safetensors read with the standard library only).
+python3 - "$D" >>"$OUT/bitwise.txt" <<'PY' || status=1
+import glob, json, os, struct, sys
+d = sys.argv[1]
+def latents(p):
+    with open(p, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        head = json.loads(f.read(n))
+        body = f.read()
+    t = head["latents"]
+    a, b = t["data_offsets"]
+    return t["dtype"], t["shape"], body[a:b]
+ref_path = os.path.join(d, "local.safetensors")
+if not os.path.exists(ref_path):
+    print("FAIL local: no reference latents"); sys.exit(1)
+ref = latents(ref_path)
+bad = 0
+for p in sorted(glob.glob(os.path.join(d, "*.safetensors"))):
+    name = os.path.basename(p)[:-12]
+    if name == "local":
+        continue
+    got = latents(p)
+    if got == ref:
+        print(f"PASS {name}: latents bitwise equal to local ({ref[0]} {ref[1]})")
+    else:
+        bad += 1
+        diff = sum(x != y for x, y in zip(got[2], ref[2]))
+        print(f"FAIL {name}: latents differ from local ({diff} of {len(ref[2])} bytes; shapes {got[1]} / {ref[1]})")
+sys.exit(1 if bad else 0)
+PY
+cat "$OUT/bitwise.txt"
+exit $status

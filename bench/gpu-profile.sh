@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Where the time of one UNet step goes on the GPU (docs/benchmarks.md, "Where the UNet step's time
+# goes"), for the full-size SDXL-base UNet config with seeded random weights:
+#   - the whole 1024² image at b = 2, and one rank of 8 (pcpp, CFG split: a 32-row band at b = 1);
+#   - `pcpp-cli bench --profile`: the GPU time of every op kind (CUDA events around each op) over
+#     eager steady steps, beside the step's own time;
+#   - with Nsight Systems (`nsys`) on the machine, also its CUDA-kernel summary as CSV.
+#   bench/gpu-profile.sh BIN_DIR OUT_DIR
+set -uo pipefail
+BIN=$(realpath "$1"); OUT=$(realpath -m "$2"); WORK=${WORK:-/tmp/pcpp-profile}
+mkdir -p "$OUT" "$WORK"
+cd "$(dirname "$0")/.."
+CFG=models/sdxl-base-1.0-configs/unet/config.json
+bench() { # name, then flags
+    local name=$1
+    shift
+    "$BIN/pcpp-cli" bench --device cuda --config "$CFG" --random-weights --height 128 --width 128 \
+        --batch 2 --iters 5 --warmup 2 "$@" >"$OUT/$name.txt" 2>&1
+}
+bench ops_full --profile --no-graph
+bench ops_band --profile --no-graph --parallel pcpp --ranks 8 --rank 1
+cat "$OUT/ops_full.txt" "$OUT/ops_band.txt"
+NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys \
+    /usr/local/cuda/nsight-systems*/bin/nsys 2>/dev/null | head -1)
+if [ -z "$NSYS" ]; then
+    echo "no nsys on this machine"
+    exit 0
+fi
+for case in full band; do
+    flags="--no-graph"; [ $case = band ] && flags="--no-graph --parallel pcpp --ranks 8 --rank 1"
+    "$NSYS" profile -o "$WORK/unet_$case" --force-overwrite true -t cuda \
+        "$BIN/pcpp-cli" bench --device cuda --config "$CFG" --random-weights --height 128 --width 128 \
+        --batch 2 --iters 5 --warmup 2 $flags >/dev/null 2>&1
+    "$NSYS" stats --report cuda_gpu_kern_sum --format csv -o "$OUT/kern_$case" \
+        "$WORK/unet_$case.nsys-rep" >/dev/null 2>&1
+done
+ls "$OUT"
+head -30 "$OUT"/kern_full*.csv

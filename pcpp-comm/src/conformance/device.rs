@@ -1,0 +1,506 @@
+//! Device-memory cases of the conformance suite: the contract of [`DeviceP2p`] that the PCPP
+//! runtime's device path relies on (§7.4: exchanges between device buffers enqueued on the
+//! communication stream), for every back-end that offers it (NCCL, MPI, UCX).
+//!
+//! Cases: a ring in both directions with per-direction lengths and a host exchange in flight at
+//! the same time, zero-length messages, repeated exchanges through the same persistent buffers
+//! (new contents each time) and many exchanges enqueued back to back, exchanges on split
+//! sub-groups, exact byte accounting and rejected arguments. [`run_device`] is collective; it
+//! runs on any [`TestDevice`]: [`HostDevice`] (the CPU twin: [`HostStream`] and host memory, for
+//! transports created with [`crate::DeviceStreams::Host`]) or, with the `cuda` feature, [`CudaDevice`].
+
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+use super::{ce, neighbours, pattern, Check};
+use crate::device::host::HostStream;
+use crate::stats::{CommKind, KindStats};
+use crate::transport::{DeviceMsg, DeviceP2p, Transport};
+use crate::CommError;
+
+macro_rules! ensure {
+    ($cond:expr, $($arg:tt)+) => {
+        if !$cond {
+            return Err(format!($($arg)+));
+        }
+    };
+}
+
+/// Device memory and one stream, for the device cases.
+pub trait TestDevice {
+    /// For messages, e.g. `cuda:0` or `host`.
+    fn name(&self) -> String;
+    /// The stream to enqueue on.
+    fn stream(&self) -> *mut c_void;
+    /// `len` zeroed bytes of device memory, alive as long as `self`.
+    fn alloc(&self, len: usize) -> Result<u64, String>;
+    /// Writes `data` at `ptr` (synchronising the stream first).
+    fn upload(&self, ptr: u64, data: &[u8]) -> Result<(), String>;
+    /// Reads `len` bytes at `ptr` (synchronising the stream first).
+    fn download(&self, ptr: u64, len: usize) -> Result<Vec<u8>, String>;
+    /// Waits until everything enqueued on the stream has run.
+    fn synchronize(&self) -> Result<(), String>;
+}
+
+/// The CPU twin: a [`HostStream`] and host memory.
+pub struct HostDevice {
+    stream: Arc<HostStream>,
+    bufs: Mutex<Vec<Box<[u8]>>>,
+}
+
+impl HostDevice {
+    /// A new stream and an empty heap.
+    pub fn new() -> HostDevice {
+        HostDevice {
+            stream: HostStream::new(),
+            bufs: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl Default for HostDevice {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestDevice for HostDevice {
+    fn name(&self) -> String {
+        "host".into()
+    }
+    fn stream(&self) -> *mut c_void {
+        self.stream.raw()
+    }
+    fn alloc(&self, len: usize) -> Result<u64, String> {
+        let mut b = vec![0u8; len.max(1)].into_boxed_slice();
+        let p = b.as_mut_ptr() as u64;
+        self.bufs.lock().map_err(|_| "heap poisoned")?.push(b);
+        Ok(p)
+    }
+    fn upload(&self, ptr: u64, data: &[u8]) -> Result<(), String> {
+        self.synchronize()?;
+        // SAFETY: `ptr` is one of this heap's buffers with at least `data.len()` bytes, and the
+        // stream is idle.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr as *mut u8, data.len()) };
+        Ok(())
+    }
+    fn download(&self, ptr: u64, len: usize) -> Result<Vec<u8>, String> {
+        self.synchronize()?;
+        // SAFETY: as `upload`.
+        Ok(unsafe { std::slice::from_raw_parts(ptr as *const u8, len) }.to_vec())
+    }
+    fn synchronize(&self) -> Result<(), String> {
+        self.stream.synchronize()
+    }
+}
+
+/// A CUDA device: its own stream and device allocations (feature `cuda`).
+#[cfg(feature = "cuda")]
+pub struct CudaDevice {
+    ordinal: usize,
+    stream: Arc<cudarc::driver::CudaStream>,
+    bufs: Mutex<Vec<cudarc::driver::CudaSlice<u8>>>,
+}
+
+#[cfg(feature = "cuda")]
+impl CudaDevice {
+    /// Opens GPU `ordinal` and creates a stream on it.
+    pub fn new(ordinal: usize) -> Result<CudaDevice, String> {
+        let ctx = cudarc::driver::CudaContext::new(ordinal)
+            .map_err(|e| format!("open GPU {ordinal}: {e}"))?;
+        let stream = ctx.new_stream().map_err(|e| format!("stream: {e}"))?;
+        Ok(CudaDevice {
+            ordinal,
+            stream,
+            bufs: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl TestDevice for CudaDevice {
+    fn name(&self) -> String {
+        format!("cuda:{}", self.ordinal)
+    }
+    fn stream(&self) -> *mut c_void {
+        self.stream.cu_stream() as *mut c_void
+    }
+    fn alloc(&self, len: usize) -> Result<u64, String> {
+        use cudarc::driver::DevicePtr;
+        let b = self
+            .stream
+            .alloc_zeros::<u8>(len.max(1))
+            .map_err(|e| format!("cuMemAlloc of {len} bytes: {e}"))?;
+        self.synchronize()?;
+        let p = {
+            let (p, _sync) = b.device_ptr(&self.stream);
+            p
+        };
+        self.bufs.lock().map_err(|_| "heap poisoned")?.push(b);
+        Ok(p)
+    }
+    fn upload(&self, ptr: u64, data: &[u8]) -> Result<(), String> {
+        self.synchronize()?;
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| format!("bind context: {e}"))?;
+        // SAFETY: `ptr` is one of this device's allocations with at least `data.len()` bytes;
+        // the stream is idle and the copy is synchronous.
+        let r =
+            unsafe { cudarc::driver::sys::cuMemcpyHtoD_v2(ptr, data.as_ptr().cast(), data.len()) };
+        (r == cudarc::driver::sys::CUresult::CUDA_SUCCESS)
+            .then_some(())
+            .ok_or_else(|| format!("cuMemcpyHtoD: {r:?}"))
+    }
+    fn download(&self, ptr: u64, len: usize) -> Result<Vec<u8>, String> {
+        self.synchronize()?;
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| format!("bind context: {e}"))?;
+        let mut out = vec![0u8; len];
+        // SAFETY: as `upload`, the other way.
+        let r = unsafe { cudarc::driver::sys::cuMemcpyDtoH_v2(out.as_mut_ptr().cast(), ptr, len) };
+        (r == cudarc::driver::sys::CUresult::CUDA_SUCCESS)
+            .then_some(out)
+            .ok_or_else(|| format!("cuMemcpyDtoH: {r:?}"))
+    }
+    fn synchronize(&self) -> Result<(), String> {
+        self.stream
+            .synchronize()
+            .map_err(|e| format!("stream synchronize: {e}"))
+    }
+}
+
+fn p2p(t: &dyn Transport) -> Result<&dyn DeviceP2p, String> {
+    t.device_p2p()
+        .ok_or_else(|| "the transport offers no device point-to-point".to_string())
+}
+
+/// Enqueues on `dev`'s stream.
+fn enqueue(
+    t: &dyn Transport,
+    dev: &dyn TestDevice,
+    kind: CommKind,
+    sends: &[DeviceMsg],
+    recvs: &[DeviceMsg],
+) -> Result<(), CommError> {
+    let p = t.device_p2p().ok_or(CommError::Protocol {
+        op: "enqueue",
+        peer: t.rank(),
+        tag: 0,
+        detail: "no device point-to-point".into(),
+    })?;
+    // SAFETY: every pointer is an allocation of `dev` with at least `len` bytes that lives as
+    // long as `dev`; the cases read or rewrite the buffers only after synchronising the stream.
+    unsafe { p.enqueue(kind, sends, recvs, dev.stream()) }
+}
+
+/// Buffers of one exchange: device copies of what goes out, where it comes in.
+struct Staged {
+    sends: Vec<DeviceMsg>,
+    recvs: Vec<DeviceMsg>,
+    expect: Vec<Vec<u8>>,
+}
+
+/// Allocates and fills the buffers of `sends` (`(peer, payload)`) and of receives
+/// `(peer, expected payload)`.
+fn stage(
+    dev: &dyn TestDevice,
+    sends: &[(usize, Vec<u8>)],
+    recvs: &[(usize, Vec<u8>)],
+) -> Result<Staged, String> {
+    let mut s = Vec::new();
+    for (peer, data) in sends {
+        let ptr = dev.alloc(data.len())?;
+        dev.upload(ptr, data)?;
+        s.push(DeviceMsg {
+            peer: *peer,
+            ptr,
+            len: data.len(),
+        });
+    }
+    let mut r = Vec::new();
+    for (peer, data) in recvs {
+        r.push(DeviceMsg {
+            peer: *peer,
+            ptr: dev.alloc(data.len())?,
+            len: data.len(),
+        });
+    }
+    Ok(Staged {
+        sends: s,
+        recvs: r,
+        expect: recvs.iter().map(|x| x.1.clone()).collect(),
+    })
+}
+
+fn verify(dev: &dyn TestDevice, st: &Staged, what: &str) -> Check {
+    for (i, (m, want)) in st.recvs.iter().zip(&st.expect).enumerate() {
+        let got = dev.download(m.ptr, m.len)?;
+        if &got != want {
+            let at = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
+            return Err(format!(
+                "{what}: receive {i} from rank {} ({} bytes) differs at byte {at}",
+                m.peer, m.len
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Length of the device ring message from `src` in direction `dir` (0 right, 1 left), round `k`.
+fn dlen(src: usize, dir: usize, k: usize) -> usize {
+    [4096, 1, 65_536 + 3, 3 << 20][k % 4] + 17 * src + 5 * dir
+}
+
+/// Ring in both directions, three rounds enqueued back to back before one synchronisation, with
+/// a host exchange posted in between (device traffic must not match it).
+pub fn check_device_ring(t: &dyn Transport, dev: &dyn TestDevice) -> Check {
+    let (n, r) = (t.size(), t.rank());
+    let (left, right) = neighbours(t);
+    let mut rounds = Vec::new();
+    for k in 0..3 {
+        let sends = vec![
+            (right, pattern(r, right, 1000 + k as u32, dlen(r, 0, k))),
+            (left, pattern(r, left, 2000 + k as u32, dlen(r, 1, k))),
+        ];
+        let recvs = vec![
+            (left, pattern(left, r, 1000 + k as u32, dlen(left, 0, k))),
+            (right, pattern(right, r, 2000 + k as u32, dlen(right, 1, k))),
+        ];
+        rounds.push(stage(dev, &sends, &recvs)?);
+    }
+    let host = t
+        .exchange(
+            CommKind::Halo,
+            0,
+            vec![(right, pattern(r, right, 0, 333))],
+            vec![(left, 333)],
+        )
+        .map_err(ce("host exchange"))?;
+    for (k, st) in rounds.iter().enumerate() {
+        enqueue(t, dev, CommKind::Halo, &st.sends, &st.recvs)
+            .map_err(ce(&format!("enqueue round {k}")))?;
+    }
+    let got = host.wait().map_err(ce("host exchange wait"))?;
+    ensure!(
+        got.len() == 1 && got[0] == pattern(left, r, 0, 333),
+        "the host exchange in flight with device traffic received wrong data"
+    );
+    dev.synchronize()?;
+    for (k, st) in rounds.iter().enumerate() {
+        verify(dev, st, &format!("ring round {k} (n = {n})"))?;
+    }
+    Ok(())
+}
+
+/// Zero-length messages beside non-empty ones, and an exchange of nothing but zero-length ones.
+pub fn check_device_zero_length(t: &dyn Transport, dev: &dyn TestDevice) -> Check {
+    let r = t.rank();
+    let (left, right) = neighbours(t);
+    let empty = DeviceMsg {
+        peer: right,
+        ptr: 0,
+        len: 0,
+    };
+    enqueue(
+        t,
+        dev,
+        CommKind::Attention,
+        &[empty],
+        &[DeviceMsg {
+            peer: left,
+            ..empty
+        }],
+    )
+    .map_err(ce("zero-length only"))?;
+    let st = stage(
+        dev,
+        &[(right, Vec::new()), (right, pattern(r, right, 7, 999))],
+        &[(left, Vec::new()), (left, pattern(left, r, 7, 999))],
+    )?;
+    enqueue(t, dev, CommKind::Attention, &st.sends, &st.recvs).map_err(ce("mixed"))?;
+    dev.synchronize()?;
+    verify(dev, &st, "zero-length beside data")
+}
+
+/// The same persistent buffers for many exchanges with new contents each time (the runtime's
+/// per-slot buffers), then many exchanges enqueued back to back.
+pub fn check_device_repeated(t: &dyn Transport, dev: &dyn TestDevice) -> Check {
+    let r = t.rank();
+    let (left, right) = neighbours(t);
+    let len = 40_000;
+    let send = dev.alloc(len)?;
+    let recv = dev.alloc(len)?;
+    for k in 0..6u32 {
+        dev.upload(send, &pattern(r, right, 300 + k, len))?;
+        enqueue(
+            t,
+            dev,
+            CommKind::GroupNorm,
+            &[DeviceMsg {
+                peer: right,
+                ptr: send,
+                len,
+            }],
+            &[DeviceMsg {
+                peer: left,
+                ptr: recv,
+                len,
+            }],
+        )
+        .map_err(ce(&format!("exchange {k}")))?;
+        let got = dev.download(recv, len)?;
+        ensure!(
+            got == pattern(left, r, 300 + k, len),
+            "exchange {k} through the same buffers received stale or wrong data"
+        );
+    }
+    let mut all = Vec::new();
+    for k in 0..24u32 {
+        let l = 1 + (k as usize * 977) % 20_000;
+        all.push(stage(
+            dev,
+            &[(right, pattern(r, right, 400 + k, l))],
+            &[(left, pattern(left, r, 400 + k, l))],
+        )?);
+    }
+    for (k, st) in all.iter().enumerate() {
+        enqueue(t, dev, CommKind::GroupNorm, &st.sends, &st.recvs)
+            .map_err(ce(&format!("back-to-back exchange {k}")))?;
+    }
+    dev.synchronize()?;
+    for (k, st) in all.iter().enumerate() {
+        verify(dev, st, &format!("back-to-back exchange {k}"))?;
+    }
+    Ok(())
+}
+
+/// Split sub-groups (by parity, reversed order) exchange on their own, interleaved with world
+/// traffic.
+pub fn check_device_split(t: &dyn Transport, dev: &dyn TestDevice) -> Check {
+    let r = t.rank();
+    let sub = t
+        .split((r % 2) as u32, (t.size() - r) as u32)
+        .map_err(ce("split"))?;
+    p2p(sub.as_ref())?;
+    let (sl, sr) = neighbours(sub.as_ref());
+    let sb = sub.rank();
+    let in_sub = stage(
+        dev,
+        &[(sr, pattern(sb, sr, 500, 5000 + sb))],
+        &[(sl, pattern(sl, sb, 500, 5000 + sl))],
+    )?;
+    let (left, right) = neighbours(t);
+    let in_world = stage(
+        dev,
+        &[(right, pattern(r, right, 501, 7000))],
+        &[(left, pattern(left, r, 501, 7000))],
+    )?;
+    enqueue(
+        sub.as_ref(),
+        dev,
+        CommKind::Attention,
+        &in_sub.sends,
+        &in_sub.recvs,
+    )
+    .map_err(ce("sub-group exchange"))?;
+    enqueue(
+        t,
+        dev,
+        CommKind::Attention,
+        &in_world.sends,
+        &in_world.recvs,
+    )
+    .map_err(ce("world exchange"))?;
+    dev.synchronize()?;
+    verify(dev, &in_sub, "sub-group exchange")?;
+    verify(dev, &in_world, "world exchange beside the sub-group's")?;
+    t.barrier().map_err(ce("barrier"))
+}
+
+/// Every message is counted at enqueue time, zero-length ones included; rejected calls count
+/// nothing.
+pub fn check_device_accounting(t: &dyn Transport, dev: &dyn TestDevice) -> Check {
+    let r = t.rank();
+    let (left, right) = neighbours(t);
+    t.barrier().map_err(ce("barrier"))?;
+    t.reset_stats();
+    let st = stage(
+        dev,
+        &[
+            (right, pattern(r, right, 600, 1000 + r)),
+            (left, Vec::new()),
+        ],
+        &[
+            (left, pattern(left, r, 600, 1000 + left)),
+            (right, Vec::new()),
+        ],
+    )?;
+    enqueue(t, dev, CommKind::Halo, &st.sends, &st.recvs).map_err(ce("exchange"))?;
+    let bad = DeviceMsg {
+        peer: t.size(),
+        ptr: st.sends[0].ptr,
+        len: 4,
+    };
+    match enqueue(t, dev, CommKind::Halo, &[bad], &[]) {
+        Err(CommError::InvalidRank { peer, .. }) if peer == t.size() => {}
+        other => {
+            return Err(format!(
+                "a peer outside the world: expected InvalidRank, got {other:?}"
+            ))
+        }
+    }
+    let null = DeviceMsg {
+        peer: right,
+        ptr: 0,
+        len: 4,
+    };
+    match enqueue(t, dev, CommKind::Halo, &[], &[null]) {
+        Err(CommError::Protocol { .. }) => {}
+        other => {
+            return Err(format!(
+                "a null receive buffer: expected Protocol, got {other:?}"
+            ))
+        }
+    }
+    dev.synchronize()?;
+    verify(dev, &st, "counted exchange")?;
+    let s = t.stats().get(CommKind::Halo);
+    let want = KindStats {
+        bytes_sent: 1000 + r as u64,
+        bytes_recvd: 1000 + left as u64,
+        msgs_sent: 2,
+        msgs_recvd: 2,
+    };
+    ensure!(s == want, "halo stats {s:?}, expected {want:?}");
+    t.barrier().map_err(ce("barrier"))
+}
+
+/// Runs every device case on this rank; collective over all ranks of `t`.
+pub fn run_device(t: &dyn Transport, dev: &dyn TestDevice) -> Result<(), String> {
+    type Case = (&'static str, fn(&dyn Transport, &dyn TestDevice) -> Check);
+    let cases: [Case; 5] = [
+        ("device_ring", check_device_ring),
+        ("device_zero_length", check_device_zero_length),
+        ("device_repeated", check_device_repeated),
+        ("device_split", check_device_split),
+        ("device_accounting", check_device_accounting),
+    ];
+    p2p(t).map_err(|e| format!("rank {}/{}: {e}", t.rank(), t.size()))?;
+    for (name, case) in cases {
+        case(t, dev).map_err(|e| {
+            format!(
+                "rank {}/{} on {}: {name}: {e}",
+                t.rank(),
+                t.size(),
+                dev.name()
+            )
+        })?;
+        t.barrier()
+            .map_err(|e| format!("rank {}/{}: barrier after {name}: {e}", t.rank(), t.size()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! [`CudaStreams`]: the [`StreamOps`] of the MPI / UCX device exchanges (PCPP §7.4's
+//! communication stream) on real CUDA streams, through the driver API of `cudarc` (loaded at run
+//! time, so building needs no CUDA toolkit).
+
+use std::ffi::c_void;
+
+use cudarc::driver::sys;
+
+use super::{HostFn, StreamOps};
+
+/// [`StreamOps`] on CUDA streams (`CUstream`) and device memory (`CUdeviceptr`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CudaStreams;
+
+fn ok(what: &str, r: sys::CUresult) -> Result<(), String> {
+    if r == sys::CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(format!("{what}: {r:?}"))
+    }
+}
+
+/// Runs `f` with `stream`'s context pushed on the calling thread.
+///
+/// # Safety
+/// `stream` is a live CUDA stream.
+unsafe fn in_context<T>(
+    stream: *mut c_void,
+    f: impl FnOnce() -> Result<T, String>,
+) -> Result<T, String> {
+    let mut ctx: sys::CUcontext = std::ptr::null_mut();
+    // SAFETY: live stream, valid out-pointer.
+    ok("cuStreamGetCtx", unsafe {
+        sys::cuStreamGetCtx(stream as sys::CUstream, &mut ctx)
+    })?;
+    // SAFETY: `ctx` is the live context of the stream.
+    ok("cuCtxPushCurrent", unsafe { sys::cuCtxPushCurrent_v2(ctx) })?;
+    let r = f();
+    let mut popped: sys::CUcontext = std::ptr::null_mut();
+    // SAFETY: pops the context pushed above.
+    let _ = unsafe { sys::cuCtxPopCurrent_v2(&mut popped) };
+    r
+}
+
+impl StreamOps for CudaStreams {
+    fn device_memory(&self) -> bool {
+        true
+    }
+
+    unsafe fn launch_host_fn(
+        &self,
+        s: *mut c_void,
+        f: HostFn,
+        data: *mut c_void,
+    ) -> Result<(), String> {
+        // SAFETY: live stream; `data` stays valid until `f` has run (the caller's promise).
+        ok("cuLaunchHostFunc", unsafe {
+            sys::cuLaunchHostFunc(s as sys::CUstream, Some(f), data)
+        })
+    }
+
+    unsafe fn copy_dtoh(
+        &self,
+        s: *mut c_void,
+        dst: *mut u8,
+        src: u64,
+        len: usize,
+    ) -> Result<(), String> {
+        // SAFETY: both ranges valid until the copy has run (the caller's promise); `dst` is
+        // pinned, so the copy is asynchronous and may be captured.
+        ok("cuMemcpyDtoHAsync", unsafe {
+            sys::cuMemcpyDtoHAsync_v2(dst.cast(), src, len, s as sys::CUstream)
+        })
+    }
+
+    unsafe fn copy_htod(
+        &self,
+        s: *mut c_void,
+        dst: u64,
+        src: *const u8,
+        len: usize,
+    ) -> Result<(), String> {
+        // SAFETY: as `copy_dtoh`.
+        ok("cuMemcpyHtoDAsync", unsafe {
+            sys::cuMemcpyHtoDAsync_v2(dst, src.cast(), len, s as sys::CUstream)
+        })
+    }
+
+    unsafe fn alloc_pinned(&self, s: *mut c_void, len: usize) -> Result<*mut u8, String> {
+        // SAFETY: live stream.
+        unsafe {
+            in_context(s, || {
+                let mut p: *mut c_void = std::ptr::null_mut();
+                ok(
+                    &format!("cuMemHostAlloc of {len} bytes"),
+                    sys::cuMemHostAlloc(&mut p, len, sys::CU_MEMHOSTALLOC_PORTABLE),
+                )?;
+                Ok(p.cast::<u8>())
+            })
+        }
+    }
+
+    unsafe fn free_pinned(&self, ptr: *mut u8, _len: usize) {
+        // SAFETY: `ptr` came from cuMemHostAlloc and is freed once.
+        let _ = unsafe { sys::cuMemFreeHost(ptr.cast()) };
+    }
+
+    unsafe fn is_capturing(&self, s: *mut c_void) -> Result<bool, String> {
+        let mut st = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        // SAFETY: live stream, valid out-pointer; legal during capture.
+        ok("cuStreamIsCapturing", unsafe {
+            sys::cuStreamIsCapturing(s as sys::CUstream, &mut st)
+        })?;
+        Ok(st != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+    }
+
+    unsafe fn context_of(&self, s: *mut c_void) -> Result<(usize, usize), String> {
+        let mut ctx: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: live stream, valid out-pointer.
+        ok("cuStreamGetCtx", unsafe {
+            sys::cuStreamGetCtx(s as sys::CUstream, &mut ctx)
+        })?;
+        // SAFETY: live stream.
+        let dev = unsafe {
+            in_context(s, || {
+                let mut d: sys::CUdevice = 0;
+                ok("cuCtxGetDevice", sys::cuCtxGetDevice(&mut d))?;
+                Ok(d)
+            })
+        }?;
+        Ok((ctx as usize, usize::try_from(dev).unwrap_or(0)))
+    }
+
+    unsafe fn bind_context(&self, ctx: usize) -> Result<(), String> {
+        // SAFETY: `ctx` is a live context from `context_of`.
+        ok("cuCtxSetCurrent", unsafe {
+            sys::cuCtxSetCurrent(ctx as sys::CUcontext)
+        })
+    }
+}

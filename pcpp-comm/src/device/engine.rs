@@ -1,0 +1,684 @@
+//! The device exchange engine of the MPI and UCX back-ends (PCPP §7.4: exchanges posted when the
+//! data exists, completed on the communication stream while the compute stream goes on): an
+//! exchange becomes a host function on the caller's stream that hands it to a communication
+//! thread and returns when it has completed; the staged path surrounds it with asynchronous
+//! copies through pinned buffers. See [`super`] for the design.
+
+use std::collections::VecDeque;
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::{DevicePath, StreamOps};
+use crate::error::CommError;
+use crate::transport::DeviceMsg;
+
+/// One message as the library sees it: device memory (CUDA-aware path) or a pinned host buffer
+/// (staged path).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WireMsg {
+    pub peer: usize,
+    pub ptr: u64,
+    pub len: usize,
+}
+
+/// Nonblocking point-to-point of a back-end on raw memory, on traffic of its own (a duplicated
+/// communicator, a reserved tag) so that it never matches [`crate::Transport::exchange`]'s.
+pub(crate) trait Wire: Send + Sync + 'static {
+    /// An in-flight send or receive.
+    type Req: Send;
+
+    /// Posts every send, then every receive (all of non-zero length), appending their requests
+    /// to `reqs`; `device` says the addresses are device memory.
+    ///
+    /// # Safety
+    /// Every address is valid for `len` bytes until its request has completed.
+    unsafe fn post(
+        &self,
+        sends: &[WireMsg],
+        recvs: &[WireMsg],
+        device: bool,
+        reqs: &mut Vec<Self::Req>,
+    ) -> Result<(), CommError>;
+
+    /// Progresses the library and drops the completed requests of `reqs`; `Ok(true)` once none
+    /// is left.
+    fn test(&self, reqs: &mut Vec<Self::Req>) -> Result<bool, CommError>;
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// How often a host function blocked on its exchange looks at the engine's shutdown flag.
+const PARK_POLL: Duration = Duration::from_millis(50);
+
+#[derive(Default)]
+struct OpState {
+    /// Times the host function has run (once, or once per graph replay).
+    posted: u64,
+    /// Times the exchange has completed.
+    completed: u64,
+}
+
+/// One enqueued exchange. Kept alive by the stream's host function: released after its one run,
+/// or kept for good when it was captured into a CUDA graph (every replay runs it again).
+struct OpRec {
+    queue: Weak<Queue>,
+    sends: Vec<WireMsg>,
+    recvs: Vec<WireMsg>,
+    one_shot: bool,
+    state: Mutex<OpState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    ready: VecDeque<Arc<OpRec>>,
+    shutdown: bool,
+}
+
+/// What the host functions and the communication thread share.
+struct Queue {
+    st: Mutex<QueueState>,
+    cv: Condvar,
+    /// The first failure, reported by every later enqueue.
+    error: Mutex<Option<String>>,
+    /// Context of the latest stream (for the communication thread to bind); 0 before any.
+    ctx: AtomicUsize,
+    label: String,
+}
+
+impl Queue {
+    fn push(&self, op: Arc<OpRec>) -> bool {
+        let mut st = lock(&self.st);
+        if st.shutdown {
+            return false;
+        }
+        st.ready.push_back(op);
+        self.cv.notify_all();
+        true
+    }
+
+    fn is_shutdown(&self) -> bool {
+        lock(&self.st).shutdown
+    }
+
+    /// Records a failed exchange: it never completes, so its host function stays blocked (the
+    /// stream stalls and the runtime's step timeout reports it) and every later enqueue fails.
+    fn fail(&self, msg: String) {
+        eprintln!("error: {} device exchange failed: {msg}", self.label);
+        let mut e = lock(&self.error);
+        e.get_or_insert(msg);
+    }
+}
+
+impl OpRec {
+    /// The host function's work: hand the exchange to the communication thread, then block until
+    /// it has completed (or the engine shuts down).
+    fn run(self: &Arc<Self>) {
+        let Some(q) = self.queue.upgrade() else {
+            return;
+        };
+        let gen = {
+            let mut st = lock(&self.state);
+            st.posted += 1;
+            st.posted
+        };
+        if !q.push(self.clone()) {
+            return;
+        }
+        let mut st = lock(&self.state);
+        while st.completed < gen {
+            if q.is_shutdown() {
+                return;
+            }
+            st = self
+                .cv
+                .wait_timeout(st, PARK_POLL)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    fn complete(&self) {
+        lock(&self.state).completed += 1;
+        self.cv.notify_all();
+    }
+}
+
+/// The host function enqueued for every exchange.
+///
+/// # Safety
+/// `data` is `Arc::into_raw` of an [`OpRec`] whose strong count this function may use: one-shot
+/// records give their count up here, captured ones keep it for good.
+unsafe extern "C" fn run_op(data: *mut c_void) {
+    let raw = data as *const OpRec;
+    // SAFETY: `raw` came from `Arc::into_raw` and still holds its count (see above), so a clone
+    // of it is valid.
+    let op = unsafe {
+        Arc::increment_strong_count(raw);
+        Arc::from_raw(raw)
+    };
+    op.run();
+    let one_shot = op.one_shot;
+    drop(op);
+    if one_shot {
+        // SAFETY: the count given to this one run is released once, here.
+        drop(unsafe { Arc::from_raw(raw) });
+    }
+}
+
+/// Pinned staging buffers of the staged path, by position in an exchange: the `i`-th non-empty
+/// send (receive) of every exchange stages through `sends[i]` (`recvs[i]`), `(address, length)`.
+///
+/// One set serves every exchange of the engine because the exchanges of a stream run one after
+/// the other: an exchange's send copies start only after the previous exchange's host function
+/// and receive copies have finished. A position grows to the largest message seen there; the
+/// buffer it replaces is kept (in `retired`) because a captured CUDA graph may still copy through
+/// it. A steady step's exchanges thus find their buffers already sized by the eager steps that
+/// run before a graph captures one, so a capture allocates nothing.
+#[derive(Default)]
+struct Pinned {
+    sends: Vec<(usize, usize)>,
+    recvs: Vec<(usize, usize)>,
+    retired: Vec<(usize, usize)>,
+}
+
+/// The device point-to-point engine of one communicator.
+pub(crate) struct DeviceEngine<W: Wire> {
+    wire: Arc<W>,
+    path: DevicePath,
+    ops: Arc<dyn StreamOps>,
+    queue: Arc<Queue>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    pinned: Mutex<Pinned>,
+    ordinal: AtomicUsize,
+    timeout: Duration,
+    rank: usize,
+}
+
+impl<W: Wire> DeviceEngine<W> {
+    /// An engine over `wire`; its communication thread starts with the first exchange.
+    pub fn new(
+        wire: W,
+        path: DevicePath,
+        ops: Arc<dyn StreamOps>,
+        timeout: Duration,
+        rank: usize,
+        label: String,
+    ) -> Self {
+        DeviceEngine {
+            wire: Arc::new(wire),
+            path,
+            ops,
+            queue: Arc::new(Queue {
+                st: Mutex::new(QueueState::default()),
+                cv: Condvar::new(),
+                error: Mutex::new(None),
+                ctx: AtomicUsize::new(0),
+                label,
+            }),
+            thread: Mutex::new(None),
+            pinned: Mutex::new(Pinned::default()),
+            ordinal: AtomicUsize::new(0),
+            timeout,
+            rank,
+        }
+    }
+
+    /// The data path.
+    pub fn path(&self) -> DevicePath {
+        self.path
+    }
+
+    /// The device of the streams used so far (0 before the first exchange).
+    pub fn ordinal(&self) -> usize {
+        self.ordinal.load(Ordering::Relaxed)
+    }
+
+    fn err(&self, peer: usize, detail: impl Into<String>) -> CommError {
+        CommError::Backend {
+            op: "enqueue",
+            peer,
+            tag: 0,
+            detail: detail.into(),
+        }
+    }
+
+    fn start_thread(&self) -> Result<(), CommError> {
+        let mut t = lock(&self.thread);
+        if t.is_some() {
+            return Ok(());
+        }
+        let (wire, q, ops) = (self.wire.clone(), self.queue.clone(), self.ops.clone());
+        let device = self.path == DevicePath::CudaAware && self.ops.device_memory();
+        let timeout = self.timeout;
+        let h = std::thread::Builder::new()
+            .name(format!(
+                "pcpp-{}-dev",
+                q.label.split(' ').next().unwrap_or("comm")
+            ))
+            .spawn(move || comm_loop(&*wire, &q, &*ops, device, timeout))
+            .map_err(|e| self.err(self.rank, format!("spawning the communication thread: {e}")))?;
+        *t = Some(h);
+        Ok(())
+    }
+
+    /// The pinned buffer of the `i`-th send (or receive, `recv`) of an exchange, holding at least
+    /// `m.len` bytes; allocated or grown on demand.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of the engine's kind.
+    unsafe fn pinned(
+        &self,
+        recv: bool,
+        i: usize,
+        m: &DeviceMsg,
+        stream: *mut c_void,
+    ) -> Result<u64, CommError> {
+        let mut guard = lock(&self.pinned);
+        let p = &mut *guard;
+        let slots = if recv { &mut p.recvs } else { &mut p.sends };
+        if let Some(&(b, len)) = slots.get(i) {
+            if len >= m.len {
+                return Ok(b as u64);
+            }
+        }
+        // Rounded up to 64 KiB, so that slowly growing messages do not reallocate every time.
+        let len = m.len.div_ceil(1 << 16) << 16;
+        // SAFETY: live stream (the caller's promise).
+        let b = unsafe { self.ops.alloc_pinned(stream, len) }
+            .map_err(|e| self.err(m.peer, format!("pinned staging buffer of {len} bytes: {e}")))?;
+        if i < slots.len() {
+            let old = std::mem::replace(&mut slots[i], (b as usize, len));
+            p.retired.push(old);
+        } else {
+            slots.push((b as usize, len));
+        }
+        Ok(b as u64)
+    }
+
+    /// Enqueues the exchange on `stream` (see [`crate::DeviceP2p::enqueue`]; messages already
+    /// validated, counting is the caller's).
+    ///
+    /// # Safety
+    /// As [`crate::DeviceP2p::enqueue`], with `stream` of the engine's kind.
+    pub unsafe fn enqueue(
+        &self,
+        sends: &[DeviceMsg],
+        recvs: &[DeviceMsg],
+        stream: *mut c_void,
+    ) -> Result<(), CommError> {
+        if let Some(e) = lock(&self.queue.error).clone() {
+            return Err(self.err(self.rank, format!("an earlier device exchange failed: {e}")));
+        }
+        let sends: Vec<&DeviceMsg> = sends.iter().filter(|m| m.len > 0).collect();
+        let recvs: Vec<&DeviceMsg> = recvs.iter().filter(|m| m.len > 0).collect();
+        if sends.is_empty() && recvs.is_empty() {
+            return Ok(());
+        }
+        let e = |x: String| self.err(self.rank, x);
+        // SAFETY (all stream calls below): `stream` is live, of this engine's kind, and the
+        // buffers stay valid until the work completes on it (the caller's promise); pinned
+        // buffers live as long as the engine.
+        let (ctx, ordinal) = unsafe { self.ops.context_of(stream) }.map_err(e)?;
+        self.queue.ctx.store(ctx, Ordering::Relaxed);
+        self.ordinal.store(ordinal, Ordering::Relaxed);
+        self.start_thread()?;
+        let capturing = unsafe { self.ops.is_capturing(stream) }.map_err(e)?;
+        let staged = self.path == DevicePath::Staged;
+        let mut wsends = Vec::with_capacity(sends.len());
+        for (i, m) in sends.iter().enumerate() {
+            let ptr = if staged {
+                let b = unsafe { self.pinned(false, i, m, stream) }?;
+                unsafe { self.ops.copy_dtoh(stream, b as *mut u8, m.ptr, m.len) }.map_err(e)?;
+                b
+            } else {
+                m.ptr
+            };
+            wsends.push(WireMsg {
+                peer: m.peer,
+                ptr,
+                len: m.len,
+            });
+        }
+        let mut wrecvs = Vec::with_capacity(recvs.len());
+        for (i, m) in recvs.iter().enumerate() {
+            let ptr = if staged {
+                unsafe { self.pinned(true, i, m, stream) }?
+            } else {
+                m.ptr
+            };
+            wrecvs.push(WireMsg {
+                peer: m.peer,
+                ptr,
+                len: m.len,
+            });
+        }
+        let op = Arc::new(OpRec {
+            queue: Arc::downgrade(&self.queue),
+            sends: wsends,
+            recvs: wrecvs.clone(),
+            one_shot: !capturing,
+            state: Mutex::new(OpState::default()),
+            cv: Condvar::new(),
+        });
+        let data = Arc::into_raw(op) as *mut c_void;
+        if let Err(x) = unsafe { self.ops.launch_host_fn(stream, run_op, data) } {
+            // SAFETY: the host function was not enqueued, so the count is still ours.
+            drop(unsafe { Arc::from_raw(data as *const OpRec) });
+            return Err(e(x));
+        }
+        if staged {
+            for (m, w) in recvs.iter().zip(&wrecvs) {
+                unsafe { self.ops.copy_htod(stream, m.ptr, w.ptr as *const u8, m.len) }
+                    .map_err(e)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<W: Wire> Drop for DeviceEngine<W> {
+    fn drop(&mut self) {
+        {
+            let mut st = lock(&self.queue.st);
+            st.shutdown = true;
+            self.queue.cv.notify_all();
+        }
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
+        }
+        let p = std::mem::take(&mut *lock(&self.pinned));
+        for (b, len) in p.sends.into_iter().chain(p.recvs).chain(p.retired) {
+            // SAFETY: allocated by `alloc_pinned` with `len`; the transport is going away, so
+            // no exchange of it runs any more.
+            unsafe { self.ops.free_pinned(b as *mut u8, len) };
+        }
+    }
+}
+
+/// The communication thread: posts the exchanges the host functions hand over, in order, and
+/// progresses them until they complete, fail or time out.
+fn comm_loop<W: Wire>(wire: &W, q: &Queue, ops: &dyn StreamOps, device: bool, timeout: Duration) {
+    let mut bound = 0usize;
+    let mut active: Vec<(Arc<OpRec>, Vec<W::Req>, Instant)> = Vec::new();
+    let mut idle = 0u32;
+    loop {
+        let new: Vec<Arc<OpRec>> = {
+            let mut st = lock(&q.st);
+            while active.is_empty() && st.ready.is_empty() && !st.shutdown {
+                st = q.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+            }
+            if st.shutdown {
+                return;
+            }
+            st.ready.drain(..).collect()
+        };
+        for op in new {
+            let ctx = q.ctx.load(Ordering::Relaxed);
+            if device && ctx != 0 && ctx != bound {
+                // SAFETY: the context of a live stream the engine was given.
+                match unsafe { ops.bind_context(ctx) } {
+                    Ok(()) => bound = ctx,
+                    Err(e) => {
+                        q.fail(format!("binding the device context: {e}"));
+                        continue;
+                    }
+                }
+            }
+            let mut reqs = Vec::with_capacity(op.sends.len() + op.recvs.len());
+            // SAFETY: the buffers stay valid until the exchange completes: the stream waits in
+            // the host function until then.
+            match unsafe { wire.post(&op.sends, &op.recvs, device, &mut reqs) } {
+                Ok(()) => active.push((op, reqs, Instant::now())),
+                Err(e) => q.fail(e.to_string()),
+            }
+        }
+        let before = active.len();
+        active.retain_mut(|(op, reqs, t0)| match wire.test(reqs) {
+            Ok(true) => {
+                op.complete();
+                false
+            }
+            Ok(false) if t0.elapsed() > timeout => {
+                q.fail(format!(
+                    "{} sends and {} receives not complete after {:?}; is a peer gone?",
+                    op.sends.len(),
+                    op.recvs.len(),
+                    t0.elapsed()
+                ));
+                false
+            }
+            Ok(false) => true,
+            Err(e) => {
+                q.fail(e.to_string());
+                false
+            }
+        });
+        if active.len() < before {
+            idle = 0;
+        } else if !active.is_empty() {
+            idle += 1;
+            if idle > 256 {
+                std::thread::sleep(Duration::from_micros(20));
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::HostFn;
+    use std::collections::VecDeque;
+
+    /// One rank talking to itself: a send is copied into the next receive posted.
+    #[derive(Default)]
+    struct Loopback {
+        sent: Mutex<VecDeque<(u64, usize)>>,
+    }
+
+    impl Wire for Loopback {
+        type Req = ();
+        unsafe fn post(
+            &self,
+            sends: &[WireMsg],
+            recvs: &[WireMsg],
+            _device: bool,
+            _reqs: &mut Vec<()>,
+        ) -> Result<(), CommError> {
+            let mut q = lock(&self.sent);
+            q.extend(sends.iter().map(|m| (m.ptr, m.len)));
+            for r in recvs {
+                let (p, n) = q.pop_front().expect("a send for every receive");
+                assert_eq!(n, r.len);
+                // SAFETY: both are live test buffers of `n` bytes.
+                unsafe { std::ptr::copy_nonoverlapping(p as *const u8, r.ptr as *mut u8, n) };
+            }
+            Ok(())
+        }
+        fn test(&self, _reqs: &mut Vec<()>) -> Result<bool, CommError> {
+            Ok(true)
+        }
+    }
+
+    type Node = Box<dyn Fn() + Send>;
+
+    /// Streams that are always being captured: the work is recorded as graph nodes, and
+    /// `replay` runs them in order, as a CUDA graph launch would.
+    #[derive(Default)]
+    struct Graph {
+        nodes: Mutex<Vec<Node>>,
+    }
+
+    impl Graph {
+        fn replay(&self) {
+            for n in lock(&self.nodes).iter() {
+                n();
+            }
+        }
+    }
+
+    impl StreamOps for Graph {
+        fn device_memory(&self) -> bool {
+            false
+        }
+        unsafe fn launch_host_fn(
+            &self,
+            _s: *mut c_void,
+            f: HostFn,
+            data: *mut c_void,
+        ) -> Result<(), String> {
+            let d = data as usize;
+            // SAFETY: the record behind `data` is kept for good by a captured exchange.
+            lock(&self.nodes).push(Box::new(move || unsafe { f(d as *mut c_void) }));
+            Ok(())
+        }
+        unsafe fn copy_dtoh(
+            &self,
+            _s: *mut c_void,
+            dst: *mut u8,
+            src: u64,
+            len: usize,
+        ) -> Result<(), String> {
+            let d = dst as usize;
+            // SAFETY: test buffers outlive the replays.
+            lock(&self.nodes).push(Box::new(move || unsafe {
+                std::ptr::copy_nonoverlapping(src as *const u8, d as *mut u8, len)
+            }));
+            Ok(())
+        }
+        unsafe fn copy_htod(
+            &self,
+            s: *mut c_void,
+            dst: u64,
+            src: *const u8,
+            len: usize,
+        ) -> Result<(), String> {
+            // SAFETY: the same copy the other way.
+            unsafe { self.copy_dtoh(s, dst as *mut u8, src as u64, len) }
+        }
+        unsafe fn alloc_pinned(&self, _s: *mut c_void, len: usize) -> Result<*mut u8, String> {
+            Ok(Box::into_raw(vec![0u8; len].into_boxed_slice()).cast::<u8>())
+        }
+        unsafe fn free_pinned(&self, ptr: *mut u8, len: usize) {
+            // SAFETY: made by `alloc_pinned` with `len`.
+            drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) });
+        }
+        unsafe fn is_capturing(&self, _s: *mut c_void) -> Result<bool, String> {
+            Ok(true)
+        }
+        unsafe fn context_of(&self, _s: *mut c_void) -> Result<(usize, usize), String> {
+            Ok((0, 0))
+        }
+        unsafe fn bind_context(&self, _ctx: usize) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    /// A captured exchange runs nothing at capture time and moves the buffers' current contents
+    /// at every replay, on both paths.
+    #[test]
+    fn captured_exchanges_move_fresh_data_at_every_replay() {
+        for path in [DevicePath::Staged, DevicePath::CudaAware] {
+            let graph = Arc::new(Graph::default());
+            let eng = DeviceEngine::new(
+                Loopback::default(),
+                path,
+                graph.clone(),
+                Duration::from_secs(10),
+                0,
+                "test".into(),
+            );
+            let len = 1000;
+            let mut send = vec![0u8; len];
+            let mut recv = vec![0u8; len];
+            let msg = |ptr: u64| DeviceMsg { peer: 0, ptr, len };
+            let (sp, rp) = (send.as_mut_ptr() as u64, recv.as_mut_ptr() as u64);
+            // SAFETY: both buffers live until the end of the test; the "stream" is never used.
+            unsafe { eng.enqueue(&[msg(sp)], &[msg(rp)], std::ptr::null_mut()) }.unwrap();
+            assert!(recv.iter().all(|&b| b == 0), "{path}: capture moved data");
+            for k in 1..=3u8 {
+                // SAFETY: nothing else touches the buffer between replays.
+                unsafe { std::ptr::write_bytes(sp as *mut u8, k, len) };
+                graph.replay();
+                // SAFETY: the replay has completed (host functions block until the exchange is done).
+                let got = unsafe { std::slice::from_raw_parts(rp as *const u8, len) };
+                assert!(
+                    got.iter().all(|&b| b == k),
+                    "{path}: replay {k} moved stale data"
+                );
+            }
+            drop(eng);
+            drop((send, recv));
+        }
+    }
+
+    /// A peer that never answers.
+    struct Silent;
+
+    impl Wire for Silent {
+        type Req = ();
+        unsafe fn post(
+            &self,
+            _sends: &[WireMsg],
+            _recvs: &[WireMsg],
+            _device: bool,
+            reqs: &mut Vec<()>,
+        ) -> Result<(), CommError> {
+            reqs.push(());
+            Ok(())
+        }
+        fn test(&self, reqs: &mut Vec<()>) -> Result<bool, CommError> {
+            Ok(reqs.is_empty())
+        }
+    }
+
+    /// An exchange that does not complete within the timeout fails: the stream stays blocked
+    /// (the runtime's step timeout reports it), later exchanges are refused naming the failure,
+    /// and dropping the engine releases the stream.
+    #[test]
+    fn a_lost_peer_fails_later_exchanges_and_shutdown_releases_the_stream() {
+        let stream = crate::device::host::HostStream::new();
+        let eng = DeviceEngine::new(
+            Silent,
+            DevicePath::Staged,
+            Arc::new(crate::device::host::HostStreams),
+            Duration::from_millis(200),
+            0,
+            "test rank 0".into(),
+        );
+        let mut buf = vec![0u8; 64];
+        let m = DeviceMsg {
+            peer: 0,
+            ptr: buf.as_mut_ptr() as u64,
+            len: 64,
+        };
+        // SAFETY: `buf` outlives the stream's work (the stream is synchronised below).
+        unsafe { eng.enqueue(&[], &[m], stream.raw()) }.unwrap();
+        let t0 = Instant::now();
+        let err = loop {
+            // SAFETY: as above.
+            match unsafe { eng.enqueue(&[], &[m], stream.raw()) } {
+                Err(e) => break e,
+                Ok(()) => {
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(20),
+                        "no failure reported"
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        assert!(err.to_string().contains("not complete after"), "{err}");
+        drop(eng);
+        stream.synchronize().unwrap();
+        drop(buf);
+    }
+}

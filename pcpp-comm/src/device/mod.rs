@@ -1,0 +1,278 @@
+//! Device-memory point-to-point ([`crate::DeviceP2p`]) for the host-driven back-ends, MPI and
+//! UCX: the exchanges of PCPP's patch-parallel layers (§7.4: halo rows, stale K/V windows,
+//! group-norm statistics, the output gather) between GPU buffers, ordered on a CUDA stream and
+//! overlapped with the computation, as NCCL does it, without host round trips on the compute
+//! stream.
+//!
+//! MPI and UCX are driven from the host, so a stream cannot call them. An exchange enqueued on a
+//! stream therefore becomes a *host function* on that stream (`cuLaunchHostFunc`): when the
+//! stream reaches it (everything enqueued before it, e.g. the kernels that wrote the send
+//! buffers, has finished: the host function is the "data ready" event), it hands the exchange to
+//! the transport's communication thread, which posts the sends and receives and progresses them,
+//! and it returns when they have completed, so later work on that stream sees the received bytes.
+//! Only the stream the exchange is enqueued on (the communication stream of the patch-parallel
+//! runtime) waits; the compute stream goes on until it joins that stream. Host functions are
+//! captured into CUDA graphs like kernels, so a steady step that contains exchanges can still be
+//! replayed as one graph. Two data paths, chosen at start-up ([`DeviceComm`], flag
+//! `--device-comm` or `PCPP_DEVICE_COMM`):
+//!
+//! - **CUDA-aware** ([`DevicePath::CudaAware`]): the communication thread gives the device
+//!   pointers to the library (UCX with `UCS_MEMORY_TYPE_CUDA`; an MPI that reports CUDA support
+//!   through `MPIX_Query_cuda_support`), which moves device memory itself (`cuda_ipc` between
+//!   processes of a node, `cuda_copy` and RDMA where available).
+//! - **staged** ([`DevicePath::Staged`]): every send is first copied into a pinned host buffer
+//!   (`cuMemcpyDtoHAsync` on the same stream, before the host function), the library moves host
+//!   memory, and every receive is copied from its pinned buffer into the device buffer after the
+//!   host function. Pinned buffers are allocated once per position in an exchange (the `i`-th
+//!   send or receive), grown to the largest message seen there and reused for the life of the
+//!   transport: a stream's exchanges run one after the other, so one set serves them all, and a
+//!   CUDA graph captured after eager steps of the same traffic finds its buffers allocated.
+//!
+//! [`StreamOps`] abstracts the stream operations: [`cuda::CudaStreams`] (feature `cuda`) on real
+//! CUDA streams, [`host::HostStreams`] on [`host::HostStream`]s, worker threads that run their
+//! work in order and whose "device" memory is host memory. The latter runs the same engine, and so
+//! the device-memory conformance cases, on machines without a GPU.
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(any(feature = "mpi", feature = "ucx"))]
+pub(crate) mod engine;
+pub mod host;
+
+use std::ffi::c_void;
+use std::fmt;
+use std::str::FromStr;
+
+/// Which data path device exchanges over MPI or UCX take (`--device-comm`, `PCPP_DEVICE_COMM`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceComm {
+    /// CUDA-aware when the library reports device-memory support, else staged.
+    #[default]
+    Auto,
+    /// Device pointers straight to the library (fails or crashes when it cannot take them).
+    CudaAware,
+    /// Pinned host buffers and asynchronous copies on the communication stream.
+    Staged,
+    /// No device point-to-point: activations go through [`crate::Transport::exchange`] (pageable
+    /// host copies the compute stream waits for, no CUDA graphs), as before device exchanges.
+    Host,
+}
+
+/// Environment variable read by [`DeviceComm::from_env`].
+pub const DEVICE_COMM_ENV: &str = "PCPP_DEVICE_COMM";
+
+impl DeviceComm {
+    /// The flag spelling: `auto`, `cuda-aware`, `staged` or `host`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceComm::Auto => "auto",
+            DeviceComm::CudaAware => "cuda-aware",
+            DeviceComm::Staged => "staged",
+            DeviceComm::Host => "host",
+        }
+    }
+
+    /// `PCPP_DEVICE_COMM` when set (an error names the variable and the bad value), else `Auto`.
+    pub fn from_env() -> Result<DeviceComm, String> {
+        match std::env::var(DEVICE_COMM_ENV) {
+            Ok(v) if !v.trim().is_empty() => v
+                .parse()
+                .map_err(|e: String| format!("{DEVICE_COMM_ENV}={v}: {e}")),
+            _ => Ok(DeviceComm::Auto),
+        }
+    }
+
+    /// The path taken when the library does (`library_cuda = true`) or does not move device
+    /// memory; `None` for [`DeviceComm::Host`].
+    pub fn resolve(self, library_cuda: bool) -> Option<DevicePath> {
+        match self {
+            DeviceComm::Auto if library_cuda => Some(DevicePath::CudaAware),
+            DeviceComm::Auto | DeviceComm::Staged => Some(DevicePath::Staged),
+            DeviceComm::CudaAware => Some(DevicePath::CudaAware),
+            DeviceComm::Host => None,
+        }
+    }
+}
+
+impl fmt::Display for DeviceComm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for DeviceComm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(DeviceComm::Auto),
+            "cuda-aware" | "cuda_aware" | "cudaaware" => Ok(DeviceComm::CudaAware),
+            "staged" => Ok(DeviceComm::Staged),
+            "host" => Ok(DeviceComm::Host),
+            other => Err(format!(
+                "unknown device exchange path {other:?} (expected auto, cuda-aware, staged or host)"
+            )),
+        }
+    }
+}
+
+/// The data path of a back-end's [`crate::DeviceP2p`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DevicePath {
+    /// The library reads and writes device memory.
+    CudaAware,
+    /// Pinned host staging buffers, copied on the stream.
+    Staged,
+}
+
+impl DevicePath {
+    /// `cuda-aware` or `staged`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DevicePath::CudaAware => "cuda-aware",
+            DevicePath::Staged => "staged",
+        }
+    }
+}
+
+impl fmt::Display for DevicePath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What the streams handed to [`crate::DeviceP2p::enqueue`] are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceStreams {
+    /// CUDA streams and device memory (feature `cuda`; without it there is no device path).
+    #[default]
+    Cuda,
+    /// [`host::HostStream`]s, whose "device" memory is host memory: the CPU twin of the device
+    /// path, for tests and machines without a GPU.
+    Host,
+}
+
+/// Host callback run by a stream ([`StreamOps::launch_host_fn`]).
+pub type HostFn = unsafe extern "C" fn(*mut c_void);
+
+/// The stream operations the engine needs; implemented for CUDA streams and for
+/// [`host::HostStream`]s. Every method taking a `stream` requires a live stream of this kind.
+pub trait StreamOps: Send + Sync {
+    /// Whether the addresses handed to the exchanges are CUDA device memory (what a CUDA-aware
+    /// library is told), rather than host memory standing in for it.
+    fn device_memory(&self) -> bool;
+
+    /// Enqueues `f(data)` on `stream`; it runs after everything enqueued before it, and what is
+    /// enqueued after it starts only once it has returned.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of this kind; `data` stays valid until `f` has run.
+    unsafe fn launch_host_fn(
+        &self,
+        stream: *mut c_void,
+        f: HostFn,
+        data: *mut c_void,
+    ) -> Result<(), String>;
+
+    /// Enqueues a copy of `len` bytes from device address `src` to host address `dst`.
+    ///
+    /// # Safety
+    /// Both ranges are valid for the copy until it has run on `stream`.
+    unsafe fn copy_dtoh(
+        &self,
+        stream: *mut c_void,
+        dst: *mut u8,
+        src: u64,
+        len: usize,
+    ) -> Result<(), String>;
+
+    /// Enqueues a copy of `len` bytes from host address `src` to device address `dst`.
+    ///
+    /// # Safety
+    /// As [`StreamOps::copy_dtoh`].
+    unsafe fn copy_htod(
+        &self,
+        stream: *mut c_void,
+        dst: u64,
+        src: *const u8,
+        len: usize,
+    ) -> Result<(), String>;
+
+    /// Allocates `len` (> 0) bytes of pinned host memory usable by copies on `stream`'s device.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of this kind.
+    unsafe fn alloc_pinned(&self, stream: *mut c_void, len: usize) -> Result<*mut u8, String>;
+
+    /// Frees memory from [`StreamOps::alloc_pinned`].
+    ///
+    /// # Safety
+    /// `ptr` came from `alloc_pinned` of this object with `len`, and no enqueued work uses it any
+    /// more.
+    unsafe fn free_pinned(&self, ptr: *mut u8, len: usize);
+
+    /// Whether `stream` is being captured into a CUDA graph (its host functions then run once per
+    /// replay, long after this call).
+    ///
+    /// # Safety
+    /// `stream` is a live stream of this kind.
+    unsafe fn is_capturing(&self, stream: *mut c_void) -> Result<bool, String>;
+
+    /// The context of `stream` (an opaque handle for [`StreamOps::bind_context`]) and its device
+    /// ordinal.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of this kind.
+    unsafe fn context_of(&self, stream: *mut c_void) -> Result<(usize, usize), String>;
+
+    /// Makes the context (from [`StreamOps::context_of`]) current on the calling thread, so that
+    /// a CUDA-aware library called from it finds the device memory's context.
+    ///
+    /// # Safety
+    /// `ctx` came from [`StreamOps::context_of`] of this object and is still alive.
+    unsafe fn bind_context(&self, ctx: usize) -> Result<(), String>;
+}
+
+/// The stream operations for `streams`, or `None` when this build has none (CUDA streams without
+/// the `cuda` feature).
+#[cfg(any(feature = "mpi", feature = "ucx"))]
+pub(crate) fn stream_ops(streams: DeviceStreams) -> Option<std::sync::Arc<dyn StreamOps>> {
+    match streams {
+        DeviceStreams::Host => Some(std::sync::Arc::new(host::HostStreams)),
+        #[cfg(feature = "cuda")]
+        DeviceStreams::Cuda => Some(std::sync::Arc::new(cuda::CudaStreams)),
+        #[cfg(not(feature = "cuda"))]
+        DeviceStreams::Cuda => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_spellings_round_trip_and_bad_ones_are_named() {
+        for c in [
+            DeviceComm::Auto,
+            DeviceComm::CudaAware,
+            DeviceComm::Staged,
+            DeviceComm::Host,
+        ] {
+            assert_eq!(c.name().parse::<DeviceComm>(), Ok(c));
+        }
+        assert_eq!(" Staged ".parse::<DeviceComm>(), Ok(DeviceComm::Staged));
+        let e = "nvlink".parse::<DeviceComm>().unwrap_err();
+        assert!(e.contains("\"nvlink\"") && e.contains("cuda-aware"), "{e}");
+    }
+
+    #[test]
+    fn auto_follows_the_library_and_forcing_overrides_it() {
+        assert_eq!(DeviceComm::Auto.resolve(true), Some(DevicePath::CudaAware));
+        assert_eq!(DeviceComm::Auto.resolve(false), Some(DevicePath::Staged));
+        assert_eq!(DeviceComm::Staged.resolve(true), Some(DevicePath::Staged));
+        assert_eq!(
+            DeviceComm::CudaAware.resolve(false),
+            Some(DevicePath::CudaAware)
+        );
+        assert_eq!(DeviceComm::Host.resolve(true), None);
+    }
+}

@@ -1,0 +1,110 @@
+//! The patch-parallel group norm (PCPP §2.6, §7.10): f32 statistics (mean and centred sum of
+//! squares per group) merged with element counts so uneven bands are exact, biased variance;
+//! modes sync / stale / corrected / separate.
+
+use std::sync::Arc;
+
+use pcpp_kernels::Tensor;
+
+use super::{dims4, Shared};
+use crate::cache::Slot;
+use crate::exchange::RecvSpec;
+use crate::layers::{CoreError, GroupNormLayer, LayerContext, Result, StepCtx};
+use crate::schedule::GnMode;
+
+pub(super) struct PatchGroupNorm {
+    pub(super) id: String,
+    pub(super) sh: Arc<Shared>,
+    pub(super) groups: usize,
+    pub(super) eps: f64,
+    pub(super) gamma: Option<Tensor>,
+    pub(super) beta: Option<Tensor>,
+    pub(super) slot: Option<Arc<Slot>>,
+}
+
+impl GroupNormLayer for PatchGroupNorm {
+    fn forward(&self, ctx: &StepCtx, x: &Tensor, silu_after: bool) -> Result<Tensor> {
+        let id = &self.id;
+        let sh = &self.sh;
+        let (_, c, rows, w) = dims4(id, x)?;
+        let level = sh.level_at(ctx, id, rows, w)?;
+        let g = self.groups;
+        let mode = sh.cfg.stale_gn_mode();
+        let slot = match (&self.slot, sh.communicates()) {
+            (Some(s), true) if ctx.sync || mode != GnMode::Separate => s,
+            _ => {
+                return x
+                    .group_norm(
+                        g,
+                        self.gamma.as_ref(),
+                        self.beta.as_ref(),
+                        self.eps,
+                        silu_after,
+                    )
+                    .at(id)
+            }
+        };
+        let plan = sh.plan();
+        let me = sh.me();
+        // Mean and centred sum of squares per (batch, group), f32 on the wire, merged with each
+        // band's element count (uneven bands are exact).
+        let own = x.group_moments(g).at(id)?;
+        let counts: Vec<f64> = (0..plan.ranks())
+            .map(|j| ((c / g.max(1)) * plan.band(level, j).len() * plan.width_at(level)) as f64)
+            .collect();
+        let peers = sh.peers();
+        let sends = peers.iter().map(|&p| (p, own.clone())).collect();
+        let recvs = peers.iter().map(|&p| RecvSpec::of(p, &own)).collect();
+        let dev = x.device();
+        // All bands' moments in rank order, `mine` at this rank's place.
+        let table = |others: &[Tensor], mine: &Tensor| -> Result<Tensor> {
+            if others.len() != peers.len() {
+                return Err(CoreError::Config(format!(
+                    "layer `{id}`: statistics of {} peers, expected {}",
+                    others.len(),
+                    peers.len()
+                )));
+            }
+            let mut rows: Vec<&Tensor> = others.iter().collect();
+            rows.insert(me, mine);
+            let t = Tensor::cat(&rows, 0).at(id)?;
+            t.reshape(&[rows.len(), own.shape()[0], 2]).at(id)
+        };
+        let apply = |bands: &Tensor, corrected: Option<(usize, &Tensor)>| {
+            x.group_norm_merged(
+                g,
+                bands,
+                &counts,
+                corrected,
+                self.gamma.as_ref(),
+                self.beta.as_ref(),
+                self.eps,
+                silu_after,
+            )
+            .at(id)
+        };
+        if ctx.sync || mode == GnMode::Sync {
+            let keep_local = own.clone();
+            let got = sh.sync_exchange(id, slot, ctx, sends, recvs, dev, |got| {
+                Ok(matches!(mode, GnMode::Stale | GnMode::Corrected)
+                    .then(|| (got.to_vec(), Some(keep_local))))
+            })?;
+            // Every rank merges the same f32 moments in rank order: identical statistics.
+            return apply(&table(&got, &own)?, None);
+        }
+        let (prev, own_prev) =
+            sh.stale_exchange(id, slot, ctx, sends, recvs, Some(own.clone()), dev)?;
+        match mode {
+            GnMode::Corrected => {
+                // The previous step's global moments plus the change of own moments (PCPP §2.6).
+                let own_prev = own_prev.ok_or_else(|| {
+                    CoreError::Config(format!(
+                        "layer `{id}`: no own statistics kept from the previous step"
+                    ))
+                })?;
+                apply(&table(&prev, &own_prev)?, Some((me, &own)))
+            }
+            _ => apply(&table(&prev, &own)?, None),
+        }
+    }
+}

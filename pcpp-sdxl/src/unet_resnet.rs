@@ -1,0 +1,121 @@
+//! The UNet's ResNet block (diffusers `ResnetBlock2D` with a time embedding):
+//! `skip(x) + conv2(silu(norm2(conv1(silu(norm1(x))) + time_emb_proj(silu(temb)))))`, the skip a
+//! `1×1` `conv_shortcut` when the channels change.
+//!
+//! Built from the core factory's layers: its `3×3` convolutions and group norms are the
+//! patch-parallel ones (PCPP §2.2, §2.6). Under tensor parallelism (the §5 baseline) the factory's
+//! [`ChannelSplit`] gives this rank a share of the middle channels (conv1's outputs, the time
+//! projection, norm2, conv2's inputs, conv2's bias on one rank) and sums the partial outputs.
+
+use std::sync::Arc;
+
+use pcpp_core::{ChannelSplit, Conv2dLayer, GroupNormLayer, LayerFactory};
+use pcpp_kernels::Tensor;
+
+use crate::error::Result;
+use crate::unet_blocks::{conv, gnorm, Fwd, Linear};
+use crate::weights::Weights;
+
+pub(crate) struct ResnetBlock {
+    name: String,
+    norm1: Arc<dyn GroupNormLayer>,
+    conv1: Arc<dyn Conv2dLayer>,
+    temb_proj: Linear,
+    norm2: Arc<dyn GroupNormLayer>,
+    conv2: Arc<dyn Conv2dLayer>,
+    /// This rank's share of the middle channels under tensor parallelism.
+    split: Option<Arc<dyn ChannelSplit>>,
+    shortcut: Option<Arc<dyn Conv2dLayer>>,
+}
+
+impl ResnetBlock {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn load(
+        f: &dyn LayerFactory,
+        w: &Weights,
+        p: &str,
+        ci: usize,
+        co: usize,
+        temb: usize,
+        groups: usize,
+        eps: f64,
+    ) -> Result<Self> {
+        let norm1 = gnorm(f, w, &format!("{p}.norm1"), ci, groups, eps)?;
+        let mut temb_proj = Linear::load(w, &format!("{p}.time_emb_proj"), temb, co, true)?;
+        let split = f.channel_split(p, co, groups)?;
+        // Rows (output channels) or columns (input channels) of this rank's share.
+        let share = |t: Tensor, dim: usize| -> Result<Tensor> {
+            Ok(match &split {
+                Some(s) => {
+                    let r = s.share();
+                    t.narrow(dim, r.start, r.len())?
+                }
+                None => t,
+            })
+        };
+        let opt = |t: Option<Tensor>| t.map(|t| share(t, 0)).transpose();
+        let id1 = format!("{p}.conv1");
+        let conv1 = f.conv2d(
+            &id1,
+            share(w.get(&format!("{id1}.weight"), &[co, ci, 3, 3])?, 0)?,
+            opt(w.get_opt(&format!("{id1}.bias"), &[co])?)?,
+            1,
+            1,
+        )?;
+        temb_proj.w = share(temb_proj.w, 0)?;
+        temb_proj.b = opt(temb_proj.b)?;
+        let id_n2 = format!("{p}.norm2");
+        let gamma = opt(Some(w.get(&format!("{id_n2}.weight"), &[co])?))?;
+        let beta = opt(Some(w.get(&format!("{id_n2}.bias"), &[co])?))?;
+        let norm2 = match &split {
+            Some(s) => s.group_norm(&id_n2, eps, gamma, beta)?,
+            None => f.group_norm(&id_n2, groups, eps, gamma, beta)?,
+        };
+        let id2 = format!("{p}.conv2");
+        let bias2 = w.get_opt(&format!("{id2}.bias"), &[co])?;
+        let conv2 = f.conv2d(
+            &id2,
+            share(w.get(&format!("{id2}.weight"), &[co, co, 3, 3])?, 1)?,
+            bias2.filter(|_| split.as_ref().map_or(true, |s| s.adds_bias())),
+            1,
+            1,
+        )?;
+        Ok(ResnetBlock {
+            name: p.to_string(),
+            norm1,
+            conv1,
+            temb_proj,
+            norm2,
+            conv2,
+            split,
+            shortcut: if ci != co {
+                Some(conv(f, w, &format!("{p}.conv_shortcut"), ci, co, 1, 1, 0)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// `temb_act` is `silu(temb)`, shared by all blocks.
+    pub(crate) fn forward(&self, fw: &Fwd, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
+        let ctx = fw.ctx;
+        let h = self.norm1.forward(ctx, x, true)?;
+        let h = self.conv1.forward(ctx, &h)?;
+        let t = self.temb_proj.forward(temb_act)?;
+        let (b, c) = (t.shape()[0], t.shape()[1]);
+        let h = h.add(&t.reshape(&[b, c, 1, 1])?)?;
+        let h = self.norm2.forward(ctx, &h, true)?;
+        let h = self.conv2.forward(ctx, &h)?;
+        let h = match &self.split {
+            Some(s) => s.reduce(ctx, &h)?,
+            None => h,
+        };
+        let skip = match &self.shortcut {
+            Some(s) => s.forward(ctx, x)?,
+            None => x.clone(),
+        };
+        let out = skip.add(&h)?;
+        fw.tap(&self.name, &out);
+        Ok(out)
+    }
+}
