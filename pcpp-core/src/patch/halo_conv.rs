@@ -130,7 +130,7 @@ mod tests {
     use pcpp_comm::{LocalTransport, Transport, TransportOptions};
     use pcpp_kernels::{Conv2dParams, Tensor};
 
-    use crate::{CoreError, ParallelConfig, PatchRuntime};
+    use crate::{CoreError, PatchRuntime};
 
     fn pattern(shape: &[usize], seed: f32) -> Tensor {
         let n: usize = shape.iter().product();
