@@ -88,6 +88,7 @@ fn run(name: &str, kind: SchedulerKind) {
     let mut ran = 0;
     let out = denoise_with(
         &pipe.unet,
+        None,
         &SerialDriver,
         &pipe.scheduler,
         &params,

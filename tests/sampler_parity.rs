@@ -173,6 +173,7 @@ fn run_pipeline(name: &str, kind: SchedulerKind) {
     };
     let latents = denoise_with(
         &pipe.unet,
+        None,
         &SerialDriver,
         &pipe.scheduler,
         &params,

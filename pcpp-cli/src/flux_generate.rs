@@ -89,6 +89,11 @@ fn reject_unsupported(a: &GenerateArgs) -> Result<()> {
     given(a.init_image.is_some(), "--init-image", later)?;
     given(a.strength.is_some(), "--strength", later)?;
     given(!a.loras.is_empty(), "--lora", later)?;
+    given(
+        a.controlnet.any(),
+        "--controlnet/--control-image/--control-scale/--control-start/--control-end",
+        "SDXL ControlNets; Flux pipelines do not take them",
+    )?;
     given(a.batch.prompts.is_some(), "--prompts", later)?;
     given(
         a.modes.gn_mode.is_some(),

@@ -143,6 +143,8 @@ pub struct GenerateArgs {
     /// flag for several.
     #[arg(long = "lora", value_name = "FILE[:SCALE]")]
     pub loras: Vec<String>,
+    #[command(flatten)]
+    pub controlnet: crate::control_flags::ControlFlags,
     /// With several ranks, decode the image on rank 0 alone instead of every rank decoding its
     /// band (the parallel decode is exact: the same image).
     #[arg(long)]
@@ -244,6 +246,8 @@ struct Plan {
     skipped: usize,
     /// The `--lora` adapters, read once.
     lora: Option<LoraSet>,
+    /// The `--controlnet` folders with their control images and guidance.
+    control: Option<crate::control_flags::ControlPlan>,
 }
 
 pub fn parse_portions(s: &str) -> Result<Vec<f64>> {
@@ -413,6 +417,7 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
     if let Some(s) = &a.target_size {
         micro.target_size = parse_pair("--target-size", s)?;
     }
+    let control = a.controlnet.validate(height, width, init.is_some())?;
     let shape = geometry.latent_shape(height, width);
     let (jobs, skipped) = match &a.batch.prompts {
         Some(_) => crate::batch::jobs(a, &shape)?,
@@ -451,6 +456,7 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
         jobs,
         skipped,
         lora,
+        control,
     })
 }
 
@@ -485,6 +491,7 @@ fn parameters_text(a: &GenerateArgs, p: &Plan, job: &Job) -> String {
     for l in &a.loras {
         s.push_str(&format!(", Lora: {l}"));
     }
+    s.push_str(&a.controlnet.metadata(p.control.as_ref()));
     if let (Some(f), Some((_, strength))) = (&a.init_image, &p.init) {
         s.push_str(&format!(
             ", Init image: {}, Denoising strength: {strength}",
@@ -592,6 +599,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         format!("{a:?}").as_bytes(),
         &model_fingerprint(&plan.model),
         &adapters,
+        &a.controlnet.fingerprint(),
     ]);
     if let Err(e) = launch::check_same_everywhere(world.as_ref(), &hash) {
         launch::abort_job(world.as_ref(), &e.to_string());
@@ -649,6 +657,7 @@ fn run_rank(
         vae_encoder: plan.init.is_some(),
         vae_dtype: a.vae_dtype,
         lora: plan.lora.as_ref(),
+        controlnets: plan.control.as_ref().map_or(&[], |c| &c.dirs),
     };
     let mut gen = Generator::load(&plan.model, &opts, runtime.factory())?;
     if parallel_decode {
@@ -677,6 +686,7 @@ fn run_rank(
             params: &params,
             noise: &job.noise,
             init: plan.init.as_ref().map(|(img, s)| (img, *s)),
+            control: plan.control.as_ref().map_or(&[], |c| &c.inputs),
         };
         let res = gen.generate(world.as_ref(), runtime.driver(), &image, &mut |i, _| {
             if let Some(pb) = &pb {

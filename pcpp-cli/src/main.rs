@@ -14,6 +14,7 @@ mod band_bench;
 mod batch;
 mod bench;
 mod compare;
+mod control_flags;
 mod convert;
 mod decode_bench;
 mod flux_bench;

@@ -183,6 +183,7 @@ fn run_rank(
     };
     let latents = denoise_with(
         &unet,
+        None,
         runtime.driver(),
         &sched_cfg,
         &params,

@@ -109,6 +109,7 @@ fn flags_that_do_not_apply_are_errors() {
             "--parallel tensor",
         ),
         (vec!["--scheduler", "ddim"], "--scheduler"),
+        (vec!["--control-scale", "0.5"], "--controlnet"),
         (vec!["--height", "30"], "multiples of 4"),
         (
             vec!["--max-sequence-length", "600"],

@@ -44,6 +44,15 @@ pub trait DenoiseModel {
         t: &Tensor,
         cond: &Self::Cond,
     ) -> Result<Tensor, Self::Error>;
+
+    /// Which kind of step `ctx` is, for CUDA graphs ([`StepGraphs`]): steps with equal keys run
+    /// the same device work (the same layers with the same constants) and replay one graph per
+    /// step parity; a step whose work changes mid-run (a model part that joins or leaves, a
+    /// scale that changes) has a key of its own. The default: every step is of one kind.
+    fn graph_key(&self, ctx: &StepCtx) -> Vec<u64> {
+        let _ = ctx;
+        Vec::new()
+    }
 }
 
 /// A scheduler as the loop uses it: tensor updates on the latents' device, in `f32`.

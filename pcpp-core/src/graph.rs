@@ -1,5 +1,5 @@
 //! CUDA graphs of the denoising step (PCPP §7.1): the steady model step (any [`DenoiseModel`])
-//! captured once per step parity and replayed.
+//! captured once per step parity and kind of step ([`DenoiseModel::graph_key`]) and replayed.
 //!
 //! The patch-parallel runtime keeps every stale buffer a step reads or writes in persistent
 //! per-parity device memory, so a step captured at parity `p` stays valid for every later step of
@@ -13,15 +13,23 @@ use pcpp_kernels::Tensor;
 use crate::denoise::DenoiseModel;
 use crate::layers::{CoreError, StepCtx, StepDriver};
 
-/// The steady step as CUDA graphs, one per step parity (the stale cache's buffer of step `t` is
-/// `t mod 2`), with the input and output buffers they read and write, and the count of eager
-/// steady steps that must run before the first capture.
+/// The graphs of one kind of step, with the count of its eager steady steps.
 #[derive(Default)]
-pub struct StepGraphs {
-    enabled: bool,
+struct Kind {
+    key: Vec<u64>,
     steady_eager: usize,
     #[cfg(feature = "cuda")]
     graphs: [Option<(usize, pcpp_kernels::cuda::CudaGraphStep)>; 2],
+}
+
+/// The steady step as CUDA graphs, one per step parity (the stale cache's buffer of step `t` is
+/// `t mod 2`) and per kind of step (steps whose [`DenoiseModel::graph_key`]s differ run different
+/// device work: a kind that appears mid-run runs two eager steady steps before its capture), with
+/// the input and output buffers they read and write.
+#[derive(Default)]
+pub struct StepGraphs {
+    enabled: bool,
+    kinds: Vec<Kind>,
     #[cfg(feature = "cuda")]
     io: Option<(Tensor, Tensor, Tensor)>,
 }
@@ -35,11 +43,25 @@ impl StepGraphs {
         }
     }
 
+    /// The index of the kind of step with `key`, added on first use.
+    fn kind(&mut self, key: Vec<u64>) -> usize {
+        match self.kinds.iter().position(|k| k.key == key) {
+            Some(i) => i,
+            None => {
+                self.kinds.push(Kind {
+                    key,
+                    ..Kind::default()
+                });
+                self.kinds.len() - 1
+            }
+        }
+    }
+
     /// One denoising step of the loop, opened with `driver.step_ctx`: eager (the model forward,
-    /// then [`StepDriver::end_step`]) until two steps that [`StepDriver::repeats`] have run, then
-    /// replayed from the graph of the step's parity (so the runtime's persistent buffers of both
-    /// parities exist before any capture). Ends with [`StepDriver::step_done`], outside any
-    /// capture.
+    /// then [`StepDriver::end_step`]) until two steps of its kind that [`StepDriver::repeats`]
+    /// have run, then replayed from the graph of the step's kind and parity (so the runtime's
+    /// persistent buffers of both parities exist before any capture). Ends with
+    /// [`StepDriver::step_done`], outside any capture.
     pub fn run<M: DenoiseModel>(
         &mut self,
         model: &M,
@@ -49,14 +71,15 @@ impl StepGraphs {
         ts: &Tensor,
         cond: &M::Cond,
     ) -> Result<Tensor, M::Error> {
+        let kind = self.kind(model.graph_key(ctx));
         let repeats = driver.repeats(ctx);
-        let out = if self.enabled && repeats && self.steady_eager >= 2 {
-            self.step(model, driver, ctx, x, ts, cond)?
+        let out = if self.enabled && repeats && self.kinds[kind].steady_eager >= 2 {
+            self.replay(kind, model, driver, ctx, x, ts, cond)?
         } else {
             let out = model.forward(ctx, x, ts, cond)?;
             driver.end_step(ctx.step)?;
             if repeats {
-                self.steady_eager += 1;
+                self.kinds[kind].steady_eager += 1;
             }
             out
         };
@@ -65,7 +88,7 @@ impl StepGraphs {
     }
 
     /// The model output of step `ctx.step` (opened with `driver.step_ctx`), from the graph of its
-    /// parity, which is captured on first use. `x` and `ts` (on the model's GPU) are copied into
+    /// kind and parity, which is captured on first use. `x` and `ts` (on the model's GPU) are copied into
     /// the graph's input buffers; `cond` must already be on that GPU (a capture cannot upload host
     /// data). The returned tensor is the graph's output buffer: read it before the next step.
     ///
@@ -81,9 +104,25 @@ impl StepGraphs {
         ts: &Tensor,
         cond: &M::Cond,
     ) -> Result<Tensor, M::Error> {
+        let kind = self.kind(model.graph_key(ctx));
+        self.replay(kind, model, driver, ctx, x, ts, cond)
+    }
+
+    /// [`StepGraphs::step`] from the graphs of kind `kind`.
+    #[allow(clippy::too_many_arguments)]
+    fn replay<M: DenoiseModel>(
+        &mut self,
+        kind: usize,
+        model: &M,
+        driver: &dyn StepDriver,
+        ctx: &StepCtx,
+        x: &Tensor,
+        ts: &Tensor,
+        cond: &M::Cond,
+    ) -> Result<Tensor, M::Error> {
         #[cfg(not(feature = "cuda"))]
         {
-            let _ = (model, driver, ctx, x, ts, cond);
+            let _ = (kind, model, driver, ctx, x, ts, cond);
             Err(CoreError::Config("CUDA graphs need a build with the `cuda` feature".into()).into())
         }
         #[cfg(feature = "cuda")]
@@ -116,7 +155,7 @@ impl StepGraphs {
             copy_into(x, xb)?;
             copy_into(ts, tb)?;
             let p = ctx.step % 2;
-            match &self.graphs[p] {
+            match &self.kinds[kind].graphs[p] {
                 Some((captured, g)) => {
                     driver.replayed(*captured)?;
                     g.replay()?;
@@ -133,7 +172,7 @@ impl StepGraphs {
                         copy_into(&o, ob)
                     })?;
                     g.replay()?;
-                    self.graphs[p] = Some((ctx.step, g));
+                    self.kinds[kind].graphs[p] = Some((ctx.step, g));
                 }
             }
             Ok(ob.clone())

@@ -285,6 +285,49 @@ pub trait LayerFactory: Send + Sync {
         padding: usize,
     ) -> Result<Arc<dyn Conv2dLayer>>;
 
+    /// [`LayerFactory::conv2d`] for an input `2^up` times finer than the model's level-0 grid in
+    /// both directions, e.g. a ControlNet's conditioning image and the first maps of its
+    /// conditioning embedding (pixel resolution, `up = 3` for an SDXL latent): a rank's band of
+    /// such an input is its level-0 band's rows times `2^up`, and halos are exchanged as at
+    /// level 0. `up = 0` is `conv2d`; the default refuses finer inputs.
+    fn fine_conv2d(
+        &self,
+        id: &str,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        stride: usize,
+        padding: usize,
+        up: usize,
+    ) -> Result<Arc<dyn Conv2dLayer>> {
+        if up == 0 {
+            return self.conv2d(id, weight, bias, stride, padding);
+        }
+        Err(CoreError::Config(format!(
+            "layer `{id}`: this layer factory has no layers for inputs finer than the model's grid"
+        )))
+    }
+
+    /// [`LayerFactory::input_conv2d`] (whole input on every rank, this rank's band out) whose
+    /// output grid is `2^up` times finer than the level-0 grid; see
+    /// [`LayerFactory::fine_conv2d`]. `up = 0` is `input_conv2d`; the default refuses finer
+    /// outputs.
+    fn fine_input_conv2d(
+        &self,
+        id: &str,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        stride: usize,
+        padding: usize,
+        up: usize,
+    ) -> Result<Arc<dyn Conv2dLayer>> {
+        if up == 0 {
+            return self.input_conv2d(id, weight, bias, stride, padding);
+        }
+        Err(CoreError::Config(format!(
+            "layer `{id}`: this layer factory has no layers for inputs finer than the model's grid"
+        )))
+    }
+
     /// A group norm over `groups` groups with per-channel affine.
     fn group_norm(
         &self,
@@ -484,6 +527,30 @@ impl LayerFactory for SerialFactory {
         bias: Option<Tensor>,
         stride: usize,
         padding: usize,
+    ) -> Result<Arc<dyn Conv2dLayer>> {
+        self.conv2d(id, weight, bias, stride, padding)
+    }
+
+    fn fine_conv2d(
+        &self,
+        id: &str,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        stride: usize,
+        padding: usize,
+        _up: usize,
+    ) -> Result<Arc<dyn Conv2dLayer>> {
+        self.conv2d(id, weight, bias, stride, padding)
+    }
+
+    fn fine_input_conv2d(
+        &self,
+        id: &str,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        stride: usize,
+        padding: usize,
+        _up: usize,
     ) -> Result<Arc<dyn Conv2dLayer>> {
         self.conv2d(id, weight, bias, stride, padding)
     }

@@ -19,6 +19,7 @@ pub mod grid;
 pub mod layers;
 pub mod patch;
 pub mod plan;
+pub mod prefixed;
 pub mod report;
 mod root_gather;
 pub mod schedule;
@@ -39,6 +40,7 @@ pub use layers::{
 };
 pub use patch::PatchRuntime;
 pub use plan::{plan, Inventory, LayerKind, LayerSpec, Plan, PlanSetup, RankPlan};
+pub use prefixed::PrefixedFactory;
 pub use report::{KindBytes, RunReport, StepReport, Traffic};
 pub use schedule::{GnMode, ParallelConfig, ParallelMode, SplitScheme, SyncMode};
 pub use topology::Topology;

@@ -795,7 +795,11 @@ fn gpu_profile_times_each_op_kind_and_only_while_on() {
     pcpp_kernels::flush_gpu_profile().unwrap();
     let stats = profile::snapshot();
     let of = |k: Kernel| stats.iter().find(|s| s.kernel == k).copied().unwrap();
-    assert_eq!(of(Kernel::Conv2d).calls, 3, "only the convolutions run while on");
+    assert_eq!(
+        of(Kernel::Conv2d).calls,
+        3,
+        "only the convolutions run while on"
+    );
     assert!(of(Kernel::Conv2d).seconds > 0.0);
     assert_eq!(of(Kernel::Elementwise).calls, 1);
     assert_eq!(of(Kernel::Attention).calls, 0);

@@ -3,7 +3,8 @@
 //! whole image. The loop itself is the core's model-independent [`denoise_loop`]; here the UNet
 //! is its [`DenoiseModel`], a [`Scheduler`] its [`Sampler`], and SDXL's inputs (prompt embeddings
 //! and micro-conditioning, text-to-image noise or an image-to-image start, the per-step noise of
-//! ancestral sampling) are checked and prepared.
+//! ancestral sampling) are checked and prepared. With ControlNets the model is the UNet with its
+//! nets (`StableDiffusionXLControlNetPipeline`), one model to the loop and to its CUDA graphs.
 //!
 //! The loop is written against [`StepDriver`] (PCPP §1.1, §1.4, §4): it asks the driver for each
 //! step's context (synchronous warm-up or stale), and with CFG split it feeds only this rank's
@@ -15,6 +16,7 @@
 use pcpp_core::{denoise_loop, DenoiseModel, LoopOptions, Sampler, StepCtx, StepDriver};
 use pcpp_kernels::{DType, Device, Tensor};
 
+use crate::controlnet::{Control, ControlledUNet};
 use crate::error::{Result, SdxlError};
 use crate::pipeline::{MicroCond, PromptEmbeds};
 use crate::scheduler::{self, Scheduler, SchedulerConfig, SchedulerKind};
@@ -136,6 +138,7 @@ pub fn denoise(
     let start = DenoiseStart::Noise(noise);
     denoise_with(
         unet,
+        None,
         driver,
         sched_cfg,
         params,
@@ -213,9 +216,15 @@ impl Sampler for SchedulerSampler<'_> {
 /// With `driver.cfg_branch() == Some(g)` only branch `g` is fed to the UNet (its gather returns
 /// `[uncond; cond]`); otherwise the whole CFG batch is. `embeds` may live anywhere: they are moved
 /// to the UNet's device and dtype once. Progress counts the steps that run.
+///
+/// With `control`, each step first runs the ControlNets whose window reaches it (on the same
+/// input, conditioning and step context as the UNet; see [`crate::controlnet`]) and adds their
+/// summed residuals to the UNet's skip connections. Steps with ControlNets replay CUDA graphs
+/// too: one per distinct set of nets and scales ([`DenoiseModel::graph_key`]).
 #[allow(clippy::too_many_arguments)]
 pub fn denoise_with(
     unet: &UNet,
+    control: Option<&Control<'_>>,
     driver: &dyn StepDriver,
     sched_cfg: &SchedulerConfig,
     params: &DenoiseParams,
@@ -324,16 +333,36 @@ pub fn denoise_with(
         guidance: cfg.then_some(params.guidance),
         cuda_graphs: params.cuda_graphs,
     };
-    let out = denoise_loop(
-        unet,
-        &cond,
-        driver,
-        &mut SchedulerSampler(sched.as_mut()),
-        latents,
-        &opts,
-        &mut step_noise_at,
-        progress,
-    )?;
+    let mut sampler = SchedulerSampler(sched.as_mut());
+    let control = control
+        .filter(|c| !c.units.is_empty())
+        .map(|c| {
+            let steps = sampler.timesteps().len().saturating_sub(first);
+            c.prepare(unet, &cond, (shape[2], shape[3]), steps)
+        })
+        .transpose()?;
+    let out = match control {
+        Some(control) => denoise_loop(
+            &ControlledUNet { unet, control },
+            &cond,
+            driver,
+            &mut sampler,
+            latents,
+            &opts,
+            &mut step_noise_at,
+            progress,
+        )?,
+        None => denoise_loop(
+            unet,
+            &cond,
+            driver,
+            &mut sampler,
+            latents,
+            &opts,
+            &mut step_noise_at,
+            progress,
+        )?,
+    };
     if let Some(step) = out.nonfinite_at {
         return Err(SdxlError::NonFinite {
             stage: "the latents".into(),

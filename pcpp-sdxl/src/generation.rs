@@ -17,6 +17,7 @@ use pcpp_comm::{CommKind, Transport};
 use pcpp_core::{LayerFactory, PatchRuntime, StepDriver};
 use pcpp_kernels::{DType, Device, Tensor};
 
+use crate::controlnet::{Control, ControlInput, ControlNet, ControlUnit};
 use crate::denoise::{
     denoise_with, overflow_hint, DenoiseParams, DenoiseStart, Progress, StepNoise,
 };
@@ -97,6 +98,9 @@ pub struct LoadOptions<'a> {
     pub vae_dtype: Option<DType>,
     /// LoRA adapters merged into the UNet's and the text encoders' weights as they load.
     pub lora: Option<&'a LoraSet>,
+    /// ControlNet folders (diffusers `ControlNetModel`), loaded in `dtype` on `device` through
+    /// the UNet's factory; each must fit the UNet. Several act together (their residuals sum).
+    pub controlnets: &'a [PathBuf],
 }
 
 /// The dtype the VAE runs in for a run in `dtype`: a VAE whose config says `force_upcast` (SDXL's
@@ -139,6 +143,8 @@ pub struct Generator {
     pub vae: Option<VaeDecoder>,
     /// The VAE encoder (rank 0, image-to-image).
     pub vae_encoder: Option<VaeEncoder>,
+    /// The ControlNets, in the order of [`LoadOptions::controlnets`].
+    pub controlnets: Vec<ControlNet>,
     /// `scheduler/scheduler_config.json`.
     pub scheduler: SchedulerConfig,
     /// The dtype the UNet and text encoders compute in.
@@ -167,6 +173,8 @@ pub struct ImageJob<'a> {
     pub noise: &'a Tensor,
     /// Image-to-image: the init image `[1, 3, H, W]` in `[-1, 1]` and the strength.
     pub init: Option<(&'a Tensor, f32)>,
+    /// One control image and guidance per loaded ControlNet (none: the ControlNets are not used).
+    pub control: &'a [ControlInput],
 }
 
 /// What rank 0 gets back from [`Generator::generate`].
@@ -207,13 +215,8 @@ impl Generator {
         let index = ModelIndex::load(dir)?;
         let scheduler = Pipeline::load_scheduler_config(dir)?;
         let vae_dir = dir.join("vae");
-        let vae_dt = match opts.vae_dtype {
-            Some(d) => d,
-            None => vae_dtype(
-                &VaeConfig::from_file(&vae_dir.join("config.json"))?,
-                opts.dtype,
-            ),
-        };
+        let vae_config = VaeConfig::from_file(&vae_dir.join("config.json"))?;
+        let vae_dt = opts.vae_dtype.unwrap_or(vae_dtype(&vae_config, opts.dtype));
         if vae_dt == DType::F32 && opts.dtype != DType::F32 {
             pcpp_kernels::set_conv_tf32(opts.device, true)?;
         }
@@ -251,6 +254,23 @@ impl Generator {
             )
         });
         let (text, unet, vae, vae_encoder) = (text?, unet?, vae?, vae_encoder?);
+        let controlnets = opts
+            .controlnets
+            .iter()
+            .enumerate()
+            .map(|(k, d)| {
+                let net = ControlNet::load(d, opts.dtype, opts.device, factory, k)?;
+                net.check_fits(&unet)?;
+                let (cf, vf) = (1usize << net.config().up(), vae_config.scale_factor());
+                if cf != vf {
+                    return Err(SdxlError::config(
+                        d.join("config.json"),
+                        format!("the conditioning embedding (`conditioning_embedding_out_channels`) scales the control image down by {cf}, the VAE by {vf}: this ControlNet was not made for this model"),
+                    ));
+                }
+                Ok(net)
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Generator {
             dir: dir.to_path_buf(),
             index,
@@ -258,6 +278,7 @@ impl Generator {
             unet,
             vae,
             vae_encoder,
+            controlnets,
             scheduler,
             dtype: opts.dtype,
             vae_dtype: vae_dt,
@@ -337,8 +358,28 @@ impl Generator {
             },
             _ => DenoiseStart::Noise(&noise),
         };
+        if !job.control.is_empty() && job.control.len() != self.controlnets.len() {
+            return Err(SdxlError::Input(format!(
+                "{} control images for {} ControlNets",
+                job.control.len(),
+                self.controlnets.len()
+            )));
+        }
+        let control = Control {
+            units: self
+                .controlnets
+                .iter()
+                .zip(job.control)
+                .map(|(net, c)| ControlUnit {
+                    net,
+                    image: &c.image,
+                    guidance: c.guidance,
+                })
+                .collect(),
+        };
         let out = denoise_with(
             &self.unet,
+            Some(&control),
             driver,
             &self.scheduler,
             job.params,

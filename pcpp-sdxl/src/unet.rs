@@ -8,16 +8,13 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use pcpp_core::{
-    AttentionWeights, Conv2dLayer, FeedForwardLayer, FeedForwardWeights, GatherLayer,
-    GroupNormLayer, LayerFactory, SelfAttentionLayer, StepCtx,
-};
-use pcpp_kernels::{Activation, DType, Device, Tensor};
+use pcpp_core::{Conv2dLayer, GatherLayer, GroupNormLayer, LayerFactory, StepCtx};
+use pcpp_kernels::{DType, Device, Tensor};
 
 use crate::error::{Result, SdxlError};
 use crate::lora::ComponentLora;
-use crate::unet_config::{BlockKind, BlockSpec, UNetConfig};
-use crate::unet_resnet::ResnetBlock;
+use crate::unet_blocks::{conv, gnorm, Block, Encoder, Fwd};
+use crate::unet_config::UNetConfig;
 use crate::weights::{find_weight_file, Weights};
 
 /// Records intermediate activations by module path (for parity tests and debugging).
@@ -30,7 +27,7 @@ impl Taps {
         Taps::default()
     }
 
-    fn record(&self, name: &str, t: &Tensor) {
+    pub(crate) fn record(&self, name: &str, t: &Tensor) {
         if let Ok(mut v) = self.0.lock() {
             v.push((name.to_string(), t.clone()));
         }
@@ -54,7 +51,7 @@ pub struct UNetCond {
     pub text_embeds: Option<Tensor>,
     /// SDXL micro-conditioning `[b, 6]` (text_time models only).
     pub time_ids: Option<Tensor>,
-    cross_kv: Mutex<HashMap<String, (Tensor, Tensor)>>,
+    pub(crate) cross_kv: Mutex<HashMap<String, (Tensor, Tensor)>>,
 }
 
 impl UNetCond {
@@ -138,381 +135,34 @@ impl UNetCond {
     }
 }
 
-pub(crate) struct Linear {
-    pub(crate) w: Tensor,
-    pub(crate) b: Option<Tensor>,
+/// The residuals a ControlNet adds to a UNet step (diffusers' `down_block_additional_residuals`
+/// and `mid_block_additional_residual`), already scaled, on this rank's band.
+#[derive(Debug, Clone)]
+pub struct ControlResiduals {
+    /// One per skip connection of the down path, in order (`conv_in` first).
+    pub down: Vec<Tensor>,
+    /// Added to the mid block's output.
+    pub mid: Tensor,
 }
 
-impl Linear {
-    pub(crate) fn load(
-        w: &Weights,
-        prefix: &str,
-        inp: usize,
-        out: usize,
-        bias: bool,
-    ) -> Result<Linear> {
-        Ok(Linear {
-            w: w.get(&format!("{prefix}.weight"), &[out, inp])?,
-            b: if bias {
-                Some(w.get(&format!("{prefix}.bias"), &[out])?)
-            } else {
-                None
-            },
-        })
-    }
-
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.linear(&self.w, self.b.as_ref())?)
-    }
-}
-
-/// Everything a module's forward needs besides its input.
-pub(crate) struct Fwd<'a> {
-    pub(crate) ctx: &'a StepCtx,
-    taps: Option<&'a Taps>,
-}
-
-impl Fwd<'_> {
-    pub(crate) fn tap(&self, name: &str, t: &Tensor) {
-        if let Some(taps) = self.taps {
-            taps.record(name, t);
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn conv(
-    f: &dyn LayerFactory,
-    w: &Weights,
-    p: &str,
-    ci: usize,
-    co: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
-) -> Result<Arc<dyn Conv2dLayer>> {
-    let weight = w.get(&format!("{p}.weight"), &[co, ci, k, k])?;
-    let bias = w.get_opt(&format!("{p}.bias"), &[co])?;
-    Ok(f.conv2d(p, weight, bias, stride, pad)?)
-}
-
-pub(crate) fn gnorm(
-    f: &dyn LayerFactory,
-    w: &Weights,
-    p: &str,
-    c: usize,
-    groups: usize,
-    eps: f64,
-) -> Result<Arc<dyn GroupNormLayer>> {
-    let g = w.get(&format!("{p}.weight"), &[c])?;
-    let b = w.get(&format!("{p}.bias"), &[c])?;
-    Ok(f.group_norm(p, groups, eps, Some(g), Some(b))?)
-}
-
-struct CrossAttention {
-    name: String,
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
-    heads: usize,
-}
-
-impl CrossAttention {
-    fn forward(&self, fw: &Fwd, x: &Tensor, cond: &UNetCond) -> Result<Tensor> {
-        let kv = {
-            let cached = cond
-                .cross_kv
-                .lock()
-                .ok()
-                .and_then(|m| m.get(&self.name).cloned());
-            match cached {
-                Some(kv) => kv,
-                None => {
-                    let e = &cond.encoder_hidden_states;
-                    let kv = (self.to_k.forward(e)?, self.to_v.forward(e)?);
-                    if let Ok(mut m) = cond.cross_kv.lock() {
-                        m.insert(self.name.clone(), kv.clone());
-                    }
-                    kv
-                }
-            }
-        };
-        let q = self.to_q.forward(x)?;
-        let kb = kv.0.shape()[0];
-        let (k, v) = if kb == q.shape()[0] {
-            kv
-        } else {
+impl ControlResiduals {
+    /// The element-wise sum of two nets' residuals (diffusers' `MultiControlNetModel`).
+    pub fn add(&self, other: &ControlResiduals) -> Result<ControlResiduals> {
+        if self.down.len() != other.down.len() {
             return Err(SdxlError::Input(format!(
-                "{}: encoder_hidden_states has batch {kb}, sample has batch {}",
-                self.name,
-                q.shape()[0]
+                "ControlNet residuals: {} and {} down residuals cannot be summed",
+                self.down.len(),
+                other.down.len()
             )));
-        };
-        let out = self
-            .to_out
-            .forward(&Tensor::attention(&q, &k, &v, self.heads, false)?)?;
-        fw.tap(&self.name, &out);
-        Ok(out)
-    }
-}
-
-struct TransformerBlock {
-    name: String,
-    norm1: (Tensor, Tensor),
-    attn1: Arc<dyn SelfAttentionLayer>,
-    norm2: (Tensor, Tensor),
-    attn2: CrossAttention,
-    norm3: (Tensor, Tensor),
-    ff: Arc<dyn FeedForwardLayer>,
-}
-
-impl TransformerBlock {
-    fn load(
-        f: &dyn LayerFactory,
-        w: &Weights,
-        p: &str,
-        dim: usize,
-        heads: usize,
-        cross: usize,
-    ) -> Result<Self> {
-        let ln = |n: &str| -> Result<(Tensor, Tensor)> {
-            Ok((
-                w.get(&format!("{p}.{n}.weight"), &[dim])?,
-                w.get(&format!("{p}.{n}.bias"), &[dim])?,
-            ))
-        };
-        let a1 = format!("{p}.attn1");
-        let aw = AttentionWeights {
-            to_q: w.get(&format!("{a1}.to_q.weight"), &[dim, dim])?,
-            to_k: w.get(&format!("{a1}.to_k.weight"), &[dim, dim])?,
-            to_v: w.get(&format!("{a1}.to_v.weight"), &[dim, dim])?,
-            q_bias: w.get_opt(&format!("{a1}.to_q.bias"), &[dim])?,
-            k_bias: w.get_opt(&format!("{a1}.to_k.bias"), &[dim])?,
-            v_bias: w.get_opt(&format!("{a1}.to_v.bias"), &[dim])?,
-            to_out: w.get(&format!("{a1}.to_out.0.weight"), &[dim, dim])?,
-            out_bias: w.get_opt(&format!("{a1}.to_out.0.bias"), &[dim])?,
-            heads,
-        };
-        let a2 = format!("{p}.attn2");
-        let opt_bias = |n: &str, out: usize| w.contains(&format!("{a2}.{n}.bias")) && out > 0;
-        let inner = dim * 4;
-        Ok(TransformerBlock {
-            name: p.to_string(),
-            norm1: ln("norm1")?,
-            attn1: f.self_attention(&a1, aw)?,
-            norm2: ln("norm2")?,
-            attn2: CrossAttention {
-                name: a2.clone(),
-                to_q: Linear::load(w, &format!("{a2}.to_q"), dim, dim, opt_bias("to_q", dim))?,
-                to_k: Linear::load(w, &format!("{a2}.to_k"), cross, dim, opt_bias("to_k", dim))?,
-                to_v: Linear::load(w, &format!("{a2}.to_v"), cross, dim, opt_bias("to_v", dim))?,
-                to_out: Linear::load(w, &format!("{a2}.to_out.0"), dim, dim, true)?,
-                heads,
-            },
-            norm3: ln("norm3")?,
-            ff: {
-                let fin = Linear::load(w, &format!("{p}.ff.net.0.proj"), dim, inner * 2, true)?;
-                let fout = Linear::load(w, &format!("{p}.ff.net.2"), inner, dim, true)?;
-                f.feed_forward(
-                    &format!("{p}.ff"),
-                    FeedForwardWeights {
-                        proj: fin.w,
-                        proj_bias: fin.b,
-                        out: fout.w,
-                        out_bias: fout.b,
-                    },
-                )?
-            },
-        })
-    }
-
-    fn forward(
-        &self,
-        fw: &Fwd,
-        x: &Tensor,
-        spatial: (usize, usize),
-        cond: &UNetCond,
-    ) -> Result<Tensor> {
-        let h = x.layer_norm(Some(&self.norm1.0), Some(&self.norm1.1), 1e-5)?;
-        let a = self.attn1.forward(fw.ctx, &h, spatial)?;
-        fw.tap(&format!("{}.attn1", self.name), &a);
-        let x = a.add(x)?;
-        let h = x.layer_norm(Some(&self.norm2.0), Some(&self.norm2.1), 1e-5)?;
-        let x = self.attn2.forward(fw, &h, cond)?.add(&x)?;
-        let h = x.layer_norm(Some(&self.norm3.0), Some(&self.norm3.1), 1e-5)?;
-        let h = self.ff.forward(fw.ctx, &h)?;
-        fw.tap(&format!("{}.ff", self.name), &h);
-        let out = h.add(&x)?;
-        fw.tap(&self.name, &out);
-        Ok(out)
-    }
-}
-
-enum Proj {
-    Linear(Linear),
-    Conv(Arc<dyn Conv2dLayer>),
-}
-
-struct Transformer2D {
-    name: String,
-    norm: Arc<dyn GroupNormLayer>,
-    proj_in: Proj,
-    blocks: Vec<TransformerBlock>,
-    proj_out: Proj,
-}
-
-impl Transformer2D {
-    #[allow(clippy::too_many_arguments)]
-    fn load(
-        f: &dyn LayerFactory,
-        w: &Weights,
-        p: &str,
-        c: usize,
-        depth: usize,
-        heads: usize,
-        cross: usize,
-        groups: usize,
-        linear: bool,
-    ) -> Result<Self> {
-        let proj = |n: &str| -> Result<Proj> {
-            let n = format!("{p}.{n}");
-            Ok(if linear {
-                Proj::Linear(Linear::load(w, &n, c, c, true)?)
-            } else {
-                Proj::Conv(conv(f, w, &n, c, c, 1, 1, 0)?)
-            })
-        };
-        Ok(Transformer2D {
-            name: p.to_string(),
-            norm: gnorm(f, w, &format!("{p}.norm"), c, groups, 1e-6)?,
-            proj_in: proj("proj_in")?,
-            blocks: (0..depth)
-                .map(|i| {
-                    TransformerBlock::load(
-                        f,
-                        w,
-                        &format!("{p}.transformer_blocks.{i}"),
-                        c,
-                        heads,
-                        cross,
-                    )
-                })
-                .collect::<Result<_>>()?,
-            proj_out: proj("proj_out")?,
-        })
-    }
-
-    fn forward(&self, fw: &Fwd, x: &Tensor, cond: &UNetCond) -> Result<Tensor> {
-        let (rows, cols) = (x.shape()[2], x.shape()[3]);
-        let h = self.norm.forward(fw.ctx, x, false)?;
-        let mut h = match &self.proj_in {
-            Proj::Linear(l) => l.forward(&h.to_tokens()?)?,
-            Proj::Conv(c) => c.forward(fw.ctx, &h)?.to_tokens()?,
-        };
-        for b in &self.blocks {
-            h = b.forward(fw, &h, (rows, cols), cond)?;
         }
-        let h = match &self.proj_out {
-            Proj::Linear(l) => l.forward(&h)?.from_tokens(rows, cols)?,
-            Proj::Conv(c) => c.forward(fw.ctx, &h.from_tokens(rows, cols)?)?,
-        };
-        let out = h.add(x)?;
-        fw.tap(&self.name, &out);
-        Ok(out)
-    }
-}
-
-struct Block {
-    name: String,
-    resnets: Vec<ResnetBlock>,
-    attentions: Vec<Transformer2D>,
-    resample: Option<Arc<dyn Conv2dLayer>>,
-}
-
-impl Block {
-    fn load(
-        f: &dyn LayerFactory,
-        w: &Weights,
-        p: &str,
-        s: &BlockSpec,
-        cfg: &UNetConfig,
-        up: bool,
-    ) -> Result<Self> {
-        let mut resnets = Vec::new();
-        let mut attentions = Vec::new();
-        for j in 0..s.layers {
-            let ci = if up {
-                let res_skip = if j == s.layers - 1 {
-                    s.in_channels
-                } else {
-                    s.out_channels
-                };
-                let res_in = if j == 0 {
-                    s.prev_out_channels
-                } else {
-                    s.out_channels
-                };
-                res_in + res_skip
-            } else if j == 0 {
-                s.in_channels
-            } else {
-                s.out_channels
-            };
-            resnets.push(ResnetBlock::load(
-                f,
-                w,
-                &format!("{p}.resnets.{j}"),
-                ci,
-                s.out_channels,
-                cfg.time_embed_dim,
-                cfg.groups,
-                cfg.eps,
-            )?);
-            if s.kind == BlockKind::CrossAttn {
-                attentions.push(Transformer2D::load(
-                    f,
-                    w,
-                    &format!("{p}.attentions.{j}"),
-                    s.out_channels,
-                    s.transformer_layers[j],
-                    s.heads,
-                    s.cross_attention_dim,
-                    cfg.groups,
-                    cfg.use_linear_projection,
-                )?);
-            }
-        }
-        let resample = if !s.resample {
-            None
-        } else if up {
-            Some(conv(
-                f,
-                w,
-                &format!("{p}.upsamplers.0.conv"),
-                s.out_channels,
-                s.out_channels,
-                3,
-                1,
-                1,
-            )?)
-        } else {
-            Some(conv(
-                f,
-                w,
-                &format!("{p}.downsamplers.0.conv"),
-                s.out_channels,
-                s.out_channels,
-                3,
-                2,
-                cfg.downsample_padding,
-            )?)
-        };
-        Ok(Block {
-            name: p.to_string(),
-            resnets,
-            attentions,
-            resample,
+        Ok(ControlResiduals {
+            down: self
+                .down
+                .iter()
+                .zip(&other.down)
+                .map(|(a, b)| a.add(b))
+                .collect::<std::result::Result<_, _>>()?,
+            mid: self.mid.add(&other.mid)?,
         })
     }
 }
@@ -520,13 +170,7 @@ impl Block {
 /// A UNet ready to run, built through some [`LayerFactory`].
 pub struct UNet {
     cfg: UNetConfig,
-    conv_in: Arc<dyn Conv2dLayer>,
-    time_1: Linear,
-    time_2: Linear,
-    add_1: Option<Linear>,
-    add_2: Option<Linear>,
-    down: Vec<Block>,
-    mid: Option<(ResnetBlock, Transformer2D, ResnetBlock)>,
+    enc: Encoder,
     up: Vec<Block>,
     norm_out: Arc<dyn GroupNormLayer>,
     conv_out: Arc<dyn Conv2dLayer>,
@@ -536,12 +180,12 @@ pub struct UNet {
 impl UNet {
     /// The device the weights live on (where the step runs).
     pub fn device(&self) -> Device {
-        self.time_1.w.device()
+        self.enc.time_1.w.device()
     }
 
     /// The dtype of the weights (the compute and activation dtype of a step).
     pub fn dtype(&self) -> DType {
-        self.time_1.w.dtype()
+        self.enc.time_1.w.dtype()
     }
 
     /// Loads `dir/config.json` and the weights of a diffusers `unet/` folder.
@@ -601,71 +245,7 @@ impl UNet {
     pub fn build(cfg: UNetConfig, w: &Weights, f: &dyn LayerFactory) -> Result<UNet> {
         w.set_lora_unet_config(&cfg);
         let c0 = cfg.block_out_channels[0];
-        let ted = cfg.time_embed_dim;
-        let k_in = cfg.conv_in_kernel;
-        let conv_in = f.input_conv2d(
-            "conv_in",
-            w.get("conv_in.weight", &[c0, cfg.in_channels, k_in, k_in])?,
-            w.get_opt("conv_in.bias", &[c0])?,
-            1,
-            (k_in - 1) / 2,
-        )?;
-        let (add_1, add_2) = match cfg.text_time {
-            Some(tt) => (
-                Some(Linear::load(
-                    w,
-                    "add_embedding.linear_1",
-                    tt.projection_input_dim,
-                    ted,
-                    true,
-                )?),
-                Some(Linear::load(w, "add_embedding.linear_2", ted, ted, true)?),
-            ),
-            None => (None, None),
-        };
-        let down = cfg
-            .down
-            .iter()
-            .enumerate()
-            .map(|(i, s)| Block::load(f, w, &format!("down_blocks.{i}"), s, &cfg, false))
-            .collect::<Result<Vec<_>>>()?;
-        let cl = *cfg.block_out_channels.last().unwrap_or(&c0);
-        let mid = match cfg.mid {
-            Some((depth, heads, cross)) => Some((
-                ResnetBlock::load(
-                    f,
-                    w,
-                    "mid_block.resnets.0",
-                    cl,
-                    cl,
-                    ted,
-                    cfg.groups,
-                    cfg.eps,
-                )?,
-                Transformer2D::load(
-                    f,
-                    w,
-                    "mid_block.attentions.0",
-                    cl,
-                    depth,
-                    heads,
-                    cross,
-                    cfg.groups,
-                    cfg.use_linear_projection,
-                )?,
-                ResnetBlock::load(
-                    f,
-                    w,
-                    "mid_block.resnets.1",
-                    cl,
-                    cl,
-                    ted,
-                    cfg.groups,
-                    cfg.eps,
-                )?,
-            )),
-            None => None,
-        };
+        let enc = Encoder::load(&cfg, w, f)?;
         let up = cfg
             .up
             .iter()
@@ -674,13 +254,7 @@ impl UNet {
             .collect::<Result<Vec<_>>>()?;
         let k_out = cfg.conv_out_kernel;
         let unet = UNet {
-            conv_in,
-            time_1: Linear::load(w, "time_embedding.linear_1", c0, ted, true)?,
-            time_2: Linear::load(w, "time_embedding.linear_2", ted, ted, true)?,
-            add_1,
-            add_2,
-            down,
-            mid,
+            enc,
             up,
             norm_out: gnorm(f, w, "conv_norm_out", c0, cfg.groups, cfg.eps)?,
             conv_out: conv(
@@ -698,6 +272,12 @@ impl UNet {
         };
         w.check_all_used()?;
         Ok(unet)
+    }
+
+    /// The channels of the down path's skip connections, in order (what a ControlNet's down
+    /// residuals must have).
+    pub fn skip_channels(&self) -> Vec<usize> {
+        skip_channels(&self.cfg)
     }
 
     /// The resolved configuration.
@@ -774,75 +354,43 @@ impl UNet {
         cond: &UNetCond,
         taps: Option<&Taps>,
     ) -> Result<Tensor> {
+        self.forward_with(ctx, sample, timesteps, cond, None, taps)
+    }
+
+    /// [`UNet::forward`] with a ControlNet's residuals added as diffusers adds them: each down
+    /// residual to its skip connection once the down path has run, the mid residual to the mid
+    /// block's output. The residuals are on this rank's band (as the ControlNet returns them).
+    pub fn forward_with(
+        &self,
+        ctx: &StepCtx,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        cond: &UNetCond,
+        control: Option<&ControlResiduals>,
+        taps: Option<&Taps>,
+    ) -> Result<Tensor> {
         self.check_inputs(sample, cond)?;
         let fw = Fwd { ctx, taps };
-        let b = sample.shape()[0];
-        let t = if timesteps.numel() == 1 && b > 1 {
-            let one = timesteps.reshape(&[1])?;
-            Tensor::cat(&vec![&one; b], 0)?
-        } else {
-            timesteps.reshape(&[timesteps.numel()])?
-        };
-        if t.numel() != b {
-            return Err(SdxlError::Input(format!(
-                "timestep has {} entries for a batch of {b}",
-                t.numel()
-            )));
-        }
-        let c0 = self.cfg.block_out_channels[0];
-        // As diffusers: the sinusoidal embedding of the (f32) timesteps, cast to the model's dtype.
-        let t_emb = t
-            .timestep_embedding(c0, self.cfg.flip_sin_to_cos, self.cfg.freq_shift)?
-            .to_dtype(self.dtype())?;
-        fw.tap("time_proj", &t_emb);
-        let mut emb = self
-            .time_2
-            .forward(&self.time_1.forward(&t_emb)?.act(Activation::Silu)?)?;
-        fw.tap("time_embedding", &emb);
-        if let (Some(l1), Some(l2), Some(tt)) = (&self.add_1, &self.add_2, self.cfg.text_time) {
-            let (te, ti) = (cond.text_embeds.as_ref(), cond.time_ids.as_ref());
-            if let (Some(te), Some(ti)) = (te, ti) {
-                let ids = ti.reshape(&[ti.numel()])?;
-                let te_t = ids.timestep_embedding(
-                    tt.time_embed_dim,
-                    self.cfg.flip_sin_to_cos,
-                    self.cfg.freq_shift,
-                )?;
-                fw.tap("add_time_proj", &te_t);
-                let te_t = te_t.reshape(&[b, usize::MAX])?;
-                let add = l2.forward(
-                    &l1.forward(&Tensor::cat(&[te, &te_t], 1)?)?
-                        .act(Activation::Silu)?,
-                )?;
-                fw.tap("add_embedding", &add);
-                emb = emb.add(&add)?;
-            }
-        }
-        let emb_act = emb.act(Activation::Silu)?;
-
-        let mut h = self.conv_in.forward(ctx, sample)?;
+        let t = batch_timesteps(timesteps, sample.shape()[0])?;
+        let emb_act = self.enc.embed(&self.cfg, &fw, &t, cond)?;
+        let h = self.enc.conv_in.forward(ctx, sample)?;
         fw.tap("conv_in", &h);
-        let mut skips = vec![h.clone()];
-        for blk in &self.down {
-            for (j, r) in blk.resnets.iter().enumerate() {
-                h = r.forward(&fw, &h, &emb_act)?;
-                if let Some(a) = blk.attentions.get(j) {
-                    h = a.forward(&fw, &h, cond)?;
-                }
-                skips.push(h.clone());
+        let (h, mut skips) = self.enc.down(&fw, h, &emb_act, cond)?;
+        if let Some(c) = control {
+            if c.down.len() != skips.len() {
+                return Err(SdxlError::Input(format!(
+                    "ControlNet gave {} down residuals, the UNet has {} skip connections",
+                    c.down.len(),
+                    skips.len()
+                )));
             }
-            if let Some(d) = &blk.resample {
-                h = d.forward(ctx, &h)?;
-                fw.tap(&format!("{}.downsamplers.0", blk.name), &h);
-                skips.push(h.clone());
+            for (s, r) in skips.iter_mut().zip(&c.down) {
+                *s = s.add(r)?;
             }
-            fw.tap(&blk.name, &h);
         }
-        if let Some((r0, a, r1)) = &self.mid {
-            h = r0.forward(&fw, &h, &emb_act)?;
-            h = a.forward(&fw, &h, cond)?;
-            h = r1.forward(&fw, &h, &emb_act)?;
-            fw.tap("mid_block", &h);
+        let mut h = self.enc.mid(&fw, h, &emb_act, cond)?;
+        if let Some(c) = control {
+            h = h.add(&c.mid)?;
         }
         for blk in &self.up {
             for (j, r) in blk.resnets.iter().enumerate() {
@@ -865,4 +413,34 @@ impl UNet {
         fw.tap("conv_out", &h);
         Ok(self.gather.forward(ctx, &h)?)
     }
+}
+
+/// The channels of the down path's skip connections of `cfg`, in order: `conv_in`'s, then one
+/// per resnet and one per down-sampler.
+pub(crate) fn skip_channels(cfg: &UNetConfig) -> Vec<usize> {
+    let mut out = vec![cfg.block_out_channels[0]];
+    for s in &cfg.down {
+        out.extend(std::iter::repeat(s.out_channels).take(s.layers));
+        if s.resample {
+            out.push(s.out_channels);
+        }
+    }
+    out
+}
+
+/// `timesteps` as `[b]`: one value repeated for the batch, or one per sample (an error otherwise).
+pub(crate) fn batch_timesteps(timesteps: &Tensor, b: usize) -> Result<Tensor> {
+    let t = if timesteps.numel() == 1 && b > 1 {
+        let one = timesteps.reshape(&[1])?;
+        Tensor::cat(&vec![&one; b], 0)?
+    } else {
+        timesteps.reshape(&[timesteps.numel()])?
+    };
+    if t.numel() != b {
+        return Err(SdxlError::Input(format!(
+            "timestep has {} entries for a batch of {b}",
+            t.numel()
+        )));
+    }
+    Ok(t)
 }

@@ -13,7 +13,7 @@ use pcpp_core::{ChannelSplit, Conv2dLayer, GroupNormLayer, LayerFactory};
 use pcpp_kernels::Tensor;
 
 use crate::error::Result;
-use crate::unet::{conv, gnorm, Fwd, Linear};
+use crate::unet_blocks::{conv, gnorm, Fwd, Linear};
 use crate::weights::Weights;
 
 pub(crate) struct ResnetBlock {

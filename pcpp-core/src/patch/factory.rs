@@ -29,6 +29,18 @@ impl LayerFactory for PatchRuntime {
         stride: usize,
         padding: usize,
     ) -> Result<Arc<dyn Conv2dLayer>> {
+        self.fine_conv2d(id, weight, bias, stride, padding, 0)
+    }
+
+    fn fine_conv2d(
+        &self,
+        id: &str,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        stride: usize,
+        padding: usize,
+        up: usize,
+    ) -> Result<Arc<dyn Conv2dLayer>> {
         let k = weight.shape().get(2).copied().unwrap_or(1);
         if self.sh.topo.serial || self.sh.tensor() || (k == 1 && padding == 0) {
             return SerialFactory.conv2d(id, weight, bias, stride, padding);
@@ -42,6 +54,7 @@ impl LayerFactory for PatchRuntime {
             stride,
             pad: padding,
             slot,
+            up,
         }))
     }
 
@@ -53,6 +66,18 @@ impl LayerFactory for PatchRuntime {
         stride: usize,
         padding: usize,
     ) -> Result<Arc<dyn Conv2dLayer>> {
+        self.fine_input_conv2d(id, weight, bias, stride, padding, 0)
+    }
+
+    fn fine_input_conv2d(
+        &self,
+        id: &str,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        stride: usize,
+        padding: usize,
+        up: usize,
+    ) -> Result<Arc<dyn Conv2dLayer>> {
         if self.sh.topo.serial || self.sh.tensor() {
             return SerialFactory.input_conv2d(id, weight, bias, stride, padding);
         }
@@ -63,6 +88,7 @@ impl LayerFactory for PatchRuntime {
             bias,
             stride,
             pad: padding,
+            up,
         }))
     }
 

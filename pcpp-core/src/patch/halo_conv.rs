@@ -1,7 +1,9 @@
 //! The patch-parallel `k×k` convolution (PCPP §2.2, §7.3): halo rows point-to-point from the
 //! bands that hold them (normally the two neighbours), zero rows at the image border; fresh in
 //! synchronous steps, the previous step's rows afterwards. Naive patch parallelism pads with
-//! zeros where other bands would be (rows, or columns on steps that cut columns).
+//! zeros where other bands would be (rows, or columns on steps that cut columns). An input `2^up`
+//! times finer than the level-0 grid (see [`crate::LayerFactory::fine_conv2d`]) is cut into the
+//! same bands, every row count times `2^up`.
 
 use std::sync::Arc;
 
@@ -21,6 +23,8 @@ pub(super) struct HaloConv {
     pub(super) stride: usize,
     pub(super) pad: usize,
     pub(super) slot: Option<Arc<Slot>>,
+    /// The input is `2^up` times finer than the level-0 grid.
+    pub(super) up: usize,
 }
 
 impl Conv2dLayer for HaloConv {
@@ -31,8 +35,9 @@ impl Conv2dLayer for HaloConv {
         let k = self.weight.shape()[2];
         if sh.cols(ctx) {
             // Naive patch cutting columns: zero columns where other bands would be.
-            let level = sh.level_at(ctx, id, rows, w)?;
-            let hp = HaloPlan::new(sh.cplan(id)?, level, sh.me(), k, self.stride, self.pad);
+            let level = sh.level_at_up(ctx, id, rows, w, self.up)?;
+            let cplan = sh.cplan_up(id, self.up)?;
+            let hp = HaloPlan::new(&cplan, level, sh.me(), k, self.stride, self.pad);
             let left: usize = hp.recv_above.iter().map(|r| r.1).sum();
             let right: usize = hp.recv_below.iter().map(|r| r.1).sum();
             let params = Conv2dParams {
@@ -44,8 +49,9 @@ impl Conv2dLayer for HaloConv {
             };
             return x.conv2d(&self.weight, self.bias.as_ref(), params).at(id);
         }
-        let level = sh.level(id, rows, w)?;
-        let hp = HaloPlan::new(sh.plan(), level, sh.me(), k, self.stride, self.pad);
+        let level = sh.level_at_up(ctx, id, rows, w, self.up)?;
+        let plan = sh.plan_up(self.up)?;
+        let hp = HaloPlan::new(&plan, level, sh.me(), k, self.stride, self.pad);
         let above: usize = hp.recv_above.iter().map(|r| r.1).sum();
         let below: usize = hp.recv_below.iter().map(|r| r.1).sum();
         let slot = match (&self.slot, sh.communicates()) {
@@ -114,5 +120,75 @@ impl Conv2dLayer for HaloConv {
             pad_right: self.pad,
         };
         xin.conv2d(&self.weight, self.bias.as_ref(), params).at(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use pcpp_comm::{LocalTransport, Transport, TransportOptions};
+    use pcpp_kernels::{Conv2dParams, Tensor};
+
+    use crate::{CoreError, PatchRuntime};
+
+    fn pattern(shape: &[usize], seed: f32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v = (0..n)
+            .map(|i| ((i as f32 * 0.618_034 + seed).sin() * 43_758.547).fract() - 0.5)
+            .collect();
+        Tensor::from_vec(shape, v).unwrap()
+    }
+
+    /// An input twice as fine as the 10 × 6 level-0 grid (`up = 1`): the fine input layer, a
+    /// fine `3×3` convolution (halos of the fine bands) and a stride-2 fine convolution down to
+    /// the level-0 grid; every rank's band, stitched in rank order, against the serial layers.
+    #[test]
+    fn fine_grid_bands_equal_the_serial_output() {
+        let x = pattern(&[1, 3, 20, 12], 0.3);
+        let (w0, b0) = (pattern(&[4, 3, 3, 3], 1.1), pattern(&[4], 1.3));
+        let (w1, b1) = (pattern(&[4, 4, 3, 3], 2.1), pattern(&[4], 2.3));
+        let (w2, b2) = (pattern(&[5, 4, 3, 3], 3.1), pattern(&[5], 3.3));
+        let serial = |x: &Tensor| -> Tensor {
+            let h = x.conv2d(&w0, Some(&b0), Conv2dParams::new(1, 1)).unwrap();
+            let h = h.conv2d(&w1, Some(&b1), Conv2dParams::new(1, 1)).unwrap();
+            h.conv2d(&w2, Some(&b2), Conv2dParams::new(2, 1)).unwrap()
+        };
+        let want = serial(&x);
+        assert_eq!(want.shape(), &[1, 5, 10, 6]);
+        for n in [2, 3] {
+            let bands =
+                LocalTransport::run(n, TransportOptions::default(), |t: Arc<dyn Transport>| {
+                    let rt = PatchRuntime::one_pass(t, 10, 6, 0)?;
+                    let f = rt.factory();
+                    let l0 = f.fine_input_conv2d("c0", w0.clone(), Some(b0.clone()), 1, 1, 1)?;
+                    let l1 = f.fine_conv2d("c1", w1.clone(), Some(b1.clone()), 1, 1, 1)?;
+                    let l2 = f.fine_conv2d("c2", w2.clone(), Some(b2.clone()), 2, 1, 1)?;
+                    let d = rt.driver();
+                    d.begin_generation()?;
+                    let ctx = d.step_ctx(0);
+                    let h = l0.forward(&ctx, &x)?;
+                    let h = l1.forward(&ctx, &h)?;
+                    let out = l2.forward(&ctx, &h)?;
+                    d.end_generation()?;
+                    Ok::<Tensor, CoreError>(out)
+                })
+                .unwrap();
+            let refs: Vec<&Tensor> = bands.iter().collect();
+            let got = Tensor::cat(&refs, 2).unwrap();
+            let e = got.max_abs_diff(&want).unwrap();
+            assert!(e <= 1e-5, "n={n}: max|Δ| {e}");
+        }
+        // The serial factory ignores `up`; a wrong fine input size is an error naming the layer.
+        let out = LocalTransport::run(2, TransportOptions::default(), |t: Arc<dyn Transport>| {
+            let rt = PatchRuntime::one_pass(t, 10, 6, 0)?;
+            let l0 = rt
+                .factory()
+                .fine_input_conv2d("c0", w0.clone(), Some(b0.clone()), 1, 1, 1)?;
+            l0.forward(&rt.driver().step_ctx(0), &pattern(&[1, 3, 10, 6], 0.1))
+                .map(|_| ())
+        });
+        let msg = out.unwrap_err().to_string();
+        assert!(msg.contains("`c0`") && msg.contains("20×12"), "{msg}");
     }
 }

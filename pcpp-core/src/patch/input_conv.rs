@@ -2,7 +2,9 @@
 //! band of the level-0 grid out, no communication. It reads the input rows its band's outputs
 //! need (zero padding only at the image border). With a stride it patchifies (a DiT's
 //! `kernel = stride = p` patch embedding): band row `r` of the output reads input rows
-//! `r·stride − padding …`, so the band plan is in units of the output (token) grid.
+//! `r·stride − padding …`, so the band plan is in units of the output (token) grid. An output
+//! `2^up` times finer than the level-0 grid (see [`crate::LayerFactory::fine_input_conv2d`])
+//! is cut into the same bands, every row count times `2^up`.
 
 use std::sync::Arc;
 
@@ -18,19 +20,26 @@ pub(super) struct InputConv {
     pub(super) bias: Option<Tensor>,
     pub(super) stride: usize,
     pub(super) pad: usize,
+    /// The output grid is `2^up` times finer than the level-0 grid.
+    pub(super) up: usize,
 }
 
 impl Conv2dLayer for InputConv {
     fn forward(&self, ctx: &StepCtx, x: &Tensor) -> Result<Tensor> {
         let id = &self.id;
         let (_, _, h, w) = dims4(id, x)?;
-        let plan = self.sh.plan();
+        let plan = self.sh.plan_up(self.up)?;
         let k = self.weight.shape()[2];
         let (s, p) = (self.stride.max(1), self.pad);
         let out = |n: usize| (n + 2 * p).checked_sub(k).map(|m| m / s + 1);
         if out(h) != Some(plan.height) || out(w) != Some(plan.width) {
+            let grid = if self.up == 0 {
+                String::new()
+            } else {
+                format!(" ({}× finer than its grid)", 1 << self.up)
+            };
             return Err(CoreError::Config(format!(
-                "layer `{id}`: input is {h}×{w}, which a {k}×{k} kernel with stride {s} and padding {p} does not turn into the {}×{} grid the patch-parallel runtime was built for",
+                "layer `{id}`: input is {h}×{w}, which a {k}×{k} kernel with stride {s} and padding {p} does not turn into the {}×{} grid the patch-parallel runtime was built for{grid}",
                 plan.height, plan.width
             )));
         }
@@ -38,7 +47,7 @@ impl Conv2dLayer for InputConv {
         let params = Conv2dParams::new(s, p);
         if self.sh.cols(ctx) {
             // Naive patch cutting columns: the column band's input alone, zero-padded.
-            let cb = self.sh.cplan(id)?.band(0, self.sh.me());
+            let cb = self.sh.cplan_up(id, self.up)?.band(0, self.sh.me());
             let xs = x.narrow(3, cb.start * s, cb.len() * s).at(id)?;
             return xs.conv2d(&self.weight, self.bias.as_ref(), params).at(id);
         }

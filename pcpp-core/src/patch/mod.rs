@@ -12,7 +12,9 @@
 //! - self-attention: own K/V fresh; in stale steps only the partial-conditioning window of the
 //!   other bands is sent and used, one step old (§2.4, §7.2, §7.5); synchronous steps attend over
 //!   all bands' fresh K/V (exact);
-//! - output gather: every rank gets every band, CFG branches stacked `[uncond; cond]` (§1.4).
+//! - output gather: every rank gets every band, CFG branches stacked `[uncond; cond]` (§1.4);
+//! - inputs `2^up` times finer than the level-0 grid (a conditioning image at pixel resolution):
+//!   the input layer and `k×k` convolutions cut them into the same bands, rows times `2^up`.
 //!
 //! With [`ParallelMode::Tensor`] it builds the tensor-parallel layers of [`crate::tensor`] instead.
 //!

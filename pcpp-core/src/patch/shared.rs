@@ -3,6 +3,7 @@
 //! (PCPP §7.1), the per-kind byte counters and the per-step report, and the posting of exchanges
 //! through [`crate::exchange`] (host or device path, bytes counted when posted, §7.4).
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -91,10 +92,22 @@ impl Shared {
         rows: usize,
         cols: usize,
     ) -> Result<usize> {
+        self.level_at_up(ctx, id, rows, cols, 0)
+    }
+
+    /// [`Shared::level_at`] on the grid `2^up` times finer than the level-0 grid.
+    pub(crate) fn level_at_up(
+        &self,
+        ctx: &StepCtx,
+        id: &str,
+        rows: usize,
+        cols: usize,
+        up: usize,
+    ) -> Result<usize> {
         if !self.cols(ctx) {
-            return self.level(id, rows, cols);
+            return self.level_in(&*self.plan_up(up)?, id, rows, cols);
         }
-        let plan = self.cplan(id)?;
+        let plan = self.cplan_up(id, up)?;
         plan.level_of(self.me(), cols)
             .filter(|&l| plan.width_at(l) == rows)
             .ok_or_else(|| {
@@ -106,6 +119,19 @@ impl Shared {
                     plan.ranks()
                 ))
             })
+    }
+
+    /// The band plan of this rank's group for a grid `2^up` times finer than the level-0 grid
+    /// (an input at a finer resolution than the model's grid, e.g. a conditioning image at pixel
+    /// resolution): the same bands, every row count times `2^up` (bands are cut at the coarsest
+    /// level, which the finer plan shares).
+    pub(crate) fn plan_up(&self, up: usize) -> Result<Cow<'_, BandPlan>> {
+        finer(self.plan(), up)
+    }
+
+    /// [`Shared::cplan`] for a grid `2^up` times finer than the level-0 grid.
+    pub(crate) fn cplan_up(&self, id: &str, up: usize) -> Result<Cow<'_, BandPlan>> {
+        finer(self.cplan(id)?, up)
     }
 
     /// This rank's band index (0 when serial).
@@ -131,7 +157,11 @@ impl Shared {
 
     /// The level at which this rank's band has `rows` rows and the image `cols` columns.
     pub(crate) fn level(&self, id: &str, rows: usize, cols: usize) -> Result<usize> {
-        let plan = self.plan();
+        self.level_in(self.plan(), id, rows, cols)
+    }
+
+    /// The level at which this rank's band of `plan` has `rows` rows and the image `cols` columns.
+    fn level_in(&self, plan: &BandPlan, id: &str, rows: usize, cols: usize) -> Result<usize> {
         plan.level_of(self.me(), rows)
             .filter(|&l| plan.width_at(l) == cols)
             .ok_or_else(|| {
@@ -335,4 +365,18 @@ impl Shared {
             }
         }
     }
+}
+
+/// `plan` on a grid `2^up` times finer: the same bands with every row count times `2^up`, and
+/// `up` more levels.
+fn finer(plan: &BandPlan, up: usize) -> Result<Cow<'_, BandPlan>> {
+    if up == 0 {
+        return Ok(Cow::Borrowed(plan));
+    }
+    Ok(Cow::Owned(BandPlan::new(
+        plan.height << up,
+        plan.width << up,
+        plan.levels + up,
+        plan.ranks(),
+    )?))
 }
