@@ -197,6 +197,43 @@ pub trait StreamOps: Send + Sync {
         len: usize,
     ) -> Result<(), String>;
 
+    /// Enqueues a copy of `len` bytes between device addresses.
+    ///
+    /// # Safety
+    /// As [`StreamOps::copy_dtoh`].
+    unsafe fn copy_dtod(
+        &self,
+        stream: *mut c_void,
+        dst: u64,
+        src: u64,
+        len: usize,
+    ) -> Result<(), String>;
+
+    /// Whether a CUDA-aware library can hand the device memory at `ptr` to another process as it
+    /// is (CUDA IPC, `cuIpcGetMemHandle`): true for `cuMemAlloc` memory, false for memory of
+    /// CUDA's stream-ordered pool (`cuMemAllocAsync`) or of the virtual memory API, which UCX's
+    /// `cuda_ipc` refuses (UCX then falls back to protocols that fail between processes sharing a
+    /// GPU). A failed query answers false.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of this kind.
+    unsafe fn ipc_capable(&self, stream: *mut c_void, ptr: u64) -> bool;
+
+    /// Allocates `len` (> 0) bytes of device memory outside any stream-ordered pool (IPC-capable),
+    /// on `stream`'s device.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of this kind.
+    unsafe fn alloc_device(&self, stream: *mut c_void, len: usize) -> Result<u64, String>;
+
+    /// Frees memory from [`StreamOps::alloc_device`]; `ctx` is the context of the stream it was
+    /// allocated on ([`StreamOps::context_of`]).
+    ///
+    /// # Safety
+    /// `ptr` came from `alloc_device` of this object with `len`, and no enqueued work uses it any
+    /// more.
+    unsafe fn free_device(&self, ctx: usize, ptr: u64, len: usize);
+
     /// Allocates `len` (> 0) bytes of pinned host memory usable by copies on `stream`'s device.
     ///
     /// # Safety
