@@ -114,18 +114,26 @@ impl TestDevice for HostDevice {
     }
 }
 
-/// A CUDA device: its own stream and device allocations (feature `cuda`).
+/// A CUDA device: its own (non-blocking) stream and device allocations (feature `cuda`), from
+/// CUDA's stream-ordered pool as the runtime's tensors are (`cuMemAllocAsync` through cudarc,
+/// where the device has pools), or with `legacy` from `cuMemAlloc`, which CUDA IPC can share.
 #[cfg(feature = "cuda")]
 pub struct CudaDevice {
     ordinal: usize,
     stream: Arc<cudarc::driver::CudaStream>,
     bufs: Mutex<Vec<cudarc::driver::CudaSlice<u8>>>,
+    legacy: Option<Mutex<Vec<(u64, usize)>>>,
 }
 
 #[cfg(feature = "cuda")]
 impl CudaDevice {
-    /// Opens GPU `ordinal` and creates a stream on it.
+    /// Opens GPU `ordinal` and creates a stream on it; allocations from the stream-ordered pool.
     pub fn new(ordinal: usize) -> Result<CudaDevice, String> {
+        Self::with_alloc(ordinal, false)
+    }
+
+    /// As [`CudaDevice::new`], allocating with `cuMemAlloc` when `legacy`.
+    pub fn with_alloc(ordinal: usize, legacy: bool) -> Result<CudaDevice, String> {
         let ctx = cudarc::driver::CudaContext::new(ordinal)
             .map_err(|e| format!("open GPU {ordinal}: {e}"))?;
         let stream = ctx.new_stream().map_err(|e| format!("stream: {e}"))?;
@@ -133,14 +141,39 @@ impl CudaDevice {
             ordinal,
             stream,
             bufs: Mutex::new(Vec::new()),
+            legacy: legacy.then(|| Mutex::new(Vec::new())),
         })
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Drop for CudaDevice {
+    fn drop(&mut self) {
+        let Some(legacy) = &self.legacy else {
+            return;
+        };
+        let _ = self.stream.synchronize();
+        let ctx = self.stream.context().cu_ctx() as usize;
+        for (p, len) in legacy
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+        {
+            // SAFETY: allocated by `alloc_device` in this context; the stream is idle.
+            unsafe { self.ops().free_device(ctx, p, len) };
+        }
     }
 }
 
 #[cfg(feature = "cuda")]
 impl TestDevice for CudaDevice {
     fn name(&self) -> String {
-        format!("cuda:{}", self.ordinal)
+        let how = if self.legacy.is_some() {
+            "cuMemAlloc"
+        } else {
+            "pool"
+        };
+        format!("cuda:{} ({how} memory)", self.ordinal)
     }
     fn stream(&self) -> *mut c_void {
         self.stream.cu_stream() as *mut c_void
@@ -150,6 +183,14 @@ impl TestDevice for CudaDevice {
     }
     fn alloc(&self, len: usize) -> Result<u64, String> {
         use cudarc::driver::DevicePtr;
+        if let Some(legacy) = &self.legacy {
+            let len = len.max(1);
+            // SAFETY: the stream is live.
+            let p = unsafe { self.ops().alloc_device(self.stream(), len) }?;
+            legacy.lock().map_err(|_| "heap poisoned")?.push((p, len));
+            self.upload(p, &vec![0u8; len])?;
+            return Ok(p);
+        }
         let b = self
             .stream
             .alloc_zeros::<u8>(len.max(1))

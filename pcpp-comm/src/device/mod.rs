@@ -19,7 +19,11 @@
 //! - **CUDA-aware** ([`DevicePath::CudaAware`]): the communication thread gives the device
 //!   pointers to the library (UCX with `UCS_MEMORY_TYPE_CUDA`; an MPI that reports CUDA support
 //!   through `MPIX_Query_cuda_support`), which moves device memory itself (`cuda_ipc` between
-//!   processes of a node, `cuda_copy` and RDMA where available).
+//!   processes of a node, `cuda_copy` and RDMA where available). Device buffers that CUDA IPC
+//!   cannot share (from CUDA's stream-ordered pool, as the runtime's tensors are, or the virtual
+//!   memory API; [`StreamOps::ipc_capable`]) are bounced through device buffers of `cuMemAlloc`
+//!   by device-to-device copies on the same stream, as the staged path stages through pinned
+//!   memory.
 //! - **staged** ([`DevicePath::Staged`]): every send is first copied into a pinned host buffer
 //!   (`cuMemcpyDtoHAsync` on the same stream, before the host function), the library moves host
 //!   memory, and every receive is copied from its pinned buffer into the device buffer after the
