@@ -14,6 +14,11 @@
 #   STEPS  denoising steps (default 8: 2 synchronous warm-up steps, 2 eager steady steps, 4
 #          replayed from CUDA graphs)
 #   UCX_WHEEL  folder with the CUDA-enabled UCX libraries (default .whl/ucx)
+#   RUNS   the runs to make besides `local` (default all: mpi_auto mpi_staged mpi_host
+#          mpi_auto_nographs ucx_auto ucx_staged ucx_cuda-aware ucx_host ucx_auto_nographs)
+#   RUN_TIMEOUT  seconds each run may take (default 300)
+#   DEADLINE     `date +%s` after which no run starts (a run starts only if it can finish by it);
+#                the comparison of what ran is made anyway
 # Writes OUT_DIR/bitwise/<name>.{safetensors,log} and OUT_DIR/bitwise.txt (one PASS / FAIL line
 # per run); exits non-zero when a run fails or differs.
 set -uo pipefail
@@ -36,28 +41,49 @@ MPIRUN=(mpirun --allow-run-as-root --oversubscribe -n 4)
 UCX_ENV=(-x "LD_LIBRARY_PATH=$PWD/$UCX_WHEEL:${LD_LIBRARY_PATH:-}" -x "UCX_MODULE_DIR=$PWD/$UCX_WHEEL/ucx"
     --mca pml ob1 --mca osc ^ucx --mca btl self,vader,tcp)
 
+RUNS=${RUNS:-mpi_auto mpi_staged mpi_host mpi_auto_nographs ucx_auto ucx_staged ucx_cuda-aware ucx_host ucx_auto_nographs}
+RUN_TIMEOUT=${RUN_TIMEOUT:-300}
+DEADLINE=${DEADLINE:-0}
+rm -f "$D"/*.safetensors
+
 status=0
 run() { # name, then the command
     local name=$1
     shift
-    local start=$SECONDS
-    if timeout 300 "$@" --save-latents "$D/$name.safetensors" --output "$D/$name.png" >"$D/$name.log" 2>&1; then
+    local start=$SECONDS limit=$RUN_TIMEOUT
+    if [[ $DEADLINE -gt 0 ]]; then
+        local left=$((DEADLINE - $(date +%s)))
+        if [[ $left -lt 20 ]]; then
+            echo "SKIP $name: no time left" | tee -a "$OUT/bitwise.txt"
+            status=1
+            return
+        fi
+        [[ $left -lt $limit ]] && limit=$left
+    fi
+    if timeout -k 5 "$limit" "$@" --save-latents "$D/$name.safetensors" --output "$D/$name.png" >"$D/$name.log" 2>&1; then
         echo "$name: ran in $((SECONDS - start)) s; $(grep -h 'device exchanges' "$D/$name.log" | head -1)"
     else
-        echo "FAIL $name: exit status $? ($(tail -1 "$D/$name.log"))" | tee -a "$OUT/bitwise.txt"
+        local rc=$?
+        [[ $rc -eq 124 ]] && rc="timeout after $limit s"
+        echo "FAIL $name: exit status $rc ($(grep -h -m1 -E 'FAILED|error' "$D/$name.log" || tail -1 "$D/$name.log"))" \
+            | tee -a "$OUT/bitwise.txt"
+        rm -f "$D/$name.safetensors"
         status=1
     fi
 }
 
 run local "$BIN/pcpp-cli" "${GEN[@]}" --transport local --ranks 4
-for comm in auto staged host; do
-    run "mpi_$comm" "${MPIRUN[@]}" "$BIN/pcpp-cli" "${GEN[@]}" --transport mpi --device-comm "$comm"
+for name in $RUNS; do
+    t=${name%%_*}
+    comm=${name#*_}
+    flags=(--device-comm "${comm%_nographs}")
+    [[ $comm == *_nographs ]] && flags+=(--no-cuda-graphs)
+    case $t in
+        mpi) run "$name" "${MPIRUN[@]}" "$BIN/pcpp-cli" "${GEN[@]}" --transport mpi "${flags[@]}" ;;
+        ucx) run "$name" "${MPIRUN[@]}" "${UCX_ENV[@]}" "$BIN/pcpp-cli" "${GEN[@]}" --transport ucx "${flags[@]}" ;;
+        *) echo "FAIL $name: unknown run (mpi_<path> or ucx_<path>[_nographs])" | tee -a "$OUT/bitwise.txt"; status=1 ;;
+    esac
 done
-run mpi_auto_nographs "${MPIRUN[@]}" "$BIN/pcpp-cli" "${GEN[@]}" --transport mpi --no-cuda-graphs
-for comm in auto staged cuda-aware host; do
-    run "ucx_$comm" "${MPIRUN[@]}" "${UCX_ENV[@]}" "$BIN/pcpp-cli" "${GEN[@]}" --transport ucx --device-comm "$comm"
-done
-run ucx_auto_nographs "${MPIRUN[@]}" "${UCX_ENV[@]}" "$BIN/pcpp-cli" "${GEN[@]}" --transport ucx --no-cuda-graphs
 
 # Compare the raw bytes of tensor `latents` (safetensors read with the standard library only).
 python3 - "$D" >>"$OUT/bitwise.txt" <<'PY' || status=1

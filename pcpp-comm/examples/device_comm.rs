@@ -6,6 +6,10 @@
 //! cargo build --release -p pcpp-comm --features mpi,ucx,cuda --example device_comm
 //! # the device-memory conformance cases, path forced or chosen (and checked with --expect):
 //! mpirun -n 4 device_comm conformance --transport ucx --device-comm auto --expect cuda-aware
+//! # the same on buffers of cuMemAlloc (CUDA-IPC capable) instead of the stream-ordered pool, and
+//! # a device exchange timeout of 20 s instead of 120 s:
+//! mpirun -n 2 device_comm conformance --transport ucx --device-comm cuda-aware --alloc legacy \
+//!     --timeout 20
 //! # per-step exchange time of a traffic pattern: BYTES per rank per step in EXCHANGES
 //! # exchanges, each a ring to both neighbours (halo-like):
 //! mpirun -n 4 device_comm bench --transport mpi --device-comm staged --bytes 52428800 \
@@ -32,6 +36,8 @@ struct Args {
     bytes: usize,
     exchanges: usize,
     steps: usize,
+    legacy_alloc: bool,
+    timeout: Duration,
 }
 
 fn parse() -> Result<Args, String> {
@@ -50,6 +56,8 @@ fn parse() -> Result<Args, String> {
         bytes: 8 << 20,
         exchanges: 100,
         steps: 20,
+        legacy_alloc: false,
+        timeout: Duration::from_secs(120),
     };
     while let Some(flag) = it.next() {
         let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -67,6 +75,14 @@ fn parse() -> Result<Args, String> {
             "--bytes" => a.bytes = num(&v)?,
             "--exchanges" => a.exchanges = num(&v)?.max(1),
             "--steps" => a.steps = num(&v)?.max(2),
+            "--alloc" => {
+                a.legacy_alloc = match v.as_str() {
+                    "pool" => false,
+                    "legacy" => true,
+                    o => return Err(format!("--alloc {o}: pool or legacy")),
+                }
+            }
+            "--timeout" => a.timeout = Duration::from_secs(num(&v)?.max(1) as u64),
             o => return Err(format!("unknown flag {o}")),
         }
     }
@@ -182,7 +198,7 @@ fn main() -> ExitCode {
         }
     };
     let opts = ConnectOptions {
-        transport: TransportOptions::with_timeout(Duration::from_secs(120))
+        transport: TransportOptions::with_timeout(a.timeout)
             .with_device(a.comm, DeviceStreams::Cuda),
         ..ConnectOptions::default()
     };
@@ -201,7 +217,8 @@ fn main() -> ExitCode {
             &format!("device_comm: rank {}: FAILED: {e}", conn.rank),
         )
     };
-    let dev = match gpu_for(conn.local_rank).and_then(CudaDevice::new) {
+    let dev = match gpu_for(conn.local_rank).and_then(|g| CudaDevice::with_alloc(g, a.legacy_alloc))
+    {
         Ok(d) => d,
         Err(e) => return fail(e),
     };

@@ -13,7 +13,8 @@ use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 
 use super::{ce, neighbours, pattern, Check};
-use crate::device::host::HostStream;
+use crate::device::host::{HostStream, HostStreams};
+use crate::device::StreamOps;
 use crate::stats::{CommKind, KindStats};
 use crate::transport::{DeviceMsg, DeviceP2p, Transport};
 use crate::CommError;
@@ -32,14 +33,42 @@ pub trait TestDevice {
     fn name(&self) -> String;
     /// The stream to enqueue on.
     fn stream(&self) -> *mut c_void;
+    /// The operations on [`TestDevice::stream`].
+    fn ops(&self) -> &dyn StreamOps;
     /// `len` zeroed bytes of device memory, alive as long as `self`.
     fn alloc(&self, len: usize) -> Result<u64, String>;
-    /// Writes `data` at `ptr` (synchronising the stream first).
-    fn upload(&self, ptr: u64, data: &[u8]) -> Result<(), String>;
-    /// Reads `len` bytes at `ptr` (synchronising the stream first).
-    fn download(&self, ptr: u64, len: usize) -> Result<Vec<u8>, String>;
     /// Waits until everything enqueued on the stream has run.
     fn synchronize(&self) -> Result<(), String>;
+
+    /// Writes `data` at `ptr` with a copy on the stream (after everything enqueued before it),
+    /// and waits for it.
+    ///
+    /// The copy must be ordered on the stream the exchanges are enqueued on: a synchronous
+    /// `cuMemcpyHtoD` runs on CUDA's legacy default stream, which a non-blocking stream does
+    /// not wait for, and returns before its DMA from pageable memory has landed, so an exchange
+    /// enqueued right after it could send the old contents.
+    fn upload(&self, ptr: u64, data: &[u8]) -> Result<(), String> {
+        // SAFETY: `ptr` is an allocation of this device with at least `data.len()` bytes (the
+        // caller's promise); `data` outlives the copy, which is waited for below.
+        unsafe {
+            self.ops()
+                .copy_htod(self.stream(), ptr, data.as_ptr(), data.len())
+        }?;
+        self.synchronize()
+    }
+
+    /// Reads `len` bytes at `ptr` with a copy on the stream (after everything enqueued before
+    /// it, exchanges included), waiting for it.
+    fn download(&self, ptr: u64, len: usize) -> Result<Vec<u8>, String> {
+        let mut out = vec![0u8; len];
+        // SAFETY: as `upload`, the other way.
+        unsafe {
+            self.ops()
+                .copy_dtoh(self.stream(), out.as_mut_ptr(), ptr, len)
+        }?;
+        self.synchronize()?;
+        Ok(out)
+    }
 }
 
 /// The CPU twin: a [`HostStream`] and host memory.
@@ -71,41 +100,40 @@ impl TestDevice for HostDevice {
     fn stream(&self) -> *mut c_void {
         self.stream.raw()
     }
+    fn ops(&self) -> &dyn StreamOps {
+        &HostStreams
+    }
     fn alloc(&self, len: usize) -> Result<u64, String> {
         let mut b = vec![0u8; len.max(1)].into_boxed_slice();
         let p = b.as_mut_ptr() as u64;
         self.bufs.lock().map_err(|_| "heap poisoned")?.push(b);
         Ok(p)
     }
-    fn upload(&self, ptr: u64, data: &[u8]) -> Result<(), String> {
-        self.synchronize()?;
-        // SAFETY: `ptr` is one of this heap's buffers with at least `data.len()` bytes, and the
-        // stream is idle.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr as *mut u8, data.len()) };
-        Ok(())
-    }
-    fn download(&self, ptr: u64, len: usize) -> Result<Vec<u8>, String> {
-        self.synchronize()?;
-        // SAFETY: as `upload`.
-        Ok(unsafe { std::slice::from_raw_parts(ptr as *const u8, len) }.to_vec())
-    }
     fn synchronize(&self) -> Result<(), String> {
         self.stream.synchronize()
     }
 }
 
-/// A CUDA device: its own stream and device allocations (feature `cuda`).
+/// A CUDA device: its own (non-blocking) stream and device allocations (feature `cuda`), from
+/// CUDA's stream-ordered pool as the runtime's tensors are (`cuMemAllocAsync` through cudarc,
+/// where the device has pools), or with `legacy` from `cuMemAlloc`, which CUDA IPC can share.
 #[cfg(feature = "cuda")]
 pub struct CudaDevice {
     ordinal: usize,
     stream: Arc<cudarc::driver::CudaStream>,
     bufs: Mutex<Vec<cudarc::driver::CudaSlice<u8>>>,
+    legacy: Option<Mutex<Vec<(u64, usize)>>>,
 }
 
 #[cfg(feature = "cuda")]
 impl CudaDevice {
-    /// Opens GPU `ordinal` and creates a stream on it.
+    /// Opens GPU `ordinal` and creates a stream on it; allocations from the stream-ordered pool.
     pub fn new(ordinal: usize) -> Result<CudaDevice, String> {
+        Self::with_alloc(ordinal, false)
+    }
+
+    /// As [`CudaDevice::new`], allocating with `cuMemAlloc` when `legacy`.
+    pub fn with_alloc(ordinal: usize, legacy: bool) -> Result<CudaDevice, String> {
         let ctx = cudarc::driver::CudaContext::new(ordinal)
             .map_err(|e| format!("open GPU {ordinal}: {e}"))?;
         let stream = ctx.new_stream().map_err(|e| format!("stream: {e}"))?;
@@ -113,20 +141,56 @@ impl CudaDevice {
             ordinal,
             stream,
             bufs: Mutex::new(Vec::new()),
+            legacy: legacy.then(|| Mutex::new(Vec::new())),
         })
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Drop for CudaDevice {
+    fn drop(&mut self) {
+        let Some(legacy) = &self.legacy else {
+            return;
+        };
+        let _ = self.stream.synchronize();
+        let ctx = self.stream.context().cu_ctx() as usize;
+        for (p, len) in legacy
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+        {
+            // SAFETY: allocated by `alloc_device` in this context; the stream is idle.
+            unsafe { self.ops().free_device(ctx, p, len) };
+        }
     }
 }
 
 #[cfg(feature = "cuda")]
 impl TestDevice for CudaDevice {
     fn name(&self) -> String {
-        format!("cuda:{}", self.ordinal)
+        let how = if self.legacy.is_some() {
+            "cuMemAlloc"
+        } else {
+            "pool"
+        };
+        format!("cuda:{} ({how} memory)", self.ordinal)
     }
     fn stream(&self) -> *mut c_void {
         self.stream.cu_stream() as *mut c_void
     }
+    fn ops(&self) -> &dyn StreamOps {
+        &crate::device::cuda::CudaStreams
+    }
     fn alloc(&self, len: usize) -> Result<u64, String> {
         use cudarc::driver::DevicePtr;
+        if let Some(legacy) = &self.legacy {
+            let len = len.max(1);
+            // SAFETY: the stream is live.
+            let p = unsafe { self.ops().alloc_device(self.stream(), len) }?;
+            legacy.lock().map_err(|_| "heap poisoned")?.push((p, len));
+            self.upload(p, &vec![0u8; len])?;
+            return Ok(p);
+        }
         let b = self
             .stream
             .alloc_zeros::<u8>(len.max(1))
@@ -138,33 +202,6 @@ impl TestDevice for CudaDevice {
         };
         self.bufs.lock().map_err(|_| "heap poisoned")?.push(b);
         Ok(p)
-    }
-    fn upload(&self, ptr: u64, data: &[u8]) -> Result<(), String> {
-        self.synchronize()?;
-        self.stream
-            .context()
-            .bind_to_thread()
-            .map_err(|e| format!("bind context: {e}"))?;
-        // SAFETY: `ptr` is one of this device's allocations with at least `data.len()` bytes;
-        // the stream is idle and the copy is synchronous.
-        let r =
-            unsafe { cudarc::driver::sys::cuMemcpyHtoD_v2(ptr, data.as_ptr().cast(), data.len()) };
-        (r == cudarc::driver::sys::CUresult::CUDA_SUCCESS)
-            .then_some(())
-            .ok_or_else(|| format!("cuMemcpyHtoD: {r:?}"))
-    }
-    fn download(&self, ptr: u64, len: usize) -> Result<Vec<u8>, String> {
-        self.synchronize()?;
-        self.stream
-            .context()
-            .bind_to_thread()
-            .map_err(|e| format!("bind context: {e}"))?;
-        let mut out = vec![0u8; len];
-        // SAFETY: as `upload`, the other way.
-        let r = unsafe { cudarc::driver::sys::cuMemcpyDtoH_v2(out.as_mut_ptr().cast(), ptr, len) };
-        (r == cudarc::driver::sys::CUresult::CUDA_SUCCESS)
-            .then_some(out)
-            .ok_or_else(|| format!("cuMemcpyDtoH: {r:?}"))
     }
     fn synchronize(&self) -> Result<(), String> {
         self.stream

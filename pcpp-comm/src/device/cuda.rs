@@ -54,9 +54,14 @@ impl StreamOps for CudaStreams {
         data: *mut c_void,
     ) -> Result<(), String> {
         // SAFETY: live stream; `data` stays valid until `f` has run (the caller's promise).
-        ok("cuLaunchHostFunc", unsafe {
-            sys::cuLaunchHostFunc(s as sys::CUstream, Some(f), data)
-        })
+        unsafe {
+            in_context(s, || {
+                ok(
+                    "cuLaunchHostFunc",
+                    sys::cuLaunchHostFunc(s as sys::CUstream, Some(f), data),
+                )
+            })
+        }
     }
 
     unsafe fn copy_dtoh(
@@ -66,11 +71,17 @@ impl StreamOps for CudaStreams {
         src: u64,
         len: usize,
     ) -> Result<(), String> {
-        // SAFETY: both ranges valid until the copy has run (the caller's promise); `dst` is
-        // pinned, so the copy is asynchronous and may be captured.
-        ok("cuMemcpyDtoHAsync", unsafe {
-            sys::cuMemcpyDtoHAsync_v2(dst.cast(), src, len, s as sys::CUstream)
-        })
+        // SAFETY: both ranges valid until the copy has run (the caller's promise); with a
+        // pinned `dst` the copy is asynchronous and may be captured. Every stream operation runs
+        // with the stream's context pushed, so callers need not have it current.
+        unsafe {
+            in_context(s, || {
+                ok(
+                    "cuMemcpyDtoHAsync",
+                    sys::cuMemcpyDtoHAsync_v2(dst.cast(), src, len, s as sys::CUstream),
+                )
+            })
+        }
     }
 
     unsafe fn copy_htod(
@@ -81,9 +92,81 @@ impl StreamOps for CudaStreams {
         len: usize,
     ) -> Result<(), String> {
         // SAFETY: as `copy_dtoh`.
-        ok("cuMemcpyHtoDAsync", unsafe {
-            sys::cuMemcpyHtoDAsync_v2(dst, src.cast(), len, s as sys::CUstream)
-        })
+        unsafe {
+            in_context(s, || {
+                ok(
+                    "cuMemcpyHtoDAsync",
+                    sys::cuMemcpyHtoDAsync_v2(dst, src.cast(), len, s as sys::CUstream),
+                )
+            })
+        }
+    }
+
+    unsafe fn copy_dtod(
+        &self,
+        s: *mut c_void,
+        dst: u64,
+        src: u64,
+        len: usize,
+    ) -> Result<(), String> {
+        // SAFETY: as `copy_dtoh`.
+        unsafe {
+            in_context(s, || {
+                ok(
+                    "cuMemcpyDtoDAsync",
+                    sys::cuMemcpyDtoDAsync_v2(dst, src, len, s as sys::CUstream),
+                )
+            })
+        }
+    }
+
+    unsafe fn ipc_capable(&self, s: *mut c_void, ptr: u64) -> bool {
+        // SAFETY: live stream; the attribute is an int written through a valid out-pointer.
+        unsafe {
+            in_context(s, || {
+                let mut v: std::ffi::c_int = 0;
+                ok(
+                    "cuPointerGetAttribute",
+                    sys::cuPointerGetAttribute(
+                        (&mut v as *mut std::ffi::c_int).cast(),
+                        sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE,
+                        ptr,
+                    ),
+                )?;
+                Ok(v != 0)
+            })
+        }
+        .unwrap_or(false)
+    }
+
+    unsafe fn alloc_device(&self, s: *mut c_void, len: usize) -> Result<u64, String> {
+        // SAFETY: live stream; cuMemAlloc (not the stream-ordered pool), so CUDA IPC can share it.
+        unsafe {
+            in_context(s, || {
+                let mut p: sys::CUdeviceptr = 0;
+                ok(
+                    &format!("cuMemAlloc of {len} bytes"),
+                    sys::cuMemAlloc_v2(&mut p, len),
+                )?;
+                Ok(p)
+            })
+        }
+    }
+
+    unsafe fn free_device(&self, ctx: usize, ptr: u64, _len: usize) {
+        // SAFETY: `ctx` is the live context `ptr` was allocated in, and `ptr` came from
+        // cuMemAlloc and is freed once.
+        unsafe {
+            if ctx != 0
+                && sys::cuCtxPushCurrent_v2(ctx as sys::CUcontext) == sys::CUresult::CUDA_SUCCESS
+            {
+                let _ = sys::cuMemFree_v2(ptr);
+                let mut popped: sys::CUcontext = std::ptr::null_mut();
+                let _ = sys::cuCtxPopCurrent_v2(&mut popped);
+            } else {
+                let _ = sys::cuMemFree_v2(ptr);
+            }
+        }
     }
 
     unsafe fn alloc_pinned(&self, s: *mut c_void, len: usize) -> Result<*mut u8, String> {

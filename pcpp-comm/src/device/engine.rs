@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -171,20 +171,31 @@ unsafe extern "C" fn run_op(data: *mut c_void) {
     }
 }
 
-/// Pinned staging buffers of the staged path, by position in an exchange: the `i`-th non-empty
-/// send (receive) of every exchange stages through `sends[i]` (`recvs[i]`), `(address, length)`.
+/// Staging buffers, by position in an exchange: the `i`-th staged send (receive) of every
+/// exchange goes through `sends[i]` (`recvs[i]`), `(address, length)`. The staged path stages
+/// every message through pinned host buffers; the CUDA-aware path stages (bounces) the device
+/// buffers CUDA IPC cannot share through device buffers of `cuMemAlloc` (see
+/// [`StreamOps::ipc_capable`]).
 ///
 /// One set serves every exchange of the engine because the exchanges of a stream run one after
 /// the other: an exchange's send copies start only after the previous exchange's host function
-/// and receive copies have finished. A position grows to the largest message seen there; the
-/// buffer it replaces is kept (in `retired`) because a captured CUDA graph may still copy through
-/// it. A steady step's exchanges thus find their buffers already sized by the eager steps that
-/// run before a graph captures one, so a capture allocates nothing.
+/// (which returns once its sends and receives have completed) and receive copies have finished.
+/// A position grows to the largest message seen there; the buffer it replaces is kept (in
+/// `retired`) because a captured CUDA graph may still copy through it. A steady step's exchanges
+/// thus find their buffers already sized by the eager steps that run before a graph captures
+/// one, so a capture allocates nothing.
 #[derive(Default)]
-struct Pinned {
-    sends: Vec<(usize, usize)>,
-    recvs: Vec<(usize, usize)>,
-    retired: Vec<(usize, usize)>,
+struct Staging {
+    sends: Vec<(u64, usize)>,
+    recvs: Vec<(u64, usize)>,
+    retired: Vec<(u64, usize)>,
+}
+
+/// Which staging buffers: pinned host memory or (IPC-capable) device memory.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mem {
+    Pinned,
+    Device,
 }
 
 /// The device point-to-point engine of one communicator.
@@ -194,7 +205,10 @@ pub(crate) struct DeviceEngine<W: Wire> {
     ops: Arc<dyn StreamOps>,
     queue: Arc<Queue>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    pinned: Mutex<Pinned>,
+    pinned: Mutex<Staging>,
+    bounce: Mutex<Staging>,
+    /// Whether the first bounced buffer has been reported.
+    bounce_logged: AtomicBool,
     ordinal: AtomicUsize,
     timeout: Duration,
     rank: usize,
@@ -222,7 +236,9 @@ impl<W: Wire> DeviceEngine<W> {
                 label,
             }),
             thread: Mutex::new(None),
-            pinned: Mutex::new(Pinned::default()),
+            pinned: Mutex::new(Staging::default()),
+            bounce: Mutex::new(Staging::default()),
+            bounce_logged: AtomicBool::new(false),
             ordinal: AtomicUsize::new(0),
             timeout,
             rank,
@@ -267,38 +283,74 @@ impl<W: Wire> DeviceEngine<W> {
         Ok(())
     }
 
-    /// The pinned buffer of the `i`-th send (or receive, `recv`) of an exchange, holding at least
-    /// `m.len` bytes; allocated or grown on demand.
+    /// The `mem` staging buffer of the `i`-th staged send (or receive, `recv`) of an exchange,
+    /// holding at least `m.len` bytes; allocated or grown on demand.
     ///
     /// # Safety
     /// `stream` is a live stream of the engine's kind.
-    unsafe fn pinned(
+    unsafe fn staging(
         &self,
+        mem: Mem,
         recv: bool,
         i: usize,
         m: &DeviceMsg,
         stream: *mut c_void,
     ) -> Result<u64, CommError> {
-        let mut guard = lock(&self.pinned);
+        let mut guard = lock(if mem == Mem::Pinned {
+            &self.pinned
+        } else {
+            &self.bounce
+        });
         let p = &mut *guard;
         let slots = if recv { &mut p.recvs } else { &mut p.sends };
         if let Some(&(b, len)) = slots.get(i) {
             if len >= m.len {
-                return Ok(b as u64);
+                return Ok(b);
             }
         }
         // Rounded up to 64 KiB, so that slowly growing messages do not reallocate every time.
         let len = m.len.div_ceil(1 << 16) << 16;
         // SAFETY: live stream (the caller's promise).
-        let b = unsafe { self.ops.alloc_pinned(stream, len) }
-            .map_err(|e| self.err(m.peer, format!("pinned staging buffer of {len} bytes: {e}")))?;
+        let b = match mem {
+            Mem::Pinned => unsafe { self.ops.alloc_pinned(stream, len) }.map(|b| b as u64),
+            Mem::Device => unsafe { self.ops.alloc_device(stream, len) },
+        }
+        .map_err(|e| {
+            let what = if mem == Mem::Pinned {
+                "pinned staging buffer"
+            } else {
+                "device bounce buffer (cuMemAlloc)"
+            };
+            self.err(m.peer, format!("{what} of {len} bytes: {e}"))
+        })?;
         if i < slots.len() {
-            let old = std::mem::replace(&mut slots[i], (b as usize, len));
+            let old = std::mem::replace(&mut slots[i], (b, len));
             p.retired.push(old);
         } else {
-            slots.push((b as usize, len));
+            slots.push((b, len));
         }
-        Ok(b as u64)
+        Ok(b)
+    }
+
+    /// Whether the CUDA-aware path hands `m`'s buffer to the library as it is, rather than
+    /// bouncing it through a device buffer of its own (reported once, by rank 0).
+    ///
+    /// # Safety
+    /// `stream` is a live stream of the engine's kind.
+    unsafe fn direct(&self, m: &DeviceMsg, stream: *mut c_void) -> bool {
+        // SAFETY: live stream (the caller's promise).
+        if unsafe { self.ops.ipc_capable(stream, m.ptr) } {
+            return true;
+        }
+        if self.rank == 0 && !self.bounce_logged.swap(true, Ordering::Relaxed) {
+            eprintln!(
+                "pcpp-comm: {}: device buffer {:#x} is not CUDA-IPC capable (CUDA's stream-ordered \
+                 pool or virtual memory); cuda-aware exchanges copy such buffers through device \
+                 buffers of cuMemAlloc on the stream",
+                self.queue.label, m.ptr
+            );
+        }
+        false
     }
 
     /// Enqueues the exchange on `stream` (see [`crate::DeviceP2p::enqueue`]; messages already
@@ -330,14 +382,22 @@ impl<W: Wire> DeviceEngine<W> {
         self.start_thread()?;
         let capturing = unsafe { self.ops.is_capturing(stream) }.map_err(e)?;
         let staged = self.path == DevicePath::Staged;
+        // Copies after the host function: (device destination, source, length, source is host).
+        let mut after: Vec<(u64, u64, usize, bool)> = Vec::new();
+        let mut bounced = 0;
         let mut wsends = Vec::with_capacity(sends.len());
         for (i, m) in sends.iter().enumerate() {
             let ptr = if staged {
-                let b = unsafe { self.pinned(false, i, m, stream) }?;
+                let b = unsafe { self.staging(Mem::Pinned, false, i, m, stream) }?;
                 unsafe { self.ops.copy_dtoh(stream, b as *mut u8, m.ptr, m.len) }.map_err(e)?;
                 b
-            } else {
+            } else if unsafe { self.direct(m, stream) } {
                 m.ptr
+            } else {
+                let b = unsafe { self.staging(Mem::Device, false, bounced, m, stream) }?;
+                bounced += 1;
+                unsafe { self.ops.copy_dtod(stream, b, m.ptr, m.len) }.map_err(e)?;
+                b
             };
             wsends.push(WireMsg {
                 peer: m.peer,
@@ -345,12 +405,20 @@ impl<W: Wire> DeviceEngine<W> {
                 len: m.len,
             });
         }
+        bounced = 0;
         let mut wrecvs = Vec::with_capacity(recvs.len());
         for (i, m) in recvs.iter().enumerate() {
             let ptr = if staged {
-                unsafe { self.pinned(true, i, m, stream) }?
-            } else {
+                let b = unsafe { self.staging(Mem::Pinned, true, i, m, stream) }?;
+                after.push((m.ptr, b, m.len, true));
+                b
+            } else if unsafe { self.direct(m, stream) } {
                 m.ptr
+            } else {
+                let b = unsafe { self.staging(Mem::Device, true, bounced, m, stream) }?;
+                bounced += 1;
+                after.push((m.ptr, b, m.len, false));
+                b
             };
             wrecvs.push(WireMsg {
                 peer: m.peer,
@@ -372,11 +440,13 @@ impl<W: Wire> DeviceEngine<W> {
             drop(unsafe { Arc::from_raw(data as *const OpRec) });
             return Err(e(x));
         }
-        if staged {
-            for (m, w) in recvs.iter().zip(&wrecvs) {
-                unsafe { self.ops.copy_htod(stream, m.ptr, w.ptr as *const u8, m.len) }
-                    .map_err(e)?;
+        for (dst, src, len, host) in after {
+            if host {
+                unsafe { self.ops.copy_htod(stream, dst, src as *const u8, len) }
+            } else {
+                unsafe { self.ops.copy_dtod(stream, dst, src, len) }
             }
+            .map_err(e)?;
         }
         Ok(())
     }
@@ -397,6 +467,13 @@ impl<W: Wire> Drop for DeviceEngine<W> {
             // SAFETY: allocated by `alloc_pinned` with `len`; the transport is going away, so
             // no exchange of it runs any more.
             unsafe { self.ops.free_pinned(b as *mut u8, len) };
+        }
+        let d = std::mem::take(&mut *lock(&self.bounce));
+        let ctx = self.queue.ctx.load(Ordering::Relaxed);
+        for (b, len) in d.sends.into_iter().chain(d.recvs).chain(d.retired) {
+            // SAFETY: allocated by `alloc_device` with `len` on a stream of context `ctx` (the
+            // engine's streams share one device); no exchange runs any more.
+            unsafe { self.ops.free_device(ctx, b, len) };
         }
     }
 }
@@ -473,212 +550,5 @@ fn comm_loop<W: Wire>(wire: &W, q: &Queue, ops: &dyn StreamOps, device: bool, ti
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::device::HostFn;
-    use std::collections::VecDeque;
-
-    /// One rank talking to itself: a send is copied into the next receive posted.
-    #[derive(Default)]
-    struct Loopback {
-        sent: Mutex<VecDeque<(u64, usize)>>,
-    }
-
-    impl Wire for Loopback {
-        type Req = ();
-        unsafe fn post(
-            &self,
-            sends: &[WireMsg],
-            recvs: &[WireMsg],
-            _device: bool,
-            _reqs: &mut Vec<()>,
-        ) -> Result<(), CommError> {
-            let mut q = lock(&self.sent);
-            q.extend(sends.iter().map(|m| (m.ptr, m.len)));
-            for r in recvs {
-                let (p, n) = q.pop_front().expect("a send for every receive");
-                assert_eq!(n, r.len);
-                // SAFETY: both are live test buffers of `n` bytes.
-                unsafe { std::ptr::copy_nonoverlapping(p as *const u8, r.ptr as *mut u8, n) };
-            }
-            Ok(())
-        }
-        fn test(&self, _reqs: &mut Vec<()>) -> Result<bool, CommError> {
-            Ok(true)
-        }
-    }
-
-    type Node = Box<dyn Fn() + Send>;
-
-    /// Streams that are always being captured: the work is recorded as graph nodes, and
-    /// `replay` runs them in order, as a CUDA graph launch would.
-    #[derive(Default)]
-    struct Graph {
-        nodes: Mutex<Vec<Node>>,
-    }
-
-    impl Graph {
-        fn replay(&self) {
-            for n in lock(&self.nodes).iter() {
-                n();
-            }
-        }
-    }
-
-    impl StreamOps for Graph {
-        fn device_memory(&self) -> bool {
-            false
-        }
-        unsafe fn launch_host_fn(
-            &self,
-            _s: *mut c_void,
-            f: HostFn,
-            data: *mut c_void,
-        ) -> Result<(), String> {
-            let d = data as usize;
-            // SAFETY: the record behind `data` is kept for good by a captured exchange.
-            lock(&self.nodes).push(Box::new(move || unsafe { f(d as *mut c_void) }));
-            Ok(())
-        }
-        unsafe fn copy_dtoh(
-            &self,
-            _s: *mut c_void,
-            dst: *mut u8,
-            src: u64,
-            len: usize,
-        ) -> Result<(), String> {
-            let d = dst as usize;
-            // SAFETY: test buffers outlive the replays.
-            lock(&self.nodes).push(Box::new(move || unsafe {
-                std::ptr::copy_nonoverlapping(src as *const u8, d as *mut u8, len)
-            }));
-            Ok(())
-        }
-        unsafe fn copy_htod(
-            &self,
-            s: *mut c_void,
-            dst: u64,
-            src: *const u8,
-            len: usize,
-        ) -> Result<(), String> {
-            // SAFETY: the same copy the other way.
-            unsafe { self.copy_dtoh(s, dst as *mut u8, src as u64, len) }
-        }
-        unsafe fn alloc_pinned(&self, _s: *mut c_void, len: usize) -> Result<*mut u8, String> {
-            Ok(Box::into_raw(vec![0u8; len].into_boxed_slice()).cast::<u8>())
-        }
-        unsafe fn free_pinned(&self, ptr: *mut u8, len: usize) {
-            // SAFETY: made by `alloc_pinned` with `len`.
-            drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) });
-        }
-        unsafe fn is_capturing(&self, _s: *mut c_void) -> Result<bool, String> {
-            Ok(true)
-        }
-        unsafe fn context_of(&self, _s: *mut c_void) -> Result<(usize, usize), String> {
-            Ok((0, 0))
-        }
-        unsafe fn bind_context(&self, _ctx: usize) -> Result<(), String> {
-            Ok(())
-        }
-    }
-
-    /// A captured exchange runs nothing at capture time and moves the buffers' current contents
-    /// at every replay, on both paths.
-    #[test]
-    fn captured_exchanges_move_fresh_data_at_every_replay() {
-        for path in [DevicePath::Staged, DevicePath::CudaAware] {
-            let graph = Arc::new(Graph::default());
-            let eng = DeviceEngine::new(
-                Loopback::default(),
-                path,
-                graph.clone(),
-                Duration::from_secs(10),
-                0,
-                "test".into(),
-            );
-            let len = 1000;
-            let mut send = vec![0u8; len];
-            let mut recv = vec![0u8; len];
-            let msg = |ptr: u64| DeviceMsg { peer: 0, ptr, len };
-            let (sp, rp) = (send.as_mut_ptr() as u64, recv.as_mut_ptr() as u64);
-            // SAFETY: both buffers live until the end of the test; the "stream" is never used.
-            unsafe { eng.enqueue(&[msg(sp)], &[msg(rp)], std::ptr::null_mut()) }.unwrap();
-            assert!(recv.iter().all(|&b| b == 0), "{path}: capture moved data");
-            for k in 1..=3u8 {
-                // SAFETY: nothing else touches the buffer between replays.
-                unsafe { std::ptr::write_bytes(sp as *mut u8, k, len) };
-                graph.replay();
-                // SAFETY: the replay has completed (host functions block until the exchange is done).
-                let got = unsafe { std::slice::from_raw_parts(rp as *const u8, len) };
-                assert!(
-                    got.iter().all(|&b| b == k),
-                    "{path}: replay {k} moved stale data"
-                );
-            }
-            drop(eng);
-            drop((send, recv));
-        }
-    }
-
-    /// A peer that never answers.
-    struct Silent;
-
-    impl Wire for Silent {
-        type Req = ();
-        unsafe fn post(
-            &self,
-            _sends: &[WireMsg],
-            _recvs: &[WireMsg],
-            _device: bool,
-            reqs: &mut Vec<()>,
-        ) -> Result<(), CommError> {
-            reqs.push(());
-            Ok(())
-        }
-        fn test(&self, reqs: &mut Vec<()>) -> Result<bool, CommError> {
-            Ok(reqs.is_empty())
-        }
-    }
-
-    /// An exchange that does not complete within the timeout fails: the stream stays blocked
-    /// (the runtime's step timeout reports it), later exchanges are refused naming the failure,
-    /// and dropping the engine releases the stream.
-    #[test]
-    fn a_lost_peer_fails_later_exchanges_and_shutdown_releases_the_stream() {
-        let stream = crate::device::host::HostStream::new();
-        let eng = DeviceEngine::new(
-            Silent,
-            DevicePath::Staged,
-            Arc::new(crate::device::host::HostStreams),
-            Duration::from_millis(200),
-            0,
-            "test rank 0".into(),
-        );
-        let mut buf = vec![0u8; 64];
-        let m = DeviceMsg {
-            peer: 0,
-            ptr: buf.as_mut_ptr() as u64,
-            len: 64,
-        };
-        // SAFETY: `buf` outlives the stream's work (the stream is synchronised below).
-        unsafe { eng.enqueue(&[], &[m], stream.raw()) }.unwrap();
-        let t0 = Instant::now();
-        let err = loop {
-            // SAFETY: as above.
-            match unsafe { eng.enqueue(&[], &[m], stream.raw()) } {
-                Err(e) => break e,
-                Ok(()) => {
-                    assert!(
-                        t0.elapsed() < Duration::from_secs(20),
-                        "no failure reported"
-                    );
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
-        };
-        assert!(err.to_string().contains("not complete after"), "{err}");
-        drop(eng);
-        stream.synchronize().unwrap();
-        drop(buf);
-    }
-}
+#[path = "engine_tests.rs"]
+mod tests;

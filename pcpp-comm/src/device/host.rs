@@ -149,6 +149,31 @@ impl StreamOps for HostStreams {
         unsafe { self.copy_dtoh(s, dst as *mut u8, src as u64, len) }
     }
 
+    unsafe fn copy_dtod(
+        &self,
+        s: *mut c_void,
+        dst: u64,
+        src: u64,
+        len: usize,
+    ) -> Result<(), String> {
+        // SAFETY: the same copy, between two "device" (host) addresses.
+        unsafe { self.copy_dtoh(s, dst as *mut u8, src, len) }
+    }
+
+    unsafe fn ipc_capable(&self, _s: *mut c_void, _ptr: u64) -> bool {
+        true
+    }
+
+    unsafe fn alloc_device(&self, s: *mut c_void, len: usize) -> Result<u64, String> {
+        // SAFETY: "device" memory is host memory here.
+        unsafe { self.alloc_pinned(s, len) }.map(|p| p as u64)
+    }
+
+    unsafe fn free_device(&self, _ctx: usize, ptr: u64, len: usize) {
+        // SAFETY: made by `alloc_device`, i.e. `alloc_pinned`, with `len`.
+        unsafe { self.free_pinned(ptr as *mut u8, len) }
+    }
+
     unsafe fn alloc_pinned(&self, _s: *mut c_void, len: usize) -> Result<*mut u8, String> {
         let b = vec![0u8; len].into_boxed_slice();
         Ok(Box::into_raw(b).cast::<u8>())

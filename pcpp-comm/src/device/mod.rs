@@ -19,7 +19,11 @@
 //! - **CUDA-aware** ([`DevicePath::CudaAware`]): the communication thread gives the device
 //!   pointers to the library (UCX with `UCS_MEMORY_TYPE_CUDA`; an MPI that reports CUDA support
 //!   through `MPIX_Query_cuda_support`), which moves device memory itself (`cuda_ipc` between
-//!   processes of a node, `cuda_copy` and RDMA where available).
+//!   processes of a node, `cuda_copy` and RDMA where available). Device buffers that CUDA IPC
+//!   cannot share (from CUDA's stream-ordered pool, as the runtime's tensors are, or the virtual
+//!   memory API; [`StreamOps::ipc_capable`]) are bounced through device buffers of `cuMemAlloc`
+//!   by device-to-device copies on the same stream, as the staged path stages through pinned
+//!   memory.
 //! - **staged** ([`DevicePath::Staged`]): every send is first copied into a pinned host buffer
 //!   (`cuMemcpyDtoHAsync` on the same stream, before the host function), the library moves host
 //!   memory, and every receive is copied from its pinned buffer into the device buffer after the
@@ -196,6 +200,43 @@ pub trait StreamOps: Send + Sync {
         src: *const u8,
         len: usize,
     ) -> Result<(), String>;
+
+    /// Enqueues a copy of `len` bytes between device addresses.
+    ///
+    /// # Safety
+    /// As [`StreamOps::copy_dtoh`].
+    unsafe fn copy_dtod(
+        &self,
+        stream: *mut c_void,
+        dst: u64,
+        src: u64,
+        len: usize,
+    ) -> Result<(), String>;
+
+    /// Whether a CUDA-aware library can hand the device memory at `ptr` to another process as it
+    /// is (CUDA IPC, `cuIpcGetMemHandle`): true for `cuMemAlloc` memory, false for memory of
+    /// CUDA's stream-ordered pool (`cuMemAllocAsync`) or of the virtual memory API, which UCX's
+    /// `cuda_ipc` refuses (UCX then falls back to protocols that fail between processes sharing a
+    /// GPU). A failed query answers false.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of this kind.
+    unsafe fn ipc_capable(&self, stream: *mut c_void, ptr: u64) -> bool;
+
+    /// Allocates `len` (> 0) bytes of device memory outside any stream-ordered pool (IPC-capable),
+    /// on `stream`'s device.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of this kind.
+    unsafe fn alloc_device(&self, stream: *mut c_void, len: usize) -> Result<u64, String>;
+
+    /// Frees memory from [`StreamOps::alloc_device`]; `ctx` is the context of the stream it was
+    /// allocated on ([`StreamOps::context_of`]).
+    ///
+    /// # Safety
+    /// `ptr` came from `alloc_device` of this object with `len`, and no enqueued work uses it any
+    /// more.
+    unsafe fn free_device(&self, ctx: usize, ptr: u64, len: usize);
 
     /// Allocates `len` (> 0) bytes of pinned host memory usable by copies on `stream`'s device.
     ///

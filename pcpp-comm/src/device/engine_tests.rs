@@ -1,0 +1,394 @@
+//! Tests of the device exchange engine ([`super`]) on host memory: CUDA graph capture and
+//! replay, staging through pinned and bounce buffers, a lost peer (PCPP §7.4's communication
+//! stream without a GPU).
+
+use super::*;
+use crate::device::HostFn;
+use std::collections::VecDeque;
+
+/// One rank talking to itself: a send is copied into the next receive posted. Every address
+/// the library is given is recorded in `seen`.
+#[derive(Default)]
+struct Loopback {
+    sent: Mutex<VecDeque<(u64, usize)>>,
+    seen: Arc<Mutex<Vec<u64>>>,
+}
+
+impl Wire for Loopback {
+    type Req = ();
+    unsafe fn post(
+        &self,
+        sends: &[WireMsg],
+        recvs: &[WireMsg],
+        _device: bool,
+        _reqs: &mut Vec<()>,
+    ) -> Result<(), CommError> {
+        lock(&self.seen).extend(sends.iter().chain(recvs).map(|m| m.ptr));
+        let mut q = lock(&self.sent);
+        q.extend(sends.iter().map(|m| (m.ptr, m.len)));
+        for r in recvs {
+            let (p, n) = q.pop_front().expect("a send for every receive");
+            assert_eq!(n, r.len);
+            // SAFETY: both are live test buffers of `n` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(p as *const u8, r.ptr as *mut u8, n) };
+        }
+        Ok(())
+    }
+    fn test(&self, _reqs: &mut Vec<()>) -> Result<bool, CommError> {
+        Ok(true)
+    }
+}
+
+type Node = Box<dyn Fn() + Send>;
+
+/// Streams that are always being captured: the work is recorded as graph nodes, and
+/// `replay` runs them in order, as a CUDA graph launch would.
+#[derive(Default)]
+struct Graph {
+    nodes: Mutex<Vec<Node>>,
+}
+
+impl Graph {
+    fn replay(&self) {
+        for n in lock(&self.nodes).iter() {
+            n();
+        }
+    }
+}
+
+impl StreamOps for Graph {
+    fn device_memory(&self) -> bool {
+        false
+    }
+    unsafe fn launch_host_fn(
+        &self,
+        _s: *mut c_void,
+        f: HostFn,
+        data: *mut c_void,
+    ) -> Result<(), String> {
+        let d = data as usize;
+        // SAFETY: the record behind `data` is kept for good by a captured exchange.
+        lock(&self.nodes).push(Box::new(move || unsafe { f(d as *mut c_void) }));
+        Ok(())
+    }
+    unsafe fn copy_dtoh(
+        &self,
+        _s: *mut c_void,
+        dst: *mut u8,
+        src: u64,
+        len: usize,
+    ) -> Result<(), String> {
+        let d = dst as usize;
+        // SAFETY: test buffers outlive the replays.
+        lock(&self.nodes).push(Box::new(move || unsafe {
+            std::ptr::copy_nonoverlapping(src as *const u8, d as *mut u8, len)
+        }));
+        Ok(())
+    }
+    unsafe fn copy_htod(
+        &self,
+        s: *mut c_void,
+        dst: u64,
+        src: *const u8,
+        len: usize,
+    ) -> Result<(), String> {
+        // SAFETY: the same copy the other way.
+        unsafe { self.copy_dtoh(s, dst as *mut u8, src as u64, len) }
+    }
+    unsafe fn copy_dtod(
+        &self,
+        s: *mut c_void,
+        dst: u64,
+        src: u64,
+        len: usize,
+    ) -> Result<(), String> {
+        // SAFETY: the same copy between two test buffers.
+        unsafe { self.copy_dtoh(s, dst as *mut u8, src, len) }
+    }
+    unsafe fn ipc_capable(&self, _s: *mut c_void, _ptr: u64) -> bool {
+        // Every buffer bounces, so that replays also go through the device bounce copies.
+        false
+    }
+    unsafe fn alloc_device(&self, s: *mut c_void, len: usize) -> Result<u64, String> {
+        // SAFETY: test "device" memory is host memory.
+        unsafe { self.alloc_pinned(s, len) }.map(|p| p as u64)
+    }
+    unsafe fn free_device(&self, _ctx: usize, ptr: u64, len: usize) {
+        // SAFETY: made by `alloc_device` with `len`.
+        unsafe { self.free_pinned(ptr as *mut u8, len) }
+    }
+    unsafe fn alloc_pinned(&self, _s: *mut c_void, len: usize) -> Result<*mut u8, String> {
+        Ok(Box::into_raw(vec![0u8; len].into_boxed_slice()).cast::<u8>())
+    }
+    unsafe fn free_pinned(&self, ptr: *mut u8, len: usize) {
+        // SAFETY: made by `alloc_pinned` with `len`.
+        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) });
+    }
+    unsafe fn is_capturing(&self, _s: *mut c_void) -> Result<bool, String> {
+        Ok(true)
+    }
+    unsafe fn context_of(&self, _s: *mut c_void) -> Result<(usize, usize), String> {
+        Ok((0, 0))
+    }
+    unsafe fn bind_context(&self, _ctx: usize) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// A captured exchange runs nothing at capture time and moves the buffers' current contents
+/// at every replay, on both paths.
+#[test]
+fn captured_exchanges_move_fresh_data_at_every_replay() {
+    for path in [DevicePath::Staged, DevicePath::CudaAware] {
+        let graph = Arc::new(Graph::default());
+        let eng = DeviceEngine::new(
+            Loopback::default(),
+            path,
+            graph.clone(),
+            Duration::from_secs(10),
+            0,
+            "test".into(),
+        );
+        let len = 1000;
+        let mut send = vec![0u8; len];
+        let mut recv = vec![0u8; len];
+        let msg = |ptr: u64| DeviceMsg { peer: 0, ptr, len };
+        let (sp, rp) = (send.as_mut_ptr() as u64, recv.as_mut_ptr() as u64);
+        // SAFETY: both buffers live until the end of the test; the "stream" is never used.
+        unsafe { eng.enqueue(&[msg(sp)], &[msg(rp)], std::ptr::null_mut()) }.unwrap();
+        assert!(recv.iter().all(|&b| b == 0), "{path}: capture moved data");
+        for k in 1..=3u8 {
+            // SAFETY: nothing else touches the buffer between replays.
+            unsafe { std::ptr::write_bytes(sp as *mut u8, k, len) };
+            graph.replay();
+            // SAFETY: the replay has completed (host functions block until the exchange is done).
+            let got = unsafe { std::slice::from_raw_parts(rp as *const u8, len) };
+            assert!(
+                got.iter().all(|&b| b == k),
+                "{path}: replay {k} moved stale data"
+            );
+        }
+        drop(eng);
+        drop((send, recv));
+    }
+}
+
+/// A peer that never answers.
+struct Silent;
+
+impl Wire for Silent {
+    type Req = ();
+    unsafe fn post(
+        &self,
+        _sends: &[WireMsg],
+        _recvs: &[WireMsg],
+        _device: bool,
+        reqs: &mut Vec<()>,
+    ) -> Result<(), CommError> {
+        reqs.push(());
+        Ok(())
+    }
+    fn test(&self, reqs: &mut Vec<()>) -> Result<bool, CommError> {
+        Ok(reqs.is_empty())
+    }
+}
+
+/// An exchange that does not complete within the timeout fails: the stream stays blocked
+/// (the runtime's step timeout reports it), later exchanges are refused naming the failure,
+/// and dropping the engine releases the stream.
+#[test]
+fn a_lost_peer_fails_later_exchanges_and_shutdown_releases_the_stream() {
+    let stream = crate::device::host::HostStream::new();
+    let eng = DeviceEngine::new(
+        Silent,
+        DevicePath::Staged,
+        Arc::new(crate::device::host::HostStreams),
+        Duration::from_millis(200),
+        0,
+        "test rank 0".into(),
+    );
+    let mut buf = vec![0u8; 64];
+    let m = DeviceMsg {
+        peer: 0,
+        ptr: buf.as_mut_ptr() as u64,
+        len: 64,
+    };
+    // SAFETY: `buf` outlives the stream's work (the stream is synchronised below).
+    unsafe { eng.enqueue(&[], &[m], stream.raw()) }.unwrap();
+    let t0 = Instant::now();
+    let err = loop {
+        // SAFETY: as above.
+        match unsafe { eng.enqueue(&[], &[m], stream.raw()) } {
+            Err(e) => break e,
+            Ok(()) => {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(20),
+                    "no failure reported"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    assert!(err.to_string().contains("not complete after"), "{err}");
+    drop(eng);
+    stream.synchronize().unwrap();
+    drop(buf);
+}
+
+/// [`HostStreams`](crate::device::host::HostStreams) whose buffers CUDA IPC cannot share, as
+/// memory of CUDA's stream-ordered pool (`cuMemAllocAsync`) is.
+struct PoolMemory(crate::device::host::HostStreams);
+
+impl StreamOps for PoolMemory {
+    fn device_memory(&self) -> bool {
+        false
+    }
+    unsafe fn launch_host_fn(
+        &self,
+        s: *mut c_void,
+        f: HostFn,
+        d: *mut c_void,
+    ) -> Result<(), String> {
+        // SAFETY: forwarded with the caller's promises.
+        unsafe { self.0.launch_host_fn(s, f, d) }
+    }
+    unsafe fn copy_dtoh(
+        &self,
+        s: *mut c_void,
+        dst: *mut u8,
+        src: u64,
+        len: usize,
+    ) -> Result<(), String> {
+        // SAFETY: forwarded.
+        unsafe { self.0.copy_dtoh(s, dst, src, len) }
+    }
+    unsafe fn copy_htod(
+        &self,
+        s: *mut c_void,
+        dst: u64,
+        src: *const u8,
+        len: usize,
+    ) -> Result<(), String> {
+        // SAFETY: forwarded.
+        unsafe { self.0.copy_htod(s, dst, src, len) }
+    }
+    unsafe fn copy_dtod(
+        &self,
+        s: *mut c_void,
+        dst: u64,
+        src: u64,
+        len: usize,
+    ) -> Result<(), String> {
+        // SAFETY: forwarded.
+        unsafe { self.0.copy_dtod(s, dst, src, len) }
+    }
+    unsafe fn ipc_capable(&self, _s: *mut c_void, _ptr: u64) -> bool {
+        false
+    }
+    unsafe fn alloc_device(&self, s: *mut c_void, len: usize) -> Result<u64, String> {
+        // SAFETY: forwarded.
+        unsafe { self.0.alloc_device(s, len) }
+    }
+    unsafe fn free_device(&self, ctx: usize, ptr: u64, len: usize) {
+        // SAFETY: forwarded.
+        unsafe { self.0.free_device(ctx, ptr, len) }
+    }
+    unsafe fn alloc_pinned(&self, s: *mut c_void, len: usize) -> Result<*mut u8, String> {
+        // SAFETY: forwarded.
+        unsafe { self.0.alloc_pinned(s, len) }
+    }
+    unsafe fn free_pinned(&self, ptr: *mut u8, len: usize) {
+        // SAFETY: forwarded.
+        unsafe { self.0.free_pinned(ptr, len) }
+    }
+    unsafe fn is_capturing(&self, s: *mut c_void) -> Result<bool, String> {
+        // SAFETY: forwarded.
+        unsafe { self.0.is_capturing(s) }
+    }
+    unsafe fn context_of(&self, s: *mut c_void) -> Result<(usize, usize), String> {
+        // SAFETY: forwarded.
+        unsafe { self.0.context_of(s) }
+    }
+    unsafe fn bind_context(&self, ctx: usize) -> Result<(), String> {
+        // SAFETY: forwarded.
+        unsafe { self.0.bind_context(ctx) }
+    }
+}
+
+/// Byte `j` of the message of exchange `k`.
+fn fill(k: usize, j: usize) -> u8 {
+    (k * 31 + j * 7 + j / 251) as u8
+}
+
+/// Many exchanges through the same staging positions enqueued while the stream is held, so
+/// that every copy and host function runs long after all the enqueues (as on a busy GPU): each
+/// exchange must still move its own data, for the staged path, the CUDA-aware path on buffers
+/// CUDA IPC can share (given to the library as they are) and on buffers it cannot (bounced
+/// through buffers of the engine, which the library sees instead, never the caller's). Sizes
+/// grow past the first allocation, so positions are reallocated while earlier exchanges still
+/// wait to copy through the old buffers.
+#[test]
+fn exchanges_enqueued_ahead_of_the_stream_move_their_own_data() {
+    use crate::device::host::{HostStream, HostStreams};
+    let cases: [(DevicePath, Arc<dyn StreamOps>, bool); 3] = [
+        (DevicePath::Staged, Arc::new(HostStreams), false),
+        (DevicePath::CudaAware, Arc::new(HostStreams), true),
+        (
+            DevicePath::CudaAware,
+            Arc::new(PoolMemory(HostStreams)),
+            false,
+        ),
+    ];
+    for (path, ops, direct) in cases {
+        let what = format!("{path} (library sees the caller's buffers: {direct})");
+        let stream = HostStream::new();
+        let wire = Loopback::default();
+        let seen = wire.seen.clone();
+        let eng = DeviceEngine::new(wire, path, ops, Duration::from_secs(10), 0, "test".into());
+        let lens: Vec<usize> = (0..16).map(|k| 1 + k * 9001).collect();
+        let sends: Vec<Vec<u8>> = lens
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| (0..n).map(|j| fill(k, j)).collect())
+            .collect();
+        let mut recvs: Vec<Vec<u8>> = lens.iter().map(|&n| vec![0u8; n]).collect();
+        let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+        stream
+            .submit(move || {
+                let _ = gate_rx.recv();
+            })
+            .unwrap();
+        for (k, (s, r)) in sends.iter().zip(recvs.iter_mut()).enumerate() {
+            let m = |ptr: *const u8| DeviceMsg {
+                peer: 0,
+                ptr: ptr as u64,
+                len: lens[k],
+            };
+            // SAFETY: the buffers outlive the stream's work (synchronised below).
+            unsafe { eng.enqueue(&[m(s.as_ptr())], &[m(r.as_ptr())], stream.raw()) }.unwrap();
+        }
+        assert!(
+            recvs.iter().all(|r| r.iter().all(|&b| b == 0)),
+            "{what}: data moved before the stream ran"
+        );
+        gate_tx.send(()).unwrap();
+        stream.synchronize().unwrap();
+        for (k, r) in recvs.iter().enumerate() {
+            assert!(r == &sends[k], "{what}: exchange {k} received wrong data");
+        }
+        let own = |p: u64| {
+            sends
+                .iter()
+                .map(|b| b.as_ptr() as u64)
+                .chain(recvs.iter().map(|b| b.as_ptr() as u64))
+                .any(|b| b == p)
+        };
+        let seen = lock(&seen).clone();
+        assert_eq!(seen.len(), 2 * lens.len(), "{what}");
+        assert!(
+            seen.iter().all(|&p| own(p) == direct),
+            "{what}: the library was given the wrong buffers"
+        );
+        drop(eng);
+    }
+}
