@@ -150,7 +150,8 @@ fn scheduler_tables_match_diffusers() {
         let s = FlowMatchSchedule::new(&cfg, steps, seq).expect("schedule");
         let mu = case["mu"].as_f64().unwrap();
         assert!((s.mu.unwrap() - mu).abs() < 1e-12, "mu {:?} vs {mu}", s.mu);
-        for (name, got) in [("sigmas", &s.sigmas), ("timesteps", &s.timesteps)] {
+        let schedule = [("sigmas", &s.sigmas), ("timesteps", &s.timesteps)];
+        for (name, got) in schedule {
             let want = r[&format!("{name}.{steps}.{seq}")].to_vec_f32().unwrap();
             assert_eq!(got.len(), want.len(), "{name} {steps}/{seq}");
             let scale = if name == "sigmas" { 1.0 } else { 1000.0 };
