@@ -263,26 +263,15 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
         transport: opts,
         ..launch::ConnectOptions::default()
     };
-    let conn = launch::connect(kind, &env, &copts)?;
+    let (conn, gpu) = crate::job::join_job(
+        kind,
+        &env,
+        &copts,
+        a.ranks,
+        a.device,
+        &[format!("{a:?}").as_bytes(), &model_fingerprint(&p.model)],
+    )?;
     let world = conn.transport.clone();
-    if a.ranks != 1 && a.ranks != conn.world_size {
-        launch::abort_job(
-            world.as_ref(),
-            &format!(
-                "--ranks {} disagrees with the {} processes the launcher started",
-                a.ranks, conn.world_size
-            ),
-        );
-    }
-    launch::abort_on_panic(world.clone());
-    let hash = launch::fingerprint(&[format!("{a:?}").as_bytes(), &model_fingerprint(&p.model)]);
-    if let Err(e) = launch::check_same_everywhere(world.as_ref(), &hash) {
-        launch::abort_job(world.as_ref(), &e.to_string());
-    }
-    let gpu = match crate::args::gpu_of_local_rank(a.device, conn.local_rank) {
-        Ok(g) => g,
-        Err(e) => launch::abort_job(world.as_ref(), &format!("{e:#}")),
-    };
     if let Err(e) = run_rank(a, &p, world.clone(), gpu, kind) {
         launch::abort_job(world.as_ref(), &format!("{e:#}"));
     }

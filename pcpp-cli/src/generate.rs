@@ -578,36 +578,25 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         transport: transport_options(&a)?,
         ..launch::ConnectOptions::default()
     };
-    let conn = launch::connect(kind, &env, &opts)?;
-    let world = conn.transport.clone();
-    if a.ranks != 1 && a.ranks != conn.world_size {
-        launch::abort_job(
-            world.as_ref(),
-            &format!(
-                "--ranks {} disagrees with the {} processes the launcher started",
-                a.ranks, conn.world_size
-            ),
-        );
-    }
-    launch::abort_on_panic(world.clone());
     let adapters = plan
         .lora
         .as_ref()
         .map(LoraSet::fingerprint)
         .unwrap_or_default();
-    let hash = launch::fingerprint(&[
-        format!("{a:?}").as_bytes(),
-        &model_fingerprint(&plan.model),
-        &adapters,
-        &a.controlnet.fingerprint(),
-    ]);
-    if let Err(e) = launch::check_same_everywhere(world.as_ref(), &hash) {
-        launch::abort_job(world.as_ref(), &e.to_string());
-    }
-    let gpu = match crate::args::gpu_of_local_rank(a.device, conn.local_rank) {
-        Ok(g) => g,
-        Err(e) => launch::abort_job(world.as_ref(), &format!("{e:#}")),
-    };
+    let (conn, gpu) = crate::job::join_job(
+        kind,
+        &env,
+        &opts,
+        a.ranks,
+        a.device,
+        &[
+            format!("{a:?}").as_bytes(),
+            &model_fingerprint(&plan.model),
+            &adapters,
+            &a.controlnet.fingerprint(),
+        ],
+    )?;
+    let world = conn.transport.clone();
     if let Err(e) = run_rank(&a, &plan, &pcfg, world.clone(), gpu, kind) {
         launch::abort_job(world.as_ref(), &format!("{e:#}"));
     }

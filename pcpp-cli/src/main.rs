@@ -20,6 +20,7 @@ mod decode_bench;
 mod flux_bench;
 mod flux_generate;
 mod generate;
+mod job;
 mod mode_flags;
 mod output;
 mod patch_bench;
