@@ -70,8 +70,6 @@ struct RankDecode {
     ms: f64,
     peak_bytes: Option<u64>,
     weight_bytes: Option<u64>,
-    sent: u64,
-    recvd: u64,
     traffic: pcpp_core::Traffic,
 }
 
@@ -148,8 +146,8 @@ fn print_result(
             "decode_ms": res.ms,
             "peak_bytes": res.peak_bytes,
             "weight_bytes": res.weight_bytes,
-            "sent_bytes": res.sent,
-            "recvd_bytes": res.recvd,
+            "sent_bytes": res.traffic.sent.total(),
+            "recvd_bytes": res.traffic.recvd.total(),
             "traffic": res.traffic,
         });
         println!("{v}");
@@ -160,7 +158,14 @@ fn print_result(
             .unwrap_or_default();
         println!(
             "decode rank {}/{} ({} of {lh} latent rows, {}×{} image, {dtype} on {device}): {:.3} ms{peak}; sends {} B, receives {} B",
-            res.rank, a.ranks, res.latent_rows, a.height, a.width, res.ms, res.sent, res.recvd
+            res.rank,
+            a.ranks,
+            res.latent_rows,
+            a.height,
+            a.width,
+            res.ms,
+            res.traffic.sent.total(),
+            res.traffic.recvd.total()
         );
     }
 }
@@ -206,7 +211,6 @@ fn run_rank(
         rank as u64,
     )?;
     let mut times = Vec::new();
-    let mut traffic = pcpp_core::Traffic::default();
     for k in 0..a.warmup + a.iters {
         pcpp_kernels::synchronize(device)?;
         let t = Instant::now();
@@ -217,8 +221,9 @@ fn run_rank(
         if k >= a.warmup {
             times.push(ms);
         }
-        traffic = runtime.report().total;
     }
+    // The report holds the last decode as its only step.
+    let traffic = runtime.report().total;
     let peak_bytes = pcpp_kernels::memory_high_water(device)?.map(|(alloc, _)| alloc);
     Ok(RankDecode {
         rank,
@@ -227,8 +232,6 @@ fn run_rank(
         ms: median(times),
         peak_bytes,
         weight_bytes,
-        sent: traffic.sent.total(),
-        recvd: traffic.recvd.total(),
         traffic,
     })
 }
