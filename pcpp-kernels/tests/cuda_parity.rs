@@ -262,8 +262,8 @@ fn norms_match_cpu() {
 #[ignore = "needs a CUDA GPU"]
 fn attention_matches_cpu() {
     for d in DTYPES {
-        // Head size 16 takes the cuBLAS path, 64 the fused kernel (f16/bf16); odd lengths test
-        // the tile edges.
+        // Head size 16 takes the cuBLAS path, 64 and 128 the fused kernels (f16/bf16); odd
+        // lengths test the tile edges.
         for (lq, lk, heads, dh, causal) in [
             (64, 64, 4, 16, false),
             (50, 77, 2, 16, false),
@@ -274,6 +274,11 @@ fn attention_matches_cpu() {
             (200, 200, 3, 64, true),
             (77, 77, 2, 64, true),
             (1024, 1024, 2, 64, false),
+            (64, 64, 1, 128, false),
+            (130, 77, 2, 128, false),
+            (200, 200, 3, 128, true),
+            (33, 47, 2, 128, true),
+            (1100, 1100, 2, 128, false),
         ] {
             let q = rnd(&[2, lq, heads * dh], d, 1).affine(2.0, 0.0).unwrap();
             let k = rnd(&[2, lk, heads * dh], d, 2).affine(2.0, 0.0).unwrap();

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::checked::{Posted, Request};
 use super::{ffi, make_tag, UcxTransport, World};
 use crate::device::engine::{DeviceEngine, Wire, WireMsg};
-use crate::device::DevicePath;
+use crate::device::{DeviceComm, DevicePath};
 use crate::error::CommError;
 use crate::stats::CommKind;
 use crate::transport::{
@@ -182,6 +182,19 @@ pub(super) fn engine_for(
     } else {
         "UCX does not list the CUDA memory type (no cuda_copy / cuda_ipc transports)"
     };
+    // `auto` keeps UCX on the host path: on the one machine tested (UCX 1.22, ranks sharing one
+    // GPU) the CUDA-aware path failed and the staged path stalled inside `generate`
+    // (docs/clusters.md); both stay available when forced.
+    if opts.device_comm == DeviceComm::Auto && opts.device_streams == crate::DeviceStreams::Cuda {
+        if log && rank == 0 {
+            eprintln!(
+                "pcpp-comm: ucx device exchanges: host ({how}; --device-comm auto keeps UCX on the \
+                 host path until its device paths pass a GPU check; force staged or cuda-aware \
+                 with --device-comm)"
+            );
+        }
+        return None;
+    }
     let path = opts.device_comm.resolve(cuda)?;
     let ops = crate::device::stream_ops(opts.device_streams)?;
     if log && rank == 0 {

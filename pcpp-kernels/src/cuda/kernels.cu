@@ -434,10 +434,12 @@ __device__ void gn_apply_planes_impl(const T* x, const float* mean_rstd, const T
     }
 }
 
-// ---- fused flash attention (FlashAttention-2 style) for head size 64, f16/bf16 ----
+// ---- fused flash attention (FlashAttention-2 style) for head sizes 64 and 128, f16/bf16 ----
 // Tensor-core mma.sync m16n8k16 with f32 accumulation; the score matrix lives only in registers,
-// one 64-key tile at a time. q, o: [b, lq, heads*64]; k, v: [b, lk, heads*64].
-// grid (ceil(lq/128), heads, b), block 128 (4 warps x 32 query rows).
+// one BN-key tile at a time. q, o: [b, lq, heads*D]; k, v: [b, lk, heads*D].
+// grid (ceil(lq/BM), heads, b), block 128: 4 warps x (16*MT) query rows, BM = 64*MT.
+// D = 64 (SDXL): MT = 2, BN = 64; D = 128 (Flux.1): MT = 1, BN = 32, so that the registers of the
+// accumulators and the two K/V stages (2*2*BN*(D+8) halves) stay within the static limits.
 #define NEG_INF (-__int_as_float(0x7f800000))
 template <int BF>
 __device__ __forceinline__ void mma16816(float* c, const unsigned* a, const unsigned* b) {
@@ -487,31 +489,31 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const void* p) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_addr(p)));
 }
-template <int BF>
+template <int BF, int D, int MT, int BN>
 __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k, const unsigned short* v,
                                 unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) {
-    // 4 warps x 32 query rows (two m16 tiles per warp share every K/V fragment), 64-key tiles.
-    const int D = 64, BM = 128, BN = 64, LDS = 72, NT = 128;
+    // 4 warps x 16*MT query rows (the MT m16 tiles of a warp share every K/V fragment).
+    constexpr int BM = 64 * MT, LDS = D + 8, NT = 128, KD = D / 16, ND = D / 8, NJ = BN / 8;
     // Two stages of K and V tiles: the next tile streams in (cp.async) while this one is used.
-    __shared__ __align__(16) unsigned short Ksm[2][64 * 72];
-    __shared__ __align__(16) unsigned short Vsm[2][64 * 72];
+    __shared__ __align__(16) unsigned short Ksm[2][BN * LDS];
+    __shared__ __align__(16) unsigned short Vsm[2][BN * LDS];
     int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     int bi = blockIdx.z, h = blockIdx.y;
     long dm = (long)heads * D;
-    int q0 = blockIdx.x * BM + warp * 32;
+    int q0 = blockIdx.x * BM + warp * 16 * MT;
     const unsigned short* qb = q + (long)bi * lq * dm + h * D;
     const unsigned short* kg = k + (long)bi * lk * dm + h * D;
     const unsigned short* vg = v + (long)bi * lk * dm + h * D;
     unsigned short* ob = o + (long)bi * lq * dm + h * D;
     int c = 2 * (lane % 4);
-    int rr[2][2];
-    unsigned qa[2][4][4];
+    int rr[MT][2];
+    unsigned qa[MT][KD][4];
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
+    for (int mt = 0; mt < MT; ++mt) {
         rr[mt][0] = q0 + mt * 16 + lane / 4;
         rr[mt][1] = rr[mt][0] + 8;
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
+        for (int kk = 0; kk < KD; ++kk) {
             int col = kk * 16 + c;
             int r0 = rr[mt][0], r1 = rr[mt][1];
             qa[mt][kk][0] = r0 < lq ? *(const unsigned*)(qb + (long)r0 * dm + col) : 0u;
@@ -520,18 +522,22 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
             qa[mt][kk][3] = r1 < lq ? *(const unsigned*)(qb + (long)r1 * dm + col + 8) : 0u;
         }
     }
-    float acc[2][8][4];
+    float acc[MT][ND][4];
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int d = 0; d < 8; ++d) acc[mt][d][0] = acc[mt][d][1] = acc[mt][d][2] = acc[mt][d][3] = 0.0f;
-    float mrow[2][2] = {{NEG_INF, NEG_INF}, {NEG_INF, NEG_INF}};
-    float lrow[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+        for (int d = 0; d < ND; ++d) acc[mt][d][0] = acc[mt][d][1] = acc[mt][d][2] = acc[mt][d][3] = 0.0f;
+    float mrow[MT][2], lrow[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        mrow[mt][0] = mrow[mt][1] = NEG_INF;
+        lrow[mt][0] = lrow[mt][1] = 0.0f;
+    }
     int kend = causal ? min(lk, (int)(blockIdx.x * BM + BM)) : lk;
     int ntiles = (kend + BN - 1) / BN;
     auto load_tile = [&](int tile, int stage) {
-        for (int i = tid; i < BN * 8; i += NT) {
-            int row = i >> 3, ch = (i & 7) * 8;
+        for (int i = tid; i < BN * ND; i += NT) {
+            int row = i / ND, ch = (i % ND) * 8;
             int key = tile * BN + row;
             int ok = key < lk ? 16 : 0;
             long src = (long)(key < lk ? key : 0) * dm + ch;
@@ -552,18 +558,18 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
             asm volatile("cp.async.wait_group 0;" ::: "memory");
         }
         __syncthreads();
-        float s[2][8][4];
+        float s[MT][NJ][4];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
+        for (int j = 0; j < NJ; ++j) {
 #pragma unroll
-            for (int mt = 0; mt < 2; ++mt) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.0f;
+            for (int mt = 0; mt < MT; ++mt) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.0f;
 #pragma unroll
-            for (int kk = 0; kk < 4; kk += 2) {
+            for (int kk = 0; kk < KD; kk += 2) {
                 // Keys j*8.., dims kk*16.. (matrices 0, 1) and (kk+1)*16.. (matrices 2, 3).
                 unsigned bk[4];
                 ldmatrix_x4(bk, Ks + (j * 8 + (lane & 7)) * LDS + kk * 16 + (lane >> 3) * 8);
 #pragma unroll
-                for (int mt = 0; mt < 2; ++mt) {
+                for (int mt = 0; mt < MT; ++mt) {
                     mma16816<BF>(s[mt][j], qa[mt][kk], bk);
                     mma16816<BF>(s[mt][j], qa[mt][kk + 1], bk + 2);
                 }
@@ -571,10 +577,10 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
         }
         bool edge = (kb + BN > lk) || causal;
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
+        for (int mt = 0; mt < MT; ++mt) {
             float mx0 = NEG_INF, mx1 = NEG_INF;
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
+            for (int j = 0; j < NJ; ++j) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     float val = s[mt][j][e] * scale_log2;
@@ -600,7 +606,7 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
             mrow[mt][1] = mn1;
             float ls0 = 0.0f, ls1 = 0.0f;
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
+            for (int j = 0; j < NJ; ++j) {
                 s[mt][j][0] = fast_exp2(s[mt][j][0] - sub0);
                 s[mt][j][1] = fast_exp2(s[mt][j][1] - sub0);
                 s[mt][j][2] = fast_exp2(s[mt][j][2] - sub1);
@@ -611,7 +617,7 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
             lrow[mt][0] = lrow[mt][0] * al0 + ls0;
             lrow[mt][1] = lrow[mt][1] * al1 + ls1;
 #pragma unroll
-            for (int d = 0; d < 8; ++d) {
+            for (int d = 0; d < ND; ++d) {
                 acc[mt][d][0] *= al0;
                 acc[mt][d][1] *= al0;
                 acc[mt][d][2] *= al1;
@@ -619,21 +625,21 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
             }
         }
 #pragma unroll
-        for (int t = 0; t < 4; ++t) {
-            unsigned pa[2][4];
+        for (int t = 0; t < BN / 16; ++t) {
+            unsigned pa[MT][4];
 #pragma unroll
-            for (int mt = 0; mt < 2; ++mt) {
+            for (int mt = 0; mt < MT; ++mt) {
                 pa[mt][0] = pack2<BF>(s[mt][2 * t][0], s[mt][2 * t][1]);
                 pa[mt][1] = pack2<BF>(s[mt][2 * t][2], s[mt][2 * t][3]);
                 pa[mt][2] = pack2<BF>(s[mt][2 * t + 1][0], s[mt][2 * t + 1][1]);
                 pa[mt][3] = pack2<BF>(s[mt][2 * t + 1][2], s[mt][2 * t + 1][3]);
             }
 #pragma unroll
-            for (int d = 0; d < 8; d += 2) {
+            for (int d = 0; d < ND; d += 2) {
                 unsigned bv[4];
                 ldmatrix_x4_trans(bv, Vs + (t * 16 + (lane & 15)) * LDS + (d + (lane >> 4)) * 8);
 #pragma unroll
-                for (int mt = 0; mt < 2; ++mt) {
+                for (int mt = 0; mt < MT; ++mt) {
                     mma16816<BF>(acc[mt][d], pa[mt], bv);
                     mma16816<BF>(acc[mt][d + 1], pa[mt], bv + 2);
                 }
@@ -643,7 +649,7 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
         __syncthreads();
     }
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
+    for (int mt = 0; mt < MT; ++mt) {
         float l0 = lrow[mt][0], l1 = lrow[mt][1];
 #pragma unroll
         for (int off = 1; off < 4; off <<= 1) {
@@ -653,21 +659,22 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
         float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
         int r0 = rr[mt][0], r1 = rr[mt][1];
 #pragma unroll
-        for (int d = 0; d < 8; ++d) {
+        for (int d = 0; d < ND; ++d) {
             int col = d * 8 + c;
             if (r0 < lq) *(unsigned*)(ob + (long)r0 * dm + col) = pack2<BF>(acc[mt][d][0] * i0, acc[mt][d][1] * i0);
             if (r1 < lq) *(unsigned*)(ob + (long)r1 * dm + col) = pack2<BF>(acc[mt][d][2] * i1, acc[mt][d][3] * i1);
         }
     }
 }
-extern "C" __global__ void __launch_bounds__(128) flash_attn_f16(const unsigned short* q, const unsigned short* k,
-    const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) {
-    flash_attn_impl<0>(q, k, v, o, lq, lk, heads, scale_log2, causal);
-}
-extern "C" __global__ void __launch_bounds__(128) flash_attn_bf16(const unsigned short* q, const unsigned short* k,
-    const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) {
-    flash_attn_impl<1>(q, k, v, o, lq, lk, heads, scale_log2, causal);
-}
+#define FLASH_ATTN(NAME, BF, D, MT, BN)                                                                     \
+    extern "C" __global__ void __launch_bounds__(128) NAME(const unsigned short* q, const unsigned short* k,  \
+        const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) { \
+        flash_attn_impl<BF, D, MT, BN>(q, k, v, o, lq, lk, heads, scale_log2, causal);                      \
+    }
+FLASH_ATTN(flash_attn_f16, 0, 64, 2, 64)
+FLASH_ATTN(flash_attn_bf16, 1, 64, 2, 64)
+FLASH_ATTN(flash_attn128_f16, 0, 128, 1, 32)
+FLASH_ATTN(flash_attn128_bf16, 1, 128, 1, 32)
 
 
 // ---- batched 2-D transpose: src [n, rows, cols] -> dst [n, cols, rows]; block (32, 8) ----

@@ -58,6 +58,8 @@ pub fn kernel_names() -> Vec<String> {
         "gn_merge",
         "flash_attn_f16",
         "flash_attn_bf16",
+        "flash_attn128_f16",
+        "flash_attn128_bf16",
         "copy2d_u128",
     ]
     .iter()

@@ -1167,25 +1167,28 @@ pub(crate) fn attention(
     if b * lq == 0 {
         return Ok(y);
     }
-    if dh == FLASH_HEAD_DIM && dt != DType::F32 {
-        let scale_log2 = std::f32::consts::LOG2_E / (dh as f32).sqrt();
-        let cfg = LaunchConfig {
-            grid_dim: (lq.div_ceil(128) as u32, heads as u32, b as u32),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(gpu, format!("flash_attn_{}", tname(dt)), cfg;
-            ptr(q)?, ptr(&k)?, ptr(&v)?, ptr(&y)?, lq as i32, lk as i32, heads as i32, scale_log2,
-            causal as i32);
-        return Ok(y);
+    if let Some(&(_, name, rows)) = FLASH_KERNELS.iter().find(|f| f.0 == dh) {
+        if dt != DType::F32 {
+            let scale_log2 = std::f32::consts::LOG2_E / (dh as f32).sqrt();
+            let cfg = LaunchConfig {
+                grid_dim: (lq.div_ceil(rows) as u32, heads as u32, b as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launch!(gpu, format!("{name}_{}", tname(dt)), cfg;
+                ptr(q)?, ptr(&k)?, ptr(&v)?, ptr(&y)?, lq as i32, lk as i32, heads as i32, scale_log2,
+                causal as i32);
+            return Ok(y);
+        }
     }
     attention_chunked(&gpu, (q, &k, &v, &y), (b, lq, lk, heads), causal)?;
     Ok(y)
 }
 
-/// Head size of the fused flash-attention kernel (f16/bf16); other sizes and f32 take the cuBLAS
-/// path.
-pub const FLASH_HEAD_DIM: usize = 64;
+/// The fused flash-attention kernels (f16/bf16): head size, kernel name and query rows per block.
+/// Other head sizes and f32 take the cuBLAS path.
+const FLASH_KERNELS: [(usize, &str, usize); 2] =
+    [(64, "flash_attn", 128), (128, "flash_attn128", 64)];
 
 /// The unfused path, also the reference the fused kernel is tested against.
 pub(crate) fn attention_chunked(
