@@ -21,7 +21,7 @@
 #               ucx:staged ucx:cuda-aware"; each loads a full-size UNet per rank)
 #   EXCHANGES   exchanges per step in the exchange bench (default 150)
 #   STEPS       patch-bench steps (default 10, 2 of them synchronous warm-up)
-#   UCX_WHEEL   CUDA-enabled UCX libraries (default .whl/ucx)
+#   CUDA_UCX_DIR   CUDA-enabled UCX libraries (default .whl/ucx)
 # Writes OUT_DIR/exchange.jsonl, OUT_DIR/steps.jsonl, logs under OUT_DIR/bench/ and the tables in
 # OUT_DIR/exchange.md.
 set -uo pipefail
@@ -34,7 +34,7 @@ STEP_SIZES=${STEP_SIZES:-1024}
 EXCHANGES=${EXCHANGES:-150}
 STEP_RUNS=${STEP_RUNS:-"mpi:host mpi:staged ucx:staged ucx:cuda-aware"}
 STEPS=${STEPS:-10}
-UCX_WHEEL=${UCX_WHEEL:-.whl/ucx}
+CUDA_UCX_DIR=${CUDA_UCX_DIR:-.whl/ucx}
 CONFIG=models/sdxl-base-1.0-configs
 L="$OUT/bench"
 mkdir -p "$L"
@@ -42,7 +42,7 @@ mkdir -p "$L"
 : >"$OUT/steps.jsonl"
 
 MPIRUN=(mpirun --allow-run-as-root --oversubscribe -n 4)
-UCX_ENV=(-x "LD_LIBRARY_PATH=$PWD/$UCX_WHEEL:${LD_LIBRARY_PATH:-}" -x "UCX_MODULE_DIR=$PWD/$UCX_WHEEL/ucx"
+UCX_ENV=(-x "LD_LIBRARY_PATH=$PWD/$CUDA_UCX_DIR:${LD_LIBRARY_PATH:-}" -x "UCX_MODULE_DIR=$PWD/$CUDA_UCX_DIR/ucx"
     --mca pml ob1 --mca osc ^ucx --mca btl self,vader,tcp)
 # Paths per transport: MPI is CUDA-aware only where it says so.
 mpi_cuda=$(ompi_info --parsable --all 2>/dev/null | grep -c 'mpi_built_with_cuda_support:value:true')

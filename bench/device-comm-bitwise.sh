@@ -13,7 +13,7 @@
 #   SIZE   image size in pixels (default 256)
 #   STEPS  denoising steps (default 8: 2 synchronous warm-up steps, 2 eager steady steps, 4
 #          replayed from CUDA graphs)
-#   UCX_WHEEL  folder with the CUDA-enabled UCX libraries (default .whl/ucx)
+#   CUDA_UCX_DIR  folder with the CUDA-enabled UCX libraries (default .whl/ucx)
 #   RUNS   the runs to make besides `local` (default all: mpi_auto mpi_staged mpi_host
 #          mpi_auto_nographs ucx_auto ucx_staged ucx_cuda-aware ucx_host ucx_auto_nographs)
 #   RUN_TIMEOUT  seconds each run may take (default 300)
@@ -29,7 +29,7 @@ OUT=${2:?usage: $0 BIN_DIR OUT_DIR}
 MODEL=${MODEL:-models/tiny-sdxl}
 SIZE=${SIZE:-256}
 STEPS=${STEPS:-8}
-UCX_WHEEL=${UCX_WHEEL:-.whl/ucx}
+CUDA_UCX_DIR=${CUDA_UCX_DIR:-.whl/ucx}
 D="$OUT/bitwise"
 mkdir -p "$D"
 : >"$OUT/bitwise.txt"
@@ -38,7 +38,7 @@ GEN=(generate --model "$MODEL" --prompt "A painting of a squirrel eating a burge
     --warmup-steps 2 --height "$SIZE" --width "$SIZE" --seed 7 --device cuda --timeout 120)
 MPIRUN=(mpirun --allow-run-as-root --oversubscribe -n 4)
 # UCX runs load the CUDA-enabled UCX; Open MPI (only their bootstrap) then keeps off UCX.
-UCX_ENV=(-x "LD_LIBRARY_PATH=$PWD/$UCX_WHEEL:${LD_LIBRARY_PATH:-}" -x "UCX_MODULE_DIR=$PWD/$UCX_WHEEL/ucx"
+UCX_ENV=(-x "LD_LIBRARY_PATH=$PWD/$CUDA_UCX_DIR:${LD_LIBRARY_PATH:-}" -x "UCX_MODULE_DIR=$PWD/$CUDA_UCX_DIR/ucx"
     --mca pml ob1 --mca osc ^ucx --mca btl self,vader,tcp)
 
 RUNS=${RUNS:-mpi_auto mpi_staged mpi_host mpi_auto_nographs ucx_auto ucx_staged ucx_cuda-aware ucx_host ucx_auto_nographs}

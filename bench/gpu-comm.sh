@@ -8,8 +8,9 @@
 #   3. the device-memory conformance cases (pcpp_comm::conformance::device), each case at most
 #      45 s (device exchange timeout 20 s), the quick 2-rank cases first: staged over MPI and UCX,
 #      CUDA-aware over UCX on buffers of CUDA's stream-ordered pool (bounced by pcpp-comm) and of
-#      cuMemAlloc (given to UCX as they are), `auto` (checked: staged for an MPI that is not
-#      CUDA-aware, CUDA-aware for the CUDA-enabled UCX), then the same with 4 ranks;
+#      cuMemAlloc (given to UCX as they are), MPI's `auto` (checked: staged for an MPI that is
+#      not CUDA-aware; UCX's `auto` is the host path, which has no device cases), then the same
+#      with 4 ranks;
 #   4. with WITH_BENCH=1 and time left: the exchange bench and step time against the solo
 #      transport (bench/device-comm-bench.sh) and the link model (scripts/link-model.py).
 # A case that would not finish within the budget is skipped and reported as SKIP; at the end the
@@ -22,7 +23,7 @@
 #              cargo build --release -p pcpp-comm --features mpi,ucx,cuda --example device_comm
 #   The CUDA-enabled UCX is taken from .whl/ucx (libucp/ucs/uct/ucm/ucs_signal.so.0, ucx/ with
 #   the uct_cuda, ucm_cuda and uct_cma modules, ucx_info), e.g. from the PyPI wheel
-#   libucx-cu13==1.22.0; set UCX_WHEEL for another folder.
+#   libucx-cu13==1.22.0; set CUDA_UCX_DIR for another folder.
 # Environment: BUDGET (seconds, default 400), BITWISE_RUNS (default "mpi_auto mpi_staged
 # ucx_auto ucx_staged"; see bench/device-comm-bitwise.sh), CASE_TIMEOUT (default 45),
 # WITH_BENCH=1.
@@ -36,7 +37,7 @@ BIN=$(cd "${1:?usage: $0 BIN_DIR OUT_DIR}" && pwd)
 OUT=${2:?usage: $0 BIN_DIR OUT_DIR}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-export UCX_WHEEL=${UCX_WHEEL:-.whl/ucx}
+export CUDA_UCX_DIR=${CUDA_UCX_DIR:-.whl/ucx}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 BUDGET=${BUDGET:-400}
 CASE_TIMEOUT=${CASE_TIMEOUT:-45}
@@ -46,14 +47,14 @@ left() { echo $((deadline - $(date +%s))); }
 status=0
 
 # 1. The machine.
-chmod +x "$UCX_WHEEL/ucx_info" 2>/dev/null
+chmod +x "$CUDA_UCX_DIR/ucx_info" 2>/dev/null
 {
     timeout 20 nvidia-smi -L 2>&1 | head -4
     echo "--- Open MPI: $(mpirun --version 2>&1 | head -1)"
     ompi_info --parsable --all 2>/dev/null | grep -E 'mpi_built_with_cuda_support|mpi_extensions' || echo "ompi_info: none"
-    echo "--- UCX in $UCX_WHEEL: memory types and CUDA transports"
-    LD_LIBRARY_PATH="$PWD/$UCX_WHEEL" UCX_MODULE_DIR="$PWD/$UCX_WHEEL/ucx" timeout 20 "$UCX_WHEEL/ucx_info" -v 2>&1 | head -2
-    LD_LIBRARY_PATH="$PWD/$UCX_WHEEL" UCX_MODULE_DIR="$PWD/$UCX_WHEEL/ucx" timeout 20 "$UCX_WHEEL/ucx_info" -d 2>&1 \
+    echo "--- UCX in $CUDA_UCX_DIR: memory types and CUDA transports"
+    LD_LIBRARY_PATH="$PWD/$CUDA_UCX_DIR" UCX_MODULE_DIR="$PWD/$CUDA_UCX_DIR/ucx" timeout 20 "$CUDA_UCX_DIR/ucx_info" -v 2>&1 | head -2
+    LD_LIBRARY_PATH="$PWD/$CUDA_UCX_DIR" UCX_MODULE_DIR="$PWD/$CUDA_UCX_DIR/ucx" timeout 20 "$CUDA_UCX_DIR/ucx_info" -d 2>&1 \
         | grep -E 'Transport: cuda|memory types:.*cuda' | sort | uniq -c
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
@@ -74,7 +75,7 @@ echo "bitwise check done at $((SECONDS - start)) s"
 
 # 3. Device conformance.
 : >"$OUT/conformance.txt"
-UCX_ENV=(-x "LD_LIBRARY_PATH=$PWD/$UCX_WHEEL:${LD_LIBRARY_PATH:-}" -x "UCX_MODULE_DIR=$PWD/$UCX_WHEEL/ucx"
+UCX_ENV=(-x "LD_LIBRARY_PATH=$PWD/$CUDA_UCX_DIR:${LD_LIBRARY_PATH:-}" -x "UCX_MODULE_DIR=$PWD/$CUDA_UCX_DIR/ucx"
     --mca pml ob1 --mca osc ^ucx --mca btl self,vader,tcp)
 conf() { # transport n device-comm expected-path alloc
     local t=$1 n=$2 comm=$3 want=$4 alloc=$5 name="conf_$1_$2_$3_$5" extra=() limit=$CASE_TIMEOUT
@@ -107,7 +108,6 @@ for n in 2 4; do
     conf ucx "$n" cuda-aware cuda-aware pool
     conf ucx "$n" cuda-aware cuda-aware legacy
     conf mpi "$n" auto "$MPI_AUTO" pool
-    conf ucx "$n" auto cuda-aware pool
     [[ $mpi_cuda -gt 0 ]] && conf mpi "$n" cuda-aware cuda-aware pool
 done
 [[ $mpi_cuda -eq 0 ]] && echo "(MPI CUDA-aware path not forced: this Open MPI reports no CUDA support)" >>"$OUT/conformance.txt"
