@@ -10,7 +10,8 @@
 # Needs python3 with torch and diffusers for the anchor (PYTHON=... to choose). The anchor runs
 # first (it is what every ratio is taken against), then pcpp's runs, each building its own
 # random weights (~30 s). RUNS picks them: SIZE:RANKS:MODE items (default every size with
-# N = 1, 2, 4, 8 pcpp and N = 4 distrifusion; about 8 minutes); SIZES the anchor's sizes.
+# N = 1, 2, 4, 8 pcpp and N = 4 distrifusion; about 8 minutes); SIZES the anchor's sizes;
+# PROFILE=1 adds the per-op-kind breakdown of the eager steps (`--profile`) to the serial runs.
 set -euo pipefail
 BIN=${1:?usage: gpu-flux.sh BIN_DIR OUT_DIR}
 OUT=${2:?usage: gpu-flux.sh BIN_DIR OUT_DIR}
@@ -34,6 +35,7 @@ for run in $RUNS; do
   iters=5; [ "$size" -ge 2048 ] && iters=3
   args=(--height "$size" --width "$size" --iters $iters)
   [ "$n" -gt 1 ] && args+=(--ranks "$n" --rank 1 --parallel "$mode" --portion 0.3)
+  [ "$n" -eq 1 ] && [ "${PROFILE:-0}" = 1 ] && args+=(--profile)
   timeout 150 "$BIN/pcpp-cli" flux-bench --device cuda --config "$CFG" --tokens 512 "${args[@]}" >> "$J" \
     || echo "flux-bench $run failed" >&2
 done

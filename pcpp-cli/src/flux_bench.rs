@@ -21,6 +21,8 @@ use pcpp_core::{ParallelConfig, ParallelMode, PatchRuntime, ProcessGrid, StepGra
 use pcpp_flux::{FluxCond, FluxTransformer, FluxTransformerConfig};
 use pcpp_kernels::{DType, Device, Tensor};
 
+use pcpp_kernels::cpu::profile;
+
 use crate::bench::median;
 use crate::generate::{parse_portions, DeviceArg};
 
@@ -72,6 +74,10 @@ pub struct FluxBenchArgs {
     /// Skip the CUDA-graph replay (GPU only).
     #[arg(long)]
     pub no_cuda_graphs: bool,
+    /// Time every op of the timed eager steps by kind (on a GPU: the GPU time between events
+    /// around each op) and add the per-step breakdown to the JSON line (`profile`).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 fn ms_since(t: Instant, device: Device) -> Result<f64> {
@@ -158,13 +164,25 @@ pub fn run(a: FluxBenchArgs) -> Result<()> {
     let sync_ms = eager(0)?;
     step += 1;
     let mut eager_ms = Vec::new();
+    profile::reset();
     for k in 0..2 + a.warmup + a.iters {
-        let ms = eager(step)?;
+        profile::enable(a.profile && k >= 2 + a.warmup);
+        let ms = eager(step);
+        profile::enable(false);
+        let ms = ms?;
         if k >= 2 + a.warmup {
             eager_ms.push(ms);
         }
         step += 1;
     }
+    let ops = if a.profile {
+        pcpp_kernels::flush_gpu_profile()?;
+        let kernels = profile::snapshot();
+        crate::bench::print_profile(&kernels, a.iters, median(eager_ms.clone()));
+        Some(profile_json(&kernels, a.iters))
+    } else {
+        None
+    };
     let graph_ms = if device != Device::Cpu && !a.no_cuda_graphs {
         let mut graphs = StepGraphs::new(true);
         let mut ms = Vec::new();
@@ -222,5 +240,29 @@ pub fn run(a: FluxBenchArgs) -> Result<()> {
         "steady_recvd_bytes": traffic.recvd.total(),
         "steady_traffic": traffic,
     });
+    let mut v = v;
+    if let Some(ops) = ops {
+        v["profile"] = ops;
+    }
     crate::output::print(&format!("{v}\n"))
+}
+
+/// Per-step counters of `iters` profiled steps by op kind: `{kind: {calls, ms, gflop}}`.
+fn profile_json(kernels: &[profile::KernelStats], iters: usize) -> serde_json::Value {
+    let n = iters.max(1) as f64;
+    let m: serde_json::Map<String, serde_json::Value> = kernels
+        .iter()
+        .filter(|k| k.calls > 0)
+        .map(|k| {
+            (
+                k.kernel.name().to_string(),
+                serde_json::json!({
+                    "calls": k.calls as f64 / n,
+                    "ms": k.seconds * 1e3 / n,
+                    "gflop": k.flops as f64 / 1e9 / n,
+                }),
+            )
+        })
+        .collect();
+    serde_json::Value::Object(m)
 }

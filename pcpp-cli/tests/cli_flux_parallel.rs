@@ -238,6 +238,46 @@ fn flux_bench_rank_bytes_equal_plan() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--rank 2"));
 }
 
+/// `flux-bench --profile` counts the ops of the timed steps: one attention per double and single
+/// block over the joint image + text tokens, with the FLOPs of its two products (4·L²·d per head).
+#[test]
+fn flux_bench_profile_counts_each_attention_once() {
+    let cfg = model("dev").join("transformer/config.json");
+    let o = cli(&[
+        "flux-bench",
+        "--config",
+        s(&cfg),
+        "--height",
+        "64",
+        "--width",
+        "32",
+        "--vae-scale",
+        "2",
+        "--tokens",
+        "8",
+        "--warmup",
+        "1",
+        "--iters",
+        "2",
+        "--profile",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    let n = |k: &str| c[k].as_u64().unwrap() as f64;
+    let layers = n("num_layers") + n("num_single_layers");
+    let dim = n("num_attention_heads") * n("attention_head_dim");
+    // 64 × 32 pixels at scale 2 are 16 × 8 packed tokens, plus 8 text tokens
+    let l = 16.0 * 8.0 + 8.0;
+    let att = &v["profile"]["attention"];
+    assert_eq!(att["calls"].as_f64(), Some(layers), "{}", v["profile"]);
+    let gflop = att["gflop"].as_f64().unwrap();
+    let want = layers * 4.0 * l * l * dim / 1e9;
+    assert!((gflop - want).abs() <= 1e-9 * want, "{gflop} vs {want}");
+    assert!(v["profile"]["linear"]["calls"].as_f64().unwrap() > 0.0);
+}
+
 /// On a GPU (f32, CUDA graphs on by default): 2 and 3 ranks as threads on GPU 0 with every step
 /// synchronous equal the serial GPU run within 1e-4 (cuBLAS may sum a band's products in another
 /// order than the whole image's). `cargo test -p pcpp-cli --features cuda --test
