@@ -11,7 +11,9 @@
 # first (it is what every ratio is taken against), then pcpp's runs, each building its own
 # random weights (~30 s). RUNS picks them: SIZE:RANKS:MODE items (default every size with
 # N = 1, 2, 4, 8 pcpp and N = 4 distrifusion; about 8 minutes); SIZES the anchor's sizes;
-# PROFILE=1 adds the per-op-kind breakdown of the eager steps (`--profile`) to the serial runs.
+# PROFILE=1 adds the per-op-kind breakdown of the eager steps (`--profile`) to the serial runs;
+# PCPP_FLASH128=shared-q picks the head-size-128 attention kernel with Q in shared memory (the
+# JSON lines say which kernel ran).
 set -euo pipefail
 BIN=${1:?usage: gpu-flux.sh BIN_DIR OUT_DIR}
 OUT=${2:?usage: gpu-flux.sh BIN_DIR OUT_DIR}

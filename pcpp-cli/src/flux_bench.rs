@@ -244,6 +244,11 @@ pub fn run(a: FluxBenchArgs) -> Result<()> {
     if let Some(ops) = ops {
         v["profile"] = ops;
     }
+    #[cfg(feature = "cuda")]
+    if device != Device::Cpu {
+        // which head-size-128 attention kernel ran (`PCPP_FLASH128`)
+        v["flash128"] = format!("{:?}", pcpp_kernels::cuda::flash128()).into();
+    }
     crate::output::print(&format!("{v}\n"))
 }
 

@@ -4,6 +4,7 @@
 //! and intermediate rounding, bounded relative to the output's magnitude per dtype.
 #![cfg(feature = "cuda")]
 
+use pcpp_kernels::cuda::{set_flash128, Flash128};
 use pcpp_kernels::{Activation, Conv2dParams, DType, Device, Tensor};
 
 const GPU: Device = Device::Cuda(0);
@@ -283,14 +284,19 @@ fn attention_matches_cpu() {
             let q = rnd(&[2, lq, heads * dh], d, 1).affine(2.0, 0.0).unwrap();
             let k = rnd(&[2, lk, heads * dh], d, 2).affine(2.0, 0.0).unwrap();
             let v = rnd(&[2, lk, heads * dh], d, 3);
-            let got = Tensor::attention(&gpu(&q), &gpu(&k), &gpu(&v), heads, causal).unwrap();
             let want = Tensor::attention(&q, &k, &v, heads, causal).unwrap();
-            check(
-                &format!("attention {lq}x{lk} h{heads}x{dh} c={causal}"),
-                d,
-                &got,
-                &want,
-            );
+            // both head-size-128 kernels: Q in registers (the default) and Q in shared memory
+            for variant in [Flash128::RegistersQ, Flash128::SharedQ] {
+                set_flash128(variant);
+                let got = Tensor::attention(&gpu(&q), &gpu(&k), &gpu(&v), heads, causal).unwrap();
+                check(
+                    &format!("attention {lq}x{lk} h{heads}x{dh} c={causal} {variant:?}"),
+                    d,
+                    &got,
+                    &want,
+                );
+            }
+            set_flash128(Flash128::RegistersQ);
         }
     }
 }

@@ -489,14 +489,29 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const void* p) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_addr(p)));
 }
-template <int BF, int D, int MT, int BN>
+// QS = 0: each warp keeps its Q fragments in registers, K/V stages in static shared memory.
+// QS = 1: the block's Q tile sits in (dynamic) shared memory beside the K/V stages and each warp
+// loads its fragments with ldmatrix per 32 dims: this frees the registers that two m16 tiles per
+// warp need at head size 128 (every K/V fragment then feeds two MMAs).
+template <int BF, int D, int MT, int BN, int QS>
 __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k, const unsigned short* v,
-                                unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) {
+                                unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal,
+                                unsigned short* dyn) {
     // 4 warps x 16*MT query rows (the MT m16 tiles of a warp share every K/V fragment).
     constexpr int BM = 64 * MT, LDS = D + 8, NT = 128, KD = D / 16, ND = D / 8, NJ = BN / 8;
     // Two stages of K and V tiles: the next tile streams in (cp.async) while this one is used.
-    __shared__ __align__(16) unsigned short Ksm[2][BN * LDS];
-    __shared__ __align__(16) unsigned short Vsm[2][BN * LDS];
+    __shared__ __align__(16) unsigned short Kstat[QS ? 1 : 2][QS ? 1 : BN * LDS];
+    __shared__ __align__(16) unsigned short Vstat[QS ? 1 : 2][QS ? 1 : BN * LDS];
+    unsigned short* Qsm = dyn;
+    // Stage `st` of the K and V tiles.
+    auto kst = [&](int st) -> unsigned short* {
+        if constexpr (QS) return dyn + BM * LDS + st * BN * LDS;
+        else return Kstat[st];
+    };
+    auto vst = [&](int st) -> unsigned short* {
+        if constexpr (QS) return dyn + BM * LDS + (2 + st) * BN * LDS;
+        else return Vstat[st];
+    };
     int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     int bi = blockIdx.z, h = blockIdx.y;
     long dm = (long)heads * D;
@@ -507,19 +522,21 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
     unsigned short* ob = o + (long)bi * lq * dm + h * D;
     int c = 2 * (lane % 4);
     int rr[MT][2];
-    unsigned qa[MT][KD][4];
+    unsigned qa[QS ? 1 : MT][QS ? 1 : KD][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         rr[mt][0] = q0 + mt * 16 + lane / 4;
         rr[mt][1] = rr[mt][0] + 8;
+        if constexpr (QS == 0) {
 #pragma unroll
-        for (int kk = 0; kk < KD; ++kk) {
-            int col = kk * 16 + c;
-            int r0 = rr[mt][0], r1 = rr[mt][1];
-            qa[mt][kk][0] = r0 < lq ? *(const unsigned*)(qb + (long)r0 * dm + col) : 0u;
-            qa[mt][kk][1] = r1 < lq ? *(const unsigned*)(qb + (long)r1 * dm + col) : 0u;
-            qa[mt][kk][2] = r0 < lq ? *(const unsigned*)(qb + (long)r0 * dm + col + 8) : 0u;
-            qa[mt][kk][3] = r1 < lq ? *(const unsigned*)(qb + (long)r1 * dm + col + 8) : 0u;
+            for (int kk = 0; kk < KD; ++kk) {
+                int col = kk * 16 + c;
+                int r0 = rr[mt][0], r1 = rr[mt][1];
+                qa[mt][kk][0] = r0 < lq ? *(const unsigned*)(qb + (long)r0 * dm + col) : 0u;
+                qa[mt][kk][1] = r1 < lq ? *(const unsigned*)(qb + (long)r1 * dm + col) : 0u;
+                qa[mt][kk][2] = r0 < lq ? *(const unsigned*)(qb + (long)r0 * dm + col + 8) : 0u;
+                qa[mt][kk][3] = r1 < lq ? *(const unsigned*)(qb + (long)r1 * dm + col + 8) : 0u;
+            }
         }
     }
     float acc[MT][ND][4];
@@ -541,16 +558,25 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
             int key = tile * BN + row;
             int ok = key < lk ? 16 : 0;
             long src = (long)(key < lk ? key : 0) * dm + ch;
-            cp_async16(&Ksm[stage][row * LDS + ch], kg + src, ok);
-            cp_async16(&Vsm[stage][row * LDS + ch], vg + src, ok);
+            cp_async16(kst(stage) + row * LDS + ch, kg + src, ok);
+            cp_async16(vst(stage) + row * LDS + ch, vg + src, ok);
         }
         asm volatile("cp.async.commit_group;" ::: "memory");
     };
+    if constexpr (QS) {
+        int qrow0 = blockIdx.x * BM;
+        for (int i = tid; i < BM * ND; i += NT) {
+            int row = i / ND, ch = (i % ND) * 8;
+            int r = qrow0 + row;
+            cp_async16(&Qsm[row * LDS + ch], qb + (long)(r < lq ? r : 0) * dm + ch, r < lq ? 16 : 0);
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    }
     if (ntiles > 0) load_tile(0, 0);
     for (int tile = 0; tile < ntiles; ++tile) {
         int kb = tile * BN;
-        const unsigned short* Ks = Ksm[tile & 1];
-        const unsigned short* Vs = Vsm[tile & 1];
+        const unsigned short* Ks = kst(tile & 1);
+        const unsigned short* Vs = vst(tile & 1);
         if (tile + 1 < ntiles) {
             load_tile(tile + 1, (tile + 1) & 1);
             asm volatile("cp.async.wait_group 1;" ::: "memory");
@@ -560,18 +586,46 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
         __syncthreads();
         float s[MT][NJ][4];
 #pragma unroll
-        for (int j = 0; j < NJ; ++j) {
+        for (int j = 0; j < NJ; ++j)
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.0f;
+        if constexpr (QS) {
 #pragma unroll
             for (int kk = 0; kk < KD; kk += 2) {
-                // Keys j*8.., dims kk*16.. (matrices 0, 1) and (kk+1)*16.. (matrices 2, 3).
-                unsigned bk[4];
-                ldmatrix_x4(bk, Ks + (j * 8 + (lane & 7)) * LDS + kk * 16 + (lane >> 3) * 8);
+                // This warp's Q fragments of dims kk*16.. and (kk+1)*16.., from shared memory.
+                unsigned qf[MT][2][4];
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
-                    mma16816<BF>(s[mt][j], qa[mt][kk], bk);
-                    mma16816<BF>(s[mt][j], qa[mt][kk + 1], bk + 2);
+                    const unsigned short* qrow =
+                        Qsm + (warp * 16 * MT + mt * 16 + (lane & 15)) * LDS + (lane >> 4) * 8;
+                    ldmatrix_x4(qf[mt][0], qrow + kk * 16);
+                    ldmatrix_x4(qf[mt][1], qrow + (kk + 1) * 16);
+                }
+#pragma unroll
+                for (int j = 0; j < NJ; ++j) {
+                    // Keys j*8.., dims kk*16.. (matrices 0, 1) and (kk+1)*16.. (matrices 2, 3).
+                    unsigned bk[4];
+                    ldmatrix_x4(bk, Ks + (j * 8 + (lane & 7)) * LDS + kk * 16 + (lane >> 3) * 8);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma16816<BF>(s[mt][j], qf[mt][0], bk);
+                        mma16816<BF>(s[mt][j], qf[mt][1], bk + 2);
+                    }
+                }
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) {
+#pragma unroll
+                for (int kk = 0; kk < KD; kk += 2) {
+                    // Keys j*8.., dims kk*16.. (matrices 0, 1) and (kk+1)*16.. (matrices 2, 3).
+                    unsigned bk[4];
+                    ldmatrix_x4(bk, Ks + (j * 8 + (lane & 7)) * LDS + kk * 16 + (lane >> 3) * 8);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma16816<BF>(s[mt][j], qa[mt][kk], bk);
+                        mma16816<BF>(s[mt][j], qa[mt][kk + 1], bk + 2);
+                    }
                 }
             }
         }
@@ -669,12 +723,22 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
 #define FLASH_ATTN(NAME, BF, D, MT, BN)                                                                     \
     extern "C" __global__ void __launch_bounds__(128) NAME(const unsigned short* q, const unsigned short* k,  \
         const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) { \
-        flash_attn_impl<BF, D, MT, BN>(q, k, v, o, lq, lk, heads, scale_log2, causal);                      \
+        flash_attn_impl<BF, D, MT, BN, 0>(q, k, v, o, lq, lk, heads, scale_log2, causal, nullptr);          \
     }
 FLASH_ATTN(flash_attn_f16, 0, 64, 2, 64)
 FLASH_ATTN(flash_attn_bf16, 1, 64, 2, 64)
 FLASH_ATTN(flash_attn128_f16, 0, 128, 1, 32)
 FLASH_ATTN(flash_attn128_bf16, 1, 128, 1, 32)
+// Head size 128, two m16 tiles per warp (128 query rows per block), Q in shared memory:
+// 2 * 32 * 136 * 2 (K/V stages) + 128 * 136 halves = 69 632 bytes of dynamic shared memory.
+#define FLASH_ATTN_QS(NAME, BF)                                                                             \
+    extern "C" __global__ void __launch_bounds__(128) NAME(const unsigned short* q, const unsigned short* k,  \
+        const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) { \
+        extern __shared__ __align__(16) unsigned short flash_dyn[];                                         \
+        flash_attn_impl<BF, 128, 2, 32, 1>(q, k, v, o, lq, lk, heads, scale_log2, causal, flash_dyn);       \
+    }
+FLASH_ATTN_QS(flash_attn128q_f16, 0)
+FLASH_ATTN_QS(flash_attn128q_bf16, 1)
 
 
 // ---- batched 2-D transpose: src [n, rows, cols] -> dst [n, cols, rows]; block (32, 8) ----

@@ -29,7 +29,9 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 use crate::{DType, Device, KernelError, Result};
 
 pub(crate) use ops::*;
-pub use ops::{capture_graph, conv2d_in_bands, copy_into, CudaGraphStep};
+pub use ops::{
+    capture_graph, conv2d_in_bands, copy_into, flash128, set_flash128, CudaGraphStep, Flash128,
+};
 
 /// CUDA C source of every hand-written kernel (compiled at run time by NVRTC).
 pub const KERNEL_SOURCE: &str = include_str!("kernels.cu");
@@ -60,6 +62,8 @@ pub fn kernel_names() -> Vec<String> {
         "flash_attn_bf16",
         "flash_attn128_f16",
         "flash_attn128_bf16",
+        "flash_attn128q_f16",
+        "flash_attn128q_bf16",
         "copy2d_u128",
     ]
     .iter()
@@ -255,6 +259,9 @@ pub struct Gpu {
     lt_algos: Mutex<HashMap<ops::LtKey, cudarc::cublaslt::sys::cublasLtMatmulAlgo_t>>,
     /// Whether f32 convolutions may use TF32 tensor cores ([`Gpu::set_conv_tf32`]).
     conv_tf32: std::sync::atomic::AtomicBool,
+    /// Whether the Q-in-shared-memory flash kernels got their shared memory
+    /// ([`ops::Flash128::SharedQ`]); without it they are not used.
+    flash_shared_q: bool,
 }
 
 // SAFETY: every handle is used under `lock` or through the single stream in issue order; cudarc's
@@ -405,6 +412,17 @@ impl Gpu {
                 .map_err(|x| e(&format!("kernel {name}"), &x))?;
             funcs.insert(name, f);
         }
+        // The Q-in-shared-memory flash kernels need more than the default 48 KiB.
+        let flash_shared_q = ["flash_attn128q_f16", "flash_attn128q_bf16"]
+            .iter()
+            .filter_map(|n| funcs.get(*n))
+            .all(|f| {
+                f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    ops::FLASH_SHARED_Q_BYTES as i32,
+                )
+                .is_ok()
+            });
         let blas = CudaBlas::new(stream.clone()).map_err(|x| e("cuBLAS", &x))?;
         // A workspace of cuBLAS's own: without one, cuBLAS picks other (workspace-free) kernels
         // while a CUDA graph is being captured, and a replayed step would round differently from
@@ -441,6 +459,7 @@ impl Gpu {
             event_lock: Mutex::new(()),
             arch,
             funcs,
+            flash_shared_q,
             blas,
             _blas_workspace: blas_workspace,
             lt: Lt {

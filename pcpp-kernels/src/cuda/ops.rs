@@ -4,6 +4,7 @@
 //! contract).
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use cudarc::cublas::sys as blas_sys;
@@ -1167,28 +1168,73 @@ pub(crate) fn attention(
     if b * lq == 0 {
         return Ok(y);
     }
-    if let Some(&(_, name, rows)) = FLASH_KERNELS.iter().find(|f| f.0 == dh) {
-        if dt != DType::F32 {
-            let scale_log2 = std::f32::consts::LOG2_E / (dh as f32).sqrt();
-            let cfg = LaunchConfig {
-                grid_dim: (lq.div_ceil(rows) as u32, heads as u32, b as u32),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            launch!(gpu, format!("{name}_{}", tname(dt)), cfg;
-                ptr(q)?, ptr(&k)?, ptr(&v)?, ptr(&y)?, lq as i32, lk as i32, heads as i32, scale_log2,
-                causal as i32);
-            return Ok(y);
+    let fused = match dh {
+        64 => Some(("flash_attn", 128, 0)),
+        128 if flash128() == Flash128::SharedQ && gpu.flash_shared_q => {
+            Some(("flash_attn128q", 128, FLASH_SHARED_Q_BYTES))
         }
+        128 => Some(("flash_attn128", 64, 0)),
+        _ => None,
+    };
+    if let (Some((name, rows, smem)), false) = (fused, dt == DType::F32) {
+        let scale_log2 = std::f32::consts::LOG2_E / (dh as f32).sqrt();
+        let cfg = LaunchConfig {
+            grid_dim: (lq.div_ceil(rows) as u32, heads as u32, b as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        launch!(gpu, format!("{name}_{}", tname(dt)), cfg;
+            ptr(q)?, ptr(&k)?, ptr(&v)?, ptr(&y)?, lq as i32, lk as i32, heads as i32, scale_log2,
+            causal as i32);
+        return Ok(y);
     }
     attention_chunked(&gpu, (q, &k, &v, &y), (b, lq, lk, heads), causal)?;
     Ok(y)
 }
 
-/// The fused flash-attention kernels (f16/bf16): head size, kernel name and query rows per block.
-/// Other head sizes and f32 take the cuBLAS path.
-const FLASH_KERNELS: [(usize, &str, usize); 2] =
-    [(64, "flash_attn", 128), (128, "flash_attn128", 64)];
+/// Dynamic shared memory of the head-size-128 kernel with Q in shared memory: a 128-row Q tile
+/// and two stages of 32-row K and V tiles, rows padded to 136 halves.
+pub(crate) const FLASH_SHARED_Q_BYTES: u32 = (128 + 4 * 32) * 136 * 2;
+
+/// The fused flash-attention kernel for head size 128 (Flux.1), f16/bf16. Head size 64 has one
+/// kernel; other head sizes and f32 take the cuBLAS path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flash128 {
+    /// Q fragments in registers, one 16-row tile per warp, 64 query rows per block (the default).
+    RegistersQ,
+    /// The block's 128-row Q tile in shared memory, two 16-row tiles per warp (every K/V fragment
+    /// feeds two MMAs); needs 68 KiB of shared memory per block. Chosen with
+    /// `PCPP_FLASH128=shared-q` until it has been measured against the default.
+    SharedQ,
+}
+
+static FLASH128: AtomicU8 = AtomicU8::new(0);
+
+/// The head-size-128 kernel in use: set by [`set_flash128`], else from `PCPP_FLASH128`
+/// (`shared-q` or `registers-q`), else [`Flash128::RegistersQ`].
+pub fn flash128() -> Flash128 {
+    match FLASH128.load(Ordering::Relaxed) {
+        1 => Flash128::RegistersQ,
+        2 => Flash128::SharedQ,
+        _ => {
+            let v = match std::env::var("PCPP_FLASH128").as_deref() {
+                Ok("shared-q") => Flash128::SharedQ,
+                _ => Flash128::RegistersQ,
+            };
+            set_flash128(v);
+            v
+        }
+    }
+}
+
+/// Chooses the head-size-128 flash-attention kernel for this process.
+pub fn set_flash128(v: Flash128) {
+    let code = match v {
+        Flash128::RegistersQ => 1,
+        Flash128::SharedQ => 2,
+    };
+    FLASH128.store(code, Ordering::Relaxed);
+}
 
 /// The unfused path, also the reference the fused kernel is tested against.
 pub(crate) fn attention_chunked(
