@@ -26,7 +26,8 @@ the VAE's scale and shift, as `pcpp-cli generate --save-latents` writes them) to
 OUT_DIR/diffusers_latents.safetensors (tensor `latents`) and the image to OUT_DIR/diffusers.png.
 Prints one JSON line: {"impl": "diffusers", "height", "width", "steps", "seconds" (encode and
 denoise, median), "decode_seconds", "image_seconds" (the two together), "peak_gib", "load_seconds",
-...}, also written to OUT_DIR/diffusers.json.
+"warmup_seconds" (the first call, like pcpp's one image per process), ...}, also written to
+OUT_DIR/diffusers.json. --build-only stops after building MODEL_DIR (to split a slow first run).
 """
 import argparse
 import gc
@@ -60,6 +61,7 @@ def parse_args():
                     help="folder whose tokenizer/ and tokenizer_2/ are copied into a new MODEL_DIR")
     ap.add_argument("--max-shard-size", default="5GB", help="shard size of the saved weights")
     ap.add_argument("--weight-seed", type=int, default=0, help="seed of the random weights")
+    ap.add_argument("--build-only", action="store_true", help="build MODEL_DIR if missing, then stop")
     return ap.parse_args()
 
 
@@ -147,6 +149,9 @@ def main():
            "device": device, "dtype": str(dtype).removeprefix("torch.")}
     if not os.path.isfile(os.path.join(a.model, "model_index.json")):
         res["built"] = build_model(a, device)
+    if a.build_only:
+        print(json.dumps(res), flush=True)
+        return
 
     from diffusers import FluxPipeline
 
@@ -191,7 +196,7 @@ def main():
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    _, lat = run()
+    res["warmup_seconds"], lat = run()
     decode(lat)
     times = []
     for _ in range(a.runs):

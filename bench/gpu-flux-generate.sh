@@ -21,9 +21,15 @@
 # default 1024), STEPS (default 28), GUIDANCE (3.5), SEED (0), PROMPT, PCPP_RUNS (1),
 # DEVICE (cuda; cpu for a smoke test), CONFIG_DIR (the component configs MODEL_DIR is built from,
 # default the full-size FLUX.1-dev ones; models/tiny-flux-dev for a smoke test), SHARD (5GB).
-# Time on one H200: building and saving the folder 1-2 min, diffusers' load and 4 images about
-# 1 min, pcpp's load and image about 1 min; about 4-5 minutes in all (1-2 min less when MODEL_DIR
-# exists). CPU smoke test (about 30 s):
+# pcpp's image time is the first image of a fresh process (kernel cache already filled, CUDA graphs
+# captured in that image); diffusers' is the median after a warm-up call (its first call's time,
+# without decode, is in the summary too).
+# Time on one H200 (estimate, not yet run): building and saving the folder 1-3 min, diffusers'
+# load and 4 images about 1.5 min, pcpp's tiny warm-up, load and image about 1.5 min; 4-6 minutes
+# in all. Where a job has a time limit (say 10 minutes), build MODEL_DIR alone first:
+#   python3 bench/diffusers_flux_pipeline.py /tmp/flux-random /tmp/flux-build --build-only
+# (written to MODEL_DIR.partial and renamed when complete; an existing MODEL_DIR is reused).
+# CPU smoke test (about 15 s):
 #   DEVICE=cpu SIZE=64 STEPS=4 CONFIG_DIR=models/tiny-flux-dev SHARD=100KB MODEL_DIR=/tmp/tiny-flux-random \
 #     PYTHON=python3 bench/gpu-flux-generate.sh target/release /tmp/flux-smoke
 set -euo pipefail
@@ -118,7 +124,7 @@ s = {
     "height": d["height"], "width": d["width"], "steps": d["steps"], "device": d["device"],
     "diffusers_image_seconds": d["image_seconds"], "diffusers_seconds_no_decode": d["seconds"],
     "diffusers_decode_seconds": d["decode_seconds"], "diffusers_load_seconds": d["load_seconds"],
-    "diffusers_peak_gib": d["peak_gib"],
+    "diffusers_peak_gib": d["peak_gib"], "diffusers_first_call_seconds": d["warmup_seconds"],
     "pcpp_image_seconds": statistics.median(gen), "pcpp_denoise_seconds": statistics.median(denoise),
     "pcpp_load_seconds": statistics.median(load), "pcpp_all_image_seconds": gen,
     "pcpp_gpu_used_gib": peak[-1],
