@@ -4,45 +4,11 @@
 //! and intermediate rounding, bounded relative to the output's magnitude per dtype.
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::{check, gpu, rnd, DTYPES, GPU};
 use pcpp_kernels::cuda::{set_flash128, Flash128};
 use pcpp_kernels::{Activation, Conv2dParams, DType, Device, Tensor};
-
-const GPU: Device = Device::Cuda(0);
-const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
-
-/// Tolerance on `max|gpu − cpu| / max(1, max|cpu|)`.
-fn tol(d: DType) -> f32 {
-    match d {
-        DType::F32 => 1e-4,
-        DType::F16 => 1e-2,
-        DType::BF16 => 6e-2,
-    }
-}
-
-fn rnd(shape: &[usize], d: DType, seed: u64) -> Tensor {
-    Tensor::rand_uniform(shape, d, Device::Cpu, (-1.0, 1.0), seed).unwrap()
-}
-
-fn gpu(t: &Tensor) -> Tensor {
-    t.to_device(GPU).unwrap()
-}
-
-fn check(name: &str, d: DType, got: &Tensor, want: &Tensor) {
-    assert_eq!(got.device(), GPU, "{name}: result not on the GPU");
-    assert_eq!(got.dtype(), want.dtype(), "{name}: dtype");
-    let got = got.to_device(Device::Cpu).unwrap();
-    assert_eq!(got.shape(), want.shape(), "{name}: shape");
-    let diff = got.max_abs_diff(want).unwrap();
-    let scale = want.max_abs().unwrap().max(1.0);
-    let g = got.to_vec_f32().unwrap();
-    assert!(
-        g.iter().all(|x| x.is_finite()),
-        "{name} {d}: non-finite output"
-    );
-    let e = diff / scale;
-    println!("{name:<28} {d:<5} rel err {e:.2e}");
-    assert!(e <= tol(d), "{name} {d}: rel err {e:e} > {}", tol(d));
-}
 
 #[test]
 #[ignore = "needs a CUDA GPU"]

@@ -741,6 +741,156 @@ FLASH_ATTN_QS(flash_attn128q_f16, 0)
 FLASH_ATTN_QS(flash_attn128q_bf16, 1)
 
 
+// ---- vectorised element-wise kernels and row norms (16 bytes per access: 8 halves or 4 floats) ----
+// The host takes these only when every pointer is 16-byte aligned and the vectorised extent is a
+// multiple of the vector; each is the twin of the scalar kernel above with the same math in f32.
+template <typename T> struct VecN { static constexpr int N = 16 / (int)sizeof(T); };
+template <typename T>
+__device__ __forceinline__ void vload(const T* p, float* f) {
+    U4 u = *(const U4*)p;
+    const T* e = (const T*)&u;
+#pragma unroll
+    for (int i = 0; i < VecN<T>::N; ++i) f[i] = to_f(e[i]);
+}
+template <typename T>
+__device__ __forceinline__ void vstore(T* p, const float* f) {
+    U4 u;
+    T* e = (T*)&u;
+#pragma unroll
+    for (int i = 0; i < VecN<T>::N; ++i) e[i] = from_f<T>(f[i]);
+    *(U4*)p = u;
+}
+// nv vectors of a and b
+template <typename T>
+__device__ void binary_same_vec_impl(const T* a, const T* b, T* y, long nv, int op) {
+    constexpr int N = VecN<T>::N;
+    GRID_STRIDE(i, nv) {
+        float x[N], z[N];
+        vload(a + i * N, x);
+        vload(b + i * N, z);
+#pragma unroll
+        for (int k = 0; k < N; ++k) x[k] = binary_op(x[k], z[k], op);
+        vstore(y + i * N, x);
+    }
+}
+template <typename T>
+__device__ void unary_vec_impl(const T* x, T* y, long nv, int op, float a, float b) {
+    constexpr int N = VecN<T>::N;
+    GRID_STRIDE(i, nv) {
+        float f[N];
+        vload(x + i * N, f);
+#pragma unroll
+        for (int k = 0; k < N; ++k) f[k] = unary_op(f[k], op, a, b);
+        vstore(y + i * N, f);
+    }
+}
+// Row broadcast: `full` viewed as [P, R, C] (rows = P*R), `bc` as [P, C]: y = full op bc, or
+// bc op full with `bleft`. grid (column blocks, row blocks), block 256; `vec`: C % N == 0 and
+// aligned pointers, each thread then takes N columns.
+template <typename T>
+__device__ void rowb_binary_impl(const T* full, const T* bc, T* y, long rows, long rpp, long cols, int op,
+                                 int bleft, int vec) {
+    constexpr int N = VecN<T>::N;
+    long cstart = (long)blockIdx.x * blockDim.x + threadIdx.x, cstep = (long)blockDim.x * gridDim.x;
+    for (long r = blockIdx.y; r < rows; r += gridDim.y) {
+        const T* fr = full + r * cols;
+        const T* br = bc + (r / rpp) * cols;
+        T* yr = y + r * cols;
+        if (vec) {
+            for (long c = cstart; c < cols / N; c += cstep) {
+                float f[N], g[N];
+                vload(fr + c * N, f);
+                vload(br + c * N, g);
+#pragma unroll
+                for (int k = 0; k < N; ++k) f[k] = bleft ? binary_op(g[k], f[k], op) : binary_op(f[k], g[k], op);
+                vstore(yr + c * N, f);
+            }
+        } else {
+            for (long c = cstart; c < cols; c += cstep) {
+                float f = to_f(fr[c]), g = to_f(br[c]);
+                yr[c] = from_f<T>(bleft ? binary_op(g, f, op) : binary_op(f, g, op));
+            }
+        }
+    }
+}
+// GEGLU with N columns per thread (h % N == 0, aligned).
+template <typename T>
+__device__ void geglu_vec_impl(const T* x, T* y, long rows, long h) {
+    constexpr int N = VecN<T>::N;
+    long hv = h / N;
+    GRID_STRIDE(i, rows * hv) {
+        long r = i / hv, j = (i % hv) * N;
+        const T* row = x + r * 2 * h;
+        float a[N], g[N];
+        vload(row + j, a);
+        vload(row + h + j, g);
+#pragma unroll
+        for (int k = 0; k < N; ++k) a[k] *= gelu_f(g[k]);
+        vstore(y + r * h + j, a);
+    }
+}
+// Sum over row r of one warp's lanes (vector loads when `vec`).
+template <typename T>
+__device__ __forceinline__ float row_sum(const T* row, long d, int vec, float shift, int squares) {
+    constexpr int N = VecN<T>::N;
+    int lane = threadIdx.x & 31;
+    float s = 0.0f;
+    if (vec) {
+        for (long j = (long)lane * N; j < d; j += 32 * N) {
+            float f[N];
+            vload(row + j, f);
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                float v = f[k] - shift;
+                s += squares ? v * v : v;
+            }
+        }
+    } else {
+        for (long j = lane; j < d; j += 32) {
+            float v = to_f(row[j]) - shift;
+            s += squares ? v * v : v;
+        }
+    }
+    return warp_sum(s);
+}
+// One warp per row (8 rows per block of 256): layer norm (`mean_too`) or RMS norm, with optional
+// gamma / beta. The twin of layer_norm_impl / rms_norm_impl for rows of at most a few thousand.
+template <typename T>
+__device__ void row_norm_warp_impl(const T* x, const T* gamma, const T* beta, T* y, long rows, long d, float eps,
+                                   int mean_too, int vec) {
+    constexpr int N = VecN<T>::N;
+    long r = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= rows) return;
+    int lane = threadIdx.x & 31;
+    const T* row = x + r * d;
+    T* out = y + r * d;
+    float mean = mean_too ? row_sum(row, d, vec, 0.0f, 0) / (float)d : 0.0f;
+    float rstd = rsqrtf(row_sum(row, d, vec, mean, 1) / (float)d + eps);
+    if (vec) {
+        for (long j = (long)lane * N; j < d; j += 32 * N) {
+            float f[N], g[N], b[N];
+            vload(row + j, f);
+            if (gamma) vload(gamma + j, g);
+            if (beta) vload(beta + j, b);
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                float v = (f[k] - mean) * rstd;
+                if (gamma) v *= g[k];
+                if (beta) v += b[k];
+                f[k] = v;
+            }
+            vstore(out + j, f);
+        }
+    } else {
+        for (long j = lane; j < d; j += 32) {
+            float v = (to_f(row[j]) - mean) * rstd;
+            if (gamma) v *= to_f(gamma[j]);
+            if (beta) v += to_f(beta[j]);
+            out[j] = from_f<T>(v);
+        }
+    }
+}
+
 // ---- batched 2-D transpose: src [n, rows, cols] -> dst [n, cols, rows]; block (32, 8) ----
 template <typename W>
 __device__ void transpose_impl(const W* src, W* dst, long rows, long cols) {
@@ -796,6 +946,23 @@ INST_CAST(bf16, bf16_t, f16, f16_t)
         binary_same_impl<T>(a, b, y, n, op);                                                                 \
     }                                                                                                        \
     extern "C" __global__ void geglu_##N(const T* x, T* y, long rows, long h) { geglu_impl<T>(x, y, rows, h); } \
+    extern "C" __global__ void geglu_vec_##N(const T* x, T* y, long rows, long h) {                          \
+        geglu_vec_impl<T>(x, y, rows, h);                                                                    \
+    }                                                                                                        \
+    extern "C" __global__ void binary_same_vec_##N(const T* a, const T* b, T* y, long nv, int op) {          \
+        binary_same_vec_impl<T>(a, b, y, nv, op);                                                            \
+    }                                                                                                        \
+    extern "C" __global__ void unary_vec_##N(const T* x, T* y, long nv, int op, float a, float b) {          \
+        unary_vec_impl<T>(x, y, nv, op, a, b);                                                               \
+    }                                                                                                        \
+    extern "C" __global__ void rowb_binary_##N(const T* f, const T* g, T* y, long rows, long rpp, long cols, \
+                                               int op, int bleft, int vec) {                                 \
+        rowb_binary_impl<T>(f, g, y, rows, rpp, cols, op, bleft, vec);                                       \
+    }                                                                                                        \
+    extern "C" __global__ void row_norm_warp_##N(const T* x, const T* g, const T* b, T* y, long rows, long d, \
+                                                 float eps, int mean_too, int vec) {                         \
+        row_norm_warp_impl<T>(x, g, b, y, rows, d, eps, mean_too, vec);                                      \
+    }                                                                                                        \
     extern "C" __global__ void gn_sums_##N(const T* x, double* sums, long group_len, long chunk) {          \
         gn_sums_impl<T>(x, sums, group_len, chunk);                                                          \
     }                                                                                                        \

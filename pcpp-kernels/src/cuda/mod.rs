@@ -28,6 +28,7 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use crate::{DType, Device, KernelError, Result};
 
+pub use ops::vector::{set_vector_kernels, vector_kernels};
 pub(crate) use ops::*;
 pub use ops::{
     capture_graph, conv2d_in_bands, copy_into, flash128, set_flash128, CudaGraphStep, Flash128,
@@ -75,6 +76,11 @@ pub fn kernel_names() -> Vec<String> {
             "binary",
             "binary_same",
             "geglu",
+            "geglu_vec",
+            "binary_same_vec",
+            "unary_vec",
+            "rowb_binary",
+            "row_norm_warp",
             "gn_sums",
             "gn_apply",
             "gn_apply_planes",

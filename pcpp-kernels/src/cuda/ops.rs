@@ -39,6 +39,8 @@ macro_rules! launch {
     }};
 }
 
+pub(crate) mod vector;
+
 fn tname(d: DType) -> &'static str {
     d.name()
 }
@@ -181,6 +183,9 @@ pub(crate) fn unary(t: &Tensor, op: Unary) -> Result<Tensor> {
     let gpu = gpu_of(t)?;
     let y = out(&gpu, t.shape(), t.dtype())?;
     let n = t.numel();
+    if vector::try_unary(&gpu, t.dtype(), (ptr(t)?, ptr(&y)?), n, (code, a, b))? {
+        return Ok(y);
+    }
     launch!(gpu, format!("unary_{}", tname(t.dtype())), Gpu::cfg_elems(n);
         ptr(t)?, ptr(&y)?, n as i64, code, a, b);
     Ok(y)
@@ -227,6 +232,9 @@ pub(crate) fn binary(
     let n = y.numel();
     let t = tname(a.dtype());
     if a.shape() == b.shape() {
+        if vector::try_binary_same(&gpu, a.dtype(), (ptr(a)?, ptr(&b)?, ptr(&y)?), n, op)? {
+            return Ok(y);
+        }
         launch!(gpu, format!("binary_same_{t}"), Gpu::cfg_elems(n);
             ptr(a)?, ptr(&b)?, ptr(&y)?, n as i64, op);
         return Ok(y);
@@ -244,6 +252,17 @@ pub(crate) fn binary(
         if b.numel() == planes && (1..=MAX_GRID_Y).contains(&planes) && s > 1 {
             launch!(gpu, format!("plane_binary_{t}"), cfg_planes(planes, s);
                 ptr(a)?, ptr(&b)?, ptr(&y)?, s as i64, op, planes as i64);
+            return Ok(y);
+        }
+    }
+    // AdaLN-style row broadcasts ([P, R, C] against [P, 1, C]), either operand broadcast
+    let rows = [(a, &b, sa, sb, false), (&b, a, sb, sa, true)]
+        .into_iter()
+        .find_map(|(f, g, sf, sg, left)| {
+            vector::row_pattern(out_shape, sf, sg).map(|p| (f, g, p, left))
+        });
+    if let Some((f, g, p, left)) = rows {
+        if vector::try_row_broadcast(&gpu, a.dtype(), (ptr(f)?, ptr(g)?, ptr(&y)?), p, op, left)? {
             return Ok(y);
         }
     }
@@ -274,6 +293,9 @@ pub(crate) fn geglu(x: &Tensor, out_shape: &[usize]) -> Result<Tensor> {
     let h = *out_shape.last().unwrap_or(&0);
     let rows = x.numel() / (2 * h).max(1);
     let y = out(&gpu, out_shape, x.dtype())?;
+    if vector::try_geglu(&gpu, x.dtype(), (ptr(x)?, ptr(&y)?), rows, h)? {
+        return Ok(y);
+    }
     launch!(gpu, format!("geglu_{}", tname(x.dtype())), Gpu::cfg_elems(rows * h);
         ptr(x)?, ptr(&y)?, rows as i64, h as i64);
     Ok(y)
@@ -1088,7 +1110,17 @@ pub(crate) fn layer_norm(
         None => 0,
     };
     let y = out(&gpu, x.shape(), dt)?;
-    if rows > 0 {
+    if rows > 0
+        && !vector::try_row_norm(
+            &gpu,
+            dt,
+            (ptr(x)?, gp, bp, ptr(&y)?),
+            rows,
+            d,
+            eps as f32,
+            true,
+        )?
+    {
         launch!(gpu, format!("layer_norm_{}", tname(dt)), cfg_rows(rows, 256);
             ptr(x)?, gp, bp, ptr(&y)?, d as i64, eps as f32);
     }
@@ -1110,7 +1142,17 @@ pub(crate) fn rms_norm(x: &Tensor, gamma: Option<&Tensor>, eps: f64) -> Result<T
         None => 0,
     };
     let y = out(&gpu, x.shape(), dt)?;
-    if rows > 0 {
+    if rows > 0
+        && !vector::try_row_norm(
+            &gpu,
+            dt,
+            (ptr(x)?, gp, 0, ptr(&y)?),
+            rows,
+            d,
+            eps as f32,
+            false,
+        )?
+    {
         launch!(gpu, format!("rms_norm_{}", tname(dt)), cfg_rows(rows, 256);
             ptr(x)?, gp, ptr(&y)?, d as i64, eps as f32);
     }

@@ -1,0 +1,240 @@
+//! Vectorised element-wise kernels and one-warp-per-row norms (`kernels.cu`, "vectorised
+//! element-wise kernels and row norms"): 16-byte loads and stores (8 halves or 4 floats per
+//! access) where every pointer is 16-byte aligned and the extent is a multiple of the vector, a
+//! division-free kernel for the row broadcasts of AdaLN modulation and gates (`[P, R, C]` against
+//! `[P, 1, C]`), and layer / RMS norms with one warp per row instead of one block per row (Flux's
+//! per-head QK norms have rows of 128). They compute what the scalar kernels compute, in f32.
+//!
+//! Off by default until measured on a GPU: [`set_vector_kernels`] or `PCPP_VECTOR_KERNELS=1`
+//! turns them on for the process. Each `try_*` returns whether it launched; the caller falls
+//! back to the scalar kernel when not.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::{tname, Gpu, MAX_GRID_Y};
+use crate::{DType, Result};
+
+static VECTOR: AtomicU8 = AtomicU8::new(0);
+
+/// Whether the vectorised kernels are on: set by [`set_vector_kernels`], else
+/// `PCPP_VECTOR_KERNELS=1`, else off.
+pub fn vector_kernels() -> bool {
+    match VECTOR.load(Ordering::Relaxed) {
+        1 => false,
+        2 => true,
+        _ => {
+            let on = std::env::var("PCPP_VECTOR_KERNELS").as_deref() == Ok("1");
+            set_vector_kernels(on);
+            on
+        }
+    }
+}
+
+/// Turns the vectorised element-wise kernels and the one-warp-per-row norms on or off for this
+/// process.
+pub fn set_vector_kernels(on: bool) {
+    VECTOR.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+}
+
+/// Elements per 16-byte vector.
+fn lanes(dt: DType) -> usize {
+    16 / dt.size()
+}
+
+fn aligned(ptrs: &[u64]) -> bool {
+    ptrs.iter().all(|p| p % 16 == 0)
+}
+
+fn cfg_flat(nv: usize) -> LaunchConfig {
+    Gpu::cfg_elems(nv)
+}
+
+/// `y = op(x)` (op code of `unary_op`) on `n` elements, vectorised.
+pub(super) fn try_unary(
+    gpu: &Arc<Gpu>,
+    dt: DType,
+    (x, y): (u64, u64),
+    n: usize,
+    (code, a, b): (i32, f32, f32),
+) -> Result<bool> {
+    let v = lanes(dt);
+    if !vector_kernels() || n % v != 0 || !aligned(&[x, y]) {
+        return Ok(false);
+    }
+    let nv = n / v;
+    launch!(gpu, format!("unary_vec_{}", tname(dt)), cfg_flat(nv);
+        x, y, nv as i64, code, a, b);
+    Ok(true)
+}
+
+/// `y = a op b` on `n` elements of equal shapes, vectorised.
+pub(super) fn try_binary_same(
+    gpu: &Arc<Gpu>,
+    dt: DType,
+    (a, b, y): (u64, u64, u64),
+    n: usize,
+    op: i32,
+) -> Result<bool> {
+    let v = lanes(dt);
+    if !vector_kernels() || n % v != 0 || !aligned(&[a, b, y]) {
+        return Ok(false);
+    }
+    let nv = n / v;
+    launch!(gpu, format!("binary_same_vec_{}", tname(dt)), cfg_flat(nv);
+        a, b, y, nv as i64, op);
+    Ok(true)
+}
+
+/// `(rows, rows per broadcast row, cols)` when `full` (strides `sf`) is contiguous over `out`
+/// and `bc` (strides `sbc`) is a contiguous `[P, C]` broadcast over one run of axes: out viewed as
+/// `[P, R, C]`, `bc` as `[P, 1, C]`.
+pub(super) fn row_pattern(
+    out: &[usize],
+    sf: &[usize],
+    sbc: &[usize],
+) -> Option<(usize, usize, usize)> {
+    let rank = out.len();
+    let mut st = 1;
+    for i in (0..rank).rev() {
+        if out[i] > 1 && sf[i] != st {
+            return None;
+        }
+        st *= out[i];
+    }
+    let zero = |i: usize| out[i] > 1 && sbc[i] == 0;
+    let z0 = (0..rank).find(|&i| zero(i))?;
+    let z1 = (0..rank).rev().find(|&i| zero(i))?;
+    if (z0..=z1).any(|i| out[i] > 1 && sbc[i] != 0) {
+        return None;
+    }
+    let cols: usize = out[z1 + 1..].iter().product();
+    let rpp: usize = out[z0..=z1].iter().product();
+    let p: usize = out[..z0].iter().product();
+    let mut st = 1;
+    for i in (z1 + 1..rank).rev() {
+        if out[i] > 1 && sbc[i] != st {
+            return None;
+        }
+        st *= out[i];
+    }
+    let mut st = cols;
+    for i in (0..z0).rev() {
+        if out[i] > 1 && sbc[i] != st {
+            return None;
+        }
+        st *= out[i];
+    }
+    Some((p * rpp, rpp, cols))
+}
+
+/// `y = full op bc` (or `bc op full` with `bleft`) for a row broadcast `(rows, rpp, cols)` of
+/// [`row_pattern`]. Rows shorter than a warp stay with the general kernel.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn try_row_broadcast(
+    gpu: &Arc<Gpu>,
+    dt: DType,
+    (full, bc, y): (u64, u64, u64),
+    (rows, rpp, cols): (usize, usize, usize),
+    op: i32,
+    bleft: bool,
+) -> Result<bool> {
+    if !vector_kernels() || cols < 32 || rows == 0 {
+        return Ok(false);
+    }
+    let v = lanes(dt);
+    let vec = cols % v == 0 && aligned(&[full, bc, y]);
+    let per_row = if vec { cols / v } else { cols };
+    let cfg = LaunchConfig {
+        grid_dim: (
+            per_row.div_ceil(256).clamp(1, 1024) as u32,
+            rows.min(MAX_GRID_Y) as u32,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(gpu, format!("rowb_binary_{}", tname(dt)), cfg;
+        full, bc, y, rows as i64, rpp as i64, cols as i64, op, bleft as i32, vec as i32);
+    Ok(true)
+}
+
+/// GEGLU of `rows` rows of `[h | gate]` into `[rows, h]`, vectorised.
+pub(super) fn try_geglu(
+    gpu: &Arc<Gpu>,
+    dt: DType,
+    (x, y): (u64, u64),
+    rows: usize,
+    h: usize,
+) -> Result<bool> {
+    let v = lanes(dt);
+    if !vector_kernels() || h % v != 0 || !aligned(&[x, y]) {
+        return Ok(false);
+    }
+    launch!(gpu, format!("geglu_vec_{}", tname(dt)), cfg_flat(rows * h / v);
+        x, y, rows as i64, h as i64);
+    Ok(true)
+}
+
+/// Layer norm (`mean_too`) or RMS norm over rows of `d`, one warp per row; `g`, `b`: 0 when
+/// absent.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn try_row_norm(
+    gpu: &Arc<Gpu>,
+    dt: DType,
+    (x, g, b, y): (u64, u64, u64, u64),
+    rows: usize,
+    d: usize,
+    eps: f32,
+    mean_too: bool,
+) -> Result<bool> {
+    if !vector_kernels() || d > 8192 || rows == 0 {
+        return Ok(false);
+    }
+    let v = lanes(dt);
+    let vec = d % v == 0 && aligned(&[x, g, b, y]);
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(gpu, format!("row_norm_warp_{}", tname(dt)), cfg;
+        x, g, b, y, rows as i64, d as i64, eps, mean_too as i32, vec as i32);
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::row_pattern;
+
+    #[test]
+    fn row_pattern_finds_adaln_broadcasts_and_nothing_else() {
+        // [2, 6, 8] against [2, 1, 8]
+        assert_eq!(
+            row_pattern(&[2, 6, 8], &[48, 8, 1], &[8, 0, 1]),
+            Some((12, 6, 8))
+        );
+        // [6, 8] against [8]: one broadcast row
+        assert_eq!(row_pattern(&[6, 8], &[8, 1], &[0, 1]), Some((6, 6, 8)));
+        // [2, 3, 4, 8] against [2, 1, 1, 8]
+        assert_eq!(
+            row_pattern(&[2, 3, 4, 8], &[96, 32, 8, 1], &[8, 0, 0, 1]),
+            Some((24, 12, 8))
+        );
+        // size-1 axes anywhere are ignored
+        assert_eq!(
+            row_pattern(&[1, 6, 1, 8], &[48, 8, 8, 1], &[8, 0, 8, 1]),
+            Some((6, 6, 8))
+        );
+        // two separate broadcast runs: not a row broadcast
+        assert_eq!(row_pattern(&[2, 3, 4], &[12, 4, 1], &[0, 1, 0]), None);
+        // the full operand not contiguous
+        assert_eq!(row_pattern(&[2, 6, 8], &[8, 16, 1], &[8, 0, 1]), None);
+        // the broadcast operand not a contiguous [P, C]
+        assert_eq!(row_pattern(&[2, 6, 8], &[48, 8, 1], &[1, 0, 2]), None);
+        // nothing broadcast
+        assert_eq!(row_pattern(&[2, 6, 8], &[48, 8, 1], &[48, 8, 1]), None);
+    }
+}

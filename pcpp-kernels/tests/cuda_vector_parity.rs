@@ -1,0 +1,152 @@
+//! Parity of the vectorised element-wise kernels, the row-broadcast kernel and the
+//! one-warp-per-row norms (`PCPP_VECTOR_KERNELS`) against the CPU twins, in f32, f16 and bf16:
+//! shapes that take the 16-byte path and shapes that do not (odd extents), both operand orders of
+//! a row broadcast (also for the non-commutative sub and div), rows of 128 (Flux's per-head QK
+//! norms) and of 3072. Ignored by default (needs a GPU):
+//! `cargo test -p pcpp-kernels --features cuda --test cuda_vector_parity -- --ignored`.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use common::{check, gpu, rnd, DTYPES};
+use pcpp_kernels::cuda::set_vector_kernels;
+use pcpp_kernels::{Activation, Tensor};
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn vector_kernels_match_cpu() {
+    set_vector_kernels(true);
+    for d in DTYPES {
+        for shape in [[2usize, 37, 64], [3, 5, 36]] {
+            let a = rnd(&shape, d, 1);
+            let b = rnd(&shape, d, 2).affine(0.5, 2.0).unwrap();
+            let (ga, gb) = (gpu(&a), gpu(&b));
+            let tag = format!("{shape:?}");
+            check(
+                &format!("add {tag}"),
+                d,
+                &ga.add(&gb).unwrap(),
+                &a.add(&b).unwrap(),
+            );
+            check(
+                &format!("div {tag}"),
+                d,
+                &ga.div(&gb).unwrap(),
+                &a.div(&b).unwrap(),
+            );
+            check(
+                &format!("affine {tag}"),
+                d,
+                &ga.affine(1.5, -0.25).unwrap(),
+                &a.affine(1.5, -0.25).unwrap(),
+            );
+            for act in [Activation::Silu, Activation::GeluTanh] {
+                check(
+                    &format!("{act:?} {tag}"),
+                    d,
+                    &ga.act(act).unwrap(),
+                    &a.act(act).unwrap(),
+                );
+            }
+            // [P, R, C] against [P, 1, C], and the broadcast operand on the left
+            let row = rnd(&[shape[0], 1, shape[2]], d, 3)
+                .affine(0.5, 2.0)
+                .unwrap();
+            let gr = gpu(&row);
+            check(
+                &format!("mul row {tag}"),
+                d,
+                &ga.mul(&gr).unwrap(),
+                &a.mul(&row).unwrap(),
+            );
+            check(
+                &format!("sub row {tag}"),
+                d,
+                &ga.sub(&gr).unwrap(),
+                &a.sub(&row).unwrap(),
+            );
+            check(
+                &format!("row sub {tag}"),
+                d,
+                &gr.sub(&ga).unwrap(),
+                &row.sub(&a).unwrap(),
+            );
+            check(
+                &format!("row div {tag}"),
+                d,
+                &gr.div(&gb).unwrap(),
+                &row.div(&b).unwrap(),
+            );
+            // one row for all: [C] against [P, R, C]
+            let last = rnd(&[shape[2]], d, 4);
+            check(
+                &format!("add last {tag}"),
+                d,
+                &ga.add(&gpu(&last)).unwrap(),
+                &a.add(&last).unwrap(),
+            );
+            let x = rnd(&[shape[0], shape[1], 2 * shape[2]], d, 5);
+            check(
+                &format!("geglu {tag}"),
+                d,
+                &gpu(&x).geglu().unwrap(),
+                &x.geglu().unwrap(),
+            );
+        }
+        for (rows, dim) in [(300, 128), (7, 3072), (33, 36), (5, 48)] {
+            let x = rnd(&[rows, dim], d, 6).affine(3.0, 0.5).unwrap();
+            let g = rnd(&[dim], d, 7);
+            let b = rnd(&[dim], d, 8);
+            let gx = gpu(&x);
+            let tag = format!("{rows}x{dim}");
+            check(
+                &format!("layer_norm {tag}"),
+                d,
+                &gx.layer_norm(Some(&gpu(&g)), Some(&gpu(&b)), 1e-5).unwrap(),
+                &x.layer_norm(Some(&g), Some(&b), 1e-5).unwrap(),
+            );
+            check(
+                &format!("layer_norm plain {tag}"),
+                d,
+                &gx.layer_norm(None, None, 1e-6).unwrap(),
+                &x.layer_norm(None, None, 1e-6).unwrap(),
+            );
+            check(
+                &format!("rms_norm {tag}"),
+                d,
+                &gx.rms_norm(Some(&gpu(&g)), 1e-6).unwrap(),
+                &x.rms_norm(Some(&g), 1e-6).unwrap(),
+            );
+        }
+    }
+    set_vector_kernels(false);
+}
+
+/// With the switch off, the same ops still match (the scalar kernels): the switch changes the
+/// kernels, not the results beyond rounding.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn vector_and_scalar_kernels_agree() {
+    let d = pcpp_kernels::DType::BF16;
+    let a = gpu(&rnd(&[2, 64, 3072], d, 1));
+    let m = gpu(&rnd(&[2, 1, 3072], d, 2));
+    let run = |on: bool| -> Tensor {
+        set_vector_kernels(on);
+        a.layer_norm(None, None, 1e-6)
+            .unwrap()
+            .mul(&m)
+            .unwrap()
+            .add(&a)
+            .unwrap()
+            .act(Activation::GeluTanh)
+            .unwrap()
+            .to_device(pcpp_kernels::Device::Cpu)
+            .unwrap()
+    };
+    let (v, s) = (run(true), run(false));
+    let diff = v.max_abs_diff(&s).unwrap();
+    assert!(
+        diff <= 2e-2 * s.max_abs().unwrap().max(1.0),
+        "vector vs scalar: {diff}"
+    );
+}
