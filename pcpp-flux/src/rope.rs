@@ -8,7 +8,7 @@
 //! from `(row, col)`, so a band of image rows gets its true rows from the band's offset (the
 //! patch-parallel core's band locator, PCPP §2.3 for DiTs) and a column band its true columns.
 
-use pcpp_kernels::{DType, Device, Tensor};
+use pcpp_kernels::{Device, Tensor};
 
 use crate::error::{FluxError, Result};
 
@@ -37,9 +37,9 @@ pub fn band_ids((top, left): (usize, usize), (rows, cols): (usize, usize)) -> Ve
 /// cos and sin of every (token, rotated pair), ready to apply to `[b, L, heads·dh]`.
 #[derive(Clone)]
 pub struct RopeTables {
-    /// `[L, 1, dh/2, 1]`.
+    /// `[L, dh/2]`.
     cos: Tensor,
-    /// `[L, 1, dh/2, 1]`.
+    /// `[L, dh/2]`.
     sin: Tensor,
     len: usize,
     half: usize,
@@ -69,7 +69,7 @@ impl RopeTables {
                 }
             }
         }
-        let shape = [ids.len(), 1, half, 1];
+        let shape = [ids.len(), half];
         Ok(RopeTables {
             cos: Tensor::from_vec(&shape, cos)?.to_device(device)?,
             sin: Tensor::from_vec(&shape, sin)?.to_device(device)?,
@@ -89,28 +89,17 @@ impl RopeTables {
     }
 
     /// Rotates `x: [b, L, heads·dh]` (pairs of adjacent dimensions are rotated together), in f32;
-    /// the result has `x`'s dtype.
+    /// the result has `x`'s dtype ([`Tensor::rotate_pairs`]).
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, l, w) = match x.shape() {
-            &[b, l, w] if l == self.len && w % (2 * self.half) == 0 => (b, l, w),
-            sh => {
-                return Err(FluxError::Input(format!(
-                    "RoPE: {sh:?} is not [b, {}, heads·{}]",
-                    self.len,
-                    2 * self.half
-                )))
+        match x.shape() {
+            &[_, l, w] if l == self.len && w % (2 * self.half) == 0 => {
+                Ok(x.rotate_pairs(&self.cos, &self.sin)?)
             }
-        };
-        let heads = w / (2 * self.half);
-        let dtype = x.dtype();
-        let x = x
-            .to_dtype(DType::F32)?
-            .reshape(&[b, l, heads, self.half, 2])?;
-        let (re, im) = (x.narrow(4, 0, 1)?, x.narrow(4, 1, 1)?);
-        let out_re = re.mul(&self.cos)?.sub(&im.mul(&self.sin)?)?;
-        let out_im = im.mul(&self.cos)?.add(&re.mul(&self.sin)?)?;
-        Ok(Tensor::cat(&[&out_re, &out_im], 4)?
-            .reshape(&[b, l, w])?
-            .to_dtype(dtype)?)
+            sh => Err(FluxError::Input(format!(
+                "RoPE: {sh:?} is not [b, {}, heads·{}]",
+                self.len,
+                2 * self.half
+            ))),
+        }
     }
 }

@@ -19,6 +19,7 @@ mod error;
 mod finite;
 pub mod io;
 mod ops;
+mod rotary;
 pub mod shards;
 mod tensor;
 

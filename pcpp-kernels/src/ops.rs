@@ -15,7 +15,7 @@ pub(crate) const MAX_GN_BANDS: usize = 64;
 /// operands live on different devices (an op never copies an operand to another device behind the
 /// caller's back).
 #[cfg(feature = "cuda")]
-fn on_gpu(op: &'static str, ts: &[Option<&Tensor>]) -> Result<bool> {
+pub(crate) fn on_gpu(op: &'static str, ts: &[Option<&Tensor>]) -> Result<bool> {
     let mut devices = ts.iter().flatten().map(|t| t.device());
     let Some(first) = devices.next() else {
         return Ok(false);

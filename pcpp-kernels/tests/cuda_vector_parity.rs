@@ -2,7 +2,8 @@
 //! one-warp-per-row norms (`PCPP_VECTOR_KERNELS`) against the CPU twins, in f32, f16 and bf16:
 //! shapes that take the 16-byte path and shapes that do not (odd extents), both operand orders of
 //! a row broadcast (also for the non-commutative sub and div), rows of 128 (Flux's per-head QK
-//! norms) and of 3072. Ignored by default (needs a GPU):
+//! norms) and of 3072, and the rotary embedding of adjacent pairs (fused and composed). Ignored by
+//! default (needs a GPU):
 //! `cargo test -p pcpp-kernels --features cuda --test cuda_vector_parity -- --ignored`.
 #![cfg(feature = "cuda")]
 
@@ -116,6 +117,36 @@ fn vector_kernels_match_cpu() {
                 d,
                 &gx.rms_norm(Some(&gpu(&g)), 1e-6).unwrap(),
                 &x.rms_norm(Some(&g), 1e-6).unwrap(),
+            );
+        }
+    }
+    set_vector_kernels(false);
+}
+
+/// The rotary embedding of adjacent pairs: the fused kernel (switch on) and the composition of
+/// element-wise ops (off) against the CPU, Flux's 24 heads of 128 on 77 tokens and an odd shape.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn rotate_pairs_matches_cpu() {
+    for d in DTYPES {
+        for (b, len, heads, half) in [(1usize, 77usize, 24usize, 64usize), (2, 5, 3, 3)] {
+            let x = rnd(&[b, len, heads * 2 * half], d, 1);
+            let cos = rnd(&[len, half], pcpp_kernels::DType::F32, 2);
+            let sin = rnd(&[len, half], pcpp_kernels::DType::F32, 3);
+            let want = x.rotate_pairs(&cos, &sin).unwrap();
+            for on in [true, false] {
+                set_vector_kernels(on);
+                let got = gpu(&x).rotate_pairs(&gpu(&cos), &gpu(&sin)).unwrap();
+                check(
+                    &format!("rotate_pairs {len}x{heads}x{half} fused={on}"),
+                    d,
+                    &got,
+                    &want,
+                );
+            }
+            assert!(
+                gpu(&x).rotate_pairs(&cos, &sin).is_err(),
+                "operands on two devices must be refused"
             );
         }
     }

@@ -891,6 +891,27 @@ __device__ void row_norm_warp_impl(const T* x, const T* gamma, const T* beta, T*
     }
 }
 
+// ---- rotary embedding of adjacent pairs (Tensor::rotate_pairs): rows = b*len of `heads*half`
+// pairs; pair p of row r turns by the angle of (r % len, p % half); f32 math without contraction,
+// as the CPU twin. grid (pair blocks, row blocks), block 256.
+template <typename T>
+__device__ void rotate_pairs_impl(const T* x, const float* cs, const float* sn, T* y, long rows, long len,
+                                  long pairs, long half) {
+    for (long r = blockIdx.y; r < rows; r += gridDim.y) {
+        long l = r % len;
+        const float* c = cs + l * half;
+        const float* s = sn + l * half;
+        const T* xr = x + r * pairs * 2;
+        T* yr = y + r * pairs * 2;
+        for (long p = (long)blockIdx.x * blockDim.x + threadIdx.x; p < pairs; p += (long)blockDim.x * gridDim.x) {
+            long i = p % half;
+            float x0 = to_f(xr[2 * p]), x1 = to_f(xr[2 * p + 1]), co = c[i], si = s[i];
+            yr[2 * p] = from_f<T>(__fsub_rn(__fmul_rn(x0, co), __fmul_rn(x1, si)));
+            yr[2 * p + 1] = from_f<T>(__fadd_rn(__fmul_rn(x1, co), __fmul_rn(x0, si)));
+        }
+    }
+}
+
 // ---- batched 2-D transpose: src [n, rows, cols] -> dst [n, cols, rows]; block (32, 8) ----
 template <typename W>
 __device__ void transpose_impl(const W* src, W* dst, long rows, long cols) {
@@ -946,6 +967,10 @@ INST_CAST(bf16, bf16_t, f16, f16_t)
         binary_same_impl<T>(a, b, y, n, op);                                                                 \
     }                                                                                                        \
     extern "C" __global__ void geglu_##N(const T* x, T* y, long rows, long h) { geglu_impl<T>(x, y, rows, h); } \
+    extern "C" __global__ void rotate_pairs_##N(const T* x, const float* c, const float* s, T* y, long rows, \
+                                                long len, long pairs, long half) {                           \
+        rotate_pairs_impl<T>(x, c, s, y, rows, len, pairs, half);                                            \
+    }                                                                                                        \
     extern "C" __global__ void geglu_vec_##N(const T* x, T* y, long rows, long h) {                          \
         geglu_vec_impl<T>(x, y, rows, h);                                                                    \
     }                                                                                                        \

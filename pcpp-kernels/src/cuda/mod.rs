@@ -28,6 +28,7 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use crate::{DType, Device, KernelError, Result};
 
+pub(crate) use ops::vector::rotate_pairs;
 pub use ops::vector::{set_vector_kernels, vector_kernels};
 pub(crate) use ops::*;
 pub use ops::{
@@ -77,6 +78,7 @@ pub fn kernel_names() -> Vec<String> {
             "binary_same",
             "geglu",
             "geglu_vec",
+            "rotate_pairs",
             "binary_same_vec",
             "unary_vec",
             "rowb_binary",

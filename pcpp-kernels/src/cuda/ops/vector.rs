@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::{tname, Gpu, MAX_GRID_Y};
-use crate::{DType, Result};
+use super::{gpu_of, out, ptr, tname, Gpu, MAX_GRID_Y};
+use crate::{DType, Result, Tensor};
 
 static VECTOR: AtomicU8 = AtomicU8::new(0);
 
@@ -203,6 +203,35 @@ pub(super) fn try_row_norm(
     launch!(gpu, format!("row_norm_warp_{}", tname(dt)), cfg;
         x, g, b, y, rows as i64, d as i64, eps, mean_too as i32, vec as i32);
     Ok(true)
+}
+
+/// [`crate::Tensor::rotate_pairs`] of `x: [b, len, heads·2·half]` with f32 `cos`, `sin` of
+/// `len·half` values, one pass.
+pub(crate) fn rotate_pairs(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    (b, len, heads, half): (usize, usize, usize, usize),
+) -> Result<Tensor> {
+    let gpu = gpu_of(x)?;
+    let dt = x.dtype();
+    let y = out(&gpu, x.shape(), dt)?;
+    let (rows, pairs) = (b * len, heads * half);
+    if rows * pairs == 0 {
+        return Ok(y);
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (
+            pairs.div_ceil(256).clamp(1, 1024) as u32,
+            rows.min(MAX_GRID_Y) as u32,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(gpu, format!("rotate_pairs_{}", tname(dt)), cfg;
+        ptr(x)?, ptr(cos)?, ptr(sin)?, ptr(&y)?, rows as i64, len as i64, pairs as i64, half as i64);
+    Ok(y)
 }
 
 #[cfg(test)]
