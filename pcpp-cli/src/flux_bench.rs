@@ -246,8 +246,9 @@ pub fn run(a: FluxBenchArgs) -> Result<()> {
     }
     #[cfg(feature = "cuda")]
     if device != Device::Cpu {
-        // which head-size-128 attention kernel ran (`PCPP_FLASH128`)
+        // which kernels ran (`PCPP_FLASH128`, `PCPP_VECTOR_KERNELS`)
         v["flash128"] = format!("{:?}", pcpp_kernels::cuda::flash128()).into();
+        v["vector_kernels"] = pcpp_kernels::cuda::vector_kernels().into();
     }
     crate::output::print(&format!("{v}\n"))
 }

@@ -21,6 +21,7 @@ mod flux_bench;
 mod flux_generate;
 mod generate;
 mod job;
+mod kernel_env;
 mod mode_flags;
 mod output;
 mod patch_bench;
@@ -67,7 +68,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
+    let result = kernel_env::apply().and_then(|()| match cli.command {
         Command::Generate(a) => generate::run(*a),
         Command::Unet(a) => unet_cmd::run(a),
         Command::Compare(a) => compare::run(a),
@@ -77,7 +78,7 @@ fn main() -> ExitCode {
         Command::PatchBench(a) => patch_bench::run(*a),
         Command::DecodeBench(a) => decode_bench::run(a),
         Command::FluxBench(a) => flux_bench::run(*a),
-    };
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1245,27 +1245,18 @@ pub enum Flash128 {
     /// Q fragments in registers, one 16-row tile per warp, 64 query rows per block (the default).
     RegistersQ,
     /// The block's 128-row Q tile in shared memory, two 16-row tiles per warp (every K/V fragment
-    /// feeds two MMAs); needs 68 KiB of shared memory per block. Chosen with
-    /// `PCPP_FLASH128=shared-q` until it has been measured against the default.
+    /// feeds two MMAs); needs 68 KiB of shared memory per block. Chosen with [`set_flash128`]
+    /// (`pcpp-cli`: `PCPP_FLASH128=shared-q`) until it has been measured against the default.
     SharedQ,
 }
 
-static FLASH128: AtomicU8 = AtomicU8::new(0);
+static FLASH128: AtomicU8 = AtomicU8::new(1);
 
-/// The head-size-128 kernel in use: set by [`set_flash128`], else from `PCPP_FLASH128`
-/// (`shared-q` or `registers-q`), else [`Flash128::RegistersQ`].
+/// The head-size-128 kernel in use ([`Flash128::RegistersQ`] unless [`set_flash128`] chose).
 pub fn flash128() -> Flash128 {
     match FLASH128.load(Ordering::Relaxed) {
-        1 => Flash128::RegistersQ,
         2 => Flash128::SharedQ,
-        _ => {
-            let v = match std::env::var("PCPP_FLASH128").as_deref() {
-                Ok("shared-q") => Flash128::SharedQ,
-                _ => Flash128::RegistersQ,
-            };
-            set_flash128(v);
-            v
-        }
+        _ => Flash128::RegistersQ,
     }
 }
 

@@ -5,11 +5,11 @@
 //! `[P, 1, C]`), and layer / RMS norms with one warp per row instead of one block per row (Flux's
 //! per-head QK norms have rows of 128). They compute what the scalar kernels compute, in f32.
 //!
-//! Off by default until measured on a GPU: [`set_vector_kernels`] or `PCPP_VECTOR_KERNELS=1`
-//! turns them on for the process. Each `try_*` returns whether it launched; the caller falls
+//! Off by default until measured on a GPU: [`set_vector_kernels`] turns them on for the process
+//! (`pcpp-cli`: `PCPP_VECTOR_KERNELS=1`). Each `try_*` returns whether it launched; the caller falls
 //! back to the scalar kernel when not.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -17,26 +17,17 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use super::{gpu_of, out, ptr, tname, Gpu, MAX_GRID_Y};
 use crate::{DType, Result, Tensor};
 
-static VECTOR: AtomicU8 = AtomicU8::new(0);
+static VECTOR: AtomicBool = AtomicBool::new(false);
 
-/// Whether the vectorised kernels are on: set by [`set_vector_kernels`], else
-/// `PCPP_VECTOR_KERNELS=1`, else off.
+/// Whether the vectorised kernels are on (off unless [`set_vector_kernels`] turned them on).
 pub fn vector_kernels() -> bool {
-    match VECTOR.load(Ordering::Relaxed) {
-        1 => false,
-        2 => true,
-        _ => {
-            let on = std::env::var("PCPP_VECTOR_KERNELS").as_deref() == Ok("1");
-            set_vector_kernels(on);
-            on
-        }
-    }
+    VECTOR.load(Ordering::Relaxed)
 }
 
 /// Turns the vectorised element-wise kernels and the one-warp-per-row norms on or off for this
 /// process.
 pub fn set_vector_kernels(on: bool) {
-    VECTOR.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+    VECTOR.store(on, Ordering::Relaxed);
 }
 
 /// Elements per 16-byte vector.
