@@ -39,16 +39,12 @@ const LN_EPS: f64 = 1e-6;
 
 /// `LayerNorm(x) · (1 + scale) + shift` with `scale, shift: [b, d]` broadcast over tokens.
 pub(crate) fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    let (b, d) = (shift.shape()[0], shift.shape()[1]);
-    let n = x.layer_norm(None, None, LN_EPS)?;
-    Ok(n.mul(&scale.affine(1.0, 1.0)?.reshape(&[b, 1, d])?)?
-        .add(&shift.reshape(&[b, 1, d])?)?)
+    Ok(x.modulated_layer_norm(scale, shift, LN_EPS)?)
 }
 
 /// `x + gate · y` with `gate: [b, d]` broadcast over tokens.
 fn gated_add(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
-    let (b, d) = (gate.shape()[0], gate.shape()[1]);
-    Ok(x.add(&gate.reshape(&[b, 1, d])?.mul(y)?)?)
+    Ok(x.add_gated(gate, y)?)
 }
 
 /// The q/k/v projections of one stream with their per-head RMS norms.

@@ -11,6 +11,7 @@
 //! Patch parallelism (PCPP, arXiv 2412.02962 §3) needs row-band slicing, explicit padding per side
 //! for halo convolutions and split group-norm statistics; those entry points are here too.
 
+mod adaln;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -2,8 +2,8 @@
 //! one-warp-per-row norms (`PCPP_VECTOR_KERNELS`) against the CPU twins, in f32, f16 and bf16:
 //! shapes that take the 16-byte path and shapes that do not (odd extents), both operand orders of
 //! a row broadcast (also for the non-commutative sub and div), rows of 128 (Flux's per-head QK
-//! norms) and of 3072, and the rotary embedding of adjacent pairs (fused and composed). Ignored by
-//! default (needs a GPU):
+//! norms) and of 3072, the rotary embedding of adjacent pairs and AdaLN's modulated layer norm
+//! and gated add (fused and composed). Ignored by default (needs a GPU):
 //! `cargo test -p pcpp-kernels --features cuda --test cuda_vector_parity -- --ignored`.
 #![cfg(feature = "cuda")]
 
@@ -148,6 +148,41 @@ fn rotate_pairs_matches_cpu() {
                 gpu(&x).rotate_pairs(&cos, &sin).is_err(),
                 "operands on two devices must be refused"
             );
+        }
+    }
+    set_vector_kernels(false);
+}
+
+/// AdaLN's modulated layer norm and gated residual add, fused (switch on) and composed (off),
+/// against the CPU: Flux's width 3072 and an odd width.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn adaln_ops_match_cpu() {
+    for d in DTYPES {
+        for (b, l, w) in [(1usize, 77usize, 3072usize), (2, 9, 36)] {
+            let x = rnd(&[b, l, w], d, 1).affine(3.0, 0.5).unwrap();
+            let y = rnd(&[b, l, w], d, 2);
+            let (sc, sh, g) = (rnd(&[b, w], d, 3), rnd(&[b, w], d, 4), rnd(&[b, w], d, 5));
+            let want_n = x.modulated_layer_norm(&sc, &sh, 1e-6).unwrap();
+            let want_g = x.add_gated(&g, &y).unwrap();
+            for on in [true, false] {
+                set_vector_kernels(on);
+                let tag = format!("{b}x{l}x{w} fused={on}");
+                check(
+                    &format!("modulated_layer_norm {tag}"),
+                    d,
+                    &gpu(&x)
+                        .modulated_layer_norm(&gpu(&sc), &gpu(&sh), 1e-6)
+                        .unwrap(),
+                    &want_n,
+                );
+                check(
+                    &format!("add_gated {tag}"),
+                    d,
+                    &gpu(&x).add_gated(&gpu(&g), &gpu(&y)).unwrap(),
+                    &want_g,
+                );
+            }
         }
     }
     set_vector_kernels(false);

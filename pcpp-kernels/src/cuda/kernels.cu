@@ -855,28 +855,35 @@ __device__ __forceinline__ float row_sum(const T* row, long d, int vec, float sh
 }
 // One warp per row (8 rows per block of 256): layer norm (`mean_too`) or RMS norm, with optional
 // gamma / beta. The twin of layer_norm_impl / rms_norm_impl for rows of at most a few thousand.
+// With `ms` / `mt` (AdaLN modulation, [rows / rpp, d]): v = v * (1 + ms[row / rpp]) + mt[row / rpp].
 template <typename T>
 __device__ void row_norm_warp_impl(const T* x, const T* gamma, const T* beta, T* y, long rows, long d, float eps,
-                                   int mean_too, int vec) {
+                                   int mean_too, int vec, const T* ms, const T* mt, long rpp) {
     constexpr int N = VecN<T>::N;
     long r = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= rows) return;
     int lane = threadIdx.x & 31;
     const T* row = x + r * d;
     T* out = y + r * d;
+    const T* msr = ms ? ms + (r / rpp) * d : nullptr;
+    const T* mtr = mt ? mt + (r / rpp) * d : nullptr;
     float mean = mean_too ? row_sum(row, d, vec, 0.0f, 0) / (float)d : 0.0f;
     float rstd = rsqrtf(row_sum(row, d, vec, mean, 1) / (float)d + eps);
     if (vec) {
         for (long j = (long)lane * N; j < d; j += 32 * N) {
-            float f[N], g[N], b[N];
+            float f[N], g[N], b[N], sc[N], sh[N];
             vload(row + j, f);
             if (gamma) vload(gamma + j, g);
             if (beta) vload(beta + j, b);
+            if (msr) vload(msr + j, sc);
+            if (mtr) vload(mtr + j, sh);
 #pragma unroll
             for (int k = 0; k < N; ++k) {
                 float v = (f[k] - mean) * rstd;
                 if (gamma) v *= g[k];
                 if (beta) v += b[k];
+                if (msr) v = v * (sc[k] + 1.0f);
+                if (mtr) v = v + sh[k];
                 f[k] = v;
             }
             vstore(out + j, f);
@@ -886,7 +893,36 @@ __device__ void row_norm_warp_impl(const T* x, const T* gamma, const T* beta, T*
             float v = (to_f(row[j]) - mean) * rstd;
             if (gamma) v *= to_f(gamma[j]);
             if (beta) v += to_f(beta[j]);
+            if (msr) v = v * (to_f(msr[j]) + 1.0f);
+            if (mtr) v = v + to_f(mtr[j]);
             out[j] = from_f<T>(v);
+        }
+    }
+}
+// AdaLN gate: out = x + gate[row / rpp] * y over rows of `cols` (vectorised with `vec`).
+template <typename T>
+__device__ void gated_add_impl(const T* x, const T* gate, const T* y, T* out, long rows, long rpp, long cols,
+                               int vec) {
+    constexpr int N = VecN<T>::N;
+    long cstart = (long)blockIdx.x * blockDim.x + threadIdx.x, cstep = (long)blockDim.x * gridDim.x;
+    for (long r = blockIdx.y; r < rows; r += gridDim.y) {
+        const T* xr = x + r * cols;
+        const T* yr = y + r * cols;
+        const T* gr = gate + (r / rpp) * cols;
+        T* orow = out + r * cols;
+        if (vec) {
+            for (long c = cstart; c < cols / N; c += cstep) {
+                float a[N], g[N], b[N];
+                vload(xr + c * N, a);
+                vload(gr + c * N, g);
+                vload(yr + c * N, b);
+#pragma unroll
+                for (int k = 0; k < N; ++k) a[k] = __fadd_rn(a[k], __fmul_rn(g[k], b[k]));
+                vstore(orow + c * N, a);
+            }
+        } else {
+            for (long c = cstart; c < cols; c += cstep)
+                orow[c] = from_f<T>(__fadd_rn(to_f(xr[c]), __fmul_rn(to_f(gr[c]), to_f(yr[c]))));
         }
     }
 }
@@ -985,8 +1021,13 @@ INST_CAST(bf16, bf16_t, f16, f16_t)
         rowb_binary_impl<T>(f, g, y, rows, rpp, cols, op, bleft, vec);                                       \
     }                                                                                                        \
     extern "C" __global__ void row_norm_warp_##N(const T* x, const T* g, const T* b, T* y, long rows, long d, \
-                                                 float eps, int mean_too, int vec) {                         \
-        row_norm_warp_impl<T>(x, g, b, y, rows, d, eps, mean_too, vec);                                      \
+                                                 float eps, int mean_too, int vec, const T* ms, const T* mt, \
+                                                 long rpp) {                                                 \
+        row_norm_warp_impl<T>(x, g, b, y, rows, d, eps, mean_too, vec, ms, mt, rpp);                         \
+    }                                                                                                        \
+    extern "C" __global__ void gated_add_##N(const T* x, const T* g, const T* y, T* o, long rows, long rpp,  \
+                                             long cols, int vec) {                                           \
+        gated_add_impl<T>(x, g, y, o, rows, rpp, cols, vec);                                                 \
     }                                                                                                        \
     extern "C" __global__ void gn_sums_##N(const T* x, double* sums, long group_len, long chunk) {          \
         gn_sums_impl<T>(x, sums, group_len, chunk);                                                          \

@@ -28,7 +28,7 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use crate::{DType, Device, KernelError, Result};
 
-pub(crate) use ops::vector::rotate_pairs;
+pub(crate) use ops::vector::{add_gated, modulated_layer_norm, rotate_pairs};
 pub use ops::vector::{set_vector_kernels, vector_kernels};
 pub(crate) use ops::*;
 pub use ops::{
@@ -83,6 +83,7 @@ pub fn kernel_names() -> Vec<String> {
             "unary_vec",
             "rowb_binary",
             "row_norm_warp",
+            "gated_add",
             "gn_sums",
             "gn_apply",
             "gn_apply_planes",

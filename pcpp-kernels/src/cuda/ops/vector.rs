@@ -192,8 +192,69 @@ pub(super) fn try_row_norm(
         shared_mem_bytes: 0,
     };
     launch!(gpu, format!("row_norm_warp_{}", tname(dt)), cfg;
-        x, g, b, y, rows as i64, d as i64, eps, mean_too as i32, vec as i32);
+        x, g, b, y, rows as i64, d as i64, eps, mean_too as i32, vec as i32, 0u64, 0u64, 1i64);
     Ok(true)
+}
+
+/// `LayerNorm(x)·(1 + scale) + shift` of `x: [b, L, d]` with `scale, shift: [b, d]`, one pass
+/// ([`crate::Tensor::modulated_layer_norm`]); `None` when the vectorised kernels are off or `d` is
+/// too long for one warp.
+pub(crate) fn modulated_layer_norm(
+    x: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    eps: f64,
+) -> Result<Option<Tensor>> {
+    let d = *x.shape().last().unwrap_or(&0);
+    let b = scale.shape()[0];
+    let rows = x.numel() / d.max(1);
+    if !vector_kernels() || d > 8192 || rows == 0 || b == 0 || rows % b != 0 {
+        return Ok(None);
+    }
+    let gpu = gpu_of(x)?;
+    let dt = x.dtype();
+    let y = out(&gpu, x.shape(), dt)?;
+    let (xp, sp, tp, yp) = (ptr(x)?, ptr(scale)?, ptr(shift)?, ptr(&y)?);
+    let vec = d % lanes(dt) == 0 && aligned(&[xp, sp, tp, yp]);
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(gpu, format!("row_norm_warp_{}", tname(dt)), cfg;
+        xp, 0u64, 0u64, yp, rows as i64, d as i64, eps as f32, 1i32, vec as i32, sp, tp,
+        (rows / b) as i64);
+    Ok(Some(y))
+}
+
+/// `x + gate·y` of `x, y: [b, L, d]` with `gate: [b, d]`, one pass
+/// ([`crate::Tensor::add_gated`]); `None` when the vectorised kernels are off.
+pub(crate) fn add_gated(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Option<Tensor>> {
+    let d = *x.shape().last().unwrap_or(&0);
+    let b = gate.shape()[0];
+    let rows = x.numel() / d.max(1);
+    if !vector_kernels() || rows == 0 || b == 0 || rows % b != 0 {
+        return Ok(None);
+    }
+    let gpu = gpu_of(x)?;
+    let dt = x.dtype();
+    let o = out(&gpu, x.shape(), dt)?;
+    let (xp, gp, yp, op) = (ptr(x)?, ptr(gate)?, ptr(y)?, ptr(&o)?);
+    let v = lanes(dt);
+    let vec = d % v == 0 && aligned(&[xp, gp, yp, op]);
+    let per_row = if vec { d / v } else { d };
+    let cfg = LaunchConfig {
+        grid_dim: (
+            per_row.div_ceil(256).clamp(1, 1024) as u32,
+            rows.min(MAX_GRID_Y) as u32,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(gpu, format!("gated_add_{}", tname(dt)), cfg;
+        xp, gp, yp, op, rows as i64, (rows / b) as i64, d as i64, vec as i32);
+    Ok(Some(o))
 }
 
 /// [`crate::Tensor::rotate_pairs`] of `x: [b, len, heads·2·half]` with f32 `cos`, `sin` of
