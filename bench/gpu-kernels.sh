@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The kernel variants still being measured (issues 17 and 19), each against the default kernels
+# and against diffusers in one command on one GPU:
+#   1. GPU parity first: `cuda_parity` (both head-size-128 attention kernels) and
+#      `cuda_vector_parity` (vectorised element-wise kernels, row broadcasts, warp-per-row norms,
+#      rotate_pairs, modulated_layer_norm, add_gated), each against the CPU twins;
+#   2. the SDXL-base UNet step (seeded random weights, fp16, CUDA graph): 1024² at b = 2 and b = 1,
+#      2048² at b = 1, and one rank of 8 (pcpp, a 32-row band at b = 1), with the default kernels and
+#      with PCPP_VECTOR_KERNELS=1; then bench/diffusers_unet.py (diffusers 0.42.1, eager and graph);
+#   3. the FLUX.1-dev transformer step at 1024² (bf16, CUDA graph; each run builds ~24 GB of
+#      random weights, ~30 s): default, PCPP_VECTOR_KERNELS=1, and that with PCPP_FLASH128=shared-q
+#      (the first with --profile); then bench/diffusers_flux_step.py at 1024².
+# About 8 minutes. Prints every result line; writes them under OUT_DIR.
+#
+# Usage: bench/gpu-kernels.sh BIN_DIR OUT_DIR
+#   BIN_DIR  pcpp-cli (--features cuda) and the test binaries cuda_parity and cuda_vector_parity:
+#              cargo build --release -p pcpp-cli --features cuda
+#              cargo test --release -p pcpp-kernels --features cuda --no-run \
+#                --test cuda_parity --test cuda_vector_parity
+# Environment: PYTHON (a python with torch and diffusers 0.42.1; default python3), SKIP_FLUX=1.
+set -uo pipefail
+BIN=$(realpath "${1:?usage: $0 BIN_DIR OUT_DIR}"); OUT=$(realpath -m "${2:?usage: $0 BIN_DIR OUT_DIR}")
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+HERE=$PWD
+status=0
+
+echo "== GPU parity"
+for t in cuda_parity cuda_vector_parity; do
+    (cd pcpp-kernels && timeout 240 "$BIN/$t" --ignored --test-threads=1) >"$OUT/$t.txt" 2>&1 || status=1
+    grep -E "^test |test result" "$OUT/$t.txt"
+done
+
+echo "== SDXL UNet step"
+CFG=models/sdxl-base-1.0-configs/unet/config.json
+: >"$OUT/unet.jsonl"
+unet() { # name, then flags
+    local name=$1
+    shift
+    for v in 0 1; do
+        PCPP_VECTOR_KERNELS=$v timeout 120 "$BIN/pcpp-cli" bench --device cuda --config "$CFG" \
+            --random-weights --warmup 3 --iters 20 --json "$@" 2>"$OUT/unet_${name}_$v.err" \
+            | sed "s/^{/{\"case\":\"$name\",\"vector_kernels\":$v,/" >>"$OUT/unet.jsonl" || status=1
+    done
+}
+unet b2_1024 --height 128 --width 128 --batch 2
+unet b1_1024 --height 128 --width 128 --batch 1
+unet b1_2048 --height 256 --width 256 --batch 1
+unet band32 --height 128 --width 128 --batch 2 --parallel pcpp --ranks 8 --rank 1
+cat "$OUT/unet.jsonl"
+timeout 240 "$PY" bench/diffusers_unet.py >"$OUT/diffusers_unet.json" 2>"$OUT/diffusers_unet.err" || status=1
+cat "$OUT/diffusers_unet.json"
+
+if [[ ${SKIP_FLUX:-0} != 1 ]]; then
+    echo "== Flux transformer step"
+    FCFG=$HERE/pcpp-flux/configs/flux1-dev/transformer/config.json
+    : >"$OUT/flux.jsonl"
+    flux() { # env assignments, then flags
+        env "$@" timeout 150 "$BIN/pcpp-cli" flux-bench --device cuda --config "$FCFG" --tokens 512 \
+            --height 1024 --width 1024 --iters 5 >>"$OUT/flux.jsonl" 2>>"$OUT/flux.err" || status=1
+    }
+    flux PCPP_VECTOR_KERNELS=0 PCPP_FLASH128=registers-q --profile
+    flux PCPP_VECTOR_KERNELS=1 PCPP_FLASH128=registers-q --profile
+    flux PCPP_VECTOR_KERNELS=1 PCPP_FLASH128=shared-q
+    cat "$OUT/flux.jsonl"
+    timeout 200 "$PY" bench/diffusers_flux_step.py "$FCFG" --sizes 1024 --iters 5 \
+        >"$OUT/flux_diffusers.jsonl" 2>"$OUT/flux_diffusers.err" || status=1
+    cat "$OUT/flux_diffusers.jsonl"
+fi
+exit $status
