@@ -5,7 +5,9 @@
 //! Cases: a ring in both directions with per-direction lengths and a host exchange in flight at
 //! the same time, zero-length messages, repeated exchanges through the same persistent buffers
 //! (new contents each time) and many exchanges enqueued back to back, exchanges on split
-//! sub-groups, exact byte accounting and rejected arguments. [`run_device`] is collective; it
+//! sub-groups, the traffic of CFG-split denoising steps (two sub-groups with engines of their
+//! own, a world all-to-all among their exchanges, host collectives meanwhile), exact byte
+//! accounting and rejected arguments. [`run_device`] is collective; it
 //! runs on any [`TestDevice`]: [`HostDevice`] (the CPU twin: [`HostStream`] and host memory, for
 //! transports created with [`crate::DeviceStreams::Host`]) or, with the `cuda` feature, [`CudaDevice`].
 
@@ -475,16 +477,18 @@ fn gtag(step: usize, k: usize, j: usize) -> u32 {
 /// several group exchanges to the neighbours above and below (no wrap), two messages per
 /// neighbour in each (K and V), enqueued back to back on one stream and not waited for, with an
 /// all-to-all of the world (the output gather) among them, while the host runs collectives on the
-/// world and the group; every step rewrites the same persistent buffers.
+/// world and the group; every step rewrites the same persistent buffers. The first group posts
+/// the all-to-all earlier in its sequence than the second, so world messages reach ranks of the
+/// second group while their group exchanges are in flight (traffic of different groups must never
+/// match, whichever arrives first).
 pub fn check_device_groups(t: &dyn Transport, dev: &dyn TestDevice) -> Check {
     const STEPS: usize = 4;
     const EXCHANGES: usize = 5;
-    /// Position of the world all-to-all among the group exchanges.
-    const GATHER_AT: usize = 3;
     let (n, r) = (t.size(), t.rank());
-    let g = t
-        .split(u32::from(r >= n.div_ceil(2)), r as u32)
-        .map_err(ce("split"))?;
+    let second = r >= n.div_ceil(2);
+    // Position of the world all-to-all among the group exchanges.
+    let gather_at = if second { 3 } else { 1 };
+    let g = t.split(u32::from(second), r as u32).map_err(ce("split"))?;
     p2p(g.as_ref())?;
     let (gn, gr) = (g.size(), g.rank());
     let nbrs: Vec<usize> = [gr.checked_sub(1), (gr + 1 < gn).then_some(gr + 1)]
@@ -542,7 +546,7 @@ pub fn check_device_groups(t: &dyn Transport, dev: &dyn TestDevice) -> Check {
             dev.upload(m.ptr, &pattern(r, m.peer, 9000 + step as u32, m.len))?;
         }
         for (k, (s, rv)) in gbufs.iter().enumerate() {
-            if k == GATHER_AT {
+            if k == gather_at {
                 enqueue(t, dev, CommKind::Gather, &wsends, &wrecvs)
                     .map_err(ce(&format!("step {step}: world all-to-all")))?;
             }
