@@ -161,10 +161,10 @@ impl Queue {
         let name = match call {
             CALL_POST => "posting",
             CALL_TEST => "progress/test",
-            _ => return "between library calls".into(),
+            _ => return "between transport calls".into(),
         };
         format!(
-            "inside the library's {name} call for {:.1} s",
+            "inside the transport's {name} call for {:.1} s",
             self.epoch.elapsed().saturating_sub(since).as_secs_f64()
         )
     }
@@ -182,7 +182,8 @@ impl Queue {
         format!(
             "{} device exchange stalled: the stream has waited {:.1} s for an exchange of {} sends \
              and {} receives (peers {peers:?}); {where_}; the communication thread is {} (a call \
-             that does not return is the library blocking; requests in flight wait for a peer)",
+             that does not return: the transport or the library under it blocks; requests in \
+             flight: a peer has not answered)",
             self.label,
             waited.as_secs_f64(),
             op.sends.len(),

@@ -325,7 +325,7 @@ fn a_stall_inside_the_library_is_reported_as_such() {
     assert!(r.contains("test rank 0 device exchange stalled"), "{r}");
     assert!(r.contains("1 sends and 1 receives (peers [1])"), "{r}");
     assert!(
-        r.contains("inside the library's progress/test call for"),
+        r.contains("inside the transport's progress/test call for"),
         "{r}"
     );
 }
