@@ -16,6 +16,8 @@
 #   CUDA_UCX_DIR  folder with the CUDA-enabled UCX libraries (default .whl/ucx)
 #   RUNS   the runs to make besides `local` (default all: mpi_auto mpi_staged mpi_host
 #          mpi_auto_nographs ucx_auto ucx_staged ucx_cuda-aware ucx_host ucx_auto_nographs)
+#   EXTRA_UCX_ENV  space-separated VAR=VALUE pairs exported to the UCX runs only (e.g.
+#          "UCX_TLS=^cuda_copy,cuda_ipc,gdr_copy" to run without UCX's CUDA transports)
 #   RUN_TIMEOUT  seconds each run may take (default 300)
 #   DEADLINE     `date +%s` after which no run starts (a run starts only if it can finish by it);
 #                the comparison of what ran is made anyway
@@ -40,6 +42,10 @@ MPIRUN=(mpirun --allow-run-as-root --oversubscribe -n 4)
 # UCX runs load the CUDA-enabled UCX; Open MPI (only their bootstrap) then keeps off UCX.
 UCX_ENV=(-x "LD_LIBRARY_PATH=$PWD/$CUDA_UCX_DIR:${LD_LIBRARY_PATH:-}" -x "UCX_MODULE_DIR=$PWD/$CUDA_UCX_DIR/ucx"
     --mca pml ob1 --mca osc ^ucx --mca btl self,vader,tcp)
+read -ra extra_ucx <<<"${EXTRA_UCX_ENV:-}"
+for kv in "${extra_ucx[@]}"; do
+    UCX_ENV+=(-x "$kv")
+done
 
 RUNS=${RUNS:-mpi_auto mpi_staged mpi_host mpi_auto_nographs ucx_auto ucx_staged ucx_cuda-aware ucx_host ucx_auto_nographs}
 RUN_TIMEOUT=${RUN_TIMEOUT:-300}

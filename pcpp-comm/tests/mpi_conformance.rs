@@ -144,10 +144,12 @@ fn connect_and_same_arguments_check() {
     assert_job_passed(3, "launch");
 }
 
+/// UCX under `mpirun` with 4 ranks, the shape of the GPU runs (`device_groups` then splits
+/// them into two groups of 2).
 #[cfg(feature = "ucx")]
 #[test]
 fn ucx_bootstrapped_over_mpi() {
-    assert_job_passed(3, "ucx");
+    assert_job_passed(4, "ucx");
 }
 
 fn assert_job_aborted(role: &str) {
@@ -340,10 +342,14 @@ fn device_role(role: &str) -> (usize, usize) {
     (ctx.rank, ctx.size)
 }
 
+/// UCX started under `mpirun` as `generate` starts it, with UCX's own transport choice: the host
+/// suite, and the device cases on host streams over the staged path.
 #[cfg(feature = "ucx")]
 fn ucx_role(env: &LaunchEnv) -> (usize, usize) {
+    use pcpp_comm::{DeviceComm, DeviceStreams};
     let opts = ConnectOptions {
-        transport: TransportOptions::with_timeout(Duration::from_secs(120)),
+        transport: TransportOptions::with_timeout(Duration::from_secs(120))
+            .with_device(DeviceComm::Staged, DeviceStreams::Host),
         ..ConnectOptions::default()
     };
     let conn = launch::connect(TransportKind::Ucx, env, &opts).unwrap();
@@ -353,7 +359,10 @@ fn ucx_role(env: &LaunchEnv) -> (usize, usize) {
         conn.description
     );
     assert!(conn.mpi_context().is_some());
-    pcpp_comm::conformance::run_all(conn.transport.as_ref()).unwrap();
+    let t = conn.transport.as_ref();
+    pcpp_comm::conformance::run_all(t).unwrap();
+    let dev = pcpp_comm::conformance::HostDevice::new();
+    pcpp_comm::conformance::run_device(t, &dev).unwrap();
     (conn.rank, conn.world_size)
 }
 

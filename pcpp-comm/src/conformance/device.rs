@@ -5,7 +5,9 @@
 //! Cases: a ring in both directions with per-direction lengths and a host exchange in flight at
 //! the same time, zero-length messages, repeated exchanges through the same persistent buffers
 //! (new contents each time) and many exchanges enqueued back to back, exchanges on split
-//! sub-groups, exact byte accounting and rejected arguments. [`run_device`] is collective; it
+//! sub-groups, the traffic of CFG-split denoising steps (two sub-groups with engines of their
+//! own, a world all-to-all among their exchanges, host collectives meanwhile), exact byte
+//! accounting and rejected arguments. [`run_device`] is collective; it
 //! runs on any [`TestDevice`]: [`HostDevice`] (the CPU twin: [`HostStream`] and host memory, for
 //! transports created with [`crate::DeviceStreams::Host`]) or, with the `cuda` feature, [`CudaDevice`].
 
@@ -458,6 +460,144 @@ pub fn check_device_split(t: &dyn Transport, dev: &dyn TestDevice) -> Check {
     t.barrier().map_err(ce("barrier"))
 }
 
+/// Length of message `j` of group exchange `k` from group rank `src` to `dst` in
+/// [`check_device_groups`]: rendezvous-sized (the UNet's K/V windows and halos at 256²) beside
+/// small ones, different per direction.
+fn glen(k: usize, j: usize, src: usize, dst: usize) -> usize {
+    [200_000, 2048, 333_333, 70_000][(k + 2 * j) % 4] + 64 * src + 8 * dst + j
+}
+
+/// Tag (payload seed) of message `j` of exchange `k` of step `step` ([`check_device_groups`]).
+fn gtag(step: usize, k: usize, j: usize) -> u32 {
+    (7000 + 100 * step + 10 * k + j) as u32
+}
+
+/// The traffic of a CFG-split `generate` step (PCPP §1.4, §7.4), for several steps: the world
+/// split into two contiguous groups (one device engine each, besides the world's), per step
+/// several group exchanges to the neighbours above and below (no wrap), two messages per
+/// neighbour in each (K and V), enqueued back to back on one stream and not waited for, with an
+/// all-to-all of the world (the output gather) among them, while the host runs collectives on the
+/// world and the group; every step rewrites the same persistent buffers. The first group posts
+/// the all-to-all earlier in its sequence than the second, so world messages reach ranks of the
+/// second group while their group exchanges are in flight (traffic of different groups must never
+/// match, whichever arrives first).
+pub fn check_device_groups(t: &dyn Transport, dev: &dyn TestDevice) -> Check {
+    const STEPS: usize = 4;
+    const EXCHANGES: usize = 5;
+    let (n, r) = (t.size(), t.rank());
+    let second = r >= n.div_ceil(2);
+    // Position of the world all-to-all among the group exchanges.
+    let gather_at = if second { 3 } else { 1 };
+    let g = t.split(u32::from(second), r as u32).map_err(ce("split"))?;
+    p2p(g.as_ref())?;
+    let (gn, gr) = (g.size(), g.rank());
+    let nbrs: Vec<usize> = [gr.checked_sub(1), (gr + 1 < gn).then_some(gr + 1)]
+        .into_iter()
+        .flatten()
+        .collect();
+    // (peer, j): two messages to each neighbour, in this order on both sides.
+    let msgs: Vec<(usize, usize)> = nbrs
+        .iter()
+        .flat_map(|&p| (0..2).map(move |j| (p, j)))
+        .collect();
+    let others: Vec<usize> = (0..n).filter(|&p| p != r).collect();
+    let wlen = |src: usize| 150_000 + 1000 * src;
+    // Persistent buffers: per group exchange one send and one receive per (peer, j); per world
+    // peer one of each.
+    let mut gbufs = Vec::new();
+    for k in 0..EXCHANGES {
+        let mut s = Vec::new();
+        let mut rv = Vec::new();
+        for &(p, j) in &msgs {
+            s.push(DeviceMsg {
+                peer: p,
+                ptr: dev.alloc(glen(k, j, gr, p))?,
+                len: glen(k, j, gr, p),
+            });
+            rv.push(DeviceMsg {
+                peer: p,
+                ptr: dev.alloc(glen(k, j, p, gr))?,
+                len: glen(k, j, p, gr),
+            });
+        }
+        gbufs.push((s, rv));
+    }
+    let mut wsends = Vec::new();
+    let mut wrecvs = Vec::new();
+    for &p in &others {
+        wsends.push(DeviceMsg {
+            peer: p,
+            ptr: dev.alloc(wlen(r))?,
+            len: wlen(r),
+        });
+        wrecvs.push(DeviceMsg {
+            peer: p,
+            ptr: dev.alloc(wlen(p))?,
+            len: wlen(p),
+        });
+    }
+    for step in 0..STEPS {
+        for (k, (s, _)) in gbufs.iter().enumerate() {
+            for (m, &(p, j)) in s.iter().zip(&msgs) {
+                dev.upload(m.ptr, &pattern(gr, p, gtag(step, k, j), m.len))?;
+            }
+        }
+        for m in &wsends {
+            dev.upload(m.ptr, &pattern(r, m.peer, 9000 + step as u32, m.len))?;
+        }
+        for (k, (s, rv)) in gbufs.iter().enumerate() {
+            if k == gather_at {
+                enqueue(t, dev, CommKind::Gather, &wsends, &wrecvs)
+                    .map_err(ce(&format!("step {step}: world all-to-all")))?;
+            }
+            enqueue(g.as_ref(), dev, CommKind::Attention, s, rv)
+                .map_err(ce(&format!("step {step}: group exchange {k}")))?;
+        }
+        // Host collectives while the stream still moves the step's device traffic.
+        let mine = pattern(r, n, 8000 + step as u32, 100 + r);
+        let all = t
+            .all_gather(CommKind::Control, &mine)
+            .map_err(ce(&format!("step {step}: world all-gather")))?;
+        for (p, got) in all.iter().enumerate() {
+            ensure!(
+                *got == pattern(p, n, 8000 + step as u32, 100 + p),
+                "step {step}: the world all-gather beside device traffic got wrong bytes from rank {p}"
+            );
+        }
+        let mut b = if gr == 0 {
+            pattern(gn, gn, 8500 + step as u32, 5000)
+        } else {
+            Vec::new()
+        };
+        g.broadcast(CommKind::Control, 0, &mut b)
+            .map_err(ce(&format!("step {step}: group broadcast")))?;
+        ensure!(
+            b == pattern(gn, gn, 8500 + step as u32, 5000),
+            "step {step}: the group broadcast beside device traffic got wrong bytes"
+        );
+        dev.synchronize()?;
+        for (k, (_, rv)) in gbufs.iter().enumerate() {
+            for (m, &(p, j)) in rv.iter().zip(&msgs) {
+                let got = dev.download(m.ptr, m.len)?;
+                ensure!(
+                    got == pattern(p, gr, gtag(step, k, j), m.len),
+                    "step {step}: group exchange {k}, message {j} from group rank {p} ({} bytes) is wrong",
+                    m.len
+                );
+            }
+        }
+        for m in &wrecvs {
+            let got = dev.download(m.ptr, m.len)?;
+            ensure!(
+                got == pattern(m.peer, r, 9000 + step as u32, m.len),
+                "step {step}: world all-to-all message from rank {} is wrong",
+                m.peer
+            );
+        }
+    }
+    t.barrier().map_err(ce("barrier"))
+}
+
 /// Every message is counted at enqueue time, zero-length ones included; rejected calls count
 /// nothing.
 pub fn check_device_accounting(t: &dyn Transport, dev: &dyn TestDevice) -> Check {
@@ -519,11 +659,12 @@ pub fn check_device_accounting(t: &dyn Transport, dev: &dyn TestDevice) -> Check
 /// Runs every device case on this rank; collective over all ranks of `t`.
 pub fn run_device(t: &dyn Transport, dev: &dyn TestDevice) -> Result<(), String> {
     type Case = (&'static str, fn(&dyn Transport, &dyn TestDevice) -> Check);
-    let cases: [Case; 5] = [
+    let cases: [Case; 6] = [
         ("device_ring", check_device_ring),
         ("device_zero_length", check_device_zero_length),
         ("device_repeated", check_device_repeated),
         ("device_split", check_device_split),
+        ("device_groups", check_device_groups),
         ("device_accounting", check_device_accounting),
     ];
     p2p(t).map_err(|e| format!("rank {}/{}: {e}", t.rank(), t.size()))?;

@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -46,6 +46,28 @@ pub(crate) trait Wire: Send + Sync + 'static {
     /// Progresses the library and drops the completed requests of `reqs`; `Ok(true)` once none
     /// is left.
     fn test(&self, reqs: &mut Vec<Self::Req>) -> Result<bool, CommError>;
+
+    /// The requests of `reqs` in words, e.g. `receive from 1 (4096 bytes)`, for the report of a
+    /// stalled exchange.
+    fn describe(&self, reqs: &[Self::Req]) -> String {
+        format!("{} requests", reqs.len())
+    }
+}
+
+/// Requests in words for [`Wire::describe`]: `(peer, expected length of a receive or None for
+/// a send)` each, e.g. `send to 1, receive from 1 (4096 bytes)`.
+pub(crate) fn describe_reqs(reqs: impl Iterator<Item = (usize, Option<usize>)>) -> String {
+    let all: Vec<String> = reqs
+        .map(|(peer, recv)| match recv {
+            Some(len) => format!("receive from {peer} ({len} bytes)"),
+            None => format!("send to {peer}"),
+        })
+        .collect();
+    if all.is_empty() {
+        "no requests".into()
+    } else {
+        all.join(", ")
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -59,8 +81,12 @@ const PARK_POLL: Duration = Duration::from_millis(50);
 struct OpState {
     /// Times the host function has run (once, or once per graph replay).
     posted: u64,
+    /// Times the communication thread has handed the exchange to the library.
+    taken: u64,
     /// Times the exchange has completed.
     completed: u64,
+    /// The requests of the latest run still in flight, in words ([`Wire::describe`]).
+    pending: String,
 }
 
 /// One enqueued exchange. Kept alive by the stream's host function: released after its one run,
@@ -89,7 +115,19 @@ struct Queue {
     /// Context of the latest stream (for the communication thread to bind); 0 before any.
     ctx: AtomicUsize,
     label: String,
+    /// The library call the communication thread is inside ([`CALL_POST`], [`CALL_TEST`]; 0:
+    /// none) and since when (µs after `epoch`): what a stalled exchange's report says.
+    call: AtomicU8,
+    call_since: AtomicU64,
+    epoch: Instant,
+    /// How long a host function waits before it reports its exchange as stalled.
+    stall_after: Duration,
+    /// The stall reports printed so far.
+    stalls: Mutex<Vec<String>>,
 }
+
+const CALL_POST: u8 = 1;
+const CALL_TEST: u8 = 2;
 
 impl Queue {
     fn push(&self, op: Arc<OpRec>) -> bool {
@@ -104,6 +142,54 @@ impl Queue {
 
     fn is_shutdown(&self) -> bool {
         lock(&self.st).shutdown
+    }
+
+    /// Runs `f`, a library call of kind `call`, recording it for the stall report.
+    fn in_call<T>(&self, call: u8, f: impl FnOnce() -> T) -> T {
+        let since = self.epoch.elapsed().as_micros() as u64;
+        self.call_since.store(since, Ordering::Relaxed);
+        self.call.store(call, Ordering::Release);
+        let out = f();
+        self.call.store(0, Ordering::Release);
+        out
+    }
+
+    /// What the communication thread is doing, in words.
+    fn activity(&self) -> String {
+        let call = self.call.load(Ordering::Acquire);
+        let since = Duration::from_micros(self.call_since.load(Ordering::Relaxed));
+        let name = match call {
+            CALL_POST => "posting",
+            CALL_TEST => "progress/test",
+            _ => return "between transport calls".into(),
+        };
+        format!(
+            "inside the transport's {name} call for {:.1} s",
+            self.epoch.elapsed().saturating_sub(since).as_secs_f64()
+        )
+    }
+
+    /// The report of `op`'s run, whose host function has waited `waited`; `st` is its state.
+    fn stall_report(&self, op: &OpRec, st: &OpState, waited: Duration) -> String {
+        let mut peers: Vec<usize> = op.sends.iter().chain(&op.recvs).map(|m| m.peer).collect();
+        peers.sort_unstable();
+        peers.dedup();
+        let where_ = if st.taken < st.posted {
+            "the communication thread has not handed it to the library yet".to_string()
+        } else {
+            format!("still in flight: {}", st.pending)
+        };
+        format!(
+            "{} device exchange stalled: the stream has waited {:.1} s for an exchange of {} sends \
+             and {} receives (peers {peers:?}); {where_}; the communication thread is {} (a call \
+             that does not return: the transport or the library under it blocks; requests in \
+             flight: a peer has not answered)",
+            self.label,
+            waited.as_secs_f64(),
+            op.sends.len(),
+            op.recvs.len(),
+            self.activity()
+        )
     }
 
     /// Records a failed exchange: it never completes, so its host function stays blocked (the
@@ -130,10 +216,18 @@ impl OpRec {
         if !q.push(self.clone()) {
             return;
         }
+        let start = Instant::now();
+        let mut reported = false;
         let mut st = lock(&self.state);
         while st.completed < gen {
             if q.is_shutdown() {
                 return;
+            }
+            if !reported && start.elapsed() >= q.stall_after {
+                reported = true;
+                let report = q.stall_report(self, &st, start.elapsed());
+                eprintln!("warning: {report}");
+                lock(&q.stalls).push(report);
             }
             st = self
                 .cv
@@ -141,6 +235,13 @@ impl OpRec {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
+    }
+
+    /// The communication thread has posted the latest run; `pending` describes its requests.
+    fn taken(&self, pending: String) {
+        let mut st = lock(&self.state);
+        st.taken += 1;
+        st.pending = pending;
     }
 
     fn complete(&self) {
@@ -234,6 +335,11 @@ impl<W: Wire> DeviceEngine<W> {
                 error: Mutex::new(None),
                 ctx: AtomicUsize::new(0),
                 label,
+                call: AtomicU8::new(0),
+                call_since: AtomicU64::new(0),
+                epoch: Instant::now(),
+                stall_after: timeout / 4,
+                stalls: Mutex::new(Vec::new()),
             }),
             thread: Mutex::new(None),
             pinned: Mutex::new(Staging::default()),
@@ -478,11 +584,20 @@ impl<W: Wire> Drop for DeviceEngine<W> {
     }
 }
 
+/// An exchange the communication thread has posted.
+struct InFlight<R> {
+    op: Arc<OpRec>,
+    reqs: Vec<R>,
+    /// How many requests `op`'s `pending` describes.
+    described: usize,
+    since: Instant,
+}
+
 /// The communication thread: posts the exchanges the host functions hand over, in order, and
 /// progresses them until they complete, fail or time out.
 fn comm_loop<W: Wire>(wire: &W, q: &Queue, ops: &dyn StreamOps, device: bool, timeout: Duration) {
     let mut bound = 0usize;
-    let mut active: Vec<(Arc<OpRec>, Vec<W::Req>, Instant)> = Vec::new();
+    let mut active: Vec<InFlight<W::Req>> = Vec::new();
     let mut idle = 0u32;
     loop {
         let new: Vec<Arc<OpRec>> = {
@@ -510,32 +625,57 @@ fn comm_loop<W: Wire>(wire: &W, q: &Queue, ops: &dyn StreamOps, device: bool, ti
             let mut reqs = Vec::with_capacity(op.sends.len() + op.recvs.len());
             // SAFETY: the buffers stay valid until the exchange completes: the stream waits in
             // the host function until then.
-            match unsafe { wire.post(&op.sends, &op.recvs, device, &mut reqs) } {
-                Ok(()) => active.push((op, reqs, Instant::now())),
+            let posted = q.in_call(CALL_POST, || unsafe {
+                wire.post(&op.sends, &op.recvs, device, &mut reqs)
+            });
+            match posted {
+                Ok(()) => {
+                    op.taken(wire.describe(&reqs));
+                    active.push(InFlight {
+                        op,
+                        described: reqs.len(),
+                        reqs,
+                        since: Instant::now(),
+                    });
+                }
                 Err(e) => q.fail(e.to_string()),
             }
         }
         let before = active.len();
-        active.retain_mut(|(op, reqs, t0)| match wire.test(reqs) {
-            Ok(true) => {
-                op.complete();
-                false
-            }
-            Ok(false) if t0.elapsed() > timeout => {
-                q.fail(format!(
-                    "{} sends and {} receives not complete after {:?}; is a peer gone?",
-                    op.sends.len(),
-                    op.recvs.len(),
-                    t0.elapsed()
-                ));
-                false
-            }
-            Ok(false) => true,
-            Err(e) => {
-                q.fail(e.to_string());
-                false
-            }
-        });
+        active.retain_mut(
+            |InFlight {
+                 op,
+                 reqs,
+                 described,
+                 since: t0,
+             }| {
+                match q.in_call(CALL_TEST, || wire.test(reqs)) {
+                    Ok(true) => {
+                        op.complete();
+                        false
+                    }
+                    Ok(false) if reqs.len() != *described => {
+                        *described = reqs.len();
+                        lock(&op.state).pending = wire.describe(reqs);
+                        true
+                    }
+                    Ok(false) if t0.elapsed() > timeout => {
+                        q.fail(format!(
+                            "{} sends and {} receives not complete after {:?}; is a peer gone?",
+                            op.sends.len(),
+                            op.recvs.len(),
+                            t0.elapsed()
+                        ));
+                        false
+                    }
+                    Ok(false) => true,
+                    Err(e) => {
+                        q.fail(e.to_string());
+                        false
+                    }
+                }
+            },
+        );
         if active.len() < before {
             idle = 0;
         } else if !active.is_empty() {

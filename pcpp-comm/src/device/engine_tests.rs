@@ -235,6 +235,112 @@ fn a_lost_peer_fails_later_exchanges_and_shutdown_releases_the_stream() {
     drop(buf);
 }
 
+/// A library whose receives complete only once `release` is set, and whose progress call
+/// blocks until then when `block_in_test` (a library stuck inside a call, as a CUDA-enabled UCX
+/// calling the CUDA driver while the stream waits would be).
+struct Held {
+    release: Arc<AtomicBool>,
+    block_in_test: bool,
+}
+
+impl Wire for Held {
+    type Req = (usize, Option<usize>);
+    unsafe fn post(
+        &self,
+        sends: &[WireMsg],
+        recvs: &[WireMsg],
+        _device: bool,
+        reqs: &mut Vec<(usize, Option<usize>)>,
+    ) -> Result<(), CommError> {
+        reqs.extend(sends.iter().map(|m| (m.peer, None)));
+        reqs.extend(recvs.iter().map(|m| (m.peer, Some(m.len))));
+        Ok(())
+    }
+    fn test(&self, reqs: &mut Vec<(usize, Option<usize>)>) -> Result<bool, CommError> {
+        while self.block_in_test && !self.release.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let released = self.release.load(Ordering::SeqCst);
+        reqs.retain(|r| r.1.is_some() && !released);
+        Ok(reqs.is_empty())
+    }
+    fn describe(&self, reqs: &[(usize, Option<usize>)]) -> String {
+        describe_reqs(reqs.iter().copied())
+    }
+}
+
+/// Runs one exchange (a send to and a receive from peer 1) over [`Held`] and returns the first
+/// stall report, after which the library is released and the exchange must complete.
+fn stall_report_of(block_in_test: bool) -> String {
+    let release = Arc::new(AtomicBool::new(false));
+    let stream = crate::device::host::HostStream::new();
+    let eng = DeviceEngine::new(
+        Held {
+            release: release.clone(),
+            block_in_test,
+        },
+        DevicePath::Staged,
+        Arc::new(crate::device::host::HostStreams),
+        Duration::from_secs(2),
+        0,
+        "test rank 0".into(),
+    );
+    let mut bufs = vec![vec![1u8; 48], vec![0u8; 64]];
+    let send = DeviceMsg {
+        peer: 1,
+        ptr: bufs[0].as_mut_ptr() as u64,
+        len: 48,
+    };
+    let recv = DeviceMsg {
+        peer: 1,
+        ptr: bufs[1].as_mut_ptr() as u64,
+        len: 64,
+    };
+    // SAFETY: the buffers outlive the stream's work (synchronised below).
+    unsafe { eng.enqueue(&[send], &[recv], stream.raw()) }.unwrap();
+    let t0 = Instant::now();
+    let report = loop {
+        if let Some(r) = lock(&eng.queue.stalls).first() {
+            break r.clone();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "no stall report");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    release.store(true, Ordering::SeqCst);
+    stream.synchronize().unwrap();
+    assert!(
+        lock(&eng.queue.error).is_none(),
+        "the exchange failed instead of completing once released"
+    );
+    drop(eng);
+    drop(bufs);
+    report
+}
+
+/// A host function that waits a quarter of the timeout reports what its exchange waits for: a
+/// library call that does not return, named with how long it has run.
+#[test]
+fn a_stall_inside_the_library_is_reported_as_such() {
+    let r = stall_report_of(true);
+    assert!(r.contains("test rank 0 device exchange stalled"), "{r}");
+    assert!(r.contains("1 sends and 1 receives (peers [1])"), "{r}");
+    assert!(
+        r.contains("inside the transport's progress/test call for"),
+        "{r}"
+    );
+}
+
+/// ... or the requests still in flight when the library returns but a peer has not answered.
+#[test]
+fn a_stall_on_a_peer_names_the_requests_in_flight() {
+    let r = stall_report_of(false);
+    assert!(
+        r.contains("still in flight: receive from 1 (64 bytes)"),
+        "{r}"
+    );
+    assert!(!r.contains("send to 1"), "the send completed: {r}");
+}
+
 /// [`HostStreams`](crate::device::host::HostStreams) whose buffers CUDA IPC cannot share, as
 /// memory of CUDA's stream-ordered pool (`cuMemAllocAsync`) is.
 struct PoolMemory(crate::device::host::HostStreams);

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use mpi::ffi;
 
 use super::{check, error_class, error_string, mpi_lock, to_c_int, u8_type, Comm, MpiTransport};
-use crate::device::engine::{DeviceEngine, Wire, WireMsg};
+use crate::device::engine::{describe_reqs, DeviceEngine, Wire, WireMsg};
 use crate::device::{DevicePath, DeviceStreams};
 use crate::error::CommError;
 use crate::stats::CommKind;
@@ -147,6 +147,10 @@ impl Wire for MpiWire {
             Some(e) => Err(e),
             None => Ok(reqs.is_empty()),
         }
+    }
+
+    fn describe(&self, reqs: &[MpiReq]) -> String {
+        describe_reqs(reqs.iter().map(|r| (r.peer, r.recv)))
     }
 }
 

@@ -74,6 +74,15 @@ pub fn version() -> String {
     unsafe { ucs_str(ffi::ucp_get_version_string()) }
 }
 
+/// The memory type told to UCX for a buffer of host memory or (`cuda`) CUDA device memory.
+fn memory_type(cuda: bool) -> ffi::ucs_memory_type_t {
+    if cuda {
+        ffi::UCS_MEMORY_TYPE_CUDA
+    } else {
+        ffi::UCS_MEMORY_TYPE_HOST
+    }
+}
+
 /// Outcome of a nonblocking UCP call (`ucs_status_ptr_t`).
 #[derive(Debug)]
 pub enum Posted {
@@ -228,8 +237,11 @@ impl Worker {
         unsafe { self.tag_send_mem(ep, buf, len, tag, false) }
     }
 
-    /// [`Worker::tag_send`] of host memory or, with `cuda`, of CUDA device memory (told to UCX
-    /// as `UCS_MEMORY_TYPE_CUDA`, which spares it the pointer lookup).
+    /// [`Worker::tag_send`] of host memory or, with `cuda`, of CUDA device memory. The memory
+    /// type is always given (`UCS_MEMORY_TYPE_HOST` or `UCS_MEMORY_TYPE_CUDA`), so UCX never
+    /// looks the pointer up: with a CUDA-enabled UCX that lookup calls into the CUDA driver
+    /// (memory type cache misses, `cuPointerGetAttributes`), which the communication thread of
+    /// the staged device path must not do while a host function of its stream waits for it.
     ///
     /// # Safety
     /// As [`Worker::tag_send`]; with `cuda`, `buf` is device memory of the calling thread's
@@ -242,11 +254,11 @@ impl Worker {
         tag: u64,
         cuda: bool,
     ) -> Result<Posted, Status> {
-        let mut param = ffi::ucp_request_param_t::default();
-        if cuda {
-            param.op_attr_mask |= ffi::UCP_OP_ATTR_FIELD_MEMORY_TYPE;
-            param.memory_type = ffi::UCS_MEMORY_TYPE_CUDA;
-        }
+        let param = ffi::ucp_request_param_t {
+            op_attr_mask: ffi::UCP_OP_ATTR_FIELD_MEMORY_TYPE,
+            memory_type: memory_type(cuda),
+            ..Default::default()
+        };
         // SAFETY: valid endpoint; buffer validity is the caller's promise;
         // the params select contiguous bytes and no callback.
         decode_ptr(unsafe { ffi::ucp_tag_send_nbx(ep.raw, buf.cast(), len, tag, &param) })
@@ -270,7 +282,8 @@ impl Worker {
         unsafe { self.tag_recv_mem(buf, len, tag, mask, info, false) }
     }
 
-    /// [`Worker::tag_recv`] into host memory or, with `cuda`, into CUDA device memory.
+    /// [`Worker::tag_recv`] into host memory or, with `cuda`, into CUDA device memory (the
+    /// memory type always given, as in [`Worker::tag_send_mem`]).
     ///
     /// # Safety
     /// As [`Worker::tag_recv`]; with `cuda`, `buf` is device memory of the calling thread's
@@ -287,13 +300,12 @@ impl Worker {
         // Immediate completion is denied: UCX 1.13 does not fill `info` on
         // that path, so the length is read from the request instead.
         let mut param = ffi::ucp_request_param_t {
-            op_attr_mask: ffi::UCP_OP_ATTR_FIELD_RECV_INFO | ffi::UCP_OP_ATTR_FLAG_NO_IMM_CMPL,
+            op_attr_mask: ffi::UCP_OP_ATTR_FIELD_RECV_INFO
+                | ffi::UCP_OP_ATTR_FLAG_NO_IMM_CMPL
+                | ffi::UCP_OP_ATTR_FIELD_MEMORY_TYPE,
+            memory_type: memory_type(cuda),
             ..Default::default()
         };
-        if cuda {
-            param.op_attr_mask |= ffi::UCP_OP_ATTR_FIELD_MEMORY_TYPE;
-            param.memory_type = ffi::UCS_MEMORY_TYPE_CUDA;
-        }
         param.recv_info.tag_info = info;
         // SAFETY: valid worker; buffer and info validity is the caller's
         // promise.

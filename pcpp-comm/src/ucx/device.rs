@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::checked::{Posted, Request};
 use super::{ffi, make_tag, UcxTransport, World};
-use crate::device::engine::{DeviceEngine, Wire, WireMsg};
+use crate::device::engine::{describe_reqs, DeviceEngine, Wire, WireMsg};
 use crate::device::{DeviceComm, DevicePath};
 use crate::error::CommError;
 use crate::stats::CommKind;
@@ -164,6 +164,10 @@ impl Wire for UcxWire {
             None => Ok(reqs.is_empty()),
         }
     }
+
+    fn describe(&self, reqs: &[UcxReq]) -> String {
+        describe_reqs(reqs.iter().map(|r| (r.peer, r.recv.as_ref().map(|x| x.0))))
+    }
 }
 
 /// The device engine `opts` ask for on the group `ctx` of `world` (`members`: world rank of each
@@ -222,7 +226,11 @@ pub(super) fn engine_for(
         ops,
         opts.timeout,
         rank,
-        format!("ucx rank {rank}"),
+        if ctx == 0 {
+            format!("ucx rank {rank}")
+        } else {
+            format!("ucx rank {} (rank {rank} of a group)", world.world_rank)
+        },
     )))
 }
 
