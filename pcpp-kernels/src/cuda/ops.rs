@@ -4,7 +4,6 @@
 //! contract).
 
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use cudarc::cublas::sys as blas_sys;
@@ -39,7 +38,11 @@ macro_rules! launch {
     }};
 }
 
+pub(crate) mod attn;
 pub(crate) mod vector;
+
+pub(crate) use attn::{attention, FLASH_SHARED_Q_BYTES};
+pub use attn::{flash128, set_flash128, Flash128};
 
 fn tname(d: DType) -> &'static str {
     d.name()
@@ -1177,159 +1180,6 @@ pub(crate) fn softmax_rows(x: &Tensor) -> Result<Tensor> {
             ptr(&s)?, ptr(&y)?, d as i64, 0i32, 0i64, 1i64);
     }
     Ok(y)
-}
-
-/// Scores of at most this many bytes are materialised at once (per query chunk).
-const ATTN_SCORE_BYTES: usize = 256 << 20;
-
-/// Multi-head attention through cuBLAS in query chunks: `S = QKᵀ/√d` (f32), row softmax into the
-/// storage dtype, `O = P·V`. The score matrix never exceeds [`ATTN_SCORE_BYTES`].
-pub(crate) fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    causal: bool,
-) -> Result<Tensor> {
-    let gpu = gpu_of(q)?;
-    let dt = q.dtype();
-    let k = if k.dtype() != dt {
-        cast(k, dt)?
-    } else {
-        k.clone()
-    };
-    let v = if v.dtype() != dt {
-        cast(v, dt)?
-    } else {
-        v.clone()
-    };
-    let (b, lq, dm) = (q.shape()[0], q.shape()[1], q.shape()[2]);
-    let lk = k.shape()[1];
-    let dh = dm / heads;
-    let y = out(&gpu, q.shape(), dt)?;
-    if b * lq == 0 {
-        return Ok(y);
-    }
-    let fused = match dh {
-        64 => Some(("flash_attn", 128, 0)),
-        128 if flash128() == Flash128::SharedQ && gpu.flash_shared_q => {
-            Some(("flash_attn128q", 128, FLASH_SHARED_Q_BYTES))
-        }
-        128 => Some(("flash_attn128", 64, 0)),
-        _ => None,
-    };
-    if let (Some((name, rows, smem)), false) = (fused, dt == DType::F32) {
-        let scale_log2 = std::f32::consts::LOG2_E / (dh as f32).sqrt();
-        let cfg = LaunchConfig {
-            grid_dim: (lq.div_ceil(rows) as u32, heads as u32, b as u32),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: smem,
-        };
-        launch!(gpu, format!("{name}_{}", tname(dt)), cfg;
-            ptr(q)?, ptr(&k)?, ptr(&v)?, ptr(&y)?, lq as i32, lk as i32, heads as i32, scale_log2,
-            causal as i32);
-        return Ok(y);
-    }
-    attention_chunked(&gpu, (q, &k, &v, &y), (b, lq, lk, heads), causal)?;
-    Ok(y)
-}
-
-/// Dynamic shared memory of the head-size-128 kernel with Q in shared memory: a 128-row Q tile
-/// and two stages of 32-row K and V tiles, rows padded to 136 halves.
-pub(crate) const FLASH_SHARED_Q_BYTES: u32 = (128 + 4 * 32) * 136 * 2;
-
-/// The fused flash-attention kernel for head size 128 (Flux.1), f16/bf16. Head size 64 has one
-/// kernel; other head sizes and f32 take the cuBLAS path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flash128 {
-    /// Q fragments in registers, one 16-row tile per warp, 64 query rows per block (the default).
-    RegistersQ,
-    /// The block's 128-row Q tile in shared memory, two 16-row tiles per warp (every K/V fragment
-    /// feeds two MMAs); needs 68 KiB of shared memory per block. Chosen with [`set_flash128`]
-    /// (`pcpp-cli`: `PCPP_FLASH128=shared-q`) until it has been measured against the default.
-    SharedQ,
-}
-
-static FLASH128: AtomicU8 = AtomicU8::new(1);
-
-/// The head-size-128 kernel in use ([`Flash128::RegistersQ`] unless [`set_flash128`] chose).
-pub fn flash128() -> Flash128 {
-    match FLASH128.load(Ordering::Relaxed) {
-        2 => Flash128::SharedQ,
-        _ => Flash128::RegistersQ,
-    }
-}
-
-/// Chooses the head-size-128 flash-attention kernel for this process.
-pub fn set_flash128(v: Flash128) {
-    let code = match v {
-        Flash128::RegistersQ => 1,
-        Flash128::SharedQ => 2,
-    };
-    FLASH128.store(code, Ordering::Relaxed);
-}
-
-/// The unfused path, also the reference the fused kernel is tested against.
-pub(crate) fn attention_chunked(
-    gpu: &Arc<Gpu>,
-    (q, k, v, y): (&Tensor, &Tensor, &Tensor, &Tensor),
-    (b, lq, lk, heads): (usize, usize, usize, usize),
-    causal: bool,
-) -> Result<()> {
-    let dt = q.dtype();
-    let dm = q.shape()[2];
-    let dh = dm / heads;
-    let es = dt.size() as u64;
-    let qc = (ATTN_SCORE_BYTES / (heads * lk * 4)).clamp(1, lq);
-    // SAFETY: fully written by the score GEMM before the softmax reads it.
-    let s =
-        unsafe { gpu.stream.alloc::<f32>(heads * qc * lk) }.map_err(|e| gpu.err("scores", e))?;
-    let p = gpu.alloc(dt, heads * qc * lk)?;
-    let sp = {
-        let (a, _s) = cudarc::driver::DevicePtr::device_ptr(&s, &gpu.stream);
-        a
-    };
-    let pp = p.ptr();
-    let scale = 1.0 / (dh as f32).sqrt();
-    let (qp, kp, vp, yp) = (ptr(q)?, ptr(k)?, ptr(v)?, ptr(y)?);
-    for bi in 0..b {
-        let mut q0 = 0;
-        while q0 < lq {
-            let n = qc.min(lq - q0);
-            let qoff = qp + ((bi * lq + q0) * dm) as u64 * es;
-            let koff = kp + (bi * lk * dm) as u64 * es;
-            let voff = vp + (bi * lk * dm) as u64 * es;
-            let yoff = yp + ((bi * lq + q0) * dm) as u64 * es;
-            gemm_batched(
-                gpu,
-                (true, false),
-                (lk, n, dh),
-                scale,
-                (koff, dm, dh),
-                (qoff, dm, dh),
-                (sp, lk, n * lk),
-                heads,
-                dt,
-                DType::F32,
-            )?;
-            launch!(gpu, format!("softmax_{}", tname(dt)), cfg_rows(heads * n, 256);
-                sp, pp, lk as i64, causal as i32, q0 as i64, n as i64);
-            gemm_batched(
-                gpu,
-                (false, false),
-                (dh, n, lk),
-                1.0,
-                (voff, dm, dh),
-                (pp, lk, n * lk),
-                (yoff, dm, dh),
-                heads,
-                dt,
-                dt,
-            )?;
-            q0 += n;
-        }
-    }
-    Ok(())
 }
 
 pub(crate) fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
