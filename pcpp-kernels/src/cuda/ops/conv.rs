@@ -1,0 +1,274 @@
+//! Convolutions on the GPU through cuDNN (NCHW, tensor-op math, algorithm choice cached per
+//! shape), with convolutions too large for cuDNN's 2³¹-byte limit run in row bands.
+
+use super::*;
+
+/// Key of a cached cuDNN algorithm choice.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct ConvKey {
+    dtype: DType,
+    /// f32 convolutions may use TF32 ([`super::Gpu::set_conv_tf32`]).
+    tf32: bool,
+    x: [i32; 4],
+    w: [i32; 4],
+    pad: [i32; 2],
+    stride: i32,
+}
+
+macro_rules! with_type {
+    ($d:expr, $T:ident => $body:expr) => {
+        match $d {
+            DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            DType::F16 => {
+                type $T = f16;
+                $body
+            }
+            DType::BF16 => {
+                type $T = bf16;
+                $body
+            }
+        }
+    };
+}
+
+fn conv_cudnn<T>(
+    gpu: &Arc<Gpu>,
+    (x, w, y): (&CudaStorage, &CudaStorage, &mut CudaStorage),
+    key: ConvKey,
+    ys: [i32; 4],
+) -> Result<()>
+where
+    T: cudarc::cudnn::CudnnDataType + DeviceRepr + num_traits_one::One,
+{
+    let e = |what: &str, err: dnn_sys::cudnnStatus_t| gpu.err(what, err);
+    let de = |what: &str, err: cudarc::cudnn::CudnnError| gpu.err(what, err);
+    let _g = gpu
+        .lock
+        .lock()
+        .map_err(|_| gpu.err("cudnn", "lock poisoned"))?;
+    gpu.ctx.bind_to_thread().map_err(|x| gpu.err("bind", x))?;
+    let fmt = dnn_sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+    let xd = gpu
+        .cudnn
+        .create_4d_tensor::<T>(fmt, key.x)
+        .map_err(|x| de("x descriptor", x))?;
+    let wd = gpu
+        .cudnn
+        .create_4d_filter::<T>(fmt, key.w)
+        .map_err(|x| de("filter descriptor", x))?;
+    let yd = gpu
+        .cudnn
+        .create_4d_tensor::<T>(fmt, ys)
+        .map_err(|x| de("y descriptor", x))?;
+    let mut cd = gpu
+        .cudnn
+        .create_conv2d::<f32>(
+            key.pad,
+            [key.stride, key.stride],
+            [1, 1],
+            dnn_sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+        )
+        .map_err(|x| de("conv descriptor", x))?;
+    let math = match (key.dtype, key.tf32) {
+        (DType::F32, false) => dnn_sys::cudnnMathType_t::CUDNN_FMA_MATH,
+        // Lets cuDNN use TF32 tensor cores for f32 data (PyTorch's default for convolutions).
+        (DType::F32, true) => dnn_sys::cudnnMathType_t::CUDNN_DEFAULT_MATH,
+        _ => dnn_sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+    };
+    cd.set_math_type(math).map_err(|x| de("math type", x))?;
+    let fwd = cudarc::cudnn::ConvForward {
+        conv: &cd,
+        x: &xd,
+        w: &wd,
+        y: &yd,
+    };
+    let nx = key.x.iter().product::<i32>() as usize;
+    let nw = key.w.iter().product::<i32>() as usize;
+    let ny = ys.iter().product::<i32>() as usize;
+    let cached = gpu
+        .conv_algos
+        .lock()
+        .ok()
+        .and_then(|m| m.get(&key).copied());
+    let (algo, ws) = match cached {
+        Some(v) => v,
+        None => {
+            let algo = fwd.pick_algorithm().map_err(|x| de("pick algorithm", x))?;
+            let ws = fwd
+                .get_workspace_size(algo)
+                .map_err(|x| de("workspace size", x))?;
+            if let Ok(mut m) = gpu.conv_algos.lock() {
+                m.insert(key, (algo, ws));
+            }
+            (algo, ws)
+        }
+    };
+    let _ = e;
+    let mut wsb = if ws > 0 {
+        // SAFETY: scratch memory for cuDNN.
+        Some(unsafe { gpu.stream.alloc::<u8>(ws) }.map_err(|x| gpu.err("conv workspace", x))?)
+    } else {
+        None
+    };
+    // SAFETY: the byte buffers hold at least nx/nw/ny elements of T (allocated from the same
+    // shapes); the views live until the launch returns.
+    unsafe {
+        let xv = x
+            .buf
+            .transmute::<T>(nx)
+            .ok_or_else(|| gpu.err("conv", "x too small"))?;
+        let wv = w
+            .buf
+            .transmute::<T>(nw)
+            .ok_or_else(|| gpu.err("conv", "w too small"))?;
+        let mut yv = y
+            .buf
+            .transmute_mut::<T>(ny)
+            .ok_or_else(|| gpu.err("conv", "y too small"))?;
+        fwd.launch(algo, wsb.as_mut(), (T::one(), T::zero()), &xv, &wv, &mut yv)
+            .map_err(|x| de("cudnnConvolutionForward", x))?;
+    }
+    Ok(())
+}
+
+/// Minimal `one`/`zero` for the cuDNN scaling parameters.
+mod num_traits_one {
+    pub trait One {
+        fn one() -> Self;
+        fn zero() -> Self;
+    }
+    impl One for f32 {
+        fn one() -> Self {
+            1.0
+        }
+        fn zero() -> Self {
+            0.0
+        }
+    }
+    impl One for half::f16 {
+        fn one() -> Self {
+            half::f16::ONE
+        }
+        fn zero() -> Self {
+            half::f16::ZERO
+        }
+    }
+    impl One for half::bf16 {
+        fn one() -> Self {
+            half::bf16::ONE
+        }
+        fn zero() -> Self {
+            half::bf16::ZERO
+        }
+    }
+}
+
+/// 2-D convolution, NCHW, through cuDNN (asymmetric padding by an explicit zero-padded copy).
+/// Largest tensor, in bytes, that cuDNN's convolution descriptors accept.
+const CUDNN_MAX_BYTES: usize = (1 << 31) - 1;
+
+/// A convolution; where the input or the output is larger than cuDNN takes
+/// ([`CUDNN_MAX_BYTES`]), it runs in bands of output rows, each from the input rows it reads
+/// (the band's edge rows padded only where the image is), and the bands are concatenated.
+pub(crate) fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    p: Conv2dParams,
+) -> Result<Tensor> {
+    conv2d_in_bands(x, w, bias, p, CUDNN_MAX_BYTES)
+}
+
+/// [`crate::Tensor::conv2d`] of device tensors, in bands of output rows wherever the input or the
+/// output is larger than `max_bytes` (each band's input and output stay under half of it, at most
+/// 1 GiB). Public so that the banding can be tested at small sizes.
+pub fn conv2d_in_bands(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    p: Conv2dParams,
+    max_bytes: usize,
+) -> Result<Tensor> {
+    let es = x.dtype().size();
+    let (b, ci, h, wd) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+    let (co, kh, kw) = (w.shape()[0], w.shape()[2], w.shape()[3]);
+    let ho = (h + p.pad_top + p.pad_bottom - kh) / p.stride + 1;
+    let wo = (wd + p.pad_left + p.pad_right - kw) / p.stride + 1;
+    let (in_row, out_row) = (b * ci * wd * es, b * co * wo * es);
+    if (in_row * h).max(out_row * ho) <= max_bytes {
+        return conv2d_whole(x, w, bias, p);
+    }
+    let per_out_row = (in_row * p.stride).max(out_row).max(1);
+    let rows = ((max_bytes / 2).min(1 << 30) / per_out_row).max(1);
+    let mut bands = Vec::with_capacity(ho.div_ceil(rows));
+    for o0 in (0..ho).step_by(rows) {
+        let o1 = (o0 + rows).min(ho);
+        let top = (o0 * p.stride) as isize - p.pad_top as isize;
+        let bottom = ((o1 - 1) * p.stride + kh) as isize - p.pad_top as isize;
+        let (i0, i1) = (top.max(0) as usize, bottom.min(h as isize) as usize);
+        let band = Conv2dParams {
+            pad_top: (i0 as isize - top) as usize,
+            pad_bottom: (bottom - i1 as isize) as usize,
+            ..p
+        };
+        bands.push(conv2d_whole(&x.narrow(2, i0, i1 - i0)?, w, bias, band)?);
+    }
+    Tensor::cat(&bands.iter().collect::<Vec<_>>(), 2)
+}
+
+fn conv2d_whole(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) -> Result<Tensor> {
+    let gpu = gpu_of(x)?;
+    let dt = x.dtype();
+    let w = if w.dtype() != dt {
+        cast(w, dt)?
+    } else {
+        w.clone()
+    };
+    let (b, ci, h, wd) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+    let (co, kh, kw) = (w.shape()[0], w.shape()[2], w.shape()[3]);
+    let sym = p.pad_top == p.pad_bottom && p.pad_left == p.pad_right;
+    let (xin, ph, pw) = if sym {
+        (x.clone(), p.pad_top, p.pad_left)
+    } else {
+        let (ho, wo) = (h + p.pad_top + p.pad_bottom, wd + p.pad_left + p.pad_right);
+        let xp = out(&gpu, &[b, ci, ho, wo], dt)?;
+        launch!(gpu, format!("pad2d_{}", word(dt)), Gpu::cfg_elems(b * ci * ho * wo);
+            ptr(x)?, ptr(&xp)?, (b * ci) as i64, h as i64, wd as i64,
+            p.pad_top as i64, p.pad_left as i64, ho as i64, wo as i64);
+        (xp, 0, 0)
+    };
+    let (hi, wi) = (xin.shape()[2], xin.shape()[3]);
+    let ho = (hi + 2 * ph - kh) / p.stride + 1;
+    let wo = (wi + 2 * pw - kw) / p.stride + 1;
+    let mut ys = gpu.alloc(dt, b * co * ho * wo)?;
+    let key = ConvKey {
+        dtype: dt,
+        tf32: dt == DType::F32 && gpu.conv_tf32(),
+        x: [b as i32, ci as i32, hi as i32, wi as i32],
+        w: [co as i32, ci as i32, kh as i32, kw as i32],
+        pad: [ph as i32, pw as i32],
+        stride: p.stride as i32,
+    };
+    let ydims = [b as i32, co as i32, ho as i32, wo as i32];
+    with_type!(dt, T => conv_cudnn::<T>(&gpu, (storage(&xin)?, storage(&w)?, &mut ys), key, ydims))?;
+    let y = Tensor::from_cuda(&[b, co, ho, wo], dt, ys);
+    if let Some(bs) = bias {
+        let bs = if bs.dtype() != dt {
+            cast(bs, dt)?
+        } else {
+            bs.clone()
+        };
+        let n = y.numel();
+        if (1..=MAX_GRID_Y).contains(&(b * co)) {
+            launch!(gpu, format!("plane_binary_{}", tname(dt)), cfg_planes(b * co, ho * wo);
+                ptr(&y)?, ptr(&bs)?, ptr(&y)?, (ho * wo) as i64, 0i32, co as i64);
+        } else {
+            launch!(gpu, format!("bias_nchw_{}", tname(dt)), Gpu::cfg_elems(n);
+                ptr(&y)?, ptr(&bs)?, co as i64, (ho * wo) as i64, n as i64);
+        }
+    }
+    Ok(y)
+}

@@ -1,0 +1,311 @@
+//! GEMMs on the GPU: cuBLAS strided-batched GEMM (attention's unfused path, `matmul`) and
+//! cuBLASLt for `linear` (bias fused in the epilogue, algorithm choice cached per shape), f32
+//! accumulation.
+
+use super::*;
+
+fn dt_cuda(d: DType) -> blas_sys::cudaDataType {
+    match d {
+        DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+        DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
+        DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
+    }
+}
+
+fn dt_lt(d: DType) -> lt_sys::cudaDataType {
+    match d {
+        DType::F32 => lt_sys::cudaDataType::CUDA_R_32F,
+        DType::F16 => lt_sys::cudaDataType::CUDA_R_16F,
+        DType::BF16 => lt_sys::cudaDataType::CUDA_R_16BF,
+    }
+}
+
+/// Column-major strided-batched GEMM through cuBLAS with f32 compute:
+/// `C = alpha·op(A)·op(B)`, `A`/`B` of dtype `ab`, `C` of dtype `c`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm_batched(
+    gpu: &Gpu,
+    (ta, tb): (bool, bool),
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    (a, lda, sa): (u64, usize, usize),
+    (b, ldb, sb): (u64, usize, usize),
+    (c, ldc, sc): (u64, usize, usize),
+    batch: usize,
+    ab: DType,
+    cdt: DType,
+) -> Result<()> {
+    let op = |t: bool| {
+        if t {
+            blas_sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            blas_sys::cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    let beta = 0.0f32;
+    let _g = gpu
+        .lock
+        .lock()
+        .map_err(|_| gpu.err("cublas", "lock poisoned"))?;
+    gpu.ctx.bind_to_thread().map_err(|e| gpu.err("bind", e))?;
+    // SAFETY: pointers are live device allocations sized by the caller for (m, n, k, ld, stride,
+    // batch); the handle is bound to this device's stream.
+    unsafe {
+        cudarc::cublas::result::gemm_strided_batched_ex(
+            *gpu.blas.handle(),
+            op(ta),
+            op(tb),
+            m as i32,
+            n as i32,
+            k as i32,
+            &alpha as *const f32 as *const c_void,
+            a as *const c_void,
+            dt_cuda(ab),
+            lda as i32,
+            sa as i64,
+            b as *const c_void,
+            dt_cuda(ab),
+            ldb as i32,
+            sb as i64,
+            &beta as *const f32 as *const c_void,
+            c as *mut c_void,
+            dt_cuda(cdt),
+            ldc as i32,
+            sc as i64,
+            batch as i32,
+            blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| gpu.err("cublasGemmStridedBatchedEx", e))
+}
+
+/// Key of a cached cuBLASLt algorithm choice.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct LtKey {
+    dtype: DType,
+    m: usize,
+    n: usize,
+    k: usize,
+    bias: bool,
+}
+
+/// RAII wrappers of cuBLASLt descriptors.
+struct LtDesc(lt_sys::cublasLtMatmulDesc_t);
+impl Drop for LtDesc {
+    fn drop(&mut self) {
+        // SAFETY: created by create_matmul_desc and destroyed once.
+        let _ = unsafe { lt_result::destroy_matmul_desc(self.0) };
+    }
+}
+struct LtLayout(lt_sys::cublasLtMatrixLayout_t);
+impl Drop for LtLayout {
+    fn drop(&mut self) {
+        // SAFETY: created by create_matrix_layout and destroyed once.
+        let _ = unsafe { lt_result::destroy_matrix_layout(self.0) };
+    }
+}
+struct LtPref(lt_sys::cublasLtMatmulPreference_t);
+impl Drop for LtPref {
+    fn drop(&mut self) {
+        // SAFETY: created by create_matmul_pref and destroyed once.
+        let _ = unsafe { lt_result::destroy_matmul_pref(self.0) };
+    }
+}
+
+/// `y[rows, n] = x[rows, k] · w[n, k]ᵀ (+ bias[n])` through cuBLASLt with the bias fused in the
+/// epilogue.
+fn lt_linear(
+    gpu: &Gpu,
+    dtype: DType,
+    (x, w, bias, y): (u64, u64, Option<u64>, u64),
+    (rows, k, n): (usize, usize, usize),
+) -> Result<()> {
+    let e = |what: &str, err: lt_result::CublasError| gpu.err(what, err);
+    let ty = dt_lt(dtype);
+    let _g = gpu
+        .lock
+        .lock()
+        .map_err(|_| gpu.err("cublasLt", "lock poisoned"))?;
+    gpu.ctx.bind_to_thread().map_err(|x| gpu.err("bind", x))?;
+    let desc = LtDesc(
+        lt_result::create_matmul_desc(
+            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            lt_sys::cudaDataType::CUDA_R_32F,
+        )
+        .map_err(|x| e("cublasLtMatmulDescCreate", x))?,
+    );
+    let set = |attr: lt_sys::cublasLtMatmulDescAttributes_t, p: *const c_void, sz: usize| {
+        // SAFETY: `desc` is live; `p` points to a value of `sz` bytes of the attribute's type.
+        unsafe { lt_result::set_matmul_desc_attribute(desc.0, attr, p, sz) }
+            .map_err(|x| e("cublasLtMatmulDescSetAttribute", x))
+    };
+    let ta: i32 = 1;
+    let tb: i32 = 0;
+    set(
+        lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+        &ta as *const i32 as *const c_void,
+        4,
+    )?;
+    set(
+        lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
+        &tb as *const i32 as *const c_void,
+        4,
+    )?;
+    if let Some(bp) = bias.as_ref() {
+        let epi = lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+        set(
+            lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
+            &epi as *const lt_sys::cublasLtEpilogue_t as *const c_void,
+            std::mem::size_of::<lt_sys::cublasLtEpilogue_t>(),
+        )?;
+        set(
+            lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+            bp as *const u64 as *const c_void,
+            8,
+        )?;
+    }
+    let lay = |r: usize, c: usize, ld: usize| {
+        lt_result::create_matrix_layout(ty, r as u64, c as u64, ld as i64)
+            .map(LtLayout)
+            .map_err(|x| e("cublasLtMatrixLayoutCreate", x))
+    };
+    let a_l = lay(k, n, k)?;
+    let b_l = lay(k, rows, k)?;
+    let c_l = lay(n, rows, n)?;
+    let key = LtKey {
+        dtype,
+        m: n,
+        n: rows,
+        k,
+        bias: bias.is_some(),
+    };
+    let cached = gpu.lt_algos.lock().ok().and_then(|m| m.get(&key).copied());
+    let ws_size = gpu.lt.workspace.len();
+    let algo = match cached {
+        Some(a) => a,
+        None => {
+            let pref = LtPref(lt_result::create_matmul_pref().map_err(|x| e("pref", x))?);
+            // SAFETY: `pref` is live; the value is a usize as the attribute requires.
+            unsafe {
+                lt_result::set_matmul_pref_attribute(
+                    pref.0,
+                    lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    &ws_size as *const usize as *const c_void,
+                    std::mem::size_of::<usize>(),
+                )
+            }
+            .map_err(|x| e("pref", x))?;
+            // SAFETY: all descriptors are live.
+            let h = unsafe {
+                lt_result::get_matmul_algo_heuristic(
+                    gpu.lt.handle,
+                    desc.0,
+                    a_l.0,
+                    b_l.0,
+                    c_l.0,
+                    c_l.0,
+                    pref.0,
+                )
+            }
+            .map_err(|x| e("cublasLtMatmulAlgoGetHeuristic", x))?;
+            if let Ok(mut m) = gpu.lt_algos.lock() {
+                m.insert(key, h.algo);
+            }
+            h.algo
+        }
+    };
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    let (wsp, _s) = cudarc::driver::DevicePtr::device_ptr(&gpu.lt.workspace, &gpu.stream);
+    // SAFETY: x, w, bias, y are live device buffers sized by the caller for (rows, k, n); the
+    // layouts describe them; the workspace is ours and `ws_size` bytes long.
+    unsafe {
+        lt_result::matmul(
+            gpu.lt.handle,
+            desc.0,
+            &alpha as *const f32 as *const c_void,
+            &beta as *const f32 as *const c_void,
+            w as *const c_void,
+            a_l.0,
+            x as *const c_void,
+            b_l.0,
+            y as *const c_void,
+            c_l.0,
+            y as *mut c_void,
+            c_l.0,
+            &algo,
+            wsp as *mut c_void,
+            ws_size,
+            gpu.stream.cu_stream() as lt_sys::cudaStream_t,
+        )
+    }
+    .map_err(|x| e("cublasLtMatmul", x))
+}
+
+/// `x · wᵀ + bias` (PyTorch `Linear`); computes in `w`'s dtype, returns `x`'s dtype.
+pub(crate) fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    out_shape: &[usize],
+) -> Result<Tensor> {
+    let gpu = gpu_of(w)?;
+    let dt = w.dtype();
+    let xc = if x.dtype() != dt {
+        cast(x, dt)?
+    } else {
+        x.clone()
+    };
+    let bc = match bias {
+        Some(b) if b.dtype() != dt => Some(cast(b, dt)?),
+        Some(b) => Some(b.clone()),
+        None => None,
+    };
+    let (n, k) = (w.shape()[0], w.shape()[1]);
+    let rows = x.numel() / k.max(1);
+    let y = out(&gpu, out_shape, dt)?;
+    if rows > 0 && n > 0 {
+        let bp = match &bc {
+            Some(b) => Some(ptr(b)?),
+            None => None,
+        };
+        lt_linear(&gpu, dt, (ptr(&xc)?, ptr(w)?, bp, ptr(&y)?), (rows, k, n))?;
+    }
+    if x.dtype() != dt {
+        cast(&y, x.dtype())
+    } else {
+        Ok(y)
+    }
+}
+
+/// Batched `[.., m, k] · [.., k, n]`.
+pub(crate) fn matmul(a: &Tensor, b: &Tensor, (m, k, n): (usize, usize, usize)) -> Result<Tensor> {
+    let gpu = gpu_of(a)?;
+    let b = if b.dtype() != a.dtype() {
+        cast(b, a.dtype())?
+    } else {
+        b.clone()
+    };
+    let batch: usize = a.shape()[..a.rank() - 2].iter().product();
+    let mut shape = a.shape().to_vec();
+    let r = shape.len();
+    shape[r - 1] = n;
+    let y = out(&gpu, &shape, a.dtype())?;
+    if batch * m * n == 0 {
+        return Ok(y);
+    }
+    // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ.
+    gemm_batched(
+        &gpu,
+        (false, false),
+        (n, m, k),
+        1.0,
+        (ptr(&b)?, n, k * n),
+        (ptr(a)?, k, m * k),
+        (ptr(&y)?, n, m * n),
+        batch,
+        a.dtype(),
+        a.dtype(),
+    )?;
+    Ok(y)
+}
