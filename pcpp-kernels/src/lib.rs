@@ -18,6 +18,7 @@ pub mod cuda;
 mod dtype;
 mod error;
 mod finite;
+mod group_norm;
 pub mod io;
 mod ops;
 mod rotary;
@@ -27,7 +28,8 @@ mod tensor;
 pub use dtype::{DType, Device};
 pub use error::{KernelError, Result};
 pub use finite::FLAG_CLEAR;
-pub use ops::{Activation, Conv2dParams, GroupStats};
+pub use group_norm::GroupStats;
+pub use ops::{Activation, Conv2dParams};
 pub use tensor::Tensor;
 
 /// Peak memory of a device since the last [`reset_memory_high_water`]: `(allocated, reserved)`
