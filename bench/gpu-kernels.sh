@@ -56,13 +56,16 @@ if [[ ${SKIP_FLUX:-0} != 1 ]]; then
     echo "== Flux transformer step"
     FCFG=$HERE/pcpp-flux/configs/flux1-dev/transformer/config.json
     : >"$OUT/flux.jsonl"
-    flux() { # env assignments, then flags
-        env "$@" timeout 150 "$BIN/pcpp-cli" flux-bench --device cuda --config "$FCFG" --tokens 512 \
-            --height 1024 --width 1024 --iters 5 >>"$OUT/flux.jsonl" 2>>"$OUT/flux.err" || status=1
+    flux() { # PCPP_VECTOR_KERNELS, PCPP_FLASH128, then flags
+        local vk=$1 fl=$2
+        shift 2
+        PCPP_VECTOR_KERNELS=$vk PCPP_FLASH128=$fl timeout 150 "$BIN/pcpp-cli" flux-bench --device cuda \
+            --config "$FCFG" --tokens 512 --height 1024 --width 1024 --iters 5 "$@" \
+            >>"$OUT/flux.jsonl" 2>>"$OUT/flux.err" || status=1
     }
-    flux PCPP_VECTOR_KERNELS=0 PCPP_FLASH128=registers-q --profile
-    flux PCPP_VECTOR_KERNELS=1 PCPP_FLASH128=registers-q --profile
-    flux PCPP_VECTOR_KERNELS=1 PCPP_FLASH128=shared-q
+    flux 0 registers-q --profile
+    flux 1 registers-q --profile
+    flux 1 shared-q
     cat "$OUT/flux.jsonl"
     timeout 200 "$PY" bench/diffusers_flux_step.py "$FCFG" --sizes 1024 --iters 5 \
         >"$OUT/flux_diffusers.jsonl" 2>"$OUT/flux_diffusers.err" || status=1
