@@ -3,7 +3,8 @@
 //! shapes that take the 16-byte path and shapes that do not (odd extents), both operand orders of
 //! a row broadcast (also for the non-commutative sub and div), rows of 128 (Flux's per-head QK
 //! norms) and of 3072, the rotary embedding of adjacent pairs and AdaLN's modulated layer norm
-//! and gated add (fused and composed). Ignored by default (needs a GPU):
+//! and gated add (fused and composed), and concatenation in one launch. Ignored by default (needs
+//! a GPU):
 //! `cargo test -p pcpp-kernels --features cuda --test cuda_vector_parity -- --ignored`.
 #![cfg(feature = "cuda")]
 
@@ -183,6 +184,42 @@ fn adaln_ops_match_cpu() {
                     &want_g,
                 );
             }
+        }
+    }
+    set_vector_kernels(false);
+}
+
+/// Concatenation in one launch (switch on) against the CPU: along a middle axis and the last, with
+/// aligned and unaligned rows, three inputs and one of them empty.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn one_launch_cat_matches_cpu() {
+    set_vector_kernels(true);
+    for d in DTYPES {
+        for (dim, sizes) in [
+            (1usize, [3usize, 0, 5]),
+            (1, [8, 16, 8]),
+            (3, [5, 3, 1]),
+            (3, [8, 8, 16]),
+        ] {
+            let parts: Vec<Tensor> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| {
+                    let mut shape = vec![2, 4, 3, 6];
+                    shape[dim] = n;
+                    rnd(&shape, d, i as u64 + 1)
+                })
+                .collect();
+            let cpu: Vec<&Tensor> = parts.iter().collect();
+            let gp: Vec<Tensor> = parts.iter().map(gpu).collect();
+            let g: Vec<&Tensor> = gp.iter().collect();
+            check(
+                &format!("cat dim {dim} {sizes:?}"),
+                d,
+                &Tensor::cat(&g, dim).unwrap(),
+                &Tensor::cat(&cpu, dim).unwrap(),
+            );
         }
     }
     set_vector_kernels(false);

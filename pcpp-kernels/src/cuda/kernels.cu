@@ -948,6 +948,32 @@ __device__ void rotate_pairs_impl(const T* x, const float* cs, const float* sn, 
     }
 }
 
+// ---- concatenation of up to 8 inputs in one launch: input i's rows of len[i] words go to offset
+// off[i] of each output row of `total` words; grid (element blocks, inputs), block 256 ----
+struct CatSrc {
+    int n;
+    long src[8];
+    long len[8];
+    long off[8];
+};
+template <typename W>
+__device__ void cat_multi_impl(W* dst, long outer, long total, CatSrc c) {
+    int i = blockIdx.y;
+    if (i >= c.n) return;
+    const W* s = (const W*)c.src[i];
+    long len = c.len[i], off = c.off[i];
+    for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < outer * len; e += (long)blockDim.x * gridDim.x) {
+        long r = e / len, j = e - r * len;
+        dst[r * total + off + j] = s[e];
+    }
+}
+extern "C" __global__ void cat_multi_u16(unsigned short* d, long outer, long total, CatSrc c) {
+    cat_multi_impl<unsigned short>(d, outer, total, c);
+}
+extern "C" __global__ void cat_multi_u128(U4* d, long outer, long total, CatSrc c) {
+    cat_multi_impl<U4>(d, outer, total, c);
+}
+
 // ---- batched 2-D transpose: src [n, rows, cols] -> dst [n, cols, rows]; block (32, 8) ----
 template <typename W>
 __device__ void transpose_impl(const W* src, W* dst, long rows, long cols) {

@@ -67,6 +67,8 @@ pub fn kernel_names() -> Vec<String> {
         "flash_attn128q_f16",
         "flash_attn128q_bf16",
         "copy2d_u128",
+        "cat_multi_u16",
+        "cat_multi_u128",
     ]
     .iter()
     .map(|s| s.to_string())

@@ -670,6 +670,9 @@ pub(crate) fn cat(ts: &[&Tensor], dim: usize, out_shape: &[usize]) -> Result<Ten
     let outer: usize = out_shape[..dim].iter().product();
     let inner: usize = out_shape[dim + 1..].iter().product();
     let total = out_shape[dim];
+    if vector::try_cat(&gpu, ts, &y, (outer, inner, dim))? {
+        return Ok(y);
+    }
     let yp = ptr(&y)?;
     let mut off = 0;
     for t in ts {

@@ -12,7 +12,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::{gpu_of, out, ptr, tname, Gpu, MAX_GRID_Y};
 use crate::{DType, Result, Tensor};
@@ -284,6 +284,76 @@ pub(crate) fn rotate_pairs(
     launch!(gpu, format!("rotate_pairs_{}", tname(dt)), cfg;
         ptr(x)?, ptr(cos)?, ptr(sin)?, ptr(&y)?, rows as i64, len as i64, pairs as i64, half as i64);
     Ok(y)
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CatSrc {
+    n: i32,
+    src: [u64; 8],
+    len: [i64; 8],
+    off: [i64; 8],
+}
+// SAFETY: plain-old-data with the layout of `struct CatSrc` in kernels.cu.
+unsafe impl DeviceRepr for CatSrc {}
+
+/// Concatenation of at most 8 inputs of `y`'s dtype along an axis with `outer` rows before it and
+/// `inner` elements after it, in one launch instead of one per input; `false` when the vectorised
+/// kernels are off or the inputs do not fit.
+pub(super) fn try_cat(
+    gpu: &Arc<Gpu>,
+    ts: &[&Tensor],
+    y: &Tensor,
+    (outer, inner, dim): (usize, usize, usize),
+) -> Result<bool> {
+    let dt = y.dtype();
+    if !vector_kernels() || ts.len() > 8 || ts.iter().any(|t| t.dtype() != dt) || outer == 0 {
+        return Ok(false);
+    }
+    let es = dt.size();
+    let total = y.shape()[dim] * inner * es;
+    let mut bytes = Vec::with_capacity(ts.len());
+    let mut ptrs = Vec::with_capacity(ts.len() + 1);
+    ptrs.push(ptr(y)?);
+    for t in ts {
+        bytes.push(t.shape()[dim] * inner * es);
+        ptrs.push(ptr(t)?);
+    }
+    let wide = aligned(&ptrs) && total % 16 == 0 && bytes.iter().all(|b| b % 16 == 0);
+    let word = if wide { 16 } else { 2 };
+    let mut c = CatSrc {
+        n: ts.len() as i32,
+        src: [0; 8],
+        len: [0; 8],
+        off: [0; 8],
+    };
+    let mut off = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        c.src[i] = ptrs[i + 1];
+        c.len[i] = (b / word) as i64;
+        c.off[i] = (off / word) as i64;
+        off += b;
+    }
+    let most = bytes.iter().max().copied().unwrap_or(0) / word * outer;
+    if most == 0 {
+        return Ok(true);
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (
+            most.div_ceil(256).clamp(1, 16384) as u32,
+            ts.len() as u32,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let name = if wide {
+        "cat_multi_u128"
+    } else {
+        "cat_multi_u16"
+    };
+    launch!(gpu, name, cfg; ptrs[0], outer as i64, (total / word) as i64, c);
+    Ok(true)
 }
 
 #[cfg(test)]
