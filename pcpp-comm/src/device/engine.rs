@@ -176,6 +176,8 @@ impl Queue {
         peers.dedup();
         let where_ = if st.taken < st.posted {
             "the communication thread has not handed it to the library yet".to_string()
+        } else if st.pending.is_empty() {
+            "posted, its requests not yet described".to_string()
         } else {
             format!("still in flight: {}", st.pending)
         };
@@ -237,11 +239,12 @@ impl OpRec {
         }
     }
 
-    /// The communication thread has posted the latest run; `pending` describes its requests.
-    fn taken(&self, pending: String) {
+    /// The communication thread has posted the latest run (its requests are described later, if
+    /// it turns out slow).
+    fn taken(&self) {
         let mut st = lock(&self.state);
         st.taken += 1;
-        st.pending = pending;
+        st.pending.clear();
     }
 
     fn complete(&self) {
@@ -588,8 +591,8 @@ impl<W: Wire> Drop for DeviceEngine<W> {
 struct InFlight<R> {
     op: Arc<OpRec>,
     reqs: Vec<R>,
-    /// How many requests `op`'s `pending` describes.
-    described: usize,
+    /// How many requests `op`'s `pending` describes (`None`: not described yet).
+    described: Option<usize>,
     since: Instant,
 }
 
@@ -630,11 +633,11 @@ fn comm_loop<W: Wire>(wire: &W, q: &Queue, ops: &dyn StreamOps, device: bool, ti
             });
             match posted {
                 Ok(()) => {
-                    op.taken(wire.describe(&reqs));
+                    op.taken();
                     active.push(InFlight {
                         op,
-                        described: reqs.len(),
                         reqs,
+                        described: None,
                         since: Instant::now(),
                     });
                 }
@@ -654,8 +657,12 @@ fn comm_loop<W: Wire>(wire: &W, q: &Queue, ops: &dyn StreamOps, device: bool, ti
                         op.complete();
                         false
                     }
-                    Ok(false) if reqs.len() != *described => {
-                        *described = reqs.len();
+                    // Described only once it is slow (before its host function reports
+                    // it), and again when requests complete: nothing on the common path.
+                    Ok(false)
+                        if t0.elapsed() >= q.stall_after / 2 && *described != Some(reqs.len()) =>
+                    {
+                        *described = Some(reqs.len());
                         lock(&op.state).pending = wire.describe(reqs);
                         true
                     }
