@@ -8,8 +8,8 @@
 
 use crate::{KernelError, Result, Tensor};
 
-/// `(batch, rows per batch element, d)` of `x: [b, .., d]` against a `[b, d]` modulation.
-fn rows_of(op: &'static str, x: &Tensor, m: &[&Tensor]) -> Result<(usize, usize, usize)> {
+/// `(rows per batch element, d)` of `x: [b, .., d]` against a `[b, d]` modulation.
+fn rows_of(op: &'static str, x: &Tensor, m: &[&Tensor]) -> Result<(usize, usize)> {
     let (b, d) = (
         x.shape().first().copied().unwrap_or(0),
         *x.shape().last().unwrap_or(&0),
@@ -25,7 +25,7 @@ fn rows_of(op: &'static str, x: &Tensor, m: &[&Tensor]) -> Result<(usize, usize,
             return Err(KernelError::shape(op, x.shape(), t.shape()));
         }
     }
-    Ok((b, x.numel() / (b * d).max(1), d))
+    Ok((x.numel() / (b * d).max(1), d))
 }
 
 impl Tensor {
@@ -33,7 +33,7 @@ impl Tensor {
     /// `scale, shift: [b, d]` for `self: [b, .., d]`.
     pub fn modulated_layer_norm(&self, scale: &Tensor, shift: &Tensor, eps: f64) -> Result<Tensor> {
         const OP: &str = "modulated_layer_norm";
-        let (b, per, d) = rows_of(OP, self, &[scale, shift])?;
+        let (per, d) = rows_of(OP, self, &[scale, shift])?;
         #[cfg(feature = "cuda")]
         if crate::ops::on_gpu(OP, &[Some(self), Some(scale), Some(shift)])? {
             let fused = {
@@ -46,12 +46,12 @@ impl Tensor {
             if let Some(y) = fused {
                 return Ok(y);
             }
+            let b = scale.shape()[0];
             let n = self.layer_norm(None, None, eps)?;
             return n
                 .mul(&scale.affine(1.0, 1.0)?.reshape(&[b, 1, d])?)?
                 .add(&shift.reshape(&[b, 1, d])?);
         }
-        let _ = b;
         let n = crate::cpu::layer_norm(&self.as_f32()?, d, None, None, eps);
         let (s, t) = (scale.as_f32()?, shift.as_f32()?);
         let mut out = n;
@@ -71,7 +71,7 @@ impl Tensor {
         if y.shape() != self.shape() {
             return Err(KernelError::shape(OP, self.shape(), y.shape()));
         }
-        let (b, per, d) = rows_of(OP, self, &[gate])?;
+        let (per, d) = rows_of(OP, self, &[gate])?;
         #[cfg(feature = "cuda")]
         if crate::ops::on_gpu(OP, &[Some(self), Some(gate), Some(y)])? {
             let fused = {
@@ -84,9 +84,8 @@ impl Tensor {
             if let Some(o) = fused {
                 return Ok(o);
             }
-            return self.add(&gate.reshape(&[b, 1, d])?.mul(y)?);
+            return self.add(&gate.reshape(&[gate.shape()[0], 1, d])?.mul(y)?);
         }
-        let _ = b;
         let (x, g, yv) = (self.as_f32()?, gate.as_f32()?, y.as_f32()?);
         let mut out = Vec::with_capacity(x.len());
         for (r, (xr, yr)) in x.chunks(d.max(1)).zip(yv.chunks(d.max(1))).enumerate() {

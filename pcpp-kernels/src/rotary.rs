@@ -13,7 +13,7 @@ impl Tensor {
     /// sines are `cos`, `sin` (f32, `L·half` values, e.g. `[L, half]`): see the module doc.
     pub fn rotate_pairs(&self, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         const OP: &str = "rotate_pairs";
-        let &[batch, len, width] = self.shape() else {
+        let &[_, len, width] = self.shape() else {
             return Err(KernelError::invalid(
                 OP,
                 format!("input {:?} is not [batch, tokens, width]", self.shape()),
@@ -41,7 +41,7 @@ impl Tensor {
         }
         #[cfg(feature = "cuda")]
         if crate::ops::on_gpu(OP, &[Some(self), Some(cos), Some(sin)])? {
-            let dims = (batch, len, width / (2 * half), half);
+            let dims = (self.shape()[0], len, width / (2 * half), half);
             if crate::cuda::vector_kernels() {
                 let _timed = crate::cuda::profile::scope(
                     crate::cpu::profile::Kernel::Elementwise,
@@ -51,7 +51,6 @@ impl Tensor {
             }
             return self.rotate_pairs_composed(cos, sin, dims);
         }
-        let _ = batch;
         let (x, c, s) = (self.as_f32()?, cos.as_f32()?, sin.as_f32()?);
         let mut out = vec![0f32; x.len()];
         for (r, (xr, yr)) in x.chunks(width).zip(out.chunks_mut(width)).enumerate() {

@@ -43,6 +43,29 @@ fn cfg_flat(nv: usize) -> LaunchConfig {
     Gpu::cfg_elems(nv)
 }
 
+/// Blocks of 256 threads over `per_row` items of a row (x) and over `rows` rows (y, grid-strided
+/// past the grid's limit).
+fn cfg_row_blocks(per_row: usize, rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            per_row.div_ceil(256).clamp(1, 1024) as u32,
+            rows.min(MAX_GRID_Y) as u32,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One warp per row, 8 rows per block of 256 threads.
+fn cfg_warp_rows(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// `y = op(x)` (op code of `unary_op`) on `n` elements, vectorised.
 pub(super) fn try_unary(
     gpu: &Arc<Gpu>,
@@ -138,15 +161,7 @@ pub(super) fn try_row_broadcast(
     let v = lanes(dt);
     let vec = cols % v == 0 && aligned(&[full, bc, y]);
     let per_row = if vec { cols / v } else { cols };
-    let cfg = LaunchConfig {
-        grid_dim: (
-            per_row.div_ceil(256).clamp(1, 1024) as u32,
-            rows.min(MAX_GRID_Y) as u32,
-            1,
-        ),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = cfg_row_blocks(per_row, rows);
     launch!(gpu, format!("rowb_binary_{}", tname(dt)), cfg;
         full, bc, y, rows as i64, rpp as i64, cols as i64, op, bleft as i32, vec as i32);
     Ok(true)
@@ -186,11 +201,7 @@ pub(super) fn try_row_norm(
     }
     let v = lanes(dt);
     let vec = d % v == 0 && aligned(&[x, g, b, y]);
-    let cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = cfg_warp_rows(rows);
     launch!(gpu, format!("row_norm_warp_{}", tname(dt)), cfg;
         x, g, b, y, rows as i64, d as i64, eps, mean_too as i32, vec as i32, 0u64, 0u64, 1i64);
     Ok(true)
@@ -216,11 +227,7 @@ pub(crate) fn modulated_layer_norm(
     let y = out(&gpu, x.shape(), dt)?;
     let (xp, sp, tp, yp) = (ptr(x)?, ptr(scale)?, ptr(shift)?, ptr(&y)?);
     let vec = d % lanes(dt) == 0 && aligned(&[xp, sp, tp, yp]);
-    let cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = cfg_warp_rows(rows);
     launch!(gpu, format!("row_norm_warp_{}", tname(dt)), cfg;
         xp, 0u64, 0u64, yp, rows as i64, d as i64, eps as f32, 1i32, vec as i32, sp, tp,
         (rows / b) as i64);
@@ -243,15 +250,7 @@ pub(crate) fn add_gated(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Option<
     let v = lanes(dt);
     let vec = d % v == 0 && aligned(&[xp, gp, yp, op]);
     let per_row = if vec { d / v } else { d };
-    let cfg = LaunchConfig {
-        grid_dim: (
-            per_row.div_ceil(256).clamp(1, 1024) as u32,
-            rows.min(MAX_GRID_Y) as u32,
-            1,
-        ),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = cfg_row_blocks(per_row, rows);
     launch!(gpu, format!("gated_add_{}", tname(dt)), cfg;
         xp, gp, yp, op, rows as i64, (rows / b) as i64, d as i64, vec as i32);
     Ok(Some(o))
@@ -272,15 +271,7 @@ pub(crate) fn rotate_pairs(
     if rows * pairs == 0 {
         return Ok(y);
     }
-    let cfg = LaunchConfig {
-        grid_dim: (
-            pairs.div_ceil(256).clamp(1, 1024) as u32,
-            rows.min(MAX_GRID_Y) as u32,
-            1,
-        ),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = cfg_row_blocks(pairs, rows);
     launch!(gpu, format!("rotate_pairs_{}", tname(dt)), cfg;
         ptr(x)?, ptr(cos)?, ptr(sin)?, ptr(&y)?, rows as i64, len as i64, pairs as i64, half as i64);
     Ok(y)
