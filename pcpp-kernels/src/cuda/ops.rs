@@ -268,6 +268,7 @@ pub(crate) fn binary(
     // AdaLN-style row broadcasts ([P, R, C] against [P, 1, C]), either operand broadcast
     let rows = [(a, &b, sa, sb, false), (&b, a, sb, sa, true)]
         .into_iter()
+        .filter(|_| vector::vector_kernels())
         .find_map(|(f, g, sf, sg, left)| {
             vector::row_pattern(out_shape, sf, sg).map(|p| (f, g, p, left))
         });
