@@ -12,8 +12,8 @@
 # random weights (~30 s). RUNS picks them: SIZE:RANKS:MODE items (default every size with
 # N = 1, 2, 4, 8 pcpp and N = 4 distrifusion; about 8 minutes); SIZES the anchor's sizes;
 # PROFILE=1 adds the per-op-kind breakdown of the eager steps (`--profile`) to the serial runs;
-# PCPP_FLASH128=shared-q picks the head-size-128 attention kernel with Q in shared memory and
-# PCPP_VECTOR_KERNELS=1 the vectorised element-wise kernels (the JSON lines say which ran).
+# PCPP_FLASH128=registers-q picks the older head-size-128 attention kernel (Q in registers) and
+# PCPP_VECTOR_KERNELS=0 the scalar element-wise kernels (the JSON lines say which ran).
 set -euo pipefail
 BIN=${1:?usage: gpu-flux.sh BIN_DIR OUT_DIR}
 OUT=${2:?usage: gpu-flux.sh BIN_DIR OUT_DIR}

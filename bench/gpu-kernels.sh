@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The kernel variants still being measured (issues 17 and 19), each against the default kernels
-# and against diffusers in one command on one GPU:
+# The kernel variants (issues 17 and 19), against each other and against diffusers in one command
+# on one GPU:
 #   1. GPU parity first: `cuda_parity` (both head-size-128 attention kernels) and
 #      `cuda_vector_parity` (vectorised element-wise kernels, row broadcasts, warp-per-row norms,
 #      rotate_pairs, modulated_layer_norm, add_gated), each against the CPU twins;
 #   2. the SDXL-base UNet step (seeded random weights, fp16, CUDA graph): 1024² at b = 2 and b = 1,
-#      2048² at b = 1, and one rank of 8 (pcpp, a 32-row band at b = 1), with the default kernels and
-#      with PCPP_VECTOR_KERNELS=1; then bench/diffusers_unet.py (diffusers 0.42.1, eager and graph);
+#      2048² at b = 1, and one rank of 8 (pcpp, a 32-row band at b = 1), with the scalar kernels
+#      (PCPP_VECTOR_KERNELS=0) and the vectorised ones (1, the default); then
+#      bench/diffusers_unet.py (diffusers 0.42.1, eager and graph);
 #   3. the FLUX.1-dev transformer step at 1024² (bf16, CUDA graph; each run builds ~24 GB of
-#      random weights, ~30 s): default, PCPP_VECTOR_KERNELS=1, and that with PCPP_FLASH128=shared-q
-#      (the first with --profile); then bench/diffusers_flux_step.py at 1024².
+#      random weights, ~30 s): scalar kernels with PCPP_FLASH128=registers-q, vectorised ones with
+#      registers-q, and the defaults (vectorised, shared-q; the first two with --profile); then
+#      bench/diffusers_flux_step.py at 1024².
 # About 8 minutes. Prints every result line; writes them under OUT_DIR.
 #
 # Usage: bench/gpu-kernels.sh BIN_DIR OUT_DIR

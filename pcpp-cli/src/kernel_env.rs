@@ -1,7 +1,7 @@
-//! Kernel choices still being measured on GPUs, taken from the environment before any GPU work:
+//! Kernel choices for comparison runs, taken from the environment before any GPU work:
 //! `PCPP_FLASH128=shared-q|registers-q` (the head-size-128 flash-attention kernel, Flux.1) and
 //! `PCPP_VECTOR_KERNELS=1|0` (vectorised element-wise kernels, row-broadcast kernel, one warp per
-//! norm row, fused rotary embedding). Unset means the measured defaults. Without the `cuda`
+//! norm row, fused rotary embedding). Unset means the measured defaults (`shared-q`, `1`). Without the `cuda`
 //! feature there is nothing to choose and the variables are ignored.
 
 use anyhow::Result;
@@ -12,13 +12,13 @@ pub fn apply() -> Result<()> {
     use anyhow::bail;
     use pcpp_kernels::cuda::{set_flash128, set_vector_kernels, Flash128};
     match std::env::var("PCPP_FLASH128").ok().as_deref() {
-        None | Some("") | Some("registers-q") => set_flash128(Flash128::RegistersQ),
-        Some("shared-q") => set_flash128(Flash128::SharedQ),
+        None | Some("") | Some("shared-q") => set_flash128(Flash128::SharedQ),
+        Some("registers-q") => set_flash128(Flash128::RegistersQ),
         Some(v) => bail!("PCPP_FLASH128={v}: expected shared-q or registers-q"),
     }
     match std::env::var("PCPP_VECTOR_KERNELS").ok().as_deref() {
-        None | Some("") | Some("0") => set_vector_kernels(false),
-        Some("1") => set_vector_kernels(true),
+        None | Some("") | Some("1") => set_vector_kernels(true),
+        Some("0") => set_vector_kernels(false),
         Some(v) => bail!("PCPP_VECTOR_KERNELS={v}: expected 1 or 0"),
     }
     Ok(())

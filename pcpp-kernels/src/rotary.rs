@@ -4,7 +4,7 @@
 //! `(x₀·cos − x₁·sin, x₁·cos + x₀·sin)` with `cos`, `sin` of `(l, i)`, computed in f32 and stored
 //! in the input's dtype. One pass over the tensor (the CUDA kernel `rotate_pairs`) instead of the
 //! casts, strided slices, broadcasts and concatenation of the composition, which stays as the GPU
-//! path while the vectorised kernels are off (`PCPP_VECTOR_KERNELS`).
+//! path when the vectorised kernels are turned off (`PCPP_VECTOR_KERNELS=0`).
 
 use crate::{DType, KernelError, Result, Tensor};
 

@@ -121,7 +121,7 @@ fn vector_kernels_match_cpu() {
             );
         }
     }
-    set_vector_kernels(false);
+    set_vector_kernels(true);
 }
 
 /// The rotary embedding of adjacent pairs: the fused kernel (switch on) and the composition of
@@ -151,7 +151,7 @@ fn rotate_pairs_matches_cpu() {
             );
         }
     }
-    set_vector_kernels(false);
+    set_vector_kernels(true);
 }
 
 /// AdaLN's modulated layer norm and gated residual add, fused (switch on) and composed (off),
@@ -186,7 +186,7 @@ fn adaln_ops_match_cpu() {
             }
         }
     }
-    set_vector_kernels(false);
+    set_vector_kernels(true);
 }
 
 /// Concatenation in one launch (switch on) against the CPU: along a middle axis and the last, with
@@ -222,7 +222,7 @@ fn one_launch_cat_matches_cpu() {
             );
         }
     }
-    set_vector_kernels(false);
+    set_vector_kernels(true);
 }
 
 /// With the switch off, the same ops still match (the scalar kernels): the switch changes the

@@ -74,21 +74,23 @@ pub(crate) const FLASH_SHARED_Q_BYTES: u32 = (128 + 4 * 32) * 136 * 2;
 /// kernel; other head sizes and f32 take the cuBLAS path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flash128 {
-    /// Q fragments in registers, one 16-row tile per warp, 64 query rows per block (the default).
+    /// Q fragments in registers, one 16-row tile per warp, 64 query rows per block. Taken where
+    /// the device cannot give a block 68 KiB of shared memory, or when [`set_flash128`] chooses
+    /// it (`pcpp-cli`: `PCPP_FLASH128=registers-q`).
     RegistersQ,
     /// The block's 128-row Q tile in shared memory, two 16-row tiles per warp (every K/V fragment
-    /// feeds two MMAs); needs 68 KiB of shared memory per block. Chosen with [`set_flash128`]
-    /// (`pcpp-cli`: `PCPP_FLASH128=shared-q`) until it has been measured against the default.
+    /// feeds two MMAs); needs 68 KiB of shared memory per block. The default: on an H200 it made
+    /// the FLUX.1-dev 1024² step 7% faster (docs/benchmarks.md).
     SharedQ,
 }
 
-static FLASH128: AtomicU8 = AtomicU8::new(1);
+static FLASH128: AtomicU8 = AtomicU8::new(2);
 
-/// The head-size-128 kernel in use ([`Flash128::RegistersQ`] unless [`set_flash128`] chose).
+/// The head-size-128 kernel in use ([`Flash128::SharedQ`] unless [`set_flash128`] chose).
 pub fn flash128() -> Flash128 {
     match FLASH128.load(Ordering::Relaxed) {
-        2 => Flash128::SharedQ,
-        _ => Flash128::RegistersQ,
+        1 => Flash128::RegistersQ,
+        _ => Flash128::SharedQ,
     }
 }
 
