@@ -21,6 +21,7 @@ mod ucx {
     const FUNCTIONS: &[&str] = &[
         "ucp_config_read",
         "ucp_config_release",
+        "ucp_config_modify",
         "ucp_init_version",
         "ucp_cleanup",
         "ucp_get_version_string",

@@ -25,13 +25,18 @@ fn rank_commands(n: usize, role: &str, tls: &str) -> Vec<Command> {
     (0..n)
         .map(|r| {
             let mut c = self_command("ucx_rank");
+            // An empty `tls` leaves UCX_TLS unset: UCX's default, or pcpp-comm's choice.
+            if tls.is_empty() {
+                c.env_remove("UCX_TLS");
+            } else {
+                c.env("UCX_TLS", tls);
+            }
             c.env(ROLE, role)
                 .env("PCPP_RANK", r.to_string())
                 .env("PCPP_WORLD_SIZE", n.to_string())
                 .env_remove("PCPP_LOCAL_RANK")
                 .env_remove("SLURM_LOCALID")
                 .env("PCPP_UCX_ROOT", &root)
-                .env("UCX_TLS", tls)
                 .env("UCX_LOG_LEVEL", "error")
                 .env_remove("SLURM_PROCID")
                 .env_remove("OMPI_COMM_WORLD_SIZE")
@@ -129,6 +134,29 @@ fn device_cuda_aware_n2() {
 #[test]
 fn device_cuda_aware_n4() {
     assert_device_ranks(4, "device-cuda-aware", "cuda-aware");
+}
+
+/// Without UCX_TLS, the staged path's context leaves UCX's CUDA transports out (a transport list
+/// UCX must accept whether or not it was built with CUDA) and says so.
+#[test]
+fn device_staged_without_ucx_tls_leaves_cuda_transports_out() {
+    let out = launch_ranks(2, "device-staged", "");
+    for (r, f) in out.iter().enumerate() {
+        assert!(f.ok(), "rank {r} of 2 failed:\n{}", f.all());
+        assert!(
+            f.stdout
+                .contains(&format!("rank {r}/2: device-staged passed")),
+            "rank {r}:\n{}",
+            f.all()
+        );
+    }
+    assert!(
+        out[0]
+            .stderr
+            .contains("ucx device exchanges: staged (UCX's CUDA transports left out"),
+        "{}",
+        out[0].all()
+    );
 }
 
 #[test]

@@ -11,7 +11,7 @@
 //! `UCS_THREAD_MODE_SERIALIZED` and the safe layer serialises every call
 //! through one mutex per world.
 
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
 use std::os::raw::c_void;
 use std::ptr;
 use std::sync::Arc;
@@ -118,12 +118,22 @@ unsafe impl Sync for Context {}
 
 impl Context {
     /// Reads the `UCX_*` environment configuration and initialises UCP with
-    /// `UCP_FEATURE_TAG`.
-    pub fn new(estimated_eps: usize) -> Result<Arc<Context>, Status> {
+    /// `UCP_FEATURE_TAG`. `tls`, when given, replaces the transport list (`UCX_TLS`'s syntax).
+    pub fn new(estimated_eps: usize, tls: Option<&str>) -> Result<Arc<Context>, Status> {
         let mut config: *mut ffi::ucp_config_t = ptr::null_mut();
         // SAFETY: null prefix and file name select the defaults; `config` is a
         // valid out-pointer.
         check(unsafe { ffi::ucp_config_read(ptr::null(), ptr::null(), &mut config) })?;
+        if let Some(tls) = tls {
+            let value = CString::new(tls).map_err(|_| Status(ffi::UCS_ERR_INVALID_PARAM))?;
+            // SAFETY: `config` is live; both strings are NUL-terminated and outlive the call.
+            let rc = unsafe { ffi::ucp_config_modify(config, c"TLS".as_ptr(), value.as_ptr()) };
+            if rc != ffi::UCS_OK {
+                // SAFETY: `config` came from ucp_config_read and is released once.
+                unsafe { ffi::ucp_config_release(config) };
+                return Err(Status(rc));
+            }
+        }
         let params = ffi::ucp_params_t {
             field_mask: u64::from(
                 ffi::UCP_PARAM_FIELD_FEATURES | ffi::UCP_PARAM_FIELD_ESTIMATED_NUM_EPS,
@@ -464,7 +474,7 @@ mod tests {
 
     #[test]
     fn context_worker_and_address() {
-        let ctx = Context::new(1).unwrap();
+        let ctx = Context::new(1, None).unwrap();
         let w = Worker::new(&ctx).unwrap();
         let a = w.address().unwrap();
         assert!(!a.is_empty());

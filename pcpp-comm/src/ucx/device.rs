@@ -170,6 +170,20 @@ impl Wire for UcxWire {
     }
 }
 
+/// UCX's CUDA transports, left out of the context when no device memory reaches UCX.
+const WITHOUT_CUDA_TLS: &str = "^cuda_copy,cuda_ipc,gdr_copy";
+
+/// The transport list of the UCX context (`None`: `UCX_TLS` or UCX's default). Only the
+/// CUDA-aware path hands UCX device memory; every other path gives it host memory, so UCX's CUDA
+/// transports are left out of the context unless the user chose the transports with `UCX_TLS`.
+/// With them loaded, UCX's progress calls the CUDA driver from the communication thread, and on an
+/// H200 (UCX 1.22, 4 ranks on one GPU) a staged `generate` then stalled inside UCX's progress
+/// call; without them it is bitwise equal to the local transport (docs/clusters.md).
+pub(super) fn context_tls(opts: &TransportOptions) -> Option<&'static str> {
+    let user_tls = std::env::var_os("UCX_TLS").is_some_and(|v| !v.is_empty());
+    (opts.device_comm != DeviceComm::CudaAware && !user_tls).then_some(WITHOUT_CUDA_TLS)
+}
+
 /// The device engine `opts` ask for on the group `ctx` of `world` (`members`: world rank of each
 /// group rank), or `None` for the host path. With `log`, rank 0 prints the choice.
 pub(super) fn engine_for(
@@ -181,25 +195,20 @@ pub(super) fn engine_for(
     log: bool,
 ) -> Option<Arc<DeviceEngine<UcxWire>>> {
     let cuda = world.cuda_memory;
-    let how = if cuda {
+    let how = if context_tls(opts).is_some() {
+        "UCX's CUDA transports left out: the staged path gives UCX host memory"
+    } else if cuda {
         "UCX lists the CUDA memory type"
     } else {
         "UCX does not list the CUDA memory type (no cuda_copy / cuda_ipc transports)"
     };
-    // `auto` keeps UCX on the host path: on the one machine tested (UCX 1.22, ranks sharing one
-    // GPU) the CUDA-aware path failed and the staged path stalled inside `generate`
-    // (docs/clusters.md); both stay available when forced.
-    if opts.device_comm == DeviceComm::Auto && opts.device_streams == crate::DeviceStreams::Cuda {
-        if log && rank == 0 {
-            eprintln!(
-                "pcpp-comm: ucx device exchanges: host ({how}; --device-comm auto keeps UCX on the \
-                 host path until its device paths pass a GPU check; force staged or cuda-aware \
-                 with --device-comm)"
-            );
-        }
-        return None;
-    }
-    let path = opts.device_comm.resolve(cuda)?;
+    // `auto` takes the staged path even where UCX moves device memory: on the one machine tested
+    // (UCX 1.22, ranks sharing one GPU) the CUDA-aware path failed (docs/clusters.md); it stays
+    // available when forced.
+    let path = match opts.device_comm {
+        DeviceComm::Auto => Some(DevicePath::Staged),
+        other => other.resolve(cuda),
+    }?;
     let ops = crate::device::stream_ops(opts.device_streams)?;
     if log && rank == 0 {
         let warn = if path == DevicePath::CudaAware

@@ -287,6 +287,25 @@ impl std::fmt::Debug for UcxTransport {
     }
 }
 
+/// Environment variable that turns UCX's peer-failure detection off (`0`; default `1`).
+pub const PEER_FAILURE_ENV: &str = "PCPP_UCX_PEER_FAILURE";
+
+/// Whether endpoints ask UCX to detect failed peers (`UCP_ERR_HANDLING_MODE_PEER`). UCX 1.22 has
+/// no failure detection on its shared-memory transports, so with it ranks of one node talk over
+/// TCP or the NIC's loopback; `PCPP_UCX_PEER_FAILURE=0` lets them use shared memory, and a failed
+/// peer is then noticed by the exchange timeouts alone.
+fn peer_failure_detection() -> Result<bool, String> {
+    match std::env::var(PEER_FAILURE_ENV)
+        .ok()
+        .as_deref()
+        .map(str::trim)
+    {
+        None | Some("") | Some("1") => Ok(true),
+        Some("0") => Ok(false),
+        Some(v) => Err(format!("{PEER_FAILURE_ENV}={v}: expected 1 or 0")),
+    }
+}
+
 fn setup(op: &'static str, rank: usize, detail: String) -> CommError {
     CommError::Setup { op, rank, detail }
 }
@@ -320,7 +339,8 @@ impl UcxTransport {
                 format!("{what}: {s}; check UCX_TLS / UCX_NET_DEVICES (`ucx_info -d` lists them)"),
             )
         };
-        let ctx = Context::new(size).map_err(|s| ucx_err("ucp_init", s))?;
+        let tls = device::context_tls(&opts);
+        let ctx = Context::new(size, tls).map_err(|s| ucx_err("ucp_init", s))?;
         let cuda_memory = ctx.supports_cuda();
         let worker = Worker::new(&ctx).map_err(|s| ucx_err("ucp_worker_create", s))?;
         let address = worker
@@ -381,7 +401,12 @@ impl UcxTransport {
             }
             Ok(eps)
         };
-        let (eps, err_mode) = match connect(ErrMode::Peer) {
+        let peer_mode = if peer_failure_detection().map_err(|d| setup(OP, rank, d))? {
+            connect(ErrMode::Peer)
+        } else {
+            Err((rank, Status(ffi::UCS_ERR_UNSUPPORTED)))
+        };
+        let (eps, err_mode) = match peer_mode {
             Ok(eps) => (eps, ErrMode::Peer),
             // Shared-memory transports lack peer failure detection and
             // report the peer as unreachable in that mode: fall back to
