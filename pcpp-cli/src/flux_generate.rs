@@ -370,6 +370,7 @@ fn run_rank(
         let prompt = pipe
             .encode_prompt(a.prompt(), p.max_len)
             .context("prompt encoding")?;
+        pcpp_kernels::synchronize(device)?;
         if prompt.truncated {
             eprintln!(
                 "note: the prompt was cut to fit the tokenizers (77 CLIP tokens, {} T5 tokens)",
@@ -380,7 +381,9 @@ fn run_rank(
     } else {
         (None, String::new())
     };
+    let t_encode = t1.elapsed().as_secs_f64();
     let (prompt, noise) = broadcast_inputs(world.as_ref(), mine)?;
+    let t2 = Instant::now();
     let mut on_step = |i: usize, n: usize| {
         if a.verbose && rank == 0 {
             eprintln!("step {i}/{n}");
@@ -401,6 +404,9 @@ fn run_rank(
         eprintln!("warning: the latents held a NaN or an infinity from step {s} on");
     }
     let latents = out.latents;
+    pcpp_kernels::synchronize(device)?;
+    let t_denoise = t2.elapsed().as_secs_f64();
+    let t3 = Instant::now();
     let image = match (&decode_rt, &band_vae) {
         (Some(rt), Some(vae)) => {
             let z = vae.unscale_latents(&latents.to_dtype(vae.dtype())?)?;
@@ -415,6 +421,8 @@ fn run_rank(
     let Some(image) = image else {
         return Ok(());
     };
+    pcpp_kernels::synchronize(device)?;
+    let t_decode = t3.elapsed().as_secs_f64();
     let t_gen = t1.elapsed().as_secs_f64();
     if let Some(sp) = &a.save_latents {
         let l = latents.to_device(Device::Cpu)?;
@@ -437,6 +445,10 @@ fn run_rank(
             "ranks": world.size(),
             "parallel": p.parallel.mode.to_string(),
             "load_seconds": t_load,
+            "generate_seconds": t_gen,
+            "encode_seconds": t_encode,
+            "denoise_seconds": t_denoise,
+            "decode_seconds": t_decode,
             "step_seconds": out.step_seconds,
             "per_rank": reports,
         });
@@ -462,6 +474,12 @@ fn run_rank(
         p.height,
         &[("parameters", params)],
     )?;
+    if a.verbose {
+        eprintln!(
+            "encode {t_encode:.3} s, denoise {t_denoise:.3} s, decode {t_decode:.3} s (the \
+             image's {t_gen:.3} s)"
+        );
+    }
     eprintln!(
         "wrote {} ({}×{}, {} steps, {} rank(s)): load {t_load:.1} s, generate {t_gen:.1} s",
         a.output().display(),

@@ -143,6 +143,13 @@ fn flux_stale_bytes_equal_plan() {
         run("dev", &format!("bytes-{mode}"), &flags);
         let rep: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        // the image's stages add up to at most its time
+        let secs = |k: &str| rep[k].as_f64().unwrap_or_else(|| panic!("no {k} in {rep}"));
+        let stages = secs("encode_seconds") + secs("denoise_seconds") + secs("decode_seconds");
+        assert!(
+            stages > 0.0 && stages <= secs("generate_seconds") + 1e-6,
+            "{rep}"
+        );
         let m = model("dev");
         let mut pa = vec![
             "plan",
