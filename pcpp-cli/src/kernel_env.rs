@@ -1,5 +1,5 @@
 //! Kernel choices for comparison runs, taken from the environment before any GPU work:
-//! `PCPP_FLASH128=shared-q|registers-q` (the head-size-128 flash-attention kernel, Flux.1) and
+//! `PCPP_FLASH128=shared-q|shared-q64|registers-q` (the head-size-128 flash-attention kernel, Flux.1) and
 //! `PCPP_VECTOR_KERNELS=1|0` (vectorised element-wise kernels, row-broadcast kernel, one warp per
 //! norm row, fused rotary embedding). Unset means the measured defaults (`shared-q`, `1`). Without the `cuda`
 //! feature there is nothing to choose and the variables are ignored.
@@ -14,7 +14,8 @@ pub fn apply() -> Result<()> {
     match std::env::var("PCPP_FLASH128").ok().as_deref() {
         None | Some("") | Some("shared-q") => set_flash128(Flash128::SharedQ),
         Some("registers-q") => set_flash128(Flash128::RegistersQ),
-        Some(v) => bail!("PCPP_FLASH128={v}: expected shared-q or registers-q"),
+        Some("shared-q64") => set_flash128(Flash128::SharedQ64),
+        Some(v) => bail!("PCPP_FLASH128={v}: expected shared-q, shared-q64 or registers-q"),
     }
     match std::env::var("PCPP_VECTOR_KERNELS").ok().as_deref() {
         None | Some("") | Some("1") => set_vector_kernels(true),

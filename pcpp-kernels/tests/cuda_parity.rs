@@ -251,8 +251,9 @@ fn attention_matches_cpu() {
             let k = rnd(&[2, lk, heads * dh], d, 2).affine(2.0, 0.0).unwrap();
             let v = rnd(&[2, lk, heads * dh], d, 3);
             let want = Tensor::attention(&q, &k, &v, heads, causal).unwrap();
-            // both head-size-128 kernels: Q in registers and Q in shared memory (the default)
-            for variant in [Flash128::RegistersQ, Flash128::SharedQ] {
+            // every head-size-128 kernel: Q in registers, Q in shared memory (the default) and that with
+            // 64-key tiles
+            for variant in [Flash128::RegistersQ, Flash128::SharedQ, Flash128::SharedQ64] {
                 set_flash128(variant);
                 let got = Tensor::attention(&gpu(&q), &gpu(&k), &gpu(&v), heads, causal).unwrap();
                 check(

@@ -489,6 +489,17 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const void* p) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_addr(p)));
 }
+// The same at a 32-bit shared-memory address (base + constant offsets fold into the instruction).
+__device__ __forceinline__ void ldsm_x4(unsigned* r, unsigned a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x4_trans(unsigned* r, unsigned a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
 // QS = 0: each warp keeps its Q fragments in registers, K/V stages in static shared memory.
 // QS = 1: the block's Q tile sits in (dynamic) shared memory beside the K/V stages and each warp
 // loads its fragments with ldmatrix per 32 dims: this frees the registers that two m16 tiles per
@@ -589,7 +600,30 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
         for (int j = 0; j < NJ; ++j)
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.0f;
-        if constexpr (QS) {
+        if constexpr (QS && BN >= 64) {
+            // 64-key tiles: one 16-dim slice of Q and K at a time, so that the scores of the
+            // whole tile, the output accumulators and the fragments fit the registers.
+            const unsigned qa0 =
+                smem_addr(Qsm + (warp * 16 * MT + (lane & 15)) * LDS + (lane >> 4) * 8);
+            const unsigned ka0 = smem_addr(Ks + ((lane & 7) + ((lane >> 4) << 3)) * LDS + ((lane >> 3) & 1) * 8);
+#pragma unroll
+            for (int kk = 0; kk < KD; ++kk) {
+                unsigned qf[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) ldsm_x4(qf[mt], qa0 + (mt * 16 * LDS + kk * 16) * 2);
+#pragma unroll
+                for (int j = 0; j < NJ; j += 2) {
+                    // Keys j*8.. (matrices 0, 1) and (j+1)*8.. (matrices 2, 3), dims kk*16...
+                    unsigned bk[4];
+                    ldsm_x4(bk, ka0 + (j * 8 * LDS + kk * 16) * 2);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma16816<BF>(s[mt][j], qf[mt], bk);
+                        mma16816<BF>(s[mt][j + 1], qf[mt], bk + 2);
+                    }
+                }
+            }
+        } else if constexpr (QS) {
 #pragma unroll
             for (int kk = 0; kk < KD; kk += 2) {
                 // This warp's Q fragments of dims kk*16.. and (kk+1)*16.., from shared memory.
@@ -630,14 +664,17 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
             }
         }
         bool edge = (kb + BN > lk) || causal;
+        // P = exp2(S − m) of this tile as the A fragments of the P·V MMAs, per 16 keys.
+        unsigned pa[MT][BN / 16][4];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
+            // Maxima in raw score units; the scale folds into the exponent's FMA below.
             float mx0 = NEG_INF, mx1 = NEG_INF;
 #pragma unroll
             for (int j = 0; j < NJ; ++j) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    float val = s[mt][j][e] * scale_log2;
+                    float val = s[mt][j][e];
                     if (edge) {
                         int key = kb + j * 8 + c + (e & 1);
                         int row = rr[mt][e >> 1];
@@ -654,19 +691,25 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
                 mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
             }
             float mn0 = fmaxf(mrow[mt][0], mx0), mn1 = fmaxf(mrow[mt][1], mx1);
-            float sub0 = mn0 == NEG_INF ? 0.0f : mn0, sub1 = mn1 == NEG_INF ? 0.0f : mn1;
-            float al0 = fast_exp2(mrow[mt][0] - sub0), al1 = fast_exp2(mrow[mt][1] - sub1);
+            float sub0 = mn0 == NEG_INF ? 0.0f : mn0 * scale_log2;
+            float sub1 = mn1 == NEG_INF ? 0.0f : mn1 * scale_log2;
+            float al0 = fast_exp2(fmaf(mrow[mt][0], scale_log2, -sub0));
+            float al1 = fast_exp2(fmaf(mrow[mt][1], scale_log2, -sub1));
             mrow[mt][0] = mn0;
             mrow[mt][1] = mn1;
             float ls0 = 0.0f, ls1 = 0.0f;
 #pragma unroll
             for (int j = 0; j < NJ; ++j) {
-                s[mt][j][0] = fast_exp2(s[mt][j][0] - sub0);
-                s[mt][j][1] = fast_exp2(s[mt][j][1] - sub0);
-                s[mt][j][2] = fast_exp2(s[mt][j][2] - sub1);
-                s[mt][j][3] = fast_exp2(s[mt][j][3] - sub1);
-                ls0 += s[mt][j][0] + s[mt][j][1];
-                ls1 += s[mt][j][2] + s[mt][j][3];
+                float p0 = fast_exp2(fmaf(s[mt][j][0], scale_log2, -sub0));
+                float p1 = fast_exp2(fmaf(s[mt][j][1], scale_log2, -sub0));
+                float p2 = fast_exp2(fmaf(s[mt][j][2], scale_log2, -sub1));
+                float p3 = fast_exp2(fmaf(s[mt][j][3], scale_log2, -sub1));
+                ls0 += p0 + p1;
+                ls1 += p2 + p3;
+                // Packed at once into the A fragments of the P·V MMAs (keys 16t.., t = j / 2),
+                // so the f32 scores need not stay live through them.
+                pa[mt][j >> 1][(j & 1) * 2] = pack2<BF>(p0, p1);
+                pa[mt][j >> 1][(j & 1) * 2 + 1] = pack2<BF>(p2, p3);
             }
             lrow[mt][0] = lrow[mt][0] * al0 + ls0;
             lrow[mt][1] = lrow[mt][1] * al1 + ls1;
@@ -678,24 +721,17 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
                 acc[mt][d][3] *= al1;
             }
         }
+        const unsigned va0 = smem_addr(Vs + (lane & 15) * LDS + (lane >> 4) * 8);
 #pragma unroll
         for (int t = 0; t < BN / 16; ++t) {
-            unsigned pa[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                pa[mt][0] = pack2<BF>(s[mt][2 * t][0], s[mt][2 * t][1]);
-                pa[mt][1] = pack2<BF>(s[mt][2 * t][2], s[mt][2 * t][3]);
-                pa[mt][2] = pack2<BF>(s[mt][2 * t + 1][0], s[mt][2 * t + 1][1]);
-                pa[mt][3] = pack2<BF>(s[mt][2 * t + 1][2], s[mt][2 * t + 1][3]);
-            }
 #pragma unroll
             for (int d = 0; d < ND; d += 2) {
                 unsigned bv[4];
-                ldmatrix_x4_trans(bv, Vs + (t * 16 + (lane & 15)) * LDS + (d + (lane >> 4)) * 8);
+                ldsm_x4_trans(bv, va0 + (t * 16 * LDS + d * 8) * 2);
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
-                    mma16816<BF>(acc[mt][d], pa[mt], bv);
-                    mma16816<BF>(acc[mt][d + 1], pa[mt], bv + 2);
+                    mma16816<BF>(acc[mt][d], pa[mt][t], bv);
+                    mma16816<BF>(acc[mt][d + 1], pa[mt][t], bv + 2);
                 }
             }
         }
@@ -731,14 +767,18 @@ FLASH_ATTN(flash_attn128_f16, 0, 128, 1, 32)
 FLASH_ATTN(flash_attn128_bf16, 1, 128, 1, 32)
 // Head size 128, two m16 tiles per warp (128 query rows per block), Q in shared memory:
 // 2 * 32 * 136 * 2 (K/V stages) + 128 * 136 halves = 69 632 bytes of dynamic shared memory.
-#define FLASH_ATTN_QS(NAME, BF)                                                                             \
+#define FLASH_ATTN_QS(NAME, BF, BN)                                                                         \
     extern "C" __global__ void __launch_bounds__(128) NAME(const unsigned short* q, const unsigned short* k,  \
         const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) { \
         extern __shared__ __align__(16) unsigned short flash_dyn[];                                         \
-        flash_attn_impl<BF, 128, 2, 32, 1>(q, k, v, o, lq, lk, heads, scale_log2, causal, flash_dyn);       \
+        flash_attn_impl<BF, 128, 2, BN, 1>(q, k, v, o, lq, lk, heads, scale_log2, causal, flash_dyn);       \
     }
-FLASH_ATTN_QS(flash_attn128q_f16, 0)
-FLASH_ATTN_QS(flash_attn128q_bf16, 1)
+FLASH_ATTN_QS(flash_attn128q_f16, 0, 32)
+FLASH_ATTN_QS(flash_attn128q_bf16, 1, 32)
+// The same with 64-key tiles (FlashAttention-2's tile for head size 128 on Hopper): half the
+// softmax rescales and barriers per key; 128 * 136 + 4 * 64 * 136 halves = 104 448 bytes.
+FLASH_ATTN_QS(flash_attn128q64_f16, 0, 64)
+FLASH_ATTN_QS(flash_attn128q64_bf16, 1, 64)
 
 
 // ---- vectorised element-wise kernels and row norms (16 bytes per access: 8 halves or 4 floats) ----

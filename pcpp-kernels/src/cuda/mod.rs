@@ -66,6 +66,8 @@ pub fn kernel_names() -> Vec<String> {
         "flash_attn128_bf16",
         "flash_attn128q_f16",
         "flash_attn128q_bf16",
+        "flash_attn128q64_f16",
+        "flash_attn128q64_bf16",
         "copy2d_u128",
         "cat_multi_u16",
         "cat_multi_u128",
@@ -271,8 +273,9 @@ pub struct Gpu {
     /// Whether f32 convolutions may use TF32 tensor cores ([`Gpu::set_conv_tf32`]).
     conv_tf32: std::sync::atomic::AtomicBool,
     /// Whether the Q-in-shared-memory flash kernels got their shared memory
-    /// ([`ops::Flash128::SharedQ`]); without it they are not used.
+    /// ([`ops::Flash128::SharedQ`], [`ops::Flash128::SharedQ64`]); without it they are not used.
     flash_shared_q: bool,
+    flash_shared_q64: bool,
 }
 
 // SAFETY: every handle is used under `lock` or through the single stream in issue order; cudarc's
@@ -424,16 +427,23 @@ impl Gpu {
             funcs.insert(name, f);
         }
         // The Q-in-shared-memory flash kernels need more than the default 48 KiB.
-        let flash_shared_q = ["flash_attn128q_f16", "flash_attn128q_bf16"]
-            .iter()
-            .filter_map(|n| funcs.get(*n))
-            .all(|f| {
+        let smem_ok = |names: [&str; 2], bytes: u32| {
+            names.iter().filter_map(|n| funcs.get(*n)).all(|f| {
                 f.set_attribute(
                     cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    ops::FLASH_SHARED_Q_BYTES as i32,
+                    bytes as i32,
                 )
                 .is_ok()
-            });
+            })
+        };
+        let flash_shared_q = smem_ok(
+            ["flash_attn128q_f16", "flash_attn128q_bf16"],
+            ops::FLASH_SHARED_Q_BYTES,
+        );
+        let flash_shared_q64 = smem_ok(
+            ["flash_attn128q64_f16", "flash_attn128q64_bf16"],
+            ops::FLASH_SHARED_Q64_BYTES,
+        );
         let blas = CudaBlas::new(stream.clone()).map_err(|x| e("cuBLAS", &x))?;
         // A workspace of cuBLAS's own: without one, cuBLAS picks other (workspace-free) kernels
         // while a CUDA graph is being captured, and a replayed step would round differently from
@@ -471,6 +481,7 @@ impl Gpu {
             arch,
             funcs,
             flash_shared_q,
+            flash_shared_q64,
             blas,
             _blas_workspace: blas_workspace,
             lt: Lt {

@@ -48,7 +48,7 @@ pub(crate) use conv::{conv2d, ConvKey};
 use gemm::gemm_batched;
 pub(crate) use gemm::{linear, matmul, LtKey};
 
-pub(crate) use attn::{attention, FLASH_SHARED_Q_BYTES};
+pub(crate) use attn::{attention, FLASH_SHARED_Q64_BYTES, FLASH_SHARED_Q_BYTES};
 pub use attn::{flash128, set_flash128, Flash128};
 
 fn tname(d: DType) -> &'static str {

@@ -44,7 +44,10 @@ pub(crate) fn attention(
     }
     let fused = match dh {
         64 => Some(("flash_attn", 128, 0)),
-        128 if flash128() == Flash128::SharedQ && gpu.flash_shared_q => {
+        128 if flash128() == Flash128::SharedQ64 && gpu.flash_shared_q64 => {
+            Some(("flash_attn128q64", 128, FLASH_SHARED_Q64_BYTES))
+        }
+        128 if flash128() != Flash128::RegistersQ && gpu.flash_shared_q => {
             Some(("flash_attn128q", 128, FLASH_SHARED_Q_BYTES))
         }
         128 => Some(("flash_attn128", 64, 0)),
@@ -69,6 +72,8 @@ pub(crate) fn attention(
 /// Dynamic shared memory of the head-size-128 kernel with Q in shared memory: a 128-row Q tile
 /// and two stages of 32-row K and V tiles, rows padded to 136 halves.
 pub(crate) const FLASH_SHARED_Q_BYTES: u32 = (128 + 4 * 32) * 136 * 2;
+/// The same with 64-row K and V tiles.
+pub(crate) const FLASH_SHARED_Q64_BYTES: u32 = (128 + 4 * 64) * 136 * 2;
 
 /// The fused flash-attention kernel for head size 128 (Flux.1), f16/bf16. Head size 64 has one
 /// kernel; other head sizes and f32 take the cuBLAS path.
@@ -82,6 +87,11 @@ pub enum Flash128 {
     /// feeds two MMAs); needs 68 KiB of shared memory per block. The default: on an H200 it made
     /// the FLUX.1-dev 1024² step 7% faster (docs/benchmarks.md).
     SharedQ,
+    /// [`Flash128::SharedQ`] with 64-key tiles (FlashAttention-2's tile for head size 128 on
+    /// Hopper): half the softmax rescales and barriers per key, 102 KiB of shared memory per
+    /// block. Chosen with [`set_flash128`] (`pcpp-cli`: `PCPP_FLASH128=shared-q64`) until
+    /// measured against the default.
+    SharedQ64,
 }
 
 static FLASH128: AtomicU8 = AtomicU8::new(2);
@@ -90,6 +100,7 @@ static FLASH128: AtomicU8 = AtomicU8::new(2);
 pub fn flash128() -> Flash128 {
     match FLASH128.load(Ordering::Relaxed) {
         1 => Flash128::RegistersQ,
+        3 => Flash128::SharedQ64,
         _ => Flash128::SharedQ,
     }
 }
@@ -99,6 +110,7 @@ pub fn set_flash128(v: Flash128) {
     let code = match v {
         Flash128::RegistersQ => 1,
         Flash128::SharedQ => 2,
+        Flash128::SharedQ64 => 3,
     };
     FLASH128.store(code, Ordering::Relaxed);
 }
