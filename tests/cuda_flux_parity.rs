@@ -88,13 +88,21 @@ fn pipeline(dtype: DType) -> (f32, f32) {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn tiny_flux_pipeline_on_gpu_matches_diffusers() {
-    let (el, ei) = pipeline(DType::F32);
-    assert!(
-        el <= TOL_PIPELINE && ei <= TOL_PIPELINE,
-        "f32: {el:e} {ei:e}"
-    );
-    let (el, ei) = pipeline(DType::BF16);
-    assert!(el <= 1e-1 && ei <= 1e-1, "bf16: {el:e} {ei:e}");
+    // with the feed-forward GELUs computed apart and in cuBLASLt's epilogue
+    for fused in [false, true] {
+        pcpp_kernels::cuda::set_fused_gelu(fused);
+        let (el, ei) = pipeline(DType::F32);
+        assert!(
+            el <= TOL_PIPELINE && ei <= TOL_PIPELINE,
+            "f32, fused GELU {fused}: {el:e} {ei:e}"
+        );
+        let (el, ei) = pipeline(DType::BF16);
+        assert!(
+            el <= 1e-1 && ei <= 1e-1,
+            "bf16, fused GELU {fused}: {el:e} {ei:e}"
+        );
+    }
+    pcpp_kernels::cuda::set_fused_gelu(false);
 }
 
 #[test]

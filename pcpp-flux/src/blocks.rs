@@ -100,7 +100,7 @@ impl FeedForward {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.down
-            .forward(&self.up.forward(x)?.act(Activation::GeluTanh)?)
+            .forward(&self.up.forward_act(x, Activation::GeluTanh)?)
     }
 }
 
@@ -241,7 +241,7 @@ impl SingleBlock {
         // (shift, scale, gate)
         let m = self.norm.forward(silu_temb)?.chunk(3, 1)?;
         let nx = modulate(x, &m[0], &m[1])?;
-        let mlp = self.proj_mlp.forward(&nx)?.act(Activation::GeluTanh)?;
+        let mlp = self.proj_mlp.forward_act(&nx, Activation::GeluTanh)?;
         let (q, k, v) = self.qkv.forward(&nx, self.dh)?;
         let (t, n) = (rope.txt.len(), rope.img.len());
         let split = |x: &Tensor, r: bool| -> Result<(Tensor, Tensor)> {

@@ -1,7 +1,7 @@
 //! Small building blocks shared by the T5 encoder and the Flux transformer: PyTorch `Linear` and
 //! `RMSNorm` over pcpp-kernels ops, loaded by their diffusers / transformers tensor names.
 
-use pcpp_kernels::Tensor;
+use pcpp_kernels::{Activation, Tensor};
 use pcpp_sdxl::weights::Weights;
 
 use crate::error::Result;
@@ -28,6 +28,11 @@ impl Linear {
     /// Applies the layer to the last axis of `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.linear(&self.w, self.b.as_ref())?)
+    }
+
+    /// `act(forward(x))`, fused where the kernels can (`Tensor::linear_act`).
+    pub fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        Ok(x.linear_act(&self.w, self.b.as_ref(), act)?)
     }
 }
 

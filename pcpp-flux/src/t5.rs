@@ -147,7 +147,7 @@ impl T5Encoder {
             let a = self.attention(&q, &k, &v, &bias, b, s)?;
             x = x.add(&blk.o.forward(&a)?)?;
             let h = blk.ln_ff.forward(&x)?;
-            let mut f = blk.wi0.forward(&h)?.act(self.act)?;
+            let mut f = blk.wi0.forward_act(&h, self.act)?;
             if let Some(wi1) = &blk.wi1 {
                 f = f.mul(&wi1.forward(&h)?)?;
             }

@@ -20,6 +20,7 @@ mod error;
 mod finite;
 mod group_norm;
 pub mod io;
+mod linear_act;
 mod ops;
 mod rotary;
 pub mod shards;

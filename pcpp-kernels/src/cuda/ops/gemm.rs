@@ -2,6 +2,8 @@
 //! cuBLASLt for `linear` (bias fused in the epilogue, algorithm choice cached per shape), f32
 //! accumulation.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use super::*;
 
 fn dt_cuda(d: DType) -> blas_sys::cudaDataType {
@@ -88,6 +90,21 @@ pub(crate) struct LtKey {
     n: usize,
     k: usize,
     bias: bool,
+    gelu: bool,
+}
+
+/// Whether [`linear_gelu_tanh`] fuses the GELU into the GEMM (`pcpp-cli`: `PCPP_FUSED_GELU`).
+static FUSED_GELU: AtomicBool = AtomicBool::new(false);
+
+/// Whether a linear layer followed by a tanh-approximated GELU runs as one cuBLASLt GEMM with the
+/// activation in its epilogue (off unless [`set_fused_gelu`] turned it on: it is being measured).
+pub fn fused_gelu() -> bool {
+    FUSED_GELU.load(Ordering::Relaxed)
+}
+
+/// Turns the GELU epilogue of [`fused_gelu`] on or off for this process.
+pub fn set_fused_gelu(on: bool) {
+    FUSED_GELU.store(on, Ordering::Relaxed);
 }
 
 /// RAII wrappers of cuBLASLt descriptors.
@@ -113,13 +130,14 @@ impl Drop for LtPref {
     }
 }
 
-/// `y[rows, n] = x[rows, k] · w[n, k]ᵀ (+ bias[n])` through cuBLASLt with the bias fused in the
-/// epilogue.
+/// `y[rows, n] = x[rows, k] · w[n, k]ᵀ (+ bias[n])` through cuBLASLt with the bias (and, with
+/// `gelu`, cuBLASLt's tanh-approximated GELU after it) fused in the epilogue.
 fn lt_linear(
     gpu: &Gpu,
     dtype: DType,
     (x, w, bias, y): (u64, u64, Option<u64>, u64),
     (rows, k, n): (usize, usize, usize),
+    gelu: bool,
 ) -> Result<()> {
     let e = |what: &str, err: lt_result::CublasError| gpu.err(what, err);
     let ty = dt_lt(dtype);
@@ -152,13 +170,20 @@ fn lt_linear(
         &tb as *const i32 as *const c_void,
         4,
     )?;
-    if let Some(bp) = bias.as_ref() {
-        let epi = lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+    let epi = match (bias.is_some(), gelu) {
+        (true, true) => Some(lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS),
+        (true, false) => Some(lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS),
+        (false, true) => Some(lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU),
+        (false, false) => None,
+    };
+    if let Some(epi) = epi {
         set(
             lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
             &epi as *const lt_sys::cublasLtEpilogue_t as *const c_void,
             std::mem::size_of::<lt_sys::cublasLtEpilogue_t>(),
         )?;
+    }
+    if let Some(bp) = bias.as_ref() {
         set(
             lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
             bp as *const u64 as *const c_void,
@@ -179,6 +204,7 @@ fn lt_linear(
         n: rows,
         k,
         bias: bias.is_some(),
+        gelu,
     };
     let cached = gpu.lt_algos.lock().ok().and_then(|m| m.get(&key).copied());
     let ws_size = gpu.lt.workspace.len();
@@ -249,6 +275,27 @@ pub(crate) fn linear(
     bias: Option<&Tensor>,
     out_shape: &[usize],
 ) -> Result<Tensor> {
+    linear_epilogue(x, w, bias, out_shape, false)
+}
+
+/// `gelu_tanh(x · wᵀ + bias)` as one GEMM (the activation in cuBLASLt's epilogue, on the f32
+/// accumulator before rounding); computes in `w`'s dtype, returns `x`'s dtype.
+pub(crate) fn linear_gelu_tanh(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    out_shape: &[usize],
+) -> Result<Tensor> {
+    linear_epilogue(x, w, bias, out_shape, true)
+}
+
+fn linear_epilogue(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    out_shape: &[usize],
+    gelu: bool,
+) -> Result<Tensor> {
     let gpu = gpu_of(w)?;
     let dt = w.dtype();
     let xc = if x.dtype() != dt {
@@ -269,7 +316,13 @@ pub(crate) fn linear(
             Some(b) => Some(ptr(b)?),
             None => None,
         };
-        lt_linear(&gpu, dt, (ptr(&xc)?, ptr(w)?, bp, ptr(&y)?), (rows, k, n))?;
+        lt_linear(
+            &gpu,
+            dt,
+            (ptr(&xc)?, ptr(w)?, bp, ptr(&y)?),
+            (rows, k, n),
+            gelu,
+        )?;
     }
     if x.dtype() != dt {
         cast(&y, x.dtype())

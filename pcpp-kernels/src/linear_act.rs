@@ -1,0 +1,59 @@
+//! A linear layer and its activation in one op (`Tensor::linear_act`): the up-projection and
+//! tanh-approximated GELU of diffusers' `FeedForward("gelu-approximate")` and of Flux.1's
+//! single-stream `proj_mlp`. On the GPU, with [`crate::cuda::fused_gelu`] on, the GELU runs in
+//! cuBLASLt's epilogue on the f32 accumulator (one pass over the output instead of three, and one
+//! rounding); everywhere else, and for other activations, it is `linear` then `act`, so the CPU
+//! twin is exactly the composition.
+
+use crate::{Activation, Result, Tensor};
+
+impl Tensor {
+    /// `act(self · wᵀ + bias)`.
+    ///
+    /// # Shapes
+    /// `self: [..., k]`, `w: [n, k]`, `bias: [n]` → `[..., n]`.
+    pub fn linear_act(&self, w: &Tensor, bias: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if act == Activation::GeluTanh
+            && crate::cuda::fused_gelu()
+            && self.is_cuda()
+            && w.is_cuda()
+            && self.device() == w.device()
+            && bias.is_none_or(|b| b.device() == w.device())
+        {
+            let k = *self.shape().last().unwrap_or(&0);
+            if w.rank() == 2
+                && w.shape()[1] == k
+                && bias.is_none_or(|b| b.shape() == [w.shape()[0]])
+            {
+                let mut shape = self.shape().to_vec();
+                *shape.last_mut().unwrap_or(&mut 0) = w.shape()[0];
+                let _timed =
+                    crate::cuda::profile::scope(crate::cpu::profile::Kernel::Linear, self.device());
+                return crate::cuda::linear_gelu_tanh(self, w, bias, &shape);
+            }
+        }
+        self.linear(w, bias)?.act(act)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Activation, Tensor};
+
+    #[test]
+    fn linear_act_is_linear_then_act_on_the_cpu() {
+        let x =
+            Tensor::from_vec(&[2, 3, 4], (0..24).map(|i| i as f32 * 0.1 - 1.0).collect()).unwrap();
+        let w =
+            Tensor::from_vec(&[5, 4], (0..20).map(|i| (i as f32 * 0.37).sin()).collect()).unwrap();
+        let b = Tensor::from_vec(&[5], vec![0.1, -0.2, 0.3, 0.0, 0.5]).unwrap();
+        for act in [Activation::GeluTanh, Activation::Silu] {
+            let got = x.linear_act(&w, Some(&b), act).unwrap();
+            let want = x.linear(&w, Some(&b)).unwrap().act(act).unwrap();
+            assert_eq!(got.shape(), &[2, 3, 5]);
+            assert_eq!(got.to_vec_f32().unwrap(), want.to_vec_f32().unwrap());
+        }
+        assert!(x.linear_act(&b, None, Activation::GeluTanh).is_err());
+    }
+}
