@@ -19,12 +19,12 @@ impl Tensor {
             && self.is_cuda()
             && w.is_cuda()
             && self.device() == w.device()
-            && bias.is_none_or(|b| b.device() == w.device())
+            && bias.map_or(true, |b| b.device() == w.device())
         {
             let k = *self.shape().last().unwrap_or(&0);
             if w.rank() == 2
                 && w.shape()[1] == k
-                && bias.is_none_or(|b| b.shape() == [w.shape()[0]])
+                && bias.map_or(true, |b| b.shape() == [w.shape()[0]])
             {
                 let mut shape = self.shape().to_vec();
                 *shape.last_mut().unwrap_or(&mut 0) = w.shape()[0];
