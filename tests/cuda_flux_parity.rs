@@ -90,7 +90,7 @@ fn pipeline(dtype: DType) -> (f32, f32) {
 fn tiny_flux_pipeline_on_gpu_matches_diffusers() {
     // with the feed-forward GELUs computed apart and in cuBLASLt's epilogue
     for fused in [false, true] {
-        pcpp_kernels::cuda::set_fused_gelu(fused);
+        pcpp_kernels::cuda::set_fused_epilogues(fused);
         let (el, ei) = pipeline(DType::F32);
         assert!(
             el <= TOL_PIPELINE && ei <= TOL_PIPELINE,
@@ -102,7 +102,7 @@ fn tiny_flux_pipeline_on_gpu_matches_diffusers() {
             "bf16, fused GELU {fused}: {el:e} {ei:e}"
         );
     }
-    pcpp_kernels::cuda::set_fused_gelu(false);
+    pcpp_kernels::cuda::set_fused_epilogues(false);
 }
 
 #[test]

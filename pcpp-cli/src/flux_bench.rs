@@ -249,7 +249,7 @@ pub fn run(a: FluxBenchArgs) -> Result<()> {
         // which kernels ran (`PCPP_FLASH128`, `PCPP_VECTOR_KERNELS`)
         v["flash128"] = format!("{:?}", pcpp_kernels::cuda::flash128()).into();
         v["vector_kernels"] = pcpp_kernels::cuda::vector_kernels().into();
-        v["fused_gelu"] = pcpp_kernels::cuda::fused_gelu().into();
+        v["fused_epilogues"] = pcpp_kernels::cuda::fused_epilogues().into();
     }
     crate::output::print(&format!("{v}\n"))
 }

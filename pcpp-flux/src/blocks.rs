@@ -4,8 +4,9 @@
 //!   (`AdaLayerNormZero` modulation, q/k/v projections with per-head RMS QK-norm, output
 //!   projections, GELU-tanh feed-forwards), one joint attention over `[text; image]`;
 //! - [`SingleBlock`] (`FluxSingleTransformerBlock`): one stream over `[text; image]`
-//!   (`AdaLayerNormZeroSingle`), attention and MLP in parallel from the same normed input,
-//!   concatenated into `proj_out`.
+//!   (`AdaLayerNormZeroSingle`), attention and MLP in parallel from the same normed input, joined
+//!   by `proj_out` (applied as its two input halves accumulating into one output, which equals
+//!   `proj_out` of their concatenation without materialising it).
 //!
 //! Both build their attention through the core's [`LayerFactory`]
 //! ([`ProjectedAttentionLayer`], one per block, ids `transformer_blocks.{i}.attn` and
@@ -198,7 +199,10 @@ pub struct SingleBlock {
     norm: Linear,
     qkv: Qkv,
     proj_mlp: Linear,
-    proj_out: Linear,
+    /// `proj_out` split by its input features: the attention's `d` (with the bias) and the MLP's
+    /// `4d`, so that `proj_out(cat[a, mlp])` is two GEMMs into one output, without the concatenation.
+    proj_out_attn: Linear,
+    proj_out_mlp: Linear,
     dh: usize,
 }
 
@@ -213,6 +217,7 @@ impl SingleBlock {
         f: &dyn LayerFactory,
     ) -> Result<SingleBlock> {
         let d = heads * dh;
+        let proj_out = Linear::load(w, &format!("{p}.proj_out"), 5 * d, d, true)?;
         Ok(SingleBlock {
             attn: f.projected_attention(&format!("{p}.attn"), heads)?,
             norm: Linear::load(w, &format!("{p}.norm.linear"), d, 3 * d, true)?,
@@ -224,7 +229,8 @@ impl SingleBlock {
                 dh,
             )?,
             proj_mlp: Linear::load(w, &format!("{p}.proj_mlp"), d, 4 * d, true)?,
-            proj_out: Linear::load(w, &format!("{p}.proj_out"), 5 * d, d, true)?,
+            proj_out_attn: proj_out.input_slice(0, d, true)?,
+            proj_out_mlp: proj_out.input_slice(d, 4 * d, false)?,
             dh,
         })
     }
@@ -257,7 +263,9 @@ impl SingleBlock {
         let a = self
             .attn
             .forward(ctx, &qi, &ki, &vi, Some((&qt, &kt, &vt)), rope.spatial)?;
-        let h = self.proj_out.forward(&Tensor::cat(&[&a, &mlp], 2)?)?;
+        let h = self
+            .proj_out_mlp
+            .forward_add(&mlp, &self.proj_out_attn.forward(&a)?)?;
         gated_add(x, &m[2], &h)
     }
 }

@@ -30,6 +30,20 @@ impl Linear {
         Ok(x.linear(&self.w, self.b.as_ref())?)
     }
 
+    /// `acc + forward(x)`, fused where the kernels can (`Tensor::linear_add`).
+    pub fn forward_add(&self, x: &Tensor, acc: &Tensor) -> Result<Tensor> {
+        Ok(x.linear_add(&self.w, self.b.as_ref(), acc)?)
+    }
+
+    /// The layer restricted to input features `start..start + len` (`w[:, start..]`), without
+    /// the bias: `forward(cat[a, b])` = `split(0, la)(a)` + `split(la, lb)(b)` + bias.
+    pub fn input_slice(&self, start: usize, len: usize, bias: bool) -> Result<Linear> {
+        Ok(Linear {
+            w: self.w.narrow(1, start, len)?,
+            b: if bias { self.b.clone() } else { None },
+        })
+    }
+
     /// `act(forward(x))`, fused where the kernels can (`Tensor::linear_act`).
     pub fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
         Ok(x.linear_act(&self.w, self.b.as_ref(), act)?)

@@ -1,9 +1,11 @@
-//! A linear layer and its activation in one op (`Tensor::linear_act`): the up-projection and
+//! A linear layer and the work after it in one op: `Tensor::linear_act` (the up-projection and
 //! tanh-approximated GELU of diffusers' `FeedForward("gelu-approximate")` and of Flux.1's
-//! single-stream `proj_mlp`. On the GPU, with [`crate::cuda::fused_gelu`] on, the GELU runs in
-//! cuBLASLt's epilogue on the f32 accumulator (one pass over the output instead of three, and one
-//! rounding); everywhere else, and for other activations, it is `linear` then `act`, so the CPU
-//! twin is exactly the composition.
+//! single-stream `proj_mlp`) and `Tensor::linear_add` (a GEMM accumulating onto a tensor, e.g. the
+//! two halves of Flux.1's single-stream `proj_out` over `[attention; mlp]` without concatenating
+//! them). On the GPU, with [`crate::cuda::fused_epilogues`] on, the GELU runs in cuBLASLt's
+//! epilogue and the accumulator is its C operand, both on the f32 accumulator (one pass over the
+//! output instead of three, and one rounding); everywhere else it is `linear` then `act` / `add`,
+//! so the CPU twins are exactly the compositions.
 
 use crate::{Activation, Result, Tensor};
 
@@ -15,7 +17,7 @@ impl Tensor {
     pub fn linear_act(&self, w: &Tensor, bias: Option<&Tensor>, act: Activation) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if act == Activation::GeluTanh
-            && crate::cuda::fused_gelu()
+            && crate::cuda::fused_epilogues()
             && self.is_cuda()
             && w.is_cuda()
             && self.device() == w.device()
@@ -34,6 +36,35 @@ impl Tensor {
             }
         }
         self.linear(w, bias)?.act(act)
+    }
+
+    /// `acc + self · wᵀ + bias`.
+    ///
+    /// # Shapes
+    /// `self: [..., k]`, `w: [n, k]`, `bias: [n]`, `acc: [..., n]` → `[..., n]`.
+    pub fn linear_add(&self, w: &Tensor, bias: Option<&Tensor>, acc: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if crate::cuda::fused_epilogues()
+            && self.is_cuda()
+            && [w.device(), acc.device()] == [self.device(); 2]
+            && bias.map_or(true, |b| b.device() == w.device())
+            && self.dtype() == w.dtype()
+            && acc.dtype() == w.dtype()
+        {
+            let k = *self.shape().last().unwrap_or(&0);
+            let mut shape = self.shape().to_vec();
+            *shape.last_mut().unwrap_or(&mut 0) = w.shape().first().copied().unwrap_or(0);
+            if w.rank() == 2
+                && w.shape()[1] == k
+                && bias.map_or(true, |b| b.shape() == [w.shape()[0]])
+                && acc.shape() == shape.as_slice()
+            {
+                let _timed =
+                    crate::cuda::profile::scope(crate::cpu::profile::Kernel::Linear, self.device());
+                return crate::cuda::linear_add(self, w, bias, acc);
+            }
+        }
+        self.linear(w, bias)?.add(acc)
     }
 }
 
@@ -55,5 +86,10 @@ mod tests {
             assert_eq!(got.to_vec_f32().unwrap(), want.to_vec_f32().unwrap());
         }
         assert!(x.linear_act(&b, None, Activation::GeluTanh).is_err());
+        let acc = Tensor::from_vec(&[2, 3, 5], (0..30).map(|i| i as f32 * 0.01).collect()).unwrap();
+        let got = x.linear_add(&w, Some(&b), &acc).unwrap();
+        let want = x.linear(&w, Some(&b)).unwrap().add(&acc).unwrap();
+        assert_eq!(got.to_vec_f32().unwrap(), want.to_vec_f32().unwrap());
+        assert!(x.linear_add(&b, None, &acc).is_err());
     }
 }

@@ -254,15 +254,16 @@ fn vector_and_scalar_kernels_agree() {
     );
 }
 
-/// A linear layer with cuBLASLt's GELU epilogue (`PCPP_FUSED_GELU`) against the CPU's linear then
-/// tanh GELU, with and without bias, pre-activations over [-4, 4]. In f32 the bound (2e-5 of the
+/// A linear layer with cuBLASLt's GELU epilogue (`PCPP_FUSED_EPILOGUES`) against the CPU's linear then
+/// tanh GELU, and with an accumulator as its C operand against linear then add, with and without
+/// bias, pre-activations over [-4, 4]. In f32 the bound (2e-5 of the
 /// output's magnitude) is below the largest gap between the tanh approximation and exact GELU
 /// (4.7e-4 at x = -2.7), so an epilogue computing the other GELU fails it.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn linear_gelu_epilogue_matches_cpu() {
-    use pcpp_kernels::cuda::set_fused_gelu;
-    set_fused_gelu(true);
+    use pcpp_kernels::cuda::set_fused_epilogues;
+    set_fused_epilogues(true);
     for d in DTYPES {
         for (rows, k, n) in [(77usize, 64usize, 96usize), (256, 128, 520)] {
             let x = rnd(&[1, rows, k], d, 1);
@@ -282,6 +283,15 @@ fn linear_gelu_epilogue_matches_cpu() {
                     .unwrap();
                 let name = format!("linear+gelu {rows}x{k}x{n} bias={}", bias.is_some());
                 check(&name, d, &got, &want);
+                let acc = rnd(&[1, rows, n], d, 4);
+                check(
+                    &format!("linear+acc {rows}x{k}x{n} bias={}", bias.is_some()),
+                    d,
+                    &gpu(&x)
+                        .linear_add(&gpu(&w), gb.as_ref(), &gpu(&acc))
+                        .unwrap(),
+                    &x.linear(&w, bias).unwrap().add(&acc).unwrap(),
+                );
                 if d == pcpp_kernels::DType::F32 {
                     let diff = got
                         .to_device(pcpp_kernels::Device::Cpu)
@@ -298,5 +308,5 @@ fn linear_gelu_epilogue_matches_cpu() {
             }
         }
     }
-    set_fused_gelu(false);
+    set_fused_epilogues(false);
 }

@@ -46,8 +46,8 @@ pub(crate) mod vector;
 pub use conv::conv2d_in_bands;
 pub(crate) use conv::{conv2d, ConvKey};
 use gemm::gemm_batched;
-pub use gemm::{fused_gelu, set_fused_gelu};
-pub(crate) use gemm::{linear, linear_gelu_tanh, matmul, LtKey};
+pub use gemm::{fused_epilogues, set_fused_epilogues};
+pub(crate) use gemm::{linear, linear_add, linear_gelu_tanh, matmul, LtKey};
 
 pub(crate) use attn::{attention, FLASH_SHARED_Q64_BYTES, FLASH_SHARED_Q_BYTES};
 pub use attn::{flash128, set_flash128, Flash128};

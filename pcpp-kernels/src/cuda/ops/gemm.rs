@@ -93,18 +93,19 @@ pub(crate) struct LtKey {
     gelu: bool,
 }
 
-/// Whether [`linear_gelu_tanh`] fuses the GELU into the GEMM (`pcpp-cli`: `PCPP_FUSED_GELU`).
-static FUSED_GELU: AtomicBool = AtomicBool::new(false);
+/// Whether GEMM epilogues take the work after a linear layer (`pcpp-cli`: `PCPP_FUSED_EPILOGUES`).
+static FUSED_EPILOGUES: AtomicBool = AtomicBool::new(false);
 
-/// Whether a linear layer followed by a tanh-approximated GELU runs as one cuBLASLt GEMM with the
-/// activation in its epilogue (off unless [`set_fused_gelu`] turned it on: it is being measured).
-pub fn fused_gelu() -> bool {
-    FUSED_GELU.load(Ordering::Relaxed)
+/// Whether `Tensor::linear_act` (tanh GELU) and `Tensor::linear_add` (an accumulator added) run as
+/// one cuBLASLt GEMM with the work in its epilogue (off unless [`set_fused_epilogues`] turned it
+/// on: it is being measured).
+pub fn fused_epilogues() -> bool {
+    FUSED_EPILOGUES.load(Ordering::Relaxed)
 }
 
-/// Turns the GELU epilogue of [`fused_gelu`] on or off for this process.
-pub fn set_fused_gelu(on: bool) {
-    FUSED_GELU.store(on, Ordering::Relaxed);
+/// Turns the epilogues of [`fused_epilogues`] on or off for this process.
+pub fn set_fused_epilogues(on: bool) {
+    FUSED_EPILOGUES.store(on, Ordering::Relaxed);
 }
 
 /// RAII wrappers of cuBLASLt descriptors.
@@ -130,12 +131,13 @@ impl Drop for LtPref {
     }
 }
 
-/// `y[rows, n] = x[rows, k] · w[n, k]ᵀ (+ bias[n])` through cuBLASLt with the bias (and, with
-/// `gelu`, cuBLASLt's tanh-approximated GELU after it) fused in the epilogue.
+/// `y[rows, n] = x[rows, k] · w[n, k]ᵀ (+ bias[n]) (+ acc[rows, n])` through cuBLASLt with the
+/// bias (and, with `gelu`, cuBLASLt's tanh-approximated GELU after it) fused in the epilogue and
+/// `acc` read as its C operand (β = 1).
 fn lt_linear(
     gpu: &Gpu,
     dtype: DType,
-    (x, w, bias, y): (u64, u64, Option<u64>, u64),
+    (x, w, bias, acc, y): (u64, u64, Option<u64>, Option<u64>, u64),
     (rows, k, n): (usize, usize, usize),
     gelu: bool,
 ) -> Result<()> {
@@ -241,7 +243,8 @@ fn lt_linear(
             h.algo
         }
     };
-    let (alpha, beta) = (1.0f32, 0.0f32);
+    let (alpha, beta) = (1.0f32, if acc.is_some() { 1.0f32 } else { 0.0 });
+    let c = acc.unwrap_or(y);
     let (wsp, _s) = cudarc::driver::DevicePtr::device_ptr(&gpu.lt.workspace, &gpu.stream);
     // SAFETY: x, w, bias, y are live device buffers sized by the caller for (rows, k, n); the
     // layouts describe them; the workspace is ours and `ws_size` bytes long.
@@ -255,7 +258,7 @@ fn lt_linear(
             a_l.0,
             x as *const c_void,
             b_l.0,
-            y as *const c_void,
+            c as *const c_void,
             c_l.0,
             y as *mut c_void,
             c_l.0,
@@ -275,7 +278,18 @@ pub(crate) fn linear(
     bias: Option<&Tensor>,
     out_shape: &[usize],
 ) -> Result<Tensor> {
-    linear_epilogue(x, w, bias, out_shape, false)
+    linear_epilogue(x, w, bias, None, out_shape, false)
+}
+
+/// `acc + x · wᵀ + bias` as one GEMM (`acc` as its C operand, added to the f32 accumulator
+/// before rounding); `acc` of the weight's dtype.
+pub(crate) fn linear_add(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    acc: &Tensor,
+) -> Result<Tensor> {
+    linear_epilogue(x, w, bias, Some(acc), acc.shape(), false)
 }
 
 /// `gelu_tanh(x · wᵀ + bias)` as one GEMM (the activation in cuBLASLt's epilogue, on the f32
@@ -286,13 +300,14 @@ pub(crate) fn linear_gelu_tanh(
     bias: Option<&Tensor>,
     out_shape: &[usize],
 ) -> Result<Tensor> {
-    linear_epilogue(x, w, bias, out_shape, true)
+    linear_epilogue(x, w, bias, None, out_shape, true)
 }
 
 fn linear_epilogue(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
+    acc: Option<&Tensor>,
     out_shape: &[usize],
     gelu: bool,
 ) -> Result<Tensor> {
@@ -316,10 +331,20 @@ fn linear_epilogue(
             Some(b) => Some(ptr(b)?),
             None => None,
         };
+        let ap = match acc {
+            Some(a) if a.dtype() == dt => Some(ptr(a)?),
+            Some(_) => {
+                return Err(KernelError::invalid(
+                    "linear_add",
+                    "the accumulator must have the weight's dtype",
+                ))
+            }
+            None => None,
+        };
         lt_linear(
             &gpu,
             dt,
-            (ptr(&xc)?, ptr(w)?, bp, ptr(&y)?),
+            (ptr(&xc)?, ptr(w)?, bp, ap, ptr(&y)?),
             (rows, k, n),
             gelu,
         )?;
