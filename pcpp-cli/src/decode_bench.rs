@@ -110,7 +110,7 @@ pub fn run(a: DecodeBenchArgs) -> Result<()> {
         Device::Cuda(_) => pcpp_sdxl::generation::vae_dtype(&config, DType::F16),
     });
     if dtype == DType::F32 && device != Device::Cpu {
-        pcpp_kernels::set_conv_tf32(device, true)?;
+        pcpp_kernels::set_tf32(device, true)?;
     }
     let ranks: Vec<usize> = match a.rank {
         Some(r) => vec![r],

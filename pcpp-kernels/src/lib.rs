@@ -77,14 +77,13 @@ pub fn flush_gpu_profile() -> Result<()> {
     Ok(())
 }
 
-/// Lets f32 convolutions on `device` use TF32 tensor cores, as PyTorch does by default (nothing on
-/// the CPU). See [`cuda::Gpu::set_conv_tf32`].
-pub fn set_conv_tf32(device: Device, on: bool) -> Result<()> {
+/// Lets f32 convolutions and GEMMs on `device` use TF32 tensor cores (nothing on the CPU). See [`cuda::Gpu::set_tf32`].
+pub fn set_tf32(device: Device, on: bool) -> Result<()> {
     match device {
         Device::Cpu => Ok(()),
         #[cfg(feature = "cuda")]
         Device::Cuda(i) => {
-            cuda::gpu(i)?.set_conv_tf32(on);
+            cuda::gpu(i)?.set_tf32(on);
             Ok(())
         }
         #[cfg(not(feature = "cuda"))]

@@ -218,7 +218,7 @@ impl Generator {
         let vae_config = VaeConfig::from_file(&vae_dir.join("config.json"))?;
         let vae_dt = opts.vae_dtype.unwrap_or(vae_dtype(&vae_config, opts.dtype));
         if vae_dt == DType::F32 && opts.dtype != DType::F32 {
-            pcpp_kernels::set_conv_tf32(opts.device, true)?;
+            pcpp_kernels::set_tf32(opts.device, true)?;
         }
         let (encoders, decoder) = (opts.encoders, opts.decoder);
         // The components load side by side: host reads and conversions overlap, uploads share

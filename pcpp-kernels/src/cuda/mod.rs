@@ -271,8 +271,8 @@ pub struct Gpu {
     conv_algos:
         Mutex<HashMap<ops::ConvKey, (cudarc::cudnn::sys::cudnnConvolutionFwdAlgo_t, usize)>>,
     lt_algos: Mutex<HashMap<ops::LtKey, cudarc::cublaslt::sys::cublasLtMatmulAlgo_t>>,
-    /// Whether f32 convolutions may use TF32 tensor cores ([`Gpu::set_conv_tf32`]).
-    conv_tf32: std::sync::atomic::AtomicBool,
+    /// Whether f32 convolutions and GEMMs may use TF32 tensor cores ([`Gpu::set_tf32`]).
+    tf32: std::sync::atomic::AtomicBool,
     /// Whether the Q-in-shared-memory flash kernels got their shared memory
     /// ([`ops::Flash128::SharedQ`], [`ops::Flash128::SharedQ64`]); without it they are not used.
     flash_shared_q: bool,
@@ -493,7 +493,7 @@ impl Gpu {
             lock: Mutex::new(()),
             conv_algos: Mutex::new(HashMap::new()),
             lt_algos: Mutex::new(HashMap::new()),
-            conv_tf32: std::sync::atomic::AtomicBool::new(false),
+            tf32: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -657,17 +657,19 @@ impl Gpu {
         Ok(unsafe { pool.assume_init() })
     }
 
-    /// Lets f32 convolutions use TF32 tensor cores (10-bit mantissa products, f32 accumulation),
-    /// as PyTorch does by default (`torch.backends.cudnn.allow_tf32`). Off unless asked for: the
-    /// f32 parity tests need full f32 products.
-    pub fn set_conv_tf32(&self, on: bool) {
-        self.conv_tf32
-            .store(on, std::sync::atomic::Ordering::Relaxed);
+    /// Lets f32 convolutions and GEMMs (linear layers, matmuls and the unfused attention, e.g. the
+    /// VAE mid-block's single 512-wide head) use TF32 tensor cores (10-bit mantissa products, f32
+    /// accumulation), as PyTorch does by default for convolutions
+    /// (`torch.backends.cudnn.allow_tf32`) and on request for GEMMs
+    /// (`torch.backends.cuda.matmul.allow_tf32`). Off unless asked for: the f32 parity tests need
+    /// full f32 products. An f16/bf16 pipeline turns it on for its f32 VAE.
+    pub fn set_tf32(&self, on: bool) {
+        self.tf32.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Whether [`Gpu::set_conv_tf32`] is on.
-    pub fn conv_tf32(&self) -> bool {
-        self.conv_tf32.load(std::sync::atomic::Ordering::Relaxed)
+    /// Whether [`Gpu::set_tf32`] is on.
+    pub fn tf32(&self) -> bool {
+        self.tf32.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// `(free, total)` device memory in bytes.

@@ -7,7 +7,7 @@ use super::*;
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct ConvKey {
     dtype: DType,
-    /// f32 convolutions may use TF32 ([`super::Gpu::set_conv_tf32`]).
+    /// f32 convolutions may use TF32 ([`super::Gpu::set_tf32`]).
     tf32: bool,
     x: [i32; 4],
     w: [i32; 4],
@@ -246,7 +246,7 @@ fn conv2d_whole(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) 
     let mut ys = gpu.alloc(dt, b * co * ho * wo)?;
     let key = ConvKey {
         dtype: dt,
-        tf32: dt == DType::F32 && gpu.conv_tf32(),
+        tf32: dt == DType::F32 && gpu.tf32(),
         x: [b as i32, ci as i32, hi as i32, wi as i32],
         w: [co as i32, ci as i32, kh as i32, kw as i32],
         pad: [ph as i32, pw as i32],

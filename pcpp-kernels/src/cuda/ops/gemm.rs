@@ -1,6 +1,7 @@
 //! GEMMs on the GPU: cuBLAS strided-batched GEMM (attention's unfused path, `matmul`) and
-//! cuBLASLt for `linear` (bias fused in the epilogue, algorithm choice cached per shape), f32
-//! accumulation.
+//! cuBLASLt for `linear` (bias, and optionally a tanh GELU or an accumulator, fused in the
+//! epilogue; algorithm choice cached per shape), f32 accumulation; f32 operands on TF32 tensor
+//! cores when [`super::Gpu::set_tf32`] allows it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -75,7 +76,11 @@ pub(super) fn gemm_batched(
             ldc as i32,
             sc as i64,
             batch as i32,
-            blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            if ab == DType::F32 && cdt == DType::F32 && gpu.tf32() {
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+            } else {
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+            },
             blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
     }
@@ -91,6 +96,7 @@ pub(crate) struct LtKey {
     k: usize,
     bias: bool,
     gelu: bool,
+    tf32: bool,
 }
 
 /// Whether GEMM epilogues take the work after a linear layer (`pcpp-cli`: `PCPP_FUSED_EPILOGUES`).
@@ -143,6 +149,7 @@ fn lt_linear(
 ) -> Result<()> {
     let e = |what: &str, err: lt_result::CublasError| gpu.err(what, err);
     let ty = dt_lt(dtype);
+    let tf32 = dtype == DType::F32 && gpu.tf32();
     let _g = gpu
         .lock
         .lock()
@@ -150,7 +157,11 @@ fn lt_linear(
     gpu.ctx.bind_to_thread().map_err(|x| gpu.err("bind", x))?;
     let desc = LtDesc(
         lt_result::create_matmul_desc(
-            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            if tf32 {
+                lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+            } else {
+                lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+            },
             lt_sys::cudaDataType::CUDA_R_32F,
         )
         .map_err(|x| e("cublasLtMatmulDescCreate", x))?,
@@ -207,6 +218,7 @@ fn lt_linear(
         k,
         bias: bias.is_some(),
         gelu,
+        tf32,
     };
     let cached = gpu.lt_algos.lock().ok().and_then(|m| m.get(&key).copied());
     let ws_size = gpu.lt.workspace.len();
