@@ -418,16 +418,17 @@ impl<W: Wire> DeviceEngine<W> {
         let name = q.label.split(' ').next().unwrap_or("comm").to_string();
         let spawn_err = |e| self.err(self.rank, format!("spawning the communication thread: {e}"));
         let q2 = q.clone();
-        let watchdog = std::thread::Builder::new()
-            .name(format!("pcpp-{name}-watch"))
-            .spawn(move || watch_loop(&q2))
-            .map_err(spawn_err)?;
-        t.push(watchdog);
         let h = std::thread::Builder::new()
             .name(format!("pcpp-{name}-dev"))
-            .spawn(move || comm_loop(&*wire, &q, &*ops, device, timeout))
+            .spawn(move || comm_loop(&*wire, &q2, &*ops, device, timeout))
             .map_err(spawn_err)?;
         t.push(h);
+        // Without a watchdog the exchanges still run; only stall reports are missing.
+        let watchdog = std::thread::Builder::new()
+            .name(format!("pcpp-{name}-watch"))
+            .spawn(move || watch_loop(&q))
+            .map_err(spawn_err)?;
+        t.push(watchdog);
         Ok(())
     }
 
@@ -533,7 +534,7 @@ impl<W: Wire> DeviceEngine<W> {
         self.start_threads()?;
         let capturing = unsafe { self.ops.is_capturing(stream) }.map_err(e)?;
         let staged = self.path == DevicePath::Staged;
-        // Copies after the host function: (device destination, source, length, source is host).
+        // Copies after the exchange: (device destination, source, length, source is host).
         let mut after: Vec<(u64, u64, usize, bool)> = Vec::new();
         let mut bounced = 0;
         let mut wsends = Vec::with_capacity(sends.len());

@@ -131,7 +131,7 @@ pub(super) fn comm_loop<W: Wire>(
                         op.complete(ops);
                         false
                     }
-                    // Described only once it is slow (before its host function reports
+                    // Described only once it is slow (before the watchdog reports
                     // it), and again when requests complete: nothing on the common path.
                     Ok(false)
                         if t0.elapsed() >= q.stall_after / 2 && *described != Some(reqs.len()) =>
