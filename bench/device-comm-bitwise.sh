@@ -18,6 +18,9 @@
 #          mpi_auto_nographs ucx_auto ucx_staged ucx_cuda-aware ucx_host ucx_auto_nographs)
 #   EXTRA_UCX_ENV  space-separated VAR=VALUE pairs exported to the UCX runs only (e.g.
 #          "UCX_TLS=^cuda_copy,cuda_ipc,gdr_copy" to run without UCX's CUDA transports)
+#   PCPP_DEVICE_WAIT  how the streams wait for MPI / UCX exchanges, passed to every rank when set:
+#          stream (the default: a flag wait on the stream) or host-fn (the older blocking host
+#          function); each run's start-up line names it
 #   RUN_TIMEOUT  seconds each run may take (default 300)
 #   DEADLINE     `date +%s` after which no run starts (a run starts only if it can finish by it);
 #                the comparison of what ran is made anyway
@@ -39,6 +42,9 @@ mkdir -p "$D"
 GEN=(generate --model "$MODEL" --prompt "A painting of a squirrel eating a burger" --steps "$STEPS"
     --warmup-steps 2 --height "$SIZE" --width "$SIZE" --seed 7 --device cuda --timeout 120)
 MPIRUN=(mpirun --allow-run-as-root --oversubscribe -n 4)
+if [[ -n ${PCPP_DEVICE_WAIT:-} ]]; then
+    MPIRUN+=(-x "PCPP_DEVICE_WAIT=$PCPP_DEVICE_WAIT")
+fi
 # UCX runs load the CUDA-enabled UCX; Open MPI (only their bootstrap) then keeps off UCX.
 UCX_ENV=(-x "LD_LIBRARY_PATH=$PWD/$CUDA_UCX_DIR:${LD_LIBRARY_PATH:-}" -x "UCX_MODULE_DIR=$PWD/$CUDA_UCX_DIR/ucx"
     --mca pml ob1 --mca osc ^ucx --mca btl self,vader,tcp)

@@ -14,6 +14,8 @@
 //! # exchanges, each a ring to both neighbours (halo-like):
 //! mpirun -n 4 device_comm bench --transport mpi --device-comm staged --bytes 52428800 \
 //!     --exchanges 120 --steps 20
+//! # any of these with the older blocking host function instead of the stream's flag wait:
+//! mpirun -n 4 -x PCPP_DEVICE_WAIT=host-fn device_comm conformance --transport mpi
 //! ```
 //!
 //! `--device-comm host` in `bench` times the old host path: per exchange a pageable device-to-host

@@ -35,7 +35,7 @@ mod transport;
 #[cfg(feature = "ucx")]
 pub mod ucx;
 
-pub use device::{DeviceComm, DevicePath, DeviceStreams};
+pub use device::{DeviceComm, DevicePath, DeviceStreams, DeviceWait};
 pub use error::CommError;
 pub use launch::TransportKind;
 pub use local::{LocalTransport, RankError};

@@ -49,6 +49,11 @@ fn mpirun(n: usize) -> Option<Command> {
 }
 
 fn launch_job(n: usize, role: &str) -> Option<Finished> {
+    launch_job_with(n, role, None)
+}
+
+/// [`launch_job`] with `PCPP_DEVICE_WAIT=wait` (`None`: unset).
+fn launch_job_with(n: usize, role: &str, wait: Option<&str>) -> Option<Finished> {
     let mut c = mpirun(n)?;
     let entry = self_command("mpi_rank");
     c.arg(entry.get_program()).args(entry.get_args());
@@ -60,6 +65,10 @@ fn launch_job(n: usize, role: &str) -> Option<Finished> {
         // tcp (it loses shared memory): leave UCX's transport choice alone.
         .env_remove("UCX_TLS")
         .env("UCX_LOG_LEVEL", "error");
+    match wait {
+        Some(w) => c.env("PCPP_DEVICE_WAIT", w),
+        None => c.env_remove("PCPP_DEVICE_WAIT"),
+    };
     let _g = launch_lock();
     run_all(vec![c], HANG_LIMIT).pop()
 }
@@ -97,7 +106,13 @@ fn conformance_n4() {
 /// The device-memory cases on the CPU twin of the device streams, with the path forced (or
 /// chosen), and rank 0's start-up line naming it.
 fn assert_device_job(n: usize, role: &str, path: &str) {
-    let Some(out) = launch_job(n, role) else {
+    assert_device_job_waiting(n, role, path, None);
+}
+
+/// [`assert_device_job`] with the streams waiting as `PCPP_DEVICE_WAIT=wait` says (`None`:
+/// unset, the default `stream`), which the start-up line names too.
+fn assert_device_job_waiting(n: usize, role: &str, path: &str, wait: Option<&str>) {
+    let Some(out) = launch_job_with(n, role, wait) else {
         return;
     };
     assert!(out.ok(), "mpirun -n {n} ({role}) failed:\n{}", out.all());
@@ -110,7 +125,12 @@ fn assert_device_job(n: usize, role: &str, path: &str) {
         );
     }
     let line = format!("pcpp-comm: mpi device exchanges: {path}");
-    assert!(out.stderr.contains(&line), "no {line:?}:\n{}", out.all());
+    let printed = out.stderr.lines().find(|l| l.contains(&line));
+    let Some(printed) = printed else {
+        panic!("no {line:?}:\n{}", out.all());
+    };
+    let mode = format!("PCPP_DEVICE_WAIT={}", wait.unwrap_or("stream"));
+    assert!(printed.contains(&mode), "{printed:?} does not name {mode}");
 }
 
 #[test]
@@ -126,6 +146,17 @@ fn device_staged_n4() {
 #[test]
 fn device_cuda_aware_n2() {
     assert_device_job(2, "device-cuda-aware", "cuda-aware");
+}
+
+/// The older wait, a host function that blocks until its exchange completes.
+#[test]
+fn device_staged_n2_host_fn_wait() {
+    assert_device_job_waiting(2, "device-staged", "staged", Some("host-fn"));
+}
+
+#[test]
+fn device_cuda_aware_n2_host_fn_wait() {
+    assert_device_job_waiting(2, "device-cuda-aware", "cuda-aware", Some("host-fn"));
 }
 
 #[test]

@@ -38,6 +38,7 @@ fn rank_commands(n: usize, role: &str, tls: &str) -> Vec<Command> {
                 .env_remove("SLURM_LOCALID")
                 .env("PCPP_UCX_ROOT", &root)
                 .env("UCX_LOG_LEVEL", "error")
+                .env_remove("PCPP_DEVICE_WAIT")
                 .env_remove("SLURM_PROCID")
                 .env_remove("OMPI_COMM_WORLD_SIZE")
                 .env_remove("PMI_SIZE")
@@ -94,10 +95,20 @@ fn conformance_n2_shared_memory() {
     assert_all_passed(2, "conformance", "sm,self");
 }
 
-/// The device-memory cases on the CPU twin of the device streams with the path forced; rank 0
-/// names it at start-up.
-fn assert_device_ranks(n: usize, role: &str, path: &str) {
-    let out = launch_ranks(n, role, "tcp,self");
+/// The device-memory cases on the CPU twin of the device streams with the path forced, the
+/// streams waiting as `PCPP_DEVICE_WAIT=wait` says (`None`: unset, the default `stream`); rank 0
+/// names both at start-up.
+fn assert_device_ranks(n: usize, role: &str, path: &str, wait: Option<&str>) {
+    let mut cmds = rank_commands(n, role, "tcp,self");
+    if let Some(w) = wait {
+        for c in &mut cmds {
+            c.env("PCPP_DEVICE_WAIT", w);
+        }
+    }
+    let out = {
+        let _g = launch_lock();
+        run_all(cmds, HANG_LIMIT)
+    };
     for (r, f) in out.iter().enumerate() {
         assert!(f.ok(), "rank {r} of {n} ({role}) failed:\n{}", f.all());
         let marker = format!("rank {r}/{n}: {role} passed");
@@ -108,32 +119,54 @@ fn assert_device_ranks(n: usize, role: &str, path: &str) {
         );
     }
     let line = format!("pcpp-comm: ucx device exchanges: {path}");
+    let printed = out[0].stderr.lines().find(|l| l.contains(&line));
     assert_eq!(
-        out[0].stderr.contains(&line),
+        printed.is_some(),
         path != "host",
         "start-up line {line:?} (printed for every path but host):\n{}",
         out[0].all()
     );
+    if let Some(l) = printed {
+        let mode = format!("PCPP_DEVICE_WAIT={}", wait.unwrap_or("stream"));
+        assert!(l.contains(&mode), "{l:?} does not name {mode}");
+    }
 }
 
 #[test]
 fn device_staged_n2() {
-    assert_device_ranks(2, "device-staged", "staged");
+    assert_device_ranks(2, "device-staged", "staged", None);
 }
 
 #[test]
 fn device_staged_n4() {
-    assert_device_ranks(4, "device-staged", "staged");
+    assert_device_ranks(4, "device-staged", "staged", None);
 }
 
 #[test]
 fn device_cuda_aware_n2() {
-    assert_device_ranks(2, "device-cuda-aware", "cuda-aware");
+    assert_device_ranks(2, "device-cuda-aware", "cuda-aware", None);
 }
 
 #[test]
 fn device_cuda_aware_n4() {
-    assert_device_ranks(4, "device-cuda-aware", "cuda-aware");
+    assert_device_ranks(4, "device-cuda-aware", "cuda-aware", None);
+}
+
+/// The older wait, a host function that blocks until its exchange completes.
+#[test]
+fn device_staged_n2_host_fn_wait() {
+    assert_device_ranks(2, "device-staged", "staged", Some("host-fn"));
+}
+
+#[test]
+fn device_cuda_aware_n2_host_fn_wait() {
+    assert_device_ranks(2, "device-cuda-aware", "cuda-aware", Some("host-fn"));
+}
+
+/// A bad `PCPP_DEVICE_WAIT` is named on the start-up line and by every device exchange.
+#[test]
+fn device_bad_wait_mode_is_named() {
+    assert_device_ranks(1, "device-bad-wait", "staged", Some("bogus"));
 }
 
 /// Without UCX_TLS, the staged path's context leaves UCX's CUDA transports out (a transport list
@@ -161,7 +194,7 @@ fn device_staged_without_ucx_tls_leaves_cuda_transports_out() {
 
 #[test]
 fn device_host_path_offers_no_device_p2p() {
-    assert_device_ranks(2, "device-host", "host");
+    assert_device_ranks(2, "device-host", "host", None);
 }
 
 #[test]
@@ -233,7 +266,7 @@ fn ucx_rank() {
     let timeout = if role == "die" { 20 } else { 120 };
     let mut opts = options(Duration::from_secs(timeout));
     let forced = match role.as_str() {
-        "device-staged" => Some(DeviceComm::Staged),
+        "device-staged" | "device-bad-wait" => Some(DeviceComm::Staged),
         "device-cuda-aware" => Some(DeviceComm::CudaAware),
         "device-host" => Some(DeviceComm::Host),
         _ => None,
@@ -283,6 +316,22 @@ fn ucx_rank() {
                 t.abort(&e);
                 panic!("{e}");
             }
+        }
+        "device-bad-wait" => {
+            let p = t.device_p2p().expect("device point-to-point");
+            let stream = pcpp_comm::device::host::HostStream::new();
+            let mut buf = [0u8; 8];
+            let m = pcpp_comm::DeviceMsg {
+                peer: 0,
+                ptr: buf.as_mut_ptr() as u64,
+                len: buf.len(),
+            };
+            // SAFETY: refused before anything is enqueued.
+            let err = unsafe { p.enqueue(CommKind::Halo, &[m], &[m], stream.raw()) }.unwrap_err();
+            assert!(
+                err.to_string().contains("PCPP_DEVICE_WAIT=bogus: unknown"),
+                "{err}"
+            );
         }
         "device-host" => {
             assert!(t.device_p2p().is_none());

@@ -6,7 +6,7 @@ use std::ffi::c_void;
 
 use cudarc::driver::sys;
 
-use super::{HostFn, StreamOps};
+use super::{Flag, HostFn, StreamOps};
 
 /// [`StreamOps`] on CUDA streams (`CUstream`) and device memory (`CUdeviceptr`).
 #[derive(Debug, Default, Clone, Copy)]
@@ -186,6 +186,79 @@ impl StreamOps for CudaStreams {
     unsafe fn free_pinned(&self, ptr: *mut u8, _len: usize) {
         // SAFETY: `ptr` came from cuMemHostAlloc and is freed once.
         let _ = unsafe { sys::cuMemFreeHost(ptr.cast()) };
+    }
+
+    unsafe fn alloc_flags(&self, s: *mut c_void, count: usize) -> Result<Flag, String> {
+        let len = count * std::mem::size_of::<u32>();
+        // SAFETY: live stream; the block is mapped into the device's address space (DEVICEMAP)
+        // for every context (PORTABLE), and zeroed before its device address is handed out.
+        unsafe {
+            in_context(s, || {
+                let mut p: *mut c_void = std::ptr::null_mut();
+                ok(
+                    &format!("cuMemHostAlloc of {count} completion flags"),
+                    sys::cuMemHostAlloc(
+                        &mut p,
+                        len,
+                        sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP,
+                    ),
+                )?;
+                std::ptr::write_bytes(p.cast::<u8>(), 0, len);
+                let mut dev: sys::CUdeviceptr = 0;
+                let r = ok(
+                    "cuMemHostGetDevicePointer of the completion flags",
+                    sys::cuMemHostGetDevicePointer_v2(&mut dev, p, 0),
+                );
+                if let Err(e) = r {
+                    let _ = sys::cuMemFreeHost(p);
+                    return Err(e);
+                }
+                Ok(Flag {
+                    host: p.cast::<u32>(),
+                    dev,
+                })
+            })
+        }
+    }
+
+    unsafe fn free_flags(&self, first: Flag, _count: usize) {
+        // SAFETY: `first.host` is the start of a block from cuMemHostAlloc, freed once.
+        let _ = unsafe { sys::cuMemFreeHost(first.host.cast()) };
+    }
+
+    unsafe fn wait_flag(&self, s: *mut c_void, flag: Flag) -> Result<(), String> {
+        // SAFETY: live stream; the flag stays allocated until the wait has run (the caller's
+        // promise). A stream memory operation, legal during capture (a graph replays it).
+        unsafe {
+            in_context(s, || {
+                ok(
+                    "cuStreamWaitValue32",
+                    sys::cuStreamWaitValue32_v2(
+                        s as sys::CUstream,
+                        flag.dev,
+                        1,
+                        sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_EQ as u32,
+                    ),
+                )
+            })
+        }
+    }
+
+    unsafe fn reset_flag(&self, s: *mut c_void, flag: Flag) -> Result<(), String> {
+        // SAFETY: as `wait_flag`.
+        unsafe {
+            in_context(s, || {
+                ok(
+                    "cuStreamWriteValue32",
+                    sys::cuStreamWriteValue32_v2(
+                        s as sys::CUstream,
+                        flag.dev,
+                        0,
+                        sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32,
+                    ),
+                )
+            })
+        }
     }
 
     unsafe fn is_capturing(&self, s: *mut c_void) -> Result<bool, String> {

@@ -1,8 +1,11 @@
 //! The device exchange engine of the MPI and UCX back-ends (PCPP §7.4: exchanges posted when the
 //! data exists, completed on the communication stream while the compute stream goes on): an
 //! exchange becomes a host function on the caller's stream that hands it to a communication
-//! thread and returns when it has completed; the staged path surrounds it with asynchronous
-//! copies through pinned buffers. See [`super`] for the design.
+//! thread and returns, followed by a stream wait on the exchange's completion flag
+//! ([`super::flag`]), which the communication thread sets once the exchange has completed (or,
+//! with `PCPP_DEVICE_WAIT=host-fn`, a host function that returns only then); the staged path
+//! surrounds it with asynchronous copies through pinned buffers. A watchdog thread reports
+//! exchanges that stall. See [`super`] for the design.
 
 use std::collections::VecDeque;
 use std::ffi::c_void;
@@ -11,7 +14,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{DevicePath, StreamOps};
+use super::flag::{FlagPool, Slot};
+use super::{DevicePath, DeviceWait, StreamOps};
 use crate::error::CommError;
 use crate::transport::DeviceMsg;
 
@@ -74,8 +78,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// How often a host function blocked on its exchange looks at the engine's shutdown flag.
+/// How often a host function blocked on its exchange (`host-fn` mode) looks at the engine's
+/// shutdown flag, and how often the watchdog looks for stalled exchanges.
 const PARK_POLL: Duration = Duration::from_millis(50);
+
+/// How long a dropped engine waits for its streams to reach the exchanges still enqueued before
+/// it frees their flags and staging buffers (it leaves them allocated after that).
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
 struct OpState {
@@ -85,19 +94,34 @@ struct OpState {
     taken: u64,
     /// Times the exchange has completed.
     completed: u64,
+    /// Times the exchange has failed (the stream is released all the same in `stream` mode).
+    failed: u64,
     /// The requests of the latest run still in flight, in words ([`Wire::describe`]).
     pending: String,
 }
 
 /// One enqueued exchange. Kept alive by the stream's host function: released after its one run,
-/// or kept for good when it was captured into a CUDA graph (every replay runs it again).
+/// or kept for good when it was captured into a CUDA graph (every replay runs it again); and by
+/// the communication thread while it is in flight.
 struct OpRec {
     queue: Weak<Queue>,
     sends: Vec<WireMsg>,
     recvs: Vec<WireMsg>,
     one_shot: bool,
+    /// The flag the stream waits on after the host function (`stream` mode; `None`: the host
+    /// function blocks).
+    flag: Option<Arc<Slot>>,
     state: Mutex<OpState>,
     cv: Condvar,
+}
+
+/// An exchange handed to the communication thread, watched until it completes or fails.
+struct Watched {
+    op: Arc<OpRec>,
+    /// The run ([`OpState::posted`]) watched.
+    gen: u64,
+    since: Instant,
+    reported: bool,
 }
 
 #[derive(Default)]
@@ -120,8 +144,10 @@ struct Queue {
     call: AtomicU8,
     call_since: AtomicU64,
     epoch: Instant,
-    /// How long a host function waits before it reports its exchange as stalled.
+    /// How long an exchange may take before the watchdog reports it as stalled.
     stall_after: Duration,
+    /// The exchanges handed over and not yet complete, for the watchdog.
+    watch: Mutex<Vec<Watched>>,
     /// The stall reports printed so far.
     stalls: Mutex<Vec<String>>,
 }
@@ -130,13 +156,23 @@ const CALL_POST: u8 = 1;
 const CALL_TEST: u8 = 2;
 
 impl Queue {
-    fn push(&self, op: Arc<OpRec>) -> bool {
-        let mut st = lock(&self.st);
-        if st.shutdown {
-            return false;
+    /// Hands run `gen` of `op` to the communication thread and the watchdog; false after
+    /// shutdown.
+    fn push(&self, op: Arc<OpRec>, gen: u64) -> bool {
+        {
+            let mut st = lock(&self.st);
+            if st.shutdown {
+                return false;
+            }
+            st.ready.push_back(op.clone());
+            self.cv.notify_all();
         }
-        st.ready.push_back(op);
-        self.cv.notify_all();
+        lock(&self.watch).push(Watched {
+            op,
+            gen,
+            since: Instant::now(),
+            reported: false,
+        });
         true
     }
 
@@ -154,48 +190,9 @@ impl Queue {
         out
     }
 
-    /// What the communication thread is doing, in words.
-    fn activity(&self) -> String {
-        let call = self.call.load(Ordering::Acquire);
-        let since = Duration::from_micros(self.call_since.load(Ordering::Relaxed));
-        let name = match call {
-            CALL_POST => "posting",
-            CALL_TEST => "progress/test",
-            _ => return "between transport calls".into(),
-        };
-        format!(
-            "inside the transport's {name} call for {:.1} s",
-            self.epoch.elapsed().saturating_sub(since).as_secs_f64()
-        )
-    }
-
-    /// The report of `op`'s run, whose host function has waited `waited`; `st` is its state.
-    fn stall_report(&self, op: &OpRec, st: &OpState, waited: Duration) -> String {
-        let mut peers: Vec<usize> = op.sends.iter().chain(&op.recvs).map(|m| m.peer).collect();
-        peers.sort_unstable();
-        peers.dedup();
-        let where_ = if st.taken < st.posted {
-            "the communication thread has not handed it to the library yet".to_string()
-        } else if st.pending.is_empty() {
-            "posted, its requests not yet described".to_string()
-        } else {
-            format!("still in flight: {}", st.pending)
-        };
-        format!(
-            "{} device exchange stalled: the stream has waited {:.1} s for an exchange of {} sends \
-             and {} receives (peers {peers:?}); {where_}; the communication thread is {} (a call \
-             that does not return: the transport or the library under it blocks; requests in \
-             flight: a peer has not answered)",
-            self.label,
-            waited.as_secs_f64(),
-            op.sends.len(),
-            op.recvs.len(),
-            self.activity()
-        )
-    }
-
-    /// Records a failed exchange: it never completes, so its host function stays blocked (the
-    /// stream stalls and the runtime's step timeout reports it) and every later enqueue fails.
+    /// Records a failure: every later enqueue fails. A failed exchange never completes: in
+    /// `stream` mode its flag is released all the same ([`OpRec::failed`]); in `host-fn` mode its
+    /// host function stays blocked (the stream stalls and the runtime's step timeout reports it).
     fn fail(&self, msg: String) {
         eprintln!("error: {} device exchange failed: {msg}", self.label);
         let mut e = lock(&self.error);
@@ -204,8 +201,9 @@ impl Queue {
 }
 
 impl OpRec {
-    /// The host function's work: hand the exchange to the communication thread, then block until
-    /// it has completed (or the engine shuts down).
+    /// The host function's work: hand the exchange to the communication thread, then return (the
+    /// stream waits on the flag) or, without a flag, block until it has completed (or the engine
+    /// shuts down).
     fn run(self: &Arc<Self>) {
         let Some(q) = self.queue.upgrade() else {
             return;
@@ -215,22 +213,11 @@ impl OpRec {
             st.posted += 1;
             st.posted
         };
-        if !q.push(self.clone()) {
+        if !q.push(self.clone(), gen) || self.flag.is_some() {
             return;
         }
-        let start = Instant::now();
-        let mut reported = false;
         let mut st = lock(&self.state);
-        while st.completed < gen {
-            if q.is_shutdown() {
-                return;
-            }
-            if !reported && start.elapsed() >= q.stall_after {
-                reported = true;
-                let report = q.stall_report(self, &st, start.elapsed());
-                eprintln!("warning: {report}");
-                lock(&q.stalls).push(report);
-            }
+        while st.completed < gen && !q.is_shutdown() {
             st = self
                 .cv
                 .wait_timeout(st, PARK_POLL)
@@ -247,9 +234,26 @@ impl OpRec {
         st.pending.clear();
     }
 
-    fn complete(&self) {
+    /// The exchange has completed: the stream may go on.
+    fn complete(&self, ops: &dyn StreamOps) {
         lock(&self.state).completed += 1;
         self.cv.notify_all();
+        self.release(ops);
+    }
+
+    /// The exchange has failed (recorded with [`Queue::fail`]): in `stream` mode the stream goes
+    /// on all the same.
+    fn failed(&self, ops: &dyn StreamOps) {
+        lock(&self.state).failed += 1;
+        self.release(ops);
+    }
+
+    fn release(&self, ops: &dyn StreamOps) {
+        if let Some(f) = &self.flag {
+            // SAFETY: called by the communication thread, which ends before the engine frees its
+            // flags.
+            unsafe { f.release(ops) };
+        }
     }
 }
 
@@ -282,8 +286,10 @@ unsafe extern "C" fn run_op(data: *mut c_void) {
 /// [`StreamOps::ipc_capable`]).
 ///
 /// One set serves every exchange of the engine because the exchanges of a stream run one after
-/// the other: an exchange's send copies start only after the previous exchange's host function
-/// (which returns once its sends and receives have completed) and receive copies have finished.
+/// the other: an exchange's send copies start only after the previous exchange's wait on its
+/// completion flag (which the communication thread sets once its sends and receives have
+/// completed; in `host-fn` mode its host function, which returns only then) and receive copies
+/// have finished.
 /// A position grows to the largest message seen there; the buffer it replaces is kept (in
 /// `retired`) because a captured CUDA graph may still copy through it. A steady step's exchanges
 /// thus find their buffers already sized by the eager steps that run before a graph captures
@@ -308,7 +314,12 @@ pub(crate) struct DeviceEngine<W: Wire> {
     path: DevicePath,
     ops: Arc<dyn StreamOps>,
     queue: Arc<Queue>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    /// The communication thread and the watchdog.
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    wait: DeviceWait,
+    /// A bad `PCPP_DEVICE_WAIT`, reported by every enqueue.
+    setup_error: Option<String>,
+    flags: Mutex<FlagPool>,
     pinned: Mutex<Staging>,
     bounce: Mutex<Staging>,
     /// Whether the first bounced buffer has been reported.
@@ -319,7 +330,8 @@ pub(crate) struct DeviceEngine<W: Wire> {
 }
 
 impl<W: Wire> DeviceEngine<W> {
-    /// An engine over `wire`; its communication thread starts with the first exchange.
+    /// An engine over `wire` whose streams wait as `PCPP_DEVICE_WAIT` says (a bad value fails
+    /// every exchange, naming it); its communication thread starts with the first exchange.
     pub fn new(
         wire: W,
         path: DevicePath,
@@ -327,6 +339,23 @@ impl<W: Wire> DeviceEngine<W> {
         timeout: Duration,
         rank: usize,
         label: String,
+    ) -> Self {
+        let wait = DeviceWait::from_env();
+        let mode = wait.clone().unwrap_or_default();
+        let mut eng = Self::with_wait(wire, path, ops, timeout, rank, label, mode);
+        eng.setup_error = wait.err();
+        eng
+    }
+
+    /// An engine whose streams wait as `wait` says.
+    pub fn with_wait(
+        wire: W,
+        path: DevicePath,
+        ops: Arc<dyn StreamOps>,
+        timeout: Duration,
+        rank: usize,
+        label: String,
+        wait: DeviceWait,
     ) -> Self {
         DeviceEngine {
             wire: Arc::new(wire),
@@ -343,8 +372,12 @@ impl<W: Wire> DeviceEngine<W> {
                 epoch: Instant::now(),
                 stall_after: timeout / 4,
                 stalls: Mutex::new(Vec::new()),
+                watch: Mutex::new(Vec::new()),
             }),
-            thread: Mutex::new(None),
+            threads: Mutex::new(Vec::new()),
+            wait,
+            setup_error: None,
+            flags: Mutex::new(FlagPool::default()),
             pinned: Mutex::new(Staging::default()),
             bounce: Mutex::new(Staging::default()),
             bounce_logged: AtomicBool::new(false),
@@ -373,22 +406,29 @@ impl<W: Wire> DeviceEngine<W> {
         }
     }
 
-    fn start_thread(&self) -> Result<(), CommError> {
-        let mut t = lock(&self.thread);
-        if t.is_some() {
+    /// Starts the communication thread and the watchdog, once.
+    fn start_threads(&self) -> Result<(), CommError> {
+        let mut t = lock(&self.threads);
+        if !t.is_empty() {
             return Ok(());
         }
         let (wire, q, ops) = (self.wire.clone(), self.queue.clone(), self.ops.clone());
         let device = self.path == DevicePath::CudaAware && self.ops.device_memory();
         let timeout = self.timeout;
+        let name = q.label.split(' ').next().unwrap_or("comm").to_string();
+        let spawn_err = |e| self.err(self.rank, format!("spawning the communication thread: {e}"));
+        let q2 = q.clone();
         let h = std::thread::Builder::new()
-            .name(format!(
-                "pcpp-{}-dev",
-                q.label.split(' ').next().unwrap_or("comm")
-            ))
-            .spawn(move || comm_loop(&*wire, &q, &*ops, device, timeout))
-            .map_err(|e| self.err(self.rank, format!("spawning the communication thread: {e}")))?;
-        *t = Some(h);
+            .name(format!("pcpp-{name}-dev"))
+            .spawn(move || comm_loop(&*wire, &q2, &*ops, device, timeout))
+            .map_err(spawn_err)?;
+        t.push(h);
+        // Without a watchdog the exchanges still run; only stall reports are missing.
+        let watchdog = std::thread::Builder::new()
+            .name(format!("pcpp-{name}-watch"))
+            .spawn(move || watch_loop(&q))
+            .map_err(spawn_err)?;
+        t.push(watchdog);
         Ok(())
     }
 
@@ -473,6 +513,9 @@ impl<W: Wire> DeviceEngine<W> {
         recvs: &[DeviceMsg],
         stream: *mut c_void,
     ) -> Result<(), CommError> {
+        if let Some(e) = &self.setup_error {
+            return Err(self.err(self.rank, e.clone()));
+        }
         if let Some(e) = lock(&self.queue.error).clone() {
             return Err(self.err(self.rank, format!("an earlier device exchange failed: {e}")));
         }
@@ -488,10 +531,10 @@ impl<W: Wire> DeviceEngine<W> {
         let (ctx, ordinal) = unsafe { self.ops.context_of(stream) }.map_err(e)?;
         self.queue.ctx.store(ctx, Ordering::Relaxed);
         self.ordinal.store(ordinal, Ordering::Relaxed);
-        self.start_thread()?;
+        self.start_threads()?;
         let capturing = unsafe { self.ops.is_capturing(stream) }.map_err(e)?;
         let staged = self.path == DevicePath::Staged;
-        // Copies after the host function: (device destination, source, length, source is host).
+        // Copies after the exchange: (device destination, source, length, source is host).
         let mut after: Vec<(u64, u64, usize, bool)> = Vec::new();
         let mut bounced = 0;
         let mut wsends = Vec::with_capacity(sends.len());
@@ -535,20 +578,39 @@ impl<W: Wire> DeviceEngine<W> {
                 len: m.len,
             });
         }
+        let flag = match self.wait {
+            DeviceWait::Stream => Some(
+                unsafe { lock(&self.flags).lend(&*self.ops, stream, !capturing) }
+                    .map_err(|x| e(format!("completion flag: {x}")))?,
+            ),
+            DeviceWait::HostFn => None,
+        };
         let op = Arc::new(OpRec {
             queue: Arc::downgrade(&self.queue),
             sends: wsends,
-            recvs: wrecvs.clone(),
+            recvs: wrecvs,
             one_shot: !capturing,
+            flag: flag.clone(),
             state: Mutex::new(OpState::default()),
             cv: Condvar::new(),
         });
         let data = Arc::into_raw(op) as *mut c_void;
-        if let Err(x) = unsafe { self.ops.launch_host_fn(stream, run_op, data) } {
+        let mut enqueued = unsafe { self.ops.launch_host_fn(stream, run_op, data) };
+        if enqueued.is_err() {
             // SAFETY: the host function was not enqueued, so the count is still ours.
             drop(unsafe { Arc::from_raw(data as *const OpRec) });
-            return Err(e(x));
         }
+        if let Some(slot) = &flag {
+            // The stream goes on once the communication thread sets the flag, and resets it for
+            // the next exchange (or graph replay) to wait on.
+            enqueued = enqueued
+                .and_then(|()| unsafe { self.ops.wait_flag(stream, slot.flag) })
+                .and_then(|()| unsafe { self.ops.reset_flag(stream, slot.flag) });
+            if enqueued.is_err() {
+                lock(&self.flags).abandon(slot);
+            }
+        }
+        enqueued.map_err(e)?;
         for (dst, src, len, host) in after {
             if host {
                 unsafe { self.ops.copy_htod(stream, dst, src as *const u8, len) }
@@ -568,9 +630,22 @@ impl<W: Wire> Drop for DeviceEngine<W> {
             st.shutdown = true;
             self.queue.cv.notify_all();
         }
-        if let Some(t) = lock(&self.thread).take() {
+        for t in std::mem::take(&mut *lock(&self.threads)) {
             let _ = t.join();
         }
+        let mut flags = lock(&self.flags);
+        // SAFETY: the flags came from `self.ops`, and the communication thread has ended.
+        if !unsafe { flags.drain(&*self.ops, DRAIN_LIMIT) } {
+            eprintln!(
+                "warning: {}: the streams have not reached every enqueued device exchange {:?} \
+                 after shutdown; their completion flags and staging buffers stay allocated",
+                self.queue.label, DRAIN_LIMIT
+            );
+            return;
+        }
+        // SAFETY: drained: no enqueued work of a one-shot exchange uses the flags, and graphs
+        // that captured exchanges are not replayed once their transport is gone.
+        unsafe { flags.free(&*self.ops) };
         let p = std::mem::take(&mut *lock(&self.pinned));
         for (b, len) in p.sends.into_iter().chain(p.recvs).chain(p.retired) {
             // SAFETY: allocated by `alloc_pinned` with `len`; the transport is going away, so
@@ -587,114 +662,9 @@ impl<W: Wire> Drop for DeviceEngine<W> {
     }
 }
 
-/// An exchange the communication thread has posted.
-struct InFlight<R> {
-    op: Arc<OpRec>,
-    reqs: Vec<R>,
-    /// How many requests `op`'s `pending` describes (`None`: not described yet).
-    described: Option<usize>,
-    since: Instant,
-}
-
-/// The communication thread: posts the exchanges the host functions hand over, in order, and
-/// progresses them until they complete, fail or time out.
-fn comm_loop<W: Wire>(wire: &W, q: &Queue, ops: &dyn StreamOps, device: bool, timeout: Duration) {
-    let mut bound = 0usize;
-    let mut active: Vec<InFlight<W::Req>> = Vec::new();
-    let mut idle = 0u32;
-    loop {
-        let new: Vec<Arc<OpRec>> = {
-            let mut st = lock(&q.st);
-            while active.is_empty() && st.ready.is_empty() && !st.shutdown {
-                st = q.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
-            }
-            if st.shutdown {
-                return;
-            }
-            st.ready.drain(..).collect()
-        };
-        for op in new {
-            let ctx = q.ctx.load(Ordering::Relaxed);
-            if device && ctx != 0 && ctx != bound {
-                // SAFETY: the context of a live stream the engine was given.
-                match unsafe { ops.bind_context(ctx) } {
-                    Ok(()) => bound = ctx,
-                    Err(e) => {
-                        q.fail(format!("binding the device context: {e}"));
-                        continue;
-                    }
-                }
-            }
-            let mut reqs = Vec::with_capacity(op.sends.len() + op.recvs.len());
-            // SAFETY: the buffers stay valid until the exchange completes: the stream waits in
-            // the host function until then.
-            let posted = q.in_call(CALL_POST, || unsafe {
-                wire.post(&op.sends, &op.recvs, device, &mut reqs)
-            });
-            match posted {
-                Ok(()) => {
-                    op.taken();
-                    active.push(InFlight {
-                        op,
-                        reqs,
-                        described: None,
-                        since: Instant::now(),
-                    });
-                }
-                Err(e) => q.fail(e.to_string()),
-            }
-        }
-        let before = active.len();
-        active.retain_mut(
-            |InFlight {
-                 op,
-                 reqs,
-                 described,
-                 since: t0,
-             }| {
-                match q.in_call(CALL_TEST, || wire.test(reqs)) {
-                    Ok(true) => {
-                        op.complete();
-                        false
-                    }
-                    // Described only once it is slow (before its host function reports
-                    // it), and again when requests complete: nothing on the common path.
-                    Ok(false)
-                        if t0.elapsed() >= q.stall_after / 2 && *described != Some(reqs.len()) =>
-                    {
-                        *described = Some(reqs.len());
-                        lock(&op.state).pending = wire.describe(reqs);
-                        true
-                    }
-                    Ok(false) if t0.elapsed() > timeout => {
-                        q.fail(format!(
-                            "{} sends and {} receives not complete after {:?}; is a peer gone?",
-                            op.sends.len(),
-                            op.recvs.len(),
-                            t0.elapsed()
-                        ));
-                        false
-                    }
-                    Ok(false) => true,
-                    Err(e) => {
-                        q.fail(e.to_string());
-                        false
-                    }
-                }
-            },
-        );
-        if active.len() < before {
-            idle = 0;
-        } else if !active.is_empty() {
-            idle += 1;
-            if idle > 256 {
-                std::thread::sleep(Duration::from_micros(20));
-            } else {
-                std::thread::yield_now();
-            }
-        }
-    }
-}
+#[path = "engine_comm.rs"]
+mod comm;
+use comm::{comm_loop, watch_loop};
 
 #[cfg(test)]
 #[path = "engine_tests.rs"]

@@ -1,27 +1,38 @@
-//! Tests of the device exchange engine ([`super`]) on host memory: CUDA graph capture and
-//! replay, staging through pinned and bounce buffers, a lost peer (PCPP §7.4's communication
-//! stream without a GPU).
+//! Tests of the device exchange engine ([`super`]) on host memory, in both wait modes (the
+//! stream waits on a completion flag, or the host function blocks): CUDA graph capture and
+//! replay, staging through pinned and bounce buffers, exchanges that complete late, a lost peer,
+//! stall reports (PCPP §7.4's communication stream without a GPU).
 
 use super::*;
-use crate::device::HostFn;
+use crate::device::host::{HostStream, HostStreams};
+use crate::device::{Flag, HostFn};
 use std::collections::VecDeque;
+use std::sync::atomic::AtomicU32;
 
-/// One rank talking to itself: a send is copied into the next receive posted. Every address
-/// the library is given is recorded in `seen`.
+/// Both ways a stream can wait for its exchanges.
+const MODES: [DeviceWait; 2] = [DeviceWait::Stream, DeviceWait::HostFn];
+
+/// One rank talking to itself: a send is copied into the next receive posted, `late` after the
+/// post (when the library is next progressed after that). Every address the library is given
+/// is recorded in `seen`.
 #[derive(Default)]
 struct Loopback {
     sent: Mutex<VecDeque<(u64, usize)>>,
     seen: Arc<Mutex<Vec<u64>>>,
+    late: Duration,
 }
 
+/// A receive of [`Loopback`]: (source, destination, length, due).
+type Copy = (u64, u64, usize, Instant);
+
 impl Wire for Loopback {
-    type Req = ();
+    type Req = Copy;
     unsafe fn post(
         &self,
         sends: &[WireMsg],
         recvs: &[WireMsg],
         _device: bool,
-        _reqs: &mut Vec<()>,
+        reqs: &mut Vec<Copy>,
     ) -> Result<(), CommError> {
         lock(&self.seen).extend(sends.iter().chain(recvs).map(|m| m.ptr));
         let mut q = lock(&self.sent);
@@ -29,13 +40,20 @@ impl Wire for Loopback {
         for r in recvs {
             let (p, n) = q.pop_front().expect("a send for every receive");
             assert_eq!(n, r.len);
-            // SAFETY: both are live test buffers of `n` bytes.
-            unsafe { std::ptr::copy_nonoverlapping(p as *const u8, r.ptr as *mut u8, n) };
+            reqs.push((p, r.ptr, n, Instant::now() + self.late));
         }
         Ok(())
     }
-    fn test(&self, _reqs: &mut Vec<()>) -> Result<bool, CommError> {
-        Ok(true)
+    fn test(&self, reqs: &mut Vec<Copy>) -> Result<bool, CommError> {
+        reqs.retain(|&(p, r, n, due)| {
+            if Instant::now() < due {
+                return true;
+            }
+            // SAFETY: both are live buffers of `n` bytes until the request completes (here).
+            unsafe { std::ptr::copy_nonoverlapping(p as *const u8, r as *mut u8, n) };
+            false
+        });
+        Ok(reqs.is_empty())
     }
 }
 
@@ -124,6 +142,33 @@ impl StreamOps for Graph {
         // SAFETY: made by `alloc_pinned` with `len`.
         drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) });
     }
+    unsafe fn alloc_flags(&self, s: *mut c_void, count: usize) -> Result<Flag, String> {
+        // SAFETY: host flags need no stream.
+        unsafe { HostStreams.alloc_flags(s, count) }
+    }
+    unsafe fn free_flags(&self, first: Flag, count: usize) {
+        // SAFETY: made by `alloc_flags` with `count`.
+        unsafe { HostStreams.free_flags(first, count) }
+    }
+    unsafe fn wait_flag(&self, _s: *mut c_void, flag: Flag) -> Result<(), String> {
+        lock(&self.nodes).push(Box::new(move || {
+            let t0 = Instant::now();
+            // SAFETY: the engine keeps a captured exchange's flag until it drops.
+            while unsafe { HostStreams.flag_value(flag) } != 1 {
+                assert!(t0.elapsed() < Duration::from_secs(20), "flag never set");
+                std::thread::yield_now();
+            }
+        }));
+        Ok(())
+    }
+    unsafe fn reset_flag(&self, _s: *mut c_void, flag: Flag) -> Result<(), String> {
+        lock(&self.nodes).push(Box::new(move || {
+            let flag = flag;
+            // SAFETY: as above.
+            unsafe { AtomicU32::from_ptr(flag.host) }.store(0, Ordering::Release)
+        }));
+        Ok(())
+    }
     unsafe fn is_capturing(&self, _s: *mut c_void) -> Result<bool, String> {
         Ok(true)
     }
@@ -136,18 +181,26 @@ impl StreamOps for Graph {
 }
 
 /// A captured exchange runs nothing at capture time and moves the buffers' current contents
-/// at every replay, on both paths.
+/// at every replay, on both paths and in both wait modes (a captured exchange keeps its flag, so
+/// the replays wait on and reset the same flag).
 #[test]
 fn captured_exchanges_move_fresh_data_at_every_replay() {
-    for path in [DevicePath::Staged, DevicePath::CudaAware] {
+    for (path, mode) in [DevicePath::Staged, DevicePath::CudaAware]
+        .into_iter()
+        .flat_map(|p| MODES.map(|m| (p, m)))
+    {
         let graph = Arc::new(Graph::default());
-        let eng = DeviceEngine::new(
-            Loopback::default(),
+        let eng = DeviceEngine::with_wait(
+            Loopback {
+                late: Duration::from_millis(2),
+                ..Loopback::default()
+            },
             path,
             graph.clone(),
             Duration::from_secs(10),
             0,
             "test".into(),
+            mode,
         );
         let len = 1000;
         let mut send = vec![0u8; len];
@@ -161,16 +214,29 @@ fn captured_exchanges_move_fresh_data_at_every_replay() {
             // SAFETY: nothing else touches the buffer between replays.
             unsafe { std::ptr::write_bytes(sp as *mut u8, k, len) };
             graph.replay();
-            // SAFETY: the replay has completed (host functions block until the exchange is done).
+            // SAFETY: the replay has completed (its nodes wait until the exchange is done).
             let got = unsafe { std::slice::from_raw_parts(rp as *const u8, len) };
             assert!(
                 got.iter().all(|&b| b == k),
-                "{path}: replay {k} moved stale data"
+                "{path} {mode}: replay {k} moved stale data"
             );
         }
+        let blocks = lock(&eng.flags).blocks();
+        assert_eq!(blocks, usize::from(mode == DeviceWait::Stream), "{mode}");
         drop(eng);
         drop((send, recv));
     }
+}
+
+/// Whether everything enqueued on `stream` so far runs within `limit`.
+fn synchronized_within(stream: &HostStream, limit: Duration) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    stream
+        .submit(move || {
+            let _ = tx.send(());
+        })
+        .unwrap();
+    rx.recv_timeout(limit).is_ok()
 }
 
 /// A peer that never answers.
@@ -193,46 +259,57 @@ impl Wire for Silent {
     }
 }
 
-/// An exchange that does not complete within the timeout fails: the stream stays blocked
-/// (the runtime's step timeout reports it), later exchanges are refused naming the failure,
-/// and dropping the engine releases the stream.
+/// An exchange that does not complete within the timeout fails and later exchanges are refused
+/// naming the failure. In `stream` mode the failed exchange's flag is set all the same, so the
+/// stream goes on (and reaches the later exchanges, which fail in turn); in `host-fn` mode the
+/// stream stays blocked (the runtime's step timeout reports it) until dropping the engine
+/// releases it.
 #[test]
-fn a_lost_peer_fails_later_exchanges_and_shutdown_releases_the_stream() {
-    let stream = crate::device::host::HostStream::new();
-    let eng = DeviceEngine::new(
-        Silent,
-        DevicePath::Staged,
-        Arc::new(crate::device::host::HostStreams),
-        Duration::from_millis(200),
-        0,
-        "test rank 0".into(),
-    );
-    let mut buf = vec![0u8; 64];
-    let m = DeviceMsg {
-        peer: 0,
-        ptr: buf.as_mut_ptr() as u64,
-        len: 64,
-    };
-    // SAFETY: `buf` outlives the stream's work (the stream is synchronised below).
-    unsafe { eng.enqueue(&[], &[m], stream.raw()) }.unwrap();
-    let t0 = Instant::now();
-    let err = loop {
-        // SAFETY: as above.
-        match unsafe { eng.enqueue(&[], &[m], stream.raw()) } {
-            Err(e) => break e,
-            Ok(()) => {
-                assert!(
-                    t0.elapsed() < Duration::from_secs(20),
-                    "no failure reported"
-                );
-                std::thread::sleep(Duration::from_millis(50));
+fn a_lost_peer_fails_later_exchanges_and_never_leaves_the_stream_waiting() {
+    for mode in MODES {
+        let stream = HostStream::new();
+        let eng = DeviceEngine::with_wait(
+            Silent,
+            DevicePath::Staged,
+            Arc::new(HostStreams),
+            Duration::from_millis(200),
+            0,
+            "test rank 0".into(),
+            mode,
+        );
+        let mut buf = vec![0u8; 64];
+        let m = DeviceMsg {
+            peer: 0,
+            ptr: buf.as_mut_ptr() as u64,
+            len: 64,
+        };
+        // SAFETY: `buf` outlives the stream's work (the stream is synchronised below).
+        unsafe { eng.enqueue(&[], &[m], stream.raw()) }.unwrap();
+        let t0 = Instant::now();
+        let err = loop {
+            // SAFETY: as above.
+            match unsafe { eng.enqueue(&[], &[m], stream.raw()) } {
+                Err(e) => break e,
+                Ok(()) => {
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(20),
+                        "{mode}: no failure reported"
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
             }
+        };
+        assert!(err.to_string().contains("not complete after"), "{err}");
+        if mode == DeviceWait::Stream {
+            assert!(
+                synchronized_within(&stream, Duration::from_secs(20)),
+                "the stream still waits on failed exchanges"
+            );
         }
-    };
-    assert!(err.to_string().contains("not complete after"), "{err}");
-    drop(eng);
-    stream.synchronize().unwrap();
-    drop(buf);
+        drop(eng);
+        stream.synchronize().unwrap();
+        drop(buf);
+    }
 }
 
 /// A library whose receives complete only once `release` is set, and whose progress call
@@ -271,19 +348,20 @@ impl Wire for Held {
 
 /// Runs one exchange (a send to and a receive from peer 1) over [`Held`] and returns the first
 /// stall report, after which the library is released and the exchange must complete.
-fn stall_report_of(block_in_test: bool) -> String {
+fn stall_report_of(block_in_test: bool, mode: DeviceWait) -> String {
     let release = Arc::new(AtomicBool::new(false));
-    let stream = crate::device::host::HostStream::new();
-    let eng = DeviceEngine::new(
+    let stream = HostStream::new();
+    let eng = DeviceEngine::with_wait(
         Held {
             release: release.clone(),
             block_in_test,
         },
         DevicePath::Staged,
-        Arc::new(crate::device::host::HostStreams),
+        Arc::new(HostStreams),
         Duration::from_secs(2),
         0,
         "test rank 0".into(),
+        mode,
     );
     let mut bufs = vec![vec![1u8; 48], vec![0u8; 64]];
     let send = DeviceMsg {
@@ -317,35 +395,44 @@ fn stall_report_of(block_in_test: bool) -> String {
     report
 }
 
-/// A host function that waits a quarter of the timeout reports what its exchange waits for: a
-/// library call that does not return, named with how long it has run.
+/// An exchange that has waited a quarter of the timeout is reported with what it waits for: a
+/// library call that does not return, named with how long it has run (the watchdog reports it,
+/// as the communication thread is stuck).
 #[test]
 fn a_stall_inside_the_library_is_reported_as_such() {
-    let r = stall_report_of(true);
-    assert!(r.contains("test rank 0 device exchange stalled"), "{r}");
-    assert!(r.contains("1 sends and 1 receives (peers [1])"), "{r}");
-    assert!(
-        r.contains("inside the transport's progress/test call for"),
-        "{r}"
-    );
+    for mode in MODES {
+        let r = stall_report_of(true, mode);
+        assert!(r.contains("test rank 0 device exchange stalled"), "{r}");
+        assert!(r.contains("1 sends and 1 receives (peers [1])"), "{r}");
+        assert!(
+            r.contains("inside the transport's progress/test call for"),
+            "{r}"
+        );
+    }
 }
 
 /// ... or the requests still in flight when the library returns but a peer has not answered.
 #[test]
 fn a_stall_on_a_peer_names_the_requests_in_flight() {
-    let r = stall_report_of(false);
-    assert!(
-        r.contains("still in flight: receive from 1 (64 bytes)"),
-        "{r}"
-    );
-    assert!(!r.contains("send to 1"), "the send completed: {r}");
+    for mode in MODES {
+        let r = stall_report_of(false, mode);
+        assert!(
+            r.contains("still in flight: receive from 1 (64 bytes)"),
+            "{r}"
+        );
+        assert!(!r.contains("send to 1"), "the send completed: {r}");
+    }
 }
 
-/// [`HostStreams`](crate::device::host::HostStreams) whose buffers CUDA IPC cannot share, as
-/// memory of CUDA's stream-ordered pool (`cuMemAllocAsync`) is.
-struct PoolMemory(crate::device::host::HostStreams);
+/// [`HostStreams`] that count the host functions that have returned, and whose buffers CUDA IPC
+/// can share or not (`ipc: false`, as memory of CUDA's stream-ordered pool, `cuMemAllocAsync`).
+#[derive(Default)]
+struct Twin {
+    ipc: bool,
+    returned: Arc<AtomicUsize>,
+}
 
-impl StreamOps for PoolMemory {
+impl StreamOps for Twin {
     fn device_memory(&self) -> bool {
         false
     }
@@ -355,8 +442,14 @@ impl StreamOps for PoolMemory {
         f: HostFn,
         d: *mut c_void,
     ) -> Result<(), String> {
-        // SAFETY: forwarded with the caller's promises.
-        unsafe { self.0.launch_host_fn(s, f, d) }
+        let (returned, d) = (self.returned.clone(), d as usize);
+        // SAFETY: `s` is a live host stream (the caller's promise).
+        let stream = unsafe { &*(s as *const HostStream) };
+        stream.submit(move || {
+            // SAFETY: `d` stays valid until `f` has run (the caller's promise).
+            unsafe { f(d as *mut c_void) };
+            returned.fetch_add(1, Ordering::SeqCst);
+        })
     }
     unsafe fn copy_dtoh(
         &self,
@@ -366,7 +459,7 @@ impl StreamOps for PoolMemory {
         len: usize,
     ) -> Result<(), String> {
         // SAFETY: forwarded.
-        unsafe { self.0.copy_dtoh(s, dst, src, len) }
+        unsafe { HostStreams.copy_dtoh(s, dst, src, len) }
     }
     unsafe fn copy_htod(
         &self,
@@ -376,7 +469,7 @@ impl StreamOps for PoolMemory {
         len: usize,
     ) -> Result<(), String> {
         // SAFETY: forwarded.
-        unsafe { self.0.copy_htod(s, dst, src, len) }
+        unsafe { HostStreams.copy_htod(s, dst, src, len) }
     }
     unsafe fn copy_dtod(
         &self,
@@ -386,38 +479,54 @@ impl StreamOps for PoolMemory {
         len: usize,
     ) -> Result<(), String> {
         // SAFETY: forwarded.
-        unsafe { self.0.copy_dtod(s, dst, src, len) }
+        unsafe { HostStreams.copy_dtod(s, dst, src, len) }
     }
     unsafe fn ipc_capable(&self, _s: *mut c_void, _ptr: u64) -> bool {
-        false
+        self.ipc
     }
     unsafe fn alloc_device(&self, s: *mut c_void, len: usize) -> Result<u64, String> {
         // SAFETY: forwarded.
-        unsafe { self.0.alloc_device(s, len) }
+        unsafe { HostStreams.alloc_device(s, len) }
     }
     unsafe fn free_device(&self, ctx: usize, ptr: u64, len: usize) {
         // SAFETY: forwarded.
-        unsafe { self.0.free_device(ctx, ptr, len) }
+        unsafe { HostStreams.free_device(ctx, ptr, len) }
     }
     unsafe fn alloc_pinned(&self, s: *mut c_void, len: usize) -> Result<*mut u8, String> {
         // SAFETY: forwarded.
-        unsafe { self.0.alloc_pinned(s, len) }
+        unsafe { HostStreams.alloc_pinned(s, len) }
     }
     unsafe fn free_pinned(&self, ptr: *mut u8, len: usize) {
         // SAFETY: forwarded.
-        unsafe { self.0.free_pinned(ptr, len) }
+        unsafe { HostStreams.free_pinned(ptr, len) }
+    }
+    unsafe fn alloc_flags(&self, s: *mut c_void, count: usize) -> Result<Flag, String> {
+        // SAFETY: forwarded.
+        unsafe { HostStreams.alloc_flags(s, count) }
+    }
+    unsafe fn free_flags(&self, first: Flag, count: usize) {
+        // SAFETY: forwarded.
+        unsafe { HostStreams.free_flags(first, count) }
+    }
+    unsafe fn wait_flag(&self, s: *mut c_void, flag: Flag) -> Result<(), String> {
+        // SAFETY: forwarded.
+        unsafe { HostStreams.wait_flag(s, flag) }
+    }
+    unsafe fn reset_flag(&self, s: *mut c_void, flag: Flag) -> Result<(), String> {
+        // SAFETY: forwarded.
+        unsafe { HostStreams.reset_flag(s, flag) }
     }
     unsafe fn is_capturing(&self, s: *mut c_void) -> Result<bool, String> {
         // SAFETY: forwarded.
-        unsafe { self.0.is_capturing(s) }
+        unsafe { HostStreams.is_capturing(s) }
     }
     unsafe fn context_of(&self, s: *mut c_void) -> Result<(usize, usize), String> {
         // SAFETY: forwarded.
-        unsafe { self.0.context_of(s) }
+        unsafe { HostStreams.context_of(s) }
     }
     unsafe fn bind_context(&self, ctx: usize) -> Result<(), String> {
         // SAFETY: forwarded.
-        unsafe { self.0.bind_context(ctx) }
+        unsafe { HostStreams.bind_context(ctx) }
     }
 }
 
@@ -427,30 +536,42 @@ fn fill(k: usize, j: usize) -> u8 {
 }
 
 /// Many exchanges through the same staging positions enqueued while the stream is held, so
-/// that every copy and host function runs long after all the enqueues (as on a busy GPU): each
-/// exchange must still move its own data, for the staged path, the CUDA-aware path on buffers
-/// CUDA IPC can share (given to the library as they are) and on buffers it cannot (bounced
-/// through buffers of the engine, which the library sees instead, never the caller's). Sizes
-/// grow past the first allocation, so positions are reallocated while earlier exchanges still
-/// wait to copy through the old buffers.
+/// that every copy and host function runs long after all the enqueues (as on a busy GPU), and
+/// whose receives complete only some time after they were posted: each exchange must still move
+/// its own data, for the staged path, the CUDA-aware path on buffers CUDA IPC can share (given to
+/// the library as they are) and on buffers it cannot (bounced through buffers of the engine,
+/// which the library sees instead, never the caller's), in both wait modes (the receive copies
+/// and the next exchange's send copies must wait for the completion). Sizes grow past the first
+/// allocation, so positions are reallocated while earlier exchanges still wait to copy through
+/// the old buffers.
 #[test]
 fn exchanges_enqueued_ahead_of_the_stream_move_their_own_data() {
-    use crate::device::host::{HostStream, HostStreams};
-    let cases: [(DevicePath, Arc<dyn StreamOps>, bool); 3] = [
-        (DevicePath::Staged, Arc::new(HostStreams), false),
-        (DevicePath::CudaAware, Arc::new(HostStreams), true),
-        (
-            DevicePath::CudaAware,
-            Arc::new(PoolMemory(HostStreams)),
-            false,
-        ),
+    let cases = [
+        (DevicePath::Staged, true, false),
+        (DevicePath::CudaAware, true, true),
+        (DevicePath::CudaAware, false, false),
     ];
-    for (path, ops, direct) in cases {
-        let what = format!("{path} (library sees the caller's buffers: {direct})");
+    for ((path, ipc, direct), mode) in cases.into_iter().flat_map(|c| MODES.map(|m| (c, m))) {
+        let what = format!("{path} {mode} (library sees the caller's buffers: {direct})");
         let stream = HostStream::new();
-        let wire = Loopback::default();
+        let wire = Loopback {
+            late: Duration::from_millis(2),
+            ..Loopback::default()
+        };
         let seen = wire.seen.clone();
-        let eng = DeviceEngine::new(wire, path, ops, Duration::from_secs(10), 0, "test".into());
+        let ops = Arc::new(Twin {
+            ipc,
+            ..Twin::default()
+        });
+        let eng = DeviceEngine::with_wait(
+            wire,
+            path,
+            ops,
+            Duration::from_secs(10),
+            0,
+            "test".into(),
+            mode,
+        );
         let lens: Vec<usize> = (0..16).map(|k| 1 + k * 9001).collect();
         let sends: Vec<Vec<u8>> = lens
             .iter()
@@ -497,4 +618,130 @@ fn exchanges_enqueued_ahead_of_the_stream_move_their_own_data() {
         );
         drop(eng);
     }
+}
+
+/// A library that completes an exchange only once every host function that handed one over has
+/// returned: a CUDA-aware library whose progress needs the CUDA driver, which a host function
+/// still running holds up. In `stream` mode the exchange completes; a host function that blocked
+/// until completion (`host-fn` mode) would never return, and the exchange times out.
+struct AfterReturn {
+    returned: Arc<AtomicUsize>,
+    posted: AtomicUsize,
+    inner: Loopback,
+}
+
+impl Wire for AfterReturn {
+    type Req = Copy;
+    unsafe fn post(
+        &self,
+        sends: &[WireMsg],
+        recvs: &[WireMsg],
+        device: bool,
+        reqs: &mut Vec<Copy>,
+    ) -> Result<(), CommError> {
+        self.posted.fetch_add(1, Ordering::SeqCst);
+        // SAFETY: forwarded with the caller's promises.
+        unsafe { self.inner.post(sends, recvs, device, reqs) }
+    }
+    fn test(&self, reqs: &mut Vec<Copy>) -> Result<bool, CommError> {
+        if self.returned.load(Ordering::SeqCst) < self.posted.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        self.inner.test(reqs)
+    }
+}
+
+/// The host function returns before its exchange completes (`stream` mode), so a library that
+/// needs it to has the exchange complete, with its data; the blocking host function of
+/// `host-fn` mode does not, and its exchange times out.
+#[test]
+fn the_host_function_returns_before_its_exchange_completes() {
+    for mode in MODES {
+        let stream = HostStream::new();
+        let ops = Arc::new(Twin {
+            ipc: true,
+            ..Twin::default()
+        });
+        let returned = ops.returned.clone();
+        let wire = AfterReturn {
+            returned: returned.clone(),
+            posted: AtomicUsize::new(0),
+            inner: Loopback::default(),
+        };
+        let timeout = match mode {
+            DeviceWait::Stream => Duration::from_secs(20),
+            DeviceWait::HostFn => Duration::from_millis(300),
+        };
+        let eng = DeviceEngine::with_wait(
+            wire,
+            DevicePath::Staged,
+            ops,
+            timeout,
+            0,
+            "test".into(),
+            mode,
+        );
+        let send: Vec<u8> = (0..4096).map(|j| fill(3, j)).collect();
+        let recv = vec![0u8; send.len()];
+        let m = |p: *const u8| DeviceMsg {
+            peer: 0,
+            ptr: p as u64,
+            len: send.len(),
+        };
+        for _ in 0..3 {
+            // SAFETY: the buffers outlive the stream's work (synchronised below).
+            unsafe { eng.enqueue(&[m(send.as_ptr())], &[m(recv.as_ptr())], stream.raw()) }.unwrap();
+        }
+        if mode == DeviceWait::Stream {
+            assert!(
+                synchronized_within(&stream, Duration::from_secs(30)),
+                "{mode}: the stream never got past the exchanges"
+            );
+            assert_eq!(recv, send, "{mode}: wrong data");
+            assert_eq!(returned.load(Ordering::SeqCst), 3);
+            assert!(
+                lock(&eng.queue.error).is_none(),
+                "{mode}: an exchange failed"
+            );
+        } else {
+            let t0 = Instant::now();
+            while lock(&eng.queue.error).is_none() {
+                assert!(t0.elapsed() < Duration::from_secs(20), "no timeout");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert_eq!(returned.load(Ordering::SeqCst), 0);
+            drop(eng);
+            stream.synchronize().unwrap();
+        }
+    }
+}
+
+/// An eagerly enqueued exchange's flag returns to the engine once the stream has reset it: many
+/// exchanges one after the other use one block of flags.
+#[test]
+fn completion_flags_are_reused() {
+    let stream = HostStream::new();
+    let eng = DeviceEngine::with_wait(
+        Loopback::default(),
+        DevicePath::CudaAware,
+        Arc::new(HostStreams),
+        Duration::from_secs(10),
+        0,
+        "test".into(),
+        DeviceWait::Stream,
+    );
+    let mut buf = [0u8; 8];
+    for k in 0..2 * super::super::flag::BLOCK + 1 {
+        let send = [k as u8; 8];
+        let m = |p: *const u8| DeviceMsg {
+            peer: 0,
+            ptr: p as u64,
+            len: 8,
+        };
+        // SAFETY: both buffers outlive the exchange (synchronised below).
+        unsafe { eng.enqueue(&[m(send.as_ptr())], &[m(buf.as_mut_ptr())], stream.raw()) }.unwrap();
+        stream.synchronize().unwrap();
+        assert_eq!(buf, send);
+    }
+    assert_eq!(lock(&eng.flags).blocks(), 1);
 }

@@ -2,14 +2,16 @@
 //! is host memory, with [`HostStreams`], the [`StreamOps`] over it. It runs the device exchange
 //! engine of MPI and UCX (PCPP §7.4's communication stream) without a GPU, so the device-memory
 //! conformance cases and the engine's tests run on any machine; a device address is then simply a
-//! host address.
+//! host address, and a stream's wait on a completion flag is its thread polling the flag.
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-use super::{HostFn, StreamOps};
+use super::{Flag, HostFn, StreamOps};
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -182,6 +184,48 @@ impl StreamOps for HostStreams {
     unsafe fn free_pinned(&self, ptr: *mut u8, len: usize) {
         // SAFETY: `ptr` is the boxed slice of `len` bytes made by `alloc_pinned`, freed once.
         drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) });
+    }
+
+    unsafe fn alloc_flags(&self, _s: *mut c_void, count: usize) -> Result<Flag, String> {
+        let b: Box<[AtomicU32]> = (0..count).map(|_| AtomicU32::new(0)).collect();
+        let host = Box::into_raw(b).cast::<u32>();
+        Ok(Flag {
+            host,
+            dev: host as u64,
+        })
+    }
+
+    unsafe fn free_flags(&self, first: Flag, count: usize) {
+        let p = std::ptr::slice_from_raw_parts_mut(first.host.cast::<AtomicU32>(), count);
+        // SAFETY: the boxed slice of `count` flags made by `alloc_flags`, freed once.
+        drop(unsafe { Box::from_raw(p) });
+    }
+
+    unsafe fn wait_flag(&self, s: *mut c_void, flag: Flag) -> Result<(), String> {
+        // SAFETY: the caller passes a live stream.
+        unsafe { stream(s) }?.submit(move || {
+            let flag = flag;
+            let mut polls = 0u32;
+            // SAFETY: the flag stays allocated until the wait has run (the caller's promise).
+            while unsafe { HostStreams.flag_value(flag) } != 1 {
+                polls += 1;
+                if polls < 256 {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }
+        })
+    }
+
+    unsafe fn reset_flag(&self, s: *mut c_void, flag: Flag) -> Result<(), String> {
+        // SAFETY: the caller passes a live stream.
+        unsafe { stream(s) }?.submit(move || {
+            let flag = flag;
+            // SAFETY: allocated until the write has run (the caller's promise); an aligned word
+            // only accessed atomically.
+            unsafe { AtomicU32::from_ptr(flag.host) }.store(0, Ordering::Release)
+        })
     }
 
     unsafe fn is_capturing(&self, _s: *mut c_void) -> Result<bool, String> {

@@ -5,16 +5,31 @@
 //! stream.
 //!
 //! MPI and UCX are driven from the host, so a stream cannot call them. An exchange enqueued on a
-//! stream therefore becomes a *host function* on that stream (`cuLaunchHostFunc`): when the
-//! stream reaches it (everything enqueued before it, e.g. the kernels that wrote the send
-//! buffers, has finished: the host function is the "data ready" event), it hands the exchange to
-//! the transport's communication thread, which posts the sends and receives and progresses them,
-//! and it returns when they have completed, so later work on that stream sees the received bytes.
+//! stream therefore becomes a *host function* on that stream (`cuLaunchHostFunc`) followed by a
+//! *stream wait* on a completion flag. When the stream reaches the host function (everything
+//! enqueued before it, e.g. the kernels that wrote the send buffers, has finished: the host
+//! function is the "data ready" event), the host function hands the exchange to the transport's
+//! communication thread and returns at once. The stream then waits in `cuStreamWaitValue32` until
+//! a 32-bit flag in pinned host memory mapped for the device reads 1, and resets it to 0 with
+//! `cuStreamWriteValue32`; the communication thread posts the sends and receives, progresses
+//! them, and stores 1 into the flag when they have completed, so later work on that stream sees
+//! the received bytes. A failed or timed-out exchange also sets its flag (the stream goes on, and
+//! the failure is reported by the next enqueue), so a lost peer never leaves a stream waiting
+//! forever. Each exchange owns its flag, and a graph that captured it waits on and resets the
+//! same flag with the same values at every replay.
+//!
+//! The host function does not wait for the exchange itself because CUDA forbids it: a host
+//! function must not make CUDA calls nor wait on work of another thread that does, and UCX's
+//! `cuda_copy` / `cuda_ipc` transports and a CUDA-aware MPI call the driver from the
+//! communication thread (a blocked host function then deadlocks the driver). That older mode,
+//! a host function that blocks until its exchange completes, can still be chosen for comparison
+//! with `PCPP_DEVICE_WAIT=host-fn` ([`DeviceWait`]).
+//!
 //! Only the stream the exchange is enqueued on (the communication stream of the patch-parallel
-//! runtime) waits; the compute stream goes on until it joins that stream. Host functions are
-//! captured into CUDA graphs like kernels, so a steady step that contains exchanges can still be
-//! replayed as one graph. Two data paths, chosen at start-up ([`DeviceComm`], flag
-//! `--device-comm` or `PCPP_DEVICE_COMM`):
+//! runtime) waits; the compute stream goes on until it joins that stream. Host functions and
+//! stream memory operations are captured into CUDA graphs like kernels, so a steady step that
+//! contains exchanges can still be replayed as one graph. Two data paths, chosen at start-up
+//! ([`DeviceComm`], flag `--device-comm` or `PCPP_DEVICE_COMM`):
 //!
 //! - **CUDA-aware** ([`DevicePath::CudaAware`]): the communication thread gives the device
 //!   pointers to the library (UCX with `UCS_MEMORY_TYPE_CUDA`; an MPI that reports CUDA support
@@ -27,10 +42,12 @@
 //! - **staged** ([`DevicePath::Staged`]): every send is first copied into a pinned host buffer
 //!   (`cuMemcpyDtoHAsync` on the same stream, before the host function), the library moves host
 //!   memory, and every receive is copied from its pinned buffer into the device buffer after the
-//!   host function. Pinned buffers are allocated once per position in an exchange (the `i`-th
-//!   send or receive), grown to the largest message seen there and reused for the life of the
-//!   transport: a stream's exchanges run one after the other, so one set serves them all, and a
-//!   CUDA graph captured after eager steps of the same traffic finds its buffers allocated.
+//!   stream's wait on the flag. Pinned buffers are allocated once per position in an exchange
+//!   (the `i`-th send or receive), grown to the largest message seen there and reused for the
+//!   life of the transport: a stream's exchanges run one after the other (the wait on an
+//!   exchange's flag orders its receive copies and every later exchange after its completion),
+//!   so one set serves them all, and a CUDA graph captured after eager steps of the same traffic
+//!   finds its buffers allocated.
 //!
 //! [`StreamOps`] abstracts the stream operations: [`cuda::CudaStreams`] (feature `cuda`) on real
 //! CUDA streams, [`host::HostStreams`] on [`host::HostStream`]s, worker threads that run their
@@ -41,11 +58,14 @@
 pub mod cuda;
 #[cfg(any(feature = "mpi", feature = "ucx"))]
 pub(crate) mod engine;
+#[cfg(any(feature = "mpi", feature = "ucx"))]
+pub(crate) mod flag;
 pub mod host;
 
 use std::ffi::c_void;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{fence, AtomicU32, Ordering};
 
 /// Which data path device exchanges over MPI or UCX take (`--device-comm`, `PCPP_DEVICE_COMM`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -141,6 +161,114 @@ impl DevicePath {
 impl fmt::Display for DevicePath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// How a stream waits for the exchanges enqueued on it (`PCPP_DEVICE_WAIT`; see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceWait {
+    /// The host function hands the exchange over and returns; the stream then waits on the
+    /// exchange's completion flag (`cuStreamWaitValue32`) and resets it.
+    #[default]
+    Stream,
+    /// The host function blocks until the exchange has completed (the older mode, which CUDA's
+    /// rules forbid when the library calls the driver from the communication thread).
+    HostFn,
+}
+
+/// Environment variable read by [`DeviceWait::from_env`].
+pub const DEVICE_WAIT_ENV: &str = "PCPP_DEVICE_WAIT";
+
+impl DeviceWait {
+    /// The spelling of `PCPP_DEVICE_WAIT`: `stream` or `host-fn`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceWait::Stream => "stream",
+            DeviceWait::HostFn => "host-fn",
+        }
+    }
+
+    /// `PCPP_DEVICE_WAIT` when set (an error names the variable and the bad value), else
+    /// [`DeviceWait::Stream`].
+    pub fn from_env() -> Result<DeviceWait, String> {
+        Self::from_value(std::env::var(DEVICE_WAIT_ENV).ok().as_deref())
+    }
+
+    /// [`DeviceWait::from_env`] for the value `v` of the variable (`None`: not set).
+    pub fn from_value(v: Option<&str>) -> Result<DeviceWait, String> {
+        match v {
+            Some(v) if !v.trim().is_empty() => v
+                .parse()
+                .map_err(|e: String| format!("{DEVICE_WAIT_ENV}={v}: {e}")),
+            _ => Ok(DeviceWait::Stream),
+        }
+    }
+
+    /// What the transports' start-up line says about the wait: `PCPP_DEVICE_WAIT=stream`, or the
+    /// parse error (which every device exchange then reports).
+    pub fn log_note() -> String {
+        match Self::from_env() {
+            Ok(w) => format!("{DEVICE_WAIT_ENV}={w}"),
+            Err(e) => e,
+        }
+    }
+}
+
+impl fmt::Display for DeviceWait {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for DeviceWait {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "stream" => Ok(DeviceWait::Stream),
+            "host-fn" | "host_fn" | "hostfn" => Ok(DeviceWait::HostFn),
+            other => Err(format!(
+                "unknown device wait mode {other:?} (expected stream or host-fn)"
+            )),
+        }
+    }
+}
+
+/// A completion flag: a 32-bit word of pinned host memory that the device can read and write,
+/// by its host address and its device address ([`StreamOps::alloc_flags`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flag {
+    /// Host address (aligned to 4 bytes).
+    pub host: *mut u32,
+    /// Device address of the same word (equal to the host address on the CPU twin).
+    pub dev: u64,
+}
+
+// SAFETY: a flag is an address; every access goes through atomics (host side) or stream
+// operations, under the validity promises of [`StreamOps`].
+unsafe impl Send for Flag {}
+// SAFETY: as above.
+unsafe impl Sync for Flag {}
+
+impl Flag {
+    /// The `i`-th flag of a block whose first flag is `self`.
+    ///
+    /// # Safety
+    /// The block holds more than `i` flags.
+    pub unsafe fn offset(self, i: usize) -> Flag {
+        Flag {
+            // SAFETY: inside the block (the caller's promise).
+            host: unsafe { self.host.add(i) },
+            dev: self.dev + 4 * i as u64,
+        }
+    }
+
+    /// The flag as an atomic word on the host.
+    ///
+    /// # Safety
+    /// The flag's block is allocated.
+    unsafe fn atomic<'a>(self) -> &'a AtomicU32 {
+        // SAFETY: an allocated, aligned word, only accessed atomically or by the device.
+        unsafe { AtomicU32::from_ptr(self.host) }
     }
 }
 
@@ -251,6 +379,52 @@ pub trait StreamOps: Send + Sync {
     /// more.
     unsafe fn free_pinned(&self, ptr: *mut u8, len: usize);
 
+    /// Allocates `count` (> 0) completion flags, all 0: consecutive 32-bit words of pinned host
+    /// memory mapped for `stream`'s device (and usable from every context); returns the first.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of this kind.
+    unsafe fn alloc_flags(&self, stream: *mut c_void, count: usize) -> Result<Flag, String>;
+
+    /// Frees flags from [`StreamOps::alloc_flags`].
+    ///
+    /// # Safety
+    /// `first` and `count` came from one `alloc_flags` of this object, and no enqueued work uses
+    /// the flags any more.
+    unsafe fn free_flags(&self, first: Flag, count: usize);
+
+    /// Enqueues a wait: what is enqueued after it on `stream` starts only once `flag` reads 1.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of this kind; the flag stays allocated until the wait has run.
+    unsafe fn wait_flag(&self, stream: *mut c_void, flag: Flag) -> Result<(), String>;
+
+    /// Enqueues a write of 0 into `flag`.
+    ///
+    /// # Safety
+    /// As [`StreamOps::wait_flag`].
+    unsafe fn reset_flag(&self, stream: *mut c_void, flag: Flag) -> Result<(), String>;
+
+    /// Sets `flag` to 1 from the host (a release store followed by a full fence, so that what the
+    /// host wrote before, e.g. received bytes, is visible to the work the flag releases).
+    ///
+    /// # Safety
+    /// The flag is allocated.
+    unsafe fn signal_flag(&self, flag: Flag) {
+        // SAFETY: allocated (the caller's promise).
+        unsafe { flag.atomic() }.store(1, Ordering::Release);
+        fence(Ordering::SeqCst);
+    }
+
+    /// The value of `flag` as the host reads it.
+    ///
+    /// # Safety
+    /// The flag is allocated.
+    unsafe fn flag_value(&self, flag: Flag) -> u32 {
+        // SAFETY: allocated (the caller's promise).
+        unsafe { flag.atomic() }.load(Ordering::Acquire)
+    }
+
     /// Whether `stream` is being captured into a CUDA graph (its host functions then run once per
     /// replay, long after this call).
     ///
@@ -303,6 +477,25 @@ mod tests {
         assert_eq!(" Staged ".parse::<DeviceComm>(), Ok(DeviceComm::Staged));
         let e = "nvlink".parse::<DeviceComm>().unwrap_err();
         assert!(e.contains("\"nvlink\"") && e.contains("cuda-aware"), "{e}");
+    }
+
+    #[test]
+    fn wait_modes_parse_and_bad_values_name_the_variable() {
+        for w in [DeviceWait::Stream, DeviceWait::HostFn] {
+            assert_eq!(w.name().parse::<DeviceWait>(), Ok(w));
+            assert_eq!(DeviceWait::from_value(Some(w.name())), Ok(w));
+        }
+        assert_eq!(DeviceWait::from_value(None), Ok(DeviceWait::Stream));
+        assert_eq!(DeviceWait::from_value(Some(" ")), Ok(DeviceWait::Stream));
+        assert_eq!(
+            DeviceWait::from_value(Some(" Host-Fn ")),
+            Ok(DeviceWait::HostFn)
+        );
+        let e = DeviceWait::from_value(Some("event")).unwrap_err();
+        assert!(
+            e.starts_with("PCPP_DEVICE_WAIT=event: ") && e.contains("host-fn"),
+            "{e}"
+        );
     }
 
     #[test]

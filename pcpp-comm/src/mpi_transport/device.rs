@@ -222,8 +222,9 @@ pub(crate) fn engine_for(
                 ""
             };
         eprintln!(
-            "pcpp-comm: mpi device exchanges: {path} ({how}; --device-comm {}){warn}",
-            opts.device_comm
+            "pcpp-comm: mpi device exchanges: {path} ({how}; --device-comm {}; {}){warn}",
+            opts.device_comm,
+            crate::device::DeviceWait::log_note()
         );
     }
     Ok(Some(Arc::new(DeviceEngine::new(

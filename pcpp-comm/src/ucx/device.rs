@@ -220,8 +220,9 @@ pub(super) fn engine_for(
             ""
         };
         eprintln!(
-            "pcpp-comm: ucx device exchanges: {path} ({how}; --device-comm {}){warn}",
-            opts.device_comm
+            "pcpp-comm: ucx device exchanges: {path} ({how}; --device-comm {}; {}){warn}",
+            opts.device_comm,
+            crate::device::DeviceWait::log_note()
         );
     }
     Some(Arc::new(DeviceEngine::new(
