@@ -102,13 +102,14 @@ def db(v):
     return "identical" if v is None else f"{v:.1f} dB"
 
 
-gen, denoise, load, peak = [], [], [], []
+gen, denoise, load, peak, stages = [], [], [], [], []
 for i in range(1, runs + 1):
     m = re.search(r"load ([0-9.]+) s, generate ([0-9.]+) s", open(f"{out}/pcpp_{i}.log").read())
     gen.append(float(m.group(2)))
     rep = json.load(open(f"{out}/pcpp_report_{i}.json"))
     denoise.append(sum(rep["step_seconds"]))
     load.append(rep["load_seconds"])
+    stages.append({k: rep.get(f"{k}_seconds") for k in ("encode", "denoise", "decode")})
     try:
         mib = [float(v) for v in open(f"{out}/pcpp_gpu_mem_{i}.txt").read().split() if v.strip()]
         peak.append(max(mib) / 1024 if mib else None)
@@ -127,6 +128,7 @@ s = {
     "diffusers_peak_gib": d["peak_gib"], "diffusers_first_call_seconds": d["warmup_seconds"],
     "pcpp_image_seconds": statistics.median(gen), "pcpp_denoise_seconds": statistics.median(denoise),
     "pcpp_load_seconds": statistics.median(load), "pcpp_all_image_seconds": gen,
+    "pcpp_stage_seconds": stages[-1],
     "pcpp_gpu_used_gib": peak[-1],
     "latents_max_abs_diff": float(np.abs(lat - ref).max()),
     "latents_max_abs": float(np.abs(ref).max()),

@@ -13,7 +13,9 @@
 # N = 1, 2, 4, 8 pcpp and N = 4 distrifusion; about 8 minutes); SIZES the anchor's sizes;
 # PROFILE=1 adds the per-op-kind breakdown of the eager steps (`--profile`) to the serial runs;
 # PCPP_FLASH128=registers-q picks the older head-size-128 attention kernel (Q in registers) and
-# PCPP_VECTOR_KERNELS=0 the scalar element-wise kernels (the JSON lines say which ran).
+# PCPP_VECTOR_KERNELS=0 the scalar element-wise kernels (the JSON lines say which ran);
+# VARIANTS (e.g. "shared-q,shared-q64,shared-q+fused") times the serial steps once per kernel
+# variant on the same weights (`flux-bench --variants`; the fastest is the modelled serial step).
 set -euo pipefail
 BIN=${1:?usage: gpu-flux.sh BIN_DIR OUT_DIR}
 OUT=${2:?usage: gpu-flux.sh BIN_DIR OUT_DIR}
@@ -38,6 +40,7 @@ for run in $RUNS; do
   args=(--height "$size" --width "$size" --iters $iters)
   [ "$n" -gt 1 ] && args+=(--ranks "$n" --rank 1 --parallel "$mode" --portion 0.3)
   [ "$n" -eq 1 ] && [ "${PROFILE:-0}" = 1 ] && args+=(--profile)
+  [ "$n" -eq 1 ] && [ -n "${VARIANTS:-}" ] && args+=(--variants "$VARIANTS")
   timeout 150 "$BIN/pcpp-cli" flux-bench --device cuda --config "$CFG" --tokens 512 "${args[@]}" >> "$J" \
     || echo "flux-bench $run failed" >&2
 done

@@ -32,7 +32,22 @@ def main():
                 r = json.loads(l)
                 ref[r["height"]] = r
     t = lambda r: r["steady_step_graph_ms"] if r.get("steady_step_graph_ms") is not None else r["steady_step_ms"]
-    serial = {r["height"]: t(r) for r in rows if r["ranks"] == 1}
+    serial = {}
+    for r in rows:
+        if r["ranks"] == 1:
+            serial[r["height"]] = min(serial.get(r["height"], float("inf")), t(r))
+    variants = [r for r in rows if r["ranks"] == 1 and r.get("variant")]
+    if variants:
+        print("Serial step by kernel variant (`flux-bench --variants`; the fastest is the serial step below):\n")
+        print("| size | variant | eager (ms) | CUDA graph (ms) | vs diffusers (graph) |")
+        print("|---|---|---|---|---|")
+        for r in variants:
+            d = ref.get(r["height"])
+            g = r.get("steady_step_graph_ms")
+            vs = f"{g / d['graph_ms']:.3f}×" if d and g is not None else "n/a"
+            gt = f"{g:.2f}" if g is not None else "n/a"
+            print(f"| {r['height']}² | {r['variant']} | {r['steady_step_ms']:.2f} | {gt} | {vs} |")
+        print()
     print(f"Link model: {a.link_gbps:.0f} GB/s per GPU.\n")
     for size in sorted(serial):
         d = ref.get(size)

@@ -78,6 +78,13 @@ pub struct FluxBenchArgs {
     /// around each op) and add the per-step breakdown to the JSON line (`profile`).
     #[arg(long)]
     pub profile: bool,
+    /// GPU kernel choices to time one after the other on the same weights, comma-separated
+    /// (one JSON line each): the head-size-128 attention kernel (`shared-q`, `shared-q64`,
+    /// `registers-q`) with optional `+fused` (GELU / accumulate GEMM epilogues) and `+scalar`
+    /// (element-wise kernels without vector loads), e.g. `shared-q,shared-q64+fused`. The
+    /// `--profile` breakdown is taken for the first. Default: the environment's choice.
+    #[arg(long, value_delimiter = ',')]
+    pub variants: Vec<String>,
 }
 
 fn ms_since(t: Instant, device: Device) -> Result<f64> {
@@ -114,6 +121,9 @@ pub fn run(a: FluxBenchArgs) -> Result<()> {
     if mode == ParallelMode::Tensor {
         bail!("--parallel tensor: Flux runs serial or patch-parallel");
     }
+    let parsed = (a.variants.iter())
+        .map(|v| Ok((v.clone(), crate::kernel_env::parse_variant(v, device)?)))
+        .collect::<Result<Vec<_>>>()?;
     let cfg = FluxTransformerConfig::from_file(&a.config)?;
     let portions = parse_portions(&a.portion)?;
     let pcfg = ParallelConfig::preset(mode, &portions, Some(1), usize::MAX);
@@ -163,48 +173,63 @@ pub fn run(a: FluxBenchArgs) -> Result<()> {
     // step 0 is the synchronous warm-up step; two steady steps fill both stale parities
     let sync_ms = eager(0)?;
     step += 1;
-    let mut eager_ms = Vec::new();
-    profile::reset();
-    for k in 0..2 + a.warmup + a.iters {
-        profile::enable(a.profile && k >= 2 + a.warmup);
-        let ms = eager(step);
-        profile::enable(false);
-        let ms = ms?;
-        if k >= 2 + a.warmup {
-            eager_ms.push(ms);
-        }
-        step += 1;
-    }
-    let ops = if a.profile {
-        pcpp_kernels::flush_gpu_profile()?;
-        let kernels = profile::snapshot();
-        crate::bench::print_profile(&kernels, a.iters, median(eager_ms.clone()));
-        Some(profile_json(&kernels, a.iters))
+    let variants = if parsed.is_empty() {
+        vec![None]
     } else {
-        None
+        parsed.into_iter().map(Some).collect()
     };
-    let graph_ms = if device != Device::Cpu && !a.no_cuda_graphs {
-        let mut graphs = StepGraphs::new(true);
-        let mut ms = Vec::new();
+    let mut lines = Vec::new();
+    for (vi, variant) in variants.into_iter().enumerate() {
+        if let Some((_, v)) = &variant {
+            v.apply();
+        }
+        let profiling = a.profile && vi == 0;
+        let mut eager_ms = Vec::new();
+        profile::reset();
         for k in 0..2 + a.warmup + a.iters {
-            pcpp_kernels::synchronize(device)?;
-            let t = Instant::now();
-            let ctx = driver.step_ctx(step);
-            if !driver.repeats(&ctx) {
-                bail!("step {step} does not repeat: nothing to replay");
-            }
-            graphs.step(&model, driver, &ctx, &x, &ts, &cond)?;
-            let took = ms_since(t, device)?;
-            driver.step_done(step)?;
+            profile::enable(profiling && k >= 2 + a.warmup);
+            let ms = eager(step);
+            profile::enable(false);
+            let ms = ms?;
             if k >= 2 + a.warmup {
-                ms.push(took);
+                eager_ms.push(ms);
             }
             step += 1;
         }
-        Some(median(ms))
-    } else {
-        None
-    };
+        let ops = if profiling {
+            pcpp_kernels::flush_gpu_profile()?;
+            let kernels = profile::snapshot();
+            crate::bench::print_profile(&kernels, a.iters, median(eager_ms.clone()));
+            Some(profile_json(&kernels, a.iters))
+        } else {
+            None
+        };
+        let graph_ms = if device != Device::Cpu && !a.no_cuda_graphs {
+            // a fresh capture per variant: a graph holds the kernels chosen when it was captured
+            let mut graphs = StepGraphs::new(true);
+            let mut ms = Vec::new();
+            for k in 0..2 + a.warmup + a.iters {
+                pcpp_kernels::synchronize(device)?;
+                let t = Instant::now();
+                let ctx = driver.step_ctx(step);
+                if !driver.repeats(&ctx) {
+                    bail!("step {step} does not repeat: nothing to replay");
+                }
+                graphs.step(&model, driver, &ctx, &x, &ts, &cond)?;
+                let took = ms_since(t, device)?;
+                driver.step_done(step)?;
+                if k >= 2 + a.warmup {
+                    ms.push(took);
+                }
+                step += 1;
+            }
+            Some(median(ms))
+        } else {
+            None
+        };
+        let kernels = crate::kernel_env::choices(device);
+        lines.push((variant, median(eager_ms), graph_ms, ops, kernels));
+    }
     driver.end_generation()?;
     let traffic = runtime
         .report()
@@ -218,40 +243,42 @@ pub fn run(a: FluxBenchArgs) -> Result<()> {
     } else {
         runtime.band_plan().band(0, runtime.grid().patch()).len()
     };
-    let v = serde_json::json!({
-        "model": "flux-transformer",
-        "config": a.config.display().to_string(),
-        "height": a.height,
-        "width": a.width,
-        "image_tokens": hp * wp,
-        "text_tokens": a.tokens,
-        "token_grid": [hp, wp],
-        "mode": mode.to_string(),
-        "ranks": a.ranks,
-        "rank": a.rank,
-        "band_rows": rows,
-        "dtype": dtype.to_string(),
-        "device": device.to_string(),
-        "build_seconds": build_s,
-        "sync_step_ms": sync_ms,
-        "steady_step_ms": median(eager_ms),
-        "steady_step_graph_ms": graph_ms,
-        "steady_sent_bytes": traffic.sent.total(),
-        "steady_recvd_bytes": traffic.recvd.total(),
-        "steady_traffic": traffic,
-    });
-    let mut v = v;
-    if let Some(ops) = ops {
-        v["profile"] = ops;
+    for (variant, eager_ms, graph_ms, ops, kernels) in lines {
+        let mut v = serde_json::json!({
+            "model": "flux-transformer",
+            "config": a.config.display().to_string(),
+            "height": a.height,
+            "width": a.width,
+            "image_tokens": hp * wp,
+            "text_tokens": a.tokens,
+            "token_grid": [hp, wp],
+            "mode": mode.to_string(),
+            "ranks": a.ranks,
+            "rank": a.rank,
+            "band_rows": rows,
+            "dtype": dtype.to_string(),
+            "device": device.to_string(),
+            "build_seconds": build_s,
+            "sync_step_ms": sync_ms,
+            "steady_step_ms": eager_ms,
+            "steady_step_graph_ms": graph_ms,
+            "steady_sent_bytes": traffic.sent.total(),
+            "steady_recvd_bytes": traffic.recvd.total(),
+            "steady_traffic": traffic,
+        });
+        if let Some((name, _)) = variant {
+            v["variant"] = name.into();
+        }
+        if let Some(ops) = ops {
+            v["profile"] = ops;
+        }
+        // which kernels ran (`PCPP_FLASH128`, `PCPP_VECTOR_KERNELS`, `PCPP_FUSED_EPILOGUES`)
+        if let serde_json::Value::Object(k) = kernels {
+            v.as_object_mut().expect("a JSON object").extend(k);
+        }
+        crate::output::print(&format!("{v}\n"))?;
     }
-    #[cfg(feature = "cuda")]
-    if device != Device::Cpu {
-        // which kernels ran (`PCPP_FLASH128`, `PCPP_VECTOR_KERNELS`)
-        v["flash128"] = format!("{:?}", pcpp_kernels::cuda::flash128()).into();
-        v["vector_kernels"] = pcpp_kernels::cuda::vector_kernels().into();
-        v["fused_epilogues"] = pcpp_kernels::cuda::fused_epilogues().into();
-    }
-    crate::output::print(&format!("{v}\n"))
+    Ok(())
 }
 
 /// Per-step counters of `iters` profiled steps by op kind: `{kind: {calls, ms, gflop}}`.

@@ -5,12 +5,12 @@
 //! cuBLASLt's epilogue, being measured). Unset means the measured defaults (`shared-q`, `1`, `0`). Without the `cuda`
 //! feature there is nothing to choose and the variables are ignored.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
+use pcpp_kernels::Device;
 
 /// Applies the variables; an unknown value is an error naming the variable.
 #[cfg(feature = "cuda")]
 pub fn apply() -> Result<()> {
-    use anyhow::bail;
     use pcpp_kernels::cuda::{set_flash128, set_fused_epilogues, set_vector_kernels, Flash128};
     match std::env::var("PCPP_FLASH128").ok().as_deref() {
         None | Some("") | Some("shared-q") => set_flash128(Flash128::SharedQ),
@@ -35,4 +35,73 @@ pub fn apply() -> Result<()> {
 #[cfg(not(feature = "cuda"))]
 pub fn apply() -> Result<()> {
     Ok(())
+}
+
+/// One `--variants` item of a benchmark (read only by a `cuda` build).
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub struct Variant {
+    flash: String,
+    fused: bool,
+    vector: bool,
+}
+
+/// Parses one `--variants` item: `shared-q`, `shared-q64` or `registers-q`, then optional
+/// `+fused` (GEMM epilogues on) and `+scalar` (vectorised kernels off); what the item does not
+/// name takes the default. GPU runs of a `cuda` build only.
+pub fn parse_variant(spec: &str, device: Device) -> Result<Variant> {
+    if device == Device::Cpu || !cfg!(feature = "cuda") {
+        bail!("--variants {spec}: kernel variants exist only for --device cuda");
+    }
+    let mut parts = spec.split('+');
+    let flash = parts.next().unwrap_or_default().to_string();
+    if !matches!(flash.as_str(), "shared-q" | "shared-q64" | "registers-q") {
+        bail!("--variants {spec}: `{flash}` is not shared-q, shared-q64 or registers-q");
+    }
+    let (mut fused, mut vector) = (false, true);
+    for p in parts {
+        match p {
+            "fused" => fused = true,
+            "scalar" => vector = false,
+            _ => bail!("--variants {spec}: unknown part `{p}` (expected fused or scalar)"),
+        }
+    }
+    Ok(Variant {
+        flash,
+        fused,
+        vector,
+    })
+}
+
+impl Variant {
+    /// Puts the variant's choices in force (later kernel launches and graph captures use them).
+    pub fn apply(&self) {
+        #[cfg(feature = "cuda")]
+        {
+            use pcpp_kernels::cuda::{
+                set_flash128, set_fused_epilogues, set_vector_kernels, Flash128,
+            };
+            set_flash128(match self.flash.as_str() {
+                "shared-q64" => Flash128::SharedQ64,
+                "registers-q" => Flash128::RegistersQ,
+                _ => Flash128::SharedQ,
+            });
+            set_fused_epilogues(self.fused);
+            set_vector_kernels(self.vector);
+        }
+    }
+}
+
+/// The kernel choices in force, for a benchmark's JSON line (empty on the CPU).
+pub fn choices(device: Device) -> serde_json::Value {
+    #[cfg(feature = "cuda")]
+    if device != Device::Cpu {
+        return serde_json::json!({
+            "flash128": format!("{:?}", pcpp_kernels::cuda::flash128()),
+            "vector_kernels": pcpp_kernels::cuda::vector_kernels(),
+            "fused_epilogues": pcpp_kernels::cuda::fused_epilogues(),
+        });
+    }
+    let _ = device;
+    serde_json::json!({})
 }

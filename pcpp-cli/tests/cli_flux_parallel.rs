@@ -243,6 +243,11 @@ fn flux_bench_rank_bytes_equal_plan() {
     let o = cli(&[&common[..], &["--ranks", "2", "--rank", "2"]].concat());
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--rank 2"));
+    // kernel variants are GPU choices: on the CPU the flag is refused by name, before any work
+    let o = cli(&[&common[..], &["--variants", "shared-q64+fused"]].concat());
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--variants shared-q64+fused"), "{err}");
 }
 
 /// `flux-bench --profile` counts the ops of the timed steps: one attention per double and single
