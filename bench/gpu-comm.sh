@@ -9,8 +9,7 @@
 #      45 s (device exchange timeout 20 s), the quick 2-rank cases first: staged over MPI and UCX,
 #      CUDA-aware over UCX on buffers of CUDA's stream-ordered pool (bounced by pcpp-comm) and of
 #      cuMemAlloc (given to UCX as they are), MPI's `auto` (checked: staged for an MPI that is
-#      not CUDA-aware; UCX's `auto` is the host path, which has no device cases), then the same
-#      with 4 ranks;
+#      not CUDA-aware) and UCX's `auto` (checked: staged), then the same with 4 ranks;
 #   4. with WITH_BENCH=1 and time left: the exchange bench and step time against the solo
 #      transport (bench/device-comm-bench.sh) and the link model (scripts/link-model.py).
 # A case that would not finish within the budget is skipped and reported as SKIP; at the end the
@@ -108,6 +107,7 @@ for n in 2 4; do
     conf ucx "$n" cuda-aware cuda-aware pool
     conf ucx "$n" cuda-aware cuda-aware legacy
     conf mpi "$n" auto "$MPI_AUTO" pool
+    conf ucx "$n" auto staged pool
     [[ $mpi_cuda -gt 0 ]] && conf mpi "$n" cuda-aware cuda-aware pool
 done
 [[ $mpi_cuda -eq 0 ]] && echo "(MPI CUDA-aware path not forced: this Open MPI reports no CUDA support)" >>"$OUT/conformance.txt"

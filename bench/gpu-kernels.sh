@@ -10,7 +10,8 @@
 #      bench/diffusers_unet.py (diffusers 0.42.1, eager and graph);
 #   3. the FLUX.1-dev transformer step at 1024² (bf16, CUDA graph; each run builds ~24 GB of
 #      random weights, ~30 s): scalar kernels with PCPP_FLASH128=registers-q, vectorised ones with
-#      registers-q, and the defaults (vectorised, shared-q; the first two with --profile); then
+#      registers-q, and the defaults (vectorised, shared-q64, fused epilogues; the first two with
+#      --profile); then
 #      bench/diffusers_flux_step.py at 1024².
 # About 8 minutes. Prints every result line; writes them under OUT_DIR.
 #
@@ -67,7 +68,7 @@ if [[ ${SKIP_FLUX:-0} != 1 ]]; then
     }
     flux 0 registers-q --profile
     flux 1 registers-q --profile
-    flux 1 shared-q
+    flux 1 shared-q64
     cat "$OUT/flux.jsonl"
     timeout 200 "$PY" bench/diffusers_flux_step.py "$FCFG" --sizes 1024 --iters 5 \
         >"$OUT/flux_diffusers.jsonl" 2>"$OUT/flux_diffusers.err" || status=1

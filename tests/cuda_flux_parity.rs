@@ -102,7 +102,7 @@ fn tiny_flux_pipeline_on_gpu_matches_diffusers() {
             "bf16, fused GELU {fused}: {el:e} {ei:e}"
         );
     }
-    pcpp_kernels::cuda::set_fused_epilogues(false);
+    pcpp_kernels::cuda::set_fused_epilogues(true);
 }
 
 #[test]

@@ -1,9 +1,10 @@
 //! Kernel choices for comparison runs, taken from the environment before any GPU work:
-//! `PCPP_FLASH128=shared-q|shared-q64|registers-q` (the head-size-128 flash-attention kernel, Flux.1) and
-//! `PCPP_VECTOR_KERNELS=1|0` (vectorised element-wise kernels, row-broadcast kernel, one warp per
-//! norm row, fused rotary embedding), `PCPP_FUSED_EPILOGUES=1|0` (a linear layer's tanh GELU in
-//! cuBLASLt's epilogue, being measured). Unset means the measured defaults (`shared-q`, `1`, `0`). Without the `cuda`
-//! feature there is nothing to choose and the variables are ignored.
+//! `PCPP_FLASH128=shared-q64|shared-q|registers-q` (the head-size-128 flash-attention kernel,
+//! Flux.1), `PCPP_VECTOR_KERNELS=1|0` (vectorised element-wise kernels, row-broadcast kernel, one
+//! warp per norm row, fused rotary embedding) and `PCPP_FUSED_EPILOGUES=1|0` (a linear layer's
+//! tanh GELU or accumulator in cuBLASLt's epilogue). Unset means the measured defaults
+//! (`shared-q64`, `1`, `1`); benchmarks' `--variants` items ([`parse_variant`]) set all three.
+//! Without the `cuda` feature there is nothing to choose and the variables are ignored.
 
 use anyhow::{bail, Result};
 use pcpp_kernels::Device;
@@ -13,14 +14,14 @@ use pcpp_kernels::Device;
 pub fn apply() -> Result<()> {
     use pcpp_kernels::cuda::{set_flash128, set_fused_epilogues, set_vector_kernels, Flash128};
     match std::env::var("PCPP_FLASH128").ok().as_deref() {
-        None | Some("") | Some("shared-q") => set_flash128(Flash128::SharedQ),
+        None | Some("") | Some("shared-q64") => set_flash128(Flash128::SharedQ64),
+        Some("shared-q") => set_flash128(Flash128::SharedQ),
         Some("registers-q") => set_flash128(Flash128::RegistersQ),
-        Some("shared-q64") => set_flash128(Flash128::SharedQ64),
         Some(v) => bail!("PCPP_FLASH128={v}: expected shared-q, shared-q64 or registers-q"),
     }
     match std::env::var("PCPP_FUSED_EPILOGUES").ok().as_deref() {
-        None | Some("") | Some("0") => set_fused_epilogues(false),
-        Some("1") => set_fused_epilogues(true),
+        None | Some("") | Some("1") => set_fused_epilogues(true),
+        Some("0") => set_fused_epilogues(false),
         Some(v) => bail!("PCPP_FUSED_EPILOGUES={v}: expected 1 or 0"),
     }
     match std::env::var("PCPP_VECTOR_KERNELS").ok().as_deref() {
@@ -47,8 +48,8 @@ pub struct Variant {
 }
 
 /// Parses one `--variants` item: `shared-q`, `shared-q64` or `registers-q`, then optional
-/// `+fused` (GEMM epilogues on) and `+scalar` (vectorised kernels off); what the item does not
-/// name takes the default. GPU runs of a `cuda` build only.
+/// `+fused` (GEMM epilogues on; without it they are off) and `+scalar` (vectorised kernels
+/// off; without it on). GPU runs of a `cuda` build only.
 pub fn parse_variant(spec: &str, device: Device) -> Result<Variant> {
     if device == Device::Cpu || !cfg!(feature = "cuda") {
         bail!("--variants {spec}: kernel variants exist only for --device cuda");

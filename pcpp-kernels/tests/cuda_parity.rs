@@ -263,7 +263,7 @@ fn attention_matches_cpu() {
                     &want,
                 );
             }
-            set_flash128(Flash128::SharedQ);
+            set_flash128(Flash128::SharedQ64);
         }
     }
 }

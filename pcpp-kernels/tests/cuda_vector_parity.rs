@@ -308,5 +308,5 @@ fn linear_gelu_epilogue_matches_cpu() {
             }
         }
     }
-    set_fused_epilogues(false);
+    set_fused_epilogues(true);
 }

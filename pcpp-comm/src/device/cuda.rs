@@ -244,7 +244,7 @@ impl StreamOps for CudaStreams {
         }
     }
 
-    unsafe fn reset_flag(&self, s: *mut c_void, flag: Flag) -> Result<(), String> {
+    unsafe fn finish_flag(&self, s: *mut c_void, flag: Flag) -> Result<(), String> {
         // SAFETY: as `wait_flag`.
         unsafe {
             in_context(s, || {
@@ -253,7 +253,7 @@ impl StreamOps for CudaStreams {
                     sys::cuStreamWriteValue32_v2(
                         s as sys::CUstream,
                         flag.dev,
-                        0,
+                        super::FLAG_DONE,
                         sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32,
                     ),
                 )
@@ -285,6 +285,30 @@ impl StreamOps for CudaStreams {
             })
         }?;
         Ok((ctx as usize, usize::try_from(dev).unwrap_or(0)))
+    }
+
+    unsafe fn hold_context(&self, ctx: usize, ordinal: usize) -> Result<bool, String> {
+        let dev = i32::try_from(ordinal).map_err(|_| format!("device ordinal {ordinal}"))?;
+        let mut primary: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; a retain is paired with a release below or in
+        // `release_context`.
+        ok("cuDevicePrimaryCtxRetain", unsafe {
+            sys::cuDevicePrimaryCtxRetain(&mut primary, dev)
+        })?;
+        if primary as usize == ctx {
+            return Ok(true);
+        }
+        // SAFETY: the reference just taken; the stream's context is not the primary one, which
+        // the caller then owns itself.
+        let _ = unsafe { sys::cuDevicePrimaryCtxRelease_v2(dev) };
+        Ok(false)
+    }
+
+    unsafe fn release_context(&self, ordinal: usize) {
+        if let Ok(dev) = i32::try_from(ordinal) {
+            // SAFETY: a reference from `hold_context` (the caller's promise).
+            let _ = unsafe { sys::cuDevicePrimaryCtxRelease_v2(dev) };
+        }
     }
 
     unsafe fn bind_context(&self, ctx: usize) -> Result<(), String> {

@@ -108,9 +108,11 @@ struct OpRec {
     sends: Vec<WireMsg>,
     recvs: Vec<WireMsg>,
     one_shot: bool,
-    /// The flag the stream waits on after the host function (`stream` mode; `None`: the host
-    /// function blocks).
-    flag: Option<Arc<Slot>>,
+    /// The flag the communication thread sets at completion: the stream waits on it after the
+    /// host function in `stream` mode, and resets it after the receive copies in both modes.
+    flag: Arc<Slot>,
+    /// `host-fn` mode: the host function blocks until the exchange has completed.
+    blocking: bool,
     state: Mutex<OpState>,
     cv: Condvar,
 }
@@ -202,8 +204,8 @@ impl Queue {
 
 impl OpRec {
     /// The host function's work: hand the exchange to the communication thread, then return (the
-    /// stream waits on the flag) or, without a flag, block until it has completed (or the engine
-    /// shuts down).
+    /// stream waits on the flag) or, in `host-fn` mode, block until it has completed (or the
+    /// engine shuts down).
     fn run(self: &Arc<Self>) {
         let Some(q) = self.queue.upgrade() else {
             return;
@@ -213,7 +215,7 @@ impl OpRec {
             st.posted += 1;
             st.posted
         };
-        if !q.push(self.clone(), gen) || self.flag.is_some() {
+        if !q.push(self.clone(), gen) || !self.blocking {
             return;
         }
         let mut st = lock(&self.state);
@@ -236,24 +238,24 @@ impl OpRec {
 
     /// The exchange has completed: the stream may go on.
     fn complete(&self, ops: &dyn StreamOps) {
+        // The flag first: a blocked host function (`host-fn` mode) returns once it sees the
+        // completion, and the stream then resets the flag, which must not be set after that.
+        self.release(ops);
         lock(&self.state).completed += 1;
         self.cv.notify_all();
-        self.release(ops);
     }
 
     /// The exchange has failed (recorded with [`Queue::fail`]): in `stream` mode the stream goes
     /// on all the same.
     fn failed(&self, ops: &dyn StreamOps) {
-        lock(&self.state).failed += 1;
         self.release(ops);
+        lock(&self.state).failed += 1;
     }
 
     fn release(&self, ops: &dyn StreamOps) {
-        if let Some(f) = &self.flag {
-            // SAFETY: called by the communication thread, which ends before the engine frees its
-            // flags.
-            unsafe { f.release(ops) };
-        }
+        // SAFETY: called by the communication thread, which ends before the engine frees its
+        // flags.
+        unsafe { self.flag.release(ops) };
     }
 }
 
@@ -320,6 +322,9 @@ pub(crate) struct DeviceEngine<W: Wire> {
     /// A bad `PCPP_DEVICE_WAIT`, reported by every enqueue.
     setup_error: Option<String>,
     flags: Mutex<FlagPool>,
+    /// Whether the engine took a reference on its streams' context (`Some(Some(ordinal))`),
+    /// decided at the first exchange.
+    held: Mutex<Option<Option<usize>>>,
     pinned: Mutex<Staging>,
     bounce: Mutex<Staging>,
     /// Whether the first bounced buffer has been reported.
@@ -378,6 +383,7 @@ impl<W: Wire> DeviceEngine<W> {
             wait,
             setup_error: None,
             flags: Mutex::new(FlagPool::default()),
+            held: Mutex::new(None),
             pinned: Mutex::new(Staging::default()),
             bounce: Mutex::new(Staging::default()),
             bounce_logged: AtomicBool::new(false),
@@ -531,6 +537,14 @@ impl<W: Wire> DeviceEngine<W> {
         let (ctx, ordinal) = unsafe { self.ops.context_of(stream) }.map_err(e)?;
         self.queue.ctx.store(ctx, Ordering::Relaxed);
         self.ordinal.store(ordinal, Ordering::Relaxed);
+        {
+            let mut held = lock(&self.held);
+            if held.is_none() {
+                // SAFETY: from `context_of` just above.
+                let took = unsafe { self.ops.hold_context(ctx, ordinal) }.map_err(e)?;
+                *held = Some(took.then_some(ordinal));
+            }
+        }
         self.start_threads()?;
         let capturing = unsafe { self.ops.is_capturing(stream) }.map_err(e)?;
         let staged = self.path == DevicePath::Staged;
@@ -578,48 +592,48 @@ impl<W: Wire> DeviceEngine<W> {
                 len: m.len,
             });
         }
-        let flag = match self.wait {
-            DeviceWait::Stream => Some(
-                unsafe { lock(&self.flags).lend(&*self.ops, stream, !capturing) }
-                    .map_err(|x| e(format!("completion flag: {x}")))?,
-            ),
-            DeviceWait::HostFn => None,
-        };
+        // Every exchange has a flag: the communication thread sets it at completion and the
+        // stream resets it after the receive copies, so that the engine knows when the stream
+        // is done with its staging buffers (see `Drop`); in `stream` mode the stream also
+        // waits on it.
+        let flag = unsafe { lock(&self.flags).lend(&*self.ops, stream, !capturing) }
+            .map_err(|x| e(format!("completion flag: {x}")))?;
         let op = Arc::new(OpRec {
             queue: Arc::downgrade(&self.queue),
             sends: wsends,
             recvs: wrecvs,
             one_shot: !capturing,
             flag: flag.clone(),
+            blocking: self.wait == DeviceWait::HostFn,
             state: Mutex::new(OpState::default()),
             cv: Condvar::new(),
         });
         let data = Arc::into_raw(op) as *mut c_void;
-        let mut enqueued = unsafe { self.ops.launch_host_fn(stream, run_op, data) };
+        let enqueued = unsafe { self.ops.launch_host_fn(stream, run_op, data) };
         if enqueued.is_err() {
             // SAFETY: the host function was not enqueued, so the count is still ours.
             drop(unsafe { Arc::from_raw(data as *const OpRec) });
         }
-        if let Some(slot) = &flag {
-            // The stream goes on once the communication thread sets the flag, and resets it for
-            // the next exchange (or graph replay) to wait on.
-            enqueued = enqueued
-                .and_then(|()| unsafe { self.ops.wait_flag(stream, slot.flag) })
-                .and_then(|()| unsafe { self.ops.reset_flag(stream, slot.flag) });
-            if enqueued.is_err() {
-                lock(&self.flags).abandon(slot);
+        let rest = enqueued.and_then(|()| {
+            if self.wait == DeviceWait::Stream {
+                // The stream goes on once the communication thread sets the flag.
+                unsafe { self.ops.wait_flag(stream, flag.flag) }?;
             }
-        }
-        enqueued.map_err(e)?;
-        for (dst, src, len, host) in after {
-            if host {
-                unsafe { self.ops.copy_htod(stream, dst, src as *const u8, len) }
-            } else {
-                unsafe { self.ops.copy_dtod(stream, dst, src, len) }
+            for &(dst, src, len, host) in &after {
+                if host {
+                    unsafe { self.ops.copy_htod(stream, dst, src as *const u8, len) }
+                } else {
+                    unsafe { self.ops.copy_dtod(stream, dst, src, len) }
+                }?;
             }
-            .map_err(e)?;
+            // Reset for the next graph replay to wait on; also the sign that this exchange's
+            // copies through the staging buffers are done.
+            unsafe { self.ops.finish_flag(stream, flag.flag) }
+        });
+        if rest.is_err() {
+            lock(&self.flags).abandon(&flag);
         }
-        Ok(())
+        rest.map_err(e)
     }
 }
 
@@ -658,6 +672,11 @@ impl<W: Wire> Drop for DeviceEngine<W> {
             // SAFETY: allocated by `alloc_device` with `len` on a stream of context `ctx` (the
             // engine's streams share one device); no exchange runs any more.
             unsafe { self.ops.free_device(ctx, b, len) };
+        }
+        if let Some(Some(ordinal)) = *lock(&self.held) {
+            // SAFETY: the reference `hold_context` took; everything allocated in the context
+            // is freed.
+            unsafe { self.ops.release_context(ordinal) };
         }
     }
 }

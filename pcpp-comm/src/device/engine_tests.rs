@@ -5,7 +5,7 @@
 
 use super::*;
 use crate::device::host::{HostStream, HostStreams};
-use crate::device::{Flag, HostFn};
+use crate::device::{Flag, HostFn, FLAG_DONE};
 use std::collections::VecDeque;
 use std::sync::atomic::AtomicU32;
 
@@ -161,11 +161,11 @@ impl StreamOps for Graph {
         }));
         Ok(())
     }
-    unsafe fn reset_flag(&self, _s: *mut c_void, flag: Flag) -> Result<(), String> {
+    unsafe fn finish_flag(&self, _s: *mut c_void, flag: Flag) -> Result<(), String> {
         lock(&self.nodes).push(Box::new(move || {
             let flag = flag;
             // SAFETY: as above.
-            unsafe { AtomicU32::from_ptr(flag.host) }.store(0, Ordering::Release)
+            unsafe { AtomicU32::from_ptr(flag.host) }.store(FLAG_DONE, Ordering::Release)
         }));
         Ok(())
     }
@@ -222,7 +222,10 @@ fn captured_exchanges_move_fresh_data_at_every_replay() {
             );
         }
         let blocks = lock(&eng.flags).blocks();
-        assert_eq!(blocks, usize::from(mode == DeviceWait::Stream), "{mode}");
+        assert_eq!(
+            blocks, 1,
+            "{mode}: one block of flags for the captured exchange"
+        );
         drop(eng);
         drop((send, recv));
     }
@@ -430,6 +433,8 @@ fn a_stall_on_a_peer_names_the_requests_in_flight() {
 struct Twin {
     ipc: bool,
     returned: Arc<AtomicUsize>,
+    /// Context calls and frees, in order ("hold", "free flags", "free pinned", "release").
+    log: Arc<Mutex<Vec<&'static str>>>,
 }
 
 impl StreamOps for Twin {
@@ -497,6 +502,7 @@ impl StreamOps for Twin {
         unsafe { HostStreams.alloc_pinned(s, len) }
     }
     unsafe fn free_pinned(&self, ptr: *mut u8, len: usize) {
+        lock(&self.log).push("free pinned");
         // SAFETY: forwarded.
         unsafe { HostStreams.free_pinned(ptr, len) }
     }
@@ -505,16 +511,24 @@ impl StreamOps for Twin {
         unsafe { HostStreams.alloc_flags(s, count) }
     }
     unsafe fn free_flags(&self, first: Flag, count: usize) {
+        lock(&self.log).push("free flags");
         // SAFETY: forwarded.
         unsafe { HostStreams.free_flags(first, count) }
+    }
+    unsafe fn hold_context(&self, _ctx: usize, _ordinal: usize) -> Result<bool, String> {
+        lock(&self.log).push("hold");
+        Ok(true)
+    }
+    unsafe fn release_context(&self, _ordinal: usize) {
+        lock(&self.log).push("release");
     }
     unsafe fn wait_flag(&self, s: *mut c_void, flag: Flag) -> Result<(), String> {
         // SAFETY: forwarded.
         unsafe { HostStreams.wait_flag(s, flag) }
     }
-    unsafe fn reset_flag(&self, s: *mut c_void, flag: Flag) -> Result<(), String> {
+    unsafe fn finish_flag(&self, s: *mut c_void, flag: Flag) -> Result<(), String> {
         // SAFETY: forwarded.
-        unsafe { HostStreams.reset_flag(s, flag) }
+        unsafe { HostStreams.finish_flag(s, flag) }
     }
     unsafe fn is_capturing(&self, s: *mut c_void) -> Result<bool, String> {
         // SAFETY: forwarded.
@@ -744,4 +758,49 @@ fn completion_flags_are_reused() {
         assert_eq!(buf, send);
     }
     assert_eq!(lock(&eng.flags).blocks(), 1);
+}
+
+/// The engine holds its streams' context from its first exchange until it has freed its flags
+/// and staging buffers (a program may release its own CUDA context before the transport): one
+/// hold, then the frees, then one release, whatever the number of exchanges.
+#[test]
+fn the_context_outlives_the_engines_memory() {
+    let stream = HostStream::new();
+    let ops = Arc::new(Twin {
+        ipc: true,
+        ..Twin::default()
+    });
+    let log = ops.log.clone();
+    let eng = DeviceEngine::with_wait(
+        Loopback::default(),
+        DevicePath::Staged,
+        ops,
+        Duration::from_secs(10),
+        0,
+        "test".into(),
+        DeviceWait::Stream,
+    );
+    let send = [7u8; 64];
+    let mut recv = [0u8; 64];
+    let m = |p: *const u8| DeviceMsg {
+        peer: 0,
+        ptr: p as u64,
+        len: 64,
+    };
+    for _ in 0..3 {
+        // SAFETY: both buffers outlive the exchange (synchronised below).
+        unsafe { eng.enqueue(&[m(send.as_ptr())], &[m(recv.as_mut_ptr())], stream.raw()) }.unwrap();
+    }
+    stream.synchronize().unwrap();
+    assert_eq!(recv, send);
+    assert_eq!(*lock(&log), ["hold"]);
+    drop(eng);
+    let log = lock(&log).clone();
+    assert_eq!(log.first(), Some(&"hold"));
+    assert_eq!(log.last(), Some(&"release"));
+    assert_eq!(log.iter().filter(|e| **e == "release").count(), 1);
+    assert!(
+        log.contains(&"free flags") && log.contains(&"free pinned"),
+        "{log:?}"
+    );
 }

@@ -1,20 +1,22 @@
 //! The completion flags of the device exchange engine ([`super::engine`], PCPP §7.4's
-//! communication stream): the stream waits on an exchange's flag after its host function, the
-//! communication thread sets the flag to 1 when the exchange has completed (or failed), and the
-//! stream resets it to 0 (see [`super`] for why the host function does not wait itself).
+//! communication stream): the communication thread sets an exchange's flag to 1 when the
+//! exchange has completed (or failed); in `stream` mode the stream waits for that after the host
+//! function (see [`super`] for why the host function does not wait itself); in both modes the
+//! stream writes [`FLAG_DONE`] after the exchange's receive copies.
 //!
 //! Flags are 32-bit words of pinned host memory mapped for the device, allocated in blocks of
 //! [`BLOCK`] ([`StreamOps::alloc_flags`]) and owned by a [`FlagPool`]. An exchange enqueued
-//! eagerly runs once: its flag returns to the pool once the communication thread has released it
-//! *and* the stream has reset it (the host reads 0 again after the release), so the next
-//! exchange to get it can never see the 1 meant for another. An exchange captured into a CUDA
-//! graph runs at every replay and keeps its flag until the pool is freed.
+//! eagerly runs once: its flag returns to the pool (cleared to 0 by the host) once the stream
+//! has written [`FLAG_DONE`], so no work of the exchange uses the engine's staging buffers any
+//! more and the next exchange to get the flag can never see a value meant for another. An
+//! exchange captured into a CUDA graph runs at every replay (the comm thread sets 1, the stream
+//! waits for 1 and writes [`FLAG_DONE`]) and keeps its flag until the pool is freed.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Flag, StreamOps};
+use super::{Flag, StreamOps, FLAG_DONE};
 
 /// Flags per allocation.
 pub(crate) const BLOCK: usize = 256;
@@ -37,13 +39,26 @@ impl Slot {
         self.released.store(true, Ordering::Release);
     }
 
-    /// Whether the flag has been released and then reset by the stream: no work uses it any more.
+    /// Whether the stream has written [`FLAG_DONE`]: no work of the exchange runs any more.
     ///
     /// # Safety
     /// As [`Slot::release`].
     unsafe fn done(&self, ops: &dyn StreamOps) -> bool {
         // SAFETY: allocated (the caller's promise).
-        self.released.load(Ordering::Acquire) && unsafe { ops.flag_value(self.flag) } == 0
+        (unsafe { ops.flag_value(self.flag) }) == FLAG_DONE
+    }
+
+    /// At shutdown: releases the flag unless the communication thread or the stream got to it
+    /// first (a compare-and-swap from 0, so that a [`FLAG_DONE`] already written stays).
+    ///
+    /// # Safety
+    /// As [`Slot::release`].
+    unsafe fn release_if_lent(&self) {
+        // SAFETY: allocated (the caller's promise).
+        let word = unsafe { self.flag.atomic() };
+        let _ = word.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.released.store(true, Ordering::Release);
     }
 }
 
@@ -113,6 +128,8 @@ impl FlagPool {
             // SAFETY: the pool's blocks are allocated.
             let done = unsafe { s.done(ops) };
             if done {
+                // SAFETY: allocated; no work uses the flag any more.
+                unsafe { s.flag.atomic() }.store(0, Ordering::Release);
                 free.push(s.flag);
             }
             !done
@@ -130,7 +147,7 @@ impl FlagPool {
         for s in &self.lent {
             if !s.released.load(Ordering::Acquire) {
                 // SAFETY: the pool's blocks are allocated.
-                unsafe { s.release(ops) };
+                unsafe { s.release_if_lent() };
             }
         }
         let t0 = Instant::now();

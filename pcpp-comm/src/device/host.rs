@@ -218,13 +218,13 @@ impl StreamOps for HostStreams {
         })
     }
 
-    unsafe fn reset_flag(&self, s: *mut c_void, flag: Flag) -> Result<(), String> {
+    unsafe fn finish_flag(&self, s: *mut c_void, flag: Flag) -> Result<(), String> {
         // SAFETY: the caller passes a live stream.
         unsafe { stream(s) }?.submit(move || {
             let flag = flag;
             // SAFETY: allocated until the write has run (the caller's promise); an aligned word
             // only accessed atomically.
-            unsafe { AtomicU32::from_ptr(flag.host) }.store(0, Ordering::Release)
+            unsafe { AtomicU32::from_ptr(flag.host) }.store(super::FLAG_DONE, Ordering::Release)
         })
     }
 

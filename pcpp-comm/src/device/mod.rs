@@ -233,6 +233,10 @@ impl FromStr for DeviceWait {
     }
 }
 
+/// The value a stream writes into a flag once it is done with the flag's exchange (0: lent, 1:
+/// completed, set by the communication thread).
+pub(crate) const FLAG_DONE: u32 = 2;
+
 /// A completion flag: a 32-bit word of pinned host memory that the device can read and write,
 /// by its host address and its device address ([`StreamOps::alloc_flags`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -399,11 +403,12 @@ pub trait StreamOps: Send + Sync {
     /// `stream` is a live stream of this kind; the flag stays allocated until the wait has run.
     unsafe fn wait_flag(&self, stream: *mut c_void, flag: Flag) -> Result<(), String>;
 
-    /// Enqueues a write of 0 into `flag`.
+    /// Enqueues a write of [`FLAG_DONE`] into `flag`: the stream has passed everything of the
+    /// exchange enqueued before it (its receive copies included).
     ///
     /// # Safety
     /// As [`StreamOps::wait_flag`].
-    unsafe fn reset_flag(&self, stream: *mut c_void, flag: Flag) -> Result<(), String>;
+    unsafe fn finish_flag(&self, stream: *mut c_void, flag: Flag) -> Result<(), String>;
 
     /// Sets `flag` to 1 from the host (a release store followed by a full fence, so that what the
     /// host wrote before, e.g. received bytes, is visible to the work the flag releases).
@@ -445,6 +450,23 @@ pub trait StreamOps: Send + Sync {
     /// # Safety
     /// `ctx` came from [`StreamOps::context_of`] of this object and is still alive.
     unsafe fn bind_context(&self, ctx: usize) -> Result<(), String>;
+
+    /// Takes a reference on `ctx` when it is the primary context of device `ordinal`, so that
+    /// the context, and the flags and buffers the engine allocated in it, outlive whatever else
+    /// releases it first (a program may drop its CUDA context before its transport). True when
+    /// a reference was taken; [`StreamOps::release_context`] drops it.
+    ///
+    /// # Safety
+    /// `ctx` and `ordinal` came from [`StreamOps::context_of`] of this object.
+    unsafe fn hold_context(&self, _ctx: usize, _ordinal: usize) -> Result<bool, String> {
+        Ok(false)
+    }
+
+    /// Drops the reference [`StreamOps::hold_context`] took.
+    ///
+    /// # Safety
+    /// Once per reference taken, after the engine freed what it allocated in the context.
+    unsafe fn release_context(&self, _ordinal: usize) {}
 }
 
 /// The stream operations for `streams`, or `None` when this build has none (CUDA streams without

@@ -84,24 +84,24 @@ pub enum Flash128 {
     /// it (`pcpp-cli`: `PCPP_FLASH128=registers-q`).
     RegistersQ,
     /// The block's 128-row Q tile in shared memory, two 16-row tiles per warp (every K/V fragment
-    /// feeds two MMAs); needs 68 KiB of shared memory per block. The default: on an H200 it made
-    /// the FLUX.1-dev 1024² step 7% faster (docs/benchmarks.md).
+    /// feeds two MMAs), 32-key tiles; needs 68 KiB of shared memory per block. Taken where the
+    /// device cannot give a block 102 KiB (`pcpp-cli`: `PCPP_FLASH128=shared-q`).
     SharedQ,
     /// [`Flash128::SharedQ`] with 64-key tiles (FlashAttention-2's tile for head size 128 on
     /// Hopper): half the softmax rescales and barriers per key, 102 KiB of shared memory per
-    /// block. Chosen with [`set_flash128`] (`pcpp-cli`: `PCPP_FLASH128=shared-q64`) until
-    /// measured against the default.
+    /// block. The default: on an H200 it made the FLUX.1-dev step 4% (1024²) and 9% (2048²)
+    /// faster than [`Flash128::SharedQ`] (docs/benchmarks.md).
     SharedQ64,
 }
 
-static FLASH128: AtomicU8 = AtomicU8::new(2);
+static FLASH128: AtomicU8 = AtomicU8::new(3);
 
-/// The head-size-128 kernel in use ([`Flash128::SharedQ`] unless [`set_flash128`] chose).
+/// The head-size-128 kernel in use ([`Flash128::SharedQ64`] unless [`set_flash128`] chose).
 pub fn flash128() -> Flash128 {
     match FLASH128.load(Ordering::Relaxed) {
         1 => Flash128::RegistersQ,
-        3 => Flash128::SharedQ64,
-        _ => Flash128::SharedQ,
+        2 => Flash128::SharedQ,
+        _ => Flash128::SharedQ64,
     }
 }
 
