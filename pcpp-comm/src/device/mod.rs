@@ -10,13 +10,15 @@
 //! enqueued before it, e.g. the kernels that wrote the send buffers, has finished: the host
 //! function is the "data ready" event), the host function hands the exchange to the transport's
 //! communication thread and returns at once. The stream then waits in `cuStreamWaitValue32` until
-//! a 32-bit flag in pinned host memory mapped for the device reads 1, and resets it to 0 with
-//! `cuStreamWriteValue32`; the communication thread posts the sends and receives, progresses
-//! them, and stores 1 into the flag when they have completed, so later work on that stream sees
-//! the received bytes. A failed or timed-out exchange also sets its flag (the stream goes on, and
-//! the failure is reported by the next enqueue), so a lost peer never leaves a stream waiting
-//! forever. Each exchange owns its flag, and a graph that captured it waits on and resets the
-//! same flag with the same values at every replay.
+//! a 32-bit flag in pinned host memory mapped for the device reads 1; the communication thread
+//! posts the sends and receives, progresses them, and stores 1 into the flag when they have
+//! completed, so later work on that stream sees the received bytes. After the exchange's receive
+//! copies the stream writes 2 into the flag (`cuStreamWriteValue32`), which tells the engine the
+//! stream is done with the exchange's staging buffers (in both wait modes). A failed or timed-out
+//! exchange also sets its flag (the stream goes on, and the failure is reported by the next
+//! enqueue), so a lost peer never leaves a stream waiting forever. Each exchange owns its flag,
+//! and a graph that captured it waits on and writes the same flag with the same values at every
+//! replay.
 //!
 //! The host function does not wait for the exchange itself because CUDA forbids it: a host
 //! function must not make CUDA calls nor wait on work of another thread that does, and UCX's
@@ -168,7 +170,7 @@ impl fmt::Display for DevicePath {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceWait {
     /// The host function hands the exchange over and returns; the stream then waits on the
-    /// exchange's completion flag (`cuStreamWaitValue32`) and resets it.
+    /// exchange's completion flag (`cuStreamWaitValue32`).
     #[default]
     Stream,
     /// The host function blocks until the exchange has completed (the older mode, which CUDA's

@@ -38,6 +38,9 @@
 pub mod checked;
 mod device;
 pub mod ffi;
+mod pending;
+
+use pending::{Inner, Op, OpKind, UcxPending};
 
 use std::os::raw::c_void;
 use std::sync::atomic::{AtomicBool, AtomicI8, AtomicU32, Ordering};
@@ -48,7 +51,7 @@ use self::checked::{Context, Endpoint, ErrMode, Posted, Request, Status, Worker}
 use crate::collectives::layout_from_entries;
 use crate::error::CommError;
 use crate::stats::{CommKind, CommStats, StatsCounter};
-use crate::transport::{DeviceP2p, Pending, PendingOp, Transport, TransportOptions};
+use crate::transport::{DeviceP2p, Pending, Transport, TransportOptions};
 
 /// Context id of abort notices.
 const ABORT_CTX: u64 = 0xFFFF;
@@ -509,227 +512,6 @@ impl UcxTransport {
                 size: self.members.len(),
             })
         }
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-enum OpKind {
-    Send { buf: usize },
-    Recv { buf: usize, expected: usize },
-}
-
-struct Op {
-    req: Option<Request>,
-    peer: usize,
-    kind: OpKind,
-    done: bool,
-}
-
-struct Inner {
-    ops: Vec<Op>,
-    send_bufs: Vec<Vec<u8>>,
-    recv_bufs: Vec<Vec<u8>>,
-    /// Boxed so their addresses, given to UCX, survive the vector growing.
-    #[allow(clippy::vec_box)]
-    infos: Vec<Box<ffi::ucp_tag_recv_info_t>>,
-    error: Option<CommError>,
-}
-
-struct UcxPending {
-    world: Arc<World>,
-    inner: Mutex<Inner>,
-    /// World rank of each rank of the issuing transport.
-    members: Vec<usize>,
-    op: &'static str,
-    kind: CommKind,
-    tag: u32,
-    timeout: Duration,
-    stats: Arc<StatsCounter>,
-}
-
-impl UcxPending {
-    fn lock_inner(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Checks every unfinished request once (world state locked by caller);
-    /// `Ok(true)` when all are done.
-    fn poll(&self, inner: &mut Inner) -> Result<bool, CommError> {
-        if let Some(e) = inner.error.take() {
-            return Err(e);
-        }
-        let mut all_done = true;
-        for i in 0..inner.ops.len() {
-            let op = &mut inner.ops[i];
-            if op.done {
-                continue;
-            }
-            let peer = op.peer;
-            let backend = |what: &str, s: Status| CommError::Backend {
-                op: self.op,
-                peer,
-                tag: self.tag,
-                detail: format!("{what}: {s}"),
-            };
-            match op.kind {
-                OpKind::Send { .. } => match op.req.as_ref().map_or(Ok(true), Request::check) {
-                    Ok(false) => all_done = false,
-                    Ok(true) => {
-                        op.done = true;
-                        op.req = None;
-                    }
-                    Err(s) => {
-                        op.done = true;
-                        op.req = None;
-                        return Err(backend("tagged send", s));
-                    }
-                },
-                OpKind::Recv { buf, expected } => {
-                    let state = match &op.req {
-                        Some(r) => r.check_recv(),
-                        None => Ok(Some(inner.infos[buf].length)),
-                    };
-                    match state {
-                        Ok(None) => all_done = false,
-                        Ok(Some(actual)) => {
-                            op.done = true;
-                            op.req = None;
-                            if actual != expected {
-                                return Err(CommError::LengthMismatch {
-                                    op: self.op,
-                                    peer,
-                                    tag: self.tag,
-                                    expected,
-                                    actual,
-                                });
-                            }
-                            self.stats.record_recv(self.kind, actual);
-                        }
-                        Err(s) => {
-                            op.done = true;
-                            op.req = None;
-                            if s.is_truncated() {
-                                return Err(CommError::Truncated {
-                                    op: self.op,
-                                    peer,
-                                    tag: self.tag,
-                                    expected,
-                                });
-                            }
-                            return Err(backend("tagged receive", s));
-                        }
-                    }
-                }
-            }
-        }
-        Ok(all_done)
-    }
-
-    /// The first unfinished operation's peer whose endpoint has failed.
-    fn failed_peer(&self, inner: &Inner) -> Option<(usize, Status)> {
-        inner.ops.iter().filter(|o| !o.done).find_map(|o| {
-            let w = *self.members.get(o.peer)?;
-            self.world.peer_failed(w).map(|s| (o.peer, s))
-        })
-    }
-}
-
-impl PendingOp for UcxPending {
-    fn wait(self: Box<Self>) -> Result<Vec<Vec<u8>>, CommError> {
-        let start = Instant::now();
-        let mut spins = 0u32;
-        loop {
-            let done = {
-                let mut st = self.world.lock();
-                self.world.progress(&mut st);
-                let mut inner = self.lock_inner();
-                self.poll(&mut inner)?
-            };
-            if done {
-                let mut inner = self.lock_inner();
-                return Ok(std::mem::take(&mut inner.recv_bufs));
-            }
-            let inner = self.lock_inner();
-            let first_peer = inner.ops.iter().find(|o| !o.done).map_or(0, |o| o.peer);
-            if let Some(e) = self.world.aborted_err(self.op, first_peer, self.tag) {
-                return Err(e);
-            }
-            if let Some((peer, s)) = self.failed_peer(&inner) {
-                return Err(CommError::Backend {
-                    op: self.op,
-                    peer,
-                    tag: self.tag,
-                    detail: format!(
-                        "the connection to peer {peer} failed ({s}): that rank died or the network failed"
-                    ),
-                });
-            }
-            drop(inner);
-            let waited = start.elapsed();
-            if waited >= self.timeout {
-                return Err(CommError::Timeout {
-                    op: self.op,
-                    peer: first_peer,
-                    tag: self.tag,
-                    waited,
-                });
-            }
-            spins += 1;
-            if spins < 200 {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(Duration::from_micros(50));
-            }
-        }
-    }
-
-    fn is_complete(&self) -> bool {
-        let mut st = self.world.lock();
-        self.world.progress(&mut st);
-        let mut inner = self.lock_inner();
-        match self.poll(&mut inner) {
-            Ok(done) => done,
-            Err(e) => {
-                inner.error = Some(e);
-                true
-            }
-        }
-    }
-}
-
-impl Drop for UcxPending {
-    fn drop(&mut self) {
-        let inner = self.inner.get_mut().unwrap_or_else(PoisonError::into_inner);
-        if inner.ops.iter().all(|o| o.req.is_none()) {
-            return;
-        }
-        let world = self.world.clone();
-        let mut st = world.lock();
-        let mut recvs = Vec::new();
-        for op in inner.ops.iter_mut() {
-            let Some(req) = op.req.take() else { continue };
-            match op.kind {
-                OpKind::Send { buf } => st.orphans.push(Orphan {
-                    req,
-                    buf: std::mem::take(&mut inner.send_bufs[buf]),
-                }),
-                OpKind::Recv { buf, .. } => {
-                    st.worker.cancel(&req);
-                    recvs.push((req, buf));
-                }
-            }
-        }
-        let finished = world.progress_until(&mut st, |_| {
-            recvs.iter().all(|(r, _)| !matches!(r.check(), Ok(false)))
-        });
-        if !finished {
-            // UCX still owns the receive buffers: keep them alive for good.
-            for (_, buf) in &recvs {
-                std::mem::forget(std::mem::take(&mut inner.recv_bufs[*buf]));
-                std::mem::forget(std::mem::take(&mut inner.infos[*buf]));
-            }
-        }
-        drop(recvs);
     }
 }
 

@@ -36,8 +36,15 @@ pub use ops::{
     set_fused_epilogues, CudaGraphStep, Flash128,
 };
 
-/// CUDA C source of every hand-written kernel (compiled at run time by NVRTC).
-pub const KERNEL_SOURCE: &str = include_str!("kernels.cu");
+/// CUDA C source of every hand-written kernel (compiled at run time by NVRTC), one translation
+/// unit from four files: the scalar kernels, the flash attention, the vectorised kernels, and the
+/// `extern "C"` instances.
+pub const KERNEL_SOURCE: &str = concat!(
+    include_str!("kernels.cu"),
+    include_str!("flash_attn.cu"),
+    include_str!("vector.cu"),
+    include_str!("instances.cu")
+);
 
 /// Architectures the CI compile check covers (Ampere, Ada, Hopper).
 pub const CHECKED_ARCHS: &[&str] = &["sm_80", "sm_89", "sm_90"];

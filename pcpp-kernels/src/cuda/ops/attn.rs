@@ -1,7 +1,7 @@
-//! Multi-head attention on the GPU: the fused flash-attention kernels (`kernels.cu`, head sizes 64
-//! and 128, and the head-size-128 variant with Q in shared memory) and the unfused cuBLAS path
-//! (score GEMM, row softmax, value GEMM in query chunks) for other head sizes, f32, and as the
-//! reference the fused kernels are tested against.
+//! Multi-head attention on the GPU: the fused flash-attention kernels (`flash_attn.cu`, head
+//! sizes 64 and 128, and the head-size-128 variants with Q in shared memory) and the unfused
+//! cuBLAS path (score GEMM, row softmax, value GEMM in query chunks) for other head sizes, f32,
+//! and as the reference the fused kernels are tested against.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;

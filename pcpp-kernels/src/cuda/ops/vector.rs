@@ -1,4 +1,4 @@
-//! Vectorised element-wise kernels and one-warp-per-row norms (`kernels.cu`, "vectorised
+//! Vectorised element-wise kernels and one-warp-per-row norms (`vector.cu`, "vectorised
 //! element-wise kernels and row norms"): 16-byte loads and stores (8 halves or 4 floats per
 //! access) where every pointer is 16-byte aligned and the extent is a multiple of the vector, a
 //! division-free kernel for the row broadcasts of AdaLN modulation and gates (`[P, R, C]` against
@@ -286,7 +286,7 @@ struct CatSrc {
     len: [i64; 8],
     off: [i64; 8],
 }
-// SAFETY: plain-old-data with the layout of `struct CatSrc` in kernels.cu.
+// SAFETY: plain-old-data with the layout of `struct CatSrc` in vector.cu.
 unsafe impl DeviceRepr for CatSrc {}
 
 /// Concatenation of at most 8 inputs of `y`'s dtype along an axis with `outer` rows before it and

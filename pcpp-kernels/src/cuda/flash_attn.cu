@@ -1,0 +1,349 @@
+// pcpp CUDA kernels, part of KERNEL_SOURCE (kernels.cu, flash_attn.cu, vector.cu and
+// instances.cu, concatenated in that order: each part may use what the earlier ones define):
+// the fused flash-attention kernels (PCPP's attention layers, Flux.1's joint attention).
+
+// ---- fused flash attention (FlashAttention-2 style) for head sizes 64 and 128, f16/bf16 ----
+// Tensor-core mma.sync m16n8k16 with f32 accumulation; the score matrix lives only in registers,
+// one BN-key tile at a time. q, o: [b, lq, heads*D]; k, v: [b, lk, heads*D].
+// grid (ceil(lq/BM), heads, b), block 128: 4 warps x (16*MT) query rows, BM = 64*MT.
+// D = 64 (SDXL): MT = 2, BN = 64; D = 128 (Flux.1): MT = 1, BN = 32, so that the registers of the
+// accumulators and the two K/V stages (2*2*BN*(D+8) halves) stay within the static limits.
+#define NEG_INF (-__int_as_float(0x7f800000))
+template <int BF>
+__device__ __forceinline__ void mma16816(float* c, const unsigned* a, const unsigned* b) {
+    if (BF)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+template <int BF>
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    unsigned r;
+    if (BF) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    else asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+struct alignas(16) U4 { unsigned x, y, z, w; };
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+// 16-byte global -> shared copy, asynchronous; `bytes` = 0 fills zeros (nothing is read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+    unsigned long long g;
+    asm("cvta.to.global.u64 %0, %1;" : "=l"(g) : "l"(src));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(g), "r"(bytes)
+                 : "memory");
+}
+// Four 8x8 b16 matrices from shared memory (row addresses from lanes 8m..8m+7).
+__device__ __forceinline__ void ldmatrix_x4(unsigned* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+// Four 8x8 b16 matrices, transposed, from shared memory (row addresses from lanes 8m..8m+7).
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+// The same at a 32-bit shared-memory address (base + constant offsets fold into the instruction).
+__device__ __forceinline__ void ldsm_x4(unsigned* r, unsigned a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x4_trans(unsigned* r, unsigned a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+// QS = 0: each warp keeps its Q fragments in registers, K/V stages in static shared memory.
+// QS = 1: the block's Q tile sits in (dynamic) shared memory beside the K/V stages and each warp
+// loads its fragments with ldmatrix per 32 dims: this frees the registers that two m16 tiles per
+// warp need at head size 128 (every K/V fragment then feeds two MMAs).
+template <int BF, int D, int MT, int BN, int QS>
+__device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k, const unsigned short* v,
+                                unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal,
+                                unsigned short* dyn) {
+    // 4 warps x 16*MT query rows (the MT m16 tiles of a warp share every K/V fragment).
+    constexpr int BM = 64 * MT, LDS = D + 8, NT = 128, KD = D / 16, ND = D / 8, NJ = BN / 8;
+    // Two stages of K and V tiles: the next tile streams in (cp.async) while this one is used.
+    __shared__ __align__(16) unsigned short Kstat[QS ? 1 : 2][QS ? 1 : BN * LDS];
+    __shared__ __align__(16) unsigned short Vstat[QS ? 1 : 2][QS ? 1 : BN * LDS];
+    unsigned short* Qsm = dyn;
+    // Stage `st` of the K and V tiles.
+    auto kst = [&](int st) -> unsigned short* {
+        if constexpr (QS) return dyn + BM * LDS + st * BN * LDS;
+        else return Kstat[st];
+    };
+    auto vst = [&](int st) -> unsigned short* {
+        if constexpr (QS) return dyn + BM * LDS + (2 + st) * BN * LDS;
+        else return Vstat[st];
+    };
+    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    int bi = blockIdx.z, h = blockIdx.y;
+    long dm = (long)heads * D;
+    int q0 = blockIdx.x * BM + warp * 16 * MT;
+    const unsigned short* qb = q + (long)bi * lq * dm + h * D;
+    const unsigned short* kg = k + (long)bi * lk * dm + h * D;
+    const unsigned short* vg = v + (long)bi * lk * dm + h * D;
+    unsigned short* ob = o + (long)bi * lq * dm + h * D;
+    int c = 2 * (lane % 4);
+    int rr[MT][2];
+    unsigned qa[QS ? 1 : MT][QS ? 1 : KD][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        rr[mt][0] = q0 + mt * 16 + lane / 4;
+        rr[mt][1] = rr[mt][0] + 8;
+        if constexpr (QS == 0) {
+#pragma unroll
+            for (int kk = 0; kk < KD; ++kk) {
+                int col = kk * 16 + c;
+                int r0 = rr[mt][0], r1 = rr[mt][1];
+                qa[mt][kk][0] = r0 < lq ? *(const unsigned*)(qb + (long)r0 * dm + col) : 0u;
+                qa[mt][kk][1] = r1 < lq ? *(const unsigned*)(qb + (long)r1 * dm + col) : 0u;
+                qa[mt][kk][2] = r0 < lq ? *(const unsigned*)(qb + (long)r0 * dm + col + 8) : 0u;
+                qa[mt][kk][3] = r1 < lq ? *(const unsigned*)(qb + (long)r1 * dm + col + 8) : 0u;
+            }
+        }
+    }
+    float acc[MT][ND][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int d = 0; d < ND; ++d) acc[mt][d][0] = acc[mt][d][1] = acc[mt][d][2] = acc[mt][d][3] = 0.0f;
+    float mrow[MT][2], lrow[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        mrow[mt][0] = mrow[mt][1] = NEG_INF;
+        lrow[mt][0] = lrow[mt][1] = 0.0f;
+    }
+    int kend = causal ? min(lk, (int)(blockIdx.x * BM + BM)) : lk;
+    int ntiles = (kend + BN - 1) / BN;
+    auto load_tile = [&](int tile, int stage) {
+        for (int i = tid; i < BN * ND; i += NT) {
+            int row = i / ND, ch = (i % ND) * 8;
+            int key = tile * BN + row;
+            int ok = key < lk ? 16 : 0;
+            long src = (long)(key < lk ? key : 0) * dm + ch;
+            cp_async16(kst(stage) + row * LDS + ch, kg + src, ok);
+            cp_async16(vst(stage) + row * LDS + ch, vg + src, ok);
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+    if constexpr (QS) {
+        int qrow0 = blockIdx.x * BM;
+        for (int i = tid; i < BM * ND; i += NT) {
+            int row = i / ND, ch = (i % ND) * 8;
+            int r = qrow0 + row;
+            cp_async16(&Qsm[row * LDS + ch], qb + (long)(r < lq ? r : 0) * dm + ch, r < lq ? 16 : 0);
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    }
+    if (ntiles > 0) load_tile(0, 0);
+    for (int tile = 0; tile < ntiles; ++tile) {
+        int kb = tile * BN;
+        const unsigned short* Ks = kst(tile & 1);
+        const unsigned short* Vs = vst(tile & 1);
+        if (tile + 1 < ntiles) {
+            load_tile(tile + 1, (tile + 1) & 1);
+            asm volatile("cp.async.wait_group 1;" ::: "memory");
+        } else {
+            asm volatile("cp.async.wait_group 0;" ::: "memory");
+        }
+        __syncthreads();
+        float s[MT][NJ][4];
+#pragma unroll
+        for (int j = 0; j < NJ; ++j)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.0f;
+        if constexpr (QS && BN >= 64) {
+            // 64-key tiles: one 16-dim slice of Q and K at a time, so that the scores of the
+            // whole tile, the output accumulators and the fragments fit the registers.
+            const unsigned qa0 =
+                smem_addr(Qsm + (warp * 16 * MT + (lane & 15)) * LDS + (lane >> 4) * 8);
+            const unsigned ka0 = smem_addr(Ks + ((lane & 7) + ((lane >> 4) << 3)) * LDS + ((lane >> 3) & 1) * 8);
+#pragma unroll
+            for (int kk = 0; kk < KD; ++kk) {
+                unsigned qf[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) ldsm_x4(qf[mt], qa0 + (mt * 16 * LDS + kk * 16) * 2);
+#pragma unroll
+                for (int j = 0; j < NJ; j += 2) {
+                    // Keys j*8.. (matrices 0, 1) and (j+1)*8.. (matrices 2, 3), dims kk*16...
+                    unsigned bk[4];
+                    ldsm_x4(bk, ka0 + (j * 8 * LDS + kk * 16) * 2);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma16816<BF>(s[mt][j], qf[mt], bk);
+                        mma16816<BF>(s[mt][j + 1], qf[mt], bk + 2);
+                    }
+                }
+            }
+        } else if constexpr (QS) {
+#pragma unroll
+            for (int kk = 0; kk < KD; kk += 2) {
+                // This warp's Q fragments of dims kk*16.. and (kk+1)*16.., from shared memory.
+                unsigned qf[MT][2][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const unsigned short* qrow =
+                        Qsm + (warp * 16 * MT + mt * 16 + (lane & 15)) * LDS + (lane >> 4) * 8;
+                    ldmatrix_x4(qf[mt][0], qrow + kk * 16);
+                    ldmatrix_x4(qf[mt][1], qrow + (kk + 1) * 16);
+                }
+#pragma unroll
+                for (int j = 0; j < NJ; ++j) {
+                    // Keys j*8.., dims kk*16.. (matrices 0, 1) and (kk+1)*16.. (matrices 2, 3).
+                    unsigned bk[4];
+                    ldmatrix_x4(bk, Ks + (j * 8 + (lane & 7)) * LDS + kk * 16 + (lane >> 3) * 8);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma16816<BF>(s[mt][j], qf[mt][0], bk);
+                        mma16816<BF>(s[mt][j], qf[mt][1], bk + 2);
+                    }
+                }
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) {
+#pragma unroll
+                for (int kk = 0; kk < KD; kk += 2) {
+                    // Keys j*8.., dims kk*16.. (matrices 0, 1) and (kk+1)*16.. (matrices 2, 3).
+                    unsigned bk[4];
+                    ldmatrix_x4(bk, Ks + (j * 8 + (lane & 7)) * LDS + kk * 16 + (lane >> 3) * 8);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma16816<BF>(s[mt][j], qa[mt][kk], bk);
+                        mma16816<BF>(s[mt][j], qa[mt][kk + 1], bk + 2);
+                    }
+                }
+            }
+        }
+        bool edge = (kb + BN > lk) || causal;
+        // P = exp2(S − m) of this tile as the A fragments of the P·V MMAs, per 16 keys.
+        unsigned pa[MT][BN / 16][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            // Maxima in raw score units; the scale folds into the exponent's FMA below.
+            float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float val = s[mt][j][e];
+                    if (edge) {
+                        int key = kb + j * 8 + c + (e & 1);
+                        int row = rr[mt][e >> 1];
+                        if (key >= lk || (causal && key > row)) val = NEG_INF;
+                    }
+                    s[mt][j][e] = val;
+                    if (e < 2) mx0 = fmaxf(mx0, val);
+                    else mx1 = fmaxf(mx1, val);
+                }
+            }
+#pragma unroll
+            for (int off = 1; off < 4; off <<= 1) {
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+            }
+            float mn0 = fmaxf(mrow[mt][0], mx0), mn1 = fmaxf(mrow[mt][1], mx1);
+            float sub0 = mn0 == NEG_INF ? 0.0f : mn0 * scale_log2;
+            float sub1 = mn1 == NEG_INF ? 0.0f : mn1 * scale_log2;
+            float al0 = fast_exp2(fmaf(mrow[mt][0], scale_log2, -sub0));
+            float al1 = fast_exp2(fmaf(mrow[mt][1], scale_log2, -sub1));
+            mrow[mt][0] = mn0;
+            mrow[mt][1] = mn1;
+            float ls0 = 0.0f, ls1 = 0.0f;
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) {
+                float p0 = fast_exp2(fmaf(s[mt][j][0], scale_log2, -sub0));
+                float p1 = fast_exp2(fmaf(s[mt][j][1], scale_log2, -sub0));
+                float p2 = fast_exp2(fmaf(s[mt][j][2], scale_log2, -sub1));
+                float p3 = fast_exp2(fmaf(s[mt][j][3], scale_log2, -sub1));
+                ls0 += p0 + p1;
+                ls1 += p2 + p3;
+                // Packed at once into the A fragments of the P·V MMAs (keys 16t.., t = j / 2),
+                // so the f32 scores need not stay live through them.
+                pa[mt][j >> 1][(j & 1) * 2] = pack2<BF>(p0, p1);
+                pa[mt][j >> 1][(j & 1) * 2 + 1] = pack2<BF>(p2, p3);
+            }
+            lrow[mt][0] = lrow[mt][0] * al0 + ls0;
+            lrow[mt][1] = lrow[mt][1] * al1 + ls1;
+#pragma unroll
+            for (int d = 0; d < ND; ++d) {
+                acc[mt][d][0] *= al0;
+                acc[mt][d][1] *= al0;
+                acc[mt][d][2] *= al1;
+                acc[mt][d][3] *= al1;
+            }
+        }
+        const unsigned va0 = smem_addr(Vs + (lane & 15) * LDS + (lane >> 4) * 8);
+#pragma unroll
+        for (int t = 0; t < BN / 16; ++t) {
+#pragma unroll
+            for (int d = 0; d < ND; d += 2) {
+                unsigned bv[4];
+                ldsm_x4_trans(bv, va0 + (t * 16 * LDS + d * 8) * 2);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16816<BF>(acc[mt][d], pa[mt][t], bv);
+                    mma16816<BF>(acc[mt][d + 1], pa[mt][t], bv + 2);
+                }
+            }
+        }
+        // The next iteration's prefetch overwrites this stage.
+        __syncthreads();
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        float l0 = lrow[mt][0], l1 = lrow[mt][1];
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+            l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+            l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+        }
+        float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+        int r0 = rr[mt][0], r1 = rr[mt][1];
+#pragma unroll
+        for (int d = 0; d < ND; ++d) {
+            int col = d * 8 + c;
+            if (r0 < lq) *(unsigned*)(ob + (long)r0 * dm + col) = pack2<BF>(acc[mt][d][0] * i0, acc[mt][d][1] * i0);
+            if (r1 < lq) *(unsigned*)(ob + (long)r1 * dm + col) = pack2<BF>(acc[mt][d][2] * i1, acc[mt][d][3] * i1);
+        }
+    }
+}
+#define FLASH_ATTN(NAME, BF, D, MT, BN)                                                                     \
+    extern "C" __global__ void __launch_bounds__(128) NAME(const unsigned short* q, const unsigned short* k,  \
+        const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) { \
+        flash_attn_impl<BF, D, MT, BN, 0>(q, k, v, o, lq, lk, heads, scale_log2, causal, nullptr);          \
+    }
+FLASH_ATTN(flash_attn_f16, 0, 64, 2, 64)
+FLASH_ATTN(flash_attn_bf16, 1, 64, 2, 64)
+FLASH_ATTN(flash_attn128_f16, 0, 128, 1, 32)
+FLASH_ATTN(flash_attn128_bf16, 1, 128, 1, 32)
+// Head size 128, two m16 tiles per warp (128 query rows per block), Q in shared memory:
+// 2 * 32 * 136 * 2 (K/V stages) + 128 * 136 halves = 69 632 bytes of dynamic shared memory.
+#define FLASH_ATTN_QS(NAME, BF, BN)                                                                         \
+    extern "C" __global__ void __launch_bounds__(128) NAME(const unsigned short* q, const unsigned short* k,  \
+        const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) { \
+        extern __shared__ __align__(16) unsigned short flash_dyn[];                                         \
+        flash_attn_impl<BF, 128, 2, BN, 1>(q, k, v, o, lq, lk, heads, scale_log2, causal, flash_dyn);       \
+    }
+FLASH_ATTN_QS(flash_attn128q_f16, 0, 32)
+FLASH_ATTN_QS(flash_attn128q_bf16, 1, 32)
+// The same with 64-key tiles (FlashAttention-2's tile for head size 128 on Hopper): half the
+// softmax rescales and barriers per key; 128 * 136 + 4 * 64 * 136 halves = 104 448 bytes.
+FLASH_ATTN_QS(flash_attn128q64_f16, 0, 64)
+FLASH_ATTN_QS(flash_attn128q64_bf16, 1, 64)

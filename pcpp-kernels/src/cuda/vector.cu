@@ -1,0 +1,269 @@
+// pcpp CUDA kernels, part of KERNEL_SOURCE (kernels.cu, flash_attn.cu, vector.cu and
+// instances.cu, concatenated in that order: each part may use what the earlier ones define):
+// vectorised element-wise kernels, row norms, rotary pairs, concatenation, transpose,
+// non-finite watch.
+
+// ---- vectorised element-wise kernels and row norms (16 bytes per access: 8 halves or 4 floats) ----
+// The host takes these only when every pointer is 16-byte aligned and the vectorised extent is a
+// multiple of the vector; each is the twin of the scalar kernel above with the same math in f32.
+template <typename T> struct VecN { static constexpr int N = 16 / (int)sizeof(T); };
+template <typename T>
+__device__ __forceinline__ void vload(const T* p, float* f) {
+    U4 u = *(const U4*)p;
+    const T* e = (const T*)&u;
+#pragma unroll
+    for (int i = 0; i < VecN<T>::N; ++i) f[i] = to_f(e[i]);
+}
+template <typename T>
+__device__ __forceinline__ void vstore(T* p, const float* f) {
+    U4 u;
+    T* e = (T*)&u;
+#pragma unroll
+    for (int i = 0; i < VecN<T>::N; ++i) e[i] = from_f<T>(f[i]);
+    *(U4*)p = u;
+}
+// nv vectors of a and b
+template <typename T>
+__device__ void binary_same_vec_impl(const T* a, const T* b, T* y, long nv, int op) {
+    constexpr int N = VecN<T>::N;
+    GRID_STRIDE(i, nv) {
+        float x[N], z[N];
+        vload(a + i * N, x);
+        vload(b + i * N, z);
+#pragma unroll
+        for (int k = 0; k < N; ++k) x[k] = binary_op(x[k], z[k], op);
+        vstore(y + i * N, x);
+    }
+}
+template <typename T>
+__device__ void unary_vec_impl(const T* x, T* y, long nv, int op, float a, float b) {
+    constexpr int N = VecN<T>::N;
+    GRID_STRIDE(i, nv) {
+        float f[N];
+        vload(x + i * N, f);
+#pragma unroll
+        for (int k = 0; k < N; ++k) f[k] = unary_op(f[k], op, a, b);
+        vstore(y + i * N, f);
+    }
+}
+// Row broadcast: `full` viewed as [P, R, C] (rows = P*R), `bc` as [P, C]: y = full op bc, or
+// bc op full with `bleft`. grid (column blocks, row blocks), block 256; `vec`: C % N == 0 and
+// aligned pointers, each thread then takes N columns.
+template <typename T>
+__device__ void rowb_binary_impl(const T* full, const T* bc, T* y, long rows, long rpp, long cols, int op,
+                                 int bleft, int vec) {
+    constexpr int N = VecN<T>::N;
+    long cstart = (long)blockIdx.x * blockDim.x + threadIdx.x, cstep = (long)blockDim.x * gridDim.x;
+    for (long r = blockIdx.y; r < rows; r += gridDim.y) {
+        const T* fr = full + r * cols;
+        const T* br = bc + (r / rpp) * cols;
+        T* yr = y + r * cols;
+        if (vec) {
+            for (long c = cstart; c < cols / N; c += cstep) {
+                float f[N], g[N];
+                vload(fr + c * N, f);
+                vload(br + c * N, g);
+#pragma unroll
+                for (int k = 0; k < N; ++k) f[k] = bleft ? binary_op(g[k], f[k], op) : binary_op(f[k], g[k], op);
+                vstore(yr + c * N, f);
+            }
+        } else {
+            for (long c = cstart; c < cols; c += cstep) {
+                float f = to_f(fr[c]), g = to_f(br[c]);
+                yr[c] = from_f<T>(bleft ? binary_op(g, f, op) : binary_op(f, g, op));
+            }
+        }
+    }
+}
+// GEGLU with N columns per thread (h % N == 0, aligned).
+template <typename T>
+__device__ void geglu_vec_impl(const T* x, T* y, long rows, long h) {
+    constexpr int N = VecN<T>::N;
+    long hv = h / N;
+    GRID_STRIDE(i, rows * hv) {
+        long r = i / hv, j = (i % hv) * N;
+        const T* row = x + r * 2 * h;
+        float a[N], g[N];
+        vload(row + j, a);
+        vload(row + h + j, g);
+#pragma unroll
+        for (int k = 0; k < N; ++k) a[k] *= gelu_f(g[k]);
+        vstore(y + r * h + j, a);
+    }
+}
+// Sum over row r of one warp's lanes (vector loads when `vec`).
+template <typename T>
+__device__ __forceinline__ float row_sum(const T* row, long d, int vec, float shift, int squares) {
+    constexpr int N = VecN<T>::N;
+    int lane = threadIdx.x & 31;
+    float s = 0.0f;
+    if (vec) {
+        for (long j = (long)lane * N; j < d; j += 32 * N) {
+            float f[N];
+            vload(row + j, f);
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                float v = f[k] - shift;
+                s += squares ? v * v : v;
+            }
+        }
+    } else {
+        for (long j = lane; j < d; j += 32) {
+            float v = to_f(row[j]) - shift;
+            s += squares ? v * v : v;
+        }
+    }
+    return warp_sum(s);
+}
+// One warp per row (8 rows per block of 256): layer norm (`mean_too`) or RMS norm, with optional
+// gamma / beta. The twin of layer_norm_impl / rms_norm_impl for rows of at most a few thousand.
+// With `ms` / `mt` (AdaLN modulation, [rows / rpp, d]): v = v * (1 + ms[row / rpp]) + mt[row / rpp].
+template <typename T>
+__device__ void row_norm_warp_impl(const T* x, const T* gamma, const T* beta, T* y, long rows, long d, float eps,
+                                   int mean_too, int vec, const T* ms, const T* mt, long rpp) {
+    constexpr int N = VecN<T>::N;
+    long r = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= rows) return;
+    int lane = threadIdx.x & 31;
+    const T* row = x + r * d;
+    T* out = y + r * d;
+    const T* msr = ms ? ms + (r / rpp) * d : nullptr;
+    const T* mtr = mt ? mt + (r / rpp) * d : nullptr;
+    float mean = mean_too ? row_sum(row, d, vec, 0.0f, 0) / (float)d : 0.0f;
+    float rstd = rsqrtf(row_sum(row, d, vec, mean, 1) / (float)d + eps);
+    if (vec) {
+        for (long j = (long)lane * N; j < d; j += 32 * N) {
+            float f[N], g[N], b[N], sc[N], sh[N];
+            vload(row + j, f);
+            if (gamma) vload(gamma + j, g);
+            if (beta) vload(beta + j, b);
+            if (msr) vload(msr + j, sc);
+            if (mtr) vload(mtr + j, sh);
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                float v = (f[k] - mean) * rstd;
+                if (gamma) v *= g[k];
+                if (beta) v += b[k];
+                if (msr) v = v * (sc[k] + 1.0f);
+                if (mtr) v = v + sh[k];
+                f[k] = v;
+            }
+            vstore(out + j, f);
+        }
+    } else {
+        for (long j = lane; j < d; j += 32) {
+            float v = (to_f(row[j]) - mean) * rstd;
+            if (gamma) v *= to_f(gamma[j]);
+            if (beta) v += to_f(beta[j]);
+            if (msr) v = v * (to_f(msr[j]) + 1.0f);
+            if (mtr) v = v + to_f(mtr[j]);
+            out[j] = from_f<T>(v);
+        }
+    }
+}
+// AdaLN gate: out = x + gate[row / rpp] * y over rows of `cols` (vectorised with `vec`).
+template <typename T>
+__device__ void gated_add_impl(const T* x, const T* gate, const T* y, T* out, long rows, long rpp, long cols,
+                               int vec) {
+    constexpr int N = VecN<T>::N;
+    long cstart = (long)blockIdx.x * blockDim.x + threadIdx.x, cstep = (long)blockDim.x * gridDim.x;
+    for (long r = blockIdx.y; r < rows; r += gridDim.y) {
+        const T* xr = x + r * cols;
+        const T* yr = y + r * cols;
+        const T* gr = gate + (r / rpp) * cols;
+        T* orow = out + r * cols;
+        if (vec) {
+            for (long c = cstart; c < cols / N; c += cstep) {
+                float a[N], g[N], b[N];
+                vload(xr + c * N, a);
+                vload(gr + c * N, g);
+                vload(yr + c * N, b);
+#pragma unroll
+                for (int k = 0; k < N; ++k) a[k] = __fadd_rn(a[k], __fmul_rn(g[k], b[k]));
+                vstore(orow + c * N, a);
+            }
+        } else {
+            for (long c = cstart; c < cols; c += cstep)
+                orow[c] = from_f<T>(__fadd_rn(to_f(xr[c]), __fmul_rn(to_f(gr[c]), to_f(yr[c]))));
+        }
+    }
+}
+
+// ---- rotary embedding of adjacent pairs (Tensor::rotate_pairs): rows = b*len of `heads*half`
+// pairs; pair p of row r turns by the angle of (r % len, p % half); f32 math without contraction,
+// as the CPU twin. grid (pair blocks, row blocks), block 256.
+template <typename T>
+__device__ void rotate_pairs_impl(const T* x, const float* cs, const float* sn, T* y, long rows, long len,
+                                  long pairs, long half) {
+    for (long r = blockIdx.y; r < rows; r += gridDim.y) {
+        long l = r % len;
+        const float* c = cs + l * half;
+        const float* s = sn + l * half;
+        const T* xr = x + r * pairs * 2;
+        T* yr = y + r * pairs * 2;
+        for (long p = (long)blockIdx.x * blockDim.x + threadIdx.x; p < pairs; p += (long)blockDim.x * gridDim.x) {
+            long i = p % half;
+            float x0 = to_f(xr[2 * p]), x1 = to_f(xr[2 * p + 1]), co = c[i], si = s[i];
+            yr[2 * p] = from_f<T>(__fsub_rn(__fmul_rn(x0, co), __fmul_rn(x1, si)));
+            yr[2 * p + 1] = from_f<T>(__fadd_rn(__fmul_rn(x1, co), __fmul_rn(x0, si)));
+        }
+    }
+}
+
+// ---- concatenation of up to 8 inputs in one launch: input i's rows of len[i] words go to offset
+// off[i] of each output row of `total` words; grid (element blocks, inputs), block 256 ----
+struct CatSrc {
+    int n;
+    long src[8];
+    long len[8];
+    long off[8];
+};
+template <typename W>
+__device__ void cat_multi_impl(W* dst, long outer, long total, CatSrc c) {
+    int i = blockIdx.y;
+    if (i >= c.n) return;
+    const W* s = (const W*)c.src[i];
+    long len = c.len[i], off = c.off[i];
+    for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < outer * len; e += (long)blockDim.x * gridDim.x) {
+        long r = e / len, j = e - r * len;
+        dst[r * total + off + j] = s[e];
+    }
+}
+extern "C" __global__ void cat_multi_u16(unsigned short* d, long outer, long total, CatSrc c) {
+    cat_multi_impl<unsigned short>(d, outer, total, c);
+}
+extern "C" __global__ void cat_multi_u128(U4* d, long outer, long total, CatSrc c) {
+    cat_multi_impl<U4>(d, outer, total, c);
+}
+
+// ---- batched 2-D transpose: src [n, rows, cols] -> dst [n, cols, rows]; block (32, 8) ----
+template <typename W>
+__device__ void transpose_impl(const W* src, W* dst, long rows, long cols) {
+    __shared__ W tile[32][33];
+    long n = blockIdx.z;
+    long r0 = (long)blockIdx.y * 32, c0 = (long)blockIdx.x * 32;
+    const W* s = src + n * rows * cols;
+    W* d = dst + n * rows * cols;
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        long r = r0 + i, c = c0 + threadIdx.x;
+        if (r < rows && c < cols) tile[i][threadIdx.x] = s[r * cols + c];
+    }
+    __syncthreads();
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        long c = c0 + i, r = r0 + threadIdx.x;
+        if (r < rows && c < cols) d[c * rows + r] = tile[threadIdx.x][i];
+    }
+}
+extern "C" __global__ void copy2d_u128(const U4* s, U4* d, long rows, long cols, long sp, long dp) {
+    copy2d_impl<U4>(s, d, rows, cols, sp, dp);
+}
+
+// ---- non-finite watch: flag = min(flag, code) when any element is NaN or ±inf ----
+// The flag is one non-negative f32; for non-negative floats the int order of the bit patterns is
+// the float order, so an integer atomicMin keeps the smallest code.
+template <typename T>
+__device__ void nonfinite_mark_impl(const T* x, long n, int* flag, float code) {
+    bool bad = false;
+    GRID_STRIDE(i, n) bad |= !isfinite(to_f(x[i]));
+    if (bad) atomicMin(flag, __float_as_int(code));
+}
