@@ -12,7 +12,9 @@ writes
                              its transformer is saved in shards (index.json + 2 files), as large models are
   models/tiny-flux-schnell/  the same pipeline without guidance embedding (FLUX.1-schnell layout)
   tests/data/refs-tiny-flux/ transformer forwards, T5 / CLIP embeddings, tokenizer ids, scheduler tables,
-                             whole-pipeline latents and decoded images (+ meta.json)
+                             whole-pipeline latents and decoded images (+ meta.json), and
+                             variants/<name>/: transformers of other depths, head counts and RoPE axes,
+                             each with one forward (--variants-only writes just these)
 
 Both folders share the text encoders, tokenizers and VAE (identical files). The T5 tokenizer is a small
 Unigram model built here (none can be downloaded); the CLIP tokenizer and text encoder are the tiny SDXL
@@ -58,6 +60,17 @@ PROMPTS = [
     "a photo of an astronaut riding a horse on mars, 4k, highly detailed!!",
     "Café déjà-vu: naïve  MULTIPLE   spaces\tand\nnewlines 12345 🚀 東京",
 ]
+
+# Transformer configs besides TINY_TRANSFORMER (tests/flux_parity.rs, transformer_variants_match_diffusers):
+# other depths (no single-stream or no double-stream blocks), head counts, head sizes and RoPE axes.
+TRANSFORMER_VARIANTS = {
+    "single_heavy": dict(num_layers=1, num_single_layers=3, attention_head_dim=8, num_attention_heads=3,
+                         axes_dims_rope=(2, 2, 4)),
+    "double_only": dict(num_layers=2, num_single_layers=0, attention_head_dim=32, num_attention_heads=1,
+                        axes_dims_rope=(8, 12, 12)),
+    "single_only": dict(num_layers=0, num_single_layers=2, attention_head_dim=12, num_attention_heads=2,
+                        axes_dims_rope=(4, 4, 4)),
+}
 
 PIPELINE_RUNS = [  # (key, variant, height, width, steps, guidance, max_sequence_length)
     ("dev_square", "dev", 32, 32, 3, 3.5, 512),
@@ -173,7 +186,12 @@ def load_pipe(models_dir, variant):
 
 
 def ref_transformer(pipe, variant, out_dir):
-    tr = pipe.transformer
+    d = transformer_forward(pipe.transformer, variant == "dev")
+    save(d, os.path.join(out_dir, f"transformer_{variant}.safetensors"))
+
+
+def transformer_forward(tr, with_guidance):
+    """One forward of `tr` on seeded inputs (a 3 x 5 packed grid, 7 text tokens), with its inputs."""
     g = gen(SEED_INPUTS)
     hp, wp = 3, 5  # packed grid: 3 rows x 5 columns of 2x2 patches
     hidden = torch.randn(1, hp * wp, 64, generator=g)
@@ -184,14 +202,32 @@ def ref_transformer(pipe, variant, out_dir):
     t = torch.tensor([0.625])
     kw = dict(hidden_states=hidden, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t,
               img_ids=img_ids, txt_ids=txt_ids, return_dict=False)
-    guidance = torch.tensor([3.5]) if variant == "dev" else None
+    guidance = torch.tensor([3.5]) if with_guidance else None
     with torch.no_grad():
         out = tr(guidance=guidance, **kw)[0]
     d = {"hidden_states": hidden, "encoder_hidden_states": ctx, "pooled_projections": pooled, "timestep": t,
          "img_ids": img_ids, "txt_ids": txt_ids, "out": out}
     if guidance is not None:
         d["guidance"] = guidance
-    save(d, os.path.join(out_dir, f"transformer_{variant}.safetensors"))
+    return d
+
+
+def ref_transformer_variants(out_dir):
+    """Transformers of other depths, head counts and RoPE axes than the pipelines': each one's folder
+    (config.json, weights) and one forward in <out_dir>/variants/<name>/."""
+    from diffusers import FluxTransformer2DModel
+    for i, (name, over) in enumerate(TRANSFORMER_VARIANTS.items()):
+        cfg = dict(TINY_TRANSFORMER)
+        cfg.update(over)
+        with_guidance = i % 2 == 0
+        torch.manual_seed(SEED_MODEL_INIT + 10 + i)
+        tr = FluxTransformer2DModel(**cfg, guidance_embeds=with_guidance)
+        perturb_constant_params(tr, SEED_PERTURB + 10 + i)
+        d = os.path.join(out_dir, "variants", name)
+        shutil.rmtree(d, ignore_errors=True)
+        tr.save_pretrained(d, safe_serialization=True)
+        save(transformer_forward(tr, with_guidance), os.path.join(d, "forward.safetensors"))
+        log(f"wrote {d}: {sum(p.numel() for p in tr.parameters())} parameters")
 
 
 def FluxPipeline_ids(hp, wp):
@@ -268,9 +304,14 @@ def main():
     ap.add_argument("--out", required=True, help="reference output folder")
     ap.add_argument("--clip-from", required=True, help="SDXL folder whose text_encoder/ and tokenizer/ are reused")
     ap.add_argument("--refs-only", action="store_true", help="keep the model folders, only write references")
+    ap.add_argument("--variants-only", action="store_true",
+                    help="only write the transformer variants (<out>/variants/)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.variants_only:
+        ref_transformer_variants(args.out)
+        return
     if not args.refs_only:
         make_models(args.models, args.clip_from)
     os.makedirs(args.out, exist_ok=True)
@@ -284,6 +325,7 @@ def main():
     ref_text(pipe, args.out)
     meta["scheduler_cases"] = ref_scheduler(pipe, args.out)
     meta["pipelines"] = ref_pipelines(args.models, args.out)
+    ref_transformer_variants(args.out)
     with open(os.path.join(args.out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1, ensure_ascii=False)
     log("done")

@@ -2,8 +2,9 @@
 //! (guidance embedding, transformer in shards) and `models/tiny-flux-schnell` (no guidance), with
 //! the references of `scripts/regen_flux_reference.py` in `tests/data/refs-tiny-flux`:
 //! transformer forwards, T5 / CLIP embeddings and token ids, scheduler tables, whole-pipeline
-//! latents and decoded images (square and non-square, with and without guidance). Also: the
-//! full-size FLUX.1-dev configs parse and describe the 11.9 B-parameter transformer.
+//! latents and decoded images (square and non-square, with and without guidance), and transformers
+//! of other depths, head counts and RoPE axes (`refs-tiny-flux/variants`). Also: the full-size
+//! FLUX.1-dev configs parse and describe the 11.9 B-parameter transformer.
 
 use std::path::PathBuf;
 
@@ -70,6 +71,43 @@ fn transformer_matches(variant: &str) {
             .expect_err("a guidance model without guidance must fail")
             .to_string();
         assert!(e.contains("guidance"), "{e}");
+    }
+}
+
+/// Transformers of other depths (no single-stream or no double-stream blocks), head counts, head
+/// sizes and RoPE axes than the pipelines', each loaded from its diffusers folder: one forward
+/// against diffusers', with its guidance embedding where it has one.
+#[test]
+fn transformer_variants_match_diffusers() {
+    let dir = pcpp_tests::data("refs-tiny-flux/variants");
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .expect("variants folder")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 3, "{names:?}");
+    for d in names {
+        let name = d.file_name().unwrap().to_string_lossy().to_string();
+        let cfg = FluxTransformerConfig::from_file(&d.join("config.json")).expect("config");
+        let tr = FluxTransformer::load_on(&d, DType::F32, Device::Cpu, &SerialFactory)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let r = refs(&format!(
+            "refs-tiny-flux/variants/{name}/forward.safetensors"
+        ));
+        let guidance = r.get("guidance").map(|g| g.to_vec_f32().unwrap()[0]);
+        assert_eq!(guidance.is_some(), cfg.guidance_embeds, "{name}");
+        let cond = FluxCond::new(
+            &r["encoder_hidden_states"],
+            &r["pooled_projections"],
+            guidance,
+            DType::F32,
+            Device::Cpu,
+        )
+        .expect("cond");
+        let out = tr
+            .forward_packed(&r["hidden_states"], (3, 5), &r["timestep"], &cond)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_close(&format!("transformer {name}"), &out, &r["out"], TOL_MODULE);
     }
 }
 
