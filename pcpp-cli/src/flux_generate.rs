@@ -5,7 +5,8 @@
 //! as for SDXL) and the outputs. Rank 0 encodes the prompt and broadcasts it with the initial
 //! noise; every rank denoises its band and gets the whole prediction each step; the 16-channel
 //! VAE decodes with pcpp-sdxl's patch-parallel decode (every rank a band of latent rows, exact;
-//! `--serial-decode`: rank 0 alone), and rank 0 writes the files.
+//! `--serial-decode`: rank 0 alone), and rank 0 writes the files. `--prompts FILE --output-dir
+//! DIR` makes one image per line with the models loaded once, as for SDXL ([`crate::batch`]).
 //!
 //! Flux differs from SDXL in what the shared flags mean: `--guidance` is the guidance scale the
 //! transformer embeds (FLUX.1-dev; default 3.5), not classifier-free guidance, and is ignored with
@@ -28,7 +29,7 @@ use pcpp_kernels::{DType, Device, Tensor};
 use pcpp_sdxl::{to_rgb8, vae_dtype, vae_parallel, wire, VaeConfig, VaeDecoder};
 
 use crate::args::DeviceArg;
-use crate::generate::{parse_portions, seeded_noise, GenerateArgs};
+use crate::generate::{parse_portions, seeded_noise, GenerateArgs, Job};
 use crate::output;
 
 /// FluxPipeline's default embedded guidance scale.
@@ -94,7 +95,6 @@ fn reject_unsupported(a: &GenerateArgs) -> Result<()> {
         "--controlnet/--control-image/--control-scale/--control-start/--control-end",
         "SDXL ControlNets; Flux pipelines do not take them",
     )?;
-    given(a.batch.prompts.is_some(), "--prompts", later)?;
     given(
         a.modes.gn_mode.is_some(),
         "--gn-mode",
@@ -124,12 +124,16 @@ struct FluxPlan {
     vae_dtype: DType,
     noise_shape: [usize; 4],
     parallel: ParallelConfig,
+    /// The images to make: one, or one per `--prompts` line whose image is not there yet.
+    jobs: Vec<Job>,
+    /// `--prompts` lines skipped because their image exists.
+    skipped: usize,
 }
 
 fn plan(a: &GenerateArgs) -> Result<FluxPlan> {
     reject_unsupported(a)?;
     let model = a.model.clone().context("--model is required")?;
-    if a.prompt().trim().is_empty() {
+    if a.batch.prompts.is_none() && a.prompt().trim().is_empty() {
         bail!("--prompt is empty");
     }
     if a.steps == 0 {
@@ -183,12 +187,33 @@ fn plan(a: &GenerateArgs) -> Result<FluxPlan> {
         }
         None
     };
-    for (p, flag) in [(&a.save_latents, "--save-latents"), (&a.report, "--report")] {
-        if let Some(p) = p {
-            output::check_writable(p, flag)?;
+    let noise_shape = [1, vae_cfg.latent_channels, height / f, width / f];
+    let (jobs, skipped) = match &a.batch.prompts {
+        Some(_) => crate::batch::jobs(a, &noise_shape)?,
+        None => {
+            for (p, flag) in [(&a.save_latents, "--save-latents"), (&a.report, "--report")] {
+                if let Some(p) = p {
+                    output::check_writable(p, flag)?;
+                }
+            }
+            output::check_writable(a.output(), "--output")?;
+            let (noise, seed) = match &a.init_noise {
+                Some(f) => (
+                    read_noise(f, &noise_shape)?,
+                    format!("file {}", f.display()),
+                ),
+                None => (seeded_noise(&noise_shape, a.seed)?, a.seed.to_string()),
+            };
+            let job = Job {
+                prompt: a.prompt().to_string(),
+                noise,
+                output: a.output().to_path_buf(),
+                seed,
+                line: None,
+            };
+            (vec![job], 0)
         }
-    }
-    output::check_writable(a.output(), "--output")?;
+    };
     Ok(FluxPlan {
         model,
         height,
@@ -197,8 +222,10 @@ fn plan(a: &GenerateArgs) -> Result<FluxPlan> {
         max_len,
         dtype,
         vae_dtype: a.vae_dtype.unwrap_or(vae_dtype(&vae_cfg, dtype)),
-        noise_shape: [1, vae_cfg.latent_channels, height / f, width / f],
+        noise_shape,
         parallel,
+        jobs,
+        skipped,
     })
 }
 
@@ -247,6 +274,16 @@ fn model_fingerprint(model: &Path) -> Vec<u8> {
 /// processes (the other transports), as for SDXL.
 pub fn run(a: &GenerateArgs) -> Result<()> {
     let p = plan(a)?;
+    if p.jobs.is_empty() {
+        if let Some(dir) = &a.batch.output_dir {
+            eprintln!(
+                "0 images written, {} already present, in {}",
+                p.skipped,
+                dir.display()
+            );
+        }
+        return Ok(());
+    }
     let opts = crate::args::transport_options(a.timeout, a.device_comm, a.device)?;
     let env = launch::LaunchEnv::from_env()?;
     let kind = launch::resolve(a.transport.into(), &env);
@@ -358,17 +395,69 @@ fn run_rank(
         None => None,
     };
     let t_load = t0.elapsed().as_secs_f64();
+    let r = RankRun {
+        a,
+        p,
+        world: world.as_ref(),
+        runtime: &runtime,
+        pipe: &pipe,
+        decode_rt: decode_rt.as_ref(),
+        band_vae: band_vae.as_ref(),
+        device,
+        kind,
+        t_load,
+    };
+    for job in &p.jobs {
+        one_image(&r, job).map_err(|e| match job.line {
+            Some(l) => e.context(format!("--prompts line {l}")),
+            None => e,
+        })?;
+    }
+    if let (0, Some(dir)) = (rank, &a.batch.output_dir) {
+        eprintln!(
+            "{} images written, {} already present, in {}",
+            p.jobs.len(),
+            p.skipped,
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// What one rank's images share: the loaded models and runtimes.
+struct RankRun<'a> {
+    a: &'a GenerateArgs,
+    p: &'a FluxPlan,
+    world: &'a dyn Transport,
+    runtime: &'a PatchRuntime,
+    pipe: &'a FluxPipeline,
+    decode_rt: Option<&'a PatchRuntime>,
+    band_vae: Option<&'a VaeDecoder>,
+    device: Device,
+    kind: TransportKind,
+    t_load: f64,
+}
+
+/// One image on this rank: rank 0 encodes the prompt and broadcasts it with the noise, every rank
+/// denoises its band, the decode, and on rank 0 the files.
+fn one_image(r: &RankRun<'_>, job: &Job) -> Result<()> {
+    let RankRun {
+        a,
+        p,
+        world,
+        runtime,
+        pipe,
+        decode_rt,
+        band_vae,
+        device,
+        kind,
+        t_load,
+    } = *r;
+    let rank = world.rank();
     let t1 = Instant::now();
-    let (mine, seed) = if rank == 0 {
-        let (noise, seed) = match &a.init_noise {
-            Some(f) => (
-                read_noise(f, &p.noise_shape)?,
-                format!("file {}", f.display()),
-            ),
-            None => (seeded_noise(&p.noise_shape, a.seed)?, a.seed.to_string()),
-        };
+    let mine = if rank == 0 {
         let prompt = pipe
-            .encode_prompt(a.prompt(), p.max_len)
+            .encode_prompt(&job.prompt, p.max_len)
             .context("prompt encoding")?;
         pcpp_kernels::synchronize(device)?;
         if prompt.truncated {
@@ -377,12 +466,12 @@ fn run_rank(
                 p.max_len
             );
         }
-        (Some((prompt, noise)), seed)
+        Some((prompt, job.noise.clone()))
     } else {
-        (None, String::new())
+        None
     };
     let t_encode = t1.elapsed().as_secs_f64();
-    let (prompt, noise) = broadcast_inputs(world.as_ref(), mine)?;
+    let (prompt, noise) = broadcast_inputs(world, mine)?;
     let t2 = Instant::now();
     let mut on_step = |i: usize, n: usize| {
         if a.verbose && rank == 0 {
@@ -456,8 +545,8 @@ fn run_rank(
     }
     let rgb = to_rgb8(&image.to_device(Device::Cpu)?)?;
     let params = format!(
-        "{}\nSteps: {}, Guidance: {}, Seed: {seed}, Size: {}x{}, Model: {}, Max sequence length: {}, Ranks: {}, Parallel: {}",
-        a.prompt(),
+        "{}\nSteps: {}, Guidance: {}, Seed: {}, Size: {}x{}, Model: {}, Max sequence length: {}, Ranks: {}, Parallel: {}",
+        job.prompt,
         a.steps,
         p.guidance.map_or("none".into(), |g| g.to_string()),
         p.width,
@@ -466,9 +555,10 @@ fn run_rank(
         p.max_len,
         world.size(),
         p.parallel.mode,
+        job.seed,
     );
     output::write_png(
-        a.output(),
+        &job.output,
         &rgb[0],
         p.width,
         p.height,
@@ -482,7 +572,7 @@ fn run_rank(
     }
     eprintln!(
         "wrote {} ({}×{}, {} steps, {} rank(s)): load {t_load:.1} s, generate {t_gen:.1} s",
-        a.output().display(),
+        &job.output.display(),
         p.width,
         p.height,
         a.steps,

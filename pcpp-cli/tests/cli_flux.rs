@@ -1,8 +1,9 @@
 //! `pcpp-cli generate` on the tiny Flux.1 pipelines (the folder's `model_index.json` picks the
 //! family): FLUX.1-dev layout with `--guidance` and a non-square size, and FLUX.1-schnell (guidance
 //! ignored with a note), each from diffusers' stored initial noise, with the final latents
-//! (`--save-latents`, unpacked, before the VAE's scale/shift) against diffusers'; and the flags
-//! that do not apply to Flux (or apply only to Flux) are errors naming them.
+//! (`--save-latents`, unpacked, before the VAE's scale/shift) against diffusers'; prompt lists
+//! (`--prompts`) equal single runs and resume; and the flags that do not apply to Flux (or apply
+//! only to Flux) are errors naming them.
 
 mod common;
 
@@ -151,4 +152,85 @@ fn flags_that_do_not_apply_are_errors() {
         !o.status.success() && e.contains("--max-sequence-length"),
         "{e}"
     );
+}
+
+/// The RGB pixels of a PNG (the metadata names the ranks, so files of equal images may differ).
+fn pixels(p: &std::path::Path) -> Vec<u8> {
+    image::open(p).unwrap().to_rgb8().into_raw()
+}
+
+/// `--prompts FILE --output-dir DIR` on a Flux folder: one image per non-empty line, line `i` with
+/// seed `--seed + i` (the very image of a single run with that seed), the models loaded once; a
+/// second run skips what exists; three synchronous ranks give the same pixels; single-file flags
+/// are refused by name.
+#[test]
+fn flux_prompt_lists_match_single_images_and_resume() {
+    let prompts = tmp("flux-prompts.txt");
+    std::fs::write(&prompts, "a red cube on a table\n\na blue sphere\n").unwrap();
+    let dev = model("dev");
+    let common = [
+        "--model",
+        s(&dev),
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+    ];
+    let batch = |dir: &std::path::Path, extra: &[&str]| {
+        let mut a = vec!["generate", "--prompts", s(&prompts), "--output-dir", s(dir)];
+        a.extend_from_slice(&common);
+        a.extend_from_slice(extra);
+        cli(&a)
+    };
+    let dir = tmp("flux-batch");
+    let o = batch(&dir, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("2 images written, 0 already present"), "{e}");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["00000.png", "00002.png"]);
+
+    let single = tmp("flux-single-line2.png");
+    let mut a = vec![
+        "generate",
+        "--prompt",
+        "a blue sphere",
+        "--output",
+        s(&single),
+    ];
+    a.extend_from_slice(&common[..8]);
+    a.extend(["--seed", "7"]);
+    let o = cli(&a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(pixels(&single), pixels(&dir.join("00002.png")));
+    assert_ne!(
+        pixels(&dir.join("00000.png")),
+        pixels(&dir.join("00002.png"))
+    );
+
+    let o = batch(&dir, &[]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && e.contains("0 images written, 2 already present"),
+        "{e}"
+    );
+
+    let ranks = tmp("flux-batch-3");
+    let o = batch(&ranks, &["--ranks", "3", "--sync-mode", "full"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for n in ["00000.png", "00002.png"] {
+        assert_eq!(pixels(&ranks.join(n)), pixels(&dir.join(n)), "{n}");
+    }
+
+    let o = batch(&tmp("flux-batch-x"), &["--save-latents", "x.safetensors"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("--save-latents"), "{e}");
 }
