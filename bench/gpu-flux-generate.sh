@@ -13,13 +13,16 @@
 # 2. A tiny pcpp run (models/tiny-flux-dev) fills the kernel cache, then `pcpp-cli generate` makes
 #    the same image from MODEL_DIR (--init-noise, --save-latents, --report), PCPP_RUNS times, each
 #    a fresh process (load included in the log, not in the image time).
-# 3. A python step prints both image times and their ratio, and compares the final latents (max abs
+# 3. With WARM=1 (the default on a GPU, 0 on the CPU) a second pcpp process makes the same
+#    prompt twice through --prompts (models loaded once): the second image's time is pcpp's warm
+#    image time (no first-use costs), with its encode / denoise / decode split.
+# 4. A python step prints both image times and their ratio, and compares the final latents (max abs
 #    difference, PSNR against diffusers' peak) and the PNGs (PSNR; null when identical); OUT_DIR/summary.json.
 #
 # Environment: PYTHON (python with torch, diffusers 0.42.1, transformers, numpy, safetensors,
 # Pillow; default python3), MODEL_DIR (default /tmp/flux-random; created here), SIZE (H or HxW,
 # default 1024), STEPS (default 28), GUIDANCE (3.5), SEED (0), PROMPT, PCPP_RUNS (1),
-# DEVICE (cuda; cpu for a smoke test), CONFIG_DIR (the component configs MODEL_DIR is built from,
+# DEVICE (cuda; cpu for a smoke test), WARM (see 3.), CONFIG_DIR (the component configs MODEL_DIR is built from,
 # default the full-size FLUX.1-dev ones; models/tiny-flux-dev for a smoke test), SHARD (5GB).
 # pcpp's image time is the first image of a fresh process (kernel cache already filled, CUDA graphs
 # captured in that image); diffusers' is the median after a warm-up call (its first call's time,
@@ -48,6 +51,7 @@ PROMPT=${PROMPT:-a photo of an astronaut riding a horse on mars}
 PCPP_RUNS=${PCPP_RUNS:-1}
 DEVICE=${DEVICE:-cuda}
 SHARD=${SHARD:-5GB}
+if [ "$DEVICE" = cuda ]; then WARM=${WARM:-1}; else WARM=${WARM:-0}; fi
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
@@ -82,6 +86,17 @@ for i in $(seq 1 "$PCPP_RUNS"); do
   tail -1 "$OUT/pcpp_$i.log"
   [ "$rc" -eq 0 ] || { echo "pcpp-cli generate run $i failed (exit $rc):" >&2; tail -20 "$OUT/pcpp_$i.log" >&2; exit 1; }
 done
+
+# A warm image: the same prompt twice through --prompts (models loaded once); the second image's
+# time has no first-use costs (different seeds, so no latents comparison).
+if [ "$WARM" = 1 ]; then
+  printf '%s\n%s\n' "$PROMPT" "$PROMPT" > "$OUT/warm-prompts.txt"
+  rm -rf "$OUT/warm"
+  timeout 300 "$BIN/pcpp-cli" generate --model "$MODEL" --guidance "$GUIDANCE" --device "$DEVICE" -v \
+    --steps "$STEPS" --height "$H" --width "$W" \
+    --prompts "$OUT/warm-prompts.txt" --output-dir "$OUT/warm" > "$OUT/pcpp_warm.log" 2>&1 \
+    || echo "the warm run failed (see $OUT/pcpp_warm.log)" >&2
+fi
 
 "$PY" - "$OUT" "$PCPP_RUNS" << 'EOF' | tee "$OUT/summary.json"
 import json, re, statistics, sys
@@ -136,6 +151,17 @@ s = {
     "image_psnr_db": psnr(img, img_ref, 255.0),
     "pcpp_nonfinite_latents": int((~np.isfinite(lat)).sum()),
 }
+try:
+    warm = open(f"{out}/pcpp_warm.log").read()
+    times = [float(x) for x in re.findall(r"\(the image's ([0-9.]+) s\)", warm)]
+    st = re.findall(r"encode ([0-9.]+) s, denoise ([0-9.]+) s, decode ([0-9.]+) s", warm)
+    if len(times) >= 2:
+        s["pcpp_warm_image_seconds"] = times[1]
+        s["ratio_warm_image"] = times[1] / s["diffusers_image_seconds"]
+    if len(st) >= 2:
+        s["pcpp_warm_stage_seconds"] = dict(zip(("encode", "denoise", "decode"), map(float, st[1])))
+except FileNotFoundError:
+    pass
 s["ratio_image"] = s["pcpp_image_seconds"] / s["diffusers_image_seconds"]
 s["ratio_denoise"] = s["pcpp_denoise_seconds"] / s["diffusers_seconds_no_decode"]
 if runs > 1:
