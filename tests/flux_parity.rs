@@ -6,6 +6,7 @@
 //! of other depths, head counts and RoPE axes (`refs-tiny-flux/variants`). Also: the full-size
 //! FLUX.1-dev configs parse and describe the 11.9 B-parameter transformer.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use pcpp_core::{SerialDriver, SerialFactory};
@@ -33,15 +34,13 @@ fn ids_of(t: &Tensor) -> Vec<[f32; 3]> {
         .collect()
 }
 
-fn transformer_matches(variant: &str) {
-    let dir = model(variant).join("transformer");
-    let tr = FluxTransformer::load_on(&dir, DType::F32, Device::Cpu, &SerialFactory)
-        .expect("load transformer");
-    let r = refs(&format!("refs-tiny-flux/transformer_{variant}.safetensors"));
-    // positions exactly as FluxPipeline builds them (the transformer builds the same tables)
-    let (img, txt) = (ids_of(&r["img_ids"]), ids_of(&r["txt_ids"]));
-    assert_eq!(img, image_ids(3, 5, 0));
-    assert_eq!(txt, text_ids(7));
+/// The conditioning of a stored transformer forward (`transformer_forward` of the regen script),
+/// after checking the forward of `tr` on its inputs (a 3 × 5 packed grid) against diffusers'.
+fn stored_forward_matches(
+    what: &str,
+    tr: &FluxTransformer,
+    r: &HashMap<String, Tensor>,
+) -> FluxCond {
     let guidance = r.get("guidance").map(|g| g.to_vec_f32().unwrap()[0]);
     let cond = FluxCond::new(
         &r["encoder_hidden_states"],
@@ -51,16 +50,24 @@ fn transformer_matches(variant: &str) {
         Device::Cpu,
     )
     .expect("cond");
-    let t = &r["timestep"];
     let out = tr
-        .forward_packed(&r["hidden_states"], (3, 5), t, &cond)
-        .expect("forward");
-    assert_close(
-        &format!("transformer {variant}"),
-        &out,
-        &r["out"],
-        TOL_MODULE,
-    );
+        .forward_packed(&r["hidden_states"], (3, 5), &r["timestep"], &cond)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_close(what, &out, &r["out"], TOL_MODULE);
+    cond
+}
+
+fn transformer_matches(variant: &str) {
+    let dir = model(variant).join("transformer");
+    let tr = FluxTransformer::load_on(&dir, DType::F32, Device::Cpu, &SerialFactory)
+        .expect("load transformer");
+    let r = refs(&format!("refs-tiny-flux/transformer_{variant}.safetensors"));
+    // positions exactly as FluxPipeline builds them (the transformer builds the same tables)
+    let (img, txt) = (ids_of(&r["img_ids"]), ids_of(&r["txt_ids"]));
+    assert_eq!(img, image_ids(3, 5, 0));
+    assert_eq!(txt, text_ids(7));
+    let cond = stored_forward_matches(&format!("transformer {variant}"), &tr, &r);
+    let t = &r["timestep"];
     if variant == "dev" {
         let no_guidance = FluxCond {
             guidance: None,
@@ -94,20 +101,8 @@ fn transformer_variants_match_diffusers() {
         let r = refs(&format!(
             "refs-tiny-flux/variants/{name}/forward.safetensors"
         ));
-        let guidance = r.get("guidance").map(|g| g.to_vec_f32().unwrap()[0]);
-        assert_eq!(guidance.is_some(), cfg.guidance_embeds, "{name}");
-        let cond = FluxCond::new(
-            &r["encoder_hidden_states"],
-            &r["pooled_projections"],
-            guidance,
-            DType::F32,
-            Device::Cpu,
-        )
-        .expect("cond");
-        let out = tr
-            .forward_packed(&r["hidden_states"], (3, 5), &r["timestep"], &cond)
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_close(&format!("transformer {name}"), &out, &r["out"], TOL_MODULE);
+        assert_eq!(r.contains_key("guidance"), cfg.guidance_embeds, "{name}");
+        stored_forward_matches(&format!("transformer {name}"), &tr, &r);
     }
 }
 

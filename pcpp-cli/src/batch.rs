@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::generate::{seeded_noise, GenerateArgs, Job};
+use pcpp_kernels::Tensor;
 
 /// `--prompts` and `--output-dir`.
 #[derive(Debug, Clone, Default, Args)]
@@ -59,6 +60,26 @@ pub fn prompt_lines(text: &str) -> Vec<(usize, String)> {
         .map(|(i, l)| (i, l.trim().to_string()))
         .filter(|(_, l)| !l.is_empty())
         .collect()
+}
+
+/// The one job of a run without `--prompts`: `--prompt` into `--output`, with the noise of
+/// `--init-noise` (read and checked by `read`, the model family's reader) or of `--seed`.
+pub fn single_job(
+    a: &GenerateArgs,
+    shape: &[usize],
+    read: impl FnOnce(&Path) -> Result<Tensor>,
+) -> Result<Job> {
+    let (noise, seed) = match &a.init_noise {
+        Some(p) => (read(p)?, format!("init-noise {}", p.display())),
+        None => (seeded_noise(shape, a.seed)?, a.seed.to_string()),
+    };
+    Ok(Job {
+        prompt: a.prompt().to_string(),
+        noise,
+        output: a.output().to_path_buf(),
+        seed,
+        line: None,
+    })
 }
 
 /// The jobs of `--prompts` (lines whose image is not in `--output-dir` yet, noise of shape

@@ -29,7 +29,7 @@ use pcpp_kernels::{DType, Device, Tensor};
 use pcpp_sdxl::{to_rgb8, vae_dtype, vae_parallel, wire, VaeConfig, VaeDecoder};
 
 use crate::args::DeviceArg;
-use crate::generate::{parse_portions, seeded_noise, GenerateArgs, Job};
+use crate::generate::{parse_portions, GenerateArgs, Job};
 use crate::output;
 
 /// FluxPipeline's default embedded guidance scale.
@@ -197,20 +197,7 @@ fn plan(a: &GenerateArgs) -> Result<FluxPlan> {
                 }
             }
             output::check_writable(a.output(), "--output")?;
-            let (noise, seed) = match &a.init_noise {
-                Some(f) => (
-                    read_noise(f, &noise_shape)?,
-                    format!("file {}", f.display()),
-                ),
-                None => (seeded_noise(&noise_shape, a.seed)?, a.seed.to_string()),
-            };
-            let job = Job {
-                prompt: a.prompt().to_string(),
-                noise,
-                output: a.output().to_path_buf(),
-                seed,
-                line: None,
-            };
+            let job = crate::batch::single_job(a, &noise_shape, |f| read_noise(f, &noise_shape))?;
             (vec![job], 0)
         }
     };

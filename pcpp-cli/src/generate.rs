@@ -426,20 +426,8 @@ fn validate(a: &GenerateArgs) -> Result<Plan> {
             if a.output().extension().map(|e| e.to_ascii_lowercase()) != Some("png".into()) {
                 bail!("--output {}: must end in .png", a.output().display());
             }
-            let (noise, seed) = match &a.init_noise {
-                Some(p) => (
-                    read_noise(p, &shape, (height, width))?,
-                    format!("init-noise {}", p.display()),
-                ),
-                None => (seeded_noise(&shape, a.seed)?, a.seed.to_string()),
-            };
-            let job = Job {
-                prompt: a.prompt().to_string(),
-                noise,
-                output: a.output().to_path_buf(),
-                seed,
-                line: None,
-            };
+            let job =
+                crate::batch::single_job(a, &shape, |p| read_noise(p, &shape, (height, width)))?;
             (vec![job], 0)
         }
     };
