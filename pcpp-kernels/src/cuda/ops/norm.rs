@@ -1,0 +1,291 @@
+//! Group, layer and RMS norms on the GPU: group norm with device statistics, host statistics
+//! (patch-parallel group norm, PCPP's exact and stale group-norm modes), or moments merged on the
+//! device from per-band moments, and the row norms (one block per row; the vectorised one-warp
+//! rows live in [`super::vector`]).
+
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::{cast, cfg_planes, cfg_rows, gpu_of, out, ptr, tname, vector, Gpu, MAX_GRID_Y};
+use crate::{DType, GroupStats, Result, Tensor};
+
+/// Σx and Σx² per (batch, group) on the device (f64 sums of f32 partial sums).
+fn gn_sums(
+    x: &Tensor,
+    (b, c, s): (usize, usize, usize),
+    groups: usize,
+) -> Result<cudarc::driver::CudaSlice<f64>> {
+    let gpu = gpu_of(x)?;
+    let bg = b * groups;
+    let group_len = (c / groups) * s;
+    let chunk = 8192usize;
+    let sums = gpu
+        .stream
+        .alloc_zeros::<f64>(2 * bg.max(1))
+        .map_err(|e| gpu.err("group-norm sums", e))?;
+    let sp = {
+        let (p, _s) = cudarc::driver::DevicePtr::device_ptr(&sums, &gpu.stream);
+        p
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (group_len.div_ceil(chunk).max(1) as u32, bg as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(gpu, format!("gn_sums_{}", tname(x.dtype())), cfg;
+        ptr(x)?, sp, group_len as i64, chunk as i64);
+    Ok(sums)
+}
+
+/// Host statistics for patch-parallel group norm.
+pub(crate) fn group_sums(
+    x: &Tensor,
+    dims: (usize, usize, usize),
+    groups: usize,
+) -> Result<Vec<[f64; 3]>> {
+    let gpu = gpu_of(x)?;
+    let sums = gn_sums(x, dims, groups)?;
+    let host = gpu
+        .stream
+        .clone_dtoh(&sums)
+        .map_err(|e| gpu.err("group-norm sums download", e))?;
+    let n = ((dims.1 / groups) * dims.2) as f64;
+    Ok(host
+        .chunks(2)
+        .take(dims.0 * groups)
+        .map(|p| [p[0], p[1], n])
+        .collect())
+}
+
+fn gn_apply(
+    x: &Tensor,
+    mean_rstd: u64,
+    (c, s, groups): (usize, usize, usize),
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    silu: bool,
+) -> Result<Tensor> {
+    let gpu = gpu_of(x)?;
+    let dt = x.dtype();
+    let conv = |t: Option<&Tensor>| -> Result<Option<Tensor>> {
+        Ok(match t {
+            Some(t) if t.dtype() != dt => Some(cast(t, dt)?),
+            Some(t) => Some(t.clone()),
+            None => None,
+        })
+    };
+    let (g, bt) = (conv(gamma)?, conv(beta)?);
+    let gp = match &g {
+        Some(t) => ptr(t)?,
+        None => 0,
+    };
+    let bp = match &bt {
+        Some(t) => ptr(t)?,
+        None => 0,
+    };
+    let y = out(&gpu, x.shape(), dt)?;
+    let n = x.numel();
+    let planes = n / s.max(1);
+    if (1..=MAX_GRID_Y).contains(&planes) {
+        launch!(gpu, format!("gn_apply_planes_{}", tname(dt)), cfg_planes(planes, s);
+            ptr(x)?, mean_rstd, gp, bp, ptr(&y)?, c as i32, s as i64, groups as i32, silu as i32);
+        return Ok(y);
+    }
+    launch!(gpu, format!("gn_apply_{}", tname(dt)), Gpu::cfg_elems(n);
+        ptr(x)?, mean_rstd, gp, bp, ptr(&y)?, c as i64, s as i64, groups as i64, silu as i32, n as i64);
+    Ok(y)
+}
+
+/// Group norm with statistics computed on the device.
+pub(crate) fn group_norm(
+    x: &Tensor,
+    dims: (usize, usize, usize),
+    groups: usize,
+    (gamma, beta): (Option<&Tensor>, Option<&Tensor>),
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let gpu = gpu_of(x)?;
+    let (b, c, s) = dims;
+    let bg = b * groups;
+    let sums = gn_sums(x, dims, groups)?;
+    // SAFETY: every element is written by gn_finalize before gn_apply reads it.
+    let mr = unsafe { gpu.stream.alloc::<f32>(2 * bg.max(1)) }.map_err(|e| gpu.err("alloc", e))?;
+    let (sp, mp) = {
+        let (a, _s1) = cudarc::driver::DevicePtr::device_ptr(&sums, &gpu.stream);
+        let (m, _s2) = cudarc::driver::DevicePtr::device_ptr(&mr, &gpu.stream);
+        (a, m)
+    };
+    let n = ((c / groups) * s) as f64;
+    launch!(gpu, "gn_finalize", Gpu::cfg_elems(bg); sp, mp, bg as i32, n, eps);
+    gn_apply(x, mp, (c, s, groups), gamma, beta, silu)
+}
+
+/// Per-(batch, group) `(mean, m2)` as F32 `[b·groups, 2]`: [`gn_sums`] and the `gn_moments`
+/// finalize kernel, all on the device.
+pub(crate) fn group_moments(
+    x: &Tensor,
+    dims: (usize, usize, usize),
+    groups: usize,
+) -> Result<Tensor> {
+    let gpu = gpu_of(x)?;
+    let (b, c, s) = dims;
+    let bg = b * groups;
+    let y = out(&gpu, &[bg, 2], DType::F32)?;
+    if bg == 0 {
+        return Ok(y);
+    }
+    let sums = gn_sums(x, dims, groups)?;
+    let (sp, _s) = cudarc::driver::DevicePtr::device_ptr(&sums, &gpu.stream);
+    let n = ((c / groups) * s) as f64;
+    launch!(gpu, "gn_moments", Gpu::cfg_elems(bg); sp, ptr(&y)?, bg as i32, n);
+    Ok(y)
+}
+
+/// Element counts of the bands of [`group_norm_merged`], passed to the kernel by value (not
+/// uploaded, so that the launch can be captured into a CUDA graph).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GnCounts {
+    n: [f64; crate::ops::MAX_GN_BANDS],
+}
+// SAFETY: plain-old-data with the layout of `struct GnCounts` in kernels.cu.
+unsafe impl DeviceRepr for GnCounts {}
+
+/// Group norm with statistics merged on the device from per-band moments (the CPU twin is
+/// [`crate::cpu::merge_group_moments`]); the caller checked shapes, dtypes, devices and `own`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn group_norm_merged(
+    x: &Tensor,
+    (b, c, s): (usize, usize, usize),
+    groups: usize,
+    (bands, counts): (&Tensor, &[f64]),
+    corrected: Option<(usize, &Tensor)>,
+    (gamma, beta): (Option<&Tensor>, Option<&Tensor>),
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let gpu = gpu_of(x)?;
+    let bg = b * groups;
+    let mut cn = GnCounts {
+        n: [0.0; crate::ops::MAX_GN_BANDS],
+    };
+    cn.n[..counts.len()].copy_from_slice(counts);
+    let (own, fp) = match corrected {
+        Some((own, fresh)) => (own as i32, ptr(fresh)?),
+        None => (-1, 0),
+    };
+    // SAFETY: every element is written by gn_merge before gn_apply reads it.
+    let mr = unsafe { gpu.stream.alloc::<f32>(2 * bg.max(1)) }.map_err(|e| gpu.err("alloc", e))?;
+    let (mp, _s) = cudarc::driver::DevicePtr::device_ptr(&mr, &gpu.stream);
+    if bg > 0 {
+        launch!(gpu, "gn_merge", Gpu::cfg_elems(bg);
+            ptr(bands)?, fp, mp, counts.len() as i32, bg as i32, cn, own, eps);
+    }
+    gn_apply(x, mp, (c, s, groups), gamma, beta, silu)
+}
+
+/// A zero-filled tensor on device `ordinal` (cleared on the device's stream).
+pub(crate) fn zeros(ordinal: usize, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    let gpu = super::super::gpu(ordinal)?;
+    let n: usize = shape.iter().product();
+    Ok(Tensor::from_cuda(shape, dtype, gpu.alloc_zeroed(dtype, n)?))
+}
+
+/// Group norm with statistics given by the caller (e.g. gathered over all bands).
+pub(crate) fn group_norm_with_stats(
+    x: &Tensor,
+    dims: (usize, usize, usize),
+    stats: &GroupStats,
+    (gamma, beta): (Option<&Tensor>, Option<&Tensor>),
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let gpu = gpu_of(x)?;
+    let mr: Vec<f32> = stats
+        .mean_var()
+        .iter()
+        .flat_map(|&(m, v)| [m as f32, (1.0 / (v.max(0.0) + eps).sqrt()) as f32])
+        .collect();
+    let buf = gpu
+        .stream
+        .clone_htod(&mr)
+        .map_err(|e| gpu.err("group-norm statistics upload", e))?;
+    let (mp, _s) = cudarc::driver::DevicePtr::device_ptr(&buf, &gpu.stream);
+    gn_apply(x, mp, (dims.1, dims.2, stats.groups), gamma, beta, silu)
+}
+
+pub(crate) fn layer_norm(
+    x: &Tensor,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let gpu = gpu_of(x)?;
+    let dt = x.dtype();
+    let d = *x.shape().last().unwrap_or(&1);
+    let rows = x.numel() / d.max(1);
+    let cv = |t: Option<&Tensor>| -> Result<Option<Tensor>> {
+        Ok(match t {
+            Some(t) if t.dtype() != dt => Some(cast(t, dt)?),
+            Some(t) => Some(t.clone()),
+            None => None,
+        })
+    };
+    let (g, b) = (cv(gamma)?, cv(beta)?);
+    let gp = match &g {
+        Some(t) => ptr(t)?,
+        None => 0,
+    };
+    let bp = match &b {
+        Some(t) => ptr(t)?,
+        None => 0,
+    };
+    let y = out(&gpu, x.shape(), dt)?;
+    if rows > 0
+        && !vector::try_row_norm(
+            &gpu,
+            dt,
+            (ptr(x)?, gp, bp, ptr(&y)?),
+            rows,
+            d,
+            eps as f32,
+            true,
+        )?
+    {
+        launch!(gpu, format!("layer_norm_{}", tname(dt)), cfg_rows(rows, 256);
+            ptr(x)?, gp, bp, ptr(&y)?, d as i64, eps as f32);
+    }
+    Ok(y)
+}
+
+pub(crate) fn rms_norm(x: &Tensor, gamma: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let gpu = gpu_of(x)?;
+    let dt = x.dtype();
+    let d = *x.shape().last().unwrap_or(&1);
+    let rows = x.numel() / d.max(1);
+    let g = match gamma {
+        Some(t) if t.dtype() != dt => Some(cast(t, dt)?),
+        Some(t) => Some(t.clone()),
+        None => None,
+    };
+    let gp = match &g {
+        Some(t) => ptr(t)?,
+        None => 0,
+    };
+    let y = out(&gpu, x.shape(), dt)?;
+    if rows > 0
+        && !vector::try_row_norm(
+            &gpu,
+            dt,
+            (ptr(x)?, gp, 0, ptr(&y)?),
+            rows,
+            d,
+            eps as f32,
+            false,
+        )?
+    {
+        launch!(gpu, format!("rms_norm_{}", tname(dt)), cfg_rows(rows, 256);
+            ptr(x)?, gp, ptr(&y)?, d as i64, eps as f32);
+    }
+    Ok(y)
+}
