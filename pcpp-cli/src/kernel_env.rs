@@ -9,42 +9,59 @@
 use anyhow::{bail, Result};
 use pcpp_kernels::Device;
 
-/// Applies the variables; an unknown value is an error naming the variable.
-#[cfg(feature = "cuda")]
-pub fn apply() -> Result<()> {
-    use pcpp_kernels::cuda::{set_flash128, set_fused_epilogues, set_vector_kernels, Flash128};
-    match std::env::var("PCPP_FLASH128").ok().as_deref() {
-        None | Some("") | Some("shared-q64") => set_flash128(Flash128::SharedQ64),
-        Some("shared-q") => set_flash128(Flash128::SharedQ),
-        Some("registers-q") => set_flash128(Flash128::RegistersQ),
-        Some(v) => bail!("PCPP_FLASH128={v}: expected shared-q, shared-q64 or registers-q"),
-    }
-    match std::env::var("PCPP_FUSED_EPILOGUES").ok().as_deref() {
-        None | Some("") | Some("1") => set_fused_epilogues(true),
-        Some("0") => set_fused_epilogues(false),
-        Some(v) => bail!("PCPP_FUSED_EPILOGUES={v}: expected 1 or 0"),
-    }
-    match std::env::var("PCPP_VECTOR_KERNELS").ok().as_deref() {
-        None | Some("") | Some("1") => set_vector_kernels(true),
-        Some("0") => set_vector_kernels(false),
-        Some(v) => bail!("PCPP_VECTOR_KERNELS={v}: expected 1 or 0"),
-    }
-    Ok(())
-}
+/// The head-size-128 attention kernels by name, the default first.
+const FLASH: [&str; 3] = ["shared-q64", "shared-q", "registers-q"];
 
-/// Nothing to choose without the `cuda` feature.
-#[cfg(not(feature = "cuda"))]
-pub fn apply() -> Result<()> {
-    Ok(())
-}
-
-/// One `--variants` item of a benchmark (read only by a `cuda` build).
+/// A set of kernel choices: from the environment ([`apply`]) or one `--variants` item of a
+/// benchmark ([`parse_variant`]).
 #[derive(Debug, Clone)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub struct Variant {
-    flash: String,
+    flash: &'static str,
     fused: bool,
     vector: bool,
+}
+
+impl Default for Variant {
+    /// The measured defaults.
+    fn default() -> Self {
+        Variant {
+            flash: FLASH[0],
+            fused: true,
+            vector: true,
+        }
+    }
+}
+
+/// The kernel named `name`, or `None`.
+fn flash_name(name: &str) -> Option<&'static str> {
+    FLASH.iter().copied().find(|f| *f == name)
+}
+
+/// Applies the variables; an unknown value is an error naming the variable. Without the `cuda`
+/// feature there is nothing to choose and they are ignored.
+pub fn apply() -> Result<()> {
+    if !cfg!(feature = "cuda") {
+        return Ok(());
+    }
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let switch = |name: &str| -> Result<bool> {
+        match var(name).as_deref() {
+            None | Some("1") => Ok(true),
+            Some("0") => Ok(false),
+            Some(v) => bail!("{name}={v}: expected 1 or 0"),
+        }
+    };
+    let mut v = Variant::default();
+    if let Some(f) = var("PCPP_FLASH128") {
+        v.flash = flash_name(&f).ok_or_else(|| {
+            anyhow::anyhow!("PCPP_FLASH128={f}: expected shared-q, shared-q64 or registers-q")
+        })?;
+    }
+    v.fused = switch("PCPP_FUSED_EPILOGUES")?;
+    v.vector = switch("PCPP_VECTOR_KERNELS")?;
+    v.apply();
+    Ok(())
 }
 
 /// Parses one `--variants` item: `shared-q`, `shared-q64` or `registers-q`, then optional
@@ -55,37 +72,37 @@ pub fn parse_variant(spec: &str, device: Device) -> Result<Variant> {
         bail!("--variants {spec}: kernel variants exist only for --device cuda");
     }
     let mut parts = spec.split('+');
-    let flash = parts.next().unwrap_or_default().to_string();
-    if !matches!(flash.as_str(), "shared-q" | "shared-q64" | "registers-q") {
-        bail!("--variants {spec}: `{flash}` is not shared-q, shared-q64 or registers-q");
-    }
-    let (mut fused, mut vector) = (false, true);
+    let name = parts.next().unwrap_or_default();
+    let Some(flash) = flash_name(name) else {
+        bail!("--variants {spec}: `{name}` is not shared-q, shared-q64 or registers-q");
+    };
+    let mut v = Variant {
+        flash,
+        fused: false,
+        vector: true,
+    };
     for p in parts {
         match p {
-            "fused" => fused = true,
-            "scalar" => vector = false,
+            "fused" => v.fused = true,
+            "scalar" => v.vector = false,
             _ => bail!("--variants {spec}: unknown part `{p}` (expected fused or scalar)"),
         }
     }
-    Ok(Variant {
-        flash,
-        fused,
-        vector,
-    })
+    Ok(v)
 }
 
 impl Variant {
-    /// Puts the variant's choices in force (later kernel launches and graph captures use them).
+    /// Puts the choices in force (later kernel launches and graph captures use them).
     pub fn apply(&self) {
         #[cfg(feature = "cuda")]
         {
             use pcpp_kernels::cuda::{
                 set_flash128, set_fused_epilogues, set_vector_kernels, Flash128,
             };
-            set_flash128(match self.flash.as_str() {
-                "shared-q64" => Flash128::SharedQ64,
+            set_flash128(match self.flash {
+                "shared-q" => Flash128::SharedQ,
                 "registers-q" => Flash128::RegistersQ,
-                _ => Flash128::SharedQ,
+                _ => Flash128::SharedQ64,
             });
             set_fused_epilogues(self.fused);
             set_vector_kernels(self.vector);

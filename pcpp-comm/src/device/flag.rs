@@ -12,7 +12,7 @@
 //! exchange captured into a CUDA graph runs at every replay (the comm thread sets 1, the stream
 //! waits for 1 and writes [`FLAG_DONE`]) and keeps its flag until the pool is freed.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,8 +24,6 @@ pub(crate) const BLOCK: usize = 256;
 /// The flag of one exchange.
 pub(crate) struct Slot {
     pub flag: Flag,
-    /// Whether the communication thread has set the flag since it was lent.
-    released: AtomicBool,
 }
 
 impl Slot {
@@ -36,7 +34,6 @@ impl Slot {
     pub unsafe fn release(&self, ops: &dyn StreamOps) {
         // SAFETY: the flag's block is allocated (the caller's promise).
         unsafe { ops.signal_flag(self.flag) };
-        self.released.store(true, Ordering::Release);
     }
 
     /// Whether the stream has written [`FLAG_DONE`]: no work of the exchange runs any more.
@@ -58,7 +55,6 @@ impl Slot {
         let word = unsafe { self.flag.atomic() };
         let _ = word.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire);
         std::sync::atomic::fence(Ordering::SeqCst);
-        self.released.store(true, Ordering::Release);
     }
 }
 
@@ -96,10 +92,7 @@ impl FlagPool {
                 .extend((0..BLOCK).rev().map(|i| unsafe { first.offset(i) }));
         }
         let flag = self.free.pop().ok_or("no completion flag left")?;
-        let slot = Arc::new(Slot {
-            flag,
-            released: AtomicBool::new(false),
-        });
+        let slot = Arc::new(Slot { flag });
         if one_shot {
             self.lent.push(slot.clone());
         }
@@ -136,19 +129,17 @@ impl FlagPool {
         });
     }
 
-    /// At shutdown, once the communication thread has ended: releases every lent flag it has not
-    /// released (their exchanges will never complete), then waits up to `limit` for the streams
-    /// to reset them all. True when they have, so that no enqueued work of a one-shot exchange
-    /// uses the engine's flags or staging buffers any more.
+    /// At shutdown, once the communication thread has ended: releases every lent flag still 0
+    /// (their exchanges will never complete), then waits up to `limit` for the streams to mark
+    /// them all [`FLAG_DONE`]. True when they have, so that no enqueued work of a one-shot
+    /// exchange uses the engine's flags or staging buffers any more.
     ///
     /// # Safety
     /// The pool's flags came from `ops`; nothing else releases flags any more.
     pub unsafe fn drain(&mut self, ops: &dyn StreamOps, limit: Duration) -> bool {
         for s in &self.lent {
-            if !s.released.load(Ordering::Acquire) {
-                // SAFETY: the pool's blocks are allocated.
-                unsafe { s.release_if_lent() };
-            }
+            // SAFETY: the pool's blocks are allocated.
+            unsafe { s.release_if_lent() };
         }
         let t0 = Instant::now();
         loop {

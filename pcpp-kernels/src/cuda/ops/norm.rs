@@ -66,22 +66,7 @@ fn gn_apply(
 ) -> Result<Tensor> {
     let gpu = gpu_of(x)?;
     let dt = x.dtype();
-    let conv = |t: Option<&Tensor>| -> Result<Option<Tensor>> {
-        Ok(match t {
-            Some(t) if t.dtype() != dt => Some(cast(t, dt)?),
-            Some(t) => Some(t.clone()),
-            None => None,
-        })
-    };
-    let (g, bt) = (conv(gamma)?, conv(beta)?);
-    let gp = match &g {
-        Some(t) => ptr(t)?,
-        None => 0,
-    };
-    let bp = match &bt {
-        Some(t) => ptr(t)?,
-        None => 0,
-    };
+    let ((_g, gp), (_b, bp)) = (param(gamma, dt)?, param(beta, dt)?);
     let y = out(&gpu, x.shape(), dt)?;
     let n = x.numel();
     let planes = n / s.max(1);
@@ -224,22 +209,7 @@ pub(crate) fn layer_norm(
     let dt = x.dtype();
     let d = *x.shape().last().unwrap_or(&1);
     let rows = x.numel() / d.max(1);
-    let cv = |t: Option<&Tensor>| -> Result<Option<Tensor>> {
-        Ok(match t {
-            Some(t) if t.dtype() != dt => Some(cast(t, dt)?),
-            Some(t) => Some(t.clone()),
-            None => None,
-        })
-    };
-    let (g, b) = (cv(gamma)?, cv(beta)?);
-    let gp = match &g {
-        Some(t) => ptr(t)?,
-        None => 0,
-    };
-    let bp = match &b {
-        Some(t) => ptr(t)?,
-        None => 0,
-    };
+    let ((_g, gp), (_b, bp)) = (param(gamma, dt)?, param(beta, dt)?);
     let y = out(&gpu, x.shape(), dt)?;
     if rows > 0
         && !vector::try_row_norm(
@@ -263,15 +233,7 @@ pub(crate) fn rms_norm(x: &Tensor, gamma: Option<&Tensor>, eps: f64) -> Result<T
     let dt = x.dtype();
     let d = *x.shape().last().unwrap_or(&1);
     let rows = x.numel() / d.max(1);
-    let g = match gamma {
-        Some(t) if t.dtype() != dt => Some(cast(t, dt)?),
-        Some(t) => Some(t.clone()),
-        None => None,
-    };
-    let gp = match &g {
-        Some(t) => ptr(t)?,
-        None => 0,
-    };
+    let (_g, gp) = param(gamma, dt)?;
     let y = out(&gpu, x.shape(), dt)?;
     if rows > 0
         && !vector::try_row_norm(
@@ -288,4 +250,19 @@ pub(crate) fn rms_norm(x: &Tensor, gamma: Option<&Tensor>, eps: f64) -> Result<T
             ptr(x)?, gp, ptr(&y)?, d as i64, eps as f32);
     }
     Ok(y)
+}
+
+/// An optional norm parameter (γ or β) in the input's dtype `dt`: the tensor to keep alive until
+/// the launch and its device address (0 when absent, which the kernels read as "none").
+fn param(t: Option<&Tensor>, dt: DType) -> Result<(Option<Tensor>, u64)> {
+    let t = match t {
+        Some(t) if t.dtype() != dt => Some(cast(t, dt)?),
+        Some(t) => Some(t.clone()),
+        None => None,
+    };
+    let p = match &t {
+        Some(t) => ptr(t)?,
+        None => 0,
+    };
+    Ok((t, p))
 }
