@@ -1,17 +1,16 @@
 #!/usr/bin/env bash
 # The kernel variants (issues 17 and 19), against each other and against diffusers in one command
 # on one GPU:
-#   1. GPU parity first: `cuda_parity` (both head-size-128 attention kernels) and
+#   1. GPU parity first: `cuda_parity` (every attention kernel, Hopper's included) and
 #      `cuda_vector_parity` (vectorised element-wise kernels, row broadcasts, warp-per-row norms,
 #      rotate_pairs, modulated_layer_norm, add_gated), each against the CPU twins;
 #   2. the SDXL-base UNet step (seeded random weights, fp16, CUDA graph): 1024² at b = 2 and b = 1,
-#      2048² at b = 1, and one rank of 8 (pcpp, a 32-row band at b = 1), with the scalar kernels
-#      (PCPP_VECTOR_KERNELS=0) and the vectorised ones (1, the default); then
-#      bench/diffusers_unet.py (diffusers 0.42.1, eager and graph);
-#   3. the FLUX.1-dev transformer step at 1024² (bf16, CUDA graph; each run builds ~24 GB of
-#      random weights, ~30 s): scalar kernels with PCPP_FLASH128=registers-q, vectorised ones with
-#      registers-q, and the defaults (vectorised, shared-q64, fused epilogues; the first two with
-#      --profile); then
+#      2048² at b = 1, and one rank of 8 (pcpp, a 32-row band at b = 1), once per attention kernel
+#      of FLASH_VARIANTS (PCPP_FLASH128; default "shared-q64 hopper": the mma.sync kernels, then
+#      Hopper's warpgroup MMAs); then bench/diffusers_unet.py (diffusers 0.42.1, eager and graph);
+#   3. the FLUX.1-dev transformer step at 1024² (bf16, CUDA graph; builds ~24 GB of random
+#      weights, ~30 s) for each of FLUX_VARIANTS (`flux-bench --variants`, default
+#      "shared-q64+fused,hopper+fused", the first with --profile); then
 #      bench/diffusers_flux_step.py at 1024².
 # About 8 minutes. Prints every result line; writes them under OUT_DIR.
 #
@@ -20,7 +19,8 @@
 #              cargo build --release -p pcpp-cli --features cuda
 #              cargo test --release -p pcpp-kernels --features cuda --no-run \
 #                --test cuda_parity --test cuda_vector_parity
-# Environment: PYTHON (a python with torch and diffusers 0.42.1; default python3), SKIP_FLUX=1.
+# Environment: PYTHON (a python with torch and diffusers 0.42.1; default python3), SKIP_PARITY=1,
+# SKIP_FLUX=1, FLASH_VARIANTS, FLUX_VARIANTS.
 set -uo pipefail
 BIN=$(realpath "${1:?usage: $0 BIN_DIR OUT_DIR}"); OUT=$(realpath -m "${2:?usage: $0 BIN_DIR OUT_DIR}")
 PY=${PYTHON:-python3}
@@ -30,7 +30,7 @@ HERE=$PWD
 status=0
 
 echo "== GPU parity"
-for t in cuda_parity cuda_vector_parity; do
+[[ ${SKIP_PARITY:-0} == 1 ]] || for t in cuda_parity cuda_vector_parity; do
     (cd pcpp-kernels && timeout 240 "$BIN/$t" --ignored --test-threads=1) >"$OUT/$t.txt" 2>&1 || status=1
     grep -E "^test |test result" "$OUT/$t.txt"
 done
@@ -41,10 +41,10 @@ CFG=models/sdxl-base-1.0-configs/unet/config.json
 unet() { # name, then flags
     local name=$1
     shift
-    for v in 0 1; do
-        PCPP_VECTOR_KERNELS=$v timeout 120 "$BIN/pcpp-cli" bench --device cuda --config "$CFG" \
-            --random-weights --warmup 3 --iters 20 --json "$@" 2>"$OUT/unet_${name}_$v.err" \
-            | sed "s/^{/{\"case\":\"$name\",\"vector_kernels\":$v,/" >>"$OUT/unet.jsonl" || status=1
+    for fl in ${FLASH_VARIANTS:-shared-q64 hopper}; do
+        PCPP_FLASH128=$fl timeout 120 "$BIN/pcpp-cli" bench --device cuda --config "$CFG" \
+            --random-weights --warmup 3 --iters 20 --json "$@" 2>"$OUT/unet_${name}_$fl.err" \
+            | sed "s/^{/{\"case\":\"$name\",\"flash\":\"$fl\",/" >>"$OUT/unet.jsonl" || status=1
     done
 }
 unet b2_1024 --height 128 --width 128 --batch 2
@@ -59,16 +59,9 @@ if [[ ${SKIP_FLUX:-0} != 1 ]]; then
     echo "== Flux transformer step"
     FCFG=$HERE/pcpp-flux/configs/flux1-dev/transformer/config.json
     : >"$OUT/flux.jsonl"
-    flux() { # PCPP_VECTOR_KERNELS, PCPP_FLASH128, then flags
-        local vk=$1 fl=$2
-        shift 2
-        PCPP_VECTOR_KERNELS=$vk PCPP_FLASH128=$fl timeout 150 "$BIN/pcpp-cli" flux-bench --device cuda \
-            --config "$FCFG" --tokens 512 --height 1024 --width 1024 --iters 5 "$@" \
-            >>"$OUT/flux.jsonl" 2>>"$OUT/flux.err" || status=1
-    }
-    flux 0 registers-q --profile
-    flux 1 registers-q --profile
-    flux 1 shared-q64
+    timeout 240 "$BIN/pcpp-cli" flux-bench --device cuda --config "$FCFG" --tokens 512 --height 1024 \
+        --width 1024 --iters 5 --profile --variants "${FLUX_VARIANTS:-shared-q64+fused,hopper+fused}" \
+        >>"$OUT/flux.jsonl" 2>>"$OUT/flux.err" || status=1
     cat "$OUT/flux.jsonl"
     timeout 200 "$PY" bench/diffusers_flux_step.py "$FCFG" --sizes 1024 --iters 5 \
         >"$OUT/flux_diffusers.jsonl" 2>"$OUT/flux_diffusers.err" || status=1

@@ -79,9 +79,9 @@ pub struct FluxBenchArgs {
     #[arg(long)]
     pub profile: bool,
     /// GPU kernel choices to time one after the other on the same weights, comma-separated
-    /// (one JSON line each): the head-size-128 attention kernel (`shared-q`, `shared-q64`,
+    /// (one JSON line each): the attention kernel (`hopper`, `shared-q64`, `shared-q`,
     /// `registers-q`) with optional `+fused` (GELU / accumulate GEMM epilogues) and `+scalar`
-    /// (element-wise kernels without vector loads), e.g. `shared-q,shared-q64+fused`. The
+    /// (element-wise kernels without vector loads), e.g. `shared-q64+fused,hopper+fused`. The
     /// `--profile` breakdown is taken for the first. Default: the environment's choice.
     #[arg(long, value_delimiter = ',')]
     pub variants: Vec<String>,

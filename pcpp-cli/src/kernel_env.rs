@@ -1,16 +1,17 @@
 //! Kernel choices for comparison runs, taken from the environment before any GPU work:
-//! `PCPP_FLASH128=shared-q64|shared-q|registers-q` (the head-size-128 flash-attention kernel,
-//! Flux.1), `PCPP_VECTOR_KERNELS=1|0` (vectorised element-wise kernels, row-broadcast kernel, one
+//! `PCPP_FLASH128=hopper|shared-q64|shared-q|registers-q` (the flash-attention kernel: `hopper`
+//! takes Hopper's warpgroup MMAs for head sizes 64 and 128 on sm_90a devices and `shared-q64`
+//! elsewhere; the others choose among the head-size-128 kernels of every device), `PCPP_VECTOR_KERNELS=1|0` (vectorised element-wise kernels, row-broadcast kernel, one
 //! warp per norm row, fused rotary embedding) and `PCPP_FUSED_EPILOGUES=1|0` (a linear layer's
 //! tanh GELU or accumulator in cuBLASLt's epilogue). Unset means the measured defaults
-//! (`shared-q64`, `1`, `1`); benchmarks' `--variants` items ([`parse_variant`]) set all three.
+//! (`hopper`, `1`, `1`); benchmarks' `--variants` items ([`parse_variant`]) set all three.
 //! Without the `cuda` feature there is nothing to choose and the variables are ignored.
 
 use anyhow::{bail, Result};
 use pcpp_kernels::Device;
 
-/// The head-size-128 attention kernels by name, the default first.
-const FLASH: [&str; 3] = ["shared-q64", "shared-q", "registers-q"];
+/// The attention kernels by name, the default first.
+const FLASH: [&str; 4] = ["hopper", "shared-q64", "shared-q", "registers-q"];
 
 /// A set of kernel choices: from the environment ([`apply`]) or one `--variants` item of a
 /// benchmark ([`parse_variant`]).
@@ -54,9 +55,8 @@ pub fn apply() -> Result<()> {
     };
     let mut v = Variant::default();
     if let Some(f) = var("PCPP_FLASH128") {
-        v.flash = flash_name(&f).ok_or_else(|| {
-            anyhow::anyhow!("PCPP_FLASH128={f}: expected shared-q, shared-q64 or registers-q")
-        })?;
+        v.flash = flash_name(&f)
+            .ok_or_else(|| anyhow::anyhow!("PCPP_FLASH128={f}: expected {}", FLASH.join(", ")))?;
     }
     v.fused = switch("PCPP_FUSED_EPILOGUES")?;
     v.vector = switch("PCPP_VECTOR_KERNELS")?;
@@ -64,7 +64,7 @@ pub fn apply() -> Result<()> {
     Ok(())
 }
 
-/// Parses one `--variants` item: `shared-q`, `shared-q64` or `registers-q`, then optional
+/// Parses one `--variants` item: `hopper`, `shared-q64`, `shared-q` or `registers-q`, then optional
 /// `+fused` (GEMM epilogues on; without it they are off) and `+scalar` (vectorised kernels
 /// off; without it on). GPU runs of a `cuda` build only.
 pub fn parse_variant(spec: &str, device: Device) -> Result<Variant> {
@@ -74,7 +74,10 @@ pub fn parse_variant(spec: &str, device: Device) -> Result<Variant> {
     let mut parts = spec.split('+');
     let name = parts.next().unwrap_or_default();
     let Some(flash) = flash_name(name) else {
-        bail!("--variants {spec}: `{name}` is not shared-q, shared-q64 or registers-q");
+        bail!(
+            "--variants {spec}: `{name}` is not one of {}",
+            FLASH.join(", ")
+        );
     };
     let mut v = Variant {
         flash,
@@ -102,7 +105,8 @@ impl Variant {
             set_flash128(match self.flash {
                 "shared-q" => Flash128::SharedQ,
                 "registers-q" => Flash128::RegistersQ,
-                _ => Flash128::SharedQ64,
+                "shared-q64" => Flash128::SharedQ64,
+                _ => Flash128::Hopper,
             });
             set_fused_epilogues(self.fused);
             set_vector_kernels(self.vector);

@@ -246,14 +246,22 @@ fn attention_matches_cpu() {
             (200, 200, 3, 128, true),
             (33, 47, 2, 128, true),
             (1100, 1100, 2, 128, false),
+            (257, 700, 3, 64, false),
+            (257, 700, 3, 128, false),
+            (640, 256, 2, 128, true),
         ] {
             let q = rnd(&[2, lq, heads * dh], d, 1).affine(2.0, 0.0).unwrap();
             let k = rnd(&[2, lk, heads * dh], d, 2).affine(2.0, 0.0).unwrap();
             let v = rnd(&[2, lk, heads * dh], d, 3);
             let want = Tensor::attention(&q, &k, &v, heads, causal).unwrap();
-            // every head-size-128 kernel: Q in registers, Q in shared memory (the default) and that with
-            // 64-key tiles
-            for variant in [Flash128::RegistersQ, Flash128::SharedQ, Flash128::SharedQ64] {
+            // every kernel: Q in registers, Q in shared memory, that with 64-key tiles (head size
+            // 128), and Hopper's warpgroup MMAs (head sizes 64 and 128, the default)
+            for variant in [
+                Flash128::RegistersQ,
+                Flash128::SharedQ,
+                Flash128::SharedQ64,
+                Flash128::Hopper,
+            ] {
                 set_flash128(variant);
                 let got = Tensor::attention(&gpu(&q), &gpu(&k), &gpu(&v), heads, causal).unwrap();
                 check(
@@ -263,8 +271,27 @@ fn attention_matches_cpu() {
                     &want,
                 );
             }
-            set_flash128(Flash128::SharedQ64);
+            set_flash128(Flash128::Hopper);
         }
+    }
+}
+
+/// The Hopper kernels must be the ones tested on a Hopper GPU, not a silent fallback.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn hopper_attention_is_taken_on_hopper() {
+    let g = pcpp_kernels::cuda::gpu(0).unwrap();
+    if g.arch() == "sm_90a" {
+        assert!(
+            g.has_hopper_attention(),
+            "sm_90a device without the Hopper attention kernels"
+        );
+    } else {
+        assert!(
+            !g.has_hopper_attention(),
+            "{}: Hopper kernels on a non-sm_90a device",
+            g.arch()
+        );
     }
 }
 

@@ -37,17 +37,19 @@ pub use ops::{
 };
 
 /// CUDA C source of every hand-written kernel (compiled at run time by NVRTC), one translation
-/// unit from four files: the scalar kernels, the flash attention, the vectorised kernels, and the
-/// `extern "C"` instances.
+/// unit from five files: the scalar kernels, the flash attention (tensor-core MMAs, and Hopper's
+/// warpgroup MMAs), the vectorised kernels, and the `extern "C"` instances.
 pub const KERNEL_SOURCE: &str = concat!(
     include_str!("kernels.cu"),
     include_str!("flash_attn.cu"),
+    include_str!("flash_hopper.cu"),
     include_str!("vector.cu"),
     include_str!("instances.cu")
 );
 
-/// Architectures the CI compile check covers (Ampere, Ada, Hopper).
-pub const CHECKED_ARCHS: &[&str] = &["sm_80", "sm_89", "sm_90"];
+/// Architectures the CI compile check covers (Ampere, Ada, Hopper). Hopper's kernels are compiled
+/// for `sm_90a`, the architecture-specific target that has the warpgroup MMAs.
+pub const CHECKED_ARCHS: &[&str] = &["sm_80", "sm_89", "sm_90a"];
 
 fn cuda_err(device: usize, what: &str, e: impl std::fmt::Debug) -> KernelError {
     KernelError::Device {
@@ -76,6 +78,10 @@ pub fn kernel_names() -> Vec<String> {
         "flash_attn128q_bf16",
         "flash_attn128q64_f16",
         "flash_attn128q64_bf16",
+        "flash_wg64_f16",
+        "flash_wg64_bf16",
+        "flash_wg128_f16",
+        "flash_wg128_bf16",
         "copy2d_u128",
         "cat_multi_u16",
         "cat_multi_u128",
@@ -240,7 +246,8 @@ fn arch_name(major: i32, minor: i32) -> &'static str {
         (8, 6) => "sm_86",
         (8, 7) => "sm_87",
         (8, 9) => "sm_89",
-        (9, _) => "sm_90",
+        // sm_90a: the warpgroup MMAs of the Hopper attention kernels (flash_hopper.cu).
+        (9, 0) => "sm_90a",
         (10, _) => "sm_100",
         (12, _) => "sm_120",
         _ => "sm_80",
@@ -284,6 +291,9 @@ pub struct Gpu {
     /// ([`ops::Flash128::SharedQ`], [`ops::Flash128::SharedQ64`]); without it they are not used.
     flash_shared_q: bool,
     flash_shared_q64: bool,
+    /// Whether the Hopper attention kernels ([`ops::Flash128::Hopper`]) can run here: an sm_90a
+    /// device that gave them their shared memory.
+    flash_hopper: bool,
 }
 
 // SAFETY: every handle is used under `lock` or through the single stream in issue order; cudarc's
@@ -452,6 +462,16 @@ impl Gpu {
             ["flash_attn128q64_f16", "flash_attn128q64_bf16"],
             ops::FLASH_SHARED_Q64_BYTES,
         );
+        // The Hopper attention kernels: compiled with their warpgroup MMAs only for sm_90a.
+        let flash_hopper = arch == "sm_90a"
+            && smem_ok(
+                ["flash_wg64_f16", "flash_wg64_bf16"],
+                ops::flash_hopper_bytes(64),
+            )
+            && smem_ok(
+                ["flash_wg128_f16", "flash_wg128_bf16"],
+                ops::flash_hopper_bytes(128),
+            );
         let blas = CudaBlas::new(stream.clone()).map_err(|x| e("cuBLAS", &x))?;
         // A workspace of cuBLAS's own: without one, cuBLAS picks other (workspace-free) kernels
         // while a CUDA graph is being captured, and a replayed step would round differently from
@@ -490,6 +510,7 @@ impl Gpu {
             funcs,
             flash_shared_q,
             flash_shared_q64,
+            flash_hopper,
             blas,
             _blas_workspace: blas_workspace,
             lt: Lt {
@@ -512,6 +533,12 @@ impl Gpu {
     /// The architecture the kernels were compiled for (e.g. `sm_90`).
     pub fn arch(&self) -> &'static str {
         self.arch
+    }
+
+    /// Whether attention with head sizes 64 and 128 may take the Hopper kernels (warpgroup MMAs)
+    /// when [`ops::Flash128::Hopper`] is chosen.
+    pub fn has_hopper_attention(&self) -> bool {
+        self.flash_hopper
     }
 
     /// The device name reported by the driver.

@@ -55,7 +55,9 @@ use gemm::gemm_batched;
 pub use gemm::{fused_epilogues, set_fused_epilogues};
 pub(crate) use gemm::{linear, linear_add, linear_gelu_tanh, matmul, LtKey};
 
-pub(crate) use attn::{attention, FLASH_SHARED_Q64_BYTES, FLASH_SHARED_Q_BYTES};
+pub(crate) use attn::{
+    attention, flash_hopper_bytes, FLASH_SHARED_Q64_BYTES, FLASH_SHARED_Q_BYTES,
+};
 pub use attn::{flash128, set_flash128, Flash128};
 
 fn tname(d: DType) -> &'static str {

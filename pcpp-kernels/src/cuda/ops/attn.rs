@@ -1,5 +1,6 @@
 //! Multi-head attention on the GPU: the fused flash-attention kernels (`flash_attn.cu`, head
-//! sizes 64 and 128, and the head-size-128 variants with Q in shared memory) and the unfused
+//! sizes 64 and 128, and the head-size-128 variants with Q in shared memory; on Hopper
+//! `flash_hopper.cu`, warpgroup MMAs for both head sizes) and the unfused
 //! cuBLAS path (score GEMM, row softmax, value GEMM in query chunks) for other head sizes, f32,
 //! and as the reference the fused kernels are tested against.
 
@@ -42,9 +43,21 @@ pub(crate) fn attention(
     if b * lq == 0 {
         return Ok(y);
     }
+    let hopper = flash128() == Flash128::Hopper && gpu.flash_hopper;
     let fused = match dh {
+        64 | 128 if hopper => Some((
+            if dh == 64 {
+                "flash_wg64"
+            } else {
+                "flash_wg128"
+            },
+            128,
+            flash_hopper_bytes(dh),
+        )),
         64 => Some(("flash_attn", 128, 0)),
-        128 if flash128() == Flash128::SharedQ64 && gpu.flash_shared_q64 => {
+        128 if matches!(flash128(), Flash128::SharedQ64 | Flash128::Hopper)
+            && gpu.flash_shared_q64 =>
+        {
             Some(("flash_attn128q64", 128, FLASH_SHARED_Q64_BYTES))
         }
         128 if flash128() != Flash128::RegistersQ && gpu.flash_shared_q => {
@@ -57,7 +70,8 @@ pub(crate) fn attention(
         let scale_log2 = std::f32::consts::LOG2_E / (dh as f32).sqrt();
         let cfg = LaunchConfig {
             grid_dim: (lq.div_ceil(rows) as u32, heads as u32, b as u32),
-            block_dim: (128, 1, 1),
+            // The Hopper kernels: two warpgroups; the others: four warps.
+            block_dim: (if hopper { 256 } else { 128 }, 1, 1),
             shared_mem_bytes: smem,
         };
         launch!(gpu, format!("{name}_{}", tname(dt)), cfg;
@@ -75,8 +89,14 @@ pub(crate) const FLASH_SHARED_Q_BYTES: u32 = (128 + 4 * 32) * 136 * 2;
 /// The same with 64-row K and V tiles.
 pub(crate) const FLASH_SHARED_Q64_BYTES: u32 = (128 + 4 * 64) * 136 * 2;
 
+/// Dynamic shared memory of the Hopper kernels for head size `dh` (64 or 128): a 128-row Q tile
+/// and two stages of 128-row K and V tiles, unpadded (wgmma's canonical layout).
+pub(crate) const fn flash_hopper_bytes(dh: usize) -> u32 {
+    ((128 + 4 * 128) * dh * 2) as u32
+}
+
 /// The fused flash-attention kernel for head size 128 (Flux.1), f16/bf16. Head size 64 has one
-/// kernel; other head sizes and f32 take the cuBLAS path.
+/// kernel besides [`Flash128::Hopper`]; other head sizes and f32 take the cuBLAS path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flash128 {
     /// Q fragments in registers, one 16-row tile per warp, 64 query rows per block. Taken where
@@ -89,19 +109,24 @@ pub enum Flash128 {
     SharedQ,
     /// [`Flash128::SharedQ`] with 64-key tiles (FlashAttention-2's tile for head size 128 on
     /// Hopper): half the softmax rescales and barriers per key, 102 KiB of shared memory per
-    /// block. The default: on an H200 it made the FLUX.1-dev step 4% (1024²) and 9% (2048²)
-    /// faster than [`Flash128::SharedQ`] (docs/benchmarks.md).
+    /// block. The default before [`Flash128::Hopper`]: on an H200 it made the FLUX.1-dev step 4%
+    /// (1024²) and 9% (2048²) faster than [`Flash128::SharedQ`] (docs/benchmarks.md).
     SharedQ64,
+    /// Hopper's warpgroup MMAs (`wgmma`, sm_90a), head sizes 64 and 128: 128 query rows per block
+    /// in two warpgroups, 128-key tiles, Q, K and V read by the MMAs from shared memory (160 KiB
+    /// at head size 128). On other devices [`Flash128::SharedQ64`] and the head-size-64 kernel.
+    Hopper,
 }
 
-static FLASH128: AtomicU8 = AtomicU8::new(3);
+static FLASH128: AtomicU8 = AtomicU8::new(4);
 
-/// The head-size-128 kernel in use ([`Flash128::SharedQ64`] unless [`set_flash128`] chose).
+/// The head-size-128 kernel in use ([`Flash128::Hopper`] unless [`set_flash128`] chose).
 pub fn flash128() -> Flash128 {
     match FLASH128.load(Ordering::Relaxed) {
         1 => Flash128::RegistersQ,
         2 => Flash128::SharedQ,
-        _ => Flash128::SharedQ64,
+        3 => Flash128::SharedQ64,
+        _ => Flash128::Hopper,
     }
 }
 
@@ -111,6 +136,7 @@ pub fn set_flash128(v: Flash128) {
         Flash128::RegistersQ => 1,
         Flash128::SharedQ => 2,
         Flash128::SharedQ64 => 3,
+        Flash128::Hopper => 4,
     };
     FLASH128.store(code, Ordering::Relaxed);
 }
