@@ -1,7 +1,8 @@
 //! Kernel choices for comparison runs, taken from the environment before any GPU work:
-//! `PCPP_FLASH128=hopper|shared-q64|shared-q|registers-q` (the flash-attention kernel: `hopper`
-//! takes Hopper's warpgroup MMAs for head sizes 64 and 128 on sm_90a devices and `shared-q64`
-//! elsewhere; the others choose among the head-size-128 kernels of every device), `PCPP_VECTOR_KERNELS=1|0` (vectorised element-wise kernels, row-broadcast kernel, one
+//! `PCPP_FLASH128=hopper|hopper-serial|shared-q64|shared-q|registers-q` (the flash-attention
+//! kernel: `hopper` takes Hopper's warpgroup MMAs for head sizes 64 and 128 on sm_90a devices,
+//! `hopper-serial` the same without overlapping softmax and MMAs, both `shared-q64` elsewhere;
+//! the others choose among the head-size-128 kernels of every device), `PCPP_VECTOR_KERNELS=1|0` (vectorised element-wise kernels, row-broadcast kernel, one
 //! warp per norm row, fused rotary embedding) and `PCPP_FUSED_EPILOGUES=1|0` (a linear layer's
 //! tanh GELU or accumulator in cuBLASLt's epilogue). Unset means the measured defaults
 //! (`hopper`, `1`, `1`); benchmarks' `--variants` items ([`parse_variant`]) set all three.
@@ -11,7 +12,13 @@ use anyhow::{bail, Result};
 use pcpp_kernels::Device;
 
 /// The attention kernels by name, the default first.
-const FLASH: [&str; 4] = ["hopper", "shared-q64", "shared-q", "registers-q"];
+const FLASH: [&str; 5] = [
+    "hopper",
+    "hopper-serial",
+    "shared-q64",
+    "shared-q",
+    "registers-q",
+];
 
 /// A set of kernel choices: from the environment ([`apply`]) or one `--variants` item of a
 /// benchmark ([`parse_variant`]).
@@ -64,7 +71,7 @@ pub fn apply() -> Result<()> {
     Ok(())
 }
 
-/// Parses one `--variants` item: `hopper`, `shared-q64`, `shared-q` or `registers-q`, then optional
+/// Parses one `--variants` item: an attention kernel of `PCPP_FLASH128`, then optional
 /// `+fused` (GEMM epilogues on; without it they are off) and `+scalar` (vectorised kernels
 /// off; without it on). GPU runs of a `cuda` build only.
 pub fn parse_variant(spec: &str, device: Device) -> Result<Variant> {
@@ -106,6 +113,7 @@ impl Variant {
                 "shared-q" => Flash128::SharedQ,
                 "registers-q" => Flash128::RegistersQ,
                 "shared-q64" => Flash128::SharedQ64,
+                "hopper-serial" => Flash128::HopperSerial,
                 _ => Flash128::Hopper,
             });
             set_fused_epilogues(self.fused);

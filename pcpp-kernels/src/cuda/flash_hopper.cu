@@ -3,17 +3,19 @@
 // the Hopper (sm_90a) flash attention of PCPP's attention layers and Flux.1's joint attention.
 
 // ---- flash attention with warpgroup MMAs (wgmma), head sizes 64 and 128, f16/bf16 ----
-// The same online softmax as flash_attn.cu, on Hopper's asynchronous warpgroup MMAs: a block is
-// two warpgroups (256 threads) and 128 query rows, 64 per warpgroup; K and V stream through two
-// shared-memory stages of BN keys (cp.async, the next tile's while this one is computed, one
-// barrier per tile), Q stays in shared memory.
+// The online softmax of flash_attn.cu on Hopper's asynchronous warpgroup MMAs. A block is two
+// warpgroups (256 threads) and 128 query rows, 64 per warpgroup; Q stays in shared memory, K and
+// V stream through shared-memory stages of BN = 128 keys (cp.async), one block barrier per tile.
 //   S = Q·Kᵀ: wgmma m64nBNk16, A (Q) and B (K) read from shared memory;
 //   O += P·V: wgmma m64nDk16, A (P) from registers (the f32 scores packed to 16 bits in place),
 //             B (V) read from shared memory in its stored [key][dim] order (transposed operand).
-// Tiles sit in shared memory in wgmma's canonical layout without swizzle: 8x8 core matrices of
-// 8 rows x 16 bytes, the 16-byte chunk c of row r of a D-wide tile at chunk index
-// ((r / 8) * (D / 8) + c) * 8 + r % 8. Core matrices adjacent along a row are 128 bytes apart,
-// along a column D * 16 bytes.
+// PIPE = 0: per tile, S, then the softmax, then P·V, two stages. PIPE = 1 (FlashAttention-3's
+// intra-warpgroup overlap): the scores of tile i + 1 and P·V of tile i are issued together and
+// the softmax of tile i + 1 runs while P·V of tile i is still in the tensor cores; three stages
+// (K of tile i + 1 and V of tile i are read at once while tile i + 2 streams in).
+// Tiles sit in shared memory in wgmma's 128-byte-swizzle layout, the same for Q, K and V: per 64
+// columns a block of rows of 128 bytes, the 16-byte chunk c of row r at chunk c ^ (r % 8), so
+// that 8 consecutive rows form a 1024-byte swizzle atom (K-major for Q and K, N-major for V).
 // Compiled only for sm_90a (NVRTC defines __CUDA_ARCH_FEAT_SM90_ALL there); elsewhere the
 // kernels exist but trap, and the host never launches them.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -23,10 +25,10 @@
 #endif
 
 // Shared-memory matrix descriptor: start address, leading- and stride-dimension byte offsets,
-// no swizzle, base offset 0.
+// 128-byte swizzle, base offset 0 (every swizzle atom starts at a multiple of 1024 bytes).
 __device__ __forceinline__ unsigned long long wg_desc(unsigned addr, unsigned lbo, unsigned sbo) {
     return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)((lbo & 0x3FFFF) >> 4) << 16) |
-           ((unsigned long long)((sbo & 0x3FFFF) >> 4) << 32);
+           ((unsigned long long)((sbo & 0x3FFFF) >> 4) << 32) | (1ull << 62);
 }
 #define WG_F8(b) "+f"(d[b]), "+f"(d[b + 1]), "+f"(d[b + 2]), "+f"(d[b + 3]), "+f"(d[b + 4]), "+f"(d[b + 5]), \
                  "+f"(d[b + 6]), "+f"(d[b + 7])
@@ -39,25 +41,42 @@ __device__ __forceinline__ unsigned long long wg_desc(unsigned addr, unsigned lb
     "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,"  \
     "%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53," \
     "%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}"
-// D (64 x N, f32) = A·B (+ D when `acc`), A and B from shared memory (both K-major).
-template <int BF, int N>
-__device__ __forceinline__ void wg_ss(float* d, unsigned long long a, unsigned long long b, int acc) {
+// D (64 x N, f32) = A·B (FIRST: D is only written, so that it carries no dependence on earlier
+// values) or D += A·B, A and B from shared memory (both K-major).
+#define WG_SS(SHAPE, TY, OUTS, RS, NA, NB, W)                                                                    \
+    asm volatile("wgmma.mma_async.sync.aligned." SHAPE ".f32." TY "." TY " " RS ", %" NA ", %" NB ", " W       \
+                 ", 1, 1, 0, 0;"                                                                                 \
+                 : OUTS                                                                                          \
+                 : "l"(a), "l"(b))
+template <int BF, int N, int FIRST>
+__device__ __forceinline__ void wg_ss(float* d, unsigned long long a, unsigned long long b) {
 #if PCPP_WGMMA
-    if constexpr (N == 64) {
-        if (BF)
-            asm volatile("{ .reg .pred p; setp.ne.b32 p, %34, 0; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_R32
-                         ", %32, %33, p, 1, 1, 0, 0; }" : WG_D32 : "l"(a), "l"(b), "r"(acc));
-        else
-            asm volatile("{ .reg .pred p; setp.ne.b32 p, %34, 0; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " WG_R32
-                         ", %32, %33, p, 1, 1, 0, 0; }" : WG_D32 : "l"(a), "l"(b), "r"(acc));
+#define WG_O32 WG_F8W(0), WG_F8W(8), WG_F8W(16), WG_F8W(24)
+#define WG_O64 WG_O32, WG_F8W(32), WG_F8W(40), WG_F8W(48), WG_F8W(56)
+    if constexpr (FIRST) {
+#define WG_F8W(b) "=f"(d[b]), "=f"(d[b + 1]), "=f"(d[b + 2]), "=f"(d[b + 3]), "=f"(d[b + 4]), "=f"(d[b + 5]), \
+                  "=f"(d[b + 6]), "=f"(d[b + 7])
+        if constexpr (N == 64) {
+            if (BF) WG_SS("m64n64k16", "bf16", WG_O32, WG_R32, "32", "33", "0");
+            else WG_SS("m64n64k16", "f16", WG_O32, WG_R32, "32", "33", "0");
+        } else {
+            if (BF) WG_SS("m64n128k16", "bf16", WG_O64, WG_R64, "64", "65", "0");
+            else WG_SS("m64n128k16", "f16", WG_O64, WG_R64, "64", "65", "0");
+        }
+#undef WG_F8W
     } else {
-        if (BF)
-            asm volatile("{ .reg .pred p; setp.ne.b32 p, %66, 0; wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " WG_R64
-                         ", %64, %65, p, 1, 1, 0, 0; }" : WG_D64 : "l"(a), "l"(b), "r"(acc));
-        else
-            asm volatile("{ .reg .pred p; setp.ne.b32 p, %66, 0; wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " WG_R64
-                         ", %64, %65, p, 1, 1, 0, 0; }" : WG_D64 : "l"(a), "l"(b), "r"(acc));
+#define WG_F8W(b) WG_F8(b)
+        if constexpr (N == 64) {
+            if (BF) WG_SS("m64n64k16", "bf16", WG_O32, WG_R32, "32", "33", "1");
+            else WG_SS("m64n64k16", "f16", WG_O32, WG_R32, "32", "33", "1");
+        } else {
+            if (BF) WG_SS("m64n128k16", "bf16", WG_O64, WG_R64, "64", "65", "1");
+            else WG_SS("m64n128k16", "f16", WG_O64, WG_R64, "64", "65", "1");
+        }
+#undef WG_F8W
     }
+#undef WG_O32
+#undef WG_O64
 #endif
 }
 // D (64 x N, f32) += A·B, A from registers (mma.sync's m16k16 fragment per warp), B from shared
@@ -105,16 +124,97 @@ __device__ __forceinline__ void wg_hold(float* r) {
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
-template <int BF, int D, int BN>
+// Byte offset of the 16-byte chunk cc (columns 8cc..) of row r in a tile of R rows.
+template <int R>
+__device__ __forceinline__ unsigned wg_chunk(int r, int cc) {
+    return (cc >> 3) * R * 128 + r * 128 + (((cc & 7) ^ (r & 7)) << 4);
+}
+// Rows r0.. of a [*, dm] matrix (n valid rows; the others read as zeros) into a tile of R rows,
+// D columns, at shared address `dst`; 8 consecutive threads fill one swizzled 128-byte row.
+template <int R, int D, int NT>
+__device__ __forceinline__ void wg_load(unsigned dst, const unsigned short* src, long dm, int r0, int n) {
+    constexpr int CH = D / 8;
+    for (int i = threadIdx.x; i < R * CH; i += NT) {
+        int r = i / CH, cc = i % CH, row = r0 + r;
+        unsigned long long g;
+        asm("cvta.to.global.u64 %0, %1;" : "=l"(g) : "l"(src + (long)(row < n ? row : 0) * dm + cc * 8));
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst + wg_chunk<R>(r, cc)), "l"(g),
+                     "r"(row < n ? 16 : 0)
+                     : "memory");
+    }
+}
+// Online softmax of one tile of scores (this thread's rows g and g + 8 of its warp, 8-key chunks
+// j): masks keys past lk (and above the diagonal when causal), updates the running maxima m and
+// sums l, returns the rescale factors of the old accumulators in al and leaves P = exp2(S − m)
+// in s (f32).
+template <int BN>
+__device__ __forceinline__ void wg_softmax(float* s, int kb, int lk, int causal, int row0, int c, float scale_log2,
+                                           float* m, float* l, float* al) {
+    constexpr int NJ = BN / 8;
+    bool edge = (kb + BN > lk) || causal;
+    float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            float val = s[j * 4 + e];
+            if (edge) {
+                int key = kb + j * 8 + c + (e & 1);
+                int row = row0 + 8 * (e >> 1);
+                if (key >= lk || (causal && key > row)) val = NEG_INF;
+            }
+            s[j * 4 + e] = val;
+            if (e < 2) mx0 = fmaxf(mx0, val);
+            else mx1 = fmaxf(mx1, val);
+        }
+    }
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+    }
+    float mn0 = fmaxf(m[0], mx0), mn1 = fmaxf(m[1], mx1);
+    float sub0 = mn0 == NEG_INF ? 0.0f : mn0 * scale_log2;
+    float sub1 = mn1 == NEG_INF ? 0.0f : mn1 * scale_log2;
+    al[0] = fast_exp2(fmaf(m[0], scale_log2, -sub0));
+    al[1] = fast_exp2(fmaf(m[1], scale_log2, -sub1));
+    m[0] = mn0;
+    m[1] = mn1;
+    float ls0 = 0.0f, ls1 = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+        s[j * 4 + 0] = fast_exp2(fmaf(s[j * 4 + 0], scale_log2, -sub0));
+        s[j * 4 + 1] = fast_exp2(fmaf(s[j * 4 + 1], scale_log2, -sub0));
+        s[j * 4 + 2] = fast_exp2(fmaf(s[j * 4 + 2], scale_log2, -sub1));
+        s[j * 4 + 3] = fast_exp2(fmaf(s[j * 4 + 3], scale_log2, -sub1));
+        ls0 += s[j * 4 + 0] + s[j * 4 + 1];
+        ls1 += s[j * 4 + 2] + s[j * 4 + 3];
+    }
+    l[0] = l[0] * al[0] + ls0;
+    l[1] = l[1] * al[1] + ls1;
+}
+// P (f32, the scores' accumulator layout) in 16 bits as the A fragments of the P·V MMAs, 16 keys
+// each: mma.sync's m16k16 A fragment is two n8 accumulator chunks side by side.
+template <int BF, int BN>
+__device__ __forceinline__ void wg_pack(const float* p, unsigned (*pa)[4]) {
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+        pa[j >> 1][(j & 1) * 2] = pack2<BF>(p[j * 4 + 0], p[j * 4 + 1]);
+        pa[j >> 1][(j & 1) * 2 + 1] = pack2<BF>(p[j * 4 + 2], p[j * 4 + 3]);
+    }
+}
+
+template <int BF, int D, int PIPE>
 __device__ void flash_wg_impl(const unsigned short* q, const unsigned short* k, const unsigned short* v,
                               unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal,
-                              unsigned short* sm) {
+                              unsigned short* dyn) {
 #if PCPP_WGMMA
-    constexpr int BM = 128, NT = 256, CH = D / 8, NJ = BN / 8;
-    // Q tile, then two stages of K, then two of V.
-    unsigned short* Qs = sm;
-    auto kst = [&](int st) { return sm + BM * D + st * BN * D; };
-    auto vst = [&](int st) { return sm + BM * D + (2 + st) * BN * D; };
+    constexpr int BM = 128, BN = 128, NT = 256, ST = PIPE ? 3 : 2;
+    constexpr unsigned QBYTES = BM * D * 2, TBYTES = BN * D * 2;
+    // Q tile, then ST stages of K and V (each stage: K, then V), from a 1024-byte boundary.
+    const unsigned base = (smem_addr(dyn) + 1023u) & ~1023u;
+    auto kst = [&](int st) { return base + QBYTES + st * 2 * TBYTES; };
+    auto vst = [&](int st) { return base + QBYTES + st * 2 * TBYTES + TBYTES; };
     int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     int bi = blockIdx.z, h = blockIdx.y;
     long dm = (long)heads * D;
@@ -123,109 +223,119 @@ __device__ void flash_wg_impl(const unsigned short* q, const unsigned short* k, 
     const unsigned short* kg = k + (long)bi * lk * dm + h * D;
     const unsigned short* vg = v + (long)bi * lk * dm + h * D;
     unsigned short* ob = o + (long)bi * lq * dm + h * D;
-    // Rows r0.. of a [*, dm] matrix (n valid rows; the others read as zeros) into a tile of R rows.
-    auto load = [&](unsigned short* dst, const unsigned short* src, int r0, int n, int R) {
-        for (int i = tid; i < R * CH; i += NT) {
-            int r = r0 + (i / (8 * CH)) * 8 + (i & 7);
-            int ch = (i >> 3) % CH;
-            cp_async16(dst + i * 8, src + (long)(r < n ? r : 0) * dm + ch * 8, r < n ? 16 : 0);
-        }
-    };
     int kend = causal ? min(lk, qblk + BM) : lk;
     int ntiles = (kend + BN - 1) / BN;
-    load(Qs, qb, qblk, lq, BM);
-    asm volatile("cp.async.commit_group;" ::: "memory");
-    if (ntiles > 0) {
-        load(kst(0), kg, 0, lk, BN);
-        load(vst(0), vg, 0, lk, BN);
-        asm volatile("cp.async.commit_group;" ::: "memory");
-    }
-    // This thread's rows (within the block) of the warpgroup's 64: g and g + 8 of its warp's 16.
+    auto load_tile = [&](int tile) {
+        wg_load<BN, D, NT>(kst(tile % ST), kg, dm, tile * BN, lk);
+        wg_load<BN, D, NT>(vst(tile % ST), vg, dm, tile * BN, lk);
+    };
+    auto commit = [] { asm volatile("cp.async.commit_group;" ::: "memory"); };
+    // Every copy of this thread landed, visible to the MMAs (async proxy) of the whole block.
+    auto landed = [] {
+        asm volatile("cp.async.wait_group 0;" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        __syncthreads();
+    };
+    // This thread's rows of the warpgroup's 64: g and g + 8 of its warp's 16.
     int row0 = qblk + wg * 64 + warp * 16 + lane / 4, c = 2 * (lane % 4);
     float oacc[D / 2], sacc[BN / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) oacc[i] = 0.0f;
-    float mrow[2] = {NEG_INF, NEG_INF}, lrow[2] = {0.0f, 0.0f};
-    const unsigned qaddr = smem_addr(Qs) + wg * 64 * D * 2;
-    for (int tile = 0; tile < ntiles; ++tile) {
-        int kb = tile * BN;
-        // This tile's copies (and Q's) are the only ones in flight.
-        asm volatile("cp.async.wait_group 0;" ::: "memory");
-        // The copies wrote through the generic proxy; the MMAs read through the async one.
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-        // One barrier per tile: past it, this tile is in shared memory and every warpgroup is
-        // done with the previous one, whose stage the next tile's copies then overwrite while
-        // this one is computed.
-        __syncthreads();
-        if (tile + 1 < ntiles) {
-            load(kst((tile + 1) & 1), kg, kb + BN, lk, BN);
-            load(vst((tile + 1) & 1), vg, kb + BN, lk, BN);
-            asm volatile("cp.async.commit_group;" ::: "memory");
+    float mrow[2] = {NEG_INF, NEG_INF}, lrow[2] = {0.0f, 0.0f}, al[2];
+    unsigned pa[BN / 16][4];
+    // The warpgroup's Q rows: 64 rows of 128 bytes into each 64-column block.
+    const unsigned qaddr = base + wg * 64 * 128;
+    // S = Q·Kᵀ of the tile in stage st.
+    auto scores = [&](int st) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            unsigned off = (kk & 3) * 32;
+            auto a = wg_desc(qaddr + (kk >> 2) * BM * 128 + off, 16, 1024);
+            auto b = wg_desc(kst(st) + (kk >> 2) * BN * 128 + off, 16, 1024);
+            if (kk == 0) wg_ss<BF, BN, 1>(sacc, a, b);
+            else wg_ss<BF, BN, 0>(sacc, a, b);
         }
-        const unsigned kaddr = smem_addr(kst(tile & 1)), vaddr = smem_addr(vst(tile & 1));
-        wg_fence();
+    };
+    // O += P·V of the tile in stage st (V as the N-major operand: 64-column blocks BN * 128 bytes
+    // apart, 8-key groups 1024 bytes apart).
+    auto values = [&](int st) {
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
-            wg_ss<BF, BN>(sacc, wg_desc(qaddr + kk * 256, 128, D * 16), wg_desc(kaddr + kk * 256, 128, D * 16), kk);
-        wg_commit_wait();
-        wg_hold<BN / 2>(sacc);
-        bool edge = (kb + BN > lk) || causal;
-        float mx0 = NEG_INF, mx1 = NEG_INF;
-#pragma unroll
-        for (int j = 0; j < NJ; ++j) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float val = sacc[j * 4 + e];
-                if (edge) {
-                    int key = kb + j * 8 + c + (e & 1);
-                    int row = row0 + 8 * (e >> 1);
-                    if (key >= lk || (causal && key > row)) val = NEG_INF;
-                }
-                sacc[j * 4 + e] = val;
-                if (e < 2) mx0 = fmaxf(mx0, val);
-                else mx1 = fmaxf(mx1, val);
-            }
-        }
-#pragma unroll
-        for (int off = 1; off < 4; off <<= 1) {
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-        }
-        float mn0 = fmaxf(mrow[0], mx0), mn1 = fmaxf(mrow[1], mx1);
-        float sub0 = mn0 == NEG_INF ? 0.0f : mn0 * scale_log2;
-        float sub1 = mn1 == NEG_INF ? 0.0f : mn1 * scale_log2;
-        float al0 = fast_exp2(fmaf(mrow[0], scale_log2, -sub0));
-        float al1 = fast_exp2(fmaf(mrow[1], scale_log2, -sub1));
-        mrow[0] = mn0;
-        mrow[1] = mn1;
-        // P as the A fragments of the P·V MMAs, 16 keys each.
-        unsigned pa[BN / 16][4];
-        float ls0 = 0.0f, ls1 = 0.0f;
-#pragma unroll
-        for (int j = 0; j < NJ; ++j) {
-            float p0 = fast_exp2(fmaf(sacc[j * 4 + 0], scale_log2, -sub0));
-            float p1 = fast_exp2(fmaf(sacc[j * 4 + 1], scale_log2, -sub0));
-            float p2 = fast_exp2(fmaf(sacc[j * 4 + 2], scale_log2, -sub1));
-            float p3 = fast_exp2(fmaf(sacc[j * 4 + 3], scale_log2, -sub1));
-            ls0 += p0 + p1;
-            ls1 += p2 + p3;
-            pa[j >> 1][(j & 1) * 2] = pack2<BF>(p0, p1);
-            pa[j >> 1][(j & 1) * 2 + 1] = pack2<BF>(p2, p3);
-        }
-        lrow[0] = lrow[0] * al0 + ls0;
-        lrow[1] = lrow[1] * al1 + ls1;
+        for (int t = 0; t < BN / 16; ++t) wg_rs_t<BF, D>(oacc, pa[t], wg_desc(vst(st) + t * 2048, BN * 128, 1024));
+    };
+    auto rescale = [&](const float* a) {
 #pragma unroll
         for (int d = 0; d < D / 8; ++d) {
-            oacc[d * 4 + 0] *= al0;
-            oacc[d * 4 + 1] *= al0;
-            oacc[d * 4 + 2] *= al1;
-            oacc[d * 4 + 3] *= al1;
+            oacc[d * 4 + 0] *= a[0];
+            oacc[d * 4 + 1] *= a[0];
+            oacc[d * 4 + 2] *= a[1];
+            oacc[d * 4 + 3] *= a[1];
+        }
+    };
+    wg_load<BM, D, NT>(base, qb, dm, qblk, lq);
+    if (ntiles > 0) load_tile(0);
+    commit();
+    if constexpr (PIPE == 0) {
+        for (int tile = 0; tile < ntiles; ++tile) {
+            // Past the barrier every warpgroup is done with the previous tile, whose stage the
+            // next tile's copies overwrite while this one is computed.
+            landed();
+            if (tile + 1 < ntiles) {
+                load_tile(tile + 1);
+                commit();
+            }
+            wg_fence();
+            scores(tile % ST);
+            wg_commit_wait();
+            wg_hold<BN / 2>(sacc);
+            wg_softmax<BN>(sacc, tile * BN, lk, causal, row0, c, scale_log2, mrow, lrow, al);
+            wg_pack<BF, BN>(sacc, pa);
+            rescale(al);
+            wg_hold<D / 2>(oacc);
+            wg_fence();
+            values(tile % ST);
+            wg_commit_wait();
+            wg_hold<D / 2>(oacc);
+        }
+    } else if (ntiles > 0) {
+        if (ntiles > 1) {
+            load_tile(1);
+            commit();
+            asm volatile("cp.async.wait_group 1;" ::: "memory");
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            __syncthreads();
+        } else {
+            landed();
+        }
+        wg_fence();
+        scores(0);
+        wg_commit_wait();
+        wg_hold<BN / 2>(sacc);
+        wg_softmax<BN>(sacc, 0, lk, causal, row0, c, scale_log2, mrow, lrow, al);
+        wg_pack<BF, BN>(sacc, pa);
+        for (int tile = 0; tile + 1 < ntiles; ++tile) {
+            // Tile + 1 landed; every warpgroup is done with tile - 1, whose stage tile + 2 takes.
+            landed();
+            if (tile + 2 < ntiles) {
+                load_tile(tile + 2);
+                commit();
+            }
+            wg_fence();
+            scores((tile + 1) % ST);
+            asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+            values(tile % ST);
+            asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+            // The scores of tile + 1 are in; P·V of tile may still run (and read P's registers).
+            asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+            wg_hold<BN / 2>(sacc);
+            wg_softmax<BN>(sacc, (tile + 1) * BN, lk, causal, row0, c, scale_log2, mrow, lrow, al);
+            asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+            wg_hold<D / 2>(oacc);
+            rescale(al);
+            wg_pack<BF, BN>(sacc, pa);
         }
         wg_hold<D / 2>(oacc);
         wg_fence();
-#pragma unroll
-        for (int t = 0; t < BN / 16; ++t)
-            wg_rs_t<BF, D>(oacc, pa[t], wg_desc(vaddr + t * 2 * D * 16, D * 16, 128));
+        values((ntiles - 1) % ST);
         wg_commit_wait();
         wg_hold<D / 2>(oacc);
     }
@@ -247,15 +357,19 @@ __device__ void flash_wg_impl(const unsigned short* q, const unsigned short* k, 
     __trap();
 #endif
 }
-// Dynamic shared memory: a 128-row Q tile and two stages of BN-row K and V tiles, D halves a row:
-// (128 + 4 * 128) * D * 2 bytes = 80 KiB (D = 64), 160 KiB (D = 128).
-#define FLASH_WG(NAME, BF, D, BN)                                                                            \
+// Dynamic shared memory: 1 KiB of alignment slack, a 128-row Q tile and ST stages of 128-row K
+// and V tiles, D halves a row: 1 KiB + (128 + 2 * ST * 128) * D * 2 bytes.
+#define FLASH_WG(NAME, BF, D, PIPE)                                                                          \
     extern "C" __global__ void __launch_bounds__(256, 1) NAME(const unsigned short* q, const unsigned short* k, \
         const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) {  \
-        extern __shared__ __align__(128) unsigned short flash_wg_dyn[];                                       \
-        flash_wg_impl<BF, D, BN>(q, k, v, o, lq, lk, heads, scale_log2, causal, flash_wg_dyn);                \
+        extern __shared__ __align__(1024) unsigned short flash_wg_dyn[];                                      \
+        flash_wg_impl<BF, D, PIPE>(q, k, v, o, lq, lk, heads, scale_log2, causal, flash_wg_dyn);              \
     }
-FLASH_WG(flash_wg64_f16, 0, 64, 128)
-FLASH_WG(flash_wg64_bf16, 1, 64, 128)
-FLASH_WG(flash_wg128_f16, 0, 128, 128)
-FLASH_WG(flash_wg128_bf16, 1, 128, 128)
+FLASH_WG(flash_wg64_f16, 0, 64, 1)
+FLASH_WG(flash_wg64_bf16, 1, 64, 1)
+FLASH_WG(flash_wg128_f16, 0, 128, 1)
+FLASH_WG(flash_wg128_bf16, 1, 128, 1)
+FLASH_WG(flash_wgs64_f16, 0, 64, 0)
+FLASH_WG(flash_wgs64_bf16, 1, 64, 0)
+FLASH_WG(flash_wgs128_f16, 0, 128, 0)
+FLASH_WG(flash_wgs128_bf16, 1, 128, 0)

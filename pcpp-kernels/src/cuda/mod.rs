@@ -82,6 +82,10 @@ pub fn kernel_names() -> Vec<String> {
         "flash_wg64_bf16",
         "flash_wg128_f16",
         "flash_wg128_bf16",
+        "flash_wgs64_f16",
+        "flash_wgs64_bf16",
+        "flash_wgs128_f16",
+        "flash_wgs128_bf16",
         "copy2d_u128",
         "cat_multi_u16",
         "cat_multi_u128",
@@ -464,14 +468,15 @@ impl Gpu {
         );
         // The Hopper attention kernels: compiled with their warpgroup MMAs only for sm_90a.
         let flash_hopper = arch == "sm_90a"
-            && smem_ok(
-                ["flash_wg64_f16", "flash_wg64_bf16"],
-                ops::flash_hopper_bytes(64),
-            )
-            && smem_ok(
-                ["flash_wg128_f16", "flash_wg128_bf16"],
-                ops::flash_hopper_bytes(128),
-            );
+            && [(64, "flash_wg64", true), (64, "flash_wgs64", false)]
+                .into_iter()
+                .chain([(128, "flash_wg128", true), (128, "flash_wgs128", false)])
+                .all(|(dh, name, pipelined)| {
+                    smem_ok(
+                        [&*format!("{name}_f16"), &*format!("{name}_bf16")],
+                        ops::flash_hopper_bytes(dh, pipelined),
+                    )
+                });
         let blas = CudaBlas::new(stream.clone()).map_err(|x| e("cuBLAS", &x))?;
         // A workspace of cuBLAS's own: without one, cuBLAS picks other (workspace-free) kernels
         // while a CUDA graph is being captured, and a replayed step would round differently from

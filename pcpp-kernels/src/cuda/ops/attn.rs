@@ -43,27 +43,33 @@ pub(crate) fn attention(
     if b * lq == 0 {
         return Ok(y);
     }
-    let hopper = flash128() == Flash128::Hopper && gpu.flash_hopper;
-    let fused = match dh {
-        64 | 128 if hopper => Some((
-            if dh == 64 {
-                "flash_wg64"
-            } else {
-                "flash_wg128"
+    let hopper = match flash128() {
+        Flash128::Hopper if gpu.flash_hopper => Some(true),
+        Flash128::HopperSerial if gpu.flash_hopper => Some(false),
+        _ => None,
+    };
+    let fused = match (dh, hopper) {
+        (64 | 128, Some(pipe)) => Some((
+            match (dh, pipe) {
+                (64, true) => "flash_wg64",
+                (64, false) => "flash_wgs64",
+                (_, true) => "flash_wg128",
+                (_, false) => "flash_wgs128",
             },
             128,
-            flash_hopper_bytes(dh),
+            flash_hopper_bytes(dh, pipe),
         )),
-        64 => Some(("flash_attn", 128, 0)),
-        128 if matches!(flash128(), Flash128::SharedQ64 | Flash128::Hopper)
-            && gpu.flash_shared_q64 =>
+        (64, _) => Some(("flash_attn", 128, 0)),
+        (128, _)
+            if !matches!(flash128(), Flash128::SharedQ | Flash128::RegistersQ)
+                && gpu.flash_shared_q64 =>
         {
             Some(("flash_attn128q64", 128, FLASH_SHARED_Q64_BYTES))
         }
-        128 if flash128() != Flash128::RegistersQ && gpu.flash_shared_q => {
+        (128, _) if flash128() != Flash128::RegistersQ && gpu.flash_shared_q => {
             Some(("flash_attn128q", 128, FLASH_SHARED_Q_BYTES))
         }
-        128 => Some(("flash_attn128", 64, 0)),
+        (128, _) => Some(("flash_attn128", 64, 0)),
         _ => None,
     };
     if let (Some((name, rows, smem)), false) = (fused, dt == DType::F32) {
@@ -71,7 +77,7 @@ pub(crate) fn attention(
         let cfg = LaunchConfig {
             grid_dim: (lq.div_ceil(rows) as u32, heads as u32, b as u32),
             // The Hopper kernels: two warpgroups; the others: four warps.
-            block_dim: (if hopper { 256 } else { 128 }, 1, 1),
+            block_dim: (if hopper.is_some() { 256 } else { 128 }, 1, 1),
             shared_mem_bytes: smem,
         };
         launch!(gpu, format!("{name}_{}", tname(dt)), cfg;
@@ -89,10 +95,12 @@ pub(crate) const FLASH_SHARED_Q_BYTES: u32 = (128 + 4 * 32) * 136 * 2;
 /// The same with 64-row K and V tiles.
 pub(crate) const FLASH_SHARED_Q64_BYTES: u32 = (128 + 4 * 64) * 136 * 2;
 
-/// Dynamic shared memory of the Hopper kernels for head size `dh` (64 or 128): a 128-row Q tile
-/// and two stages of 128-row K and V tiles, unpadded (wgmma's canonical layout).
-pub(crate) const fn flash_hopper_bytes(dh: usize) -> u32 {
-    ((128 + 4 * 128) * dh * 2) as u32
+/// Dynamic shared memory of the Hopper kernels for head size `dh` (64 or 128): 1 KiB of slack to
+/// align the tiles to 1 KiB (the swizzle atoms), a 128-row Q tile and three stages (`pipelined`)
+/// or two of 128-row K and V tiles, unpadded (wgmma's 128-byte-swizzle layout).
+pub(crate) const fn flash_hopper_bytes(dh: usize, pipelined: bool) -> u32 {
+    let stages = if pipelined { 3 } else { 2 };
+    (1024 + (128 + 2 * stages * 128) * dh * 2) as u32
 }
 
 /// The fused flash-attention kernel for head size 128 (Flux.1), f16/bf16. Head size 64 has one
@@ -113,9 +121,14 @@ pub enum Flash128 {
     /// (1024²) and 9% (2048²) faster than [`Flash128::SharedQ`] (docs/benchmarks.md).
     SharedQ64,
     /// Hopper's warpgroup MMAs (`wgmma`, sm_90a), head sizes 64 and 128: 128 query rows per block
-    /// in two warpgroups, 128-key tiles, Q, K and V read by the MMAs from shared memory (160 KiB
-    /// at head size 128). On other devices [`Flash128::SharedQ64`] and the head-size-64 kernel.
+    /// in two warpgroups, 128-key tiles, Q, K and V read by the MMAs from shared memory, the
+    /// scores of the next tile and P·V of this one in the tensor cores while the softmax runs
+    /// (three K/V stages: 225 KiB at head size 128). On other devices [`Flash128::SharedQ64`] and
+    /// the head-size-64 kernel.
     Hopper,
+    /// [`Flash128::Hopper`] without the overlap: scores, softmax, P·V one after the other per
+    /// tile, two K/V stages (161 KiB at head size 128).
+    HopperSerial,
 }
 
 static FLASH128: AtomicU8 = AtomicU8::new(4);
@@ -126,6 +139,7 @@ pub fn flash128() -> Flash128 {
         1 => Flash128::RegistersQ,
         2 => Flash128::SharedQ,
         3 => Flash128::SharedQ64,
+        5 => Flash128::HopperSerial,
         _ => Flash128::Hopper,
     }
 }
@@ -137,6 +151,7 @@ pub fn set_flash128(v: Flash128) {
         Flash128::SharedQ => 2,
         Flash128::SharedQ64 => 3,
         Flash128::Hopper => 4,
+        Flash128::HopperSerial => 5,
     };
     FLASH128.store(code, Ordering::Relaxed);
 }
