@@ -1,7 +1,8 @@
 //! Kernel choices for comparison runs, taken from the environment before any GPU work:
-//! `PCPP_FLASH128=hopper|hopper-serial|shared-q64|shared-q|registers-q` (the flash-attention
+//! `PCPP_FLASH128=hopper|hopper-overlap|shared-q64|shared-q|registers-q` (the flash-attention
 //! kernel: `hopper` takes Hopper's warpgroup MMAs for head sizes 64 and 128 on sm_90a devices,
-//! `hopper-serial` the same without overlapping softmax and MMAs, both `shared-q64` elsewhere;
+//! `hopper-overlap` the same with FlashAttention-3's intra-warpgroup overlap, both `shared-q64`
+//! elsewhere;
 //! the others choose among the head-size-128 kernels of every device), `PCPP_VECTOR_KERNELS=1|0` (vectorised element-wise kernels, row-broadcast kernel, one
 //! warp per norm row, fused rotary embedding) and `PCPP_FUSED_EPILOGUES=1|0` (a linear layer's
 //! tanh GELU or accumulator in cuBLASLt's epilogue). Unset means the measured defaults
@@ -14,7 +15,7 @@ use pcpp_kernels::Device;
 /// The attention kernels by name, the default first.
 const FLASH: [&str; 5] = [
     "hopper",
-    "hopper-serial",
+    "hopper-overlap",
     "shared-q64",
     "shared-q",
     "registers-q",
@@ -113,7 +114,7 @@ impl Variant {
                 "shared-q" => Flash128::SharedQ,
                 "registers-q" => Flash128::RegistersQ,
                 "shared-q64" => Flash128::SharedQ64,
-                "hopper-serial" => Flash128::HopperSerial,
+                "hopper-overlap" => Flash128::HopperOverlap,
                 _ => Flash128::Hopper,
             });
             set_fused_epilogues(self.fused);

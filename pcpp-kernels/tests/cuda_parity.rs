@@ -255,14 +255,14 @@ fn attention_matches_cpu() {
             let v = rnd(&[2, lk, heads * dh], d, 3);
             let want = Tensor::attention(&q, &k, &v, heads, causal).unwrap();
             // every kernel: Q in registers, Q in shared memory, that with 64-key tiles (head size
-            // 128), and Hopper's warpgroup MMAs (head sizes 64 and 128; overlapped, the default, and
-            // serial)
+            // 128), and Hopper's warpgroup MMAs (head sizes 64 and 128; the default, and with the
+            // intra-warpgroup overlap)
             for variant in [
                 Flash128::RegistersQ,
                 Flash128::SharedQ,
                 Flash128::SharedQ64,
                 Flash128::Hopper,
-                Flash128::HopperSerial,
+                Flash128::HopperOverlap,
             ] {
                 set_flash128(variant);
                 let got = Tensor::attention(&gpu(&q), &gpu(&k), &gpu(&v), heads, causal).unwrap();

@@ -9,10 +9,13 @@
 //   S = Q·Kᵀ: wgmma m64nBNk16, A (Q) and B (K) read from shared memory;
 //   O += P·V: wgmma m64nDk16, A (P) from registers (the f32 scores packed to 16 bits in place),
 //             B (V) read from shared memory in its stored [key][dim] order (transposed operand).
-// PIPE = 0: per tile, S, then the softmax, then P·V, two stages. PIPE = 1 (FlashAttention-3's
+// PIPE = 0 (flash_wg*): per tile, S, then the softmax, then P·V, two stages; the two warpgroups
+// overlap each other's softmax and MMAs. PIPE = 1 (flash_wgo*, FlashAttention-3's
 // intra-warpgroup overlap): the scores of tile i + 1 and P·V of tile i are issued together and
 // the softmax of tile i + 1 runs while P·V of tile i is still in the tensor cores; three stages
-// (K of tile i + 1 and V of tile i are read at once while tile i + 2 streams in).
+// (K of tile i + 1 and V of tile i are read at once while tile i + 2 streams in). Measured on an
+// H200 (docs/benchmarks.md), PIPE = 1 is 1-2 % slower: with one barrier per tile for the shared
+// stages, the two warpgroups already hide each other's softmax.
 // Tiles sit in shared memory in wgmma's 128-byte-swizzle layout, the same for Q, K and V: per 64
 // columns a block of rows of 128 bytes, the 16-byte chunk c of row r at chunk c ^ (r % 8), so
 // that 8 consecutive rows form a 1024-byte swizzle atom (K-major for Q and K, N-major for V).
@@ -365,11 +368,11 @@ __device__ void flash_wg_impl(const unsigned short* q, const unsigned short* k, 
         extern __shared__ __align__(1024) unsigned short flash_wg_dyn[];                                      \
         flash_wg_impl<BF, D, PIPE>(q, k, v, o, lq, lk, heads, scale_log2, causal, flash_wg_dyn);              \
     }
-FLASH_WG(flash_wg64_f16, 0, 64, 1)
-FLASH_WG(flash_wg64_bf16, 1, 64, 1)
-FLASH_WG(flash_wg128_f16, 0, 128, 1)
-FLASH_WG(flash_wg128_bf16, 1, 128, 1)
-FLASH_WG(flash_wgs64_f16, 0, 64, 0)
-FLASH_WG(flash_wgs64_bf16, 1, 64, 0)
-FLASH_WG(flash_wgs128_f16, 0, 128, 0)
-FLASH_WG(flash_wgs128_bf16, 1, 128, 0)
+FLASH_WG(flash_wg64_f16, 0, 64, 0)
+FLASH_WG(flash_wg64_bf16, 1, 64, 0)
+FLASH_WG(flash_wg128_f16, 0, 128, 0)
+FLASH_WG(flash_wg128_bf16, 1, 128, 0)
+FLASH_WG(flash_wgo64_f16, 0, 64, 1)
+FLASH_WG(flash_wgo64_bf16, 1, 64, 1)
+FLASH_WG(flash_wgo128_f16, 0, 128, 1)
+FLASH_WG(flash_wgo128_bf16, 1, 128, 1)

@@ -82,10 +82,10 @@ pub fn kernel_names() -> Vec<String> {
         "flash_wg64_bf16",
         "flash_wg128_f16",
         "flash_wg128_bf16",
-        "flash_wgs64_f16",
-        "flash_wgs64_bf16",
-        "flash_wgs128_f16",
-        "flash_wgs128_bf16",
+        "flash_wgo64_f16",
+        "flash_wgo64_bf16",
+        "flash_wgo128_f16",
+        "flash_wgo128_bf16",
         "copy2d_u128",
         "cat_multi_u16",
         "cat_multi_u128",
@@ -468,9 +468,9 @@ impl Gpu {
         );
         // The Hopper attention kernels: compiled with their warpgroup MMAs only for sm_90a.
         let flash_hopper = arch == "sm_90a"
-            && [(64, "flash_wg64", true), (64, "flash_wgs64", false)]
+            && [(64, "flash_wg64", false), (64, "flash_wgo64", true)]
                 .into_iter()
-                .chain([(128, "flash_wg128", true), (128, "flash_wgs128", false)])
+                .chain([(128, "flash_wg128", false), (128, "flash_wgo128", true)])
                 .all(|(dh, name, pipelined)| {
                     smem_ok(
                         [&*format!("{name}_f16"), &*format!("{name}_bf16")],

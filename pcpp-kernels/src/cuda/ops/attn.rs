@@ -44,17 +44,17 @@ pub(crate) fn attention(
         return Ok(y);
     }
     let hopper = match flash128() {
-        Flash128::Hopper if gpu.flash_hopper => Some(true),
-        Flash128::HopperSerial if gpu.flash_hopper => Some(false),
+        Flash128::Hopper if gpu.flash_hopper => Some(false),
+        Flash128::HopperOverlap if gpu.flash_hopper => Some(true),
         _ => None,
     };
     let fused = match (dh, hopper) {
         (64 | 128, Some(pipe)) => Some((
             match (dh, pipe) {
-                (64, true) => "flash_wg64",
-                (64, false) => "flash_wgs64",
-                (_, true) => "flash_wg128",
-                (_, false) => "flash_wgs128",
+                (64, false) => "flash_wg64",
+                (64, true) => "flash_wgo64",
+                (_, false) => "flash_wg128",
+                (_, true) => "flash_wgo128",
             },
             128,
             flash_hopper_bytes(dh, pipe),
@@ -121,14 +121,16 @@ pub enum Flash128 {
     /// (1024²) and 9% (2048²) faster than [`Flash128::SharedQ`] (docs/benchmarks.md).
     SharedQ64,
     /// Hopper's warpgroup MMAs (`wgmma`, sm_90a), head sizes 64 and 128: 128 query rows per block
-    /// in two warpgroups, 128-key tiles, Q, K and V read by the MMAs from shared memory, the
-    /// scores of the next tile and P·V of this one in the tensor cores while the softmax runs
-    /// (three K/V stages: 225 KiB at head size 128). On other devices [`Flash128::SharedQ64`] and
-    /// the head-size-64 kernel.
+    /// in two warpgroups, 128-key tiles, Q, K and V read by the MMAs from shared memory in the
+    /// 128-byte-swizzle layout, two K/V stages (161 KiB at head size 128). The default: on an H200
+    /// it made the FLUX.1-dev step 6 % (1024²) and 11 % (2048²) faster than
+    /// [`Flash128::SharedQ64`] (docs/benchmarks.md). On other devices [`Flash128::SharedQ64`]
+    /// and the head-size-64 kernel.
     Hopper,
-    /// [`Flash128::Hopper`] without the overlap: scores, softmax, P·V one after the other per
-    /// tile, two K/V stages (161 KiB at head size 128).
-    HopperSerial,
+    /// [`Flash128::Hopper`] with FlashAttention-3's intra-warpgroup overlap: the scores of the
+    /// next tile and P·V of this one in the tensor cores while the softmax runs (three K/V
+    /// stages, 225 KiB at head size 128). Measured 1-2 % slower than [`Flash128::Hopper`].
+    HopperOverlap,
 }
 
 static FLASH128: AtomicU8 = AtomicU8::new(4);
@@ -139,7 +141,7 @@ pub fn flash128() -> Flash128 {
         1 => Flash128::RegistersQ,
         2 => Flash128::SharedQ,
         3 => Flash128::SharedQ64,
-        5 => Flash128::HopperSerial,
+        5 => Flash128::HopperOverlap,
         _ => Flash128::Hopper,
     }
 }
@@ -151,7 +153,7 @@ pub fn set_flash128(v: Flash128) {
         Flash128::SharedQ => 2,
         Flash128::SharedQ64 => 3,
         Flash128::Hopper => 4,
-        Flash128::HopperSerial => 5,
+        Flash128::HopperOverlap => 5,
     };
     FLASH128.store(code, Ordering::Relaxed);
 }
