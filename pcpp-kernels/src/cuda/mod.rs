@@ -130,7 +130,7 @@ pub fn kernel_names() -> Vec<String> {
     v
 }
 
-/// Compiles [`KERNEL_SOURCE`] to PTX for `arch` (e.g. `sm_90`) with NVRTC. Needs only libnvrtc, no
+/// Compiles [`KERNEL_SOURCE`] to PTX for `arch` (e.g. `sm_90a`) with NVRTC. Needs only libnvrtc, no
 /// driver and no GPU, so CI can check that every kernel compiles.
 pub fn compile_kernels(arch: &'static str) -> Result<Ptx> {
     // SAFETY: only probes whether the shared library can be opened.
@@ -535,7 +535,7 @@ impl Gpu {
         self.ordinal
     }
 
-    /// The architecture the kernels were compiled for (e.g. `sm_90`).
+    /// The architecture the kernels were compiled for (e.g. `sm_90a`).
     pub fn arch(&self) -> &'static str {
         self.arch
     }
