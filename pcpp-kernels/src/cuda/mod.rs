@@ -12,6 +12,7 @@
 //! communication (NCCL) so that it can overlap compute; [`Gpu::fork_to_comm`] and
 //! [`Gpu::join_comm`] order the two streams, also inside a captured CUDA graph.
 
+mod names;
 mod ops;
 pub mod profile;
 
@@ -28,6 +29,7 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use crate::{DType, Device, KernelError, Result};
 
+pub use names::kernel_names;
 pub(crate) use ops::vector::{add_gated, modulated_layer_norm, rotate_pairs};
 pub use ops::vector::{set_vector_kernels, vector_kernels};
 pub(crate) use ops::*;
@@ -56,78 +58,6 @@ fn cuda_err(device: usize, what: &str, e: impl std::fmt::Debug) -> KernelError {
         device: format!("cuda:{device}"),
         msg: format!("{what}: {e:?}"),
     }
-}
-
-/// The names of every `extern "C"` kernel in [`KERNEL_SOURCE`].
-pub fn kernel_names() -> Vec<String> {
-    let mut v: Vec<String> = [
-        "cast_f32_f16",
-        "cast_f32_bf16",
-        "cast_f16_f32",
-        "cast_bf16_f32",
-        "cast_f16_bf16",
-        "cast_bf16_f16",
-        "gn_finalize",
-        "gn_moments",
-        "gn_merge",
-        "flash_attn_f16",
-        "flash_attn_bf16",
-        "flash_attn128_f16",
-        "flash_attn128_bf16",
-        "flash_attn128q_f16",
-        "flash_attn128q_bf16",
-        "flash_attn128q64_f16",
-        "flash_attn128q64_bf16",
-        "flash_wg64_f16",
-        "flash_wg64_bf16",
-        "flash_wg128_f16",
-        "flash_wg128_bf16",
-        "flash_wgo64_f16",
-        "flash_wgo64_bf16",
-        "flash_wgo128_f16",
-        "flash_wgo128_bf16",
-        "copy2d_u128",
-        "cat_multi_u16",
-        "cat_multi_u128",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for t in ["f32", "f16", "bf16"] {
-        for k in [
-            "unary",
-            "binary",
-            "binary_same",
-            "geglu",
-            "geglu_vec",
-            "rotate_pairs",
-            "binary_same_vec",
-            "unary_vec",
-            "rowb_binary",
-            "row_norm_warp",
-            "gated_add",
-            "gn_sums",
-            "gn_apply",
-            "gn_apply_planes",
-            "plane_binary",
-            "layer_norm",
-            "rms_norm",
-            "softmax",
-            "upsample2x",
-            "bias_nchw",
-            "timestep_emb",
-            "fill_uniform",
-            "nonfinite_mark",
-        ] {
-            v.push(format!("{k}_{t}"));
-        }
-    }
-    for w in ["u16", "u32"] {
-        for k in ["copy2d", "permute", "pad2d", "gather_rows", "transpose"] {
-            v.push(format!("{k}_{w}"));
-        }
-    }
-    v
 }
 
 /// Compiles [`KERNEL_SOURCE`] to PTX for `arch` (e.g. `sm_90a`) with NVRTC. Needs only libnvrtc, no
