@@ -38,12 +38,21 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
     return a;
 }
-// 16-byte global -> shared copy, asynchronous; `bytes` = 0 fills zeros (nothing is read).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+// The global-memory address of a generic pointer.
+__device__ __forceinline__ unsigned long long global_addr(const void* p) {
     unsigned long long g;
-    asm("cvta.to.global.u64 %0, %1;" : "=l"(g) : "l"(src));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(g), "r"(bytes)
-                 : "memory");
+    asm("cvta.to.global.u64 %0, %1;" : "=l"(g) : "l"(p));
+    return g;
+}
+// 16-byte copy from the global address `g` to the shared-memory address `dst`, asynchronous;
+// `bytes` = 0 fills zeros (nothing is read).
+__device__ __forceinline__ void cp_async16_at(unsigned dst, unsigned long long g, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(g), "r"(bytes) : "memory");
+}
+// The same between generic pointers.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+    unsigned long long g = global_addr(src);
+    cp_async16_at(smem_addr(dst), g, bytes);
 }
 // Four 8x8 b16 matrices from shared memory (row addresses from lanes 8m..8m+7).
 __device__ __forceinline__ void ldmatrix_x4(unsigned* r, const void* p) {

@@ -33,10 +33,10 @@ __device__ __forceinline__ unsigned long long wg_desc(unsigned addr, unsigned lb
     return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)((lbo & 0x3FFFF) >> 4) << 16) |
            ((unsigned long long)((sbo & 0x3FFFF) >> 4) << 32) | (1ull << 62);
 }
-#define WG_F8(b) "+f"(d[b]), "+f"(d[b + 1]), "+f"(d[b + 2]), "+f"(d[b + 3]), "+f"(d[b + 4]), "+f"(d[b + 5]), \
-                 "+f"(d[b + 6]), "+f"(d[b + 7])
-#define WG_D32 WG_F8(0), WG_F8(8), WG_F8(16), WG_F8(24)
-#define WG_D64 WG_D32, WG_F8(32), WG_F8(40), WG_F8(48), WG_F8(56)
+// The accumulator operands d[0..N/2) with constraint C ("+f": read and written, "=f": written).
+#define WG_F8(C, b) C(d[b]), C(d[b + 1]), C(d[b + 2]), C(d[b + 3]), C(d[b + 4]), C(d[b + 5]), C(d[b + 6]), C(d[b + 7])
+#define WG_D32(C) WG_F8(C, 0), WG_F8(C, 8), WG_F8(C, 16), WG_F8(C, 24)
+#define WG_D64(C) WG_D32(C), WG_F8(C, 32), WG_F8(C, 40), WG_F8(C, 48), WG_F8(C, 56)
 #define WG_R32                                                                                                \
     "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27," \
     "%28,%29,%30,%31}"
@@ -44,68 +44,40 @@ __device__ __forceinline__ unsigned long long wg_desc(unsigned addr, unsigned lb
     "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,"  \
     "%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53," \
     "%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}"
+// One wgmma statement per element type: M("bf16", ...) when BF, else M("f16", ...).
+#define WG_TYPED(M, ...)              \
+    do {                              \
+        if (BF) M("bf16", __VA_ARGS__); \
+        else M("f16", __VA_ARGS__);     \
+    } while (0)
 // D (64 x N, f32) = A·B (FIRST: D is only written, so that it carries no dependence on earlier
 // values) or D += A·B, A and B from shared memory (both K-major).
-#define WG_SS(SHAPE, TY, OUTS, RS, NA, NB, W)                                                                    \
-    asm volatile("wgmma.mma_async.sync.aligned." SHAPE ".f32." TY "." TY " " RS ", %" NA ", %" NB ", " W       \
-                 ", 1, 1, 0, 0;"                                                                                 \
-                 : OUTS                                                                                          \
+#define WG_SS(TY, N, NA, NB, SCALE_D, REGS, ...)                                                              \
+    asm volatile("wgmma.mma_async.sync.aligned.m64n" N "k16.f32." TY "." TY " " REGS ", %" NA ", %" NB ", "    \
+                 SCALE_D ", 1, 1, 0, 0;"                                                                       \
+                 : __VA_ARGS__                                                                                 \
                  : "l"(a), "l"(b))
 template <int BF, int N, int FIRST>
 __device__ __forceinline__ void wg_ss(float* d, unsigned long long a, unsigned long long b) {
 #if PCPP_WGMMA
-#define WG_O32 WG_F8W(0), WG_F8W(8), WG_F8W(16), WG_F8W(24)
-#define WG_O64 WG_O32, WG_F8W(32), WG_F8W(40), WG_F8W(48), WG_F8W(56)
-    if constexpr (FIRST) {
-#define WG_F8W(b) "=f"(d[b]), "=f"(d[b + 1]), "=f"(d[b + 2]), "=f"(d[b + 3]), "=f"(d[b + 4]), "=f"(d[b + 5]), \
-                  "=f"(d[b + 6]), "=f"(d[b + 7])
-        if constexpr (N == 64) {
-            if (BF) WG_SS("m64n64k16", "bf16", WG_O32, WG_R32, "32", "33", "0");
-            else WG_SS("m64n64k16", "f16", WG_O32, WG_R32, "32", "33", "0");
-        } else {
-            if (BF) WG_SS("m64n128k16", "bf16", WG_O64, WG_R64, "64", "65", "0");
-            else WG_SS("m64n128k16", "f16", WG_O64, WG_R64, "64", "65", "0");
-        }
-#undef WG_F8W
-    } else {
-#define WG_F8W(b) WG_F8(b)
-        if constexpr (N == 64) {
-            if (BF) WG_SS("m64n64k16", "bf16", WG_O32, WG_R32, "32", "33", "1");
-            else WG_SS("m64n64k16", "f16", WG_O32, WG_R32, "32", "33", "1");
-        } else {
-            if (BF) WG_SS("m64n128k16", "bf16", WG_O64, WG_R64, "64", "65", "1");
-            else WG_SS("m64n128k16", "f16", WG_O64, WG_R64, "64", "65", "1");
-        }
-#undef WG_F8W
-    }
-#undef WG_O32
-#undef WG_O64
+    if constexpr (FIRST && N == 64) WG_TYPED(WG_SS, "64", "32", "33", "0", WG_R32, WG_D32("=f"));
+    else if constexpr (FIRST) WG_TYPED(WG_SS, "128", "64", "65", "0", WG_R64, WG_D64("=f"));
+    else if constexpr (N == 64) WG_TYPED(WG_SS, "64", "32", "33", "1", WG_R32, WG_D32("+f"));
+    else WG_TYPED(WG_SS, "128", "64", "65", "1", WG_R64, WG_D64("+f"));
 #endif
 }
 // D (64 x N, f32) += A·B, A from registers (mma.sync's m16k16 fragment per warp), B from shared
 // memory stored N-major (the transposed operand).
+#define WG_RS(TY, N, AREGS, NB, REGS, ...)                                                                    \
+    asm volatile("wgmma.mma_async.sync.aligned.m64n" N "k16.f32." TY "." TY " " REGS ", " AREGS ", %" NB       \
+                 ", 1, 1, 1, 1;"                                                                               \
+                 : __VA_ARGS__                                                                                 \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b))
 template <int BF, int N>
 __device__ __forceinline__ void wg_rs_t(float* d, const unsigned* a, unsigned long long b) {
 #if PCPP_WGMMA
-    if constexpr (N == 64) {
-        if (BF)
-            asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_R32
-                         ", {%32,%33,%34,%35}, %36, 1, 1, 1, 1;" : WG_D32
-                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-        else
-            asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " WG_R32
-                         ", {%32,%33,%34,%35}, %36, 1, 1, 1, 1;" : WG_D32
-                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-    } else {
-        if (BF)
-            asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " WG_R64
-                         ", {%64,%65,%66,%67}, %68, 1, 1, 1, 1;" : WG_D64
-                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-        else
-            asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " WG_R64
-                         ", {%64,%65,%66,%67}, %68, 1, 1, 1, 1;" : WG_D64
-                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-    }
+    if constexpr (N == 64) WG_TYPED(WG_RS, "64", "{%32,%33,%34,%35}", "36", WG_R32, WG_D32("+f"));
+    else WG_TYPED(WG_RS, "128", "{%64,%65,%66,%67}", "68", WG_R64, WG_D64("+f"));
 #endif
 }
 __device__ __forceinline__ void wg_fence() {
@@ -139,11 +111,8 @@ __device__ __forceinline__ void wg_load(unsigned dst, const unsigned short* src,
     constexpr int CH = D / 8;
     for (int i = threadIdx.x; i < R * CH; i += NT) {
         int r = i / CH, cc = i % CH, row = r0 + r;
-        unsigned long long g;
-        asm("cvta.to.global.u64 %0, %1;" : "=l"(g) : "l"(src + (long)(row < n ? row : 0) * dm + cc * 8));
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst + wg_chunk<R>(r, cc)), "l"(g),
-                     "r"(row < n ? 16 : 0)
-                     : "memory");
+        unsigned long long g = global_addr(src + (long)(row < n ? row : 0) * dm + cc * 8);
+        cp_async16_at(dst + wg_chunk<R>(r, cc), g, row < n ? 16 : 0);
     }
 }
 // Online softmax of one tile of scores (this thread's rows g and g + 8 of its warp, 8-key chunks
