@@ -18,6 +18,7 @@
 //! [`Transport::device_p2p`]: point-to-point on device memory enqueued on a
 //! CUDA stream, which the compute stream never waits for on the host.
 
+mod backoff;
 pub mod collectives;
 pub mod conformance;
 pub mod device;

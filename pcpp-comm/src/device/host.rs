@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use super::{Flag, HostFn, StreamOps};
+use crate::backoff::Backoff;
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -205,15 +205,10 @@ impl StreamOps for HostStreams {
         // SAFETY: the caller passes a live stream.
         unsafe { stream(s) }?.submit(move || {
             let flag = flag;
-            let mut polls = 0u32;
+            let mut backoff = Backoff::default();
             // SAFETY: the flag stays allocated until the wait has run (the caller's promise).
             while unsafe { HostStreams.flag_value(flag) } != 1 {
-                polls += 1;
-                if polls < 256 {
-                    std::thread::yield_now();
-                } else {
-                    std::thread::sleep(Duration::from_micros(50));
-                }
+                backoff.snooze();
             }
         })
     }

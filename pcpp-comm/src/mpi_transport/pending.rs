@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use mpi::ffi;
 
 use super::{check, error_class, error_string, is_finalized, mpi_lock, u8_type};
+use crate::backoff::Backoff;
 use crate::error::CommError;
 use crate::stats::{CommKind, StatsCounter};
 use crate::transport::PendingOp;
@@ -124,7 +125,7 @@ impl MpiPending {
 impl PendingOp for MpiPending {
     fn wait(self: Box<Self>) -> Result<Vec<Vec<u8>>, CommError> {
         let start = Instant::now();
-        let mut spins = 0u32;
+        let mut backoff = Backoff::default();
         loop {
             let done = {
                 let _g = mpi_lock();
@@ -147,12 +148,7 @@ impl PendingOp for MpiPending {
                     waited,
                 });
             }
-            spins += 1;
-            if spins < 200 {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(Duration::from_micros(50));
-            }
+            backoff.snooze();
         }
     }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::checked::{Request, Status};
 use super::{ffi, Orphan, World};
+use crate::backoff::Backoff;
 use crate::error::CommError;
 use crate::stats::{CommKind, StatsCounter};
 use crate::transport::PendingOp;
@@ -138,7 +139,7 @@ impl UcxPending {
 impl PendingOp for UcxPending {
     fn wait(self: Box<Self>) -> Result<Vec<Vec<u8>>, CommError> {
         let start = Instant::now();
-        let mut spins = 0u32;
+        let mut backoff = Backoff::default();
         loop {
             let done = {
                 let mut st = self.world.lock();
@@ -175,12 +176,7 @@ impl PendingOp for UcxPending {
                     waited,
                 });
             }
-            spins += 1;
-            if spins < 200 {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(Duration::from_micros(50));
-            }
+            backoff.snooze();
         }
     }
 

@@ -398,13 +398,13 @@ impl Gpu {
         );
         // The Hopper attention kernels: compiled with their warpgroup MMAs only for sm_90a.
         let flash_hopper = arch == "sm_90a"
-            && [(64, "flash_wg64", false), (64, "flash_wgo64", true)]
+            && [(64, false), (64, true), (128, false), (128, true)]
                 .into_iter()
-                .chain([(128, "flash_wg128", false), (128, "flash_wgo128", true)])
-                .all(|(dh, name, pipelined)| {
+                .all(|(dh, overlap)| {
+                    let name = ops::flash_hopper_name(dh, overlap);
                     smem_ok(
                         [&*format!("{name}_f16"), &*format!("{name}_bf16")],
-                        ops::flash_hopper_bytes(dh, pipelined),
+                        ops::flash_hopper_bytes(dh, overlap),
                     )
                 });
         let blas = CudaBlas::new(stream.clone()).map_err(|x| e("cuBLAS", &x))?;

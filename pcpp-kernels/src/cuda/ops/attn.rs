@@ -43,33 +43,29 @@ pub(crate) fn attention(
     if b * lq == 0 {
         return Ok(y);
     }
+    // The Hopper kernels (`Some(overlap)`) where chosen and available.
     let hopper = match flash128() {
         Flash128::Hopper if gpu.flash_hopper => Some(false),
         Flash128::HopperOverlap if gpu.flash_hopper => Some(true),
         _ => None,
     };
-    let fused = match (dh, hopper) {
-        (64 | 128, Some(pipe)) => Some((
-            match (dh, pipe) {
-                (64, false) => "flash_wg64",
-                (64, true) => "flash_wgo64",
-                (_, false) => "flash_wg128",
-                (_, true) => "flash_wgo128",
-            },
+    let fused: Option<(std::borrow::Cow<str>, usize, u32)> = match (dh, hopper) {
+        (64 | 128, Some(overlap)) => Some((
+            flash_hopper_name(dh, overlap).into(),
             128,
-            flash_hopper_bytes(dh, pipe),
+            flash_hopper_bytes(dh, overlap),
         )),
-        (64, _) => Some(("flash_attn", 128, 0)),
+        (64, _) => Some(("flash_attn".into(), 128, 0)),
         (128, _)
             if !matches!(flash128(), Flash128::SharedQ | Flash128::RegistersQ)
                 && gpu.flash_shared_q64 =>
         {
-            Some(("flash_attn128q64", 128, FLASH_SHARED_Q64_BYTES))
+            Some(("flash_attn128q64".into(), 128, FLASH_SHARED_Q64_BYTES))
         }
         (128, _) if flash128() != Flash128::RegistersQ && gpu.flash_shared_q => {
-            Some(("flash_attn128q", 128, FLASH_SHARED_Q_BYTES))
+            Some(("flash_attn128q".into(), 128, FLASH_SHARED_Q_BYTES))
         }
-        (128, _) => Some(("flash_attn128", 64, 0)),
+        (128, _) => Some(("flash_attn128".into(), 64, 0)),
         _ => None,
     };
     if let (Some((name, rows, smem)), false) = (fused, dt == DType::F32) {
@@ -95,11 +91,17 @@ pub(crate) const FLASH_SHARED_Q_BYTES: u32 = (128 + 4 * 32) * 136 * 2;
 /// The same with 64-row K and V tiles.
 pub(crate) const FLASH_SHARED_Q64_BYTES: u32 = (128 + 4 * 64) * 136 * 2;
 
+/// The Hopper kernel for head size `dh` (64 or 128), without its dtype suffix.
+pub(crate) fn flash_hopper_name(dh: usize, overlap: bool) -> String {
+    format!("flash_wg{}{dh}", if overlap { "o" } else { "" })
+}
+
 /// Dynamic shared memory of the Hopper kernels for head size `dh` (64 or 128): 1 KiB of slack to
-/// align the tiles to 1 KiB (the swizzle atoms), a 128-row Q tile and three stages (`pipelined`)
-/// or two of 128-row K and V tiles, unpadded (wgmma's 128-byte-swizzle layout).
-pub(crate) const fn flash_hopper_bytes(dh: usize, pipelined: bool) -> u32 {
-    let stages = if pipelined { 3 } else { 2 };
+/// align the tiles to 1 KiB (the swizzle atoms), a 128-row Q tile and three stages (`overlap`,
+/// [`Flash128::HopperOverlap`]) or two of 128-row K and V tiles, unpadded (wgmma's
+/// 128-byte-swizzle layout).
+pub(crate) const fn flash_hopper_bytes(dh: usize, overlap: bool) -> u32 {
+    let stages = if overlap { 3 } else { 2 };
     (1024 + (128 + 2 * stages * 128) * dh * 2) as u32
 }
 
