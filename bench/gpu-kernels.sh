@@ -6,11 +6,11 @@
 #      rotate_pairs, modulated_layer_norm, add_gated), each against the CPU twins;
 #   2. the SDXL-base UNet step (seeded random weights, fp16, CUDA graph): 1024² at b = 2 and b = 1,
 #      2048² at b = 1, and one rank of 8 (pcpp, a 32-row band at b = 1), once per attention kernel
-#      of FLASH_VARIANTS (PCPP_FLASH128; default "shared-q64 hopper hopper-overlap": the mma.sync
-#      kernels, then Hopper's warpgroup MMAs); then bench/diffusers_unet.py (diffusers 0.42.1, eager and graph);
+#      of FLASH_VARIANTS (PCPP_FLASH128; default "shared-q64 hopper ws": the mma.sync kernels,
+#      Hopper's warpgroup MMAs, the same warp-specialised); then bench/diffusers_unet.py (diffusers 0.42.1, eager and graph);
 #   3. the FLUX.1-dev transformer step at 1024² (bf16, CUDA graph; builds ~24 GB of random
 #      weights, ~30 s) for each of FLUX_VARIANTS (`flux-bench --variants`, default
-#      "shared-q64+fused,hopper+fused", the first with --profile); then
+#      "hopper+fused,ws+fused", the first with --profile); then
 #      bench/diffusers_flux_step.py at 1024².
 # About 8 minutes. Prints every result line; writes them under OUT_DIR.
 #
@@ -41,7 +41,7 @@ CFG=models/sdxl-base-1.0-configs/unet/config.json
 unet() { # name, then flags
     local name=$1
     shift
-    for fl in ${FLASH_VARIANTS:-shared-q64 hopper hopper-overlap}; do
+    for fl in ${FLASH_VARIANTS:-shared-q64 hopper ws}; do
         PCPP_FLASH128=$fl timeout 120 "$BIN/pcpp-cli" bench --device cuda --config "$CFG" \
             --random-weights --warmup 3 --iters 20 --json "$@" 2>"$OUT/unet_${name}_$fl.err" \
             | sed "s/^{/{\"case\":\"$name\",\"flash\":\"$fl\",/" >>"$OUT/unet.jsonl" || status=1
@@ -60,7 +60,7 @@ if [[ ${SKIP_FLUX:-0} != 1 ]]; then
     FCFG=$HERE/pcpp-flux/configs/flux1-dev/transformer/config.json
     : >"$OUT/flux.jsonl"
     timeout 240 "$BIN/pcpp-cli" flux-bench --device cuda --config "$FCFG" --tokens 512 --height 1024 \
-        --width 1024 --iters 5 --profile --variants "${FLUX_VARIANTS:-shared-q64+fused,hopper+fused}" \
+        --width 1024 --iters 5 --profile --variants "${FLUX_VARIANTS:-hopper+fused,ws+fused}" \
         >>"$OUT/flux.jsonl" 2>>"$OUT/flux.err" || status=1
     cat "$OUT/flux.jsonl"
     timeout 200 "$PY" bench/diffusers_flux_step.py "$FCFG" --sizes 1024 --iters 5 \

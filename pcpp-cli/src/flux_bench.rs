@@ -79,8 +79,8 @@ pub struct FluxBenchArgs {
     #[arg(long)]
     pub profile: bool,
     /// GPU kernel choices to time one after the other on the same weights, comma-separated
-    /// (one JSON line each): the attention kernel (`hopper`, `hopper-overlap`, `shared-q64`,
-    /// `shared-q`, `registers-q`) with optional `+fused` (GELU / accumulate GEMM epilogues) and `+scalar`
+    /// (one JSON line each): the attention kernel (`hopper`, `hopper-overlap`, `ws`,
+    /// `ws-pingpong`, `ws-overlap`, `shared-q64`, `shared-q`, `registers-q`) with optional `+fused` (GELU / accumulate GEMM epilogues) and `+scalar`
     /// (element-wise kernels without vector loads), e.g. `shared-q64+fused,hopper+fused`. The
     /// `--profile` breakdown is taken for the first. Default: the environment's choice.
     #[arg(long, value_delimiter = ',')]

@@ -1,19 +1,24 @@
 //! Kernel choices for comparison runs, taken from the environment before any GPU work:
-//! `PCPP_FLASH128=hopper|hopper-overlap|shared-q64|shared-q|registers-q` (the flash-attention
-//! kernel: `hopper` takes Hopper's warpgroup MMAs for head sizes 64 and 128 on sm_90a devices,
-//! `hopper-overlap` the same with FlashAttention-3's intra-warpgroup overlap, both `shared-q64`
-//! elsewhere;
+//! `PCPP_FLASH128=ws|ws-pingpong|ws-overlap|hopper|hopper-overlap|shared-q64|shared-q|registers-q`
+//! (the flash-attention kernel: `ws` takes FlashAttention-3's warp specialisation on Hopper's
+//! warpgroup MMAs (TMA producer, ping-pong, intra-warpgroup overlap) for head sizes 64 and 128 on
+//! sm_90a devices, `ws-pingpong` and `ws-overlap` it with one of its two schedules, `hopper`
+//! the warpgroup MMAs without warp specialisation, `hopper-overlap` that with the overlap, all
+//! `shared-q64` elsewhere;
 //! the others choose among the head-size-128 kernels of every device), `PCPP_VECTOR_KERNELS=1|0` (vectorised element-wise kernels, row-broadcast kernel, one
 //! warp per norm row, fused rotary embedding) and `PCPP_FUSED_EPILOGUES=1|0` (a linear layer's
 //! tanh GELU or accumulator in cuBLASLt's epilogue). Unset means the measured defaults
-//! (`hopper`, `1`, `1`); benchmarks' `--variants` items ([`parse_variant`]) set all three.
+//! (`ws`, `1`, `1`); benchmarks' `--variants` items ([`parse_variant`]) set all three.
 //! Without the `cuda` feature there is nothing to choose and the variables are ignored.
 
 use anyhow::{bail, Result};
 use pcpp_kernels::Device;
 
 /// The attention kernels by name, the default first.
-const FLASH: [&str; 5] = [
+const FLASH: [&str; 8] = [
+    "ws",
+    "ws-pingpong",
+    "ws-overlap",
     "hopper",
     "hopper-overlap",
     "shared-q64",
@@ -114,8 +119,11 @@ impl Variant {
                 "shared-q" => Flash128::SharedQ,
                 "registers-q" => Flash128::RegistersQ,
                 "shared-q64" => Flash128::SharedQ64,
+                "hopper" => Flash128::Hopper,
                 "hopper-overlap" => Flash128::HopperOverlap,
-                _ => Flash128::Hopper,
+                "ws-pingpong" => Flash128::WarpspecPingpong,
+                "ws-overlap" => Flash128::WarpspecOverlap,
+                _ => Flash128::Warpspec,
             });
             set_fused_epilogues(self.fused);
             set_vector_kernels(self.vector);

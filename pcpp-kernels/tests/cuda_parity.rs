@@ -249,6 +249,8 @@ fn attention_matches_cpu() {
             (257, 700, 3, 64, false),
             (257, 700, 3, 128, false),
             (640, 256, 2, 128, true),
+            (129, 2000, 1, 64, false),
+            (384, 2000, 1, 128, true),
         ] {
             let q = rnd(&[2, lq, heads * dh], d, 1).affine(2.0, 0.0).unwrap();
             let k = rnd(&[2, lk, heads * dh], d, 2).affine(2.0, 0.0).unwrap();
@@ -263,6 +265,9 @@ fn attention_matches_cpu() {
                 Flash128::SharedQ64,
                 Flash128::Hopper,
                 Flash128::HopperOverlap,
+                Flash128::Warpspec,
+                Flash128::WarpspecPingpong,
+                Flash128::WarpspecOverlap,
             ] {
                 set_flash128(variant);
                 let got = Tensor::attention(&gpu(&q), &gpu(&k), &gpu(&v), heads, causal).unwrap();
@@ -273,7 +278,7 @@ fn attention_matches_cpu() {
                     &want,
                 );
             }
-            set_flash128(Flash128::Hopper);
+            set_flash128(Flash128::Warpspec);
         }
     }
 }
@@ -285,12 +290,12 @@ fn hopper_attention_is_taken_on_hopper() {
     let g = pcpp_kernels::cuda::gpu(0).unwrap();
     if g.arch() == "sm_90a" {
         assert!(
-            g.has_hopper_attention(),
+            g.has_hopper_attention() && g.has_warpspec_attention(),
             "sm_90a device without the Hopper attention kernels"
         );
     } else {
         assert!(
-            !g.has_hopper_attention(),
+            !g.has_hopper_attention() && !g.has_warpspec_attention(),
             "{}: Hopper kernels on a non-sm_90a device",
             g.arch()
         );

@@ -1,5 +1,5 @@
-// pcpp CUDA kernels, part of KERNEL_SOURCE (kernels.cu, flash_attn.cu, vector.cu and
-// instances.cu, concatenated in that order: each part may use what the earlier ones define):
+// pcpp CUDA kernels, part of KERNEL_SOURCE (the files cuda/mod.rs lists, concatenated in that
+// order: each part may use what the earlier ones define):
 // the fused flash-attention kernels (PCPP's attention layers, Flux.1's joint attention).
 
 // ---- fused flash attention (FlashAttention-2 style) for head sizes 64 and 128, f16/bf16 ----

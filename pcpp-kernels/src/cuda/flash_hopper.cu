@@ -1,5 +1,5 @@
-// pcpp CUDA kernels, part of KERNEL_SOURCE (kernels.cu, flash_attn.cu, flash_hopper.cu, vector.cu
-// and instances.cu, concatenated in that order: each part may use what the earlier ones define):
+// pcpp CUDA kernels, part of KERNEL_SOURCE (the files cuda/mod.rs lists, concatenated in that
+// order: each part may use what the earlier ones define):
 // the Hopper (sm_90a) flash attention of PCPP's attention layers and Flux.1's joint attention.
 
 // ---- flash attention with warpgroup MMAs (wgmma), head sizes 64 and 128, f16/bf16 ----

@@ -39,12 +39,14 @@ pub use ops::{
 };
 
 /// CUDA C source of every hand-written kernel (compiled at run time by NVRTC), one translation
-/// unit from five files: the scalar kernels, the flash attention (tensor-core MMAs, and Hopper's
-/// warpgroup MMAs), the vectorised kernels, and the `extern "C"` instances.
+/// unit from six files: the scalar kernels, the flash attention (tensor-core MMAs, and Hopper's
+/// warpgroup MMAs, plain and warp-specialised), the vectorised kernels, and the `extern "C"`
+/// instances.
 pub const KERNEL_SOURCE: &str = concat!(
     include_str!("kernels.cu"),
     include_str!("flash_attn.cu"),
     include_str!("flash_hopper.cu"),
+    include_str!("flash_ws.cu"),
     include_str!("vector.cu"),
     include_str!("instances.cu")
 );
@@ -228,6 +230,9 @@ pub struct Gpu {
     /// Whether the Hopper attention kernels ([`ops::Flash128::Hopper`]) can run here: an sm_90a
     /// device that gave them their shared memory.
     flash_hopper: bool,
+    /// Whether the warp-specialised Hopper kernels ([`ops::Flash128::Warpspec`]) can run here:
+    /// the same conditions for `flash_ws.cu`.
+    flash_ws: bool,
 }
 
 // SAFETY: every handle is used under `lock` or through the single stream in issue order; cudarc's
@@ -407,6 +412,22 @@ impl Gpu {
                         ops::flash_hopper_bytes(dh, overlap),
                     )
                 });
+        let flash_ws = arch == "sm_90a"
+            && [64, 128].into_iter().all(|dh| {
+                [
+                    ops::Flash128::Warpspec,
+                    ops::Flash128::WarpspecPingpong,
+                    ops::Flash128::WarpspecOverlap,
+                ]
+                .into_iter()
+                .all(|kind| {
+                    let name = ops::flash_ws_name(dh, kind);
+                    smem_ok(
+                        [&*format!("{name}_f16"), &*format!("{name}_bf16")],
+                        ops::flash_hopper_bytes(dh, false),
+                    )
+                })
+            });
         let blas = CudaBlas::new(stream.clone()).map_err(|x| e("cuBLAS", &x))?;
         // A workspace of cuBLAS's own: without one, cuBLAS picks other (workspace-free) kernels
         // while a CUDA graph is being captured, and a replayed step would round differently from
@@ -446,6 +467,7 @@ impl Gpu {
             flash_shared_q,
             flash_shared_q64,
             flash_hopper,
+            flash_ws,
             blas,
             _blas_workspace: blas_workspace,
             lt: Lt {
@@ -474,6 +496,12 @@ impl Gpu {
     /// when [`ops::Flash128::Hopper`] is chosen.
     pub fn has_hopper_attention(&self) -> bool {
         self.flash_hopper
+    }
+
+    /// Whether attention with head sizes 64 and 128 may take the warp-specialised Hopper kernels
+    /// when [`ops::Flash128::Warpspec`] (or one of its lighter forms) is chosen.
+    pub fn has_warpspec_attention(&self) -> bool {
+        self.flash_ws
     }
 
     /// The device name reported by the driver.

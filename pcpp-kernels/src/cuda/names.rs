@@ -1,6 +1,6 @@
 //! The names of the CUDA kernels the back-end loads from the NVRTC module of
 //! [`super::KERNEL_SOURCE`] (the `extern "C"` entries of `kernels.cu`, `flash_attn.cu`,
-//! `flash_hopper.cu`, `vector.cu` and `instances.cu`).
+//! `flash_hopper.cu`, `flash_ws.cu`, `vector.cu` and `instances.cu`).
 
 /// The names of every `extern "C"` kernel in [`KERNEL_SOURCE`].
 pub fn kernel_names() -> Vec<String> {
@@ -30,6 +30,18 @@ pub fn kernel_names() -> Vec<String> {
         "flash_wgo64_bf16",
         "flash_wgo128_f16",
         "flash_wgo128_bf16",
+        "flash_ws64_f16",
+        "flash_ws64_bf16",
+        "flash_ws128_f16",
+        "flash_ws128_bf16",
+        "flash_wsp64_f16",
+        "flash_wsp64_bf16",
+        "flash_wsp128_f16",
+        "flash_wsp128_bf16",
+        "flash_wso64_f16",
+        "flash_wso64_bf16",
+        "flash_wso128_f16",
+        "flash_wso128_bf16",
         "copy2d_u128",
         "cat_multi_u16",
         "cat_multi_u128",

@@ -1,5 +1,5 @@
-// pcpp CUDA kernels, part of KERNEL_SOURCE (kernels.cu, flash_attn.cu, vector.cu and
-// instances.cu, concatenated in that order: each part may use what the earlier ones define):
+// pcpp CUDA kernels, part of KERNEL_SOURCE (the files cuda/mod.rs lists, concatenated in that
+// order: each part may use what the earlier ones define):
 // vectorised element-wise kernels, row norms, rotary pairs, concatenation, transpose,
 // non-finite watch.
 

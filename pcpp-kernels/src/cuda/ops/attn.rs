@@ -1,6 +1,7 @@
 //! Multi-head attention on the GPU: the fused flash-attention kernels (`flash_attn.cu`, head
 //! sizes 64 and 128, and the head-size-128 variants with Q in shared memory; on Hopper
-//! `flash_hopper.cu`, warpgroup MMAs for both head sizes) and the unfused
+//! `flash_hopper.cu`, warpgroup MMAs for both head sizes, and `flash_ws.cu`, the same
+//! warp-specialised with TMA loads) and the unfused
 //! cuBLAS path (score GEMM, row softmax, value GEMM in query chunks) for other head sizes, f32,
 //! and as the reference the fused kernels are tested against.
 
@@ -9,6 +10,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
+use super::tma::{matrix_map, TensorMap};
 use super::{cast, cfg_rows, gemm_batched, gpu_of, out, ptr, tname, Gpu};
 use crate::{DType, Result, Tensor};
 
@@ -43,9 +45,30 @@ pub(crate) fn attention(
     if b * lq == 0 {
         return Ok(y);
     }
+    let scale_log2 = std::f32::consts::LOG2_E / (dh as f32).sqrt();
+    if let (Some(kind), 64 | 128, false) = (warpspec(&gpu), dh, dt == DType::F32) {
+        if let Some([tq, tk, tv]) = warpspec_maps((q, &k, &v), (b, lq, lk, dm)) {
+            let cfg = LaunchConfig {
+                grid_dim: (lq.div_ceil(128) as u32, heads as u32, b as u32),
+                block_dim: (384, 1, 1),
+                shared_mem_bytes: flash_hopper_bytes(dh, false),
+            };
+            launch!(gpu, format!("{}_{}", flash_ws_name(dh, kind), tname(dt)), cfg;
+                tq, tk, tv, ptr(&y)?, lq as i32, lk as i32, heads as i32, scale_log2,
+                causal as i32);
+            return Ok(y);
+        }
+    }
     // The Hopper kernels (`Some(overlap)`) where chosen and available.
     let hopper = match flash128() {
-        Flash128::Hopper if gpu.flash_hopper => Some(false),
+        Flash128::Hopper
+        | Flash128::Warpspec
+        | Flash128::WarpspecPingpong
+        | Flash128::WarpspecOverlap
+            if gpu.flash_hopper =>
+        {
+            Some(false)
+        }
         Flash128::HopperOverlap if gpu.flash_hopper => Some(true),
         _ => None,
     };
@@ -69,7 +92,6 @@ pub(crate) fn attention(
         _ => None,
     };
     if let (Some((name, rows, smem)), false) = (fused, dt == DType::F32) {
-        let scale_log2 = std::f32::consts::LOG2_E / (dh as f32).sqrt();
         let cfg = LaunchConfig {
             grid_dim: (lq.div_ceil(rows) as u32, heads as u32, b as u32),
             // The Hopper kernels: two warpgroups; the others: four warps.
@@ -94,6 +116,38 @@ pub(crate) const FLASH_SHARED_Q64_BYTES: u32 = (128 + 4 * 64) * 136 * 2;
 /// The Hopper kernel for head size `dh` (64 or 128), without its dtype suffix.
 pub(crate) fn flash_hopper_name(dh: usize, overlap: bool) -> String {
     format!("flash_wg{}{dh}", if overlap { "o" } else { "" })
+}
+
+/// The warp-specialised kernel chosen ([`Flash128::Warpspec`] and its two lighter forms), where
+/// the device has it.
+fn warpspec(gpu: &Gpu) -> Option<Flash128> {
+    let f = flash128();
+    let ws = matches!(
+        f,
+        Flash128::Warpspec | Flash128::WarpspecPingpong | Flash128::WarpspecOverlap
+    );
+    (ws && gpu.flash_ws).then_some(f)
+}
+
+/// The TMA maps of Q, K and V (128-row boxes), or `None` where one cannot be made (the caller
+/// then takes [`Flash128::Hopper`]'s kernel, which loads with `cp.async`).
+fn warpspec_maps(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    (b, lq, lk, dm): (usize, usize, usize, usize),
+) -> Option<[TensorMap; 3]> {
+    let map = |t: &Tensor, rows: usize| matrix_map(ptr(t).ok()?, t.dtype(), (b, rows, dm), 128);
+    Some([map(q, lq)?, map(k, lk)?, map(v, lk)?])
+}
+
+/// The warp-specialised kernel of `kind` for head size `dh` (64 or 128), without its dtype
+/// suffix.
+pub(crate) fn flash_ws_name(dh: usize, kind: Flash128) -> String {
+    let form = match kind {
+        Flash128::WarpspecPingpong => "p",
+        Flash128::WarpspecOverlap => "o",
+        _ => "",
+    };
+    format!("flash_ws{form}{dh}")
 }
 
 /// Dynamic shared memory of the Hopper kernels for head size `dh` (64 or 128): 1 KiB of slack to
@@ -124,27 +178,42 @@ pub enum Flash128 {
     SharedQ64,
     /// Hopper's warpgroup MMAs (`wgmma`, sm_90a), head sizes 64 and 128: 128 query rows per block
     /// in two warpgroups, 128-key tiles, Q, K and V read by the MMAs from shared memory in the
-    /// 128-byte-swizzle layout, two K/V stages (161 KiB at head size 128). The default: on an H200
-    /// it made the FLUX.1-dev step 6 % (1024²) and 11 % (2048²) faster than
-    /// [`Flash128::SharedQ64`] (docs/benchmarks.md). On other devices [`Flash128::SharedQ64`]
-    /// and the head-size-64 kernel.
+    /// 128-byte-swizzle layout, two K/V stages (161 KiB at head size 128). The default before
+    /// [`Flash128::Warpspec`]: on an H200 it made the FLUX.1-dev step 6 % (1024²) and 11 %
+    /// (2048²) faster than [`Flash128::SharedQ64`] (docs/benchmarks.md). On other devices
+    /// [`Flash128::SharedQ64`] and the head-size-64 kernel.
     Hopper,
     /// [`Flash128::Hopper`] with FlashAttention-3's intra-warpgroup overlap: the scores of the
     /// next tile and P·V of this one in the tensor cores while the softmax runs (three K/V
     /// stages, 225 KiB at head size 128). Measured 1-2 % slower than [`Flash128::Hopper`].
     HopperOverlap,
+    /// FlashAttention-3's warp specialisation of [`Flash128::Hopper`] (`flash_ws.cu`): a
+    /// producer warpgroup loads Q, K and V with TMA into mbarrier-guarded stages while two MMA
+    /// warpgroups take turns issuing their MMAs (ping-pong) and overlap each tile's softmax with
+    /// the previous tile's P·V (intra-warpgroup overlap). The default: on an H200 it made the
+    /// FLUX.1-dev step 8 % (1024²) and 16 % (2048²) faster than [`Flash128::Hopper`]
+    /// (docs/benchmarks.md). Where a tensor map cannot be made, the kernels of
+    /// [`Flash128::Hopper`]; off sm_90a, those of [`Flash128::SharedQ64`].
+    Warpspec,
+    /// [`Flash128::Warpspec`] with the ping-pong but without the intra-warpgroup overlap.
+    WarpspecPingpong,
+    /// [`Flash128::Warpspec`] with the intra-warpgroup overlap but without the ping-pong.
+    WarpspecOverlap,
 }
 
-static FLASH128: AtomicU8 = AtomicU8::new(4);
+static FLASH128: AtomicU8 = AtomicU8::new(6);
 
-/// The head-size-128 kernel in use ([`Flash128::Hopper`] unless [`set_flash128`] chose).
+/// The head-size-128 kernel in use ([`Flash128::Warpspec`] unless [`set_flash128`] chose).
 pub fn flash128() -> Flash128 {
     match FLASH128.load(Ordering::Relaxed) {
         1 => Flash128::RegistersQ,
         2 => Flash128::SharedQ,
         3 => Flash128::SharedQ64,
+        4 => Flash128::Hopper,
         5 => Flash128::HopperOverlap,
-        _ => Flash128::Hopper,
+        7 => Flash128::WarpspecPingpong,
+        8 => Flash128::WarpspecOverlap,
+        _ => Flash128::Warpspec,
     }
 }
 
@@ -156,6 +225,9 @@ pub fn set_flash128(v: Flash128) {
         Flash128::SharedQ64 => 3,
         Flash128::Hopper => 4,
         Flash128::HopperOverlap => 5,
+        Flash128::Warpspec => 6,
+        Flash128::WarpspecPingpong => 7,
+        Flash128::WarpspecOverlap => 8,
     };
     FLASH128.store(code, Ordering::Relaxed);
 }

@@ -1,0 +1,269 @@
+// pcpp CUDA kernels, part of KERNEL_SOURCE (the files cuda/mod.rs lists, concatenated in that
+// order: each part may use what the earlier ones define):
+// the warp-specialised Hopper (sm_90a) flash attention of PCPP's attention
+// layers and Flux.1's joint attention, FlashAttention-3's structure on flash_hopper.cu's MMAs.
+
+// ---- warp-specialised flash attention: a TMA producer and two MMA warpgroups ----
+// A block is three warpgroups (384 threads) and 128 query rows. Warpgroup 0 is the producer: one
+// thread loads the Q tile and then the K and V tiles of BN = 128 keys into two shared-memory
+// stages with the tensor memory accelerator (cp.async.bulk.tensor, 128-byte swizzle, the layout
+// flash_hopper.cu's descriptors read), each stage guarded by a "full" mbarrier (the copy's bytes
+// arrived) and an "empty" one (both MMA warpgroups are done with it). Warpgroups 1 and 2 each
+// take 64 query rows and run flash_hopper.cu's S = Q·Kᵀ and O += P·V wgmma with the online
+// softmax; the producer gives its registers to them (setmaxnreg). No block-wide barrier runs in
+// the loop, so the two MMA warpgroups drift apart instead of meeting once per tile.
+// Per tile the MMAs of the scores of tile t and of P·V of tile t − 1 are issued together; then
+//   PIPE = 1: the softmax of tile t runs while P·V of tile t − 1 is still in the tensor cores
+//             (FlashAttention-3's intra-warpgroup overlap); PIPE = 0: after both finished;
+//   PP = 1:   the two warpgroups take turns to issue (named barriers 1 and 2, FlashAttention-3's
+//             ping-pong), so that one's softmax runs under the other's MMAs.
+// Compiled only for sm_90a (PCPP_WGMMA); elsewhere the kernels exist but trap, and the host never
+// launches them.
+
+// A TMA tensor map as the driver encodes it (CUtensorMap): 128 opaque bytes.
+struct __align__(128) TmaMap {
+    unsigned long long v[16];
+};
+
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+#if PCPP_WGMMA
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+#endif
+}
+// Arrives on the barrier and adds `bytes` to the transaction count its phase waits for.
+__device__ __forceinline__ void mbar_expect(unsigned bar, unsigned bytes) {
+#if PCPP_WGMMA
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+#if PCPP_WGMMA
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+#endif
+}
+// Waits until the phase of the given parity completed (a fresh barrier counts its phase before the
+// first, parity 1, as completed).
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+#if PCPP_WGMMA
+    unsigned ok = 0;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}"
+            : "=r"(ok)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!ok);
+#endif
+}
+// The box of `map` at columns x.., rows y.. of matrix z (64 columns, 128 rows) into shared memory
+// at dst; its bytes complete a transaction on the barrier. Rows past the matrix read as zeros.
+__device__ __forceinline__ void tma_box(unsigned dst, const TmaMap* map, int x, int y, int z, unsigned bar) {
+#if PCPP_WGMMA
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+        "[%5];" ::"r"(dst),
+        "l"((unsigned long long)map), "r"(x), "r"(y), "r"(z), "r"(bar)
+        : "memory");
+#endif
+}
+// Named barrier `id` of both MMA warpgroups: wait for the other's arrival, or arrive for it.
+__device__ __forceinline__ void ws_sync(int id) {
+    asm volatile("bar.sync %0, 256;" ::"r"(id) : "memory");
+}
+__device__ __forceinline__ void ws_arrive(int id) {
+    asm volatile("bar.arrive %0, 256;" ::"r"(id) : "memory");
+}
+
+template <int BF, int D, int PIPE, int PP>
+__device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* tv, unsigned short* o, int lq,
+                              int lk, int heads, float scale_log2, int causal, unsigned short* dyn,
+                              unsigned long long* bars) {
+#if PCPP_WGMMA
+    constexpr int BM = 128, BN = 128, ST = 2, NB = D / 64;
+    constexpr unsigned QBYTES = BM * D * 2, TBYTES = BN * D * 2;
+    // Q tile, then ST stages of K and V (each stage: K, then V), from a 1024-byte boundary.
+    const unsigned base = (smem_addr(dyn) + 1023u) & ~1023u;
+    auto kst = [&](int st) { return base + QBYTES + st * 2 * TBYTES; };
+    auto vst = [&](int st) { return base + QBYTES + st * 2 * TBYTES + TBYTES; };
+    // Barriers: Q full, then per stage K full, V full, K empty, V empty.
+    const unsigned b0 = smem_addr(bars);
+    const unsigned qfull = b0;
+    auto kfull = [&](int st) { return b0 + 8 * (1 + 4 * st); };
+    auto vfull = [&](int st) { return b0 + 8 * (2 + 4 * st); };
+    auto kempty = [&](int st) { return b0 + 8 * (3 + 4 * st); };
+    auto vempty = [&](int st) { return b0 + 8 * (4 + 4 * st); };
+    int tid = threadIdx.x, wg = tid >> 7;
+    int bi = blockIdx.z, h = blockIdx.y, qblk = blockIdx.x * BM;
+    int kend = causal ? min(lk, qblk + BM) : lk;
+    int ntiles = (kend + BN - 1) / BN;
+    if (tid == 0) {
+        mbar_init(qfull, 1);
+        for (int st = 0; st < ST; ++st) {
+            mbar_init(kfull(st), 1);
+            mbar_init(vfull(st), 1);
+            mbar_init(kempty(st), 256);
+            mbar_init(vempty(st), 256);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
+        if (tid == 0) {
+            mbar_expect(qfull, QBYTES);
+#pragma unroll
+            for (int j = 0; j < NB; ++j) tma_box(base + j * BM * 128, tq, h * D + j * 64, qblk, bi, qfull);
+            for (int t = 0; t < ntiles; ++t) {
+                int st = t % ST;
+                unsigned ph = ((t / ST) & 1) ^ 1;
+                mbar_wait(kempty(st), ph);
+                mbar_expect(kfull(st), TBYTES);
+#pragma unroll
+                for (int j = 0; j < NB; ++j) tma_box(kst(st) + j * BN * 128, tk, h * D + j * 64, t * BN, bi, kfull(st));
+                mbar_wait(vempty(st), ph);
+                mbar_expect(vfull(st), TBYTES);
+#pragma unroll
+                for (int j = 0; j < NB; ++j) tma_box(vst(st) + j * BN * 128, tv, h * D + j * 64, t * BN, bi, vfull(st));
+            }
+        }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
+    // This MMA warpgroup (0 or 1) and this thread's rows g and g + 8 of its warp's 16.
+    int cw = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31;
+    int row0 = qblk + cw * 64 + warp * 16 + lane / 4, c = 2 * (lane % 4);
+    float oacc[D / 2], sacc[BN / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) oacc[i] = 0.0f;
+    float mrow[2] = {NEG_INF, NEG_INF}, lrow[2] = {0.0f, 0.0f}, al[2];
+    unsigned pa[BN / 16][4];
+    const unsigned qaddr = base + cw * 64 * 128;
+    auto scores = [&](int st) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            unsigned off = (kk & 3) * 32;
+            auto a = wg_desc(qaddr + (kk >> 2) * BM * 128 + off, 16, 1024);
+            auto b = wg_desc(kst(st) + (kk >> 2) * BN * 128 + off, 16, 1024);
+            if (kk == 0) wg_ss<BF, BN, 1>(sacc, a, b);
+            else wg_ss<BF, BN, 0>(sacc, a, b);
+        }
+    };
+    auto values = [&](int st) {
+#pragma unroll
+        for (int t = 0; t < BN / 16; ++t) wg_rs_t<BF, D>(oacc, pa[t], wg_desc(vst(st) + t * 2048, BN * 128, 1024));
+    };
+    auto rescale = [&](const float* a) {
+#pragma unroll
+        for (int d = 0; d < D / 8; ++d) {
+            oacc[d * 4 + 0] *= a[0];
+            oacc[d * 4 + 1] *= a[0];
+            oacc[d * 4 + 2] *= a[1];
+            oacc[d * 4 + 3] *= a[1];
+        }
+    };
+    auto commit = [] { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); };
+    // Ping-pong: this warpgroup's turn to issue MMAs (barrier 1 + cw), then the other's.
+    auto turn = [&] {
+        if constexpr (PP) ws_sync(1 + cw);
+    };
+    auto pass = [&] {
+        if constexpr (PP) ws_arrive(2 - cw);
+    };
+    mbar_wait(qfull, 0);
+    if (ntiles > 0) {
+        if constexpr (PP) {
+            if (cw == 1) ws_arrive(1);
+        }
+        mbar_wait(kfull(0), 0);
+        turn();
+        wg_fence();
+        scores(0);
+        commit();
+        pass();
+        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+        wg_hold<BN / 2>(sacc);
+        mbar_arrive(kempty(0));
+        wg_softmax<BN>(sacc, 0, lk, causal, row0, c, scale_log2, mrow, lrow, al);
+        wg_pack<BF, BN>(sacc, pa);
+        for (int t = 1; t < ntiles; ++t) {
+            int st = t % ST, pst = (t - 1) % ST;
+            mbar_wait(kfull(st), (t / ST) & 1);
+            mbar_wait(vfull(pst), ((t - 1) / ST) & 1);
+            turn();
+            wg_fence();
+            scores(st);
+            commit();
+            values(pst);
+            commit();
+            pass();
+            if constexpr (PIPE) asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+            else asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+            wg_hold<BN / 2>(sacc);
+            mbar_arrive(kempty(st));
+            wg_softmax<BN>(sacc, t * BN, lk, causal, row0, c, scale_log2, mrow, lrow, al);
+            asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+            wg_hold<D / 2>(oacc);
+            mbar_arrive(vempty(pst));
+            rescale(al);
+            wg_pack<BF, BN>(sacc, pa);
+        }
+        int lst = (ntiles - 1) % ST;
+        mbar_wait(vfull(lst), ((ntiles - 1) / ST) & 1);
+        turn();
+        wg_hold<D / 2>(oacc);
+        wg_fence();
+        values(lst);
+        commit();
+        pass();
+        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+        wg_hold<D / 2>(oacc);
+        // Takes warpgroup 1's last arrival, so that no named barrier is left half-passed.
+        if constexpr (PP) {
+            if (cw == 0) ws_sync(1);
+        }
+    }
+    float l0 = lrow[0], l1 = lrow[1];
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+    }
+    float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+    long dm = (long)heads * D;
+    unsigned short* ob = o + (long)bi * lq * dm + h * D;
+    int r1 = row0 + 8;
+#pragma unroll
+    for (int d = 0; d < D / 8; ++d) {
+        int col = d * 8 + c;
+        if (row0 < lq) *(unsigned*)(ob + (long)row0 * dm + col) = pack2<BF>(oacc[d * 4] * i0, oacc[d * 4 + 1] * i0);
+        if (r1 < lq) *(unsigned*)(ob + (long)r1 * dm + col) = pack2<BF>(oacc[d * 4 + 2] * i1, oacc[d * 4 + 3] * i1);
+    }
+#else
+    __trap();
+#endif
+}
+// Q, K and V come as TMA tensor maps of their [batch, rows, heads · D] matrices (64-column,
+// 128-row boxes, 128-byte swizzle). Dynamic shared memory: 1 KiB of alignment slack, a 128-row Q
+// tile and two stages of 128-row K and V tiles: 1 KiB + (128 + 4 · 128) · D · 2 bytes.
+#define FLASH_WS(NAME, BF, D, PIPE, PP)                                                                         \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                                      \
+        NAME(const __grid_constant__ TmaMap tq, const __grid_constant__ TmaMap tk,                           \
+             const __grid_constant__ TmaMap tv, unsigned short* o, int lq, int lk, int heads, float scale_log2, \
+             int causal) {                                                                                    \
+        extern __shared__ __align__(1024) unsigned short flash_ws_dyn[];                                      \
+        __shared__ __align__(8) unsigned long long flash_ws_bars[9];                                         \
+        flash_ws_impl<BF, D, PIPE, PP>(&tq, &tk, &tv, o, lq, lk, heads, scale_log2, causal, flash_ws_dyn,      \
+                                       flash_ws_bars);                                                        \
+    }
+FLASH_WS(flash_ws64_f16, 0, 64, 1, 1)
+FLASH_WS(flash_ws64_bf16, 1, 64, 1, 1)
+FLASH_WS(flash_ws128_f16, 0, 128, 1, 1)
+FLASH_WS(flash_ws128_bf16, 1, 128, 1, 1)
+FLASH_WS(flash_wsp64_f16, 0, 64, 0, 1)
+FLASH_WS(flash_wsp64_bf16, 1, 64, 0, 1)
+FLASH_WS(flash_wsp128_f16, 0, 128, 0, 1)
+FLASH_WS(flash_wsp128_bf16, 1, 128, 0, 1)
+FLASH_WS(flash_wso64_f16, 0, 64, 1, 0)
+FLASH_WS(flash_wso64_bf16, 1, 64, 1, 0)
+FLASH_WS(flash_wso128_f16, 0, 128, 1, 0)
+FLASH_WS(flash_wso128_bf16, 1, 128, 1, 0)
