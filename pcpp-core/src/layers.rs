@@ -88,24 +88,6 @@ pub trait SelfAttentionLayer: Send + Sync {
     /// # Shapes
     /// `x: [b, rows·w, c]` (row-major tokens of the band), `spatial = (rows, w)` → `[b, rows·w, c]`.
     fn forward(&self, ctx: &StepCtx, x: &Tensor, spatial: (usize, usize)) -> Result<Tensor>;
-
-    /// `residual + forward(x)`, the residual connection around the layer: layers that end in
-    /// their output projection add `residual` in that GEMM's epilogue instead of a separate
-    /// element-wise pass.
-    ///
-    /// # Shapes
-    /// As [`SelfAttentionLayer::forward`]; `residual` has the output's shape.
-    fn forward_add(
-        &self,
-        ctx: &StepCtx,
-        x: &Tensor,
-        spatial: (usize, usize),
-        residual: &Tensor,
-    ) -> Result<Tensor> {
-        self.forward(ctx, x, spatial)?
-            .add(residual)
-            .at("self-attention residual")
-    }
 }
 
 /// Attention over tokens the model projected itself (a DiT's joint attention, whose q/k/v the
@@ -203,20 +185,14 @@ impl AttentionWeights {
         ))
     }
 
-    /// Attention of `q` over `k, v`, then the output projection, with `residual` added in its
-    /// epilogue when given.
+    /// Attention of `q` over `k, v`, then the output projection.
     pub fn attend(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        residual: Option<&Tensor>,
     ) -> std::result::Result<Tensor, KernelError> {
-        let o = Tensor::attention(q, k, v, self.heads, false)?;
-        match residual {
-            Some(r) => o.linear_add(&self.to_out, self.out_bias.as_ref(), r),
-            None => o.linear(&self.to_out, self.out_bias.as_ref()),
-        }
+        Tensor::attention(q, k, v, self.heads, false)?.linear(&self.to_out, self.out_bias.as_ref())
     }
 }
 
@@ -225,14 +201,6 @@ pub trait FeedForwardLayer: Send + Sync {
     /// # Shapes
     /// `[b, l, dim]` → `[b, l, dim]`.
     fn forward(&self, ctx: &StepCtx, x: &Tensor) -> Result<Tensor>;
-
-    /// `residual + forward(x)`, with the sum in the last GEMM's epilogue where the layer can
-    /// (see [`SelfAttentionLayer::forward_add`]).
-    fn forward_add(&self, ctx: &StepCtx, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        self.forward(ctx, x)?
-            .add(residual)
-            .at("feed-forward residual")
-    }
 }
 
 /// Weights of a GEGLU feed-forward (PyTorch `Linear` layout).
@@ -280,26 +248,13 @@ struct ComposedFeedForward {
     w: FeedForwardWeights,
 }
 
-impl ComposedFeedForward {
-    fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        let (out, bias) = (&self.w.out, self.w.out_bias.as_ref());
-        x.linear(&self.w.proj, self.w.proj_bias.as_ref())
-            .and_then(|h| h.geglu())
-            .and_then(|h| match residual {
-                Some(r) => h.linear_add(out, bias, r),
-                None => h.linear(out, bias),
-            })
-            .at(&self.id)
-    }
-}
-
 impl FeedForwardLayer for ComposedFeedForward {
     fn forward(&self, _ctx: &StepCtx, x: &Tensor) -> Result<Tensor> {
-        self.run(x, None)
-    }
-
-    fn forward_add(&self, _ctx: &StepCtx, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        self.run(x, Some(residual))
+        let id = &self.id;
+        x.linear(&self.w.proj, self.w.proj_bias.as_ref())
+            .and_then(|h| h.geglu())
+            .and_then(|h| h.linear(&self.w.out, self.w.out_bias.as_ref()))
+            .at(id)
     }
 }
 
@@ -482,26 +437,10 @@ struct SerialAttention {
     w: AttentionWeights,
 }
 
-impl SerialAttention {
-    fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        let (q, k, v) = self.w.qkv(x).at(&self.id)?;
-        self.w.attend(&q, &k, &v, residual).at(&self.id)
-    }
-}
-
 impl SelfAttentionLayer for SerialAttention {
     fn forward(&self, _ctx: &StepCtx, x: &Tensor, _spatial: (usize, usize)) -> Result<Tensor> {
-        self.run(x, None)
-    }
-
-    fn forward_add(
-        &self,
-        _ctx: &StepCtx,
-        x: &Tensor,
-        _spatial: (usize, usize),
-        residual: &Tensor,
-    ) -> Result<Tensor> {
-        self.run(x, Some(residual))
+        let (q, k, v) = self.w.qkv(x).at(&self.id)?;
+        self.w.attend(&q, &k, &v).at(&self.id)
     }
 }
 

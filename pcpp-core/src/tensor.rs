@@ -143,7 +143,7 @@ struct TpAttention {
 impl SelfAttentionLayer for TpAttention {
     fn forward(&self, _ctx: &StepCtx, x: &Tensor, _spatial: (usize, usize)) -> Result<Tensor> {
         let (q, k, v) = self.w.qkv(x).at(&self.id)?;
-        let part = self.w.attend(&q, &k, &v, None).at(&self.id)?;
+        let part = self.w.attend(&q, &k, &v).at(&self.id)?;
         all_reduce(&self.sh, &self.id, &part)
     }
 }

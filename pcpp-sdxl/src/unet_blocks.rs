@@ -45,11 +45,6 @@ impl Linear {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.linear(&self.w, self.b.as_ref())?)
     }
-
-    /// `acc + forward(x)`, the sum in the GEMM's epilogue.
-    pub(crate) fn forward_add(&self, x: &Tensor, acc: &Tensor) -> Result<Tensor> {
-        Ok(x.linear_add(&self.w, self.b.as_ref(), acc)?)
-    }
 }
 
 /// Everything a module's forward needs besides its input.
@@ -59,12 +54,6 @@ pub(crate) struct Fwd<'a> {
 }
 
 impl Fwd<'_> {
-    /// Whether module outputs are being recorded: residual sums are then taken apart from the
-    /// GEMMs before them, so that the modules' own outputs exist to record.
-    pub(crate) fn tapping(&self) -> bool {
-        self.taps.is_some()
-    }
-
     pub(crate) fn tap(&self, name: &str, t: &Tensor) {
         if let Some(taps) = self.taps {
             taps.record(name, t);
@@ -111,15 +100,7 @@ pub(crate) struct CrossAttention {
 }
 
 impl CrossAttention {
-    /// The cross-attention of `x` over the text, plus `residual` (in the output projection's
-    /// epilogue unless module outputs are recorded).
-    pub(crate) fn forward_add(
-        &self,
-        fw: &Fwd,
-        x: &Tensor,
-        cond: &UNetCond,
-        residual: &Tensor,
-    ) -> Result<Tensor> {
+    pub(crate) fn forward(&self, fw: &Fwd, x: &Tensor, cond: &UNetCond) -> Result<Tensor> {
         let kv = {
             let cached = cond
                 .cross_kv
@@ -149,13 +130,11 @@ impl CrossAttention {
                 q.shape()[0]
             )));
         };
-        let o = Tensor::attention(&q, &k, &v, self.heads, false)?;
-        if !fw.tapping() {
-            return self.to_out.forward_add(&o, residual);
-        }
-        let out = self.to_out.forward(&o)?;
+        let out = self
+            .to_out
+            .forward(&Tensor::attention(&q, &k, &v, self.heads, false)?)?;
         fw.tap(&self.name, &out);
-        Ok(out.add(residual)?)
+        Ok(out)
     }
 }
 
@@ -236,26 +215,16 @@ impl TransformerBlock {
         spatial: (usize, usize),
         cond: &UNetCond,
     ) -> Result<Tensor> {
-        // Each residual sum rides in the epilogue of the GEMM before it, unless the modules'
-        // own outputs are recorded.
         let h = x.layer_norm(Some(&self.norm1.0), Some(&self.norm1.1), 1e-5)?;
-        let x = if fw.tapping() {
-            let a = self.attn1.forward(fw.ctx, &h, spatial)?;
-            fw.tap(&format!("{}.attn1", self.name), &a);
-            a.add(x)?
-        } else {
-            self.attn1.forward_add(fw.ctx, &h, spatial, x)?
-        };
+        let a = self.attn1.forward(fw.ctx, &h, spatial)?;
+        fw.tap(&format!("{}.attn1", self.name), &a);
+        let x = a.add(x)?;
         let h = x.layer_norm(Some(&self.norm2.0), Some(&self.norm2.1), 1e-5)?;
-        let x = self.attn2.forward_add(fw, &h, cond, &x)?;
+        let x = self.attn2.forward(fw, &h, cond)?.add(&x)?;
         let h = x.layer_norm(Some(&self.norm3.0), Some(&self.norm3.1), 1e-5)?;
-        let out = if fw.tapping() {
-            let h = self.ff.forward(fw.ctx, &h)?;
-            fw.tap(&format!("{}.ff", self.name), &h);
-            h.add(&x)?
-        } else {
-            self.ff.forward_add(fw.ctx, &h, &x)?
-        };
+        let h = self.ff.forward(fw.ctx, &h)?;
+        fw.tap(&format!("{}.ff", self.name), &h);
+        let out = h.add(&x)?;
         fw.tap(&self.name, &out);
         Ok(out)
     }

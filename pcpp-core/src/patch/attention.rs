@@ -112,35 +112,14 @@ pub(super) struct PatchAttention {
     pub(super) slot: Option<Arc<Slot>>,
 }
 
-impl PatchAttention {
-    fn run(
-        &self,
-        ctx: &StepCtx,
-        x: &Tensor,
-        (rows, cols): (usize, usize),
-        residual: Option<&Tensor>,
-    ) -> Result<Tensor> {
+impl SelfAttentionLayer for PatchAttention {
+    fn forward(&self, ctx: &StepCtx, x: &Tensor, spatial: (usize, usize)) -> Result<Tensor> {
         let id = &self.id;
+        let (rows, cols) = spatial;
         let level = self.sh.level_at(ctx, id, rows, cols)?;
         let (q, k, v) = self.w.qkv(x).at(id)?;
         let (kw, vw) = band_kv(&self.sh, self.slot.as_ref(), ctx, id, level, &k, &v)?;
-        self.w.attend(&q, &kw, &vw, residual).at(id)
-    }
-}
-
-impl SelfAttentionLayer for PatchAttention {
-    fn forward(&self, ctx: &StepCtx, x: &Tensor, spatial: (usize, usize)) -> Result<Tensor> {
-        self.run(ctx, x, spatial, None)
-    }
-
-    fn forward_add(
-        &self,
-        ctx: &StepCtx,
-        x: &Tensor,
-        spatial: (usize, usize),
-        residual: &Tensor,
-    ) -> Result<Tensor> {
-        self.run(ctx, x, spatial, Some(residual))
+        self.w.attend(&q, &kw, &vw).at(id)
     }
 }
 
