@@ -176,6 +176,38 @@ __device__ __forceinline__ void wg_pack(const float* p, unsigned (*pa)[4]) {
     }
 }
 
+// The accumulators of rows g (a[0]) and g + 8 (a[1]) times the softmax's rescale factors.
+template <int D>
+__device__ __forceinline__ void wg_rescale(float* oacc, const float* a) {
+#pragma unroll
+    for (int d = 0; d < D / 8; ++d) {
+        oacc[d * 4 + 0] *= a[0];
+        oacc[d * 4 + 1] *= a[0];
+        oacc[d * 4 + 2] *= a[1];
+        oacc[d * 4 + 3] *= a[1];
+    }
+}
+// O / l of this thread's rows row0 and row0 + 8 (those below lq) into the head's columns at ob
+// (rows dm elements apart): the row sums of the quad reduced first.
+template <int BF, int D>
+__device__ __forceinline__ void wg_store(unsigned short* ob, long dm, int lq, int row0, int c, const float* oacc,
+                                         const float* lrow) {
+    float l0 = lrow[0], l1 = lrow[1];
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+    }
+    float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+    int r1 = row0 + 8;
+#pragma unroll
+    for (int d = 0; d < D / 8; ++d) {
+        int col = d * 8 + c;
+        if (row0 < lq) *(unsigned*)(ob + (long)row0 * dm + col) = pack2<BF>(oacc[d * 4] * i0, oacc[d * 4 + 1] * i0);
+        if (r1 < lq) *(unsigned*)(ob + (long)r1 * dm + col) = pack2<BF>(oacc[d * 4 + 2] * i1, oacc[d * 4 + 3] * i1);
+    }
+}
+
 template <int BF, int D, int PIPE>
 __device__ void flash_wg_impl(const unsigned short* q, const unsigned short* k, const unsigned short* v,
                               unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal,
@@ -234,15 +266,7 @@ __device__ void flash_wg_impl(const unsigned short* q, const unsigned short* k, 
 #pragma unroll
         for (int t = 0; t < BN / 16; ++t) wg_rs_t<BF, D>(oacc, pa[t], wg_desc(vst(st) + t * 2048, BN * 128, 1024));
     };
-    auto rescale = [&](const float* a) {
-#pragma unroll
-        for (int d = 0; d < D / 8; ++d) {
-            oacc[d * 4 + 0] *= a[0];
-            oacc[d * 4 + 1] *= a[0];
-            oacc[d * 4 + 2] *= a[1];
-            oacc[d * 4 + 3] *= a[1];
-        }
-    };
+    auto rescale = [&](const float* a) { wg_rescale<D>(oacc, a); };
     wg_load<BM, D, NT>(base, qb, dm, qblk, lq);
     if (ntiles > 0) load_tile(0);
     commit();
@@ -311,20 +335,7 @@ __device__ void flash_wg_impl(const unsigned short* q, const unsigned short* k, 
         wg_commit_wait();
         wg_hold<D / 2>(oacc);
     }
-    float l0 = lrow[0], l1 = lrow[1];
-#pragma unroll
-    for (int off = 1; off < 4; off <<= 1) {
-        l0 += __shfl_xor_sync(0xffffffffu, l0, off);
-        l1 += __shfl_xor_sync(0xffffffffu, l1, off);
-    }
-    float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
-    int r1 = row0 + 8;
-#pragma unroll
-    for (int d = 0; d < D / 8; ++d) {
-        int col = d * 8 + c;
-        if (row0 < lq) *(unsigned*)(ob + (long)row0 * dm + col) = pack2<BF>(oacc[d * 4] * i0, oacc[d * 4 + 1] * i0);
-        if (r1 < lq) *(unsigned*)(ob + (long)r1 * dm + col) = pack2<BF>(oacc[d * 4 + 2] * i1, oacc[d * 4 + 3] * i1);
-    }
+    wg_store<BF, D>(ob, dm, lq, row0, c, oacc, lrow);
 #else
     __trap();
 #endif

@@ -152,15 +152,7 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
 #pragma unroll
         for (int t = 0; t < BN / 16; ++t) wg_rs_t<BF, D>(oacc, pa[t], wg_desc(vst(st) + t * 2048, BN * 128, 1024));
     };
-    auto rescale = [&](const float* a) {
-#pragma unroll
-        for (int d = 0; d < D / 8; ++d) {
-            oacc[d * 4 + 0] *= a[0];
-            oacc[d * 4 + 1] *= a[0];
-            oacc[d * 4 + 2] *= a[1];
-            oacc[d * 4 + 3] *= a[1];
-        }
-    };
+    auto rescale = [&](const float* a) { wg_rescale<D>(oacc, a); };
     auto commit = [] { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); };
     // Ping-pong: this warpgroup's turn to issue MMAs (barrier 1 + cw), then the other's.
     auto turn = [&] {
@@ -222,22 +214,8 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
             if (cw == 0) ws_sync(1);
         }
     }
-    float l0 = lrow[0], l1 = lrow[1];
-#pragma unroll
-    for (int off = 1; off < 4; off <<= 1) {
-        l0 += __shfl_xor_sync(0xffffffffu, l0, off);
-        l1 += __shfl_xor_sync(0xffffffffu, l1, off);
-    }
-    float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
     long dm = (long)heads * D;
-    unsigned short* ob = o + (long)bi * lq * dm + h * D;
-    int r1 = row0 + 8;
-#pragma unroll
-    for (int d = 0; d < D / 8; ++d) {
-        int col = d * 8 + c;
-        if (row0 < lq) *(unsigned*)(ob + (long)row0 * dm + col) = pack2<BF>(oacc[d * 4] * i0, oacc[d * 4 + 1] * i0);
-        if (r1 < lq) *(unsigned*)(ob + (long)r1 * dm + col) = pack2<BF>(oacc[d * 4 + 2] * i1, oacc[d * 4 + 3] * i1);
-    }
+    wg_store<BF, D>(o + (long)bi * lq * dm + h * D, dm, lq, row0, c, oacc, lrow);
 #else
     __trap();
 #endif
