@@ -79,10 +79,11 @@ pub struct FluxBenchArgs {
     #[arg(long)]
     pub profile: bool,
     /// GPU kernel choices to time one after the other on the same weights, comma-separated
-    /// (one JSON line each): the attention kernel (`hopper`, `hopper-overlap`, `ws`,
-    /// `ws-pingpong`, `ws-overlap`, `shared-q64`, `shared-q`, `registers-q`) with optional `+fused` (GELU / accumulate GEMM epilogues) and `+scalar`
-    /// (element-wise kernels without vector loads), e.g. `shared-q64+fused,hopper+fused`. The
-    /// `--profile` breakdown is taken for the first. Default: the environment's choice.
+    /// (one JSON line each): the attention kernel (`ws`, `ws-pingpong`, `ws-overlap`, `hopper`,
+    /// `shared-q64`, `shared-q`, `registers-q`) with optional `+fused` (GELU / accumulate GEMM
+    /// epilogues) and `+scalar` (element-wise kernels without vector loads), e.g.
+    /// `hopper+fused,ws+fused`. The `--profile` breakdown is taken for the first. Default: the
+    /// environment's choice.
     #[arg(long, value_delimiter = ',')]
     pub variants: Vec<String>,
 }

@@ -1,12 +1,12 @@
 //! Kernel choices for comparison runs, taken from the environment before any GPU work:
-//! `PCPP_FLASH128=ws|ws-pingpong|ws-overlap|hopper|hopper-overlap|shared-q64|shared-q|registers-q`
+//! `PCPP_FLASH128=ws|ws-pingpong|ws-overlap|hopper|shared-q64|shared-q|registers-q`
 //! (the flash-attention kernel: `ws` takes FlashAttention-3's warp specialisation on Hopper's
 //! warpgroup MMAs (TMA producer, ping-pong, intra-warpgroup overlap) for head sizes 64 and 128 on
 //! sm_90a devices, `ws-pingpong` and `ws-overlap` it with one of its two schedules, `hopper`
-//! the warpgroup MMAs without warp specialisation, `hopper-overlap` that with the overlap, all
-//! `shared-q64` elsewhere;
-//! the others choose among the head-size-128 kernels of every device), `PCPP_VECTOR_KERNELS=1|0` (vectorised element-wise kernels, row-broadcast kernel, one
-//! warp per norm row, fused rotary embedding) and `PCPP_FUSED_EPILOGUES=1|0` (a linear layer's
+//! the warpgroup MMAs without warp specialisation, all `shared-q64` elsewhere; the others
+//! choose among the head-size-128 kernels of every device), `PCPP_VECTOR_KERNELS=1|0`
+//! (vectorised element-wise kernels, row-broadcast kernel, one warp per norm row, fused rotary
+//! embedding) and `PCPP_FUSED_EPILOGUES=1|0` (a linear layer's
 //! tanh GELU or accumulator in cuBLASLt's epilogue). Unset means the measured defaults
 //! (`ws`, `1`, `1`); benchmarks' `--variants` items ([`parse_variant`]) set all three.
 //! Without the `cuda` feature there is nothing to choose and the variables are ignored.
@@ -15,12 +15,11 @@ use anyhow::{bail, Result};
 use pcpp_kernels::Device;
 
 /// The attention kernels by name, the default first.
-const FLASH: [&str; 8] = [
+const FLASH: [&str; 7] = [
     "ws",
     "ws-pingpong",
     "ws-overlap",
     "hopper",
-    "hopper-overlap",
     "shared-q64",
     "shared-q",
     "registers-q",
@@ -120,7 +119,6 @@ impl Variant {
                 "registers-q" => Flash128::RegistersQ,
                 "shared-q64" => Flash128::SharedQ64,
                 "hopper" => Flash128::Hopper,
-                "hopper-overlap" => Flash128::HopperOverlap,
                 "ws-pingpong" => Flash128::WarpspecPingpong,
                 "ws-overlap" => Flash128::WarpspecOverlap,
                 _ => Flash128::Warpspec,

@@ -264,7 +264,6 @@ fn attention_matches_cpu() {
                 Flash128::SharedQ,
                 Flash128::SharedQ64,
                 Flash128::Hopper,
-                Flash128::HopperOverlap,
                 Flash128::Warpspec,
                 Flash128::WarpspecPingpong,
                 Flash128::WarpspecOverlap,

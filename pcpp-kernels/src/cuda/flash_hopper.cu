@@ -9,13 +9,11 @@
 //   S = Q·Kᵀ: wgmma m64nBNk16, A (Q) and B (K) read from shared memory;
 //   O += P·V: wgmma m64nDk16, A (P) from registers (the f32 scores packed to 16 bits in place),
 //             B (V) read from shared memory in its stored [key][dim] order (transposed operand).
-// PIPE = 0 (flash_wg*): per tile, S, then the softmax, then P·V, two stages; the two warpgroups
-// overlap each other's softmax and MMAs. PIPE = 1 (flash_wgo*, FlashAttention-3's
-// intra-warpgroup overlap): the scores of tile i + 1 and P·V of tile i are issued together and
-// the softmax of tile i + 1 runs while P·V of tile i is still in the tensor cores; three stages
-// (K of tile i + 1 and V of tile i are read at once while tile i + 2 streams in). Measured on an
-// H200 (docs/benchmarks.md), PIPE = 1 is 1-2 % slower: with one barrier per tile for the shared
-// stages, the two warpgroups already hide each other's softmax.
+// Per tile: S, then the softmax, then P·V, two stages; the two warpgroups overlap each other's
+// softmax and MMAs. (A variant with FlashAttention-3's intra-warpgroup overlap measured 1-2 %
+// slower on an H200 with the block barrier per tile and was dropped; flash_ws.cu has the overlap
+// without the barrier.) The default on sm_90a is flash_ws.cu; this kernel is taken where its TMA
+// tensor maps cannot be made, or when chosen.
 // Tiles sit in shared memory in wgmma's 128-byte-swizzle layout, the same for Q, K and V: per 64
 // columns a block of rows of 128 bytes, the 16-byte chunk c of row r at chunk c ^ (r % 8), so
 // that 8 consecutive rows form a 1024-byte swizzle atom (K-major for Q and K, N-major for V).
@@ -176,6 +174,26 @@ __device__ __forceinline__ void wg_pack(const float* p, unsigned (*pa)[4]) {
     }
 }
 
+// S = Q·Kᵀ of one tile: the warpgroup's 64 query rows of a BM-row Q tile at qaddr, the BN keys
+// of the K tile at kaddr() (both K-major, 64-column blocks of BM or BN rows of 128 bytes).
+template <int BF, int D, int BM, int BN, class KA>
+__device__ __forceinline__ void wg_scores(float* sacc, unsigned qaddr, KA kaddr) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        unsigned off = (kk & 3) * 32;
+        auto a = wg_desc(qaddr + (kk >> 2) * BM * 128 + off, 16, 1024);
+        auto b = wg_desc(kaddr() + (kk >> 2) * BN * 128 + off, 16, 1024);
+        if (kk == 0) wg_ss<BF, BN, 1>(sacc, a, b);
+        else wg_ss<BF, BN, 0>(sacc, a, b);
+    }
+}
+// O += P·V of one tile, V at vaddr as the N-major operand (64-column blocks BN * 128 bytes
+// apart, 8-key groups 1024 bytes apart).
+template <int BF, int D, int BN, class VA>
+__device__ __forceinline__ void wg_values(float* oacc, unsigned (*pa)[4], VA vaddr) {
+#pragma unroll
+    for (int t = 0; t < BN / 16; ++t) wg_rs_t<BF, D>(oacc, pa[t], wg_desc(vaddr() + t * 2048, BN * 128, 1024));
+}
 // The accumulators of rows g (a[0]) and g + 8 (a[1]) times the softmax's rescale factors.
 template <int D>
 __device__ __forceinline__ void wg_rescale(float* oacc, const float* a) {
@@ -208,12 +226,12 @@ __device__ __forceinline__ void wg_store(unsigned short* ob, long dm, int lq, in
     }
 }
 
-template <int BF, int D, int PIPE>
+template <int BF, int D>
 __device__ void flash_wg_impl(const unsigned short* q, const unsigned short* k, const unsigned short* v,
                               unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal,
                               unsigned short* dyn) {
 #if PCPP_WGMMA
-    constexpr int BM = 128, BN = 128, NT = 256, ST = PIPE ? 3 : 2;
+    constexpr int BM = 128, BN = 128, NT = 256, ST = 2;
     constexpr unsigned QBYTES = BM * D * 2, TBYTES = BN * D * 2;
     // Q tile, then ST stages of K and V (each stage: K, then V), from a 1024-byte boundary.
     const unsigned base = (smem_addr(dyn) + 1023u) & ~1023u;
@@ -249,89 +267,30 @@ __device__ void flash_wg_impl(const unsigned short* q, const unsigned short* k, 
     unsigned pa[BN / 16][4];
     // The warpgroup's Q rows: 64 rows of 128 bytes into each 64-column block.
     const unsigned qaddr = base + wg * 64 * 128;
-    // S = Q·Kᵀ of the tile in stage st.
-    auto scores = [&](int st) {
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            unsigned off = (kk & 3) * 32;
-            auto a = wg_desc(qaddr + (kk >> 2) * BM * 128 + off, 16, 1024);
-            auto b = wg_desc(kst(st) + (kk >> 2) * BN * 128 + off, 16, 1024);
-            if (kk == 0) wg_ss<BF, BN, 1>(sacc, a, b);
-            else wg_ss<BF, BN, 0>(sacc, a, b);
-        }
-    };
-    // O += P·V of the tile in stage st (V as the N-major operand: 64-column blocks BN * 128 bytes
-    // apart, 8-key groups 1024 bytes apart).
-    auto values = [&](int st) {
-#pragma unroll
-        for (int t = 0; t < BN / 16; ++t) wg_rs_t<BF, D>(oacc, pa[t], wg_desc(vst(st) + t * 2048, BN * 128, 1024));
-    };
+    auto scores = [&](int st) { wg_scores<BF, D, BM, BN>(sacc, qaddr, [&] { return kst(st); }); };
+    auto values = [&](int st) { wg_values<BF, D, BN>(oacc, pa, [&] { return vst(st); }); };
     auto rescale = [&](const float* a) { wg_rescale<D>(oacc, a); };
     wg_load<BM, D, NT>(base, qb, dm, qblk, lq);
     if (ntiles > 0) load_tile(0);
     commit();
-    if constexpr (PIPE == 0) {
-        for (int tile = 0; tile < ntiles; ++tile) {
-            // Past the barrier every warpgroup is done with the previous tile, whose stage the
-            // next tile's copies overwrite while this one is computed.
-            landed();
-            if (tile + 1 < ntiles) {
-                load_tile(tile + 1);
-                commit();
-            }
-            wg_fence();
-            scores(tile % ST);
-            wg_commit_wait();
-            wg_hold<BN / 2>(sacc);
-            wg_softmax<BN>(sacc, tile * BN, lk, causal, row0, c, scale_log2, mrow, lrow, al);
-            wg_pack<BF, BN>(sacc, pa);
-            rescale(al);
-            wg_hold<D / 2>(oacc);
-            wg_fence();
-            values(tile % ST);
-            wg_commit_wait();
-            wg_hold<D / 2>(oacc);
-        }
-    } else if (ntiles > 0) {
-        if (ntiles > 1) {
-            load_tile(1);
+    for (int tile = 0; tile < ntiles; ++tile) {
+        // Past the barrier every warpgroup is done with the previous tile, whose stage the
+        // next tile's copies overwrite while this one is computed.
+        landed();
+        if (tile + 1 < ntiles) {
+            load_tile(tile + 1);
             commit();
-            asm volatile("cp.async.wait_group 1;" ::: "memory");
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-            __syncthreads();
-        } else {
-            landed();
         }
         wg_fence();
-        scores(0);
+        scores(tile % ST);
         wg_commit_wait();
         wg_hold<BN / 2>(sacc);
-        wg_softmax<BN>(sacc, 0, lk, causal, row0, c, scale_log2, mrow, lrow, al);
+        wg_softmax<BN>(sacc, tile * BN, lk, causal, row0, c, scale_log2, mrow, lrow, al);
         wg_pack<BF, BN>(sacc, pa);
-        for (int tile = 0; tile + 1 < ntiles; ++tile) {
-            // Tile + 1 landed; every warpgroup is done with tile - 1, whose stage tile + 2 takes.
-            landed();
-            if (tile + 2 < ntiles) {
-                load_tile(tile + 2);
-                commit();
-            }
-            wg_fence();
-            scores((tile + 1) % ST);
-            asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-            values(tile % ST);
-            asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-            // The scores of tile + 1 are in; P·V of tile may still run (and read P's registers).
-            asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-            wg_hold<BN / 2>(sacc);
-            wg_softmax<BN>(sacc, (tile + 1) * BN, lk, causal, row0, c, scale_log2, mrow, lrow, al);
-            asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-            wg_hold<D / 2>(oacc);
-            rescale(al);
-            wg_pack<BF, BN>(sacc, pa);
-        }
+        rescale(al);
         wg_hold<D / 2>(oacc);
         wg_fence();
-        values((ntiles - 1) % ST);
+        values(tile % ST);
         wg_commit_wait();
         wg_hold<D / 2>(oacc);
     }
@@ -340,19 +299,15 @@ __device__ void flash_wg_impl(const unsigned short* q, const unsigned short* k, 
     __trap();
 #endif
 }
-// Dynamic shared memory: 1 KiB of alignment slack, a 128-row Q tile and ST stages of 128-row K
-// and V tiles, D halves a row: 1 KiB + (128 + 2 * ST * 128) * D * 2 bytes.
-#define FLASH_WG(NAME, BF, D, PIPE)                                                                          \
+// Dynamic shared memory: 1 KiB of alignment slack, a 128-row Q tile and two stages of 128-row K
+// and V tiles, D halves a row: 1 KiB + (128 + 4 * 128) * D * 2 bytes.
+#define FLASH_WG(NAME, BF, D)                                                                          \
     extern "C" __global__ void __launch_bounds__(256, 1) NAME(const unsigned short* q, const unsigned short* k, \
         const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) {  \
         extern __shared__ __align__(1024) unsigned short flash_wg_dyn[];                                      \
-        flash_wg_impl<BF, D, PIPE>(q, k, v, o, lq, lk, heads, scale_log2, causal, flash_wg_dyn);              \
+        flash_wg_impl<BF, D>(q, k, v, o, lq, lk, heads, scale_log2, causal, flash_wg_dyn);              \
     }
-FLASH_WG(flash_wg64_f16, 0, 64, 0)
-FLASH_WG(flash_wg64_bf16, 1, 64, 0)
-FLASH_WG(flash_wg128_f16, 0, 128, 0)
-FLASH_WG(flash_wg128_bf16, 1, 128, 0)
-FLASH_WG(flash_wgo64_f16, 0, 64, 1)
-FLASH_WG(flash_wgo64_bf16, 1, 64, 1)
-FLASH_WG(flash_wgo128_f16, 0, 128, 1)
-FLASH_WG(flash_wgo128_bf16, 1, 128, 1)
+FLASH_WG(flash_wg64_f16, 0, 64)
+FLASH_WG(flash_wg64_bf16, 1, 64)
+FLASH_WG(flash_wg128_f16, 0, 128)
+FLASH_WG(flash_wg128_bf16, 1, 128)

@@ -138,20 +138,8 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
     float mrow[2] = {NEG_INF, NEG_INF}, lrow[2] = {0.0f, 0.0f}, al[2];
     unsigned pa[BN / 16][4];
     const unsigned qaddr = base + cw * 64 * 128;
-    auto scores = [&](int st) {
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            unsigned off = (kk & 3) * 32;
-            auto a = wg_desc(qaddr + (kk >> 2) * BM * 128 + off, 16, 1024);
-            auto b = wg_desc(kst(st) + (kk >> 2) * BN * 128 + off, 16, 1024);
-            if (kk == 0) wg_ss<BF, BN, 1>(sacc, a, b);
-            else wg_ss<BF, BN, 0>(sacc, a, b);
-        }
-    };
-    auto values = [&](int st) {
-#pragma unroll
-        for (int t = 0; t < BN / 16; ++t) wg_rs_t<BF, D>(oacc, pa[t], wg_desc(vst(st) + t * 2048, BN * 128, 1024));
-    };
+    auto scores = [&](int st) { wg_scores<BF, D, BM, BN>(sacc, qaddr, [&] { return kst(st); }); };
+    auto values = [&](int st) { wg_values<BF, D, BN>(oacc, pa, [&] { return vst(st); }); };
     auto rescale = [&](const float* a) { wg_rescale<D>(oacc, a); };
     auto commit = [] { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); };
     // Ping-pong: this warpgroup's turn to issue MMAs (barrier 1 + cw), then the other's.

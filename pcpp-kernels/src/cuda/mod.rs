@@ -403,15 +403,13 @@ impl Gpu {
         );
         // The Hopper attention kernels: compiled with their warpgroup MMAs only for sm_90a.
         let flash_hopper = arch == "sm_90a"
-            && [(64, false), (64, true), (128, false), (128, true)]
-                .into_iter()
-                .all(|(dh, overlap)| {
-                    let name = ops::flash_hopper_name(dh, overlap);
-                    smem_ok(
-                        [&*format!("{name}_f16"), &*format!("{name}_bf16")],
-                        ops::flash_hopper_bytes(dh, overlap),
-                    )
-                });
+            && [64, 128].into_iter().all(|dh| {
+                let name = ops::flash_hopper_name(dh);
+                smem_ok(
+                    [&*format!("{name}_f16"), &*format!("{name}_bf16")],
+                    ops::flash_hopper_bytes(dh),
+                )
+            });
         let flash_ws = arch == "sm_90a"
             && [64, 128].into_iter().all(|dh| {
                 [
@@ -424,7 +422,7 @@ impl Gpu {
                     let name = ops::flash_ws_name(dh, kind);
                     smem_ok(
                         [&*format!("{name}_f16"), &*format!("{name}_bf16")],
-                        ops::flash_hopper_bytes(dh, false),
+                        ops::flash_hopper_bytes(dh),
                     )
                 })
             });

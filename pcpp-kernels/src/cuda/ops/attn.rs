@@ -51,7 +51,7 @@ pub(crate) fn attention(
             let cfg = LaunchConfig {
                 grid_dim: (lq.div_ceil(128) as u32, heads as u32, b as u32),
                 block_dim: (384, 1, 1),
-                shared_mem_bytes: flash_hopper_bytes(dh, false),
+                shared_mem_bytes: flash_hopper_bytes(dh),
             };
             launch!(gpu, format!("{}_{}", flash_ws_name(dh, kind), tname(dt)), cfg;
                 tq, tk, tv, ptr(&y)?, lq as i32, lk as i32, heads as i32, scale_log2,
@@ -59,25 +59,17 @@ pub(crate) fn attention(
             return Ok(y);
         }
     }
-    // The Hopper kernels (`Some(overlap)`) where chosen and available.
-    let hopper = match flash128() {
-        Flash128::Hopper
-        | Flash128::Warpspec
-        | Flash128::WarpspecPingpong
-        | Flash128::WarpspecOverlap
-            if gpu.flash_hopper =>
-        {
-            Some(false)
-        }
-        Flash128::HopperOverlap if gpu.flash_hopper => Some(true),
-        _ => None,
-    };
+    // The Hopper kernel without TMA, where chosen (or a warp-specialised one was) and available.
+    let hopper = gpu.flash_hopper
+        && matches!(
+            flash128(),
+            Flash128::Hopper
+                | Flash128::Warpspec
+                | Flash128::WarpspecPingpong
+                | Flash128::WarpspecOverlap
+        );
     let fused: Option<(std::borrow::Cow<str>, usize, u32)> = match (dh, hopper) {
-        (64 | 128, Some(overlap)) => Some((
-            flash_hopper_name(dh, overlap).into(),
-            128,
-            flash_hopper_bytes(dh, overlap),
-        )),
+        (64 | 128, true) => Some((flash_hopper_name(dh).into(), 128, flash_hopper_bytes(dh))),
         (64, _) => Some(("flash_attn".into(), 128, 0)),
         (128, _)
             if !matches!(flash128(), Flash128::SharedQ | Flash128::RegistersQ)
@@ -95,7 +87,7 @@ pub(crate) fn attention(
         let cfg = LaunchConfig {
             grid_dim: (lq.div_ceil(rows) as u32, heads as u32, b as u32),
             // The Hopper kernels: two warpgroups; the others: four warps.
-            block_dim: (if hopper.is_some() { 256 } else { 128 }, 1, 1),
+            block_dim: (if hopper { 256 } else { 128 }, 1, 1),
             shared_mem_bytes: smem,
         };
         launch!(gpu, format!("{name}_{}", tname(dt)), cfg;
@@ -114,8 +106,8 @@ pub(crate) const FLASH_SHARED_Q_BYTES: u32 = (128 + 4 * 32) * 136 * 2;
 pub(crate) const FLASH_SHARED_Q64_BYTES: u32 = (128 + 4 * 64) * 136 * 2;
 
 /// The Hopper kernel for head size `dh` (64 or 128), without its dtype suffix.
-pub(crate) fn flash_hopper_name(dh: usize, overlap: bool) -> String {
-    format!("flash_wg{}{dh}", if overlap { "o" } else { "" })
+pub(crate) fn flash_hopper_name(dh: usize) -> String {
+    format!("flash_wg{dh}")
 }
 
 /// The warp-specialised kernel chosen ([`Flash128::Warpspec`] and its two lighter forms), where
@@ -150,13 +142,11 @@ pub(crate) fn flash_ws_name(dh: usize, kind: Flash128) -> String {
     format!("flash_ws{form}{dh}")
 }
 
-/// Dynamic shared memory of the Hopper kernels for head size `dh` (64 or 128): 1 KiB of slack to
-/// align the tiles to 1 KiB (the swizzle atoms), a 128-row Q tile and three stages (`overlap`,
-/// [`Flash128::HopperOverlap`]) or two of 128-row K and V tiles, unpadded (wgmma's
-/// 128-byte-swizzle layout).
-pub(crate) const fn flash_hopper_bytes(dh: usize, overlap: bool) -> u32 {
-    let stages = if overlap { 3 } else { 2 };
-    (1024 + (128 + 2 * stages * 128) * dh * 2) as u32
+/// Dynamic shared memory of the Hopper kernels (plain and warp-specialised) for head size `dh`
+/// (64 or 128): 1 KiB of slack to align the tiles to 1 KiB (the swizzle atoms), a 128-row Q tile
+/// and two stages of 128-row K and V tiles, unpadded (wgmma's 128-byte-swizzle layout).
+pub(crate) const fn flash_hopper_bytes(dh: usize) -> u32 {
+    (1024 + (128 + 4 * 128) * dh * 2) as u32
 }
 
 /// The fused flash-attention kernel for head size 128 (Flux.1), f16/bf16. Head size 64 has one
@@ -183,10 +173,6 @@ pub enum Flash128 {
     /// (2048²) faster than [`Flash128::SharedQ64`] (docs/benchmarks.md). On other devices
     /// [`Flash128::SharedQ64`] and the head-size-64 kernel.
     Hopper,
-    /// [`Flash128::Hopper`] with FlashAttention-3's intra-warpgroup overlap: the scores of the
-    /// next tile and P·V of this one in the tensor cores while the softmax runs (three K/V
-    /// stages, 225 KiB at head size 128). Measured 1-2 % slower than [`Flash128::Hopper`].
-    HopperOverlap,
     /// FlashAttention-3's warp specialisation of [`Flash128::Hopper`] (`flash_ws.cu`): a
     /// producer warpgroup loads Q, K and V with TMA into mbarrier-guarded stages while two MMA
     /// warpgroups take turns issuing their MMAs (ping-pong) and overlap each tile's softmax with
@@ -210,7 +196,6 @@ pub fn flash128() -> Flash128 {
         2 => Flash128::SharedQ,
         3 => Flash128::SharedQ64,
         4 => Flash128::Hopper,
-        5 => Flash128::HopperOverlap,
         7 => Flash128::WarpspecPingpong,
         8 => Flash128::WarpspecOverlap,
         _ => Flash128::Warpspec,
@@ -224,7 +209,6 @@ pub fn set_flash128(v: Flash128) {
         Flash128::SharedQ => 2,
         Flash128::SharedQ64 => 3,
         Flash128::Hopper => 4,
-        Flash128::HopperOverlap => 5,
         Flash128::Warpspec => 6,
         Flash128::WarpspecPingpong => 7,
         Flash128::WarpspecOverlap => 8,
