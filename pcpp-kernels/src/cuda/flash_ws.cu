@@ -66,6 +66,13 @@ __device__ __forceinline__ void tma_box(unsigned dst, const TmaMap* map, int x, 
         : "memory");
 #endif
 }
+// A tile of R rows and D columns (D / 64 boxes side by side, R * 128 bytes apart in shared
+// memory) from columns x.., rows y.. of matrix z.
+template <int R, int D>
+__device__ __forceinline__ void tma_tile(unsigned dst, const TmaMap* map, int x, int y, int z, unsigned bar) {
+#pragma unroll
+    for (int j = 0; j < D / 64; ++j) tma_box(dst + j * R * 128, map, x + j * 64, y, z, bar);
+}
 // Named barrier `id` of both MMA warpgroups: wait for the other's arrival, or arrive for it.
 __device__ __forceinline__ void ws_sync(int id) {
     asm volatile("bar.sync %0, 256;" ::"r"(id) : "memory");
@@ -79,7 +86,7 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
                               int lk, int heads, float scale_log2, int causal, unsigned short* dyn,
                               unsigned long long* bars) {
 #if PCPP_WGMMA
-    constexpr int BM = 128, BN = 128, ST = 2, NB = D / 64;
+    constexpr int BM = 128, BN = 128, ST = 2;
     constexpr unsigned QBYTES = BM * D * 2, TBYTES = BN * D * 2;
     // Q tile, then ST stages of K and V (each stage: K, then V), from a 1024-byte boundary.
     const unsigned base = (smem_addr(dyn) + 1023u) & ~1023u;
@@ -111,19 +118,16 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
         if (tid == 0) {
             mbar_expect(qfull, QBYTES);
-#pragma unroll
-            for (int j = 0; j < NB; ++j) tma_box(base + j * BM * 128, tq, h * D + j * 64, qblk, bi, qfull);
+            tma_tile<BM, D>(base, tq, h * D, qblk, bi, qfull);
             for (int t = 0; t < ntiles; ++t) {
                 int st = t % ST;
                 unsigned ph = ((t / ST) & 1) ^ 1;
                 mbar_wait(kempty(st), ph);
                 mbar_expect(kfull(st), TBYTES);
-#pragma unroll
-                for (int j = 0; j < NB; ++j) tma_box(kst(st) + j * BN * 128, tk, h * D + j * 64, t * BN, bi, kfull(st));
+                tma_tile<BN, D>(kst(st), tk, h * D, t * BN, bi, kfull(st));
                 mbar_wait(vempty(st), ph);
                 mbar_expect(vfull(st), TBYTES);
-#pragma unroll
-                for (int j = 0; j < NB; ++j) tma_box(vst(st) + j * BN * 128, tv, h * D + j * 64, t * BN, bi, vfull(st));
+                tma_tile<BN, D>(vst(st), tv, h * D, t * BN, bi, vfull(st));
             }
         }
         return;

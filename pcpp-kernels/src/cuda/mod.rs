@@ -401,31 +401,27 @@ impl Gpu {
             ["flash_attn128q64_f16", "flash_attn128q64_bf16"],
             ops::FLASH_SHARED_Q64_BYTES,
         );
-        // The Hopper attention kernels: compiled with their warpgroup MMAs only for sm_90a.
-        let flash_hopper = arch == "sm_90a"
-            && [64, 128].into_iter().all(|dh| {
-                let name = ops::flash_hopper_name(dh);
-                smem_ok(
-                    [&*format!("{name}_f16"), &*format!("{name}_bf16")],
-                    ops::flash_hopper_bytes(dh),
-                )
-            });
-        let flash_ws = arch == "sm_90a"
-            && [64, 128].into_iter().all(|dh| {
-                [
-                    ops::Flash128::Warpspec,
-                    ops::Flash128::WarpspecPingpong,
-                    ops::Flash128::WarpspecOverlap,
-                ]
-                .into_iter()
-                .all(|kind| {
-                    let name = ops::flash_ws_name(dh, kind);
+        // The Hopper attention kernels (plain and warp-specialised, named per head size by
+        // `name`): compiled with their warpgroup MMAs only for sm_90a.
+        let hopper_ok = |name: &dyn Fn(usize) -> String| {
+            arch == "sm_90a"
+                && [64, 128].into_iter().all(|dh| {
+                    let n = name(dh);
                     smem_ok(
-                        [&*format!("{name}_f16"), &*format!("{name}_bf16")],
+                        [&*format!("{n}_f16"), &*format!("{n}_bf16")],
                         ops::flash_hopper_bytes(dh),
                     )
                 })
-            });
+        };
+        let flash_hopper = hopper_ok(&ops::flash_hopper_name);
+        let flash_ws = [
+            ops::Flash128::Warpspec,
+            ops::Flash128::WarpspecPingpong,
+            ops::Flash128::WarpspecOverlap,
+        ]
+        .into_iter()
+        .filter_map(ops::Flash128::warpspec_form)
+        .all(|form| hopper_ok(&|dh| ops::flash_ws_name(dh, form)));
         let blas = CudaBlas::new(stream.clone()).map_err(|x| e("cuBLAS", &x))?;
         // A workspace of cuBLAS's own: without one, cuBLAS picks other (workspace-free) kernels
         // while a CUDA graph is being captured, and a replayed step would round differently from

@@ -46,14 +46,15 @@ pub(crate) fn attention(
         return Ok(y);
     }
     let scale_log2 = std::f32::consts::LOG2_E / (dh as f32).sqrt();
-    if let (Some(kind), 64 | 128, false) = (warpspec(&gpu), dh, dt == DType::F32) {
+    let ws = flash128().warpspec_form().filter(|_| gpu.flash_ws);
+    if let (Some(form), 64 | 128, false) = (ws, dh, dt == DType::F32) {
         if let Some([tq, tk, tv]) = warpspec_maps((q, &k, &v), (b, lq, lk, dm)) {
             let cfg = LaunchConfig {
                 grid_dim: (lq.div_ceil(128) as u32, heads as u32, b as u32),
                 block_dim: (384, 1, 1),
                 shared_mem_bytes: flash_hopper_bytes(dh),
             };
-            launch!(gpu, format!("{}_{}", flash_ws_name(dh, kind), tname(dt)), cfg;
+            launch!(gpu, format!("{}_{}", flash_ws_name(dh, form), tname(dt)), cfg;
                 tq, tk, tv, ptr(&y)?, lq as i32, lk as i32, heads as i32, scale_log2,
                 causal as i32);
             return Ok(y);
@@ -61,13 +62,7 @@ pub(crate) fn attention(
     }
     // The Hopper kernel without TMA, where chosen (or a warp-specialised one was) and available.
     let hopper = gpu.flash_hopper
-        && matches!(
-            flash128(),
-            Flash128::Hopper
-                | Flash128::Warpspec
-                | Flash128::WarpspecPingpong
-                | Flash128::WarpspecOverlap
-        );
+        && (flash128() == Flash128::Hopper || flash128().warpspec_form().is_some());
     let fused: Option<(std::borrow::Cow<str>, usize, u32)> = match (dh, hopper) {
         (64 | 128, true) => Some((flash_hopper_name(dh).into(), 128, flash_hopper_bytes(dh))),
         (64, _) => Some(("flash_attn".into(), 128, 0)),
@@ -110,17 +105,6 @@ pub(crate) fn flash_hopper_name(dh: usize) -> String {
     format!("flash_wg{dh}")
 }
 
-/// The warp-specialised kernel chosen ([`Flash128::Warpspec`] and its two lighter forms), where
-/// the device has it.
-fn warpspec(gpu: &Gpu) -> Option<Flash128> {
-    let f = flash128();
-    let ws = matches!(
-        f,
-        Flash128::Warpspec | Flash128::WarpspecPingpong | Flash128::WarpspecOverlap
-    );
-    (ws && gpu.flash_ws).then_some(f)
-}
-
 /// The TMA maps of Q, K and V (128-row boxes), or `None` where one cannot be made (the caller
 /// then takes [`Flash128::Hopper`]'s kernel, which loads with `cp.async`).
 fn warpspec_maps(
@@ -131,14 +115,9 @@ fn warpspec_maps(
     Some([map(q, lq)?, map(k, lk)?, map(v, lk)?])
 }
 
-/// The warp-specialised kernel of `kind` for head size `dh` (64 or 128), without its dtype
-/// suffix.
-pub(crate) fn flash_ws_name(dh: usize, kind: Flash128) -> String {
-    let form = match kind {
-        Flash128::WarpspecPingpong => "p",
-        Flash128::WarpspecOverlap => "o",
-        _ => "",
-    };
+/// The warp-specialised kernel of `form` ([`Flash128::warpspec_form`]) for head size `dh` (64 or
+/// 128), without its dtype suffix.
+pub(crate) fn flash_ws_name(dh: usize, form: &str) -> String {
     format!("flash_ws{form}{dh}")
 }
 
@@ -187,7 +166,20 @@ pub enum Flash128 {
     WarpspecOverlap,
 }
 
-static FLASH128: AtomicU8 = AtomicU8::new(6);
+impl Flash128 {
+    /// The kernel-name infix of a warp-specialised choice (`""`, `"p"`, `"o"`: `flash_ws.cu`'s
+    /// instances), `None` for the others.
+    pub(crate) fn warpspec_form(self) -> Option<&'static str> {
+        match self {
+            Flash128::Warpspec => Some(""),
+            Flash128::WarpspecPingpong => Some("p"),
+            Flash128::WarpspecOverlap => Some("o"),
+            _ => None,
+        }
+    }
+}
+
+static FLASH128: AtomicU8 = AtomicU8::new(5);
 
 /// The head-size-128 kernel in use ([`Flash128::Warpspec`] unless [`set_flash128`] chose).
 pub fn flash128() -> Flash128 {
@@ -196,8 +188,8 @@ pub fn flash128() -> Flash128 {
         2 => Flash128::SharedQ,
         3 => Flash128::SharedQ64,
         4 => Flash128::Hopper,
-        7 => Flash128::WarpspecPingpong,
-        8 => Flash128::WarpspecOverlap,
+        6 => Flash128::WarpspecPingpong,
+        7 => Flash128::WarpspecOverlap,
         _ => Flash128::Warpspec,
     }
 }
@@ -209,9 +201,9 @@ pub fn set_flash128(v: Flash128) {
         Flash128::SharedQ => 2,
         Flash128::SharedQ64 => 3,
         Flash128::Hopper => 4,
-        Flash128::Warpspec => 6,
-        Flash128::WarpspecPingpong => 7,
-        Flash128::WarpspecOverlap => 8,
+        Flash128::Warpspec => 5,
+        Flash128::WarpspecPingpong => 6,
+        Flash128::WarpspecOverlap => 7,
     };
     FLASH128.store(code, Ordering::Relaxed);
 }
