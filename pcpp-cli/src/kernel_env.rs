@@ -6,9 +6,11 @@
 //! the warpgroup MMAs without warp specialisation, all `shared-q64` elsewhere; the others
 //! choose among the head-size-128 kernels of every device), `PCPP_VECTOR_KERNELS=1|0`
 //! (vectorised element-wise kernels, row-broadcast kernel, one warp per norm row, fused rotary
-//! embedding) and `PCPP_FUSED_EPILOGUES=1|0` (a linear layer's
-//! tanh GELU or accumulator in cuBLASLt's epilogue). Unset means the measured defaults
-//! (`ws`, `1`, `1`); benchmarks' `--variants` items ([`parse_variant`]) set all three.
+//! embedding), `PCPP_FUSED_EPILOGUES=1|0` (a linear layer's
+//! tanh GELU or accumulator in cuBLASLt's epilogue) and `PCPP_CONV_NHWC=1|0` (f16/bf16
+//! convolutions in NHWC with kept filters and the bias fused into the output transpose, or
+//! cuDNN's NCHW calls). Unset means the measured defaults (`ws`, `1`, `1`, `1`); benchmarks'
+//! `--variants` items ([`parse_variant`]) set the first three.
 //! Without the `cuda` feature there is nothing to choose and the variables are ignored.
 
 use anyhow::{bail, Result};
@@ -33,6 +35,7 @@ pub struct Variant {
     flash: &'static str,
     fused: bool,
     vector: bool,
+    nhwc: bool,
 }
 
 impl Default for Variant {
@@ -42,6 +45,7 @@ impl Default for Variant {
             flash: FLASH[0],
             fused: true,
             vector: true,
+            nhwc: true,
         }
     }
 }
@@ -72,6 +76,7 @@ pub fn apply() -> Result<()> {
     }
     v.fused = switch("PCPP_FUSED_EPILOGUES")?;
     v.vector = switch("PCPP_VECTOR_KERNELS")?;
+    v.nhwc = switch("PCPP_CONV_NHWC")?;
     v.apply();
     Ok(())
 }
@@ -95,6 +100,7 @@ pub fn parse_variant(spec: &str, device: Device) -> Result<Variant> {
         flash,
         fused: false,
         vector: true,
+        nhwc: true,
     };
     for p in parts {
         match p {
@@ -112,7 +118,7 @@ impl Variant {
         #[cfg(feature = "cuda")]
         {
             use pcpp_kernels::cuda::{
-                set_flash128, set_fused_epilogues, set_vector_kernels, Flash128,
+                set_conv_nhwc, set_flash128, set_fused_epilogues, set_vector_kernels, Flash128,
             };
             set_flash128(match self.flash {
                 "shared-q" => Flash128::SharedQ,
@@ -125,6 +131,7 @@ impl Variant {
             });
             set_fused_epilogues(self.fused);
             set_vector_kernels(self.vector);
+            set_conv_nhwc(self.nhwc);
         }
     }
 }
@@ -137,6 +144,7 @@ pub fn choices(device: Device) -> serde_json::Value {
             "flash128": format!("{:?}", pcpp_kernels::cuda::flash128()),
             "vector_kernels": pcpp_kernels::cuda::vector_kernels(),
             "fused_epilogues": pcpp_kernels::cuda::fused_epilogues(),
+            "conv_nhwc": pcpp_kernels::cuda::conv_nhwc(),
         });
     }
     let _ = device;

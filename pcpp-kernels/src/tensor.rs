@@ -249,6 +249,16 @@ impl Tensor {
         }
     }
 
+    /// The identity of this tensor's storage (its address, valid while the weak handle lives:
+    /// the handle keeps the address from being reused) and a weak handle on it.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn storage_id(&self) -> (usize, std::sync::Weak<Storage>) {
+        (
+            Arc::as_ptr(&self.storage) as usize,
+            Arc::downgrade(&self.storage),
+        )
+    }
+
     /// Wraps device storage holding `shape`'s elements of `dtype`.
     #[cfg(feature = "cuda")]
     pub(crate) fn from_cuda(shape: &[usize], dtype: DType, s: crate::cuda::CudaStorage) -> Tensor {

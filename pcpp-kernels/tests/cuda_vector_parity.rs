@@ -3,16 +3,18 @@
 //! shapes that take the 16-byte path and shapes that do not (odd extents), both operand orders of
 //! a row broadcast (also for the non-commutative sub and div), rows of 128 (Flux's per-head QK
 //! norms) and of 3072, the rotary embedding of adjacent pairs and AdaLN's modulated layer norm
-//! and gated add (fused and composed), concatenation in one launch, and a linear layer with its
-//! GELU in cuBLASLt's epilogue. Ignored by default (needs a GPU):
+//! and gated add (fused and composed), concatenation in one launch, a linear layer with its
+//! GELU in cuBLASLt's epilogue, the per-plane kernels (group norm, `[b, c, 1, 1]` broadcasts),
+//! the two-element transpose, and convolutions in NHWC (kept filters, bias fused into the output
+//! transpose) against the CPU and against cuDNN's NCHW calls. Ignored by default (needs a GPU):
 //! `cargo test -p pcpp-kernels --features cuda --test cuda_vector_parity -- --ignored`.
 #![cfg(feature = "cuda")]
 
 mod common;
 
 use common::{check, gpu, rnd, DTYPES};
-use pcpp_kernels::cuda::set_vector_kernels;
-use pcpp_kernels::{Activation, Tensor};
+use pcpp_kernels::cuda::{set_conv_nhwc, set_vector_kernels};
+use pcpp_kernels::{Activation, Conv2dParams, DType, Tensor};
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
@@ -309,4 +311,122 @@ fn linear_gelu_epilogue_matches_cpu() {
         }
     }
     set_fused_epilogues(true);
+}
+
+/// Group norm, its statistics and `[b, c, 1, 1]` broadcasts on planes whose size is a multiple of
+/// the vector (the vectorised per-plane kernels) and on planes that are not (the scalar ones);
+/// token transposes with even extents (two elements per access) and odd ones.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn plane_kernels_and_transposes_match_cpu() {
+    set_vector_kernels(true);
+    for d in DTYPES {
+        for shape in [[2usize, 32, 8, 16], [2, 32, 9, 7], [1, 64, 2, 4]] {
+            let tag = format!("{shape:?}");
+            let x = rnd(&shape, d, 1).affine(3.0, 0.5).unwrap();
+            let (g, b) = (rnd(&[shape[1]], d, 2), rnd(&[shape[1]], d, 3));
+            let gx = gpu(&x);
+            for silu in [false, true] {
+                check(
+                    &format!("group_norm {tag} silu={silu}"),
+                    d,
+                    &gx.group_norm(8, Some(&gpu(&g)), Some(&gpu(&b)), 1e-5, silu)
+                        .unwrap(),
+                    &x.group_norm(8, Some(&g), Some(&b), 1e-5, silu).unwrap(),
+                );
+            }
+            let (sc, sg) = (x.group_stats(8).unwrap(), gx.group_stats(8).unwrap());
+            for (c, g) in sc.sums.iter().zip(&sg.sums) {
+                for i in 0..3 {
+                    assert!(
+                        (c[i] - g[i]).abs() <= 1e-3 * (1.0 + c[i].abs()),
+                        "group_stats {tag} {d}: {c:?} vs {g:?}"
+                    );
+                }
+            }
+            let v = rnd(&[shape[0], shape[1], 1, 1], d, 4);
+            check(
+                &format!("plane add {tag}"),
+                d,
+                &gx.add(&gpu(&v)).unwrap(),
+                &x.add(&v).unwrap(),
+            );
+            check(
+                &format!("plane mul {tag}"),
+                d,
+                &gx.mul(&gpu(&v)).unwrap(),
+                &x.mul(&v).unwrap(),
+            );
+            let t = x.to_tokens().unwrap();
+            let gt = gx.to_tokens().unwrap();
+            check(&format!("to_tokens {tag}"), d, &gt, &t);
+            check(
+                &format!("from_tokens {tag}"),
+                d,
+                &gt.from_tokens(shape[2], shape[3]).unwrap(),
+                &t.from_tokens(shape[2], shape[3]).unwrap(),
+            );
+        }
+    }
+}
+
+/// Convolutions in NHWC (f16 and bf16 with even extents): against the CPU and against cuDNN's
+/// NCHW calls; a kept filter reused gives the same bits; a new weight tensor of the same shape
+/// (possibly at the freed weight's address) is not served the old filter; odd channel counts
+/// take the NCHW call.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn nhwc_convolutions_match_cpu_and_keep_filters_per_weight() {
+    set_conv_nhwc(true);
+    for d in [DType::F16, DType::BF16] {
+        let x = rnd(&[2, 6, 10, 8], d, 1);
+        let gx = gpu(&x);
+        let wa = rnd(&[10, 6, 3, 3], d, 2);
+        let bias = rnd(&[10], d, 3);
+        let gb = gpu(&bias);
+        for (name, p) in [
+            ("nhwc 3x3", Conv2dParams::new(1, 1)),
+            ("nhwc 3x3 stride 2", Conv2dParams::new(2, 1)),
+        ] {
+            let ga = gpu(&wa);
+            let y1 = gx.conv2d(&ga, Some(&gb), p).unwrap();
+            check(name, d, &y1, &x.conv2d(&wa, Some(&bias), p).unwrap());
+            let y2 = gx.conv2d(&ga, Some(&gb), p).unwrap();
+            assert_eq!(
+                y1.to_bytes().unwrap(),
+                y2.to_bytes().unwrap(),
+                "{name} {d}: kept filter"
+            );
+            set_conv_nhwc(false);
+            let nchw = gx.conv2d(&ga, Some(&gb), p).unwrap();
+            set_conv_nhwc(true);
+            check(
+                &format!("{name} vs NCHW"),
+                d,
+                &y1,
+                &nchw.to_device(pcpp_kernels::Device::Cpu).unwrap(),
+            );
+        }
+        for seed in 10..14 {
+            let w = rnd(&[10, 6, 3, 3], d, seed);
+            let gw = gpu(&w);
+            check(
+                &format!("new weight {seed}"),
+                d,
+                &gx.conv2d(&gw, None, Conv2dParams::new(1, 1)).unwrap(),
+                &x.conv2d(&w, None, Conv2dParams::new(1, 1)).unwrap(),
+            );
+        }
+        let xo = rnd(&[1, 3, 9, 7], d, 5);
+        let wo = rnd(&[5, 3, 3, 3], d, 6);
+        let bo = rnd(&[5], d, 7);
+        check(
+            "odd channels",
+            d,
+            &gpu(&xo)
+                .conv2d(&gpu(&wo), Some(&gpu(&bo)), Conv2dParams::new(1, 1))
+                .unwrap(),
+            &xo.conv2d(&wo, Some(&bo), Conv2dParams::new(1, 1)).unwrap(),
+        );
+    }
 }

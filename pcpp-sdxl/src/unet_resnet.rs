@@ -1,6 +1,7 @@
 //! The UNet's ResNet block (diffusers `ResnetBlock2D` with a time embedding):
 //! `skip(x) + conv2(silu(norm2(conv1(silu(norm1(x))) + time_emb_proj(silu(temb)))))`, the skip a
-//! `1×1` `conv_shortcut` when the channels change.
+//! `1×1` `conv_shortcut` when the channels change. conv1's bias is folded into the time
+//! projection's at load (the same sum, one per-channel add fewer per step).
 //!
 //! Built from the core factory's layers: its `3×3` convolutions and group norms are the
 //! patch-parallel ones (PCPP §2.2, §2.6). Under tensor parallelism (the §5 baseline) the factory's
@@ -55,15 +56,23 @@ impl ResnetBlock {
         };
         let opt = |t: Option<Tensor>| t.map(|t| share(t, 0)).transpose();
         let id1 = format!("{p}.conv1");
+        // conv1's bias is added with the time projection's (one per-channel add fewer per
+        // step): conv1(x) + b1 + (W·t + bt) = conv1(x) + (W·t + (bt + b1)).
         let conv1 = f.conv2d(
             &id1,
             share(w.get(&format!("{id1}.weight"), &[co, ci, 3, 3])?, 0)?,
-            opt(w.get_opt(&format!("{id1}.bias"), &[co])?)?,
+            None,
             1,
             1,
         )?;
         temb_proj.w = share(temb_proj.w, 0)?;
-        temb_proj.b = opt(temb_proj.b)?;
+        temb_proj.b = match (
+            opt(temb_proj.b)?,
+            opt(w.get_opt(&format!("{id1}.bias"), &[co])?)?,
+        ) {
+            (Some(bt), Some(b1)) => Some(bt.add(&b1)?),
+            (bt, b1) => bt.or(b1),
+        };
         let id_n2 = format!("{p}.norm2");
         let gamma = opt(Some(w.get(&format!("{id_n2}.weight"), &[co])?))?;
         let beta = opt(Some(w.get(&format!("{id_n2}.bias"), &[co])?))?;

@@ -65,6 +65,19 @@ INST_CAST(bf16, bf16_t, f16, f16_t)
                                                    int c, long s, int groups, int silu) {                    \
         gn_apply_planes_impl<T>(x, mr, g, bt, y, c, s, groups, silu);                                        \
     }                                                                                                        \
+    extern "C" __global__ void plane_binary_vec_##N(const T* a, const T* v, T* y, long s, int op, long vmod) { \
+        plane_binary_vec_impl<T>(a, v, y, s, op, vmod);                                                      \
+    }                                                                                                        \
+    extern "C" __global__ void gn_apply_planes_vec_##N(const T* x, const float* mr, const T* g, const T* bt,  \
+                                                       T* y, int c, long s, int groups, int silu) {          \
+        gn_apply_planes_vec_impl<T>(x, mr, g, bt, y, c, s, groups, silu);                                    \
+    }                                                                                                        \
+    extern "C" __global__ void gn_sums_vec_##N(const T* x, double* sums, long group_len, long chunk) {      \
+        gn_sums_vec_impl<T>(x, sums, group_len, chunk);                                                      \
+    }                                                                                                        \
+    extern "C" __global__ void transpose_pairs_##N(const T* s, T* d, long rows, long cols, const T* bias) {  \
+        transpose_pairs_impl<T>(s, d, rows, cols, bias);                                                     \
+    }                                                                                                        \
     extern "C" __global__ void layer_norm_##N(const T* x, const T* g, const T* b, T* y, long d, float eps) { \
         layer_norm_impl<T>(x, g, b, y, d, eps);                                                              \
     }                                                                                                        \

@@ -27,15 +27,15 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
-use crate::{DType, Device, KernelError, Result};
+use crate::{DType, Device, KernelError, Result, Tensor};
 
 pub use names::kernel_names;
 pub(crate) use ops::vector::{add_gated, modulated_layer_norm, rotate_pairs};
 pub use ops::vector::{set_vector_kernels, vector_kernels};
 pub(crate) use ops::*;
 pub use ops::{
-    capture_graph, conv2d_in_bands, copy_into, flash128, fused_epilogues, set_flash128,
-    set_fused_epilogues, CudaGraphStep, Flash128,
+    capture_graph, conv2d_in_bands, conv_nhwc, copy_into, flash128, fused_epilogues, set_conv_nhwc,
+    set_flash128, set_fused_epilogues, CudaGraphStep, Flash128,
 };
 
 /// CUDA C source of every hand-written kernel (compiled at run time by NVRTC), one translation
@@ -221,6 +221,11 @@ pub struct Gpu {
     conv_algos:
         Mutex<HashMap<ops::ConvKey, (cudarc::cudnn::sys::cudnnConvolutionFwdAlgo_t, usize)>>,
     lt_algos: Mutex<HashMap<ops::LtKey, cudarc::cublaslt::sys::cublasLtMatmulAlgo_t>>,
+    /// NHWC copies of convolution filters, by the storage of the NCHW weight (see
+    /// `ops/conv.rs`): a weak handle on it, its shape and the copy.
+    #[allow(clippy::type_complexity)]
+    conv_filters:
+        Mutex<HashMap<usize, (std::sync::Weak<crate::tensor::Storage>, Vec<usize>, Tensor)>>,
     /// Whether f32 convolutions and GEMMs may use TF32 tensor cores ([`Gpu::set_tf32`]).
     tf32: std::sync::atomic::AtomicBool,
     /// Whether the Q-in-shared-memory flash kernels got their shared memory
@@ -472,6 +477,7 @@ impl Gpu {
             lock: Mutex::new(()),
             conv_algos: Mutex::new(HashMap::new()),
             lt_algos: Mutex::new(HashMap::new()),
+            conv_filters: Mutex::new(HashMap::new()),
             tf32: std::sync::atomic::AtomicBool::new(false),
         })
     }

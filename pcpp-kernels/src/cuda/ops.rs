@@ -50,8 +50,8 @@ pub(crate) use norm::{
     rms_norm, zeros,
 };
 
-pub use conv::conv2d_in_bands;
 pub(crate) use conv::{conv2d, ConvKey};
+pub use conv::{conv2d_in_bands, conv_nhwc, set_conv_nhwc};
 use gemm::gemm_batched;
 pub use gemm::{fused_epilogues, set_fused_epilogues};
 pub(crate) use gemm::{linear, linear_add, linear_gelu_tanh, matmul, LtKey};
@@ -271,6 +271,10 @@ pub(crate) fn binary(
         let planes: usize = out_shape[..k].iter().product();
         let s: usize = out_shape[k..].iter().product();
         if b.numel() == planes && (1..=MAX_GRID_Y).contains(&planes) && s > 1 {
+            let ptrs = (ptr(a)?, ptr(&b)?, ptr(&y)?);
+            if vector::try_plane_binary(&gpu, a.dtype(), ptrs, (planes, s), op, planes)? {
+                return Ok(y);
+            }
             launch!(gpu, format!("plane_binary_{t}"), cfg_planes(planes, s);
                 ptr(a)?, ptr(&b)?, ptr(&y)?, s as i64, op, planes as i64);
             return Ok(y);
@@ -469,6 +473,14 @@ pub(crate) fn permute(x: &Tensor, out_shape: &[usize], src_strides: &[usize]) ->
         // [n, r, c] -> [n, c, r] (image <-> tokens): a tiled transpose.
         let (c, r) = (out_shape[1], out_shape[2]);
         if src_strides == [r * c, 1, c] {
+            if transpose_pairs(
+                &gpu,
+                (ptr(x)?, ptr(&y)?, None),
+                x.dtype(),
+                (out_shape[0], r, c),
+            )? {
+                return Ok(y);
+            }
             let cfg = LaunchConfig {
                 grid_dim: (
                     c.div_ceil(32) as u32,
@@ -488,6 +500,35 @@ pub(crate) fn permute(x: &Tensor, out_shape: &[usize], src_strides: &[usize]) ->
             ptr(x)?, ptr(&y)?, n as i64, p);
     }
     Ok(y)
+}
+
+/// `dst[n, cols, rows] = src[n, rows, cols]` (+ `bias[col]` where given, a per-channel bias of
+/// an NHWC → NCHW transpose) with two elements per access, where `rows` and `cols` are even and
+/// the pointers aligned to two elements; returns whether it launched.
+fn transpose_pairs(
+    gpu: &Arc<Gpu>,
+    (src, dst, bias): (u64, u64, Option<u64>),
+    dt: DType,
+    (n, rows, cols): (usize, usize, usize),
+) -> Result<bool> {
+    let pair = 2 * dt.size() as u64;
+    if rows % 2 != 0
+        || cols % 2 != 0
+        || src % pair != 0
+        || dst % pair != 0
+        || n > MAX_GRID_Y
+        || rows.div_ceil(64) > MAX_GRID_Y
+    {
+        return Ok(false);
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (cols.div_ceil(64) as u32, rows.div_ceil(64) as u32, n as u32),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(gpu, format!("transpose_pairs_{}", tname(dt)), cfg;
+        src, dst, rows as i64, cols as i64, bias.unwrap_or(0));
+    Ok(true)
 }
 
 /// Rows of `table` picked by host-checked ids.

@@ -254,6 +254,110 @@ __device__ void transpose_impl(const W* src, W* dst, long rows, long cols) {
         if (r < rows && c < cols) d[c * rows + r] = tile[threadIdx.x][i];
     }
 }
+// ---- batched 2-D transpose, two elements per access: src [n, rows, cols] -> dst [n, cols, rows] ----
+// rows and cols even, pointers aligned to two elements; 64×64 tiles, block (32, 8). With `bias`,
+// dst row j (src column j) gets bias[j] added in f32 (NHWC -> NCHW with a per-channel bias: a
+// convolution's epilogue). Same values as transpose_impl (and the separate bias add) otherwise.
+template <typename T> struct alignas(2 * sizeof(T)) Pair { T a, b; };
+template <typename T>
+__device__ void transpose_pairs_impl(const T* src, T* dst, long rows, long cols, const T* bias) {
+    __shared__ T tile[64][66];
+    long n = blockIdx.z;
+    long r0 = (long)blockIdx.y * 64, c0 = (long)blockIdx.x * 64;
+    const T* s = src + n * rows * cols;
+    T* d = dst + n * rows * cols;
+    int tx = threadIdx.x, ty = threadIdx.y;
+    for (int i = ty; i < 64; i += 8) {
+        long r = r0 + i, c = c0 + 2 * tx;
+        if (r < rows && c < cols) {
+            Pair<T> p = *(const Pair<T>*)(s + r * cols + c);
+            tile[i][2 * tx] = p.a;
+            tile[i][2 * tx + 1] = p.b;
+        }
+    }
+    __syncthreads();
+    for (int i = ty; i < 64; i += 8) {
+        long c = c0 + i, r = r0 + 2 * tx;
+        if (r < rows && c < cols) {
+            Pair<T> p;
+            p.a = tile[2 * tx][i];
+            p.b = tile[2 * tx + 1][i];
+            if (bias) {
+                float bv = to_f(bias[c]);
+                p.a = from_f<T>(to_f(p.a) + bv);
+                p.b = from_f<T>(to_f(p.b) + bv);
+            }
+            *(Pair<T>*)(d + c * rows + r) = p;
+        }
+    }
+}
+
+// ---- per-plane kernels with N elements per access (s % N == 0, aligned): the twins of
+// plane_binary_impl and gn_apply_planes_impl, and of gn_sums_impl (group_len and chunk multiples
+// of N; the f32 partial sums are grouped differently, the f64 totals agree to rounding) ----
+template <typename T>
+__device__ void plane_binary_vec_impl(const T* a, const T* v, T* y, long s, int op, long vmod) {
+    constexpr int N = VecN<T>::N;
+    long p = blockIdx.y;
+    float w = to_f(v[p % vmod]);
+    const T* ap = a + p * s;
+    T* yp = y + p * s;
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < s / N; i += (long)blockDim.x * gridDim.x) {
+        float f[N];
+        vload(ap + i * N, f);
+#pragma unroll
+        for (int k = 0; k < N; ++k) f[k] = binary_op(f[k], w, op);
+        vstore(yp + i * N, f);
+    }
+}
+template <typename T>
+__device__ void gn_apply_planes_vec_impl(const T* x, const float* mean_rstd, const T* gamma, const T* beta, T* y,
+                                         int c, long s, int groups, int silu) {
+    constexpr int N = VecN<T>::N;
+    long p = blockIdx.y;
+    int ch = (int)(p % c);
+    long bg = (p / c) * groups + ch / (c / groups);
+    float rstd = mean_rstd[bg * 2 + 1];
+    float scale = rstd * (gamma ? to_f(gamma[ch]) : 1.0f);
+    float shift = (beta ? to_f(beta[ch]) : 0.0f) - mean_rstd[bg * 2] * scale;
+    const T* xp = x + p * s;
+    T* yp = y + p * s;
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < s / N; i += (long)blockDim.x * gridDim.x) {
+        float f[N];
+        vload(xp + i * N, f);
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            float v = f[k] * scale + shift;
+            f[k] = silu ? silu_f(v) : v;
+        }
+        vstore(yp + i * N, f);
+    }
+}
+template <typename T>
+__device__ void gn_sums_vec_impl(const T* x, double* sums, long group_len, long chunk) {
+    constexpr int N = VecN<T>::N;
+    __shared__ float sh[32];
+    long bg = blockIdx.y;
+    long start = (long)blockIdx.x * chunk;
+    long end = min(start + chunk, group_len);
+    const T* base = x + bg * group_len;
+    float s = 0.0f, s2 = 0.0f;
+    for (long i = start / N + threadIdx.x; i < end / N; i += blockDim.x) {
+        float f[N];
+        vload(base + i * N, f);
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            s += f[k];
+            s2 += f[k] * f[k];
+        }
+    }
+    float ts = block_sum(s, sh);
+    float ts2 = block_sum(s2, sh);
+    if (threadIdx.x == 0) {
+        atomicAdd(&sums[bg * 2], (double)ts);
+        atomicAdd(&sums[bg * 2 + 1], (double)ts2);
+    }
+}
 extern "C" __global__ void copy2d_u128(const U4* s, U4* d, long rows, long cols, long sp, long dp) {
     copy2d_impl<U4>(s, d, rows, cols, sp, dp);
 }

@@ -1,7 +1,28 @@
-//! Convolutions on the GPU through cuDNN (NCHW, tensor-op math, algorithm choice cached per
-//! shape), with convolutions too large for cuDNN's 2³¹-byte limit run in row bands.
+//! Convolutions on the GPU through cuDNN (tensor-op math, algorithm choice cached per shape),
+//! with convolutions too large for cuDNN's 2³¹-byte limit run in row bands.
+//!
+//! Activations are NCHW. cuDNN's fast Hopper kernels are NHWC: given NCHW operands it transposes
+//! the input, the filter and the output around every call, and the bias is one more pass. f16 and
+//! bf16 convolutions therefore run in NHWC here: the filter is transposed once and kept (per
+//! weight tensor, for as long as that tensor lives), the input is transposed in, and the output
+//! is transposed back with the bias added in the same pass ([`set_conv_nhwc`]).
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::*;
+
+static CONV_NHWC: AtomicBool = AtomicBool::new(true);
+
+/// Whether f16 and bf16 convolutions run in NHWC (on unless [`set_conv_nhwc`] turned it off).
+pub fn conv_nhwc() -> bool {
+    CONV_NHWC.load(Ordering::Relaxed)
+}
+
+/// Runs f16 and bf16 convolutions in NHWC with kept filters and a fused bias (on by default), or
+/// as cuDNN's NCHW calls with a separate bias add, for this process.
+pub fn set_conv_nhwc(on: bool) {
+    CONV_NHWC.store(on, Ordering::Relaxed);
+}
 
 /// Key of a cached cuDNN algorithm choice.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -13,6 +34,8 @@ pub(crate) struct ConvKey {
     w: [i32; 4],
     pad: [i32; 2],
     stride: i32,
+    /// Operands in NHWC (the filter as `[co, kh, kw, ci]`); dims stay `[n, c, h, w]`.
+    nhwc: bool,
 }
 
 macro_rules! with_type {
@@ -50,7 +73,11 @@ where
         .lock()
         .map_err(|_| gpu.err("cudnn", "lock poisoned"))?;
     gpu.ctx.bind_to_thread().map_err(|x| gpu.err("bind", x))?;
-    let fmt = dnn_sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+    let fmt = if key.nhwc {
+        dnn_sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC
+    } else {
+        dnn_sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW
+    };
     let xd = gpu
         .cudnn
         .create_4d_tensor::<T>(fmt, key.x)
@@ -243,16 +270,40 @@ fn conv2d_whole(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) 
     let (hi, wi) = (xin.shape()[2], xin.shape()[3]);
     let ho = (hi + 2 * ph - kh) / p.stride + 1;
     let wo = (wi + 2 * pw - kw) / p.stride + 1;
-    let mut ys = gpu.alloc(dt, b * co * ho * wo)?;
-    let key = ConvKey {
+    let mut key = ConvKey {
         dtype: dt,
         tf32: dt == DType::F32 && gpu.tf32(),
         x: [b as i32, ci as i32, hi as i32, wi as i32],
         w: [co as i32, ci as i32, kh as i32, kw as i32],
         pad: [ph as i32, pw as i32],
         stride: p.stride as i32,
+        nhwc: false,
     };
     let ydims = [b as i32, co as i32, ho as i32, wo as i32];
+    let even = [ci, co, hi * wi, ho * wo].iter().all(|d| d % 2 == 0);
+    if dt != DType::F32 && conv_nhwc() && even {
+        // NHWC: the input transposed in, the kept filter, the output transposed back + bias.
+        let xn = out(&gpu, &[b, hi, wi, ci], dt)?;
+        if transpose_pairs(&gpu, (ptr(&xin)?, ptr(&xn)?, None), dt, (b, ci, hi * wi))? {
+            let wn = nhwc_filter(&gpu, &w)?;
+            key.nhwc = true;
+            let mut ys = gpu.alloc(dt, b * co * ho * wo)?;
+            with_type!(dt, T => conv_cudnn::<T>(&gpu, (storage(&xn)?, storage(&wn)?, &mut ys), key, ydims))?;
+            drop(xn);
+            let yn = Tensor::from_cuda(&[b, ho * wo, co], dt, ys);
+            let bias = match bias {
+                Some(bs) if bs.dtype() != dt => Some(cast(bs, dt)?),
+                other => other.cloned(),
+            };
+            let bp = bias.as_ref().map(ptr).transpose()?;
+            let y = out(&gpu, &[b, co, ho, wo], dt)?;
+            if transpose_pairs(&gpu, (ptr(&yn)?, ptr(&y)?, bp), dt, (b, ho * wo, co))? {
+                return Ok(y);
+            }
+            return Err(gpu.err("conv2d", "NHWC output transpose not launched"));
+        }
+    }
+    let mut ys = gpu.alloc(dt, b * co * ho * wo)?;
     with_type!(dt, T => conv_cudnn::<T>(&gpu, (storage(&xin)?, storage(&w)?, &mut ys), key, ydims))?;
     let y = Tensor::from_cuda(&[b, co, ho, wo], dt, ys);
     if let Some(bs) = bias {
@@ -271,4 +322,26 @@ fn conv2d_whole(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) 
         }
     }
     Ok(y)
+}
+
+/// The filter `w: [co, ci, kh, kw]` as `[co, kh, kw, ci]` (cuDNN's NHWC filter), transposed once
+/// per weight tensor and kept while that tensor lives (keyed by its storage; entries of dropped
+/// weights are removed at the next insertion).
+fn nhwc_filter(gpu: &Arc<Gpu>, w: &Tensor) -> Result<Tensor> {
+    let (id, weak) = w.storage_id();
+    let kept = gpu.conv_filters.lock().ok().and_then(|m| {
+        m.get(&id)
+            .filter(|(wk, shape, _)| wk.strong_count() > 0 && shape == w.shape())
+            .map(|(_, _, t)| t.clone())
+    });
+    if let Some(t) = kept {
+        return Ok(t);
+    }
+    let s = w.shape();
+    let t = w.reshape(&[s[0], s[1], s[2] * s[3]])?.permute(&[0, 2, 1])?;
+    if let Ok(mut m) = gpu.conv_filters.lock() {
+        m.retain(|_, (wk, _, _)| wk.strong_count() > 0);
+        m.insert(id, (weak, s.to_vec(), t.clone()));
+    }
+    Ok(t)
 }

@@ -31,8 +31,10 @@ fn gn_sums(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    launch!(gpu, format!("gn_sums_{}", tname(x.dtype())), cfg;
-        ptr(x)?, sp, group_len as i64, chunk as i64);
+    let xp = ptr(x)?;
+    let name = vector::gn_sums_vec_name(x.dtype(), xp, group_len, chunk)
+        .unwrap_or_else(|| format!("gn_sums_{}", tname(x.dtype())));
+    launch!(gpu, name, cfg; xp, sp, group_len as i64, chunk as i64);
     Ok(sums)
 }
 
@@ -70,6 +72,10 @@ fn gn_apply(
     let y = out(&gpu, x.shape(), dt)?;
     let n = x.numel();
     let planes = n / s.max(1);
+    let ptrs = (ptr(x)?, mean_rstd, gp, bp, ptr(&y)?);
+    if vector::try_gn_apply_planes(&gpu, dt, ptrs, (planes, c, s, groups), silu)? {
+        return Ok(y);
+    }
     if (1..=MAX_GRID_Y).contains(&planes) {
         launch!(gpu, format!("gn_apply_planes_{}", tname(dt)), cfg_planes(planes, s);
             ptr(x)?, mean_rstd, gp, bp, ptr(&y)?, c as i32, s as i64, groups as i32, silu as i32);

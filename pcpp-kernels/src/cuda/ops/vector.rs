@@ -103,6 +103,57 @@ pub(super) fn try_binary_same(
     Ok(true)
 }
 
+/// `y[p, :] = a[p, :] op v[p % vmod]` over `planes` planes of `s` elements, vectorised (the
+/// per-plane broadcast of a `[b, c, 1, 1]` operand or a per-channel bias).
+pub(super) fn try_plane_binary(
+    gpu: &Arc<Gpu>,
+    dt: DType,
+    (a, v, y): (u64, u64, u64),
+    (planes, s): (usize, usize),
+    op: i32,
+    vmod: usize,
+) -> Result<bool> {
+    let n = lanes(dt);
+    if !vector_kernels() || s % n != 0 || !aligned(&[a, y]) || !(1..=MAX_GRID_Y).contains(&planes) {
+        return Ok(false);
+    }
+    launch!(gpu, format!("plane_binary_vec_{}", tname(dt)), super::cfg_planes(planes, s / n);
+        a, v, y, s as i64, op, vmod as i64);
+    Ok(true)
+}
+
+/// Group-norm apply over `planes` planes of `s` elements (`c` channels, `groups` groups, the
+/// per-(batch, group) mean and 1/σ at `mean_rstd`), vectorised.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn try_gn_apply_planes(
+    gpu: &Arc<Gpu>,
+    dt: DType,
+    (x, mean_rstd, gamma, beta, y): (u64, u64, u64, u64, u64),
+    (planes, c, s, groups): (usize, usize, usize, usize),
+    silu: bool,
+) -> Result<bool> {
+    let n = lanes(dt);
+    if !vector_kernels() || s % n != 0 || !aligned(&[x, y]) || !(1..=MAX_GRID_Y).contains(&planes) {
+        return Ok(false);
+    }
+    launch!(gpu, format!("gn_apply_planes_vec_{}", tname(dt)), super::cfg_planes(planes, s / n);
+        x, mean_rstd, gamma, beta, y, c as i32, s as i64, groups as i32, silu as i32);
+    Ok(true)
+}
+
+/// Whether the group-norm sums of groups of `group_len` elements at `x`, in chunks of `chunk`,
+/// can take the vectorised kernel; its name if so.
+pub(super) fn gn_sums_vec_name(
+    dt: DType,
+    x: u64,
+    group_len: usize,
+    chunk: usize,
+) -> Option<String> {
+    let n = lanes(dt);
+    (vector_kernels() && group_len % n == 0 && chunk % n == 0 && aligned(&[x]))
+        .then(|| format!("gn_sums_vec_{}", tname(dt)))
+}
+
 /// `(rows, rows per broadcast row, cols)` when `full` (strides `sf`) is contiguous over `out`
 /// and `bc` (strides `sbc`) is a contiguous `[P, C]` broadcast over one run of axes: out viewed as
 /// `[P, R, C]`, `bc` as `[P, 1, C]`.
