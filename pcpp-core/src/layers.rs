@@ -7,7 +7,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use pcpp_kernels::{Conv2dParams, KernelError, Tensor};
+use pcpp_kernels::{Cols, Conv2dParams, KernelError, Tensor};
 
 /// Errors of the parallel core. Variants name the layer and, where relevant, the rank.
 #[derive(Debug, thiserror::Error)]
@@ -185,6 +185,24 @@ impl AttentionWeights {
         ))
     }
 
+    /// The q, k and v projections stacked for one GEMM: `x · [Wq; Wk; Wv]ᵀ + [bq | bk | bv] =
+    /// [q | k | v]` (see [`StackedProjection`]).
+    pub fn stacked_qkv(&self) -> std::result::Result<StackedProjection, KernelError> {
+        StackedProjection::new(&[
+            (&self.to_q, self.q_bias.as_ref()),
+            (&self.to_k, self.k_bias.as_ref()),
+            (&self.to_v, self.v_bias.as_ref()),
+        ])
+    }
+
+    /// The k and v projections stacked for one GEMM: `[k | v]`.
+    pub fn stacked_kv(&self) -> std::result::Result<StackedProjection, KernelError> {
+        StackedProjection::new(&[
+            (&self.to_k, self.k_bias.as_ref()),
+            (&self.to_v, self.v_bias.as_ref()),
+        ])
+    }
+
     /// Attention of `q` over `k, v`, then the output projection.
     pub fn attend(
         &self,
@@ -193,6 +211,41 @@ impl AttentionWeights {
         v: &Tensor,
     ) -> std::result::Result<Tensor, KernelError> {
         Tensor::attention(q, k, v, self.heads, false)?.linear(&self.to_out, self.out_bias.as_ref())
+    }
+}
+
+/// Linear projections of the same input stacked into one GEMM: `[W₁; W₂; …]` (PyTorch layout,
+/// rows stacked) and the biases side by side (zeros for a projection without one, when another
+/// has one). Its output is the projections' outputs side by side, `[y₁ | y₂ | …]`; attention
+/// reads q, k and v from it in place ([`Tensor::attention_packed`]).
+#[derive(Debug, Clone)]
+pub struct StackedProjection {
+    pub w: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl StackedProjection {
+    fn new(parts: &[(&Tensor, Option<&Tensor>)]) -> std::result::Result<Self, KernelError> {
+        let ws: Vec<&Tensor> = parts.iter().map(|p| p.0).collect();
+        let w = Tensor::cat(&ws, 0)?;
+        let bias = if let Some(dt) = parts.iter().find_map(|p| p.1.map(|b| b.dtype())) {
+            let bs: Vec<Tensor> = parts
+                .iter()
+                .map(|(w, b)| match b {
+                    Some(b) => Ok((*b).clone()),
+                    None => Tensor::zeros_on(&[w.shape()[0]], dt, w.device()),
+                })
+                .collect::<std::result::Result<_, KernelError>>()?;
+            Some(Tensor::cat(&bs.iter().collect::<Vec<_>>(), 0)?)
+        } else {
+            None
+        };
+        Ok(StackedProjection { w, bias })
+    }
+
+    /// `x · Wᵀ + b`.
+    pub fn forward(&self, x: &Tensor) -> std::result::Result<Tensor, KernelError> {
+        x.linear(&self.w, self.bias.as_ref())
     }
 }
 
@@ -432,15 +485,39 @@ impl GroupNormLayer for SerialGroupNorm {
     }
 }
 
+/// Self-attention of the whole image: q, k and v from one stacked GEMM, attended over in place.
 struct SerialAttention {
     id: String,
-    w: AttentionWeights,
+    qkv: StackedProjection,
+    to_out: Tensor,
+    out_bias: Option<Tensor>,
+    heads: usize,
+}
+
+impl SerialAttention {
+    fn new(id: &str, w: AttentionWeights) -> Result<Self> {
+        Ok(SerialAttention {
+            id: id.to_string(),
+            qkv: w.stacked_qkv().at(id)?,
+            to_out: w.to_out,
+            out_bias: w.out_bias,
+            heads: w.heads,
+        })
+    }
 }
 
 impl SelfAttentionLayer for SerialAttention {
     fn forward(&self, _ctx: &StepCtx, x: &Tensor, _spatial: (usize, usize)) -> Result<Tensor> {
-        let (q, k, v) = self.w.qkv(x).at(&self.id)?;
-        self.w.attend(&q, &k, &v).at(&self.id)
+        let c = self.to_out.shape()[1];
+        let qkv = self.qkv.forward(x).at(&self.id)?;
+        let (q, k, v) = (
+            Cols::new(&qkv, 0),
+            Cols::new(&qkv, c),
+            Cols::new(&qkv, 2 * c),
+        );
+        Tensor::attention_packed(q, k, v, c, self.heads, false)
+            .and_then(|y| y.linear(&self.to_out, self.out_bias.as_ref()))
+            .at(&self.id)
     }
 }
 
@@ -577,10 +654,7 @@ impl LayerFactory for SerialFactory {
         id: &str,
         weights: AttentionWeights,
     ) -> Result<Arc<dyn SelfAttentionLayer>> {
-        Ok(Arc::new(SerialAttention {
-            id: id.to_string(),
-            w: weights,
-        }))
+        Ok(Arc::new(SerialAttention::new(id, weights)?))
     }
 
     fn projected_attention(

@@ -35,8 +35,8 @@ pub use grid::ProcessGrid;
 pub use layers::{
     AttentionWeights, BandLocator, BandRect, ChannelSplit, Conv2dLayer, CoreError,
     FeedForwardLayer, FeedForwardWeights, GatherLayer, GroupNormLayer, LayerFactory,
-    ProjectedAttentionLayer, Result, SelfAttentionLayer, SerialDriver, SerialFactory, StepCtx,
-    StepDriver,
+    ProjectedAttentionLayer, Result, SelfAttentionLayer, SerialDriver, SerialFactory,
+    StackedProjection, StepCtx, StepDriver,
 };
 pub use patch::PatchRuntime;
 pub use plan::{plan, Inventory, LayerKind, LayerSpec, Plan, PlanSetup, RankPlan};

@@ -22,6 +22,7 @@ mod group_norm;
 pub mod io;
 mod linear_act;
 mod ops;
+mod packed_attention;
 mod rotary;
 pub mod shards;
 mod tensor;
@@ -31,6 +32,7 @@ pub use error::{KernelError, Result};
 pub use finite::FLAG_CLEAR;
 pub use group_norm::GroupStats;
 pub use ops::{Activation, Conv2dParams};
+pub use packed_attention::Cols;
 pub use tensor::Tensor;
 
 /// Peak memory of a device since the last [`reset_memory_high_water`]: `(allocated, reserved)`

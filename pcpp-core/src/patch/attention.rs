@@ -1,48 +1,48 @@
 //! The patch-parallel attention layers (PCPP §2.3–2.4, §7.2, §7.5): own K/V fresh; in stale
 //! steps only the partial-conditioning window of the other bands is sent and used, one step old;
 //! synchronous steps attend over all bands' fresh K/V (exact); naive patch parallelism attends
-//! over its own band only. One K/V exchange ([`band_kv`]) serves both the self-attention that
-//! owns its projections (the UNet's) and the attention over model-projected q/k/v with always
-//! local extra tokens (a DiT's joint text + image attention, whose text K/V never travel).
+//! over its own band only. One K/V exchange ([`band_kv`], of k and v packed side by side) serves
+//! both the self-attention that owns its projections (the UNet's: `[k | v]` from one GEMM, read
+//! in place by the attention) and the attention over model-projected q/k/v with always local
+//! extra tokens (a DiT's joint text + image attention, whose text K/V never travel).
 
 use std::sync::Arc;
 
-use pcpp_kernels::Tensor;
+use pcpp_kernels::{Cols, Tensor};
 
 use super::Shared;
 use crate::cache::Slot;
 use crate::exchange::RecvSpec;
 use crate::layers::{
     joint_attend, AttentionWeights, CoreError, LayerContext, ProjectedAttentionLayer, Result,
-    SelfAttentionLayer, StepCtx,
+    SelfAttentionLayer, StackedProjection, StepCtx,
 };
 use crate::plan::{band_tokens, kv_recvs, kv_sends};
 
-/// The K and V that the band's queries attend over at `level`: the other bands' (all of them,
-/// fresh, in synchronous steps; the stale window within the level's portion otherwise) around
-/// this band's own `k`, `v` (`[b, l, c]`), top to bottom. Without a slot (naive patch, serial)
-/// just the own K/V.
+/// The K and V that the band's queries attend over at `level`, packed `[k | v]` (`[b, L, 2c]`):
+/// the other bands' (all of them, fresh, in synchronous steps; the stale window within the
+/// level's portion otherwise) around this band's own `kv` (`[b, l, 2c]`), top to bottom. Without
+/// a slot (naive patch, serial) just the own K/V.
 fn band_kv(
     sh: &Shared,
     slot: Option<&Arc<Slot>>,
     ctx: &StepCtx,
     id: &str,
     level: usize,
-    k: &Tensor,
-    v: &Tensor,
-) -> Result<(Tensor, Tensor)> {
+    kv: &Tensor,
+) -> Result<Tensor> {
     let slot = match (slot, sh.communicates()) {
         (Some(s), true) => s,
-        _ => return Ok((k.clone(), v.clone())),
+        _ => return Ok(kv.clone()),
     };
     let plan = sh.plan();
     let me = sh.me();
     let tokens = band_tokens(plan, level);
-    let (b, l, c) = match k.shape() {
-        &[b, l, c] => (b, l, c),
+    let (b, l, c2) = match kv.shape() {
+        &[b, l, c2] => (b, l, c2),
         s => {
             return Err(CoreError::Config(format!(
-                "layer `{id}`: expected tokens [b, l, c], got {s:?}"
+                "layer `{id}`: expected tokens [b, l, 2c], got {s:?}"
             )))
         }
     };
@@ -52,13 +52,12 @@ fn band_kv(
             tokens[me]
         )));
     }
-    let kv = Tensor::cat(&[k, v], 2).at(id)?;
     let portion = sh.cfg.portion_at(level);
-    let dev = k.device();
+    let dev = kv.device();
     let spec = |peer: usize, n: usize| RecvSpec {
         peer,
-        shape: vec![b, n, 2 * c],
-        dtype: k.dtype(),
+        shape: vec![b, n, c2],
+        dtype: kv.dtype(),
     };
     // Other bands' K/V, top to bottom, with the band they come from.
     let mut others: Vec<(usize, Tensor)> = Vec::new();
@@ -97,19 +96,45 @@ fn band_kv(
         others.extend(want.iter().map(|(j, _)| *j).zip(got));
     }
     let mut parts: Vec<&Tensor> = others.iter().filter(|o| o.0 < me).map(|o| &o.1).collect();
-    parts.push(&kv);
+    parts.push(kv);
     parts.extend(others.iter().filter(|o| o.0 > me).map(|o| &o.1));
-    let win = Tensor::cat(&parts, 1).at(id)?;
-    let kw = win.narrow(2, 0, c).at(id)?;
-    let vw = win.narrow(2, c, c).at(id)?;
-    Ok((kw, vw))
+    Tensor::cat(&parts, 1).at(id)
 }
 
+/// The patch-parallel self-attention of a model that gives its projection weights: q from one
+/// GEMM, `[k | v]` from another (one tensor to send, store and stack into the window), and the
+/// attention reads k and v from the packed window in place.
 pub(super) struct PatchAttention {
-    pub(super) id: String,
-    pub(super) sh: Arc<Shared>,
-    pub(super) w: AttentionWeights,
-    pub(super) slot: Option<Arc<Slot>>,
+    id: String,
+    sh: Arc<Shared>,
+    to_q: Tensor,
+    q_bias: Option<Tensor>,
+    kv: StackedProjection,
+    to_out: Tensor,
+    out_bias: Option<Tensor>,
+    heads: usize,
+    slot: Option<Arc<Slot>>,
+}
+
+impl PatchAttention {
+    pub(super) fn new(
+        id: &str,
+        sh: Arc<Shared>,
+        w: AttentionWeights,
+        slot: Option<Arc<Slot>>,
+    ) -> Result<Self> {
+        Ok(PatchAttention {
+            id: id.to_string(),
+            sh,
+            kv: w.stacked_kv().at(id)?,
+            to_q: w.to_q,
+            q_bias: w.q_bias,
+            to_out: w.to_out,
+            out_bias: w.out_bias,
+            heads: w.heads,
+            slot,
+        })
+    }
 }
 
 impl SelfAttentionLayer for PatchAttention {
@@ -117,9 +142,14 @@ impl SelfAttentionLayer for PatchAttention {
         let id = &self.id;
         let (rows, cols) = spatial;
         let level = self.sh.level_at(ctx, id, rows, cols)?;
-        let (q, k, v) = self.w.qkv(x).at(id)?;
-        let (kw, vw) = band_kv(&self.sh, self.slot.as_ref(), ctx, id, level, &k, &v)?;
-        self.w.attend(&q, &kw, &vw).at(id)
+        let q = x.linear(&self.to_q, self.q_bias.as_ref()).at(id)?;
+        let kv = self.kv.forward(x).at(id)?;
+        let win = band_kv(&self.sh, self.slot.as_ref(), ctx, id, level, &kv)?;
+        let c = q.shape()[2];
+        let (k, v) = (Cols::new(&win, 0), Cols::new(&win, c));
+        Tensor::attention_packed(Cols::new(&q, 0), k, v, c, self.heads, false)
+            .and_then(|y| y.linear(&self.to_out, self.out_bias.as_ref()))
+            .at(id)
     }
 }
 
@@ -143,7 +173,13 @@ impl ProjectedAttentionLayer for PatchProjectedAttention {
         let id = &self.id;
         let (rows, cols) = spatial;
         let level = self.sh.level_at(ctx, id, rows, cols)?;
-        let (kw, vw) = band_kv(&self.sh, self.slot.as_ref(), ctx, id, level, k, v)?;
+        if self.slot.is_none() || !self.sh.communicates() {
+            return joint_attend(id, self.heads, q, k, v, extra);
+        }
+        let kv = Tensor::cat(&[k, v], 2).at(id)?;
+        let win = band_kv(&self.sh, self.slot.as_ref(), ctx, id, level, &kv)?;
+        let c = k.shape()[2];
+        let (kw, vw) = (win.narrow(2, 0, c).at(id)?, win.narrow(2, c, c).at(id)?);
         joint_attend(id, self.heads, q, &kw, &vw, extra)
     }
 }

@@ -127,12 +127,12 @@ impl LayerFactory for PatchRuntime {
             return crate::tensor::attention(self.sh.clone(), id, weights);
         }
         let slot = self.slot_for(id, CommKind::Attention)?;
-        Ok(Arc::new(PatchAttention {
-            id: id.to_string(),
-            sh: self.sh.clone(),
-            w: weights,
+        Ok(Arc::new(PatchAttention::new(
+            id,
+            self.sh.clone(),
+            weights,
             slot,
-        }))
+        )?))
     }
 
     fn projected_attention(

@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::tma::{matrix_map, TensorMap};
+use super::tma::matrix_map;
 use super::{cast, cfg_rows, gemm_batched, gpu_of, out, ptr, tname, Gpu};
-use crate::{DType, Result, Tensor};
+use crate::{Cols, DType, Result, Tensor};
 
 /// Scores of at most this many bytes are materialised at once (per query chunk).
 const ATTN_SCORE_BYTES: usize = 256 << 20;
@@ -46,19 +46,9 @@ pub(crate) fn attention(
         return Ok(y);
     }
     let scale_log2 = std::f32::consts::LOG2_E / (dh as f32).sqrt();
-    let ws = flash128().warpspec_form().filter(|_| gpu.flash_ws);
-    if let (Some(form), 64 | 128, false) = (ws, dh, dt == DType::F32) {
-        if let Some([tq, tk, tv]) = warpspec_maps((q, &k, &v), (b, lq, lk, dm)) {
-            let cfg = LaunchConfig {
-                grid_dim: (lq.div_ceil(128) as u32, heads as u32, b as u32),
-                block_dim: (384, 1, 1),
-                shared_mem_bytes: flash_hopper_bytes(dh),
-            };
-            launch!(gpu, format!("{}_{}", flash_ws_name(dh, form), tname(dt)), cfg;
-                tq, tk, tv, ptr(&y)?, lq as i32, lk as i32, heads as i32, scale_log2,
-                causal as i32);
-            return Ok(y);
-        }
+    let blocks = [(q, 0), (&k, 0), (&v, 0)].map(|(t, start)| (t, start, dm));
+    if warpspec(&gpu, blocks, &y, (lk, heads), causal)? {
+        return Ok(y);
     }
     // The Hopper kernel without TMA, where chosen (or a warp-specialised one was) and available.
     let hopper = gpu.flash_hopper
@@ -105,14 +95,68 @@ pub(crate) fn flash_hopper_name(dh: usize) -> String {
     format!("flash_wg{dh}")
 }
 
-/// The TMA maps of Q, K and V (128-row boxes), or `None` where one cannot be made (the caller
-/// then takes [`Flash128::Hopper`]'s kernel, which loads with `cp.async`).
-fn warpspec_maps(
-    (q, k, v): (&Tensor, &Tensor, &Tensor),
-    (b, lq, lk, dm): (usize, usize, usize, usize),
-) -> Option<[TensorMap; 3]> {
-    let map = |t: &Tensor, rows: usize| matrix_map(ptr(t).ok()?, t.dtype(), (b, rows, dm), 128);
-    Some([map(q, lq)?, map(k, lk)?, map(v, lk)?])
+/// The warp-specialised kernel on Q, K and V given as `(tensor [b, l, n], first column, row
+/// stride n)` blocks of `heads · dh` columns, into `y: [b, lq, heads · dh]`; returns whether it
+/// ran: it needs an sm_90a device with [`Flash128::Warpspec`] (or a form of it) chosen, f16 or
+/// bf16, head size 64 or 128, and TMA maps of all three (128-row boxes; where one cannot be made
+/// the caller takes another kernel).
+fn warpspec(
+    gpu: &Arc<Gpu>,
+    blocks: [(&Tensor, usize, usize); 3],
+    y: &Tensor,
+    (lk, heads): (usize, usize),
+    causal: bool,
+) -> Result<bool> {
+    let (b, lq, dm) = (y.shape()[0], y.shape()[1], y.shape()[2]);
+    let dt = y.dtype();
+    let dh = dm / heads;
+    let form = match flash128().warpspec_form() {
+        Some(f) if gpu.flash_ws && matches!(dh, 64 | 128) && dt != DType::F32 => f,
+        _ => return Ok(false),
+    };
+    let map = |(t, start, n): (&Tensor, usize, usize), rows: usize| {
+        let addr = ptr(t).ok()? + (start * dt.size()) as u64;
+        matrix_map(addr, dt, (b, rows, dm), n, 128)
+    };
+    let (Some(tq), Some(tk), Some(tv)) =
+        (map(blocks[0], lq), map(blocks[1], lk), map(blocks[2], lk))
+    else {
+        return Ok(false);
+    };
+    let scale_log2 = std::f32::consts::LOG2_E / (dh as f32).sqrt();
+    let cfg = LaunchConfig {
+        grid_dim: (lq.div_ceil(128) as u32, heads as u32, b as u32),
+        block_dim: (384, 1, 1),
+        shared_mem_bytes: flash_hopper_bytes(dh),
+    };
+    launch!(gpu, format!("{}_{}", flash_ws_name(dh, form), tname(dt)), cfg;
+        tq, tk, tv, ptr(y)?, lq as i32, lk as i32, heads as i32, scale_log2, causal as i32);
+    Ok(true)
+}
+
+/// [`crate::Tensor::attention_packed`] where its blocks can be read in place (see
+/// [`warpspec`]): `None` otherwise, and the caller copies the blocks out. The caller checked
+/// shapes, devices and `width % heads`.
+pub(crate) fn attention_in_place(
+    q: Cols,
+    k: Cols,
+    v: Cols,
+    width: usize,
+    heads: usize,
+    causal: bool,
+) -> Result<Option<Tensor>> {
+    let dt = q.t.dtype();
+    if k.t.dtype() != dt || v.t.dtype() != dt {
+        return Ok(None);
+    }
+    let gpu = gpu_of(q.t)?;
+    let (b, lq) = (q.t.shape()[0], q.t.shape()[1]);
+    let y = out(&gpu, &[b, lq, width], dt)?;
+    if b * lq == 0 {
+        return Ok(Some(y));
+    }
+    let blocks = [q, k, v].map(|c| (c.t, c.start, c.t.shape()[2]));
+    Ok(warpspec(&gpu, blocks, &y, (k.t.shape()[1], heads), causal)?.then_some(y))
 }
 
 /// The warp-specialised kernel of `form` ([`Flash128::warpspec_form`]) for head size `dh` (64 or

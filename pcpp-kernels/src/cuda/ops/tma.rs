@@ -19,14 +19,16 @@ unsafe impl DeviceRepr for TensorMap {}
 pub(crate) const BOX_COLS: u32 = 64;
 
 /// The map of `batch` row-major matrices of `rows` × `cols` 16-bit elements (`dt`) at device
-/// address `addr`, one after another, read in boxes of [`BOX_COLS`] columns and `box_rows` rows
-/// in the 128-byte-swizzle layout; rows past `rows` read as zeros. `None` where the driver
-/// cannot describe it (an address not 16-byte aligned, a row not a multiple of 16 bytes) or
-/// refuses: the caller takes a kernel without TMA.
+/// address `addr`, rows `stride` elements apart (≥ `cols`: the matrix may be a block of columns
+/// of a wider one), one matrix after another, read in boxes of [`BOX_COLS`] columns and
+/// `box_rows` rows in the 128-byte-swizzle layout; rows past `rows` and columns past `cols` read
+/// as zeros. `None` where the driver cannot describe it (an address not 16-byte aligned, a row
+/// stride not a multiple of 16 bytes) or refuses: the caller takes a kernel without TMA.
 pub(crate) fn matrix_map(
     addr: u64,
     dt: DType,
     (batch, rows, cols): (usize, usize, usize),
+    stride: usize,
     box_rows: u32,
 ) -> Option<TensorMap> {
     let ty = match dt {
@@ -34,8 +36,8 @@ pub(crate) fn matrix_map(
         DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
         DType::F32 => return None,
     };
-    let row_bytes = (cols * 2) as u64;
-    if addr % 16 != 0 || row_bytes % 16 != 0 || rows == 0 || batch == 0 {
+    let row_bytes = (stride * 2) as u64;
+    if addr % 16 != 0 || row_bytes % 16 != 0 || rows == 0 || batch == 0 || stride < cols {
         return None;
     }
     let dims = [cols as u64, rows as u64, batch as u64];
