@@ -12,6 +12,7 @@
 //! for halo convolutions and split group-norm statistics; those entry points are here too.
 
 mod adaln;
+mod add_norm;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -430,3 +430,37 @@ fn nhwc_convolutions_match_cpu_and_keep_filters_per_weight() {
         );
     }
 }
+
+/// The residual sum and its layer norm in one launch: against the CPU's add then layer norm, and
+/// bit for bit against the GPU's own add then layer norm (rows whose length is a multiple of the
+/// vector and rows that are not).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn add_layer_norm_matches_cpu_and_the_two_ops() {
+    set_vector_kernels(true);
+    for d in DTYPES {
+        for shape in [[2usize, 33, 640], [1, 7, 37]] {
+            let tag = format!("{shape:?}");
+            let a = rnd(&shape, d, 1).affine(3.0, 0.5).unwrap();
+            let r = rnd(&shape, d, 2);
+            let (g, b) = (rnd(&[shape[2]], d, 3), rnd(&[shape[2]], d, 4));
+            let (ga, gr, gg, gb) = (gpu(&a), gpu(&r), gpu(&g), gpu(&b));
+            let (s, y) = ga.add_layer_norm(&gr, Some(&gg), Some(&gb), 1e-5).unwrap();
+            let (cs, cy) = a.add_layer_norm(&r, Some(&g), Some(&b), 1e-5).unwrap();
+            check(&format!("add_layer_norm sum {tag}"), d, &s, &cs);
+            check(&format!("add_layer_norm norm {tag}"), d, &y, &cy);
+            let s2 = ga.add(&gr).unwrap();
+            let y2 = s2.layer_norm(Some(&gg), Some(&gb), 1e-5).unwrap();
+            assert_eq!(
+                s.to_bytes().unwrap(),
+                s2.to_bytes().unwrap(),
+                "{tag} {d}: sum bits"
+            );
+            assert_eq!(
+                y.to_bytes().unwrap(),
+                y2.to_bytes().unwrap(),
+                "{tag} {d}: norm bits"
+            );
+        }
+    }
+}

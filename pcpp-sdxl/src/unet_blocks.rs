@@ -218,10 +218,10 @@ impl TransformerBlock {
         let h = x.layer_norm(Some(&self.norm1.0), Some(&self.norm1.1), 1e-5)?;
         let a = self.attn1.forward(fw.ctx, &h, spatial)?;
         fw.tap(&format!("{}.attn1", self.name), &a);
-        let x = a.add(x)?;
-        let h = x.layer_norm(Some(&self.norm2.0), Some(&self.norm2.1), 1e-5)?;
-        let x = self.attn2.forward(fw, &h, cond)?.add(&x)?;
-        let h = x.layer_norm(Some(&self.norm3.0), Some(&self.norm3.1), 1e-5)?;
+        // Each residual sum and the norm after it in one op.
+        let (x, h) = a.add_layer_norm(x, Some(&self.norm2.0), Some(&self.norm2.1), 1e-5)?;
+        let c = self.attn2.forward(fw, &h, cond)?;
+        let (x, h) = c.add_layer_norm(&x, Some(&self.norm3.0), Some(&self.norm3.1), 1e-5)?;
         let h = self.ff.forward(fw.ctx, &h)?;
         fw.tap(&format!("{}.ff", self.name), &h);
         let out = h.add(&x)?;

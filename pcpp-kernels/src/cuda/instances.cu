@@ -47,6 +47,10 @@ INST_CAST(bf16, bf16_t, f16, f16_t)
                                                  long rpp) {                                                 \
         row_norm_warp_impl<T>(x, g, b, y, rows, d, eps, mean_too, vec, ms, mt, rpp);                         \
     }                                                                                                        \
+    extern "C" __global__ void add_row_norm_warp_##N(const T* a, const T* r, T* s, const T* g, const T* b, T* y, \
+                                                     long rows, long d, float eps, int vec) {                \
+        add_row_norm_warp_impl<T>(a, r, s, g, b, y, rows, d, eps, vec);                                      \
+    }                                                                                                        \
     extern "C" __global__ void gated_add_##N(const T* x, const T* g, const T* y, T* o, long rows, long rpp,  \
                                              long cols, int vec) {                                           \
         gated_add_impl<T>(x, g, y, o, rows, rpp, cols, vec);                                                 \

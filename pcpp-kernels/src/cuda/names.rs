@@ -57,6 +57,7 @@ pub fn kernel_names() -> Vec<String> {
             "unary_vec",
             "rowb_binary",
             "row_norm_warp",
+            "add_row_norm_warp",
             "gated_add",
             "gn_sums",
             "gn_apply",

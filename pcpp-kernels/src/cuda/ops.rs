@@ -46,8 +46,8 @@ mod tma;
 pub(crate) mod vector;
 
 pub(crate) use norm::{
-    group_moments, group_norm, group_norm_merged, group_norm_with_stats, group_sums, layer_norm,
-    rms_norm, zeros,
+    add_layer_norm, group_moments, group_norm, group_norm_merged, group_norm_with_stats,
+    group_sums, layer_norm, rms_norm, zeros,
 };
 
 pub(crate) use conv::{conv2d, ConvKey};

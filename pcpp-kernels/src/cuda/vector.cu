@@ -161,6 +161,34 @@ __device__ void row_norm_warp_impl(const T* x, const T* gamma, const T* beta, T*
         }
     }
 }
+// A residual sum and the layer norm of it, one warp per row: s = a + r (stored, in T), then
+// row_norm_warp_impl of s. Each lane reads back only what it wrote (row_sum's element order), so
+// the result is the bits of binary_same then row_norm_warp, one launch instead of two.
+template <typename T>
+__device__ void add_row_norm_warp_impl(const T* a, const T* r, T* s, const T* gamma, const T* beta, T* y,
+                                       long rows, long d, float eps, int vec) {
+    constexpr int N = VecN<T>::N;
+    long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    int lane = threadIdx.x & 31;
+    const T* ar = a + row * d;
+    const T* rr = r + row * d;
+    T* sr = s + row * d;
+    if (vec) {
+        for (long j = (long)lane * N; j < d; j += 32 * N) {
+            float f[N], g[N];
+            vload(ar + j, f);
+            vload(rr + j, g);
+#pragma unroll
+            for (int k = 0; k < N; ++k) f[k] = f[k] + g[k];
+            vstore(sr + j, f);
+        }
+    } else {
+        for (long j = lane; j < d; j += 32) sr[j] = from_f<T>(to_f(ar[j]) + to_f(rr[j]));
+    }
+    __syncwarp();
+    row_norm_warp_impl<T>(s, gamma, beta, y, rows, d, eps, 1, vec, nullptr, nullptr, 1);
+}
 // AdaLN gate: out = x + gate[row / rpp] * y over rows of `cols` (vectorised with `vec`).
 template <typename T>
 __device__ void gated_add_impl(const T* x, const T* gate, const T* y, T* out, long rows, long rpp, long cols,

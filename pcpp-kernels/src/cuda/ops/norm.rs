@@ -234,6 +234,39 @@ pub(crate) fn layer_norm(
     Ok(y)
 }
 
+/// `(a + r, layer_norm(a + r))` in one launch (`add_row_norm_warp`), or `None` where the
+/// vectorised kernels are off, the rows are too long for one warp, or the operands differ in
+/// shape or dtype (the caller then adds and normalises). The caller checked devices and the
+/// parameters' shapes.
+pub(crate) fn add_layer_norm(
+    a: &Tensor,
+    r: &Tensor,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    eps: f64,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let dt = a.dtype();
+    let d = *a.shape().last().unwrap_or(&1);
+    let rows = a.numel() / d.max(1);
+    if !vector::vector_kernels()
+        || d > 8192
+        || rows == 0
+        || r.shape() != a.shape()
+        || r.dtype() != dt
+    {
+        return Ok(None);
+    }
+    let gpu = gpu_of(a)?;
+    let ((_g, gp), (_b, bp)) = (param(gamma, dt)?, param(beta, dt)?);
+    let s = out(&gpu, a.shape(), dt)?;
+    let y = out(&gpu, a.shape(), dt)?;
+    let ptrs = [ptr(a)?, ptr(r)?, ptr(&s)?, gp, bp, ptr(&y)?];
+    let vec = d % (16 / dt.size()) == 0 && ptrs.iter().all(|p| p % 16 == 0);
+    launch!(gpu, format!("add_row_norm_warp_{}", tname(dt)), vector::cfg_warp_rows(rows);
+        ptrs[0], ptrs[1], ptrs[2], gp, bp, ptrs[5], rows as i64, d as i64, eps as f32, vec as i32);
+    Ok(Some((s, y)))
+}
+
 pub(crate) fn rms_norm(x: &Tensor, gamma: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     let gpu = gpu_of(x)?;
     let dt = x.dtype();

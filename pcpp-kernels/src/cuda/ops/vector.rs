@@ -59,7 +59,7 @@ fn cfg_row_blocks(per_row: usize, rows: usize) -> LaunchConfig {
 }
 
 /// One warp per row, 8 rows per block of 256 threads.
-fn cfg_warp_rows(rows: usize) -> LaunchConfig {
+pub(super) fn cfg_warp_rows(rows: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows.div_ceil(8) as u32, 1, 1),
         block_dim: (256, 1, 1),
