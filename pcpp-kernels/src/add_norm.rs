@@ -42,3 +42,27 @@ impl Tensor {
         Ok((s, y))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{DType, Device, Tensor};
+
+    fn rnd(shape: &[usize], seed: u64) -> Tensor {
+        Tensor::rand_uniform(shape, DType::F32, Device::Cpu, (-1.0, 1.0), seed).unwrap()
+    }
+
+    #[test]
+    fn sum_and_norm_of_the_sum() {
+        let (a, r, g) = (rnd(&[2, 3, 6], 1), rnd(&[2, 3, 6], 2), rnd(&[6], 3));
+        let (s, y) = a.add_layer_norm(&r, Some(&g), None, 1e-5).unwrap();
+        let want = a.add(&r).unwrap();
+        assert_eq!(s.max_abs_diff(&want).unwrap(), 0.0);
+        let norm = want.layer_norm(Some(&g), None, 1e-5).unwrap();
+        assert_eq!(y.max_abs_diff(&norm).unwrap(), 0.0);
+        let err = a
+            .add_layer_norm(&r, Some(&rnd(&[5], 4)), None, 1e-5)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("add_layer_norm"), "{err}");
+    }
+}

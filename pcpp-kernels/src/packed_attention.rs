@@ -84,3 +84,47 @@ impl Tensor {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Cols;
+    use crate::{DType, Device, Tensor};
+
+    fn rnd(shape: &[usize], seed: u64) -> Tensor {
+        Tensor::rand_uniform(shape, DType::F32, Device::Cpu, (-1.0, 1.0), seed).unwrap()
+    }
+
+    /// The blocks are the right columns: a stacked `[q | k | v]` against attention of the three
+    /// tensors stacked into it.
+    #[test]
+    fn blocks_of_a_stacked_projection_are_its_q_k_and_v() {
+        let (q, k, v) = (rnd(&[2, 5, 8], 1), rnd(&[2, 5, 8], 2), rnd(&[2, 5, 8], 3));
+        let qkv = Tensor::cat(&[&q, &k, &v], 2).unwrap();
+        let want = Tensor::attention(&q, &k, &v, 2, false).unwrap();
+        let got = Tensor::attention_packed(
+            Cols::new(&qkv, 0),
+            Cols::new(&qkv, 8),
+            Cols::new(&qkv, 16),
+            8,
+            2,
+            false,
+        )
+        .unwrap();
+        assert_eq!(got.max_abs_diff(&want).unwrap(), 0.0);
+    }
+
+    #[test]
+    fn blocks_outside_their_tensor_are_errors() {
+        let t = rnd(&[1, 4, 8], 1);
+        let u = rnd(&[1, 3, 8], 2);
+        let err = |q: Cols, k: Cols, v: Cols, w: usize| {
+            Tensor::attention_packed(q, k, v, w, 1, false)
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err(Cols::new(&t, 0), Cols::new(&t, 4), Cols::new(&t, 0), 8);
+        assert!(e.contains("k: columns 4..12"), "{e}");
+        let e = err(Cols::new(&t, 0), Cols::new(&t, 0), Cols::new(&u, 0), 8);
+        assert!(e.contains("attention_packed"), "{e}");
+    }
+}

@@ -282,64 +282,6 @@ fn attention_matches_cpu() {
     }
 }
 
-/// Attention over column blocks of wider tensors (a stacked q/k/v projection, a packed `[k | v]`
-/// window) against the CPU's attention of the blocks copied out: blocks the warp-specialised
-/// kernel reads in place (head sizes 64 and 128, 16-byte-aligned starts and strides), a start that
-/// is not aligned (the blocks are copied out), head size 16 and f32 (other kernels).
-#[test]
-#[ignore = "needs a CUDA GPU"]
-fn packed_attention_matches_cpu() {
-    use pcpp_kernels::Cols;
-    for d in DTYPES {
-        for (lq, lk, heads, dh, k0) in [
-            (130, 77, 2, 64, 8),
-            (200, 300, 3, 128, 8),
-            (257, 129, 2, 64, 1),
-            (64, 64, 2, 16, 8),
-        ] {
-            let w = heads * dh;
-            let qm = rnd(&[2, lq, 3 * w], d, 1).affine(2.0, 0.0).unwrap();
-            let km = rnd(&[2, lk, 2 * w + k0], d, 2).affine(2.0, 0.0).unwrap();
-            let want = Tensor::attention(
-                &qm.narrow(2, w, w).unwrap(),
-                &km.narrow(2, k0, w).unwrap(),
-                &km.narrow(2, k0 + w, w).unwrap(),
-                heads,
-                false,
-            )
-            .unwrap();
-            let (gq, gk) = (gpu(&qm), gpu(&km));
-            let got = Tensor::attention_packed(
-                Cols::new(&gq, w),
-                Cols::new(&gk, k0),
-                Cols::new(&gk, k0 + w),
-                w,
-                heads,
-                false,
-            )
-            .unwrap();
-            check(
-                &format!("packed attention {lq}x{lk} h{heads}x{dh} k at {k0}"),
-                d,
-                &got,
-                &want,
-            );
-        }
-    }
-    let t = gpu(&rnd(&[1, 4, 8], DType::F16, 1));
-    let err = Tensor::attention_packed(
-        Cols::new(&t, 4),
-        Cols::new(&t, 0),
-        Cols::new(&t, 0),
-        8,
-        1,
-        false,
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(err.contains("columns 4..12"), "{err}");
-}
-
 /// The Hopper kernels must be the ones tested on a Hopper GPU, not a silent fallback.
 #[test]
 #[ignore = "needs a CUDA GPU"]
