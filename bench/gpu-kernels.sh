@@ -12,7 +12,10 @@
 #      weights, ~30 s) for each of FLUX_VARIANTS (`flux-bench --variants`, default
 #      "hopper+fused,ws+fused", the first with --profile); then
 #      bench/diffusers_flux_step.py at 1024².
-# About 8 minutes. Prints every result line; writes them under OUT_DIR.
+#   4. with COMPILE=1, bench/diffusers_unet_compile.py: the same UNet under torch.compile
+#      (inductor, channels-last) replayed as a CUDA graph at 1024², b = 2 (compiling takes 2-3
+#      minutes).
+# About 8 minutes (11 with COMPILE=1). Prints every result line; writes them under OUT_DIR.
 #
 # Usage: bench/gpu-kernels.sh BIN_DIR OUT_DIR
 #   BIN_DIR  pcpp-cli (--features cuda) and the test binaries cuda_parity and cuda_vector_parity:
@@ -20,7 +23,7 @@
 #              cargo test --release -p pcpp-kernels --features cuda --no-run \
 #                --test cuda_parity --test cuda_vector_parity
 # Environment: PYTHON (a python with torch and diffusers 0.42.1; default python3), SKIP_PARITY=1,
-# SKIP_FLUX=1, FLASH_VARIANTS, FLUX_VARIANTS.
+# SKIP_FLUX=1, FLASH_VARIANTS, FLUX_VARIANTS, COMPILE=1.
 set -uo pipefail
 BIN=$(realpath "${1:?usage: $0 BIN_DIR OUT_DIR}"); OUT=$(realpath -m "${2:?usage: $0 BIN_DIR OUT_DIR}")
 PY=${PYTHON:-python3}
@@ -54,6 +57,11 @@ unet band32 --height 128 --width 128 --batch 2 --parallel pcpp --ranks 8 --rank 
 cat "$OUT/unet.jsonl"
 timeout 240 "$PY" bench/diffusers_unet.py >"$OUT/diffusers_unet.json" 2>"$OUT/diffusers_unet.err" || status=1
 cat "$OUT/diffusers_unet.json"
+if [[ ${COMPILE:-0} == 1 ]]; then
+    timeout 400 "$PY" bench/diffusers_unet_compile.py "$OUT/diffusers_unet_compile.json" \
+        models/sdxl-base-1.0-configs >/dev/null 2>"$OUT/diffusers_unet_compile.err" || status=1
+    cat "$OUT/diffusers_unet_compile.json"
+fi
 
 if [[ ${SKIP_FLUX:-0} != 1 ]]; then
     echo "== Flux transformer step"
