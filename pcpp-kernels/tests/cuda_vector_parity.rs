@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::{check, gpu, rnd, DTYPES};
+use common::{check, check_group_norm, gpu, rnd, DTYPES};
 use pcpp_kernels::cuda::{set_conv_nhwc, set_vector_kernels};
 use pcpp_kernels::{Activation, Conv2dParams, DType, Tensor};
 
@@ -326,25 +326,8 @@ fn plane_kernels_and_transposes_match_cpu() {
             let tag = format!("{shape:?}");
             let x = rnd(&shape, d, 1).affine(3.0, 0.5).unwrap();
             let (g, b) = (rnd(&[shape[1]], d, 2), rnd(&[shape[1]], d, 3));
+            check_group_norm(&tag, d, &x, &g, &b);
             let gx = gpu(&x);
-            for silu in [false, true] {
-                check(
-                    &format!("group_norm {tag} silu={silu}"),
-                    d,
-                    &gx.group_norm(8, Some(&gpu(&g)), Some(&gpu(&b)), 1e-5, silu)
-                        .unwrap(),
-                    &x.group_norm(8, Some(&g), Some(&b), 1e-5, silu).unwrap(),
-                );
-            }
-            let (sc, sg) = (x.group_stats(8).unwrap(), gx.group_stats(8).unwrap());
-            for (c, g) in sc.sums.iter().zip(&sg.sums) {
-                for i in 0..3 {
-                    assert!(
-                        (c[i] - g[i]).abs() <= 1e-3 * (1.0 + c[i].abs()),
-                        "group_stats {tag} {d}: {c:?} vs {g:?}"
-                    );
-                }
-            }
             let v = rnd(&[shape[0], shape[1], 1, 1], d, 4);
             check(
                 &format!("plane add {tag}"),

@@ -415,16 +415,23 @@ __device__ void plane_binary_impl(const T* a, const T* v, T* y, long s, int op, 
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < s; i += (long)blockDim.x * gridDim.x)
         yp[i] = from_f<T>(binary_op(to_f(ap[i]), w, op));
 }
+// The group-norm affine of plane p (of c channels in `groups` groups): y = x * scale + shift.
+template <typename T>
+__device__ __forceinline__ void gn_plane_affine(long p, const float* mean_rstd, const T* gamma, const T* beta, int c,
+                                                int groups, float* scale, float* shift) {
+    int ch = (int)(p % c);
+    long bg = (p / c) * groups + ch / (c / groups);
+    float rstd = mean_rstd[bg * 2 + 1];
+    *scale = rstd * (gamma ? to_f(gamma[ch]) : 1.0f);
+    *shift = (beta ? to_f(beta[ch]) : 0.0f) - mean_rstd[bg * 2] * *scale;
+}
 // Group-norm apply with the plane's statistics and affine fetched once per block.
 template <typename T>
 __device__ void gn_apply_planes_impl(const T* x, const float* mean_rstd, const T* gamma, const T* beta, T* y,
                                      int c, long s, int groups, int silu) {
     long p = blockIdx.y;
-    int ch = (int)(p % c);
-    long bg = (p / c) * groups + ch / (c / groups);
-    float rstd = mean_rstd[bg * 2 + 1];
-    float scale = rstd * (gamma ? to_f(gamma[ch]) : 1.0f);
-    float shift = (beta ? to_f(beta[ch]) : 0.0f) - mean_rstd[bg * 2] * scale;
+    float scale, shift;
+    gn_plane_affine(p, mean_rstd, gamma, beta, c, groups, &scale, &shift);
     const T* xp = x + p * s;
     T* yp = y + p * s;
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < s; i += (long)blockDim.x * gridDim.x) {

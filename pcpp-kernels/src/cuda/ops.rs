@@ -502,6 +502,12 @@ pub(crate) fn permute(x: &Tensor, out_shape: &[usize], src_strides: &[usize]) ->
     Ok(y)
 }
 
+/// Whether [`transpose_pairs`] takes `n` matrices of `rows` × `cols` (given aligned pointers):
+/// even extents within its grid.
+fn pairs_fit(n: usize, rows: usize, cols: usize) -> bool {
+    rows % 2 == 0 && cols % 2 == 0 && n <= MAX_GRID_Y && rows.div_ceil(64) <= MAX_GRID_Y
+}
+
 /// `dst[n, cols, rows] = src[n, rows, cols]` (+ `bias[col]` where given, a per-channel bias of
 /// an NHWC → NCHW transpose) with two elements per access, where `rows` and `cols` are even and
 /// the pointers aligned to two elements; returns whether it launched.
@@ -512,13 +518,7 @@ fn transpose_pairs(
     (n, rows, cols): (usize, usize, usize),
 ) -> Result<bool> {
     let pair = 2 * dt.size() as u64;
-    if rows % 2 != 0
-        || cols % 2 != 0
-        || src % pair != 0
-        || dst % pair != 0
-        || n > MAX_GRID_Y
-        || rows.div_ceil(64) > MAX_GRID_Y
-    {
+    if !pairs_fit(n, rows, cols) || src % pair != 0 || dst % pair != 0 {
         return Ok(false);
     }
     let cfg = LaunchConfig {

@@ -343,11 +343,8 @@ __device__ void gn_apply_planes_vec_impl(const T* x, const float* mean_rstd, con
                                          int c, long s, int groups, int silu) {
     constexpr int N = VecN<T>::N;
     long p = blockIdx.y;
-    int ch = (int)(p % c);
-    long bg = (p / c) * groups + ch / (c / groups);
-    float rstd = mean_rstd[bg * 2 + 1];
-    float scale = rstd * (gamma ? to_f(gamma[ch]) : 1.0f);
-    float shift = (beta ? to_f(beta[ch]) : 0.0f) - mean_rstd[bg * 2] * scale;
+    float scale, shift;
+    gn_plane_affine(p, mean_rstd, gamma, beta, c, groups, &scale, &shift);
     const T* xp = x + p * s;
     T* yp = y + p * s;
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < s / N; i += (long)blockDim.x * gridDim.x) {

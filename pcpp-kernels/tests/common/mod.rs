@@ -2,7 +2,7 @@
 //! result with its CPU twin relative to the output's magnitude per dtype.
 #![allow(dead_code)]
 
-use pcpp_kernels::{DType, Device, Tensor};
+use pcpp_kernels::{DType, Device, GroupStats, Tensor};
 
 pub const GPU: Device = Device::Cuda(0);
 
@@ -40,4 +40,29 @@ pub fn check(name: &str, d: DType, got: &Tensor, want: &Tensor) {
     let e = diff / scale;
     println!("{name:<28} {d:<5} rel err {e:.2e}");
     assert!(e <= tol(d), "{name} {d}: rel err {e:e} > {}", tol(d));
+}
+
+/// Group norm of `x` (8 groups, with and without SiLU, affine `g`, `b`) and its statistics on the
+/// GPU against the CPU; returns the CPU's statistics.
+pub fn check_group_norm(tag: &str, d: DType, x: &Tensor, g: &Tensor, b: &Tensor) -> GroupStats {
+    let gx = gpu(x);
+    for silu in [false, true] {
+        check(
+            &format!("group_norm {tag} silu={silu}"),
+            d,
+            &gx.group_norm(8, Some(&gpu(g)), Some(&gpu(b)), 1e-5, silu)
+                .unwrap(),
+            &x.group_norm(8, Some(g), Some(b), 1e-5, silu).unwrap(),
+        );
+    }
+    let (sc, sg) = (x.group_stats(8).unwrap(), gx.group_stats(8).unwrap());
+    for (c, g) in sc.sums.iter().zip(&sg.sums) {
+        for i in 0..3 {
+            assert!(
+                (c[i] - g[i]).abs() <= 1e-3 * (1.0 + c[i].abs()),
+                "group_stats {tag} {d}: {c:?} vs {g:?}"
+            );
+        }
+    }
+    sc
 }

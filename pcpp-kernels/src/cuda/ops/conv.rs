@@ -280,8 +280,8 @@ fn conv2d_whole(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) 
         nhwc: false,
     };
     let ydims = [b as i32, co as i32, ho as i32, wo as i32];
-    let even = [ci, co, hi * wi, ho * wo].iter().all(|d| d % 2 == 0);
-    if dt != DType::F32 && conv_nhwc() && even {
+    let fits = pairs_fit(b, ci, hi * wi) && pairs_fit(b, ho * wo, co);
+    if dt != DType::F32 && conv_nhwc() && fits {
         // NHWC: the input transposed in, the kept filter, the output transposed back + bias.
         let xn = out(&gpu, &[b, hi, wi, ci], dt)?;
         if transpose_pairs(&gpu, (ptr(&xin)?, ptr(&xn)?, None), dt, (b, ci, hi * wi))? {
