@@ -134,9 +134,18 @@ __device__ float block_max(float v, float* sh) {
 // ---- group norm ----
 // sums[(b*groups+g)*2 + {0,1}] += (Σx, Σx²) over one chunk of the group's contiguous range.
 // grid: (chunks, b*groups). sums must be zeroed first.
+// Adds a block's partial sums (s, s2: this thread's) to group bg's totals.
+__device__ __forceinline__ void gn_sums_commit(float s, float s2, double* sums, long bg) {
+    __shared__ float sh[32];
+    float ts = block_sum(s, sh);
+    float ts2 = block_sum(s2, sh);
+    if (threadIdx.x == 0) {
+        atomicAdd(&sums[bg * 2], (double)ts);
+        atomicAdd(&sums[bg * 2 + 1], (double)ts2);
+    }
+}
 template <typename T>
 __device__ void gn_sums_impl(const T* x, double* sums, long group_len, long chunk) {
-    __shared__ float sh[32];
     long bg = blockIdx.y;
     long start = (long)blockIdx.x * chunk;
     long end = min(start + chunk, group_len);
@@ -147,12 +156,7 @@ __device__ void gn_sums_impl(const T* x, double* sums, long group_len, long chun
         s += v;
         s2 += v * v;
     }
-    float ts = block_sum(s, sh);
-    float ts2 = block_sum(s2, sh);
-    if (threadIdx.x == 0) {
-        atomicAdd(&sums[bg * 2], (double)ts);
-        atomicAdd(&sums[bg * 2 + 1], (double)ts2);
-    }
+    gn_sums_commit(s, s2, sums, bg);
 }
 // mean_rstd[bg*2] = mean, [bg*2+1] = 1/sqrt(var + eps), from sums over n elements.
 extern "C" __global__ void gn_finalize(const double* sums, float* mean_rstd, int count, double n, double eps) {

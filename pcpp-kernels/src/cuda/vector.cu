@@ -361,7 +361,6 @@ __device__ void gn_apply_planes_vec_impl(const T* x, const float* mean_rstd, con
 template <typename T>
 __device__ void gn_sums_vec_impl(const T* x, double* sums, long group_len, long chunk) {
     constexpr int N = VecN<T>::N;
-    __shared__ float sh[32];
     long bg = blockIdx.y;
     long start = (long)blockIdx.x * chunk;
     long end = min(start + chunk, group_len);
@@ -376,12 +375,7 @@ __device__ void gn_sums_vec_impl(const T* x, double* sums, long group_len, long 
             s2 += f[k] * f[k];
         }
     }
-    float ts = block_sum(s, sh);
-    float ts2 = block_sum(s2, sh);
-    if (threadIdx.x == 0) {
-        atomicAdd(&sums[bg * 2], (double)ts);
-        atomicAdd(&sums[bg * 2 + 1], (double)ts2);
-    }
+    gn_sums_commit(s, s2, sums, bg);
 }
 extern "C" __global__ void copy2d_u128(const U4* s, U4* d, long rows, long cols, long sp, long dp) {
     copy2d_impl<U4>(s, d, rows, cols, sp, dp);
