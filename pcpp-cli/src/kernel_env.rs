@@ -9,7 +9,9 @@
 //! embedding), `PCPP_FUSED_EPILOGUES=1|0` (a linear layer's
 //! tanh GELU or accumulator in cuBLASLt's epilogue) and `PCPP_CONV_NHWC=1|0` (f16/bf16
 //! convolutions in NHWC with kept filters and the bias fused into the output transpose, or
-//! cuDNN's NCHW calls). Unset means the measured defaults (`ws`, `1`, `1`, `1`); benchmarks'
+//! cuDNN's NCHW calls) and `PCPP_AUTOTUNE=1|0` (the first call of each GEMM and convolution shape
+//! times the libraries' candidate algorithms and keeps the fastest, or takes their heuristic
+//! choice). Unset means the measured defaults (`ws`, `1`, `1`, `1`, `1`); benchmarks'
 //! `--variants` items ([`parse_variant`]) set the first three.
 //! Without the `cuda` feature there is nothing to choose and the variables are ignored.
 
@@ -36,6 +38,7 @@ pub struct Variant {
     fused: bool,
     vector: bool,
     nhwc: bool,
+    tune: bool,
 }
 
 impl Default for Variant {
@@ -46,6 +49,7 @@ impl Default for Variant {
             fused: true,
             vector: true,
             nhwc: true,
+            tune: true,
         }
     }
 }
@@ -77,6 +81,7 @@ pub fn apply() -> Result<()> {
     v.fused = switch("PCPP_FUSED_EPILOGUES")?;
     v.vector = switch("PCPP_VECTOR_KERNELS")?;
     v.nhwc = switch("PCPP_CONV_NHWC")?;
+    v.tune = switch("PCPP_AUTOTUNE")?;
     v.apply();
     Ok(())
 }
@@ -101,6 +106,7 @@ pub fn parse_variant(spec: &str, device: Device) -> Result<Variant> {
         fused: false,
         vector: true,
         nhwc: true,
+        tune: true,
     };
     for p in parts {
         match p {
@@ -118,7 +124,8 @@ impl Variant {
         #[cfg(feature = "cuda")]
         {
             use pcpp_kernels::cuda::{
-                set_conv_nhwc, set_flash128, set_fused_epilogues, set_vector_kernels, Flash128,
+                set_autotune, set_conv_nhwc, set_flash128, set_fused_epilogues, set_vector_kernels,
+                Flash128,
             };
             set_flash128(match self.flash {
                 "shared-q" => Flash128::SharedQ,
@@ -132,6 +139,7 @@ impl Variant {
             set_fused_epilogues(self.fused);
             set_vector_kernels(self.vector);
             set_conv_nhwc(self.nhwc);
+            set_autotune(self.tune);
         }
     }
 }
@@ -145,6 +153,7 @@ pub fn choices(device: Device) -> serde_json::Value {
             "vector_kernels": pcpp_kernels::cuda::vector_kernels(),
             "fused_epilogues": pcpp_kernels::cuda::fused_epilogues(),
             "conv_nhwc": pcpp_kernels::cuda::conv_nhwc(),
+            "autotune": pcpp_kernels::cuda::autotune(),
         });
     }
     let _ = device;

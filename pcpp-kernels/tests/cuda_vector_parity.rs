@@ -6,7 +6,8 @@
 //! and gated add (fused and composed), concatenation in one launch, a linear layer with its
 //! GELU in cuBLASLt's epilogue, the per-plane kernels (group norm, `[b, c, 1, 1]` broadcasts),
 //! the two-element transpose, and convolutions in NHWC (kept filters, bias fused into the output
-//! transpose) against the CPU and against cuDNN's NCHW calls, the residual sum and layer norm in
+//! transpose) against the CPU and against cuDNN's NCHW calls, GEMMs and convolutions with timed
+//! algorithm choices, the residual sum and layer norm in
 //! one launch, and attention over column blocks read in place. Ignored by default (needs a GPU):
 //! `cargo test -p pcpp-kernels --features cuda --test cuda_vector_parity -- --ignored`.
 #![cfg(feature = "cuda")]
@@ -505,4 +506,49 @@ fn packed_attention_matches_cpu() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("columns 4..12"), "{err}");
+}
+
+/// GEMMs and convolutions whose algorithm was timed at the shape's first call (band-sized
+/// operands: few rows, wide weights) against the CPU, and the kept choice giving the same bits
+/// at the next call; with tuning off, the heuristic choice against the CPU too.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn tuned_algorithms_match_cpu_and_are_kept() {
+    use pcpp_kernels::cuda::set_autotune;
+    for (tune, rows) in [(true, 256usize), (false, 192)] {
+        set_autotune(tune);
+        for d in DTYPES {
+            let (k, n) = (640usize, 1280usize);
+            let x = rnd(&[1, rows, k], d, 1);
+            let w = rnd(&[n, k], d, 2)
+                .affine(4.0 / (k as f32).sqrt(), 0.0)
+                .unwrap();
+            let b = rnd(&[n], d, 3);
+            let (gx, gw, gb) = (gpu(&x), gpu(&w), gpu(&b));
+            let got = gx.linear(&gw, Some(&gb)).unwrap();
+            let name = format!("linear {rows}x{k}x{n} tune={tune}");
+            check(&name, d, &got, &x.linear(&w, Some(&b)).unwrap());
+            let again = gx.linear(&gw, Some(&gb)).unwrap();
+            assert_eq!(
+                got.to_bytes().unwrap(),
+                again.to_bytes().unwrap(),
+                "{name} {d}"
+            );
+
+            let xc = rnd(&[1, 64, rows / 16, 32], d, 4);
+            let wc = rnd(&[96, 64, 3, 3], d, 5).affine(0.2, 0.0).unwrap();
+            let p = Conv2dParams::new(1, 1);
+            let (gxc, gwc) = (gpu(&xc), gpu(&wc));
+            let got = gxc.conv2d(&gwc, None, p).unwrap();
+            let name = format!("conv {rows} tune={tune}");
+            check(&name, d, &got, &xc.conv2d(&wc, None, p).unwrap());
+            let again = gxc.conv2d(&gwc, None, p).unwrap();
+            assert_eq!(
+                got.to_bytes().unwrap(),
+                again.to_bytes().unwrap(),
+                "{name} {d}"
+            );
+        }
+    }
+    set_autotune(true);
 }

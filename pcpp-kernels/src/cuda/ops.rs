@@ -43,6 +43,7 @@ mod conv;
 mod gemm;
 mod norm;
 mod tma;
+mod tune;
 pub(crate) mod vector;
 
 pub(crate) use norm::{
@@ -55,6 +56,7 @@ pub use conv::{conv2d_in_bands, conv_nhwc, set_conv_nhwc};
 use gemm::gemm_batched;
 pub use gemm::{fused_epilogues, set_fused_epilogues};
 pub(crate) use gemm::{linear, linear_add, linear_gelu_tanh, matmul, LtKey};
+pub use tune::{autotune, set_autotune};
 
 pub(crate) use attn::{
     attention, attention_in_place, flash_hopper_bytes, flash_hopper_name, flash_ws_name,

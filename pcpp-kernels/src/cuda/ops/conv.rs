@@ -1,4 +1,5 @@
-//! Convolutions on the GPU through cuDNN (tensor-op math, algorithm choice cached per shape),
+//! Convolutions on the GPU through cuDNN (tensor-op math, algorithm timed and cached per shape,
+//! `tune.rs`),
 //! with convolutions too large for cuDNN's 2³¹-byte limit run in row bands.
 //!
 //! Activations are NCHW. cuDNN's fast Hopper kernels are NHWC: given NCHW operands it transposes
@@ -8,6 +9,8 @@
 //! is transposed back with the bias added in the same pass ([`set_conv_nhwc`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use cudarc::driver::CudaSlice;
 
 use super::*;
 
@@ -23,6 +26,19 @@ pub fn conv_nhwc() -> bool {
 pub fn set_conv_nhwc(on: bool) {
     CONV_NHWC.store(on, Ordering::Relaxed);
 }
+
+/// The algorithms a new shape times besides cuDNN's heuristic choice ([`tune::fastest`]): those
+/// that accumulate each output as one dot product (no FFT or Winograd transforms, whose rounding
+/// in f16 differs from the CPU twin's).
+const CONV_CANDIDATES: [dnn_sys::cudnnConvolutionFwdAlgo_t; 4] = [
+    dnn_sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+    dnn_sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+    dnn_sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+    dnn_sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+];
+
+/// Largest workspace a timed candidate may ask for.
+const CONV_MAX_WORKSPACE: usize = 1 << 30;
 
 /// Key of a cached cuDNN algorithm choice.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -115,34 +131,9 @@ where
     let nx = key.x.iter().product::<i32>() as usize;
     let nw = key.w.iter().product::<i32>() as usize;
     let ny = ys.iter().product::<i32>() as usize;
-    let cached = gpu
-        .conv_algos
-        .lock()
-        .ok()
-        .and_then(|m| m.get(&key).copied());
-    let (algo, ws) = match cached {
-        Some(v) => v,
-        None => {
-            let algo = fwd.pick_algorithm().map_err(|x| de("pick algorithm", x))?;
-            let ws = fwd
-                .get_workspace_size(algo)
-                .map_err(|x| de("workspace size", x))?;
-            if let Ok(mut m) = gpu.conv_algos.lock() {
-                m.insert(key, (algo, ws));
-            }
-            (algo, ws)
-        }
-    };
-    let _ = e;
-    let mut wsb = if ws > 0 {
-        // SAFETY: scratch memory for cuDNN.
-        Some(unsafe { gpu.stream.alloc::<u8>(ws) }.map_err(|x| gpu.err("conv workspace", x))?)
-    } else {
-        None
-    };
-    // SAFETY: the byte buffers hold at least nx/nw/ny elements of T (allocated from the same
-    // shapes); the views live until the launch returns.
-    unsafe {
+    // SAFETY (both closures): the byte buffers hold at least nx/nw/ny elements of T (allocated
+    // from the same shapes); the views live until the launch returns.
+    let launch = |algo, wsb: Option<&mut CudaSlice<u8>>, y: &mut CudaStorage| unsafe {
         let xv = x
             .buf
             .transmute::<T>(nx)
@@ -155,9 +146,64 @@ where
             .buf
             .transmute_mut::<T>(ny)
             .ok_or_else(|| gpu.err("conv", "y too small"))?;
-        fwd.launch(algo, wsb.as_mut(), (T::one(), T::zero()), &xv, &wv, &mut yv)
-            .map_err(|x| de("cudnnConvolutionForward", x))?;
-    }
+        fwd.launch(algo, wsb, (T::one(), T::zero()), &xv, &wv, &mut yv)
+            .map_err(|x| de("cudnnConvolutionForward", x))
+    };
+    let scratch = |ws: usize| -> Result<Option<CudaSlice<u8>>> {
+        if ws == 0 {
+            return Ok(None);
+        }
+        // SAFETY: scratch memory for cuDNN.
+        let b = unsafe { gpu.stream.alloc::<u8>(ws) }.map_err(|x| gpu.err("conv workspace", x))?;
+        Ok(Some(b))
+    };
+    let cached = gpu
+        .conv_algos
+        .lock()
+        .ok()
+        .and_then(|m| m.get(&key).copied());
+    let (algo, ws) = match cached {
+        Some(v) => v,
+        None => {
+            let first = fwd.pick_algorithm().map_err(|x| de("pick algorithm", x))?;
+            let size = |a| {
+                fwd.get_workspace_size(a)
+                    .map_err(|x| de("workspace size", x))
+            };
+            let mut found = vec![(first, size(first)?)];
+            let tuned = tune::may_tune(gpu);
+            if tuned {
+                for a in CONV_CANDIDATES {
+                    if a != first {
+                        if let Ok(ws) = fwd.get_workspace_size(a) {
+                            if ws <= CONV_MAX_WORKSPACE {
+                                found.push((a, ws));
+                            }
+                        }
+                    }
+                }
+            }
+            let pick = if found.len() > 1 {
+                let mut wsb = scratch(found.iter().map(|f| f.1).max().unwrap_or(0))?;
+                tune::fastest(gpu, found.len(), |i| {
+                    launch(found[i].0, wsb.as_mut(), &mut *y)
+                })?
+                .unwrap_or(0)
+            } else {
+                0
+            };
+            // A choice made inside a capture is not kept: the next eager call times the shape.
+            if tuned || !tune::autotune() {
+                if let Ok(mut m) = gpu.conv_algos.lock() {
+                    m.insert(key, found[pick]);
+                }
+            }
+            found[pick]
+        }
+    };
+    let _ = e;
+    let mut wsb = scratch(ws)?;
+    launch(algo, wsb.as_mut(), y)?;
     Ok(())
 }
 

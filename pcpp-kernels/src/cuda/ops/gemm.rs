@@ -1,6 +1,6 @@
 //! GEMMs on the GPU: cuBLAS strided-batched GEMM (attention's unfused path, `matmul`) and
 //! cuBLASLt for `linear` (bias, and optionally a tanh GELU or an accumulator, fused in the
-//! epilogue; algorithm choice cached per shape), f32 accumulation; f32 operands on TF32 tensor
+//! epilogue; algorithm timed and cached per shape, `tune.rs`), f32 accumulation; f32 operands on TF32 tensor
 //! cores when [`super::Gpu::set_tf32`] allows it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -86,6 +86,9 @@ pub(super) fn gemm_batched(
     }
     .map_err(|e| gpu.err("cublasGemmStridedBatchedEx", e))
 }
+
+/// How many of cuBLASLt's candidates a new shape times ([`tune::fastest`]).
+const LT_CANDIDATES: usize = 8;
 
 /// Key of a cached cuBLASLt algorithm choice.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -221,8 +224,36 @@ fn lt_linear(
         gelu,
         tf32,
     };
-    let cached = gpu.lt_algos.lock().ok().and_then(|m| m.get(&key).copied());
     let ws_size = gpu.lt.workspace.len();
+    let (alpha, beta) = (1.0f32, if acc.is_some() { 1.0f32 } else { 0.0 });
+    let c = acc.unwrap_or(y);
+    let (wsp, _s) = cudarc::driver::DevicePtr::device_ptr(&gpu.lt.workspace, &gpu.stream);
+    let run = |algo: &lt_sys::cublasLtMatmulAlgo_t| {
+        // SAFETY: x, w, bias, y are live device buffers sized by the caller for (rows, k, n); the
+        // layouts describe them; the workspace is ours and `ws_size` bytes long.
+        unsafe {
+            lt_result::matmul(
+                gpu.lt.handle,
+                desc.0,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                w as *const c_void,
+                a_l.0,
+                x as *const c_void,
+                b_l.0,
+                c as *const c_void,
+                c_l.0,
+                y as *mut c_void,
+                c_l.0,
+                algo,
+                wsp as *mut c_void,
+                ws_size,
+                gpu.stream.cu_stream() as lt_sys::cudaStream_t,
+            )
+        }
+        .map_err(|x| e("cublasLtMatmul", x))
+    };
+    let cached = gpu.lt_algos.lock().ok().and_then(|m| m.get(&key).copied());
     let algo = match cached {
         Some(a) => a,
         None => {
@@ -237,9 +268,18 @@ fn lt_linear(
                 )
             }
             .map_err(|x| e("pref", x))?;
-            // SAFETY: all descriptors are live.
-            let h = unsafe {
-                lt_result::get_matmul_algo_heuristic(
+            let wanted = if tune::may_tune(gpu) {
+                LT_CANDIDATES
+            } else {
+                1
+            };
+            // SAFETY: zeroed results are plain data that cuBLASLt overwrites.
+            let mut found: Vec<lt_sys::cublasLtMatmulHeuristicResult_t> =
+                vec![unsafe { std::mem::zeroed() }; wanted];
+            let mut count = 0i32;
+            // SAFETY: all descriptors are live; `found` holds `wanted` results.
+            unsafe {
+                lt_sys::cublasLtMatmulAlgoGetHeuristic(
                     gpu.lt.handle,
                     desc.0,
                     a_l.0,
@@ -247,41 +287,41 @@ fn lt_linear(
                     c_l.0,
                     c_l.0,
                     pref.0,
+                    wanted as i32,
+                    found.as_mut_ptr(),
+                    &mut count,
                 )
             }
+            .result()
             .map_err(|x| e("cublasLtMatmulAlgoGetHeuristic", x))?;
-            if let Ok(mut m) = gpu.lt_algos.lock() {
-                m.insert(key, h.algo);
+            found.truncate(count.max(0) as usize);
+            found.retain(|h| h.state == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS);
+            let Some(first) = found.first() else {
+                return Err(gpu.err(
+                    "cublasLtMatmulAlgoGetHeuristic",
+                    format!("no algorithm for {rows}x{k} · {n}x{k}"),
+                ));
+            };
+            let pick = if found.len() > 1 {
+                tune::fastest(gpu, found.len(), |i| run(&found[i].algo))?.unwrap_or(0)
+            } else {
+                0
+            };
+            let algo = if pick == 0 {
+                first.algo
+            } else {
+                found[pick].algo
+            };
+            // A choice made inside a capture is not kept: the next eager call times the shape.
+            if wanted == LT_CANDIDATES || !tune::autotune() {
+                if let Ok(mut m) = gpu.lt_algos.lock() {
+                    m.insert(key, algo);
+                }
             }
-            h.algo
+            algo
         }
     };
-    let (alpha, beta) = (1.0f32, if acc.is_some() { 1.0f32 } else { 0.0 });
-    let c = acc.unwrap_or(y);
-    let (wsp, _s) = cudarc::driver::DevicePtr::device_ptr(&gpu.lt.workspace, &gpu.stream);
-    // SAFETY: x, w, bias, y are live device buffers sized by the caller for (rows, k, n); the
-    // layouts describe them; the workspace is ours and `ws_size` bytes long.
-    unsafe {
-        lt_result::matmul(
-            gpu.lt.handle,
-            desc.0,
-            &alpha as *const f32 as *const c_void,
-            &beta as *const f32 as *const c_void,
-            w as *const c_void,
-            a_l.0,
-            x as *const c_void,
-            b_l.0,
-            c as *const c_void,
-            c_l.0,
-            y as *mut c_void,
-            c_l.0,
-            &algo,
-            wsp as *mut c_void,
-            ws_size,
-            gpu.stream.cu_stream() as lt_sys::cudaStream_t,
-        )
-    }
-    .map_err(|x| e("cublasLtMatmul", x))
+    run(&algo)
 }
 
 /// `x · wᵀ + bias` (PyTorch `Linear`); computes in `w`'s dtype, returns `x`'s dtype.

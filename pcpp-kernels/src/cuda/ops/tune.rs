@@ -1,0 +1,84 @@
+//! Timed choice of library algorithms (cuBLASLt GEMMs, cuDNN convolutions), what TensorRT and
+//! `torch.backends.cudnn.benchmark` do: the first call of a shape, outside a graph capture, runs
+//! each candidate the library offers on the real operands and keeps the fastest; later calls and
+//! captured graphs reuse it. Each timed run starts from a cold L2 (a scratch buffer larger than
+//! the cache is written first), as the weights of a whole UNet step are, so a latency-optimised
+//! tile that only wins on cache-resident weights is not chosen. Without tuning
+//! ([`set_autotune`]) the libraries' heuristic choice (the first candidate) is taken.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::*;
+
+static AUTOTUNE: AtomicBool = AtomicBool::new(true);
+
+/// Whether the first call of a GEMM or convolution shape times the libraries' candidates (on
+/// unless [`set_autotune`] turned it off).
+pub fn autotune() -> bool {
+    AUTOTUNE.load(Ordering::Relaxed)
+}
+
+/// Times the candidates of each new GEMM and convolution shape and keeps the fastest (on by
+/// default), or takes the libraries' heuristic choice, for this process.
+pub fn set_autotune(on: bool) {
+    AUTOTUNE.store(on, Ordering::Relaxed);
+}
+
+/// Timed runs per candidate (after one untimed run that also checks it launches).
+const REPS: usize = 3;
+/// Bytes written before each timed run to evict the L2 (H100: 50 MB, H200: 60 MB).
+const FLUSH_BYTES: usize = 128 << 20;
+
+/// Whether a new shape's choice may be timed now: tuning is on and `gpu`'s stream is not being
+/// captured into a graph (a capture cannot be synchronised).
+pub(super) fn may_tune(gpu: &Gpu) -> bool {
+    autotune()
+        && matches!(
+            gpu.stream.capture_status(),
+            Ok(drv_sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+        )
+}
+
+/// The index of the fastest of `n` candidates, each launched by `run(i)` on `gpu`'s stream
+/// (work that may be repeated: same operands, same result). A candidate whose launch fails is
+/// skipped; `None` when none launched. Synchronises the stream.
+pub(super) fn fastest(
+    gpu: &Gpu,
+    n: usize,
+    mut run: impl FnMut(usize) -> Result<()>,
+) -> Result<Option<usize>> {
+    let ev = |what: &str| {
+        gpu.ctx
+            .new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| gpu.err(what, e))
+    };
+    let (start, end) = (ev("tuning event")?, ev("tuning event")?);
+    // SAFETY: scratch bytes, only ever written.
+    let mut scratch =
+        unsafe { gpu.stream.alloc::<u8>(FLUSH_BYTES) }.map_err(|e| gpu.err("tuning scratch", e))?;
+    let mut best: Option<(usize, f32)> = None;
+    for i in 0..n {
+        if run(i).is_err() {
+            continue;
+        }
+        let mut total = 0.0f32;
+        for _ in 0..REPS {
+            gpu.stream
+                .memset_zeros(&mut scratch)
+                .map_err(|e| gpu.err("tuning flush", e))?;
+            start
+                .record(&gpu.stream)
+                .map_err(|e| gpu.err("tuning event", e))?;
+            run(i)?;
+            end.record(&gpu.stream)
+                .map_err(|e| gpu.err("tuning event", e))?;
+            total += start
+                .elapsed_ms(&end)
+                .map_err(|e| gpu.err("tuning time", e))?;
+        }
+        if !matches!(best, Some((_, t)) if t <= total) {
+            best = Some((i, total));
+        }
+    }
+    Ok(best.map(|(i, _)| i))
+}
