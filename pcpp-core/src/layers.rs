@@ -74,6 +74,33 @@ pub trait Conv2dLayer: Send + Sync {
     /// # Shapes
     /// `[b, ci, rows, w]` → `[b, co, rows/stride, w/stride]`.
     fn forward(&self, ctx: &StepCtx, x: &Tensor) -> Result<Tensor>;
+
+    /// `residual + (forward(x) + plane[:, :, None, None])`, each term optional (a ResNet block's
+    /// time-embedding add and skip sum, [`Tensor::conv2d_add`]): layers that run the convolution
+    /// here hand the adds to it, so that the GPU adds them in the convolution's output pass.
+    ///
+    /// # Shapes
+    /// `plane: [b, co]`, `residual`: the output's shape.
+    fn forward_add(
+        &self,
+        ctx: &StepCtx,
+        x: &Tensor,
+        plane: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let y = self.forward(ctx, x)?;
+        let y = match plane {
+            Some(t) => t
+                .reshape(&[t.shape()[0], t.shape()[1], 1, 1])
+                .and_then(|t| y.add(&t))
+                .at("conv2d (added plane)")?,
+            None => y,
+        };
+        match residual {
+            Some(r) => r.add(&y).at("conv2d (added residual)"),
+            None => Ok(y),
+        }
+    }
 }
 
 /// Group normalisation, optionally followed by SiLU.
@@ -458,9 +485,25 @@ struct SerialConv {
 }
 
 impl Conv2dLayer for SerialConv {
-    fn forward(&self, _ctx: &StepCtx, x: &Tensor) -> Result<Tensor> {
-        x.conv2d(&self.weight, self.bias.as_ref(), self.params)
-            .at(&self.id)
+    fn forward(&self, ctx: &StepCtx, x: &Tensor) -> Result<Tensor> {
+        self.forward_add(ctx, x, None, None)
+    }
+
+    fn forward_add(
+        &self,
+        _ctx: &StepCtx,
+        x: &Tensor,
+        plane: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        x.conv2d_add(
+            &self.weight,
+            self.bias.as_ref(),
+            self.params,
+            plane,
+            residual,
+        )
+        .at(&self.id)
     }
 }
 

@@ -13,6 +13,7 @@
 
 mod adaln;
 mod add_norm;
+mod conv_add;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -366,9 +366,7 @@ impl Tensor {
     /// # Shapes
     /// `self: [b, ci, h, w]`, `w: [co, ci, kh, kw]`, `bias: [co]` → `[b, co, ho, wo]`.
     pub fn conv2d(&self, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) -> Result<Tensor> {
-        if self.rank() != 4 || w.rank() != 4 || self.shape()[1] != w.shape()[1] {
-            return Err(KernelError::shape("conv2d", self.shape(), w.shape()));
-        }
+        self.conv2d_out_shape(w, bias, p)?;
         let (b, ci, h, wd) = (
             self.shape()[0],
             self.shape()[1],
@@ -376,24 +374,10 @@ impl Tensor {
             self.shape()[3],
         );
         let (co, kh, kw) = (w.shape()[0], w.shape()[2], w.shape()[3]);
-        if p.stride == 0 || h + p.pad_top + p.pad_bottom < kh || wd + p.pad_left + p.pad_right < kw
-        {
-            return Err(KernelError::Shape {
-                op: "conv2d",
-                lhs: self.shape().to_vec(),
-                rhs: w.shape().to_vec(),
-                detail: format!(" (input smaller than kernel with padding {p:?})"),
-            });
-        }
-        if let Some(bs) = bias {
-            if bs.shape() != [co] {
-                return Err(KernelError::shape("conv2d (bias)", w.shape(), bs.shape()));
-            }
-        }
         #[cfg(feature = "cuda")]
         if on_gpu("conv2d", &[Some(self), Some(w), bias])? {
             let _timed = cuda::profile::scope(profile::Kernel::Conv2d, self.device());
-            return cuda::conv2d(self, w, bias, p);
+            return cuda::conv2d(self, w, bias, p, cuda::ConvAdds::default());
         }
         let bv = match bias {
             Some(b) => Some(b.as_f32()?),
@@ -409,6 +393,35 @@ impl Tensor {
             (p.pad_top, p.pad_bottom, p.pad_left, p.pad_right),
         );
         self.like(&[b, co, ho, wo], y)
+    }
+
+    /// The output shape `[b, co, ho, wo]` of [`Tensor::conv2d`] with these operands (its checks).
+    pub(crate) fn conv2d_out_shape(
+        &self,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        p: Conv2dParams,
+    ) -> Result<[usize; 4]> {
+        if self.rank() != 4 || w.rank() != 4 || self.shape()[1] != w.shape()[1] {
+            return Err(KernelError::shape("conv2d", self.shape(), w.shape()));
+        }
+        let (b, h, wd) = (self.shape()[0], self.shape()[2], self.shape()[3]);
+        let (co, kh, kw) = (w.shape()[0], w.shape()[2], w.shape()[3]);
+        let (hp, wp) = (h + p.pad_top + p.pad_bottom, wd + p.pad_left + p.pad_right);
+        if p.stride == 0 || hp < kh || wp < kw {
+            return Err(KernelError::Shape {
+                op: "conv2d",
+                lhs: self.shape().to_vec(),
+                rhs: w.shape().to_vec(),
+                detail: format!(" (input smaller than kernel with padding {p:?})"),
+            });
+        }
+        if let Some(bs) = bias {
+            if bs.shape() != [co] {
+                return Err(KernelError::shape("conv2d (bias)", w.shape(), bs.shape()));
+            }
+        }
+        Ok([b, co, (hp - kh) / p.stride + 1, (wp - kw) / p.stride + 1])
     }
 
     /// Layer normalisation over the last axis.

@@ -7,7 +7,8 @@
 //! GELU in cuBLASLt's epilogue, the per-plane kernels (group norm, `[b, c, 1, 1]` broadcasts),
 //! the two-element transpose, and convolutions in NHWC (kept filters, bias fused into the output
 //! transpose) against the CPU and against cuDNN's NCHW calls, GEMMs and convolutions with timed
-//! algorithm choices, the residual sum and layer norm in
+//! algorithm choices, convolutions with their time-embedding and residual adds in the output pass,
+//! the residual sum and layer norm in
 //! one launch, and attention over column blocks read in place. Ignored by default (needs a GPU):
 //! `cargo test -p pcpp-kernels --features cuda --test cuda_vector_parity -- --ignored`.
 #![cfg(feature = "cuda")]
@@ -551,4 +552,52 @@ fn tuned_algorithms_match_cpu_and_are_kept() {
         }
     }
     set_autotune(true);
+}
+
+/// A convolution with its bias, a `[b, co]` plane term and a residual added in the NHWC output
+/// pass: against the CPU, and bit for bit against the GPU's own separate ops (NHWC and NCHW).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn conv2d_add_matches_cpu_and_the_separate_ops() {
+    for nhwc in [true, false] {
+        set_conv_nhwc(nhwc);
+        for d in DTYPES {
+            let x = rnd(&[2, 8, 12, 10], d, 1);
+            let w = rnd(&[16, 8, 3, 3], d, 2).affine(0.3, 0.0).unwrap();
+            let (b, t, r) = (
+                rnd(&[16], d, 3),
+                rnd(&[2, 16], d, 4),
+                rnd(&[2, 16, 12, 10], d, 5),
+            );
+            let p = Conv2dParams::new(1, 1);
+            let (gx, gw, gb, gt, gr) = (gpu(&x), gpu(&w), gpu(&b), gpu(&t), gpu(&r));
+            let got = gx
+                .conv2d_add(&gw, Some(&gb), p, Some(&gt), Some(&gr))
+                .unwrap();
+            let name = format!("conv2d_add nhwc={nhwc}");
+            check(
+                &name,
+                d,
+                &got,
+                &x.conv2d_add(&w, Some(&b), p, Some(&t), Some(&r)).unwrap(),
+            );
+            let sep = gx.conv2d(&gw, Some(&gb), p).unwrap();
+            let sep = gr
+                .add(&sep.add(&gt.reshape(&[2, 16, 1, 1]).unwrap()).unwrap())
+                .unwrap();
+            assert_eq!(
+                got.to_bytes().unwrap(),
+                sep.to_bytes().unwrap(),
+                "{name} {d}"
+            );
+            let only_res = gx.conv2d_add(&gw, None, p, None, Some(&gr)).unwrap();
+            let sep = gr.add(&gx.conv2d(&gw, None, p).unwrap()).unwrap();
+            assert_eq!(
+                only_res.to_bytes().unwrap(),
+                sep.to_bytes().unwrap(),
+                "{name} {d} residual"
+            );
+        }
+    }
+    set_conv_nhwc(true);
 }

@@ -109,21 +109,17 @@ impl ResnetBlock {
     pub(crate) fn forward(&self, fw: &Fwd, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
         let ctx = fw.ctx;
         let h = self.norm1.forward(ctx, x, true)?;
-        let h = self.conv1.forward(ctx, &h)?;
         let t = self.temb_proj.forward(temb_act)?;
-        let (b, c) = (t.shape()[0], t.shape()[1]);
-        let h = h.add(&t.reshape(&[b, c, 1, 1])?)?;
+        let h = self.conv1.forward_add(ctx, &h, Some(&t), None)?;
         let h = self.norm2.forward(ctx, &h, true)?;
-        let h = self.conv2.forward(ctx, &h)?;
-        let h = match &self.split {
-            Some(s) => s.reduce(ctx, &h)?,
-            None => h,
-        };
         let skip = match &self.shortcut {
             Some(s) => s.forward(ctx, x)?,
             None => x.clone(),
         };
-        let out = skip.add(&h)?;
+        let out = match &self.split {
+            Some(s) => skip.add(&s.reduce(ctx, &self.conv2.forward(ctx, &h)?)?)?,
+            None => self.conv2.forward_add(ctx, &h, None, Some(&skip))?,
+        };
         fw.tap(&self.name, &out);
         Ok(out)
     }

@@ -29,6 +29,20 @@ pub(super) struct HaloConv {
 
 impl Conv2dLayer for HaloConv {
     fn forward(&self, ctx: &StepCtx, x: &Tensor) -> Result<Tensor> {
+        self.forward_add(ctx, x, None, None)
+    }
+
+    fn forward_add(
+        &self,
+        ctx: &StepCtx,
+        x: &Tensor,
+        plane: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let conv = |xin: &Tensor, params| {
+            xin.conv2d_add(&self.weight, self.bias.as_ref(), params, plane, residual)
+                .at(&self.id)
+        };
         let id = &self.id;
         let sh = &self.sh;
         let (b, c, rows, w) = dims4(id, x)?;
@@ -47,7 +61,7 @@ impl Conv2dLayer for HaloConv {
                 pad_left: hp.pad_top + left,
                 pad_right: hp.pad_bottom + right,
             };
-            return x.conv2d(&self.weight, self.bias.as_ref(), params).at(id);
+            return conv(x, params);
         }
         let level = sh.level_at_up(ctx, id, rows, w, self.up)?;
         let plan = sh.plan_up(self.up)?;
@@ -65,7 +79,7 @@ impl Conv2dLayer for HaloConv {
                     pad_left: self.pad,
                     pad_right: self.pad,
                 };
-                return x.conv2d(&self.weight, self.bias.as_ref(), params).at(id);
+                return conv(x, params);
             }
         };
         let sends = hp
@@ -119,7 +133,7 @@ impl Conv2dLayer for HaloConv {
             pad_left: self.pad,
             pad_right: self.pad,
         };
-        xin.conv2d(&self.weight, self.bias.as_ref(), params).at(id)
+        conv(&xin, params)
     }
 }
 

@@ -79,8 +79,9 @@ INST_CAST(bf16, bf16_t, f16, f16_t)
     extern "C" __global__ void gn_sums_vec_##N(const T* x, double* sums, long group_len, long chunk) {      \
         gn_sums_vec_impl<T>(x, sums, group_len, chunk);                                                      \
     }                                                                                                        \
-    extern "C" __global__ void transpose_pairs_##N(const T* s, T* d, long rows, long cols, const T* bias) {  \
-        transpose_pairs_impl<T>(s, d, rows, cols, bias);                                                     \
+    extern "C" __global__ void transpose_pairs_##N(const T* s, T* d, long rows, long cols, const T* bias,    \
+                                                   const T* plane, const T* res) {                           \
+        transpose_pairs_impl<T>(s, d, rows, cols, bias, plane, res);                                         \
     }                                                                                                        \
     extern "C" __global__ void layer_norm_##N(const T* x, const T* g, const T* b, T* y, long d, float eps) { \
         layer_norm_impl<T>(x, g, b, y, d, eps);                                                              \

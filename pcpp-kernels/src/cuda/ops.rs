@@ -51,7 +51,7 @@ pub(crate) use norm::{
     group_sums, layer_norm, rms_norm, zeros,
 };
 
-pub(crate) use conv::{conv2d, ConvKey};
+pub(crate) use conv::{conv2d, ConvAdds, ConvKey};
 pub use conv::{conv2d_in_bands, conv_nhwc, set_conv_nhwc};
 use gemm::gemm_batched;
 pub use gemm::{fused_epilogues, set_fused_epilogues};
@@ -477,7 +477,8 @@ pub(crate) fn permute(x: &Tensor, out_shape: &[usize], src_strides: &[usize]) ->
         if src_strides == [r * c, 1, c] {
             if transpose_pairs(
                 &gpu,
-                (ptr(x)?, ptr(&y)?, None),
+                (ptr(x)?, ptr(&y)?),
+                PairsEpilogue::default(),
                 x.dtype(),
                 (out_shape[0], r, c),
             )? {
@@ -510,17 +511,32 @@ fn pairs_fit(n: usize, rows: usize, cols: usize) -> bool {
     rows % 2 == 0 && cols % 2 == 0 && n <= MAX_GRID_Y && rows.div_ceil(64) <= MAX_GRID_Y
 }
 
-/// `dst[n, cols, rows] = src[n, rows, cols]` (+ `bias[col]` where given, a per-channel bias of
-/// an NHWC → NCHW transpose) with two elements per access, where `rows` and `cols` are even and
-/// the pointers aligned to two elements; returns whether it launched.
+/// What the NHWC → NCHW transpose of a convolution's output adds, in this order, each rounded
+/// like the separate op: a per-channel bias `[cols]`, a per-image-and-channel `[n, cols]` term
+/// (a `[b, c, 1, 1]` add) and a residual shaped like the output.
+#[derive(Clone, Copy, Default)]
+struct PairsEpilogue {
+    bias: Option<u64>,
+    plane: Option<u64>,
+    res: Option<u64>,
+}
+
+/// `dst[n, cols, rows] = src[n, rows, cols]` (+ the [`PairsEpilogue`] terms where given) with
+/// two elements per access, where `rows` and `cols` are even and the pointers aligned to two
+/// elements; returns whether it launched.
 fn transpose_pairs(
     gpu: &Arc<Gpu>,
-    (src, dst, bias): (u64, u64, Option<u64>),
+    (src, dst): (u64, u64),
+    ep: PairsEpilogue,
     dt: DType,
     (n, rows, cols): (usize, usize, usize),
 ) -> Result<bool> {
     let pair = 2 * dt.size() as u64;
-    if !pairs_fit(n, rows, cols) || src % pair != 0 || dst % pair != 0 {
+    let aligned = [Some(src), Some(dst), ep.res]
+        .iter()
+        .flatten()
+        .all(|p| p % pair == 0);
+    if !pairs_fit(n, rows, cols) || !aligned {
         return Ok(false);
     }
     let cfg = LaunchConfig {
@@ -529,7 +545,8 @@ fn transpose_pairs(
         shared_mem_bytes: 0,
     };
     launch!(gpu, format!("transpose_pairs_{}", tname(dt)), cfg;
-        src, dst, rows as i64, cols as i64, bias.unwrap_or(0));
+        src, dst, rows as i64, cols as i64, ep.bias.unwrap_or(0), ep.plane.unwrap_or(0),
+        ep.res.unwrap_or(0));
     Ok(true)
 }
 

@@ -283,12 +283,15 @@ __device__ void transpose_impl(const W* src, W* dst, long rows, long cols) {
     }
 }
 // ---- batched 2-D transpose, two elements per access: src [n, rows, cols] -> dst [n, cols, rows] ----
-// rows and cols even, pointers aligned to two elements; 64×64 tiles, block (32, 8). With `bias`,
-// dst row j (src column j) gets bias[j] added in f32 (NHWC -> NCHW with a per-channel bias: a
-// convolution's epilogue). Same values as transpose_impl (and the separate bias add) otherwise.
+// rows and cols even, pointers aligned to two elements; 64×64 tiles, block (32, 8). The epilogue
+// of an NHWC -> NCHW convolution output: dst row j (src column j) of matrix n gets, in this order
+// and each rounded to T like the separate op, `bias[j]` (per channel), `plane[n * cols + j]` (per
+// image and channel, a `[b, c, 1, 1]` add) and the dst-shaped `res` (a residual) added in f32;
+// each is skipped where null. Same values as transpose_impl and the separate adds otherwise.
 template <typename T> struct alignas(2 * sizeof(T)) Pair { T a, b; };
 template <typename T>
-__device__ void transpose_pairs_impl(const T* src, T* dst, long rows, long cols, const T* bias) {
+__device__ void transpose_pairs_impl(const T* src, T* dst, long rows, long cols, const T* bias, const T* plane,
+                                     const T* res) {
     __shared__ T tile[64][66];
     long n = blockIdx.z;
     long r0 = (long)blockIdx.y * 64, c0 = (long)blockIdx.x * 64;
@@ -314,6 +317,16 @@ __device__ void transpose_pairs_impl(const T* src, T* dst, long rows, long cols,
                 float bv = to_f(bias[c]);
                 p.a = from_f<T>(to_f(p.a) + bv);
                 p.b = from_f<T>(to_f(p.b) + bv);
+            }
+            if (plane) {
+                float pv = to_f(plane[n * cols + c]);
+                p.a = from_f<T>(to_f(p.a) + pv);
+                p.b = from_f<T>(to_f(p.b) + pv);
+            }
+            if (res) {
+                Pair<T> q = *(const Pair<T>*)(res + n * rows * cols + c * rows + r);
+                p.a = from_f<T>(to_f(q.a) + to_f(p.a));
+                p.b = from_f<T>(to_f(q.b) + to_f(p.b));
             }
             *(Pair<T>*)(d + c * rows + r) = p;
         }

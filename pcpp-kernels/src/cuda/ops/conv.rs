@@ -243,7 +243,30 @@ mod num_traits_one {
 /// Largest tensor, in bytes, that cuDNN's convolution descriptors accept.
 const CUDNN_MAX_BYTES: usize = (1 << 31) - 1;
 
-/// A convolution; where the input or the output is larger than cuDNN takes
+/// What a convolution adds after its bias, in this order: a `[b, co]` term per image and channel
+/// (a `[b, co, 1, 1]` broadcast) and a residual shaped like the output (`residual + y`). Shapes
+/// and dtypes were checked by [`crate::Tensor::conv2d_add`].
+#[derive(Clone, Copy, Default)]
+pub(crate) struct ConvAdds<'a> {
+    pub(crate) plane: Option<&'a Tensor>,
+    pub(crate) residual: Option<&'a Tensor>,
+}
+
+impl ConvAdds<'_> {
+    /// The adds as separate ops (the CPU twin's order).
+    fn compose(&self, y: Tensor) -> Result<Tensor> {
+        let y = match self.plane {
+            Some(t) => y.add(&t.reshape(&[t.shape()[0], t.shape()[1], 1, 1])?)?,
+            None => y,
+        };
+        match self.residual {
+            Some(r) => r.add(&y),
+            None => Ok(y),
+        }
+    }
+}
+
+/// A convolution and its adds; where the input or the output is larger than cuDNN takes
 /// ([`CUDNN_MAX_BYTES`]), it runs in bands of output rows, each from the input rows it reads
 /// (the band's edge rows padded only where the image is), and the bands are concatenated.
 pub(crate) fn conv2d(
@@ -251,8 +274,9 @@ pub(crate) fn conv2d(
     w: &Tensor,
     bias: Option<&Tensor>,
     p: Conv2dParams,
+    adds: ConvAdds,
 ) -> Result<Tensor> {
-    conv2d_in_bands(x, w, bias, p, CUDNN_MAX_BYTES)
+    conv2d_banded(x, w, bias, p, adds, CUDNN_MAX_BYTES)
 }
 
 /// [`crate::Tensor::conv2d`] of device tensors, in bands of output rows wherever the input or the
@@ -265,6 +289,17 @@ pub fn conv2d_in_bands(
     p: Conv2dParams,
     max_bytes: usize,
 ) -> Result<Tensor> {
+    conv2d_banded(x, w, bias, p, ConvAdds::default(), max_bytes)
+}
+
+fn conv2d_banded(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    p: Conv2dParams,
+    adds: ConvAdds,
+    max_bytes: usize,
+) -> Result<Tensor> {
     let es = x.dtype().size();
     let (b, ci, h, wd) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
     let (co, kh, kw) = (w.shape()[0], w.shape()[2], w.shape()[3]);
@@ -272,7 +307,7 @@ pub fn conv2d_in_bands(
     let wo = (wd + p.pad_left + p.pad_right - kw) / p.stride + 1;
     let (in_row, out_row) = (b * ci * wd * es, b * co * wo * es);
     if (in_row * h).max(out_row * ho) <= max_bytes {
-        return conv2d_whole(x, w, bias, p);
+        return conv2d_whole(x, w, bias, p, adds);
     }
     let per_out_row = (in_row * p.stride).max(out_row).max(1);
     let rows = ((max_bytes / 2).min(1 << 30) / per_out_row).max(1);
@@ -287,12 +322,19 @@ pub fn conv2d_in_bands(
             pad_bottom: (bottom - i1 as isize) as usize,
             ..p
         };
-        bands.push(conv2d_whole(&x.narrow(2, i0, i1 - i0)?, w, bias, band)?);
+        let xb = x.narrow(2, i0, i1 - i0)?;
+        bands.push(conv2d_whole(&xb, w, bias, band, ConvAdds::default())?);
     }
-    Tensor::cat(&bands.iter().collect::<Vec<_>>(), 2)
+    adds.compose(Tensor::cat(&bands.iter().collect::<Vec<_>>(), 2)?)
 }
 
-fn conv2d_whole(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) -> Result<Tensor> {
+fn conv2d_whole(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    p: Conv2dParams,
+    adds: ConvAdds,
+) -> Result<Tensor> {
     let gpu = gpu_of(x)?;
     let dt = x.dtype();
     let w = if w.dtype() != dt {
@@ -330,7 +372,8 @@ fn conv2d_whole(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) 
     if dt != DType::F32 && conv_nhwc() && fits {
         // NHWC: the input transposed in, the kept filter, the output transposed back + bias.
         let xn = out(&gpu, &[b, hi, wi, ci], dt)?;
-        if transpose_pairs(&gpu, (ptr(&xin)?, ptr(&xn)?, None), dt, (b, ci, hi * wi))? {
+        let ep0 = PairsEpilogue::default();
+        if transpose_pairs(&gpu, (ptr(&xin)?, ptr(&xn)?), ep0, dt, (b, ci, hi * wi))? {
             let wn = nhwc_filter(&gpu, &w)?;
             key.nhwc = true;
             let mut ys = gpu.alloc(dt, b * co * ho * wo)?;
@@ -341,10 +384,24 @@ fn conv2d_whole(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) 
                 Some(bs) if bs.dtype() != dt => Some(cast(bs, dt)?),
                 other => other.cloned(),
             };
-            let bp = bias.as_ref().map(ptr).transpose()?;
+            // A residual not aligned to two elements is added as a separate op.
+            let pair = 2 * dt.size() as u64;
+            let res = adds
+                .residual
+                .map(ptr)
+                .transpose()?
+                .filter(|r| r % pair == 0);
+            let ep = PairsEpilogue {
+                bias: bias.as_ref().map(ptr).transpose()?,
+                plane: adds.plane.map(ptr).transpose()?,
+                res,
+            };
             let y = out(&gpu, &[b, co, ho, wo], dt)?;
-            if transpose_pairs(&gpu, (ptr(&yn)?, ptr(&y)?, bp), dt, (b, ho * wo, co))? {
-                return Ok(y);
+            if transpose_pairs(&gpu, (ptr(&yn)?, ptr(&y)?), ep, dt, (b, ho * wo, co))? {
+                return match (res, adds.residual) {
+                    (None, Some(r)) => r.add(&y),
+                    _ => Ok(y),
+                };
             }
             return Err(gpu.err("conv2d", "NHWC output transpose not launched"));
         }
@@ -367,7 +424,7 @@ fn conv2d_whole(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) 
                 ptr(&y)?, ptr(&bs)?, co as i64, (ho * wo) as i64, n as i64);
         }
     }
-    Ok(y)
+    adds.compose(y)
 }
 
 /// The filter `w: [co, ci, kh, kw]` as `[co, kh, kw, ci]` (cuDNN's NHWC filter), transposed once
