@@ -101,6 +101,26 @@ pub trait Conv2dLayer: Send + Sync {
             None => Ok(y),
         }
     }
+
+    /// Whether [`Conv2dLayer::forward_add_nhwc`] reads a channels-last input without first
+    /// transposing it (then the group norm before it should write NHWC,
+    /// [`GroupNormLayer::forward_nhwc`]). The default is no: callers stay in NCHW.
+    fn takes_nhwc(&self) -> bool {
+        false
+    }
+
+    /// [`Conv2dLayer::forward_add`] of a channels-last input `[b, rows, w, ci]`; the output is
+    /// NCHW. The default transposes the input and calls `forward_add`.
+    fn forward_add_nhwc(
+        &self,
+        ctx: &StepCtx,
+        x: &Tensor,
+        plane: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let x = x.permute(&[0, 3, 1, 2]).at("conv2d (NHWC input)")?;
+        self.forward_add(ctx, &x, plane, residual)
+    }
 }
 
 /// Group normalisation, optionally followed by SiLU.
@@ -108,6 +128,14 @@ pub trait GroupNormLayer: Send + Sync {
     /// # Shapes
     /// `[b, c, rows, w]` → same.
     fn forward(&self, ctx: &StepCtx, x: &Tensor, silu_after: bool) -> Result<Tensor>;
+
+    /// [`GroupNormLayer::forward`] written channels-last, `[b, rows, w, c]`: the input of a
+    /// convolution that [takes NHWC](Conv2dLayer::takes_nhwc). The default transposes the output.
+    fn forward_nhwc(&self, ctx: &StepCtx, x: &Tensor, silu_after: bool) -> Result<Tensor> {
+        self.forward(ctx, x, silu_after)?
+            .permute(&[0, 2, 3, 1])
+            .at("group_norm (NHWC output)")
+    }
 }
 
 /// Self-attention including its q/k/v and output projections.
@@ -518,6 +546,17 @@ struct SerialGroupNorm {
 impl GroupNormLayer for SerialGroupNorm {
     fn forward(&self, _ctx: &StepCtx, x: &Tensor, silu_after: bool) -> Result<Tensor> {
         x.group_norm(
+            self.groups,
+            self.gamma.as_ref(),
+            self.beta.as_ref(),
+            self.eps,
+            silu_after,
+        )
+        .at(&self.id)
+    }
+
+    fn forward_nhwc(&self, _ctx: &StepCtx, x: &Tensor, silu_after: bool) -> Result<Tensor> {
+        x.group_norm_nhwc(
             self.groups,
             self.gamma.as_ref(),
             self.beta.as_ref(),

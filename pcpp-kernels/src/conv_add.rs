@@ -21,15 +21,8 @@ impl Tensor {
         plane: Option<&Tensor>,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if let Some(t) = plane {
-            if self.rank() != 4 || w.rank() != 4 || t.shape() != [self.shape()[0], w.shape()[0]] {
-                return Err(KernelError::shape(
-                    "conv2d_add (plane)",
-                    w.shape(),
-                    t.shape(),
-                ));
-            }
-        }
+        let y = self.conv2d_out_shape(w, bias, p)?;
+        check_adds(&y, plane, residual)?;
         #[cfg(feature = "cuda")]
         if [plane, residual]
             .into_iter()
@@ -37,12 +30,6 @@ impl Tensor {
             .all(|t| t.dtype() == self.dtype())
             && crate::ops::on_gpu("conv2d_add", &[Some(self), Some(w), bias, plane, residual])?
         {
-            let y = self.conv2d_out_shape(w, bias, p)?;
-            if let Some(r) = residual {
-                if r.shape() != y.as_slice() {
-                    return Err(KernelError::shape("conv2d_add (residual)", &y, r.shape()));
-                }
-            }
             let _timed =
                 crate::cuda::profile::scope(crate::cpu::profile::Kernel::Conv2d, self.device());
             let adds = crate::cuda::ConvAdds { plane, residual };
@@ -54,15 +41,29 @@ impl Tensor {
             None => y,
         };
         match residual {
-            Some(r) if r.shape() != y.shape() => Err(KernelError::shape(
-                "conv2d_add (residual)",
-                y.shape(),
-                r.shape(),
-            )),
             Some(r) => r.add(&y),
             None => Ok(y),
         }
     }
+}
+
+/// The shapes of [`Tensor::conv2d_add`]'s terms against the output shape `y`.
+pub(crate) fn check_adds(
+    y: &[usize; 4],
+    plane: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<()> {
+    if let Some(t) = plane {
+        if t.shape() != &y[..2] {
+            return Err(KernelError::shape("conv2d_add (plane)", y, t.shape()));
+        }
+    }
+    if let Some(r) = residual {
+        if r.shape() != y {
+            return Err(KernelError::shape("conv2d_add (residual)", y, r.shape()));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -96,7 +96,7 @@ impl GroupStats {
 }
 
 impl Tensor {
-    fn nc_s(&self, op: &'static str, groups: usize) -> Result<(usize, usize, usize)> {
+    pub(crate) fn nc_s(&self, op: &'static str, groups: usize) -> Result<(usize, usize, usize)> {
         if self.rank() < 2 {
             return Err(KernelError::invalid(
                 op,
@@ -173,7 +173,7 @@ impl Tensor {
     }
 
     /// Checks that the group-norm affine parameters are `[c]`.
-    fn check_group_norm_affine(
+    pub(crate) fn check_group_norm_affine(
         &self,
         op: &'static str,
         c: usize,

@@ -23,6 +23,7 @@ mod finite;
 mod group_norm;
 pub mod io;
 mod linear_act;
+mod nhwc;
 mod ops;
 mod packed_attention;
 mod rotary;

@@ -402,26 +402,7 @@ impl Tensor {
         bias: Option<&Tensor>,
         p: Conv2dParams,
     ) -> Result<[usize; 4]> {
-        if self.rank() != 4 || w.rank() != 4 || self.shape()[1] != w.shape()[1] {
-            return Err(KernelError::shape("conv2d", self.shape(), w.shape()));
-        }
-        let (b, h, wd) = (self.shape()[0], self.shape()[2], self.shape()[3]);
-        let (co, kh, kw) = (w.shape()[0], w.shape()[2], w.shape()[3]);
-        let (hp, wp) = (h + p.pad_top + p.pad_bottom, wd + p.pad_left + p.pad_right);
-        if p.stride == 0 || hp < kh || wp < kw {
-            return Err(KernelError::Shape {
-                op: "conv2d",
-                lhs: self.shape().to_vec(),
-                rhs: w.shape().to_vec(),
-                detail: format!(" (input smaller than kernel with padding {p:?})"),
-            });
-        }
-        if let Some(bs) = bias {
-            if bs.shape() != [co] {
-                return Err(KernelError::shape("conv2d (bias)", w.shape(), bs.shape()));
-            }
-        }
-        Ok([b, co, (hp - kh) / p.stride + 1, (wp - kw) / p.stride + 1])
+        conv2d_out_dims(self.shape(), w, bias, p)
     }
 
     /// Layer normalisation over the last axis.
@@ -798,4 +779,34 @@ impl Tensor {
         }
         Tensor::from_f32(&[t.len(), dim], out, self.dtype())
     }
+}
+
+/// The output shape `[b, co, ho, wo]` of a convolution of an NCHW input of shape `x` (the checks
+/// of [`Tensor::conv2d`]).
+pub(crate) fn conv2d_out_dims(
+    x: &[usize],
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    p: Conv2dParams,
+) -> Result<[usize; 4]> {
+    if x.len() != 4 || w.rank() != 4 || x[1] != w.shape()[1] {
+        return Err(KernelError::shape("conv2d", x, w.shape()));
+    }
+    let (b, h, wd) = (x[0], x[2], x[3]);
+    let (co, kh, kw) = (w.shape()[0], w.shape()[2], w.shape()[3]);
+    let (hp, wp) = (h + p.pad_top + p.pad_bottom, wd + p.pad_left + p.pad_right);
+    if p.stride == 0 || hp < kh || wp < kw {
+        return Err(KernelError::Shape {
+            op: "conv2d",
+            lhs: x.to_vec(),
+            rhs: w.shape().to_vec(),
+            detail: format!(" (input smaller than kernel with padding {p:?})"),
+        });
+    }
+    if let Some(bs) = bias {
+        if bs.shape() != [co] {
+            return Err(KernelError::shape("conv2d (bias)", w.shape(), bs.shape()));
+        }
+    }
+    Ok([b, co, (hp - kh) / p.stride + 1, (wp - kw) / p.stride + 1])
 }

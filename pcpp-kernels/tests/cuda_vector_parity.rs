@@ -8,6 +8,7 @@
 //! the two-element transpose, and convolutions in NHWC (kept filters, bias fused into the output
 //! transpose) against the CPU and against cuDNN's NCHW calls, GEMMs and convolutions with timed
 //! algorithm choices, convolutions with their time-embedding and residual adds in the output pass,
+//! group norm written channels-last for the convolution after it,
 //! the residual sum and layer norm in
 //! one launch, and attention over column blocks read in place. Ignored by default (needs a GPU):
 //! `cargo test -p pcpp-kernels --features cuda --test cuda_vector_parity -- --ignored`.
@@ -600,4 +601,61 @@ fn conv2d_add_matches_cpu_and_the_separate_ops() {
         }
     }
     set_conv_nhwc(true);
+}
+
+/// Group norm written channels-last and the convolution that reads it: against the CPU, and bit
+/// for bit against the GPU's NCHW group norm plus a permute and its NCHW `conv2d_add` (even
+/// extents take the NHWC kernels, odd ones the composed fallback).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn nhwc_group_norm_and_conv_match_cpu_and_the_nchw_ops() {
+    set_conv_nhwc(true);
+    for d in DTYPES {
+        for (c, h, w) in [(32usize, 12usize, 10usize), (16, 5, 7)] {
+            let x = rnd(&[2, c, h, w], d, 1);
+            let (g, b) = (rnd(&[c], d, 2), rnd(&[c], d, 3));
+            let (gx, gg, gb) = (gpu(&x), gpu(&g), gpu(&b));
+            let name = format!("group_norm_nhwc {c}x{h}x{w}");
+            let n = gx
+                .group_norm_nhwc(8, Some(&gg), Some(&gb), 1e-5, true)
+                .unwrap();
+            let want = x
+                .group_norm_nhwc(8, Some(&g), Some(&b), 1e-5, true)
+                .unwrap();
+            check(&name, d, &n, &want);
+            let sep = gx
+                .group_norm(8, Some(&gg), Some(&gb), 1e-5, true)
+                .unwrap()
+                .permute(&[0, 2, 3, 1])
+                .unwrap();
+            assert_eq!(n.to_bytes().unwrap(), sep.to_bytes().unwrap(), "{name} {d}");
+
+            let wt = rnd(&[24, c, 3, 3], d, 4).affine(0.2, 0.0).unwrap();
+            let (bias, t, r) = (
+                rnd(&[24], d, 5),
+                rnd(&[2, 24], d, 6),
+                rnd(&[2, 24, h, w], d, 7),
+            );
+            let p = Conv2dParams::new(1, 1);
+            let (gw, gbias, gt, gr) = (gpu(&wt), gpu(&bias), gpu(&t), gpu(&r));
+            let got = n
+                .conv2d_add_nhwc(&gw, Some(&gbias), p, Some(&gt), Some(&gr))
+                .unwrap();
+            let name = format!("conv2d_add_nhwc {c}x{h}x{w}");
+            let cpu = want
+                .conv2d_add_nhwc(&wt, Some(&bias), p, Some(&t), Some(&r))
+                .unwrap();
+            check(&name, d, &got, &cpu);
+            let nchw = n
+                .permute(&[0, 3, 1, 2])
+                .unwrap()
+                .conv2d_add(&gw, Some(&gbias), p, Some(&gt), Some(&gr))
+                .unwrap();
+            assert_eq!(
+                got.to_bytes().unwrap(),
+                nchw.to_bytes().unwrap(),
+                "{name} {d}"
+            );
+        }
+    }
 }

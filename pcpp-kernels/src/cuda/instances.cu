@@ -83,6 +83,10 @@ INST_CAST(bf16, bf16_t, f16, f16_t)
                                                    const T* plane, const T* res) {                           \
         transpose_pairs_impl<T>(s, d, rows, cols, bias, plane, res);                                         \
     }                                                                                                        \
+    extern "C" __global__ void gn_apply_nhwc_##N(const T* x, const float* mr, const T* g, const T* bt, T* y,    \
+                                                 int c, long s, int groups, int silu) {                      \
+        gn_apply_nhwc_impl<T>(x, mr, g, bt, y, c, s, groups, silu);                                          \
+    }                                                                                                        \
     extern "C" __global__ void layer_norm_##N(const T* x, const T* g, const T* b, T* y, long d, float eps) { \
         layer_norm_impl<T>(x, g, b, y, d, eps);                                                              \
     }                                                                                                        \

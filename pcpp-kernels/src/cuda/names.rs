@@ -67,6 +67,7 @@ pub fn kernel_names() -> Vec<String> {
             "gn_apply_planes_vec",
             "gn_sums_vec",
             "transpose_pairs",
+            "gn_apply_nhwc",
             "layer_norm",
             "rms_norm",
             "softmax",

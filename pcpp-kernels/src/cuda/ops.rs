@@ -47,11 +47,11 @@ mod tune;
 pub(crate) mod vector;
 
 pub(crate) use norm::{
-    add_layer_norm, group_moments, group_norm, group_norm_merged, group_norm_with_stats,
-    group_sums, layer_norm, rms_norm, zeros,
+    add_layer_norm, group_moments, group_norm, group_norm_merged, group_norm_nhwc,
+    group_norm_with_stats, group_sums, layer_norm, rms_norm, zeros,
 };
 
-pub(crate) use conv::{conv2d, ConvAdds, ConvKey};
+pub(crate) use conv::{conv2d, conv2d_nhwc_input, ConvAdds, ConvKey};
 pub use conv::{conv2d_in_bands, conv_nhwc, set_conv_nhwc};
 use gemm::gemm_batched;
 pub use gemm::{fused_epilogues, set_fused_epilogues};

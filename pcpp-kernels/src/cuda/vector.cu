@@ -333,6 +333,45 @@ __device__ void transpose_pairs_impl(const T* src, T* dst, long rows, long cols,
     }
 }
 
+// Group-norm apply writing NHWC: dst[n, s, c] = act(src[n, c, s] * scale + shift) with plane
+// (n, c)'s affine, the values of gn_apply_planes_impl; a 64×64 tile of transpose_pairs_impl, the
+// affine applied on load. c and s even, pointers aligned to two elements; block (32, 8).
+template <typename T>
+__device__ void gn_apply_nhwc_impl(const T* x, const float* mean_rstd, const T* gamma, const T* beta, T* y, int c,
+                                   long s, int groups, int silu) {
+    __shared__ T tile[64][66];
+    long n = blockIdx.z;
+    long r0 = (long)blockIdx.y * 64, c0 = (long)blockIdx.x * 64;
+    const T* src = x + n * c * s;
+    T* d = y + n * c * s;
+    int tx = threadIdx.x, ty = threadIdx.y;
+    for (int i = ty; i < 64; i += 8) {
+        long r = r0 + i, col = c0 + 2 * tx;
+        if (r < c && col < s) {
+            float scale, shift;
+            gn_plane_affine(n * c + r, mean_rstd, gamma, beta, c, groups, &scale, &shift);
+            Pair<T> p = *(const Pair<T>*)(src + r * s + col);
+            float va = to_f(p.a) * scale + shift, vb = to_f(p.b) * scale + shift;
+            if (silu) {
+                va = silu_f(va);
+                vb = silu_f(vb);
+            }
+            tile[i][2 * tx] = from_f<T>(va);
+            tile[i][2 * tx + 1] = from_f<T>(vb);
+        }
+    }
+    __syncthreads();
+    for (int i = ty; i < 64; i += 8) {
+        long col = c0 + i, r = r0 + 2 * tx;
+        if (r < c && col < s) {
+            Pair<T> p;
+            p.a = tile[2 * tx][i];
+            p.b = tile[2 * tx + 1][i];
+            *(Pair<T>*)(d + col * c + r) = p;
+        }
+    }
+}
+
 // ---- per-plane kernels with N elements per access (s % N == 0, aligned): the twins of
 // plane_binary_impl and gn_apply_planes_impl, and of gn_sums_impl (group_len and chunk multiples
 // of N; the f32 partial sums are grouped differently, the f64 totals agree to rounding) ----

@@ -374,36 +374,8 @@ fn conv2d_whole(
         let xn = out(&gpu, &[b, hi, wi, ci], dt)?;
         let ep0 = PairsEpilogue::default();
         if transpose_pairs(&gpu, (ptr(&xin)?, ptr(&xn)?), ep0, dt, (b, ci, hi * wi))? {
-            let wn = nhwc_filter(&gpu, &w)?;
             key.nhwc = true;
-            let mut ys = gpu.alloc(dt, b * co * ho * wo)?;
-            with_type!(dt, T => conv_cudnn::<T>(&gpu, (storage(&xn)?, storage(&wn)?, &mut ys), key, ydims))?;
-            drop(xn);
-            let yn = Tensor::from_cuda(&[b, ho * wo, co], dt, ys);
-            let bias = match bias {
-                Some(bs) if bs.dtype() != dt => Some(cast(bs, dt)?),
-                other => other.cloned(),
-            };
-            // A residual not aligned to two elements is added as a separate op.
-            let pair = 2 * dt.size() as u64;
-            let res = adds
-                .residual
-                .map(ptr)
-                .transpose()?
-                .filter(|r| r % pair == 0);
-            let ep = PairsEpilogue {
-                bias: bias.as_ref().map(ptr).transpose()?,
-                plane: adds.plane.map(ptr).transpose()?,
-                res,
-            };
-            let y = out(&gpu, &[b, co, ho, wo], dt)?;
-            if transpose_pairs(&gpu, (ptr(&yn)?, ptr(&y)?), ep, dt, (b, ho * wo, co))? {
-                return match (res, adds.residual) {
-                    (None, Some(r)) => r.add(&y),
-                    _ => Ok(y),
-                };
-            }
-            return Err(gpu.err("conv2d", "NHWC output transpose not launched"));
+            return conv_nhwc_in(&gpu, &xn, &w, bias, key, [b, co, ho, wo], adds);
         }
     }
     let mut ys = gpu.alloc(dt, b * co * ho * wo)?;
@@ -425,6 +397,97 @@ fn conv2d_whole(
         }
     }
     adds.compose(y)
+}
+
+/// The convolution of the NHWC input `xn: [b, hi, wi, ci]` (`key` describes it, symmetric
+/// padding) with the kept NHWC filter, its output transposed back to `[b, co, ho, wo]` with the
+/// bias and the adds in the same pass (a residual not aligned to two elements added after).
+fn conv_nhwc_in(
+    gpu: &Arc<Gpu>,
+    xn: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    key: ConvKey,
+    [b, co, ho, wo]: [usize; 4],
+    adds: ConvAdds,
+) -> Result<Tensor> {
+    let dt = xn.dtype();
+    let wn = nhwc_filter(gpu, w)?;
+    let mut ys = gpu.alloc(dt, b * co * ho * wo)?;
+    let ydims = [b as i32, co as i32, ho as i32, wo as i32];
+    with_type!(dt, T => conv_cudnn::<T>(gpu, (storage(xn)?, storage(&wn)?, &mut ys), key, ydims))?;
+    let yn = Tensor::from_cuda(&[b, ho * wo, co], dt, ys);
+    let bias = match bias {
+        Some(bs) if bs.dtype() != dt => Some(cast(bs, dt)?),
+        other => other.cloned(),
+    };
+    let pair = 2 * dt.size() as u64;
+    let res = adds
+        .residual
+        .map(ptr)
+        .transpose()?
+        .filter(|r| r % pair == 0);
+    let ep = PairsEpilogue {
+        bias: bias.as_ref().map(ptr).transpose()?,
+        plane: adds.plane.map(ptr).transpose()?,
+        res,
+    };
+    let y = out(gpu, &[b, co, ho, wo], dt)?;
+    if !transpose_pairs(gpu, (ptr(&yn)?, ptr(&y)?), ep, dt, (b, ho * wo, co))? {
+        return Err(gpu.err("conv2d", "NHWC output transpose not launched"));
+    }
+    match (res, adds.residual) {
+        (None, Some(r)) => r.add(&y),
+        _ => Ok(y),
+    }
+}
+
+/// [`crate::Tensor::conv2d_add_nhwc`] on the device: the convolution of `xn: [b, h, w, ci]`
+/// without the input transpose, or `None` where the NHWC path does not take it (f32, NHWC
+/// convolutions off, asymmetric padding, odd extents, larger than cuDNN takes); the caller then
+/// transposes and convolves.
+pub(crate) fn conv2d_nhwc_input(
+    xn: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    p: Conv2dParams,
+    adds: ConvAdds,
+) -> Result<Option<Tensor>> {
+    let dt = xn.dtype();
+    let (b, hi, wi, ci) = (xn.shape()[0], xn.shape()[1], xn.shape()[2], xn.shape()[3]);
+    let (co, kh, kw) = (w.shape()[0], w.shape()[2], w.shape()[3]);
+    let (ph, pw) = (p.pad_top, p.pad_left);
+    let sym = p.pad_top == p.pad_bottom && p.pad_left == p.pad_right;
+    let ho = (hi + 2 * ph - kh) / p.stride + 1;
+    let wo = (wi + 2 * pw - kw) / p.stride + 1;
+    let es = dt.size();
+    let small = (b * ci * hi * wi * es).max(b * co * ho * wo * es) <= CUDNN_MAX_BYTES;
+    if dt == DType::F32
+        || !conv_nhwc()
+        || !sym
+        || !small
+        || !pairs_fit(b, ci, hi * wi)
+        || !pairs_fit(b, ho * wo, co)
+        || ptr(xn)? % (2 * es as u64) != 0
+    {
+        return Ok(None);
+    }
+    let gpu = gpu_of(xn)?;
+    let w = if w.dtype() != dt {
+        cast(w, dt)?
+    } else {
+        w.clone()
+    };
+    let key = ConvKey {
+        dtype: dt,
+        tf32: false,
+        x: [b as i32, ci as i32, hi as i32, wi as i32],
+        w: [co as i32, ci as i32, kh as i32, kw as i32],
+        pad: [ph as i32, pw as i32],
+        stride: p.stride as i32,
+        nhwc: true,
+    };
+    conv_nhwc_in(&gpu, xn, &w, bias, key, [b, co, ho, wo], adds).map(Some)
 }
 
 /// The filter `w: [co, ci, kh, kw]` as `[co, kh, kw, ci]` (cuDNN's NHWC filter), transposed once

@@ -3,9 +3,11 @@
 //! device from per-band moments, and the row norms (one block per row; the vectorised one-warp
 //! rows live in [`super::vector`]).
 
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::{cast, cfg_planes, cfg_rows, gpu_of, out, ptr, tname, vector, Gpu, MAX_GRID_Y};
+use super::{
+    cast, cfg_planes, cfg_rows, gpu_of, out, pairs_fit, ptr, tname, vector, Gpu, MAX_GRID_Y,
+};
 use crate::{DType, GroupStats, Result, Tensor};
 
 /// Σx and Σx² per (batch, group) on the device (f64 sums of f32 partial sums).
@@ -86,6 +88,29 @@ fn gn_apply(
     Ok(y)
 }
 
+/// Per-(batch, group) `(mean, rstd)` as f32 on the device: [`gn_sums`] and `gn_finalize`.
+fn gn_mean_rstd(
+    x: &Tensor,
+    dims: (usize, usize, usize),
+    groups: usize,
+    eps: f64,
+) -> Result<CudaSlice<f32>> {
+    let gpu = gpu_of(x)?;
+    let (b, c, s) = dims;
+    let bg = b * groups;
+    let sums = gn_sums(x, dims, groups)?;
+    // SAFETY: every element is written by gn_finalize before anything reads it.
+    let mr = unsafe { gpu.stream.alloc::<f32>(2 * bg.max(1)) }.map_err(|e| gpu.err("alloc", e))?;
+    let (sp, mp) = {
+        let (a, _s1) = cudarc::driver::DevicePtr::device_ptr(&sums, &gpu.stream);
+        let (m, _s2) = cudarc::driver::DevicePtr::device_ptr(&mr, &gpu.stream);
+        (a, m)
+    };
+    let n = ((c / groups) * s) as f64;
+    launch!(gpu, "gn_finalize", Gpu::cfg_elems(bg); sp, mp, bg as i32, n, eps);
+    Ok(mr)
+}
+
 /// Group norm with statistics computed on the device.
 pub(crate) fn group_norm(
     x: &Tensor,
@@ -96,19 +121,41 @@ pub(crate) fn group_norm(
     silu: bool,
 ) -> Result<Tensor> {
     let gpu = gpu_of(x)?;
+    let mr = gn_mean_rstd(x, dims, groups, eps)?;
+    let (mp, _s) = cudarc::driver::DevicePtr::device_ptr(&mr, &gpu.stream);
+    gn_apply(x, mp, (dims.1, dims.2, groups), gamma, beta, silu)
+}
+
+/// [`group_norm`] written as `[b, s, c]` (NHWC) by one tiled pass (`gn_apply_nhwc`), the input
+/// of an NHWC convolution; `None` where the channels or the plane are odd or the grid too large
+/// (the caller then normalises and transposes).
+pub(crate) fn group_norm_nhwc(
+    x: &Tensor,
+    dims: (usize, usize, usize),
+    groups: usize,
+    (gamma, beta): (Option<&Tensor>, Option<&Tensor>),
+    eps: f64,
+    silu: bool,
+) -> Result<Option<Tensor>> {
     let (b, c, s) = dims;
-    let bg = b * groups;
-    let sums = gn_sums(x, dims, groups)?;
-    // SAFETY: every element is written by gn_finalize before gn_apply reads it.
-    let mr = unsafe { gpu.stream.alloc::<f32>(2 * bg.max(1)) }.map_err(|e| gpu.err("alloc", e))?;
-    let (sp, mp) = {
-        let (a, _s1) = cudarc::driver::DevicePtr::device_ptr(&sums, &gpu.stream);
-        let (m, _s2) = cudarc::driver::DevicePtr::device_ptr(&mr, &gpu.stream);
-        (a, m)
+    let pair = 2 * x.dtype().size() as u64;
+    if b * c * s == 0 || !pairs_fit(b, c, s) || ptr(x)? % pair != 0 {
+        return Ok(None);
+    }
+    let gpu = gpu_of(x)?;
+    let dt = x.dtype();
+    let mr = gn_mean_rstd(x, dims, groups, eps)?;
+    let (mp, _s) = cudarc::driver::DevicePtr::device_ptr(&mr, &gpu.stream);
+    let ((_g, gp), (_b, bp)) = (param(gamma, dt)?, param(beta, dt)?);
+    let y = out(&gpu, &[b, s, c], dt)?;
+    let cfg = LaunchConfig {
+        grid_dim: (s.div_ceil(64) as u32, c.div_ceil(64) as u32, b as u32),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
     };
-    let n = ((c / groups) * s) as f64;
-    launch!(gpu, "gn_finalize", Gpu::cfg_elems(bg); sp, mp, bg as i32, n, eps);
-    gn_apply(x, mp, (c, s, groups), gamma, beta, silu)
+    launch!(gpu, format!("gn_apply_nhwc_{}", tname(dt)), cfg;
+        ptr(x)?, mp, gp, bp, ptr(&y)?, c as i32, s as i64, groups as i32, silu as i32);
+    Ok(Some(y))
 }
 
 /// Per-(batch, group) `(mean, m2)` as F32 `[b·groups, 2]`: [`gn_sums`] and the `gn_moments`
