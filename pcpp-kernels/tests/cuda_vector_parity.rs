@@ -8,7 +8,7 @@
 //! the two-element transpose, and convolutions in NHWC (kept filters, bias fused into the output
 //! transpose) against the CPU and against cuDNN's NCHW calls, GEMMs and convolutions with timed
 //! algorithm choices, convolutions with their time-embedding and residual adds in the output pass,
-//! group norm written channels-last for the convolution after it,
+//! group norm written channels-last for the convolution after it, `1×1` convolutions as GEMMs,
 //! the residual sum and layer norm in
 //! one launch, and attention over column blocks read in place. Ignored by default (needs a GPU):
 //! `cargo test -p pcpp-kernels --features cuda --test cuda_vector_parity -- --ignored`.
@@ -656,6 +656,41 @@ fn nhwc_group_norm_and_conv_match_cpu_and_the_nchw_ops() {
                 nchw.to_bytes().unwrap(),
                 "{name} {d}"
             );
+        }
+    }
+}
+
+/// `1×1` convolutions (stride 1, no padding) run as one strided-batched GEMM in NCHW: with and
+/// without a bias and the adds, even and odd planes, against the CPU.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn conv1x1_gemm_matches_cpu() {
+    for d in DTYPES {
+        for (ci, co, h, w) in [(24usize, 10usize, 6usize, 5usize), (64, 32, 8, 8)] {
+            let x = rnd(&[2, ci, h, w], d, 1);
+            let wt = rnd(&[co, ci, 1, 1], d, 2).affine(0.3, 0.0).unwrap();
+            let (b, r) = (rnd(&[co], d, 3), rnd(&[2, co, h, w], d, 4));
+            let p = Conv2dParams::new(1, 0);
+            let (gx, gw, gb, gr) = (gpu(&x), gpu(&wt), gpu(&b), gpu(&r));
+            for bias in [false, true] {
+                let (bc, bg) = if bias {
+                    (Some(&b), Some(&gb))
+                } else {
+                    (None, None)
+                };
+                check(
+                    &format!("conv1x1 {ci}->{co} {h}x{w} bias={bias}"),
+                    d,
+                    &gx.conv2d(&gw, bg, p).unwrap(),
+                    &x.conv2d(&wt, bc, p).unwrap(),
+                );
+                check(
+                    &format!("conv1x1 + residual bias={bias}"),
+                    d,
+                    &gx.conv2d_add(&gw, bg, p, None, Some(&gr)).unwrap(),
+                    &x.conv2d_add(&wt, bc, p, None, Some(&r)).unwrap(),
+                );
+            }
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The UNet's ResNet block (diffusers `ResnetBlock2D` with a time embedding):
 //! `skip(x) + conv2(silu(norm2(conv1(silu(norm1(x))) + time_emb_proj(silu(temb)))))`, the skip a
 //! `1×1` `conv_shortcut` when the channels change. conv1's bias is folded into the time
-//! projection's at load (the same sum, one per-channel add fewer per step).
+//! projection's at load, and the shortcut's into conv2's (the same sums, fewer per-channel adds
+//! per step).
 //!
 //! Built from the core factory's layers: its `3×3` convolutions and group norms are the
 //! patch-parallel ones (PCPP §2.2, §2.6). Under tensor parallelism (the §5 baseline) the factory's
@@ -14,7 +15,7 @@ use pcpp_core::{ChannelSplit, Conv2dLayer, GroupNormLayer, LayerFactory};
 use pcpp_kernels::Tensor;
 
 use crate::error::Result;
-use crate::unet_blocks::{conv, gnorm, Fwd, Linear};
+use crate::unet_blocks::{gnorm, Fwd, Linear};
 use crate::weights::Weights;
 
 pub(crate) struct ResnetBlock {
@@ -81,7 +82,23 @@ impl ResnetBlock {
             None => f.group_norm(&id_n2, groups, eps, gamma, beta)?,
         };
         let id2 = format!("{p}.conv2");
-        let bias2 = w.get_opt(&format!("{id2}.bias"), &[co])?;
+        // The shortcut's bias is added with conv2's (where this rank adds conv2's bias): the
+        // skip is then one GEMM, `x + ... = (W_s·x + b_s) + conv2(h) + b2 = W_s·x + conv2(h) +
+        // (b2 + b_s)`.
+        let id_s = format!("{p}.conv_shortcut");
+        let shortcut = if ci != co {
+            let ws = w.get(&format!("{id_s}.weight"), &[co, ci, 1, 1])?;
+            Some((ws, w.get_opt(&format!("{id_s}.bias"), &[co])?))
+        } else {
+            None
+        };
+        let bias2 = match (
+            w.get_opt(&format!("{id2}.bias"), &[co])?,
+            shortcut.as_ref().and_then(|s| s.1.clone()),
+        ) {
+            (Some(b2), Some(bs)) => Some(b2.add(&bs)?),
+            (b2, bs) => b2.or(bs),
+        };
         let conv2 = f.conv2d(
             &id2,
             share(w.get(&format!("{id2}.weight"), &[co, co, 3, 3])?, 1)?,
@@ -89,6 +106,10 @@ impl ResnetBlock {
             1,
             1,
         )?;
+        let shortcut = match shortcut {
+            Some((ws, _)) => Some(f.conv2d(&id_s, ws, None, 1, 0)?),
+            None => None,
+        };
         Ok(ResnetBlock {
             name: p.to_string(),
             norm1,
@@ -97,11 +118,7 @@ impl ResnetBlock {
             norm2,
             conv2,
             split,
-            shortcut: if ci != co {
-                Some(conv(f, w, &format!("{p}.conv_shortcut"), ci, co, 1, 1, 0)?)
-            } else {
-                None
-            },
+            shortcut,
         })
     }
 

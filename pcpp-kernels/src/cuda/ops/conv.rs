@@ -303,6 +303,10 @@ fn conv2d_banded(
     let es = x.dtype().size();
     let (b, ci, h, wd) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
     let (co, kh, kw) = (w.shape()[0], w.shape()[2], w.shape()[3]);
+    let unpadded = p.pad_top + p.pad_bottom + p.pad_left + p.pad_right == 0;
+    if kh == 1 && kw == 1 && p.stride == 1 && unpadded && h * wd <= i32::MAX as usize {
+        return conv1x1(x, w, bias, adds);
+    }
     let ho = (h + p.pad_top + p.pad_bottom - kh) / p.stride + 1;
     let wo = (wd + p.pad_left + p.pad_right - kw) / p.stride + 1;
     let (in_row, out_row) = (b * ci * wd * es, b * co * wo * es);
@@ -381,22 +385,77 @@ fn conv2d_whole(
     let mut ys = gpu.alloc(dt, b * co * ho * wo)?;
     with_type!(dt, T => conv_cudnn::<T>(&gpu, (storage(&xin)?, storage(&w)?, &mut ys), key, ydims))?;
     let y = Tensor::from_cuda(&[b, co, ho, wo], dt, ys);
-    if let Some(bs) = bias {
-        let bs = if bs.dtype() != dt {
-            cast(bs, dt)?
-        } else {
-            bs.clone()
-        };
-        let n = y.numel();
-        if (1..=MAX_GRID_Y).contains(&(b * co)) {
-            launch!(gpu, format!("plane_binary_{}", tname(dt)), cfg_planes(b * co, ho * wo);
-                ptr(&y)?, ptr(&bs)?, ptr(&y)?, (ho * wo) as i64, 0i32, co as i64);
-        } else {
-            launch!(gpu, format!("bias_nchw_{}", tname(dt)), Gpu::cfg_elems(n);
-                ptr(&y)?, ptr(&bs)?, co as i64, (ho * wo) as i64, n as i64);
-        }
-    }
+    add_bias_nchw(&gpu, &y, bias, (b, co, ho * wo))?;
     adds.compose(y)
+}
+
+/// A `1×1` convolution with stride 1 and no padding in NCHW as one strided-batched GEMM per
+/// image, `y[b] = W · x[b]` (`[co, ci] · [ci, h·w]`): no layout transposes, which cuDNN's NHWC
+/// kernels would need (and f32 on TF32 tensor cores where [`super::Gpu::set_tf32`] allows it,
+/// as the convolutions).
+fn conv1x1(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, adds: ConvAdds) -> Result<Tensor> {
+    let gpu = gpu_of(x)?;
+    let dt = x.dtype();
+    let w = if w.dtype() != dt {
+        cast(w, dt)?
+    } else {
+        w.clone()
+    };
+    let (b, ci, h, wd) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+    let (co, s) = (w.shape()[0], h * wd);
+    let y = out(&gpu, &[b, co, h, wd], dt)?;
+    if b * co * s == 0 {
+        return adds.compose(y);
+    }
+    // Row-major y[b] = W · x[b] is column-major y[b]ᵀ = x[b]ᵀ · Wᵀ: m = s, n = co, k = ci.
+    gemm_batched(
+        &gpu,
+        (false, false),
+        (s, co, ci),
+        1.0,
+        (ptr(x)?, s, ci * s),
+        (ptr(&w)?, ci, 0),
+        (ptr(&y)?, s, co * s),
+        b,
+        dt,
+        dt,
+    )?;
+    add_bias_nchw(&gpu, &y, bias, (b, co, s))?;
+    adds.compose(y)
+}
+
+/// `y[b, c, s] += bias[c]` in place (nothing without a bias).
+fn add_bias_nchw(
+    gpu: &Arc<Gpu>,
+    y: &Tensor,
+    bias: Option<&Tensor>,
+    (b, co, s): (usize, usize, usize),
+) -> Result<()> {
+    let Some(bs) = bias else {
+        return Ok(());
+    };
+    let dt = y.dtype();
+    let bs = if bs.dtype() != dt {
+        cast(bs, dt)?
+    } else {
+        bs.clone()
+    };
+    let n = y.numel();
+    if n == 0 {
+        return Ok(());
+    }
+    let ptrs = (ptr(y)?, ptr(&bs)?, ptr(y)?);
+    if vector::try_plane_binary(gpu, dt, ptrs, (b * co, s), 0, co)? {
+        return Ok(());
+    }
+    if (1..=MAX_GRID_Y).contains(&(b * co)) {
+        launch!(gpu, format!("plane_binary_{}", tname(dt)), cfg_planes(b * co, s);
+            ptr(y)?, ptr(&bs)?, ptr(y)?, s as i64, 0i32, co as i64);
+    } else {
+        launch!(gpu, format!("bias_nchw_{}", tname(dt)), Gpu::cfg_elems(n);
+            ptr(y)?, ptr(&bs)?, co as i64, s as i64, n as i64);
+    }
+    Ok(())
 }
 
 /// The convolution of the NHWC input `xn: [b, hi, wi, ci]` (`key` describes it, symmetric
