@@ -234,6 +234,7 @@ fn attention_matches_cpu() {
             (640, 256, 2, 128, true),
             (129, 2000, 1, 64, false),
             (384, 2000, 1, 128, true),
+            (385, 385, 2, 64, true),
         ] {
             let q = rnd(&[2, lq, heads * dh], d, 1).affine(2.0, 0.0).unwrap();
             let k = rnd(&[2, lk, heads * dh], d, 2).affine(2.0, 0.0).unwrap();
@@ -241,7 +242,7 @@ fn attention_matches_cpu() {
             let want = Tensor::attention(&q, &k, &v, heads, causal).unwrap();
             // every kernel: Q in registers, Q in shared memory, that with 64-key tiles (head size
             // 128), and Hopper's warpgroup MMAs (head sizes 64 and 128; the default, and with the
-            // intra-warpgroup overlap)
+            // intra-warpgroup overlap, three MMA warpgroups at head size 64)
             for variant in [
                 Flash128::RegistersQ,
                 Flash128::SharedQ,
@@ -250,6 +251,8 @@ fn attention_matches_cpu() {
                 Flash128::Warpspec,
                 Flash128::WarpspecPingpong,
                 Flash128::WarpspecOverlap,
+                Flash128::Warpspec3,
+                Flash128::Warpspec3Overlap,
             ] {
                 set_flash128(variant);
                 let got = Tensor::attention(&gpu(&q), &gpu(&k), &gpu(&v), heads, causal).unwrap();
@@ -272,12 +275,14 @@ fn hopper_attention_is_taken_on_hopper() {
     let g = pcpp_kernels::cuda::gpu(0).unwrap();
     if g.arch() == "sm_90a" {
         assert!(
-            g.has_hopper_attention() && g.has_warpspec_attention(),
+            g.has_hopper_attention() && g.has_warpspec_attention() && g.has_warpspec3_attention(),
             "sm_90a device without the Hopper attention kernels"
         );
     } else {
         assert!(
-            !g.has_hopper_attention() && !g.has_warpspec_attention(),
+            !g.has_hopper_attention()
+                && !g.has_warpspec_attention()
+                && !g.has_warpspec3_attention(),
             "{}: Hopper kernels on a non-sm_90a device",
             g.arch()
         );

@@ -73,7 +73,7 @@ __device__ __forceinline__ void tma_tile(unsigned dst, const TmaMap* map, int x,
 #pragma unroll
     for (int j = 0; j < D / 64; ++j) tma_box(dst + j * R * 128, map, x + j * 64, y, z, bar);
 }
-// Named barrier `id` of both MMA warpgroups: wait for the other's arrival, or arrive for it.
+// Named barrier `id` of two MMA warpgroups: wait for the other's arrival, or arrive for it.
 __device__ __forceinline__ void ws_sync(int id) {
     asm volatile("bar.sync %0, 256;" ::"r"(id) : "memory");
 }
@@ -81,12 +81,12 @@ __device__ __forceinline__ void ws_arrive(int id) {
     asm volatile("bar.arrive %0, 256;" ::"r"(id) : "memory");
 }
 
-template <int BF, int D, int PIPE, int PP>
+template <int BF, int D, int PIPE, int PP, int NC>
 __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* tv, unsigned short* o, int lq,
                               int lk, int heads, float scale_log2, int causal, unsigned short* dyn,
                               unsigned long long* bars) {
 #if PCPP_WGMMA
-    constexpr int BM = 128, BN = 128, ST = 2;
+    constexpr int BM = 64 * NC, BN = 128, ST = 2;
     constexpr unsigned QBYTES = BM * D * 2, TBYTES = BN * D * 2;
     // Q tile, then ST stages of K and V (each stage: K, then V), from a 1024-byte boundary.
     const unsigned base = (smem_addr(dyn) + 1023u) & ~1023u;
@@ -108,8 +108,8 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
         for (int st = 0; st < ST; ++st) {
             mbar_init(kfull(st), 1);
             mbar_init(vfull(st), 1);
-            mbar_init(kempty(st), 256);
-            mbar_init(vempty(st), 256);
+            mbar_init(kempty(st), 128 * NC);
+            mbar_init(vempty(st), 128 * NC);
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
@@ -132,8 +132,9 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
         }
         return;
     }
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
-    // This MMA warpgroup (0 or 1) and this thread's rows g and g + 8 of its warp's 16.
+    if constexpr (NC == 3) asm volatile("setmaxnreg.inc.sync.aligned.u32 160;");
+    else asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
+    // This MMA warpgroup (0 .. NC - 1) and this thread's rows g and g + 8 of its warp's 16.
     int cw = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31;
     int row0 = qblk + cw * 64 + warp * 16 + lane / 4, c = 2 * (lane % 4);
     float oacc[D / 2], sacc[BN / 2];
@@ -146,17 +147,17 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
     auto values = [&](int st) { wg_values<BF, D, BN>(oacc, pa, [&] { return vst(st); }); };
     auto rescale = [&](const float* a) { wg_rescale<D>(oacc, a); };
     auto commit = [] { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); };
-    // Ping-pong: this warpgroup's turn to issue MMAs (barrier 1 + cw), then the other's.
+    // Ping-pong: this warpgroup's turn to issue MMAs (barrier 1 + cw), then the next one's.
     auto turn = [&] {
         if constexpr (PP) ws_sync(1 + cw);
     };
     auto pass = [&] {
-        if constexpr (PP) ws_arrive(2 - cw);
+        if constexpr (PP) ws_arrive(1 + (cw + 1) % NC);
     };
     mbar_wait(qfull, 0);
     if (ntiles > 0) {
         if constexpr (PP) {
-            if (cw == 1) ws_arrive(1);
+            if (cw == NC - 1) ws_arrive(1);
         }
         mbar_wait(kfull(0), 0);
         turn();
@@ -201,7 +202,7 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
         pass();
         asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
         wg_hold<D / 2>(oacc);
-        // Takes warpgroup 1's last arrival, so that no named barrier is left half-passed.
+        // Takes the last warpgroup's last arrival, so that no named barrier is left half-passed.
         if constexpr (PP) {
             if (cw == 0) ws_sync(1);
         }
@@ -212,18 +213,22 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
     __trap();
 #endif
 }
-// Q, K and V come as TMA tensor maps of their [batch, rows, heads · D] matrices (64-column,
-// 128-row boxes, 128-byte swizzle). Dynamic shared memory: 1 KiB of alignment slack, a 128-row Q
-// tile and two stages of 128-row K and V tiles: 1 KiB + (128 + 4 · 128) · D · 2 bytes.
-#define FLASH_WS(NAME, BF, D, PIPE, PP)                                                                         \
-    extern "C" __global__ void __launch_bounds__(384, 1)                                                      \
+// Q, K and V come as TMA tensor maps of their [batch, rows, heads · D] matrices (64-column boxes
+// of 64 · NC rows for Q and 128 rows for K and V, 128-byte swizzle). NC MMA warpgroups of 64 query
+// rows each (2, or 3 for head size 64: FlashAttention-3's 192-row tiles, more MMA work per K/V
+// tile; the consumers get 160 registers instead of 240). Dynamic shared memory: 1 KiB of
+// alignment slack, the Q tile and two stages of 128-row K and V tiles:
+// 1 KiB + (64 · NC + 4 · 128) · D · 2 bytes.
+#define FLASH_WS(NAME, BF, D, PIPE, PP) FLASH_WSN(NAME, BF, D, PIPE, PP, 2)
+#define FLASH_WSN(NAME, BF, D, PIPE, PP, NC)                                                                    \
+    extern "C" __global__ void __launch_bounds__(128 * (NC + 1), 1)                                           \
         NAME(const __grid_constant__ TmaMap tq, const __grid_constant__ TmaMap tk,                           \
              const __grid_constant__ TmaMap tv, unsigned short* o, int lq, int lk, int heads, float scale_log2, \
              int causal) {                                                                                    \
         extern __shared__ __align__(1024) unsigned short flash_ws_dyn[];                                      \
         __shared__ __align__(8) unsigned long long flash_ws_bars[9];                                         \
-        flash_ws_impl<BF, D, PIPE, PP>(&tq, &tk, &tv, o, lq, lk, heads, scale_log2, causal, flash_ws_dyn,      \
-                                       flash_ws_bars);                                                        \
+        flash_ws_impl<BF, D, PIPE, PP, NC>(&tq, &tk, &tv, o, lq, lk, heads, scale_log2, causal, flash_ws_dyn,  \
+                                           flash_ws_bars);                                                    \
     }
 FLASH_WS(flash_ws64_f16, 0, 64, 1, 1)
 FLASH_WS(flash_ws64_bf16, 1, 64, 1, 1)
@@ -237,3 +242,7 @@ FLASH_WS(flash_wso64_f16, 0, 64, 1, 0)
 FLASH_WS(flash_wso64_bf16, 1, 64, 1, 0)
 FLASH_WS(flash_wso128_f16, 0, 128, 1, 0)
 FLASH_WS(flash_wso128_bf16, 1, 128, 1, 0)
+FLASH_WSN(flash_ws3w64_f16, 0, 64, 1, 1, 3)
+FLASH_WSN(flash_ws3w64_bf16, 1, 64, 1, 1, 3)
+FLASH_WSN(flash_ws3wo64_f16, 0, 64, 1, 0, 3)
+FLASH_WSN(flash_ws3wo64_bf16, 1, 64, 1, 0, 3)

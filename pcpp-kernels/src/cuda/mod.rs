@@ -238,6 +238,9 @@ pub struct Gpu {
     /// Whether the warp-specialised Hopper kernels ([`ops::Flash128::Warpspec`]) can run here:
     /// the same conditions for `flash_ws.cu`.
     flash_ws: bool,
+    /// Whether its three-warpgroup head-size-64 kernels ([`ops::Flash128::Warpspec3`]) got their
+    /// shared memory.
+    flash_ws3: bool,
 }
 
 // SAFETY: every handle is used under `lock` or through the single stream in issue order; cudarc's
@@ -427,6 +430,14 @@ impl Gpu {
         .into_iter()
         .filter_map(ops::Flash128::warpspec_form)
         .all(|form| hopper_ok(&|dh| ops::flash_ws_name(dh, form)));
+        let flash_ws3 = arch == "sm_90a"
+            && ["3w", "3wo"].into_iter().all(|form| {
+                let n = ops::flash_ws_name(64, form);
+                smem_ok(
+                    [&*format!("{n}_f16"), &*format!("{n}_bf16")],
+                    ops::flash_ws_bytes(64, 3),
+                )
+            });
         let blas = CudaBlas::new(stream.clone()).map_err(|x| e("cuBLAS", &x))?;
         // A workspace of cuBLAS's own: without one, cuBLAS picks other (workspace-free) kernels
         // while a CUDA graph is being captured, and a replayed step would round differently from
@@ -467,6 +478,7 @@ impl Gpu {
             flash_shared_q64,
             flash_hopper,
             flash_ws,
+            flash_ws3,
             blas,
             _blas_workspace: blas_workspace,
             lt: Lt {
@@ -502,6 +514,12 @@ impl Gpu {
     /// when [`ops::Flash128::Warpspec`] (or one of its lighter forms) is chosen.
     pub fn has_warpspec_attention(&self) -> bool {
         self.flash_ws
+    }
+
+    /// Whether head size 64 may take the three-warpgroup warp-specialised kernels when
+    /// [`ops::Flash128::Warpspec3`] (or its overlap-only form) is chosen.
+    pub fn has_warpspec3_attention(&self) -> bool {
+        self.flash_ws3
     }
 
     /// The device name reported by the driver.

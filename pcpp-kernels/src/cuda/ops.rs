@@ -59,8 +59,8 @@ pub(crate) use gemm::{linear, linear_add, linear_gelu_tanh, matmul, LtKey};
 pub use tune::{autotune, set_autotune};
 
 pub(crate) use attn::{
-    attention, attention_in_place, flash_hopper_bytes, flash_hopper_name, flash_ws_name,
-    FLASH_SHARED_Q64_BYTES, FLASH_SHARED_Q_BYTES,
+    attention, attention_in_place, flash_hopper_bytes, flash_hopper_name, flash_ws_bytes,
+    flash_ws_name, FLASH_SHARED_Q64_BYTES, FLASH_SHARED_Q_BYTES,
 };
 pub use attn::{flash128, set_flash128, Flash128};
 

@@ -114,20 +114,29 @@ fn warpspec(
         Some(f) if gpu.flash_ws && matches!(dh, 64 | 128) && dt != DType::F32 => f,
         _ => return Ok(false),
     };
-    let map = |(t, start, n): (&Tensor, usize, usize), rows: usize| {
-        let addr = ptr(t).ok()? + (start * dt.size()) as u64;
-        matrix_map(addr, dt, (b, rows, dm), n, 128)
+    // Three MMA warpgroups exist for head size 64; elsewhere the two-warpgroup form.
+    let (form, groups) = match form.strip_prefix("3w") {
+        Some(_) if dh == 64 && gpu.flash_ws3 => (form, 3),
+        Some(rest) => (rest, 2),
+        None => (form, 2),
     };
-    let (Some(tq), Some(tk), Some(tv)) =
-        (map(blocks[0], lq), map(blocks[1], lk), map(blocks[2], lk))
-    else {
+    let bm = 64 * groups;
+    let map = |(t, start, n): (&Tensor, usize, usize), rows: usize, box_rows: usize| {
+        let addr = ptr(t).ok()? + (start * dt.size()) as u64;
+        matrix_map(addr, dt, (b, rows, dm), n, box_rows as u32)
+    };
+    let (Some(tq), Some(tk), Some(tv)) = (
+        map(blocks[0], lq, bm),
+        map(blocks[1], lk, 128),
+        map(blocks[2], lk, 128),
+    ) else {
         return Ok(false);
     };
     let scale_log2 = std::f32::consts::LOG2_E / (dh as f32).sqrt();
     let cfg = LaunchConfig {
-        grid_dim: (lq.div_ceil(128) as u32, heads as u32, b as u32),
-        block_dim: (384, 1, 1),
-        shared_mem_bytes: flash_hopper_bytes(dh),
+        grid_dim: (lq.div_ceil(bm) as u32, heads as u32, b as u32),
+        block_dim: (128 * (groups as u32 + 1), 1, 1),
+        shared_mem_bytes: flash_ws_bytes(dh, groups),
     };
     launch!(gpu, format!("{}_{}", flash_ws_name(dh, form), tname(dt)), cfg;
         tq, tk, tv, ptr(y)?, lq as i32, lk as i32, heads as i32, scale_log2, causal as i32);
@@ -163,6 +172,13 @@ pub(crate) fn attention_in_place(
 /// 128), without its dtype suffix.
 pub(crate) fn flash_ws_name(dh: usize, form: &str) -> String {
     format!("flash_ws{form}{dh}")
+}
+
+/// Dynamic shared memory of the warp-specialised kernels with `groups` MMA warpgroups (2 or 3)
+/// for head size `dh`: 1 KiB of alignment slack, the `64 · groups`-row Q tile and two stages of
+/// 128-row K and V tiles.
+pub(crate) const fn flash_ws_bytes(dh: usize, groups: usize) -> u32 {
+    (1024 + (64 * groups + 4 * 128) * dh * 2) as u32
 }
 
 /// Dynamic shared memory of the Hopper kernels (plain and warp-specialised) for head size `dh`
@@ -208,6 +224,12 @@ pub enum Flash128 {
     WarpspecPingpong,
     /// [`Flash128::Warpspec`] with the intra-warpgroup overlap but without the ping-pong.
     WarpspecOverlap,
+    /// [`Flash128::Warpspec`] with three MMA warpgroups and 192-row Q tiles for head size 64
+    /// (FlashAttention-3's tile there: each K/V tile feeds 1.5 times the MMAs; the three take
+    /// turns); head size 128 keeps two.
+    Warpspec3,
+    /// [`Flash128::Warpspec3`] without the ping-pong.
+    Warpspec3Overlap,
 }
 
 impl Flash128 {
@@ -218,6 +240,8 @@ impl Flash128 {
             Flash128::Warpspec => Some(""),
             Flash128::WarpspecPingpong => Some("p"),
             Flash128::WarpspecOverlap => Some("o"),
+            Flash128::Warpspec3 => Some("3w"),
+            Flash128::Warpspec3Overlap => Some("3wo"),
             _ => None,
         }
     }
@@ -234,6 +258,8 @@ pub fn flash128() -> Flash128 {
         4 => Flash128::Hopper,
         6 => Flash128::WarpspecPingpong,
         7 => Flash128::WarpspecOverlap,
+        8 => Flash128::Warpspec3,
+        9 => Flash128::Warpspec3Overlap,
         _ => Flash128::Warpspec,
     }
 }
@@ -248,6 +274,8 @@ pub fn set_flash128(v: Flash128) {
         Flash128::Warpspec => 5,
         Flash128::WarpspecPingpong => 6,
         Flash128::WarpspecOverlap => 7,
+        Flash128::Warpspec3 => 8,
+        Flash128::Warpspec3Overlap => 9,
     };
     FLASH128.store(code, Ordering::Relaxed);
 }
