@@ -309,6 +309,14 @@ pub trait FeedForwardLayer: Send + Sync {
     /// # Shapes
     /// `[b, l, dim]` → `[b, l, dim]`.
     fn forward(&self, ctx: &StepCtx, x: &Tensor) -> Result<Tensor>;
+
+    /// `residual + forward(x)` (the transformer block's last residual sum): layers that run the
+    /// output projection here hand the residual to its GEMM as the accumulator
+    /// ([`Tensor::linear_add`]). The default adds after `forward`.
+    fn forward_add(&self, ctx: &StepCtx, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let y = self.forward(ctx, x)?;
+        y.add(residual).at("feed-forward (residual)")
+    }
 }
 
 /// Weights of a GEGLU feed-forward (PyTorch `Linear` layout).
@@ -363,6 +371,13 @@ impl FeedForwardLayer for ComposedFeedForward {
             .and_then(|h| h.geglu())
             .and_then(|h| h.linear(&self.w.out, self.w.out_bias.as_ref()))
             .at(id)
+    }
+
+    fn forward_add(&self, _ctx: &StepCtx, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        x.linear(&self.w.proj, self.w.proj_bias.as_ref())
+            .and_then(|h| h.geglu())
+            .and_then(|h| h.linear_add(&self.w.out, self.w.out_bias.as_ref(), residual))
+            .at(&self.id)
     }
 }
 

@@ -105,6 +105,36 @@ impl Tensor {
         self.permute(&[0, 3, 1, 2])?
             .conv2d_add(w, bias, p, plane, residual)
     }
+
+    /// `residual + self.from_tokens(h, w)`: tokens back to an image and a residual added, on the
+    /// GPU in one pass (the transpose's epilogue adds it).
+    ///
+    /// # Shapes
+    /// `self: [b, h·w, c]`, `residual: [b, c, h, w]` → `[b, c, h, w]`.
+    pub fn from_tokens_add(&self, h: usize, w: usize, residual: &Tensor) -> Result<Tensor> {
+        let y_shape = match self.shape() {
+            [b, s, c] if *s == h * w => [*b, *c, h, w],
+            _ => return self.from_tokens(h, w),
+        };
+        if residual.shape() != y_shape {
+            return Err(KernelError::shape(
+                "from_tokens_add (residual)",
+                &y_shape,
+                residual.shape(),
+            ));
+        }
+        #[cfg(feature = "cuda")]
+        if crate::ops::on_gpu("from_tokens_add", &[Some(self), Some(residual)])? {
+            let _timed = crate::cuda::profile::scope(
+                crate::cpu::profile::Kernel::Elementwise,
+                self.device(),
+            );
+            if let Some(y) = crate::cuda::tokens_to_image_add(self, residual)? {
+                return y.reshape(&y_shape);
+            }
+        }
+        self.from_tokens(h, w)?.add(residual)
+    }
 }
 
 #[cfg(test)]

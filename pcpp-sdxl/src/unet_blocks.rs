@@ -222,9 +222,14 @@ impl TransformerBlock {
         let (x, h) = a.add_layer_norm(x, Some(&self.norm2.0), Some(&self.norm2.1), 1e-5)?;
         let c = self.attn2.forward(fw, &h, cond)?;
         let (x, h) = c.add_layer_norm(&x, Some(&self.norm3.0), Some(&self.norm3.1), 1e-5)?;
-        let h = self.ff.forward(fw.ctx, &h)?;
-        fw.tap(&format!("{}.ff", self.name), &h);
-        let out = h.add(&x)?;
+        let out = if fw.taps.is_some() {
+            let h = self.ff.forward(fw.ctx, &h)?;
+            fw.tap(&format!("{}.ff", self.name), &h);
+            h.add(&x)?
+        } else {
+            // The residual is the output projection's accumulator.
+            self.ff.forward_add(fw.ctx, &h, &x)?
+        };
         fw.tap(&self.name, &out);
         Ok(out)
     }
@@ -286,19 +291,25 @@ impl Transformer2D {
 
     pub(crate) fn forward(&self, fw: &Fwd, x: &Tensor, cond: &UNetCond) -> Result<Tensor> {
         let (rows, cols) = (x.shape()[2], x.shape()[3]);
-        let h = self.norm.forward(fw.ctx, x, false)?;
         let mut h = match &self.proj_in {
-            Proj::Linear(l) => l.forward(&h.to_tokens()?)?,
-            Proj::Conv(c) => c.forward(fw.ctx, &h)?.to_tokens()?,
+            // The norm writes channels-last, which is the token layout.
+            Proj::Linear(l) => {
+                let h = self.norm.forward_nhwc(fw.ctx, x, false)?;
+                let (b, c) = (x.shape()[0], x.shape()[1]);
+                l.forward(&h.reshape(&[b, rows * cols, c])?)?
+            }
+            Proj::Conv(c) => {
+                let h = self.norm.forward(fw.ctx, x, false)?;
+                c.forward(fw.ctx, &h)?.to_tokens()?
+            }
         };
         for b in &self.blocks {
             h = b.forward(fw, &h, (rows, cols), cond)?;
         }
-        let h = match &self.proj_out {
-            Proj::Linear(l) => l.forward(&h)?.from_tokens(rows, cols)?,
-            Proj::Conv(c) => c.forward(fw.ctx, &h.from_tokens(rows, cols)?)?,
+        let out = match &self.proj_out {
+            Proj::Linear(l) => l.forward(&h)?.from_tokens_add(rows, cols, x)?,
+            Proj::Conv(c) => c.forward(fw.ctx, &h.from_tokens(rows, cols)?)?.add(x)?,
         };
-        let out = h.add(x)?;
         fw.tap(&self.name, &out);
         Ok(out)
     }

@@ -550,6 +550,24 @@ fn transpose_pairs(
     Ok(true)
 }
 
+/// `residual + t` with the tokens `t: [b, s, c]` turned back into an image `[b, c, s]` in the
+/// same pass (a transpose with the residual in its epilogue), or `None` where the two-element
+/// transpose does not take the shape or the dtypes differ (the caller then composes the ops).
+pub(crate) fn tokens_to_image_add(t: &Tensor, residual: &Tensor) -> Result<Option<Tensor>> {
+    let (b, s, c) = (t.shape()[0], t.shape()[1], t.shape()[2]);
+    let dt = t.dtype();
+    if residual.dtype() != dt || b * s * c == 0 {
+        return Ok(None);
+    }
+    let gpu = gpu_of(t)?;
+    let y = out(&gpu, &[b, c, s], dt)?;
+    let ep = PairsEpilogue {
+        res: Some(ptr(residual)?),
+        ..PairsEpilogue::default()
+    };
+    Ok(transpose_pairs(&gpu, (ptr(t)?, ptr(&y)?), ep, dt, (b, s, c))?.then_some(y))
+}
+
 /// Rows of `table` picked by host-checked ids.
 pub(crate) fn embedding(ids: &[u32], ids_shape: &[usize], table: &Tensor) -> Result<Tensor> {
     let gpu = gpu_of(table)?;
