@@ -1,9 +1,10 @@
 //! Kernel choices for comparison runs, taken from the environment before any GPU work:
-//! `PCPP_FLASH128=ws|ws3|ws3-overlap|ws-pingpong|ws-overlap|hopper|shared-q64|shared-q|registers-q`
+//! `PCPP_FLASH128=ws|ws2|ws3|ws3-overlap|ws-pingpong|ws-overlap|hopper|shared-q64|shared-q|registers-q`
 //! (the flash-attention kernel: `ws` takes FlashAttention-3's warp specialisation on Hopper's
 //! warpgroup MMAs (TMA producer, ping-pong, intra-warpgroup overlap) for head sizes 64 and 128 on
-//! sm_90a devices, `ws3` and `ws3-overlap` it with three MMA warpgroups (192-row tiles) at head
-//! size 64, `ws-pingpong` and `ws-overlap` it with one of its two schedules, `hopper`
+//! sm_90a devices, with three MMA warpgroups (192-row tiles) at head size 64 where they fill the
+//! GPU; `ws2` and `ws3` it with two or three warpgroups always, `ws3-overlap` three without the
+//! ping-pong, `ws-pingpong` and `ws-overlap` it with one of its two schedules, `hopper`
 //! the warpgroup MMAs without warp specialisation, all `shared-q64` elsewhere; the others
 //! choose among the head-size-128 kernels of every device), `PCPP_VECTOR_KERNELS=1|0`
 //! (vectorised element-wise kernels, row-broadcast kernel, one warp per norm row, fused rotary
@@ -20,8 +21,9 @@ use anyhow::{bail, Result};
 use pcpp_kernels::Device;
 
 /// The attention kernels by name, the default first.
-const FLASH: [&str; 9] = [
+const FLASH: [&str; 10] = [
     "ws",
+    "ws2",
     "ws3",
     "ws3-overlap",
     "ws-pingpong",
@@ -137,6 +139,7 @@ impl Variant {
                 "hopper" => Flash128::Hopper,
                 "ws-pingpong" => Flash128::WarpspecPingpong,
                 "ws-overlap" => Flash128::WarpspecOverlap,
+                "ws2" => Flash128::Warpspec2,
                 "ws3" => Flash128::Warpspec3,
                 "ws3-overlap" => Flash128::Warpspec3Overlap,
                 _ => Flash128::Warpspec,

@@ -235,6 +235,7 @@ fn attention_matches_cpu() {
             (129, 2000, 1, 64, false),
             (384, 2000, 1, 128, true),
             (385, 385, 2, 64, true),
+            (3000, 3000, 10, 64, false),
         ] {
             let q = rnd(&[2, lq, heads * dh], d, 1).affine(2.0, 0.0).unwrap();
             let k = rnd(&[2, lk, heads * dh], d, 2).affine(2.0, 0.0).unwrap();
@@ -249,6 +250,7 @@ fn attention_matches_cpu() {
                 Flash128::SharedQ64,
                 Flash128::Hopper,
                 Flash128::Warpspec,
+                Flash128::Warpspec2,
                 Flash128::WarpspecPingpong,
                 Flash128::WarpspecOverlap,
                 Flash128::Warpspec3,

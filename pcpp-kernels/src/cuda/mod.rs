@@ -241,6 +241,8 @@ pub struct Gpu {
     /// Whether its three-warpgroup head-size-64 kernels ([`ops::Flash128::Warpspec3`]) got their
     /// shared memory.
     flash_ws3: bool,
+    /// Streaming multiprocessors of the device.
+    sms: usize,
 }
 
 // SAFETY: every handle is used under `lock` or through the single stream in issue order; cudarc's
@@ -430,6 +432,11 @@ impl Gpu {
         .into_iter()
         .filter_map(ops::Flash128::warpspec_form)
         .all(|form| hopper_ok(&|dh| ops::flash_ws_name(dh, form)));
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_or(1, |n| n.max(1) as usize);
         let flash_ws3 = arch == "sm_90a"
             && ["3w", "3wo"].into_iter().all(|form| {
                 let n = ops::flash_ws_name(64, form);
@@ -479,6 +486,7 @@ impl Gpu {
             flash_hopper,
             flash_ws,
             flash_ws3,
+            sms,
             blas,
             _blas_workspace: blas_workspace,
             lt: Lt {

@@ -114,11 +114,16 @@ fn warpspec(
         Some(f) if gpu.flash_ws && matches!(dh, 64 | 128) && dt != DType::F32 => f,
         _ => return Ok(false),
     };
-    // Three MMA warpgroups exist for head size 64; elsewhere the two-warpgroup form.
-    let (form, groups) = match form.strip_prefix("3w") {
-        Some(_) if dh == 64 && gpu.flash_ws3 => (form, 3),
-        Some(rest) => (rest, 2),
-        None => (form, 2),
+    // Three MMA warpgroups exist for head size 64 (elsewhere two). The default takes them where
+    // their 192-row tiles still fill every multiprocessor at least once; small grids (a band's
+    // few hundred query rows) keep the 128-row tiles' parallelism.
+    let three_fill = (lq.div_ceil(192) * heads * b) >= gpu.sms;
+    let (form, groups) = match (form, form.strip_prefix("3w")) {
+        (_, Some(_)) if dh == 64 && gpu.flash_ws3 => (form, 3),
+        (_, Some(rest)) => (rest, 2),
+        ("", None) if dh == 64 && gpu.flash_ws3 && three_fill => ("3w", 3),
+        ("2w", None) => ("", 2),
+        (_, None) => (form, 2),
     };
     let bm = 64 * groups;
     let map = |(t, start, n): (&Tensor, usize, usize), rows: usize, box_rows: usize| {
@@ -217,9 +222,14 @@ pub enum Flash128 {
     /// warpgroups take turns issuing their MMAs (ping-pong) and overlap each tile's softmax with
     /// the previous tile's P·V (intra-warpgroup overlap). The default: on an H200 it made the
     /// FLUX.1-dev step 8 % (1024²) and 16 % (2048²) faster than [`Flash128::Hopper`]
-    /// (docs/benchmarks.md). Where a tensor map cannot be made, the kernels of
+    /// (docs/benchmarks.md). At head size 64 it takes three MMA warpgroups
+    /// ([`Flash128::Warpspec3`]) where their 192-row tiles fill every multiprocessor at least
+    /// once, two elsewhere. Where a tensor map cannot be made, the kernels of
     /// [`Flash128::Hopper`]; off sm_90a, those of [`Flash128::SharedQ64`].
     Warpspec,
+    /// [`Flash128::Warpspec`] with two MMA warpgroups at every size (the default before it took
+    /// three for large head-size-64 grids).
+    Warpspec2,
     /// [`Flash128::Warpspec`] with the ping-pong but without the intra-warpgroup overlap.
     WarpspecPingpong,
     /// [`Flash128::Warpspec`] with the intra-warpgroup overlap but without the ping-pong.
@@ -238,6 +248,7 @@ impl Flash128 {
     pub(crate) fn warpspec_form(self) -> Option<&'static str> {
         match self {
             Flash128::Warpspec => Some(""),
+            Flash128::Warpspec2 => Some("2w"),
             Flash128::WarpspecPingpong => Some("p"),
             Flash128::WarpspecOverlap => Some("o"),
             Flash128::Warpspec3 => Some("3w"),
@@ -260,6 +271,7 @@ pub fn flash128() -> Flash128 {
         7 => Flash128::WarpspecOverlap,
         8 => Flash128::Warpspec3,
         9 => Flash128::Warpspec3Overlap,
+        10 => Flash128::Warpspec2,
         _ => Flash128::Warpspec,
     }
 }
@@ -276,6 +288,7 @@ pub fn set_flash128(v: Flash128) {
         Flash128::WarpspecOverlap => 7,
         Flash128::Warpspec3 => 8,
         Flash128::Warpspec3Overlap => 9,
+        Flash128::Warpspec2 => 10,
     };
     FLASH128.store(code, Ordering::Relaxed);
 }
