@@ -9,11 +9,13 @@
 //! choose among the head-size-128 kernels of every device), `PCPP_VECTOR_KERNELS=1|0`
 //! (vectorised element-wise kernels, row-broadcast kernel, one warp per norm row, fused rotary
 //! embedding), `PCPP_FUSED_EPILOGUES=1|0` (a linear layer's
-//! tanh GELU or accumulator in cuBLASLt's epilogue) and `PCPP_CONV_NHWC=1|0` (f16/bf16
+//! tanh GELU or accumulator in cuBLASLt's epilogue), `PCPP_CONV_NHWC=1|0` (f16/bf16
 //! convolutions in NHWC with kept filters and the bias fused into the output transpose, or
 //! cuDNN's NCHW calls) and `PCPP_AUTOTUNE=1|0` (the first call of each GEMM and convolution shape
 //! times the libraries' candidate algorithms and keeps the fastest, or takes their heuristic
-//! choice). Unset means the measured defaults (`ws`, `1`, `1`, `1`, `1`); benchmarks'
+//! choice), `PCPP_NORM_REGISTERS=1|0` (layer norms that hold the row in registers, or read it
+//! three times; same bits). Unset means the measured defaults (`ws`, `1`, `1`, `1`, `1`, `1`);
+//! benchmarks'
 //! `--variants` items ([`parse_variant`]) set the first three.
 //! Without the `cuda` feature there is nothing to choose and the variables are ignored.
 
@@ -44,6 +46,7 @@ pub struct Variant {
     vector: bool,
     nhwc: bool,
     tune: bool,
+    regnorm: bool,
 }
 
 impl Default for Variant {
@@ -55,6 +58,7 @@ impl Default for Variant {
             vector: true,
             nhwc: true,
             tune: true,
+            regnorm: true,
         }
     }
 }
@@ -87,6 +91,7 @@ pub fn apply() -> Result<()> {
     v.vector = switch("PCPP_VECTOR_KERNELS")?;
     v.nhwc = switch("PCPP_CONV_NHWC")?;
     v.tune = switch("PCPP_AUTOTUNE")?;
+    v.regnorm = switch("PCPP_NORM_REGISTERS")?;
     v.apply();
     Ok(())
 }
@@ -112,6 +117,7 @@ pub fn parse_variant(spec: &str, device: Device) -> Result<Variant> {
         vector: true,
         nhwc: true,
         tune: true,
+        regnorm: true,
     };
     for p in parts {
         match p {
@@ -129,8 +135,8 @@ impl Variant {
         #[cfg(feature = "cuda")]
         {
             use pcpp_kernels::cuda::{
-                set_autotune, set_conv_nhwc, set_flash128, set_fused_epilogues, set_vector_kernels,
-                Flash128,
+                set_autotune, set_conv_nhwc, set_flash128, set_fused_epilogues, set_norm_registers,
+                set_vector_kernels, Flash128,
             };
             set_flash128(match self.flash {
                 "shared-q" => Flash128::SharedQ,
@@ -148,6 +154,7 @@ impl Variant {
             set_vector_kernels(self.vector);
             set_conv_nhwc(self.nhwc);
             set_autotune(self.tune);
+            set_norm_registers(self.regnorm);
         }
     }
 }
@@ -162,6 +169,7 @@ pub fn choices(device: Device) -> serde_json::Value {
             "fused_epilogues": pcpp_kernels::cuda::fused_epilogues(),
             "conv_nhwc": pcpp_kernels::cuda::conv_nhwc(),
             "autotune": pcpp_kernels::cuda::autotune(),
+            "norm_registers": pcpp_kernels::cuda::norm_registers(),
         });
     }
     let _ = device;

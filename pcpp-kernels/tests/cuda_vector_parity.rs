@@ -9,6 +9,7 @@
 //! transpose) against the CPU and against cuDNN's NCHW calls, GEMMs and convolutions with timed
 //! algorithm choices, convolutions with their time-embedding and residual adds in the output pass,
 //! group norm written channels-last for the convolution after it, `1×1` convolutions as GEMMs,
+//! layer norms with the row in registers,
 //! the residual sum and layer norm in
 //! one launch, and attention over column blocks read in place. Ignored by default (needs a GPU):
 //! `cargo test -p pcpp-kernels --features cuda --test cuda_vector_parity -- --ignored`.
@@ -691,6 +692,38 @@ fn conv1x1_gemm_matches_cpu() {
                     &x.conv2d_add(&wt, bc, p, None, Some(&r)).unwrap(),
                 );
             }
+        }
+    }
+}
+
+/// Layer norms holding the row in registers (`PCPP_NORM_REGISTERS`): the same bits as the
+/// three-read warp norms, plain and after a residual sum, for rows of 2, 3, 5 and 12 vectors per
+/// lane and rows too long for them; against the CPU too.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn register_norms_give_the_warp_norms_bits() {
+    use pcpp_kernels::cuda::set_norm_registers;
+    for d in DTYPES {
+        for width in [320usize, 640, 1280, 1000, 3072, 4096] {
+            let x = rnd(&[3, 7, width], d, 1).affine(2.0, 0.5).unwrap();
+            let r = rnd(&[3, 7, width], d, 2);
+            let (g, b) = (rnd(&[width], d, 3), rnd(&[width], d, 4));
+            let (gx, gr, gg, gb) = (gpu(&x), gpu(&r), gpu(&g), gpu(&b));
+            let mut runs = Vec::new();
+            for on in [true, false] {
+                set_norm_registers(on);
+                let n = gx.layer_norm(Some(&gg), Some(&gb), 1e-5).unwrap();
+                let (s, y) = gx.add_layer_norm(&gr, Some(&gg), Some(&gb), 1e-5).unwrap();
+                runs.push([n, s, y].map(|t| t.to_bytes().unwrap()));
+            }
+            set_norm_registers(true);
+            assert_eq!(runs[0], runs[1], "width {width} {d}");
+            check(
+                &format!("layer_norm regs {width}"),
+                d,
+                &gx.layer_norm(Some(&gg), Some(&gb), 1e-5).unwrap(),
+                &x.layer_norm(Some(&g), Some(&b), 1e-5).unwrap(),
+            );
         }
     }
 }

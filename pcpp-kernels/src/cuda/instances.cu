@@ -87,6 +87,22 @@ INST_CAST(bf16, bf16_t, f16, f16_t)
                                                  int c, long s, int groups, int silu) {                      \
         gn_apply_nhwc_impl<T>(x, mr, g, bt, y, c, s, groups, silu);                                          \
     }                                                                                                        \
+    extern "C" __global__ void row_norm_reg2_##N(const T* a, const T* a2, T* s, const T* g, const T* b, T* y, \
+                                                 long rows, long d, float eps) {                             \
+        row_norm_reg_impl<T, 2>(a, a2, s, g, b, y, rows, d, eps);                                            \
+    }                                                                                                        \
+    extern "C" __global__ void row_norm_reg3_##N(const T* a, const T* a2, T* s, const T* g, const T* b, T* y, \
+                                                 long rows, long d, float eps) {                             \
+        row_norm_reg_impl<T, 3>(a, a2, s, g, b, y, rows, d, eps);                                            \
+    }                                                                                                        \
+    extern "C" __global__ void row_norm_reg5_##N(const T* a, const T* a2, T* s, const T* g, const T* b, T* y, \
+                                                 long rows, long d, float eps) {                             \
+        row_norm_reg_impl<T, 5>(a, a2, s, g, b, y, rows, d, eps);                                            \
+    }                                                                                                        \
+    extern "C" __global__ void row_norm_reg12_##N(const T* a, const T* a2, T* s, const T* g, const T* b,      \
+                                                  T* y, long rows, long d, float eps) {                      \
+        row_norm_reg_impl<T, 12>(a, a2, s, g, b, y, rows, d, eps);                                           \
+    }                                                                                                        \
     extern "C" __global__ void layer_norm_##N(const T* x, const T* g, const T* b, T* y, long d, float eps) { \
         layer_norm_impl<T>(x, g, b, y, d, eps);                                                              \
     }                                                                                                        \

@@ -31,7 +31,7 @@ use crate::{DType, Device, KernelError, Result, Tensor};
 
 pub use names::kernel_names;
 pub(crate) use ops::vector::{add_gated, modulated_layer_norm, rotate_pairs};
-pub use ops::vector::{set_vector_kernels, vector_kernels};
+pub use ops::vector::{norm_registers, set_norm_registers, set_vector_kernels, vector_kernels};
 pub(crate) use ops::*;
 pub use ops::{
     autotune, capture_graph, conv2d_in_bands, conv_nhwc, copy_into, flash128, fused_epilogues,

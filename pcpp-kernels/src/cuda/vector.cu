@@ -189,6 +189,85 @@ __device__ void add_row_norm_warp_impl(const T* a, const T* r, T* s, const T* ga
     __syncwarp();
     row_norm_warp_impl<T>(s, gamma, beta, y, rows, d, eps, 1, vec, nullptr, nullptr, 1);
 }
+// Layer norm with the row held in registers, one warp per row: lane l holds the row's 16-byte
+// vectors l, l + 32, ... (at most NV of them, packed in T), so the row is read once instead of
+// three times. With `a2`, the row is a + a2 (rounded to T, stored to `s`), the residual sum of
+// add_row_norm_warp_impl. The operation order is row_sum's and row_norm_warp_impl's (same bits);
+// d % N == 0 and 16-byte-aligned pointers (the `vec` case), d <= 32 * N * NV.
+template <typename T, int NV>
+__device__ void row_norm_reg_impl(const T* a, const T* a2, T* s, const T* gamma, const T* beta, T* y, long rows,
+                                  long d, float eps) {
+    constexpr int N = VecN<T>::N;
+    long r = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= rows) return;
+    int lane = threadIdx.x & 31;
+    const T* ar = a + r * d;
+    U4 buf[NV];
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+        long j = (long)(lane + 32 * i) * N;
+        if (j < d) {
+            if (a2) {
+                float f[N], g[N];
+                vload(ar + j, f);
+                vload(a2 + r * d + j, g);
+#pragma unroll
+                for (int k = 0; k < N; ++k) f[k] = f[k] + g[k];
+                T* e = (T*)&buf[i];
+#pragma unroll
+                for (int k = 0; k < N; ++k) e[k] = from_f<T>(f[k]);
+                *(U4*)(s + r * d + j) = buf[i];
+            } else {
+                buf[i] = *(const U4*)(ar + j);
+            }
+        }
+    }
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+        if ((long)(lane + 32 * i) * N < d) {
+            const T* e = (const T*)&buf[i];
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                float v = to_f(e[k]) - 0.0f;
+                sum += v;
+            }
+        }
+    }
+    float mean = warp_sum(sum) / (float)d;
+    float sq = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+        if ((long)(lane + 32 * i) * N < d) {
+            const T* e = (const T*)&buf[i];
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                float v = to_f(e[k]) - mean;
+                sq += v * v;
+            }
+        }
+    }
+    float rstd = rsqrtf(warp_sum(sq) / (float)d + eps);
+    T* out = y + r * d;
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+        long j = (long)(lane + 32 * i) * N;
+        if (j < d) {
+            const T* e = (const T*)&buf[i];
+            float f[N], g[N], b[N];
+            if (gamma) vload(gamma + j, g);
+            if (beta) vload(beta + j, b);
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                float v = (to_f(e[k]) - mean) * rstd;
+                if (gamma) v *= g[k];
+                if (beta) v += b[k];
+                f[k] = v;
+            }
+            vstore(out + j, f);
+        }
+    }
+}
 // AdaLN gate: out = x + gate[row / rpp] * y over rows of `cols` (vectorised with `vec`).
 template <typename T>
 __device__ void gated_add_impl(const T* x, const T* gate, const T* y, T* out, long rows, long rpp, long cols,

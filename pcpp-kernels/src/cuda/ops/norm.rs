@@ -308,6 +308,10 @@ pub(crate) fn add_layer_norm(
     let s = out(&gpu, a.shape(), dt)?;
     let y = out(&gpu, a.shape(), dt)?;
     let ptrs = [ptr(a)?, ptr(r)?, ptr(&s)?, gp, bp, ptr(&y)?];
+    let p6 = (ptrs[0], ptrs[1], ptrs[2], gp, bp, ptrs[5]);
+    if vector::try_row_norm_registers(&gpu, dt, p6, rows, d, eps as f32)? {
+        return Ok(Some((s, y)));
+    }
     let vec = d % (16 / dt.size()) == 0 && ptrs.iter().all(|p| p % 16 == 0);
     launch!(gpu, format!("add_row_norm_warp_{}", tname(dt)), vector::cfg_warp_rows(rows);
         ptrs[0], ptrs[1], ptrs[2], gp, bp, ptrs[5], rows as i64, d as i64, eps as f32, vec as i32);

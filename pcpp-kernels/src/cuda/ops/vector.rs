@@ -31,6 +31,58 @@ pub fn set_vector_kernels(on: bool) {
     VECTOR.store(on, Ordering::Relaxed);
 }
 
+static NORM_REGISTERS: AtomicBool = AtomicBool::new(true);
+
+/// Whether layer norms hold their row in registers (`row_norm_reg`, one read of the row) where it
+/// fits, instead of reading it three times (`row_norm_warp`); on unless [`set_norm_registers`]
+/// turned it off.
+pub fn norm_registers() -> bool {
+    NORM_REGISTERS.load(Ordering::Relaxed)
+}
+
+/// Turns the register-resident layer norms on or off for this process (same bits either way).
+pub fn set_norm_registers(on: bool) {
+    NORM_REGISTERS.store(on, Ordering::Relaxed);
+}
+
+/// The `row_norm_reg` kernel (without its dtype suffix) whose lanes hold a row of `d` elements
+/// in registers: 2, 3, 5 or 12 16-byte vectors per lane; `None` when the row is longer.
+fn row_norm_reg_name(dt: DType, d: usize) -> Option<&'static str> {
+    let per_lane = d.div_ceil(32 * lanes(dt));
+    [
+        (2, "row_norm_reg2"),
+        (3, "row_norm_reg3"),
+        (5, "row_norm_reg5"),
+        (12, "row_norm_reg12"),
+    ]
+    .into_iter()
+    .find(|(nv, _)| per_lane <= *nv)
+    .map(|(_, n)| n)
+}
+
+/// Layer norm of `rows` rows of `d` with the row in registers; with `a2`, of `a + a2` (written to
+/// `s`). Returns whether it launched: the register norms on, `d` a multiple of the vector within
+/// the largest kernel, and 16-byte-aligned pointers.
+pub(super) fn try_row_norm_registers(
+    gpu: &Arc<Gpu>,
+    dt: DType,
+    (a, a2, s, g, b, y): (u64, u64, u64, u64, u64, u64),
+    rows: usize,
+    d: usize,
+    eps: f32,
+) -> Result<bool> {
+    let name = match row_norm_reg_name(dt, d) {
+        Some(n) if norm_registers() && vector_kernels() && d % lanes(dt) == 0 => n,
+        _ => return Ok(false),
+    };
+    if rows == 0 || !aligned(&[a, a2, s, g, b, y]) {
+        return Ok(false);
+    }
+    launch!(gpu, format!("{name}_{}", tname(dt)), cfg_warp_rows(rows);
+        a, a2, s, g, b, y, rows as i64, d as i64, eps);
+    Ok(true)
+}
+
 /// Elements per 16-byte vector.
 fn lanes(dt: DType) -> usize {
     16 / dt.size()
@@ -250,6 +302,9 @@ pub(super) fn try_row_norm(
 ) -> Result<bool> {
     if !vector_kernels() || d > 8192 || rows == 0 {
         return Ok(false);
+    }
+    if mean_too && try_row_norm_registers(gpu, dt, (x, 0, 0, g, b, y), rows, d, eps)? {
+        return Ok(true);
     }
     let v = lanes(dt);
     let vec = d % v == 0 && aligned(&[x, g, b, y]);
