@@ -11,10 +11,10 @@
 //! embedding), `PCPP_FUSED_EPILOGUES=1|0` (a linear layer's
 //! tanh GELU or accumulator in cuBLASLt's epilogue), `PCPP_CONV_NHWC=1|0` (f16/bf16
 //! convolutions in NHWC with kept filters and the bias fused into the output transpose, or
-//! cuDNN's NCHW calls) and `PCPP_AUTOTUNE=1|0` (the first call of each GEMM and convolution shape
+//! cuDNN's NCHW calls), `PCPP_AUTOTUNE=1|0` (the first call of each GEMM and convolution shape
 //! times the libraries' candidate algorithms and keeps the fastest, or takes their heuristic
 //! choice), `PCPP_NORM_REGISTERS=1|0` (layer norms that hold the row in registers, or read it
-//! three times; same bits). Unset means the measured defaults (`ws`, `1`, `1`, `1`, `1`, `1`);
+//! three times; same bits). Unset means the measured defaults (`ws`, `1`, `1`, `1`, `0`, `1`);
 //! benchmarks'
 //! `--variants` items ([`parse_variant`]) set the first three.
 //! Without the `cuda` feature there is nothing to choose and the variables are ignored.
@@ -57,7 +57,7 @@ impl Default for Variant {
             fused: true,
             vector: true,
             nhwc: true,
-            tune: true,
+            tune: false,
             regnorm: true,
         }
     }
@@ -90,7 +90,7 @@ pub fn apply() -> Result<()> {
     v.fused = switch("PCPP_FUSED_EPILOGUES")?;
     v.vector = switch("PCPP_VECTOR_KERNELS")?;
     v.nhwc = switch("PCPP_CONV_NHWC")?;
-    v.tune = switch("PCPP_AUTOTUNE")?;
+    v.tune = var("PCPP_AUTOTUNE").is_some() && switch("PCPP_AUTOTUNE")?;
     v.regnorm = switch("PCPP_NORM_REGISTERS")?;
     v.apply();
     Ok(())
@@ -116,7 +116,7 @@ pub fn parse_variant(spec: &str, device: Device) -> Result<Variant> {
         fused: false,
         vector: true,
         nhwc: true,
-        tune: true,
+        tune: false,
         regnorm: true,
     };
     for p in parts {

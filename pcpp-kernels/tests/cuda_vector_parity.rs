@@ -553,7 +553,7 @@ fn tuned_algorithms_match_cpu_and_are_kept() {
             );
         }
     }
-    set_autotune(true);
+    set_autotune(false);
 }
 
 /// A convolution with its bias, a `[b, co]` plane term and a residual added in the NHWC output

@@ -3,23 +3,25 @@
 //! each candidate the library offers on the real operands and keeps the fastest; later calls and
 //! captured graphs reuse it. Each timed run starts from a cold L2 (a scratch buffer larger than
 //! the cache is written first), as the weights of a whole UNet step are, so a latency-optimised
-//! tile that only wins on cache-resident weights is not chosen. Without tuning
-//! ([`set_autotune`]) the libraries' heuristic choice (the first candidate) is taken.
+//! tile that only wins on cache-resident weights is not chosen. Off by default ([`set_autotune`]):
+//! on an H200 the SDXL UNet steps it chose ran no faster than the heuristic choice (the first
+//! candidate, taken without tuning) and the first image of a process took about a second more
+//! (docs/benchmarks.md).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::*;
 
-static AUTOTUNE: AtomicBool = AtomicBool::new(true);
+static AUTOTUNE: AtomicBool = AtomicBool::new(false);
 
-/// Whether the first call of a GEMM or convolution shape times the libraries' candidates (on
-/// unless [`set_autotune`] turned it off).
+/// Whether the first call of a GEMM or convolution shape times the libraries' candidates (off
+/// unless [`set_autotune`] turned it on).
 pub fn autotune() -> bool {
     AUTOTUNE.load(Ordering::Relaxed)
 }
 
-/// Times the candidates of each new GEMM and convolution shape and keeps the fastest (on by
-/// default), or takes the libraries' heuristic choice, for this process.
+/// Times the candidates of each new GEMM and convolution shape and keeps the fastest, or takes
+/// the libraries' heuristic choice (the default), for this process.
 pub fn set_autotune(on: bool) {
     AUTOTUNE.store(on, Ordering::Relaxed);
 }
