@@ -23,6 +23,7 @@ pub mod prefixed;
 pub mod report;
 mod root_gather;
 pub mod schedule;
+mod serial;
 pub mod tensor;
 pub mod topology;
 mod watchdog;

@@ -207,6 +207,15 @@ where
     Ok(())
 }
 
+/// `t` in dtype `dt` (a cast only where it differs).
+fn in_dtype(t: &Tensor, dt: DType) -> Result<Tensor> {
+    if t.dtype() != dt {
+        cast(t, dt)
+    } else {
+        Ok(t.clone())
+    }
+}
+
 /// Minimal `one`/`zero` for the cuDNN scaling parameters.
 mod num_traits_one {
     pub trait One {
@@ -341,11 +350,7 @@ fn conv2d_whole(
 ) -> Result<Tensor> {
     let gpu = gpu_of(x)?;
     let dt = x.dtype();
-    let w = if w.dtype() != dt {
-        cast(w, dt)?
-    } else {
-        w.clone()
-    };
+    let w = in_dtype(w, dt)?;
     let (b, ci, h, wd) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
     let (co, kh, kw) = (w.shape()[0], w.shape()[2], w.shape()[3]);
     let sym = p.pad_top == p.pad_bottom && p.pad_left == p.pad_right;
@@ -396,11 +401,7 @@ fn conv2d_whole(
 fn conv1x1(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, adds: ConvAdds) -> Result<Tensor> {
     let gpu = gpu_of(x)?;
     let dt = x.dtype();
-    let w = if w.dtype() != dt {
-        cast(w, dt)?
-    } else {
-        w.clone()
-    };
+    let w = in_dtype(w, dt)?;
     let (b, ci, h, wd) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
     let (co, s) = (w.shape()[0], h * wd);
     let y = out(&gpu, &[b, co, h, wd], dt)?;
@@ -435,11 +436,7 @@ fn add_bias_nchw(
         return Ok(());
     };
     let dt = y.dtype();
-    let bs = if bs.dtype() != dt {
-        cast(bs, dt)?
-    } else {
-        bs.clone()
-    };
+    let bs = in_dtype(bs, dt)?;
     let n = y.numel();
     if n == 0 {
         return Ok(());
@@ -476,10 +473,7 @@ fn conv_nhwc_in(
     let ydims = [b as i32, co as i32, ho as i32, wo as i32];
     with_type!(dt, T => conv_cudnn::<T>(gpu, (storage(xn)?, storage(&wn)?, &mut ys), key, ydims))?;
     let yn = Tensor::from_cuda(&[b, ho * wo, co], dt, ys);
-    let bias = match bias {
-        Some(bs) if bs.dtype() != dt => Some(cast(bs, dt)?),
-        other => other.cloned(),
-    };
+    let bias = bias.map(|b| in_dtype(b, dt)).transpose()?;
     let pair = 2 * dt.size() as u64;
     let res = adds
         .residual
@@ -532,11 +526,7 @@ pub(crate) fn conv2d_nhwc_input(
         return Ok(None);
     }
     let gpu = gpu_of(xn)?;
-    let w = if w.dtype() != dt {
-        cast(w, dt)?
-    } else {
-        w.clone()
-    };
+    let w = in_dtype(w, dt)?;
     let key = ConvKey {
         dtype: dt,
         tf32: false,
