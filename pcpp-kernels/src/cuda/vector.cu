@@ -362,13 +362,15 @@ __device__ void transpose_impl(const W* src, W* dst, long rows, long cols) {
     }
 }
 // ---- batched 2-D transpose, two elements per access: src [n, rows, cols] -> dst [n, cols, rows] ----
-// dst[n, cols, rows] = src[n, rows, cols] with two elements per access: rows and cols even,
-// pointers aligned to two elements; 64×64 tiles through shared memory, block (32, 8).
-// on_load(r, pair) may change the pair read from src row r, on_store(c, r, pair) the pair written
-// to dst row c at column r.
+// rows and cols even, pointers aligned to two elements; 64×64 tiles, block (32, 8). The epilogue
+// of an NHWC -> NCHW convolution output: dst row j (src column j) of matrix n gets, in this order
+// and each rounded to T like the separate op, `bias[j]` (per channel), `plane[n * cols + j]` (per
+// image and channel, a `[b, c, 1, 1]` add) and the dst-shaped `res` (a residual) added in f32;
+// each is skipped where null. Same values as transpose_impl and the separate adds otherwise.
 template <typename T> struct alignas(2 * sizeof(T)) Pair { T a, b; };
-template <typename T, class Load, class Store>
-__device__ __forceinline__ void pairs_tile(const T* src, T* dst, long rows, long cols, Load on_load, Store on_store) {
+template <typename T>
+__device__ void transpose_pairs_impl(const T* src, T* dst, long rows, long cols, const T* bias, const T* plane,
+                                     const T* res) {
     __shared__ T tile[64][66];
     long n = blockIdx.z;
     long r0 = (long)blockIdx.y * 64, c0 = (long)blockIdx.x * 64;
@@ -379,7 +381,6 @@ __device__ __forceinline__ void pairs_tile(const T* src, T* dst, long rows, long
         long r = r0 + i, c = c0 + 2 * tx;
         if (r < rows && c < cols) {
             Pair<T> p = *(const Pair<T>*)(s + r * cols + c);
-            on_load(r, p);
             tile[i][2 * tx] = p.a;
             tile[i][2 * tx + 1] = p.b;
         }
@@ -391,62 +392,63 @@ __device__ __forceinline__ void pairs_tile(const T* src, T* dst, long rows, long
             Pair<T> p;
             p.a = tile[2 * tx][i];
             p.b = tile[2 * tx + 1][i];
-            on_store(c, r, p);
+            if (bias) {
+                float bv = to_f(bias[c]);
+                p.a = from_f<T>(to_f(p.a) + bv);
+                p.b = from_f<T>(to_f(p.b) + bv);
+            }
+            if (plane) {
+                float pv = to_f(plane[n * cols + c]);
+                p.a = from_f<T>(to_f(p.a) + pv);
+                p.b = from_f<T>(to_f(p.b) + pv);
+            }
+            if (res) {
+                Pair<T> q = *(const Pair<T>*)(res + n * rows * cols + c * rows + r);
+                p.a = from_f<T>(to_f(q.a) + to_f(p.a));
+                p.b = from_f<T>(to_f(q.b) + to_f(p.b));
+            }
             *(Pair<T>*)(d + c * rows + r) = p;
         }
     }
 }
-// The transpose with the epilogue of an NHWC -> NCHW convolution output: dst row j (src column
-// j) of matrix n gets, in this order and each rounded to T like the separate op, `bias[j]` (per
-// channel), `plane[n * cols + j]` (per image and channel, a `[b, c, 1, 1]` add) and the
-// dst-shaped `res` (a residual) added in f32; each is skipped where null. Same values as
-// transpose_impl and the separate adds otherwise.
-template <typename T>
-__device__ void transpose_pairs_impl(const T* src, T* dst, long rows, long cols, const T* bias, const T* plane,
-                                     const T* res) {
-    long n = blockIdx.z;
-    auto add = [](Pair<T>& p, float a, float b) {
-        p.a = from_f<T>(a + to_f(p.a));
-        p.b = from_f<T>(b + to_f(p.b));
-    };
-    pairs_tile<T>(
-        src, dst, rows, cols, [](long, Pair<T>&) {},
-        [&](long c, long r, Pair<T>& p) {
-            if (bias) {
-                float bv = to_f(bias[c]);
-                add(p, bv, bv);
-            }
-            if (plane) {
-                float pv = to_f(plane[n * cols + c]);
-                add(p, pv, pv);
-            }
-            if (res) {
-                Pair<T> q = *(const Pair<T>*)(res + n * rows * cols + c * rows + r);
-                add(p, to_f(q.a), to_f(q.b));
-            }
-        });
-}
+
 // Group-norm apply writing NHWC: dst[n, s, c] = act(src[n, c, s] * scale + shift) with plane
-// (n, c)'s affine, the values of gn_apply_planes_impl; pairs_tile with the affine applied on
-// load. c and s even, pointers aligned to two elements; block (32, 8).
+// (n, c)'s affine, the values of gn_apply_planes_impl; a 64×64 tile of transpose_pairs_impl, the
+// affine applied on load. c and s even, pointers aligned to two elements; block (32, 8).
 template <typename T>
 __device__ void gn_apply_nhwc_impl(const T* x, const float* mean_rstd, const T* gamma, const T* beta, T* y, int c,
                                    long s, int groups, int silu) {
+    __shared__ T tile[64][66];
     long n = blockIdx.z;
-    pairs_tile<T>(
-        x, y, c, s,
-        [&](long r, Pair<T>& p) {
+    long r0 = (long)blockIdx.y * 64, c0 = (long)blockIdx.x * 64;
+    const T* src = x + n * c * s;
+    T* d = y + n * c * s;
+    int tx = threadIdx.x, ty = threadIdx.y;
+    for (int i = ty; i < 64; i += 8) {
+        long r = r0 + i, col = c0 + 2 * tx;
+        if (r < c && col < s) {
             float scale, shift;
             gn_plane_affine(n * c + r, mean_rstd, gamma, beta, c, groups, &scale, &shift);
+            Pair<T> p = *(const Pair<T>*)(src + r * s + col);
             float va = to_f(p.a) * scale + shift, vb = to_f(p.b) * scale + shift;
             if (silu) {
                 va = silu_f(va);
                 vb = silu_f(vb);
             }
-            p.a = from_f<T>(va);
-            p.b = from_f<T>(vb);
-        },
-        [](long, long, Pair<T>&) {});
+            tile[i][2 * tx] = from_f<T>(va);
+            tile[i][2 * tx + 1] = from_f<T>(vb);
+        }
+    }
+    __syncthreads();
+    for (int i = ty; i < 64; i += 8) {
+        long col = c0 + i, r = r0 + 2 * tx;
+        if (r < c && col < s) {
+            Pair<T> p;
+            p.a = tile[2 * tx][i];
+            p.b = tile[2 * tx + 1][i];
+            *(Pair<T>*)(d + col * c + r) = p;
+        }
+    }
 }
 
 // ---- per-plane kernels with N elements per access (s % N == 0, aligned): the twins of
