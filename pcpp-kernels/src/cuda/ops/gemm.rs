@@ -296,22 +296,18 @@ fn lt_linear(
             .map_err(|x| e("cublasLtMatmulAlgoGetHeuristic", x))?;
             found.truncate(count.max(0) as usize);
             found.retain(|h| h.state == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS);
-            let Some(first) = found.first() else {
+            if found.is_empty() {
                 return Err(gpu.err(
                     "cublasLtMatmulAlgoGetHeuristic",
                     format!("no algorithm for {rows}x{k} · {n}x{k}"),
                 ));
-            };
+            }
             let pick = if found.len() > 1 {
                 tune::fastest(gpu, found.len(), |i| run(&found[i].algo))?.unwrap_or(0)
             } else {
                 0
             };
-            let algo = if pick == 0 {
-                first.algo
-            } else {
-                found[pick].algo
-            };
+            let algo = found[pick].algo;
             // A choice made inside a capture is not kept: the next eager call times the shape.
             if wanted == LT_CANDIDATES || !tune::autotune() {
                 if let Ok(mut m) = gpu.lt_algos.lock() {
