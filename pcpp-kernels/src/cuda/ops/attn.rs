@@ -190,7 +190,7 @@ pub(crate) const fn flash_ws_bytes(dh: usize, groups: usize) -> u32 {
 /// (64 or 128): 1 KiB of slack to align the tiles to 1 KiB (the swizzle atoms), a 128-row Q tile
 /// and two stages of 128-row K and V tiles, unpadded (wgmma's 128-byte-swizzle layout).
 pub(crate) const fn flash_hopper_bytes(dh: usize) -> u32 {
-    (1024 + (128 + 4 * 128) * dh * 2) as u32
+    flash_ws_bytes(dh, 2)
 }
 
 /// The fused flash-attention kernel for head size 128 (Flux.1), f16/bf16. Head size 64 has one
