@@ -99,11 +99,7 @@ impl Tensor {
 
 #[cfg(test)]
 mod tests {
-    use crate::{DType, Device, Tensor};
-
-    fn rnd(shape: &[usize], seed: u64) -> Tensor {
-        Tensor::rand_uniform(shape, DType::F32, Device::Cpu, (-1.0, 1.0), seed).unwrap()
-    }
+    use crate::test_util::rnd;
 
     #[test]
     fn adaln_ops_equal_their_composition_exactly() {

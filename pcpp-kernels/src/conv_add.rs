@@ -68,11 +68,8 @@ pub(crate) fn check_adds(
 
 #[cfg(test)]
 mod tests {
-    use crate::{Conv2dParams, DType, Device, Tensor};
-
-    fn rnd(shape: &[usize], seed: u64) -> Tensor {
-        Tensor::rand_uniform(shape, DType::F32, Device::Cpu, (-1.0, 1.0), seed).unwrap()
-    }
+    use crate::test_util::rnd;
+    use crate::{Conv2dParams, DType};
 
     #[test]
     fn conv_then_plane_then_residual() {

@@ -29,6 +29,8 @@ mod packed_attention;
 mod rotary;
 pub mod shards;
 mod tensor;
+#[cfg(test)]
+mod test_util;
 
 pub use dtype::{DType, Device};
 pub use error::{KernelError, Result};

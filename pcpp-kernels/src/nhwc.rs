@@ -139,11 +139,8 @@ impl Tensor {
 
 #[cfg(test)]
 mod tests {
-    use crate::{Conv2dParams, DType, Device, Tensor};
-
-    fn rnd(shape: &[usize], seed: u64) -> Tensor {
-        Tensor::rand_uniform(shape, DType::F32, Device::Cpu, (-1.0, 1.0), seed).unwrap()
-    }
+    use crate::test_util::rnd;
+    use crate::{Conv2dParams, Tensor};
 
     #[test]
     fn nhwc_hand_off_is_the_permuted_nchw_ops() {

@@ -88,11 +88,8 @@ impl Tensor {
 #[cfg(test)]
 mod tests {
     use super::Cols;
-    use crate::{DType, Device, Tensor};
-
-    fn rnd(shape: &[usize], seed: u64) -> Tensor {
-        Tensor::rand_uniform(shape, DType::F32, Device::Cpu, (-1.0, 1.0), seed).unwrap()
-    }
+    use crate::test_util::rnd;
+    use crate::Tensor;
 
     /// The blocks are the right columns: a stacked `[q | k | v]` against attention of the three
     /// tensors stacked into it.

@@ -308,7 +308,7 @@ impl Transformer2D {
         }
         let out = match &self.proj_out {
             Proj::Linear(l) => l.forward(&h)?.from_tokens_add(rows, cols, x)?,
-            Proj::Conv(c) => c.forward(fw.ctx, &h.from_tokens(rows, cols)?)?.add(x)?,
+            Proj::Conv(c) => c.forward_add(fw.ctx, &h.from_tokens(rows, cols)?, None, Some(x))?,
         };
         fw.tap(&self.name, &out);
         Ok(out)
