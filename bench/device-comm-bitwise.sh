@@ -21,6 +21,8 @@
 #   PCPP_DEVICE_WAIT  how the streams wait for MPI / UCX exchanges, passed to every rank when set:
 #          stream (the default: a flag wait on the stream) or host-fn (the older blocking host
 #          function); each run's start-up line names it
+#   GEN_EXTRA  space-separated flags appended to every run's `generate` (e.g. "--no-cfg-split",
+#          "--sync-mode none", "--gn-mode stale"), the local reference's too
 #   RUN_TIMEOUT  seconds each run may take (default 300)
 #   DEADLINE     `date +%s` after which no run starts (a run starts only if it can finish by it);
 #                the comparison of what ran is made anyway
@@ -41,6 +43,8 @@ mkdir -p "$D"
 
 GEN=(generate --model "$MODEL" --prompt "A painting of a squirrel eating a burger" --steps "$STEPS"
     --warmup-steps 2 --height "$SIZE" --width "$SIZE" --seed 7 --device cuda --timeout 120)
+read -ra gen_extra <<<"${GEN_EXTRA:-}"
+GEN+=("${gen_extra[@]}")
 MPIRUN=(mpirun --allow-run-as-root --oversubscribe -n 4)
 if [[ -n ${PCPP_DEVICE_WAIT:-} ]]; then
     MPIRUN+=(-x "PCPP_DEVICE_WAIT=$PCPP_DEVICE_WAIT")

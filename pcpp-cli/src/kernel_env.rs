@@ -14,7 +14,10 @@
 //! cuDNN's NCHW calls), `PCPP_AUTOTUNE=1|0` (the first call of each GEMM and convolution shape
 //! times the libraries' candidate algorithms and keeps the fastest, or takes their heuristic
 //! choice), `PCPP_NORM_REGISTERS=1|0` (layer norms that hold the row in registers, or read it
-//! three times; same bits). Unset means the measured defaults (`ws`, `1`, `1`, `1`, `0`, `1`);
+//! three times; same bits), `PCPP_DEVICE_WINDOWS=1|0` (the device path keeps the self-attention's
+//! K/V windows and the group norm's statistics in place, or concatenates them and copies its
+//! sends; same values). Unset means
+//! the measured defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`);
 //! benchmarks'
 //! `--variants` items ([`parse_variant`]) set the first three.
 //! Without the `cuda` feature there is nothing to choose and the variables are ignored.
@@ -47,6 +50,7 @@ pub struct Variant {
     nhwc: bool,
     tune: bool,
     regnorm: bool,
+    windows: bool,
 }
 
 impl Default for Variant {
@@ -59,6 +63,7 @@ impl Default for Variant {
             nhwc: true,
             tune: false,
             regnorm: true,
+            windows: true,
         }
     }
 }
@@ -92,6 +97,7 @@ pub fn apply() -> Result<()> {
     v.nhwc = switch("PCPP_CONV_NHWC")?;
     v.tune = var("PCPP_AUTOTUNE").is_some() && switch("PCPP_AUTOTUNE")?;
     v.regnorm = switch("PCPP_NORM_REGISTERS")?;
+    v.windows = switch("PCPP_DEVICE_WINDOWS")?;
     v.apply();
     Ok(())
 }
@@ -118,6 +124,7 @@ pub fn parse_variant(spec: &str, device: Device) -> Result<Variant> {
         nhwc: true,
         tune: false,
         regnorm: true,
+        windows: true,
     };
     for p in parts {
         match p {
@@ -155,6 +162,7 @@ impl Variant {
             set_conv_nhwc(self.nhwc);
             set_autotune(self.tune);
             set_norm_registers(self.regnorm);
+            pcpp_core::set_device_windows(self.windows);
         }
     }
 }
@@ -170,6 +178,7 @@ pub fn choices(device: Device) -> serde_json::Value {
             "conv_nhwc": pcpp_kernels::cuda::conv_nhwc(),
             "autotune": pcpp_kernels::cuda::autotune(),
             "norm_registers": pcpp_kernels::cuda::norm_registers(),
+            "device_windows": pcpp_core::device_windows(),
         });
     }
     let _ = device;

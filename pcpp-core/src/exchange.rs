@@ -49,6 +49,27 @@ impl RecvSpec {
     }
 }
 
+/// One device-path message: bytes `bytes` of `tensor`'s storage, to or from `peer` (a whole
+/// tensor, or rows of a persistent window).
+#[derive(Clone)]
+pub(crate) struct Part {
+    pub peer: usize,
+    pub tensor: Tensor,
+    pub bytes: std::ops::Range<usize>,
+}
+
+impl Part {
+    /// All of `t`.
+    pub fn whole(peer: usize, t: Tensor) -> Part {
+        let n = t.size_in_bytes();
+        Part {
+            peer,
+            tensor: t,
+            bytes: 0..n,
+        }
+    }
+}
+
 /// An exchange in flight; waiting yields the received tensors in the order of the receives.
 pub(crate) enum Inflight {
     /// Host bytes still on the wire.
@@ -136,6 +157,8 @@ pub(crate) mod device {
     use pcpp_kernels::cuda::gpu;
     use pcpp_kernels::Tensor;
 
+    use super::Part;
+
     use crate::layers::{CoreError, Result};
 
     /// Communication-stream state of one rank: whether work is enqueued but not yet joined, and
@@ -147,24 +170,33 @@ pub(crate) mod device {
     }
 
     impl CommState {
-        /// Enqueues `sends` and receives into `recvs` (device tensors of `ordinal`) on the
-        /// communication stream, after everything enqueued so far on the compute stream.
+        /// Enqueues `sends` and receives into `recvs` (byte ranges of device tensors of
+        /// `ordinal`) on the communication stream, after everything enqueued so far on the
+        /// compute stream.
         pub fn enqueue(
             &self,
             dp: &dyn DeviceP2p,
             ordinal: usize,
             kind: CommKind,
-            sends: Vec<(usize, Tensor)>,
-            recvs: &[(usize, Tensor)],
+            sends: Vec<Part>,
+            recvs: &[Part],
             err: impl Fn(String) -> CoreError,
         ) -> Result<()> {
             let e = |x: pcpp_kernels::KernelError| err(x.to_string());
             let g = gpu(ordinal).map_err(e)?;
-            let msg = |(peer, t): &(usize, Tensor)| -> Result<DeviceMsg> {
+            let msg = |p: &Part| -> Result<DeviceMsg> {
+                if p.bytes.end > p.tensor.size_in_bytes() || p.bytes.start > p.bytes.end {
+                    return Err(err(format!(
+                        "message bytes {:?} of a {}-byte tensor (peer {})",
+                        p.bytes,
+                        p.tensor.size_in_bytes(),
+                        p.peer
+                    )));
+                }
                 Ok(DeviceMsg {
-                    peer: *peer,
-                    ptr: t.cuda_ptr().map_err(e)?,
-                    len: t.size_in_bytes(),
+                    peer: p.peer,
+                    ptr: p.tensor.cuda_ptr().map_err(e)? + p.bytes.start as u64,
+                    len: p.bytes.len(),
                 })
             };
             let s = sends.iter().map(msg).collect::<Result<Vec<_>>>()?;
@@ -181,7 +213,7 @@ pub(crate) mod device {
                 .lock()
                 .map_err(|_| err("communication state poisoned".into()))?;
             open.0 = true;
-            open.1.extend(sends.into_iter().map(|(_, t)| t));
+            open.1.extend(sends.into_iter().map(|p| p.tensor));
             Ok(())
         }
 

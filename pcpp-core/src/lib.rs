@@ -39,7 +39,7 @@ pub use layers::{
     ProjectedAttentionLayer, Result, SelfAttentionLayer, SerialDriver, SerialFactory,
     StackedProjection, StepCtx, StepDriver,
 };
-pub use patch::PatchRuntime;
+pub use patch::{device_windows, set_device_windows, PatchRuntime};
 pub use plan::{plan, Inventory, LayerKind, LayerSpec, Plan, PlanSetup, RankPlan};
 pub use prefixed::PrefixedFactory;
 pub use report::{KindBytes, RunReport, StepReport, Traffic};

@@ -6,10 +6,12 @@
 //! in place by the attention) and the attention over model-projected q/k/v with always local
 //! extra tokens (a DiT's joint text + image attention, whose text K/V never travel).
 
+use std::ops::Range;
 use std::sync::Arc;
 
-use pcpp_kernels::{Cols, Tensor};
+use pcpp_kernels::{Cols, Device, Tensor};
 
+use super::window::{device_windows, row_parts, Layout, OwnKv};
 use super::Shared;
 use crate::cache::Slot;
 use crate::exchange::RecvSpec;
@@ -18,34 +20,29 @@ use crate::layers::{
     SelfAttentionLayer, StackedProjection, StepCtx,
 };
 use crate::plan::{band_tokens, kv_recvs, kv_sends};
+use crate::schedule::SyncMode;
 
 /// The K and V that the band's queries attend over at `level`, packed `[k | v]` (`[b, L, 2c]`):
 /// the other bands' (all of them, fresh, in synchronous steps; the stale window within the
-/// level's portion otherwise) around this band's own `kv` (`[b, l, 2c]`), top to bottom. Without
-/// a slot (naive patch, serial) just the own K/V.
+/// level's portion otherwise) around this band's own K/V `own` (`[b, l, 2c]`), top to bottom.
+/// Without a slot (naive patch, serial) just the own K/V. On the device path a stale step reads
+/// and fills the slot's persistent windows in place ([`super::window`]).
 fn band_kv(
     sh: &Shared,
     slot: Option<&Arc<Slot>>,
     ctx: &StepCtx,
     id: &str,
-    level: usize,
-    kv: &Tensor,
+    (level, dev): (usize, Device),
+    own: OwnKv<'_>,
 ) -> Result<Tensor> {
     let slot = match (slot, sh.communicates()) {
         (Some(s), true) => s,
-        _ => return Ok(kv.clone()),
+        _ => return own.tensor(id),
     };
     let plan = sh.plan();
     let me = sh.me();
     let tokens = band_tokens(plan, level);
-    let (b, l, c2) = match kv.shape() {
-        &[b, l, c2] => (b, l, c2),
-        s => {
-            return Err(CoreError::Config(format!(
-                "layer `{id}`: expected tokens [b, l, 2c], got {s:?}"
-            )))
-        }
-    };
+    let ([b, l, c2], dtype) = own.dims(id)?;
     if l != tokens[me] {
         return Err(CoreError::Config(format!(
             "layer `{id}`: {l} tokens but the band has {} at level {level}",
@@ -53,12 +50,31 @@ fn band_kv(
         )));
     }
     let portion = sh.cfg.portion_at(level);
-    let dev = kv.device();
     let spec = |peer: usize, n: usize| RecvSpec {
         peer,
         shape: vec![b, n, c2],
-        dtype: kv.dtype(),
+        dtype,
     };
+    let window = (device_windows() && sh.on_device_path(dev)).then(|| {
+        let rows = Layout::new(&tokens, me, portion).rows;
+        spec(me, rows)
+    });
+    if let (false, Some(w)) = (ctx.sync, &window) {
+        // In place: own K/V into its rows of the previous step's window, sent from there.
+        let lay = Layout::new(&tokens, me, portion);
+        let prev = sh.read_window(id, slot, ctx, w)?;
+        own.write_rows(id, &prev, lay.own.start)?;
+        if sh.cfg.sync_mode != SyncMode::None {
+            let at = |r: Range<usize>| lay.own.start + r.start..lay.own.start + r.end;
+            let sends = kv_sends(&tokens, me, portion)
+                .into_iter()
+                .flat_map(|(j, r)| row_parts(j, &prev, &at(r)))
+                .collect();
+            sh.post_window(id, slot, ctx, sends, &lay.parts, w, dev)?;
+        }
+        return Ok(prev);
+    }
+    let kv = own.tensor(id)?;
     // Other bands' K/V, top to bottom, with the band they come from.
     let mut others: Vec<(usize, Tensor)> = Vec::new();
     if ctx.sync {
@@ -67,16 +83,32 @@ fn band_kv(
         let sends = peers.iter().map(|&p| (p, kv.clone())).collect();
         let recvs = peers.iter().map(|&p| spec(p, tokens[p])).collect();
         let keep = kv_recvs(&tokens, me, portion);
-        let got = sh.sync_exchange(id, slot, ctx, sends, recvs, dev, |got| {
-            let mut out = Vec::with_capacity(keep.len());
-            for (j, r) in &keep {
-                let i = peers.iter().position(|p| p == j).ok_or_else(|| {
-                    CoreError::Config(format!("layer `{id}`: no K/V from band {j}"))
-                })?;
-                out.push(got[i].narrow(1, r.start, r.len()).at(id)?);
+        let got = match window {
+            Some(w) => {
+                let kind = slot.kind;
+                let got = sh.exchange_now(id, kind, slot.index, sends, recvs, dev, false)?;
+                let lay = Layout::new(&tokens, me, portion);
+                let mut parts = Vec::with_capacity(keep.len());
+                for ((j, r), (_, rows)) in keep.iter().zip(&lay.parts) {
+                    let i = peers.iter().position(|p| p == j).ok_or_else(|| {
+                        CoreError::Config(format!("layer `{id}`: no K/V from band {j}"))
+                    })?;
+                    parts.push((got[i].narrow(1, r.start, r.len()).at(id)?, rows.start));
+                }
+                sh.keep_window(id, slot, ctx, &parts, &w, dev)?;
+                got
             }
-            Ok(Some((out, None)))
-        })?;
+            None => sh.sync_exchange(id, slot, ctx, sends, recvs, dev, |got| {
+                let mut out = Vec::with_capacity(keep.len());
+                for (j, r) in &keep {
+                    let i = peers.iter().position(|p| p == j).ok_or_else(|| {
+                        CoreError::Config(format!("layer `{id}`: no K/V from band {j}"))
+                    })?;
+                    out.push(got[i].narrow(1, r.start, r.len()).at(id)?);
+                }
+                Ok(Some((out, None)))
+            })?,
+        };
         others.extend(peers.iter().copied().zip(got));
     } else {
         let sends = kv_sends(&tokens, me, portion)
@@ -96,7 +128,7 @@ fn band_kv(
         others.extend(want.iter().map(|(j, _)| *j).zip(got));
     }
     let mut parts: Vec<&Tensor> = others.iter().filter(|o| o.0 < me).map(|o| &o.1).collect();
-    parts.push(kv);
+    parts.push(&kv);
     parts.extend(others.iter().filter(|o| o.0 > me).map(|o| &o.1));
     Tensor::cat(&parts, 1).at(id)
 }
@@ -143,8 +175,15 @@ impl SelfAttentionLayer for PatchAttention {
         let (rows, cols) = spatial;
         let level = self.sh.level_at(ctx, id, rows, cols)?;
         let q = x.linear(&self.to_q, self.q_bias.as_ref()).at(id)?;
-        let kv = self.kv.forward(x).at(id)?;
-        let win = band_kv(&self.sh, self.slot.as_ref(), ctx, id, level, &kv)?;
+        let own = OwnKv::Project(x, &self.kv);
+        let win = band_kv(
+            &self.sh,
+            self.slot.as_ref(),
+            ctx,
+            id,
+            (level, x.device()),
+            own,
+        )?;
         let c = q.shape()[2];
         let (k, v) = (Cols::new(&win, 0), Cols::new(&win, c));
         Tensor::attention_packed(Cols::new(&q, 0), k, v, c, self.heads, false)
@@ -177,7 +216,15 @@ impl ProjectedAttentionLayer for PatchProjectedAttention {
             return joint_attend(id, self.heads, q, k, v, extra);
         }
         let kv = Tensor::cat(&[k, v], 2).at(id)?;
-        let win = band_kv(&self.sh, self.slot.as_ref(), ctx, id, level, &kv)?;
+        let own = OwnKv::Ready(&kv);
+        let win = band_kv(
+            &self.sh,
+            self.slot.as_ref(),
+            ctx,
+            id,
+            (level, k.device()),
+            own,
+        )?;
         let c = k.shape()[2];
         let (kw, vw) = (win.narrow(2, 0, c).at(id)?, win.narrow(2, c, c).at(id)?);
         joint_attend(id, self.heads, q, &kw, &vw, extra)

@@ -1,14 +1,16 @@
 //! The patch-parallel group norm (PCPP §2.6, §7.10): f32 statistics (mean and centred sum of
 //! squares per group) merged with element counts so uneven bands are exact, biased variance;
-//! modes sync / stale / corrected / separate.
+//! modes sync / stale / corrected / separate. On the device path the stale modes keep the bands'
+//! moments in a persistent table per step parity that the peers' moments are received into.
 
 use std::sync::Arc;
 
 use pcpp_kernels::Tensor;
 
+use super::window::{copy_rows, device_windows};
 use super::{dims4, Shared};
 use crate::cache::Slot;
-use crate::exchange::RecvSpec;
+use crate::exchange::{Part, RecvSpec};
 use crate::layers::{CoreError, GroupNormLayer, LayerContext, Result, StepCtx};
 use crate::schedule::GnMode;
 
@@ -83,7 +85,30 @@ impl GroupNormLayer for PatchGroupNorm {
             )
             .at(id)
         };
+        // The device path's statistics window: one `[1, bands, b·groups·2]` f32 table per step
+        // parity, peers' moments received into their rows ([`super::window`]).
+        let rows = own.numel();
+        let window = (device_windows()
+            && sh.on_device_path(dev)
+            && matches!(mode, GnMode::Stale | GnMode::Corrected))
+        .then(|| RecvSpec {
+            peer: me,
+            shape: vec![1, plan.ranks(), rows],
+            dtype: own.dtype(),
+        });
+        let as_bands = |t: &Tensor| t.reshape(&[plan.ranks(), own.shape()[0], 2]).at(id);
+        let as_row = |t: &Tensor| t.reshape(&[1, 1, rows]).at(id);
         if ctx.sync || mode == GnMode::Sync {
+            if let Some(w) = &window {
+                let kind = slot.kind;
+                let got = sh.exchange_now(id, kind, slot.index, sends, recvs, dev, false)?;
+                let mut parts = vec![(as_row(&own)?, me)];
+                for (t, &p) in got.iter().zip(&peers) {
+                    parts.push((as_row(t)?, p));
+                }
+                sh.keep_window(id, slot, ctx, &parts, w, dev)?;
+                return apply(&table(&got, &own)?, None);
+            }
             let keep_local = own.clone();
             let got = sh.sync_exchange(id, slot, ctx, sends, recvs, dev, |got| {
                 Ok(matches!(mode, GnMode::Stale | GnMode::Corrected)
@@ -91,6 +116,21 @@ impl GroupNormLayer for PatchGroupNorm {
             })?;
             // Every rank merges the same f32 moments in rank order: identical statistics.
             return apply(&table(&got, &own)?, None);
+        }
+        if let Some(w) = &window {
+            // The previous step's table: peers' moments and (kept at that step) its own.
+            let prev = sh.read_window(id, slot, ctx, w)?;
+            let sends = peers.iter().map(|&p| Part::whole(p, own.clone())).collect();
+            let peer_rows: Vec<_> = peers.iter().map(|&p| (p, p..p + 1)).collect();
+            let cur = sh.post_window(id, slot, ctx, sends, &peer_rows, w, dev)?;
+            return if mode == GnMode::Corrected {
+                // The next step's correction starts from this step's own moments.
+                copy_rows(id, &as_row(&own)?, &cur, me)?;
+                apply(&as_bands(&prev)?, Some((me, &own)))
+            } else {
+                copy_rows(id, &as_row(&own)?, &prev, me)?;
+                apply(&as_bands(&prev)?, None)
+            };
         }
         let (prev, own_prev) =
             sh.stale_exchange(id, slot, ctx, sends, recvs, Some(own.clone()), dev)?;

@@ -31,7 +31,8 @@
 //!
 //! Layout: `runtime.rs` (the runtime and its step driver), `factory.rs` (which layer each mode
 //! builds), `shared.rs` (what the layers share: transports, topology, counters), `state.rs` (the
-//! exchange state across steps: sync / stale / persist), and one file per parallel layer.
+//! exchange state across steps: sync / stale / persist), `window.rs` (the device path's
+//! persistent K/V windows of the self-attention), and one file per parallel layer.
 
 mod attention;
 mod factory;
@@ -43,10 +44,12 @@ mod locator;
 mod runtime;
 mod shared;
 mod state;
+mod window;
 
 pub(crate) use gather::stitch_bands;
 pub use runtime::PatchRuntime;
 pub(crate) use shared::{Shared, GATHER_TAG};
+pub use window::{device_windows, set_device_windows};
 
 use crate::layers::{CoreError, Result};
 use pcpp_kernels::Tensor;

@@ -13,7 +13,7 @@ use pcpp_comm::{CommError, CommKind, Pending, Transport};
 use pcpp_kernels::{Device, Tensor};
 
 use crate::cache::{CacheCounters, StaleCache};
-use crate::exchange::{post_host, Inflight, RecvSpec};
+use crate::exchange::{post_host, Inflight, Part, RecvSpec};
 use crate::geometry::BandPlan;
 use crate::grid::ProcessGrid;
 #[cfg(feature = "cuda")]
@@ -281,17 +281,54 @@ impl Shared {
             };
             // The first exchange fixes the GPU (all of a rank's activations live on one).
             let _ = self.comm_gpu.set(ordinal);
-            let pairs: Vec<(usize, Tensor)> = recvs
+            let parts: Vec<Part> = recvs
                 .iter()
                 .zip(&bufs)
-                .map(|(r, t)| (r.peer, t.clone()))
+                .map(|(r, t)| Part::whole(r.peer, t.clone()))
                 .collect();
-            self.comm.enqueue(dp, ordinal, kind, sends, &pairs, err)?;
+            let sends = sends.into_iter().map(|(p, t)| Part::whole(p, t)).collect();
+            self.comm.enqueue(dp, ordinal, kind, sends, &parts, err)?;
             return Ok(Inflight::Done(bufs));
         }
         let _ = into;
         let t = if on_world { &self.world } else { &self.group };
         post_host(t.as_ref(), kind, tag, &sends, recvs, device, err)
+    }
+
+    /// Posts device-path messages (byte ranges of device tensors, e.g. rows of a persistent
+    /// window) on the group transport, counts their bytes, and enqueues them on the
+    /// communication stream without joining it. An error on the host path.
+    pub(crate) fn post_parts(
+        &self,
+        id: &str,
+        kind: CommKind,
+        sends: Vec<Part>,
+        recvs: Vec<Part>,
+        device: Device,
+    ) -> Result<()> {
+        if sends.is_empty() && recvs.is_empty() {
+            return Ok(());
+        }
+        let sent: usize = sends.iter().map(|p| p.bytes.len()).sum();
+        let recvd: usize = recvs.iter().map(|p| p.bytes.len()).sum();
+        #[cfg(feature = "cuda")]
+        if let Some((dp, ordinal)) = self.device_p2p(device, false) {
+            self.bytes.record(kind, sent as u64, recvd as u64);
+            let _ = self.comm_gpu.set(ordinal);
+            return self
+                .comm
+                .enqueue(dp, ordinal, kind, sends, &recvs, |m| self.comm_msg(id, m));
+        }
+        let _ = kind;
+        let first = sends.iter().chain(&recvs).next();
+        Err(self.comm_msg(
+            id,
+            format!(
+                "byte-range messages ({sent} bytes out, {recvd} in, peer {:?}, a tensor on {:?}) need the device path (activations on {device})",
+                first.map(|p| p.peer),
+                first.map(|p| p.tensor.device()),
+            ),
+        ))
     }
 
     /// Posts an exchange and waits for it (device path: joins the communication stream).

@@ -34,8 +34,9 @@ pub(crate) use ops::vector::{add_gated, modulated_layer_norm, rotate_pairs};
 pub use ops::vector::{norm_registers, set_norm_registers, set_vector_kernels, vector_kernels};
 pub(crate) use ops::*;
 pub use ops::{
-    autotune, capture_graph, conv2d_in_bands, conv_nhwc, copy_into, flash128, fused_epilogues,
-    set_autotune, set_conv_nhwc, set_flash128, set_fused_epilogues, CudaGraphStep, Flash128,
+    autotune, capture_graph, conv2d_in_bands, conv_nhwc, copy_into, copy_rows_into, flash128,
+    fused_epilogues, linear_rows_into, set_autotune, set_conv_nhwc, set_flash128,
+    set_fused_epilogues, CudaGraphStep, Flash128,
 };
 
 /// CUDA C source of every hand-written kernel (compiled at run time by NVRTC), one translation

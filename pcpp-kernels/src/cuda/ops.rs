@@ -42,6 +42,7 @@ pub(crate) mod attn;
 mod conv;
 mod gemm;
 mod norm;
+mod rows;
 mod tma;
 mod tune;
 pub(crate) mod vector;
@@ -56,6 +57,7 @@ pub use conv::{conv2d_in_bands, conv_nhwc, set_conv_nhwc};
 use gemm::gemm_batched;
 pub use gemm::{fused_epilogues, set_fused_epilogues};
 pub(crate) use gemm::{linear, linear_add, linear_gelu_tanh, matmul, LtKey};
+pub use rows::{copy_rows_into, linear_rows_into};
 pub use tune::{autotune, set_autotune};
 
 pub(crate) use attn::{

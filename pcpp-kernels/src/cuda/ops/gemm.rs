@@ -144,7 +144,7 @@ impl Drop for LtPref {
 /// `y[rows, n] = x[rows, k] · w[n, k]ᵀ (+ bias[n]) (+ acc[rows, n])` through cuBLASLt with the
 /// bias (and, with `gelu`, cuBLASLt's tanh-approximated GELU after it) fused in the epilogue and
 /// `acc` read as its C operand (β = 1).
-fn lt_linear(
+pub(super) fn lt_linear(
     gpu: &Gpu,
     dtype: DType,
     (x, w, bias, acc, y): (u64, u64, Option<u64>, Option<u64>, u64),

@@ -1,0 +1,117 @@
+//! Writes into a row range of an existing device tensor: how the device path fills a layer's
+//! persistent K/V window (PCPP §7.1, §7.4) in place, the band's own K/V projected straight into
+//! its rows and the other bands' parts received into theirs, so that no concatenation copies the
+//! whole window every step. Device only, like [`super::copy_into`]: CPU tensors are immutable,
+//! and the host path builds its windows by concatenation.
+
+use super::gemm::lt_linear;
+use super::{copy2d, gpu_of, ptr};
+use crate::{KernelError, Result, Tensor};
+
+/// `(b, l, n)` of a `[b, l, n]` tensor, and `L` of `dst: [b, L, n]` with `row0 + l ≤ L`.
+fn rows_fit(op: &'static str, src: &[usize], dst: &Tensor, row0: usize) -> Result<[usize; 4]> {
+    let d = dst.shape();
+    match (src, d) {
+        (&[b, l, n], &[db, big, dn]) if db == b && dn == n && row0 + l <= big => Ok([b, l, n, big]),
+        _ => Err(KernelError::Shape {
+            op,
+            lhs: src.to_vec(),
+            rhs: d.to_vec(),
+            detail: format!(" (rows {row0}.. of the destination)"),
+        }),
+    }
+}
+
+fn same_gpu(op: &'static str, ts: &[&Tensor]) -> Result<()> {
+    let dev = ts[0].device();
+    if !ts[0].is_cuda() || ts.iter().any(|t| t.device() != dev) {
+        return Err(KernelError::invalid(
+            op,
+            format!(
+                "operands on {} (all must be on one GPU)",
+                ts.iter()
+                    .map(|t| t.device().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Copies `src: [b, l, n]` into rows `row0 .. row0 + l` of every batch entry of
+/// `dst: [b, L, n]` (same dtype, same GPU).
+pub fn copy_rows_into(src: &Tensor, dst: &Tensor, row0: usize) -> Result<()> {
+    const OP: &str = "copy_rows_into";
+    same_gpu(OP, &[src, dst])?;
+    if src.dtype() != dst.dtype() {
+        return Err(KernelError::invalid(
+            OP,
+            format!("{} into {}", src.dtype(), dst.dtype()),
+        ));
+    }
+    let [b, l, n, big] = rows_fit(OP, src.shape(), dst, row0)?;
+    let gpu = gpu_of(src)?;
+    copy2d(
+        &gpu,
+        src.dtype(),
+        (ptr(src)?, 0, l * n),
+        (ptr(dst)?, row0 * n, big * n),
+        b,
+        l * n,
+    )
+}
+
+/// `x · wᵀ + bias` written into rows `row0 ..` of `dst: [b, L, n]` (`x: [b, l, k]`, `w: [n, k]`,
+/// all on one GPU). With one batch entry, operands of the weight's dtype and a destination
+/// offset that keeps cuBLASLt's 256-byte alignment, the GEMM stores there directly; otherwise
+/// it runs into a new tensor that is then copied.
+pub fn linear_rows_into(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    dst: &Tensor,
+    row0: usize,
+) -> Result<()> {
+    const OP: &str = "linear_rows_into";
+    let mut ops = vec![x, w, dst];
+    ops.extend(bias);
+    same_gpu(OP, &ops)?;
+    let k = x.shape().last().copied().unwrap_or(0);
+    if x.rank() != 3 || w.rank() != 2 || w.shape()[1] != k {
+        return Err(KernelError::shape(OP, x.shape(), w.shape()));
+    }
+    let n = w.shape()[0];
+    if let Some(bb) = bias {
+        if bb.shape() != [n] {
+            return Err(KernelError::shape(OP, w.shape(), bb.shape()));
+        }
+    }
+    let out = [x.shape()[0], x.shape()[1], n];
+    let [b, l, _, _] = rows_fit(OP, &out, dst, row0)?;
+    let dt = w.dtype();
+    let offset = (row0 * n * dt.size()) as u64;
+    let direct = b == 1
+        && x.dtype() == dt
+        && dst.dtype() == dt
+        && bias.map_or(true, |bb| bb.dtype() == dt)
+        && (ptr(dst)? + offset) % 256 == 0;
+    if !direct {
+        return copy_rows_into(&x.linear(w, bias)?, dst, row0);
+    }
+    if l == 0 || n == 0 {
+        return Ok(());
+    }
+    let gpu = gpu_of(w)?;
+    let bp = match bias {
+        Some(bb) => Some(ptr(bb)?),
+        None => None,
+    };
+    lt_linear(
+        &gpu,
+        dt,
+        (ptr(x)?, ptr(w)?, bp, None, ptr(dst)? + offset),
+        (l, k, n),
+        false,
+    )
+}

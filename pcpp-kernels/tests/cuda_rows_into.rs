@@ -1,0 +1,116 @@
+//! The in-place row writes of the device path's K/V windows (`copy_rows_into`,
+//! `linear_rows_into`): the rows written equal the GPU's own `linear` / the source bit for bit,
+//! every other row of the destination keeps its bytes, the direct GEMM (one batch entry) and the
+//! fallback (two entries, a mixed dtype, an unaligned offset) both, and shape or device errors
+//! name the op. Ignored by default (needs a GPU):
+//! `cargo test -p pcpp-kernels --features cuda --test cuda_rows_into -- --ignored`.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use common::{gpu, rnd};
+use pcpp_kernels::cuda::{copy_rows_into, linear_rows_into};
+use pcpp_kernels::{DType, Device, Tensor};
+
+fn host_f32(t: &Tensor) -> Vec<f32> {
+    t.to_device(Device::Cpu)
+        .unwrap()
+        .as_f32()
+        .unwrap()
+        .into_owned()
+}
+
+/// Rows `row0 .. row0 + l` of every batch entry of `win: [b, L, n]` equal `part: [b, l, n]`
+/// exactly, and every other row equals `before`.
+fn assert_rows(name: &str, win: &Tensor, before: &[f32], part: &Tensor, row0: usize) {
+    let (w, p) = (host_f32(win), host_f32(part));
+    let (b, big, n) = (win.shape()[0], win.shape()[1], win.shape()[2]);
+    let l = part.shape()[1];
+    for bi in 0..b {
+        for r in 0..big {
+            for c in 0..n {
+                let i = (bi * big + r) * n + c;
+                let want = if (row0..row0 + l).contains(&r) {
+                    p[(bi * l + r - row0) * n + c]
+                } else {
+                    before[i]
+                };
+                assert_eq!(
+                    w[i].to_bits(),
+                    want.to_bits(),
+                    "{name}: batch {bi}, row {r}, column {c}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn row_writes_equal_the_ops_they_replace() {
+    for d in [DType::F16, DType::BF16, DType::F32] {
+        // (batch, own rows, window rows, first row, k, n): direct GEMMs at 256-byte-aligned
+        // offsets, an unaligned offset and two batch entries (copied).
+        for (b, l, big, row0, k, n) in [
+            (1, 256, 410, 77, 320, 128),
+            (1, 64, 96, 0, 64, 256),
+            (1, 10, 40, 3, 48, 72),
+            (2, 33, 70, 20, 64, 128),
+        ] {
+            let name = format!("{d:?} b={b} l={l} L={big} row0={row0} {k}→{n}");
+            let x = gpu(&rnd(&[b, l, k], d, 1));
+            let w = gpu(&rnd(&[n, k], d, 2));
+            let bias = gpu(&rnd(&[n], d, 3));
+            let win = gpu(&rnd(&[b, big, n], d, 4));
+            let before = host_f32(&win);
+            linear_rows_into(&x, &w, Some(&bias), &win, row0).unwrap();
+            assert_rows(
+                &name,
+                &win,
+                &before,
+                &x.linear(&w, Some(&bias)).unwrap(),
+                row0,
+            );
+            let part = gpu(&rnd(&[b, l, n], d, 5));
+            let before = host_f32(&win);
+            copy_rows_into(&part, &win, big - l).unwrap();
+            assert_rows(&format!("copy {name}"), &win, &before, &part, big - l);
+        }
+    }
+    // A mixed dtype takes the fallback (linear in the weight's dtype, cast, copied).
+    let x = gpu(&rnd(&[1, 16, 32], DType::F32, 6));
+    let w = gpu(&rnd(&[64, 32], DType::F16, 7));
+    let win = Tensor::zeros_on(&[1, 40, 64], DType::F32, x.device()).unwrap();
+    let before = host_f32(&win);
+    linear_rows_into(&x, &w, None, &win, 8).unwrap();
+    assert_rows("mixed", &win, &before, &x.linear(&w, None).unwrap(), 8);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn row_writes_reject_bad_operands() {
+    let d = DType::F16;
+    let x = gpu(&rnd(&[1, 16, 32], d, 1));
+    let w = gpu(&rnd(&[64, 32], d, 2));
+    let win = Tensor::zeros_on(&[1, 20, 64], d, x.device()).unwrap();
+    // Past the end of the window, a wrong width, another batch, a host operand, another dtype.
+    let e = linear_rows_into(&x, &w, None, &win, 5)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("linear_rows_into") && e.contains("rows 5"),
+        "{e}"
+    );
+    let narrow = Tensor::zeros_on(&[1, 20, 32], d, x.device()).unwrap();
+    let e = linear_rows_into(&x, &w, None, &narrow, 0).unwrap_err();
+    assert!(e.to_string().contains("linear_rows_into"), "{e}");
+    let two = Tensor::zeros_on(&[2, 20, 64], d, x.device()).unwrap();
+    let e = copy_rows_into(&x.linear(&w, None).unwrap(), &two, 0).unwrap_err();
+    assert!(e.to_string().contains("copy_rows_into"), "{e}");
+    let host = rnd(&[1, 16, 64], d, 3);
+    let e = copy_rows_into(&host, &win, 0).unwrap_err().to_string();
+    assert!(e.contains("copy_rows_into") && e.contains("cpu"), "{e}");
+    let f32s = Tensor::zeros_on(&[1, 16, 64], DType::F32, x.device()).unwrap();
+    let e = copy_rows_into(&f32s, &win, 0).unwrap_err().to_string();
+    assert!(e.contains("copy_rows_into"), "{e}");
+}
