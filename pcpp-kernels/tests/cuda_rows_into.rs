@@ -1,5 +1,6 @@
-//! The in-place row writes of the device path's K/V windows (`copy_rows_into`,
-//! `linear_rows_into`): the rows written equal the GPU's own `linear` / the source bit for bit,
+//! The in-place row writes of the device path's windows (`copy_rows_into`, `linear_rows_into`,
+//! `nchw_rows_into_nhwc`): the rows written equal the GPU's own `linear` / the source / its
+//! channels-last permute bit for bit,
 //! every other row of the destination keeps its bytes, the direct GEMM (one batch entry) and the
 //! fallback (two entries, a mixed dtype, an unaligned offset) both, and shape or device errors
 //! name the op. Ignored by default (needs a GPU):
@@ -9,7 +10,7 @@
 mod common;
 
 use common::{gpu, rnd};
-use pcpp_kernels::cuda::{copy_rows_into, linear_rows_into};
+use pcpp_kernels::cuda::{copy_rows_into, linear_rows_into, nchw_rows_into_nhwc};
 use pcpp_kernels::{DType, Device, Tensor};
 
 fn host_f32(t: &Tensor) -> Vec<f32> {
@@ -84,6 +85,36 @@ fn row_writes_equal_the_ops_they_replace() {
     let before = host_f32(&win);
     linear_rows_into(&x, &w, None, &win, 8).unwrap();
     assert_rows("mixed", &win, &before, &x.linear(&w, None).unwrap(), 8);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn channels_last_rows_equal_the_permute() {
+    // (b, c, h, w, window rows, first row): two-element transposes per batch entry, and odd
+    // channel counts (permute and copy).
+    for d in [DType::F16, DType::BF16, DType::F32] {
+        for (b, c, h, w, big, row0) in [
+            (1, 320, 16, 64, 20, 2),
+            (2, 64, 8, 32, 12, 1),
+            (1, 3, 5, 6, 9, 4),
+        ] {
+            let name = format!("{d:?} [{b}, {c}, {h}, {w}] into {big} rows at {row0}");
+            let x = gpu(&rnd(&[b, c, h, w], d, 8));
+            let win = gpu(&rnd(&[b, big, w, c], d, 9));
+            let before = host_f32(&win);
+            nchw_rows_into_nhwc(&x, &win, row0).unwrap();
+            let want = x.permute(&[0, 2, 3, 1]).unwrap().reshape(&[b, h, w * c]);
+            let flat = win.reshape(&[b, big, w * c]).unwrap();
+            assert_rows(&name, &flat, &before, &want.unwrap(), row0);
+        }
+    }
+    let x = gpu(&rnd(&[1, 4, 6, 8], DType::F16, 1));
+    let win = Tensor::zeros_on(&[1, 6, 8, 4], DType::F16, x.device()).unwrap();
+    let e = nchw_rows_into_nhwc(&x, &win, 1).unwrap_err().to_string();
+    assert!(
+        e.contains("nchw_rows_into_nhwc") && e.contains("rows 1"),
+        "{e}"
+    );
 }
 
 #[test]

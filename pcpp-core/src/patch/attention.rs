@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use pcpp_kernels::{Cols, Device, Tensor};
 
-use super::window::{device_windows, row_parts, Layout, OwnKv};
+use super::window::{copy_rows, device_windows, row_parts, Layout, OwnKv};
 use super::Shared;
 use crate::cache::Slot;
 use crate::exchange::RecvSpec;
@@ -95,7 +95,7 @@ fn band_kv(
                     })?;
                     parts.push((got[i].narrow(1, r.start, r.len()).at(id)?, rows.start));
                 }
-                sh.keep_window(id, slot, ctx, &parts, &w, dev)?;
+                sh.keep_window(id, slot, ctx, &parts, copy_rows, &w, dev)?;
                 got
             }
             None => sh.sync_exchange(id, slot, ctx, sends, recvs, dev, |got| {

@@ -106,7 +106,7 @@ impl GroupNormLayer for PatchGroupNorm {
                 for (t, &p) in got.iter().zip(&peers) {
                     parts.push((as_row(t)?, p));
                 }
-                sh.keep_window(id, slot, ctx, &parts, w, dev)?;
+                sh.keep_window(id, slot, ctx, &parts, copy_rows, w, dev)?;
                 return apply(&table(&got, &own)?, None);
             }
             let keep_local = own.clone();

@@ -3,17 +3,20 @@
 //! synchronous steps, the previous step's rows afterwards. Naive patch parallelism pads with
 //! zeros where other bands would be (rows, or columns on steps that cut columns). An input `2^up`
 //! times finer than the level-0 grid (see [`crate::LayerFactory::fine_conv2d`]) is cut into the
-//! same bands, every row count times `2^up`.
+//! same bands, every row count times `2^up`. On the device path, with a filter that takes
+//! channels-last input, stale steps keep the halos in place ([`super::window`]).
 
 use std::sync::Arc;
 
 use pcpp_kernels::{Conv2dParams, Tensor};
 
+use super::window::{device_windows, nhwc_rows, row_parts};
 use super::{dims4, Shared};
 use crate::cache::Slot;
 use crate::exchange::RecvSpec;
 use crate::geometry::HaloPlan;
 use crate::layers::{Conv2dLayer, CoreError, LayerContext, Result, StepCtx};
+use crate::schedule::SyncMode;
 
 pub(super) struct HaloConv {
     pub(super) id: String,
@@ -82,6 +85,50 @@ impl Conv2dLayer for HaloConv {
                 return conv(x, params);
             }
         };
+        let dev = x.device();
+        // The device path's channels-last window: border zero rows, halos above, own rows,
+        // halos below, border zero rows; the convolution reads it with no vertical padding.
+        let top = hp.pad_top + above;
+        let window =
+            (device_windows() && sh.on_device_path(dev) && Tensor::conv_takes_nhwc(&self.weight))
+                .then(|| RecvSpec {
+                    peer: sh.me(),
+                    shape: vec![b, top + rows + below + hp.pad_bottom, w, c],
+                    dtype: x.dtype(),
+                });
+        let mut at = Vec::with_capacity(hp.recv_above.len() + hp.recv_below.len());
+        let mut row = hp.pad_top;
+        for &(p, n) in &hp.recv_above {
+            at.push((p, row..row + n));
+            row += n;
+        }
+        row += rows;
+        for &(p, n) in &hp.recv_below {
+            at.push((p, row..row + n));
+            row += n;
+        }
+        if let (false, Some(spec)) = (ctx.sync, &window) {
+            let prev = sh.read_window(id, slot, ctx, spec)?;
+            nhwc_rows(id, x, &prev, top)?;
+            if sh.cfg.sync_mode != SyncMode::None {
+                let sends = hp
+                    .send
+                    .iter()
+                    .flat_map(|(p, r)| row_parts(*p, &prev, &(top + r.start..top + r.end)))
+                    .collect();
+                sh.post_window(id, slot, ctx, sends, &at, spec, dev)?;
+            }
+            let params = Conv2dParams {
+                stride: self.stride,
+                pad_top: 0,
+                pad_bottom: 0,
+                pad_left: self.pad,
+                pad_right: self.pad,
+            };
+            return prev
+                .conv2d_add_nhwc(&self.weight, self.bias.as_ref(), params, plane, residual)
+                .at(id);
+        }
         let sends = hp
             .send
             .iter()
@@ -101,13 +148,22 @@ impl Conv2dLayer for HaloConv {
                 dtype: x.dtype(),
             })
             .collect();
-        let dev = x.device();
-        let got = if ctx.sync {
-            sh.sync_exchange(id, slot, ctx, sends, recvs, dev, |g| {
+        let got = match (ctx.sync, &window) {
+            (true, Some(spec)) => {
+                let kind = slot.kind;
+                let got = sh.exchange_now(id, kind, slot.index, sends, recvs, dev, false)?;
+                let parts: Vec<_> = got
+                    .iter()
+                    .zip(&at)
+                    .map(|(t, (_, r))| (t.clone(), r.start))
+                    .collect();
+                sh.keep_window(id, slot, ctx, &parts, nhwc_rows, spec, dev)?;
+                got
+            }
+            (true, None) => sh.sync_exchange(id, slot, ctx, sends, recvs, dev, |g| {
                 Ok(Some((g.to_vec(), None)))
-            })?
-        } else {
-            sh.stale_exchange(id, slot, ctx, sends, recvs, None, dev)?.0
+            })?,
+            _ => sh.stale_exchange(id, slot, ctx, sends, recvs, None, dev)?.0,
         };
         if got.len() != recv_rows.len() {
             return Err(CoreError::Config(format!(

@@ -7,6 +7,11 @@
 //! attention then reads the window of `t − 1` in place. No concatenation and no send copies, so a
 //! steady step launches only the GEMM and the attention. A synchronous step stores the parts it
 //! keeps into its parity's window. The host path concatenates (see [`super::attention`]).
+//!
+//! The same windows serve the group norm (a table of every band's moments, the peers' received
+//! into their rows) and the `k×k` convolutions whose filters take channels-last input: the band's
+//! rows transposed into an NHWC window between the halo rows received there and the image
+//! border's zero rows, the halos sent from it, and the convolution reading it in place.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -120,10 +125,11 @@ impl Layout {
     }
 }
 
-/// One message per batch entry: rows `rows` of every entry of `win: [b, L, c]`.
+/// One message per batch entry: rows `rows` of every entry of `win: [b, L, …]`.
 pub(super) fn row_parts(peer: usize, win: &Tensor, rows: &Range<usize>) -> Vec<Part> {
     let s = win.shape();
-    let (b, big, row_bytes) = (s[0], s[1], s[2] * win.dtype().size());
+    let row = s[2..].iter().product::<usize>();
+    let (b, big, row_bytes) = (s[0], s[1], row * win.dtype().size());
     (0..b)
         .map(|i| Part {
             peer,
@@ -137,6 +143,20 @@ pub(super) fn row_parts(peer: usize, win: &Tensor, rows: &Range<usize>) -> Vec<P
 /// tensors only).
 pub(super) fn copy_rows(id: &str, src: &Tensor, dst: &Tensor, row0: usize) -> Result<()> {
     OwnKv::Ready(src).write_rows(id, dst, row0)
+}
+
+/// Writes `src: [b, c, n, w]` channels-last into rows `row0 ..` of every batch entry of
+/// `dst: [b, L, w, c]` (device tensors only).
+pub(super) fn nhwc_rows(id: &str, src: &Tensor, dst: &Tensor, row0: usize) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    return pcpp_kernels::cuda::nchw_rows_into_nhwc(src, dst, row0).at(id);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (src, dst, row0);
+        Err(CoreError::Config(format!(
+            "layer `{id}`: device windows need the `cuda` feature"
+        )))
+    }
 }
 
 impl Shared {
@@ -200,13 +220,16 @@ impl Shared {
     }
 
     /// After a synchronous step, when the next step is stale: writes each `(part, first row)`
-    /// into this step's window and publishes it for the next step.
+    /// into this step's window with `write` ([`copy_rows`] or [`nhwc_rows`]) and publishes it
+    /// for the next step.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn keep_window(
         &self,
         id: &str,
         slot: &Slot,
         ctx: &StepCtx,
         parts: &[(Tensor, usize)],
+        write: fn(&str, &Tensor, &Tensor, usize) -> Result<()>,
         spec: &RecvSpec,
         dev: Device,
     ) -> Result<()> {
@@ -215,7 +238,7 @@ impl Shared {
         }
         let win = self.window_buffer(slot, ctx.step, spec, dev)?;
         for (part, row0) in parts {
-            copy_rows(id, part, &win, *row0)?;
+            write(id, part, &win, *row0)?;
         }
         self.cache.publish(slot, ctx.step, || {
             Ok(Entry::Ready {

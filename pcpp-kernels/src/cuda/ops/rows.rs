@@ -1,11 +1,12 @@
 //! Writes into a row range of an existing device tensor: how the device path fills a layer's
-//! persistent K/V window (PCPP §7.1, §7.4) in place, the band's own K/V projected straight into
-//! its rows and the other bands' parts received into theirs, so that no concatenation copies the
-//! whole window every step. Device only, like [`super::copy_into`]: CPU tensors are immutable,
+//! persistent window (PCPP §7.1, §7.4) in place: the band's own K/V projected straight into its
+//! rows of the attention's window, its own rows of a convolution's input transposed into the
+//! channels-last halo window, the other bands' parts received into theirs, so that no
+//! concatenation copies the whole window every step. Device only, like [`super::copy_into`]: CPU tensors are immutable,
 //! and the host path builds its windows by concatenation.
 
 use super::gemm::lt_linear;
-use super::{copy2d, gpu_of, ptr};
+use super::{copy2d, gpu_of, ptr, transpose_pairs, PairsEpilogue};
 use crate::{KernelError, Result, Tensor};
 
 /// `(b, l, n)` of a `[b, l, n]` tensor, and `L` of `dst: [b, L, n]` with `row0 + l ≤ L`.
@@ -114,4 +115,59 @@ pub fn linear_rows_into(
         (l, k, n),
         false,
     )
+}
+
+/// `x: [b, c, h, w]` (NCHW) written channels-last into rows `row0 .. row0 + h` of every batch
+/// entry of `dst: [b, H, w, c]` (same dtype, same GPU): one two-element transpose per batch
+/// entry where the extents are even, else a permute and a copy.
+pub fn nchw_rows_into_nhwc(x: &Tensor, dst: &Tensor, row0: usize) -> Result<()> {
+    const OP: &str = "nchw_rows_into_nhwc";
+    same_gpu(OP, &[x, dst])?;
+    let (xs, ds) = (x.shape(), dst.shape());
+    let fits = x.dtype() == dst.dtype()
+        && xs.len() == 4
+        && ds.len() == 4
+        && xs[0] == ds[0]
+        && xs[1] == ds[3]
+        && xs[3] == ds[2]
+        && row0 + xs[2] <= ds[1];
+    if !fits {
+        return Err(KernelError::Shape {
+            op: OP,
+            lhs: xs.to_vec(),
+            rhs: ds.to_vec(),
+            detail: format!(
+                " ({} rows {row0}.. of a {} destination, channels last)",
+                x.dtype(),
+                dst.dtype()
+            ),
+        });
+    }
+    let [b, c, h, w] = [xs[0], xs[1], xs[2], xs[3]];
+    let big = ds[1];
+    if b * c * h * w == 0 {
+        return Ok(());
+    }
+    let gpu = gpu_of(x)?;
+    let es = x.dtype().size();
+    let (xp, dp) = (ptr(x)?, ptr(dst)?);
+    let pair = 2 * es as u64;
+    let direct = (0..b).all(|i| {
+        let off = ((i * big + row0) * w * c * es) as u64;
+        (dp + off) % pair == 0 && (xp + (i * c * h * w * es) as u64) % pair == 0
+    }) && c % 2 == 0
+        && (h * w) % 2 == 0;
+    if direct {
+        for i in 0..b {
+            let src = xp + (i * c * h * w * es) as u64;
+            let to = dp + ((i * big + row0) * w * c * es) as u64;
+            let ep = PairsEpilogue::default();
+            if !transpose_pairs(&gpu, (src, to), ep, x.dtype(), (1, c, h * w))? {
+                return Err(gpu.err(OP, "two-element transpose not launched"));
+            }
+        }
+        return Ok(());
+    }
+    let xn = x.permute(&[0, 2, 3, 1])?.reshape(&[b, h, w * c])?;
+    copy_rows_into(&xn, &dst.reshape(&[b, big, w * c])?, row0)
 }
