@@ -60,6 +60,7 @@ pub(crate) struct Part {
 
 impl Part {
     /// All of `t`.
+    #[cfg(feature = "cuda")]
     pub fn whole(peer: usize, t: Tensor) -> Part {
         let n = t.size_in_bytes();
         Part {

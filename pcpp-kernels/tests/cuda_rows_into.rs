@@ -1,6 +1,7 @@
 //! The in-place row writes of the device path's windows (`copy_rows_into`, `linear_rows_into`,
-//! `nchw_rows_into_nhwc`): the rows written equal the GPU's own `linear` / the source / its
-//! channels-last permute bit for bit,
+//! `nchw_rows_into_nhwc`, and the group norm on a statistics window): the rows written equal the
+//! GPU's own `linear` / the source / its channels-last permute / `group_moments` bit for bit, the
+//! merged group norm equals `group_norm_merged` bit for bit,
 //! every other row of the destination keeps its bytes, the direct GEMM (one batch entry) and the
 //! fallback (two entries, a mixed dtype, an unaligned offset) both, and shape or device errors
 //! name the op. Ignored by default (needs a GPU):
@@ -10,8 +11,15 @@
 mod common;
 
 use common::{gpu, rnd};
-use pcpp_kernels::cuda::{copy_rows_into, linear_rows_into, nchw_rows_into_nhwc};
+use pcpp_kernels::cuda::{
+    copy_rows_into, group_norm_merged_into, linear_rows_into, nchw_rows_into_nhwc, StatsWindow,
+};
 use pcpp_kernels::{DType, Device, Tensor};
+
+/// F32 values in [0, 1): moments with a non-negative m2.
+fn positive(shape: &[usize], seed: u64) -> Tensor {
+    Tensor::rand_uniform(shape, DType::F32, Device::Cpu, (0.0, 1.0), seed).unwrap()
+}
 
 fn host_f32(t: &Tensor) -> Vec<f32> {
     t.to_device(Device::Cpu)
@@ -115,6 +123,84 @@ fn channels_last_rows_equal_the_permute() {
         e.contains("nchw_rows_into_nhwc") && e.contains("rows 1"),
         "{e}"
     );
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn stats_window_equals_the_tensor_ops() {
+    let (groups, p, own) = (8usize, 4usize, 2usize);
+    for d in [DType::F16, DType::BF16, DType::F32] {
+        let x = gpu(&rnd(&[2, 32, 6, 10], d, 11));
+        let rows = 2 * groups;
+        let (gamma, beta) = (gpu(&rnd(&[32], d, 12)), gpu(&rnd(&[32], d, 13)));
+        let counts = [240.0, 200.0, 240.0, 160.0];
+        // Moments with m2 ≥ 0, as a table of p bands.
+        let bands = gpu(&positive(&[p, rows, 2], 14));
+        let fresh_want = x.group_moments(groups).unwrap();
+        let ab = (Some(&gamma), Some(&beta));
+        // Corrected: the fresh moments go to another table's row.
+        let next = Tensor::zeros_on(&[1, p, rows * 2], DType::F32, x.device()).unwrap();
+        let win = StatsWindow {
+            bands: &bands,
+            counts: &counts,
+            own,
+            fresh: &next,
+            fresh_row: own,
+            corrected: true,
+        };
+        let got = group_norm_merged_into(&x, groups, win, ab, 1e-5, true).unwrap();
+        let want = x
+            .group_norm_merged(
+                groups,
+                &bands,
+                &counts,
+                Some((own, &fresh_want)),
+                ab.0,
+                ab.1,
+                1e-5,
+                true,
+            )
+            .unwrap();
+        let tag = format!("{d:?} corrected");
+        assert_eq!(host_f32(&got), host_f32(&want), "{tag}: output");
+        let row = host_f32(&next)[own * rows * 2..(own + 1) * rows * 2].to_vec();
+        assert_eq!(row, host_f32(&fresh_want), "{tag}: fresh row");
+        // Stale: the fresh moments replace the band's own row of the table merged.
+        let table = gpu(&positive(&[1, p, rows * 2], 15));
+        let win = StatsWindow {
+            bands: &table,
+            counts: &counts,
+            own,
+            fresh: &table,
+            fresh_row: own,
+            corrected: false,
+        };
+        let got = group_norm_merged_into(&x, groups, win, (None, None), 1e-6, false).unwrap();
+        let after = table.reshape(&[p, rows, 2]).unwrap();
+        let want = x
+            .group_norm_merged(groups, &after, &counts, None, None, None, 1e-6, false)
+            .unwrap();
+        assert_eq!(host_f32(&got), host_f32(&want), "{d:?} stale: output");
+        let row = host_f32(&table)[own * rows * 2..(own + 1) * rows * 2].to_vec();
+        assert_eq!(row, host_f32(&fresh_want), "{d:?} stale: fresh row");
+    }
+    // A fresh row past the table's end, and a band out of range.
+    let x = gpu(&rnd(&[1, 8, 4, 4], DType::F16, 1));
+    let t = Tensor::zeros_on(&[2, 4, 2], DType::F32, x.device()).unwrap();
+    let win = |own, fresh_row| StatsWindow {
+        bands: &t,
+        counts: &[16.0, 16.0],
+        own,
+        fresh: &t,
+        fresh_row,
+        corrected: false,
+    };
+    for (own, row) in [(0, 2), (2, 0)] {
+        let e = group_norm_merged_into(&x, 4, win(own, row), (None, None), 1e-5, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("group_norm_merged_into"), "{e}");
+    }
 }
 
 #[test]

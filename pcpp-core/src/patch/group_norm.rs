@@ -5,12 +5,12 @@
 
 use std::sync::Arc;
 
-use pcpp_kernels::Tensor;
+use pcpp_kernels::{DType, Tensor};
 
-use super::window::{copy_rows, device_windows};
+use super::window::{copy_rows, device_windows, merged_into, row_parts};
 use super::{dims4, Shared};
 use crate::cache::Slot;
-use crate::exchange::{Part, RecvSpec};
+use crate::exchange::RecvSpec;
 use crate::layers::{CoreError, GroupNormLayer, LayerContext, Result, StepCtx};
 use crate::schedule::GnMode;
 
@@ -48,16 +48,45 @@ impl GroupNormLayer for PatchGroupNorm {
         };
         let plan = sh.plan();
         let me = sh.me();
-        // Mean and centred sum of squares per (batch, group), f32 on the wire, merged with each
-        // band's element count (uneven bands are exact).
-        let own = x.group_moments(g).at(id)?;
         let counts: Vec<f64> = (0..plan.ranks())
             .map(|j| ((c / g.max(1)) * plan.band(level, j).len() * plan.width_at(level)) as f64)
             .collect();
         let peers = sh.peers();
+        let dev = x.device();
+        // The device path's statistics window: one `[1, bands, b·groups·2]` f32 table per step
+        // parity, the peers' moments received into their rows ([`super::window`]).
+        let window = (device_windows()
+            && sh.on_device_path(dev)
+            && matches!(mode, GnMode::Stale | GnMode::Corrected))
+        .then(|| RecvSpec {
+            peer: me,
+            shape: vec![1, plan.ranks(), x.shape()[0] * g * 2],
+            dtype: DType::F32,
+        });
+        if let (false, Some(w)) = (ctx.sync, &window) {
+            // The previous step's table: the peers' moments and (kept then) this band's own.
+            let prev = sh.read_window(id, slot, ctx, w)?;
+            let next = sh.window_buffer(slot, ctx.step, w, dev)?;
+            // Corrected: this step's moments go to the next step's table, where its correction
+            // starts from them; stale: they replace this band's row of the table merged.
+            let corrected = mode == GnMode::Corrected;
+            let fresh = if corrected { &next } else { &prev };
+            let win = (&prev, &counts[..], me, fresh, corrected);
+            let ab = (self.gamma.as_ref(), self.beta.as_ref());
+            let y = merged_into(id, x, g, win, ab, self.eps, silu_after)?;
+            let sends = peers
+                .iter()
+                .flat_map(|&p| row_parts(p, fresh, &(me..me + 1)))
+                .collect();
+            let peer_rows: Vec<_> = peers.iter().map(|&p| (p, p..p + 1)).collect();
+            sh.post_window(id, slot, ctx, sends, &peer_rows, w, dev)?;
+            return Ok(y);
+        }
+        // Mean and centred sum of squares per (batch, group), f32 on the wire, merged with each
+        // band's element count (uneven bands are exact).
+        let own = x.group_moments(g).at(id)?;
         let sends = peers.iter().map(|&p| (p, own.clone())).collect();
         let recvs = peers.iter().map(|&p| RecvSpec::of(p, &own)).collect();
-        let dev = x.device();
         // All bands' moments in rank order, `mine` at this rank's place.
         let table = |others: &[Tensor], mine: &Tensor| -> Result<Tensor> {
             if others.len() != peers.len() {
@@ -85,19 +114,7 @@ impl GroupNormLayer for PatchGroupNorm {
             )
             .at(id)
         };
-        // The device path's statistics window: one `[1, bands, b·groups·2]` f32 table per step
-        // parity, peers' moments received into their rows ([`super::window`]).
-        let rows = own.numel();
-        let window = (device_windows()
-            && sh.on_device_path(dev)
-            && matches!(mode, GnMode::Stale | GnMode::Corrected))
-        .then(|| RecvSpec {
-            peer: me,
-            shape: vec![1, plan.ranks(), rows],
-            dtype: own.dtype(),
-        });
-        let as_bands = |t: &Tensor| t.reshape(&[plan.ranks(), own.shape()[0], 2]).at(id);
-        let as_row = |t: &Tensor| t.reshape(&[1, 1, rows]).at(id);
+        let as_row = |t: &Tensor| t.reshape(&[1, 1, t.numel()]).at(id);
         if ctx.sync || mode == GnMode::Sync {
             if let Some(w) = &window {
                 let kind = slot.kind;
@@ -116,21 +133,6 @@ impl GroupNormLayer for PatchGroupNorm {
             })?;
             // Every rank merges the same f32 moments in rank order: identical statistics.
             return apply(&table(&got, &own)?, None);
-        }
-        if let Some(w) = &window {
-            // The previous step's table: peers' moments and (kept at that step) its own.
-            let prev = sh.read_window(id, slot, ctx, w)?;
-            let sends = peers.iter().map(|&p| Part::whole(p, own.clone())).collect();
-            let peer_rows: Vec<_> = peers.iter().map(|&p| (p, p..p + 1)).collect();
-            let cur = sh.post_window(id, slot, ctx, sends, &peer_rows, w, dev)?;
-            return if mode == GnMode::Corrected {
-                // The next step's correction starts from this step's own moments.
-                copy_rows(id, &as_row(&own)?, &cur, me)?;
-                apply(&as_bands(&prev)?, Some((me, &own)))
-            } else {
-                copy_rows(id, &as_row(&own)?, &prev, me)?;
-                apply(&as_bands(&prev)?, None)
-            };
         }
         let (prev, own_prev) =
             sh.stale_exchange(id, slot, ctx, sends, recvs, Some(own.clone()), dev)?;

@@ -159,6 +159,44 @@ pub(super) fn nhwc_rows(id: &str, src: &Tensor, dst: &Tensor, row0: usize) -> Re
     }
 }
 
+/// The table a group norm merges, its element counts, this band's index, where its fresh
+/// moments go (this band's row of that tensor) and whether the statistics are corrected.
+pub(super) type StatsTable<'a> = (&'a Tensor, &'a [f64], usize, &'a Tensor, bool);
+
+/// The group norm of `x` on a statistics window (device tensors only): its fresh moments stored
+/// in its row of the fresh table in the launch that merges them with the table's bands.
+pub(super) fn merged_into(
+    id: &str,
+    x: &Tensor,
+    groups: usize,
+    (bands, counts, own, fresh, corrected): StatsTable<'_>,
+    (gamma, beta): (Option<&Tensor>, Option<&Tensor>),
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        let win = pcpp_kernels::cuda::StatsWindow {
+            bands,
+            counts,
+            own,
+            fresh,
+            fresh_row: own,
+            corrected,
+        };
+        pcpp_kernels::cuda::group_norm_merged_into(x, groups, win, (gamma, beta), eps, silu).at(id)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (
+            x, groups, bands, counts, own, fresh, corrected, gamma, beta, eps, silu,
+        );
+        Err(CoreError::Config(format!(
+            "layer `{id}`: device windows need the `cuda` feature"
+        )))
+    }
+}
+
 impl Shared {
     /// The window a stale step reads: what the previous step received into its parity's window
     /// (with `--sync-mode none`, the window frozen at the last warm-up step), checked against
@@ -250,7 +288,7 @@ impl Shared {
     }
 
     /// The slot's persistent window of `step`'s parity.
-    fn window_buffer(
+    pub(super) fn window_buffer(
         &self,
         slot: &Slot,
         step: usize,

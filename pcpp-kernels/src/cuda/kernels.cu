@@ -171,18 +171,20 @@ extern "C" __global__ void gn_finalize(const double* sums, float* mean_rstd, int
 }
 // moments[bg*2] = mean, [bg*2+1] = m2 = sum of (x - mean)^2, from sums over n elements (both 0 when
 // n is 0): the twin of cpu::group_moments (m2 = max(s2 - s*mean, 0), product not fused).
+// (mean, m2) of one (batch, group) from its sums, as f32.
+__device__ __forceinline__ void gn_moment(const double* sums, float* out, int i, double n) {
+    double mean = 0.0, m2 = 0.0;
+    if (n > 0.0) {
+        mean = sums[i * 2] / n;
+        m2 = sums[i * 2 + 1] - __dmul_rn(sums[i * 2], mean);
+        if (m2 < 0.0) m2 = 0.0;
+    }
+    out[i * 2] = (float)mean;
+    out[i * 2 + 1] = (float)m2;
+}
 extern "C" __global__ void gn_moments(const double* sums, float* moments, int count, double n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < count) {
-        double mean = 0.0, m2 = 0.0;
-        if (n > 0.0) {
-            mean = sums[i * 2] / n;
-            m2 = sums[i * 2 + 1] - __dmul_rn(sums[i * 2], mean);
-            if (m2 < 0.0) m2 = 0.0;
-        }
-        moments[i * 2] = (float)mean;
-        moments[i * 2 + 1] = (float)m2;
-    }
+    if (i < count) gn_moment(sums, moments, i, n);
 }
 // ---- merged group-norm statistics from per-band moments (twin of cpu::merge_group_moments) ----
 // Element counts of up to 64 bands, passed by value.
@@ -203,10 +205,8 @@ __device__ __forceinline__ double mom_var(Moments m) { return m.n > 0.0 ? m.m2 /
 __device__ __forceinline__ double mom_ex2(Moments m) { return mom_var(m) + __dmul_rn(m.mean, m.mean); }
 // bands: [p, count, 2] (mean, m2); fresh: [count, 2] when own >= 0 (corrected stale statistics: band
 // `own` holds this rank's previous moments). Writes mean_rstd[i*2] = mean, [i*2+1] = 1/sqrt(var + eps).
-extern "C" __global__ void gn_merge(const float* bands, const float* fresh, float* mean_rstd, int p, int count,
-                                    GnCounts counts, int own, double eps) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= count) return;
+__device__ __forceinline__ void gn_merge_at(const float* bands, const float* fresh, float* mean_rstd, int p,
+                                            int count, const GnCounts& counts, int own, double eps, int i) {
     Moments t = {0.0, 0.0, 0.0};
     for (int j = 0; j < p; ++j) {
         const float* r = bands + ((long)j * count + i) * 2;
@@ -226,6 +226,24 @@ extern "C" __global__ void gn_merge(const float* bands, const float* fresh, floa
     if (var < 0.0) var = 0.0;
     mean_rstd[i * 2] = (float)mean;
     mean_rstd[i * 2 + 1] = (float)(1.0 / sqrt(var + eps));
+}
+extern "C" __global__ void gn_merge(const float* bands, const float* fresh, float* mean_rstd, int p, int count,
+                                    GnCounts counts, int own, double eps) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < count) gn_merge_at(bands, fresh, mean_rstd, p, count, counts, own, eps, i);
+}
+// gn_moments and gn_merge in one launch, for a table that lives on: this band's fresh moments
+// (from its sums, `n` elements per group) are stored at `fresh` (f32 [count, 2]), then merged
+// with the bands of `bands` as gn_merge does, corrected against band `own` when `corrected`.
+// Without correction `fresh` is band `own`'s row of `bands` itself (each thread writes and reads
+// only its own (batch, group)).
+extern "C" __global__ void gn_merge_sums(const double* sums, double n, const float* bands, float* fresh,
+                                         float* mean_rstd, int p, int count, GnCounts counts, int own,
+                                         int corrected, double eps) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= count) return;
+    gn_moment(sums, fresh, i, n);
+    gn_merge_at(bands, fresh, mean_rstd, p, count, counts, corrected ? own : -1, eps, i);
 }
 // y = (x - mean) * rstd * gamma[c] + beta[c], optional SiLU. x: [b, c, s].
 template <typename T>

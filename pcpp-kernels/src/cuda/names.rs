@@ -14,6 +14,7 @@ pub fn kernel_names() -> Vec<String> {
         "gn_finalize",
         "gn_moments",
         "gn_merge",
+        "gn_merge_sums",
         "flash_attn_f16",
         "flash_attn_bf16",
         "flash_attn128_f16",

@@ -356,3 +356,93 @@ fn param(t: Option<&Tensor>, dt: DType) -> Result<(Option<Tensor>, u64)> {
     };
     Ok((t, p))
 }
+
+/// A statistics window of the device path (PCPP §2.6 on persistent tables, §7.4): the bands'
+/// moments `bands` (F32, `[p, b·groups, 2]` in any shape of that size), their element counts,
+/// this band's index `own`, and where this band's fresh moments go: row `fresh_row` of `fresh`
+/// (F32 rows of `b·groups·2`). With `corrected` the statistics are corrected as
+/// [`crate::Tensor::group_norm_merged`] does with `Some((own, fresh))` (then the fresh row must
+/// not lie in `bands`); without, the fresh row must be band `own`'s row of `bands`.
+pub struct StatsWindow<'a> {
+    pub bands: &'a Tensor,
+    pub counts: &'a [f64],
+    pub own: usize,
+    pub fresh: &'a Tensor,
+    pub fresh_row: usize,
+    pub corrected: bool,
+}
+
+/// [`crate::Tensor::group_norm_merged`] on a statistics window: `x`'s fresh moments computed and
+/// stored in the window's fresh row in the same launch as the merge (no separate moments
+/// tensor), then applied to `x` (`[b, c, h, w]`, with `gamma`, `beta` and SiLU as there).
+/// Device only: the device path's windows are persistent device tensors written in place.
+pub fn group_norm_merged_into(
+    x: &Tensor,
+    groups: usize,
+    win: StatsWindow<'_>,
+    (gamma, beta): (Option<&Tensor>, Option<&Tensor>),
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    const OP: &str = "group_norm_merged_into";
+    let (b, c, s) = x.nc_s(OP, groups)?;
+    let rows = b * groups;
+    let p = win.counts.len();
+    let bad = |msg: String| Err(crate::KernelError::invalid(OP, msg));
+    if !x.is_cuda()
+        || [win.bands, win.fresh]
+            .iter()
+            .any(|t| t.device() != x.device())
+    {
+        return bad(format!(
+            "x on {}, bands on {}, fresh moments on {} (all must be on one GPU)",
+            x.device(),
+            win.bands.device(),
+            win.fresh.device()
+        ));
+    }
+    if p == 0 || p > crate::ops::MAX_GN_BANDS || win.own >= p {
+        return bad(format!("band {} of {p} (1 to 64 bands)", win.own));
+    }
+    if let Some(n) = win.counts.iter().find(|n| !n.is_finite() || **n < 0.0) {
+        return bad(format!(
+            "band count {n} is not a finite non-negative number"
+        ));
+    }
+    if [win.bands, win.fresh]
+        .iter()
+        .any(|t| t.dtype() != DType::F32)
+        || win.bands.numel() != p * rows * 2
+        || win.fresh.numel() < (win.fresh_row + 1) * rows * 2
+    {
+        return bad(format!(
+            "bands {:?} {} must hold {p}×{rows}×2 f32 moments and fresh {:?} {} row {} of {rows}×2",
+            win.bands.shape(),
+            win.bands.dtype(),
+            win.fresh.shape(),
+            win.fresh.dtype(),
+            win.fresh_row
+        ));
+    }
+    x.check_group_norm_affine(OP, c, gamma, beta)?;
+    let gpu = gpu_of(x)?;
+    let _timed = crate::cuda::profile::scope(crate::cpu::profile::Kernel::GroupNorm, x.device());
+    let mut cn = GnCounts {
+        n: [0.0; crate::ops::MAX_GN_BANDS],
+    };
+    cn.n[..p].copy_from_slice(win.counts);
+    // SAFETY: every element is written by gn_merge_sums before gn_apply reads it.
+    let mr =
+        unsafe { gpu.stream.alloc::<f32>(2 * rows.max(1)) }.map_err(|e| gpu.err("alloc", e))?;
+    let (mp, _s) = cudarc::driver::DevicePtr::device_ptr(&mr, &gpu.stream);
+    if rows > 0 {
+        let sums = gn_sums(x, (b, c, s), groups)?;
+        let (sp, _s2) = cudarc::driver::DevicePtr::device_ptr(&sums, &gpu.stream);
+        let fresh = ptr(win.fresh)? + (win.fresh_row * rows * 2 * 4) as u64;
+        let n = ((c / groups) * s) as f64;
+        launch!(gpu, "gn_merge_sums", Gpu::cfg_elems(rows);
+            sp, n, ptr(win.bands)?, fresh, mp, p as i32, rows as i32, cn, win.own as i32,
+            win.corrected as i32, eps);
+    }
+    gn_apply(x, mp, (c, s, groups), gamma, beta, silu)
+}
