@@ -55,13 +55,10 @@ fn band_kv(
         shape: vec![b, n, c2],
         dtype,
     };
-    let window = (device_windows() && sh.on_device_path(dev)).then(|| {
-        let rows = Layout::new(&tokens, me, portion).rows;
-        spec(me, rows)
-    });
+    let lay = Layout::new(&tokens, me, portion);
+    let window = (device_windows() && sh.on_device_path(dev)).then(|| spec(me, lay.rows));
     if let (false, Some(w)) = (ctx.sync, &window) {
         // In place: own K/V into its rows of the previous step's window, sent from there.
-        let lay = Layout::new(&tokens, me, portion);
         let prev = sh.read_window(id, slot, ctx, w)?;
         own.write_rows(id, &prev, lay.own.start)?;
         if sh.cfg.sync_mode != SyncMode::None {
@@ -82,31 +79,29 @@ fn band_kv(
         let peers = sh.peers();
         let sends = peers.iter().map(|&p| (p, kv.clone())).collect();
         let recvs = peers.iter().map(|&p| spec(p, tokens[p])).collect();
-        let keep = kv_recvs(&tokens, me, portion);
+        // What the window keeps of every band's K/V, in the order of `kv_recvs`.
+        let keep = |got: &[Tensor]| -> Result<Vec<Tensor>> {
+            kv_recvs(&tokens, me, portion)
+                .into_iter()
+                .map(|(j, r)| {
+                    let i = peers.iter().position(|&p| p == j).ok_or_else(|| {
+                        CoreError::Config(format!("layer `{id}`: no K/V from band {j}"))
+                    })?;
+                    got[i].narrow(1, r.start, r.len()).at(id)
+                })
+                .collect()
+        };
         let got = match window {
             Some(w) => {
                 let kind = slot.kind;
                 let got = sh.exchange_now(id, kind, slot.index, sends, recvs, dev, false)?;
-                let lay = Layout::new(&tokens, me, portion);
-                let mut parts = Vec::with_capacity(keep.len());
-                for ((j, r), (_, rows)) in keep.iter().zip(&lay.parts) {
-                    let i = peers.iter().position(|p| p == j).ok_or_else(|| {
-                        CoreError::Config(format!("layer `{id}`: no K/V from band {j}"))
-                    })?;
-                    parts.push((got[i].narrow(1, r.start, r.len()).at(id)?, rows.start));
-                }
+                let rows = lay.parts.iter().map(|(_, rows)| rows.start);
+                let parts: Vec<_> = keep(&got)?.into_iter().zip(rows).collect();
                 sh.keep_window(id, slot, ctx, &parts, copy_rows, &w, dev)?;
                 got
             }
             None => sh.sync_exchange(id, slot, ctx, sends, recvs, dev, |got| {
-                let mut out = Vec::with_capacity(keep.len());
-                for (j, r) in &keep {
-                    let i = peers.iter().position(|p| p == j).ok_or_else(|| {
-                        CoreError::Config(format!("layer `{id}`: no K/V from band {j}"))
-                    })?;
-                    out.push(got[i].narrow(1, r.start, r.len()).at(id)?);
-                }
-                Ok(Some((out, None)))
+                Ok(Some((keep(got)?, None)))
             })?,
         };
         others.extend(peers.iter().copied().zip(got));

@@ -28,8 +28,9 @@ use crate::schedule::SyncMode;
 static WINDOWS: AtomicBool = AtomicBool::new(true);
 
 /// Whether the device path keeps its windows (the self-attention's K/V, the group norm's
-/// statistics) in place (on unless [`set_device_windows`] turned it off; off, it concatenates
-/// and copies as the host path does: the same values).
+/// statistics, the channels-last convolutions' halos) in place (on unless
+/// [`set_device_windows`] turned it off; off, it concatenates and copies as the host path does:
+/// the same values).
 pub fn device_windows() -> bool {
     WINDOWS.load(Ordering::Relaxed)
 }

@@ -389,18 +389,9 @@ pub fn group_norm_merged_into(
     let rows = b * groups;
     let p = win.counts.len();
     let bad = |msg: String| Err(crate::KernelError::invalid(OP, msg));
-    if !x.is_cuda()
-        || [win.bands, win.fresh]
-            .iter()
-            .any(|t| t.device() != x.device())
-    {
-        return bad(format!(
-            "x on {}, bands on {}, fresh moments on {} (all must be on one GPU)",
-            x.device(),
-            win.bands.device(),
-            win.fresh.device()
-        ));
-    }
+    let mut ops = vec![x, win.bands, win.fresh];
+    ops.extend(gamma.into_iter().chain(beta));
+    super::rows::same_gpu(OP, &ops)?;
     if p == 0 || p > crate::ops::MAX_GN_BANDS || win.own >= p {
         return bad(format!("band {} of {p} (1 to 64 bands)", win.own));
     }

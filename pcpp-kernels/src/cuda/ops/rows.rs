@@ -23,21 +23,16 @@ fn rows_fit(op: &'static str, src: &[usize], dst: &Tensor, row0: usize) -> Resul
     }
 }
 
-fn same_gpu(op: &'static str, ts: &[&Tensor]) -> Result<()> {
-    let dev = ts[0].device();
-    if !ts[0].is_cuda() || ts.iter().any(|t| t.device() != dev) {
-        return Err(KernelError::invalid(
-            op,
-            format!(
-                "operands on {} (all must be on one GPU)",
-                ts.iter()
-                    .map(|t| t.device().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        ));
+/// Every operand on one GPU: a device-path write has no CPU twin (CPU tensors are immutable).
+pub(super) fn same_gpu(op: &'static str, ts: &[&Tensor]) -> Result<()> {
+    let all: Vec<Option<&Tensor>> = ts.iter().map(|t| Some(*t)).collect();
+    if crate::ops::on_gpu(op, &all)? {
+        return Ok(());
     }
-    Ok(())
+    Err(KernelError::invalid(
+        op,
+        "the operands are in host memory; this in-place write takes GPU tensors only",
+    ))
 }
 
 /// Copies `src: [b, l, n]` into rows `row0 .. row0 + l` of every batch entry of
