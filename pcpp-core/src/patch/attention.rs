@@ -9,7 +9,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use pcpp_kernels::{Cols, Device, Tensor};
+use pcpp_kernels::{Cols, Tensor};
 
 use super::window::{copy_rows, device_windows, row_parts, Layout, OwnKv};
 use super::Shared;
@@ -32,7 +32,7 @@ fn band_kv(
     slot: Option<&Arc<Slot>>,
     ctx: &StepCtx,
     id: &str,
-    (level, dev): (usize, Device),
+    level: usize,
     own: OwnKv<'_>,
 ) -> Result<Tensor> {
     let slot = match (slot, sh.communicates()) {
@@ -50,6 +50,7 @@ fn band_kv(
         )));
     }
     let portion = sh.cfg.portion_at(level);
+    let dev = own.device();
     let spec = |peer: usize, n: usize| RecvSpec {
         peer,
         shape: vec![b, n, c2],
@@ -171,14 +172,7 @@ impl SelfAttentionLayer for PatchAttention {
         let level = self.sh.level_at(ctx, id, rows, cols)?;
         let q = x.linear(&self.to_q, self.q_bias.as_ref()).at(id)?;
         let own = OwnKv::Project(x, &self.kv);
-        let win = band_kv(
-            &self.sh,
-            self.slot.as_ref(),
-            ctx,
-            id,
-            (level, x.device()),
-            own,
-        )?;
+        let win = band_kv(&self.sh, self.slot.as_ref(), ctx, id, level, own)?;
         let c = q.shape()[2];
         let (k, v) = (Cols::new(&win, 0), Cols::new(&win, c));
         Tensor::attention_packed(Cols::new(&q, 0), k, v, c, self.heads, false)
@@ -212,14 +206,7 @@ impl ProjectedAttentionLayer for PatchProjectedAttention {
         }
         let kv = Tensor::cat(&[k, v], 2).at(id)?;
         let own = OwnKv::Ready(&kv);
-        let win = band_kv(
-            &self.sh,
-            self.slot.as_ref(),
-            ctx,
-            id,
-            (level, k.device()),
-            own,
-        )?;
+        let win = band_kv(&self.sh, self.slot.as_ref(), ctx, id, level, own)?;
         let c = k.shape()[2];
         let (kw, vw) = (win.narrow(2, 0, c).at(id)?, win.narrow(2, c, c).at(id)?);
         joint_attend(id, self.heads, q, &kw, &vw, extra)

@@ -41,6 +41,15 @@ pub fn set_device_windows(on: bool) {
     WINDOWS.store(on, Ordering::Relaxed);
 }
 
+/// The error of a device-window write in a build without the `cuda` feature (never reached:
+/// there is no device path then).
+#[cfg(not(feature = "cuda"))]
+fn needs_cuda(id: &str) -> CoreError {
+    CoreError::Config(format!(
+        "layer `{id}`: device windows need the `cuda` feature"
+    ))
+}
+
 /// The band's own K/V `[b, l, 2c]`: computed already, or a stacked projection of `x` that the
 /// device path writes straight into the window.
 pub(super) enum OwnKv<'a> {
@@ -61,6 +70,13 @@ impl OwnKv<'_> {
             (s, _) => Err(CoreError::Config(format!(
                 "layer `{id}`: expected tokens [b, l, c], got {s:?}"
             ))),
+        }
+    }
+
+    /// The device the K/V is computed on.
+    pub(super) fn device(&self) -> Device {
+        match self {
+            OwnKv::Ready(t) | OwnKv::Project(t, _) => t.device(),
         }
     }
 
@@ -85,9 +101,7 @@ impl OwnKv<'_> {
         #[cfg(not(feature = "cuda"))]
         {
             let _ = (win, row0);
-            Err(CoreError::Config(format!(
-                "layer `{id}`: device windows need the `cuda` feature"
-            )))
+            Err(needs_cuda(id))
         }
     }
 }
@@ -154,9 +168,7 @@ pub(super) fn nhwc_rows(id: &str, src: &Tensor, dst: &Tensor, row0: usize) -> Re
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (src, dst, row0);
-        Err(CoreError::Config(format!(
-            "layer `{id}`: device windows need the `cuda` feature"
-        )))
+        Err(needs_cuda(id))
     }
 }
 
@@ -192,9 +204,7 @@ pub(super) fn merged_into(
         let _ = (
             x, groups, bands, counts, own, fresh, corrected, gamma, beta, eps, silu,
         );
-        Err(CoreError::Config(format!(
-            "layer `{id}`: device windows need the `cuda` feature"
-        )))
+        Err(needs_cuda(id))
     }
 }
 

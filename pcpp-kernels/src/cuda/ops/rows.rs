@@ -2,8 +2,8 @@
 //! persistent window (PCPP §7.1, §7.4) in place: the band's own K/V projected straight into its
 //! rows of the attention's window, its own rows of a convolution's input transposed into the
 //! channels-last halo window, the other bands' parts received into theirs, so that no
-//! concatenation copies the whole window every step. Device only, like [`super::copy_into`]: CPU tensors are immutable,
-//! and the host path builds its windows by concatenation.
+//! concatenation copies the whole window every step. Device only, like [`super::copy_into`]:
+//! CPU tensors are immutable, and the host path builds its windows by concatenation.
 
 use super::gemm::lt_linear;
 use super::{copy2d, gpu_of, ptr, transpose_pairs, PairsEpilogue};
