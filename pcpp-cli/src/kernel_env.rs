@@ -2,8 +2,8 @@
 //! `PCPP_FLASH128=ws|ws2|ws3|ws3-overlap|ws-pingpong|ws-overlap|hopper|shared-q64|shared-q|registers-q`
 //! (the flash-attention kernel: `ws` takes FlashAttention-3's warp specialisation on Hopper's
 //! warpgroup MMAs (TMA producer, ping-pong, intra-warpgroup overlap) for head sizes 64 and 128 on
-//! sm_90a devices, with three MMA warpgroups (192-row tiles) at head size 64 where they fill the
-//! GPU; `ws2` and `ws3` it with two or three warpgroups always, `ws3-overlap` three without the
+//! sm_90a devices, with three MMA warpgroups (192-row tiles) at head size 64 where their grid
+//! finishes its waves first; `ws2` and `ws3` it with two or three warpgroups always, `ws3-overlap` three without the
 //! ping-pong, `ws-pingpong` and `ws-overlap` it with one of its two schedules, `hopper`
 //! the warpgroup MMAs without warp specialisation, all `shared-q64` elsewhere; the others
 //! choose among the head-size-128 kernels of every device), `PCPP_VECTOR_KERNELS=1|0`

@@ -124,6 +124,28 @@ pub trait Conv2dLayer: Send + Sync {
         let x = x.permute(&[0, 3, 1, 2]).at("conv2d (NHWC input)")?;
         self.forward_add(ctx, &x, plane, residual)
     }
+
+    /// [`Conv2dLayer::forward_add`] of `norm(x)` (with SiLU after it when `silu_after`), the
+    /// norm's output handed over in the layout this convolution reads best: channels-last where
+    /// it [takes NHWC](Conv2dLayer::takes_nhwc) (the default), or written by the norm straight
+    /// into the convolution's own input window (the patch-parallel convolution's stale steps on
+    /// the device path).
+    fn forward_normed(
+        &self,
+        ctx: &StepCtx,
+        norm: &dyn GroupNormLayer,
+        (x, silu_after): (&Tensor, bool),
+        plane: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        if self.takes_nhwc() {
+            let h = norm.forward_nhwc(ctx, x, silu_after)?;
+            self.forward_add_nhwc(ctx, &h, plane, residual)
+        } else {
+            let h = norm.forward(ctx, x, silu_after)?;
+            self.forward_add(ctx, &h, plane, residual)
+        }
+    }
 }
 
 /// Group normalisation, optionally followed by SiLU.
@@ -138,6 +160,20 @@ pub trait GroupNormLayer: Send + Sync {
         self.forward(ctx, x, silu_after)?
             .permute(&[0, 2, 3, 1])
             .at("group_norm (NHWC output)")
+    }
+
+    /// [`GroupNormLayer::forward`] written channels-last into rows `row0 .. row0 + rows` of every
+    /// image of `dst: [b, H, w, c]`, a device tensor: a patch-parallel convolution's input window
+    /// ([`Conv2dLayer::forward_normed`]). The default normalises, then transposes the rows in.
+    fn forward_nhwc_into(
+        &self,
+        ctx: &StepCtx,
+        (x, silu_after): (&Tensor, bool),
+        dst: &Tensor,
+        row0: usize,
+    ) -> Result<()> {
+        let y = self.forward(ctx, x, silu_after)?;
+        crate::patch::nhwc_rows("group_norm (into a window)", &y, dst, row0)
     }
 }
 

@@ -1,7 +1,8 @@
 //! The in-place row writes of the device path's windows (`copy_rows_into`, `linear_rows_into`,
 //! `nchw_rows_into_nhwc`, and the group norm on a statistics window): the rows written equal the
 //! GPU's own `linear` / the source / its channels-last permute / `group_moments` bit for bit, the
-//! merged group norm equals `group_norm_merged` bit for bit,
+//! merged group norm equals `group_norm_merged` bit for bit (written channels-last into a window's
+//! rows, its permute),
 //! every other row of the destination keeps its bytes, the direct GEMM (one batch entry) and the
 //! fallback (two entries, a mixed dtype, an unaligned offset) both, and shape or device errors
 //! name the op. Ignored by default (needs a GPU):
@@ -12,7 +13,8 @@ mod common;
 
 use common::{gpu, rnd};
 use pcpp_kernels::cuda::{
-    copy_rows_into, group_norm_merged_into, linear_rows_into, nchw_rows_into_nhwc, StatsWindow,
+    copy_rows_into, group_norm_merged_into, group_norm_merged_into_nhwc, linear_rows_into,
+    nchw_rows_into_nhwc, StatsWindow,
 };
 use pcpp_kernels::{DType, Device, Tensor};
 
@@ -200,6 +202,71 @@ fn stats_window_equals_the_tensor_ops() {
             .unwrap_err()
             .to_string();
         assert!(e.contains("group_norm_merged_into"), "{e}");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn stats_window_writes_channels_last_rows() {
+    // (b, c, groups, h, w, window rows, first row): the tiled NHWC apply (even channels and
+    // planes), and an odd plane (normalised, then transposed in).
+    for d in [DType::F16, DType::BF16, DType::F32] {
+        for (b, c, groups, h, w, big, row0) in [
+            (1, 64, 8, 8, 32, 12, 2),
+            (2, 32, 8, 6, 10, 10, 4),
+            (1, 6, 3, 3, 5, 7, 1),
+        ] {
+            let name = format!("{d:?} [{b}, {c}, {h}, {w}] into {big} rows at {row0}");
+            let x = gpu(&rnd(&[b, c, h, w], d, 21));
+            let (gamma, beta) = (gpu(&rnd(&[c], d, 22)), gpu(&rnd(&[c], d, 23)));
+            let ab = (Some(&gamma), Some(&beta));
+            let (p, own, rows) = (3usize, 1usize, b * groups);
+            let bands = gpu(&positive(&[p, rows, 2], 24));
+            let n = ((c / groups) * h * w) as f64;
+            let counts = [n, n, 2.0 * n];
+            let tables = [0, 1]
+                .map(|_| Tensor::zeros_on(&[1, p, rows * 2], DType::F32, x.device()).unwrap());
+            let win = |fresh| StatsWindow {
+                bands: &bands,
+                counts: &counts,
+                own,
+                fresh,
+                fresh_row: own,
+                corrected: true,
+            };
+            let want = group_norm_merged_into(&x, groups, win(&tables[0]), ab, 1e-5, true)
+                .unwrap()
+                .permute(&[0, 2, 3, 1])
+                .unwrap()
+                .reshape(&[b, h, w * c])
+                .unwrap();
+            let dst = gpu(&rnd(&[b, big, w, c], d, 25));
+            let before = host_f32(&dst);
+            group_norm_merged_into_nhwc(&x, groups, win(&tables[1]), ab, 1e-5, true, (&dst, row0))
+                .unwrap();
+            let flat = dst.reshape(&[b, big, w * c]).unwrap();
+            assert_rows(&name, &flat, &before, &want, row0);
+            let [t0, t1] = tables.map(|t| host_f32(&t));
+            assert_eq!(t0, t1, "{name}: fresh moments");
+        }
+    }
+    // Rows past the destination's end, and channels that are not the destination's last axis.
+    let x = gpu(&rnd(&[1, 8, 4, 6], DType::F16, 1));
+    let t = Tensor::zeros_on(&[2, 4, 2], DType::F32, x.device()).unwrap();
+    let win = || StatsWindow {
+        bands: &t,
+        counts: &[96.0, 96.0],
+        own: 0,
+        fresh: &t,
+        fresh_row: 0,
+        corrected: false,
+    };
+    for (shape, row0) in [([1, 6, 6, 8], 3), ([1, 8, 6, 4], 0)] {
+        let dst = Tensor::zeros_on(&shape, DType::F16, x.device()).unwrap();
+        let e = group_norm_merged_into_nhwc(&x, 4, win(), (None, None), 1e-5, false, (&dst, row0))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("group_norm_merged_into_nhwc"), "{e}");
     }
 }
 

@@ -408,8 +408,9 @@ impl UNet {
             }
             fw.tap(&blk.name, &h);
         }
-        let h = self.norm_out.forward(ctx, &h, true)?;
-        let h = self.conv_out.forward(ctx, &h)?;
+        let h =
+            self.conv_out
+                .forward_normed(ctx, self.norm_out.as_ref(), (&h, true), None, None)?;
         fw.tap("conv_out", &h);
         Ok(self.gather.forward(ctx, &h)?)
     }

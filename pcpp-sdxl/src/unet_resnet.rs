@@ -126,7 +126,9 @@ impl ResnetBlock {
     pub(crate) fn forward(&self, fw: &Fwd, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
         let ctx = fw.ctx;
         let t = self.temb_proj.forward(temb_act)?;
-        let h = norm_conv(ctx, &self.norm1, &self.conv1, x, Some(&t), None)?;
+        let h = self
+            .conv1
+            .forward_normed(ctx, self.norm1.as_ref(), (x, true), Some(&t), None)?;
         let skip = match &self.shortcut {
             Some(s) => s.forward(ctx, x)?,
             None => x.clone(),
@@ -136,28 +138,13 @@ impl ResnetBlock {
                 let h = self.norm2.forward(ctx, &h, true)?;
                 skip.add(&s.reduce(ctx, &self.conv2.forward(ctx, &h)?)?)?
             }
-            None => norm_conv(ctx, &self.norm2, &self.conv2, &h, None, Some(&skip))?,
+            None => {
+                let n2 = self.norm2.as_ref();
+                self.conv2
+                    .forward_normed(ctx, n2, (&h, true), None, Some(&skip))?
+            }
         };
         fw.tap(&self.name, &out);
         Ok(out)
     }
-}
-
-/// `conv(silu(norm(x))) (+ plane) (+ residual)`, handed over channels-last where the convolution
-/// reads NHWC without a transpose ([`Conv2dLayer::takes_nhwc`]).
-fn norm_conv(
-    ctx: &pcpp_core::StepCtx,
-    norm: &Arc<dyn GroupNormLayer>,
-    conv: &Arc<dyn Conv2dLayer>,
-    x: &Tensor,
-    plane: Option<&Tensor>,
-    residual: Option<&Tensor>,
-) -> Result<Tensor> {
-    Ok(if conv.takes_nhwc() {
-        let h = norm.forward_nhwc(ctx, x, true)?;
-        conv.forward_add_nhwc(ctx, &h, plane, residual)?
-    } else {
-        let h = norm.forward(ctx, x, true)?;
-        conv.forward_add(ctx, &h, plane, residual)?
-    })
 }

@@ -1,13 +1,15 @@
 //! The patch-parallel group norm (PCPP §2.6, §7.10): f32 statistics (mean and centred sum of
 //! squares per group) merged with element counts so uneven bands are exact, biased variance;
 //! modes sync / stale / corrected / separate. On the device path the stale modes keep the bands'
-//! moments in a persistent table per step parity that the peers' moments are received into.
+//! moments in a persistent table per step parity that the peers' moments are received into, and
+//! can write their output channels-last into a convolution's halo window
+//! ([`GroupNormLayer::forward_nhwc_into`]).
 
 use std::sync::Arc;
 
 use pcpp_kernels::{DType, Tensor};
 
-use super::window::{copy_rows, device_windows, merged_into, row_parts};
+use super::window::{copy_rows, device_windows, merged_into, nhwc_rows, row_parts};
 use super::{dims4, Shared};
 use crate::cache::Slot;
 use crate::exchange::RecvSpec;
@@ -26,6 +28,48 @@ pub(super) struct PatchGroupNorm {
 
 impl GroupNormLayer for PatchGroupNorm {
     fn forward(&self, ctx: &StepCtx, x: &Tensor, silu_after: bool) -> Result<Tensor> {
+        self.run(ctx, x, silu_after, None)?
+            .ok_or_else(|| CoreError::Config(format!("layer `{}`: no group-norm output", self.id)))
+    }
+
+    fn forward_nhwc_into(
+        &self,
+        ctx: &StepCtx,
+        (x, silu_after): (&Tensor, bool),
+        dst: &Tensor,
+        row0: usize,
+    ) -> Result<()> {
+        self.run(ctx, x, silu_after, Some((dst, row0))).map(|_| ())
+    }
+}
+
+impl PatchGroupNorm {
+    /// The group norm of `x`: returned, or with `into = Some((dst, row0))` written channels-last
+    /// into rows `row0 ..` of `dst` (a convolution's halo window): straight from the statistics
+    /// window's launch on the device path's stale steps, transposed in after it elsewhere.
+    fn run(
+        &self,
+        ctx: &StepCtx,
+        x: &Tensor,
+        silu_after: bool,
+        into: Option<(&Tensor, usize)>,
+    ) -> Result<Option<Tensor>> {
+        let y = self.normalise(ctx, x, silu_after, into)?;
+        match (y, into) {
+            (Some(y), Some((dst, row0))) => nhwc_rows(&self.id, &y, dst, row0).map(|()| None),
+            (y, _) => Ok(y),
+        }
+    }
+
+    /// [`PatchGroupNorm::run`] before the output is transposed into `into`: only the device
+    /// path's stale steps write there themselves (returning `None`).
+    fn normalise(
+        &self,
+        ctx: &StepCtx,
+        x: &Tensor,
+        silu_after: bool,
+        into: Option<(&Tensor, usize)>,
+    ) -> Result<Option<Tensor>> {
         let id = &self.id;
         let sh = &self.sh;
         let (_, c, rows, w) = dims4(id, x)?;
@@ -43,6 +87,7 @@ impl GroupNormLayer for PatchGroupNorm {
                         self.eps,
                         silu_after,
                     )
+                    .map(Some)
                     .at(id)
             }
         };
@@ -73,7 +118,7 @@ impl GroupNormLayer for PatchGroupNorm {
             let fresh = if corrected { &next } else { &prev };
             let win = (&prev, &counts[..], me, fresh, corrected);
             let ab = (self.gamma.as_ref(), self.beta.as_ref());
-            let y = merged_into(id, x, g, win, ab, self.eps, silu_after)?;
+            let y = merged_into(id, x, g, win, ab, (self.eps, silu_after), into)?;
             let sends = peers
                 .iter()
                 .flat_map(|&p| row_parts(p, fresh, &(me..me + 1)))
@@ -112,6 +157,7 @@ impl GroupNormLayer for PatchGroupNorm {
                 self.eps,
                 silu_after,
             )
+            .map(Some)
             .at(id)
         };
         let as_row = |t: &Tensor| t.reshape(&[1, 1, t.numel()]).at(id);

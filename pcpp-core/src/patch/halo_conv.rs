@@ -4,7 +4,9 @@
 //! zeros where other bands would be (rows, or columns on steps that cut columns). An input `2^up`
 //! times finer than the level-0 grid (see [`crate::LayerFactory::fine_conv2d`]) is cut into the
 //! same bands, every row count times `2^up`. On the device path, with a filter that takes
-//! channels-last input, stale steps keep the halos in place ([`super::window`]).
+//! channels-last input, stale steps keep the halos in place ([`super::window`]), and a group norm
+//! handed to the convolution ([`Conv2dLayer::forward_normed`]) writes the band's rows of that
+//! window itself instead of writing an image that is then transposed in.
 
 use std::sync::Arc;
 
@@ -15,7 +17,7 @@ use super::{dims4, Shared};
 use crate::cache::Slot;
 use crate::exchange::RecvSpec;
 use crate::geometry::HaloPlan;
-use crate::layers::{Conv2dLayer, CoreError, LayerContext, Result, StepCtx};
+use crate::layers::{Conv2dLayer, CoreError, GroupNormLayer, LayerContext, Result, StepCtx};
 use crate::schedule::SyncMode;
 
 pub(super) struct HaloConv {
@@ -30,6 +32,24 @@ pub(super) struct HaloConv {
     pub(super) up: usize,
 }
 
+/// A convolution's input: an image, or a group norm of one that the convolution asks for where
+/// it wants it (written straight into its halo window on the device path's stale steps).
+#[derive(Clone, Copy)]
+enum Src<'a> {
+    Image(&'a Tensor),
+    Normed(&'a dyn GroupNormLayer, &'a Tensor, bool),
+}
+
+impl Src<'_> {
+    /// The input as an NCHW image (runs the norm: call it once, on one path).
+    fn image(self, ctx: &StepCtx) -> Result<Tensor> {
+        match self {
+            Src::Image(x) => Ok(x.clone()),
+            Src::Normed(norm, x, silu) => norm.forward(ctx, x, silu),
+        }
+    }
+}
+
 impl Conv2dLayer for HaloConv {
     fn forward(&self, ctx: &StepCtx, x: &Tensor) -> Result<Tensor> {
         self.forward_add(ctx, x, None, None)
@@ -42,12 +62,38 @@ impl Conv2dLayer for HaloConv {
         plane: Option<&Tensor>,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.run(ctx, Src::Image(x), plane, residual)
+    }
+
+    fn forward_normed(
+        &self,
+        ctx: &StepCtx,
+        norm: &dyn GroupNormLayer,
+        (x, silu_after): (&Tensor, bool),
+        plane: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.run(ctx, Src::Normed(norm, x, silu_after), plane, residual)
+    }
+}
+
+impl HaloConv {
+    fn run(
+        &self,
+        ctx: &StepCtx,
+        src: Src<'_>,
+        plane: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let conv = |xin: &Tensor, params| {
             xin.conv2d_add(&self.weight, self.bias.as_ref(), params, plane, residual)
                 .at(&self.id)
         };
         let id = &self.id;
         let sh = &self.sh;
+        let x = match src {
+            Src::Image(x) | Src::Normed(_, x, _) => x,
+        };
         let (b, c, rows, w) = dims4(id, x)?;
         let k = self.weight.shape()[2];
         if sh.cols(ctx) {
@@ -64,7 +110,7 @@ impl Conv2dLayer for HaloConv {
                 pad_left: hp.pad_top + left,
                 pad_right: hp.pad_bottom + right,
             };
-            return conv(x, params);
+            return conv(&src.image(ctx)?, params);
         }
         let level = sh.level_at_up(ctx, id, rows, w, self.up)?;
         let plan = sh.plan_up(self.up)?;
@@ -82,7 +128,7 @@ impl Conv2dLayer for HaloConv {
                     pad_left: self.pad,
                     pad_right: self.pad,
                 };
-                return conv(x, params);
+                return conv(&src.image(ctx)?, params);
             }
         };
         let dev = x.device();
@@ -109,7 +155,10 @@ impl Conv2dLayer for HaloConv {
         }
         if let (false, Some(spec)) = (ctx.sync, &window) {
             let prev = sh.read_window(id, slot, ctx, spec)?;
-            nhwc_rows(id, x, &prev, top)?;
+            match src {
+                Src::Image(x) => nhwc_rows(id, x, &prev, top)?,
+                Src::Normed(norm, x, silu) => norm.forward_nhwc_into(ctx, (x, silu), &prev, top)?,
+            }
             if sh.cfg.sync_mode != SyncMode::None {
                 let sends = hp
                     .send
@@ -129,6 +178,7 @@ impl Conv2dLayer for HaloConv {
                 .conv2d_add_nhwc(&self.weight, self.bias.as_ref(), params, plane, residual)
                 .at(id);
         }
+        let x = &src.image(ctx)?;
         let sends = hp
             .send
             .iter()

@@ -49,6 +49,7 @@ mod window;
 pub(crate) use gather::stitch_bands;
 pub use runtime::PatchRuntime;
 pub(crate) use shared::{Shared, GATHER_TAG};
+pub(crate) use window::nhwc_rows;
 pub use window::{device_windows, set_device_windows};
 
 use crate::layers::{CoreError, Result};

@@ -162,7 +162,7 @@ pub(super) fn copy_rows(id: &str, src: &Tensor, dst: &Tensor, row0: usize) -> Re
 
 /// Writes `src: [b, c, n, w]` channels-last into rows `row0 ..` of every batch entry of
 /// `dst: [b, L, w, c]` (device tensors only).
-pub(super) fn nhwc_rows(id: &str, src: &Tensor, dst: &Tensor, row0: usize) -> Result<()> {
+pub(crate) fn nhwc_rows(id: &str, src: &Tensor, dst: &Tensor, row0: usize) -> Result<()> {
     #[cfg(feature = "cuda")]
     return pcpp_kernels::cuda::nchw_rows_into_nhwc(src, dst, row0).at(id);
     #[cfg(not(feature = "cuda"))]
@@ -177,19 +177,22 @@ pub(super) fn nhwc_rows(id: &str, src: &Tensor, dst: &Tensor, row0: usize) -> Re
 pub(super) type StatsTable<'a> = (&'a Tensor, &'a [f64], usize, &'a Tensor, bool);
 
 /// The group norm of `x` on a statistics window (device tensors only): its fresh moments stored
-/// in its row of the fresh table in the launch that merges them with the table's bands.
+/// in its row of the fresh table in the launch that merges them with the table's bands. Written
+/// to a new tensor, or with `into = Some((dst, row0))` channels-last into rows `row0 ..` of
+/// `dst: [b, L, w, c]` (a convolution's halo window; then `None` is returned).
 pub(super) fn merged_into(
     id: &str,
     x: &Tensor,
     groups: usize,
     (bands, counts, own, fresh, corrected): StatsTable<'_>,
     (gamma, beta): (Option<&Tensor>, Option<&Tensor>),
-    eps: f64,
-    silu: bool,
-) -> Result<Tensor> {
+    (eps, silu): (f64, bool),
+    into: Option<(&Tensor, usize)>,
+) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
     {
-        let win = pcpp_kernels::cuda::StatsWindow {
+        use pcpp_kernels::cuda;
+        let win = cuda::StatsWindow {
             bands,
             counts,
             own,
@@ -197,12 +200,20 @@ pub(super) fn merged_into(
             fresh_row: own,
             corrected,
         };
-        pcpp_kernels::cuda::group_norm_merged_into(x, groups, win, (gamma, beta), eps, silu).at(id)
+        let ab = (gamma, beta);
+        match into {
+            Some(to) => cuda::group_norm_merged_into_nhwc(x, groups, win, ab, eps, silu, to)
+                .map(|()| None)
+                .at(id),
+            None => cuda::group_norm_merged_into(x, groups, win, ab, eps, silu)
+                .map(Some)
+                .at(id),
+        }
     }
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (
-            x, groups, bands, counts, own, fresh, corrected, gamma, beta, eps, silu,
+            x, groups, bands, counts, own, fresh, corrected, gamma, beta, eps, silu, into,
         );
         Err(needs_cuda(id))
     }

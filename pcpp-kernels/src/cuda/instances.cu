@@ -84,8 +84,8 @@ INST_CAST(bf16, bf16_t, f16, f16_t)
         transpose_pairs_impl<T>(s, d, rows, cols, bias, plane, res);                                         \
     }                                                                                                        \
     extern "C" __global__ void gn_apply_nhwc_##N(const T* x, const float* mr, const T* g, const T* bt, T* y,    \
-                                                 int c, long s, int groups, int silu) {                      \
-        gn_apply_nhwc_impl<T>(x, mr, g, bt, y, c, s, groups, silu);                                          \
+                                                 int c, long s, int groups, int silu, long ybs) {            \
+        gn_apply_nhwc_impl<T>(x, mr, g, bt, y, c, s, groups, silu, ybs);                                     \
     }                                                                                                        \
     extern "C" __global__ void row_norm_reg2_##N(const T* a, const T* a2, T* s, const T* g, const T* b, T* y, \
                                                  long rows, long d, float eps) {                             \

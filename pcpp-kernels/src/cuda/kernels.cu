@@ -132,16 +132,18 @@ __device__ float block_max(float v, float* sh) {
 }
 
 // ---- group norm ----
-// sums[(b*groups+g)*2 + {0,1}] += (Σx, Σx²) over one chunk of the group's contiguous range.
-// grid: (chunks, b*groups). sums must be zeroed first.
-// Adds a block's partial sums (s, s2: this thread's) to group bg's totals.
+// Partial sums: sums[((b*groups+g)*chunks + k)*2 + {0,1}] = (Σx, Σx²) over chunk k of the group's
+// contiguous range, one block per (chunk, group), grid (chunks, b*groups). Every slot is written
+// (no zeroing, no atomics); the consumers add a group's chunks in chunk order (gn_total), so the
+// statistics are the same bits on every run.
 __device__ __forceinline__ void gn_sums_commit(float s, float s2, double* sums, long bg) {
     __shared__ float sh[32];
     float ts = block_sum(s, sh);
     float ts2 = block_sum(s2, sh);
     if (threadIdx.x == 0) {
-        atomicAdd(&sums[bg * 2], (double)ts);
-        atomicAdd(&sums[bg * 2 + 1], (double)ts2);
+        long k = bg * gridDim.x + blockIdx.x;
+        sums[k * 2] = (double)ts;
+        sums[k * 2 + 1] = (double)ts2;
     }
 }
 template <typename T>
@@ -158,33 +160,48 @@ __device__ void gn_sums_impl(const T* x, double* sums, long group_len, long chun
     }
     gn_sums_commit(s, s2, sums, bg);
 }
-// mean_rstd[bg*2] = mean, [bg*2+1] = 1/sqrt(var + eps), from sums over n elements.
-extern "C" __global__ void gn_finalize(const double* sums, float* mean_rstd, int count, double n, double eps) {
+// (Σx, Σx²) of group i: its `chunks` partial sums added in chunk order.
+__device__ __forceinline__ void gn_total(const double* sums, int chunks, int i, double* s, double* s2) {
+    double a = 0.0, b = 0.0;
+    for (int k = 0; k < chunks; ++k) {
+        a += sums[((long)i * chunks + k) * 2];
+        b += sums[((long)i * chunks + k) * 2 + 1];
+    }
+    *s = a;
+    *s2 = b;
+}
+// mean_rstd[bg*2] = mean, [bg*2+1] = 1/sqrt(var + eps), from the partial sums over n elements.
+extern "C" __global__ void gn_finalize(const double* sums, int chunks, float* mean_rstd, int count, double n,
+                                       double eps) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < count) {
-        double m = sums[i * 2] / n;
-        double v = sums[i * 2 + 1] / n - m * m;
+        double s, s2;
+        gn_total(sums, chunks, i, &s, &s2);
+        double m = s / n;
+        double v = s2 / n - m * m;
         if (v < 0.0) v = 0.0;
         mean_rstd[i * 2] = (float)m;
         mean_rstd[i * 2 + 1] = (float)(1.0 / sqrt(v + eps));
     }
 }
-// moments[bg*2] = mean, [bg*2+1] = m2 = sum of (x - mean)^2, from sums over n elements (both 0 when
-// n is 0): the twin of cpu::group_moments (m2 = max(s2 - s*mean, 0), product not fused).
-// (mean, m2) of one (batch, group) from its sums, as f32.
-__device__ __forceinline__ void gn_moment(const double* sums, float* out, int i, double n) {
+// moments[bg*2] = mean, [bg*2+1] = m2 = sum of (x - mean)^2, from the partial sums over n elements
+// (both 0 when n is 0): the twin of cpu::group_moments (m2 = max(s2 - s*mean, 0), product not fused).
+// (mean, m2) of one (batch, group) from its partial sums, as f32.
+__device__ __forceinline__ void gn_moment(const double* sums, int chunks, float* out, int i, double n) {
     double mean = 0.0, m2 = 0.0;
     if (n > 0.0) {
-        mean = sums[i * 2] / n;
-        m2 = sums[i * 2 + 1] - __dmul_rn(sums[i * 2], mean);
+        double s, s2;
+        gn_total(sums, chunks, i, &s, &s2);
+        mean = s / n;
+        m2 = s2 - __dmul_rn(s, mean);
         if (m2 < 0.0) m2 = 0.0;
     }
     out[i * 2] = (float)mean;
     out[i * 2 + 1] = (float)m2;
 }
-extern "C" __global__ void gn_moments(const double* sums, float* moments, int count, double n) {
+extern "C" __global__ void gn_moments(const double* sums, int chunks, float* moments, int count, double n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < count) gn_moment(sums, moments, i, n);
+    if (i < count) gn_moment(sums, chunks, moments, i, n);
 }
 // ---- merged group-norm statistics from per-band moments (twin of cpu::merge_group_moments) ----
 // Element counts of up to 64 bands, passed by value.
@@ -237,12 +254,12 @@ extern "C" __global__ void gn_merge(const float* bands, const float* fresh, floa
 // with the bands of `bands` as gn_merge does, corrected against band `own` when `corrected`.
 // Without correction `fresh` is band `own`'s row of `bands` itself (each thread writes and reads
 // only its own (batch, group)).
-extern "C" __global__ void gn_merge_sums(const double* sums, double n, const float* bands, float* fresh,
+extern "C" __global__ void gn_merge_sums(const double* sums, int chunks, double n, const float* bands, float* fresh,
                                          float* mean_rstd, int p, int count, GnCounts counts, int own,
                                          int corrected, double eps) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= count) return;
-    gn_moment(sums, fresh, i, n);
+    gn_moment(sums, chunks, fresh, i, n);
     gn_merge_at(bands, fresh, mean_rstd, p, count, counts, corrected ? own : -1, eps, i);
 }
 // y = (x - mean) * rstd * gamma[c] + beta[c], optional SiLU. x: [b, c, s].

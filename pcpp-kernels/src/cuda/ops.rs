@@ -57,7 +57,7 @@ pub use conv::{conv2d_in_bands, conv_nhwc, set_conv_nhwc};
 use gemm::gemm_batched;
 pub use gemm::{fused_epilogues, set_fused_epilogues};
 pub(crate) use gemm::{linear, linear_add, linear_gelu_tanh, matmul, LtKey};
-pub use norm::{group_norm_merged_into, StatsWindow};
+pub use norm::{group_norm_merged_into, group_norm_merged_into_nhwc, StatsWindow};
 pub use rows::{copy_rows_into, linear_rows_into, nchw_rows_into_nhwc};
 pub use tune::{autotune, set_autotune};
 

@@ -414,15 +414,16 @@ __device__ void transpose_pairs_impl(const T* src, T* dst, long rows, long cols,
 
 // Group-norm apply writing NHWC: dst[n, s, c] = act(src[n, c, s] * scale + shift) with plane
 // (n, c)'s affine, the values of gn_apply_planes_impl; a 64×64 tile of transpose_pairs_impl, the
-// affine applied on load. c and s even, pointers aligned to two elements; block (32, 8).
+// affine applied on load. Image n is written at y + n * ybs (ybs ≥ s * c: a window whose rows
+// hold more than this band). c and s even, pointers and ybs aligned to two elements; block (32, 8).
 template <typename T>
 __device__ void gn_apply_nhwc_impl(const T* x, const float* mean_rstd, const T* gamma, const T* beta, T* y, int c,
-                                   long s, int groups, int silu) {
+                                   long s, int groups, int silu, long ybs) {
     __shared__ T tile[64][66];
     long n = blockIdx.z;
     long r0 = (long)blockIdx.y * 64, c0 = (long)blockIdx.x * 64;
     const T* src = x + n * c * s;
-    T* d = y + n * c * s;
+    T* d = y + n * ybs;
     int tx = threadIdx.x, ty = threadIdx.y;
     for (int i = ty; i < 64; i += 8) {
         long r = r0 + i, col = c0 + 2 * tx;

@@ -114,14 +114,14 @@ fn warpspec(
         Some(f) if gpu.flash_ws && matches!(dh, 64 | 128) && dt != DType::F32 => f,
         _ => return Ok(false),
     };
-    // Three MMA warpgroups exist for head size 64 (elsewhere two). The default takes them where
-    // their 192-row tiles still fill every multiprocessor at least once; small grids (a band's
-    // few hundred query rows) keep the 128-row tiles' parallelism.
-    let three_fill = (lq.div_ceil(192) * heads * b) >= gpu.sms;
+    // Three MMA warpgroups exist for head size 64 (elsewhere two). The default takes the tile
+    // whose grid finishes first (see `three_groups_pay`).
     let (form, groups) = match (form, form.strip_prefix("3w")) {
         (_, Some(_)) if dh == 64 && gpu.flash_ws3 => (form, 3),
         (_, Some(rest)) => (rest, 2),
-        ("", None) if dh == 64 && gpu.flash_ws3 && three_fill => ("3w", 3),
+        ("", None) if dh == 64 && gpu.flash_ws3 && three_groups_pay(heads * b, lq, gpu.sms) => {
+            ("3w", 3)
+        }
         ("2w", None) => ("", 2),
         (_, None) => (form, 2),
     };
@@ -147,6 +147,23 @@ fn warpspec(
         tq, tk, tv, ptr(y)?, lq as i32, lk as i32, heads as i32, scale_log2, causal as i32);
     Ok(true)
 }
+
+/// Whether three MMA warpgroups (192-row Q tiles) finish a grid of `grids` (heads × batch)
+/// attentions over `lq` queries before two (128-row tiles) on `sms` multiprocessors, one block
+/// per multiprocessor at a time: a 192-row block costs about [`WS3_BLOCK_COST`] 128-row blocks,
+/// and each grid runs in whole waves, so the tile that leaves less of its last wave idle wins
+/// (SDXL at 2048²: 4 096 queries × 20 heads run 4 waves of 192-row blocks, 3.3 of them busy,
+/// but 5 waves of 128-row blocks, 4.85 busy). A band's small grids keep the 128-row tiles'
+/// parallelism.
+pub(crate) fn three_groups_pay(grids: usize, lq: usize, sms: usize) -> bool {
+    let waves = |rows: usize| (lq.div_ceil(rows) * grids).div_ceil(sms.max(1)) as f64;
+    waves(192) * WS3_BLOCK_COST < waves(128)
+}
+
+/// The time of a 192-row, three-warpgroup attention block in units of a 128-row, two-warpgroup
+/// one over the same keys: 1.5 times the rows at about 15 % more throughput (fitted to the
+/// SDXL steps' two- and three-warpgroup runs on an H200, docs/benchmarks.md).
+pub(crate) const WS3_BLOCK_COST: f64 = 1.3;
 
 /// [`crate::Tensor::attention_packed`] where its blocks can be read in place (see
 /// [`warpspec`]): `None` otherwise, and the caller copies the blocks out. The caller checked
@@ -223,8 +240,8 @@ pub enum Flash128 {
     /// the previous tile's P·V (intra-warpgroup overlap). The default: on an H200 it made the
     /// FLUX.1-dev step 8 % (1024²) and 16 % (2048²) faster than [`Flash128::Hopper`]
     /// (docs/benchmarks.md). At head size 64 it takes three MMA warpgroups
-    /// ([`Flash128::Warpspec3`]) where their 192-row tiles fill every multiprocessor at least
-    /// once, two elsewhere. Where a tensor map cannot be made, the kernels of
+    /// ([`Flash128::Warpspec3`]) where their grid of 192-row tiles finishes its waves first
+    /// (`three_groups_pay`), two elsewhere. Where a tensor map cannot be made, the kernels of
     /// [`Flash128::Hopper`]; off sm_90a, those of [`Flash128::SharedQ64`].
     Warpspec,
     /// [`Flash128::Warpspec`] with two MMA warpgroups at every size (the default before it took
@@ -354,4 +371,27 @@ fn attention_chunked(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::three_groups_pay;
+
+    /// SDXL's self-attentions on a 132-multiprocessor GPU: three warpgroups where the last wave
+    /// of 192-row blocks is full enough, two where it is mostly idle or the grid is a band's.
+    #[test]
+    fn three_warpgroups_where_their_waves_finish_first() {
+        // 2048², level 1: 16 384 queries × 10 heads, 6.5 waves of 192-row blocks against 9.7.
+        assert!(three_groups_pay(10, 16_384, 132));
+        // 2048², level 2 (and 1024², b = 2, level 1): 4 096 × 20, 3.3 waves in 4 against 4.85
+        // in 5.
+        assert!(!three_groups_pay(20, 4096, 132));
+        // 1024², b = 2, level 2: 1 024 × 40, 1.8 waves in 2 against 2.4 in 3.
+        assert!(three_groups_pay(40, 1024, 132));
+        // A 32-row band's levels: one wave either way, so the smaller tiles.
+        assert!(!three_groups_pay(10, 1024, 132));
+        assert!(!three_groups_pay(20, 256, 132));
+        // Nothing to attend.
+        assert!(!three_groups_pay(0, 0, 132));
+    }
 }

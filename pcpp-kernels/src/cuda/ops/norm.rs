@@ -10,33 +10,40 @@ use super::{
 };
 use crate::{DType, GroupStats, Result, Tensor};
 
-/// Σx and Σx² per (batch, group) on the device (f64 sums of f32 partial sums).
-fn gn_sums(
-    x: &Tensor,
-    (b, c, s): (usize, usize, usize),
-    groups: usize,
-) -> Result<cudarc::driver::CudaSlice<f64>> {
+/// Partial `(Σx, Σx²)` per (batch, group) and chunk of the group's range, f32 block sums stored
+/// as f64 in `[b·groups, chunks, 2]`: every slot is written (no zeroing, no atomics), and the
+/// consumers add a group's chunks in chunk order, so the statistics are the same bits every run.
+struct Sums {
+    buf: CudaSlice<f64>,
+    chunks: usize,
+}
+
+impl Sums {
+    fn ptr(&self, gpu: &Gpu) -> u64 {
+        cudarc::driver::DevicePtr::device_ptr(&self.buf, &gpu.stream).0
+    }
+}
+
+/// The partial sums of `x` (`[b, c, s]`) per group and chunk of 8192 elements.
+fn gn_sums(x: &Tensor, (b, c, s): (usize, usize, usize), groups: usize) -> Result<Sums> {
     let gpu = gpu_of(x)?;
     let bg = b * groups;
     let group_len = (c / groups) * s;
     let chunk = 8192usize;
-    let sums = gpu
-        .stream
-        .alloc_zeros::<f64>(2 * bg.max(1))
+    let chunks = group_len.div_ceil(chunk).max(1);
+    // SAFETY: the launch below writes every (group, chunk) slot before a consumer reads it.
+    let buf = unsafe { gpu.stream.alloc::<f64>(2 * bg.max(1) * chunks) }
         .map_err(|e| gpu.err("group-norm sums", e))?;
-    let sp = {
-        let (p, _s) = cudarc::driver::DevicePtr::device_ptr(&sums, &gpu.stream);
-        p
-    };
+    let sums = Sums { buf, chunks };
     let cfg = LaunchConfig {
-        grid_dim: (group_len.div_ceil(chunk).max(1) as u32, bg as u32, 1),
+        grid_dim: (chunks as u32, bg as u32, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
     let xp = ptr(x)?;
     let name = vector::gn_sums_vec_name(x.dtype(), xp, group_len, chunk)
         .unwrap_or_else(|| format!("gn_sums_{}", tname(x.dtype())));
-    launch!(gpu, name, cfg; xp, sp, group_len as i64, chunk as i64);
+    launch!(gpu, name, cfg; xp, sums.ptr(&gpu), group_len as i64, chunk as i64);
     Ok(sums)
 }
 
@@ -50,13 +57,18 @@ pub(crate) fn group_sums(
     let sums = gn_sums(x, dims, groups)?;
     let host = gpu
         .stream
-        .clone_dtoh(&sums)
+        .clone_dtoh(&sums.buf)
         .map_err(|e| gpu.err("group-norm sums download", e))?;
     let n = ((dims.1 / groups) * dims.2) as f64;
     Ok(host
-        .chunks(2)
+        .chunks(2 * sums.chunks)
         .take(dims.0 * groups)
-        .map(|p| [p[0], p[1], n])
+        .map(|g| {
+            let (s, s2) = g
+                .chunks(2)
+                .fold((0.0, 0.0), |(a, b), p| (a + p[0], b + p[1]));
+            [s, s2, n]
+        })
         .collect())
 }
 
@@ -101,13 +113,10 @@ fn gn_mean_rstd(
     let sums = gn_sums(x, dims, groups)?;
     // SAFETY: every element is written by gn_finalize before anything reads it.
     let mr = unsafe { gpu.stream.alloc::<f32>(2 * bg.max(1)) }.map_err(|e| gpu.err("alloc", e))?;
-    let (sp, mp) = {
-        let (a, _s1) = cudarc::driver::DevicePtr::device_ptr(&sums, &gpu.stream);
-        let (m, _s2) = cudarc::driver::DevicePtr::device_ptr(&mr, &gpu.stream);
-        (a, m)
-    };
+    let mp = cudarc::driver::DevicePtr::device_ptr(&mr, &gpu.stream).0;
     let n = ((c / groups) * s) as f64;
-    launch!(gpu, "gn_finalize", Gpu::cfg_elems(bg); sp, mp, bg as i32, n, eps);
+    launch!(gpu, "gn_finalize", Gpu::cfg_elems(bg);
+        sums.ptr(&gpu), sums.chunks as i32, mp, bg as i32, n, eps);
     Ok(mr)
 }
 
@@ -154,7 +163,8 @@ pub(crate) fn group_norm_nhwc(
         shared_mem_bytes: 0,
     };
     launch!(gpu, format!("gn_apply_nhwc_{}", tname(dt)), cfg;
-        ptr(x)?, mp, gp, bp, ptr(&y)?, c as i32, s as i64, groups as i32, silu as i32);
+        ptr(x)?, mp, gp, bp, ptr(&y)?, c as i32, s as i64, groups as i32, silu as i32,
+        (s * c) as i64);
     Ok(Some(y))
 }
 
@@ -173,9 +183,9 @@ pub(crate) fn group_moments(
         return Ok(y);
     }
     let sums = gn_sums(x, dims, groups)?;
-    let (sp, _s) = cudarc::driver::DevicePtr::device_ptr(&sums, &gpu.stream);
     let n = ((c / groups) * s) as f64;
-    launch!(gpu, "gn_moments", Gpu::cfg_elems(bg); sp, ptr(&y)?, bg as i32, n);
+    launch!(gpu, "gn_moments", Gpu::cfg_elems(bg);
+        sums.ptr(&gpu), sums.chunks as i32, ptr(&y)?, bg as i32, n);
     Ok(y)
 }
 
@@ -385,13 +395,90 @@ pub fn group_norm_merged_into(
     silu: bool,
 ) -> Result<Tensor> {
     const OP: &str = "group_norm_merged_into";
-    let (b, c, s) = x.nc_s(OP, groups)?;
+    let (mr, (_, c, s)) = merged_stats(OP, x, groups, &win, (gamma, beta), eps, None)?;
+    let gpu = gpu_of(x)?;
+    let (mp, _s) = cudarc::driver::DevicePtr::device_ptr(&mr, &gpu.stream);
+    gn_apply(x, mp, (c, s, groups), gamma, beta, silu)
+}
+
+/// [`group_norm_merged_into`] written channels-last into rows `row0 .. row0 + h` of every image
+/// of `dst: [b, H, w, c]` (same dtype, same GPU): the band's rows of a convolution's halo window
+/// (`super::rows`), normalised straight into place instead of normalised and then transposed in.
+pub fn group_norm_merged_into_nhwc(
+    x: &Tensor,
+    groups: usize,
+    win: StatsWindow<'_>,
+    (gamma, beta): (Option<&Tensor>, Option<&Tensor>),
+    eps: f64,
+    silu: bool,
+    (dst, row0): (&Tensor, usize),
+) -> Result<()> {
+    const OP: &str = "group_norm_merged_into_nhwc";
+    let (xs, ds) = (x.shape(), dst.shape());
+    let fits = x.rank() == 4
+        && ds.len() == 4
+        && x.dtype() == dst.dtype()
+        && xs[0] == ds[0]
+        && xs[1] == ds[3]
+        && xs[3] == ds[2]
+        && row0 + xs[2] <= ds[1];
+    if !fits {
+        return Err(crate::KernelError::Shape {
+            op: OP,
+            lhs: xs.to_vec(),
+            rhs: ds.to_vec(),
+            detail: format!(
+                " ({} rows {row0}.. of a {} destination, channels last)",
+                x.dtype(),
+                dst.dtype()
+            ),
+        });
+    }
+    let (mr, (b, c, s)) = merged_stats(OP, x, groups, &win, (gamma, beta), eps, Some(dst))?;
+    if b * c * s == 0 {
+        return Ok(());
+    }
+    let gpu = gpu_of(x)?;
+    let (mp, _s) = cudarc::driver::DevicePtr::device_ptr(&mr, &gpu.stream);
+    let dt = x.dtype();
+    let es = dt.size() as u64;
+    let to = ptr(dst)? + (row0 * xs[3] * c) as u64 * es;
+    let ybs = ds[1] * ds[2] * c;
+    if pairs_fit(b, c, s) && ptr(x)? % (2 * es) == 0 && to % (2 * es) == 0 {
+        let ((_g, gp), (_b, bp)) = (param(gamma, dt)?, param(beta, dt)?);
+        let cfg = LaunchConfig {
+            grid_dim: (s.div_ceil(64) as u32, c.div_ceil(64) as u32, b as u32),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(gpu, format!("gn_apply_nhwc_{}", tname(dt)), cfg;
+            ptr(x)?, mp, gp, bp, to, c as i32, s as i64, groups as i32, silu as i32,
+            ybs as i64);
+        return Ok(());
+    }
+    let y = gn_apply(x, mp, (c, s, groups), gamma, beta, silu)?;
+    super::rows::nchw_rows_into_nhwc(&y, dst, row0)
+}
+
+/// The checks of [`group_norm_merged_into`] (operands on one GPU, `also` among them) and its
+/// statistics: `x`'s fresh moments stored in the window's fresh row and merged into per-(batch,
+/// group) `(mean, rstd)` by one launch; returns them with `x`'s `(b, c, s)`.
+fn merged_stats(
+    op: &'static str,
+    x: &Tensor,
+    groups: usize,
+    win: &StatsWindow<'_>,
+    (gamma, beta): (Option<&Tensor>, Option<&Tensor>),
+    eps: f64,
+    also: Option<&Tensor>,
+) -> Result<(CudaSlice<f32>, (usize, usize, usize))> {
+    let (b, c, s) = x.nc_s(op, groups)?;
     let rows = b * groups;
     let p = win.counts.len();
-    let bad = |msg: String| Err(crate::KernelError::invalid(OP, msg));
+    let bad = |msg: String| Err(crate::KernelError::invalid(op, msg));
     let mut ops = vec![x, win.bands, win.fresh];
-    ops.extend(gamma.into_iter().chain(beta));
-    super::rows::same_gpu(OP, &ops)?;
+    ops.extend(gamma.into_iter().chain(beta).chain(also));
+    super::rows::same_gpu(op, &ops)?;
     if p == 0 || p > crate::ops::MAX_GN_BANDS || win.own >= p {
         return bad(format!("band {} of {p} (1 to 64 bands)", win.own));
     }
@@ -415,7 +502,7 @@ pub fn group_norm_merged_into(
             win.fresh_row
         ));
     }
-    x.check_group_norm_affine(OP, c, gamma, beta)?;
+    x.check_group_norm_affine(op, c, gamma, beta)?;
     let gpu = gpu_of(x)?;
     let _timed = crate::cuda::profile::scope(crate::cpu::profile::Kernel::GroupNorm, x.device());
     let mut cn = GnCounts {
@@ -425,15 +512,14 @@ pub fn group_norm_merged_into(
     // SAFETY: every element is written by gn_merge_sums before gn_apply reads it.
     let mr =
         unsafe { gpu.stream.alloc::<f32>(2 * rows.max(1)) }.map_err(|e| gpu.err("alloc", e))?;
-    let (mp, _s) = cudarc::driver::DevicePtr::device_ptr(&mr, &gpu.stream);
     if rows > 0 {
+        let (mp, _s) = cudarc::driver::DevicePtr::device_ptr(&mr, &gpu.stream);
         let sums = gn_sums(x, (b, c, s), groups)?;
-        let (sp, _s2) = cudarc::driver::DevicePtr::device_ptr(&sums, &gpu.stream);
         let fresh = ptr(win.fresh)? + (win.fresh_row * rows * 2 * 4) as u64;
         let n = ((c / groups) * s) as f64;
         launch!(gpu, "gn_merge_sums", Gpu::cfg_elems(rows);
-            sp, n, ptr(win.bands)?, fresh, mp, p as i32, rows as i32, cn, win.own as i32,
-            win.corrected as i32, eps);
+            sums.ptr(&gpu), sums.chunks as i32, n, ptr(win.bands)?, fresh, mp, p as i32,
+            rows as i32, cn, win.own as i32, win.corrected as i32, eps);
     }
-    gn_apply(x, mp, (c, s, groups), gamma, beta, silu)
+    Ok((mr, (b, c, s)))
 }
