@@ -13,8 +13,8 @@ mod common;
 
 use common::{gpu, rnd};
 use pcpp_kernels::cuda::{
-    copy_rows_into, group_norm_merged_into, group_norm_merged_into_nhwc, linear_rows_into,
-    nchw_rows_into_nhwc, StatsWindow,
+    copy_rows_into, group_norm_merged_into, group_norm_merged_into_nhwc, group_norm_merged_nhwc,
+    linear_rows_into, nchw_rows_into_nhwc, StatsWindow,
 };
 use pcpp_kernels::{DType, Device, Tensor};
 
@@ -246,8 +246,14 @@ fn stats_window_writes_channels_last_rows() {
                 .unwrap();
             let flat = dst.reshape(&[b, big, w * c]).unwrap();
             assert_rows(&name, &flat, &before, &want, row0);
-            let [t0, t1] = tables.map(|t| host_f32(&t));
+            let [t0, t1] = [&tables[0], &tables[1]].map(host_f32);
             assert_eq!(t0, t1, "{name}: fresh moments");
+            // A new channels-last tensor: the same bits as the permute.
+            let next = Tensor::zeros_on(&[1, p, rows * 2], DType::F32, x.device()).unwrap();
+            let own_nhwc = group_norm_merged_nhwc(&x, groups, win(&next), ab, 1e-5, true).unwrap();
+            assert_eq!(own_nhwc.shape(), &[b, h, w, c], "{name}");
+            let flat = own_nhwc.reshape(&[b, h, w * c]).unwrap();
+            assert_eq!(host_f32(&flat), host_f32(&want), "{name}: new NHWC tensor");
         }
     }
     // Rows past the destination's end, and channels that are not the destination's last axis.

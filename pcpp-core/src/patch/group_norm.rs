@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use pcpp_kernels::{DType, Tensor};
 
-use super::window::{copy_rows, device_windows, merged_into, nhwc_rows, row_parts};
+use super::window::{copy_rows, device_windows, merged_into, row_parts, NormOut};
 use super::{dims4, Shared};
 use crate::cache::Slot;
 use crate::exchange::RecvSpec;
@@ -28,8 +28,11 @@ pub(super) struct PatchGroupNorm {
 
 impl GroupNormLayer for PatchGroupNorm {
     fn forward(&self, ctx: &StepCtx, x: &Tensor, silu_after: bool) -> Result<Tensor> {
-        self.run(ctx, x, silu_after, None)?
-            .ok_or_else(|| CoreError::Config(format!("layer `{}`: no group-norm output", self.id)))
+        self.output(ctx, x, silu_after, NormOut::Nchw)
+    }
+
+    fn forward_nhwc(&self, ctx: &StepCtx, x: &Tensor, silu_after: bool) -> Result<Tensor> {
+        self.output(ctx, x, silu_after, NormOut::Nhwc)
     }
 
     fn forward_nhwc_into(
@@ -39,36 +42,27 @@ impl GroupNormLayer for PatchGroupNorm {
         dst: &Tensor,
         row0: usize,
     ) -> Result<()> {
-        self.run(ctx, x, silu_after, Some((dst, row0))).map(|_| ())
+        self.normalise(ctx, x, silu_after, NormOut::Into(dst, row0))
+            .map(|_| ())
     }
 }
 
 impl PatchGroupNorm {
-    /// The group norm of `x`: returned, or with `into = Some((dst, row0))` written channels-last
-    /// into rows `row0 ..` of `dst` (a convolution's halo window): straight from the statistics
-    /// window's launch on the device path's stale steps, transposed in after it elsewhere.
-    fn run(
-        &self,
-        ctx: &StepCtx,
-        x: &Tensor,
-        silu_after: bool,
-        into: Option<(&Tensor, usize)>,
-    ) -> Result<Option<Tensor>> {
-        let y = self.normalise(ctx, x, silu_after, into)?;
-        match (y, into) {
-            (Some(y), Some((dst, row0))) => nhwc_rows(&self.id, &y, dst, row0).map(|()| None),
-            (y, _) => Ok(y),
-        }
+    /// The group norm of `x` as a new tensor laid out as `out` asks.
+    fn output(&self, ctx: &StepCtx, x: &Tensor, silu: bool, out: NormOut<'_>) -> Result<Tensor> {
+        self.normalise(ctx, x, silu, out)?
+            .ok_or_else(|| CoreError::Config(format!("layer `{}`: no group-norm output", self.id)))
     }
 
-    /// [`PatchGroupNorm::run`] before the output is transposed into `into`: only the device
-    /// path's stale steps write there themselves (returning `None`).
+    /// The group norm of `x` written as `out` asks (`None` when into a window): straight from
+    /// the statistics window's launch on the device path's stale steps, as an NCHW image then
+    /// delivered ([`NormOut::deliver`]) elsewhere.
     fn normalise(
         &self,
         ctx: &StepCtx,
         x: &Tensor,
         silu_after: bool,
-        into: Option<(&Tensor, usize)>,
+        out: NormOut<'_>,
     ) -> Result<Option<Tensor>> {
         let id = &self.id;
         let sh = &self.sh;
@@ -87,8 +81,8 @@ impl PatchGroupNorm {
                         self.eps,
                         silu_after,
                     )
-                    .map(Some)
                     .at(id)
+                    .and_then(|y| out.deliver(id, y))
             }
         };
         let plan = sh.plan();
@@ -118,7 +112,7 @@ impl PatchGroupNorm {
             let fresh = if corrected { &next } else { &prev };
             let win = (&prev, &counts[..], me, fresh, corrected);
             let ab = (self.gamma.as_ref(), self.beta.as_ref());
-            let y = merged_into(id, x, g, win, ab, (self.eps, silu_after), into)?;
+            let y = merged_into(id, x, g, win, ab, (self.eps, silu_after), out)?;
             let sends = peers
                 .iter()
                 .flat_map(|&p| row_parts(p, fresh, &(me..me + 1)))
@@ -157,8 +151,8 @@ impl PatchGroupNorm {
                 self.eps,
                 silu_after,
             )
-            .map(Some)
             .at(id)
+            .and_then(|y| out.deliver(id, y))
         };
         let as_row = |t: &Tensor| t.reshape(&[1, 1, t.numel()]).at(id);
         if ctx.sync || mode == GnMode::Sync {

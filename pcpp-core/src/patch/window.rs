@@ -176,10 +176,31 @@ pub(crate) fn nhwc_rows(id: &str, src: &Tensor, dst: &Tensor, row0: usize) -> Re
 /// moments go (this band's row of that tensor) and whether the statistics are corrected.
 pub(super) type StatsTable<'a> = (&'a Tensor, &'a [f64], usize, &'a Tensor, bool);
 
+/// Where a group norm's output goes: a new NCHW image, a new channels-last `[b, h, w, c]`
+/// tensor, or rows `row0 ..` of every image of a channels-last window `[b, L, w, c]` (a
+/// convolution's halo window).
+#[derive(Clone, Copy)]
+pub(super) enum NormOut<'a> {
+    Nchw,
+    Nhwc,
+    Into(&'a Tensor, usize),
+}
+
+impl NormOut<'_> {
+    /// `y` (an NCHW image) delivered as asked: itself, permuted, or transposed into the window
+    /// (then `None`).
+    pub(super) fn deliver(self, id: &str, y: Tensor) -> Result<Option<Tensor>> {
+        match self {
+            NormOut::Nchw => Ok(Some(y)),
+            NormOut::Nhwc => y.permute(&[0, 2, 3, 1]).map(Some).at(id),
+            NormOut::Into(dst, row0) => nhwc_rows(id, &y, dst, row0).map(|()| None),
+        }
+    }
+}
+
 /// The group norm of `x` on a statistics window (device tensors only): its fresh moments stored
-/// in its row of the fresh table in the launch that merges them with the table's bands. Written
-/// to a new tensor, or with `into = Some((dst, row0))` channels-last into rows `row0 ..` of
-/// `dst: [b, L, w, c]` (a convolution's halo window; then `None` is returned).
+/// in its row of the fresh table in the launch that merges them with the table's bands, the
+/// output written as `out` asks (`None` when into a window).
 pub(super) fn merged_into(
     id: &str,
     x: &Tensor,
@@ -187,7 +208,7 @@ pub(super) fn merged_into(
     (bands, counts, own, fresh, corrected): StatsTable<'_>,
     (gamma, beta): (Option<&Tensor>, Option<&Tensor>),
     (eps, silu): (f64, bool),
-    into: Option<(&Tensor, usize)>,
+    out: NormOut<'_>,
 ) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
     {
@@ -201,19 +222,20 @@ pub(super) fn merged_into(
             corrected,
         };
         let ab = (gamma, beta);
-        match into {
-            Some(to) => cuda::group_norm_merged_into_nhwc(x, groups, win, ab, eps, silu, to)
-                .map(|()| None)
-                .at(id),
-            None => cuda::group_norm_merged_into(x, groups, win, ab, eps, silu)
-                .map(Some)
-                .at(id),
+        match out {
+            NormOut::Nchw => cuda::group_norm_merged_into(x, groups, win, ab, eps, silu).map(Some),
+            NormOut::Nhwc => cuda::group_norm_merged_nhwc(x, groups, win, ab, eps, silu).map(Some),
+            NormOut::Into(dst, row0) => {
+                cuda::group_norm_merged_into_nhwc(x, groups, win, ab, eps, silu, (dst, row0))
+                    .map(|()| None)
+            }
         }
+        .at(id)
     }
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (
-            x, groups, bands, counts, own, fresh, corrected, gamma, beta, eps, silu, into,
+            x, groups, bands, counts, own, fresh, corrected, gamma, beta, eps, silu, out,
         );
         Err(needs_cuda(id))
     }

@@ -35,9 +35,9 @@ pub use ops::vector::{norm_registers, set_norm_registers, set_vector_kernels, ve
 pub(crate) use ops::*;
 pub use ops::{
     autotune, capture_graph, conv2d_in_bands, conv_nhwc, copy_into, copy_rows_into, flash128,
-    fused_epilogues, group_norm_merged_into, group_norm_merged_into_nhwc, linear_rows_into,
-    nchw_rows_into_nhwc, set_autotune, set_conv_nhwc, set_flash128, set_fused_epilogues,
-    CudaGraphStep, Flash128, StatsWindow,
+    fused_epilogues, group_norm_merged_into, group_norm_merged_into_nhwc, group_norm_merged_nhwc,
+    linear_rows_into, nchw_rows_into_nhwc, set_autotune, set_conv_nhwc, set_flash128,
+    set_fused_epilogues, CudaGraphStep, Flash128, StatsWindow,
 };
 
 /// CUDA C source of every hand-written kernel (compiled at run time by NVRTC), one translation

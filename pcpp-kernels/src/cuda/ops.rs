@@ -57,7 +57,9 @@ pub use conv::{conv2d_in_bands, conv_nhwc, set_conv_nhwc};
 use gemm::gemm_batched;
 pub use gemm::{fused_epilogues, set_fused_epilogues};
 pub(crate) use gemm::{linear, linear_add, linear_gelu_tanh, matmul, LtKey};
-pub use norm::{group_norm_merged_into, group_norm_merged_into_nhwc, StatsWindow};
+pub use norm::{
+    group_norm_merged_into, group_norm_merged_into_nhwc, group_norm_merged_nhwc, StatsWindow,
+};
 pub use rows::{copy_rows_into, linear_rows_into, nchw_rows_into_nhwc};
 pub use tune::{autotune, set_autotune};
 
@@ -453,8 +455,42 @@ pub(crate) fn narrow(x: &Tensor, dim: usize, start: usize, len: usize) -> Result
     Ok(y)
 }
 
-/// Gather with the output shape and the source stride of each output axis.
+/// Gather with the output shape and the source stride of each output axis. Output axes that are
+/// also adjacent in the source are read as one, so that `[b, c, h, w] → [b, h, w, c]` and back
+/// are the tiled image ↔ tokens transposes.
 pub(crate) fn permute(x: &Tensor, out_shape: &[usize], src_strides: &[usize]) -> Result<Tensor> {
+    let (shape, strides) = merge_axes(out_shape, src_strides);
+    let y = permute_merged(x, &shape, &strides)?;
+    y.reshape(out_shape)
+}
+
+/// `(shape, source strides)` with each run of output axes that are contiguous in the source
+/// (`stride[i] = stride[i + 1] · shape[i + 1]`) merged into one axis, and size-1 axes dropped; two
+/// axes left get a leading axis of one matrix (so `[n, r, c] → [n, c, r]` sees every transpose).
+fn merge_axes(shape: &[usize], strides: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    let mut out: Vec<(usize, usize)> = Vec::with_capacity(shape.len());
+    for (&n, &st) in shape.iter().zip(strides) {
+        if n == 1 {
+            continue;
+        }
+        match out.last_mut() {
+            Some((m, ms)) if *ms == st * n => {
+                *m *= n;
+                *ms = st;
+            }
+            _ => out.push((n, st)),
+        }
+    }
+    // A lone transpose is the batched one with one matrix.
+    match out.len() {
+        0 => out.push((1, 1)),
+        2 => out.insert(0, (1, out[0].0 * out[1].0)),
+        _ => {}
+    }
+    out.into_iter().unzip()
+}
+
+fn permute_merged(x: &Tensor, out_shape: &[usize], src_strides: &[usize]) -> Result<Tensor> {
     let gpu = gpu_of(x)?;
     let rank = out_shape.len();
     if rank > 6 {
@@ -693,4 +729,35 @@ pub(crate) fn nonfinite_flag(x: &Tensor, prev: &Tensor, code: f32) -> Result<Ten
             ptr(x)?, n as i64, ptr(&y)?, code);
     }
     Ok(y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_axes;
+
+    #[test]
+    fn permutes_merge_the_axes_that_stay_together() {
+        // [2, 3, 4, 5] → [2, 4, 5, 3] (NCHW → NHWC): the tokens transpose [2, 20, 3] of [2, 3, 20].
+        assert_eq!(
+            merge_axes(&[2, 4, 5, 3], &[60, 5, 1, 20]),
+            (vec![2, 20, 3], vec![60, 1, 20])
+        );
+        // And back, [2, 4, 5, 3] → [2, 3, 4, 5].
+        assert_eq!(
+            merge_axes(&[2, 3, 4, 5], &[60, 1, 15, 3]),
+            (vec![2, 3, 20], vec![60, 1, 3])
+        );
+        // One image: a plain transpose, given a batch of one.
+        assert_eq!(
+            merge_axes(&[1, 4, 5, 3], &[60, 5, 1, 20]),
+            (vec![1, 20, 3], vec![60, 1, 20])
+        );
+        // Nothing merges in a reversal, and an identity is one axis.
+        assert_eq!(
+            merge_axes(&[4, 3, 2], &[1, 4, 12]),
+            (vec![4, 3, 2], vec![1, 4, 12])
+        );
+        assert_eq!(merge_axes(&[2, 3], &[3, 1]), (vec![6], vec![1]));
+        assert_eq!(merge_axes(&[1, 1], &[1, 1]), (vec![1], vec![1]));
+    }
 }

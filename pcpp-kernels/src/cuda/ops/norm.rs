@@ -401,6 +401,28 @@ pub fn group_norm_merged_into(
     gn_apply(x, mp, (c, s, groups), gamma, beta, silu)
 }
 
+/// [`group_norm_merged_into`] written channels-last to a new `[b, h, w, c]` tensor (the tokens of
+/// a transformer's input, or the input of a convolution that reads NHWC).
+pub fn group_norm_merged_nhwc(
+    x: &Tensor,
+    groups: usize,
+    win: StatsWindow<'_>,
+    ab: (Option<&Tensor>, Option<&Tensor>),
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let s = x.shape();
+    if s.len() != 4 {
+        return Err(crate::KernelError::invalid(
+            "group_norm_merged_nhwc",
+            format!("needs [b, c, h, w], got {s:?}"),
+        ));
+    }
+    let y = out(&gpu_of(x)?, &[s[0], s[2], s[3], s[1]], x.dtype())?;
+    group_norm_merged_into_nhwc(x, groups, win, ab, eps, silu, (&y, 0))?;
+    Ok(y)
+}
+
 /// [`group_norm_merged_into`] written channels-last into rows `row0 .. row0 + h` of every image
 /// of `dst: [b, H, w, c]` (same dtype, same GPU): the band's rows of a convolution's halo window
 /// (`super::rows`), normalised straight into place instead of normalised and then transposed in.
