@@ -436,26 +436,8 @@ pub fn group_norm_merged_into_nhwc(
     (dst, row0): (&Tensor, usize),
 ) -> Result<()> {
     const OP: &str = "group_norm_merged_into_nhwc";
+    super::rows::nhwc_rows_fit(OP, x, dst, row0)?;
     let (xs, ds) = (x.shape(), dst.shape());
-    let fits = x.rank() == 4
-        && ds.len() == 4
-        && x.dtype() == dst.dtype()
-        && xs[0] == ds[0]
-        && xs[1] == ds[3]
-        && xs[3] == ds[2]
-        && row0 + xs[2] <= ds[1];
-    if !fits {
-        return Err(crate::KernelError::Shape {
-            op: OP,
-            lhs: xs.to_vec(),
-            rhs: ds.to_vec(),
-            detail: format!(
-                " ({} rows {row0}.. of a {} destination, channels last)",
-                x.dtype(),
-                dst.dtype()
-            ),
-        });
-    }
     let (mr, (b, c, s)) = merged_stats(OP, x, groups, &win, (gamma, beta), eps, Some(dst))?;
     if b * c * s == 0 {
         return Ok(());

@@ -35,6 +35,32 @@ pub(super) fn same_gpu(op: &'static str, ts: &[&Tensor]) -> Result<()> {
     ))
 }
 
+/// `x: [b, c, h, w]` fits rows `row0 .. row0 + h` of every image of the channels-last
+/// `dst: [b, H, w, c]` in the same dtype.
+pub(super) fn nhwc_rows_fit(op: &'static str, x: &Tensor, dst: &Tensor, row0: usize) -> Result<()> {
+    let (xs, ds) = (x.shape(), dst.shape());
+    let fits = x.dtype() == dst.dtype()
+        && xs.len() == 4
+        && ds.len() == 4
+        && xs[0] == ds[0]
+        && xs[1] == ds[3]
+        && xs[3] == ds[2]
+        && row0 + xs[2] <= ds[1];
+    if fits {
+        return Ok(());
+    }
+    Err(KernelError::Shape {
+        op,
+        lhs: xs.to_vec(),
+        rhs: ds.to_vec(),
+        detail: format!(
+            " ({} rows {row0}.. of a {} destination, channels last)",
+            x.dtype(),
+            dst.dtype()
+        ),
+    })
+}
+
 /// Copies `src: [b, l, n]` into rows `row0 .. row0 + l` of every batch entry of
 /// `dst: [b, L, n]` (same dtype, same GPU).
 pub fn copy_rows_into(src: &Tensor, dst: &Tensor, row0: usize) -> Result<()> {
@@ -118,26 +144,8 @@ pub fn linear_rows_into(
 pub fn nchw_rows_into_nhwc(x: &Tensor, dst: &Tensor, row0: usize) -> Result<()> {
     const OP: &str = "nchw_rows_into_nhwc";
     same_gpu(OP, &[x, dst])?;
+    nhwc_rows_fit(OP, x, dst, row0)?;
     let (xs, ds) = (x.shape(), dst.shape());
-    let fits = x.dtype() == dst.dtype()
-        && xs.len() == 4
-        && ds.len() == 4
-        && xs[0] == ds[0]
-        && xs[1] == ds[3]
-        && xs[3] == ds[2]
-        && row0 + xs[2] <= ds[1];
-    if !fits {
-        return Err(KernelError::Shape {
-            op: OP,
-            lhs: xs.to_vec(),
-            rhs: ds.to_vec(),
-            detail: format!(
-                " ({} rows {row0}.. of a {} destination, channels last)",
-                x.dtype(),
-                dst.dtype()
-            ),
-        });
-    }
     let [b, c, h, w] = [xs[0], xs[1], xs[2], xs[3]];
     let big = ds[1];
     if b * c * h * w == 0 {
