@@ -147,25 +147,48 @@ pub(crate) fn group_norm_nhwc(
     silu: bool,
 ) -> Result<Option<Tensor>> {
     let (b, c, s) = dims;
-    let pair = 2 * x.dtype().size() as u64;
-    if b * c * s == 0 || !pairs_fit(b, c, s) || ptr(x)? % pair != 0 {
+    if b * c * s == 0 || !nhwc_apply_fits(x, dims, 0)? {
         return Ok(None);
     }
     let gpu = gpu_of(x)?;
-    let dt = x.dtype();
     let mr = gn_mean_rstd(x, dims, groups, eps)?;
     let (mp, _s) = cudarc::driver::DevicePtr::device_ptr(&mr, &gpu.stream);
+    let y = out(&gpu, &[b, s, c], x.dtype())?;
+    let to = (ptr(&y)?, s * c);
+    gn_apply_nhwc(&gpu, x, mp, (dims, groups), (gamma, beta), silu, to)?;
+    Ok(Some(y))
+}
+
+/// Whether `gn_apply_nhwc` takes `x` (`(b, c, s)`) and an output at device address `to` (0: a
+/// new tensor, aligned): even extents within its grid, pointers aligned to two elements.
+fn nhwc_apply_fits(x: &Tensor, (b, c, s): (usize, usize, usize), to: u64) -> Result<bool> {
+    let pair = 2 * x.dtype().size() as u64;
+    Ok(pairs_fit(b, c, s) && ptr(x)? % pair == 0 && to % pair == 0)
+}
+
+/// `gn_apply_nhwc`: `x` (`[b, c, s]`) normalised with the per-(batch, group) `(mean, rstd)` at
+/// `mr`, written channels-last at `to.0` with images `to.1` elements apart (a caller checked
+/// [`nhwc_apply_fits`]).
+fn gn_apply_nhwc(
+    gpu: &Gpu,
+    x: &Tensor,
+    mr: u64,
+    ((b, c, s), groups): ((usize, usize, usize), usize),
+    (gamma, beta): (Option<&Tensor>, Option<&Tensor>),
+    silu: bool,
+    (to, image_stride): (u64, usize),
+) -> Result<()> {
+    let dt = x.dtype();
     let ((_g, gp), (_b, bp)) = (param(gamma, dt)?, param(beta, dt)?);
-    let y = out(&gpu, &[b, s, c], dt)?;
     let cfg = LaunchConfig {
         grid_dim: (s.div_ceil(64) as u32, c.div_ceil(64) as u32, b as u32),
         block_dim: (32, 8, 1),
         shared_mem_bytes: 0,
     };
     launch!(gpu, format!("gn_apply_nhwc_{}", tname(dt)), cfg;
-        ptr(x)?, mp, gp, bp, ptr(&y)?, c as i32, s as i64, groups as i32, silu as i32,
-        (s * c) as i64);
-    Ok(Some(y))
+        ptr(x)?, mr, gp, bp, to, c as i32, s as i64, groups as i32, silu as i32,
+        image_stride as i64);
+    Ok(())
 }
 
 /// Per-(batch, group) `(mean, m2)` as F32 `[b·groups, 2]`: [`gn_sums`] and the `gn_moments`
@@ -444,21 +467,10 @@ pub fn group_norm_merged_into_nhwc(
     }
     let gpu = gpu_of(x)?;
     let (mp, _s) = cudarc::driver::DevicePtr::device_ptr(&mr, &gpu.stream);
-    let dt = x.dtype();
-    let es = dt.size() as u64;
-    let to = ptr(dst)? + (row0 * xs[3] * c) as u64 * es;
-    let ybs = ds[1] * ds[2] * c;
-    if pairs_fit(b, c, s) && ptr(x)? % (2 * es) == 0 && to % (2 * es) == 0 {
-        let ((_g, gp), (_b, bp)) = (param(gamma, dt)?, param(beta, dt)?);
-        let cfg = LaunchConfig {
-            grid_dim: (s.div_ceil(64) as u32, c.div_ceil(64) as u32, b as u32),
-            block_dim: (32, 8, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(gpu, format!("gn_apply_nhwc_{}", tname(dt)), cfg;
-            ptr(x)?, mp, gp, bp, to, c as i32, s as i64, groups as i32, silu as i32,
-            ybs as i64);
-        return Ok(());
+    let to = ptr(dst)? + (row0 * xs[3] * c * x.dtype().size()) as u64;
+    if nhwc_apply_fits(x, (b, c, s), to)? {
+        let to = (to, ds[1] * ds[2] * c);
+        return gn_apply_nhwc(&gpu, x, mp, ((b, c, s), groups), (gamma, beta), silu, to);
     }
     let y = gn_apply(x, mp, (c, s, groups), gamma, beta, silu)?;
     super::rows::nchw_rows_into_nhwc(&y, dst, row0)
