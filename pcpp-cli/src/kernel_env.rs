@@ -16,8 +16,12 @@
 //! choice), `PCPP_NORM_REGISTERS=1|0` (layer norms that hold the row in registers, or read it
 //! three times; same bits), `PCPP_DEVICE_WINDOWS=1|0` (the device path keeps the self-attention's
 //! K/V windows and the group norm's statistics in place, or concatenates them and copies its
-//! sends; same values). Unset means
-//! the measured defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`);
+//! sends; same values), `PCPP_PROGRAMMATIC_LAUNCH=1|0` (kernels of pcpp's own source launched
+//! with programmatic dependent launch on sm_90 and later, each starting while the one before it
+//! finishes; same values), `PCPP_FLASH_PERSISTENT=1|0` (the warp-specialised attention runs as
+//! a persistent grid of one block per multiprocessor where its tiles take more than one wave,
+//! or as one block per tile; same values). Unset means
+//! the measured defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`);
 //! benchmarks'
 //! `--variants` items ([`parse_variant`]) set the first three.
 //! Without the `cuda` feature there is nothing to choose and the variables are ignored.
@@ -51,6 +55,8 @@ pub struct Variant {
     tune: bool,
     regnorm: bool,
     windows: bool,
+    programmatic: bool,
+    persistent: bool,
 }
 
 impl Default for Variant {
@@ -64,6 +70,8 @@ impl Default for Variant {
             tune: false,
             regnorm: true,
             windows: true,
+            programmatic: true,
+            persistent: true,
         }
     }
 }
@@ -98,6 +106,8 @@ pub fn apply() -> Result<()> {
     v.tune = var("PCPP_AUTOTUNE").is_some() && switch("PCPP_AUTOTUNE")?;
     v.regnorm = switch("PCPP_NORM_REGISTERS")?;
     v.windows = switch("PCPP_DEVICE_WINDOWS")?;
+    v.programmatic = switch("PCPP_PROGRAMMATIC_LAUNCH")?;
+    v.persistent = switch("PCPP_FLASH_PERSISTENT")?;
     v.apply();
     Ok(())
 }
@@ -125,6 +135,8 @@ pub fn parse_variant(spec: &str, device: Device) -> Result<Variant> {
         tune: false,
         regnorm: true,
         windows: true,
+        programmatic: true,
+        persistent: true,
     };
     for p in parts {
         match p {
@@ -142,7 +154,8 @@ impl Variant {
         #[cfg(feature = "cuda")]
         {
             use pcpp_kernels::cuda::{
-                set_autotune, set_conv_nhwc, set_flash128, set_fused_epilogues, set_norm_registers,
+                set_autotune, set_conv_nhwc, set_flash128, set_flash_persistent,
+                set_fused_epilogues, set_norm_registers, set_programmatic_launch,
                 set_vector_kernels, Flash128,
             };
             set_flash128(match self.flash {
@@ -163,6 +176,8 @@ impl Variant {
             set_autotune(self.tune);
             set_norm_registers(self.regnorm);
             pcpp_core::set_device_windows(self.windows);
+            set_programmatic_launch(self.programmatic);
+            set_flash_persistent(self.persistent);
         }
     }
 }
@@ -179,6 +194,8 @@ pub fn choices(device: Device) -> serde_json::Value {
             "autotune": pcpp_kernels::cuda::autotune(),
             "norm_registers": pcpp_kernels::cuda::norm_registers(),
             "device_windows": pcpp_core::device_windows(),
+            "programmatic_launch": pcpp_kernels::cuda::programmatic_launch(),
+            "flash_persistent": pcpp_kernels::cuda::flash_persistent(),
         });
     }
     let _ = device;

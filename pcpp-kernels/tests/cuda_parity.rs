@@ -7,7 +7,7 @@
 mod common;
 
 use common::{check, check_group_norm, gpu, rnd, DTYPES, GPU};
-use pcpp_kernels::cuda::{set_flash128, Flash128};
+use pcpp_kernels::cuda::{set_flash128, set_flash_persistent, Flash128};
 use pcpp_kernels::{Activation, Conv2dParams, DType, Device, Tensor};
 
 #[test]
@@ -236,6 +236,10 @@ fn attention_matches_cpu() {
             (384, 2000, 1, 128, true),
             (385, 385, 2, 64, true),
             (3000, 3000, 10, 64, false),
+            // more query tiles than multiprocessors: the persistent grid, with a causal mask,
+            // partial tiles and both head sizes
+            (385, 385, 40, 64, true),
+            (300, 700, 24, 128, false),
         ] {
             let q = rnd(&[2, lq, heads * dh], d, 1).affine(2.0, 0.0).unwrap();
             let k = rnd(&[2, lk, heads * dh], d, 2).affine(2.0, 0.0).unwrap();
@@ -263,6 +267,26 @@ fn attention_matches_cpu() {
                     d,
                     &got,
                     &want,
+                );
+            }
+            // The persistent grid and one block per tile compute every tile alike: same bits.
+            for variant in [Flash128::Warpspec, Flash128::Warpspec3] {
+                set_flash128(variant);
+                let [persistent, blocks] = [true, false].map(|on| {
+                    set_flash_persistent(on);
+                    Tensor::attention(&gpu(&q), &gpu(&k), &gpu(&v), heads, causal)
+                        .unwrap()
+                        .to_vec_f32()
+                        .unwrap()
+                });
+                set_flash_persistent(true);
+                assert!(
+                    persistent
+                        .iter()
+                        .zip(&blocks)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "attention {lq}x{lk} h{heads}x{dh} c={causal} {variant:?}: the persistent \
+                     grid differs from one block per tile"
                 );
             }
             set_flash128(Flash128::Warpspec);

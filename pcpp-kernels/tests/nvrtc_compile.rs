@@ -19,6 +19,22 @@ fn every_kernel_compiles_for_every_arch() {
                 "kernel {name} missing from the PTX for {arch}"
             );
         }
+        // Programmatic dependent launch: on sm_90 and later every kernel waits for the one before
+        // it (`pdl_begin`); earlier architectures have no such instruction.
+        let sm: u32 = arch
+            .trim_start_matches("sm_")
+            .trim_end_matches('a')
+            .parse()
+            .expect("architecture number");
+        for entry in ptx.split(".entry ").skip(1) {
+            let name = entry.split('(').next().unwrap_or_default();
+            let waits = entry.contains("griddepcontrol.wait");
+            assert_eq!(
+                waits,
+                sm >= 90,
+                "kernel {name} for {arch}: griddepcontrol.wait present = {waits}"
+            );
+        }
         println!(
             "{arch}: {} kernels, {} bytes of PTX",
             kernel_names().len(),

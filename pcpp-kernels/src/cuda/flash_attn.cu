@@ -335,7 +335,7 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
 }
 #define FLASH_ATTN(NAME, BF, D, MT, BN)                                                                     \
     extern "C" __global__ void __launch_bounds__(128) NAME(const unsigned short* q, const unsigned short* k,  \
-        const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) { \
+        const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) { pdl_begin(); \
         flash_attn_impl<BF, D, MT, BN, 0>(q, k, v, o, lq, lk, heads, scale_log2, causal, nullptr);          \
     }
 FLASH_ATTN(flash_attn_f16, 0, 64, 2, 64)
@@ -346,7 +346,7 @@ FLASH_ATTN(flash_attn128_bf16, 1, 128, 1, 32)
 // 2 * 32 * 136 * 2 (K/V stages) + 128 * 136 halves = 69 632 bytes of dynamic shared memory.
 #define FLASH_ATTN_QS(NAME, BF, BN)                                                                         \
     extern "C" __global__ void __launch_bounds__(128) NAME(const unsigned short* q, const unsigned short* k,  \
-        const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) { \
+        const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) { pdl_begin(); \
         extern __shared__ __align__(16) unsigned short flash_dyn[];                                         \
         flash_attn_impl<BF, 128, 2, BN, 1>(q, k, v, o, lq, lk, heads, scale_log2, causal, flash_dyn);       \
     }

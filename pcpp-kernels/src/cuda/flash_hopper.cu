@@ -303,7 +303,7 @@ __device__ void flash_wg_impl(const unsigned short* q, const unsigned short* k, 
 // and V tiles, D halves a row: 1 KiB + (128 + 4 * 128) * D * 2 bytes.
 #define FLASH_WG(NAME, BF, D)                                                                          \
     extern "C" __global__ void __launch_bounds__(256, 1) NAME(const unsigned short* q, const unsigned short* k, \
-        const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) {  \
+        const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) { pdl_begin(); \
         extern __shared__ __align__(1024) unsigned short flash_wg_dyn[];                                      \
         flash_wg_impl<BF, D>(q, k, v, o, lq, lk, heads, scale_log2, causal, flash_wg_dyn);              \
     }

@@ -81,9 +81,9 @@ __device__ __forceinline__ void ws_arrive(int id) {
     asm volatile("bar.arrive %0, 256;" ::"r"(id) : "memory");
 }
 
-template <int BF, int D, int PIPE, int PP, int NC>
+template <int BF, int D, int PIPE, int PP, int NC, int PST>
 __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* tv, unsigned short* o, int lq,
-                              int lk, int heads, float scale_log2, int causal, unsigned short* dyn,
+                              int lk, int heads, int batch, float scale_log2, int causal, unsigned short* dyn,
                               unsigned long long* bars) {
 #if PCPP_WGMMA
     constexpr int BM = 64 * NC, BN = 128, ST = 2;
@@ -92,19 +92,30 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
     const unsigned base = (smem_addr(dyn) + 1023u) & ~1023u;
     auto kst = [&](int st) { return base + QBYTES + st * 2 * TBYTES; };
     auto vst = [&](int st) { return base + QBYTES + st * 2 * TBYTES + TBYTES; };
-    // Barriers: Q full, then per stage K full, V full, K empty, V empty.
+    // Barriers: Q full, Q empty, then per stage K full, V full, K empty, V empty.
     const unsigned b0 = smem_addr(bars);
-    const unsigned qfull = b0;
-    auto kfull = [&](int st) { return b0 + 8 * (1 + 4 * st); };
-    auto vfull = [&](int st) { return b0 + 8 * (2 + 4 * st); };
-    auto kempty = [&](int st) { return b0 + 8 * (3 + 4 * st); };
-    auto vempty = [&](int st) { return b0 + 8 * (4 + 4 * st); };
+    const unsigned qfull = b0, qempty = b0 + 8;
+    auto kfull = [&](int st) { return b0 + 8 * (2 + 4 * st); };
+    auto vfull = [&](int st) { return b0 + 8 * (3 + 4 * st); };
+    auto kempty = [&](int st) { return b0 + 8 * (4 + 4 * st); };
+    auto vempty = [&](int st) { return b0 + 8 * (5 + 4 * st); };
     int tid = threadIdx.x, wg = tid >> 7;
-    int bi = blockIdx.z, h = blockIdx.y, qblk = blockIdx.x * BM;
-    int kend = causal ? min(lk, qblk + BM) : lk;
-    int ntiles = (kend + BN - 1) / BN;
+    // Tiles are numbered query block fastest, then head, then image. A persistent block (PST)
+    // takes tiles blockIdx.x, blockIdx.x + gridDim.x, ...; otherwise the block's one tile is its
+    // grid position.
+    const int qtiles = (lq + BM - 1) / BM, total = qtiles * heads * batch;
+    const int first = PST ? blockIdx.x : blockIdx.x + qtiles * (blockIdx.y + heads * blockIdx.z);
+    const int step = PST ? gridDim.x : total;
+    auto tile_at = [&](int tile, int& qblk, int& h, int& bi) {
+        qblk = (tile % qtiles) * BM;
+        h = (tile / qtiles) % heads;
+        bi = tile / (qtiles * heads);
+        int kend = causal ? min(lk, qblk + BM) : lk;
+        return (kend + BN - 1) / BN;
+    };
     if (tid == 0) {
         mbar_init(qfull, 1);
+        mbar_init(qempty, 128 * NC);
         for (int st = 0; st < ST; ++st) {
             mbar_init(kfull(st), 1);
             mbar_init(vfull(st), 1);
@@ -117,17 +128,24 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
         if (tid == 0) {
-            mbar_expect(qfull, QBYTES);
-            tma_tile<BM, D>(base, tq, h * D, qblk, bi, qfull);
-            for (int t = 0; t < ntiles; ++t) {
-                int st = t % ST;
-                unsigned ph = ((t / ST) & 1) ^ 1;
-                mbar_wait(kempty(st), ph);
-                mbar_expect(kfull(st), TBYTES);
-                tma_tile<BN, D>(kst(st), tk, h * D, t * BN, bi, kfull(st));
-                mbar_wait(vempty(st), ph);
-                mbar_expect(vfull(st), TBYTES);
-                tma_tile<BN, D>(vst(st), tv, h * D, t * BN, bi, vfull(st));
+            // `it` counts K/V tiles over all of this block's query tiles: the stage and phase.
+            int it = 0, n = 0;
+            for (int tile = first; tile < total; tile += step, ++n) {
+                int qblk, h, bi;
+                int ntiles = tile_at(tile, qblk, h, bi);
+                mbar_wait(qempty, (n & 1) ^ 1);
+                mbar_expect(qfull, QBYTES);
+                tma_tile<BM, D>(base, tq, h * D, qblk, bi, qfull);
+                for (int t = 0; t < ntiles; ++t, ++it) {
+                    int st = it % ST;
+                    unsigned ph = ((it / ST) & 1) ^ 1;
+                    mbar_wait(kempty(st), ph);
+                    mbar_expect(kfull(st), TBYTES);
+                    tma_tile<BN, D>(kst(st), tk, h * D, t * BN, bi, kfull(st));
+                    mbar_wait(vempty(st), ph);
+                    mbar_expect(vfull(st), TBYTES);
+                    tma_tile<BN, D>(vst(st), tv, h * D, t * BN, bi, vfull(st));
+                }
             }
         }
         return;
@@ -136,79 +154,95 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
     else asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
     // This MMA warpgroup (0 .. NC - 1) and this thread's rows g and g + 8 of its warp's 16.
     int cw = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31;
-    int row0 = qblk + cw * 64 + warp * 16 + lane / 4, c = 2 * (lane % 4);
+    int c = 2 * (lane % 4);
     float oacc[D / 2], sacc[BN / 2];
-#pragma unroll
-    for (int i = 0; i < D / 2; ++i) oacc[i] = 0.0f;
-    float mrow[2] = {NEG_INF, NEG_INF}, lrow[2] = {0.0f, 0.0f}, al[2];
     unsigned pa[BN / 16][4];
     const unsigned qaddr = base + cw * 64 * 128;
     auto scores = [&](int st) { wg_scores<BF, D, BM, BN>(sacc, qaddr, [&] { return kst(st); }); };
     auto values = [&](int st) { wg_values<BF, D, BN>(oacc, pa, [&] { return vst(st); }); };
     auto rescale = [&](const float* a) { wg_rescale<D>(oacc, a); };
     auto commit = [] { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); };
-    // Ping-pong: this warpgroup's turn to issue MMAs (barrier 1 + cw), then the next one's.
+    // Ping-pong: this warpgroup's turn to issue MMAs (barrier 1 + cw), then the next one's. The
+    // turns run on from one query tile to the next: the last warpgroup's first arrival opens
+    // them and the first warpgroup takes its last one after the last tile, so that no named
+    // barrier is left half-passed.
     auto turn = [&] {
         if constexpr (PP) ws_sync(1 + cw);
     };
     auto pass = [&] {
         if constexpr (PP) ws_arrive(1 + (cw + 1) % NC);
     };
-    mbar_wait(qfull, 0);
-    if (ntiles > 0) {
-        if constexpr (PP) {
-            if (cw == NC - 1) ws_arrive(1);
-        }
-        mbar_wait(kfull(0), 0);
-        turn();
-        wg_fence();
-        scores(0);
-        commit();
-        pass();
-        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-        wg_hold<BN / 2>(sacc);
-        mbar_arrive(kempty(0));
-        wg_softmax<BN>(sacc, 0, lk, causal, row0, c, scale_log2, mrow, lrow, al);
-        wg_pack<BF, BN>(sacc, pa);
-        for (int t = 1; t < ntiles; ++t) {
-            int st = t % ST, pst = (t - 1) % ST;
-            mbar_wait(kfull(st), (t / ST) & 1);
-            mbar_wait(vfull(pst), ((t - 1) / ST) & 1);
+    if constexpr (PP) {
+        if (cw == NC - 1) ws_arrive(1);
+    }
+    int it = 0, n = 0;
+    for (int tile = first; tile < total; tile += step, ++n) {
+        int qblk, h, bi;
+        const int ntiles = tile_at(tile, qblk, h, bi);
+        const int row0 = qblk + cw * 64 + warp * 16 + lane / 4;
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) oacc[i] = 0.0f;
+        float mrow[2] = {NEG_INF, NEG_INF}, lrow[2] = {0.0f, 0.0f}, al[2];
+        mbar_wait(qfull, n & 1);
+        if (ntiles > 0) {
+            int st0 = it % ST;
+            mbar_wait(kfull(st0), (it / ST) & 1);
             turn();
             wg_fence();
-            scores(st);
-            commit();
-            values(pst);
+            scores(st0);
             commit();
             pass();
-            if constexpr (PIPE) asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-            else asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+            asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
             wg_hold<BN / 2>(sacc);
-            mbar_arrive(kempty(st));
-            wg_softmax<BN>(sacc, t * BN, lk, causal, row0, c, scale_log2, mrow, lrow, al);
+            mbar_arrive(kempty(st0));
+            // The Q tile is free once its last scores are in (the producer loads the next one).
+            if (ntiles == 1) mbar_arrive(qempty);
+            wg_softmax<BN>(sacc, 0, lk, causal, row0, c, scale_log2, mrow, lrow, al);
+            wg_pack<BF, BN>(sacc, pa);
+            for (int t = 1; t < ntiles; ++t) {
+                int g = it + t, st = g % ST, pst = (g - 1) % ST;
+                mbar_wait(kfull(st), (g / ST) & 1);
+                mbar_wait(vfull(pst), ((g - 1) / ST) & 1);
+                turn();
+                wg_fence();
+                scores(st);
+                commit();
+                values(pst);
+                commit();
+                pass();
+                if constexpr (PIPE) asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+                else asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+                wg_hold<BN / 2>(sacc);
+                mbar_arrive(kempty(st));
+                if (t == ntiles - 1) mbar_arrive(qempty);
+                wg_softmax<BN>(sacc, t * BN, lk, causal, row0, c, scale_log2, mrow, lrow, al);
+                asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+                wg_hold<D / 2>(oacc);
+                mbar_arrive(vempty(pst));
+                rescale(al);
+                wg_pack<BF, BN>(sacc, pa);
+            }
+            int g = it + ntiles - 1, lst = g % ST;
+            mbar_wait(vfull(lst), (g / ST) & 1);
+            turn();
+            wg_hold<D / 2>(oacc);
+            wg_fence();
+            values(lst);
+            commit();
+            pass();
             asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
             wg_hold<D / 2>(oacc);
-            mbar_arrive(vempty(pst));
-            rescale(al);
-            wg_pack<BF, BN>(sacc, pa);
+            mbar_arrive(vempty(lst));
+        } else {
+            mbar_arrive(qempty);
         }
-        int lst = (ntiles - 1) % ST;
-        mbar_wait(vfull(lst), ((ntiles - 1) / ST) & 1);
-        turn();
-        wg_hold<D / 2>(oacc);
-        wg_fence();
-        values(lst);
-        commit();
-        pass();
-        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-        wg_hold<D / 2>(oacc);
-        // Takes the last warpgroup's last arrival, so that no named barrier is left half-passed.
-        if constexpr (PP) {
-            if (cw == 0) ws_sync(1);
-        }
+        it += ntiles;
+        long dm = (long)heads * D;
+        wg_store<BF, D>(o + (long)bi * lq * dm + h * D, dm, lq, row0, c, oacc, lrow);
     }
-    long dm = (long)heads * D;
-    wg_store<BF, D>(o + (long)bi * lq * dm + h * D, dm, lq, row0, c, oacc, lrow);
+    if constexpr (PP) {
+        if (cw == 0) ws_sync(1);
+    }
 #else
     __trap();
 #endif
@@ -219,16 +253,17 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
 // tile; the consumers get 160 registers instead of 240). Dynamic shared memory: 1 KiB of
 // alignment slack, the Q tile and two stages of 128-row K and V tiles:
 // 1 KiB + (64 · NC + 4 · 128) · D · 2 bytes.
-#define FLASH_WS(NAME, BF, D, PIPE, PP) FLASH_WSN(NAME, BF, D, PIPE, PP, 2)
-#define FLASH_WSN(NAME, BF, D, PIPE, PP, NC)                                                                    \
+#define FLASH_WS(NAME, BF, D, PIPE, PP) FLASH_WSN(NAME, BF, D, PIPE, PP, 2, 0)
+#define FLASH_WSN(NAME, BF, D, PIPE, PP, NC, PST)                                                               \
     extern "C" __global__ void __launch_bounds__(128 * (NC + 1), 1)                                           \
         NAME(const __grid_constant__ TmaMap tq, const __grid_constant__ TmaMap tk,                           \
-             const __grid_constant__ TmaMap tv, unsigned short* o, int lq, int lk, int heads, float scale_log2, \
-             int causal) {                                                                                    \
+             const __grid_constant__ TmaMap tv, unsigned short* o, int lq, int lk, int heads, int batch,      \
+             float scale_log2, int causal) {                                                                  \
+        pdl_begin();                                                                                          \
         extern __shared__ __align__(1024) unsigned short flash_ws_dyn[];                                      \
-        __shared__ __align__(8) unsigned long long flash_ws_bars[9];                                         \
-        flash_ws_impl<BF, D, PIPE, PP, NC>(&tq, &tk, &tv, o, lq, lk, heads, scale_log2, causal, flash_ws_dyn,  \
-                                           flash_ws_bars);                                                    \
+        __shared__ __align__(8) unsigned long long flash_ws_bars[10];                                        \
+        flash_ws_impl<BF, D, PIPE, PP, NC, PST>(&tq, &tk, &tv, o, lq, lk, heads, batch, scale_log2, causal,   \
+                                                flash_ws_dyn, flash_ws_bars);                                 \
     }
 FLASH_WS(flash_ws64_f16, 0, 64, 1, 1)
 FLASH_WS(flash_ws64_bf16, 1, 64, 1, 1)
@@ -242,7 +277,16 @@ FLASH_WS(flash_wso64_f16, 0, 64, 1, 0)
 FLASH_WS(flash_wso64_bf16, 1, 64, 1, 0)
 FLASH_WS(flash_wso128_f16, 0, 128, 1, 0)
 FLASH_WS(flash_wso128_bf16, 1, 128, 1, 0)
-FLASH_WSN(flash_ws3w64_f16, 0, 64, 1, 1, 3)
-FLASH_WSN(flash_ws3w64_bf16, 1, 64, 1, 1, 3)
-FLASH_WSN(flash_ws3wo64_f16, 0, 64, 1, 0, 3)
-FLASH_WSN(flash_ws3wo64_bf16, 1, 64, 1, 0, 3)
+FLASH_WSN(flash_ws3w64_f16, 0, 64, 1, 1, 3, 0)
+FLASH_WSN(flash_ws3w64_bf16, 1, 64, 1, 1, 3, 0)
+FLASH_WSN(flash_ws3wo64_f16, 0, 64, 1, 0, 3, 0)
+FLASH_WSN(flash_ws3wo64_bf16, 1, 64, 1, 0, 3, 0)
+// Persistent forms of the default schedule (`r`): one block per multiprocessor, each looping over
+// query tiles; its producer loads the next tile's Q and first K/V while the MMA warpgroups finish
+// the last P·V and store the current one.
+FLASH_WSN(flash_wsr64_f16, 0, 64, 1, 1, 2, 1)
+FLASH_WSN(flash_wsr64_bf16, 1, 64, 1, 1, 2, 1)
+FLASH_WSN(flash_wsr128_f16, 0, 128, 1, 1, 2, 1)
+FLASH_WSN(flash_wsr128_bf16, 1, 128, 1, 1, 2, 1)
+FLASH_WSN(flash_ws3wr64_f16, 0, 64, 1, 1, 3, 1)
+FLASH_WSN(flash_ws3wr64_bf16, 1, 64, 1, 1, 3, 1)

@@ -34,6 +34,20 @@ __device__ __forceinline__ float gelu_tanh_f(float x) {
 }
 __device__ __forceinline__ float quick_gelu_f(float x) { return x / (1.0f + expf(-1.702f * x)); }
 
+// Programmatic dependent launch (sm_90 and later; the host launches every kernel of this source
+// with programmatic stream serialisation there, `launch_ex` in cuda/ops.rs): each kernel's blocks
+// may start while the kernel before it in the stream is still finishing, so the first thing
+// every kernel does is wait until that kernel has completed and its writes are visible; then it
+// lets the next kernel's blocks start, so that their launch overlaps this kernel's work. Every
+// `extern "C"` kernel begins with this call (the test `every_kernel_waits_for_its_predecessor`
+// checks the source); elsewhere it is empty.
+__device__ __forceinline__ void pdl_begin() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 #define GRID_STRIDE(i, n) for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long)blockDim.x * gridDim.x)
 
 // ---- casts ----
@@ -172,7 +186,7 @@ __device__ __forceinline__ void gn_total(const double* sums, int chunks, int i, 
 }
 // mean_rstd[bg*2] = mean, [bg*2+1] = 1/sqrt(var + eps), from the partial sums over n elements.
 extern "C" __global__ void gn_finalize(const double* sums, int chunks, float* mean_rstd, int count, double n,
-                                       double eps) {
+                                       double eps) { pdl_begin();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < count) {
         double s, s2;
@@ -199,7 +213,7 @@ __device__ __forceinline__ void gn_moment(const double* sums, int chunks, float*
     out[i * 2] = (float)mean;
     out[i * 2 + 1] = (float)m2;
 }
-extern "C" __global__ void gn_moments(const double* sums, int chunks, float* moments, int count, double n) {
+extern "C" __global__ void gn_moments(const double* sums, int chunks, float* moments, int count, double n) { pdl_begin();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < count) gn_moment(sums, chunks, moments, i, n);
 }
@@ -245,7 +259,7 @@ __device__ __forceinline__ void gn_merge_at(const float* bands, const float* fre
     mean_rstd[i * 2 + 1] = (float)(1.0 / sqrt(var + eps));
 }
 extern "C" __global__ void gn_merge(const float* bands, const float* fresh, float* mean_rstd, int p, int count,
-                                    GnCounts counts, int own, double eps) {
+                                    GnCounts counts, int own, double eps) { pdl_begin();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < count) gn_merge_at(bands, fresh, mean_rstd, p, count, counts, own, eps, i);
 }
@@ -256,7 +270,7 @@ extern "C" __global__ void gn_merge(const float* bands, const float* fresh, floa
 // only its own (batch, group)).
 extern "C" __global__ void gn_merge_sums(const double* sums, int chunks, double n, const float* bands, float* fresh,
                                          float* mean_rstd, int p, int count, GnCounts counts, int own,
-                                         int corrected, double eps) {
+                                         int corrected, double eps) { pdl_begin();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= count) return;
     gn_moment(sums, chunks, fresh, i, n);

@@ -35,9 +35,10 @@ pub use ops::vector::{norm_registers, set_norm_registers, set_vector_kernels, ve
 pub(crate) use ops::*;
 pub use ops::{
     autotune, capture_graph, conv2d_in_bands, conv_nhwc, copy_into, copy_rows_into, flash128,
-    fused_epilogues, group_norm_merged_into, group_norm_merged_into_nhwc, group_norm_merged_nhwc,
-    linear_rows_into, nchw_rows_into_nhwc, set_autotune, set_conv_nhwc, set_flash128,
-    set_fused_epilogues, CudaGraphStep, Flash128, StatsWindow,
+    flash_persistent, fused_epilogues, group_norm_merged_into, group_norm_merged_into_nhwc,
+    group_norm_merged_nhwc, linear_rows_into, nchw_rows_into_nhwc, programmatic_launch,
+    set_autotune, set_conv_nhwc, set_flash128, set_flash_persistent, set_fused_epilogues,
+    set_programmatic_launch, CudaGraphStep, Flash128, StatsWindow,
 };
 
 /// CUDA C source of every hand-written kernel (compiled at run time by NVRTC), one translation
@@ -245,6 +246,9 @@ pub struct Gpu {
     flash_ws3: bool,
     /// Streaming multiprocessors of the device.
     sms: usize,
+    /// Whether the device has programmatic dependent launch (sm_90 and later; see
+    /// `ops::launch_ex`).
+    programmatic: bool,
 }
 
 // SAFETY: every handle is used under `lock` or through the single stream in issue order; cudarc's
@@ -426,21 +430,17 @@ impl Gpu {
                 })
         };
         let flash_hopper = hopper_ok(&ops::flash_hopper_name);
-        let flash_ws = [
-            ops::Flash128::Warpspec,
-            ops::Flash128::WarpspecPingpong,
-            ops::Flash128::WarpspecOverlap,
-        ]
-        .into_iter()
-        .filter_map(ops::Flash128::warpspec_form)
-        .all(|form| hopper_ok(&|dh| ops::flash_ws_name(dh, form)));
+        // The default schedule, its persistent form (`r`) and the two single-schedule forms.
+        let flash_ws = ["", "r", "p", "o"]
+            .into_iter()
+            .all(|form| hopper_ok(&|dh| ops::flash_ws_name(dh, form)));
         let sms = ctx
             .attribute(
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .map_or(1, |n| n.max(1) as usize);
         let flash_ws3 = arch == "sm_90a"
-            && ["3w", "3wo"].into_iter().all(|form| {
+            && ["3w", "3wo", "3wr"].into_iter().all(|form| {
                 let n = ops::flash_ws_name(64, form);
                 smem_ok(
                     [&*format!("{n}_f16"), &*format!("{n}_bf16")],
@@ -489,6 +489,7 @@ impl Gpu {
             flash_ws,
             flash_ws3,
             sms,
+            programmatic: major >= 9,
             blas,
             _blas_workspace: blas_workspace,
             lt: Lt {

@@ -43,6 +43,12 @@ pub fn kernel_names() -> Vec<String> {
         "flash_ws3w64_bf16",
         "flash_ws3wo64_f16",
         "flash_ws3wo64_bf16",
+        "flash_wsr64_f16",
+        "flash_wsr64_bf16",
+        "flash_wsr128_f16",
+        "flash_wsr128_bf16",
+        "flash_ws3wr64_f16",
+        "flash_ws3wr64_bf16",
         "copy2d_u128",
         "cat_multi_u16",
         "cat_multi_u128",
@@ -95,4 +101,61 @@ pub fn kernel_names() -> Vec<String> {
         }
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::KERNEL_SOURCE;
+
+    /// The body of every `extern "C"` kernel definition in `src` (from its opening brace on), by
+    /// the line it starts on. Mentions in comments are skipped.
+    fn kernel_bodies(src: &str) -> Vec<(usize, &str)> {
+        let key = "extern \"C\" __global__";
+        let mut out = Vec::new();
+        let mut from = 0;
+        while let Some(at) = src[from..].find(key).map(|i| i + from) {
+            from = at + key.len();
+            let line_start = src[..at].rfind('\n').map_or(0, |i| i + 1);
+            if src[line_start..at].trim_start().starts_with("//") {
+                continue;
+            }
+            // The body opens at the first brace after the key (no kernel signature has one).
+            let brace = src[from..]
+                .find('{')
+                .map(|i| i + from)
+                .expect("kernel body");
+            out.push((src[..at].lines().count() + 1, &src[brace + 1..]));
+        }
+        out
+    }
+
+    /// Programmatic dependent launch lets a kernel's blocks start before the kernel before it
+    /// has finished (`ops::launch_ex`): a kernel of this source that touched memory before
+    /// `pdl_begin` waited would race with its predecessor.
+    #[test]
+    fn every_kernel_waits_for_its_predecessor() {
+        let bodies = kernel_bodies(KERNEL_SOURCE);
+        assert!(bodies.len() >= 50, "found only {} kernels", bodies.len());
+        for (line, body) in bodies {
+            let first = body
+                .trim_start_matches(|c: char| c.is_whitespace() || c == '\\')
+                .split(';')
+                .next()
+                .unwrap_or_default();
+            assert_eq!(
+                first.trim(),
+                "pdl_begin()",
+                "the kernel at line {line} of KERNEL_SOURCE does not start with pdl_begin()"
+            );
+        }
+    }
+
+    #[test]
+    fn a_kernel_without_the_wait_is_found() {
+        let src = "// extern \"C\" __global__ in a comment\nextern \"C\" __global__ void \
+                   __launch_bounds__(128) k(int* x) { x[0] = 1; }";
+        let bodies = kernel_bodies(src);
+        assert_eq!(bodies.len(), 1);
+        assert!(bodies[0].1.trim_start().starts_with("x[0] = 1;"));
+    }
 }

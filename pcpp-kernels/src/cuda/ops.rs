@@ -4,38 +4,99 @@
 //! contract).
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use cudarc::cublas::sys as blas_sys;
 use cudarc::cublaslt::{result as lt_result, sys as lt_sys};
 use cudarc::cudnn::sys as dnn_sys;
-use cudarc::driver::{sys as drv_sys, CudaGraph, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{sys as drv_sys, CudaGraph, DeviceRepr, LaunchConfig};
 use half::{bf16, f16};
 
 use super::{CudaStorage, Gpu};
 use crate::{Activation, Conv2dParams, DType, KernelError, Result, Tensor};
 
 /// Launches kernel `$name` on `$gpu`'s stream with the given arguments (each bound to a local so
-/// that it outlives the launch).
+/// that it outlives the launch), through [`launch_ex`].
 macro_rules! launch {
     ($gpu:expr, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
         let gpu: &Gpu = &$gpu;
         let name: &str = &$name;
         let f = gpu.func(name)?;
-        let mut b = gpu.stream.launch_builder(f);
-        launch!(@push b, gpu, name, $cfg; $($arg),*)
+        let mut params: Vec<*mut std::ffi::c_void> = Vec::new();
+        launch!(@push params, gpu, f, name, $cfg; $($arg),*)
     }};
-    (@push $b:ident, $gpu:ident, $name:ident, $cfg:expr; $head:expr $(, $tail:expr)*) => {{
+    (@push $p:ident, $gpu:ident, $f:ident, $name:ident, $cfg:expr; $head:expr $(, $tail:expr)*) => {{
         let a = $head;
-        $b.arg(&a);
-        launch!(@push $b, $gpu, $name, $cfg; $($tail),*)
+        $p.push($crate::cuda::ops::kernel_param(&a));
+        launch!(@push $p, $gpu, $f, $name, $cfg; $($tail),*)
     }};
-    (@push $b:ident, $gpu:ident, $name:ident, $cfg:expr;) => {{
+    (@push $p:ident, $gpu:ident, $f:ident, $name:ident, $cfg:expr;) => {{
         // SAFETY: argument lists match the kernel signatures in kernels.cu; every pointer is a
         // live device allocation of at least the extent the kernel touches (sizes derive from the
-        // checked tensor shapes).
-        unsafe { $b.launch($cfg) }.map_err(|e| $gpu.err($name, e))?;
+        // checked tensor shapes); the parameters outlive the call.
+        unsafe { $crate::cuda::ops::launch_ex($gpu, $f, $cfg, &mut $p) }.map_err(|e| $gpu.err($name, e))?;
     }};
+}
+
+/// A kernel argument as the driver takes it: the address of the value.
+pub(crate) fn kernel_param<T: DeviceRepr>(a: &T) -> *mut c_void {
+    a as *const T as *mut c_void
+}
+
+static PROGRAMMATIC: AtomicBool = AtomicBool::new(true);
+
+/// Whether this source's kernels are launched with programmatic dependent launch where the
+/// device has it (on unless [`set_programmatic_launch`] turned it off).
+pub fn programmatic_launch() -> bool {
+    PROGRAMMATIC.load(Ordering::Relaxed)
+}
+
+/// Launches this source's kernels with programmatic dependent launch on sm_90 and later devices
+/// (each kernel's blocks start while the one before it finishes, and wait in `pdl_begin` for
+/// it), or plainly, for this process. Same results either way.
+pub fn set_programmatic_launch(on: bool) {
+    PROGRAMMATIC.store(on, Ordering::Relaxed);
+}
+
+/// Launches `f` on `gpu`'s stream with `cuLaunchKernelEx`: with programmatic stream
+/// serialisation where the device has it and [`programmatic_launch`] is on (every kernel of
+/// this source starts with `pdl_begin`, which waits for the kernel before it; CUDA graphs
+/// captured from the stream keep the programmatic edges).
+///
+/// # Safety
+/// `params` must match `f`'s signature and stay alive for the call; device pointers among them
+/// must cover what the kernel touches.
+pub(crate) unsafe fn launch_ex(
+    gpu: &Gpu,
+    f: &cudarc::driver::CudaFunction,
+    cfg: LaunchConfig,
+    params: &mut [*mut c_void],
+) -> std::result::Result<(), cudarc::driver::DriverError> {
+    gpu.ctx.bind_to_thread()?;
+    let mut attr: drv_sys::CUlaunchAttribute = std::mem::zeroed();
+    attr.id = drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let on = gpu.programmatic && programmatic_launch();
+    let conf = drv_sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: gpu.stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: u32::from(on),
+    };
+    drv_sys::cuLaunchKernelEx(
+        &conf,
+        f.cu_function(),
+        params.as_mut_ptr(),
+        std::ptr::null_mut(),
+    )
+    .result()
 }
 
 pub(crate) mod attn;
@@ -67,7 +128,7 @@ pub(crate) use attn::{
     attention, attention_in_place, flash_hopper_bytes, flash_hopper_name, flash_ws_bytes,
     flash_ws_name, FLASH_SHARED_Q64_BYTES, FLASH_SHARED_Q_BYTES,
 };
-pub use attn::{flash128, set_flash128, Flash128};
+pub use attn::{flash128, flash_persistent, set_flash128, set_flash_persistent, Flash128};
 
 fn tname(d: DType) -> &'static str {
     d.name()

@@ -336,10 +336,10 @@ __device__ void cat_multi_impl(W* dst, long outer, long total, CatSrc c) {
         dst[r * total + off + j] = s[e];
     }
 }
-extern "C" __global__ void cat_multi_u16(unsigned short* d, long outer, long total, CatSrc c) {
+extern "C" __global__ void cat_multi_u16(unsigned short* d, long outer, long total, CatSrc c) { pdl_begin();
     cat_multi_impl<unsigned short>(d, outer, total, c);
 }
-extern "C" __global__ void cat_multi_u128(U4* d, long outer, long total, CatSrc c) {
+extern "C" __global__ void cat_multi_u128(U4* d, long outer, long total, CatSrc c) { pdl_begin();
     cat_multi_impl<U4>(d, outer, total, c);
 }
 
@@ -509,7 +509,7 @@ __device__ void gn_sums_vec_impl(const T* x, double* sums, long group_len, long 
     }
     gn_sums_commit(s, s2, sums, bg);
 }
-extern "C" __global__ void copy2d_u128(const U4* s, U4* d, long rows, long cols, long sp, long dp) {
+extern "C" __global__ void copy2d_u128(const U4* s, U4* d, long rows, long cols, long sp, long dp) { pdl_begin();
     copy2d_impl<U4>(s, d, rows, cols, sp, dp);
 }
 

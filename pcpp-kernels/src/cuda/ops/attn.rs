@@ -5,10 +5,10 @@
 //! cuBLAS path (score GEMM, row softmax, value GEMM in query chunks) for other head sizes, f32,
 //! and as the reference the fused kernels are tested against.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::tma::matrix_map;
 use super::{cast, cfg_rows, gemm_batched, gpu_of, out, ptr, tname, Gpu};
@@ -138,14 +138,39 @@ fn warpspec(
         return Ok(false);
     };
     let scale_log2 = std::f32::consts::LOG2_E / (dh as f32).sqrt();
+    let tiles = lq.div_ceil(bm) * heads * b;
+    // The default schedule runs persistent where its tiles take more than one wave.
+    let (form, grid) = match form {
+        "" | "3w" if flash_persistent() && tiles > gpu.sms => {
+            (if groups == 3 { "3wr" } else { "r" }, (gpu.sms, 1, 1))
+        }
+        _ => (form, (lq.div_ceil(bm), heads, b)),
+    };
     let cfg = LaunchConfig {
-        grid_dim: (lq.div_ceil(bm) as u32, heads as u32, b as u32),
+        grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
         block_dim: (128 * (groups as u32 + 1), 1, 1),
         shared_mem_bytes: flash_ws_bytes(dh, groups),
     };
     launch!(gpu, format!("{}_{}", flash_ws_name(dh, form), tname(dt)), cfg;
-        tq, tk, tv, ptr(y)?, lq as i32, lk as i32, heads as i32, scale_log2, causal as i32);
+        tq, tk, tv, ptr(y)?, lq as i32, lk as i32, heads as i32, b as i32, scale_log2,
+        causal as i32);
     Ok(true)
+}
+
+static PERSISTENT: AtomicBool = AtomicBool::new(true);
+
+/// Whether the warp-specialised attention's default schedule runs as a persistent grid (one
+/// block per multiprocessor looping over the query tiles, so that a block's producer loads the
+/// next tile while its MMA warpgroups finish the last) where its tiles take more than one
+/// wave: on unless [`set_flash_persistent`] turned it off.
+pub fn flash_persistent() -> bool {
+    PERSISTENT.load(Ordering::Relaxed)
+}
+
+/// Chooses between the persistent grid and one block per query tile for the warp-specialised
+/// attention (same results), for this process.
+pub fn set_flash_persistent(on: bool) {
+    PERSISTENT.store(on, Ordering::Relaxed);
 }
 
 /// Whether three MMA warpgroups (192-row Q tiles) finish a grid of `grids` (heads × batch)

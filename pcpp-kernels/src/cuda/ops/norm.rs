@@ -3,7 +3,7 @@
 //! device from per-band moments, and the row norms (one block per row; the vectorised one-warp
 //! rows live in [`super::vector`]).
 
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
 
 use super::{
     cast, cfg_planes, cfg_rows, gpu_of, out, pairs_fit, ptr, tname, vector, Gpu, MAX_GRID_Y,
