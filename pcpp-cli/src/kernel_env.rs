@@ -1,9 +1,11 @@
 //! Kernel choices for comparison runs, taken from the environment before any GPU work:
-//! `PCPP_FLASH128=ws|ws2|ws3|ws3-overlap|ws-pingpong|ws-overlap|hopper|shared-q64|shared-q|registers-q`
+//! `PCPP_FLASH128=ws|ws-whole|ws2|ws3|ws3-overlap|ws-pingpong|ws-overlap|hopper|shared-q64|shared-q|registers-q`
 //! (the flash-attention kernel: `ws` takes FlashAttention-3's warp specialisation on Hopper's
 //! warpgroup MMAs (TMA producer, ping-pong, intra-warpgroup overlap) for head sizes 64 and 128 on
-//! sm_90a devices, with three MMA warpgroups (192-row tiles) at head size 64 where their grid
-//! finishes its waves first; `ws2` and `ws3` it with two or three warpgroups always, `ws3-overlap` three without the
+//! sm_90a devices, at head size 64 with each head's rows split between three-warpgroup (192-row)
+//! and two-warpgroup (128-row) tiles where the two launches finish their waves first;
+//! `ws-whole` it with one tile height per grid, three warpgroups where their grid finishes its
+//! waves first; `ws2` and `ws3` it with two or three warpgroups always, `ws3-overlap` three without the
 //! ping-pong, `ws-pingpong` and `ws-overlap` it with one of its two schedules, `hopper`
 //! the warpgroup MMAs without warp specialisation, all `shared-q64` elsewhere; the others
 //! choose among the head-size-128 kernels of every device), `PCPP_VECTOR_KERNELS=1|0`
@@ -30,8 +32,9 @@ use anyhow::{bail, Result};
 use pcpp_kernels::Device;
 
 /// The attention kernels by name, the default first.
-const FLASH: [&str; 10] = [
+const FLASH: [&str; 11] = [
     "ws",
+    "ws-whole",
     "ws2",
     "ws3",
     "ws3-overlap",
@@ -166,6 +169,7 @@ impl Variant {
                 "ws-pingpong" => Flash128::WarpspecPingpong,
                 "ws-overlap" => Flash128::WarpspecOverlap,
                 "ws2" => Flash128::Warpspec2,
+                "ws-whole" => Flash128::WarpspecWhole,
                 "ws3" => Flash128::Warpspec3,
                 "ws3-overlap" => Flash128::Warpspec3Overlap,
                 _ => Flash128::Warpspec,

@@ -240,6 +240,9 @@ fn attention_matches_cpu() {
             // partial tiles and both head sizes
             (385, 385, 40, 64, true),
             (300, 700, 24, 128, false),
+            // rows split between 192- and 128-row tiles (2 496 and 504 of 3 000 on 132
+            // multiprocessors), causal
+            (3000, 3000, 10, 64, true),
         ] {
             let q = rnd(&[2, lq, heads * dh], d, 1).affine(2.0, 0.0).unwrap();
             let k = rnd(&[2, lk, heads * dh], d, 2).affine(2.0, 0.0).unwrap();
@@ -255,6 +258,7 @@ fn attention_matches_cpu() {
                 Flash128::Hopper,
                 Flash128::Warpspec,
                 Flash128::Warpspec2,
+                Flash128::WarpspecWhole,
                 Flash128::WarpspecPingpong,
                 Flash128::WarpspecOverlap,
                 Flash128::Warpspec3,
@@ -269,24 +273,34 @@ fn attention_matches_cpu() {
                     &want,
                 );
             }
-            // The persistent grid and one block per tile compute every tile alike: same bits.
-            for variant in [Flash128::Warpspec, Flash128::Warpspec3] {
+            // Every row goes through the same MMAs and softmax whether its tile is persistent or
+            // not, 128 or 192 rows high, or in the first or the second launch of a split grid:
+            // same bits.
+            let run = |variant: Flash128, persistent: bool| {
                 set_flash128(variant);
-                let [persistent, blocks] = [true, false].map(|on| {
-                    set_flash_persistent(on);
-                    Tensor::attention(&gpu(&q), &gpu(&k), &gpu(&v), heads, causal)
-                        .unwrap()
-                        .to_vec_f32()
-                        .unwrap()
-                });
+                set_flash_persistent(persistent);
+                let y = Tensor::attention(&gpu(&q), &gpu(&k), &gpu(&v), heads, causal)
+                    .unwrap()
+                    .to_vec_f32()
+                    .unwrap();
                 set_flash_persistent(true);
+                y
+            };
+            let base = run(Flash128::Warpspec, true);
+            for (variant, persistent) in [
+                (Flash128::Warpspec, false),
+                (Flash128::WarpspecWhole, true),
+                (Flash128::Warpspec3, true),
+                (Flash128::Warpspec3, false),
+                (Flash128::Warpspec2, false),
+            ] {
+                let got = run(variant, persistent);
                 assert!(
-                    persistent
-                        .iter()
-                        .zip(&blocks)
+                    base.iter()
+                        .zip(&got)
                         .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "attention {lq}x{lk} h{heads}x{dh} c={causal} {variant:?}: the persistent \
-                     grid differs from one block per tile"
+                    "attention {lq}x{lk} h{heads}x{dh} c={causal}: {variant:?} (persistent \
+                     {persistent}) differs from the default's bits"
                 );
             }
             set_flash128(Flash128::Warpspec);

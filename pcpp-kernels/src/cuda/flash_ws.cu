@@ -83,8 +83,8 @@ __device__ __forceinline__ void ws_arrive(int id) {
 
 template <int BF, int D, int PIPE, int PP, int NC, int PST>
 __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* tv, unsigned short* o, int lq,
-                              int lk, int heads, int batch, float scale_log2, int causal, unsigned short* dyn,
-                              unsigned long long* bars) {
+                              int lk, int heads, int batch, int q0, int q1, float scale_log2, int causal,
+                              unsigned short* dyn, unsigned long long* bars) {
 #if PCPP_WGMMA
     constexpr int BM = 64 * NC, BN = 128, ST = 2;
     constexpr unsigned QBYTES = BM * D * 2, TBYTES = BN * D * 2;
@@ -100,14 +100,15 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
     auto kempty = [&](int st) { return b0 + 8 * (4 + 4 * st); };
     auto vempty = [&](int st) { return b0 + 8 * (5 + 4 * st); };
     int tid = threadIdx.x, wg = tid >> 7;
-    // Tiles are numbered query block fastest, then head, then image. A persistent block (PST)
-    // takes tiles blockIdx.x, blockIdx.x + gridDim.x, ...; otherwise the block's one tile is its
-    // grid position.
-    const int qtiles = (lq + BM - 1) / BM, total = qtiles * heads * batch;
+    // The query rows q0 .. q1 of every head and image (the host may split a grid's rows between
+    // two launches of different tile heights) in tiles numbered query block fastest, then head,
+    // then image. A persistent block (PST) takes tiles blockIdx.x, blockIdx.x + gridDim.x, ...;
+    // otherwise the block's one tile is its grid position.
+    const int qtiles = (q1 - q0 + BM - 1) / BM, total = qtiles * heads * batch;
     const int first = PST ? blockIdx.x : blockIdx.x + qtiles * (blockIdx.y + heads * blockIdx.z);
     const int step = PST ? gridDim.x : total;
     auto tile_at = [&](int tile, int& qblk, int& h, int& bi) {
-        qblk = (tile % qtiles) * BM;
+        qblk = q0 + (tile % qtiles) * BM;
         h = (tile / qtiles) % heads;
         bi = tile / (qtiles * heads);
         int kend = causal ? min(lk, qblk + BM) : lk;
@@ -238,7 +239,7 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
         }
         it += ntiles;
         long dm = (long)heads * D;
-        wg_store<BF, D>(o + (long)bi * lq * dm + h * D, dm, lq, row0, c, oacc, lrow);
+        wg_store<BF, D>(o + (long)bi * lq * dm + h * D, dm, q1, row0, c, oacc, lrow);
     }
     if constexpr (PP) {
         if (cw == 0) ws_sync(1);
@@ -258,12 +259,12 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
     extern "C" __global__ void __launch_bounds__(128 * (NC + 1), 1)                                           \
         NAME(const __grid_constant__ TmaMap tq, const __grid_constant__ TmaMap tk,                           \
              const __grid_constant__ TmaMap tv, unsigned short* o, int lq, int lk, int heads, int batch,      \
-             float scale_log2, int causal) {                                                                  \
+             int q0, int q1, float scale_log2, int causal) {                                                  \
         pdl_begin();                                                                                          \
         extern __shared__ __align__(1024) unsigned short flash_ws_dyn[];                                      \
         __shared__ __align__(8) unsigned long long flash_ws_bars[10];                                        \
-        flash_ws_impl<BF, D, PIPE, PP, NC, PST>(&tq, &tk, &tv, o, lq, lk, heads, batch, scale_log2, causal,   \
-                                                flash_ws_dyn, flash_ws_bars);                                 \
+        flash_ws_impl<BF, D, PIPE, PP, NC, PST>(&tq, &tk, &tv, o, lq, lk, heads, batch, q0, q1, scale_log2,   \
+                                                causal, flash_ws_dyn, flash_ws_bars);                         \
     }
 FLASH_WS(flash_ws64_f16, 0, 64, 1, 1)
 FLASH_WS(flash_ws64_bf16, 1, 64, 1, 1)

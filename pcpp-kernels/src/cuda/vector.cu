@@ -79,16 +79,17 @@ __device__ void rowb_binary_impl(const T* full, const T* bc, T* y, long rows, lo
 template <typename T>
 __device__ void geglu_vec_impl(const T* x, T* y, long rows, long h) {
     constexpr int N = VecN<T>::N;
-    long hv = h / N;
-    GRID_STRIDE(i, rows * hv) {
-        long r = i / hv, j = (i % hv) * N;
+    // Rows along y and vectors of a row along x (no 64-bit division per vector).
+    for (long r = blockIdx.y; r < rows; r += gridDim.y) {
         const T* row = x + r * 2 * h;
-        float a[N], g[N];
-        vload(row + j, a);
-        vload(row + h + j, g);
+        for (long j = ((long)blockIdx.x * blockDim.x + threadIdx.x) * N; j < h; j += (long)gridDim.x * blockDim.x * N) {
+            float a[N], g[N];
+            vload(row + j, a);
+            vload(row + h + j, g);
 #pragma unroll
-        for (int k = 0; k < N; ++k) a[k] *= gelu_f(g[k]);
-        vstore(y + r * h + j, a);
+            for (int k = 0; k < N; ++k) a[k] *= gelu_f(g[k]);
+            vstore(y + r * h + j, a);
+        }
     }
 }
 // Sum over row r of one warp's lanes (vector loads when `vec`).

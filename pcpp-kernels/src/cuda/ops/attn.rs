@@ -110,52 +110,118 @@ fn warpspec(
     let (b, lq, dm) = (y.shape()[0], y.shape()[1], y.shape()[2]);
     let dt = y.dtype();
     let dh = dm / heads;
-    let form = match flash128().warpspec_form() {
+    let choice = flash128();
+    let form = match choice.warpspec_form() {
         Some(f) if gpu.flash_ws && matches!(dh, 64 | 128) && dt != DType::F32 => f,
         _ => return Ok(false),
     };
-    // Three MMA warpgroups exist for head size 64 (elsewhere two). The default takes the tile
-    // whose grid finishes first (see `three_groups_pay`).
-    let (form, groups) = match (form, form.strip_prefix("3w")) {
-        (_, Some(_)) if dh == 64 && gpu.flash_ws3 => (form, 3),
-        (_, Some(rest)) => (rest, 2),
-        ("", None) if dh == 64 && gpu.flash_ws3 && three_groups_pay(heads * b, lq, gpu.sms) => {
-            ("3w", 3)
-        }
-        ("2w", None) => ("", 2),
-        (_, None) => (form, 2),
+    // Three MMA warpgroups exist for head size 64 (elsewhere two). The default takes the rows
+    // of each head in 192-row tiles up to `split` and in 128-row tiles after it (`row_split`).
+    let (three, form) = match form.strip_prefix("3w") {
+        Some(rest) => (true, rest),
+        None if form == "2w" => (false, ""),
+        None => (false, form),
     };
-    let bm = 64 * groups;
+    let split = match choice {
+        _ if dh != 64 || !gpu.flash_ws3 => 0,
+        _ if three => lq,
+        Flash128::Warpspec => row_split(heads * b, lq, gpu.sms),
+        Flash128::WarpspecWhole if three_groups_pay(heads * b, lq, gpu.sms) => lq,
+        _ => 0,
+    };
     let map = |(t, start, n): (&Tensor, usize, usize), rows: usize, box_rows: usize| {
         let addr = ptr(t).ok()? + (start * dt.size()) as u64;
         matrix_map(addr, dt, (b, rows, dm), n, box_rows as u32)
     };
-    let (Some(tq), Some(tk), Some(tv)) = (
-        map(blocks[0], lq, bm),
-        map(blocks[1], lk, 128),
-        map(blocks[2], lk, 128),
-    ) else {
+    let (Some(tk), Some(tv)) = (map(blocks[1], lk, 128), map(blocks[2], lk, 128)) else {
         return Ok(false);
     };
+    let parts = [(0, split, 3), (split, lq, 2)];
+    let mut tq = Vec::new();
+    for &(q0, q1, groups) in parts.iter().filter(|p| p.1 > p.0) {
+        let Some(m) = map(blocks[0], lq, 64 * groups) else {
+            return Ok(false);
+        };
+        tq.push((q0, q1, groups, m));
+    }
     let scale_log2 = std::f32::consts::LOG2_E / (dh as f32).sqrt();
-    let tiles = lq.div_ceil(bm) * heads * b;
-    // The default schedule runs persistent where its tiles take more than one wave.
-    let (form, grid) = match form {
-        "" | "3w" if flash_persistent() && tiles > gpu.sms => {
-            (if groups == 3 { "3wr" } else { "r" }, (gpu.sms, 1, 1))
-        }
-        _ => (form, (lq.div_ceil(bm), heads, b)),
-    };
-    let cfg = LaunchConfig {
-        grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
-        block_dim: (128 * (groups as u32 + 1), 1, 1),
-        shared_mem_bytes: flash_ws_bytes(dh, groups),
-    };
-    launch!(gpu, format!("{}_{}", flash_ws_name(dh, form), tname(dt)), cfg;
-        tq, tk, tv, ptr(y)?, lq as i32, lk as i32, heads as i32, b as i32, scale_log2,
-        causal as i32);
+    for (q0, q1, groups, tq) in tq {
+        let bm = 64 * groups;
+        let qtiles = (q1 - q0).div_ceil(bm);
+        let tiles = qtiles * heads * b;
+        let prefix = if groups == 3 { "3w" } else { "" };
+        // The default schedule runs persistent where its tiles take more than one wave.
+        let (name, grid) = match form {
+            "" if flash_persistent() && tiles > gpu.sms => (format!("{prefix}r"), (gpu.sms, 1, 1)),
+            f => (format!("{prefix}{f}"), (qtiles, heads, b)),
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
+            block_dim: (128 * (groups as u32 + 1), 1, 1),
+            shared_mem_bytes: flash_ws_bytes(dh, groups),
+        };
+        launch!(gpu, format!("{}_{}", flash_ws_name(dh, &name), tname(dt)), cfg;
+            tq, tk, tv, ptr(y)?, lq as i32, lk as i32, heads as i32, b as i32, q0 as i32,
+            q1 as i32, scale_log2, causal as i32);
+    }
     Ok(true)
 }
+
+/// Whether three MMA warpgroups (192-row Q tiles) finish a grid of `grids` (heads × batch)
+/// attentions over `lq` queries before two (128-row tiles) on `sms` multiprocessors, one block
+/// per multiprocessor at a time: a 192-row block costs about [`WS3_BLOCK_COST`] 128-row blocks,
+/// and each grid runs in whole waves, so the tile that leaves less of its last wave idle wins
+/// (SDXL at 2048²: 4 096 queries × 20 heads run 4 waves of 192-row blocks, 3.3 of them busy,
+/// but 5 waves of 128-row blocks, 4.85 busy). A band's small grids keep the 128-row tiles'
+/// parallelism.
+pub(crate) fn three_groups_pay(grids: usize, lq: usize, sms: usize) -> bool {
+    let waves = |rows: usize| (lq.div_ceil(rows) * grids).div_ceil(sms.max(1)) as f64;
+    waves(192) * WS3_BLOCK_COST < waves(128)
+}
+
+/// Where the default schedule switches each head's rows from 192-row to 128-row tiles: the
+/// first `split` rows (a multiple of 192, or `lq`) go to one launch of three-warpgroup blocks,
+/// the rest to a second launch of two-warpgroup blocks. Of every split, the one whose two
+/// launches finish first in whole waves on `sms` multiprocessors (a 192-row block costing
+/// [`WS3_BLOCK_COST`] 128-row ones, a second launch [`SECOND_LAUNCH_COST`] more) is taken, and
+/// of equal ones the single launch. SDXL at 2048²: level 1's 16 384 queries × 10 heads run six
+/// full waves of 192-row blocks and one of 128-row blocks (8.8 units) instead of seven waves of
+/// 192-row blocks, the last half idle (9.1).
+pub(crate) fn row_split(grids: usize, lq: usize, sms: usize) -> usize {
+    let sms = sms.max(1);
+    let waves = |tiles: usize| tiles.div_ceil(sms) as f64;
+    let cost = |m: usize| {
+        let split = (192 * m).min(lq);
+        let rest = (lq - split).div_ceil(128) * grids;
+        let launches = usize::from(split > 0) + usize::from(rest > 0);
+        waves(m * grids) * WS3_BLOCK_COST
+            + waves(rest)
+            + if launches > 1 {
+                SECOND_LAUNCH_COST
+            } else {
+                0.0
+            }
+    };
+    let all = lq.div_ceil(192);
+    // A mixed split must be cheaper than both single launches; of equal mixed ones, the one
+    // with the most rows in the larger tiles.
+    let single = if cost(all) < cost(0) { all } else { 0 };
+    let mixed = (1..all).rev().min_by(|&x, &y| cost(x).total_cmp(&cost(y)));
+    let best = match mixed {
+        Some(m) if cost(m) < cost(single) - 1e-9 => m,
+        _ => single,
+    };
+    (192 * best).min(lq)
+}
+
+/// The time of a 192-row, three-warpgroup attention block in units of a 128-row, two-warpgroup
+/// one over the same keys: 1.5 times the rows at about 15 % more throughput (fitted to the
+/// SDXL steps' two- and three-warpgroup runs on an H200, docs/benchmarks.md).
+pub(crate) const WS3_BLOCK_COST: f64 = 1.3;
+
+/// What a second attention launch costs beyond its waves, in 128-row blocks (its launch and
+/// its first tiles' loads).
+pub(crate) const SECOND_LAUNCH_COST: f64 = 0.1;
 
 static PERSISTENT: AtomicBool = AtomicBool::new(true);
 
@@ -172,23 +238,6 @@ pub fn flash_persistent() -> bool {
 pub fn set_flash_persistent(on: bool) {
     PERSISTENT.store(on, Ordering::Relaxed);
 }
-
-/// Whether three MMA warpgroups (192-row Q tiles) finish a grid of `grids` (heads × batch)
-/// attentions over `lq` queries before two (128-row tiles) on `sms` multiprocessors, one block
-/// per multiprocessor at a time: a 192-row block costs about [`WS3_BLOCK_COST`] 128-row blocks,
-/// and each grid runs in whole waves, so the tile that leaves less of its last wave idle wins
-/// (SDXL at 2048²: 4 096 queries × 20 heads run 4 waves of 192-row blocks, 3.3 of them busy,
-/// but 5 waves of 128-row blocks, 4.85 busy). A band's small grids keep the 128-row tiles'
-/// parallelism.
-pub(crate) fn three_groups_pay(grids: usize, lq: usize, sms: usize) -> bool {
-    let waves = |rows: usize| (lq.div_ceil(rows) * grids).div_ceil(sms.max(1)) as f64;
-    waves(192) * WS3_BLOCK_COST < waves(128)
-}
-
-/// The time of a 192-row, three-warpgroup attention block in units of a 128-row, two-warpgroup
-/// one over the same keys: 1.5 times the rows at about 15 % more throughput (fitted to the
-/// SDXL steps' two- and three-warpgroup runs on an H200, docs/benchmarks.md).
-pub(crate) const WS3_BLOCK_COST: f64 = 1.3;
 
 /// [`crate::Tensor::attention_packed`] where its blocks can be read in place (see
 /// [`warpspec`]): `None` otherwise, and the caller copies the blocks out. The caller checked
@@ -264,14 +313,19 @@ pub enum Flash128 {
     /// warpgroups take turns issuing their MMAs (ping-pong) and overlap each tile's softmax with
     /// the previous tile's P·V (intra-warpgroup overlap). The default: on an H200 it made the
     /// FLUX.1-dev step 8 % (1024²) and 16 % (2048²) faster than [`Flash128::Hopper`]
-    /// (docs/benchmarks.md). At head size 64 it takes three MMA warpgroups
-    /// ([`Flash128::Warpspec3`]) where their grid of 192-row tiles finishes its waves first
-    /// (`three_groups_pay`), two elsewhere. Where a tensor map cannot be made, the kernels of
+    /// (docs/benchmarks.md). At head size 64 it splits each head's rows between a launch of
+    /// three-MMA-warpgroup blocks (192-row tiles, [`Flash128::Warpspec3`]) and one of
+    /// two-warpgroup blocks where the two finish their waves first (`row_split`). Grids of more
+    /// tiles than multiprocessors run persistent ([`flash_persistent`]). Where a tensor map
+    /// cannot be made, the kernels of
     /// [`Flash128::Hopper`]; off sm_90a, those of [`Flash128::SharedQ64`].
     Warpspec,
     /// [`Flash128::Warpspec`] with two MMA warpgroups at every size (the default before it took
     /// three for large head-size-64 grids).
     Warpspec2,
+    /// [`Flash128::Warpspec`] with each head-size-64 grid in one tile height, three warpgroups
+    /// where `three_groups_pay` (the default before `row_split` mixed the two).
+    WarpspecWhole,
     /// [`Flash128::Warpspec`] with the ping-pong but without the intra-warpgroup overlap.
     WarpspecPingpong,
     /// [`Flash128::Warpspec`] with the intra-warpgroup overlap but without the ping-pong.
@@ -291,6 +345,7 @@ impl Flash128 {
         match self {
             Flash128::Warpspec => Some(""),
             Flash128::Warpspec2 => Some("2w"),
+            Flash128::WarpspecWhole => Some(""),
             Flash128::WarpspecPingpong => Some("p"),
             Flash128::WarpspecOverlap => Some("o"),
             Flash128::Warpspec3 => Some("3w"),
@@ -314,6 +369,7 @@ pub fn flash128() -> Flash128 {
         8 => Flash128::Warpspec3,
         9 => Flash128::Warpspec3Overlap,
         10 => Flash128::Warpspec2,
+        11 => Flash128::WarpspecWhole,
         _ => Flash128::Warpspec,
     }
 }
@@ -331,6 +387,7 @@ pub fn set_flash128(v: Flash128) {
         Flash128::Warpspec3 => 8,
         Flash128::Warpspec3Overlap => 9,
         Flash128::Warpspec2 => 10,
+        Flash128::WarpspecWhole => 11,
     };
     FLASH128.store(code, Ordering::Relaxed);
 }
@@ -400,7 +457,27 @@ fn attention_chunked(
 
 #[cfg(test)]
 mod tests {
-    use super::three_groups_pay;
+    use super::{row_split, three_groups_pay};
+
+    /// The rows of SDXL's self-attentions on a 132-multiprocessor GPU that go to 192-row tiles
+    /// before the rest take 128-row tiles.
+    #[test]
+    fn rows_split_where_two_launches_finish_first() {
+        // 2048², level 1: 16 384 × 10 in six full waves of 192-row blocks (15 168 rows per
+        // head, 790 blocks) and one wave of 128-row blocks: 8.9 units against 9.1 for seven
+        // waves of 192-row blocks and 10 for 128-row ones.
+        assert_eq!(row_split(10, 16_384, 132), 15_168);
+        // 2048², level 2 (and 1024², b = 2, level 1): 4 096 × 20 in two waves of each (4.7
+        // against 5.0 for five waves of 128-row blocks).
+        assert_eq!(row_split(20, 4096, 132), 13 * 192);
+        // 1024², b = 2, level 2: all 192-row blocks (two waves).
+        assert_eq!(row_split(40, 1024, 132), 1024);
+        // A 32-row band's levels: one wave of 128-row blocks.
+        assert_eq!(row_split(10, 1024, 132), 0);
+        assert_eq!(row_split(20, 256, 132), 0);
+        // Nothing to attend.
+        assert_eq!(row_split(0, 0, 132), 0);
+    }
 
     /// SDXL's self-attentions on a 132-multiprocessor GPU: three warpgroups where the last wave
     /// of 192-row blocks is full enough, two where it is mostly idle or the grid is a band's.

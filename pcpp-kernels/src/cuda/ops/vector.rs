@@ -283,7 +283,7 @@ pub(super) fn try_geglu(
     if !vector_kernels() || h % v != 0 || !aligned(&[x, y]) {
         return Ok(false);
     }
-    launch!(gpu, format!("geglu_vec_{}", tname(dt)), cfg_flat(rows * h / v);
+    launch!(gpu, format!("geglu_vec_{}", tname(dt)), cfg_row_blocks(h / v, rows);
         x, y, rows as i64, h as i64);
     Ok(true)
 }
