@@ -240,9 +240,10 @@ fn attention_matches_cpu() {
             // partial tiles and both head sizes
             (385, 385, 40, 64, true),
             (300, 700, 24, 128, false),
-            // rows split between 192- and 128-row tiles (2 496 and 504 of 3 000 on 132
-            // multiprocessors), causal
-            (3000, 3000, 10, 64, true),
+            // rows split between 192- and 128-row tiles on 132 multiprocessors (384 and 149 of
+            // 533: 108 and 108 blocks), with and without the causal mask
+            (533, 8192, 27, 64, false),
+            (533, 8192, 27, 64, true),
         ] {
             let q = rnd(&[2, lq, heads * dh], d, 1).affine(2.0, 0.0).unwrap();
             let k = rnd(&[2, lk, heads * dh], d, 2).affine(2.0, 0.0).unwrap();
@@ -275,7 +276,9 @@ fn attention_matches_cpu() {
             }
             // Every row goes through the same MMAs and softmax whether its tile is persistent or
             // not, 128 or 192 rows high, or in the first or the second launch of a split grid:
-            // same bits.
+            // same bits. With a causal mask the tile height changes how many masked key tiles
+            // a row passes (each rescales by the rounding residue of its maximum), so there only
+            // the persistent and the per-tile grid of one height are compared.
             let run = |variant: Flash128, persistent: bool| {
                 set_flash128(variant);
                 set_flash_persistent(persistent);
@@ -287,13 +290,14 @@ fn attention_matches_cpu() {
                 y
             };
             let base = run(Flash128::Warpspec, true);
-            for (variant, persistent) in [
+            let others = [
                 (Flash128::Warpspec, false),
                 (Flash128::WarpspecWhole, true),
                 (Flash128::Warpspec3, true),
                 (Flash128::Warpspec3, false),
                 (Flash128::Warpspec2, false),
-            ] {
+            ];
+            for (variant, persistent) in others.into_iter().take(if causal { 1 } else { 5 }) {
                 let got = run(variant, persistent);
                 assert!(
                     base.iter()

@@ -125,7 +125,7 @@ fn warpspec(
     let split = match choice {
         _ if dh != 64 || !gpu.flash_ws3 => 0,
         _ if three => lq,
-        Flash128::Warpspec => row_split(heads * b, lq, gpu.sms),
+        Flash128::Warpspec => row_split(heads * b, lq, lk, gpu.sms),
         Flash128::WarpspecWhole if three_groups_pay(heads * b, lq, gpu.sms) => lq,
         _ => 0,
     };
@@ -185,9 +185,19 @@ pub(crate) fn three_groups_pay(grids: usize, lq: usize, sms: usize) -> bool {
 /// launches finish first in whole waves on `sms` multiprocessors (a 192-row block costing
 /// [`WS3_BLOCK_COST`] 128-row ones, a second launch [`SECOND_LAUNCH_COST`] more) is taken, and
 /// of equal ones the single launch. SDXL at 2048²: level 1's 16 384 queries × 10 heads run six
-/// full waves of 192-row blocks and one of 128-row blocks (8.8 units) instead of seven waves of
-/// 192-row blocks, the last half idle (9.1).
-pub(crate) fn row_split(grids: usize, lq: usize, sms: usize) -> usize {
+/// full waves of 192-row blocks and one of 128-row blocks (8.9 units) instead of seven waves of
+/// 192-row blocks, the last half idle (9.1). Only grids over at least [`SPLIT_MIN_KEYS`] keys
+/// are split (the others take one tile height, `three_groups_pay`): with shorter key loops each
+/// block's start and end weigh more than the model counts, and on an H200 the split of
+/// 4 096-key grids ran no faster than one launch (runs U2, docs/benchmarks.md).
+pub(crate) fn row_split(grids: usize, lq: usize, lk: usize, sms: usize) -> usize {
+    if lk < SPLIT_MIN_KEYS {
+        return if three_groups_pay(grids, lq, sms) {
+            lq
+        } else {
+            0
+        };
+    }
     let sms = sms.max(1);
     let waves = |tiles: usize| tiles.div_ceil(sms) as f64;
     let cost = |m: usize| {
@@ -222,6 +232,9 @@ pub(crate) const WS3_BLOCK_COST: f64 = 1.3;
 /// What a second attention launch costs beyond its waves, in 128-row blocks (its launch and
 /// its first tiles' loads).
 pub(crate) const SECOND_LAUNCH_COST: f64 = 0.1;
+
+/// The fewest keys of a grid whose rows [`row_split`] splits between two tile heights.
+pub(crate) const SPLIT_MIN_KEYS: usize = 8192;
 
 static PERSISTENT: AtomicBool = AtomicBool::new(true);
 
@@ -466,17 +479,21 @@ mod tests {
         // 2048², level 1: 16 384 × 10 in six full waves of 192-row blocks (15 168 rows per
         // head, 790 blocks) and one wave of 128-row blocks: 8.9 units against 9.1 for seven
         // waves of 192-row blocks and 10 for 128-row ones.
-        assert_eq!(row_split(10, 16_384, 132), 15_168);
-        // 2048², level 2 (and 1024², b = 2, level 1): 4 096 × 20 in two waves of each (4.7
-        // against 5.0 for five waves of 128-row blocks).
-        assert_eq!(row_split(20, 4096, 132), 13 * 192);
+        assert_eq!(row_split(10, 16_384, 16_384, 132), 15_168);
+        // Its cross-attention (77 keys): one launch of 192-row blocks.
+        assert_eq!(row_split(10, 16_384, 77, 132), 16_384);
+        // 2048², level 2 (and 1024², b = 2, level 1): 4 096 × 20 would split (4.7 units
+        // against 5.0 for five waves of 128-row blocks) over 8 192 keys, but not over its own
+        // 4 096.
+        assert_eq!(row_split(20, 4096, 8192, 132), 13 * 192);
+        assert_eq!(row_split(20, 4096, 4096, 132), 0);
         // 1024², b = 2, level 2: all 192-row blocks (two waves).
-        assert_eq!(row_split(40, 1024, 132), 1024);
+        assert_eq!(row_split(40, 1024, 1024, 132), 1024);
         // A 32-row band's levels: one wave of 128-row blocks.
-        assert_eq!(row_split(10, 1024, 132), 0);
-        assert_eq!(row_split(20, 256, 132), 0);
+        assert_eq!(row_split(10, 1024, 16_384, 132), 0);
+        assert_eq!(row_split(20, 256, 16_384, 132), 0);
         // Nothing to attend.
-        assert_eq!(row_split(0, 0, 132), 0);
+        assert_eq!(row_split(0, 0, 16_384, 132), 0);
     }
 
     /// SDXL's self-attentions on a 132-multiprocessor GPU: three warpgroups where the last wave
