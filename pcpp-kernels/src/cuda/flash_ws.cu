@@ -253,7 +253,9 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
 // rows each (2, or 3 for head size 64: FlashAttention-3's 192-row tiles, more MMA work per K/V
 // tile; the consumers get 160 registers instead of 240). Dynamic shared memory: 1 KiB of
 // alignment slack, the Q tile and two stages of 128-row K and V tiles:
-// 1 KiB + (64 · NC + 4 · 128) · D · 2 bytes.
+// 1 KiB + (64 · NC + 4 · 128) · D · 2 bytes. The kernel covers query rows q0 .. q1 of each head
+// (of lq; the output keeps lq rows per image) over `batch` images: as a grid of one block per
+// tile (qtiles, heads, batch), or with PST = 1 as a persistent grid of any size.
 #define FLASH_WS(NAME, BF, D, PIPE, PP) FLASH_WSN(NAME, BF, D, PIPE, PP, 2, 0)
 #define FLASH_WSN(NAME, BF, D, PIPE, PP, NC, PST)                                                               \
     extern "C" __global__ void __launch_bounds__(128 * (NC + 1), 1)                                           \
