@@ -133,13 +133,7 @@ pub fn parse_variant(spec: &str, device: Device) -> Result<Variant> {
     let mut v = Variant {
         flash,
         fused: false,
-        vector: true,
-        nhwc: true,
-        tune: false,
-        regnorm: true,
-        windows: true,
-        programmatic: true,
-        persistent: true,
+        ..Variant::default()
     };
     for p in parts {
         match p {

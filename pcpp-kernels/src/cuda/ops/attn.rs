@@ -136,16 +136,18 @@ fn warpspec(
     let (Some(tk), Some(tv)) = (map(blocks[1], lk, 128), map(blocks[2], lk, 128)) else {
         return Ok(false);
     };
-    let parts = [(0, split, 3), (split, lq, 2)];
-    let mut tq = Vec::new();
-    for &(q0, q1, groups) in parts.iter().filter(|p| p.1 > p.0) {
-        let Some(m) = map(blocks[0], lq, 64 * groups) else {
-            return Ok(false);
-        };
-        tq.push((q0, q1, groups, m));
+    // Each launch's rows, warpgroups and Q map (all made before anything is launched).
+    let mut launches = Vec::new();
+    for (q0, q1, groups) in [(0, split, 3), (split, lq, 2)] {
+        if q1 > q0 {
+            let Some(tq) = map(blocks[0], lq, 64 * groups) else {
+                return Ok(false);
+            };
+            launches.push((q0, q1, groups, tq));
+        }
     }
     let scale_log2 = std::f32::consts::LOG2_E / (dh as f32).sqrt();
-    for (q0, q1, groups, tq) in tq {
+    for (q0, q1, groups, tq) in launches {
         let bm = 64 * groups;
         let qtiles = (q1 - q0).div_ceil(bm);
         let tiles = qtiles * heads * b;
@@ -191,31 +193,30 @@ pub(crate) fn three_groups_pay(grids: usize, lq: usize, sms: usize) -> bool {
 /// block's start and end weigh more than the model counts, and on an H200 the split of
 /// 4 096-key grids ran no faster than one launch (runs U2, docs/benchmarks.md).
 pub(crate) fn row_split(grids: usize, lq: usize, lk: usize, sms: usize) -> usize {
+    // The better single launch (`three_groups_pay` compares exactly their costs below).
+    let all = lq.div_ceil(192);
+    let single = if three_groups_pay(grids, lq, sms) {
+        all
+    } else {
+        0
+    };
     if lk < SPLIT_MIN_KEYS {
-        return if three_groups_pay(grids, lq, sms) {
-            lq
-        } else {
-            0
-        };
+        return (192 * single).min(lq);
     }
     let sms = sms.max(1);
     let waves = |tiles: usize| tiles.div_ceil(sms) as f64;
     let cost = |m: usize| {
         let split = (192 * m).min(lq);
         let rest = (lq - split).div_ceil(128) * grids;
-        let launches = usize::from(split > 0) + usize::from(rest > 0);
-        waves(m * grids) * WS3_BLOCK_COST
-            + waves(rest)
-            + if launches > 1 {
-                SECOND_LAUNCH_COST
-            } else {
-                0.0
-            }
+        let second = if split > 0 && rest > 0 {
+            SECOND_LAUNCH_COST
+        } else {
+            0.0
+        };
+        waves(m * grids) * WS3_BLOCK_COST + waves(rest) + second
     };
-    let all = lq.div_ceil(192);
-    // A mixed split must be cheaper than both single launches; of equal mixed ones, the one
-    // with the most rows in the larger tiles.
-    let single = if cost(all) < cost(0) { all } else { 0 };
+    // A mixed split must be cheaper than the single launch; of equal mixed ones, the one with
+    // the most rows in the larger tiles.
     let mixed = (1..all).rev().min_by(|&x, &y| cost(x).total_cmp(&cost(y)));
     let best = match mixed {
         Some(m) if cost(m) < cost(single) - 1e-9 => m,
