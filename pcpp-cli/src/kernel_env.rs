@@ -13,17 +13,21 @@
 //! embedding), `PCPP_FUSED_EPILOGUES=1|0` (a linear layer's
 //! tanh GELU or accumulator in cuBLASLt's epilogue), `PCPP_CONV_NHWC=1|0` (f16/bf16
 //! convolutions in NHWC with kept filters and the bias fused into the output transpose, or
-//! cuDNN's NCHW calls), `PCPP_AUTOTUNE=1|0` (the first call of each GEMM and convolution shape
-//! times the libraries' candidate algorithms and keeps the fastest, or takes their heuristic
-//! choice), `PCPP_NORM_REGISTERS=1|0` (layer norms that hold the row in registers, or read it
+//! cuDNN's NCHW calls), `PCPP_AUTOTUNE=1|0|report` (the first call of each GEMM and convolution
+//! shape times the libraries' candidate algorithms and keeps the fastest, or takes their
+//! heuristic choice; `report` tunes and writes each shape's candidates and times to stderr), `PCPP_NORM_REGISTERS=1|0` (layer norms that hold the row in registers, or read it
 //! three times; same bits), `PCPP_DEVICE_WINDOWS=1|0` (the device path keeps the self-attention's
 //! K/V windows and the group norm's statistics in place, or concatenates them and copies its
 //! sends; same values), `PCPP_PROGRAMMATIC_LAUNCH=1|0` (kernels of pcpp's own source launched
 //! with programmatic dependent launch on sm_90 and later, each starting while the one before it
 //! finishes; same values), `PCPP_FLASH_PERSISTENT=1|0` (the warp-specialised attention runs as
 //! a persistent grid of one block per multiprocessor where its tiles take more than one wave,
-//! or as one block per tile; same values). Unset means
-//! the measured defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`);
+//! or as one block per tile; same values), `PCPP_FLASH_EXP_POLY=1|0` (the head-size-64 Hopper
+//! attention computes 3 of every 16 score chunks' exponentials with a polynomial on the FMA
+//! pipe, or all on the special-function unit; values within the exponential's rounding), `PCPP_GEGLU_PREFETCH=1|0` (a GEGLU
+//! thread takes up to four rows, loading the next while it computes one, or one row; same
+//! bits). Unset means the measured defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`,
+//! `1`);
 //! benchmarks'
 //! `--variants` items ([`parse_variant`]) set the first three.
 //! Without the `cuda` feature there is nothing to choose and the variables are ignored.
@@ -56,10 +60,13 @@ pub struct Variant {
     vector: bool,
     nhwc: bool,
     tune: bool,
+    tune_report: bool,
     regnorm: bool,
     windows: bool,
     programmatic: bool,
     persistent: bool,
+    exp_poly: bool,
+    geglu_prefetch: bool,
 }
 
 impl Default for Variant {
@@ -71,10 +78,13 @@ impl Default for Variant {
             vector: true,
             nhwc: true,
             tune: false,
+            tune_report: false,
             regnorm: true,
             windows: true,
             programmatic: true,
             persistent: true,
+            exp_poly: true,
+            geglu_prefetch: true,
         }
     }
 }
@@ -106,11 +116,18 @@ pub fn apply() -> Result<()> {
     v.fused = switch("PCPP_FUSED_EPILOGUES")?;
     v.vector = switch("PCPP_VECTOR_KERNELS")?;
     v.nhwc = switch("PCPP_CONV_NHWC")?;
-    v.tune = var("PCPP_AUTOTUNE").is_some() && switch("PCPP_AUTOTUNE")?;
+    (v.tune, v.tune_report) = match var("PCPP_AUTOTUNE").as_deref() {
+        None | Some("0") => (false, false),
+        Some("1") => (true, false),
+        Some("report") => (true, true),
+        Some(t) => bail!("PCPP_AUTOTUNE={t}: expected 1, 0 or report"),
+    };
     v.regnorm = switch("PCPP_NORM_REGISTERS")?;
     v.windows = switch("PCPP_DEVICE_WINDOWS")?;
     v.programmatic = switch("PCPP_PROGRAMMATIC_LAUNCH")?;
     v.persistent = switch("PCPP_FLASH_PERSISTENT")?;
+    v.exp_poly = switch("PCPP_FLASH_EXP_POLY")?;
+    v.geglu_prefetch = switch("PCPP_GEGLU_PREFETCH")?;
     v.apply();
     Ok(())
 }
@@ -151,9 +168,9 @@ impl Variant {
         #[cfg(feature = "cuda")]
         {
             use pcpp_kernels::cuda::{
-                set_autotune, set_conv_nhwc, set_flash128, set_flash_persistent,
-                set_fused_epilogues, set_norm_registers, set_programmatic_launch,
-                set_vector_kernels, Flash128,
+                set_autotune, set_autotune_report, set_conv_nhwc, set_flash128, set_flash_exp_poly,
+                set_flash_persistent, set_fused_epilogues, set_geglu_prefetch, set_norm_registers,
+                set_programmatic_launch, set_vector_kernels, Flash128,
             };
             set_flash128(match self.flash {
                 "shared-q" => Flash128::SharedQ,
@@ -172,10 +189,13 @@ impl Variant {
             set_vector_kernels(self.vector);
             set_conv_nhwc(self.nhwc);
             set_autotune(self.tune);
+            set_autotune_report(self.tune_report);
             set_norm_registers(self.regnorm);
             pcpp_core::set_device_windows(self.windows);
             set_programmatic_launch(self.programmatic);
             set_flash_persistent(self.persistent);
+            set_flash_exp_poly(self.exp_poly);
+            set_geglu_prefetch(self.geglu_prefetch);
         }
     }
 }
@@ -194,6 +214,8 @@ pub fn choices(device: Device) -> serde_json::Value {
             "device_windows": pcpp_core::device_windows(),
             "programmatic_launch": pcpp_kernels::cuda::programmatic_launch(),
             "flash_persistent": pcpp_kernels::cuda::flash_persistent(),
+            "flash_exp_poly": pcpp_kernels::cuda::flash_exp_poly(),
+            "geglu_prefetch": pcpp_kernels::cuda::geglu_prefetch(),
         });
     }
     let _ = device;

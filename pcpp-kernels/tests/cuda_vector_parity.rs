@@ -26,7 +26,9 @@ use pcpp_kernels::{Activation, Conv2dParams, DType, Tensor};
 fn vector_kernels_match_cpu() {
     set_vector_kernels(true);
     for d in DTYPES {
-        for shape in [[2usize, 37, 64], [3, 5, 36]] {
+        // Rows of 8, 4.5 (not vectorised), 640 (a block a row) and 1 100 vectors (256-thread
+        // blocks across the row).
+        for shape in [[2usize, 37, 64], [3, 5, 36], [1, 3, 5120], [2, 2, 8800]] {
             let a = rnd(&shape, d, 1);
             let b = rnd(&shape, d, 2).affine(0.5, 2.0).unwrap();
             let (ga, gb) = (gpu(&a), gpu(&b));
@@ -102,6 +104,15 @@ fn vector_kernels_match_cpu() {
                 &x.geglu().unwrap(),
             );
         }
+        // Enough rows that each GEGLU thread takes four (its next row's loads in flight), the
+        // last block's threads fewer.
+        let x = rnd(&[20001, 128], d, 5).affine(4.0, 0.0).unwrap();
+        check(
+            &format!("geglu [20001, 128] {d:?}"),
+            d,
+            &gpu(&x).geglu().unwrap(),
+            &x.geglu().unwrap(),
+        );
         for (rows, dim) in [(300, 128), (7, 3072), (33, 36), (5, 48)] {
             let x = rnd(&[rows, dim], d, 6).affine(3.0, 0.5).unwrap();
             let g = rnd(&[dim], d, 7);

@@ -83,9 +83,11 @@ __device__ __forceinline__ void ws_arrive(int id) {
 
 template <int BF, int D, int PIPE, int PP, int NC, int PST>
 __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* tv, unsigned short* o, int lq,
-                              int lk, int heads, int batch, int q0, int q1, float scale_log2, int causal,
+                              int lk, int heads, int batch, int q0, int q1, float scale_log2, int flags,
                               unsigned short* dyn, unsigned long long* bars) {
 #if PCPP_WGMMA
+    // flags: bit 0 the causal mask, bit 1 the FMA-pipe share of the exponentials (wg_softmax).
+    const int causal = flags & 1, poly = (flags >> 1) & 1;
     constexpr int BM = 64 * NC, BN = 128, ST = 2;
     constexpr unsigned QBYTES = BM * D * 2, TBYTES = BN * D * 2;
     // Q tile, then ST stages of K and V (each stage: K, then V), from a 1024-byte boundary.
@@ -198,7 +200,7 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
             mbar_arrive(kempty(st0));
             // The Q tile is free once its last scores are in (the producer loads the next one).
             if (ntiles == 1) mbar_arrive(qempty);
-            wg_softmax<BN>(sacc, 0, lk, causal, row0, c, scale_log2, mrow, lrow, al);
+            wg_softmax<BN>(sacc, 0, lk, causal, poly, row0, c, scale_log2, mrow, lrow, al);
             wg_pack<BF, BN>(sacc, pa);
             for (int t = 1; t < ntiles; ++t) {
                 int g = it + t, st = g % ST, pst = (g - 1) % ST;
@@ -216,7 +218,7 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
                 wg_hold<BN / 2>(sacc);
                 mbar_arrive(kempty(st));
                 if (t == ntiles - 1) mbar_arrive(qempty);
-                wg_softmax<BN>(sacc, t * BN, lk, causal, row0, c, scale_log2, mrow, lrow, al);
+                wg_softmax<BN>(sacc, t * BN, lk, causal, poly, row0, c, scale_log2, mrow, lrow, al);
                 asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
                 wg_hold<D / 2>(oacc);
                 mbar_arrive(vempty(pst));
@@ -261,12 +263,12 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
     extern "C" __global__ void __launch_bounds__(128 * (NC + 1), 1)                                           \
         NAME(const __grid_constant__ TmaMap tq, const __grid_constant__ TmaMap tk,                           \
              const __grid_constant__ TmaMap tv, unsigned short* o, int lq, int lk, int heads, int batch,      \
-             int q0, int q1, float scale_log2, int causal) {                                                  \
+             int q0, int q1, float scale_log2, int flags) {                                                   \
         pdl_begin();                                                                                          \
         extern __shared__ __align__(1024) unsigned short flash_ws_dyn[];                                      \
         __shared__ __align__(8) unsigned long long flash_ws_bars[10];                                        \
         flash_ws_impl<BF, D, PIPE, PP, NC, PST>(&tq, &tk, &tv, o, lq, lk, heads, batch, q0, q1, scale_log2,   \
-                                                causal, flash_ws_dyn, flash_ws_bars);                         \
+                                                flags, flash_ws_dyn, flash_ws_bars);                          \
     }
 FLASH_WS(flash_ws64_f16, 0, 64, 1, 1)
 FLASH_WS(flash_ws64_bf16, 1, 64, 1, 1)

@@ -31,14 +31,18 @@ use crate::{DType, Device, KernelError, Result, Tensor};
 
 pub use names::kernel_names;
 pub(crate) use ops::vector::{add_gated, modulated_layer_norm, rotate_pairs};
-pub use ops::vector::{norm_registers, set_norm_registers, set_vector_kernels, vector_kernels};
+pub use ops::vector::{
+    geglu_prefetch, norm_registers, set_geglu_prefetch, set_norm_registers, set_vector_kernels,
+    vector_kernels,
+};
 pub(crate) use ops::*;
 pub use ops::{
     autotune, capture_graph, conv2d_in_bands, conv_nhwc, copy_into, copy_rows_into, flash128,
-    flash_persistent, fused_epilogues, group_norm_merged_into, group_norm_merged_into_nhwc,
-    group_norm_merged_nhwc, linear_rows_into, nchw_rows_into_nhwc, programmatic_launch,
-    set_autotune, set_conv_nhwc, set_flash128, set_flash_persistent, set_fused_epilogues,
-    set_programmatic_launch, CudaGraphStep, Flash128, StatsWindow,
+    flash_exp_poly, flash_persistent, fused_epilogues, group_norm_merged_into,
+    group_norm_merged_into_nhwc, group_norm_merged_nhwc, linear_rows_into, nchw_rows_into_nhwc,
+    programmatic_launch, set_autotune, set_autotune_report, set_conv_nhwc, set_flash128,
+    set_flash_exp_poly, set_flash_persistent, set_fused_epilogues, set_programmatic_launch,
+    CudaGraphStep, Flash128, StatsWindow,
 };
 
 /// CUDA C source of every hand-written kernel (compiled at run time by NVRTC), one translation

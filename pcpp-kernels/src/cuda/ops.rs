@@ -122,13 +122,16 @@ pub use norm::{
     group_norm_merged_into, group_norm_merged_into_nhwc, group_norm_merged_nhwc, StatsWindow,
 };
 pub use rows::{copy_rows_into, linear_rows_into, nchw_rows_into_nhwc};
-pub use tune::{autotune, set_autotune};
+pub use tune::{autotune, set_autotune, set_autotune_report};
 
 pub(crate) use attn::{
     attention, attention_in_place, flash_hopper_bytes, flash_hopper_name, flash_ws_bytes,
     flash_ws_name, FLASH_SHARED_Q64_BYTES, FLASH_SHARED_Q_BYTES,
 };
-pub use attn::{flash128, flash_persistent, set_flash128, set_flash_persistent, Flash128};
+pub use attn::{
+    flash128, flash_exp_poly, flash_persistent, set_flash128, set_flash_exp_poly,
+    set_flash_persistent, Flash128,
+};
 
 fn tname(d: DType) -> &'static str {
     d.name()

@@ -41,7 +41,7 @@ const CONV_CANDIDATES: [dnn_sys::cudnnConvolutionFwdAlgo_t; 4] = [
 const CONV_MAX_WORKSPACE: usize = 1 << 30;
 
 /// Key of a cached cuDNN algorithm choice.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub(crate) struct ConvKey {
     dtype: DType,
     /// f32 convolutions may use TF32 ([`super::Gpu::set_tf32`]).
@@ -185,7 +185,9 @@ where
             }
             let pick = if found.len() > 1 {
                 let mut wsb = scratch(found.iter().map(|f| f.1).max().unwrap_or(0))?;
-                tune::fastest(gpu, found.len(), |i| {
+                let shape = format!("conv {key:?}");
+                let label = |i: usize| format!("{:?}", found[i].0);
+                tune::fastest(gpu, found.len(), (&shape, &label), |i| {
                     launch(found[i].0, wsb.as_mut(), &mut *y)
                 })?
                 .unwrap_or(0)

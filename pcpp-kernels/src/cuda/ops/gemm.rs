@@ -88,7 +88,47 @@ pub(super) fn gemm_batched(
 }
 
 /// How many of cuBLASLt's candidates a new shape times ([`tune::fastest`]).
-const LT_CANDIDATES: usize = 8;
+const LT_CANDIDATES: usize = 16;
+
+/// A cuBLASLt algorithm's configuration as the autotune report prints it: algorithm id, tile,
+/// stages, split-K count, reduction scheme, CTA swizzle, custom option, cluster shape (the ids of
+/// cuBLASLt's enums).
+fn algo_label(algo: &lt_sys::cublasLtMatmulAlgo_t) -> String {
+    use lt_sys::cublasLtMatmulAlgoConfigAttributes_t as A;
+    // cuBLASLt checks the buffer's size against the attribute's (4 bytes for most, 2 for the
+    // cluster shape), so each size is tried in turn.
+    let get = |attr: A| {
+        for size in [4usize, 2, 8] {
+            let mut v = 0u64;
+            let mut written = 0usize;
+            // SAFETY: `algo` is a live algorithm value; `v` has room for the `size` bytes asked.
+            let status = unsafe {
+                lt_sys::cublasLtMatmulAlgoConfigGetAttribute(
+                    algo,
+                    attr,
+                    &mut v as *mut u64 as *mut c_void,
+                    size,
+                    &mut written,
+                )
+            };
+            if status == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return v.to_string();
+            }
+        }
+        "?".to_string()
+    };
+    format!(
+        "algo {} tile {} stages {} split-k {} reduction {} swizzle {} custom {} cluster {}",
+        get(A::CUBLASLT_ALGO_CONFIG_ID),
+        get(A::CUBLASLT_ALGO_CONFIG_TILE_ID),
+        get(A::CUBLASLT_ALGO_CONFIG_STAGES_ID),
+        get(A::CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
+        get(A::CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME),
+        get(A::CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING),
+        get(A::CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION),
+        get(A::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID),
+    )
+}
 
 /// Key of a cached cuBLASLt algorithm choice.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -303,7 +343,10 @@ pub(super) fn lt_linear(
                 ));
             }
             let pick = if found.len() > 1 {
-                tune::fastest(gpu, found.len(), |i| run(&found[i].algo))?.unwrap_or(0)
+                let shape = format!("GEMM {dtype:?} {rows}x{k} · {n}x{k}");
+                let label = |i: usize| algo_label(&found[i].algo);
+                tune::fastest(gpu, found.len(), (&shape, &label), |i| run(&found[i].algo))?
+                    .unwrap_or(0)
             } else {
                 0
             };

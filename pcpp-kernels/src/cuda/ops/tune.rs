@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use super::*;
 
 static AUTOTUNE: AtomicBool = AtomicBool::new(false);
+static REPORT: AtomicBool = AtomicBool::new(false);
 
 /// Whether the first call of a GEMM or convolution shape times the libraries' candidates (off
 /// unless [`set_autotune`] turned it on).
@@ -24,6 +25,13 @@ pub fn autotune() -> bool {
 /// the libraries' heuristic choice (the default), for this process.
 pub fn set_autotune(on: bool) {
     AUTOTUNE.store(on, Ordering::Relaxed);
+}
+
+/// Whether each tuned shape's candidates and their times are written to stderr (off unless
+/// [`set_autotune_report`] turned it on): what the choice was made from, for a user comparing
+/// the libraries' heuristic pick (candidate 0) with the fastest.
+pub fn set_autotune_report(on: bool) {
+    REPORT.store(on, Ordering::Relaxed);
 }
 
 /// Timed runs per candidate (after one untimed run that also checks it launches).
@@ -43,10 +51,12 @@ pub(super) fn may_tune(gpu: &Gpu) -> bool {
 
 /// The index of the fastest of `n` candidates, each launched by `run(i)` on `gpu`'s stream
 /// (work that may be repeated: same operands, same result). A candidate whose launch fails is
-/// skipped; `None` when none launched. Synchronises the stream.
+/// skipped; `None` when none launched. Synchronises the stream. With the report on, writes
+/// `shape` and each candidate's `label` and mean time to stderr.
 pub(super) fn fastest(
     gpu: &Gpu,
     n: usize,
+    (shape, label): (&str, &dyn Fn(usize) -> String),
     mut run: impl FnMut(usize) -> Result<()>,
 ) -> Result<Option<usize>> {
     let ev = |what: &str| {
@@ -59,8 +69,13 @@ pub(super) fn fastest(
     let mut scratch =
         unsafe { gpu.stream.alloc::<u8>(FLUSH_BYTES) }.map_err(|e| gpu.err("tuning scratch", e))?;
     let mut best: Option<(usize, f32)> = None;
+    let report = REPORT.load(Ordering::Relaxed);
+    let mut lines = Vec::new();
     for i in 0..n {
         if run(i).is_err() {
+            if report {
+                lines.push(format!("  {i:2} {}: failed to launch", label(i)));
+            }
             continue;
         }
         let mut total = 0.0f32;
@@ -78,9 +93,17 @@ pub(super) fn fastest(
                 .elapsed_ms(&end)
                 .map_err(|e| gpu.err("tuning time", e))?;
         }
+        if report {
+            let us = 1e3 * total / REPS as f32;
+            lines.push(format!("  {i:2} {}: {us:.1} us", label(i)));
+        }
         if !matches!(best, Some((_, t)) if t <= total) {
             best = Some((i, total));
         }
+    }
+    if report {
+        let pick = best.map_or("none".to_string(), |(i, _)| i.to_string());
+        eprintln!("autotune {shape}: picked {pick}\n{}", lines.join("\n"));
     }
     Ok(best.map(|(i, _)| i))
 }

@@ -31,6 +31,20 @@ pub fn set_vector_kernels(on: bool) {
     VECTOR.store(on, Ordering::Relaxed);
 }
 
+static GEGLU_PREFETCH: AtomicBool = AtomicBool::new(true);
+
+/// Whether a GEGLU thread takes several rows, loading the next one's vectors while it computes
+/// one, where the grid has waves to spare ([`geglu_row_blocks`]); on unless
+/// [`set_geglu_prefetch`] turned it off (then every thread takes one row; same bits).
+pub fn geglu_prefetch() -> bool {
+    GEGLU_PREFETCH.load(Ordering::Relaxed)
+}
+
+/// Turns the GEGLU rows' prefetch on or off for this process.
+pub fn set_geglu_prefetch(on: bool) {
+    GEGLU_PREFETCH.store(on, Ordering::Relaxed);
+}
+
 static NORM_REGISTERS: AtomicBool = AtomicBool::new(true);
 
 /// Whether layer norms hold their row in registers (`row_norm_reg`, one read of the row) where it
@@ -283,9 +297,24 @@ pub(super) fn try_geglu(
     if !vector_kernels() || h % v != 0 || !aligned(&[x, y]) {
         return Ok(false);
     }
-    launch!(gpu, format!("geglu_vec_{}", tname(dt)), cfg_row_blocks(h / v, rows);
+    let mut cfg = cfg_row_blocks(h / v, rows);
+    if geglu_prefetch() {
+        cfg.grid_dim.1 = geglu_row_blocks(cfg.grid_dim.0 as usize, rows, gpu.sms) as u32;
+    }
+    launch!(gpu, format!("geglu_vec_{}", tname(dt)), cfg;
         x, y, rows as i64, h as i64);
     Ok(true)
+}
+
+/// Most rows a GEGLU thread takes (each loading its next row's vectors while it computes one).
+const GEGLU_ROWS: usize = 4;
+
+/// The GEGLU grid's blocks along the rows: one row each (no prefetch) where the grid would
+/// otherwise take fewer than two waves of eight 256-thread blocks per multiprocessor (a band's
+/// few rows keep every block), up to [`GEGLU_ROWS`] rows per thread where it has waves to spare.
+fn geglu_row_blocks(x_blocks: usize, rows: usize, sms: usize) -> usize {
+    let per_thread = (x_blocks * rows / (2 * 8 * sms.max(1))).clamp(1, GEGLU_ROWS);
+    rows.div_ceil(per_thread).min(MAX_GRID_Y)
 }
 
 /// Layer norm (`mean_too`) or RMS norm over rows of `d`, one warp per row; `g`, `b`: 0 when
@@ -456,7 +485,22 @@ pub(super) fn try_cat(
 
 #[cfg(test)]
 mod tests {
-    use super::row_pattern;
+    use super::{geglu_row_blocks, row_pattern};
+
+    #[test]
+    fn geglu_threads_take_several_rows_only_with_waves_to_spare() {
+        // SDXL at 2048², 132 multiprocessors: level 2 (3 blocks across 640 vectors, 4 096 rows)
+        // and level 1 (2 blocks, 16 384 rows) take four rows a thread.
+        assert_eq!(geglu_row_blocks(3, 4096, 132), 1024);
+        assert_eq!(geglu_row_blocks(2, 16384, 132), 4096);
+        // 1024², b = 2, level 2: 6 144 blocks are 2.9 waves of 2 112: two rows a thread.
+        assert_eq!(geglu_row_blocks(3, 2048, 132), 1024);
+        // A 32-row band's 256 rows keep a block each; so does a small GPU's short grid.
+        assert_eq!(geglu_row_blocks(3, 256, 132), 256);
+        assert_eq!(geglu_row_blocks(1, 10, 1), 10);
+        // Rows that four do not divide: the last block's threads take fewer.
+        assert_eq!(geglu_row_blocks(1, 20001, 132), 5001);
+    }
 
     #[test]
     fn row_pattern_finds_adaln_broadcasts_and_nothing_else() {
