@@ -15,19 +15,17 @@
 //! convolutions in NHWC with kept filters and the bias fused into the output transpose, or
 //! cuDNN's NCHW calls), `PCPP_AUTOTUNE=1|0|report` (the first call of each GEMM and convolution
 //! shape times the libraries' candidate algorithms and keeps the fastest, or takes their
-//! heuristic choice; `report` tunes and writes each shape's candidates and times to stderr), `PCPP_NORM_REGISTERS=1|0` (layer norms that hold the row in registers, or read it
-//! three times; same bits), `PCPP_DEVICE_WINDOWS=1|0` (the device path keeps the self-attention's
+//! heuristic choice; `report` tunes and writes each shape's candidates and times to stderr),
+//! `PCPP_NORM_REGISTERS=1|0` (layer norms that hold the row in registers, or read it three
+//! times; same bits), `PCPP_DEVICE_WINDOWS=1|0` (the device path keeps the self-attention's
 //! K/V windows and the group norm's statistics in place, or concatenates them and copies its
 //! sends; same values), `PCPP_PROGRAMMATIC_LAUNCH=1|0` (kernels of pcpp's own source launched
 //! with programmatic dependent launch on sm_90 and later, each starting while the one before it
 //! finishes; same values), `PCPP_FLASH_PERSISTENT=1|0` (the warp-specialised attention runs as
 //! a persistent grid of one block per multiprocessor where its tiles take more than one wave,
-//! or as one block per tile; same values), `PCPP_FLASH_EXP_POLY=1|0` (the head-size-64 Hopper
-//! attention computes 3 of every 16 score chunks' exponentials with a polynomial on the FMA
-//! pipe, or all on the special-function unit; values within the exponential's rounding), `PCPP_GEGLU_PREFETCH=1|0` (a GEGLU
+//! or as one block per tile; same values), `PCPP_GEGLU_PREFETCH=1|0` (a GEGLU
 //! thread takes up to four rows, loading the next while it computes one, or one row; same
-//! bits). Unset means the measured defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`,
-//! `1`);
+//! bits). Unset means the measured defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`);
 //! benchmarks'
 //! `--variants` items ([`parse_variant`]) set the first three.
 //! Without the `cuda` feature there is nothing to choose and the variables are ignored.
@@ -65,7 +63,6 @@ pub struct Variant {
     windows: bool,
     programmatic: bool,
     persistent: bool,
-    exp_poly: bool,
     geglu_prefetch: bool,
 }
 
@@ -83,7 +80,6 @@ impl Default for Variant {
             windows: true,
             programmatic: true,
             persistent: true,
-            exp_poly: true,
             geglu_prefetch: true,
         }
     }
@@ -126,7 +122,6 @@ pub fn apply() -> Result<()> {
     v.windows = switch("PCPP_DEVICE_WINDOWS")?;
     v.programmatic = switch("PCPP_PROGRAMMATIC_LAUNCH")?;
     v.persistent = switch("PCPP_FLASH_PERSISTENT")?;
-    v.exp_poly = switch("PCPP_FLASH_EXP_POLY")?;
     v.geglu_prefetch = switch("PCPP_GEGLU_PREFETCH")?;
     v.apply();
     Ok(())
@@ -168,7 +163,7 @@ impl Variant {
         #[cfg(feature = "cuda")]
         {
             use pcpp_kernels::cuda::{
-                set_autotune, set_autotune_report, set_conv_nhwc, set_flash128, set_flash_exp_poly,
+                set_autotune, set_autotune_report, set_conv_nhwc, set_flash128,
                 set_flash_persistent, set_fused_epilogues, set_geglu_prefetch, set_norm_registers,
                 set_programmatic_launch, set_vector_kernels, Flash128,
             };
@@ -194,7 +189,6 @@ impl Variant {
             pcpp_core::set_device_windows(self.windows);
             set_programmatic_launch(self.programmatic);
             set_flash_persistent(self.persistent);
-            set_flash_exp_poly(self.exp_poly);
             set_geglu_prefetch(self.geglu_prefetch);
         }
     }
@@ -214,7 +208,6 @@ pub fn choices(device: Device) -> serde_json::Value {
             "device_windows": pcpp_core::device_windows(),
             "programmatic_launch": pcpp_kernels::cuda::programmatic_launch(),
             "flash_persistent": pcpp_kernels::cuda::flash_persistent(),
-            "flash_exp_poly": pcpp_kernels::cuda::flash_exp_poly(),
             "geglu_prefetch": pcpp_kernels::cuda::geglu_prefetch(),
         });
     }

@@ -78,6 +78,14 @@ __device__ __forceinline__ void wg_rs_t(float* d, const unsigned* a, unsigned lo
     else WG_TYPED(WG_RS, "128", "{%64,%65,%66,%67}", "68", WG_R64, WG_D64("+f"));
 #endif
 }
+// D (64 x 8, f32) += A·B with B an all-ones tile in shared memory: every column of D gains the
+// row sums of A (the softmax's row sums of P taken by the tensor cores, flash_ws.cu).
+template <int BF>
+__device__ __forceinline__ void wg_rs_ones(float* d, const unsigned* a, unsigned long long b) {
+#if PCPP_WGMMA
+    WG_TYPED(WG_RS, "8", "{%4,%5,%6,%7}", "8", "{%0,%1,%2,%3}", "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]));
+#endif
+}
 __device__ __forceinline__ void wg_fence() {
 #if PCPP_WGMMA
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
@@ -113,32 +121,14 @@ __device__ __forceinline__ void wg_load(unsigned dst, const unsigned short* src,
         cp_async16_at(dst + wg_chunk<R>(r, cc), g, row < n ? 16 : 0);
     }
 }
-// 2^x for x ≤ 0 on the FMA pipe instead of the special-function unit, whose ex2 throughput (16
-// a clock per multiprocessor) bounds a head size of 64's softmax as much as its MMAs do
-// (FlashAttention-4's offload): 2^x = 2^i · 2^f with i = round(x) (adding 1.5 · 2^23 leaves i in
-// the low mantissa bits), f = x − i in [−½, ½], 2^f a degree-5 minimax polynomial (relative error
-// 2.3e-7; ex2.approx's is 2^-22 = 2.4e-7) and i added to its exponent. x is clamped to −126: a
-// masked key's weight is then 2^-126 instead of 0, zero once P is 16-bit and nothing beside a
-// row's sum of at least 1.
-__device__ __forceinline__ float fma_exp2(float x) {
-    x = fmaxf(x, -126.0f);
-    float r = x + 12582912.0f;
-    float f = x - (r - 12582912.0f);
-    float p = fmaf(1.3276452664285898e-3f, f, 9.675541892647743e-3f);
-    p = fmaf(p, f, 5.550713464617729e-2f);
-    p = fmaf(p, f, 0.24022120237350464f);
-    p = fmaf(p, f, 0.6931469440460205f);
-    p = fmaf(p, f, 1.0000001192092896f);
-    return __int_as_float(__float_as_int(p) + (__float_as_int(r) << 23));
-}
 // Online softmax of one tile of scores (this thread's rows g and g + 8 of its warp, 8-key chunks
 // j): masks keys past lk (and above the diagonal when causal), updates the running maxima m and
 // sums l, returns the rescale factors of the old accumulators in al and leaves P = exp2(S − m)
-// in s (f32). With `poly`, the chunks j ≡ 4 (mod 5) (3 of a 128-key tile's 16) take fma_exp2:
-// about the share that evens the special-function unit's load with the issue slots it adds.
-template <int BN>
-__device__ __forceinline__ void wg_softmax(float* s, int kb, int lk, int causal, int poly, int row0, int c,
-                                           float scale_log2, float* m, float* l, float* al) {
+// in s (f32).
+// Without SUMS the row sums are left to the caller (l is not touched).
+template <int BN, bool SUMS = true>
+__device__ __forceinline__ void wg_softmax(float* s, int kb, int lk, int causal, int row0, int c, float scale_log2,
+                                           float* m, float* l, float* al) {
     constexpr int NJ = BN / 8;
     bool edge = (kb + BN > lk) || causal;
     float mx0 = NEG_INF, mx1 = NEG_INF;
@@ -172,22 +162,19 @@ __device__ __forceinline__ void wg_softmax(float* s, int kb, int lk, int causal,
     float ls0 = 0.0f, ls1 = 0.0f;
 #pragma unroll
     for (int j = 0; j < NJ; ++j) {
-        if (poly && j % 5 == 4) {
-            s[j * 4 + 0] = fma_exp2(fmaf(s[j * 4 + 0], scale_log2, -sub0));
-            s[j * 4 + 1] = fma_exp2(fmaf(s[j * 4 + 1], scale_log2, -sub0));
-            s[j * 4 + 2] = fma_exp2(fmaf(s[j * 4 + 2], scale_log2, -sub1));
-            s[j * 4 + 3] = fma_exp2(fmaf(s[j * 4 + 3], scale_log2, -sub1));
-        } else {
-            s[j * 4 + 0] = fast_exp2(fmaf(s[j * 4 + 0], scale_log2, -sub0));
-            s[j * 4 + 1] = fast_exp2(fmaf(s[j * 4 + 1], scale_log2, -sub0));
-            s[j * 4 + 2] = fast_exp2(fmaf(s[j * 4 + 2], scale_log2, -sub1));
-            s[j * 4 + 3] = fast_exp2(fmaf(s[j * 4 + 3], scale_log2, -sub1));
+        s[j * 4 + 0] = fast_exp2(fmaf(s[j * 4 + 0], scale_log2, -sub0));
+        s[j * 4 + 1] = fast_exp2(fmaf(s[j * 4 + 1], scale_log2, -sub0));
+        s[j * 4 + 2] = fast_exp2(fmaf(s[j * 4 + 2], scale_log2, -sub1));
+        s[j * 4 + 3] = fast_exp2(fmaf(s[j * 4 + 3], scale_log2, -sub1));
+        if constexpr (SUMS) {
+            ls0 += s[j * 4 + 0] + s[j * 4 + 1];
+            ls1 += s[j * 4 + 2] + s[j * 4 + 3];
         }
-        ls0 += s[j * 4 + 0] + s[j * 4 + 1];
-        ls1 += s[j * 4 + 2] + s[j * 4 + 3];
     }
-    l[0] = l[0] * al[0] + ls0;
-    l[1] = l[1] * al[1] + ls1;
+    if constexpr (SUMS) {
+        l[0] = l[0] * al[0] + ls0;
+        l[1] = l[1] * al[1] + ls1;
+    }
 }
 // P (f32, the scores' accumulator layout) in 16 bits as the A fragments of the P·V MMAs, 16 keys
 // each: mma.sync's m16k16 A fragment is two n8 accumulator chunks side by side.
@@ -220,6 +207,13 @@ __device__ __forceinline__ void wg_values(float* oacc, unsigned (*pa)[4], VA vad
 #pragma unroll
     for (int t = 0; t < BN / 16; ++t) wg_rs_t<BF, D>(oacc, pa[t], wg_desc(vaddr() + t * 2048, BN * 128, 1024));
 }
+// l += P·1 of one tile: the row sums of the packed P (the values the P·V MMAs weigh V with) by
+// m64n8k16 MMAs over the all-ones tile at `ones` (two 8-key groups, 2 KiB).
+template <int BF, int BN>
+__device__ __forceinline__ void wg_row_sums(float* lacc, unsigned (*pa)[4], unsigned ones) {
+#pragma unroll
+    for (int t = 0; t < BN / 16; ++t) wg_rs_ones<BF>(lacc, pa[t], wg_desc(ones, BN * 128, 1024));
+}
 // The accumulators of rows g (a[0]) and g + 8 (a[1]) times the softmax's rescale factors.
 template <int D>
 __device__ __forceinline__ void wg_rescale(float* oacc, const float* a) {
@@ -232,13 +226,15 @@ __device__ __forceinline__ void wg_rescale(float* oacc, const float* a) {
     }
 }
 // O / l of this thread's rows row0 and row0 + 8 (those below lq) into the head's columns at ob
-// (rows dm elements apart): the row sums of the quad reduced first.
-template <int BF, int D>
+// (rows dm elements apart): the row sums of the quad reduced first where they are its threads'
+// partial sums (PARTIAL).
+template <int BF, int D, bool PARTIAL = true>
 __device__ __forceinline__ void wg_store(unsigned short* ob, long dm, int lq, int row0, int c, const float* oacc,
                                          const float* lrow) {
     float l0 = lrow[0], l1 = lrow[1];
+    // Without PARTIAL every thread of the quad holds its rows' whole sums already.
 #pragma unroll
-    for (int off = 1; off < 4; off <<= 1) {
+    for (int off = 1; off < 4 && PARTIAL; off <<= 1) {
         l0 += __shfl_xor_sync(0xffffffffu, l0, off);
         l1 += __shfl_xor_sync(0xffffffffu, l1, off);
     }
@@ -254,11 +250,9 @@ __device__ __forceinline__ void wg_store(unsigned short* ob, long dm, int lq, in
 
 template <int BF, int D>
 __device__ void flash_wg_impl(const unsigned short* q, const unsigned short* k, const unsigned short* v,
-                              unsigned short* o, int lq, int lk, int heads, float scale_log2, int flags,
+                              unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal,
                               unsigned short* dyn) {
 #if PCPP_WGMMA
-    // flags: bit 0 the causal mask, bit 1 the FMA-pipe share of the exponentials (wg_softmax).
-    const int causal = flags & 1, poly = (flags >> 1) & 1;
     constexpr int BM = 128, BN = 128, NT = 256, ST = 2;
     constexpr unsigned QBYTES = BM * D * 2, TBYTES = BN * D * 2;
     // Q tile, then ST stages of K and V (each stage: K, then V), from a 1024-byte boundary.
@@ -313,7 +307,7 @@ __device__ void flash_wg_impl(const unsigned short* q, const unsigned short* k, 
         scores(tile % ST);
         wg_commit_wait();
         wg_hold<BN / 2>(sacc);
-        wg_softmax<BN>(sacc, tile * BN, lk, causal, poly, row0, c, scale_log2, mrow, lrow, al);
+        wg_softmax<BN>(sacc, tile * BN, lk, causal, row0, c, scale_log2, mrow, lrow, al);
         wg_pack<BF, BN>(sacc, pa);
         rescale(al);
         wg_hold<D / 2>(oacc);
@@ -331,9 +325,9 @@ __device__ void flash_wg_impl(const unsigned short* q, const unsigned short* k, 
 // and V tiles, D halves a row: 1 KiB + (128 + 4 * 128) * D * 2 bytes.
 #define FLASH_WG(NAME, BF, D)                                                                          \
     extern "C" __global__ void __launch_bounds__(256, 1) NAME(const unsigned short* q, const unsigned short* k, \
-        const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int flags) { pdl_begin(); \
+        const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) { pdl_begin(); \
         extern __shared__ __align__(1024) unsigned short flash_wg_dyn[];                                      \
-        flash_wg_impl<BF, D>(q, k, v, o, lq, lk, heads, scale_log2, flags, flash_wg_dyn);               \
+        flash_wg_impl<BF, D>(q, k, v, o, lq, lk, heads, scale_log2, causal, flash_wg_dyn);              \
     }
 FLASH_WG(flash_wg64_f16, 0, 64)
 FLASH_WG(flash_wg64_bf16, 1, 64)

@@ -128,10 +128,7 @@ pub(crate) use attn::{
     attention, attention_in_place, flash_hopper_bytes, flash_hopper_name, flash_ws_bytes,
     flash_ws_name, FLASH_SHARED_Q64_BYTES, FLASH_SHARED_Q_BYTES,
 };
-pub use attn::{
-    flash128, flash_exp_poly, flash_persistent, set_flash128, set_flash_exp_poly,
-    set_flash_persistent, Flash128,
-};
+pub use attn::{flash128, flash_persistent, set_flash128, set_flash_persistent, Flash128};
 
 fn tname(d: DType) -> &'static str {
     d.name()

@@ -75,15 +75,9 @@ pub(crate) fn attention(
             block_dim: (if hopper { 256 } else { 128 }, 1, 1),
             shared_mem_bytes: smem,
         };
-        // The Hopper kernel takes flags; the others a causal switch.
-        let flags = if hopper {
-            hopper_flags(causal, dh)
-        } else {
-            causal as i32
-        };
         launch!(gpu, format!("{name}_{}", tname(dt)), cfg;
             ptr(q)?, ptr(&k)?, ptr(&v)?, ptr(&y)?, lq as i32, lk as i32, heads as i32, scale_log2,
-            flags);
+            causal as i32);
         return Ok(y);
     }
     attention_chunked(&gpu, (q, &k, &v, &y), (b, lq, lk, heads), causal)?;
@@ -170,7 +164,7 @@ fn warpspec(
         };
         launch!(gpu, format!("{}_{}", flash_ws_name(dh, &name), tname(dt)), cfg;
             tq, tk, tv, ptr(y)?, lq as i32, lk as i32, heads as i32, b as i32, q0 as i32,
-            q1 as i32, scale_log2, hopper_flags(causal, dh));
+            q1 as i32, scale_log2, causal as i32);
     }
     Ok(true)
 }
@@ -259,28 +253,6 @@ pub fn set_flash_persistent(on: bool) {
     PERSISTENT.store(on, Ordering::Relaxed);
 }
 
-static EXP_POLY: AtomicBool = AtomicBool::new(true);
-
-/// Whether the Hopper attention kernels at head size 64 compute a share of the softmax's
-/// exponentials with a polynomial on the FMA pipe (`fma_exp2` in flash_hopper.cu) instead of
-/// the special-function unit: on unless [`set_flash_exp_poly`] turned it off.
-pub fn flash_exp_poly() -> bool {
-    EXP_POLY.load(Ordering::Relaxed)
-}
-
-/// Chooses whether the head-size-64 Hopper attention takes a share of its exponentials on the
-/// FMA pipe (values within the exponential's rounding of the special-function unit's), for
-/// this process.
-pub fn set_flash_exp_poly(on: bool) {
-    EXP_POLY.store(on, Ordering::Relaxed);
-}
-
-/// The `flags` argument of the Hopper attention kernels: bit 0 the causal mask, bit 1 the
-/// exponentials' FMA-pipe share ([`flash_exp_poly`], head size 64 only).
-fn hopper_flags(causal: bool, dh: usize) -> i32 {
-    causal as i32 | (((dh == 64 && flash_exp_poly()) as i32) << 1)
-}
-
 /// [`crate::Tensor::attention_packed`] where its blocks can be read in place (see
 /// [`warpspec`]): `None` otherwise, and the caller copies the blocks out. The caller checked
 /// shapes, devices and `width % heads`.
@@ -313,10 +285,10 @@ pub(crate) fn flash_ws_name(dh: usize, form: &str) -> String {
 }
 
 /// Dynamic shared memory of the warp-specialised kernels with `groups` MMA warpgroups (2 or 3)
-/// for head size `dh`: 1 KiB of alignment slack, the `64 · groups`-row Q tile and two stages of
-/// 128-row K and V tiles.
+/// for head size `dh`: 1 KiB of alignment slack, the `64 · groups`-row Q tile, two stages of
+/// 128-row K and V tiles and the 2 KiB all-ones tile of the row-sum MMAs.
 pub(crate) const fn flash_ws_bytes(dh: usize, groups: usize) -> u32 {
-    (1024 + (64 * groups + 4 * 128) * dh * 2) as u32
+    (1024 + (64 * groups + 4 * 128) * dh * 2 + 2048) as u32
 }
 
 /// Dynamic shared memory of the Hopper kernels (plain and warp-specialised) for head size `dh`
@@ -500,40 +472,6 @@ fn attention_chunked(
 #[cfg(test)]
 mod tests {
     use super::{row_split, three_groups_pay};
-
-    /// `fma_exp2` of flash_hopper.cu, operation for operation in f32 (`mul_add` for `fmaf`).
-    fn fma_exp2(x: f32) -> f32 {
-        let x = x.max(-126.0);
-        let r = x + 12582912.0;
-        let f = x - (r - 12582912.0);
-        let mut p = 1.327_645_3e-3f32.mul_add(f, 9.675_542e-3);
-        p = p.mul_add(f, 5.550_713_5e-2);
-        p = p.mul_add(f, 0.240_221_2);
-        p = p.mul_add(f, 0.693_146_94);
-        p = p.mul_add(f, 1.000_000_1);
-        f32::from_bits(p.to_bits().wrapping_add(r.to_bits() << 23))
-    }
-
-    /// The softmax's FMA-pipe exponential is within ex2.approx's relative error (2^-22) of
-    /// 2^x over the whole range a softmax feeds it (scores minus their maximum, down to the
-    /// clamp), and gives 2^-126 for masked keys (−∞).
-    #[test]
-    fn fma_exp2_is_as_close_as_the_special_function_unit() {
-        let mut worst = 0.0f64;
-        for i in 0..=2_000_000 {
-            let x = -126.0 * i as f32 / 2_000_000.0;
-            let want = (x as f64).exp2();
-            worst = worst.max((fma_exp2(x) as f64 / want - 1.0).abs());
-        }
-        for x in [0.0f32, -0.5, -0.49999997, -1.0, -1.5, -2.5, -125.5, -126.0] {
-            let want = (x as f64).exp2();
-            worst = worst.max((fma_exp2(x) as f64 / want - 1.0).abs());
-        }
-        assert!(worst < 2.4e-7, "relative error {worst:e}");
-        let masked = fma_exp2(f32::NEG_INFINITY) as f64 / 2f64.powi(-126);
-        assert!((masked - 1.0).abs() < 2.4e-7, "2^-∞ gave {masked:e} · 2^-126");
-        assert_eq!(fma_exp2(0.0), 1.000_000_1);
-    }
 
     /// The rows of SDXL's self-attentions on a 132-multiprocessor GPU that go to 192-row tiles
     /// before the rest take 128-row tiles.
