@@ -78,14 +78,6 @@ __device__ __forceinline__ void wg_rs_t(float* d, const unsigned* a, unsigned lo
     else WG_TYPED(WG_RS, "128", "{%64,%65,%66,%67}", "68", WG_R64, WG_D64("+f"));
 #endif
 }
-// D (64 x 8, f32) += A·B with B an all-ones tile in shared memory: every column of D gains the
-// row sums of A (the softmax's row sums of P taken by the tensor cores, flash_ws.cu).
-template <int BF>
-__device__ __forceinline__ void wg_rs_ones(float* d, const unsigned* a, unsigned long long b) {
-#if PCPP_WGMMA
-    WG_TYPED(WG_RS, "8", "{%4,%5,%6,%7}", "8", "{%0,%1,%2,%3}", "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]));
-#endif
-}
 __device__ __forceinline__ void wg_fence() {
 #if PCPP_WGMMA
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
@@ -125,8 +117,7 @@ __device__ __forceinline__ void wg_load(unsigned dst, const unsigned short* src,
 // j): masks keys past lk (and above the diagonal when causal), updates the running maxima m and
 // sums l, returns the rescale factors of the old accumulators in al and leaves P = exp2(S − m)
 // in s (f32).
-// Without SUMS the row sums are left to the caller (l is not touched).
-template <int BN, bool SUMS = true>
+template <int BN>
 __device__ __forceinline__ void wg_softmax(float* s, int kb, int lk, int causal, int row0, int c, float scale_log2,
                                            float* m, float* l, float* al) {
     constexpr int NJ = BN / 8;
@@ -166,15 +157,11 @@ __device__ __forceinline__ void wg_softmax(float* s, int kb, int lk, int causal,
         s[j * 4 + 1] = fast_exp2(fmaf(s[j * 4 + 1], scale_log2, -sub0));
         s[j * 4 + 2] = fast_exp2(fmaf(s[j * 4 + 2], scale_log2, -sub1));
         s[j * 4 + 3] = fast_exp2(fmaf(s[j * 4 + 3], scale_log2, -sub1));
-        if constexpr (SUMS) {
-            ls0 += s[j * 4 + 0] + s[j * 4 + 1];
-            ls1 += s[j * 4 + 2] + s[j * 4 + 3];
-        }
+        ls0 += s[j * 4 + 0] + s[j * 4 + 1];
+        ls1 += s[j * 4 + 2] + s[j * 4 + 3];
     }
-    if constexpr (SUMS) {
-        l[0] = l[0] * al[0] + ls0;
-        l[1] = l[1] * al[1] + ls1;
-    }
+    l[0] = l[0] * al[0] + ls0;
+    l[1] = l[1] * al[1] + ls1;
 }
 // P (f32, the scores' accumulator layout) in 16 bits as the A fragments of the P·V MMAs, 16 keys
 // each: mma.sync's m16k16 A fragment is two n8 accumulator chunks side by side.
@@ -207,13 +194,6 @@ __device__ __forceinline__ void wg_values(float* oacc, unsigned (*pa)[4], VA vad
 #pragma unroll
     for (int t = 0; t < BN / 16; ++t) wg_rs_t<BF, D>(oacc, pa[t], wg_desc(vaddr() + t * 2048, BN * 128, 1024));
 }
-// l += P·1 of one tile: the row sums of the packed P (the values the P·V MMAs weigh V with) by
-// m64n8k16 MMAs over the all-ones tile at `ones` (two 8-key groups, 2 KiB).
-template <int BF, int BN>
-__device__ __forceinline__ void wg_row_sums(float* lacc, unsigned (*pa)[4], unsigned ones) {
-#pragma unroll
-    for (int t = 0; t < BN / 16; ++t) wg_rs_ones<BF>(lacc, pa[t], wg_desc(ones, BN * 128, 1024));
-}
 // The accumulators of rows g (a[0]) and g + 8 (a[1]) times the softmax's rescale factors.
 template <int D>
 __device__ __forceinline__ void wg_rescale(float* oacc, const float* a) {
@@ -226,15 +206,13 @@ __device__ __forceinline__ void wg_rescale(float* oacc, const float* a) {
     }
 }
 // O / l of this thread's rows row0 and row0 + 8 (those below lq) into the head's columns at ob
-// (rows dm elements apart): the row sums of the quad reduced first where they are its threads'
-// partial sums (PARTIAL).
-template <int BF, int D, bool PARTIAL = true>
+// (rows dm elements apart): the row sums of the quad reduced first.
+template <int BF, int D>
 __device__ __forceinline__ void wg_store(unsigned short* ob, long dm, int lq, int row0, int c, const float* oacc,
                                          const float* lrow) {
     float l0 = lrow[0], l1 = lrow[1];
-    // Without PARTIAL every thread of the quad holds its rows' whole sums already.
 #pragma unroll
-    for (int off = 1; off < 4 && PARTIAL; off <<= 1) {
+    for (int off = 1; off < 4; off <<= 1) {
         l0 += __shfl_xor_sync(0xffffffffu, l0, off);
         l1 += __shfl_xor_sync(0xffffffffu, l1, off);
     }

@@ -12,10 +12,6 @@
 // take 64 query rows and run flash_hopper.cu's S = Q·Kᵀ and O += P·V wgmma with the online
 // softmax; the producer gives its registers to them (setmaxnreg). No block-wide barrier runs in
 // the loop, so the two MMA warpgroups drift apart instead of meeting once per tile.
-// The softmax's row sums are MMAs too: P (packed for P·V) times an all-ones 8-column tile, so
-// that the softmax itself issues no additions for them (its issue slots, more than the MMAs or
-// the exponentials' unit, bound a head size of 64: a polynomial share of the exponentials on
-// the FMA pipe made the 2048² SDXL step 2.6 ms slower, docs/benchmarks.md).
 // Per tile the MMAs of the scores of tile t and of P·V of tile t − 1 are issued together; then
 //   PIPE = 1: the softmax of tile t runs while P·V of tile t − 1 is still in the tensor cores
 //             (FlashAttention-3's intra-warpgroup overlap); PIPE = 0: after both finished;
@@ -92,10 +88,8 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
 #if PCPP_WGMMA
     constexpr int BM = 64 * NC, BN = 128, ST = 2;
     constexpr unsigned QBYTES = BM * D * 2, TBYTES = BN * D * 2;
-    // Q tile, then ST stages of K and V (each stage: K, then V), then the all-ones tile of the
-    // row-sum MMAs (2 KiB), from a 1024-byte boundary.
+    // Q tile, then ST stages of K and V (each stage: K, then V), from a 1024-byte boundary.
     const unsigned base = (smem_addr(dyn) + 1023u) & ~1023u;
-    const unsigned ones = base + QBYTES + ST * 2 * TBYTES;
     auto kst = [&](int st) { return base + QBYTES + st * 2 * TBYTES; };
     auto vst = [&](int st) { return base + QBYTES + st * 2 * TBYTES + TBYTES; };
     // Barriers: Q full, Q empty, then per stage K full, V full, K empty, V empty.
@@ -131,13 +125,6 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
-    // 1.0 in 16 bits (f16 0x3C00, bf16 0x3F80), written through the generic proxy and made
-    // visible to the MMAs' async proxy before the barrier.
-    for (int i = tid; i < 512; i += blockDim.x) {
-        const unsigned one = BF ? 0x3F803F80u : 0x3C003C00u;
-        asm volatile("st.shared.u32 [%0], %1;" ::"r"(ones + 4 * i), "r"(one) : "memory");
-    }
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     __syncthreads();
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
@@ -169,29 +156,12 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
     // This MMA warpgroup (0 .. NC - 1) and this thread's rows g and g + 8 of its warp's 16.
     int cw = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31;
     int c = 2 * (lane % 4);
-    // lacc: the row sums as an MMA accumulator (m64n8, every column the same): rows g (lacc[0])
-    // and g + 8 (lacc[2]), whole rows in every thread of the quad. The tensor cores add P's
-    // values (as packed for P·V) instead of 64 additions a thread per tile in the softmax,
-    // whose issue slots bound a head size of 64 more than the exponentials' unit does.
-    float oacc[D / 2], sacc[BN / 2], lacc[4];
+    float oacc[D / 2], sacc[BN / 2];
     unsigned pa[BN / 16][4];
     const unsigned qaddr = base + cw * 64 * 128;
     auto scores = [&](int st) { wg_scores<BF, D, BM, BN>(sacc, qaddr, [&] { return kst(st); }); };
-    auto values = [&](int st) {
-        wg_values<BF, D, BN>(oacc, pa, [&] { return vst(st); });
-        wg_row_sums<BF, BN>(lacc, pa, ones);
-    };
-    auto rescale = [&](const float* a) {
-        wg_rescale<D>(oacc, a);
-        lacc[0] *= a[0];
-        lacc[1] *= a[0];
-        lacc[2] *= a[1];
-        lacc[3] *= a[1];
-    };
-    auto hold = [&] {
-        wg_hold<D / 2>(oacc);
-        wg_hold<4>(lacc);
-    };
+    auto values = [&](int st) { wg_values<BF, D, BN>(oacc, pa, [&] { return vst(st); }); };
+    auto rescale = [&](const float* a) { wg_rescale<D>(oacc, a); };
     auto commit = [] { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); };
     // Ping-pong: this warpgroup's turn to issue MMAs (barrier 1 + cw), then the next one's. The
     // turns run on from one query tile to the next: the last warpgroup's first arrival opens
@@ -213,9 +183,7 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
         const int row0 = qblk + cw * 64 + warp * 16 + lane / 4;
 #pragma unroll
         for (int i = 0; i < D / 2; ++i) oacc[i] = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) lacc[i] = 0.0f;
-        float mrow[2] = {NEG_INF, NEG_INF}, lrow[2], al[2];
+        float mrow[2] = {NEG_INF, NEG_INF}, lrow[2] = {0.0f, 0.0f}, al[2];
         mbar_wait(qfull, n & 1);
         if (ntiles > 0) {
             int st0 = it % ST;
@@ -230,7 +198,7 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
             mbar_arrive(kempty(st0));
             // The Q tile is free once its last scores are in (the producer loads the next one).
             if (ntiles == 1) mbar_arrive(qempty);
-            wg_softmax<BN, false>(sacc, 0, lk, causal, row0, c, scale_log2, mrow, lrow, al);
+            wg_softmax<BN>(sacc, 0, lk, causal, row0, c, scale_log2, mrow, lrow, al);
             wg_pack<BF, BN>(sacc, pa);
             for (int t = 1; t < ntiles; ++t) {
                 int g = it + t, st = g % ST, pst = (g - 1) % ST;
@@ -248,9 +216,9 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
                 wg_hold<BN / 2>(sacc);
                 mbar_arrive(kempty(st));
                 if (t == ntiles - 1) mbar_arrive(qempty);
-                wg_softmax<BN, false>(sacc, t * BN, lk, causal, row0, c, scale_log2, mrow, lrow, al);
+                wg_softmax<BN>(sacc, t * BN, lk, causal, row0, c, scale_log2, mrow, lrow, al);
                 asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-                hold();
+                wg_hold<D / 2>(oacc);
                 mbar_arrive(vempty(pst));
                 rescale(al);
                 wg_pack<BF, BN>(sacc, pa);
@@ -258,22 +226,20 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
             int g = it + ntiles - 1, lst = g % ST;
             mbar_wait(vfull(lst), (g / ST) & 1);
             turn();
-            hold();
+            wg_hold<D / 2>(oacc);
             wg_fence();
             values(lst);
             commit();
             pass();
             asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-            hold();
+            wg_hold<D / 2>(oacc);
             mbar_arrive(vempty(lst));
         } else {
             mbar_arrive(qempty);
         }
         it += ntiles;
         long dm = (long)heads * D;
-        lrow[0] = lacc[0];
-        lrow[1] = lacc[2];
-        wg_store<BF, D, false>(o + (long)bi * lq * dm + h * D, dm, q1, row0, c, oacc, lrow);
+        wg_store<BF, D>(o + (long)bi * lq * dm + h * D, dm, q1, row0, c, oacc, lrow);
     }
     if constexpr (PP) {
         if (cw == 0) ws_sync(1);
@@ -286,8 +252,8 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
 // of 64 · NC rows for Q and 128 rows for K and V, 128-byte swizzle). NC MMA warpgroups of 64 query
 // rows each (2, or 3 for head size 64: FlashAttention-3's 192-row tiles, more MMA work per K/V
 // tile; the consumers get 160 registers instead of 240). Dynamic shared memory: 1 KiB of
-// alignment slack, the Q tile, two stages of 128-row K and V tiles and the 2 KiB all-ones tile:
-// 1 KiB + (64 · NC + 4 · 128) · D · 2 + 2 KiB bytes. The kernel covers query rows q0 .. q1 of each head
+// alignment slack, the Q tile and two stages of 128-row K and V tiles:
+// 1 KiB + (64 · NC + 4 · 128) · D · 2 bytes. The kernel covers query rows q0 .. q1 of each head
 // (of lq; the output keeps lq rows per image) over `batch` images: as a grid of one block per
 // tile (qtiles, heads, batch), or with PST = 1 as a persistent grid of any size.
 #define FLASH_WS(NAME, BF, D, PIPE, PP) FLASH_WSN(NAME, BF, D, PIPE, PP, 2, 0)

@@ -285,10 +285,10 @@ pub(crate) fn flash_ws_name(dh: usize, form: &str) -> String {
 }
 
 /// Dynamic shared memory of the warp-specialised kernels with `groups` MMA warpgroups (2 or 3)
-/// for head size `dh`: 1 KiB of alignment slack, the `64 · groups`-row Q tile, two stages of
-/// 128-row K and V tiles and the 2 KiB all-ones tile of the row-sum MMAs.
+/// for head size `dh`: 1 KiB of alignment slack, the `64 · groups`-row Q tile and two stages of
+/// 128-row K and V tiles.
 pub(crate) const fn flash_ws_bytes(dh: usize, groups: usize) -> u32 {
-    (1024 + (64 * groups + 4 * 128) * dh * 2 + 2048) as u32
+    (1024 + (64 * groups + 4 * 128) * dh * 2) as u32
 }
 
 /// Dynamic shared memory of the Hopper kernels (plain and warp-specialised) for head size `dh`
