@@ -26,8 +26,8 @@ use pcpp_kernels::{Activation, Conv2dParams, DType, Tensor};
 fn vector_kernels_match_cpu() {
     set_vector_kernels(true);
     for d in DTYPES {
-        // Rows of 8, 4.5 (not vectorised), 640 (a block a row) and 1 100 vectors (256-thread
-        // blocks across the row).
+        // Rows of 8, 4.5 (not vectorised), 640 and 1 100 16-byte vectors at 16 bits (SDXL's
+        // feed-forward width and a wider one; twice as many at f32).
         for shape in [[2usize, 37, 64], [3, 5, 36], [1, 3, 5120], [2, 2, 8800]] {
             let a = rnd(&shape, d, 1);
             let b = rnd(&shape, d, 2).affine(0.5, 2.0).unwrap();

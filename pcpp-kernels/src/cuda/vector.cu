@@ -7,12 +7,16 @@
 // The host takes these only when every pointer is 16-byte aligned and the vectorised extent is a
 // multiple of the vector; each is the twin of the scalar kernel above with the same math in f32.
 template <typename T> struct VecN { static constexpr int N = 16 / (int)sizeof(T); };
+// The N values of one 16-byte vector as f32.
 template <typename T>
-__device__ __forceinline__ void vload(const T* p, float* f) {
-    U4 u = *(const U4*)p;
+__device__ __forceinline__ void vunpack(const U4& u, float* f) {
     const T* e = (const T*)&u;
 #pragma unroll
     for (int i = 0; i < VecN<T>::N; ++i) f[i] = to_f(e[i]);
+}
+template <typename T>
+__device__ __forceinline__ void vload(const T* p, float* f) {
+    vunpack<T>(*(const U4*)p, f);
 }
 template <typename T>
 __device__ __forceinline__ void vstore(T* p, const float* f) {
@@ -74,13 +78,6 @@ __device__ void rowb_binary_impl(const T* full, const T* bc, T* y, long rows, lo
             }
         }
     }
-}
-// The N values of one 16-byte vector as f32.
-template <typename T>
-__device__ __forceinline__ void vunpack(const U4& u, float* f) {
-    const T* e = (const T*)&u;
-#pragma unroll
-    for (int i = 0; i < VecN<T>::N; ++i) f[i] = to_f(e[i]);
 }
 // GEGLU with N columns per thread (h % N == 0, aligned). Vectors of a row along x; along y each
 // thread takes every gridDim.y-th row, and loads its next row's two vectors before it computes

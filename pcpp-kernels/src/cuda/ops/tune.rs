@@ -6,7 +6,8 @@
 //! tile that only wins on cache-resident weights is not chosen. Off by default ([`set_autotune`]):
 //! on an H200 the SDXL UNet steps it chose ran no faster than the heuristic choice (the first
 //! candidate, taken without tuning) and the first image of a process took about a second more
-//! (docs/benchmarks.md).
+//! (docs/benchmarks.md). With the report on ([`set_autotune_report`]) each shape's candidates
+//! and their times are written to stderr.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
