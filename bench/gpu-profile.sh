@@ -5,9 +5,9 @@
 #   - `pcpp-cli bench --profile`: the GPU time of every op kind (CUDA events around each op) over
 #     eager steady steps, beside the step's own time;
 #   - with Nsight Compute (`ncu`) on the machine, every kernel's GPU time over three eager steps
-#     (no clock locking), and scripts/kernel-profile.py's breakdown of the last step by op kind
-#     and by kernel: the time the kernels themselves take, without the launch gaps that the op
-#     events include;
+#     (no clock locking) and DRAM bytes, and scripts/kernel-profile.py's breakdown of the last
+#     step by op kind, by kernel (with bandwidth) and, for the largest kernels, by launch shape:
+#     the time the kernels themselves take, without the launch gaps that the op events include;
 #   - with Nsight Systems (`nsys`) instead, its CUDA-kernel summary as CSV.
 #   bench/gpu-profile.sh BIN_DIR OUT_DIR
 # Environment: CASES (default "full band"; also "full2048"), SKIP_OPS=1 (only the kernel profile).
@@ -38,11 +38,12 @@ NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
 if [ -n "$NCU" ]; then
     for case in ${CASES:-full band}; do
         # shellcheck disable=SC2046
-        "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --page raw \
+        "$NCU" --clock-control none --metrics gpu__time_duration.sum,dram__bytes.sum \
+            --print-units base --csv --page raw \
             --log-file "$OUT/ncu_$case.csv" "$BIN/pcpp-cli" bench --device cuda --config "$CFG" \
             --random-weights --iters 2 --warmup 1 --no-graph $(flags_of $case) \
             >"$OUT/ncu_$case.txt" 2>&1
-        python3 scripts/kernel-profile.py "$OUT/ncu_$case.csv" | tee "$OUT/kern_$case.md"
+        python3 scripts/kernel-profile.py "$OUT/ncu_$case.csv" --shapes 12 | tee "$OUT/kern_$case.md"
     done
     exit 0
 fi
