@@ -55,6 +55,7 @@ pub fn run(a: &Args) -> Result<()> {
         Device::Cpu => DType::F32,
         Device::Cuda(_) => DType::F16,
     });
+    crate::kernel_env::check_attention(&a.attention, device)?;
     if a.ranks == 0 {
         bail!("--ranks must be at least 1");
     }
@@ -119,13 +120,24 @@ pub fn run(a: &Args) -> Result<()> {
     .on_device(device)
     .keep_taken();
 
+    let kernels: Vec<Option<&str>> = if a.attention.is_empty() {
+        vec![None]
+    } else {
+        a.attention.iter().map(|n| Some(n.as_str())).collect()
+    };
     let mut results = Vec::new();
-    for &r in &ranks {
-        results.push(run_rank(
-            a, &ucfg, &weights, &pcfg, mode, r, cfg_split, warm, graph_on, device, dtype,
-        )?);
+    for kernel in kernels {
+        if let Some(name) = kernel {
+            crate::kernel_env::apply_attention(name);
+        }
+        for &r in &ranks {
+            let res = run_rank(
+                a, &ucfg, &weights, &pcfg, mode, r, cfg_split, warm, graph_on, device, dtype,
+            )?;
+            results.push((kernel, res));
+        }
     }
-    for res in &results {
+    for (kernel, res) in &results {
         let sent = res.traffic.sent.total();
         let recvd = res.traffic.recvd.total();
         if a.json {
@@ -150,6 +162,7 @@ pub fn run(a: &Args) -> Result<()> {
                 "steady_sent_bytes": sent,
                 "steady_recvd_bytes": recvd,
                 "steady_traffic": res.traffic,
+                "attention": kernel,
             });
             println!("{v}");
         } else {
@@ -158,8 +171,9 @@ pub fn run(a: &Args) -> Result<()> {
             } else {
                 format!(", sync step {:.3} ms", res.sync_ms)
             };
+            let kernel = kernel.map(|k| format!(" [{k}]")).unwrap_or_default();
             println!(
-                "{mode} rank {}/{} ({} rows of {}, batch {}, {dtype} on {device}): steady step {:.3} ms eager{}{sync}; steady step sends {sent} B, receives {recvd} B",
+                "{mode} rank {}/{}{kernel} ({} rows of {}, batch {}, {dtype} on {device}): steady step {:.3} ms eager{}{sync}; steady step sends {sent} B, receives {recvd} B",
                 res.rank,
                 a.ranks,
                 res.rows,

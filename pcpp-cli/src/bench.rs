@@ -94,6 +94,11 @@ pub struct Args {
     /// On a GPU, time eager steps only (no CUDA-graph replay of the steady step).
     #[arg(long)]
     pub no_graph: bool,
+    /// On a GPU, attention kernels (`PCPP_FLASH128` names) to time one after the other on the
+    /// same weights in this process, comma-separated, e.g. `ws,ws-k192,ws,ws-k192`: one result
+    /// each, named. The other kernel choices come from the environment.
+    #[arg(long, value_delimiter = ',')]
+    pub attention: Vec<String>,
 }
 
 /// Seeded uniform values in `[-1, 1)` (SplitMix64).
@@ -171,6 +176,7 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
 
 /// Runs the benchmark.
 pub fn run(a: Args) -> Result<()> {
+    crate::kernel_env::check_attention(&a.attention, a.device.device(0))?;
     let per_rank = a.device != DeviceArg::Cpu || a.ranks != 1 || a.parallel != ParallelMode::Serial;
     if per_rank && a.device != DeviceArg::Cpu {
         return crate::band_bench::run(&a);

@@ -163,23 +163,11 @@ impl Variant {
         #[cfg(feature = "cuda")]
         {
             use pcpp_kernels::cuda::{
-                set_autotune, set_autotune_report, set_conv_nhwc, set_flash128,
-                set_flash_persistent, set_fused_epilogues, set_geglu_prefetch, set_norm_registers,
-                set_programmatic_launch, set_vector_kernels, Flash128,
+                set_autotune, set_autotune_report, set_conv_nhwc, set_flash_persistent,
+                set_fused_epilogues, set_geglu_prefetch, set_norm_registers,
+                set_programmatic_launch, set_vector_kernels,
             };
-            set_flash128(match self.flash {
-                "shared-q" => Flash128::SharedQ,
-                "registers-q" => Flash128::RegistersQ,
-                "shared-q64" => Flash128::SharedQ64,
-                "hopper" => Flash128::Hopper,
-                "ws-pingpong" => Flash128::WarpspecPingpong,
-                "ws-overlap" => Flash128::WarpspecOverlap,
-                "ws2" => Flash128::Warpspec2,
-                "ws-whole" => Flash128::WarpspecWhole,
-                "ws3" => Flash128::Warpspec3,
-                "ws3-overlap" => Flash128::Warpspec3Overlap,
-                _ => Flash128::Warpspec,
-            });
+            set_flash(self.flash);
             set_fused_epilogues(self.fused);
             set_vector_kernels(self.vector);
             set_conv_nhwc(self.nhwc);
@@ -192,6 +180,48 @@ impl Variant {
             set_geglu_prefetch(self.geglu_prefetch);
         }
     }
+}
+
+/// Puts the attention kernel `name` (one of [`FLASH`]) in force.
+#[cfg(feature = "cuda")]
+fn set_flash(name: &str) {
+    use pcpp_kernels::cuda::{set_flash128, Flash128};
+    set_flash128(match name {
+        "shared-q" => Flash128::SharedQ,
+        "registers-q" => Flash128::RegistersQ,
+        "shared-q64" => Flash128::SharedQ64,
+        "hopper" => Flash128::Hopper,
+        "ws-pingpong" => Flash128::WarpspecPingpong,
+        "ws-overlap" => Flash128::WarpspecOverlap,
+        "ws2" => Flash128::Warpspec2,
+        "ws-whole" => Flash128::WarpspecWhole,
+        "ws3" => Flash128::Warpspec3,
+        "ws3-overlap" => Flash128::Warpspec3Overlap,
+        _ => Flash128::Warpspec,
+    });
+}
+
+/// Checks `names` (a benchmark's `--attention` list) against the attention kernels of
+/// `PCPP_FLASH128`: GPU runs of a `cuda` build only.
+pub fn check_attention(names: &[String], device: Device) -> Result<()> {
+    if names.is_empty() {
+        return Ok(());
+    }
+    if device == Device::Cpu || !cfg!(feature = "cuda") {
+        bail!("--attention: attention kernels are chosen only for --device cuda");
+    }
+    match names.iter().find(|n| flash_name(n).is_none()) {
+        Some(n) => bail!("--attention {n}: expected one of {}", FLASH.join(", ")),
+        None => Ok(()),
+    }
+}
+
+/// Puts the attention kernel `name` in force (checked by [`check_attention`]).
+pub fn apply_attention(name: &str) {
+    #[cfg(feature = "cuda")]
+    set_flash(name);
+    #[cfg(not(feature = "cuda"))]
+    let _ = name;
 }
 
 /// The kernel choices in force, for a benchmark's JSON line (empty on the CPU).

@@ -74,6 +74,15 @@ fn bench_rejects_inconsistent_flags() {
     let out = bench(&["--model", "no/such/folder"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no/such/folder"));
+
+    // Attention kernels are a GPU choice: refused on the CPU, serial or per rank.
+    for extra in [&[][..], &["--parallel", "pcpp", "--ranks", "2"][..]] {
+        let mut args = vec!["--attention", "ws,ws2"];
+        args.extend_from_slice(extra);
+        let out = bench(&args);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--attention"));
+    }
 }
 
 /// One JSON value per line of stdout.

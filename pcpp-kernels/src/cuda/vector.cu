@@ -219,7 +219,17 @@ __device__ void row_norm_reg_impl(const T* a, const T* a2, T* s, const T* gamma,
     if (r >= rows) return;
     int lane = threadIdx.x & 31;
     const T* ar = a + r * d;
-    U4 buf[NV];
+    // gamma and beta are loaded with the row, not after its two reductions (one memory latency
+    // fewer on the way out).
+    U4 buf[NV], gb[NV], bb[NV];
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+        long j = (long)(lane + 32 * i) * N;
+        if (j < d) {
+            if (gamma) gb[i] = *(const U4*)(gamma + j);
+            if (beta) bb[i] = *(const U4*)(beta + j);
+        }
+    }
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
         long j = (long)(lane + 32 * i) * N;
@@ -272,8 +282,8 @@ __device__ void row_norm_reg_impl(const T* a, const T* a2, T* s, const T* gamma,
         if (j < d) {
             const T* e = (const T*)&buf[i];
             float f[N], g[N], b[N];
-            if (gamma) vload(gamma + j, g);
-            if (beta) vload(beta + j, b);
+            if (gamma) vunpack<T>(gb[i], g);
+            if (beta) vunpack<T>(bb[i], b);
 #pragma unroll
             for (int k = 0; k < N; ++k) {
                 float v = (to_f(e[k]) - mean) * rstd;
