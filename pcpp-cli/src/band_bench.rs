@@ -55,7 +55,6 @@ pub fn run(a: &Args) -> Result<()> {
         Device::Cpu => DType::F32,
         Device::Cuda(_) => DType::F16,
     });
-    crate::kernel_env::check_attention(&a.attention, device)?;
     if a.ranks == 0 {
         bail!("--ranks must be at least 1");
     }

@@ -95,7 +95,7 @@ pub struct Args {
     #[arg(long)]
     pub no_graph: bool,
     /// On a GPU, attention kernels (`PCPP_FLASH128` names) to time one after the other on the
-    /// same weights in this process, comma-separated, e.g. `ws,ws-k192,ws,ws-k192`: one result
+    /// same weights in this process, comma-separated, e.g. `ws,ws3,ws,ws3`: one result
     /// each, named. The other kernel choices come from the environment.
     #[arg(long, value_delimiter = ',')]
     pub attention: Vec<String>,
