@@ -26,8 +26,8 @@
 //! or as one block per tile; same values), `PCPP_GEGLU_PREFETCH=1|0` (a GEGLU
 //! thread takes up to four rows, loading the next while it computes one, or one row; same
 //! bits). Unset means the measured defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`);
-//! benchmarks'
-//! `--variants` items ([`parse_variant`]) set the first three.
+//! `flux-bench`'s `--variants` items ([`parse_variant`]) set the first three, and `bench`'s
+//! `--attention` list ([`check_attention`], [`apply_attention`]) the first.
 //! Without the `cuda` feature there is nothing to choose and the variables are ignored.
 
 use anyhow::{bail, Result};
