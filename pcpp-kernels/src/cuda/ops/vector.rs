@@ -60,7 +60,9 @@ pub fn set_norm_registers(on: bool) {
 }
 
 /// The `row_norm_reg` kernel (without its dtype suffix) whose lanes hold a row of `d` elements
-/// in registers: 2, 3, 5 or 12 16-byte vectors per lane; `None` when the row is longer.
+/// in registers: 2, 3, 5 or 12 16-byte vectors per lane; `None` when the row is longer. 5 and 12
+/// also come as `row_norm_regl5` and `row_norm_regl12`, which load gamma and beta late
+/// ([`try_row_norm_registers`] chooses).
 fn row_norm_reg_name(dt: DType, d: usize) -> Option<&'static str> {
     let per_lane = d.div_ceil(32 * lanes(dt));
     [
@@ -92,9 +94,30 @@ pub(super) fn try_row_norm_registers(
     if rows == 0 || !aligned(&[a, a2, s, g, b, y]) {
         return Ok(false);
     }
-    launch!(gpu, format!("{name}_{}", tname(dt)), cfg_warp_rows(rows);
-        a, a2, s, g, b, y, rows as i64, d as i64, eps);
+    let cfg = cfg_warp_rows(rows);
+    let early = format!("{name}_{}", tname(dt));
+    let kernel = match name.strip_prefix("row_norm_reg") {
+        Some(nv @ ("5" | "12")) if !one_wave(gpu, &early, cfg)? => {
+            format!("row_norm_regl{nv}_{}", tname(dt))
+        }
+        _ => early,
+    };
+    launch!(gpu, kernel, cfg; a, a2, s, g, b, y, rows as i64, d as i64, eps);
     Ok(true)
+}
+
+/// Whether the grid of `cfg` runs kernel `name` in one wave: all its blocks resident on the
+/// device's multiprocessors at once (the driver's occupancy for the kernel's registers). The
+/// layer norms that load their affine early (twice the registers) are taken only then: a grid
+/// spread over more waves by them runs slower than the late-affine kernel in one
+/// (`row_norm_reg_impl`).
+fn one_wave(gpu: &Gpu, name: &str, cfg: LaunchConfig) -> Result<bool> {
+    let per_sm = gpu
+        .func(name)?
+        .occupancy_max_active_blocks_per_multiprocessor(cfg.block_dim.0, 0, None)
+        .map_err(|e| gpu.err(name, e))?;
+    let blocks = (cfg.grid_dim.0 * cfg.grid_dim.1 * cfg.grid_dim.2) as usize;
+    Ok(blocks <= per_sm as usize * gpu.sms)
 }
 
 /// Elements per 16-byte vector.
@@ -110,18 +133,32 @@ fn cfg_flat(nv: usize) -> LaunchConfig {
     Gpu::cfg_elems(nv)
 }
 
-/// Blocks of 256 threads over `per_row` items of a row (x) and over `rows` rows (y, grid-strided
-/// past the grid's limit).
+/// Blocks over `per_row` items of a row (x) and over `rows` rows (y, grid-strided past the
+/// grid's limit), of [`row_block_threads`] threads each.
 fn cfg_row_blocks(per_row: usize, rows: usize) -> LaunchConfig {
+    let t = row_block_threads(per_row);
     LaunchConfig {
         grid_dim: (
-            per_row.div_ceil(256).clamp(1, 1024) as u32,
+            per_row.div_ceil(t).clamp(1, 1024) as u32,
             rows.min(MAX_GRID_Y) as u32,
             1,
         ),
-        block_dim: (256, 1, 1),
+        block_dim: (t as u32, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// Threads of a row block over `per_row` items: the multiple of 32 from 64 to 256 that leaves
+/// the fewest threads without an item (the largest among equals). A block's warps that have
+/// nothing to do still hold its place on the multiprocessor until the whole block ends: 256
+/// threads over GEGLU's 320 vectors at SDXL's level 1 left 37.5 % of the resident warps idle,
+/// and fewer loads in flight; 160 threads leave none.
+fn row_block_threads(per_row: usize) -> usize {
+    (2..=8)
+        .rev()
+        .map(|w| 32 * w)
+        .min_by_key(|&t| per_row.max(1).div_ceil(t) * t - per_row.max(1))
+        .unwrap_or(256)
 }
 
 /// One warp per row, 8 rows per block of 256 threads.
@@ -208,16 +245,10 @@ pub(super) fn try_gn_apply_planes(
 }
 
 /// Whether the group-norm sums of groups of `group_len` elements at `x`, in chunks of `chunk`,
-/// can take the vectorised kernel; its name if so.
-pub(super) fn gn_sums_vec_name(
-    dt: DType,
-    x: u64,
-    group_len: usize,
-    chunk: usize,
-) -> Option<String> {
+/// can take the vectorised kernels.
+pub(super) fn gn_sums_vectorised(dt: DType, x: u64, group_len: usize, chunk: usize) -> bool {
     let n = lanes(dt);
-    (vector_kernels() && group_len % n == 0 && chunk % n == 0 && aligned(&[x]))
-        .then(|| format!("gn_sums_vec_{}", tname(dt)))
+    vector_kernels() && group_len % n == 0 && chunk % n == 0 && aligned(&[x])
 }
 
 /// `(rows, rows per broadcast row, cols)` when `full` (strides `sf`) is contiguous over `out`
@@ -299,7 +330,8 @@ pub(super) fn try_geglu(
     }
     let mut cfg = cfg_row_blocks(h / v, rows);
     if geglu_prefetch() {
-        cfg.grid_dim.1 = geglu_row_blocks(cfg.grid_dim.0 as usize, rows, gpu.sms) as u32;
+        let row_threads = (cfg.grid_dim.0 * cfg.block_dim.0) as usize;
+        cfg.grid_dim.1 = geglu_row_blocks(row_threads, rows, gpu.sms) as u32;
     }
     launch!(gpu, format!("geglu_vec_{}", tname(dt)), cfg;
         x, y, rows as i64, h as i64);
@@ -309,11 +341,12 @@ pub(super) fn try_geglu(
 /// Most rows a GEGLU thread takes (each loading its next row's vectors while it computes one).
 const GEGLU_ROWS: usize = 4;
 
-/// The GEGLU grid's blocks along the rows: one row each (no prefetch) where the grid would
-/// otherwise take fewer than two waves of eight 256-thread blocks per multiprocessor (a band's
-/// few rows keep every block), up to [`GEGLU_ROWS`] rows per thread where it has waves to spare.
-fn geglu_row_blocks(x_blocks: usize, rows: usize, sms: usize) -> usize {
-    let per_thread = (x_blocks * rows / (2 * 8 * sms.max(1))).clamp(1, GEGLU_ROWS);
+/// The GEGLU grid's blocks along the rows (`row_threads`: the threads across one row): one row
+/// each (no prefetch) where the grid would otherwise take fewer than two waves of 2 048 threads
+/// per multiprocessor (a band's few rows keep every block), up to [`GEGLU_ROWS`] rows per thread
+/// where it has waves to spare.
+fn geglu_row_blocks(row_threads: usize, rows: usize, sms: usize) -> usize {
+    let per_thread = (row_threads * rows / (2 * 2048 * sms.max(1))).clamp(1, GEGLU_ROWS);
     rows.div_ceil(per_thread).min(MAX_GRID_Y)
 }
 
@@ -485,21 +518,34 @@ pub(super) fn try_cat(
 
 #[cfg(test)]
 mod tests {
-    use super::{geglu_row_blocks, row_pattern};
+    use super::{cfg_row_blocks, geglu_row_blocks, row_block_threads, row_pattern};
 
     #[test]
     fn geglu_threads_take_several_rows_only_with_waves_to_spare() {
-        // SDXL at 2048², 132 multiprocessors: level 2 (3 blocks across 640 vectors, 4 096 rows)
-        // and level 1 (2 blocks, 16 384 rows) take four rows a thread.
-        assert_eq!(geglu_row_blocks(3, 4096, 132), 1024);
-        assert_eq!(geglu_row_blocks(2, 16384, 132), 4096);
-        // 1024², b = 2, level 2: 6 144 blocks are 2.9 waves of 2 112: two rows a thread.
-        assert_eq!(geglu_row_blocks(3, 2048, 132), 1024);
+        // SDXL at 2048², 132 multiprocessors: level 2 (640 threads across 640 vectors, 4 096
+        // rows) and level 1 (320, 16 384 rows) take four rows a thread.
+        assert_eq!(geglu_row_blocks(640, 4096, 132), 1024);
+        assert_eq!(geglu_row_blocks(320, 16384, 132), 4096);
+        // 1024², b = 2, level 2: 1.31 M threads are 4.8 waves of 270 336: two rows a thread.
+        assert_eq!(geglu_row_blocks(640, 2048, 132), 1024);
         // A 32-row band's 256 rows keep a block each; so does a small GPU's short grid.
-        assert_eq!(geglu_row_blocks(3, 256, 132), 256);
-        assert_eq!(geglu_row_blocks(1, 10, 1), 10);
+        assert_eq!(geglu_row_blocks(640, 256, 132), 256);
+        assert_eq!(geglu_row_blocks(256, 10, 1), 10);
         // Rows that four do not divide: the last block's threads take fewer.
-        assert_eq!(geglu_row_blocks(1, 20001, 132), 5001);
+        assert_eq!(geglu_row_blocks(256, 80001, 132), 20001);
+    }
+
+    #[test]
+    fn row_blocks_leave_fewest_threads_idle() {
+        // GEGLU at SDXL's levels 1 and 2: 320 and 640 vectors a row.
+        assert_eq!(row_block_threads(320), 160);
+        assert_eq!(row_block_threads(640), 160);
+        // Multiples of 256 keep 256; a short row takes the smallest block that holds it.
+        assert_eq!(row_block_threads(512), 256);
+        assert_eq!(row_block_threads(40), 64);
+        assert_eq!(row_block_threads(0), 64);
+        let cfg = cfg_row_blocks(320, 7);
+        assert_eq!((cfg.grid_dim, cfg.block_dim.0), ((2, 7, 1), 160));
     }
 
     #[test]
