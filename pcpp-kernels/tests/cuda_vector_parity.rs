@@ -709,8 +709,8 @@ fn conv1x1_gemm_matches_cpu() {
 
 /// Layer norms holding the row in registers (`PCPP_NORM_REGISTERS`): the same bits as the
 /// three-read warp norms, plain and after a residual sum, for rows of 2, 3, 5 and 12 vectors per
-/// lane and rows too long for them; against the CPU too. 8 192 rows take more than one wave of
-/// the kernels that load gamma and beta early, and so the late-loading ones at 5 and 12 vectors.
+/// lane and rows too long for them, in grids of one block and of several waves (8 192 rows);
+/// against the CPU too.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn register_norms_give_the_warp_norms_bits() {

@@ -58,11 +58,6 @@ INST_CAST(bf16, bf16_t, f16, f16_t)
     extern "C" __global__ void gn_sums_##N(const T* x, double* sums, long group_len, long chunk) { pdl_begin(); \
         gn_sums_impl<T>(x, sums, group_len, chunk);                                                          \
     }                                                                                                        \
-    extern "C" __global__ void gn_sums_tail_##N(const T* x, double* sums, long group_len, long chunk,         \
-                                                unsigned* counter, const GnTail t) { pdl_begin();            \
-        gn_sums_impl<T>(x, sums, group_len, chunk);                                                          \
-        gn_sums_tail(sums, counter, t);                                                                      \
-    }                                                                                                        \
     extern "C" __global__ void gn_apply_##N(const T* x, const float* mr, const T* g, const T* bt, T* y,      \
                                             long c, long s, long groups, int silu, long n) { pdl_begin();    \
         gn_apply_impl<T>(x, mr, g, bt, y, c, s, groups, silu, n);                                            \
@@ -84,11 +79,6 @@ INST_CAST(bf16, bf16_t, f16, f16_t)
     extern "C" __global__ void gn_sums_vec_##N(const T* x, double* sums, long group_len, long chunk) { pdl_begin(); \
         gn_sums_vec_impl<T>(x, sums, group_len, chunk);                                                      \
     }                                                                                                        \
-    extern "C" __global__ void gn_sums_tail_vec_##N(const T* x, double* sums, long group_len, long chunk,     \
-                                                    unsigned* counter, const GnTail t) { pdl_begin();        \
-        gn_sums_vec_impl<T>(x, sums, group_len, chunk);                                                      \
-        gn_sums_tail(sums, counter, t);                                                                      \
-    }                                                                                                        \
     extern "C" __global__ void transpose_pairs_##N(const T* s, T* d, long rows, long cols, const T* bias,    \
                                                    const T* plane, const T* res) { pdl_begin();              \
         transpose_pairs_impl<T>(s, d, rows, cols, bias, plane, res);                                         \
@@ -99,27 +89,19 @@ INST_CAST(bf16, bf16_t, f16, f16_t)
     }                                                                                                        \
     extern "C" __global__ void row_norm_reg2_##N(const T* a, const T* a2, T* s, const T* g, const T* b, T* y, \
                                                  long rows, long d, float eps) { pdl_begin();                \
-        row_norm_reg_impl<T, 2, 1>(a, a2, s, g, b, y, rows, d, eps);                                            \
+        row_norm_reg_impl<T, 2>(a, a2, s, g, b, y, rows, d, eps);                                            \
     }                                                                                                        \
     extern "C" __global__ void row_norm_reg3_##N(const T* a, const T* a2, T* s, const T* g, const T* b, T* y, \
                                                  long rows, long d, float eps) { pdl_begin();                \
-        row_norm_reg_impl<T, 3, 1>(a, a2, s, g, b, y, rows, d, eps);                                            \
+        row_norm_reg_impl<T, 3>(a, a2, s, g, b, y, rows, d, eps);                                            \
     }                                                                                                        \
     extern "C" __global__ void row_norm_reg5_##N(const T* a, const T* a2, T* s, const T* g, const T* b, T* y, \
                                                  long rows, long d, float eps) { pdl_begin();                \
-        row_norm_reg_impl<T, 5, 1>(a, a2, s, g, b, y, rows, d, eps);                                            \
+        row_norm_reg_impl<T, 5>(a, a2, s, g, b, y, rows, d, eps);                                            \
     }                                                                                                        \
     extern "C" __global__ void row_norm_reg12_##N(const T* a, const T* a2, T* s, const T* g, const T* b,      \
                                                   T* y, long rows, long d, float eps) { pdl_begin();         \
-        row_norm_reg_impl<T, 12, 1>(a, a2, s, g, b, y, rows, d, eps);                                           \
-    }                                                                                                        \
-    extern "C" __global__ void row_norm_regl5_##N(const T* a, const T* a2, T* s, const T* g, const T* b, T* y, \
-                                                  long rows, long d, float eps) { pdl_begin();               \
-        row_norm_reg_impl<T, 5, 0>(a, a2, s, g, b, y, rows, d, eps);                                         \
-    }                                                                                                        \
-    extern "C" __global__ void row_norm_regl12_##N(const T* a, const T* a2, T* s, const T* g, const T* b,     \
-                                                   T* y, long rows, long d, float eps) { pdl_begin();        \
-        row_norm_reg_impl<T, 12, 0>(a, a2, s, g, b, y, rows, d, eps);                                        \
+        row_norm_reg_impl<T, 12>(a, a2, s, g, b, y, rows, d, eps);                                           \
     }                                                                                                        \
     extern "C" __global__ void layer_norm_##N(const T* x, const T* g, const T* b, T* y, long d, float eps) { pdl_begin(); \
         layer_norm_impl<T>(x, g, b, y, d, eps);                                                              \

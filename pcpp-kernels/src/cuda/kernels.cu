@@ -174,28 +174,29 @@ __device__ void gn_sums_impl(const T* x, double* sums, long group_len, long chun
     }
     gn_sums_commit(s, s2, sums, bg);
 }
-// (Σx, Σx²) of group i: its `chunks` partial sums added in chunk order (read from L2: the last
-// block of a sums grid reads what the grid's other blocks wrote, gn_sums_tail).
+// (Σx, Σx²) of group i: its `chunks` partial sums added in chunk order.
 __device__ __forceinline__ void gn_total(const double* sums, int chunks, int i, double* s, double* s2) {
     double a = 0.0, b = 0.0;
     for (int k = 0; k < chunks; ++k) {
-        a += __ldcg(sums + ((long)i * chunks + k) * 2);
-        b += __ldcg(sums + ((long)i * chunks + k) * 2 + 1);
+        a += sums[((long)i * chunks + k) * 2];
+        b += sums[((long)i * chunks + k) * 2 + 1];
     }
     *s = a;
     *s2 = b;
 }
-// mean_rstd[i*2] = mean, [i*2+1] = 1/sqrt(var + eps) of group i, from the partial sums over n
-// elements.
-__device__ __forceinline__ void gn_finalize_at(const double* sums, int chunks, float* mean_rstd, int i, double n,
-                                               double eps) {
-    double s, s2;
-    gn_total(sums, chunks, i, &s, &s2);
-    double m = s / n;
-    double v = s2 / n - m * m;
-    if (v < 0.0) v = 0.0;
-    mean_rstd[i * 2] = (float)m;
-    mean_rstd[i * 2 + 1] = (float)(1.0 / sqrt(v + eps));
+// mean_rstd[bg*2] = mean, [bg*2+1] = 1/sqrt(var + eps), from the partial sums over n elements.
+extern "C" __global__ void gn_finalize(const double* sums, int chunks, float* mean_rstd, int count, double n,
+                                       double eps) { pdl_begin();
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < count) {
+        double s, s2;
+        gn_total(sums, chunks, i, &s, &s2);
+        double m = s / n;
+        double v = s2 / n - m * m;
+        if (v < 0.0) v = 0.0;
+        mean_rstd[i * 2] = (float)m;
+        mean_rstd[i * 2 + 1] = (float)(1.0 / sqrt(v + eps));
+    }
 }
 // moments[bg*2] = mean, [bg*2+1] = m2 = sum of (x - mean)^2, from the partial sums over n elements
 // (both 0 when n is 0): the twin of cpu::group_moments (m2 = max(s2 - s*mean, 0), product not fused).
@@ -211,6 +212,10 @@ __device__ __forceinline__ void gn_moment(const double* sums, int chunks, float*
     }
     out[i * 2] = (float)mean;
     out[i * 2 + 1] = (float)m2;
+}
+extern "C" __global__ void gn_moments(const double* sums, int chunks, float* moments, int count, double n) { pdl_begin();
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < count) gn_moment(sums, chunks, moments, i, n);
 }
 // ---- merged group-norm statistics from per-band moments (twin of cpu::merge_group_moments) ----
 // Element counts of up to 64 bands, passed by value.
@@ -258,47 +263,18 @@ extern "C" __global__ void gn_merge(const float* bands, const float* fresh, floa
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < count) gn_merge_at(bands, fresh, mean_rstd, p, count, counts, own, eps, i);
 }
-// The statistics a group-norm sums grid ends with (gn_sums_tail): `mode` 0: (mean, rstd) of
-// every group at `out` (f32 [count, 2]); 1: its (mean, m2) moments at `out`; 2: this band's fresh
-// moments stored at `fresh`, then merged with the bands of `bands` into (mean, rstd) at `out`, as
-// gn_merge does, corrected against band `own` when `corrected` (without correction `fresh` is
-// band `own`'s row of `bands` itself: each thread writes and reads only its own group).
-struct GnTail {
-    int mode, count, p, own, corrected;
-    double n, eps;
-    float* out;
-    const float* bands;
-    float* fresh;
-    GnCounts counts;
-};
-// The last block of a sums grid (grid (chunks, count)) to finish turns the grid's partial sums
-// into `t`'s statistics, so that they need no launch of their own. Each block's thread 0 has
-// written its sums (gn_sums_commit), makes them visible device-wide and counts the block done at
-// `counter`; the block that counts last reads every block's sums from L2 and resets the counter
-// to zero for the next grid (grids on one stream run one after another: each kernel waits for
-// the one before it to complete before it starts, pdl_begin).
-__device__ void gn_sums_tail(const double* sums, unsigned* counter, const GnTail& t) {
-    __shared__ int last;
-    if (threadIdx.x == 0) {
-        __threadfence();
-        unsigned total = gridDim.x * gridDim.y;
-        last = atomicAdd(counter, 1u) == total - 1;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    int chunks = gridDim.x;
-    for (int i = threadIdx.x; i < t.count; i += blockDim.x) {
-        if (t.mode == 0) {
-            gn_finalize_at(sums, chunks, t.out, i, t.n, t.eps);
-        } else if (t.mode == 1) {
-            gn_moment(sums, chunks, t.out, i, t.n);
-        } else {
-            gn_moment(sums, chunks, t.fresh, i, t.n);
-            gn_merge_at(t.bands, t.fresh, t.out, t.p, t.count, t.counts, t.corrected ? t.own : -1, t.eps, i);
-        }
-    }
-    if (threadIdx.x == 0) *counter = 0u;
+// gn_moments and gn_merge in one launch, for a table that lives on: this band's fresh moments
+// (from its sums, `n` elements per group) are stored at `fresh` (f32 [count, 2]), then merged
+// with the bands of `bands` as gn_merge does, corrected against band `own` when `corrected`.
+// Without correction `fresh` is band `own`'s row of `bands` itself (each thread writes and reads
+// only its own (batch, group)).
+extern "C" __global__ void gn_merge_sums(const double* sums, int chunks, double n, const float* bands, float* fresh,
+                                         float* mean_rstd, int p, int count, GnCounts counts, int own,
+                                         int corrected, double eps) { pdl_begin();
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= count) return;
+    gn_moment(sums, chunks, fresh, i, n);
+    gn_merge_at(bands, fresh, mean_rstd, p, count, counts, corrected ? own : -1, eps, i);
 }
 // y = (x - mean) * rstd * gamma[c] + beta[c], optional SiLU. x: [b, c, s].
 template <typename T>

@@ -252,10 +252,6 @@ pub struct Gpu {
     /// Whether the device has programmatic dependent launch (sm_90 and later; see
     /// `ops::launch_ex`).
     programmatic: bool,
-    /// The done-block counter of the group-norm sums grids that finish their own statistics
-    /// (`gn_sums_tail` in kernels.cu): zero between launches, which run one after another on
-    /// `stream`.
-    gn_counter: CudaSlice<u32>,
 }
 
 // SAFETY: every handle is used under `lock` or through the single stream in issue order; cudarc's
@@ -480,9 +476,6 @@ impl Gpu {
         let workspace =
             unsafe { stream.alloc::<u8>(32 << 20) }.map_err(|x| e("cuBLASLt workspace", &x))?;
         let cudnn = Cudnn::new(stream.clone()).map_err(|x| e("cuDNN", &x))?;
-        let gn_counter = stream
-            .alloc_zeros::<u32>(1)
-            .map_err(|x| e("group-norm counter", &x))?;
         Ok(Gpu {
             ordinal,
             ctx,
@@ -512,7 +505,6 @@ impl Gpu {
             lt_algos: Mutex::new(HashMap::new()),
             conv_filters: Mutex::new(HashMap::new()),
             tf32: std::sync::atomic::AtomicBool::new(false),
-            gn_counter,
         })
     }
 

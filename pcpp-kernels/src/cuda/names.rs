@@ -11,7 +11,10 @@ pub fn kernel_names() -> Vec<String> {
         "cast_bf16_f32",
         "cast_f16_bf16",
         "cast_bf16_f16",
+        "gn_finalize",
+        "gn_moments",
         "gn_merge",
+        "gn_merge_sums",
         "flash_attn_f16",
         "flash_attn_bf16",
         "flash_attn128_f16",
@@ -68,22 +71,18 @@ pub fn kernel_names() -> Vec<String> {
             "add_row_norm_warp",
             "gated_add",
             "gn_sums",
-            "gn_sums_tail",
             "gn_apply",
             "gn_apply_planes",
             "plane_binary",
             "plane_binary_vec",
             "gn_apply_planes_vec",
             "gn_sums_vec",
-            "gn_sums_tail_vec",
             "transpose_pairs",
             "gn_apply_nhwc",
             "row_norm_reg2",
             "row_norm_reg3",
             "row_norm_reg5",
             "row_norm_reg12",
-            "row_norm_regl5",
-            "row_norm_regl12",
             "layer_norm",
             "rms_norm",
             "softmax",
@@ -136,7 +135,7 @@ mod tests {
     #[test]
     fn every_kernel_waits_for_its_predecessor() {
         let bodies = kernel_bodies(KERNEL_SOURCE);
-        assert!(bodies.len() >= 40, "found only {} kernels", bodies.len());
+        assert!(bodies.len() >= 50, "found only {} kernels", bodies.len());
         for (line, body) in bodies {
             let first = body
                 .trim_start_matches(|c: char| c.is_whitespace() || c == '\\')

@@ -211,11 +211,7 @@ __device__ void add_row_norm_warp_impl(const T* a, const T* r, T* s, const T* ga
 // three times. With `a2`, the row is a + a2 (rounded to T, stored to `s`), the residual sum of
 // add_row_norm_warp_impl. The operation order is row_sum's and row_norm_warp_impl's (same bits);
 // d % N == 0 and 16-byte-aligned pointers (the `vec` case), d <= 32 * N * NV.
-// EARLY = 1 loads gamma and beta with the row, not after its two reductions: one memory latency
-// fewer on the way out, for grids of one wave (a band's few rows), at the cost of twice the
-// registers for the row; EARLY = 0 loads them at the end, for grids that the registers would
-// otherwise spread over more waves (the host chooses, row_norm_reg_name).
-template <typename T, int NV, int EARLY>
+template <typename T, int NV>
 __device__ void row_norm_reg_impl(const T* a, const T* a2, T* s, const T* gamma, const T* beta, T* y, long rows,
                                   long d, float eps) {
     constexpr int N = VecN<T>::N;
@@ -223,15 +219,15 @@ __device__ void row_norm_reg_impl(const T* a, const T* a2, T* s, const T* gamma,
     if (r >= rows) return;
     int lane = threadIdx.x & 31;
     const T* ar = a + r * d;
-    U4 buf[NV], gb[EARLY ? NV : 1], bb[EARLY ? NV : 1];
-    if constexpr (EARLY) {
+    // gamma and beta are loaded with the row, not after its two reductions (one memory latency
+    // fewer on the way out).
+    U4 buf[NV], gb[NV], bb[NV];
 #pragma unroll
-        for (int i = 0; i < NV; ++i) {
-            long j = (long)(lane + 32 * i) * N;
-            if (j < d) {
-                if (gamma) gb[i] = *(const U4*)(gamma + j);
-                if (beta) bb[i] = *(const U4*)(beta + j);
-            }
+    for (int i = 0; i < NV; ++i) {
+        long j = (long)(lane + 32 * i) * N;
+        if (j < d) {
+            if (gamma) gb[i] = *(const U4*)(gamma + j);
+            if (beta) bb[i] = *(const U4*)(beta + j);
         }
     }
 #pragma unroll
@@ -286,13 +282,8 @@ __device__ void row_norm_reg_impl(const T* a, const T* a2, T* s, const T* gamma,
         if (j < d) {
             const T* e = (const T*)&buf[i];
             float f[N], g[N], b[N];
-            if constexpr (EARLY) {
-                if (gamma) vunpack<T>(gb[i], g);
-                if (beta) vunpack<T>(bb[i], b);
-            } else {
-                if (gamma) vload(gamma + j, g);
-                if (beta) vload(beta + j, b);
-            }
+            if (gamma) vunpack<T>(gb[i], g);
+            if (beta) vunpack<T>(bb[i], b);
 #pragma unroll
             for (int k = 0; k < N; ++k) {
                 float v = (to_f(e[k]) - mean) * rstd;

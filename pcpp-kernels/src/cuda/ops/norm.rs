@@ -24,15 +24,8 @@ impl Sums {
     }
 }
 
-/// The partial sums of `x` (`[b, c, s]`) per group and chunk of 8192 elements; with a `tail`,
-/// the grid's last block also turns them into the tail's statistics (`gn_sums_tail` in
-/// kernels.cu: no launch of their own).
-fn gn_sums(
-    x: &Tensor,
-    (b, c, s): (usize, usize, usize),
-    groups: usize,
-    tail: Option<GnTail>,
-) -> Result<Sums> {
+/// The partial sums of `x` (`[b, c, s]`) per group and chunk of 8192 elements.
+fn gn_sums(x: &Tensor, (b, c, s): (usize, usize, usize), groups: usize) -> Result<Sums> {
     let gpu = gpu_of(x)?;
     let bg = b * groups;
     let group_len = (c / groups) * s;
@@ -48,61 +41,10 @@ fn gn_sums(
         shared_mem_bytes: 0,
     };
     let xp = ptr(x)?;
-    let vec = vector::gn_sums_vectorised(x.dtype(), xp, group_len, chunk);
-    let t = tname(x.dtype());
-    let (gl, ch) = (group_len as i64, chunk as i64);
-    match (tail, vec) {
-        (None, false) => launch!(gpu, format!("gn_sums_{t}"), cfg; xp, sums.ptr(&gpu), gl, ch),
-        (None, true) => launch!(gpu, format!("gn_sums_vec_{t}"), cfg; xp, sums.ptr(&gpu), gl, ch),
-        (Some(tl), v) => {
-            let name = format!("gn_sums_tail_{}{t}", if v { "vec_" } else { "" });
-            let counter = cudarc::driver::DevicePtr::device_ptr(&gpu.gn_counter, &gpu.stream).0;
-            launch!(gpu, name, cfg; xp, sums.ptr(&gpu), gl, ch, counter, tl)
-        }
-    }
+    let name = vector::gn_sums_vec_name(x.dtype(), xp, group_len, chunk)
+        .unwrap_or_else(|| format!("gn_sums_{}", tname(x.dtype())));
+    launch!(gpu, name, cfg; xp, sums.ptr(&gpu), group_len as i64, chunk as i64);
     Ok(sums)
-}
-
-/// What a sums grid's last block computes from the sums (`struct GnTail` in kernels.cu).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct GnTail {
-    /// 0: `(mean, rstd)` per group at `out`; 1: `(mean, m2)` at `out`; 2: fresh moments at
-    /// `fresh`, merged with `bands` into `(mean, rstd)` at `out`.
-    mode: i32,
-    count: i32,
-    p: i32,
-    own: i32,
-    corrected: i32,
-    n: f64,
-    eps: f64,
-    out: u64,
-    bands: u64,
-    fresh: u64,
-    counts: GnCounts,
-}
-// SAFETY: plain-old-data with the layout of `struct GnTail` in kernels.cu.
-unsafe impl DeviceRepr for GnTail {}
-
-impl GnTail {
-    /// Mode 0 or 1 (no bands).
-    fn plain(mode: i32, count: usize, n: f64, eps: f64, out: u64) -> Self {
-        GnTail {
-            mode,
-            count: count as i32,
-            p: 0,
-            own: -1,
-            corrected: 0,
-            n,
-            eps,
-            out,
-            bands: 0,
-            fresh: 0,
-            counts: GnCounts {
-                n: [0.0; crate::ops::MAX_GN_BANDS],
-            },
-        }
-    }
 }
 
 /// Host statistics for patch-parallel group norm.
@@ -112,7 +54,7 @@ pub(crate) fn group_sums(
     groups: usize,
 ) -> Result<Vec<[f64; 3]>> {
     let gpu = gpu_of(x)?;
-    let sums = gn_sums(x, dims, groups, None)?;
+    let sums = gn_sums(x, dims, groups)?;
     let host = gpu
         .stream
         .clone_dtoh(&sums.buf)
@@ -158,8 +100,7 @@ fn gn_apply(
     Ok(y)
 }
 
-/// Per-(batch, group) `(mean, rstd)` as f32 on the device: [`gn_sums`] with its finalizing
-/// tail.
+/// Per-(batch, group) `(mean, rstd)` as f32 on the device: [`gn_sums`] and `gn_finalize`.
 fn gn_mean_rstd(
     x: &Tensor,
     dims: (usize, usize, usize),
@@ -169,13 +110,13 @@ fn gn_mean_rstd(
     let gpu = gpu_of(x)?;
     let (b, c, s) = dims;
     let bg = b * groups;
-    // SAFETY: every element is written by the sums grid's tail before anything reads it.
+    let sums = gn_sums(x, dims, groups)?;
+    // SAFETY: every element is written by gn_finalize before anything reads it.
     let mr = unsafe { gpu.stream.alloc::<f32>(2 * bg.max(1)) }.map_err(|e| gpu.err("alloc", e))?;
     let mp = cudarc::driver::DevicePtr::device_ptr(&mr, &gpu.stream).0;
     let n = ((c / groups) * s) as f64;
-    if bg > 0 {
-        gn_sums(x, dims, groups, Some(GnTail::plain(0, bg, n, eps, mp)))?;
-    }
+    launch!(gpu, "gn_finalize", Gpu::cfg_elems(bg);
+        sums.ptr(&gpu), sums.chunks as i32, mp, bg as i32, n, eps);
     Ok(mr)
 }
 
@@ -250,8 +191,8 @@ fn gn_apply_nhwc(
     Ok(())
 }
 
-/// Per-(batch, group) `(mean, m2)` as F32 `[b·groups, 2]`: [`gn_sums`] with its moments tail,
-/// on the device.
+/// Per-(batch, group) `(mean, m2)` as F32 `[b·groups, 2]`: [`gn_sums`] and the `gn_moments`
+/// finalize kernel, all on the device.
 pub(crate) fn group_moments(
     x: &Tensor,
     dims: (usize, usize, usize),
@@ -264,13 +205,10 @@ pub(crate) fn group_moments(
     if bg == 0 {
         return Ok(y);
     }
+    let sums = gn_sums(x, dims, groups)?;
     let n = ((c / groups) * s) as f64;
-    gn_sums(
-        x,
-        dims,
-        groups,
-        Some(GnTail::plain(1, bg, n, 0.0, ptr(&y)?)),
-    )?;
+    launch!(gpu, "gn_moments", Gpu::cfg_elems(bg);
+        sums.ptr(&gpu), sums.chunks as i32, ptr(&y)?, bg as i32, n);
     Ok(y)
 }
 
@@ -587,24 +525,17 @@ fn merged_stats(
         n: [0.0; crate::ops::MAX_GN_BANDS],
     };
     cn.n[..p].copy_from_slice(win.counts);
-    // SAFETY: every element is written by the sums grid's merging tail before gn_apply reads it.
+    // SAFETY: every element is written by gn_merge_sums before gn_apply reads it.
     let mr =
         unsafe { gpu.stream.alloc::<f32>(2 * rows.max(1)) }.map_err(|e| gpu.err("alloc", e))?;
     if rows > 0 {
         let (mp, _s) = cudarc::driver::DevicePtr::device_ptr(&mr, &gpu.stream);
+        let sums = gn_sums(x, (b, c, s), groups)?;
         let fresh = ptr(win.fresh)? + (win.fresh_row * rows * 2 * 4) as u64;
         let n = ((c / groups) * s) as f64;
-        let tail = GnTail {
-            mode: 2,
-            p: p as i32,
-            own: win.own as i32,
-            corrected: win.corrected as i32,
-            bands: ptr(win.bands)?,
-            fresh,
-            counts: cn,
-            ..GnTail::plain(2, rows, n, eps, mp)
-        };
-        gn_sums(x, (b, c, s), groups, Some(tail))?;
+        launch!(gpu, "gn_merge_sums", Gpu::cfg_elems(rows);
+            sums.ptr(&gpu), sums.chunks as i32, n, ptr(win.bands)?, fresh, mp, p as i32,
+            rows as i32, cn, win.own as i32, win.corrected as i32, eps);
     }
     Ok((mr, (b, c, s)))
 }

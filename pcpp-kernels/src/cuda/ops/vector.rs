@@ -60,9 +60,7 @@ pub fn set_norm_registers(on: bool) {
 }
 
 /// The `row_norm_reg` kernel (without its dtype suffix) whose lanes hold a row of `d` elements
-/// in registers: 2, 3, 5 or 12 16-byte vectors per lane; `None` when the row is longer. 5 and 12
-/// also come as `row_norm_regl5` and `row_norm_regl12`, which load gamma and beta late
-/// ([`try_row_norm_registers`] chooses).
+/// in registers: 2, 3, 5 or 12 16-byte vectors per lane; `None` when the row is longer.
 fn row_norm_reg_name(dt: DType, d: usize) -> Option<&'static str> {
     let per_lane = d.div_ceil(32 * lanes(dt));
     [
@@ -94,30 +92,9 @@ pub(super) fn try_row_norm_registers(
     if rows == 0 || !aligned(&[a, a2, s, g, b, y]) {
         return Ok(false);
     }
-    let cfg = cfg_warp_rows(rows);
-    let early = format!("{name}_{}", tname(dt));
-    let kernel = match name.strip_prefix("row_norm_reg") {
-        Some(nv @ ("5" | "12")) if !one_wave(gpu, &early, cfg)? => {
-            format!("row_norm_regl{nv}_{}", tname(dt))
-        }
-        _ => early,
-    };
-    launch!(gpu, kernel, cfg; a, a2, s, g, b, y, rows as i64, d as i64, eps);
+    launch!(gpu, format!("{name}_{}", tname(dt)), cfg_warp_rows(rows);
+        a, a2, s, g, b, y, rows as i64, d as i64, eps);
     Ok(true)
-}
-
-/// Whether the grid of `cfg` runs kernel `name` in one wave: all its blocks resident on the
-/// device's multiprocessors at once (the driver's occupancy for the kernel's registers). The
-/// layer norms that load their affine early (twice the registers) are taken only then: a grid
-/// spread over more waves by them runs slower than the late-affine kernel in one
-/// (`row_norm_reg_impl`).
-fn one_wave(gpu: &Gpu, name: &str, cfg: LaunchConfig) -> Result<bool> {
-    let per_sm = gpu
-        .func(name)?
-        .occupancy_max_active_blocks_per_multiprocessor(cfg.block_dim.0, 0, None)
-        .map_err(|e| gpu.err(name, e))?;
-    let blocks = (cfg.grid_dim.0 * cfg.grid_dim.1 * cfg.grid_dim.2) as usize;
-    Ok(blocks <= per_sm as usize * gpu.sms)
 }
 
 /// Elements per 16-byte vector.
@@ -245,10 +222,16 @@ pub(super) fn try_gn_apply_planes(
 }
 
 /// Whether the group-norm sums of groups of `group_len` elements at `x`, in chunks of `chunk`,
-/// can take the vectorised kernels.
-pub(super) fn gn_sums_vectorised(dt: DType, x: u64, group_len: usize, chunk: usize) -> bool {
+/// can take the vectorised kernel; its name if so.
+pub(super) fn gn_sums_vec_name(
+    dt: DType,
+    x: u64,
+    group_len: usize,
+    chunk: usize,
+) -> Option<String> {
     let n = lanes(dt);
-    vector_kernels() && group_len % n == 0 && chunk % n == 0 && aligned(&[x])
+    (vector_kernels() && group_len % n == 0 && chunk % n == 0 && aligned(&[x]))
+        .then(|| format!("gn_sums_vec_{}", tname(dt)))
 }
 
 /// `(rows, rows per broadcast row, cols)` when `full` (strides `sf`) is contiguous over `out`
