@@ -40,6 +40,27 @@ impl Conv2dLayer for SerialConv {
         )
         .at(&self.id)
     }
+
+    fn takes_nhwc(&self) -> bool {
+        Tensor::conv_takes_nhwc(&self.weight)
+    }
+
+    fn forward_add_nhwc(
+        &self,
+        _ctx: &StepCtx,
+        x: &Tensor,
+        plane: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        x.conv2d_add_nhwc(
+            &self.weight,
+            self.bias.as_ref(),
+            self.params,
+            plane,
+            residual,
+        )
+        .at(&self.id)
+    }
 }
 
 struct SerialGroupNorm {

@@ -404,16 +404,34 @@ __device__ void transpose_pairs_impl(const T* src, T* dst, long rows, long cols,
     const T* s = src + n * rows * cols;
     T* d = dst + n * rows * cols;
     int tx = threadIdx.x, ty = threadIdx.y;
-    for (int i = ty; i < 64; i += 8) {
-        long r = r0 + i, c = c0 + 2 * tx;
-        if (r < rows && c < cols) {
-            Pair<T> p = *(const Pair<T>*)(s + r * cols + c);
-            tile[i][2 * tx] = p.a;
-            tile[i][2 * tx + 1] = p.b;
+    // Each thread's eight loads are issued before any is used (and so are the residual's below):
+    // a loop that stored each pair before loading the next kept one load in flight per thread.
+    Pair<T> v[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        long r = r0 + ty + 8 * k, c = c0 + 2 * tx;
+        if (r < rows && c < cols) v[k] = *(const Pair<T>*)(s + r * cols + c);
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        int i = ty + 8 * k;
+        if (r0 + i < rows && c0 + 2 * tx < cols) {
+            tile[i][2 * tx] = v[k].a;
+            tile[i][2 * tx + 1] = v[k].b;
         }
     }
     __syncthreads();
-    for (int i = ty; i < 64; i += 8) {
+    Pair<T> q[8];
+    if (res) {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            long c = c0 + ty + 8 * k, r = r0 + 2 * tx;
+            if (r < rows && c < cols) q[k] = *(const Pair<T>*)(res + n * rows * cols + c * rows + r);
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        int i = ty + 8 * k;
         long c = c0 + i, r = r0 + 2 * tx;
         if (r < rows && c < cols) {
             Pair<T> p;
@@ -430,9 +448,8 @@ __device__ void transpose_pairs_impl(const T* src, T* dst, long rows, long cols,
                 p.b = from_f<T>(to_f(p.b) + pv);
             }
             if (res) {
-                Pair<T> q = *(const Pair<T>*)(res + n * rows * cols + c * rows + r);
-                p.a = from_f<T>(to_f(q.a) + to_f(p.a));
-                p.b = from_f<T>(to_f(q.b) + to_f(p.b));
+                p.a = from_f<T>(to_f(q[k].a) + to_f(p.a));
+                p.b = from_f<T>(to_f(q[k].b) + to_f(p.b));
             }
             *(Pair<T>*)(d + c * rows + r) = p;
         }
@@ -443,22 +460,39 @@ __device__ void transpose_pairs_impl(const T* src, T* dst, long rows, long cols,
 // (n, c)'s affine, the values of gn_apply_planes_impl; a 64×64 tile of transpose_pairs_impl, the
 // affine applied on load. Image n is written at y + n * ybs (ybs ≥ s * c: a window whose rows
 // hold more than this band). c and s even, pointers and ybs aligned to two elements; block (32, 8).
+// The tile's 64 planes' affines are computed once, into shared memory, while its loads are in
+// flight: per element pair they cost 64-bit divisions and three dependent loads, which made the
+// pass instruction- and latency-bound (about a third of transpose_pairs_impl's bandwidth).
 template <typename T>
 __device__ void gn_apply_nhwc_impl(const T* x, const float* mean_rstd, const T* gamma, const T* beta, T* y, int c,
                                    long s, int groups, int silu, long ybs) {
     __shared__ T tile[64][66];
+    __shared__ float2 aff[64];
     long n = blockIdx.z;
     long r0 = (long)blockIdx.y * 64, c0 = (long)blockIdx.x * 64;
     const T* src = x + n * c * s;
     T* d = y + n * ybs;
     int tx = threadIdx.x, ty = threadIdx.y;
-    for (int i = ty; i < 64; i += 8) {
-        long r = r0 + i, col = c0 + 2 * tx;
-        if (r < c && col < s) {
-            float scale, shift;
-            gn_plane_affine(n * c + r, mean_rstd, gamma, beta, c, groups, &scale, &shift);
-            Pair<T> p = *(const Pair<T>*)(src + r * s + col);
-            float va = to_f(p.a) * scale + shift, vb = to_f(p.b) * scale + shift;
+    long col = c0 + 2 * tx;
+    Pair<T> v[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        long r = r0 + ty + 8 * k;
+        if (r < c && col < s) v[k] = *(const Pair<T>*)(src + r * s + col);
+    }
+    int t = ty * 32 + tx;
+    if (t < 64 && r0 + t < c) {
+        float scale, shift;
+        gn_plane_affine(n * c + r0 + t, mean_rstd, gamma, beta, c, groups, &scale, &shift);
+        aff[t] = make_float2(scale, shift);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        int i = ty + 8 * k;
+        if (r0 + i < c && col < s) {
+            float2 a = aff[i];
+            float va = to_f(v[k].a) * a.x + a.y, vb = to_f(v[k].b) * a.x + a.y;
             if (silu) {
                 va = silu_f(va);
                 vb = silu_f(vb);
@@ -469,12 +503,12 @@ __device__ void gn_apply_nhwc_impl(const T* x, const float* mean_rstd, const T* 
     }
     __syncthreads();
     for (int i = ty; i < 64; i += 8) {
-        long col = c0 + i, r = r0 + 2 * tx;
-        if (r < c && col < s) {
+        long cl = c0 + i, r = r0 + 2 * tx;
+        if (r < c && cl < s) {
             Pair<T> p;
             p.a = tile[2 * tx][i];
             p.b = tile[2 * tx + 1][i];
-            *(Pair<T>*)(d + col * c + r) = p;
+            *(Pair<T>*)(d + cl * c + r) = p;
         }
     }
 }
