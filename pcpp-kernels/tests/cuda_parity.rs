@@ -455,8 +455,14 @@ fn band_moments(x: &Tensor, groups: usize, rows: &[usize]) -> (Tensor, Vec<f64>)
 #[ignore = "needs a CUDA GPU"]
 fn group_moments_match_cpu() {
     for d in DTYPES {
-        // The second shape has groups longer than one gn_sums chunk (8192 elements).
-        for (shape, groups) in [(vec![2, 32, 9, 7], 8), (vec![1, 8, 64, 80], 2)] {
+        // The second shape has groups longer than one gn_sums chunk (8192 elements); the third
+        // a grid of more than four blocks per multiprocessor of those, which takes longer
+        // chunks, the last of them partial.
+        for (shape, groups) in [
+            (vec![2, 32, 9, 7], 8),
+            (vec![1, 8, 64, 80], 2),
+            (vec![2, 32, 512, 512], 32),
+        ] {
             let x = rnd(&shape, d, 1).affine(3.0, 0.5).unwrap();
             let want = x.group_moments(groups).unwrap();
             let got = gpu(&x).group_moments(groups).unwrap();

@@ -559,6 +559,8 @@ __device__ void gn_sums_vec_impl(const T* x, double* sums, long group_len, long 
     long end = min(start + chunk, group_len);
     const T* base = x + bg * group_len;
     float s = 0.0f, s2 = 0.0f;
+    // Unrolled so that a thread of a multi-vector chunk (gn_chunk) has its loads in flight at once.
+#pragma unroll 4
     for (long i = start / N + threadIdx.x; i < end / N; i += blockDim.x) {
         float f[N];
         vload(base + i * N, f);

@@ -24,12 +24,12 @@ impl Sums {
     }
 }
 
-/// The partial sums of `x` (`[b, c, s]`) per group and chunk of 8192 elements.
+/// The partial sums of `x` (`[b, c, s]`) per group and chunk of [`gn_chunk`] elements.
 fn gn_sums(x: &Tensor, (b, c, s): (usize, usize, usize), groups: usize) -> Result<Sums> {
     let gpu = gpu_of(x)?;
     let bg = b * groups;
     let group_len = (c / groups) * s;
-    let chunk = 8192usize;
+    let chunk = gn_chunk(group_len, bg, gpu.sms);
     let chunks = group_len.div_ceil(chunk).max(1);
     // SAFETY: the launch below writes every (group, chunk) slot before a consumer reads it.
     let buf = unsafe { gpu.stream.alloc::<f64>(2 * bg.max(1) * chunks) }
@@ -45,6 +45,16 @@ fn gn_sums(x: &Tensor, (b, c, s): (usize, usize, usize), groups: usize) -> Resul
         .unwrap_or_else(|| format!("gn_sums_{}", tname(x.dtype())));
     launch!(gpu, name, cfg; xp, sums.ptr(&gpu), group_len as i64, chunk as i64);
     Ok(sums)
+}
+
+/// Elements of a group that one sums block adds: 8 192, or two to four times that where the grid
+/// of 8 192-element chunks would take more than four blocks per multiprocessor (SDXL at 2048²:
+/// 2 560 blocks of one load per thread at level 0; a block's two reductions then cost as much as
+/// its loads). A band's small grids keep every block.
+fn gn_chunk(group_len: usize, bg: usize, sms: usize) -> usize {
+    const BASE: usize = 8192;
+    let blocks = group_len.div_ceil(BASE) * bg;
+    BASE * (blocks / (4 * sms.max(1))).clamp(1, 4)
 }
 
 /// Host statistics for patch-parallel group norm.
@@ -538,4 +548,23 @@ fn merged_stats(
             rows as i32, cn, win.own as i32, win.corrected as i32, eps);
     }
     Ok((mr, (b, c, s)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gn_chunk;
+
+    #[test]
+    fn group_norm_chunks_grow_only_for_grids_of_many_waves() {
+        // SDXL at 2048², 132 multiprocessors: level 0 (10 channels × 65 536 pixels a group, 32
+        // groups) and level 1 (20 × 16 384).
+        assert_eq!(gn_chunk(655_360, 32, 132), 32_768);
+        assert_eq!(gn_chunk(327_680, 32, 132), 16_384);
+        // Level 2 and a 32-row band's level 0 keep 8 192.
+        assert_eq!(gn_chunk(163_840, 32, 132), 8_192);
+        assert_eq!(gn_chunk(40_960, 32, 132), 8_192);
+        // Never more than four times, nor less than one.
+        assert_eq!(gn_chunk(1 << 30, 64, 132), 32_768);
+        assert_eq!(gn_chunk(0, 0, 0), 8_192);
+    }
 }
