@@ -718,9 +718,9 @@ fn register_norms_give_the_warp_norms_bits() {
     let few = [320usize, 640, 1280, 1000, 3072, 4096].map(|w| ([3, 7], w));
     let many = [1280usize, 3072].map(|w| ([1, 8192], w));
     for d in DTYPES {
-        for ([b, l], width) in few.into_iter().chain(many) {
-            let x = rnd(&[b, l, width], d, 1).affine(2.0, 0.5).unwrap();
-            let r = rnd(&[b, l, width], d, 2);
+        for ([n, l], width) in few.into_iter().chain(many) {
+            let x = rnd(&[n, l, width], d, 1).affine(2.0, 0.5).unwrap();
+            let r = rnd(&[n, l, width], d, 2);
             let (g, b) = (rnd(&[width], d, 3), rnd(&[width], d, 4));
             let (gx, gr, gg, gb) = (gpu(&x), gpu(&r), gpu(&g), gpu(&b));
             let mut runs = Vec::new();
