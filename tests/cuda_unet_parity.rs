@@ -1,6 +1,8 @@
 //! The tiny SDXL UNet on the GPU against diffusers' reference outputs: weights loaded straight to
 //! the device, f32 at the pipeline tolerance, f16 and bf16 at their storage precision. Ignored by
 //! default (needs a GPU): `cargo test --features cuda --test cuda_unet_parity -- --ignored`.
+//! Run them one at a time (`--test-threads=1`): one switches the small-row GEMMs on for the
+//! process.
 #![cfg(feature = "cuda")]
 
 use pcpp_core::{SerialFactory, StepCtx};
@@ -62,5 +64,18 @@ fn tiny_unet_half_on_gpu_matches_diffusers() {
     let e16 = run(DType::F16);
     assert!(e16 <= 2e-2, "f16 rel err {e16:e}");
     let ebf = run(DType::BF16);
+    assert!(ebf <= 8e-2, "bf16 rel err {ebf:e}");
+}
+
+/// The same with the small-row GEMMs on (`PCPP_SMALL_GEMM`: on sm_90a every linear layer of the
+/// tiny UNet, the feed-forward's GEGLU and the transformer blocks' second and third layer norms
+/// run inside them; elsewhere this is the test above again).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn tiny_unet_half_with_small_gemms_matches_diffusers() {
+    pcpp_kernels::cuda::set_small_gemm(true);
+    let (e16, ebf) = (run(DType::F16), run(DType::BF16));
+    pcpp_kernels::cuda::set_small_gemm(false);
+    assert!(e16 <= 2e-2, "f16 rel err {e16:e}");
     assert!(ebf <= 8e-2, "bf16 rel err {ebf:e}");
 }

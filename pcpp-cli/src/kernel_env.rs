@@ -25,7 +25,10 @@
 //! a persistent grid of one block per multiprocessor where its tiles take more than one wave,
 //! or as one block per tile; same values), `PCPP_GEGLU_PREFETCH=1|0` (a GEGLU
 //! thread takes up to four rows, loading the next while it computes one, or one row; same
-//! bits). Unset means the measured defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`);
+//! bits), `PCPP_SMALL_GEMM=1|0` (linear layers of at most 1 024 rows on pcpp's warpgroup-MMA
+//! GEMMs on sm_90a, with GEGLU and the transformer blocks' second and third layer norms inside
+//! them, or on cuBLASLt with those as their own passes; off until measured). Unset means the
+//! defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`);
 //! `flux-bench`'s `--variants` items ([`parse_variant`]) set the first three, and `bench`'s
 //! `--attention` list ([`check_attention`], [`apply_attention`]) the first.
 //! Without the `cuda` feature there is nothing to choose and the variables are ignored.
@@ -64,6 +67,7 @@ pub struct Variant {
     programmatic: bool,
     persistent: bool,
     geglu_prefetch: bool,
+    small_gemm: bool,
 }
 
 impl Default for Variant {
@@ -81,6 +85,7 @@ impl Default for Variant {
             programmatic: true,
             persistent: true,
             geglu_prefetch: true,
+            small_gemm: false,
         }
     }
 }
@@ -123,6 +128,11 @@ pub fn apply() -> Result<()> {
     v.programmatic = switch("PCPP_PROGRAMMATIC_LAUNCH")?;
     v.persistent = switch("PCPP_FLASH_PERSISTENT")?;
     v.geglu_prefetch = switch("PCPP_GEGLU_PREFETCH")?;
+    v.small_gemm = match var("PCPP_SMALL_GEMM").as_deref() {
+        None | Some("0") => false,
+        Some("1") => true,
+        Some(t) => bail!("PCPP_SMALL_GEMM={t}: expected 1 or 0"),
+    };
     v.apply();
     Ok(())
 }
@@ -165,7 +175,7 @@ impl Variant {
             use pcpp_kernels::cuda::{
                 set_autotune, set_autotune_report, set_conv_nhwc, set_flash_persistent,
                 set_fused_epilogues, set_geglu_prefetch, set_norm_registers,
-                set_programmatic_launch, set_vector_kernels,
+                set_programmatic_launch, set_small_gemm, set_vector_kernels,
             };
             set_flash(self.flash);
             set_fused_epilogues(self.fused);
@@ -178,6 +188,7 @@ impl Variant {
             set_programmatic_launch(self.programmatic);
             set_flash_persistent(self.persistent);
             set_geglu_prefetch(self.geglu_prefetch);
+            set_small_gemm(self.small_gemm);
         }
     }
 }
@@ -239,6 +250,7 @@ pub fn choices(device: Device) -> serde_json::Value {
             "programmatic_launch": pcpp_kernels::cuda::programmatic_launch(),
             "flash_persistent": pcpp_kernels::cuda::flash_persistent(),
             "geglu_prefetch": pcpp_kernels::cuda::geglu_prefetch(),
+            "small_gemm": pcpp_kernels::cuda::small_gemm(),
         });
     }
     let _ = device;

@@ -7,7 +7,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use pcpp_kernels::{KernelError, Tensor};
+use pcpp_kernels::{KernelError, LayerNormArgs, RowStats, Tensor};
 
 pub use crate::serial::SerialFactory;
 pub(crate) use crate::serial::{joint_attend, whole_projected_attention};
@@ -182,6 +182,21 @@ pub trait SelfAttentionLayer: Send + Sync {
     /// # Shapes
     /// `x: [b, rows·w, c]` (row-major tokens of the band), `spatial = (rows, w)` → `[b, rows·w, c]`.
     fn forward(&self, ctx: &StepCtx, x: &Tensor, spatial: (usize, usize)) -> Result<Tensor>;
+
+    /// `residual + forward(x)` and the row statistics of the sum for the layer norm after it
+    /// ([`Tensor::linear_add_stats`]): layers that run the output projection here hand it the
+    /// residual as its accumulator. The default adds after `forward` and leaves no statistics.
+    fn forward_add_stats(
+        &self,
+        ctx: &StepCtx,
+        x: &Tensor,
+        spatial: (usize, usize),
+        residual: &Tensor,
+    ) -> Result<(Tensor, RowStats)> {
+        let y = self.forward(ctx, x, spatial)?;
+        let sum = y.add(residual).at("self-attention (residual)")?;
+        Ok((sum, RowStats::none()))
+    }
 }
 
 /// Attention over tokens the model projected itself (a DiT's joint attention, whose q/k/v the
@@ -356,6 +371,24 @@ pub trait FeedForwardLayer: Send + Sync {
         let y = self.forward(ctx, x)?;
         y.add(residual).at("feed-forward (residual)")
     }
+
+    /// `x + forward(layer_norm(x))`, the norm's statistics from `stats` where they describe `x`
+    /// (layers that run the input projection here apply the norm as it loads `x`,
+    /// [`Tensor::norm_linear_geglu`]). The default normalises and calls
+    /// [`FeedForwardLayer::forward_add`].
+    fn forward_norm_add(
+        &self,
+        ctx: &StepCtx,
+        x: &Tensor,
+        norm: LayerNormArgs<'_>,
+        stats: &RowStats,
+    ) -> Result<Tensor> {
+        let _ = stats;
+        let h = x
+            .layer_norm(norm.gamma, norm.beta, norm.eps)
+            .at("feed-forward (norm)")?;
+        self.forward_add(ctx, &h, x)
+    }
 }
 
 /// Weights of a GEGLU feed-forward (PyTorch `Linear` layout).
@@ -406,16 +439,26 @@ struct ComposedFeedForward {
 impl FeedForwardLayer for ComposedFeedForward {
     fn forward(&self, _ctx: &StepCtx, x: &Tensor) -> Result<Tensor> {
         let id = &self.id;
-        x.linear(&self.w.proj, self.w.proj_bias.as_ref())
-            .and_then(|h| h.geglu())
+        x.linear_geglu(&self.w.proj, self.w.proj_bias.as_ref())
             .and_then(|h| h.linear(&self.w.out, self.w.out_bias.as_ref()))
             .at(id)
     }
 
     fn forward_add(&self, _ctx: &StepCtx, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        x.linear(&self.w.proj, self.w.proj_bias.as_ref())
-            .and_then(|h| h.geglu())
+        x.linear_geglu(&self.w.proj, self.w.proj_bias.as_ref())
             .and_then(|h| h.linear_add(&self.w.out, self.w.out_bias.as_ref(), residual))
+            .at(&self.id)
+    }
+
+    fn forward_norm_add(
+        &self,
+        _ctx: &StepCtx,
+        x: &Tensor,
+        norm: LayerNormArgs<'_>,
+        stats: &RowStats,
+    ) -> Result<Tensor> {
+        x.norm_linear_geglu(norm, stats, &self.w.proj, self.w.proj_bias.as_ref())
+            .and_then(|h| h.linear_add(&self.w.out, self.w.out_bias.as_ref(), x))
             .at(&self.id)
     }
 }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use pcpp_kernels::{Cols, Conv2dParams, Tensor};
+use pcpp_kernels::{Cols, Conv2dParams, RowStats, Tensor};
 
 use crate::layers::*;
 
@@ -116,8 +116,9 @@ impl SerialAttention {
     }
 }
 
-impl SelfAttentionLayer for SerialAttention {
-    fn forward(&self, _ctx: &StepCtx, x: &Tensor, _spatial: (usize, usize)) -> Result<Tensor> {
+impl SerialAttention {
+    /// The heads' attention output, before the output projection.
+    fn attend(&self, x: &Tensor) -> Result<Tensor> {
         let c = self.to_out.shape()[1];
         let qkv = self.qkv.forward(x).at(&self.id)?;
         let (q, k, v) = (
@@ -125,8 +126,26 @@ impl SelfAttentionLayer for SerialAttention {
             Cols::new(&qkv, c),
             Cols::new(&qkv, 2 * c),
         );
-        Tensor::attention_packed(q, k, v, c, self.heads, false)
-            .and_then(|y| y.linear(&self.to_out, self.out_bias.as_ref()))
+        Tensor::attention_packed(q, k, v, c, self.heads, false).at(&self.id)
+    }
+}
+
+impl SelfAttentionLayer for SerialAttention {
+    fn forward(&self, _ctx: &StepCtx, x: &Tensor, _spatial: (usize, usize)) -> Result<Tensor> {
+        self.attend(x)?
+            .linear(&self.to_out, self.out_bias.as_ref())
+            .at(&self.id)
+    }
+
+    fn forward_add_stats(
+        &self,
+        _ctx: &StepCtx,
+        x: &Tensor,
+        _spatial: (usize, usize),
+        residual: &Tensor,
+    ) -> Result<(Tensor, RowStats)> {
+        self.attend(x)?
+            .linear_add_stats(&self.to_out, self.out_bias.as_ref(), residual)
             .at(&self.id)
     }
 }

@@ -190,8 +190,7 @@ impl FeedForwardLayer for TpFeedForward {
     fn forward(&self, _ctx: &StepCtx, x: &Tensor) -> Result<Tensor> {
         let id = &self.id;
         let part = x
-            .linear(&self.w.proj, self.w.proj_bias.as_ref())
-            .and_then(|h| h.geglu())
+            .linear_geglu(&self.w.proj, self.w.proj_bias.as_ref())
             .and_then(|h| h.linear(&self.w.out, self.w.out_bias.as_ref()))
             .at(id)?;
         all_reduce(&self.sh, id, &part)

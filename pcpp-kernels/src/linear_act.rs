@@ -2,10 +2,12 @@
 //! tanh-approximated GELU of diffusers' `FeedForward("gelu-approximate")` and of Flux.1's
 //! single-stream `proj_mlp`) and `Tensor::linear_add` (a GEMM accumulating onto a tensor, e.g. the
 //! two halves of Flux.1's single-stream `proj_out` over `[attention; mlp]` without concatenating
-//! them). On the GPU, with [`crate::cuda::fused_epilogues`] on, the GELU runs in cuBLASLt's
-//! epilogue and the accumulator is its C operand, both on the f32 accumulator (one pass over the
-//! output instead of three, and one rounding); everywhere else it is `linear` then `act` / `add`,
-//! so the CPU twins are exactly the compositions.
+//! them), and `Tensor::linear_geglu` (diffusers' `GEGLU`: the feed-forward input projection and
+//! its gated exact GELU). On the GPU, with [`crate::cuda::fused_epilogues`] on, the GELU runs in
+//! cuBLASLt's epilogue and the accumulator is its C operand, both on the f32 accumulator (one
+//! pass over the output instead of three, and one rounding); GEGLU runs in the epilogue of the
+//! small-row GEMM kernels where they apply ([`crate::cuda::small_gemm`]); everywhere else each is
+//! `linear` then `act` / `add` / `geglu`, so the CPU twins are exactly the compositions.
 
 use crate::{Activation, Result, Tensor};
 
@@ -36,6 +38,40 @@ impl Tensor {
             }
         }
         self.linear(w, bias)?.act(act)
+    }
+
+    /// `GEGLU(self · wᵀ + bias)`: with `[h | gate]` the two halves of the projection's output,
+    /// `h · gelu(gate)` (exact GELU).
+    ///
+    /// # Shapes
+    /// `self: [..., k]`, `w: [2n, k]`, `bias: [2n]` → `[..., n]`.
+    pub fn linear_geglu(&self, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let k = *self.shape().last().unwrap_or(&0);
+        if w.rank() != 2 || w.shape()[1] != k || w.shape()[0] % 2 != 0 {
+            return Err(crate::KernelError::shape(
+                "linear_geglu",
+                self.shape(),
+                w.shape(),
+            ));
+        }
+        if let Some(b) = bias {
+            if b.shape() != [w.shape()[0]] {
+                return Err(crate::KernelError::shape(
+                    "linear_geglu (bias)",
+                    w.shape(),
+                    b.shape(),
+                ));
+            }
+        }
+        #[cfg(feature = "cuda")]
+        if crate::ops::on_gpu("linear_geglu", &[Some(self), Some(w), bias])? {
+            let mut shape = self.shape().to_vec();
+            *shape.last_mut().unwrap_or(&mut 0) = w.shape()[0] / 2;
+            let _timed =
+                crate::cuda::profile::scope(crate::cpu::profile::Kernel::Linear, self.device());
+            return crate::cuda::linear_geglu(self, w, bias, &shape);
+        }
+        self.linear(w, bias)?.geglu()
     }
 
     /// `acc + self · wᵀ + bias`.
@@ -91,5 +127,27 @@ mod tests {
         let want = x.linear(&w, Some(&b)).unwrap().add(&acc).unwrap();
         assert_eq!(got.to_vec_f32().unwrap(), want.to_vec_f32().unwrap());
         assert!(x.linear_add(&b, None, &acc).is_err());
+    }
+
+    #[test]
+    fn linear_geglu_is_linear_then_geglu_on_the_cpu() {
+        let x =
+            Tensor::from_vec(&[2, 3, 4], (0..24).map(|i| i as f32 * 0.1 - 1.0).collect()).unwrap();
+        let w =
+            Tensor::from_vec(&[6, 4], (0..24).map(|i| (i as f32 * 0.37).sin()).collect()).unwrap();
+        let b = Tensor::from_vec(&[6], vec![0.1, -0.2, 0.3, 0.0, 0.5, -0.4]).unwrap();
+        for bias in [Some(&b), None] {
+            let got = x.linear_geglu(&w, bias).unwrap();
+            let want = x.linear(&w, bias).unwrap().geglu().unwrap();
+            assert_eq!(got.shape(), &[2, 3, 3]);
+            assert_eq!(got.to_vec_f32().unwrap(), want.to_vec_f32().unwrap());
+        }
+        // An odd projection width, a bias of the wrong length, a wrong inner size.
+        let w5 = Tensor::from_vec(&[5, 4], vec![0.0; 20]).unwrap();
+        assert!(x.linear_geglu(&w5, None).is_err());
+        let b5 = Tensor::from_vec(&[5], vec![0.0; 5]).unwrap();
+        assert!(x.linear_geglu(&w, Some(&b5)).is_err());
+        let w3 = Tensor::from_vec(&[6, 3], vec![0.0; 18]).unwrap();
+        assert!(x.linear_geglu(&w3, None).is_err());
     }
 }

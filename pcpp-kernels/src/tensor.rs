@@ -249,6 +249,13 @@ impl Tensor {
         }
     }
 
+    /// Whether `other` is this tensor: the same storage, shape and dtype.
+    pub(crate) fn same_as(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.storage, &other.storage)
+            && self.shape == other.shape
+            && self.dtype == other.dtype
+    }
+
     /// The identity of this tensor's storage (its address, valid while the weak handle lives:
     /// the handle keeps the address from being reused) and a weak handle on it.
     #[cfg(feature = "cuda")]

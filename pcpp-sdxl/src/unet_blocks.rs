@@ -11,7 +11,7 @@ use pcpp_core::{
     AttentionWeights, Conv2dLayer, FeedForwardLayer, FeedForwardWeights, GroupNormLayer,
     LayerFactory, SelfAttentionLayer, StepCtx,
 };
-use pcpp_kernels::{Activation, Tensor};
+use pcpp_kernels::{Activation, LayerNormArgs, RowStats, Tensor};
 
 use crate::error::{Result, SdxlError};
 use crate::unet::{Taps, UNetCond};
@@ -100,41 +100,67 @@ pub(crate) struct CrossAttention {
 }
 
 impl CrossAttention {
-    pub(crate) fn forward(&self, fw: &Fwd, x: &Tensor, cond: &UNetCond) -> Result<Tensor> {
-        let kv = {
-            let cached = cond
-                .cross_kv
-                .lock()
-                .ok()
-                .and_then(|m| m.get(&self.name).cloned());
-            match cached {
-                Some(kv) => kv,
-                None => {
-                    let e = &cond.encoder_hidden_states;
-                    let kv = (self.to_k.forward(e)?, self.to_v.forward(e)?);
-                    if let Ok(mut m) = cond.cross_kv.lock() {
-                        m.insert(self.name.clone(), kv.clone());
-                    }
-                    kv
-                }
-            }
-        };
-        let q = self.to_q.forward(x)?;
-        let kb = kv.0.shape()[0];
-        let (k, v) = if kb == q.shape()[0] {
-            kv
-        } else {
+    /// The text tokens' K and V: computed once per generation and kept in `cond`.
+    fn kv(&self, cond: &UNetCond) -> Result<(Tensor, Tensor)> {
+        let cached = cond
+            .cross_kv
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&self.name).cloned());
+        if let Some(kv) = cached {
+            return Ok(kv);
+        }
+        let e = &cond.encoder_hidden_states;
+        let kv = (self.to_k.forward(e)?, self.to_v.forward(e)?);
+        if let Ok(mut m) = cond.cross_kv.lock() {
+            m.insert(self.name.clone(), kv.clone());
+        }
+        Ok(kv)
+    }
+
+    /// The queries' attention over the text tokens, heads merged, before the output projection.
+    fn attend(&self, q: &Tensor, cond: &UNetCond) -> Result<Tensor> {
+        let (k, v) = self.kv(cond)?;
+        let kb = k.shape()[0];
+        if kb != q.shape()[0] {
             return Err(SdxlError::Input(format!(
                 "{}: encoder_hidden_states has batch {kb}, sample has batch {}",
                 self.name,
                 q.shape()[0]
             )));
-        };
-        let out = self
-            .to_out
-            .forward(&Tensor::attention(&q, &k, &v, self.heads, false)?)?;
+        }
+        Ok(Tensor::attention(q, &k, &v, self.heads, false)?)
+    }
+
+    pub(crate) fn forward(&self, fw: &Fwd, x: &Tensor, cond: &UNetCond) -> Result<Tensor> {
+        let q = self.to_q.forward(x)?;
+        let out = self.to_out.forward(&self.attend(&q, cond)?)?;
         fw.tap(&self.name, &out);
         Ok(out)
+    }
+
+    /// `x + forward(layer_norm(x))` and the row statistics of the sum: the norm applied as the
+    /// query projection loads `x` (statistics from `stats`), the residual the output
+    /// projection's accumulator ([`Tensor::norm_linear`], [`Tensor::linear_add_stats`]).
+    pub(crate) fn forward_norm_add(
+        &self,
+        x: &Tensor,
+        norm: LayerNormArgs<'_>,
+        stats: &RowStats,
+        cond: &UNetCond,
+    ) -> Result<(Tensor, RowStats)> {
+        let q = x.norm_linear(norm, stats, &self.to_q.w, self.to_q.b.as_ref())?;
+        let o = self.attend(&q, cond)?;
+        Ok(o.linear_add_stats(&self.to_out.w, self.to_out.b.as_ref(), x)?)
+    }
+}
+
+/// A transformer block's layer norm (weight, bias; diffusers' epsilon) as a fused op takes it.
+fn ln(n: &(Tensor, Tensor)) -> LayerNormArgs<'_> {
+    LayerNormArgs {
+        gamma: Some(&n.0),
+        beta: Some(&n.1),
+        eps: 1e-5,
     }
 }
 
@@ -216,6 +242,16 @@ impl TransformerBlock {
         cond: &UNetCond,
     ) -> Result<Tensor> {
         let h = x.layer_norm(Some(&self.norm1.0), Some(&self.norm1.1), 1e-5)?;
+        if fw.taps.is_none() && x.fused_norms_apply(self.norm2.0.shape()[0]) {
+            // The residual sums come out of the output projections with their row statistics,
+            // and the two norms after them run inside the GEMMs that read them.
+            let (x, st) = self.attn1.forward_add_stats(fw.ctx, &h, spatial, x)?;
+            let (x, st) = self
+                .attn2
+                .forward_norm_add(&x, ln(&self.norm2), &st, cond)?;
+            let out = self.ff.forward_norm_add(fw.ctx, &x, ln(&self.norm3), &st)?;
+            return Ok(out);
+        }
         let a = self.attn1.forward(fw.ctx, &h, spatial)?;
         fw.tap(&format!("{}.attn1", self.name), &a);
         // Each residual sum and the norm after it in one op.

@@ -9,7 +9,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use pcpp_kernels::{Cols, Tensor};
+use pcpp_kernels::{Cols, RowStats, Tensor};
 
 use super::window::{copy_rows, device_windows, row_parts, Layout, OwnKv};
 use super::Shared;
@@ -165,8 +165,9 @@ impl PatchAttention {
     }
 }
 
-impl SelfAttentionLayer for PatchAttention {
-    fn forward(&self, ctx: &StepCtx, x: &Tensor, spatial: (usize, usize)) -> Result<Tensor> {
+impl PatchAttention {
+    /// The band's queries over its K/V window, heads merged, before the output projection.
+    fn attend(&self, ctx: &StepCtx, x: &Tensor, spatial: (usize, usize)) -> Result<Tensor> {
         let id = &self.id;
         let (rows, cols) = spatial;
         let level = self.sh.level_at(ctx, id, rows, cols)?;
@@ -175,9 +176,27 @@ impl SelfAttentionLayer for PatchAttention {
         let win = band_kv(&self.sh, self.slot.as_ref(), ctx, id, level, own)?;
         let c = q.shape()[2];
         let (k, v) = (Cols::new(&win, 0), Cols::new(&win, c));
-        Tensor::attention_packed(Cols::new(&q, 0), k, v, c, self.heads, false)
-            .and_then(|y| y.linear(&self.to_out, self.out_bias.as_ref()))
-            .at(id)
+        Tensor::attention_packed(Cols::new(&q, 0), k, v, c, self.heads, false).at(id)
+    }
+}
+
+impl SelfAttentionLayer for PatchAttention {
+    fn forward(&self, ctx: &StepCtx, x: &Tensor, spatial: (usize, usize)) -> Result<Tensor> {
+        self.attend(ctx, x, spatial)?
+            .linear(&self.to_out, self.out_bias.as_ref())
+            .at(&self.id)
+    }
+
+    fn forward_add_stats(
+        &self,
+        ctx: &StepCtx,
+        x: &Tensor,
+        spatial: (usize, usize),
+        residual: &Tensor,
+    ) -> Result<(Tensor, RowStats)> {
+        self.attend(ctx, x, spatial)?
+            .linear_add_stats(&self.to_out, self.out_bias.as_ref(), residual)
+            .at(&self.id)
     }
 }
 

@@ -41,18 +41,20 @@ pub use ops::{
     flash_persistent, fused_epilogues, group_norm_merged_into, group_norm_merged_into_nhwc,
     group_norm_merged_nhwc, linear_rows_into, nchw_rows_into_nhwc, programmatic_launch,
     set_autotune, set_autotune_report, set_conv_nhwc, set_flash128, set_flash_persistent,
-    set_fused_epilogues, set_programmatic_launch, CudaGraphStep, Flash128, StatsWindow,
+    set_fused_epilogues, set_programmatic_launch, set_small_gemm, small_gemm, CudaGraphStep,
+    Flash128, StatsWindow, SMALL_GEMM_ROWS,
 };
 
 /// CUDA C source of every hand-written kernel (compiled at run time by NVRTC), one translation
-/// unit from six files: the scalar kernels, the flash attention (tensor-core MMAs, and Hopper's
-/// warpgroup MMAs, plain and warp-specialised), the vectorised kernels, and the `extern "C"`
-/// instances.
+/// unit from seven files: the scalar kernels, the flash attention (tensor-core MMAs, and Hopper's
+/// warpgroup MMAs, plain and warp-specialised), the small-row GEMMs on warpgroup MMAs, the
+/// vectorised kernels, and the `extern "C"` instances.
 pub const KERNEL_SOURCE: &str = concat!(
     include_str!("kernels.cu"),
     include_str!("flash_attn.cu"),
     include_str!("flash_hopper.cu"),
     include_str!("flash_ws.cu"),
+    include_str!("gemm_wg.cu"),
     include_str!("vector.cu"),
     include_str!("instances.cu")
 );
@@ -247,6 +249,9 @@ pub struct Gpu {
     /// Whether its three-warpgroup head-size-64 kernels ([`ops::Flash128::Warpspec3`]) got their
     /// shared memory.
     flash_ws3: bool,
+    /// Whether the small-row GEMMs on warpgroup MMAs (`gemm_wg.cu`) can run here: an sm_90a
+    /// device that gave them their shared memory.
+    gemm_wg: bool,
     /// Streaming multiprocessors of the device.
     sms: usize,
     /// Whether the device has programmatic dependent launch (sm_90 and later; see
@@ -450,6 +455,16 @@ impl Gpu {
                     ops::flash_ws_bytes(64, 3),
                 )
             });
+        let gemm_wg = arch == "sm_90a"
+            && [(false, false), (true, false), (false, true), (true, true)]
+                .into_iter()
+                .all(|(geglu, norm)| {
+                    let n = ops::gemm_wg_name(geglu, norm);
+                    smem_ok(
+                        [&*format!("{n}_f16"), &*format!("{n}_bf16")],
+                        ops::gemm_wg_bytes(geglu, norm),
+                    )
+                });
         let blas = CudaBlas::new(stream.clone()).map_err(|x| e("cuBLAS", &x))?;
         // A workspace of cuBLAS's own: without one, cuBLAS picks other (workspace-free) kernels
         // while a CUDA graph is being captured, and a replayed step would round differently from
@@ -491,6 +506,7 @@ impl Gpu {
             flash_hopper,
             flash_ws,
             flash_ws3,
+            gemm_wg,
             sms,
             programmatic: major >= 9,
             blas,

@@ -1,6 +1,6 @@
 //! The names of the CUDA kernels the back-end loads from the NVRTC module of
 //! [`super::KERNEL_SOURCE`] (the `extern "C"` entries of `kernels.cu`, `flash_attn.cu`,
-//! `flash_hopper.cu`, `flash_ws.cu`, `vector.cu` and `instances.cu`).
+//! `flash_hopper.cu`, `flash_ws.cu`, `gemm_wg.cu`, `vector.cu` and `instances.cu`).
 
 /// The names of every `extern "C"` kernel in [`KERNEL_SOURCE`].
 pub fn kernel_names() -> Vec<String> {
@@ -49,6 +49,14 @@ pub fn kernel_names() -> Vec<String> {
         "flash_wsr128_bf16",
         "flash_ws3wr64_f16",
         "flash_ws3wr64_bf16",
+        "gemm_wg_f16",
+        "gemm_wg_bf16",
+        "gemm_wg_geglu_f16",
+        "gemm_wg_geglu_bf16",
+        "gemm_wg_ln_f16",
+        "gemm_wg_ln_bf16",
+        "gemm_wg_ln_geglu_f16",
+        "gemm_wg_ln_geglu_bf16",
         "copy2d_u128",
         "cat_multi_u16",
         "cat_multi_u128",
@@ -131,7 +139,8 @@ mod tests {
 
     /// Programmatic dependent launch lets a kernel's blocks start before the kernel before it
     /// has finished (`ops::launch_ex`): a kernel of this source that touched memory before
-    /// `pdl_begin` waited would race with its predecessor.
+    /// `pdl_begin` waited would race with its predecessor. The one other allowed start is
+    /// `pdl_l2_then_wait` (gemm_wg.cu), which only asks L2 for weights before it waits.
     #[test]
     fn every_kernel_waits_for_its_predecessor() {
         let bodies = kernel_bodies(KERNEL_SOURCE);
@@ -141,13 +150,27 @@ mod tests {
                 .trim_start_matches(|c: char| c.is_whitespace() || c == '\\')
                 .split(';')
                 .next()
-                .unwrap_or_default();
-            assert_eq!(
-                first.trim(),
-                "pdl_begin()",
+                .unwrap_or_default()
+                .trim();
+            assert!(
+                first == "pdl_begin()" || first.starts_with("pdl_l2_then_wait("),
                 "the kernel at line {line} of KERNEL_SOURCE does not start with pdl_begin()"
             );
         }
+    }
+
+    /// The L2 prefetch before the wait is the only memory instruction there, and it ends in
+    /// `pdl_begin`.
+    #[test]
+    fn the_l2_prefetch_waits_before_returning() {
+        let at = KERNEL_SOURCE
+            .find("void pdl_l2_then_wait(")
+            .expect("pdl_l2_then_wait is defined");
+        let body = &KERNEL_SOURCE[at..];
+        let body = &body[..body.find("\n}\n").expect("end of the function")];
+        assert!(body.trim_end().ends_with("pdl_begin();"));
+        assert!(!body.contains("ld.") && !body.contains("st.") && !body.contains("cp.async.cg"));
+        assert!(body.contains("cp.async.bulk.prefetch.L2"));
     }
 
     #[test]

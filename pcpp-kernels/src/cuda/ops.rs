@@ -73,11 +73,36 @@ pub(crate) unsafe fn launch_ex(
     cfg: LaunchConfig,
     params: &mut [*mut c_void],
 ) -> std::result::Result<(), cudarc::driver::DriverError> {
+    launch_ex_cluster(gpu, f, cfg, 1, params)
+}
+
+/// [`launch_ex`] with thread-block clusters of `cluster_z` blocks along z (1: no clusters).
+///
+/// # Safety
+/// As [`launch_ex`]; `cluster_z` must divide the grid's z extent.
+pub(crate) unsafe fn launch_ex_cluster(
+    gpu: &Gpu,
+    f: &cudarc::driver::CudaFunction,
+    cfg: LaunchConfig,
+    cluster_z: u32,
+    params: &mut [*mut c_void],
+) -> std::result::Result<(), cudarc::driver::DriverError> {
     gpu.ctx.bind_to_thread()?;
-    let mut attr: drv_sys::CUlaunchAttribute = std::mem::zeroed();
-    attr.id = drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-    attr.value.programmaticStreamSerializationAllowed = 1;
-    let on = gpu.programmatic && programmatic_launch();
+    let mut attrs: [drv_sys::CUlaunchAttribute; 2] = std::mem::zeroed();
+    let mut count = 0;
+    if gpu.programmatic && programmatic_launch() {
+        attrs[count].id =
+            drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attrs[count].value.programmaticStreamSerializationAllowed = 1;
+        count += 1;
+    }
+    if cluster_z > 1 {
+        attrs[count].id = drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+        attrs[count].value.clusterDim.x = 1;
+        attrs[count].value.clusterDim.y = 1;
+        attrs[count].value.clusterDim.z = cluster_z;
+        count += 1;
+    }
     let conf = drv_sys::CUlaunchConfig {
         gridDimX: cfg.grid_dim.0,
         gridDimY: cfg.grid_dim.1,
@@ -87,8 +112,8 @@ pub(crate) unsafe fn launch_ex(
         blockDimZ: cfg.block_dim.2,
         sharedMemBytes: cfg.shared_mem_bytes,
         hStream: gpu.stream.cu_stream(),
-        attrs: &mut attr,
-        numAttrs: u32::from(on),
+        attrs: attrs.as_mut_ptr(),
+        numAttrs: count as u32,
     };
     drv_sys::cuLaunchKernelEx(
         &conf,
@@ -102,6 +127,7 @@ pub(crate) unsafe fn launch_ex(
 pub(crate) mod attn;
 mod conv;
 mod gemm;
+mod gemm_wg;
 mod norm;
 mod rows;
 mod tma;
@@ -118,6 +144,9 @@ pub use conv::{conv2d_in_bands, conv_nhwc, set_conv_nhwc};
 use gemm::gemm_batched;
 pub use gemm::{fused_epilogues, set_fused_epilogues};
 pub(crate) use gemm::{linear, linear_add, linear_gelu_tanh, matmul, LtKey};
+pub(crate) use gemm::{linear_add_stats, linear_geglu, norm_linear, norm_linears_apply};
+pub(crate) use gemm_wg::{gemm_wg_bytes, gemm_wg_name};
+pub use gemm_wg::{set_small_gemm, small_gemm, SMALL_GEMM_ROWS};
 pub use norm::{
     group_norm_merged_into, group_norm_merged_into_nhwc, group_norm_merged_nhwc, StatsWindow,
 };

@@ -433,19 +433,146 @@ fn linear_epilogue(
             }
             None => None,
         };
-        lt_linear(
-            &gpu,
-            dt,
-            (ptr(&xc)?, ptr(w)?, bp, ap, ptr(&y)?),
-            (rows, k, n),
-            gelu,
-        )?;
+        let o = super::gemm_wg::WgOperands {
+            x: ptr(&xc)?,
+            w: ptr(w)?,
+            bias: bp,
+            acc: ap,
+            y: ptr(&y)?,
+            stats_out: None,
+            norm: None,
+        };
+        if gelu || !super::gemm_wg::try_gemm_wg(&gpu, dt, &o, (rows, k, n), false)? {
+            lt_linear(&gpu, dt, (o.x, o.w, bp, ap, o.y), (rows, k, n), gelu)?;
+        }
     }
     if x.dtype() != dt {
         cast(&y, x.dtype())
     } else {
         Ok(y)
     }
+}
+
+/// `GEGLU(x · wᵀ + bias)`: the value half of the output columns times the exact GELU of the gate
+/// half, `w: [2h, k]` → `[.., h]`. One small-row kernel where it applies
+/// ([`super::gemm_wg::try_gemm_wg`]: GELU on the f32 accumulator, one rounding), else the
+/// linear layer and then the GEGLU pass; computes in `w`'s dtype, returns `x`'s dtype.
+pub(crate) fn linear_geglu(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    out_shape: &[usize],
+) -> Result<Tensor> {
+    let gpu = gpu_of(w)?;
+    let dt = w.dtype();
+    let (n2, k) = (w.shape()[0], w.shape()[1]);
+    let rows = x.numel() / k.max(1);
+    if dt != DType::F32 && x.dtype() == dt && bias.map_or(true, |b| b.dtype() == dt) {
+        let y = out(&gpu, out_shape, dt)?;
+        let o = super::gemm_wg::WgOperands {
+            x: ptr(x)?,
+            w: ptr(w)?,
+            bias: bias.map(ptr).transpose()?,
+            acc: None,
+            y: ptr(&y)?,
+            stats_out: None,
+            norm: None,
+        };
+        if super::gemm_wg::try_gemm_wg(&gpu, dt, &o, (rows, k, n2 / 2), true)? {
+            return Ok(y);
+        }
+    }
+    let mut hidden = out_shape.to_vec();
+    *hidden.last_mut().unwrap_or(&mut 0) = n2;
+    let h = linear(x, w, bias, &hidden)?;
+    super::geglu(&h, out_shape)
+}
+
+/// Whether [`linear_add_stats`] of `x` (rows of its last axis) through `n` outputs runs on the
+/// small-row kernels and so leaves the statistics [`norm_linear`] reads.
+pub(crate) fn norm_linears_apply(x: &Tensor, n: usize) -> bool {
+    let Ok(gpu) = gpu_of(x) else {
+        return false;
+    };
+    let k = *x.shape().last().unwrap_or(&0);
+    let rows = x.numel() / k.max(1);
+    super::gemm_wg::gemm_wg_applies(&gpu, x.dtype(), (rows, k, n))
+}
+
+/// `acc + x · wᵀ + bias` on the small-row kernels, with the partial row statistics of the result
+/// from their epilogue (`[rows, ceil(n/64), 2]` f32: per 64-column tile the mean and the sum of
+/// squared deviations of the rounded outputs); `None` where they do not apply.
+pub(crate) fn linear_add_stats(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    acc: &Tensor,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let gpu = gpu_of(w)?;
+    let dt = w.dtype();
+    let (n, k) = (w.shape()[0], w.shape()[1]);
+    let rows = x.numel() / k.max(1);
+    if x.dtype() != dt || acc.dtype() != dt || bias.is_some_and(|b| b.dtype() != dt) {
+        return Ok(None);
+    }
+    if !super::gemm_wg::gemm_wg_applies(&gpu, dt, (rows, k, n)) {
+        return Ok(None);
+    }
+    let y = out(&gpu, acc.shape(), dt)?;
+    let stats = out(&gpu, &[rows, n.div_ceil(64), 2], DType::F32)?;
+    let o = super::gemm_wg::WgOperands {
+        x: ptr(x)?,
+        w: ptr(w)?,
+        bias: bias.map(ptr).transpose()?,
+        acc: Some(ptr(acc)?),
+        y: ptr(&y)?,
+        stats_out: Some(ptr(&stats)?),
+        norm: None,
+    };
+    Ok(super::gemm_wg::try_gemm_wg(&gpu, dt, &o, (rows, k, n), false)?.then_some((y, stats)))
+}
+
+/// `layer_norm(x) · wᵀ + bias` (with `geglu`, GEGLU of it over the two halves of `w`) on the
+/// small-row kernels, the norm applied to each tile of `x` as it is loaded, its statistics merged
+/// from `stats` (what [`linear_add_stats`] left for `x`); `None` where the kernels do not apply.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn norm_linear(
+    x: &Tensor,
+    stats: &Tensor,
+    (gamma, beta, eps): (Option<&Tensor>, Option<&Tensor>, f64),
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    geglu: bool,
+    out_shape: &[usize],
+) -> Result<Option<Tensor>> {
+    let gpu = gpu_of(w)?;
+    let dt = w.dtype();
+    let (n, k) = (w.shape()[0] / if geglu { 2 } else { 1 }, w.shape()[1]);
+    let rows = x.numel() / k.max(1);
+    let halves = [Some(x), bias, gamma, beta];
+    if halves.iter().flatten().any(|t| t.dtype() != dt)
+        || stats.dtype() != DType::F32
+        || stats.shape() != [rows, k.div_ceil(64), 2]
+        || stats.device() != w.device()
+    {
+        return Ok(None);
+    }
+    let y = out(&gpu, out_shape, dt)?;
+    let o = super::gemm_wg::WgOperands {
+        x: ptr(x)?,
+        w: ptr(w)?,
+        bias: bias.map(ptr).transpose()?,
+        acc: None,
+        y: ptr(&y)?,
+        stats_out: None,
+        norm: Some(super::gemm_wg::WgNorm {
+            stats: ptr(stats)?,
+            gamma: gamma.map(ptr).transpose()?,
+            beta: beta.map(ptr).transpose()?,
+            eps: eps as f32,
+        }),
+    };
+    Ok(super::gemm_wg::try_gemm_wg(&gpu, dt, &o, (rows, k, n), geglu)?.then_some(y))
 }
 
 /// Batched `[.., m, k] · [.., k, n]`.
