@@ -21,6 +21,8 @@
 #   PCPP_DEVICE_WAIT  how the streams wait for MPI / UCX exchanges, passed to every rank when set:
 #          stream (the default: a flag wait on the stream) or host-fn (the older blocking host
 #          function); each run's start-up line names it
+#   PCPP_*  every other kernel choice set (e.g. PCPP_SMALL_GEMM=1) reaches every rank, and the
+#          local reference, which runs in this shell's environment
 #   GEN_EXTRA  space-separated flags appended to every run's `generate` (e.g. "--no-cfg-split",
 #          "--sync-mode none", "--gn-mode stale"), the local reference's too
 #   RUN_TIMEOUT  seconds each run may take (default 300)
@@ -46,9 +48,10 @@ GEN=(generate --model "$MODEL" --prompt "A painting of a squirrel eating a burge
 read -ra gen_extra <<<"${GEN_EXTRA:-}"
 GEN+=("${gen_extra[@]}")
 MPIRUN=(mpirun --allow-run-as-root --oversubscribe -n 4)
-if [[ -n ${PCPP_DEVICE_WAIT:-} ]]; then
-    MPIRUN+=(-x "PCPP_DEVICE_WAIT=$PCPP_DEVICE_WAIT")
-fi
+# Every PCPP_* setting of this shell (kernel choices, PCPP_DEVICE_WAIT) reaches every rank.
+for v in $(compgen -e | grep '^PCPP_'); do
+    MPIRUN+=(-x "$v=${!v}")
+done
 # UCX runs load the CUDA-enabled UCX; Open MPI (only their bootstrap) then keeps off UCX.
 UCX_ENV=(-x "LD_LIBRARY_PATH=$PWD/$CUDA_UCX_DIR:${LD_LIBRARY_PATH:-}" -x "UCX_MODULE_DIR=$PWD/$CUDA_UCX_DIR/ucx"
     --mca pml ob1 --mca osc ^ucx --mca btl self,vader,tcp)

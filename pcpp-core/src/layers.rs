@@ -183,18 +183,26 @@ pub trait SelfAttentionLayer: Send + Sync {
     /// `x: [b, rows·w, c]` (row-major tokens of the band), `spatial = (rows, w)` → `[b, rows·w, c]`.
     fn forward(&self, ctx: &StepCtx, x: &Tensor, spatial: (usize, usize)) -> Result<Tensor>;
 
-    /// `residual + forward(x)` and the row statistics of the sum for the layer norm after it
-    /// ([`Tensor::linear_add_stats`]): layers that run the output projection here hand it the
-    /// residual as its accumulator. The default adds after `forward` and leaves no statistics.
-    fn forward_add_stats(
+    /// `x + forward(layer_norm(x))` (a transformer block's first half) and the row statistics of
+    /// the sum for the layer norm after it. Layers that project here apply the norm as their
+    /// projections load `x` (its statistics from `stats` where they describe `x`,
+    /// [`Tensor::norm_linear`]) and hand the residual to the output projection as its
+    /// accumulator ([`Tensor::linear_add_stats`]). The default normalises, calls `forward`, adds
+    /// and leaves no statistics.
+    fn forward_norm_add(
         &self,
         ctx: &StepCtx,
         x: &Tensor,
+        norm: LayerNormArgs<'_>,
+        stats: &RowStats,
         spatial: (usize, usize),
-        residual: &Tensor,
     ) -> Result<(Tensor, RowStats)> {
-        let y = self.forward(ctx, x, spatial)?;
-        let sum = y.add(residual).at("self-attention (residual)")?;
+        let _ = stats;
+        let h = x
+            .layer_norm(norm.gamma, norm.beta, norm.eps)
+            .at("self-attention (norm)")?;
+        let y = self.forward(ctx, &h, spatial)?;
+        let sum = y.add(x).at("self-attention (residual)")?;
         Ok((sum, RowStats::none()))
     }
 }
@@ -372,22 +380,24 @@ pub trait FeedForwardLayer: Send + Sync {
         y.add(residual).at("feed-forward (residual)")
     }
 
-    /// `x + forward(layer_norm(x))`, the norm's statistics from `stats` where they describe `x`
-    /// (layers that run the input projection here apply the norm as it loads `x`,
-    /// [`Tensor::norm_linear_geglu`]). The default normalises and calls
-    /// [`FeedForwardLayer::forward_add`].
+    /// `x + forward(layer_norm(x))` and the row statistics of the sum (for the next block's
+    /// first norm): the norm's statistics from `stats` where they describe `x` (layers that run
+    /// the input projection here apply the norm as it loads `x`,
+    /// [`Tensor::norm_linear_geglu`], and the residual is the output projection's accumulator,
+    /// [`Tensor::linear_add_stats`]). The default normalises, calls
+    /// [`FeedForwardLayer::forward_add`] and leaves no statistics.
     fn forward_norm_add(
         &self,
         ctx: &StepCtx,
         x: &Tensor,
         norm: LayerNormArgs<'_>,
         stats: &RowStats,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, RowStats)> {
         let _ = stats;
         let h = x
             .layer_norm(norm.gamma, norm.beta, norm.eps)
             .at("feed-forward (norm)")?;
-        self.forward_add(ctx, &h, x)
+        Ok((self.forward_add(ctx, &h, x)?, RowStats::none()))
     }
 }
 
@@ -456,9 +466,9 @@ impl FeedForwardLayer for ComposedFeedForward {
         x: &Tensor,
         norm: LayerNormArgs<'_>,
         stats: &RowStats,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, RowStats)> {
         x.norm_linear_geglu(norm, stats, &self.w.proj, self.w.proj_bias.as_ref())
-            .and_then(|h| h.linear_add(&self.w.out, self.w.out_bias.as_ref(), x))
+            .and_then(|h| h.linear_add_stats(&self.w.out, self.w.out_bias.as_ref(), x))
             .at(&self.id)
     }
 }

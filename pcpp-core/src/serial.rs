@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use pcpp_kernels::{Cols, Conv2dParams, RowStats, Tensor};
+use pcpp_kernels::{Cols, Conv2dParams, LayerNormArgs, RowStats, Tensor};
 
 use crate::layers::*;
 
@@ -117,35 +117,35 @@ impl SerialAttention {
 }
 
 impl SerialAttention {
-    /// The heads' attention output, before the output projection.
-    fn attend(&self, x: &Tensor) -> Result<Tensor> {
+    /// The heads' attention over the stacked projection `qkv`, before the output projection.
+    fn attend(&self, qkv: &Tensor) -> Result<Tensor> {
         let c = self.to_out.shape()[1];
-        let qkv = self.qkv.forward(x).at(&self.id)?;
-        let (q, k, v) = (
-            Cols::new(&qkv, 0),
-            Cols::new(&qkv, c),
-            Cols::new(&qkv, 2 * c),
-        );
+        let (q, k, v) = (Cols::new(qkv, 0), Cols::new(qkv, c), Cols::new(qkv, 2 * c));
         Tensor::attention_packed(q, k, v, c, self.heads, false).at(&self.id)
     }
 }
 
 impl SelfAttentionLayer for SerialAttention {
     fn forward(&self, _ctx: &StepCtx, x: &Tensor, _spatial: (usize, usize)) -> Result<Tensor> {
-        self.attend(x)?
+        let qkv = self.qkv.forward(x).at(&self.id)?;
+        self.attend(&qkv)?
             .linear(&self.to_out, self.out_bias.as_ref())
             .at(&self.id)
     }
 
-    fn forward_add_stats(
+    fn forward_norm_add(
         &self,
         _ctx: &StepCtx,
         x: &Tensor,
+        norm: LayerNormArgs<'_>,
+        stats: &RowStats,
         _spatial: (usize, usize),
-        residual: &Tensor,
     ) -> Result<(Tensor, RowStats)> {
-        self.attend(x)?
-            .linear_add_stats(&self.to_out, self.out_bias.as_ref(), residual)
+        let qkv = x
+            .norm_linear(norm, stats, &self.qkv.w, self.qkv.bias.as_ref())
+            .at(&self.id)?;
+        self.attend(&qkv)?
+            .linear_add_stats(&self.to_out, self.out_bias.as_ref(), x)
             .at(&self.id)
     }
 }

@@ -38,7 +38,7 @@ impl RowStats {
 
     /// The partials, if they describe `x`.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    fn of(&self, x: &Tensor) -> Option<&Tensor> {
+    pub(crate) fn of(&self, x: &Tensor) -> Option<&Tensor> {
         self.partials
             .as_ref()
             .filter(|(src, _)| src.same_as(x))
@@ -70,25 +70,51 @@ impl Tensor {
         bias: Option<&Tensor>,
         acc: &Tensor,
     ) -> Result<(Tensor, RowStats)> {
+        if let Some(r) = self.stats_gemm(w, bias, Some(acc))? {
+            return Ok(r);
+        }
+        Ok((self.linear_add(w, bias, acc)?, RowStats::none()))
+    }
+
+    /// `self · wᵀ + bias` ([`Tensor::linear`]), and the row statistics of the result where the
+    /// GPU's small-row kernels computed it.
+    ///
+    /// # Shapes
+    /// `self: [..., k]`, `w: [n, k]`, `bias: [n]` → `[..., n]`.
+    pub fn linear_stats(&self, w: &Tensor, bias: Option<&Tensor>) -> Result<(Tensor, RowStats)> {
+        if let Some(r) = self.stats_gemm(w, bias, None)? {
+            return Ok(r);
+        }
+        Ok((self.linear(w, bias)?, RowStats::none()))
+    }
+
+    /// The small-row GEMM with statistics, where it applies (GPU operands of matching shapes).
+    fn stats_gemm(
+        &self,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        acc: Option<&Tensor>,
+    ) -> Result<Option<(Tensor, RowStats)>> {
         #[cfg(feature = "cuda")]
-        if crate::ops::on_gpu("linear_add_stats", &[Some(self), Some(w), bias, Some(acc)])? {
+        if crate::ops::on_gpu("linear_add_stats", &[Some(self), Some(w), bias, acc])? {
             let k = *self.shape().last().unwrap_or(&0);
             let mut shape = self.shape().to_vec();
             *shape.last_mut().unwrap_or(&mut 0) = w.shape().first().copied().unwrap_or(0);
             if w.rank() == 2
                 && w.shape()[1] == k
                 && bias.map_or(true, |b| b.shape() == [w.shape()[0]])
-                && acc.shape() == shape.as_slice()
+                && acc.map_or(true, |a| a.shape() == shape.as_slice())
             {
                 let _timed =
                     crate::cuda::profile::scope(crate::cpu::profile::Kernel::Linear, self.device());
-                if let Some((y, p)) = crate::cuda::linear_add_stats(self, w, bias, acc)? {
+                if let Some((y, p)) = crate::cuda::linear_add_stats(self, w, bias, acc, &shape)? {
                     let partials = Some((y.clone(), p));
-                    return Ok((y, RowStats { partials }));
+                    return Ok(Some((y, RowStats { partials })));
                 }
             }
         }
-        Ok((self.linear_add(w, bias, acc)?, RowStats::none()))
+        let _ = (w, bias, acc);
+        Ok(None)
     }
 
     /// `layer_norm(self) · wᵀ + bias`, the norm's statistics from `stats` where they describe

@@ -4,9 +4,11 @@
 //! merged group norm equals `group_norm_merged` bit for bit (written channels-last into a window's
 //! rows, its permute),
 //! every other row of the destination keeps its bytes, the direct GEMM (one batch entry) and the
-//! fallback (two entries, a mixed dtype, an unaligned offset) both, and shape or device errors
-//! name the op. Ignored by default (needs a GPU):
-//! `cargo test -p pcpp-kernels --features cuda --test cuda_rows_into -- --ignored`.
+//! fallback (two entries, a mixed dtype, an unaligned offset) both, on cuBLASLt and on the
+//! small-row GEMMs, the layer norm applied inside the row-writing GEMM, and shape or device
+//! errors name the op. Ignored by default (needs a GPU; one test switches the small-row GEMMs
+//! for the process, so one thread):
+//! `cargo test -p pcpp-kernels --features cuda --test cuda_rows_into -- --ignored --test-threads=1`.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -14,9 +16,9 @@ mod common;
 use common::{gpu, rnd};
 use pcpp_kernels::cuda::{
     copy_rows_into, group_norm_merged_into, group_norm_merged_into_nhwc, group_norm_merged_nhwc,
-    linear_rows_into, nchw_rows_into_nhwc, StatsWindow,
+    linear_rows_into, nchw_rows_into_nhwc, norm_linear_rows_into, StatsWindow,
 };
-use pcpp_kernels::{DType, Device, Tensor};
+use pcpp_kernels::{DType, Device, LayerNormArgs, RowStats, Tensor};
 
 /// F32 values in [0, 1): moments with a non-negative m2.
 fn positive(shape: &[usize], seed: u64) -> Tensor {
@@ -59,6 +61,16 @@ fn assert_rows(name: &str, win: &Tensor, before: &[f32], part: &Tensor, row0: us
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn row_writes_equal_the_ops_they_replace() {
+    // cuBLASLt, then the small-row GEMMs (on sm_90a they write the rows in place; the rows
+    // around them must keep their bits).
+    for small in [false, true] {
+        pcpp_kernels::cuda::set_small_gemm(small);
+        row_writes_equal_the_ops_they_replace_now();
+    }
+    pcpp_kernels::cuda::set_small_gemm(false);
+}
+
+fn row_writes_equal_the_ops_they_replace_now() {
     for d in [DType::F16, DType::BF16, DType::F32] {
         // (batch, own rows, window rows, first row, k, n): direct GEMMs at 256-byte-aligned
         // offsets, an unaligned offset and two batch entries (copied).
@@ -86,6 +98,31 @@ fn row_writes_equal_the_ops_they_replace() {
             let before = host_f32(&win);
             copy_rows_into(&part, &win, big - l).unwrap();
             assert_rows(&format!("copy {name}"), &win, &before, &part, big - l);
+        }
+    }
+    // The layer norm applied inside the GEMM that writes the rows (statistics of x from the
+    // small-row GEMM that made it, where it ran) equals the norm-then-linear the same kernels
+    // compute into a tensor of its own; without statistics, layer norm then the row write.
+    for d in [DType::F16, DType::BF16] {
+        let (l, big, row0, k, n) = (256, 410, 77, 320, 128);
+        let name = format!("norm {d:?} l={l} L={big} row0={row0} {k}→{n}");
+        let src = gpu(&rnd(&[1, l, 64], d, 8));
+        let wx = gpu(&rnd(&[k, 64], d, 9));
+        let (x, stats) = src.linear_stats(&wx, None).unwrap();
+        let (g, beta) = (gpu(&rnd(&[k], d, 10)), gpu(&rnd(&[k], d, 11)));
+        let norm = LayerNormArgs {
+            gamma: Some(&g),
+            beta: Some(&beta),
+            eps: 1e-5,
+        };
+        let w = gpu(&rnd(&[n, k], d, 12));
+        let bias = gpu(&rnd(&[n], d, 13));
+        for st in [&stats, &RowStats::none()] {
+            let win = gpu(&rnd(&[1, big, n], d, 4));
+            let before = host_f32(&win);
+            norm_linear_rows_into(&x, norm, st, (&w, Some(&bias)), &win, row0).unwrap();
+            let want = x.norm_linear(norm, st, &w, Some(&bias)).unwrap();
+            assert_rows(&name, &win, &before, &want, row0);
         }
     }
     // A mixed dtype takes the fallback (linear in the weight's dtype, cast, copied).

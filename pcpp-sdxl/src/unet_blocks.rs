@@ -234,24 +234,29 @@ impl TransformerBlock {
         })
     }
 
+    /// The block on `x` (`stats`: its row statistics, where the GEMM that made it left them);
+    /// returns the output and its row statistics.
     pub(crate) fn forward(
         &self,
         fw: &Fwd,
         x: &Tensor,
+        stats: &RowStats,
         spatial: (usize, usize),
         cond: &UNetCond,
-    ) -> Result<Tensor> {
-        let h = x.layer_norm(Some(&self.norm1.0), Some(&self.norm1.1), 1e-5)?;
-        if fw.taps.is_none() && x.fused_norms_apply(self.norm2.0.shape()[0]) {
+    ) -> Result<(Tensor, RowStats)> {
+        if self.fuses_norms(fw, x) {
             // The residual sums come out of the output projections with their row statistics,
-            // and the two norms after them run inside the GEMMs that read them.
-            let (x, st) = self.attn1.forward_add_stats(fw.ctx, &h, spatial, x)?;
+            // and each layer norm runs inside the GEMMs that read its output.
+            let ctx = fw.ctx;
+            let (x, st) = self
+                .attn1
+                .forward_norm_add(ctx, x, ln(&self.norm1), stats, spatial)?;
             let (x, st) = self
                 .attn2
                 .forward_norm_add(&x, ln(&self.norm2), &st, cond)?;
-            let out = self.ff.forward_norm_add(fw.ctx, &x, ln(&self.norm3), &st)?;
-            return Ok(out);
+            return Ok(self.ff.forward_norm_add(ctx, &x, ln(&self.norm3), &st)?);
         }
+        let h = x.layer_norm(Some(&self.norm1.0), Some(&self.norm1.1), 1e-5)?;
         let a = self.attn1.forward(fw.ctx, &h, spatial)?;
         fw.tap(&format!("{}.attn1", self.name), &a);
         // Each residual sum and the norm after it in one op.
@@ -267,7 +272,14 @@ impl TransformerBlock {
             self.ff.forward_add(fw.ctx, &h, &x)?
         };
         fw.tap(&self.name, &out);
-        Ok(out)
+        Ok((out, RowStats::none()))
+    }
+
+    /// Whether the block runs with its norms fused into the GEMMs (no taps wanted, and the
+    /// kernels apply to this many rows: always on the CPU, where the fused ops are their
+    /// compositions).
+    fn fuses_norms(&self, fw: &Fwd, x: &Tensor) -> bool {
+        fw.taps.is_none() && x.fused_norms_apply(self.norm1.0.shape()[0])
     }
 }
 
@@ -329,19 +341,28 @@ impl Transformer2D {
         let (rows, cols) = (x.shape()[2], x.shape()[3]);
         let mut h = match &self.proj_in {
             // The norm writes channels-last, which is the token layout.
+            // The projection leaves the row statistics of its output for the first block's
+            // first norm.
             Proj::Linear(l) => {
                 let h = self.norm.forward_nhwc(fw.ctx, x, false)?;
                 let (b, c) = (x.shape()[0], x.shape()[1]);
-                l.forward(&h.reshape(&[b, rows * cols, c])?)?
+                let h = h.reshape(&[b, rows * cols, c])?;
+                match self.blocks.first() {
+                    Some(first) if first.fuses_norms(fw, &h) => {
+                        h.linear_stats(&l.w, l.b.as_ref())?
+                    }
+                    _ => (l.forward(&h)?, RowStats::none()),
+                }
             }
             Proj::Conv(c) => {
                 let h = self.norm.forward(fw.ctx, x, false)?;
-                c.forward(fw.ctx, &h)?.to_tokens()?
+                (c.forward(fw.ctx, &h)?.to_tokens()?, RowStats::none())
             }
         };
         for b in &self.blocks {
-            h = b.forward(fw, &h, (rows, cols), cond)?;
+            h = b.forward(fw, &h.0, &h.1, (rows, cols), cond)?;
         }
+        let h = h.0;
         let out = match &self.proj_out {
             Proj::Linear(l) => l.forward(&h)?.from_tokens_add(rows, cols, x)?,
             Proj::Conv(c) => c.forward_add(fw.ctx, &h.from_tokens(rows, cols)?, None, Some(x))?,

@@ -9,7 +9,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use pcpp_kernels::{Cols, RowStats, Tensor};
+use pcpp_kernels::{Cols, LayerNormArgs, RowStats, Tensor};
 
 use super::window::{copy_rows, device_windows, row_parts, Layout, OwnKv};
 use super::Shared;
@@ -166,36 +166,47 @@ impl PatchAttention {
 }
 
 impl PatchAttention {
-    /// The band's queries over its K/V window, heads merged, before the output projection.
-    fn attend(&self, ctx: &StepCtx, x: &Tensor, spatial: (usize, usize)) -> Result<Tensor> {
+    /// The band's queries `q` over its K/V window (the band's own K/V from `own`), heads merged,
+    /// before the output projection.
+    fn attend(
+        &self,
+        ctx: &StepCtx,
+        q: &Tensor,
+        own: OwnKv<'_>,
+        spatial: (usize, usize),
+    ) -> Result<Tensor> {
         let id = &self.id;
         let (rows, cols) = spatial;
         let level = self.sh.level_at(ctx, id, rows, cols)?;
-        let q = x.linear(&self.to_q, self.q_bias.as_ref()).at(id)?;
-        let own = OwnKv::Project(x, &self.kv);
         let win = band_kv(&self.sh, self.slot.as_ref(), ctx, id, level, own)?;
         let c = q.shape()[2];
         let (k, v) = (Cols::new(&win, 0), Cols::new(&win, c));
-        Tensor::attention_packed(Cols::new(&q, 0), k, v, c, self.heads, false).at(id)
+        Tensor::attention_packed(Cols::new(q, 0), k, v, c, self.heads, false).at(id)
     }
 }
 
 impl SelfAttentionLayer for PatchAttention {
     fn forward(&self, ctx: &StepCtx, x: &Tensor, spatial: (usize, usize)) -> Result<Tensor> {
-        self.attend(ctx, x, spatial)?
+        let q = x.linear(&self.to_q, self.q_bias.as_ref()).at(&self.id)?;
+        self.attend(ctx, &q, OwnKv::Project(x, &self.kv), spatial)?
             .linear(&self.to_out, self.out_bias.as_ref())
             .at(&self.id)
     }
 
-    fn forward_add_stats(
+    fn forward_norm_add(
         &self,
         ctx: &StepCtx,
         x: &Tensor,
+        norm: LayerNormArgs<'_>,
+        stats: &RowStats,
         spatial: (usize, usize),
-        residual: &Tensor,
     ) -> Result<(Tensor, RowStats)> {
-        self.attend(ctx, x, spatial)?
-            .linear_add_stats(&self.to_out, self.out_bias.as_ref(), residual)
+        let q = x
+            .norm_linear(norm, stats, &self.to_q, self.q_bias.as_ref())
+            .at(&self.id)?;
+        let own = OwnKv::ProjectNormed(x, &self.kv, norm, stats);
+        self.attend(ctx, &q, own, spatial)?
+            .linear_add_stats(&self.to_out, self.out_bias.as_ref(), x)
             .at(&self.id)
     }
 }

@@ -16,7 +16,7 @@
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use pcpp_kernels::{DType, Device, Tensor};
+use pcpp_kernels::{DType, Device, LayerNormArgs, RowStats, Tensor};
 
 use super::Shared;
 use crate::cache::{Entry, Slot};
@@ -55,6 +55,14 @@ fn needs_cuda(id: &str) -> CoreError {
 pub(super) enum OwnKv<'a> {
     Ready(&'a Tensor),
     Project(&'a Tensor, &'a StackedProjection),
+    /// The projection of `layer_norm(x)`, the norm applied inside the GEMM where its
+    /// statistics describe `x` ([`Tensor::norm_linear`]).
+    ProjectNormed(
+        &'a Tensor,
+        &'a StackedProjection,
+        LayerNormArgs<'a>,
+        &'a RowStats,
+    ),
 }
 
 impl OwnKv<'_> {
@@ -62,7 +70,9 @@ impl OwnKv<'_> {
     pub(super) fn dims(&self, id: &str) -> Result<([usize; 3], DType)> {
         let (shape, n, dt) = match self {
             OwnKv::Ready(t) => (t.shape(), None, t.dtype()),
-            OwnKv::Project(x, p) => (x.shape(), p.w.shape().first().copied(), x.dtype()),
+            OwnKv::Project(x, p) | OwnKv::ProjectNormed(x, p, ..) => {
+                (x.shape(), p.w.shape().first().copied(), x.dtype())
+            }
         };
         match (shape, n) {
             (&[b, l, c2], None) => Ok(([b, l, c2], dt)),
@@ -76,7 +86,7 @@ impl OwnKv<'_> {
     /// The device the K/V is computed on.
     pub(super) fn device(&self) -> Device {
         match self {
-            OwnKv::Ready(t) | OwnKv::Project(t, _) => t.device(),
+            OwnKv::Ready(t) | OwnKv::Project(t, _) | OwnKv::ProjectNormed(t, ..) => t.device(),
         }
     }
 
@@ -85,6 +95,9 @@ impl OwnKv<'_> {
         match self {
             OwnKv::Ready(t) => Ok((*t).clone()),
             OwnKv::Project(x, p) => p.forward(x).at(id),
+            OwnKv::ProjectNormed(x, p, norm, stats) => {
+                x.norm_linear(*norm, stats, &p.w, p.bias.as_ref()).at(id)
+            }
         }
     }
 
@@ -96,6 +109,14 @@ impl OwnKv<'_> {
             OwnKv::Project(x, p) => {
                 pcpp_kernels::cuda::linear_rows_into(x, &p.w, p.bias.as_ref(), win, row0)
             }
+            OwnKv::ProjectNormed(x, p, norm, stats) => pcpp_kernels::cuda::norm_linear_rows_into(
+                x,
+                *norm,
+                stats,
+                (&p.w, p.bias.as_ref()),
+                win,
+                row0,
+            ),
         }
         .at(id);
         #[cfg(not(feature = "cuda"))]

@@ -39,10 +39,10 @@ pub(crate) use ops::*;
 pub use ops::{
     autotune, capture_graph, conv2d_in_bands, conv_nhwc, copy_into, copy_rows_into, flash128,
     flash_persistent, fused_epilogues, group_norm_merged_into, group_norm_merged_into_nhwc,
-    group_norm_merged_nhwc, linear_rows_into, nchw_rows_into_nhwc, programmatic_launch,
-    set_autotune, set_autotune_report, set_conv_nhwc, set_flash128, set_flash_persistent,
-    set_fused_epilogues, set_programmatic_launch, set_small_gemm, small_gemm, CudaGraphStep,
-    Flash128, StatsWindow, SMALL_GEMM_ROWS,
+    group_norm_merged_nhwc, linear_rows_into, nchw_rows_into_nhwc, norm_linear_rows_into,
+    programmatic_launch, set_autotune, set_autotune_report, set_conv_nhwc, set_flash128,
+    set_flash_persistent, set_fused_epilogues, set_programmatic_launch, set_small_gemm, small_gemm,
+    CudaGraphStep, Flash128, StatsWindow, SMALL_GEMM_ROWS,
 };
 
 /// CUDA C source of every hand-written kernel (compiled at run time by NVRTC), one translation

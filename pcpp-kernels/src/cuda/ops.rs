@@ -150,7 +150,7 @@ pub use gemm_wg::{set_small_gemm, small_gemm, SMALL_GEMM_ROWS};
 pub use norm::{
     group_norm_merged_into, group_norm_merged_into_nhwc, group_norm_merged_nhwc, StatsWindow,
 };
-pub use rows::{copy_rows_into, linear_rows_into, nchw_rows_into_nhwc};
+pub use rows::{copy_rows_into, linear_rows_into, nchw_rows_into_nhwc, norm_linear_rows_into};
 pub use tune::{autotune, set_autotune, set_autotune_report};
 
 pub(crate) use attn::{

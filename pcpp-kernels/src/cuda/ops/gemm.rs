@@ -499,37 +499,69 @@ pub(crate) fn norm_linears_apply(x: &Tensor, n: usize) -> bool {
     super::gemm_wg::gemm_wg_applies(&gpu, x.dtype(), (rows, k, n))
 }
 
-/// `acc + x · wᵀ + bias` on the small-row kernels, with the partial row statistics of the result
-/// from their epilogue (`[rows, ceil(n/64), 2]` f32: per 64-column tile the mean and the sum of
-/// squared deviations of the rounded outputs); `None` where they do not apply.
+/// `acc + x · wᵀ + bias` (without `acc`: `x · wᵀ + bias`) on the small-row kernels, with the
+/// partial row statistics of the result from their epilogue (`[rows, ceil(n/64), 2]` f32: per
+/// 64-column tile the mean and the sum of squared deviations of the rounded outputs); `None`
+/// where they do not apply.
 pub(crate) fn linear_add_stats(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
-    acc: &Tensor,
+    acc: Option<&Tensor>,
+    out_shape: &[usize],
 ) -> Result<Option<(Tensor, Tensor)>> {
     let gpu = gpu_of(w)?;
     let dt = w.dtype();
     let (n, k) = (w.shape()[0], w.shape()[1]);
     let rows = x.numel() / k.max(1);
-    if x.dtype() != dt || acc.dtype() != dt || bias.is_some_and(|b| b.dtype() != dt) {
+    let halves = [Some(x), bias, acc];
+    if halves.iter().flatten().any(|t| t.dtype() != dt)
+        || !super::gemm_wg::gemm_wg_applies(&gpu, dt, (rows, k, n))
+    {
         return Ok(None);
     }
-    if !super::gemm_wg::gemm_wg_applies(&gpu, dt, (rows, k, n)) {
-        return Ok(None);
-    }
-    let y = out(&gpu, acc.shape(), dt)?;
+    let y = out(&gpu, out_shape, dt)?;
     let stats = out(&gpu, &[rows, n.div_ceil(64), 2], DType::F32)?;
     let o = super::gemm_wg::WgOperands {
         x: ptr(x)?,
         w: ptr(w)?,
         bias: bias.map(ptr).transpose()?,
-        acc: Some(ptr(acc)?),
+        acc: acc.map(ptr).transpose()?,
         y: ptr(&y)?,
         stats_out: Some(ptr(&stats)?),
         norm: None,
     };
     Ok(super::gemm_wg::try_gemm_wg(&gpu, dt, &o, (rows, k, n), false)?.then_some((y, stats)))
+}
+
+/// The operand of a layer norm applied inside a small-row GEMM: the partial statistics of `x`
+/// (`[rows, ceil(k/64), 2]` f32, on `w`'s device) and the affine parameters; `None` where they
+/// do not fit (the caller normalises separately).
+pub(super) fn wg_norm(
+    x: &Tensor,
+    stats: &Tensor,
+    (gamma, beta, eps): (Option<&Tensor>, Option<&Tensor>, f64),
+    w: &Tensor,
+) -> Result<Option<super::gemm_wg::WgNorm>> {
+    let dt = w.dtype();
+    let k = w.shape()[1];
+    let rows = x.numel() / k.max(1);
+    if [Some(x), gamma, beta]
+        .iter()
+        .flatten()
+        .any(|t| t.dtype() != dt)
+        || stats.dtype() != DType::F32
+        || stats.shape() != [rows, k.div_ceil(64), 2]
+        || stats.device() != w.device()
+    {
+        return Ok(None);
+    }
+    Ok(Some(super::gemm_wg::WgNorm {
+        stats: ptr(stats)?,
+        gamma: gamma.map(ptr).transpose()?,
+        beta: beta.map(ptr).transpose()?,
+        eps: eps as f32,
+    }))
 }
 
 /// `layer_norm(x) · wᵀ + bias` (with `geglu`, GEGLU of it over the two halves of `w`) on the
@@ -539,7 +571,7 @@ pub(crate) fn linear_add_stats(
 pub(crate) fn norm_linear(
     x: &Tensor,
     stats: &Tensor,
-    (gamma, beta, eps): (Option<&Tensor>, Option<&Tensor>, f64),
+    affine: (Option<&Tensor>, Option<&Tensor>, f64),
     w: &Tensor,
     bias: Option<&Tensor>,
     geglu: bool,
@@ -549,12 +581,10 @@ pub(crate) fn norm_linear(
     let dt = w.dtype();
     let (n, k) = (w.shape()[0] / if geglu { 2 } else { 1 }, w.shape()[1]);
     let rows = x.numel() / k.max(1);
-    let halves = [Some(x), bias, gamma, beta];
-    if halves.iter().flatten().any(|t| t.dtype() != dt)
-        || stats.dtype() != DType::F32
-        || stats.shape() != [rows, k.div_ceil(64), 2]
-        || stats.device() != w.device()
-    {
+    let Some(norm) = wg_norm(x, stats, affine, w)? else {
+        return Ok(None);
+    };
+    if bias.is_some_and(|b| b.dtype() != dt) {
         return Ok(None);
     }
     let y = out(&gpu, out_shape, dt)?;
@@ -565,12 +595,7 @@ pub(crate) fn norm_linear(
         acc: None,
         y: ptr(&y)?,
         stats_out: None,
-        norm: Some(super::gemm_wg::WgNorm {
-            stats: ptr(stats)?,
-            gamma: gamma.map(ptr).transpose()?,
-            beta: beta.map(ptr).transpose()?,
-            eps: eps as f32,
-        }),
+        norm: Some(norm),
     };
     Ok(super::gemm_wg::try_gemm_wg(&gpu, dt, &o, (rows, k, n), geglu)?.then_some(y))
 }

@@ -5,9 +5,9 @@
 //! concatenation copies the whole window every step. Device only, like [`super::copy_into`]:
 //! CPU tensors are immutable, and the host path builds its windows by concatenation.
 
-use super::gemm::lt_linear;
+use super::gemm::{lt_linear, wg_norm};
 use super::{copy2d, gpu_of, ptr, transpose_pairs, PairsEpilogue};
-use crate::{KernelError, Result, Tensor};
+use crate::{KernelError, LayerNormArgs, Result, RowStats, Tensor};
 
 /// `(b, l, n)` of a `[b, l, n]` tensor, and `L` of `dst: [b, L, n]` with `row0 + l ≤ L`.
 fn rows_fit(op: &'static str, src: &[usize], dst: &Tensor, row0: usize) -> Result<[usize; 4]> {
@@ -129,13 +129,81 @@ pub fn linear_rows_into(
         Some(bb) => Some(ptr(bb)?),
         None => None,
     };
-    lt_linear(
-        &gpu,
-        dt,
-        (ptr(x)?, ptr(w)?, bp, None, ptr(dst)? + offset),
-        (l, k, n),
-        false,
-    )
+    let o = super::gemm_wg::WgOperands {
+        x: ptr(x)?,
+        w: ptr(w)?,
+        bias: bp,
+        acc: None,
+        y: ptr(dst)? + offset,
+        stats_out: None,
+        norm: None,
+    };
+    if super::gemm_wg::try_gemm_wg(&gpu, dt, &o, (l, k, n), false)? {
+        return Ok(());
+    }
+    lt_linear(&gpu, dt, (o.x, o.w, bp, None, o.y), (l, k, n), false)
+}
+
+/// [`linear_rows_into`] of `layer_norm(x)` (`gamma`, `beta: [k]`), with the bits of
+/// [`Tensor::norm_linear`]. Where `stats` describe `x` (a small-row GEMM's epilogue wrote them,
+/// [`Tensor::linear_add_stats`]) and the GEMM can store in place (one batch entry, the weight's
+/// dtype, a 16-byte-aligned offset), one small-row GEMM normalises `x` as it loads it and writes
+/// the rows; with statistics otherwise, `norm_linear` then a copy; without, the norm and then
+/// [`linear_rows_into`].
+pub fn norm_linear_rows_into(
+    x: &Tensor,
+    norm: LayerNormArgs<'_>,
+    stats: &RowStats,
+    (w, bias): (&Tensor, Option<&Tensor>),
+    dst: &Tensor,
+    row0: usize,
+) -> Result<()> {
+    const OP: &str = "norm_linear_rows_into";
+    let mut ops = vec![x, w, dst];
+    ops.extend(bias);
+    ops.extend(norm.gamma);
+    ops.extend(norm.beta);
+    same_gpu(OP, &ops)?;
+    let k = x.shape().last().copied().unwrap_or(0);
+    if x.rank() != 3 || w.rank() != 2 || w.shape()[1] != k {
+        return Err(KernelError::shape(OP, x.shape(), w.shape()));
+    }
+    for t in [norm.gamma, norm.beta].into_iter().flatten() {
+        if t.shape() != [k] {
+            return Err(KernelError::shape(OP, x.shape(), t.shape()));
+        }
+    }
+    let n = w.shape()[0];
+    if let (Some(p), true) = (stats.of(x), bias.map_or(true, |bb| bb.shape() == [n])) {
+        let [b, l, _, _] = rows_fit(OP, &[x.shape()[0], x.shape()[1], n], dst, row0)?;
+        let dt = w.dtype();
+        let offset = (row0 * n * dt.size()) as u64;
+        let direct = b == 1
+            && l > 0
+            && dst.dtype() == dt
+            && bias.map_or(true, |bb| bb.dtype() == dt)
+            && (ptr(dst)? + offset) % 16 == 0;
+        if direct {
+            if let Some(nm) = wg_norm(x, p, (norm.gamma, norm.beta, norm.eps), w)? {
+                let o = super::gemm_wg::WgOperands {
+                    x: ptr(x)?,
+                    w: ptr(w)?,
+                    bias: bias.map(ptr).transpose()?,
+                    acc: None,
+                    y: ptr(dst)? + offset,
+                    stats_out: None,
+                    norm: Some(nm),
+                };
+                if super::gemm_wg::try_gemm_wg(&*gpu_of(w)?, dt, &o, (l, k, n), false)? {
+                    return Ok(());
+                }
+            }
+        }
+        // The op the host path runs (so that both give the same bits), then copied.
+        return copy_rows_into(&x.norm_linear(norm, stats, w, bias)?, dst, row0);
+    }
+    let h = x.layer_norm(norm.gamma, norm.beta, norm.eps)?;
+    linear_rows_into(&h, w, bias, dst, row0)
 }
 
 /// `x: [b, c, h, w]` (NCHW) written channels-last into rows `row0 .. row0 + h` of every batch
