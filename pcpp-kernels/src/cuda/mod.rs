@@ -250,7 +250,7 @@ pub struct Gpu {
     /// shared memory.
     flash_ws3: bool,
     /// Whether the small-row GEMMs on warpgroup MMAs (`gemm_wg.cu`) can run here: an sm_90a
-    /// device that gave them their shared memory.
+    /// device with cluster launch that gave them their shared memory.
     gemm_wg: bool,
     /// Streaming multiprocessors of the device.
     sms: usize,
@@ -455,7 +455,12 @@ impl Gpu {
                     ops::flash_ws_bytes(64, 3),
                 )
             });
+        // The small-row GEMMs split K across thread-block clusters.
+        let clusters = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH)
+            .is_ok_and(|v| v != 0);
         let gemm_wg = arch == "sm_90a"
+            && clusters
             && [(false, false), (true, false), (false, true), (true, true)]
                 .into_iter()
                 .all(|(geglu, norm)| {

@@ -248,6 +248,10 @@ __device__ void row_norm_reg_impl(const T* a, const T* a2, T* s, const T* gamma,
             } else {
                 buf[i] = *(const U4*)(ar + j);
             }
+        } else {
+            // Lanes past the row and warps past the last row (which only join the barrier)
+            // reduce zeros, not uninitialised registers.
+            buf[i] = U4{0u, 0u, 0u, 0u};
         }
     }
     float sum = 0.0f;
@@ -399,6 +403,18 @@ __device__ void transpose_impl(const W* src, W* dst, long rows, long cols) {
 // image and channel, a `[b, c, 1, 1]` add) and the dst-shaped `res` (a residual) added in f32;
 // each is skipped where null. Same values as transpose_impl and the separate adds otherwise.
 template <typename T> struct alignas(2 * sizeof(T)) Pair { T a, b; };
+// This thread's eight element pairs of a 64-row tile of a [rows, cols] matrix: rows
+// r0 + threadIdx.y + 8k, columns col, col + 1; all loads issued before any is used, those out of
+// bounds skipped (their pairs are left unset).
+template <typename T>
+__device__ __forceinline__ void tile_pairs8(Pair<T>* v, const T* src, long r0, long col, long rows, long cols) {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        long r = r0 + threadIdx.y + 8 * k;
+        if (r < rows && col < cols) v[k] = *(const Pair<T>*)(src + r * cols + col);
+    }
+}
+
 template <typename T>
 __device__ void transpose_pairs_impl(const T* src, T* dst, long rows, long cols, const T* bias, const T* plane,
                                      const T* res) {
@@ -411,11 +427,7 @@ __device__ void transpose_pairs_impl(const T* src, T* dst, long rows, long cols,
     // Each thread's eight loads are issued before any is used (and so are the residual's below):
     // a loop that stored each pair before loading the next kept one load in flight per thread.
     Pair<T> v[8];
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-        long r = r0 + ty + 8 * k, c = c0 + 2 * tx;
-        if (r < rows && c < cols) v[k] = *(const Pair<T>*)(s + r * cols + c);
-    }
+    tile_pairs8(v, s, r0, c0 + 2 * tx, rows, cols);
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
         int i = ty + 8 * k;
@@ -479,11 +491,7 @@ __device__ void gn_apply_nhwc_impl(const T* x, const float* mean_rstd, const T* 
     int tx = threadIdx.x, ty = threadIdx.y;
     long col = c0 + 2 * tx;
     Pair<T> v[8];
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-        long r = r0 + ty + 8 * k;
-        if (r < c && col < s) v[k] = *(const Pair<T>*)(src + r * s + col);
-    }
+    tile_pairs8(v, src, r0, col, (long)c, s);
     int t = ty * 32 + tx;
     if (t < 64 && r0 + t < c) {
         float scale, shift;
