@@ -114,9 +114,7 @@ impl SerialAttention {
             heads: w.heads,
         })
     }
-}
 
-impl SerialAttention {
     /// The heads' attention over the stacked projection `qkv`, before the output projection.
     fn attend(&self, qkv: &Tensor) -> Result<Tensor> {
         let c = self.to_out.shape()[1];

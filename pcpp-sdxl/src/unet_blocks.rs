@@ -340,9 +340,8 @@ impl Transformer2D {
     pub(crate) fn forward(&self, fw: &Fwd, x: &Tensor, cond: &UNetCond) -> Result<Tensor> {
         let (rows, cols) = (x.shape()[2], x.shape()[3]);
         let mut h = match &self.proj_in {
-            // The norm writes channels-last, which is the token layout.
-            // The projection leaves the row statistics of its output for the first block's
-            // first norm.
+            // The norm writes channels-last, which is the token layout; the projection leaves
+            // the row statistics of its output for the first block's first norm.
             Proj::Linear(l) => {
                 let h = self.norm.forward_nhwc(fw.ctx, x, false)?;
                 let (b, c) = (x.shape()[0], x.shape()[1]);

@@ -163,9 +163,7 @@ impl PatchAttention {
             slot,
         })
     }
-}
 
-impl PatchAttention {
     /// The band's queries `q` over its K/V window (the band's own K/V from `own`), heads merged,
     /// before the output projection.
     fn attend(
@@ -201,10 +199,19 @@ impl SelfAttentionLayer for PatchAttention {
         stats: &RowStats,
         spatial: (usize, usize),
     ) -> Result<(Tensor, RowStats)> {
-        let q = x
-            .norm_linear(norm, stats, &self.to_q, self.q_bias.as_ref())
-            .at(&self.id)?;
-        let own = OwnKv::ProjectNormed(x, &self.kv, norm, stats);
+        // Without statistics the norm runs once, for both projections.
+        let h;
+        let (q, own) = if stats.is_some() {
+            let q = x.norm_linear(norm, stats, &self.to_q, self.q_bias.as_ref());
+            (q, OwnKv::ProjectNormed(x, &self.kv, norm, stats))
+        } else {
+            h = x.layer_norm(norm.gamma, norm.beta, norm.eps).at(&self.id)?;
+            (
+                h.linear(&self.to_q, self.q_bias.as_ref()),
+                OwnKv::Project(&h, &self.kv),
+            )
+        };
+        let q = q.at(&self.id)?;
         self.attend(ctx, &q, own, spatial)?
             .linear_add_stats(&self.to_out, self.out_bias.as_ref(), x)
             .at(&self.id)
