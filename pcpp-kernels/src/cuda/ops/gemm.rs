@@ -419,10 +419,6 @@ fn linear_epilogue(
     let rows = x.numel() / k.max(1);
     let y = out(&gpu, out_shape, dt)?;
     if rows > 0 && n > 0 {
-        let bp = match &bc {
-            Some(b) => Some(ptr(b)?),
-            None => None,
-        };
         let ap = match acc {
             Some(a) if a.dtype() == dt => Some(ptr(a)?),
             Some(_) => {
@@ -434,16 +430,11 @@ fn linear_epilogue(
             None => None,
         };
         let o = super::gemm_wg::WgOperands {
-            x: ptr(&xc)?,
-            w: ptr(w)?,
-            bias: bp,
             acc: ap,
-            y: ptr(&y)?,
-            stats_out: None,
-            norm: None,
+            ..super::gemm_wg::WgOperands::new(&xc, w, bc.as_ref(), ptr(&y)?)?
         };
         if gelu || !super::gemm_wg::try_gemm_wg(&gpu, dt, &o, (rows, k, n), false)? {
-            lt_linear(&gpu, dt, (o.x, o.w, bp, ap, o.y), (rows, k, n), gelu)?;
+            lt_linear(&gpu, dt, (o.x, o.w, o.bias, ap, o.y), (rows, k, n), gelu)?;
         }
     }
     if x.dtype() != dt {
@@ -469,15 +460,7 @@ pub(crate) fn linear_geglu(
     let rows = x.numel() / k.max(1);
     if dt != DType::F32 && x.dtype() == dt && bias.map_or(true, |b| b.dtype() == dt) {
         let y = out(&gpu, out_shape, dt)?;
-        let o = super::gemm_wg::WgOperands {
-            x: ptr(x)?,
-            w: ptr(w)?,
-            bias: bias.map(ptr).transpose()?,
-            acc: None,
-            y: ptr(&y)?,
-            stats_out: None,
-            norm: None,
-        };
+        let o = super::gemm_wg::WgOperands::new(x, w, bias, ptr(&y)?)?;
         if super::gemm_wg::try_gemm_wg(&gpu, dt, &o, (rows, k, n2 / 2), true)? {
             return Ok(y);
         }
@@ -523,13 +506,9 @@ pub(crate) fn linear_add_stats(
     let y = out(&gpu, out_shape, dt)?;
     let stats = out(&gpu, &[rows, n.div_ceil(64), 2], DType::F32)?;
     let o = super::gemm_wg::WgOperands {
-        x: ptr(x)?,
-        w: ptr(w)?,
-        bias: bias.map(ptr).transpose()?,
         acc: acc.map(ptr).transpose()?,
-        y: ptr(&y)?,
         stats_out: Some(ptr(&stats)?),
-        norm: None,
+        ..super::gemm_wg::WgOperands::new(x, w, bias, ptr(&y)?)?
     };
     Ok(super::gemm_wg::try_gemm_wg(&gpu, dt, &o, (rows, k, n), false)?.then_some((y, stats)))
 }
@@ -589,13 +568,8 @@ pub(crate) fn norm_linear(
     }
     let y = out(&gpu, out_shape, dt)?;
     let o = super::gemm_wg::WgOperands {
-        x: ptr(x)?,
-        w: ptr(w)?,
-        bias: bias.map(ptr).transpose()?,
-        acc: None,
-        y: ptr(&y)?,
-        stats_out: None,
         norm: Some(norm),
+        ..super::gemm_wg::WgOperands::new(x, w, bias, ptr(&y)?)?
     };
     Ok(super::gemm_wg::try_gemm_wg(&gpu, dt, &o, (rows, k, n), geglu)?.then_some(y))
 }

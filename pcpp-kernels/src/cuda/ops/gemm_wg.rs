@@ -89,6 +89,21 @@ pub(crate) struct WgOperands {
     pub norm: Option<WgNorm>,
 }
 
+impl WgOperands {
+    /// `Y = X·Wᵀ + bias` with Y at device address `y`: no accumulator, statistics or norm.
+    pub fn new(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, y: u64) -> Result<WgOperands> {
+        Ok(WgOperands {
+            x: ptr(x)?,
+            w: ptr(w)?,
+            bias: bias.map(ptr).transpose()?,
+            acc: None,
+            y,
+            stats_out: None,
+            norm: None,
+        })
+    }
+}
+
 /// Whether the small-row kernels take a GEMM of `m` rows, inner size `k` and `n` outputs in
 /// `dt` on `gpu` (alignment aside): on, compiled here, f16 or bf16, `1 ..= SMALL_GEMM_ROWS`
 /// rows, `k` and `n` multiples of 8.

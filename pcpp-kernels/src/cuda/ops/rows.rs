@@ -125,23 +125,11 @@ pub fn linear_rows_into(
         return Ok(());
     }
     let gpu = gpu_of(w)?;
-    let bp = match bias {
-        Some(bb) => Some(ptr(bb)?),
-        None => None,
-    };
-    let o = super::gemm_wg::WgOperands {
-        x: ptr(x)?,
-        w: ptr(w)?,
-        bias: bp,
-        acc: None,
-        y: ptr(dst)? + offset,
-        stats_out: None,
-        norm: None,
-    };
+    let o = super::gemm_wg::WgOperands::new(x, w, bias, ptr(dst)? + offset)?;
     if super::gemm_wg::try_gemm_wg(&gpu, dt, &o, (l, k, n), false)? {
         return Ok(());
     }
-    lt_linear(&gpu, dt, (o.x, o.w, bp, None, o.y), (l, k, n), false)
+    lt_linear(&gpu, dt, (o.x, o.w, o.bias, None, o.y), (l, k, n), false)
 }
 
 /// [`linear_rows_into`] of `layer_norm(x)` (`gamma`, `beta: [k]`), with the bits of
@@ -186,13 +174,8 @@ pub fn norm_linear_rows_into(
         if direct {
             if let Some(nm) = wg_norm(x, p, (norm.gamma, norm.beta, norm.eps), w)? {
                 let o = super::gemm_wg::WgOperands {
-                    x: ptr(x)?,
-                    w: ptr(w)?,
-                    bias: bias.map(ptr).transpose()?,
-                    acc: None,
-                    y: ptr(dst)? + offset,
-                    stats_out: None,
                     norm: Some(nm),
+                    ..super::gemm_wg::WgOperands::new(x, w, bias, ptr(dst)? + offset)?
                 };
                 if super::gemm_wg::try_gemm_wg(&*gpu_of(w)?, dt, &o, (l, k, n), false)? {
                     return Ok(());
