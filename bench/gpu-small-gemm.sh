@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The small-row GEMMs (PCPP_SMALL_GEMM, issue 17) against cuBLASLt in one command on one GPU:
+#   1. GPU parity first: `cuda_vector_parity` (small_gemm_matches_cublaslt_and_cpu and the
+#      cuBLASLt GELU epilogue), `cuda_rows_into` (window rows written in place, on cuBLASLt and
+#      on the small-row GEMMs, the layer norm inside the row-writing GEMM) and `cuda_unet_parity`
+#      (the tiny UNet with and without the small-row GEMMs against diffusers), one thread each
+#      (the tests switch the GEMMs for their process);
+#   2. the SDXL-base UNet step (seeded random weights, fp16, CUDA graph) of one rank of 8 (pcpp, a
+#      32-row band at b = 1) with PCPP_SMALL_GEMM=1 and =0, alternating, REPS times each; the
+#      naive-patch band with it on; the whole 1024² step at b = 2 (more than 1 024 rows a GEMM:
+#      the same kernels either way), for the modelled 8-GPU efficiency 1024² / (8 · band);
+#   3. bench/diffusers_unet.py (diffusers 0.42.1, eager and graph), the anchor.
+# About 5 minutes. Prints every result line; writes them under OUT_DIR.
+#
+# Usage: bench/gpu-small-gemm.sh BIN_DIR OUT_DIR
+#   BIN_DIR  pcpp-cli (--features cuda) and the test binaries:
+#              cargo build --release -p pcpp-cli --features cuda
+#              cargo test --release -p pcpp-kernels --features cuda --no-run \
+#                --test cuda_vector_parity --test cuda_rows_into
+#              cargo test --release --features cuda --no-run --test cuda_unet_parity
+# Environment: PYTHON (a python with torch and diffusers 0.42.1; default python3), SKIP_PARITY=1,
+# REPS (default 2).
+set -uo pipefail
+BIN=$(realpath "${1:?usage: $0 BIN_DIR OUT_DIR}"); OUT=$(realpath -m "${2:?usage: $0 BIN_DIR OUT_DIR}")
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+status=0
+
+echo "== GPU parity"
+if [[ ${SKIP_PARITY:-0} != 1 ]]; then
+    (cd pcpp-kernels && timeout 180 "$BIN/cuda_vector_parity" --ignored --test-threads=1 small_gemm \
+        linear_gelu) >"$OUT/cuda_vector_parity.txt" 2>&1 || status=1
+    (cd pcpp-kernels && timeout 120 "$BIN/cuda_rows_into" --ignored --test-threads=1) \
+        >"$OUT/cuda_rows_into.txt" 2>&1 || status=1
+    timeout 180 "$BIN/cuda_unet_parity" --ignored --test-threads=1 >"$OUT/cuda_unet_parity.txt" 2>&1 \
+        || status=1
+    grep -hE "^test |test result" "$OUT"/cuda_*.txt
+fi
+
+echo "== SDXL UNet step"
+CFG=models/sdxl-base-1.0-configs/unet/config.json
+BAND=(--height 128 --width 128 --batch 2 --ranks 8 --rank 1)
+: >"$OUT/unet.jsonl"
+unet() { # name, PCPP_SMALL_GEMM, then flags
+    local name=$1 small=$2
+    shift 2
+    PCPP_SMALL_GEMM=$small timeout 120 "$BIN/pcpp-cli" bench --device cuda --config "$CFG" \
+        --random-weights --warmup 3 --iters 20 --json "$@" 2>"$OUT/unet_${name}_$small.err" \
+        | sed "s/^{/{\"case\":\"$name\",\"small_gemm\":$small,/" >>"$OUT/unet.jsonl" || status=1
+}
+for _ in $(seq "${REPS:-2}"); do
+    unet band32 1 "${BAND[@]}" --parallel pcpp
+    unet band32 0 "${BAND[@]}" --parallel pcpp
+done
+unet band32_naive 1 "${BAND[@]}" --parallel naive-patch
+unet b2_1024 0 --height 128 --width 128 --batch 2
+cat "$OUT/unet.jsonl"
+timeout 240 "$PY" bench/diffusers_unet.py >"$OUT/diffusers_unet.json" 2>"$OUT/diffusers_unet.err" || status=1
+cat "$OUT/diffusers_unet.json"
+exit $status
