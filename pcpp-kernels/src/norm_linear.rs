@@ -56,7 +56,7 @@ impl Tensor {
             return crate::cuda::norm_linears_apply(self, n);
         }
         let _ = n;
-        !self.is_cuda()
+        true
     }
 
     /// `acc + self · wᵀ + bias` ([`Tensor::linear_add`]), and the row statistics of the result
