@@ -6,11 +6,12 @@
 #      (the tiny UNet with and without the small-row GEMMs against diffusers), one thread each
 #      (the tests switch the GEMMs for their process);
 #   2. the SDXL-base UNet step (seeded random weights, fp16, CUDA graph) of one rank of 8 (pcpp, a
-#      32-row band at b = 1) with PCPP_SMALL_GEMM=1 and =0, alternating, REPS times each; the
+#      32-row band at b = 1) at each PCPP_SMALL_GEMM level (1: GEMMs, GEGLU and layer norms
+#      fused; geglu; gemm; 0: cuBLASLt), alternating, REPS times each; the
 #      naive-patch band with it on; the whole 1024² step at b = 2 (more than 1 024 rows a GEMM:
 #      the same kernels either way), for the modelled 8-GPU efficiency 1024² / (8 · band);
 #   3. bench/diffusers_unet.py (diffusers 0.42.1, eager and graph), the anchor.
-# About 5 minutes. Prints every result line; writes them under OUT_DIR.
+# About 6 minutes. Prints every result line; writes them under OUT_DIR.
 #
 # Usage: bench/gpu-small-gemm.sh BIN_DIR OUT_DIR
 #   BIN_DIR  pcpp-cli (--features cuda) and the test binaries:
@@ -47,11 +48,12 @@ unet() { # name, PCPP_SMALL_GEMM, then flags
     shift 2
     PCPP_SMALL_GEMM=$small timeout 120 "$BIN/pcpp-cli" bench --device cuda --config "$CFG" \
         --random-weights --warmup 3 --iters 20 --json "$@" 2>"$OUT/unet_${name}_$small.err" \
-        | sed "s/^{/{\"case\":\"$name\",\"small_gemm\":$small,/" >>"$OUT/unet.jsonl" || status=1
+        | sed "s/^{/{\"case\":\"$name\",\"small_gemm\":\"$small\",/" >>"$OUT/unet.jsonl" || status=1
 }
 for _ in $(seq "${REPS:-2}"); do
-    unet band32 1 "${BAND[@]}" --parallel pcpp
-    unet band32 0 "${BAND[@]}" --parallel pcpp
+    for level in 1 geglu gemm 0; do
+        unet band32 "$level" "${BAND[@]}" --parallel pcpp
+    done
 done
 unet band32_naive 1 "${BAND[@]}" --parallel naive-patch
 unet b2_1024 0 --height 128 --width 128 --batch 2

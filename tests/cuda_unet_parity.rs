@@ -73,9 +73,9 @@ fn tiny_unet_half_on_gpu_matches_diffusers() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn tiny_unet_half_with_small_gemms_matches_diffusers() {
-    pcpp_kernels::cuda::set_small_gemm(true);
+    pcpp_kernels::cuda::set_small_gemm(pcpp_kernels::cuda::SmallGemm::Fused);
     let (e16, ebf) = (run(DType::F16), run(DType::BF16));
-    pcpp_kernels::cuda::set_small_gemm(false);
+    pcpp_kernels::cuda::set_small_gemm(pcpp_kernels::cuda::SmallGemm::Off);
     assert!(e16 <= 2e-2, "f16 rel err {e16:e}");
     assert!(ebf <= 8e-2, "bf16 rel err {ebf:e}");
 }

@@ -25,9 +25,10 @@
 //! a persistent grid of one block per multiprocessor where its tiles take more than one wave,
 //! or as one block per tile; same values), `PCPP_GEGLU_PREFETCH=1|0` (a GEGLU
 //! thread takes up to four rows, loading the next while it computes one, or one row; same
-//! bits), `PCPP_SMALL_GEMM=1|0` (linear layers of at most 1 024 rows on pcpp's warpgroup-MMA
-//! GEMMs on sm_90a, with GEGLU and the transformer blocks' second and third layer norms inside
-//! them, or on cuBLASLt with those as their own passes; off until measured). Unset means the
+//! bits), `PCPP_SMALL_GEMM=1|geglu|gemm|0` (linear layers of at most 1 024 rows on pcpp's
+//! warpgroup-MMA GEMMs on sm_90a: `1` with GEGLU and the transformer blocks' layer norms inside
+//! them, `geglu` with GEGLU only, `gemm` the GEMMs alone; `0` cuBLASLt with those as their own
+//! passes; off until measured). Unset means the
 //! defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`);
 //! `flux-bench`'s `--variants` items ([`parse_variant`]) set the first three, and `bench`'s
 //! `--attention` list ([`check_attention`], [`apply_attention`]) the first.
@@ -51,6 +52,9 @@ const FLASH: [&str; 11] = [
     "registers-q",
 ];
 
+/// The levels of `PCPP_SMALL_GEMM` (`pcpp_kernels::cuda::SmallGemm::parse`), the default first.
+const SMALL_GEMM: [&str; 4] = ["0", "gemm", "geglu", "1"];
+
 /// A set of kernel choices: from the environment ([`apply`]) or one `--variants` item of a
 /// benchmark ([`parse_variant`]).
 #[derive(Debug, Clone)]
@@ -67,7 +71,7 @@ pub struct Variant {
     programmatic: bool,
     persistent: bool,
     geglu_prefetch: bool,
-    small_gemm: bool,
+    small_gemm: &'static str,
 }
 
 impl Default for Variant {
@@ -85,7 +89,7 @@ impl Default for Variant {
             programmatic: true,
             persistent: true,
             geglu_prefetch: true,
-            small_gemm: false,
+            small_gemm: SMALL_GEMM[0],
         }
     }
 }
@@ -128,11 +132,15 @@ pub fn apply() -> Result<()> {
     v.programmatic = switch("PCPP_PROGRAMMATIC_LAUNCH")?;
     v.persistent = switch("PCPP_FLASH_PERSISTENT")?;
     v.geglu_prefetch = switch("PCPP_GEGLU_PREFETCH")?;
-    v.small_gemm = match var("PCPP_SMALL_GEMM").as_deref() {
-        None | Some("0") => false,
-        Some("1") => true,
-        Some(t) => bail!("PCPP_SMALL_GEMM={t}: expected 1 or 0"),
-    };
+    if let Some(t) = var("PCPP_SMALL_GEMM") {
+        v.small_gemm = SMALL_GEMM
+            .iter()
+            .copied()
+            .find(|s| *s == t)
+            .ok_or_else(|| {
+                anyhow::anyhow!("PCPP_SMALL_GEMM={t}: expected {}", SMALL_GEMM.join(", "))
+            })?;
+    }
     v.apply();
     Ok(())
 }
@@ -188,7 +196,10 @@ impl Variant {
             set_programmatic_launch(self.programmatic);
             set_flash_persistent(self.persistent);
             set_geglu_prefetch(self.geglu_prefetch);
-            set_small_gemm(self.small_gemm);
+            set_small_gemm(
+                pcpp_kernels::cuda::SmallGemm::parse(self.small_gemm)
+                    .unwrap_or(pcpp_kernels::cuda::SmallGemm::Off),
+            );
         }
     }
 }
@@ -250,7 +261,7 @@ pub fn choices(device: Device) -> serde_json::Value {
             "programmatic_launch": pcpp_kernels::cuda::programmatic_launch(),
             "flash_persistent": pcpp_kernels::cuda::flash_persistent(),
             "geglu_prefetch": pcpp_kernels::cuda::geglu_prefetch(),
-            "small_gemm": pcpp_kernels::cuda::small_gemm(),
+            "small_gemm": pcpp_kernels::cuda::small_gemm().name(),
         });
     }
     let _ = device;

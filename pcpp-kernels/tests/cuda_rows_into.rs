@@ -63,11 +63,12 @@ fn assert_rows(name: &str, win: &Tensor, before: &[f32], part: &Tensor, row0: us
 fn row_writes_equal_the_ops_they_replace() {
     // cuBLASLt, then the small-row GEMMs (on sm_90a they write the rows in place; the rows
     // around them must keep their bits).
-    for small in [false, true] {
-        pcpp_kernels::cuda::set_small_gemm(small);
+    use pcpp_kernels::cuda::{set_small_gemm, SmallGemm};
+    for small in [SmallGemm::Off, SmallGemm::Fused] {
+        set_small_gemm(small);
         row_writes_equal_the_ops_they_replace_now();
     }
-    pcpp_kernels::cuda::set_small_gemm(false);
+    set_small_gemm(SmallGemm::Off);
 }
 
 fn row_writes_equal_the_ops_they_replace_now() {

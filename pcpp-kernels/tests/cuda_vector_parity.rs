@@ -342,7 +342,7 @@ fn linear_gelu_epilogue_matches_cpu() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn small_gemm_matches_cublaslt_and_cpu() {
-    use pcpp_kernels::cuda::set_small_gemm;
+    use pcpp_kernels::cuda::{set_small_gemm, SmallGemm};
     for d in [DType::F16, DType::BF16] {
         let close = if d == DType::F16 { 2e-3 } else { 1.6e-2 };
         for (m, k, n) in [
@@ -363,8 +363,8 @@ fn small_gemm_matches_cublaslt_and_cpu() {
             let acc = rnd(&[1, m, n], d, 4);
             let (gx, gw, gw1, gb, gb1, gacc) =
                 (gpu(&x), gpu(&w), gpu(&w1), gpu(&b), gpu(&b1), gpu(&acc));
-            let run = |small: bool| -> Vec<Tensor> {
-                set_small_gemm(small);
+            let run = |level: SmallGemm| -> Vec<Tensor> {
+                set_small_gemm(level);
                 let out = vec![
                     gx.linear(&gw1, Some(&gb1)).unwrap(),
                     gx.linear(&gw1, None).unwrap(),
@@ -372,7 +372,7 @@ fn small_gemm_matches_cublaslt_and_cpu() {
                     gx.linear_geglu(&gw, Some(&gb)).unwrap(),
                     gx.linear_geglu(&gw, None).unwrap(),
                 ];
-                set_small_gemm(false);
+                set_small_gemm(SmallGemm::Off);
                 out
             };
             let want = [
@@ -391,13 +391,13 @@ fn small_gemm_matches_cublaslt_and_cpu() {
                 .unwrap();
             let w2a = w2.narrow(0, 0, n).unwrap();
             let (gw2, gw2a) = (gpu(&w2), gpu(&w2a));
-            let fused = |small: bool| -> Vec<Tensor> {
-                set_small_gemm(small);
+            let fused = |level: SmallGemm| -> Vec<Tensor> {
+                set_small_gemm(level);
                 let (s, st) = gx.linear_add_stats(&gw1, Some(&gb1), &gacc).unwrap();
                 assert_eq!(
                     st.is_some(),
-                    small && gx.fused_norms_apply(n),
-                    "statistics left iff the small-row kernels apply"
+                    level == SmallGemm::Fused && gx.fused_norms_apply(n),
+                    "statistics left iff the small-row kernels apply at the fused level"
                 );
                 let args = LayerNormArgs {
                     gamma: Some(&gg),
@@ -410,7 +410,7 @@ fn small_gemm_matches_cublaslt_and_cpu() {
                     s.norm_linear_geglu(args, &st, &gw2, None).unwrap(),
                     s.norm_linear(args, &RowStats::none(), &gw2a, None).unwrap(),
                 ];
-                set_small_gemm(false);
+                set_small_gemm(SmallGemm::Off);
                 out
             };
             let s_cpu = x.linear_add(&w1, Some(&b1), &acc).unwrap();
@@ -421,7 +421,7 @@ fn small_gemm_matches_cublaslt_and_cpu() {
                 h_cpu.linear_geglu(&w2, None).unwrap(),
                 h_cpu.linear(&w2a, None).unwrap(),
             ];
-            let (fs, fl) = (fused(true), fused(false));
+            let (fs, fl) = (fused(SmallGemm::Fused), fused(SmallGemm::Off));
             let fnames = [
                 "sum+stats",
                 "norm+linear",
@@ -442,19 +442,23 @@ fn small_gemm_matches_cublaslt_and_cpu() {
                 );
             }
             let names = ["bias", "no bias", "acc", "geglu", "geglu no bias"];
-            let (small, lt) = (run(true), run(false));
-            for i in 0..want.len() {
-                let name = format!("small gemm {m}x{k}x{n} {}", names[i]);
-                check(&name, d, &small[i], &want[i]);
-                let (a, c) = (
-                    small[i].to_device(pcpp_kernels::Device::Cpu).unwrap(),
-                    lt[i].to_device(pcpp_kernels::Device::Cpu).unwrap(),
-                );
-                let e = a.max_abs_diff(&c).unwrap() / c.max_abs().unwrap().max(1.0);
-                assert!(
-                    e <= close,
-                    "{name} {d}: against cuBLASLt rel err {e:e} > {close}"
-                );
+            // The GEMMs alone (GEGLU as its own pass after them), then with GEGLU's epilogue.
+            let lt = run(SmallGemm::Off);
+            for level in [SmallGemm::Gemm, SmallGemm::Geglu] {
+                let small = run(level);
+                for i in 0..want.len() {
+                    let name = format!("small gemm {m}x{k}x{n} {} ({level:?})", names[i]);
+                    check(&name, d, &small[i], &want[i]);
+                    let (a, c) = (
+                        small[i].to_device(pcpp_kernels::Device::Cpu).unwrap(),
+                        lt[i].to_device(pcpp_kernels::Device::Cpu).unwrap(),
+                    );
+                    let e = a.max_abs_diff(&c).unwrap() / c.max_abs().unwrap().max(1.0);
+                    assert!(
+                        e <= close,
+                        "{name} {d}: against cuBLASLt rel err {e:e} > {close}"
+                    );
+                }
             }
         }
     }

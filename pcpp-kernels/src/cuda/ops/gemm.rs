@@ -479,7 +479,7 @@ pub(crate) fn norm_linears_apply(x: &Tensor, n: usize) -> bool {
     };
     let k = *x.shape().last().unwrap_or(&0);
     let rows = x.numel() / k.max(1);
-    super::gemm_wg::gemm_wg_applies(&gpu, x.dtype(), (rows, k, n))
+    super::gemm_wg::gemm_wg_applies(&gpu, x.dtype(), (rows, k, n), (false, true))
 }
 
 /// `acc + x · wᵀ + bias` (without `acc`: `x · wᵀ + bias`) on the small-row kernels, with the
@@ -499,7 +499,7 @@ pub(crate) fn linear_add_stats(
     let rows = x.numel() / k.max(1);
     let halves = [Some(x), bias, acc];
     if halves.iter().flatten().any(|t| t.dtype() != dt)
-        || !super::gemm_wg::gemm_wg_applies(&gpu, dt, (rows, k, n))
+        || !super::gemm_wg::gemm_wg_applies(&gpu, dt, (rows, k, n), (false, true))
     {
         return Ok(None);
     }

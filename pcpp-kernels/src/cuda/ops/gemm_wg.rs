@@ -8,23 +8,77 @@
 //! output for the layer norm that reads it, and apply that layer norm to X as they load it
 //! (`crate::norm_linear`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use super::*;
 
-static SMALL_GEMM: AtomicBool = AtomicBool::new(false);
-
-/// Whether linear layers of at most [`SMALL_GEMM_ROWS`] rows run on the warpgroup-MMA kernels
-/// where the device has them (sm_90a), with GEGLU and the layer norms before them fused in; off
-/// unless [`set_small_gemm`] turned it on (then cuBLASLt, and GEGLU and the norms as their own
-/// passes). Off by default until measured on a GPU against cuBLASLt.
-pub fn small_gemm() -> bool {
-    SMALL_GEMM.load(Ordering::Relaxed)
+/// How much of a band's linear layers runs on the small-row kernels: each level takes what the
+/// one before it takes and more, so that a GPU run can time them one step at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SmallGemm {
+    /// cuBLASLt for every linear layer; GEGLU and the layer norms as their own passes.
+    Off = 0,
+    /// The small-row kernels for linear layers with a bias or an accumulator.
+    Gemm = 1,
+    /// Also GEGLU in the feed-forward input's epilogue.
+    Geglu = 2,
+    /// Also the layer norms: the row statistics from the epilogues and the norm applied as the
+    /// next GEMM loads its input.
+    Fused = 3,
 }
 
-/// Turns the small-row GEMM kernels on or off for this process.
-pub fn set_small_gemm(on: bool) {
-    SMALL_GEMM.store(on, Ordering::Relaxed);
+impl SmallGemm {
+    /// The level named `s`: `0` (off), `gemm`, `geglu`, or `1` / `fused` (all of it).
+    pub fn parse(s: &str) -> Option<SmallGemm> {
+        Some(match s {
+            "0" | "off" => SmallGemm::Off,
+            "gemm" => SmallGemm::Gemm,
+            "geglu" => SmallGemm::Geglu,
+            "1" | "fused" => SmallGemm::Fused,
+            _ => return None,
+        })
+    }
+
+    /// The name [`SmallGemm::parse`] reads back.
+    pub fn name(self) -> &'static str {
+        match self {
+            SmallGemm::Off => "off",
+            SmallGemm::Gemm => "gemm",
+            SmallGemm::Geglu => "geglu",
+            SmallGemm::Fused => "fused",
+        }
+    }
+
+    /// The level a GEMM needs: the plain kernels, GEGLU's epilogue, or the fused norms (an
+    /// input norm or output statistics).
+    fn needed(geglu: bool, norms: bool) -> SmallGemm {
+        if norms {
+            SmallGemm::Fused
+        } else if geglu {
+            SmallGemm::Geglu
+        } else {
+            SmallGemm::Gemm
+        }
+    }
+}
+
+static SMALL_GEMM: AtomicU8 = AtomicU8::new(SmallGemm::Off as u8);
+
+/// How much runs on the warpgroup-MMA kernels for linear layers of at most
+/// [`SMALL_GEMM_ROWS`] rows where the device has them (sm_90a); [`SmallGemm::Off`] unless
+/// [`set_small_gemm`] chose more (off by default until measured on a GPU against cuBLASLt).
+pub fn small_gemm() -> SmallGemm {
+    match SMALL_GEMM.load(Ordering::Relaxed) {
+        1 => SmallGemm::Gemm,
+        2 => SmallGemm::Geglu,
+        3 => SmallGemm::Fused,
+        _ => SmallGemm::Off,
+    }
+}
+
+/// Chooses how much runs on the small-row kernels for this process.
+pub fn set_small_gemm(level: SmallGemm) {
+    SMALL_GEMM.store(level as u8, Ordering::Relaxed);
 }
 
 /// The most rows the small-row kernels take; above it cuBLASLt's larger tiles fill the device.
@@ -105,10 +159,16 @@ impl WgOperands {
 }
 
 /// Whether the small-row kernels take a GEMM of `m` rows, inner size `k` and `n` outputs in
-/// `dt` on `gpu` (alignment aside): on, compiled here, f16 or bf16, `1 ..= SMALL_GEMM_ROWS`
-/// rows, `k` and `n` multiples of 8.
-pub(crate) fn gemm_wg_applies(gpu: &Gpu, dt: DType, (m, k, n): (usize, usize, usize)) -> bool {
-    small_gemm()
+/// `dt` on `gpu` (alignment aside), with GEGLU's epilogue (`geglu`) or a fused norm or output
+/// statistics (`norms`): [`small_gemm`] at that level, compiled here, f16 or bf16,
+/// `1 ..= SMALL_GEMM_ROWS` rows, `k` and `n` multiples of 8.
+pub(crate) fn gemm_wg_applies(
+    gpu: &Gpu,
+    dt: DType,
+    (m, k, n): (usize, usize, usize),
+    (geglu, norms): (bool, bool),
+) -> bool {
+    small_gemm() >= SmallGemm::needed(geglu, norms)
         && gpu.gemm_wg
         && dt != DType::F32
         && (1..=SMALL_GEMM_ROWS).contains(&m)
@@ -144,7 +204,8 @@ pub(crate) fn try_gemm_wg(
         norm.and_then(|l| l.gamma),
         norm.and_then(|l| l.beta),
     ];
-    if !gemm_wg_applies(gpu, dt, (m, k, n))
+    let norms = norm.is_some() || o.stats_out.is_some();
+    if !gemm_wg_applies(gpu, dt, (m, k, n), (geglu, norms))
         || ptrs.iter().flatten().any(|p| p % 16 != 0)
         || halves.iter().flatten().any(|p| p % 4 != 0)
     {
@@ -191,7 +252,27 @@ pub(crate) fn try_gemm_wg(
 
 #[cfg(test)]
 mod tests {
-    use super::{gemm_wg_bytes, gemm_wg_name, splits};
+    use super::{gemm_wg_bytes, gemm_wg_name, splits, SmallGemm};
+
+    #[test]
+    fn each_level_takes_what_the_one_before_takes() {
+        for level in [
+            SmallGemm::Off,
+            SmallGemm::Gemm,
+            SmallGemm::Geglu,
+            SmallGemm::Fused,
+        ] {
+            assert_eq!(SmallGemm::parse(level.name()), Some(level));
+        }
+        assert_eq!(SmallGemm::parse("1"), Some(SmallGemm::Fused));
+        assert_eq!(SmallGemm::parse("0"), Some(SmallGemm::Off));
+        assert_eq!(SmallGemm::parse("on"), None);
+        let takes = |level: SmallGemm, geglu, norms| level >= SmallGemm::needed(geglu, norms);
+        assert!(!takes(SmallGemm::Off, false, false));
+        assert!(takes(SmallGemm::Gemm, false, false) && !takes(SmallGemm::Gemm, true, false));
+        assert!(takes(SmallGemm::Geglu, true, false) && !takes(SmallGemm::Geglu, false, true));
+        assert!(takes(SmallGemm::Fused, true, true) && takes(SmallGemm::Fused, false, false));
+    }
 
     #[test]
     fn every_kernel_fits_hoppers_shared_memory() {
