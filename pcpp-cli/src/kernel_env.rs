@@ -28,8 +28,9 @@
 //! bits), `PCPP_SMALL_GEMM=1|geglu|gemm|0` (linear layers of at most 1 024 rows on pcpp's
 //! warpgroup-MMA GEMMs on sm_90a: `1` with GEGLU and the transformer blocks' layer norms inside
 //! them, `geglu` with GEGLU only, `gemm` the GEMMs alone; `0` cuBLASLt with those as their own
-//! passes; off until measured). Unset means the
-//! defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`);
+//! passes; off until measured), `PCPP_SMALL_GEMM_ROWS=256|128|64` (the most rows of one of
+//! those GEMMs' blocks: fewer read the weights more often but give a GEMM more blocks). Unset means the
+//! defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`, `256`);
 //! `flux-bench`'s `--variants` items ([`parse_variant`]) set the first three, and `bench`'s
 //! `--attention` list ([`check_attention`], [`apply_attention`]) the first.
 //! Without the `cuda` feature there is nothing to choose and the variables are ignored.
@@ -72,6 +73,7 @@ pub struct Variant {
     persistent: bool,
     geglu_prefetch: bool,
     small_gemm: &'static str,
+    small_gemm_rows: usize,
 }
 
 impl Default for Variant {
@@ -90,6 +92,7 @@ impl Default for Variant {
             persistent: true,
             geglu_prefetch: true,
             small_gemm: SMALL_GEMM[0],
+            small_gemm_rows: 256,
         }
     }
 }
@@ -200,6 +203,7 @@ impl Variant {
                 pcpp_kernels::cuda::SmallGemm::parse(self.small_gemm)
                     .unwrap_or(pcpp_kernels::cuda::SmallGemm::Off),
             );
+            pcpp_kernels::cuda::set_small_gemm_rows(self.small_gemm_rows);
         }
     }
 }
@@ -262,6 +266,7 @@ pub fn choices(device: Device) -> serde_json::Value {
             "flash_persistent": pcpp_kernels::cuda::flash_persistent(),
             "geglu_prefetch": pcpp_kernels::cuda::geglu_prefetch(),
             "small_gemm": pcpp_kernels::cuda::small_gemm().name(),
+            "small_gemm_rows": pcpp_kernels::cuda::small_gemm_rows(),
         });
     }
     let _ = device;

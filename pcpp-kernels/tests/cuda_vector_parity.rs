@@ -333,26 +333,31 @@ fn linear_gelu_epilogue_matches_cpu() {
 /// The small-row GEMMs on warpgroup MMAs (`PCPP_SMALL_GEMM`, sm_90a) against the CPU and against
 /// cuBLASLt (the switch off): linear layers with and without bias, with an accumulator, and the
 /// feed-forward's GEGLU in their epilogue. The shapes cover K and N tails (a last chunk of 8
-/// columns, a last tile of 8), one row, 77 rows, K split across clusters of two and four blocks
-/// (a 256-token band's 1280-wide projections and its 5120-deep feed-forward output), and the
-/// 1 024-row limit. Against cuBLASLt the bound is a few roundings of the output, so a kernel that
-/// dropped a chunk, a tile or a peer's partial sum fails it. Also the fused layer norms: a
-/// residual sum with its row statistics from the epilogue, and the norm of it applied inside the
-/// next GEMM (plain and GEGLU), against the CPU's separate norm and the GPU's separate kernels.
+/// columns, a last tile of 8), one row, 77 rows (a block of two warpgroups), K split across
+/// clusters of four and eight blocks (a 256-token band's 1280-wide projections and its 5120-deep
+/// feed-forward output), row tiles with idle warpgroups (300 rows), the 1 024-row limit, and
+/// blocks capped at 64 and 128 rows (`set_small_gemm_rows`). Against cuBLASLt the bound is a few
+/// roundings of the output, so a kernel that dropped a chunk, a tile or a peer's partial sum
+/// fails it. Also the fused layer norms: a residual sum with its row statistics from the
+/// epilogue, and the norm of it applied inside the next GEMM (plain and GEGLU), against the CPU's
+/// separate norm and the GPU's separate kernels.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn small_gemm_matches_cublaslt_and_cpu() {
-    use pcpp_kernels::cuda::{set_small_gemm, SmallGemm};
+    use pcpp_kernels::cuda::{set_small_gemm, set_small_gemm_rows, SmallGemm};
     for d in [DType::F16, DType::BF16] {
         let close = if d == DType::F16 { 2e-3 } else { 1.6e-2 };
-        for (m, k, n) in [
-            (77usize, 136usize, 520usize),
-            (1, 64, 64),
-            (256, 1280, 1280),
-            (256, 5120, 1280),
-            (300, 1024, 64),
-            (1024, 640, 640),
+        for (m, k, n, rows) in [
+            (77usize, 136usize, 520usize, 256usize),
+            (1, 64, 64, 256),
+            (256, 1280, 1280, 256),
+            (256, 5120, 1280, 256),
+            (300, 1024, 64, 256),
+            (1024, 640, 640, 256),
+            (256, 1280, 1280, 64),
+            (300, 640, 200, 128),
         ] {
+            set_small_gemm_rows(rows);
             let x = rnd(&[1, m, k], d, 1);
             let w = rnd(&[2 * n, k], d, 2)
                 .affine(2.0 / (k as f32).sqrt(), 0.0)
@@ -429,7 +434,7 @@ fn small_gemm_matches_cublaslt_and_cpu() {
                 "norm+linear (no stats)",
             ];
             for i in 0..want_fused.len() {
-                let name = format!("small gemm {m}x{k}x{n} {}", fnames[i]);
+                let name = format!("small gemm {m}x{k}x{n}/{rows} {}", fnames[i]);
                 check(&name, d, &fs[i], &want_fused[i]);
                 let (a, c) = (
                     fs[i].to_device(pcpp_kernels::Device::Cpu).unwrap(),
@@ -447,7 +452,7 @@ fn small_gemm_matches_cublaslt_and_cpu() {
             for level in [SmallGemm::Gemm, SmallGemm::Geglu] {
                 let small = run(level);
                 for i in 0..want.len() {
-                    let name = format!("small gemm {m}x{k}x{n} {} ({level:?})", names[i]);
+                    let name = format!("small gemm {m}x{k}x{n}/{rows} {} ({level:?})", names[i]);
                     check(&name, d, &small[i], &want[i]);
                     let (a, c) = (
                         small[i].to_device(pcpp_kernels::Device::Cpu).unwrap(),
@@ -462,6 +467,7 @@ fn small_gemm_matches_cublaslt_and_cpu() {
             }
         }
     }
+    set_small_gemm_rows(256);
 }
 
 /// Group norm, its statistics and `[b, c, 1, 1]` broadcasts on planes whose size is a multiple of

@@ -7,15 +7,21 @@
 // ---- Y = X·Wᵀ (+ bias) (+ acc), or GEGLU(X·Wᵀ + bias), f16/bf16 with f32 accumulation ----
 // X: [m, k] rows, W: [n, k] (PyTorch Linear), Y: [m, n] (GEGLU: W is [2n, k], its first n rows
 // the value and the last n the gate; Y = value · gelu(gate), exact erf GELU as `geglu`).
-// Grid (ceil(n/64), ceil(m/64), splits); a block is one warpgroup (128 threads) and a 64 × 64
-// output tile (GEGLU: the value and the gate tile of the same columns). K streams through ST
-// shared-memory stages of 64 columns (cp.async, wgmma's 128-byte-swizzle layout of
-// flash_hopper.cu), with up to two MMA groups in flight. With splits > 1 the blocks of one tile
-// form a cluster along z, each takes an even share of the 64-column chunks, and the first adds
-// the others' f32 accumulators from their shared memory (distributed shared memory, in rank
-// order, so the sum is deterministic) before the epilogue. The epilogue adds bias and acc to the
-// f32 accumulator and rounds once, as cuBLASLt's epilogue does; with stats_out it also writes,
-// per row and 64-column tile, the mean and M2 (sum of squared deviations) of the rounded outputs.
+// At a band's few hundred rows these GEMMs are bound by what their blocks read from L2, not by
+// the tensor cores: a block of BM rows and BN columns reads X n/BN times and W m/BM times. So a
+// block takes up to 256 rows, all of a band's level-2 tokens (NW = blockDim.x / 128 warpgroups,
+// each its own 64 rows, BM = 64·NW), and 128 rows of W (plain: 128 output columns; GEGLU: the
+// 64 value and the 64 gate rows of 64 output columns), so that W is read once.
+// Grid (ceil(n / cols), ceil(m / BM), splits). K streams through GW_ST shared-memory stages of
+// 64 columns (cp.async, wgmma's 128-byte-swizzle layout of flash_hopper.cu), with up to two MMA
+// groups in flight. With splits > 1 the blocks of one tile form a cluster along z and each takes
+// an even share of the 64-column chunks. Every block leaves its f32 partial tile in its shared
+// memory; block r of the cluster then sums rows r·BM/splits .. of every block's tile
+// (distributed shared memory, in rank order, so the sum is deterministic) and runs the epilogue
+// for them. The epilogue adds bias and acc to the f32 sum and rounds once, as cuBLASLt's
+// epilogue does, eight columns a thread (16-byte loads and stores); with stats_out it also
+// writes, per row and 64-column tile, the mean and M2 (sum of squared deviations) of the rounded
+// outputs.
 // The LN kernels read X through a layer norm: its row statistics merged from such partials (those
 // of the GEMM that wrote X), each X tile normalised in shared memory while the MMAs of the tile
 // before it run (the bits a separate layer norm would have stored).
@@ -23,18 +29,24 @@
 // value (L2 is the device's point of coherence), so it overlaps the previous kernel's tail
 // without racing with it.
 
-// The weight rows of this block (n0 .. n0 + 64, and the gate's rows n + n0 .. for GEGLU), its
-// share of the columns, prefetched into L2; then the programmatic wait (pdl_begin).
+// Shared-memory stages; the f32 row stride of the partial tile (136: conflict-free stores of the
+// accumulators' column pairs).
+#define GW_ST 4
+#define GW_PAD 136
+
+// The weight rows of this block (plain: n0 .. n0 + 128; GEGLU: n0 .. n0 + 64 and the gate's rows
+// n + n0 ..), its share of the columns, prefetched into L2; then the programmatic wait
+// (pdl_begin).
 __device__ __forceinline__ void pdl_l2_then_wait(const unsigned short* w, int n, int k, int geglu) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     int chunks = (k + 63) / 64, splits = gridDim.z, rank = blockIdx.z;
     int col0 = min(k, 64 * (chunks * rank / splits)), col1 = min(k, 64 * (chunks * (rank + 1) / splits));
     unsigned bytes = (unsigned)(col1 - col0) * 2u;
-    int n0 = blockIdx.x * 64, rows = geglu ? 128 : 64;
-    for (int r = threadIdx.x; r < rows && bytes > 0; r += blockDim.x) {
-        int row = n0 + (r & 63);
+    int n0 = blockIdx.x * (geglu ? 64 : 128);
+    for (int r = threadIdx.x; r < 128 && bytes > 0; r += blockDim.x) {
+        int row = n0 + (geglu ? (r & 63) : r);
         if (row >= n) continue;
-        if (r >= 64) row += n;
+        if (geglu && r >= 64) row += n;
         unsigned long long g = global_addr(w + (long)row * k + col0);
         asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(g), "r"(bytes) : "memory");
     }
@@ -43,17 +55,15 @@ __device__ __forceinline__ void pdl_l2_then_wait(const unsigned short* w, int n,
 }
 
 // Rows r0 .. r0 + R of a [*, ld] matrix (rows below nrows valid) and columns col0 .. col0 + 64
-// (below k valid; the rest zeros) into a swizzled 64-column tile at shared address dst.
-template <int R, int NT>
-__device__ __forceinline__ void gw_load(unsigned dst, const unsigned short* src, long ld, int r0, int nrows, int col0,
-                                        int k) {
-    static_assert(R * 8 % NT == 0, "whole rows of chunks per pass");
-#pragma unroll
-    for (int t = 0; t < R * 8 / NT; ++t) {
-        int i = t * NT + threadIdx.x, r = i >> 3, cc = i & 7, row = r0 + r, col = col0 + cc * 8;
+// (below k valid; the rest zeros) into a swizzled 64-column tile at shared address dst, the
+// block's threads one 16-byte chunk at a time.
+__device__ __forceinline__ void gw_load(unsigned dst, const unsigned short* src, long ld, int r0, int R, int nrows,
+                                        int col0, int k) {
+    for (int i = threadIdx.x; i < R * 8; i += blockDim.x) {
+        int r = i >> 3, cc = i & 7, row = r0 + r, col = col0 + cc * 8;
         bool ok = row < nrows && col < k;
         unsigned long long g = global_addr(src + (ok ? (long)row * ld + col : 0));
-        cp_async16_at(dst + wg_chunk<R>(r, cc), g, ok ? 16 : 0);
+        cp_async16_at(dst + wg_chunk<64>(r, cc), g, ok ? 16 : 0);
     }
 }
 
@@ -75,7 +85,7 @@ __device__ __forceinline__ void gw_cluster_sync() {
 // Row statistics of a layer norm over k columns from the partial statistics its producer wrote
 // (one (mean, M2) pair per row and 64-column tile, M2 the sum of squared deviations from the
 // tile's mean): two threads a row merge half the tiles each (Chan's parallel update, in tile
-// order), then the two halves, into (mean, rstd) pairs at ms[r] for the block's 64 rows.
+// order), then the two halves, into (mean, rstd) pairs at ms[r] for the block's BM = blockDim.x / 2 rows.
 __device__ __forceinline__ void gw_row_stats(const float* stats, int m, int m0, int k, float eps, float2* ms) {
     int r = threadIdx.x >> 1, half = threadIdx.x & 1, row = m0 + r;
     int tiles = (k + 63) / 64, split = tiles / 2;
@@ -103,11 +113,11 @@ __device__ __forceinline__ void gw_row_stats(const float* stats, int m, int m0, 
     if (!half) ms[r] = make_float2(mu, row < m ? rsqrtf(fmaxf(q / (float)k, 0.0f) + eps) : 0.0f);
 }
 
-// The layer norm of the X tile of one stage, in place: each thread its column chunk (tid % 8) of
-// four rows, (x − mean) · rstd · gamma + beta, rounded to the storage type (what a separate
-// layer norm would have written).
+// The layer norm of the X tile of one stage (BM rows), in place: each thread its column chunk
+// (tid % 8) of every (blockDim.x / 8)-th row, (x − mean) · rstd · gamma + beta, rounded to the
+// storage type (what a separate layer norm would have written).
 template <int BF>
-__device__ __forceinline__ void gw_norm_tile(unsigned s, int col0, int k, const float2* ms,
+__device__ __forceinline__ void gw_norm_tile(unsigned s, int bm, int col0, int k, const float2* ms,
                                              const unsigned short* gamma, const unsigned short* beta) {
     int cc = threadIdx.x & 7, col = col0 + cc * 8;
     float g[8], b[8];
@@ -117,9 +127,8 @@ __device__ __forceinline__ void gw_norm_tile(unsigned s, int col0, int k, const 
         g[e] = ok && gamma ? gw_f<BF>(gamma[col + e]) : (ok ? 1.0f : 0.0f);
         b[e] = ok && beta ? gw_f<BF>(beta[col + e]) : 0.0f;
     }
-#pragma unroll
-    for (int t = 0; t < 4; ++t) {
-        int r = (t * 128 + threadIdx.x) >> 3;
+    for (int i = threadIdx.x; i < bm * 8; i += blockDim.x) {
+        int r = i >> 3;
         unsigned a = s + wg_chunk<64>(r, cc);
         unsigned v[4];
         asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
@@ -137,85 +146,88 @@ __device__ __forceinline__ void gw_norm_tile(unsigned s, int col0, int k, const 
     }
 }
 
-// Partial statistics of this block's output tile for the layer norm that reads it: per row the
-// mean and M2 of its valid columns of the rounded outputs rs (this thread's two rows, 16 values
-// each), reduced over the quad that holds the row; one (mean, M2) pair per row and tile.
-__device__ __forceinline__ void gw_tile_stats(float (*rs)[16], float* stats, int row0, int m, int n0, int n) {
-    int lane = threadIdx.x & 31, cnt = min(64, n - n0);
+// Eight f32 of a partial tile at shared address a: of this block (cluster = 0), or of the
+// cluster's block at the same offset (a from mapa).
+__device__ __forceinline__ void gw_ld8(unsigned a, int cluster, float* v) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        float s = 0.0f;
-#pragma unroll
-        for (int e = 0; e < 16; ++e) s += rs[h][e];
-        s += __shfl_xor_sync(0xffffffffu, s, 1);
-        s += __shfl_xor_sync(0xffffffffu, s, 2);
-        float mu = s / (float)cnt, q = 0.0f;
-#pragma unroll
-        for (int e = 0; e < 16; ++e) {
-            float d = rs[h][e] - mu;
-            q += n0 + (e >> 1) * 8 < n ? d * d : 0.0f;
-        }
-        q += __shfl_xor_sync(0xffffffffu, q, 1);
-        q += __shfl_xor_sync(0xffffffffu, q, 2);
-        int row = row0 + 8 * h;
-        if (lane % 4 == 0 && row < m) ((float2*)stats)[(long)row * gridDim.x + blockIdx.x] = make_float2(mu, q);
-    }
-}
-
-// The first block of a K-split cluster adds the others' f32 accumulators (NA values of d0, and of
-// d1 for GEGLU) from their shared memory, in rank order; returns whether this block goes on to
-// the epilogue (the first one).
-template <int NA, int GG>
-__device__ __forceinline__ bool gw_split_reduce(unsigned base, float* d0, float* d1) {
-#if PCPP_WGMMA
-    int splits = gridDim.z, rank = blockIdx.z, tid = threadIdx.x;
-    constexpr int NV = NA / 4, NT = 128;
-    // Every block's copies landed and its MMAs finished: stage memory is free for the partial
-    // sums, stored thread-major (float4 v of thread t at (v * NT + t) * 16).
-    asm volatile("cp.async.wait_group 0;" ::: "memory");
-    __syncthreads();
-    if (rank != 0) {
-#pragma unroll
-        for (int v = 0; v < NV * (1 + GG); ++v) {
-            const float* d = v < NV ? d0 + 4 * v : d1 + 4 * (v - NV);
-            asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(base + (unsigned)(v * NT + tid) * 16u),
-                         "f"(d[0]), "f"(d[1]), "f"(d[2]), "f"(d[3])
+        float p[4];
+        if (cluster)
+            asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+                         : "=f"(p[0]), "=f"(p[1]), "=f"(p[2]), "=f"(p[3])
+                         : "r"(a + 16u * h)
                          : "memory");
-        }
-    }
-    gw_cluster_sync();
-    if (rank == 0) {
-        for (int r = 1; r < splits; ++r) {
-            unsigned peer;
-            asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(peer) : "r"(base), "r"(r));
+        else
+            asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+                         : "=f"(p[0]), "=f"(p[1]), "=f"(p[2]), "=f"(p[3])
+                         : "r"(a + 16u * h)
+                         : "memory");
 #pragma unroll
-            for (int v = 0; v < NV * (1 + GG); ++v) {
-                float p[4];
-                asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
-                             : "=f"(p[0]), "=f"(p[1]), "=f"(p[2]), "=f"(p[3])
-                             : "r"(peer + (unsigned)(v * NT + tid) * 16u)
-                             : "memory");
-                float* d = v < NV ? d0 + 4 * v : d1 + 4 * (v - NV);
-#pragma unroll
-                for (int e = 0; e < 4; ++e) d[e] += p[e];
-            }
-        }
+        for (int e = 0; e < 4; ++e) v[4 * h + e] += p[e];
     }
-    // The others keep their shared memory until the first block has read it.
-    gw_cluster_sync();
-    return rank == 0;
-#else
-    return false;
-#endif
 }
 
-// Shared-memory stages: ST of them, each a 64-row X tile and one W tile (two for GEGLU); more
-// with the layer norm, which needs the next chunk landed one iteration earlier.
-template <int GG, int LN>
-struct GwStages {
-    static constexpr int ST = GG ? (LN ? 5 : 4) : (LN ? 6 : 5);
-    static constexpr unsigned BYTES = 64 * 128 * (2 + GG);
-};
+// The epilogue of eight output columns col .. col + 8 of one row from their f32 sums v (and the
+// gate's g for GEGLU): bias, GELU of the gate, acc, one rounding, a 16-byte store; the rounded
+// values in rs (zeros where the row or the columns are out of range).
+template <int BF, int GG>
+__device__ __forceinline__ void gw_store8(const float* v, const float* g, const unsigned short* bias,
+                                          const unsigned short* acc, unsigned short* y, int row, int col, int m,
+                                          int n, float* rs) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) rs[e] = 0.0f;
+    if (row >= m || col >= n) return;
+    float o[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        o[e] = v[e] + (bias ? gw_f<BF>(bias[col + e]) : 0.0f);
+        if (GG) o[e] *= gelu_f(g[e] + (bias ? gw_f<BF>(bias[n + col + e]) : 0.0f));
+    }
+    if (acc) {
+        uint4 a = *(const uint4*)(acc + (long)row * n + col);
+        unsigned av[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            o[2 * e] += gw_f<BF>((unsigned short)(av[e] & 0xFFFFu));
+            o[2 * e + 1] += gw_f<BF>((unsigned short)(av[e] >> 16));
+        }
+    }
+    unsigned q[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        q[e] = pack2<BF>(o[2 * e], o[2 * e + 1]);
+        rs[2 * e] = gw_f<BF>((unsigned short)(q[e] & 0xFFFFu));
+        rs[2 * e + 1] = gw_f<BF>((unsigned short)(q[e] >> 16));
+    }
+    *(uint4*)(y + (long)row * n + col) = make_uint4(q[0], q[1], q[2], q[3]);
+}
+
+// Partial statistics of one row's 64-column output tile (first column t0) for the layer norm
+// that reads it: the eight lanes of an aligned group hold its eight 8-column pieces rs; the mean
+// and M2 of its valid columns, written by the group's first lane as one (mean, M2) pair per row
+// and tile.
+__device__ __forceinline__ void gw_tile_stats(const float* rs, float* stats, int row, int m, int t0, int n) {
+    int cnt = min(64, n - t0);
+    bool ok = row < m && t0 < n;
+    float s = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) s += rs[e];
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    s += __shfl_xor_sync(0xffffffffu, s, 2);
+    s += __shfl_xor_sync(0xffffffffu, s, 4);
+    float mu = ok ? s / (float)cnt : 0.0f, q = 0.0f;
+    // This lane's columns are valid as a whole (n is a multiple of 8).
+    bool mine = ok && t0 + 8 * (threadIdx.x & 7) < n;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        float d = rs[e] - mu;
+        q += mine ? d * d : 0.0f;
+    }
+    q += __shfl_xor_sync(0xffffffffu, q, 1);
+    q += __shfl_xor_sync(0xffffffffu, q, 2);
+    q += __shfl_xor_sync(0xffffffffu, q, 4);
+    if ((threadIdx.x & 7) == 0 && ok) ((float2*)stats)[(long)row * ((n + 63) / 64) + t0 / 64] = make_float2(mu, q);
+}
 
 template <int BF, int GG, int LN>
 __device__ void gemm_wg_impl(const unsigned short* x, const unsigned short* w, const unsigned short* bias,
@@ -223,29 +235,34 @@ __device__ void gemm_wg_impl(const unsigned short* x, const unsigned short* w, c
                              const float* stats_in, const unsigned short* gamma, const unsigned short* beta, float eps,
                              unsigned short* dyn) {
 #if PCPP_WGMMA
-    constexpr int BM = 64, BN = 64, NT = 128, ST = GwStages<GG, LN>::ST, NA = BN / 2;
-    constexpr unsigned ABYTES = BM * 128, BBYTES = BN * 128, SBYTES = GwStages<GG, LN>::BYTES;
+    constexpr int ST = GW_ST, COLS = GG ? 64 : 128, OG = COLS / 8;
+    const int NT = blockDim.x, BM = NT / 2;
+    const unsigned XB = (unsigned)BM * 128u, SB = XB + 128u * 128u;
     const unsigned base = (smem_addr(dyn) + 1023u) & ~1023u;
     // The layer norm's (mean, rstd) of the block's rows, after the stages.
-    float2* ms = (float2*)((char*)dyn + (base - smem_addr(dyn)) + ST * SBYTES);
-    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
+    float2* ms = (float2*)((char*)dyn + (base - smem_addr(dyn)) + ST * SB);
+    int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    int n0 = blockIdx.x * COLS, m0 = blockIdx.y * BM;
     int chunks = (k + 63) / 64;
     int c0 = chunks * blockIdx.z / gridDim.z, nk = chunks * (blockIdx.z + 1) / gridDim.z - c0;
-    auto stage = [&](int j) { return base + (unsigned)(j % ST) * SBYTES; };
+    auto stage = [&](int j) { return base + (unsigned)(j % ST) * SB; };
     auto load = [&](int j) {
         unsigned s = stage(j);
         int col0 = (c0 + j) * 64;
-        gw_load<BM, NT>(s, x, k, m0, m, col0, k);
-        gw_load<BN, NT>(s + ABYTES, w, k, n0, n, col0, k);
-        if (GG) gw_load<BN, NT>(s + ABYTES + BBYTES, w + (long)n * k, k, n0, n, col0, k);
+        gw_load(s, x, k, m0, BM, m, col0, k);
+        if (GG) {
+            gw_load(s + XB, w, k, n0, 64, n, col0, k);
+            gw_load(s + XB + 8192u, w + (long)n * k, k, n0, 64, n, col0, k);
+        } else {
+            gw_load(s + XB, w, k, n0, 128, n, col0, k);
+        }
     };
     auto commit = [] { asm volatile("cp.async.commit_group;" ::: "memory"); };
-    float d0[NA], d1[GG ? NA : 4];
+    // The warpgroup's 64 × 128 accumulator (GEGLU: value columns in d[0, 32), the gate's in
+    // d[32, 64)): rows g and g + 8 of its warp's 16, columns c, c + 1 of each 8-column chunk j.
+    float d[64];
 #pragma unroll
-    for (int i = 0; i < NA; ++i) d0[i] = 0.0f;
-#pragma unroll
-    for (int i = 0; i < (GG ? NA : 4); ++i) d1[i] = 0.0f;
+    for (int i = 0; i < 64; ++i) d[i] = 0.0f;
     // Chunks 0 .. ST - 3 in flight; each iteration adds one, so that the stage it overwrites was
     // read by the MMAs two iterations back (done: at most one MMA group stays in flight).
 #pragma unroll
@@ -257,7 +274,7 @@ __device__ void gemm_wg_impl(const unsigned short* x, const unsigned short* w, c
         gw_row_stats(stats_in, m, m0, k, eps, ms);
         asm volatile("cp.async.wait_group %0;" ::"n"(ST - 3) : "memory");
         __syncthreads();
-        if (nk > 0) gw_norm_tile<BF>(stage(0), c0 * 64, k, ms, gamma, beta);
+        if (nk > 0) gw_norm_tile<BF>(stage(0), BM, c0 * 64, k, ms, gamma, beta);
     }
     for (int i = 0; i < nk; ++i) {
         // Chunk i landed (and, with the layer norm, chunk i + 1, normalised below while the MMAs
@@ -268,68 +285,76 @@ __device__ void gemm_wg_impl(const unsigned short* x, const unsigned short* w, c
         __syncthreads();
         if (i + ST - 2 < nk) load(i + ST - 2);
         commit();
+        // Every warpgroup multiplies, also one whose rows are all past m (zeros, no loads):
+        // MMAs under a branch would be serialised.
         unsigned s = stage(i);
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
-            auto a = wg_desc(s + kk * 32, 16, 1024);
-            wg_ss<BF, BN, 0>(d0, a, wg_desc(s + ABYTES + kk * 32, 16, 1024));
-            if (GG) wg_ss<BF, BN, 0>(d1, a, wg_desc(s + ABYTES + BBYTES + kk * 32, 16, 1024));
+            auto a = wg_desc(s + (unsigned)wg * 8192u + kk * 32, 16, 1024);
+            if (GG) {
+                wg_ss<BF, 64, 0>(d, a, wg_desc(s + XB + kk * 32, 16, 1024));
+                wg_ss<BF, 64, 0>(d + 32, a, wg_desc(s + XB + 8192u + kk * 32, 16, 1024));
+            } else {
+                wg_ss<BF, 128, 0>(d, a, wg_desc(s + XB + kk * 32, 16, 1024));
+            }
         }
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-        if (LN && i + 1 < nk) gw_norm_tile<BF>(stage(i + 1), (c0 + i + 1) * 64, k, ms, gamma, beta);
+        if (LN && i + 1 < nk) gw_norm_tile<BF>(stage(i + 1), BM, (c0 + i + 1) * 64, k, ms, gamma, beta);
         asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-    wg_hold<NA>(d0);
-    wg_hold<(GG ? NA : 4)>(d1);
-    if (gridDim.z > 1 && !gw_split_reduce<NA, GG>(base, d0, d1)) return;
-    // This thread's rows g and g + 8 of its warp's 16; columns c, c + 1 of each 8-column chunk.
-    int row0 = m0 + warp * 16 + lane / 4, c = 2 * (lane % 4);
-    float rs[2][16];
+    wg_hold<64>(d);
+    // Every copy landed and every MMA finished: the stages hold the f32 partial tile now, row r
+    // at r · GW_PAD floats (the value columns first, then the gate's for GEGLU).
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    __syncthreads();
+    {
+        int r0 = wg * 64 + warp * 16 + lane / 4, c = 2 * (lane % 4);
 #pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-        int col = n0 + j * 8 + c;
-        rs[0][2 * j] = rs[0][2 * j + 1] = rs[1][2 * j] = rs[1][2 * j + 1] = 0.0f;
-        if (col >= n) continue;
-        float b0 = 0.0f, b1 = 0.0f, g0 = 0.0f, g1 = 0.0f;
-        if (bias) {
-            b0 = gw_f<BF>(bias[col]);
-            b1 = gw_f<BF>(bias[col + 1]);
-            if (GG) {
-                g0 = gw_f<BF>(bias[n + col]);
-                g1 = gw_f<BF>(bias[n + col + 1]);
-            }
-        }
+        for (int j = 0; j < 16; ++j) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            int row = row0 + 8 * h;
-            if (row >= m) continue;
-            float v0 = d0[j * 4 + 2 * h] + b0, v1 = d0[j * 4 + 2 * h + 1] + b1;
-            if (GG) {
-                v0 *= gelu_f(d1[(j * 4 + 2 * h) % (GG ? NA : 4)] + g0);
-                v1 *= gelu_f(d1[(j * 4 + 2 * h + 1) % (GG ? NA : 4)] + g1);
+            for (int h = 0; h < 2; ++h) {
+                unsigned a = base + (unsigned)(((r0 + 8 * h) * GW_PAD + j * 8 + c) * 4);
+                asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(a), "f"(d[j * 4 + 2 * h]),
+                             "f"(d[j * 4 + 2 * h + 1])
+                             : "memory");
             }
-            if (acc) {
-                unsigned a = *(const unsigned*)(acc + (long)row * n + col);
-                v0 += gw_f<BF>((unsigned short)(a & 0xFFFFu));
-                v1 += gw_f<BF>((unsigned short)(a >> 16));
-            }
-            unsigned packed = pack2<BF>(v0, v1);
-            *(unsigned*)(y + (long)row * n + col) = packed;
-            rs[h][2 * j] = gw_f<BF>((unsigned short)(packed & 0xFFFFu));
-            rs[h][2 * j + 1] = gw_f<BF>((unsigned short)(packed >> 16));
         }
     }
-    if (stats_out) gw_tile_stats(rs, stats_out, row0, m, n0, n);
+    int splits = gridDim.z, rank = blockIdx.z;
+    if (splits > 1) gw_cluster_sync();
+    else __syncthreads();
+    // This block's rows of the tile: the sums over the cluster's partial tiles, then the
+    // epilogue, eight columns an item; the eight items of a 64-column output tile are an aligned
+    // group of eight lanes (rows · OG is a multiple of 32, so whole warps take each step).
+    int rows = BM / splits, items = rows * OG;
+    for (int it = tid; it < items; it += NT) {
+        int r = rank * rows + it / OG, g = it % OG, row = m0 + r, col = n0 + 8 * g;
+        unsigned off = base + (unsigned)((r * GW_PAD + 8 * g) * 4);
+        float v[8], gt[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = gt[e] = 0.0f;
+        for (int p = 0; p < splits; ++p) {
+            unsigned a = off;
+            if (splits > 1) asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"(off), "r"(p));
+            gw_ld8(a, splits > 1, v);
+            if (GG) gw_ld8(a + 64u * 4u, splits > 1, gt);
+        }
+        float rs[8];
+        gw_store8<BF, GG>(v, gt, bias, acc, y, row, col, m, n, rs);
+        if (stats_out) gw_tile_stats(rs, stats_out, row, m, n0 + 64 * (g / 8), n);
+    }
+    // The others keep their shared memory until every block has read it.
+    if (splits > 1) gw_cluster_sync();
 #else
     __trap();
 #endif
 }
-// Dynamic shared memory: 1 KiB of alignment slack, the ST stages of GwStages and 512 bytes of
-// row statistics.
+// Dynamic shared memory: 1 KiB of alignment slack, the GW_ST stages (each BM rows of X and 128
+// of W) and BM (mean, rstd) pairs; at most 512 threads (BM = 256).
 #define GEMM_WG(NAME, BF, GG, LN)                                                                              \
-    extern "C" __global__ void __launch_bounds__(128) NAME(const unsigned short* x, const unsigned short* w,   \
+    extern "C" __global__ void __launch_bounds__(512, 1) NAME(const unsigned short* x, const unsigned short* w, \
         const unsigned short* bias, const unsigned short* acc, unsigned short* y, int m, int n, int k,           \
         float* stats_out, const float* stats_in, const unsigned short* gamma, const unsigned short* beta,       \
         float eps) {                                                                                           \

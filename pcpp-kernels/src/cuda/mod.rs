@@ -41,8 +41,9 @@ pub use ops::{
     flash_persistent, fused_epilogues, group_norm_merged_into, group_norm_merged_into_nhwc,
     group_norm_merged_nhwc, linear_rows_into, nchw_rows_into_nhwc, norm_linear_rows_into,
     programmatic_launch, set_autotune, set_autotune_report, set_conv_nhwc, set_flash128,
-    set_flash_persistent, set_fused_epilogues, set_programmatic_launch, set_small_gemm, small_gemm,
-    CudaGraphStep, Flash128, SmallGemm, StatsWindow, SMALL_GEMM_ROWS,
+    set_flash_persistent, set_fused_epilogues, set_programmatic_launch, set_small_gemm,
+    set_small_gemm_rows, small_gemm, small_gemm_rows, CudaGraphStep, Flash128, SmallGemm,
+    StatsWindow, SMALL_GEMM_ROWS,
 };
 
 /// CUDA C source of every hand-written kernel (compiled at run time by NVRTC), one translation
@@ -467,7 +468,7 @@ impl Gpu {
                     let n = ops::gemm_wg_name(geglu, norm);
                     smem_ok(
                         [&*format!("{n}_f16"), &*format!("{n}_bf16")],
-                        ops::gemm_wg_bytes(geglu, norm),
+                        ops::gemm_wg_bytes(ops::GEMM_WG_MAX_WARPGROUPS),
                     )
                 });
         let blas = CudaBlas::new(stream.clone()).map_err(|x| e("cuBLAS", &x))?;

@@ -1,14 +1,15 @@
 //! Linear layers of few rows on Hopper's warpgroup MMAs (`gemm_wg.cu`): the GEMMs of a PCPP
 //! band's transformer blocks (paper §3; a 32-row band of a 1024² SDXL image has 256 tokens at
-//! its deepest level), where cuBLASLt's kernels wait for the kernel before them and their
-//! feed-forward output takes a split-K pass and a reduction. These kernels are launched
-//! programmatically (their weights are asked into L2 while the kernel before them finishes),
-//! split K across a thread-block cluster and reduce it in distributed shared memory, add bias,
-//! an accumulator or GEGLU's gate in their epilogue, leave the partial row statistics of their
-//! output for the layer norm that reads it, and apply that layer norm to X as they load it
-//! (`crate::norm_linear`).
+//! its deepest level). At that size a GEMM is bound by what its blocks read from L2 (a block of
+//! BM rows and BN columns reads X n/BN and W m/BM times: cuBLASLt's 56 × 64 and 168 × 128 tiles
+//! read a band's feed-forward weights two to five times), so a block here takes up to 256 rows
+//! and 128 rows of W. These kernels are launched programmatically (their weights are asked into
+//! L2 while the kernel before them finishes), split K across a thread-block cluster and reduce
+//! it in distributed shared memory, add bias, an accumulator or GEGLU's gate in their epilogue,
+//! leave the partial row statistics of their output for the layer norm that reads it, and apply
+//! that layer norm to X as they load it (`crate::norm_linear`).
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use super::*;
 
@@ -84,17 +85,11 @@ pub fn set_small_gemm(level: SmallGemm) {
 /// The most rows the small-row kernels take; above it cuBLASLt's larger tiles fill the device.
 pub const SMALL_GEMM_ROWS: usize = 1024;
 
-/// Dynamic shared memory of a kernel: 1 KiB of alignment slack, its stages (`GwStages` in
-/// gemm_wg.cu: 4-6 of 16 KiB, or of 24 KiB with GEGLU's gate tile) and 512 bytes of row
-/// statistics.
-pub(crate) fn gemm_wg_bytes(geglu: bool, norm: bool) -> u32 {
-    let stages = match (geglu, norm) {
-        (true, true) => 5,
-        (true, false) => 4,
-        (false, true) => 6,
-        (false, false) => 5,
-    };
-    1024 + 512 + stages * if geglu { 24576 } else { 16384 }
+/// Dynamic shared memory of a block of `nw` warpgroups (`64·nw` rows): 1 KiB of alignment slack,
+/// `GW_ST` = 4 stages of `64·nw` rows of X and 128 of W (128 bytes a row) and `64·nw` (mean,
+/// rstd) pairs (gemm_wg.cu). The f32 partial tile of the K split reuses the stages.
+pub(crate) fn gemm_wg_bytes(nw: usize) -> u32 {
+    (1024 + 4 * (nw * 64 * 128 + 128 * 128) + nw * 64 * 8) as u32
 }
 
 /// The kernel of `geglu` and `norm` for `dt` (without the suffix: `gemm_wg`, `gemm_wg_ln_geglu`).
@@ -106,14 +101,47 @@ pub(crate) fn gemm_wg_name(geglu: bool, norm: bool) -> String {
     )
 }
 
-/// Output tile edge of a block (rows and columns).
-const TILE: usize = 64;
+/// Most warpgroups a block takes (256 rows): the largest the kernels compile for.
+pub(crate) const MAX_WARPGROUPS: usize = 4;
 
-/// How many blocks of a cluster share K: doubled (up to 4) while the tiles alone leave
-/// multiprocessors idle and every block keeps at least four 64-column chunks.
+static ROWS_PER_BLOCK: AtomicUsize = AtomicUsize::new(64 * MAX_WARPGROUPS);
+
+/// Caps the rows of a small-row GEMM block (64, 128 or 256, the default): fewer rows read W
+/// more often but give more blocks to a GEMM. Other values are rounded down to one of those.
+pub fn set_small_gemm_rows(rows: usize) {
+    ROWS_PER_BLOCK.store(rows.clamp(64, 64 * MAX_WARPGROUPS), Ordering::Relaxed);
+}
+
+/// The rows-per-block cap of [`set_small_gemm_rows`].
+pub fn small_gemm_rows() -> usize {
+    ROWS_PER_BLOCK.load(Ordering::Relaxed)
+}
+
+/// Warpgroups of a block for `m` rows: enough for all of them (a band's level-2 tokens in one
+/// block, so that W is read once), a power of two, at most the cap.
+fn warpgroups(m: usize, cap_rows: usize) -> usize {
+    let mut nw = 1;
+    while nw < MAX_WARPGROUPS && 64 * nw < m && 128 * nw <= cap_rows {
+        nw *= 2;
+    }
+    nw
+}
+
+/// Output columns of a block: 128, or 64 with GEGLU (its 64 value and 64 gate rows of W).
+fn block_cols(geglu: bool) -> usize {
+    if geglu {
+        64
+    } else {
+        128
+    }
+}
+
+/// How many blocks of a cluster share K: doubled (up to 8, the portable cluster) while the
+/// blocks still fit on the multiprocessors in one wave (one block each) and every block keeps
+/// at least two 64-column chunks.
 fn splits(tiles: usize, chunks: usize, sms: usize) -> usize {
     let mut s = 1;
-    while s < 4 && tiles * s < sms && chunks >= 8 * s {
+    while s < 8 && tiles * s * 2 <= sms && chunks >= 4 * s {
         s *= 2;
     }
     s
@@ -211,14 +239,16 @@ pub(crate) fn try_gemm_wg(
     {
         return Ok(false);
     }
-    let tiles = n.div_ceil(TILE) * m.div_ceil(TILE);
-    let s = splits(tiles, k.div_ceil(TILE), gpu.sms);
+    let nw = warpgroups(m, small_gemm_rows());
+    let cols = block_cols(geglu);
+    let (gx, gy) = (n.div_ceil(cols), m.div_ceil(64 * nw));
+    let s = splits(gx * gy, k.div_ceil(64), gpu.sms);
     let name = format!("{}_{}", gemm_wg_name(geglu, norm.is_some()), tname(dt));
     let f = gpu.func(&name)?;
     let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, s as u32),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: gemm_wg_bytes(geglu, norm.is_some()),
+        grid_dim: (gx as u32, gy as u32, s as u32),
+        block_dim: (128 * nw as u32, 1, 1),
+        shared_mem_bytes: gemm_wg_bytes(nw),
     };
     let (bias, acc) = (o.bias.unwrap_or(0), o.acc.unwrap_or(0));
     let stats_out = o.stats_out.unwrap_or(0);
@@ -252,7 +282,9 @@ pub(crate) fn try_gemm_wg(
 
 #[cfg(test)]
 mod tests {
-    use super::{gemm_wg_bytes, gemm_wg_name, splits, SmallGemm};
+    use super::{
+        block_cols, gemm_wg_bytes, gemm_wg_name, splits, warpgroups, SmallGemm, MAX_WARPGROUPS,
+    };
 
     #[test]
     fn each_level_takes_what_the_one_before_takes() {
@@ -275,36 +307,49 @@ mod tests {
     }
 
     #[test]
-    fn every_kernel_fits_hoppers_shared_memory() {
-        for (geglu, norm) in [(false, false), (true, false), (false, true), (true, true)] {
-            let bytes = gemm_wg_bytes(geglu, norm);
-            // Stages of 16 or 24 KiB after 1 KiB of alignment slack, 512 bytes of statistics.
-            assert_eq!((bytes - 1536) % if geglu { 24576 } else { 16384 }, 0);
-            assert!(
-                bytes <= 227 * 1024,
-                "{} takes {bytes}",
-                gemm_wg_name(geglu, norm)
-            );
+    fn every_block_fits_hoppers_shared_memory() {
+        // 4 stages of 256 rows of X and 128 of W, the alignment slack and the row statistics.
+        assert_eq!(gemm_wg_bytes(4), 1024 + 4 * 49152 + 2048);
+        assert!(gemm_wg_bytes(MAX_WARPGROUPS) <= 227 * 1024);
+        // The f32 partial tile (rows of 136 floats) fits in the stages it reuses.
+        for nw in [1, 2, 4] {
+            assert!(nw * 64 * 136 * 4 <= 4 * (nw * 64 * 128 + 128 * 128));
         }
-        // Two plain blocks fit on a multiprocessor, with or without the norm.
-        assert!(2 * gemm_wg_bytes(false, true) <= 227 * 1024);
         assert_eq!(gemm_wg_name(true, true), "gemm_wg_ln_geglu");
         assert_eq!(gemm_wg_name(false, false), "gemm_wg");
     }
 
     #[test]
+    fn a_block_takes_a_bands_rows_up_to_the_cap() {
+        // A 32-row band's level-2 tokens (256) in one block of four warpgroups.
+        assert_eq!(warpgroups(256, 256), 4);
+        assert_eq!(warpgroups(1024, 256), 4);
+        assert_eq!(warpgroups(77, 256), 2);
+        assert_eq!(warpgroups(64, 256), 1);
+        assert_eq!(warpgroups(1, 256), 1);
+        // The cap, rounded down to 64, 128 or 256 rows.
+        assert_eq!(warpgroups(256, 128), 2);
+        assert_eq!(warpgroups(256, 100), 1);
+        assert_eq!(block_cols(true), 64);
+        assert_eq!(block_cols(false), 128);
+    }
+
+    #[test]
     fn k_is_split_only_where_tiles_leave_multiprocessors_idle() {
-        // A 256-token band's 1280 → 1280 projection: 80 tiles, 20 chunks → two blocks a tile.
-        assert_eq!(splits(80, 20, 132), 2);
-        // Its feed-forward output (K = 5120): also two; four would not be needed for a wave.
-        assert_eq!(splits(80, 80, 132), 2);
-        // The stacked Q/K/V (240 tiles) and the level-1 band (160 tiles) fill the device.
-        assert_eq!(splits(240, 20, 132), 1);
-        assert_eq!(splits(160, 10, 132), 1);
-        // Few tiles and a long K: up to four.
-        assert_eq!(splits(8, 80, 132), 4);
-        // Short K is not split below four chunks a block.
-        assert_eq!(splits(8, 7, 132), 1);
-        assert_eq!(splits(8, 12, 132), 2);
+        // A 256-token band's 1280 → 1280 projection: 10 tiles of 256 × 128, 20 chunks → eight
+        // blocks a tile (80 blocks).
+        assert_eq!(splits(10, 20, 132), 8);
+        // Its feed-forward output (K = 5120): also eight.
+        assert_eq!(splits(10, 80, 132), 8);
+        // The stacked Q/K/V (30 tiles): four (120 blocks; eight would not fit one wave).
+        assert_eq!(splits(30, 20, 132), 4);
+        // The feed-forward input with GEGLU (80 tiles) fills the device alone.
+        assert_eq!(splits(80, 20, 132), 1);
+        // A level-1 band (1 024 rows, 640 wide: 20 tiles, 10 chunks): four.
+        assert_eq!(splits(20, 10, 132), 4);
+        // Short K is not split below two chunks a block.
+        assert_eq!(splits(2, 3, 132), 1);
+        assert_eq!(splits(2, 7, 132), 2);
+        assert_eq!(splits(2, 12, 132), 4);
     }
 }
