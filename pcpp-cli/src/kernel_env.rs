@@ -144,6 +144,14 @@ pub fn apply() -> Result<()> {
                 anyhow::anyhow!("PCPP_SMALL_GEMM={t}: expected {}", SMALL_GEMM.join(", "))
             })?;
     }
+    if let Some(t) = var("PCPP_SMALL_GEMM_ROWS") {
+        v.small_gemm_rows = match t.as_str() {
+            "64" => 64,
+            "128" => 128,
+            "256" => 256,
+            _ => bail!("PCPP_SMALL_GEMM_ROWS={t}: expected 64, 128 or 256"),
+        };
+    }
     v.apply();
     Ok(())
 }
