@@ -147,6 +147,24 @@ fn splits(tiles: usize, chunks: usize, sms: usize) -> usize {
     s
 }
 
+/// The launch of a GEMM of `m` rows, inner size `k` and `n` outputs: warpgroups a block and the
+/// grid (column tiles, row tiles, K splits); `None` where its tiles would not all run at once (a
+/// block of two or four warpgroups takes a multiprocessor, one of one warpgroup half of one),
+/// which cuBLASLt's grids do better.
+fn launch_shape(
+    (m, k, n): (usize, usize, usize),
+    geglu: bool,
+    cap_rows: usize,
+    sms: usize,
+) -> Option<(usize, [usize; 3])> {
+    let nw = warpgroups(m, cap_rows);
+    let (gx, gy) = (n.div_ceil(block_cols(geglu)), m.div_ceil(64 * nw));
+    if gx * gy > sms * if nw == 1 { 2 } else { 1 } {
+        return None;
+    }
+    Some((nw, [gx, gy, splits(gx * gy, k.div_ceil(64), sms)]))
+}
+
 /// A layer norm of X applied as the small-row kernels load it: the partial statistics its
 /// producer wrote (`[m, ceil(k/64), 2]` f32, [`WgOperands::stats_out`] of the GEMM that made X),
 /// the affine parameters (`[k]`, the weights' dtype) and epsilon.
@@ -189,7 +207,8 @@ impl WgOperands {
 /// Whether the small-row kernels take a GEMM of `m` rows, inner size `k` and `n` outputs in
 /// `dt` on `gpu` (alignment aside), with GEGLU's epilogue (`geglu`) or a fused norm or output
 /// statistics (`norms`): [`small_gemm`] at that level, compiled here, f16 or bf16,
-/// `1 ..= SMALL_GEMM_ROWS` rows, `k` and `n` multiples of 8.
+/// `1 ..= SMALL_GEMM_ROWS` rows, `k` and `n` multiples of 8, and tiles that run at once
+/// ([`launch_shape`]).
 pub(crate) fn gemm_wg_applies(
     gpu: &Gpu,
     dt: DType,
@@ -198,6 +217,7 @@ pub(crate) fn gemm_wg_applies(
 ) -> bool {
     small_gemm() >= SmallGemm::needed(geglu, norms)
         && gpu.gemm_wg
+        && launch_shape((m, k, n), geglu, small_gemm_rows(), gpu.sms).is_some()
         && dt != DType::F32
         && (1..=SMALL_GEMM_ROWS).contains(&m)
         && k > 0
@@ -239,10 +259,9 @@ pub(crate) fn try_gemm_wg(
     {
         return Ok(false);
     }
-    let nw = warpgroups(m, small_gemm_rows());
-    let cols = block_cols(geglu);
-    let (gx, gy) = (n.div_ceil(cols), m.div_ceil(64 * nw));
-    let s = splits(gx * gy, k.div_ceil(64), gpu.sms);
+    let Some((nw, [gx, gy, s])) = launch_shape((m, k, n), geglu, small_gemm_rows(), gpu.sms) else {
+        return Ok(false);
+    };
     let name = format!("{}_{}", gemm_wg_name(geglu, norm.is_some()), tname(dt));
     let f = gpu.func(&name)?;
     let cfg = LaunchConfig {
@@ -283,7 +302,8 @@ pub(crate) fn try_gemm_wg(
 #[cfg(test)]
 mod tests {
     use super::{
-        block_cols, gemm_wg_bytes, gemm_wg_name, splits, warpgroups, SmallGemm, MAX_WARPGROUPS,
+        block_cols, gemm_wg_bytes, gemm_wg_name, launch_shape, splits, warpgroups, SmallGemm,
+        MAX_WARPGROUPS,
     };
 
     #[test]
@@ -332,6 +352,28 @@ mod tests {
         assert_eq!(warpgroups(256, 100), 1);
         assert_eq!(block_cols(true), 64);
         assert_eq!(block_cols(false), 128);
+    }
+
+    #[test]
+    fn grids_of_more_than_one_wave_are_left_to_cublaslt() {
+        // A 32-row band's level-2 feed-forward input (GEGLU, 256 rows): 80 blocks, no split.
+        assert_eq!(
+            launch_shape((256, 1280, 5120), true, 256, 132),
+            Some((4, [80, 1, 1]))
+        );
+        // Its 1280-wide projections: 10 tiles split eight ways.
+        assert_eq!(
+            launch_shape((256, 1280, 1280), false, 256, 132),
+            Some((4, [10, 1, 8]))
+        );
+        // A level-1 band's feed-forward input (1 024 rows, 640 → 2 × 2560): 160 tiles.
+        assert_eq!(launch_shape((1024, 640, 2560), true, 256, 132), None);
+        // Blocks of one warpgroup: two a multiprocessor.
+        assert_eq!(
+            launch_shape((256, 1280, 1280), false, 64, 132),
+            Some((1, [10, 4, 2]))
+        );
+        assert_eq!(launch_shape((1024, 64, 4096), false, 64, 132), None);
     }
 
     #[test]
