@@ -7,7 +7,8 @@
 #      (the tests switch the GEMMs for their process);
 #   2. the SDXL-base UNet step (seeded random weights, fp16, CUDA graph) of one rank of 8 (pcpp, a
 #      32-row band at b = 1) at each PCPP_SMALL_GEMM level (1: GEMMs, GEGLU and layer norms
-#      fused; geglu; gemm; 0: cuBLASLt), alternating, REPS times each; the
+#      fused; geglu; gemm; 0: cuBLASLt), alternating, REPS times each, and once with blocks of
+#      at most 128 rows (PCPP_SMALL_GEMM_ROWS=128); the
 #      naive-patch band with it on; the whole 1024² step at b = 2 (more than 1 024 rows a GEMM:
 #      the same kernels either way), for the modelled 8-GPU efficiency 1024² / (8 · band);
 #   3. bench/diffusers_unet.py (diffusers 0.42.1, eager and graph), the anchor.
@@ -55,6 +56,7 @@ for _ in $(seq "${REPS:-2}"); do
         unet band32 "$level" "${BAND[@]}" --parallel pcpp
     done
 done
+PCPP_SMALL_GEMM_ROWS=128 unet band32_rows128 1 "${BAND[@]}" --parallel pcpp
 unet band32_naive 1 "${BAND[@]}" --parallel naive-patch
 unet b2_1024 0 --height 128 --width 128 --batch 2
 cat "$OUT/unet.jsonl"
