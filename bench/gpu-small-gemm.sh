@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The small-row GEMMs (PCPP_SMALL_GEMM, issue 17) against cuBLASLt in one command on one GPU:
-#   1. GPU parity first: `cuda_vector_parity` (small_gemm_matches_cublaslt_and_cpu and the
-#      cuBLASLt GELU epilogue), `cuda_rows_into` (window rows written in place, on cuBLASLt and
+#   1. GPU parity first: `cuda_small_gemm` (every level against the CPU and cuBLASLt),
+#      `cuda_vector_parity` (the kernels the band shares with the default path), `cuda_rows_into` (window rows written in place, on cuBLASLt and
 #      on the small-row GEMMs, the layer norm inside the row-writing GEMM) and `cuda_unet_parity`
 #      (the tiny UNet with and without the small-row GEMMs against diffusers), one thread each
 #      (the tests switch the GEMMs for their process);
@@ -18,7 +18,7 @@
 #   BIN_DIR  pcpp-cli (--features cuda) and the test binaries:
 #              cargo build --release -p pcpp-cli --features cuda
 #              cargo test --release -p pcpp-kernels --features cuda --no-run \
-#                --test cuda_vector_parity --test cuda_rows_into
+#                --test cuda_small_gemm --test cuda_vector_parity --test cuda_rows_into
 #              cargo test --release --features cuda --no-run --test cuda_unet_parity
 # Environment: PYTHON (a python with torch and diffusers 0.42.1; default python3), SKIP_PARITY=1,
 # REPS (default 2).
@@ -31,8 +31,10 @@ status=0
 
 echo "== GPU parity"
 if [[ ${SKIP_PARITY:-0} != 1 ]]; then
-    (cd pcpp-kernels && timeout 180 "$BIN/cuda_vector_parity" --ignored --test-threads=1 small_gemm \
-        linear_gelu) >"$OUT/cuda_vector_parity.txt" 2>&1 || status=1
+    (cd pcpp-kernels && timeout 120 "$BIN/cuda_small_gemm" --ignored --test-threads=1) \
+        >"$OUT/cuda_small_gemm.txt" 2>&1 || status=1
+    (cd pcpp-kernels && timeout 180 "$BIN/cuda_vector_parity" --ignored --test-threads=1) \
+        >"$OUT/cuda_vector_parity.txt" 2>&1 || status=1
     (cd pcpp-kernels && timeout 120 "$BIN/cuda_rows_into" --ignored --test-threads=1) \
         >"$OUT/cuda_rows_into.txt" 2>&1 || status=1
     timeout 180 "$BIN/cuda_unet_parity" --ignored --test-threads=1 >"$OUT/cuda_unet_parity.txt" 2>&1 \
