@@ -115,16 +115,8 @@ fn small_gemm_matches_cublaslt_and_cpu() {
             ];
             for i in 0..want_fused.len() {
                 let name = format!("small gemm {m}x{k}x{n}/{rows} {}", fnames[i]);
-                check(&name, d, &fs[i], &want_fused[i]);
-                let (a, c) = (
-                    fs[i].to_device(pcpp_kernels::Device::Cpu).unwrap(),
-                    fl[i].to_device(pcpp_kernels::Device::Cpu).unwrap(),
-                );
-                let e = a.max_abs_diff(&c).unwrap() / c.max_abs().unwrap().max(1.0);
-                assert!(
-                    e <= 2.0 * close,
-                    "{name} {d}: against the separate norm rel err {e:e}"
-                );
+                let other = (&fl[i], "the separate norm", 2.0 * close);
+                check_both(&name, d, &fs[i], &want_fused[i], other);
             }
             let names = ["bias", "no bias", "acc", "geglu", "geglu no bias"];
             // The GEMMs alone (GEGLU as its own pass after them), then with GEGLU's epilogue.
@@ -133,19 +125,31 @@ fn small_gemm_matches_cublaslt_and_cpu() {
                 let small = run(level);
                 for i in 0..want.len() {
                     let name = format!("small gemm {m}x{k}x{n}/{rows} {} ({level:?})", names[i]);
-                    check(&name, d, &small[i], &want[i]);
-                    let (a, c) = (
-                        small[i].to_device(pcpp_kernels::Device::Cpu).unwrap(),
-                        lt[i].to_device(pcpp_kernels::Device::Cpu).unwrap(),
-                    );
-                    let e = a.max_abs_diff(&c).unwrap() / c.max_abs().unwrap().max(1.0);
-                    assert!(
-                        e <= close,
-                        "{name} {d}: against cuBLASLt rel err {e:e} > {close}"
-                    );
+                    check_both(&name, d, &small[i], &want[i], (&lt[i], "cuBLASLt", close));
                 }
             }
         }
     }
     set_small_gemm_rows(256);
+}
+
+/// `got` (GPU) against the CPU twin (`check`'s bound), and against `other`, the same op on the
+/// GPU's other kernels (`what`), within `bound` of their largest magnitude (at least 1).
+fn check_both(
+    name: &str,
+    d: DType,
+    got: &Tensor,
+    cpu: &Tensor,
+    (other, what, bound): (&Tensor, &str, f32),
+) {
+    check(name, d, got, cpu);
+    let (a, c) = (
+        got.to_device(pcpp_kernels::Device::Cpu).unwrap(),
+        other.to_device(pcpp_kernels::Device::Cpu).unwrap(),
+    );
+    let e = a.max_abs_diff(&c).unwrap() / c.max_abs().unwrap().max(1.0);
+    assert!(
+        e <= bound,
+        "{name} {d}: against {what} rel err {e:e} > {bound}"
+    );
 }
