@@ -29,8 +29,8 @@
 //! warpgroup-MMA GEMMs on sm_90a: `1` with GEGLU and the transformer blocks' layer norms inside
 //! them, `geglu` with GEGLU only, `gemm` the GEMMs alone; `0` cuBLASLt with those as their own
 //! passes; off until measured), `PCPP_SMALL_GEMM_ROWS=256|128|64` (the most rows of one of
-//! those GEMMs' blocks: fewer read the weights more often but give a GEMM more blocks). Unset means the
-//! defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`, `256`);
+//! those GEMMs' blocks: fewer read the weights more often but give a GEMM more blocks). Unset
+//! means the defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`, `256`);
 //! `flux-bench`'s `--variants` items ([`parse_variant`]) set the first three, and `bench`'s
 //! `--attention` list ([`check_attention`], [`apply_attention`]) the first.
 //! Without the `cuda` feature there is nothing to choose and the variables are ignored.

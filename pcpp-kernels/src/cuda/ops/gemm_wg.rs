@@ -1,9 +1,9 @@
 //! Linear layers of few rows on Hopper's warpgroup MMAs (`gemm_wg.cu`): the GEMMs of a PCPP
 //! band's transformer blocks (paper §3; a 32-row band of a 1024² SDXL image has 256 tokens at
 //! its deepest level). At that size a GEMM is bound by what its blocks read from L2 (a block of
-//! BM rows and BN columns reads X n/BN and W m/BM times: cuBLASLt's 56 × 64 and 168 × 128 tiles
-//! read a band's feed-forward weights two to five times), so a block here takes up to 256 rows
-//! and 128 rows of W. These kernels are launched programmatically (their weights are asked into
+//! BM rows and BN columns reads X n/BN and W m/BM times: cuBLASLt's tiles read a band's weights
+//! five times (56 × 64, the 1 280-wide projections) or twice (168 × 128, the feed-forward
+//! input)), so a block here takes up to 256 rows and 128 rows of W (docs/small-gemm.md). These kernels are launched programmatically (their weights are asked into
 //! L2 while the kernel before them finishes), split K across a thread-block cluster and reduce
 //! it in distributed shared memory, add bias, an accumulator or GEGLU's gate in their epilogue,
 //! leave the partial row statistics of their output for the layer norm that reads it, and apply
@@ -331,10 +331,8 @@ mod tests {
         // 4 stages of 256 rows of X and 128 of W, the alignment slack and the row statistics.
         assert_eq!(gemm_wg_bytes(4), 1024 + 4 * 49152 + 2048);
         assert!(gemm_wg_bytes(MAX_WARPGROUPS) <= 227 * 1024);
-        // The f32 partial tile (rows of 136 floats) fits in the stages it reuses.
-        for nw in [1, 2, 4] {
-            assert!(nw * 64 * 136 * 4 <= 4 * (nw * 64 * 128 + 128 * 128));
-        }
+        // One warpgroup's blocks fit twice on a multiprocessor (`launch_shape` counts on it).
+        assert!(2 * gemm_wg_bytes(1) <= 227 * 1024);
         assert_eq!(gemm_wg_name(true, true), "gemm_wg_ln_geglu");
         assert_eq!(gemm_wg_name(false, false), "gemm_wg");
     }
