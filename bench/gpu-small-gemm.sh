@@ -7,10 +7,10 @@
 #      (the tests switch the GEMMs for their process);
 #   2. the SDXL-base UNet step (seeded random weights, fp16, CUDA graph) of one rank of 8 (pcpp, a
 #      32-row band at b = 1) at each PCPP_SMALL_GEMM level (1: GEMMs, GEGLU and layer norms
-#      fused; geglu; gemm; 0: cuBLASLt), alternating, REPS times each, and once with blocks of
-#      at most 128 rows (PCPP_SMALL_GEMM_ROWS=128); the
-#      naive-patch band with it on; the whole 1024² step at b = 2 (more than 1 024 rows a GEMM:
-#      the same kernels either way), for the modelled 8-GPU efficiency 1024² / (8 · band);
+#      fused; geglu; gemm; 0: cuBLASLt), alternating, REPS times each, and with blocks of at most
+#      128 and 64 rows, all in one process on the same weights (`bench --small-gemm`); the
+#      naive-patch band with them on and off; the whole 1024² step at b = 2 (more than 1 024 rows
+#      a GEMM: the same kernels either way), for the modelled 8-GPU efficiency 1024² / (8 · band);
 #   3. bench/diffusers_unet.py (diffusers 0.42.1, eager and graph), the anchor.
 # About 6 minutes. Prints every result line; writes them under OUT_DIR.
 #
@@ -46,21 +46,19 @@ echo "== SDXL UNet step"
 CFG=models/sdxl-base-1.0-configs/unet/config.json
 BAND=(--height 128 --width 128 --batch 2 --ranks 8 --rank 1)
 : >"$OUT/unet.jsonl"
-unet() { # name, PCPP_SMALL_GEMM, then flags
-    local name=$1 small=$2
-    shift 2
-    PCPP_SMALL_GEMM=$small timeout 120 "$BIN/pcpp-cli" bench --device cuda --config "$CFG" \
-        --random-weights --warmup 3 --iters 20 --json "$@" 2>"$OUT/unet_${name}_$small.err" \
-        | sed "s/^{/{\"case\":\"$name\",\"small_gemm\":\"$small\",/" >>"$OUT/unet.jsonl" || status=1
+unet() { # name, then flags
+    local name=$1
+    shift
+    timeout 240 "$BIN/pcpp-cli" bench --device cuda --config "$CFG" --random-weights --warmup 3 \
+        --iters 20 --json "$@" 2>"$OUT/unet_$name.err" \
+        | sed "s/^{/{\"case\":\"$name\",/" >>"$OUT/unet.jsonl" || status=1
 }
-for _ in $(seq "${REPS:-2}"); do
-    for level in 1 geglu gemm 0; do
-        unet band32 "$level" "${BAND[@]}" --parallel pcpp
-    done
-done
-PCPP_SMALL_GEMM_ROWS=128 unet band32_rows128 1 "${BAND[@]}" --parallel pcpp
-unet band32_naive 1 "${BAND[@]}" --parallel naive-patch
-unet b2_1024 0 --height 128 --width 128 --batch 2
+# Every level, alternating, REPS rounds, and 128- and 64-row blocks, in one process (same
+# weights); one result line each, named by its "small_gemm" item.
+LEVELS=$(for _ in $(seq "${REPS:-2}"); do printf '1,geglu,gemm,0,'; done)1/128,1/64
+unet band32 "${BAND[@]}" --parallel pcpp --small-gemm "$LEVELS"
+unet band32_naive "${BAND[@]}" --parallel naive-patch --small-gemm 1,0
+unet b2_1024 --height 128 --width 128 --batch 2
 cat "$OUT/unet.jsonl"
 timeout 240 "$PY" bench/diffusers_unet.py >"$OUT/diffusers_unet.json" 2>"$OUT/diffusers_unet.err" || status=1
 cat "$OUT/diffusers_unet.json"

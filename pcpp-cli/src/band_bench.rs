@@ -119,24 +119,32 @@ pub fn run(a: &Args) -> Result<()> {
     .on_device(device)
     .keep_taken();
 
-    let kernels: Vec<Option<&str>> = if a.attention.is_empty() {
-        vec![None]
-    } else {
-        a.attention.iter().map(|n| Some(n.as_str())).collect()
+    // Every attention kernel of --attention with every small-row GEMM choice of --small-gemm.
+    let listed = |v: &[String]| -> Vec<Option<String>> {
+        if v.is_empty() {
+            vec![None]
+        } else {
+            v.iter().cloned().map(Some).collect()
+        }
     };
     let mut results = Vec::new();
-    for kernel in kernels {
-        if let Some(name) = kernel {
+    for kernel in listed(&a.attention) {
+        if let Some(name) = &kernel {
             crate::kernel_env::apply_attention(name);
         }
-        for &r in &ranks {
-            let res = run_rank(
-                a, &ucfg, &weights, &pcfg, mode, r, cfg_split, warm, graph_on, device, dtype,
-            )?;
-            results.push((kernel, res));
+        for small in listed(&a.small_gemm) {
+            if let Some(item) = &small {
+                crate::kernel_env::apply_small_gemm(item);
+            }
+            for &r in &ranks {
+                let res = run_rank(
+                    a, &ucfg, &weights, &pcfg, mode, r, cfg_split, warm, graph_on, device, dtype,
+                )?;
+                results.push((kernel.clone(), small.clone(), res));
+            }
         }
     }
-    for (kernel, res) in &results {
+    for (kernel, small, res) in &results {
         let sent = res.traffic.sent.total();
         let recvd = res.traffic.recvd.total();
         if a.json {
@@ -162,6 +170,7 @@ pub fn run(a: &Args) -> Result<()> {
                 "steady_recvd_bytes": recvd,
                 "steady_traffic": res.traffic,
                 "attention": kernel,
+                "small_gemm": small,
             });
             println!("{v}");
         } else {
@@ -170,7 +179,10 @@ pub fn run(a: &Args) -> Result<()> {
             } else {
                 format!(", sync step {:.3} ms", res.sync_ms)
             };
-            let kernel = kernel.map(|k| format!(" [{k}]")).unwrap_or_default();
+            let kernel = [kernel, small]
+                .iter()
+                .flat_map(|c| c.as_ref().map(|k| format!(" [{k}]")))
+                .collect::<String>();
             println!(
                 "{mode} rank {}/{}{kernel} ({} rows of {}, batch {}, {dtype} on {device}): steady step {:.3} ms eager{}{sync}; steady step sends {sent} B, receives {recvd} B",
                 res.rank,

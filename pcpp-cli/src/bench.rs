@@ -99,6 +99,12 @@ pub struct Args {
     /// each, named. The other kernel choices come from the environment.
     #[arg(long, value_delimiter = ',')]
     pub attention: Vec<String>,
+    /// On a GPU, small-row GEMM choices (`PCPP_SMALL_GEMM` levels, each optionally with a row
+    /// cap as in `PCPP_SMALL_GEMM_ROWS`) to time one after the other on the same weights in this
+    /// process, comma-separated, e.g. `1,0,geglu,1/128`: one result each (for each attention
+    /// kernel of --attention), named.
+    #[arg(long, value_delimiter = ',')]
+    pub small_gemm: Vec<String>,
 }
 
 /// Seeded uniform values in `[-1, 1)` (SplitMix64).
@@ -177,6 +183,7 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
 /// Runs the benchmark.
 pub fn run(a: Args) -> Result<()> {
     crate::kernel_env::check_attention(&a.attention, a.device.device(0))?;
+    crate::kernel_env::check_small_gemm(&a.small_gemm, a.device.device(0))?;
     let per_rank = a.device != DeviceArg::Cpu || a.ranks != 1 || a.parallel != ParallelMode::Serial;
     if per_rank && a.device != DeviceArg::Cpu {
         return crate::band_bench::run(&a);

@@ -258,6 +258,46 @@ pub fn apply_attention(name: &str) {
     let _ = name;
 }
 
+/// A `--small-gemm` item: a `PCPP_SMALL_GEMM` level and an optional `/ROWS` cap (64, 128 or
+/// 256; default 256).
+fn small_gemm_item(item: &str) -> Option<(&'static str, usize)> {
+    let (level, rows) = match item.split_once('/') {
+        Some((l, r)) => (l, r.parse().ok().filter(|r| [64, 128, 256].contains(r))?),
+        None => (item, 256),
+    };
+    Some((SMALL_GEMM.iter().copied().find(|s| *s == level)?, rows))
+}
+
+/// Checks `bench --small-gemm` items: a GPU run of a `cuda` build, each item a level of
+/// `PCPP_SMALL_GEMM` with an optional `/64`, `/128` or `/256` row cap.
+pub fn check_small_gemm(items: &[String], device: Device) -> Result<()> {
+    if items.is_empty() {
+        return Ok(());
+    }
+    if device == Device::Cpu || !cfg!(feature = "cuda") {
+        bail!("--small-gemm: the small-row GEMMs are chosen only for --device cuda");
+    }
+    match items.iter().find(|i| small_gemm_item(i).is_none()) {
+        Some(i) => bail!(
+            "--small-gemm {i}: expected a level ({}), optionally /64, /128 or /256",
+            SMALL_GEMM.join(", ")
+        ),
+        None => Ok(()),
+    }
+}
+
+/// Puts the `--small-gemm` item `item` in force (checked by [`check_small_gemm`]).
+pub fn apply_small_gemm(item: &str) {
+    #[cfg(feature = "cuda")]
+    if let Some((level, rows)) = small_gemm_item(item) {
+        use pcpp_kernels::cuda::{set_small_gemm, set_small_gemm_rows, SmallGemm};
+        set_small_gemm(SmallGemm::parse(level).unwrap_or(SmallGemm::Off));
+        set_small_gemm_rows(rows);
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = item;
+}
+
 /// The kernel choices in force, for a benchmark's JSON line (empty on the CPU).
 pub fn choices(device: Device) -> serde_json::Value {
     #[cfg(feature = "cuda")]
@@ -279,4 +319,19 @@ pub fn choices(device: Device) -> serde_json::Value {
     }
     let _ = device;
     serde_json::json!({})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::small_gemm_item;
+
+    #[test]
+    fn small_gemm_items_name_a_level_and_a_row_cap() {
+        assert_eq!(small_gemm_item("1"), Some(("1", 256)));
+        assert_eq!(small_gemm_item("geglu/128"), Some(("geglu", 128)));
+        assert_eq!(small_gemm_item("0/64"), Some(("0", 64)));
+        for bad in ["2", "fused", "1/96", "1/", "/64", "gemm/128/64"] {
+            assert_eq!(small_gemm_item(bad), None, "{bad}");
+        }
+    }
 }

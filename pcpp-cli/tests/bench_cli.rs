@@ -75,13 +75,16 @@ fn bench_rejects_inconsistent_flags() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no/such/folder"));
 
-    // Attention kernels are a GPU choice: refused on the CPU, serial or per rank.
+    // Attention kernels and small-row GEMMs are GPU choices: refused on the CPU, serial or per
+    // rank.
     for extra in [&[][..], &["--parallel", "pcpp", "--ranks", "2"][..]] {
-        let mut args = vec!["--attention", "ws,ws2"];
-        args.extend_from_slice(extra);
-        let out = bench(&args);
-        assert!(!out.status.success());
-        assert!(String::from_utf8_lossy(&out.stderr).contains("--attention"));
+        for (flag, list) in [("--attention", "ws,ws2"), ("--small-gemm", "1,0,geglu/128")] {
+            let mut args = vec![flag, list];
+            args.extend_from_slice(extra);
+            let out = bench(&args);
+            assert!(!out.status.success());
+            assert!(String::from_utf8_lossy(&out.stderr).contains(flag));
+        }
     }
 }
 
