@@ -7,8 +7,9 @@
 #      (the tests switch the GEMMs for their process);
 #   2. the SDXL-base UNet step (seeded random weights, fp16, CUDA graph) of one rank of 8 (pcpp, a
 #      32-row band at b = 1) at each PCPP_SMALL_GEMM level (1: GEMMs, GEGLU and layer norms
-#      fused; geglu; gemm; 0: cuBLASLt), alternating, REPS times each, and with blocks of at most
-#      128 and 64 rows, all in one process on the same weights (`bench --small-gemm`); the
+#      fused; geglu; gemm; 0: cuBLASLt), alternating, REPS times each, with blocks of at most
+#      128 and 64 rows and with K split at most 4 and 2 ways, all in one process on the same
+#      weights (`bench --small-gemm`); the
 #      naive-patch band with them on and off; the whole 1024² step at b = 2 (more than 1 024 rows
 #      a GEMM: the same kernels either way), for the modelled 8-GPU efficiency 1024² / (8 · band);
 #   3. bench/diffusers_unet.py (diffusers 0.42.1, eager and graph), the anchor.
@@ -53,9 +54,9 @@ unet() { # name, then flags
         --iters 20 --json "$@" 2>"$OUT/unet_$name.err" \
         | sed "s/^{/{\"case\":\"$name\",/" >>"$OUT/unet.jsonl" || status=1
 }
-# Every level, alternating, REPS rounds, and 128- and 64-row blocks, in one process (same
+# Every level, alternating, REPS rounds, then the row and split caps, in one process (same
 # weights); one result line each, named by its "small_gemm" item.
-LEVELS=$(for _ in $(seq "${REPS:-2}"); do printf '1,geglu,gemm,0,'; done)1/128,1/64
+LEVELS=$(for _ in $(seq "${REPS:-2}"); do printf '1,geglu,gemm,0,'; done)1/128,1/64,1/256/4,1/256/2
 unet band32 "${BAND[@]}" --parallel pcpp --small-gemm "$LEVELS"
 unet band32_naive "${BAND[@]}" --parallel naive-patch --small-gemm 1,0
 unet b2_1024 --height 128 --width 128 --batch 2

@@ -100,9 +100,10 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     pub attention: Vec<String>,
     /// On a GPU, small-row GEMM choices (`PCPP_SMALL_GEMM` levels, each optionally with a row
-    /// cap as in `PCPP_SMALL_GEMM_ROWS`) to time one after the other on the same weights in this
-    /// process, comma-separated, e.g. `1,0,geglu,1/128`: one result each (for each attention
-    /// kernel of --attention), named.
+    /// cap as in `PCPP_SMALL_GEMM_ROWS` and then a K-split cap as in `PCPP_SMALL_GEMM_SPLITS`) to
+    /// time one after the other on the same weights in this process, comma-separated, e.g.
+    /// `1,0,geglu,1/128,1/256/4`: one result each (for each attention kernel of --attention),
+    /// named.
     #[arg(long, value_delimiter = ',')]
     pub small_gemm: Vec<String>,
 }

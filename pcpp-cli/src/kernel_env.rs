@@ -29,8 +29,9 @@
 //! warpgroup-MMA GEMMs on sm_90a: `1` with GEGLU and the transformer blocks' layer norms inside
 //! them, `geglu` with GEGLU only, `gemm` the GEMMs alone; `0` cuBLASLt with those as their own
 //! passes; off until measured), `PCPP_SMALL_GEMM_ROWS=256|128|64` (the most rows of one of
-//! those GEMMs' blocks: fewer read the weights more often but give a GEMM more blocks). Unset
-//! means the defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`, `256`);
+//! those GEMMs' blocks: fewer read the weights more often but give a GEMM more blocks),
+//! `PCPP_SMALL_GEMM_SPLITS=8|4|2|1` (the most blocks of a cluster that share one tile's K). Unset
+//! means the defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`, `256`, `8`);
 //! `flux-bench`'s `--variants` items ([`parse_variant`]) set the first three, and `bench`'s
 //! `--attention` list ([`check_attention`], [`apply_attention`]) the first.
 //! Without the `cuda` feature there is nothing to choose and the variables are ignored.
@@ -74,6 +75,7 @@ pub struct Variant {
     geglu_prefetch: bool,
     small_gemm: &'static str,
     small_gemm_rows: usize,
+    small_gemm_splits: usize,
 }
 
 impl Default for Variant {
@@ -93,6 +95,7 @@ impl Default for Variant {
             geglu_prefetch: true,
             small_gemm: SMALL_GEMM[0],
             small_gemm_rows: 256,
+            small_gemm_splits: 8,
         }
     }
 }
@@ -145,12 +148,12 @@ pub fn apply() -> Result<()> {
             })?;
     }
     if let Some(t) = var("PCPP_SMALL_GEMM_ROWS") {
-        v.small_gemm_rows = match t.as_str() {
-            "64" => 64,
-            "128" => 128,
-            "256" => 256,
-            _ => bail!("PCPP_SMALL_GEMM_ROWS={t}: expected 64, 128 or 256"),
-        };
+        v.small_gemm_rows = one_of(&t, &ROWS)
+            .ok_or_else(|| anyhow::anyhow!("PCPP_SMALL_GEMM_ROWS={t}: expected 64, 128 or 256"))?;
+    }
+    if let Some(t) = var("PCPP_SMALL_GEMM_SPLITS") {
+        v.small_gemm_splits = one_of(&t, &SPLITS)
+            .ok_or_else(|| anyhow::anyhow!("PCPP_SMALL_GEMM_SPLITS={t}: expected 1, 2, 4 or 8"))?;
     }
     v.apply();
     Ok(())
@@ -212,6 +215,7 @@ impl Variant {
                     .unwrap_or(pcpp_kernels::cuda::SmallGemm::Off),
             );
             pcpp_kernels::cuda::set_small_gemm_rows(self.small_gemm_rows);
+            pcpp_kernels::cuda::set_small_gemm_splits(self.small_gemm_splits);
         }
     }
 }
@@ -258,18 +262,29 @@ pub fn apply_attention(name: &str) {
     let _ = name;
 }
 
-/// A `--small-gemm` item: a `PCPP_SMALL_GEMM` level and an optional `/ROWS` cap (64, 128 or
-/// 256; default 256).
-fn small_gemm_item(item: &str) -> Option<(&'static str, usize)> {
-    let (level, rows) = match item.split_once('/') {
-        Some((l, r)) => (l, r.parse().ok().filter(|r| [64, 128, 256].contains(r))?),
-        None => (item, 256),
-    };
-    Some((SMALL_GEMM.iter().copied().find(|s| *s == level)?, rows))
+/// The row caps of `PCPP_SMALL_GEMM_ROWS` and the K-split caps of `PCPP_SMALL_GEMM_SPLITS`.
+const ROWS: [usize; 3] = [64, 128, 256];
+const SPLITS: [usize; 4] = [1, 2, 4, 8];
+
+/// `t` as one of `allowed`.
+fn one_of(t: &str, allowed: &[usize]) -> Option<usize> {
+    t.parse().ok().filter(|v| allowed.contains(v))
+}
+
+/// A `--small-gemm` item: a `PCPP_SMALL_GEMM` level, then optionally `/ROWS` (a row cap, default
+/// 256) and `/SPLITS` (a K-split cap, default 8).
+fn small_gemm_item(item: &str) -> Option<(&'static str, usize, usize)> {
+    let mut parts = item.split('/');
+    let first = parts.next()?;
+    let level = SMALL_GEMM.iter().copied().find(|s| *s == first)?;
+    let rows = parts.next().map_or(Some(256), |r| one_of(r, &ROWS))?;
+    let splits = parts.next().map_or(Some(8), |r| one_of(r, &SPLITS))?;
+    parts.next().is_none().then_some((level, rows, splits))
 }
 
 /// Checks `bench --small-gemm` items: a GPU run of a `cuda` build, each item a level of
-/// `PCPP_SMALL_GEMM` with an optional `/64`, `/128` or `/256` row cap.
+/// `PCPP_SMALL_GEMM` with an optional `/64`, `/128` or `/256` row cap and then an optional
+/// `/1`, `/2`, `/4` or `/8` K-split cap.
 pub fn check_small_gemm(items: &[String], device: Device) -> Result<()> {
     if items.is_empty() {
         return Ok(());
@@ -279,7 +294,7 @@ pub fn check_small_gemm(items: &[String], device: Device) -> Result<()> {
     }
     match items.iter().find(|i| small_gemm_item(i).is_none()) {
         Some(i) => bail!(
-            "--small-gemm {i}: expected a level ({}), optionally /64, /128 or /256",
+            "--small-gemm {i}: expected a level ({}), optionally /ROWS (64, 128, 256), then /SPLITS (1, 2, 4, 8)",
             SMALL_GEMM.join(", ")
         ),
         None => Ok(()),
@@ -289,10 +304,12 @@ pub fn check_small_gemm(items: &[String], device: Device) -> Result<()> {
 /// Puts the `--small-gemm` item `item` in force (checked by [`check_small_gemm`]).
 pub fn apply_small_gemm(item: &str) {
     #[cfg(feature = "cuda")]
-    if let Some((level, rows)) = small_gemm_item(item) {
-        use pcpp_kernels::cuda::{set_small_gemm, set_small_gemm_rows, SmallGemm};
+    if let Some((level, rows, splits)) = small_gemm_item(item) {
+        use pcpp_kernels::cuda::SmallGemm;
+        use pcpp_kernels::cuda::{set_small_gemm, set_small_gemm_rows, set_small_gemm_splits};
         set_small_gemm(SmallGemm::parse(level).unwrap_or(SmallGemm::Off));
         set_small_gemm_rows(rows);
+        set_small_gemm_splits(splits);
     }
     #[cfg(not(feature = "cuda"))]
     let _ = item;
@@ -315,6 +332,7 @@ pub fn choices(device: Device) -> serde_json::Value {
             "geglu_prefetch": pcpp_kernels::cuda::geglu_prefetch(),
             "small_gemm": pcpp_kernels::cuda::small_gemm().name(),
             "small_gemm_rows": pcpp_kernels::cuda::small_gemm_rows(),
+            "small_gemm_splits": pcpp_kernels::cuda::small_gemm_splits(),
         });
     }
     let _ = device;
@@ -326,11 +344,21 @@ mod tests {
     use super::small_gemm_item;
 
     #[test]
-    fn small_gemm_items_name_a_level_and_a_row_cap() {
-        assert_eq!(small_gemm_item("1"), Some(("1", 256)));
-        assert_eq!(small_gemm_item("geglu/128"), Some(("geglu", 128)));
-        assert_eq!(small_gemm_item("0/64"), Some(("0", 64)));
-        for bad in ["2", "fused", "1/96", "1/", "/64", "gemm/128/64"] {
+    fn small_gemm_items_name_a_level_and_optional_caps() {
+        assert_eq!(small_gemm_item("1"), Some(("1", 256, 8)));
+        assert_eq!(small_gemm_item("geglu/128"), Some(("geglu", 128, 8)));
+        assert_eq!(small_gemm_item("0/64"), Some(("0", 64, 8)));
+        assert_eq!(small_gemm_item("1/256/4"), Some(("1", 256, 4)));
+        for bad in [
+            "2",
+            "fused",
+            "1/96",
+            "1/",
+            "/64",
+            "gemm/128/64",
+            "1/256/3",
+            "1/64/2/2",
+        ] {
             assert_eq!(small_gemm_item(bad), None, "{bad}");
         }
     }

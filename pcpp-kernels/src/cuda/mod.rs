@@ -42,8 +42,8 @@ pub use ops::{
     group_norm_merged_nhwc, linear_rows_into, nchw_rows_into_nhwc, norm_linear_rows_into,
     programmatic_launch, set_autotune, set_autotune_report, set_conv_nhwc, set_flash128,
     set_flash_persistent, set_fused_epilogues, set_programmatic_launch, set_small_gemm,
-    set_small_gemm_rows, small_gemm, small_gemm_rows, CudaGraphStep, Flash128, SmallGemm,
-    StatsWindow, SMALL_GEMM_ROWS,
+    set_small_gemm_rows, set_small_gemm_splits, small_gemm, small_gemm_rows, small_gemm_splits,
+    CudaGraphStep, Flash128, SmallGemm, StatsWindow, SMALL_GEMM_ROWS,
 };
 
 /// CUDA C source of every hand-written kernel (compiled at run time by NVRTC), one translation

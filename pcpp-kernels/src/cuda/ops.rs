@@ -147,7 +147,8 @@ pub(crate) use gemm::{linear, linear_add, linear_gelu_tanh, matmul, LtKey};
 pub(crate) use gemm::{linear_add_stats, linear_geglu, norm_linear, norm_linears_apply};
 pub(crate) use gemm_wg::{gemm_wg_bytes, gemm_wg_name, MAX_WARPGROUPS as GEMM_WG_MAX_WARPGROUPS};
 pub use gemm_wg::{
-    set_small_gemm, set_small_gemm_rows, small_gemm, small_gemm_rows, SmallGemm, SMALL_GEMM_ROWS,
+    set_small_gemm, set_small_gemm_rows, set_small_gemm_splits, small_gemm, small_gemm_rows,
+    small_gemm_splits, SmallGemm, SMALL_GEMM_ROWS,
 };
 pub use norm::{
     group_norm_merged_into, group_norm_merged_into_nhwc, group_norm_merged_nhwc, StatsWindow,

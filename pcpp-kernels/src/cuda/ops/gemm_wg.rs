@@ -117,6 +117,22 @@ pub fn small_gemm_rows() -> usize {
     ROWS_PER_BLOCK.load(Ordering::Relaxed)
 }
 
+static MAX_SPLITS: AtomicUsize = AtomicUsize::new(8);
+
+/// Caps the blocks of a cluster that share one tile's K (1, 2, 4 or 8, the default; other values
+/// are rounded down to one of those): every block of a split reads a whole f32 tile from the
+/// cluster's shared memory, so fewer splits move less between multiprocessors but leave more of
+/// them idle.
+pub fn set_small_gemm_splits(splits: usize) {
+    let s = splits.clamp(1, 8);
+    MAX_SPLITS.store(1 << s.ilog2(), Ordering::Relaxed);
+}
+
+/// The K-split cap of [`set_small_gemm_splits`].
+pub fn small_gemm_splits() -> usize {
+    MAX_SPLITS.load(Ordering::Relaxed)
+}
+
 /// Warpgroups of a block for `m` rows: enough for all of them (a band's level-2 tokens in one
 /// block, so that W is read once), a power of two, at most the cap.
 fn warpgroups(m: usize, cap_rows: usize) -> usize {
@@ -136,12 +152,12 @@ fn block_cols(geglu: bool) -> usize {
     }
 }
 
-/// How many blocks of a cluster share K: doubled (up to 8, the portable cluster) while the
-/// blocks still fit on the multiprocessors in one wave (one block each) and every block keeps
-/// at least two 64-column chunks.
-fn splits(tiles: usize, chunks: usize, sms: usize) -> usize {
+/// How many blocks of a cluster share K: doubled (up to `max`, at most 8, the portable cluster)
+/// while the blocks still fit on the multiprocessors in one wave (one block each) and every
+/// block keeps at least two 64-column chunks.
+fn splits(tiles: usize, chunks: usize, sms: usize, max: usize) -> usize {
     let mut s = 1;
-    while s < 8 && tiles * s * 2 <= sms && chunks >= 4 * s {
+    while s < max.min(8) && tiles * s * 2 <= sms && chunks >= 4 * s {
         s *= 2;
     }
     s
@@ -154,7 +170,7 @@ fn splits(tiles: usize, chunks: usize, sms: usize) -> usize {
 fn launch_shape(
     (m, k, n): (usize, usize, usize),
     geglu: bool,
-    cap_rows: usize,
+    (cap_rows, max_splits): (usize, usize),
     sms: usize,
 ) -> Option<(usize, [usize; 3])> {
     let nw = warpgroups(m, cap_rows);
@@ -162,7 +178,17 @@ fn launch_shape(
     if gx * gy > sms * if nw == 1 { 2 } else { 1 } {
         return None;
     }
-    Some((nw, [gx, gy, splits(gx * gy, k.div_ceil(64), sms)]))
+    let s = splits(gx * gy, k.div_ceil(64), sms, max_splits);
+    Some((nw, [gx, gy, s]))
+}
+
+/// [`launch_shape`] with the process's caps ([`set_small_gemm_rows`], [`set_small_gemm_splits`]).
+fn launch_shape_now(
+    mkn: (usize, usize, usize),
+    geglu: bool,
+    sms: usize,
+) -> Option<(usize, [usize; 3])> {
+    launch_shape(mkn, geglu, (small_gemm_rows(), small_gemm_splits()), sms)
 }
 
 /// A layer norm of X applied as the small-row kernels load it: the partial statistics its
@@ -217,7 +243,7 @@ pub(crate) fn gemm_wg_applies(
 ) -> bool {
     small_gemm() >= SmallGemm::needed(geglu, norms)
         && gpu.gemm_wg
-        && launch_shape((m, k, n), geglu, small_gemm_rows(), gpu.sms).is_some()
+        && launch_shape_now((m, k, n), geglu, gpu.sms).is_some()
         && dt != DType::F32
         && (1..=SMALL_GEMM_ROWS).contains(&m)
         && k > 0
@@ -259,7 +285,7 @@ pub(crate) fn try_gemm_wg(
     {
         return Ok(false);
     }
-    let Some((nw, [gx, gy, s])) = launch_shape((m, k, n), geglu, small_gemm_rows(), gpu.sms) else {
+    let Some((nw, [gx, gy, s])) = launch_shape_now((m, k, n), geglu, gpu.sms) else {
         return Ok(false);
     };
     let name = format!("{}_{}", gemm_wg_name(geglu, norm.is_some()), tname(dt));
@@ -356,40 +382,47 @@ mod tests {
     fn grids_of_more_than_one_wave_are_left_to_cublaslt() {
         // A 32-row band's level-2 feed-forward input (GEGLU, 256 rows): 80 blocks, no split.
         assert_eq!(
-            launch_shape((256, 1280, 5120), true, 256, 132),
+            launch_shape((256, 1280, 5120), true, (256, 8), 132),
             Some((4, [80, 1, 1]))
         );
         // Its 1280-wide projections: 10 tiles split eight ways.
         assert_eq!(
-            launch_shape((256, 1280, 1280), false, 256, 132),
+            launch_shape((256, 1280, 1280), false, (256, 8), 132),
             Some((4, [10, 1, 8]))
         );
         // A level-1 band's feed-forward input (1 024 rows, 640 → 2 × 2560): 160 tiles.
-        assert_eq!(launch_shape((1024, 640, 2560), true, 256, 132), None);
+        assert_eq!(launch_shape((1024, 640, 2560), true, (256, 8), 132), None);
         // Blocks of one warpgroup: two a multiprocessor.
         assert_eq!(
-            launch_shape((256, 1280, 1280), false, 64, 132),
+            launch_shape((256, 1280, 1280), false, (64, 8), 132),
             Some((1, [10, 4, 2]))
         );
-        assert_eq!(launch_shape((1024, 64, 4096), false, 64, 132), None);
+        assert_eq!(launch_shape((1024, 64, 4096), false, (64, 8), 132), None);
     }
 
     #[test]
     fn k_is_split_only_where_tiles_leave_multiprocessors_idle() {
         // A 256-token band's 1280 → 1280 projection: 10 tiles of 256 × 128, 20 chunks → eight
         // blocks a tile (80 blocks).
-        assert_eq!(splits(10, 20, 132), 8);
+        assert_eq!(splits(10, 20, 132, 8), 8);
         // Its feed-forward output (K = 5120): also eight.
-        assert_eq!(splits(10, 80, 132), 8);
+        assert_eq!(splits(10, 80, 132, 8), 8);
         // The stacked Q/K/V (30 tiles): four (120 blocks; eight would not fit one wave).
-        assert_eq!(splits(30, 20, 132), 4);
+        assert_eq!(splits(30, 20, 132, 8), 4);
         // The feed-forward input with GEGLU (80 tiles) fills the device alone.
-        assert_eq!(splits(80, 20, 132), 1);
+        assert_eq!(splits(80, 20, 132, 8), 1);
         // A level-1 band (1 024 rows, 640 wide: 20 tiles, 10 chunks): four.
-        assert_eq!(splits(20, 10, 132), 4);
+        assert_eq!(splits(20, 10, 132, 8), 4);
         // Short K is not split below two chunks a block.
-        assert_eq!(splits(2, 3, 132), 1);
-        assert_eq!(splits(2, 7, 132), 2);
-        assert_eq!(splits(2, 12, 132), 4);
+        assert_eq!(splits(2, 3, 132, 8), 1);
+        assert_eq!(splits(2, 7, 132, 8), 2);
+        assert_eq!(splits(2, 12, 132, 8), 4);
+        // The cap.
+        assert_eq!(splits(10, 20, 132, 4), 4);
+        assert_eq!(splits(10, 20, 132, 1), 1);
+        assert_eq!(
+            launch_shape((256, 1280, 1280), false, (256, 2), 132),
+            Some((4, [10, 1, 2]))
+        );
     }
 }
