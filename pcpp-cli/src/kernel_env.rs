@@ -239,19 +239,34 @@ fn set_flash(name: &str) {
     });
 }
 
-/// Checks `names` (a benchmark's `--attention` list) against the attention kernels of
-/// `PCPP_FLASH128`: GPU runs of a `cuda` build only.
-pub fn check_attention(names: &[String], device: Device) -> Result<()> {
-    if names.is_empty() {
+/// Checks a benchmark's list of kernel choices `flag`: GPU runs of a `cuda` build only, and
+/// every item one that `valid` accepts (else the error names it and what was `expected`).
+fn check_gpu_list(
+    flag: &str,
+    items: &[String],
+    device: Device,
+    valid: impl Fn(&str) -> bool,
+    expected: impl FnOnce() -> String,
+) -> Result<()> {
+    if items.is_empty() {
         return Ok(());
     }
     if device == Device::Cpu || !cfg!(feature = "cuda") {
-        bail!("--attention: attention kernels are chosen only for --device cuda");
+        bail!("{flag}: kernel choices exist only for --device cuda");
     }
-    match names.iter().find(|n| flash_name(n).is_none()) {
-        Some(n) => bail!("--attention {n}: expected one of {}", FLASH.join(", ")),
+    match items.iter().find(|i| !valid(i)) {
+        Some(i) => bail!("{flag} {i}: expected {}", expected()),
         None => Ok(()),
     }
+}
+
+/// Checks `names` (a benchmark's `--attention` list) against the attention kernels of
+/// `PCPP_FLASH128`: GPU runs of a `cuda` build only.
+pub fn check_attention(names: &[String], device: Device) -> Result<()> {
+    let valid = |n: &str| flash_name(n).is_some();
+    check_gpu_list("--attention", names, device, valid, || {
+        format!("one of {}", FLASH.join(", "))
+    })
 }
 
 /// Puts the attention kernel `name` in force (checked by [`check_attention`]).
@@ -286,19 +301,13 @@ fn small_gemm_item(item: &str) -> Option<(&'static str, usize, usize)> {
 /// `PCPP_SMALL_GEMM` with an optional `/64`, `/128` or `/256` row cap and then an optional
 /// `/1`, `/2`, `/4` or `/8` K-split cap.
 pub fn check_small_gemm(items: &[String], device: Device) -> Result<()> {
-    if items.is_empty() {
-        return Ok(());
-    }
-    if device == Device::Cpu || !cfg!(feature = "cuda") {
-        bail!("--small-gemm: the small-row GEMMs are chosen only for --device cuda");
-    }
-    match items.iter().find(|i| small_gemm_item(i).is_none()) {
-        Some(i) => bail!(
-            "--small-gemm {i}: expected a level ({}), optionally /ROWS (64, 128, 256), then /SPLITS (1, 2, 4, 8)",
+    let valid = |i: &str| small_gemm_item(i).is_some();
+    check_gpu_list("--small-gemm", items, device, valid, || {
+        format!(
+            "a level ({}), optionally /ROWS (64, 128, 256), then /SPLITS (1, 2, 4, 8)",
             SMALL_GEMM.join(", ")
-        ),
-        None => Ok(()),
-    }
+        )
+    })
 }
 
 /// Puts the `--small-gemm` item `item` in force (checked by [`check_small_gemm`]).
