@@ -2,7 +2,8 @@
 // order: each part may use what the earlier ones define):
 // the small-row GEMMs of linear layers on Hopper's warpgroup MMAs (sm_90a), for the few hundred
 // token rows of a PCPP band (paper §3: each rank's band is a small share of the image, and its
-// transformer blocks' GEMMs are latency-bound there).
+// transformer blocks' GEMMs are bound there by what they read from L2 and by the launches
+// between them; docs/small-gemm.md).
 
 // ---- Y = X·Wᵀ (+ bias) (+ acc), or GEGLU(X·Wᵀ + bias), f16/bf16 with f32 accumulation ----
 // X: [m, k] rows, W: [n, k] (PyTorch Linear), Y: [m, n] (GEGLU: W is [2n, k], its first n rows
