@@ -155,12 +155,15 @@ impl CrossAttention {
     }
 }
 
-/// A transformer block's layer norm (weight, bias; diffusers' epsilon) as a fused op takes it.
+/// The epsilon of diffusers' transformer-block layer norms.
+const LN_EPS: f64 = 1e-5;
+
+/// A transformer block's layer norm (weight, bias, [`LN_EPS`]) as a fused op takes it.
 fn ln(n: &(Tensor, Tensor)) -> LayerNormArgs<'_> {
     LayerNormArgs {
         gamma: Some(&n.0),
         beta: Some(&n.1),
-        eps: 1e-5,
+        eps: LN_EPS,
     }
 }
 
@@ -256,13 +259,13 @@ impl TransformerBlock {
                 .forward_norm_add(&x, ln(&self.norm2), &st, cond)?;
             return Ok(self.ff.forward_norm_add(ctx, &x, ln(&self.norm3), &st)?);
         }
-        let h = x.layer_norm(Some(&self.norm1.0), Some(&self.norm1.1), 1e-5)?;
+        let h = x.layer_norm(Some(&self.norm1.0), Some(&self.norm1.1), LN_EPS)?;
         let a = self.attn1.forward(fw.ctx, &h, spatial)?;
         fw.tap(&format!("{}.attn1", self.name), &a);
         // Each residual sum and the norm after it in one op.
-        let (x, h) = a.add_layer_norm(x, Some(&self.norm2.0), Some(&self.norm2.1), 1e-5)?;
+        let (x, h) = a.add_layer_norm(x, Some(&self.norm2.0), Some(&self.norm2.1), LN_EPS)?;
         let c = self.attn2.forward(fw, &h, cond)?;
-        let (x, h) = c.add_layer_norm(&x, Some(&self.norm3.0), Some(&self.norm3.1), 1e-5)?;
+        let (x, h) = c.add_layer_norm(&x, Some(&self.norm3.0), Some(&self.norm3.1), LN_EPS)?;
         let out = if fw.taps.is_some() {
             let h = self.ff.forward(fw.ctx, &h)?;
             fw.tap(&format!("{}.ff", self.name), &h);

@@ -182,15 +182,6 @@ fn launch_shape(
     Some((nw, [gx, gy, s]))
 }
 
-/// [`launch_shape`] with the process's caps ([`set_small_gemm_rows`], [`set_small_gemm_splits`]).
-fn launch_shape_now(
-    mkn: (usize, usize, usize),
-    geglu: bool,
-    sms: usize,
-) -> Option<(usize, [usize; 3])> {
-    launch_shape(mkn, geglu, (small_gemm_rows(), small_gemm_splits()), sms)
-}
-
 /// A layer norm of X applied as the small-row kernels load it: the partial statistics its
 /// producer wrote (`[m, ceil(k/64), 2]` f32, [`WgOperands::stats_out`] of the GEMM that made X),
 /// the affine parameters (`[k]`, the weights' dtype) and epsilon.
@@ -230,20 +221,19 @@ impl WgOperands {
     }
 }
 
-/// Whether the small-row kernels take a GEMM of `m` rows, inner size `k` and `n` outputs in
-/// `dt` on `gpu` (alignment aside), with GEGLU's epilogue (`geglu`) or a fused norm or output
-/// statistics (`norms`): [`small_gemm`] at that level, compiled here, f16 or bf16,
-/// `1 ..= SMALL_GEMM_ROWS` rows, `k` and `n` multiples of 8, and tiles that run at once
-/// ([`launch_shape`]).
-pub(crate) fn gemm_wg_applies(
+/// The launch ([`launch_shape`] with the process's caps) of a GEMM of `m` rows, inner size `k`
+/// and `n` outputs in `dt` on `gpu` that the small-row kernels take (alignment aside), with
+/// GEGLU's epilogue (`geglu`) or a fused norm or output statistics (`norms`): [`small_gemm`] at
+/// that level, compiled here, f16 or bf16, `1 ..= SMALL_GEMM_ROWS` rows, `k` and `n` multiples
+/// of 8, and tiles that run at once; `None` where they do not take it.
+fn gemm_wg_launch(
     gpu: &Gpu,
     dt: DType,
     (m, k, n): (usize, usize, usize),
     (geglu, norms): (bool, bool),
-) -> bool {
-    small_gemm() >= SmallGemm::needed(geglu, norms)
+) -> Option<(usize, [usize; 3])> {
+    let takes = small_gemm() >= SmallGemm::needed(geglu, norms)
         && gpu.gemm_wg
-        && launch_shape_now((m, k, n), geglu, gpu.sms).is_some()
         && dt != DType::F32
         && (1..=SMALL_GEMM_ROWS).contains(&m)
         && k > 0
@@ -251,12 +241,32 @@ pub(crate) fn gemm_wg_applies(
         && k <= i32::MAX as usize
         && n > 0
         && n % 8 == 0
-        && n <= i32::MAX as usize / 2
+        && n <= i32::MAX as usize / 2;
+    takes
+        .then(|| {
+            launch_shape(
+                (m, k, n),
+                geglu,
+                (small_gemm_rows(), small_gemm_splits()),
+                gpu.sms,
+            )
+        })
+        .flatten()
+}
+
+/// Whether the small-row kernels take a GEMM ([`gemm_wg_launch`]).
+pub(crate) fn gemm_wg_applies(
+    gpu: &Gpu,
+    dt: DType,
+    mkn: (usize, usize, usize),
+    epilogue: (bool, bool),
+) -> bool {
+    gemm_wg_launch(gpu, dt, mkn, epilogue).is_some()
 }
 
 /// `Y = X·Wᵀ + bias (+ acc)`, or with `geglu` `Y = (X·W₁ᵀ + b₁) · gelu(X·W₂ᵀ + b₂)` over the two
 /// halves of W, on the small-row kernels (X through its layer norm with `o.norm`). Returns
-/// whether it launched: [`gemm_wg_applies`] and 16-byte-aligned operands.
+/// whether it launched: [`gemm_wg_launch`] and 16-byte-aligned operands.
 pub(crate) fn try_gemm_wg(
     gpu: &Gpu,
     dt: DType,
@@ -279,15 +289,12 @@ pub(crate) fn try_gemm_wg(
         norm.and_then(|l| l.beta),
     ];
     let norms = norm.is_some() || o.stats_out.is_some();
-    if !gemm_wg_applies(gpu, dt, (m, k, n), (geglu, norms))
-        || ptrs.iter().flatten().any(|p| p % 16 != 0)
-        || halves.iter().flatten().any(|p| p % 4 != 0)
-    {
-        return Ok(false);
-    }
-    let Some((nw, [gx, gy, s])) = launch_shape_now((m, k, n), geglu, gpu.sms) else {
+    let Some((nw, [gx, gy, s])) = gemm_wg_launch(gpu, dt, (m, k, n), (geglu, norms)) else {
         return Ok(false);
     };
+    if ptrs.iter().flatten().any(|p| p % 16 != 0) || halves.iter().flatten().any(|p| p % 4 != 0) {
+        return Ok(false);
+    }
     let name = format!("{}_{}", gemm_wg_name(geglu, norm.is_some()), tname(dt));
     let f = gpu.func(&name)?;
     let cfg = LaunchConfig {
