@@ -56,7 +56,7 @@ unet() { # name, then flags
 }
 # Every level, alternating, REPS rounds, then the row and split caps, in one process (same
 # weights); one result line each, named by its "small_gemm" item.
-LEVELS=$(for _ in $(seq "${REPS:-2}"); do printf '1,geglu,gemm,0,'; done)1/128,1/64,1/256/4,1/256/2
+LEVELS=$(for _ in $(seq "${REPS:-2}"); do printf '0,gemm,geglu,1,'; done)1/128,1/64,1/256/4,1/256/2,1,0
 unet band32 "${BAND[@]}" --parallel pcpp --small-gemm "$LEVELS"
 unet band32_naive "${BAND[@]}" --parallel naive-patch --small-gemm 1,0
 unet b2_1024 --height 128 --width 128 --batch 2
