@@ -1,18 +1,19 @@
 // pcpp CUDA kernels, part of KERNEL_SOURCE (the files cuda/mod.rs lists, concatenated in that
 // order: each part may use what the earlier ones define):
 // the small-row GEMMs of linear layers on Hopper's warpgroup MMAs (sm_90a), for the few hundred
-// token rows of a PCPP band (paper §3: each rank's band is a small share of the image, and its
-// transformer blocks' GEMMs are bound there by what they read from L2 and by the launches
-// between them; docs/small-gemm.md).
+// token rows of a PCPP band (paper §3: each rank's band is a small share of the image;
+// docs/small-gemm.md).
 
 // ---- Y = X·Wᵀ (+ bias) (+ acc), or GEGLU(X·Wᵀ + bias), f16/bf16 with f32 accumulation ----
 // X: [m, k] rows, W: [n, k] (PyTorch Linear), Y: [m, n] (GEGLU: W is [2n, k], its first n rows
 // the value and the last n the gate; Y = value · gelu(gate), exact erf GELU as `geglu`).
-// At a band's few hundred rows these GEMMs are bound by what their blocks read from L2, not by
-// the tensor cores: a block of BM rows and BN columns reads X n/BN times and W m/BM times. So a
-// block takes up to 256 rows, all of a band's level-2 tokens (NW = blockDim.x / 128 warpgroups,
-// each its own 64 rows, BM = 64·NW), and 128 rows of W (plain: 128 output columns; GEGLU: the
-// 64 value and the 64 gate rows of 64 output columns), so that W is read once.
+// The shape was chosen for what the blocks read from L2 at a band's few hundred rows (a block of
+// BM rows and BN columns reads X n/BN times and W m/BM times); measured, each block's chain of
+// dependent phases sets the time instead, and these kernels are slower than cuBLASLt and off by
+// default (docs/small-gemm.md). A block takes up to 256 rows, all of a band's level-2 tokens
+// (NW = blockDim.x / 128 warpgroups, each its own 64 rows, BM = 64·NW), and 128 rows of W
+// (plain: 128 output columns; GEGLU: the 64 value and the 64 gate rows of 64 output columns), so
+// that W is read once.
 // Grid (ceil(n / cols), ceil(m / BM), splits). K streams through GW_ST shared-memory stages of
 // 64 columns (cp.async, wgmma's 128-byte-swizzle layout of flash_hopper.cu), with up to two MMA
 // groups in flight. With splits > 1 the blocks of one tile form a cluster along z and each takes
