@@ -28,8 +28,8 @@
 //! bits), `PCPP_SMALL_GEMM=1|geglu|gemm|0` (linear layers of at most 1 024 rows on pcpp's
 //! warpgroup-MMA GEMMs on sm_90a: `1` with GEGLU and the transformer blocks' layer norms inside
 //! them, `geglu` with GEGLU only, `gemm` the GEMMs alone; `0` cuBLASLt with those as their own
-//! passes; off until measured), `PCPP_SMALL_GEMM_ROWS=256|128|64` (the most rows of one of
-//! those GEMMs' blocks: fewer read the weights more often but give a GEMM more blocks),
+//! passes; off by default, measured slower than cuBLASLt), `PCPP_SMALL_GEMM_ROWS=256|128|64`
+//! (the most rows of one of those GEMMs' blocks: fewer read the weights more often but give a GEMM more blocks),
 //! `PCPP_SMALL_GEMM_SPLITS=8|4|2|1` (the most blocks of a cluster that share one tile's K). Unset
 //! means the defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`, `256`, `8`);
 //! `flux-bench`'s `--variants` items ([`parse_variant`]) set the first three, and `bench`'s

@@ -70,7 +70,8 @@ static SMALL_GEMM: AtomicU8 = AtomicU8::new(SmallGemm::Off as u8);
 
 /// How much runs on the warpgroup-MMA kernels for linear layers of at most
 /// [`SMALL_GEMM_ROWS`] rows where the device has them (sm_90a); [`SmallGemm::Off`] unless
-/// [`set_small_gemm`] chose more (off by default until measured on a GPU against cuBLASLt).
+/// [`set_small_gemm`] chose more (off by default: measured slower than cuBLASLt,
+/// docs/small-gemm.md).
 pub fn small_gemm() -> SmallGemm {
     match SMALL_GEMM.load(Ordering::Relaxed) {
         1 => SmallGemm::Gemm,
