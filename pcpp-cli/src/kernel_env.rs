@@ -29,8 +29,9 @@
 //! warpgroup-MMA GEMMs on sm_90a: `1` with GEGLU and the transformer blocks' layer norms inside
 //! them, `geglu` with GEGLU only, `gemm` the GEMMs alone; `0` cuBLASLt with those as their own
 //! passes; off by default, measured slower than cuBLASLt), `PCPP_SMALL_GEMM_ROWS=256|128|64`
-//! (the most rows of one of those GEMMs' blocks: fewer read the weights more often but give a GEMM more blocks),
-//! `PCPP_SMALL_GEMM_SPLITS=8|4|2|1` (the most blocks of a cluster that share one tile's K). Unset
+//! (the most rows of one of those GEMMs' blocks: fewer read the weights more often but give a
+//! GEMM more blocks), `PCPP_SMALL_GEMM_SPLITS=8|4|2|1` (the most blocks of a cluster that share
+//! one tile's K). Unset
 //! means the defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`, `256`, `8`);
 //! `flux-bench`'s `--variants` items ([`parse_variant`]) set the first three, and `bench`'s
 //! `--attention` list ([`check_attention`], [`apply_attention`]) the first.
