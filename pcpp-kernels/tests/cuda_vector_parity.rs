@@ -17,7 +17,7 @@
 mod common;
 
 use common::{check, check_group_norm, gpu, rnd, DTYPES};
-use pcpp_kernels::cuda::{set_conv_nhwc, set_vector_kernels};
+use pcpp_kernels::cuda::{set_conv_nhwc, set_flash128, set_vector_kernels, Flash128};
 use pcpp_kernels::{Activation, Conv2dParams, DType, Tensor};
 
 #[test]
@@ -477,6 +477,9 @@ fn packed_attention_matches_cpu() {
             (200, 300, 3, 128, 8),
             (257, 129, 2, 64, 1),
             (64, 64, 2, 16, 8),
+            // a band's attentions (the small-grid kernel where chosen): its window, the text
+            (256, 410, 20, 64, 0),
+            (100, 77, 20, 64, 64),
         ] {
             let w = heads * dh;
             let qm = rnd(&[2, lq, 3 * w], d, 1).affine(2.0, 0.0).unwrap();
@@ -490,21 +493,58 @@ fn packed_attention_matches_cpu() {
             )
             .unwrap();
             let (gq, gk) = (gpu(&qm), gpu(&km));
-            let got = Tensor::attention_packed(
-                Cols::new(&gq, w),
-                Cols::new(&gk, k0),
-                Cols::new(&gk, k0 + w),
-                w,
-                heads,
-                false,
-            )
-            .unwrap();
-            check(
-                &format!("packed attention {lq}x{lk} h{heads}x{dh} k at {k0}"),
-                d,
-                &got,
-                &want,
-            );
+            let packed = |variant: Flash128| {
+                set_flash128(variant);
+                let y = Tensor::attention_packed(
+                    Cols::new(&gq, w),
+                    Cols::new(&gk, k0),
+                    Cols::new(&gk, k0 + w),
+                    w,
+                    heads,
+                    false,
+                )
+                .unwrap();
+                set_flash128(Flash128::Warpspec);
+                y
+            };
+            for variant in [Flash128::Warpspec, Flash128::WarpspecSmall] {
+                check(
+                    &format!("packed attention {lq}x{lk} h{heads}x{dh} k at {k0} {variant:?}"),
+                    d,
+                    &packed(variant),
+                    &want,
+                );
+            }
+            // Where the small-grid kernel takes the packed blocks in place, its rows are those
+            // of the 128-row `mma.sync` kernel on the copied-out blocks, bit for bit (same
+            // per-row arithmetic): it ran, and read the strided rows right.
+            let g = pcpp_kernels::cuda::gpu(0).unwrap();
+            let dims = (2, lq, lk, heads, dh);
+            if g.has_warpspec_attention()
+                && pcpp_kernels::cuda::small_grid(Flash128::WarpspecSmall, dims, g.sms())
+                && k0 % 8 == 0
+            {
+                set_flash128(Flash128::RegistersQ);
+                let plain = Tensor::attention(
+                    &gpu(&qm.narrow(2, w, w).unwrap()),
+                    &gpu(&km.narrow(2, k0, w).unwrap()),
+                    &gpu(&km.narrow(2, k0 + w, w).unwrap()),
+                    heads,
+                    false,
+                )
+                .unwrap()
+                .to_vec_f32()
+                .unwrap();
+                set_flash128(Flash128::Warpspec);
+                let small = packed(Flash128::WarpspecSmall).to_vec_f32().unwrap();
+                assert!(
+                    plain
+                        .iter()
+                        .zip(&small)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "packed attention {lq}x{lk} h{heads}x{dh}: the small-grid kernel's bits"
+                );
+            }
         }
     }
     let t = gpu(&rnd(&[1, 4, 8], DType::F16, 1));

@@ -84,7 +84,7 @@ __device__ __forceinline__ void ldsm_x4_trans(unsigned* r, unsigned a) {
 template <int BF, int D, int MT, int BN, int QS>
 __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k, const unsigned short* v,
                                 unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal,
-                                unsigned short* dyn) {
+                                unsigned short* dyn, long sq, long sk, long sv) {
     // 4 warps x 16*MT query rows (the MT m16 tiles of a warp share every K/V fragment).
     constexpr int BM = 64 * MT, LDS = D + 8, NT = 128, KD = D / 16, ND = D / 8, NJ = BN / 8;
     // Two stages of K and V tiles: the next tile streams in (cp.async) while this one is used.
@@ -102,11 +102,13 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
     };
     int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     int bi = blockIdx.z, h = blockIdx.y;
+    // Row strides: Q, K and V rows are `sq`, `sk`, `sv` elements apart (packed projections), the
+    // output's `dm`.
     long dm = (long)heads * D;
     int q0 = blockIdx.x * BM + warp * 16 * MT;
-    const unsigned short* qb = q + (long)bi * lq * dm + h * D;
-    const unsigned short* kg = k + (long)bi * lk * dm + h * D;
-    const unsigned short* vg = v + (long)bi * lk * dm + h * D;
+    const unsigned short* qb = q + (long)bi * lq * sq + h * D;
+    const unsigned short* kg = k + (long)bi * lk * sk + h * D;
+    const unsigned short* vg = v + (long)bi * lk * sv + h * D;
     unsigned short* ob = o + (long)bi * lq * dm + h * D;
     int c = 2 * (lane % 4);
     int rr[MT][2];
@@ -120,10 +122,10 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
             for (int kk = 0; kk < KD; ++kk) {
                 int col = kk * 16 + c;
                 int r0 = rr[mt][0], r1 = rr[mt][1];
-                qa[mt][kk][0] = r0 < lq ? *(const unsigned*)(qb + (long)r0 * dm + col) : 0u;
-                qa[mt][kk][1] = r1 < lq ? *(const unsigned*)(qb + (long)r1 * dm + col) : 0u;
-                qa[mt][kk][2] = r0 < lq ? *(const unsigned*)(qb + (long)r0 * dm + col + 8) : 0u;
-                qa[mt][kk][3] = r1 < lq ? *(const unsigned*)(qb + (long)r1 * dm + col + 8) : 0u;
+                qa[mt][kk][0] = r0 < lq ? *(const unsigned*)(qb + (long)r0 * sq + col) : 0u;
+                qa[mt][kk][1] = r1 < lq ? *(const unsigned*)(qb + (long)r1 * sq + col) : 0u;
+                qa[mt][kk][2] = r0 < lq ? *(const unsigned*)(qb + (long)r0 * sq + col + 8) : 0u;
+                qa[mt][kk][3] = r1 < lq ? *(const unsigned*)(qb + (long)r1 * sq + col + 8) : 0u;
             }
         }
     }
@@ -145,9 +147,9 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
             int row = i / ND, ch = (i % ND) * 8;
             int key = tile * BN + row;
             int ok = key < lk ? 16 : 0;
-            long src = (long)(key < lk ? key : 0) * dm + ch;
-            cp_async16(kst(stage) + row * LDS + ch, kg + src, ok);
-            cp_async16(vst(stage) + row * LDS + ch, vg + src, ok);
+            long kr = key < lk ? key : 0;
+            cp_async16(kst(stage) + row * LDS + ch, kg + kr * sk + ch, ok);
+            cp_async16(vst(stage) + row * LDS + ch, vg + kr * sv + ch, ok);
         }
         asm volatile("cp.async.commit_group;" ::: "memory");
     };
@@ -156,7 +158,7 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
         for (int i = tid; i < BM * ND; i += NT) {
             int row = i / ND, ch = (i % ND) * 8;
             int r = qrow0 + row;
-            cp_async16(&Qsm[row * LDS + ch], qb + (long)(r < lq ? r : 0) * dm + ch, r < lq ? 16 : 0);
+            cp_async16(&Qsm[row * LDS + ch], qb + (long)(r < lq ? r : 0) * sq + ch, r < lq ? 16 : 0);
         }
         asm volatile("cp.async.commit_group;" ::: "memory");
     }
@@ -336,7 +338,8 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
 #define FLASH_ATTN(NAME, BF, D, MT, BN)                                                                     \
     extern "C" __global__ void __launch_bounds__(128) NAME(const unsigned short* q, const unsigned short* k,  \
         const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) { pdl_begin(); \
-        flash_attn_impl<BF, D, MT, BN, 0>(q, k, v, o, lq, lk, heads, scale_log2, causal, nullptr);          \
+        long dm = (long)heads * D;                                                                           \
+        flash_attn_impl<BF, D, MT, BN, 0>(q, k, v, o, lq, lk, heads, scale_log2, causal, nullptr, dm, dm, dm); \
     }
 FLASH_ATTN(flash_attn_f16, 0, 64, 2, 64)
 FLASH_ATTN(flash_attn_bf16, 1, 64, 2, 64)
@@ -348,7 +351,8 @@ FLASH_ATTN(flash_attn128_bf16, 1, 128, 1, 32)
     extern "C" __global__ void __launch_bounds__(128) NAME(const unsigned short* q, const unsigned short* k,  \
         const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) { pdl_begin(); \
         extern __shared__ __align__(16) unsigned short flash_dyn[];                                         \
-        flash_attn_impl<BF, 128, 2, BN, 1>(q, k, v, o, lq, lk, heads, scale_log2, causal, flash_dyn);       \
+        long dm = (long)heads * 128;                                                                         \
+        flash_attn_impl<BF, 128, 2, BN, 1>(q, k, v, o, lq, lk, heads, scale_log2, causal, flash_dyn, dm, dm, dm); \
     }
 FLASH_ATTN_QS(flash_attn128q_f16, 0, 32)
 FLASH_ATTN_QS(flash_attn128q_bf16, 1, 32)
@@ -356,3 +360,17 @@ FLASH_ATTN_QS(flash_attn128q_bf16, 1, 32)
 // softmax rescales and barriers per key; 128 * 136 + 4 * 64 * 136 halves = 104 448 bytes.
 FLASH_ATTN_QS(flash_attn128q64_f16, 0, 64)
 FLASH_ATTN_QS(flash_attn128q64_bf16, 1, 64)
+// Small grids (fewer 128-row query tiles than multiprocessors: a band's attentions): 64 query
+// rows per block (one m16 tile per warp), so the grid has twice the blocks of the Hopper kernels'
+// 128-row tiles, and each block only the short chain of cp.async loads and mma.sync tiles, with
+// no TMA, barriers or warpgroup hand-offs to set up. Q, K and V are read in place from packed
+// projections: their rows are `sq`, `sk`, `sv` elements apart (the pointers already at the
+// first column), the output's rows `heads * 64`.
+#define FLASH_ATTN_SMALL(NAME, BF)                                                                          \
+    extern "C" __global__ void __launch_bounds__(128) NAME(const unsigned short* q, const unsigned short* k,  \
+        const unsigned short* v, unsigned short* o, int lq, int lk, int heads, long sq, long sk, long sv,  \
+        float scale_log2, int causal) { pdl_begin();                                                        \
+        flash_attn_impl<BF, 64, 1, 64, 0>(q, k, v, o, lq, lk, heads, scale_log2, causal, nullptr, sq, sk, sv); \
+    }
+FLASH_ATTN_SMALL(flash_small64_f16, 0)
+FLASH_ATTN_SMALL(flash_small64_bf16, 1)

@@ -23,6 +23,8 @@ pub fn kernel_names() -> Vec<String> {
         "flash_attn128q_bf16",
         "flash_attn128q64_f16",
         "flash_attn128q64_bf16",
+        "flash_small64_f16",
+        "flash_small64_bf16",
         "flash_wg64_f16",
         "flash_wg64_bf16",
         "flash_wg128_f16",

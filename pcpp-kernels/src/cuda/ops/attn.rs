@@ -115,6 +115,11 @@ fn warpspec(
         Some(f) if gpu.flash_ws && matches!(dh, 64 | 128) && dt != DType::F32 => f,
         _ => return Ok(false),
     };
+    if small_grid(choice, (b, lq, lk, heads, dh), gpu.sms)
+        && small(gpu, blocks, y, (lk, heads), causal)?
+    {
+        return Ok(true);
+    }
     // Three MMA warpgroups exist for head size 64 (elsewhere two). The default takes the rows
     // of each head in 192-row tiles up to `split` and in 128-row tiles after it (`row_split`).
     let (three, form) = match form.strip_prefix("3w") {
@@ -125,7 +130,9 @@ fn warpspec(
     let split = match choice {
         _ if dh != 64 || !gpu.flash_ws3 => 0,
         _ if three => lq,
-        Flash128::Warpspec => row_split(heads * b, lq, lk, gpu.sms),
+        Flash128::Warpspec | Flash128::WarpspecSmall | Flash128::WarpspecSmallShort => {
+            row_split(heads * b, lq, lk, gpu.sms)
+        }
         Flash128::WarpspecWhole if three_groups_pay(heads * b, lq, gpu.sms) => lq,
         _ => 0,
     };
@@ -166,6 +173,66 @@ fn warpspec(
             tq, tk, tv, ptr(y)?, lq as i32, lk as i32, heads as i32, b as i32, q0 as i32,
             q1 as i32, scale_log2, causal as i32);
     }
+    Ok(true)
+}
+
+/// Whether `choice` runs an attention of `b` images, `lq` queries, `lk` keys and `heads` heads of
+/// size `dh` on the small-grid kernel (`flash_small64`) on a device of `sms` multiprocessors:
+/// head size 64, and fewer 128-row query tiles than multiprocessors, so that the
+/// warp-specialised grid would leave some of them idle (a band's attentions; SDXL's 32-row band
+/// at 1024²: 256 queries × 20 heads and 1 024 × 10); [`Flash128::WarpspecSmallShort`] only over
+/// at most [`SMALL_SHORT_KEYS`] keys.
+pub fn small_grid(
+    choice: Flash128,
+    (b, lq, lk, heads, dh): (usize, usize, usize, usize, usize),
+    sms: usize,
+) -> bool {
+    let keys = match choice {
+        Flash128::WarpspecSmall => usize::MAX,
+        Flash128::WarpspecSmallShort => SMALL_SHORT_KEYS,
+        _ => return false,
+    };
+    dh == 64 && lk <= keys && lq.div_ceil(128) * heads * b < sms
+}
+
+/// The most keys of an attention that [`Flash128::WarpspecSmallShort`] gives the small-grid
+/// kernel.
+pub const SMALL_SHORT_KEYS: usize = 512;
+
+/// The small-grid kernel (`flash_small64`: FlashAttention-2's tiles, 64 query rows per block of
+/// four warps, `mma.sync`, cp.async K/V stages) on Q, K and V read in place (`blocks` as
+/// [`warpspec`] takes them); returns whether it ran: rows and first columns must be 16-byte
+/// aligned for its copies.
+fn small(
+    gpu: &Arc<Gpu>,
+    blocks: [(&Tensor, usize, usize); 3],
+    y: &Tensor,
+    (lk, heads): (usize, usize),
+    causal: bool,
+) -> Result<bool> {
+    let (b, lq, dm) = (y.shape()[0], y.shape()[1], y.shape()[2]);
+    let dt = y.dtype();
+    let lanes = 16 / dt.size();
+    if blocks
+        .iter()
+        .any(|&(_, start, n)| start % lanes != 0 || n % lanes != 0)
+    {
+        return Ok(false);
+    }
+    let at = |(t, start, _): (&Tensor, usize, usize)| -> Result<u64> {
+        Ok(ptr(t)? + (start * dt.size()) as u64)
+    };
+    let (qp, kp, vp) = (at(blocks[0])?, at(blocks[1])?, at(blocks[2])?);
+    let [sq, sk, sv] = blocks.map(|(_, _, n)| n as i64);
+    let scale_log2 = std::f32::consts::LOG2_E / ((dm / heads) as f32).sqrt();
+    let cfg = LaunchConfig {
+        grid_dim: (lq.div_ceil(64) as u32, heads as u32, b as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(gpu, format!("flash_small64_{}", tname(dt)), cfg;
+        qp, kp, vp, ptr(y)?, lq as i32, lk as i32, heads as i32, sq, sk, sv, scale_log2,
+        causal as i32);
     Ok(true)
 }
 
@@ -350,6 +417,12 @@ pub enum Flash128 {
     Warpspec3,
     /// [`Flash128::Warpspec3`] without the ping-pong.
     Warpspec3Overlap,
+    /// [`Flash128::Warpspec`], but attentions at head size 64 whose 128-row query tiles are
+    /// fewer than the multiprocessors (a band's) on the small-grid kernel (`small_grid`):
+    /// 64-row tiles of FlashAttention-2's `mma.sync` kernel, twice the blocks.
+    WarpspecSmall,
+    /// [`Flash128::WarpspecSmall`] only over at most [`SMALL_SHORT_KEYS`] keys.
+    WarpspecSmallShort,
 }
 
 impl Flash128 {
@@ -364,6 +437,7 @@ impl Flash128 {
             Flash128::WarpspecOverlap => Some("o"),
             Flash128::Warpspec3 => Some("3w"),
             Flash128::Warpspec3Overlap => Some("3wo"),
+            Flash128::WarpspecSmall | Flash128::WarpspecSmallShort => Some(""),
             _ => None,
         }
     }
@@ -384,6 +458,8 @@ pub fn flash128() -> Flash128 {
         9 => Flash128::Warpspec3Overlap,
         10 => Flash128::Warpspec2,
         11 => Flash128::WarpspecWhole,
+        12 => Flash128::WarpspecSmall,
+        13 => Flash128::WarpspecSmallShort,
         _ => Flash128::Warpspec,
     }
 }
@@ -402,6 +478,8 @@ pub fn set_flash128(v: Flash128) {
         Flash128::Warpspec3Overlap => 9,
         Flash128::Warpspec2 => 10,
         Flash128::WarpspecWhole => 11,
+        Flash128::WarpspecSmall => 12,
+        Flash128::WarpspecSmallShort => 13,
     };
     FLASH128.store(code, Ordering::Relaxed);
 }
@@ -471,7 +549,31 @@ fn attention_chunked(
 
 #[cfg(test)]
 mod tests {
-    use super::{row_split, three_groups_pay};
+    use super::{row_split, small_grid, three_groups_pay, Flash128};
+
+    /// The attentions that the small-grid kernel takes on a 132-multiprocessor GPU: a band's,
+    /// never a whole image's, head size 64 only, and with the short form only over few keys.
+    #[test]
+    fn small_grids_are_a_bands_attentions() {
+        let small = Flash128::WarpspecSmall;
+        let short = Flash128::WarpspecSmallShort;
+        // SDXL's 32-row band at 1024²: level 2 (256 queries × 20 heads over its window of about
+        // 410 keys, and the 77 text tokens), level 1 (1 024 × 10 over about 1 640).
+        assert!(small_grid(small, (1, 256, 410, 20, 64), 132));
+        assert!(small_grid(small, (1, 256, 77, 20, 64), 132));
+        assert!(small_grid(small, (1, 1024, 1640, 10, 64), 132));
+        assert!(small_grid(short, (1, 256, 410, 20, 64), 132));
+        assert!(!small_grid(short, (1, 1024, 1640, 10, 64), 132));
+        // Whole images: 1024², b = 2, level 2 (1 024 × 20 × 2: 160 tiles) and level 1.
+        assert!(!small_grid(small, (2, 1024, 1024, 20, 64), 132));
+        assert!(!small_grid(small, (2, 4096, 4096, 10, 64), 132));
+        // A full wave of 128-row tiles keeps the warp-specialised grid (130 tiles, then 132).
+        assert!(small_grid(small, (1, 128 * 65, 256, 2, 64), 132));
+        assert!(!small_grid(small, (1, 128 * 65 + 1, 256, 2, 64), 132));
+        // Head size 128 (Flux.1), and the default choice.
+        assert!(!small_grid(small, (1, 256, 410, 24, 128), 132));
+        assert!(!small_grid(Flash128::Warpspec, (1, 256, 410, 20, 64), 132));
+    }
 
     /// The rows of SDXL's self-attentions on a 132-multiprocessor GPU that go to 192-row tiles
     /// before the rest take 128-row tiles.
