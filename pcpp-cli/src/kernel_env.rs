@@ -1,11 +1,11 @@
 //! Kernel choices for comparison runs, taken from the environment before any GPU work:
-//! `PCPP_FLASH128=ws|ws-small|ws-small-short|ws-whole|ws2|ws3|ws3-overlap|ws-pingpong|ws-overlap|hopper|shared-q64|shared-q|registers-q`
+//! `PCPP_FLASH128=ws|ws-no-small|ws-whole|ws2|ws3|ws3-overlap|ws-pingpong|ws-overlap|hopper|shared-q64|shared-q|registers-q`
 //! (the flash-attention kernel: `ws` takes FlashAttention-3's warp specialisation on Hopper's
 //! warpgroup MMAs (TMA producer, ping-pong, intra-warpgroup overlap) for head sizes 64 and 128 on
 //! sm_90a devices, at head size 64 with each head's rows split between three-warpgroup (192-row)
 //! and two-warpgroup (128-row) tiles where the two launches finish their waves first;
-//! `ws-small` it with head-size-64 grids of fewer 128-row tiles than multiprocessors (a band's)
-//! on 64-row `mma.sync` tiles, `ws-small-short` that only over at most 512 keys;
+//! where a head-size-64 grid over at most 512 keys has fewer 128-row tiles than
+//! multiprocessors (a band's), 64-row `mma.sync` tiles instead; `ws-no-small` without those;
 //! `ws-whole` it with one tile height per grid, three warpgroups where their grid finishes its
 //! waves first; `ws2` and `ws3` it with two or three warpgroups always, `ws3-overlap` three without the
 //! ping-pong, `ws-pingpong` and `ws-overlap` it with one of its two schedules, `hopper`
@@ -33,9 +33,8 @@
 //! passes; off by default, measured slower than cuBLASLt), `PCPP_SMALL_GEMM_ROWS=256|128|64`
 //! (the most rows of one of those GEMMs' blocks: fewer read the weights more often but give a
 //! GEMM more blocks), `PCPP_SMALL_GEMM_SPLITS=8|4|2|1` (the most blocks of a cluster that share
-//! one tile's K), `PCPP_GEMM_INPLACE=0|1` (cuBLASLt's heuristic asked only for algorithms
-//! that reduce a split K in place, one kernel per GEMM). Unset
-//! means the defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`, `256`, `8`, `0`);
+//! one tile's K). Unset
+//! means the defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`, `256`, `8`);
 //! `flux-bench`'s `--variants` items ([`parse_variant`]) set the first three, and `bench`'s
 //! `--attention` list ([`check_attention`], [`apply_attention`]) the first.
 //! Without the `cuda` feature there is nothing to choose and the variables are ignored.
@@ -44,10 +43,9 @@ use anyhow::{bail, Result};
 use pcpp_kernels::Device;
 
 /// The attention kernels by name, the default first.
-const FLASH: [&str; 13] = [
+const FLASH: [&str; 12] = [
     "ws",
-    "ws-small",
-    "ws-small-short",
+    "ws-no-small",
     "ws-whole",
     "ws2",
     "ws3",
@@ -82,7 +80,6 @@ pub struct Variant {
     small_gemm: &'static str,
     small_gemm_rows: usize,
     small_gemm_splits: usize,
-    gemm_inplace: bool,
 }
 
 impl Default for Variant {
@@ -103,7 +100,6 @@ impl Default for Variant {
             small_gemm: SMALL_GEMM[0],
             small_gemm_rows: 256,
             small_gemm_splits: 8,
-            gemm_inplace: false,
         }
     }
 }
@@ -163,11 +159,6 @@ pub fn apply() -> Result<()> {
         v.small_gemm_splits = one_of(&t, &SPLITS)
             .ok_or_else(|| anyhow::anyhow!("PCPP_SMALL_GEMM_SPLITS={t}: expected 1, 2, 4 or 8"))?;
     }
-    v.gemm_inplace = match var("PCPP_GEMM_INPLACE").as_deref() {
-        None | Some("0") => false,
-        Some("1") => true,
-        Some(t) => bail!("PCPP_GEMM_INPLACE={t}: expected 1 or 0"),
-    };
     v.apply();
     Ok(())
 }
@@ -223,7 +214,6 @@ impl Variant {
             set_programmatic_launch(self.programmatic);
             set_flash_persistent(self.persistent);
             set_geglu_prefetch(self.geglu_prefetch);
-            pcpp_kernels::cuda::set_gemm_inplace(self.gemm_inplace);
             set_small_gemm(
                 pcpp_kernels::cuda::SmallGemm::parse(self.small_gemm)
                     .unwrap_or(pcpp_kernels::cuda::SmallGemm::Off),
@@ -249,8 +239,7 @@ fn set_flash(name: &str) {
         "ws-whole" => Flash128::WarpspecWhole,
         "ws3" => Flash128::Warpspec3,
         "ws3-overlap" => Flash128::Warpspec3Overlap,
-        "ws-small" => Flash128::WarpspecSmall,
-        "ws-small-short" => Flash128::WarpspecSmallShort,
+        "ws-no-small" => Flash128::WarpspecNoSmall,
         _ => Flash128::Warpspec,
     });
 }
@@ -355,7 +344,6 @@ pub fn choices(device: Device) -> serde_json::Value {
             "programmatic_launch": pcpp_kernels::cuda::programmatic_launch(),
             "flash_persistent": pcpp_kernels::cuda::flash_persistent(),
             "geglu_prefetch": pcpp_kernels::cuda::geglu_prefetch(),
-            "gemm_inplace": pcpp_kernels::cuda::gemm_inplace(),
             "small_gemm": pcpp_kernels::cuda::small_gemm().name(),
             "small_gemm_rows": pcpp_kernels::cuda::small_gemm_rows(),
             "small_gemm_splits": pcpp_kernels::cuda::small_gemm_splits(),

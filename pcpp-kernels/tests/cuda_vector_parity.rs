@@ -507,7 +507,7 @@ fn packed_attention_matches_cpu() {
                 set_flash128(Flash128::Warpspec);
                 y
             };
-            for variant in [Flash128::Warpspec, Flash128::WarpspecSmall] {
+            for variant in [Flash128::Warpspec, Flash128::WarpspecNoSmall] {
                 check(
                     &format!("packed attention {lq}x{lk} h{heads}x{dh} k at {k0} {variant:?}"),
                     d,
@@ -521,7 +521,7 @@ fn packed_attention_matches_cpu() {
             let g = pcpp_kernels::cuda::gpu(0).unwrap();
             let dims = (2, lq, lk, heads, dh);
             if g.has_warpspec_attention()
-                && pcpp_kernels::cuda::small_grid(Flash128::WarpspecSmall, dims, g.sms())
+                && pcpp_kernels::cuda::small_grid(Flash128::Warpspec, dims, g.sms())
                 && k0 % 8 == 0
             {
                 set_flash128(Flash128::RegistersQ);
@@ -536,7 +536,7 @@ fn packed_attention_matches_cpu() {
                 .to_vec_f32()
                 .unwrap();
                 set_flash128(Flash128::Warpspec);
-                let small = packed(Flash128::WarpspecSmall).to_vec_f32().unwrap();
+                let small = packed(Flash128::Warpspec).to_vec_f32().unwrap();
                 assert!(
                     plain
                         .iter()

@@ -1,7 +1,8 @@
 //! Multi-head attention on the GPU: the fused flash-attention kernels (`flash_attn.cu`, head
 //! sizes 64 and 128, and the head-size-128 variants with Q in shared memory; on Hopper
 //! `flash_hopper.cu`, warpgroup MMAs for both head sizes, and `flash_ws.cu`, the same
-//! warp-specialised with TMA loads) and the unfused
+//! warp-specialised with TMA loads; for a band's small grids `flash_small64`, 64-row tiles of
+//! `flash_attn.cu`'s kernel on packed projections) and the unfused
 //! cuBLAS path (score GEMM, row softmax, value GEMM in query chunks) for other head sizes, f32,
 //! and as the reference the fused kernels are tested against.
 
@@ -130,9 +131,7 @@ fn warpspec(
     let split = match choice {
         _ if dh != 64 || !gpu.flash_ws3 => 0,
         _ if three => lq,
-        Flash128::Warpspec | Flash128::WarpspecSmall | Flash128::WarpspecSmallShort => {
-            row_split(heads * b, lq, lk, gpu.sms)
-        }
+        Flash128::Warpspec | Flash128::WarpspecNoSmall => row_split(heads * b, lq, lk, gpu.sms),
         Flash128::WarpspecWhole if three_groups_pay(heads * b, lq, gpu.sms) => lq,
         _ => 0,
     };
@@ -178,26 +177,25 @@ fn warpspec(
 
 /// Whether `choice` runs an attention of `b` images, `lq` queries, `lk` keys and `heads` heads of
 /// size `dh` on the small-grid kernel (`flash_small64`) on a device of `sms` multiprocessors:
-/// head size 64, and fewer 128-row query tiles than multiprocessors, so that the
-/// warp-specialised grid would leave some of them idle (a band's attentions; SDXL's 32-row band
-/// at 1024²: 256 queries × 20 heads and 1 024 × 10); [`Flash128::WarpspecSmallShort`] only over
-/// at most [`SMALL_SHORT_KEYS`] keys.
+/// the default [`Flash128::Warpspec`], head size 64, at most [`SMALL_GRID_KEYS`] keys, and fewer
+/// 128-row query tiles than multiprocessors, so that the warp-specialised grid would leave some
+/// of them idle. SDXL's 32-row band at 1024²: level 2's attentions (256 queries × 20 heads over
+/// a window of about 410 keys, and over the 77 text tokens), not level 1's self-attention
+/// (1 024 × 10 over about 1 640 keys), which the small-grid kernel ran slower (run I1,
+/// docs/benchmarks.md).
 pub fn small_grid(
     choice: Flash128,
     (b, lq, lk, heads, dh): (usize, usize, usize, usize, usize),
     sms: usize,
 ) -> bool {
-    let keys = match choice {
-        Flash128::WarpspecSmall => usize::MAX,
-        Flash128::WarpspecSmallShort => SMALL_SHORT_KEYS,
-        _ => return false,
-    };
-    dh == 64 && lk <= keys && lq.div_ceil(128) * heads * b < sms
+    choice == Flash128::Warpspec
+        && dh == 64
+        && lk <= SMALL_GRID_KEYS
+        && lq.div_ceil(128) * heads * b < sms
 }
 
-/// The most keys of an attention that [`Flash128::WarpspecSmallShort`] gives the small-grid
-/// kernel.
-pub const SMALL_SHORT_KEYS: usize = 512;
+/// The most keys of an attention that [`small_grid`] gives the small-grid kernel.
+pub const SMALL_GRID_KEYS: usize = 512;
 
 /// The small-grid kernel (`flash_small64`: FlashAttention-2's tiles, 64 query rows per block of
 /// four warps, `mma.sync`, cp.async K/V stages) on Q, K and V read in place (`blocks` as
@@ -397,7 +395,9 @@ pub enum Flash128 {
     /// (docs/benchmarks.md). At head size 64 it splits each head's rows between a launch of
     /// three-MMA-warpgroup blocks (192-row tiles, [`Flash128::Warpspec3`]) and one of
     /// two-warpgroup blocks where the two finish their waves first (`row_split`). Grids of more
-    /// tiles than multiprocessors run persistent ([`flash_persistent`]). Where a tensor map
+    /// tiles than multiprocessors run persistent ([`flash_persistent`]); a band's grids of
+    /// fewer, over at most [`SMALL_GRID_KEYS`] keys, take the small-grid kernel instead
+    /// ([`small_grid`]). Where a tensor map
     /// cannot be made, the kernels of
     /// [`Flash128::Hopper`]; off sm_90a, those of [`Flash128::SharedQ64`].
     Warpspec,
@@ -417,12 +417,9 @@ pub enum Flash128 {
     Warpspec3,
     /// [`Flash128::Warpspec3`] without the ping-pong.
     Warpspec3Overlap,
-    /// [`Flash128::Warpspec`], but attentions at head size 64 whose 128-row query tiles are
-    /// fewer than the multiprocessors (a band's) on the small-grid kernel (`small_grid`):
-    /// 64-row tiles of FlashAttention-2's `mma.sync` kernel, twice the blocks.
-    WarpspecSmall,
-    /// [`Flash128::WarpspecSmall`] only over at most [`SMALL_SHORT_KEYS`] keys.
-    WarpspecSmallShort,
+    /// [`Flash128::Warpspec`] without the small-grid kernel: the warp-specialised grids for
+    /// every attention (the default before `small_grid`).
+    WarpspecNoSmall,
 }
 
 impl Flash128 {
@@ -437,7 +434,7 @@ impl Flash128 {
             Flash128::WarpspecOverlap => Some("o"),
             Flash128::Warpspec3 => Some("3w"),
             Flash128::Warpspec3Overlap => Some("3wo"),
-            Flash128::WarpspecSmall | Flash128::WarpspecSmallShort => Some(""),
+            Flash128::WarpspecNoSmall => Some(""),
             _ => None,
         }
     }
@@ -458,8 +455,7 @@ pub fn flash128() -> Flash128 {
         9 => Flash128::Warpspec3Overlap,
         10 => Flash128::Warpspec2,
         11 => Flash128::WarpspecWhole,
-        12 => Flash128::WarpspecSmall,
-        13 => Flash128::WarpspecSmallShort,
+        12 => Flash128::WarpspecNoSmall,
         _ => Flash128::Warpspec,
     }
 }
@@ -478,8 +474,7 @@ pub fn set_flash128(v: Flash128) {
         Flash128::Warpspec3Overlap => 9,
         Flash128::Warpspec2 => 10,
         Flash128::WarpspecWhole => 11,
-        Flash128::WarpspecSmall => 12,
-        Flash128::WarpspecSmallShort => 13,
+        Flash128::WarpspecNoSmall => 12,
     };
     FLASH128.store(code, Ordering::Relaxed);
 }
@@ -551,28 +546,37 @@ fn attention_chunked(
 mod tests {
     use super::{row_split, small_grid, three_groups_pay, Flash128};
 
-    /// The attentions that the small-grid kernel takes on a 132-multiprocessor GPU: a band's,
-    /// never a whole image's, head size 64 only, and with the short form only over few keys.
+    /// The attentions that the small-grid kernel takes on a 132-multiprocessor GPU: a band's
+    /// over few keys, never a whole image's, head size 64 only, and only by default.
     #[test]
-    fn small_grids_are_a_bands_attentions() {
-        let small = Flash128::WarpspecSmall;
-        let short = Flash128::WarpspecSmallShort;
+    fn small_grids_are_a_bands_short_attentions() {
+        let ws = Flash128::Warpspec;
         // SDXL's 32-row band at 1024²: level 2 (256 queries × 20 heads over its window of about
-        // 410 keys, and the 77 text tokens), level 1 (1 024 × 10 over about 1 640).
-        assert!(small_grid(small, (1, 256, 410, 20, 64), 132));
-        assert!(small_grid(small, (1, 256, 77, 20, 64), 132));
-        assert!(small_grid(small, (1, 1024, 1640, 10, 64), 132));
-        assert!(small_grid(short, (1, 256, 410, 20, 64), 132));
-        assert!(!small_grid(short, (1, 1024, 1640, 10, 64), 132));
-        // Whole images: 1024², b = 2, level 2 (1 024 × 20 × 2: 160 tiles) and level 1.
-        assert!(!small_grid(small, (2, 1024, 1024, 20, 64), 132));
-        assert!(!small_grid(small, (2, 4096, 4096, 10, 64), 132));
+        // 410 keys, and the 77 text tokens), but not level 1's self-attention (1 024 × 10 over
+        // about 1 640 keys); its cross-attention, yes.
+        assert!(small_grid(ws, (1, 256, 410, 20, 64), 132));
+        assert!(small_grid(ws, (1, 256, 77, 20, 64), 132));
+        assert!(!small_grid(ws, (1, 1024, 1640, 10, 64), 132));
+        assert!(small_grid(ws, (1, 1024, 77, 10, 64), 132));
+        assert!(small_grid(ws, (1, 1024, 512, 10, 64), 132));
+        assert!(!small_grid(ws, (1, 1024, 513, 10, 64), 132));
+        // Whole images: 1024², b = 2, level 2's cross-attention (1 024 × 20 × 2: 160 tiles).
+        assert!(!small_grid(ws, (2, 1024, 77, 20, 64), 132));
         // A full wave of 128-row tiles keeps the warp-specialised grid (130 tiles, then 132).
-        assert!(small_grid(small, (1, 128 * 65, 256, 2, 64), 132));
-        assert!(!small_grid(small, (1, 128 * 65 + 1, 256, 2, 64), 132));
-        // Head size 128 (Flux.1), and the default choice.
-        assert!(!small_grid(small, (1, 256, 410, 24, 128), 132));
-        assert!(!small_grid(Flash128::Warpspec, (1, 256, 410, 20, 64), 132));
+        assert!(small_grid(ws, (1, 128 * 65, 256, 2, 64), 132));
+        assert!(!small_grid(ws, (1, 128 * 65 + 1, 256, 2, 64), 132));
+        // Head size 128 (Flux.1), and the other choices.
+        assert!(!small_grid(ws, (1, 256, 410, 24, 128), 132));
+        assert!(!small_grid(
+            Flash128::WarpspecNoSmall,
+            (1, 256, 410, 20, 64),
+            132
+        ));
+        assert!(!small_grid(
+            Flash128::WarpspecWhole,
+            (1, 256, 410, 20, 64),
+            132
+        ));
     }
 
     /// The rows of SDXL's self-attentions on a 132-multiprocessor GPU that go to 192-row tiles

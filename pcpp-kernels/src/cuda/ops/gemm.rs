@@ -158,23 +158,6 @@ pub fn set_fused_epilogues(on: bool) {
     FUSED_EPILOGUES.store(on, Ordering::Relaxed);
 }
 
-/// Whether cuBLASLt's split-K GEMMs must reduce in place (`pcpp-cli`: `PCPP_GEMM_INPLACE`).
-static INPLACE_SPLIT_K: AtomicBool = AtomicBool::new(false);
-
-/// Whether the algorithms asked of cuBLASLt's heuristic are limited to those that reduce a
-/// split K in the output (`CUBLASLT_REDUCTION_SCHEME_INPLACE`) or do not split it: one kernel per
-/// GEMM, where a split-K algorithm otherwise reduces its partial tiles in a second kernel (a
-/// band's feed-forward output GEMMs). Off unless [`set_gemm_inplace`] turned it on.
-pub fn gemm_inplace() -> bool {
-    INPLACE_SPLIT_K.load(Ordering::Relaxed)
-}
-
-/// Turns [`gemm_inplace`] on or off for this process (before its first GEMM of each shape:
-/// choices are kept per shape).
-pub fn set_gemm_inplace(on: bool) {
-    INPLACE_SPLIT_K.store(on, Ordering::Relaxed);
-}
-
 /// RAII wrappers of cuBLASLt descriptors.
 struct LtDesc(lt_sys::cublasLtMatmulDesc_t);
 impl Drop for LtDesc {
@@ -325,20 +308,6 @@ pub(super) fn lt_linear(
                 )
             }
             .map_err(|x| e("pref", x))?;
-            if gemm_inplace() {
-                let mask =
-                    lt_sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_INPLACE as u32;
-                // SAFETY: `pref` is live; the value is a u32 as the attribute requires.
-                unsafe {
-                    lt_result::set_matmul_pref_attribute(
-                        pref.0,
-                        lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
-                        &mask as *const u32 as *const c_void,
-                        std::mem::size_of::<u32>(),
-                    )
-                }
-                .map_err(|x| e("pref", x))?;
-            }
             let wanted = if tune::may_tune(gpu) {
                 LT_CANDIDATES
             } else {
