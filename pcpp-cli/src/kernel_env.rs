@@ -4,7 +4,7 @@
 //! warpgroup MMAs (TMA producer, ping-pong, intra-warpgroup overlap) for head sizes 64 and 128 on
 //! sm_90a devices, at head size 64 with each head's rows split between three-warpgroup (192-row)
 //! and two-warpgroup (128-row) tiles where the two launches finish their waves first;
-//! where a head-size-64 grid over at most 512 keys has fewer 128-row tiles than
+//! where a head-size-64 grid over at most 512 keys has fewer 64-row tiles than
 //! multiprocessors (a band's), 64-row `mma.sync` tiles instead; `ws-no-small` without those;
 //! `ws-whole` it with one tile height per grid, three warpgroups where their grid finishes its
 //! waves first; `ws2` and `ws3` it with two or three warpgroups always, `ws3-overlap` three without the

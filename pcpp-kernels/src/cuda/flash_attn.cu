@@ -360,7 +360,7 @@ FLASH_ATTN_QS(flash_attn128q_bf16, 1, 32)
 // softmax rescales and barriers per key; 128 * 136 + 4 * 64 * 136 halves = 104 448 bytes.
 FLASH_ATTN_QS(flash_attn128q64_f16, 0, 64)
 FLASH_ATTN_QS(flash_attn128q64_bf16, 1, 64)
-// Small grids (fewer 128-row query tiles than multiprocessors: a band's attentions): 64 query
+// Small grids (fewer 64-row query tiles than multiprocessors: a band's attentions): 64 query
 // rows per block (one m16 tile per warp), so the grid has twice the blocks of the Hopper kernels'
 // 128-row tiles, and each block only the short chain of cp.async loads and mma.sync tiles, with
 // no TMA, barriers or warpgroup hand-offs to set up. Q, K and V are read in place from packed

@@ -178,11 +178,12 @@ fn warpspec(
 /// Whether `choice` runs an attention of `b` images, `lq` queries, `lk` keys and `heads` heads of
 /// size `dh` on the small-grid kernel (`flash_small64`) on a device of `sms` multiprocessors:
 /// the default [`Flash128::Warpspec`], head size 64, at most [`SMALL_GRID_KEYS`] keys, and fewer
-/// 128-row query tiles than multiprocessors, so that the warp-specialised grid would leave some
-/// of them idle. SDXL's 32-row band at 1024²: level 2's attentions (256 queries × 20 heads over
-/// a window of about 410 keys, and over the 77 text tokens), not level 1's self-attention
-/// (1 024 × 10 over about 1 640 keys), which the small-grid kernel ran slower (run I1,
-/// docs/benchmarks.md).
+/// 64-row query tiles than multiprocessors, so that each of its blocks has a multiprocessor to
+/// itself while the warp-specialised grid would leave more than half of them idle. SDXL's
+/// 32-row band at 1024²: level 2's attentions (256 queries × 20 heads over a window of about
+/// 410 keys, and over the 77 text tokens). Not level 1's self-attention (1 024 × 10 over about
+/// 1 640 keys), nor level 2 of a 512², b = 2 image (160 blocks of 64 rows): the small-grid kernel
+/// ran them slower (runs I1 and I3, docs/benchmarks.md).
 pub fn small_grid(
     choice: Flash128,
     (b, lq, lk, heads, dh): (usize, usize, usize, usize, usize),
@@ -191,7 +192,7 @@ pub fn small_grid(
     choice == Flash128::Warpspec
         && dh == 64
         && lk <= SMALL_GRID_KEYS
-        && lq.div_ceil(128) * heads * b < sms
+        && lq.div_ceil(64) * heads * b < sms
 }
 
 /// The most keys of an attention that [`small_grid`] gives the small-grid kernel.
@@ -395,8 +396,8 @@ pub enum Flash128 {
     /// (docs/benchmarks.md). At head size 64 it splits each head's rows between a launch of
     /// three-MMA-warpgroup blocks (192-row tiles, [`Flash128::Warpspec3`]) and one of
     /// two-warpgroup blocks where the two finish their waves first (`row_split`). Grids of more
-    /// tiles than multiprocessors run persistent ([`flash_persistent`]); a band's grids of
-    /// fewer, over at most [`SMALL_GRID_KEYS`] keys, take the small-grid kernel instead
+    /// tiles than multiprocessors run persistent ([`flash_persistent`]); a band's small grids
+    /// over at most [`SMALL_GRID_KEYS`] keys take the small-grid kernel instead
     /// ([`small_grid`]). Where a tensor map
     /// cannot be made, the kernels of
     /// [`Flash128::Hopper`]; off sm_90a, those of [`Flash128::SharedQ64`].
@@ -552,19 +553,20 @@ mod tests {
     fn small_grids_are_a_bands_short_attentions() {
         let ws = Flash128::Warpspec;
         // SDXL's 32-row band at 1024²: level 2 (256 queries × 20 heads over its window of about
-        // 410 keys, and the 77 text tokens), but not level 1's self-attention (1 024 × 10 over
-        // about 1 640 keys); its cross-attention, yes.
+        // 410 keys, and the 77 text tokens: 80 blocks), but not level 1 (1 024 × 10: 160
+        // blocks), whatever its keys.
         assert!(small_grid(ws, (1, 256, 410, 20, 64), 132));
         assert!(small_grid(ws, (1, 256, 77, 20, 64), 132));
         assert!(!small_grid(ws, (1, 1024, 1640, 10, 64), 132));
-        assert!(small_grid(ws, (1, 1024, 77, 10, 64), 132));
-        assert!(small_grid(ws, (1, 1024, 512, 10, 64), 132));
-        assert!(!small_grid(ws, (1, 1024, 513, 10, 64), 132));
-        // Whole images: 1024², b = 2, level 2's cross-attention (1 024 × 20 × 2: 160 tiles).
+        assert!(!small_grid(ws, (1, 1024, 77, 10, 64), 132));
+        assert!(small_grid(ws, (1, 256, 512, 20, 64), 132));
+        assert!(!small_grid(ws, (1, 256, 513, 20, 64), 132));
+        // Whole images: 512², b = 2, level 2 (256 × 20 × 2: 160 blocks); 1024², b = 2, level 2.
+        assert!(!small_grid(ws, (2, 256, 256, 20, 64), 132));
         assert!(!small_grid(ws, (2, 1024, 77, 20, 64), 132));
-        // A full wave of 128-row tiles keeps the warp-specialised grid (130 tiles, then 132).
-        assert!(small_grid(ws, (1, 128 * 65, 256, 2, 64), 132));
-        assert!(!small_grid(ws, (1, 128 * 65 + 1, 256, 2, 64), 132));
+        // Up to a wave of 64-row tiles (130 tiles, then 132).
+        assert!(small_grid(ws, (1, 64 * 65, 256, 2, 64), 132));
+        assert!(!small_grid(ws, (1, 64 * 65 + 1, 256, 2, 64), 132));
         // Head size 128 (Flux.1), and the other choices.
         assert!(!small_grid(ws, (1, 256, 410, 24, 128), 132));
         assert!(!small_grid(
