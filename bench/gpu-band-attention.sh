@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# A band's small attention grids (issue 17): the default `ws`, which runs a PCPP band's short
+# attentions on the 64-row `mma.sync` kernel (`flash_small64`), against `ws-no-small` (the
+# warp-specialised grids everywhere), in one command on one GPU:
+#   1. GPU parity first: `cuda_parity`'s attention tests (every kernel against the CPU, the
+#      warp-specialised grids bit-equal across tile heights) and `cuda_vector_parity` (the packed
+#      attention: the small kernel against the CPU and bit-equal to the 128-row `mma.sync` kernel);
+#   2. the SDXL-base UNet step (seeded random weights, fp16, CUDA graph) of one rank of 8 (pcpp and
+#      naive-patch, a 32-row band at b = 1) and of a whole 512², b = 2 image with both choices,
+#      alternating REPS times in one process on the same weights (`bench --attention`); the whole
+#      1024², b = 2 and 2048², b = 1 steps (not small grids: the same kernels either way), for the
+#      modelled 8-GPU efficiency 1024² / (8 · band);
+#   3. bench/diffusers_unet.py (diffusers 0.42.1, eager and graph), the anchor, and with COMPILE=1
+#      bench/diffusers_unet_compile.py (torch.compile + CUDA graph, about two minutes to compile).
+# About 4 minutes (6 with COMPILE=1). Prints every result line; writes them under OUT_DIR.
+#
+# Usage: bench/gpu-band-attention.sh BIN_DIR OUT_DIR
+#   BIN_DIR  pcpp-cli (--features cuda) and the test binaries:
+#              cargo build --release -p pcpp-cli --features cuda
+#              cargo test --release -p pcpp-kernels --features cuda --no-run \
+#                --test cuda_parity --test cuda_vector_parity
+# Environment: PYTHON (a python with torch and diffusers 0.42.1; default python3), SKIP_PARITY=1,
+# REPS (default 2), COMPILE=1.
+set -uo pipefail
+BIN=$(realpath "${1:?usage: $0 BIN_DIR OUT_DIR}"); OUT=$(realpath -m "${2:?usage: $0 BIN_DIR OUT_DIR}")
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+status=0
+
+echo "== GPU parity"
+if [[ ${SKIP_PARITY:-0} != 1 ]]; then
+    # The first process of a machine compiles the kernels (NVRTC): a longer limit.
+    (cd pcpp-kernels && timeout 300 "$BIN/cuda_parity" --ignored --test-threads=1 attention) \
+        >"$OUT/cuda_parity.txt" 2>&1 || status=1
+    (cd pcpp-kernels && timeout 180 "$BIN/cuda_vector_parity" --ignored --test-threads=1) \
+        >"$OUT/cuda_vector_parity.txt" 2>&1 || status=1
+    grep -hE "^test |test result" "$OUT"/cuda_*.txt
+fi
+
+echo "== SDXL UNet step"
+CFG=models/sdxl-base-1.0-configs/unet/config.json
+BAND=(--height 128 --width 128 --batch 2 --ranks 8 --rank 1)
+: >"$OUT/unet.jsonl"
+unet() { # name, then flags
+    local name=$1
+    shift
+    timeout 240 "$BIN/pcpp-cli" bench --device cuda --config "$CFG" --random-weights --warmup 3 \
+        --iters 20 --json "$@" 2>"$OUT/unet_$name.err" \
+        | sed "s/^{/{\"case\":\"$name\",/" >>"$OUT/unet.jsonl" || status=1
+}
+# Both choices, alternating, REPS rounds, in one process (same weights); one result line each,
+# named by its "attention" item.
+CHOICES=$(for _ in $(seq "${REPS:-2}"); do printf 'ws,ws-no-small,'; done)
+CHOICES=${CHOICES%,}
+unet band32 "${BAND[@]}" --parallel pcpp --attention "$CHOICES"
+unet band32_naive "${BAND[@]}" --parallel naive-patch --attention ws,ws-no-small
+unet b2_512 --height 64 --width 64 --batch 2 --attention "$CHOICES"
+unet b2_1024 --height 128 --width 128 --batch 2
+unet b1_2048 --height 256 --width 256 --batch 1
+cat "$OUT/unet.jsonl"
+timeout 240 "$PY" bench/diffusers_unet.py >"$OUT/diffusers_unet.json" 2>"$OUT/diffusers_unet.err" || status=1
+cat "$OUT/diffusers_unet.json"
+if [[ ${COMPILE:-0} == 1 ]]; then
+    timeout 400 "$PY" bench/diffusers_unet_compile.py "$OUT/compile.json" >"$OUT/compile.out" 2>&1 \
+        || status=1
+    cat "$OUT/compile.json"
+fi
+exit $status
