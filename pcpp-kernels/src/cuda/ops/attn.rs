@@ -116,8 +116,9 @@ fn warpspec(
         Some(f) if gpu.flash_ws && matches!(dh, 64 | 128) && dt != DType::F32 => f,
         _ => return Ok(false),
     };
+    let scale_log2 = std::f32::consts::LOG2_E / (dh as f32).sqrt();
     if small_grid(choice, (b, lq, lk, heads, dh), gpu.sms)
-        && small(gpu, blocks, y, (lk, heads), causal)?
+        && small(gpu, blocks, y, (lk, heads), scale_log2, causal)?
     {
         return Ok(true);
     }
@@ -152,7 +153,6 @@ fn warpspec(
             launches.push((q0, q1, groups, tq));
         }
     }
-    let scale_log2 = std::f32::consts::LOG2_E / (dh as f32).sqrt();
     for (q0, q1, groups, tq) in launches {
         let bm = 64 * groups;
         let qtiles = (q1 - q0).div_ceil(bm);
@@ -199,17 +199,17 @@ pub fn small_grid(
 pub const SMALL_GRID_KEYS: usize = 512;
 
 /// The small-grid kernel (`flash_small64`: FlashAttention-2's tiles, 64 query rows per block of
-/// four warps, `mma.sync`, cp.async K/V stages) on Q, K and V read in place (`blocks` as
-/// [`warpspec`] takes them); returns whether it ran: rows and first columns must be 16-byte
+/// four warps, `mma.sync`, cp.async K/V stages) on Q, K and V read in place, for [`warpspec`]
+/// (its operands, its scale); returns whether it ran: rows and first columns must be 16-byte
 /// aligned for its copies.
 fn small(
     gpu: &Arc<Gpu>,
     blocks: [(&Tensor, usize, usize); 3],
     y: &Tensor,
     (lk, heads): (usize, usize),
+    scale_log2: f32,
     causal: bool,
 ) -> Result<bool> {
-    let (b, lq, dm) = (y.shape()[0], y.shape()[1], y.shape()[2]);
     let dt = y.dtype();
     let lanes = 16 / dt.size();
     if blocks
@@ -218,19 +218,16 @@ fn small(
     {
         return Ok(false);
     }
-    let at = |(t, start, _): (&Tensor, usize, usize)| -> Result<u64> {
-        Ok(ptr(t)? + (start * dt.size()) as u64)
-    };
-    let (qp, kp, vp) = (at(blocks[0])?, at(blocks[1])?, at(blocks[2])?);
+    let [q, k, v] = blocks.map(|(t, start, _)| ptr(t).map(|p| p + (start * dt.size()) as u64));
     let [sq, sk, sv] = blocks.map(|(_, _, n)| n as i64);
-    let scale_log2 = std::f32::consts::LOG2_E / ((dm / heads) as f32).sqrt();
+    let (b, lq) = (y.shape()[0], y.shape()[1]);
     let cfg = LaunchConfig {
         grid_dim: (lq.div_ceil(64) as u32, heads as u32, b as u32),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
     launch!(gpu, format!("flash_small64_{}", tname(dt)), cfg;
-        qp, kp, vp, ptr(y)?, lq as i32, lk as i32, heads as i32, sq, sk, sv, scale_log2,
+        q?, k?, v?, ptr(y)?, lq as i32, lk as i32, heads as i32, sq, sk, sv, scale_log2,
         causal as i32);
     Ok(true)
 }
