@@ -28,27 +28,18 @@ mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 status=0
 
+source bench/unet-bench-lib.sh
+
 echo "== GPU parity"
 if [[ ${SKIP_PARITY:-0} != 1 ]]; then
     # The first process of a machine compiles the kernels (NVRTC): a longer limit.
-    (cd pcpp-kernels && timeout 300 "$BIN/cuda_parity" --ignored --test-threads=1 attention) \
-        >"$OUT/cuda_parity.txt" 2>&1 || status=1
-    (cd pcpp-kernels && timeout 180 "$BIN/cuda_vector_parity" --ignored --test-threads=1) \
-        >"$OUT/cuda_vector_parity.txt" 2>&1 || status=1
+    gpu_test cuda_parity 300 attention
+    gpu_test cuda_vector_parity 180
     grep -hE "^test |test result" "$OUT"/cuda_*.txt
 fi
 
 echo "== SDXL UNet step"
-CFG=models/sdxl-base-1.0-configs/unet/config.json
-BAND=(--height 128 --width 128 --batch 2 --ranks 8 --rank 1)
 : >"$OUT/unet.jsonl"
-unet() { # name, then flags
-    local name=$1
-    shift
-    timeout 240 "$BIN/pcpp-cli" bench --device cuda --config "$CFG" --random-weights --warmup 3 \
-        --iters 20 --json "$@" 2>"$OUT/unet_$name.err" \
-        | sed "s/^{/{\"case\":\"$name\",/" >>"$OUT/unet.jsonl" || status=1
-}
 # Both choices, alternating, REPS rounds, in one process (same weights); one result line each,
 # named by its "attention" item.
 CHOICES=$(for _ in $(seq "${REPS:-2}"); do printf 'ws,ws-no-small,'; done)

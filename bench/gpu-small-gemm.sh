@@ -30,30 +30,19 @@ mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 status=0
 
+source bench/unet-bench-lib.sh
+
 echo "== GPU parity"
 if [[ ${SKIP_PARITY:-0} != 1 ]]; then
-    (cd pcpp-kernels && timeout 120 "$BIN/cuda_small_gemm" --ignored --test-threads=1) \
-        >"$OUT/cuda_small_gemm.txt" 2>&1 || status=1
-    (cd pcpp-kernels && timeout 180 "$BIN/cuda_vector_parity" --ignored --test-threads=1) \
-        >"$OUT/cuda_vector_parity.txt" 2>&1 || status=1
-    (cd pcpp-kernels && timeout 120 "$BIN/cuda_rows_into" --ignored --test-threads=1) \
-        >"$OUT/cuda_rows_into.txt" 2>&1 || status=1
-    timeout 180 "$BIN/cuda_unet_parity" --ignored --test-threads=1 >"$OUT/cuda_unet_parity.txt" 2>&1 \
-        || status=1
+    gpu_test cuda_small_gemm 120
+    gpu_test cuda_vector_parity 180
+    gpu_test cuda_rows_into 120
+    gpu_test cuda_unet_parity 180
     grep -hE "^test |test result" "$OUT"/cuda_*.txt
 fi
 
 echo "== SDXL UNet step"
-CFG=models/sdxl-base-1.0-configs/unet/config.json
-BAND=(--height 128 --width 128 --batch 2 --ranks 8 --rank 1)
 : >"$OUT/unet.jsonl"
-unet() { # name, then flags
-    local name=$1
-    shift
-    timeout 240 "$BIN/pcpp-cli" bench --device cuda --config "$CFG" --random-weights --warmup 3 \
-        --iters 20 --json "$@" 2>"$OUT/unet_$name.err" \
-        | sed "s/^{/{\"case\":\"$name\",/" >>"$OUT/unet.jsonl" || status=1
-}
 # Every level, alternating, REPS rounds, then the row and split caps, in one process (same
 # weights); one result line each, named by its "small_gemm" item.
 LEVELS=$(for _ in $(seq "${REPS:-2}"); do printf '0,gemm,geglu,1,'; done)1/128,1/64,1/256/4,1/256/2,1,0

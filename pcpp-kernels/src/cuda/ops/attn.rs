@@ -100,7 +100,8 @@ pub(crate) fn flash_hopper_name(dh: usize) -> String {
 /// stride n)` blocks of `heads · dh` columns, into `y: [b, lq, heads · dh]`; returns whether it
 /// ran: it needs an sm_90a device with [`Flash128::Warpspec`] (or a form of it) chosen, f16 or
 /// bf16, head size 64 or 128, and TMA maps of all three (128-row boxes; where one cannot be made
-/// the caller takes another kernel).
+/// the caller takes another kernel). A band's small grids ([`small_grid`]) go to the small-grid
+/// kernel instead, on the same operands.
 fn warpspec(
     gpu: &Arc<Gpu>,
     blocks: [(&Tensor, usize, usize); 3],
