@@ -119,7 +119,8 @@ pub fn run(a: &Args) -> Result<()> {
     .on_device(device)
     .keep_taken();
 
-    // Every attention kernel of --attention with every small-row GEMM choice of --small-gemm.
+    // Every attention kernel of --attention with every small-row GEMM choice of --small-gemm and
+    // every group-norm statistics choice of --gn-stats-in-apply.
     let listed = |v: &[String]| -> Vec<Option<String>> {
         if v.is_empty() {
             vec![None]
@@ -136,15 +137,22 @@ pub fn run(a: &Args) -> Result<()> {
             if let Some(item) = &small {
                 crate::kernel_env::apply_small_gemm(item);
             }
-            for &r in &ranks {
-                let res = run_rank(
-                    a, &ucfg, &weights, &pcfg, mode, r, cfg_split, warm, graph_on, device, dtype,
-                )?;
-                results.push((kernel.clone(), small.clone(), res));
+            for gn in listed(&a.gn_stats_in_apply) {
+                if let Some(item) = &gn {
+                    crate::kernel_env::apply_gn_stats(item);
+                }
+                for &r in &ranks {
+                    let res = run_rank(
+                        a, &ucfg, &weights, &pcfg, mode, r, cfg_split, warm, graph_on, device,
+                        dtype,
+                    )?;
+                    let choice = [kernel.clone(), small.clone(), gn.clone()];
+                    results.push((choice, res));
+                }
             }
         }
     }
-    for (kernel, small, res) in &results {
+    for ([kernel, small, gn], res) in &results {
         let sent = res.traffic.sent.total();
         let recvd = res.traffic.recvd.total();
         if a.json {
@@ -171,6 +179,7 @@ pub fn run(a: &Args) -> Result<()> {
                 "steady_traffic": res.traffic,
                 "attention": kernel,
                 "small_gemm": small,
+                "gn_stats_in_apply": gn,
             });
             println!("{v}");
         } else {
@@ -179,7 +188,8 @@ pub fn run(a: &Args) -> Result<()> {
             } else {
                 format!(", sync step {:.3} ms", res.sync_ms)
             };
-            let kernel = [kernel, small]
+            let gn = gn.as_ref().map(|g| format!("gn-stats-in-apply {g}"));
+            let kernel = [kernel, small, &gn]
                 .iter()
                 .flat_map(|c| c.as_ref().map(|k| format!(" [{k}]")))
                 .collect::<String>();

@@ -33,8 +33,10 @@
 //! passes; off by default, measured slower than cuBLASLt), `PCPP_SMALL_GEMM_ROWS=256|128|64`
 //! (the most rows of one of those GEMMs' blocks: fewer read the weights more often but give a
 //! GEMM more blocks), `PCPP_SMALL_GEMM_SPLITS=8|4|2|1` (the most blocks of a cluster that share
-//! one tile's K). Unset
-//! means the defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`, `256`, `8`);
+//! one tile's K), `PCPP_GN_STATS_IN_APPLY=0|1` (the channels-last group-norm apply finishes
+//! its group statistics itself, one launch fewer per group norm, or reads them from a
+//! statistics kernel; same bits; off by default, not yet measured on a GPU). Unset
+//! means the defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`, `256`, `8`, `0`);
 //! `flux-bench`'s `--variants` items ([`parse_variant`]) set the first three, and `bench`'s
 //! `--attention` list ([`check_attention`], [`apply_attention`]) the first.
 //! Without the `cuda` feature there is nothing to choose and the variables are ignored.
@@ -80,6 +82,7 @@ pub struct Variant {
     small_gemm: &'static str,
     small_gemm_rows: usize,
     small_gemm_splits: usize,
+    gn_stats_in_apply: bool,
 }
 
 impl Default for Variant {
@@ -100,6 +103,7 @@ impl Default for Variant {
             small_gemm: SMALL_GEMM[0],
             small_gemm_rows: 256,
             small_gemm_splits: 8,
+            gn_stats_in_apply: false,
         }
     }
 }
@@ -142,6 +146,11 @@ pub fn apply() -> Result<()> {
     v.programmatic = switch("PCPP_PROGRAMMATIC_LAUNCH")?;
     v.persistent = switch("PCPP_FLASH_PERSISTENT")?;
     v.geglu_prefetch = switch("PCPP_GEGLU_PREFETCH")?;
+    v.gn_stats_in_apply = match var("PCPP_GN_STATS_IN_APPLY").as_deref() {
+        None | Some("0") => false,
+        Some("1") => true,
+        Some(t) => bail!("PCPP_GN_STATS_IN_APPLY={t}: expected 0 or 1"),
+    };
     if let Some(t) = var("PCPP_SMALL_GEMM") {
         v.small_gemm = SMALL_GEMM
             .iter()
@@ -220,6 +229,7 @@ impl Variant {
             );
             pcpp_kernels::cuda::set_small_gemm_rows(self.small_gemm_rows);
             pcpp_kernels::cuda::set_small_gemm_splits(self.small_gemm_splits);
+            pcpp_kernels::cuda::set_gn_stats_in_apply(self.gn_stats_in_apply);
         }
     }
 }
@@ -329,6 +339,23 @@ pub fn apply_small_gemm(item: &str) {
     let _ = item;
 }
 
+/// Checks `items` (a benchmark's `--gn-stats-in-apply` list): `0` or `1`, GPU runs of a `cuda`
+/// build only.
+pub fn check_gn_stats(items: &[String], device: Device) -> Result<()> {
+    let valid = |i: &str| matches!(i, "0" | "1");
+    check_gpu_list("--gn-stats-in-apply", items, device, valid, || {
+        "0 or 1".to_string()
+    })
+}
+
+/// Puts the `--gn-stats-in-apply` item `item` in force (checked by [`check_gn_stats`]).
+pub fn apply_gn_stats(item: &str) {
+    #[cfg(feature = "cuda")]
+    pcpp_kernels::cuda::set_gn_stats_in_apply(item == "1");
+    #[cfg(not(feature = "cuda"))]
+    let _ = item;
+}
+
 /// The kernel choices in force, for a benchmark's JSON line (empty on the CPU).
 pub fn choices(device: Device) -> serde_json::Value {
     #[cfg(feature = "cuda")]
@@ -347,6 +374,7 @@ pub fn choices(device: Device) -> serde_json::Value {
             "small_gemm": pcpp_kernels::cuda::small_gemm().name(),
             "small_gemm_rows": pcpp_kernels::cuda::small_gemm_rows(),
             "small_gemm_splits": pcpp_kernels::cuda::small_gemm_splits(),
+            "gn_stats_in_apply": pcpp_kernels::cuda::gn_stats_in_apply(),
         });
     }
     let _ = device;

@@ -16,7 +16,8 @@ mod common;
 use common::{gpu, rnd};
 use pcpp_kernels::cuda::{
     copy_rows_into, group_norm_merged_into, group_norm_merged_into_nhwc, group_norm_merged_nhwc,
-    linear_rows_into, nchw_rows_into_nhwc, norm_linear_rows_into, StatsWindow,
+    linear_rows_into, nchw_rows_into_nhwc, norm_linear_rows_into, set_gn_stats_in_apply,
+    StatsWindow,
 };
 use pcpp_kernels::{DType, Device, LayerNormArgs, RowStats, Tensor};
 
@@ -247,14 +248,25 @@ fn stats_window_equals_the_tensor_ops() {
 #[ignore = "needs a CUDA GPU"]
 fn stats_window_writes_channels_last_rows() {
     // (b, c, groups, h, w, window rows, first row): the tiled NHWC apply (even channels and
-    // planes), and an odd plane (normalised, then transposed in).
-    for d in [DType::F16, DType::BF16, DType::F32] {
+    // planes; 96 and 320 channels in 32 groups put groups across its 64-channel tiles), and an
+    // odd plane (normalised, then transposed in). The statistics finished inside the apply
+    // (`PCPP_GN_STATS_IN_APPLY`) or by their own kernel: the same bits.
+    let dtypes = [DType::F16, DType::BF16, DType::F32];
+    for (inside, d) in [false, true]
+        .into_iter()
+        .flat_map(|f| dtypes.map(|d| (f, d)))
+    {
+        set_gn_stats_in_apply(inside);
         for (b, c, groups, h, w, big, row0) in [
             (1, 64, 8, 8, 32, 12, 2),
             (2, 32, 8, 6, 10, 10, 4),
             (1, 6, 3, 3, 5, 7, 1),
+            (1, 96, 32, 4, 6, 6, 1),
+            (2, 320, 32, 4, 8, 7, 2),
         ] {
-            let name = format!("{d:?} [{b}, {c}, {h}, {w}] into {big} rows at {row0}");
+            let name = format!(
+                "{d:?} [{b}, {c}, {h}, {w}] into {big} rows at {row0} (statistics in the apply: {inside})"
+            );
             let x = gpu(&rnd(&[b, c, h, w], d, 21));
             let (gamma, beta) = (gpu(&rnd(&[c], d, 22)), gpu(&rnd(&[c], d, 23)));
             let ab = (Some(&gamma), Some(&beta));
@@ -292,8 +304,34 @@ fn stats_window_writes_channels_last_rows() {
             assert_eq!(own_nhwc.shape(), &[b, h, w, c], "{name}");
             let flat = own_nhwc.reshape(&[b, h, w * c]).unwrap();
             assert_eq!(host_f32(&flat), host_f32(&want), "{name}: new NHWC tensor");
+            // Stale: the fresh moments replace the band's own row of the table they are merged
+            // from, in the same launch.
+            let tables = [0, 1].map(|_| gpu(&positive(&[1, p, rows * 2], 26)));
+            let stale = |i: usize| StatsWindow {
+                bands: &tables[i],
+                counts: &counts,
+                own,
+                fresh: &tables[i],
+                fresh_row: own,
+                corrected: false,
+            };
+            let want = group_norm_merged_into(&x, groups, stale(0), ab, 1e-5, false)
+                .unwrap()
+                .permute(&[0, 2, 3, 1])
+                .unwrap()
+                .reshape(&[b, h, w * c])
+                .unwrap();
+            let dst = gpu(&rnd(&[b, big, w, c], d, 27));
+            let before = host_f32(&dst);
+            let win = stale(1);
+            group_norm_merged_into_nhwc(&x, groups, win, ab, 1e-5, false, (&dst, row0)).unwrap();
+            let flat = dst.reshape(&[b, big, w * c]).unwrap();
+            assert_rows(&format!("{name} stale"), &flat, &before, &want, row0);
+            let [t0, t1] = [&tables[0], &tables[1]].map(host_f32);
+            assert_eq!(t0, t1, "{name} stale: table with the fresh moments");
         }
     }
+    set_gn_stats_in_apply(false);
     // Rows past the destination's end, and channels that are not the destination's last axis.
     let x = gpu(&rnd(&[1, 8, 4, 6], DType::F16, 1));
     let t = Tensor::zeros_on(&[2, 4, 2], DType::F32, x.device()).unwrap();

@@ -38,12 +38,13 @@ pub use ops::vector::{
 pub(crate) use ops::*;
 pub use ops::{
     autotune, capture_graph, conv2d_in_bands, conv_nhwc, copy_into, copy_rows_into, flash128,
-    flash_persistent, fused_epilogues, group_norm_merged_into, group_norm_merged_into_nhwc,
-    group_norm_merged_nhwc, linear_rows_into, nchw_rows_into_nhwc, norm_linear_rows_into,
-    programmatic_launch, set_autotune, set_autotune_report, set_conv_nhwc, set_flash128,
-    set_flash_persistent, set_fused_epilogues, set_programmatic_launch, set_small_gemm,
-    set_small_gemm_rows, set_small_gemm_splits, small_gemm, small_gemm_rows, small_gemm_splits,
-    small_grid, CudaGraphStep, Flash128, SmallGemm, StatsWindow, SMALL_GEMM_ROWS, SMALL_GRID_KEYS,
+    flash_persistent, fused_epilogues, gn_stats_in_apply, group_norm_merged_into,
+    group_norm_merged_into_nhwc, group_norm_merged_nhwc, linear_rows_into, nchw_rows_into_nhwc,
+    norm_linear_rows_into, programmatic_launch, set_autotune, set_autotune_report, set_conv_nhwc,
+    set_flash128, set_flash_persistent, set_fused_epilogues, set_gn_stats_in_apply,
+    set_programmatic_launch, set_small_gemm, set_small_gemm_rows, set_small_gemm_splits,
+    small_gemm, small_gemm_rows, small_gemm_splits, small_grid, CudaGraphStep, Flash128, SmallGemm,
+    StatsWindow, SMALL_GEMM_ROWS, SMALL_GRID_KEYS,
 };
 
 /// CUDA C source of every hand-written kernel (compiled at run time by NVRTC), one translation

@@ -89,6 +89,7 @@ pub fn kernel_names() -> Vec<String> {
             "gn_sums_vec",
             "transpose_pairs",
             "gn_apply_nhwc",
+            "gn_apply_nhwc_stats",
             "row_norm_reg2",
             "row_norm_reg3",
             "row_norm_reg5",

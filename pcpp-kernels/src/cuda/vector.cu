@@ -477,11 +477,12 @@ __device__ void transpose_pairs_impl(const T* src, T* dst, long rows, long cols,
 // affine applied on load. Image n is written at y + n * ybs (ybs ≥ s * c: a window whose rows
 // hold more than this band). c and s even, pointers and ybs aligned to two elements; block (32, 8).
 // The tile's 64 planes' affines are computed once, into shared memory, while its loads are in
-// flight: per element pair they cost 64-bit divisions and three dependent loads, which made the
-// pass instruction- and latency-bound (about a third of transpose_pairs_impl's bandwidth).
-template <typename T>
-__device__ void gn_apply_nhwc_impl(const T* x, const float* mean_rstd, const T* gamma, const T* beta, T* y, int c,
-                                   long s, int groups, int silu, long ybs) {
+// flight (`affine(n, r0, aff)`, called by every thread): per element pair they cost 64-bit
+// divisions and three dependent loads, which made the pass instruction- and latency-bound (about
+// a third of transpose_pairs_impl's bandwidth).
+template <typename T, typename Affine>
+__device__ __forceinline__ void gn_apply_nhwc_tile(const T* x, T* y, int c, long s, int silu, long ybs,
+                                                   Affine affine) {
     __shared__ T tile[64][66];
     __shared__ float2 aff[64];
     long n = blockIdx.z;
@@ -492,12 +493,7 @@ __device__ void gn_apply_nhwc_impl(const T* x, const float* mean_rstd, const T* 
     long col = c0 + 2 * tx;
     Pair<T> v[8];
     tile_pairs8(v, src, r0, col, (long)c, s);
-    int t = ty * 32 + tx;
-    if (t < 64 && r0 + t < c) {
-        float scale, shift;
-        gn_plane_affine(n * c + r0 + t, mean_rstd, gamma, beta, c, groups, &scale, &shift);
-        aff[t] = make_float2(scale, shift);
-    }
+    affine(n, r0, aff);
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
@@ -523,6 +519,59 @@ __device__ void gn_apply_nhwc_impl(const T* x, const float* mean_rstd, const T* 
             *(Pair<T>*)(d + cl * c + r) = p;
         }
     }
+}
+// The tiled NHWC apply with the (mean, rstd) of every (batch, group) at `mean_rstd`.
+template <typename T>
+__device__ void gn_apply_nhwc_impl(const T* x, const float* mean_rstd, const T* gamma, const T* beta, T* y, int c,
+                                   long s, int groups, int silu, long ybs) {
+    gn_apply_nhwc_tile<T>(x, y, c, s, silu, ybs, [&](long n, long r0, float2* aff) {
+        int t = threadIdx.y * 32 + threadIdx.x;
+        if (t < 64 && r0 + t < c) {
+            float scale, shift;
+            gn_plane_affine(n * c + r0 + t, mean_rstd, gamma, beta, c, groups, &scale, &shift);
+            aff[t] = make_float2(scale, shift);
+        }
+    });
+}
+// The tiled NHWC apply that computes its groups' statistics itself from gn_sums' partial sums
+// (`chunks` per group, `n_elems` elements a group): the statistics kernel and gn_apply_nhwc in one
+// launch, the same bits. Each block finishes the (batch, group)s its 64 planes touch. Without
+// `bands`, as gn_finalize does. With them, as gn_merge_sums does: this band's fresh moments merged
+// with the bands' moments (gn_merge_of: corrected against band `own` when `corrected`; otherwise
+// the fresh moments stand in for band `own`'s row, which this launch overwrites), and the block
+// whose tile holds a group's first channel, in the first column of tiles, stores that group's
+// fresh moments at `fresh` (f32 [b·groups, 2]; b = gridDim.z).
+template <typename T>
+__device__ void gn_apply_nhwc_stats_impl(const T* x, const double* sums, int chunks, double n_elems,
+                                          const float* bands, float* fresh, int p, const GnCounts& counts, int own,
+                                          int corrected, double eps, const T* gamma, const T* beta, T* y, int c,
+                                          long s, int groups, int silu, long ybs) {
+    __shared__ float2 mr[64];
+    gn_apply_nhwc_tile<T>(x, y, c, s, silu, ybs, [&](long n, long r0, float2* aff) {
+        int t = threadIdx.y * 32 + threadIdx.x;
+        int cg = c / groups;
+        int g0 = (int)(r0 / cg), g1 = (int)((min(r0 + 64, (long)c) - 1) / cg);
+        int count = (int)gridDim.z * groups;
+        if (t <= g1 - g0 && !bands) {
+            mr[t] = gn_final_of(sums, chunks, (int)n * groups + g0 + t, n_elems, eps);
+        } else if (t <= g1 - g0) {
+            int g = g0 + t, i = (int)n * groups + g;
+            float2 m = gn_moment_of(sums, chunks, i, n_elems);
+            if (blockIdx.x == 0 && (long)g * cg >= r0) {
+                fresh[i * 2] = m.x;
+                fresh[i * 2 + 1] = m.y;
+            }
+            mr[t] = gn_merge_of(bands, m, p, count, counts, corrected ? own : -1, corrected ? -1 : own, eps, i);
+        }
+        __syncthreads();
+        if (t < 64 && r0 + t < c) {
+            int ch = (int)r0 + t;
+            float2 st = mr[ch / cg - g0];
+            float scale, shift;
+            gn_affine_of(st.x, st.y, gamma, beta, ch, &scale, &shift);
+            aff[t] = make_float2(scale, shift);
+        }
+    });
 }
 
 // ---- per-plane kernels with N elements per access (s % N == 0, aligned): the twins of
