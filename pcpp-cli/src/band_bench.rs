@@ -120,7 +120,7 @@ pub fn run(a: &Args) -> Result<()> {
     .keep_taken();
 
     // Every attention kernel of --attention with every small-row GEMM choice of --small-gemm and
-    // every group-norm statistics choice of --gn-stats-in-apply.
+    // every group-norm statistics choice of --gn-stats.
     let listed = |v: &[String]| -> Vec<Option<String>> {
         if v.is_empty() {
             vec![None]
@@ -137,7 +137,7 @@ pub fn run(a: &Args) -> Result<()> {
             if let Some(item) = &small {
                 crate::kernel_env::apply_small_gemm(item);
             }
-            for gn in listed(&a.gn_stats_in_apply) {
+            for gn in listed(&a.gn_stats) {
                 if let Some(item) = &gn {
                     crate::kernel_env::apply_gn_stats(item);
                 }
@@ -179,7 +179,7 @@ pub fn run(a: &Args) -> Result<()> {
                 "steady_traffic": res.traffic,
                 "attention": kernel,
                 "small_gemm": small,
-                "gn_stats_in_apply": gn,
+                "gn_stats": gn,
             });
             println!("{v}");
         } else {
@@ -188,7 +188,7 @@ pub fn run(a: &Args) -> Result<()> {
             } else {
                 format!(", sync step {:.3} ms", res.sync_ms)
             };
-            let gn = gn.as_ref().map(|g| format!("gn-stats-in-apply {g}"));
+            let gn = gn.as_ref().map(|g| format!("gn-stats {g}"));
             let kernel = [kernel, small, &gn]
                 .iter()
                 .flat_map(|c| c.as_ref().map(|k| format!(" [{k}]")))

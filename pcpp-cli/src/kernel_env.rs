@@ -33,10 +33,12 @@
 //! passes; off by default, measured slower than cuBLASLt), `PCPP_SMALL_GEMM_ROWS=256|128|64`
 //! (the most rows of one of those GEMMs' blocks: fewer read the weights more often but give a
 //! GEMM more blocks), `PCPP_SMALL_GEMM_SPLITS=8|4|2|1` (the most blocks of a cluster that share
-//! one tile's K), `PCPP_GN_STATS_IN_APPLY=0|1` (the channels-last group-norm apply finishes
-//! its group statistics itself, one launch fewer per group norm, or reads them from a
-//! statistics kernel; same bits; off by default, not yet measured on a GPU). Unset
-//! means the defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`, `256`, `8`, `0`);
+//! one tile's K), `PCPP_GN_STATS=kernel|apply|one` (how a channels-last group norm gets its
+//! statistics: from a kernel of their own between the sums and the apply, finished by the apply,
+//! or sums, statistics and apply in one launch whose grid meets at a barrier, where it fits on
+//! the device at once; same bits; `kernel` by default, the others not yet measured on a GPU).
+//! Unset means the defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`, `256`, `8`,
+//! `kernel`);
 //! `flux-bench`'s `--variants` items ([`parse_variant`]) set the first three, and `bench`'s
 //! `--attention` list ([`check_attention`], [`apply_attention`]) the first.
 //! Without the `cuda` feature there is nothing to choose and the variables are ignored.
@@ -60,6 +62,9 @@ const FLASH: [&str; 12] = [
     "registers-q",
 ];
 
+/// The settings of `PCPP_GN_STATS` (`pcpp_kernels::cuda::GnStats::parse`), the default first.
+const GN_STATS: [&str; 3] = ["kernel", "apply", "one"];
+
 /// The levels of `PCPP_SMALL_GEMM` (`pcpp_kernels::cuda::SmallGemm::parse`), the default first.
 const SMALL_GEMM: [&str; 4] = ["0", "gemm", "geglu", "1"];
 
@@ -82,7 +87,7 @@ pub struct Variant {
     small_gemm: &'static str,
     small_gemm_rows: usize,
     small_gemm_splits: usize,
-    gn_stats_in_apply: bool,
+    gn_stats: &'static str,
 }
 
 impl Default for Variant {
@@ -103,7 +108,7 @@ impl Default for Variant {
             small_gemm: SMALL_GEMM[0],
             small_gemm_rows: 256,
             small_gemm_splits: 8,
-            gn_stats_in_apply: false,
+            gn_stats: GN_STATS[0],
         }
     }
 }
@@ -146,11 +151,11 @@ pub fn apply() -> Result<()> {
     v.programmatic = switch("PCPP_PROGRAMMATIC_LAUNCH")?;
     v.persistent = switch("PCPP_FLASH_PERSISTENT")?;
     v.geglu_prefetch = switch("PCPP_GEGLU_PREFETCH")?;
-    v.gn_stats_in_apply = match var("PCPP_GN_STATS_IN_APPLY").as_deref() {
-        None | Some("0") => false,
-        Some("1") => true,
-        Some(t) => bail!("PCPP_GN_STATS_IN_APPLY={t}: expected 0 or 1"),
-    };
+    if let Some(t) = var("PCPP_GN_STATS") {
+        v.gn_stats = gn_stats_name(&t).ok_or_else(|| {
+            anyhow::anyhow!("PCPP_GN_STATS={t}: expected {}", GN_STATS.join(", "))
+        })?;
+    }
     if let Some(t) = var("PCPP_SMALL_GEMM") {
         v.small_gemm = SMALL_GEMM
             .iter()
@@ -229,7 +234,7 @@ impl Variant {
             );
             pcpp_kernels::cuda::set_small_gemm_rows(self.small_gemm_rows);
             pcpp_kernels::cuda::set_small_gemm_splits(self.small_gemm_splits);
-            pcpp_kernels::cuda::set_gn_stats_in_apply(self.gn_stats_in_apply);
+            apply_gn_stats(self.gn_stats);
         }
     }
 }
@@ -339,21 +344,29 @@ pub fn apply_small_gemm(item: &str) {
     let _ = item;
 }
 
-/// Checks `items` (a benchmark's `--gn-stats-in-apply` list): `0` or `1`, GPU runs of a `cuda`
-/// build only.
+/// `name` as one of [`GN_STATS`].
+fn gn_stats_name(name: &str) -> Option<&'static str> {
+    GN_STATS.iter().copied().find(|g| *g == name)
+}
+
+/// Checks `items` (a benchmark's `--gn-stats` list) against the settings of `PCPP_GN_STATS`:
+/// GPU runs of a `cuda` build only.
 pub fn check_gn_stats(items: &[String], device: Device) -> Result<()> {
-    let valid = |i: &str| matches!(i, "0" | "1");
-    check_gpu_list("--gn-stats-in-apply", items, device, valid, || {
-        "0 or 1".to_string()
+    let valid = |i: &str| gn_stats_name(i).is_some();
+    check_gpu_list("--gn-stats", items, device, valid, || {
+        format!("one of {}", GN_STATS.join(", "))
     })
 }
 
-/// Puts the `--gn-stats-in-apply` item `item` in force (checked by [`check_gn_stats`]).
-pub fn apply_gn_stats(item: &str) {
+/// Puts the `PCPP_GN_STATS` setting `name` in force (checked by [`check_gn_stats`]).
+pub fn apply_gn_stats(name: &str) {
     #[cfg(feature = "cuda")]
-    pcpp_kernels::cuda::set_gn_stats_in_apply(item == "1");
+    {
+        use pcpp_kernels::cuda::{set_gn_stats, GnStats};
+        set_gn_stats(GnStats::parse(name).unwrap_or(GnStats::Kernel));
+    }
     #[cfg(not(feature = "cuda"))]
-    let _ = item;
+    let _ = name;
 }
 
 /// The kernel choices in force, for a benchmark's JSON line (empty on the CPU).
@@ -374,7 +387,7 @@ pub fn choices(device: Device) -> serde_json::Value {
             "small_gemm": pcpp_kernels::cuda::small_gemm().name(),
             "small_gemm_rows": pcpp_kernels::cuda::small_gemm_rows(),
             "small_gemm_splits": pcpp_kernels::cuda::small_gemm_splits(),
-            "gn_stats_in_apply": pcpp_kernels::cuda::gn_stats_in_apply(),
+            "gn_stats": pcpp_kernels::cuda::gn_stats().name(),
         });
     }
     let _ = device;

@@ -81,7 +81,7 @@ fn bench_rejects_inconsistent_flags() {
         for (flag, list) in [
             ("--attention", "ws,ws2"),
             ("--small-gemm", "1,0,geglu/128"),
-            ("--gn-stats-in-apply", "0,1"),
+            ("--gn-stats", "kernel,one"),
         ] {
             let mut args = vec![flag, list];
             args.extend_from_slice(extra);

@@ -16,7 +16,7 @@ mod common;
 use common::{gpu, rnd};
 use pcpp_kernels::cuda::{
     copy_rows_into, group_norm_merged_into, group_norm_merged_into_nhwc, group_norm_merged_nhwc,
-    linear_rows_into, nchw_rows_into_nhwc, norm_linear_rows_into, set_gn_stats_in_apply,
+    linear_rows_into, nchw_rows_into_nhwc, norm_linear_rows_into, set_gn_stats, GnStats,
     StatsWindow,
 };
 use pcpp_kernels::{DType, Device, LayerNormArgs, RowStats, Tensor};
@@ -249,14 +249,12 @@ fn stats_window_equals_the_tensor_ops() {
 fn stats_window_writes_channels_last_rows() {
     // (b, c, groups, h, w, window rows, first row): the tiled NHWC apply (even channels and
     // planes; 96 and 320 channels in 32 groups put groups across its 64-channel tiles), and an
-    // odd plane (normalised, then transposed in). The statistics finished inside the apply
-    // (`PCPP_GN_STATS_IN_APPLY`) or by their own kernel: the same bits.
+    // odd plane (normalised, then transposed in). The statistics by their own kernel, finished
+    // by the apply or in one launch (`PCPP_GN_STATS`): the same bits.
     let dtypes = [DType::F16, DType::BF16, DType::F32];
-    for (inside, d) in [false, true]
-        .into_iter()
-        .flat_map(|f| dtypes.map(|d| (f, d)))
-    {
-        set_gn_stats_in_apply(inside);
+    let settings = [GnStats::Kernel, GnStats::Apply, GnStats::OneLaunch];
+    for (how, d) in settings.into_iter().flat_map(|f| dtypes.map(|d| (f, d))) {
+        set_gn_stats(how);
         for (b, c, groups, h, w, big, row0) in [
             (1, 64, 8, 8, 32, 12, 2),
             (2, 32, 8, 6, 10, 10, 4),
@@ -265,7 +263,7 @@ fn stats_window_writes_channels_last_rows() {
             (2, 320, 32, 4, 8, 7, 2),
         ] {
             let name = format!(
-                "{d:?} [{b}, {c}, {h}, {w}] into {big} rows at {row0} (statistics in the apply: {inside})"
+                "{d:?} [{b}, {c}, {h}, {w}] into {big} rows at {row0} (statistics: {how:?})"
             );
             let x = gpu(&rnd(&[b, c, h, w], d, 21));
             let (gamma, beta) = (gpu(&rnd(&[c], d, 22)), gpu(&rnd(&[c], d, 23)));
@@ -331,7 +329,7 @@ fn stats_window_writes_channels_last_rows() {
             assert_eq!(t0, t1, "{name} stale: table with the fresh moments");
         }
     }
-    set_gn_stats_in_apply(false);
+    set_gn_stats(GnStats::Kernel);
     // Rows past the destination's end, and channels that are not the destination's last axis.
     let x = gpu(&rnd(&[1, 8, 4, 6], DType::F16, 1));
     let t = Tensor::zeros_on(&[2, 4, 2], DType::F32, x.device()).unwrap();

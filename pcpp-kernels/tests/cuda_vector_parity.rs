@@ -18,7 +18,7 @@ mod common;
 
 use common::{check, check_group_norm, gpu, rnd, DTYPES};
 use pcpp_kernels::cuda::{
-    set_conv_nhwc, set_flash128, set_gn_stats_in_apply, set_vector_kernels, Flash128,
+    set_conv_nhwc, set_flash128, set_gn_stats, set_vector_kernels, Flash128, GnStats,
 };
 use pcpp_kernels::{Activation, Conv2dParams, DType, Tensor};
 
@@ -663,13 +663,12 @@ fn conv2d_add_matches_cpu_and_the_separate_ops() {
 #[ignore = "needs a CUDA GPU"]
 fn nhwc_group_norm_and_conv_match_cpu_and_the_nchw_ops() {
     set_conv_nhwc(true);
-    // Statistics inside the apply (`PCPP_GN_STATS_IN_APPLY`) or from their own kernel: the same
-    // bits. 96 channels in 32 groups of 3 put a group across the 64-channel tiles.
-    for (stats_in_apply, d) in [false, true]
-        .into_iter()
-        .flat_map(|f| DTYPES.map(|d| (f, d)))
-    {
-        set_gn_stats_in_apply(stats_in_apply);
+    // The statistics from their own kernel, finished by the apply or in one launch
+    // (`PCPP_GN_STATS`): the same bits. 96 channels in 32 groups of 3 put a group across the
+    // 64-channel tiles.
+    let settings = [GnStats::Kernel, GnStats::Apply, GnStats::OneLaunch];
+    for (how, d) in settings.into_iter().flat_map(|f| DTYPES.map(|d| (f, d))) {
+        set_gn_stats(how);
         for (c, h, w, groups) in [
             (32usize, 12usize, 10usize, 8usize),
             (16, 5, 7, 8),
@@ -678,8 +677,7 @@ fn nhwc_group_norm_and_conv_match_cpu_and_the_nchw_ops() {
             let x = rnd(&[2, c, h, w], d, 1);
             let (g, b) = (rnd(&[c], d, 2), rnd(&[c], d, 3));
             let (gx, gg, gb) = (gpu(&x), gpu(&g), gpu(&b));
-            let name =
-                format!("group_norm_nhwc {c}x{h}x{w} (statistics in the apply: {stats_in_apply})");
+            let name = format!("group_norm_nhwc {c}x{h}x{w} (statistics: {how:?})");
             let n = gx
                 .group_norm_nhwc(groups, Some(&gg), Some(&gb), 1e-5, true)
                 .unwrap();
@@ -722,7 +720,7 @@ fn nhwc_group_norm_and_conv_match_cpu_and_the_nchw_ops() {
             );
         }
     }
-    set_gn_stats_in_apply(false);
+    set_gn_stats(GnStats::Kernel);
 }
 
 /// `1×1` convolutions (stride 1, no padding) run as one strided-batched GEMM in NCHW: with and

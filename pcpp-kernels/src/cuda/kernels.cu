@@ -40,12 +40,21 @@ __device__ __forceinline__ float quick_gelu_f(float x) { return x / (1.0f + expf
 // every kernel does is wait until that kernel has completed and its writes are visible; then it
 // lets the next kernel's blocks start, so that their launch overlaps this kernel's work. Every
 // `extern "C"` kernel begins with this call (the test `every_kernel_waits_for_its_predecessor`
-// checks the source); elsewhere it is empty.
-__device__ __forceinline__ void pdl_begin() {
+// checks the source), or with the wait alone where its next kernel must not start early (a grid
+// barrier's, whose blocks must all find room); elsewhere it is empty.
+__device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+}
+__device__ __forceinline__ void pdl_begin() {
+    pdl_wait();
+    pdl_launch_dependents();
 }
 
 #define GRID_STRIDE(i, n) for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long)blockDim.x * gridDim.x)
@@ -150,15 +159,18 @@ __device__ float block_max(float v, float* sh) {
 // contiguous range, one block per (chunk, group), grid (chunks, b*groups). Every slot is written
 // (no zeroing, no atomics); the consumers add a group's chunks in chunk order (gn_total), so the
 // statistics are the same bits on every run.
-__device__ __forceinline__ void gn_sums_commit(float s, float s2, double* sums, long bg) {
+// The block's sums into slot `slot` (= (batch, group) · chunks + chunk).
+__device__ __forceinline__ void gn_sums_commit_at(float s, float s2, double* sums, long slot) {
     __shared__ float sh[32];
     float ts = block_sum(s, sh);
     float ts2 = block_sum(s2, sh);
     if (threadIdx.x == 0) {
-        long k = bg * gridDim.x + blockIdx.x;
-        sums[k * 2] = (double)ts;
-        sums[k * 2 + 1] = (double)ts2;
+        sums[slot * 2] = (double)ts;
+        sums[slot * 2 + 1] = (double)ts2;
     }
+}
+__device__ __forceinline__ void gn_sums_commit(float s, float s2, double* sums, long bg) {
+    gn_sums_commit_at(s, s2, sums, bg * gridDim.x + blockIdx.x);
 }
 template <typename T>
 __device__ void gn_sums_impl(const T* x, double* sums, long group_len, long chunk) {
@@ -177,9 +189,10 @@ __device__ void gn_sums_impl(const T* x, double* sums, long group_len, long chun
 // (Σx, Σx²) of group i: its `chunks` partial sums added in chunk order.
 __device__ __forceinline__ void gn_total(const double* sums, int chunks, int i, double* s, double* s2) {
     double a = 0.0, b = 0.0;
+    // Through L2 (the one-launch group norm reads sums that other blocks of its grid wrote).
     for (int k = 0; k < chunks; ++k) {
-        a += sums[((long)i * chunks + k) * 2];
-        b += sums[((long)i * chunks + k) * 2 + 1];
+        a += __ldcg(sums + ((long)i * chunks + k) * 2);
+        b += __ldcg(sums + ((long)i * chunks + k) * 2 + 1);
     }
     *s = a;
     *s2 = b;

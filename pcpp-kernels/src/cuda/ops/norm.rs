@@ -3,8 +3,6 @@
 //! device from per-band moments, and the row norms (one block per row; the vectorised one-warp
 //! rows live in [`super::vector`]).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
 
 use super::{
@@ -12,20 +10,10 @@ use super::{
 };
 use crate::{DType, GroupStats, Result, Tensor};
 
-static STATS_IN_APPLY: AtomicBool = AtomicBool::new(false);
+mod fused;
 
-/// Whether the channels-last group-norm apply finishes its group statistics itself
-/// (`gn_apply_nhwc_stats`: the statistics kernel and the apply in one launch, the same bits)
-/// instead of reading them from a statistics kernel launched before it; off unless
-/// [`set_gn_stats_in_apply`] turned it on (not yet measured on a GPU).
-pub fn gn_stats_in_apply() -> bool {
-    STATS_IN_APPLY.load(Ordering::Relaxed)
-}
-
-/// Turns the statistics inside the channels-last group-norm apply on or off for this process.
-pub fn set_gn_stats_in_apply(on: bool) {
-    STATS_IN_APPLY.store(on, Ordering::Relaxed);
-}
+use fused::StatsFrom;
+pub use fused::{gn_stats, set_gn_stats, GnStats};
 
 /// Partial `(Σx, Σx²)` per (batch, group) and chunk of the group's range, f32 block sums stored
 /// as f64 in `[b·groups, chunks, 2]`: every slot is written (no zeroing, no atomics), and the
@@ -180,10 +168,15 @@ pub(crate) fn group_norm_nhwc(
     let gpu = gpu_of(x)?;
     let y = out(&gpu, &[b, s, c], x.dtype())?;
     let to = (ptr(&y)?, s * c);
-    if gn_stats_in_apply() {
-        let sums = gn_sums(x, dims, groups)?;
-        let fin = NhwcStats::Final(&sums, eps);
-        gn_apply_nhwc_stats(&gpu, x, fin, (dims, groups), (gamma, beta), silu, to)?;
+    if fused::try_nhwc(
+        &gpu,
+        x,
+        (dims, groups),
+        StatsFrom::Final(eps),
+        (gamma, beta),
+        silu,
+        to,
+    )? {
         return Ok(Some(y));
     }
     let mr = gn_mean_rstd(x, dims, groups, eps)?;
@@ -221,54 +214,6 @@ fn gn_apply_nhwc(
     launch!(gpu, format!("gn_apply_nhwc_{}", tname(dt)), cfg;
         ptr(x)?, mr, gp, bp, to, c as i32, s as i64, groups as i32, silu as i32,
         image_stride as i64);
-    Ok(())
-}
-
-/// Where `gn_apply_nhwc_stats` takes its statistics from: partial sums finished as
-/// `gn_finalize` does (`eps`), or merged with a statistics window as `gn_merge_sums` does (the
-/// window, its band counts as the kernel takes them, and `eps`).
-enum NhwcStats<'a> {
-    Final(&'a Sums, f64),
-    Merged(&'a Sums, &'a StatsWindow<'a>, &'a GnCounts, f64),
-}
-
-/// [`gn_apply_nhwc`] with the per-(batch, group) statistics finished inside the launch from the
-/// partial sums of [`gn_sums`] (and, merged, this band's fresh moments stored in the window's fresh
-/// row), instead of read from a statistics kernel's output.
-fn gn_apply_nhwc_stats(
-    gpu: &Gpu,
-    x: &Tensor,
-    stats: NhwcStats<'_>,
-    ((b, c, s), groups): ((usize, usize, usize), usize),
-    (gamma, beta): (Option<&Tensor>, Option<&Tensor>),
-    silu: bool,
-    (to, image_stride): (u64, usize),
-) -> Result<()> {
-    let dt = x.dtype();
-    let ((_g, gp), (_b, bp)) = (param(gamma, dt)?, param(beta, dt)?);
-    let cfg = LaunchConfig {
-        grid_dim: (s.div_ceil(64) as u32, c.div_ceil(64) as u32, b as u32),
-        block_dim: (32, 8, 1),
-        shared_mem_bytes: 0,
-    };
-    let n = ((c / groups) * s) as f64;
-    let none = GnCounts {
-        n: [0.0; crate::ops::MAX_GN_BANDS],
-    };
-    // (sums, bands, fresh, bands' count, counts, own, corrected, eps)
-    let (sums, bands, fresh, p, cn, own, corrected, eps) = match stats {
-        NhwcStats::Final(sums, eps) => (sums, 0, 0, 0, none, -1, 0, eps),
-        NhwcStats::Merged(sums, win, cn, eps) => {
-            let rows = b * groups;
-            let fresh = ptr(win.fresh)? + (win.fresh_row * rows * 2 * 4) as u64;
-            let p = win.counts.len() as i32;
-            let (own, corrected) = (win.own as i32, win.corrected as i32);
-            (sums, ptr(win.bands)?, fresh, p, *cn, own, corrected, eps)
-        }
-    };
-    launch!(gpu, format!("gn_apply_nhwc_stats_{}", tname(dt)), cfg;
-        ptr(x)?, sums.ptr(gpu), sums.chunks as i32, n, bands, fresh, p, cn, own, corrected, eps,
-        gp, bp, to, c as i32, s as i64, groups as i32, silu as i32, image_stride as i64);
     Ok(())
 }
 
@@ -542,25 +487,19 @@ pub fn group_norm_merged_into_nhwc(
     const OP: &str = "group_norm_merged_into_nhwc";
     super::rows::nhwc_rows_fit(OP, x, dst, row0)?;
     let (xs, ds) = (x.shape(), dst.shape());
-    if gn_stats_in_apply() {
+    if fused::gn_stats() != GnStats::Kernel {
         let ((b, c, s), cn) = window_checks(OP, x, groups, &win, (gamma, beta), Some(dst))?;
         let to = ptr(dst)? + (row0 * xs[3] * c * x.dtype().size()) as u64;
         if b * c * s > 0 && nhwc_apply_fits(x, (b, c, s), to)? {
             let gpu = gpu_of(x)?;
             let _timed =
                 crate::cuda::profile::scope(crate::cpu::profile::Kernel::GroupNorm, x.device());
-            let sums = gn_sums(x, (b, c, s), groups)?;
-            let stats = NhwcStats::Merged(&sums, &win, &cn, eps);
+            let from = StatsFrom::Merged(&win, &cn, eps);
             let to = (to, ds[1] * ds[2] * c);
-            return gn_apply_nhwc_stats(
-                &gpu,
-                x,
-                stats,
-                ((b, c, s), groups),
-                (gamma, beta),
-                silu,
-                to,
-            );
+            let dims = ((b, c, s), groups);
+            if fused::try_nhwc(&gpu, x, dims, from, (gamma, beta), silu, to)? {
+                return Ok(());
+            }
         }
     }
     let (mr, (b, c, s)) = merged_stats(OP, x, groups, &win, (gamma, beta), eps, Some(dst))?;
