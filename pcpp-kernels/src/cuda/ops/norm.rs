@@ -444,7 +444,8 @@ pub fn group_norm_merged_into(
     silu: bool,
 ) -> Result<Tensor> {
     const OP: &str = "group_norm_merged_into";
-    let (mr, (_, c, s)) = merged_stats(OP, x, groups, &win, (gamma, beta), eps, None)?;
+    let ((b, c, s), cn) = window_checks(OP, x, groups, &win, (gamma, beta), None)?;
+    let mr = merged_stats(x, ((b, c, s), groups), &win, &cn, eps)?;
     let gpu = gpu_of(x)?;
     let (mp, _s) = cudarc::driver::DevicePtr::device_ptr(&mr, &gpu.stream);
     gn_apply(x, mp, (c, s, groups), gamma, beta, silu)
@@ -487,49 +488,42 @@ pub fn group_norm_merged_into_nhwc(
     const OP: &str = "group_norm_merged_into_nhwc";
     super::rows::nhwc_rows_fit(OP, x, dst, row0)?;
     let (xs, ds) = (x.shape(), dst.shape());
-    if fused::gn_stats() != GnStats::Kernel {
-        let ((b, c, s), cn) = window_checks(OP, x, groups, &win, (gamma, beta), Some(dst))?;
-        let to = ptr(dst)? + (row0 * xs[3] * c * x.dtype().size()) as u64;
-        if b * c * s > 0 && nhwc_apply_fits(x, (b, c, s), to)? {
-            let gpu = gpu_of(x)?;
-            let _timed =
-                crate::cuda::profile::scope(crate::cpu::profile::Kernel::GroupNorm, x.device());
-            let from = StatsFrom::Merged(&win, &cn, eps);
-            let to = (to, ds[1] * ds[2] * c);
-            let dims = ((b, c, s), groups);
-            if fused::try_nhwc(&gpu, x, dims, from, (gamma, beta), silu, to)? {
-                return Ok(());
-            }
+    let ((b, c, s), cn) = window_checks(OP, x, groups, &win, (gamma, beta), Some(dst))?;
+    let gpu = gpu_of(x)?;
+    let to = ptr(dst)? + (row0 * xs[3] * c * x.dtype().size()) as u64;
+    let fits = b * c * s > 0 && nhwc_apply_fits(x, (b, c, s), to)?;
+    let to = (to, ds[1] * ds[2] * c);
+    if fits {
+        let _timed =
+            crate::cuda::profile::scope(crate::cpu::profile::Kernel::GroupNorm, x.device());
+        let from = StatsFrom::Merged(&win, &cn, eps);
+        if fused::try_nhwc(&gpu, x, ((b, c, s), groups), from, (gamma, beta), silu, to)? {
+            return Ok(());
         }
     }
-    let (mr, (b, c, s)) = merged_stats(OP, x, groups, &win, (gamma, beta), eps, Some(dst))?;
+    // An empty band still stores its (empty) moments for the peers.
+    let mr = merged_stats(x, ((b, c, s), groups), &win, &cn, eps)?;
     if b * c * s == 0 {
         return Ok(());
     }
-    let gpu = gpu_of(x)?;
     let (mp, _s) = cudarc::driver::DevicePtr::device_ptr(&mr, &gpu.stream);
-    let to = ptr(dst)? + (row0 * xs[3] * c * x.dtype().size()) as u64;
-    if nhwc_apply_fits(x, (b, c, s), to)? {
-        let to = (to, ds[1] * ds[2] * c);
+    if fits {
         return gn_apply_nhwc(&gpu, x, mp, ((b, c, s), groups), (gamma, beta), silu, to);
     }
     let y = gn_apply(x, mp, (c, s, groups), gamma, beta, silu)?;
     super::rows::nchw_rows_into_nhwc(&y, dst, row0)
 }
 
-/// The checks of [`group_norm_merged_into`] (operands on one GPU, `also` among them) and its
-/// statistics: `x`'s fresh moments stored in the window's fresh row and merged into per-(batch,
-/// group) `(mean, rstd)` by one launch; returns them with `x`'s `(b, c, s)`.
+/// The statistics of a statistics window's group norm (checked by [`window_checks`]): `x`'s fresh
+/// moments stored in the window's fresh row and merged into per-(batch, group) `(mean, rstd)` by
+/// one launch after the sums.
 fn merged_stats(
-    op: &'static str,
     x: &Tensor,
-    groups: usize,
+    ((b, c, s), groups): ((usize, usize, usize), usize),
     win: &StatsWindow<'_>,
-    (gamma, beta): (Option<&Tensor>, Option<&Tensor>),
+    cn: &GnCounts,
     eps: f64,
-    also: Option<&Tensor>,
-) -> Result<(CudaSlice<f32>, (usize, usize, usize))> {
-    let ((b, c, s), cn) = window_checks(op, x, groups, win, (gamma, beta), also)?;
+) -> Result<CudaSlice<f32>> {
     let rows = b * groups;
     let p = win.counts.len();
     let gpu = gpu_of(x)?;
@@ -544,14 +538,14 @@ fn merged_stats(
         let n = ((c / groups) * s) as f64;
         launch!(gpu, "gn_merge_sums", Gpu::cfg_elems(rows);
             sums.ptr(&gpu), sums.chunks as i32, n, ptr(win.bands)?, fresh, mp, p as i32,
-            rows as i32, cn, win.own as i32, win.corrected as i32, eps);
+            rows as i32, *cn, win.own as i32, win.corrected as i32, eps);
     }
-    Ok((mr, (b, c, s)))
+    Ok(mr)
 }
 
-/// The checks of a statistics window's group norm (operands on one GPU, `also` among them; the
-/// window's bands, counts and fresh row): `x`'s `(b, c, s)` and the band counts as the kernels
-/// take them.
+/// The checks of a statistics window's group norm ([`group_norm_merged_into`]: operands on one
+/// GPU, `also` among them; the window's bands, counts and fresh row): `x`'s `(b, c, s)` and the
+/// band counts as the kernels take them.
 fn window_checks(
     op: &'static str,
     x: &Tensor,
