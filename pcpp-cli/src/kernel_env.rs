@@ -396,7 +396,20 @@ pub fn choices(device: Device) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests {
-    use super::small_gemm_item;
+    use super::{gn_stats_name, small_gemm_item, GN_STATS};
+
+    #[test]
+    fn gn_stats_settings_are_the_kernel_crates_names() {
+        assert_eq!(GN_STATS.map(gn_stats_name), GN_STATS.map(Some));
+        for bad in ["", "0", "1", "Apply", "one-launch"] {
+            assert_eq!(gn_stats_name(bad), None, "{bad}");
+        }
+        #[cfg(feature = "cuda")]
+        for name in GN_STATS {
+            let parsed = pcpp_kernels::cuda::GnStats::parse(name).map(|g| g.name());
+            assert_eq!(parsed, Some(name));
+        }
+    }
 
     #[test]
     fn small_gemm_items_name_a_level_and_optional_caps() {
