@@ -666,9 +666,10 @@ __device__ void gn_sums_vec_impl(const T* x, double* sums, long group_len, long 
     gn_sums_vec_item<T>(x, sums, group_len, chunk, blockIdx.y, blockIdx.x, gridDim.x);
 }
 // A barrier of the whole grid, for a grid whose blocks are all resident at once (the caller keeps
-// it within one block per multiprocessor): bar[0] counts the blocks that arrived, bar[1] is the
+// it within what fits on the device, with room to spare): bar[0] counts the blocks that arrived, bar[1] is the
 // generation the last one advances after setting the count back to zero (ready for the next
 // launch). Writes before it are visible after it to the whole grid (fenced; read them through L2).
+// A wait that does not end traps (an error of the launch, not a hang).
 __device__ __forceinline__ void grid_barrier(unsigned* bar) {
     __syncthreads();
     if (threadIdx.x == 0 && threadIdx.y == 0) {
@@ -680,7 +681,12 @@ __device__ __forceinline__ void grid_barrier(unsigned* bar) {
             __threadfence();
             atomicAdd(bar + 1, 1u);
         } else {
-            while (*gen == g) __nanosleep(64);
+            // Blocks that can never all be resident (a device shared past what the launch
+            // assumed) fail the launch after about a second instead of hanging it.
+            for (unsigned k = 0; *gen == g; ++k) {
+                if (k == (1u << 24)) __trap();
+                __nanosleep(64);
+            }
         }
         __threadfence();
     }
