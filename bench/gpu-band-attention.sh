@@ -22,13 +22,7 @@
 # Environment: PYTHON (a python with torch and diffusers 0.42.1; default python3), SKIP_PARITY=1,
 # REPS (default 2), COMPILE=1.
 set -uo pipefail
-BIN=$(realpath "${1:?usage: $0 BIN_DIR OUT_DIR}"); OUT=$(realpath -m "${2:?usage: $0 BIN_DIR OUT_DIR}")
-PY=${PYTHON:-python3}
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-status=0
-
-source bench/unet-bench-lib.sh
+source "$(dirname "$0")/unet-bench-lib.sh"
 
 echo "== GPU parity"
 if [[ ${SKIP_PARITY:-0} != 1 ]]; then
