@@ -24,6 +24,15 @@ struct Sums {
 }
 
 impl Sums {
+    /// Room for `chunks` partial sums of each of `bg` (batch, group)s, every slot to be written
+    /// before a consumer reads it.
+    fn alloc(gpu: &Gpu, bg: usize, chunks: usize) -> Result<Sums> {
+        // SAFETY: the launch that fills it writes every (group, chunk) slot before any read.
+        let buf = unsafe { gpu.stream.alloc::<f64>(2 * bg.max(1) * chunks) }
+            .map_err(|e| gpu.err("group-norm sums", e))?;
+        Ok(Sums { buf, chunks })
+    }
+
     fn ptr(&self, gpu: &Gpu) -> u64 {
         cudarc::driver::DevicePtr::device_ptr(&self.buf, &gpu.stream).0
     }
@@ -34,12 +43,8 @@ fn gn_sums(x: &Tensor, (b, c, s): (usize, usize, usize), groups: usize) -> Resul
     let gpu = gpu_of(x)?;
     let bg = b * groups;
     let group_len = (c / groups) * s;
-    let chunk = gn_chunk(group_len, bg, gpu.sms);
-    let chunks = group_len.div_ceil(chunk).max(1);
-    // SAFETY: the launch below writes every (group, chunk) slot before a consumer reads it.
-    let buf = unsafe { gpu.stream.alloc::<f64>(2 * bg.max(1) * chunks) }
-        .map_err(|e| gpu.err("group-norm sums", e))?;
-    let sums = Sums { buf, chunks };
+    let (chunk, chunks) = gn_chunks(group_len, bg, gpu.sms);
+    let sums = Sums::alloc(&gpu, bg, chunks)?;
     let cfg = LaunchConfig {
         grid_dim: (chunks as u32, bg as u32, 1),
         block_dim: (256, 1, 1),
@@ -50,6 +55,13 @@ fn gn_sums(x: &Tensor, (b, c, s): (usize, usize, usize), groups: usize) -> Resul
         .unwrap_or_else(|| format!("gn_sums_{}", tname(x.dtype())));
     launch!(gpu, name, cfg; xp, sums.ptr(&gpu), group_len as i64, chunk as i64);
     Ok(sums)
+}
+
+/// `(chunk, chunks)`: the elements of a group that one sums block adds ([`gn_chunk`]) and the
+/// blocks a group of `group_len` elements takes.
+fn gn_chunks(group_len: usize, bg: usize, sms: usize) -> (usize, usize) {
+    let chunk = gn_chunk(group_len, bg, sms);
+    (chunk, group_len.div_ceil(chunk).max(1))
 }
 
 /// Elements of a group that one sums block adds: 8 192, or two to four times that where the grid

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use cudarc::driver::{DeviceRepr, LaunchConfig};
 
 use super::super::{ptr, tname, vector, Gpu};
-use super::{gn_chunk, gn_sums, param, GnCounts, StatsWindow};
+use super::{gn_chunks, gn_sums, param, GnCounts, StatsWindow, Sums};
 use crate::{Result, Tensor};
 
 /// How a channels-last group norm gets its statistics.
@@ -137,16 +137,15 @@ pub(super) fn try_nhwc(
         eps,
     };
     let tiles = s.div_ceil(64) * c.div_ceil(64) * b;
-    let chunk = gn_chunk(group_len, b * groups, gpu.sms);
-    let chunks = group_len.div_ceil(chunk).max(1);
+    // The chunking of gn_sums (the same partial sums, so the same bits).
+    let (chunk, chunks) = gn_chunks(group_len, b * groups, gpu.sms);
     let vec_sums = vector::gn_sums_vec_name(dt, ptr(x)?, group_len, chunk).is_some();
     let grid = tiles.max(chunks * b * groups);
     let name = format!("gn_nhwc_one_{}", tname(dt));
     if how == GnStats::OneLaunch && vec_sums && grid <= resident_blocks(gpu, &name)? {
-        // SAFETY: every (group, chunk) slot is written before the barrier, read after it.
-        let sums = unsafe { gpu.stream.alloc::<f64>(2 * b * groups * chunks) }
-            .map_err(|e| gpu.err("group-norm sums", e))?;
-        src.sums = cudarc::driver::DevicePtr::device_ptr(&sums, &gpu.stream).0;
+        // Every (group, chunk) slot is written before the barrier and read after it.
+        let sums = Sums::alloc(gpu, b * groups, chunks)?;
+        src.sums = sums.ptr(gpu);
         src.chunks = chunks as i32;
         let cfg = LaunchConfig {
             grid_dim: (grid as u32, 1, 1),
