@@ -86,7 +86,7 @@ pub fn flush_gpu_profile() -> Result<()> {
     Ok(())
 }
 
-/// Lets f32 convolutions and GEMMs on `device` use TF32 tensor cores (nothing on the CPU). See [`cuda::Gpu::set_tf32`].
+/// Lets f32 convolutions and GEMMs on `device` use TF32 tensor cores (nothing on the CPU). See `cuda::Gpu::set_tf32` (feature `cuda`).
 pub fn set_tf32(device: Device, on: bool) -> Result<()> {
     match device {
         Device::Cpu => Ok(()),

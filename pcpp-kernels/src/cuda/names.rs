@@ -2,7 +2,7 @@
 //! [`super::KERNEL_SOURCE`] (the `extern "C"` entries of `kernels.cu`, `flash_attn.cu`,
 //! `flash_hopper.cu`, `flash_ws.cu`, `gemm_wg.cu`, `vector.cu` and `instances.cu`).
 
-/// The names of every `extern "C"` kernel in [`KERNEL_SOURCE`].
+/// The names of every `extern "C"` kernel in [`super::KERNEL_SOURCE`].
 pub fn kernel_names() -> Vec<String> {
     let mut v: Vec<String> = [
         "cast_f32_f16",

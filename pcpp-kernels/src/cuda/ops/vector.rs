@@ -34,7 +34,7 @@ pub fn set_vector_kernels(on: bool) {
 static GEGLU_PREFETCH: AtomicBool = AtomicBool::new(true);
 
 /// Whether a GEGLU thread takes several rows, loading the next one's vectors while it computes
-/// one, where the grid has waves to spare ([`geglu_row_blocks`]); on unless
+/// one, where the grid has waves to spare (`geglu_row_blocks`); on unless
 /// [`set_geglu_prefetch`] turned it off (then every thread takes one row; same bits).
 pub fn geglu_prefetch() -> bool {
     GEGLU_PREFETCH.load(Ordering::Relaxed)
