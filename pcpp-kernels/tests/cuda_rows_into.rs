@@ -244,6 +244,35 @@ fn stats_window_equals_the_tensor_ops() {
     }
 }
 
+/// The statistics-window norm of `x` (`[b, c, h, w]`, eps 1e-5) written channels-last through
+/// window `into` into rows `row0 ..` of a random `[b, big, w, c]` destination (seed `seed`) equals
+/// the NCHW norm through window `reference`, permuted, bit for bit, and every other row keeps its
+/// bytes; returns that reference as `[b, h, w·c]`.
+fn check_into_rows(
+    name: &str,
+    x: &Tensor,
+    groups: usize,
+    (reference, into): (StatsWindow<'_>, StatsWindow<'_>),
+    (ab, silu): ((Option<&Tensor>, Option<&Tensor>), bool),
+    (big, row0, seed): (usize, usize, u64),
+) -> Tensor {
+    let &[b, c, h, w] = x.shape() else {
+        panic!("{name}: expected [b, c, h, w], got {:?}", x.shape())
+    };
+    let want = group_norm_merged_into(x, groups, reference, ab, 1e-5, silu)
+        .unwrap()
+        .permute(&[0, 2, 3, 1])
+        .unwrap()
+        .reshape(&[b, h, w * c])
+        .unwrap();
+    let dst = gpu(&rnd(&[b, big, w, c], x.dtype(), seed));
+    let before = host_f32(&dst);
+    group_norm_merged_into_nhwc(x, groups, into, ab, 1e-5, silu, (&dst, row0)).unwrap();
+    let flat = dst.reshape(&[b, big, w * c]).unwrap();
+    assert_rows(name, &flat, &before, &want, row0);
+    want
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn stats_window_writes_channels_last_rows() {
@@ -282,18 +311,8 @@ fn stats_window_writes_channels_last_rows() {
                 fresh_row: own,
                 corrected: true,
             };
-            let want = group_norm_merged_into(&x, groups, win(&tables[0]), ab, 1e-5, true)
-                .unwrap()
-                .permute(&[0, 2, 3, 1])
-                .unwrap()
-                .reshape(&[b, h, w * c])
-                .unwrap();
-            let dst = gpu(&rnd(&[b, big, w, c], d, 25));
-            let before = host_f32(&dst);
-            group_norm_merged_into_nhwc(&x, groups, win(&tables[1]), ab, 1e-5, true, (&dst, row0))
-                .unwrap();
-            let flat = dst.reshape(&[b, big, w * c]).unwrap();
-            assert_rows(&name, &flat, &before, &want, row0);
+            let wins = (win(&tables[0]), win(&tables[1]));
+            let want = check_into_rows(&name, &x, groups, wins, (ab, true), (big, row0, 25));
             let [t0, t1] = [&tables[0], &tables[1]].map(host_f32);
             assert_eq!(t0, t1, "{name}: fresh moments");
             // A new channels-last tensor: the same bits as the permute.
@@ -313,18 +332,9 @@ fn stats_window_writes_channels_last_rows() {
                 fresh_row: own,
                 corrected: false,
             };
-            let want = group_norm_merged_into(&x, groups, stale(0), ab, 1e-5, false)
-                .unwrap()
-                .permute(&[0, 2, 3, 1])
-                .unwrap()
-                .reshape(&[b, h, w * c])
-                .unwrap();
-            let dst = gpu(&rnd(&[b, big, w, c], d, 27));
-            let before = host_f32(&dst);
-            let win = stale(1);
-            group_norm_merged_into_nhwc(&x, groups, win, ab, 1e-5, false, (&dst, row0)).unwrap();
-            let flat = dst.reshape(&[b, big, w * c]).unwrap();
-            assert_rows(&format!("{name} stale"), &flat, &before, &want, row0);
+            let wins = (stale(0), stale(1));
+            let stale_name = format!("{name} stale");
+            check_into_rows(&stale_name, &x, groups, wins, (ab, false), (big, row0, 27));
             let [t0, t1] = [&tables[0], &tables[1]].map(host_f32);
             assert_eq!(t0, t1, "{name} stale: table with the fresh moments");
         }
