@@ -1,5 +1,5 @@
 # Sourced by the GPU bench scripts that time the SDXL-base UNet step (gpu-small-gemm.sh,
-# gpu-band-attention.sh, gpu-gn-stats.sh) with their arguments BIN_DIR OUT_DIR: sets BIN and OUT
+# gpu-band-attention.sh) with their arguments BIN_DIR OUT_DIR: sets BIN and OUT
 # (absolute; OUT made), PY (PYTHON or python3) and `status=0`, and moves to the repository root.
 # A failure sets `status=1`; the caller exits with it.
 #   gpu_test NAME SECONDS [FILTER...]  runs the GPU test binary NAME (ignored tests, one thread;

@@ -119,8 +119,7 @@ pub fn run(a: &Args) -> Result<()> {
     .on_device(device)
     .keep_taken();
 
-    // Every attention kernel of --attention with every small-row GEMM choice of --small-gemm and
-    // every group-norm statistics choice of --gn-stats.
+    // Every attention kernel of --attention with every small-row GEMM choice of --small-gemm.
     let listed = |v: &[String]| -> Vec<Option<String>> {
         if v.is_empty() {
             vec![None]
@@ -137,22 +136,15 @@ pub fn run(a: &Args) -> Result<()> {
             if let Some(item) = &small {
                 crate::kernel_env::apply_small_gemm(item);
             }
-            for gn in listed(&a.gn_stats) {
-                if let Some(item) = &gn {
-                    crate::kernel_env::apply_gn_stats(item);
-                }
-                for &r in &ranks {
-                    let res = run_rank(
-                        a, &ucfg, &weights, &pcfg, mode, r, cfg_split, warm, graph_on, device,
-                        dtype,
-                    )?;
-                    let choice = [kernel.clone(), small.clone(), gn.clone()];
-                    results.push((choice, res));
-                }
+            for &r in &ranks {
+                let res = run_rank(
+                    a, &ucfg, &weights, &pcfg, mode, r, cfg_split, warm, graph_on, device, dtype,
+                )?;
+                results.push((kernel.clone(), small.clone(), res));
             }
         }
     }
-    for ([kernel, small, gn], res) in &results {
+    for (kernel, small, res) in &results {
         let sent = res.traffic.sent.total();
         let recvd = res.traffic.recvd.total();
         if a.json {
@@ -179,7 +171,6 @@ pub fn run(a: &Args) -> Result<()> {
                 "steady_traffic": res.traffic,
                 "attention": kernel,
                 "small_gemm": small,
-                "gn_stats": gn,
             });
             println!("{v}");
         } else {
@@ -188,8 +179,7 @@ pub fn run(a: &Args) -> Result<()> {
             } else {
                 format!(", sync step {:.3} ms", res.sync_ms)
             };
-            let gn = gn.as_ref().map(|g| format!("gn-stats {g}"));
-            let kernel = [kernel, small, &gn]
+            let kernel = [kernel, small]
                 .iter()
                 .flat_map(|c| c.as_ref().map(|k| format!(" [{k}]")))
                 .collect::<String>();

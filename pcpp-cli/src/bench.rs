@@ -106,11 +106,6 @@ pub struct Args {
     /// named.
     #[arg(long, value_delimiter = ',')]
     pub small_gemm: Vec<String>,
-    /// On a GPU, `PCPP_GN_STATS` settings (`kernel`, `apply`, `one`) to time one after the other
-    /// on the same weights in this process, comma-separated, e.g. `kernel,apply,one`: one result
-    /// each (for each choice of --attention and --small-gemm), named.
-    #[arg(long, value_delimiter = ',')]
-    pub gn_stats: Vec<String>,
 }
 
 /// Seeded uniform values in `[-1, 1)` (SplitMix64).
@@ -190,7 +185,6 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(a: Args) -> Result<()> {
     crate::kernel_env::check_attention(&a.attention, a.device.device(0))?;
     crate::kernel_env::check_small_gemm(&a.small_gemm, a.device.device(0))?;
-    crate::kernel_env::check_gn_stats(&a.gn_stats, a.device.device(0))?;
     let per_rank = a.device != DeviceArg::Cpu || a.ranks != 1 || a.parallel != ParallelMode::Serial;
     if per_rank && a.device != DeviceArg::Cpu {
         return crate::band_bench::run(&a);

@@ -33,12 +33,8 @@
 //! passes; off by default, measured slower than cuBLASLt), `PCPP_SMALL_GEMM_ROWS=256|128|64`
 //! (the most rows of one of those GEMMs' blocks: fewer read the weights more often but give a
 //! GEMM more blocks), `PCPP_SMALL_GEMM_SPLITS=8|4|2|1` (the most blocks of a cluster that share
-//! one tile's K), `PCPP_GN_STATS=kernel|apply|one` (how a channels-last group norm gets its
-//! statistics: from a kernel of their own between the sums and the apply, finished by the apply,
-//! or sums, statistics and apply in one launch whose grid meets at a barrier, where it fits on
-//! the device at once; same bits; `kernel` by default, the others not yet measured on a GPU).
-//! Unset means the defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`, `256`, `8`,
-//! `kernel`);
+//! one tile's K). Unset
+//! means the defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`, `256`, `8`);
 //! `flux-bench`'s `--variants` items ([`parse_variant`]) set the first three, and `bench`'s
 //! `--attention` list ([`check_attention`], [`apply_attention`]) the first.
 //! Without the `cuda` feature there is nothing to choose and the variables are ignored.
@@ -62,9 +58,6 @@ const FLASH: [&str; 12] = [
     "registers-q",
 ];
 
-/// The settings of `PCPP_GN_STATS` (`pcpp_kernels::cuda::GnStats::parse`), the default first.
-const GN_STATS: [&str; 3] = ["kernel", "apply", "one"];
-
 /// The levels of `PCPP_SMALL_GEMM` (`pcpp_kernels::cuda::SmallGemm::parse`), the default first.
 const SMALL_GEMM: [&str; 4] = ["0", "gemm", "geglu", "1"];
 
@@ -87,7 +80,6 @@ pub struct Variant {
     small_gemm: &'static str,
     small_gemm_rows: usize,
     small_gemm_splits: usize,
-    gn_stats: &'static str,
 }
 
 impl Default for Variant {
@@ -108,7 +100,6 @@ impl Default for Variant {
             small_gemm: SMALL_GEMM[0],
             small_gemm_rows: 256,
             small_gemm_splits: 8,
-            gn_stats: GN_STATS[0],
         }
     }
 }
@@ -151,11 +142,6 @@ pub fn apply() -> Result<()> {
     v.programmatic = switch("PCPP_PROGRAMMATIC_LAUNCH")?;
     v.persistent = switch("PCPP_FLASH_PERSISTENT")?;
     v.geglu_prefetch = switch("PCPP_GEGLU_PREFETCH")?;
-    if let Some(t) = var("PCPP_GN_STATS") {
-        v.gn_stats = gn_stats_name(&t).ok_or_else(|| {
-            anyhow::anyhow!("PCPP_GN_STATS={t}: expected {}", GN_STATS.join(", "))
-        })?;
-    }
     if let Some(t) = var("PCPP_SMALL_GEMM") {
         v.small_gemm = SMALL_GEMM
             .iter()
@@ -234,7 +220,6 @@ impl Variant {
             );
             pcpp_kernels::cuda::set_small_gemm_rows(self.small_gemm_rows);
             pcpp_kernels::cuda::set_small_gemm_splits(self.small_gemm_splits);
-            apply_gn_stats(self.gn_stats);
         }
     }
 }
@@ -344,31 +329,6 @@ pub fn apply_small_gemm(item: &str) {
     let _ = item;
 }
 
-/// `name` as one of [`GN_STATS`].
-fn gn_stats_name(name: &str) -> Option<&'static str> {
-    GN_STATS.iter().copied().find(|g| *g == name)
-}
-
-/// Checks `items` (a benchmark's `--gn-stats` list) against the settings of `PCPP_GN_STATS`:
-/// GPU runs of a `cuda` build only.
-pub fn check_gn_stats(items: &[String], device: Device) -> Result<()> {
-    let valid = |i: &str| gn_stats_name(i).is_some();
-    check_gpu_list("--gn-stats", items, device, valid, || {
-        format!("one of {}", GN_STATS.join(", "))
-    })
-}
-
-/// Puts the `PCPP_GN_STATS` setting `name` in force (checked by [`check_gn_stats`]).
-pub fn apply_gn_stats(name: &str) {
-    #[cfg(feature = "cuda")]
-    {
-        use pcpp_kernels::cuda::{set_gn_stats, GnStats};
-        set_gn_stats(GnStats::parse(name).unwrap_or(GnStats::Kernel));
-    }
-    #[cfg(not(feature = "cuda"))]
-    let _ = name;
-}
-
 /// The kernel choices in force, for a benchmark's JSON line (empty on the CPU).
 pub fn choices(device: Device) -> serde_json::Value {
     #[cfg(feature = "cuda")]
@@ -387,7 +347,6 @@ pub fn choices(device: Device) -> serde_json::Value {
             "small_gemm": pcpp_kernels::cuda::small_gemm().name(),
             "small_gemm_rows": pcpp_kernels::cuda::small_gemm_rows(),
             "small_gemm_splits": pcpp_kernels::cuda::small_gemm_splits(),
-            "gn_stats": pcpp_kernels::cuda::gn_stats().name(),
         });
     }
     let _ = device;
@@ -396,20 +355,7 @@ pub fn choices(device: Device) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests {
-    use super::{gn_stats_name, small_gemm_item, GN_STATS};
-
-    #[test]
-    fn gn_stats_settings_are_the_kernel_crates_names() {
-        assert_eq!(GN_STATS.map(gn_stats_name), GN_STATS.map(Some));
-        for bad in ["", "0", "1", "Apply", "one-launch"] {
-            assert_eq!(gn_stats_name(bad), None, "{bad}");
-        }
-        #[cfg(feature = "cuda")]
-        for name in GN_STATS {
-            let parsed = pcpp_kernels::cuda::GnStats::parse(name).map(|g| g.name());
-            assert_eq!(parsed, Some(name));
-        }
-    }
+    use super::small_gemm_item;
 
     #[test]
     fn small_gemm_items_name_a_level_and_optional_caps() {

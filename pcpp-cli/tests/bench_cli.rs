@@ -75,14 +75,10 @@ fn bench_rejects_inconsistent_flags() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no/such/folder"));
 
-    // Attention kernels, small-row GEMMs and the group norms' statistics are GPU choices:
-    // refused on the CPU, serial or per rank.
+    // Attention kernels and small-row GEMMs are GPU choices: refused on the CPU, serial or per
+    // rank.
     for extra in [&[][..], &["--parallel", "pcpp", "--ranks", "2"][..]] {
-        for (flag, list) in [
-            ("--attention", "ws,ws2"),
-            ("--small-gemm", "1,0,geglu/128"),
-            ("--gn-stats", "kernel,one"),
-        ] {
+        for (flag, list) in [("--attention", "ws,ws2"), ("--small-gemm", "1,0,geglu/128")] {
             let mut args = vec![flag, list];
             args.extend_from_slice(extra);
             let out = bench(&args);

@@ -16,8 +16,7 @@ mod common;
 use common::{gpu, rnd};
 use pcpp_kernels::cuda::{
     copy_rows_into, group_norm_merged_into, group_norm_merged_into_nhwc, group_norm_merged_nhwc,
-    linear_rows_into, nchw_rows_into_nhwc, norm_linear_rows_into, set_gn_stats, GnStats,
-    StatsWindow,
+    linear_rows_into, nchw_rows_into_nhwc, norm_linear_rows_into, StatsWindow,
 };
 use pcpp_kernels::{DType, Device, LayerNormArgs, RowStats, Tensor};
 
@@ -278,12 +277,8 @@ fn check_into_rows(
 fn stats_window_writes_channels_last_rows() {
     // (b, c, groups, h, w, window rows, first row): the tiled NHWC apply (even channels and
     // planes; 96 and 320 channels in 32 groups put groups across its 64-channel tiles), and an
-    // odd plane (normalised, then transposed in). The statistics by their own kernel, finished
-    // by the apply or in one launch (`PCPP_GN_STATS`): the same bits.
-    let dtypes = [DType::F16, DType::BF16, DType::F32];
-    let settings = [GnStats::Kernel, GnStats::Apply, GnStats::OneLaunch];
-    for (how, d) in settings.into_iter().flat_map(|f| dtypes.map(|d| (f, d))) {
-        set_gn_stats(how);
+    // odd plane (normalised, then transposed in).
+    for d in [DType::F16, DType::BF16, DType::F32] {
         for (b, c, groups, h, w, big, row0) in [
             (1, 64, 8, 8, 32, 12, 2),
             (2, 32, 8, 6, 10, 10, 4),
@@ -291,9 +286,7 @@ fn stats_window_writes_channels_last_rows() {
             (1, 96, 32, 4, 6, 6, 1),
             (2, 320, 32, 4, 8, 7, 2),
         ] {
-            let name = format!(
-                "{d:?} [{b}, {c}, {h}, {w}] into {big} rows at {row0} (statistics: {how:?})"
-            );
+            let name = format!("{d:?} [{b}, {c}, {h}, {w}] into {big} rows at {row0}");
             let x = gpu(&rnd(&[b, c, h, w], d, 21));
             let (gamma, beta) = (gpu(&rnd(&[c], d, 22)), gpu(&rnd(&[c], d, 23)));
             let ab = (Some(&gamma), Some(&beta));
@@ -339,7 +332,6 @@ fn stats_window_writes_channels_last_rows() {
             assert_eq!(t0, t1, "{name} stale: table with the fresh moments");
         }
     }
-    set_gn_stats(GnStats::Kernel);
     // Rows past the destination's end, and channels that are not the destination's last axis.
     let x = gpu(&rnd(&[1, 8, 4, 6], DType::F16, 1));
     let t = Tensor::zeros_on(&[2, 4, 2], DType::F32, x.device()).unwrap();

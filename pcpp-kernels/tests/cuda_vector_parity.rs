@@ -17,9 +17,7 @@
 mod common;
 
 use common::{check, check_group_norm, gpu, rnd, DTYPES};
-use pcpp_kernels::cuda::{
-    set_conv_nhwc, set_flash128, set_gn_stats, set_vector_kernels, Flash128, GnStats,
-};
+use pcpp_kernels::cuda::{set_conv_nhwc, set_flash128, set_vector_kernels, Flash128};
 use pcpp_kernels::{Activation, Conv2dParams, DType, Tensor};
 
 #[test]
@@ -663,12 +661,8 @@ fn conv2d_add_matches_cpu_and_the_separate_ops() {
 #[ignore = "needs a CUDA GPU"]
 fn nhwc_group_norm_and_conv_match_cpu_and_the_nchw_ops() {
     set_conv_nhwc(true);
-    // The statistics from their own kernel, finished by the apply or in one launch
-    // (`PCPP_GN_STATS`): the same bits. 96 channels in 32 groups of 3 put a group across the
-    // 64-channel tiles.
-    let settings = [GnStats::Kernel, GnStats::Apply, GnStats::OneLaunch];
-    for (how, d) in settings.into_iter().flat_map(|f| DTYPES.map(|d| (f, d))) {
-        set_gn_stats(how);
+    // 96 channels in 32 groups of 3 put a group across the 64-channel tiles.
+    for d in DTYPES {
         for (c, h, w, groups) in [
             (32usize, 12usize, 10usize, 8usize),
             (16, 5, 7, 8),
@@ -677,7 +671,7 @@ fn nhwc_group_norm_and_conv_match_cpu_and_the_nchw_ops() {
             let x = rnd(&[2, c, h, w], d, 1);
             let (g, b) = (rnd(&[c], d, 2), rnd(&[c], d, 3));
             let (gx, gg, gb) = (gpu(&x), gpu(&g), gpu(&b));
-            let name = format!("group_norm_nhwc {c}x{h}x{w} (statistics: {how:?})");
+            let name = format!("group_norm_nhwc {c}x{h}x{w}");
             let n = gx
                 .group_norm_nhwc(groups, Some(&gg), Some(&gb), 1e-5, true)
                 .unwrap();
@@ -720,7 +714,6 @@ fn nhwc_group_norm_and_conv_match_cpu_and_the_nchw_ops() {
             );
         }
     }
-    set_gn_stats(GnStats::Kernel);
 }
 
 /// `1×1` convolutions (stride 1, no padding) run as one strided-batched GEMM in NCHW: with and

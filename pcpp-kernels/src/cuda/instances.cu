@@ -87,17 +87,6 @@ INST_CAST(bf16, bf16_t, f16, f16_t)
                                                  int c, long s, int groups, int silu, long ybs) { pdl_begin(); \
         gn_apply_nhwc_impl<T>(x, mr, g, bt, y, c, s, groups, silu, ybs);                                     \
     }                                                                                                        \
-    extern "C" __global__ void gn_apply_nhwc_stats_##N(const T* x, GnStatsSrc st, GnCounts counts, const T* g,  \
-                                                       const T* bt, T* y, int c, long s, int groups, int silu,  \
-                                                       long ybs) { pdl_begin();                                 \
-        gn_apply_nhwc_stats_impl<T>(x, st, counts, g, bt, y, c, s, groups, silu, ybs);                        \
-    }                                                                                                        \
-    extern "C" __global__ void gn_nhwc_one_##N(const T* x, double* sums, long group_len, long chunk,          \
-                                               GnStatsSrc st, GnCounts counts, const T* g, const T* bt, T* y,  \
-                                               int c, long s, int b, int groups, int silu, long ybs,          \
-                                               unsigned* bar) { pdl_wait();                                  \
-        gn_nhwc_one_impl<T>(x, sums, group_len, chunk, st, counts, g, bt, y, c, s, b, groups, silu, ybs, bar); \
-    }                                                                                                        \
     extern "C" __global__ void row_norm_reg2_##N(const T* a, const T* a2, T* s, const T* g, const T* b, T* y, \
                                                  long rows, long d, float eps) { pdl_begin();                \
         row_norm_reg_impl<T, 2>(a, a2, s, g, b, y, rows, d, eps);                                            \

@@ -40,21 +40,12 @@ __device__ __forceinline__ float quick_gelu_f(float x) { return x / (1.0f + expf
 // every kernel does is wait until that kernel has completed and its writes are visible; then it
 // lets the next kernel's blocks start, so that their launch overlaps this kernel's work. Every
 // `extern "C"` kernel begins with this call (the test `every_kernel_waits_for_its_predecessor`
-// checks the source), or with the wait alone where its next kernel must not start early (a grid
-// barrier's, whose blocks must all find room); elsewhere it is empty.
-__device__ __forceinline__ void pdl_wait() {
+// checks the source); elsewhere it is empty.
+__device__ __forceinline__ void pdl_begin() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
-}
-__device__ __forceinline__ void pdl_begin() {
-    pdl_wait();
-    pdl_launch_dependents();
 }
 
 #define GRID_STRIDE(i, n) for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long)blockDim.x * gridDim.x)
@@ -159,18 +150,15 @@ __device__ float block_max(float v, float* sh) {
 // contiguous range, one block per (chunk, group), grid (chunks, b*groups). Every slot is written
 // (no zeroing, no atomics); the consumers add a group's chunks in chunk order (gn_total), so the
 // statistics are the same bits on every run.
-// The block's sums into slot `slot` (= (batch, group) · chunks + chunk).
-__device__ __forceinline__ void gn_sums_commit_at(float s, float s2, double* sums, long slot) {
+__device__ __forceinline__ void gn_sums_commit(float s, float s2, double* sums, long bg) {
     __shared__ float sh[32];
     float ts = block_sum(s, sh);
     float ts2 = block_sum(s2, sh);
     if (threadIdx.x == 0) {
-        sums[slot * 2] = (double)ts;
-        sums[slot * 2 + 1] = (double)ts2;
+        long k = bg * gridDim.x + blockIdx.x;
+        sums[k * 2] = (double)ts;
+        sums[k * 2 + 1] = (double)ts2;
     }
-}
-__device__ __forceinline__ void gn_sums_commit(float s, float s2, double* sums, long bg) {
-    gn_sums_commit_at(s, s2, sums, bg * gridDim.x + blockIdx.x);
 }
 template <typename T>
 __device__ void gn_sums_impl(const T* x, double* sums, long group_len, long chunk) {
@@ -189,37 +177,31 @@ __device__ void gn_sums_impl(const T* x, double* sums, long group_len, long chun
 // (Σx, Σx²) of group i: its `chunks` partial sums added in chunk order.
 __device__ __forceinline__ void gn_total(const double* sums, int chunks, int i, double* s, double* s2) {
     double a = 0.0, b = 0.0;
-    // Through L2 (the one-launch group norm reads sums that other blocks of its grid wrote).
     for (int k = 0; k < chunks; ++k) {
-        a += __ldcg(sums + ((long)i * chunks + k) * 2);
-        b += __ldcg(sums + ((long)i * chunks + k) * 2 + 1);
+        a += sums[((long)i * chunks + k) * 2];
+        b += sums[((long)i * chunks + k) * 2 + 1];
     }
     *s = a;
     *s2 = b;
-}
-// (mean, 1/sqrt(var + eps)) of group i from its partial sums over n elements.
-__device__ __forceinline__ float2 gn_final_of(const double* sums, int chunks, int i, double n, double eps) {
-    double s, s2;
-    gn_total(sums, chunks, i, &s, &s2);
-    double m = s / n;
-    double v = s2 / n - m * m;
-    if (v < 0.0) v = 0.0;
-    return make_float2((float)m, (float)(1.0 / sqrt(v + eps)));
 }
 // mean_rstd[bg*2] = mean, [bg*2+1] = 1/sqrt(var + eps), from the partial sums over n elements.
 extern "C" __global__ void gn_finalize(const double* sums, int chunks, float* mean_rstd, int count, double n,
                                        double eps) { pdl_begin();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < count) {
-        float2 r = gn_final_of(sums, chunks, i, n, eps);
-        mean_rstd[i * 2] = r.x;
-        mean_rstd[i * 2 + 1] = r.y;
+        double s, s2;
+        gn_total(sums, chunks, i, &s, &s2);
+        double m = s / n;
+        double v = s2 / n - m * m;
+        if (v < 0.0) v = 0.0;
+        mean_rstd[i * 2] = (float)m;
+        mean_rstd[i * 2 + 1] = (float)(1.0 / sqrt(v + eps));
     }
 }
 // moments[bg*2] = mean, [bg*2+1] = m2 = sum of (x - mean)^2, from the partial sums over n elements
 // (both 0 when n is 0): the twin of cpu::group_moments (m2 = max(s2 - s*mean, 0), product not fused).
 // (mean, m2) of one (batch, group) from its partial sums, as f32.
-__device__ __forceinline__ float2 gn_moment_of(const double* sums, int chunks, int i, double n) {
+__device__ __forceinline__ void gn_moment(const double* sums, int chunks, float* out, int i, double n) {
     double mean = 0.0, m2 = 0.0;
     if (n > 0.0) {
         double s, s2;
@@ -228,12 +210,8 @@ __device__ __forceinline__ float2 gn_moment_of(const double* sums, int chunks, i
         m2 = s2 - __dmul_rn(s, mean);
         if (m2 < 0.0) m2 = 0.0;
     }
-    return make_float2((float)mean, (float)m2);
-}
-__device__ __forceinline__ void gn_moment(const double* sums, int chunks, float* out, int i, double n) {
-    float2 m = gn_moment_of(sums, chunks, i, n);
-    out[i * 2] = m.x;
-    out[i * 2 + 1] = m.y;
+    out[i * 2] = (float)mean;
+    out[i * 2 + 1] = (float)m2;
 }
 extern "C" __global__ void gn_moments(const double* sums, int chunks, float* moments, int count, double n) { pdl_begin();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -256,39 +234,29 @@ __device__ __forceinline__ Moments mom_merge(Moments a, Moments b) {
 }
 __device__ __forceinline__ double mom_var(Moments m) { return m.n > 0.0 ? m.m2 / m.n : 0.0; }
 __device__ __forceinline__ double mom_ex2(Moments m) { return mom_var(m) + __dmul_rn(m.mean, m.mean); }
-// (mean, rstd) of (batch, group) i merged from the bands' moments `bands` ([p, count, 2] (mean, m2)),
-// band `subst` (when >= 0) taking `cur` instead of its row; with own >= 0 corrected (stale statistics:
-// band `own` holds this rank's previous moments, `cur` its fresh ones).
-__device__ __forceinline__ float2 gn_merge_of(const float* bands, float2 cur, int p, int count,
-                                              const GnCounts& counts, int own, int subst, double eps, int i) {
+// bands: [p, count, 2] (mean, m2); fresh: [count, 2] when own >= 0 (corrected stale statistics: band
+// `own` holds this rank's previous moments). Writes mean_rstd[i*2] = mean, [i*2+1] = 1/sqrt(var + eps).
+__device__ __forceinline__ void gn_merge_at(const float* bands, const float* fresh, float* mean_rstd, int p,
+                                            int count, const GnCounts& counts, int own, double eps, int i) {
     Moments t = {0.0, 0.0, 0.0};
     for (int j = 0; j < p; ++j) {
         const float* r = bands + ((long)j * count + i) * 2;
-        float a = j == subst ? cur.x : r[0], b = j == subst ? cur.y : r[1];
-        Moments m = {counts.n[j], (double)a, (double)b};
+        Moments m = {counts.n[j], (double)r[0], (double)r[1]};
         t = mom_merge(t, m);
     }
     double mean = t.mean, var = mom_var(t);
     if (own >= 0) {
         const float* r = bands + ((long)own * count + i) * 2;
         Moments prev = {counts.n[own], (double)r[0], (double)r[1]};
-        Moments now = {counts.n[own], (double)cur.x, (double)cur.y};
-        mean = t.mean + (now.mean - prev.mean);
-        double e2 = mom_ex2(t) + (mom_ex2(now) - mom_ex2(prev));
+        Moments cur = {counts.n[own], (double)fresh[i * 2], (double)fresh[i * 2 + 1]};
+        mean = t.mean + (cur.mean - prev.mean);
+        double e2 = mom_ex2(t) + (mom_ex2(cur) - mom_ex2(prev));
         var = e2 - __dmul_rn(mean, mean);
-        if (var < 0.0) var = mom_var(now);
+        if (var < 0.0) var = mom_var(cur);
     }
     if (var < 0.0) var = 0.0;
-    return make_float2((float)mean, (float)(1.0 / sqrt(var + eps)));
-}
-// bands: [p, count, 2] (mean, m2); fresh: [count, 2] when own >= 0 (corrected stale statistics: band
-// `own` holds this rank's previous moments). Writes mean_rstd[i*2] = mean, [i*2+1] = 1/sqrt(var + eps).
-__device__ __forceinline__ void gn_merge_at(const float* bands, const float* fresh, float* mean_rstd, int p,
-                                            int count, const GnCounts& counts, int own, double eps, int i) {
-    float2 cur = own >= 0 ? make_float2(fresh[i * 2], fresh[i * 2 + 1]) : make_float2(0.0f, 0.0f);
-    float2 r = gn_merge_of(bands, cur, p, count, counts, own, -1, eps, i);
-    mean_rstd[i * 2] = r.x;
-    mean_rstd[i * 2 + 1] = r.y;
+    mean_rstd[i * 2] = (float)mean;
+    mean_rstd[i * 2 + 1] = (float)(1.0 / sqrt(var + eps));
 }
 extern "C" __global__ void gn_merge(const float* bands, const float* fresh, float* mean_rstd, int p, int count,
                                     GnCounts counts, int own, double eps) { pdl_begin();
@@ -500,20 +468,15 @@ __device__ void plane_binary_impl(const T* a, const T* v, T* y, long s, int op, 
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < s; i += (long)blockDim.x * gridDim.x)
         yp[i] = from_f<T>(binary_op(to_f(ap[i]), w, op));
 }
-// The group-norm affine of channel ch from its group's (mean, rstd): y = x * scale + shift.
-template <typename T>
-__device__ __forceinline__ void gn_affine_of(float mean, float rstd, const T* gamma, const T* beta, int ch,
-                                             float* scale, float* shift) {
-    *scale = rstd * (gamma ? to_f(gamma[ch]) : 1.0f);
-    *shift = (beta ? to_f(beta[ch]) : 0.0f) - mean * *scale;
-}
 // The group-norm affine of plane p (of c channels in `groups` groups): y = x * scale + shift.
 template <typename T>
 __device__ __forceinline__ void gn_plane_affine(long p, const float* mean_rstd, const T* gamma, const T* beta, int c,
                                                 int groups, float* scale, float* shift) {
     int ch = (int)(p % c);
     long bg = (p / c) * groups + ch / (c / groups);
-    gn_affine_of(mean_rstd[bg * 2], mean_rstd[bg * 2 + 1], gamma, beta, ch, scale, shift);
+    float rstd = mean_rstd[bg * 2 + 1];
+    *scale = rstd * (gamma ? to_f(gamma[ch]) : 1.0f);
+    *shift = (beta ? to_f(beta[ch]) : 0.0f) - mean_rstd[bg * 2] * *scale;
 }
 // Group-norm apply with the plane's statistics and affine fetched once per block.
 template <typename T>

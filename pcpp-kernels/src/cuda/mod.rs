@@ -39,13 +39,12 @@ pub use ops::vector::{
 pub(crate) use ops::*;
 pub use ops::{
     autotune, capture_graph, conv2d_in_bands, conv_nhwc, copy_into, copy_rows_into, flash128,
-    flash_persistent, fused_epilogues, gn_stats, group_norm_merged_into,
-    group_norm_merged_into_nhwc, group_norm_merged_nhwc, linear_rows_into, nchw_rows_into_nhwc,
-    norm_linear_rows_into, programmatic_launch, set_autotune, set_autotune_report, set_conv_nhwc,
-    set_flash128, set_flash_persistent, set_fused_epilogues, set_gn_stats, set_programmatic_launch,
-    set_small_gemm, set_small_gemm_rows, set_small_gemm_splits, small_gemm, small_gemm_rows,
-    small_gemm_splits, small_grid, CudaGraphStep, Flash128, GnStats, SmallGemm, StatsWindow,
-    SMALL_GEMM_ROWS, SMALL_GRID_KEYS,
+    flash_persistent, fused_epilogues, group_norm_merged_into, group_norm_merged_into_nhwc,
+    group_norm_merged_nhwc, linear_rows_into, nchw_rows_into_nhwc, norm_linear_rows_into,
+    programmatic_launch, set_autotune, set_autotune_report, set_conv_nhwc, set_flash128,
+    set_flash_persistent, set_fused_epilogues, set_programmatic_launch, set_small_gemm,
+    set_small_gemm_rows, set_small_gemm_splits, small_gemm, small_gemm_rows, small_gemm_splits,
+    small_grid, CudaGraphStep, Flash128, SmallGemm, StatsWindow, SMALL_GEMM_ROWS, SMALL_GRID_KEYS,
 };
 
 fn cuda_err(device: usize, what: &str, e: impl std::fmt::Debug) -> KernelError {
@@ -111,9 +110,6 @@ pub struct Gpu {
     gemm_wg: bool,
     /// Streaming multiprocessors of the device.
     sms: usize,
-    /// The arrival count and generation of the one-launch group norm's grid barrier (two zeroed
-    /// words, back at a count of zero after every launch; `ops/norm/fused.rs`).
-    grid_barrier: CudaSlice<u32>,
     /// Whether the device has programmatic dependent launch (sm_90 and later; see
     /// `ops::launch_ex`).
     programmatic: bool,
@@ -356,9 +352,6 @@ impl Gpu {
         let workspace =
             unsafe { stream.alloc::<u8>(32 << 20) }.map_err(|x| e("cuBLASLt workspace", &x))?;
         let cudnn = Cudnn::new(stream.clone()).map_err(|x| e("cuDNN", &x))?;
-        let grid_barrier = stream
-            .alloc_zeros::<u32>(2)
-            .map_err(|x| e("grid barrier", &x))?;
         Ok(Gpu {
             ordinal,
             ctx,
@@ -376,7 +369,6 @@ impl Gpu {
             flash_ws3,
             gemm_wg,
             sms,
-            grid_barrier,
             programmatic: major >= 9,
             blas,
             _blas_workspace: blas_workspace,
@@ -418,11 +410,6 @@ impl Gpu {
     /// The device's multiprocessors.
     pub fn sms(&self) -> usize {
         self.sms
-    }
-
-    /// The device address of the grid barrier's two words (`grid_barrier` in vector.cu).
-    pub(crate) fn grid_barrier(&self) -> u64 {
-        cudarc::driver::DevicePtr::device_ptr(&self.grid_barrier, &self.stream).0
     }
 
     /// Whether head size 64 may take the three-warpgroup warp-specialised kernels when

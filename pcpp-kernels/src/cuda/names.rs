@@ -89,8 +89,6 @@ pub fn kernel_names() -> Vec<String> {
             "gn_sums_vec",
             "transpose_pairs",
             "gn_apply_nhwc",
-            "gn_apply_nhwc_stats",
-            "gn_nhwc_one",
             "row_norm_reg2",
             "row_norm_reg3",
             "row_norm_reg5",
@@ -147,8 +145,6 @@ mod tests {
     /// `pdl_l2_then_wait` (gemm_wg.cu), which only asks L2 for weights before it waits.
     #[test]
     fn every_kernel_waits_for_its_predecessor() {
-        // The implementations whose kernels start with the wait alone (a grid barrier's).
-        const WAIT_ALONE: [&str; 1] = ["gn_nhwc_one_impl"];
         let bodies = kernel_bodies(KERNEL_SOURCE);
         assert!(bodies.len() >= 50, "found only {} kernels", bodies.len());
         for (line, body) in bodies {
@@ -158,17 +154,8 @@ mod tests {
                 .next()
                 .unwrap_or_default()
                 .trim();
-            // A kernel that starts with the wait alone calls an implementation that lets its
-            // successors start later itself.
-            let waits_alone = first == "pdl_wait()"
-                && WAIT_ALONE.iter().any(|f| {
-                    let at = KERNEL_SOURCE.find(&format!("void {f}(")).expect("defined");
-                    let def = &KERNEL_SOURCE[at..];
-                    let def = &def[..def.find("\n}\n").expect("end of the function")];
-                    body.contains(f) && def.contains("pdl_launch_dependents();")
-                });
             assert!(
-                first == "pdl_begin()" || first.starts_with("pdl_l2_then_wait(") || waits_alone,
+                first == "pdl_begin()" || first.starts_with("pdl_l2_then_wait("),
                 "the kernel at line {line} of KERNEL_SOURCE does not start with pdl_begin()"
             );
         }

@@ -155,8 +155,7 @@ pub use gemm_wg::{
     small_gemm_splits, SmallGemm, SMALL_GEMM_ROWS,
 };
 pub use norm::{
-    gn_stats, group_norm_merged_into, group_norm_merged_into_nhwc, group_norm_merged_nhwc,
-    set_gn_stats, GnStats, StatsWindow,
+    group_norm_merged_into, group_norm_merged_into_nhwc, group_norm_merged_nhwc, StatsWindow,
 };
 pub use rows::{copy_rows_into, linear_rows_into, nchw_rows_into_nhwc, norm_linear_rows_into};
 pub use tune::{autotune, set_autotune, set_autotune_report};

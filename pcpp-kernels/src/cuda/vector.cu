@@ -407,17 +407,12 @@ template <typename T> struct alignas(2 * sizeof(T)) Pair { T a, b; };
 // r0 + threadIdx.y + 8k, columns col, col + 1; all loads issued before any is used, those out of
 // bounds skipped (their pairs are left unset).
 template <typename T>
-__device__ __forceinline__ void tile_pairs8_at(Pair<T>* v, const T* src, long r0, long col, long rows, long cols,
-                                               int ty) {
+__device__ __forceinline__ void tile_pairs8(Pair<T>* v, const T* src, long r0, long col, long rows, long cols) {
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
-        long r = r0 + ty + 8 * k;
+        long r = r0 + threadIdx.y + 8 * k;
         if (r < rows && col < cols) v[k] = *(const Pair<T>*)(src + r * cols + col);
     }
-}
-template <typename T>
-__device__ __forceinline__ void tile_pairs8(Pair<T>* v, const T* src, long r0, long col, long rows, long cols) {
-    tile_pairs8_at(v, src, r0, col, rows, cols, (int)threadIdx.y);
 }
 
 template <typename T>
@@ -480,22 +475,29 @@ __device__ void transpose_pairs_impl(const T* src, T* dst, long rows, long cols,
 // Group-norm apply writing NHWC: dst[n, s, c] = act(src[n, c, s] * scale + shift) with plane
 // (n, c)'s affine, the values of gn_apply_planes_impl; a 64×64 tile of transpose_pairs_impl, the
 // affine applied on load. Image n is written at y + n * ybs (ybs ≥ s * c: a window whose rows
-// hold more than this band). c and s even, pointers and ybs aligned to two elements; 256 threads,
-// (tx, ty) = (32, 8) of them. The tile's 64 planes' affines are computed once, into shared
-// memory, while its loads are in flight (`affine(r0, aff)`, called by every thread): per element
-// pair they cost 64-bit divisions and three dependent loads, which made the pass instruction- and
-// latency-bound (about a third of transpose_pairs_impl's bandwidth).
-template <typename T, typename Affine>
-__device__ __forceinline__ void gn_apply_nhwc_tile(const T* x, T* y, int c, long s, int silu, long ybs,
-                                                   long n, long r0, long c0, int tx, int ty, Affine affine) {
+// hold more than this band). c and s even, pointers and ybs aligned to two elements; block (32, 8).
+// The tile's 64 planes' affines are computed once, into shared memory, while its loads are in
+// flight: per element pair they cost 64-bit divisions and three dependent loads, which made the
+// pass instruction- and latency-bound (about a third of transpose_pairs_impl's bandwidth).
+template <typename T>
+__device__ void gn_apply_nhwc_impl(const T* x, const float* mean_rstd, const T* gamma, const T* beta, T* y, int c,
+                                   long s, int groups, int silu, long ybs) {
     __shared__ T tile[64][66];
     __shared__ float2 aff[64];
+    long n = blockIdx.z;
+    long r0 = (long)blockIdx.y * 64, c0 = (long)blockIdx.x * 64;
     const T* src = x + n * c * s;
     T* d = y + n * ybs;
+    int tx = threadIdx.x, ty = threadIdx.y;
     long col = c0 + 2 * tx;
     Pair<T> v[8];
-    tile_pairs8_at(v, src, r0, col, (long)c, s, ty);
-    affine(r0, aff);
+    tile_pairs8(v, src, r0, col, (long)c, s);
+    int t = ty * 32 + tx;
+    if (t < 64 && r0 + t < c) {
+        float scale, shift;
+        gn_plane_affine(n * c + r0 + t, mean_rstd, gamma, beta, c, groups, &scale, &shift);
+        aff[t] = make_float2(scale, shift);
+    }
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
@@ -522,85 +524,7 @@ __device__ __forceinline__ void gn_apply_nhwc_tile(const T* x, T* y, int c, long
         }
     }
 }
-// The tiled NHWC apply with the (mean, rstd) of every (batch, group) at `mean_rstd`; block (32, 8),
-// grid (s / 64, c / 64, b).
-template <typename T>
-__device__ void gn_apply_nhwc_impl(const T* x, const float* mean_rstd, const T* gamma, const T* beta, T* y, int c,
-                                   long s, int groups, int silu, long ybs) {
-    long n = blockIdx.z;
-    gn_apply_nhwc_tile<T>(x, y, c, s, silu, ybs, n, (long)blockIdx.y * 64, (long)blockIdx.x * 64, threadIdx.x,
-                          threadIdx.y, [&](long r0, float2* aff) {
-        int t = threadIdx.y * 32 + threadIdx.x;
-        if (t < 64 && r0 + t < c) {
-            float scale, shift;
-            gn_plane_affine(n * c + r0 + t, mean_rstd, gamma, beta, c, groups, &scale, &shift);
-            aff[t] = make_float2(scale, shift);
-        }
-    });
-}
-// Where a tiled NHWC apply that finishes its own group statistics takes them from: gn_sums' partial
-// sums (`chunks` per (batch, group), `n` elements a group), finished as gn_finalize does without
-// `bands`, and with them as gn_merge_sums does: this band's fresh moments merged with the bands'
-// moments `bands` ([p, b·groups, 2]; gn_merge_of: corrected against band `own` when `corrected`;
-// otherwise the fresh moments stand in for band `own`'s row, which the launch overwrites), the
-// fresh moments stored at `fresh` (f32 [b·groups, 2]).
-struct GnStatsSrc {
-    const double* sums;
-    int chunks;
-    double n;
-    const float* bands;
-    float* fresh;
-    int p;
-    int own;
-    int corrected;
-    double eps;
-};
-// The affines of the tile at channels r0.. of image n (every thread of the 256 calls it; `tid` its
-// index): the (batch, group)s its planes touch finished into `mr` (one thread each), then each
-// plane's affine. The tile in the first column of tiles (c0 == 0) that holds a group's first
-// channel stores that group's fresh moments.
-template <typename T>
-__device__ __forceinline__ void gn_tile_stats_affine(const GnStatsSrc& st, const GnCounts& counts, const T* gamma,
-                                                     const T* beta, int c, int b, int groups, long n, long r0,
-                                                     long c0, int tid, float2* mr, float2* aff) {
-    int cg = c / groups;
-    int g0 = (int)(r0 / cg), g1 = (int)((min(r0 + 64, (long)c) - 1) / cg);
-    if (tid <= g1 - g0) {
-        int g = g0 + tid, i = (int)n * groups + g;
-        if (!st.bands) {
-            mr[tid] = gn_final_of(st.sums, st.chunks, i, st.n, st.eps);
-        } else {
-            float2 m = gn_moment_of(st.sums, st.chunks, i, st.n);
-            if (c0 == 0 && (long)g * cg >= r0) {
-                st.fresh[i * 2] = m.x;
-                st.fresh[i * 2 + 1] = m.y;
-            }
-            int own = st.corrected ? st.own : -1, subst = st.corrected ? -1 : st.own;
-            mr[tid] = gn_merge_of(st.bands, m, st.p, b * groups, counts, own, subst, st.eps, i);
-        }
-    }
-    __syncthreads();
-    if (tid < 64 && r0 + tid < c) {
-        int ch = (int)r0 + tid;
-        float2 m = mr[ch / cg - g0];
-        float scale, shift;
-        gn_affine_of(m.x, m.y, gamma, beta, ch, &scale, &shift);
-        aff[tid] = make_float2(scale, shift);
-    }
-}
-// The tiled NHWC apply that finishes its groups' statistics itself (GnStatsSrc): the statistics
-// kernel and gn_apply_nhwc in one launch, the same bits. Block (32, 8), grid (s / 64, c / 64, b).
-template <typename T>
-__device__ void gn_apply_nhwc_stats_impl(const T* x, GnStatsSrc st, const GnCounts& counts, const T* gamma,
-                                         const T* beta, T* y, int c, long s, int groups, int silu, long ybs) {
-    __shared__ float2 mr[64];
-    long n = blockIdx.z, c0 = (long)blockIdx.x * 64;
-    int tid = threadIdx.y * 32 + threadIdx.x, b = (int)gridDim.z;
-    gn_apply_nhwc_tile<T>(x, y, c, s, silu, ybs, n, (long)blockIdx.y * 64, c0, threadIdx.x, threadIdx.y,
-                          [&](long r0, float2* aff) {
-        gn_tile_stats_affine<T>(st, counts, gamma, beta, c, b, groups, n, r0, c0, tid, mr, aff);
-    });
-}
+
 // ---- per-plane kernels with N elements per access (s % N == 0, aligned): the twins of
 // plane_binary_impl and gn_apply_planes_impl, and of gn_sums_impl (group_len and chunk multiples
 // of N; the f32 partial sums are grouped differently, the f64 totals agree to rounding) ----
@@ -639,12 +563,11 @@ __device__ void gn_apply_planes_vec_impl(const T* x, const float* mean_rstd, con
         vstore(yp + i * N, f);
     }
 }
-// Chunk k (of nk) of (batch, group) bg's sums, by a one-dimensional block.
 template <typename T>
-__device__ __forceinline__ void gn_sums_vec_item(const T* x, double* sums, long group_len, long chunk, long bg,
-                                                 long k, long nk) {
+__device__ void gn_sums_vec_impl(const T* x, double* sums, long group_len, long chunk) {
     constexpr int N = VecN<T>::N;
-    long start = k * chunk;
+    long bg = blockIdx.y;
+    long start = (long)blockIdx.x * chunk;
     long end = min(start + chunk, group_len);
     const T* base = x + bg * group_len;
     float s = 0.0f, s2 = 0.0f;
@@ -654,72 +577,13 @@ __device__ __forceinline__ void gn_sums_vec_item(const T* x, double* sums, long 
         float f[N];
         vload(base + i * N, f);
 #pragma unroll
-        for (int j = 0; j < N; ++j) {
-            s += f[j];
-            s2 += f[j] * f[j];
+        for (int k = 0; k < N; ++k) {
+            s += f[k];
+            s2 += f[k] * f[k];
         }
     }
-    gn_sums_commit_at(s, s2, sums, bg * nk + k);
+    gn_sums_commit(s, s2, sums, bg);
 }
-template <typename T>
-__device__ void gn_sums_vec_impl(const T* x, double* sums, long group_len, long chunk) {
-    gn_sums_vec_item<T>(x, sums, group_len, chunk, blockIdx.y, blockIdx.x, gridDim.x);
-}
-// A barrier of the whole grid, for a grid whose blocks are all resident at once (the caller keeps
-// it within what fits on the device, with room to spare): bar[0] counts the blocks that arrived, bar[1] is the
-// generation the last one advances after setting the count back to zero (ready for the next
-// launch). Writes before it are visible after it to the whole grid (fenced; read them through L2).
-// A wait that does not end traps (an error of the launch, not a hang).
-__device__ __forceinline__ void grid_barrier(unsigned* bar) {
-    __syncthreads();
-    if (threadIdx.x == 0 && threadIdx.y == 0) {
-        volatile unsigned* gen = bar + 1;
-        unsigned g = *gen;
-        __threadfence();
-        if (atomicAdd(bar, 1u) == gridDim.x * gridDim.y * gridDim.z - 1) {
-            atomicExch(bar, 0u);
-            __threadfence();
-            atomicAdd(bar + 1, 1u);
-        } else {
-            // Blocks that can never all be resident (a device shared past what the launch
-            // assumed) fail the launch after about a second instead of hanging it.
-            for (unsigned k = 0; *gen == g; ++k) {
-                if (k == (1u << 24)) __trap();
-                __nanosleep(64);
-            }
-        }
-        __threadfence();
-    }
-    __syncthreads();
-}
-// A whole channels-last group norm in one launch: block i first adds chunk i % chunks of (batch,
-// group) i / chunks as gn_sums_vec does (blocks past b·groups·chunks add nothing), the grid meets
-// at a barrier (`bar`), then block i applies tile i (of (s / 64) · (c / 64) · b, the tiles of
-// gn_apply_nhwc in its block order) as gn_apply_nhwc_stats does: the same bits as those three
-// launches. One-dimensional blocks of 256; every block resident at once (grid_barrier). The
-// kernel waits for the one before it (pdl_wait, in its entry); the launches after it start only
-// once it is past the barrier, so that their blocks take no room it still needs.
-template <typename T>
-__device__ void gn_nhwc_one_impl(const T* x, double* sums, long group_len, long chunk, GnStatsSrc st,
-                                 const GnCounts& counts, const T* gamma, const T* beta, T* y, int c, long s, int b,
-                                 int groups, int silu, long ybs, unsigned* bar) {
-    __shared__ float2 mr[64];
-    long item = blockIdx.x;
-    if (item < (long)st.chunks * b * groups) {
-        gn_sums_vec_item<T>(x, sums, group_len, chunk, item / st.chunks, item % st.chunks, st.chunks);
-    }
-    grid_barrier(bar);
-    pdl_launch_dependents();
-    long xt = (s + 63) / 64, yt = (c + 63) / 64;
-    long t = blockIdx.x;
-    if (t >= xt * yt * b) return;
-    long n = t / (xt * yt), r0 = ((t / xt) % yt) * 64, c0 = (t % xt) * 64;
-    int tid = threadIdx.x;
-    gn_apply_nhwc_tile<T>(x, y, c, s, silu, ybs, n, r0, c0, tid & 31, tid >> 5, [&](long r, float2* aff) {
-        gn_tile_stats_affine<T>(st, counts, gamma, beta, c, b, groups, n, r, c0, tid, mr, aff);
-    });
-}
-
 extern "C" __global__ void copy2d_u128(const U4* s, U4* d, long rows, long cols, long sp, long dp) { pdl_begin();
     copy2d_impl<U4>(s, d, rows, cols, sp, dp);
 }

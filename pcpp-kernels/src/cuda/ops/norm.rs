@@ -10,11 +10,6 @@ use super::{
 };
 use crate::{DType, GroupStats, Result, Tensor};
 
-mod fused;
-
-use fused::StatsFrom;
-pub use fused::{gn_stats, set_gn_stats, GnStats};
-
 /// Partial `(Σx, Σx²)` per (batch, group) and chunk of the group's range, f32 block sums stored
 /// as f64 in `[b·groups, chunks, 2]`: every slot is written (no zeroing, no atomics), and the
 /// consumers add a group's chunks in chunk order, so the statistics are the same bits every run.
@@ -24,15 +19,6 @@ struct Sums {
 }
 
 impl Sums {
-    /// Room for `chunks` partial sums of each of `bg` (batch, group)s, every slot to be written
-    /// before a consumer reads it.
-    fn alloc(gpu: &Gpu, bg: usize, chunks: usize) -> Result<Sums> {
-        // SAFETY: the launch that fills it writes every (group, chunk) slot before any read.
-        let buf = unsafe { gpu.stream.alloc::<f64>(2 * bg.max(1) * chunks) }
-            .map_err(|e| gpu.err("group-norm sums", e))?;
-        Ok(Sums { buf, chunks })
-    }
-
     fn ptr(&self, gpu: &Gpu) -> u64 {
         cudarc::driver::DevicePtr::device_ptr(&self.buf, &gpu.stream).0
     }
@@ -43,8 +29,12 @@ fn gn_sums(x: &Tensor, (b, c, s): (usize, usize, usize), groups: usize) -> Resul
     let gpu = gpu_of(x)?;
     let bg = b * groups;
     let group_len = (c / groups) * s;
-    let (chunk, chunks) = gn_chunks(group_len, bg, gpu.sms);
-    let sums = Sums::alloc(&gpu, bg, chunks)?;
+    let chunk = gn_chunk(group_len, bg, gpu.sms);
+    let chunks = group_len.div_ceil(chunk).max(1);
+    // SAFETY: the launch below writes every (group, chunk) slot before a consumer reads it.
+    let buf = unsafe { gpu.stream.alloc::<f64>(2 * bg.max(1) * chunks) }
+        .map_err(|e| gpu.err("group-norm sums", e))?;
+    let sums = Sums { buf, chunks };
     let cfg = LaunchConfig {
         grid_dim: (chunks as u32, bg as u32, 1),
         block_dim: (256, 1, 1),
@@ -55,13 +45,6 @@ fn gn_sums(x: &Tensor, (b, c, s): (usize, usize, usize), groups: usize) -> Resul
         .unwrap_or_else(|| format!("gn_sums_{}", tname(x.dtype())));
     launch!(gpu, name, cfg; xp, sums.ptr(&gpu), group_len as i64, chunk as i64);
     Ok(sums)
-}
-
-/// `(chunk, chunks)`: the elements of a group that one sums block adds ([`gn_chunk`]) and the
-/// blocks a group of `group_len` elements takes.
-fn gn_chunks(group_len: usize, bg: usize, sms: usize) -> (usize, usize) {
-    let chunk = gn_chunk(group_len, bg, sms);
-    (chunk, group_len.div_ceil(chunk).max(1))
 }
 
 /// Elements of a group that one sums block adds: 8 192, or two to four times that where the grid
@@ -178,21 +161,10 @@ pub(crate) fn group_norm_nhwc(
         return Ok(None);
     }
     let gpu = gpu_of(x)?;
-    let y = out(&gpu, &[b, s, c], x.dtype())?;
-    let to = (ptr(&y)?, s * c);
-    if fused::try_nhwc(
-        &gpu,
-        x,
-        (dims, groups),
-        StatsFrom::Final(eps),
-        (gamma, beta),
-        silu,
-        to,
-    )? {
-        return Ok(Some(y));
-    }
     let mr = gn_mean_rstd(x, dims, groups, eps)?;
     let (mp, _s) = cudarc::driver::DevicePtr::device_ptr(&mr, &gpu.stream);
+    let y = out(&gpu, &[b, s, c], x.dtype())?;
+    let to = (ptr(&y)?, s * c);
     gn_apply_nhwc(&gpu, x, mp, (dims, groups), (gamma, beta), silu, to)?;
     Ok(Some(y))
 }
@@ -456,8 +428,7 @@ pub fn group_norm_merged_into(
     silu: bool,
 ) -> Result<Tensor> {
     const OP: &str = "group_norm_merged_into";
-    let ((b, c, s), cn) = window_checks(OP, x, groups, &win, (gamma, beta), None)?;
-    let mr = merged_stats(x, ((b, c, s), groups), &win, &cn, eps)?;
+    let (mr, (_, c, s)) = merged_stats(OP, x, groups, &win, (gamma, beta), eps, None)?;
     let gpu = gpu_of(x)?;
     let (mp, _s) = cudarc::driver::DevicePtr::device_ptr(&mr, &gpu.stream);
     gn_apply(x, mp, (c, s, groups), gamma, beta, silu)
@@ -500,72 +471,33 @@ pub fn group_norm_merged_into_nhwc(
     const OP: &str = "group_norm_merged_into_nhwc";
     super::rows::nhwc_rows_fit(OP, x, dst, row0)?;
     let (xs, ds) = (x.shape(), dst.shape());
-    let ((b, c, s), cn) = window_checks(OP, x, groups, &win, (gamma, beta), Some(dst))?;
-    let gpu = gpu_of(x)?;
-    let to = ptr(dst)? + (row0 * xs[3] * c * x.dtype().size()) as u64;
-    let fits = b * c * s > 0 && nhwc_apply_fits(x, (b, c, s), to)?;
-    let to = (to, ds[1] * ds[2] * c);
-    if fits {
-        let _timed =
-            crate::cuda::profile::scope(crate::cpu::profile::Kernel::GroupNorm, x.device());
-        let from = StatsFrom::Merged(&win, &cn, eps);
-        if fused::try_nhwc(&gpu, x, ((b, c, s), groups), from, (gamma, beta), silu, to)? {
-            return Ok(());
-        }
-    }
-    // An empty band still stores its (empty) moments for the peers.
-    let mr = merged_stats(x, ((b, c, s), groups), &win, &cn, eps)?;
+    let (mr, (b, c, s)) = merged_stats(OP, x, groups, &win, (gamma, beta), eps, Some(dst))?;
     if b * c * s == 0 {
         return Ok(());
     }
+    let gpu = gpu_of(x)?;
     let (mp, _s) = cudarc::driver::DevicePtr::device_ptr(&mr, &gpu.stream);
-    if fits {
+    let to = ptr(dst)? + (row0 * xs[3] * c * x.dtype().size()) as u64;
+    if nhwc_apply_fits(x, (b, c, s), to)? {
+        let to = (to, ds[1] * ds[2] * c);
         return gn_apply_nhwc(&gpu, x, mp, ((b, c, s), groups), (gamma, beta), silu, to);
     }
     let y = gn_apply(x, mp, (c, s, groups), gamma, beta, silu)?;
     super::rows::nchw_rows_into_nhwc(&y, dst, row0)
 }
 
-/// The statistics of a statistics window's group norm (checked by [`window_checks`]): `x`'s fresh
-/// moments stored in the window's fresh row and merged into per-(batch, group) `(mean, rstd)` by
-/// one launch after the sums.
+/// The checks of [`group_norm_merged_into`] (operands on one GPU, `also` among them) and its
+/// statistics: `x`'s fresh moments stored in the window's fresh row and merged into per-(batch,
+/// group) `(mean, rstd)` by one launch; returns them with `x`'s `(b, c, s)`.
 fn merged_stats(
-    x: &Tensor,
-    ((b, c, s), groups): ((usize, usize, usize), usize),
-    win: &StatsWindow<'_>,
-    cn: &GnCounts,
-    eps: f64,
-) -> Result<CudaSlice<f32>> {
-    let rows = b * groups;
-    let p = win.counts.len();
-    let gpu = gpu_of(x)?;
-    let _timed = crate::cuda::profile::scope(crate::cpu::profile::Kernel::GroupNorm, x.device());
-    // SAFETY: every element is written by gn_merge_sums before gn_apply reads it.
-    let mr =
-        unsafe { gpu.stream.alloc::<f32>(2 * rows.max(1)) }.map_err(|e| gpu.err("alloc", e))?;
-    if rows > 0 {
-        let (mp, _s) = cudarc::driver::DevicePtr::device_ptr(&mr, &gpu.stream);
-        let sums = gn_sums(x, (b, c, s), groups)?;
-        let fresh = ptr(win.fresh)? + (win.fresh_row * rows * 2 * 4) as u64;
-        let n = ((c / groups) * s) as f64;
-        launch!(gpu, "gn_merge_sums", Gpu::cfg_elems(rows);
-            sums.ptr(&gpu), sums.chunks as i32, n, ptr(win.bands)?, fresh, mp, p as i32,
-            rows as i32, *cn, win.own as i32, win.corrected as i32, eps);
-    }
-    Ok(mr)
-}
-
-/// The checks of a statistics window's group norm ([`group_norm_merged_into`]: operands on one
-/// GPU, `also` among them; the window's bands, counts and fresh row): `x`'s `(b, c, s)` and the
-/// band counts as the kernels take them.
-fn window_checks(
     op: &'static str,
     x: &Tensor,
     groups: usize,
     win: &StatsWindow<'_>,
     (gamma, beta): (Option<&Tensor>, Option<&Tensor>),
+    eps: f64,
     also: Option<&Tensor>,
-) -> Result<((usize, usize, usize), GnCounts)> {
+) -> Result<(CudaSlice<f32>, (usize, usize, usize))> {
     let (b, c, s) = x.nc_s(op, groups)?;
     let rows = b * groups;
     let p = win.counts.len();
@@ -597,11 +529,25 @@ fn window_checks(
         ));
     }
     x.check_group_norm_affine(op, c, gamma, beta)?;
+    let gpu = gpu_of(x)?;
+    let _timed = crate::cuda::profile::scope(crate::cpu::profile::Kernel::GroupNorm, x.device());
     let mut cn = GnCounts {
         n: [0.0; crate::ops::MAX_GN_BANDS],
     };
     cn.n[..p].copy_from_slice(win.counts);
-    Ok(((b, c, s), cn))
+    // SAFETY: every element is written by gn_merge_sums before gn_apply reads it.
+    let mr =
+        unsafe { gpu.stream.alloc::<f32>(2 * rows.max(1)) }.map_err(|e| gpu.err("alloc", e))?;
+    if rows > 0 {
+        let (mp, _s) = cudarc::driver::DevicePtr::device_ptr(&mr, &gpu.stream);
+        let sums = gn_sums(x, (b, c, s), groups)?;
+        let fresh = ptr(win.fresh)? + (win.fresh_row * rows * 2 * 4) as u64;
+        let n = ((c / groups) * s) as f64;
+        launch!(gpu, "gn_merge_sums", Gpu::cfg_elems(rows);
+            sums.ptr(&gpu), sums.chunks as i32, n, ptr(win.bands)?, fresh, mp, p as i32,
+            rows as i32, cn, win.own as i32, win.corrected as i32, eps);
+    }
+    Ok((mr, (b, c, s)))
 }
 
 #[cfg(test)]
