@@ -330,6 +330,20 @@ struct Bcast {
 // SAFETY: plain-old-data with the layout of `struct Bcast` in kernels.cu.
 unsafe impl DeviceRepr for Bcast {}
 
+/// The most axes the strided kernels' descriptors (`Bcast`, `Perm`) hold.
+const MAX_RANK: usize = 6;
+
+/// An error naming `op` where `rank` exceeds [`MAX_RANK`].
+fn rank_fits(op: &'static str, rank: usize) -> Result<()> {
+    if rank > MAX_RANK {
+        return Err(KernelError::invalid(
+            op,
+            format!("rank {rank} > {MAX_RANK} is not supported"),
+        ));
+    }
+    Ok(())
+}
+
 /// `a op b` (op code of kernels.cu: 0 add, 1 sub, 2 mul, 3 div) with `out_shape` and broadcast
 /// strides (0 on broadcast axes) precomputed by the caller.
 pub(crate) fn binary(
@@ -389,12 +403,7 @@ pub(crate) fn binary(
             return Ok(y);
         }
     }
-    if rank > 6 {
-        return Err(KernelError::invalid(
-            "broadcast (cuda)",
-            format!("rank {rank} > 6 is not supported"),
-        ));
-    }
+    rank_fits("broadcast (cuda)", rank)?;
     let mut bc = Bcast {
         rank: rank as i32,
         shape: [1; 6],

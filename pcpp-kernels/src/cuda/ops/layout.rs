@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use cudarc::driver::{DeviceRepr, LaunchConfig};
 
-use super::{cast, gpu_of, out, ptr, tname, vector, word, Gpu, MAX_GRID_Y};
-use crate::{DType, KernelError, Result, Tensor};
+use super::{cast, gpu_of, out, ptr, rank_fits, tname, vector, word, Gpu, MAX_GRID_Y};
+use crate::{DType, Result, Tensor};
 
 /// A permute's merged shape and source strides (`struct Perm` of kernels.cu).
 #[repr(C)]
@@ -154,12 +154,7 @@ pub(super) fn permute_merged(
 ) -> Result<Tensor> {
     let gpu = gpu_of(x)?;
     let rank = out_shape.len();
-    if rank > 6 {
-        return Err(KernelError::invalid(
-            "permute (cuda)",
-            format!("rank {rank} > 6 is not supported"),
-        ));
-    }
+    rank_fits("permute (cuda)", rank)?;
     let mut p = Perm {
         rank: rank as i32,
         shape: [1; 6],
