@@ -41,6 +41,9 @@ struct RankResult {
     /// Whether the replay was compared with the eager step (only when those are stationary).
     graph_check: bool,
     traffic: Traffic,
+    /// With --kernel-costs: each kind of node's cost inside the replayed step.
+    #[cfg(feature = "cuda")]
+    costs: Vec<crate::kernel_costs::KernelCost>,
 }
 
 fn sync_device(device: Device) -> Result<()> {
@@ -171,6 +174,7 @@ pub fn run(a: &Args) -> Result<()> {
                 "steady_traffic": res.traffic,
                 "attention": kernel,
                 "small_gemm": small,
+                "kernel_costs": kernel_costs_json(res),
             });
             println!("{v}");
         } else {
@@ -193,9 +197,25 @@ pub fn run(a: &Args) -> Result<()> {
                 res.eager_ms,
                 res.graph_ms.map(|g| format!(", {g:.3} ms graph")).unwrap_or_default(),
             );
+            #[cfg(feature = "cuda")]
+            if a.kernel_costs {
+                crate::kernel_costs::print(&res.costs);
+            }
         }
     }
     Ok(())
+}
+
+/// The rank's `--kernel-costs` results as JSON (an empty list without them).
+fn kernel_costs_json(res: &RankResult) -> serde_json::Value {
+    #[cfg(feature = "cuda")]
+    let v = res.costs.iter().map(|c| c.to_json()).collect();
+    #[cfg(not(feature = "cuda"))]
+    let v = {
+        let _ = res;
+        Vec::new()
+    };
+    serde_json::Value::Array(v)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -308,8 +328,14 @@ fn run_rank(
         eprintln!("rank {rank}/{}: steady eager steps by op kind", a.ranks);
         crate::bench::print_profile(&profile::snapshot(), a.iters, median(eager_ms.clone()));
     }
+    #[cfg(feature = "cuda")]
+    let mut costs = Vec::new();
     let graph_ms = if graph_on {
-        let (ms, outs) = graph_steps(&unet, &runtime, &sample, &ts, &cond, device, step, a)?;
+        let (ms, outs, _c) = graph_steps(&unet, &runtime, &sample, &ts, &cond, device, step, a)?;
+        #[cfg(feature = "cuda")]
+        {
+            costs = _c;
+        }
         // Inputs and (solo) received data are the same every step. When that makes the eager
         // steps stationary (the last two agree exactly), the replay of graph `p` (step parity
         // `step + p`) must reproduce them. Corrected stale group norm carries each step's
@@ -358,6 +384,8 @@ fn run_rank(
         graph_diff,
         graph_check,
         traffic,
+        #[cfg(feature = "cuda")]
+        costs,
     })
 }
 
@@ -376,7 +404,7 @@ fn graph_steps(
     device: Device,
     first: usize,
     a: &Args,
-) -> Result<(f64, Vec<Vec<f32>>)> {
+) -> Result<(f64, Vec<Vec<f32>>, CostList)> {
     let driver = runtime.driver();
     let mut graphs = StepGraphs::new(true);
     let mut outs = Vec::new();
@@ -391,22 +419,43 @@ fn graph_steps(
                 .to_vec_f32()?,
         );
     }
-    let mut ms = Vec::new();
-    let mut out = None;
-    for i in 0..a.warmup + a.iters {
-        sync_device(device)?;
-        let t = Instant::now();
-        let ctx = driver.step_ctx(first + 2 + i);
-        out = Some(graphs.step(unet, driver, &ctx, sample, ts, cond)?);
-        sync_device(device)?;
-        if i >= a.warmup {
-            ms.push(t.elapsed().as_secs_f64() * 1e3);
+    let mut next = first + 2;
+    // The median of `a.iters` replayed steps after `a.warmup` untimed ones, and the last output.
+    let mut time = |graphs: &mut StepGraphs| -> Result<(f64, Tensor)> {
+        let mut ms = Vec::new();
+        let mut out = None;
+        for i in 0..a.warmup + a.iters {
+            sync_device(device)?;
+            let t = Instant::now();
+            let ctx = driver.step_ctx(next);
+            next += 1;
+            out = Some(graphs.step(unet, driver, &ctx, sample, ts, cond)?);
+            sync_device(device)?;
+            if i >= a.warmup {
+                ms.push(t.elapsed().as_secs_f64() * 1e3);
+            }
         }
+        let out =
+            out.ok_or_else(|| anyhow::anyhow!("no replayed step (--warmup + --iters is 0)"))?;
+        Ok((median(ms), out))
+    };
+    let (ms, out) = time(&mut graphs)?;
+    if !out.to_vec_f32()?.iter().all(|v| v.is_finite()) {
+        bail!("the replayed step produced non-finite values");
     }
-    if let Some(o) = out {
-        if !o.to_vec_f32()?.iter().all(|v| v.is_finite()) {
-            bail!("the replayed step produced non-finite values");
-        }
-    }
-    Ok((median(ms), outs))
+    #[cfg(feature = "cuda")]
+    let costs = if a.kernel_costs {
+        crate::kernel_costs::measure(&mut graphs, &mut |g| Ok(time(g)?.0))?
+    } else {
+        Vec::new()
+    };
+    #[cfg(not(feature = "cuda"))]
+    let costs = ();
+    Ok((ms, outs, costs))
 }
+
+/// What `--kernel-costs` measured (nothing in a build without CUDA).
+#[cfg(feature = "cuda")]
+type CostList = Vec<crate::kernel_costs::KernelCost>;
+#[cfg(not(feature = "cuda"))]
+type CostList = ();

@@ -94,6 +94,11 @@ pub struct Args {
     /// On a GPU, time eager steps only (no CUDA-graph replay of the steady step).
     #[arg(long)]
     pub no_graph: bool,
+    /// On a GPU, after timing the replayed step, time it again with each kind of kernel (and
+    /// memcpy, memset) switched off in the graph, and print what each kind costs inside the
+    /// replayed step.
+    #[arg(long)]
+    pub kernel_costs: bool,
     /// On a GPU, attention kernels (`PCPP_FLASH128` names) to time one after the other on the
     /// same weights in this process, comma-separated, e.g. `ws,ws3,ws,ws3`: one result
     /// each, named. The other kernel choices come from the environment.
@@ -185,6 +190,9 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(a: Args) -> Result<()> {
     crate::kernel_env::check_attention(&a.attention, a.device.device(0))?;
     crate::kernel_env::check_small_gemm(&a.small_gemm, a.device.device(0))?;
+    if a.kernel_costs && (a.device == DeviceArg::Cpu || a.no_graph) {
+        bail!("--kernel-costs times the replayed CUDA graph: it needs --device cuda, without --no-graph");
+    }
     let per_rank = a.device != DeviceArg::Cpu || a.ranks != 1 || a.parallel != ParallelMode::Serial;
     if per_rank && a.device != DeviceArg::Cpu {
         return crate::band_bench::run(&a);

@@ -21,6 +21,8 @@ mod flux_bench;
 mod flux_generate;
 mod generate;
 mod job;
+#[cfg(feature = "cuda")]
+mod kernel_costs;
 mod kernel_env;
 mod mode_flags;
 mod output;

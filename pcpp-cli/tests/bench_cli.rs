@@ -85,6 +85,12 @@ fn bench_rejects_inconsistent_flags() {
             assert!(!out.status.success());
             assert!(String::from_utf8_lossy(&out.stderr).contains(flag));
         }
+        // The in-graph kernel costs need a replayed CUDA graph.
+        let mut args = vec!["--kernel-costs"];
+        args.extend_from_slice(extra);
+        let out = bench(&args);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--kernel-costs"));
     }
 }
 

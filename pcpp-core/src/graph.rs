@@ -11,6 +11,8 @@
 use pcpp_kernels::Tensor;
 
 use crate::denoise::DenoiseModel;
+#[cfg(feature = "cuda")]
+use crate::layers::LayerContext;
 use crate::layers::{CoreError, StepCtx, StepDriver};
 
 /// The graphs of one kind of step, with the count of its eager steady steps.
@@ -106,6 +108,37 @@ impl StepGraphs {
     ) -> Result<Tensor, M::Error> {
         let kind = self.kind(model.graph_key(ctx));
         self.replay(kind, model, driver, ctx, x, ts, cond)
+    }
+
+    /// The kinds of node in the captured graphs (kernel names, memcpy, memset) with how many
+    /// nodes of each one replayed step runs (the largest count among the graphs), for a bench
+    /// that attributes the step's time to them ([`StepGraphs::set_kinds_enabled`]).
+    #[cfg(feature = "cuda")]
+    pub fn node_kinds(&self) -> Result<std::collections::BTreeMap<String, usize>, CoreError> {
+        let mut all = std::collections::BTreeMap::new();
+        for (_, g) in self.kinds.iter().flat_map(|k| k.graphs.iter().flatten()) {
+            for (kind, n) in g.node_kinds().at("step graph")? {
+                let e = all.entry(kind).or_insert(0);
+                *e = n.max(*e);
+            }
+        }
+        Ok(all)
+    }
+
+    /// Switches the nodes whose kind `pick` accepts off or back on in every captured graph, for
+    /// the replays that follow. A step replayed with nodes off computes nonsense: this is for
+    /// timing what they cost inside the graph. Returns how many nodes it switched.
+    #[cfg(feature = "cuda")]
+    pub fn set_kinds_enabled(
+        &self,
+        pick: &dyn Fn(&str) -> bool,
+        on: bool,
+    ) -> Result<usize, CoreError> {
+        let mut n = 0;
+        for (_, g) in self.kinds.iter().flat_map(|k| k.graphs.iter().flatten()) {
+            n += g.set_kinds_enabled(pick, on).at("step graph")?;
+        }
+        Ok(n)
     }
 
     /// [`StepGraphs::step`] from the graphs of kind `kind`.

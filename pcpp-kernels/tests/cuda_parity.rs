@@ -723,6 +723,42 @@ fn capture_graph_records_forked_comm_work() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
+fn graph_nodes_switch_off_and_back_on() {
+    let n = 1 << 16;
+    let src = Tensor::rand_uniform(&[n], DType::F32, GPU, (-1.0, 1.0), 5).unwrap();
+    let out = Tensor::zeros_on(&[n], DType::F32, GPU).unwrap();
+    let step = pcpp_kernels::cuda::capture_graph(0, || {
+        let t = src.affine(2.0, 1.0)?;
+        pcpp_kernels::cuda::copy_into(&t, &out)
+    })
+    .unwrap();
+    let kinds = step.node_kinds().unwrap();
+    let kernels: usize = kinds
+        .iter()
+        .filter(|(k, _)| !k.starts_with('('))
+        .map(|(_, n)| n)
+        .sum();
+    assert!(kernels >= 1, "no kernel node among {kinds:?}");
+    assert!(
+        kinds.keys().all(|k| !k.starts_with("_Z")),
+        "unshortened names in {kinds:?}"
+    );
+    // Everything off: the replay leaves `out` as it was.
+    let off = step.set_kinds_enabled(&|_| true, false).unwrap();
+    assert_eq!(off, kinds.values().sum::<usize>());
+    step.replay().unwrap();
+    assert!(out.to_vec_f32().unwrap().iter().all(|&v| v == 0.0));
+    // Back on: the captured work again.
+    assert_eq!(step.set_kinds_enabled(&|_| true, true).unwrap(), off);
+    step.replay().unwrap();
+    assert_eq!(
+        out.to_bytes().unwrap(),
+        src.affine(2.0, 1.0).unwrap().to_bytes().unwrap()
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
 fn patch_parallel_group_norm_captures_into_a_graph() {
     // group_moments + group_norm_merged (corrected) inside a capture: no host round trip.
     let x = Tensor::rand_uniform(&[2, 32, 8, 6], DType::F16, GPU, (-1.0, 1.0), 3).unwrap();

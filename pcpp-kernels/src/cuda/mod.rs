@@ -13,6 +13,7 @@
 //! [`Gpu::join_comm`] order the two streams, also inside a captured CUDA graph.
 
 mod compile;
+mod graph_nodes;
 mod names;
 mod ops;
 pub mod profile;
@@ -30,6 +31,7 @@ use cudarc::driver::{
 
 use compile::{arch_name, forget_cached_ptx, ptx_for};
 pub use compile::{compile_kernels, CHECKED_ARCHS, KERNEL_SOURCE};
+pub use graph_nodes::{short_name, MEMCPY_KIND, MEMSET_KIND};
 pub use names::kernel_names;
 pub(crate) use ops::vector::{add_gated, modulated_layer_norm, rotate_pairs};
 pub use ops::vector::{

@@ -515,8 +515,8 @@ pub(crate) fn fill_uniform(
 /// A captured CUDA graph of work on one device, replayed with [`CudaGraphStep::replay`]. Inputs and
 /// outputs are tensors allocated before the capture and refreshed with [`copy_into`].
 pub struct CudaGraphStep {
-    graph: CudaGraph,
-    gpu: Arc<Gpu>,
+    pub(crate) graph: CudaGraph,
+    pub(crate) gpu: Arc<Gpu>,
 }
 
 impl CudaGraphStep {
