@@ -759,6 +759,71 @@ fn graph_nodes_switch_off_and_back_on() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
+fn side_stream_gemm_beside_the_compute_stream_gives_the_same_bits() {
+    use pcpp_kernels::cuda::{capture_graph, copy_into, linear_rows_into, set_side_streams};
+    let dt = DType::F16;
+    let (l, k, n, big, row0) = (256, 640, 1280, 400, 64);
+    let x = Tensor::rand_uniform(&[1, l, k], dt, GPU, (-1.0, 1.0), 21).unwrap();
+    let wkv = Tensor::rand_uniform(&[n, k], dt, GPU, (-0.05, 0.05), 22).unwrap();
+    let bkv = Tensor::rand_uniform(&[n], dt, GPU, (-0.1, 0.1), 23).unwrap();
+    let wq = Tensor::rand_uniform(&[k / 2, k], dt, GPU, (-0.05, 0.05), 24).unwrap();
+    // Sequential on the compute stream: the bits to match.
+    set_side_streams(false);
+    let want_win = Tensor::zeros_on(&[1, big, n], dt, GPU).unwrap();
+    linear_rows_into(&x, &wkv, Some(&bkv), &want_win, row0).unwrap();
+    let want_q = x.linear(&wq, None).unwrap();
+    set_side_streams(true);
+    let win = Tensor::zeros_on(&[1, big, n], dt, GPU).unwrap();
+    let run = || {
+        pcpp_kernels::concurrently(
+            GPU,
+            || linear_rows_into(&x, &wkv, Some(&bkv), &win, row0),
+            || x.linear(&wq, None),
+        )
+    };
+    let ((), q) = run().unwrap();
+    assert_eq!(q.to_bytes().unwrap(), want_q.to_bytes().unwrap(), "eager q");
+    assert_eq!(
+        win.to_bytes().unwrap(),
+        want_win.to_bytes().unwrap(),
+        "eager window"
+    );
+    // Captured as two branches and replayed.
+    let zero = Tensor::zeros_on(&[1, big, n], dt, GPU).unwrap();
+    copy_into(&zero, &win).unwrap();
+    let q_out = Tensor::zeros_on(q.shape(), dt, GPU).unwrap();
+    let step = capture_graph(0, || {
+        let ((), q) = run()?;
+        copy_into(&q, &q_out)
+    })
+    .unwrap();
+    assert!(
+        win.to_vec_f32().unwrap().iter().all(|&v| v == 0.0),
+        "capture ran work"
+    );
+    step.replay().unwrap();
+    assert_eq!(
+        q_out.to_bytes().unwrap(),
+        want_q.to_bytes().unwrap(),
+        "replayed q"
+    );
+    assert_eq!(
+        win.to_bytes().unwrap(),
+        want_win.to_bytes().unwrap(),
+        "replayed window"
+    );
+    // A side branch that allocates is an error naming it, and the streams stay usable.
+    let err = pcpp_kernels::concurrently(GPU, || x.linear(&wq, None), || Ok(())).unwrap_err();
+    assert!(err.to_string().contains("side-stream"), "{err}");
+    set_side_streams(false);
+    assert_eq!(
+        x.linear(&wq, None).unwrap().to_bytes().unwrap(),
+        want_q.to_bytes().unwrap()
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
 fn patch_parallel_group_norm_captures_into_a_graph() {
     // group_moments + group_norm_merged (corrected) inside a capture: no host round trip.
     let x = Tensor::rand_uniform(&[2, 32, 8, 6], DType::F16, GPU, (-1.0, 1.0), 3).unwrap();
