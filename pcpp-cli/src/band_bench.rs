@@ -139,22 +139,15 @@ pub fn run(a: &Args) -> Result<()> {
             if let Some(item) = &small {
                 crate::kernel_env::apply_small_gemm(item);
             }
-            for side in listed(&a.side_streams) {
-                if let Some(item) = &side {
-                    crate::kernel_env::apply_side_streams(item);
-                }
-                for &r in &ranks {
-                    let res = run_rank(
-                        a, &ucfg, &weights, &pcfg, mode, r, cfg_split, warm, graph_on, device,
-                        dtype,
-                    )?;
-                    let side = side.as_ref().map(|s| format!("side-streams={s}"));
-                    results.push((kernel.clone(), small.clone(), side, res));
-                }
+            for &r in &ranks {
+                let res = run_rank(
+                    a, &ucfg, &weights, &pcfg, mode, r, cfg_split, warm, graph_on, device, dtype,
+                )?;
+                results.push((kernel.clone(), small.clone(), res));
             }
         }
     }
-    for (kernel, small, side, res) in &results {
+    for (kernel, small, res) in &results {
         let sent = res.traffic.sent.total();
         let recvd = res.traffic.recvd.total();
         if a.json {
@@ -181,7 +174,6 @@ pub fn run(a: &Args) -> Result<()> {
                 "steady_traffic": res.traffic,
                 "attention": kernel,
                 "small_gemm": small,
-                "side_streams": side,
                 "kernel_costs": kernel_costs_json(res),
             });
             println!("{v}");
@@ -191,7 +183,7 @@ pub fn run(a: &Args) -> Result<()> {
             } else {
                 format!(", sync step {:.3} ms", res.sync_ms)
             };
-            let kernel = [kernel, small, side]
+            let kernel = [kernel, small]
                 .iter()
                 .flat_map(|c| c.as_ref().map(|k| format!(" [{k}]")))
                 .collect::<String>();

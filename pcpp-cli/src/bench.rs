@@ -111,11 +111,6 @@ pub struct Args {
     /// named.
     #[arg(long, value_delimiter = ',')]
     pub small_gemm: Vec<String>,
-    /// On a GPU, side-stream choices (`PCPP_SIDE_STREAM`: `1` or `0`) to time one after the other
-    /// on the same weights in this process, comma-separated, e.g. `1,0,1,0`: one result each
-    /// (for each choice of --attention and --small-gemm), named.
-    #[arg(long, value_delimiter = ',')]
-    pub side_streams: Vec<String>,
 }
 
 /// Seeded uniform values in `[-1, 1)` (SplitMix64).
@@ -195,7 +190,6 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(a: Args) -> Result<()> {
     crate::kernel_env::check_attention(&a.attention, a.device.device(0))?;
     crate::kernel_env::check_small_gemm(&a.small_gemm, a.device.device(0))?;
-    crate::kernel_env::check_side_streams(&a.side_streams, a.device.device(0))?;
     if a.kernel_costs && (a.device == DeviceArg::Cpu || a.no_graph) {
         bail!("--kernel-costs times the replayed CUDA graph: it needs --device cuda, without --no-graph");
     }

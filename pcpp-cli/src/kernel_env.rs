@@ -33,10 +33,8 @@
 //! passes; off by default, measured slower than cuBLASLt), `PCPP_SMALL_GEMM_ROWS=256|128|64`
 //! (the most rows of one of those GEMMs' blocks: fewer read the weights more often but give a
 //! GEMM more blocks), `PCPP_SMALL_GEMM_SPLITS=8|4|2|1` (the most blocks of a cluster that share
-//! one tile's K), `PCPP_SIDE_STREAM=1|0` (a band's self-attention projects its own keys and
-//! values into the stale window on a second stream beside its query projection, or after it;
-//! same bits). Unset
-//! means the defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`, `256`, `8`, `0`);
+//! one tile's K). Unset
+//! means the defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`, `256`, `8`);
 //! `flux-bench`'s `--variants` items ([`parse_variant`]) set the first three, and `bench`'s
 //! `--attention` list ([`check_attention`], [`apply_attention`]) the first.
 //! Without the `cuda` feature there is nothing to choose and the variables are ignored.
@@ -82,7 +80,6 @@ pub struct Variant {
     small_gemm: &'static str,
     small_gemm_rows: usize,
     small_gemm_splits: usize,
-    side_stream: bool,
 }
 
 impl Default for Variant {
@@ -103,7 +100,6 @@ impl Default for Variant {
             small_gemm: SMALL_GEMM[0],
             small_gemm_rows: 256,
             small_gemm_splits: 8,
-            side_stream: false,
         }
     }
 }
@@ -163,11 +159,6 @@ pub fn apply() -> Result<()> {
         v.small_gemm_splits = one_of(&t, &SPLITS)
             .ok_or_else(|| anyhow::anyhow!("PCPP_SMALL_GEMM_SPLITS={t}: expected 1, 2, 4 or 8"))?;
     }
-    v.side_stream = match var("PCPP_SIDE_STREAM").as_deref() {
-        None | Some("0") => false,
-        Some("1") => true,
-        Some(t) => bail!("PCPP_SIDE_STREAM={t}: expected 1 or 0"),
-    };
     v.apply();
     Ok(())
 }
@@ -229,7 +220,6 @@ impl Variant {
             );
             pcpp_kernels::cuda::set_small_gemm_rows(self.small_gemm_rows);
             pcpp_kernels::cuda::set_small_gemm_splits(self.small_gemm_splits);
-            pcpp_kernels::cuda::set_side_streams(self.side_stream);
         }
     }
 }
@@ -361,21 +351,6 @@ pub fn choices(device: Device) -> serde_json::Value {
     }
     let _ = device;
     serde_json::json!({})
-}
-
-/// Checks `bench --side-streams` items: a GPU run of a `cuda` build, each item `1` or `0`.
-pub fn check_side_streams(items: &[String], device: Device) -> Result<()> {
-    let valid = |i: &str| i == "1" || i == "0";
-    check_gpu_list("--side-streams", items, device, valid, || "1 or 0".into())
-}
-
-/// Puts the `--side-streams` item `item` (`1` or `0`, checked by [`check_side_streams`]) in
-/// force.
-pub fn apply_side_streams(item: &str) {
-    #[cfg(feature = "cuda")]
-    pcpp_kernels::cuda::set_side_streams(item == "1");
-    #[cfg(not(feature = "cuda"))]
-    let _ = item;
 }
 
 #[cfg(test)]

@@ -66,24 +66,6 @@ pub fn reset_memory_high_water(device: Device) -> Result<()> {
     }
 }
 
-/// Runs `side` and `main` and returns both results: on a GPU with side streams on
-/// (`cuda::set_side_streams`), `side`'s kernels and cuBLASLt GEMMs beside `main`'s (a parallel
-/// branch of a captured graph; `side` may only write tensors that exist before the call), else
-/// `side` then `main` in order. Same results either way.
-pub fn concurrently<A, B, E: From<KernelError>>(
-    device: Device,
-    side: impl FnOnce() -> std::result::Result<A, E>,
-    main: impl FnOnce() -> std::result::Result<B, E>,
-) -> std::result::Result<(A, B), E> {
-    #[cfg(feature = "cuda")]
-    return cuda::concurrently(device, side, main);
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = device;
-        Ok((side()?, main()?))
-    }
-}
-
 /// Waits until everything queued on the device has run (nothing on the CPU).
 pub fn synchronize(device: Device) -> Result<()> {
     match device {

@@ -26,9 +26,7 @@ use crate::schedule::SyncMode;
 /// the other bands' (all of them, fresh, in synchronous steps; the stale window within the
 /// level's portion otherwise) around this band's own K/V `own` (`[b, l, 2c]`), top to bottom.
 /// Without a slot (naive patch, serial) just the own K/V. On the device path a stale step reads
-/// and fills the slot's persistent windows in place ([`super::window`]). Returns the window and
-/// the queries that `q` makes: in that in-place step `q` runs beside the own K/V's projection
-/// into the window ([`pcpp_kernels::concurrently`]), elsewhere before it.
+/// and fills the slot's persistent windows in place ([`super::window`]).
 fn band_kv(
     sh: &Shared,
     slot: Option<&Arc<Slot>>,
@@ -36,14 +34,10 @@ fn band_kv(
     id: &str,
     level: usize,
     own: OwnKv<'_>,
-    q: impl FnOnce() -> Result<Tensor>,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<Tensor> {
     let slot = match (slot, sh.communicates()) {
         (Some(s), true) => s,
-        _ => {
-            let q = q()?;
-            return Ok((own.tensor(id)?, q));
-        }
+        _ => return own.tensor(id),
     };
     let plan = sh.plan();
     let me = sh.me();
@@ -67,18 +61,7 @@ fn band_kv(
     if let (false, Some(w)) = (ctx.sync, &window) {
         // In place: own K/V into its rows of the previous step's window, sent from there.
         let prev = sh.read_window(id, slot, ctx, w)?;
-        let row0 = lay.own.start;
-        let q = if own.writes_with_one_gemm(&prev, row0) {
-            let (wrote, q) =
-                pcpp_kernels::concurrently(dev, || Ok(own.write_rows(id, &prev, row0)), || Ok(q()))
-                    .at(id)?;
-            wrote?;
-            q?
-        } else {
-            let q = q()?;
-            own.write_rows(id, &prev, row0)?;
-            q
-        };
+        own.write_rows(id, &prev, lay.own.start)?;
         if sh.cfg.sync_mode != SyncMode::None {
             let at = |r: Range<usize>| lay.own.start + r.start..lay.own.start + r.end;
             let sends = kv_sends(&tokens, me, portion)
@@ -87,9 +70,8 @@ fn band_kv(
                 .collect();
             sh.post_window(id, slot, ctx, sends, &lay.parts, w, dev)?;
         }
-        return Ok((prev, q));
+        return Ok(prev);
     }
-    let q = q()?;
     let kv = own.tensor(id)?;
     // Other bands' K/V, top to bottom, with the band they come from.
     let mut others: Vec<(usize, Tensor)> = Vec::new();
@@ -144,7 +126,7 @@ fn band_kv(
     let mut parts: Vec<&Tensor> = others.iter().filter(|o| o.0 < me).map(|o| &o.1).collect();
     parts.push(&kv);
     parts.extend(others.iter().filter(|o| o.0 > me).map(|o| &o.1));
-    Ok((Tensor::cat(&parts, 1).at(id)?, q))
+    Tensor::cat(&parts, 1).at(id)
 }
 
 /// The patch-parallel self-attention of a model that gives its projection weights: q from one
@@ -182,29 +164,29 @@ impl PatchAttention {
         })
     }
 
-    /// The band's queries (made by `q`) over its K/V window (the band's own K/V from `own`),
-    /// heads merged, before the output projection.
+    /// The band's queries `q` over its K/V window (the band's own K/V from `own`), heads merged,
+    /// before the output projection.
     fn attend(
         &self,
         ctx: &StepCtx,
-        q: impl FnOnce() -> Result<Tensor>,
+        q: &Tensor,
         own: OwnKv<'_>,
         spatial: (usize, usize),
     ) -> Result<Tensor> {
         let id = &self.id;
         let (rows, cols) = spatial;
         let level = self.sh.level_at(ctx, id, rows, cols)?;
-        let (win, q) = band_kv(&self.sh, self.slot.as_ref(), ctx, id, level, own, q)?;
+        let win = band_kv(&self.sh, self.slot.as_ref(), ctx, id, level, own)?;
         let c = q.shape()[2];
         let (k, v) = (Cols::new(&win, 0), Cols::new(&win, c));
-        Tensor::attention_packed(Cols::new(&q, 0), k, v, c, self.heads, false).at(id)
+        Tensor::attention_packed(Cols::new(q, 0), k, v, c, self.heads, false).at(id)
     }
 }
 
 impl SelfAttentionLayer for PatchAttention {
     fn forward(&self, ctx: &StepCtx, x: &Tensor, spatial: (usize, usize)) -> Result<Tensor> {
-        let q = || x.linear(&self.to_q, self.q_bias.as_ref()).at(&self.id);
-        self.attend(ctx, q, OwnKv::Project(x, &self.kv), spatial)?
+        let q = x.linear(&self.to_q, self.q_bias.as_ref()).at(&self.id)?;
+        self.attend(ctx, &q, OwnKv::Project(x, &self.kv), spatial)?
             .linear(&self.to_out, self.out_bias.as_ref())
             .at(&self.id)
     }
@@ -218,24 +200,20 @@ impl SelfAttentionLayer for PatchAttention {
         spatial: (usize, usize),
     ) -> Result<(Tensor, RowStats)> {
         // Without statistics the norm runs once, for both projections.
-        let id = &self.id;
-        let out = if stats.is_some() {
-            let q = || {
-                x.norm_linear(norm, stats, &self.to_q, self.q_bias.as_ref())
-                    .at(id)
-            };
-            self.attend(
-                ctx,
-                q,
-                OwnKv::ProjectNormed(x, &self.kv, norm, stats),
-                spatial,
-            )?
+        let h;
+        let (q, own) = if stats.is_some() {
+            let q = x.norm_linear(norm, stats, &self.to_q, self.q_bias.as_ref());
+            (q, OwnKv::ProjectNormed(x, &self.kv, norm, stats))
         } else {
-            let h = x.layer_norm(norm.gamma, norm.beta, norm.eps).at(id)?;
-            let q = || h.linear(&self.to_q, self.q_bias.as_ref()).at(id);
-            self.attend(ctx, q, OwnKv::Project(&h, &self.kv), spatial)?
+            h = x.layer_norm(norm.gamma, norm.beta, norm.eps).at(&self.id)?;
+            (
+                h.linear(&self.to_q, self.q_bias.as_ref()),
+                OwnKv::Project(&h, &self.kv),
+            )
         };
-        out.linear_add_stats(&self.to_out, self.out_bias.as_ref(), x)
+        let q = q.at(&self.id)?;
+        self.attend(ctx, &q, own, spatial)?
+            .linear_add_stats(&self.to_out, self.out_bias.as_ref(), x)
             .at(&self.id)
     }
 }
@@ -265,9 +243,7 @@ impl ProjectedAttentionLayer for PatchProjectedAttention {
         }
         let kv = Tensor::cat(&[k, v], 2).at(id)?;
         let own = OwnKv::Ready(&kv);
-        let (win, _) = band_kv(&self.sh, self.slot.as_ref(), ctx, id, level, own, || {
-            Ok(q.clone())
-        })?;
+        let win = band_kv(&self.sh, self.slot.as_ref(), ctx, id, level, own)?;
         let c = k.shape()[2];
         let (kw, vw) = (win.narrow(2, 0, c).at(id)?, win.narrow(2, c, c).at(id)?);
         joint_attend(id, self.heads, q, &kw, &vw, extra)

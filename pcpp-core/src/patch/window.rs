@@ -102,27 +102,6 @@ impl OwnKv<'_> {
     }
 
     /// Writes the K/V into rows `row0 ..` of `win` (device tensors only).
-    /// Whether [`OwnKv::write_rows`] into `win` at `row0` is one GEMM that allocates nothing,
-    /// which may run on a side stream beside other work ([`pcpp_kernels::concurrently`]).
-    pub(super) fn writes_with_one_gemm(&self, win: &Tensor, row0: usize) -> bool {
-        #[cfg(feature = "cuda")]
-        return match self {
-            OwnKv::Project(x, p) => pcpp_kernels::cuda::linear_rows_into_is_one_gemm(
-                x,
-                &p.w,
-                p.bias.as_ref(),
-                win,
-                row0,
-            ),
-            OwnKv::Ready(_) | OwnKv::ProjectNormed(..) => false,
-        };
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = (win, row0);
-            false
-        }
-    }
-
     pub(super) fn write_rows(&self, id: &str, win: &Tensor, row0: usize) -> Result<()> {
         #[cfg(feature = "cuda")]
         return match self {

@@ -17,7 +17,6 @@ mod graph_nodes;
 mod names;
 mod ops;
 pub mod profile;
-mod side;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -43,14 +42,12 @@ pub(crate) use ops::*;
 pub use ops::{
     autotune, capture_graph, conv2d_in_bands, conv_nhwc, copy_into, copy_rows_into, flash128,
     flash_persistent, fused_epilogues, group_norm_merged_into, group_norm_merged_into_nhwc,
-    group_norm_merged_nhwc, linear_rows_into, linear_rows_into_is_one_gemm, nchw_rows_into_nhwc,
-    norm_linear_rows_into, programmatic_launch, set_autotune, set_autotune_report, set_conv_nhwc,
-    set_flash128, set_flash_persistent, set_fused_epilogues, set_programmatic_launch,
-    set_small_gemm, set_small_gemm_rows, set_small_gemm_splits, small_gemm, small_gemm_rows,
-    small_gemm_splits, small_grid, CudaGraphStep, Flash128, SmallGemm, StatsWindow,
-    SMALL_GEMM_ROWS, SMALL_GRID_KEYS,
+    group_norm_merged_nhwc, linear_rows_into, nchw_rows_into_nhwc, norm_linear_rows_into,
+    programmatic_launch, set_autotune, set_autotune_report, set_conv_nhwc, set_flash128,
+    set_flash_persistent, set_fused_epilogues, set_programmatic_launch, set_small_gemm,
+    set_small_gemm_rows, set_small_gemm_splits, small_gemm, small_gemm_rows, small_gemm_splits,
+    small_grid, CudaGraphStep, Flash128, SmallGemm, StatsWindow, SMALL_GEMM_ROWS, SMALL_GRID_KEYS,
 };
-pub use side::{concurrently, set_side_streams, side_streams};
 
 fn cuda_err(device: usize, what: &str, e: impl std::fmt::Debug) -> KernelError {
     KernelError::Device {
@@ -63,8 +60,6 @@ fn cuda_err(device: usize, what: &str, e: impl std::fmt::Debug) -> KernelError {
 struct Lt {
     handle: cudarc::cublaslt::sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
-    /// The side stream's workspace ([`side`]).
-    side_workspace: CudaSlice<u8>,
 }
 
 /// One CUDA device: context, compute and comm streams, library handles and the loaded kernels.
@@ -80,10 +75,6 @@ pub struct Gpu {
     join_event: CudaEvent,
     /// Keeps each record + wait pair of the fork/join events together across threads.
     event_lock: Mutex<()>,
-    /// The second compute stream of [`side::concurrently`], and its fork and join events.
-    side: Arc<CudaStream>,
-    side_fork: CudaEvent,
-    side_join: CudaEvent,
     arch: &'static str,
     funcs: HashMap<String, CudaFunction>,
     blas: CudaBlas,
@@ -239,15 +230,6 @@ impl Gpu {
         let join_event = ctx
             .new_event(no_timing)
             .map_err(|x| e("creating the join event", &x))?;
-        let side = ctx
-            .new_stream()
-            .map_err(|x| e("creating the side stream", &x))?;
-        let side_fork = ctx
-            .new_event(no_timing)
-            .map_err(|x| e("creating the side fork event", &x))?;
-        let side_join = ctx
-            .new_event(no_timing)
-            .map_err(|x| e("creating the side join event", &x))?;
         // Keep freed memory in the stream-ordered pool instead of returning it at each sync.
         // SAFETY: plain attribute setting on the device's default pool.
         unsafe {
@@ -371,9 +353,6 @@ impl Gpu {
         // SAFETY: uninitialised scratch memory for cuBLASLt.
         let workspace =
             unsafe { stream.alloc::<u8>(32 << 20) }.map_err(|x| e("cuBLASLt workspace", &x))?;
-        // SAFETY: as above, for GEMMs on the side stream.
-        let side_workspace = unsafe { stream.alloc::<u8>(32 << 20) }
-            .map_err(|x| e("cuBLASLt side workspace", &x))?;
         let cudnn = Cudnn::new(stream.clone()).map_err(|x| e("cuDNN", &x))?;
         Ok(Gpu {
             ordinal,
@@ -383,9 +362,6 @@ impl Gpu {
             fork_event,
             join_event,
             event_lock: Mutex::new(()),
-            side,
-            side_fork,
-            side_join,
             arch,
             funcs,
             flash_shared_q,
@@ -401,7 +377,6 @@ impl Gpu {
             lt: Lt {
                 handle: lt_handle,
                 workspace,
-                side_workspace,
             },
             cudnn,
             lock: Mutex::new(()),
@@ -489,7 +464,7 @@ impl Gpu {
     }
 
     /// Records `event` on `from` and makes `to` wait on it.
-    pub(crate) fn order(
+    fn order(
         &self,
         event: &CudaEvent,
         (from, to): (&CudaStream, &CudaStream),
@@ -630,7 +605,6 @@ impl Gpu {
 
     /// Uninitialised device memory for `n` elements of `dtype`.
     pub(crate) fn alloc(self: &Arc<Self>, dtype: DType, n: usize) -> Result<CudaStorage> {
-        self.not_on_side("allocating device memory")?;
         let bytes = (n * dtype.size()).max(4);
         // SAFETY: every caller writes all `n` elements before the storage is read.
         let buf = unsafe { self.stream.alloc::<u8>(bytes) }

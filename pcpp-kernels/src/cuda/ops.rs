@@ -111,7 +111,7 @@ pub(crate) unsafe fn launch_ex_cluster(
         blockDimY: cfg.block_dim.1,
         blockDimZ: cfg.block_dim.2,
         sharedMemBytes: cfg.shared_mem_bytes,
-        hStream: gpu.exec_stream().cu_stream(),
+        hStream: gpu.stream.cu_stream(),
         attrs: attrs.as_mut_ptr(),
         numAttrs: count as u32,
     };
@@ -157,10 +157,7 @@ pub use gemm_wg::{
 pub use norm::{
     group_norm_merged_into, group_norm_merged_into_nhwc, group_norm_merged_nhwc, StatsWindow,
 };
-pub use rows::{
-    copy_rows_into, linear_rows_into, linear_rows_into_is_one_gemm, nchw_rows_into_nhwc,
-    norm_linear_rows_into,
-};
+pub use rows::{copy_rows_into, linear_rows_into, nchw_rows_into_nhwc, norm_linear_rows_into};
 pub use tune::{autotune, set_autotune, set_autotune_report};
 
 pub(crate) use attn::{

@@ -84,7 +84,6 @@ where
 {
     let e = |what: &str, err: dnn_sys::cudnnStatus_t| gpu.err(what, err);
     let de = |what: &str, err: cudarc::cudnn::CudnnError| gpu.err(what, err);
-    gpu.not_on_side("a cuDNN convolution")?;
     let _g = gpu
         .lock
         .lock()

@@ -46,7 +46,6 @@ pub(super) fn gemm_batched(
         }
     };
     let beta = 0.0f32;
-    gpu.not_on_side("a cuBLAS GEMM")?;
     let _g = gpu
         .lock
         .lock()
@@ -265,10 +264,10 @@ pub(super) fn lt_linear(
         gelu,
         tf32,
     };
-    let ws_size = gpu.lt_workspace().len();
+    let ws_size = gpu.lt.workspace.len();
     let (alpha, beta) = (1.0f32, if acc.is_some() { 1.0f32 } else { 0.0 });
     let c = acc.unwrap_or(y);
-    let (wsp, _s) = cudarc::driver::DevicePtr::device_ptr(gpu.lt_workspace(), gpu.exec_stream());
+    let (wsp, _s) = cudarc::driver::DevicePtr::device_ptr(&gpu.lt.workspace, &gpu.stream);
     let run = |algo: &lt_sys::cublasLtMatmulAlgo_t| {
         // SAFETY: x, w, bias, y are live device buffers sized by the caller for (rows, k, n); the
         // layouts describe them; the workspace is ours and `ws_size` bytes long.
@@ -289,7 +288,7 @@ pub(super) fn lt_linear(
                 algo,
                 wsp as *mut c_void,
                 ws_size,
-                gpu.exec_stream().cu_stream() as lt_sys::cudaStream_t,
+                gpu.stream.cu_stream() as lt_sys::cudaStream_t,
             )
         }
         .map_err(|x| e("cublasLtMatmul", x))

@@ -95,46 +95,6 @@ pub fn linear_rows_into(
     dst: &Tensor,
     row0: usize,
 ) -> Result<()> {
-    let Some((offset, (l, k, n))) = rows_direct(x, w, bias, dst, row0)? else {
-        return copy_rows_into(&x.linear(w, bias)?, dst, row0);
-    };
-    if l == 0 || n == 0 {
-        return Ok(());
-    }
-    let (gpu, dt) = (gpu_of(w)?, w.dtype());
-    let o = super::gemm_wg::WgOperands::new(x, w, bias, ptr(dst)? + offset)?;
-    if super::gemm_wg::try_gemm_wg(&gpu, dt, &o, (l, k, n), false)? {
-        return Ok(());
-    }
-    lt_linear(&gpu, dt, (o.x, o.w, o.bias, None, o.y), (l, k, n), false)
-}
-
-/// Whether [`linear_rows_into`] of these operands is one cuBLASLt GEMM straight into `dst`'s
-/// rows, allocating nothing (what a side-stream branch may run, [`crate::concurrently`]): the
-/// direct case, with pcpp's small-row GEMMs off.
-pub fn linear_rows_into_is_one_gemm(
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    dst: &Tensor,
-    row0: usize,
-) -> bool {
-    super::gemm_wg::small_gemm() == super::gemm_wg::SmallGemm::Off
-        && matches!(rows_direct(x, w, bias, dst, row0), Ok(Some(_)))
-}
-
-/// A GEMM's `(rows, k, n)`.
-type Mkn = (usize, usize, usize);
-
-/// The checks of [`linear_rows_into`]; where its GEMM can store into `dst` directly, the byte
-/// offset of row `row0` and the GEMM's `(rows, k, n)`.
-fn rows_direct(
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    dst: &Tensor,
-    row0: usize,
-) -> Result<Option<(u64, Mkn)>> {
     const OP: &str = "linear_rows_into";
     let mut ops = vec![x, w, dst];
     ops.extend(bias);
@@ -158,7 +118,18 @@ fn rows_direct(
         && dst.dtype() == dt
         && bias.map_or(true, |bb| bb.dtype() == dt)
         && (ptr(dst)? + offset) % 256 == 0;
-    Ok(direct.then_some((offset, (l, k, n))))
+    if !direct {
+        return copy_rows_into(&x.linear(w, bias)?, dst, row0);
+    }
+    if l == 0 || n == 0 {
+        return Ok(());
+    }
+    let gpu = gpu_of(w)?;
+    let o = super::gemm_wg::WgOperands::new(x, w, bias, ptr(dst)? + offset)?;
+    if super::gemm_wg::try_gemm_wg(&gpu, dt, &o, (l, k, n), false)? {
+        return Ok(());
+    }
+    lt_linear(&gpu, dt, (o.x, o.w, o.bias, None, o.y), (l, k, n), false)
 }
 
 /// [`linear_rows_into`] of `layer_norm(x)` (`gamma`, `beta: [k]`), with the bits of

@@ -44,7 +44,6 @@ const FLUSH_BYTES: usize = 128 << 20;
 /// captured into a graph (a capture cannot be synchronised).
 pub(super) fn may_tune(gpu: &Gpu) -> bool {
     autotune()
-        && !super::super::side::on_side()
         && matches!(
             gpu.stream.capture_status(),
             Ok(drv_sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
