@@ -18,6 +18,8 @@ pub(crate) struct KernelCost {
     pub kind: String,
     /// Nodes of this kind in one replayed step.
     pub nodes: usize,
+    /// Of those, how many the driver would not switch off (they ran in both timings).
+    pub refused: usize,
     /// Median step with everything on, timed just before (ms).
     pub step_ms: f64,
     /// Median step with these nodes switched off (ms).
@@ -34,6 +36,7 @@ impl KernelCost {
         serde_json::json!({
             "kind": self.kind,
             "nodes": self.nodes,
+            "refused": self.refused,
             "step_ms": self.step_ms,
             "without_ms": self.without_ms,
             "cost_ms": self.cost_ms(),
@@ -75,12 +78,12 @@ pub(crate) fn measure(
     let mut out = Vec::new();
     for (kind, pick) in &groups {
         let step_ms = time(graphs)?;
-        let without = match graphs.set_kinds_enabled(pick.as_ref(), false) {
-            Ok(_) => time(graphs),
-            Err(e) => Err(e.into()),
+        let (without, refused) = match graphs.set_kinds_enabled(pick.as_ref(), false) {
+            Ok((_, refused)) => (time(graphs), refused / graphs.captured().max(1)),
+            Err(e) => (Err(e.into()), 0),
         };
         graphs.set_kinds_enabled(pick.as_ref(), true)?;
-        // A kind the driver will not switch off is reported (NaN) and the others still measured.
+        // A failed timing is reported (NaN) and the other kinds still measured.
         let without_ms = without.unwrap_or_else(|e| {
             eprintln!("--kernel-costs: `{kind}` not measured: {e:#}");
             f64::NAN
@@ -88,6 +91,7 @@ pub(crate) fn measure(
         out.push(KernelCost {
             kind: kind.clone(),
             nodes: count(pick.as_ref()),
+            refused,
             step_ms,
             without_ms,
         });
@@ -98,20 +102,25 @@ pub(crate) fn measure(
 /// The costs as a table: kind, nodes per step, cost per step and per node, largest first (the
 /// groups last).
 pub(crate) fn print(costs: &[KernelCost]) {
-    println!("| kind | nodes | step (ms) | without (ms) | cost (ms) | per node (µs) |");
+    println!("| kind | nodes (not switched) | step (ms) | without (ms) | cost (ms) | per switched node (µs) |");
     println!("|---|---|---|---|---|---|");
     let (groups, mut kinds): (Vec<&KernelCost>, Vec<&KernelCost>) =
         costs.iter().partition(|c| c.kind.starts_with('['));
     kinds.sort_by(|a, b| b.cost_ms().total_cmp(&a.cost_ms()));
     for c in kinds.into_iter().chain(groups) {
+        let refused = if c.refused > 0 {
+            format!(" ({})", c.refused)
+        } else {
+            String::new()
+        };
         println!(
-            "| {} | {} | {:.3} | {:.3} | {:.3} | {:.2} |",
+            "| {} | {}{refused} | {:.3} | {:.3} | {:.3} | {:.2} |",
             c.kind,
             c.nodes,
             c.step_ms,
             c.without_ms,
             c.cost_ms(),
-            1e3 * c.cost_ms() / c.nodes.max(1) as f64
+            1e3 * c.cost_ms() / c.nodes.saturating_sub(c.refused).max(1) as f64
         );
     }
 }

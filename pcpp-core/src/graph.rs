@@ -110,6 +110,18 @@ impl StepGraphs {
         self.replay(kind, model, driver, ctx, x, ts, cond)
     }
 
+    /// How many graphs have been captured (of every kind and parity).
+    pub fn captured(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        return self
+            .kinds
+            .iter()
+            .flat_map(|k| k.graphs.iter().flatten())
+            .count();
+        #[cfg(not(feature = "cuda"))]
+        0
+    }
+
     /// The kinds of node in the captured graphs (kernel names, memcpy, memset) with how many
     /// nodes of each one replayed step runs (the largest count among the graphs), for a bench
     /// that attributes the step's time to them ([`StepGraphs::set_kinds_enabled`]).
@@ -127,18 +139,21 @@ impl StepGraphs {
 
     /// Switches the nodes whose kind `pick` accepts off or back on in every captured graph, for
     /// the replays that follow. A step replayed with nodes off computes nonsense: this is for
-    /// timing what they cost inside the graph. Returns how many nodes it switched.
+    /// timing what they cost inside the graph. Returns how many nodes it switched and how many
+    /// the driver would not switch (left as they were).
     #[cfg(feature = "cuda")]
     pub fn set_kinds_enabled(
         &self,
         pick: &dyn Fn(&str) -> bool,
         on: bool,
-    ) -> Result<usize, CoreError> {
-        let mut n = 0;
+    ) -> Result<(usize, usize), CoreError> {
+        let (mut n, mut refused) = (0, 0);
         for (_, g) in self.kinds.iter().flat_map(|k| k.graphs.iter().flatten()) {
-            n += g.set_kinds_enabled(pick, on).at("step graph")?;
+            let (a, b) = g.set_kinds_enabled(pick, on).at("step graph")?;
+            n += a;
+            refused += b;
         }
-        Ok(n)
+        Ok((n, refused))
     }
 
     /// [`StepGraphs::step`] from the graphs of kind `kind`.

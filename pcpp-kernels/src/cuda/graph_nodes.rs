@@ -88,10 +88,16 @@ impl CudaGraphStep {
 
     /// Switches every node whose kind `pick` accepts off (`on == false`: it runs as an empty
     /// node, its dependencies kept) or back on in the executable graph, for the following
-    /// replays. Returns how many nodes it switched.
-    pub fn set_kinds_enabled(&self, pick: &dyn Fn(&str) -> bool, on: bool) -> Result<usize> {
+    /// replays. Returns how many nodes it switched and how many the driver would not switch
+    /// (left as they were: it refuses some library kernels launched with thread-block clusters,
+    /// `CUDA_ERROR_INVALID_CLUSTER_SIZE`).
+    pub fn set_kinds_enabled(
+        &self,
+        pick: &dyn Fn(&str) -> bool,
+        on: bool,
+    ) -> Result<(usize, usize)> {
         let exec = self.graph.cu_graph_exec();
-        let mut count = 0;
+        let (mut switched, mut refused) = (0, 0);
         for (kind, node) in self.kind_nodes()? {
             if !pick(&kind) {
                 continue;
@@ -99,15 +105,17 @@ impl CudaGraphStep {
             // SAFETY: `node` is a kernel, memcpy or memset node of the graph `exec` was
             // instantiated from, the node types this call accepts.
             let r = unsafe { drv_sys::cuGraphNodeSetEnabled(exec, node, u32::from(on)) };
-            r.result()
-                .map_err(|_| self.gpu.err("cuGraphNodeSetEnabled", r))?;
-            count += 1;
+            if r.result().is_ok() {
+                switched += 1;
+            } else {
+                refused += 1;
+            }
         }
-        Ok(count)
+        Ok((switched, refused))
     }
 
     /// [`CudaGraphStep::set_kinds_enabled`] for the nodes of one kind.
-    pub fn set_kind_enabled(&self, kind: &str, on: bool) -> Result<usize> {
+    pub fn set_kind_enabled(&self, kind: &str, on: bool) -> Result<(usize, usize)> {
         self.set_kinds_enabled(&|k| k == kind, on)
     }
 }
