@@ -26,6 +26,7 @@ use pcpp_sdxl::{StepGraphs, UNet, UNetCond, UNetConfig};
 
 use crate::bench::{median, Args};
 use crate::generate::parse_portions;
+use crate::kernel_costs::KernelCost;
 
 /// What one rank measured.
 struct RankResult {
@@ -42,8 +43,7 @@ struct RankResult {
     graph_check: bool,
     traffic: Traffic,
     /// With --kernel-costs: each kind of node's cost inside the replayed step.
-    #[cfg(feature = "cuda")]
-    costs: Vec<crate::kernel_costs::KernelCost>,
+    costs: Vec<KernelCost>,
 }
 
 fn sync_device(device: Device) -> Result<()> {
@@ -174,7 +174,7 @@ pub fn run(a: &Args) -> Result<()> {
                 "steady_traffic": res.traffic,
                 "attention": kernel,
                 "small_gemm": small,
-                "kernel_costs": kernel_costs_json(res),
+                "kernel_costs": res.costs.iter().map(KernelCost::to_json).collect::<Vec<_>>(),
             });
             println!("{v}");
         } else {
@@ -197,25 +197,12 @@ pub fn run(a: &Args) -> Result<()> {
                 res.eager_ms,
                 res.graph_ms.map(|g| format!(", {g:.3} ms graph")).unwrap_or_default(),
             );
-            #[cfg(feature = "cuda")]
             if a.kernel_costs {
                 crate::kernel_costs::print(&res.costs);
             }
         }
     }
     Ok(())
-}
-
-/// The rank's `--kernel-costs` results as JSON (an empty list without them).
-fn kernel_costs_json(res: &RankResult) -> serde_json::Value {
-    #[cfg(feature = "cuda")]
-    let v = res.costs.iter().map(|c| c.to_json()).collect();
-    #[cfg(not(feature = "cuda"))]
-    let v = {
-        let _ = res;
-        Vec::new()
-    };
-    serde_json::Value::Array(v)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -328,14 +315,10 @@ fn run_rank(
         eprintln!("rank {rank}/{}: steady eager steps by op kind", a.ranks);
         crate::bench::print_profile(&profile::snapshot(), a.iters, median(eager_ms.clone()));
     }
-    #[cfg(feature = "cuda")]
     let mut costs = Vec::new();
     let graph_ms = if graph_on {
-        let (ms, outs, _c) = graph_steps(&unet, &runtime, &sample, &ts, &cond, device, step, a)?;
-        #[cfg(feature = "cuda")]
-        {
-            costs = _c;
-        }
+        let (ms, outs, c) = graph_steps(&unet, &runtime, &sample, &ts, &cond, device, step, a)?;
+        costs = c;
         // Inputs and (solo) received data are the same every step. When that makes the eager
         // steps stationary (the last two agree exactly), the replay of graph `p` (step parity
         // `step + p`) must reproduce them. Corrected stale group norm carries each step's
@@ -384,7 +367,6 @@ fn run_rank(
         graph_diff,
         graph_check,
         traffic,
-        #[cfg(feature = "cuda")]
         costs,
     })
 }
@@ -404,7 +386,7 @@ fn graph_steps(
     device: Device,
     first: usize,
     a: &Args,
-) -> Result<(f64, Vec<Vec<f32>>, CostList)> {
+) -> Result<(f64, Vec<Vec<f32>>, Vec<KernelCost>)> {
     let driver = runtime.driver();
     let mut graphs = StepGraphs::new(true);
     let mut outs = Vec::new();
@@ -443,6 +425,7 @@ fn graph_steps(
     if !out.to_vec_f32()?.iter().all(|v| v.is_finite()) {
         bail!("the replayed step produced non-finite values");
     }
+    // Without CUDA there is no graph to replay: bench::run refuses --kernel-costs before.
     #[cfg(feature = "cuda")]
     let costs = if a.kernel_costs {
         crate::kernel_costs::measure(&mut graphs, &mut |g| Ok(time(g)?.0))?
@@ -450,12 +433,6 @@ fn graph_steps(
         Vec::new()
     };
     #[cfg(not(feature = "cuda"))]
-    let costs = ();
+    let costs = Vec::new();
     Ok((ms, outs, costs))
 }
-
-/// What `--kernel-costs` measured (nothing in a build without CUDA).
-#[cfg(feature = "cuda")]
-type CostList = Vec<crate::kernel_costs::KernelCost>;
-#[cfg(not(feature = "cuda"))]
-type CostList = ();

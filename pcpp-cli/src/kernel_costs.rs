@@ -7,8 +7,9 @@
 //! serialises kernels measures each one alone, with a cold cache). The costs of the kinds need
 //! not add up to the step: switching one kind off can also shorten the gaps around it.
 
+#[cfg(feature = "cuda")]
 use anyhow::Result;
-use pcpp_kernels::cuda::{kernel_names, MEMCPY_KIND, MEMSET_KIND};
+#[cfg(feature = "cuda")]
 use pcpp_sdxl::StepGraphs;
 
 /// The in-graph cost of one kind of node, or of a group of kinds.
@@ -46,11 +47,13 @@ impl KernelCost {
 
 /// Times the step with each kind of node switched off in turn (and the groups: library kernels,
 /// own kernels, every kernel, memcpy and memset node), `time(graphs)` giving the median of a
-/// run of replayed steps. Every node is on again when it returns, also after an error.
+/// run of replayed steps. Every node is on again when it returns, also after a failed timing.
+#[cfg(feature = "cuda")]
 pub(crate) fn measure(
     graphs: &mut StepGraphs,
     time: &mut dyn FnMut(&mut StepGraphs) -> Result<f64>,
 ) -> Result<Vec<KernelCost>> {
+    use pcpp_kernels::cuda::{kernel_names, MEMCPY_KIND, MEMSET_KIND};
     let own = kernel_names();
     let mut kinds: Vec<(String, usize)> = graphs.node_kinds()?.into_iter().collect();
     kinds.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));

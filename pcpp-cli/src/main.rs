@@ -21,7 +21,6 @@ mod flux_bench;
 mod flux_generate;
 mod generate;
 mod job;
-#[cfg(feature = "cuda")]
 mod kernel_costs;
 mod kernel_env;
 mod mode_flags;
