@@ -76,7 +76,7 @@ impl CudaGraphStep {
         Ok(short_name(&raw))
     }
 
-    /// The kinds of node in the graph ([`CudaGraphStep::set_kind_enabled`]'s names) with how many
+    /// The kinds of node in the graph ([`CudaGraphStep::set_kinds_enabled`]'s names) with how many
     /// nodes of each it holds.
     pub fn node_kinds(&self) -> Result<BTreeMap<String, usize>> {
         let mut kinds = BTreeMap::new();
@@ -112,11 +112,6 @@ impl CudaGraphStep {
             }
         }
         Ok((switched, refused))
-    }
-
-    /// [`CudaGraphStep::set_kinds_enabled`] for the nodes of one kind.
-    pub fn set_kind_enabled(&self, kind: &str, on: bool) -> Result<(usize, usize)> {
-        self.set_kinds_enabled(&|k| k == kind, on)
     }
 }
 
