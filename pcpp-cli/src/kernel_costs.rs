@@ -82,7 +82,7 @@ pub(crate) fn measure(
     for (kind, pick) in &groups {
         let step_ms = time(graphs)?;
         let (without, refused) = match graphs.set_kinds_enabled(pick.as_ref(), false) {
-            Ok((_, refused)) => (time(graphs), refused / graphs.captured().max(1)),
+            Ok(refused) => (time(graphs), refused),
             Err(e) => (Err(e.into()), 0),
         };
         graphs.set_kinds_enabled(pick.as_ref(), true)?;

@@ -110,16 +110,13 @@ impl StepGraphs {
         self.replay(kind, model, driver, ctx, x, ts, cond)
     }
 
-    /// How many graphs have been captured (of every kind and parity).
-    pub fn captured(&self) -> usize {
-        #[cfg(feature = "cuda")]
-        return self
-            .kinds
+    /// Every captured graph, of every kind and parity.
+    #[cfg(feature = "cuda")]
+    fn captured(&self) -> impl Iterator<Item = &pcpp_kernels::cuda::CudaGraphStep> {
+        self.kinds
             .iter()
             .flat_map(|k| k.graphs.iter().flatten())
-            .count();
-        #[cfg(not(feature = "cuda"))]
-        0
+            .map(|(_, g)| g)
     }
 
     /// The kinds of node in the captured graphs (kernel names, memcpy, memset) with how many
@@ -128,7 +125,7 @@ impl StepGraphs {
     #[cfg(feature = "cuda")]
     pub fn node_kinds(&self) -> Result<std::collections::BTreeMap<String, usize>, CoreError> {
         let mut all = std::collections::BTreeMap::new();
-        for (_, g) in self.kinds.iter().flat_map(|k| k.graphs.iter().flatten()) {
+        for g in self.captured() {
             for (kind, n) in g.node_kinds().at("step graph")? {
                 let e = all.entry(kind).or_insert(0);
                 *e = n.max(*e);
@@ -139,21 +136,20 @@ impl StepGraphs {
 
     /// Switches the nodes whose kind `pick` accepts off or back on in every captured graph, for
     /// the replays that follow. A step replayed with nodes off computes nonsense: this is for
-    /// timing what they cost inside the graph. Returns how many nodes it switched and how many
-    /// the driver would not switch (left as they were).
+    /// timing what they cost inside the graph. Returns how many nodes of one replayed step the
+    /// driver would not switch (left as they were; the largest count among the graphs).
     #[cfg(feature = "cuda")]
     pub fn set_kinds_enabled(
         &self,
         pick: &dyn Fn(&str) -> bool,
         on: bool,
-    ) -> Result<(usize, usize), CoreError> {
-        let (mut n, mut refused) = (0, 0);
-        for (_, g) in self.kinds.iter().flat_map(|k| k.graphs.iter().flatten()) {
-            let (a, b) = g.set_kinds_enabled(pick, on).at("step graph")?;
-            n += a;
-            refused += b;
+    ) -> Result<usize, CoreError> {
+        let mut refused = 0;
+        for g in self.captured() {
+            let (_, r) = g.set_kinds_enabled(pick, on).at("step graph")?;
+            refused = refused.max(r);
         }
-        Ok((n, refused))
+        Ok(refused)
     }
 
     /// [`StepGraphs::step`] from the graphs of kind `kind`.
