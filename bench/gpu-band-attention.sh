@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # A band's small attention grids (issue 17): the default `ws`, which runs a PCPP band's short
-# attentions on the 64-row `mma.sync` kernel (`flash_small64`), against `ws-no-small` (the
-# warp-specialised grids everywhere), in one command on one GPU:
+# attentions on the 64-row `mma.sync` kernel with its key tiles split between up to four groups
+# of warps (`flash_small64s4`, `s2`), against `ws-split2` (at most two groups), `ws-split1` (one
+# chain of key tiles, `flash_small64`) or any other `PCPP_FLASH128` names (CHOICES), in one
+# command on one GPU:
 #   1. GPU parity first: `cuda_parity`'s attention tests (every kernel against the CPU, the
 #      warp-specialised grids bit-equal across tile heights) and `cuda_vector_parity` (the packed
-#      attention: the small kernel against the CPU and bit-equal to the 128-row `mma.sync` kernel);
+#      attention and the key splits: the small kernel against the CPU, unsplit bit-equal to the
+#      128-row `mma.sync` kernel);
 #   2. the SDXL-base UNet step (seeded random weights, fp16, CUDA graph) of one rank of 8 (pcpp and
-#      naive-patch, a 32-row band at b = 1) and of a whole 512², b = 2 image with both choices,
-#      alternating REPS times in one process on the same weights (`bench --attention`); the whole
-#      1024², b = 2 and 2048², b = 1 steps (not small grids: the same kernels either way), for the
-#      modelled 8-GPU efficiency 1024² / (8 · band);
+#      naive-patch, a 32-row band at b = 1) with every choice, alternating REPS times in one
+#      process on the same weights (`bench --attention`); the whole 1024², b = 2 and 2048², b = 1
+#      steps (not small grids: the same kernels either way), for the modelled 8-GPU efficiency
+#      1024² / (8 · band);
 #   3. bench/diffusers_unet.py (diffusers 0.42.1, eager and graph), the anchor, and with COMPILE=1
 #      bench/diffusers_unet_compile.py (torch.compile + CUDA graph, about two minutes to compile).
 # About 4 minutes (6 with COMPILE=1). Prints every result line; writes them under OUT_DIR.
@@ -20,7 +23,7 @@
 #              cargo test --release -p pcpp-kernels --features cuda --no-run \
 #                --test cuda_parity --test cuda_vector_parity
 # Environment: PYTHON (a python with torch and diffusers 0.42.1; default python3), SKIP_PARITY=1,
-# REPS (default 2), COMPILE=1.
+# CHOICES (default ws,ws-split2,ws-split1), REPS (default 2), COMPILE=1.
 set -uo pipefail
 source "$(dirname "$0")/unet-bench-lib.sh"
 
@@ -36,11 +39,11 @@ echo "== SDXL UNet step"
 : >"$OUT/unet.jsonl"
 # Both choices, alternating, REPS rounds, in one process (same weights); one result line each,
 # named by its "attention" item.
-CHOICES=$(for _ in $(seq "${REPS:-2}"); do printf 'ws,ws-no-small,'; done)
-CHOICES=${CHOICES%,}
-unet band32 "${BAND[@]}" --parallel pcpp --attention "$CHOICES"
-unet band32_naive "${BAND[@]}" --parallel naive-patch --attention ws,ws-no-small
-unet b2_512 --height 64 --width 64 --batch 2 --attention "$CHOICES"
+ONE=${CHOICES:-ws,ws-split2,ws-split1}
+ALL=$(for _ in $(seq "${REPS:-2}"); do printf '%s,' "$ONE"; done)
+ALL=${ALL%,}
+unet band32 "${BAND[@]}" --parallel pcpp --attention "$ALL"
+unet band32_naive "${BAND[@]}" --parallel naive-patch --attention "$ONE"
 unet b2_1024 --height 128 --width 128 --batch 2
 unet b1_2048 --height 256 --width 256 --batch 1
 cat "$OUT/unet.jsonl"

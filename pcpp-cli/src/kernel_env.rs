@@ -1,11 +1,15 @@
 //! Kernel choices for comparison runs, taken from the environment before any GPU work:
-//! `PCPP_FLASH128=ws|ws-no-small|ws-whole|ws2|ws3|ws3-overlap|ws-pingpong|ws-overlap|hopper|shared-q64|shared-q|registers-q`
+//! `PCPP_FLASH128=ws|ws-split2|ws-split1|ws-small-wide|ws-no-small|ws-whole|ws2|ws3|ws3-overlap|ws-pingpong|ws-overlap|hopper|shared-q64|shared-q|registers-q`
 //! (the flash-attention kernel: `ws` takes FlashAttention-3's warp specialisation on Hopper's
 //! warpgroup MMAs (TMA producer, ping-pong, intra-warpgroup overlap) for head sizes 64 and 128 on
 //! sm_90a devices, at head size 64 with each head's rows split between three-warpgroup (192-row)
 //! and two-warpgroup (128-row) tiles where the two launches finish their waves first;
 //! where a head-size-64 grid over at most 512 keys has fewer 64-row tiles than
-//! multiprocessors (a band's), 64-row `mma.sync` tiles instead; `ws-no-small` without those;
+//! multiprocessors (a band's), 64-row `mma.sync` tiles instead, their key tiles split between
+//! up to four groups of warps; `ws-split2` and `ws-split1` with at most two groups or none;
+//! `ws-small-wide` with the small-grid kernel also for up to two waves of tiles over up to 2 048
+//! keys (a band's level-1 self-attention);
+//! `ws-no-small` without those;
 //! `ws-whole` it with one tile height per grid, three warpgroups where their grid finishes its
 //! waves first; `ws2` and `ws3` it with two or three warpgroups always, `ws3-overlap` three without the
 //! ping-pong, `ws-pingpong` and `ws-overlap` it with one of its two schedules, `hopper`
@@ -43,8 +47,11 @@ use anyhow::{bail, Result};
 use pcpp_kernels::Device;
 
 /// The attention kernels by name, the default first.
-const FLASH: [&str; 12] = [
+const FLASH: [&str; 15] = [
     "ws",
+    "ws-split2",
+    "ws-split1",
+    "ws-small-wide",
     "ws-no-small",
     "ws-whole",
     "ws2",
@@ -227,7 +234,12 @@ impl Variant {
 /// Puts the attention kernel `name` (one of [`FLASH`]) in force.
 #[cfg(feature = "cuda")]
 fn set_flash(name: &str) {
-    use pcpp_kernels::cuda::{set_flash128, Flash128};
+    use pcpp_kernels::cuda::{set_flash128, set_small_split, Flash128};
+    set_small_split(match name {
+        "ws-split1" => 1,
+        "ws-split2" => 2,
+        _ => 4,
+    });
     set_flash128(match name {
         "shared-q" => Flash128::SharedQ,
         "registers-q" => Flash128::RegistersQ,
@@ -240,6 +252,7 @@ fn set_flash(name: &str) {
         "ws3" => Flash128::Warpspec3,
         "ws3-overlap" => Flash128::Warpspec3Overlap,
         "ws-no-small" => Flash128::WarpspecNoSmall,
+        "ws-small-wide" => Flash128::WarpspecSmallWide,
         _ => Flash128::Warpspec,
     });
 }

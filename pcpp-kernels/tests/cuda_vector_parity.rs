@@ -515,9 +515,9 @@ fn packed_attention_matches_cpu() {
                     &want,
                 );
             }
-            // Where the small-grid kernel takes the packed blocks in place, its rows are those
-            // of the 128-row `mma.sync` kernel on the copied-out blocks, bit for bit (same
-            // per-row arithmetic): it ran, and read the strided rows right.
+            // Where the small-grid kernel takes the packed blocks in place, its rows without a
+            // key split are those of the 128-row `mma.sync` kernel on the copied-out blocks, bit
+            // for bit (same per-row arithmetic): it ran, and read the strided rows right.
             let g = pcpp_kernels::cuda::gpu(0).unwrap();
             let dims = (2, lq, lk, heads, dh);
             if g.has_warpspec_attention()
@@ -536,7 +536,9 @@ fn packed_attention_matches_cpu() {
                 .to_vec_f32()
                 .unwrap();
                 set_flash128(Flash128::Warpspec);
+                pcpp_kernels::cuda::set_small_split(1);
                 let small = packed(Flash128::Warpspec).to_vec_f32().unwrap();
+                pcpp_kernels::cuda::set_small_split(4);
                 assert!(
                     plain
                         .iter()
@@ -559,6 +561,80 @@ fn packed_attention_matches_cpu() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("columns 4..12"), "{err}");
+}
+
+/// The small-grid attention kernel with its key tiles split between two or four groups of warps
+/// (`flash_small64s2`, `flash_small64s4`, merged through shared memory) against the CPU, causal
+/// and not: a band's window and text tokens, key counts that leave a short last tile or give a
+/// group a single tile, causal grids whose first query block leaves a group without a tile, and
+/// (`ws-small-wide`) a band's level-1 self-attention.
+/// Without a split and without a mask the small-grid kernel gives the 128-row `mma.sync`
+/// kernel's bits (same per-row arithmetic).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn small_grid_key_splits_match_cpu() {
+    use pcpp_kernels::cuda::{set_small_split, small_grid};
+    let g = pcpp_kernels::cuda::gpu(0).unwrap();
+    if !g.has_warpspec_attention() {
+        println!("skipped: no sm_90a device, no small-grid kernel");
+        return;
+    }
+    assert_eq!(
+        g.small_split_available(),
+        4,
+        "the split kernels' shared memory"
+    );
+    for d in [DType::F16, DType::BF16] {
+        for (b, lq, lk, heads, causal) in [
+            (1, 256, 410, 20, false),
+            (1, 256, 77, 20, false),
+            (2, 100, 130, 6, false),
+            (1, 192, 512, 6, false),
+            (1, 130, 130, 4, true),
+            (2, 256, 256, 8, true),
+            // A band's level-1 self-attention (`ws-small-wide` only: 160 tiles, 26 key tiles).
+            (1, 1024, 1640, 10, false),
+        ] {
+            let dims = (b, lq, lk, heads, 64);
+            let choice = if small_grid(Flash128::Warpspec, dims, g.sms()) {
+                Flash128::Warpspec
+            } else {
+                Flash128::WarpspecSmallWide
+            };
+            assert!(small_grid(choice, dims, g.sms()));
+            let w = heads * 64;
+            let q = rnd(&[b, lq, w], d, 1).affine(2.0, 0.0).unwrap();
+            let k = rnd(&[b, lk, w], d, 2).affine(2.0, 0.0).unwrap();
+            let v = rnd(&[b, lk, w], d, 3);
+            let want = Tensor::attention(&q, &k, &v, heads, causal).unwrap();
+            let (gq, gk, gv) = (gpu(&q), gpu(&k), gpu(&v));
+            let run = |most: usize| {
+                set_flash128(choice);
+                set_small_split(most);
+                let y = Tensor::attention(&gq, &gk, &gv, heads, causal).unwrap();
+                set_small_split(4);
+                set_flash128(Flash128::Warpspec);
+                y
+            };
+            for most in [1, 2, 4] {
+                let tag = format!("small split {most} {b}x{lq}x{lk} h{heads} causal={causal}");
+                check(&tag, d, &run(most), &want);
+            }
+            if causal {
+                // A causal row passes as many fully masked key tiles as its tile height makes,
+                // each rescaling it by a factor within an ulp of 1: no bitwise comparison.
+                continue;
+            }
+            set_flash128(Flash128::RegistersQ);
+            let plain = Tensor::attention(&gq, &gk, &gv, heads, causal).unwrap();
+            set_flash128(Flash128::Warpspec);
+            assert_eq!(
+                run(1).to_bytes().unwrap(),
+                plain.to_bytes().unwrap(),
+                "{b}x{lq}x{lk} h{heads} causal={causal} {d}: the unsplit small-grid kernel's bits"
+            );
+        }
+    }
 }
 
 /// GEMMs and convolutions whose algorithm was timed at the shape's first call (band-sized

@@ -81,26 +81,43 @@ __device__ __forceinline__ void ldsm_x4_trans(unsigned* r, unsigned a) {
 // QS = 1: the block's Q tile sits in (dynamic) shared memory beside the K/V stages and each warp
 // loads its fragments with ldmatrix per 32 dims: this frees the registers that two m16 tiles per
 // warp need at head size 128 (every K/V fragment then feeds two MMAs).
-template <int BF, int D, int MT, int BN, int QS>
+// SPLIT > 1 (with QS = 0): the block has SPLIT groups of four warps over the same query rows, each
+// taking its share of the key tiles with its own two K/V stages in dynamic shared memory
+// (4 * BN * (D + 8) halves a group) and its own named barrier; at the end the groups' partial
+// rows (maximum, sum, unnormalised output) are merged through shared memory by group 0, which
+// writes the output. The chain of key tiles a block walks is SPLIT times shorter: the latency of
+// a small grid, where every block has a multiprocessor to itself, not its throughput.
+template <int BF, int D, int MT, int BN, int QS, int SPLIT = 1>
 __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k, const unsigned short* v,
                                 unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal,
                                 unsigned short* dyn, long sq, long sk, long sv) {
     // 4 warps x 16*MT query rows (the MT m16 tiles of a warp share every K/V fragment).
     constexpr int BM = 64 * MT, LDS = D + 8, NT = 128, KD = D / 16, ND = D / 8, NJ = BN / 8;
     // Two stages of K and V tiles: the next tile streams in (cp.async) while this one is used.
-    __shared__ __align__(16) unsigned short Kstat[QS ? 1 : 2][QS ? 1 : BN * LDS];
-    __shared__ __align__(16) unsigned short Vstat[QS ? 1 : 2][QS ? 1 : BN * LDS];
+    constexpr bool STAT = QS == 0 && SPLIT == 1;
+    __shared__ __align__(16) unsigned short Kstat[STAT ? 2 : 1][STAT ? BN * LDS : 1];
+    __shared__ __align__(16) unsigned short Vstat[STAT ? 2 : 1][STAT ? BN * LDS : 1];
     unsigned short* Qsm = dyn;
+    // This thread's group of four warps (the key-split groups; 0 without a split) and its index
+    // within the group.
+    int grp = threadIdx.x / NT, tid = threadIdx.x % NT, warp = tid >> 5, lane = tid & 31;
+    unsigned short* gdyn = dyn + grp * 4 * BN * LDS;
     // Stage `st` of the K and V tiles.
     auto kst = [&](int st) -> unsigned short* {
         if constexpr (QS) return dyn + BM * LDS + st * BN * LDS;
+        else if constexpr (SPLIT > 1) return gdyn + st * BN * LDS;
         else return Kstat[st];
     };
     auto vst = [&](int st) -> unsigned short* {
         if constexpr (QS) return dyn + BM * LDS + (2 + st) * BN * LDS;
+        else if constexpr (SPLIT > 1) return gdyn + (2 + st) * BN * LDS;
         else return Vstat[st];
     };
-    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    // The barrier of the threads that share the K/V stages: the block, or the group's own.
+    auto stage_sync = [&]() {
+        if constexpr (SPLIT > 1) asm volatile("bar.sync %0, %1;" ::"r"(grp + 1), "r"(NT) : "memory");
+        else __syncthreads();
+    };
     int bi = blockIdx.z, h = blockIdx.y;
     // Row strides: Q, K and V rows are `sq`, `sk`, `sv` elements apart (packed projections), the
     // output's `dm`.
@@ -142,6 +159,8 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
     }
     int kend = causal ? min(lk, (int)(blockIdx.x * BM + BM)) : lk;
     int ntiles = (kend + BN - 1) / BN;
+    // This group's key tiles.
+    int t_begin = grp * ntiles / SPLIT, t_end = (grp + 1) * ntiles / SPLIT;
     auto load_tile = [&](int tile, int stage) {
         for (int i = tid; i < BN * ND; i += NT) {
             int row = i / ND, ch = (i % ND) * 8;
@@ -162,18 +181,18 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
         }
         asm volatile("cp.async.commit_group;" ::: "memory");
     }
-    if (ntiles > 0) load_tile(0, 0);
-    for (int tile = 0; tile < ntiles; ++tile) {
+    if (t_begin < t_end) load_tile(t_begin, t_begin & 1);
+    for (int tile = t_begin; tile < t_end; ++tile) {
         int kb = tile * BN;
         const unsigned short* Ks = kst(tile & 1);
         const unsigned short* Vs = vst(tile & 1);
-        if (tile + 1 < ntiles) {
+        if (tile + 1 < t_end) {
             load_tile(tile + 1, (tile + 1) & 1);
             asm volatile("cp.async.wait_group 1;" ::: "memory");
         } else {
             asm volatile("cp.async.wait_group 0;" ::: "memory");
         }
-        __syncthreads();
+        stage_sync();
         float s[MT][NJ][4];
 #pragma unroll
         for (int j = 0; j < NJ; ++j)
@@ -315,15 +334,59 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
             }
         }
         // The next iteration's prefetch overwrites this stage.
+        stage_sync();
+    }
+    if constexpr (SPLIT > 1) {
+        // Every group's stages are free once its last barrier is passed: groups 1.. store their
+        // partial rows in their own (f32, [36][NT]: maxima, sums, accumulators), group 0 merges.
+        static_assert(MT == 1 && (4 + 4 * ND) * NT * 4 <= 4 * BN * LDS * 2, "partials fit the stages");
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int off = 1; off < 4; off <<= 1) lrow[0][r] += __shfl_xor_sync(0xffffffffu, lrow[0][r], off);
+        float* part = reinterpret_cast<float*>(gdyn);
+        if (grp > 0) {
+            part[tid] = mrow[0][0];
+            part[NT + tid] = mrow[0][1];
+            part[2 * NT + tid] = lrow[0][0];
+            part[3 * NT + tid] = lrow[0][1];
+#pragma unroll
+            for (int d = 0; d < ND; ++d)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) part[(4 + d * 4 + e) * NT + tid] = acc[0][d][e];
+        }
         __syncthreads();
+        if (grp > 0) return;
+#pragma unroll
+        for (int g = 1; g < SPLIT; ++g) {
+            const float* pg = reinterpret_cast<const float*>(dyn + g * 4 * BN * LDS);
+            float al[2], ag[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float mg = pg[r * NT + tid], m = fmaxf(mrow[0][r], mg);
+                // Rows no key of either reached stay zero (no NaN from -inf - -inf).
+                float sub = m == NEG_INF ? 0.0f : m * scale_log2;
+                al[r] = fast_exp2(fmaf(mrow[0][r], scale_log2, -sub));
+                ag[r] = fast_exp2(fmaf(mg, scale_log2, -sub));
+                mrow[0][r] = m;
+                lrow[0][r] = lrow[0][r] * al[r] + pg[(2 + r) * NT + tid] * ag[r];
+            }
+#pragma unroll
+            for (int d = 0; d < ND; ++d)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    acc[0][d][e] = acc[0][d][e] * al[e >> 1] + pg[(4 + d * 4 + e) * NT + tid] * ag[e >> 1];
+        }
     }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         float l0 = lrow[mt][0], l1 = lrow[mt][1];
+        if constexpr (SPLIT == 1) {
 #pragma unroll
-        for (int off = 1; off < 4; off <<= 1) {
-            l0 += __shfl_xor_sync(0xffffffffu, l0, off);
-            l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+            for (int off = 1; off < 4; off <<= 1) {
+                l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+                l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+            }
         }
         float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
         int r0 = rr[mt][0], r1 = rr[mt][1];
@@ -374,3 +437,17 @@ FLASH_ATTN_QS(flash_attn128q64_bf16, 1, 64)
     }
 FLASH_ATTN_SMALL(flash_small64_f16, 0)
 FLASH_ATTN_SMALL(flash_small64_bf16, 1)
+// The same with the key tiles split between S groups of four warps (128 * S threads, S * 4 * 64 *
+// 72 halves of dynamic shared memory): a band's window of about 410 keys is seven 64-key tiles in
+// one chain, about two in each of four.
+#define FLASH_ATTN_SMALL_SPLIT(NAME, BF, S)                                                                 \
+    extern "C" __global__ void __launch_bounds__(128 * S) NAME(const unsigned short* q,                    \
+        const unsigned short* k, const unsigned short* v, unsigned short* o, int lq, int lk, int heads,     \
+        long sq, long sk, long sv, float scale_log2, int causal) { pdl_begin();                             \
+        extern __shared__ __align__(16) unsigned short flash_dyn[];                                         \
+        flash_attn_impl<BF, 64, 1, 64, 0, S>(q, k, v, o, lq, lk, heads, scale_log2, causal, flash_dyn, sq, sk, sv); \
+    }
+FLASH_ATTN_SMALL_SPLIT(flash_small64s2_f16, 0, 2)
+FLASH_ATTN_SMALL_SPLIT(flash_small64s2_bf16, 1, 2)
+FLASH_ATTN_SMALL_SPLIT(flash_small64s4_f16, 0, 4)
+FLASH_ATTN_SMALL_SPLIT(flash_small64s4_bf16, 1, 4)

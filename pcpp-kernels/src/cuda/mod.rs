@@ -45,8 +45,9 @@ pub use ops::{
     group_norm_merged_nhwc, linear_rows_into, nchw_rows_into_nhwc, norm_linear_rows_into,
     programmatic_launch, set_autotune, set_autotune_report, set_conv_nhwc, set_flash128,
     set_flash_persistent, set_fused_epilogues, set_programmatic_launch, set_small_gemm,
-    set_small_gemm_rows, set_small_gemm_splits, small_gemm, small_gemm_rows, small_gemm_splits,
-    small_grid, CudaGraphStep, Flash128, SmallGemm, StatsWindow, SMALL_GEMM_ROWS, SMALL_GRID_KEYS,
+    set_small_gemm_rows, set_small_gemm_splits, set_small_split, small_gemm, small_gemm_rows,
+    small_gemm_splits, small_grid, small_split, CudaGraphStep, Flash128, SmallGemm, StatsWindow,
+    SMALL_GEMM_ROWS, SMALL_GRID_KEYS,
 };
 
 fn cuda_err(device: usize, what: &str, e: impl std::fmt::Debug) -> KernelError {
@@ -107,6 +108,9 @@ pub struct Gpu {
     /// Whether its three-warpgroup head-size-64 kernels ([`ops::Flash128::Warpspec3`]) got their
     /// shared memory.
     flash_ws3: bool,
+    /// The most key-split groups of the small-grid attention kernel that got their shared
+    /// memory (1, 2 or 4; see `ops::small_split_groups`).
+    small_split: usize,
     /// Whether the small-row GEMMs on warpgroup MMAs (`gemm_wg.cu`) can run here: an sm_90a
     /// device with cluster launch that gave them their shared memory.
     gemm_wg: bool,
@@ -313,6 +317,19 @@ impl Gpu {
                     ops::flash_ws_bytes(64, 3),
                 )
             });
+        // The small-grid attention with its key tiles split between 2 or 4 groups of warps.
+        let small_split = [4usize, 2]
+            .into_iter()
+            .find(|&g| {
+                smem_ok(
+                    [
+                        &*format!("flash_small64s{g}_f16"),
+                        &*format!("flash_small64s{g}_bf16"),
+                    ],
+                    ops::small_split_bytes(g),
+                )
+            })
+            .unwrap_or(1);
         // The small-row GEMMs split K across thread-block clusters.
         let clusters = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH)
@@ -369,6 +386,7 @@ impl Gpu {
             flash_hopper,
             flash_ws,
             flash_ws3,
+            small_split,
             gemm_wg,
             sms,
             programmatic: major >= 9,
@@ -418,6 +436,11 @@ impl Gpu {
     /// [`ops::Flash128::Warpspec3`] (or its overlap-only form) is chosen.
     pub fn has_warpspec3_attention(&self) -> bool {
         self.flash_ws3
+    }
+
+    /// The most key-split groups the small-grid attention kernel can take here (1, 2 or 4).
+    pub fn small_split_available(&self) -> usize {
+        self.small_split
     }
 
     /// The device name reported by the driver.

@@ -162,11 +162,11 @@ pub use tune::{autotune, set_autotune, set_autotune_report};
 
 pub(crate) use attn::{
     attention, attention_in_place, flash_hopper_bytes, flash_hopper_name, flash_ws_bytes,
-    flash_ws_name, FLASH_SHARED_Q64_BYTES, FLASH_SHARED_Q_BYTES,
+    flash_ws_name, small_split_bytes, FLASH_SHARED_Q64_BYTES, FLASH_SHARED_Q_BYTES,
 };
 pub use attn::{
-    flash128, flash_persistent, set_flash128, set_flash_persistent, small_grid, Flash128,
-    SMALL_GRID_KEYS,
+    flash128, flash_persistent, set_flash128, set_flash_persistent, set_small_split, small_grid,
+    small_split, Flash128, SMALL_GRID_KEYS,
 };
 
 fn tname(d: DType) -> &'static str {

@@ -133,7 +133,9 @@ fn warpspec(
     let split = match choice {
         _ if dh != 64 || !gpu.flash_ws3 => 0,
         _ if three => lq,
-        Flash128::Warpspec | Flash128::WarpspecNoSmall => row_split(heads * b, lq, lk, gpu.sms),
+        Flash128::Warpspec | Flash128::WarpspecNoSmall | Flash128::WarpspecSmallWide => {
+            row_split(heads * b, lq, lk, gpu.sms)
+        }
         Flash128::WarpspecWhole if three_groups_pay(heads * b, lq, gpu.sms) => lq,
         _ => 0,
     };
@@ -178,8 +180,9 @@ fn warpspec(
 
 /// Whether `choice` runs an attention of `b` images, `lq` queries, `lk` keys and `heads` heads of
 /// size `dh` on the small-grid kernel (`flash_small64`) on a device of `sms` multiprocessors:
-/// the default [`Flash128::Warpspec`], head size 64, at most [`SMALL_GRID_KEYS`] keys, and fewer
-/// 64-row query tiles than multiprocessors, so that each of its blocks has a multiprocessor to
+/// the default [`Flash128::Warpspec`] (or [`Flash128::WarpspecSmallWide`], which also takes up
+/// to two waves of tiles over up to [`SMALL_WIDE_KEYS`] keys), head size 64, at most
+/// [`SMALL_GRID_KEYS`] keys, and fewer 64-row query tiles than multiprocessors, so that each of its blocks has a multiprocessor to
 /// itself while the warp-specialised grid would leave more than half of them idle. SDXL's
 /// 32-row band at 1024²: level 2's attentions (256 queries × 20 heads over a window of about
 /// 410 keys, and over the 77 text tokens). Not level 1's self-attention (1 024 × 10 over about
@@ -190,14 +193,24 @@ pub fn small_grid(
     (b, lq, lk, heads, dh): (usize, usize, usize, usize, usize),
     sms: usize,
 ) -> bool {
-    choice == Flash128::Warpspec
-        && dh == 64
-        && lk <= SMALL_GRID_KEYS
-        && lq.div_ceil(64) * heads * b < sms
+    let tiles = lq.div_ceil(64) * heads * b;
+    dh == 64
+        && match choice {
+            Flash128::Warpspec => lk <= SMALL_GRID_KEYS && tiles < sms,
+            Flash128::WarpspecSmallWide => {
+                (lk <= SMALL_GRID_KEYS && tiles < sms)
+                    || (lk <= SMALL_WIDE_KEYS && tiles <= 2 * sms)
+            }
+            _ => false,
+        }
 }
 
 /// The most keys of an attention that [`small_grid`] gives the small-grid kernel.
 pub const SMALL_GRID_KEYS: usize = 512;
+
+/// The most keys of an attention of up to two waves of 64-row tiles that
+/// [`Flash128::WarpspecSmallWide`] gives the small-grid kernel.
+pub const SMALL_WIDE_KEYS: usize = 2048;
 
 /// The small-grid kernel (`flash_small64`: FlashAttention-2's tiles, 64 query rows per block of
 /// four warps, `mma.sync`, cp.async K/V stages) on Q, K and V read in place, for [`warpspec`]
@@ -222,15 +235,52 @@ fn small(
     let [q, k, v] = blocks.map(|(t, start, _)| ptr(t).map(|p| p + (start * dt.size()) as u64));
     let [sq, sk, sv] = blocks.map(|(_, _, n)| n as i64);
     let (b, lq) = (y.shape()[0], y.shape()[1]);
+    let groups = small_split_groups(lk, small_split().min(gpu.small_split));
+    let (name, smem) = match groups {
+        1 => ("flash_small64".to_string(), 0),
+        g => (format!("flash_small64s{g}"), small_split_bytes(g)),
+    };
     let cfg = LaunchConfig {
         grid_dim: (lq.div_ceil(64) as u32, heads as u32, b as u32),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
+        block_dim: (128 * groups as u32, 1, 1),
+        shared_mem_bytes: smem,
     };
-    launch!(gpu, format!("flash_small64_{}", tname(dt)), cfg;
+    launch!(gpu, format!("{name}_{}", tname(dt)), cfg;
         q?, k?, v?, ptr(y)?, lq as i32, lk as i32, heads as i32, sq, sk, sv, scale_log2,
         causal as i32);
     Ok(true)
+}
+
+/// The key-split groups of the small-grid kernel over `lk` keys when at most `most` may run:
+/// the largest of 1, 2 and 4 that is at most `most` and at most the number of 64-key tiles, so
+/// that every group has a tile (a band's window of about 410 keys: four groups of one or two
+/// tiles; the 77 text tokens: two of one).
+pub(crate) fn small_split_groups(lk: usize, most: usize) -> usize {
+    let tiles = lk.div_ceil(64);
+    [4, 2, 1]
+        .into_iter()
+        .find(|&g| g <= most && g <= tiles)
+        .unwrap_or(1)
+}
+
+/// Dynamic shared memory of the small-grid kernel with `groups` key-split groups: two stages of
+/// 64-key K and V tiles a group, rows padded to 72 halves.
+pub(crate) const fn small_split_bytes(groups: usize) -> u32 {
+    (groups * 4 * 64 * 72 * 2) as u32
+}
+
+static SMALL_SPLIT: AtomicU8 = AtomicU8::new(4);
+
+/// The most key-split groups of the small-grid attention kernel (4 unless
+/// [`set_small_split`] chose; the device may allow fewer, see [`small_split_groups`]).
+pub fn small_split() -> usize {
+    SMALL_SPLIT.load(Ordering::Relaxed) as usize
+}
+
+/// Sets the most key-split groups (1, 2 or 4; 1 walks every key tile in one chain, the kernel
+/// before the split) of the small-grid attention kernel for this process.
+pub fn set_small_split(most: usize) {
+    SMALL_SPLIT.store(most.clamp(1, 4) as u8, Ordering::Relaxed);
 }
 
 /// Whether three MMA warpgroups (192-row Q tiles) finish a grid of `grids` (heads × batch)
@@ -419,6 +469,10 @@ pub enum Flash128 {
     /// [`Flash128::Warpspec`] without the small-grid kernel: the warp-specialised grids for
     /// every attention (the default before `small_grid`).
     WarpspecNoSmall,
+    /// [`Flash128::Warpspec`] with the small-grid kernel also for grids of up to two waves of
+    /// 64-row tiles over up to [`SMALL_WIDE_KEYS`] keys (a band's level-1 self-attention:
+    /// 1 024 queries × 10 heads over about 1 640 keys), its key tiles split as by default.
+    WarpspecSmallWide,
 }
 
 impl Flash128 {
@@ -434,6 +488,7 @@ impl Flash128 {
             Flash128::Warpspec3 => Some("3w"),
             Flash128::Warpspec3Overlap => Some("3wo"),
             Flash128::WarpspecNoSmall => Some(""),
+            Flash128::WarpspecSmallWide => Some(""),
             _ => None,
         }
     }
@@ -455,6 +510,7 @@ pub fn flash128() -> Flash128 {
         10 => Flash128::Warpspec2,
         11 => Flash128::WarpspecWhole,
         12 => Flash128::WarpspecNoSmall,
+        13 => Flash128::WarpspecSmallWide,
         _ => Flash128::Warpspec,
     }
 }
@@ -474,6 +530,7 @@ pub fn set_flash128(v: Flash128) {
         Flash128::Warpspec2 => 10,
         Flash128::WarpspecWhole => 11,
         Flash128::WarpspecNoSmall => 12,
+        Flash128::WarpspecSmallWide => 13,
     };
     FLASH128.store(code, Ordering::Relaxed);
 }
@@ -543,7 +600,23 @@ fn attention_chunked(
 
 #[cfg(test)]
 mod tests {
-    use super::{row_split, small_grid, three_groups_pay, Flash128};
+    use super::{row_split, small_grid, small_split_groups, three_groups_pay, Flash128};
+
+    #[test]
+    fn small_grid_key_splits_give_every_group_a_tile() {
+        // A band's window (7 tiles), its text tokens (2), one tile.
+        assert_eq!(small_split_groups(410, 4), 4);
+        assert_eq!(small_split_groups(77, 4), 2);
+        assert_eq!(small_split_groups(64, 4), 1);
+        assert_eq!(small_split_groups(65, 4), 2);
+        assert_eq!(small_split_groups(192, 4), 2);
+        assert_eq!(small_split_groups(256, 4), 4);
+        // Fewer allowed (the setting or the device).
+        assert_eq!(small_split_groups(410, 2), 2);
+        assert_eq!(small_split_groups(410, 3), 2);
+        assert_eq!(small_split_groups(410, 1), 1);
+        assert_eq!(small_split_groups(0, 4), 1);
+    }
 
     /// The attentions that the small-grid kernel takes on a 132-multiprocessor GPU: a band's
     /// over few keys, never a whole image's, head size 64 only, and only by default.
@@ -577,6 +650,14 @@ mod tests {
             (1, 256, 410, 20, 64),
             132
         ));
+        // The wide choice: level 1 of the band too (160 tiles over 1 640 keys), not a whole
+        // 1024² image's level 1 (1 024 tiles) nor more than 2 048 keys.
+        let wide = Flash128::WarpspecSmallWide;
+        assert!(small_grid(wide, (1, 256, 410, 20, 64), 132));
+        assert!(small_grid(wide, (1, 1024, 1640, 10, 64), 132));
+        assert!(!small_grid(wide, (2, 4096, 4096, 10, 64), 132));
+        assert!(!small_grid(wide, (1, 1024, 2049, 10, 64), 132));
+        assert!(!small_grid(wide, (1, 1024, 1640, 10, 128), 132));
     }
 
     /// The rows of SDXL's self-attentions on a 132-multiprocessor GPU that go to 192-row tiles
