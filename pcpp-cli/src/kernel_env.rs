@@ -37,8 +37,9 @@
 //! passes; off by default, measured slower than cuBLASLt), `PCPP_SMALL_GEMM_ROWS=256|128|64`
 //! (the most rows of one of those GEMMs' blocks: fewer read the weights more often but give a
 //! GEMM more blocks), `PCPP_SMALL_GEMM_SPLITS=8|4|2|1` (the most blocks of a cluster that share
-//! one tile's K). Unset
-//! means the defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`, `256`, `8`);
+//! one tile's K), `PCPP_LT_REDUCTION=any|inplace|off` (the split-K reductions cuBLASLt may
+//! choose: any, only in place in the output by the GEMM's own blocks, or no split-K GEMMs). Unset
+//! means the defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`, `256`, `8`, `any`);
 //! `flux-bench`'s `--variants` items ([`parse_variant`]) set the first three, and `bench`'s
 //! `--attention` list ([`check_attention`], [`apply_attention`]) the first.
 //! Without the `cuda` feature there is nothing to choose and the variables are ignored.
@@ -87,6 +88,7 @@ pub struct Variant {
     small_gemm: &'static str,
     small_gemm_rows: usize,
     small_gemm_splits: usize,
+    lt_reduction: &'static str,
 }
 
 impl Default for Variant {
@@ -107,6 +109,7 @@ impl Default for Variant {
             small_gemm: SMALL_GEMM[0],
             small_gemm_rows: 256,
             small_gemm_splits: 8,
+            lt_reduction: LT_REDUCTION[0],
         }
     }
 }
@@ -166,9 +169,24 @@ pub fn apply() -> Result<()> {
         v.small_gemm_splits = one_of(&t, &SPLITS)
             .ok_or_else(|| anyhow::anyhow!("PCPP_SMALL_GEMM_SPLITS={t}: expected 1, 2, 4 or 8"))?;
     }
+    if let Some(t) = var("PCPP_LT_REDUCTION") {
+        v.lt_reduction = LT_REDUCTION
+            .iter()
+            .copied()
+            .find(|s| *s == t)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "PCPP_LT_REDUCTION={t}: expected {}",
+                    LT_REDUCTION.join(", ")
+                )
+            })?;
+    }
     v.apply();
     Ok(())
 }
+
+/// The values of `PCPP_LT_REDUCTION`, the default first.
+const LT_REDUCTION: [&str; 3] = ["any", "inplace", "off"];
 
 /// Parses one `--variants` item: an attention kernel of `PCPP_FLASH128`, then optional
 /// `+fused` (GEMM epilogues on; without it they are off) and `+scalar` (vectorised kernels
@@ -227,6 +245,12 @@ impl Variant {
             );
             pcpp_kernels::cuda::set_small_gemm_rows(self.small_gemm_rows);
             pcpp_kernels::cuda::set_small_gemm_splits(self.small_gemm_splits);
+            use pcpp_kernels::cuda::LtReduction;
+            pcpp_kernels::cuda::set_lt_reduction(match self.lt_reduction {
+                "inplace" => LtReduction::InPlace,
+                "off" => LtReduction::Off,
+                _ => LtReduction::Any,
+            });
         }
     }
 }

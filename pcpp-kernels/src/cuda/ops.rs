@@ -146,7 +146,7 @@ pub(crate) use norm::{
 pub(crate) use conv::{conv2d, conv2d_nhwc_input, ConvAdds, ConvKey};
 pub use conv::{conv2d_in_bands, conv_nhwc, set_conv_nhwc};
 use gemm::gemm_batched;
-pub use gemm::{fused_epilogues, set_fused_epilogues};
+pub use gemm::{fused_epilogues, lt_reduction, set_fused_epilogues, set_lt_reduction, LtReduction};
 pub(crate) use gemm::{linear, linear_add, linear_gelu_tanh, matmul, LtKey};
 pub(crate) use gemm::{linear_add_stats, linear_geglu, norm_linear, norm_linears_apply};
 pub(crate) use gemm_wg::{gemm_wg_bytes, gemm_wg_name, MAX_WARPGROUPS as GEMM_WG_MAX_WARPGROUPS};

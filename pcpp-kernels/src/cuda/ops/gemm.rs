@@ -3,7 +3,7 @@
 //! epilogue; algorithm timed and cached per shape, `tune.rs`), f32 accumulation; f32 operands on TF32 tensor
 //! cores when [`super::Gpu::set_tf32`] allows it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use super::*;
 
@@ -158,6 +158,41 @@ pub fn set_fused_epilogues(on: bool) {
     FUSED_EPILOGUES.store(on, Ordering::Relaxed);
 }
 
+/// Which split-K reductions cuBLASLt's heuristic may choose for `linear` (`pcpp-cli`:
+/// `PCPP_LT_REDUCTION`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LtReduction {
+    /// Any (the default): split-K GEMMs may reduce their parts in a kernel of their own.
+    Any,
+    /// Only in place: the parts are added in the output by the GEMM's own blocks (no separate
+    /// reduction kernel), or K is not split.
+    InPlace,
+    /// No split-K GEMMs.
+    Off,
+}
+
+static LT_REDUCTION: AtomicU8 = AtomicU8::new(0);
+
+/// The split-K reductions in force ([`LtReduction::Any`] unless [`set_lt_reduction`] chose).
+pub fn lt_reduction() -> LtReduction {
+    match LT_REDUCTION.load(Ordering::Relaxed) {
+        1 => LtReduction::InPlace,
+        2 => LtReduction::Off,
+        _ => LtReduction::Any,
+    }
+}
+
+/// Chooses the split-K reductions cuBLASLt may use for GEMM shapes not yet seen in this
+/// process.
+pub fn set_lt_reduction(r: LtReduction) {
+    let code = match r {
+        LtReduction::Any => 0,
+        LtReduction::InPlace => 1,
+        LtReduction::Off => 2,
+    };
+    LT_REDUCTION.store(code, Ordering::Relaxed);
+}
+
 /// RAII wrappers of cuBLASLt descriptors.
 struct LtDesc(lt_sys::cublasLtMatmulDesc_t);
 impl Drop for LtDesc {
@@ -308,6 +343,25 @@ pub(super) fn lt_linear(
                 )
             }
             .map_err(|x| e("pref", x))?;
+            let mask = match lt_reduction() {
+                LtReduction::Any => None,
+                LtReduction::InPlace => Some(
+                    lt_sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_INPLACE as u32,
+                ),
+                LtReduction::Off => Some(0u32),
+            };
+            if let Some(mask) = mask {
+                // SAFETY: `pref` is live; the value is a u32 as the attribute requires.
+                unsafe {
+                    lt_result::set_matmul_pref_attribute(
+                        pref.0,
+                        lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                        &mask as *const u32 as *const c_void,
+                        std::mem::size_of::<u32>(),
+                    )
+                }
+                .map_err(|x| e("pref", x))?;
+            }
             let wanted = if tune::may_tune(gpu) {
                 LT_CANDIDATES
             } else {
