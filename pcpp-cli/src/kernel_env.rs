@@ -1,12 +1,13 @@
 //! Kernel choices for comparison runs, taken from the environment before any GPU work:
-//! `PCPP_FLASH128=ws|ws-split2|ws-split1|ws-small-wide|ws-no-small|ws-whole|ws2|ws3|ws3-overlap|ws-pingpong|ws-overlap|hopper|shared-q64|shared-q|registers-q`
+//! `PCPP_FLASH128=ws|ws-split4|ws-split2|ws-split1|ws-small-wide|ws-no-small|ws-whole|ws2|ws3|ws3-overlap|ws-pingpong|ws-overlap|hopper|shared-q64|shared-q|registers-q`
 //! (the flash-attention kernel: `ws` takes FlashAttention-3's warp specialisation on Hopper's
 //! warpgroup MMAs (TMA producer, ping-pong, intra-warpgroup overlap) for head sizes 64 and 128 on
 //! sm_90a devices, at head size 64 with each head's rows split between three-warpgroup (192-row)
 //! and two-warpgroup (128-row) tiles where the two launches finish their waves first;
 //! where a head-size-64 grid over at most 512 keys has fewer 64-row tiles than
 //! multiprocessors (a band's), 64-row `mma.sync` tiles instead, their key tiles split between
-//! up to four groups of warps; `ws-split2` and `ws-split1` with at most two groups or none;
+//! up to four groups of warps; `ws-split4`, `ws-split2` and `ws-split1` with at most four, two
+//! or one group (one: a single chain of key tiles);
 //! `ws-small-wide` with the small-grid kernel also for up to two waves of tiles over up to 2 048
 //! keys (a band's level-1 self-attention);
 //! `ws-no-small` without those;
@@ -48,10 +49,11 @@ use anyhow::{bail, Result};
 use pcpp_kernels::Device;
 
 /// The attention kernels by name, the default first.
-const FLASH: [&str; 15] = [
+const FLASH: [&str; 16] = [
     "ws",
     "ws-split2",
     "ws-split1",
+    "ws-split4",
     "ws-small-wide",
     "ws-no-small",
     "ws-whole",
@@ -262,7 +264,8 @@ fn set_flash(name: &str) {
     set_small_split(match name {
         "ws-split1" => 1,
         "ws-split2" => 2,
-        _ => 4,
+        "ws-split4" => 4,
+        _ => pcpp_kernels::cuda::SMALL_SPLIT_DEFAULT,
     });
     set_flash128(match name {
         "shared-q" => Flash128::SharedQ,

@@ -536,9 +536,10 @@ fn packed_attention_matches_cpu() {
                 .to_vec_f32()
                 .unwrap();
                 set_flash128(Flash128::Warpspec);
+                let was = pcpp_kernels::cuda::small_split();
                 pcpp_kernels::cuda::set_small_split(1);
                 let small = packed(Flash128::Warpspec).to_vec_f32().unwrap();
-                pcpp_kernels::cuda::set_small_split(4);
+                pcpp_kernels::cuda::set_small_split(was);
                 assert!(
                     plain
                         .iter()
@@ -573,7 +574,8 @@ fn packed_attention_matches_cpu() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn small_grid_key_splits_match_cpu() {
-    use pcpp_kernels::cuda::{set_small_split, small_grid};
+    use pcpp_kernels::cuda::{set_small_split, small_grid, small_split};
+    let was = small_split();
     let g = pcpp_kernels::cuda::gpu(0).unwrap();
     if !g.has_warpspec_attention() {
         println!("skipped: no sm_90a device, no small-grid kernel");
@@ -612,7 +614,7 @@ fn small_grid_key_splits_match_cpu() {
                 set_flash128(choice);
                 set_small_split(most);
                 let y = Tensor::attention(&gq, &gk, &gv, heads, causal).unwrap();
-                set_small_split(4);
+                set_small_split(was);
                 set_flash128(Flash128::Warpspec);
                 y
             };

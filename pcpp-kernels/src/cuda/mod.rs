@@ -48,6 +48,7 @@ pub use ops::{
     set_programmatic_launch, set_small_gemm, set_small_gemm_rows, set_small_gemm_splits,
     set_small_split, small_gemm, small_gemm_rows, small_gemm_splits, small_grid, small_split,
     CudaGraphStep, Flash128, LtReduction, SmallGemm, StatsWindow, SMALL_GEMM_ROWS, SMALL_GRID_KEYS,
+    SMALL_SPLIT_DEFAULT,
 };
 
 fn cuda_err(device: usize, what: &str, e: impl std::fmt::Debug) -> KernelError {

@@ -166,7 +166,7 @@ pub(crate) use attn::{
 };
 pub use attn::{
     flash128, flash_persistent, set_flash128, set_flash_persistent, set_small_split, small_grid,
-    small_split, Flash128, SMALL_GRID_KEYS,
+    small_split, Flash128, SMALL_GRID_KEYS, SMALL_SPLIT_DEFAULT,
 };
 
 fn tname(d: DType) -> &'static str {

@@ -269,10 +269,13 @@ pub(crate) const fn small_split_bytes(groups: usize) -> u32 {
     (groups * 4 * 64 * 72 * 2) as u32
 }
 
-static SMALL_SPLIT: AtomicU8 = AtomicU8::new(4);
+/// The most key-split groups of the small-grid attention kernel by default.
+pub const SMALL_SPLIT_DEFAULT: usize = 4;
 
-/// The most key-split groups of the small-grid attention kernel (4 unless
-/// [`set_small_split`] chose; the device may allow fewer, see [`small_split_groups`]).
+static SMALL_SPLIT: AtomicU8 = AtomicU8::new(SMALL_SPLIT_DEFAULT as u8);
+
+/// The most key-split groups of the small-grid attention kernel ([`SMALL_SPLIT_DEFAULT`]
+/// unless [`set_small_split`] chose; the device may allow fewer, see [`small_split_groups`]).
 pub fn small_split() -> usize {
     SMALL_SPLIT.load(Ordering::Relaxed) as usize
 }
