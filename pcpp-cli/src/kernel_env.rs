@@ -5,11 +5,11 @@
 //! sm_90a devices, at head size 64 with each head's rows split between three-warpgroup (192-row)
 //! and two-warpgroup (128-row) tiles where the two launches finish their waves first;
 //! where a head-size-64 grid over at most 512 keys has fewer 64-row tiles than
-//! multiprocessors (a band's), 64-row `mma.sync` tiles instead, their key tiles split between
-//! up to four groups of warps; `ws-split4`, `ws-split2` and `ws-split1` with at most four, two
-//! or one group (one: a single chain of key tiles);
-//! `ws-small-wide` with the small-grid kernel also for up to two waves of tiles over up to 2 048
-//! keys (a band's level-1 self-attention);
+//! multiprocessors (a band's), 64-row `mma.sync` tiles instead, each block walking its key
+//! tiles in one chain; `ws-split4` and `ws-split2` with those key tiles split between up to four
+//! or two groups of warps (not yet measured on a GPU), `ws-split1` as `ws`;
+//! `ws-small-wide` as `ws-split4` with the small-grid kernel also for up to two waves of tiles
+//! over up to 2 048 keys (a band's level-1 self-attention);
 //! `ws-no-small` without those;
 //! `ws-whole` it with one tile height per grid, three warpgroups where their grid finishes its
 //! waves first; `ws2` and `ws3` it with two or three warpgroups always, `ws3-overlap` three without the
@@ -264,7 +264,7 @@ fn set_flash(name: &str) {
     set_small_split(match name {
         "ws-split1" => 1,
         "ws-split2" => 2,
-        "ws-split4" => 4,
+        "ws-split4" | "ws-small-wide" => 4,
         _ => pcpp_kernels::cuda::SMALL_SPLIT_DEFAULT,
     });
     set_flash128(match name {

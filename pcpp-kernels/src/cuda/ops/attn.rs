@@ -269,8 +269,10 @@ pub(crate) const fn small_split_bytes(groups: usize) -> u32 {
     (groups * 4 * 64 * 72 * 2) as u32
 }
 
-/// The most key-split groups of the small-grid attention kernel by default.
-pub const SMALL_SPLIT_DEFAULT: usize = 4;
+/// The most key-split groups of the small-grid attention kernel by default: one (no split)
+/// until the split kernels have been measured on a GPU (`PCPP_FLASH128=ws-split4` and
+/// `ws-split2` choose them; docs/benchmarks.md).
+pub const SMALL_SPLIT_DEFAULT: usize = 1;
 
 static SMALL_SPLIT: AtomicU8 = AtomicU8::new(SMALL_SPLIT_DEFAULT as u8);
 
@@ -474,7 +476,8 @@ pub enum Flash128 {
     WarpspecNoSmall,
     /// [`Flash128::Warpspec`] with the small-grid kernel also for grids of up to two waves of
     /// 64-row tiles over up to [`SMALL_WIDE_KEYS`] keys (a band's level-1 self-attention:
-    /// 1 024 queries × 10 heads over about 1 640 keys), its key tiles split as by default.
+    /// 1 024 queries × 10 heads over about 1 640 keys), its key tiles split between up to four
+    /// groups of warps (`pcpp-cli` sets the split with the choice).
     WarpspecSmallWide,
 }
 
@@ -607,6 +610,8 @@ mod tests {
 
     #[test]
     fn small_grid_key_splits_give_every_group_a_tile() {
+        // The default takes one group.
+        assert_eq!(super::SMALL_SPLIT_DEFAULT, 1);
         // A band's window (7 tiles), its text tokens (2), one tile.
         assert_eq!(small_split_groups(410, 4), 4);
         assert_eq!(small_split_groups(77, 4), 2);
