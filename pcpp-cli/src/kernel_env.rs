@@ -135,10 +135,20 @@ pub fn apply() -> Result<()> {
             Some(v) => bail!("{name}={v}: expected 1 or 0"),
         }
     };
+    // The value of variable `name` where set: one of `allowed`.
+    let named =
+        |name: &str, allowed: &[&'static str]| -> Result<Option<&'static str>> {
+            var(name)
+                .map(|t| {
+                    allowed.iter().copied().find(|s| *s == t).ok_or_else(|| {
+                        anyhow::anyhow!("{name}={t}: expected {}", allowed.join(", "))
+                    })
+                })
+                .transpose()
+        };
     let mut v = Variant::default();
-    if let Some(f) = var("PCPP_FLASH128") {
-        v.flash = flash_name(&f)
-            .ok_or_else(|| anyhow::anyhow!("PCPP_FLASH128={f}: expected {}", FLASH.join(", ")))?;
+    if let Some(f) = named("PCPP_FLASH128", &FLASH)? {
+        v.flash = f;
     }
     v.fused = switch("PCPP_FUSED_EPILOGUES")?;
     v.vector = switch("PCPP_VECTOR_KERNELS")?;
@@ -154,14 +164,8 @@ pub fn apply() -> Result<()> {
     v.programmatic = switch("PCPP_PROGRAMMATIC_LAUNCH")?;
     v.persistent = switch("PCPP_FLASH_PERSISTENT")?;
     v.geglu_prefetch = switch("PCPP_GEGLU_PREFETCH")?;
-    if let Some(t) = var("PCPP_SMALL_GEMM") {
-        v.small_gemm = SMALL_GEMM
-            .iter()
-            .copied()
-            .find(|s| *s == t)
-            .ok_or_else(|| {
-                anyhow::anyhow!("PCPP_SMALL_GEMM={t}: expected {}", SMALL_GEMM.join(", "))
-            })?;
+    if let Some(level) = named("PCPP_SMALL_GEMM", &SMALL_GEMM)? {
+        v.small_gemm = level;
     }
     if let Some(t) = var("PCPP_SMALL_GEMM_ROWS") {
         v.small_gemm_rows = one_of(&t, &ROWS)
@@ -171,17 +175,8 @@ pub fn apply() -> Result<()> {
         v.small_gemm_splits = one_of(&t, &SPLITS)
             .ok_or_else(|| anyhow::anyhow!("PCPP_SMALL_GEMM_SPLITS={t}: expected 1, 2, 4 or 8"))?;
     }
-    if let Some(t) = var("PCPP_LT_REDUCTION") {
-        v.lt_reduction = LT_REDUCTION
-            .iter()
-            .copied()
-            .find(|s| *s == t)
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "PCPP_LT_REDUCTION={t}: expected {}",
-                    LT_REDUCTION.join(", ")
-                )
-            })?;
+    if let Some(r) = named("PCPP_LT_REDUCTION", &LT_REDUCTION)? {
+        v.lt_reduction = r;
     }
     v.apply();
     Ok(())

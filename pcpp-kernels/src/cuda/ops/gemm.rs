@@ -209,6 +209,25 @@ impl Drop for LtLayout {
     }
 }
 struct LtPref(lt_sys::cublasLtMatmulPreference_t);
+impl LtPref {
+    /// Sets the preference attribute `attr` to `value` (of the type the attribute takes: a
+    /// `usize` for byte sizes, a `u32` for masks).
+    fn set<T: Copy>(
+        &self,
+        attr: lt_sys::cublasLtMatmulPreferenceAttributes_t,
+        value: &T,
+    ) -> std::result::Result<(), cudarc::cublaslt::result::CublasError> {
+        // SAFETY: the preference is live; `value` is `size_of::<T>()` readable bytes.
+        unsafe {
+            lt_result::set_matmul_pref_attribute(
+                self.0,
+                attr,
+                value as *const T as *const c_void,
+                std::mem::size_of::<T>(),
+            )
+        }
+    }
+}
 impl Drop for LtPref {
     fn drop(&mut self) {
         // SAFETY: created by create_matmul_pref and destroyed once.
@@ -333,16 +352,9 @@ pub(super) fn lt_linear(
         Some(a) => a,
         None => {
             let pref = LtPref(lt_result::create_matmul_pref().map_err(|x| e("pref", x))?);
-            // SAFETY: `pref` is live; the value is a usize as the attribute requires.
-            unsafe {
-                lt_result::set_matmul_pref_attribute(
-                    pref.0,
-                    lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                    &ws_size as *const usize as *const c_void,
-                    std::mem::size_of::<usize>(),
-                )
-            }
-            .map_err(|x| e("pref", x))?;
+            use lt_sys::cublasLtMatmulPreferenceAttributes_t as P;
+            pref.set(P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_size)
+                .map_err(|x| e("pref", x))?;
             let mask = match lt_reduction() {
                 LtReduction::Any => None,
                 LtReduction::InPlace => Some(
@@ -351,16 +363,8 @@ pub(super) fn lt_linear(
                 LtReduction::Off => Some(0u32),
             };
             if let Some(mask) = mask {
-                // SAFETY: `pref` is live; the value is a u32 as the attribute requires.
-                unsafe {
-                    lt_result::set_matmul_pref_attribute(
-                        pref.0,
-                        lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
-                        &mask as *const u32 as *const c_void,
-                        std::mem::size_of::<u32>(),
-                    )
-                }
-                .map_err(|x| e("pref", x))?;
+                pref.set(P::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &mask)
+                    .map_err(|x| e("pref", x))?;
             }
             let wanted = if tune::may_tune(gpu) {
                 LT_CANDIDATES
