@@ -182,8 +182,9 @@ fn warpspec(
 /// size `dh` on the small-grid kernel (`flash_small64`) on a device of `sms` multiprocessors:
 /// the default [`Flash128::Warpspec`] (or [`Flash128::WarpspecSmallWide`], which also takes up
 /// to two waves of tiles over up to [`SMALL_WIDE_KEYS`] keys), head size 64, at most
-/// [`SMALL_GRID_KEYS`] keys, and fewer 64-row query tiles than multiprocessors, so that each of its blocks has a multiprocessor to
-/// itself while the warp-specialised grid would leave more than half of them idle. SDXL's
+/// [`SMALL_GRID_KEYS`] keys, and fewer 64-row query tiles than multiprocessors, so that each
+/// of its blocks has a multiprocessor to itself while the warp-specialised grid would leave
+/// more than half of them idle. SDXL's
 /// 32-row band at 1024²: level 2's attentions (256 queries × 20 heads over a window of about
 /// 410 keys, and over the 77 text tokens). Not level 1's self-attention (1 024 × 10 over about
 /// 1 640 keys), nor level 2 of a 512², b = 2 image (160 blocks of 64 rows): the small-grid kernel
