@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A band's small attention grids (issue 17): the default `ws`, which runs a PCPP band's short
-# attentions on the 64-row `mma.sync` kernel, each block walking its key tiles in one chain
-# (`flash_small64`), against `ws-split4` and `ws-split2` (the key tiles split between up to four
-# or two groups of warps: `flash_small64s4`, `s2`), `ws-small-wide` (`ws-split4` for the band's
+# attentions on the 64-row `mma.sync` kernel with each block's key tiles split between up to four
+# groups of warps (`flash_small64s4`), against `ws-split1` (one chain of key tiles a block:
+# `flash_small64`), `ws-split2` (up to two groups), `ws-small-wide` (the default for the band's
 # level-1 self-attention too) or any other `PCPP_FLASH128` names (CHOICES), in one command on one
 # GPU:
 #   1. GPU parity first: `cuda_parity`'s attention tests (every kernel against the CPU, the
@@ -26,7 +26,7 @@
 #              cargo test --release -p pcpp-kernels --features cuda --no-run \
 #                --test cuda_parity --test cuda_vector_parity
 # Environment: PYTHON (a python with torch and diffusers 0.42.1; default python3), SKIP_PARITY=1,
-# CHOICES (default ws,ws-split4,ws-split2,ws-small-wide), REPS (default 2), LT_REDUCTIONS (default
+# CHOICES (default ws,ws-split1,ws-split2,ws-small-wide), REPS (default 2), LT_REDUCTIONS (default
 # "inplace off"; empty skips), COMPILE=1.
 set -uo pipefail
 source "$(dirname "$0")/unet-bench-lib.sh"
@@ -43,7 +43,7 @@ echo "== SDXL UNet step"
 : >"$OUT/unet.jsonl"
 # Both choices, alternating, REPS rounds, in one process (same weights); one result line each,
 # named by its "attention" item.
-ONE=${CHOICES:-ws,ws-split4,ws-split2,ws-small-wide}
+ONE=${CHOICES:-ws,ws-split1,ws-split2,ws-small-wide}
 ALL=$(for _ in $(seq "${REPS:-2}"); do printf '%s,' "$ONE"; done)
 ALL=${ALL%,}
 unet band32 "${BAND[@]}" --parallel pcpp --attention "$ALL"

@@ -6,10 +6,10 @@
 //! and two-warpgroup (128-row) tiles where the two launches finish their waves first;
 //! where a head-size-64 grid over at most 512 keys has fewer 64-row tiles than
 //! multiprocessors (a band's), 64-row `mma.sync` tiles instead, each block walking its key
-//! tiles in one chain; `ws-split4` and `ws-split2` with those key tiles split between up to four
-//! or two groups of warps (not yet measured on a GPU), `ws-split1` as `ws`;
-//! `ws-small-wide` as `ws-split4` with the small-grid kernel also for up to two waves of tiles
-//! over up to 2 048 keys (a band's level-1 self-attention);
+//! tiles split between up to four groups of warps; `ws-split2` and `ws-split1` with at most two
+//! groups or one chain, `ws-split4` as `ws`;
+//! `ws-small-wide` as `ws` with the small-grid kernel also for up to two waves of tiles
+//! over up to 2 048 keys (a band's level-1 self-attention; measured slower);
 //! `ws-no-small` without those;
 //! `ws-whole` it with one tile height per grid, three warpgroups where their grid finishes its
 //! waves first; `ws2` and `ws3` it with two or three warpgroups always, `ws3-overlap` three without the

@@ -234,43 +234,29 @@ __device__ __forceinline__ Moments mom_merge(Moments a, Moments b) {
 }
 __device__ __forceinline__ double mom_var(Moments m) { return m.n > 0.0 ? m.m2 / m.n : 0.0; }
 __device__ __forceinline__ double mom_ex2(Moments m) { return mom_var(m) + __dmul_rn(m.mean, m.mean); }
-// The merge of `p` bands' moments: band j's (mean, m2) is row(j) (as f32), this band's current
-// moments cur() (read only when own >= 0: corrected stale statistics, band `own` holding this
-// rank's previous moments). Returns (mean, 1/sqrt(var + eps)).
-template <typename Row, typename Cur>
-__device__ __forceinline__ float2 gn_merge_rows(Row row, Cur cur, int p, const GnCounts& counts, int own,
-                                                double eps) {
+// bands: [p, count, 2] (mean, m2); fresh: [count, 2] when own >= 0 (corrected stale statistics: band
+// `own` holds this rank's previous moments). Writes mean_rstd[i*2] = mean, [i*2+1] = 1/sqrt(var + eps).
+__device__ __forceinline__ void gn_merge_at(const float* bands, const float* fresh, float* mean_rstd, int p,
+                                            int count, const GnCounts& counts, int own, double eps, int i) {
     Moments t = {0.0, 0.0, 0.0};
     for (int j = 0; j < p; ++j) {
-        float2 r = row(j);
-        Moments m = {counts.n[j], (double)r.x, (double)r.y};
+        const float* r = bands + ((long)j * count + i) * 2;
+        Moments m = {counts.n[j], (double)r[0], (double)r[1]};
         t = mom_merge(t, m);
     }
     double mean = t.mean, var = mom_var(t);
     if (own >= 0) {
-        float2 r = row(own), f = cur();
-        Moments prev = {counts.n[own], (double)r.x, (double)r.y};
-        Moments now = {counts.n[own], (double)f.x, (double)f.y};
-        mean = t.mean + (now.mean - prev.mean);
-        double e2 = mom_ex2(t) + (mom_ex2(now) - mom_ex2(prev));
+        const float* r = bands + ((long)own * count + i) * 2;
+        Moments prev = {counts.n[own], (double)r[0], (double)r[1]};
+        Moments cur = {counts.n[own], (double)fresh[i * 2], (double)fresh[i * 2 + 1]};
+        mean = t.mean + (cur.mean - prev.mean);
+        double e2 = mom_ex2(t) + (mom_ex2(cur) - mom_ex2(prev));
         var = e2 - __dmul_rn(mean, mean);
-        if (var < 0.0) var = mom_var(now);
+        if (var < 0.0) var = mom_var(cur);
     }
     if (var < 0.0) var = 0.0;
-    return make_float2((float)mean, (float)(1.0 / sqrt(var + eps)));
-}
-// bands: [p, count, 2] (mean, m2); fresh: [count, 2] when own >= 0. Writes mean_rstd[i*2] = mean,
-// [i*2+1] = 1/sqrt(var + eps).
-__device__ __forceinline__ void gn_merge_at(const float* bands, const float* fresh, float* mean_rstd, int p,
-                                            int count, const GnCounts& counts, int own, double eps, int i) {
-    auto row = [&](int j) {
-        const float* r = bands + ((long)j * count + i) * 2;
-        return make_float2(r[0], r[1]);
-    };
-    auto cur = [&]() { return make_float2(fresh[i * 2], fresh[i * 2 + 1]); };
-    float2 mr = gn_merge_rows(row, cur, p, counts, own, eps);
-    mean_rstd[i * 2] = mr.x;
-    mean_rstd[i * 2 + 1] = mr.y;
+    mean_rstd[i * 2] = (float)mean;
+    mean_rstd[i * 2 + 1] = (float)(1.0 / sqrt(var + eps));
 }
 extern "C" __global__ void gn_merge(const float* bands, const float* fresh, float* mean_rstd, int p, int count,
                                     GnCounts counts, int own, double eps) { pdl_begin();
@@ -280,65 +266,15 @@ extern "C" __global__ void gn_merge(const float* bands, const float* fresh, floa
 // gn_moments and gn_merge in one launch, for a table that lives on: this band's fresh moments
 // (from its sums, `n` elements per group) are stored at `fresh` (f32 [count, 2]), then merged
 // with the bands of `bands` as gn_merge does, corrected against band `own` when `corrected`.
-// Without correction `fresh` is band `own`'s row of `bands` itself: the merge reads the fresh
-// moments there. One warp per (batch, group), launched with count * 32 threads: its lanes load
-// the group's partial sums and the p <= 64 bands' moments at once (one thread alone waits for
-// each load in turn), then every lane adds the sums in chunk order and merges the bands in
-// gn_moment's and gn_merge_at's order, so the bits are theirs.
+// Without correction `fresh` is band `own`'s row of `bands` itself (each thread writes and reads
+// only its own (batch, group)).
 extern "C" __global__ void gn_merge_sums(const double* sums, int chunks, double n, const float* bands, float* fresh,
                                          float* mean_rstd, int p, int count, GnCounts counts, int own,
                                          int corrected, double eps) { pdl_begin();
-    const unsigned full = 0xffffffffu;
-    int i = (int)(((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5);
-    int lane = threadIdx.x & 31;
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= count) return;
-    // Band j's moments in lane j % 32 of lo (j < 32) or hi.
-    float2 lo = make_float2(0.0f, 0.0f), hi = lo;
-    if (lane < p) {
-        const float* r = bands + ((long)lane * count + i) * 2;
-        lo = make_float2(r[0], r[1]);
-    }
-    if (lane + 32 < p) {
-        const float* r = bands + ((long)(lane + 32) * count + i) * 2;
-        hi = make_float2(r[0], r[1]);
-    }
-    double mean = 0.0, m2 = 0.0;
-    if (n > 0.0) {
-        double s = 0.0, s2 = 0.0;
-        for (int base = 0; base < chunks; base += 32) {
-            double a = 0.0, b = 0.0;
-            if (base + lane < chunks) {
-                const double* q = sums + ((long)i * chunks + base + lane) * 2;
-                a = q[0];
-                b = q[1];
-            }
-            int m = min(32, chunks - base);
-            for (int k = 0; k < m; ++k) {
-                s += __shfl_sync(full, a, k);
-                s2 += __shfl_sync(full, b, k);
-            }
-        }
-        mean = s / n;
-        m2 = s2 - __dmul_rn(s, mean);
-        if (m2 < 0.0) m2 = 0.0;
-    }
-    float2 f = make_float2((float)mean, (float)m2);
-    float* mine = fresh + i * 2;
-    if (lane == 0) {
-        mine[0] = f.x;
-        mine[1] = f.y;
-    }
-    auto row = [&](int j) {
-        if (bands + ((long)j * count + i) * 2 == mine) return f;
-        float2 v = j < 32 ? lo : hi;
-        return make_float2(__shfl_sync(full, v.x, j & 31), __shfl_sync(full, v.y, j & 31));
-    };
-    auto cur = [&]() { return f; };
-    float2 mr = gn_merge_rows(row, cur, p, counts, corrected ? own : -1, eps);
-    if (lane == 0) {
-        mean_rstd[i * 2] = mr.x;
-        mean_rstd[i * 2 + 1] = mr.y;
-    }
+    gn_moment(sums, chunks, fresh, i, n);
+    gn_merge_at(bands, fresh, mean_rstd, p, count, counts, corrected ? own : -1, eps, i);
 }
 // y = (x - mean) * rstd * gamma[c] + beta[c], optional SiLU. x: [b, c, s].
 template <typename T>

@@ -318,10 +318,11 @@ impl Gpu {
                     ops::flash_ws_bytes(64, 3),
                 )
             });
-        // The small-grid attention with its key tiles split between 2 or 4 groups of warps.
-        let small_split = [4usize, 2]
+        // The small-grid attention with its key tiles split between 2 or 4 groups of warps: the
+        // most groups whose kernel and every smaller split's got their shared memory.
+        let small_split = [2usize, 4]
             .into_iter()
-            .find(|&g| {
+            .take_while(|&g| {
                 smem_ok(
                     [
                         &*format!("flash_small64s{g}_f16"),
@@ -330,6 +331,7 @@ impl Gpu {
                     ops::small_split_bytes(g),
                 )
             })
+            .last()
             .unwrap_or(1);
         // The small-row GEMMs split K across thread-block clusters.
         let clusters = ctx

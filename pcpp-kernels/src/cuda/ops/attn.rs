@@ -270,10 +270,10 @@ pub(crate) const fn small_split_bytes(groups: usize) -> u32 {
     (groups * 4 * 64 * 72 * 2) as u32
 }
 
-/// The most key-split groups of the small-grid attention kernel by default: one (no split)
-/// until the split kernels have been measured on a GPU (`PCPP_FLASH128=ws-split4` and
-/// `ws-split2` choose them; docs/benchmarks.md).
-pub const SMALL_SPLIT_DEFAULT: usize = 1;
+/// The most key-split groups of the small-grid attention kernel by default: four, which made
+/// a PCPP band's step 0.09-0.15 ms faster than one chain on an H100 (docs/benchmarks.md, run
+/// W2; `PCPP_FLASH128=ws-split1` and `ws-split2` choose fewer).
+pub const SMALL_SPLIT_DEFAULT: usize = 4;
 
 static SMALL_SPLIT: AtomicU8 = AtomicU8::new(SMALL_SPLIT_DEFAULT as u8);
 
@@ -611,8 +611,8 @@ mod tests {
 
     #[test]
     fn small_grid_key_splits_give_every_group_a_tile() {
-        // The default takes one group.
-        assert_eq!(super::SMALL_SPLIT_DEFAULT, 1);
+        // The default allows four groups.
+        assert_eq!(super::SMALL_SPLIT_DEFAULT, 4);
         // A band's window (7 tiles), its text tokens (2), one tile.
         assert_eq!(small_split_groups(410, 4), 4);
         assert_eq!(small_split_groups(77, 4), 2);

@@ -543,7 +543,7 @@ fn merged_stats(
         let sums = gn_sums(x, (b, c, s), groups)?;
         let fresh = ptr(win.fresh)? + (win.fresh_row * rows * 2 * 4) as u64;
         let n = ((c / groups) * s) as f64;
-        launch!(gpu, "gn_merge_sums", Gpu::cfg_elems(rows * 32);
+        launch!(gpu, "gn_merge_sums", Gpu::cfg_elems(rows);
             sums.ptr(&gpu), sums.chunks as i32, n, ptr(win.bands)?, fresh, mp, p as i32,
             rows as i32, cn, win.own as i32, win.corrected as i32, eps);
     }
