@@ -5,9 +5,9 @@
 //! sm_90a devices, at head size 64 with each head's rows split between three-warpgroup (192-row)
 //! and two-warpgroup (128-row) tiles where the two launches finish their waves first;
 //! where a head-size-64 grid over at most 512 keys has fewer 64-row tiles than
-//! multiprocessors (a band's), 64-row `mma.sync` tiles instead, each block walking its key
-//! tiles split between up to four groups of warps; `ws-split2` and `ws-split1` with at most two
-//! groups or one chain, `ws-split4` as `ws`;
+//! multiprocessors (a band's), 64-row `mma.sync` tiles instead, each block's key tiles split
+//! between up to four groups of warps; `ws-split2` and `ws-split1` with at most two groups or
+//! one chain, `ws-split4` as `ws`;
 //! `ws-small-wide` as `ws` with the small-grid kernel also for up to two waves of tiles
 //! over up to 2 048 keys (a band's level-1 self-attention; measured slower);
 //! `ws-no-small` without those;
