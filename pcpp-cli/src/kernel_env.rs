@@ -39,8 +39,11 @@
 //! (the most rows of one of those GEMMs' blocks: fewer read the weights more often but give a
 //! GEMM more blocks), `PCPP_SMALL_GEMM_SPLITS=8|4|2|1` (the most blocks of a cluster that share
 //! one tile's K), `PCPP_LT_REDUCTION=any|inplace|off` (the split-K reductions cuBLASLt may
-//! choose: any, only in place in the output by the GEMM's own blocks, or no split-K GEMMs). Unset
-//! means the defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`, `256`, `8`, `any`);
+//! choose: any, only in place in the output by the GEMM's own blocks, or no split-K GEMMs),
+//! `PCPP_CONV_GEMM_ROWS=N` (f16/bf16 convolutions of at most N output pixels run as im2col and
+//! one cuBLASLt GEMM, the others through cuDNN; 0: all through cuDNN). Unset
+//! means the defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`, `256`, `8`, `any`,
+//! `512`);
 //! `flux-bench`'s `--variants` items ([`parse_variant`]) set the first three, and `bench`'s
 //! `--attention` list ([`check_attention`], [`apply_attention`]) the first.
 //! Without the `cuda` feature there is nothing to choose and the variables are ignored.
@@ -91,7 +94,14 @@ pub struct Variant {
     small_gemm_rows: usize,
     small_gemm_splits: usize,
     lt_reduction: &'static str,
+    conv_gemm_rows: usize,
 }
+
+/// The default of `PCPP_CONV_GEMM_ROWS`.
+#[cfg(feature = "cuda")]
+const CONV_GEMM_ROWS_DEFAULT: usize = pcpp_kernels::cuda::CONV_GEMM_ROWS_DEFAULT;
+#[cfg(not(feature = "cuda"))]
+const CONV_GEMM_ROWS_DEFAULT: usize = 0;
 
 impl Default for Variant {
     /// The measured defaults.
@@ -112,6 +122,7 @@ impl Default for Variant {
             small_gemm_rows: 256,
             small_gemm_splits: 8,
             lt_reduction: LT_REDUCTION[0],
+            conv_gemm_rows: CONV_GEMM_ROWS_DEFAULT,
         }
     }
 }
@@ -177,6 +188,11 @@ pub fn apply() -> Result<()> {
     }
     if let Some(r) = named("PCPP_LT_REDUCTION", &LT_REDUCTION)? {
         v.lt_reduction = r;
+    }
+    if let Some(t) = var("PCPP_CONV_GEMM_ROWS") {
+        v.conv_gemm_rows = t.parse().map_err(|_| {
+            anyhow::anyhow!("PCPP_CONV_GEMM_ROWS={t}: expected a number of output pixels")
+        })?;
     }
     v.apply();
     Ok(())
@@ -248,6 +264,7 @@ impl Variant {
                 "off" => LtReduction::Off,
                 _ => LtReduction::Any,
             });
+            pcpp_kernels::cuda::set_conv_gemm_rows(self.conv_gemm_rows);
         }
     }
 }
@@ -364,6 +381,25 @@ pub fn apply_small_gemm(item: &str) {
     let _ = item;
 }
 
+/// Checks `bench --conv-gemm-rows` items: a GPU run of a `cuda` build, each item a number of
+/// output pixels as `PCPP_CONV_GEMM_ROWS` takes.
+pub fn check_conv_gemm_rows(items: &[String], device: Device) -> Result<()> {
+    let valid = |i: &str| i.parse::<usize>().is_ok();
+    check_gpu_list("--conv-gemm-rows", items, device, valid, || {
+        "a number of output pixels (0: every convolution through cuDNN)".to_string()
+    })
+}
+
+/// Puts the `--conv-gemm-rows` item `item` in force (checked by [`check_conv_gemm_rows`]).
+pub fn apply_conv_gemm_rows(item: &str) {
+    #[cfg(feature = "cuda")]
+    if let Ok(rows) = item.parse::<usize>() {
+        pcpp_kernels::cuda::set_conv_gemm_rows(rows);
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = item;
+}
+
 /// The kernel choices in force, for a benchmark's JSON line (empty on the CPU).
 pub fn choices(device: Device) -> serde_json::Value {
     #[cfg(feature = "cuda")]
@@ -382,6 +418,7 @@ pub fn choices(device: Device) -> serde_json::Value {
             "small_gemm": pcpp_kernels::cuda::small_gemm().name(),
             "small_gemm_rows": pcpp_kernels::cuda::small_gemm_rows(),
             "small_gemm_splits": pcpp_kernels::cuda::small_gemm_splits(),
+            "conv_gemm_rows": pcpp_kernels::cuda::conv_gemm_rows(),
         });
     }
     let _ = device;

@@ -40,15 +40,15 @@ pub use ops::vector::{
 };
 pub(crate) use ops::*;
 pub use ops::{
-    autotune, capture_graph, conv2d_in_bands, conv_nhwc, copy_into, copy_rows_into, flash128,
-    flash_persistent, fused_epilogues, group_norm_merged_into, group_norm_merged_into_nhwc,
-    group_norm_merged_nhwc, linear_rows_into, lt_reduction, nchw_rows_into_nhwc,
-    norm_linear_rows_into, programmatic_launch, set_autotune, set_autotune_report, set_conv_nhwc,
-    set_flash128, set_flash_persistent, set_fused_epilogues, set_lt_reduction,
-    set_programmatic_launch, set_small_gemm, set_small_gemm_rows, set_small_gemm_splits,
-    set_small_split, small_gemm, small_gemm_rows, small_gemm_splits, small_grid, small_split,
-    CudaGraphStep, Flash128, LtReduction, SmallGemm, StatsWindow, SMALL_GEMM_ROWS, SMALL_GRID_KEYS,
-    SMALL_SPLIT_DEFAULT,
+    autotune, capture_graph, conv2d_in_bands, conv_gemm_rows, conv_nhwc, copy_into, copy_rows_into,
+    flash128, flash_persistent, fused_epilogues, group_norm_merged_into,
+    group_norm_merged_into_nhwc, group_norm_merged_nhwc, linear_rows_into, lt_reduction,
+    nchw_rows_into_nhwc, norm_linear_rows_into, programmatic_launch, set_autotune,
+    set_autotune_report, set_conv_gemm_rows, set_conv_nhwc, set_flash128, set_flash_persistent,
+    set_fused_epilogues, set_lt_reduction, set_programmatic_launch, set_small_gemm,
+    set_small_gemm_rows, set_small_gemm_splits, set_small_split, small_gemm, small_gemm_rows,
+    small_gemm_splits, small_grid, small_split, CudaGraphStep, Flash128, LtReduction, SmallGemm,
+    StatsWindow, CONV_GEMM_ROWS_DEFAULT, SMALL_GEMM_ROWS, SMALL_GRID_KEYS, SMALL_SPLIT_DEFAULT,
 };
 
 fn cuda_err(device: usize, what: &str, e: impl std::fmt::Debug) -> KernelError {

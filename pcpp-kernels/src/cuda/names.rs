@@ -64,6 +64,7 @@ pub fn kernel_names() -> Vec<String> {
         "gemm_wg_ln_geglu_f16",
         "gemm_wg_ln_geglu_bf16",
         "copy2d_u128",
+        "im2col_nhwc_u128",
         "cat_multi_u16",
         "cat_multi_u128",
     ]

@@ -144,7 +144,10 @@ pub(crate) use norm::{
 };
 
 pub(crate) use conv::{conv2d, conv2d_nhwc_input, ConvAdds, ConvKey};
-pub use conv::{conv2d_in_bands, conv_nhwc, set_conv_nhwc};
+pub use conv::{
+    conv2d_in_bands, conv_gemm_rows, conv_nhwc, set_conv_gemm_rows, set_conv_nhwc,
+    CONV_GEMM_ROWS_DEFAULT,
+};
 use gemm::gemm_batched;
 pub use gemm::{fused_epilogues, lt_reduction, set_fused_epilogues, set_lt_reduction, LtReduction};
 pub(crate) use gemm::{linear, linear_add, linear_gelu_tanh, matmul, LtKey};
