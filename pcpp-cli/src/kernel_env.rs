@@ -1,5 +1,5 @@
 //! Kernel choices for comparison runs, taken from the environment before any GPU work:
-//! `PCPP_FLASH128=ws|ws-split4|ws-split2|ws-split1|ws-small-wide|ws-no-small|ws-whole|ws2|ws3|ws3-overlap|ws-pingpong|ws-overlap|hopper|shared-q64|shared-q|registers-q`
+//! `PCPP_FLASH128=ws|ws-unfused-q|ws-split4|ws-split2|ws-split1|ws-small-wide|ws-no-small|ws-whole|ws2|ws3|ws3-overlap|ws-pingpong|ws-overlap|hopper|shared-q64|shared-q|registers-q`
 //! (the flash-attention kernel: `ws` takes FlashAttention-3's warp specialisation on Hopper's
 //! warpgroup MMAs (TMA producer, ping-pong, intra-warpgroup overlap) for head sizes 64 and 128 on
 //! sm_90a devices, at head size 64 with each head's rows split between three-warpgroup (192-row)
@@ -8,6 +8,8 @@
 //! multiprocessors (a band's), 64-row `mma.sync` tiles instead, each block's key tiles split
 //! between up to four groups of warps; `ws-split2` and `ws-split1` with at most two groups or
 //! one chain, `ws-split4` as `ws`;
+//! the small-grid kernel projects its queries (and applies the layer norm before a
+//! cross-attention) inside itself, `ws-unfused-q` as `ws` with those as their own passes;
 //! `ws-small-wide` as `ws` with the small-grid kernel also for up to two waves of tiles
 //! over up to 2 048 keys (a band's level-1 self-attention; measured slower);
 //! `ws-no-small` without those;
@@ -52,8 +54,9 @@ use anyhow::{bail, Result};
 use pcpp_kernels::Device;
 
 /// The attention kernels by name, the default first.
-const FLASH: [&str; 16] = [
+const FLASH: [&str; 17] = [
     "ws",
+    "ws-unfused-q",
     "ws-split2",
     "ws-split1",
     "ws-split4",
@@ -272,7 +275,8 @@ impl Variant {
 /// Puts the attention kernel `name` (one of [`FLASH`]) in force.
 #[cfg(feature = "cuda")]
 fn set_flash(name: &str) {
-    use pcpp_kernels::cuda::{set_flash128, set_small_split, Flash128};
+    use pcpp_kernels::cuda::{set_flash128, set_fused_q, set_small_split, Flash128};
+    set_fused_q(name != "ws-unfused-q");
     set_small_split(match name {
         "ws-split1" => 1,
         "ws-split2" => 2,
@@ -419,6 +423,7 @@ pub fn choices(device: Device) -> serde_json::Value {
             "small_gemm_rows": pcpp_kernels::cuda::small_gemm_rows(),
             "small_gemm_splits": pcpp_kernels::cuda::small_gemm_splits(),
             "conv_gemm_rows": pcpp_kernels::cuda::conv_gemm_rows(),
+            "fused_q": pcpp_kernels::cuda::fused_q(),
         });
     }
     let _ = device;

@@ -29,6 +29,8 @@ pub fn kernel_names() -> Vec<String> {
         "flash_small64s2_bf16",
         "flash_small64s4_f16",
         "flash_small64s4_bf16",
+        "flash_small64p4_f16",
+        "flash_small64p4_bf16",
         "flash_wg64_f16",
         "flash_wg64_bf16",
         "flash_wg128_f16",

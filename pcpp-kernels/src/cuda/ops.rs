@@ -125,6 +125,7 @@ pub(crate) unsafe fn launch_ex_cluster(
 }
 
 pub(crate) mod attn;
+mod attn_proj;
 mod conv;
 mod gemm;
 mod gemm_wg;
@@ -171,6 +172,8 @@ pub use attn::{
     flash128, flash_persistent, set_flash128, set_flash_persistent, set_small_split, small_grid,
     small_split, Flash128, SMALL_GRID_KEYS, SMALL_SPLIT_DEFAULT,
 };
+pub(crate) use attn_proj::{attention_projected_q, small_proj_bytes};
+pub use attn_proj::{fused_q, set_fused_q};
 
 fn tname(d: DType) -> &'static str {
     d.name()
