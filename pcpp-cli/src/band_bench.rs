@@ -122,8 +122,7 @@ pub fn run(a: &Args) -> Result<()> {
     .on_device(device)
     .keep_taken();
 
-    // Every attention kernel of --attention with every small-row GEMM choice of --small-gemm
-    // and every convolution GEMM cap of --conv-gemm-rows.
+    // Every attention kernel of --attention with every small-row GEMM choice of --small-gemm.
     let listed = |v: &[String]| -> Vec<Option<String>> {
         if v.is_empty() {
             vec![None]
@@ -140,21 +139,15 @@ pub fn run(a: &Args) -> Result<()> {
             if let Some(item) = &small {
                 crate::kernel_env::apply_small_gemm(item);
             }
-            for conv in listed(&a.conv_gemm_rows) {
-                if let Some(item) = &conv {
-                    crate::kernel_env::apply_conv_gemm_rows(item);
-                }
-                for &r in &ranks {
-                    let res = run_rank(
-                        a, &ucfg, &weights, &pcfg, mode, r, cfg_split, warm, graph_on, device,
-                        dtype,
-                    )?;
-                    results.push((kernel.clone(), small.clone(), conv.clone(), res));
-                }
+            for &r in &ranks {
+                let res = run_rank(
+                    a, &ucfg, &weights, &pcfg, mode, r, cfg_split, warm, graph_on, device, dtype,
+                )?;
+                results.push((kernel.clone(), small.clone(), res));
             }
         }
     }
-    for (kernel, small, conv, res) in &results {
+    for (kernel, small, res) in &results {
         let sent = res.traffic.sent.total();
         let recvd = res.traffic.recvd.total();
         if a.json {
@@ -181,7 +174,6 @@ pub fn run(a: &Args) -> Result<()> {
                 "steady_traffic": res.traffic,
                 "attention": kernel,
                 "small_gemm": small,
-                "conv_gemm_rows": conv,
                 "kernel_costs": res.costs.iter().map(KernelCost::to_json).collect::<Vec<_>>(),
             });
             println!("{v}");
@@ -191,8 +183,7 @@ pub fn run(a: &Args) -> Result<()> {
             } else {
                 format!(", sync step {:.3} ms", res.sync_ms)
             };
-            let conv = conv.as_ref().map(|c| format!("conv-gemm-rows {c}"));
-            let kernel = [kernel, small, &conv]
+            let kernel = [kernel, small]
                 .iter()
                 .flat_map(|c| c.as_ref().map(|k| format!(" [{k}]")))
                 .collect::<String>();

@@ -1,5 +1,5 @@
 //! Kernel choices for comparison runs, taken from the environment before any GPU work:
-//! `PCPP_FLASH128=ws|ws-unfused-q|ws-split4|ws-split2|ws-split1|ws-small-wide|ws-no-small|ws-whole|ws2|ws3|ws3-overlap|ws-pingpong|ws-overlap|hopper|shared-q64|shared-q|registers-q`
+//! `PCPP_FLASH128=ws|ws-split4|ws-split2|ws-split1|ws-small-wide|ws-no-small|ws-whole|ws2|ws3|ws3-overlap|ws-pingpong|ws-overlap|hopper|shared-q64|shared-q|registers-q`
 //! (the flash-attention kernel: `ws` takes FlashAttention-3's warp specialisation on Hopper's
 //! warpgroup MMAs (TMA producer, ping-pong, intra-warpgroup overlap) for head sizes 64 and 128 on
 //! sm_90a devices, at head size 64 with each head's rows split between three-warpgroup (192-row)
@@ -8,8 +8,6 @@
 //! multiprocessors (a band's), 64-row `mma.sync` tiles instead, each block's key tiles split
 //! between up to four groups of warps; `ws-split2` and `ws-split1` with at most two groups or
 //! one chain, `ws-split4` as `ws`;
-//! the small-grid kernel projects its queries (and applies the layer norm before a
-//! cross-attention) inside itself, `ws-unfused-q` as `ws` with those as their own passes;
 //! `ws-small-wide` as `ws` with the small-grid kernel also for up to two waves of tiles
 //! over up to 2 048 keys (a band's level-1 self-attention; measured slower);
 //! `ws-no-small` without those;
@@ -41,11 +39,8 @@
 //! (the most rows of one of those GEMMs' blocks: fewer read the weights more often but give a
 //! GEMM more blocks), `PCPP_SMALL_GEMM_SPLITS=8|4|2|1` (the most blocks of a cluster that share
 //! one tile's K), `PCPP_LT_REDUCTION=any|inplace|off` (the split-K reductions cuBLASLt may
-//! choose: any, only in place in the output by the GEMM's own blocks, or no split-K GEMMs),
-//! `PCPP_CONV_GEMM_ROWS=N` (f16/bf16 convolutions of at most N output pixels run as im2col and
-//! one cuBLASLt GEMM, the others through cuDNN; 0: all through cuDNN). Unset
-//! means the defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`, `256`, `8`, `any`,
-//! `512`);
+//! choose: any, only in place in the output by the GEMM's own blocks, or no split-K GEMMs). Unset
+//! means the defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`, `256`, `8`, `any`);
 //! `flux-bench`'s `--variants` items ([`parse_variant`]) set the first three, and `bench`'s
 //! `--attention` list ([`check_attention`], [`apply_attention`]) the first.
 //! Without the `cuda` feature there is nothing to choose and the variables are ignored.
@@ -54,9 +49,8 @@ use anyhow::{bail, Result};
 use pcpp_kernels::Device;
 
 /// The attention kernels by name, the default first.
-const FLASH: [&str; 17] = [
+const FLASH: [&str; 16] = [
     "ws",
-    "ws-unfused-q",
     "ws-split2",
     "ws-split1",
     "ws-split4",
@@ -97,14 +91,7 @@ pub struct Variant {
     small_gemm_rows: usize,
     small_gemm_splits: usize,
     lt_reduction: &'static str,
-    conv_gemm_rows: usize,
 }
-
-/// The default of `PCPP_CONV_GEMM_ROWS`.
-#[cfg(feature = "cuda")]
-const CONV_GEMM_ROWS_DEFAULT: usize = pcpp_kernels::cuda::CONV_GEMM_ROWS_DEFAULT;
-#[cfg(not(feature = "cuda"))]
-const CONV_GEMM_ROWS_DEFAULT: usize = 0;
 
 impl Default for Variant {
     /// The measured defaults.
@@ -125,7 +112,6 @@ impl Default for Variant {
             small_gemm_rows: 256,
             small_gemm_splits: 8,
             lt_reduction: LT_REDUCTION[0],
-            conv_gemm_rows: CONV_GEMM_ROWS_DEFAULT,
         }
     }
 }
@@ -191,11 +177,6 @@ pub fn apply() -> Result<()> {
     }
     if let Some(r) = named("PCPP_LT_REDUCTION", &LT_REDUCTION)? {
         v.lt_reduction = r;
-    }
-    if let Some(t) = var("PCPP_CONV_GEMM_ROWS") {
-        v.conv_gemm_rows = t.parse().map_err(|_| {
-            anyhow::anyhow!("PCPP_CONV_GEMM_ROWS={t}: expected a number of output pixels")
-        })?;
     }
     v.apply();
     Ok(())
@@ -267,7 +248,6 @@ impl Variant {
                 "off" => LtReduction::Off,
                 _ => LtReduction::Any,
             });
-            pcpp_kernels::cuda::set_conv_gemm_rows(self.conv_gemm_rows);
         }
     }
 }
@@ -275,8 +255,7 @@ impl Variant {
 /// Puts the attention kernel `name` (one of [`FLASH`]) in force.
 #[cfg(feature = "cuda")]
 fn set_flash(name: &str) {
-    use pcpp_kernels::cuda::{set_flash128, set_fused_q, set_small_split, Flash128};
-    set_fused_q(name != "ws-unfused-q");
+    use pcpp_kernels::cuda::{set_flash128, set_small_split, Flash128};
     set_small_split(match name {
         "ws-split1" => 1,
         "ws-split2" => 2,
@@ -385,25 +364,6 @@ pub fn apply_small_gemm(item: &str) {
     let _ = item;
 }
 
-/// Checks `bench --conv-gemm-rows` items: a GPU run of a `cuda` build, each item a number of
-/// output pixels as `PCPP_CONV_GEMM_ROWS` takes.
-pub fn check_conv_gemm_rows(items: &[String], device: Device) -> Result<()> {
-    let valid = |i: &str| i.parse::<usize>().is_ok();
-    check_gpu_list("--conv-gemm-rows", items, device, valid, || {
-        "a number of output pixels (0: every convolution through cuDNN)".to_string()
-    })
-}
-
-/// Puts the `--conv-gemm-rows` item `item` in force (checked by [`check_conv_gemm_rows`]).
-pub fn apply_conv_gemm_rows(item: &str) {
-    #[cfg(feature = "cuda")]
-    if let Ok(rows) = item.parse::<usize>() {
-        pcpp_kernels::cuda::set_conv_gemm_rows(rows);
-    }
-    #[cfg(not(feature = "cuda"))]
-    let _ = item;
-}
-
 /// The kernel choices in force, for a benchmark's JSON line (empty on the CPU).
 pub fn choices(device: Device) -> serde_json::Value {
     #[cfg(feature = "cuda")]
@@ -422,8 +382,6 @@ pub fn choices(device: Device) -> serde_json::Value {
             "small_gemm": pcpp_kernels::cuda::small_gemm().name(),
             "small_gemm_rows": pcpp_kernels::cuda::small_gemm_rows(),
             "small_gemm_splits": pcpp_kernels::cuda::small_gemm_splits(),
-            "conv_gemm_rows": pcpp_kernels::cuda::conv_gemm_rows(),
-            "fused_q": pcpp_kernels::cuda::fused_q(),
         });
     }
     let _ = device;

@@ -183,21 +183,6 @@ pub trait SelfAttentionLayer: Send + Sync {
     /// `x: [b, rows·w, c]` (row-major tokens of the band), `spatial = (rows, w)` → `[b, rows·w, c]`.
     fn forward(&self, ctx: &StepCtx, x: &Tensor, spatial: (usize, usize)) -> Result<Tensor>;
 
-    /// `residual + forward(x)`: layers that project here hand the residual to the output
-    /// projection as its accumulator ([`Tensor::linear_add`]), with no pass of its own. The
-    /// default calls `forward` and adds.
-    fn forward_add(
-        &self,
-        ctx: &StepCtx,
-        x: &Tensor,
-        residual: &Tensor,
-        spatial: (usize, usize),
-    ) -> Result<Tensor> {
-        self.forward(ctx, x, spatial)?
-            .add(residual)
-            .at("self-attention (residual)")
-    }
-
     /// `x + forward(layer_norm(x))` (a transformer block's first half) and the row statistics of
     /// the sum for the layer norm after it. Layers that project here apply the norm as their
     /// projections load `x` (its statistics from `stats` where they describe `x`,

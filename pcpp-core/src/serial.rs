@@ -131,19 +131,6 @@ impl SelfAttentionLayer for SerialAttention {
             .at(&self.id)
     }
 
-    fn forward_add(
-        &self,
-        _ctx: &StepCtx,
-        x: &Tensor,
-        residual: &Tensor,
-        _spatial: (usize, usize),
-    ) -> Result<Tensor> {
-        let qkv = self.qkv.forward(x).at(&self.id)?;
-        self.attend(&qkv)?
-            .linear_add(&self.to_out, self.out_bias.as_ref(), residual)
-            .at(&self.id)
-    }
-
     fn forward_norm_add(
         &self,
         _ctx: &StepCtx,

@@ -3,10 +3,8 @@
 //! window) attended over without first copying each block out. On Hopper the warp-specialised
 //! kernel's TMA maps read the blocks in place (a row stride wider than the block); everywhere else
 //! the blocks are copied out and [`Tensor::attention`] runs, so the CPU twin is that composition.
-//! [`Tensor::attention_norm_q`] also takes the query projection (and the layer norm before it)
-//! into the attention: on a GPU a band's small grids run all three as one kernel.
 
-use crate::{KernelError, LayerNormArgs, Result, Tensor};
+use crate::{KernelError, Result, Tensor};
 
 /// Columns `start..start + width` of a `[b, l, n]` tensor (`width` is the attention's).
 #[derive(Debug, Clone, Copy)]
@@ -87,62 +85,6 @@ impl Tensor {
     }
 }
 
-impl Tensor {
-    /// [`Tensor::attention_packed`] of the queries `norm(x) · wqᵀ` (the layer norm only where
-    /// `norm` is given; no projection bias) over the blocks `k` and `v`: on a GPU, a band's small
-    /// attention grids project and norm the queries inside the attention kernel (PCPP §2.3's
-    /// attentions at a band's 256 rows, where the norm and the projection GEMM cost their
-    /// launches); elsewhere the layer norm, the linear layer and the attention, composed (the CPU
-    /// twin).
-    ///
-    /// # Shapes
-    /// `x: [b, lq, cin]`, `wq: [width, cin]`, `k.t, v.t: [b, lk, n]` with `start + width` within
-    /// each → `[b, lq, width]`.
-    pub fn attention_norm_q(
-        x: &Tensor,
-        norm: Option<LayerNormArgs<'_>>,
-        wq: &Tensor,
-        (k, v): (Cols, Cols),
-        width: usize,
-        heads: usize,
-    ) -> Result<Tensor> {
-        let cin = x.shape().last().copied().unwrap_or(0);
-        if x.rank() != 3 || wq.shape() != [width, cin] {
-            return Err(KernelError::shape(
-                "attention_norm_q",
-                x.shape(),
-                wq.shape(),
-            ));
-        }
-        #[cfg(feature = "cuda")]
-        {
-            let (g, b) = (norm.and_then(|n| n.gamma), norm.and_then(|n| n.beta));
-            let all = [Some(x), Some(wq), Some(k.t), Some(v.t), g, b];
-            let fits = k.start + width <= k.t.shape().get(2).copied().unwrap_or(0)
-                && v.start + width <= v.t.shape().get(2).copied().unwrap_or(0)
-                && k.t.shape().first() == Some(&x.shape()[0])
-                && k.t.shape()[..2] == v.t.shape()[..2]
-                && norm.map_or(true, |n| n.gamma.is_some());
-            if crate::ops::on_gpu("attention_norm_q", &all)? && fits && k.t.shape()[1] > 0 {
-                let _timed =
-                    crate::cuda::profile::scope(crate::cpu::profile::Kernel::Attention, x.device());
-                let parts = norm.and_then(|n| n.gamma.map(|g| (g, n.beta, n.eps)));
-                if let Some(y) =
-                    crate::cuda::attention_projected_q(x, parts, wq, (k, v), width, heads)?
-                {
-                    return Ok(y);
-                }
-            }
-        }
-        let h = match norm {
-            Some(n) => x.layer_norm(n.gamma, n.beta, n.eps)?,
-            None => x.clone(),
-        };
-        let q = h.linear(wq, None)?;
-        Tensor::attention_packed(Cols::new(&q, 0), k, v, width, heads, false)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::Cols;
@@ -166,34 +108,6 @@ mod tests {
         )
         .unwrap();
         assert_eq!(got.max_abs_diff(&want).unwrap(), 0.0);
-    }
-
-    /// Without a GPU the projected attention is the layer norm, the linear layer and the
-    /// attention composed; a projection of the wrong shape is an error.
-    #[test]
-    fn projected_queries_are_the_composed_ops() {
-        let x = rnd(&[2, 5, 12], 1);
-        let wq = rnd(&[8, 12], 2);
-        let kv = rnd(&[2, 7, 16], 3);
-        let (g, b) = (rnd(&[12], 4), rnd(&[12], 5));
-        let norm = crate::LayerNormArgs {
-            gamma: Some(&g),
-            beta: Some(&b),
-            eps: 1e-5,
-        };
-        let (k, v) = (Cols::new(&kv, 0), Cols::new(&kv, 8));
-        for n in [None, Some(norm)] {
-            let h = match n {
-                Some(n) => x.layer_norm(n.gamma, n.beta, n.eps).unwrap(),
-                None => x.clone(),
-            };
-            let q = h.linear(&wq, None).unwrap();
-            let want = Tensor::attention_packed(Cols::new(&q, 0), k, v, 8, 2, false).unwrap();
-            let got = Tensor::attention_norm_q(&x, n, &wq, (k, v), 8, 2).unwrap();
-            assert_eq!(got.max_abs_diff(&want).unwrap(), 0.0);
-        }
-        let e = Tensor::attention_norm_q(&x, None, &rnd(&[8, 10], 6), (k, v), 8, 2).unwrap_err();
-        assert!(e.to_string().contains("attention_norm_q"), "{e}");
     }
 
     #[test]

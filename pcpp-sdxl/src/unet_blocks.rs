@@ -11,7 +11,7 @@ use pcpp_core::{
     AttentionWeights, Conv2dLayer, FeedForwardLayer, FeedForwardWeights, GroupNormLayer,
     LayerFactory, SelfAttentionLayer, StepCtx,
 };
-use pcpp_kernels::{Activation, Cols, LayerNormArgs, RowStats, Tensor};
+use pcpp_kernels::{Activation, LayerNormArgs, RowStats, Tensor};
 
 use crate::error::{Result, SdxlError};
 use crate::unet::{Taps, UNetCond};
@@ -118,45 +118,18 @@ impl CrossAttention {
         Ok(kv)
     }
 
-    /// The text tokens' K and V for a sample of batch `b`.
-    fn kv_for(&self, b: usize, cond: &UNetCond) -> Result<(Tensor, Tensor)> {
-        let (k, v) = self.kv(cond)?;
-        let kb = k.shape()[0];
-        if kb != b {
-            return Err(SdxlError::Input(format!(
-                "{}: encoder_hidden_states has batch {kb}, sample has batch {b}",
-                self.name
-            )));
-        }
-        Ok((k, v))
-    }
-
     /// The queries' attention over the text tokens, heads merged, before the output projection.
     fn attend(&self, q: &Tensor, cond: &UNetCond) -> Result<Tensor> {
-        let (k, v) = self.kv_for(q.shape()[0], cond)?;
-        Ok(Tensor::attention(q, &k, &v, self.heads, false)?)
-    }
-
-    /// `forward(layer_norm(x))`: without a query bias the norm and the query projection go into
-    /// the attention ([`Tensor::attention_norm_q`]: one kernel on a band's small grids).
-    pub(crate) fn forward_norm(
-        &self,
-        fw: &Fwd,
-        x: &Tensor,
-        norm: LayerNormArgs<'_>,
-        cond: &UNetCond,
-    ) -> Result<Tensor> {
-        if self.to_q.b.is_some() {
-            let h = x.layer_norm(norm.gamma, norm.beta, norm.eps)?;
-            return self.forward(fw, &h, cond);
+        let (k, v) = self.kv(cond)?;
+        let kb = k.shape()[0];
+        if kb != q.shape()[0] {
+            return Err(SdxlError::Input(format!(
+                "{}: encoder_hidden_states has batch {kb}, sample has batch {}",
+                self.name,
+                q.shape()[0]
+            )));
         }
-        let (k, v) = self.kv_for(x.shape()[0], cond)?;
-        let c = self.to_q.w.shape()[0];
-        let kv = (Cols::new(&k, 0), Cols::new(&v, 0));
-        let o = Tensor::attention_norm_q(x, Some(norm), &self.to_q.w, kv, c, self.heads)?;
-        let out = self.to_out.forward(&o)?;
-        fw.tap(&self.name, &out);
-        Ok(out)
+        Ok(Tensor::attention(q, &k, &v, self.heads, false)?)
     }
 
     pub(crate) fn forward(&self, fw: &Fwd, x: &Tensor, cond: &UNetCond) -> Result<Tensor> {
@@ -287,17 +260,11 @@ impl TransformerBlock {
             return Ok(self.ff.forward_norm_add(ctx, &x, ln(&self.norm3), &st)?);
         }
         let h = x.layer_norm(Some(&self.norm1.0), Some(&self.norm1.1), LN_EPS)?;
-        let x = if fw.taps.is_some() {
-            let a = self.attn1.forward(fw.ctx, &h, spatial)?;
-            fw.tap(&format!("{}.attn1", self.name), &a);
-            a.add(x)?
-        } else {
-            // The residual is the output projection's accumulator.
-            self.attn1.forward_add(fw.ctx, &h, x, spatial)?
-        };
-        // The cross-attention normalises and projects its queries inside the attention where
-        // it can; the residual sum and the norm after it in one op.
-        let c = self.attn2.forward_norm(fw, &x, ln(&self.norm2), cond)?;
+        let a = self.attn1.forward(fw.ctx, &h, spatial)?;
+        fw.tap(&format!("{}.attn1", self.name), &a);
+        // Each residual sum and the norm after it in one op.
+        let (x, h) = a.add_layer_norm(x, Some(&self.norm2.0), Some(&self.norm2.1), LN_EPS)?;
+        let c = self.attn2.forward(fw, &h, cond)?;
         let (x, h) = c.add_layer_norm(&x, Some(&self.norm3.0), Some(&self.norm3.1), LN_EPS)?;
         let out = if fw.taps.is_some() {
             let h = self.ff.forward(fw.ctx, &h)?;

@@ -164,12 +164,12 @@ impl PatchAttention {
         })
     }
 
-    /// The band's queries over its K/V window (the band's own K/V from `own`), heads merged,
+    /// The band's queries `q` over its K/V window (the band's own K/V from `own`), heads merged,
     /// before the output projection.
     fn attend(
         &self,
         ctx: &StepCtx,
-        q: Queries<'_>,
+        q: &Tensor,
         own: OwnKv<'_>,
         spatial: (usize, usize),
     ) -> Result<Tensor> {
@@ -177,56 +177,17 @@ impl PatchAttention {
         let (rows, cols) = spatial;
         let level = self.sh.level_at(ctx, id, rows, cols)?;
         let win = band_kv(&self.sh, self.slot.as_ref(), ctx, id, level, own)?;
-        let c = self.to_q.shape()[0];
+        let c = q.shape()[2];
         let (k, v) = (Cols::new(&win, 0), Cols::new(&win, c));
-        match q {
-            Queries::Ready(q) => {
-                Tensor::attention_packed(Cols::new(q, 0), k, v, c, self.heads, false)
-            }
-            Queries::Project(x) => {
-                Tensor::attention_norm_q(x, None, &self.to_q, (k, v), c, self.heads)
-            }
-        }
-        .at(id)
+        Tensor::attention_packed(Cols::new(q, 0), k, v, c, self.heads, false).at(id)
     }
-
-    /// The band's attention over its window on the projections of `x`, heads merged, before the
-    /// output projection: without a query bias the query projection goes into the attention
-    /// ([`Tensor::attention_norm_q`]: one kernel on a band's small grids).
-    fn attend_x(&self, ctx: &StepCtx, x: &Tensor, spatial: (usize, usize)) -> Result<Tensor> {
-        let own = OwnKv::Project(x, &self.kv);
-        match &self.q_bias {
-            None => self.attend(ctx, Queries::Project(x), own, spatial),
-            Some(b) => {
-                let q = x.linear(&self.to_q, Some(b)).at(&self.id)?;
-                self.attend(ctx, Queries::Ready(&q), own, spatial)
-            }
-        }
-    }
-}
-
-/// A band's queries: projected already, or the input of their projection.
-enum Queries<'a> {
-    Ready(&'a Tensor),
-    Project(&'a Tensor),
 }
 
 impl SelfAttentionLayer for PatchAttention {
     fn forward(&self, ctx: &StepCtx, x: &Tensor, spatial: (usize, usize)) -> Result<Tensor> {
-        self.attend_x(ctx, x, spatial)?
+        let q = x.linear(&self.to_q, self.q_bias.as_ref()).at(&self.id)?;
+        self.attend(ctx, &q, OwnKv::Project(x, &self.kv), spatial)?
             .linear(&self.to_out, self.out_bias.as_ref())
-            .at(&self.id)
-    }
-
-    fn forward_add(
-        &self,
-        ctx: &StepCtx,
-        x: &Tensor,
-        residual: &Tensor,
-        spatial: (usize, usize),
-    ) -> Result<Tensor> {
-        self.attend_x(ctx, x, spatial)?
-            .linear_add(&self.to_out, self.out_bias.as_ref(), residual)
             .at(&self.id)
     }
 
@@ -251,7 +212,7 @@ impl SelfAttentionLayer for PatchAttention {
             )
         };
         let q = q.at(&self.id)?;
-        self.attend(ctx, Queries::Ready(&q), own, spatial)?
+        self.attend(ctx, &q, own, spatial)?
             .linear_add_stats(&self.to_out, self.out_bias.as_ref(), x)
             .at(&self.id)
     }

@@ -77,187 +77,6 @@ __device__ __forceinline__ void ldsm_x4_trans(unsigned* r, unsigned a) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(a));
 }
-// The block's queries projected inside the attention kernel (QP > 0: a band's small grids,
-// where the projection GEMM's own launch costs about what its work does): this warp's Q
-// fragments (its 16 rows, head h's 64 columns, as the global loads below would give them) of
-// q = norm(x) · wqᵀ, with x: [lq, cin] rows `sx` apart (at the block's image) and `wq` at head
-// h's first of its 64 rows of `cin`. With `gamma` (and cin <= 1 280), the rows are layer-normed
-// first (eps; `beta` optional): the statistics as row_norm_reg's kernels take them (the mean, then the mean square
-// of the deviations, in the same order), each value rounded to the element type as that kernel
-// stores it. The SPLIT groups take their share of cin's 64-column chunks, each through its own
-// two K/V stages (the weight chunk in a K stage, the rows' chunk in a V stage); their f32
-// partial tiles are then summed in group order by every group (the same bits in each), and
-// rounded once, as the separate GEMM's output is. `rstat` holds 64 (mean, rstd) pairs.
-template <int BF, int SPLIT>
-__device__ void q_project(unsigned (&qa)[4][4], const unsigned short* x, long sx, const unsigned short* wq,
-                          const unsigned short* gamma, const unsigned short* beta, int cin, float eps, int lq,
-                          int row0, unsigned short* dyn, float* rstat) {
-    constexpr int NT = 128, LDS = 72;
-    int grp = threadIdx.x / NT, tid = threadIdx.x % NT, warp = tid >> 5, lane = tid & 31;
-    // 16-bit element values as f32.
-    auto lo_f = [](unsigned u) -> float {
-        if (BF) return to_f(bf16_t{(unsigned short)(u & 0xffffu)});
-        return to_f(f16_t{(unsigned short)(u & 0xffffu)});
-    };
-    auto hi_f = [](unsigned u) -> float {
-        if (BF) return to_f(bf16_t{(unsigned short)(u >> 16)});
-        return to_f(f16_t{(unsigned short)(u >> 16)});
-    };
-    if (gamma) {
-        // One warp per row, RW rows a warp, each row's 16-byte vectors l, l + 32, ... in lane l's
-        // registers (at most NV of them: cin <= 1 280), all loaded at once, then summed.
-        constexpr int RW = 64 / (4 * SPLIT), NV = 5;
-        int gw = threadIdx.x >> 5;
-        U4 buf[RW][NV];
-#pragma unroll
-        for (int i = 0; i < RW; ++i) {
-            int row = row0 + gw + i * 4 * SPLIT;
-#pragma unroll
-            for (int e = 0; e < NV; ++e) {
-                int j = (lane + 32 * e) * 8;
-                buf[i][e] = (row < lq && j < cin) ? *(const U4*)(x + (long)row * sx + j) : U4{0u, 0u, 0u, 0u};
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < RW; ++i) {
-            float sum = 0.0f;
-#pragma unroll
-            for (int e = 0; e < NV; ++e) {
-                const unsigned w4[4] = {buf[i][e].x, buf[i][e].y, buf[i][e].z, buf[i][e].w};
-                if ((lane + 32 * e) * 8 < cin) {
-#pragma unroll
-                    for (int f = 0; f < 4; ++f) {
-                        sum += lo_f(w4[f]) - 0.0f;
-                        sum += hi_f(w4[f]) - 0.0f;
-                    }
-                }
-            }
-            float mean = warp_sum(sum) / (float)cin;
-            float sq = 0.0f;
-#pragma unroll
-            for (int e = 0; e < NV; ++e) {
-                const unsigned w4[4] = {buf[i][e].x, buf[i][e].y, buf[i][e].z, buf[i][e].w};
-                if ((lane + 32 * e) * 8 < cin) {
-#pragma unroll
-                    for (int f = 0; f < 4; ++f) {
-                        float a = lo_f(w4[f]) - mean, b = hi_f(w4[f]) - mean;
-                        sq += a * a;
-                        sq += b * b;
-                    }
-                }
-            }
-            float rstd = rsqrtf(warp_sum(sq) / (float)cin + eps);
-            int r = gw + i * 4 * SPLIT;
-            if (lane == 0) {
-                bool live = row0 + r < lq;
-                rstat[2 * r] = live ? mean : 0.0f;
-                rstat[2 * r + 1] = live ? rstd : 0.0f;
-            }
-        }
-        __syncthreads();
-    }
-    unsigned short* gdyn = dyn + grp * 4 * 64 * LDS;
-    auto wst = [&](int st) { return gdyn + st * 64 * LDS; };
-    auto xst = [&](int st) { return gdyn + (2 + st) * 64 * LDS; };
-    int nch = cin / 64;
-    int c_begin = grp * nch / SPLIT, c_end = (grp + 1) * nch / SPLIT;
-    auto load_chunk = [&](int ch, int st) {
-        for (int i = tid; i < 64 * 8; i += NT) {
-            int row = i >> 3, col = (i & 7) * 8;
-            cp_async16(wst(st) + row * LDS + col, wq + (long)row * cin + ch * 64 + col, 16);
-            int r = row0 + row;
-            cp_async16(xst(st) + row * LDS + col, x + (long)(r < lq ? r : 0) * sx + ch * 64 + col, r < lq ? 16 : 0);
-        }
-        asm volatile("cp.async.commit_group;" ::: "memory");
-    };
-    auto group_sync = [&]() { asm volatile("bar.sync %0, %1;" ::"r"(grp + 1), "r"(NT) : "memory"); };
-    int c = 2 * (lane % 4);
-    // This thread's rows within the block's 64 and their statistics.
-    int lr0 = warp * 16 + lane / 4;
-    float mu0 = 0.0f, rs0 = 0.0f, mu1 = 0.0f, rs1 = 0.0f;
-    if (gamma) {
-        mu0 = rstat[2 * lr0];
-        rs0 = rstat[2 * lr0 + 1];
-        mu1 = rstat[2 * (lr0 + 8)];
-        rs1 = rstat[2 * (lr0 + 8) + 1];
-    }
-    float s[8][4];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-    if (c_begin < c_end) load_chunk(c_begin, 0);
-    for (int ch = c_begin; ch < c_end; ++ch) {
-        int st = (ch - c_begin) & 1;
-        if (ch + 1 < c_end) {
-            load_chunk(ch + 1, st ^ 1);
-            asm volatile("cp.async.wait_group 1;" ::: "memory");
-        } else {
-            asm volatile("cp.async.wait_group 0;" ::: "memory");
-        }
-        group_sync();
-        const unsigned xa0 = smem_addr(xst(st) + (warp * 16 + (lane & 15)) * LDS + (lane >> 4) * 8);
-        const unsigned wa0 = smem_addr(wst(st) + ((lane & 7) + ((lane >> 4) << 3)) * LDS + ((lane >> 3) & 1) * 8);
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            unsigned xf[4];
-            ldsm_x4(xf, xa0 + kk * 16 * 2);
-            if (gamma) {
-                // xf: (row lr0, cols col, col+1), (lr0 + 8, the same), (lr0, col + 8, +9), (lr0 + 8, ...).
-                int col = ch * 64 + kk * 16 + c;
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    int cc = col + (e >> 1) * 8;
-                    float mu = (e & 1) ? mu1 : mu0, rs = (e & 1) ? rs1 : rs0;
-                    unsigned g2 = *(const unsigned*)(gamma + cc);
-                    float v0 = (lo_f(xf[e]) - mu) * rs, v1 = (hi_f(xf[e]) - mu) * rs;
-                    v0 *= lo_f(g2);
-                    v1 *= hi_f(g2);
-                    if (beta) {
-                        unsigned b2 = *(const unsigned*)(beta + cc);
-                        v0 += lo_f(b2);
-                        v1 += hi_f(b2);
-                    }
-                    xf[e] = pack2<BF>(v0, v1);
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < 8; j += 2) {
-                // Output columns j*8.. (matrices 0, 1) and (j+1)*8.. (matrices 2, 3), inputs kk*16...
-                unsigned bw[4];
-                ldsm_x4(bw, wa0 + (j * 8 * LDS + kk * 16) * 2);
-                mma16816<BF>(s[j], xf, bw);
-                mma16816<BF>(s[j + 1], xf, bw + 2);
-            }
-        }
-        // The next chunk's prefetch overwrites this stage.
-        group_sync();
-    }
-    // Every group's partial tile through its own stages (f32, [32][NT]), summed in group order.
-    float* part = reinterpret_cast<float*>(gdyn);
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) part[(j * 4 + e) * NT + tid] = s[j][e];
-    __syncthreads();
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            float t = 0.0f;
-#pragma unroll
-            for (int g = 0; g < SPLIT; ++g)
-                t += reinterpret_cast<const float*>(dyn + g * 4 * 64 * LDS)[(j * 4 + e) * NT + tid];
-            s[j][e] = t;
-        }
-    // The stages are the attention's K/V stages next.
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-        qa[kk][0] = pack2<BF>(s[2 * kk][0], s[2 * kk][1]);
-        qa[kk][1] = pack2<BF>(s[2 * kk][2], s[2 * kk][3]);
-        qa[kk][2] = pack2<BF>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        qa[kk][3] = pack2<BF>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
-}
 // QS = 0: each warp keeps its Q fragments in registers, K/V stages in static shared memory.
 // QS = 1: the block's Q tile sits in (dynamic) shared memory beside the K/V stages and each warp
 // loads its fragments with ldmatrix per 32 dims: this frees the registers that two m16 tiles per
@@ -268,15 +87,10 @@ __device__ void q_project(unsigned (&qa)[4][4], const unsigned short* x, long sx
 // rows (maximum, sum, unnormalised output) are merged through shared memory by group 0, which
 // writes the output. The chain of key tiles a block walks is SPLIT times shorter: the latency of
 // a small grid, where every block has a multiprocessor to itself, not its throughput.
-// QP = 1 (with SPLIT > 1, D = 64, MT = 1): `q` is the projection's input x (rows `sq` apart) and
-// the queries are projected by `wq` (after a layer norm where `gamma` is given) in the kernel
-// (q_project); the 64 (mean, rstd) pairs follow the groups' stages in `dyn`.
-template <int BF, int D, int MT, int BN, int QS, int SPLIT = 1, int QP = 0>
+template <int BF, int D, int MT, int BN, int QS, int SPLIT = 1>
 __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k, const unsigned short* v,
                                 unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal,
-                                unsigned short* dyn, long sq, long sk, long sv,
-                                const unsigned short* wq = nullptr, const unsigned short* gamma = nullptr,
-                                const unsigned short* beta = nullptr, int cin = 0, float eps = 0.0f) {
+                                unsigned short* dyn, long sq, long sk, long sv) {
     // 4 warps x 16*MT query rows (the MT m16 tiles of a warp share every K/V fragment).
     constexpr int BM = 64 * MT, LDS = D + 8, NT = 128, KD = D / 16, ND = D / 8, NJ = BN / 8;
     // Two stages of K and V tiles: the next tile streams in (cp.async) while this one is used.
@@ -320,7 +134,7 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
     for (int mt = 0; mt < MT; ++mt) {
         rr[mt][0] = q0 + mt * 16 + lane / 4;
         rr[mt][1] = rr[mt][0] + 8;
-        if constexpr (QS == 0 && QP == 0) {
+        if constexpr (QS == 0) {
 #pragma unroll
             for (int kk = 0; kk < KD; ++kk) {
                 int col = kk * 16 + c;
@@ -331,11 +145,6 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
                 qa[mt][kk][3] = r1 < lq ? *(const unsigned*)(qb + (long)r1 * sq + col + 8) : 0u;
             }
         }
-    }
-    if constexpr (QP) {
-        static_assert(SPLIT > 1 && D == 64 && MT == 1 && BN == 64 && QS == 0, "the projection's shape");
-        q_project<BF, SPLIT>(qa[0], q + (long)bi * lq * sq, sq, wq + (long)h * D * cin, gamma, beta, cin, eps, lq,
-                             blockIdx.x * BM, dyn, reinterpret_cast<float*>(dyn + SPLIT * 4 * BN * LDS));
     }
     float acc[MT][ND][4];
 #pragma unroll
@@ -642,17 +451,3 @@ FLASH_ATTN_SMALL_SPLIT(flash_small64s2_f16, 0, 2)
 FLASH_ATTN_SMALL_SPLIT(flash_small64s2_bf16, 1, 2)
 FLASH_ATTN_SMALL_SPLIT(flash_small64s4_f16, 0, 4)
 FLASH_ATTN_SMALL_SPLIT(flash_small64s4_bf16, 1, 4)
-// The same with the queries projected in the kernel (q_project): `x` [b, lq, cin] rows `sx`
-// apart, `wq` [heads * 64, cin], a layer norm of x's rows first where `gamma` is not null (eps,
-// `beta` optional); S * 4 * 64 * 72 halves and 64 (mean, rstd) pairs of dynamic shared memory.
-#define FLASH_ATTN_SMALL_PROJ(NAME, BF, S)                                                                  \
-    extern "C" __global__ void __launch_bounds__(128 * S) NAME(const unsigned short* x,                    \
-        const unsigned short* wq, const unsigned short* gamma, const unsigned short* beta,                  \
-        const unsigned short* k, const unsigned short* v, unsigned short* o, int lq, int lk, int heads,     \
-        int cin, long sx, long sk, long sv, float eps, float scale_log2) { pdl_begin();                     \
-        extern __shared__ __align__(16) unsigned short flash_dyn[];                                         \
-        flash_attn_impl<BF, 64, 1, 64, 0, S, 1>(x, k, v, o, lq, lk, heads, scale_log2, 0, flash_dyn, sx, sk, sv, \
-                                                wq, gamma, beta, cin, eps);                                 \
-    }
-FLASH_ATTN_SMALL_PROJ(flash_small64p4_f16, 0, 4)
-FLASH_ATTN_SMALL_PROJ(flash_small64p4_bf16, 1, 4)

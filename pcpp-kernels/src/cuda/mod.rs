@@ -40,15 +40,15 @@ pub use ops::vector::{
 };
 pub(crate) use ops::*;
 pub use ops::{
-    autotune, capture_graph, conv2d_in_bands, conv_gemm_rows, conv_nhwc, copy_into, copy_rows_into,
-    flash128, flash_persistent, fused_epilogues, fused_q, group_norm_merged_into,
-    group_norm_merged_into_nhwc, group_norm_merged_nhwc, linear_rows_into, lt_reduction,
-    nchw_rows_into_nhwc, norm_linear_rows_into, programmatic_launch, set_autotune,
-    set_autotune_report, set_conv_gemm_rows, set_conv_nhwc, set_flash128, set_flash_persistent,
-    set_fused_epilogues, set_fused_q, set_lt_reduction, set_programmatic_launch, set_small_gemm,
-    set_small_gemm_rows, set_small_gemm_splits, set_small_split, small_gemm, small_gemm_rows,
-    small_gemm_splits, small_grid, small_split, CudaGraphStep, Flash128, LtReduction, SmallGemm,
-    StatsWindow, CONV_GEMM_ROWS_DEFAULT, SMALL_GEMM_ROWS, SMALL_GRID_KEYS, SMALL_SPLIT_DEFAULT,
+    autotune, capture_graph, conv2d_in_bands, conv_nhwc, copy_into, copy_rows_into, flash128,
+    flash_persistent, fused_epilogues, group_norm_merged_into, group_norm_merged_into_nhwc,
+    group_norm_merged_nhwc, linear_rows_into, lt_reduction, nchw_rows_into_nhwc,
+    norm_linear_rows_into, programmatic_launch, set_autotune, set_autotune_report, set_conv_nhwc,
+    set_flash128, set_flash_persistent, set_fused_epilogues, set_lt_reduction,
+    set_programmatic_launch, set_small_gemm, set_small_gemm_rows, set_small_gemm_splits,
+    set_small_split, small_gemm, small_gemm_rows, small_gemm_splits, small_grid, small_split,
+    CudaGraphStep, Flash128, LtReduction, SmallGemm, StatsWindow, SMALL_GEMM_ROWS, SMALL_GRID_KEYS,
+    SMALL_SPLIT_DEFAULT,
 };
 
 fn cuda_err(device: usize, what: &str, e: impl std::fmt::Debug) -> KernelError {
@@ -112,9 +112,6 @@ pub struct Gpu {
     /// The most key-split groups of the small-grid attention kernel that got their shared
     /// memory (1, 2 or 4; see `ops::small_split_groups`).
     small_split: usize,
-    /// Whether the small-grid attention with the query projection inside
-    /// (`flash_small64p4`) got its shared memory.
-    small_proj: bool,
     /// Whether the small-row GEMMs on warpgroup MMAs (`gemm_wg.cu`) can run here: an sm_90a
     /// device with cluster launch that gave them their shared memory.
     gemm_wg: bool,
@@ -336,10 +333,6 @@ impl Gpu {
             })
             .last()
             .unwrap_or(1);
-        let small_proj = smem_ok(
-            ["flash_small64p4_f16", "flash_small64p4_bf16"],
-            ops::small_proj_bytes(),
-        );
         // The small-row GEMMs split K across thread-block clusters.
         let clusters = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH)
@@ -397,7 +390,6 @@ impl Gpu {
             flash_ws,
             flash_ws3,
             small_split,
-            small_proj,
             gemm_wg,
             sms,
             programmatic: major >= 9,

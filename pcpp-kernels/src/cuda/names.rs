@@ -29,8 +29,6 @@ pub fn kernel_names() -> Vec<String> {
         "flash_small64s2_bf16",
         "flash_small64s4_f16",
         "flash_small64s4_bf16",
-        "flash_small64p4_f16",
-        "flash_small64p4_bf16",
         "flash_wg64_f16",
         "flash_wg64_bf16",
         "flash_wg128_f16",
@@ -66,7 +64,6 @@ pub fn kernel_names() -> Vec<String> {
         "gemm_wg_ln_geglu_f16",
         "gemm_wg_ln_geglu_bf16",
         "copy2d_u128",
-        "im2col_nhwc_u128",
         "cat_multi_u16",
         "cat_multi_u128",
     ]

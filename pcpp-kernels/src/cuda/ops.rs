@@ -125,7 +125,6 @@ pub(crate) unsafe fn launch_ex_cluster(
 }
 
 pub(crate) mod attn;
-mod attn_proj;
 mod conv;
 mod gemm;
 mod gemm_wg;
@@ -145,10 +144,7 @@ pub(crate) use norm::{
 };
 
 pub(crate) use conv::{conv2d, conv2d_nhwc_input, ConvAdds, ConvKey};
-pub use conv::{
-    conv2d_in_bands, conv_gemm_rows, conv_nhwc, set_conv_gemm_rows, set_conv_nhwc,
-    CONV_GEMM_ROWS_DEFAULT,
-};
+pub use conv::{conv2d_in_bands, conv_nhwc, set_conv_nhwc};
 use gemm::gemm_batched;
 pub use gemm::{fused_epilogues, lt_reduction, set_fused_epilogues, set_lt_reduction, LtReduction};
 pub(crate) use gemm::{linear, linear_add, linear_gelu_tanh, matmul, LtKey};
@@ -172,8 +168,6 @@ pub use attn::{
     flash128, flash_persistent, set_flash128, set_flash_persistent, set_small_split, small_grid,
     small_split, Flash128, SMALL_GRID_KEYS, SMALL_SPLIT_DEFAULT,
 };
-pub(crate) use attn_proj::{attention_projected_q, small_proj_bytes};
-pub use attn_proj::{fused_q, set_fused_q};
 
 fn tname(d: DType) -> &'static str {
     d.name()

@@ -588,31 +588,6 @@ extern "C" __global__ void copy2d_u128(const U4* s, U4* d, long rows, long cols,
     copy2d_impl<U4>(s, d, rows, cols, sp, dp);
 }
 
-// ---- a convolution's input as the A operand of one GEMM (im2col, channels last): row
-// (n, oy, ox), column (ky, kx, c) of `a` is x[n, oy*st + ky - ph, ox*st + kx - pw, c] of the NHWC
-// image `x: [n, hi, wi, ci]`, zero outside it; the filter `[co, kh, kw, ci]` is then the GEMM's
-// `[co, K]` operand as it is kept. In 16-byte vectors: `cv` = ci / 8 of them a pixel (16-bit
-// elements), `total` = n * ho * wo * kh * kw * cv. ----
-extern "C" __global__ void im2col_nhwc_u128(const U4* x, U4* a, long total, int hi, int wi, int cv, int kh,
-                                            int kw, int ho, int wo, int st, int ph, int pw) { pdl_begin();
-    int taps = kh * kw;
-    GRID_STRIDE(i, total) {
-        long t = i / cv;
-        int c = (int)(i - t * cv);
-        long pix = t / taps;
-        int tap = (int)(t - pix * taps);
-        long r = pix / wo;
-        int ox = (int)(pix - r * wo);
-        long n = r / ho;
-        int oy = (int)(r - n * ho);
-        int ky = tap / kw, kx = tap - ky * kw;
-        int iy = oy * st + ky - ph, ix = ox * st + kx - pw;
-        U4 v = {0u, 0u, 0u, 0u};
-        if (iy >= 0 && iy < hi && ix >= 0 && ix < wi) v = x[((n * hi + iy) * wi + ix) * cv + c];
-        a[i] = v;
-    }
-}
-
 // ---- non-finite watch: flag = min(flag, code) when any element is NaN or ±inf ----
 // The flag is one non-negative f32; for non-negative floats the int order of the bit patterns is
 // the float order, so an integer atomicMin keeps the smallest code.

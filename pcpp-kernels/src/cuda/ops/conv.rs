@@ -7,14 +7,8 @@
 //! bf16 convolutions therefore run in NHWC here: the filter is transposed once and kept (per
 //! weight tensor, for as long as that tensor lives), the input is transposed in, and the output
 //! is transposed back with the bias added in the same pass ([`set_conv_nhwc`]).
-//!
-//! A convolution with few output pixels (a band's lowest-resolution level: 256 pixels, 1 280
-//! channels) gives cuDNN's kernels a grid of a few dozen blocks, each walking a long chain of
-//! the filter's `kh·kw·ci` inputs. There the NHWC input is laid out as the A operand of one GEMM
-//! (im2col) and cuBLASLt multiplies it by the kept filter, free to split that chain between
-//! blocks ([`set_conv_gemm_rows`]).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use cudarc::driver::CudaSlice;
 
@@ -31,25 +25,6 @@ pub fn conv_nhwc() -> bool {
 /// as cuDNN's NCHW calls with a separate bias add, for this process.
 pub fn set_conv_nhwc(on: bool) {
     CONV_NHWC.store(on, Ordering::Relaxed);
-}
-
-/// The most output pixels (`n·ho·wo`) of a convolution that runs as im2col and one cuBLASLt GEMM
-/// by default ([`set_conv_gemm_rows`]).
-pub const CONV_GEMM_ROWS_DEFAULT: usize = 512;
-
-static CONV_GEMM_ROWS: AtomicUsize = AtomicUsize::new(CONV_GEMM_ROWS_DEFAULT);
-
-/// The most output pixels of an f16 or bf16 NHWC convolution that runs as im2col and one
-/// cuBLASLt GEMM instead of cuDNN's kernel (0: none).
-pub fn conv_gemm_rows() -> usize {
-    CONV_GEMM_ROWS.load(Ordering::Relaxed)
-}
-
-/// Runs f16 and bf16 NHWC convolutions of at most `rows` output pixels (and a multiple of eight
-/// input channels) as im2col and one cuBLASLt GEMM, the others through cuDNN, for this process
-/// (0: every one through cuDNN). Same values up to the accumulation order.
-pub fn set_conv_gemm_rows(rows: usize) {
-    CONV_GEMM_ROWS.store(rows, Ordering::Relaxed);
 }
 
 /// The algorithms a new shape times besides cuDNN's heuristic choice ([`tune::fastest`]): those
@@ -496,15 +471,10 @@ fn conv_nhwc_in(
 ) -> Result<Tensor> {
     let dt = xn.dtype();
     let wn = nhwc_filter(gpu, w)?;
-    let yn = match conv_gemm(gpu, xn, &wn, key, [b, co, ho, wo])? {
-        Some(yn) => yn,
-        None => {
-            let mut ys = gpu.alloc(dt, b * co * ho * wo)?;
-            let ydims = [b as i32, co as i32, ho as i32, wo as i32];
-            with_type!(dt, T => conv_cudnn::<T>(gpu, (storage(xn)?, storage(&wn)?, &mut ys), key, ydims))?;
-            Tensor::from_cuda(&[b, ho * wo, co], dt, ys)
-        }
-    };
+    let mut ys = gpu.alloc(dt, b * co * ho * wo)?;
+    let ydims = [b as i32, co as i32, ho as i32, wo as i32];
+    with_type!(dt, T => conv_cudnn::<T>(gpu, (storage(xn)?, storage(&wn)?, &mut ys), key, ydims))?;
+    let yn = Tensor::from_cuda(&[b, ho * wo, co], dt, ys);
     let bias = bias.map(|b| in_dtype(b, dt)).transpose()?;
     let pair = 2 * dt.size() as u64;
     let res = adds
@@ -525,47 +495,6 @@ fn conv_nhwc_in(
         (None, Some(r)) => r.add(&y),
         _ => Ok(y),
     }
-}
-
-/// The NHWC convolution of `xn` (`key` describes it) with the kept filter `wn: [co, kh, kw, ci]`
-/// as im2col and one cuBLASLt GEMM, `yn[n·ho·wo, co] = a[n·ho·wo, kh·kw·ci] · wnᵀ`, where it has
-/// at most [`conv_gemm_rows`] output pixels, 16-bit elements and whole 16-byte vectors of
-/// channels; otherwise `None` (cuDNN takes it).
-fn conv_gemm(
-    gpu: &Arc<Gpu>,
-    xn: &Tensor,
-    wn: &Tensor,
-    key: ConvKey,
-    [b, co, ho, wo]: [usize; 4],
-) -> Result<Option<Tensor>> {
-    let dt = xn.dtype();
-    let [ci, hi, wi] = [key.x[1], key.x[2], key.x[3]].map(|v| v as usize);
-    let (kh, kw) = (key.w[2] as usize, key.w[3] as usize);
-    let m = b * ho * wo;
-    let k = kh * kw * ci;
-    if m == 0
-        || m > conv_gemm_rows()
-        || dt.size() != 2
-        || ci % 8 != 0
-        || ptr(xn)? % 16 != 0
-        || ptr(wn)? % 16 != 0
-    {
-        return Ok(None);
-    }
-    let a = out(gpu, &[m, k], dt)?;
-    let total = m * k / 8;
-    launch!(gpu, "im2col_nhwc_u128", Gpu::cfg_elems(total);
-        ptr(xn)?, ptr(&a)?, total as i64, hi as i32, wi as i32, (ci / 8) as i32, kh as i32,
-        kw as i32, ho as i32, wo as i32, key.stride, key.pad[0], key.pad[1]);
-    let yn = out(gpu, &[b, ho * wo, co], dt)?;
-    super::gemm::lt_linear(
-        gpu,
-        dt,
-        (ptr(&a)?, ptr(wn)?, None, None, ptr(&yn)?),
-        (m, k, co),
-        false,
-    )?;
-    Ok(Some(yn))
 }
 
 /// [`crate::Tensor::conv2d_add_nhwc`] on the device: the convolution of `xn: [b, h, w, ci]`
