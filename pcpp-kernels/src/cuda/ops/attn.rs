@@ -611,8 +611,6 @@ mod tests {
 
     #[test]
     fn small_grid_key_splits_give_every_group_a_tile() {
-        // The default allows four groups.
-        assert_eq!(super::SMALL_SPLIT_DEFAULT, 4);
         // A band's window (7 tiles), its text tokens (2), one tile.
         assert_eq!(small_split_groups(410, 4), 4);
         assert_eq!(small_split_groups(77, 4), 2);
