@@ -122,7 +122,8 @@ pub fn run(a: &Args) -> Result<()> {
     .on_device(device)
     .keep_taken();
 
-    // Every attention kernel of --attention with every small-row GEMM choice of --small-gemm.
+    // Every attention kernel of --attention with every small-row GEMM choice of --small-gemm
+    // and every prefetch mode of --l2-prefetch.
     let listed = |v: &[String]| -> Vec<Option<String>> {
         if v.is_empty() {
             vec![None]
@@ -130,24 +131,33 @@ pub fn run(a: &Args) -> Result<()> {
             v.iter().cloned().map(Some).collect()
         }
     };
-    let mut results = Vec::new();
+    let mut choices = Vec::new();
     for kernel in listed(&a.attention) {
-        if let Some(name) = &kernel {
-            crate::kernel_env::apply_attention(name);
-        }
         for small in listed(&a.small_gemm) {
-            if let Some(item) = &small {
-                crate::kernel_env::apply_small_gemm(item);
-            }
-            for &r in &ranks {
-                let res = run_rank(
-                    a, &ucfg, &weights, &pcfg, mode, r, cfg_split, warm, graph_on, device, dtype,
-                )?;
-                results.push((kernel.clone(), small.clone(), res));
+            for prefetch in listed(&a.l2_prefetch) {
+                choices.push((kernel.clone(), small.clone(), prefetch));
             }
         }
     }
-    for (kernel, small, res) in &results {
+    let mut results = Vec::new();
+    for (kernel, small, prefetch) in choices {
+        if let Some(name) = &kernel {
+            crate::kernel_env::apply_attention(name);
+        }
+        if let Some(item) = &small {
+            crate::kernel_env::apply_small_gemm(item);
+        }
+        if let Some(item) = &prefetch {
+            crate::kernel_env::apply_l2_prefetch(item);
+        }
+        for &r in &ranks {
+            let res = run_rank(
+                a, &ucfg, &weights, &pcfg, mode, r, cfg_split, warm, graph_on, device, dtype,
+            )?;
+            results.push((kernel.clone(), small.clone(), prefetch.clone(), res));
+        }
+    }
+    for (kernel, small, prefetch, res) in &results {
         let sent = res.traffic.sent.total();
         let recvd = res.traffic.recvd.total();
         if a.json {
@@ -174,6 +184,7 @@ pub fn run(a: &Args) -> Result<()> {
                 "steady_traffic": res.traffic,
                 "attention": kernel,
                 "small_gemm": small,
+                "l2_prefetch": prefetch,
                 "kernel_costs": res.costs.iter().map(KernelCost::to_json).collect::<Vec<_>>(),
             });
             println!("{v}");
@@ -183,7 +194,8 @@ pub fn run(a: &Args) -> Result<()> {
             } else {
                 format!(", sync step {:.3} ms", res.sync_ms)
             };
-            let kernel = [kernel, small]
+            let prefetch = prefetch.as_ref().map(|p| format!("l2-prefetch {p}"));
+            let kernel = [kernel, small, &prefetch]
                 .iter()
                 .flat_map(|c| c.as_ref().map(|k| format!(" [{k}]")))
                 .collect::<String>();
