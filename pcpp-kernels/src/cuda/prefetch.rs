@@ -119,6 +119,7 @@ impl Gpu {
             }
         }
         let f = self.func("l2_prefetch")?;
+        self.join_prefetch()?;
         self.order(
             &self.prefetch.fork,
             (&self.stream, &self.prefetch.stream),
@@ -137,11 +138,9 @@ impl Gpu {
                 L2Prefetch::Lines => 2,
                 _ => 1,
             };
-            // Four blocks per range: a block holds its multiprocessor until its prefetches have
-            // landed, and the GEMMs beside it want every multiprocessor but these.
             let cfg = LaunchConfig {
-                grid_dim: (4, chunk.len() as u32, 1),
-                block_dim: (128, 1, 1),
+                grid_dim: (16, chunk.len() as u32, 1),
+                block_dim: (64, 1, 1),
                 shared_mem_bytes: 0,
             };
             let mut params = [
