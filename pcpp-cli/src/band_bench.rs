@@ -122,8 +122,7 @@ pub fn run(a: &Args) -> Result<()> {
     .on_device(device)
     .keep_taken();
 
-    // Every attention kernel of --attention with every small-row GEMM choice of --small-gemm
-    // and every prefetch mode of --l2-prefetch.
+    // Every attention kernel of --attention with every small-row GEMM choice of --small-gemm.
     let listed = |v: &[String]| -> Vec<Option<String>> {
         if v.is_empty() {
             vec![None]
@@ -131,33 +130,24 @@ pub fn run(a: &Args) -> Result<()> {
             v.iter().cloned().map(Some).collect()
         }
     };
-    let mut choices = Vec::new();
-    for kernel in listed(&a.attention) {
-        for small in listed(&a.small_gemm) {
-            for prefetch in listed(&a.l2_prefetch) {
-                choices.push((kernel.clone(), small.clone(), prefetch));
-            }
-        }
-    }
     let mut results = Vec::new();
-    for (kernel, small, prefetch) in choices {
+    for kernel in listed(&a.attention) {
         if let Some(name) = &kernel {
             crate::kernel_env::apply_attention(name);
         }
-        if let Some(item) = &small {
-            crate::kernel_env::apply_small_gemm(item);
-        }
-        if let Some(item) = &prefetch {
-            crate::kernel_env::apply_l2_prefetch(item);
-        }
-        for &r in &ranks {
-            let res = run_rank(
-                a, &ucfg, &weights, &pcfg, mode, r, cfg_split, warm, graph_on, device, dtype,
-            )?;
-            results.push((kernel.clone(), small.clone(), prefetch.clone(), res));
+        for small in listed(&a.small_gemm) {
+            if let Some(item) = &small {
+                crate::kernel_env::apply_small_gemm(item);
+            }
+            for &r in &ranks {
+                let res = run_rank(
+                    a, &ucfg, &weights, &pcfg, mode, r, cfg_split, warm, graph_on, device, dtype,
+                )?;
+                results.push((kernel.clone(), small.clone(), res));
+            }
         }
     }
-    for (kernel, small, prefetch, res) in &results {
+    for (kernel, small, res) in &results {
         let sent = res.traffic.sent.total();
         let recvd = res.traffic.recvd.total();
         if a.json {
@@ -184,7 +174,6 @@ pub fn run(a: &Args) -> Result<()> {
                 "steady_traffic": res.traffic,
                 "attention": kernel,
                 "small_gemm": small,
-                "l2_prefetch": prefetch,
                 "kernel_costs": res.costs.iter().map(KernelCost::to_json).collect::<Vec<_>>(),
             });
             println!("{v}");
@@ -194,8 +183,7 @@ pub fn run(a: &Args) -> Result<()> {
             } else {
                 format!(", sync step {:.3} ms", res.sync_ms)
             };
-            let prefetch = prefetch.as_ref().map(|p| format!("l2-prefetch {p}"));
-            let kernel = [kernel, small, &prefetch]
+            let kernel = [kernel, small]
                 .iter()
                 .flat_map(|c| c.as_ref().map(|k| format!(" [{k}]")))
                 .collect::<String>();

@@ -111,11 +111,6 @@ pub struct Args {
     /// named.
     #[arg(long, value_delimiter = ',')]
     pub small_gemm: Vec<String>,
-    /// On a GPU, `PCPP_L2_PREFETCH` values to time one after the other on the same weights in
-    /// this process, comma-separated, e.g. `off,bulk,off,bulk`: one result each (for each item of
-    /// --attention and --small-gemm), named.
-    #[arg(long, value_delimiter = ',')]
-    pub l2_prefetch: Vec<String>,
 }
 
 /// Seeded uniform values in `[-1, 1)` (SplitMix64).
@@ -195,7 +190,6 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(a: Args) -> Result<()> {
     crate::kernel_env::check_attention(&a.attention, a.device.device(0))?;
     crate::kernel_env::check_small_gemm(&a.small_gemm, a.device.device(0))?;
-    crate::kernel_env::check_l2_prefetch(&a.l2_prefetch, a.device.device(0))?;
     if a.kernel_costs && (a.device == DeviceArg::Cpu || a.no_graph) {
         bail!("--kernel-costs times the replayed CUDA graph: it needs --device cuda, without --no-graph");
     }

@@ -39,11 +39,8 @@
 //! (the most rows of one of those GEMMs' blocks: fewer read the weights more often but give a
 //! GEMM more blocks), `PCPP_SMALL_GEMM_SPLITS=8|4|2|1` (the most blocks of a cluster that share
 //! one tile's K), `PCPP_LT_REDUCTION=any|inplace|off` (the split-K reductions cuBLASLt may
-//! choose: any, only in place in the output by the GEMM's own blocks, or no split-K GEMMs),
-//! `PCPP_L2_PREFETCH=off|bulk|lines` (a transformer block's later weights hinted into the L2
-//! cache on a side stream ahead of their GEMMs, by the TMA unit or line by line; same bits).
-//! Unset means the defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`, `256`, `8`,
-//! `any`, `off`);
+//! choose: any, only in place in the output by the GEMM's own blocks, or no split-K GEMMs). Unset
+//! means the defaults (`ws`, `1`, `1`, `1`, `0`, `1`, `1`, `1`, `1`, `1`, `0`, `256`, `8`, `any`);
 //! `flux-bench`'s `--variants` items ([`parse_variant`]) set the first three, and `bench`'s
 //! `--attention` list ([`check_attention`], [`apply_attention`]) the first.
 //! Without the `cuda` feature there is nothing to choose and the variables are ignored.
@@ -94,7 +91,6 @@ pub struct Variant {
     small_gemm_rows: usize,
     small_gemm_splits: usize,
     lt_reduction: &'static str,
-    l2_prefetch: &'static str,
 }
 
 impl Default for Variant {
@@ -116,7 +112,6 @@ impl Default for Variant {
             small_gemm_rows: 256,
             small_gemm_splits: 8,
             lt_reduction: LT_REDUCTION[0],
-            l2_prefetch: L2_PREFETCH[0],
         }
     }
 }
@@ -183,18 +178,12 @@ pub fn apply() -> Result<()> {
     if let Some(r) = named("PCPP_LT_REDUCTION", &LT_REDUCTION)? {
         v.lt_reduction = r;
     }
-    if let Some(p) = named("PCPP_L2_PREFETCH", &L2_PREFETCH)? {
-        v.l2_prefetch = p;
-    }
     v.apply();
     Ok(())
 }
 
 /// The values of `PCPP_LT_REDUCTION`, the default first.
 const LT_REDUCTION: [&str; 3] = ["any", "inplace", "off"];
-
-/// The values of `PCPP_L2_PREFETCH`, the default first.
-const L2_PREFETCH: [&str; 3] = ["off", "bulk", "lines"];
 
 /// Parses one `--variants` item: an attention kernel of `PCPP_FLASH128`, then optional
 /// `+fused` (GEMM epilogues on; without it they are off) and `+scalar` (vectorised kernels
@@ -259,7 +248,6 @@ impl Variant {
                 "off" => LtReduction::Off,
                 _ => LtReduction::Any,
             });
-            apply_l2_prefetch(self.l2_prefetch);
         }
     }
 }
@@ -376,25 +364,6 @@ pub fn apply_small_gemm(item: &str) {
     let _ = item;
 }
 
-/// Checks `bench --l2-prefetch` items: a GPU run of a `cuda` build, each item a value of
-/// `PCPP_L2_PREFETCH`.
-pub fn check_l2_prefetch(items: &[String], device: Device) -> Result<()> {
-    let valid = |i: &str| L2_PREFETCH.contains(&i);
-    check_gpu_list("--l2-prefetch", items, device, valid, || {
-        format!("one of {}", L2_PREFETCH.join(", "))
-    })
-}
-
-/// Puts the `--l2-prefetch` item `item` in force (checked by [`check_l2_prefetch`]).
-pub fn apply_l2_prefetch(item: &str) {
-    #[cfg(feature = "cuda")]
-    if let Some(mode) = pcpp_kernels::cuda::L2Prefetch::parse(item) {
-        pcpp_kernels::cuda::set_l2_prefetch(mode);
-    }
-    #[cfg(not(feature = "cuda"))]
-    let _ = item;
-}
-
 /// The kernel choices in force, for a benchmark's JSON line (empty on the CPU).
 pub fn choices(device: Device) -> serde_json::Value {
     #[cfg(feature = "cuda")]
@@ -413,7 +382,6 @@ pub fn choices(device: Device) -> serde_json::Value {
             "small_gemm": pcpp_kernels::cuda::small_gemm().name(),
             "small_gemm_rows": pcpp_kernels::cuda::small_gemm_rows(),
             "small_gemm_splits": pcpp_kernels::cuda::small_gemm_splits(),
-            "l2_prefetch": pcpp_kernels::cuda::l2_prefetch().name(),
         });
     }
     let _ = device;
@@ -423,18 +391,6 @@ pub fn choices(device: Device) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::small_gemm_item;
-
-    /// Every value of `PCPP_L2_PREFETCH` names a mode of the kernels crate, and back.
-    #[cfg(feature = "cuda")]
-    #[test]
-    fn l2_prefetch_values_are_the_kernel_modes() {
-        use pcpp_kernels::cuda::L2Prefetch;
-        for v in super::L2_PREFETCH {
-            assert_eq!(L2Prefetch::parse(v).map(L2Prefetch::name), Some(v));
-        }
-        assert_eq!(super::L2_PREFETCH[0], L2Prefetch::Off.name());
-        assert_eq!(L2Prefetch::parse("on"), None);
-    }
 
     #[test]
     fn small_gemm_items_name_a_level_and_optional_caps() {

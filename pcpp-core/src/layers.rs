@@ -399,12 +399,6 @@ pub trait FeedForwardLayer: Send + Sync {
             .at("feed-forward (norm)")?;
         Ok((self.forward_add(ctx, &h, x)?, RowStats::none()))
     }
-
-    /// The weight tensors the layer reads, in the order it reads them: what a model may hint
-    /// into a GPU's cache ahead of the layer ([`Tensor::prefetch_l2`]). None by default.
-    fn weights(&self) -> Vec<&Tensor> {
-        Vec::new()
-    }
 }
 
 /// Weights of a GEGLU feed-forward (PyTorch `Linear` layout).
@@ -476,9 +470,6 @@ impl FeedForwardLayer for ComposedFeedForward {
         x.norm_linear_geglu(norm, stats, &self.w.proj, self.w.proj_bias.as_ref())
             .and_then(|h| h.linear_add_stats(&self.w.out, self.w.out_bias.as_ref(), x))
             .at(&self.id)
-    }
-    fn weights(&self) -> Vec<&Tensor> {
-        vec![&self.w.proj, &self.w.out]
     }
 }
 

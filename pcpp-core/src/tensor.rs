@@ -195,10 +195,6 @@ impl FeedForwardLayer for TpFeedForward {
             .at(id)?;
         all_reduce(&self.sh, id, &part)
     }
-
-    fn weights(&self) -> Vec<&Tensor> {
-        vec![&self.w.proj, &self.w.out]
-    }
 }
 
 /// A GEGLU feed-forward with this rank's hidden units (value and gate rows alike).

@@ -27,7 +27,6 @@ mod nhwc;
 mod norm_linear;
 mod ops;
 mod packed_attention;
-mod prefetch;
 mod rotary;
 pub mod shards;
 mod tensor;

@@ -247,13 +247,6 @@ impl TransformerBlock {
         spatial: (usize, usize),
         cond: &UNetCond,
     ) -> Result<(Tensor, RowStats)> {
-        // The weights read after the self-attention start towards the GPU's L2 cache now, the
-        // feed-forward output projection's as its input projection starts.
-        let ffw = self.ff.weights();
-        let mut early = vec![&self.attn2.to_q.w, &self.attn2.to_out.w];
-        early.extend(ffw.first());
-        Tensor::prefetch_l2(&early)?;
-        let late = ffw.get(1..).unwrap_or_default();
         if self.fuses_norms(fw, x) {
             // The residual sums come out of the output projections with their row statistics,
             // and each layer norm runs inside the GEMMs that read its output.
@@ -264,7 +257,6 @@ impl TransformerBlock {
             let (x, st) = self
                 .attn2
                 .forward_norm_add(&x, ln(&self.norm2), &st, cond)?;
-            Tensor::prefetch_l2(late)?;
             return Ok(self.ff.forward_norm_add(ctx, &x, ln(&self.norm3), &st)?);
         }
         let h = x.layer_norm(Some(&self.norm1.0), Some(&self.norm1.1), LN_EPS)?;
@@ -274,7 +266,6 @@ impl TransformerBlock {
         let (x, h) = a.add_layer_norm(x, Some(&self.norm2.0), Some(&self.norm2.1), LN_EPS)?;
         let c = self.attn2.forward(fw, &h, cond)?;
         let (x, h) = c.add_layer_norm(&x, Some(&self.norm3.0), Some(&self.norm3.1), LN_EPS)?;
-        Tensor::prefetch_l2(late)?;
         let out = if fw.taps.is_some() {
             let h = self.ff.forward(fw.ctx, &h)?;
             fw.tap(&format!("{}.ff", self.name), &h);

@@ -493,36 +493,3 @@ __device__ void gn_apply_planes_impl(const T* x, const float* mean_rstd, const T
         yp[i] = from_f<T>(v);
     }
 }
-
-// ---- L2 prefetch of weights (cuda/prefetch.rs; launched on the prefetch stream) ----
-// Up to 8 byte ranges, one per grid row (blockIdx.y). `mode` 1: each thread issues bulk
-// prefetches (TMA, sm_90 and later) of its slice, at most 32 KiB each; `mode` 2 (or mode 1
-// before sm_90): one `prefetch.global.L2::evict_last` per 128-byte line, grid-strided. The data
-// is only hinted into the L2 cache, never read into registers; the results of every other kernel
-// are the same with or without it.
-struct PrefetchRanges {
-    unsigned long long ptr[8];
-    unsigned long long bytes[8];
-};
-extern "C" __global__ void l2_prefetch(PrefetchRanges r, int mode) { pdl_begin();
-    unsigned long long base = r.ptr[blockIdx.y], bytes = r.bytes[blockIdx.y];
-    unsigned long long threads = (unsigned long long)gridDim.x * blockDim.x;
-    unsigned long long t = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (mode == 1) {
-        // 16-byte multiples throughout: the host passes a 16-byte aligned base and length.
-        unsigned long long slice = ((bytes + threads - 1) / threads + 15) & ~15ull;
-        unsigned long long lo = t * slice;
-        unsigned long long hi = lo + slice < bytes ? lo + slice : bytes;
-        for (unsigned long long a = lo; a < hi; a += 32768) {
-            unsigned n = (unsigned)(hi - a < 32768 ? hi - a : 32768);
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(base + a), "r"(n) : "memory");
-        }
-        return;
-    }
-#endif
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    for (unsigned long long a = t * 128; a < bytes; a += threads * 128)
-        asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(base + a) : "memory");
-#endif
-}

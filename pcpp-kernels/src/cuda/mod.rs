@@ -16,7 +16,6 @@ mod compile;
 mod graph_nodes;
 mod names;
 mod ops;
-mod prefetch;
 pub mod profile;
 
 use std::collections::HashMap;
@@ -51,7 +50,6 @@ pub use ops::{
     CudaGraphStep, Flash128, LtReduction, SmallGemm, StatsWindow, SMALL_GEMM_ROWS, SMALL_GRID_KEYS,
     SMALL_SPLIT_DEFAULT,
 };
-pub use prefetch::{l2_prefetch, set_l2_prefetch, L2Prefetch};
 
 fn cuda_err(device: usize, what: &str, e: impl std::fmt::Debug) -> KernelError {
     KernelError::Device {
@@ -79,8 +77,6 @@ pub struct Gpu {
     join_event: CudaEvent,
     /// Keeps each record + wait pair of the fork/join events together across threads.
     event_lock: Mutex<()>,
-    /// The stream of [`Gpu::prefetch_l2`]'s weight prefetches.
-    prefetch: prefetch::PrefetchStream,
     arch: &'static str,
     funcs: HashMap<String, CudaFunction>,
     blas: CudaBlas,
@@ -239,8 +235,6 @@ impl Gpu {
         let join_event = ctx
             .new_event(no_timing)
             .map_err(|x| e("creating the join event", &x))?;
-        let prefetch = prefetch::PrefetchStream::new(&ctx)
-            .map_err(|x| e("creating the prefetch stream", &x))?;
         // Keep freed memory in the stream-ordered pool instead of returning it at each sync.
         // SAFETY: plain attribute setting on the device's default pool.
         unsafe {
@@ -388,7 +382,6 @@ impl Gpu {
             fork_event,
             join_event,
             event_lock: Mutex::new(()),
-            prefetch,
             arch,
             funcs,
             flash_shared_q,
@@ -497,7 +490,7 @@ impl Gpu {
     }
 
     /// Records `event` on `from` and makes `to` wait on it.
-    pub(crate) fn order(
+    fn order(
         &self,
         event: &CudaEvent,
         (from, to): (&CudaStream, &CudaStream),
@@ -521,10 +514,7 @@ impl Gpu {
             .map_err(|e| self.err("synchronize", e))?;
         self.comm
             .synchronize()
-            .map_err(|e| self.err("synchronize (comm stream)", e))?;
-        self.prefetch
-            .synchronize()
-            .map_err(|e| self.err("synchronize (prefetch stream)", e))
+            .map_err(|e| self.err("synchronize (comm stream)", e))
     }
 
     /// Waits until everything enqueued so far on both streams has run, polling instead of

@@ -15,7 +15,6 @@ pub fn kernel_names() -> Vec<String> {
         "gn_moments",
         "gn_merge",
         "gn_merge_sums",
-        "l2_prefetch",
         "flash_attn_f16",
         "flash_attn_bf16",
         "flash_attn128_f16",

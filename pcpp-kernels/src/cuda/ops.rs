@@ -555,8 +555,7 @@ pub fn capture_graph(ordinal: usize, f: impl FnOnce() -> Result<()>) -> Result<C
         gpu.join_comm()
     } else {
         Ok(())
-    }
-    .and_then(|()| gpu.join_prefetch());
+    };
     let g = gpu.stream.end_capture(
         drv_sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
     );
