@@ -1,12 +1,16 @@
 //! The kernel module's source and its compile: the CUDA C of every hand-written kernel as one
-//! translation unit, compiled by NVRTC to PTX for the GPU's architecture on first use, and kept
+//! source, compiled by NVRTC for the GPU's architecture on first use as [`PARTS`] programs on
+//! parallel threads (each emits the entry points of its part, `PCPP_PART` in the source), straight
+//! to machine code (CUBIN, so the driver has nothing left to compile when it loads them), and kept
 //! per architecture for the process and on disk between runs (a stale or unloadable file is
-//! dropped and compiled again).
+//! dropped and compiled again). A first run on a machine pays the compile once; the parts make it
+//! take about as long as the heaviest part instead of the sum.
 
 use std::collections::HashMap;
+use std::ffi::{c_char, CStr, CString};
 use std::sync::{Mutex, OnceLock};
 
-use cudarc::nvrtc::{CompileOptions, Ptx};
+use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys, Ptx};
 
 use crate::{KernelError, Result};
 
@@ -28,9 +32,20 @@ pub const KERNEL_SOURCE: &str = concat!(
 /// for `sm_90a`, the architecture-specific target that has the warpgroup MMAs.
 pub const CHECKED_ARCHS: &[&str] = &["sm_80", "sm_89", "sm_90a"];
 
-/// Compiles [`KERNEL_SOURCE`] to PTX for `arch` (e.g. `sm_90a`) with NVRTC. Needs only libnvrtc, no
-/// driver and no GPU, so CI can check that every kernel compiles.
-pub fn compile_kernels(arch: &'static str) -> Result<Ptx> {
+/// The programs [`KERNEL_SOURCE`] is compiled as (`PCPP_PART` = 0 .. `PARTS`): the f32 and
+/// untyped element-wise kernels (0), the `mma.sync` attention (1, its small-grid forms 10),
+/// Hopper's plain warpgroup attention (2), four groups of the warp-specialised attention (3-6),
+/// the small-row GEMMs (7) and the f16 and bf16 element-wise kernels (8, 9).
+pub const PARTS: usize = 11;
+
+/// What NVRTC hands back for one program.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Output {
+    Ptx,
+    Cubin,
+}
+
+fn nvrtc_present() -> Result<()> {
     // SAFETY: only probes whether the shared library can be opened.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(KernelError::Device {
@@ -38,73 +53,152 @@ pub fn compile_kernels(arch: &'static str) -> Result<Ptx> {
             msg: "NVRTC (libnvrtc.so) not found: install the CUDA toolkit or put libnvrtc on LD_LIBRARY_PATH".into(),
         });
     }
-    let opts = CompileOptions {
-        arch: Some(arch),
-        name: Some("pcpp_kernels.cu".into()),
-        options: vec!["--std=c++17".into()],
-        ..Default::default()
+    Ok(())
+}
+
+/// Compiles part `part` of [`KERNEL_SOURCE`] for `arch` (e.g. `sm_90a`) to `out`.
+fn compile_part(arch: &str, part: usize, out: Output) -> Result<Vec<u8>> {
+    let fail = |what: String| KernelError::Device {
+        device: "cuda".into(),
+        msg: format!("NVRTC failed to compile part {part} of the kernels for {arch}: {what}"),
     };
-    cudarc::nvrtc::compile_ptx_with_opts(KERNEL_SOURCE, opts).map_err(|e| {
-        let msg = match &e {
-            cudarc::nvrtc::CompileError::CompileError { log, .. } => {
-                log.to_string_lossy().into_owned()
+    let src = CString::new(KERNEL_SOURCE).map_err(|e| fail(e.to_string()))?;
+    let name = CString::new("pcpp_kernels.cu").map_err(|e| fail(e.to_string()))?;
+    let prog = nvrtc::create_program(&src, Some(&name)).map_err(|e| fail(format!("{e:?}")))?;
+    let options = [
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".to_string(),
+        format!("-DPCPP_PART={part}"),
+    ];
+    // SAFETY: `prog` is a live program (destroyed below, once); the out-buffers are sized by the
+    // size queries before them.
+    let r = unsafe {
+        match nvrtc::compile_program(prog, &options) {
+            Err(e) => {
+                let log = nvrtc::get_program_log(prog)
+                    .map(|l| CStr::from_ptr(l.as_ptr()).to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                Err(fail(format!("{e:?}\n{log}")))
             }
-            other => format!("{other:?}"),
-        };
-        KernelError::Device {
-            device: "cuda".into(),
-            msg: format!("NVRTC failed to compile the kernels for {arch}:\n{msg}"),
+            Ok(()) if out == Output::Ptx => nvrtc::get_ptx(prog)
+                .map(|p| p.iter().map(|&c| c as u8).collect())
+                .map_err(|e| fail(format!("{e:?}"))),
+            Ok(()) => {
+                let mut n = 0usize;
+                nvrtc_sys::nvrtcGetCUBINSize(prog, &mut n)
+                    .result()
+                    .map_err(|e| fail(format!("nvrtcGetCUBINSize: {e:?}")))?;
+                let mut buf = vec![0u8; n];
+                nvrtc_sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut c_char)
+                    .result()
+                    .map_err(|e| fail(format!("nvrtcGetCUBIN: {e:?}")))?;
+                Ok(buf)
+            }
         }
+    };
+    // SAFETY: created above, destroyed once.
+    let _ = unsafe { nvrtc::destroy_program(prog) };
+    r
+}
+
+/// Compiles every part for `arch` on its own thread; the outputs in part order.
+fn compile_parts(arch: &str, out: Output) -> Result<Vec<Vec<u8>>> {
+    nvrtc_present()?;
+    std::thread::scope(|s| {
+        let threads: Vec<_> = (0..PARTS)
+            .map(|part| s.spawn(move || compile_part(arch, part, out)))
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| {
+                t.join().unwrap_or_else(|_| {
+                    Err(KernelError::Device {
+                        device: "cuda".into(),
+                        msg: "an NVRTC compile thread panicked".into(),
+                    })
+                })
+            })
+            .collect()
     })
 }
 
-/// The in-process PTX per architecture.
-fn ptx_cache() -> &'static Mutex<HashMap<&'static str, String>> {
-    static CACHE: OnceLock<Mutex<HashMap<&'static str, String>>> = OnceLock::new();
+/// Compiles [`KERNEL_SOURCE`] to PTX for `arch` (e.g. `sm_90a`) with NVRTC, one PTX text per part
+/// in part order. Needs only libnvrtc, no driver and no GPU, so CI can check that every kernel
+/// compiles.
+pub fn compile_kernels(arch: &'static str) -> Result<Vec<String>> {
+    Ok(compile_parts(arch, Output::Ptx)?
+        .into_iter()
+        .map(|p| {
+            let text = p.split(|&b| b == 0).next().unwrap_or_default();
+            String::from_utf8_lossy(text).into_owned()
+        })
+        .collect())
+}
+
+/// Compiles [`KERNEL_SOURCE`] to machine code (CUBIN) for `arch`, one image per part in part
+/// order: what [`super::gpu`] loads. Needs only libnvrtc (its built-in assembler), no GPU.
+pub fn compile_kernel_images(arch: &'static str) -> Result<Vec<Vec<u8>>> {
+    compile_parts(arch, Output::Cubin)
+}
+
+/// The in-process module images (CUBIN) per architecture, one per part.
+fn image_cache() -> &'static Mutex<HashMap<&'static str, Vec<Vec<u8>>>> {
+    static CACHE: OnceLock<Mutex<HashMap<&'static str, Vec<Vec<u8>>>>> = OnceLock::new();
     CACHE.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-/// Drops the cached PTX of `arch` (in the process and on disk); whether there was a disk file.
-pub(super) fn forget_cached_ptx(arch: &'static str) -> bool {
-    if let Ok(mut c) = ptx_cache().lock() {
+/// Drops the cached images of `arch` (in the process and on disk); whether there was a disk file.
+pub(super) fn forget_cached_images(arch: &'static str) -> bool {
+    if let Ok(mut c) = image_cache().lock() {
         c.remove(arch);
     }
-    disk_cache_path(arch).is_some_and(|p| std::fs::remove_file(p).is_ok())
+    let mut any = false;
+    for part in 0..PARTS {
+        any |= disk_cache_path(arch, part).is_some_and(|p| std::fs::remove_file(p).is_ok());
+    }
+    any
 }
 
-/// PTX per architecture, compiled once per process (and cached on disk between runs).
-pub(super) fn ptx_for(arch: &'static str) -> Result<Ptx> {
-    let cache = ptx_cache();
-    if let Some(src) = cache.lock().ok().and_then(|c| c.get(arch).cloned()) {
-        return Ok(Ptx::from_src(src));
+/// The module images (CUBIN) of every part for `arch`, compiled once per process (and cached on
+/// disk between runs), as the driver loads them.
+pub(super) fn images_for(arch: &'static str) -> Result<Vec<Ptx>> {
+    let as_ptx = |v: &[Vec<u8>]| v.iter().map(|b| Ptx::from_binary(b.clone())).collect();
+    let cache = image_cache();
+    if let Some(v) = cache.lock().ok().and_then(|c| c.get(arch).cloned()) {
+        return Ok(as_ptx(&v));
     }
-    let disk = disk_cache_path(arch);
-    if let Some(src) = disk.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
-        if let Ok(mut c) = cache.lock() {
-            c.insert(arch, src.clone());
+    let paths: Vec<_> = (0..PARTS).map(|p| disk_cache_path(arch, p)).collect();
+    let on_disk: Option<Vec<Vec<u8>>> = paths
+        .iter()
+        .map(|p| p.as_ref().and_then(|p| std::fs::read(p).ok()))
+        .collect();
+    let images = match on_disk {
+        Some(v) => v,
+        None => {
+            let v = compile_parts(arch, Output::Cubin)?;
+            for (p, bytes) in paths.iter().zip(&v) {
+                if let Some(p) = p {
+                    // A cache that cannot be written only costs the next start-up a compile.
+                    let _ = p
+                        .parent()
+                        .map(std::fs::create_dir_all)
+                        .and_then(|_| write_new(p, bytes).ok());
+                }
+            }
+            v
         }
-        return Ok(Ptx::from_src(src));
-    }
-    let ptx = compile_kernels(arch)?;
-    let src = ptx.to_src();
-    if let Some(p) = disk {
-        // A cache that cannot be written only costs the next start-up a compile.
-        let _ = p
-            .parent()
-            .map(std::fs::create_dir_all)
-            .and_then(|_| write_new(&p, src.as_bytes()).ok());
-    }
+    };
     if let Ok(mut c) = cache.lock() {
-        c.insert(arch, src);
+        c.insert(arch, images.clone());
     }
-    Ok(ptx)
+    Ok(as_ptx(&images))
 }
 
-/// Where the PTX of [`KERNEL_SOURCE`] for `arch` is cached between runs:
+/// Where the image of part `part` of [`KERNEL_SOURCE`] for `arch` is cached between runs:
 /// `$PCPP_CACHE_DIR`, else `$XDG_CACHE_HOME/pcpp`, else `~/.cache/pcpp`, in a file named by a hash
 /// of the source, the architecture and the NVRTC version (so an edited kernel or another NVRTC
-/// never reads a stale file). `PCPP_CACHE_DIR=` (empty) turns the cache off.
-fn disk_cache_path(arch: &str) -> Option<std::path::PathBuf> {
+/// never reads a stale file) and the part. `PCPP_CACHE_DIR=` (empty) turns the cache off.
+fn disk_cache_path(arch: &str, part: usize) -> Option<std::path::PathBuf> {
     let dir = match std::env::var_os("PCPP_CACHE_DIR") {
         Some(d) if d.is_empty() => return None,
         Some(d) => std::path::PathBuf::from(d),
@@ -114,12 +208,12 @@ fn disk_cache_path(arch: &str) -> Option<std::path::PathBuf> {
         },
     };
     let (mut major, mut minor) = (0, 0);
-    // SAFETY: two out-parameters; only called after `compile_kernels`' library probe succeeded or
+    // SAFETY: two out-parameters; only called after `compile_parts`' library probe succeeded or
     // before a compile that performs it (a missing library leaves the version at 0.0).
     if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         let _ = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
     }
-    let version = (major, minor);
+    let version = (major, minor, PARTS);
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in KERNEL_SOURCE
         .bytes()
@@ -128,7 +222,7 @@ fn disk_cache_path(arch: &str) -> Option<std::path::PathBuf> {
     {
         h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
     }
-    Some(dir.join(format!("kernels-{arch}-{h:016x}.ptx")))
+    Some(dir.join(format!("kernels-{arch}-{h:016x}-{part}.cubin")))
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so a reader never sees a

@@ -398,6 +398,7 @@ __device__ void flash_attn_impl(const unsigned short* q, const unsigned short* k
         }
     }
 }
+#if PCPP_IN_PART(1)
 #define FLASH_ATTN(NAME, BF, D, MT, BN)                                                                     \
     extern "C" __global__ void __launch_bounds__(128) NAME(const unsigned short* q, const unsigned short* k,  \
         const unsigned short* v, unsigned short* o, int lq, int lk, int heads, float scale_log2, int causal) { pdl_begin(); \
@@ -423,6 +424,8 @@ FLASH_ATTN_QS(flash_attn128q_bf16, 1, 32)
 // softmax rescales and barriers per key; 128 * 136 + 4 * 64 * 136 halves = 104 448 bytes.
 FLASH_ATTN_QS(flash_attn128q64_f16, 0, 64)
 FLASH_ATTN_QS(flash_attn128q64_bf16, 1, 64)
+#endif
+#if PCPP_IN_PART(10)
 // Small grids (fewer 64-row query tiles than multiprocessors: a band's attentions): 64 query
 // rows per block (one m16 tile per warp), so the grid has twice the blocks of the Hopper kernels'
 // 128-row tiles, and each block only the short chain of cp.async loads and mma.sync tiles, with
@@ -451,3 +454,4 @@ FLASH_ATTN_SMALL_SPLIT(flash_small64s2_f16, 0, 2)
 FLASH_ATTN_SMALL_SPLIT(flash_small64s2_bf16, 1, 2)
 FLASH_ATTN_SMALL_SPLIT(flash_small64s4_f16, 0, 4)
 FLASH_ATTN_SMALL_SPLIT(flash_small64s4_bf16, 1, 4)
+#endif

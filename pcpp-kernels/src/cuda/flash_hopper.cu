@@ -307,7 +307,9 @@ __device__ void flash_wg_impl(const unsigned short* q, const unsigned short* k, 
         extern __shared__ __align__(1024) unsigned short flash_wg_dyn[];                                      \
         flash_wg_impl<BF, D>(q, k, v, o, lq, lk, heads, scale_log2, causal, flash_wg_dyn);              \
     }
+#if PCPP_IN_PART(2)
 FLASH_WG(flash_wg64_f16, 0, 64)
 FLASH_WG(flash_wg64_bf16, 1, 64)
 FLASH_WG(flash_wg128_f16, 0, 128)
 FLASH_WG(flash_wg128_bf16, 1, 128)
+#endif

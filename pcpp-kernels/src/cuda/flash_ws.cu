@@ -268,28 +268,38 @@ __device__ void flash_ws_impl(const TmaMap* tq, const TmaMap* tk, const TmaMap* 
         flash_ws_impl<BF, D, PIPE, PP, NC, PST>(&tq, &tk, &tv, o, lq, lk, heads, batch, q0, q1, scale_log2,   \
                                                 causal, flash_ws_dyn, flash_ws_bars);                         \
     }
+// Head size 64 and 128, one block per tile (the schedules `ws`, `wsp`, `wso`).
+#if PCPP_IN_PART(3)
 FLASH_WS(flash_ws64_f16, 0, 64, 1, 1)
 FLASH_WS(flash_ws64_bf16, 1, 64, 1, 1)
-FLASH_WS(flash_ws128_f16, 0, 128, 1, 1)
-FLASH_WS(flash_ws128_bf16, 1, 128, 1, 1)
 FLASH_WS(flash_wsp64_f16, 0, 64, 0, 1)
 FLASH_WS(flash_wsp64_bf16, 1, 64, 0, 1)
-FLASH_WS(flash_wsp128_f16, 0, 128, 0, 1)
-FLASH_WS(flash_wsp128_bf16, 1, 128, 0, 1)
 FLASH_WS(flash_wso64_f16, 0, 64, 1, 0)
 FLASH_WS(flash_wso64_bf16, 1, 64, 1, 0)
+#endif
+#if PCPP_IN_PART(4)
+FLASH_WS(flash_ws128_f16, 0, 128, 1, 1)
+FLASH_WS(flash_ws128_bf16, 1, 128, 1, 1)
+FLASH_WS(flash_wsp128_f16, 0, 128, 0, 1)
+FLASH_WS(flash_wsp128_bf16, 1, 128, 0, 1)
 FLASH_WS(flash_wso128_f16, 0, 128, 1, 0)
 FLASH_WS(flash_wso128_bf16, 1, 128, 1, 0)
+#endif
+// Three MMA warpgroups (192-row tiles), head size 64.
+#if PCPP_IN_PART(5)
 FLASH_WSN(flash_ws3w64_f16, 0, 64, 1, 1, 3, 0)
 FLASH_WSN(flash_ws3w64_bf16, 1, 64, 1, 1, 3, 0)
 FLASH_WSN(flash_ws3wo64_f16, 0, 64, 1, 0, 3, 0)
 FLASH_WSN(flash_ws3wo64_bf16, 1, 64, 1, 0, 3, 0)
+#endif
 // Persistent forms of the default schedule (`r`): one block per multiprocessor, each looping over
 // query tiles; its producer loads the next tile's Q and first K/V while the MMA warpgroups finish
 // the last P·V and store the current one.
+#if PCPP_IN_PART(6)
 FLASH_WSN(flash_wsr64_f16, 0, 64, 1, 1, 2, 1)
 FLASH_WSN(flash_wsr64_bf16, 1, 64, 1, 1, 2, 1)
 FLASH_WSN(flash_wsr128_f16, 0, 128, 1, 1, 2, 1)
 FLASH_WSN(flash_wsr128_bf16, 1, 128, 1, 1, 2, 1)
 FLASH_WSN(flash_ws3wr64_f16, 0, 64, 1, 1, 3, 1)
 FLASH_WSN(flash_ws3wr64_bf16, 1, 64, 1, 1, 3, 1)
+#endif

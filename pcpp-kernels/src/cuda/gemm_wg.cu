@@ -365,6 +365,7 @@ __device__ void gemm_wg_impl(const unsigned short* x, const unsigned short* w, c
         gemm_wg_impl<BF, GG, LN>(x, w, bias, acc, y, m, n, k, stats_out, stats_in, gamma, beta, eps,             \
                                  gemm_wg_dyn);                                                                 \
     }
+#if PCPP_IN_PART(7)
 GEMM_WG(gemm_wg_f16, 0, 0, 0)
 GEMM_WG(gemm_wg_bf16, 1, 0, 0)
 GEMM_WG(gemm_wg_geglu_f16, 0, 1, 0)
@@ -373,3 +374,4 @@ GEMM_WG(gemm_wg_ln_f16, 0, 0, 1)
 GEMM_WG(gemm_wg_ln_bf16, 1, 0, 1)
 GEMM_WG(gemm_wg_ln_geglu_f16, 0, 1, 1)
 GEMM_WG(gemm_wg_ln_geglu_bf16, 1, 1, 1)
+#endif

@@ -3,16 +3,16 @@
 // the extern "C" instances of the templates: the names the host launches.
 
 // ---- extern "C" instances ----
-#define FOR_TYPES(M) M(f32, float) M(f16, f16_t) M(bf16, bf16_t)
-
 #define INST_CAST(SN, S, DN, D) \
     extern "C" __global__ void cast_##SN##_##DN(const S* x, D* y, long n) { pdl_begin(); cast_impl<S, D>(x, y, n); }
+#if PCPP_IN_PART(0)
 INST_CAST(f32, float, f16, f16_t)
 INST_CAST(f32, float, bf16, bf16_t)
 INST_CAST(f16, f16_t, f32, float)
 INST_CAST(bf16, bf16_t, f32, float)
 INST_CAST(f16, f16_t, bf16, bf16_t)
 INST_CAST(bf16, bf16_t, f16, f16_t)
+#endif
 
 #define INST_TYPED(N, T)                                                                                     \
     extern "C" __global__ void unary_##N(const T* x, T* y, long n, int op, float a, float b) { pdl_begin(); \
@@ -127,7 +127,16 @@ INST_CAST(bf16, bf16_t, f16, f16_t)
     extern "C" __global__ void nonfinite_mark_##N(const T* x, long n, int* flag, float code) { pdl_begin(); \
         nonfinite_mark_impl<T>(x, n, flag, code);                                                            \
     }
-FOR_TYPES(INST_TYPED)
+// One part per element type (the f16 and bf16 forms are the larger).
+#if PCPP_IN_PART(0)
+INST_TYPED(f32, float)
+#endif
+#if PCPP_IN_PART(8)
+INST_TYPED(f16, f16_t)
+#endif
+#if PCPP_IN_PART(9)
+INST_TYPED(bf16, bf16_t)
+#endif
 
 #define INST_WORD(N, W)                                                                                       \
     extern "C" __global__ void copy2d_##N(const W* s, W* d, long rows, long cols, long sp, long dp) { pdl_begin(); \
@@ -144,5 +153,7 @@ FOR_TYPES(INST_TYPED)
     extern "C" __global__ void transpose_##N(const W* s, W* d, long rows, long cols) { pdl_begin();          \
         transpose_impl<W>(s, d, rows, cols);                                                                  \
     }
+#if PCPP_IN_PART(0)
 INST_WORD(u16, unsigned short)
 INST_WORD(u32, unsigned int)
+#endif

@@ -3,6 +3,16 @@
 // Every kernel computes in f32 and is the GPU twin of the CPU function of the same role in
 // pcpp-kernels/src/cpu/mod.rs.
 
+// The source compiles as PCPP_PARTS programs side by side (cuda/compile.rs): program k is the
+// whole source with PCPP_PART = k, and emits the entry points of part k only (what a part does not
+// instantiate costs no code). The element-wise kernels take three parts (0, 8, 9), the attention
+// and GEMM families one or more each. Without PCPP_PART every entry point is emitted.
+#ifdef PCPP_PART
+#define PCPP_IN_PART(k) (PCPP_PART == (k))
+#else
+#define PCPP_IN_PART(k) 1
+#endif
+
 struct f16_t { unsigned short x; };
 struct bf16_t { unsigned short x; };
 
@@ -185,6 +195,7 @@ __device__ __forceinline__ void gn_total(const double* sums, int chunks, int i, 
     *s2 = b;
 }
 // mean_rstd[bg*2] = mean, [bg*2+1] = 1/sqrt(var + eps), from the partial sums over n elements.
+#if PCPP_IN_PART(0)
 extern "C" __global__ void gn_finalize(const double* sums, int chunks, float* mean_rstd, int count, double n,
                                        double eps) { pdl_begin();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -198,6 +209,7 @@ extern "C" __global__ void gn_finalize(const double* sums, int chunks, float* me
         mean_rstd[i * 2 + 1] = (float)(1.0 / sqrt(v + eps));
     }
 }
+#endif
 // moments[bg*2] = mean, [bg*2+1] = m2 = sum of (x - mean)^2, from the partial sums over n elements
 // (both 0 when n is 0): the twin of cpu::group_moments (m2 = max(s2 - s*mean, 0), product not fused).
 // (mean, m2) of one (batch, group) from its partial sums, as f32.
@@ -213,10 +225,12 @@ __device__ __forceinline__ void gn_moment(const double* sums, int chunks, float*
     out[i * 2] = (float)mean;
     out[i * 2 + 1] = (float)m2;
 }
+#if PCPP_IN_PART(0)
 extern "C" __global__ void gn_moments(const double* sums, int chunks, float* moments, int count, double n) { pdl_begin();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < count) gn_moment(sums, chunks, moments, i, n);
 }
+#endif
 // ---- merged group-norm statistics from per-band moments (twin of cpu::merge_group_moments) ----
 // Element counts of up to 64 bands, passed by value.
 struct GnCounts { double n[64]; };
@@ -258,16 +272,19 @@ __device__ __forceinline__ void gn_merge_at(const float* bands, const float* fre
     mean_rstd[i * 2] = (float)mean;
     mean_rstd[i * 2 + 1] = (float)(1.0 / sqrt(var + eps));
 }
+#if PCPP_IN_PART(0)
 extern "C" __global__ void gn_merge(const float* bands, const float* fresh, float* mean_rstd, int p, int count,
                                     GnCounts counts, int own, double eps) { pdl_begin();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < count) gn_merge_at(bands, fresh, mean_rstd, p, count, counts, own, eps, i);
 }
+#endif
 // gn_moments and gn_merge in one launch, for a table that lives on: this band's fresh moments
 // (from its sums, `n` elements per group) are stored at `fresh` (f32 [count, 2]), then merged
 // with the bands of `bands` as gn_merge does, corrected against band `own` when `corrected`.
 // Without correction `fresh` is band `own`'s row of `bands` itself (each thread writes and reads
 // only its own (batch, group)).
+#if PCPP_IN_PART(0)
 extern "C" __global__ void gn_merge_sums(const double* sums, int chunks, double n, const float* bands, float* fresh,
                                          float* mean_rstd, int p, int count, GnCounts counts, int own,
                                          int corrected, double eps) { pdl_begin();
@@ -276,6 +293,7 @@ extern "C" __global__ void gn_merge_sums(const double* sums, int chunks, double 
     gn_moment(sums, chunks, fresh, i, n);
     gn_merge_at(bands, fresh, mean_rstd, p, count, counts, corrected ? own : -1, eps, i);
 }
+#endif
 // y = (x - mean) * rstd * gamma[c] + beta[c], optional SiLU. x: [b, c, s].
 template <typename T>
 __device__ void gn_apply_impl(const T* x, const float* mean_rstd, const T* gamma, const T* beta, T* y,

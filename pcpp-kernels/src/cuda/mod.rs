@@ -29,8 +29,8 @@ use cudarc::driver::{
     LaunchConfig,
 };
 
-use compile::{arch_name, forget_cached_ptx, ptx_for};
-pub use compile::{compile_kernels, CHECKED_ARCHS, KERNEL_SOURCE};
+use compile::{arch_name, forget_cached_images, images_for};
+pub use compile::{compile_kernel_images, compile_kernels, CHECKED_ARCHS, KERNEL_SOURCE, PARTS};
 pub use graph_nodes::{short_name, MEMCPY_KIND, MEMSET_KIND};
 pub use names::kernel_names;
 pub(crate) use ops::vector::{add_gated, modulated_layer_norm, rotate_pairs};
@@ -255,19 +255,27 @@ impl Gpu {
             .compute_capability()
             .map_err(|x| e("compute capability", &x))?;
         let arch = arch_name(major, minor);
-        let module = match ctx.load_module(ptx_for(arch)?) {
+        let load = |images: Vec<cudarc::nvrtc::Ptx>| {
+            images
+                .into_iter()
+                .map(|m| ctx.load_module(m))
+                .collect::<std::result::Result<Vec<_>, _>>()
+        };
+        let modules = match load(images_for(arch)?) {
             Ok(m) => m,
-            // A cached PTX the driver refuses (e.g. written by a newer NVRTC): compile afresh.
-            Err(_) if forget_cached_ptx(arch) => ctx
-                .load_module(ptx_for(arch)?)
-                .map_err(|x| e("loading the kernels", &x))?,
+            // Cached images the driver refuses (e.g. written by a newer NVRTC): compile afresh.
+            Err(_) if forget_cached_images(arch) => {
+                load(images_for(arch)?).map_err(|x| e("loading the kernels", &x))?
+            }
             Err(x) => return Err(e("loading the kernels", &x)),
         };
+        // Each entry point from the part that emits it (the first, should two).
         let mut funcs = HashMap::new();
         for name in kernel_names() {
-            let f = module
-                .load_function(&name)
-                .map_err(|x| e(&format!("kernel {name}"), &x))?;
+            let f = modules
+                .iter()
+                .find_map(|m| m.load_function(&name).ok())
+                .ok_or_else(|| e(&format!("kernel {name}"), &"in none of the compiled parts"))?;
             funcs.insert(name, f);
         }
         // The Q-in-shared-memory flash kernels need more than the default 48 KiB.

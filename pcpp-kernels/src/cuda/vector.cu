@@ -371,12 +371,16 @@ __device__ void cat_multi_impl(W* dst, long outer, long total, CatSrc c) {
         dst[r * total + off + j] = s[e];
     }
 }
+#if PCPP_IN_PART(0)
 extern "C" __global__ void cat_multi_u16(unsigned short* d, long outer, long total, CatSrc c) { pdl_begin();
     cat_multi_impl<unsigned short>(d, outer, total, c);
 }
+#endif
+#if PCPP_IN_PART(0)
 extern "C" __global__ void cat_multi_u128(U4* d, long outer, long total, CatSrc c) { pdl_begin();
     cat_multi_impl<U4>(d, outer, total, c);
 }
+#endif
 
 // ---- batched 2-D transpose: src [n, rows, cols] -> dst [n, cols, rows]; block (32, 8) ----
 template <typename W>
@@ -584,9 +588,11 @@ __device__ void gn_sums_vec_impl(const T* x, double* sums, long group_len, long 
     }
     gn_sums_commit(s, s2, sums, bg);
 }
+#if PCPP_IN_PART(0)
 extern "C" __global__ void copy2d_u128(const U4* s, U4* d, long rows, long cols, long sp, long dp) { pdl_begin();
     copy2d_impl<U4>(s, d, rows, cols, sp, dp);
 }
+#endif
 
 // ---- non-finite watch: flag = min(flag, code) when any element is NaN or ±inf ----
 // The flag is one non-negative f32; for non-negative floats the int order of the bit patterns is
