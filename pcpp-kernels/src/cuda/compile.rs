@@ -141,9 +141,12 @@ pub fn compile_kernel_images(arch: &'static str) -> Result<Vec<Vec<u8>>> {
     compile_parts(arch, Output::Cubin)
 }
 
-/// The in-process module images (CUBIN) per architecture, one per part.
-fn image_cache() -> &'static Mutex<HashMap<&'static str, Vec<Vec<u8>>>> {
-    static CACHE: OnceLock<Mutex<HashMap<&'static str, Vec<Vec<u8>>>>> = OnceLock::new();
+/// Module images (CUBIN) by architecture, one per part.
+type Images = HashMap<&'static str, Vec<Vec<u8>>>;
+
+/// The in-process module images per architecture.
+fn image_cache() -> &'static Mutex<Images> {
+    static CACHE: OnceLock<Mutex<Images>> = OnceLock::new();
     CACHE.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
