@@ -3,8 +3,8 @@
 //! parallel threads (each emits the entry points of its part, `PCPP_PART` in the source), straight
 //! to machine code (CUBIN, so the driver has nothing left to compile when it loads them), and kept
 //! per architecture for the process and on disk between runs (a stale or unloadable file is
-//! dropped and compiled again). A first run on a machine pays the compile once; the parts make it
-//! take about as long as the heaviest part instead of the sum.
+//! dropped and compiled again). A first run on a machine pays the compile once; with a core per
+//! part it takes about as long as the heaviest part instead of the sum.
 
 use std::collections::HashMap;
 use std::ffi::{c_char, CStr, CString};
@@ -101,25 +101,40 @@ fn compile_part(arch: &str, part: usize, out: Output) -> Result<Vec<u8>> {
     r
 }
 
-/// Compiles every part for `arch` on its own thread; the outputs in part order.
+/// Compiles every part for `arch` on up to one thread per core, each taking the next part not yet
+/// taken (NVRTC's memory grows with the programs at once); the outputs in part order.
 fn compile_parts(arch: &str, out: Output) -> Result<Vec<Vec<u8>>> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     nvrtc_present()?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(PARTS));
+    let next = AtomicUsize::new(0);
+    let done: Mutex<Vec<Option<Result<Vec<u8>>>>> = Mutex::new((0..PARTS).map(|_| None).collect());
     std::thread::scope(|s| {
-        let threads: Vec<_> = (0..PARTS)
-            .map(|part| s.spawn(move || compile_part(arch, part, out)))
-            .collect();
-        threads
-            .into_iter()
-            .map(|t| {
-                t.join().unwrap_or_else(|_| {
-                    Err(KernelError::Device {
-                        device: "cuda".into(),
-                        msg: "an NVRTC compile thread panicked".into(),
-                    })
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let part = next.fetch_add(1, Ordering::Relaxed);
+                if part >= PARTS {
+                    break;
+                }
+                let r = compile_part(arch, part, out);
+                if let Ok(mut d) = done.lock() {
+                    d[part] = Some(r);
+                }
+            });
+        }
+    });
+    let done = done.into_inner().unwrap_or_default();
+    done.into_iter()
+        .enumerate()
+        .map(|(part, r)| {
+            r.unwrap_or_else(|| {
+                Err(KernelError::Device {
+                    device: "cuda".into(),
+                    msg: format!("NVRTC: part {part} of the kernels for {arch} was not compiled"),
                 })
             })
-            .collect()
-    })
+        })
+        .collect()
 }
 
 /// Compiles [`KERNEL_SOURCE`] to PTX for `arch` (e.g. `sm_90a`) with NVRTC, one PTX text per part
