@@ -3,15 +3,14 @@
 // Every kernel computes in f32 and is the GPU twin of the CPU function of the same role in
 // pcpp-kernels/src/cpu/mod.rs.
 
-// The source compiles as PCPP_PARTS programs side by side (cuda/compile.rs): program k is the
-// whole source with PCPP_PART = k, and emits the entry points of part k only (what a part does not
+// The source compiles as `PARTS` programs side by side (cuda/compile.rs): program k is the whole
+// source with PCPP_PART = k, and emits the entry points of part k only (what a part does not
 // instantiate costs no code). The element-wise kernels take three parts (0, 8, 9), the attention
-// and GEMM families one or more each. Without PCPP_PART every entry point is emitted.
-#ifdef PCPP_PART
-#define PCPP_IN_PART(k) (PCPP_PART == (k))
-#else
-#define PCPP_IN_PART(k) 1
+// and GEMM families one or more each.
+#ifndef PCPP_PART
+#error "compile with -DPCPP_PART=k (cuda/compile.rs)"
 #endif
+#define PCPP_IN_PART(k) (PCPP_PART == (k))
 
 struct f16_t { unsigned short x; };
 struct bf16_t { unsigned short x; };

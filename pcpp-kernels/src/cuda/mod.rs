@@ -269,7 +269,7 @@ impl Gpu {
             }
             Err(x) => return Err(e("loading the kernels", &x)),
         };
-        // Each entry point from the part that emits it (the first, should two).
+        // Each entry point from the one part that emits it.
         let mut funcs = HashMap::new();
         for name in kernel_names() {
             let f = modules
